@@ -1,0 +1,76 @@
+//! The command-line edge shared by every subcommand: read a model file, run the front
+//! end, render diagnostics to stderr, and turn failure into an exit code.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::check::{self, Checked};
+use crate::diag::{self, FileId, Sink, Sources};
+
+/// How diagnostics are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiagFormat {
+    /// Rendered like a compiler: location, underlined source, help.
+    #[default]
+    Human,
+    /// A JSON array on stderr, for editors and scripts.
+    Json,
+}
+
+/// A checked model file with the sources its diagnostics point into.
+pub struct Loaded {
+    pub sources: Sources,
+    pub file: FileId,
+    pub checked: Checked,
+}
+
+/// Prints diagnostics on stderr in the chosen format.
+pub fn report(sources: &Sources, diagnostics: &[diag::Diagnostic], format: DiagFormat) {
+    if diagnostics.is_empty() {
+        return;
+    }
+    match format {
+        DiagFormat::Human => {
+            let colour = std::env::var_os("NO_COLOR").is_none();
+            diag::render_to_stderr(sources, diagnostics, colour);
+        }
+        DiagFormat::Json => eprintln!("{}", diag::render_json(sources, diagnostics)),
+    }
+}
+
+/// Reads and checks `path`. Diagnostics (warnings too) are printed; on any error the
+/// caller gets the exit code to return (1 for errors in the file, 2 if it can't be read).
+pub fn load(path: &Path, format: DiagFormat) -> Result<Loaded, ExitCode> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read `{}`: {e}", path.display());
+            return Err(ExitCode::from(2));
+        }
+    };
+    let mut sources = Sources::new();
+    let file = sources.add(path.display().to_string(), text);
+    let mut sink = Sink::new();
+    let checked = check::check_file(&mut sources, file, &mut sink);
+    let errors = sink.error_count();
+    let diagnostics = sink.into_sorted();
+    report(&sources, &diagnostics, format);
+    match checked {
+        Some(checked) if errors == 0 => Ok(Loaded {
+            sources,
+            file,
+            checked,
+        }),
+        _ => {
+            if format == DiagFormat::Human {
+                eprintln!(
+                    "error: could not check `{}` due to {} previous error{}",
+                    path.display(),
+                    errors.max(1),
+                    if errors == 1 { "" } else { "s" }
+                );
+            }
+            Err(ExitCode::from(1))
+        }
+    }
+}

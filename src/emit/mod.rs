@@ -1,0 +1,2 @@
+//! `emit`: the Megatron-LM patch, generated Python module and launch script.
+pub mod cli;

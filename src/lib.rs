@@ -1,0 +1,22 @@
+//! fmoec: a compiler for Mixture-of-Experts training.
+//!
+//! The pipeline has one module and one artifact per phase:
+//!
+//! ```text
+//! source ─syntax─▶ Ast ─check─▶ Model ─graph─▶ ModelGraph ─plan─▶ ParallelPlan ─┬─▶ runtime (train)
+//!                                                                              └─▶ emit (Megatron patch)
+//! ```
+//!
+//! Later phases never look at source text; they keep [`diag::Span`]s only to report
+//! diagnostics against the user's file.
+
+pub mod check;
+pub mod diag;
+pub mod driver;
+pub mod emit;
+pub mod graph;
+pub mod plan;
+#[cfg(feature = "runtime")]
+pub mod runtime;
+pub mod settings;
+pub mod syntax;

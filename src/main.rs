@@ -1,0 +1,102 @@
+//! The `fmoec` command line: one subcommand per product verb, each delegating to its
+//! phase's `cli` module.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fmoec::driver::{self, DiagFormat};
+
+/// fmoec: a compiler for Mixture-of-Experts training.
+///
+/// Declare a transformer with MoE layers and its GPU placement in a `.fmoe` file; fmoec
+/// checks it, plans it, trains it, or emits a Megatron-LM patch for it.
+#[derive(Debug, Parser)]
+#[command(name = "fmoec", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Parse and check model files; print every diagnostic.
+    Check(CheckArgs),
+    /// Print the parallel plan: rank grid, groups, expert placement, memory, traffic.
+    Plan(fmoec::plan::cli::PlanArgs),
+    /// Train the model with the built-in libtorch runtime.
+    Run(RunArgs),
+    /// Write the Megatron-LM patch, Python module and launch script for the model.
+    Emit(fmoec::emit::cli::EmitArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// Model files to check.
+    #[arg(required = true)]
+    files: Vec<std::path::PathBuf>,
+    /// How diagnostics are printed.
+    #[arg(long, value_enum, default_value_t)]
+    format: DiagFormat,
+}
+
+#[cfg(feature = "runtime")]
+use fmoec::runtime::cli::RunArgs;
+
+/// Stand-in arguments for builds without the runtime: accepts anything, explains.
+#[cfg(not(feature = "runtime"))]
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    rest: Vec<String>,
+}
+
+fn check(args: &CheckArgs) -> ExitCode {
+    let mut failed = false;
+    for file in &args.files {
+        match driver::load(file, args.format) {
+            Ok(_) => {
+                if args.format == DiagFormat::Human {
+                    eprintln!("ok: {}", file.display());
+                }
+            }
+            Err(_) => failed = true,
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(feature = "runtime")]
+fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    fmoec::runtime::cli::run(args)
+}
+
+#[cfg(not(feature = "runtime"))]
+fn run(_args: &RunArgs) -> anyhow::Result<ExitCode> {
+    eprintln!(
+        "error: this fmoec was built without the training runtime\n  \
+         help: rebuild with the default features (`cargo build --release`), which need \
+         libtorch 2.11 (see README.md, \"Training\")"
+    );
+    Ok(ExitCode::from(2))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Check(a) => Ok(check(a)),
+        Command::Plan(a) => fmoec::plan::cli::run(a),
+        Command::Run(a) => run(a),
+        Command::Emit(a) => fmoec::emit::cli::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! `runtime`: the built-in trainer on libtorch (tch).
+pub mod cli;
