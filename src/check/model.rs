@@ -106,6 +106,8 @@ pub struct Layer {
     pub span: Span,
 }
 
+// Built once per layer and read in place; boxing would only add indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Ffn {

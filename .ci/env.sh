@@ -1,0 +1,27 @@
+# Sourced by the other .ci scripts: makes libtorch 2.11 available to cargo and to the
+# built binary. libtorch comes from PyPI's torch==2.11.0, installed once into a virtualenv
+# outside the clone (FMOEC_VENV, default ~/.cache/fmoec/venv) and reused afterwards.
+
+FMOEC_VENV="${FMOEC_VENV:-$HOME/.cache/fmoec/venv}"
+FMOEC_TORCH_VERSION="2.11.0"
+
+fmoec_ensure_venv() {
+    if [ -x "$FMOEC_VENV/bin/python" ] &&
+        "$FMOEC_VENV/bin/python" -c "import torch, numpy, pytest, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$FMOEC_TORCH_VERSION' else 1)" 2>/dev/null; then
+        return 0
+    fi
+    echo "setting up libtorch: torch==$FMOEC_TORCH_VERSION into $FMOEC_VENV (about 2 minutes, 4.6 GB; once)" >&2
+    mkdir -p "$(dirname "$FMOEC_VENV")"
+    [ -x "$FMOEC_VENV/bin/python" ] || python3 -m venv "$FMOEC_VENV" || return 1
+    "$FMOEC_VENV/bin/pip" install --quiet --disable-pip-version-check \
+        "torch==$FMOEC_TORCH_VERSION" numpy pytest || return 1
+}
+
+fmoec_export_env() {
+    export LIBTORCH_USE_PYTORCH=1
+    export PATH="$FMOEC_VENV/bin:$PATH"
+    local torch_lib
+    torch_lib="$("$FMOEC_VENV/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')" || return 1
+    export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export FMOEC_PYTHON="$FMOEC_VENV/bin/python"
+}
