@@ -31,7 +31,8 @@ pub fn report(sources: &Sources, diagnostics: &[diag::Diagnostic], format: DiagF
     }
     match format {
         DiagFormat::Human => {
-            let colour = std::env::var_os("NO_COLOR").is_none();
+            use std::io::IsTerminal;
+            let colour = std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
             diag::render_to_stderr(sources, diagnostics, colour);
         }
         DiagFormat::Json => eprintln!("{}", diag::render_json(sources, diagnostics)),
