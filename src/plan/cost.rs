@@ -68,7 +68,7 @@ impl Memory {
             ("gradients", self.grads),
             ("activations", self.activations),
         ];
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|p| std::cmp::Reverse(p.1));
         v
     }
 }
@@ -414,9 +414,13 @@ pub fn evaluate(
                 .map(|x| (x.fwd_bytes + x.bwd_bytes) * micro_batches)
                 .sum(),
             all_to_all,
-            data_allreduce_bytes: dense * grad_bytes,
+            data_allreduce_bytes: if grid.data > 1 { dense * grad_bytes } else { 0 },
             expert_data_allreduce_bytes: if ed > 1 { rp.expert * grad_bytes } else { 0 },
-            gate_allreduce_bytes: rp.gate * grad_bytes,
+            gate_allreduce_bytes: if gate_group.len() > 1 {
+                rp.gate * grad_bytes
+            } else {
+                0
+            },
             embedding_allreduce_bytes: emb_bytes,
             pipeline_send_bytes: p2p / 2 * micro_batches,
             pipeline_recv_bytes: p2p / 2 * micro_batches,

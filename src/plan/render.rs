@@ -7,6 +7,7 @@
 use std::fmt::Write;
 
 use super::ParallelPlan;
+use crate::check::Precision;
 use crate::graph::ModelGraph;
 
 /// Bytes in binary units, 2 decimals: `1.50 GiB`.
@@ -36,6 +37,15 @@ pub fn count(n: u64) -> String {
         out.push(ch);
     }
     out
+}
+
+/// `bf16 mixed precision`, ...
+pub fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16 => "bf16 mixed precision",
+        Precision::Fp16 => "fp16 mixed precision",
+    }
 }
 
 fn secs(s: f64) -> String {
@@ -90,17 +100,22 @@ pub fn table(plan: &ParallelPlan) -> String {
         "grid:      world {} = tensor {} × pipeline {} × data {} (Megatron-LM v2.2 layout)",
         plan.world, plan.tensor, plan.pipeline, plan.data
     );
+    if plan.moe_layers.is_empty() {
+        let _ = writeln!(o, "experts:   none (a dense model)");
+    } else {
+        let _ = writeln!(
+            o,
+            "experts:   expert group {} ({} rank{}), expert slicing over tensor ranks: {}",
+            plan.expert_group,
+            plan.expert_group_size,
+            if plan.expert_group_size == 1 { "" } else { "s" },
+            if plan.expert_slicing { "yes" } else { "no" }
+        );
+    }
     let _ = writeln!(
         o,
-        "experts:   expert group {} ({} ranks), expert slicing over tensor ranks: {}",
-        plan.expert_group,
-        plan.expert_group_size,
-        if plan.expert_slicing { "yes" } else { "no" }
-    );
-    let _ = writeln!(
-        o,
-        "batch:     {:?}, {} tokens/sequence, micro-batch {} × {} micro-batches × {} data ranks = {} sequences/step",
-        plan.precision,
+        "batch:     {}, {} tokens/sequence, micro-batch {} × {} micro-batches × {} data rank(s) = {} sequences/step",
+        precision_name(plan.precision),
         plan.seq_len,
         plan.micro_batch,
         plan.micro_batches,
@@ -301,10 +316,10 @@ pub fn table(plan: &ParallelPlan) -> String {
     let t = &plan.time;
     let _ = writeln!(
         o,
-        "  step {}, pipeline bubble {:.1}%, {:.0} tokens/s, MFU {:.1}% (upper bound)",
+        "  step {}, pipeline bubble {:.1}%, {} tokens/s, MFU {:.1}% (upper bound)",
         secs(t.step_s),
         100.0 * t.bubble_fraction,
-        t.tokens_per_s,
+        count(t.tokens_per_s.round() as u64),
         100.0 * t.mfu
     );
     o

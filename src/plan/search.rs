@@ -98,13 +98,13 @@ pub fn report(r: &SearchResult, top: usize) -> String {
         let _ = writeln!(o, "\nbest plans by estimated step time");
         let _ = writeln!(
             o,
-            "  #  tensor  pipeline  data  expert group  micro-batch  max memory      step     tokens/s    MFU"
+            "  #  tensor  pipeline  data    expert group  micro-batch  max memory       step     tokens/s    MFU"
         );
         for (i, p) in r.feasible.iter().take(top).enumerate() {
             let mem = p.ranks.iter().map(|r| r.memory_bytes).max().unwrap_or(0);
             let _ = writeln!(
                 o,
-                "  {:>1}  {:>6}  {:>8}  {:>4}  {:>12}  {:>11}  {:>10}  {:>8.3}s  {:>11.0}  {:>5.1}%",
+                "  {:>1}  {:>6}  {:>8}  {:>4}  {:>14}  {:>11}  {:>10}  {:>8.3}s  {:>11}  {:>5.1}%",
                 i + 1,
                 p.tensor,
                 p.pipeline,
@@ -113,7 +113,7 @@ pub fn report(r: &SearchResult, top: usize) -> String {
                 p.micro_batch,
                 super::render::bytes(mem),
                 p.time.step_s,
-                p.time.tokens_per_s,
+                super::render::count(p.time.tokens_per_s.round() as u64),
                 100.0 * p.time.mfu
             );
         }
