@@ -18,7 +18,7 @@ pub mod search;
 use serde::Serialize;
 
 use crate::check::{Checked, ExpertGroup, Ffn, Hardware, Precision};
-use crate::diag::{Diagnostic, Span};
+use crate::diag::Diagnostic;
 use crate::graph::{self, ModelGraph};
 
 pub use cost::{Memory, StageCost, TimeEstimate};
@@ -276,9 +276,10 @@ pub fn build_with(checked: &Checked, o: &Overrides) -> Result<ParallelPlan, Vec<
             }
         }
     };
-    if let (Some(t), Some(m)) = (train, s.micro_batch) {
-        if t.batch_sequences % (grid.data * m) != 0 {
-            let at = if sp.micro_batch != Span::default() && o.micro_batch.is_none() {
+    if let Some(t) = train {
+        let m = s.micro_batch.unwrap_or(1);
+        if t.batch_sequences == 0 || t.batch_sequences % (grid.data * m) != 0 {
+            let at = if par.micro_batch.is_some() && o.micro_batch.is_none() {
                 sp.micro_batch
             } else {
                 t.spans.batch
