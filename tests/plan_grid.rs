@@ -244,3 +244,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn containing_finds_each_ranks_group() {
+    let g = Grid {
+        world: 16,
+        tensor: 2,
+        pipeline: 2,
+        data: 4,
+        expert_group: 2,
+    }
+    .groups();
+    use fmoec::plan::GroupKind;
+    assert_eq!(g.containing(GroupKind::Data, 5), Some(&[1u64, 3, 5, 7][..]));
+    assert_eq!(g.containing(GroupKind::Expert, 5), Some(&[5u64, 7][..]));
+    assert_eq!(g.containing(GroupKind::ExpertData, 5), Some(&[1u64, 5][..]));
+    assert_eq!(
+        g.containing(GroupKind::Gate, 9),
+        Some(&(8u64..16).collect::<Vec<_>>()[..])
+    );
+    assert_eq!(g.containing(GroupKind::Embedding, 3), Some(&[3u64, 11][..]));
+    assert_eq!(g.containing(GroupKind::Tensor, 99), None);
+    for kind in GroupKind::ALL {
+        assert!(!g.of_kind(kind).is_empty());
+    }
+}

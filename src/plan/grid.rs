@@ -160,3 +160,55 @@ pub fn divisors(n: u64) -> Vec<u64> {
     small.extend(large.into_iter().rev());
     small
 }
+
+/// A kind of process group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupKind {
+    Tensor,
+    Pipeline,
+    Data,
+    Model,
+    Expert,
+    ExpertData,
+    Gate,
+    Embedding,
+}
+
+impl GroupKind {
+    pub const ALL: [GroupKind; 8] = [
+        GroupKind::Tensor,
+        GroupKind::Pipeline,
+        GroupKind::Data,
+        GroupKind::Model,
+        GroupKind::Expert,
+        GroupKind::ExpertData,
+        GroupKind::Gate,
+        GroupKind::Embedding,
+    ];
+}
+
+impl Groups {
+    /// Every group of one kind.
+    pub fn of_kind(&self, kind: GroupKind) -> &[Vec<u64>] {
+        match kind {
+            GroupKind::Tensor => &self.tensor,
+            GroupKind::Pipeline => &self.pipeline,
+            GroupKind::Data => &self.data,
+            GroupKind::Model => &self.model,
+            GroupKind::Expert => &self.expert,
+            GroupKind::ExpertData => &self.expert_data,
+            GroupKind::Gate => &self.gate,
+            GroupKind::Embedding => &self.embedding,
+        }
+    }
+
+    /// The group of `kind` that holds `rank` (`None` only for embedding groups, which
+    /// hold first and last stages alone, or a rank outside the world).
+    pub fn containing(&self, kind: GroupKind, rank: u64) -> Option<&[u64]> {
+        self.of_kind(kind)
+            .iter()
+            .find(|g| g.contains(&rank))
+            .map(Vec::as_slice)
+    }
+}

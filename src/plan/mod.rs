@@ -22,7 +22,7 @@ use crate::diag::Diagnostic;
 use crate::graph::{self, ModelGraph};
 
 pub use cost::{Memory, StageCost, TimeEstimate};
-pub use grid::{Coords, Grid, Groups};
+pub use grid::{Coords, Grid, GroupKind, Groups};
 
 /// What-if changes to the `parallel` block from the command line (`--world`, ...).
 #[derive(Clone, Debug, Default, PartialEq)]
