@@ -62,3 +62,73 @@ fn fixture_mixtral_64_auto() {
     let r = plan::search::search(&c, None);
     insta::assert_snapshot!("mixtral_64_auto", plan::search::report(&r, 5));
 }
+
+/// Checks one example with the real front end.
+fn load_example(path: &std::path::Path) -> check::Checked {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut sources = fmoec::diag::Sources::new();
+    let file = sources.add(path.display().to_string(), text);
+    let mut sink = fmoec::diag::Sink::new();
+    let checked = check::check_file(&mut sources, file, &mut sink);
+    assert!(
+        !sink.has_errors(),
+        "{}: {:?}",
+        path.display(),
+        sink.diagnostics()
+    );
+    checked.unwrap()
+}
+
+fn examples() -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "fmoe"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    files
+}
+
+#[test]
+fn every_example_plans_and_matches_its_snapshots() {
+    for path in examples() {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let c = load_example(&path);
+        let p = plan::build(&c).unwrap_or_else(|d| panic!("{name}: {:#?}", d));
+        // Invariants every plan keeps.
+        assert_eq!(p.world, p.tensor * p.pipeline * p.data, "{name}");
+        assert_eq!(p.ranks.len() as u64, p.world, "{name}");
+        assert!(p
+            .ranks
+            .iter()
+            .all(|r| r.memory_bytes <= p.hardware.memory_bytes));
+        insta::assert_snapshot!(format!("example_{name}_table"), plan::render::table(&p));
+        insta::assert_snapshot!(format!("example_{name}_json"), plan::render::json(&p));
+    }
+}
+
+#[test]
+fn auto_finds_plans_for_mixtral_on_64_h100s() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mixtral-8x7b.fmoe");
+    let c = load_example(&path);
+    assert_eq!(c.parallel.gpus, 64);
+    let r = plan::search::search(&c, None);
+    assert!(r.feasible.len() >= 5);
+    // Every plan found fits and keeps tensor parallelism inside one 8-GPU host.
+    for p in &r.feasible {
+        assert!(p.tensor <= 8);
+        assert!(p
+            .ranks
+            .iter()
+            .all(|x| x.memory_bytes <= p.hardware.memory_bytes));
+    }
+    // Mixtral's 8 experts cannot spread over more than 8 ranks.
+    assert!(r
+        .rejected
+        .iter()
+        .filter(|x| x.code == "P0007")
+        .all(|x| x.message.contains("experts = 8")));
+    insta::assert_snapshot!("example_mixtral_auto", plan::search::report(&r, 5));
+}

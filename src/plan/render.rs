@@ -73,6 +73,22 @@ fn ids(v: &[u64]) -> String {
     }
 }
 
+/// Layer indices compactly: `0-23`, `1-23 step 2`, or a list.
+fn layer_list(v: &[usize]) -> String {
+    if v.len() > 2 {
+        let step = v[1] - v[0];
+        if step > 0 && v.windows(2).all(|w| w[1] - w[0] == step) {
+            let last = v[v.len() - 1];
+            return if step == 1 {
+                format!("{}-{last}", v[0])
+            } else {
+                format!("{}-{last} step {step}", v[0])
+            };
+        }
+    }
+    v.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// At most `max` groups, then how many more.
 fn group_line(gs: &[Vec<u64>], max: usize) -> String {
     let mut parts: Vec<String> = gs.iter().take(max).map(|g| ranks_list(g)).collect();
@@ -179,13 +195,13 @@ pub fn table(plan: &ParallelPlan) -> String {
         let _ = writeln!(o, "\nmoe layers");
         let _ = writeln!(
             o,
-            "  layer  stage  experts  top_k  per rank  hidden  hidden/rank  capacity"
+            "  layers              stage  experts  top_k  per rank  hidden  hidden/rank  capacity"
         );
+        // Rows that differ only in the layer index are printed once.
+        let mut rows: Vec<(String, Vec<usize>)> = Vec::new();
         for m in &plan.moe_layers {
-            let _ = writeln!(
-                o,
-                "  {:>5}  {:>5}  {:>7}  {:>5}  {:>8}  {:>6}  {:>11}  {}",
-                m.layer,
+            let row = format!(
+                "{:>5}  {:>7}  {:>5}  {:>8}  {:>6}  {:>11}  {}",
                 m.stage,
                 m.experts,
                 m.top_k,
@@ -194,6 +210,13 @@ pub fn table(plan: &ParallelPlan) -> String {
                 m.hidden_per_rank,
                 m.capacity.map_or("none".into(), |c| format!("{c}"))
             );
+            match rows.last_mut() {
+                Some((r, layers)) if *r == row => layers.push(m.layer),
+                _ => rows.push((row, vec![m.layer])),
+            }
+        }
+        for (row, layers) in rows {
+            let _ = writeln!(o, "  {:<18}  {row}", layer_list(&layers));
         }
     }
 
@@ -215,8 +238,8 @@ pub fn table(plan: &ParallelPlan) -> String {
         let held: Vec<String> = held
             .iter()
             .map(|(k, ls)| {
-                let ls: Vec<String> = ls.iter().map(usize::to_string).collect();
-                format!("layers {}: {k}", ls.join(","))
+                let s = if ls.len() == 1 { "" } else { "s" };
+                format!("layer{s} {}: {k}", layer_list(ls))
             })
             .collect();
         let _ = writeln!(

@@ -34,6 +34,10 @@ pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
     let w = world.unwrap_or(checked.parallel.gpus).max(1);
     let gpn = checked.parallel.hardware.gpus_per_node.max(1);
     let has_moe = checked.model.moe_layers().next().is_some();
+    // The search chooses the micro-batch itself, whatever the file says.
+    let mut free = checked.clone();
+    free.parallel.micro_batch = None;
+    let checked = &free;
     let mut feasible = Vec::new();
     let mut rejected = Vec::new();
     for t in divisors(w).into_iter().filter(|t| *t <= gpn) {
