@@ -163,7 +163,12 @@ impl Settings {
 
     /// The settings in force: `./fmoec.toml`, else the user's config folder, else defaults.
     pub fn discover() -> Result<Settings, SettingsError> {
-        for candidate in Self::candidates() {
+        Self::discover_in(Path::new("."))
+    }
+
+    /// Like [`Settings::discover`], looking in `dir` instead of the working directory.
+    pub fn discover_in(dir: &Path) -> Result<Settings, SettingsError> {
+        for candidate in Self::candidates(dir) {
             if candidate.is_file() {
                 return Settings::read(&candidate);
             }
@@ -171,8 +176,8 @@ impl Settings {
         Ok(Settings::default())
     }
 
-    fn candidates() -> Vec<PathBuf> {
-        let mut out = vec![PathBuf::from(FILE_NAME)];
+    fn candidates(dir: &Path) -> Vec<PathBuf> {
+        let mut out = vec![dir.join(FILE_NAME)];
         if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
             out.push(PathBuf::from(dir).join("fmoec").join(FILE_NAME));
         } else if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {

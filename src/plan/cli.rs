@@ -1,23 +1,126 @@
 //! `fmoec plan`: command-line arguments and output.
+//!
+//! Reads and checks the file through the driver, applies the what-if overrides, and
+//! prints the plan (table, JSON or DOT) or the `--auto` search report. Planner
+//! diagnostics are rendered like the front end's, against the user's file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::check::ExpertGroup;
 use crate::driver::{self, DiagFormat};
+use crate::graph;
+
+use super::{render, search, Overrides};
+
+/// How the plan is printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlanFormat {
+    /// Readable tables.
+    #[default]
+    Table,
+    /// The JSON document described in docs/plan.md.
+    Json,
+    /// The model graph in Graphviz DOT, one cluster per pipeline stage.
+    Dot,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct PlanArgs {
     /// The model file.
     pub file: PathBuf,
+    /// How the plan is printed.
+    #[arg(long, value_enum, default_value_t)]
+    pub format: PlanFormat,
+    /// Search tensor, pipeline, expert-group size and micro-batch for the fastest plans
+    /// that fit; print the best few and why the others were rejected.
+    #[arg(long)]
+    pub auto: bool,
+    /// How many plans `--auto` prints.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub top: usize,
+    /// Override the number of GPUs (world size).
+    #[arg(long, value_name = "N")]
+    pub world: Option<u64>,
+    /// Override the tensor-parallel size.
+    #[arg(long, value_name = "N")]
+    pub tensor: Option<u64>,
+    /// Override the pipeline-parallel size.
+    #[arg(long, value_name = "N")]
+    pub pipeline: Option<u64>,
+    /// Override the expert group: `data` (the data-parallel group), `replicated`, or a
+    /// size dividing the data-parallel size.
+    #[arg(long, value_name = "data|replicated|N", value_parser = parse_expert_group)]
+    pub expert_group: Option<ExpertGroup>,
+    /// Override the micro-batch (sequences per data rank).
+    #[arg(long, value_name = "N")]
+    pub micro_batch: Option<u64>,
     /// How diagnostics are printed.
     #[arg(long, value_enum, default_value_t)]
     pub diagnostics: DiagFormat,
 }
 
+fn parse_expert_group(s: &str) -> Result<ExpertGroup, String> {
+    match s {
+        "data" => Ok(ExpertGroup::AcrossData),
+        "replicated" => Ok(ExpertGroup::Replicated),
+        n => n
+            .parse::<u64>()
+            .map(|size| ExpertGroup::Size { size })
+            .map_err(|_| format!("expected `data`, `replicated` or a number, found `{n}`")),
+    }
+}
+
+impl PlanArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            world: self.world,
+            tensor: self.tensor,
+            pipeline: self.pipeline,
+            expert_group: self.expert_group,
+            micro_batch: self.micro_batch,
+        }
+    }
+}
+
 pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
-    let _loaded = match driver::load(&args.file, args.diagnostics) {
+    let loaded = match driver::load(&args.file, args.diagnostics) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    anyhow::bail!("`fmoec plan` is not implemented yet")
+    if args.auto {
+        let result = search::search(&loaded.checked, args.world);
+        print!("{}", search::report(&result, args.top));
+        return Ok(if result.feasible.is_empty() {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    match super::build_with(&loaded.checked, &args.overrides()) {
+        Ok(plan) => {
+            let out = match args.format {
+                PlanFormat::Table => render::table(&plan),
+                PlanFormat::Json => render::json(&plan),
+                PlanFormat::Dot => {
+                    let g = graph::lower(&loaded.checked.model, plan.seq_len);
+                    render::dot(&plan, &g)
+                }
+            };
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(diags) => {
+            driver::report(&loaded.sources, &diags, args.diagnostics);
+            if args.diagnostics == DiagFormat::Human {
+                eprintln!(
+                    "error: no plan for `{}` due to {} error{}",
+                    args.file.display(),
+                    diags.len(),
+                    if diags.len() == 1 { "" } else { "s" }
+                );
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
 }

@@ -1,3 +1,571 @@
-//! `plan`: the ParallelPlan (rank grid, process groups, expert placement, memory,
-//! traffic, time) computed from the ModelGraph and the `parallel` block.
+//! `plan`: the [`ParallelPlan`], computed from the checked model, its [`ModelGraph`] and
+//! the `parallel` block (plus the `train` block for batch and precision).
+//!
+//! Owns the rank grid and process groups (Megatron-LM v2.2 layout, [`grid`]), the expert
+//! placement (FastMoE on Megatron), per-rank parameters and memory, per-step traffic and
+//! FLOPs, the time estimate ([`cost`]), the planner's diagnostics ([`diagnostics`]) and
+//! the search behind `--auto` ([`search`]). It reads only `check::Checked` and the
+//! graph; it knows nothing about source text (only spans), tensors, NCCL or templates.
+//! The formulas are written out in `docs/plan.md`.
+
 pub mod cli;
+pub mod cost;
+pub mod diagnostics;
+pub mod grid;
+pub mod render;
+pub mod search;
+
+use serde::Serialize;
+
+use crate::check::{Checked, ExpertGroup, Ffn, Hardware, Precision};
+use crate::diag::Diagnostic;
+use crate::graph::{self, ModelGraph};
+
+pub use cost::{Memory, StageCost, TimeEstimate};
+pub use grid::{Coords, Grid, GroupKind, Groups};
+
+/// What-if changes to the `parallel` block from the command line (`--world`, ...).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Overrides {
+    pub world: Option<u64>,
+    pub tensor: Option<u64>,
+    pub pipeline: Option<u64>,
+    pub expert_group: Option<ExpertGroup>,
+    pub micro_batch: Option<u64>,
+}
+
+impl Overrides {
+    pub fn is_empty(&self) -> bool {
+        *self == Overrides::default()
+    }
+
+    /// `--tensor 2 --pipeline 4`, for notes on diagnostics.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(w) = self.world {
+            parts.push(format!("--world {w}"));
+        }
+        if let Some(t) = self.tensor {
+            parts.push(format!("--tensor {t}"));
+        }
+        if let Some(p) = self.pipeline {
+            parts.push(format!("--pipeline {p}"));
+        }
+        if let Some(e) = self.expert_group {
+            parts.push(format!("--expert-group {}", expert_group_name(e)));
+        }
+        if let Some(m) = self.micro_batch {
+            parts.push(format!("--micro-batch {m}"));
+        }
+        parts.join(" ")
+    }
+}
+
+/// `data`, `replicated` or the size, as written on the command line.
+pub fn expert_group_name(e: ExpertGroup) -> String {
+    match e {
+        ExpertGroup::AcrossData => "data".into(),
+        ExpertGroup::Replicated => "replicated".into(),
+        ExpertGroup::Size { size } => size.to_string(),
+    }
+}
+
+/// One pipeline stage: its blocks and whether it holds the embedding and the head.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Stage {
+    pub stage: u64,
+    /// Blocks `first..end` (end exclusive).
+    pub first_layer: u64,
+    pub end_layer: u64,
+    pub embedding: bool,
+    pub head: bool,
+    pub cost: StageCost,
+}
+
+/// The experts one rank holds in one MoE layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HeldExperts {
+    pub layer: usize,
+    /// Global expert ids, ascending.
+    pub ids: Vec<u64>,
+    /// The slice `[start, end)` of each expert's hidden dimension this rank holds
+    /// (all of it without expert slicing).
+    pub hidden: [u64; 2],
+}
+
+/// One rank of the plan.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RankPlan {
+    pub rank: u64,
+    /// Host index, assuming `gpus_per_node` consecutive ranks per host.
+    pub node: u64,
+    pub tensor_rank: u64,
+    pub pipeline_rank: u64,
+    pub data_rank: u64,
+    pub expert_rank: u64,
+    pub experts: Vec<HeldExperts>,
+    pub memory_bytes: u64,
+}
+
+/// One MoE layer's placement.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MoeLayerPlan {
+    pub layer: usize,
+    pub stage: u64,
+    pub experts: u64,
+    pub top_k: u64,
+    pub experts_per_rank: u64,
+    pub expert_hidden: u64,
+    /// Hidden size of each expert held by one rank (`expert_hidden / tensor` when sliced).
+    pub hidden_per_rank: u64,
+    /// Train capacity factor, if the gate has one.
+    pub capacity: Option<f64>,
+}
+
+/// Whole-model parameter counts (the same on every plan of one model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ModelParams {
+    pub total: u64,
+    /// Routed expert parameters, all layers.
+    pub expert: u64,
+    pub gate: u64,
+    /// Parameters one token goes through: everything but the routed experts, plus
+    /// `top_k / experts` of them.
+    pub active: u64,
+}
+
+/// The complete plan. Invariants: `world == tensor * pipeline * data`; every group
+/// kind partitions the ranks (embedding excepted); `ranks[i].rank == i`; `stages.len()
+/// == pipeline`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ParallelPlan {
+    /// Version of this JSON schema; bumped on any incompatible change.
+    pub schema: u32,
+    pub model: String,
+    pub hardware: Hardware,
+    pub world: u64,
+    pub tensor: u64,
+    pub pipeline: u64,
+    pub data: u64,
+    /// `data`, `replicated` or a size.
+    pub expert_group: String,
+    pub expert_group_size: u64,
+    pub expert_slicing: bool,
+    pub precision: Precision,
+    pub seq_len: u64,
+    /// Sequences per micro-batch per data rank.
+    pub micro_batch: u64,
+    /// Micro-batches per step per data rank.
+    pub micro_batches: u64,
+    /// Sequences per step over all data ranks.
+    pub global_batch: u64,
+    /// What the planner assumed because the file did not say.
+    pub assumptions: Vec<String>,
+    pub params: ModelParams,
+    pub stages: Vec<Stage>,
+    pub moe_layers: Vec<MoeLayerPlan>,
+    pub ranks: Vec<RankPlan>,
+    pub groups: Groups,
+    pub time: TimeEstimate,
+}
+
+/// Plan-level schema version (see `docs/plan.md`).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The model's parameter counts.
+pub fn model_params(g: &ModelGraph, checked: &Checked) -> ModelParams {
+    let p = g.params();
+    let active_expert: u64 = checked
+        .model
+        .moe_layers()
+        .map(|(_, m)| {
+            m.top_k * graph::mlp_params(checked.model.width, &m.expert, checked.model.bias).total()
+        })
+        .sum();
+    ModelParams {
+        total: p.total(),
+        expert: p.expert,
+        gate: p.gate,
+        active: p.total() - p.expert + active_expert,
+    }
+}
+
+/// The `parallel` block after overrides, with the values diagnostics point at.
+struct Setup {
+    world: u64,
+    tensor: u64,
+    pipeline: u64,
+    expert_group: ExpertGroup,
+    micro_batch: Option<u64>,
+}
+
+fn plan_error(mut diags: Vec<Diagnostic>, o: &Overrides) -> Vec<Diagnostic> {
+    if !o.is_empty() {
+        let note = format!("with command-line overrides {}", o.describe());
+        for d in &mut diags {
+            d.notes.push(note.clone());
+        }
+    }
+    diags
+}
+
+/// Plans the file as written.
+pub fn build(checked: &Checked) -> Result<ParallelPlan, Vec<Diagnostic>> {
+    build_with(checked, &Overrides::default())
+}
+
+/// Plans the file with command-line overrides. Every error found is returned (not just
+/// the first); a plan comes back only when every rank fits its memory.
+pub fn build_with(checked: &Checked, o: &Overrides) -> Result<ParallelPlan, Vec<Diagnostic>> {
+    let par = &checked.parallel;
+    let s = Setup {
+        world: o.world.unwrap_or(par.gpus),
+        tensor: o.tensor.unwrap_or(par.tensor),
+        pipeline: o.pipeline.unwrap_or(par.pipeline),
+        expert_group: o.expert_group.unwrap_or(par.experts),
+        micro_batch: o.micro_batch.or(par.micro_batch),
+    };
+    let grid = validate(checked, &s).map_err(|d| plan_error(d, o))?;
+    let sp = &par.spans;
+    let train = checked.train.as_ref();
+    let mut assumptions = Vec::new();
+    let precision = match train {
+        Some(t) => t.precision,
+        None => {
+            assumptions
+                .push("no train block: bf16 mixed precision (fp32 master weights, Adam)".into());
+            Precision::Bf16
+        }
+    };
+    let seq_len = match train {
+        Some(t) => t.seq_len,
+        None => {
+            assumptions.push(format!(
+                "no train block: sequences of {} tokens (the context)",
+                checked.model.context
+            ));
+            checked.model.context
+        }
+    };
+    if train.is_none() {
+        assumptions.push(format!(
+            "no train block: {} micro-batches per step (4 × pipeline)",
+            4 * grid.pipeline
+        ));
+    }
+    let g = graph::lower(&checked.model, seq_len);
+    let per_rank_batch = train.map(|t| t.batch_sequences / grid.data);
+    let candidates: Vec<u64> = match s.micro_batch {
+        Some(m) => vec![m],
+        None => {
+            let limit = per_rank_batch.unwrap_or(64).min(64);
+            let c: Vec<u64> = (0..7)
+                .map(|i| 1u64 << i)
+                .filter(|m| *m <= limit && per_rank_batch.is_none_or(|b| b % m == 0))
+                .collect();
+            if c.len() > 1 {
+                assumptions.push(format!(
+                    "micro-batch not given: chose the fastest that fits among {:?}",
+                    c
+                ));
+            }
+            if c.is_empty() {
+                vec![1]
+            } else {
+                c
+            }
+        }
+    };
+    if let Some(t) = train {
+        let m = s.micro_batch.unwrap_or(1);
+        if t.batch_sequences == 0 || t.batch_sequences % (grid.data * m) != 0 {
+            let at = if par.micro_batch.is_some() && o.micro_batch.is_none() {
+                sp.micro_batch
+            } else {
+                t.spans.batch
+            };
+            return Err(plan_error(
+                vec![diagnostics::batch_not_divisible(
+                    t.batch_sequences,
+                    grid.data,
+                    m,
+                    at,
+                )],
+                o,
+            ));
+        }
+    }
+    let mut best: Option<(f64, cost::Costed)> = None;
+    let mut first_failure: Option<cost::Costed> = None;
+    for m in candidates {
+        let micro_batches = match train {
+            Some(t) => t.batch_sequences / (grid.data * m),
+            None => 4 * grid.pipeline,
+        };
+        let c = cost::evaluate(
+            &g,
+            checked,
+            &grid,
+            precision,
+            seq_len,
+            m,
+            micro_batches.max(1),
+        );
+        if c.fits() {
+            let t = c.time.step_s;
+            if best.as_ref().is_none_or(|(bt, _)| t < *bt) {
+                best = Some((t, c));
+            }
+        } else if first_failure.is_none() {
+            first_failure = Some(c);
+        }
+    }
+    let costed = match (best, first_failure) {
+        (Some((_, c)), _) => c,
+        (None, Some(c)) => {
+            let at = (par.hardware.name.as_str(), sp.gpus.join(sp.hardware));
+            return Err(plan_error(vec![c.out_of_memory(&grid, at)], o));
+        }
+        (None, None) => unreachable!("every micro-batch candidate is costed"),
+    };
+    Ok(assemble(
+        checked,
+        &g,
+        grid,
+        s.expert_group,
+        precision,
+        seq_len,
+        costed,
+        assumptions,
+    ))
+}
+
+/// Divisibility and size checks; the grid when they all pass.
+fn validate(checked: &Checked, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
+    let par = &checked.parallel;
+    let sp = &par.spans;
+    let model = &checked.model;
+    let mut errs = Vec::new();
+    for (v, what, at) in [
+        (s.world, "gpus", sp.gpus),
+        (s.tensor, "tensor", sp.tensor),
+        (s.pipeline, "pipeline", sp.pipeline),
+    ] {
+        if v == 0 {
+            errs.push(diagnostics::zero_size(what, at));
+        }
+    }
+    if s.micro_batch == Some(0) {
+        errs.push(diagnostics::zero_size("micro_batch", sp.micro_batch));
+    }
+    if let ExpertGroup::Size { size: 0 } = s.expert_group {
+        errs.push(diagnostics::zero_size("the expert group size", sp.experts));
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    let tp = s.tensor * s.pipeline;
+    if s.world % tp != 0 {
+        errs.push(diagnostics::world_not_divisible(
+            (s.world, sp.gpus),
+            (s.tensor, sp.tensor),
+            (s.pipeline, sp.pipeline),
+        ));
+    }
+    let att = &model.attention;
+    if att.heads % s.tensor != 0 {
+        errs.push(diagnostics::heads_not_divisible(
+            (att.heads, model.spans.heads),
+            (s.tensor, sp.tensor),
+            false,
+        ));
+    } else if att.kv_heads % s.tensor != 0 {
+        errs.push(diagnostics::heads_not_divisible(
+            (att.kv_heads, model.spans.heads),
+            (s.tensor, sp.tensor),
+            true,
+        ));
+    }
+    // One diagnostic per distinct problem: layers usually share their ffn declaration.
+    let mut seen = std::collections::BTreeSet::new();
+    for l in &model.layers {
+        let (hidden, at, expert) = match &l.ffn {
+            Ffn::Dense(m) => (m.hidden, m.span, false),
+            Ffn::Moe(m) => {
+                if let Some(sh) = &m.shared {
+                    if (sh.count * sh.expert.hidden) % s.tensor != 0
+                        && seen.insert((sh.expert.span, false))
+                    {
+                        errs.push(diagnostics::ffn_not_divisible(
+                            l.index,
+                            sh.count * sh.expert.hidden,
+                            sh.expert.span,
+                            (s.tensor, sp.tensor),
+                            false,
+                        ));
+                    }
+                }
+                if !par.expert_slicing {
+                    continue;
+                }
+                (m.expert.hidden, m.expert.span, true)
+            }
+        };
+        if hidden % s.tensor != 0 && seen.insert((at, expert)) {
+            errs.push(diagnostics::ffn_not_divisible(
+                l.index,
+                hidden,
+                at,
+                (s.tensor, sp.tensor),
+                expert,
+            ));
+        }
+    }
+    if model.depth() % s.pipeline != 0 {
+        errs.push(diagnostics::depth_not_divisible(
+            (model.depth(), model.spans.depth),
+            (s.pipeline, sp.pipeline),
+        ));
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    let data = s.world / tp;
+    let expert_group = match s.expert_group {
+        ExpertGroup::AcrossData => data,
+        ExpertGroup::Replicated => 1,
+        ExpertGroup::Size { size } => {
+            if data % size != 0 {
+                return Err(vec![diagnostics::expert_group_not_divisible(
+                    size, data, sp.experts,
+                )]);
+            }
+            size
+        }
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, m) in model.moe_layers() {
+        if m.experts % expert_group != 0 && seen.insert(m.spans.experts) {
+            errs.push(diagnostics::experts_not_divisible(
+                i,
+                (m.experts, m.spans.experts),
+                expert_group,
+                sp.experts,
+            ));
+        }
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Grid {
+        world: s.world,
+        tensor: s.tensor,
+        pipeline: s.pipeline,
+        data,
+        expert_group,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    checked: &Checked,
+    g: &ModelGraph,
+    grid: Grid,
+    expert_group: ExpertGroup,
+    precision: Precision,
+    seq_len: u64,
+    costed: cost::Costed,
+    assumptions: Vec<String>,
+) -> ParallelPlan {
+    let par = &checked.parallel;
+    let per_stage = checked.model.depth() / grid.pipeline;
+    let slicing = par.expert_slicing && grid.tensor > 1;
+    let moe_layers: Vec<MoeLayerPlan> = checked
+        .model
+        .moe_layers()
+        .map(|(i, m)| MoeLayerPlan {
+            layer: i,
+            stage: i as u64 / per_stage,
+            experts: m.experts,
+            top_k: m.top_k,
+            experts_per_rank: m.experts / grid.expert_group,
+            expert_hidden: m.expert.hidden,
+            hidden_per_rank: if slicing {
+                m.expert.hidden / grid.tensor
+            } else {
+                m.expert.hidden
+            },
+            capacity: m.gate.capacity.map(|c| c.train),
+        })
+        .collect();
+    let gpn = par.hardware.gpus_per_node.max(1);
+    let ranks = (0..grid.world)
+        .map(|r| {
+            let c = grid.coords(r);
+            let experts = moe_layers
+                .iter()
+                .filter(|m| m.stage == c.pipeline_rank)
+                .map(|m| {
+                    let first = c.expert_rank * m.experts_per_rank;
+                    let lo = if slicing {
+                        c.tensor_rank * m.hidden_per_rank
+                    } else {
+                        0
+                    };
+                    HeldExperts {
+                        layer: m.layer,
+                        ids: (first..first + m.experts_per_rank).collect(),
+                        hidden: [lo, lo + m.hidden_per_rank],
+                    }
+                })
+                .collect();
+            RankPlan {
+                rank: r,
+                node: r / gpn,
+                tensor_rank: c.tensor_rank,
+                pipeline_rank: c.pipeline_rank,
+                data_rank: c.data_rank,
+                expert_rank: c.expert_rank,
+                experts,
+                memory_bytes: costed.stages[c.pipeline_rank as usize].memory.total,
+            }
+        })
+        .collect();
+    let stages = costed
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(s, c)| Stage {
+            stage: s as u64,
+            first_layer: s as u64 * per_stage,
+            end_layer: (s as u64 + 1) * per_stage,
+            embedding: s == 0,
+            head: s as u64 == grid.pipeline - 1,
+            cost: c.clone(),
+        })
+        .collect();
+    ParallelPlan {
+        schema: SCHEMA_VERSION,
+        model: checked.model.name.clone(),
+        hardware: par.hardware.clone(),
+        world: grid.world,
+        tensor: grid.tensor,
+        pipeline: grid.pipeline,
+        data: grid.data,
+        expert_group: expert_group_name(expert_group),
+        expert_group_size: grid.expert_group,
+        expert_slicing: slicing,
+        precision,
+        seq_len,
+        micro_batch: costed.micro_batch,
+        micro_batches: costed.micro_batches,
+        global_batch: costed.micro_batch * costed.micro_batches * grid.data,
+        assumptions,
+        params: model_params(g, checked),
+        stages,
+        moe_layers,
+        ranks,
+        groups: grid.groups(),
+        time: costed.time,
+    }
+}

@@ -1,0 +1,517 @@
+//! Costs of one plan, per pipeline stage (every rank of a stage holds the same shapes):
+//! parameters and memory, per-step traffic, FLOPs and the time estimate.
+//!
+//! Owns the formulas of `docs/plan.md`; knows nothing about how groups are listed or how
+//! results are printed. All ranks of one stage cost the same under balanced routing, so
+//! costs are kept per stage and copied to ranks by the caller.
+
+use serde::Serialize;
+
+use crate::check::{Checked, Ffn, Precision};
+use crate::diag::{Diagnostic, Span};
+use crate::graph::{self, ModelGraph, NodeKind};
+
+use super::diagnostics;
+use super::grid::Grid;
+
+/// Megatron-LM pads the vocabulary to a multiple of this times the tensor size
+/// (`--make-vocab-size-divisible-by`, default 128).
+pub const VOCAB_PAD: u64 = 128;
+
+/// Megatron's padded vocabulary for tensor size `t`.
+pub fn padded_vocab(vocab: u64, tensor: u64) -> u64 {
+    let m = VOCAB_PAD * tensor;
+    vocab.div_ceil(m) * m
+}
+
+/// Parameters held by one rank, by how they are placed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RankParams {
+    /// Tensor-parallel shards (`1/tensor` of the matrix each).
+    pub sharded: u64,
+    /// Copied on every tensor rank, all-reduced over the data group.
+    pub replicated: u64,
+    /// Gate weights, all-reduced over the gate group.
+    pub gate: u64,
+    /// The rank's own experts (or their tensor slices).
+    pub expert: u64,
+    pub total: u64,
+}
+
+/// Bytes of one rank's memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Memory {
+    pub weights: u64,
+    pub grads: u64,
+    /// fp32 master weights (mixed precision) and the two Adam moments.
+    pub optimizer: u64,
+    /// Activations of one micro-batch on this stage.
+    pub activations_per_micro_batch: u64,
+    /// Micro-batches whose activations are alive at once (1F1B: `min(pipeline - stage,
+    /// micro_batches)`).
+    pub in_flight: u64,
+    pub activations: u64,
+    pub total: u64,
+    /// The GPU's memory, for comparison.
+    pub capacity: u64,
+}
+
+impl Memory {
+    /// (name, bytes), largest first.
+    pub fn parts(&self) -> Vec<(&'static str, u64)> {
+        let mut v = vec![
+            (
+                "optimizer state (fp32 master weights and Adam moments)",
+                self.optimizer,
+            ),
+            ("weights", self.weights),
+            ("gradients", self.grads),
+            ("activations", self.activations),
+        ];
+        v.sort_by_key(|p| std::cmp::Reverse(p.1));
+        v
+    }
+}
+
+/// One MoE layer's token all-to-all for one micro-batch, bytes sent by one rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct AllToAll {
+    pub layer: usize,
+    /// Dispatch and combine of the forward pass.
+    pub fwd_bytes: u64,
+    /// Their gradients in the backward pass.
+    pub bwd_bytes: u64,
+}
+
+/// Bytes one rank of a stage moves. All-reduce figures are message (buffer) sizes;
+/// the time model applies the ring factor.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Traffic {
+    /// Tensor-parallel all-reduces per step (forward and backward).
+    pub tensor_allreduce_bytes: u64,
+    /// Per MoE layer of this stage, per micro-batch.
+    pub all_to_all: Vec<AllToAll>,
+    /// Per step, sum over layers and micro-batches.
+    pub all_to_all_bytes: u64,
+    /// Gradient all-reduce over the data group per step (dense, non-gate parameters).
+    pub data_allreduce_bytes: u64,
+    /// Expert gradients over the expert-data group per step (0 when it has one rank).
+    pub expert_data_allreduce_bytes: u64,
+    /// Gate gradients over the gate group per step.
+    pub gate_allreduce_bytes: u64,
+    /// Tied word-embedding gradients between first and last stage per step.
+    pub embedding_allreduce_bytes: u64,
+    /// Activations and their gradients sent to neighbouring stages per step.
+    pub pipeline_send_bytes: u64,
+    /// Activations and their gradients received from neighbouring stages per step.
+    pub pipeline_recv_bytes: u64,
+}
+
+/// Seconds of one micro-batch (forward + backward) on one rank of a stage, and of the
+/// gradient synchronisation at the end of a step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct StageTime {
+    pub compute_s: f64,
+    pub tensor_s: f64,
+    pub all_to_all_s: f64,
+    pub pipeline_s: f64,
+    /// `compute + tensor + all_to_all + pipeline`.
+    pub micro_batch_s: f64,
+    /// Data, expert-data, gate and embedding all-reduces, once per step.
+    pub gradient_sync_s: f64,
+}
+
+/// Everything one rank of a stage costs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageCost {
+    pub params: RankParams,
+    pub memory: Memory,
+    /// Matmul FLOPs per step of one rank (forward and backward).
+    pub flops_per_step: u64,
+    pub traffic: Traffic,
+    pub time: StageTime,
+}
+
+/// The step estimate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct TimeEstimate {
+    /// `(micro_batches + pipeline - 1) * slowest micro_batch_s + slowest gradient_sync_s`.
+    pub step_s: f64,
+    /// Idle share of the 1F1B schedule: `(pipeline - 1) / (micro_batches + pipeline - 1)`.
+    pub bubble_fraction: f64,
+    pub tokens_per_s: f64,
+    /// Model matmul FLOPs per step, all ranks (3 × forward, no recomputation).
+    pub model_flops_per_step: u64,
+    /// Peak dense TFLOP/s of one GPU at the plan's precision.
+    pub peak_tflops: f64,
+    /// `model_flops_per_step / (step_s * world * peak)`.
+    pub mfu: f64,
+}
+
+/// The costed plan for one micro-batch size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Costed {
+    pub micro_batch: u64,
+    pub micro_batches: u64,
+    pub stages: Vec<StageCost>,
+    pub time: TimeEstimate,
+}
+
+impl Costed {
+    pub fn fits(&self) -> bool {
+        self.stages
+            .iter()
+            .all(|s| s.memory.total <= s.memory.capacity)
+    }
+
+    /// The diagnostic for the stage most over its memory.
+    pub fn out_of_memory(&self, grid: &Grid, hardware: (&str, Span)) -> Diagnostic {
+        let (s, st) = self
+            .stages
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, s)| s.memory.total.saturating_sub(s.memory.capacity))
+            .unwrap_or((0, &self.stages[0]));
+        let rank = grid.rank(0, 0, s as u64);
+        diagnostics::out_of_memory(
+            rank,
+            s as u64,
+            st.memory.total,
+            (hardware.0, st.memory.capacity, hardware.1),
+            &st.memory.parts(),
+            self.micro_batch,
+        )
+    }
+}
+
+/// Bytes of one activation element at a precision.
+fn act_bytes(p: Precision) -> u64 {
+    match p {
+        Precision::Fp32 => 4,
+        Precision::Bf16 | Precision::Fp16 => 2,
+    }
+}
+
+/// Bytes of optimizer state per parameter: Adam's two fp32 moments, plus an fp32 master
+/// copy under mixed precision.
+fn optimizer_bytes(p: Precision) -> u64 {
+    match p {
+        Precision::Fp32 => 8,
+        Precision::Bf16 | Precision::Fp16 => 12,
+    }
+}
+
+fn peak_tflops(c: &Checked, p: Precision) -> f64 {
+    let h = &c.parallel.hardware;
+    match p {
+        Precision::Bf16 => h.bf16_tflops,
+        Precision::Fp16 => h.fp16_tflops,
+        Precision::Fp32 => h.fp32_tflops,
+    }
+}
+
+/// Bandwidth in bytes/s between the ranks of `group`: NVLink when they share a host,
+/// else the network.
+fn bandwidth(c: &Checked, group: &[u64]) -> f64 {
+    let h = &c.parallel.hardware;
+    let gpn = h.gpus_per_node.max(1);
+    let one_host = group.windows(2).all(|w| w[0] / gpn == w[1] / gpn);
+    let gbps = if one_host {
+        h.nvlink_gbps
+    } else {
+        h.network_gbps
+    };
+    gbps.max(1e-9) * 1e9
+}
+
+/// Ring all-reduce time of `bytes` over `n` ranks.
+fn allreduce_s(bytes: u64, n: u64, bw: f64) -> f64 {
+    if n <= 1 {
+        return 0.0;
+    }
+    2.0 * (n - 1) as f64 / n as f64 * bytes as f64 / bw
+}
+
+/// Activation bytes of one block for one micro-batch on one rank (see `docs/plan.md`).
+fn block_activations(c: &Checked, layer: usize, grid: &Grid, a: u64, seq: u64, sb: u64) -> u64 {
+    let m = &c.model;
+    let t = grid.tensor;
+    let h = m.width;
+    let att = &m.attention;
+    let q = att.heads * att.head_dim;
+    let kv = att.kv_heads * att.head_dim;
+    // Norm inputs (2), QKV input, Q K V, attention scores: softmax output, dropout mask
+    // (1 byte), dropout output; projection input; dropout mask (1 byte).
+    let scores = att.heads * seq * sb / t;
+    let attention = 2 * a * sb * h
+        + a * sb * h
+        + a * sb * (q + 2 * kv) / t
+        + (2 * a + 1) * scores
+        + a * sb * q / t
+        + sb * h;
+    let ffn = match &m.layers[layer].ffn {
+        Ffn::Dense(mlp) => a * sb * h + mlp.act.matrices() * a * sb * mlp.hidden / t + sb * h,
+        Ffn::Moe(moe) => {
+            let te = if c.parallel.expert_slicing { t } else { 1 };
+            let cap = moe.gate.capacity.map(|c| c.train.max(1.0)).unwrap_or(1.0);
+            let routed = (cap * (moe.top_k * sb) as f64).ceil() as u64;
+            let shared = moe.shared.as_ref().map_or(0, |s| {
+                s.expert.act.matrices() * a * sb * s.count * s.expert.hidden / t
+            });
+            // Input, fp32 gate logits, dispatched tokens, expert internals, expert
+            // outputs, dropout mask.
+            a * sb * h
+                + 4 * sb * moe.experts
+                + a * routed * h
+                + moe.expert.act.matrices() * a * routed * moe.expert.hidden / te
+                + a * routed * h
+                + sb * h
+                + shared
+        }
+    };
+    attention + ffn
+}
+
+/// Costs every stage at micro-batch `mb` with `micro_batches` per step.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    g: &ModelGraph,
+    c: &Checked,
+    grid: &Grid,
+    precision: Precision,
+    seq_len: u64,
+    mb: u64,
+    micro_batches: u64,
+) -> Costed {
+    let m = &c.model;
+    let t = grid.tensor;
+    let p = grid.pipeline;
+    let a = act_bytes(precision);
+    let pb = precision.param_bytes();
+    let slicing = c.parallel.expert_slicing && t > 1;
+    let te = if slicing { t } else { 1 };
+    let per_stage = m.depth() / p;
+    let tokens = mb * seq_len;
+    let h = m.width;
+    let vpad = padded_vocab(m.vocab, t);
+    let peak = peak_tflops(c, precision).max(1e-9) * 1e12;
+    let groups = grid.groups();
+    let stage_of = |layer: usize| layer as u64 / per_stage.max(1);
+    let mut stages = Vec::new();
+    for s in 0..p {
+        let on_stage = |n: &graph::Node| match n.layer {
+            Some(l) => stage_of(l) == s,
+            None => {
+                (n.kind == NodeKind::Embedding && s == 0)
+                    || (n.kind != NodeKind::Embedding && s == p - 1)
+            }
+        };
+        // Parameters.
+        let mut rp = RankParams::default();
+        let mut flops_per_token = 0u64;
+        for (_, n) in g.nodes().filter(|(_, n)| on_stage(n)) {
+            let fb = n.flops_fwd + n.flops_bwd;
+            match n.kind {
+                NodeKind::Embedding => {
+                    rp.sharded += vpad * h / t;
+                    rp.replicated += n.params.replicated;
+                }
+                NodeKind::LmHead => {
+                    if !g.tied_embeddings || p > 1 {
+                        rp.sharded += vpad * h / t;
+                    }
+                    flops_per_token += fb * vpad / m.vocab.max(1) / t;
+                }
+                NodeKind::Experts => flops_per_token += fb / te,
+                NodeKind::Gate => {
+                    rp.gate += n.params.gate;
+                    flops_per_token += fb;
+                }
+                _ => {
+                    rp.sharded += n.params.sharded / t;
+                    rp.replicated += n.params.replicated;
+                    flops_per_token += fb / t;
+                }
+            }
+        }
+        let mut all_to_all = Vec::new();
+        let mut a2a_s = 0.0;
+        let mut act = 0u64;
+        let mut tensor_msgs = 0u64;
+        let dgroup = &groups.data[(s * t) as usize];
+        let egroup = &groups.expert[(s * t * (grid.data / grid.expert_group)) as usize];
+        for layer in (s * per_stage) as usize..((s + 1) * per_stage) as usize {
+            act += block_activations(c, layer, grid, a, seq_len, tokens);
+            // Attention output, forward and backward.
+            tensor_msgs += 2;
+            match &m.layers[layer].ffn {
+                Ffn::Dense(_) => tensor_msgs += 2,
+                Ffn::Moe(moe) => {
+                    if slicing || moe.shared.is_some() {
+                        tensor_msgs += 2;
+                    }
+                    let one = graph::mlp_params(h, &moe.expert, m.bias);
+                    let local = moe.experts / grid.expert_group;
+                    rp.expert += local * (one.sharded / te + one.replicated);
+                    let g = grid.expert_group;
+                    let bytes = 2 * moe.top_k * tokens * h * a * (g - 1) / g;
+                    all_to_all.push(AllToAll {
+                        layer,
+                        fwd_bytes: bytes,
+                        bwd_bytes: bytes,
+                    });
+                    a2a_s += 2.0 * bytes as f64 / bandwidth(c, egroup);
+                }
+            }
+        }
+        if s == 0 {
+            tensor_msgs += 1; // vocab-parallel embedding output
+        }
+        if s == p - 1 {
+            tensor_msgs += 1; // LM head input gradient
+                              // Final norm input, fp32 logits for the vocab-parallel cross entropy.
+            act += a * tokens * h + 4 * tokens * vpad / t;
+        }
+        if t == 1 {
+            tensor_msgs = 0;
+        }
+        rp.total = rp.sharded + rp.replicated + rp.gate + rp.expert;
+        let grad_bytes = pb;
+        let in_flight = (p - s).min(micro_batches).max(1);
+        let weights = rp.total * pb;
+        let grads = rp.total * grad_bytes;
+        let optimizer = rp.total * optimizer_bytes(precision);
+        let activations = act * in_flight;
+        let memory = Memory {
+            weights,
+            grads,
+            optimizer,
+            activations_per_micro_batch: act,
+            in_flight,
+            activations,
+            total: weights + grads + optimizer + activations,
+            capacity: c.parallel.hardware.memory_bytes,
+        };
+        // Traffic per step.
+        let msg = tokens * h * a;
+        let tensor_bytes = tensor_msgs * msg;
+        let neighbours = u64::from(s > 0) + u64::from(s + 1 < p);
+        let p2p = 2 * neighbours * msg;
+        let dense = rp.sharded + rp.replicated;
+        let tied_copy = g.tied_embeddings && p > 1 && (s == 0 || s == p - 1);
+        let emb_bytes = if tied_copy {
+            vpad * h / t * grad_bytes
+        } else {
+            0
+        };
+        let ed = grid.data / grid.expert_group;
+        let edgroup = &groups.expert_data[(s * t * grid.expert_group) as usize];
+        let gate_group = &groups.gate[s as usize];
+        let traffic = Traffic {
+            tensor_allreduce_bytes: tensor_bytes * micro_batches,
+            all_to_all_bytes: all_to_all
+                .iter()
+                .map(|x| (x.fwd_bytes + x.bwd_bytes) * micro_batches)
+                .sum(),
+            all_to_all,
+            data_allreduce_bytes: if grid.data > 1 { dense * grad_bytes } else { 0 },
+            expert_data_allreduce_bytes: if ed > 1 { rp.expert * grad_bytes } else { 0 },
+            gate_allreduce_bytes: if gate_group.len() > 1 {
+                rp.gate * grad_bytes
+            } else {
+                0
+            },
+            embedding_allreduce_bytes: emb_bytes,
+            pipeline_send_bytes: p2p / 2 * micro_batches,
+            pipeline_recv_bytes: p2p / 2 * micro_batches,
+        };
+        let tgroup = &groups.tensor[(s * grid.data) as usize];
+        let first = grid.rank(0, 0, s);
+        let pipe_bw = {
+            let mut bw = f64::INFINITY;
+            if s > 0 {
+                bw = bw.min(bandwidth(c, &[grid.rank(0, 0, s - 1), first]));
+            }
+            if s + 1 < p {
+                bw = bw.min(bandwidth(c, &[first, grid.rank(0, 0, s + 1)]));
+            }
+            bw
+        };
+        let compute_s = (flops_per_token * tokens) as f64 / peak;
+        let tensor_s = allreduce_s(tensor_bytes, t, bandwidth(c, tgroup));
+        let pipeline_s = if neighbours == 0 {
+            0.0
+        } else {
+            p2p as f64 / pipe_bw
+        };
+        let gradient_sync_s = allreduce_s(
+            traffic.data_allreduce_bytes,
+            grid.data,
+            bandwidth(c, dgroup),
+        ) + allreduce_s(
+            traffic.expert_data_allreduce_bytes,
+            ed,
+            bandwidth(c, edgroup),
+        ) + allreduce_s(
+            traffic.gate_allreduce_bytes,
+            gate_group.len() as u64,
+            bandwidth(c, gate_group),
+        ) + if tied_copy {
+            allreduce_s(
+                emb_bytes,
+                2,
+                bandwidth(c, &[grid.rank(0, 0, 0), grid.rank(0, 0, p - 1)]),
+            )
+        } else {
+            0.0
+        };
+        let time = StageTime {
+            compute_s,
+            tensor_s,
+            all_to_all_s: a2a_s,
+            pipeline_s,
+            micro_batch_s: compute_s + tensor_s + a2a_s + pipeline_s,
+            gradient_sync_s,
+        };
+        stages.push(StageCost {
+            params: rp,
+            memory,
+            flops_per_step: flops_per_token * tokens * micro_batches,
+            traffic,
+            time,
+        });
+    }
+    let slowest = stages
+        .iter()
+        .map(|s| s.time.micro_batch_s)
+        .fold(0.0, f64::max);
+    let sync = stages
+        .iter()
+        .map(|s| s.time.gradient_sync_s)
+        .fold(0.0, f64::max);
+    let step_s = (micro_batches + p - 1) as f64 * slowest + sync;
+    let global_tokens = mb * micro_batches * grid.data * seq_len;
+    let model_flops_per_step = g.flops_per_token() * global_tokens;
+    let time = TimeEstimate {
+        step_s,
+        bubble_fraction: (p - 1) as f64 / (micro_batches + p - 1) as f64,
+        tokens_per_s: if step_s > 0.0 {
+            global_tokens as f64 / step_s
+        } else {
+            0.0
+        },
+        model_flops_per_step,
+        peak_tflops: peak / 1e12,
+        mfu: if step_s > 0.0 {
+            model_flops_per_step as f64 / (step_s * grid.world as f64 * peak)
+        } else {
+            0.0
+        },
+    };
+    Costed {
+        micro_batch: mb,
+        micro_batches,
+        stages,
+        time,
+    }
+}

@@ -1,0 +1,215 @@
+//! Every diagnostic the planner reports, with its stable code and wording, in one place.
+//!
+//! Codes are `P0001`...; never reuse or renumber one. Constructors take the values and
+//! spans they talk about and know nothing about how the planner found the problem.
+
+use crate::diag::{Diagnostic, Span};
+
+/// `gpus` not divisible by `tensor × pipeline`.
+pub const WORLD_NOT_DIVISIBLE: &str = "P0001";
+/// Attention heads not divisible by `tensor`.
+pub const HEADS_NOT_DIVISIBLE: &str = "P0002";
+/// Key/value heads not divisible by `tensor`.
+pub const KV_HEADS_NOT_DIVISIBLE: &str = "P0003";
+/// A feed-forward hidden size not divisible by `tensor`.
+pub const FFN_NOT_DIVISIBLE: &str = "P0004";
+/// An expert's hidden size not divisible by `tensor` under expert slicing.
+pub const EXPERT_HIDDEN_NOT_DIVISIBLE: &str = "P0005";
+/// `depth` not divisible by `pipeline`.
+pub const DEPTH_NOT_DIVISIBLE: &str = "P0006";
+/// A layer's experts not divisible by the expert group size.
+pub const EXPERTS_NOT_DIVISIBLE: &str = "P0007";
+/// The expert group size does not divide the data-parallel size.
+pub const EXPERT_GROUP_NOT_DIVISIBLE: &str = "P0008";
+/// A rank needs more memory than its GPU has.
+pub const OUT_OF_MEMORY: &str = "P0009";
+/// A size that must be at least 1 is 0.
+pub const ZERO_SIZE: &str = "P0010";
+/// The global batch does not split into micro-batches over the data ranks.
+pub const BATCH_NOT_DIVISIBLE: &str = "P0011";
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+pub fn world_not_divisible(
+    gpus: (u64, Span),
+    tensor: (u64, Span),
+    pipeline: (u64, Span),
+) -> Diagnostic {
+    let tp = tensor.0 * pipeline.0;
+    let fits: Vec<String> = (1..=4)
+        .map(|k| (gpus.0 / tp.max(1) + k - 1).max(1) * tp)
+        .filter(|g| *g != gpus.0)
+        .take(2)
+        .map(|g| g.to_string())
+        .collect();
+    Diagnostic::error(
+        WORLD_NOT_DIVISIBLE,
+        gpus.1,
+        format!(
+            "{} GPUs cannot be split into tensor = {} × pipeline = {} ({} GPUs per data-parallel replica)",
+            gpus.0, tensor.0, pipeline.0, tp
+        ),
+    )
+    .with_label(format!("{} is not a multiple of {}", gpus.0, tp))
+    .with_secondary(tensor.1, "tensor size")
+    .with_secondary(pipeline.1, "pipeline size")
+    .with_help(format!(
+        "use a multiple of {tp} GPUs (such as {}), or change tensor or pipeline",
+        fits.join(" or ")
+    ))
+}
+
+pub fn heads_not_divisible(heads: (u64, Span), tensor: (u64, Span), kv: bool) -> Diagnostic {
+    let (code, what) = if kv {
+        (KV_HEADS_NOT_DIVISIBLE, "key/value heads")
+    } else {
+        (HEADS_NOT_DIVISIBLE, "attention heads")
+    };
+    Diagnostic::error(
+        code,
+        tensor.1,
+        format!(
+            "{} {what} cannot be split over tensor = {} ranks",
+            heads.0, tensor.0
+        ),
+    )
+    .with_label(format!("{} does not divide {}", tensor.0, heads.0))
+    .with_secondary(heads.1, format!("{} {what} declared here", heads.0))
+    .with_help(
+        "Megatron splits attention by heads: choose a tensor size that divides the head count",
+    )
+}
+
+pub fn ffn_not_divisible(
+    layer: usize,
+    hidden: u64,
+    at: Span,
+    tensor: (u64, Span),
+    expert: bool,
+) -> Diagnostic {
+    let (code, what) = if expert {
+        (EXPERT_HIDDEN_NOT_DIVISIBLE, "expert hidden size")
+    } else {
+        (FFN_NOT_DIVISIBLE, "feed-forward hidden size")
+    };
+    Diagnostic::error(
+        code,
+        at,
+        format!(
+            "layer {layer}: {what} {hidden} cannot be split over tensor = {} ranks",
+            tensor.0
+        ),
+    )
+    .with_label(format!("{} does not divide {hidden}", tensor.0))
+    .with_secondary(tensor.1, "tensor size")
+    .with_help(if expert {
+        "each tensor rank holds hidden / tensor of every local expert: choose sizes that divide, or turn off expert slicing"
+    } else {
+        "choose a tensor size that divides the hidden size"
+    })
+}
+
+pub fn depth_not_divisible(depth: (u64, Span), pipeline: (u64, Span)) -> Diagnostic {
+    Diagnostic::error(
+        DEPTH_NOT_DIVISIBLE,
+        pipeline.1,
+        format!(
+            "{} layers cannot be split evenly over pipeline = {} stages",
+            depth.0, pipeline.0
+        ),
+    )
+    .with_label(format!("{} does not divide {}", pipeline.0, depth.0))
+    .with_secondary(depth.1, format!("depth = {}", depth.0))
+    .with_help("Megatron-LM v2.2 gives every stage the same number of layers: choose a pipeline size that divides the depth")
+}
+
+pub fn experts_not_divisible(
+    layer: usize,
+    experts: (u64, Span),
+    group: u64,
+    group_span: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        EXPERTS_NOT_DIVISIBLE,
+        experts.1,
+        format!(
+            "layer {layer}: experts = {} is not divisible by the {group} ranks of the expert group",
+            experts.0
+        ),
+    )
+    .with_label(format!("{} experts over {group} ranks", experts.0))
+    .with_secondary(group_span, format!("expert group of {group} ranks"))
+    .with_help(format!(
+        "every rank of an expert group holds the same number of experts: use a multiple of {group} experts, or a smaller expert group"
+    ))
+}
+
+pub fn expert_group_not_divisible(size: u64, data: u64, at: Span) -> Diagnostic {
+    Diagnostic::error(
+        EXPERT_GROUP_NOT_DIVISIBLE,
+        at,
+        format!("an expert group of {size} ranks does not divide the {data} data-parallel ranks"),
+    )
+    .with_label(format!("{size} does not divide {data}"))
+    .with_help("expert groups are consecutive data ranks: choose a size that divides the data size")
+}
+
+/// `parts`: (name, bytes) of the rank's memory, largest first.
+pub fn out_of_memory(
+    rank: u64,
+    stage: u64,
+    need: u64,
+    hardware: (&str, u64, Span),
+    parts: &[(&str, u64)],
+    micro_batch: u64,
+) -> Diagnostic {
+    let (name, have, span) = hardware;
+    let mut d = Diagnostic::error(
+        OUT_OF_MEMORY,
+        span,
+        format!(
+            "rank {rank} (pipeline stage {stage}) needs {} but a {name} has {} (over by {})",
+            gib(need),
+            gib(have),
+            gib(need.saturating_sub(have))
+        ),
+    )
+    .with_label(format!("{} per GPU", gib(have)));
+    if let Some((what, bytes)) = parts.first() {
+        d = d.with_note(format!(
+            "the largest part is {what}: {} of {}",
+            gib(*bytes),
+            gib(need)
+        ));
+    }
+    let all: Vec<String> = parts
+        .iter()
+        .map(|(w, b)| format!("{w} {}", gib(*b)))
+        .collect();
+    d.with_note(format!(
+        "at micro-batch {micro_batch}: {}",
+        all.join(", ")
+    ))
+    .with_help("use more GPUs, a larger tensor or pipeline size, a larger expert group, or a smaller micro-batch; `fmoec plan --auto` searches for plans that fit")
+}
+
+pub fn zero_size(what: &str, at: Span) -> Diagnostic {
+    Diagnostic::error(ZERO_SIZE, at, format!("{what} must be at least 1")).with_label("0 here")
+}
+
+pub fn batch_not_divisible(batch: u64, data: u64, micro: u64, at: Span) -> Diagnostic {
+    Diagnostic::error(
+        BATCH_NOT_DIVISIBLE,
+        at,
+        format!(
+            "a global batch of {batch} sequences cannot be split into micro-batches of {micro} over {data} data-parallel ranks"
+        ),
+    )
+    .with_label(format!("{batch} is not a multiple of {}", data * micro))
+    .with_help(format!(
+        "use a multiple of {} sequences, or another micro-batch or data size",
+        data * micro
+    ))
+}

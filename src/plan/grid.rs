@@ -1,0 +1,214 @@
+//! The rank grid: process groups exactly as Megatron-LM v2.2 builds them
+//! (`megatron/mpu/initialize.py`, `initialize_model_parallel`), plus FastMoE's expert,
+//! expert-data and gate groups.
+//!
+//! Owns only integer arithmetic over ranks; knows nothing about models or costs.
+//!
+//! With world `W`, tensor size `t`, pipeline size `p` and data size `d = W/(t·p)`:
+//! - tensor groups: `[i·t, (i+1)·t)` for `i < W/t`;
+//! - pipeline groups: `range(i, W, W/p)` for `i < W/p`;
+//! - data groups: for stage `s < p` and tensor rank `j < t`, `range(s·W/p + j, (s+1)·W/p, t)`;
+//! - model groups: for `i < d`, the `i`-th member of every data group, in the order the
+//!   data groups were built;
+//! - embedding groups: first and last member of each pipeline group (one member when
+//!   `p = 1`).
+//!
+//! So rank `r` has tensor rank `r mod t`, data rank `(r mod W/p) div t` and pipeline rank
+//! `r div (W/p)`.
+
+use serde::Serialize;
+
+/// Sizes of the grid; `world == tensor * pipeline * data`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Grid {
+    pub world: u64,
+    pub tensor: u64,
+    pub pipeline: u64,
+    pub data: u64,
+    /// Size of one expert group; divides `data`.
+    pub expert_group: u64,
+}
+
+/// A rank's coordinates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Coords {
+    pub tensor_rank: u64,
+    pub pipeline_rank: u64,
+    pub data_rank: u64,
+    /// Position in its expert group (`data_rank mod expert_group`).
+    pub expert_rank: u64,
+}
+
+/// Every process group, each kind a list of rank lists that partitions the ranks
+/// (embedding groups excepted: they hold only first and last stages).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Groups {
+    pub tensor: Vec<Vec<u64>>,
+    pub pipeline: Vec<Vec<u64>>,
+    pub data: Vec<Vec<u64>>,
+    pub model: Vec<Vec<u64>>,
+    /// Ranks that exchange tokens by all-to-all and split one layer's experts.
+    pub expert: Vec<Vec<u64>>,
+    /// Ranks holding the same experts (their expert gradients are all-reduced here).
+    pub expert_data: Vec<Vec<u64>>,
+    /// All ranks of one pipeline stage (FastMoE all-reduces gate gradients here).
+    pub gate: Vec<Vec<u64>>,
+    /// First and last stage of each pipeline group (tied embedding gradients).
+    pub embedding: Vec<Vec<u64>>,
+}
+
+impl Grid {
+    fn per_stage(&self) -> u64 {
+        self.world / self.pipeline
+    }
+
+    pub fn coords(&self, rank: u64) -> Coords {
+        let data_rank = (rank % self.per_stage()) / self.tensor;
+        Coords {
+            tensor_rank: rank % self.tensor,
+            pipeline_rank: rank / self.per_stage(),
+            data_rank,
+            expert_rank: data_rank % self.expert_group,
+        }
+    }
+
+    /// The rank at the given coordinates (inverse of [`Grid::coords`]).
+    pub fn rank(&self, tensor_rank: u64, data_rank: u64, pipeline_rank: u64) -> u64 {
+        pipeline_rank * self.per_stage() + data_rank * self.tensor + tensor_rank
+    }
+
+    /// Data groups in Megatron's creation order (stage-major, then tensor rank).
+    pub fn data_groups(&self) -> Vec<Vec<u64>> {
+        let n = self.per_stage();
+        let mut out = Vec::new();
+        for i in 0..self.pipeline {
+            for j in 0..self.tensor {
+                out.push(
+                    (i * n + j..(i + 1) * n)
+                        .step_by(self.tensor as usize)
+                        .collect(),
+                );
+            }
+        }
+        out
+    }
+
+    pub fn groups(&self) -> Groups {
+        let w = self.world;
+        let data = self.data_groups();
+        let model = (0..self.data as usize)
+            .map(|i| data.iter().map(|g| g[i]).collect())
+            .collect();
+        let tensor = (0..w / self.tensor)
+            .map(|i| (i * self.tensor..(i + 1) * self.tensor).collect())
+            .collect();
+        let n = self.per_stage();
+        let pipeline: Vec<Vec<u64>> = (0..n)
+            .map(|i| (i..w).step_by(n as usize).collect())
+            .collect();
+        let embedding = pipeline
+            .iter()
+            .map(|g| {
+                if g.len() > 1 {
+                    vec![g[0], g[g.len() - 1]]
+                } else {
+                    g.clone()
+                }
+            })
+            .collect();
+        let e = self.expert_group as usize;
+        let mut expert = Vec::new();
+        let mut expert_data = Vec::new();
+        for g in &data {
+            for chunk in g.chunks(e) {
+                expert.push(chunk.to_vec());
+            }
+            for k in 0..e {
+                expert_data.push(g.iter().skip(k).step_by(e).copied().collect());
+            }
+        }
+        let gate = (0..self.pipeline)
+            .map(|s| (s * n..(s + 1) * n).collect())
+            .collect();
+        Groups {
+            tensor,
+            pipeline,
+            data,
+            model,
+            expert,
+            expert_data,
+            gate,
+            embedding,
+        }
+    }
+}
+
+/// Divisors of `n` in increasing order.
+pub fn divisors(n: u64) -> Vec<u64> {
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    let mut d = 1u64;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            small.push(d);
+            if d != n / d {
+                large.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    small.extend(large.into_iter().rev());
+    small
+}
+
+/// A kind of process group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupKind {
+    Tensor,
+    Pipeline,
+    Data,
+    Model,
+    Expert,
+    ExpertData,
+    Gate,
+    Embedding,
+}
+
+impl GroupKind {
+    pub const ALL: [GroupKind; 8] = [
+        GroupKind::Tensor,
+        GroupKind::Pipeline,
+        GroupKind::Data,
+        GroupKind::Model,
+        GroupKind::Expert,
+        GroupKind::ExpertData,
+        GroupKind::Gate,
+        GroupKind::Embedding,
+    ];
+}
+
+impl Groups {
+    /// Every group of one kind.
+    pub fn of_kind(&self, kind: GroupKind) -> &[Vec<u64>] {
+        match kind {
+            GroupKind::Tensor => &self.tensor,
+            GroupKind::Pipeline => &self.pipeline,
+            GroupKind::Data => &self.data,
+            GroupKind::Model => &self.model,
+            GroupKind::Expert => &self.expert,
+            GroupKind::ExpertData => &self.expert_data,
+            GroupKind::Gate => &self.gate,
+            GroupKind::Embedding => &self.embedding,
+        }
+    }
+
+    /// The group of `kind` that holds `rank` (`None` only for embedding groups, which
+    /// hold first and last stages alone, or a rank outside the world).
+    pub fn containing(&self, kind: GroupKind, rank: u64) -> Option<&[u64]> {
+        self.of_kind(kind)
+            .iter()
+            .find(|g| g.contains(&rank))
+            .map(Vec::as_slice)
+    }
+}

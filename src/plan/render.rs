@@ -1,0 +1,363 @@
+//! Printing a [`ParallelPlan`]: the readable table, the JSON document (schema in
+//! `docs/plan.md`) and the DOT graph. Byte-stable: everything is printed in a fixed
+//! order from `Vec`s, never from hash maps.
+//!
+//! Knows only the plan's public fields; computes nothing but formatting.
+
+use std::fmt::Write;
+
+use super::ParallelPlan;
+use crate::check::Precision;
+use crate::graph::ModelGraph;
+
+/// Bytes in binary units, 2 decimals: `1.50 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// An integer with thousands separators: `124,439,808`.
+pub fn count(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// `bf16 mixed precision`, ...
+pub fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16 => "bf16 mixed precision",
+        Precision::Fp16 => "fp16 mixed precision",
+    }
+}
+
+fn secs(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else {
+        format!("{:.3} ms", s * 1e3)
+    }
+}
+
+fn ranks_list(g: &[u64]) -> String {
+    let parts: Vec<String> = g.iter().map(u64::to_string).collect();
+    format!("[{}]", parts.join(","))
+}
+
+/// `0-3` or `5` or `0,2,4`.
+fn ids(v: &[u64]) -> String {
+    match v {
+        [] => "-".into(),
+        [one] => one.to_string(),
+        _ if v.windows(2).all(|w| w[1] == w[0] + 1) => {
+            format!("{}-{}", v[0], v[v.len() - 1])
+        }
+        _ => v.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+    }
+}
+
+/// Layer indices compactly: `0-23`, `1-23 step 2`, or a list.
+fn layer_list(v: &[usize]) -> String {
+    if v.len() > 2 {
+        let step = v[1] - v[0];
+        if step > 0 && v.windows(2).all(|w| w[1] - w[0] == step) {
+            let last = v[v.len() - 1];
+            return if step == 1 {
+                format!("{}-{last}", v[0])
+            } else {
+                format!("{}-{last} step {step}", v[0])
+            };
+        }
+    }
+    v.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// At most `max` groups, then how many more.
+fn group_line(gs: &[Vec<u64>], max: usize) -> String {
+    let mut parts: Vec<String> = gs.iter().take(max).map(|g| ranks_list(g)).collect();
+    if gs.len() > max {
+        parts.push(format!("... ({} groups)", gs.len()));
+    }
+    parts.join(" ")
+}
+
+/// The readable table.
+pub fn table(plan: &ParallelPlan) -> String {
+    let mut o = String::new();
+    let hw = &plan.hardware;
+    let _ = writeln!(
+        o,
+        "plan for `{}` on {} × {} ({} each, {} GPUs per node)",
+        plan.model,
+        plan.world,
+        hw.name,
+        bytes(hw.memory_bytes),
+        hw.gpus_per_node
+    );
+    let _ = writeln!(
+        o,
+        "grid:      world {} = tensor {} × pipeline {} × data {} (Megatron-LM v2.2 layout)",
+        plan.world, plan.tensor, plan.pipeline, plan.data
+    );
+    if plan.moe_layers.is_empty() {
+        let _ = writeln!(o, "experts:   none (a dense model)");
+    } else {
+        let _ = writeln!(
+            o,
+            "experts:   expert group {} ({} rank{}), expert slicing over tensor ranks: {}",
+            plan.expert_group,
+            plan.expert_group_size,
+            if plan.expert_group_size == 1 { "" } else { "s" },
+            if plan.expert_slicing { "yes" } else { "no" }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "batch:     {}, {} tokens/sequence, micro-batch {} × {} micro-batches × {} data rank(s) = {} sequences/step",
+        precision_name(plan.precision),
+        plan.seq_len,
+        plan.micro_batch,
+        plan.micro_batches,
+        plan.data,
+        plan.global_batch
+    );
+    let p = &plan.params;
+    let _ = writeln!(
+        o,
+        "params:    {} total ({} in routed experts, {} in gates), {} active per token",
+        count(p.total),
+        count(p.expert),
+        count(p.gate),
+        count(p.active)
+    );
+    for a in &plan.assumptions {
+        let _ = writeln!(o, "assumed:   {a}");
+    }
+
+    let _ = writeln!(o, "\nmemory per rank (every rank of a stage alike)");
+    let _ = writeln!(
+        o,
+        "  stage  layers    params/rank      weights       grads   optimizer  activations (in flight)       total  of GPU"
+    );
+    for s in &plan.stages {
+        let m = &s.cost.memory;
+        let _ = writeln!(
+            o,
+            "  {:>5}  {:<8} {:>12} {:>12} {:>11} {:>11} {:>12} (×{:<2})    {:>11}  {:>5.1}%",
+            s.stage,
+            format!("{}..{}", s.first_layer, s.end_layer),
+            count(s.cost.params.total),
+            bytes(m.weights),
+            bytes(m.grads),
+            bytes(m.optimizer),
+            bytes(m.activations),
+            m.in_flight,
+            bytes(m.total),
+            100.0 * m.total as f64 / m.capacity.max(1) as f64
+        );
+    }
+    let _ = writeln!(o, "\nparameters per rank by kind");
+    let _ = writeln!(
+        o,
+        "  stage  tensor-sharded    replicated          gate        expert"
+    );
+    for s in &plan.stages {
+        let r = &s.cost.params;
+        let _ = writeln!(
+            o,
+            "  {:>5}  {:>14} {:>13} {:>13} {:>13}",
+            s.stage,
+            count(r.sharded),
+            count(r.replicated),
+            count(r.gate),
+            count(r.expert)
+        );
+    }
+
+    if !plan.moe_layers.is_empty() {
+        let _ = writeln!(o, "\nmoe layers");
+        let _ = writeln!(
+            o,
+            "  layers              stage  experts  top_k  per rank  hidden  hidden/rank  capacity"
+        );
+        // Rows that differ only in the layer index are printed once.
+        let mut rows: Vec<(String, Vec<usize>)> = Vec::new();
+        for m in &plan.moe_layers {
+            let row = format!(
+                "{:>5}  {:>7}  {:>5}  {:>8}  {:>6}  {:>11}  {}",
+                m.stage,
+                m.experts,
+                m.top_k,
+                m.experts_per_rank,
+                m.expert_hidden,
+                m.hidden_per_rank,
+                m.capacity.map_or("none".into(), |c| format!("{c}"))
+            );
+            match rows.last_mut() {
+                Some((r, layers)) if *r == row => layers.push(m.layer),
+                _ => rows.push((row, vec![m.layer])),
+            }
+        }
+        for (row, layers) in rows {
+            let _ = writeln!(o, "  {:<18}  {row}", layer_list(&layers));
+        }
+    }
+
+    let _ = writeln!(o, "\nranks");
+    let _ = writeln!(
+        o,
+        "  rank  node  tensor  pipeline  data  expert       memory  experts held (global ids per layer)"
+    );
+    for r in &plan.ranks {
+        // Group layers holding the same ids and slice so long models stay readable.
+        let mut held: Vec<(String, Vec<usize>)> = Vec::new();
+        for e in &r.experts {
+            let key = format!("{} [hidden {}..{}]", ids(&e.ids), e.hidden[0], e.hidden[1]);
+            match held.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, layers)) => layers.push(e.layer),
+                None => held.push((key, vec![e.layer])),
+            }
+        }
+        let held: Vec<String> = held
+            .iter()
+            .map(|(k, ls)| {
+                let s = if ls.len() == 1 { "" } else { "s" };
+                format!("layer{s} {}: {k}", layer_list(ls))
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "  {:>4}  {:>4}  {:>6}  {:>8}  {:>4}  {:>6}  {:>11}  {}",
+            r.rank,
+            r.node,
+            r.tensor_rank,
+            r.pipeline_rank,
+            r.data_rank,
+            r.expert_rank,
+            bytes(r.memory_bytes),
+            if held.is_empty() {
+                "-".into()
+            } else {
+                held.join("; ")
+            }
+        );
+    }
+
+    let g = &plan.groups;
+    let _ = writeln!(o, "\ngroups");
+    for (name, gs) in [
+        ("tensor", &g.tensor),
+        ("pipeline", &g.pipeline),
+        ("data", &g.data),
+        ("model", &g.model),
+        ("expert", &g.expert),
+        ("expert_data", &g.expert_data),
+        ("gate", &g.gate),
+        ("embedding", &g.embedding),
+    ] {
+        let _ = writeln!(o, "  {:<12} {}", name, group_line(gs, 8));
+    }
+
+    let _ = writeln!(
+        o,
+        "\ntraffic per rank per step (bytes sent; all-reduce: buffer size)"
+    );
+    let _ = writeln!(
+        o,
+        "  stage  tensor a-r   all-to-all      data a-r  expert-data a-r     gate a-r   embedding a-r  pipeline send"
+    );
+    for s in &plan.stages {
+        let t = &s.cost.traffic;
+        let _ = writeln!(
+            o,
+            "  {:>5}  {:>10}  {:>11}  {:>12}  {:>15}  {:>11}  {:>14}  {:>13}",
+            s.stage,
+            bytes(t.tensor_allreduce_bytes),
+            bytes(t.all_to_all_bytes),
+            bytes(t.data_allreduce_bytes),
+            bytes(t.expert_data_allreduce_bytes),
+            bytes(t.gate_allreduce_bytes),
+            bytes(t.embedding_allreduce_bytes),
+            bytes(t.pipeline_send_bytes)
+        );
+    }
+    if let Some(x) = plan
+        .stages
+        .iter()
+        .flat_map(|s| s.cost.traffic.all_to_all.first())
+        .next()
+    {
+        let _ = writeln!(
+            o,
+            "  all-to-all per MoE layer per micro-batch: {} forward, {} backward (layer {}, balanced routing)",
+            bytes(x.fwd_bytes),
+            bytes(x.bwd_bytes),
+            x.layer
+        );
+    }
+
+    let _ = writeln!(
+        o,
+        "\ntime per rank (estimate: peak {:.0} TFLOP/s, link bandwidth, no overlap)",
+        plan.time.peak_tflops
+    );
+    let _ = writeln!(
+        o,
+        "  stage      compute       tensor   all-to-all     pipeline  micro-batch  gradient sync"
+    );
+    for s in &plan.stages {
+        let t = &s.cost.time;
+        let _ = writeln!(
+            o,
+            "  {:>5}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {:>13}",
+            s.stage,
+            secs(t.compute_s),
+            secs(t.tensor_s),
+            secs(t.all_to_all_s),
+            secs(t.pipeline_s),
+            secs(t.micro_batch_s),
+            secs(t.gradient_sync_s)
+        );
+    }
+    let t = &plan.time;
+    let _ = writeln!(
+        o,
+        "  step {}, pipeline bubble {:.1}%, {} tokens/s, MFU {:.1}% (upper bound)",
+        secs(t.step_s),
+        100.0 * t.bubble_fraction,
+        count(t.tokens_per_s.round() as u64),
+        100.0 * t.mfu
+    );
+    o
+}
+
+/// The JSON document (pretty, trailing newline).
+pub fn json(plan: &ParallelPlan) -> String {
+    let mut s =
+        serde_json::to_string_pretty(plan).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    s.push('\n');
+    s
+}
+
+/// The model graph as DOT, one cluster per pipeline stage of the plan.
+pub fn dot(plan: &ParallelPlan, graph: &ModelGraph) -> String {
+    let per_stage = (graph.depth as u64 / plan.pipeline.max(1)).max(1);
+    graph.to_dot(plan.pipeline, |l| l as u64 / per_stage)
+}

@@ -1,0 +1,149 @@
+//! `fmoec plan --auto`: try every tensor size (up to one host), pipeline size,
+//! expert-group size and micro-batch for the file's world, keep the plans that work,
+//! rank them by estimated step time, and say why the others were rejected.
+//!
+//! Builds each candidate with [`super::build_with`]; knows no formulas of its own.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use super::grid::divisors;
+use super::{build_with, expert_group_name, Overrides, ParallelPlan};
+use crate::check::{Checked, ExpertGroup};
+
+/// A candidate that failed, with the first reason.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejected {
+    pub overrides: Overrides,
+    pub code: String,
+    pub message: String,
+}
+
+/// The outcome of a search.
+#[derive(Clone, Debug)]
+pub struct SearchResult {
+    /// Feasible plans, fastest first (ties: fewer GPUs per tensor group, then pipeline).
+    pub feasible: Vec<ParallelPlan>,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Searches tensor ∈ divisors(world) up to `gpus_per_node`, pipeline ∈ divisors of the
+/// rest, expert group ∈ {across data, every proper divisor of data, replicated} and
+/// every micro-batch the planner tries. `world` overrides the file's GPU count.
+pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
+    let w = world.unwrap_or(checked.parallel.gpus).max(1);
+    let gpn = checked.parallel.hardware.gpus_per_node.max(1);
+    let has_moe = checked.model.moe_layers().next().is_some();
+    // The search chooses the micro-batch itself, whatever the file says.
+    let mut free = checked.clone();
+    free.parallel.micro_batch = None;
+    let checked = &free;
+    let mut feasible = Vec::new();
+    let mut rejected = Vec::new();
+    for t in divisors(w).into_iter().filter(|t| *t <= gpn) {
+        for p in divisors(w / t) {
+            let d = w / (t * p);
+            let mut groups = vec![ExpertGroup::AcrossData];
+            if has_moe {
+                groups.extend(
+                    divisors(d)
+                        .into_iter()
+                        .filter(|g| *g > 1 && *g < d)
+                        .map(|size| ExpertGroup::Size { size }),
+                );
+                if d > 1 {
+                    groups.push(ExpertGroup::Replicated);
+                }
+            }
+            for e in groups {
+                let o = Overrides {
+                    world: Some(w),
+                    tensor: Some(t),
+                    pipeline: Some(p),
+                    expert_group: Some(e),
+                    micro_batch: None,
+                };
+                match build_with(checked, &o) {
+                    Ok(plan) => feasible.push(plan),
+                    Err(diags) => {
+                        let first = diags.into_iter().next();
+                        rejected.push(Rejected {
+                            overrides: o,
+                            code: first.as_ref().map_or(String::new(), |d| d.code.clone()),
+                            message: first.map_or(String::new(), |d| d.message),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    feasible.sort_by(|a, b| {
+        a.time
+            .step_s
+            .total_cmp(&b.time.step_s)
+            .then(a.tensor.cmp(&b.tensor))
+            .then(a.pipeline.cmp(&b.pipeline))
+            .then(b.expert_group_size.cmp(&a.expert_group_size))
+    });
+    SearchResult { feasible, rejected }
+}
+
+/// The report: the best `top` plans and the rejections grouped by reason.
+pub fn report(r: &SearchResult, top: usize) -> String {
+    let mut o = String::new();
+    let tried = r.feasible.len() + r.rejected.len();
+    let _ = writeln!(
+        o,
+        "searched {tried} configurations: {} feasible, {} rejected",
+        r.feasible.len(),
+        r.rejected.len()
+    );
+    if !r.feasible.is_empty() {
+        let _ = writeln!(o, "\nbest plans by estimated step time");
+        let _ = writeln!(
+            o,
+            "  #  tensor  pipeline  data    expert group  micro-batch  max memory       step     tokens/s    MFU"
+        );
+        for (i, p) in r.feasible.iter().take(top).enumerate() {
+            let mem = p.ranks.iter().map(|r| r.memory_bytes).max().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "  {:>1}  {:>6}  {:>8}  {:>4}  {:>14}  {:>11}  {:>10}  {:>8.3}s  {:>11}  {:>5.1}%",
+                i + 1,
+                p.tensor,
+                p.pipeline,
+                p.data,
+                format!("{} ({})", p.expert_group, p.expert_group_size),
+                p.micro_batch,
+                super::render::bytes(mem),
+                p.time.step_s,
+                super::render::count(p.time.tokens_per_s.round() as u64),
+                100.0 * p.time.mfu
+            );
+        }
+    }
+    if !r.rejected.is_empty() {
+        let _ = writeln!(o, "\nrejected");
+        let mut by_code: BTreeMap<&str, Vec<&Rejected>> = BTreeMap::new();
+        for x in &r.rejected {
+            by_code.entry(x.code.as_str()).or_default().push(x);
+        }
+        for (code, xs) in by_code {
+            let first = xs[0];
+            let _ = writeln!(
+                o,
+                "  {code}: {} configuration{}, e.g. tensor {} pipeline {} expert group {}: {}",
+                xs.len(),
+                if xs.len() == 1 { "" } else { "s" },
+                first.overrides.tensor.unwrap_or(0),
+                first.overrides.pipeline.unwrap_or(0),
+                first
+                    .overrides
+                    .expert_group
+                    .map_or("-".into(), expert_group_name),
+                first.message
+            );
+        }
+    }
+    o
+}

@@ -1,0 +1,98 @@
+//! `fmoec plan` end to end: formats, overrides, exit codes, located errors.
+
+use std::process::Command;
+
+fn fmoec(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn json_has_the_documented_fields() {
+    let (code, out, _) = fmoec(&["plan", "examples/mixtral-8x7b.fmoe", "--format", "json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for k in ["world", "tensor", "pipeline", "data", "ranks", "groups"] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    let r = &v["ranks"][9];
+    for k in [
+        "rank",
+        "tensor_rank",
+        "pipeline_rank",
+        "data_rank",
+        "expert_rank",
+        "experts",
+        "memory_bytes",
+    ] {
+        assert!(r.get(k).is_some(), "rank missing {k}");
+    }
+    for k in [
+        "tensor",
+        "pipeline",
+        "data",
+        "model",
+        "expert",
+        "expert_data",
+        "gate",
+    ] {
+        assert!(v["groups"][k].is_array(), "groups missing {k}");
+    }
+    // Rank 9 of 64 with t = 8, p = 4: tensor rank 1, data rank 1, stage 0.
+    assert_eq!(r["tensor_rank"], 1);
+    assert_eq!(r["data_rank"], 1);
+    assert_eq!(r["pipeline_rank"], 0);
+    // Byte-stable.
+    let (_, again, _) = fmoec(&["plan", "examples/mixtral-8x7b.fmoe", "--format", "json"]);
+    assert_eq!(out, again);
+}
+
+#[test]
+fn overrides_and_located_errors() {
+    let (code, out, _) = fmoec(&[
+        "plan",
+        "examples/mixtral-8x7b.fmoe",
+        "--world",
+        "32",
+        "--pipeline",
+        "2",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["world"].as_u64(), v["data"].as_u64()),
+        (Some(32), Some(2))
+    );
+    let (code, _, err) = fmoec(&["plan", "examples/mixtral-8x7b.fmoe", "--pipeline", "5"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("error[P0006]"), "{err}");
+    assert!(err.contains("examples/mixtral-8x7b.fmoe:14:"), "{err}");
+    let (code, _, err) = fmoec(&["plan", "examples/mixtral-8x7b.fmoe", "--expert-group", "x"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn dot_has_one_cluster_per_stage() {
+    let (code, out, _) = fmoec(&["plan", "examples/mixtral-8x7b.fmoe", "--format", "dot"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("subgraph cluster_stage").count(), 4);
+    assert!(out.starts_with("digraph model {"));
+}
+
+#[test]
+fn auto_prints_best_plans() {
+    let (code, out, _) = fmoec(&["plan", "--auto", "examples/tiny.fmoe", "--world", "8"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("best plans by estimated step time"), "{out}");
+}

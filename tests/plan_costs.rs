@@ -1,0 +1,135 @@
+//! Memory and traffic figures worked by hand.
+
+mod plan_fixtures;
+
+use fmoec::check::{ExpertGroup, Precision};
+use fmoec::plan::{self, Overrides};
+use plan_fixtures::*;
+
+/// GPT-2 small (tied, vocab 50257) on one H100, bf16, 8 sequences of 1024 per step,
+/// micro-batch 8 (one micro-batch).
+///
+/// Parameters on the rank: Megatron pads the vocabulary to a multiple of 128·t = 128:
+/// 50304, so 124,439,808 + (50304 − 50257)·768 = 124,475,904.
+///   weights   2 B × 124,475,904 =   248,951,808
+///   grads     2 B × 124,475,904 =   248,951,808
+///   optimizer 12 B × 124,475,904 = 1,493,710,848 (fp32 master 4 + Adam m 4 + v 4)
+/// Activations (Korthikanti et al. 2022, t = 1): per block s·b·h·34 + 5·a·s²·b with
+/// s = 1024, b = 8, h = 768, a = 12 heads:
+///   sbh = 8192·768 = 6,291,456; 34·sbh = 213,909,504; 5·12·1024²·8 = 503,316,480;
+///   per block 717,225,984; 12 blocks 8,606,711,808;
+///   last stage: final-norm input 2·sbh = 12,582,912 and fp32 logits
+///   4·8192·50304 = 1,648,361,472;
+///   total 10,267,656,192, one micro-batch in flight.
+/// Total 248,951,808·2 + 1,493,710,848 + 10,267,656,192 = 12,259,270,656.
+#[test]
+fn gpt2_small_memory_by_hand() {
+    let c = checked(
+        gpt("gpt2", 50257, 768, 12, 12, true),
+        parallel(1, 1, 1, ExpertGroup::AcrossData),
+        Some(train(8, 1024, Precision::Bf16)),
+    );
+    let o = Overrides {
+        micro_batch: Some(8),
+        ..Overrides::default()
+    };
+    let p = plan::build_with(&c, &o).unwrap();
+    let m = &p.stages[0].cost.memory;
+    assert_eq!(p.stages[0].cost.params.total, 124_475_904);
+    assert_eq!(m.weights, 248_951_808);
+    assert_eq!(m.grads, 248_951_808);
+    assert_eq!(m.optimizer, 1_493_710_848);
+    assert_eq!(m.activations_per_micro_batch, 10_267_656_192);
+    assert_eq!(m.in_flight, 1);
+    assert_eq!(m.total, 12_259_270_656);
+    assert_eq!(p.ranks[0].memory_bytes, 12_259_270_656);
+}
+
+/// gpt_moe_small on 16 H100s, tensor 2, pipeline 1, experts across data (8 ranks),
+/// micro-batch 4 of 1024 tokens, 32 sequences per step (one micro-batch per rank).
+///
+/// All-to-all of one MoE layer, one micro-batch, one rank, forward: each of the
+/// T = 4·1024 = 4096 tokens goes to k = 2 experts; with balanced routing 7/8 of the
+/// assignments leave the rank, each a 768-wide bf16 row, and come back after the experts:
+///   2 (dispatch + combine) · 2 · 4096 · 768 · 2 B · 7/8 = 22,020,096 bytes;
+/// backward moves the same gradients: 22,020,096.
+/// Tensor all-reduces per step: 4 per block (2 forward, 2 backward; MoE blocks too,
+/// experts being sliced) + 1 embedding + 1 head = 50 messages of T·h·2 B = 6,291,456:
+///   314,572,800 bytes.
+#[test]
+fn moe_traffic_by_hand() {
+    let c = checked(
+        gpt_moe_small(),
+        parallel(16, 2, 1, ExpertGroup::AcrossData),
+        Some(train(32, 1024, Precision::Bf16)),
+    );
+    let o = Overrides {
+        micro_batch: Some(4),
+        ..Overrides::default()
+    };
+    let p = plan::build_with(&c, &o).unwrap();
+    assert_eq!(p.micro_batches, 1);
+    let t = &p.stages[0].cost.traffic;
+    assert_eq!(t.all_to_all.len(), 6);
+    for x in &t.all_to_all {
+        assert_eq!(x.fwd_bytes, 22_020_096);
+        assert_eq!(x.bwd_bytes, 22_020_096);
+    }
+    assert_eq!(t.all_to_all_bytes, 6 * 2 * 22_020_096);
+    assert_eq!(t.tensor_allreduce_bytes, 314_572_800);
+    assert_eq!(t.pipeline_send_bytes, 0);
+    // Each rank holds 32/8 = 4 experts per MoE layer, half of each expert's hidden.
+    assert_eq!(p.moe_layers[0].experts_per_rank, 4);
+    assert_eq!(p.moe_layers[0].hidden_per_rank, 768);
+    let r5 = &p.ranks[5];
+    assert_eq!((r5.tensor_rank, r5.data_rank, r5.expert_rank), (1, 2, 2));
+    assert_eq!(r5.experts[0].ids, vec![8, 9, 10, 11]);
+    assert_eq!(r5.experts[0].hidden, [768, 1536]);
+    // Expert-data groups are single ranks, so no expert gradient all-reduce.
+    assert_eq!(t.expert_data_allreduce_bytes, 0);
+    assert!(p.groups.expert_data.iter().all(|g| g.len() == 1));
+    assert_eq!(p.groups.expert[0], vec![0, 2, 4, 6, 8, 10, 12, 14]);
+}
+
+#[test]
+fn pipeline_stages_hold_their_layers_and_in_flight_micro_batches() {
+    let c = checked(
+        gpt_moe_small(),
+        parallel(8, 1, 4, ExpertGroup::AcrossData),
+        Some(train(64, 1024, Precision::Bf16)),
+    );
+    let o = Overrides {
+        micro_batch: Some(2),
+        ..Overrides::default()
+    };
+    let p = plan::build_with(&c, &o).unwrap();
+    assert_eq!(p.micro_batches, 16);
+    let in_flight: Vec<u64> = p.stages.iter().map(|s| s.cost.memory.in_flight).collect();
+    assert_eq!(in_flight, [4, 3, 2, 1]);
+    assert_eq!((p.stages[1].first_layer, p.stages[1].end_layer), (3, 6));
+    // Every rank of stage 1 holds layers 3 and 5's experts only.
+    let held: Vec<usize> = p.ranks[2].experts.iter().map(|e| e.layer).collect();
+    assert_eq!(held, [3, 5]);
+    // Middle stages send forward activations and backward gradients both ways.
+    let t = &p.stages[1].cost.traffic;
+    assert_eq!(t.pipeline_send_bytes, 2 * 16 * 2 * 1024 * 768 * 2);
+    // Tied embeddings are all-reduced between first and last stage only.
+    assert!(p.stages[0].cost.traffic.embedding_allreduce_bytes > 0);
+    assert_eq!(p.stages[1].cost.traffic.embedding_allreduce_bytes, 0);
+    assert_eq!(p.time.bubble_fraction, 3.0 / 19.0);
+}
+
+#[test]
+fn planner_chooses_micro_batch_and_is_deterministic() {
+    let c = checked(
+        gpt_moe_small(),
+        parallel(16, 2, 1, ExpertGroup::AcrossData),
+        Some(train(256, 1024, Precision::Bf16)),
+    );
+    let a = plan::build(&c).unwrap();
+    let b = plan::build(&c).unwrap();
+    assert_eq!(plan::render::json(&a), plan::render::json(&b));
+    assert_eq!(plan::render::table(&a), plan::render::table(&b));
+    assert_eq!(a.global_batch, 256);
+    assert!(a.time.mfu > 0.0 && a.time.mfu <= 1.0);
+}

@@ -1,0 +1,134 @@
+//! Snapshots of the plan table, JSON and DOT for hand-built models (the fixtures) and,
+//! once the front end parses them, for every file in `examples/`. Review diffs with
+//! `cargo insta review`; never accept blindly.
+
+mod plan_fixtures;
+
+use fmoec::check::{self, Activation, ExpertGroup, Ffn, GateKind, Norm, Positions, Precision};
+use fmoec::plan;
+use plan_fixtures::*;
+
+fn mixtral_64() -> check::Checked {
+    let mut m = gpt("mixtral", 32000, 4096, 32, 32, false);
+    m.attention.kv_heads = 8;
+    m.attention.head_dim = 128;
+    m.norm = Norm::RmsNorm;
+    m.positions = Positions::Rotary;
+    m.bias = false;
+    for l in m.layers.iter_mut() {
+        let mut moe = gshard_moe(8, 2, 14336);
+        moe.expert.act = Activation::Swiglu;
+        moe.gate.kind = GateKind::Naive;
+        moe.gate.capacity = None;
+        l.ffn = Ffn::Moe(moe);
+    }
+    checked(
+        m,
+        parallel(64, 8, 1, ExpertGroup::AcrossData),
+        Some(train(512, 4096, Precision::Bf16)),
+    )
+}
+
+#[test]
+fn fixture_gpt2_small_one_gpu_plan_only() {
+    let c = checked(
+        gpt("gpt2", 50257, 768, 12, 12, true),
+        parallel(1, 1, 1, ExpertGroup::AcrossData),
+        None,
+    );
+    let p = plan::build(&c).unwrap();
+    insta::assert_snapshot!("gpt2_small_table", plan::render::table(&p));
+}
+
+#[test]
+fn fixture_gpt_moe_small_16() {
+    let c = checked(
+        gpt_moe_small(),
+        parallel(16, 2, 2, ExpertGroup::Size { size: 2 }),
+        Some(train(256, 1024, Precision::Bf16)),
+    );
+    let p = plan::build(&c).unwrap();
+    insta::assert_snapshot!("gpt_moe_small_table", plan::render::table(&p));
+    insta::assert_snapshot!("gpt_moe_small_json", plan::render::json(&p));
+    let g = fmoec::graph::lower(&c.model, p.seq_len);
+    insta::assert_snapshot!("gpt_moe_small_dot", plan::render::dot(&p, &g));
+}
+
+#[test]
+fn fixture_mixtral_64_auto() {
+    let c = mixtral_64();
+    let p = plan::build(&c).unwrap();
+    insta::assert_snapshot!("mixtral_64_table", plan::render::table(&p));
+    let r = plan::search::search(&c, None);
+    insta::assert_snapshot!("mixtral_64_auto", plan::search::report(&r, 5));
+}
+
+/// Checks one example with the real front end.
+fn load_example(path: &std::path::Path) -> check::Checked {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut sources = fmoec::diag::Sources::new();
+    let file = sources.add(path.display().to_string(), text);
+    let mut sink = fmoec::diag::Sink::new();
+    let checked = check::check_file(&mut sources, file, &mut sink);
+    assert!(
+        !sink.has_errors(),
+        "{}: {:?}",
+        path.display(),
+        sink.diagnostics()
+    );
+    checked.unwrap()
+}
+
+fn examples() -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "fmoe"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    files
+}
+
+#[test]
+fn every_example_plans_and_matches_its_snapshots() {
+    for path in examples() {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let c = load_example(&path);
+        let p = plan::build(&c).unwrap_or_else(|d| panic!("{name}: {:#?}", d));
+        // Invariants every plan keeps.
+        assert_eq!(p.world, p.tensor * p.pipeline * p.data, "{name}");
+        assert_eq!(p.ranks.len() as u64, p.world, "{name}");
+        assert!(p
+            .ranks
+            .iter()
+            .all(|r| r.memory_bytes <= p.hardware.memory_bytes));
+        insta::assert_snapshot!(format!("example_{name}_table"), plan::render::table(&p));
+        insta::assert_snapshot!(format!("example_{name}_json"), plan::render::json(&p));
+    }
+}
+
+#[test]
+fn auto_finds_plans_for_mixtral_on_64_h100s() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mixtral-8x7b.fmoe");
+    let c = load_example(&path);
+    assert_eq!(c.parallel.gpus, 64);
+    let r = plan::search::search(&c, None);
+    assert!(r.feasible.len() >= 5);
+    // Every plan found fits and keeps tensor parallelism inside one 8-GPU host.
+    for p in &r.feasible {
+        assert!(p.tensor <= 8);
+        assert!(p
+            .ranks
+            .iter()
+            .all(|x| x.memory_bytes <= p.hardware.memory_bytes));
+    }
+    // Mixtral's 8 experts cannot spread over more than 8 ranks.
+    assert!(r
+        .rejected
+        .iter()
+        .filter(|x| x.code == "P0007")
+        .all(|x| x.message.contains("experts = 8")));
+    insta::assert_snapshot!("example_mixtral_auto", plan::search::report(&r, 5));
+}
