@@ -553,7 +553,7 @@ impl Checker<'_> {
                 },
             );
         }
-        if !missing.is_empty() {
+        if !missing.is_empty() && !unknown_given {
             self.sink.push(
                 errors::missing_arguments(span, &sig.name, &missing, None)
                     .with_help(format!("the signature is `{}`", sig.display())),
