@@ -1,23 +1,95 @@
-//! `fmoec run`: command-line arguments.
+//! `fmoec run`: command-line arguments, and the edge between them and [`super::train`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::driver::{self, DiagFormat};
+use crate::runtime::train::{self, RunOptions, SampleOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The model file.
+    /// The model file (with a `train` block).
     pub file: PathBuf,
     /// How diagnostics are printed.
     #[arg(long, value_enum, default_value_t)]
     pub diagnostics: DiagFormat,
+    /// Where to run: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Total training steps (the schedule's length); default: the file's `steps`.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Stop with a checkpoint after this many completed steps, keeping the schedule of `--steps`.
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Continue from a checkpoint: a `step-*` directory, or (without a value) the latest one in
+    /// the run's checkpoint folder.
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub resume: Option<PathBuf>,
+    /// Output folder for metrics.jsonl, summary.json, plot.png and checkpoints/
+    /// (default: `runs/<model name>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Generate text after PROMPT from the latest checkpoint (or `--resume DIR`) instead of training.
+    #[arg(long, value_name = "PROMPT")]
+    pub sample: Option<String>,
+    /// Bytes to generate with `--sample`.
+    #[arg(long, default_value_t = 400)]
+    pub sample_tokens: usize,
+    /// Sampling temperature (0 picks the most likely byte).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sample among the k most likely bytes.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: i64,
+    /// Seed for `--sample`.
+    #[arg(long, default_value_t = 0)]
+    pub sample_seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let _loaded = match driver::load(&args.file, args.diagnostics) {
+    let loaded = match driver::load(&args.file, args.diagnostics) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    anyhow::bail!("`fmoec run` is not implemented yet")
+    let checked = &loaded.checked;
+    let device = super::parse_device(&args.device)?;
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&checked.model.name));
+    let checkpoints = out.join("checkpoints");
+    let resume = args.resume.as_ref().map(|p| if p.as_os_str().is_empty() { checkpoints.clone() } else { p.clone() });
+
+    if let Some(prompt) = &args.sample {
+        let text = train::sample(
+            checked,
+            &SampleOptions {
+                device,
+                checkpoint: resume.unwrap_or(checkpoints),
+                prompt: prompt.clone(),
+                tokens: args.sample_tokens,
+                temperature: args.temperature,
+                top_k: args.top_k,
+                seed: args.sample_seed,
+            },
+        )?;
+        println!("{prompt}{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let summary = train::train(
+        checked,
+        &RunOptions {
+            device,
+            steps: args.steps,
+            stop_after: args.stop_after,
+            out,
+            checkpoints,
+            resume,
+            progress: !args.quiet,
+            print_summary: true,
+        },
+    )?;
+    Ok(if summary.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
 }

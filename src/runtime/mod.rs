@@ -1,2 +1,46 @@
-//! `runtime`: the built-in trainer on libtorch (tch).
+//! `runtime`: the built-in trainer on libtorch (tch), behind the `runtime` cargo feature.
+//!
+//! Owns everything that runs tensors: the module tree built from the checked model
+//! ([`model`]), the MoE layer and its gates ([`moe`]), parameters ([`params`]), AdamW and the
+//! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), the loop, sampling and
+//! metrics ([`train`]), the plot ([`plot`]) and the `fmoec run` command line ([`cli`]).
+//! It reads only the checked [`crate::check::Checked`] artifact; it knows nothing about source
+//! text, the planner's internals or the Megatron emitter.
+
+pub mod checkpoint;
 pub mod cli;
+pub mod data;
+pub mod model;
+pub mod moe;
+pub mod optim;
+pub mod params;
+pub mod plot;
+pub mod train;
+
+use anyhow::{bail, Result};
+use tch::Device;
+
+/// Parses `cpu`, `cuda` or `cuda:N` and checks the device exists in this libtorch.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let device = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::Cuda(n),
+            _ => bail!("unknown device `{s}`: expected `cpu`, `cuda` or `cuda:N`"),
+        },
+    };
+    if let Device::Cuda(n) = device {
+        if !tch::Cuda::is_available() {
+            bail!(
+                "device `{s}`: CUDA is not available to this fmoec (a CPU-only libtorch, no GPU, or a \
+                 build without `--features cuda`, which links libtorch_cuda); see docs/run.md"
+            );
+        }
+        let count = tch::Cuda::device_count() as usize;
+        if n >= count {
+            bail!("device `{s}`: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{})", count.saturating_sub(1));
+        }
+    }
+    Ok(device)
+}

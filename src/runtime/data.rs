@@ -1,0 +1,318 @@
+//! Training data: the embedded corpus, plain text files (byte-level tokens) and Megatron-LM's
+//! indexed datasets (`.bin`/`.idx`, the mmap format `tools/preprocess_data.py` writes), as one
+//! token stream split into a training part and a held-out tail.
+//!
+//! Batches are windows of `seq_len + 1` tokens at positions drawn from a counter-based
+//! generator keyed by `(seed, step, micro-batch, row)`, so the data position of a run is just
+//! its step: resuming at step `s` reads exactly what the uninterrupted run would have.
+//! Knows nothing about models or training.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::check::DataSource;
+
+/// The embedded corpus (see `data/README.md`: Shakespeare, public domain, gzip).
+static SHAKESPEARE_GZ: &[u8] = include_bytes!("../../data/shakespeare.txt.gz");
+
+/// Names `builtin(...)` accepts.
+pub const BUILTIN_NAMES: &[&str] = &["shakespeare", "tiny-shakespeare"];
+
+/// Fraction of the stream held out for evaluation (the tail).
+const HELDOUT_FRACTION: f64 = 0.05;
+
+/// SplitMix64: a counter-based 64-bit mixer (Steele et al.), used to derive every seed.
+pub fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Mixes a list of words into one seed.
+pub fn mix_all(words: &[u64]) -> u64 {
+    words.iter().fold(0x5EED_u64, |acc, w| mix(acc ^ mix(*w)))
+}
+
+/// Megatron-LM's `DType` codes in `.idx` headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenDType {
+    U8,
+    I8,
+    I16,
+    I32,
+    I64,
+    F64,
+    F32,
+    U16,
+}
+
+impl TokenDType {
+    pub fn from_code(code: u8) -> Option<TokenDType> {
+        Some(match code {
+            1 => TokenDType::U8,
+            2 => TokenDType::I8,
+            3 => TokenDType::I16,
+            4 => TokenDType::I32,
+            5 => TokenDType::I64,
+            6 => TokenDType::F64,
+            7 => TokenDType::F32,
+            8 => TokenDType::U16,
+            _ => return None,
+        })
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            TokenDType::U8 | TokenDType::I8 => 1,
+            TokenDType::I16 | TokenDType::U16 => 2,
+            TokenDType::I32 | TokenDType::F32 => 4,
+            TokenDType::I64 | TokenDType::F64 => 8,
+        }
+    }
+
+    fn read(self, b: &[u8]) -> Option<i64> {
+        Some(match self {
+            TokenDType::U8 => b[0] as i64,
+            TokenDType::I8 => b[0] as i8 as i64,
+            TokenDType::I16 => i16::from_le_bytes([b[0], b[1]]) as i64,
+            TokenDType::U16 => u16::from_le_bytes([b[0], b[1]]) as i64,
+            TokenDType::I32 => i32::from_le_bytes(b[..4].try_into().ok()?) as i64,
+            TokenDType::I64 => i64::from_le_bytes(b[..8].try_into().ok()?),
+            TokenDType::F32 | TokenDType::F64 => return None,
+        })
+    }
+}
+
+/// The `.idx` magic of Megatron-LM's mmap indexed dataset.
+pub const INDEX_MAGIC: &[u8; 9] = b"MMIDIDX\x00\x00";
+
+/// A Megatron-LM indexed dataset, memory-mapped.
+pub struct IndexedDataset {
+    pub dtype: TokenDType,
+    /// Tokens per sequence.
+    pub sizes: Vec<i32>,
+    /// Byte offset of each sequence in `.bin`.
+    pub pointers: Vec<i64>,
+    /// Document boundaries as sequence indices (`len = documents + 1`).
+    pub doc_idx: Vec<i64>,
+    bin: memmap2::Mmap,
+}
+
+fn take<'a>(buf: &'a [u8], at: &mut usize, n: usize, what: &str, path: &Path) -> Result<&'a [u8]> {
+    let end = at.checked_add(n).filter(|&e| e <= buf.len());
+    match end {
+        Some(end) => {
+            let s = &buf[*at..end];
+            *at = end;
+            Ok(s)
+        }
+        None => bail!("`{}` is truncated: it ends inside the {what}", path.display()),
+    }
+}
+
+impl IndexedDataset {
+    /// Opens `prefix.idx` and `prefix.bin`.
+    pub fn open(prefix: &str) -> Result<IndexedDataset> {
+        let idx_path = Path::new(&format!("{prefix}.idx")).to_path_buf();
+        let bin_path = Path::new(&format!("{prefix}.bin")).to_path_buf();
+        let idx = std::fs::read(&idx_path)
+            .with_context(|| format!("cannot read the Megatron index `{}`", idx_path.display()))?;
+        let mut at = 0;
+        let magic = take(&idx, &mut at, 9, "header", &idx_path)?;
+        if magic != INDEX_MAGIC {
+            bail!(
+                "`{}` is not a Megatron-LM mmap index (its first bytes are not `MMIDIDX`)",
+                idx_path.display()
+            );
+        }
+        let version = u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?);
+        if version != 1 {
+            bail!("`{}` has index version {version}; only version 1 is supported", idx_path.display());
+        }
+        let code = take(&idx, &mut at, 1, "header", &idx_path)?[0];
+        let dtype = TokenDType::from_code(code)
+            .with_context(|| format!("`{}` names an unknown token dtype code {code}", idx_path.display()))?;
+        if matches!(dtype, TokenDType::F32 | TokenDType::F64) {
+            bail!("`{}` holds floating-point values, not token ids", idx_path.display());
+        }
+        let count = u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?) as usize;
+        let docs = u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?) as usize;
+        let n4 = count.checked_mul(4).context("sequence count overflows")?;
+        let sizes: Vec<i32> = take(&idx, &mut at, n4, "sequence lengths", &idx_path)?
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let n8 = count.checked_mul(8).context("sequence count overflows")?;
+        let pointers: Vec<i64> = take(&idx, &mut at, n8, "sequence pointers", &idx_path)?
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let d8 = docs.checked_mul(8).context("document count overflows")?;
+        let doc_idx: Vec<i64> = take(&idx, &mut at, d8, "document indices", &idx_path)?
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let file = std::fs::File::open(&bin_path)
+            .with_context(|| format!("cannot open the Megatron data `{}`", bin_path.display()))?;
+        // SAFETY: the file is only read; a concurrent writer could change what we read, not
+        // memory safety of the bounds-checked accesses below.
+        let bin = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map `{}`", bin_path.display()))?;
+        let item = dtype.size() as i64;
+        for (i, (&s, &p)) in sizes.iter().zip(&pointers).enumerate() {
+            if s < 0 || p < 0 || (p + s as i64 * item) as usize > bin.len() {
+                bail!(
+                    "`{}` is truncated or does not match `{}`: sequence {i} ({s} tokens at byte {p}) \
+                     lies past its end ({} bytes)",
+                    bin_path.display(),
+                    idx_path.display(),
+                    bin.len()
+                );
+            }
+        }
+        Ok(IndexedDataset { dtype, sizes, pointers, doc_idx, bin })
+    }
+
+    /// The tokens of sequence `i`.
+    pub fn sequence(&self, i: usize) -> Result<Vec<i64>> {
+        let (Some(&size), Some(&ptr)) = (self.sizes.get(i), self.pointers.get(i)) else {
+            bail!("sequence {i} is out of range ({} sequences)", self.sizes.len());
+        };
+        let item = self.dtype.size();
+        let bytes = &self.bin[ptr as usize..ptr as usize + size as usize * item];
+        bytes
+            .chunks_exact(item)
+            .map(|c| self.dtype.read(c).context("unreadable token"))
+            .collect()
+    }
+
+    /// All tokens, sequence after sequence (documents concatenated, as Megatron's GPT dataset).
+    pub fn stream(&self) -> Result<Vec<i64>> {
+        let mut out = Vec::with_capacity(self.sizes.iter().map(|&s| s as usize).sum());
+        for i in 0..self.sizes.len() {
+            out.extend(self.sequence(i)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The token stream of a run, with its training and held-out ranges.
+pub struct Dataset {
+    pub description: String,
+    tokens: Vec<i64>,
+    train_len: usize,
+}
+
+/// Decompresses the embedded corpus.
+pub fn builtin_text(name: &str) -> Result<Vec<u8>> {
+    if !BUILTIN_NAMES.contains(&name) {
+        bail!(
+            "there is no built-in corpus named `{name}`; built-in corpora: {}",
+            BUILTIN_NAMES.join(", ")
+        );
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(SHAKESPEARE_GZ)
+        .read_to_end(&mut out)
+        .context("the embedded corpus is corrupt")?;
+    Ok(out)
+}
+
+impl Dataset {
+    /// Loads a data source and checks its tokens fit the model's vocabulary.
+    pub fn load(source: &DataSource, vocab: u64) -> Result<Dataset> {
+        let (description, tokens): (String, Vec<i64>) = match source {
+            DataSource::Builtin(name) => {
+                let bytes = builtin_text(name)?;
+                (format!("builtin(\"{name}\"), {} bytes", bytes.len()), bytes.into_iter().map(i64::from).collect())
+            }
+            DataSource::Text(path) => {
+                let bytes = std::fs::read(path).with_context(|| format!("cannot read the text file `{path}`"))?;
+                (format!("text(\"{path}\"), {} bytes", bytes.len()), bytes.into_iter().map(i64::from).collect())
+            }
+            DataSource::Megatron(prefix) => {
+                let ds = IndexedDataset::open(prefix)?;
+                let tokens = ds.stream()?;
+                (
+                    format!("megatron(\"{prefix}\"), {} documents, {} tokens", ds.doc_idx.len().saturating_sub(1), tokens.len()),
+                    tokens,
+                )
+            }
+        };
+        Dataset::from_tokens(description, tokens, vocab)
+    }
+
+    pub fn from_tokens(description: String, tokens: Vec<i64>, vocab: u64) -> Result<Dataset> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as u64 >= vocab) {
+            bail!(
+                "the data holds token id {bad}, outside the model's vocabulary of {vocab} \
+                 (byte-level text needs vocab >= 256)"
+            );
+        }
+        let held = ((tokens.len() as f64) * HELDOUT_FRACTION) as usize;
+        let train_len = tokens.len() - held;
+        Ok(Dataset { description, tokens, train_len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn train_tokens(&self) -> &[i64] {
+        &self.tokens[..self.train_len]
+    }
+
+    pub fn heldout_tokens(&self) -> &[i64] {
+        &self.tokens[self.train_len..]
+    }
+
+    /// Checks both splits can hold a window of `window` tokens.
+    pub fn check_window(&self, window: usize) -> Result<()> {
+        if self.train_tokens().len() <= window || self.heldout_tokens().len() <= window {
+            bail!(
+                "the data ({}) is too small for sequences of {} tokens: it needs more than {} \
+                 tokens in its held-out tail ({}% of the stream)",
+                self.description,
+                window - 1,
+                window,
+                (HELDOUT_FRACTION * 100.0) as u32
+            );
+        }
+        Ok(())
+    }
+
+    /// `rows` windows of `window` tokens from `split`, at positions keyed by `key`.
+    pub fn batch(&self, heldout: bool, key: &[u64], rows: usize, window: usize, device: Device) -> Result<Tensor> {
+        let part = if heldout { self.heldout_tokens() } else { self.train_tokens() };
+        let span = (part.len() - window) as u64;
+        let mut buf = Vec::with_capacity(rows * window);
+        for r in 0..rows {
+            let mut words = key.to_vec();
+            words.push(r as u64);
+            let start = (mix_all(&words) % span) as usize;
+            buf.extend_from_slice(&part[start..start + window]);
+        }
+        Ok(Tensor::f_from_slice(&buf)?.f_reshape([rows as i64, window as i64])?.f_to(device)?.f_to_kind(Kind::Int64)?)
+    }
+}
+
+/// Unigram entropy (nats per token) of a token stream: the loss of the best context-free model.
+pub fn unigram_entropy(tokens: &[i64]) -> f64 {
+    let mut counts = std::collections::BTreeMap::new();
+    for &t in tokens {
+        *counts.entry(t).or_insert(0u64) += 1;
+    }
+    let n = tokens.len() as f64;
+    counts.values().map(|&c| {
+        let p = c as f64 / n;
+        -p * p.ln()
+    }).sum()
+}

@@ -1,0 +1,722 @@
+//! The Mixture-of-Experts feed-forward layer, with FastMoE's gates.
+//!
+//! Reference: FastMoE (laekov/fastmoe: `fmoe/layers.py`, `fmoe/gates/*.py`) and the GShard,
+//! Switch and noisy top-k papers. The layer runs in four stages, each a method, so that an
+//! expert-parallel runtime can put a token exchange between [`dispatch`] and
+//! [`Experts::forward`] (and the reverse exchange before [`combine`]) without touching the rest:
+//!
+//! ```text
+//! x [T, d] ──Gate::route──▶ Routing (expert [T, k], weight [T, k], balance loss, telemetry)
+//!          ──DispatchPlan::new──▶ counts [E], int32 offsets [E], slot order (no host sync)
+//!          ──dispatch──▶ xs [T·k, d] in expert order
+//!          ──Experts::forward──▶ ys [T·k, d] (grouped matmuls, or a per-expert loop)
+//!          ──combine──▶ out [T, d] = Σ_slots weight · ys (dropped slots add nothing)
+//! ```
+//!
+//! Dropped slots (expert index -1, over capacity or randomly routed away) are sorted past the
+//! last expert's group; their rows are masked with `where` before and after the expert matmuls,
+//! so whatever the grouped matmul leaves in rows outside every group never reaches the output or
+//! a gradient. A token with every slot dropped contributes nothing here and passes through the
+//! block's residual connection only.
+//!
+//! Semantics that differ from FastMoE's code on purpose (the checked model's contract wins):
+//! capacity is `ceil(factor · k · T / E)` tokens per expert (FastMoE's code uses
+//! `ceil(factor · T)`); slots over capacity are dropped in slot-major, token order (first choices
+//! of all tokens before second choices) instead of the CUDA kernel's arrival order; Switch's
+//! jitter multiplies the gate input by `U(1-ε, 1+ε)` as in the Switch paper (FastMoE adds it to
+//! the logits); GShard's random routing drops the second slot before capacity is applied. SWIPE
+//! balances over experts of one process (FastMoE balances over workers; with one expert per
+//! worker the two agree).
+//!
+//! This module knows nothing about the transformer around it, the optimizer or checkpoints; it
+//! only needs a [`ParamStore`] to register its parameters under a name prefix.
+
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+use crate::check::{Activation, Capacity, GateKind, Moe};
+use crate::runtime::params::{Init, ParamStore};
+
+/// How the expert matmuls run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertPath {
+    /// `torch._grouped_mm` over the stacked expert weights: one call per matrix, no host sync.
+    /// Needs f32 (CPU or CUDA) or bf16 (CUDA), rows whose byte stride is a multiple of 16.
+    Grouped,
+    /// One matmul per expert over its rows; reads the counts on the host. Any dtype (f64 for
+    /// gradient checks).
+    Loop,
+}
+
+/// Picks the grouped path where libtorch supports it for this dtype, device and shape.
+pub fn default_path(kind: Kind, device: tch::Device, width: i64, hidden: i64) -> ExpertPath {
+    let bytes = match kind {
+        Kind::Float => 4,
+        Kind::BFloat16 if device.is_cuda() => 2,
+        _ => return ExpertPath::Loop,
+    };
+    if (width * bytes) % 16 == 0 && (hidden * bytes) % 16 == 0 {
+        ExpertPath::Grouped
+    } else {
+        ExpertPath::Loop
+    }
+}
+
+/// The routing decision for one batch of tokens.
+pub struct Routing {
+    /// `[T, k]` int64 expert per slot; `-1` marks a dropped slot.
+    pub expert: Tensor,
+    /// `[T, k]` combine weight per slot (differentiable, f32).
+    pub weight: Tensor,
+    /// The gate's balance loss, unweighted (f32 scalar; zero for gates without one).
+    pub balance_loss: Tensor,
+    /// Softmax of the (clean) gate logits, `[T, E]` f32, for telemetry.
+    pub probs: Tensor,
+}
+
+/// Per-layer routing statistics, still on the device (read them once per logging step).
+pub struct Telemetry {
+    /// Tokens routed to each expert after drops, `[E]` f32.
+    pub tokens_per_expert: Tensor,
+    /// Fraction of the `T·k` slots that were dropped (scalar f32).
+    pub dropped_fraction: Tensor,
+    /// Mean entropy (nats) of the gate's softmax over all experts (scalar f32).
+    pub gate_entropy: Tensor,
+    /// The unweighted balance loss (scalar f32).
+    pub balance_loss: Tensor,
+}
+
+/// Host copy of [`Telemetry`].
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct TelemetryReport {
+    pub tokens_per_expert: Vec<f64>,
+    /// Busiest expert's tokens over the mean (1.0 is perfectly balanced).
+    pub max_over_mean_load: f64,
+    pub dropped_fraction: f64,
+    pub gate_entropy: f64,
+    pub balance_loss: f64,
+}
+
+impl Telemetry {
+    pub fn report(&self) -> Result<TelemetryReport> {
+        let counts = Vec::<f64>::try_from(self.tokens_per_expert.f_to_kind(Kind::Double)?)?;
+        let mean = counts.iter().sum::<f64>() / counts.len().max(1) as f64;
+        let max = counts.iter().cloned().fold(0.0, f64::max);
+        Ok(TelemetryReport {
+            max_over_mean_load: if mean > 0.0 { max / mean } else { 0.0 },
+            tokens_per_expert: counts,
+            dropped_fraction: self.dropped_fraction.f_double_value(&[])?,
+            gate_entropy: self.gate_entropy.f_double_value(&[])?,
+            balance_loss: self.balance_loss.f_double_value(&[])?,
+        })
+    }
+}
+
+/// The gate: scores tokens, picks `k` experts each, and computes the balance loss.
+pub struct Gate {
+    pub kind: GateKind,
+    pub experts: i64,
+    pub top_k: i64,
+    pub capacity: Option<Capacity>,
+    pub jitter: f64,
+    pub random_routing: bool,
+    /// Weight of the balance loss in the training loss.
+    pub balance_weight: f64,
+    /// `[d, E]`.
+    pub weight: Tensor,
+    /// `[E]`; `None` for the noisy gate (FastMoE's noisy gate has no bias).
+    pub bias: Option<Tensor>,
+    /// Noisy gate only: `[d, E]` noise scale projection.
+    pub noise: Option<Tensor>,
+}
+
+/// Noisy top-k's floor on the noise standard deviation (FastMoE: `noise_epsilon`).
+const NOISE_EPSILON: f64 = 1e-2;
+
+impl Gate {
+    pub fn new(store: &mut ParamStore, prefix: &str, moe: &Moe, width: i64) -> Result<Gate> {
+        let e = moe.experts as i64;
+        let noisy = moe.gate.kind == GateKind::Noisy;
+        let weight = store.var(&format!("{prefix}.weight"), &[width, e], Init::Normal(0.02), true)?;
+        let bias = if noisy {
+            None
+        } else {
+            Some(store.var(&format!("{prefix}.bias"), &[e], Init::Zeros, false)?)
+        };
+        let noise = if noisy {
+            Some(store.var(&format!("{prefix}.noise"), &[width, e], Init::Normal(0.02), true)?)
+        } else {
+            None
+        };
+        Ok(Gate {
+            kind: moe.gate.kind,
+            experts: e,
+            top_k: moe.top_k as i64,
+            capacity: moe.gate.capacity,
+            jitter: moe.gate.jitter,
+            random_routing: moe.gate.random_routing,
+            balance_weight: moe.gate.balance_loss,
+            weight,
+            bias,
+            noise,
+        })
+    }
+
+    /// Per-expert capacity for `tokens` tokens, or `None` when this gate (or mode) has none.
+    pub fn capacity_for(&self, tokens: i64, train: bool) -> Option<i64> {
+        let c = self.capacity?;
+        let factor = if train { c.train } else { c.eval };
+        Some((factor * (self.top_k * tokens) as f64 / self.experts as f64).ceil() as i64)
+    }
+
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let gk = gate_kind(x);
+        let w = self.weight.f_to_kind(x.kind())?;
+        let mut l = x.f_matmul(&w)?;
+        if let Some(b) = &self.bias {
+            l = l.f_add(&b.f_to_kind(x.kind())?)?;
+        }
+        Ok(l.f_to_kind(gk)?)
+    }
+
+    /// Routes `x` (`[T, d]`). Randomness (noise, jitter, random routing) comes from libtorch's
+    /// generator and is used only when `train`.
+    pub fn route(&self, x: &Tensor, train: bool) -> Result<Routing> {
+        let (t, _d) = x.size2()?;
+        let gk = gate_kind(x);
+        let k = self.top_k;
+        let e = self.experts;
+        let zero = Tensor::f_zeros([], (gk, x.device()))?;
+        match self.kind {
+            GateKind::Naive => {
+                let logits = self.logits(x)?;
+                let (val, idx) = logits.f_topk(k, -1, true, true)?;
+                Ok(Routing {
+                    expert: idx,
+                    weight: val.f_softmax(-1, gk)?,
+                    balance_loss: zero,
+                    probs: logits.f_softmax(-1, gk)?,
+                })
+            }
+            GateKind::Noisy => {
+                let clean = self.logits(x)?;
+                let noise_w = self.noise.as_ref().expect("noisy gate has a noise projection");
+                let raw_std = x.f_matmul(&noise_w.f_to_kind(x.kind())?)?.f_to_kind(gk)?;
+                let logits = if train {
+                    let std = raw_std.f_softplus()?.f_add_scalar(NOISE_EPSILON)?;
+                    let noisy = clean.f_add(&clean.f_randn_like()?.f_mul(&std)?)?;
+                    (noisy, Some(std))
+                } else {
+                    (clean.shallow_clone(), None)
+                };
+                let (noisy, std) = logits;
+                let m = (k + 1).min(e);
+                let (top_val, top_idx) = noisy.f_topk(m, -1, true, true)?;
+                let top_k_val = top_val.f_narrow(1, 0, k)?;
+                let top_k_idx = top_idx.f_narrow(1, 0, k)?;
+                let weight = top_k_val.f_softmax(-1, gk)?;
+                let gates = clean.f_zeros_like()?.f_scatter(1, &top_k_idx, &weight)?;
+                let importance = gates.f_sum_dim_intlist(0, false, gk)?;
+                let load = match (&std, k < e) {
+                    (Some(std), true) => {
+                        prob_in_top_k(&clean, &noisy, std, &top_val, k)?.f_sum_dim_intlist(
+                            0,
+                            false,
+                            gk,
+                        )?
+                    }
+                    _ => gates
+                        .f_gt(0.0)?
+                        .f_sum_dim_intlist(0, false, gk)?,
+                };
+                let balance = cv_squared(&importance)?.f_add(&cv_squared(&load)?)?;
+                Ok(Routing {
+                    expert: top_k_idx,
+                    weight,
+                    balance_loss: balance,
+                    probs: clean.f_softmax(-1, gk)?,
+                })
+            }
+            GateKind::Gshard => {
+                let logits = self.logits(x)?;
+                let (val, idx) = logits.f_topk(k, -1, true, true)?;
+                let weight = val.f_softmax(-1, gk)?;
+                let probs = logits.f_softmax(-1, gk)?;
+                // l_aux = E · Σ_e (fraction of tokens whose first choice is e) · (mean prob of e)
+                let top1 = idx.f_select(1, 0)?;
+                let c_e = top1
+                    .f_bincount(None::<Tensor>, e)?
+                    .f_to_kind(gk)?
+                    .f_div_scalar(t as f64)?;
+                let m_e = probs.f_mean_dim(0, false, gk)?;
+                let balance = c_e.f_mul(&m_e)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
+                let mut expert = idx;
+                if train && self.random_routing && k >= 2 {
+                    let r = Tensor::f_rand([t], (gk, x.device()))?;
+                    let drop = weight.f_select(1, 1)?.f_mul_scalar(2.0)?.f_lt_tensor(&r)?;
+                    let second = expert.f_select(1, 1)?.f_masked_fill(&drop, -1)?;
+                    expert = Tensor::f_stack(&[expert.f_select(1, 0)?, second], 1)?;
+                    if k > 2 {
+                        bail!("gshard routes at most two experts per token (top_k = {k})");
+                    }
+                }
+                if let Some(cap) = self.capacity_for(t, train) {
+                    expert = limit_by_capacity(&expert, e, cap)?;
+                }
+                Ok(Routing { expert, weight, balance_loss: balance, probs })
+            }
+            GateKind::Switch => {
+                let xin = if train && self.jitter > 0.0 {
+                    let u = x.f_rand_like()?;
+                    let scale = u.f_mul_scalar(2.0 * self.jitter)?.f_add_scalar(1.0 - self.jitter)?;
+                    x.f_mul(&scale)?
+                } else {
+                    x.shallow_clone()
+                };
+                let logits = self.logits(&xin)?;
+                let probs = logits.f_softmax(-1, gk)?;
+                let (val, idx) = probs.f_topk(k, -1, true, true)?;
+                let mut expert = idx;
+                if let Some(cap) = self.capacity_for(t, train) {
+                    expert = limit_by_capacity(&expert, e, cap)?;
+                }
+                // l_aux = E · Σ_e (fraction of kept slots at e) · (Σ_t p_te / kept slots)
+                let (counts, kept) = valid_counts(&expert, e, gk)?;
+                let kept = kept.f_clamp_min(1.0)?;
+                let fraction = counts.f_div(&kept)?;
+                let prob = probs.f_sum_dim_intlist(0, false, gk)?.f_div(&kept)?;
+                let balance = fraction.f_mul(&prob)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
+                Ok(Routing { expert, weight: val, balance_loss: balance, probs })
+            }
+            GateKind::Swipe => {
+                let logits = self.logits(x)?;
+                let probs = logits.f_softmax(-1, gk)?;
+                let (val, idx) = logits.f_topk(k, -1, true, true)?;
+                if !train {
+                    return Ok(Routing {
+                        expert: idx,
+                        weight: val.f_softmax(-1, gk)?,
+                        balance_loss: zero,
+                        probs,
+                    });
+                }
+                let expert = swipe(&idx, e)?;
+                let chosen = logits.f_gather(1, &expert, false)?;
+                Ok(Routing {
+                    expert,
+                    weight: chosen.f_softmax(-1, gk)?,
+                    balance_loss: zero,
+                    probs,
+                })
+            }
+        }
+    }
+}
+
+/// Gates compute in f32 (f64 when the layer runs in f64, for gradient checks).
+fn gate_kind(x: &Tensor) -> Kind {
+    if x.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
+/// Squared coefficient of variation with an unbiased variance, as FastMoE's noisy gate.
+pub fn cv_squared(x: &Tensor) -> Result<Tensor> {
+    if x.size()[0] <= 1 {
+        return Ok(Tensor::f_zeros([], (x.kind(), x.device()))?);
+    }
+    let var = x.f_var(true)?;
+    let mean = x.f_mean(x.kind())?;
+    Ok(var.f_div(&mean.f_square()?.f_add_scalar(1e-10)?)?)
+}
+
+/// Noisy top-k: the probability, under fresh noise, that each logit is in the top k.
+fn prob_in_top_k(
+    clean: &Tensor,
+    noisy: &Tensor,
+    std: &Tensor,
+    top_values: &Tensor,
+    k: i64,
+) -> Result<Tensor> {
+    let threshold_in = top_values.f_narrow(1, k, 1)?;
+    let threshold_out = top_values.f_narrow(1, k - 1, 1)?;
+    let is_in = noisy.f_gt_tensor(&threshold_in)?;
+    let cdf = |z: Tensor| -> Result<Tensor> {
+        Ok(z.f_div_scalar(std::f64::consts::SQRT_2)?.f_erf()?.f_add_scalar(1.0)?.f_mul_scalar(0.5)?)
+    };
+    let p_in = cdf(clean.f_sub(&threshold_in)?.f_div(std)?)?;
+    let p_out = cdf(clean.f_sub(&threshold_out)?.f_div(std)?)?;
+    Ok(p_in.f_where_self(&is_in, &p_out)?)
+}
+
+/// Tokens per expert among kept slots (`[E]` f32) and the number of kept slots (scalar f32).
+fn valid_counts(expert: &Tensor, e: i64, kind: Kind) -> Result<(Tensor, Tensor)> {
+    let flat = expert.f_reshape([-1])?;
+    let sentinel = flat.f_where_scalarother(&flat.f_ge(0)?, e)?;
+    let counts = sentinel.f_bincount(None::<Tensor>, e + 1)?.f_narrow(0, 0, e)?.f_to_kind(kind)?;
+    let kept = counts.f_sum(kind)?;
+    Ok((counts, kept))
+}
+
+/// Position of every slot within its expert's queue, slots ordered slot-major then by token
+/// (all first choices before any second choice). Dropped slots (`-1`) get large positions.
+fn queue_positions(expert: &Tensor, e: i64) -> Result<Tensor> {
+    let (t, k) = expert.size2()?;
+    // slot-major order: row r = slot·T + token
+    let order_major = expert.f_transpose(0, 1)?.f_reshape([-1])?;
+    let keyed = order_major.f_where_scalarother(&order_major.f_ge(0)?, e)?;
+    let sorted = keyed.f_argsort_stable(true, 0, false)?;
+    let counts = keyed.f_bincount(None::<Tensor>, e + 1)?;
+    let starts = counts.f_cumsum(0, Kind::Int64)?.f_sub(&counts)?;
+    let sorted_keys = keyed.f_index_select(0, &sorted)?;
+    let rank = Tensor::f_arange(t * k, (Kind::Int64, expert.device()))?;
+    let pos_sorted = rank.f_sub(&starts.f_index_select(0, &sorted_keys)?)?;
+    let pos = pos_sorted.f_zeros_like()?.f_scatter(0, &sorted, &pos_sorted)?;
+    Ok(pos.f_reshape([k, t])?.f_transpose(0, 1)?)
+}
+
+/// Drops (sets to -1) the slots beyond each expert's `capacity`.
+pub fn limit_by_capacity(expert: &Tensor, e: i64, capacity: i64) -> Result<Tensor> {
+    let pos = queue_positions(expert, e)?;
+    let over = pos.f_ge(capacity)?;
+    Ok(expert.f_masked_fill(&over, -1)?)
+}
+
+/// SWIPE (FastMoE's `swipe_once`, one process, one expert per "worker"): slot by slot, each
+/// expert keeps at most its remaining share of `ceil(T·k / E)` tokens in token order; the
+/// overflow goes, in token order, to the experts with capacity left, lowest index first.
+fn swipe(idx: &Tensor, e: i64) -> Result<Tensor> {
+    let (t, k) = idx.size2()?;
+    let device = idx.device();
+    let share = (t * k + e - 1) / e;
+    let mut cap = Tensor::f_full([e], share, (Kind::Int64, device))?;
+    let mut columns = Vec::with_capacity(k as usize);
+    for slot in 0..k {
+        let col = idx.f_select(1, slot)?; // [T]
+        let onehot = col.f_one_hot(e)?; // [T, E]
+        let pos = onehot.f_cumsum(0, Kind::Int64)?.f_mul(&onehot)?.f_sum_dim_intlist(1, false, Kind::Int64)?.f_sub_scalar(1)?;
+        let cap_of = cap.f_index_select(0, &col)?;
+        let keep = pos.f_lt_tensor(&cap_of)?;
+        let counts = onehot.f_sum_dim_intlist(0, false, Kind::Int64)?;
+        cap = cap.f_sub(&counts)?.f_clamp_min(0)?;
+        // dropped tokens, in token order, fill the experts with capacity left
+        let dropped = keep.f_logical_not()?.f_to_kind(Kind::Int64)?;
+        let rank = dropped.f_cumsum(0, Kind::Int64)?.f_sub_scalar(1)?;
+        let cum = cap.f_cumsum(0, Kind::Int64)?;
+        let target = rank.f_searchsorted(&cum, false, true, "right", None::<Tensor>)?.f_clamp_max(e - 1)?;
+        let n_dropped = dropped.f_sum(Kind::Int64)?;
+        let before = cum.f_sub(&cap)?;
+        let taken = n_dropped.f_sub(&before)?.f_clamp_min(0)?.f_minimum(&cap)?;
+        cap = cap.f_sub(&taken)?;
+        columns.push(col.f_where_self(&keep, &target)?);
+    }
+    Ok(Tensor::f_stack(&columns, 1)?)
+}
+
+/// Where each slot goes: the expert order of the `T·k` slots and the group sizes.
+pub struct DispatchPlan {
+    /// Slot indices (`token·k + slot`) sorted by expert, dropped slots last. `[T·k]` int64.
+    pub order: Tensor,
+    /// The token of each sorted row. `[T·k]` int64.
+    pub token: Tensor,
+    /// The expert of each sorted row (`E` for dropped rows). `[T·k]` int64.
+    pub expert: Tensor,
+    /// Whether each sorted row is a kept slot. `[T·k, 1]` bool.
+    pub valid: Tensor,
+    /// Kept tokens per expert. `[E]` int64.
+    pub counts: Tensor,
+    /// Cumulative group ends for `_grouped_mm`. `[E]` int32.
+    pub offsets: Tensor,
+    pub experts: i64,
+}
+
+impl DispatchPlan {
+    pub fn new(routing_expert: &Tensor, e: i64) -> Result<DispatchPlan> {
+        let (_t, k) = routing_expert.size2()?;
+        let flat = routing_expert.f_reshape([-1])?;
+        let keyed = flat.f_where_scalarother(&flat.f_ge(0)?, e)?;
+        let order = keyed.f_argsort_stable(true, 0, false)?;
+        let all = keyed.f_bincount(None::<Tensor>, e + 1)?;
+        let counts = all.f_narrow(0, 0, e)?;
+        let offsets = counts.f_cumsum(0, Kind::Int)?;
+        let expert = keyed.f_index_select(0, &order)?;
+        let valid = expert.f_lt(e)?.f_unsqueeze(1)?;
+        let token = order.f_div_scalar_mode(k, "floor")?;
+        Ok(DispatchPlan { order, token, expert, valid, counts, offsets, experts: e })
+    }
+}
+
+/// Gathers the tokens into expert order: `[T, d]` → `[T·k, d]`, dropped rows zeroed.
+pub fn dispatch(x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
+    let xs = x.f_index_select(0, &plan.token)?;
+    Ok(xs.f_where_self(&plan.valid, &xs.f_zeros_like()?)?)
+}
+
+/// Weighted sum of the expert outputs back onto their tokens: `[T·k, d]` → `[T, d]`.
+pub fn combine(ys: &Tensor, plan: &DispatchPlan, weight: &Tensor, tokens: i64) -> Result<Tensor> {
+    let w = weight.f_reshape([-1])?.f_index_select(0, &plan.order)?.f_to_kind(ys.kind())?;
+    let ys = ys.f_where_self(&plan.valid, &ys.f_zeros_like()?)?;
+    let weighted = ys.f_mul(&w.f_unsqueeze(1)?)?;
+    let d = ys.size()[1];
+    let out = Tensor::f_zeros([tokens, d], (ys.kind(), ys.device()))?;
+    Ok(out.f_index_add(0, &plan.token, &weighted)?)
+}
+
+/// `E` experts of one shape as stacked tensors (`w1 [E, d, h]`, `w2 [E, h, d]`, SwiGLU's
+/// `w3 [E, d, h]`, biases `[E, h]` / `[E, d]`).
+pub struct Experts {
+    pub experts: i64,
+    pub act: Activation,
+    pub w1: Tensor,
+    pub w2: Tensor,
+    pub w3: Option<Tensor>,
+    pub b1: Option<Tensor>,
+    pub b2: Option<Tensor>,
+    pub path: ExpertPath,
+}
+
+impl Experts {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        experts: i64,
+        width: i64,
+        hidden: i64,
+        act: Activation,
+        bias: bool,
+        out_std: f64,
+    ) -> Result<Experts> {
+        let w1 = store.var(&format!("{prefix}.w1"), &[experts, width, hidden], Init::Normal(0.02), true)?;
+        let w3 = if act == Activation::Swiglu {
+            Some(store.var(&format!("{prefix}.w3"), &[experts, width, hidden], Init::Normal(0.02), true)?)
+        } else {
+            None
+        };
+        let w2 = store.var(&format!("{prefix}.w2"), &[experts, hidden, width], Init::Normal(out_std), true)?;
+        let (b1, b2) = if bias {
+            (
+                Some(store.var(&format!("{prefix}.b1"), &[experts, hidden], Init::Zeros, false)?),
+                Some(store.var(&format!("{prefix}.b2"), &[experts, width], Init::Zeros, false)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Experts { experts, act, w1, w2, w3, b1, b2, path: ExpertPath::Grouped })
+    }
+
+    fn mm(&self, xs: &Tensor, w: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
+        let w = w.f_to_kind(xs.kind())?;
+        match self.path {
+            ExpertPath::Grouped => {
+                // Rows past the last group (dropped slots) are left uninitialised by
+                // `_grouped_mm`, forward (its output) and backward (its input's gradient).
+                // Masking both sides keeps that memory away from every output and parameter
+                // (a bias gathered for those rows would otherwise collect it).
+                let xs = xs.f_where_self(&plan.valid, &xs.f_zeros_like()?)?;
+                let out = xs.f_internal_grouped_mm(&w, Some(&plan.offsets), None::<&Tensor>, None::<Kind>)?;
+                Ok(out.f_where_self(&plan.valid, &out.f_zeros_like()?)?)
+            }
+            ExpertPath::Loop => {
+                let counts = Vec::<i64>::try_from(&plan.counts)?;
+                let (n, _) = xs.size2()?;
+                let out_dim = w.size()[2];
+                let mut parts = Vec::with_capacity(counts.len() + 1);
+                let mut start = 0;
+                for (e, &c) in counts.iter().enumerate() {
+                    parts.push(xs.f_narrow(0, start, c)?.f_matmul(&w.f_select(0, e as i64)?)?);
+                    start += c;
+                }
+                parts.push(Tensor::f_zeros([n - start, out_dim], (xs.kind(), xs.device()))?);
+                Ok(Tensor::f_cat(&parts, 0)?)
+            }
+        }
+    }
+
+    fn row_bias(&self, b: &Option<Tensor>, plan: &DispatchPlan, kind: Kind) -> Result<Option<Tensor>> {
+        match b {
+            None => Ok(None),
+            Some(b) => {
+                let idx = plan.expert.f_clamp_max(self.experts - 1)?;
+                Ok(Some(b.f_to_kind(kind)?.f_index_select(0, &idx)?))
+            }
+        }
+    }
+
+    /// Runs every row of `xs` (in expert order, as [`dispatch`] makes it) through its expert.
+    pub fn forward(&self, xs: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
+        let kind = xs.kind();
+        let mut h = self.mm(xs, &self.w1, plan)?;
+        if let Some(b) = self.row_bias(&self.b1, plan, kind)? {
+            h = h.f_add(&b)?;
+        }
+        let h = match (&self.act, &self.w3) {
+            (Activation::Swiglu, Some(w3)) => h.f_silu()?.f_mul(&self.mm(xs, w3, plan)?)?,
+            _ => activate(&h, self.act)?,
+        };
+
+        let mut y = self.mm(&h, &self.w2, plan)?;
+        if let Some(b) = self.row_bias(&self.b2, plan, kind)? {
+            y = y.f_add(&b)?;
+        }
+        Ok(y)
+    }
+}
+
+/// GELU (erf form) or ReLU; SwiGLU is handled where its third matrix is.
+pub fn activate(h: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Gelu => h.f_gelu("none")?,
+        Activation::Relu => h.f_relu()?,
+        Activation::Swiglu => h.f_silu()?,
+    })
+}
+
+/// A dense MLP (`w1 [d, h]`, `w2 [h, d]`, SwiGLU's `w3 [d, h]`), also used for shared experts.
+pub struct DenseMlp {
+    pub act: Activation,
+    pub w1: Tensor,
+    pub w2: Tensor,
+    pub w3: Option<Tensor>,
+    pub b1: Option<Tensor>,
+    pub b2: Option<Tensor>,
+}
+
+impl DenseMlp {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        width: i64,
+        hidden: i64,
+        act: Activation,
+        bias: bool,
+        out_std: f64,
+    ) -> Result<DenseMlp> {
+        let w1 = store.var(&format!("{prefix}.w1"), &[width, hidden], Init::Normal(0.02), true)?;
+        let w3 = if act == Activation::Swiglu {
+            Some(store.var(&format!("{prefix}.w3"), &[width, hidden], Init::Normal(0.02), true)?)
+        } else {
+            None
+        };
+        let w2 = store.var(&format!("{prefix}.w2"), &[hidden, width], Init::Normal(out_std), true)?;
+        let (b1, b2) = if bias {
+            (
+                Some(store.var(&format!("{prefix}.b1"), &[hidden], Init::Zeros, false)?),
+                Some(store.var(&format!("{prefix}.b2"), &[width], Init::Zeros, false)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(DenseMlp { act, w1, w2, w3, b1, b2 })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = x.kind();
+        let mut h = x.f_matmul(&self.w1.f_to_kind(kind)?)?;
+        if let Some(b) = &self.b1 {
+            h = h.f_add(&b.f_to_kind(kind)?)?;
+        }
+        let h = match &self.w3 {
+            Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&w3.f_to_kind(kind)?)?)?,
+            None => activate(&h, self.act)?,
+        };
+        let mut y = h.f_matmul(&self.w2.f_to_kind(kind)?)?;
+        if let Some(b) = &self.b2 {
+            y = y.f_add(&b.f_to_kind(kind)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// One MoE feed-forward layer: gate, routed experts and optional shared experts.
+pub struct MoeLayer {
+    pub gate: Gate,
+    pub experts: Experts,
+    /// DeepSeek-MoE shared experts, as one MLP of `count · hidden` (the sum of `count` MLPs).
+    pub shared: Option<DenseMlp>,
+}
+
+/// The output of [`MoeLayer::forward`].
+pub struct MoeOutput {
+    /// `[T, d]`.
+    pub out: Tensor,
+    pub balance_loss: Tensor,
+    pub telemetry: Telemetry,
+}
+
+impl MoeLayer {
+    /// Registers the layer's parameters under `prefix` (`layers.3.ffn`): `gate.*`,
+    /// `experts.{w1,w2,w3,b1,b2}`, `shared.*`.
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        moe: &Moe,
+        width: i64,
+        bias: bool,
+        out_std: f64,
+    ) -> Result<MoeLayer> {
+        let gate = Gate::new(store, &format!("{prefix}.gate"), moe, width)?;
+        let experts = Experts::new(
+            store,
+            &format!("{prefix}.experts"),
+            moe.experts as i64,
+            width,
+            moe.expert.hidden as i64,
+            moe.expert.act,
+            bias,
+            out_std,
+        )?;
+        let shared = match &moe.shared {
+            Some(s) => Some(DenseMlp::new(
+                store,
+                &format!("{prefix}.shared"),
+                width,
+                (s.count * s.expert.hidden) as i64,
+                s.expert.act,
+                bias,
+                out_std,
+            )?),
+            None => None,
+        };
+        Ok(MoeLayer { gate, experts, shared })
+    }
+
+    /// `x`: `[T, d]` (tokens flattened). The output does not include the residual.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<MoeOutput> {
+        let (t, _d) = x.size2()?;
+        let routing = self.gate.route(x, train)?;
+        let plan = DispatchPlan::new(&routing.expert, self.gate.experts)?;
+        let xs = dispatch(x, &plan)?;
+        // An expert-parallel runtime exchanges `xs` (by `plan.counts`) here ...
+        let ys = self.experts.forward(&xs, &plan)?;
+        // ... and sends `ys` back here.
+        let mut out = combine(&ys, &plan, &routing.weight, t)?;
+        if let Some(shared) = &self.shared {
+            out = out.f_add(&shared.forward(x)?)?;
+        }
+        let telemetry = tch::no_grad(|| telemetry(&routing, &plan, t))?;
+        Ok(MoeOutput { out, balance_loss: routing.balance_loss, telemetry })
+    }
+}
+
+fn telemetry(routing: &Routing, plan: &DispatchPlan, tokens: i64) -> Result<Telemetry> {
+    let counts = plan.counts.f_to_kind(Kind::Float)?;
+    let slots = (tokens * routing.expert.size()[1]) as f64;
+    let kept = counts.f_sum(Kind::Float)?;
+    let dropped = kept.f_div_scalar(-slots)?.f_add_scalar(1.0)?;
+    let p = &routing.probs;
+    let entropy = p
+        .f_mul(&p.f_clamp_min(1e-30)?.f_log()?)?
+        .f_sum_dim_intlist(1, false, Kind::Float)?
+        .f_neg()?
+        .f_mean(Kind::Float)?;
+    Ok(Telemetry {
+        tokens_per_expert: counts,
+        dropped_fraction: dropped,
+        gate_entropy: entropy,
+        balance_loss: routing.balance_loss.f_detach()?,
+    })
+}

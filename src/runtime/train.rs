@@ -1,0 +1,515 @@
+//! The training loop: micro-batches with gradient accumulation, balance losses, clipping,
+//! AdamW, warmup + cosine, periodic held-out evaluation, metrics (JSONL), progress bar,
+//! checkpoints, Ctrl-C, and the end-of-run summary and plot; plus text sampling from a
+//! checkpoint.
+//!
+//! Reproducibility: before step `s` libtorch's generator is reseeded with `mix(seed, s)` and the
+//! data windows of step `s` are keyed by `(seed, s, micro, row)`, so a run's whole random state
+//! is `(seed, step)`; with the optimizer state restored from a checkpoint a resumed CPU run
+//! repeats the uninterrupted one bit for bit. Knows nothing about the command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::check::{Checked, Precision, Train};
+use crate::runtime::checkpoint::{self, SaveInfo};
+use crate::runtime::data::{mix_all, Dataset};
+use crate::runtime::model::Transformer;
+use crate::runtime::moe::{Telemetry, TelemetryReport};
+use crate::runtime::optim::{self, AdamW};
+use crate::runtime::plot;
+
+/// Tokens per micro-batch the runtime aims for when the file does not fix `micro_batch`.
+const DEFAULT_MICRO_TOKENS: u64 = 8192;
+const EVAL_KEY: u64 = 0xE7A1;
+const STEP_KEY: u64 = 0x57E9;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static HANDLER: std::sync::Once = std::sync::Once::new();
+
+/// Installs the Ctrl-C handler (once per process): it asks the loop to checkpoint and stop.
+pub fn install_interrupt_handler() {
+    HANDLER.call_once(|| {
+        // If another handler is installed already, Ctrl-C keeps its default meaning.
+        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+    });
+}
+
+/// Where and how to run, from the command line.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub device: Device,
+    /// Total steps (the schedule's length); default: the file's `steps`.
+    pub steps: Option<u64>,
+    /// Stop (with a checkpoint) after this many completed steps, keeping the schedule.
+    pub stop_after: Option<u64>,
+    pub out: PathBuf,
+    /// Checkpoint root (default `out/checkpoints`).
+    pub checkpoints: PathBuf,
+    /// Resume from this checkpoint (a `step-*` directory or a root with `latest`).
+    pub resume: Option<PathBuf>,
+    pub progress: bool,
+    /// Print the end summary on stdout.
+    pub print_summary: bool,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// 1-based number of this step (steps completed after it).
+    pub step: u64,
+    pub loss: f64,
+    /// Weighted balance loss added to the LM loss.
+    pub balance_loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    pub moe: Vec<LayerMetrics>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_ppl: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerMetrics {
+    pub layer: usize,
+    #[serde(flatten)]
+    pub telemetry: TelemetryReport,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub model: String,
+    pub parameters: i64,
+    pub data: String,
+    pub device: String,
+    pub precision: String,
+    pub start_step: u64,
+    pub steps_done: u64,
+    pub total_steps: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub first_loss: Option<f64>,
+    pub final_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub final_eval_ppl: Option<f64>,
+    pub unigram_entropy: f64,
+    pub interrupted: bool,
+    pub checkpoint: Option<PathBuf>,
+    pub metrics: PathBuf,
+    pub plot: Option<PathBuf>,
+    /// Every step's LM loss in this process (for tests and the summary).
+    #[serde(skip)]
+    pub losses: Vec<f64>,
+}
+
+pub fn compute_kind(p: Precision) -> Result<Kind> {
+    Ok(match p {
+        Precision::Fp32 => Kind::Float,
+        Precision::Bf16 => Kind::BFloat16,
+        Precision::Fp16 => bail!(
+            "precision = fp16 needs loss scaling, which the built-in runtime does not do; use bf16"
+        ),
+    })
+}
+
+fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16 => "bf16",
+        Precision::Fp16 => "fp16",
+    }
+}
+
+/// Sequences per micro-batch: the file's `micro_batch`, else the largest divisor of the batch
+/// with at most [`DEFAULT_MICRO_TOKENS`] tokens.
+pub fn micro_batch(checked: &Checked, train: &Train) -> Result<u64> {
+    let batch = train.batch_sequences;
+    if let Some(mb) = checked.parallel.micro_batch {
+        if mb == 0 || batch % mb != 0 {
+            bail!("micro_batch = {mb} does not divide the batch of {batch} sequences");
+        }
+        return Ok(mb);
+    }
+    let cap = (DEFAULT_MICRO_TOKENS / train.seq_len.max(1)).max(1);
+    Ok((1..=batch.min(cap)).rev().find(|d| batch % d == 0).unwrap_or(1))
+}
+
+struct Accum {
+    counts: Tensor,
+    dropped: Tensor,
+    entropy: Tensor,
+    balance: Tensor,
+}
+
+fn accumulate(acc: &mut Vec<(usize, Accum)>, tel: Vec<(usize, Telemetry)>) -> Result<()> {
+    if acc.is_empty() {
+        for (layer, t) in tel {
+            acc.push((
+                layer,
+                Accum { counts: t.tokens_per_expert, dropped: t.dropped_fraction, entropy: t.gate_entropy, balance: t.balance_loss },
+            ));
+        }
+        return Ok(());
+    }
+    for ((_, a), (_, t)) in acc.iter_mut().zip(tel) {
+        a.counts = a.counts.f_add(&t.tokens_per_expert)?;
+        a.dropped = a.dropped.f_add(&t.dropped_fraction)?;
+        a.entropy = a.entropy.f_add(&t.gate_entropy)?;
+        a.balance = a.balance.f_add(&t.balance_loss)?;
+    }
+    Ok(())
+}
+
+fn reports(acc: Vec<(usize, Accum)>, micro: f64) -> Result<Vec<LayerMetrics>> {
+    acc.into_iter()
+        .map(|(layer, a)| {
+            let t = Telemetry {
+                tokens_per_expert: a.counts,
+                dropped_fraction: a.dropped.f_div_scalar(micro)?,
+                gate_entropy: a.entropy.f_div_scalar(micro)?,
+                balance_loss: a.balance.f_div_scalar(micro)?,
+            };
+            Ok(LayerMetrics { layer, telemetry: t.report()? })
+        })
+        .collect()
+}
+
+/// Mean held-out loss over the file's eval batches (fixed windows, same every time).
+pub fn evaluate(model: &Transformer, data: &Dataset, seed: u64, batches: u64, rows: usize, window: usize) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let mut total = 0.0;
+    for j in 0..batches.max(1) {
+        let batch = data.batch(true, &[seed, EVAL_KEY, j], rows, window, model.store.device)?;
+        let (lm, _) = model.loss(&batch, false)?;
+        total += lm.f_double_value(&[])?;
+    }
+    Ok(total / batches.max(1) as f64)
+}
+
+fn read_metrics(path: &Path) -> Vec<StepMetrics> {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Trains the checked model. Returns the summary; errors are user-facing.
+pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
+    let Some(train) = &checked.train else {
+        bail!(
+            "`{}` has no `train` block: `fmoec run` needs one (data, batch, steps, optimizer)",
+            checked.model.name
+        );
+    };
+    let model_decl = &checked.model;
+    let total_steps = opts.steps.unwrap_or(train.steps);
+    let stop_at = opts.stop_after.unwrap_or(total_steps).min(total_steps);
+    let compute = compute_kind(train.precision)?;
+    let seq = train.seq_len as usize;
+    if train.seq_len > model_decl.context {
+        bail!("seq_len {} exceeds the model's context {}", train.seq_len, model_decl.context);
+    }
+    let window = seq + 1;
+    let mb = micro_batch(checked, train)?;
+    let n_micro = train.batch_sequences / mb;
+    let data = Dataset::load(&train.data, model_decl.vocab)?;
+    data.check_window(window)?;
+
+    if opts.resume.is_none() && opts.checkpoints.join("latest").exists() {
+        bail!(
+            "`{}` already holds checkpoints; pass --resume to continue that run, or --out DIR \
+             for a new one",
+            opts.checkpoints.display()
+        );
+    }
+
+    tch::manual_seed(mix_all(&[train.seed, 0xB01D]) as i64);
+    let mut model = Transformer::new(model_decl, opts.device, Kind::Float, compute)?;
+    let mut adam = AdamW::new(&train.optimizer, &model.store)?;
+    let mut start_step = 0;
+    let mut tokens_seen = 0;
+    if let Some(path) = &opts.resume {
+        let loaded = checkpoint::load(path, model_decl)?;
+        loaded.restore(&model.store, &mut adam)?;
+        start_step = loaded.manifest.step;
+        tokens_seen = loaded.manifest.tokens_seen;
+        if loaded.manifest.seed != train.seed {
+            bail!(
+                "checkpoint `{}` was written with seed {}, the file says {}",
+                loaded.dir.display(),
+                loaded.manifest.seed,
+                train.seed
+            );
+        }
+    }
+    model.set_compute(compute);
+
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create `{}`", opts.out.display()))?;
+    let metrics_path = opts.out.join("metrics.jsonl");
+    // Keep the history before the resumed step (a crashed run may have logged past its last
+    // checkpoint), drop the rest.
+    let kept: Vec<String> = if opts.resume.is_some() {
+        read_metrics(&metrics_path)
+            .into_iter()
+            .filter(|m| m.step <= start_step)
+            .map(|m| serde_json::to_string(&m).expect("metrics serialize"))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut metrics_file = std::fs::File::create(&metrics_path)
+        .with_context(|| format!("cannot write `{}`", metrics_path.display()))?;
+    for line in &kept {
+        writeln!(metrics_file, "{line}")?;
+    }
+
+    install_interrupt_handler();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(total_steps)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(start_step);
+
+    let lr_max = train.optimizer.lr();
+    let save_info = |step: u64, tokens: u64| SaveInfo {
+        model: model_decl,
+        step,
+        tokens_seen: tokens,
+        seed: train.seed,
+        data_source: data.description.clone(),
+        precision: precision_name(train.precision).to_string(),
+    };
+    let started = Instant::now();
+    let mut losses = Vec::new();
+    let mut last_ckpt = None;
+    let mut last_eval = None;
+    let mut interrupted = false;
+    let tokens_per_step = train.batch_sequences * train.seq_len;
+    let mut step = start_step;
+    while step < stop_at {
+        let step_start = Instant::now();
+        tch::manual_seed(mix_all(&[train.seed, STEP_KEY, step]) as i64);
+        model.store.zero_grad();
+        let mut lm_sum = Tensor::f_zeros([], (Kind::Float, opts.device))?;
+        let mut bal_sum = Tensor::f_zeros([], (Kind::Float, opts.device))?;
+        let mut acc = Vec::new();
+        for m in 0..n_micro {
+            let batch = data.batch(false, &[train.seed, step, m], mb as usize, window, opts.device)?;
+            let (lm, out) = model.loss(&batch, true)?;
+            let total = lm.f_add(&out.balance_loss)?.f_div_scalar(n_micro as f64)?;
+            total.f_backward()?;
+            lm_sum = lm_sum.f_add(&lm.f_detach()?)?;
+            bal_sum = bal_sum.f_add(&out.balance_loss.f_detach()?)?;
+            accumulate(&mut acc, out.telemetry)?;
+        }
+        let norm = match train.clip_grad {
+            Some(c) => optim::clip_grad_norm(&mut model.store, c)?,
+            None => optim::global_grad_norm(&model.store)?,
+        };
+        let lr = optim::learning_rate(&train.schedule, lr_max, step, total_steps);
+        adam.step(&mut model.store, lr)?;
+        step += 1;
+        tokens_seen += tokens_per_step;
+
+        let loss = lm_sum.f_double_value(&[])? / n_micro as f64;
+        let balance = bal_sum.f_double_value(&[])? / n_micro as f64;
+        if !loss.is_finite() {
+            bar.abandon();
+            bail!("the loss became {loss} at step {step}; lower the learning rate or check the data");
+        }
+        losses.push(loss);
+        let dt = step_start.elapsed().as_secs_f64();
+        let moe = reports(acc, n_micro as f64)?;
+        let mut rec = StepMetrics {
+            step,
+            loss,
+            balance_loss: balance,
+            lr,
+            grad_norm: norm.f_double_value(&[])?,
+            tokens: tokens_seen,
+            tokens_per_s: tokens_per_step as f64 / dt.max(1e-9),
+            elapsed_s: started.elapsed().as_secs_f64(),
+            moe,
+            eval_loss: None,
+            eval_ppl: None,
+        };
+        if let Some(ev) = &train.eval {
+            if ev.every > 0 && (step % ev.every == 0 || step == total_steps) {
+                let l = evaluate(&model, &data, train.seed, ev.batches, mb as usize, window)?;
+                rec.eval_loss = Some(l);
+                rec.eval_ppl = Some(l.exp());
+                last_eval = Some(l);
+                bar.println(format!("step {step}: eval loss {l:.4}, perplexity {:.2}", l.exp()));
+            }
+        }
+        writeln!(metrics_file, "{}", serde_json::to_string(&rec)?)?;
+        let load = rec.moe.iter().map(|m| m.telemetry.max_over_mean_load).fold(0.0, f64::max);
+        bar.set_position(step);
+        bar.set_message(format!(
+            "loss {loss:.4} | lr {lr:.2e} | {:.0} tok/s | max/mean load {load:.2} | bal {balance:.4}",
+            rec.tokens_per_s
+        ));
+        if let Some(policy) = &train.checkpoint {
+            if policy.every > 0 && step % policy.every == 0 && step < stop_at {
+                last_ckpt = Some(checkpoint::save(&opts.checkpoints, &save_info(step, tokens_seen), &model.store, &adam)?);
+            }
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+    }
+    metrics_file.flush()?;
+    if step > start_step || opts.resume.is_none() {
+        let dir = opts.checkpoints.join(checkpoint::step_dir_name(step));
+        if !dir.exists() {
+            last_ckpt = Some(checkpoint::save(&opts.checkpoints, &save_info(step, tokens_seen), &model.store, &adam)?);
+        }
+    }
+    bar.finish_and_clear();
+    if interrupted {
+        eprintln!(
+            "interrupted: saved step {step} to `{}`; continue with --resume",
+            last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        );
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let done = step - start_step;
+    let history = read_metrics(&metrics_path);
+    let plot_path = opts.out.join("plot.png");
+    let plot = match plot::draw(&history, &plot_path) {
+        Ok(()) => Some(plot_path),
+        Err(e) => {
+            eprintln!("warning: could not draw `{}`: {e:#}", plot_path.display());
+            None
+        }
+    };
+    let summary = RunSummary {
+        model: model_decl.name.clone(),
+        parameters: model.store.numel(),
+        data: data.description.clone(),
+        device: format!("{:?}", opts.device),
+        precision: precision_name(train.precision).to_string(),
+        start_step,
+        steps_done: done,
+        total_steps,
+        tokens: tokens_seen,
+        seconds,
+        tokens_per_s: (done * tokens_per_step) as f64 / seconds.max(1e-9),
+        first_loss: losses.first().copied(),
+        final_loss: losses.last().copied(),
+        final_eval_loss: last_eval,
+        final_eval_ppl: last_eval.map(f64::exp),
+        unigram_entropy: crate::runtime::data::unigram_entropy(data.train_tokens()),
+        interrupted,
+        checkpoint: last_ckpt,
+        metrics: metrics_path,
+        plot,
+        losses,
+    };
+    std::fs::write(opts.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    if opts.print_summary {
+        print_summary(&summary);
+    }
+    Ok(summary)
+}
+
+fn print_summary(s: &RunSummary) {
+    println!("model      {} ({} parameters)", s.model, s.parameters);
+    println!("data       {}", s.data);
+    println!("device     {} ({})", s.device, s.precision);
+    println!(
+        "steps      {} -> {} of {} ({} tokens, {:.1} s, {:.0} tokens/s)",
+        s.start_step,
+        s.start_step + s.steps_done,
+        s.total_steps,
+        s.tokens,
+        s.seconds,
+        s.tokens_per_s
+    );
+    if let (Some(a), Some(b)) = (s.first_loss, s.final_loss) {
+        println!("loss       {a:.4} -> {b:.4} (unigram entropy of the data {:.4})", s.unigram_entropy);
+    }
+    if let (Some(l), Some(p)) = (s.final_eval_loss, s.final_eval_ppl) {
+        println!("eval       loss {l:.4}, perplexity {p:.2}");
+    }
+    if let Some(c) = &s.checkpoint {
+        println!("checkpoint {}", c.display());
+    }
+    println!("metrics    {}", s.metrics.display());
+    if let Some(p) = &s.plot {
+        println!("plot       {}", p.display());
+    }
+}
+
+/// Sampling settings.
+#[derive(Clone, Debug)]
+pub struct SampleOptions {
+    pub device: Device,
+    pub checkpoint: PathBuf,
+    pub prompt: String,
+    pub tokens: usize,
+    pub temperature: f64,
+    pub top_k: i64,
+    pub seed: u64,
+}
+
+/// Generates `tokens` bytes after `prompt` from a checkpoint of the checked model.
+pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
+    let model_decl = &checked.model;
+    if model_decl.vocab < 256 {
+        bail!("sampling text needs a byte-level vocabulary (vocab >= 256), the model has {}", model_decl.vocab);
+    }
+    let loaded = checkpoint::load(&opts.checkpoint, model_decl)?;
+    let compute = match &checked.train {
+        Some(t) => compute_kind(t.precision)?,
+        None => Kind::Float,
+    };
+    let model = Transformer::new(model_decl, opts.device, Kind::Float, compute)?;
+    loaded.restore_params(&model.store)?;
+    tch::manual_seed(mix_all(&[opts.seed, 0x5A3]) as i64);
+    let _guard = tch::no_grad_guard();
+    let mut ids: Vec<i64> = opts.prompt.bytes().map(i64::from).collect();
+    if ids.is_empty() {
+        ids.push(b'\n' as i64);
+    }
+    let ctx = model_decl.context as usize;
+    let start = ids.len();
+    for _ in 0..opts.tokens {
+        let from = ids.len().saturating_sub(ctx);
+        let input = Tensor::f_from_slice(&ids[from..])?.f_unsqueeze(0)?.f_to(opts.device)?;
+        let out = model.forward(&input, false)?;
+        let last = out.logits.f_select(1, -1)?.f_select(0, 0)?;
+        let next = if opts.temperature <= 0.0 {
+            last.f_argmax(0, false)?.f_int64_value(&[])?
+        } else {
+            let scaled = last.f_div_scalar(opts.temperature)?;
+            let k = opts.top_k.clamp(1, scaled.size()[0]);
+            let (vals, idx) = scaled.f_topk(k, 0, true, true)?;
+            let probs = vals.f_softmax(0, Kind::Float)?;
+            let pick = probs.f_multinomial(1, false)?;
+            idx.f_index_select(0, &pick)?.f_int64_value(&[0])?
+        };
+        ids.push(next);
+    }
+    let bytes: Vec<u8> = ids[start..].iter().map(|&t| t.clamp(0, 255) as u8).collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}

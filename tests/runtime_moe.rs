@@ -1,0 +1,338 @@
+//! The MoE layer against a per-token reference, gradients against finite differences, and
+//! the gates' balance losses against hand-computed values.
+#![cfg(feature = "runtime")]
+
+use fmoec::check::{Activation, Capacity, Gate, GateKind, Mlp, Moe};
+use fmoec::runtime::moe::{self, ExpertPath, MoeLayer};
+use fmoec::runtime::params::ParamStore;
+use tch::{Device, Kind, Tensor};
+
+
+/// libtorch's generator is process-wide and tests run on parallel threads: every test that
+/// draws random numbers holds this lock.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn moe_decl(kind: GateKind, experts: u64, top_k: u64, capacity: Option<(f64, f64)>, act: Activation) -> Moe {
+    Moe {
+        experts,
+        top_k,
+        gate: Gate {
+            kind,
+            capacity: capacity.map(|(train, eval)| Capacity { train, eval }),
+            balance_loss: 0.01,
+            jitter: if kind == GateKind::Switch { 0.1 } else { 0.0 },
+            random_routing: kind == GateKind::Gshard,
+            span: Default::default(),
+        },
+        expert: Mlp { hidden: 8, act, span: Default::default() },
+        shared: None,
+        spans: Default::default(),
+    }
+}
+
+fn layer(decl: &Moe, width: i64, kind: Kind, bias: bool, seed: i64) -> (ParamStore, MoeLayer) {
+    tch::manual_seed(seed);
+    let mut store = ParamStore::new(Device::Cpu, kind);
+    let mut l = MoeLayer::new(&mut store, "layers.1.ffn", decl, width, bias, 0.05).unwrap();
+    // larger gate weights than the 0.02 init so routing differs between tokens
+    tch::no_grad(|| {
+        let _ = l.gate.weight.shallow_clone().f_mul_scalar_(25.0).unwrap();
+        if let Some(b) = &l.experts.b1 {
+            let _ = b.shallow_clone().f_normal_(0.0, 0.1).unwrap();
+        }
+        if let Some(b) = &l.experts.b2 {
+            let _ = b.shallow_clone().f_normal_(0.0, 0.1).unwrap();
+        }
+    });
+    l.experts.path = if kind == Kind::Double { ExpertPath::Loop } else { ExpertPath::Grouped };
+    (store, l)
+}
+
+fn expert_ref(l: &MoeLayer, e: i64, x: &Tensor) -> Tensor {
+    let ex = &l.experts;
+    let mut h = x.matmul(&ex.w1.get(e));
+    if let Some(b) = &ex.b1 {
+        h += b.get(e);
+    }
+    let h = match (&ex.w3, ex.act) {
+        (Some(w3), _) => h.silu() * x.matmul(&w3.get(e)),
+        (None, Activation::Relu) => h.relu(),
+        (None, _) => h.gelu("none"),
+    };
+    let mut y = h.matmul(&ex.w2.get(e));
+    if let Some(b) = &ex.b2 {
+        y += b.get(e);
+    }
+    y
+}
+
+/// Each token through its kept experts, weighted, one at a time.
+fn per_token(l: &MoeLayer, x: &Tensor, expert: &Tensor, weight: &Tensor) -> Tensor {
+    let (t, d) = x.size2().unwrap();
+    let k = expert.size()[1];
+    let out = Tensor::zeros([t, d], (x.kind(), Device::Cpu));
+    for i in 0..t {
+        let mut acc = Tensor::zeros([d], (x.kind(), Device::Cpu));
+        for j in 0..k {
+            let e = expert.int64_value(&[i, j]);
+            if e < 0 {
+                continue;
+            }
+            let w = weight.double_value(&[i, j]);
+            acc += expert_ref(l, e, &x.get(i).unsqueeze(0)).squeeze_dim(0) * w;
+        }
+        out.get(i).copy_(&acc);
+    }
+    out
+}
+
+fn check_against_reference(kind: GateKind, capacity: Option<(f64, f64)>, top_k: u64, act: Activation, bias: bool, train: bool) -> (i64, i64) {
+    let decl = moe_decl(kind, 4, top_k, capacity, act);
+    let (_store, l) = layer(&decl, 8, Kind::Float, bias, 7);
+    let x = Tensor::randn([24, 8], (Kind::Float, Device::Cpu));
+    tch::manual_seed(99);
+    let out = l.forward(&x, train).unwrap();
+    tch::manual_seed(99);
+    let routing = l.gate.route(&x, train).unwrap();
+    let reference = per_token(&l, &x, &routing.expert, &routing.weight);
+    let diff = (&out.out - &reference).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "{kind:?} capacity {capacity:?} train {train}: max diff {diff}");
+    let dropped = routing.expert.lt(0).sum(Kind::Int64).int64_value(&[]);
+    let tel = out.telemetry.report().unwrap();
+    let kept: f64 = tel.tokens_per_expert.iter().sum();
+    assert_eq!(kept as i64, 24 * top_k as i64 - dropped, "telemetry counts kept slots");
+    assert!((tel.dropped_fraction - dropped as f64 / (24.0 * top_k as f64)).abs() < 1e-6);
+    assert!(tel.gate_entropy > 0.0 && tel.gate_entropy <= (4f64).ln() + 1e-6);
+    (dropped, 24 * top_k as i64)
+}
+
+#[test]
+fn every_gate_matches_the_per_token_reference() {
+    let _rng = rng_lock();
+    for &train in &[true, false] {
+        check_against_reference(GateKind::Naive, None, 2, Activation::Gelu, true, train);
+        check_against_reference(GateKind::Noisy, None, 2, Activation::Gelu, false, train);
+        check_against_reference(GateKind::Gshard, Some((4.0, 4.0)), 2, Activation::Gelu, true, train);
+        check_against_reference(GateKind::Switch, Some((4.0, 4.0)), 1, Activation::Relu, true, train);
+        check_against_reference(GateKind::Swipe, None, 2, Activation::Swiglu, false, train);
+    }
+}
+
+#[test]
+fn capacity_drops_pass_only_the_kept_slots() {
+    let _rng = rng_lock();
+    // capacity 0.5 · k · T / E: at least half the slots must go
+    let (dropped, slots) = check_against_reference(GateKind::Gshard, Some((0.5, 0.5)), 2, Activation::Gelu, true, false);
+    assert!(dropped * 2 >= slots, "gshard dropped {dropped} of {slots}");
+    let (dropped, slots) = check_against_reference(GateKind::Switch, Some((0.5, 0.5)), 1, Activation::Gelu, false, true);
+    assert!(dropped * 2 >= slots, "switch dropped {dropped} of {slots}");
+}
+
+#[test]
+fn a_token_with_every_slot_dropped_gets_zero_ffn_output() {
+    let _rng = rng_lock();
+    let decl = moe_decl(GateKind::Switch, 4, 1, Some((0.25, 0.25)), Activation::Gelu);
+    let (_s, l) = layer(&decl, 8, Kind::Float, true, 3);
+    let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
+    let out = l.forward(&x, false).unwrap().out;
+    let routing = l.gate.route(&x, false).unwrap();
+    let mut seen = 0;
+    for i in 0..16 {
+        if routing.expert.int64_value(&[i, 0]) < 0 {
+            seen += 1;
+            assert_eq!(out.get(i).abs().max().double_value(&[]), 0.0);
+        }
+    }
+    assert!(seen > 0);
+}
+
+/// Capacity keeps, per expert, the first `C` slots in slot-major token order.
+#[test]
+fn capacity_keeps_first_choices_first() {
+    let _rng = rng_lock();
+    let expert = Tensor::from_slice(&[0i64, 1, 0, 2, 0, 1, 1, 0, 0, 3]).reshape([5, 2]);
+    let limited = moe::limit_by_capacity(&expert, 4, 2).unwrap();
+    let got = Vec::<i64>::try_from(limited.reshape([-1])).unwrap();
+    // tokens (first, second): (0,1) (0,2) (0,1) (1,0) (0,3); queues in slot-major order:
+    // expert 0: t0, t1 kept; t2, t4 (first choices) and t3 (second choice) dropped;
+    // expert 1: t3 (first), t0 (second) kept; t2 (second) dropped; experts 2, 3: kept.
+    assert_eq!(got, vec![0, 1, 0, 2, -1, -1, 1, -1, -1, 3]);
+}
+
+#[test]
+fn swipe_balances_loads_without_drops() {
+    let _rng = rng_lock();
+    let decl = moe_decl(GateKind::Swipe, 4, 2, None, Activation::Gelu);
+    let (_s, l) = layer(&decl, 8, Kind::Float, false, 5);
+    // a skewed input: every token is nearly the same, so the plain top-k sends all to 2 experts
+    let x = Tensor::randn([1, 8], (Kind::Float, Device::Cpu)).repeat([32, 1])
+        + Tensor::randn([32, 8], (Kind::Float, Device::Cpu)) * 0.01;
+    let naive = l.gate.route(&x, false).unwrap();
+    let naive_counts = Vec::<i64>::try_from(naive.expert.reshape([-1]).bincount(None::<Tensor>, 4)).unwrap();
+    assert_eq!(*naive_counts.iter().max().unwrap(), 32);
+    let r = l.gate.route(&x, true).unwrap();
+    let counts = Vec::<i64>::try_from(r.expert.reshape([-1]).bincount(None::<Tensor>, 4)).unwrap();
+    assert_eq!(counts, vec![16, 16, 16, 16]);
+    assert_eq!(r.expert.lt(0).sum(Kind::Int64).int64_value(&[]), 0);
+}
+
+/// Central differences in f64 through the per-expert loop path.
+#[test]
+fn gradients_match_finite_differences() {
+    let _rng = rng_lock();
+    for (kind, cap, k) in [(GateKind::Naive, None, 2), (GateKind::Gshard, Some((0.75, 0.75)), 2), (GateKind::Switch, Some((1.0, 1.0)), 1)] {
+        let decl = moe_decl(kind, 3, k, cap, Activation::Gelu);
+        let (store, l) = layer(&decl, 4, Kind::Double, true, 11);
+        let x = Tensor::randn([6, 4], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+        let r = Tensor::randn([6, 4], (Kind::Double, Device::Cpu));
+        let f = |x: &Tensor| -> Tensor {
+            let o = l.forward(x, false).unwrap();
+            (o.out * &r).sum(Kind::Double) + o.balance_loss.to_kind(Kind::Double) * 0.0
+        };
+        let loss = f(&x);
+        loss.backward();
+        let eps = 1e-6;
+        let mut checked = 0;
+        let mut targets: Vec<(String, Tensor)> = store.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        targets.push(("x".into(), x.shallow_clone()));
+        for (name, t) in targets {
+            let g = t.grad();
+            let flat = t.view([-1]);
+            let n = flat.size()[0];
+            for i in (0..n).step_by(((n / 5).max(1)) as usize) {
+                let orig = flat.double_value(&[i]);
+                let at = |v: f64| {
+                    tch::no_grad(|| {
+                        let _ = flat.get(i).fill_(v);
+                    });
+                    let y = tch::no_grad(|| f(&x)).double_value(&[]);
+                    y
+                };
+                let up = at(orig + eps);
+                let down = at(orig - eps);
+                at(orig);
+                let numeric = (up - down) / (2.0 * eps);
+                let analytic = g.view([-1]).double_value(&[i]);
+                assert!(
+                    (numeric - analytic).abs() < 1e-6 * (1.0 + numeric.abs()),
+                    "{kind:?} {name}[{i}]: numeric {numeric} analytic {analytic}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 20);
+    }
+}
+
+fn gate_with_identity(kind: GateKind, e: i64, top_k: u64, cap: Option<(f64, f64)>) -> (ParamStore, MoeLayer) {
+    let decl = moe_decl(kind, e as u64, top_k, cap, Activation::Gelu);
+    let mut store = ParamStore::new(Device::Cpu, Kind::Float);
+    let l = MoeLayer::new(&mut store, "ffn", &decl, e, false, 0.02).unwrap();
+    tch::no_grad(|| {
+        l.gate.weight.shallow_clone().copy_(&Tensor::eye(e, (Kind::Float, Device::Cpu)));
+        if let Some(b) = &l.gate.bias {
+            let _ = b.shallow_clone().zero_();
+        }
+    });
+    (store, l)
+}
+
+fn softmax(v: &[f64]) -> Vec<f64> {
+    let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = v.iter().map(|x| (x - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|x| x / s).collect()
+}
+
+const LOGITS: [[f64; 3]; 4] = [[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.5, 0.0], [0.0, 0.2, 2.0]];
+
+fn logits_tensor() -> Tensor {
+    Tensor::from_slice(&LOGITS.concat()).reshape([4, 3]).to_kind(Kind::Float)
+}
+
+#[test]
+fn gshard_loss_is_e_times_sum_of_first_choice_fraction_times_mean_prob() {
+    let _rng = rng_lock();
+    let (_s, l) = gate_with_identity(GateKind::Gshard, 3, 2, Some((10.0, 10.0)));
+    let r = l.gate.route(&logits_tensor(), false).unwrap();
+    // first choices: 0, 1, 0, 2 -> c = (2/4, 1/4, 1/4)
+    let c = [0.5, 0.25, 0.25];
+    let probs: Vec<Vec<f64>> = LOGITS.iter().map(|r| softmax(r)).collect();
+    let m: Vec<f64> = (0..3).map(|e| probs.iter().map(|p| p[e]).sum::<f64>() / 4.0).collect();
+    let want = 3.0 * (0..3).map(|e| c[e] * m[e]).sum::<f64>();
+    let got = r.balance_loss.double_value(&[]);
+    assert!((got - want).abs() < 1e-6, "gshard loss {got}, hand {want}");
+    // combine weights: softmax over the two best logits of each token
+    let w0 = softmax(&[2.0, 1.0]);
+    assert!((r.weight.double_value(&[0, 0]) - w0[0]).abs() < 1e-6);
+}
+
+#[test]
+fn switch_loss_is_e_times_sum_of_fraction_times_mean_prob_over_kept_tokens() {
+    let _rng = rng_lock();
+    let (_s, l) = gate_with_identity(GateKind::Switch, 3, 1, Some((10.0, 10.0)));
+    let r = l.gate.route(&logits_tensor(), false).unwrap();
+    let probs: Vec<Vec<f64>> = LOGITS.iter().map(|r| softmax(r)).collect();
+    let f = [0.5, 0.25, 0.25];
+    let p: Vec<f64> = (0..3).map(|e| probs.iter().map(|q| q[e]).sum::<f64>() / 4.0).collect();
+    let want = 3.0 * (0..3).map(|e| f[e] * p[e]).sum::<f64>();
+    let got = r.balance_loss.double_value(&[]);
+    assert!((got - want).abs() < 1e-6, "switch loss {got}, hand {want}");
+    // the combine weight is the top-1 probability itself
+    assert!((r.weight.double_value(&[1, 0]) - probs[1][1]).abs() < 1e-6);
+}
+
+#[test]
+fn noisy_loss_is_cv_squared_of_importance_plus_load_without_noise() {
+    let _rng = rng_lock();
+    let (_s, l) = gate_with_identity(GateKind::Noisy, 3, 1, None);
+    let r = l.gate.route(&logits_tensor(), false).unwrap();
+    // top-1 gates are 1.0 at experts 0, 1, 0, 2: importance = load = (2, 1, 1)
+    let cv2 = |v: [f64; 3]| {
+        let mean = v.iter().sum::<f64>() / 3.0;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 2.0;
+        var / (mean * mean + 1e-10)
+    };
+    let want = cv2([2.0, 1.0, 1.0]) * 2.0;
+    let got = r.balance_loss.double_value(&[]);
+    assert!((got - want).abs() < 1e-6, "noisy loss {got}, hand {want}");
+}
+
+#[test]
+fn naive_and_swipe_have_no_balance_loss() {
+    let _rng = rng_lock();
+    for kind in [GateKind::Naive, GateKind::Swipe] {
+        let (_s, l) = gate_with_identity(kind, 3, 2, None);
+        let r = l.gate.route(&logits_tensor(), true).unwrap();
+        assert_eq!(r.balance_loss.double_value(&[]), 0.0);
+    }
+}
+
+/// The grouped-matmul path and the per-expert loop give the same output and gradients, also
+/// with dropped slots and expert biases (rows past the last group must not leak anywhere).
+#[test]
+fn grouped_path_matches_loop_path_with_drops() {
+    let _rng = rng_lock();
+    let decl = moe_decl(GateKind::Gshard, 4, 2, Some((0.5, 0.5)), Activation::Gelu);
+    let run = |path: ExpertPath| {
+        let (store, mut l) = layer(&decl, 8, Kind::Float, true, 21);
+        l.experts.path = path;
+        let x = Tensor::randn([32, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let o = l.forward(&x, false).unwrap();
+        (o.out.sum(Kind::Float) + o.out.square().sum(Kind::Float)).backward();
+        let mut grads: Vec<Tensor> = store.params.iter().map(|p| p.tensor.grad()).collect();
+        grads.push(x.grad());
+        (o.out.detach(), grads)
+    };
+    let (a, ga) = run(ExpertPath::Grouped);
+    let (b, gb) = run(ExpertPath::Loop);
+    assert!((&a - &b).abs().max().double_value(&[]) < 1e-5);
+    for (x, y) in ga.iter().zip(&gb) {
+        let d = (x - y).abs().max().double_value(&[]);
+        assert!(d < 1e-4, "gradient differs by {d}");
+    }
+}

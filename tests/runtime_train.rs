@@ -1,0 +1,112 @@
+//! Training lowers the loss below the corpus's unigram entropy; a resumed run repeats the
+//! uninterrupted one exactly; damaged or mismatched checkpoints are refused, never overwritten.
+#![cfg(feature = "runtime")]
+
+mod runtime_common;
+
+use std::path::Path;
+
+use fmoec::check::{DataSource, GateKind};
+use fmoec::runtime::train::{self, RunOptions, RunSummary, SampleOptions};
+use tch::Device;
+
+
+/// libtorch's generator is process-wide and tests run on parallel threads: every test that
+/// draws random numbers holds this lock.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn options(out: &Path, stop_after: Option<u64>, resume: bool) -> RunOptions {
+    RunOptions {
+        device: Device::Cpu,
+        steps: None,
+        stop_after,
+        out: out.to_path_buf(),
+        checkpoints: out.join("checkpoints"),
+        resume: if resume { Some(out.join("checkpoints")) } else { None },
+        progress: false,
+        print_summary: false,
+    }
+}
+
+fn params_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(fmoec::runtime::checkpoint::resolve(dir).unwrap().join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn resume_repeats_the_uninterrupted_run_exactly() {
+    let _rng = rng_lock();
+    let checked = runtime_common::tiny_checked(GateKind::Gshard, 12, DataSource::Builtin("shakespeare".into()));
+    let a = tempfile::tempdir().unwrap();
+    let full: RunSummary = train::train(&checked, &options(a.path(), None, false)).unwrap();
+    assert_eq!(full.steps_done, 12);
+
+    let b = tempfile::tempdir().unwrap();
+    let first = train::train(&checked, &options(b.path(), Some(7), false)).unwrap();
+    assert_eq!(first.steps_done, 7);
+    let second = train::train(&checked, &options(b.path(), None, true)).unwrap();
+    assert_eq!(second.start_step, 7);
+    assert_eq!(second.steps_done, 5);
+
+    let joined: Vec<f64> = first.losses.iter().chain(&second.losses).copied().collect();
+    assert_eq!(joined, full.losses, "losses differ after resume");
+    assert_eq!(
+        params_bytes(&a.path().join("checkpoints")),
+        params_bytes(&b.path().join("checkpoints")),
+        "final parameters differ after resume"
+    );
+
+    // A fresh run into a folder with checkpoints is refused instead of overwriting them.
+    let err = train::train(&checked, &options(b.path(), None, false)).unwrap_err();
+    assert!(format!("{err:#}").contains("already holds checkpoints"), "{err:#}");
+
+    // Sampling from the checkpoint produces the requested number of bytes.
+    let text = train::sample(
+        &checked,
+        &SampleOptions {
+            device: Device::Cpu,
+            checkpoint: b.path().join("checkpoints"),
+            prompt: "ROMEO:".into(),
+            tokens: 20,
+            temperature: 0.8,
+            top_k: 40,
+            seed: 1,
+        },
+    )
+    .unwrap();
+    assert!(!text.is_empty());
+}
+
+#[test]
+fn damaged_or_mismatched_checkpoints_are_refused() {
+    let _rng = rng_lock();
+    let checked = runtime_common::tiny_checked(GateKind::Switch, 2, DataSource::Builtin("shakespeare".into()));
+    let dir = tempfile::tempdir().unwrap();
+    train::train(&checked, &options(dir.path(), None, false)).unwrap();
+    let ckpt = fmoec::runtime::checkpoint::resolve(&dir.path().join("checkpoints")).unwrap();
+
+    // a different model
+    let other = runtime_common::tiny_checked(GateKind::Naive, 2, DataSource::Builtin("shakespeare".into()));
+    let err = fmoec::runtime::checkpoint::load(&ckpt, &other.model).err().expect("refused");
+    assert!(format!("{err:#}").contains("different model"), "{err:#}");
+
+    // truncated
+    let file = ckpt.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = train::train(&checked, &options(dir.path(), Some(2), true)).unwrap_err();
+    assert!(format!("{err:#}").contains("truncated"), "{err:#}");
+
+    // same length, one byte flipped
+    let mut flipped = bytes.clone();
+    let n = flipped.len() - 3;
+    flipped[n] ^= 0x40;
+    std::fs::write(&file, &flipped).unwrap();
+    let err = fmoec::runtime::checkpoint::load(&ckpt, &checked.model).err().expect("refused");
+    assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
+    // the damaged checkpoint is still there, untouched
+    assert_eq!(std::fs::read(&file).unwrap(), flipped);
+}
