@@ -27,6 +27,17 @@ enum Command {
     Run(RunArgs),
     /// Write the Megatron-LM patch, Python module and launch script for the model.
     Emit(fmoec::emit::cli::EmitArgs),
+    /// Benchmarks (`fmoec bench moe`): the MoE layer against baselines, same process.
+    #[cfg(feature = "runtime")]
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[cfg(feature = "runtime")]
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Time the MoE layer's expert path (forward, backward) against baselines.
+    Moe(fmoec::runtime::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -91,6 +102,8 @@ fn main() -> ExitCode {
         Command::Plan(a) => fmoec::plan::cli::run(a),
         Command::Run(a) => run(a),
         Command::Emit(a) => fmoec::emit::cli::run(a),
+        #[cfg(feature = "runtime")]
+        Command::Bench(BenchCommand::Moe(a)) => fmoec::runtime::bench::run_cli(a),
     };
     match result {
         Ok(code) => code,

@@ -10,7 +10,6 @@ use fmoec::check::{DataSource, GateKind};
 use fmoec::runtime::train::{self, RunOptions, RunSummary, SampleOptions};
 use tch::Device;
 
-
 /// libtorch's generator is process-wide and tests run on parallel threads: every test that
 /// draws random numbers holds this lock.
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -26,20 +25,33 @@ fn options(out: &Path, stop_after: Option<u64>, resume: bool) -> RunOptions {
         stop_after,
         out: out.to_path_buf(),
         checkpoints: out.join("checkpoints"),
-        resume: if resume { Some(out.join("checkpoints")) } else { None },
+        resume: if resume {
+            Some(out.join("checkpoints"))
+        } else {
+            None
+        },
         progress: false,
         print_summary: false,
     }
 }
 
 fn params_bytes(dir: &Path) -> Vec<u8> {
-    std::fs::read(fmoec::runtime::checkpoint::resolve(dir).unwrap().join("model.safetensors")).unwrap()
+    std::fs::read(
+        fmoec::runtime::checkpoint::resolve(dir)
+            .unwrap()
+            .join("model.safetensors"),
+    )
+    .unwrap()
 }
 
 #[test]
 fn resume_repeats_the_uninterrupted_run_exactly() {
     let _rng = rng_lock();
-    let checked = runtime_common::tiny_checked(GateKind::Gshard, 12, DataSource::Builtin("shakespeare".into()));
+    let checked = runtime_common::tiny_checked(
+        GateKind::Gshard,
+        12,
+        DataSource::Builtin("shakespeare".into()),
+    );
     let a = tempfile::tempdir().unwrap();
     let full: RunSummary = train::train(&checked, &options(a.path(), None, false)).unwrap();
     assert_eq!(full.steps_done, 12);
@@ -61,7 +73,10 @@ fn resume_repeats_the_uninterrupted_run_exactly() {
 
     // A fresh run into a folder with checkpoints is refused instead of overwriting them.
     let err = train::train(&checked, &options(b.path(), None, false)).unwrap_err();
-    assert!(format!("{err:#}").contains("already holds checkpoints"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("already holds checkpoints"),
+        "{err:#}"
+    );
 
     // Sampling from the checkpoint produces the requested number of bytes.
     let text = train::sample(
@@ -83,14 +98,24 @@ fn resume_repeats_the_uninterrupted_run_exactly() {
 #[test]
 fn damaged_or_mismatched_checkpoints_are_refused() {
     let _rng = rng_lock();
-    let checked = runtime_common::tiny_checked(GateKind::Switch, 2, DataSource::Builtin("shakespeare".into()));
+    let checked = runtime_common::tiny_checked(
+        GateKind::Switch,
+        2,
+        DataSource::Builtin("shakespeare".into()),
+    );
     let dir = tempfile::tempdir().unwrap();
     train::train(&checked, &options(dir.path(), None, false)).unwrap();
     let ckpt = fmoec::runtime::checkpoint::resolve(&dir.path().join("checkpoints")).unwrap();
 
     // a different model
-    let other = runtime_common::tiny_checked(GateKind::Naive, 2, DataSource::Builtin("shakespeare".into()));
-    let err = fmoec::runtime::checkpoint::load(&ckpt, &other.model).err().expect("refused");
+    let other = runtime_common::tiny_checked(
+        GateKind::Naive,
+        2,
+        DataSource::Builtin("shakespeare".into()),
+    );
+    let err = fmoec::runtime::checkpoint::load(&ckpt, &other.model)
+        .err()
+        .expect("refused");
     assert!(format!("{err:#}").contains("different model"), "{err:#}");
 
     // truncated
@@ -105,7 +130,9 @@ fn damaged_or_mismatched_checkpoints_are_refused() {
     let n = flipped.len() - 3;
     flipped[n] ^= 0x40;
     std::fs::write(&file, &flipped).unwrap();
-    let err = fmoec::runtime::checkpoint::load(&ckpt, &checked.model).err().expect("refused");
+    let err = fmoec::runtime::checkpoint::load(&ckpt, &checked.model)
+        .err()
+        .expect("refused");
     assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
     // the damaged checkpoint is still there, untouched
     assert_eq!(std::fs::read(&file).unwrap(), flipped);

@@ -57,9 +57,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     let checked = &loaded.checked;
     let device = super::parse_device(&args.device)?;
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&checked.model.name));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&checked.model.name));
     let checkpoints = out.join("checkpoints");
-    let resume = args.resume.as_ref().map(|p| if p.as_os_str().is_empty() { checkpoints.clone() } else { p.clone() });
+    let resume = args.resume.as_ref().map(|p| {
+        if p.as_os_str().is_empty() {
+            checkpoints.clone()
+        } else {
+            p.clone()
+        }
+    });
 
     if let Some(prompt) = &args.sample {
         let text = train::sample(
@@ -91,5 +100,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             print_summary: true,
         },
     )?;
-    Ok(if summary.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
+    Ok(if summary.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -7,6 +7,7 @@
 //! It reads only the checked [`crate::check::Checked`] artifact; it knows nothing about source
 //! text, the planner's internals or the Megatron emitter.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
@@ -39,7 +40,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
         }
         let count = tch::Cuda::device_count() as usize;
         if n >= count {
-            bail!("device `{s}`: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{})", count.saturating_sub(1));
+            bail!(
+                "device `{s}`: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{})",
+                count.saturating_sub(1)
+            );
         }
     }
     Ok(device)

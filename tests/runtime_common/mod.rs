@@ -11,7 +11,10 @@ pub fn tiny_model(gate: GateKind) -> Model {
         gate: Gate {
             kind: gate,
             capacity: match gate {
-                GateKind::Gshard | GateKind::Switch => Some(Capacity { train: 1.25, eval: 2.0 }),
+                GateKind::Gshard | GateKind::Switch => Some(Capacity {
+                    train: 1.25,
+                    eval: 2.0,
+                }),
                 _ => None,
             },
             balance_loss: 0.01,
@@ -19,7 +22,11 @@ pub fn tiny_model(gate: GateKind) -> Model {
             random_routing: gate == GateKind::Gshard,
             span: Default::default(),
         },
-        expert: Mlp { hidden: 64, act: Activation::Gelu, span: Default::default() },
+        expert: Mlp {
+            hidden: 64,
+            act: Activation::Gelu,
+            span: Default::default(),
+        },
         shared: None,
         spans: Default::default(),
     };
@@ -28,14 +35,31 @@ pub fn tiny_model(gate: GateKind) -> Model {
         vocab: 256,
         context: 64,
         width: 64,
-        attention: Attention { heads: 4, kv_heads: 4, head_dim: 16, causal: true },
+        attention: Attention {
+            heads: 4,
+            kv_heads: 4,
+            head_dim: 16,
+            causal: true,
+        },
         norm: Norm::LayerNorm,
         positions: Positions::Learned,
         tied_embeddings: true,
         bias: true,
         layers: vec![
-            Layer { index: 0, ffn: Ffn::Dense(Mlp { hidden: 256, act: Activation::Gelu, span: Default::default() }), span: Default::default() },
-            Layer { index: 1, ffn: Ffn::Moe(moe), span: Default::default() },
+            Layer {
+                index: 0,
+                ffn: Ffn::Dense(Mlp {
+                    hidden: 256,
+                    act: Activation::Gelu,
+                    span: Default::default(),
+                }),
+                span: Default::default(),
+            },
+            Layer {
+                index: 1,
+                ffn: Ffn::Moe(moe),
+                span: Default::default(),
+            },
         ],
         spans: Default::default(),
     }
@@ -75,12 +99,26 @@ pub fn tiny_checked(gate: GateKind, steps: u64, data: DataSource) -> Checked {
             batch_sequences: 16,
             seq_len: 64,
             steps,
-            optimizer: Optimizer::Adamw { lr: 3e-3, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.1 },
-            schedule: Schedule::Cosine { warmup: 10, min_lr_ratio: 0.1 },
+            optimizer: Optimizer::Adamw {
+                lr: 3e-3,
+                betas: (0.9, 0.95),
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            schedule: Schedule::Cosine {
+                warmup: 10,
+                min_lr_ratio: 0.1,
+            },
             clip_grad: Some(1.0),
             precision: Precision::Fp32,
-            checkpoint: Some(CheckpointPolicy { every: 5, dir: "ckpt".into() }),
-            eval: Some(EvalPolicy { every: 50, batches: 2 }),
+            checkpoint: Some(CheckpointPolicy {
+                every: 5,
+                dir: "ckpt".into(),
+            }),
+            eval: Some(EvalPolicy {
+                every: 50,
+                batches: 2,
+            }),
             seed: 1234,
             spans: Default::default(),
         }),

@@ -1,0 +1,681 @@
+//! `fmoec bench moe`: times the MoE layer's expert path on one device, side by side with
+//! baselines measured in the same process, and checks its numerics.
+//!
+//! What is timed is the work between the gate and the residual: dispatch (gather into
+//! expert order), the experts (GELU: 2 matmuls, SwiGLU: 3) and the weighted combine, for a
+//! routing fixed in advance (balanced, skewed, all-to-one) so every implementation sees the
+//! same tokens per expert. Implementations:
+//!
+//! - `fmoec`: the runtime's own path ([`DispatchPlan`], [`dispatch`], [`Experts::forward`] on
+//!   the grouped matmul, [`combine`]); no host synchronisation.
+//! - `sorted-loop`: FastMoE's scheme written with libtorch ops: sort by expert, read the
+//!   counts on the host, one matmul per expert over its contiguous rows, `index_add` back.
+//! - `naive-loop`: for each expert, find its tokens (`nonzero`), run them, scatter back.
+//!
+//! FLOPs count the expert matmuls only: forward `2·T·k·m·d·ffn` (m matrices), forward +
+//! backward 3× that (the input requires grad, so no GEMM is skipped). The dense ceiling is an
+//! 8192³ matmul in the same dtype, same process. Times are medians of synchronised host
+//! timings per iteration (the device is synchronised before each clock read), after warm-up.
+//!
+//! This module knows the MoE layer's stages, not the transformer or the trainer.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::check::Activation;
+use crate::runtime::moe::{combine, dispatch, DispatchPlan, ExpertPath, Experts};
+use crate::runtime::params::ParamStore;
+
+/// One benchmark shape.
+#[derive(Clone, Debug, Serialize)]
+pub struct Shape {
+    pub name: String,
+    pub tokens: i64,
+    pub width: i64,
+    pub hidden: i64,
+    pub experts: i64,
+    pub top_k: i64,
+    pub act: Activation,
+}
+
+impl Shape {
+    fn new(
+        name: &str,
+        tokens: i64,
+        width: i64,
+        hidden: i64,
+        experts: i64,
+        top_k: i64,
+        act: Activation,
+    ) -> Shape {
+        Shape {
+            name: name.to_string(),
+            tokens,
+            width,
+            hidden,
+            experts,
+            top_k,
+            act,
+        }
+    }
+
+    /// Expert-matmul FLOPs of one forward pass.
+    pub fn forward_flops(&self) -> f64 {
+        2.0 * (self.tokens * self.top_k) as f64
+            * self.act.matrices() as f64
+            * self.width as f64
+            * self.hidden as f64
+    }
+}
+
+/// The shapes of issue 6: S1 (Mixtral-like), S1 at fewer tokens, S3 (fine-grained), F0
+/// (FastMoE's defaults); GELU everywhere and SwiGLU for S1 and S3.
+pub fn standard_shapes() -> Vec<Shape> {
+    use Activation::{Gelu, Swiglu};
+    vec![
+        Shape::new("S1", 16384, 4096, 14336, 8, 2, Gelu),
+        Shape::new("S1", 16384, 4096, 14336, 8, 2, Swiglu),
+        Shape::new("S1-T4096", 4096, 4096, 14336, 8, 2, Gelu),
+        Shape::new("S1-T512", 512, 4096, 14336, 8, 2, Gelu),
+        Shape::new("S3", 16384, 2048, 768, 128, 8, Gelu),
+        Shape::new("S3", 16384, 2048, 768, 128, 8, Swiglu),
+        Shape::new("F0", 4096, 1024, 4096, 64, 2, Gelu),
+    ]
+}
+
+/// A tiny shape that runs on CPU in milliseconds (to test the harness itself).
+pub fn smoke_shapes() -> Vec<Shape> {
+    vec![
+        Shape::new("tiny", 64, 32, 64, 4, 2, Activation::Gelu),
+        Shape::new("tiny", 64, 32, 64, 4, 2, Activation::Swiglu),
+    ]
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutingKind {
+    /// Every expert gets the same number of tokens.
+    Balanced,
+    /// The busiest expert gets about 3× the mean.
+    Skewed,
+    /// Every token picks experts 0..k (one expert takes all first choices).
+    AllToOne,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Implementation {
+    Fmoec,
+    SortedLoop,
+    NaiveLoop,
+}
+
+/// `[T, k]` distinct experts per token, and `[T, k]` combine weights summing to 1.
+pub fn make_routing(shape: &Shape, kind: RoutingKind, device: Device) -> Result<(Tensor, Tensor)> {
+    let (t, k, e) = (shape.tokens, shape.top_k, shape.experts);
+    let expert = match kind {
+        RoutingKind::Balanced => {
+            // slot j of token i → (i·k + j) mod E: distinct within a token when k ≤ E
+            Tensor::f_arange(t * k, (Kind::Int64, device))?
+                .f_remainder(e)?
+                .f_reshape([t, k])?
+        }
+        RoutingKind::Skewed => {
+            // Gumbel top-k over log p with p_0 = 3/E and the rest uniform: distinct experts,
+            // expert 0's load about 3× the mean
+            let mut p = vec![(1.0 - 3.0 / e as f64) / (e - 1) as f64; e as usize];
+            p[0] = 3.0 / e as f64;
+            let logp = Tensor::from_slice(&p).f_to_device(device)?.f_log()?;
+            let u = Tensor::f_rand([t, e], (Kind::Double, device))?.f_clamp(1e-12, 1.0 - 1e-12)?;
+            let gumbel = u.f_log()?.f_neg()?.f_log()?.f_neg()?;
+            let (_, idx) = logp
+                .f_unsqueeze(0)?
+                .f_add(&gumbel)?
+                .f_topk(k, 1, true, true)?;
+            idx
+        }
+        RoutingKind::AllToOne => Tensor::f_arange(k, (Kind::Int64, device))?
+            .f_unsqueeze(0)?
+            .f_expand([t, k], false)?
+            .f_contiguous()?,
+    };
+    let weight = Tensor::f_randn([t, k], (Kind::Float, device))?.f_softmax(1, Kind::Float)?;
+    Ok((expert, weight))
+}
+
+fn experts_for(shape: &Shape, device: Device, kind: Kind) -> Result<Experts> {
+    let mut store = ParamStore::new(device, kind);
+    let mut ex = Experts::new(
+        &mut store,
+        "experts",
+        shape.experts,
+        shape.width,
+        shape.hidden,
+        shape.act,
+        false,
+        0.02,
+    )?;
+    ex.path = ExpertPath::Grouped;
+    Ok(ex)
+}
+
+/// The expert MLP for a contiguous block of rows of one expert.
+fn mlp_rows(ex: &Experts, e: i64, x: &Tensor) -> Result<Tensor> {
+    let kind = x.kind();
+    let w1 = ex.w1.f_select(0, e)?.f_to_kind(kind)?;
+    let w2 = ex.w2.f_select(0, e)?.f_to_kind(kind)?;
+    let h = x.f_matmul(&w1)?;
+    let h = match (&ex.act, &ex.w3) {
+        (Activation::Swiglu, Some(w3)) => h
+            .f_silu()?
+            .f_mul(&x.f_matmul(&w3.f_select(0, e)?.f_to_kind(kind)?)?)?,
+        (Activation::Relu, _) => h.f_relu()?,
+        _ => h.f_gelu("none")?,
+    };
+    Ok(h.f_matmul(&w2)?)
+}
+
+/// One forward pass of the chosen implementation: `[T, d]` → `[T, d]`.
+pub fn forward(
+    imp: Implementation,
+    ex: &Experts,
+    x: &Tensor,
+    expert: &Tensor,
+    weight: &Tensor,
+) -> Result<Tensor> {
+    let (t, d) = x.size2()?;
+    let k = expert.size()[1];
+    match imp {
+        Implementation::Fmoec => {
+            let plan = DispatchPlan::new(expert, ex.experts)?;
+            let xs = dispatch(x, &plan)?;
+            let ys = ex.forward(&xs, &plan)?;
+            combine(&ys, &plan, weight, t)
+        }
+        Implementation::SortedLoop => {
+            let flat = expert.f_reshape([-1])?;
+            let order = flat.f_argsort_stable(true, 0, false)?;
+            let counts = Vec::<i64>::try_from(flat.f_bincount(None::<Tensor>, ex.experts)?)?;
+            let token = order.f_div_scalar_mode(k, "floor")?;
+            let xs = x.f_index_select(0, &token)?;
+            let mut parts = Vec::with_capacity(counts.len());
+            let mut start = 0;
+            for (e, &c) in counts.iter().enumerate() {
+                if c > 0 {
+                    parts.push(mlp_rows(ex, e as i64, &xs.f_narrow(0, start, c)?)?);
+                }
+                start += c;
+            }
+            let ys = Tensor::f_cat(&parts, 0)?;
+            let w = weight
+                .f_reshape([-1])?
+                .f_index_select(0, &order)?
+                .f_to_kind(ys.kind())?;
+            let out = Tensor::f_zeros([t, d], (x.kind(), x.device()))?;
+            Ok(out.f_index_add(0, &token, &ys.f_mul(&w.f_unsqueeze(1)?)?)?)
+        }
+        Implementation::NaiveLoop => {
+            let mut out = Tensor::f_zeros([t, d], (x.kind(), x.device()))?;
+            for e in 0..ex.experts {
+                let hit = expert.f_eq(e)?;
+                let rows = hit.f_nonzero()?; // [n, 2]: (token, slot)
+                if rows.size()[0] == 0 {
+                    continue;
+                }
+                let tok = rows.f_select(1, 0)?;
+                let slot = rows.f_select(1, 1)?;
+                let w =
+                    weight
+                        .f_index_select(0, &tok)?
+                        .f_gather(1, &slot.f_unsqueeze(1)?, false)?;
+                let y = mlp_rows(ex, e, &x.f_index_select(0, &tok)?)?;
+                out = out.f_index_add(0, &tok, &y.f_mul(&w.f_to_kind(y.kind())?)?)?;
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub p10_ms: f64,
+    pub p90_ms: f64,
+}
+
+fn timing(mut samples: Vec<f64>) -> Timing {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    Timing {
+        median_ms: at(0.5),
+        p10_ms: at(0.1),
+        p90_ms: at(0.9),
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(n) = device {
+        tch::Cuda::synchronize(n as i64);
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub shape: Shape,
+    pub routing: RoutingKind,
+    pub implementation: Implementation,
+    pub forward: Timing,
+    pub backward: Timing,
+    pub forward_backward: Timing,
+    pub forward_tflops: f64,
+    pub forward_backward_tflops: f64,
+    pub tokens_per_s: f64,
+    /// `‖out − ref‖ / ‖ref‖` against the f32 per-expert reference.
+    pub rel_error: f64,
+    /// Busiest expert's tokens over the mean.
+    pub max_over_mean_load: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub device: String,
+    pub dtype: String,
+    pub iterations: usize,
+    pub dense_ceiling_tflops: f64,
+    pub rows: Vec<Row>,
+}
+
+pub struct Options {
+    pub device: Device,
+    pub kind: Kind,
+    pub warmup: usize,
+    pub iterations: usize,
+    pub shapes: Vec<Shape>,
+    pub routings: Vec<RoutingKind>,
+    pub implementations: Vec<Implementation>,
+}
+
+/// Times an `n³` matmul in `kind`: the dense ceiling of this process.
+pub fn dense_ceiling(
+    device: Device,
+    kind: Kind,
+    n: i64,
+    warmup: usize,
+    iters: usize,
+) -> Result<f64> {
+    let a = Tensor::f_randn([n, n], (kind, device))?;
+    let b = Tensor::f_randn([n, n], (kind, device))?;
+    let mut samples = Vec::new();
+    for i in 0..warmup + iters {
+        sync(device);
+        let t0 = Instant::now();
+        let _c = a.f_matmul(&b)?;
+        sync(device);
+        if i >= warmup {
+            samples.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let t = timing(samples);
+    Ok(2.0 * (n as f64).powi(3) / (t.median_ms * 1e-3) / 1e12)
+}
+
+fn rel_error(out: &Tensor, reference: &Tensor) -> Result<f64> {
+    let diff = out
+        .f_to_kind(Kind::Double)?
+        .f_sub(&reference.f_to_kind(Kind::Double)?)?;
+    let num = diff.f_norm()?.f_double_value(&[])?;
+    let den = reference
+        .f_to_kind(Kind::Double)?
+        .f_norm()?
+        .f_double_value(&[])?;
+    Ok(if den > 0.0 { num / den } else { num })
+}
+
+/// Runs every (shape, routing, implementation) and returns the table.
+pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
+    if opts.iterations == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let ceiling = dense_ceiling(
+        opts.device,
+        opts.kind,
+        if opts.device.is_cuda() { 8192 } else { 512 },
+        3,
+        10,
+    )
+    .context("timing the dense matmul ceiling")?;
+    let mut rows = Vec::new();
+    for shape in &opts.shapes {
+        let ex = experts_for(shape, opts.device, opts.kind)?;
+        for &routing in &opts.routings {
+            let (expert, weight) = make_routing(shape, routing, opts.device)?;
+            let counts = Vec::<f64>::try_from(
+                expert
+                    .f_reshape([-1])?
+                    .f_bincount(None::<Tensor>, shape.experts)?
+                    .f_to_kind(Kind::Double)?,
+            )?;
+            let mean = counts.iter().sum::<f64>() / counts.len() as f64;
+            let max_over_mean = counts.iter().cloned().fold(0.0, f64::max) / mean;
+            let x = Tensor::f_randn([shape.tokens, shape.width], (opts.kind, opts.device))?;
+            let grad = Tensor::f_randn([shape.tokens, shape.width], (opts.kind, opts.device))?;
+            // f32 reference: the same weights upcast, one expert at a time
+            let reference = tch::no_grad(|| -> Result<Tensor> {
+                let ex32 = Experts {
+                    experts: ex.experts,
+                    act: ex.act,
+                    w1: ex.w1.f_to_kind(Kind::Float)?,
+                    w2: ex.w2.f_to_kind(Kind::Float)?,
+                    w3: ex.w3.as_ref().map(|w| w.to_kind(Kind::Float)),
+                    b1: None,
+                    b2: None,
+                    path: ExpertPath::Loop,
+                };
+                forward(
+                    Implementation::SortedLoop,
+                    &ex32,
+                    &x.f_to_kind(Kind::Float)?,
+                    &expert,
+                    &weight,
+                )
+            })?;
+            for &imp in &opts.implementations {
+                let out = tch::no_grad(|| forward(imp, &ex, &x, &expert, &weight))?;
+                let err = rel_error(&out, &reference)?;
+                drop(out);
+                let (mut fwd, mut bwd, mut both) = (Vec::new(), Vec::new(), Vec::new());
+                for i in 0..opts.warmup + opts.iterations {
+                    let xg = x.f_detach()?.f_set_requires_grad(true)?;
+                    sync(opts.device);
+                    let t0 = Instant::now();
+                    let out = forward(imp, &ex, &xg, &expert, &weight)?;
+                    sync(opts.device);
+                    let t1 = Instant::now();
+                    out.f_mul(&grad)?.f_sum(opts.kind)?.f_backward()?;
+                    sync(opts.device);
+                    let t2 = Instant::now();
+                    if i >= opts.warmup {
+                        fwd.push((t1 - t0).as_secs_f64() * 1e3);
+                        bwd.push((t2 - t1).as_secs_f64() * 1e3);
+                        both.push((t2 - t0).as_secs_f64() * 1e3);
+                    }
+                    for w in [Some(&ex.w1), Some(&ex.w2), ex.w3.as_ref()]
+                        .into_iter()
+                        .flatten()
+                    {
+                        let mut g = w.grad();
+                        if g.defined() {
+                            let _ = g.f_zero_()?;
+                        }
+                    }
+                }
+                let (fwd, bwd, both) = (timing(fwd), timing(bwd), timing(both));
+                let flops = shape.forward_flops();
+                let row = Row {
+                    shape: shape.clone(),
+                    routing,
+                    implementation: imp,
+                    forward_tflops: flops / (fwd.median_ms * 1e-3) / 1e12,
+                    forward_backward_tflops: 3.0 * flops / (both.median_ms * 1e-3) / 1e12,
+                    tokens_per_s: shape.tokens as f64 / (both.median_ms * 1e-3),
+                    forward: fwd,
+                    backward: bwd,
+                    forward_backward: both,
+                    rel_error: err,
+                    max_over_mean_load: max_over_mean,
+                };
+                progress(&row);
+                rows.push(row);
+            }
+        }
+    }
+    Ok(Report {
+        device: format!("{:?}", opts.device),
+        dtype: format!("{:?}", opts.kind),
+        iterations: opts.iterations,
+        dense_ceiling_tflops: ceiling,
+        rows,
+    })
+}
+
+/// The side-by-side table: one line per (shape, routing, implementation), with the ratio to
+/// the `fmoec` row of the same shape and routing and to the dense ceiling.
+pub fn render(report: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "device {}  dtype {}  {} timed iterations  dense ceiling {:.0} TFLOP/s",
+        report.device, report.dtype, report.iterations, report.dense_ceiling_tflops
+    );
+    let _ = writeln!(
+        s,
+        "{:<9} {:<7} {:<11} {:<12} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>10} {:>9}",
+        "shape",
+        "act",
+        "routing",
+        "impl",
+        "fwd ms",
+        "bwd ms",
+        "f+b ms",
+        "fwd TF",
+        "f+b TF",
+        "%dense",
+        "vs fmoec",
+        "rel err"
+    );
+    for r in &report.rows {
+        let ours = report.rows.iter().find(|o| {
+            o.implementation == Implementation::Fmoec
+                && o.routing == r.routing
+                && o.shape.name == r.shape.name
+                && o.shape.act == r.shape.act
+        });
+        let ratio = ours.map(|o| o.forward_backward.median_ms / r.forward_backward.median_ms);
+        let _ = writeln!(
+            s,
+            "{:<9} {:<7} {:<11} {:<12} {:>9.3} {:>9.3} {:>9.3} {:>8.1} {:>8.1} {:>6.1}% {:>10} {:>9.2e}",
+            r.shape.name,
+            format!("{:?}", r.shape.act).to_lowercase(),
+            serde_json::to_value(r.routing).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            serde_json::to_value(r.implementation).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            r.forward.median_ms,
+            r.backward.median_ms,
+            r.forward_backward.median_ms,
+            r.forward_tflops,
+            r.forward_backward_tflops,
+            100.0 * r.forward_backward_tflops / report.dense_ceiling_tflops,
+            ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
+            r.rel_error,
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implementations_agree_on_cpu() {
+        tch::manual_seed(7);
+        for shape in smoke_shapes() {
+            let ex = experts_for(&shape, Device::Cpu, Kind::Float).unwrap();
+            for routing in [
+                RoutingKind::Balanced,
+                RoutingKind::Skewed,
+                RoutingKind::AllToOne,
+            ] {
+                let (expert, weight) = make_routing(&shape, routing, Device::Cpu).unwrap();
+                let x = Tensor::randn([shape.tokens, shape.width], (Kind::Float, Device::Cpu));
+                let a = forward(Implementation::Fmoec, &ex, &x, &expert, &weight).unwrap();
+                let b = forward(Implementation::SortedLoop, &ex, &x, &expert, &weight).unwrap();
+                let c = forward(Implementation::NaiveLoop, &ex, &x, &expert, &weight).unwrap();
+                assert!(rel_error(&a, &b).unwrap() < 1e-5, "{routing:?}");
+                assert!(rel_error(&c, &b).unwrap() < 1e-5, "{routing:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn routings_have_the_promised_loads() {
+        tch::manual_seed(3);
+        let shape = Shape::new("s", 20000, 8, 8, 16, 2, Activation::Gelu);
+        let load = |kind| {
+            let (expert, _) = make_routing(&shape, kind, Device::Cpu).unwrap();
+            // distinct experts within each token
+            let sorted = expert.sort(1, false).0;
+            let same = sorted
+                .narrow(1, 0, 1)
+                .eq_tensor(&sorted.narrow(1, 1, 1))
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            assert_eq!(same, 0, "{kind:?}");
+            let c = Vec::<f64>::try_from(
+                expert
+                    .reshape([-1])
+                    .bincount(None::<Tensor>, 16)
+                    .to_kind(Kind::Double),
+            )
+            .unwrap();
+            c.iter().cloned().fold(0.0, f64::max) / (c.iter().sum::<f64>() / 16.0)
+        };
+        assert!((load(RoutingKind::Balanced) - 1.0).abs() < 1e-9);
+        let skew = load(RoutingKind::Skewed);
+        assert!((2.5..3.5).contains(&skew), "skewed max/mean {skew}");
+        assert!((load(RoutingKind::AllToOne) - 8.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn harness_runs_and_renders() {
+        let opts = Options {
+            device: Device::Cpu,
+            kind: Kind::Float,
+            warmup: 1,
+            iterations: 3,
+            shapes: smoke_shapes(),
+            routings: vec![RoutingKind::Skewed],
+            implementations: vec![Implementation::Fmoec, Implementation::SortedLoop],
+        };
+        let report = run(&opts, |_| {}).unwrap();
+        assert_eq!(report.rows.len(), 4);
+        for r in &report.rows {
+            assert!(r.rel_error < 1e-5, "{r:?}");
+            assert!(r.forward.median_ms > 0.0 && r.forward_backward_tflops > 0.0);
+        }
+        let table = render(&report);
+        assert!(
+            table.contains("sorted-loop") && table.contains("1.00x"),
+            "{table}"
+        );
+    }
+}
+
+/// `fmoec bench moe` arguments.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Compute dtype: bf16 (CUDA) or f32.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
+    pub dtype: String,
+    /// Timed iterations per row (after warm-up).
+    #[arg(long, default_value_t = 50)]
+    pub iters: usize,
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Only these shapes (S1, S1-T4096, S1-T512, S3, F0); all by default. `tiny` runs a
+    /// CPU-sized smoke shape.
+    #[arg(long = "shape", value_name = "NAME")]
+    pub shapes: Vec<String>,
+    /// Only these routings; all by default.
+    #[arg(long = "routing", value_enum)]
+    pub routings: Vec<RoutingKind>,
+    /// Only these implementations; all by default.
+    #[arg(long = "impl", value_enum)]
+    pub implementations: Vec<Implementation>,
+    /// Also write the full report as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<std::path::PathBuf>,
+}
+
+fn or_all<T: Clone>(chosen: &[T], all: Vec<T>) -> Vec<T> {
+    if chosen.is_empty() {
+        all
+    } else {
+        chosen.to_vec()
+    }
+}
+
+/// Runs the benchmark from the command line: a progress line per row on stderr, the table
+/// on stdout.
+pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
+    let device = crate::runtime::parse_device(&args.device)?;
+    let kind = match args.dtype.as_str() {
+        "bf16" if !device.is_cuda() => {
+            bail!("bf16 grouped matmuls need CUDA; use `--dtype f32` on CPU")
+        }
+        "bf16" => Kind::BFloat16,
+        _ => Kind::Float,
+    };
+    let mut shapes: Vec<Shape> = standard_shapes()
+        .into_iter()
+        .chain(smoke_shapes())
+        .collect();
+    if args.shapes.is_empty() {
+        shapes.retain(|s| s.name != "tiny");
+    } else {
+        for name in &args.shapes {
+            if !shapes.iter().any(|s| &s.name == name) {
+                bail!("unknown shape `{name}`: expected S1, S1-T4096, S1-T512, S3, F0 or tiny");
+            }
+        }
+        shapes.retain(|s| args.shapes.contains(&s.name));
+    }
+    let opts = Options {
+        device,
+        kind,
+        warmup: args.warmup,
+        iterations: args.iters,
+        shapes,
+        routings: or_all(
+            &args.routings,
+            vec![
+                RoutingKind::Balanced,
+                RoutingKind::Skewed,
+                RoutingKind::AllToOne,
+            ],
+        ),
+        implementations: or_all(
+            &args.implementations,
+            vec![
+                Implementation::Fmoec,
+                Implementation::SortedLoop,
+                Implementation::NaiveLoop,
+            ],
+        ),
+    };
+    let report = run(&opts, |r| {
+        eprintln!(
+            "{} {:?} {:?} {:?}: fwd+bwd {:.3} ms, {:.1} TFLOP/s",
+            r.shape.name,
+            r.shape.act,
+            r.routing,
+            r.implementation,
+            r.forward_backward.median_ms,
+            r.forward_backward_tflops
+        )
+    })?;
+    if let Some(path) = &args.json {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    print!("{}", render(&report));
+    Ok(std::process::ExitCode::SUCCESS)
+}
