@@ -1,0 +1,85 @@
+"""Multi-process workers for the tests: torch.multiprocessing + gloo, results through files."""
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+D_MODEL = 8
+TOKENS = 24          # all ranks together; each rank takes TOKENS / world
+EXPERTS = 4
+HIDDEN = 12
+
+
+def spec_for(gate):
+    top_k = 1 if gate == 'switch' else 2
+    return dict(experts=EXPERTS, top_k=top_k, gate=gate, hidden=HIDDEN, act='gelu',
+                capacity=(4.0, 4.0), balance_loss=0.0, jitter=0.0, random_routing=False)
+
+
+def run(world, fn, *args):
+    """Run fn(rank, world, *args) in `world` processes; return the list of their results."""
+    folder = tempfile.mkdtemp()
+    mp.spawn(_entry, args=(world, folder, fn, args), nprocs=world, join=True)
+    return [torch.load(os.path.join(folder, 'r{}.pt'.format(r))) for r in range(world)]
+
+
+def _entry(rank, world, folder, fn, args):
+    import sys
+    sys.path[:0] = [p for p in os.environ.get('FMOEC_TEST_PATH', '').split(os.pathsep) if p]
+    dist.init_process_group('gloo', init_method='file://' + os.path.join(folder, 'rdv'),
+                            rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        out = fn(rank, world, *args)
+        torch.save(out, os.path.join(folder, 'r{}.pt'.format(rank)))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(TOKENS, 1, D_MODEL, generator=g)
+    w = torch.randn(D_MODEL, generator=g)
+    return x, w
+
+
+def expert_parallel_step(rank, world, gates, tensor):
+    """Each rank: its share of the tokens through every gate's MoE layer; forward, backward,
+    expert-aware reduction, clipping. `tensor` ranks split each expert's hidden dimension."""
+    import fmoec_moe as m
+    group = dist.group.WORLD
+    experts_ranks = world // tensor
+    if tensor > 1:
+        topo = m.Topology(tensor_group=group, tensor_rank=rank, tensor_size=tensor,
+                          data_group=None, data_size=1, gate_group=group)
+        lo, hi = 0, TOKENS
+    else:
+        topo = m.Topology(expert_group=group if world > 1 else None, expert_rank=rank, expert_size=world,
+                          data_group=group if world > 1 else None, data_size=world, gate_group=group)
+        lo, hi = rank * TOKENS // world, (rank + 1) * TOKENS // world
+    x_all, w = inputs()
+    results = {}
+    for gate in gates:
+        spec = spec_for(gate)
+        layer = m.MoELayer(spec, D_MODEL, EXPERTS // experts_ranks, topo, layer_index=1, seed=99)
+        if gate == 'noisy':
+            layer.eval()
+        x = x_all[lo:hi].clone().requires_grad_(True)
+        y, _ = layer(x)
+        loss = (y * w).sum(-1).mean()
+        loss.backward()
+        m._allreduce_by_kind(list(layer.parameters()), topo)
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+        norm2 = m.clip_grad_norm_fp32(list(layer.parameters()), 1e9, 2, topology=topo,
+                                      model_parallel_group=group if tensor > 1 else None)
+        norm_inf = m.clip_grad_norm_fp32(list(layer.parameters()), 1e9, float('inf'), topology=topo,
+                                         model_parallel_group=group if tensor > 1 else None)
+        clipped = m.clip_grad_norm_fp32(list(layer.parameters()), 0.01, 2, topology=topo,
+                                        model_parallel_group=group if tensor > 1 else None)
+        results[gate] = dict(y=y.detach(), x_grad=x.grad.clone(), grads=grads, norm2=norm2,
+                             norm_inf=norm_inf, clipped_norm=clipped,
+                             clipped_grads={n: p.grad.clone() for n, p in layer.named_parameters()})
+    return results
