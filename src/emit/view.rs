@@ -87,9 +87,11 @@ pub struct ReadmeView {
     pub notes: Vec<String>,
 }
 
-/// A Python float literal (`0.01`, `1.0`, `1e-05`) for a finite value.
+/// A Python float literal (`0.01`, `1.0`, `3e-5`) for a finite value, rounded to 12
+/// significant digits so that computed values print as written (`3e-4 * 0.1` as `3e-5`).
 pub fn py_float(x: f64) -> String {
-    let s = format!("{x:?}");
+    let rounded: f64 = format!("{x:.11e}").parse().unwrap_or(x);
+    let s = format!("{rounded:?}");
     if s.contains('.') || s.contains('e') || s.contains("inf") || s.contains("NaN") {
         s
     } else {
@@ -118,6 +120,7 @@ mod tests {
         assert_eq!(py_float(0.01), "0.01");
         assert_eq!(py_float(1.0), "1.0");
         assert_eq!(py_float(3e-4), "0.0003");
+        assert_eq!(py_float(3e-4 * 0.1), "3e-5");
         assert_eq!(sh_word("ckpt/run-1"), "ckpt/run-1");
         assert_eq!(sh_word("my data"), "'my data'");
         assert_eq!(sh_word("it's"), r"'it'\''s'");

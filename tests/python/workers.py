@@ -26,8 +26,6 @@ def run(world, fn, *args):
 
 
 def _entry(rank, world, folder, fn, args):
-    import sys
-    sys.path[:0] = [p for p in os.environ.get('FMOEC_TEST_PATH', '').split(os.pathsep) if p]
     dist.init_process_group('gloo', init_method='file://' + os.path.join(folder, 'rdv'),
                             rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -83,3 +81,53 @@ def expert_parallel_step(rank, world, gates, tensor):
                              norm_inf=norm_inf, clipped_norm=clipped,
                              clipped_grads={n: p.grad.clone() for n, p in layer.named_parameters()})
     return results
+
+
+def swipe_two_ranks(rank, world):
+    """Every token of both ranks prefers expert 0 (on rank 0)."""
+    import fmoec_moe as m
+    topo = m.Topology(expert_group=dist.group.WORLD, expert_rank=rank, expert_size=world,
+                      data_group=dist.group.WORLD, data_size=world, gate_group=dist.group.WORLD)
+    gate = m.SwipeGate(2, 2, 1, topo)
+    with torch.no_grad():
+        gate.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        gate.gate.bias.zero_()
+    x = torch.tensor([[3.0, 1.0], [2.0, 0.0]])
+    idx, score, _ = gate(x)
+    return dict(idx=idx, score=score)
+
+
+def checkpoint_round_trip(rank, world, folder):
+    """Train a step, save this rank's expert shard, scramble, load: identical state."""
+    import fmoec_moe as m
+    topo = m.Topology(expert_group=dist.group.WORLD, expert_rank=rank, expert_size=world,
+                      data_group=dist.group.WORLD, data_size=world, gate_group=dist.group.WORLD)
+    layer = m.MoELayer(spec_for('naive'), D_MODEL, EXPERTS // world, topo, layer_index=1, seed=5)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x, w = inputs()
+    for _ in range(2):
+        opt.zero_grad()
+        y, _ = layer(x[rank::world])
+        (y * w).sum(-1).mean().backward()
+        m._allreduce_by_kind(list(layer.parameters()), topo)
+        opt.step()
+    megatron_name = os.path.join(folder, 'iter_0000002', 'mp_rank_00', 'model_optim_rng.pt')
+    name = m.expert_checkpoint_name(megatron_name, rank)
+    os.makedirs(os.path.dirname(name), exist_ok=True)
+    torch.save({'iteration': 2, 'experts': m.expert_state(layer, opt)}, name)
+    params = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in layer.named_parameters()}
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(1.0)
+    for p in layer.parameters():
+        for k, v in opt.state[p].items():
+            if torch.is_tensor(v):
+                v.add_(3.0)
+    m.load_expert_state(layer, opt, torch.load(name)['experts'])
+    experts_equal = all(torch.equal(p, params[n]) for n, p in layer.named_parameters() if n.startswith('experts.'))
+    state_equal = all(torch.equal(v, state[n][k]) for n, p in layer.named_parameters() if n.startswith('experts.')
+                      for k, v in opt.state[p].items())
+    return dict(name=name, experts_equal=experts_equal, state_equal=state_equal,
+                experts=[n for n, p in layer.named_parameters() if m._is_expert(p)],
+                weight=layer.experts.htoh4_weight.detach().clone())
