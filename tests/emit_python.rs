@@ -23,9 +23,22 @@ fn python() -> Option<PathBuf> {
 
 fn write(runtime: Runtime, dir: &std::path::Path) {
     let c = emit_fixture::checked(4, 1, 1, 8, GateKind::Gshard);
-    let opts = EmitOptions { runtime, megatron_src: None, source_name: "tiny.fmoe".into() };
+    let opts = EmitOptions {
+        runtime,
+        megatron_src: None,
+        source_name: "tiny.fmoe".into(),
+    };
     for (name, text) in emit::emit(&c, &emit::v2_2::RELEASE, &opts).unwrap().files {
         std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+#[test]
+fn keep_emitted_files_when_asked() {
+    if let Some(keep) = std::env::var_os("FMOEC_EMIT_KEEP") {
+        std::fs::create_dir_all(&keep).unwrap();
+        write(Runtime::Fmoec, std::path::Path::new(&keep));
+        assert!(std::path::Path::new(&keep).join("fmoec_moe.py").exists());
     }
 }
 
@@ -39,10 +52,6 @@ fn generated_module_passes_its_python_tests() {
     let fastmoe_dir = tempfile::tempdir().unwrap();
     write(Runtime::Fmoec, fmoec_dir.path());
     write(Runtime::Fastmoe, fastmoe_dir.path());
-    if let Some(keep) = std::env::var_os("FMOEC_EMIT_KEEP") {
-        std::fs::create_dir_all(&keep).unwrap();
-        write(Runtime::Fmoec, std::path::Path::new(&keep));
-    }
     for dir in [fmoec_dir.path(), fastmoe_dir.path()] {
         let status = Command::new(&python)
             .args(["-m", "py_compile"])

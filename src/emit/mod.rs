@@ -475,6 +475,9 @@ fn group_rows(l: &Layout) -> Vec<GroupRow> {
     ]
 }
 
+/// Reads one printed value of a layer (for the uniform `--fmoe-*` launch arguments).
+type LayerField = dyn Fn(&LayerView) -> String;
+
 fn train_view(
     c: &Checked,
     release: &ReleaseEdits,
@@ -554,7 +557,7 @@ fn train_view(
             let first = f(&layers[0]);
             layers.iter().all(|l| f(l) == first).then_some(first)
         };
-        let fields: [(&str, &dyn Fn(&LayerView) -> String); 6] = [
+        let fields: [(&str, &LayerField); 6] = [
             ("--fmoe-num-experts", &|l| l.experts_per_rank.to_string()),
             ("--fmoe-top-k", &|l| l.top_k.to_string()),
             ("--fmoe-balance-strategy", &|l| l.gate.to_string()),

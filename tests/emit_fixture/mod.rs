@@ -21,7 +21,10 @@ pub fn hardware() -> Hardware {
 
 pub fn gate(kind: GateKind) -> Gate {
     let capacity = match kind {
-        GateKind::Gshard | GateKind::Switch => Some(Capacity { train: 1.2, eval: 2.4 }),
+        GateKind::Gshard | GateKind::Switch => Some(Capacity {
+            train: 1.2,
+            eval: 2.4,
+        }),
         _ => None,
     };
     Gate {
@@ -50,12 +53,20 @@ pub fn checked(gpus: u64, tensor: u64, pipeline: u64, experts: u64, kind: GateKi
                     experts,
                     top_k,
                     gate: gate(kind),
-                    expert: Mlp { hidden: 128, act: Activation::Gelu, span: Default::default() },
+                    expert: Mlp {
+                        hidden: 128,
+                        act: Activation::Gelu,
+                        span: Default::default(),
+                    },
                     shared: None,
                     spans: Default::default(),
                 })
             } else {
-                Ffn::Dense(Mlp { hidden: 4 * width, act: Activation::Gelu, span: Default::default() })
+                Ffn::Dense(Mlp {
+                    hidden: 4 * width,
+                    act: Activation::Gelu,
+                    span: Default::default(),
+                })
             },
             span: Default::default(),
         })
@@ -67,7 +78,12 @@ pub fn checked(gpus: u64, tensor: u64, pipeline: u64, experts: u64, kind: GateKi
             vocab: 50304,
             context: 128,
             width,
-            attention: Attention { heads: 4, kv_heads: 4, head_dim: 16, causal: true },
+            attention: Attention {
+                heads: 4,
+                kv_heads: 4,
+                head_dim: 16,
+                causal: true,
+            },
             norm: Norm::LayerNorm,
             positions: Positions::Learned,
             tied_embeddings: true,
@@ -92,11 +108,22 @@ pub fn checked(gpus: u64, tensor: u64, pipeline: u64, experts: u64, kind: GateKi
             batch_sequences: 8 * data,
             seq_len: 128,
             steps: 100,
-            optimizer: Optimizer::Adamw { lr: 3e-4, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.1 },
-            schedule: Schedule::Cosine { warmup: 10, min_lr_ratio: 0.1 },
+            optimizer: Optimizer::Adamw {
+                lr: 3e-4,
+                betas: (0.9, 0.95),
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            schedule: Schedule::Cosine {
+                warmup: 10,
+                min_lr_ratio: 0.1,
+            },
             clip_grad: Some(1.0),
             precision: Precision::Fp16,
-            checkpoint: Some(CheckpointPolicy { every: 50, dir: "ckpt".into() }),
+            checkpoint: Some(CheckpointPolicy {
+                every: 50,
+                dir: "ckpt".into(),
+            }),
             eval: None,
             seed: 1234,
             spans: Default::default(),

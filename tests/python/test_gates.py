@@ -177,3 +177,17 @@ def test_arguments_are_registered_and_read_under_the_same_names():
 def test_expert_checkpoint_names():
     assert m.expert_checkpoint_name('ck/iter_0000010/mp_rank_01_002/model_optim_rng.pt', 3) == \
         'ck/iter_0000010/mp_rank_01_002_dp_rank_0003/model_optim_rng.pt'
+
+
+def test_clip_norms_by_hand_and_zero_max_norm_leaves_gradients():
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(1))
+    a.grad = torch.tensor([3.0, -4.0])
+    b.grad = torch.tensor([12.0])
+    b.dp_comm = 'none'                       # an expert gradient: still counted once on one rank
+    topo = m.Topology()
+    assert m.clip_grad_norm_fp32([a, b], 0.0, 2, topology=topo) == pytest.approx(13.0)
+    assert a.grad.tolist() == [3.0, -4.0]    # --clip-grad 0: no clipping
+    assert m.clip_grad_norm_fp32([a, b], float('inf'), float('inf'), topology=topo) == pytest.approx(12.0)
+    assert m.clip_grad_norm_fp32([a, b], 6.5, 2, topology=topo) == pytest.approx(13.0)
+    assert a.grad.tolist() == pytest.approx([1.5, -2.0], rel=1e-5)

@@ -926,8 +926,10 @@ def clip_grad_norm_fp32(parameters, max_norm, norm_type=2, topology=None, model_
         total_norm = float(torch.max(parts[0], expert_total[0]).item())
     else:
         total_norm = float((parts[0] + expert_total[0]).item()) ** (1.0 / norm_type)
+    # max_norm <= 0 means no clipping (Megatron v2.2's fp16 optimizer calls this even with
+    # --clip-grad 0, and its own function then zeroes every gradient)
     clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0:
+    if max_norm > 0.0 and clip_coeff < 1.0:
         for g in grads:
             g.mul_(clip_coeff)
     return total_norm
