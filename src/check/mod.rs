@@ -4,32 +4,309 @@
 //! constant evaluation, constructor argument checking against stdlib signatures, and the
 //! model rules. Knows nothing about parallel plans, runtimes or emitters beyond the
 //! types it produces.
+//!
+//! One file per concern: [`scope`] (modules, imports, lookup), [`signature`]
+//! (constructor declarations), [`eval`] (expressions and calls), [`fields`] (block
+//! fields), [`model_rules`], [`parallel_rules`], [`train_rules`], [`targets`] (hardware
+//! and Megatron targets), and [`errors`] (every diagnostic's wording and code).
 
+pub mod errors;
+pub mod eval;
+pub mod fields;
 pub mod model;
+pub mod model_rules;
+pub mod parallel_rules;
+pub mod scope;
+pub mod signature;
+pub mod targets;
+pub mod train_rules;
+pub mod value;
 
 pub use model::*;
 
-use crate::diag::{Sink, Sources};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::OnceLock;
+
+use crate::diag::{FileId, Sink, Sources, Span};
+use crate::syntax::ast::{self, BlockKind};
+use scope::{EntityKind, ModId, Module, STDLIB};
+use value::V;
+
+/// The state of one check: the modules loaded (stdlib and the user's file), memoised
+/// constants, and the sink every rule reports to.
+pub struct Checker<'a> {
+    pub(crate) sink: &'a mut Sink,
+    pub(crate) modules: Vec<Module>,
+    pub(crate) pending_uses: Vec<(ModId, Vec<ast::Use>)>,
+    pub(crate) const_memo: HashMap<(ModId, String), V>,
+    pub(crate) const_active: HashSet<(ModId, String)>,
+    pub(crate) call_depth: usize,
+    /// The user's file had syntax errors: "no model" would only repeat them.
+    pub(crate) syntax_errors: bool,
+}
+
+impl<'a> Checker<'a> {
+    /// A checker with the embedded stdlib parsed and registered in `sources` under
+    /// `<stdlib>/NAME.fmoe`.
+    fn with_stdlib(sources: &mut Sources, sink: &'a mut Sink) -> Self {
+        let mut c = Checker {
+            sink,
+            modules: Vec::new(),
+            pending_uses: Vec::new(),
+            const_memo: HashMap::new(),
+            const_active: HashSet::new(),
+            call_depth: 0,
+            syntax_errors: false,
+        };
+        for (name, text) in STDLIB {
+            let id = sources.add(format!("<stdlib>/{name}.fmoe"), *text);
+            let parsed = crate::syntax::parse(text, id, c.sink);
+            c.add_module(&format!("std.{name}"), id, true, parsed);
+        }
+        c
+    }
+
+    /// Checks every item of the user's module and returns the checked file.
+    fn check_user(&mut self, m: ModId) -> Option<Checked> {
+        let file_start = Span::new(self.modules[m].file, 0, 0);
+        let items: Vec<(String, EntityKind, Span)> = self.modules[m]
+            .items
+            .iter()
+            .map(|(n, e)| (n.clone(), e.kind.clone(), e.name_span))
+            .collect();
+        let mut models = Vec::new();
+        for (_, kind, span) in &items {
+            match kind {
+                EntityKind::Const(c) => {
+                    self.const_value(m, c, *span);
+                }
+                EntityKind::Block(b) => match b.kind {
+                    BlockKind::Model => models.push(b.clone()),
+                    BlockKind::Hardware => {
+                        self.hardware(m, b);
+                    }
+                    BlockKind::Megatron => {
+                        self.megatron_target(m, b);
+                    }
+                    BlockKind::Parallel | BlockKind::Train => {}
+                },
+                EntityKind::Def(_) | EntityKind::Ctor(_) => {}
+            }
+        }
+        models.sort_by_key(|b| b.span.start);
+        let model = match models.as_slice() {
+            [] => {
+                if !self.syntax_errors {
+                    self.sink.push(errors::no_model(file_start));
+                }
+                None
+            }
+            [only] => self.model(m, only),
+            [first, rest @ ..] => {
+                for b in rest {
+                    self.sink.push(errors::second_model(
+                        b.name.as_ref().map(|n| n.span).unwrap_or(b.kw_span),
+                        first.name.as_ref().map(|n| n.span).unwrap_or(first.kw_span),
+                    ));
+                }
+                None
+            }
+        };
+        let anon = self.modules[m].anon_blocks.clone();
+        let mut parallel_block: Option<Rc<ast::Block>> = None;
+        let mut train_block: Option<Rc<ast::Block>> = None;
+        for b in anon {
+            let slot = if b.kind == BlockKind::Parallel {
+                &mut parallel_block
+            } else {
+                &mut train_block
+            };
+            match slot {
+                Some(first) => self.sink.push(errors::second_block(
+                    b.kw_span,
+                    b.kind.as_str(),
+                    first.kw_span,
+                )),
+                None => *slot = Some(b),
+            }
+        }
+        let parallel = match &parallel_block {
+            Some(b) => self.parallel(m, b, model.as_ref()),
+            None => {
+                let at = model.as_ref().map(|md| md.spans.name).unwrap_or(file_start);
+                self.default_parallel(at)
+            }
+        };
+        let train = train_block
+            .as_ref()
+            .map(|b| self.train(m, b, model.as_ref(), parallel.as_ref()));
+        self.report_unused(m);
+        let train = match train {
+            Some(None) => return None,
+            Some(t) => t,
+            None => None,
+        };
+        Some(Checked {
+            model: model?,
+            parallel: parallel?,
+            train,
+        })
+    }
+
+    /// Warnings for the user's imports, constants and definitions that nothing used.
+    fn report_unused(&mut self, m: ModId) {
+        let module = &self.modules[m];
+        let mut warnings = Vec::new();
+        for (name, i) in &module.imports {
+            if !i.used.get() {
+                warnings.push(errors::unused_import(i.span, name));
+            }
+        }
+        for g in &module.globs {
+            if !g.implicit && !g.used.get() {
+                warnings.push(errors::unused_glob(g.span));
+            }
+        }
+        for (name, e) in &module.items {
+            if e.used.get() {
+                continue;
+            }
+            match &e.kind {
+                EntityKind::Const(_) => {
+                    warnings.push(errors::unused_item(e.name_span, "constant", name))
+                }
+                EntityKind::Def(_) => {
+                    warnings.push(errors::unused_item(e.name_span, "definition", name))
+                }
+                _ => {}
+            }
+        }
+        self.sink.extend(warnings);
+    }
+
+    /// Checks every item of every stdlib module (signatures' defaults, presets, hardware,
+    /// targets); used by tests and by [`check_stdlib`].
+    fn check_std_items(&mut self) {
+        for m in 0..self.modules.len() {
+            if !self.modules[m].is_std {
+                continue;
+            }
+            let items: Vec<(EntityKind, Span)> = self.modules[m]
+                .items
+                .values()
+                .map(|e| (e.kind.clone(), e.name_span))
+                .collect();
+            for (kind, span) in items {
+                match kind {
+                    EntityKind::Const(c) => {
+                        self.const_value(m, &c, span);
+                    }
+                    EntityKind::Ctor(sig) => {
+                        for p in &sig.params {
+                            if let Some(d) = &p.default {
+                                let ctx = eval::Ctx::module(m);
+                                let v = self.eval(d, ctx);
+                                let what = format!("default of `{}` of `{}`", p.name, sig.name);
+                                self.conform(v, &p.ty, &what, ctx);
+                            }
+                        }
+                    }
+                    EntityKind::Block(b) => match b.kind {
+                        BlockKind::Model => {
+                            self.model(m, &b);
+                        }
+                        BlockKind::Hardware => {
+                            self.hardware(m, &b);
+                        }
+                        BlockKind::Megatron => {
+                            self.megatron_target(m, &b);
+                        }
+                        BlockKind::Parallel | BlockKind::Train => {}
+                    },
+                    EntityKind::Def(_) => {}
+                }
+            }
+        }
+    }
+}
 
 /// Parses and checks one source file already added to `sources`.
 ///
 /// Every problem goes to `sink` (all of them, not just the first); the result is
 /// `Some` only when there were no errors. Warnings may accompany a `Some`.
-pub fn check_file(
-    _sources: &mut Sources,
-    _file: crate::diag::FileId,
-    _sink: &mut Sink,
-) -> Option<Checked> {
-    // Filled in by the front end (syntax + check).
-    None
+pub fn check_file(sources: &mut Sources, file: FileId, sink: &mut Sink) -> Option<Checked> {
+    let errors_before = sink.error_count();
+    let text = sources.text(file).to_string();
+    let name = sources.name(file).to_string();
+    let mut checker = Checker::with_stdlib(sources, sink);
+    let before_parse = checker.sink.error_count();
+    let parsed = crate::syntax::parse(&text, file, checker.sink);
+    checker.syntax_errors = checker.sink.error_count() > before_parse;
+    checker.add_module(&name, file, false, parsed);
+    checker.resolve_imports();
+    let m = checker.modules.len() - 1;
+    let checked = checker.check_user(m);
+    if sink.error_count() > errors_before {
+        None
+    } else {
+        checked
+    }
+}
+
+/// Checks the embedded stdlib on its own: every signature, preset, hardware profile
+/// and Megatron target. Diagnostics point into `<stdlib>/*.fmoe`.
+pub fn check_stdlib(sources: &mut Sources, sink: &mut Sink) {
+    let mut checker = Checker::with_stdlib(sources, sink);
+    checker.resolve_imports();
+    checker.check_std_items();
+}
+
+struct StdFacts {
+    targets: Vec<MegatronTarget>,
+    hardware: Vec<Hardware>,
+}
+
+fn std_facts() -> &'static StdFacts {
+    static FACTS: OnceLock<StdFacts> = OnceLock::new();
+    FACTS.get_or_init(|| {
+        let mut sources = Sources::new();
+        let mut sink = Sink::new();
+        let mut checker = Checker::with_stdlib(&mut sources, &mut sink);
+        checker.resolve_imports();
+        let mut targets = Vec::new();
+        let mut hardware = Vec::new();
+        for m in 0..checker.modules.len() {
+            let blocks: Vec<Rc<ast::Block>> = checker.modules[m]
+                .items
+                .values()
+                .filter_map(|e| match &e.kind {
+                    EntityKind::Block(b) => Some(b.clone()),
+                    _ => None,
+                })
+                .collect();
+            for b in blocks {
+                match b.kind {
+                    BlockKind::Megatron => targets.extend(checker.megatron_target(m, &b)),
+                    BlockKind::Hardware => hardware.extend(checker.hardware(m, &b)),
+                    _ => {}
+                }
+            }
+        }
+        StdFacts { targets, hardware }
+    })
 }
 
 /// The Megatron-LM releases declared in `stdlib/megatron.fmoe`.
 pub fn megatron_targets() -> Vec<MegatronTarget> {
-    Vec::new()
+    std_facts().targets.clone()
 }
 
 /// A hardware profile declared in `stdlib/hardware.fmoe`, by name (`"h100_sxm"`).
-pub fn hardware_profile(_name: &str) -> Option<Hardware> {
-    None
+pub fn hardware_profile(name: &str) -> Option<Hardware> {
+    std_facts()
+        .hardware
+        .iter()
+        .find(|h| h.name == name)
+        .cloned()
 }

@@ -1,0 +1,824 @@
+//! Every diagnostic the checker reports, as a named constructor with a stable code.
+//! The rules call these with spans and facts; all wording lives here.
+//!
+//! Codes: `E02xx` names and imports, `E03xx` values, types and calls, `E04xx` model
+//! rules, `E05xx` parallel rules, `E06xx` train rules, `E07xx` stdlib declarations,
+//! `W0xxx` warnings. (`E01xx` are syntax errors, in `syntax::errors`.)
+
+use crate::diag::{Diagnostic, Span};
+
+fn list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("`{s}`")).collect();
+    match quoted.len() {
+        0 => String::new(),
+        1 => quoted[0].clone(),
+        n => format!("{} and {}", quoted[..n - 1].join(", "), quoted[n - 1]),
+    }
+}
+
+fn with_opt_help(d: Diagnostic, help: Option<String>) -> Diagnostic {
+    match help {
+        Some(h) => d.with_help(h),
+        None => d,
+    }
+}
+
+// ---- E02xx: names and imports ------------------------------------------------------
+
+pub fn unknown_name(span: Span, name: &str, help: Option<String>) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error("E0201", span, format!("unknown name `{name}`"))
+            .with_label("not defined here"),
+        help,
+    )
+}
+
+pub fn unknown_function(span: Span, name: &str, help: Option<String>) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error(
+            "E0202",
+            span,
+            format!("unknown constructor or definition `{name}`"),
+        )
+        .with_label("not defined here"),
+        help,
+    )
+}
+
+pub fn import_not_std(span: Span, root: &str) -> Diagnostic {
+    Diagnostic::error("E0203", span, format!("cannot import from `{root}`"))
+        .with_label("only the standard library can be imported")
+        .with_help("imports start with `std`, as in `use std.gates.gshard`")
+}
+
+pub fn import_needs_item(span: Span, module: Option<&str>) -> Diagnostic {
+    let m = module.unwrap_or("gates");
+    Diagnostic::error("E0204", span, "an import names an item or `*`")
+        .with_label("incomplete import")
+        .with_help(format!("write `use std.{m}.NAME` or `use std.{m}.*`"))
+}
+
+pub fn unknown_module(span: Span, name: &str, help: Option<String>) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error("E0205", span, format!("no stdlib module `std.{name}`"))
+            .with_label("unknown module")
+            .with_note("the modules are std.gates, std.experts, std.blocks, std.train, std.parallel, std.hardware, std.presets and std.megatron"),
+        help,
+    )
+}
+
+pub fn import_too_deep(span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0206",
+        span,
+        "an import has the form `use std.MODULE.NAME` or `use std.MODULE.*`",
+    )
+    .with_label("unexpected path segment")
+}
+
+pub fn unknown_import(
+    span: Span,
+    name: &str,
+    module: &str,
+    help: Option<String>,
+    names: &[&str],
+) -> Diagnostic {
+    let shown: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let d = Diagnostic::error("E0207", span, format!("`{module}` has no item `{name}`"))
+        .with_label("not in this module")
+        .with_note(format!("`{module}` declares {}", list(&shown)));
+    with_opt_help(d, help)
+}
+
+pub fn duplicate_import(span: Span, name: &str, first: Span) -> Diagnostic {
+    Diagnostic::error("E0208", span, format!("`{name}` is imported twice"))
+        .with_label("imported again")
+        .with_secondary(first, "first imported here")
+}
+
+pub fn import_shadows_item(span: Span, name: &str, item: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0209",
+        span,
+        format!("`{name}` is both imported and declared in this file"),
+    )
+    .with_label("imported here")
+    .with_secondary(item, "declared here")
+    .with_help("rename the declaration or drop the import")
+}
+
+pub fn duplicate_item(span: Span, name: &str, first: Span) -> Diagnostic {
+    Diagnostic::error("E0210", span, format!("`{name}` is declared twice"))
+        .with_label("declared again")
+        .with_secondary(first, "first declared here")
+}
+
+pub fn cyclic(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::error("E0211", span, format!("`{name}` depends on itself"))
+        .with_label("used while it is being computed")
+}
+
+pub fn constructor_not_called(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::error("E0212", span, format!("`{name}` is a constructor; call it"))
+        .with_label("needs arguments")
+        .with_help(format!(
+            "write `{name}()` for its defaults, or `{name}(...)` with arguments"
+        ))
+}
+
+pub fn def_not_called(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::error("E0213", span, format!("`{name}` is a definition; call it"))
+        .with_label("needs arguments")
+        .with_help(format!("write `{name}(...)`"))
+}
+
+pub fn not_a_value(span: Span, name: &str, what: &str) -> Diagnostic {
+    Diagnostic::error("E0214", span, format!("`{name}` is a {what}, not a value"))
+        .with_label("cannot be used in an expression")
+}
+
+pub fn not_callable(span: Span, name: &str, what: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0215",
+        span,
+        format!("`{name}` is a {what} and cannot be called"),
+    )
+    .with_label("not a constructor or definition")
+}
+
+pub fn unknown_preset(span: Span, name: &str, help: Option<String>) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error("E0216", span, format!("unknown model preset `{name}`"))
+            .with_label("no model of this name"),
+        help,
+    )
+}
+
+pub fn not_a_preset(span: Span, name: &str, what: &str) -> Diagnostic {
+    Diagnostic::error("E0217", span, format!("`{name}` is a {what}, not a model"))
+        .with_label("a model can only start from another model")
+}
+
+pub fn preset_cycle(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0218",
+        span,
+        format!("model presets loop back through `{name}`"),
+    )
+    .with_label("this preset chain never ends")
+}
+
+pub fn unknown_hardware(span: Span, name: &str, help: Option<String>) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error("E0219", span, format!("unknown hardware profile `{name}`"))
+            .with_label("no hardware profile of this name"),
+        help,
+    )
+}
+
+pub fn not_hardware(span: Span, name: &str, what: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0220",
+        span,
+        format!("`{name}` is a {what}, not a hardware profile"),
+    )
+    .with_label("expected a hardware profile")
+}
+
+pub fn no_model(span: Span) -> Diagnostic {
+    Diagnostic::error("E0221", span, "this file declares no model")
+        .with_label("expected a `model NAME { ... }` block")
+        .with_help(
+            "start from a preset: `use std.presets.gpt2_small` then `model mine : gpt2_small {}`",
+        )
+}
+
+pub fn second_model(span: Span, first: Span) -> Diagnostic {
+    Diagnostic::error("E0222", span, "a file declares one model")
+        .with_label("second model")
+        .with_secondary(first, "first model here")
+}
+
+pub fn second_block(span: Span, kind: &str, first: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0223",
+        span,
+        format!("a file has at most one `{kind}` block"),
+    )
+    .with_label("second block")
+    .with_secondary(first, "first block here")
+}
+
+// ---- E03xx: values, types and calls -----------------------------------------------
+
+pub fn type_mismatch(span: Span, what: &str, expected: &str, found: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0301",
+        span,
+        format!("{what} expects {expected}, found {found}"),
+    )
+    .with_label(format!("expected {expected}"))
+}
+
+pub fn not_an_integer(span: Span, what: &str, value: f64) -> Diagnostic {
+    Diagnostic::error("E0302", span, format!("{what} must be an integer, found {value}"))
+        .with_label("not a whole number")
+        .with_help("`/` gives a fraction when the division is not exact; round with `floor(...)` or `ceil(...)`")
+}
+
+pub fn out_of_range(span: Span, what: &str, value: &str, bound: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0303",
+        span,
+        format!("{what} must be {bound}, found {value}"),
+    )
+    .with_label(format!("must be {bound}"))
+}
+
+pub fn not_a_variant(
+    span: Span,
+    name: &str,
+    what: &str,
+    variants: &[String],
+    help: Option<String>,
+) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error(
+            "E0304",
+            span,
+            format!("`{name}` is not a choice for {what}"),
+        )
+        .with_label(format!("expected one of {}", variants.join(", "))),
+        help,
+    )
+}
+
+pub fn wrong_kind(
+    span: Span,
+    what: &str,
+    kind: &str,
+    found: &str,
+    help: Option<String>,
+) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error(
+            "E0305",
+            span,
+            format!("{what} expects a `{kind}`, found {found}"),
+        )
+        .with_label(format!("expected a `{kind}`")),
+        help,
+    )
+}
+
+pub fn unknown_argument(
+    span: Span,
+    name: &str,
+    callee: &str,
+    help: Option<String>,
+    decl: Span,
+) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error(
+            "E0306",
+            span,
+            format!("`{callee}` has no parameter `{name}`"),
+        )
+        .with_label("unknown argument")
+        .with_secondary(decl, format!("`{callee}` is declared here")),
+        help,
+    )
+}
+
+pub fn missing_arguments(
+    span: Span,
+    callee: &str,
+    missing: &[String],
+    decl: Option<Span>,
+) -> Diagnostic {
+    let s = if missing.len() == 1 { "" } else { "s" };
+    let d = Diagnostic::error(
+        "E0307",
+        span,
+        format!("`{callee}` is missing the argument{s} {}", list(missing)),
+    )
+    .with_label(format!("add {}", list(missing)));
+    match decl {
+        Some(decl) => d.with_secondary(decl, format!("`{callee}` is declared here")),
+        None => d,
+    }
+}
+
+pub fn too_many_arguments(span: Span, callee: &str, max: usize) -> Diagnostic {
+    Diagnostic::error(
+        "E0308",
+        span,
+        format!(
+            "`{callee}` takes at most {max} argument{}",
+            if max == 1 { "" } else { "s" }
+        ),
+    )
+    .with_label("one argument too many")
+}
+
+pub fn positional_after_keyword(span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0309",
+        span,
+        "a positional argument after a keyword argument",
+    )
+    .with_label("name this argument")
+    .with_help("write positional arguments first, then `name = value` ones")
+}
+
+pub fn argument_twice(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::error("E0310", span, format!("argument `{name}` is given twice"))
+        .with_label("given again")
+}
+
+pub fn division_by_zero(span: Span) -> Diagnostic {
+    Diagnostic::error("E0311", span, "division by zero").with_label("this is zero")
+}
+
+pub fn overflow(span: Span) -> Diagnostic {
+    Diagnostic::error("E0312", span, "arithmetic overflow")
+        .with_label("the result does not fit in 64 bits")
+}
+
+pub fn not_a_number(span: Span, found: &str) -> Diagnostic {
+    Diagnostic::error("E0313", span, format!("expected a number, found {found}"))
+        .with_label("not a number")
+}
+
+pub fn bad_operands(span: Span, op: &str, a: &str, b: &str) -> Diagnostic {
+    Diagnostic::error("E0314", span, format!("cannot apply `{op}` to {a} and {b}"))
+        .with_label("operands of the wrong type")
+}
+
+pub fn too_deep(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::error("E0315", span, format!("calls nest too deeply in `{name}`"))
+        .with_label("does a definition call itself?")
+}
+
+pub fn rounding_arity(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::error("E0316", span, format!("`{name}` takes exactly one number"))
+        .with_label(format!("write `{name}(x)`"))
+}
+
+pub fn unknown_field(
+    span: Span,
+    name: &str,
+    block: &str,
+    help: Option<String>,
+    known: &[&str],
+) -> Diagnostic {
+    let known: Vec<String> = known.iter().map(|s| s.to_string()).collect();
+    with_opt_help(
+        Diagnostic::error(
+            "E0317",
+            span,
+            format!("a `{block}` block has no field `{name}`"),
+        )
+        .with_label("unknown field")
+        .with_note(format!("the fields are {}", list(&known))),
+        help,
+    )
+}
+
+pub fn duplicate_field(span: Span, name: &str, first: Span) -> Diagnostic {
+    Diagnostic::error("E0318", span, format!("field `{name}` is set twice"))
+        .with_label("set again")
+        .with_secondary(first, "first set here")
+}
+
+pub fn missing_field(span: Span, name: &str, block: &str, ty: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0319",
+        span,
+        format!("this `{block}` block needs `{name}`"),
+    )
+    .with_label(format!("`{name}` is missing"))
+    .with_help(format!("add `{name} = ...` ({ty})"))
+}
+
+pub fn layers_outside_model(span: Span, block: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0320",
+        span,
+        format!("layer selections belong in a `model` block, not `{block}`"),
+    )
+    .with_label("not allowed here")
+}
+
+// ---- E04xx: model rules -----------------------------------------------------------
+
+pub fn model_missing_fields(span: Span, model: &str, missing: &[String]) -> Diagnostic {
+    Diagnostic::error(
+        "E0401",
+        span,
+        format!("model `{model}` does not set {}", list(missing)),
+    )
+    .with_label("incomplete model")
+    .with_help("set them, or start from a preset such as `model mine : gpt2_small { ... }`")
+}
+
+pub fn width_not_divisible(span: Span, width: u64, heads: u64, heads_span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0402",
+        span,
+        format!("width {width} is not divisible by {heads} heads"),
+    )
+    .with_label(format!("{width} / {heads} is not a whole head size"))
+    .with_secondary(heads_span, "heads set here")
+}
+
+pub fn heads_not_divisible(span: Span, heads: u64, kv: u64, heads_span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0403",
+        span,
+        format!("{heads} query heads cannot share {kv} key/value heads evenly"),
+    )
+    .with_label(format!("{heads} is not divisible by {kv}"))
+    .with_secondary(heads_span, "heads set here")
+}
+
+pub fn heads_disagree(
+    span: Span,
+    field: &str,
+    here: u64,
+    model: u64,
+    model_span: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        "E0404",
+        span,
+        format!("the attention's `{field} = {here}` disagrees with the model's {model}"),
+    )
+    .with_label("differs from the model")
+    .with_secondary(model_span, "the model's value")
+    .with_help(format!(
+        "drop `{field}` from `causal(...)`: it defaults to the model's"
+    ))
+}
+
+pub fn unknown_layer_field(span: Span, name: &str, help: Option<String>) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error("E0405", span, format!("a layer has no setting `{name}`"))
+            .with_label("only `ffn` can be set per layer"),
+        help,
+    )
+}
+
+pub fn layer_out_of_range(span: Span, index: i64, depth: u64, depth_span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0406",
+        span,
+        format!("layer {index} does not exist in a model of depth {depth}"),
+    )
+    .with_label(format!(
+        "layers are numbered 0 to {}",
+        depth.saturating_sub(1)
+    ))
+    .with_secondary(depth_span, "depth set here")
+}
+
+pub fn range_end_past_depth(span: Span, end: i64, depth: u64, depth_span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0407",
+        span,
+        format!("the range ends at {end}, past the model's depth {depth}"),
+    )
+    .with_label(format!("at most {depth} (the end is excluded)"))
+    .with_secondary(depth_span, "depth set here")
+}
+
+pub fn empty_range(span: Span, start: i64, end: i64) -> Diagnostic {
+    Diagnostic::error(
+        "E0408",
+        span,
+        format!("the range {start}..{end} selects no layer"),
+    )
+    .with_label("empty range")
+    .with_help("a range `a..b` selects a, a+1, ..., b-1; the end is excluded")
+}
+
+pub fn empty_selection(span: Span) -> Diagnostic {
+    Diagnostic::error("E0409", span, "this selection names no layer").with_label("empty")
+}
+
+pub fn layer_selected_twice(span: Span, index: u64) -> Diagnostic {
+    Diagnostic::error(
+        "E0410",
+        span,
+        format!("layer {index} is selected twice in one selection"),
+    )
+    .with_label("selected again")
+}
+
+pub fn layer_assigned_twice(span: Span, index: u64, first: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0411",
+        span,
+        format!("layer {index}'s `ffn` is assigned twice"),
+    )
+    .with_label("assigned again")
+    .with_secondary(first, "first assigned here")
+    .with_help(
+        "if the later assignment is meant to replace the earlier, write `override layers[...]`",
+    )
+}
+
+pub fn top_k_exceeds_experts(
+    span: Span,
+    top_k: u64,
+    experts: u64,
+    experts_span: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        "E0412",
+        span,
+        format!("top_k = {top_k} is more than the {experts} experts"),
+    )
+    .with_label("each token would need more experts than exist")
+    .with_secondary(experts_span, "experts set here")
+}
+
+pub fn gate_needs_top_k(
+    span: Span,
+    gate: &str,
+    needed: u64,
+    top_k: u64,
+    gate_span: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        "E0413",
+        span,
+        format!("the `{gate}` gate routes to top-{needed}, but top_k = {top_k}"),
+    )
+    .with_label(format!("must be {needed} for `{gate}`"))
+    .with_secondary(gate_span, "gate chosen here")
+}
+
+// ---- E05xx: parallel rules --------------------------------------------------------
+
+pub fn gpus_not_divisible(span: Span, gpus: u64, tensor: u64, pipeline: u64) -> Diagnostic {
+    Diagnostic::error(
+        "E0501",
+        span,
+        format!("{gpus} GPUs cannot be split into tensor {tensor} x pipeline {pipeline} groups"),
+    )
+    .with_label(format!("{gpus} is not divisible by {}", tensor * pipeline))
+    .with_help("the data-parallel size is gpus / (tensor * pipeline) and must be whole")
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn data_mismatch(
+    span: Span,
+    given: u64,
+    derived: u64,
+    gpus: u64,
+    tensor: u64,
+    pipeline: u64,
+    gpus_span: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        "E0502",
+        span,
+        format!(
+            "data = {given}, but {gpus} GPUs / (tensor {tensor} x pipeline {pipeline}) = {derived}"
+        ),
+    )
+    .with_label(format!("should be {derived}"))
+    .with_secondary(gpus_span, "GPU count set here")
+    .with_help("`data` is derived; leave it out or make it agree")
+}
+
+pub fn across_what(span: Span, group: &str, help: Option<String>) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error(
+            "E0503",
+            span,
+            format!("experts can be spread across `data`, not `{group}`"),
+        )
+        .with_label("expected `data`"),
+        help,
+    )
+}
+
+pub fn bad_expert_group(span: Span, found: &str, help: Option<String>) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error(
+            "E0504",
+            span,
+            format!(
+                "`experts` expects `across data`, `groups_of(N)` or `replicated`, found {found}"
+            ),
+        )
+        .with_label("not an expert group"),
+        help,
+    )
+}
+
+pub fn group_not_dividing(span: Span, size: u64, data: u64, data_span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0505",
+        span,
+        format!("expert groups of {size} do not divide the {data} data ranks"),
+    )
+    .with_label(format!("{data} is not divisible by {size}"))
+    .with_secondary(data_span, "data size from here")
+}
+
+pub fn heads_not_divisible_by_tensor(
+    span: Span,
+    heads: u64,
+    tensor: u64,
+    heads_span: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        "E0506",
+        span,
+        format!("{heads} heads cannot be split over tensor = {tensor} ranks"),
+    )
+    .with_label(format!("{heads} is not divisible by {tensor}"))
+    .with_secondary(heads_span, "heads set here")
+}
+
+pub fn depth_not_divisible_by_pipeline(
+    span: Span,
+    depth: u64,
+    pipeline: u64,
+    depth_span: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        "E0507",
+        span,
+        format!("{depth} layers cannot be split into pipeline = {pipeline} equal stages"),
+    )
+    .with_label(format!("{depth} is not divisible by {pipeline}"))
+    .with_secondary(depth_span, "depth set here")
+}
+
+// ---- E06xx: train rules -----------------------------------------------------------
+
+pub fn seq_len_past_context(span: Span, len: u64, context: u64, context_span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0601",
+        span,
+        format!("sequences of {len} tokens are longer than the model's context {context}"),
+    )
+    .with_label(format!("at most {context}"))
+    .with_secondary(context_span, "context set here")
+}
+
+pub fn batch_not_divisible(
+    span: Span,
+    seqs: u64,
+    data: u64,
+    micro: Option<u64>,
+    at: Span,
+) -> Diagnostic {
+    let (what, n) = match micro {
+        Some(m) => (format!("{data} data ranks x micro-batch {m}"), data * m),
+        None => (format!("{data} data ranks"), data),
+    };
+    Diagnostic::error(
+        "E0602",
+        span,
+        format!("a batch of {seqs} sequences does not split over {what}"),
+    )
+    .with_label(format!("{seqs} is not divisible by {n}"))
+    .with_secondary(at, "set here")
+}
+
+pub fn every_wrong_arg(span: Span, arg: &str, here: &str, belongs: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0603",
+        span,
+        format!("`{arg}` is for `{belongs}`, not `{here}`"),
+    )
+    .with_label("not used here")
+}
+
+pub fn byte_vocab_too_small(span: Span, vocab: u64, vocab_span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0604",
+        span,
+        format!("text data is read as bytes (256 tokens), but vocab = {vocab}"),
+    )
+    .with_label("byte-level data")
+    .with_secondary(vocab_span, "vocab set here")
+    .with_help("set `vocab = 256` or more")
+}
+
+// ---- E07xx: stdlib declarations ----------------------------------------------------
+
+pub fn constructor_outside_stdlib(span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0701",
+        span,
+        "constructors are declared only in the standard library",
+    )
+    .with_label("not allowed in a model file")
+    .with_help("use `def name(params) = expr` for a reusable definition")
+}
+
+pub fn unknown_kind(span: Span, kind: &str, kinds: &[&str]) -> Diagnostic {
+    Diagnostic::error("E0702", span, format!("unknown constructor kind `{kind}`"))
+        .with_note(format!("the kinds are {}", kinds.join(", ")))
+}
+
+pub fn duplicate_param(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0703",
+        span,
+        format!("parameter `{name}` is declared twice"),
+    )
+}
+
+pub fn bound_not_literal(span: Span) -> Diagnostic {
+    Diagnostic::error("E0704", span, "a bound must be a number literal")
+}
+
+pub fn bound_on_non_number(span: Span, ty: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0705",
+        span,
+        format!("`{ty}` cannot have bounds; only `int` and `float` can"),
+    )
+}
+
+pub fn unknown_type(span: Span, name: &str, known: &[&str]) -> Diagnostic {
+    Diagnostic::error("E0706", span, format!("unknown type `{name}`"))
+        .with_note(format!("the types are {}", known.join(", ")))
+}
+
+// ---- W0xxx: warnings --------------------------------------------------------------
+
+pub fn unused_import(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::warning("W0001", span, format!("unused import `{name}`"))
+        .with_label("nothing uses this")
+        .with_help("remove the `use`")
+}
+
+pub fn unused_glob(span: Span) -> Diagnostic {
+    Diagnostic::warning("W0002", span, "nothing from this import is used")
+        .with_label("unused import")
+        .with_help("remove the `use`")
+}
+
+pub fn unused_item(span: Span, what: &str, name: &str) -> Diagnostic {
+    Diagnostic::warning("W0003", span, format!("unused {what} `{name}`")).with_label("never used")
+}
+
+pub fn preset_layers_replaced(span: Span, layers: &[u64], first: Span) -> Diagnostic {
+    let shown: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+    let s = if layers.len() == 1 { "" } else { "s" };
+    Diagnostic::warning(
+        "W0004",
+        span,
+        format!(
+            "this replaces the preset's feed-forward of layer{s} {}",
+            shown.join(", ")
+        ),
+    )
+    .with_label("overrides the preset")
+    .with_secondary(first, "the preset assigns it here")
+    .with_help("write `override layers[...]` to say this is intended")
+}
+
+pub fn override_without_effect(span: Span, selection: Span) -> Diagnostic {
+    Diagnostic::warning("W0005", span, "`override` replaces nothing")
+        .with_label("no earlier assignment to these layers")
+        .with_secondary(selection, "these layers were not assigned before")
+        .with_help("remove `override`")
+}
+
+pub fn slicing_without_tensor(span: Span) -> Diagnostic {
+    Diagnostic::warning(
+        "W0006",
+        span,
+        "`expert_slicing` has no effect with tensor = 1",
+    )
+    .with_label("nothing to slice over")
+}
+
+pub fn warmup_past_steps(span: Span, warmup: u64, steps: u64, steps_span: Span) -> Diagnostic {
+    Diagnostic::warning(
+        "W0007",
+        span,
+        format!("warmup of {warmup} steps is longer than training ({steps} steps)"),
+    )
+    .with_label("the learning rate never reaches its peak")
+    .with_secondary(steps_span, "steps set here")
+}
+
+pub fn every_past_steps(span: Span, every: u64, steps: u64, steps_span: Span) -> Diagnostic {
+    Diagnostic::warning(
+        "W0008",
+        span,
+        format!("every {every} steps never comes in {steps} steps of training"),
+    )
+    .with_label("longer than the training")
+    .with_secondary(steps_span, "steps set here")
+}

@@ -1,0 +1,766 @@
+//! Evaluation of expressions: constants, arithmetic (exact integer division where an
+//! integer comes out), tuples, calls of definitions and stdlib constructors (arguments
+//! matched to the signature, defaults filled in, types and ranges checked), and the
+//! lazily evaluated fields of a model block.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+use super::errors;
+use super::scope::{EntityKind, ModId};
+use super::signature::Signature;
+use super::value::{kind_fits, CtorArg, CtorValue, Type, Value, V};
+use super::Checker;
+use crate::diag::{did_you_mean, Span};
+use crate::syntax::ast::{self, BinOp, Expr, ExprKind};
+
+/// Calls nest at most this deep (a definition calling itself would not stop).
+const MAX_CALL_DEPTH: usize = 64;
+
+/// Where an expression is evaluated: its module, the parameters of the definition it
+/// is in, and the fields of the model block it is in.
+#[derive(Clone, Copy)]
+pub struct Ctx<'e> {
+    pub module: ModId,
+    pub locals: Option<&'e BTreeMap<String, V>>,
+    pub fields: Option<&'e FieldEnv>,
+}
+
+impl<'e> Ctx<'e> {
+    pub fn module(module: ModId) -> Self {
+        Ctx {
+            module,
+            locals: None,
+            fields: None,
+        }
+    }
+}
+
+/// The fields of a model block (its own and its presets'), evaluated on first use so
+/// they may refer to each other in any order.
+#[derive(Default)]
+pub struct FieldEnv {
+    /// Field name -> (its expression, the module it was written in).
+    pub exprs: BTreeMap<String, (Expr, ModId)>,
+    memo: RefCell<BTreeMap<String, V>>,
+    active: RefCell<BTreeSet<String>>,
+}
+
+impl FieldEnv {
+    pub fn new(exprs: BTreeMap<String, (Expr, ModId)>) -> Self {
+        FieldEnv {
+            exprs,
+            ..Default::default()
+        }
+    }
+}
+
+impl Checker<'_> {
+    /// The value of field `name` of `env`, evaluated once.
+    pub(crate) fn field_value(&mut self, env: &FieldEnv, name: &str, use_span: Span) -> Option<V> {
+        if let Some(v) = env.memo.borrow().get(name) {
+            return Some(v.clone());
+        }
+        let (expr, module) = env.exprs.get(name)?.clone();
+        if !env.active.borrow_mut().insert(name.to_string()) {
+            self.sink.push(errors::cyclic(use_span, name));
+            return Some(V::error(use_span));
+        }
+        let ctx = Ctx {
+            module,
+            locals: None,
+            fields: Some(env),
+        };
+        let v = self.eval(&expr, ctx);
+        env.active.borrow_mut().remove(name);
+        env.memo.borrow_mut().insert(name.to_string(), v.clone());
+        Some(v)
+    }
+
+    /// The value of constant `name` of module `m`, evaluated once.
+    pub(crate) fn const_value(&mut self, m: ModId, c: &ast::Const, use_span: Span) -> V {
+        let key = (m, c.name.name.clone());
+        if let Some(v) = self.const_memo.get(&key) {
+            return V::new(v.value.clone(), v.span);
+        }
+        if !self.const_active.insert(key.clone()) {
+            self.sink.push(errors::cyclic(use_span, &c.name.name));
+            return V::error(use_span);
+        }
+        let v = self.eval(&c.value, Ctx::module(m));
+        self.const_active.remove(&key);
+        self.const_memo.insert(key, v.clone());
+        v
+    }
+
+    pub(crate) fn eval(&mut self, e: &Expr, ctx: Ctx) -> V {
+        let span = e.span;
+        let value = match &e.kind {
+            ExprKind::Int(i) => Value::Int(*i),
+            ExprKind::Float(f) => Value::Float(*f),
+            ExprKind::Str(s) => Value::Str(s.clone()),
+            ExprKind::Bool(b) => Value::Bool(*b),
+            ExprKind::None => Value::None,
+            ExprKind::Error => Value::Error,
+            ExprKind::Name(n) => return self.eval_name(n, span, ctx),
+            ExprKind::Tuple(items) => {
+                Value::Tuple(items.iter().map(|i| self.eval(i, ctx)).collect())
+            }
+            ExprKind::Neg(inner) => {
+                let v = self.eval(inner, ctx);
+                match v.value {
+                    Value::Int(i) => match i.checked_neg() {
+                        Some(n) => Value::Int(n),
+                        None => {
+                            self.sink.push(errors::overflow(span));
+                            Value::Error
+                        }
+                    },
+                    Value::Float(f) => Value::Float(-f),
+                    Value::Error => Value::Error,
+                    ref other => {
+                        let other = other.clone();
+                        self.report_not_number(&V::new(other, v.span), ctx);
+                        Value::Error
+                    }
+                }
+            }
+            ExprKind::Binary(op, a, b) => {
+                let a = self.eval(a, ctx);
+                let b = self.eval(b, ctx);
+                return self.binary(*op, a, b, span, ctx);
+            }
+            ExprKind::Call { callee, args } => return self.call(callee, args, span, ctx),
+            ExprKind::Batch { sequences, tokens } => Value::Batch(
+                Box::new(self.eval(sequences, ctx)),
+                Box::new(self.eval(tokens, ctx)),
+            ),
+            ExprKind::Of { count, hardware } => {
+                Value::Of(Box::new(self.eval(count, ctx)), hardware.name.clone())
+            }
+            ExprKind::Across(group) => Value::Across(group.name.clone()),
+        };
+        V::new(value, span)
+    }
+
+    fn eval_name(&mut self, name: &str, span: Span, ctx: Ctx) -> V {
+        if let Some(v) = ctx.locals.and_then(|l| l.get(name)) {
+            return V::new(v.value.clone(), span);
+        }
+        if let Some(env) = ctx.fields {
+            if env.exprs.contains_key(name) {
+                if let Some(v) = self.field_value(env, name, span) {
+                    return V::new(v.value, span);
+                }
+            }
+        }
+        match self.lookup(ctx.module, name) {
+            Some(r) => match r.kind {
+                EntityKind::Const(c) => {
+                    let v = self.const_value(r.module, &c, span);
+                    V::new(v.value, span)
+                }
+                EntityKind::Ctor(sig) => {
+                    self.sink
+                        .push(errors::constructor_not_called(span, &sig.name));
+                    V::error(span)
+                }
+                EntityKind::Def(d) => {
+                    self.sink.push(errors::def_not_called(span, &d.name.name));
+                    V::error(span)
+                }
+                kind => {
+                    self.sink
+                        .push(errors::not_a_value(span, name, kind.describe()));
+                    V::error(span)
+                }
+            },
+            None => V::new(Value::Symbol(name.to_string()), span),
+        }
+    }
+
+    /// Reports a bare name that is not defined anywhere (an unknown name), with the
+    /// closest visible name and the stdlib module to import it from.
+    pub(crate) fn report_unknown_name(&mut self, name: &str, span: Span, ctx: Ctx, extra: &[&str]) {
+        let mut names = self.visible_names(ctx.module);
+        if let Some(l) = ctx.locals {
+            names.extend(l.keys().cloned());
+        }
+        if let Some(f) = ctx.fields {
+            names.extend(f.exprs.keys().cloned());
+        }
+        names.extend(extra.iter().map(|s| s.to_string()));
+        let importable = self
+            .importable_from(name)
+            .map(|m| format!("`{name}` is in `{m}`: add `use {m}.{name}`"));
+        let help = importable.or_else(|| did_you_mean(name, names.iter().map(String::as_str)));
+        self.sink.push(errors::unknown_name(span, name, help));
+    }
+
+    fn report_not_number(&mut self, v: &V, ctx: Ctx) {
+        match &v.value {
+            Value::Symbol(s) => {
+                let s = s.clone();
+                self.report_unknown_name(&s, v.span, ctx, &[]);
+            }
+            Value::Error => {}
+            other => self
+                .sink
+                .push(errors::not_a_number(v.span, &other.describe())),
+        }
+    }
+
+    fn binary(&mut self, op: BinOp, a: V, b: V, span: Span, ctx: Ctx) -> V {
+        use Value::*;
+        if a.is_error() || b.is_error() {
+            return V::error(span);
+        }
+        let value = match (&a.value, &b.value) {
+            (Int(x), Int(y)) => {
+                let (x, y) = (*x, *y);
+                if matches!(op, BinOp::Div | BinOp::Rem) && y == 0 {
+                    self.sink.push(errors::division_by_zero(b.span));
+                    return V::error(span);
+                }
+                let r = match op {
+                    BinOp::Add => x.checked_add(y),
+                    BinOp::Sub => x.checked_sub(y),
+                    BinOp::Mul => x.checked_mul(y),
+                    BinOp::Rem => x.checked_rem_euclid(y),
+                    BinOp::Div => {
+                        if x % y == 0 {
+                            x.checked_div(y)
+                        } else {
+                            return V::new(Float(x as f64 / y as f64), span);
+                        }
+                    }
+                };
+                match r {
+                    Some(v) => Int(v),
+                    Option::None => {
+                        self.sink.push(errors::overflow(span));
+                        Error
+                    }
+                }
+            }
+            (Int(_) | Float(_), Int(_) | Float(_)) => {
+                let x = as_f64(&a.value);
+                let y = as_f64(&b.value);
+                if matches!(op, BinOp::Div | BinOp::Rem) && y == 0.0 {
+                    self.sink.push(errors::division_by_zero(b.span));
+                    return V::error(span);
+                }
+                let r = match op {
+                    BinOp::Add => x + y,
+                    BinOp::Sub => x - y,
+                    BinOp::Mul => x * y,
+                    BinOp::Div => x / y,
+                    BinOp::Rem => x.rem_euclid(y),
+                };
+                if r.is_finite() {
+                    Float(r)
+                } else {
+                    self.sink.push(errors::overflow(span));
+                    Error
+                }
+            }
+            (Str(x), Str(y)) if op == BinOp::Add => Str(format!("{x}{y}")),
+            _ => {
+                let bad = if matches!(a.value, Int(_) | Float(_)) {
+                    &b
+                } else {
+                    &a
+                };
+                if matches!(bad.value, Symbol(_)) {
+                    let bad = bad.clone();
+                    self.report_not_number(&bad, ctx);
+                } else {
+                    self.sink.push(errors::bad_operands(
+                        span,
+                        op.as_str(),
+                        &a.value.describe(),
+                        &b.value.describe(),
+                    ));
+                }
+                Error
+            }
+        };
+        V::new(value, span)
+    }
+
+    fn call(&mut self, callee: &ast::Ident, args: &[ast::Arg], span: Span, ctx: Ctx) -> V {
+        if self.call_depth >= MAX_CALL_DEPTH {
+            self.sink.push(errors::too_deep(span, &callee.name));
+            return V::error(span);
+        }
+        let resolved = self.lookup(ctx.module, &callee.name);
+        match resolved.map(|r| (r.module, r.kind)) {
+            Some((_, EntityKind::Ctor(sig))) => {
+                self.call_depth += 1;
+                let v = self.call_ctor(&sig, callee.span, args, span, ctx);
+                self.call_depth -= 1;
+                v
+            }
+            Some((m, EntityKind::Def(def))) => {
+                self.call_depth += 1;
+                let v = self.call_def(&def, m, args, span, ctx);
+                self.call_depth -= 1;
+                v
+            }
+            Some((_, kind)) => {
+                self.sink.push(errors::not_callable(
+                    callee.span,
+                    &callee.name,
+                    kind.describe(),
+                ));
+                V::error(span)
+            }
+            None => match callee.name.as_str() {
+                "floor" | "ceil" => self.call_rounding(&callee.name, args, span, ctx),
+                _ => {
+                    let mut names = self.visible_names(ctx.module);
+                    names.extend(["floor".to_string(), "ceil".to_string()]);
+                    let importable = self.importable_from(&callee.name).map(|m| {
+                        format!(
+                            "`{}` is in `{m}`: add `use {m}.{}`",
+                            callee.name, callee.name
+                        )
+                    });
+                    let help = importable
+                        .or_else(|| did_you_mean(&callee.name, names.iter().map(String::as_str)));
+                    // Still evaluate the arguments so their own errors are reported.
+                    for a in args {
+                        self.eval(&a.value, ctx);
+                    }
+                    self.sink
+                        .push(errors::unknown_function(callee.span, &callee.name, help));
+                    V::error(span)
+                }
+            },
+        }
+    }
+
+    /// `floor(x)` and `ceil(x)`: the integer division the grammar leaves to `/`.
+    fn call_rounding(&mut self, name: &str, args: &[ast::Arg], span: Span, ctx: Ctx) -> V {
+        if args.len() != 1 || args[0].name.is_some() {
+            self.sink.push(errors::rounding_arity(span, name));
+            return V::error(span);
+        }
+        let v = self.eval(&args[0].value, ctx);
+        let x = match v.value {
+            Value::Int(i) => return V::new(Value::Int(i), span),
+            Value::Float(f) => f,
+            Value::Error => return V::error(span),
+            _ => {
+                self.report_not_number(&v, ctx);
+                return V::error(span);
+            }
+        };
+        let r = if name == "floor" { x.floor() } else { x.ceil() };
+        if r.abs() < 9.0e15 {
+            V::new(Value::Int(r as i64), span)
+        } else {
+            self.sink.push(errors::overflow(span));
+            V::error(span)
+        }
+    }
+
+    fn call_def(
+        &mut self,
+        def: &Rc<ast::Def>,
+        m: ModId,
+        args: &[ast::Arg],
+        span: Span,
+        ctx: Ctx,
+    ) -> V {
+        let mut bound: BTreeMap<String, V> = BTreeMap::new();
+        let mut seen_keyword = false;
+        for (i, a) in args.iter().enumerate() {
+            let v = self.eval(&a.value, ctx);
+            let name = match &a.name {
+                Some(n) => {
+                    seen_keyword = true;
+                    if !def.params.iter().any(|p| p.name.name == n.name) {
+                        let names = def.params.iter().map(|p| p.name.name.as_str());
+                        self.sink.push(errors::unknown_argument(
+                            n.span,
+                            &n.name,
+                            &def.name.name,
+                            did_you_mean(&n.name, names),
+                            def.name.span,
+                        ));
+                        continue;
+                    }
+                    n.name.clone()
+                }
+                None => {
+                    if seen_keyword {
+                        self.sink.push(errors::positional_after_keyword(a.span));
+                        continue;
+                    }
+                    match def.params.get(i) {
+                        Some(p) => p.name.name.clone(),
+                        None => {
+                            self.sink.push(errors::too_many_arguments(
+                                a.span,
+                                &def.name.name,
+                                def.params.len(),
+                            ));
+                            continue;
+                        }
+                    }
+                }
+            };
+            if bound.contains_key(&name) {
+                self.sink.push(errors::argument_twice(a.span, &name));
+                continue;
+            }
+            bound.insert(name, v);
+        }
+        let mut missing = Vec::new();
+        for p in &def.params {
+            if bound.contains_key(&p.name.name) {
+                continue;
+            }
+            match &p.default {
+                Some(d) => {
+                    let v = self.eval(d, Ctx::module(m));
+                    bound.insert(p.name.name.clone(), v);
+                }
+                None => missing.push(p.name.name.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            self.sink.push(errors::missing_arguments(
+                span,
+                &def.name.name,
+                &missing,
+                Some(def.name.span),
+            ));
+            return V::error(span);
+        }
+        let inner = Ctx {
+            module: m,
+            locals: Some(&bound),
+            fields: ctx.fields,
+        };
+        let v = self.eval(&def.body, inner);
+        // The result points at the call: that is the user's text for this use.
+        V::new(v.value, span)
+    }
+
+    fn call_ctor(
+        &mut self,
+        sig: &Rc<Signature>,
+        callee_span: Span,
+        args: &[ast::Arg],
+        span: Span,
+        ctx: Ctx,
+    ) -> V {
+        let mut given: BTreeMap<String, CtorArg> = BTreeMap::new();
+        let mut seen_keyword = false;
+        let mut failed = false;
+        // A misspelled argument usually is the missing one: report it once.
+        let mut unknown_given = false;
+        for (i, a) in args.iter().enumerate() {
+            let param = match &a.name {
+                Some(n) => {
+                    seen_keyword = true;
+                    match sig.param(&n.name) {
+                        Some(p) => p,
+                        None => {
+                            let names = sig.params.iter().map(|p| p.name.as_str());
+                            self.sink.push(errors::unknown_argument(
+                                n.span,
+                                &n.name,
+                                &sig.name,
+                                did_you_mean(&n.name, names),
+                                sig.name_span,
+                            ));
+                            self.eval(&a.value, ctx);
+                            failed = true;
+                            unknown_given = true;
+                            continue;
+                        }
+                    }
+                }
+                None => {
+                    if seen_keyword {
+                        self.sink.push(errors::positional_after_keyword(a.span));
+                        self.eval(&a.value, ctx);
+                        failed = true;
+                        continue;
+                    }
+                    match sig.params.get(i) {
+                        Some(p) => p,
+                        None => {
+                            self.sink.push(errors::too_many_arguments(
+                                a.span,
+                                &sig.name,
+                                sig.params.len(),
+                            ));
+                            self.eval(&a.value, ctx);
+                            failed = true;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if let Some(prev) = given.get(&param.name) {
+                self.sink.push(
+                    errors::argument_twice(a.span, &param.name)
+                        .with_secondary(prev.value.span, "first given here"),
+                );
+                failed = true;
+                continue;
+            }
+            let v = self.eval(&a.value, ctx);
+            let what = format!("`{}` of `{}`", param.name, sig.name);
+            let v = self.conform(v, &param.ty, &what, ctx);
+            failed |= v.is_error();
+            given.insert(
+                param.name.clone(),
+                CtorArg {
+                    value: v,
+                    explicit: true,
+                },
+            );
+        }
+        let mut missing = Vec::new();
+        for p in &sig.params {
+            if given.contains_key(&p.name) {
+                continue;
+            }
+            let v = match (&p.default, &p.ty) {
+                (Some(d), _) => {
+                    let dctx = Ctx::module(sig.module);
+                    let v = self.eval(d, dctx);
+                    let what = format!("default of `{}` of `{}`", p.name, sig.name);
+                    self.conform(v, &p.ty, &what, dctx)
+                }
+                (None, Type::Optional(_)) => V::new(Value::None, span),
+                (None, _) => {
+                    missing.push(p.name.clone());
+                    continue;
+                }
+            };
+            given.insert(
+                p.name.clone(),
+                CtorArg {
+                    value: v,
+                    explicit: false,
+                },
+            );
+        }
+        if !missing.is_empty() && !unknown_given {
+            self.sink.push(
+                errors::missing_arguments(span, &sig.name, &missing, None)
+                    .with_help(format!("the signature is `{}`", sig.display())),
+            );
+            failed = true;
+        }
+        if failed {
+            return V::error(span);
+        }
+        V::new(
+            Value::Ctor(Rc::new(CtorValue {
+                name: sig.name.clone(),
+                kind: sig.kind.clone(),
+                args: given,
+                span,
+                callee_span,
+            })),
+            span,
+        )
+    }
+
+    /// Checks `v` against `ty`, converting ints to floats where a float is wanted and
+    /// integral floats to ints where an int is wanted. `what` names the slot in messages
+    /// ("`hidden` of `mlp`", "field `width`"). Reports and returns an error value on a
+    /// mismatch.
+    pub(crate) fn conform(&mut self, v: V, ty: &Type, what: &str, ctx: Ctx) -> V {
+        let span = v.span;
+        if v.is_error() {
+            return v;
+        }
+        if let Value::Symbol(s) = &v.value {
+            let variants: Vec<String> = match ty {
+                Type::Enum(vs) => vs.clone(),
+                Type::Optional(inner) => match inner.as_ref() {
+                    Type::Enum(vs) => vs.clone(),
+                    _ => Vec::new(),
+                },
+                _ => Vec::new(),
+            };
+            if variants.contains(s) {
+                return v;
+            }
+            if !variants.is_empty() {
+                let help = did_you_mean(s, variants.iter().map(String::as_str));
+                self.sink
+                    .push(errors::not_a_variant(span, s, what, &variants, help));
+                return V::error(span);
+            }
+            let s = s.clone();
+            self.report_unknown_name(&s, span, ctx, &[]);
+            return V::error(span);
+        }
+        match ty {
+            Type::Optional(inner) => {
+                if matches!(v.value, Value::None) {
+                    v
+                } else {
+                    self.conform(v, inner, what, ctx)
+                }
+            }
+            Type::Int(bounds) => {
+                let i = match v.value {
+                    Value::Int(i) => i,
+                    Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
+                    Value::Float(f) => {
+                        self.sink.push(errors::not_an_integer(span, what, f));
+                        return V::error(span);
+                    }
+                    ref other => {
+                        self.sink.push(errors::type_mismatch(
+                            span,
+                            what,
+                            &ty.to_string(),
+                            &other.describe(),
+                        ));
+                        return V::error(span);
+                    }
+                };
+                for b in bounds {
+                    if !b.holds(i as f64) {
+                        self.sink.push(errors::out_of_range(
+                            span,
+                            what,
+                            &i.to_string(),
+                            &b.to_string(),
+                        ));
+                        return V::error(span);
+                    }
+                }
+                V::new(Value::Int(i), span)
+            }
+            Type::Float(bounds) => {
+                let f = match v.value {
+                    Value::Int(i) => i as f64,
+                    Value::Float(f) => f,
+                    ref other => {
+                        self.sink.push(errors::type_mismatch(
+                            span,
+                            what,
+                            &ty.to_string(),
+                            &other.describe(),
+                        ));
+                        return V::error(span);
+                    }
+                };
+                for b in bounds {
+                    if !b.holds(f) {
+                        let shown = super::value::fmt_float(f);
+                        self.sink
+                            .push(errors::out_of_range(span, what, &shown, &b.to_string()));
+                        return V::error(span);
+                    }
+                }
+                V::new(Value::Float(f), span)
+            }
+            Type::Bool => match v.value {
+                Value::Bool(_) => v,
+                ref other => {
+                    self.sink
+                        .push(errors::type_mismatch(span, what, "bool", &other.describe()));
+                    V::error(span)
+                }
+            },
+            Type::Str => match v.value {
+                Value::Str(_) => v,
+                ref other => {
+                    self.sink.push(errors::type_mismatch(
+                        span,
+                        what,
+                        "string",
+                        &other.describe(),
+                    ));
+                    V::error(span)
+                }
+            },
+            Type::Enum(variants) => {
+                let d = v.value.describe();
+                self.sink.push(errors::type_mismatch(
+                    span,
+                    what,
+                    &format!("one of {}", variants.join(", ")),
+                    &d,
+                ));
+                V::error(span)
+            }
+            Type::Tuple(types) => match v.value {
+                Value::Tuple(items) if items.len() == types.len() => {
+                    let mut out = Vec::new();
+                    let mut bad = false;
+                    for (item, t) in items.into_iter().zip(types) {
+                        let c = self.conform(item, t, what, ctx);
+                        bad |= c.is_error();
+                        out.push(c);
+                    }
+                    if bad {
+                        V::error(span)
+                    } else {
+                        V::new(Value::Tuple(out), span)
+                    }
+                }
+                ref other => {
+                    self.sink.push(errors::type_mismatch(
+                        span,
+                        what,
+                        &ty.to_string(),
+                        &other.describe(),
+                    ));
+                    V::error(span)
+                }
+            },
+            Type::Kind(k) => match &v.value {
+                Value::Ctor(c) if kind_fits(&c.kind, k) => v,
+                other => {
+                    let d = other.describe();
+                    let help = self.kind_examples(k);
+                    self.sink.push(errors::wrong_kind(span, what, k, &d, help));
+                    V::error(span)
+                }
+            },
+        }
+    }
+
+    /// "a `gate` is made by `naive(...)`, `gshard(...)`, ...": the stdlib constructors
+    /// of a kind, for help lines.
+    fn kind_examples(&self, kind: &str) -> Option<String> {
+        let mut names: Vec<String> = Vec::new();
+        for m in self.modules.iter().filter(|m| m.is_std) {
+            for (name, e) in &m.items {
+                if let EntityKind::Ctor(sig) = &e.kind {
+                    if kind_fits(&sig.kind, kind) {
+                        names.push(format!("`{name}(...)`"));
+                    }
+                }
+            }
+        }
+        if names.is_empty() {
+            None
+        } else {
+            Some(format!("a `{kind}` is made by {}", names.join(", ")))
+        }
+    }
+}
+
+pub fn as_f64(v: &Value) -> f64 {
+    match v {
+        Value::Int(i) => *i as f64,
+        Value::Float(f) => *f,
+        _ => f64::NAN,
+    }
+}

@@ -1,0 +1,591 @@
+//! The `model` block: preset inheritance, fields, the block's default feed-forward,
+//! per-layer selections (`layers[1..depth step 2].ffn = ...`, one assignment per layer
+//! unless `override`), and the shape rules (width divisible by heads, heads divisible
+//! by kv_heads, top_k at most experts, gate and top_k agreeing).
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use super::errors;
+use super::eval::{Ctx, FieldEnv};
+use super::fields::{boolean, float, int, symbol, uint};
+use super::model::*;
+use super::scope::{EntityKind, ModId};
+use super::value::{CtorValue, Type, Value, V};
+use super::Checker;
+use crate::diag::{did_you_mean, Span};
+use crate::syntax::ast::{self, BlockKind, SelItem};
+
+pub const MODEL_FIELDS: &[&str] = &[
+    "vocab",
+    "context",
+    "width",
+    "heads",
+    "kv_heads",
+    "depth",
+    "norm",
+    "positions",
+    "bias",
+    "tied_embeddings",
+    "block",
+];
+
+/// Presets may nest this deep (a cycle would not end).
+const MAX_PRESET_DEPTH: usize = 16;
+
+fn pos_int() -> Type {
+    Type::Int(vec![super::value::Bound {
+        op: ast::CmpOp::Ge,
+        value: 1.0,
+    }])
+}
+
+impl Checker<'_> {
+    /// The preset chain of a model block, root first: `[(module, block), ...]`.
+    fn preset_chain(
+        &mut self,
+        m: ModId,
+        block: &Rc<ast::Block>,
+    ) -> Option<Vec<(ModId, Rc<ast::Block>)>> {
+        let mut chain = vec![(m, block.clone())];
+        let mut cur = (m, block.clone());
+        while let Some(parent) = cur.1.parent.clone() {
+            if chain.len() > MAX_PRESET_DEPTH {
+                self.sink
+                    .push(errors::preset_cycle(parent.span, &parent.name));
+                return None;
+            }
+            match self.lookup(cur.0, &parent.name) {
+                Some(r) => match r.kind {
+                    EntityKind::Block(b) if b.kind == BlockKind::Model => {
+                        if chain.iter().any(|(_, c)| Rc::ptr_eq(c, &b)) {
+                            self.sink
+                                .push(errors::preset_cycle(parent.span, &parent.name));
+                            return None;
+                        }
+                        chain.push((r.module, b.clone()));
+                        cur = (r.module, b);
+                    }
+                    other => {
+                        self.sink.push(errors::not_a_preset(
+                            parent.span,
+                            &parent.name,
+                            other.describe(),
+                        ));
+                        return None;
+                    }
+                },
+                None => {
+                    let help = self
+                        .importable_from(&parent.name)
+                        .map(|md| {
+                            format!(
+                                "`{}` is in `{md}`: add `use {md}.{}`",
+                                parent.name, parent.name
+                            )
+                        })
+                        .or_else(|| {
+                            let names = self.preset_names();
+                            did_you_mean(&parent.name, names.iter().map(String::as_str))
+                        });
+                    self.sink
+                        .push(errors::unknown_preset(parent.span, &parent.name, help));
+                    return None;
+                }
+            }
+        }
+        chain.reverse();
+        Some(chain)
+    }
+
+    fn preset_names(&self) -> Vec<String> {
+        self.modules
+            .iter()
+            .flat_map(|m| {
+                m.items.iter().filter_map(|(n, e)| match &e.kind {
+                    EntityKind::Block(b) if b.kind == BlockKind::Model => Some(n.clone()),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
+    /// Checks a model block (with its presets) into a [`Model`].
+    pub(crate) fn model(&mut self, m: ModId, block: &Rc<ast::Block>) -> Option<Model> {
+        let name = block.name.clone()?;
+        let chain = self.preset_chain(m, block)?;
+        let mut exprs: BTreeMap<String, (ast::Expr, ModId)> = BTreeMap::new();
+        let mut spans_of: BTreeMap<String, Span> = BTreeMap::new();
+        for (bm, b) in &chain {
+            // Only the block being checked reports its own field mistakes here; presets
+            // are checked on their own (the stdlib test checks every preset).
+            let fields = if Rc::ptr_eq(b, block) {
+                self.block_fields(b, MODEL_FIELDS)
+            } else {
+                let mut quiet = crate::diag::Sink::new();
+                std::mem::swap(self.sink, &mut quiet);
+                let f = self.block_fields(b, MODEL_FIELDS);
+                std::mem::swap(self.sink, &mut quiet);
+                f
+            };
+            for (n, f) in fields {
+                exprs.insert(n.clone(), (f.value.clone(), *bm));
+                spans_of.insert(n, f.value.span);
+            }
+        }
+        let env = FieldEnv::new(exprs);
+        let ctx = Ctx {
+            module: m,
+            locals: None,
+            fields: Some(&env),
+        };
+        let get = |this: &mut Self, field: &str, ty: &Type| -> Option<V> {
+            let span = *spans_of.get(field)?;
+            let v = this.field_value(&env, field, span)?;
+            let v = this.conform(v, ty, &format!("field `{field}`"), ctx);
+            (!v.is_error()).then_some(v)
+        };
+        let mut missing = Vec::new();
+        let mut required = |this: &mut Self, field: &str, ty: &Type| -> Option<V> {
+            if !env.exprs.contains_key(field) {
+                missing.push(field.to_string());
+                return None;
+            }
+            get(this, field, ty)
+        };
+        let vocab = required(self, "vocab", &pos_int());
+        let context = required(self, "context", &pos_int());
+        let width = required(self, "width", &pos_int());
+        let heads = required(self, "heads", &pos_int());
+        let depth = required(self, "depth", &pos_int());
+        let blockv = required(self, "block", &Type::Kind("block".into()));
+        let kv_heads = get(self, "kv_heads", &pos_int());
+        let norm = get(
+            self,
+            "norm",
+            &Type::Enum(vec!["layernorm".into(), "rmsnorm".into()]),
+        );
+        let positions = get(
+            self,
+            "positions",
+            &Type::Enum(vec!["learned".into(), "rotary".into()]),
+        );
+        let bias = get(self, "bias", &Type::Bool);
+        let tied = get(self, "tied_embeddings", &Type::Bool);
+        if !missing.is_empty() {
+            self.sink.push(errors::model_missing_fields(
+                name.span, &name.name, &missing,
+            ));
+        }
+        let (vocab, context, width, heads, depth, blockv) =
+            (vocab?, context?, width?, heads?, depth?, blockv?);
+        let Value::Ctor(block_ctor) = &blockv.value else {
+            return None;
+        };
+        let depth_n = uint(&depth);
+
+        // Attention: the model's heads, optionally restated by `causal(...)`.
+        let attention_ctor = block_ctor.arg("attention").and_then(ctor_of);
+        let mut heads_n = uint(&heads);
+        let mut kv_n = kv_heads.as_ref().map(uint).unwrap_or(heads_n);
+        if let Some(att) = &attention_ctor {
+            if let Some(h) = att.arg("heads").and_then(int) {
+                if h as u64 != heads_n {
+                    self.sink.push(errors::heads_disagree(
+                        att.arg("heads").map(|v| v.span).unwrap_or(att.span),
+                        "heads",
+                        h as u64,
+                        heads_n,
+                        heads.span,
+                    ));
+                }
+                heads_n = h as u64;
+            }
+            if let Some(k) = att.arg("kv_heads").and_then(int) {
+                if let Some(kv) = &kv_heads {
+                    if k as u64 != uint(kv) {
+                        self.sink.push(errors::heads_disagree(
+                            att.arg("kv_heads").map(|v| v.span).unwrap_or(att.span),
+                            "kv_heads",
+                            k as u64,
+                            uint(kv),
+                            kv.span,
+                        ));
+                    }
+                }
+                kv_n = k as u64;
+            }
+        }
+        let width_n = uint(&width);
+        let mut ok = true;
+        if heads_n > 0 && width_n % heads_n != 0 {
+            self.sink.push(errors::width_not_divisible(
+                width.span, width_n, heads_n, heads.span,
+            ));
+            ok = false;
+        }
+        if kv_n > 0 && heads_n % kv_n != 0 {
+            let kv_span = kv_heads.as_ref().map(|v| v.span).unwrap_or(heads.span);
+            self.sink.push(errors::heads_not_divisible(
+                kv_span, heads_n, kv_n, heads.span,
+            ));
+            ok = false;
+        }
+
+        // Layers: the block's feed-forward everywhere, then the selections.
+        let default_ffn = block_ctor.arg("ffn").cloned();
+        let default_ffn = default_ffn.and_then(|v| self.ffn(&v));
+        let mut layers: Vec<Option<(Ffn, Span)>> = match &default_ffn {
+            Some(f) => vec![Some((f.clone(), blockv.span)); depth_n as usize],
+            None => vec![None; depth_n as usize],
+        };
+        if default_ffn.is_none() {
+            ok = false;
+        }
+        // Layer index -> the selection of a preset that assigned it.
+        let mut inherited: BTreeMap<u64, Span> = BTreeMap::new();
+        for (bm, b) in &chain {
+            let bctx = Ctx {
+                module: *bm,
+                locals: None,
+                fields: Some(&env),
+            };
+            ok &= self.layer_assigns(b, bctx, depth_n, &depth, &mut layers, &mut inherited);
+        }
+        if !ok {
+            return None;
+        }
+        let layers: Vec<Layer> = layers
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, l)| l.map(|(ffn, span)| Layer { index, ffn, span }))
+            .collect();
+        if layers.len() as u64 != depth_n {
+            return None;
+        }
+        Some(Model {
+            name: name.name.clone(),
+            vocab: uint(&vocab),
+            context: uint(&context),
+            width: width_n,
+            attention: Attention {
+                heads: heads_n,
+                kv_heads: kv_n,
+                head_dim: if heads_n > 0 { width_n / heads_n } else { 0 },
+                causal: true,
+            },
+            norm: match norm.as_ref().map(symbol) {
+                Some("rmsnorm") => Norm::RmsNorm,
+                _ => Norm::LayerNorm,
+            },
+            positions: match positions.as_ref().map(symbol) {
+                Some("rotary") => Positions::Rotary,
+                _ => Positions::Learned,
+            },
+            tied_embeddings: tied.as_ref().map(boolean).unwrap_or(true),
+            bias: bias.as_ref().map(boolean).unwrap_or(true),
+            layers,
+            spans: ModelSpans {
+                name: name.span,
+                vocab: vocab.span,
+                context: context.span,
+                width: width.span,
+                heads: heads.span,
+                depth: depth.span,
+            },
+        })
+    }
+
+    /// Applies the `layers[...]` assignments of one block; `false` if any was wrong.
+    ///
+    /// Within one block a layer may be assigned once, or again with `override`. A
+    /// block that replaces a layer its preset assigned gets a warning unless it says
+    /// `override`. `inherited` holds the presets' assignments and receives this
+    /// block's.
+    fn layer_assigns(
+        &mut self,
+        block: &ast::Block,
+        ctx: Ctx,
+        depth: u64,
+        depth_v: &V,
+        layers: &mut [Option<(Ffn, Span)>],
+        inherited: &mut BTreeMap<u64, Span>,
+    ) -> bool {
+        let mut ok = true;
+        // Layer index -> the selection (in this block) that assigned it.
+        let mut assigned: BTreeMap<u64, Span> = BTreeMap::new();
+        for a in &block.layers {
+            if a.field.name != "ffn" {
+                self.sink.push(errors::unknown_layer_field(
+                    a.field.span,
+                    &a.field.name,
+                    did_you_mean(&a.field.name, ["ffn"]),
+                ));
+                ok = false;
+                continue;
+            }
+            let Some(indices) = self.selection(a, ctx, depth, depth_v) else {
+                ok = false;
+                continue;
+            };
+            let v = self.eval(&a.value, ctx);
+            let v = self.conform(v, &Type::Kind("ffn".into()), "a layer's `ffn`", ctx);
+            let ffn = if v.is_error() { None } else { self.ffn(&v) };
+            let mut replaced_any = false;
+            let mut from_preset: Vec<(u64, Span)> = Vec::new();
+            for &i in &indices {
+                if let Some(prev) = assigned.get(&i) {
+                    replaced_any = true;
+                    if a.override_span.is_none() {
+                        self.sink
+                            .push(errors::layer_assigned_twice(a.selection_span, i, *prev));
+                        ok = false;
+                    }
+                } else if let Some(prev) = inherited.get(&i) {
+                    replaced_any = true;
+                    from_preset.push((i, *prev));
+                }
+            }
+            match a.override_span {
+                Some(os) if !replaced_any => self
+                    .sink
+                    .push(errors::override_without_effect(os, a.selection_span)),
+                None if !from_preset.is_empty() => {
+                    let idx: Vec<u64> = from_preset.iter().map(|(i, _)| *i).collect();
+                    self.sink.push(errors::preset_layers_replaced(
+                        a.selection_span,
+                        &idx,
+                        from_preset[0].1,
+                    ));
+                }
+                _ => {}
+            }
+            for &i in &indices {
+                assigned.insert(i, a.selection_span);
+            }
+            match ffn {
+                Some(f) => {
+                    for &i in &indices {
+                        if let Some(slot) = layers.get_mut(i as usize) {
+                            *slot = Some((f.clone(), a.span));
+                        }
+                    }
+                }
+                None => ok = false,
+            }
+        }
+        inherited.extend(assigned);
+        ok
+    }
+
+    /// The layer indices a selection names, checked to lie inside `0..depth`, be
+    /// non-empty, and not name a layer twice.
+    fn selection(
+        &mut self,
+        a: &ast::LayerAssign,
+        ctx: Ctx,
+        depth: u64,
+        depth_v: &V,
+    ) -> Option<Vec<u64>> {
+        let idx_ty = Type::Int(Vec::new());
+        let mut out: Vec<u64> = Vec::new();
+        let mut ok = true;
+        for item in &a.selection {
+            match item {
+                SelItem::Index(e) => {
+                    let v = self.eval(e, ctx);
+                    let v = self.conform(v, &idx_ty, "a layer index", ctx);
+                    let Some(i) = int(&v) else {
+                        ok = false;
+                        continue;
+                    };
+                    if i < 0 || i as u64 >= depth {
+                        self.sink
+                            .push(errors::layer_out_of_range(e.span, i, depth, depth_v.span));
+                        ok = false;
+                        continue;
+                    }
+                    if out.contains(&(i as u64)) {
+                        self.sink
+                            .push(errors::layer_selected_twice(e.span, i as u64));
+                        ok = false;
+                        continue;
+                    }
+                    out.push(i as u64);
+                }
+                SelItem::Range {
+                    start,
+                    end,
+                    step,
+                    span,
+                } => {
+                    let s = self.eval(start, ctx);
+                    let s = self.conform(s, &idx_ty, "a range start", ctx);
+                    let e = self.eval(end, ctx);
+                    let e = self.conform(e, &idx_ty, "a range end", ctx);
+                    let st = match step {
+                        Some(st) => {
+                            let v = self.eval(st, ctx);
+                            let v = self.conform(v, &pos_int(), "a range step", ctx);
+                            int(&v)
+                        }
+                        None => Some(1),
+                    };
+                    let (Some(s_i), Some(e_i), Some(st_i)) = (int(&s), int(&e), st) else {
+                        ok = false;
+                        continue;
+                    };
+                    if s_i < 0 || s_i as u64 > depth {
+                        self.sink.push(errors::layer_out_of_range(
+                            start.span,
+                            s_i,
+                            depth,
+                            depth_v.span,
+                        ));
+                        ok = false;
+                        continue;
+                    }
+                    if e_i < 0 || e_i as u64 > depth {
+                        self.sink.push(errors::range_end_past_depth(
+                            end.span,
+                            e_i,
+                            depth,
+                            depth_v.span,
+                        ));
+                        ok = false;
+                        continue;
+                    }
+                    if s_i >= e_i {
+                        self.sink.push(errors::empty_range(*span, s_i, e_i));
+                        ok = false;
+                        continue;
+                    }
+                    let mut i = s_i;
+                    while i < e_i {
+                        if out.contains(&(i as u64)) {
+                            self.sink
+                                .push(errors::layer_selected_twice(*span, i as u64));
+                            ok = false;
+                        } else {
+                            out.push(i as u64);
+                        }
+                        i += st_i;
+                    }
+                }
+            }
+        }
+        if ok && out.is_empty() {
+            self.sink.push(errors::empty_selection(a.selection_span));
+            return None;
+        }
+        ok.then_some(out)
+    }
+
+    /// A feed-forward from a checked `mlp(...)` or `moe(...)` value.
+    pub(crate) fn ffn(&mut self, v: &V) -> Option<Ffn> {
+        let c = ctor_of(v)?;
+        match c.name.as_str() {
+            "moe" => self.moe(&c).map(Ffn::Moe),
+            _ => mlp_of(&c).map(Ffn::Dense),
+        }
+    }
+
+    fn moe(&mut self, c: &CtorValue) -> Option<Moe> {
+        let experts_v = c.arg("experts")?;
+        let top_k_v = c.arg("top_k")?;
+        let experts = uint(experts_v);
+        let top_k = uint(top_k_v);
+        let gate_c = c.arg("gate").and_then(ctor_of)?;
+        let expert = c.arg("expert").and_then(ctor_of).and_then(|e| mlp_of(&e))?;
+        let shared = match c.arg("shared").and_then(ctor_of) {
+            Some(s) => Some(SharedExperts {
+                count: s.arg("count").map(uint).unwrap_or(1),
+                expert: s.arg("expert").and_then(ctor_of).and_then(|e| mlp_of(&e))?,
+            }),
+            None => None,
+        };
+        let mut ok = true;
+        if top_k > experts {
+            self.sink.push(errors::top_k_exceeds_experts(
+                top_k_v.span,
+                top_k,
+                experts,
+                experts_v.span,
+            ));
+            ok = false;
+        }
+        let kind = match gate_c.name.as_str() {
+            "noisy" => GateKind::Noisy,
+            "gshard" => GateKind::Gshard,
+            "switch" => GateKind::Switch,
+            "swipe" => GateKind::Swipe,
+            _ => GateKind::Naive,
+        };
+        let needed = match kind {
+            GateKind::Gshard => Some(2),
+            GateKind::Switch => Some(1),
+            _ => None,
+        };
+        if let Some(k) = needed {
+            if top_k != k {
+                self.sink.push(errors::gate_needs_top_k(
+                    top_k_v.span,
+                    &gate_c.name,
+                    k,
+                    top_k,
+                    gate_c.callee_span,
+                ));
+                ok = false;
+            }
+        }
+        let capacity = gate_c.arg("capacity").and_then(|v| match &v.value {
+            Value::Tuple(items) if items.len() == 2 => Some(Capacity {
+                train: float(&items[0]),
+                eval: float(&items[1]),
+            }),
+            _ => None,
+        });
+        let gate = Gate {
+            kind,
+            capacity,
+            balance_loss: gate_c.arg("balance_loss").map(float).unwrap_or(0.0),
+            jitter: gate_c.arg("jitter").map(float).unwrap_or(0.0),
+            random_routing: gate_c.arg("random_routing").map(boolean).unwrap_or(false),
+            span: gate_c.span,
+        };
+        ok.then(|| Moe {
+            experts,
+            top_k,
+            gate,
+            expert,
+            shared,
+            spans: MoeSpans {
+                call: c.span,
+                experts: experts_v.span,
+                top_k: top_k_v.span,
+            },
+        })
+    }
+}
+
+pub fn ctor_of(v: &V) -> Option<Rc<CtorValue>> {
+    match &v.value {
+        Value::Ctor(c) => Some(c.clone()),
+        _ => None,
+    }
+}
+
+fn mlp_of(c: &CtorValue) -> Option<Mlp> {
+    if c.name != "mlp" {
+        return None;
+    }
+    Some(Mlp {
+        hidden: c.arg("hidden").map(uint)?,
+        act: match c.arg("act").map(symbol) {
+            Some("relu") => Activation::Relu,
+            Some("swiglu") => Activation::Swiglu,
+            _ => Activation::Gelu,
+        },
+        span: c.span,
+    })
+}

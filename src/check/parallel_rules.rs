@@ -1,0 +1,319 @@
+//! The `parallel` block: GPUs and their hardware profile, tensor and pipeline sizes,
+//! the derived (or checked) data size, the expert group, expert slicing, micro-batch.
+//! Only the rules that need no plan live here; the planner adds the deeper ones.
+
+use std::rc::Rc;
+
+use super::errors;
+use super::eval::Ctx;
+use super::fields::{boolean, int, uint};
+use super::model::*;
+use super::scope::{EntityKind, ModId};
+use super::value::{Bound, Type, Value};
+use super::Checker;
+use crate::diag::{did_you_mean, Span};
+use crate::syntax::ast::{self, BlockKind, CmpOp};
+
+pub const PARALLEL_FIELDS: &[&str] = &[
+    "gpus",
+    "tensor",
+    "pipeline",
+    "data",
+    "experts",
+    "expert_slicing",
+    "micro_batch",
+];
+
+/// The profile of a file without a `parallel` block (or with a bare GPU count).
+pub const DEFAULT_HARDWARE: &str = "h100_sxm";
+
+fn pos_int() -> Type {
+    Type::Int(vec![Bound {
+        op: CmpOp::Ge,
+        value: 1.0,
+    }])
+}
+
+impl Checker<'_> {
+    /// The single-GPU default for files without a `parallel` block.
+    pub(crate) fn default_parallel(&mut self, at: Span) -> Option<Parallel> {
+        let hardware = self.std_hardware(DEFAULT_HARDWARE)?;
+        Some(Parallel {
+            declared: false,
+            gpus: 1,
+            hardware,
+            tensor: 1,
+            pipeline: 1,
+            data: 1,
+            experts: ExpertGroup::AcrossData,
+            expert_slicing: false,
+            micro_batch: None,
+            spans: ParallelSpans {
+                block: at,
+                ..Default::default()
+            },
+        })
+    }
+
+    fn std_hardware(&mut self, name: &str) -> Option<Hardware> {
+        let m = self.std_module("hardware")?;
+        match self.lookup(m, name)?.kind {
+            EntityKind::Block(b) if b.kind == BlockKind::Hardware => self.hardware(m, &b),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn parallel(
+        &mut self,
+        m: ModId,
+        block: &Rc<ast::Block>,
+        model: Option<&Model>,
+    ) -> Option<Parallel> {
+        let fields = self.block_fields(block, PARALLEL_FIELDS);
+        let ctx = Ctx::module(m);
+        let mut spans = ParallelSpans {
+            block: block.kw_span,
+            ..Default::default()
+        };
+        let mut ok = true;
+
+        // gpus = N of profile, or a bare N on the default profile.
+        let mut gpus = 1;
+        let mut hardware = None;
+        match fields.get("gpus") {
+            Some(f) => {
+                spans.gpus = f.value.span;
+                let v = self.eval(&f.value, ctx);
+                let (count, hw) = match &v.value {
+                    Value::Of(count, hw) => ((**count).clone(), Some(hw.clone())),
+                    _ => (v.clone(), None),
+                };
+                let count = self.conform(count, &pos_int(), "field `gpus`", ctx);
+                match int(&count) {
+                    Some(n) => gpus = n as u64,
+                    None => ok = false,
+                }
+                if let (
+                    Some(hw),
+                    ast::ExprKind::Of {
+                        hardware: ident, ..
+                    },
+                ) = (hw, &f.value.kind)
+                {
+                    spans.hardware = ident.span;
+                    hardware = self.hardware_by_name(m, &hw, ident.span);
+                    ok &= hardware.is_some();
+                }
+            }
+            None => {
+                self.sink.push(errors::missing_field(
+                    block.kw_span,
+                    "gpus",
+                    "parallel",
+                    "`N of profile`",
+                ));
+                ok = false;
+            }
+        }
+        let hardware = match hardware {
+            Some(h) => Some(h),
+            None => self.std_hardware(DEFAULT_HARDWARE),
+        };
+        let tensor_v = self.typed_field(&fields, "tensor", &pos_int(), ctx);
+        let pipeline_v = self.typed_field(&fields, "pipeline", &pos_int(), ctx);
+        ok &= fields.get("tensor").is_none() || tensor_v.is_some();
+        ok &= fields.get("pipeline").is_none() || pipeline_v.is_some();
+        let tensor = tensor_v.as_ref().map(uint).unwrap_or(1);
+        let pipeline = pipeline_v.as_ref().map(uint).unwrap_or(1);
+        spans.tensor = tensor_v.as_ref().map(|v| v.span).unwrap_or(block.kw_span);
+        spans.pipeline = pipeline_v.as_ref().map(|v| v.span).unwrap_or(block.kw_span);
+        let mp = tensor.saturating_mul(pipeline);
+        let mut data = 1;
+        if ok && mp > 0 {
+            if gpus % mp != 0 {
+                let mut d = errors::gpus_not_divisible(spans.gpus, gpus, tensor, pipeline);
+                if let Some(t) = &tensor_v {
+                    d = d.with_secondary(t.span, "tensor size");
+                }
+                if let Some(p) = &pipeline_v {
+                    d = d.with_secondary(p.span, "pipeline size");
+                }
+                self.sink.push(d);
+                ok = false;
+            } else {
+                data = gpus / mp;
+            }
+        }
+        spans.data = spans.gpus;
+        if let Some(dv) = self.typed_field(&fields, "data", &pos_int(), ctx) {
+            spans.data = dv.span;
+            if ok && uint(&dv) != data {
+                self.sink.push(errors::data_mismatch(
+                    dv.span,
+                    uint(&dv),
+                    data,
+                    gpus,
+                    tensor,
+                    pipeline,
+                    spans.gpus,
+                ));
+                ok = false;
+            }
+        } else if fields.contains_key("data") {
+            ok = false;
+        }
+
+        let experts = match fields.get("experts") {
+            None => ExpertGroup::AcrossData,
+            Some(f) => {
+                spans.experts = f.value.span;
+                let v = self.eval(&f.value, ctx);
+                match &v.value {
+                    Value::Across(g) if g == "data" => ExpertGroup::AcrossData,
+                    Value::Across(g) => {
+                        let gspan = match &f.value.kind {
+                            ast::ExprKind::Across(i) => i.span,
+                            _ => f.value.span,
+                        };
+                        self.sink
+                            .push(errors::across_what(gspan, g, did_you_mean(g, ["data"])));
+                        ok = false;
+                        ExpertGroup::AcrossData
+                    }
+                    Value::Symbol(s) if s == "replicated" => ExpertGroup::Replicated,
+                    Value::Ctor(c) if c.name == "groups_of" => {
+                        let size_v = c.arg("size").cloned();
+                        let size = size_v.as_ref().map(uint).unwrap_or(1);
+                        if ok && size > 0 && data % size != 0 {
+                            self.sink.push(errors::group_not_dividing(
+                                size_v.map(|v| v.span).unwrap_or(f.value.span),
+                                size,
+                                data,
+                                spans.data,
+                            ));
+                            ok = false;
+                        }
+                        ExpertGroup::Size { size }
+                    }
+                    Value::Error => {
+                        ok = false;
+                        ExpertGroup::AcrossData
+                    }
+                    Value::Symbol(s) => {
+                        let help = did_you_mean(s, ["replicated"]);
+                        self.sink.push(errors::bad_expert_group(
+                            f.value.span,
+                            &v.value.describe(),
+                            help,
+                        ));
+                        ok = false;
+                        ExpertGroup::AcrossData
+                    }
+                    other => {
+                        self.sink.push(errors::bad_expert_group(
+                            f.value.span,
+                            &other.describe(),
+                            None,
+                        ));
+                        ok = false;
+                        ExpertGroup::AcrossData
+                    }
+                }
+            }
+        };
+        let expert_slicing = match self.typed_field(&fields, "expert_slicing", &Type::Bool, ctx) {
+            Some(v) => {
+                let on = boolean(&v);
+                if on && tensor == 1 {
+                    self.sink.push(errors::slicing_without_tensor(v.span));
+                }
+                on
+            }
+            None => {
+                ok &= !fields.contains_key("expert_slicing");
+                false
+            }
+        };
+        let micro_batch = match self.typed_field(&fields, "micro_batch", &pos_int(), ctx) {
+            Some(v) => {
+                spans.micro_batch = v.span;
+                Some(uint(&v))
+            }
+            None => {
+                ok &= !fields.contains_key("micro_batch");
+                None
+            }
+        };
+        if let Some(model) = model {
+            if ok && model.attention.heads % tensor != 0 {
+                self.sink.push(errors::heads_not_divisible_by_tensor(
+                    spans.tensor,
+                    model.attention.heads,
+                    tensor,
+                    model.spans.heads,
+                ));
+                ok = false;
+            }
+            if ok && model.depth() % pipeline != 0 {
+                self.sink.push(errors::depth_not_divisible_by_pipeline(
+                    spans.pipeline,
+                    model.depth(),
+                    pipeline,
+                    model.spans.depth,
+                ));
+                ok = false;
+            }
+        }
+        let hardware = hardware?;
+        ok.then_some(Parallel {
+            declared: true,
+            gpus,
+            hardware,
+            tensor,
+            pipeline,
+            data,
+            experts,
+            expert_slicing,
+            micro_batch,
+            spans,
+        })
+    }
+
+    fn hardware_by_name(&mut self, m: ModId, name: &str, span: Span) -> Option<Hardware> {
+        match self.lookup(m, name) {
+            Some(r) => match r.kind {
+                EntityKind::Block(b) if b.kind == BlockKind::Hardware => {
+                    self.hardware(r.module, &b)
+                }
+                other => {
+                    self.sink
+                        .push(errors::not_hardware(span, name, other.describe()));
+                    None
+                }
+            },
+            None => {
+                let help = self
+                    .importable_from(name)
+                    .map(|md| format!("`{name}` is in `{md}`: add `use {md}.{name}`"))
+                    .or_else(|| {
+                        let names = self.hardware_names();
+                        did_you_mean(name, names.iter().map(String::as_str))
+                    });
+                self.sink.push(errors::unknown_hardware(span, name, help));
+                None
+            }
+        }
+    }
+
+    fn hardware_names(&self) -> Vec<String> {
+        self.modules
+            .iter()
+            .flat_map(|m| {
+                m.items.iter().filter_map(|(n, e)| match &e.kind {
+                    EntityKind::Block(b) if b.kind == BlockKind::Hardware => Some(n.clone()),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+}

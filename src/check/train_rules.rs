@@ -1,0 +1,320 @@
+//! The `train` block: data source, batch shape (`32 x 1024 tokens`), steps, optimizer,
+//! schedule, gradient clipping, precision, checkpoint and eval policies, seed; and the
+//! rules tying it to the model and the parallel block (sequence length within context,
+//! batch divisible over data ranks and micro-batches).
+
+use std::rc::Rc;
+
+use super::errors;
+use super::eval::Ctx;
+use super::fields::{float, int, string, symbol, uint};
+use super::model::*;
+use super::model_rules::ctor_of;
+use super::scope::ModId;
+use super::value::{Bound, Type, Value, V};
+use super::Checker;
+use crate::diag::Span;
+use crate::syntax::ast::{self, CmpOp};
+
+pub const TRAIN_FIELDS: &[&str] = &[
+    "data",
+    "batch",
+    "steps",
+    "optimizer",
+    "schedule",
+    "clip_grad",
+    "precision",
+    "checkpoint",
+    "eval",
+    "seed",
+];
+
+/// Default seed of a `train` block without one.
+pub const DEFAULT_SEED: u64 = 1234;
+/// Default gradient clipping (Megatron-LM's `--clip-grad` default).
+pub const DEFAULT_CLIP_GRAD: f64 = 1.0;
+
+fn int_ge(v: f64) -> Type {
+    Type::Int(vec![Bound {
+        op: CmpOp::Ge,
+        value: v,
+    }])
+}
+
+impl Checker<'_> {
+    pub(crate) fn train(
+        &mut self,
+        m: ModId,
+        block: &Rc<ast::Block>,
+        model: Option<&Model>,
+        parallel: Option<&Parallel>,
+    ) -> Option<Train> {
+        let fields = self.block_fields(block, TRAIN_FIELDS);
+        let ctx = Ctx::module(m);
+        let kw = block.kw_span;
+        let mut ok = true;
+        let mut spans = TrainSpans {
+            block: kw,
+            ..Default::default()
+        };
+
+        let data_v = self.required_field(
+            &fields,
+            "data",
+            &Type::Kind("data".into()),
+            ctx,
+            kw,
+            "train",
+        );
+        let data = data_v.as_ref().and_then(ctor_of).map(|c| {
+            let arg = |n: &str| c.arg(n).map(string).unwrap_or_default();
+            match c.name.as_str() {
+                "text" => DataSource::Text(arg("path")),
+                "megatron" => DataSource::Megatron(arg("prefix")),
+                _ => DataSource::Builtin(arg("name")),
+            }
+        });
+        spans.data = data_v.as_ref().map(|v| v.span).unwrap_or(kw);
+
+        // batch = SEQUENCES x TOKENS tokens, or a sequence count at the model's context.
+        let (mut sequences, mut seq_len) = (None, None);
+        let mut tokens_span = kw;
+        match fields.get("batch") {
+            None => {
+                self.sink.push(errors::missing_field(
+                    kw,
+                    "batch",
+                    "train",
+                    "`SEQUENCES x TOKENS tokens`",
+                ));
+                ok = false;
+            }
+            Some(f) => {
+                spans.batch = f.value.span;
+                let v = self.eval(&f.value, ctx);
+                match v.value {
+                    Value::Batch(s, t) => {
+                        tokens_span = t.span;
+                        let s = self.conform(*s, &int_ge(1.0), "the batch's sequences", ctx);
+                        let t =
+                            self.conform(*t, &int_ge(1.0), "the batch's tokens per sequence", ctx);
+                        sequences = int(&s).map(|i| i as u64);
+                        seq_len = int(&t).map(|i| i as u64);
+                    }
+                    _ => {
+                        tokens_span = f.value.span;
+                        let s = self.conform(v, &int_ge(1.0), "field `batch`", ctx);
+                        sequences = int(&s).map(|i| i as u64);
+                        seq_len = model.map(|m| m.context);
+                    }
+                }
+                ok &= sequences.is_some() && seq_len.is_some();
+            }
+        }
+        let steps_v = self.required_field(&fields, "steps", &int_ge(1.0), ctx, kw, "train");
+        spans.steps = steps_v.as_ref().map(|v| v.span).unwrap_or(kw);
+        let steps = steps_v.as_ref().map(uint);
+
+        let opt_v = self.required_field(
+            &fields,
+            "optimizer",
+            &Type::Kind("optimizer".into()),
+            ctx,
+            kw,
+            "train",
+        );
+        let optimizer = opt_v.as_ref().and_then(ctor_of).map(|c| {
+            let betas = match c.arg("betas").map(|v| &v.value) {
+                Some(Value::Tuple(b)) if b.len() == 2 => (float(&b[0]), float(&b[1])),
+                _ => (0.9, 0.999),
+            };
+            Optimizer::Adamw {
+                lr: c.arg("lr").map(float).unwrap_or(0.0),
+                betas,
+                eps: c.arg("eps").map(float).unwrap_or(1e-8),
+                weight_decay: c.arg("weight_decay").map(float).unwrap_or(0.0),
+            }
+        });
+
+        let schedule =
+            match self.typed_field(&fields, "schedule", &Type::Kind("schedule".into()), ctx) {
+                Some(v) => {
+                    let c = ctor_of(&v)?;
+                    let warmup_v = c.arg("warmup").cloned();
+                    let warmup = warmup_v.as_ref().map(uint).unwrap_or(0);
+                    if let (Some(s), Some(w)) = (steps, &warmup_v) {
+                        if warmup > s {
+                            self.sink.push(errors::warmup_past_steps(
+                                w.span,
+                                warmup,
+                                s,
+                                spans.steps,
+                            ));
+                        }
+                    }
+                    Some(match c.name.as_str() {
+                        "cosine" => Schedule::Cosine {
+                            warmup,
+                            min_lr_ratio: c.arg("min_lr_ratio").map(float).unwrap_or(0.1),
+                        },
+                        _ => Schedule::Constant { warmup },
+                    })
+                }
+                None if fields.contains_key("schedule") => None,
+                None => Some(Schedule::Constant { warmup: 0 }),
+            };
+
+        let clip_ty = Type::Optional(Box::new(Type::Float(vec![Bound {
+            op: CmpOp::Gt,
+            value: 0.0,
+        }])));
+        let clip_grad = match self.typed_field(&fields, "clip_grad", &clip_ty, ctx) {
+            Some(V {
+                value: Value::None, ..
+            }) => Some(None),
+            Some(v) => Some(Some(float(&v))),
+            None if fields.contains_key("clip_grad") => None,
+            None => Some(Some(DEFAULT_CLIP_GRAD)),
+        };
+
+        let prec_ty = Type::Enum(vec!["fp32".into(), "bf16".into(), "fp16".into()]);
+        let precision = match self.typed_field(&fields, "precision", &prec_ty, ctx) {
+            Some(v) => {
+                spans.precision = v.span;
+                Some(match symbol(&v) {
+                    "bf16" => Precision::Bf16,
+                    "fp16" => Precision::Fp16,
+                    _ => Precision::Fp32,
+                })
+            }
+            None if fields.contains_key("precision") => None,
+            None => Some(Precision::Fp32),
+        };
+
+        let every_ty = Type::Optional(Box::new(Type::Kind("every".into())));
+        let checkpoint = match self.typed_field(&fields, "checkpoint", &every_ty, ctx) {
+            Some(v) => match ctor_of(&v) {
+                Some(c) => {
+                    spans.checkpoint = v.span;
+                    if let Some(b) = c.explicit("batches") {
+                        self.sink.push(errors::every_wrong_arg(
+                            b.span,
+                            "batches",
+                            "checkpoint",
+                            "eval",
+                        ));
+                        ok = false;
+                    }
+                    self.every_past_steps(&c, steps, spans.steps);
+                    Some(Some(CheckpointPolicy {
+                        every: c.arg("steps").map(uint).unwrap_or(1),
+                        dir: c.arg("dir").map(string).unwrap_or_default(),
+                    }))
+                }
+                None => Some(None),
+            },
+            None if fields.contains_key("checkpoint") => None,
+            None => Some(None),
+        };
+        let eval = match self.typed_field(&fields, "eval", &every_ty, ctx) {
+            Some(v) => match ctor_of(&v) {
+                Some(c) => {
+                    if let Some(d) = c.explicit("dir") {
+                        self.sink.push(errors::every_wrong_arg(
+                            d.span,
+                            "dir",
+                            "eval",
+                            "checkpoint",
+                        ));
+                        ok = false;
+                    }
+                    self.every_past_steps(&c, steps, spans.steps);
+                    Some(Some(EvalPolicy {
+                        every: c.arg("steps").map(uint).unwrap_or(1),
+                        batches: c.arg("batches").map(uint).unwrap_or(1),
+                    }))
+                }
+                None => Some(None),
+            },
+            None if fields.contains_key("eval") => None,
+            None => Some(None),
+        };
+        let seed = match self.typed_field(&fields, "seed", &int_ge(0.0), ctx) {
+            Some(v) => Some(uint(&v)),
+            None if fields.contains_key("seed") => None,
+            None => Some(DEFAULT_SEED),
+        };
+
+        // Rules across blocks.
+        if let (Some(model), Some(len)) = (model, seq_len) {
+            if len > model.context {
+                self.sink.push(errors::seq_len_past_context(
+                    tokens_span,
+                    len,
+                    model.context,
+                    model.spans.context,
+                ));
+                ok = false;
+            }
+            if let Some(DataSource::Text(_)) = &data {
+                if model.vocab < 256 {
+                    self.sink.push(errors::byte_vocab_too_small(
+                        spans.data,
+                        model.vocab,
+                        model.spans.vocab,
+                    ));
+                    ok = false;
+                }
+            }
+        }
+        if let (Some(p), Some(seqs)) = (parallel, sequences) {
+            let per = p.data * p.micro_batch.unwrap_or(1);
+            if per > 0 && seqs % per != 0 {
+                let at = if p.micro_batch.is_some() {
+                    p.spans.micro_batch
+                } else {
+                    p.spans.data
+                };
+                self.sink.push(errors::batch_not_divisible(
+                    spans.batch,
+                    seqs,
+                    p.data,
+                    p.micro_batch,
+                    at,
+                ));
+                ok = false;
+            }
+        }
+        if !ok {
+            return None;
+        }
+        Some(Train {
+            data: data?,
+            batch_sequences: sequences?,
+            seq_len: seq_len?,
+            steps: steps?,
+            optimizer: optimizer?,
+            schedule: schedule?,
+            clip_grad: clip_grad?,
+            precision: precision?,
+            checkpoint: checkpoint?,
+            eval: eval?,
+            seed: seed?,
+            spans,
+        })
+    }
+
+    fn every_past_steps(
+        &mut self,
+        c: &super::value::CtorValue,
+        steps: Option<u64>,
+        steps_span: Span,
+    ) {
+        if let (Some(s), Some(e)) = (steps, c.arg("steps")) {
+            if uint(e) > s {
+                self.sink
+                    .push(errors::every_past_steps(e.span, uint(e), s, steps_span));
+            }
+        }
+    }
+}
