@@ -266,17 +266,19 @@ fn validate(c: &Checked) -> Result<Vec<Diagnostic>, EmitError> {
     }
     let group = layout::expert_group_size(p.experts, p.data);
     let mut moe_count = 0;
+    let mut dense_warned = false;
     for layer in &m.layers {
         match &layer.ffn {
             Ffn::Dense(mlp) => {
-                if mlp.hidden != 4 * m.width || mlp.act != Activation::Gelu {
+                let megatron_like = mlp.hidden == 4 * m.width && mlp.act == Activation::Gelu;
+                if !megatron_like && !dense_warned {
+                    dense_warned = true;
                     warnings.push(Diagnostic::warning(
                         "W0801",
                         mlp.span,
                         format!(
-                            "layer {}: Megatron-LM v2.2's dense MLP is gelu with hidden 4 x width = {}; \
-                             it trains that instead",
-                            layer.index,
+                            "Megatron-LM v2.2's dense MLP is gelu with hidden 4 x width = {}; \
+                             its dense layers train that instead",
                             4 * m.width
                         ),
                     ));
@@ -348,6 +350,27 @@ fn validate(c: &Checked) -> Result<Vec<Diagnostic>, EmitError> {
             "the model has no MoE layer; the patch trains it dense",
         ));
     }
+    // Megatron takes the vocabulary from its tokenizer: GPT-2 BPE, 50257 tokens padded to a
+    // multiple of 128 x tensor size.
+    let padded = 50257u64.div_ceil(128 * p.tensor) * 128 * p.tensor;
+    if !(50257..=padded.max(50304)).contains(&m.vocab) {
+        warnings.push(Diagnostic::warning(
+            "W0804",
+            m.spans.vocab,
+            format!(
+                "Megatron-LM v2.2 takes the vocabulary from its GPT-2 tokenizer ({padded} entries \
+                 with padding), not vocab = {}",
+                m.vocab
+            ),
+        ));
+    }
+    if c.train.is_none() {
+        warnings.push(Diagnostic::warning(
+            "W0805",
+            name,
+            "no `train` block: train.sh has no batch, steps or optimizer arguments; pass them after the script",
+        ));
+    }
     if let Some(t) = &c.train {
         if t.precision == Precision::Bf16 {
             warnings.push(Diagnostic::warning(
@@ -371,11 +394,21 @@ fn validate(c: &Checked) -> Result<Vec<Diagnostic>, EmitError> {
             );
         }
     }
+    // Layers assigned by one selection share its spans: say each thing once.
+    let unique = |ds: Vec<Diagnostic>| {
+        let mut out: Vec<Diagnostic> = Vec::new();
+        for d in ds {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        out
+    };
     if errors.is_empty() {
-        Ok(warnings)
+        Ok(unique(warnings))
     } else {
         errors.extend(warnings);
-        Err(EmitError::Model(errors))
+        Err(EmitError::Model(unique(errors)))
     }
 }
 
