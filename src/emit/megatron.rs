@@ -69,6 +69,9 @@ pub enum CheckoutError {
         line: usize,
         first: String,
     },
+    AlreadyPatched {
+        path: String,
+    },
 }
 
 impl fmt::Display for CheckoutError {
@@ -79,6 +82,10 @@ impl fmt::Display for CheckoutError {
             CheckoutError::CrLf { path } => {
                 write!(f, "`{path}` has CRLF line endings; the release uses LF")
             }
+            CheckoutError::AlreadyPatched { path } => write!(
+                f,
+                "`{path}` already has the patch's changes; give an unpatched checkout"
+            ),
             CheckoutError::AnchorMissing { path, line, first } => write!(
                 f,
                 "`{path}` does not contain the lines the patch changes near line {line} \
@@ -176,6 +183,16 @@ pub fn apply(
         let target = e.line.saturating_sub(1);
         let found = candidates.min_by_key(|&i| (i.abs_diff(target), i));
         let Some(i) = found else {
+            let patched: Vec<&str> = e
+                .before
+                .iter()
+                .chain(e.add)
+                .chain(e.after)
+                .copied()
+                .collect();
+            if !e.add.is_empty() && lines.windows(patched.len()).any(|w| w == &patched[..]) {
+                return Err(CheckoutError::AlreadyPatched { path: path.into() });
+            }
             return Err(CheckoutError::AnchorMissing {
                 path: path.into(),
                 line: e.line,
@@ -275,6 +292,8 @@ mod tests {
         let moved = "x\na\nb\nc\nd\ne\nf\ng\nh\ni\n";
         let (_, starts) = apply("t.py", moved, EDITS).unwrap();
         assert_eq!(starts, vec![3, 9]);
+        let err = apply("t.py", "a\nb\nc\nD1\nD2\ne\nf\n", EDITS).unwrap_err();
+        assert!(matches!(err, CheckoutError::AlreadyPatched { .. }));
         let err = apply("t.py", "a\nb\nc\nX\ne\nf\n", EDITS).unwrap_err();
         assert!(matches!(err, CheckoutError::AnchorMissing { line: 2, .. }));
         // an end-of-file edit does not match in the middle of the file

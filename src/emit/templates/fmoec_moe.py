@@ -478,12 +478,14 @@ class SwipeGate(NaiveGate):
 
 def _swipe_once(idx, cap, local, bias, topo):
     w, me = topo.expert_size, topo.expert_rank
+    dev = idx.device    # collectives run on the tensors' device (NCCL needs CUDA tensors)
     with torch.no_grad():
         worker = (idx // local).cpu()
         lec = torch.bincount(worker, minlength=w).long()
         if w > 1:
-            gec = torch.empty_like(lec)
-            dist.all_to_all_single(gec, lec.contiguous(), group=topo.expert_group)
+            gec = torch.empty_like(lec).to(dev)
+            dist.all_to_all_single(gec, lec.to(dev), group=topo.expert_group)
+            gec = gec.cpu()
         else:
             gec = lec.clone()
         drop = torch.zeros(w, dtype=torch.long)
@@ -497,11 +499,14 @@ def _swipe_once(idx, cap, local, bias, topo):
                 cap = 0
         gec_t = torch.tensor(gec, dtype=torch.long)
         if w > 1:
-            lec = torch.empty_like(gec_t)
-            dist.all_to_all_single(lec, gec_t, group=topo.expert_group)
+            lec = torch.empty_like(gec_t).to(dev)
+            dist.all_to_all_single(lec, gec_t.to(dev), group=topo.expert_group)
+            lec = lec.cpu()
+            drop = drop.to(dev)
             dist.all_reduce(drop, group=topo.expert_group)
-            caps = [torch.zeros(1, dtype=torch.long) for _ in range(w)]
-            dist.all_gather(caps, torch.tensor([cap], dtype=torch.long), group=topo.expert_group)
+            drop = drop.cpu()
+            caps = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(w)]
+            dist.all_gather(caps, torch.tensor([cap], dtype=torch.long, device=dev), group=topo.expert_group)
             gcap = [int(c.item()) for c in caps]
         else:
             lec = gec_t.clone()
