@@ -838,7 +838,7 @@ def _allreduce_by_kind(params, topo, fp32_allreduce=False):
 class DistributedDataParallel(nn.Module):
     """Megatron's local DDP, reducing each parameter over its kind's group (see `dp_comm`)."""
     def __init__(self, module, topology=None):
-        super(DistributedDataParallel, self).__init__()
+        nn.Module.__init__(self)   # not super(): the FastMoE runtime rebinds this class's name
         self.module = module
         self.topology = topology
         self.needs_reduction = False
@@ -1059,10 +1059,12 @@ def fmoefy(model):
     if topo.expert_size not in (1, topo.data_size):
         raise ValueError('fmoec: FastMoE splits experts over the whole data-parallel group or not at all')
     set_topology(topo)
-    reset_gate_hook(args.num_layers)
     layers = model.language_model.transformer.layers
     offset = mpu.get_pipeline_model_parallel_rank() * len(layers)
     selected = set(args.fmoe_layers or [])
+    # FastMoE's balance bookkeeping reads args.balance_strategy when it is reset
+    args.balance_strategy = _layer_spec(min(selected) if selected else 0, args)['gate']
+    reset_gate_hook(args.num_layers)
     for local, layer in enumerate(layers):
         index = offset + local
         if index not in selected:
