@@ -44,13 +44,23 @@ def inputs():
     return x, w
 
 
-def expert_parallel_step(rank, world, gates, tensor):
+def expert_parallel_step(rank, world, gates, tensor, expert_group_size=0):
     """Each rank: its share of the tokens through every gate's MoE layer; forward, backward,
-    expert-aware reduction, clipping. `tensor` ranks split each expert's hidden dimension."""
+    expert-aware reduction, clipping. `tensor` ranks split each expert's hidden dimension;
+    `expert_group_size` > 0 splits the data ranks into expert groups of that size."""
     import fmoec_moe as m
     group = dist.group.WORLD
     experts_ranks = world // tensor
-    if tensor > 1:
+    if expert_group_size:
+        s = expert_group_size
+        groups = [dist.new_group(list(range(c * s, (c + 1) * s))) for c in range(world // s)]
+        replicas = [dist.new_group(list(range(j, world, s))) for j in range(s)]
+        topo = m.Topology(expert_group=groups[rank // s], expert_rank=rank % s, expert_size=s,
+                          expert_dp_group=replicas[rank % s], expert_dp_size=world // s,
+                          data_group=group, data_size=world, gate_group=group)
+        experts_ranks = s
+        lo, hi = rank * TOKENS // world, (rank + 1) * TOKENS // world
+    elif tensor > 1:
         topo = m.Topology(tensor_group=group, tensor_rank=rank, tensor_size=tensor,
                           data_group=None, data_size=1, gate_group=group)
         lo, hi = 0, TOKENS
