@@ -1,29 +1,81 @@
-//! `fmoec emit`: command-line arguments.
+//! `fmoec emit`: command-line arguments, and writing the emitted files.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::check;
 use crate::driver::{self, DiagFormat};
+
+use super::{EmitError, EmitOptions, Runtime};
 
 #[derive(Debug, clap::Args)]
 pub struct EmitArgs {
     /// The model file.
     pub file: PathBuf,
-    /// Megatron-LM release to target.
+    /// Megatron-LM release to target (`v2.2`).
     #[arg(long, value_name = "VERSION")]
     pub megatron: String,
     /// Output folder.
     #[arg(short, long, default_value = "out")]
     pub output: PathBuf,
+    /// Which MoE implementation the generated module uses.
+    #[arg(long, value_enum, default_value_t)]
+    pub runtime: Runtime,
+    /// A Megatron-LM checkout: compute the patch from its files (else from the recorded release).
+    #[arg(long, value_name = "PATH")]
+    pub megatron_src: Option<PathBuf>,
     /// How diagnostics are printed.
     #[arg(long, value_enum, default_value_t)]
     pub diagnostics: DiagFormat,
 }
 
 pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
-    let _loaded = match driver::load(&args.file, args.diagnostics) {
+    let loaded = match driver::load(&args.file, args.diagnostics) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    anyhow::bail!("`fmoec emit` is not implemented yet")
+    let targets = check::megatron_targets();
+    let release = match super::find_release(&args.megatron, &targets) {
+        Ok((release, _)) => release,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let source_name = args
+        .file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let opts = EmitOptions {
+        runtime: args.runtime,
+        megatron_src: args.megatron_src.clone(),
+        source_name,
+    };
+    let emitted = match super::emit(&loaded.checked, release, &opts) {
+        Ok(e) => e,
+        Err(EmitError::Model(diagnostics)) => {
+            driver::report(&loaded.sources, &diagnostics, args.diagnostics);
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    driver::report(&loaded.sources, &emitted.warnings, args.diagnostics);
+    std::fs::create_dir_all(&args.output)
+        .map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", args.output.display()))?;
+    for (name, text) in &emitted.files {
+        let path = args.output.join(name);
+        std::fs::write(&path, text)
+            .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path.display()))?;
+        #[cfg(unix)]
+        if name.ends_with(".sh") {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755));
+        }
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,128 @@
+//! View models: every value the templates print, computed here from the checked model.
+//!
+//! Templates (`src/emit/templates/`) only substitute and loop; formatting of Python
+//! literals and shell arguments happens in this module. Knows nothing about the patch.
+
+use askama::Template;
+
+/// One MoE layer as the generated module's table lists it.
+#[derive(Clone, Debug)]
+pub struct LayerView {
+    pub index: usize,
+    pub experts: u64,
+    pub top_k: u64,
+    pub gate: &'static str,
+    pub hidden: u64,
+    pub act: &'static str,
+    /// A Python literal: `(1.2, 2.4)` or `None`.
+    pub capacity: String,
+    pub balance_loss: String,
+    pub jitter: String,
+    /// `True` or `False`.
+    pub random_routing: &'static str,
+    /// For the README: experts on each rank of the expert group.
+    pub experts_per_rank: u64,
+}
+
+#[derive(Template)]
+#[template(path = "fmoec_moe.py", escape = "none")]
+pub struct ModuleView {
+    pub module_name: &'static str,
+    pub megatron_version: String,
+    pub fmoec_version: &'static str,
+    pub source_name: String,
+    pub model_name: String,
+    pub runtime: &'static str,
+    pub fastmoe: bool,
+    pub layers: Vec<LayerView>,
+    /// 0 = the data-parallel group.
+    pub expert_group_size: u64,
+    /// A Python literal: the per-rank expert count, or `None` when layers differ.
+    pub experts_per_worker: String,
+    /// `"16 GPUs: tensor 2 x pipeline 1 x data 8"`.
+    pub planned_layout: String,
+}
+
+/// One `--flag value` line of the launch command.
+#[derive(Clone, Debug)]
+pub struct ArgLine {
+    pub text: String,
+}
+
+#[derive(Template)]
+#[template(path = "train.sh", escape = "none")]
+pub struct TrainView {
+    pub megatron_version: String,
+    pub source_name: String,
+    pub model_name: String,
+    pub nproc_per_node: u64,
+    pub nnodes: u64,
+    /// Set when the model file names a Megatron dataset; otherwise DATA_PATH must be given.
+    pub data_path: Option<String>,
+    pub args: Vec<ArgLine>,
+}
+
+/// One row of the README's placement table.
+#[derive(Clone, Debug)]
+pub struct GroupRow {
+    pub kind: &'static str,
+    pub groups: String,
+}
+
+#[derive(Template)]
+#[template(path = "README.md", escape = "none")]
+pub struct ReadmeView {
+    pub megatron_version: String,
+    pub commit: String,
+    pub source_name: String,
+    pub model_name: String,
+    pub patch_name: String,
+    pub module_name: &'static str,
+    pub fastmoe: bool,
+    pub planned_layout: String,
+    pub layers: Vec<LayerView>,
+    pub expert_group: String,
+    pub groups: Vec<GroupRow>,
+    pub patched_files: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+/// A Python float literal (`0.01`, `1.0`, `3e-5`) for a finite value, rounded to 12
+/// significant digits so that computed values print as written (`3e-4 * 0.1` as `3e-5`).
+pub fn py_float(x: f64) -> String {
+    let rounded: f64 = format!("{x:.11e}").parse().unwrap_or(x);
+    let s = format!("{rounded:?}");
+    if s.contains('.') || s.contains('e') || s.contains("inf") || s.contains("NaN") {
+        s
+    } else {
+        format!("{s}.0")
+    }
+}
+
+/// A shell word: left bare when safe, else single-quoted.
+pub fn sh_word(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c));
+    if safe {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_floats_and_shell_words() {
+        assert_eq!(py_float(0.01), "0.01");
+        assert_eq!(py_float(1.0), "1.0");
+        assert_eq!(py_float(3e-4), "0.0003");
+        assert_eq!(py_float(3e-4 * 0.1), "3e-5");
+        assert_eq!(sh_word("ckpt/run-1"), "ckpt/run-1");
+        assert_eq!(sh_word("my data"), "'my data'");
+        assert_eq!(sh_word("it's"), r"'it'\''s'");
+    }
+}
