@@ -110,7 +110,7 @@ fn a_timeout_names_the_group_and_the_step() {
             .unwrap_err();
         Some((
             err.to_string(),
-            matches!(err.kind, ErrorKind::Timeout { .. }),
+            matches!(*err.kind, ErrorKind::Timeout { .. }),
             start.elapsed(),
         ))
     });
@@ -147,7 +147,7 @@ fn a_rank_that_panics_makes_the_others_fail_instead_of_hanging() {
         let err = result.as_ref().unwrap().as_ref().unwrap_err();
         assert!(
             matches!(
-                err.kind,
+                *err.kind,
                 ErrorKind::PeerGone {
                     peer: 3,
                     panicked: true
@@ -177,7 +177,7 @@ fn a_rank_that_drops_its_handle_makes_the_others_fail() {
     let err = results.into_iter().next().unwrap().unwrap().unwrap();
     assert!(
         matches!(
-            err.kind,
+            *err.kind,
             ErrorKind::PeerGone {
                 peer: 1,
                 panicked: false
@@ -266,4 +266,36 @@ fn layouts_are_validated() {
         layout.members(GroupKind::Expert, 5),
         Some(&[4, 5, 6, 7][..])
     );
+}
+
+#[test]
+fn a_stalled_exchange_names_the_expert_group_and_the_layer() {
+    use fmoec::collective::{exchange_experts, ExpertPlacement};
+    let layout = GroupLayout::data_parallel(2, 2).unwrap();
+    let ranks = local_world(&layout, Duration::from_millis(300)).unwrap();
+    let results = run_ranks(ranks, |groups| {
+        if groups.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(1000));
+            return None;
+        }
+        let placement = ExpertPlacement::contiguous(2, 2).unwrap();
+        let tokens = Tensor::zeros([3, 4], (Kind::Float, tch::Device::Cpu));
+        let result = exchange_experts(
+            groups.expert(),
+            &placement,
+            &tokens,
+            &[2, 1],
+            "step 7, layer 3",
+            |x, _| Ok(x.shallow_clone()),
+        );
+        Some(result.err().map(|e| e.to_string()))
+    });
+    let message = results
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(message.starts_with("expert group [0,1]: all_gather_counts at \"step 7, layer 3, dispatch counts\": timed out"), "{message}");
 }

@@ -14,7 +14,8 @@ pub struct CollectiveError {
     pub op: &'static str,
     /// The caller's label for the call site.
     pub at: String,
-    pub kind: ErrorKind,
+    /// Boxed to keep `Result<_, CollectiveError>` small.
+    pub kind: Box<ErrorKind>,
 }
 
 /// What went wrong. Ranks are global ranks.
@@ -52,7 +53,7 @@ impl CollectiveError {
             group: group.to_string(),
             op,
             at: at.to_string(),
-            kind,
+            kind: Box::new(kind),
         }
     }
 }
@@ -60,7 +61,7 @@ impl CollectiveError {
 impl fmt::Display for CollectiveError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {} at \"{}\": ", self.group, self.op, self.at)?;
-        match &self.kind {
+        match self.kind.as_ref() {
             ErrorKind::Timeout { waited, missing } => {
                 let ranks: Vec<String> = missing.iter().map(|r| r.to_string()).collect();
                 let noun = if missing.len() == 1 { "rank" } else { "ranks" };
@@ -84,7 +85,7 @@ impl fmt::Display for CollectiveError {
 
 impl std::error::Error for CollectiveError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match &self.kind {
+        match self.kind.as_ref() {
             ErrorKind::Tensor(e) => Some(e),
             _ => None,
         }

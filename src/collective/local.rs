@@ -247,7 +247,7 @@ impl Collective for LocalCollective {
         let shape = tensor.size();
         let mut sum: Option<Tensor> = None;
         for (src, part) in parts.into_iter().enumerate() {
-            let part = expect_tensor(part).unwrap_or_else(Tensor::new);
+            let part = expect_tensor(part).unwrap_or_default();
             if !part.defined() || part.size() != shape || part.kind() != tensor.kind() {
                 let message =
                     format!(
@@ -323,7 +323,7 @@ impl Collective for LocalCollective {
         let received = self.receive(&self.everyone(), seq, OP, at)?;
         let mut pieces = Vec::with_capacity(size);
         for (src, part) in received.into_iter().enumerate() {
-            let part = expect_tensor(part).unwrap_or_else(Tensor::new);
+            let part = expect_tensor(part).unwrap_or_default();
             let got = if part.defined() {
                 part.size().first().copied().unwrap_or(0)
             } else {
