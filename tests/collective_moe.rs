@@ -8,8 +8,10 @@
 //! (or half) of the tokens, exchanges tokens over the expert group with autograd cut,
 //! runs backward in segments, reduces gradients by kind and clips by the global norm.
 //!
-//! Everything runs in f64; tolerance: 1e-10 absolute on outputs, loss, gradients and
-//! the norm (values are O(1); the only differences are summation orders).
+//! Runs in f64 with tolerance 1e-10 absolute on outputs, loss, gradients and the norm
+//! (values are O(1); the only differences are summation orders), and in f32 (what the
+//! runtime uses on CPU) with tolerance 1e-5.
+#![cfg(feature = "runtime")]
 
 use fmoec::collective::local::{local_world, run_ranks};
 use fmoec::collective::{
@@ -26,7 +28,20 @@ const TOP_K: i64 = 2;
 const TOKENS: i64 = 16;
 const BLOCKS: usize = 2;
 const MAX_NORM: f64 = 0.05;
-const TOLERANCE: f64 = 1e-10;
+const F64: Precision = Precision {
+    kind: Kind::Double,
+    tolerance: 1e-10,
+};
+const F32: Precision = Precision {
+    kind: Kind::Float,
+    tolerance: 1e-5,
+};
+
+#[derive(Clone, Copy)]
+struct Precision {
+    kind: Kind,
+    tolerance: f64,
+}
 
 /// Plain data (shape + values), so it can be shared between rank threads.
 #[derive(Clone)]
@@ -44,12 +59,14 @@ impl Data {
         }
     }
 
-    fn tensor(&self) -> Tensor {
-        Tensor::from_slice(&self.values).reshape(&self.shape)
+    fn tensor(&self, kind: Kind) -> Tensor {
+        Tensor::from_slice(&self.values)
+            .reshape(&self.shape)
+            .to_kind(kind)
     }
 
-    fn param(&self) -> Tensor {
-        self.tensor().set_requires_grad(true)
+    fn param(&self, kind: Kind) -> Tensor {
+        self.tensor(kind).set_requires_grad(true)
     }
 }
 
@@ -98,14 +115,14 @@ fn expert(x: &Tensor, p: &[Tensor], j: i64) -> Tensor {
 
 fn gate(h: &Tensor, w_gate: &Tensor) -> (Tensor, Tensor) {
     let (values, index) = h.matmul(w_gate).topk(TOP_K, -1, true, true);
-    (values.softmax(-1, Kind::Double), index)
+    (values.softmax(-1, values.kind()), index)
 }
 
 fn loss_of(out: &Tensor, target: &Tensor) -> Tensor {
     (out - target)
         .square()
-        .sum_dim_intlist(1, false, Kind::Double)
-        .mean(Kind::Double)
+        .sum_dim_intlist(1, false, out.kind())
+        .mean(out.kind())
         * 0.5
 }
 
@@ -119,16 +136,16 @@ struct Outcome {
 }
 
 /// The single-rank run: no exchange, no cuts, one `backward()`.
-fn reference(init: &Init) -> Outcome {
-    let x = init.x.tensor();
+fn reference(init: &Init, kind: Kind) -> Outcome {
+    let x = init.x.tensor(kind);
     let blocks: Vec<(Tensor, Tensor, Vec<Tensor>)> = init
         .blocks
         .iter()
         .map(|b| {
             (
-                b.w_in.param(),
-                b.w_gate.param(),
-                b.experts.iter().map(Data::param).collect(),
+                b.w_in.param(kind),
+                b.w_gate.param(kind),
+                b.experts.iter().map(|d| d.param(kind)).collect(),
             )
         })
         .collect();
@@ -146,7 +163,7 @@ fn reference(init: &Init) -> Outcome {
         }
         h = &h0 + moe;
     }
-    let loss = loss_of(&h, &init.target.tensor());
+    let loss = loss_of(&h, &init.target.tensor(kind));
     loss.backward();
     let mut params: Vec<Tensor> = Vec::new();
     for (w_in, w_gate, experts) in &blocks {
@@ -185,6 +202,7 @@ fn distributed(
     world: usize,
     expert_group: usize,
     placement: &ExpertPlacement,
+    kind: Kind,
 ) -> Vec<Outcome> {
     let layout = GroupLayout::data_parallel(world, expert_group).unwrap();
     let ranks = local_world(&layout, Duration::from_secs(30)).unwrap();
@@ -199,8 +217,11 @@ fn distributed(
             .collect();
         let local_index = Tensor::from_slice(&local);
         let slot_of_expert = Tensor::from_slice(&placement.slot_of_expert());
-        let x = init.x.tensor().narrow(0, rank as i64 * share, share);
-        let target = init.target.tensor().narrow(0, rank as i64 * share, share);
+        let x = init.x.tensor(kind).narrow(0, rank as i64 * share, share);
+        let target = init
+            .target
+            .tensor(kind)
+            .narrow(0, rank as i64 * share, share);
         let blocks: Vec<(Tensor, Tensor, Vec<Tensor>)> = init
             .blocks
             .iter()
@@ -209,12 +230,12 @@ fn distributed(
                     .experts
                     .iter()
                     .map(|d| {
-                        d.tensor()
+                        d.tensor(kind)
                             .index_select(0, &local_index)
                             .set_requires_grad(true)
                     })
                     .collect();
-                (b.w_in.param(), b.w_gate.param(), experts)
+                (b.w_in.param(kind), b.w_gate.param(kind), experts)
             })
             .collect();
 
@@ -248,7 +269,7 @@ fn distributed(
                         start += n;
                     }
                     if pieces.is_empty() {
-                        return Tensor::f_zeros([0, WIDTH], (Kind::Double, tch::Device::Cpu));
+                        return Tensor::f_zeros([0, WIDTH], (received.kind(), tch::Device::Cpu));
                     }
                     Tensor::f_cat(&pieces, 0)
                 },
@@ -313,37 +334,38 @@ fn assert_equivalent(
     world: usize,
     expert_group: usize,
     placement: &ExpertPlacement,
+    precision: Precision,
 ) -> Vec<Outcome> {
     let init = init(7);
-    let expected = reference(&init);
+    let expected = reference(&init, precision.kind);
     assert!(
         expected.scale < 1.0,
         "the test must exercise clipping (norm {})",
         expected.norm
     );
-    let got = distributed(&init, world, expert_group, placement);
+    let got = distributed(&init, world, expert_group, placement, precision.kind);
     let share = TOKENS as usize / world;
     for (rank, outcome) in got.iter().enumerate() {
         let my_rows: Vec<usize> = (rank * share..(rank + 1) * share).collect();
         let what = format!("world {world}, expert group {expert_group}, rank {rank}");
         assert!(
-            max_diff(&outcome.out.values, &rows(&expected.out, &my_rows)) < TOLERANCE,
+            max_diff(&outcome.out.values, &rows(&expected.out, &my_rows)) < precision.tolerance,
             "{what}: output"
         );
         assert!(
-            (outcome.loss - expected.loss).abs() < TOLERANCE,
+            (outcome.loss - expected.loss).abs() < precision.tolerance,
             "{what}: loss {} vs {}",
             outcome.loss,
             expected.loss
         );
         assert!(
-            (outcome.norm - expected.norm).abs() < TOLERANCE,
+            (outcome.norm - expected.norm).abs() < precision.tolerance,
             "{what}: norm {} vs {}",
             outcome.norm,
             expected.norm
         );
         assert!(
-            (outcome.scale - expected.scale).abs() < TOLERANCE,
+            (outcome.scale - expected.scale).abs() < precision.tolerance,
             "{what}: clip scale"
         );
         let local = placement.local_experts(rank % expert_group);
@@ -353,14 +375,14 @@ fn assert_equivalent(
             for (i, name) in ["w_in", "w_gate"].iter().enumerate() {
                 let d = max_diff(&got_block[i].values, &want_block[i].values);
                 assert!(
-                    d < TOLERANCE,
+                    d < precision.tolerance,
                     "{what}: block {block} {name} gradient differs by {d}"
                 );
             }
             for (i, name) in ["w1", "b1", "w2", "b2"].iter().enumerate() {
                 let d = max_diff(&got_block[2 + i].values, &rows(&want_block[2 + i], local));
                 assert!(
-                    d < TOLERANCE,
+                    d < precision.tolerance,
                     "{what}: block {block} expert {name} gradient differs by {d}"
                 );
             }
@@ -371,31 +393,38 @@ fn assert_equivalent(
 
 #[test]
 fn two_ranks_equal_the_single_rank_run() {
-    assert_equivalent(2, 2, &ExpertPlacement::contiguous(EXPERTS, 2).unwrap());
+    let placement = ExpertPlacement::contiguous(EXPERTS, 2).unwrap();
+    assert_equivalent(2, 2, &placement, F64);
+    assert_equivalent(2, 2, &placement, F32);
 }
 
 #[test]
 fn four_ranks_equal_the_single_rank_run() {
-    assert_equivalent(4, 4, &ExpertPlacement::contiguous(EXPERTS, 4).unwrap());
+    let placement = ExpertPlacement::contiguous(EXPERTS, 4).unwrap();
+    assert_equivalent(4, 4, &placement, F64);
+    assert_equivalent(4, 4, &placement, F32);
 }
 
 #[test]
 fn four_ranks_with_two_expert_groups_equal_the_single_rank_run() {
     // Expert groups [0,1] and [2,3]; expert-data groups [0,2] and [1,3].
-    assert_equivalent(4, 2, &ExpertPlacement::contiguous(EXPERTS, 2).unwrap());
+    let placement = ExpertPlacement::contiguous(EXPERTS, 2).unwrap();
+    assert_equivalent(4, 2, &placement, F64);
+    assert_equivalent(4, 2, &placement, F32);
 }
 
 #[test]
 fn one_rank_through_the_exchange_equals_the_reference() {
-    assert_equivalent(1, 1, &ExpertPlacement::contiguous(EXPERTS, 1).unwrap());
+    assert_equivalent(1, 1, &ExpertPlacement::contiguous(EXPERTS, 1).unwrap(), F64);
 }
 
 #[test]
 fn moving_experts_between_ranks_does_not_change_the_norm() {
-    let contiguous = assert_equivalent(4, 4, &ExpertPlacement::contiguous(EXPERTS, 4).unwrap());
+    let contiguous =
+        assert_equivalent(4, 4, &ExpertPlacement::contiguous(EXPERTS, 4).unwrap(), F64);
     // Uneven and out of order, with one rank holding no expert at all.
     let moved = ExpertPlacement::new(vec![vec![3], vec![0, 2], vec![], vec![1]]).unwrap();
-    let moved = assert_equivalent(4, 4, &moved);
+    let moved = assert_equivalent(4, 4, &moved, F64);
     for (a, b) in contiguous.iter().zip(&moved) {
         assert!(
             (a.norm - b.norm).abs() < 1e-12 * a.norm,

@@ -1,5 +1,6 @@
 //! The in-process collectives: results, and failures that name the group and the call
 //! site instead of hanging (timeouts, ranks that die, ranks out of step).
+#![cfg(feature = "runtime")]
 
 use fmoec::collective::local::{local_world, run_ranks, LocalCollective};
 use fmoec::collective::{Collective, ErrorKind, GroupKind, GroupLabel, GroupLayout, LayoutError};
