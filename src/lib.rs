@@ -11,6 +11,8 @@
 //! diagnostics against the user's file.
 
 pub mod check;
+#[cfg(feature = "runtime")]
+pub mod collective;
 pub mod diag;
 pub mod driver;
 pub mod emit;

@@ -1,0 +1,178 @@
+//! Gradient reduction by parameter kind and the global gradient-norm clipping with
+//! experts spread over ranks (DESIGN.md, "Semantics that must match").
+//!
+//! Convention: every rank's loss is the mean over its own (equally sized) share of the
+//! global batch. Then averaging matches the single-rank run of the global batch:
+//! - replicated parameters: summed over the data group, divided by its size D;
+//! - expert parameters: each rank's expert gradients already hold the contributions of
+//!   every rank of its expert group (the exchange brought their tokens); summing over
+//!   the expert-data group adds the other expert groups', and dividing by the data
+//!   group's size D averages over all shares of the batch;
+//! - gate parameters: summed over the gate group and divided by its size (ranks of the
+//!   gate group outside the data group hold identical gradients, e.g. tensor ranks).
+//!
+//! This module covers tensor = pipeline = 1: with pipeline stages the squared norms must
+//! also be summed over the pipeline group, and tensor-sliced experts over the tensor
+//! group; [`super::Groups`] has no such groups yet.
+
+use super::error::{CollectiveError, ErrorKind};
+use super::{Collective, Groups, Result};
+use tch::{Kind, Tensor};
+
+/// How a parameter's gradient is shared between ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ParamKind {
+    /// The same on every rank of the data group (embeddings, attention, norms, dense MLPs).
+    Replicated,
+    /// A rank's own experts (stacked `[E_local, ...]` tensors).
+    Expert,
+    /// Gate weights (FastMoE all-reduces them over the gate group).
+    Gate,
+}
+
+const KINDS: [ParamKind; 3] = [ParamKind::Replicated, ParamKind::Expert, ParamKind::Gate];
+
+fn err(
+    group: &dyn Collective,
+    op: &'static str,
+    at: &str,
+) -> impl Fn(tch::TchError) -> CollectiveError {
+    let group = group.label().to_string();
+    let at = at.to_string();
+    move |e| CollectiveError::new(&group, op, &at, ErrorKind::Tensor(e))
+}
+
+/// `p.grad()`, first defining it as zeros when no gradient reached `p` (an expert that
+/// received no tokens): its rank must still take part in the reduction.
+fn grad_of(p: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
+    if !p.grad().defined() {
+        p.f_sum(None)?.f_mul_scalar(0.0)?.f_backward()?;
+    }
+    Ok(p.grad())
+}
+
+/// Reduce the gradients (`.grad`) of `params` in place, by kind (see the module docs):
+/// one flat all-reduce per kind, in the order replicated, expert, gate. Every rank
+/// enters all three, also with no parameters of a kind. Parameters that do not require
+/// grad are skipped. The ranks of a group must list the same parameters with the same
+/// shapes and dtype per kind.
+pub fn reduce_gradients(groups: &Groups, params: &[(ParamKind, &Tensor)], at: &str) -> Result<()> {
+    let data_size = groups.data().size() as f64;
+    for kind in KINDS {
+        let (group, divisor) = match kind {
+            ParamKind::Replicated => (groups.data(), data_size),
+            ParamKind::Expert => (groups.expert_data(), data_size),
+            ParamKind::Gate => (groups.gate(), groups.gate().size() as f64),
+        };
+        let op = "reduce_gradients";
+        let terr = err(group, op, at);
+        let grads: Vec<Tensor> = params
+            .iter()
+            .filter(|(k, p)| *k == kind && p.requires_grad())
+            .map(|(_, p)| grad_of(p))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(&terr)?;
+        let kind_of_bucket = grads.first().map(|g| g.kind()).unwrap_or(Kind::Float);
+        if grads.iter().any(|g| g.kind() != kind_of_bucket) {
+            let message = format!("{kind:?} parameters mix dtypes; reduce each dtype separately");
+            return Err(CollectiveError::new(
+                group.label(),
+                op,
+                at,
+                ErrorKind::Invalid(message),
+            ));
+        }
+        let flats: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.f_reshape([-1]))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(&terr)?;
+        let mut bucket = if flats.is_empty() {
+            Tensor::f_zeros([0], (Kind::Float, tch::Device::Cpu)).map_err(&terr)?
+        } else {
+            Tensor::f_cat(&flats, 0).map_err(&terr)?
+        };
+        group.all_reduce_sum(&mut bucket, &format!("{at}, {} gradients", kind_name(kind)))?;
+        let _ = bucket.f_div_scalar_(divisor).map_err(&terr)?;
+        let sizes: Vec<i64> = flats.iter().map(|f| f.numel() as i64).collect();
+        let pieces = bucket.f_split_with_sizes(&sizes, 0).map_err(&terr)?;
+        for (mut grad, piece) in grads.into_iter().zip(pieces) {
+            let shape = grad.size();
+            tch::no_grad(|| grad.f_copy_(&piece.f_reshape(&shape)?)).map_err(&terr)?;
+        }
+    }
+    Ok(())
+}
+
+fn kind_name(kind: ParamKind) -> &'static str {
+    match kind {
+        ParamKind::Replicated => "replicated",
+        ParamKind::Expert => "expert",
+        ParamKind::Gate => "gate",
+    }
+}
+
+/// The global gradient norm and what clipping did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradientNorm {
+    /// 2-norm over all distinct parameters of the whole model, before clipping.
+    pub total: f64,
+    /// The factor the gradients were multiplied by (1 when not clipped).
+    pub scale: f64,
+}
+
+/// The global 2-norm of the (already reduced) gradients, and clipping to `max_norm`.
+///
+/// Replicated and gate gradients are identical on every rank after
+/// [`reduce_gradients`], so each rank counts them once, locally. Expert gradients differ
+/// per rank: their squared norms are summed over the expert group, which holds every
+/// expert exactly once, so the norm does not depend on which rank holds which expert.
+/// Every rank enters the expert group's all-reduce, also with no experts. Clipping
+/// follows `torch.nn.utils.clip_grad_norm_`: scale by `max_norm / (total + 1e-6)` when
+/// that is below 1.
+pub fn clip_global_norm(
+    groups: &Groups,
+    params: &[(ParamKind, &Tensor)],
+    max_norm: Option<f64>,
+    at: &str,
+) -> Result<GradientNorm> {
+    let group = groups.expert();
+    let terr = err(group, "clip_global_norm", at);
+    let mut shared = 0.0f64;
+    let mut expert = 0.0f64;
+    let mut grads = Vec::new();
+    for (kind, p) in params {
+        if !p.requires_grad() {
+            continue;
+        }
+        let grad = p.grad();
+        if !grad.defined() {
+            continue;
+        }
+        let square = grad
+            .f_to_kind(Kind::Double)
+            .and_then(|g| g.f_square())
+            .and_then(|g| g.f_sum(Kind::Double));
+        let square = square.and_then(|s| s.f_double_value(&[])).map_err(&terr)?;
+        match kind {
+            ParamKind::Expert => expert += square,
+            ParamKind::Replicated | ParamKind::Gate => shared += square,
+        }
+        grads.push(grad);
+    }
+    let mut expert_total = Tensor::f_from_slice(&[expert]).map_err(&terr)?;
+    group.all_reduce_sum(&mut expert_total, &format!("{at}, expert gradient norm"))?;
+    let expert_total = expert_total.f_double_value(&[0]).map_err(&terr)?;
+    let total = (shared + expert_total).sqrt();
+    let mut scale = 1.0;
+    if let Some(max_norm) = max_norm {
+        let coefficient = max_norm / (total + 1e-6);
+        if coefficient < 1.0 {
+            scale = coefficient;
+            for mut grad in grads {
+                let _ = tch::no_grad(|| grad.f_mul_scalar_(coefficient)).map_err(&terr)?;
+            }
+        }
+    }
+    Ok(GradientNorm { total, scale })
+}

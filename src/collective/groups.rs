@@ -1,0 +1,291 @@
+//! Which ranks talk to which: the [`GroupLayout`] (lists of rank lists per group kind,
+//! computed by the planner) and one rank's [`Groups`] of handles.
+
+use super::Collective;
+use std::fmt;
+
+/// The process groups a rank of an MoE training belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GroupKind {
+    /// Ranks that hold the same replicated parameters and split the batch.
+    Data,
+    /// Ranks that share one MoE layer's experts between them (the token all-to-all).
+    Expert,
+    /// Ranks that hold the same experts (same position in different expert groups).
+    ExpertData,
+    /// Ranks whose gate gradients are all-reduced together (FastMoE: one pipeline stage).
+    Gate,
+}
+
+impl GroupKind {
+    pub const ALL: [GroupKind; 4] = [
+        GroupKind::Data,
+        GroupKind::Expert,
+        GroupKind::ExpertData,
+        GroupKind::Gate,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupKind::Data => "data",
+            GroupKind::Expert => "expert",
+            GroupKind::ExpertData => "expert-data",
+            GroupKind::Gate => "gate",
+        }
+    }
+}
+
+/// A group's kind and its members as global ranks; displays as `expert group [0,2]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupLabel {
+    pub kind: GroupKind,
+    pub members: Vec<usize>,
+}
+
+impl GroupLabel {
+    /// The global rank of group position `position`.
+    pub fn global(&self, position: usize) -> usize {
+        self.members.get(position).copied().unwrap_or(position)
+    }
+}
+
+impl fmt::Display for GroupLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ranks: Vec<String> = self.members.iter().map(|r| r.to_string()).collect();
+        write!(f, "{} group [{}]", self.kind.name(), ranks.join(","))
+    }
+}
+
+/// A layout the collective layer cannot use.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("the world has no ranks")]
+    EmptyWorld,
+    #[error("{kind} groups: rank {rank} is outside the world of {world} ranks")]
+    OutOfRange {
+        kind: &'static str,
+        rank: usize,
+        world: usize,
+    },
+    #[error("{kind} groups: rank {rank} is in more than one group")]
+    Duplicate { kind: &'static str, rank: usize },
+    #[error("{kind} groups: rank {rank} is in no group")]
+    Missing { kind: &'static str, rank: usize },
+    #[error("{kind} groups: a group is empty")]
+    EmptyGroup { kind: &'static str },
+    #[error("rank {rank}: its {kind} group {group:?} is not inside its data group {data:?}")]
+    NotInData {
+        rank: usize,
+        kind: &'static str,
+        group: Vec<usize>,
+        data: Vec<usize>,
+    },
+    #[error(
+        "rank {rank}: expert group ({expert} ranks) times expert-data group ({expert_data} ranks) is not its data group ({data} ranks)"
+    )]
+    Product {
+        rank: usize,
+        expert: usize,
+        expert_data: usize,
+        data: usize,
+    },
+    #[error("expert group size {size} does not divide the {world} ranks")]
+    Indivisible { size: usize, world: usize },
+}
+
+/// Every group of every kind, as lists of global ranks. Each kind's lists partition
+/// `0..world`. Invariants checked by [`GroupLayout::validate`]: a rank's expert and
+/// expert-data groups lie inside its data group and their sizes multiply to the data
+/// group's size (each expert group holds every expert once; each expert-data group
+/// holds one position's experts once per expert group).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupLayout {
+    pub world: usize,
+    pub data: Vec<Vec<usize>>,
+    pub expert: Vec<Vec<usize>>,
+    pub expert_data: Vec<Vec<usize>>,
+    pub gate: Vec<Vec<usize>>,
+}
+
+impl GroupLayout {
+    /// Pure data parallelism (tensor = pipeline = 1) with expert groups of
+    /// `expert_group` consecutive ranks: data and gate groups are the whole world,
+    /// expert-data groups are strided (`[p, p + expert_group, ...]`).
+    pub fn data_parallel(world: usize, expert_group: usize) -> Result<GroupLayout, LayoutError> {
+        if world == 0 {
+            return Err(LayoutError::EmptyWorld);
+        }
+        if expert_group == 0 || world % expert_group != 0 {
+            return Err(LayoutError::Indivisible {
+                size: expert_group,
+                world,
+            });
+        }
+        let all: Vec<usize> = (0..world).collect();
+        let expert = (0..world / expert_group)
+            .map(|g| (g * expert_group..(g + 1) * expert_group).collect())
+            .collect();
+        let expert_data = (0..expert_group)
+            .map(|p| (p..world).step_by(expert_group).collect())
+            .collect();
+        let layout = GroupLayout {
+            world,
+            data: vec![all.clone()],
+            expert,
+            expert_data,
+            gate: vec![all],
+        };
+        layout.validate()?;
+        Ok(layout)
+    }
+
+    pub fn groups(&self, kind: GroupKind) -> &[Vec<usize>] {
+        match kind {
+            GroupKind::Data => &self.data,
+            GroupKind::Expert => &self.expert,
+            GroupKind::ExpertData => &self.expert_data,
+            GroupKind::Gate => &self.gate,
+        }
+    }
+
+    /// The members of `rank`'s group of `kind` (in the order given; a rank's position in
+    /// the list is its rank inside the group).
+    pub fn members(&self, kind: GroupKind, rank: usize) -> Option<&[usize]> {
+        self.groups(kind)
+            .iter()
+            .find(|g| g.contains(&rank))
+            .map(Vec::as_slice)
+    }
+
+    pub fn validate(&self) -> Result<(), LayoutError> {
+        if self.world == 0 {
+            return Err(LayoutError::EmptyWorld);
+        }
+        for kind in GroupKind::ALL {
+            let name = kind.name();
+            let mut seen = vec![false; self.world];
+            for group in self.groups(kind) {
+                if group.is_empty() {
+                    return Err(LayoutError::EmptyGroup { kind: name });
+                }
+                for &rank in group {
+                    match seen.get_mut(rank) {
+                        None => {
+                            return Err(LayoutError::OutOfRange {
+                                kind: name,
+                                rank,
+                                world: self.world,
+                            })
+                        }
+                        Some(true) => return Err(LayoutError::Duplicate { kind: name, rank }),
+                        Some(slot) => *slot = true,
+                    }
+                }
+            }
+            if let Some(rank) = seen.iter().position(|s| !s) {
+                return Err(LayoutError::Missing { kind: name, rank });
+            }
+        }
+        for rank in 0..self.world {
+            let member = |kind| self.members(kind, rank).unwrap_or_default();
+            let data = member(GroupKind::Data);
+            for kind in [GroupKind::Expert, GroupKind::ExpertData] {
+                let group = member(kind);
+                if !group.iter().all(|r| data.contains(r)) {
+                    return Err(LayoutError::NotInData {
+                        rank,
+                        kind: kind.name(),
+                        group: group.to_vec(),
+                        data: data.to_vec(),
+                    });
+                }
+            }
+            let (expert, expert_data) = (
+                member(GroupKind::Expert).len(),
+                member(GroupKind::ExpertData).len(),
+            );
+            if expert * expert_data != data.len() {
+                return Err(LayoutError::Product {
+                    rank,
+                    expert,
+                    expert_data,
+                    data: data.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One rank's handles to its four groups.
+pub struct Groups {
+    rank: usize,
+    world: usize,
+    data: Box<dyn Collective>,
+    expert: Box<dyn Collective>,
+    expert_data: Box<dyn Collective>,
+    gate: Box<dyn Collective>,
+}
+
+impl Groups {
+    /// Build `rank`'s handles: `connect(label, position)` opens the handle for one group
+    /// (label = kind and members, position = this rank's place in it). Groups are
+    /// connected in the order data, expert, expert-data, gate on every rank, which is
+    /// what communicator creation (a collective itself on NCCL) needs.
+    pub fn connect<F>(layout: &GroupLayout, rank: usize, mut connect: F) -> anyhow::Result<Groups>
+    where
+        F: FnMut(GroupLabel, usize) -> anyhow::Result<Box<dyn Collective>>,
+    {
+        layout.validate()?;
+        if rank >= layout.world {
+            anyhow::bail!("rank {rank} is outside the world of {} ranks", layout.world);
+        }
+        let mut open = |kind| -> anyhow::Result<Box<dyn Collective>> {
+            let members = layout.members(kind, rank).unwrap_or_default().to_vec();
+            let position = members.iter().position(|&r| r == rank).unwrap_or_default();
+            connect(GroupLabel { kind, members }, position)
+        };
+        Ok(Groups {
+            rank,
+            world: layout.world,
+            data: open(GroupKind::Data)?,
+            expert: open(GroupKind::Expert)?,
+            expert_data: open(GroupKind::ExpertData)?,
+            gate: open(GroupKind::Gate)?,
+        })
+    }
+
+    /// Global rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    pub fn get(&self, kind: GroupKind) -> &dyn Collective {
+        match kind {
+            GroupKind::Data => self.data.as_ref(),
+            GroupKind::Expert => self.expert.as_ref(),
+            GroupKind::ExpertData => self.expert_data.as_ref(),
+            GroupKind::Gate => self.gate.as_ref(),
+        }
+    }
+
+    pub fn data(&self) -> &dyn Collective {
+        self.data.as_ref()
+    }
+
+    pub fn expert(&self) -> &dyn Collective {
+        self.expert.as_ref()
+    }
+
+    pub fn expert_data(&self) -> &dyn Collective {
+        self.expert_data.as_ref()
+    }
+
+    pub fn gate(&self) -> &dyn Collective {
+        self.gate.as_ref()
+    }
+}

@@ -1,0 +1,90 @@
+//! `collective`: process groups and the communication a multi-rank MoE training needs.
+//!
+//! This module owns:
+//! - the [`Collective`] trait: one rank's handle to one process group, with every
+//!   operation bounded by a timeout and every error naming the group, the operation
+//!   and the caller's label (`"step 12, layer 3 dispatch"`), so a hang becomes a
+//!   message instead of a frozen job;
+//! - [`Groups`]: one rank's handles for its data, expert, expert-data and gate groups,
+//!   built from a [`GroupLayout`] (lists of rank lists that the planner computes);
+//! - [`local`]: an in-process implementation over CPU threads, so tests exercise
+//!   multi-rank behaviour without GPUs;
+//! - the expert-parallel MoE exchange ([`exchange_experts`]) with its explicit backward,
+//!   and the [`Tape`] that runs a backward pass in segments around autograd cuts
+//!   (tch has no custom autograd functions);
+//! - gradient reduction by parameter kind ([`reduce_gradients`]) and the global
+//!   gradient-norm clipping with experts spread over ranks ([`clip_global_norm`]);
+//! - [`reshard_experts`]: moving stacked expert tensors from one expert placement to
+//!   another (checkpoints saved on N ranks, loaded on M).
+//!
+//! It must not know about models, gates, optimizers, checkpoint files or the `.fmoe`
+//! language: it moves tensors between ranks and keeps the bookkeeping that makes a
+//! split run equal the single-rank run of the same global batch.
+//!
+//! # Where NCCL goes
+//! A GPU implementation is a second type implementing [`Collective`] (planned: a
+//! `nccl` submodule behind the `cuda` feature, on the cudarc crate's NCCL bindings):
+//! `all_reduce_sum` and `broadcast` map to `ncclAllReduce`/`ncclBroadcast`,
+//! `all_gather_counts` to `ncclAllGather` on a small device buffer, `all_to_all_v` to
+//! `ncclSend`/`ncclRecv` pairs inside `ncclGroupStart/End`, `barrier` to an all-reduce
+//! of one element. Timeouts come from polling `ncclCommGetAsyncError` on a non-blocking
+//! communicator and `ncclCommAbort` when the deadline passes. [`Groups::connect`] takes
+//! a constructor for such handles, so nothing else in this module changes.
+
+mod error;
+mod exchange;
+mod grads;
+mod groups;
+pub mod local;
+mod placement;
+mod reshard;
+mod tape;
+
+pub use error::{CollectiveError, ErrorKind};
+pub use exchange::{exchange_experts, ExchangeTape};
+pub use grads::{clip_global_norm, reduce_gradients, GradientNorm, ParamKind};
+pub use groups::{GroupKind, GroupLabel, GroupLayout, Groups, LayoutError};
+pub use placement::{ExpertPlacement, PlacementError};
+pub use reshard::{reshard_experts, ReshardError};
+pub use tape::{backward_roots, Cut, Tape};
+
+use tch::Tensor;
+
+/// Result of a collective operation.
+pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;
+
+/// One rank's handle to one process group.
+///
+/// Ranks are positions inside the group (`0..size()`); [`Collective::label`] maps them
+/// back to global ranks for messages. Every member must call the same operations in the
+/// same order (the in-process implementation checks this and reports a mismatch). `at`
+/// is the caller's label for the call site (step, layer, phase); it appears in every
+/// error. No operation waits longer than the handle's timeout.
+pub trait Collective: Send {
+    /// This rank's position in the group.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn size(&self) -> usize;
+    /// The group's kind and global ranks, for messages (`expert group [0,2]`).
+    fn label(&self) -> &GroupLabel;
+    /// Element-wise sum over the group, in place. Every rank gets the same bits: the
+    /// contributions are added in rank order.
+    fn all_reduce_sum(&self, tensor: &mut Tensor, at: &str) -> Result<()>;
+    /// Every rank's `counts`, indexed by group rank.
+    fn all_gather_counts(&self, counts: &[i64], at: &str) -> Result<Vec<Vec<i64>>>;
+    /// Variable all-to-all over rows: the first `send_counts[0]` rows of `send` go to
+    /// rank 0, the next `send_counts[1]` to rank 1, and so on; the result holds
+    /// `recv_counts[s]` rows from each rank `s`, in rank order. Trailing dimensions and
+    /// dtype are those of `send`; the counts must agree with the peers' send counts.
+    fn all_to_all_v(
+        &self,
+        send: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+        at: &str,
+    ) -> Result<Tensor>;
+    /// Copy `root`'s tensor into every rank's `tensor` (same shape and dtype), in place.
+    fn broadcast(&self, tensor: &mut Tensor, root: usize, at: &str) -> Result<()>;
+    /// Wait until every rank of the group has reached this call.
+    fn barrier(&self, at: &str) -> Result<()>;
+}

@@ -1,0 +1,302 @@
+//! The in-process collectives: results, and failures that name the group and the call
+//! site instead of hanging (timeouts, ranks that die, ranks out of step).
+#![cfg(feature = "runtime")]
+
+use fmoec::collective::local::{local_world, run_ranks, LocalCollective};
+use fmoec::collective::{Collective, ErrorKind, GroupKind, GroupLabel, GroupLayout, LayoutError};
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).reshape([-1])).unwrap()
+}
+
+fn world(n: usize, timeout: Duration) -> Vec<fmoec::collective::Groups> {
+    local_world(&GroupLayout::data_parallel(n, n).unwrap(), timeout).unwrap()
+}
+
+#[test]
+fn operations_give_the_expected_values_on_four_ranks() {
+    let results = run_ranks(world(4, Duration::from_secs(20)), |groups| {
+        let g = groups.data();
+        let r = g.rank() as f64;
+        let mut t = Tensor::from_slice(&[r, 10.0 * r, 0.5]).reshape([3, 1]);
+        g.all_reduce_sum(&mut t, "test all_reduce").unwrap();
+        let counts = g
+            .all_gather_counts(&[g.rank() as i64, 7], "test all_gather")
+            .unwrap();
+        // Rank r sends (r + d) % 3 rows to rank d; row values encode (source, destination).
+        let send_counts: Vec<i64> = (0..4).map(|d| ((g.rank() + d) % 3) as i64).collect();
+        let recv_counts: Vec<i64> = (0..4).map(|s| ((s + g.rank()) % 3) as i64).collect();
+        let rows: Vec<f64> = (0..4usize)
+            .flat_map(|d| std::iter::repeat_n((10 * g.rank() + d) as f64, (g.rank() + d) % 3))
+            .flat_map(|v| [v, -v])
+            .collect();
+        let send = Tensor::from_slice(&rows).reshape([-1, 2]);
+        let received = g
+            .all_to_all_v(&send, &send_counts, &recv_counts, "test all_to_all")
+            .unwrap();
+        let mut b = Tensor::from_slice(&[r, r]);
+        g.broadcast(&mut b, 2, "test broadcast").unwrap();
+        g.barrier("test barrier").unwrap();
+        (
+            values(&t),
+            counts,
+            values(&received),
+            received.size(),
+            values(&b),
+        )
+    });
+    for (rank, result) in results.into_iter().enumerate() {
+        let (sum, counts, received, shape, broadcast) = result.unwrap();
+        assert_eq!(sum, vec![6.0, 60.0, 2.0]);
+        assert_eq!(counts, (0..4).map(|s| vec![s, 7]).collect::<Vec<_>>());
+        let expected: Vec<f64> = (0..4usize)
+            .flat_map(|s| std::iter::repeat_n((10 * s + rank) as f64, (s + rank) % 3))
+            .flat_map(|v| [v, -v])
+            .collect();
+        assert_eq!(received, expected, "rank {rank}");
+        assert_eq!(shape[1], 2);
+        assert_eq!(broadcast, vec![2.0, 2.0]);
+    }
+}
+
+#[test]
+fn all_reduce_gives_every_rank_the_same_bits() {
+    let results = run_ranks(world(4, Duration::from_secs(20)), |groups| {
+        let g = groups.data();
+        tch::manual_seed(g.rank() as i64);
+        let mut t = Tensor::randn([257], (Kind::Float, tch::Device::Cpu)) * 1e3;
+        g.all_reduce_sum(&mut t, "bits").unwrap();
+        Vec::<f32>::try_from(t).unwrap()
+    });
+    let results: Vec<Vec<f32>> = results.into_iter().map(Result::unwrap).collect();
+    for r in &results[1..] {
+        assert!(r
+            .iter()
+            .zip(&results[0])
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
+/// A layout where expert groups are strided ([0,2], [1,3]) and expert-data groups
+/// consecutive, to see global ranks in messages.
+fn strided_layout() -> GroupLayout {
+    GroupLayout {
+        world: 4,
+        data: vec![vec![0, 1, 2, 3]],
+        expert: vec![vec![0, 2], vec![1, 3]],
+        expert_data: vec![vec![0, 1], vec![2, 3]],
+        gate: vec![vec![0, 1, 2, 3]],
+    }
+}
+
+#[test]
+fn a_timeout_names_the_group_and_the_step() {
+    let ranks = local_world(&strided_layout(), Duration::from_millis(300)).unwrap();
+    let results = run_ranks(ranks, |groups| {
+        if groups.rank() == 2 {
+            // Stays alive but never joins: rank 0 must time out, not wait.
+            std::thread::sleep(Duration::from_millis(1200));
+            return None;
+        }
+        if groups.rank() != 0 {
+            return None;
+        }
+        let start = Instant::now();
+        let mut t = Tensor::from_slice(&[1.0f32]);
+        let err = groups
+            .expert()
+            .all_reduce_sum(&mut t, "step 7, layer 3 gradients")
+            .unwrap_err();
+        Some((
+            err.to_string(),
+            matches!(*err.kind, ErrorKind::Timeout { .. }),
+            start.elapsed(),
+        ))
+    });
+    let (message, is_timeout, elapsed) = results.into_iter().next().unwrap().unwrap().unwrap();
+    assert!(is_timeout, "{message}");
+    assert!(message.contains("expert group [0,2]"), "{message}");
+    assert!(message.contains("step 7, layer 3"), "{message}");
+    assert!(message.contains("all_reduce_sum"), "{message}");
+    assert!(message.contains("waiting for rank 2"), "{message}");
+    assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+}
+
+#[test]
+fn a_rank_that_panics_makes_the_others_fail_instead_of_hanging() {
+    // The timeout is long: the others must notice the departure, not the deadline.
+    let start = Instant::now();
+    let results = run_ranks(world(4, Duration::from_secs(60)), |groups| {
+        if groups.rank() == 3 {
+            panic!("rank 3 fails before the all-to-all");
+        }
+        let g = groups.expert();
+        let send = Tensor::zeros([4, 2], (Kind::Float, tch::Device::Cpu));
+        g.all_to_all_v(
+            &send,
+            &[1, 1, 1, 1],
+            &[1, 1, 1, 1],
+            "step 12, layer 1 dispatch",
+        )
+        .map(|_| ())
+    });
+    assert!(start.elapsed() < Duration::from_secs(20));
+    assert!(results[3].is_err(), "rank 3 panicked");
+    for result in &results[..3] {
+        let err = result.as_ref().unwrap().as_ref().unwrap_err();
+        assert!(
+            matches!(
+                *err.kind,
+                ErrorKind::PeerGone {
+                    peer: 3,
+                    panicked: true
+                }
+            ),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("expert group [0,1,2,3]")
+                && message.contains("step 12, layer 1 dispatch"),
+            "{message}"
+        );
+        assert!(message.contains("rank 3 panicked"), "{message}");
+    }
+}
+
+#[test]
+fn a_rank_that_drops_its_handle_makes_the_others_fail() {
+    let results = run_ranks(world(2, Duration::from_secs(60)), |groups| {
+        if groups.rank() == 1 {
+            drop(groups);
+            return None;
+        }
+        Some(groups.data().barrier("step 1 barrier").unwrap_err())
+    });
+    let err = results.into_iter().next().unwrap().unwrap().unwrap();
+    assert!(
+        matches!(
+            *err.kind,
+            ErrorKind::PeerGone {
+                peer: 1,
+                panicked: false
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("data group [0,1]"), "{err}");
+}
+
+#[test]
+fn ranks_out_of_step_get_a_mismatch_error() {
+    let results = run_ranks(world(2, Duration::from_secs(20)), |groups| {
+        let g = groups.data();
+        if g.rank() == 0 {
+            g.barrier("step 2").map(|_| ())
+        } else {
+            g.all_gather_counts(&[1], "step 2").map(|_| ())
+        }
+    });
+    let messages: Vec<String> = results
+        .into_iter()
+        .map(|r| r.unwrap().unwrap_err().to_string())
+        .collect();
+    assert!(
+        messages[0].contains("rank 1 is at all_gather_counts"),
+        "{}",
+        messages[0]
+    );
+    assert!(
+        messages[1].contains("rank 0 is at barrier"),
+        "{}",
+        messages[1]
+    );
+}
+
+#[test]
+fn bad_counts_are_errors_not_panics() {
+    let handles = LocalCollective::group(
+        GroupLabel {
+            kind: GroupKind::Expert,
+            members: vec![5],
+        },
+        Duration::from_secs(1),
+    );
+    let g = &handles[0];
+    let send = Tensor::zeros([3, 2], (Kind::Float, tch::Device::Cpu));
+    let err = g.all_to_all_v(&send, &[2], &[3], "step 0").unwrap_err();
+    assert!(err.to_string().contains("do not split the 3 rows"), "{err}");
+    let err = g.all_to_all_v(&send, &[3, 0], &[3], "step 0").unwrap_err();
+    assert!(err.to_string().contains("for a group of 1 ranks"), "{err}");
+    let mut t = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
+    assert!(g.broadcast(&mut t, 4, "step 0").is_err());
+}
+
+#[test]
+fn layouts_are_validated() {
+    assert_eq!(
+        GroupLayout::data_parallel(6, 4).unwrap_err(),
+        LayoutError::Indivisible { size: 4, world: 6 }
+    );
+    let mut layout = strided_layout();
+    layout.expert = vec![vec![0, 2], vec![1]];
+    assert_eq!(
+        layout.validate().unwrap_err(),
+        LayoutError::Missing {
+            kind: "expert",
+            rank: 3
+        }
+    );
+    let mut layout = strided_layout();
+    layout.gate = vec![vec![0, 1, 2, 3, 4]];
+    assert!(matches!(
+        layout.validate().unwrap_err(),
+        LayoutError::OutOfRange { rank: 4, .. }
+    ));
+    let mut layout = strided_layout();
+    layout.expert_data = vec![vec![0, 1, 2, 3]];
+    assert!(matches!(
+        layout.validate().unwrap_err(),
+        LayoutError::Product { .. }
+    ));
+    let layout = GroupLayout::data_parallel(8, 4).unwrap();
+    assert_eq!(layout.members(GroupKind::ExpertData, 5), Some(&[1, 5][..]));
+    assert_eq!(
+        layout.members(GroupKind::Expert, 5),
+        Some(&[4, 5, 6, 7][..])
+    );
+}
+
+#[test]
+fn a_stalled_exchange_names_the_expert_group_and_the_layer() {
+    use fmoec::collective::{exchange_experts, ExpertPlacement};
+    let layout = GroupLayout::data_parallel(2, 2).unwrap();
+    let ranks = local_world(&layout, Duration::from_millis(300)).unwrap();
+    let results = run_ranks(ranks, |groups| {
+        if groups.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(1000));
+            return None;
+        }
+        let placement = ExpertPlacement::contiguous(2, 2).unwrap();
+        let tokens = Tensor::zeros([3, 4], (Kind::Float, tch::Device::Cpu));
+        let result = exchange_experts(
+            groups.expert(),
+            &placement,
+            &tokens,
+            &[2, 1],
+            "step 7, layer 3",
+            |x, _| Ok(x.shallow_clone()),
+        );
+        Some(result.err().map(|e| e.to_string()))
+    });
+    let message = results
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(message.starts_with("expert group [0,1]: all_gather_counts at \"step 7, layer 3, dispatch counts\": timed out"), "{message}");
+}
