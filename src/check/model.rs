@@ -106,6 +106,9 @@ pub struct Layer {
     pub span: Span,
 }
 
+// One `Ffn` per layer, read far more than moved: boxing `Moe` would only add a
+// dereference to every later phase.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Ffn {

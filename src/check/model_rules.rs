@@ -271,7 +271,7 @@ impl Checker<'_> {
             attention: Attention {
                 heads: heads_n,
                 kv_heads: kv_n,
-                head_dim: if heads_n > 0 { width_n / heads_n } else { 0 },
+                head_dim: width_n.checked_div(heads_n).unwrap_or(0),
                 causal: true,
             },
             norm: match norm.as_ref().map(symbol) {
@@ -553,7 +553,7 @@ impl Checker<'_> {
             random_routing: gate_c.arg("random_routing").map(boolean).unwrap_or(false),
             span: gate_c.span,
         };
-        ok.then(|| Moe {
+        ok.then_some(Moe {
             experts,
             top_k,
             gate,

@@ -371,7 +371,7 @@ mod tests {
         let d = Diagnostic::error("E0001", Span::new(f, 20, 21), "width must be even")
             .with_label("odd")
             .with_help("use 8");
-        let text = render_human(&sources, &[d.clone()]);
+        let text = render_human(&sources, std::slice::from_ref(&d));
         assert!(text.contains("error[E0001]: width must be even"), "{text}");
         assert!(text.contains("m.fmoe:2:11"), "{text}");
         assert!(text.contains("help: use 8"), "{text}");

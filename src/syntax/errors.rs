@@ -64,3 +64,10 @@ pub fn unclosed_block(span: Span) -> Diagnostic {
         .with_label("this `{` has no matching `}`")
         .with_help("add `}` after the block's last line")
 }
+
+/// `E0108`: brackets nested deeper than the parser goes.
+pub fn nested_too_deeply(span: Span, max: usize) -> Diagnostic {
+    Diagnostic::error("E0108", span, format!("brackets nest more than {max} deep"))
+        .with_label("too deep")
+        .with_help("name a part with `const` or `def`")
+}

@@ -25,6 +25,13 @@ pub fn parse(text: &str, file: FileId, sink: &mut Sink) -> File {
         offset: 0,
         sink,
     };
+    if let Some(at) = too_deep(text) {
+        sink.push(errors::nested_too_deeply(
+            Span::new(file, at, at + 1),
+            MAX_NESTING,
+        ));
+        return File::default();
+    }
     match FmoeParser::parse(Rule::file, text) {
         Ok(mut pairs) => match pairs.next() {
             Some(p) => lower.file(p),
@@ -375,9 +382,9 @@ impl Lower<'_> {
             let end = exprs.next().map(|e| self.expr(e));
             let step = exprs.next().map(|e| self.expr(e));
             SelItem::Range {
-                start: start.unwrap_or_else(|| self.error_expr(span)),
-                end: end.unwrap_or_else(|| self.error_expr(span)),
-                step,
+                start: Box::new(start.unwrap_or_else(|| self.error_expr(span))),
+                end: Box::new(end.unwrap_or_else(|| self.error_expr(span))),
+                step: step.map(Box::new),
                 span,
             }
         } else {
@@ -476,6 +483,10 @@ impl Lower<'_> {
             }
         }
         let mut e = atom.unwrap_or_else(|| self.error_expr(span));
+        if negs > MAX_NESTING {
+            self.sink.push(errors::nested_too_deeply(span, MAX_NESTING));
+            return self.error_expr(span);
+        }
         for _ in 0..negs {
             e = Expr {
                 kind: ExprKind::Neg(Box::new(e)),
@@ -661,8 +672,17 @@ impl Lower<'_> {
     /// Parses a junk region again with the strict rule and reports where exactly it
     /// goes wrong and what would have been accepted there.
     fn explain(&mut self, strict: Rule, text: &str, start: usize) {
-        pest::set_error_detail(true);
-        match FmoeParser::parse(strict, text) {
+        // Pest's detailed attempts (the tokens it expected) cost time on every parse, and
+        // the switch is global: turn it on only for this re-parse, one at a time.
+        static DETAIL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let result = {
+            let _guard = DETAIL.lock().unwrap_or_else(|e| e.into_inner());
+            pest::set_error_detail(true);
+            let r = FmoeParser::parse(strict, text);
+            pest::set_error_detail(false);
+            r
+        };
+        match result {
             Err(e) => self.report_pest_error(&e, start, text, strict == Rule::strict_top),
             // The strict rule accepts what the lenient one refused only when the item
             // was not followed by the end of its line.
@@ -673,7 +693,13 @@ impl Lower<'_> {
         }
     }
 
-    fn report_pest_error(&mut self, e: &pest::error::Error<Rule>, base: usize, text: &str, top: bool) {
+    fn report_pest_error(
+        &mut self,
+        e: &pest::error::Error<Rule>,
+        base: usize,
+        text: &str,
+        top: bool,
+    ) {
         let mut pos = match e.location {
             pest::error::InputLocation::Pos(p) => p,
             pest::error::InputLocation::Span((s, _)) => s,
@@ -707,7 +733,10 @@ impl Lower<'_> {
         let pos = pos.min(text.len());
         let at = base + pos;
         if let Some(open) = unterminated_quote(text) {
-            let line_end = text[open..].find('\n').map(|i| open + i).unwrap_or(text.len());
+            let line_end = text[open..]
+                .find('\n')
+                .map(|i| open + i)
+                .unwrap_or(text.len());
             let span = Span::new(self.file, base + open, base + line_end);
             self.sink.push(errors::unterminated_string(span));
             return;
@@ -715,7 +744,12 @@ impl Lower<'_> {
         let (mut found, len) = found_at(text, pos);
         if pos >= text.len() {
             let end_of_file = self.source_len <= base + text.len();
-            found = if end_of_file { "end of file" } else { "end of line" }.to_string();
+            found = if end_of_file {
+                "end of file"
+            } else {
+                "end of line"
+            }
+            .to_string();
         }
         let expected = tidy_expected(expected, pos == 0, top);
         let span = Span::new(self.file, at, at + len);
@@ -725,7 +759,9 @@ impl Lower<'_> {
                 .next()
                 .unwrap_or("");
             let words: &[&str] = if top {
-                &["use", "const", "def", "model", "parallel", "train", "hardware"]
+                &[
+                    "use", "const", "def", "model", "parallel", "train", "hardware",
+                ]
             } else {
                 &["override", "layers"]
             };
@@ -736,6 +772,40 @@ impl Lower<'_> {
         self.sink
             .push(errors::unexpected(span, &found, &expected, suggestion));
     }
+}
+
+/// Brackets nest at most this deep: parsing and checking recurse once per level.
+pub const MAX_NESTING: usize = 64;
+
+/// The offset of the first bracket nested deeper than [`MAX_NESTING`], if any
+/// (strings and comments skipped).
+fn too_deep(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => in_string = !in_string,
+            '\\' if in_string => {
+                chars.next();
+            }
+            '\n' => in_string = false,
+            '/' if !in_string && chars.peek().is_some_and(|(_, n)| *n == '/') => {
+                while chars.peek().is_some_and(|(_, n)| *n != '\n') {
+                    chars.next();
+                }
+            }
+            '(' | '[' | '{' if !in_string => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(i);
+                }
+            }
+            ')' | ']' | '}' if !in_string => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The byte offset of a `{` in `text` that no `}` closes, if any.
@@ -818,13 +888,21 @@ fn tidy_expected(found: Vec<String>, at_start: bool, top: bool) -> Vec<String> {
     let has = |w: &str| found.iter().any(|f| f == w);
     let value = has("a value");
     let operator = has("an operator");
-    let value_starts = ["`\"`", "`(`", "`-`", "`false`", "`none`", "`true`", "`across`", "a string", "a number", "a name"];
+    let value_starts = [
+        "`\"`", "`(`", "`-`", "`false`", "`none`", "`true`", "`across`", "a string", "a number",
+        "a name",
+    ];
     let operators = ["`%`", "`*`", "`+`", "`-`", "`/`"];
     let mut out: Vec<String> = found
         .into_iter()
         .filter(|f| !(value && value_starts.contains(&f.as_str())))
         .filter(|f| !(operator && operators.contains(&f.as_str())))
-        .filter(|f| !matches!(f.as_str(), "`of`" | "`x`" | "`tokens`" | "an item" | "a field (`name = value`)" | "`\\`"))
+        .filter(|f| {
+            !matches!(
+                f.as_str(),
+                "`of`" | "`x`" | "`tokens`" | "an item" | "a field (`name = value`)" | "`\\`"
+            )
+        })
         .collect();
     // Words after tokens, so the list reads `)`, `,` or an operator.
     out.sort_by_key(|f| !f.starts_with('`'));
