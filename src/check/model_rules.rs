@@ -143,7 +143,11 @@ impl Checker<'_> {
             let span = *spans_of.get(field)?;
             let v = this.field_value(&env, field, span)?;
             let v = this.conform(v, ty, &format!("field `{field}`"), ctx);
-            (!v.is_error()).then_some(v)
+            if v.is_error() {
+                env.poison(field, span);
+                return None;
+            }
+            Some(v)
         };
         let mut missing = Vec::new();
         let mut required = |this: &mut Self, field: &str, ty: &Type| -> Option<V> {
@@ -347,9 +351,7 @@ impl Checker<'_> {
                 }
             }
             match a.override_span {
-                Some(os) if !replaced_any => self
-                    .sink
-                    .push(errors::override_without_effect(os, a.selection_span)),
+                Some(os) if !replaced_any => self.sink.push(errors::override_without_effect(os)),
                 None if !from_preset.is_empty() => {
                     let idx: Vec<u64> = from_preset.iter().map(|(i, _)| *i).collect();
                     self.sink.push(errors::preset_layers_replaced(
