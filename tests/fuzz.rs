@@ -9,11 +9,12 @@ use fmoec::check;
 use fmoec::diag::{render_human, render_json, Sink, Sources};
 use proptest::prelude::*;
 
-/// The example files and the stdlib sources: the corpus to mutate.
+/// The example files, the stdlib sources and the ui tests' bad inputs: the corpus to
+/// mutate.
 fn corpus() -> Vec<String> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut texts = Vec::new();
-    for sub in ["examples", "stdlib"] {
+    for sub in ["examples", "stdlib", "tests/ui"] {
         let mut paths: Vec<_> = std::fs::read_dir(dir.join(sub))
             .unwrap()
             .filter_map(|e| e.ok().map(|e| e.path()))
