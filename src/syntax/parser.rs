@@ -18,13 +18,6 @@ struct FmoeParser;
 
 /// Parses `text` (file `file`) into a [`File`]; every syntax error goes to `sink`.
 pub fn parse(text: &str, file: FileId, sink: &mut Sink) -> File {
-    let mut lower = Lower {
-        file,
-        source_len: text.len(),
-        inside_unclosed_block: false,
-        offset: 0,
-        sink,
-    };
     if let Some(at) = too_deep(text) {
         sink.push(errors::nested_too_deeply(
             Span::new(file, at, at + 1),
@@ -32,6 +25,20 @@ pub fn parse(text: &str, file: FileId, sink: &mut Sink) -> File {
         ));
         return File::default();
     }
+    for at in floor_division_lookalikes(text) {
+        sink.push(errors::comment_looks_like_division(Span::new(
+            file,
+            at,
+            at + 2,
+        )));
+    }
+    let mut lower = Lower {
+        file,
+        source_len: text.len(),
+        inside_unclosed_block: false,
+        offset: 0,
+        sink,
+    };
     match FmoeParser::parse(Rule::file, text) {
         Ok(mut pairs) => match pairs.next() {
             Some(p) => lower.file(p),
@@ -772,6 +779,41 @@ impl Lower<'_> {
         self.sink
             .push(errors::unexpected(span, &found, &expected, suggestion));
     }
+}
+
+/// Offsets of `//` comments that follow code and begin like an operand (`x = a // 2`):
+/// a reader from Python would take them for floor division, which they silently are not.
+fn floor_division_lookalikes(text: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut line_start = 0;
+    for line in text.split_inclusive('\n') {
+        let mut in_string = false;
+        let bytes = line.as_bytes();
+        let mut i = 0;
+        while i + 1 < bytes.len() {
+            match bytes[i] {
+                b'"' => in_string = !in_string,
+                b'\\' if in_string => i += 1,
+                b'/' if !in_string && bytes[i + 1] == b'/' => {
+                    let code = line[..i].trim_end();
+                    let comment = line[i + 2..].trim_start();
+                    let after_operand =
+                        code.ends_with(|c: char| c.is_ascii_alphanumeric() || c == ')');
+                    let operand_next = !line[i + 2..].starts_with('/')
+                        && comment.starts_with(|c: char| c.is_ascii_digit() || c == '(')
+                        && comment.trim_end().len() < 24;
+                    if code.contains('=') && after_operand && operand_next {
+                        out.push(line_start + i);
+                    }
+                    break;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        line_start += line.len();
+    }
+    out
 }
 
 /// Brackets nest at most this deep: parsing and checking recurse once per level.
