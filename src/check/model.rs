@@ -106,8 +106,7 @@ pub struct Layer {
     pub span: Span,
 }
 
-// One `Ffn` per layer, read far more than moved: boxing `Moe` would only add a
-// dereference to every later phase.
+// Built once per layer and read in place; boxing would only add indirection.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
