@@ -392,13 +392,21 @@ pub fn duplicate_field(span: Span, name: &str, first: Span) -> Diagnostic {
 }
 
 pub fn missing_field(span: Span, name: &str, block: &str, ty: &str) -> Diagnostic {
+    let example = match (block, name) {
+        ("train", "data") => "`data = builtin(\"tiny-shakespeare\")`".to_string(),
+        ("train", "batch") => "`batch = 32 x 1024 tokens`".to_string(),
+        ("train", "steps") => "`steps = 1000`".to_string(),
+        ("train", "optimizer") => "`optimizer = adamw(lr = 3e-4)`".to_string(),
+        ("parallel", "gpus") => "`gpus = 8 of h100_sxm`".to_string(),
+        _ => format!("`{name} = ...` ({ty})"),
+    };
     Diagnostic::error(
         "E0319",
         span,
         format!("this `{block}` block needs `{name}`"),
     )
     .with_label(format!("`{name}` is missing"))
-    .with_help(format!("add `{name} = ...` ({ty})"))
+    .with_help(format!("add a line such as {example}"))
 }
 
 pub fn layers_outside_model(span: Span, block: &str) -> Diagnostic {
@@ -787,10 +795,9 @@ pub fn preset_layers_replaced(span: Span, layers: &[u64], first: Span) -> Diagno
     .with_help("write `override layers[...]` to say this is intended")
 }
 
-pub fn override_without_effect(span: Span, selection: Span) -> Diagnostic {
+pub fn override_without_effect(span: Span) -> Diagnostic {
     Diagnostic::warning("W0005", span, "`override` replaces nothing")
-        .with_label("no earlier assignment to these layers")
-        .with_secondary(selection, "these layers were not assigned before")
+        .with_label("no earlier assignment of these layers")
         .with_help("remove `override`")
 }
 

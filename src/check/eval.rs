@@ -54,6 +54,13 @@ impl FieldEnv {
             ..Default::default()
         }
     }
+
+    /// Marks a field whose value was reported wrong, so its uses stay quiet.
+    pub fn poison(&self, name: &str, span: Span) {
+        self.memo
+            .borrow_mut()
+            .insert(name.to_string(), V::error(span));
+    }
 }
 
 impl Checker<'_> {

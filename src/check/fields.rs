@@ -25,7 +25,8 @@ impl Checker<'_> {
                 if matches!(f.value.kind, ast::ExprKind::Error) {
                     continue;
                 }
-                let help = did_you_mean(&f.name.name, known.iter().copied());
+                let help = did_you_mean(&f.name.name, known.iter().copied())
+                    .or_else(|| self.parameter_home(&f.name.name));
                 self.sink.push(errors::unknown_field(
                     f.name.span,
                     &f.name.name,
@@ -60,6 +61,28 @@ impl Checker<'_> {
             }
         }
         out
+    }
+
+    /// "`lr` is a parameter of `adamw(...)`": for a field name that belongs inside a
+    /// constructor call.
+    fn parameter_home(&self, name: &str) -> Option<String> {
+        let owners: Vec<String> = self
+            .modules
+            .iter()
+            .filter(|m| m.is_std)
+            .flat_map(|m| m.items.values())
+            .filter_map(|e| match &e.kind {
+                super::scope::EntityKind::Ctor(sig) if sig.param(name).is_some() => {
+                    Some(format!("`{}(...)`", sig.name))
+                }
+                _ => None,
+            })
+            .collect();
+        match owners.as_slice() {
+            [] => None,
+            [one] => Some(format!("`{name}` is a parameter of {one}")),
+            many => Some(format!("`{name}` is a parameter of {}", many.join(", "))),
+        }
     }
 
     /// Evaluates field `name` of `fields` against `ty`; `None` if absent or wrong.

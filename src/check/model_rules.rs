@@ -143,7 +143,11 @@ impl Checker<'_> {
             let span = *spans_of.get(field)?;
             let v = this.field_value(&env, field, span)?;
             let v = this.conform(v, ty, &format!("field `{field}`"), ctx);
-            (!v.is_error()).then_some(v)
+            if v.is_error() {
+                env.poison(field, span);
+                return None;
+            }
+            Some(v)
         };
         let mut missing = Vec::new();
         let mut required = |this: &mut Self, field: &str, ty: &Type| -> Option<V> {
@@ -271,7 +275,7 @@ impl Checker<'_> {
             attention: Attention {
                 heads: heads_n,
                 kv_heads: kv_n,
-                head_dim: if heads_n > 0 { width_n / heads_n } else { 0 },
+                head_dim: width_n.checked_div(heads_n).unwrap_or(0),
                 causal: true,
             },
             norm: match norm.as_ref().map(symbol) {
@@ -347,9 +351,7 @@ impl Checker<'_> {
                 }
             }
             match a.override_span {
-                Some(os) if !replaced_any => self
-                    .sink
-                    .push(errors::override_without_effect(os, a.selection_span)),
+                Some(os) if !replaced_any => self.sink.push(errors::override_without_effect(os)),
                 None if !from_preset.is_empty() => {
                     let idx: Vec<u64> = from_preset.iter().map(|(i, _)| *i).collect();
                     self.sink.push(errors::preset_layers_replaced(
@@ -553,7 +555,7 @@ impl Checker<'_> {
             random_routing: gate_c.arg("random_routing").map(boolean).unwrap_or(false),
             span: gate_c.span,
         };
-        ok.then(|| Moe {
+        ok.then_some(Moe {
             experts,
             top_k,
             gate,

@@ -121,8 +121,8 @@ impl Checker<'_> {
         };
         let tensor_v = self.typed_field(&fields, "tensor", &pos_int(), ctx);
         let pipeline_v = self.typed_field(&fields, "pipeline", &pos_int(), ctx);
-        ok &= fields.get("tensor").is_none() || tensor_v.is_some();
-        ok &= fields.get("pipeline").is_none() || pipeline_v.is_some();
+        ok &= !fields.contains_key("tensor") || tensor_v.is_some();
+        ok &= !fields.contains_key("pipeline") || pipeline_v.is_some();
         let tensor = tensor_v.as_ref().map(uint).unwrap_or(1);
         let pipeline = pipeline_v.as_ref().map(uint).unwrap_or(1);
         spans.tensor = tensor_v.as_ref().map(|v| v.span).unwrap_or(block.kw_span);

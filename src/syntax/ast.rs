@@ -183,9 +183,9 @@ pub enum SelItem {
     Index(Expr),
     /// `start..end` (end excluded), optionally `step n`.
     Range {
-        start: Expr,
-        end: Expr,
-        step: Option<Expr>,
+        start: Box<Expr>,
+        end: Box<Expr>,
+        step: Option<Box<Expr>>,
         span: Span,
     },
 }

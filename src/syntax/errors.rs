@@ -1,4 +1,5 @@
-//! Every syntax diagnostic, as a named constructor with a stable code (`E01xx`).
+//! Every syntax diagnostic, as a named constructor with a stable code (`E01xx`,
+//! warnings `W01xx`).
 //! The parser calls these; no wording lives anywhere else.
 
 use crate::diag::{Diagnostic, Span};
@@ -63,4 +64,18 @@ pub fn unclosed_block(span: Span) -> Diagnostic {
     Diagnostic::error("E0107", span, "unclosed `{`")
         .with_label("this `{` has no matching `}`")
         .with_help("add `}` after the block's last line")
+}
+
+/// `E0108`: brackets nested deeper than the parser goes.
+pub fn nested_too_deeply(span: Span, max: usize) -> Diagnostic {
+    Diagnostic::error("E0108", span, format!("brackets nest more than {max} deep"))
+        .with_label("too deep")
+        .with_help("name a part with `const` or `def`")
+}
+
+/// `W0101`: a comment that reads like floor division (`hidden = 4 * width // 3`).
+pub fn comment_looks_like_division(span: Span) -> Diagnostic {
+    Diagnostic::warning("W0101", span, "`//` starts a comment here, not a division")
+        .with_label("the rest of the line is ignored")
+        .with_help("for floor division write `floor(a / b)`; put a word first if this is a comment")
 }

@@ -18,6 +18,20 @@ struct FmoeParser;
 
 /// Parses `text` (file `file`) into a [`File`]; every syntax error goes to `sink`.
 pub fn parse(text: &str, file: FileId, sink: &mut Sink) -> File {
+    if let Some(at) = too_deep(text) {
+        sink.push(errors::nested_too_deeply(
+            Span::new(file, at, at + 1),
+            MAX_NESTING,
+        ));
+        return File::default();
+    }
+    for at in floor_division_lookalikes(text) {
+        sink.push(errors::comment_looks_like_division(Span::new(
+            file,
+            at,
+            at + 2,
+        )));
+    }
     let mut lower = Lower {
         file,
         source_len: text.len(),
@@ -375,9 +389,9 @@ impl Lower<'_> {
             let end = exprs.next().map(|e| self.expr(e));
             let step = exprs.next().map(|e| self.expr(e));
             SelItem::Range {
-                start: start.unwrap_or_else(|| self.error_expr(span)),
-                end: end.unwrap_or_else(|| self.error_expr(span)),
-                step,
+                start: Box::new(start.unwrap_or_else(|| self.error_expr(span))),
+                end: Box::new(end.unwrap_or_else(|| self.error_expr(span))),
+                step: step.map(Box::new),
                 span,
             }
         } else {
@@ -476,6 +490,10 @@ impl Lower<'_> {
             }
         }
         let mut e = atom.unwrap_or_else(|| self.error_expr(span));
+        if negs > MAX_NESTING {
+            self.sink.push(errors::nested_too_deeply(span, MAX_NESTING));
+            return self.error_expr(span);
+        }
         for _ in 0..negs {
             e = Expr {
                 kind: ExprKind::Neg(Box::new(e)),
@@ -661,8 +679,17 @@ impl Lower<'_> {
     /// Parses a junk region again with the strict rule and reports where exactly it
     /// goes wrong and what would have been accepted there.
     fn explain(&mut self, strict: Rule, text: &str, start: usize) {
-        pest::set_error_detail(true);
-        match FmoeParser::parse(strict, text) {
+        // Pest's detailed attempts (the tokens it expected) cost time on every parse, and
+        // the switch is global: turn it on only for this re-parse, one at a time.
+        static DETAIL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let result = {
+            let _guard = DETAIL.lock().unwrap_or_else(|e| e.into_inner());
+            pest::set_error_detail(true);
+            let r = FmoeParser::parse(strict, text);
+            pest::set_error_detail(false);
+            r
+        };
+        match result {
             Err(e) => self.report_pest_error(&e, start, text, strict == Rule::strict_top),
             // The strict rule accepts what the lenient one refused only when the item
             // was not followed by the end of its line.
@@ -752,6 +779,75 @@ impl Lower<'_> {
         self.sink
             .push(errors::unexpected(span, &found, &expected, suggestion));
     }
+}
+
+/// Offsets of `//` comments that follow code and begin like an operand (`x = a // 2`):
+/// a reader from Python would take them for floor division, which they silently are not.
+fn floor_division_lookalikes(text: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut line_start = 0;
+    for line in text.split_inclusive('\n') {
+        let mut in_string = false;
+        let bytes = line.as_bytes();
+        let mut i = 0;
+        while i + 1 < bytes.len() {
+            match bytes[i] {
+                b'"' => in_string = !in_string,
+                b'\\' if in_string => i += 1,
+                b'/' if !in_string && bytes[i + 1] == b'/' => {
+                    let code = line[..i].trim_end();
+                    let comment = line[i + 2..].trim_start();
+                    let after_operand =
+                        code.ends_with(|c: char| c.is_ascii_alphanumeric() || c == ')');
+                    let operand_next = !line[i + 2..].starts_with('/')
+                        && comment.starts_with(|c: char| c.is_ascii_digit() || c == '(')
+                        && comment.trim_end().len() < 24;
+                    if code.contains('=') && after_operand && operand_next {
+                        out.push(line_start + i);
+                    }
+                    break;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        line_start += line.len();
+    }
+    out
+}
+
+/// Brackets nest at most this deep: parsing and checking recurse once per level.
+pub const MAX_NESTING: usize = 64;
+
+/// The offset of the first bracket nested deeper than [`MAX_NESTING`], if any
+/// (strings and comments skipped).
+fn too_deep(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => in_string = !in_string,
+            '\\' if in_string => {
+                chars.next();
+            }
+            '\n' => in_string = false,
+            '/' if !in_string && chars.peek().is_some_and(|(_, n)| *n == '/') => {
+                while chars.peek().is_some_and(|(_, n)| *n != '\n') {
+                    chars.next();
+                }
+            }
+            '(' | '[' | '{' if !in_string => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(i);
+                }
+            }
+            ')' | ']' | '}' if !in_string => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The byte offset of a `{` in `text` that no `}` closes, if any.

@@ -1,0 +1,191 @@
+//! The parser and checker never panic: mutated example and stdlib files (tokens
+//! deleted, duplicated, swapped, random characters inserted, text truncated) go through
+//! `check_file`, which must return (with diagnostics) whatever the input. Bounded to a
+//! fixed number of cases so it takes a few seconds in CI.
+
+use std::path::Path;
+
+use fmoec::check;
+use fmoec::diag::{render_human, render_json, Sink, Sources};
+use proptest::prelude::*;
+
+/// The example files, the stdlib sources and the ui tests' bad inputs: the corpus to
+/// mutate.
+fn corpus() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut texts = Vec::new();
+    for sub in ["examples", "stdlib", "tests/ui"] {
+        let mut paths: Vec<_> = std::fs::read_dir(dir.join(sub))
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "fmoe"))
+            .collect();
+        paths.sort();
+        texts.extend(paths.iter().map(|p| std::fs::read_to_string(p).unwrap()));
+    }
+    texts
+}
+
+/// Splits text into tokens: words, single punctuation characters and whitespace runs,
+/// so that joining them gives the text back.
+fn tokens(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    let class = |c: char| {
+        if c.is_alphanumeric() || c == '_' || c == '.' {
+            0
+        } else if c.is_whitespace() {
+            1
+        } else {
+            2
+        }
+    };
+    for c in text.chars() {
+        let same = cur
+            .chars()
+            .last()
+            .is_some_and(|p| class(p) == class(c) && class(c) != 2);
+        if !same && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        cur.push(c);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[derive(Clone, Debug)]
+enum Mutation {
+    Delete(usize),
+    Duplicate(usize),
+    Swap(usize, usize),
+    Insert(usize, String),
+    Truncate(usize),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        any::<usize>().prop_map(Mutation::Delete),
+        any::<usize>().prop_map(Mutation::Duplicate),
+        (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Mutation::Swap(a, b)),
+        (any::<usize>(), "[\\x00-\\x7f\\u{80}-\\u{10ffff}]{1,4}")
+            .prop_map(|(a, s)| Mutation::Insert(a, s)),
+        (
+            any::<usize>(),
+            prop::sample::select(vec![
+                "(",
+                ")",
+                "{",
+                "}",
+                "[",
+                "]",
+                "=",
+                ",",
+                "..",
+                "\"",
+                "///",
+                "//",
+                "-",
+                "0",
+                "x",
+                "of",
+                "override",
+                "layers[",
+                "moe(",
+                "1e999",
+                "99999999999999999999",
+                "\n",
+            ])
+        )
+            .prop_map(|(a, s)| Mutation::Insert(a, s.to_string())),
+        any::<usize>().prop_map(Mutation::Truncate),
+    ]
+}
+
+fn apply(mut toks: Vec<String>, mutations: &[Mutation]) -> String {
+    for m in mutations {
+        if toks.is_empty() {
+            break;
+        }
+        let n = toks.len();
+        match m {
+            Mutation::Delete(i) => {
+                toks.remove(i % n);
+            }
+            Mutation::Duplicate(i) => {
+                let t = toks[i % n].clone();
+                toks.insert(i % n, t);
+            }
+            Mutation::Swap(a, b) => toks.swap(a % n, b % n),
+            Mutation::Insert(i, s) => toks.insert(i % (n + 1), s.clone()),
+            Mutation::Truncate(i) => toks.truncate(i % n),
+        }
+    }
+    toks.concat()
+}
+
+fn check_text(text: String) {
+    let mut sources = Sources::new();
+    let file = sources.add("fuzz.fmoe", text);
+    let mut sink = Sink::new();
+    let checked = check::check_file(&mut sources, file, &mut sink);
+    assert_eq!(checked.is_some(), !sink.has_errors());
+    let diags = sink.into_sorted();
+    // Rendering must not panic either, whatever the spans.
+    let _ = render_human(&sources, &diags);
+    let _ = render_json(&sources, &diags);
+}
+
+// Each case checks a whole file against the whole stdlib (about 20 ms in a debug
+// build), so the case counts keep the test at a couple of seconds.
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn mutated_files_never_panic(
+        which in any::<usize>(),
+        mutations in prop::collection::vec(mutation(), 1..6),
+    ) {
+        let corpus = corpus();
+        let text = &corpus[which % corpus.len()];
+        check_text(apply(tokens(text), &mutations));
+    }
+
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 32,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        check_text(String::from_utf8_lossy(&bytes).into_owned());
+    }
+}
+
+#[test]
+fn tokens_round_trip() {
+    for text in corpus() {
+        assert_eq!(tokens(&text).concat(), text);
+    }
+}
+
+#[test]
+fn deep_nesting_does_not_overflow_the_stack() {
+    for depth in [100, 2000] {
+        let open = "(".repeat(depth);
+        let close = ")".repeat(depth);
+        check_text(format!("const a = {open}1{close}\n"));
+        check_text(format!("model m {{\n    width = {open}\n}}\n"));
+        check_text(format!("const b = {}1\n", "-".repeat(depth)));
+    }
+}
