@@ -43,14 +43,24 @@ fn write_indexed(prefix: &str, docs: &[Vec<i64>], code: u8, size: usize) {
 }
 
 fn docs() -> Vec<Vec<i64>> {
-    (0..7).map(|d| (0..(50 + 37 * d)).map(|i| (i * 7919 + d * 31) % 50000).collect()).collect()
+    (0..7)
+        .map(|d| {
+            (0..(50 + 37 * d))
+                .map(|i| (i * 7919 + d * 31) % 50000)
+                .collect()
+        })
+        .collect()
 }
 
 #[test]
 fn indexed_dataset_round_trips_uint16_and_int32() {
     let dir = tempfile::tempdir().unwrap();
     for (code, size) in [(8u8, 2usize), (4, 4)] {
-        let prefix = dir.path().join(format!("corpus{code}")).display().to_string();
+        let prefix = dir
+            .path()
+            .join(format!("corpus{code}"))
+            .display()
+            .to_string();
         write_indexed(&prefix, &docs(), code, size);
         let ds = IndexedDataset::open(&prefix).unwrap();
         assert_eq!(ds.sizes.len(), 7);
@@ -62,8 +72,13 @@ fn indexed_dataset_round_trips_uint16_and_int32() {
         let data = Dataset::load(&DataSource::Megatron(prefix.clone()), 50304).unwrap();
         assert_eq!(data.len(), docs().concat().len());
         // token ids beyond the vocabulary are an error, not a crash
-        let err = Dataset::load(&DataSource::Megatron(prefix), 256).err().expect("refused");
-        assert!(format!("{err:#}").contains("outside the model's vocabulary"), "{err:#}");
+        let err = Dataset::load(&DataSource::Megatron(prefix), 256)
+            .err()
+            .expect("refused");
+        assert!(
+            format!("{err:#}").contains("outside the model's vocabulary"),
+            "{err:#}"
+        );
     }
 }
 

@@ -7,16 +7,22 @@ use fmoec::runtime::moe::{self, ExpertPath, MoeLayer};
 use fmoec::runtime::params::ParamStore;
 use tch::{Device, Kind, Tensor};
 
-
 /// libtorch's generator is process-wide and tests run on parallel threads: every test that
 /// draws random numbers holds this lock.
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    tch::set_num_threads(1);
     RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn moe_decl(kind: GateKind, experts: u64, top_k: u64, capacity: Option<(f64, f64)>, act: Activation) -> Moe {
+fn moe_decl(
+    kind: GateKind,
+    experts: u64,
+    top_k: u64,
+    capacity: Option<(f64, f64)>,
+    act: Activation,
+) -> Moe {
     Moe {
         experts,
         top_k,
@@ -28,7 +34,11 @@ fn moe_decl(kind: GateKind, experts: u64, top_k: u64, capacity: Option<(f64, f64
             random_routing: kind == GateKind::Gshard,
             span: Default::default(),
         },
-        expert: Mlp { hidden: 8, act, span: Default::default() },
+        expert: Mlp {
+            hidden: 8,
+            act,
+            span: Default::default(),
+        },
         shared: None,
         spans: Default::default(),
     }
@@ -48,7 +58,11 @@ fn layer(decl: &Moe, width: i64, kind: Kind, bias: bool, seed: i64) -> (ParamSto
             let _ = b.shallow_clone().f_normal_(0.0, 0.1).unwrap();
         }
     });
-    l.experts.path = if kind == Kind::Double { ExpertPath::Loop } else { ExpertPath::Grouped };
+    l.experts.path = if kind == Kind::Double {
+        ExpertPath::Loop
+    } else {
+        ExpertPath::Grouped
+    };
     (store, l)
 }
 
@@ -90,7 +104,14 @@ fn per_token(l: &MoeLayer, x: &Tensor, expert: &Tensor, weight: &Tensor) -> Tens
     out
 }
 
-fn check_against_reference(kind: GateKind, capacity: Option<(f64, f64)>, top_k: u64, act: Activation, bias: bool, train: bool) -> (i64, i64) {
+fn check_against_reference(
+    kind: GateKind,
+    capacity: Option<(f64, f64)>,
+    top_k: u64,
+    act: Activation,
+    bias: bool,
+    train: bool,
+) -> (i64, i64) {
     let decl = moe_decl(kind, 4, top_k, capacity, act);
     let (_store, l) = layer(&decl, 8, Kind::Float, bias, 7);
     let x = Tensor::randn([24, 8], (Kind::Float, Device::Cpu));
@@ -100,11 +121,18 @@ fn check_against_reference(kind: GateKind, capacity: Option<(f64, f64)>, top_k: 
     let routing = l.gate.route(&x, train).unwrap();
     let reference = per_token(&l, &x, &routing.expert, &routing.weight);
     let diff = (&out.out - &reference).abs().max().double_value(&[]);
-    assert!(diff < 1e-5, "{kind:?} capacity {capacity:?} train {train}: max diff {diff}");
+    assert!(
+        diff < 1e-5,
+        "{kind:?} capacity {capacity:?} train {train}: max diff {diff}"
+    );
     let dropped = routing.expert.lt(0).sum(Kind::Int64).int64_value(&[]);
     let tel = out.telemetry.report().unwrap();
     let kept: f64 = tel.tokens_per_expert.iter().sum();
-    assert_eq!(kept as i64, 24 * top_k as i64 - dropped, "telemetry counts kept slots");
+    assert_eq!(
+        kept as i64,
+        24 * top_k as i64 - dropped,
+        "telemetry counts kept slots"
+    );
     assert!((tel.dropped_fraction - dropped as f64 / (24.0 * top_k as f64)).abs() < 1e-6);
     assert!(tel.gate_entropy > 0.0 && tel.gate_entropy <= (4f64).ln() + 1e-6);
     (dropped, 24 * top_k as i64)
@@ -116,8 +144,22 @@ fn every_gate_matches_the_per_token_reference() {
     for &train in &[true, false] {
         check_against_reference(GateKind::Naive, None, 2, Activation::Gelu, true, train);
         check_against_reference(GateKind::Noisy, None, 2, Activation::Gelu, false, train);
-        check_against_reference(GateKind::Gshard, Some((4.0, 4.0)), 2, Activation::Gelu, true, train);
-        check_against_reference(GateKind::Switch, Some((4.0, 4.0)), 1, Activation::Relu, true, train);
+        check_against_reference(
+            GateKind::Gshard,
+            Some((4.0, 4.0)),
+            2,
+            Activation::Gelu,
+            true,
+            train,
+        );
+        check_against_reference(
+            GateKind::Switch,
+            Some((4.0, 4.0)),
+            1,
+            Activation::Relu,
+            true,
+            train,
+        );
         check_against_reference(GateKind::Swipe, None, 2, Activation::Swiglu, false, train);
     }
 }
@@ -126,9 +168,23 @@ fn every_gate_matches_the_per_token_reference() {
 fn capacity_drops_pass_only_the_kept_slots() {
     let _rng = rng_lock();
     // capacity 0.5 · k · T / E: at least half the slots must go
-    let (dropped, slots) = check_against_reference(GateKind::Gshard, Some((0.5, 0.5)), 2, Activation::Gelu, true, false);
+    let (dropped, slots) = check_against_reference(
+        GateKind::Gshard,
+        Some((0.5, 0.5)),
+        2,
+        Activation::Gelu,
+        true,
+        false,
+    );
     assert!(dropped * 2 >= slots, "gshard dropped {dropped} of {slots}");
-    let (dropped, slots) = check_against_reference(GateKind::Switch, Some((0.5, 0.5)), 1, Activation::Gelu, false, true);
+    let (dropped, slots) = check_against_reference(
+        GateKind::Switch,
+        Some((0.5, 0.5)),
+        1,
+        Activation::Gelu,
+        false,
+        true,
+    );
     assert!(dropped * 2 >= slots, "switch dropped {dropped} of {slots}");
 }
 
@@ -172,7 +228,8 @@ fn swipe_balances_loads_without_drops() {
     let x = Tensor::randn([1, 8], (Kind::Float, Device::Cpu)).repeat([32, 1])
         + Tensor::randn([32, 8], (Kind::Float, Device::Cpu)) * 0.01;
     let naive = l.gate.route(&x, false).unwrap();
-    let naive_counts = Vec::<i64>::try_from(naive.expert.reshape([-1]).bincount(None::<Tensor>, 4)).unwrap();
+    let naive_counts =
+        Vec::<i64>::try_from(naive.expert.reshape([-1]).bincount(None::<Tensor>, 4)).unwrap();
     assert_eq!(*naive_counts.iter().max().unwrap(), 32);
     let r = l.gate.route(&x, true).unwrap();
     let counts = Vec::<i64>::try_from(r.expert.reshape([-1]).bincount(None::<Tensor>, 4)).unwrap();
@@ -184,7 +241,11 @@ fn swipe_balances_loads_without_drops() {
 #[test]
 fn gradients_match_finite_differences() {
     let _rng = rng_lock();
-    for (kind, cap, k) in [(GateKind::Naive, None, 2), (GateKind::Gshard, Some((0.75, 0.75)), 2), (GateKind::Switch, Some((1.0, 1.0)), 1)] {
+    for (kind, cap, k) in [
+        (GateKind::Naive, None, 2),
+        (GateKind::Gshard, Some((0.75, 0.75)), 2),
+        (GateKind::Switch, Some((1.0, 1.0)), 1),
+    ] {
         let decl = moe_decl(kind, 3, k, cap, Activation::Gelu);
         let (store, l) = layer(&decl, 4, Kind::Double, true, 11);
         let x = Tensor::randn([6, 4], (Kind::Double, Device::Cpu)).set_requires_grad(true);
@@ -197,7 +258,11 @@ fn gradients_match_finite_differences() {
         loss.backward();
         let eps = 1e-6;
         let mut checked = 0;
-        let mut targets: Vec<(String, Tensor)> = store.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        let mut targets: Vec<(String, Tensor)> = store
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+            .collect();
         targets.push(("x".into(), x.shallow_clone()));
         for (name, t) in targets {
             let g = t.grad();
@@ -228,12 +293,20 @@ fn gradients_match_finite_differences() {
     }
 }
 
-fn gate_with_identity(kind: GateKind, e: i64, top_k: u64, cap: Option<(f64, f64)>) -> (ParamStore, MoeLayer) {
+fn gate_with_identity(
+    kind: GateKind,
+    e: i64,
+    top_k: u64,
+    cap: Option<(f64, f64)>,
+) -> (ParamStore, MoeLayer) {
     let decl = moe_decl(kind, e as u64, top_k, cap, Activation::Gelu);
     let mut store = ParamStore::new(Device::Cpu, Kind::Float);
     let l = MoeLayer::new(&mut store, "ffn", &decl, e, false, 0.02).unwrap();
     tch::no_grad(|| {
-        l.gate.weight.shallow_clone().copy_(&Tensor::eye(e, (Kind::Float, Device::Cpu)));
+        l.gate
+            .weight
+            .shallow_clone()
+            .copy_(&Tensor::eye(e, (Kind::Float, Device::Cpu)));
         if let Some(b) = &l.gate.bias {
             let _ = b.shallow_clone().zero_();
         }
@@ -248,10 +321,17 @@ fn softmax(v: &[f64]) -> Vec<f64> {
     e.iter().map(|x| x / s).collect()
 }
 
-const LOGITS: [[f64; 3]; 4] = [[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.5, 0.0], [0.0, 0.2, 2.0]];
+const LOGITS: [[f64; 3]; 4] = [
+    [2.0, 1.0, 0.0],
+    [0.0, 3.0, 1.0],
+    [1.0, 0.5, 0.0],
+    [0.0, 0.2, 2.0],
+];
 
 fn logits_tensor() -> Tensor {
-    Tensor::from_slice(&LOGITS.concat()).reshape([4, 3]).to_kind(Kind::Float)
+    Tensor::from_slice(&LOGITS.concat())
+        .reshape([4, 3])
+        .to_kind(Kind::Float)
 }
 
 #[test]
@@ -262,7 +342,9 @@ fn gshard_loss_is_e_times_sum_of_first_choice_fraction_times_mean_prob() {
     // first choices: 0, 1, 0, 2 -> c = (2/4, 1/4, 1/4)
     let c = [0.5, 0.25, 0.25];
     let probs: Vec<Vec<f64>> = LOGITS.iter().map(|r| softmax(r)).collect();
-    let m: Vec<f64> = (0..3).map(|e| probs.iter().map(|p| p[e]).sum::<f64>() / 4.0).collect();
+    let m: Vec<f64> = (0..3)
+        .map(|e| probs.iter().map(|p| p[e]).sum::<f64>() / 4.0)
+        .collect();
     let want = 3.0 * (0..3).map(|e| c[e] * m[e]).sum::<f64>();
     let got = r.balance_loss.double_value(&[]);
     assert!((got - want).abs() < 1e-6, "gshard loss {got}, hand {want}");
@@ -278,7 +360,9 @@ fn switch_loss_is_e_times_sum_of_fraction_times_mean_prob_over_kept_tokens() {
     let r = l.gate.route(&logits_tensor(), false).unwrap();
     let probs: Vec<Vec<f64>> = LOGITS.iter().map(|r| softmax(r)).collect();
     let f = [0.5, 0.25, 0.25];
-    let p: Vec<f64> = (0..3).map(|e| probs.iter().map(|q| q[e]).sum::<f64>() / 4.0).collect();
+    let p: Vec<f64> = (0..3)
+        .map(|e| probs.iter().map(|q| q[e]).sum::<f64>() / 4.0)
+        .collect();
     let want = 3.0 * (0..3).map(|e| f[e] * p[e]).sum::<f64>();
     let got = r.balance_loss.double_value(&[]);
     assert!((got - want).abs() < 1e-6, "switch loss {got}, hand {want}");

@@ -10,12 +10,12 @@ use fmoec::check::{DataSource, GateKind};
 use fmoec::runtime::train::{self, RunOptions, RunSummary, SampleOptions};
 use tch::Device;
 
-
 /// libtorch's generator is process-wide and tests run on parallel threads: every test that
 /// draws random numbers holds this lock.
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    runtime_common::init();
     RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -26,20 +26,33 @@ fn options(out: &Path, stop_after: Option<u64>, resume: bool) -> RunOptions {
         stop_after,
         out: out.to_path_buf(),
         checkpoints: out.join("checkpoints"),
-        resume: if resume { Some(out.join("checkpoints")) } else { None },
+        resume: if resume {
+            Some(out.join("checkpoints"))
+        } else {
+            None
+        },
         progress: false,
         print_summary: false,
     }
 }
 
 fn params_bytes(dir: &Path) -> Vec<u8> {
-    std::fs::read(fmoec::runtime::checkpoint::resolve(dir).unwrap().join("model.safetensors")).unwrap()
+    std::fs::read(
+        fmoec::runtime::checkpoint::resolve(dir)
+            .unwrap()
+            .join("model.safetensors"),
+    )
+    .unwrap()
 }
 
 #[test]
 fn resume_repeats_the_uninterrupted_run_exactly() {
     let _rng = rng_lock();
-    let checked = runtime_common::tiny_checked(GateKind::Gshard, 12, DataSource::Builtin("shakespeare".into()));
+    let checked = runtime_common::tiny_checked(
+        GateKind::Gshard,
+        12,
+        DataSource::Builtin("shakespeare".into()),
+    );
     let a = tempfile::tempdir().unwrap();
     let full: RunSummary = train::train(&checked, &options(a.path(), None, false)).unwrap();
     assert_eq!(full.steps_done, 12);
@@ -61,7 +74,10 @@ fn resume_repeats_the_uninterrupted_run_exactly() {
 
     // A fresh run into a folder with checkpoints is refused instead of overwriting them.
     let err = train::train(&checked, &options(b.path(), None, false)).unwrap_err();
-    assert!(format!("{err:#}").contains("already holds checkpoints"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("already holds checkpoints"),
+        "{err:#}"
+    );
 
     // Sampling from the checkpoint produces the requested number of bytes.
     let text = train::sample(
@@ -83,14 +99,24 @@ fn resume_repeats_the_uninterrupted_run_exactly() {
 #[test]
 fn damaged_or_mismatched_checkpoints_are_refused() {
     let _rng = rng_lock();
-    let checked = runtime_common::tiny_checked(GateKind::Switch, 2, DataSource::Builtin("shakespeare".into()));
+    let checked = runtime_common::tiny_checked(
+        GateKind::Switch,
+        2,
+        DataSource::Builtin("shakespeare".into()),
+    );
     let dir = tempfile::tempdir().unwrap();
     train::train(&checked, &options(dir.path(), None, false)).unwrap();
     let ckpt = fmoec::runtime::checkpoint::resolve(&dir.path().join("checkpoints")).unwrap();
 
     // a different model
-    let other = runtime_common::tiny_checked(GateKind::Naive, 2, DataSource::Builtin("shakespeare".into()));
-    let err = fmoec::runtime::checkpoint::load(&ckpt, &other.model).err().expect("refused");
+    let other = runtime_common::tiny_checked(
+        GateKind::Naive,
+        2,
+        DataSource::Builtin("shakespeare".into()),
+    );
+    let err = fmoec::runtime::checkpoint::load(&ckpt, &other.model)
+        .err()
+        .expect("refused");
     assert!(format!("{err:#}").contains("different model"), "{err:#}");
 
     // truncated
@@ -105,8 +131,50 @@ fn damaged_or_mismatched_checkpoints_are_refused() {
     let n = flipped.len() - 3;
     flipped[n] ^= 0x40;
     std::fs::write(&file, &flipped).unwrap();
-    let err = fmoec::runtime::checkpoint::load(&ckpt, &checked.model).err().expect("refused");
+    let err = fmoec::runtime::checkpoint::load(&ckpt, &checked.model)
+        .err()
+        .expect("refused");
     assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
     // the damaged checkpoint is still there, untouched
     assert_eq!(std::fs::read(&file).unwrap(), flipped);
+}
+
+/// `examples/tiny.fmoe` (the file's model, its optimizer and schedule; 100 steps of 8 x 128
+/// tokens instead of the file's 300 of 16 x 128 to keep CI short) learns well below the
+/// corpus's unigram entropy (3.33 nats/byte). Measured on CPU: mean of the last 10 training
+/// losses 2.62, held-out loss 2.70.
+#[test]
+fn tiny_example_learns_below_the_unigram_entropy() {
+    let _rng = rng_lock();
+    let mut checked = runtime_common::example("tiny.fmoe");
+    let t = checked.train.as_mut().expect("tiny.fmoe has a train block");
+    t.steps = 100;
+    t.batch_sequences = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let s = train::train(&checked, &options(dir.path(), None, false)).unwrap();
+    assert!(
+        (s.unigram_entropy - 3.33).abs() < 0.01,
+        "unigram entropy {}",
+        s.unigram_entropy
+    );
+    let last: f64 = s.losses[s.losses.len() - 10..].iter().sum::<f64>() / 10.0;
+    assert!(last < 2.9, "mean of the last 10 losses {last}");
+    let eval = s.final_eval_loss.expect("evaluated at the last step");
+    assert!(eval < 3.0, "held-out loss {eval}");
+    assert!(dir.path().join("plot.png").exists());
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 100);
+    let line: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        line["moe"].as_array().unwrap().len(),
+        2,
+        "two MoE layers report telemetry"
+    );
+    assert!(
+        line["moe"][0]["tokens_per_expert"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 8
+    );
 }

@@ -115,7 +115,8 @@ fn serialize(named: &[(String, Tensor)]) -> Result<Vec<u8>> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create `{}`", path.display()))?;
+    let mut f = std::fs::File::create(path)
+        .with_context(|| format!("cannot create `{}`", path.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(())
@@ -137,7 +138,12 @@ pub struct SaveInfo<'a> {
 }
 
 /// Writes a checkpoint under `root` (`root/step-XXXXXXXX`), atomically; refuses to replace one.
-pub fn save(root: &Path, info: &SaveInfo<'_>, store: &ParamStore, optim: &AdamW) -> Result<PathBuf> {
+pub fn save(
+    root: &Path,
+    info: &SaveInfo<'_>,
+    store: &ParamStore,
+    optim: &AdamW,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("cannot create `{}`", root.display()))?;
     let final_dir = root.join(step_dir_name(info.step));
     if final_dir.exists() {
@@ -147,13 +153,20 @@ pub fn save(root: &Path, info: &SaveInfo<'_>, store: &ParamStore, optim: &AdamW)
             final_dir.display()
         );
     }
-    let tmp = root.join(format!(".{}.tmp-{}", step_dir_name(info.step), std::process::id()));
+    let tmp = root.join(format!(
+        ".{}.tmp-{}",
+        step_dir_name(info.step),
+        std::process::id()
+    ));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir(&tmp)?;
-    let model_named: Vec<(String, Tensor)> =
-        store.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+    let model_named: Vec<(String, Tensor)> = store
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+        .collect();
     let mut optim_named = Vec::new();
     for (i, p) in store.params.iter().enumerate() {
         optim_named.push((format!("m.{}", p.name), optim.m[i].shallow_clone()));
@@ -163,7 +176,11 @@ pub fn save(root: &Path, info: &SaveInfo<'_>, store: &ParamStore, optim: &AdamW)
     for (name, named) in [(MODEL_FILE, &model_named), (OPTIM_FILE, &optim_named)] {
         let bytes = serialize(named)?;
         write_synced(&tmp.join(name), &bytes)?;
-        files.push(FileEntry { name: name.to_string(), bytes: bytes.len() as u64, sha256: hex(&Sha256::digest(&bytes)) });
+        files.push(FileEntry {
+            name: name.to_string(),
+            bytes: bytes.len() as u64,
+            sha256: hex(&Sha256::digest(&bytes)),
+        });
     }
     let manifest = Manifest {
         format: FORMAT.to_string(),
@@ -175,12 +192,18 @@ pub fn save(root: &Path, info: &SaveInfo<'_>, store: &ParamStore, optim: &AdamW)
         rng: "libtorch's generator is reseeded before every step with mix(seed, step); data \
               windows are keyed by (seed, step, micro-batch, row)"
             .to_string(),
-        data: DataPosition { source: info.data_source.clone(), next_step: info.step },
+        data: DataPosition {
+            source: info.data_source.clone(),
+            next_step: info.step,
+        },
         optimizer_step: optim.step,
         precision: info.precision.clone(),
         files,
     };
-    write_synced(&tmp.join(MANIFEST_FILE), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    write_synced(
+        &tmp.join(MANIFEST_FILE),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("cannot move the checkpoint into `{}`", final_dir.display()))?;
     let latest_tmp = root.join(format!(".{LATEST}.tmp-{}", std::process::id()));
@@ -219,10 +242,18 @@ pub fn load(path: &Path, model: &Model) -> Result<Loaded> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&manifest_path)
         .with_context(|| format!("cannot read `{}`", manifest_path.display()))?;
-    let manifest: Manifest = serde_json::from_str(&text)
-        .with_context(|| format!("`{}` is not a valid checkpoint manifest", manifest_path.display()))?;
+    let manifest: Manifest = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "`{}` is not a valid checkpoint manifest",
+            manifest_path.display()
+        )
+    })?;
     if manifest.format != FORMAT {
-        bail!("`{}` has format `{}`; this fmoec reads `{FORMAT}`", dir.display(), manifest.format);
+        bail!(
+            "`{}` has format `{}`; this fmoec reads `{FORMAT}`",
+            dir.display(),
+            manifest.format
+        );
     }
     let want = model_hash(model);
     if manifest.model_hash != want {
@@ -240,7 +271,12 @@ pub fn load(path: &Path, model: &Model) -> Result<Loaded> {
             .files
             .iter()
             .find(|f| f.name == name)
-            .with_context(|| format!("checkpoint `{}`'s manifest does not list `{name}`", dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "checkpoint `{}`'s manifest does not list `{name}`",
+                    dir.display()
+                )
+            })?;
         let p = dir.join(name);
         let bytes = std::fs::read(&p).with_context(|| format!("cannot read `{}`", p.display()))?;
         if bytes.len() as u64 != entry.bytes {
@@ -252,32 +288,54 @@ pub fn load(path: &Path, model: &Model) -> Result<Loaded> {
             );
         }
         if hex(&Sha256::digest(&bytes)) != entry.sha256 {
-            bail!("checkpoint file `{}` is corrupt: its SHA-256 does not match the manifest", p.display());
+            bail!(
+                "checkpoint file `{}` is corrupt: its SHA-256 does not match the manifest",
+                p.display()
+            );
         }
         Ok(bytes)
     };
     let model_bytes = read(MODEL_FILE)?;
     let optim_bytes = read(OPTIM_FILE)?;
-    Ok(Loaded { dir, manifest, model_bytes, optim_bytes })
+    Ok(Loaded {
+        dir,
+        manifest,
+        model_bytes,
+        optim_bytes,
+    })
 }
 
 fn restore_into(bytes: &[u8], file: &str, names: &[(String, Tensor)]) -> Result<()> {
-    let st = SafeTensors::deserialize(bytes).with_context(|| format!("`{file}` is not a safetensors file"))?;
+    let st = SafeTensors::deserialize(bytes)
+        .with_context(|| format!("`{file}` is not a safetensors file"))?;
     let mut found: HashMap<String, ()> = HashMap::new();
     let mut staged = Vec::new();
     for (name, target) in names {
-        let view = st.tensor(name).with_context(|| format!("`{file}` has no tensor `{name}`"))?;
+        let view = st
+            .tensor(name)
+            .with_context(|| format!("`{file}` has no tensor `{name}`"))?;
         let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
         if shape != target.size() {
-            bail!("`{file}`: tensor `{name}` has shape {shape:?}, the model needs {:?}", target.size());
+            bail!(
+                "`{file}`: tensor `{name}` has shape {shape:?}, the model needs {:?}",
+                target.size()
+            );
         }
         let t = Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)?;
         staged.push(t);
         found.insert(name.clone(), ());
     }
-    let extra: Vec<String> = st.names().into_iter().filter(|n| !found.contains_key(*n)).cloned().collect();
+    let extra: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| !found.contains_key(*n))
+        .cloned()
+        .collect();
     if !extra.is_empty() {
-        bail!("`{file}` holds tensors the model does not have: {}", extra.join(", "));
+        bail!(
+            "`{file}` holds tensors the model does not have: {}",
+            extra.join(", ")
+        );
     }
     let _guard = tch::no_grad_guard();
     for ((_, target), src) in names.iter().zip(staged) {
@@ -290,8 +348,11 @@ fn restore_into(bytes: &[u8], file: &str, names: &[(String, Tensor)]) -> Result<
 impl Loaded {
     /// Copies the parameters into `store` and the optimizer state into `optim`.
     pub fn restore(&self, store: &ParamStore, optim: &mut AdamW) -> Result<()> {
-        let model_named: Vec<(String, Tensor)> =
-            store.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        let model_named: Vec<(String, Tensor)> = store
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+            .collect();
         restore_into(&self.model_bytes, MODEL_FILE, &model_named)?;
         let mut optim_named = Vec::new();
         for (i, p) in store.params.iter().enumerate() {
@@ -305,8 +366,11 @@ impl Loaded {
 
     /// Copies only the parameters (for sampling).
     pub fn restore_params(&self, store: &ParamStore) -> Result<()> {
-        let model_named: Vec<(String, Tensor)> =
-            store.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        let model_named: Vec<(String, Tensor)> = store
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+            .collect();
         restore_into(&self.model_bytes, MODEL_FILE, &model_named)
     }
 }

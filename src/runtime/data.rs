@@ -110,7 +110,10 @@ fn take<'a>(buf: &'a [u8], at: &mut usize, n: usize, what: &str, path: &Path) ->
             *at = end;
             Ok(s)
         }
-        None => bail!("`{}` is truncated: it ends inside the {what}", path.display()),
+        None => bail!(
+            "`{}` is truncated: it ends inside the {what}",
+            path.display()
+        ),
     }
 }
 
@@ -131,16 +134,28 @@ impl IndexedDataset {
         }
         let version = u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?);
         if version != 1 {
-            bail!("`{}` has index version {version}; only version 1 is supported", idx_path.display());
+            bail!(
+                "`{}` has index version {version}; only version 1 is supported",
+                idx_path.display()
+            );
         }
         let code = take(&idx, &mut at, 1, "header", &idx_path)?[0];
-        let dtype = TokenDType::from_code(code)
-            .with_context(|| format!("`{}` names an unknown token dtype code {code}", idx_path.display()))?;
+        let dtype = TokenDType::from_code(code).with_context(|| {
+            format!(
+                "`{}` names an unknown token dtype code {code}",
+                idx_path.display()
+            )
+        })?;
         if matches!(dtype, TokenDType::F32 | TokenDType::F64) {
-            bail!("`{}` holds floating-point values, not token ids", idx_path.display());
+            bail!(
+                "`{}` holds floating-point values, not token ids",
+                idx_path.display()
+            );
         }
-        let count = u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?) as usize;
-        let docs = u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?) as usize;
+        let count =
+            u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?) as usize;
+        let docs =
+            u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?) as usize;
         let n4 = count.checked_mul(4).context("sequence count overflows")?;
         let sizes: Vec<i32> = take(&idx, &mut at, n4, "sequence lengths", &idx_path)?
             .chunks_exact(4)
@@ -174,13 +189,22 @@ impl IndexedDataset {
                 );
             }
         }
-        Ok(IndexedDataset { dtype, sizes, pointers, doc_idx, bin })
+        Ok(IndexedDataset {
+            dtype,
+            sizes,
+            pointers,
+            doc_idx,
+            bin,
+        })
     }
 
     /// The tokens of sequence `i`.
     pub fn sequence(&self, i: usize) -> Result<Vec<i64>> {
         let (Some(&size), Some(&ptr)) = (self.sizes.get(i), self.pointers.get(i)) else {
-            bail!("sequence {i} is out of range ({} sequences)", self.sizes.len());
+            bail!(
+                "sequence {i} is out of range ({} sequences)",
+                self.sizes.len()
+            );
         };
         let item = self.dtype.size();
         let bytes = &self.bin[ptr as usize..ptr as usize + size as usize * item];
@@ -228,17 +252,28 @@ impl Dataset {
         let (description, tokens): (String, Vec<i64>) = match source {
             DataSource::Builtin(name) => {
                 let bytes = builtin_text(name)?;
-                (format!("builtin(\"{name}\"), {} bytes", bytes.len()), bytes.into_iter().map(i64::from).collect())
+                (
+                    format!("builtin(\"{name}\"), {} bytes", bytes.len()),
+                    bytes.into_iter().map(i64::from).collect(),
+                )
             }
             DataSource::Text(path) => {
-                let bytes = std::fs::read(path).with_context(|| format!("cannot read the text file `{path}`"))?;
-                (format!("text(\"{path}\"), {} bytes", bytes.len()), bytes.into_iter().map(i64::from).collect())
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("cannot read the text file `{path}`"))?;
+                (
+                    format!("text(\"{path}\"), {} bytes", bytes.len()),
+                    bytes.into_iter().map(i64::from).collect(),
+                )
             }
             DataSource::Megatron(prefix) => {
                 let ds = IndexedDataset::open(prefix)?;
                 let tokens = ds.stream()?;
                 (
-                    format!("megatron(\"{prefix}\"), {} documents, {} tokens", ds.doc_idx.len().saturating_sub(1), tokens.len()),
+                    format!(
+                        "megatron(\"{prefix}\"), {} documents, {} tokens",
+                        ds.doc_idx.len().saturating_sub(1),
+                        tokens.len()
+                    ),
                     tokens,
                 )
             }
@@ -255,7 +290,11 @@ impl Dataset {
         }
         let held = ((tokens.len() as f64) * HELDOUT_FRACTION) as usize;
         let train_len = tokens.len() - held;
-        Ok(Dataset { description, tokens, train_len })
+        Ok(Dataset {
+            description,
+            tokens,
+            train_len,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -290,8 +329,19 @@ impl Dataset {
     }
 
     /// `rows` windows of `window` tokens from `split`, at positions keyed by `key`.
-    pub fn batch(&self, heldout: bool, key: &[u64], rows: usize, window: usize, device: Device) -> Result<Tensor> {
-        let part = if heldout { self.heldout_tokens() } else { self.train_tokens() };
+    pub fn batch(
+        &self,
+        heldout: bool,
+        key: &[u64],
+        rows: usize,
+        window: usize,
+        device: Device,
+    ) -> Result<Tensor> {
+        let part = if heldout {
+            self.heldout_tokens()
+        } else {
+            self.train_tokens()
+        };
         let span = (part.len() - window) as u64;
         let mut buf = Vec::with_capacity(rows * window);
         for r in 0..rows {
@@ -300,7 +350,10 @@ impl Dataset {
             let start = (mix_all(&words) % span) as usize;
             buf.extend_from_slice(&part[start..start + window]);
         }
-        Ok(Tensor::f_from_slice(&buf)?.f_reshape([rows as i64, window as i64])?.f_to(device)?.f_to_kind(Kind::Int64)?)
+        Ok(Tensor::f_from_slice(&buf)?
+            .f_reshape([rows as i64, window as i64])?
+            .f_to(device)?
+            .f_to_kind(Kind::Int64)?)
     }
 }
 
@@ -311,8 +364,11 @@ pub fn unigram_entropy(tokens: &[i64]) -> f64 {
         *counts.entry(t).or_insert(0u64) += 1;
     }
     let n = tokens.len() as f64;
-    counts.values().map(|&c| {
-        let p = c as f64 / n;
-        -p * p.ln()
-    }).sum()
+    counts
+        .values()
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.ln()
+        })
+        .sum()
 }

@@ -39,7 +39,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
         }
         let count = tch::Cuda::device_count() as usize;
         if n >= count {
-            bail!("device `{s}`: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{})", count.saturating_sub(1));
+            bail!(
+                "device `{s}`: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{})",
+                count.saturating_sub(1)
+            );
         }
     }
     Ok(device)

@@ -33,17 +33,28 @@ impl NormLayer {
     fn new(store: &mut ParamStore, prefix: &str, kind: Norm, width: i64) -> Result<NormLayer> {
         let weight = store.var(&format!("{prefix}.weight"), &[width], Init::Ones, false)?;
         let bias = match kind {
-            Norm::LayerNorm => Some(store.var(&format!("{prefix}.bias"), &[width], Init::Zeros, false)?),
+            Norm::LayerNorm => {
+                Some(store.var(&format!("{prefix}.bias"), &[width], Init::Zeros, false)?)
+            }
             Norm::RmsNorm => None,
         };
-        Ok(NormLayer { kind, weight, bias, width })
+        Ok(NormLayer {
+            kind,
+            weight,
+            bias,
+            width,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.f_to_kind(x.kind())?;
         Ok(match self.kind {
             Norm::LayerNorm => {
-                let b = self.bias.as_ref().map(|b| b.f_to_kind(x.kind())).transpose()?;
+                let b = self
+                    .bias
+                    .as_ref()
+                    .map(|b| b.f_to_kind(x.kind()))
+                    .transpose()?;
                 x.f_layer_norm([self.width], Some(&w), b.as_ref(), NORM_EPS, true)?
             }
             Norm::RmsNorm => x.f_rms_norm([self.width], Some(&w), NORM_EPS)?,
@@ -69,11 +80,26 @@ impl Attention {
         let a = &model.attention;
         let (h, kvh, hd) = (a.heads as i64, a.kv_heads as i64, a.head_dim as i64);
         let qkv_out = (h + 2 * kvh) * hd;
-        let qkv = store.var(&format!("{prefix}.qkv.weight"), &[d, qkv_out], Init::Normal(0.02), true)?;
-        let proj = store.var(&format!("{prefix}.proj.weight"), &[h * hd, d], Init::Normal(out_std), true)?;
+        let qkv = store.var(
+            &format!("{prefix}.qkv.weight"),
+            &[d, qkv_out],
+            Init::Normal(0.02),
+            true,
+        )?;
+        let proj = store.var(
+            &format!("{prefix}.proj.weight"),
+            &[h * hd, d],
+            Init::Normal(out_std),
+            true,
+        )?;
         let (qkv_bias, proj_bias) = if model.bias {
             (
-                Some(store.var(&format!("{prefix}.qkv.bias"), &[qkv_out], Init::Zeros, false)?),
+                Some(store.var(
+                    &format!("{prefix}.qkv.bias"),
+                    &[qkv_out],
+                    Init::Zeros,
+                    false,
+                )?),
                 Some(store.var(&format!("{prefix}.proj.bias"), &[d], Init::Zeros, false)?),
             )
         } else {
@@ -139,7 +165,10 @@ fn rotary_tables(t: i64, hd: i64, device: Device, kind: Kind) -> Result<(Tensor,
     let pos = Tensor::f_arange(t, (Kind::Float, device))?;
     let angles = pos.f_unsqueeze(1)?.f_mul(&inv.f_unsqueeze(0)?)?;
     let angles = Tensor::f_cat(&[&angles, &angles], 1)?;
-    Ok((angles.f_cos()?.f_to_kind(kind)?, angles.f_sin()?.f_to_kind(kind)?))
+    Ok((
+        angles.f_cos()?.f_to_kind(kind)?,
+        angles.f_sin()?.f_to_kind(kind)?,
+    ))
 }
 
 fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -158,7 +187,13 @@ pub enum FfnModule {
 
 impl FfnModule {
     /// The one place a feed-forward module is made from a layer's declaration.
-    pub fn build(store: &mut ParamStore, prefix: &str, ffn: &Ffn, model: &Model, out_std: f64) -> Result<FfnModule> {
+    pub fn build(
+        store: &mut ParamStore,
+        prefix: &str,
+        ffn: &Ffn,
+        model: &Model,
+        out_std: f64,
+    ) -> Result<FfnModule> {
         let d = model.width as i64;
         Ok(match ffn {
             Ffn::Dense(mlp) => FfnModule::Dense(DenseMlp::new(
@@ -245,15 +280,26 @@ impl Transformer {
     /// Builds every parameter (drawing from libtorch's generator, so seed it first).
     pub fn new(model: &Model, device: Device, master: Kind, compute: Kind) -> Result<Transformer> {
         if !model.tied_embeddings {
-            bail!("the runtime supports only tied input/output embeddings (model `{}`)", model.name);
+            bail!(
+                "the runtime supports only tied input/output embeddings (model `{}`)",
+                model.name
+            );
         }
         let mut store = ParamStore::new(device, master);
         let d = model.width as i64;
-        let tokens = store.var("embed.tokens", &[model.vocab as i64, d], Init::Normal(0.02), true)?;
+        let tokens = store.var(
+            "embed.tokens",
+            &[model.vocab as i64, d],
+            Init::Normal(0.02),
+            true,
+        )?;
         let positions = match model.positions {
-            Positions::Learned => {
-                Some(store.var("embed.positions", &[model.context as i64, d], Init::Normal(0.02), true)?)
-            }
+            Positions::Learned => Some(store.var(
+                "embed.positions",
+                &[model.context as i64, d],
+                Init::Normal(0.02),
+                true,
+            )?),
             Positions::Rotary => None,
         };
         let mut blocks = Vec::with_capacity(model.layers.len());
@@ -261,7 +307,15 @@ impl Transformer {
             blocks.push(Block::new(&mut store, layer, model)?);
         }
         let norm = NormLayer::new(&mut store, "norm", model.norm, d)?;
-        let mut t = Transformer { model: model.clone(), store, tokens, positions, blocks, norm, compute };
+        let mut t = Transformer {
+            model: model.clone(),
+            store,
+            tokens,
+            positions,
+            blocks,
+            norm,
+            compute,
+        };
         t.set_compute(compute);
         Ok(t)
     }
@@ -283,7 +337,10 @@ impl Transformer {
     pub fn forward(&self, tokens: &Tensor, train: bool) -> Result<ForwardOutput> {
         let (_b, t) = tokens.size2()?;
         if t > self.model.context as i64 {
-            bail!("sequence of {t} tokens is longer than the model's context {}", self.model.context);
+            bail!(
+                "sequence of {t} tokens is longer than the model's context {}",
+                self.model.context
+            );
         }
         let emb = self.tokens.f_to_kind(self.compute)?;
         let mut x = Tensor::f_embedding(&emb, tokens, -1, false, false)?;
@@ -304,8 +361,14 @@ impl Transformer {
             }
         }
         let x = self.norm.forward(&x)?;
-        let logits = x.f_matmul(&emb.f_transpose(0, 1)?)?.f_to_kind(Kind::Float)?;
-        Ok(ForwardOutput { logits, balance_loss: balance, telemetry })
+        let logits = x
+            .f_matmul(&emb.f_transpose(0, 1)?)?
+            .f_to_kind(Kind::Float)?;
+        Ok(ForwardOutput {
+            logits,
+            balance_loss: balance,
+            telemetry,
+        })
     }
 
     /// Mean next-token cross-entropy of `tokens[:, 1:]` given `tokens[:, :-1]`, plus extras.

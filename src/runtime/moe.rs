@@ -137,14 +137,24 @@ impl Gate {
     pub fn new(store: &mut ParamStore, prefix: &str, moe: &Moe, width: i64) -> Result<Gate> {
         let e = moe.experts as i64;
         let noisy = moe.gate.kind == GateKind::Noisy;
-        let weight = store.var(&format!("{prefix}.weight"), &[width, e], Init::Normal(0.02), true)?;
+        let weight = store.var(
+            &format!("{prefix}.weight"),
+            &[width, e],
+            Init::Normal(0.02),
+            true,
+        )?;
         let bias = if noisy {
             None
         } else {
             Some(store.var(&format!("{prefix}.bias"), &[e], Init::Zeros, false)?)
         };
         let noise = if noisy {
-            Some(store.var(&format!("{prefix}.noise"), &[width, e], Init::Normal(0.02), true)?)
+            Some(store.var(
+                &format!("{prefix}.noise"),
+                &[width, e],
+                Init::Normal(0.02),
+                true,
+            )?)
         } else {
             None
         };
@@ -200,7 +210,10 @@ impl Gate {
             }
             GateKind::Noisy => {
                 let clean = self.logits(x)?;
-                let noise_w = self.noise.as_ref().expect("noisy gate has a noise projection");
+                let noise_w = self
+                    .noise
+                    .as_ref()
+                    .expect("noisy gate has a noise projection");
                 let raw_std = x.f_matmul(&noise_w.f_to_kind(x.kind())?)?.f_to_kind(gk)?;
                 let logits = if train {
                     let std = raw_std.f_softplus()?.f_add_scalar(NOISE_EPSILON)?;
@@ -218,16 +231,9 @@ impl Gate {
                 let gates = clean.f_zeros_like()?.f_scatter(1, &top_k_idx, &weight)?;
                 let importance = gates.f_sum_dim_intlist(0, false, gk)?;
                 let load = match (&std, k < e) {
-                    (Some(std), true) => {
-                        prob_in_top_k(&clean, &noisy, std, &top_val, k)?.f_sum_dim_intlist(
-                            0,
-                            false,
-                            gk,
-                        )?
-                    }
-                    _ => gates
-                        .f_gt(0.0)?
+                    (Some(std), true) => prob_in_top_k(&clean, &noisy, std, &top_val, k)?
                         .f_sum_dim_intlist(0, false, gk)?,
+                    _ => gates.f_gt(0.0)?.f_sum_dim_intlist(0, false, gk)?,
                 };
                 let balance = cv_squared(&importance)?.f_add(&cv_squared(&load)?)?;
                 Ok(Routing {
@@ -263,12 +269,19 @@ impl Gate {
                 if let Some(cap) = self.capacity_for(t, train) {
                     expert = limit_by_capacity(&expert, e, cap)?;
                 }
-                Ok(Routing { expert, weight, balance_loss: balance, probs })
+                Ok(Routing {
+                    expert,
+                    weight,
+                    balance_loss: balance,
+                    probs,
+                })
             }
             GateKind::Switch => {
                 let xin = if train && self.jitter > 0.0 {
                     let u = x.f_rand_like()?;
-                    let scale = u.f_mul_scalar(2.0 * self.jitter)?.f_add_scalar(1.0 - self.jitter)?;
+                    let scale = u
+                        .f_mul_scalar(2.0 * self.jitter)?
+                        .f_add_scalar(1.0 - self.jitter)?;
                     x.f_mul(&scale)?
                 } else {
                     x.shallow_clone()
@@ -286,7 +299,12 @@ impl Gate {
                 let fraction = counts.f_div(&kept)?;
                 let prob = probs.f_sum_dim_intlist(0, false, gk)?.f_div(&kept)?;
                 let balance = fraction.f_mul(&prob)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
-                Ok(Routing { expert, weight: val, balance_loss: balance, probs })
+                Ok(Routing {
+                    expert,
+                    weight: val,
+                    balance_loss: balance,
+                    probs,
+                })
             }
             GateKind::Swipe => {
                 let logits = self.logits(x)?;
@@ -344,7 +362,10 @@ fn prob_in_top_k(
     let threshold_out = top_values.f_narrow(1, k - 1, 1)?;
     let is_in = noisy.f_gt_tensor(&threshold_in)?;
     let cdf = |z: Tensor| -> Result<Tensor> {
-        Ok(z.f_div_scalar(std::f64::consts::SQRT_2)?.f_erf()?.f_add_scalar(1.0)?.f_mul_scalar(0.5)?)
+        Ok(z.f_div_scalar(std::f64::consts::SQRT_2)?
+            .f_erf()?
+            .f_add_scalar(1.0)?
+            .f_mul_scalar(0.5)?)
     };
     let p_in = cdf(clean.f_sub(&threshold_in)?.f_div(std)?)?;
     let p_out = cdf(clean.f_sub(&threshold_out)?.f_div(std)?)?;
@@ -355,7 +376,10 @@ fn prob_in_top_k(
 fn valid_counts(expert: &Tensor, e: i64, kind: Kind) -> Result<(Tensor, Tensor)> {
     let flat = expert.f_reshape([-1])?;
     let sentinel = flat.f_where_scalarother(&flat.f_ge(0)?, e)?;
-    let counts = sentinel.f_bincount(None::<Tensor>, e + 1)?.f_narrow(0, 0, e)?.f_to_kind(kind)?;
+    let counts = sentinel
+        .f_bincount(None::<Tensor>, e + 1)?
+        .f_narrow(0, 0, e)?
+        .f_to_kind(kind)?;
     let kept = counts.f_sum(kind)?;
     Ok((counts, kept))
 }
@@ -373,7 +397,9 @@ fn queue_positions(expert: &Tensor, e: i64) -> Result<Tensor> {
     let sorted_keys = keyed.f_index_select(0, &sorted)?;
     let rank = Tensor::f_arange(t * k, (Kind::Int64, expert.device()))?;
     let pos_sorted = rank.f_sub(&starts.f_index_select(0, &sorted_keys)?)?;
-    let pos = pos_sorted.f_zeros_like()?.f_scatter(0, &sorted, &pos_sorted)?;
+    let pos = pos_sorted
+        .f_zeros_like()?
+        .f_scatter(0, &sorted, &pos_sorted)?;
     Ok(pos.f_reshape([k, t])?.f_transpose(0, 1)?)
 }
 
@@ -396,7 +422,11 @@ fn swipe(idx: &Tensor, e: i64) -> Result<Tensor> {
     for slot in 0..k {
         let col = idx.f_select(1, slot)?; // [T]
         let onehot = col.f_one_hot(e)?; // [T, E]
-        let pos = onehot.f_cumsum(0, Kind::Int64)?.f_mul(&onehot)?.f_sum_dim_intlist(1, false, Kind::Int64)?.f_sub_scalar(1)?;
+        let pos = onehot
+            .f_cumsum(0, Kind::Int64)?
+            .f_mul(&onehot)?
+            .f_sum_dim_intlist(1, false, Kind::Int64)?
+            .f_sub_scalar(1)?;
         let cap_of = cap.f_index_select(0, &col)?;
         let keep = pos.f_lt_tensor(&cap_of)?;
         let counts = onehot.f_sum_dim_intlist(0, false, Kind::Int64)?;
@@ -405,7 +435,9 @@ fn swipe(idx: &Tensor, e: i64) -> Result<Tensor> {
         let dropped = keep.f_logical_not()?.f_to_kind(Kind::Int64)?;
         let rank = dropped.f_cumsum(0, Kind::Int64)?.f_sub_scalar(1)?;
         let cum = cap.f_cumsum(0, Kind::Int64)?;
-        let target = rank.f_searchsorted(&cum, false, true, "right", None::<Tensor>)?.f_clamp_max(e - 1)?;
+        let target = rank
+            .f_searchsorted(&cum, false, true, "right", None::<Tensor>)?
+            .f_clamp_max(e - 1)?;
         let n_dropped = dropped.f_sum(Kind::Int64)?;
         let before = cum.f_sub(&cap)?;
         let taken = n_dropped.f_sub(&before)?.f_clamp_min(0)?.f_minimum(&cap)?;
@@ -444,7 +476,15 @@ impl DispatchPlan {
         let expert = keyed.f_index_select(0, &order)?;
         let valid = expert.f_lt(e)?.f_unsqueeze(1)?;
         let token = order.f_div_scalar_mode(k, "floor")?;
-        Ok(DispatchPlan { order, token, expert, valid, counts, offsets, experts: e })
+        Ok(DispatchPlan {
+            order,
+            token,
+            expert,
+            valid,
+            counts,
+            offsets,
+            experts: e,
+        })
     }
 }
 
@@ -456,7 +496,10 @@ pub fn dispatch(x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
 
 /// Weighted sum of the expert outputs back onto their tokens: `[T·k, d]` → `[T, d]`.
 pub fn combine(ys: &Tensor, plan: &DispatchPlan, weight: &Tensor, tokens: i64) -> Result<Tensor> {
-    let w = weight.f_reshape([-1])?.f_index_select(0, &plan.order)?.f_to_kind(ys.kind())?;
+    let w = weight
+        .f_reshape([-1])?
+        .f_index_select(0, &plan.order)?
+        .f_to_kind(ys.kind())?;
     let ys = ys.f_where_self(&plan.valid, &ys.f_zeros_like()?)?;
     let weighted = ys.f_mul(&w.f_unsqueeze(1)?)?;
     let d = ys.size()[1];
@@ -489,22 +532,56 @@ impl Experts {
         bias: bool,
         out_std: f64,
     ) -> Result<Experts> {
-        let w1 = store.var(&format!("{prefix}.w1"), &[experts, width, hidden], Init::Normal(0.02), true)?;
+        let w1 = store.var(
+            &format!("{prefix}.w1"),
+            &[experts, width, hidden],
+            Init::Normal(0.02),
+            true,
+        )?;
         let w3 = if act == Activation::Swiglu {
-            Some(store.var(&format!("{prefix}.w3"), &[experts, width, hidden], Init::Normal(0.02), true)?)
+            Some(store.var(
+                &format!("{prefix}.w3"),
+                &[experts, width, hidden],
+                Init::Normal(0.02),
+                true,
+            )?)
         } else {
             None
         };
-        let w2 = store.var(&format!("{prefix}.w2"), &[experts, hidden, width], Init::Normal(out_std), true)?;
+        let w2 = store.var(
+            &format!("{prefix}.w2"),
+            &[experts, hidden, width],
+            Init::Normal(out_std),
+            true,
+        )?;
         let (b1, b2) = if bias {
             (
-                Some(store.var(&format!("{prefix}.b1"), &[experts, hidden], Init::Zeros, false)?),
-                Some(store.var(&format!("{prefix}.b2"), &[experts, width], Init::Zeros, false)?),
+                Some(store.var(
+                    &format!("{prefix}.b1"),
+                    &[experts, hidden],
+                    Init::Zeros,
+                    false,
+                )?),
+                Some(store.var(
+                    &format!("{prefix}.b2"),
+                    &[experts, width],
+                    Init::Zeros,
+                    false,
+                )?),
             )
         } else {
             (None, None)
         };
-        Ok(Experts { experts, act, w1, w2, w3, b1, b2, path: ExpertPath::Grouped })
+        Ok(Experts {
+            experts,
+            act,
+            w1,
+            w2,
+            w3,
+            b1,
+            b2,
+            path: ExpertPath::Grouped,
+        })
     }
 
     fn mm(&self, xs: &Tensor, w: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
@@ -516,7 +593,12 @@ impl Experts {
                 // Masking both sides keeps that memory away from every output and parameter
                 // (a bias gathered for those rows would otherwise collect it).
                 let xs = xs.f_where_self(&plan.valid, &xs.f_zeros_like()?)?;
-                let out = xs.f_internal_grouped_mm(&w, Some(&plan.offsets), None::<&Tensor>, None::<Kind>)?;
+                let out = xs.f_internal_grouped_mm(
+                    &w,
+                    Some(&plan.offsets),
+                    None::<&Tensor>,
+                    None::<Kind>,
+                )?;
                 Ok(out.f_where_self(&plan.valid, &out.f_zeros_like()?)?)
             }
             ExpertPath::Loop => {
@@ -526,16 +608,27 @@ impl Experts {
                 let mut parts = Vec::with_capacity(counts.len() + 1);
                 let mut start = 0;
                 for (e, &c) in counts.iter().enumerate() {
-                    parts.push(xs.f_narrow(0, start, c)?.f_matmul(&w.f_select(0, e as i64)?)?);
+                    parts.push(
+                        xs.f_narrow(0, start, c)?
+                            .f_matmul(&w.f_select(0, e as i64)?)?,
+                    );
                     start += c;
                 }
-                parts.push(Tensor::f_zeros([n - start, out_dim], (xs.kind(), xs.device()))?);
+                parts.push(Tensor::f_zeros(
+                    [n - start, out_dim],
+                    (xs.kind(), xs.device()),
+                )?);
                 Ok(Tensor::f_cat(&parts, 0)?)
             }
         }
     }
 
-    fn row_bias(&self, b: &Option<Tensor>, plan: &DispatchPlan, kind: Kind) -> Result<Option<Tensor>> {
+    fn row_bias(
+        &self,
+        b: &Option<Tensor>,
+        plan: &DispatchPlan,
+        kind: Kind,
+    ) -> Result<Option<Tensor>> {
         match b {
             None => Ok(None),
             Some(b) => {
@@ -595,13 +688,28 @@ impl DenseMlp {
         bias: bool,
         out_std: f64,
     ) -> Result<DenseMlp> {
-        let w1 = store.var(&format!("{prefix}.w1"), &[width, hidden], Init::Normal(0.02), true)?;
+        let w1 = store.var(
+            &format!("{prefix}.w1"),
+            &[width, hidden],
+            Init::Normal(0.02),
+            true,
+        )?;
         let w3 = if act == Activation::Swiglu {
-            Some(store.var(&format!("{prefix}.w3"), &[width, hidden], Init::Normal(0.02), true)?)
+            Some(store.var(
+                &format!("{prefix}.w3"),
+                &[width, hidden],
+                Init::Normal(0.02),
+                true,
+            )?)
         } else {
             None
         };
-        let w2 = store.var(&format!("{prefix}.w2"), &[hidden, width], Init::Normal(out_std), true)?;
+        let w2 = store.var(
+            &format!("{prefix}.w2"),
+            &[hidden, width],
+            Init::Normal(out_std),
+            true,
+        )?;
         let (b1, b2) = if bias {
             (
                 Some(store.var(&format!("{prefix}.b1"), &[hidden], Init::Zeros, false)?),
@@ -610,7 +718,14 @@ impl DenseMlp {
         } else {
             (None, None)
         };
-        Ok(DenseMlp { act, w1, w2, w3, b1, b2 })
+        Ok(DenseMlp {
+            act,
+            w1,
+            w2,
+            w3,
+            b1,
+            b2,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -681,7 +796,11 @@ impl MoeLayer {
             )?),
             None => None,
         };
-        Ok(MoeLayer { gate, experts, shared })
+        Ok(MoeLayer {
+            gate,
+            experts,
+            shared,
+        })
     }
 
     /// `x`: `[T, d]` (tokens flattened). The output does not include the residual.
@@ -698,7 +817,11 @@ impl MoeLayer {
             out = out.f_add(&shared.forward(x)?)?;
         }
         let telemetry = tch::no_grad(|| telemetry(&routing, &plan, t))?;
-        Ok(MoeOutput { out, balance_loss: routing.balance_loss, telemetry })
+        Ok(MoeOutput {
+            out,
+            balance_loss: routing.balance_loss,
+            telemetry,
+        })
     }
 }
 

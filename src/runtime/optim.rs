@@ -25,14 +25,26 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(opt: &Optimizer, store: &ParamStore) -> Result<AdamW> {
-        let Optimizer::Adamw { betas, eps, weight_decay, .. } = opt;
+        let Optimizer::Adamw {
+            betas,
+            eps,
+            weight_decay,
+            ..
+        } = opt;
         let mut m = Vec::new();
         let mut v = Vec::new();
         for p in &store.params {
             m.push(p.tensor.f_zeros_like()?.f_detach()?);
             v.push(p.tensor.f_zeros_like()?.f_detach()?);
         }
-        Ok(AdamW { betas: *betas, eps: *eps, weight_decay: *weight_decay, step: 0, m, v })
+        Ok(AdamW {
+            betas: *betas,
+            eps: *eps,
+            weight_decay: *weight_decay,
+            step: 0,
+            m,
+            v,
+        })
     }
 
     /// One update with learning rate `lr` from the gradients now in the store.
@@ -54,7 +66,10 @@ impl AdamW {
             let _ = self.m[i].f_add_(&g.f_mul_scalar(1.0 - b1)?)?;
             let _ = self.v[i].f_mul_scalar_(b2)?;
             let _ = self.v[i].f_add_(&g.f_square()?.f_mul_scalar(1.0 - b2)?)?;
-            let denom = self.v[i].f_div_scalar(bc2)?.f_sqrt()?.f_add_scalar(self.eps)?;
+            let denom = self.v[i]
+                .f_div_scalar(bc2)?
+                .f_sqrt()?
+                .f_add_scalar(self.eps)?;
             let update = self.m[i].f_div(&denom)?.f_mul_scalar(lr / bc1)?;
             let _ = p.tensor.f_sub_(&update)?;
         }
@@ -98,7 +113,11 @@ pub fn global_grad_norm(store: &ParamStore) -> Result<Tensor> {
 pub fn clip_grad_norm(store: &mut ParamStore, max_norm: f64) -> Result<Tensor> {
     let norm = global_grad_norm(store)?;
     let _guard = tch::no_grad_guard();
-    let coef = norm.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
+    let coef = norm
+        .f_add_scalar(1e-6)?
+        .f_reciprocal()?
+        .f_mul_scalar(max_norm)?
+        .f_clamp_max(1.0)?;
     for p in &mut store.params {
         let mut g = p.tensor.grad();
         if g.defined() {

@@ -34,7 +34,11 @@ pub struct ParamStore {
 
 impl ParamStore {
     pub fn new(device: Device, kind: Kind) -> ParamStore {
-        ParamStore { device, kind, params: Vec::new() }
+        ParamStore {
+            device,
+            kind,
+            params: Vec::new(),
+        }
     }
 
     /// Creates a parameter; draws from libtorch's generator in creation order.
@@ -49,7 +53,11 @@ impl ParamStore {
             Init::Ones => Tensor::f_ones(shape, opts)?,
         };
         let t = t.f_set_requires_grad(true)?;
-        self.params.push(Param { name: name.to_string(), tensor: t.shallow_clone(), decay });
+        self.params.push(Param {
+            name: name.to_string(),
+            tensor: t.shallow_clone(),
+            decay,
+        });
         Ok(t)
     }
 

@@ -22,7 +22,9 @@ const PALETTE: [RGBColor; 6] = [
 ];
 
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
     if !lo.is_finite() || !hi.is_finite() {
         return (0.0, 1.0);
     }
@@ -38,44 +40,73 @@ pub fn draw(history: &[StepMetrics], path: &Path) -> Result<()> {
     let (top, bottom) = root.split_vertically(400);
     let last = history.iter().map(|m| m.step).max().unwrap_or(1).max(1) as f64;
 
-    let (lo, hi) = range(history.iter().map(|m| m.loss).chain(history.iter().filter_map(|m| m.eval_loss)));
+    let (lo, hi) = range(
+        history
+            .iter()
+            .map(|m| m.loss)
+            .chain(history.iter().filter_map(|m| m.eval_loss)),
+    );
     let mut chart = ChartBuilder::on(&top)
         .margin(20)
         .build_cartesian_2d(0f64..last, lo..hi)
         .map_err(|e| err(&e))?;
     chart
-        .draw_series(LineSeries::new(history.iter().map(|m| (m.step as f64, m.loss)), PALETTE[0].stroke_width(2)))
+        .draw_series(LineSeries::new(
+            history.iter().map(|m| (m.step as f64, m.loss)),
+            PALETTE[0].stroke_width(2),
+        ))
         .map_err(|e| err(&e))?;
     chart
-        .draw_series(
-            history
-                .iter()
-                .filter_map(|m| m.eval_loss.map(|l| Circle::new((m.step as f64, l), 4, RED.filled()))),
-        )
+        .draw_series(history.iter().filter_map(|m| {
+            m.eval_loss
+                .map(|l| Circle::new((m.step as f64, l), 4, RED.filled()))
+        }))
         .map_err(|e| err(&e))?;
-    top.draw(&Rectangle::new([(20, 20), (980, 380)], BLACK.stroke_width(1))).map_err(|e| err(&e))?;
+    top.draw(&Rectangle::new(
+        [(20, 20), (980, 380)],
+        BLACK.stroke_width(1),
+    ))
+    .map_err(|e| err(&e))?;
 
-    let layers: Vec<usize> = history.first().map(|m| m.moe.iter().map(|l| l.layer).collect()).unwrap_or_default();
-    let (_, hi) = range(history.iter().flat_map(|m| m.moe.iter().map(|l| l.telemetry.max_over_mean_load)));
+    let layers: Vec<usize> = history
+        .first()
+        .map(|m| m.moe.iter().map(|l| l.layer).collect())
+        .unwrap_or_default();
+    let (_, hi) = range(
+        history
+            .iter()
+            .flat_map(|m| m.moe.iter().map(|l| l.telemetry.max_over_mean_load)),
+    );
     let mut chart = ChartBuilder::on(&bottom)
         .margin(20)
         .build_cartesian_2d(0f64..last, 0f64..hi.max(1.5))
         .map_err(|e| err(&e))?;
     chart
-        .draw_series(LineSeries::new([(0.0, 1.0), (last, 1.0)], RGBColor(160, 160, 160).stroke_width(1)))
+        .draw_series(LineSeries::new(
+            [(0.0, 1.0), (last, 1.0)],
+            RGBColor(160, 160, 160).stroke_width(1),
+        ))
         .map_err(|e| err(&e))?;
     for (i, layer) in layers.iter().enumerate() {
         let colour = PALETTE[(i + 1) % PALETTE.len()];
         chart
             .draw_series(LineSeries::new(
                 history.iter().filter_map(|m| {
-                    m.moe.iter().find(|l| l.layer == *layer).map(|l| (m.step as f64, l.telemetry.max_over_mean_load))
+                    m.moe
+                        .iter()
+                        .find(|l| l.layer == *layer)
+                        .map(|l| (m.step as f64, l.telemetry.max_over_mean_load))
                 }),
                 colour.stroke_width(2),
             ))
             .map_err(|e| err(&e))?;
     }
-    bottom.draw(&Rectangle::new([(20, 20), (980, 280)], BLACK.stroke_width(1))).map_err(|e| err(&e))?;
+    bottom
+        .draw(&Rectangle::new(
+            [(20, 20), (980, 280)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }

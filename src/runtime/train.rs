@@ -143,7 +143,10 @@ pub fn micro_batch(checked: &Checked, train: &Train) -> Result<u64> {
         return Ok(mb);
     }
     let cap = (DEFAULT_MICRO_TOKENS / train.seq_len.max(1)).max(1);
-    Ok((1..=batch.min(cap)).rev().find(|d| batch % d == 0).unwrap_or(1))
+    Ok((1..=batch.min(cap))
+        .rev()
+        .find(|d| batch % d == 0)
+        .unwrap_or(1))
 }
 
 struct Accum {
@@ -158,7 +161,12 @@ fn accumulate(acc: &mut Vec<(usize, Accum)>, tel: Vec<(usize, Telemetry)>) -> Re
         for (layer, t) in tel {
             acc.push((
                 layer,
-                Accum { counts: t.tokens_per_expert, dropped: t.dropped_fraction, entropy: t.gate_entropy, balance: t.balance_loss },
+                Accum {
+                    counts: t.tokens_per_expert,
+                    dropped: t.dropped_fraction,
+                    entropy: t.gate_entropy,
+                    balance: t.balance_loss,
+                },
             ));
         }
         return Ok(());
@@ -181,13 +189,23 @@ fn reports(acc: Vec<(usize, Accum)>, micro: f64) -> Result<Vec<LayerMetrics>> {
                 gate_entropy: a.entropy.f_div_scalar(micro)?,
                 balance_loss: a.balance.f_div_scalar(micro)?,
             };
-            Ok(LayerMetrics { layer, telemetry: t.report()? })
+            Ok(LayerMetrics {
+                layer,
+                telemetry: t.report()?,
+            })
         })
         .collect()
 }
 
 /// Mean held-out loss over the file's eval batches (fixed windows, same every time).
-pub fn evaluate(model: &Transformer, data: &Dataset, seed: u64, batches: u64, rows: usize, window: usize) -> Result<f64> {
+pub fn evaluate(
+    model: &Transformer,
+    data: &Dataset,
+    seed: u64,
+    batches: u64,
+    rows: usize,
+    window: usize,
+) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let mut total = 0.0;
     for j in 0..batches.max(1) {
@@ -200,7 +218,11 @@ pub fn evaluate(model: &Transformer, data: &Dataset, seed: u64, batches: u64, ro
 
 fn read_metrics(path: &Path) -> Vec<StepMetrics> {
     std::fs::read_to_string(path)
-        .map(|s| s.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -218,7 +240,11 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
     let compute = compute_kind(train.precision)?;
     let seq = train.seq_len as usize;
     if train.seq_len > model_decl.context {
-        bail!("seq_len {} exceeds the model's context {}", train.seq_len, model_decl.context);
+        bail!(
+            "seq_len {} exceeds the model's context {}",
+            train.seq_len,
+            model_decl.context
+        );
     }
     let window = seq + 1;
     let mb = micro_batch(checked, train)?;
@@ -255,7 +281,8 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
     }
     model.set_compute(compute);
 
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create `{}`", opts.out.display()))?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create `{}`", opts.out.display()))?;
     let metrics_path = opts.out.join("metrics.jsonl");
     // Keep the history before the resumed step (a crashed run may have logged past its last
     // checkpoint), drop the rest.
@@ -283,8 +310,10 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         indicatif::ProgressBar::hidden()
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+        )
+        .expect("valid template"),
     );
     bar.set_position(start_step);
 
@@ -312,7 +341,13 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         let mut bal_sum = Tensor::f_zeros([], (Kind::Float, opts.device))?;
         let mut acc = Vec::new();
         for m in 0..n_micro {
-            let batch = data.batch(false, &[train.seed, step, m], mb as usize, window, opts.device)?;
+            let batch = data.batch(
+                false,
+                &[train.seed, step, m],
+                mb as usize,
+                window,
+                opts.device,
+            )?;
             let (lm, out) = model.loss(&batch, true)?;
             let total = lm.f_add(&out.balance_loss)?.f_div_scalar(n_micro as f64)?;
             total.f_backward()?;
@@ -333,7 +368,9 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         let balance = bal_sum.f_double_value(&[])? / n_micro as f64;
         if !loss.is_finite() {
             bar.abandon();
-            bail!("the loss became {loss} at step {step}; lower the learning rate or check the data");
+            bail!(
+                "the loss became {loss} at step {step}; lower the learning rate or check the data"
+            );
         }
         losses.push(loss);
         let dt = step_start.elapsed().as_secs_f64();
@@ -357,11 +394,18 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
                 rec.eval_loss = Some(l);
                 rec.eval_ppl = Some(l.exp());
                 last_eval = Some(l);
-                bar.println(format!("step {step}: eval loss {l:.4}, perplexity {:.2}", l.exp()));
+                bar.println(format!(
+                    "step {step}: eval loss {l:.4}, perplexity {:.2}",
+                    l.exp()
+                ));
             }
         }
         writeln!(metrics_file, "{}", serde_json::to_string(&rec)?)?;
-        let load = rec.moe.iter().map(|m| m.telemetry.max_over_mean_load).fold(0.0, f64::max);
+        let load = rec
+            .moe
+            .iter()
+            .map(|m| m.telemetry.max_over_mean_load)
+            .fold(0.0, f64::max);
         bar.set_position(step);
         bar.set_message(format!(
             "loss {loss:.4} | lr {lr:.2e} | {:.0} tok/s | max/mean load {load:.2} | bal {balance:.4}",
@@ -369,7 +413,12 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         ));
         if let Some(policy) = &train.checkpoint {
             if policy.every > 0 && step % policy.every == 0 && step < stop_at {
-                last_ckpt = Some(checkpoint::save(&opts.checkpoints, &save_info(step, tokens_seen), &model.store, &adam)?);
+                last_ckpt = Some(checkpoint::save(
+                    &opts.checkpoints,
+                    &save_info(step, tokens_seen),
+                    &model.store,
+                    &adam,
+                )?);
             }
         }
         if INTERRUPTED.load(Ordering::SeqCst) {
@@ -381,14 +430,22 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
     if step > start_step || opts.resume.is_none() {
         let dir = opts.checkpoints.join(checkpoint::step_dir_name(step));
         if !dir.exists() {
-            last_ckpt = Some(checkpoint::save(&opts.checkpoints, &save_info(step, tokens_seen), &model.store, &adam)?);
+            last_ckpt = Some(checkpoint::save(
+                &opts.checkpoints,
+                &save_info(step, tokens_seen),
+                &model.store,
+                &adam,
+            )?);
         }
     }
     bar.finish_and_clear();
     if interrupted {
         eprintln!(
             "interrupted: saved step {step} to `{}`; continue with --resume",
-            last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            last_ckpt
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
         );
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -425,7 +482,10 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         plot,
         losses,
     };
-    std::fs::write(opts.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    std::fs::write(
+        opts.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
     if opts.print_summary {
         print_summary(&summary);
     }
@@ -446,7 +506,10 @@ fn print_summary(s: &RunSummary) {
         s.tokens_per_s
     );
     if let (Some(a), Some(b)) = (s.first_loss, s.final_loss) {
-        println!("loss       {a:.4} -> {b:.4} (unigram entropy of the data {:.4})", s.unigram_entropy);
+        println!(
+            "loss       {a:.4} -> {b:.4} (unigram entropy of the data {:.4})",
+            s.unigram_entropy
+        );
     }
     if let (Some(l), Some(p)) = (s.final_eval_loss, s.final_eval_ppl) {
         println!("eval       loss {l:.4}, perplexity {p:.2}");
@@ -476,7 +539,10 @@ pub struct SampleOptions {
 pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
     let model_decl = &checked.model;
     if model_decl.vocab < 256 {
-        bail!("sampling text needs a byte-level vocabulary (vocab >= 256), the model has {}", model_decl.vocab);
+        bail!(
+            "sampling text needs a byte-level vocabulary (vocab >= 256), the model has {}",
+            model_decl.vocab
+        );
     }
     let loaded = checkpoint::load(&opts.checkpoint, model_decl)?;
     let compute = match &checked.train {
@@ -495,7 +561,9 @@ pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
     let start = ids.len();
     for _ in 0..opts.tokens {
         let from = ids.len().saturating_sub(ctx);
-        let input = Tensor::f_from_slice(&ids[from..])?.f_unsqueeze(0)?.f_to(opts.device)?;
+        let input = Tensor::f_from_slice(&ids[from..])?
+            .f_unsqueeze(0)?
+            .f_to(opts.device)?;
         let out = model.forward(&input, false)?;
         let last = out.logits.f_select(1, -1)?.f_select(0, 0)?;
         let next = if opts.temperature <= 0.0 {
@@ -510,6 +578,9 @@ pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
         };
         ids.push(next);
     }
-    let bytes: Vec<u8> = ids[start..].iter().map(|&t| t.clamp(0, 255) as u8).collect();
+    let bytes: Vec<u8> = ids[start..]
+        .iter()
+        .map(|&t| t.clamp(0, 255) as u8)
+        .collect();
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
