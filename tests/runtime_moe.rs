@@ -274,8 +274,7 @@ fn gradients_match_finite_differences() {
                     tch::no_grad(|| {
                         let _ = flat.get(i).fill_(v);
                     });
-                    let y = tch::no_grad(|| f(&x)).double_value(&[]);
-                    y
+                    tch::no_grad(|| f(&x)).double_value(&[])
                 };
                 let up = at(orig + eps);
                 let down = at(orig - eps);

@@ -178,3 +178,31 @@ fn tiny_example_learns_below_the_unigram_entropy() {
             == 8
     );
 }
+
+/// bf16 compute with fp32 master weights runs on the CPU too (the expert matmuls take the
+/// per-expert loop there; CUDA uses grouped matmuls) and keeps the master weights in fp32.
+#[test]
+fn bf16_training_keeps_fp32_master_weights() {
+    let _rng = rng_lock();
+    let mut checked = runtime_common::tiny_checked(
+        GateKind::Gshard,
+        3,
+        DataSource::Builtin("shakespeare".into()),
+    );
+    checked.train.as_mut().unwrap().precision = fmoec::check::Precision::Bf16;
+    let dir = tempfile::tempdir().unwrap();
+    let s = train::train(&checked, &options(dir.path(), None, false)).unwrap();
+    assert_eq!(s.losses.len(), 3);
+    assert!(s.losses.iter().all(|l| l.is_finite()));
+    let st = std::fs::read(
+        fmoec::runtime::checkpoint::resolve(&dir.path().join("checkpoints"))
+            .unwrap()
+            .join("model.safetensors"),
+    )
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    assert_eq!(
+        st.tensor("layers.1.ffn.experts.w1").unwrap().dtype(),
+        safetensors::Dtype::F32
+    );
+}

@@ -24,8 +24,8 @@ pub struct RunArgs {
     pub stop_after: Option<u64>,
     /// Continue from a checkpoint: a `step-*` directory, or (without a value) the latest one in
     /// the run's checkpoint folder.
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    pub resume: Option<PathBuf>,
+    #[arg(long, num_args = 0..=1, value_name = "DIR")]
+    pub resume: Option<Option<PathBuf>>,
     /// Output folder for metrics.jsonl, summary.json, plot.png and checkpoints/ (default:
     /// `runs/<model name>`, with checkpoints in the train block's `checkpoint` dir if it names one).
     #[arg(long)]
@@ -73,13 +73,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             (out, ckpt)
         }
     };
-    let resume = args.resume.as_ref().map(|p| {
-        if p.as_os_str().is_empty() {
-            checkpoints.clone()
-        } else {
-            p.clone()
-        }
-    });
+    let resume = args
+        .resume
+        .as_ref()
+        .map(|p| p.clone().unwrap_or_else(|| checkpoints.clone()));
 
     if let Some(prompt) = &args.sample {
         let text = train::sample(
