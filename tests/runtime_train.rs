@@ -15,6 +15,7 @@ use tch::Device;
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    runtime_common::init();
     RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -136,4 +137,72 @@ fn damaged_or_mismatched_checkpoints_are_refused() {
     assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
     // the damaged checkpoint is still there, untouched
     assert_eq!(std::fs::read(&file).unwrap(), flipped);
+}
+
+/// `examples/tiny.fmoe` (the file's model, its optimizer and schedule; 100 steps of 8 x 128
+/// tokens instead of the file's 300 of 16 x 128 to keep CI short) learns well below the
+/// corpus's unigram entropy (3.33 nats/byte). Measured on CPU: mean of the last 10 training
+/// losses 2.62, held-out loss 2.70.
+#[test]
+fn tiny_example_learns_below_the_unigram_entropy() {
+    let _rng = rng_lock();
+    let mut checked = runtime_common::example("tiny.fmoe");
+    let t = checked.train.as_mut().expect("tiny.fmoe has a train block");
+    t.steps = 100;
+    t.batch_sequences = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let s = train::train(&checked, &options(dir.path(), None, false)).unwrap();
+    assert!(
+        (s.unigram_entropy - 3.33).abs() < 0.01,
+        "unigram entropy {}",
+        s.unigram_entropy
+    );
+    let last: f64 = s.losses[s.losses.len() - 10..].iter().sum::<f64>() / 10.0;
+    assert!(last < 2.9, "mean of the last 10 losses {last}");
+    let eval = s.final_eval_loss.expect("evaluated at the last step");
+    assert!(eval < 3.0, "held-out loss {eval}");
+    assert!(dir.path().join("plot.png").exists());
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 100);
+    let line: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        line["moe"].as_array().unwrap().len(),
+        2,
+        "two MoE layers report telemetry"
+    );
+    assert!(
+        line["moe"][0]["tokens_per_expert"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 8
+    );
+}
+
+/// bf16 compute with fp32 master weights runs on the CPU too (the expert matmuls take the
+/// per-expert loop there; CUDA uses grouped matmuls) and keeps the master weights in fp32.
+#[test]
+fn bf16_training_keeps_fp32_master_weights() {
+    let _rng = rng_lock();
+    let mut checked = runtime_common::tiny_checked(
+        GateKind::Gshard,
+        3,
+        DataSource::Builtin("shakespeare".into()),
+    );
+    checked.train.as_mut().unwrap().precision = fmoec::check::Precision::Bf16;
+    let dir = tempfile::tempdir().unwrap();
+    let s = train::train(&checked, &options(dir.path(), None, false)).unwrap();
+    assert_eq!(s.losses.len(), 3);
+    assert!(s.losses.iter().all(|l| l.is_finite()));
+    let st = std::fs::read(
+        fmoec::runtime::checkpoint::resolve(&dir.path().join("checkpoints"))
+            .unwrap()
+            .join("model.safetensors"),
+    )
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    assert_eq!(
+        st.tensor("layers.1.ffn.experts.w1").unwrap().dtype(),
+        safetensors::Dtype::F32
+    );
 }

@@ -24,10 +24,10 @@ pub struct RunArgs {
     pub stop_after: Option<u64>,
     /// Continue from a checkpoint: a `step-*` directory, or (without a value) the latest one in
     /// the run's checkpoint folder.
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    pub resume: Option<PathBuf>,
-    /// Output folder for metrics.jsonl, summary.json, plot.png and checkpoints/
-    /// (default: `runs/<model name>`).
+    #[arg(long, num_args = 0..=1, value_name = "DIR")]
+    pub resume: Option<Option<PathBuf>>,
+    /// Output folder for metrics.jsonl, summary.json, plot.png and checkpoints/ (default:
+    /// `runs/<model name>`, with checkpoints in the train block's `checkpoint` dir if it names one).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Generate text after PROMPT from the latest checkpoint (or `--resume DIR`) instead of training.
@@ -57,18 +57,26 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     let checked = &loaded.checked;
     let device = super::parse_device(&args.device)?;
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(&checked.model.name));
-    let checkpoints = out.join("checkpoints");
-    let resume = args.resume.as_ref().map(|p| {
-        if p.as_os_str().is_empty() {
-            checkpoints.clone()
-        } else {
-            p.clone()
+    // `--out` puts everything under one folder; without it, checkpoints go where the train
+    // block's `checkpoint = every(n, dir = ...)` says, the rest to `runs/<model>`.
+    let declared_dir = checked
+        .train
+        .as_ref()
+        .and_then(|t| t.checkpoint.as_ref())
+        .map(|c| PathBuf::from(&c.dir));
+    let (out, checkpoints) = match (&args.out, declared_dir) {
+        (Some(out), _) => (out.clone(), out.join("checkpoints")),
+        (None, Some(dir)) => (PathBuf::from("runs").join(&checked.model.name), dir),
+        (None, None) => {
+            let out = PathBuf::from("runs").join(&checked.model.name);
+            let ckpt = out.join("checkpoints");
+            (out, ckpt)
         }
-    });
+    };
+    let resume = args
+        .resume
+        .as_ref()
+        .map(|p| p.clone().unwrap_or_else(|| checkpoints.clone()));
 
     if let Some(prompt) = &args.sample {
         let text = train::sample(

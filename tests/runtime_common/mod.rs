@@ -4,6 +4,24 @@
 
 use fmoec::check::*;
 
+/// One libtorch thread: the tests' numbers do not depend on it, but on a busy 2-core machine
+/// several OpenMP threads per test binary spin against each other and run 10-20x slower.
+pub fn init() {
+    tch::set_num_threads(1);
+}
+
+/// Checks a model file from `examples/` with the real front end.
+pub fn example(name: &str) -> Checked {
+    let path = format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut sources = fmoec::diag::Sources::new();
+    let file = sources.add(path.clone(), text);
+    let mut sink = fmoec::diag::Sink::new();
+    let checked = fmoec::check::check_file(&mut sources, file, &mut sink);
+    assert_eq!(sink.error_count(), 0, "{path} has errors");
+    checked.expect("the example checks")
+}
+
 pub fn tiny_model(gate: GateKind) -> Model {
     let moe = Moe {
         experts: 4,
