@@ -71,6 +71,18 @@ fn indexed_dataset_round_trips_uint16_and_int32() {
         assert_eq!(ds.stream().unwrap(), docs().concat());
         let data = Dataset::load(&DataSource::Megatron(prefix.clone()), 50304).unwrap();
         assert_eq!(data.len(), docs().concat().len());
+        // training windows are read from the map: every window is a slice of the stream
+        let stream = docs().concat();
+        let batch = data
+            .batch(false, &[1, 2, 3], 4, 33, tch::Device::Cpu)
+            .unwrap();
+        for r in 0..4 {
+            let row = Vec::<i64>::try_from(batch.get(r)).unwrap();
+            assert!(
+                stream.windows(33).any(|w| w == row.as_slice()),
+                "row {r} is not in the stream"
+            );
+        }
         // token ids beyond the vocabulary are an error, not a crash
         let err = Dataset::load(&DataSource::Megatron(prefix), 256)
             .err()

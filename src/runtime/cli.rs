@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::check::Precision;
 use crate::driver::{self, DiagFormat};
 use crate::runtime::train::{self, RunOptions, SampleOptions};
 
@@ -45,9 +46,19 @@ pub struct RunArgs {
     /// Seed for `--sample`.
     #[arg(long, default_value_t = 0)]
     pub sample_seed: u64,
+    /// Override the train block's precision (`fp32`, or `bf16` compute with fp32 master weights).
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `--precision` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    Fp32,
+    Bf16,
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
@@ -55,7 +66,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let checked = &loaded.checked;
+    let mut checked = loaded.checked.clone();
+    if let (Some(p), Some(train)) = (args.precision, checked.train.as_mut()) {
+        train.precision = match p {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        };
+    }
+    let checked = &checked;
     let device = super::parse_device(&args.device)?;
     // `--out` puts everything under one folder; without it, checkpoints go where the train
     // block's `checkpoint = every(n, dir = ...)` says, the rest to `runs/<model>`.

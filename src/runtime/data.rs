@@ -214,6 +214,31 @@ impl IndexedDataset {
             .collect()
     }
 
+    /// Total tokens over all sequences.
+    pub fn total_tokens(&self) -> usize {
+        self.sizes.iter().map(|&s| s as usize).sum()
+    }
+
+    /// Whether the sequences lie back to back in `.bin` from the first pointer on (as
+    /// `preprocess_data.py` writes them), so the stream can be read straight from the map.
+    fn contiguous(&self) -> bool {
+        let item = self.dtype.size() as i64;
+        self.pointers
+            .windows(2)
+            .zip(&self.sizes)
+            .all(|(p, &s)| p[1] == p[0] + s as i64 * item)
+    }
+
+    /// `len` tokens of the stream from token `start`, read from the map (contiguous layout).
+    fn flat(&self, start: usize, len: usize) -> Vec<i64> {
+        let item = self.dtype.size();
+        let base = self.pointers.first().copied().unwrap_or(0) as usize + start * item;
+        self.bin[base..base + len * item]
+            .chunks_exact(item)
+            .map(|c| self.dtype.read(c).unwrap_or(-1))
+            .collect()
+    }
+
     /// All tokens, sequence after sequence (documents concatenated, as Megatron's GPT dataset).
     pub fn stream(&self) -> Result<Vec<i64>> {
         let mut out = Vec::with_capacity(self.sizes.iter().map(|&s| s as usize).sum());
@@ -224,10 +249,18 @@ impl IndexedDataset {
     }
 }
 
+/// Where a run's tokens live.
+enum Tokens {
+    Memory(Vec<i64>),
+    /// A Megatron dataset whose sequences lie back to back: read windows from the map.
+    Mapped(IndexedDataset),
+}
+
 /// The token stream of a run, with its training and held-out ranges.
 pub struct Dataset {
     pub description: String,
-    tokens: Vec<i64>,
+    tokens: Tokens,
+    len: usize,
     train_len: usize,
 }
 
@@ -267,55 +300,71 @@ impl Dataset {
             }
             DataSource::Megatron(prefix) => {
                 let ds = IndexedDataset::open(prefix)?;
-                let tokens = ds.stream()?;
-                (
-                    format!(
-                        "megatron(\"{prefix}\"), {} documents, {} tokens",
-                        ds.doc_idx.len().saturating_sub(1),
-                        tokens.len()
-                    ),
-                    tokens,
-                )
+                let description = format!(
+                    "megatron(\"{prefix}\"), {} documents, {} tokens",
+                    ds.doc_idx.len().saturating_sub(1),
+                    ds.total_tokens()
+                );
+                if ds.contiguous() {
+                    let len = ds.total_tokens();
+                    // one pass over the map to check the ids, without holding them
+                    let mut at = 0;
+                    while at < len {
+                        let n = (len - at).min(1 << 20);
+                        check_vocab(&ds.flat(at, n), vocab)?;
+                        at += n;
+                    }
+                    return Ok(Dataset::split(description, Tokens::Mapped(ds), len));
+                }
+                (description, ds.stream()?)
             }
         };
         Dataset::from_tokens(description, tokens, vocab)
     }
 
     pub fn from_tokens(description: String, tokens: Vec<i64>, vocab: u64) -> Result<Dataset> {
-        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as u64 >= vocab) {
-            bail!(
-                "the data holds token id {bad}, outside the model's vocabulary of {vocab} \
-                 (byte-level text needs vocab >= 256)"
-            );
-        }
-        let held = ((tokens.len() as f64) * HELDOUT_FRACTION) as usize;
-        let train_len = tokens.len() - held;
-        Ok(Dataset {
+        check_vocab(&tokens, vocab)?;
+        let len = tokens.len();
+        Ok(Dataset::split(description, Tokens::Memory(tokens), len))
+    }
+
+    fn split(description: String, tokens: Tokens, len: usize) -> Dataset {
+        let held = ((len as f64) * HELDOUT_FRACTION) as usize;
+        Dataset {
             description,
             tokens,
-            train_len,
-        })
+            len,
+            train_len: len - held,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.tokens.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.len == 0
     }
 
-    pub fn train_tokens(&self) -> &[i64] {
-        &self.tokens[..self.train_len]
+    fn window(&self, start: usize, len: usize) -> Vec<i64> {
+        match &self.tokens {
+            Tokens::Memory(t) => t[start..start + len].to_vec(),
+            Tokens::Mapped(ds) => ds.flat(start, len),
+        }
     }
 
-    pub fn heldout_tokens(&self) -> &[i64] {
-        &self.tokens[self.train_len..]
+    /// Unigram entropy of the training split, for data held in memory (bytes); `None` for
+    /// memory-mapped Megatron data (a pass over it is not worth it for a summary line).
+    pub fn unigram_entropy(&self) -> Option<f64> {
+        match &self.tokens {
+            Tokens::Memory(t) => Some(unigram_entropy(&t[..self.train_len])),
+            Tokens::Mapped(_) => None,
+        }
     }
 
     /// Checks both splits can hold a window of `window` tokens.
     pub fn check_window(&self, window: usize) -> Result<()> {
-        if self.train_tokens().len() <= window || self.heldout_tokens().len() <= window {
+        if self.train_len <= window || self.len - self.train_len <= window {
             bail!(
                 "the data ({}) is too small for sequences of {} tokens: it needs more than {} \
                  tokens in its held-out tail ({}% of the stream)",
@@ -337,24 +386,34 @@ impl Dataset {
         window: usize,
         device: Device,
     ) -> Result<Tensor> {
-        let part = if heldout {
-            self.heldout_tokens()
+        let (offset, part_len) = if heldout {
+            (self.train_len, self.len - self.train_len)
         } else {
-            self.train_tokens()
+            (0, self.train_len)
         };
-        let span = (part.len() - window) as u64;
+        let span = (part_len - window) as u64;
         let mut buf = Vec::with_capacity(rows * window);
         for r in 0..rows {
             let mut words = key.to_vec();
             words.push(r as u64);
             let start = (mix_all(&words) % span) as usize;
-            buf.extend_from_slice(&part[start..start + window]);
+            buf.extend(self.window(offset + start, window));
         }
         Ok(Tensor::f_from_slice(&buf)?
             .f_reshape([rows as i64, window as i64])?
             .f_to(device)?
             .f_to_kind(Kind::Int64)?)
     }
+}
+
+fn check_vocab(tokens: &[i64], vocab: u64) -> Result<()> {
+    if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as u64 >= vocab) {
+        bail!(
+            "the data holds token id {bad}, outside the model's vocabulary of {vocab} \
+             (byte-level text needs vocab >= 256)"
+        );
+    }
+    Ok(())
 }
 
 /// Unigram entropy (nats per token) of a token stream: the loss of the best context-free model.

@@ -104,7 +104,8 @@ pub struct RunSummary {
     pub final_loss: Option<f64>,
     pub final_eval_loss: Option<f64>,
     pub final_eval_ppl: Option<f64>,
-    pub unigram_entropy: f64,
+    /// Of the training split (byte data only).
+    pub unigram_entropy: Option<f64>,
     pub interrupted: bool,
     pub checkpoint: Option<PathBuf>,
     pub metrics: PathBuf,
@@ -475,7 +476,7 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         final_loss: losses.last().copied(),
         final_eval_loss: last_eval,
         final_eval_ppl: last_eval.map(f64::exp),
-        unigram_entropy: crate::runtime::data::unigram_entropy(data.train_tokens()),
+        unigram_entropy: data.unigram_entropy(),
         interrupted,
         checkpoint: last_ckpt,
         metrics: metrics_path,
@@ -506,10 +507,10 @@ fn print_summary(s: &RunSummary) {
         s.tokens_per_s
     );
     if let (Some(a), Some(b)) = (s.first_loss, s.final_loss) {
-        println!(
-            "loss       {a:.4} -> {b:.4} (unigram entropy of the data {:.4})",
-            s.unigram_entropy
-        );
+        match s.unigram_entropy {
+            Some(h) => println!("loss       {a:.4} -> {b:.4} (unigram entropy of the data {h:.4})"),
+            None => println!("loss       {a:.4} -> {b:.4}"),
+        }
     }
     if let (Some(l), Some(p)) = (s.final_eval_loss, s.final_eval_ppl) {
         println!("eval       loss {l:.4}, perplexity {p:.2}");
