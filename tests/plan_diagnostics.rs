@@ -175,3 +175,29 @@ fn auto_finds_plans_and_explains_rejections() {
     assert!(text.contains("best plans"), "{text}");
     assert!(text.contains("P0002"), "{text}");
 }
+
+#[test]
+fn absurd_sizes_are_diagnosed_not_overflowed() {
+    let mut c = moe16();
+    c.model.vocab = 1 << 40;
+    let d = errors(&c, Overrides::default());
+    assert_eq!(d[0].code, "P0012");
+    // At the limits everything still computes (saturating) and is simply out of memory.
+    let mut c = moe16();
+    c.model.context = plan::limits::CONTEXT;
+    c.model.width = plan::limits::WIDTH;
+    c.model.attention.heads = 64;
+    c.model.attention.kv_heads = 64;
+    c.model.attention.head_dim = plan::limits::WIDTH / 64;
+    c.train = Some(train(1 << 30, plan::limits::CONTEXT, Precision::Bf16));
+    let d = errors(
+        &c,
+        Overrides {
+            micro_batch: Some(plan::limits::MICRO_BATCH),
+            ..Overrides::default()
+        },
+    );
+    assert_eq!(d[0].code, "P0009", "{:?}", d[0].message);
+    let r = plan::search::search(&c, Some(plan::limits::GPUS));
+    assert!(r.feasible.is_empty());
+}

@@ -27,6 +27,8 @@ pub const OUT_OF_MEMORY: &str = "P0009";
 pub const ZERO_SIZE: &str = "P0010";
 /// The global batch does not split into micro-batches over the data ranks.
 pub const BATCH_NOT_DIVISIBLE: &str = "P0011";
+/// A size beyond what the planner's arithmetic supports.
+pub const TOO_LARGE: &str = "P0012";
 
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
@@ -212,4 +214,14 @@ pub fn batch_not_divisible(batch: u64, data: u64, micro: u64, at: Span) -> Diagn
         "use a multiple of {} sequences, or another micro-batch or data size",
         data * micro
     ))
+}
+
+pub fn too_large(what: &str, value: u64, limit: u64, at: Span) -> Diagnostic {
+    Diagnostic::error(
+        TOO_LARGE,
+        at,
+        format!("{what} = {value} is larger than the planner supports (at most {limit})"),
+    )
+    .with_label("too large to plan")
+    .with_note("the limits keep every byte and FLOP count of the plan exact in 64 bits")
 }
