@@ -771,16 +771,20 @@ pub fn unused_item(span: Span, what: &str, name: &str) -> Diagnostic {
     Diagnostic::warning("W0003", span, format!("unused {what} `{name}`")).with_label("never used")
 }
 
-pub fn layers_overridden(span: Span, layers: &[u64], first: Span) -> Diagnostic {
+pub fn preset_layers_replaced(span: Span, layers: &[u64], first: Span) -> Diagnostic {
     let shown: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
     let s = if layers.len() == 1 { "" } else { "s" };
     Diagnostic::warning(
         "W0004",
         span,
-        format!("layer{s} {} overridden", shown.join(", ")),
+        format!(
+            "this replaces the preset's feed-forward of layer{s} {}",
+            shown.join(", ")
+        ),
     )
-    .with_label("replaces an earlier assignment")
-    .with_secondary(first, "assigned first here")
+    .with_label("overrides the preset")
+    .with_secondary(first, "the preset assigns it here")
+    .with_help("write `override layers[...]` to say this is intended")
 }
 
 pub fn override_without_effect(span: Span, selection: Span) -> Diagnostic {

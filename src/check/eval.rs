@@ -461,6 +461,8 @@ impl Checker<'_> {
         let mut given: BTreeMap<String, CtorArg> = BTreeMap::new();
         let mut seen_keyword = false;
         let mut failed = false;
+        // A misspelled argument usually is the missing one: report it once.
+        let mut unknown_given = false;
         for (i, a) in args.iter().enumerate() {
             let param = match &a.name {
                 Some(n) => {
@@ -474,10 +476,11 @@ impl Checker<'_> {
                                 &n.name,
                                 &sig.name,
                                 did_you_mean(&n.name, names),
-                                sig.span,
+                                sig.name_span,
                             ));
                             self.eval(&a.value, ctx);
                             failed = true;
+                            unknown_given = true;
                             continue;
                         }
                     }
@@ -550,7 +553,7 @@ impl Checker<'_> {
                 },
             );
         }
-        if !missing.is_empty() {
+        if !missing.is_empty() && !unknown_given {
             self.sink.push(
                 errors::missing_arguments(span, &sig.name, &missing, None)
                     .with_help(format!("the signature is `{}`", sig.display())),

@@ -21,6 +21,10 @@ impl Checker<'_> {
         let mut out: BTreeMap<String, &ast::Field> = BTreeMap::new();
         for f in &block.fields {
             if !known.contains(&f.name.name.as_str()) {
+                // A line that did not parse was reported already.
+                if matches!(f.value.kind, ast::ExprKind::Error) {
+                    continue;
+                }
                 let help = did_you_mean(&f.name.name, known.iter().copied());
                 self.sink.push(errors::unknown_field(
                     f.name.span,
@@ -32,6 +36,14 @@ impl Checker<'_> {
                 continue;
             }
             if let Some(prev) = out.get(&f.name.name) {
+                // A line that did not parse was reported already.
+                if matches!(f.value.kind, ast::ExprKind::Error) {
+                    continue;
+                }
+                if matches!(prev.value.kind, ast::ExprKind::Error) {
+                    out.insert(f.name.name.clone(), f);
+                    continue;
+                }
                 self.sink.push(errors::duplicate_field(
                     f.name.span,
                     &f.name.name,

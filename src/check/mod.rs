@@ -42,6 +42,8 @@ pub struct Checker<'a> {
     pub(crate) const_memo: HashMap<(ModId, String), V>,
     pub(crate) const_active: HashSet<(ModId, String)>,
     pub(crate) call_depth: usize,
+    /// The user's file had syntax errors: "no model" would only repeat them.
+    pub(crate) syntax_errors: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -55,6 +57,7 @@ impl<'a> Checker<'a> {
             const_memo: HashMap::new(),
             const_active: HashSet::new(),
             call_depth: 0,
+            syntax_errors: false,
         };
         for (name, text) in STDLIB {
             let id = sources.add(format!("<stdlib>/{name}.fmoe"), *text);
@@ -94,7 +97,9 @@ impl<'a> Checker<'a> {
         models.sort_by_key(|b| b.span.start);
         let model = match models.as_slice() {
             [] => {
-                self.sink.push(errors::no_model(file_start));
+                if !self.syntax_errors {
+                    self.sink.push(errors::no_model(file_start));
+                }
                 None
             }
             [only] => self.model(m, only),
@@ -235,7 +240,9 @@ pub fn check_file(sources: &mut Sources, file: FileId, sink: &mut Sink) -> Optio
     let text = sources.text(file).to_string();
     let name = sources.name(file).to_string();
     let mut checker = Checker::with_stdlib(sources, sink);
+    let before_parse = checker.sink.error_count();
     let parsed = crate::syntax::parse(&text, file, checker.sink);
+    checker.syntax_errors = checker.sink.error_count() > before_parse;
     checker.add_module(&name, file, false, parsed);
     checker.resolve_imports();
     let m = checker.modules.len() - 1;

@@ -242,14 +242,15 @@ impl Checker<'_> {
         if default_ffn.is_none() {
             ok = false;
         }
+        // Layer index -> the selection of a preset that assigned it.
+        let mut inherited: BTreeMap<u64, Span> = BTreeMap::new();
         for (bm, b) in &chain {
-            let is_self = Rc::ptr_eq(b, block);
             let bctx = Ctx {
                 module: *bm,
                 locals: None,
                 fields: Some(&env),
             };
-            ok &= self.layer_assigns(b, bctx, depth_n, &depth, &mut layers, is_self);
+            ok &= self.layer_assigns(b, bctx, depth_n, &depth, &mut layers, &mut inherited);
         }
         if !ok {
             return None;
@@ -296,6 +297,11 @@ impl Checker<'_> {
     }
 
     /// Applies the `layers[...]` assignments of one block; `false` if any was wrong.
+    ///
+    /// Within one block a layer may be assigned once, or again with `override`. A
+    /// block that replaces a layer its preset assigned gets a warning unless it says
+    /// `override`. `inherited` holds the presets' assignments and receives this
+    /// block's.
     fn layer_assigns(
         &mut self,
         block: &ast::Block,
@@ -303,10 +309,10 @@ impl Checker<'_> {
         depth: u64,
         depth_v: &V,
         layers: &mut [Option<(Ffn, Span)>],
-        report_overrides: bool,
+        inherited: &mut BTreeMap<u64, Span>,
     ) -> bool {
         let mut ok = true;
-        // Layer index -> the assignment (in this block) that set it.
+        // Layer index -> the selection (in this block) that assigned it.
         let mut assigned: BTreeMap<u64, Span> = BTreeMap::new();
         for a in &block.layers {
             if a.field.name != "ffn" {
@@ -325,33 +331,37 @@ impl Checker<'_> {
             let v = self.eval(&a.value, ctx);
             let v = self.conform(v, &Type::Kind("ffn".into()), "a layer's `ffn`", ctx);
             let ffn = if v.is_error() { None } else { self.ffn(&v) };
-            let mut overridden = Vec::new();
+            let mut replaced_any = false;
+            let mut from_preset: Vec<(u64, Span)> = Vec::new();
             for &i in &indices {
                 if let Some(prev) = assigned.get(&i) {
+                    replaced_any = true;
                     if a.override_span.is_none() {
                         self.sink
                             .push(errors::layer_assigned_twice(a.selection_span, i, *prev));
                         ok = false;
-                    } else {
-                        overridden.push((i, *prev));
                     }
+                } else if let Some(prev) = inherited.get(&i) {
+                    replaced_any = true;
+                    from_preset.push((i, *prev));
                 }
             }
-            if let (Some(os), true) = (a.override_span, report_overrides) {
-                if overridden.is_empty() {
-                    self.sink
-                        .push(errors::override_without_effect(os, a.selection_span));
-                } else {
-                    let idx: Vec<u64> = overridden.iter().map(|(i, _)| *i).collect();
-                    self.sink.push(errors::layers_overridden(
+            match a.override_span {
+                Some(os) if !replaced_any => self
+                    .sink
+                    .push(errors::override_without_effect(os, a.selection_span)),
+                None if !from_preset.is_empty() => {
+                    let idx: Vec<u64> = from_preset.iter().map(|(i, _)| *i).collect();
+                    self.sink.push(errors::preset_layers_replaced(
                         a.selection_span,
                         &idx,
-                        overridden[0].1,
+                        from_preset[0].1,
                     ));
                 }
+                _ => {}
             }
             for &i in &indices {
-                assigned.insert(i, a.span);
+                assigned.insert(i, a.selection_span);
             }
             match ffn {
                 Some(f) => {
@@ -364,6 +374,7 @@ impl Checker<'_> {
                 None => ok = false,
             }
         }
+        inherited.extend(assigned);
         ok
     }
 

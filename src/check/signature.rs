@@ -41,6 +41,8 @@ pub struct Signature {
     /// The module the declaration is in: defaults are evaluated there.
     pub module: ModId,
     pub span: Span,
+    /// The constructor's name in its declaration.
+    pub name_span: Span,
 }
 
 impl Signature {
@@ -91,6 +93,7 @@ impl Checker<'_> {
             params,
             module,
             span: decl.span,
+            name_span: decl.name.span,
         }
     }
 

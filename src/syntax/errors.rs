@@ -50,3 +50,17 @@ pub fn bad_escape(span: Span, c: char) -> Diagnostic {
     Diagnostic::error("E0105", span, format!("unknown escape `\\{c}` in string"))
         .with_help("the escapes are `\\n`, `\\t`, `\\\\` and `\\\"`")
 }
+
+/// `E0106`: a string literal without its closing quote.
+pub fn unterminated_string(span: Span) -> Diagnostic {
+    Diagnostic::error("E0106", span, "unterminated string")
+        .with_label("this string has no closing `\"`")
+        .with_help("strings end on the line they start on")
+}
+
+/// `E0107`: a block whose `{` is never closed; the rest of the file is taken as its body.
+pub fn unclosed_block(span: Span) -> Diagnostic {
+    Diagnostic::error("E0107", span, "unclosed `{`")
+        .with_label("this `{` has no matching `}`")
+        .with_help("add `}` after the block's last line")
+}

@@ -20,6 +20,8 @@ struct FmoeParser;
 pub fn parse(text: &str, file: FileId, sink: &mut Sink) -> File {
     let mut lower = Lower {
         file,
+        source_len: text.len(),
+        inside_unclosed_block: false,
         offset: 0,
         sink,
     };
@@ -30,7 +32,7 @@ pub fn parse(text: &str, file: FileId, sink: &mut Sink) -> File {
         },
         // The catch-all rules make this unreachable for any text; report rather than panic.
         Err(e) => {
-            lower.report_pest_error(&e, 0, text);
+            lower.report_pest_error(&e, 0, text, true);
             File::default()
         }
     }
@@ -38,6 +40,11 @@ pub fn parse(text: &str, file: FileId, sink: &mut Sink) -> File {
 
 struct Lower<'s> {
     file: FileId,
+    /// Length of the whole file, to tell the end of a line from the end of the file.
+    source_len: usize,
+    /// After an unclosed `{`, the rest of the file is inside that block: its lines are
+    /// not reported again one by one.
+    inside_unclosed_block: bool,
     offset: usize,
     sink: &'s mut Sink,
 }
@@ -64,7 +71,11 @@ impl Lower<'_> {
                 Rule::def_decl => items.push(Item::Def(self.def_decl(item))),
                 Rule::builtin_decl => items.push(Item::Builtin(self.builtin_decl(item))),
                 Rule::named_block | Rule::anon_block => items.push(Item::Block(self.block(item))),
-                Rule::junk_top => self.junk(item, Rule::strict_top),
+                Rule::junk_top => {
+                    if let Some(c) = self.junk_top(item) {
+                        items.push(Item::Const(c));
+                    }
+                }
                 _ => {}
             }
         }
@@ -283,7 +294,11 @@ impl Lower<'_> {
                 Rule::ident => idents.push(self.ident(c)),
                 Rule::field => fields.push(self.field(c)),
                 Rule::layer_assign => layers.push(self.layer_assign(c)),
-                Rule::junk_item => self.junk(c, Rule::strict_item),
+                Rule::junk_item => {
+                    if let Some(f) = self.junk_item(c) {
+                        fields.push(f);
+                    }
+                }
                 _ => {}
             }
         }
@@ -589,16 +604,68 @@ impl Lower<'_> {
         }
     }
 
-    /// Reports a region that no item rule accepted, using the strict rule to say where
-    /// exactly it goes wrong and what would have been accepted.
-    fn junk(&mut self, p: Pair<Rule>, strict: Rule) {
+    /// Reports a top-level region no item rule accepted. A broken `const NAME = ...`
+    /// still declares `NAME` (with an erroneous value) so its uses are not reported
+    /// again as unknown.
+    fn junk_top(&mut self, p: Pair<Rule>) -> Option<Const> {
         let start = self.offset + p.as_span().start();
         let text = p.as_str();
+        if self.inside_unclosed_block {
+            return None;
+        }
+        if let Some(open) = unclosed_brace(text) {
+            self.inside_unclosed_block = true;
+            self.sink.push(errors::unclosed_block(Span::new(
+                self.file,
+                start + open,
+                start + open + 1,
+            )));
+            return None;
+        }
+        self.explain(Rule::strict_top, text, start);
+        let rest = text.trim_start().strip_prefix("const")?;
+        let (name, at) = leading_assignment(rest)?;
+        let at = start + (text.len() - rest.len()) + at;
+        let span = Span::new(self.file, start, start + text.len());
+        Some(Const {
+            doc: Vec::new(),
+            name: Ident {
+                span: Span::new(self.file, at, at + name.len()),
+                name,
+            },
+            value: self.error_expr(span),
+            span,
+        })
+    }
+
+    /// Reports a line in a block that is neither a field nor a layer selection. A broken
+    /// `name = ...` (or `name value`) still sets `name`, to an erroneous value, so the
+    /// checker does not also report it missing.
+    fn junk_item(&mut self, p: Pair<Rule>) -> Option<Field> {
+        let start = self.offset + p.as_span().start();
+        let text = p.as_str();
+        self.explain(Rule::strict_item, text, start);
+        let (name, at) = leading_assignment(text).or_else(|| leading_word(text))?;
+        let span = Span::new(self.file, start, start + text.len());
+        Some(Field {
+            doc: Vec::new(),
+            name: Ident {
+                span: Span::new(self.file, start + at, start + at + name.len()),
+                name,
+            },
+            value: self.error_expr(span),
+            span,
+        })
+    }
+
+    /// Parses a junk region again with the strict rule and reports where exactly it
+    /// goes wrong and what would have been accepted there.
+    fn explain(&mut self, strict: Rule, text: &str, start: usize) {
         pest::set_error_detail(true);
         match FmoeParser::parse(strict, text) {
-            Err(e) => self.report_pest_error(&e, start, text),
-            // The strict rule accepts what the lenient one refused only if an item was
-            // cut short by a closing brace; say so at the region.
+            Err(e) => self.report_pest_error(&e, start, text, strict == Rule::strict_top),
+            // The strict rule accepts what the lenient one refused only when the item
+            // was not followed by the end of its line.
             Ok(_) => self.sink.push(errors::not_an_item(
                 Span::new(self.file, start, start + text.len()),
                 strict == Rule::strict_top,
@@ -606,13 +673,14 @@ impl Lower<'_> {
         }
     }
 
-    fn report_pest_error(&mut self, e: &pest::error::Error<Rule>, base: usize, text: &str) {
-        let pos = match e.location {
+    fn report_pest_error(&mut self, e: &pest::error::Error<Rule>, base: usize, text: &str, top: bool) {
+        let mut pos = match e.location {
             pest::error::InputLocation::Pos(p) => p,
             pest::error::InputLocation::Span((s, _)) => s,
         };
         let mut expected: Vec<String> = Vec::new();
         if let Some(attempts) = e.parse_attempts() {
+            pos = pos.max(attempts.max_position);
             for t in attempts.expected_tokens() {
                 let token = t.to_string();
                 // Skip whitespace, comment starts and character ranges: they explain nothing.
@@ -626,42 +694,141 @@ impl Lower<'_> {
             }
             for stack in attempts.call_stacks() {
                 let rule = stack.deepest.get_rule().copied().or(stack.parent);
-                if let Some(r) = rule {
-                    if let Some(w) = rule_words(r) {
-                        push_unique(&mut expected, w.to_string());
-                    }
-                }
-            }
-        }
-        if let pest::error::ErrorVariant::ParsingError { positives, .. } = &e.variant {
-            for r in positives {
-                if let Some(w) = rule_words(*r) {
+                if let Some(w) = rule.and_then(rule_words) {
                     push_unique(&mut expected, w.to_string());
                 }
             }
         }
-        let (found, len) = found_at(text, pos);
+        if let pest::error::ErrorVariant::ParsingError { positives, .. } = &e.variant {
+            for w in positives.iter().filter_map(|r| rule_words(*r)) {
+                push_unique(&mut expected, w.to_string());
+            }
+        }
+        let pos = pos.min(text.len());
         let at = base + pos;
+        if let Some(open) = unterminated_quote(text) {
+            let line_end = text[open..].find('\n').map(|i| open + i).unwrap_or(text.len());
+            let span = Span::new(self.file, base + open, base + line_end);
+            self.sink.push(errors::unterminated_string(span));
+            return;
+        }
+        let (mut found, len) = found_at(text, pos);
+        if pos >= text.len() {
+            let end_of_file = self.source_len <= base + text.len();
+            found = if end_of_file { "end of file" } else { "end of line" }.to_string();
+        }
+        let expected = tidy_expected(expected, pos == 0, top);
         let span = Span::new(self.file, at, at + len);
-        let first_word = text
-            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-            .next();
         let suggestion = if pos == 0 {
-            first_word.and_then(|w| {
-                crate::diag::did_you_mean(
-                    w,
-                    [
-                        "use", "const", "def", "model", "parallel", "train", "hardware",
-                        "override", "layers",
-                    ],
-                )
-            })
+            let first_word = text
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .next()
+                .unwrap_or("");
+            let words: &[&str] = if top {
+                &["use", "const", "def", "model", "parallel", "train", "hardware"]
+            } else {
+                &["override", "layers"]
+            };
+            crate::diag::did_you_mean(first_word, words.iter().copied())
         } else {
             None
         };
         self.sink
             .push(errors::unexpected(span, &found, &expected, suggestion));
     }
+}
+
+/// The byte offset of a `{` in `text` that no `}` closes, if any.
+fn unclosed_brace(text: &str) -> Option<usize> {
+    let mut open: Vec<usize> = Vec::new();
+    let mut in_string = false;
+    for (i, c) in text.char_indices() {
+        match c {
+            '"' => in_string = !in_string,
+            '{' if !in_string => open.push(i),
+            '}' if !in_string => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    open.first().copied()
+}
+
+/// The offset of a `"` that no `"` on its line closes, if any.
+fn unterminated_quote(text: &str) -> Option<usize> {
+    let mut open: Option<usize> = None;
+    let mut escaped = false;
+    for (i, c) in text.char_indices() {
+        match (c, open) {
+            ('\n', Some(o)) => return Some(o),
+            ('\\', Some(_)) if !escaped => {
+                escaped = true;
+                continue;
+            }
+            ('"', Some(_)) if !escaped => open = None,
+            ('"', None) => open = Some(i),
+            _ => {}
+        }
+        escaped = false;
+    }
+    open
+}
+
+/// `name =` at the start of `text`: the name and its offset.
+fn leading_assignment(text: &str) -> Option<(String, usize)> {
+    let (name, at) = leading_word(text)?;
+    let after = text[at + name.len()..].trim_start();
+    (after.starts_with('=') && !after.starts_with("==")).then_some((name, at))
+}
+
+/// A name at the start of `text` followed by something other than `(`, `.` or `[`
+/// (which would make it a call or a selection, not a field): the name and its offset.
+fn leading_word(text: &str) -> Option<(String, usize)> {
+    let at = text.len() - text.trim_start().len();
+    let word: String = text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    let first = word.chars().next()?;
+    if !(first.is_ascii_alphabetic() || first == '_') || word == "layers" || word == "override" {
+        return None;
+    }
+    let after = text[at + word.len()..].trim_start();
+    if after.starts_with(['(', '.', '[']) {
+        return None;
+    }
+    Some((word, at))
+}
+
+/// Expected tokens as a person would list them: what may start an item at the start of
+/// a line; otherwise "a value" rather than every token a value may start with, and "an
+/// operator" rather than each operator.
+fn tidy_expected(found: Vec<String>, at_start: bool, top: bool) -> Vec<String> {
+    if at_start {
+        return if top {
+            vec!["an item (`use`, `const`, `def`, `model`, `parallel` or `train`)".to_string()]
+        } else {
+            vec![
+                "a field (`name = value`)".to_string(),
+                "a layer selection (`layers[...].ffn = ...`)".to_string(),
+            ]
+        };
+    }
+    let has = |w: &str| found.iter().any(|f| f == w);
+    let value = has("a value");
+    let operator = has("an operator");
+    let value_starts = ["`\"`", "`(`", "`-`", "`false`", "`none`", "`true`", "`across`", "a string", "a number", "a name"];
+    let operators = ["`%`", "`*`", "`+`", "`-`", "`/`"];
+    let mut out: Vec<String> = found
+        .into_iter()
+        .filter(|f| !(value && value_starts.contains(&f.as_str())))
+        .filter(|f| !(operator && operators.contains(&f.as_str())))
+        .filter(|f| !matches!(f.as_str(), "`of`" | "`x`" | "`tokens`" | "an item" | "a field (`name = value`)" | "`\\`"))
+        .collect();
+    // Words after tokens, so the list reads `)`, `,` or an operator.
+    out.sort_by_key(|f| !f.starts_with('`'));
+    out
 }
 
 fn push_unique(v: &mut Vec<String>, s: String) {
