@@ -201,3 +201,24 @@ fn absurd_sizes_are_diagnosed_not_overflowed() {
     let r = plan::search::search(&c, Some(plan::limits::GPUS));
     assert!(r.feasible.is_empty());
 }
+
+#[test]
+fn warnings_for_plans_that_work_but_waste_time() {
+    // Tensor 16 on hosts of 8 GPUs; one micro-batch for 4 stages.
+    let mut m = gpt_moe_small();
+    m.attention.heads = 16;
+    m.attention.kv_heads = 16;
+    m.attention.head_dim = 48;
+    let c = checked(
+        m,
+        parallel(64, 16, 4, ExpertGroup::AcrossData),
+        Some(train(1, 1024, Precision::Bf16)),
+    );
+    let p = plan::build(&c).unwrap();
+    let codes: Vec<&str> = p.warnings.iter().map(|d| d.code.as_str()).collect();
+    assert_eq!(codes, ["P0101", "P0102"]);
+    assert_eq!(p.warnings[0].primary.span, span(S_TENSOR));
+    assert_eq!(p.warnings[1].primary.span, span(S_BATCH));
+    assert!(p.warnings[1].message.contains("idles 75%"));
+    assert!(plan::build(&moe16()).unwrap().warnings.is_empty());
+}

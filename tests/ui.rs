@@ -73,7 +73,11 @@ fn diff(expected: &str, actual: &str) -> String {
 fn ui_diagnostics_match_expected() {
     let bless = std::env::var_os("FMOEC_BLESS").is_some_and(|v| v == "1");
     let files = ui_files();
-    assert!(files.len() >= 40, "expected at least 40 ui tests, found {}", files.len());
+    assert!(
+        files.len() >= 40,
+        "expected at least 40 ui tests, found {}",
+        files.len()
+    );
     let mut failures = Vec::new();
     for path in files {
         let (actual, errors, total) = render(&path);
@@ -87,7 +91,10 @@ fn ui_diagnostics_match_expected() {
         let expected_path = path.with_extension("stderr");
         let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
         if expected != actual {
-            eprintln!("--- {stem}: expected (-) vs actual (+)\n{}", diff(&expected, &actual));
+            eprintln!(
+                "--- {stem}: expected (-) vs actual (+)\n{}",
+                diff(&expected, &actual)
+            );
             if bless {
                 std::fs::write(&expected_path, &actual).unwrap();
                 eprintln!("blessed {}", expected_path.display());

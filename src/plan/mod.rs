@@ -167,6 +167,9 @@ pub struct ParallelPlan {
     pub ranks: Vec<RankPlan>,
     pub groups: Groups,
     pub time: TimeEstimate,
+    /// Warnings about a plan that works but wastes time (not part of the JSON).
+    #[serde(skip)]
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// Plan-level schema version (see `docs/plan.md`).
@@ -650,7 +653,28 @@ fn assemble(
             cost: c.clone(),
         })
         .collect();
+    let mut warnings = Vec::new();
+    let gpn = par.hardware.gpus_per_node.max(1);
+    if grid.tensor > 1 && (grid.tensor > gpn || gpn % grid.tensor != 0) {
+        warnings.push(diagnostics::tensor_across_hosts(
+            (grid.tensor, par.spans.tensor),
+            gpn,
+        ));
+    }
+    if costed.time.bubble_fraction > 0.5 {
+        let at = checked
+            .train
+            .as_ref()
+            .map_or(par.spans.pipeline, |t| t.spans.batch);
+        warnings.push(diagnostics::large_bubble(
+            costed.time.bubble_fraction,
+            costed.micro_batches,
+            grid.pipeline,
+            at,
+        ));
+    }
     ParallelPlan {
+        warnings,
         schema: SCHEMA_VERSION,
         model: checked.model.name.clone(),
         hardware: par.hardware.clone(),

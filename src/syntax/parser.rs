@@ -673,7 +673,13 @@ impl Lower<'_> {
         }
     }
 
-    fn report_pest_error(&mut self, e: &pest::error::Error<Rule>, base: usize, text: &str, top: bool) {
+    fn report_pest_error(
+        &mut self,
+        e: &pest::error::Error<Rule>,
+        base: usize,
+        text: &str,
+        top: bool,
+    ) {
         let mut pos = match e.location {
             pest::error::InputLocation::Pos(p) => p,
             pest::error::InputLocation::Span((s, _)) => s,
@@ -707,7 +713,10 @@ impl Lower<'_> {
         let pos = pos.min(text.len());
         let at = base + pos;
         if let Some(open) = unterminated_quote(text) {
-            let line_end = text[open..].find('\n').map(|i| open + i).unwrap_or(text.len());
+            let line_end = text[open..]
+                .find('\n')
+                .map(|i| open + i)
+                .unwrap_or(text.len());
             let span = Span::new(self.file, base + open, base + line_end);
             self.sink.push(errors::unterminated_string(span));
             return;
@@ -715,7 +724,12 @@ impl Lower<'_> {
         let (mut found, len) = found_at(text, pos);
         if pos >= text.len() {
             let end_of_file = self.source_len <= base + text.len();
-            found = if end_of_file { "end of file" } else { "end of line" }.to_string();
+            found = if end_of_file {
+                "end of file"
+            } else {
+                "end of line"
+            }
+            .to_string();
         }
         let expected = tidy_expected(expected, pos == 0, top);
         let span = Span::new(self.file, at, at + len);
@@ -725,7 +739,9 @@ impl Lower<'_> {
                 .next()
                 .unwrap_or("");
             let words: &[&str] = if top {
-                &["use", "const", "def", "model", "parallel", "train", "hardware"]
+                &[
+                    "use", "const", "def", "model", "parallel", "train", "hardware",
+                ]
             } else {
                 &["override", "layers"]
             };
@@ -818,13 +834,21 @@ fn tidy_expected(found: Vec<String>, at_start: bool, top: bool) -> Vec<String> {
     let has = |w: &str| found.iter().any(|f| f == w);
     let value = has("a value");
     let operator = has("an operator");
-    let value_starts = ["`\"`", "`(`", "`-`", "`false`", "`none`", "`true`", "`across`", "a string", "a number", "a name"];
+    let value_starts = [
+        "`\"`", "`(`", "`-`", "`false`", "`none`", "`true`", "`across`", "a string", "a number",
+        "a name",
+    ];
     let operators = ["`%`", "`*`", "`+`", "`-`", "`/`"];
     let mut out: Vec<String> = found
         .into_iter()
         .filter(|f| !(value && value_starts.contains(&f.as_str())))
         .filter(|f| !(operator && operators.contains(&f.as_str())))
-        .filter(|f| !matches!(f.as_str(), "`of`" | "`x`" | "`tokens`" | "an item" | "a field (`name = value`)" | "`\\`"))
+        .filter(|f| {
+            !matches!(
+                f.as_str(),
+                "`of`" | "`x`" | "`tokens`" | "an item" | "a field (`name = value`)" | "`\\`"
+            )
+        })
         .collect();
     // Words after tokens, so the list reads `)`, `,` or an operator.
     out.sort_by_key(|f| !f.starts_with('`'));
