@@ -259,6 +259,14 @@ impl Costed {
 
 /// Checks and costs the file with overrides, choosing the micro-batch when it is free.
 pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnostic>> {
+    let filled;
+    let checked = match with_fallback_spans(checked) {
+        Some(c) => {
+            filled = c;
+            &filled
+        }
+        None => checked,
+    };
     let par = &checked.parallel;
     let s = Setup {
         world: o.world.unwrap_or(par.gpus),
@@ -379,6 +387,46 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
         assumptions,
         graph: g,
     })
+}
+
+/// Values the file did not write (no `parallel` block, no `micro_batch`) have empty
+/// spans; point their diagnostics at the `parallel` block, else the model's name.
+fn with_fallback_spans(checked: &Checked) -> Option<Checked> {
+    let empty = |s: &crate::diag::Span| s.start == s.end;
+    let ps = &checked.parallel.spans;
+    let all = [
+        &ps.gpus,
+        &ps.hardware,
+        &ps.tensor,
+        &ps.pipeline,
+        &ps.data,
+        &ps.experts,
+        &ps.micro_batch,
+    ];
+    if !all.iter().any(|s| empty(s)) {
+        return None;
+    }
+    let fallback = if empty(&ps.block) {
+        checked.model.spans.name
+    } else {
+        ps.block
+    };
+    let mut c = checked.clone();
+    let ps = &mut c.parallel.spans;
+    for s in [
+        &mut ps.gpus,
+        &mut ps.hardware,
+        &mut ps.tensor,
+        &mut ps.pipeline,
+        &mut ps.data,
+        &mut ps.experts,
+        &mut ps.micro_batch,
+    ] {
+        if empty(s) {
+            *s = fallback;
+        }
+    }
+    Some(c)
 }
 
 /// Upper bounds on declared sizes under which every count the planner computes fits in
