@@ -7,6 +7,17 @@
 //! the search behind `--auto` ([`search`]). It reads only `check::Checked` and the
 //! graph; it knows nothing about source text (only spans), tensors, NCCL or templates.
 //! The formulas are written out in `docs/plan.md`.
+//!
+//! # For the runtime and the emitter
+//! - [`build`] / [`build_with`] give a [`ParallelPlan`] or every planner diagnostic.
+//! - `plan.ranks[r]`: coordinates (`tensor_rank`, `pipeline_rank`, `data_rank`,
+//!   `expert_rank`) and the experts rank `r` holds per MoE layer ([`HeldExperts`]:
+//!   global ids and the `[start, end)` slice of each expert's hidden dimension).
+//! - `plan.groups` ([`Groups`]): every process group kind as rank lists, in Megatron's
+//!   creation order; [`Groups::containing`] finds a rank's group of a [`GroupKind`].
+//! - `plan.stages[s].first_layer..end_layer`: the blocks of pipeline stage `s`.
+//! - [`Grid::coords`] / [`Grid::rank`] convert between ranks and coordinates without
+//!   listing groups.
 
 pub mod cli;
 pub mod cost;
