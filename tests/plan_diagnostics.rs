@@ -165,7 +165,7 @@ fn auto_finds_plans_and_explains_rejections() {
     assert!(r
         .feasible
         .windows(2)
-        .all(|w| w[0].time.step_s <= w[1].time.step_s));
+        .all(|w| w[0].time.tokens_per_s >= w[1].time.tokens_per_s));
     // tensor 8 cannot split 12 heads; it must be rejected with P0002.
     assert!(r
         .rejected

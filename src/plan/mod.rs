@@ -373,7 +373,9 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
             micro_batches.max(1),
         );
         if c.fits() {
-            let t = c.time.step_s;
+            // Seconds per token: the step time when the batch is fixed, and still fair
+            // when it grows with the micro-batch (no train block).
+            let t = 1.0 / c.time.tokens_per_s.max(f64::MIN_POSITIVE);
             if best.as_ref().is_none_or(|(bt, _)| t < *bt) {
                 best = Some((t, c));
             }

@@ -47,7 +47,7 @@ impl Candidate {
 /// The outcome of a search.
 #[derive(Clone, Debug)]
 pub struct SearchResult {
-    /// Feasible configurations, fastest first (ties: smaller tensor, then pipeline, then
+    /// Feasible configurations, most tokens/s first (ties: smaller tensor, then pipeline, then
     /// larger expert group).
     pub feasible: Vec<Candidate>,
     pub rejected: Vec<Rejected>,
@@ -117,9 +117,9 @@ pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
         }
     }
     feasible.sort_by(|a, b| {
-        a.time
-            .step_s
-            .total_cmp(&b.time.step_s)
+        b.time
+            .tokens_per_s
+            .total_cmp(&a.time.tokens_per_s)
             .then(a.tensor.cmp(&b.tensor))
             .then(a.pipeline.cmp(&b.pipeline))
             .then(b.expert_group_size.cmp(&a.expert_group_size))
@@ -138,7 +138,7 @@ pub fn report(r: &SearchResult, top: usize) -> String {
         r.rejected.len()
     );
     if !r.feasible.is_empty() {
-        let _ = writeln!(o, "\nbest plans by estimated step time");
+        let _ = writeln!(o, "\nbest plans by estimated throughput");
         let _ = writeln!(
             o,
             "  #  tensor  pipeline  data    expert group  micro-batch  max memory       step     tokens/s    MFU"
