@@ -378,11 +378,13 @@ pub fn evaluate(
             }
         }
         if s == 0 {
-            tensor_msgs += 1; // vocab-parallel embedding output
+            // The vocab-parallel embedding's output is all-reduced.
+            tensor_msgs += 1;
         }
         if s == p - 1 {
-            tensor_msgs += 1; // LM head input gradient
-                              // Final norm input, fp32 logits for the vocab-parallel cross entropy.
+            // The LM head's input gradient is all-reduced; the final norm input and the
+            // fp32 logits of the vocab-parallel cross entropy stay alive.
+            tensor_msgs += 1;
             act = act
                 .saturating_add(a * tokens * h)
                 .saturating_add((4 * tokens).saturating_mul(vpad) / t);
