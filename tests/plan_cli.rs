@@ -94,5 +94,5 @@ fn dot_has_one_cluster_per_stage() {
 fn auto_prints_best_plans() {
     let (code, out, _) = fmoec(&["plan", "--auto", "examples/tiny.fmoe", "--world", "8"]);
     assert_eq!(code, 0);
-    assert!(out.contains("best plans by estimated step time"), "{out}");
+    assert!(out.contains("best plans by estimated throughput"), "{out}");
 }

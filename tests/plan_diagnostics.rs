@@ -165,7 +165,7 @@ fn auto_finds_plans_and_explains_rejections() {
     assert!(r
         .feasible
         .windows(2)
-        .all(|w| w[0].time.step_s <= w[1].time.step_s));
+        .all(|w| w[0].time.tokens_per_s >= w[1].time.tokens_per_s));
     // tensor 8 cannot split 12 heads; it must be rejected with P0002.
     assert!(r
         .rejected
@@ -174,4 +174,51 @@ fn auto_finds_plans_and_explains_rejections() {
     let text = plan::search::report(&r, 3);
     assert!(text.contains("best plans"), "{text}");
     assert!(text.contains("P0002"), "{text}");
+}
+
+#[test]
+fn absurd_sizes_are_diagnosed_not_overflowed() {
+    let mut c = moe16();
+    c.model.vocab = 1 << 40;
+    let d = errors(&c, Overrides::default());
+    assert_eq!(d[0].code, "P0012");
+    // At the limits everything still computes (saturating) and is simply out of memory.
+    let mut c = moe16();
+    c.model.context = plan::limits::CONTEXT;
+    c.model.width = plan::limits::WIDTH;
+    c.model.attention.heads = 64;
+    c.model.attention.kv_heads = 64;
+    c.model.attention.head_dim = plan::limits::WIDTH / 64;
+    c.train = Some(train(1 << 30, plan::limits::CONTEXT, Precision::Bf16));
+    let d = errors(
+        &c,
+        Overrides {
+            micro_batch: Some(plan::limits::MICRO_BATCH),
+            ..Overrides::default()
+        },
+    );
+    assert_eq!(d[0].code, "P0009", "{:?}", d[0].message);
+    let r = plan::search::search(&c, Some(plan::limits::GPUS));
+    assert!(r.feasible.is_empty());
+}
+
+#[test]
+fn warnings_for_plans_that_work_but_waste_time() {
+    // Tensor 16 on hosts of 8 GPUs; one micro-batch for 4 stages.
+    let mut m = gpt_moe_small();
+    m.attention.heads = 16;
+    m.attention.kv_heads = 16;
+    m.attention.head_dim = 48;
+    let c = checked(
+        m,
+        parallel(64, 16, 4, ExpertGroup::AcrossData),
+        Some(train(1, 1024, Precision::Bf16)),
+    );
+    let p = plan::build(&c).unwrap();
+    let codes: Vec<&str> = p.warnings.iter().map(|d| d.code.as_str()).collect();
+    assert_eq!(codes, ["P0101", "P0102"]);
+    assert_eq!(p.warnings[0].primary.span, span(S_TENSOR));
+    assert_eq!(p.warnings[1].primary.span, span(S_BATCH));
+    assert!(p.warnings[1].message.contains("idles 75%"));
+    assert!(plan::build(&moe16()).unwrap().warnings.is_empty());
 }

@@ -119,11 +119,12 @@ fn auto_finds_plans_for_mixtral_on_64_h100s() {
     // Every plan found fits and keeps tensor parallelism inside one 8-GPU host.
     for p in &r.feasible {
         assert!(p.tensor <= 8);
-        assert!(p
-            .ranks
-            .iter()
-            .all(|x| x.memory_bytes <= p.hardware.memory_bytes));
+        assert!(p.max_memory_bytes <= c.parallel.hardware.memory_bytes);
     }
+    // The best candidate expands into a full plan with the same estimate.
+    let best = r.feasible[0].plan(&c).unwrap();
+    assert_eq!(best.time, r.feasible[0].time);
+    assert_eq!(best.ranks.len(), 64);
     // Mixtral's 8 experts cannot spread over more than 8 ranks.
     assert!(r
         .rejected

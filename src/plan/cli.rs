@@ -99,6 +99,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     }
     match super::build_with(&loaded.checked, &args.overrides()) {
         Ok(plan) => {
+            driver::report(&loaded.sources, &plan.warnings, args.diagnostics);
             let out = match args.format {
                 PlanFormat::Table => render::table(&plan),
                 PlanFormat::Json => render::json(&plan),

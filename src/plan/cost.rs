@@ -234,15 +234,17 @@ fn allreduce_s(bytes: u64, n: u64, bw: f64) -> f64 {
 
 /// Activation bytes of one block for one micro-batch on one rank (see `docs/plan.md`).
 fn block_activations(c: &Checked, layer: usize, grid: &Grid, a: u64, seq: u64, sb: u64) -> u64 {
+    // u128: attention scores grow with seq², and the planner must not overflow on
+    // whatever sizes a file declares (the result saturates instead).
+    let w = |x: u64| x as u128;
     let m = &c.model;
-    let t = grid.tensor;
-    let h = m.width;
+    let (a, seq, sb, t, h) = (w(a), w(seq), w(sb), w(grid.tensor), w(m.width));
     let att = &m.attention;
-    let q = att.heads * att.head_dim;
-    let kv = att.kv_heads * att.head_dim;
+    let q = w(att.heads) * w(att.head_dim);
+    let kv = w(att.kv_heads) * w(att.head_dim);
     // Norm inputs (2), QKV input, Q K V, attention scores: softmax output, dropout mask
     // (1 byte), dropout output; projection input; dropout mask (1 byte).
-    let scores = att.heads * seq * sb / t;
+    let scores = w(att.heads) * seq * sb / t;
     let attention = 2 * a * sb * h
         + a * sb * h
         + a * sb * (q + 2 * kv) / t
@@ -250,26 +252,26 @@ fn block_activations(c: &Checked, layer: usize, grid: &Grid, a: u64, seq: u64, s
         + a * sb * q / t
         + sb * h;
     let ffn = match &m.layers[layer].ffn {
-        Ffn::Dense(mlp) => a * sb * h + mlp.act.matrices() * a * sb * mlp.hidden / t + sb * h,
+        Ffn::Dense(mlp) => a * sb * h + w(mlp.act.matrices()) * a * sb * w(mlp.hidden) / t + sb * h,
         Ffn::Moe(moe) => {
             let te = if c.parallel.expert_slicing { t } else { 1 };
             let cap = moe.gate.capacity.map(|c| c.train.max(1.0)).unwrap_or(1.0);
-            let routed = (cap * (moe.top_k * sb) as f64).ceil() as u64;
+            let routed = (cap * (moe.top_k as f64) * (sb as f64)).ceil() as u128;
             let shared = moe.shared.as_ref().map_or(0, |s| {
-                s.expert.act.matrices() * a * sb * s.count * s.expert.hidden / t
+                w(s.expert.act.matrices()) * a * sb * w(s.count) * w(s.expert.hidden) / t
             });
             // Input, fp32 gate logits, dispatched tokens, expert internals, expert
             // outputs, dropout mask.
             a * sb * h
-                + 4 * sb * moe.experts
+                + 4 * sb * w(moe.experts)
                 + a * routed * h
-                + moe.expert.act.matrices() * a * routed * moe.expert.hidden / te
+                + w(moe.expert.act.matrices()) * a * routed * w(moe.expert.hidden) / te
                 + a * routed * h
                 + sb * h
                 + shared
         }
     };
-    attention + ffn
+    u64::try_from(attention + ffn).unwrap_or(u64::MAX)
 }
 
 /// Costs every stage at micro-batch `mb` with `micro_batches` per step.
@@ -295,7 +297,6 @@ pub fn evaluate(
     let h = m.width;
     let vpad = padded_vocab(m.vocab, t);
     let peak = peak_tflops(c, precision).max(1e-9) * 1e12;
-    let groups = grid.groups();
     let stage_of = |layer: usize| layer as u64 / per_stage.max(1);
     let mut stages = Vec::new();
     for s in 0..p {
@@ -320,7 +321,8 @@ pub fn evaluate(
                     if !g.tied_embeddings || p > 1 {
                         rp.sharded += vpad * h / t;
                     }
-                    flops_per_token += fb * vpad / m.vocab.max(1) / t;
+                    // fb is 6·width·vocab: scale it to the padded vocabulary.
+                    flops_per_token += fb / m.vocab.max(1) * vpad / t;
                 }
                 NodeKind::Experts => flops_per_token += fb / te,
                 NodeKind::Gate => {
@@ -338,10 +340,13 @@ pub fn evaluate(
         let mut a2a_s = 0.0;
         let mut act = 0u64;
         let mut tensor_msgs = 0u64;
-        let dgroup = &groups.data[(s * t) as usize];
-        let egroup = &groups.expert[(s * t * (grid.data / grid.expert_group)) as usize];
+        // The groups of tensor rank 0 of this stage, as (lowest, highest) rank: they
+        // are increasing, so they share a host exactly when those two do.
+        let base = grid.rank(0, 0, s);
+        let dgroup = [base, grid.rank(0, grid.data - 1, s)];
+        let egroup = [base, grid.rank(0, grid.expert_group - 1, s)];
         for layer in (s * per_stage) as usize..((s + 1) * per_stage) as usize {
-            act += block_activations(c, layer, grid, a, seq_len, tokens);
+            act = act.saturating_add(block_activations(c, layer, grid, a, seq_len, tokens));
             // Attention output, forward and backward.
             tensor_msgs += 2;
             match &m.layers[layer].ffn {
@@ -354,23 +359,35 @@ pub fn evaluate(
                     let local = moe.experts / grid.expert_group;
                     rp.expert += local * (one.sharded / te + one.replicated);
                     let g = grid.expert_group;
-                    let bytes = 2 * moe.top_k * tokens * h * a * (g - 1) / g;
+                    let bytes = u64::try_from(
+                        2 * (moe.top_k as u128)
+                            * (tokens as u128)
+                            * (h as u128)
+                            * (a as u128)
+                            * (g as u128 - 1)
+                            / g as u128,
+                    )
+                    .unwrap_or(u64::MAX);
                     all_to_all.push(AllToAll {
                         layer,
                         fwd_bytes: bytes,
                         bwd_bytes: bytes,
                     });
-                    a2a_s += 2.0 * bytes as f64 / bandwidth(c, egroup);
+                    a2a_s += 2.0 * bytes as f64 / bandwidth(c, &egroup);
                 }
             }
         }
         if s == 0 {
-            tensor_msgs += 1; // vocab-parallel embedding output
+            // The vocab-parallel embedding's output is all-reduced.
+            tensor_msgs += 1;
         }
         if s == p - 1 {
-            tensor_msgs += 1; // LM head input gradient
-                              // Final norm input, fp32 logits for the vocab-parallel cross entropy.
-            act += a * tokens * h + 4 * tokens * vpad / t;
+            // The LM head's input gradient is all-reduced; the final norm input and the
+            // fp32 logits of the vocab-parallel cross entropy stay alive.
+            tensor_msgs += 1;
+            act = act
+                .saturating_add(a * tokens * h)
+                .saturating_add((4 * tokens).saturating_mul(vpad) / t);
         }
         if t == 1 {
             tensor_msgs = 0;
@@ -378,10 +395,10 @@ pub fn evaluate(
         rp.total = rp.sharded + rp.replicated + rp.gate + rp.expert;
         let grad_bytes = pb;
         let in_flight = (p - s).min(micro_batches).max(1);
-        let weights = rp.total * pb;
-        let grads = rp.total * grad_bytes;
-        let optimizer = rp.total * optimizer_bytes(precision);
-        let activations = act * in_flight;
+        let weights = rp.total.saturating_mul(pb);
+        let grads = rp.total.saturating_mul(grad_bytes);
+        let optimizer = rp.total.saturating_mul(optimizer_bytes(precision));
+        let activations = act.saturating_mul(in_flight);
         let memory = Memory {
             weights,
             grads,
@@ -389,12 +406,15 @@ pub fn evaluate(
             activations_per_micro_batch: act,
             in_flight,
             activations,
-            total: weights + grads + optimizer + activations,
+            total: weights
+                .saturating_add(grads)
+                .saturating_add(optimizer)
+                .saturating_add(activations),
             capacity: c.parallel.hardware.memory_bytes,
         };
         // Traffic per step.
         let msg = tokens * h * a;
-        let tensor_bytes = tensor_msgs * msg;
+        let tensor_bytes = tensor_msgs.saturating_mul(msg);
         let neighbours = u64::from(s > 0) + u64::from(s + 1 < p);
         let p2p = 2 * neighbours * msg;
         let dense = rp.sharded + rp.replicated;
@@ -405,27 +425,28 @@ pub fn evaluate(
             0
         };
         let ed = grid.data / grid.expert_group;
-        let edgroup = &groups.expert_data[(s * t * grid.expert_group) as usize];
-        let gate_group = &groups.gate[s as usize];
+        let edgroup = [base, grid.rank(0, (ed - 1) * grid.expert_group, s)];
+        let gate_group = [base, grid.rank(t - 1, grid.data - 1, s)];
+        let gate_size = grid.world / p;
         let traffic = Traffic {
-            tensor_allreduce_bytes: tensor_bytes * micro_batches,
+            tensor_allreduce_bytes: tensor_bytes.saturating_mul(micro_batches),
             all_to_all_bytes: all_to_all
                 .iter()
-                .map(|x| (x.fwd_bytes + x.bwd_bytes) * micro_batches)
-                .sum(),
+                .map(|x| (x.fwd_bytes.saturating_add(x.bwd_bytes)).saturating_mul(micro_batches))
+                .fold(0u64, u64::saturating_add),
             all_to_all,
             data_allreduce_bytes: if grid.data > 1 { dense * grad_bytes } else { 0 },
             expert_data_allreduce_bytes: if ed > 1 { rp.expert * grad_bytes } else { 0 },
-            gate_allreduce_bytes: if gate_group.len() > 1 {
+            gate_allreduce_bytes: if gate_size > 1 {
                 rp.gate * grad_bytes
             } else {
                 0
             },
             embedding_allreduce_bytes: emb_bytes,
-            pipeline_send_bytes: p2p / 2 * micro_batches,
-            pipeline_recv_bytes: p2p / 2 * micro_batches,
+            pipeline_send_bytes: (p2p / 2).saturating_mul(micro_batches),
+            pipeline_recv_bytes: (p2p / 2).saturating_mul(micro_batches),
         };
-        let tgroup = &groups.tensor[(s * grid.data) as usize];
+        let tgroup = [base, grid.rank(t - 1, 0, s)];
         let first = grid.rank(0, 0, s);
         let pipe_bw = {
             let mut bw = f64::INFINITY;
@@ -437,8 +458,8 @@ pub fn evaluate(
             }
             bw
         };
-        let compute_s = (flops_per_token * tokens) as f64 / peak;
-        let tensor_s = allreduce_s(tensor_bytes, t, bandwidth(c, tgroup));
+        let compute_s = flops_per_token as f64 * tokens as f64 / peak;
+        let tensor_s = allreduce_s(tensor_bytes, t, bandwidth(c, &tgroup));
         let pipeline_s = if neighbours == 0 {
             0.0
         } else {
@@ -447,15 +468,15 @@ pub fn evaluate(
         let gradient_sync_s = allreduce_s(
             traffic.data_allreduce_bytes,
             grid.data,
-            bandwidth(c, dgroup),
+            bandwidth(c, &dgroup),
         ) + allreduce_s(
             traffic.expert_data_allreduce_bytes,
             ed,
-            bandwidth(c, edgroup),
+            bandwidth(c, &edgroup),
         ) + allreduce_s(
             traffic.gate_allreduce_bytes,
-            gate_group.len() as u64,
-            bandwidth(c, gate_group),
+            gate_size,
+            bandwidth(c, &gate_group),
         ) + if tied_copy {
             allreduce_s(
                 emb_bytes,
@@ -476,7 +497,9 @@ pub fn evaluate(
         stages.push(StageCost {
             params: rp,
             memory,
-            flops_per_step: flops_per_token * tokens * micro_batches,
+            flops_per_step: flops_per_token
+                .saturating_mul(tokens)
+                .saturating_mul(micro_batches),
             traffic,
             time,
         });
@@ -491,7 +514,7 @@ pub fn evaluate(
         .fold(0.0, f64::max);
     let step_s = (micro_batches + p - 1) as f64 * slowest + sync;
     let global_tokens = mb * micro_batches * grid.data * seq_len;
-    let model_flops_per_step = g.flops_per_token() * global_tokens;
+    let model_flops_per_step = g.flops_per_token().saturating_mul(global_tokens);
     let time = TimeEstimate {
         step_s,
         bubble_fraction: (p - 1) as f64 / (micro_batches + p - 1) as f64,
@@ -503,7 +526,7 @@ pub fn evaluate(
         model_flops_per_step,
         peak_tflops: peak / 1e12,
         mfu: if step_s > 0.0 {
-            model_flops_per_step as f64 / (step_s * grid.world as f64 * peak)
+            g.flops_per_token() as f64 * global_tokens as f64 / (step_s * grid.world as f64 * peak)
         } else {
             0.0
         },

@@ -27,6 +27,12 @@ pub const OUT_OF_MEMORY: &str = "P0009";
 pub const ZERO_SIZE: &str = "P0010";
 /// The global batch does not split into micro-batches over the data ranks.
 pub const BATCH_NOT_DIVISIBLE: &str = "P0011";
+/// A size beyond what the planner's arithmetic supports.
+pub const TOO_LARGE: &str = "P0012";
+/// Warning: a tensor-parallel group spans hosts.
+pub const TENSOR_ACROSS_HOSTS: &str = "P0101";
+/// Warning: the pipeline idles for most of the step.
+pub const LARGE_BUBBLE: &str = "P0102";
 
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
@@ -76,7 +82,17 @@ pub fn heads_not_divisible(heads: (u64, Span), tensor: (u64, Span), kv: bool) ->
         ),
     )
     .with_label(format!("{} does not divide {}", tensor.0, heads.0))
-    .with_secondary(heads.1, format!("{} {what} declared here", heads.0))
+    .with_secondary(
+        heads.1,
+        if kv {
+            format!(
+                "heads declared here; the model has {} key/value heads",
+                heads.0
+            )
+        } else {
+            format!("{} {what} declared here", heads.0)
+        },
+    )
     .with_help(
         "Megatron splits attention by heads: choose a tensor size that divides the head count",
     )
@@ -211,5 +227,46 @@ pub fn batch_not_divisible(batch: u64, data: u64, micro: u64, at: Span) -> Diagn
     .with_help(format!(
         "use a multiple of {} sequences, or another micro-batch or data size",
         data * micro
+    ))
+}
+
+pub fn too_large(what: &str, value: u64, limit: u64, at: Span) -> Diagnostic {
+    Diagnostic::error(
+        TOO_LARGE,
+        at,
+        format!("{what} = {value} is larger than the planner supports (at most {limit})"),
+    )
+    .with_label("too large to plan")
+    .with_note("the limits keep every byte and FLOP count of the plan exact in 64 bits")
+}
+
+pub fn tensor_across_hosts(tensor: (u64, Span), gpus_per_node: u64) -> Diagnostic {
+    Diagnostic::warning(
+        TENSOR_ACROSS_HOSTS,
+        tensor.1,
+        format!(
+            "tensor = {} spans more than one host of {gpus_per_node} GPUs: its all-reduces, several per layer, go over the network",
+            tensor.0
+        ),
+    )
+    .with_label("tensor group crosses hosts")
+    .with_help(format!(
+        "keep tensor at most {gpus_per_node} and dividing it; use pipeline or data parallelism across hosts"
+    ))
+}
+
+pub fn large_bubble(bubble: f64, micro_batches: u64, pipeline: u64, at: Span) -> Diagnostic {
+    Diagnostic::warning(
+        LARGE_BUBBLE,
+        at,
+        format!(
+            "the pipeline idles {:.0}% of each step: {micro_batches} micro-batch(es) for {pipeline} stages",
+            100.0 * bubble
+        ),
+    )
+    .with_label("few micro-batches per step")
+    .with_help(format!(
+        "use a larger batch or a smaller micro-batch: at least {} micro-batches keep the bubble at or under 20%",
+        4 * (pipeline - 1)
     ))
 }

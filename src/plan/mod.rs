@@ -7,6 +7,17 @@
 //! the search behind `--auto` ([`search`]). It reads only `check::Checked` and the
 //! graph; it knows nothing about source text (only spans), tensors, NCCL or templates.
 //! The formulas are written out in `docs/plan.md`.
+//!
+//! # For the runtime and the emitter
+//! - [`build`] / [`build_with`] give a [`ParallelPlan`] or every planner diagnostic.
+//! - `plan.ranks[r]`: coordinates (`tensor_rank`, `pipeline_rank`, `data_rank`,
+//!   `expert_rank`) and the experts rank `r` holds per MoE layer ([`HeldExperts`]:
+//!   global ids and the `[start, end)` slice of each expert's hidden dimension).
+//! - `plan.groups` ([`Groups`]): every process group kind as rank lists, in Megatron's
+//!   creation order; [`Groups::containing`] finds a rank's group of a [`GroupKind`].
+//! - `plan.stages[s].first_layer..end_layer`: the blocks of pipeline stage `s`.
+//! - [`Grid::coords`] / [`Grid::rank`] convert between ranks and coordinates without
+//!   listing groups.
 
 pub mod cli;
 pub mod cost;
@@ -167,6 +178,9 @@ pub struct ParallelPlan {
     pub ranks: Vec<RankPlan>,
     pub groups: Groups,
     pub time: TimeEstimate,
+    /// Warnings about a plan that works but wastes time (not part of the JSON).
+    #[serde(skip)]
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// Plan-level schema version (see `docs/plan.md`).
@@ -217,6 +231,53 @@ pub fn build(checked: &Checked) -> Result<ParallelPlan, Vec<Diagnostic>> {
 /// Plans the file with command-line overrides. Every error found is returned (not just
 /// the first); a plan comes back only when every rank fits its memory.
 pub fn build_with(checked: &Checked, o: &Overrides) -> Result<ParallelPlan, Vec<Diagnostic>> {
+    let p = cost_with(checked, o)?;
+    Ok(assemble(
+        checked,
+        &p.graph,
+        p.grid,
+        p.expert_group,
+        p.precision,
+        p.seq_len,
+        p.costed,
+        p.assumptions,
+    ))
+}
+
+/// A configuration checked and costed, before ranks and groups are listed (cheap even
+/// for very large worlds; what `--auto` compares).
+pub struct Costed {
+    pub grid: Grid,
+    pub expert_group: ExpertGroup,
+    pub precision: Precision,
+    pub seq_len: u64,
+    pub costed: cost::Costed,
+    pub assumptions: Vec<String>,
+    pub graph: ModelGraph,
+}
+
+impl Costed {
+    /// The largest memory of any rank.
+    pub fn max_memory(&self) -> u64 {
+        self.costed
+            .stages
+            .iter()
+            .map(|s| s.memory.total)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Checks and costs the file with overrides, choosing the micro-batch when it is free.
+pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnostic>> {
+    let filled;
+    let checked = match with_fallback_spans(checked) {
+        Some(c) => {
+            filled = c;
+            &filled
+        }
+        None => checked,
+    };
     let par = &checked.parallel;
     let s = Setup {
         world: o.world.unwrap_or(par.gpus),
@@ -312,7 +373,9 @@ pub fn build_with(checked: &Checked, o: &Overrides) -> Result<ParallelPlan, Vec<
             micro_batches.max(1),
         );
         if c.fits() {
-            let t = c.time.step_s;
+            // Seconds per token: the step time when the batch is fixed, and still fair
+            // when it grows with the micro-batch (no train block).
+            let t = 1.0 / c.time.tokens_per_s.max(f64::MIN_POSITIVE);
             if best.as_ref().is_none_or(|(bt, _)| t < *bt) {
                 best = Some((t, c));
             }
@@ -328,16 +391,122 @@ pub fn build_with(checked: &Checked, o: &Overrides) -> Result<ParallelPlan, Vec<
         }
         (None, None) => unreachable!("every micro-batch candidate is costed"),
     };
-    Ok(assemble(
-        checked,
-        &g,
+    Ok(Costed {
         grid,
-        s.expert_group,
+        expert_group: s.expert_group,
         precision,
         seq_len,
         costed,
         assumptions,
-    ))
+        graph: g,
+    })
+}
+
+/// Values the file did not write (no `parallel` block, no `micro_batch`) have empty
+/// spans; point their diagnostics at the `parallel` block, else the model's name.
+fn with_fallback_spans(checked: &Checked) -> Option<Checked> {
+    let empty = |s: &crate::diag::Span| s.start == s.end;
+    let ps = &checked.parallel.spans;
+    let all = [
+        &ps.gpus,
+        &ps.hardware,
+        &ps.tensor,
+        &ps.pipeline,
+        &ps.data,
+        &ps.experts,
+        &ps.micro_batch,
+    ];
+    if !all.iter().any(|s| empty(s)) {
+        return None;
+    }
+    let fallback = if empty(&ps.block) {
+        checked.model.spans.name
+    } else {
+        ps.block
+    };
+    let mut c = checked.clone();
+    let ps = &mut c.parallel.spans;
+    for s in [
+        &mut ps.gpus,
+        &mut ps.hardware,
+        &mut ps.tensor,
+        &mut ps.pipeline,
+        &mut ps.data,
+        &mut ps.experts,
+        &mut ps.micro_batch,
+    ] {
+        if empty(s) {
+            *s = fallback;
+        }
+    }
+    Some(c)
+}
+
+/// Upper bounds on declared sizes under which every count the planner computes fits in
+/// a `u64` (see `docs/plan.md`); far above any real model or cluster.
+pub mod limits {
+    pub const WIDTH: u64 = 1 << 16;
+    pub const HIDDEN: u64 = 1 << 18;
+    pub const VOCAB: u64 = 1 << 22;
+    pub const CONTEXT: u64 = 1 << 20;
+    pub const EXPERTS: u64 = 1 << 12;
+    pub const SHARED_EXPERTS: u64 = 1 << 10;
+    pub const DEPTH: u64 = 1 << 10;
+    pub const GPUS: u64 = 1 << 20;
+    pub const BATCH: u64 = 1 << 30;
+    pub const MICRO_BATCH: u64 = 1 << 20;
+}
+
+fn check_limits(checked: &Checked, s: &Setup) -> Vec<Diagnostic> {
+    let m = &checked.model;
+    let ms = &m.spans;
+    let ps = &checked.parallel.spans;
+    let mut out = Vec::new();
+    let mut check = |what: &str, v: u64, limit: u64, at| {
+        if v > limit {
+            out.push(diagnostics::too_large(what, v, limit, at));
+        }
+    };
+    check("width", m.width, limits::WIDTH, ms.width);
+    check("vocab", m.vocab, limits::VOCAB, ms.vocab);
+    check("context", m.context, limits::CONTEXT, ms.context);
+    check("depth", m.depth(), limits::DEPTH, ms.depth);
+    check("gpus", s.world, limits::GPUS, ps.gpus);
+    check("tensor", s.tensor, limits::GPUS, ps.tensor);
+    check("pipeline", s.pipeline, limits::GPUS, ps.pipeline);
+    if let Some(mb) = s.micro_batch {
+        check("micro_batch", mb, limits::MICRO_BATCH, ps.micro_batch);
+    }
+    if let Some(t) = &checked.train {
+        check("batch", t.batch_sequences, limits::BATCH, t.spans.batch);
+        check("sequence length", t.seq_len, limits::CONTEXT, t.spans.batch);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for l in &m.layers {
+        match &l.ffn {
+            Ffn::Dense(d) => {
+                if seen.insert(d.span) {
+                    check("hidden", d.hidden, limits::HIDDEN, d.span);
+                }
+            }
+            Ffn::Moe(moe) => {
+                if seen.insert(moe.spans.call) {
+                    check("experts", moe.experts, limits::EXPERTS, moe.spans.experts);
+                    check("hidden", moe.expert.hidden, limits::HIDDEN, moe.expert.span);
+                    if let Some(sh) = &moe.shared {
+                        check(
+                            "shared experts",
+                            sh.count,
+                            limits::SHARED_EXPERTS,
+                            sh.expert.span,
+                        );
+                        check("hidden", sh.expert.hidden, limits::HIDDEN, sh.expert.span);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Divisibility and size checks; the grid when they all pass.
@@ -361,6 +530,7 @@ fn validate(checked: &Checked, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
     if let ExpertGroup::Size { size: 0 } = s.expert_group {
         errs.push(diagnostics::zero_size("the expert group size", sp.experts));
     }
+    errs.extend(check_limits(checked, s));
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -544,7 +714,28 @@ fn assemble(
             cost: c.clone(),
         })
         .collect();
+    let mut warnings = Vec::new();
+    let gpn = par.hardware.gpus_per_node.max(1);
+    if grid.tensor > 1 && (grid.tensor > gpn || gpn % grid.tensor != 0) {
+        warnings.push(diagnostics::tensor_across_hosts(
+            (grid.tensor, par.spans.tensor),
+            gpn,
+        ));
+    }
+    if costed.time.bubble_fraction > 0.5 {
+        let at = checked
+            .train
+            .as_ref()
+            .map_or(par.spans.pipeline, |t| t.spans.batch);
+        warnings.push(diagnostics::large_bubble(
+            costed.time.bubble_fraction,
+            costed.micro_batches,
+            grid.pipeline,
+            at,
+        ));
+    }
     ParallelPlan {
+        warnings,
         schema: SCHEMA_VERSION,
         model: checked.model.name.clone(),
         hardware: par.hardware.clone(),

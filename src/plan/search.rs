@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use super::cost::TimeEstimate;
 use super::grid::divisors;
-use super::{build_with, expert_group_name, Overrides, ParallelPlan};
+use super::{build_with, cost_with, expert_group_name, Overrides, ParallelPlan};
 use crate::check::{Checked, ExpertGroup};
 
 /// A candidate that failed, with the first reason.
@@ -19,11 +20,36 @@ pub struct Rejected {
     pub message: String,
 }
 
+/// A configuration that works.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    /// Every choice made, the micro-batch included: `build_with(checked, &overrides)`
+    /// gives the full plan.
+    pub overrides: Overrides,
+    pub tensor: u64,
+    pub pipeline: u64,
+    pub data: u64,
+    pub expert_group: String,
+    pub expert_group_size: u64,
+    pub micro_batch: u64,
+    /// The largest memory of any rank.
+    pub max_memory_bytes: u64,
+    pub time: TimeEstimate,
+}
+
+impl Candidate {
+    /// The full plan of this candidate.
+    pub fn plan(&self, checked: &Checked) -> Option<ParallelPlan> {
+        build_with(checked, &self.overrides).ok()
+    }
+}
+
 /// The outcome of a search.
 #[derive(Clone, Debug)]
 pub struct SearchResult {
-    /// Feasible plans, fastest first (ties: fewer GPUs per tensor group, then pipeline).
-    pub feasible: Vec<ParallelPlan>,
+    /// Feasible configurations, most tokens/s first (ties: smaller tensor, then pipeline, then
+    /// larger expert group).
+    pub feasible: Vec<Candidate>,
     pub rejected: Vec<Rejected>,
 }
 
@@ -63,8 +89,21 @@ pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
                     expert_group: Some(e),
                     micro_batch: None,
                 };
-                match build_with(checked, &o) {
-                    Ok(plan) => feasible.push(plan),
+                match cost_with(checked, &o) {
+                    Ok(c) => feasible.push(Candidate {
+                        overrides: Overrides {
+                            micro_batch: Some(c.costed.micro_batch),
+                            ..o
+                        },
+                        tensor: t,
+                        pipeline: p,
+                        data: d,
+                        expert_group: expert_group_name(e),
+                        expert_group_size: c.grid.expert_group,
+                        micro_batch: c.costed.micro_batch,
+                        max_memory_bytes: c.max_memory(),
+                        time: c.costed.time,
+                    }),
                     Err(diags) => {
                         let first = diags.into_iter().next();
                         rejected.push(Rejected {
@@ -78,9 +117,9 @@ pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
         }
     }
     feasible.sort_by(|a, b| {
-        a.time
-            .step_s
-            .total_cmp(&b.time.step_s)
+        b.time
+            .tokens_per_s
+            .total_cmp(&a.time.tokens_per_s)
             .then(a.tensor.cmp(&b.tensor))
             .then(a.pipeline.cmp(&b.pipeline))
             .then(b.expert_group_size.cmp(&a.expert_group_size))
@@ -99,13 +138,13 @@ pub fn report(r: &SearchResult, top: usize) -> String {
         r.rejected.len()
     );
     if !r.feasible.is_empty() {
-        let _ = writeln!(o, "\nbest plans by estimated step time");
+        let _ = writeln!(o, "\nbest plans by estimated throughput");
         let _ = writeln!(
             o,
             "  #  tensor  pipeline  data    expert group  micro-batch  max memory       step     tokens/s    MFU"
         );
         for (i, p) in r.feasible.iter().take(top).enumerate() {
-            let mem = p.ranks.iter().map(|r| r.memory_bytes).max().unwrap_or(0);
+            let mem = p.max_memory_bytes;
             let _ = writeln!(
                 o,
                 "  {:>1}  {:>6}  {:>8}  {:>4}  {:>14}  {:>11}  {:>10}  {:>8.3}s  {:>11}  {:>5.1}%",
