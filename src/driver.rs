@@ -49,10 +49,22 @@ pub fn load(path: &Path, format: DiagFormat) -> Result<Loaded, ExitCode> {
             return Err(ExitCode::from(2));
         }
     };
+    let settings = match crate::settings::Settings::discover() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let user_hardware = settings
+        .hardware
+        .iter()
+        .map(|(name, h)| (name.clone(), h.to_hardware(name)))
+        .collect();
     let mut sources = Sources::new();
     let file = sources.add(path.display().to_string(), text);
     let mut sink = Sink::new();
-    let checked = check::check_file(&mut sources, file, &mut sink);
+    let checked = check::check_file_with(&mut sources, file, &mut sink, &user_hardware);
     let errors = sink.error_count();
     let diagnostics = sink.into_sorted();
     report(&sources, &diagnostics, format);

@@ -73,7 +73,11 @@ fn stdlib_declares_the_seed_target_and_profiles() {
         assert!(h.memory_bytes > 0 && h.bf16_tflops > 0.0 && h.gpus_per_node == 8);
     }
     let h100 = check::hardware_profile("h100_sxm").unwrap();
-    assert_eq!(h100.memory_bytes, 81_559 * 1_048_576, "nvidia-smi memory.total of an H100 80GB");
+    assert_eq!(
+        h100.memory_bytes,
+        81_559 * 1_048_576,
+        "nvidia-smi memory.total of an H100 80GB"
+    );
     assert_eq!(h100.hbm_gbps, 3350.0);
     assert!(check::hardware_profile("tpu_v9").is_none());
 }

@@ -51,3 +51,40 @@ fn discovers_the_file_in_a_folder() {
     assert!(s.hardware_profile("lab_a100").is_some());
     assert_eq!(s.source.unwrap(), dir.path().join("fmoec.toml"));
 }
+
+#[test]
+fn a_user_profile_is_usable_in_a_model_file() {
+    let s = Settings::parse(A100, Path::new("fmoec.toml")).unwrap();
+    let user: std::collections::BTreeMap<_, _> = s
+        .hardware
+        .iter()
+        .map(|(n, h)| (n.clone(), h.to_hardware(n)))
+        .collect();
+    let text =
+        "model m {\n  vocab = 256\n  context = 64\n  width = 64\n  heads = 4\n  depth = 2\n  \
+                block = transformer(attention = causal(), ffn = mlp(hidden = 256, act = gelu))\n}\n\
+                parallel {\n  gpus = 2 of lab_a100\n}\n";
+    let mut sources = fmoec::diag::Sources::new();
+    let file = sources.add("m.fmoe", text);
+    let mut sink = fmoec::diag::Sink::new();
+    let checked = fmoec::check::check_file_with(&mut sources, file, &mut sink, &user)
+        .unwrap_or_else(|| {
+            panic!(
+                "{}",
+                fmoec::diag::render_human(&sources, sink.diagnostics())
+            )
+        });
+    assert_eq!(checked.parallel.hardware.name, "lab_a100");
+    assert_eq!(checked.parallel.hardware.memory_bytes, 40 << 30);
+
+    // without the settings the same file is an error naming the profile
+    let mut sources = fmoec::diag::Sources::new();
+    let file = sources.add("m.fmoe", text);
+    let mut sink = fmoec::diag::Sink::new();
+    assert!(fmoec::check::check_file(&mut sources, file, &mut sink).is_none());
+    let rendered = fmoec::diag::render_human(&sources, sink.diagnostics());
+    assert!(
+        rendered.contains("unknown hardware profile `lab_a100`"),
+        "{rendered}"
+    );
+}

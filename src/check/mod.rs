@@ -44,6 +44,9 @@ pub struct Checker<'a> {
     pub(crate) call_depth: usize,
     /// The user's file had syntax errors: "no model" would only repeat them.
     pub(crate) syntax_errors: bool,
+    /// Hardware profiles from the user's `fmoec.toml`, found after the file's and the
+    /// stdlib's own.
+    pub(crate) user_hardware: std::collections::BTreeMap<String, Hardware>,
 }
 
 impl<'a> Checker<'a> {
@@ -58,6 +61,7 @@ impl<'a> Checker<'a> {
             const_active: HashSet::new(),
             call_depth: 0,
             syntax_errors: false,
+            user_hardware: Default::default(),
         };
         for (name, text) in STDLIB {
             let id = sources.add(format!("<stdlib>/{name}.fmoe"), *text);
@@ -236,10 +240,22 @@ impl<'a> Checker<'a> {
 /// Every problem goes to `sink` (all of them, not just the first); the result is
 /// `Some` only when there were no errors. Warnings may accompany a `Some`.
 pub fn check_file(sources: &mut Sources, file: FileId, sink: &mut Sink) -> Option<Checked> {
+    check_file_with(sources, file, sink, &Default::default())
+}
+
+/// [`check_file`] with the user's own hardware profiles (from `fmoec.toml`), usable in
+/// `gpus = N of NAME` like the stdlib's.
+pub fn check_file_with(
+    sources: &mut Sources,
+    file: FileId,
+    sink: &mut Sink,
+    user_hardware: &std::collections::BTreeMap<String, Hardware>,
+) -> Option<Checked> {
     let errors_before = sink.error_count();
     let text = sources.text(file).to_string();
     let name = sources.name(file).to_string();
     let mut checker = Checker::with_stdlib(sources, sink);
+    checker.user_hardware = user_hardware.clone();
     let before_parse = checker.sink.error_count();
     let parsed = crate::syntax::parse(&text, file, checker.sink);
     checker.syntax_errors = checker.sink.error_count() > before_parse;

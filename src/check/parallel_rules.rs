@@ -291,6 +291,7 @@ impl Checker<'_> {
                     None
                 }
             },
+            None if self.user_hardware.contains_key(name) => self.user_hardware.get(name).cloned(),
             None => {
                 let help = self
                     .importable_from(name)
@@ -314,6 +315,7 @@ impl Checker<'_> {
                     _ => None,
                 })
             })
+            .chain(self.user_hardware.keys().cloned())
             .collect()
     }
 }
