@@ -15,13 +15,14 @@ pub struct EmitArgs {
     /// Megatron-LM release to target (`v2.2`).
     #[arg(long, value_name = "VERSION")]
     pub megatron: String,
-    /// Output folder.
-    #[arg(short, long, default_value = "out")]
-    pub output: PathBuf,
+    /// Output folder (default: `[emit] out` of fmoec.toml, else `out`).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
     /// Which MoE implementation the generated module uses.
     #[arg(long, value_enum, default_value_t)]
     pub runtime: Runtime,
-    /// A Megatron-LM checkout: compute the patch from its files (else from the recorded release).
+    /// A Megatron-LM checkout: compute the patch from its files (default: `[emit]
+    /// megatron_src` of fmoec.toml for this release, else the recorded release).
     #[arg(long, value_name = "PATH")]
     pub megatron_src: Option<PathBuf>,
     /// How diagnostics are printed.
@@ -47,9 +48,19 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // `driver::load` has already refused a malformed settings file.
+    let settings = crate::settings::Settings::discover().unwrap_or_default();
+    let output = args
+        .output
+        .clone()
+        .or_else(|| settings.emit.out.clone())
+        .unwrap_or_else(|| PathBuf::from("out"));
     let opts = EmitOptions {
         runtime: args.runtime,
-        megatron_src: args.megatron_src.clone(),
+        megatron_src: args
+            .megatron_src
+            .clone()
+            .or_else(|| settings.emit.megatron_src.get(&args.megatron).cloned()),
         source_name,
     };
     let emitted = match super::emit(&loaded.checked, release, &opts) {
@@ -64,11 +75,11 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         }
     };
     driver::report(&loaded.sources, &emitted.warnings, args.diagnostics);
-    std::fs::create_dir_all(&args.output)
-        .map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", args.output.display()))?;
+    std::fs::create_dir_all(&output)
+        .map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", output.display()))?;
     for (name, text) in &emitted.files {
-        let path = args.output.join(name);
-        std::fs::write(&path, text)
+        let path = output.join(name);
+        driver::write_atomic(&path, text.as_bytes())
             .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path.display()))?;
         #[cfg(unix)]
         if name.ends_with(".sh") {
