@@ -159,7 +159,8 @@ pub fn spawn_local(
     };
     let program = program.as_ref();
     let mut children: Vec<Child> = Vec::with_capacity(n);
-    let mut forwarders = Vec::new();
+    let (done, forwarded) = std::sync::mpsc::channel::<()>();
+    let mut forwarders = 0;
     for rank in 0..n {
         let mut command = Command::new(program);
         command
@@ -183,10 +184,12 @@ pub fn spawn_local(
         match command.spawn() {
             Ok(mut child) => {
                 if let Some(out) = child.stdout.take() {
-                    forwarders.push(forward(out, rank, false));
+                    forward(out, rank, false, done.clone());
+                    forwarders += 1;
                 }
                 if let Some(err) = child.stderr.take() {
-                    forwarders.push(forward(err, rank, true));
+                    forward(err, rank, true, done.clone());
+                    forwarders += 1;
                 }
                 children.push(child);
             }
@@ -204,8 +207,14 @@ pub fn spawn_local(
         }
     }
     let outcome = supervise(&mut children);
-    for f in forwarders {
-        let _ = f.join();
+    // Let the ranks' last lines through. A pipe can stay open after its rank is gone
+    // (a process the rank started still holds it), so do not wait for it forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    for _ in 0..forwarders {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if forwarded.recv_timeout(left).is_err() {
+            break;
+        }
     }
     outcome
 }
@@ -258,7 +267,8 @@ fn forward(
     stream: impl Read + Send + 'static,
     rank: usize,
     to_stderr: bool,
-) -> std::thread::JoinHandle<()> {
+    done: std::sync::mpsc::Sender<()>,
+) {
     std::thread::spawn(move || {
         let reader = BufReader::new(stream);
         for line in reader.split(b'\n') {
@@ -270,7 +280,8 @@ fn forward(
                 let _ = std::io::stdout().lock().write_all(text.as_bytes());
             }
         }
-    })
+        let _ = done.send(());
+    });
 }
 
 #[cfg(test)]

@@ -840,3 +840,69 @@ pub fn nccl_version() -> Option<i32> {
     let result = unsafe { nccl::ncclGetVersion(&mut version) };
     (result == nccl::ncclResult_t::ncclSuccess).then_some(version)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_with_the_same_members_share_a_communicator() {
+        // 4 ranks, expert groups [0,1] [2,3]: data = gate = [0..4] (one communicator),
+        // expert-data [0,2] [1,3].
+        let layout = GroupLayout::data_parallel(4, 2).unwrap();
+        assert_eq!(
+            communicators(&layout),
+            vec![
+                vec![0, 1, 2, 3],
+                vec![0, 1],
+                vec![2, 3],
+                vec![0, 2],
+                vec![1, 3]
+            ]
+        );
+        // One rank per expert group: expert groups need no communicator.
+        let layout = GroupLayout::data_parallel(2, 1).unwrap();
+        assert_eq!(communicators(&layout), vec![vec![0, 1]]);
+        assert_eq!(
+            layout_tag(&GroupLayout::data_parallel(4, 2).unwrap()),
+            layout_tag(&GroupLayout::data_parallel(4, 2).unwrap())
+        );
+        assert_ne!(
+            layout_tag(&GroupLayout::data_parallel(4, 2).unwrap()),
+            layout_tag(&GroupLayout::data_parallel(4, 4).unwrap())
+        );
+    }
+
+    /// The library torch loaded becomes loadable by name in the ranks' environment: a
+    /// child process opens `libnccl.so` (what cudarc asks for) and reads its version.
+    /// Needs no GPU; needs `python3` for `ctypes`.
+    #[test]
+    fn ranks_can_open_the_nccl_that_torch_loaded() {
+        let path = NcclLibrary::locate().expect("libtorch_cuda loads libnccl.so.2");
+        assert!(path.exists(), "{}", path.display());
+        let library = NcclLibrary::for_ranks().unwrap();
+        let script = "import ctypes\nl = ctypes.CDLL('libnccl.so')\nv = ctypes.c_int()\nassert l.ncclGetVersion(ctypes.byref(v)) == 0\nprint(v.value)";
+        let mut command = std::process::Command::new("python3");
+        command.args(["-c", script]);
+        for (key, value) in &library.env {
+            command.env(key, value);
+        }
+        let output = command.output().expect("python3 runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let version: i32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(version >= CONFIG_VERSION as i32, "NCCL {version}");
+        let dir = library.link_dir.clone();
+        drop(library);
+        assert!(
+            dir.is_none_or(|d| !d.exists()),
+            "the link directory is removed"
+        );
+    }
+}
