@@ -102,6 +102,9 @@ fn run_cpu(args: &Args, timeout: Duration) -> anyhow::Result<i32> {
         let rank = groups.rank();
         let report = Report::new(format!("[rank {rank}] "));
         rank_checks(&groups, Device::Cpu, args, &report);
+        if args.check_timeout {
+            timeout_check(&groups, &report, timeout);
+        }
         report.failures()
     });
     let mut failures = 0;
@@ -842,7 +845,7 @@ mod moe {
         }
         let bad: Vec<String> = worst
             .iter()
-            .filter(|(_, d)| !(*d <= tolerance))
+            .filter(|(_, d)| d.is_nan() || *d > tolerance)
             .map(|(what, d)| format!("{what} differs by {d:e}"))
             .collect();
         if !bad.is_empty() {
