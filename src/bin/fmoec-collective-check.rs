@@ -46,9 +46,12 @@ struct Args {
     /// Timeout of every collective, in seconds.
     #[arg(long, default_value_t = 120.0)]
     timeout_secs: f64,
-    /// Message sizes for the bandwidth measurement, MiB per rank (empty: skip).
+    /// Message sizes for the bandwidth measurement, MiB per rank.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     bench_mib: Vec<u64>,
+    /// Skip the bandwidth measurement.
+    #[arg(long)]
+    no_bench: bool,
     /// Timed iterations per size (the median is reported; at least 20).
     #[arg(long, default_value_t = 20)]
     iters: usize,
@@ -282,7 +285,7 @@ fn rank_checks(groups: &Groups, device: Device, args: &Args, report: &Report) {
         "expert exchange equals single rank (f32, tol 1e-4)",
         moe::equivalence(groups, device, Kind::Float, 1e-4),
     );
-    if !args.bench_mib.is_empty() {
+    if !args.no_bench {
         if let Err(e) = bench(groups, device, args, report) {
             report.check("bandwidth measurement", Err(e));
         }
@@ -541,7 +544,8 @@ mod moe {
 
     const WIDTH: i64 = 8;
     const HIDDEN: i64 = 12;
-    const EXPERTS: usize = 4;
+    /// Experts per rank of the expert group (the global count is this × group size).
+    const EXPERTS_PER_RANK: usize = 2;
     const TOP_K: i64 = 2;
     const TOKENS_PER_RANK: i64 = 4;
     const BLOCKS: usize = 2;
@@ -561,14 +565,14 @@ mod moe {
     }
 
     /// The same numbers on every rank: a fixed seed on CPU in f64.
-    fn init(tokens: i64) -> Init {
+    fn init(tokens: i64, experts: usize) -> Init {
         // In-process ranks share torch's global generator: seed and draw under a lock.
         static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(7);
         let randn =
             |shape: &[i64], scale: f64| Tensor::randn(shape, (Kind::Double, Device::Cpu)) * scale;
-        let e = EXPERTS as i64;
+        let e = experts as i64;
         Init {
             x: randn(&[tokens, WIDTH], 1.0),
             target: randn(&[tokens, WIDTH], 1.0),
@@ -733,7 +737,7 @@ mod moe {
             let order = slot.argsort_stable(true, 0, false);
             let token_sorted = token.index_select(0, &order);
             let counts_t = slot
-                .bincount::<Tensor>(None, EXPERTS as i64)
+                .bincount::<Tensor>(None, placement.experts() as i64)
                 .to_device(Device::Cpu);
             let counts = Vec::<i64>::try_from(&counts_t).map_err(tensor_err)?;
             let tokens = h0.index_select(0, &token_sorted);
@@ -804,10 +808,11 @@ mod moe {
     pub fn equivalence(groups: &Groups, device: Device, kind: Kind, tolerance: f64) -> Check {
         let world = groups.world();
         let tokens = TOKENS_PER_RANK * world as i64;
-        let init = init(tokens);
+        let experts = EXPERTS_PER_RANK * groups.expert().size();
+        let init = init(tokens, experts);
         let expected = reference(&init, tokens);
-        let placement = ExpertPlacement::contiguous(EXPERTS, groups.expert().size())
-            .map_err(|e| format!("{e} (experts: {EXPERTS})"))?;
+        let placement =
+            ExpertPlacement::contiguous(experts, groups.expert().size()).map_err(err)?;
         let got = split(groups, device, kind, &init, &placement).map_err(err)?;
         let rank = groups.rank() as i64;
         let mut worst: Vec<(String, f64)> = vec![
