@@ -50,6 +50,9 @@ pub struct DistEnv {
     /// The GPU this process uses on its node.
     pub local_rank: usize,
     pub master_addr: String,
+    /// The port rank 0 serves the rendezvous on: `FMOEC_RENDEZVOUS_PORT` if set; else
+    /// `MASTER_PORT`, or `MASTER_PORT + 1` under torchrun, whose agent already listens on
+    /// `MASTER_PORT` (`TORCHELASTIC_USE_AGENT_STORE=True`).
     pub master_port: u16,
 }
 
@@ -107,6 +110,21 @@ impl DistEnv {
                         .into(),
                 })
             }
+        };
+        let agent_store = var("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let master_port = match var("FMOEC_RENDEZVOUS_PORT") {
+            Some(text) => text.trim().parse::<u16>().map_err(|_| RendezvousError::Env {
+                name: "FMOEC_RENDEZVOUS_PORT",
+                message: format!("`{text}` is not a port number"),
+            })?,
+            None if agent_store && master_port != 0 => {
+                master_port.checked_add(1).ok_or(RendezvousError::Env {
+                    name: "MASTER_PORT",
+                    message: "65535 leaves no port for the rendezvous next to torchrun's store; set FMOEC_RENDEZVOUS_PORT".into(),
+                })?
+            }
+            None => master_port,
         };
         Ok(Some(DistEnv {
             rank,
@@ -408,6 +426,18 @@ mod tests {
             }
         );
         assert_eq!(got.address(), "10.0.0.2:29500");
+        // Under torchrun its agent's store holds MASTER_PORT: use the next port, or the
+        // one given explicitly.
+        let base = [
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ];
+        assert_eq!(env(&base).unwrap().unwrap().master_port, 29501);
+        let mut explicit = base.to_vec();
+        explicit.push(("FMOEC_RENDEZVOUS_PORT", "31000"));
+        assert_eq!(env(&explicit).unwrap().unwrap().master_port, 31000);
     }
 
     #[test]
