@@ -40,6 +40,9 @@ pub enum ErrorKind {
     Invalid(String),
     /// A tensor operation failed.
     Tensor(tch::TchError),
+    /// The communication library failed (an NCCL or CUDA error, a communicator that
+    /// was aborted after an earlier timeout, a peer that NCCL reports as failed).
+    Transport(String),
 }
 
 impl CollectiveError {
@@ -79,6 +82,7 @@ impl fmt::Display for CollectiveError {
             ),
             ErrorKind::Invalid(message) => f.write_str(message),
             ErrorKind::Tensor(e) => write!(f, "tensor operation failed: {e}"),
+            ErrorKind::Transport(message) => f.write_str(message),
         }
     }
 }

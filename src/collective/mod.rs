@@ -30,13 +30,20 @@
 //! of one element. Timeouts come from polling `ncclCommGetAsyncError` on a non-blocking
 //! communicator and `ncclCommAbort` when the deadline passes. [`Groups::connect`] takes
 //! a constructor for such handles, so nothing else in this module changes.
+//! That implementation is [`nccl`] (feature `cuda`); [`rendezvous`] exchanges its
+//! unique ids over TCP under the torchrun variables and [`launch`] starts one process
+//! per GPU (see docs/collective.md).
 
 mod error;
 mod exchange;
 mod grads;
 mod groups;
+pub mod launch;
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod placement;
+pub mod rendezvous;
 mod reshard;
 mod tape;
 

@@ -1,0 +1,354 @@
+//! Local launcher: one process per GPU with the torchrun variables set, so
+//! `--gpus N` needs no external tool.
+//!
+//! [`spawn_local`] starts `n` copies of a program with `RANK`, `LOCAL_RANK`,
+//! `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` set (and `NCCL_NVLS_ENABLE=0` unless
+//! the caller's environment sets it), prefixes each line the ranks print with
+//! `[rank i]`, and waits. When one rank fails (non-zero exit or a signal) the others are
+//! killed at once, so a dead rank never leaves its peers hanging in a collective; the
+//! launcher's result names the first rank that failed and its exit code.
+//!
+//! It knows nothing about NCCL or tensors; the library search path for NCCL is the
+//! caller's business (it passes extra environment variables in [`Launch::env`]).
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+/// What [`spawn_local`] needs besides the program: extra environment and the
+/// rendezvous address.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// `MASTER_ADDR` given to the ranks.
+    pub master_addr: String,
+    /// `MASTER_PORT`; `None` picks a free port on `master_addr`.
+    pub master_port: Option<u16>,
+    /// More variables for every rank (e.g. `LD_LIBRARY_PATH`).
+    pub env: Vec<(OsString, OsString)>,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Launch {
+            master_addr: "127.0.0.1".into(),
+            master_port: None,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// How a launched run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Each rank's exit status (`None`: it was killed by the launcher before it exited
+    /// on its own).
+    pub statuses: Vec<Option<ExitStatus>>,
+    /// The first rank that failed, if any.
+    pub failed: Option<(usize, ExitStatus)>,
+}
+
+impl Outcome {
+    /// The code the launcher process should exit with: 0, the failed rank's code, or
+    /// 128 + signal for a rank killed by a signal (the shell's convention).
+    pub fn exit_code(&self) -> i32 {
+        match self.failed {
+            None => 0,
+            Some((_, status)) => code_of(status),
+        }
+    }
+
+    /// A one-line account of a failure (`rank 1 exited with code 3; stopped ranks 0, 2`).
+    pub fn describe(&self) -> Option<String> {
+        let (rank, status) = self.failed?;
+        let stopped: Vec<String> = self
+            .statuses
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_none())
+            .map(|(r, _)| r.to_string())
+            .collect();
+        let mut text = format!("rank {rank} {}", status_text(status));
+        if !stopped.is_empty() {
+            text.push_str(&format!("; stopped rank(s) {}", stopped.join(", ")));
+        }
+        Some(text)
+    }
+}
+
+fn code_of(status: ExitStatus) -> i32 {
+    if let Some(code) = status.code() {
+        return if code == 0 { 1 } else { code };
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = status.signal() {
+            return 128 + signal;
+        }
+    }
+    1
+}
+
+fn status_text(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exited with code {code}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = status.signal() {
+            return format!("was killed by signal {signal}");
+        }
+    }
+    format!("ended with {status}")
+}
+
+/// A failure to start the ranks (not a rank's own failure, which is in [`Outcome`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("--gpus must be at least 1")]
+    NoRanks,
+    #[error("cannot find a free port on {addr} for the rendezvous: {source}")]
+    Port {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start rank {rank} ({program}): {source}")]
+    Spawn {
+        rank: usize,
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for rank {rank}: {source}")]
+    Wait {
+        rank: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Pick a free TCP port on `addr` (bind port 0 and release it).
+pub fn free_port(addr: &str) -> Result<u16, LaunchError> {
+    std::net::TcpListener::bind((addr, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|source| LaunchError::Port {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Start `n` ranks of `program args...` on this machine (rank i uses GPU i), forward
+/// their output with a `[rank i]` prefix, and wait for all of them. When a rank fails
+/// the remaining ones are killed and the result names the failure.
+pub fn spawn_local(
+    n: usize,
+    program: impl AsRef<OsStr>,
+    args: &[OsString],
+    launch: &Launch,
+) -> Result<Outcome, LaunchError> {
+    if n == 0 {
+        return Err(LaunchError::NoRanks);
+    }
+    let port = match launch.master_port {
+        Some(port) => port,
+        None => free_port(&launch.master_addr)?,
+    };
+    let program = program.as_ref();
+    let mut children: Vec<Child> = Vec::with_capacity(n);
+    let (done, forwarded) = std::sync::mpsc::channel::<()>();
+    let mut forwarders = 0;
+    for rank in 0..n {
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", &launch.master_addr)
+            .env("MASTER_PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+            // NVLink SHARP needs multicast objects the lent machines do not grant.
+            command.env("NCCL_NVLS_ENABLE", "0");
+        }
+        for (key, value) in &launch.env {
+            command.env(key, value);
+        }
+        match command.spawn() {
+            Ok(mut child) => {
+                if let Some(out) = child.stdout.take() {
+                    forward(out, rank, false, done.clone());
+                    forwarders += 1;
+                }
+                if let Some(err) = child.stderr.take() {
+                    forward(err, rank, true, done.clone());
+                    forwarders += 1;
+                }
+                children.push(child);
+            }
+            Err(source) => {
+                for child in &mut children {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return Err(LaunchError::Spawn {
+                    rank,
+                    program: program.to_string_lossy().into_owned(),
+                    source,
+                });
+            }
+        }
+    }
+    let outcome = supervise(&mut children);
+    // Let the ranks' last lines through. A pipe can stay open after its rank is gone
+    // (a process the rank started still holds it), so do not wait for it forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    for _ in 0..forwarders {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if forwarded.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    outcome
+}
+
+/// Poll the ranks until all exit successfully or one fails; on failure kill the rest.
+fn supervise(children: &mut [Child]) -> Result<Outcome, LaunchError> {
+    let n = children.len();
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; n];
+    let mut failed = None;
+    while failed.is_none() && statuses.iter().any(Option::is_none) {
+        for (rank, child) in children.iter_mut().enumerate() {
+            if statuses[rank].is_some() {
+                continue;
+            }
+            let status = match child.try_wait() {
+                Ok(status) => status,
+                Err(source) => {
+                    kill_all(children, &statuses);
+                    return Err(LaunchError::Wait { rank, source });
+                }
+            };
+            if let Some(status) = status {
+                statuses[rank] = Some(status);
+                if !status.success() {
+                    failed = Some((rank, status));
+                    break;
+                }
+            }
+        }
+        if failed.is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if failed.is_some() {
+        kill_all(children, &statuses);
+    }
+    Ok(Outcome { statuses, failed })
+}
+
+fn kill_all(children: &mut [Child], statuses: &[Option<ExitStatus>]) {
+    for (child, status) in children.iter_mut().zip(statuses) {
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn forward(
+    stream: impl Read + Send + 'static,
+    rank: usize,
+    to_stderr: bool,
+    done: std::sync::mpsc::Sender<()>,
+) {
+    std::thread::spawn(move || {
+        let reader = BufReader::new(stream);
+        for line in reader.split(b'\n') {
+            let Ok(line) = line else { break };
+            let text = format!("[rank {rank}] {}\n", String::from_utf8_lossy(&line));
+            if to_stderr {
+                let _ = std::io::stderr().lock().write_all(text.as_bytes());
+            } else {
+                let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            }
+        }
+        let _ = done.send(());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn sh(script: &str) -> Vec<OsString> {
+        vec!["-c".into(), script.into()]
+    }
+
+    #[test]
+    fn ranks_get_the_torchrun_variables_and_succeed_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "echo \"$RANK $LOCAL_RANK $WORLD_SIZE $MASTER_ADDR $MASTER_PORT $NCCL_NVLS_ENABLE $EXTRA\" > {}/rank$RANK",
+            dir.path().display()
+        );
+        let launch = Launch {
+            master_port: Some(29555),
+            env: vec![("EXTRA".into(), "x".into())],
+            ..Launch::default()
+        };
+        let outcome = spawn_local(3, "sh", &sh(&script), &launch).unwrap();
+        assert_eq!(outcome.exit_code(), 0);
+        assert!(outcome.describe().is_none());
+        for rank in 0..3 {
+            let text = std::fs::read_to_string(dir.path().join(format!("rank{rank}"))).unwrap();
+            let nvls = std::env::var("NCCL_NVLS_ENABLE").unwrap_or_else(|_| "0".into());
+            assert_eq!(
+                text.trim(),
+                format!("{rank} {rank} 3 127.0.0.1 29555 {nvls} x")
+            );
+        }
+    }
+
+    #[test]
+    fn a_failing_rank_stops_the_others_and_gives_its_exit_code() {
+        // Rank 1 fails after a moment; ranks 0 and 2 would sleep for a minute.
+        let started = Instant::now();
+        let script = "if [ \"$RANK\" = 1 ]; then sleep 0.2; exit 7; else sleep 60; fi";
+        let outcome = spawn_local(3, "sh", &sh(script), &Launch::default()).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the launcher hung"
+        );
+        assert_eq!(outcome.exit_code(), 7);
+        assert_eq!(outcome.failed.map(|(r, _)| r), Some(1));
+        let text = outcome.describe().unwrap();
+        assert_eq!(text, "rank 1 exited with code 7; stopped rank(s) 0, 2");
+    }
+
+    #[test]
+    fn a_rank_killed_by_a_signal_is_reported() {
+        let script = "if [ \"$RANK\" = 0 ]; then kill -9 $$; else sleep 60; fi";
+        let outcome = spawn_local(2, "sh", &sh(script), &Launch::default()).unwrap();
+        assert_eq!(outcome.exit_code(), 128 + 9);
+        assert!(outcome.describe().unwrap().contains("killed by signal 9"));
+    }
+
+    #[test]
+    fn a_missing_program_is_an_error_not_a_hang() {
+        let e = spawn_local(2, "/nonexistent/fmoec-rank", &[], &Launch::default()).unwrap_err();
+        assert!(e.to_string().starts_with("cannot start rank 0"), "{e}");
+        assert!(matches!(
+            spawn_local(0, "sh", &[], &Launch::default()),
+            Err(LaunchError::NoRanks)
+        ));
+    }
+}

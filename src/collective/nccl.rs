@@ -1,0 +1,908 @@
+//! The NCCL implementation of [`Collective`] (feature `cuda`), on the cudarc crate's
+//! NCCL and CUDA-runtime bindings, loaded at run time.
+//!
+//! This module owns: communicator creation for a [`GroupLayout`] (one NCCL unique id
+//! per distinct member list, made by rank 0 and handed out by [`super::rendezvous`]),
+//! the mapping of each operation onto NCCL calls, the timeout (non-blocking
+//! communicators polled against a deadline, `ncclCommAbort` when it passes) and
+//! finding `libnccl` for the ranks ([`NcclLibrary`]). It must not know about models or
+//! the planner: it gets rank lists and tensors.
+//!
+//! # Streams and ordering
+//! Tensors are tch (libtorch) CUDA tensors; their `data_ptr()` device pointers go to
+//! NCCL, and every NCCL call is issued on the legacy default stream (the null stream),
+//! which is also libtorch's default stream. So an NCCL call starts after the kernels
+//! that produced its input and finishes before later kernels read its output, with no
+//! extra events. (Code that makes another torch stream current must synchronise it
+//! with the null stream before calling in here.) Each call then waits on the host until
+//! the null stream has drained: the timeout needs a completion to observe, counts must
+//! reach the host anyway, and the tensors stay alive for the whole call. Overlapping
+//! reductions with the backward pass needs a side stream and events (not done yet).
+//!
+//! # Timeouts
+//! Communicators are created non-blocking (`config.blocking = 0`): calls return at
+//! once (`ncclInProgress`), and [`Comm::wait`] polls `ncclCommGetAsyncError` until the
+//! work is enqueued, then `cudaStreamQuery(null)` until it has run, until the deadline.
+//! On timeout the communicator is aborted (`ncclCommAbort`), the error names the group,
+//! the operation and the caller's label like the in-process implementation, and every
+//! later call on that communicator fails at once. NCCL cannot tell which peer is late,
+//! so a timeout lists all the other members of the group.
+//!
+//! # Mapping
+//! `all_reduce_sum` → in-place `ncclAllReduce(sum)` (NCCL gives every rank the same
+//! bits, but not in rank order); `all_gather_counts` → `ncclAllGather` of an int64
+//! device buffer; `all_to_all_v` → `ncclGroupStart`, `ncclSend`/`ncclRecv` per peer
+//! with a non-zero count (self included) as bytes, `ncclGroupEnd`; `broadcast` →
+//! in-place `ncclBroadcast` of bytes; `barrier` → all-reduce of one float.
+//! A group of one rank needs no communicator and does its work locally.
+
+use super::error::{CollectiveError, ErrorKind};
+use super::groups::{GroupLabel, GroupLayout, Groups};
+use super::rendezvous::{DistEnv, RendezvousError};
+use super::{Collective, Result};
+use cudarc::nccl::sys as nccl;
+use cudarc::runtime::sys as cuda;
+use std::collections::BTreeMap;
+use std::ffi::{c_void, CStr, OsString};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+/// `NCCL_VERSION(2, 28, 0)`: the layout of the `ncclConfig_t` this crate passes.
+const CONFIG_VERSION: u32 = 22800;
+const CONFIG_MAGIC: u32 = 0xcafe_beef;
+/// `NCCL_CONFIG_UNDEF_INT`: "use NCCL's default".
+const UNDEF: i32 = i32::MIN;
+
+fn null_stream() -> nccl::cudaStream_t {
+    std::ptr::null_mut()
+}
+
+fn nccl_text(result: nccl::ncclResult_t) -> String {
+    // SAFETY: ncclGetErrorString returns a static C string for every result code.
+    let text = unsafe { nccl::ncclGetErrorString(result) };
+    if text.is_null() {
+        return format!("{result:?}");
+    }
+    unsafe { CStr::from_ptr(text) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn cuda_text(error: cuda::cudaError_t) -> String {
+    // SAFETY: cudaGetErrorString returns a static C string for every error code.
+    let text = unsafe { cuda::cudaGetErrorString(error) };
+    if text.is_null() {
+        return format!("{error:?}");
+    }
+    unsafe { CStr::from_ptr(text) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+struct RawComm(nccl::ncclComm_t);
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it are
+// not concurrent; `Comm` serialises them with its mutex.
+unsafe impl Send for RawComm {}
+
+struct CommState {
+    raw: RawComm,
+    /// Set when the communicator failed or was aborted; later calls fail with it.
+    broken: Option<String>,
+}
+
+/// One NCCL communicator, shared by the handles of groups with the same members.
+struct Comm {
+    state: Mutex<CommState>,
+    timeout: Duration,
+}
+
+enum Wait {
+    Done,
+    TimedOut,
+    Failed(String),
+}
+
+impl Comm {
+    /// `ncclCommInitRankConfig` (non-blocking) and wait until it is ready.
+    fn init(
+        id: nccl::ncclUniqueId,
+        size: usize,
+        position: usize,
+        timeout: Duration,
+        label: &GroupLabel,
+    ) -> anyhow::Result<Comm> {
+        let mut config: nccl::ncclConfig_t = unsafe { std::mem::zeroed() };
+        config.size = std::mem::size_of::<nccl::ncclConfig_t>();
+        config.magic = CONFIG_MAGIC;
+        config.version = CONFIG_VERSION;
+        config.blocking = 0;
+        config.cgaClusterSize = UNDEF;
+        config.minCTAs = UNDEF;
+        config.maxCTAs = UNDEF;
+        config.netName = std::ptr::null();
+        config.splitShare = UNDEF;
+        config.trafficClass = UNDEF;
+        config.commName = std::ptr::null();
+        config.collnetEnable = UNDEF;
+        config.CTAPolicy = UNDEF;
+        config.shrinkShare = UNDEF;
+        config.nvlsCTAs = UNDEF;
+        config.nChannelsPerNetPeer = UNDEF;
+        config.nvlinkCentricSched = UNDEF;
+        let mut raw: nccl::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `raw` and `config` outlive the call; the id came from ncclGetUniqueId
+        // on rank 0 and `position < size`.
+        let result = unsafe {
+            nccl::ncclCommInitRankConfig(&mut raw, size as i32, id, position as i32, &mut config)
+        };
+        if !matches!(
+            result,
+            nccl::ncclResult_t::ncclSuccess | nccl::ncclResult_t::ncclInProgress
+        ) || raw.is_null()
+        {
+            anyhow::bail!(
+                "{label}: ncclCommInitRank failed: {} (is NCCL_NVLS_ENABLE=0 set on machines without multicast?)",
+                nccl_text(result)
+            );
+        }
+        let comm = Comm {
+            state: Mutex::new(CommState {
+                raw: RawComm(raw),
+                broken: None,
+            }),
+            timeout,
+        };
+        let mut state = comm.lock();
+        match comm.poll(&mut state, false) {
+            Wait::Done => {}
+            Wait::TimedOut => {
+                let message = format!(
+                    "{label}: creating the NCCL communicator timed out after {timeout:?} (a rank did not join)"
+                );
+                abort(&mut state, message.clone());
+                anyhow::bail!(message);
+            }
+            Wait::Failed(message) => {
+                abort(&mut state, message.clone());
+                anyhow::bail!("{label}: creating the NCCL communicator failed: {message}");
+            }
+        }
+        drop(state);
+        Ok(comm)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CommState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Poll until NCCL has enqueued the last call and, with `stream`, until the null
+    /// stream has run it; bounded by the timeout.
+    fn poll(&self, state: &mut CommState, stream: bool) -> Wait {
+        let started = Instant::now();
+        let mut enqueued = false;
+        let mut spins = 0u32;
+        loop {
+            if !enqueued {
+                let mut status = nccl::ncclResult_t::ncclSuccess;
+                // SAFETY: the communicator is live (not aborted: callers check `broken`).
+                let result = unsafe { nccl::ncclCommGetAsyncError(state.raw.0, &mut status) };
+                if result != nccl::ncclResult_t::ncclSuccess {
+                    return Wait::Failed(format!("ncclCommGetAsyncError: {}", nccl_text(result)));
+                }
+                match status {
+                    nccl::ncclResult_t::ncclSuccess => enqueued = true,
+                    nccl::ncclResult_t::ncclInProgress => {}
+                    other => return Wait::Failed(last_error(state, other)),
+                }
+            }
+            if enqueued {
+                if !stream {
+                    return Wait::Done;
+                }
+                // SAFETY: querying the legacy default stream has no preconditions.
+                let result = unsafe { cuda::cudaStreamQuery(std::ptr::null_mut()) };
+                match result {
+                    cuda::cudaError_t::cudaSuccess => return Wait::Done,
+                    cuda::cudaError_t::cudaErrorNotReady => {
+                        // A peer that failed shows up as an async error while we wait.
+                        let mut status = nccl::ncclResult_t::ncclSuccess;
+                        let _ = unsafe { nccl::ncclCommGetAsyncError(state.raw.0, &mut status) };
+                        if !matches!(
+                            status,
+                            nccl::ncclResult_t::ncclSuccess | nccl::ncclResult_t::ncclInProgress
+                        ) {
+                            return Wait::Failed(last_error(state, status));
+                        }
+                    }
+                    other => return Wait::Failed(format!("CUDA error: {}", cuda_text(other))),
+                }
+            }
+            if started.elapsed() >= self.timeout {
+                return Wait::TimedOut;
+            }
+            // Spin briefly (small collectives take tens of microseconds), then back off.
+            spins += 1;
+            if spins < 2000 {
+                std::hint::spin_loop();
+            } else if spins < 4000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+}
+
+fn last_error(state: &CommState, result: nccl::ncclResult_t) -> String {
+    // SAFETY: the communicator is live; the returned string is owned by NCCL.
+    let detail = unsafe { nccl::ncclGetLastError(state.raw.0) };
+    let detail = if detail.is_null() {
+        String::new()
+    } else {
+        unsafe { CStr::from_ptr(detail) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut text = format!("NCCL error: {}", nccl_text(result));
+    if !detail.is_empty() {
+        text.push_str(&format!(" ({detail})"));
+    }
+    if result == nccl::ncclResult_t::ncclRemoteError {
+        text.push_str("; a peer rank failed or exited");
+    }
+    text
+}
+
+fn abort(state: &mut CommState, reason: String) {
+    if state.broken.is_none() {
+        // SAFETY: the communicator is live; after this it is never used again.
+        unsafe {
+            nccl::ncclCommAbort(state.raw.0);
+        }
+        state.broken = Some(reason);
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        let state = self.lock();
+        if state.broken.is_none() {
+            // SAFETY: every call on it has completed (each operation waits); the
+            // communicator is not used after this.
+            unsafe {
+                nccl::ncclCommDestroy(state.raw.0);
+            }
+        }
+    }
+}
+
+/// One rank's handle to one group over NCCL.
+pub struct NcclCollective {
+    label: GroupLabel,
+    position: usize,
+    size: usize,
+    device: Device,
+    comm: Option<Arc<Comm>>,
+}
+
+fn data_type(kind: Kind) -> Option<nccl::ncclDataType_t> {
+    use nccl::ncclDataType_t as T;
+    Some(match kind {
+        Kind::Float => T::ncclFloat32,
+        Kind::Double => T::ncclFloat64,
+        Kind::Half => T::ncclFloat16,
+        Kind::BFloat16 => T::ncclBfloat16,
+        Kind::Int => T::ncclInt32,
+        Kind::Int64 => T::ncclInt64,
+        Kind::Int8 => T::ncclInt8,
+        Kind::Uint8 => T::ncclUint8,
+        _ => return None,
+    })
+}
+
+impl NcclCollective {
+    fn error(&self, op: &'static str, at: &str, kind: ErrorKind) -> CollectiveError {
+        CollectiveError::new(&self.label, op, at, kind)
+    }
+
+    fn tensor_error(
+        &self,
+        op: &'static str,
+        at: &str,
+    ) -> impl Fn(tch::TchError) -> CollectiveError + '_ {
+        let at = at.to_string();
+        move |e| self.error(op, &at, ErrorKind::Tensor(e))
+    }
+
+    fn check_device(&self, t: &Tensor, op: &'static str, at: &str) -> Result<()> {
+        if t.device() != self.device {
+            let message = format!(
+                "the tensor is on {:?} but this rank's communicator is on {:?}",
+                t.device(),
+                self.device
+            );
+            return Err(self.error(op, at, ErrorKind::Invalid(message)));
+        }
+        Ok(())
+    }
+
+    /// Run `issue` (the NCCL calls) on the live communicator, then wait for it.
+    fn run(
+        &self,
+        op: &'static str,
+        at: &str,
+        issue: impl FnOnce(nccl::ncclComm_t) -> nccl::ncclResult_t,
+    ) -> Result<()> {
+        let Some(comm) = &self.comm else {
+            return Ok(());
+        };
+        let mut state = comm.lock();
+        if let Some(reason) = &state.broken {
+            let message = format!("the communicator was aborted earlier: {reason}");
+            return Err(self.error(op, at, ErrorKind::Transport(message)));
+        }
+        let result = issue(state.raw.0);
+        if !matches!(
+            result,
+            nccl::ncclResult_t::ncclSuccess | nccl::ncclResult_t::ncclInProgress
+        ) {
+            let message = last_error(&state, result);
+            abort(&mut state, format!("{op} at \"{at}\": {message}"));
+            return Err(self.error(op, at, ErrorKind::Transport(message)));
+        }
+        match comm.poll(&mut state, true) {
+            Wait::Done => Ok(()),
+            Wait::TimedOut => {
+                abort(
+                    &mut state,
+                    format!("{op} at \"{at}\" timed out after {:?}", comm.timeout),
+                );
+                let missing = (0..self.size)
+                    .filter(|&p| p != self.position)
+                    .map(|p| self.label.global(p))
+                    .collect();
+                Err(self.error(
+                    op,
+                    at,
+                    ErrorKind::Timeout {
+                        waited: comm.timeout,
+                        missing,
+                    },
+                ))
+            }
+            Wait::Failed(message) => {
+                abort(&mut state, format!("{op} at \"{at}\": {message}"));
+                Err(self.error(op, at, ErrorKind::Transport(message)))
+            }
+        }
+    }
+}
+
+fn group_result(results: impl IntoIterator<Item = nccl::ncclResult_t>) -> nccl::ncclResult_t {
+    results
+        .into_iter()
+        .find(|r| {
+            !matches!(
+                r,
+                nccl::ncclResult_t::ncclSuccess | nccl::ncclResult_t::ncclInProgress
+            )
+        })
+        .unwrap_or(nccl::ncclResult_t::ncclSuccess)
+}
+
+impl Collective for NcclCollective {
+    fn rank(&self) -> usize {
+        self.position
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn label(&self) -> &GroupLabel {
+        &self.label
+    }
+
+    fn all_reduce_sum(&self, tensor: &mut Tensor, at: &str) -> Result<()> {
+        const OP: &str = "all_reduce_sum";
+        self.check_device(tensor, OP, at)?;
+        let Some(dtype) = data_type(tensor.kind()) else {
+            let message = format!("NCCL cannot sum {:?} tensors", tensor.kind());
+            return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+        };
+        if self.comm.is_none() || tensor.numel() == 0 {
+            return Ok(());
+        }
+        let work = if tensor.is_contiguous() {
+            tensor.shallow_clone()
+        } else {
+            tensor.f_contiguous().map_err(self.tensor_error(OP, at))?
+        };
+        let count = work.numel();
+        let ptr = work.data_ptr();
+        // SAFETY: `ptr` is `count` elements of `dtype` on this rank's device, alive until
+        // `run` returns (it waits for completion).
+        self.run(OP, at, |comm| unsafe {
+            nccl::ncclAllReduce(
+                ptr,
+                ptr,
+                count,
+                dtype,
+                nccl::ncclRedOp_t::ncclSum,
+                comm,
+                null_stream(),
+            )
+        })?;
+        if !tensor.is_contiguous() {
+            tch::no_grad(|| tensor.f_copy_(&work)).map_err(self.tensor_error(OP, at))?;
+        }
+        Ok(())
+    }
+
+    fn all_gather_counts(&self, counts: &[i64], at: &str) -> Result<Vec<Vec<i64>>> {
+        const OP: &str = "all_gather_counts";
+        if self.comm.is_none() {
+            return Ok(vec![counts.to_vec()]);
+        }
+        let len = counts.len();
+        // The length travels first so ranks that disagree on it get an error, not garbage.
+        let mut mine = Vec::with_capacity(len + 1);
+        mine.push(len as i64);
+        mine.extend_from_slice(counts);
+        let send = Tensor::from_slice(&mine)
+            .f_to_device(self.device)
+            .map_err(self.tensor_error(OP, at))?;
+        let recv = Tensor::f_zeros([(self.size * (len + 1)) as i64], (Kind::Int64, self.device))
+            .map_err(self.tensor_error(OP, at))?;
+        let (send_ptr, recv_ptr) = (send.data_ptr(), recv.data_ptr());
+        // SAFETY: `send` holds len+1 int64, `recv` size·(len+1); both live through `run`.
+        self.run(OP, at, |comm| unsafe {
+            nccl::ncclAllGather(
+                send_ptr,
+                recv_ptr,
+                len + 1,
+                nccl::ncclDataType_t::ncclInt64,
+                comm,
+                null_stream(),
+            )
+        })?;
+        let all = Vec::<i64>::try_from(
+            recv.f_to_device(Device::Cpu)
+                .map_err(self.tensor_error(OP, at))?,
+        )
+        .map_err(self.tensor_error(OP, at))?;
+        let mut out = Vec::with_capacity(self.size);
+        for (position, chunk) in all.chunks(len + 1).enumerate() {
+            if chunk[0] != len as i64 {
+                let message = format!(
+                    "rank {} sent {} counts where this rank sent {len}",
+                    self.label.global(position),
+                    chunk[0]
+                );
+                return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+            }
+            out.push(chunk[1..].to_vec());
+        }
+        Ok(out)
+    }
+
+    fn all_to_all_v(
+        &self,
+        send: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+        at: &str,
+    ) -> Result<Tensor> {
+        const OP: &str = "all_to_all_v";
+        let size = self.size;
+        let dims = send.size();
+        let rows = dims.first().copied().unwrap_or(0);
+        let invalid = |message: String| self.error(OP, at, ErrorKind::Invalid(message));
+        if send_counts.len() != size || recv_counts.len() != size {
+            return Err(invalid(format!(
+                "{} send counts and {} receive counts for a group of {size} ranks",
+                send_counts.len(),
+                recv_counts.len()
+            )));
+        }
+        if send_counts.iter().chain(recv_counts).any(|&c| c < 0)
+            || send_counts.iter().sum::<i64>() != rows
+        {
+            return Err(invalid(format!(
+                "send counts {send_counts:?} do not split the {rows} rows to send"
+            )));
+        }
+        self.check_device(send, OP, at)?;
+        let send = send.f_contiguous().map_err(self.tensor_error(OP, at))?;
+        let mut out_shape = dims.clone();
+        if out_shape.is_empty() {
+            return Err(invalid("a tensor with no dimensions has no rows".into()));
+        }
+        out_shape[0] = recv_counts.iter().sum();
+        let out = Tensor::f_empty(&out_shape, (send.kind(), self.device))
+            .map_err(self.tensor_error(OP, at))?;
+        if self.comm.is_none() {
+            tch::no_grad(|| out.shallow_clone().f_copy_(&send))
+                .map_err(self.tensor_error(OP, at))?;
+            return Ok(out);
+        }
+        let row_bytes =
+            (dims[1..].iter().product::<i64>() as usize) * send.kind().elt_size_in_bytes();
+        let (send_ptr, recv_ptr) = (send.data_ptr() as *mut u8, out.data_ptr() as *mut u8);
+        // SAFETY: offsets stay inside `send` (counts sum to its rows) and `out` (sized
+        // from recv_counts); both live through `run`, which waits for completion.
+        self.run(OP, at, |comm| unsafe {
+            let mut results = vec![nccl::ncclGroupStart()];
+            let (mut sent, mut received) = (0usize, 0usize);
+            for peer in 0..size {
+                let (s, r) = (
+                    send_counts[peer] as usize * row_bytes,
+                    recv_counts[peer] as usize * row_bytes,
+                );
+                if s > 0 {
+                    results.push(nccl::ncclSend(
+                        send_ptr.add(sent) as *const c_void,
+                        s,
+                        nccl::ncclDataType_t::ncclUint8,
+                        peer as i32,
+                        comm,
+                        null_stream(),
+                    ));
+                }
+                if r > 0 {
+                    results.push(nccl::ncclRecv(
+                        recv_ptr.add(received) as *mut c_void,
+                        r,
+                        nccl::ncclDataType_t::ncclUint8,
+                        peer as i32,
+                        comm,
+                        null_stream(),
+                    ));
+                }
+                sent += s;
+                received += r;
+            }
+            results.push(nccl::ncclGroupEnd());
+            group_result(results)
+        })?;
+        Ok(out)
+    }
+
+    fn broadcast(&self, tensor: &mut Tensor, root: usize, at: &str) -> Result<()> {
+        const OP: &str = "broadcast";
+        if root >= self.size {
+            let message = format!("root {root} is outside a group of {} ranks", self.size);
+            return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+        }
+        self.check_device(tensor, OP, at)?;
+        if self.comm.is_none() || tensor.numel() == 0 {
+            return Ok(());
+        }
+        let work = if tensor.is_contiguous() {
+            tensor.shallow_clone()
+        } else {
+            tensor.f_contiguous().map_err(self.tensor_error(OP, at))?
+        };
+        let bytes = work.numel() * work.kind().elt_size_in_bytes();
+        let ptr = work.data_ptr();
+        // SAFETY: `ptr` holds `bytes` bytes on this device, alive through `run`.
+        self.run(OP, at, |comm| unsafe {
+            nccl::ncclBroadcast(
+                ptr,
+                ptr,
+                bytes,
+                nccl::ncclDataType_t::ncclUint8,
+                root as i32,
+                comm,
+                null_stream(),
+            )
+        })?;
+        if !tensor.is_contiguous() {
+            tch::no_grad(|| tensor.f_copy_(&work)).map_err(self.tensor_error(OP, at))?;
+        }
+        Ok(())
+    }
+
+    fn barrier(&self, at: &str) -> Result<()> {
+        const OP: &str = "barrier";
+        if self.comm.is_none() {
+            return Ok(());
+        }
+        let one =
+            Tensor::f_ones([1], (Kind::Float, self.device)).map_err(self.tensor_error(OP, at))?;
+        let ptr = one.data_ptr();
+        // SAFETY: one float on this device, alive through `run`.
+        self.run(OP, at, |comm| unsafe {
+            nccl::ncclAllReduce(
+                ptr,
+                ptr,
+                1,
+                nccl::ncclDataType_t::ncclFloat32,
+                nccl::ncclRedOp_t::ncclSum,
+                comm,
+                null_stream(),
+            )
+        })
+    }
+}
+
+/// Where the process's NCCL library is and how ranks find it.
+///
+/// cudarc opens NCCL by the names `libnccl.so`, `libnccl.so.<CUDA major>`, ... but not
+/// `libnccl.so.2`, the only name pip's `nvidia-nccl` package installs (next to torch:
+/// `site-packages/nvidia/nccl/lib/libnccl.so.2`, which libtorch_cuda already loads).
+/// [`NcclLibrary::for_ranks`] makes a private directory with a `libnccl.so` link to
+/// that file and gives it to the ranks in `LD_LIBRARY_PATH`; the directory is removed
+/// when the value is dropped.
+pub struct NcclLibrary {
+    link_dir: Option<PathBuf>,
+    /// Variables to add to each rank's environment.
+    pub env: Vec<(OsString, OsString)>,
+}
+
+impl NcclLibrary {
+    /// Whether this process can open NCCL through cudarc now.
+    pub fn loadable() -> bool {
+        // SAFETY: only tries dlopen on candidate names.
+        unsafe { nccl::is_culib_present() }
+    }
+
+    /// The `libnccl.so*` file mapped into this process (libtorch_cuda depends on it),
+    /// or `$FMOEC_NCCL_LIB`.
+    pub fn locate() -> Option<PathBuf> {
+        if let Some(path) = std::env::var_os("FMOEC_NCCL_LIB") {
+            return Some(PathBuf::from(path));
+        }
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        maps.lines()
+            .filter_map(|line| line.split_whitespace().nth(5))
+            .find(|path| {
+                Path::new(path)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libnccl.so"))
+            })
+            .map(PathBuf::from)
+    }
+
+    /// The environment ranks need to open NCCL (empty when they can already).
+    pub fn for_ranks() -> anyhow::Result<NcclLibrary> {
+        if NcclLibrary::loadable() {
+            return Ok(NcclLibrary {
+                link_dir: None,
+                env: Vec::new(),
+            });
+        }
+        let Some(library) = NcclLibrary::locate() else {
+            anyhow::bail!(
+                "cannot find libnccl: it is not loaded by libtorch_cuda and FMOEC_NCCL_LIB is not set; point FMOEC_NCCL_LIB at libnccl.so.2 (pip: site-packages/nvidia/nccl/lib/libnccl.so.2)"
+            );
+        };
+        let dir = std::env::temp_dir().join(format!("fmoec-nccl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let link = dir.join("libnccl.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&library, &link).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot link {} to {}: {e}",
+                link.display(),
+                library.display()
+            )
+        })?;
+        let mut path = OsString::from(&dir);
+        if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+            path.push(":");
+            path.push(old);
+        }
+        Ok(NcclLibrary {
+            link_dir: Some(dir),
+            env: vec![("LD_LIBRARY_PATH".into(), path)],
+        })
+    }
+}
+
+impl Drop for NcclLibrary {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.link_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A short fingerprint of the layout, so ranks started with different layouts fail at
+/// the rendezvous instead of joining the wrong communicators.
+fn layout_tag(layout: &GroupLayout) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{layout:?}").as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("layout-{hex}")
+}
+
+/// The distinct member lists that need a communicator, in the order every rank creates
+/// them (group kinds in [`super::GroupKind::ALL`] order, then as listed).
+fn communicators(layout: &GroupLayout) -> Vec<Vec<usize>> {
+    let mut seen = Vec::new();
+    for kind in super::GroupKind::ALL {
+        for members in layout.groups(kind) {
+            if members.len() > 1 && !seen.contains(members) {
+                seen.push(members.clone());
+            }
+        }
+    }
+    seen
+}
+
+/// Connect this process's groups over NCCL: select the GPU `env.local_rank`, get the
+/// unique ids from rank 0 over TCP (see [`super::rendezvous`]), and create one
+/// communicator per distinct member list. Every collective (and the setup) is bounded
+/// by `timeout`. Returns the groups and the device their tensors must be on.
+pub fn connect(
+    layout: &GroupLayout,
+    env: &DistEnv,
+    timeout: Duration,
+) -> anyhow::Result<(Groups, Device)> {
+    layout.validate()?;
+    if layout.world != env.world {
+        anyhow::bail!(
+            "the layout has {} ranks but WORLD_SIZE is {}",
+            layout.world,
+            env.world
+        );
+    }
+    if !NcclLibrary::loadable() {
+        let found = NcclLibrary::locate()
+            .map(|p| format!("this process has {} loaded, but ", p.display()))
+            .unwrap_or_default();
+        anyhow::bail!(
+            "cannot open NCCL: {found}cudarc looks for `libnccl.so` (not `libnccl.so.2`); start the ranks with the fmoec launcher (`--gpus N`), which links it, or put a directory holding a `libnccl.so` symlink to libnccl.so.2 on LD_LIBRARY_PATH"
+        );
+    }
+    let devices = tch::Cuda::device_count();
+    if env.local_rank as i64 >= devices {
+        anyhow::bail!(
+            "LOCAL_RANK {} needs GPU {} but this process sees {devices} CUDA device(s)",
+            env.local_rank,
+            env.local_rank
+        );
+    }
+    // SAFETY: plain runtime call with a valid device index.
+    let set = unsafe { cuda::cudaSetDevice(env.local_rank as i32) };
+    if set != cuda::cudaError_t::cudaSuccess {
+        anyhow::bail!("cudaSetDevice({}): {}", env.local_rank, cuda_text(set));
+    }
+    let device = Device::Cuda(env.local_rank);
+    let lists = communicators(layout);
+    const ID: usize = std::mem::size_of::<nccl::ncclUniqueId>();
+    let payload = env.exchange(&layout_tag(layout), timeout, || {
+        let mut bytes = Vec::with_capacity(lists.len() * ID);
+        for _ in &lists {
+            let mut id: nccl::ncclUniqueId = unsafe { std::mem::zeroed() };
+            // SAFETY: `id` is a valid out-pointer.
+            let result = unsafe { nccl::ncclGetUniqueId(&mut id) };
+            if result != nccl::ncclResult_t::ncclSuccess {
+                return Err(RendezvousError::Refused {
+                    addr: env.address(),
+                    message: format!("ncclGetUniqueId: {}", nccl_text(result)),
+                });
+            }
+            bytes.extend(id.internal.iter().map(|&c| c as u8));
+        }
+        Ok(bytes)
+    })?;
+    if payload.len() != lists.len() * ID {
+        anyhow::bail!(
+            "rank 0 sent {} bytes of NCCL ids, expected {}",
+            payload.len(),
+            lists.len() * ID
+        );
+    }
+    let mut comms: BTreeMap<Vec<usize>, Arc<Comm>> = BTreeMap::new();
+    let groups = Groups::connect(layout, env.rank, |label, position| {
+        let size = label.members.len();
+        let comm = if size == 1 {
+            None
+        } else if let Some(comm) = comms.get(&label.members) {
+            Some(Arc::clone(comm))
+        } else {
+            let index = lists
+                .iter()
+                .position(|m| *m == label.members)
+                .ok_or_else(|| anyhow::anyhow!("{label}: no NCCL id for this group"))?;
+            let mut id: nccl::ncclUniqueId = unsafe { std::mem::zeroed() };
+            for (dst, &src) in id
+                .internal
+                .iter_mut()
+                .zip(&payload[index * ID..(index + 1) * ID])
+            {
+                *dst = src as _;
+            }
+            let comm = Arc::new(Comm::init(id, size, position, timeout, &label)?);
+            comms.insert(label.members.clone(), Arc::clone(&comm));
+            Some(comm)
+        };
+        Ok(Box::new(NcclCollective {
+            label,
+            position,
+            size,
+            device,
+            comm,
+        }) as Box<dyn Collective>)
+    })?;
+    Ok((groups, device))
+}
+
+/// The NCCL version this process loaded (`2.28.9` as 22809).
+pub fn nccl_version() -> Option<i32> {
+    let mut version = 0;
+    // SAFETY: valid out-pointer.
+    let result = unsafe { nccl::ncclGetVersion(&mut version) };
+    (result == nccl::ncclResult_t::ncclSuccess).then_some(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_with_the_same_members_share_a_communicator() {
+        // 4 ranks, expert groups [0,1] [2,3]: data = gate = [0..4] (one communicator),
+        // expert-data [0,2] [1,3].
+        let layout = GroupLayout::data_parallel(4, 2).unwrap();
+        assert_eq!(
+            communicators(&layout),
+            vec![
+                vec![0, 1, 2, 3],
+                vec![0, 1],
+                vec![2, 3],
+                vec![0, 2],
+                vec![1, 3]
+            ]
+        );
+        // One rank per expert group: expert groups need no communicator.
+        let layout = GroupLayout::data_parallel(2, 1).unwrap();
+        assert_eq!(communicators(&layout), vec![vec![0, 1]]);
+        assert_eq!(
+            layout_tag(&GroupLayout::data_parallel(4, 2).unwrap()),
+            layout_tag(&GroupLayout::data_parallel(4, 2).unwrap())
+        );
+        assert_ne!(
+            layout_tag(&GroupLayout::data_parallel(4, 2).unwrap()),
+            layout_tag(&GroupLayout::data_parallel(4, 4).unwrap())
+        );
+    }
+
+    /// The library torch loaded becomes loadable by name in the ranks' environment: a
+    /// child process opens `libnccl.so` (what cudarc asks for) and reads its version.
+    /// Needs no GPU; needs `python3` for `ctypes`.
+    #[test]
+    fn ranks_can_open_the_nccl_that_torch_loaded() {
+        let path = NcclLibrary::locate().expect("libtorch_cuda loads libnccl.so.2");
+        assert!(path.exists(), "{}", path.display());
+        let library = NcclLibrary::for_ranks().unwrap();
+        let script = "import ctypes\nl = ctypes.CDLL('libnccl.so')\nv = ctypes.c_int()\nassert l.ncclGetVersion(ctypes.byref(v)) == 0\nprint(v.value)";
+        let mut command = std::process::Command::new("python3");
+        command.args(["-c", script]);
+        for (key, value) in &library.env {
+            command.env(key, value);
+        }
+        let output = command.output().expect("python3 runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let version: i32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(version >= CONFIG_VERSION as i32, "NCCL {version}");
+        let dir = library.link_dir.clone();
+        drop(library);
+        assert!(
+            dir.is_none_or(|d| !d.exists()),
+            "the link directory is removed"
+        );
+    }
+}

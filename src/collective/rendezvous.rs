@@ -1,0 +1,546 @@
+//! Rendezvous of a multi-process run: the torchrun environment ([`DistEnv`]) and a
+//! one-shot TCP exchange in which rank 0 hands every other rank the same bytes (the
+//! NCCL unique ids of the run's communicators).
+//!
+//! Protocol (one connection per rank, text header then raw bytes):
+//! `FMOEC-RENDEZVOUS 1 <rank> <world> <tag>\n` from the client; the server answers
+//! `OK <len>\n` followed by `len` bytes, or `ERR <message>\n`. `tag` is a fingerprint of
+//! what the ranks must agree on (the group layout), so a rank started with different
+//! settings fails with a message instead of joining the wrong communicators.
+//! Rank 0 serves until every rank has fetched the bytes, which makes the exchange a
+//! barrier too; every wait has a deadline and names the ranks that did not come.
+//!
+//! It knows nothing about NCCL or tensors: the payload is opaque bytes.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+const MAGIC: &str = "FMOEC-RENDEZVOUS 1";
+/// Largest payload a client accepts (a unique id is 128 bytes; a run has a few).
+const MAX_PAYLOAD: usize = 1 << 20;
+
+/// A rendezvous that failed: bad environment, timeout, or a peer that disagrees.
+#[derive(Debug, thiserror::Error)]
+pub enum RendezvousError {
+    #[error("environment variable {name}: {message}")]
+    Env { name: &'static str, message: String },
+    #[error("rendezvous at {addr}: timed out after {waited:?}: {what}")]
+    Timeout {
+        addr: String,
+        waited: Duration,
+        what: String,
+    },
+    #[error("rendezvous at {addr}: {message}")]
+    Refused { addr: String, message: String },
+    #[error("rendezvous at {addr}: {source}")]
+    Io {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One process's place in the run, from the torchrun variables `RANK`, `WORLD_SIZE`,
+/// `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DistEnv {
+    pub rank: usize,
+    pub world: usize,
+    /// The GPU this process uses on its node.
+    pub local_rank: usize,
+    pub master_addr: String,
+    /// The port rank 0 serves the rendezvous on: `FMOEC_RENDEZVOUS_PORT` if set; else
+    /// `MASTER_PORT`, or `MASTER_PORT + 1` under torchrun, whose agent already listens on
+    /// `MASTER_PORT` (`TORCHELASTIC_USE_AGENT_STORE=True`).
+    pub master_port: u16,
+}
+
+impl DistEnv {
+    /// Read the process environment. `Ok(None)` when neither `RANK` nor `WORLD_SIZE` is
+    /// set (not launched as one rank of a run).
+    pub fn from_env() -> Result<Option<DistEnv>, RendezvousError> {
+        DistEnv::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`DistEnv::from_env`] over any variable lookup (tests).
+    pub fn from_vars(
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<DistEnv>, RendezvousError> {
+        if var("RANK").is_none() && var("WORLD_SIZE").is_none() {
+            return Ok(None);
+        }
+        let number = |name: &'static str, default: Option<usize>| match var(name) {
+            Some(text) => text
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| RendezvousError::Env {
+                    name,
+                    message: format!("`{text}` is not a non-negative integer"),
+                }),
+            None => default.ok_or(RendezvousError::Env {
+                name,
+                message: "not set (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT go together)"
+                    .into(),
+            }),
+        };
+        let rank = number("RANK", None)?;
+        let world = number("WORLD_SIZE", None)?;
+        let local_rank = number("LOCAL_RANK", Some(rank))?;
+        if world == 0 || rank >= world {
+            return Err(RendezvousError::Env {
+                name: "RANK",
+                message: format!("rank {rank} is outside a world of {world} ranks"),
+            });
+        }
+        let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let master_port = match var("MASTER_PORT") {
+            Some(text) => text
+                .trim()
+                .parse::<u16>()
+                .map_err(|_| RendezvousError::Env {
+                    name: "MASTER_PORT",
+                    message: format!("`{text}` is not a port number"),
+                })?,
+            None if world == 1 => 0,
+            None => {
+                return Err(RendezvousError::Env {
+                    name: "MASTER_PORT",
+                    message: "not set; rank 0 serves the rendezvous on MASTER_ADDR:MASTER_PORT"
+                        .into(),
+                })
+            }
+        };
+        let agent_store = var("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let master_port = match var("FMOEC_RENDEZVOUS_PORT") {
+            Some(text) => text.trim().parse::<u16>().map_err(|_| RendezvousError::Env {
+                name: "FMOEC_RENDEZVOUS_PORT",
+                message: format!("`{text}` is not a port number"),
+            })?,
+            None if agent_store && master_port != 0 => {
+                master_port.checked_add(1).ok_or(RendezvousError::Env {
+                    name: "MASTER_PORT",
+                    message: "65535 leaves no port for the rendezvous next to torchrun's store; set FMOEC_RENDEZVOUS_PORT".into(),
+                })?
+            }
+            None => master_port,
+        };
+        Ok(Some(DistEnv {
+            rank,
+            world,
+            local_rank,
+            master_addr,
+            master_port,
+        }))
+    }
+
+    /// `MASTER_ADDR:MASTER_PORT`.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.master_addr, self.master_port)
+    }
+
+    /// Rank 0 serves `payload()` to every other rank; the others fetch it. Every rank
+    /// returns the same bytes, or an error by `timeout`. With one rank nothing is
+    /// served. `tag` must be equal on every rank (see the module docs).
+    pub fn exchange(
+        &self,
+        tag: &str,
+        timeout: Duration,
+        payload: impl FnOnce() -> Result<Vec<u8>, RendezvousError>,
+    ) -> Result<Vec<u8>, RendezvousError> {
+        if self.world == 1 {
+            return payload();
+        }
+        if self.rank == 0 {
+            let addr = self.address();
+            let listener = bind(&addr)?;
+            let bytes = payload()?;
+            serve(&listener, self.world, tag, &bytes, timeout)?;
+            Ok(bytes)
+        } else {
+            fetch(&self.address(), self.rank, self.world, tag, timeout)
+        }
+    }
+}
+
+fn io_error(addr: &str) -> impl Fn(std::io::Error) -> RendezvousError + '_ {
+    move |source| RendezvousError::Io {
+        addr: addr.to_string(),
+        source,
+    }
+}
+
+/// Listen on `addr` (`host:port`; port 0 picks a free one).
+pub fn bind(addr: &str) -> Result<TcpListener, RendezvousError> {
+    TcpListener::bind(addr).map_err(io_error(addr))
+}
+
+fn ranks_text(ranks: &[usize]) -> String {
+    let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
+    let noun = if ranks.len() == 1 { "rank" } else { "ranks" };
+    format!("{noun} {}", list.join(", "))
+}
+
+/// Serve `payload` on `listener` until ranks `1..world` have each fetched it once.
+pub fn serve(
+    listener: &TcpListener,
+    world: usize,
+    tag: &str,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<(), RendezvousError> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let deadline = Instant::now() + timeout;
+    let mut served = vec![false; world];
+    served[0] = true;
+    listener.set_nonblocking(true).map_err(io_error(&addr))?;
+    while served.iter().any(|s| !s) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                // A bad client (wrong tag, duplicate rank, a port scanner) gets an ERR line
+                // and is not counted; a disagreement on world or tag fails rank 0 too.
+                if let Some(result) = answer(stream, world, tag, payload, &mut served, deadline) {
+                    return Err(RendezvousError::Refused {
+                        addr,
+                        message: result,
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<usize> = (0..world).filter(|&r| !served[r]).collect();
+                    return Err(RendezvousError::Timeout {
+                        addr,
+                        waited: timeout,
+                        what: format!("{} did not connect", ranks_text(&missing)),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(io_error(&addr)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Answer one client. `Some(message)` when the run itself is misconfigured (a rank
+/// with another world size or tag), which must stop rank 0 as well.
+fn answer(
+    stream: TcpStream,
+    world: usize,
+    tag: &str,
+    payload: &[u8],
+    served: &mut [bool],
+    deadline: Instant,
+) -> Option<String> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(left));
+    let _ = stream.set_write_timeout(Some(left));
+    let mut reader = BufReader::new(stream.take(1024));
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return None;
+    }
+    let mut stream = reader.into_inner().into_inner();
+    let fields: Vec<&str> = line.trim_end().splitn(5, ' ').collect();
+    let reply = |stream: &mut TcpStream, text: String| {
+        let _ = stream.write_all(text.as_bytes());
+    };
+    let (rank, their_world, their_tag) = match fields.as_slice() {
+        [a, b, rank, w, t] if format!("{a} {b}") == MAGIC => {
+            match (rank.parse::<usize>(), w.parse::<usize>()) {
+                (Ok(rank), Ok(w)) => (rank, w, *t),
+                _ => {
+                    reply(&mut stream, "ERR malformed hello\n".into());
+                    return None;
+                }
+            }
+        }
+        _ => {
+            reply(&mut stream, "ERR not an fmoec rendezvous client\n".into());
+            return None;
+        }
+    };
+    if their_world != world {
+        let message =
+            format!("rank {rank} was started with WORLD_SIZE={their_world}, rank 0 with {world}");
+        reply(&mut stream, format!("ERR {message}\n"));
+        return Some(message);
+    }
+    if their_tag != tag {
+        let message = format!(
+            "rank {rank} has a different configuration (`{their_tag}`) than rank 0 (`{tag}`)"
+        );
+        reply(&mut stream, format!("ERR {message}\n"));
+        return Some(message);
+    }
+    if rank == 0 || rank >= world || served[rank] {
+        reply(
+            &mut stream,
+            format!("ERR rank {rank} is not a rank that still has to join (world {world})\n"),
+        );
+        return None;
+    }
+    let mut message = format!("OK {}\n", payload.len()).into_bytes();
+    message.extend_from_slice(payload);
+    if stream
+        .write_all(&message)
+        .and_then(|_| stream.flush())
+        .is_ok()
+    {
+        served[rank] = true;
+    }
+    None
+}
+
+/// Fetch rank 0's payload from `addr`, retrying the connection until `timeout` (rank 0
+/// may start later than this rank).
+pub fn fetch(
+    addr: &str,
+    rank: usize,
+    world: usize,
+    tag: &str,
+    timeout: Duration,
+) -> Result<Vec<u8>, RendezvousError> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = String::from("no address to connect to");
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(RendezvousError::Timeout {
+                addr: addr.to_string(),
+                waited: timeout,
+                what: format!(
+                    "rank {rank} could not reach rank 0 (is it running and is MASTER_ADDR/MASTER_PORT right?); last error: {last_error}"
+                ),
+            });
+        }
+        let targets: Vec<SocketAddr> = match addr.to_socket_addrs() {
+            Ok(list) => list.collect(),
+            Err(e) => {
+                last_error = e.to_string();
+                Vec::new()
+            }
+        };
+        for target in targets {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = TcpStream::connect_timeout(&target, left.max(Duration::from_millis(1)));
+            match attempt {
+                Ok(stream) => return request(stream, addr, rank, world, tag, deadline, timeout),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn request(
+    mut stream: TcpStream,
+    addr: &str,
+    rank: usize,
+    world: usize,
+    tag: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<u8>, RendezvousError> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let io = io_error(addr);
+    stream.set_read_timeout(Some(left)).map_err(&io)?;
+    stream.set_write_timeout(Some(left)).map_err(&io)?;
+    let tag = tag.replace(['\n', ' '], "_");
+    stream
+        .write_all(format!("{MAGIC} {rank} {world} {tag}\n").as_bytes())
+        .map_err(&io)?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let timed_out = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => RendezvousError::Timeout {
+            addr: addr.to_string(),
+            waited: timeout,
+            what: format!("rank {rank} connected but rank 0 did not answer"),
+        },
+        _ => io_error(addr)(e),
+    };
+    reader.read_line(&mut line).map_err(timed_out)?;
+    let line = line.trim_end();
+    if let Some(message) = line.strip_prefix("ERR ") {
+        return Err(RendezvousError::Refused {
+            addr: addr.to_string(),
+            message: format!("rank 0 refused rank {rank}: {message}"),
+        });
+    }
+    let len = line
+        .strip_prefix("OK ")
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n <= MAX_PAYLOAD)
+        .ok_or_else(|| RendezvousError::Refused {
+            addr: addr.to_string(),
+            message: format!("unexpected answer `{line}` (another service on this port?)"),
+        })?;
+    let mut payload = vec![0u8; len];
+    reader.read_exact(&mut payload).map_err(timed_out)?;
+    Ok(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Result<Option<DistEnv>, RendezvousError> {
+        DistEnv::from_vars(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn reads_the_torchrun_variables() {
+        assert_eq!(env(&[]).unwrap(), None);
+        let got = env(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.2"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            got,
+            DistEnv {
+                rank: 3,
+                world: 4,
+                local_rank: 1,
+                master_addr: "10.0.0.2".into(),
+                master_port: 29500
+            }
+        );
+        assert_eq!(got.address(), "10.0.0.2:29500");
+        // Under torchrun its agent's store holds MASTER_PORT: use the next port, or the
+        // one given explicitly.
+        let base = [
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ];
+        assert_eq!(env(&base).unwrap().unwrap().master_port, 29501);
+        let mut explicit = base.to_vec();
+        explicit.push(("FMOEC_RENDEZVOUS_PORT", "31000"));
+        assert_eq!(env(&explicit).unwrap().unwrap().master_port, 31000);
+    }
+
+    #[test]
+    fn bad_variables_are_named() {
+        let e = env(&[("RANK", "x"), ("WORLD_SIZE", "2")]).unwrap_err();
+        assert!(e.to_string().contains("RANK: `x` is not"), "{e}");
+        let e = env(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).unwrap_err();
+        assert!(e.to_string().contains("outside a world of 2"), "{e}");
+        let e = env(&[("RANK", "1"), ("WORLD_SIZE", "2")]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("environment variable MASTER_PORT"),
+            "{e}"
+        );
+        let e = env(&[("WORLD_SIZE", "2")]).unwrap_err();
+        assert!(e.to_string().contains("RANK: not set"), "{e}");
+    }
+
+    #[test]
+    fn every_rank_gets_rank_zeros_bytes_over_loopback() {
+        let listener = bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let payload: Vec<u8> = (0..=255u8).cycle().take(3 * 128).collect();
+        let timeout = Duration::from_secs(20);
+        let got = std::thread::scope(|s| {
+            let server = s.spawn(|| serve(&listener, 4, "layout-a", &payload, timeout));
+            let clients: Vec<_> = (1..4)
+                .map(|rank| {
+                    let addr = addr.clone();
+                    s.spawn(move || fetch(&addr, rank, 4, "layout-a", timeout))
+                })
+                .collect();
+            server.join().unwrap().unwrap();
+            clients
+                .into_iter()
+                .map(|c| c.join().unwrap().unwrap())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(got, vec![payload.clone(); 3]);
+    }
+
+    #[test]
+    fn a_client_retries_until_rank_zero_listens() {
+        // Find a free port, release it, start the client first, the server later.
+        let addr = bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let timeout = Duration::from_secs(20);
+        let client = {
+            let addr = addr.clone();
+            std::thread::spawn(move || fetch(&addr, 1, 2, "t", timeout))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let listener = bind(&addr).unwrap();
+        serve(&listener, 2, "t", b"id", timeout).unwrap();
+        assert_eq!(client.join().unwrap().unwrap(), b"id");
+    }
+
+    #[test]
+    fn timeouts_name_the_missing_ranks() {
+        let listener = bind("127.0.0.1:0").unwrap();
+        let e = serve(&listener, 3, "t", b"x", Duration::from_millis(200)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("timed out after 200ms: ranks 1, 2 did not connect"),
+            "{e}"
+        );
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let e = fetch(&addr, 1, 3, "t", Duration::from_millis(200)).unwrap_err();
+        assert!(
+            e.to_string().contains("rank 1 could not reach rank 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_rank_with_other_settings_is_refused() {
+        let listener = bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let timeout = Duration::from_secs(20);
+        let (server, client) = std::thread::scope(|s| {
+            let server = s.spawn(|| serve(&listener, 2, "layout-a", b"x", timeout));
+            let client = fetch(&addr, 1, 2, "layout-b", timeout);
+            (server.join().unwrap(), client)
+        });
+        let e = client.unwrap_err().to_string();
+        assert!(
+            e.contains("rank 0 refused rank 1") && e.contains("layout-b"),
+            "{e}"
+        );
+        let e = server.unwrap_err().to_string();
+        assert!(e.contains("different configuration"), "{e}");
+        let listener = bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (server, client) = std::thread::scope(|s| {
+            let server = s.spawn(|| serve(&listener, 2, "t", b"x", timeout));
+            let client = fetch(&addr, 1, 3, "t", timeout);
+            (server.join().unwrap(), client)
+        });
+        assert!(client.unwrap_err().to_string().contains("WORLD_SIZE=3"));
+        assert!(server.is_err());
+    }
+}
