@@ -32,7 +32,7 @@
 //! a constructor for such handles, so nothing else in this module changes.
 //! That implementation is [`nccl`] (feature `cuda`); [`rendezvous`] exchanges its
 //! unique ids over TCP under the torchrun variables and [`launch`] starts one process
-//! per GPU (see docs/collective.md).
+//! per GPU (see README.md ("The collective layer")).
 
 mod error;
 mod exchange;

@@ -19,7 +19,7 @@ pub enum PlanFormat {
     /// Readable tables.
     #[default]
     Table,
-    /// The JSON document described in docs/plan.md.
+    /// The JSON document described in README.md.
     Json,
     /// The model graph in Graphviz DOT, one cluster per pipeline stage.
     Dot,

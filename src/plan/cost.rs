@@ -1,7 +1,7 @@
 //! Costs of one plan, per pipeline stage (every rank of a stage holds the same shapes):
 //! parameters and memory, per-step traffic, FLOPs and the time estimate.
 //!
-//! Owns the formulas of `docs/plan.md`; knows nothing about how groups are listed or how
+//! Owns the formulas of README.md ("`fmoec plan`"); knows nothing about how groups are listed or how
 //! results are printed. All ranks of one stage cost the same under balanced routing, so
 //! costs are kept per stage and copied to ranks by the caller.
 
@@ -232,7 +232,7 @@ fn allreduce_s(bytes: u64, n: u64, bw: f64) -> f64 {
     2.0 * (n - 1) as f64 / n as f64 * bytes as f64 / bw
 }
 
-/// Activation bytes of one block for one micro-batch on one rank (see `docs/plan.md`).
+/// Activation bytes of one block for one micro-batch on one rank (see README.md, "`fmoec plan`").
 fn block_activations(c: &Checked, layer: usize, grid: &Grid, a: u64, seq: u64, sb: u64) -> u64 {
     // u128: attention scores grow with seq², and the planner must not overflow on
     // whatever sizes a file declares (the result saturates instead).

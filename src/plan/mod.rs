@@ -6,7 +6,7 @@
 //! FLOPs, the time estimate ([`cost`]), the planner's diagnostics ([`diagnostics`]) and
 //! the search behind `--auto` ([`search`]). It reads only `check::Checked` and the
 //! graph; it knows nothing about source text (only spans), tensors, NCCL or templates.
-//! The formulas are written out in `docs/plan.md`.
+//! The formulas are written out in README.md ("`fmoec plan`").
 //!
 //! # For the runtime and the emitter
 //! - [`build`] / [`build_with`] give a [`ParallelPlan`] or every planner diagnostic.
@@ -183,7 +183,7 @@ pub struct ParallelPlan {
     pub warnings: Vec<Diagnostic>,
 }
 
-/// Plan-level schema version (see `docs/plan.md`).
+/// Plan-level schema version (see README.md, "`fmoec plan`").
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// The model's parameter counts.
@@ -443,7 +443,7 @@ fn with_fallback_spans(checked: &Checked) -> Option<Checked> {
 }
 
 /// Upper bounds on declared sizes under which every count the planner computes fits in
-/// a `u64` (see `docs/plan.md`); far above any real model or cluster.
+/// a `u64` (see README.md, "`fmoec plan`"); far above any real model or cluster.
 pub mod limits {
     pub const WIDTH: u64 = 1 << 16;
     pub const HIDDEN: u64 = 1 << 18;

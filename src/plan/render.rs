@@ -1,5 +1,5 @@
 //! Printing a [`ParallelPlan`]: the readable table, the JSON document (schema in
-//! `docs/plan.md`) and the DOT graph. Byte-stable: everything is printed in a fixed
+//! README.md ("`fmoec plan`")) and the DOT graph. Byte-stable: everything is printed in a fixed
 //! order from `Vec`s, never from hash maps.
 //!
 //! Knows only the plan's public fields; computes nothing but formatting.
