@@ -35,7 +35,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         if !tch::Cuda::is_available() {
             bail!(
                 "device `{s}`: CUDA is not available to this fmoec (a CPU-only libtorch, no GPU, or a \
-                 build without `--features cuda`, which links libtorch_cuda); see README.md, "Training with `fmoec run`""
+                 build without `--features cuda`, which links libtorch_cuda); see the README, section Training with fmoec run"
             );
         }
         let count = tch::Cuda::device_count() as usize;
