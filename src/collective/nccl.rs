@@ -44,7 +44,7 @@ use cudarc::nccl::sys as nccl;
 use cudarc::runtime::sys as cuda;
 use std::collections::BTreeMap;
 use std::ffi::{c_void, CStr, OsString};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -636,6 +636,15 @@ impl Collective for NcclCollective {
 /// [`NcclLibrary::for_ranks`] makes a private directory with a `libnccl.so` link to
 /// that file and gives it to the ranks in `LD_LIBRARY_PATH`; the directory is removed
 /// when the value is dropped.
+///
+/// cudarc must open the very file libtorch_cuda loaded, not merely some `libnccl.so`:
+/// with two copies in one process (say a CUDA image's system NCCL 2.28.3 opened by
+/// cudarc next to torch's wheel 2.28.9), the copy cudarc opened binds its internal calls
+/// to NCCL's exported functions (`ncclCommGetAsyncError`, ...) to the copy loaded
+/// first, whose `struct ncclComm` has another layout, and the first collective fails
+/// with "corrupted comm object detected". So the link is made even when some
+/// `libnccl.so` is already on the search path, and [`connect`] refuses to run with two
+/// copies mapped.
 pub struct NcclLibrary {
     link_dir: Option<PathBuf>,
     /// Variables to add to each rank's environment.
@@ -650,32 +659,26 @@ impl NcclLibrary {
     }
 
     /// The `libnccl.so*` file mapped into this process (libtorch_cuda depends on it),
-    /// or `$FMOEC_NCCL_LIB`.
+    /// or else `$FMOEC_NCCL_LIB`. The mapped file comes first: a second copy of NCCL in
+    /// the ranks breaks every collective (see the type's docs).
     pub fn locate() -> Option<PathBuf> {
-        if let Some(path) = std::env::var_os("FMOEC_NCCL_LIB") {
-            return Some(PathBuf::from(path));
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        if let Some(mapped) = nccl_mappings(&maps).into_iter().next() {
+            return Some(mapped.path);
         }
-        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-        maps.lines()
-            .filter_map(|line| line.split_whitespace().nth(5))
-            .find(|path| {
-                Path::new(path)
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("libnccl.so"))
-            })
-            .map(PathBuf::from)
+        std::env::var_os("FMOEC_NCCL_LIB").map(PathBuf::from)
     }
 
-    /// The environment ranks need to open NCCL (empty when they can already).
+    /// The environment ranks need to open the NCCL this process has (empty when it has
+    /// none and ranks can open one by name already).
     pub fn for_ranks() -> anyhow::Result<NcclLibrary> {
-        if NcclLibrary::loadable() {
-            return Ok(NcclLibrary {
-                link_dir: None,
-                env: Vec::new(),
-            });
-        }
         let Some(library) = NcclLibrary::locate() else {
+            if NcclLibrary::loadable() {
+                return Ok(NcclLibrary {
+                    link_dir: None,
+                    env: Vec::new(),
+                });
+            }
             anyhow::bail!(
                 "cannot find libnccl: it is not loaded by libtorch_cuda and FMOEC_NCCL_LIB is not set; point FMOEC_NCCL_LIB at libnccl.so.2 (pip: site-packages/nvidia/nccl/lib/libnccl.so.2)"
             );
@@ -709,6 +712,61 @@ impl Drop for NcclLibrary {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// One NCCL library file mapped into this process.
+#[derive(Debug, PartialEq, Eq)]
+struct MappedNccl {
+    path: PathBuf,
+    /// Device and inode: one file reached by several paths (a link) is one copy.
+    file: (String, u64),
+}
+
+/// The distinct `libnccl.so*` files in a `/proc/<pid>/maps` text, in the order they
+/// first appear.
+fn nccl_mappings(maps: &str) -> Vec<MappedNccl> {
+    let mut found: Vec<MappedNccl> = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(dev), Some(inode)) = (fields.nth(3), fields.next()) else {
+            continue;
+        };
+        let path: Vec<&str> = fields.collect();
+        let path = PathBuf::from(path.join(" "));
+        let is_nccl = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("libnccl.so"));
+        let Ok(inode) = inode.parse::<u64>() else {
+            continue;
+        };
+        let file = (dev.to_string(), inode);
+        if is_nccl && !found.iter().any(|m| m.file == file) {
+            found.push(MappedNccl { path, file });
+        }
+    }
+    found
+}
+
+/// Fail when this process has more than one NCCL library mapped (cudarc opened another
+/// file than the one libtorch_cuda loaded): calls would cross between the copies and
+/// the first collective would fail with "corrupted comm object detected".
+fn check_one_nccl(maps: &str) -> anyhow::Result<()> {
+    let copies = nccl_mappings(maps);
+    if copies.len() > 1 {
+        let paths: Vec<String> = copies
+            .iter()
+            .map(|m| m.path.display().to_string())
+            .collect();
+        anyhow::bail!(
+            "this process has {} different NCCL libraries loaded ({}): cudarc opened `libnccl.so` from the library search path, not the {} that libtorch_cuda loaded, and NCCL calls would cross between the copies (\"corrupted comm object detected\"); start the ranks with the fmoec launcher (`--gpus N`), which links the right file, or put a directory holding a `libnccl.so` symlink to {} first on LD_LIBRARY_PATH",
+            copies.len(),
+            paths.join(", "),
+            paths[0],
+            paths[0]
+        );
+    }
+    Ok(())
 }
 
 /// A short fingerprint of the layout, so ranks started with different layouts fail at
@@ -759,6 +817,9 @@ pub fn connect(
             "cannot open NCCL: {found}cudarc looks for `libnccl.so` (not `libnccl.so.2`); start the ranks with the fmoec launcher (`--gpus N`), which links it, or put a directory holding a `libnccl.so` symlink to libnccl.so.2 on LD_LIBRARY_PATH"
         );
     }
+    // Make cudarc open its copy now, then check it is the one libtorch_cuda loaded.
+    let _ = nccl_version();
+    check_one_nccl(&std::fs::read_to_string("/proc/self/maps").unwrap_or_default())?;
     let devices = tch::Cuda::device_count();
     if env.local_rank as i64 >= devices {
         anyhow::bail!(
@@ -873,21 +934,95 @@ mod tests {
         );
     }
 
-    /// The library torch loaded becomes loadable by name in the ranks' environment: a
-    /// child process opens `libnccl.so` (what cudarc asks for) and reads its version.
-    /// Needs no GPU; needs `python3` for `ctypes`.
     #[test]
-    fn ranks_can_open_the_nccl_that_torch_loaded() {
+    fn two_nccl_copies_are_found_and_refused() {
+        let torch = "/v/site-packages/nvidia/nccl/lib/libnccl.so.2";
+        let link = "/tmp/fmoec-nccl-1/libnccl.so";
+        let system = "/usr/lib/x86_64-linux-gnu/libnccl.so.2.28.3";
+        let line = |perms: &str, dev: &str, inode: u64, path: &str| {
+            format!("7f0000000000-7f0000001000 {perms} 00000000 {dev} {inode}                   {path}\n")
+        };
+        // torch's file, reached again through the launcher's link: one copy.
+        let one = [
+            line("r--p", "fe:00", 0, ""),
+            line("r--p", "fe:00", 11, "/usr/lib/libc.so.6"),
+            line("r--p", "fe:00", 42, torch),
+            line("r-xp", "fe:00", 42, torch),
+            line("r-xp", "fe:00", 42, link),
+        ]
+        .concat();
+        assert_eq!(
+            nccl_mappings(&one),
+            vec![MappedNccl {
+                path: torch.into(),
+                file: ("fe:00".into(), 42)
+            }]
+        );
+        check_one_nccl(&one).unwrap();
+        // cudarc opened a system libnccl.so next to torch's: refused, naming both.
+        let two = one + &line("r-xp", "fe:01", 7, system);
+        assert_eq!(nccl_mappings(&two).len(), 2);
+        let e = check_one_nccl(&two).unwrap_err().to_string();
+        assert!(e.contains(torch) && e.contains(system), "{e}");
+        assert!(e.contains("corrupted comm object"), "{e}");
+        // The same path on another device is another file.
+        let moved = line("r-xp", "fe:00", 42, torch) + &line("r-xp", "fe:02", 42, torch);
+        assert_eq!(nccl_mappings(&moved).len(), 2);
+        assert!(nccl_mappings("").is_empty());
+        check_one_nccl("garbage\n\n1 2 3").unwrap();
+    }
+
+    /// The library torch loaded becomes loadable by name in the ranks' environment, and
+    /// it wins over another `libnccl.so` on the search path (a CUDA image's system
+    /// NCCL, here a copy of torch's file): a child process loads torch's file first (as
+    /// libtorch_cuda does), then opens `libnccl.so` (what cudarc asks for) and gets the
+    /// same copy, and reads its version. Needs no GPU; needs `python3` for `ctypes`.
+    #[test]
+    fn ranks_open_the_nccl_that_torch_loaded() {
         let path = NcclLibrary::locate().expect("libtorch_cuda loads libnccl.so.2");
         assert!(path.exists(), "{}", path.display());
+        let decoy = tempfile::tempdir().unwrap();
+        std::fs::copy(&path, decoy.path().join("libnccl.so")).unwrap();
         let library = NcclLibrary::for_ranks().unwrap();
-        let script = "import ctypes\nl = ctypes.CDLL('libnccl.so')\nv = ctypes.c_int()\nassert l.ncclGetVersion(ctypes.byref(v)) == 0\nprint(v.value)";
-        let mut command = std::process::Command::new("python3");
-        command.args(["-c", script]);
-        for (key, value) in &library.env {
-            command.env(key, value);
-        }
-        let output = command.output().expect("python3 runs");
+        assert!(library.link_dir.is_some(), "torch's NCCL is always linked");
+        let script = format!(
+            "import ctypes, os\n\
+             torch = ctypes.CDLL({:?}, mode=os.RTLD_NOW | ctypes.RTLD_GLOBAL)\n\
+             l = ctypes.CDLL('libnccl.so')\n\
+             at = lambda lib: ctypes.cast(lib.ncclGetVersion, ctypes.c_void_p).value\n\
+             assert at(l) == at(torch), 'libnccl.so is another copy than torch loaded'\n\
+             v = ctypes.c_int()\n\
+             assert l.ncclGetVersion(ctypes.byref(v)) == 0\n\
+             print(v.value)",
+            path.display().to_string()
+        );
+        let child = |library_path: &OsString| {
+            let mut command = std::process::Command::new("python3");
+            command.args(["-c", &script]);
+            for (key, value) in &library.env {
+                command.env(key, value);
+            }
+            command.env("LD_LIBRARY_PATH", library_path);
+            command.output().expect("python3 runs")
+        };
+        // Without the link, `libnccl.so` is the other copy (the failure this guards).
+        let alone = child(&decoy.path().as_os_str().to_owned());
+        assert!(!alone.status.success());
+        assert!(
+            String::from_utf8_lossy(&alone.stderr).contains("another copy"),
+            "{}",
+            String::from_utf8_lossy(&alone.stderr)
+        );
+        // With the ranks' environment it is torch's, even with the other on the path.
+        let (_, ranks_path) = library
+            .env
+            .iter()
+            .find(|(k, _)| k == "LD_LIBRARY_PATH")
+            .expect("the ranks get LD_LIBRARY_PATH");
+        let mut with_decoy = ranks_path.clone();
+        with_decoy.push(":");
+        with_decoy.push(decoy.path());
+        let output = child(&with_decoy);
         assert!(
             output.status.success(),
             "{}",
