@@ -160,7 +160,11 @@ pub fn clip_global_norm(
         }
         grads.push(grad);
     }
-    let mut expert_total = Tensor::f_from_slice(&[expert]).map_err(&terr)?;
+    // On the parameters' device: an NCCL communicator only takes tensors on its GPU.
+    let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+    let mut expert_total = Tensor::f_from_slice(&[expert])
+        .and_then(|t| t.f_to_device(device))
+        .map_err(&terr)?;
     group.all_reduce_sum(&mut expert_total, &format!("{at}, expert gradient norm"))?;
     let expert_total = expert_total.f_double_value(&[0]).map_err(&terr)?;
     let total = (shared + expert_total).sqrt();
