@@ -44,10 +44,11 @@ pub fn world_not_divisible(
     pipeline: (u64, Span),
 ) -> Diagnostic {
     let tp = tensor.0 * pipeline.0;
-    let fits: Vec<String> = (1..=4)
-        .map(|k| (gpus.0 / tp.max(1) + k - 1).max(1) * tp)
-        .filter(|g| *g != gpus.0)
-        .take(2)
+    // the nearest multiples of tensor × pipeline below and above the world size
+    let below = gpus.0 / tp.max(1) * tp;
+    let fits: Vec<String> = [below, below + tp]
+        .into_iter()
+        .filter(|g| *g > 0 && *g != gpus.0)
         .map(|g| g.to_string())
         .collect();
     Diagnostic::error(
