@@ -10,7 +10,7 @@
 
 use super::error::{CollectiveError, ErrorKind};
 use super::groups::{GroupLabel, GroupLayout, Groups, LayoutError};
-use super::{Collective, Result};
+use super::{check_all_to_all_counts, Collective, Result};
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -299,20 +299,7 @@ impl Collective for LocalCollective {
         let size = self.shared.size;
         let rows = send.size().first().copied().unwrap_or(0);
         let invalid = |message: String| self.error(OP, at, ErrorKind::Invalid(message));
-        if send_counts.len() != size || recv_counts.len() != size {
-            return Err(invalid(format!(
-                "{} send counts and {} receive counts for a group of {size} ranks",
-                send_counts.len(),
-                recv_counts.len()
-            )));
-        }
-        if send_counts.iter().chain(recv_counts).any(|&c| c < 0)
-            || send_counts.iter().sum::<i64>() != rows
-        {
-            return Err(invalid(format!(
-                "send counts {send_counts:?} do not split the {rows} rows to send"
-            )));
-        }
+        check_all_to_all_counts(size, rows, send_counts, recv_counts).map_err(invalid)?;
         let parts = send
             .f_split_with_sizes(send_counts, 0)
             .map_err(self.tensor_error(OP, at))?;

@@ -95,3 +95,29 @@ pub trait Collective: Send {
     /// Wait until every rank of the group has reached this call.
     fn barrier(&self, at: &str) -> Result<()>;
 }
+
+/// Checks the arguments of [`Collective::all_to_all_v`] before any rank sends: one send and
+/// one receive count per rank, none negative, and the send counts splitting the `rows` to
+/// send. The message is shared by every implementation.
+pub(crate) fn check_all_to_all_counts(
+    size: usize,
+    rows: i64,
+    send_counts: &[i64],
+    recv_counts: &[i64],
+) -> std::result::Result<(), String> {
+    if send_counts.len() != size || recv_counts.len() != size {
+        return Err(format!(
+            "{} send counts and {} receive counts for a group of {size} ranks",
+            send_counts.len(),
+            recv_counts.len()
+        ));
+    }
+    if send_counts.iter().chain(recv_counts).any(|&c| c < 0)
+        || send_counts.iter().sum::<i64>() != rows
+    {
+        return Err(format!(
+            "send counts {send_counts:?} do not split the {rows} rows to send"
+        ));
+    }
+    Ok(())
+}

@@ -39,7 +39,7 @@
 use super::error::{CollectiveError, ErrorKind};
 use super::groups::{GroupLabel, GroupLayout, Groups};
 use super::rendezvous::{DistEnv, RendezvousError};
-use super::{Collective, Result};
+use super::{check_all_to_all_counts, Collective, Result};
 use cudarc::nccl::sys as nccl;
 use cudarc::runtime::sys as cuda;
 use std::collections::BTreeMap;
@@ -500,20 +500,7 @@ impl Collective for NcclCollective {
         let dims = send.size();
         let rows = dims.first().copied().unwrap_or(0);
         let invalid = |message: String| self.error(OP, at, ErrorKind::Invalid(message));
-        if send_counts.len() != size || recv_counts.len() != size {
-            return Err(invalid(format!(
-                "{} send counts and {} receive counts for a group of {size} ranks",
-                send_counts.len(),
-                recv_counts.len()
-            )));
-        }
-        if send_counts.iter().chain(recv_counts).any(|&c| c < 0)
-            || send_counts.iter().sum::<i64>() != rows
-        {
-            return Err(invalid(format!(
-                "send counts {send_counts:?} do not split the {rows} rows to send"
-            )));
-        }
+        check_all_to_all_counts(size, rows, send_counts, recv_counts).map_err(invalid)?;
         self.check_device(send, OP, at)?;
         let send = send.f_contiguous().map_err(self.tensor_error(OP, at))?;
         let mut out_shape = dims.clone();
