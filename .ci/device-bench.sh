@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # GPU measurements for BENCHMARKS.md, run on a CUDA machine from the repository root with
 # a CUDA build of fmoec at $FMOEC (default .dev/fmoec): `cargo build --release --features cuda`.
-# Writes logs under ${OUT:-out-gpu}. Steps: device facts; `fmoec bench moe`; examples/tiny.fmoe
-# in bf16; GPT-2-medium-MoE on one GPU in bf16 with the GPU's peak memory sampled by nvidia-smi,
-# beside the planner's estimate for the same one-GPU layout.
+# Writes logs under ${OUT:-out-gpu}. Steps (STEPS, default "check bench tiny e2e"): device
+# facts; `check`: the fused kernels against their CPU reference (`fmoec bench moe
+# --check-kernels`); `bench`: `fmoec bench moe` (BENCH_ARGS adds arguments, e.g. `--shape S3`);
+# `tiny`: examples/tiny.fmoe in bf16; `e2e`: GPT-2-medium-MoE on one GPU in bf16 with the GPU's
+# peak memory sampled by nvidia-smi, beside the planner's estimate for the same one-GPU layout
+# (E2E_UNFUSED=1 also runs it with the fused kernels off, FMOEC_FUSED=0).
 set -uo pipefail
 FMOEC="${FMOEC:-.dev/fmoec}"
 OUT="${OUT:-out-gpu}"
 mkdir -p "$OUT"
 TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
-export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# torch's CUDA libraries (libnvrtc for the fused kernels, libcudart for events) beside it
+NV_LIB="$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "lib"))')"
+export LD_LIBRARY_PATH="$TORCH_LIB:$NV_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export NCCL_NVLS_ENABLE=0
-steps="${STEPS:-bench tiny e2e}"
+steps="${STEPS:-check bench tiny e2e}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 date -u | tee -a "$OUT/device.txt"
@@ -30,8 +35,12 @@ with_peak_memory() {
 
 for step in $steps; do
 case "$step" in
+check)
+    "$FMOEC" bench moe --device cuda --check-kernels 2>&1 | tee "$OUT/check.txt"
+    ;;
 bench)
-    "$FMOEC" bench moe --device cuda --iters "${ITERS:-50}" --json "$OUT/bench.json" \
+    # shellcheck disable=SC2086
+    "$FMOEC" bench moe --device cuda --iters "${ITERS:-50}" --json "$OUT/bench.json" ${BENCH_ARGS:-} \
         2> "$OUT/bench.progress" | tee "$OUT/bench.txt"
     ;;
 tiny)
@@ -55,6 +64,10 @@ PY
         --stop-after "${E2E_STEPS:-8}" --out /tmp/run-e2e 2>&1 | tee "$OUT/e2e.log"
     cp /tmp/run-e2e/summary.json "$OUT/e2e-summary.json" 2>/dev/null
     cp /tmp/run-e2e/metrics.jsonl "$OUT/e2e-metrics.jsonl" 2>/dev/null
+    if [ "${E2E_UNFUSED:-0}" = 1 ]; then
+        FMOEC_FUSED=0 with_peak_memory "$OUT/e2e-unfused.log" "$FMOEC" run /tmp/gpt2-medium-moe-1gpu.fmoe \
+            --device cuda --quiet --stop-after "${E2E_STEPS:-8}" --out /tmp/run-e2e-unfused 2>&1 | tee "$OUT/e2e-unfused.log"
+    fi
     ;;
 esac
 done

@@ -7,15 +7,23 @@
 //! same tokens per expert. Implementations:
 //!
 //! - `fmoec`: the runtime's own path ([`DispatchPlan`], [`dispatch`], [`Experts::forward`] on
-//!   the grouped matmul, [`combine`]); no host synchronisation.
+//!   the grouped matmul, [`combine`]); no host synchronisation; with the `cuda` feature on a
+//!   GPU, dispatch and combine are the fused kernels of `runtime::fused`.
+//! - `fmoec-unfused`: the same with libtorch dispatch and combine (shown where the fused
+//!   kernels run, to say whether they help).
+//! - `ops`: the libtorch-ops layer of issue 6 (argsort, bincount, index_select, grouped
+//!   matmul, index_add), no masks, written with tch independently of the runtime.
 //! - `sorted-loop`: FastMoE's scheme written with libtorch ops: sort by expert, read the
 //!   counts on the host, one matmul per expert over its contiguous rows, `index_add` back.
 //! - `naive-loop`: for each expert, find its tokens (`nonzero`), run them, scatter back.
 //!
 //! FLOPs count the expert matmuls only: forward `2·T·k·m·d·ffn` (m matrices), forward +
 //! backward 3× that (the input requires grad, so no GEMM is skipped). The dense ceiling is an
-//! 8192³ matmul in the same dtype, same process. Times are medians of synchronised host
-//! timings per iteration (the device is synchronised before each clock read), after warm-up.
+//! 8192³ matmul in the same dtype, same process. On CUDA with the `cuda` feature, times are
+//! CUDA events recorded on torch's current stream (median, p10, p90 over the timed
+//! iterations, after warm-up) and each row reports the caching allocator's peak allocated
+//! bytes (reset before the row); elsewhere they are host clocks around synchronised work,
+//! and the report says so.
 //!
 //! This module knows the MoE layer's stages, not the transformer or the trainer.
 
@@ -109,6 +117,9 @@ pub enum RoutingKind {
 #[serde(rename_all = "kebab-case")]
 pub enum Implementation {
     Fmoec,
+    /// `fmoec` with the fused kernels switched off (libtorch dispatch and combine).
+    FmoecUnfused,
+    Ops,
     SortedLoop,
     NaiveLoop,
 }
@@ -189,11 +200,43 @@ pub fn forward(
     let (t, d) = x.size2()?;
     let k = expert.size()[1];
     match imp {
-        Implementation::Fmoec => {
-            let plan = DispatchPlan::new(expert, ex.experts)?;
+        Implementation::Fmoec | Implementation::FmoecUnfused => {
+            let mut plan = DispatchPlan::new(expert, ex.experts, false)?;
+            if imp == Implementation::FmoecUnfused {
+                plan.fused = false;
+            }
             let xs = dispatch(x, &plan)?;
             let ys = ex.forward(&xs, &plan)?;
             combine(&ys, &plan, weight, t)
+        }
+        Implementation::Ops => {
+            let flat = expert.f_reshape([-1])?;
+            let order = flat.f_argsort_stable(true, 0, false)?;
+            let counts = flat.f_bincount(None::<Tensor>, ex.experts)?;
+            let offsets = counts.f_cumsum(0, Kind::Int)?;
+            let token = order.f_div_scalar_mode(k, "floor")?;
+            let xs = x.f_index_select(0, &token)?;
+            let gmm = |a: &Tensor, w: &Tensor| -> Result<Tensor> {
+                Ok(a.f_internal_grouped_mm(
+                    &w.f_to_kind(a.kind())?,
+                    Some(&offsets),
+                    None::<&Tensor>,
+                    None::<Kind>,
+                )?)
+            };
+            let h = gmm(&xs, &ex.w1)?;
+            let h = match (&ex.act, &ex.w3) {
+                (Activation::Swiglu, Some(w3)) => h.f_silu()?.f_mul(&gmm(&xs, w3)?)?,
+                (Activation::Relu, _) => h.f_relu()?,
+                _ => h.f_gelu("none")?,
+            };
+            let ys = gmm(&h, &ex.w2)?;
+            let w = weight
+                .f_reshape([-1])?
+                .f_index_select(0, &order)?
+                .f_to_kind(ys.kind())?;
+            let out = Tensor::f_zeros([t, d], (x.kind(), x.device()))?;
+            Ok(out.f_index_add(0, &token, &ys.f_mul(&w.f_unsqueeze(1)?)?)?)
         }
         Implementation::SortedLoop => {
             let flat = expert.f_reshape([-1])?;
@@ -262,6 +305,63 @@ fn sync(device: Device) {
     }
 }
 
+/// Marks on the device's timeline: CUDA events on torch's current stream (feature `cuda`),
+/// else host clocks taken after synchronising the device.
+enum Mark {
+    #[cfg(feature = "cuda")]
+    Event(crate::runtime::fused::Event),
+    Host(Instant),
+}
+
+/// How this build times a device.
+fn uses_events(device: Device) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda()
+}
+
+fn mark(device: Device) -> Result<Mark> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(n) = device {
+        let e = crate::runtime::fused::Event::new()?;
+        e.record(n)?;
+        return Ok(Mark::Event(e));
+    }
+    sync(device);
+    Ok(Mark::Host(Instant::now()))
+}
+
+/// Milliseconds between two marks (waits for the later one).
+fn between(a: &Mark, b: &Mark) -> Result<f64> {
+    match (a, b) {
+        #[cfg(feature = "cuda")]
+        (Mark::Event(a), Mark::Event(b)) => a.elapsed_ms(b),
+        (Mark::Host(a), Mark::Host(b)) => Ok((*b - *a).as_secs_f64() * 1e3),
+        #[allow(unreachable_patterns)]
+        _ => bail!("marks of different kinds"),
+    }
+}
+
+/// Resets the peak-memory statistic before a row (CUDA with the `cuda` feature).
+fn reset_peak(device: Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(n) = device {
+        sync(device);
+        return crate::runtime::fused::reset_peak_memory(n);
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// Peak bytes allocated by torch's caching allocator since [`reset_peak`], if known.
+fn peak_bytes(device: Device) -> Result<Option<i64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(n) = device {
+        sync(device);
+        return Ok(Some(crate::runtime::fused::memory(n)?.0));
+    }
+    let _ = device;
+    Ok(None)
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     pub shape: Shape,
@@ -277,6 +377,9 @@ pub struct Row {
     pub rel_error: f64,
     /// Busiest expert's tokens over the mean.
     pub max_over_mean_load: f64,
+    /// Peak bytes allocated by torch's caching allocator during the row (weights, inputs
+    /// and the timed iterations), reset before the row; `None` without CUDA events.
+    pub peak_memory_bytes: Option<i64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -284,6 +387,9 @@ pub struct Report {
     pub device: String,
     pub dtype: String,
     pub iterations: usize,
+    /// `cuda-events` (CUDA events on torch's current stream) or `host-clock` (host clocks
+    /// around synchronised work: no `cuda` feature, or the CPU).
+    pub timer: String,
     pub dense_ceiling_tflops: f64,
     pub rows: Vec<Row>,
 }
@@ -310,12 +416,11 @@ pub fn dense_ceiling(
     let b = Tensor::f_randn([n, n], (kind, device))?;
     let mut samples = Vec::new();
     for i in 0..warmup + iters {
-        sync(device);
-        let t0 = Instant::now();
+        let t0 = mark(device)?;
         let _c = a.f_matmul(&b)?;
-        sync(device);
+        let t1 = mark(device)?;
         if i >= warmup {
-            samples.push(t0.elapsed().as_secs_f64() * 1e3);
+            samples.push(between(&t0, &t1)?);
         }
     }
     let t = timing(samples);
@@ -349,8 +454,8 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
     .context("timing the dense matmul ceiling")?;
     let mut rows = Vec::new();
     for shape in &opts.shapes {
-        let ex = experts_for(shape, opts.device, opts.kind)?;
         for &routing in &opts.routings {
+            let ex = experts_for(shape, opts.device, opts.kind)?;
             let (expert, weight) = make_routing(shape, routing, opts.device)?;
             let counts = Vec::<f64>::try_from(
                 expert
@@ -383,25 +488,25 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                 )
             })?;
             for &imp in &opts.implementations {
+                reset_peak(opts.device)?;
                 let out = tch::no_grad(|| forward(imp, &ex, &x, &expert, &weight))?;
                 let err = rel_error(&out, &reference)?;
                 drop(out);
                 let (mut fwd, mut bwd, mut both) = (Vec::new(), Vec::new(), Vec::new());
                 for i in 0..opts.warmup + opts.iterations {
                     let xg = x.f_detach()?.f_set_requires_grad(true)?;
-                    sync(opts.device);
-                    let t0 = Instant::now();
+                    let t0 = mark(opts.device)?;
                     let out = forward(imp, &ex, &xg, &expert, &weight)?;
-                    sync(opts.device);
-                    let t1 = Instant::now();
+                    let t1 = mark(opts.device)?;
+                    // the backward seed Σ out · grad adds one elementwise pass over [T, d]
                     out.f_mul(&grad)?.f_sum(opts.kind)?.f_backward()?;
-                    sync(opts.device);
-                    let t2 = Instant::now();
+                    let t2 = mark(opts.device)?;
                     if i >= opts.warmup {
-                        fwd.push((t1 - t0).as_secs_f64() * 1e3);
-                        bwd.push((t2 - t1).as_secs_f64() * 1e3);
-                        both.push((t2 - t0).as_secs_f64() * 1e3);
+                        fwd.push(between(&t0, &t1)?);
+                        bwd.push(between(&t1, &t2)?);
+                        both.push(between(&t0, &t2)?);
                     }
+                    drop(out);
                     for w in [Some(&ex.w1), Some(&ex.w2), ex.w3.as_ref()]
                         .into_iter()
                         .flatten()
@@ -426,6 +531,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                     forward_backward: both,
                     rel_error: err,
                     max_over_mean_load: max_over_mean,
+                    peak_memory_bytes: peak_bytes(opts.device)?,
                 };
                 progress(&row);
                 rows.push(row);
@@ -436,24 +542,31 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
         device: format!("{:?}", opts.device),
         dtype: format!("{:?}", opts.kind),
         iterations: opts.iterations,
+        timer: if uses_events(opts.device) {
+            "cuda-events"
+        } else {
+            "host-clock"
+        }
+        .to_string(),
         dense_ceiling_tflops: ceiling,
         rows,
     })
 }
 
 /// The side-by-side table: one line per (shape, routing, implementation), with the ratio to
-/// the `fmoec` row of the same shape and routing and to the dense ceiling.
+/// the `ops` row (the libtorch-ops baseline) of the same shape and routing and to the dense
+/// ceiling.
 pub fn render(report: &Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "device {}  dtype {}  {} timed iterations  dense ceiling {:.0} TFLOP/s",
-        report.device, report.dtype, report.iterations, report.dense_ceiling_tflops
+        "device {}  dtype {}  timer {}  {} timed iterations  dense 8192^3 matmul {:.0} TFLOP/s",
+        report.device, report.dtype, report.timer, report.iterations, report.dense_ceiling_tflops
     );
     let _ = writeln!(
         s,
-        "{:<9} {:<7} {:<11} {:<12} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>10} {:>9}",
+        "{:<9} {:<7} {:<11} {:<12} {:>8} {:>8} {:>8} {:>17} {:>7} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9}",
         "shape",
         "act",
         "routing",
@@ -461,33 +574,46 @@ pub fn render(report: &Report) -> String {
         "fwd ms",
         "bwd ms",
         "f+b ms",
+        "f+b p10-p90",
         "fwd TF",
         "f+b TF",
         "%dense",
-        "vs fmoec",
+        "tok/s",
+        "peak MiB",
+        "x ops",
         "rel err"
     );
+    let name = |v: serde_json::Result<serde_json::Value>| {
+        v.ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
     for r in &report.rows {
-        let ours = report.rows.iter().find(|o| {
-            o.implementation == Implementation::Fmoec
+        let ops = report.rows.iter().find(|o| {
+            o.implementation == Implementation::Ops
                 && o.routing == r.routing
                 && o.shape.name == r.shape.name
                 && o.shape.act == r.shape.act
         });
-        let ratio = ours.map(|o| o.forward_backward.median_ms / r.forward_backward.median_ms);
+        let ratio = ops.map(|o| o.forward_backward.median_ms / r.forward_backward.median_ms);
         let _ = writeln!(
             s,
-            "{:<9} {:<7} {:<11} {:<12} {:>9.3} {:>9.3} {:>9.3} {:>8.1} {:>8.1} {:>6.1}% {:>10} {:>9.2e}",
+            "{:<9} {:<7} {:<11} {:<12} {:>8.3} {:>8.3} {:>8.3} {:>17} {:>7.1} {:>7.1} {:>6.1}% {:>9.3e} {:>8} {:>8} {:>9.2e}",
             r.shape.name,
             format!("{:?}", r.shape.act).to_lowercase(),
-            serde_json::to_value(r.routing).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
-            serde_json::to_value(r.implementation).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            name(serde_json::to_value(r.routing)),
+            name(serde_json::to_value(r.implementation)),
             r.forward.median_ms,
             r.backward.median_ms,
             r.forward_backward.median_ms,
+            format!("{:.3}-{:.3}", r.forward_backward.p10_ms, r.forward_backward.p90_ms),
             r.forward_tflops,
             r.forward_backward_tflops,
             100.0 * r.forward_backward_tflops / report.dense_ceiling_tflops,
+            r.tokens_per_s,
+            r.peak_memory_bytes
+                .map(|b| format!("{:.0}", b as f64 / (1u64 << 20) as f64))
+                .unwrap_or_else(|| "-".to_string()),
             ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
             r.rel_error,
         );
@@ -514,7 +640,9 @@ mod tests {
                 let a = forward(Implementation::Fmoec, &ex, &x, &expert, &weight).unwrap();
                 let b = forward(Implementation::SortedLoop, &ex, &x, &expert, &weight).unwrap();
                 let c = forward(Implementation::NaiveLoop, &ex, &x, &expert, &weight).unwrap();
+                let d = forward(Implementation::Ops, &ex, &x, &expert, &weight).unwrap();
                 assert!(rel_error(&a, &b).unwrap() < 1e-5, "{routing:?}");
+                assert!(rel_error(&d, &b).unwrap() < 1e-5, "{routing:?}");
                 assert!(rel_error(&c, &b).unwrap() < 1e-5, "{routing:?}");
             }
         }
@@ -558,10 +686,15 @@ mod tests {
             iterations: 3,
             shapes: smoke_shapes(),
             routings: vec![RoutingKind::Skewed],
-            implementations: vec![Implementation::Fmoec, Implementation::SortedLoop],
+            implementations: vec![
+                Implementation::Fmoec,
+                Implementation::Ops,
+                Implementation::SortedLoop,
+            ],
         };
         let report = run(&opts, |_| {}).unwrap();
-        assert_eq!(report.rows.len(), 4);
+        assert_eq!(report.rows.len(), 6);
+        assert_eq!(report.timer, "host-clock");
         for r in &report.rows {
             assert!(r.rel_error < 1e-5, "{r:?}");
             assert!(r.forward.median_ms > 0.0 && r.forward_backward_tflops > 0.0);
@@ -598,6 +731,10 @@ pub struct BenchArgs {
     /// Only these implementations; all by default.
     #[arg(long = "impl", value_enum)]
     pub implementations: Vec<Implementation>,
+    /// Check the fused CUDA kernels and their autograd ops against a CPU f64 reference on
+    /// random inputs with dropped slots, then exit (before any timing).
+    #[arg(long)]
+    pub check_kernels: bool,
     /// Also write the full report as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<std::path::PathBuf>,
@@ -611,10 +748,30 @@ fn or_all<T: Clone>(chosen: &[T], all: Vec<T>) -> Vec<T> {
     }
 }
 
+#[cfg(feature = "cuda")]
+fn check_kernels(device: Device) -> Result<std::process::ExitCode> {
+    if let Device::Cuda(n) = device {
+        crate::runtime::fused::kernels_ready(n)?;
+    }
+    for line in crate::runtime::fused::self_check(device)? {
+        println!("{line}");
+    }
+    println!("all kernel checks passed on {device:?}");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check_kernels(_device: Device) -> Result<std::process::ExitCode> {
+    bail!("--check-kernels needs a build with `--features cuda` (the kernels are CUDA-only)")
+}
+
 /// Runs the benchmark from the command line: a progress line per row on stderr, the table
 /// on stdout.
 pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
     let device = crate::runtime::parse_device(&args.device)?;
+    if args.check_kernels {
+        return check_kernels(device);
+    }
     let kind = match args.dtype.as_str() {
         "bf16" if !device.is_cuda() => {
             bail!("bf16 grouped matmuls need CUDA; use `--dtype f32` on CPU")
@@ -650,14 +807,18 @@ pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
                 RoutingKind::AllToOne,
             ],
         ),
-        implementations: or_all(
-            &args.implementations,
-            vec![
-                Implementation::Fmoec,
+        implementations: or_all(&args.implementations, {
+            let mut all = vec![Implementation::Fmoec];
+            if crate::runtime::moe::fused_available(device) {
+                all.push(Implementation::FmoecUnfused);
+            }
+            all.extend([
+                Implementation::Ops,
                 Implementation::SortedLoop,
                 Implementation::NaiveLoop,
-            ],
-        ),
+            ]);
+            all
+        }),
     };
     let report = run(&opts, |r| {
         eprintln!(

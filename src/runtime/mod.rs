@@ -11,6 +11,8 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+#[cfg(feature = "cuda")]
+pub mod fused;
 pub mod model;
 pub mod moe;
 pub mod optim;

@@ -14,9 +14,12 @@
 //! ```
 //!
 //! Dropped slots (expert index -1, over capacity or randomly routed away) are sorted past the
-//! last expert's group; their rows are masked with `where` before and after the expert matmuls,
-//! so whatever the grouped matmul leaves in rows outside every group never reaches the output or
-//! a gradient. A token with every slot dropped contributes nothing here and passes through the
+//! last expert's group; `combine` never reads their rows and `dispatch`'s backward never
+//! reads their gradients (the fused kernels skip them, the libtorch path masks them), so
+//! whatever the grouped matmul leaves in rows outside every group never reaches the output or
+//! a gradient. Expert biases would gather those rows, so with biases the matmuls are masked
+//! too. With the `cuda` feature on a GPU, `dispatch` and `combine` are fused kernels without
+//! atomics (`runtime::fused`); elsewhere they are libtorch ops. A token with every slot dropped contributes nothing here and passes through the
 //! block's residual connection only.
 //!
 //! Semantics that differ from FastMoE's code on purpose (the checked model's contract wins):
@@ -170,6 +173,12 @@ impl Gate {
             bias,
             noise,
         })
+    }
+
+    /// Whether routing may drop slots (`-1`): a capacity, or GShard's random routing.
+    pub fn may_drop(&self, train: bool) -> bool {
+        self.capacity.is_some()
+            || (train && self.kind == GateKind::Gshard && self.random_routing && self.top_k >= 2)
     }
 
     /// Per-expert capacity for `tokens` tokens, or `None` when this gate (or mode) has none.
@@ -457,50 +466,124 @@ pub struct DispatchPlan {
     pub expert: Tensor,
     /// Whether each sorted row is a kept slot. `[T·k, 1]` bool.
     pub valid: Tensor,
+    /// The slot of each sorted row, `-1` for dropped rows. `[T·k]` int64.
+    pub row_slot: Tensor,
+    /// The sorted row of each slot (`token·k + slot`), `-1` for dropped slots. `[T·k]` int64.
+    pub slot_row: Tensor,
     /// Kept tokens per expert. `[E]` int64.
     pub counts: Tensor,
     /// Cumulative group ends for `_grouped_mm`. `[E]` int32.
     pub offsets: Tensor,
     pub experts: i64,
+    pub top_k: i64,
+    /// Whether some slot may be dropped (`-1`); when false the masks around the dropped rows
+    /// are skipped (the caller knows its gate has no capacity and no random routing).
+    pub may_drop: bool,
+    /// Whether [`dispatch`] and [`combine`] use the fused CUDA kernels (feature `cuda`, a
+    /// CUDA device, bf16/f32 rows of a multiple of 16 bytes, kernels compiled; switch off
+    /// with `FMOEC_FUSED=0`).
+    pub fused: bool,
 }
 
 impl DispatchPlan {
-    pub fn new(routing_expert: &Tensor, e: i64) -> Result<DispatchPlan> {
+    /// Sorts the slots by expert with no host synchronisation (a stable sort, and group ends
+    /// by binary search in the sorted keys).
+    pub fn new(routing_expert: &Tensor, e: i64, may_drop: bool) -> Result<DispatchPlan> {
         let (_t, k) = routing_expert.size2()?;
         let flat = routing_expert.f_reshape([-1])?;
+        let n = flat.size()[0];
+        let device = flat.device();
         let keyed = flat.f_where_scalarother(&flat.f_ge(0)?, e)?;
         let order = keyed.f_argsort_stable(true, 0, false)?;
-        let all = keyed.f_bincount(None::<Tensor>, e + 1)?;
-        let counts = all.f_narrow(0, 0, e)?;
-        let offsets = counts.f_cumsum(0, Kind::Int)?;
         let expert = keyed.f_index_select(0, &order)?;
-        let valid = expert.f_lt(e)?.f_unsqueeze(1)?;
+        let offsets = Tensor::f_arange(e, (Kind::Int64, device))?.f_searchsorted(
+            &expert,
+            true,
+            true,
+            "right",
+            None::<Tensor>,
+        )?;
+        let ends = offsets.f_to_kind(Kind::Int64)?;
+        let zero = Tensor::f_zeros([1], (Kind::Int64, device))?;
+        let counts = ends.f_diff(1, 0, Some(&zero), None::<&Tensor>)?;
+        let valid = expert.f_lt(e)?;
+        let row_slot = order.f_where_scalarother(&valid, -1)?;
+        let rows = Tensor::f_arange(n, (Kind::Int64, device))?;
+        let slot_row = order
+            .f_empty_like()?
+            .f_scatter(0, &order, &rows)?
+            .f_where_scalarother(&flat.f_ge(0)?, -1)?;
         let token = order.f_div_scalar_mode(k, "floor")?;
         Ok(DispatchPlan {
             order,
             token,
             expert,
-            valid,
+            valid: valid.f_unsqueeze(1)?,
+            row_slot,
+            slot_row,
             counts,
             offsets,
             experts: e,
+            top_k: k,
+            may_drop,
+            fused: fused_available(routing_expert.device()),
         })
     }
 }
 
+/// Whether the fused CUDA kernels can run on `device` (see [`DispatchPlan::fused`]).
+#[cfg(feature = "cuda")]
+pub fn fused_available(device: tch::Device) -> bool {
+    match device {
+        tch::Device::Cuda(n) => {
+            if std::env::var("FMOEC_FUSED").is_ok_and(|v| v == "0") {
+                return false;
+            }
+            let ok = crate::runtime::fused::kernels_ready(n).is_ok();
+            if !ok {
+                crate::runtime::fused::warn_unavailable(n);
+            }
+            ok
+        }
+        _ => false,
+    }
+}
+
+/// Whether the fused CUDA kernels can run on `device`: never without feature `cuda`.
+#[cfg(not(feature = "cuda"))]
+pub fn fused_available(_device: tch::Device) -> bool {
+    false
+}
+
 /// Gathers the tokens into expert order: `[T, d]` → `[T·k, d]`, dropped rows zeroed.
 pub fn dispatch(x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if plan.fused {
+        return crate::runtime::fused::dispatch_op(x, &plan.row_slot, &plan.slot_row, plan.top_k);
+    }
     let xs = x.f_index_select(0, &plan.token)?;
+    if !plan.may_drop {
+        return Ok(xs);
+    }
     Ok(xs.f_where_self(&plan.valid, &xs.f_zeros_like()?)?)
 }
 
 /// Weighted sum of the expert outputs back onto their tokens: `[T·k, d]` → `[T, d]`.
+/// Rows of dropped slots are never read (the grouped matmul leaves them uninitialised).
 pub fn combine(ys: &Tensor, plan: &DispatchPlan, weight: &Tensor, tokens: i64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if plan.fused && weight.kind() == Kind::Float {
+        return crate::runtime::fused::combine_op(ys, weight, &plan.slot_row, &plan.row_slot);
+    }
     let w = weight
         .f_reshape([-1])?
         .f_index_select(0, &plan.order)?
         .f_to_kind(ys.kind())?;
-    let ys = ys.f_where_self(&plan.valid, &ys.f_zeros_like()?)?;
+    let ys = if plan.may_drop {
+        ys.f_where_self(&plan.valid, &ys.f_zeros_like()?)?
+    } else {
+        ys.shallow_clone()
+    };
     let weighted = ys.f_mul(&w.f_unsqueeze(1)?)?;
     let d = ys.size()[1];
     let out = Tensor::f_zeros([tokens, d], (ys.kind(), ys.device()))?;
@@ -590,16 +673,27 @@ impl Experts {
             ExpertPath::Grouped => {
                 // Rows past the last group (dropped slots) are left uninitialised by
                 // `_grouped_mm`, forward (its output) and backward (its input's gradient).
-                // Masking both sides keeps that memory away from every output and parameter
-                // (a bias gathered for those rows would otherwise collect it).
-                let xs = xs.f_where_self(&plan.valid, &xs.f_zeros_like()?)?;
+                // Without biases nothing reads them: `combine` skips dropped rows forward,
+                // and `dispatch`'s backward skips (fused) or masks (libtorch) them. A bias
+                // gathered for those rows would collect that memory into its gradient, so
+                // with biases both sides are masked.
+                let masked = plan.may_drop && (self.b1.is_some() || self.b2.is_some());
+                let xs = if masked {
+                    xs.f_where_self(&plan.valid, &xs.f_zeros_like()?)?
+                } else {
+                    xs.shallow_clone()
+                };
                 let out = xs.f_internal_grouped_mm(
                     &w,
                     Some(&plan.offsets),
                     None::<&Tensor>,
                     None::<Kind>,
                 )?;
-                Ok(out.f_where_self(&plan.valid, &out.f_zeros_like()?)?)
+                if masked {
+                    Ok(out.f_where_self(&plan.valid, &out.f_zeros_like()?)?)
+                } else {
+                    Ok(out)
+                }
             }
             ExpertPath::Loop => {
                 let counts = Vec::<i64>::try_from(&plan.counts)?;
@@ -807,7 +901,11 @@ impl MoeLayer {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<MoeOutput> {
         let (t, _d) = x.size2()?;
         let routing = self.gate.route(x, train)?;
-        let plan = DispatchPlan::new(&routing.expert, self.gate.experts)?;
+        let plan = DispatchPlan::new(
+            &routing.expert,
+            self.gate.experts,
+            self.gate.may_drop(train),
+        )?;
         let xs = dispatch(x, &plan)?;
         // An expert-parallel runtime exchanges `xs` (by `plan.counts`) here ...
         let ys = self.experts.forward(&xs, &plan)?;

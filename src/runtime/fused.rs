@@ -1,0 +1,909 @@
+//! CUDA-only pieces of the runtime (feature `cuda`): the C++ shim's current stream and
+//! caching-allocator statistics, CUDA events on torch's current stream, and the fused MoE
+//! glue kernels (compiled at run time with NVRTC, launched on torch's current stream) wrapped
+//! as autograd functions through the shim.
+//!
+//! The fused ops replace the gather into expert order ([`dispatch_op`]) and the weighted
+//! combine ([`combine_op`]) with kernels that read every row once and need no atomics: the
+//! combine gathers each token's `k` expert rows and sums them in f32, and its backward is a
+//! gather (expert-row gradients) plus one dot product per slot (weight gradients); the
+//! dispatch's backward is the same gather-sum. Dropped slots (`-1` in the index tensors) are
+//! skipped, so rows the grouped matmul leaves uninitialised are never read.
+//!
+//! Where a kernel does not apply (CPU tensors, dtypes other than bf16/f32, widths that are
+//! not a multiple of 16 bytes) the callbacks compute the same function with libtorch ops, so
+//! the autograd wiring is testable on a CPU. This module knows the MoE layer's index
+//! conventions, not the layer, the model or the trainer.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::sys as cu;
+use cudarc::runtime::sys as rt;
+use tch::{Device, Kind, Tensor};
+
+type Callback = unsafe extern "C" fn(
+    op: i64,
+    phase: c_int,
+    inputs: *mut *mut c_void,
+    n_in: c_int,
+    outputs: *mut *mut c_void,
+    n_out: c_int,
+) -> c_int;
+
+extern "C" {
+    fn fmoec_shim_current_stream(device: c_int) -> *mut c_void;
+    fn fmoec_shim_memory(device: c_int, peak: *mut i64, current: *mut i64) -> c_int;
+    fn fmoec_shim_reset_peak(device: c_int) -> c_int;
+    fn fmoec_shim_empty_cache() -> c_int;
+    fn fmoec_shim_apply(
+        op: i64,
+        callback: *mut c_void,
+        a: *mut c_void,
+        b: *mut c_void,
+        c: *mut c_void,
+        d: *mut c_void,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn fmoec_shim_last_error() -> *const c_char;
+}
+
+/// The `cudaStream_t` libtorch issues work to on `device` now.
+pub fn current_stream(device: usize) -> Result<*mut c_void> {
+    // SAFETY: the shim catches every C++ exception and returns null instead.
+    let s = unsafe { fmoec_shim_current_stream(device as c_int) };
+    if s.is_null() && !tch::Cuda::is_available() {
+        bail!("no CUDA device: no current stream");
+    }
+    Ok(s)
+}
+
+/// `(peak, current)` bytes allocated by torch's caching allocator on `device`.
+pub fn memory(device: usize) -> Result<(i64, i64)> {
+    let (mut peak, mut current) = (0i64, 0i64);
+    // SAFETY: plain out-pointers; the shim catches exceptions.
+    let rc = unsafe { fmoec_shim_memory(device as c_int, &mut peak, &mut current) };
+    if rc != 0 {
+        bail!("reading torch's CUDA allocator statistics failed");
+    }
+    Ok((peak, current))
+}
+
+/// Resets the allocator's peak statistics on `device` (after returning cached blocks).
+pub fn reset_peak_memory(device: usize) -> Result<()> {
+    // SAFETY: no arguments beyond the index; the shim catches exceptions.
+    let rc = unsafe { fmoec_shim_empty_cache() + fmoec_shim_reset_peak(device as c_int) };
+    if rc != 0 {
+        bail!("resetting torch's CUDA allocator statistics failed");
+    }
+    Ok(())
+}
+
+fn rt_check(what: &str, e: rt::cudaError_t) -> Result<()> {
+    if e != rt::cudaError::cudaSuccess {
+        bail!("{what}: CUDA runtime error {e:?}");
+    }
+    Ok(())
+}
+
+/// A CUDA event recorded on torch's current stream.
+pub struct Event(rt::cudaEvent_t);
+
+impl Event {
+    pub fn new() -> Result<Event> {
+        let mut e = std::ptr::null_mut();
+        // SAFETY: out-pointer to a fresh handle.
+        rt_check("cudaEventCreate", unsafe { rt::cudaEventCreate(&mut e) })?;
+        Ok(Event(e))
+    }
+
+    /// Records the event on `device`'s current torch stream.
+    pub fn record(&self, device: usize) -> Result<()> {
+        let s = current_stream(device)?;
+        // SAFETY: a live event and a stream handle from torch.
+        rt_check("cudaEventRecord", unsafe {
+            rt::cudaEventRecord(self.0, s as rt::cudaStream_t)
+        })
+    }
+
+    /// Milliseconds from `self` to `end` (waits for `end`).
+    pub fn elapsed_ms(&self, end: &Event) -> Result<f64> {
+        let mut ms = 0f32;
+        // SAFETY: both events are live and recorded.
+        unsafe {
+            rt_check("cudaEventSynchronize", rt::cudaEventSynchronize(end.0))?;
+            rt_check(
+                "cudaEventElapsedTime",
+                rt::cudaEventElapsedTime(&mut ms, self.0, end.0),
+            )?;
+        }
+        Ok(ms as f64)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: the handle is live and owned.
+        unsafe {
+            rt::cudaEventDestroy(self.0);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernels
+
+/// The CUDA source compiled by NVRTC. bf16 is handled as raw 16-bit words (no cuda_bf16.h
+/// needed at run time); every sum is in f32. `VEC` elements (16 bytes) per load.
+const SOURCE: &str = r#"
+typedef unsigned short bf16_t;
+__device__ __forceinline__ float ld(const float* p) { return *p; }
+__device__ __forceinline__ float ld(const bf16_t* p) { return __uint_as_float(((unsigned)*p) << 16); }
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(bf16_t* p, float v) {
+  unsigned u = __float_as_uint(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) { *p = 0x7fc0; return; }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  *p = (bf16_t)(u >> 16);
+}
+template <typename T> struct __align__(16) Vec { static const int N = 16 / sizeof(T); T v[16 / sizeof(T)]; };
+template <typename T> __device__ __forceinline__ void ldv(const T* p, float* out) {
+  Vec<T> x = *reinterpret_cast<const Vec<T>*>(p);
+#pragma unroll
+  for (int i = 0; i < Vec<T>::N; ++i) out[i] = ld(&x.v[i]);
+}
+template <typename T> __device__ __forceinline__ void stv(T* p, const float* in) {
+  Vec<T> x;
+#pragma unroll
+  for (int i = 0; i < Vec<T>::N; ++i) st(&x.v[i], in[i]);
+  *reinterpret_cast<Vec<T>*>(p) = x;
+}
+
+// out[r] = scale[s] * src[s / k] for s = row_slot[r] >= 0, else 0.
+template <typename T>
+__device__ void gather_rows(const T* src, const long long* row_slot, int k, const float* scale,
+                            T* out, long long rows, int d) {
+  const int N = Vec<T>::N;
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    long long s = row_slot[r];
+    float w = (s >= 0 && scale) ? scale[s] : 1.0f;
+    for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+      float v[16 / sizeof(T)];
+      if (s >= 0) {
+        ldv(src + (s / k) * (long long)d + c, v);
+#pragma unroll
+        for (int i = 0; i < N; ++i) v[i] *= w;
+      } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) v[i] = 0.0f;
+      }
+      stv(out + r * (long long)d + c, v);
+    }
+  }
+}
+
+// out[t] = sum_j weight[t k + j] * src[slot_row[t k + j]] over kept slots.
+template <typename T>
+__device__ void sum_rows(const T* src, const long long* slot_row, int k, const float* weight,
+                         T* out, long long tokens, int d) {
+  const int N = Vec<T>::N;
+  for (long long t = blockIdx.x; t < tokens; t += gridDim.x) {
+    for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+      float acc[16 / sizeof(T)];
+#pragma unroll
+      for (int i = 0; i < N; ++i) acc[i] = 0.0f;
+      for (int j = 0; j < k; ++j) {
+        long long r = slot_row[t * k + j];
+        if (r < 0) continue;
+        float w = weight ? weight[t * k + j] : 1.0f;
+        float v[16 / sizeof(T)];
+        ldv(src + r * (long long)d + c, v);
+#pragma unroll
+        for (int i = 0; i < N; ++i) acc[i] += w * v[i];
+      }
+      stv(out + t * (long long)d + c, acc);
+    }
+  }
+}
+
+// out[t k + j] = <a[slot_row[t k + j]], b[t]> over kept slots, 0 for dropped ones.
+template <typename T>
+__device__ void row_dots(const T* a, const long long* slot_row, int k, const T* b, float* out,
+                         long long tokens, int d) {
+  const int N = Vec<T>::N;
+  __shared__ float part[32];
+  for (long long t = blockIdx.x; t < tokens; t += gridDim.x) {
+    for (int j = 0; j < k; ++j) {
+      long long r = slot_row[t * k + j];
+      float acc = 0.0f;
+      if (r >= 0) {
+        for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+          float x[16 / sizeof(T)], y[16 / sizeof(T)];
+          ldv(a + r * (long long)d + c, x);
+          ldv(b + t * (long long)d + c, y);
+#pragma unroll
+          for (int i = 0; i < N; ++i) acc += x[i] * y[i];
+        }
+      }
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float s = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) s += part[w];
+        out[t * k + j] = s;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+#define INSTANCES(T, NAME) \
+extern "C" __global__ void gather_rows_##NAME(const T* src, const long long* row_slot, int k, \
+    const float* scale, T* out, long long rows, int d) { gather_rows<T>(src, row_slot, k, scale, out, rows, d); } \
+extern "C" __global__ void sum_rows_##NAME(const T* src, const long long* slot_row, int k, \
+    const float* weight, T* out, long long tokens, int d) { sum_rows<T>(src, slot_row, k, weight, out, tokens, d); } \
+extern "C" __global__ void row_dots_##NAME(const T* a, const long long* slot_row, int k, \
+    const T* b, float* out, long long tokens, int d) { row_dots<T>(a, slot_row, k, b, out, tokens, d); }
+INSTANCES(bf16_t, bf16)
+INSTANCES(float, f32)
+"#;
+
+const KERNELS: [&str; 6] = [
+    "gather_rows_bf16",
+    "sum_rows_bf16",
+    "row_dots_bf16",
+    "gather_rows_f32",
+    "sum_rows_f32",
+    "row_dots_f32",
+];
+
+struct Module {
+    ctx: cu::CUcontext,
+    functions: HashMap<&'static str, cu::CUfunction>,
+}
+
+// SAFETY: driver handles are process-wide and usable from any thread once the context is
+// made current there (every launch does so).
+unsafe impl Send for Module {}
+
+fn cu_check(what: &str, r: cu::CUresult) -> Result<()> {
+    if r != cu::CUresult::CUDA_SUCCESS {
+        bail!("{what}: CUDA driver error {r:?}");
+    }
+    Ok(())
+}
+
+fn modules() -> &'static Mutex<HashMap<usize, std::result::Result<Module, String>>> {
+    static M: OnceLock<Mutex<HashMap<usize, std::result::Result<Module, String>>>> =
+        OnceLock::new();
+    M.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn compile(major: i32, minor: i32) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::result as nv;
+    // SAFETY: dlopen of libnvrtc; no other preconditions.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        bail!("libnvrtc was not found (add the CUDA libraries, e.g. torch's nvidia/cu13/lib, to LD_LIBRARY_PATH)");
+    }
+    let src = CString::new(SOURCE)?;
+    let name = CString::new("fmoec_fused.cu")?;
+    let prog = nv::create_program(&src, Some(&name)).map_err(|e| anyhow!("nvrtc: {e:?}"))?;
+    let opts = vec![
+        format!("--gpu-architecture=compute_{major}{minor}"),
+        "-std=c++17".to_string(),
+        "--use_fast_math".to_string(),
+    ];
+    // SAFETY: `prog` is a live program handle, destroyed below.
+    let result = unsafe { nv::compile_program(prog, &opts) };
+    let out = match result {
+        Ok(()) => unsafe { nv::get_ptx(prog) }
+            .map(|p| p.into_iter().map(|c| c as u8).collect::<Vec<u8>>())
+            .map_err(|e| anyhow!("nvrtc get_ptx: {e:?}")),
+        Err(e) => {
+            let log = unsafe { nv::get_program_log(prog) }
+                .map(|l| {
+                    let bytes: Vec<u8> = l.into_iter().map(|c| c as u8).collect();
+                    String::from_utf8_lossy(&bytes).into_owned()
+                })
+                .unwrap_or_default();
+            Err(anyhow!("nvrtc compile failed: {e:?}\n{log}"))
+        }
+    };
+    // SAFETY: destroyed once.
+    unsafe {
+        let _ = nv::destroy_program(prog);
+    }
+    out
+}
+
+fn load(device: usize) -> Result<Module> {
+    // SAFETY: dlopen of libcuda; the calls below follow the driver API's contract.
+    unsafe {
+        if !cu::is_culib_present() {
+            bail!("libcuda was not found");
+        }
+        cu_check("cuInit", cu::cuInit(0))?;
+        let mut dev = 0;
+        cu_check("cuDeviceGet", cu::cuDeviceGet(&mut dev, device as c_int))?;
+        let mut ctx = std::ptr::null_mut();
+        cu_check(
+            "cuDevicePrimaryCtxRetain",
+            cu::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+        )?;
+        cu_check("cuCtxSetCurrent", cu::cuCtxSetCurrent(ctx))?;
+        let (mut major, mut minor) = (0, 0);
+        cu_check(
+            "cuDeviceGetAttribute",
+            cu::cuDeviceGetAttribute(
+                &mut major,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                dev,
+            ),
+        )?;
+        cu_check(
+            "cuDeviceGetAttribute",
+            cu::cuDeviceGetAttribute(
+                &mut minor,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                dev,
+            ),
+        )?;
+        let mut ptx = compile(major, minor)?;
+        ptx.push(0);
+        let mut module = std::ptr::null_mut();
+        cu_check(
+            "cuModuleLoadData",
+            cu::cuModuleLoadData(&mut module, ptx.as_ptr() as *const c_void),
+        )?;
+        let mut functions = HashMap::new();
+        for name in KERNELS {
+            let cname = CString::new(name)?;
+            let mut f = std::ptr::null_mut();
+            cu_check(
+                "cuModuleGetFunction",
+                cu::cuModuleGetFunction(&mut f, module, cname.as_ptr()),
+            )?;
+            functions.insert(name, f);
+        }
+        Ok(Module { ctx, functions })
+    }
+}
+
+/// Compiles and loads the kernels for `device` (once); the error says why they cannot run.
+pub fn kernels_ready(device: usize) -> Result<()> {
+    let mut m = modules()
+        .lock()
+        .map_err(|_| anyhow!("kernel cache poisoned"))?;
+    let entry = m
+        .entry(device)
+        .or_insert_with(|| load(device).map_err(|e| format!("{e:#}")));
+    match entry {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("fused kernels unavailable on cuda:{device}: {e}"),
+    }
+}
+
+/// Says once on stderr why the fused kernels cannot run (the libtorch path runs instead).
+pub fn warn_unavailable(device: usize) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if let Err(e) = kernels_ready(device) {
+        WARNED.call_once(|| eprintln!("warning: {e:#}; using the libtorch path"));
+    }
+}
+
+fn launch(device: usize, name: &str, blocks: i64, params: &mut [*mut c_void]) -> Result<()> {
+    if blocks == 0 {
+        return Ok(());
+    }
+    kernels_ready(device)?;
+    let m = modules()
+        .lock()
+        .map_err(|_| anyhow!("kernel cache poisoned"))?;
+    let module = match m.get(&device) {
+        Some(Ok(module)) => module,
+        _ => bail!("fused kernels not loaded on cuda:{device}"),
+    };
+    let f = *module
+        .functions
+        .get(name)
+        .ok_or_else(|| anyhow!("no kernel {name}"))?;
+    let stream = current_stream(device)?;
+    let grid = blocks.min(1 << 20) as u32;
+    // SAFETY: `params` point at live arguments matching the kernel's signature; the tensors
+    // they reference are contiguous, on `device`, and outlive the launch (stream-ordered).
+    unsafe {
+        cu_check("cuCtxSetCurrent", cu::cuCtxSetCurrent(module.ctx))?;
+        cu_check(
+            name,
+            cu::cuLaunchKernel(
+                f,
+                grid,
+                1,
+                1,
+                128,
+                1,
+                1,
+                0,
+                stream as cu::CUstream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether the kernels apply to `t` (CUDA, bf16 or f32, rows of a multiple of 16 bytes).
+fn kernel_suffix(t: &Tensor) -> Option<&'static str> {
+    if !t.device().is_cuda() {
+        return None;
+    }
+    let (suffix, bytes) = match t.kind() {
+        Kind::BFloat16 => ("bf16", 2),
+        Kind::Float => ("f32", 4),
+        _ => return None,
+    };
+    let d = *t.size().last()?;
+    if (d * bytes) % 16 != 0 || (t.data_ptr() as usize) % 16 != 0 {
+        return None;
+    }
+    Some(suffix)
+}
+
+fn device_index(t: &Tensor) -> usize {
+    match t.device() {
+        Device::Cuda(n) => n,
+        _ => 0,
+    }
+}
+
+fn ptr(t: &Tensor) -> *mut c_void {
+    t.data_ptr()
+}
+
+/// `out[r] = scale[s] · src[s / k]` for `s = row_slot[r] ≥ 0`, zero rows elsewhere.
+pub fn gather_rows(
+    src: &Tensor,
+    row_slot: &Tensor,
+    k: i64,
+    scale: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (_, d) = src.size2()?;
+    let rows = row_slot.size()[0];
+    if let Some(suffix) = kernel_suffix(src) {
+        let src = src.f_contiguous()?;
+        let idx = row_slot.f_contiguous()?;
+        let scale = scale
+            .map(|s| s.f_to_kind(Kind::Float)?.f_contiguous())
+            .transpose()?;
+        let out = Tensor::f_empty([rows, d], (src.kind(), src.device()))?;
+        let (mut p_src, mut p_idx, mut p_out) = (ptr(&src), ptr(&idx), ptr(&out));
+        let mut p_scale = scale.as_ref().map(ptr).unwrap_or(std::ptr::null_mut());
+        let (mut k32, mut rows64, mut d32) = (k as c_int, rows, d as c_int);
+        let mut params: [*mut c_void; 7] = [
+            &mut p_src as *mut _ as *mut c_void,
+            &mut p_idx as *mut _ as *mut c_void,
+            &mut k32 as *mut _ as *mut c_void,
+            &mut p_scale as *mut _ as *mut c_void,
+            &mut p_out as *mut _ as *mut c_void,
+            &mut rows64 as *mut _ as *mut c_void,
+            &mut d32 as *mut _ as *mut c_void,
+        ];
+        launch(
+            device_index(&src),
+            &format!("gather_rows_{suffix}"),
+            rows,
+            &mut params,
+        )?;
+        return Ok(out);
+    }
+    // libtorch reference: the same function
+    let valid = row_slot.f_ge(0)?;
+    let s = row_slot.f_clamp_min(0)?;
+    let mut out = src.f_index_select(0, &s.f_div_scalar_mode(k, "floor")?)?;
+    if let Some(scale) = scale {
+        let w = scale
+            .f_reshape([-1])?
+            .f_index_select(0, &s)?
+            .f_to_kind(src.kind())?;
+        out = out.f_mul(&w.f_unsqueeze(1)?)?;
+    }
+    Ok(out.f_where_self(&valid.f_unsqueeze(1)?, &out.f_zeros_like()?)?)
+}
+
+/// `out[t] = Σ_j weight[t·k+j] · src[slot_row[t·k+j]]` over kept slots (`[T, d]`).
+pub fn sum_rows(
+    src: &Tensor,
+    slot_row: &Tensor,
+    k: i64,
+    weight: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (_, d) = src.size2()?;
+    let tokens = slot_row.size()[0] / k;
+    if let Some(suffix) = kernel_suffix(src) {
+        let src = src.f_contiguous()?;
+        let idx = slot_row.f_contiguous()?;
+        let weight = weight
+            .map(|s| s.f_to_kind(Kind::Float)?.f_contiguous())
+            .transpose()?;
+        let out = Tensor::f_empty([tokens, d], (src.kind(), src.device()))?;
+        let (mut p_src, mut p_idx, mut p_out) = (ptr(&src), ptr(&idx), ptr(&out));
+        let mut p_w = weight.as_ref().map(ptr).unwrap_or(std::ptr::null_mut());
+        let (mut k32, mut t64, mut d32) = (k as c_int, tokens, d as c_int);
+        let mut params: [*mut c_void; 7] = [
+            &mut p_src as *mut _ as *mut c_void,
+            &mut p_idx as *mut _ as *mut c_void,
+            &mut k32 as *mut _ as *mut c_void,
+            &mut p_w as *mut _ as *mut c_void,
+            &mut p_out as *mut _ as *mut c_void,
+            &mut t64 as *mut _ as *mut c_void,
+            &mut d32 as *mut _ as *mut c_void,
+        ];
+        launch(
+            device_index(&src),
+            &format!("sum_rows_{suffix}"),
+            tokens,
+            &mut params,
+        )?;
+        return Ok(out);
+    }
+    let valid = slot_row.f_ge(0)?;
+    let rows = src.f_index_select(0, &slot_row.f_clamp_min(0)?)?; // [T·k, d]
+    let mut w = valid.f_to_kind(Kind::Float)?;
+    if let Some(weight) = weight {
+        w = w.f_mul(&weight.f_to_kind(Kind::Float)?.f_reshape([-1])?)?;
+    }
+    let w = w.f_to_kind(src.kind())?.f_reshape([tokens, 1, k])?;
+    let rows = rows.f_where_self(&valid.f_unsqueeze(1)?, &rows.f_zeros_like()?)?;
+    Ok(w.f_bmm(&rows.f_reshape([tokens, k, d])?)?
+        .f_squeeze_dim(1)?)
+}
+
+/// `out[t·k+j] = ⟨a[slot_row[t·k+j]], b[t]⟩` (f32) over kept slots, zero for dropped ones.
+pub fn row_dots(a: &Tensor, slot_row: &Tensor, k: i64, b: &Tensor) -> Result<Tensor> {
+    let (_, d) = a.size2()?;
+    let tokens = slot_row.size()[0] / k;
+    if let (Some(suffix), true) = (kernel_suffix(a), a.kind() == b.kind()) {
+        let a = a.f_contiguous()?;
+        let b = b.f_contiguous()?;
+        let idx = slot_row.f_contiguous()?;
+        let out = Tensor::f_empty([tokens * k], (Kind::Float, a.device()))?;
+        let (mut p_a, mut p_idx, mut p_b, mut p_out) = (ptr(&a), ptr(&idx), ptr(&b), ptr(&out));
+        let (mut k32, mut t64, mut d32) = (k as c_int, tokens, d as c_int);
+        let mut params: [*mut c_void; 7] = [
+            &mut p_a as *mut _ as *mut c_void,
+            &mut p_idx as *mut _ as *mut c_void,
+            &mut k32 as *mut _ as *mut c_void,
+            &mut p_b as *mut _ as *mut c_void,
+            &mut p_out as *mut _ as *mut c_void,
+            &mut t64 as *mut _ as *mut c_void,
+            &mut d32 as *mut _ as *mut c_void,
+        ];
+        launch(
+            device_index(&a),
+            &format!("row_dots_{suffix}"),
+            tokens,
+            &mut params,
+        )?;
+        return Ok(out);
+    }
+    let valid = slot_row.f_ge(0)?;
+    let rows = a
+        .f_index_select(0, &slot_row.f_clamp_min(0)?)?
+        .f_to_kind(Kind::Float)?
+        .f_reshape([tokens, k, d])?;
+    let dots = rows
+        .f_mul(&b.f_to_kind(Kind::Float)?.f_unsqueeze(1)?)?
+        .f_sum_dim_intlist(2, false, Kind::Float)?
+        .f_reshape([tokens * k])?;
+    Ok(dots.f_where_self(&valid, &dots.f_zeros_like()?)?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Autograd functions through the shim
+
+const OP_DISPATCH: i64 = 1;
+const OP_COMBINE: i64 = 2;
+
+fn run_op(op: i64, phase: c_int, inputs: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
+    let undefined = |t: &Tensor| !t.defined();
+    match (op, phase) {
+        // dispatch: a = x [T, d], b = row_slot [N], c = slot_row [T·k], d = k (as a tensor)
+        (OP_DISPATCH, 0) => {
+            let k = inputs[3].f_int64_value(&[])?;
+            Ok(vec![Some(gather_rows(&inputs[0], &inputs[1], k, None)?)])
+        }
+        (OP_DISPATCH, 1) => {
+            let k = inputs[3].f_int64_value(&[])?;
+            let g = &inputs[4];
+            let gx = if undefined(g) {
+                None
+            } else {
+                Some(sum_rows(g, &inputs[2], k, None)?)
+            };
+            Ok(vec![gx, None, None, None])
+        }
+        // combine: a = ys [N, d], b = weight [T, k] f32, c = slot_row [T·k], d = row_slot [N]
+        (OP_COMBINE, 0) => {
+            let (ys, w, slot_row) = (&inputs[0], &inputs[1], &inputs[2]);
+            let k = combine_k(&inputs)?;
+            let w = w.f_to_kind(Kind::Float)?;
+            Ok(vec![Some(sum_rows(ys, slot_row, k, Some(&w))?)])
+        }
+        (OP_COMBINE, 1) => {
+            let k = combine_k(&inputs)?;
+            let (ys, w, slot_row, row_slot, g) =
+                (&inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4]);
+            if undefined(g) {
+                return Ok(vec![None, None, None, None]);
+            }
+            let g = g.f_to_kind(ys.kind())?;
+            let gys = if ys.requires_grad() {
+                Some(gather_rows(
+                    &g,
+                    row_slot,
+                    k,
+                    Some(&w.f_to_kind(Kind::Float)?),
+                )?)
+            } else {
+                None
+            };
+            let gw = if w.requires_grad() {
+                Some(
+                    row_dots(ys, slot_row, k, &g)?
+                        .f_to_kind(w.kind())?
+                        .f_reshape(w.size())?,
+                )
+            } else {
+                None
+            };
+            Ok(vec![gys, gw, None, None])
+        }
+        _ => bail!("unknown fused op {op} phase {phase}"),
+    }
+}
+
+/// `k` of a combine: the weight's second dimension (`[T, k]`), checked against the indices.
+fn combine_k(inputs: &[Tensor]) -> Result<i64> {
+    let slots = inputs[2].size()[0];
+    let rows = inputs[3].size()[0];
+    if rows != slots || slots == 0 {
+        bail!("combine: {rows} expert rows for {slots} slots");
+    }
+    let w = &inputs[1];
+    match w.size().as_slice() {
+        [_, k] => Ok(*k),
+        _ => bail!("combine: weight must be [T, k]"),
+    }
+}
+
+unsafe extern "C" fn callback(
+    op: i64,
+    phase: c_int,
+    inputs: *mut *mut c_void,
+    n_in: c_int,
+    outputs: *mut *mut c_void,
+    n_out: c_int,
+) -> c_int {
+    let result = std::panic::catch_unwind(|| -> Result<()> {
+        let mut ins = Vec::with_capacity(n_in as usize);
+        for i in 0..n_in as usize {
+            // SAFETY: the shim passes `new at::Tensor` copies that we own.
+            ins.push(unsafe { Tensor::from_ptr((*inputs.add(i)).cast()) });
+        }
+        let outs = run_op(op, phase, ins)?;
+        if outs.len() != n_out as usize {
+            bail!("fused op {op}: {} outputs for {n_out} slots", outs.len());
+        }
+        for (i, o) in outs.into_iter().enumerate() {
+            let p = match o {
+                Some(mut t) => {
+                    let p = t.as_mut_ptr() as *mut c_void;
+                    std::mem::forget(t);
+                    p
+                }
+                None => std::ptr::null_mut(),
+            };
+            // SAFETY: `outputs` has `n_out` slots; the shim takes ownership.
+            unsafe { *outputs.add(i) = p };
+        }
+        Ok(())
+    });
+    match result {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            eprintln!("fmoec fused op {op} (phase {phase}): {e:#}");
+            1
+        }
+        Err(_) => 1,
+    }
+}
+
+fn apply(op: i64, mut a: Tensor, mut b: Tensor, mut c: Tensor, mut d: Tensor) -> Result<Tensor> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: the four tensors are live for the call; the shim copies them and hands back
+    // a fresh `at::Tensor` we own.
+    let rc = unsafe {
+        fmoec_shim_apply(
+            op,
+            callback as Callback as *mut c_void,
+            a.as_mut_ptr() as *mut c_void,
+            b.as_mut_ptr() as *mut c_void,
+            c.as_mut_ptr() as *mut c_void,
+            d.as_mut_ptr() as *mut c_void,
+            &mut out,
+        )
+    };
+    if rc != 0 || out.is_null() {
+        // SAFETY: a NUL-terminated thread-local string in the shim.
+        let msg = unsafe { CStr::from_ptr(fmoec_shim_last_error()) }
+            .to_string_lossy()
+            .into_owned();
+        bail!("fused op {op}: {msg}");
+    }
+    // SAFETY: `out` is a `new at::Tensor` from the shim.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// Gathers `x` (`[T, d]`) into expert order (`[N, d]`; rows with `row_slot < 0` are zero),
+/// differentiable in `x` with a gather-sum backward (no atomics).
+pub fn dispatch_op(x: &Tensor, row_slot: &Tensor, slot_row: &Tensor, k: i64) -> Result<Tensor> {
+    let kt = Tensor::from(k);
+    apply(
+        OP_DISPATCH,
+        x.shallow_clone(),
+        row_slot.shallow_clone(),
+        slot_row.shallow_clone(),
+        kt,
+    )
+    .context("fused dispatch")
+}
+
+/// `out[t] = Σ_j weight[t, j] · ys[slot_row[t·k+j]]` (`[T, d]`), differentiable in `ys` and
+/// `weight` (`[T, k]`, f32) with gather backwards (no atomics).
+pub fn combine_op(
+    ys: &Tensor,
+    weight: &Tensor,
+    slot_row: &Tensor,
+    row_slot: &Tensor,
+) -> Result<Tensor> {
+    apply(
+        OP_COMBINE,
+        ys.shallow_clone(),
+        weight.shallow_clone(),
+        slot_row.shallow_clone(),
+        row_slot.shallow_clone(),
+    )
+    .context("fused combine")
+}
+
+// ---------------------------------------------------------------------------------------
+// Device self-check (`fmoec bench moe --check-kernels`)
+
+fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?;
+    let b = b.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?;
+    if a.f_isnan()?.f_any()?.f_int64_value(&[])? != 0 {
+        return Ok(f64::NAN);
+    }
+    let num = a.f_sub(&b)?.f_norm()?.f_double_value(&[])?;
+    let den = b.f_norm()?.f_double_value(&[])?;
+    Ok(if den > 0.0 { num / den } else { num })
+}
+
+/// Fills the caching allocator's next block of `n` elements with NaN, so a kernel that
+/// leaves an element unwritten shows up as NaN in the check.
+fn poison(n: i64, kind: Kind, device: Device) -> Result<()> {
+    let _ = Tensor::f_full([n], f64::NAN, (kind, device))?;
+    Ok(())
+}
+
+/// Checks every kernel and both fused autograd ops on `device` against the libtorch
+/// reference computed on the CPU in f64, on fresh random inputs with dropped slots. Returns
+/// one line per check; an error if any is off (tolerance 1e-5 for f32, 8e-3 for bf16).
+pub fn self_check(device: Device) -> Result<Vec<String>> {
+    use crate::runtime::moe::{combine, dispatch, DispatchPlan};
+    let mut lines = Vec::new();
+    let mut failed = 0;
+    let kinds: &[Kind] = if device.is_cuda() {
+        &[Kind::Float, Kind::BFloat16]
+    } else {
+        &[Kind::Float]
+    };
+    for &kind in kinds {
+        let tol = if kind == Kind::BFloat16 { 8e-3 } else { 1e-5 };
+        for &(t, k, e, d) in &[
+            (37i64, 3i64, 5i64, 64i64),
+            (1000, 8, 128, 2048),
+            (513, 2, 8, 1032),
+        ] {
+            let cpu = Device::Cpu;
+            let mut expert = Tensor::f_randint(e, [t, k], (Kind::Int64, cpu))?;
+            let drop = Tensor::f_rand([t, k], (Kind::Float, cpu))?.f_lt(0.2)?;
+            expert = expert.f_masked_fill(&drop, -1)?;
+            let x = Tensor::f_randn([t, d], (Kind::Double, cpu))?.f_to_kind(kind)?;
+            let ys = Tensor::f_randn([t * k, d], (Kind::Double, cpu))?.f_to_kind(kind)?;
+            let w = Tensor::f_rand([t, k], (Kind::Float, cpu))?;
+            let g = Tensor::f_randn([t, d], (Kind::Double, cpu))?.f_to_kind(kind)?;
+            let gxs = Tensor::f_randn([t * k, d], (Kind::Double, cpu))?.f_to_kind(kind)?;
+            // reference: libtorch on the CPU in f64
+            let plan_ref = DispatchPlan::new(&expert, e, true)?;
+            let x64 = x.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+            let xs_ref = dispatch(&x64, &plan_ref)?;
+            xs_ref
+                .f_mul(&gxs.f_to_kind(Kind::Double)?)?
+                .f_sum(Kind::Double)?
+                .f_backward()?;
+            let ys64 = ys.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+            let w64 = w.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+            let out_ref = combine(&ys64, &plan_ref, &w64, t)?;
+            out_ref
+                .f_mul(&g.f_to_kind(Kind::Double)?)?
+                .f_sum(Kind::Double)?
+                .f_backward()?;
+            let (gys_ref, gw_ref, gx_ref) = (ys64.grad(), w64.grad(), x64.grad());
+
+            // device: raw kernels, then the autograd ops
+            let dev = |t: &Tensor| t.f_to_device(device);
+            let expert_d = dev(&expert)?;
+            let plan = DispatchPlan::new(&expert_d, e, true)?;
+            let (xd, ysd, wd, gd, gxsd) = (dev(&x)?, dev(&ys)?, dev(&w)?, dev(&g)?, dev(&gxs)?);
+            // poison the dropped rows of ys with NaN: no kernel may read them
+            let dropped_rows = plan.row_slot.f_lt(0)?.f_unsqueeze(1)?;
+            let ysd = ysd.f_masked_fill(&dropped_rows, f64::NAN)?;
+            let mut check = |name: &str, got: Tensor, want: &Tensor| -> Result<()> {
+                let r = rel(&got, want)?;
+                let ok = r.is_finite() && r <= tol;
+                if !ok {
+                    failed += 1;
+                }
+                lines.push(format!(
+                    "{name:<26} {kind:?} T={t} k={k} E={e} d={d}: rel err {r:.2e} {}",
+                    if ok { "ok" } else { "FAILED" }
+                ));
+                Ok(())
+            };
+            poison(t * k * d, kind, device)?;
+            check(
+                "gather_rows",
+                gather_rows(&xd, &plan.row_slot, k, None)?,
+                &xs_ref,
+            )?;
+            poison(t * d, kind, device)?;
+            check(
+                "sum_rows (weighted)",
+                sum_rows(&ysd, &plan.slot_row, k, Some(&wd))?,
+                &out_ref,
+            )?;
+            poison(t * k, Kind::Float, device)?;
+            check(
+                "row_dots",
+                row_dots(&ysd, &plan.slot_row, k, &gd)?.f_reshape([t, k])?,
+                &gw_ref,
+            )?;
+            // autograd ops
+            let xg = xd.f_detach()?.f_set_requires_grad(true)?;
+            let xs = dispatch_op(&xg, &plan.row_slot, &plan.slot_row, k)?;
+            xs.f_mul(&gxsd)?.f_sum(Kind::Float)?.f_backward()?;
+            check("dispatch_op forward", xs, &xs_ref)?;
+            check("dispatch_op grad x", xg.grad(), &gx_ref)?;
+            let ysg = ysd.f_detach()?.f_set_requires_grad(true)?;
+            let wg = wd.f_detach()?.f_set_requires_grad(true)?;
+            let out = combine_op(&ysg, &wg, &plan.slot_row, &plan.row_slot)?;
+            out.f_to_kind(Kind::Float)?
+                .f_mul(&gd.f_to_kind(Kind::Float)?)?
+                .f_sum(Kind::Float)?
+                .f_backward()?;
+            check("combine_op forward", out, &out_ref)?;
+            check("combine_op grad ys", ysg.grad(), &gys_ref)?;
+            check("combine_op grad weight", wg.grad(), &gw_ref)?;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} kernel check(s) failed:\n{}", lines.join("\n"));
+    }
+    Ok(lines)
+}
