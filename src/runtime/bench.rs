@@ -390,6 +390,8 @@ pub struct Report {
     /// `cuda-events` (CUDA events on torch's current stream) or `host-clock` (host clocks
     /// around synchronised work: no `cuda` feature, or the CPU).
     pub timer: String,
+    /// With `--stages`: the `fmoec` forward stage by stage.
+    pub stages: Vec<StageRow>,
     pub dense_ceiling_tflops: f64,
     pub rows: Vec<Row>,
 }
@@ -402,6 +404,96 @@ pub struct Options {
     pub shapes: Vec<Shape>,
     pub routings: Vec<RoutingKind>,
     pub implementations: Vec<Implementation>,
+    /// Also time the stages of the `fmoec` forward one by one (see [`StageRow`]).
+    pub stages: bool,
+}
+
+/// The `fmoec` forward split into its stages, each timed alone (median ms over the timed
+/// iterations, events around each stage): where the time goes besides the matmuls.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageRow {
+    pub shape: Shape,
+    pub routing: RoutingKind,
+    /// `plan` (sort, group ends, index maps), `dispatch`, `mm1` (first matmul; SwiGLU: both
+    /// input matmuls), `activation`, `mm2`, `combine`.
+    pub stages: Vec<(String, f64)>,
+    /// Bytes the elementwise stages must move at least (read once, written once).
+    pub glue_bytes: f64,
+}
+
+fn stage_row(
+    ex: &Experts,
+    shape: &Shape,
+    routing: RoutingKind,
+    x: &Tensor,
+    expert: &Tensor,
+    weight: &Tensor,
+    opts: &Options,
+) -> Result<StageRow> {
+    let names = ["plan", "dispatch", "mm1", "activation", "mm2", "combine"];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let gmm = |a: &Tensor, w: &Tensor, plan: &DispatchPlan| -> Result<Tensor> {
+        Ok(a.f_internal_grouped_mm(
+            &w.f_to_kind(a.kind())?,
+            Some(&plan.offsets),
+            None::<&Tensor>,
+            None::<Kind>,
+        )?)
+    };
+    let t = shape.tokens;
+    for i in 0..opts.warmup + opts.iterations {
+        let xg = x.f_detach()?.f_set_requires_grad(true)?;
+        let mut marks = vec![mark(opts.device)?];
+        let plan = DispatchPlan::new(expert, ex.experts, false)?;
+        marks.push(mark(opts.device)?);
+        let xs = dispatch(&xg, &plan)?;
+        marks.push(mark(opts.device)?);
+        let h1 = gmm(&xs, &ex.w1, &plan)?;
+        let h3 = match &ex.w3 {
+            Some(w3) => Some(gmm(&xs, w3, &plan)?),
+            None => None,
+        };
+        marks.push(mark(opts.device)?);
+        let h = match h3 {
+            #[cfg(feature = "cuda")]
+            Some(h3) if plan.fused => crate::runtime::fused::swiglu_op(&h1, &h3)?,
+            Some(h3) => h1.f_silu()?.f_mul(&h3)?,
+            None => crate::runtime::moe::activate(&h1, ex.act)?,
+        };
+        marks.push(mark(opts.device)?);
+        let ys = gmm(&h, &ex.w2, &plan)?;
+        marks.push(mark(opts.device)?);
+        let _out = combine(&ys, &plan, weight, t)?;
+        marks.push(mark(opts.device)?);
+        if i >= opts.warmup {
+            for (j, s) in samples.iter_mut().enumerate() {
+                s.push(between(&marks[j], &marks[j + 1])?);
+            }
+        }
+    }
+    let elem = match opts.kind {
+        Kind::BFloat16 => 2.0,
+        _ => 4.0,
+    };
+    let (n, d, h) = (
+        (shape.tokens * shape.top_k) as f64,
+        shape.width as f64,
+        shape.hidden as f64,
+    );
+    // dispatch: write N·d (+ read T·d); activation: read m-1 inputs of N·h, write N·h;
+    // combine: read N·d, write T·d
+    let act_inputs = (shape.act.matrices() - 1) as f64;
+    let glue = elem * (n * d + t as f64 * d + (act_inputs + 1.0) * n * h + n * d + t as f64 * d);
+    Ok(StageRow {
+        shape: shape.clone(),
+        routing,
+        stages: names
+            .iter()
+            .zip(samples)
+            .map(|(n, s)| (n.to_string(), timing(s).median_ms))
+            .collect(),
+        glue_bytes: glue,
+    })
 }
 
 /// Times an `n³` matmul in `kind`: the dense ceiling of this process.
@@ -453,6 +545,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
     )
     .context("timing the dense matmul ceiling")?;
     let mut rows = Vec::new();
+    let mut stages = Vec::new();
     for shape in &opts.shapes {
         for &routing in &opts.routings {
             let ex = experts_for(shape, opts.device, opts.kind)?;
@@ -536,6 +629,9 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                 progress(&row);
                 rows.push(row);
             }
+            if opts.stages {
+                stages.push(stage_row(&ex, shape, routing, &x, &expert, &weight, opts)?);
+            }
         }
     }
     Ok(Report {
@@ -550,6 +646,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
         .to_string(),
         dense_ceiling_tflops: ceiling,
         rows,
+        stages,
     })
 }
 
@@ -617,6 +714,54 @@ pub fn render(report: &Report) -> String {
             ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
             r.rel_error,
         );
+    }
+    if !report.stages.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nfmoec forward by stage (median ms, each stage timed alone; glue = dispatch + activation + combine)"
+        );
+        let _ = writeln!(
+            s,
+            "{:<9} {:<7} {:<11} {:>8} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>10}",
+            "shape",
+            "act",
+            "routing",
+            "plan",
+            "dispatch",
+            "mm1",
+            "activation",
+            "mm2",
+            "combine",
+            "sum",
+            "glue GB",
+            "glue GB/s"
+        );
+        for r in &report.stages {
+            let get = |n: &str| {
+                r.stages
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| *v)
+                    .unwrap_or(0.0)
+            };
+            let glue_ms = get("dispatch") + get("activation") + get("combine");
+            let _ = writeln!(
+                s,
+                "{:<9} {:<7} {:<11} {:>8.3} {:>9.3} {:>8.3} {:>10.3} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>10.0}",
+                r.shape.name,
+                format!("{:?}", r.shape.act).to_lowercase(),
+                name(serde_json::to_value(r.routing)),
+                get("plan"),
+                get("dispatch"),
+                get("mm1"),
+                get("activation"),
+                get("mm2"),
+                get("combine"),
+                r.stages.iter().map(|(_, v)| v).sum::<f64>(),
+                r.glue_bytes / 1e9,
+                r.glue_bytes / 1e9 / (glue_ms * 1e-3),
+            );
+        }
     }
     s
 }
@@ -686,6 +831,7 @@ mod tests {
             iterations: 3,
             shapes: smoke_shapes(),
             routings: vec![RoutingKind::Skewed],
+            stages: true,
             implementations: vec![
                 Implementation::Fmoec,
                 Implementation::Ops,
@@ -695,6 +841,8 @@ mod tests {
         let report = run(&opts, |_| {}).unwrap();
         assert_eq!(report.rows.len(), 6);
         assert_eq!(report.timer, "host-clock");
+        assert_eq!(report.stages.len(), 2);
+        assert!(report.stages.iter().all(|r| r.stages.len() == 6));
         for r in &report.rows {
             assert!(r.rel_error < 1e-5, "{r:?}");
             assert!(r.forward.median_ms > 0.0 && r.forward_backward_tflops > 0.0);
@@ -735,6 +883,10 @@ pub struct BenchArgs {
     /// random inputs with dropped slots, then exit (before any timing).
     #[arg(long)]
     pub check_kernels: bool,
+    /// Also time the `fmoec` forward stage by stage (plan, dispatch, matmuls, activation,
+    /// combine) and print that table after the main one.
+    #[arg(long)]
+    pub stages: bool,
     /// Also write the full report as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<std::path::PathBuf>,
@@ -807,6 +959,7 @@ pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
                 RoutingKind::AllToOne,
             ],
         ),
+        stages: args.stages,
         implementations: or_all(&args.implementations, {
             let mut all = vec![Implementation::Fmoec];
             if crate::runtime::moe::fused_available(device) {

@@ -3,7 +3,8 @@
 //! glue kernels (compiled at run time with NVRTC, launched on torch's current stream) wrapped
 //! as autograd functions through the shim.
 //!
-//! The fused ops replace the gather into expert order ([`dispatch_op`]) and the weighted
+//! The fused ops replace the gather into expert order ([`dispatch_op`]), SwiGLU's `silu(a)·b`
+//! ([`swiglu_op`], one pass forward and backward) and the weighted
 //! combine ([`combine_op`]) with kernels that read every row once and need no atomics: the
 //! combine gathers each token's `k` expert rows and sums them in f32, and its backward is a
 //! gather (expert-row gradients) plus one dot product per slot (weight gradients); the
@@ -240,7 +241,46 @@ __device__ void row_dots(const T* a, const long long* slot_row, int k, const T* 
   }
 }
 
+// SwiGLU: out = silu(a) * b; backward ga = g * b * silu'(a), gb = g * silu(a). n % VEC == 0.
+template <typename T>
+__device__ void swiglu_fwd(const T* a, const T* b, T* out, long long n) {
+  const int N = Vec<T>::N;
+  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N; i < n;
+       i += (long long)gridDim.x * blockDim.x * N) {
+    float x[16 / sizeof(T)], y[16 / sizeof(T)];
+    ldv(a + i, x);
+    ldv(b + i, y);
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = x[j] / (1.0f + __expf(-x[j])) * y[j];
+    stv(out + i, x);
+  }
+}
+template <typename T>
+__device__ void swiglu_bwd(const T* a, const T* b, const T* g, T* ga, T* gb, long long n) {
+  const int N = Vec<T>::N;
+  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N; i < n;
+       i += (long long)gridDim.x * blockDim.x * N) {
+    float x[16 / sizeof(T)], y[16 / sizeof(T)], z[16 / sizeof(T)], da[16 / sizeof(T)], db[16 / sizeof(T)];
+    ldv(a + i, x);
+    ldv(b + i, y);
+    ldv(g + i, z);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float s = 1.0f / (1.0f + __expf(-x[j]));
+      float silu = x[j] * s;
+      db[j] = z[j] * silu;
+      da[j] = z[j] * y[j] * s * (1.0f + x[j] * (1.0f - s));
+    }
+    stv(ga + i, da);
+    stv(gb + i, db);
+  }
+}
+
 #define INSTANCES(T, NAME) \
+extern "C" __global__ void swiglu_fwd_##NAME(const T* a, const T* b, T* out, long long n) { \
+    swiglu_fwd<T>(a, b, out, n); } \
+extern "C" __global__ void swiglu_bwd_##NAME(const T* a, const T* b, const T* g, T* ga, T* gb, \
+    long long n) { swiglu_bwd<T>(a, b, g, ga, gb, n); } \
 extern "C" __global__ void gather_rows_##NAME(const T* src, const long long* row_slot, int k, \
     const float* scale, T* out, long long rows, int d) { gather_rows<T>(src, row_slot, k, scale, out, rows, d); } \
 extern "C" __global__ void sum_rows_##NAME(const T* src, const long long* slot_row, int k, \
@@ -251,7 +291,11 @@ INSTANCES(bf16_t, bf16)
 INSTANCES(float, f32)
 "#;
 
-const KERNELS: [&str; 6] = [
+const KERNELS: [&str; 10] = [
+    "swiglu_fwd_bf16",
+    "swiglu_bwd_bf16",
+    "swiglu_fwd_f32",
+    "swiglu_bwd_f32",
     "gather_rows_bf16",
     "sum_rows_bf16",
     "row_dots_bf16",
@@ -607,6 +651,85 @@ pub fn row_dots(a: &Tensor, slot_row: &Tensor, k: i64, b: &Tensor) -> Result<Ten
 
 const OP_DISPATCH: i64 = 1;
 const OP_COMBINE: i64 = 2;
+const OP_SWIGLU: i64 = 3;
+
+/// Blocks of 128 threads for an elementwise kernel over `n` elements, `vec` per thread.
+fn elementwise_blocks(n: i64, vec: i64) -> i64 {
+    ((n / vec + 127) / 128).min(132 * 16)
+}
+
+/// `silu(a) · b`, one pass (f32 inside).
+pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let (Some(suffix), true, true) = (
+        kernel_suffix(a),
+        kernel_suffix(b).is_some(),
+        a.size() == b.size() && a.kind() == b.kind(),
+    ) {
+        let a = a.f_contiguous()?;
+        let b = b.f_contiguous()?;
+        let out = a.f_empty_like()?;
+        let n = a.numel() as i64;
+        let vec = if suffix == "bf16" { 8 } else { 4 };
+        let (mut pa, mut pb, mut po, mut n64) = (ptr(&a), ptr(&b), ptr(&out), n);
+        let mut params: [*mut c_void; 4] = [
+            &mut pa as *mut _ as *mut c_void,
+            &mut pb as *mut _ as *mut c_void,
+            &mut po as *mut _ as *mut c_void,
+            &mut n64 as *mut _ as *mut c_void,
+        ];
+        launch(
+            device_index(&a),
+            &format!("swiglu_fwd_{suffix}"),
+            elementwise_blocks(n, vec),
+            &mut params,
+        )?;
+        return Ok(out);
+    }
+    Ok(a.f_silu()?.f_mul(b)?)
+}
+
+/// The gradients of `silu(a) · b` for the output gradient `g`: `(ga, gb)`, one pass.
+pub fn swiglu_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    if let (Some(suffix), true, true) = (
+        kernel_suffix(a),
+        kernel_suffix(b).is_some() && kernel_suffix(g).is_some(),
+        a.size() == b.size()
+            && a.size() == g.size()
+            && a.kind() == b.kind()
+            && a.kind() == g.kind(),
+    ) {
+        let a = a.f_contiguous()?;
+        let b = b.f_contiguous()?;
+        let g = g.f_contiguous()?;
+        let ga = a.f_empty_like()?;
+        let gb = a.f_empty_like()?;
+        let n = a.numel() as i64;
+        let vec = if suffix == "bf16" { 8 } else { 4 };
+        let (mut pa, mut pb, mut pg, mut pga, mut pgb, mut n64) =
+            (ptr(&a), ptr(&b), ptr(&g), ptr(&ga), ptr(&gb), n);
+        let mut params: [*mut c_void; 6] = [
+            &mut pa as *mut _ as *mut c_void,
+            &mut pb as *mut _ as *mut c_void,
+            &mut pg as *mut _ as *mut c_void,
+            &mut pga as *mut _ as *mut c_void,
+            &mut pgb as *mut _ as *mut c_void,
+            &mut n64 as *mut _ as *mut c_void,
+        ];
+        launch(
+            device_index(&a),
+            &format!("swiglu_bwd_{suffix}"),
+            elementwise_blocks(n, vec),
+            &mut params,
+        )?;
+        return Ok((ga, gb));
+    }
+    let s = a.f_sigmoid()?;
+    let silu = a.f_mul(&s)?;
+    let gb = g.f_mul(&silu)?;
+    let ds = s.f_mul(&a.f_mul(&s.f_neg()?.f_add_scalar(1.0)?)?.f_add_scalar(1.0)?)?;
+    let ga = g.f_mul(b)?.f_mul(&ds)?;
+    Ok((ga, gb))
+}
 
 fn run_op(op: i64, phase: c_int, inputs: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
     let undefined = |t: &Tensor| !t.defined();
@@ -661,6 +784,16 @@ fn run_op(op: i64, phase: c_int, inputs: Vec<Tensor>) -> Result<Vec<Option<Tenso
                 None
             };
             Ok(vec![gys, gw, None, None])
+        }
+        // swiglu: a = h1, b = h3
+        (OP_SWIGLU, 0) => Ok(vec![Some(swiglu(&inputs[0], &inputs[1])?)]),
+        (OP_SWIGLU, 1) => {
+            if undefined(&inputs[4]) {
+                return Ok(vec![None, None, None, None]);
+            }
+            let g = inputs[4].f_to_kind(inputs[0].kind())?;
+            let (ga, gb) = swiglu_backward(&inputs[0], &inputs[1], &g)?;
+            Ok(vec![Some(ga), Some(gb), None, None])
         }
         _ => bail!("unknown fused op {op} phase {phase}"),
     }
@@ -760,6 +893,20 @@ pub fn dispatch_op(x: &Tensor, row_slot: &Tensor, slot_row: &Tensor, k: i64) -> 
         kt,
     )
     .context("fused dispatch")
+}
+
+/// `silu(h1) · h3` in one pass, differentiable in both with a one-pass backward.
+pub fn swiglu_op(h1: &Tensor, h3: &Tensor) -> Result<Tensor> {
+    // unused slots: defined empty tensors (autograd reads every input's device)
+    let none = Tensor::f_empty([0], (Kind::Float, Device::Cpu))?;
+    apply(
+        OP_SWIGLU,
+        h1.shallow_clone(),
+        h3.shallow_clone(),
+        none.shallow_clone(),
+        none,
+    )
+    .context("fused swiglu")
 }
 
 /// `out[t] = Σ_j weight[t, j] · ys[slot_row[t·k+j]]` (`[T, d]`), differentiable in `ys` and
@@ -900,6 +1047,45 @@ pub fn self_check(device: Device) -> Result<Vec<String>> {
             check("combine_op forward", out, &out_ref)?;
             check("combine_op grad ys", ysg.grad(), &gys_ref)?;
             check("combine_op grad weight", wg.grad(), &gw_ref)?;
+        }
+    }
+    for &kind in kinds {
+        let tol = if kind == Kind::BFloat16 { 8e-3 } else { 1e-5 };
+        for &(rows, h) in &[(37i64, 64i64), (4099, 768)] {
+            let cpu = Device::Cpu;
+            let a = Tensor::f_randn([rows, h], (Kind::Double, cpu))?.f_mul_scalar(3.0)?;
+            let b = Tensor::f_randn([rows, h], (Kind::Double, cpu))?;
+            let g = Tensor::f_randn([rows, h], (Kind::Double, cpu))?;
+            let (a, b, g) = (a.f_to_kind(kind)?, b.f_to_kind(kind)?, g.f_to_kind(kind)?);
+            let a64 = a.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+            let b64 = b.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+            let want = a64.f_silu()?.f_mul(&b64)?;
+            want.f_mul(&g.f_to_kind(Kind::Double)?)?
+                .f_sum(Kind::Double)?
+                .f_backward()?;
+            let ag = a.f_to_device(device)?.f_set_requires_grad(true)?;
+            let bg = b.f_to_device(device)?.f_set_requires_grad(true)?;
+            poison(rows * h, kind, device)?;
+            let got = swiglu_op(&ag, &bg)?;
+            got.f_to_kind(Kind::Float)?
+                .f_mul(&g.f_to_device(device)?.f_to_kind(Kind::Float)?)?
+                .f_sum(Kind::Float)?
+                .f_backward()?;
+            for (name, got, want) in [
+                ("swiglu_op forward", got, want.f_detach()?),
+                ("swiglu_op grad h1", ag.grad(), a64.grad()),
+                ("swiglu_op grad h3", bg.grad(), b64.grad()),
+            ] {
+                let r = rel(&got, &want)?;
+                let ok = r.is_finite() && r <= tol;
+                if !ok {
+                    failed += 1;
+                }
+                lines.push(format!(
+                    "{name:<26} {kind:?} rows={rows} h={h}: rel err {r:.2e} {}",
+                    if ok { "ok" } else { "FAILED" }
+                ));
+            }
         }
     }
     if failed > 0 {

@@ -740,6 +740,10 @@ impl Experts {
             h = h.f_add(&b)?;
         }
         let h = match (&self.act, &self.w3) {
+            #[cfg(feature = "cuda")]
+            (Activation::Swiglu, Some(w3)) if plan.fused => {
+                crate::runtime::fused::swiglu_op(&h, &self.mm(xs, w3, plan)?)?
+            }
             (Activation::Swiglu, Some(w3)) => h.f_silu()?.f_mul(&self.mm(xs, w3, plan)?)?,
             _ => activate(&h, self.act)?,
         };
