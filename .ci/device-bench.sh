@@ -3,7 +3,7 @@
 # a CUDA build of fmoec at $FMOEC (default .dev/fmoec): `cargo build --release --features cuda`.
 # Writes logs under ${OUT:-out-gpu}. Steps (STEPS, default "check bench tiny e2e"): device
 # facts; `check`: the fused kernels against their CPU reference (`fmoec bench moe
-# --check-kernels`); `bench`: `fmoec bench moe` (BENCH_ARGS adds arguments, e.g. `--shape S3`);
+# --check-kernels`); `bench`: `fmoec bench moe` (BENCH_ARGS, default `--stages`, e.g. `--shape S3`);
 # `tiny`: examples/tiny.fmoe in bf16; `e2e`: GPT-2-medium-MoE on one GPU in bf16 with the GPU's
 # peak memory sampled by nvidia-smi, beside the planner's estimate for the same one-GPU layout
 # (E2E_UNFUSED=1 also runs it with the fused kernels off, FMOEC_FUSED=0).
@@ -40,7 +40,7 @@ check)
     ;;
 bench)
     # shellcheck disable=SC2086
-    "$FMOEC" bench moe --device cuda --iters "${ITERS:-50}" --json "$OUT/bench.json" ${BENCH_ARGS:-} \
+    "$FMOEC" bench moe --device cuda --iters "${ITERS:-50}" --json "$OUT/bench.json" ${BENCH_ARGS:---stages} \
         2> "$OUT/bench.progress" | tee "$OUT/bench.txt"
     ;;
 tiny)

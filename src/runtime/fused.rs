@@ -1093,3 +1093,17 @@ pub fn self_check(device: Device) -> Result<Vec<String>> {
     }
     Ok(lines)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a CPU the ops take their libtorch branch: this checks the autograd wiring through
+    /// the C++ shim (forward, every gradient, dropped slots) against the f64 reference.
+    #[test]
+    fn fused_ops_match_the_reference_on_cpu() {
+        let lines = self_check(Device::Cpu).unwrap();
+        assert!(lines.len() >= 30, "{lines:?}");
+        assert!(lines.iter().all(|l| l.ends_with(" ok")), "{lines:?}");
+    }
+}
