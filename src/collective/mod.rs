@@ -50,11 +50,14 @@ mod tape;
 
 pub use error::{CollectiveError, ErrorKind};
 pub use exchange::{exchange_experts, ExchangeTape};
-pub use grads::{clip_global_norm, reduce_gradients, GradientNorm, ParamKind};
-pub use groups::{GroupKind, GroupLabel, GroupLayout, Groups, LayoutError};
+pub use grads::{
+    clip_global_norm, clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients,
+    GradientNorm, ParamKind, TensorSplit,
+};
+pub use groups::{tensor_groups, GroupKind, GroupLabel, GroupLayout, Groups, LayoutError};
 pub use placement::{ExpertPlacement, PlacementError};
 pub use reshard::{reshard_experts, ReshardError};
-pub use tape::{backward_roots, Cut, Tape};
+pub use tape::{backward_roots, reduce_from_tensor_region, Cut, Tape};
 
 use tch::Tensor;
 

@@ -1,0 +1,420 @@
+//! Tensor parallelism in the runtime's model (Megatron-LM column/row-parallel layers,
+//! FastMoE's expert slicing), on in-process ranks: a model split over tensor ranks (and
+//! data ranks) must give the single-rank model's loss, logits and, once the reference
+//! gradient is sliced the way the parameters are, its gradients; the global gradient norm
+//! and the clipped gradients too. A backward that skips the tensor group's gradient
+//! all-reduce must be caught by the same comparison.
+
+mod runtime_common;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fmoec::check::*;
+use fmoec::collective::local::{local_tensor_groups, local_world, LocalCollective};
+use fmoec::collective::{
+    clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients, tensor_groups,
+    Collective, GroupKind, GroupLabel, GroupLayout, Groups, ParamKind, Tape, TensorSplit,
+};
+use fmoec::runtime::model::{TensorParallel, TensorPass, Transformer};
+use tch::{Device, Kind, Tensor};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const SEED: i64 = 7;
+const MAX_NORM: f64 = 0.05;
+
+/// In-process ranks share libtorch's generator: models are drawn one at a time.
+static DRAWING: Mutex<()> = Mutex::new(());
+
+/// The runtime tests' tiny model (a dense and an MoE block) with a deterministic gate
+/// (naive top-2, no capacity), optionally with a shared expert and SwiGLU experts.
+fn model(shared: bool, swiglu: bool) -> Model {
+    let mut m = runtime_common::tiny_model(GateKind::Naive);
+    for layer in &mut m.layers {
+        if let Ffn::Moe(moe) = &mut layer.ffn {
+            if swiglu {
+                moe.expert.act = Activation::Swiglu;
+            }
+            if shared {
+                moe.shared = Some(SharedExperts {
+                    count: 1,
+                    expert: Mlp {
+                        hidden: 32,
+                        act: Activation::Gelu,
+                        span: Default::default(),
+                    },
+                });
+            }
+        }
+    }
+    m
+}
+
+fn build(m: &Model, kind: Kind, tp: Option<TensorParallel>) -> Transformer {
+    let _guard = DRAWING.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(SEED);
+    Transformer::new_tensor_parallel(m, Device::Cpu, kind, kind, tp).expect("model builds")
+}
+
+fn batch(m: &Model) -> Tensor {
+    let _guard = DRAWING.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(99);
+    Tensor::randint(m.vocab as i64, [4, 9], (Kind::Int64, Device::Cpu))
+}
+
+/// The single-rank run: the mean over `shares` equal parts of the batch of (LM loss +
+/// weighted balance loss), as `shares` data ranks each compute their own; one backward.
+struct Reference {
+    loss: f64,
+    logits: Tensor,
+    params: Vec<(String, Tensor, Tensor)>,
+    norm: f64,
+    scale: f64,
+}
+
+fn reference(m: &Model, kind: Kind, shares: i64) -> Reference {
+    let model = build(m, kind, None);
+    let tokens = batch(m);
+    let rows = tokens.size()[0] / shares;
+    let mut total = Tensor::zeros([], (Kind::Double, Device::Cpu));
+    let mut logits = Vec::new();
+    for s in 0..shares {
+        let (lm, out) = model
+            .loss(&tokens.narrow(0, s * rows, rows), true)
+            .expect("reference forward");
+        total = total + (lm + out.balance_loss).to_kind(Kind::Double);
+        logits.push(out.logits);
+    }
+    let total = total / shares as f64;
+    total.backward();
+    let params: Vec<(String, Tensor, Tensor)> = model
+        .store
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.tensor.detach(), p.tensor.grad()))
+        .collect();
+    let norm = params
+        .iter()
+        .map(|(_, _, g)| g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]))
+        .sum::<f64>()
+        .sqrt();
+    Reference {
+        loss: total.double_value(&[]),
+        logits: Tensor::cat(&logits, 0),
+        params,
+        norm,
+        scale: (MAX_NORM / (norm + 1e-6)).min(1.0),
+    }
+}
+
+/// How a rank's backward treats the tensor group.
+#[derive(Clone, Copy, PartialEq)]
+enum Backward {
+    /// `Tape::backward_tensor_parallel` with the tensor group.
+    Correct,
+    /// The same, but each rank "all-reduces" over a group of itself: the gradient
+    /// all-reduce of copy-to-region is skipped.
+    SkipAllReduce,
+}
+
+/// Max differences one rank found against the reference, by what was compared.
+type Diffs = Vec<(String, f64)>;
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    if a.size() != b.size() {
+        return f64::INFINITY;
+    }
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+fn param_kind(name: &str) -> ParamKind {
+    if name.contains(".ffn.experts.") {
+        ParamKind::Expert
+    } else if name.contains(".ffn.gate.") {
+        ParamKind::Gate
+    } else {
+        ParamKind::Replicated
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rank_run(
+    m: &Model,
+    kind: Kind,
+    slicing: bool,
+    backward: Backward,
+    mut groups: Groups,
+    tensor: LocalCollective,
+    reference: Vec<(String, Tensor, Tensor)>,
+    ref_logits: Tensor,
+    expect: (f64, f64, f64),
+) -> Diffs {
+    groups.set_tensor(Box::new(tensor)).expect("the rank's tensor group");
+    let tensor = groups.tensor();
+    let tp = TensorParallel {
+        rank: tensor.rank(),
+        size: tensor.size(),
+        expert_slicing: slicing,
+    };
+    let model = build(m, kind, Some(tp));
+    let tokens = batch(m);
+    let shares = groups.data().size() as i64;
+    let rows = tokens.size()[0] / shares;
+    let me = groups.data().rank() as i64;
+    let mut tape = Tape::new();
+    let mut pass = TensorPass {
+        group: tensor,
+        tape: &mut tape,
+        at: "test step",
+    };
+    let (lm, out) = model
+        .loss_tensor_parallel(&tokens.narrow(0, me * rows, rows), true, &mut pass)
+        .expect("tensor-parallel forward");
+    let loss = (lm + &out.balance_loss).to_kind(Kind::Double);
+    let mut diffs = vec![(
+        "logits".to_string(),
+        max_diff(&out.logits, &ref_logits.narrow(0, me * rows, rows)),
+    )];
+    let alone = LocalCollective::group(
+        GroupLabel {
+            kind: GroupKind::Tensor,
+            members: vec![groups.rank()],
+        },
+        TIMEOUT,
+    )
+    .pop()
+    .expect("one handle");
+    let group: &dyn Collective = match backward {
+        Backward::Correct => tensor,
+        Backward::SkipAllReduce => &alone,
+    };
+    tape.backward_tensor_parallel(&loss, groups.expert(), group, "test backward")
+        .expect("backward");
+    let splits = model.tensor_splits();
+    let store = &model.store.params;
+    let partial: Vec<(TensorSplit, &Tensor)> =
+        splits.iter().zip(store).map(|(s, p)| (*s, &p.tensor)).collect();
+    sum_partial_gradients(tensor, &partial, "test").expect("partial sums");
+    let kinds: Vec<(ParamKind, &Tensor)> =
+        store.iter().map(|p| (param_kind(&p.name), &p.tensor)).collect();
+    reduce_gradients(&groups, &kinds, "test").expect("gradient reduction");
+    let with_split: Vec<(ParamKind, TensorSplit, &Tensor)> = store
+        .iter()
+        .zip(&splits)
+        .map(|(p, s)| (param_kind(&p.name), *s, &p.tensor))
+        .collect();
+    let norm = clip_global_norm_tensor_parallel(
+        &groups,
+        tensor,
+        &with_split,
+        Some(MAX_NORM),
+        "test",
+    )
+    .expect("clipping");
+    let mut global = loss.detach().reshape([1]);
+    groups.data().all_reduce_sum(&mut global, "loss").expect("loss");
+    let (ref_loss, ref_norm, ref_scale) = expect;
+    diffs.push((
+        "loss".into(),
+        (global.double_value(&[0]) / shares as f64 - ref_loss).abs(),
+    ));
+    diffs.push(("norm".into(), (norm.total - ref_norm).abs()));
+    diffs.push(("clip factor".into(), (norm.scale - ref_scale).abs()));
+    for (p, (name, value, grad)) in store.iter().zip(&reference) {
+        assert_eq!(&p.name, name, "same parameters in the same order");
+        let value = model.tensor_shard_of(name, value).expect("slice");
+        let grad = model
+            .tensor_shard_of(name, &(grad * ref_scale))
+            .expect("slice");
+        diffs.push((format!("{name} init"), max_diff(&p.tensor, &value)));
+        diffs.push((format!("{name} gradient"), max_diff(&p.tensor.grad(), &grad)));
+    }
+    diffs
+}
+
+/// Runs the model on `tensor × data` in-process ranks; every rank's differences.
+fn split_run(
+    m: &Model,
+    kind: Kind,
+    tensor: usize,
+    data: usize,
+    slicing: bool,
+    backward: Backward,
+) -> Vec<Diffs> {
+    runtime_common::init();
+    let world = tensor * data;
+    let r = reference(m, kind, data as i64);
+    assert!(r.scale < 1.0, "the test must clip (norm {})", r.norm);
+    let layout = GroupLayout::tensor_data(world, tensor, 1).expect("layout");
+    let groups = local_world(&layout, TIMEOUT).expect("groups");
+    let tensors = local_tensor_groups(
+        world,
+        &tensor_groups(world, tensor).expect("tensor groups"),
+        TIMEOUT,
+    )
+    .expect("tensor handles");
+    let inputs: Vec<_> = groups
+        .into_iter()
+        .zip(tensors)
+        .map(|(g, t)| {
+            let params: Vec<(String, Tensor, Tensor)> = r
+                .params
+                .iter()
+                .map(|(n, v, g)| (n.clone(), v.copy(), g.copy()))
+                .collect();
+            (g, t, params, r.logits.copy())
+        })
+        .collect();
+    let expect = (r.loss, r.norm, r.scale);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = inputs
+            .into_iter()
+            .map(|(g, t, params, logits)| {
+                scope.spawn(move || {
+                    rank_run(m, kind, slicing, backward, g, t, params, logits, expect)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("rank thread"))
+            .collect()
+    })
+}
+
+fn failures(all: &[Diffs], tolerance: f64) -> Vec<String> {
+    all.iter()
+        .enumerate()
+        .flat_map(|(rank, diffs)| {
+            diffs
+                .iter()
+                .filter(|(_, d)| d.is_nan() || *d > tolerance)
+                .map(move |(what, d)| format!("rank {rank}: {what} differs by {d:e}"))
+        })
+        .collect()
+}
+
+fn assert_equivalent(all: &[Diffs], tolerance: f64) {
+    let bad = failures(all, tolerance);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    // Every parameter was compared on every rank.
+    assert!(all.iter().all(|d| d.len() > 40), "{:?}", all[0].len());
+}
+
+#[test]
+fn two_tensor_ranks_match_one_rank_in_f64() {
+    let m = model(false, false);
+    assert_equivalent(
+        &split_run(&m, Kind::Double, 2, 1, true, Backward::Correct),
+        1e-10,
+    );
+}
+
+#[test]
+fn two_tensor_ranks_match_one_rank_in_f32() {
+    let m = model(false, false);
+    assert_equivalent(
+        &split_run(&m, Kind::Float, 2, 1, true, Backward::Correct),
+        1e-5,
+    );
+}
+
+#[test]
+fn unsliced_experts_and_shared_experts_match_one_rank() {
+    let m = model(true, true);
+    assert_equivalent(
+        &split_run(&m, Kind::Double, 2, 1, false, Backward::Correct),
+        1e-10,
+    );
+    assert_equivalent(
+        &split_run(&m, Kind::Double, 2, 1, true, Backward::Correct),
+        1e-10,
+    );
+}
+
+#[test]
+fn two_tensor_by_two_data_ranks_match_one_rank() {
+    let m = model(true, false);
+    assert_equivalent(
+        &split_run(&m, Kind::Double, 2, 2, true, Backward::Correct),
+        1e-10,
+    );
+}
+
+#[test]
+fn a_backward_without_the_tensor_all_reduce_is_caught() {
+    let m = model(false, false);
+    let all = split_run(&m, Kind::Double, 2, 1, true, Backward::SkipAllReduce);
+    let bad = failures(&all, 1e-6);
+    // The parameters before the first copy-to-region cut get only a rank's share.
+    for wanted in ["embed.tokens gradient", "layers.0.norm1.weight gradient", "norm"] {
+        assert!(
+            bad.iter().any(|b| b.contains(wanted)),
+            "no failure for {wanted}: {bad:?}"
+        );
+    }
+    // The forward is unaffected.
+    assert!(!bad.iter().any(|b| b.contains("logits")), "{bad:?}");
+}
+
+#[test]
+fn one_tensor_rank_is_the_single_rank_model() {
+    runtime_common::init();
+    let m = model(true, false);
+    let plain = build(&m, Kind::Float, None);
+    let split = build(
+        &m,
+        Kind::Float,
+        Some(TensorParallel {
+            rank: 0,
+            size: 1,
+            expert_slicing: false,
+        }),
+    );
+    for (a, b) in plain.store.params.iter().zip(&split.store.params) {
+        assert_eq!(a.name, b.name);
+        assert!(a.tensor.equal(&b.tensor), "{} differs", a.name);
+    }
+    assert!(split.tensor_splits().iter().all(|s| *s == TensorSplit::Whole));
+}
+
+#[test]
+fn a_split_that_does_not_divide_is_an_error() {
+    runtime_common::init();
+    let m = model(false, false);
+    let _guard = DRAWING.lock().unwrap_or_else(|p| p.into_inner());
+    let err = Transformer::new_tensor_parallel(
+        &m,
+        Device::Cpu,
+        Kind::Float,
+        Kind::Float,
+        Some(TensorParallel {
+            rank: 0,
+            size: 3,
+            expert_slicing: true,
+        }),
+    )
+    .err()
+    .expect("heads = 4 do not split over 3 ranks");
+    assert!(format!("{err:#}").contains("not divisible by tensor = 3"), "{err:#}");
+}
+
+#[test]
+fn a_tensor_parallel_model_refuses_the_plain_forward() {
+    runtime_common::init();
+    let m = model(false, false);
+    let model = build(
+        &m,
+        Kind::Float,
+        Some(TensorParallel {
+            rank: 1,
+            size: 2,
+            expert_slicing: true,
+        }),
+    );
+    let err = model.loss(&batch(&m), false).err().expect("refused");
+    assert!(format!("{err:#}").contains("forward_tensor_parallel"), "{err:#}");
+}
