@@ -16,7 +16,8 @@ use fmoec::collective::{
     clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients, tensor_groups,
     Collective, GroupKind, GroupLabel, GroupLayout, Groups, ParamKind, Tape, TensorSplit,
 };
-use fmoec::runtime::model::{TensorParallel, TensorPass, Transformer};
+use fmoec::collective::ExpertPlacement;
+use fmoec::runtime::model::{ExchangedExperts, FfnModule, TensorParallel, TensorPass, Transformer};
 use tch::{Device, Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -54,6 +55,41 @@ fn build(m: &Model, kind: Kind, tp: Option<TensorParallel>) -> Transformer {
     let _guard = DRAWING.lock().unwrap_or_else(|p| p.into_inner());
     tch::manual_seed(SEED);
     Transformer::new_tensor_parallel(m, Device::Cpu, kind, kind, tp).expect("model builds")
+}
+
+/// The whole model cut to the experts `ids` of every MoE layer (expert parallelism), then
+/// split over tensor ranks: the order the trainer must follow.
+fn build_expert_parallel(m: &Model, kind: Kind, tp: TensorParallel, ids: &[i64]) -> Transformer {
+    let mut model = build(m, kind, None);
+    let index = Tensor::from_slice(ids);
+    for block in &mut model.blocks {
+        let FfnModule::Moe(layer) = &mut block.ffn else {
+            continue;
+        };
+        let prefix = format!("layers.{}.ffn.experts.", block.index);
+        let ex = &mut layer.experts;
+        for p in model.store.params.iter_mut() {
+            let Some(which) = p.name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let local = p.tensor.detach().index_select(0, &index).set_requires_grad(true);
+            p.tensor = local.shallow_clone();
+            let slot = match which {
+                "w1" => Some(&mut ex.w1),
+                "w2" => Some(&mut ex.w2),
+                "w3" => ex.w3.as_mut(),
+                "b1" => ex.b1.as_mut(),
+                "b2" => ex.b2.as_mut(),
+                other => panic!("unknown expert tensor {other}"),
+            };
+            if let Some(slot) = slot {
+                *slot = local;
+            }
+        }
+        ex.experts = ids.len() as i64;
+    }
+    model.split_tensor_parallel(tp).expect("tensor split");
+    model
 }
 
 fn batch(m: &Model) -> Tensor {
@@ -145,6 +181,7 @@ fn rank_run(
     m: &Model,
     kind: Kind,
     slicing: bool,
+    expert_group: usize,
     backward: Backward,
     mut groups: Groups,
     tensor: LocalCollective,
@@ -159,7 +196,37 @@ fn rank_run(
         size: tensor.size(),
         expert_slicing: slicing,
     };
-    let model = build(m, kind, Some(tp));
+    // Contiguous placement over the expert group (FastMoE's), the same for every layer.
+    let experts = m
+        .layers
+        .iter()
+        .find_map(|l| match &l.ffn {
+            Ffn::Moe(moe) => Some(moe.experts as usize),
+            _ => None,
+        })
+        .expect("an MoE layer");
+    let placement = ExpertPlacement::contiguous(experts, expert_group).expect("placement");
+    let placements: std::collections::BTreeMap<usize, ExpertPlacement> = m
+        .layers
+        .iter()
+        .filter(|l| matches!(l.ffn, Ffn::Moe(_)))
+        .map(|l| (l.index, placement.clone()))
+        .collect();
+    let mine: Vec<i64> = placement
+        .local_experts(groups.expert().rank())
+        .iter()
+        .map(|&e| e as i64)
+        .collect();
+    let model = if expert_group > 1 {
+        build_expert_parallel(m, kind, tp, &mine)
+    } else {
+        build(m, kind, Some(tp))
+    };
+    let mut exchanged = ExchangedExperts {
+        group: groups.expert(),
+        placements: &placements,
+        at: "test step",
+    };
     let tokens = batch(m);
     let shares = groups.data().size() as i64;
     let rows = tokens.size()[0] / shares;
@@ -169,6 +236,11 @@ fn rank_run(
         group: tensor,
         tape: &mut tape,
         at: "test step",
+        experts: if expert_group > 1 {
+            Some(&mut exchanged)
+        } else {
+            None
+        },
     };
     let (lm, out) = model
         .loss_tensor_parallel(&tokens.narrow(0, me * rows, rows), true, &mut pass)
@@ -223,9 +295,15 @@ fn rank_run(
     ));
     diffs.push(("norm".into(), (norm.total - ref_norm).abs()));
     diffs.push(("clip factor".into(), (norm.scale - ref_scale).abs()));
+    let local = Tensor::from_slice(&mine);
     for (p, (name, value, grad)) in store.iter().zip(&reference) {
         assert_eq!(&p.name, name, "same parameters in the same order");
-        let value = model.tensor_shard_of(name, value).expect("slice");
+        let (value, grad) = if name.contains(".ffn.experts.") {
+            (value.index_select(0, &local), grad.index_select(0, &local))
+        } else {
+            (value.shallow_clone(), grad.shallow_clone())
+        };
+        let value = model.tensor_shard_of(name, &value).expect("slice");
         let grad = model
             .tensor_shard_of(name, &(grad * ref_scale))
             .expect("slice");
@@ -241,6 +319,7 @@ fn split_run(
     kind: Kind,
     tensor: usize,
     data: usize,
+    expert_group: usize,
     slicing: bool,
     backward: Backward,
 ) -> Vec<Diffs> {
@@ -248,7 +327,7 @@ fn split_run(
     let world = tensor * data;
     let r = reference(m, kind, data as i64);
     assert!(r.scale < 1.0, "the test must clip (norm {})", r.norm);
-    let layout = GroupLayout::tensor_data(world, tensor, 1).expect("layout");
+    let layout = GroupLayout::tensor_data(world, tensor, expert_group).expect("layout");
     let groups = local_world(&layout, TIMEOUT).expect("groups");
     let tensors = local_tensor_groups(
         world,
@@ -274,7 +353,18 @@ fn split_run(
             .into_iter()
             .map(|(g, t, params, logits)| {
                 scope.spawn(move || {
-                    rank_run(m, kind, slicing, backward, g, t, params, logits, expect)
+                    rank_run(
+                        m,
+                        kind,
+                        slicing,
+                        expert_group,
+                        backward,
+                        g,
+                        t,
+                        params,
+                        logits,
+                        expect,
+                    )
                 })
             })
             .collect();
@@ -298,6 +388,11 @@ fn failures(all: &[Diffs], tolerance: f64) -> Vec<String> {
 }
 
 fn assert_equivalent(all: &[Diffs], tolerance: f64) {
+    let worst = all
+        .iter()
+        .flatten()
+        .fold(("", 0.0f64), |w, (what, d)| if *d > w.1 { (what.as_str(), *d) } else { w });
+    eprintln!("largest difference: {:e} ({})", worst.1, worst.0);
     let bad = failures(all, tolerance);
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     // Every parameter was compared on every rank.
@@ -308,7 +403,7 @@ fn assert_equivalent(all: &[Diffs], tolerance: f64) {
 fn two_tensor_ranks_match_one_rank_in_f64() {
     let m = model(false, false);
     assert_equivalent(
-        &split_run(&m, Kind::Double, 2, 1, true, Backward::Correct),
+        &split_run(&m, Kind::Double, 2, 1, 1, true, Backward::Correct),
         1e-10,
     );
 }
@@ -317,7 +412,7 @@ fn two_tensor_ranks_match_one_rank_in_f64() {
 fn two_tensor_ranks_match_one_rank_in_f32() {
     let m = model(false, false);
     assert_equivalent(
-        &split_run(&m, Kind::Float, 2, 1, true, Backward::Correct),
+        &split_run(&m, Kind::Float, 2, 1, 1, true, Backward::Correct),
         1e-5,
     );
 }
@@ -326,11 +421,11 @@ fn two_tensor_ranks_match_one_rank_in_f32() {
 fn unsliced_experts_and_shared_experts_match_one_rank() {
     let m = model(true, true);
     assert_equivalent(
-        &split_run(&m, Kind::Double, 2, 1, false, Backward::Correct),
+        &split_run(&m, Kind::Double, 2, 1, 1, false, Backward::Correct),
         1e-10,
     );
     assert_equivalent(
-        &split_run(&m, Kind::Double, 2, 1, true, Backward::Correct),
+        &split_run(&m, Kind::Double, 2, 1, 1, true, Backward::Correct),
         1e-10,
     );
 }
@@ -339,7 +434,22 @@ fn unsliced_experts_and_shared_experts_match_one_rank() {
 fn two_tensor_by_two_data_ranks_match_one_rank() {
     let m = model(true, false);
     assert_equivalent(
-        &split_run(&m, Kind::Double, 2, 2, true, Backward::Correct),
+        &split_run(&m, Kind::Double, 2, 2, 1, true, Backward::Correct),
+        1e-10,
+    );
+}
+
+#[test]
+fn two_tensor_by_two_data_ranks_with_experts_across_data_match_one_rank() {
+    // The planned placement of `fmoec plan --world 4` for gpt2-medium-moe.fmoe: tensor 2 x
+    // data 2, the expert group is the data group, experts sliced over the tensor ranks.
+    let m = model(true, false);
+    assert_equivalent(
+        &split_run(&m, Kind::Double, 2, 2, 2, true, Backward::Correct),
+        1e-10,
+    );
+    assert_equivalent(
+        &split_run(&m, Kind::Double, 2, 2, 2, false, Backward::Correct),
         1e-10,
     );
 }
@@ -347,7 +457,7 @@ fn two_tensor_by_two_data_ranks_match_one_rank() {
 #[test]
 fn a_backward_without_the_tensor_all_reduce_is_caught() {
     let m = model(false, false);
-    let all = split_run(&m, Kind::Double, 2, 1, true, Backward::SkipAllReduce);
+    let all = split_run(&m, Kind::Double, 2, 1, 1, true, Backward::SkipAllReduce);
     let bad = failures(&all, 1e-6);
     // The parameters before the first copy-to-region cut get only a rank's share.
     for wanted in ["embed.tokens gradient", "layers.0.norm1.weight gradient", "norm"] {

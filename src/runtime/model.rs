@@ -15,7 +15,9 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::check::{Ffn, Layer, Model, Norm, Positions};
-use crate::collective::{reduce_from_tensor_region, Collective, Tape, TensorSplit};
+use crate::collective::{
+    exchange_experts, reduce_from_tensor_region, Collective, ExpertPlacement, Tape, TensorSplit,
+};
 use crate::runtime::moe::{self, DenseMlp, DispatchPlan, Experts, MoeLayer, Telemetry};
 use crate::runtime::params::{Init, ParamStore};
 
@@ -566,6 +568,119 @@ pub struct TensorPass<'a> {
     pub group: &'a dyn Collective,
     pub tape: &'a mut Tape,
     pub at: &'a str,
+    /// Who runs the MoE layers' routed experts: `None` runs every expert of the layer on
+    /// this rank; [`ExchangedExperts`] spreads them over an expert group.
+    pub experts: Option<&'a mut dyn RoutedExperts>,
+}
+
+/// Runs a MoE layer's routed experts inside a tensor-parallel pass (the place where
+/// expert parallelism plugs in).
+pub trait RoutedExperts {
+    /// `h`: `[N, d]`, the layer's input, a leaf of the tape (the copy-to-region leaf when
+    /// experts are sliced); `expert`: `[N, k]` routed experts (−1: dropped); `weight`:
+    /// `[N, k]` combine weights, a leaf. Returns `Σ_slots weight · expert(h)`, `[N, d]`: this
+    /// rank's partial sum when the experts are sliced (the caller all-reduces it over the
+    /// tensor group). Anything recorded on `tape` goes in a new step (its graph must start
+    /// at the leaves, whose own step comes earlier).
+    fn combined(
+        &mut self,
+        index: usize,
+        layer: &MoeLayer,
+        h: &Tensor,
+        expert: &Tensor,
+        weight: &Tensor,
+        tape: &mut Tape,
+    ) -> Result<Tensor>;
+}
+
+/// The routed experts spread over an expert group (FastMoE on Megatron: the data-parallel
+/// group of this tensor rank), tokens moved by [`exchange_experts`]. Each MoE layer's
+/// `experts` must already hold only this rank's experts (in the placement's local order)
+/// and, with slicing, only this tensor rank's hidden columns of them.
+pub struct ExchangedExperts<'a> {
+    /// The expert group (`Groups::expert()`).
+    pub group: &'a dyn Collective,
+    /// Per MoE layer (block index): which experts each position of the group holds.
+    pub placements: &'a std::collections::BTreeMap<usize, ExpertPlacement>,
+    /// Label for the collectives (`"step 12, micro-batch 3"`).
+    pub at: &'a str,
+}
+
+impl RoutedExperts for ExchangedExperts<'_> {
+    fn combined(
+        &mut self,
+        index: usize,
+        layer: &MoeLayer,
+        h: &Tensor,
+        expert: &Tensor,
+        weight: &Tensor,
+        tape: &mut Tape,
+    ) -> Result<Tensor> {
+        let Some(placement) = self.placements.get(&index) else {
+            bail!("no expert placement for MoE layer {index}");
+        };
+        let (n, d) = h.size2()?;
+        let k = expert.size()[1];
+        let e = layer.gate.experts;
+        let device = h.device();
+        // Slots in the placement's order; dropped slots (-1) sort past the last one.
+        let slot_table = Tensor::f_from_slice(&placement.slot_of_expert())?.f_to_device(device)?;
+        let flat = expert.f_reshape([-1])?;
+        let slot = slot_table
+            .f_index_select(0, &flat.f_clamp_min(0)?)?
+            .f_where_scalarother(&flat.f_ge(0)?, e)?;
+        let order = slot.f_argsort_stable(true, 0, false)?;
+        let per_slot = slot.f_bincount(None::<Tensor>, e + 1)?.f_narrow(0, 0, e)?;
+        let counts = Vec::<i64>::try_from(&per_slot.f_to_device(Device::Cpu)?)?;
+        let kept: i64 = counts.iter().sum();
+        let sent = order.f_narrow(0, 0, kept)?;
+        let token = sent.f_div_scalar_mode(k, "floor")?;
+        tape.step();
+        let experts = &layer.experts;
+        let at = format!("{}, layer {index}", self.at);
+        let (ys, exchange) = exchange_experts(
+            self.group,
+            placement,
+            &h.f_index_select(0, &token)?,
+            &counts,
+            &at,
+            |received, local_counts| {
+                local_experts(experts, received, local_counts)
+                    .map_err(|e| tch::TchError::Torch(format!("{e:#}")))
+            },
+        )?;
+        tape.record(exchange);
+        let w = weight
+            .f_reshape([-1])?
+            .f_index_select(0, &sent)?
+            .f_to_kind(ys.kind())?;
+        Ok(Tensor::f_zeros([n, d], (ys.kind(), device))?
+            .f_index_add(0, &token, &ys.f_mul(&w.f_unsqueeze(1)?)?)?)
+    }
+}
+
+/// Runs `received` (rows grouped by local expert, `local_counts[j]` for local expert `j`)
+/// through this rank's experts.
+fn local_experts(experts: &Experts, received: &Tensor, local_counts: &[i64]) -> Result<Tensor> {
+    let (rows, width) = received.size2()?;
+    let device = received.device();
+    if rows == 0 || local_counts.is_empty() {
+        return Ok(Tensor::f_zeros([rows, width], (received.kind(), device))?);
+    }
+    let counts = Tensor::f_from_slice(local_counts)?.f_to_device(device)?;
+    let arange = Tensor::f_arange(rows, (Kind::Int64, device))?;
+    let expert = Tensor::f_arange(local_counts.len() as i64, (Kind::Int64, device))?
+        .f_repeat_interleave_self_tensor(&counts, 0, Some(rows))?;
+    let plan = DispatchPlan {
+        order: arange.shallow_clone(),
+        token: arange,
+        expert,
+        valid: Tensor::f_ones([rows, 1], (Kind::Bool, device))?,
+        offsets: counts.f_cumsum(0, Kind::Int)?,
+        counts,
+        experts: local_counts.len() as i64,
+    };
+    experts.forward(received, &plan)
 }
 
 impl TensorPass<'_> {
@@ -625,17 +740,26 @@ impl Block {
                 let he = pass.enter(&h, sliced)?;
                 let weight = pass.enter(&routing.weight, sliced)?;
                 let balance = pass.tape.cut(&routing.balance_loss)?;
+                // The shared experts' input is cut in this step too: a runner may open the
+                // next one.
+                let shared_input = match (&layer.shared, sliced) {
+                    (None, _) => None,
+                    (Some(_), true) => Some(he.shallow_clone()),
+                    (Some(_), false) => Some(pass.enter(&h, split)?),
+                };
                 let plan = DispatchPlan::new(&routing.expert, layer.gate.experts)?;
-                let ys = layer.experts.forward(&moe::dispatch(&he, &plan)?, &plan)?;
-                let mut out = moe::combine(&ys, &plan, &weight, b * t)?;
+                let mut out = match pass.experts.as_deref_mut() {
+                    Some(runner) => {
+                        runner.combined(i, layer, &he, &routing.expert, &weight, pass.tape)?
+                    }
+                    None => {
+                        let ys = layer.experts.forward(&moe::dispatch(&he, &plan)?, &plan)?;
+                        moe::combine(&ys, &plan, &weight, b * t)?
+                    }
+                };
                 let what = format!("layer {i} moe");
-                if let Some(shared) = &layer.shared {
-                    let hs = if sliced {
-                        he.shallow_clone()
-                    } else {
-                        pass.enter(&h, split)?
-                    };
-                    let partial = mlp_partial(shared, &hs)?;
+                if let (Some(shared), Some(hs)) = (&layer.shared, &shared_input) {
+                    let partial = mlp_partial(shared, hs)?;
                     out = if sliced {
                         pass.reduce(&out.f_add(&partial)?, &what)?
                     } else {
@@ -752,9 +876,23 @@ impl Transformer {
         tp: Option<TensorParallel>,
     ) -> Result<Transformer> {
         let mut t = Transformer::new(model, device, master, compute)?;
-        let Some(tp) = tp else {
-            return Ok(t);
-        };
+        if let Some(tp) = tp {
+            t.split_tensor_parallel(tp)?;
+        }
+        Ok(t)
+    }
+
+    /// Keeps this tensor rank's share of every parameter of a whole model (see
+    /// [`TensorParallel`]), in the modules and in the store. With expert parallelism, keep
+    /// the rank's experts first (the stacked expert tensors, `b2` included, cut to its
+    /// experts), then split: on tensor ranks other than 0 a sliced layer's module no longer
+    /// holds `b2` (the store still does).
+    pub fn split_tensor_parallel(&mut self, tp: TensorParallel) -> Result<()> {
+        if self.tensor_parallel().is_some() {
+            bail!("internal error: the model is already split over tensor ranks");
+        }
+        let compute = self.compute;
+        let t = self;
         if tp.size == 0 || tp.rank >= tp.size {
             bail!(
                 "tensor rank {} is outside a tensor group of {} ranks",
@@ -766,11 +904,16 @@ impl Transformer {
             expert_slicing: tp.expert_slicing && tp.size > 1,
             ..tp
         };
+        let model = t.model.clone();
+        // Every size checked before anything changes.
+        for p in &t.store.params {
+            shard_pieces(&p.name, &p.tensor.size(), &model, tp)?;
+        }
         for block in &mut t.blocks {
-            block.shard(&mut t.store, model, tp)?;
+            block.shard(&mut t.store, &model, tp)?;
         }
         t.set_compute(compute);
-        Ok(t)
+        Ok(())
     }
 
     /// The tensor-parallel split this model was built with.
