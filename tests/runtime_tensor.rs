@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use fmoec::check::*;
 use fmoec::collective::local::{local_tensor_groups, local_world, LocalCollective};
+use fmoec::collective::ExpertPlacement;
 use fmoec::collective::{
     clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients, tensor_groups,
     Collective, GroupKind, GroupLabel, GroupLayout, Groups, ParamKind, Tape, TensorSplit,
 };
-use fmoec::collective::ExpertPlacement;
 use fmoec::runtime::model::{ExchangedExperts, FfnModule, TensorParallel, TensorPass, Transformer};
 use tch::{Device, Kind, Tensor};
 
@@ -72,7 +72,11 @@ fn build_expert_parallel(m: &Model, kind: Kind, tp: TensorParallel, ids: &[i64])
             let Some(which) = p.name.strip_prefix(&prefix) else {
                 continue;
             };
-            let local = p.tensor.detach().index_select(0, &index).set_requires_grad(true);
+            let local = p
+                .tensor
+                .detach()
+                .index_select(0, &index)
+                .set_requires_grad(true);
             p.tensor = local.shallow_clone();
             let slot = match which {
                 "w1" => Some(&mut ex.w1),
@@ -131,7 +135,12 @@ fn reference(m: &Model, kind: Kind, shares: i64) -> Reference {
         .collect();
     let norm = params
         .iter()
-        .map(|(_, _, g)| g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]))
+        .map(|(_, _, g)| {
+            g.to_kind(Kind::Double)
+                .square()
+                .sum(Kind::Double)
+                .double_value(&[])
+        })
         .sum::<f64>()
         .sqrt();
     Reference {
@@ -189,7 +198,9 @@ fn rank_run(
     ref_logits: Tensor,
     expect: (f64, f64, f64),
 ) -> Diffs {
-    groups.set_tensor(Box::new(tensor)).expect("the rank's tensor group");
+    groups
+        .set_tensor(Box::new(tensor))
+        .expect("the rank's tensor group");
     let tensor = groups.tensor();
     let tp = TensorParallel {
         rank: tensor.rank(),
@@ -267,27 +278,30 @@ fn rank_run(
         .expect("backward");
     let splits = model.tensor_splits();
     let store = &model.store.params;
-    let partial: Vec<(TensorSplit, &Tensor)> =
-        splits.iter().zip(store).map(|(s, p)| (*s, &p.tensor)).collect();
+    let partial: Vec<(TensorSplit, &Tensor)> = splits
+        .iter()
+        .zip(store)
+        .map(|(s, p)| (*s, &p.tensor))
+        .collect();
     sum_partial_gradients(tensor, &partial, "test").expect("partial sums");
-    let kinds: Vec<(ParamKind, &Tensor)> =
-        store.iter().map(|p| (param_kind(&p.name), &p.tensor)).collect();
+    let kinds: Vec<(ParamKind, &Tensor)> = store
+        .iter()
+        .map(|p| (param_kind(&p.name), &p.tensor))
+        .collect();
     reduce_gradients(&groups, &kinds, "test").expect("gradient reduction");
     let with_split: Vec<(ParamKind, TensorSplit, &Tensor)> = store
         .iter()
         .zip(&splits)
         .map(|(p, s)| (param_kind(&p.name), *s, &p.tensor))
         .collect();
-    let norm = clip_global_norm_tensor_parallel(
-        &groups,
-        tensor,
-        &with_split,
-        Some(MAX_NORM),
-        "test",
-    )
-    .expect("clipping");
+    let norm =
+        clip_global_norm_tensor_parallel(&groups, tensor, &with_split, Some(MAX_NORM), "test")
+            .expect("clipping");
     let mut global = loss.detach().reshape([1]);
-    groups.data().all_reduce_sum(&mut global, "loss").expect("loss");
+    groups
+        .data()
+        .all_reduce_sum(&mut global, "loss")
+        .expect("loss");
     let (ref_loss, ref_norm, ref_scale) = expect;
     diffs.push((
         "loss".into(),
@@ -308,7 +322,10 @@ fn rank_run(
             .tensor_shard_of(name, &(grad * ref_scale))
             .expect("slice");
         diffs.push((format!("{name} init"), max_diff(&p.tensor, &value)));
-        diffs.push((format!("{name} gradient"), max_diff(&p.tensor.grad(), &grad)));
+        diffs.push((
+            format!("{name} gradient"),
+            max_diff(&p.tensor.grad(), &grad),
+        ));
     }
     diffs
 }
@@ -388,10 +405,11 @@ fn failures(all: &[Diffs], tolerance: f64) -> Vec<String> {
 }
 
 fn assert_equivalent(all: &[Diffs], tolerance: f64) {
-    let worst = all
-        .iter()
-        .flatten()
-        .fold(("", 0.0f64), |w, (what, d)| if *d > w.1 { (what.as_str(), *d) } else { w });
+    let worst =
+        all.iter().flatten().fold(
+            ("", 0.0f64),
+            |w, (what, d)| if *d > w.1 { (what.as_str(), *d) } else { w },
+        );
     eprintln!("largest difference: {:e} ({})", worst.1, worst.0);
     let bad = failures(all, tolerance);
     assert!(bad.is_empty(), "{}", bad.join("\n"));
@@ -460,7 +478,11 @@ fn a_backward_without_the_tensor_all_reduce_is_caught() {
     let all = split_run(&m, Kind::Double, 2, 1, 1, true, Backward::SkipAllReduce);
     let bad = failures(&all, 1e-6);
     // The parameters before the first copy-to-region cut get only a rank's share.
-    for wanted in ["embed.tokens gradient", "layers.0.norm1.weight gradient", "norm"] {
+    for wanted in [
+        "embed.tokens gradient",
+        "layers.0.norm1.weight gradient",
+        "norm",
+    ] {
         assert!(
             bad.iter().any(|b| b.contains(wanted)),
             "no failure for {wanted}: {bad:?}"
@@ -488,7 +510,10 @@ fn one_tensor_rank_is_the_single_rank_model() {
         assert_eq!(a.name, b.name);
         assert!(a.tensor.equal(&b.tensor), "{} differs", a.name);
     }
-    assert!(split.tensor_splits().iter().all(|s| *s == TensorSplit::Whole));
+    assert!(split
+        .tensor_splits()
+        .iter()
+        .all(|s| *s == TensorSplit::Whole));
 }
 
 #[test]
@@ -509,7 +534,10 @@ fn a_split_that_does_not_divide_is_an_error() {
     )
     .err()
     .expect("heads = 4 do not split over 3 ranks");
-    assert!(format!("{err:#}").contains("not divisible by tensor = 3"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("not divisible by tensor = 3"),
+        "{err:#}"
+    );
 }
 
 #[test]
@@ -526,5 +554,8 @@ fn a_tensor_parallel_model_refuses_the_plain_forward() {
         }),
     );
     let err = model.loss(&batch(&m), false).err().expect("refused");
-    assert!(format!("{err:#}").contains("forward_tensor_parallel"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("forward_tensor_parallel"),
+        "{err:#}"
+    );
 }

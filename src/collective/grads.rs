@@ -286,7 +286,9 @@ pub fn clip_global_norm_tensor_parallel(
         squares[2 * usize::from(expert) + usize::from(sharded)] += square;
         grads.push(grad);
     }
-    let device = params.first().map_or(tch::Device::Cpu, |(_, _, p)| p.device());
+    let device = params
+        .first()
+        .map_or(tch::Device::Cpu, |(_, _, p)| p.device());
     let mut sliced = Tensor::f_from_slice(&[squares[1], squares[3]])
         .and_then(|t| t.f_to_device(device))
         .map_err(&terr)?;

@@ -376,9 +376,7 @@ impl Groups {
     /// collective call on NCCL). Refused unless the handle's group contains this rank.
     pub fn set_tensor(&mut self, handle: Box<dyn Collective>) -> anyhow::Result<()> {
         let label = handle.label();
-        if label.kind != GroupKind::Tensor
-            || label.members.get(handle.rank()) != Some(&self.rank)
-        {
+        if label.kind != GroupKind::Tensor || label.members.get(handle.rank()) != Some(&self.rank) {
             anyhow::bail!(
                 "rank {}: {label} at position {} is not this rank's tensor group",
                 self.rank,

@@ -449,7 +449,12 @@ pub fn local_tensor_groups(
                         world,
                     })
                 }
-                Some(Some(_)) => return Err(LayoutError::Duplicate { kind: "tensor", rank }),
+                Some(Some(_)) => {
+                    return Err(LayoutError::Duplicate {
+                        kind: "tensor",
+                        rank,
+                    })
+                }
                 Some(slot) => *slot = Some(handle),
             }
         }
@@ -457,7 +462,12 @@ pub fn local_tensor_groups(
     slots
         .into_iter()
         .enumerate()
-        .map(|(rank, s)| s.ok_or(LayoutError::Missing { kind: "tensor", rank }))
+        .map(|(rank, s)| {
+            s.ok_or(LayoutError::Missing {
+                kind: "tensor",
+                rank,
+            })
+        })
         .collect()
 }
 

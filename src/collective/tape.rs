@@ -103,8 +103,14 @@ pub fn reduce_from_tensor_region(
     partial: &Tensor,
     at: &str,
 ) -> Result<Tensor> {
-    let tensor_err =
-        |e| CollectiveError::new(group.label(), "reduce_from_tensor_region", at, ErrorKind::Tensor(e));
+    let tensor_err = |e| {
+        CollectiveError::new(
+            group.label(),
+            "reduce_from_tensor_region",
+            at,
+            ErrorKind::Tensor(e),
+        )
+    };
     let detached = partial.f_detach().map_err(tensor_err)?;
     // A copy: the all-reduce works in place and `partial`'s storage belongs to its graph.
     let mut sum = detached.f_zeros_like().map_err(tensor_err)?;
@@ -250,8 +256,15 @@ impl Tape {
                         };
                         // Every rank of the tensor group enters the all-reduce, also when
                         // nothing here needs the gradient.
-                        let mut grad = cut.leaf_grad().map_err(tensor_err)?.f_contiguous().map_err(tensor_err)?;
-                        group.all_reduce_sum(&mut grad, &format!("{at}, copy to tensor region backward"))?;
+                        let mut grad = cut
+                            .leaf_grad()
+                            .map_err(tensor_err)?
+                            .f_contiguous()
+                            .map_err(tensor_err)?;
+                        group.all_reduce_sum(
+                            &mut grad,
+                            &format!("{at}, copy to tensor region backward"),
+                        )?;
                         if cut.source().requires_grad() {
                             roots.push((cut.source().shallow_clone(), grad));
                         }

@@ -654,8 +654,11 @@ impl RoutedExperts for ExchangedExperts<'_> {
             .f_reshape([-1])?
             .f_index_select(0, &sent)?
             .f_to_kind(ys.kind())?;
-        Ok(Tensor::f_zeros([n, d], (ys.kind(), device))?
-            .f_index_add(0, &token, &ys.f_mul(&w.f_unsqueeze(1)?)?)?)
+        Ok(Tensor::f_zeros([n, d], (ys.kind(), device))?.f_index_add(
+            0,
+            &token,
+            &ys.f_mul(&w.f_unsqueeze(1)?)?,
+        )?)
     }
 }
 
@@ -720,7 +723,10 @@ impl Block {
         let x = pass.tape.cut(x)?;
         pass.tape.step();
         let a = pass.enter(&self.norm1.forward(&x)?, split)?;
-        let y = pass.reduce(&self.attn.forward_local(&a)?, &format!("layer {i} attention"))?;
+        let y = pass.reduce(
+            &self.attn.forward_local(&a)?,
+            &format!("layer {i} attention"),
+        )?;
         let y = add_bias(y, &self.attn.proj_bias)?;
         pass.tape.step();
         let x = pass.tape.cut(&x.f_add(&y)?)?;
@@ -816,7 +822,11 @@ impl Block {
                     mlp(&format!("{prefix}.ffn.shared"), shared)?;
                 }
                 if tp.expert_slicing {
-                    mlp_experts(&mut take, &format!("{prefix}.ffn.experts"), &mut layer.experts)?;
+                    mlp_experts(
+                        &mut take,
+                        &format!("{prefix}.ffn.experts"),
+                        &mut layer.experts,
+                    )?;
                     if tp.rank != 0 {
                         // The bias stays in the store (whole, summed over the tensor group
                         // after the backward) but only tensor rank 0 adds it.
