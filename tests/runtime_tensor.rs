@@ -4,6 +4,7 @@
 //! gradient is sliced the way the parameters are, its gradients; the global gradient norm
 //! and the clipped gradients too. A backward that skips the tensor group's gradient
 //! all-reduce must be caught by the same comparison.
+#![cfg(feature = "runtime")]
 
 mod runtime_common;
 
@@ -122,7 +123,7 @@ fn reference(m: &Model, kind: Kind, shares: i64) -> Reference {
         let (lm, out) = model
             .loss(&tokens.narrow(0, s * rows, rows), true)
             .expect("reference forward");
-        total = total + (lm + out.balance_loss).to_kind(Kind::Double);
+        total += (lm + out.balance_loss).to_kind(Kind::Double);
         logits.push(out.logits);
     }
     let total = total / shares as f64;
