@@ -11,9 +11,11 @@
 //! - gate parameters: summed over the gate group and divided by its size (ranks of the
 //!   gate group outside the data group hold identical gradients, e.g. tensor ranks).
 //!
-//! This module covers tensor = pipeline = 1: with pipeline stages the squared norms must
-//! also be summed over the pipeline group, and tensor-sliced experts over the tensor
-//! group; [`super::Groups`] has no such groups yet.
+//! With tensor parallelism a second dimension, [`TensorSplit`], says how a parameter is
+//! split over the tensor group: [`sum_partial_gradients`] completes the `Partial` ones and
+//! [`clip_global_norm_tensor_parallel`] sums the squares of `Sharded` ones over the tensor
+//! group. Pipeline stages are not covered (their squared norms must also be summed over
+//! the pipeline group).
 
 use super::error::{CollectiveError, ErrorKind};
 use super::{Collective, Groups, Result};

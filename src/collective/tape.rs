@@ -26,6 +26,13 @@
 //! gradient). The weights cut and the exchange share a step because both come from the
 //! gate/sort region; the layer input's cut is its own, earlier step because its leaf's
 //! gradient is complete only after that region was traversed.
+//!
+//! Tensor parallelism adds Megatron's two region operators: a copy-to-region cut
+//! ([`Tape::copy_to_tensor_region`]: identity forward; its leaf's gradient is summed over
+//! the tensor group by [`Tape::backward_tensor_parallel`] before it continues from the
+//! source) and [`reduce_from_tensor_region`] (all-reduce forward, identity backward, no cut
+//! needed). A leaf's gradient must be complete when its step runs: a computation that is
+//! cut again later (an exchange fed from a copy leaf) records that cut in a later step.
 
 use super::error::{CollectiveError, ErrorKind};
 use super::exchange::{defined_or_zeros, ExchangeTape};

@@ -7,9 +7,16 @@
 //! embedding). Initialisation as Megatron-LM: normal(0, 0.02), output projections (attention
 //! `proj`, MLP/expert `w2`) normal(0, 0.02/√(2·layers)), biases zero, norm gains one.
 //!
+//! Tensor parallelism (Megatron-LM v2.2's column/row-parallel attention and MLPs,
+//! FastMoE's expert slicing) is an opt-in split of the built model
+//! ([`Transformer::new_tensor_parallel`], [`TensorParallel`]) with its own forward pass
+//! ([`Transformer::forward_tensor_parallel`]) that records autograd cuts on a
+//! [`Tape`]; the single-device path does not change.
+//!
 //! Every module is built by [`FfnModule::build`] / [`Block::new`] from one layer description,
 //! so a later ModelGraph-driven construction can call the same constructors node by node.
-//! This module knows nothing about optimizers, data or checkpoints.
+//! This module knows nothing about optimizers, data or checkpoints; of the collective layer
+//! it uses only the handles and cuts a tensor-parallel pass is given.
 
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
