@@ -560,3 +560,38 @@ fn a_tensor_parallel_model_refuses_the_plain_forward() {
         "{err:#}"
     );
 }
+
+#[test]
+fn the_plain_backward_refuses_a_tape_with_copy_to_region_cuts() {
+    runtime_common::init();
+    let group = LocalCollective::group(
+        GroupLabel {
+            kind: GroupKind::Tensor,
+            members: vec![0],
+        },
+        TIMEOUT,
+    )
+    .pop()
+    .expect("one handle");
+    let x = Tensor::ones([3], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+    let mut tape = Tape::new();
+    tape.step();
+    let leaf = tape.copy_to_tensor_region(&(&x * 2.0)).expect("cut");
+    assert_eq!(tape.tensor_copies(), 1);
+    let err = tape
+        .backward(&leaf.sum(Kind::Double), &group, "step 0")
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("backward_tensor_parallel"),
+        "{err}"
+    );
+
+    // With the (one-rank) tensor group the gradient reaches `x`.
+    let mut tape = Tape::new();
+    tape.step();
+    let leaf = tape.copy_to_tensor_region(&(&x * 2.0)).expect("cut");
+    tape.backward_tensor_parallel(&leaf.sum(Kind::Double), &group, &group, "step 1")
+        .expect("backward");
+    assert_eq!(Vec::<f64>::try_from(x.grad()).unwrap(), vec![2.0; 3]);
+}
