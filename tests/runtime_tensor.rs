@@ -580,8 +580,7 @@ fn the_plain_backward_refuses_a_tape_with_copy_to_region_cuts() {
     assert_eq!(tape.tensor_copies(), 1);
     let err = tape
         .backward(&leaf.sum(Kind::Double), &group, "step 0")
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(
         err.to_string().contains("backward_tensor_parallel"),
         "{err}"
