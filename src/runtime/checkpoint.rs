@@ -547,7 +547,10 @@ pub fn save_sharded(
     }
     if !all_ok(ctx, problem.is_none(), &format!("{at}, prepare"))? {
         return Err(problem.unwrap_or_else(|| {
-            anyhow::anyhow!("rank 0 could not prepare checkpoint `{}`", final_dir.display())
+            anyhow::anyhow!(
+                "rank 0 could not prepare checkpoint `{}`",
+                final_dir.display()
+            )
         }));
     }
 
@@ -637,7 +640,9 @@ pub fn save_sharded(
                     .map(|(&layer, p)| LayerPlacement {
                         layer,
                         experts: p.experts(),
-                        positions: (0..p.ranks()).map(|q| p.local_experts(q).to_vec()).collect(),
+                        positions: (0..p.ranks())
+                            .map(|q| p.local_experts(q).to_vec())
+                            .collect(),
                     })
                     .collect(),
                 shards,
@@ -658,7 +663,10 @@ pub fn save_sharded(
     }
     if !all_ok(ctx, problem.is_none(), &format!("{at}, manifest"))? {
         return Err(problem.unwrap_or_else(|| {
-            anyhow::anyhow!("rank 0 could not finish checkpoint `{}`", final_dir.display())
+            anyhow::anyhow!(
+                "rank 0 could not finish checkpoint `{}`",
+                final_dir.display()
+            )
         }));
     }
     Ok(final_dir)
@@ -694,18 +702,27 @@ impl Source {
         let text = std::fs::read_to_string(&manifest_path)
             .with_context(|| format!("cannot read `{}`", manifest_path.display()))?;
         let value: serde_json::Value = serde_json::from_str(&text).with_context(|| {
-            format!("`{}` is not a valid checkpoint manifest", manifest_path.display())
+            format!(
+                "`{}` is not a valid checkpoint manifest",
+                manifest_path.display()
+            )
         })?;
         let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
         let manifest = match format {
             FORMAT => {
                 let v1: Manifest = serde_json::from_value(value).with_context(|| {
-                    format!("`{}` is not a valid checkpoint manifest", manifest_path.display())
+                    format!(
+                        "`{}` is not a valid checkpoint manifest",
+                        manifest_path.display()
+                    )
                 })?;
                 single_as_sharded(v1, model)
             }
             FORMAT_SHARDED => serde_json::from_value(value).with_context(|| {
-                format!("`{}` is not a valid checkpoint manifest", manifest_path.display())
+                format!(
+                    "`{}` is not a valid checkpoint manifest",
+                    manifest_path.display()
+                )
             })?,
             other => bail!(
                 "`{}` has format `{other}`; this fmoec reads `{FORMAT}` and `{FORMAT_SHARDED}`",
@@ -774,12 +791,16 @@ impl Source {
             } else {
                 format!("{}/{file}", shard.dir)
             };
-            let entry = shard.files.iter().find(|f| f.name == name).with_context(|| {
-                format!(
-                    "checkpoint `{}`'s manifest does not list `{name}`",
-                    self.dir.display()
-                )
-            })?;
+            let entry = shard
+                .files
+                .iter()
+                .find(|f| f.name == name)
+                .with_context(|| {
+                    format!(
+                        "checkpoint `{}`'s manifest does not list `{name}`",
+                        self.dir.display()
+                    )
+                })?;
             let p = self.dir.join(&name);
             let bytes =
                 std::fs::read(&p).with_context(|| format!("cannot read `{}`", p.display()))?;
@@ -812,9 +833,8 @@ impl Source {
         } else {
             (&bytes.0, MODEL_FILE)
         };
-        let st = SafeTensors::deserialize(data).with_context(|| {
-            format!("`{}/{}` is not a safetensors file", shard.dir, file)
-        })?;
+        let st = SafeTensors::deserialize(data)
+            .with_context(|| format!("`{}/{}` is not a safetensors file", shard.dir, file))?;
         let view = st.tensor(name).with_context(|| {
             format!(
                 "checkpoint `{}`: `{}/{file}` has no tensor `{name}`",
@@ -847,8 +867,8 @@ impl Source {
         if param_kind(key) != crate::collective::ParamKind::Expert {
             return self.tensor(replicated, optim, name);
         }
-        let layer = expert_layer(key)
-            .with_context(|| format!("internal error: `{key}` names no layer"))?;
+        let layer =
+            expert_layer(key).with_context(|| format!("internal error: `{key}` names no layer"))?;
         let rows = self.rows.get(&layer).with_context(|| {
             format!(
                 "checkpoint `{}` has no placement for MoE layer {layer}",
@@ -861,7 +881,10 @@ impl Source {
         let mut shard_tensors: BTreeMap<usize, Tensor> = BTreeMap::new();
         for &e in wanted {
             let &(index, row) = rows.get(e).with_context(|| {
-                format!("expert {e} of layer {layer} is not in checkpoint `{}`", self.dir.display())
+                format!(
+                    "expert {e} of layer {layer} is not in checkpoint `{}`",
+                    self.dir.display()
+                )
             })?;
             if !shard_tensors.contains_key(&index) {
                 shard_tensors.insert(index, self.tensor(index, optim, name)?);
@@ -898,7 +921,9 @@ impl Source {
             if param_kind(name) != crate::collective::ParamKind::Expert {
                 return None;
             }
-            expert_layer(name).and_then(|l| local.get(&l)).map(Vec::as_slice)
+            expert_layer(name)
+                .and_then(|l| local.get(&l))
+                .map(Vec::as_slice)
         };
         let mut staged = Vec::new();
         let check = |name: &str, got: &Tensor, target: &Tensor| -> Result<()> {

@@ -110,9 +110,15 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
             bail!("--ranks runs every rank in this process; it cannot be one rank of a launched run (unset RANK and WORLD_SIZE)");
         }
         if args.device != "cpu" {
-            bail!("--ranks N runs in-process ranks on the CPU (--device cpu); for GPUs use --gpus N");
+            bail!(
+                "--ranks N runs in-process ranks on the CPU (--device cpu); for GPUs use --gpus N"
+            );
         }
-        return Ok(if n == 1 { Mode::Single } else { Mode::InProcess(n) });
+        return Ok(if n == 1 {
+            Mode::Single
+        } else {
+            Mode::InProcess(n)
+        });
     }
     match (args.gpus, env) {
         (Some(0), _) => bail!("--gpus must be at least 1"),
@@ -155,7 +161,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let timeout = Duration::try_from_secs_f64(args.collective_timeout)
         .ok()
         .filter(|t| !t.is_zero())
-        .ok_or_else(|| anyhow::anyhow!("--collective-timeout must be a positive number of seconds"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!("--collective-timeout must be a positive number of seconds")
+        })?;
     let device_name = match (&mode, args.gpus, args.device.as_str()) {
         (Mode::Single, Some(1), "cpu") => "cuda",
         _ => args.device.as_str(),

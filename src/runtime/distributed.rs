@@ -471,8 +471,8 @@ impl MoeHook for ExpertParallel<'_> {
             .f_index_select(0, &sent)?
             .f_to_kind(ys.kind())?;
         let weighted = ys.f_mul(&w.f_unsqueeze(1)?)?;
-        let mut out = Tensor::f_zeros([tokens, d], (ys.kind(), device))?
-            .f_index_add(0, &token, &weighted)?;
+        let mut out =
+            Tensor::f_zeros([tokens, d], (ys.kind(), device))?.f_index_add(0, &token, &weighted)?;
         if let Some(shared) = &layer.shared {
             out = out.f_add(&shared.forward(&hl)?)?;
         }

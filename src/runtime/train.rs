@@ -669,12 +669,11 @@ pub fn train_ranked(
                 }
             }
             let mut t = Tensor::f_from_slice(&[expert])?.f_to_device(c.device)?;
-            c.groups.expert().all_reduce_sum(&mut t, "parameter count")?;
+            c.groups
+                .expert()
+                .all_reduce_sum(&mut t, "parameter count")?;
             let expert = t.f_int64_value(&[0])?;
-            (
-                rest + expert,
-                format!("{:?} x {} ranks", device, c.world()),
-            )
+            (rest + expert, format!("{:?} x {} ranks", device, c.world()))
         }
         None => (model.store.numel(), format!("{device:?}")),
     };
