@@ -683,13 +683,16 @@ pub struct Resumed {
     pub world: usize,
 }
 
+/// The (model, optimizer) file contents of one shard.
+type ShardBytes = (Vec<u8>, Vec<u8>);
+
 /// A checkpoint of either format, opened and checked against the model; shards are read
 /// (and their sizes and hashes verified) when first needed.
 pub struct Source {
     pub dir: PathBuf,
     pub manifest: ShardedManifest,
     /// Bytes of each shard's (model, optimizer) files, by shard index.
-    cache: std::cell::RefCell<BTreeMap<usize, std::rc::Rc<(Vec<u8>, Vec<u8>)>>>,
+    cache: std::cell::RefCell<BTreeMap<usize, std::rc::Rc<ShardBytes>>>,
     /// For each layer: global expert -> (shard index, row).
     rows: BTreeMap<usize, Vec<(usize, usize)>>,
 }
@@ -780,7 +783,7 @@ impl Source {
         })
     }
 
-    fn shard_bytes(&self, index: usize) -> Result<std::rc::Rc<(Vec<u8>, Vec<u8>)>> {
+    fn shard_bytes(&self, index: usize) -> Result<std::rc::Rc<ShardBytes>> {
         if let Some(b) = self.cache.borrow().get(&index) {
             return Ok(b.clone());
         }
@@ -886,8 +889,8 @@ impl Source {
                     self.dir.display()
                 )
             })?;
-            if !shard_tensors.contains_key(&index) {
-                shard_tensors.insert(index, self.tensor(index, optim, name)?);
+            if let std::collections::btree_map::Entry::Vacant(slot) = shard_tensors.entry(index) {
+                slot.insert(self.tensor(index, optim, name)?);
             }
             let t = &shard_tensors[&index];
             if t.size().first().copied().unwrap_or(0) <= row as i64 {
