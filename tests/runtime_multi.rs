@@ -334,17 +334,82 @@ fn impossible_layouts_are_clear_errors() {
     );
     // 8 micro-batches of 2 sequences cannot go to 16 ranks evenly: the batch of 16 gives each
     // rank one sequence.
-    let mut c16 = c.clone();
-    c16.model.layers[1].ffn = c.model.layers[1].ffn.clone();
     let plan = WorldPlan {
         layout: GroupLayout::data_parallel(16, 1).unwrap(),
         placements: WorldPlan::data_parallel(&c, 1, 1).unwrap().placements,
         notes: Vec::new(),
     };
     let dir = tempfile::tempdir().unwrap();
-    let err = run_in_process(&c16, &options(dir.path(), None, false), &plan, TIMEOUT).unwrap_err();
+    let err = run_in_process(&c, &options(dir.path(), None, false), &plan, TIMEOUT).unwrap_err();
     assert!(
         format!("{err:#}").contains("micro_batch = 2 does not divide"),
         "{err:#}"
     );
+}
+
+/// `examples/tiny.fmoe` with micro-batches of 4 sequences (splittable over 1, 2 and 4 ranks).
+fn tiny_file(dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+        .unwrap()
+        .replace(
+            "\ntrain {",
+            "\nparallel {\n    gpus = 1\n    micro_batch = 4\n}\n\ntrain {",
+        );
+    let path = dir.join("tiny-mb4.fmoe");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn fmoec(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_command_line_runs_ranks_and_explains_what_it_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_file(dir.path());
+    let out = dir.path().join("run");
+    let o = |s: &str| std::ffi::OsString::from(s);
+    let run = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--ranks"),
+        &o("2"),
+        &o("--stop-after"),
+        &o("1"),
+        &o("--quiet"),
+        &o("--out"),
+        out.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&run.stdout).contains("Cpu x 2 ranks"));
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
+    assert!(out
+        .join("checkpoints/step-00000001/rank-00001/model.safetensors")
+        .exists());
+
+    // 8 experts cannot be split over 3 ranks: the planner's located error, exit 1.
+    let bad = fmoec(&[&o("run"), file.as_os_str(), &o("--ranks"), &o("3")]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not divisible by the 3 ranks"));
+
+    if !cfg!(feature = "cuda") {
+        let gpus = fmoec(&[&o("run"), file.as_os_str(), &o("--gpus"), &o("2")]);
+        assert!(!gpus.status.success());
+        assert!(
+            String::from_utf8_lossy(&gpus.stderr).contains("without the `cuda` feature"),
+            "{}",
+            String::from_utf8_lossy(&gpus.stderr)
+        );
+    }
 }
