@@ -39,9 +39,6 @@ use crate::runtime::model::{seed_routing, FfnModule, MoeHook, NormLayer, Transfo
 use crate::runtime::moe::{DispatchPlan, Experts, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
 
-/// How long a collective may wait for its peers before the run stops with an error.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-
 /// The split of one run over its ranks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorldPlan {
@@ -245,12 +242,6 @@ impl RankContext {
             .get(&layer)
             .map(|p| p.local_experts(self.groups.expert().rank()))
             .unwrap_or_default()
-    }
-
-    /// Whether this rank writes its experts to checkpoints (the first rank of its
-    /// expert-data group; the others hold copies).
-    pub fn writes_experts(&self) -> bool {
-        self.groups.expert_data().rank() == 0
     }
 }
 
