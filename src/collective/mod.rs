@@ -45,6 +45,7 @@ pub mod nccl;
 mod placement;
 pub mod rendezvous;
 mod reshard;
+pub mod selftest;
 mod tape;
 
 pub use error::{CollectiveError, ErrorKind};
