@@ -74,7 +74,7 @@ resume)
 scale)
     for n in 1 2 4; do
         rm -rf "/tmp/multi-s$n"
-        "$FMOEC" plan examples/gpt2-medium-moe.fmoe --world "$n" --tensor 1 > "$OUT/scale-plan$n.txt" 2>&1
+        "$FMOEC" plan examples/gpt2-medium-moe.fmoe --world "$n" --tensor 1 --memory-model fmoec > "$OUT/scale-plan$n.txt" 2>&1
         "$FMOEC" run examples/gpt2-medium-moe.fmoe --gpus "$n" --precision bf16 --quiet \
             --stop-after "$SCALE_STEPS" --out "/tmp/multi-s$n" > "$OUT/scale-gpus$n.log" 2>&1
         echo "scale --gpus $n: exit $?" | tee -a "$OUT/scale.txt"

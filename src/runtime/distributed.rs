@@ -34,7 +34,7 @@ use crate::collective::{
     Tape,
 };
 use crate::diag::Diagnostic;
-use crate::plan::{self, Overrides, ParallelPlan};
+use crate::plan::{self, MemoryModel, Overrides, ParallelPlan};
 use crate::runtime::model::{seed_routing, FfnModule, MoeHook, NormLayer, Transformer};
 use crate::runtime::moe::{DispatchPlan, Experts, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
@@ -51,7 +51,8 @@ pub struct WorldPlan {
 
 /// The runtime's overrides of the file's `parallel` block for a world of `world` ranks: the
 /// world size (like `fmoec plan --world`), tensor = pipeline = 1 (the built-in runtime has
-/// data and expert parallelism only), and an optional expert group.
+/// data and expert parallelism only), an optional expert group, and the runtime's own memory
+/// model (`fmoec plan --memory-model fmoec`).
 pub fn overrides(world: u64, expert_group: Option<ExpertGroup>) -> Overrides {
     Overrides {
         world: Some(world),
@@ -59,6 +60,7 @@ pub fn overrides(world: u64, expert_group: Option<ExpertGroup>) -> Overrides {
         pipeline: Some(1),
         expert_group,
         micro_batch: None,
+        memory_model: Some(MemoryModel::Fmoec),
     }
 }
 
