@@ -9,11 +9,13 @@
 #            with the uninterrupted 1-GPU run
 #   scale    examples/gpt2-medium-moe.fmoe in bf16 on 1, 2 and 4 GPUs (tensor = 1, experts across
 #            data), tokens/s of the steps after the first two, and the scaling ratios
+#            (SCALE_GPUS="1 2" on a 2-GPU machine; each run ends with a ~15 GB checkpoint, deleted)
 set -uo pipefail
 FMOEC="${FMOEC:-.dev/fmoec}"
 OUT="${OUT:-out-multi}"
 STEPS="${STEPS:-equiv resume scale}"
 SCALE_STEPS="${SCALE_STEPS:-8}"
+SCALE_GPUS="${SCALE_GPUS:-1 2 4}"
 mkdir -p "$OUT"
 TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -72,7 +74,7 @@ resume)
     compare /tmp/multi-eq1 /tmp/multi-r4 | tee -a "$OUT/resume.txt"
     ;;
 scale)
-    for n in 1 2 4; do
+    for n in $SCALE_GPUS; do
         rm -rf "/tmp/multi-s$n"
         "$FMOEC" plan examples/gpt2-medium-moe.fmoe --world "$n" --tensor 1 --memory-model fmoec > "$OUT/scale-plan$n.txt" 2>&1
         "$FMOEC" run examples/gpt2-medium-moe.fmoe --gpus "$n" --precision bf16 --quiet \
