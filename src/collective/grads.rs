@@ -60,6 +60,9 @@ fn grad_of(p: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
 /// shapes and dtype per kind.
 pub fn reduce_gradients(groups: &Groups, params: &[(ParamKind, &Tensor)], at: &str) -> Result<()> {
     let data_size = groups.data().size() as f64;
+    // An empty bucket still goes through the group, on the parameters' device (NCCL takes
+    // only tensors on its GPU).
+    let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
     for kind in KINDS {
         let (group, divisor) = match kind {
             ParamKind::Replicated => (groups.data(), data_size),
@@ -90,7 +93,7 @@ pub fn reduce_gradients(groups: &Groups, params: &[(ParamKind, &Tensor)], at: &s
             .collect::<std::result::Result<_, _>>()
             .map_err(&terr)?;
         let mut bucket = if flats.is_empty() {
-            Tensor::f_zeros([0], (Kind::Float, tch::Device::Cpu)).map_err(&terr)?
+            Tensor::f_zeros([0], (Kind::Float, device)).map_err(&terr)?
         } else {
             Tensor::f_cat(&flats, 0).map_err(&terr)?
         };

@@ -2,7 +2,7 @@
 //!
 //! Owns everything that runs tensors: the module tree built from the checked model
 //! ([`model`]), the MoE layer and its gates ([`moe`]), parameters ([`params`]), AdamW and the
-//! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), the loop, sampling and
+//! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), multi-rank training ([`distributed`]), the loop, sampling and
 //! metrics ([`train`]), the plot ([`plot`]) and the `fmoec run` command line ([`cli`]).
 //! It reads only the checked [`crate::check::Checked`] artifact; it knows nothing about source
 //! text, the planner's internals or the Megatron emitter.
@@ -11,6 +11,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod distributed;
 pub mod model;
 pub mod moe;
 pub mod optim;

@@ -56,7 +56,7 @@ impl NormLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.f_to_kind(x.kind())?;
         Ok(match self.kind {
             Norm::LayerNorm => {
@@ -260,13 +260,32 @@ impl Block {
         })
     }
 
-    /// `x + attn(norm1(x))`, then `+ ffn(norm2(.))`; returns the MoE output's extras.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<(Tensor, Telemetry)>)> {
+    /// `x + attn(norm1(x))`, then `+ ffn(norm2(.))`; returns the MoE output's extras. With a
+    /// `hook`, the MoE feed-forward (from `norm2` on) is the hook's.
+    fn forward<'h>(
+        &self,
+        x: &Tensor,
+        train: bool,
+        hook: Option<&mut (dyn MoeHook + 'h)>,
+        routing_key: Option<&[u64]>,
+    ) -> Result<(Tensor, Option<(Tensor, Telemetry)>)> {
         let x = x.f_add(&self.attn.forward(&self.norm1.forward(x)?)?)?;
+        if let (FfnModule::Moe(layer), Some(hook)) = (&self.ffn, hook) {
+            let (y, balance, telemetry) =
+                hook.moe(self.index, layer, &self.norm2, &x, train, routing_key)?;
+            return Ok((y, Some((balance, telemetry))));
+        }
         let h = self.norm2.forward(&x)?;
         match &self.ffn {
             FfnModule::Dense(mlp) => Ok((x.f_add(&mlp.forward(&h)?)?, None)),
             FfnModule::Moe(layer) => {
+                // The gate's random draws (noise, jitter, random routing) come from the
+                // global generator; seeded per (key, layer) they do not depend on which
+                // rank routes these tokens or on other threads.
+                let _rng = match (train, routing_key) {
+                    (true, Some(key)) => Some(seed_routing(key, self.index)),
+                    _ => None,
+                };
                 let (b, t, d) = h.size3()?;
                 let out = layer.forward(&h.f_reshape([b * t, d])?, train)?;
                 let y = out.out.f_reshape([b, t, d])?;
@@ -274,6 +293,42 @@ impl Block {
             }
         }
     }
+}
+
+/// Runs a block's MoE feed-forward somewhere else than in this process alone (the
+/// expert-parallel runtime: its experts are spread over an expert group).
+pub trait MoeHook {
+    /// `x`: the residual stream after attention, `[B, T, d]`. Returns `x + ffn(norm(x))`,
+    /// the layer's unweighted balance loss and its telemetry. With `train` and a
+    /// `routing_key`, the gate must route under [`seed_routing`]`(key, index)`.
+    fn moe(
+        &mut self,
+        index: usize,
+        layer: &MoeLayer,
+        norm: &NormLayer,
+        x: &Tensor,
+        train: bool,
+        routing_key: Option<&[u64]>,
+    ) -> Result<(Tensor, Tensor, Telemetry)>;
+}
+
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds libtorch's global generator for this thread (in-process ranks and tests share it).
+pub fn lock_rng() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Locks the generator and seeds it with `mix(key, layer)`: the gate of MoE layer `layer`
+/// routes the micro-batch `key` (`[seed, step, micro]`) with the same random draws
+/// whichever rank or thread runs it. Hold the guard while the gate draws.
+pub fn seed_routing(key: &[u64], layer: usize) -> std::sync::MutexGuard<'static, ()> {
+    let guard = lock_rng();
+    let mut words = key.to_vec();
+    words.push(0x0A7E);
+    words.push(layer as u64);
+    tch::manual_seed(crate::runtime::data::mix_all(&words) as i64);
+    guard
 }
 
 /// The whole language model.
@@ -286,6 +341,9 @@ pub struct Transformer {
     norm: NormLayer,
     /// Compute dtype (f32, bf16, or f64 in gradient checks).
     pub compute: Kind,
+    /// The micro-batch being trained (`[seed, step, micro]`): the gates' random draws are
+    /// seeded from it per layer (see [`seed_routing`]). `None`: the generator as it is.
+    pub routing_key: Option<Vec<u64>>,
 }
 
 /// What one forward pass yields besides the logits.
@@ -337,6 +395,7 @@ impl Transformer {
             blocks,
             norm,
             compute,
+            routing_key: None,
         };
         t.set_compute(compute);
         Ok(t)
@@ -357,6 +416,16 @@ impl Transformer {
 
     /// `tokens`: `[B, T]` int64 → logits and the MoE extras.
     pub fn forward(&self, tokens: &Tensor, train: bool) -> Result<ForwardOutput> {
+        self.forward_with(tokens, train, None)
+    }
+
+    /// [`Transformer::forward`] with the MoE feed-forwards run by `hook` (when given).
+    pub fn forward_with(
+        &self,
+        tokens: &Tensor,
+        train: bool,
+        mut hook: Option<&mut dyn MoeHook>,
+    ) -> Result<ForwardOutput> {
         let (_b, t) = tokens.size2()?;
         if t > self.model.context as i64 {
             bail!(
@@ -371,8 +440,10 @@ impl Transformer {
         }
         let mut balance = Tensor::f_zeros([], (Kind::Float, self.store.device))?;
         let mut telemetry = Vec::new();
+        let key = self.routing_key.as_deref();
+        let hooked = hook.is_some();
         for block in &self.blocks {
-            let (y, extra) = block.forward(&x, train)?;
+            let (y, extra) = block.forward(&x, train, hook.as_deref_mut(), key)?;
             x = y;
             if let (Some((loss, tel)), FfnModule::Moe(layer)) = (extra, &block.ffn) {
                 let w = layer.gate.balance_weight;
@@ -383,6 +454,13 @@ impl Transformer {
             }
         }
         let x = self.norm.forward(&x)?;
+        // A hooked (segmented) backward traverses the head and the embedding in different
+        // passes: they must not share the cast's graph node.
+        let emb = if hooked {
+            self.tokens.f_to_kind(self.compute)?
+        } else {
+            emb
+        };
         let logits = x
             .f_matmul(&emb.f_transpose(0, 1)?)?
             .f_to_kind(Kind::Float)?;
@@ -395,10 +473,20 @@ impl Transformer {
 
     /// Mean next-token cross-entropy of `tokens[:, 1:]` given `tokens[:, :-1]`, plus extras.
     pub fn loss(&self, batch: &Tensor, train: bool) -> Result<(Tensor, ForwardOutput)> {
+        self.loss_with(batch, train, None)
+    }
+
+    /// [`Transformer::loss`] with the MoE feed-forwards run by `hook` (when given).
+    pub fn loss_with(
+        &self,
+        batch: &Tensor,
+        train: bool,
+        hook: Option<&mut dyn MoeHook>,
+    ) -> Result<(Tensor, ForwardOutput)> {
         let (_b, t1) = batch.size2()?;
         let input = batch.f_narrow(1, 0, t1 - 1)?;
         let target = batch.f_narrow(1, 1, t1 - 1)?;
-        let out = self.forward(&input, train)?;
+        let out = self.forward_with(&input, train, hook)?;
         let v = out.logits.size()[2];
         let lm = out.logits.f_reshape([-1, v])?.f_cross_entropy_loss(
             &target.f_reshape([-1])?,
