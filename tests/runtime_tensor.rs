@@ -8,7 +8,6 @@
 
 mod runtime_common;
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use fmoec::check::*;
@@ -18,20 +17,27 @@ use fmoec::collective::{
     clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients, tensor_groups,
     Collective, GroupKind, GroupLabel, GroupLayout, Groups, ParamKind, Tape, TensorSplit,
 };
-use fmoec::runtime::model::{ExchangedExperts, FfnModule, TensorParallel, TensorPass, Transformer};
+use fmoec::runtime::model::{
+    lock_rng, ExchangedExperts, FfnModule, TensorParallel, TensorPass, Transformer,
+};
 use tch::{Device, Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const SEED: i64 = 7;
 const MAX_NORM: f64 = 0.05;
 
-/// In-process ranks share libtorch's generator: models are drawn one at a time.
-static DRAWING: Mutex<()> = Mutex::new(());
+/// The micro-batch key the gates are seeded from (the same on every rank and in the
+/// reference, so random gates draw the same).
+const ROUTING_KEY: [u64; 3] = [1, 0, 0];
 
-/// The runtime tests' tiny model (a dense and an MoE block) with a deterministic gate
-/// (naive top-2, no capacity), optionally with a shared expert and SwiGLU experts.
+/// The runtime tests' tiny model (a dense and an MoE block), by default with naive top-2
+/// gating (no capacity), optionally with a shared expert and SwiGLU experts.
 fn model(shared: bool, swiglu: bool) -> Model {
-    let mut m = runtime_common::tiny_model(GateKind::Naive);
+    model_with(GateKind::Naive, shared, swiglu)
+}
+
+fn model_with(gate: GateKind, shared: bool, swiglu: bool) -> Model {
+    let mut m = runtime_common::tiny_model(gate);
     for layer in &mut m.layers {
         if let Ffn::Moe(moe) = &mut layer.ffn {
             if swiglu {
@@ -53,9 +59,13 @@ fn model(shared: bool, swiglu: bool) -> Model {
 }
 
 fn build(m: &Model, kind: Kind, tp: Option<TensorParallel>) -> Transformer {
-    let _guard = DRAWING.lock().unwrap_or_else(|p| p.into_inner());
+    // In-process ranks share libtorch's generator with the gates' seeded draws.
+    let _guard = lock_rng();
     tch::manual_seed(SEED);
-    Transformer::new_tensor_parallel(m, Device::Cpu, kind, kind, tp).expect("model builds")
+    let mut model =
+        Transformer::new_tensor_parallel(m, Device::Cpu, kind, kind, tp).expect("model builds");
+    model.routing_key = Some(ROUTING_KEY.to_vec());
+    model
 }
 
 /// The whole model cut to the experts `ids` of every MoE layer (expert parallelism), then
@@ -98,7 +108,8 @@ fn build_expert_parallel(m: &Model, kind: Kind, tp: TensorParallel, ids: &[i64])
 }
 
 fn batch(m: &Model) -> Tensor {
-    let _guard = DRAWING.lock().unwrap_or_else(|p| p.into_inner());
+    // In-process ranks share libtorch's generator with the gates' seeded draws.
+    let _guard = lock_rng();
     tch::manual_seed(99);
     Tensor::randint(m.vocab as i64, [4, 9], (Kind::Int64, Device::Cpu))
 }
@@ -474,6 +485,19 @@ fn two_tensor_by_two_data_ranks_with_experts_across_data_match_one_rank() {
 }
 
 #[test]
+fn random_gates_seeded_per_micro_batch_match_one_rank() {
+    // GShard (capacity, random routing of the second expert) and Switch (jitter, capacity)
+    // draw from the generator: every rank seeds it from the same micro-batch key.
+    for gate in [GateKind::Gshard, GateKind::Switch, GateKind::Noisy] {
+        let m = model_with(gate, false, false);
+        assert_equivalent(
+            &split_run(&m, Kind::Double, 2, 1, 1, true, Backward::Correct),
+            1e-10,
+        );
+    }
+}
+
+#[test]
 fn a_backward_without_the_tensor_all_reduce_is_caught() {
     let m = model(false, false);
     let all = split_run(&m, Kind::Double, 2, 1, 1, true, Backward::SkipAllReduce);
@@ -521,7 +545,8 @@ fn one_tensor_rank_is_the_single_rank_model() {
 fn a_split_that_does_not_divide_is_an_error() {
     runtime_common::init();
     let m = model(false, false);
-    let _guard = DRAWING.lock().unwrap_or_else(|p| p.into_inner());
+    // In-process ranks share libtorch's generator with the gates' seeded draws.
+    let _guard = lock_rng();
     let err = Transformer::new_tensor_parallel(
         &m,
         Device::Cpu,

@@ -810,6 +810,7 @@ impl Block {
         x: &Tensor,
         train: bool,
         tp: TensorParallel,
+        routing_key: Option<&[u64]>,
         pass: &mut TensorPass,
     ) -> Result<(Tensor, Option<(Tensor, Telemetry)>)> {
         let split = tp.size > 1;
@@ -837,7 +838,15 @@ impl Block {
                 let (b, t, d) = h.size3()?;
                 let h = h.f_reshape([b * t, d])?;
                 let sliced = split && tp.expert_slicing;
-                let routing = layer.gate.route(&h, train)?;
+                // Seeded per (micro-batch, layer): every tensor rank (and every data rank
+                // that routes these tokens) draws the same noise, jitter and random routing.
+                let routing = {
+                    let _rng = match (train, routing_key) {
+                        (true, Some(key)) => Some(seed_routing(key, i)),
+                        _ => None,
+                    };
+                    layer.gate.route(&h, train)?
+                };
                 let he = pass.enter(&h, sliced)?;
                 let weight = pass.enter(&routing.weight, sliced)?;
                 let balance = pass.tape.cut(&routing.balance_loss)?;
@@ -1051,8 +1060,9 @@ impl Transformer {
 
     /// [`Transformer::forward`] on one rank of a tensor group (a model from
     /// [`Transformer::new_tensor_parallel`]), recording its cuts on `pass.tape`. Every rank
-    /// of the group runs it on the same tokens (and, with random gates, the same generator
-    /// state); the logits are whole on every rank.
+    /// of the group runs it on the same tokens; with random gates set
+    /// [`Transformer::routing_key`] so that every rank draws the same (see
+    /// [`seed_routing`]). The logits are whole on every rank.
     pub fn forward_tensor_parallel(
         &self,
         tokens: &Tensor,
@@ -1077,7 +1087,8 @@ impl Transformer {
         let mut balance = Tensor::f_zeros([], (Kind::Float, self.store.device))?;
         let mut telemetry = Vec::new();
         for block in &self.blocks {
-            let (y, extra) = block.forward_tensor_parallel(&x, train, tp, pass)?;
+            let (y, extra) =
+                block.forward_tensor_parallel(&x, train, tp, self.routing_key.as_deref(), pass)?;
             x = y;
             if let (Some((loss, tel)), FfnModule::Moe(layer)) = (extra, &block.ffn) {
                 let w = layer.gate.balance_weight;
