@@ -62,7 +62,8 @@ struct RunArgs {
 }
 
 fn check(args: &CheckArgs) -> ExitCode {
-    let mut failed = false;
+    // 1: a file has errors; 2 (wins): a file could not be read at all.
+    let mut worst = ExitCode::SUCCESS;
     for file in &args.files {
         match driver::load(file, args.format) {
             Ok(_) => {
@@ -70,14 +71,14 @@ fn check(args: &CheckArgs) -> ExitCode {
                     eprintln!("ok: {}", file.display());
                 }
             }
-            Err(_) => failed = true,
+            Err(code) => {
+                if worst != ExitCode::from(2) {
+                    worst = code;
+                }
+            }
         }
     }
-    if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    }
+    worst
 }
 
 #[cfg(feature = "runtime")]

@@ -72,3 +72,16 @@ fn unreadable_file_fails_with_a_message() {
         "{text}"
     );
 }
+
+#[test]
+fn unreadable_file_exits_two_even_beside_a_file_with_errors() {
+    let out = fmoec(&["check", "tests/ui/name-typo.fmoe", "no/such/model.fmoe"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("error: cannot read `no/such/model.fmoe`"),
+        "{text}"
+    );
+    // the readable file is still checked and reported
+    assert!(text.contains("error[E0201]"), "{text}");
+}

@@ -3,7 +3,7 @@
 mod plan_fixtures;
 
 use fmoec::check::{ExpertGroup, Precision};
-use fmoec::plan::{self, Overrides};
+use fmoec::plan::{self, MemoryModel, Overrides};
 use plan_fixtures::*;
 
 /// GPT-2 small (tied, vocab 50257) on one H100, bf16, 8 sequences of 1024 per step,
@@ -43,6 +43,38 @@ fn gpt2_small_memory_by_hand() {
     assert_eq!(m.in_flight, 1);
     assert_eq!(m.total, 12_259_270_656);
     assert_eq!(p.ranks[0].memory_bytes, 12_259_270_656);
+}
+
+/// The same model as `fmoec run` trains it (`--memory-model fmoec`), micro-batch 8 of 1024
+/// tokens (sb = 8192), bf16 compute:
+/// - weights: 124,475,904 params × (4 B fp32 master + 2 B bf16 copy) = 746,855,424;
+///   gradients × 4 B = 497,903,616; Adam moments × 8 B = 995,807,232;
+/// - per block: 2 B · 8192 · (4·768 norms + 2·768 attention out and projection input +
+///   3·768 Q K V) + 4 B · 12 heads · 8192 log-sum-exp = 113,639,424, and the MLP's two
+///   internals 2 · 2 B · 8192 · 3072 = 100,663,296; 12 blocks: 2,571,632,640;
+/// - head: final norm in and out 2 · 2 B · 8192 · 768 = 25,165,824, fp32 logits, their
+///   log-softmax and gradient 12 B · 8192 · 50257 = 4,940,464,128;
+/// - total 9,777,828,864.
+#[test]
+fn gpt2_small_memory_of_fmoec_run_by_hand() {
+    let c = checked(
+        gpt("gpt2", 50257, 768, 12, 12, true),
+        parallel(1, 1, 1, ExpertGroup::AcrossData),
+        Some(train(8, 1024, Precision::Bf16)),
+    );
+    let o = Overrides {
+        micro_batch: Some(8),
+        memory_model: Some(MemoryModel::Fmoec),
+        ..Overrides::default()
+    };
+    let p = plan::build_with(&c, &o).unwrap();
+    let m = &p.stages[0].cost.memory;
+    assert_eq!(m.model, MemoryModel::Fmoec);
+    assert_eq!(m.weights, 746_855_424);
+    assert_eq!(m.grads, 497_903_616);
+    assert_eq!(m.optimizer, 995_807_232);
+    assert_eq!(m.activations_per_micro_batch, 7_537_262_592);
+    assert_eq!(m.total, 9_777_828_864);
 }
 
 /// gpt_moe_small on 16 H100s, tensor 2, pipeline 1, experts across data (8 ranks),

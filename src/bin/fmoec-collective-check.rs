@@ -18,10 +18,7 @@
 
 use clap::Parser;
 use fmoec::collective::local::{local_world, run_ranks};
-use fmoec::collective::{
-    clip_global_norm, exchange_experts, reduce_gradients, Collective, ErrorKind, ExpertPlacement,
-    GroupLayout, Groups, ParamKind, Tape,
-};
+use fmoec::collective::{Collective, ErrorKind, ExpertPlacement, GroupLayout, Groups};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -538,325 +535,37 @@ fn bench(groups: &Groups, device: Device, args: &Args, report: &Report) -> Resul
     Ok(())
 }
 
-/// The expert-exchange equivalence check: a two-block top-2 MoE, single rank vs split.
+/// The expert-exchange equivalence check: `fmoec::collective::selftest`'s two-block top-2
+/// MoE, split over this run's ranks, against its single-rank run computed on CPU in f64.
 mod moe {
     use super::*;
+    use fmoec::collective::selftest::{self, Problem};
 
-    const WIDTH: i64 = 8;
-    const HIDDEN: i64 = 12;
     /// Experts per rank of the expert group (the global count is this × group size).
     const EXPERTS_PER_RANK: usize = 2;
-    const TOP_K: i64 = 2;
     const TOKENS_PER_RANK: i64 = 4;
-    const BLOCKS: usize = 2;
-    const MAX_NORM: f64 = 0.05;
-
-    struct Block {
-        w_in: Tensor,
-        w_gate: Tensor,
-        /// Stacked over experts: w1 [E,d,h], b1 [E,h], w2 [E,h,d], b2 [E,d].
-        experts: Vec<Tensor>,
-    }
-
-    struct Init {
-        x: Tensor,
-        target: Tensor,
-        blocks: Vec<Block>,
-    }
-
-    /// The same numbers on every rank: a fixed seed on CPU in f64.
-    fn init(tokens: i64, experts: usize) -> Init {
-        // In-process ranks share torch's global generator: seed and draw under a lock.
-        static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
-        tch::manual_seed(7);
-        let randn =
-            |shape: &[i64], scale: f64| Tensor::randn(shape, (Kind::Double, Device::Cpu)) * scale;
-        let e = experts as i64;
-        Init {
-            x: randn(&[tokens, WIDTH], 1.0),
-            target: randn(&[tokens, WIDTH], 1.0),
-            blocks: (0..BLOCKS)
-                .map(|_| Block {
-                    w_in: randn(&[WIDTH, WIDTH], 0.4),
-                    w_gate: randn(&[WIDTH, e], 1.0),
-                    experts: vec![
-                        randn(&[e, WIDTH, HIDDEN], 0.3),
-                        randn(&[e, HIDDEN], 0.1),
-                        randn(&[e, HIDDEN, WIDTH], 0.3),
-                        randn(&[e, WIDTH], 0.1),
-                    ],
-                })
-                .collect(),
-        }
-    }
-
-    fn expert(x: &Tensor, p: &[Tensor], j: i64) -> Tensor {
-        let hidden = (x.matmul(&p[0].get(j)) + p[1].get(j)).gelu("none");
-        hidden.matmul(&p[2].get(j)) + p[3].get(j)
-    }
-
-    fn gate(h: &Tensor, w_gate: &Tensor) -> (Tensor, Tensor) {
-        let (values, index) = h.matmul(w_gate).topk(TOP_K, -1, true, true);
-        (values.softmax(-1, values.kind()), index)
-    }
-
-    fn loss_of(out: &Tensor, target: &Tensor) -> Tensor {
-        (out - target)
-            .square()
-            .sum_dim_intlist(1, false, out.kind())
-            .mean(out.kind())
-            * 0.5
-    }
-
-    struct Outcome {
-        out: Tensor,
-        loss: f64,
-        /// Per block: w_in, w_gate, w1, b1, w2, b2 (experts: local rows only).
-        grads: Vec<Vec<Tensor>>,
-        norm: f64,
-    }
-
-    /// A fresh leaf (a copy: `to_kind`/`to_device` alias when nothing changes, and the
-    /// reference and the split run must not share parameters).
-    fn param(t: &Tensor, kind: Kind, device: Device) -> Tensor {
-        t.detach()
-            .to_kind(kind)
-            .to_device(device)
-            .copy()
-            .set_requires_grad(true)
-    }
-
-    /// Single rank, whole batch, one `backward()`, on CPU in f64.
-    fn reference(init: &Init, tokens: i64) -> Outcome {
-        let blocks: Vec<(Tensor, Tensor, Vec<Tensor>)> = init
-            .blocks
-            .iter()
-            .map(|b| {
-                let p = |t: &Tensor| param(t, Kind::Double, Device::Cpu);
-                (p(&b.w_in), p(&b.w_gate), b.experts.iter().map(p).collect())
-            })
-            .collect();
-        let mut h = init.x.shallow_clone();
-        for (w_in, w_gate, experts) in &blocks {
-            let h0 = h.matmul(w_in);
-            let (weights, index) = gate(&h0, w_gate);
-            let mut moe = h0.zeros_like();
-            for t in 0..tokens {
-                for k in 0..TOP_K {
-                    let e = index.int64_value(&[t, k]);
-                    let y = expert(&h0.get(t), experts, e) * weights.get(t).get(k);
-                    moe = moe.index_add(0, &Tensor::from_slice(&[t]), &y.unsqueeze(0));
-                }
-            }
-            h = &h0 + moe;
-        }
-        let loss = loss_of(&h, &init.target);
-        loss.backward();
-        let mut params = Vec::new();
-        for (w_in, w_gate, experts) in &blocks {
-            params.push(w_in.shallow_clone());
-            params.push(w_gate.shallow_clone());
-            params.extend(experts.iter().map(Tensor::shallow_clone));
-        }
-        let norm = params
-            .iter()
-            .map(|p| p.grad().square().sum(Kind::Double).double_value(&[]))
-            .sum::<f64>()
-            .sqrt();
-        let coefficient = MAX_NORM / (norm + 1e-6);
-        let scale = coefficient.min(1.0);
-        Outcome {
-            out: h.detach(),
-            loss: loss.double_value(&[]),
-            grads: params
-                .chunks(6)
-                .map(|b| b.iter().map(|p| p.grad() * scale).collect())
-                .collect(),
-            norm,
-        }
-    }
-
-    fn split(
-        groups: &Groups,
-        device: Device,
-        kind: Kind,
-        init: &Init,
-        placement: &ExpertPlacement,
-    ) -> fmoec::collective::Result<Outcome> {
-        let rank = groups.rank();
-        let world = groups.world();
-        let position = groups.expert().rank();
-        let local: Vec<i64> = placement
-            .local_experts(position)
-            .iter()
-            .map(|&e| e as i64)
-            .collect();
-        let local_index = Tensor::from_slice(&local);
-        let slot_of_expert = Tensor::from_slice(&placement.slot_of_expert()).to_device(device);
-        let share = TOKENS_PER_RANK;
-        let mine = |t: &Tensor| {
-            t.narrow(0, rank as i64 * share, share)
-                .to_kind(kind)
-                .to_device(device)
-        };
-        let (x, target) = (mine(&init.x), mine(&init.target));
-        let blocks: Vec<(Tensor, Tensor, Vec<Tensor>)> = init
-            .blocks
-            .iter()
-            .map(|b| {
-                let experts = b
-                    .experts
-                    .iter()
-                    .map(|t| param(&t.index_select(0, &local_index), kind, device))
-                    .collect();
-                (
-                    param(&b.w_in, kind, device),
-                    param(&b.w_gate, kind, device),
-                    experts,
-                )
-            })
-            .collect();
-        let tensor_err = |e: tch::TchError| fmoec::collective::CollectiveError {
-            group: groups.expert().label().to_string(),
-            op: "check",
-            at: "expert equivalence".into(),
-            kind: Box::new(ErrorKind::Tensor(e)),
-        };
-        let mut tape = Tape::new();
-        let mut h = x;
-        for (layer, (w_in, w_gate, experts)) in blocks.iter().enumerate() {
-            tape.step();
-            let h0 = tape.cut(&h.matmul(w_in)).map_err(tensor_err)?;
-            let (weights, index) = gate(&h0, w_gate);
-            tape.step();
-            let weights = tape.cut(&weights).map_err(tensor_err)?;
-            let token = Tensor::arange(share, (Kind::Int64, device))
-                .repeat_interleave_self_int(TOP_K, 0, None);
-            let slot = slot_of_expert.index_select(0, &index.reshape([-1]));
-            let order = slot.argsort_stable(true, 0, false);
-            let token_sorted = token.index_select(0, &order);
-            let counts_t = slot
-                .bincount::<Tensor>(None, placement.experts() as i64)
-                .to_device(Device::Cpu);
-            let counts = Vec::<i64>::try_from(&counts_t).map_err(tensor_err)?;
-            let tokens = h0.index_select(0, &token_sorted);
-            let (y, exchange) = exchange_experts(
-                groups.expert(),
-                placement,
-                &tokens,
-                &counts,
-                &format!("check, layer {layer}"),
-                |received, local_counts| {
-                    let mut start = 0;
-                    let mut pieces = Vec::new();
-                    for (j, &n) in local_counts.iter().enumerate() {
-                        pieces.push(expert(&received.f_narrow(0, start, n)?, experts, j as i64));
-                        start += n;
-                    }
-                    if pieces.is_empty() {
-                        return Tensor::f_zeros([0, WIDTH], (received.kind(), received.device()));
-                    }
-                    Tensor::f_cat(&pieces, 0)
-                },
-            )?;
-            tape.record(exchange);
-            let w_sorted = weights.reshape([-1]).index_select(0, &order).unsqueeze(1);
-            let moe = h0.zeros_like().index_add(0, &token_sorted, &(y * w_sorted));
-            h = &h0 + moe;
-        }
-        let loss = loss_of(&h, &target);
-        tape.backward(&loss, groups.expert(), "check backward")?;
-        let mut params: Vec<(ParamKind, &Tensor)> = Vec::new();
-        for (w_in, w_gate, experts) in &blocks {
-            params.push((ParamKind::Replicated, w_in));
-            params.push((ParamKind::Gate, w_gate));
-            params.extend(experts.iter().map(|p| (ParamKind::Expert, p)));
-        }
-        reduce_gradients(groups, &params, "check")?;
-        let norm = clip_global_norm(groups, &params, Some(MAX_NORM), "check")?;
-        let mut global_loss = loss.detach().reshape([1]);
-        groups
-            .data()
-            .all_reduce_sum(&mut global_loss, "check loss")?;
-        let grads = params
-            .chunks(6)
-            .map(|b| {
-                b.iter()
-                    .map(|(_, p)| p.grad().to_device(Device::Cpu).to_kind(Kind::Double))
-                    .collect()
-            })
-            .collect();
-        Ok(Outcome {
-            out: h.detach().to_device(Device::Cpu).to_kind(Kind::Double),
-            loss: global_loss.double_value(&[0]) / world as f64,
-            grads,
-            norm: norm.total,
-        })
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        if a.size() != b.size() {
-            return f64::INFINITY;
-        }
-        if a.numel() == 0 {
-            return 0.0;
-        }
-        (a - b).abs().max().double_value(&[])
-    }
 
     pub fn equivalence(groups: &Groups, device: Device, kind: Kind, tolerance: f64) -> Check {
         let world = groups.world();
-        let tokens = TOKENS_PER_RANK * world as i64;
         let experts = EXPERTS_PER_RANK * groups.expert().size();
-        let init = init(tokens, experts);
-        let expected = reference(&init, tokens);
+        let problem = Problem::new(TOKENS_PER_RANK * world as i64, experts, 7);
+        let expected = selftest::reference(&problem, Kind::Double);
         let placement =
             ExpertPlacement::contiguous(experts, groups.expert().size()).map_err(err)?;
-        let got = split(groups, device, kind, &init, &placement).map_err(err)?;
-        let rank = groups.rank() as i64;
-        let mut worst: Vec<(String, f64)> = vec![
-            (
-                "output".into(),
-                max_diff(
-                    &got.out,
-                    &expected
-                        .out
-                        .narrow(0, rank * TOKENS_PER_RANK, TOKENS_PER_RANK),
-                ),
-            ),
-            ("loss".into(), (got.loss - expected.loss).abs()),
-            ("norm".into(), (got.norm - expected.norm).abs()),
-        ];
-        let local: Vec<i64> = placement
-            .local_experts(groups.expert().rank())
-            .iter()
-            .map(|&e| e as i64)
-            .collect();
-        let local_index = Tensor::from_slice(&local);
-        let names = ["w_in", "w_gate", "w1", "b1", "w2", "b2"];
-        for (block, (g, w)) in got.grads.iter().zip(&expected.grads).enumerate() {
-            for (i, name) in names.iter().enumerate() {
-                let want = if i < 2 {
-                    w[i].shallow_clone()
-                } else {
-                    w[i].index_select(0, &local_index)
-                };
-                worst.push((
-                    format!("block {block} {name} gradient"),
-                    max_diff(&g[i], &want),
-                ));
-            }
-        }
-        let bad: Vec<String> = worst
-            .iter()
-            .filter(|(_, d)| d.is_nan() || *d > tolerance)
-            .map(|(what, d)| format!("{what} differs by {d:e}"))
-            .collect();
+        let got = selftest::split(groups, device, kind, &problem, &placement).map_err(err)?;
+        let diffs = selftest::compare(
+            &expected,
+            &got,
+            groups.rank(),
+            world,
+            groups.expert().rank(),
+            &placement,
+        );
+        let bad = selftest::failures(&diffs, tolerance);
         if !bad.is_empty() {
             return Err(bad.join("; "));
         }
-        let max = worst.iter().map(|(_, d)| *d).fold(0.0, f64::max);
+        let max = diffs.iter().map(|(_, d)| *d).fold(0.0, f64::max);
         Ok(format!(
             "{} ranks, {}, norm {:.6}, max difference {max:.1e}",
             world,

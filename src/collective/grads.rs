@@ -11,9 +11,11 @@
 //! - gate parameters: summed over the gate group and divided by its size (ranks of the
 //!   gate group outside the data group hold identical gradients, e.g. tensor ranks).
 //!
-//! This module covers tensor = pipeline = 1: with pipeline stages the squared norms must
-//! also be summed over the pipeline group, and tensor-sliced experts over the tensor
-//! group; [`super::Groups`] has no such groups yet.
+//! With tensor parallelism a second dimension, [`TensorSplit`], says how a parameter is
+//! split over the tensor group: [`sum_partial_gradients`] completes the `Partial` ones and
+//! [`clip_global_norm_tensor_parallel`] sums the squares of `Sharded` ones over the tensor
+//! group. Pipeline stages are not covered (their squared norms must also be summed over
+//! the pipeline group).
 
 use super::error::{CollectiveError, ErrorKind};
 use super::{Collective, Groups, Result};
@@ -58,6 +60,9 @@ fn grad_of(p: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
 /// shapes and dtype per kind.
 pub fn reduce_gradients(groups: &Groups, params: &[(ParamKind, &Tensor)], at: &str) -> Result<()> {
     let data_size = groups.data().size() as f64;
+    // An empty bucket still goes through the group, on the parameters' device (NCCL takes
+    // only tensors on its GPU).
+    let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
     for kind in KINDS {
         let (group, divisor) = match kind {
             ParamKind::Replicated => (groups.data(), data_size),
@@ -88,7 +93,7 @@ pub fn reduce_gradients(groups: &Groups, params: &[(ParamKind, &Tensor)], at: &s
             .collect::<std::result::Result<_, _>>()
             .map_err(&terr)?;
         let mut bucket = if flats.is_empty() {
-            Tensor::f_zeros([0], (Kind::Float, tch::Device::Cpu)).map_err(&terr)?
+            Tensor::f_zeros([0], (Kind::Float, device)).map_err(&terr)?
         } else {
             Tensor::f_cat(&flats, 0).map_err(&terr)?
         };
@@ -168,6 +173,142 @@ pub fn clip_global_norm(
     group.all_reduce_sum(&mut expert_total, &format!("{at}, expert gradient norm"))?;
     let expert_total = expert_total.f_double_value(&[0]).map_err(&terr)?;
     let total = (shared + expert_total).sqrt();
+    let mut scale = 1.0;
+    if let Some(max_norm) = max_norm {
+        let coefficient = max_norm / (total + 1e-6);
+        if coefficient < 1.0 {
+            scale = coefficient;
+            for mut grad in grads {
+                let _ = tch::no_grad(|| grad.f_mul_scalar_(coefficient)).map_err(&terr)?;
+            }
+        }
+    }
+    Ok(GradientNorm { total, scale })
+}
+
+/// How a parameter is split over the ranks of a tensor(-parallel) group. A second
+/// dimension beside [`ParamKind`] (which says how the data, expert-data and gate groups
+/// share it); with tensor = 1 every parameter is [`TensorSplit::Whole`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TensorSplit {
+    /// The same tensor and the same full gradient on every tensor rank: norms, embeddings
+    /// and head (replicated in the runtime), biases of row-parallel layers (added after the
+    /// all-reduce), gates, whole (unsliced) experts.
+    Whole,
+    /// Each tensor rank holds a different slice with its complete gradient:
+    /// column-parallel `qkv`, `w1`, `w3` (and their biases), row-parallel `proj`, `w2`,
+    /// sliced experts' `w1`, `w3`, `b1`, `w2`.
+    Sharded,
+    /// The same tensor on every tensor rank, but each rank's gradient is only its share of
+    /// the whole, so the shares are summed over the tensor group
+    /// ([`sum_partial_gradients`]): a sliced expert's output bias `b2`, which only tensor
+    /// rank 0 adds (inside the expert, before the tokens go back, so before the reduce).
+    Partial,
+}
+
+/// Sums the gradients of the [`TensorSplit::Partial`] parameters over the tensor group, in
+/// place (one flat all-reduce; every rank enters it, also with none). Run it after the
+/// backward and before [`reduce_gradients`]; afterwards those parameters are
+/// [`TensorSplit::Whole`].
+pub fn sum_partial_gradients(
+    tensor: &dyn Collective,
+    params: &[(TensorSplit, &Tensor)],
+    at: &str,
+) -> Result<()> {
+    let op = "sum_partial_gradients";
+    let terr = err(tensor, op, at);
+    let grads: Vec<Tensor> = params
+        .iter()
+        .filter(|(s, p)| *s == TensorSplit::Partial && p.requires_grad())
+        .map(|(_, p)| grad_of(p))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(&terr)?;
+    let kind = grads.first().map(|g| g.kind()).unwrap_or(Kind::Float);
+    if grads.iter().any(|g| g.kind() != kind) {
+        return Err(CollectiveError::new(
+            tensor.label(),
+            op,
+            at,
+            ErrorKind::Invalid("partial parameters mix dtypes".into()),
+        ));
+    }
+    let flats: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.f_reshape([-1]))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(&terr)?;
+    let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+    let mut bucket = if flats.is_empty() {
+        Tensor::f_zeros([0], (Kind::Float, device)).map_err(&terr)?
+    } else {
+        Tensor::f_cat(&flats, 0).map_err(&terr)?
+    };
+    tensor.all_reduce_sum(&mut bucket, &format!("{at}, partial gradients"))?;
+    let sizes: Vec<i64> = flats.iter().map(|f| f.numel() as i64).collect();
+    let pieces = bucket.f_split_with_sizes(&sizes, 0).map_err(&terr)?;
+    for (mut grad, piece) in grads.into_iter().zip(pieces) {
+        let shape = grad.size();
+        tch::no_grad(|| grad.f_copy_(&piece.f_reshape(&shape)?)).map_err(&terr)?;
+    }
+    Ok(())
+}
+
+/// [`clip_global_norm`] with tensor parallelism: the norm over all distinct parameters of
+/// the whole model, as Megatron-LM counts it (tensor-parallel slices once each,
+/// duplicates once) plus FastMoE's expert fix. Squared norms: [`TensorSplit::Whole`]
+/// (and `Partial`, after [`sum_partial_gradients`]) replicated and gate parameters
+/// locally; `Sharded` replicated ones summed over `tensor`; whole experts summed over the
+/// expert group; sliced experts summed over `tensor`, then over the expert group. Every
+/// rank enters the tensor group's all-reduce, then the expert group's. With a tensor
+/// group of one rank this equals [`clip_global_norm`].
+pub fn clip_global_norm_tensor_parallel(
+    groups: &Groups,
+    tensor: &dyn Collective,
+    params: &[(ParamKind, TensorSplit, &Tensor)],
+    max_norm: Option<f64>,
+    at: &str,
+) -> Result<GradientNorm> {
+    let terr = err(tensor, "clip_global_norm", at);
+    // [shared whole, shared sharded, expert whole, expert sharded]
+    let mut squares = [0.0f64; 4];
+    let mut grads = Vec::new();
+    for (kind, split, p) in params {
+        if !p.requires_grad() {
+            continue;
+        }
+        let grad = p.grad();
+        if !grad.defined() {
+            continue;
+        }
+        let square = grad
+            .f_to_kind(Kind::Double)
+            .and_then(|g| g.f_square())
+            .and_then(|g| g.f_sum(Kind::Double))
+            .and_then(|s| s.f_double_value(&[]))
+            .map_err(&terr)?;
+        let expert = *kind == ParamKind::Expert;
+        let sharded = *split == TensorSplit::Sharded;
+        squares[2 * usize::from(expert) + usize::from(sharded)] += square;
+        grads.push(grad);
+    }
+    let device = params
+        .first()
+        .map_or(tch::Device::Cpu, |(_, _, p)| p.device());
+    let mut sliced = Tensor::f_from_slice(&[squares[1], squares[3]])
+        .and_then(|t| t.f_to_device(device))
+        .map_err(&terr)?;
+    tensor.all_reduce_sum(&mut sliced, &format!("{at}, tensor-sharded gradient norm"))?;
+    let sliced = Vec::<f64>::try_from(sliced.f_to_device(tch::Device::Cpu).map_err(&terr)?)
+        .map_err(&terr)?;
+    let eerr = err(groups.expert(), "clip_global_norm", at);
+    let mut expert = Tensor::f_from_slice(&[squares[2] + sliced[1]])
+        .and_then(|t| t.f_to_device(device))
+        .map_err(&eerr)?;
+    groups
+        .expert()
+        .all_reduce_sum(&mut expert, &format!("{at}, expert gradient norm"))?;
+    let expert = expert.f_double_value(&[0]).map_err(&eerr)?;
+    let total = (squares[0] + sliced[0] + expert).sqrt();
     let mut scale = 1.0;
     if let Some(max_norm) = max_norm {
         let coefficient = max_norm / (total + 1e-6);

@@ -15,6 +15,11 @@ pub enum GroupKind {
     ExpertData,
     /// Ranks whose gate gradients are all-reduced together (FastMoE: one pipeline stage).
     Gate,
+    /// Ranks that split one layer's matrices (Megatron's tensor-model-parallel group).
+    /// Not part of a [`GroupLayout`] (whose kinds are [`GroupKind::ALL`]): its lists
+    /// come from [`tensor_groups`] or the planner's `tensor` groups, and the handle is
+    /// opened beside the [`Groups`].
+    Tensor,
 }
 
 impl GroupKind {
@@ -31,6 +36,7 @@ impl GroupKind {
             GroupKind::Expert => "expert",
             GroupKind::ExpertData => "expert-data",
             GroupKind::Gate => "gate",
+            GroupKind::Tensor => "tensor",
         }
     }
 }
@@ -139,12 +145,68 @@ impl GroupLayout {
         Ok(layout)
     }
 
+    /// Megatron-LM v2.2's layout with tensor size `tensor` and pipeline = 1 (see
+    /// [`tensor_groups`] for the tensor groups): data groups are strided
+    /// (`[j, j + tensor, ...]` for tensor rank `j`), expert groups are consecutive runs of
+    /// `expert_group` members of each data group, expert-data groups the members of one
+    /// data group at the same position in their expert groups, and the gate group is the
+    /// whole world (FastMoE: one pipeline stage).
+    pub fn tensor_data(
+        world: usize,
+        tensor: usize,
+        expert_group: usize,
+    ) -> Result<GroupLayout, LayoutError> {
+        if world == 0 {
+            return Err(LayoutError::EmptyWorld);
+        }
+        if tensor == 0 || world % tensor != 0 {
+            return Err(LayoutError::Indivisible {
+                size: tensor,
+                world,
+            });
+        }
+        let data_size = world / tensor;
+        if expert_group == 0 || data_size % expert_group != 0 {
+            return Err(LayoutError::Indivisible {
+                size: expert_group,
+                world: data_size,
+            });
+        }
+        let data: Vec<Vec<usize>> = (0..tensor)
+            .map(|j| (j..world).step_by(tensor).collect())
+            .collect();
+        let mut expert = Vec::new();
+        let mut expert_data = Vec::new();
+        for group in &data {
+            expert.extend(group.chunks(expert_group).map(<[usize]>::to_vec));
+            expert_data.extend((0..expert_group).map(|p| {
+                group
+                    .iter()
+                    .copied()
+                    .skip(p)
+                    .step_by(expert_group)
+                    .collect::<Vec<usize>>()
+            }));
+        }
+        let layout = GroupLayout {
+            world,
+            data,
+            expert,
+            expert_data,
+            gate: vec![(0..world).collect()],
+        };
+        layout.validate()?;
+        Ok(layout)
+    }
+
     pub fn groups(&self, kind: GroupKind) -> &[Vec<usize>] {
         match kind {
             GroupKind::Data => &self.data,
             GroupKind::Expert => &self.expert,
             GroupKind::ExpertData => &self.expert_data,
             GroupKind::Gate => &self.gate,
+            // Kept beside the layout: see GroupKind::Tensor.
+            GroupKind::Tensor => &[],
         }
     }
 
@@ -217,7 +279,25 @@ impl GroupLayout {
     }
 }
 
-/// One rank's handles to its four groups.
+/// Megatron-LM v2.2's tensor groups for pipeline = 1: consecutive runs of `tensor` ranks
+/// (`[i·t, (i+1)·t)`), the same lists `fmoec plan` prints as `tensor`.
+pub fn tensor_groups(world: usize, tensor: usize) -> Result<Vec<Vec<usize>>, LayoutError> {
+    if world == 0 {
+        return Err(LayoutError::EmptyWorld);
+    }
+    if tensor == 0 || world % tensor != 0 {
+        return Err(LayoutError::Indivisible {
+            size: tensor,
+            world,
+        });
+    }
+    Ok((0..world / tensor)
+        .map(|i| (i * tensor..(i + 1) * tensor).collect())
+        .collect())
+}
+
+/// One rank's handles to its four groups, and to its tensor group (see
+/// [`Groups::set_tensor`]).
 pub struct Groups {
     rank: usize,
     world: usize,
@@ -225,6 +305,7 @@ pub struct Groups {
     expert: Box<dyn Collective>,
     expert_data: Box<dyn Collective>,
     gate: Box<dyn Collective>,
+    tensor: Box<dyn Collective>,
 }
 
 impl Groups {
@@ -245,7 +326,17 @@ impl Groups {
             let position = members.iter().position(|&r| r == rank).unwrap_or_default();
             connect(GroupLabel { kind, members }, position)
         };
+        let alone = GroupLabel {
+            kind: GroupKind::Tensor,
+            members: vec![rank],
+        };
+        // A group of one never waits; the timeout is only a formality.
+        let tensor = super::local::LocalCollective::group(alone, std::time::Duration::from_secs(1))
+            .pop()
+            .map(|h| Box::new(h) as Box<dyn Collective>)
+            .ok_or_else(|| anyhow::anyhow!("internal error: no handle for a group of one"))?;
         Ok(Groups {
+            tensor,
             rank,
             world: layout.world,
             data: open(GroupKind::Data)?,
@@ -270,7 +361,30 @@ impl Groups {
             GroupKind::Expert => self.expert.as_ref(),
             GroupKind::ExpertData => self.expert_data.as_ref(),
             GroupKind::Gate => self.gate.as_ref(),
+            GroupKind::Tensor => self.tensor.as_ref(),
         }
+    }
+
+    /// The tensor group: this rank alone (tensor = 1) until [`Groups::set_tensor`] gives
+    /// it the real one.
+    pub fn tensor(&self) -> &dyn Collective {
+        self.tensor.as_ref()
+    }
+
+    /// Hands this rank its tensor-group handle (opened after the four groups of
+    /// [`Groups::connect`], in the same order on every rank: a communicator's creation is a
+    /// collective call on NCCL). Refused unless the handle's group contains this rank.
+    pub fn set_tensor(&mut self, handle: Box<dyn Collective>) -> anyhow::Result<()> {
+        let label = handle.label();
+        if label.kind != GroupKind::Tensor || label.members.get(handle.rank()) != Some(&self.rank) {
+            anyhow::bail!(
+                "rank {}: {label} at position {} is not this rank's tensor group",
+                self.rank,
+                handle.rank()
+            );
+        }
+        self.tensor = handle;
+        Ok(())
     }
 
     pub fn data(&self) -> &dyn Collective {

@@ -423,6 +423,54 @@ pub fn local_world(layout: &GroupLayout, timeout: Duration) -> Result<Vec<Groups
     Ok(world)
 }
 
+/// Every rank's in-process handle to its tensor group, indexed by global rank; `groups`
+/// partitions `0..world` (e.g. [`super::tensor_groups`]). Hand each rank its handle beside
+/// its [`Groups`] from [`local_world`].
+pub fn local_tensor_groups(
+    world: usize,
+    groups: &[Vec<usize>],
+    timeout: Duration,
+) -> Result<Vec<LocalCollective>, LayoutError> {
+    let mut slots: Vec<Option<LocalCollective>> = (0..world).map(|_| None).collect();
+    for members in groups {
+        if members.is_empty() {
+            return Err(LayoutError::EmptyGroup { kind: "tensor" });
+        }
+        let label = GroupLabel {
+            kind: super::GroupKind::Tensor,
+            members: members.clone(),
+        };
+        for (&rank, handle) in members.iter().zip(LocalCollective::group(label, timeout)) {
+            match slots.get_mut(rank) {
+                None => {
+                    return Err(LayoutError::OutOfRange {
+                        kind: "tensor",
+                        rank,
+                        world,
+                    })
+                }
+                Some(Some(_)) => {
+                    return Err(LayoutError::Duplicate {
+                        kind: "tensor",
+                        rank,
+                    })
+                }
+                Some(slot) => *slot = Some(handle),
+            }
+        }
+    }
+    slots
+        .into_iter()
+        .enumerate()
+        .map(|(rank, s)| {
+            s.ok_or(LayoutError::Missing {
+                kind: "tensor",
+                rank,
+            })
+        })
+        .collect()
+}
+
 /// Run `body` once per rank, each on its own thread with that rank's groups; the
 /// results (or panics) in rank order. A rank that panics drops its handles, so the
 /// others get [`ErrorKind::PeerGone`] instead of waiting.

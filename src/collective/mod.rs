@@ -6,12 +6,14 @@
 //!   and the caller's label (`"step 12, layer 3 dispatch"`), so a hang becomes a
 //!   message instead of a frozen job;
 //! - [`Groups`]: one rank's handles for its data, expert, expert-data and gate groups,
-//!   built from a [`GroupLayout`] (lists of rank lists that the planner computes);
+//!   built from a [`GroupLayout`] (lists of rank lists that the planner computes), and
+//!   its tensor group ([`tensor_groups`], [`Groups::set_tensor`]);
 //! - [`local`]: an in-process implementation over CPU threads, so tests exercise
 //!   multi-rank behaviour without GPUs;
 //! - the expert-parallel MoE exchange ([`exchange_experts`]) with its explicit backward,
 //!   and the [`Tape`] that runs a backward pass in segments around autograd cuts
-//!   (tch has no custom autograd functions);
+//!   (tch has no custom autograd functions), with Megatron's tensor-parallel region
+//!   operators ([`Tape::copy_to_tensor_region`], [`reduce_from_tensor_region`]);
 //! - gradient reduction by parameter kind ([`reduce_gradients`]) and the global
 //!   gradient-norm clipping with experts spread over ranks ([`clip_global_norm`]);
 //! - [`reshard_experts`]: moving stacked expert tensors from one expert placement to
@@ -45,15 +47,19 @@ pub mod nccl;
 mod placement;
 pub mod rendezvous;
 mod reshard;
+pub mod selftest;
 mod tape;
 
 pub use error::{CollectiveError, ErrorKind};
 pub use exchange::{exchange_experts, ExchangeTape};
-pub use grads::{clip_global_norm, reduce_gradients, GradientNorm, ParamKind};
-pub use groups::{GroupKind, GroupLabel, GroupLayout, Groups, LayoutError};
+pub use grads::{
+    clip_global_norm, clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients,
+    GradientNorm, ParamKind, TensorSplit,
+};
+pub use groups::{tensor_groups, GroupKind, GroupLabel, GroupLayout, Groups, LayoutError};
 pub use placement::{ExpertPlacement, PlacementError};
 pub use reshard::{reshard_experts, ReshardError};
-pub use tape::{backward_roots, Cut, Tape};
+pub use tape::{backward_roots, reduce_from_tensor_region, Cut, Tape};
 
 use tch::Tensor;
 

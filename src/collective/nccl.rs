@@ -779,6 +779,18 @@ fn communicators(layout: &GroupLayout) -> Vec<Vec<usize>> {
     seen
 }
 
+/// The member lists that need a communicator with tensor groups too: the layout's
+/// ([`communicators`]), then the tensor groups not among them.
+fn communicators_with_tensor(layout: &GroupLayout, tensor: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let mut seen = communicators(layout);
+    for members in tensor {
+        if members.len() > 1 && !seen.contains(members) {
+            seen.push(members.clone());
+        }
+    }
+    seen
+}
+
 /// Connect this process's groups over NCCL: select the GPU `env.local_rank`, get the
 /// unique ids from rank 0 over TCP (see [`super::rendezvous`]), and create one
 /// communicator per distinct member list. Every collective (and the setup) is bounded
@@ -788,7 +800,48 @@ pub fn connect(
     env: &DistEnv,
     timeout: Duration,
 ) -> anyhow::Result<(Groups, Device)> {
+    connect_with(layout, None, env, timeout)
+}
+
+/// [`connect`] with tensor parallelism: `tensor` lists the tensor groups (partitioning the
+/// world, e.g. [`super::tensor_groups`] or the planner's `tensor` lists); their
+/// communicators are created after the layout's, and the returned [`Groups`] hold this
+/// rank's ([`Groups::tensor`]). The rendezvous fingerprint covers the tensor groups too.
+pub fn connect_tensor_parallel(
+    layout: &GroupLayout,
+    tensor: &[Vec<usize>],
+    env: &DistEnv,
+    timeout: Duration,
+) -> anyhow::Result<(Groups, Device)> {
+    connect_with(layout, Some(tensor), env, timeout)
+}
+
+fn connect_with(
+    layout: &GroupLayout,
+    tensor: Option<&[Vec<usize>]>,
+    env: &DistEnv,
+    timeout: Duration,
+) -> anyhow::Result<(Groups, Device)> {
     layout.validate()?;
+    let my_tensor = match tensor {
+        None => None,
+        Some(lists) => {
+            let mut count = vec![0usize; layout.world];
+            for &r in lists.iter().flatten() {
+                match count.get_mut(r) {
+                    Some(c) => *c += 1,
+                    None => anyhow::bail!(
+                        "tensor groups: rank {r} is outside the world of {} ranks",
+                        layout.world
+                    ),
+                }
+            }
+            if let Some(r) = count.iter().position(|&c| c != 1) {
+                anyhow::bail!("tensor groups: rank {r} is in {} groups, not one", count[r]);
+            }
+            lists.iter().find(|g| g.contains(&env.rank)).cloned()
+        }
+    };
     if layout.world != env.world {
         anyhow::bail!(
             "the layout has {} ranks but WORLD_SIZE is {}",
@@ -821,9 +874,23 @@ pub fn connect(
         anyhow::bail!("cudaSetDevice({}): {}", env.local_rank, cuda_text(set));
     }
     let device = Device::Cuda(env.local_rank);
-    let lists = communicators(layout);
+    let (lists, tag) = match tensor {
+        None => (communicators(layout), layout_tag(layout)),
+        Some(t) => (
+            communicators_with_tensor(layout, t),
+            format!("{}-tensor-{}", layout_tag(layout), {
+                use sha2::{Digest, Sha256};
+                let digest = Sha256::digest(format!("{t:?}").as_bytes());
+                digest
+                    .iter()
+                    .take(4)
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            }),
+        ),
+    };
     const ID: usize = std::mem::size_of::<nccl::ncclUniqueId>();
-    let payload = env.exchange(&layout_tag(layout), timeout, || {
+    let payload = env.exchange(&tag, timeout, || {
         let mut bytes = Vec::with_capacity(lists.len() * ID);
         for _ in &lists {
             let mut id: nccl::ncclUniqueId = unsafe { std::mem::zeroed() };
@@ -847,7 +914,7 @@ pub fn connect(
         );
     }
     let mut comms: BTreeMap<Vec<usize>, Arc<Comm>> = BTreeMap::new();
-    let groups = Groups::connect(layout, env.rank, |label, position| {
+    let mut open = |label: super::GroupLabel, position: usize| {
         let size = label.members.len();
         let comm = if size == 1 {
             None
@@ -877,7 +944,19 @@ pub fn connect(
             device,
             comm,
         }) as Box<dyn Collective>)
-    })?;
+    };
+    let mut groups = Groups::connect(layout, env.rank, &mut open)?;
+    if let Some(members) = my_tensor {
+        let position = members
+            .iter()
+            .position(|&r| r == env.rank)
+            .unwrap_or_default();
+        let label = super::GroupLabel {
+            kind: super::GroupKind::Tensor,
+            members,
+        };
+        groups.set_tensor(open(label, position)?)?;
+    }
     Ok((groups, device))
 }
 
@@ -892,6 +971,24 @@ pub fn nccl_version() -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensor_groups_get_communicators_after_the_layout() {
+        // Megatron's 2 tensor x 2 data: data = expert [0,2] [1,3], gate [0..4], tensor
+        // [0,1] [2,3].
+        let layout = GroupLayout::tensor_data(4, 2, 2).unwrap();
+        let tensor = crate::collective::tensor_groups(4, 2).unwrap();
+        assert_eq!(
+            communicators_with_tensor(&layout, &tensor),
+            vec![
+                vec![0, 2],
+                vec![1, 3],
+                vec![0, 1, 2, 3],
+                vec![0, 1],
+                vec![2, 3]
+            ]
+        );
+    }
 
     #[test]
     fn groups_with_the_same_members_share_a_communicator() {

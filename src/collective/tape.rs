@@ -26,6 +26,13 @@
 //! gradient). The weights cut and the exchange share a step because both come from the
 //! gate/sort region; the layer input's cut is its own, earlier step because its leaf's
 //! gradient is complete only after that region was traversed.
+//!
+//! Tensor parallelism adds Megatron's two region operators: a copy-to-region cut
+//! ([`Tape::copy_to_tensor_region`]: identity forward; its leaf's gradient is summed over
+//! the tensor group by [`Tape::backward_tensor_parallel`] before it continues from the
+//! source) and [`reduce_from_tensor_region`] (all-reduce forward, identity backward, no cut
+//! needed). A leaf's gradient must be complete when its step runs: a computation that is
+//! cut again later (an exchange fed from a copy leaf) records that cut in a later step.
 
 use super::error::{CollectiveError, ErrorKind};
 use super::exchange::{defined_or_zeros, ExchangeTape};
@@ -89,6 +96,40 @@ pub fn backward_roots(roots: &[(&Tensor, &Tensor)]) -> std::result::Result<(), T
 enum Boundary {
     Local(Cut),
     Exchange(ExchangeTape),
+    /// Megatron's "copy to tensor-parallel region": the leaf's gradient is summed over the
+    /// tensor group before it is sent on from the source.
+    TensorCopy(Cut),
+}
+
+/// Megatron's "reduce from tensor-parallel region": the sum of `partial` over `group` in the
+/// forward, the identity in the backward (the gradient of the result flows unchanged into
+/// `partial`). The value is `sum + (partial − partial)` with the difference attached to the
+/// graph and `sum` detached, so every rank gets the all-reduce's bits exactly.
+pub fn reduce_from_tensor_region(
+    group: &dyn Collective,
+    partial: &Tensor,
+    at: &str,
+) -> Result<Tensor> {
+    let tensor_err = |e| {
+        CollectiveError::new(
+            group.label(),
+            "reduce_from_tensor_region",
+            at,
+            ErrorKind::Tensor(e),
+        )
+    };
+    let detached = partial.f_detach().map_err(tensor_err)?;
+    // A copy: the all-reduce works in place and `partial`'s storage belongs to its graph.
+    let mut sum = detached.f_zeros_like().map_err(tensor_err)?;
+    sum.f_copy_(&detached).map_err(tensor_err)?;
+    group.all_reduce_sum(&mut sum, at)?;
+    if !partial.requires_grad() {
+        return Ok(sum);
+    }
+    partial
+        .f_sub(&detached)
+        .and_then(|zero| sum.f_add(&zero))
+        .map_err(tensor_err)
 }
 
 /// The cuts of one forward pass, grouped into steps, replayed in reverse by
@@ -125,6 +166,27 @@ impl Tape {
         Ok(leaf)
     }
 
+    /// Megatron's "copy to tensor-parallel region": cut the graph at `t` (the identity in
+    /// the forward); in the backward the leaf's gradient is summed over the tensor group
+    /// given to [`Tape::backward_tensor_parallel`] before it continues from `t`. Use the
+    /// returned leaf as the input of the computation split over the tensor ranks.
+    pub fn copy_to_tensor_region(&mut self, t: &Tensor) -> std::result::Result<Tensor, TchError> {
+        let cut = Cut::new(t)?;
+        let leaf = cut.leaf().shallow_clone();
+        self.current().push(Boundary::TensorCopy(cut));
+        Ok(leaf)
+    }
+
+    /// Number of copy-to-region cuts recorded (each costs one tensor all-reduce in the
+    /// backward).
+    pub fn tensor_copies(&self) -> usize {
+        self.steps
+            .iter()
+            .flatten()
+            .filter(|b| matches!(b, Boundary::TensorCopy(_)))
+            .count()
+    }
+
     /// Record an exchange (its `combined` output is the leaf, its tokens the source).
     pub fn record(&mut self, exchange: ExchangeTape) {
         self.current().push(Boundary::Exchange(exchange));
@@ -141,7 +203,32 @@ impl Tape {
 
     /// Backpropagate `loss` (a scalar) through every segment. Exchanges run their
     /// reverse all-to-alls on `expert_group`; `at` labels them in errors.
+    /// A tape with copy-to-region cuts ([`Tape::copy_to_tensor_region`]) needs
+    /// [`Tape::backward_tensor_parallel`].
     pub fn backward(self, loss: &Tensor, expert_group: &dyn Collective, at: &str) -> Result<()> {
+        self.replay(loss, expert_group, None, at)
+    }
+
+    /// [`Tape::backward`] for a pass with tensor parallelism: the gradient of every
+    /// copy-to-region leaf is summed over `tensor_group` (in the reverse order of the
+    /// forward cuts, on every rank of the tensor group) before it continues to its source.
+    pub fn backward_tensor_parallel(
+        self,
+        loss: &Tensor,
+        expert_group: &dyn Collective,
+        tensor_group: &dyn Collective,
+        at: &str,
+    ) -> Result<()> {
+        self.replay(loss, expert_group, Some(tensor_group), at)
+    }
+
+    fn replay(
+        self,
+        loss: &Tensor,
+        expert_group: &dyn Collective,
+        tensor_group: Option<&dyn Collective>,
+        at: &str,
+    ) -> Result<()> {
         let tensor_err =
             |e| CollectiveError::new(expert_group.label(), "backward", at, ErrorKind::Tensor(e));
         if loss.requires_grad() {
@@ -162,6 +249,32 @@ impl Tape {
                     Boundary::Exchange(exchange) => {
                         let grad = exchange.backward(expert_group, at)?;
                         roots.push((exchange.source().shallow_clone(), grad));
+                    }
+                    Boundary::TensorCopy(cut) => {
+                        let Some(group) = tensor_group else {
+                            return Err(CollectiveError::new(
+                                expert_group.label(),
+                                "backward",
+                                at,
+                                ErrorKind::Invalid(
+                                    "the pass has copy-to-tensor-region cuts: run it with backward_tensor_parallel and the tensor group".into(),
+                                ),
+                            ));
+                        };
+                        // Every rank of the tensor group enters the all-reduce, also when
+                        // nothing here needs the gradient.
+                        let mut grad = cut
+                            .leaf_grad()
+                            .map_err(tensor_err)?
+                            .f_contiguous()
+                            .map_err(tensor_err)?;
+                        group.all_reduce_sum(
+                            &mut grad,
+                            &format!("{at}, copy to tensor region backward"),
+                        )?;
+                        if cut.source().requires_grad() {
+                            roots.push((cut.source().shallow_clone(), grad));
+                        }
                     }
                 }
             }

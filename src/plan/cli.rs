@@ -11,7 +11,7 @@ use crate::check::ExpertGroup;
 use crate::driver::{self, DiagFormat};
 use crate::graph;
 
-use super::{render, search, Overrides};
+use super::{render, search, MemoryModel, Overrides};
 
 /// How the plan is printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -55,6 +55,10 @@ pub struct PlanArgs {
     /// Override the micro-batch (sequences per data rank).
     #[arg(long, value_name = "N")]
     pub micro_batch: Option<u64>,
+    /// Whose memory to estimate: `megatron` (Megatron-LM v2.2 with FastMoE, what `fmoec
+    /// emit` produces) or `fmoec` (the built-in runtime of `fmoec run`).
+    #[arg(long, value_enum, value_name = "megatron|fmoec")]
+    pub memory_model: Option<MemoryModel>,
     /// How diagnostics are printed.
     #[arg(long, value_enum, default_value_t)]
     pub diagnostics: DiagFormat,
@@ -79,6 +83,7 @@ impl PlanArgs {
             pipeline: self.pipeline,
             expert_group: self.expert_group,
             micro_batch: self.micro_batch,
+            memory_model: self.memory_model,
         }
     }
 }

@@ -38,9 +38,35 @@ pub struct RankParams {
     pub total: u64,
 }
 
+/// Whose training the memory estimate describes: the two keep different tensors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryModel {
+    /// Megatron-LM v2.2 with FastMoE (what `fmoec emit` targets): half-precision weights
+    /// and gradients, fp32 master weights and Adam moments, attention scores, softmax and
+    /// dropout masks stored for the backward pass.
+    #[default]
+    Megatron,
+    /// `fmoec run`: fp32 master weights and gradients, Adam moments, half-precision copies
+    /// of the weights made at each use and kept for the backward pass, fused attention (no
+    /// scores stored), no dropout, fp32 logits.
+    Fmoec,
+}
+
+impl MemoryModel {
+    pub fn describe(self) -> &'static str {
+        match self {
+            MemoryModel::Megatron => "Megatron-LM v2.2 training",
+            MemoryModel::Fmoec => "`fmoec run`",
+        }
+    }
+}
+
 /// Bytes of one rank's memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Memory {
+    /// Whose training these figures describe.
+    pub model: MemoryModel,
     pub weights: u64,
     pub grads: u64,
     /// fp32 master weights (mixed precision) and the two Adam moments.
@@ -59,12 +85,19 @@ pub struct Memory {
 impl Memory {
     /// (name, bytes), largest first.
     pub fn parts(&self) -> Vec<(&'static str, u64)> {
-        let mut v = vec![
-            (
+        let (optimizer, weights) = match self.model {
+            MemoryModel::Megatron => (
                 "optimizer state (fp32 master weights and Adam moments)",
-                self.optimizer,
+                "weights",
             ),
-            ("weights", self.weights),
+            MemoryModel::Fmoec => (
+                "optimizer state (Adam moments)",
+                "weights (fp32 masters and their compute copies)",
+            ),
+        };
+        let mut v = vec![
+            (optimizer, self.optimizer),
+            (weights, self.weights),
             ("gradients", self.grads),
             ("activations", self.activations),
         ];
@@ -232,6 +265,53 @@ fn allreduce_s(bytes: u64, n: u64, bw: f64) -> f64 {
     2.0 * (n - 1) as f64 / n as f64 * bytes as f64 / bw
 }
 
+/// Bytes per parameter of `fmoec run`: (weights, gradients, optimizer). fp32 master
+/// weights, plus a compute-precision copy of each made at use and kept for the backward
+/// pass under mixed precision; fp32 gradients; two fp32 Adam moments.
+fn fmoec_param_bytes(p: Precision) -> (u64, u64, u64) {
+    match p {
+        Precision::Fp32 => (4, 4, 8),
+        Precision::Bf16 | Precision::Fp16 => (4 + 2, 4, 8),
+    }
+}
+
+/// Activation bytes `fmoec run` keeps for one block and one micro-batch of `sb` tokens
+/// (see README.md, "`fmoec plan`"): both norms' inputs and outputs, Q K V, the fused
+/// attention's output and fp32 log-sum-exp, the projection's input (a copy), rotary copies;
+/// the MLP's internals; for MoE layers the fp32 gate logits and probabilities, the
+/// dispatched tokens (`top_k` rows per token), the experts' internals and outputs.
+fn block_activations_fmoec(c: &Checked, layer: usize, a: u64, sb: u64) -> u64 {
+    let w = |x: u64| x as u128;
+    let m = &c.model;
+    let (a, sb, h) = (w(a), w(sb), w(m.width));
+    let att = &m.attention;
+    let q = w(att.heads) * w(att.head_dim);
+    let kv = w(att.kv_heads) * w(att.head_dim);
+    let rotary = if m.positions == crate::check::Positions::Rotary {
+        2 * a * sb * (q + kv)
+    } else {
+        0
+    };
+    let attention = a * sb * (4 * h + 2 * q + q + 2 * kv) + 4 * w(att.heads) * sb + rotary;
+    let internals = |act: crate::check::Activation, rows: u128, hidden: u128| {
+        2 * (w(act.matrices()) - 1) * a * rows * hidden
+    };
+    let ffn = match &m.layers[layer].ffn {
+        Ffn::Dense(mlp) => internals(mlp.act, sb, w(mlp.hidden)),
+        Ffn::Moe(moe) => {
+            let routed = w(moe.top_k) * sb;
+            let shared = moe.shared.as_ref().map_or(0, |s| {
+                w(s.count) * internals(s.expert.act, sb, w(s.expert.hidden))
+            });
+            8 * sb * w(moe.experts)
+                + 2 * a * routed * h
+                + internals(moe.expert.act, routed, w(moe.expert.hidden))
+                + shared
+        }
+    };
+    u64::try_from(attention + ffn).unwrap_or(u64::MAX)
+}
+
 /// Activation bytes of one block for one micro-batch on one rank (see README.md, "`fmoec plan`").
 fn block_activations(c: &Checked, layer: usize, grid: &Grid, a: u64, seq: u64, sb: u64) -> u64 {
     // u128: attention scores grow with seq², and the planner must not overflow on
@@ -284,6 +364,7 @@ pub fn evaluate(
     seq_len: u64,
     mb: u64,
     micro_batches: u64,
+    model: MemoryModel,
 ) -> Costed {
     let m = &c.model;
     let t = grid.tensor;
@@ -346,7 +427,10 @@ pub fn evaluate(
         let dgroup = [base, grid.rank(0, grid.data - 1, s)];
         let egroup = [base, grid.rank(0, grid.expert_group - 1, s)];
         for layer in (s * per_stage) as usize..((s + 1) * per_stage) as usize {
-            act = act.saturating_add(block_activations(c, layer, grid, a, seq_len, tokens));
+            act = act.saturating_add(match model {
+                MemoryModel::Megatron => block_activations(c, layer, grid, a, seq_len, tokens),
+                MemoryModel::Fmoec => block_activations_fmoec(c, layer, a, tokens),
+            });
             // Attention output, forward and backward.
             tensor_msgs += 2;
             match &m.layers[layer].ffn {
@@ -383,11 +467,18 @@ pub fn evaluate(
         }
         if s == p - 1 {
             // The LM head's input gradient is all-reduced; the final norm input and the
-            // fp32 logits of the vocab-parallel cross entropy stay alive.
+            // fp32 logits of the vocab-parallel cross entropy stay alive. `fmoec run`
+            // keeps the final norm's input and output, the fp32 logits and their
+            // log-softmax, and at the start of the backward pass their gradient.
             tensor_msgs += 1;
-            act = act
-                .saturating_add(a * tokens * h)
-                .saturating_add((4 * tokens).saturating_mul(vpad) / t);
+            act = match model {
+                MemoryModel::Megatron => act
+                    .saturating_add(a * tokens * h)
+                    .saturating_add((4 * tokens).saturating_mul(vpad) / t),
+                MemoryModel::Fmoec => act
+                    .saturating_add(2 * a * tokens * h)
+                    .saturating_add((12 * tokens).saturating_mul(m.vocab)),
+            };
         }
         if t == 1 {
             tensor_msgs = 0;
@@ -395,11 +486,16 @@ pub fn evaluate(
         rp.total = rp.sharded + rp.replicated + rp.gate + rp.expert;
         let grad_bytes = pb;
         let in_flight = (p - s).min(micro_batches).max(1);
-        let weights = rp.total.saturating_mul(pb);
-        let grads = rp.total.saturating_mul(grad_bytes);
-        let optimizer = rp.total.saturating_mul(optimizer_bytes(precision));
+        let (weight_b, grad_b, optimizer_b) = match model {
+            MemoryModel::Megatron => (pb, grad_bytes, optimizer_bytes(precision)),
+            MemoryModel::Fmoec => fmoec_param_bytes(precision),
+        };
+        let weights = rp.total.saturating_mul(weight_b);
+        let grads = rp.total.saturating_mul(grad_b);
+        let optimizer = rp.total.saturating_mul(optimizer_b);
         let activations = act.saturating_mul(in_flight);
         let memory = Memory {
+            model,
             weights,
             grads,
             optimizer,

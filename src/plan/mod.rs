@@ -32,7 +32,7 @@ use crate::check::{Checked, ExpertGroup, Ffn, Hardware, Precision};
 use crate::diag::Diagnostic;
 use crate::graph::{self, ModelGraph};
 
-pub use cost::{Memory, StageCost, TimeEstimate};
+pub use cost::{Memory, MemoryModel, StageCost, TimeEstimate};
 pub use grid::{Coords, Grid, GroupKind, Groups};
 
 /// What-if changes to the `parallel` block from the command line (`--world`, ...).
@@ -43,6 +43,8 @@ pub struct Overrides {
     pub pipeline: Option<u64>,
     pub expert_group: Option<ExpertGroup>,
     pub micro_batch: Option<u64>,
+    /// Whose memory to estimate (default: Megatron-LM v2.2's).
+    pub memory_model: Option<MemoryModel>,
 }
 
 impl Overrides {
@@ -67,6 +69,9 @@ impl Overrides {
         }
         if let Some(m) = self.micro_batch {
             parts.push(format!("--micro-batch {m}"));
+        }
+        if self.memory_model == Some(MemoryModel::Fmoec) {
+            parts.push("--memory-model fmoec".into());
         }
         parts.join(" ")
     }
@@ -371,6 +376,7 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
             seq_len,
             m,
             micro_batches.max(1),
+            o.memory_model.unwrap_or_default(),
         );
         if c.fits() {
             // Seconds per token: the step time when the batch is fixed, and still fair

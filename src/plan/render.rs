@@ -151,7 +151,16 @@ pub fn table(plan: &ParallelPlan) -> String {
         let _ = writeln!(o, "assumed:   {a}");
     }
 
-    let _ = writeln!(o, "\nmemory per rank (every rank of a stage alike)");
+    let model = plan
+        .stages
+        .first()
+        .map(|s| s.cost.memory.model)
+        .unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "\nmemory per rank for {} (every rank of a stage alike)",
+        model.describe()
+    );
     let _ = writeln!(
         o,
         "  stage  layers    params/rank      weights       grads   optimizer  activations (in flight)       total  of GPU"

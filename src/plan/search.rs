@@ -88,6 +88,7 @@ pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
                     pipeline: Some(p),
                     expert_group: Some(e),
                     micro_batch: None,
+                    memory_model: None,
                 };
                 match cost_with(checked, &o) {
                     Ok(c) => feasible.push(Candidate {

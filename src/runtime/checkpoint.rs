@@ -2,6 +2,14 @@
 //! names), `optimizer.safetensors` (AdamW `m.<name>`, `v.<name>`) and `manifest.json` (model
 //! hash, step, optimizer step, seed and RNG scheme, data position, file sizes and SHA-256).
 //!
+//! A run on many ranks writes format v2 ([`save_sharded`]): one `rank-NNNNN/` folder per rank
+//! that holds something (rank 0: every replicated and gate parameter and its experts; the
+//! other ranks of the first expert-data position: their experts only, as FastMoE does), each
+//! with the same two files, and one `manifest.json` that records the world, the group layout,
+//! every MoE layer's placement, which rank holds which experts, and every shard's sizes and
+//! SHA-256. [`resume`] reads either format onto any placement: each rank reads the shards that
+//! hold its experts (and their AdamW moments), so a checkpoint saved on N ranks resumes on M.
+//!
 //! Writes are atomic: everything goes into a hidden temporary directory that is renamed into
 //! place, and the `latest` pointer is replaced by rename; an existing checkpoint is never
 //! overwritten. Loading verifies sizes, hashes, the model hash and every tensor's shape before
@@ -18,11 +26,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use std::collections::BTreeMap;
+
 use crate::check::Model;
+use crate::runtime::distributed::{param_kind, RankContext};
 use crate::runtime::optim::AdamW;
 use crate::runtime::params::ParamStore;
 
 pub const FORMAT: &str = "fmoec-checkpoint-v1";
+/// The sharded format of multi-rank runs.
+pub const FORMAT_SHARDED: &str = "fmoec-checkpoint-v2";
 const MODEL_FILE: &str = "model.safetensors";
 const OPTIM_FILE: &str = "optimizer.safetensors";
 const MANIFEST_FILE: &str = "manifest.json";
@@ -189,9 +202,7 @@ pub fn save(
         step: info.step,
         tokens_seen: info.tokens_seen,
         seed: info.seed,
-        rng: "libtorch's generator is reseeded before every step with mix(seed, step); data \
-              windows are keyed by (seed, step, micro-batch, row)"
-            .to_string(),
+        rng: RNG_SCHEME.to_string(),
         data: DataPosition {
             source: info.data_source.clone(),
             next_step: info.step,
@@ -248,6 +259,12 @@ pub fn load(path: &Path, model: &Model) -> Result<Loaded> {
             manifest_path.display()
         )
     })?;
+    if manifest.format == FORMAT_SHARDED {
+        bail!(
+            "`{}` was written by a run on several ranks (format `{FORMAT_SHARDED}`); read it with checkpoint::resume",
+            dir.display()
+        );
+    }
     if manifest.format != FORMAT {
         bail!(
             "`{}` has format `{}`; this fmoec reads `{FORMAT}`",
@@ -373,4 +390,662 @@ impl Loaded {
             .collect();
         restore_into(&self.model_bytes, MODEL_FILE, &model_named)
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Sharded checkpoints (many ranks)
+// ---------------------------------------------------------------------------------------
+
+const RNG_SCHEME: &str = "data windows are keyed by (seed, step, micro-batch, row) and the gates' \
+     random draws by (seed, step, micro-batch, layer); micro-batch m of a step runs on data rank m mod D";
+
+/// One MoE layer's placement in a sharded checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayerPlacement {
+    pub layer: usize,
+    pub experts: usize,
+    /// Global expert ids held by each position of an expert group, in local order.
+    pub positions: Vec<Vec<usize>>,
+}
+
+/// The experts one shard holds in one layer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HeldExperts {
+    pub layer: usize,
+    pub ids: Vec<usize>,
+}
+
+/// One rank's folder of a sharded checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Shard {
+    pub rank: usize,
+    /// `rank-NNNNN`.
+    pub dir: String,
+    /// Its position in its expert group.
+    pub expert_position: usize,
+    /// Whether it holds the replicated and gate parameters (rank 0 only).
+    pub replicated: bool,
+    pub experts: Vec<HeldExperts>,
+    pub files: Vec<FileEntry>,
+}
+
+/// The group layout a sharded checkpoint was written with.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayoutRecord {
+    pub data: Vec<Vec<usize>>,
+    pub expert: Vec<Vec<usize>>,
+    pub expert_data: Vec<Vec<usize>>,
+    pub gate: Vec<Vec<usize>>,
+}
+
+/// `manifest.json` of format v2.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardedManifest {
+    pub format: String,
+    pub model: String,
+    pub model_hash: String,
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub seed: u64,
+    pub rng: String,
+    pub data: DataPosition,
+    pub optimizer_step: u64,
+    pub precision: String,
+    pub world: usize,
+    pub expert_group: usize,
+    pub layout: LayoutRecord,
+    pub placements: Vec<LayerPlacement>,
+    pub shards: Vec<Shard>,
+}
+
+/// Whether every rank of the world reports `ok` (a sum over the data group, which is the
+/// world with tensor = pipeline = 1).
+fn all_ok(ctx: &RankContext, ok: bool, at: &str) -> Result<bool> {
+    let mut t = Tensor::f_from_slice(&[f64::from(u8::from(!ok))])?.f_to_device(ctx.device)?;
+    ctx.groups.data().all_reduce_sum(&mut t, at)?;
+    Ok(t.f_double_value(&[0])? == 0.0)
+}
+
+fn shard_dir_name(rank: usize) -> String {
+    format!("rank-{rank:05}")
+}
+
+/// This rank's shard entry (without files).
+fn shard_of(ctx: &RankContext, rank: usize, layout: &crate::collective::GroupLayout) -> Shard {
+    use crate::collective::GroupKind;
+    let position = layout
+        .members(GroupKind::Expert, rank)
+        .and_then(|m| m.iter().position(|&r| r == rank))
+        .unwrap_or_default();
+    Shard {
+        rank,
+        dir: shard_dir_name(rank),
+        expert_position: position,
+        replicated: rank == 0,
+        experts: ctx
+            .plan
+            .placements
+            .iter()
+            .map(|(&layer, p)| HeldExperts {
+                layer,
+                ids: p.local_experts(position).to_vec(),
+            })
+            .collect(),
+        files: Vec::new(),
+    }
+}
+
+/// The ranks that write a shard: rank 0 and every rank at expert-data position 0.
+fn writers(layout: &crate::collective::GroupLayout) -> Vec<usize> {
+    use crate::collective::GroupKind;
+    (0..layout.world)
+        .filter(|&r| {
+            r == 0
+                || layout
+                    .members(GroupKind::ExpertData, r)
+                    .is_some_and(|m| m.first() == Some(&r))
+        })
+        .collect()
+}
+
+/// Writes this rank's part of the checkpoint after `info.step` steps under `root`. Every rank
+/// calls it; the step folder appears (by one rename, then `latest`) only after every shard
+/// was written and synced, so a crash leaves no half-written checkpoint behind `latest`.
+pub fn save_sharded(
+    root: &Path,
+    info: &SaveInfo<'_>,
+    store: &ParamStore,
+    optim: &AdamW,
+    ctx: &RankContext,
+) -> Result<PathBuf> {
+    let rank = ctx.rank();
+    let layout = &ctx.plan.layout;
+    let name = step_dir_name(info.step);
+    let final_dir = root.join(&name);
+    let tmp = root.join(format!(".{name}.tmp"));
+    let at = format!("checkpoint {name}");
+
+    // 1. rank 0 prepares the temporary folder.
+    let mut problem = None;
+    if rank == 0 {
+        let prepared = (|| -> Result<()> {
+            std::fs::create_dir_all(root)
+                .with_context(|| format!("cannot create `{}`", root.display()))?;
+            if final_dir.exists() {
+                bail!(
+                    "refusing to overwrite the existing checkpoint `{}` (resume from it with --resume, or choose another --out)",
+                    final_dir.display()
+                );
+            }
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)?;
+            }
+            std::fs::create_dir(&tmp)?;
+            Ok(())
+        })();
+        problem = prepared.err();
+    }
+    if !all_ok(ctx, problem.is_none(), &format!("{at}, prepare"))? {
+        return Err(problem.unwrap_or_else(|| {
+            anyhow::anyhow!(
+                "rank 0 could not prepare checkpoint `{}`",
+                final_dir.display()
+            )
+        }));
+    }
+
+    // 2. the writers write their shard and a small list of its files.
+    let writes = writers(layout).contains(&rank);
+    let written = (|| -> Result<()> {
+        if !writes {
+            return Ok(());
+        }
+        let dir = tmp.join(shard_dir_name(rank));
+        std::fs::create_dir(&dir)?;
+        let keep = |n: &str| rank == 0 || param_kind(n) == crate::collective::ParamKind::Expert;
+        let mut model_named = Vec::new();
+        let mut optim_named = Vec::new();
+        for (i, p) in store.params.iter().enumerate() {
+            if !keep(&p.name) {
+                continue;
+            }
+            model_named.push((p.name.clone(), p.tensor.shallow_clone()));
+            optim_named.push((format!("m.{}", p.name), optim.m[i].shallow_clone()));
+            optim_named.push((format!("v.{}", p.name), optim.v[i].shallow_clone()));
+        }
+        let mut shard = shard_of(ctx, rank, layout);
+        for (file, named) in [(MODEL_FILE, &model_named), (OPTIM_FILE, &optim_named)] {
+            let bytes = serialize(named)?;
+            write_synced(&dir.join(file), &bytes)?;
+            shard.files.push(FileEntry {
+                name: format!("{}/{file}", shard.dir),
+                bytes: bytes.len() as u64,
+                sha256: hex(&Sha256::digest(&bytes)),
+            });
+        }
+        write_synced(
+            &dir.join("shard.json"),
+            serde_json::to_string_pretty(&shard)?.as_bytes(),
+        )?;
+        Ok(())
+    })();
+    let failed = written.as_ref().err().map(|e| format!("{e:#}"));
+    if !all_ok(ctx, written.is_ok(), &format!("{at}, shards"))? {
+        bail!(
+            "checkpoint `{}` was not written: {}",
+            final_dir.display(),
+            failed.unwrap_or_else(|| "another rank could not write its shard".into())
+        );
+    }
+
+    // 3. rank 0 writes the manifest and moves the folder into place.
+    let mut problem = None;
+    if rank == 0 {
+        let finished = (|| -> Result<()> {
+            let mut shards = Vec::new();
+            for r in writers(layout) {
+                let p = tmp.join(shard_dir_name(r)).join("shard.json");
+                let text = std::fs::read_to_string(&p)
+                    .with_context(|| format!("cannot read `{}`", p.display()))?;
+                let shard: Shard = serde_json::from_str(&text)?;
+                std::fs::remove_file(&p)?;
+                shards.push(shard);
+            }
+            let manifest = ShardedManifest {
+                format: FORMAT_SHARDED.to_string(),
+                model: info.model.name.clone(),
+                model_hash: model_hash(info.model),
+                step: info.step,
+                tokens_seen: info.tokens_seen,
+                seed: info.seed,
+                rng: RNG_SCHEME.to_string(),
+                data: DataPosition {
+                    source: info.data_source.clone(),
+                    next_step: info.step,
+                },
+                optimizer_step: optim.step,
+                precision: info.precision.clone(),
+                world: layout.world,
+                expert_group: ctx.expert_group_size(),
+                layout: LayoutRecord {
+                    data: layout.data.clone(),
+                    expert: layout.expert.clone(),
+                    expert_data: layout.expert_data.clone(),
+                    gate: layout.gate.clone(),
+                },
+                placements: ctx
+                    .plan
+                    .placements
+                    .iter()
+                    .map(|(&layer, p)| LayerPlacement {
+                        layer,
+                        experts: p.experts(),
+                        positions: (0..p.ranks())
+                            .map(|q| p.local_experts(q).to_vec())
+                            .collect(),
+                    })
+                    .collect(),
+                shards,
+            };
+            write_synced(
+                &tmp.join(MANIFEST_FILE),
+                serde_json::to_string_pretty(&manifest)?.as_bytes(),
+            )?;
+            std::fs::rename(&tmp, &final_dir).with_context(|| {
+                format!("cannot move the checkpoint into `{}`", final_dir.display())
+            })?;
+            let latest_tmp = root.join(format!(".{LATEST}.tmp-{}", std::process::id()));
+            write_synced(&latest_tmp, name.as_bytes())?;
+            std::fs::rename(&latest_tmp, root.join(LATEST))?;
+            Ok(())
+        })();
+        problem = finished.err();
+    }
+    if !all_ok(ctx, problem.is_none(), &format!("{at}, manifest"))? {
+        return Err(problem.unwrap_or_else(|| {
+            anyhow::anyhow!(
+                "rank 0 could not finish checkpoint `{}`",
+                final_dir.display()
+            )
+        }));
+    }
+    Ok(final_dir)
+}
+
+/// What [`resume`] restored.
+#[derive(Clone, Debug)]
+pub struct Resumed {
+    pub dir: PathBuf,
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub seed: u64,
+    /// The world the checkpoint was written on.
+    pub world: usize,
+}
+
+/// The (model, optimizer) file contents of one shard.
+type ShardBytes = (Vec<u8>, Vec<u8>);
+
+/// A checkpoint of either format, opened and checked against the model; shards are read
+/// (and their sizes and hashes verified) when first needed.
+pub struct Source {
+    pub dir: PathBuf,
+    pub manifest: ShardedManifest,
+    /// Bytes of each shard's (model, optimizer) files, by shard index.
+    cache: std::cell::RefCell<BTreeMap<usize, std::rc::Rc<ShardBytes>>>,
+    /// For each layer: global expert -> (shard index, row).
+    rows: BTreeMap<usize, Vec<(usize, usize)>>,
+}
+
+impl Source {
+    /// Opens `path` (a `step-*` folder, or a root with `latest`) of format v1 or v2.
+    pub fn open(path: &Path, model: &Model) -> Result<Source> {
+        let dir = resolve(path)?;
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("cannot read `{}`", manifest_path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "`{}` is not a valid checkpoint manifest",
+                manifest_path.display()
+            )
+        })?;
+        let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
+        let manifest = match format {
+            FORMAT => {
+                let v1: Manifest = serde_json::from_value(value).with_context(|| {
+                    format!(
+                        "`{}` is not a valid checkpoint manifest",
+                        manifest_path.display()
+                    )
+                })?;
+                single_as_sharded(v1, model)
+            }
+            FORMAT_SHARDED => serde_json::from_value(value).with_context(|| {
+                format!(
+                    "`{}` is not a valid checkpoint manifest",
+                    manifest_path.display()
+                )
+            })?,
+            other => bail!(
+                "`{}` has format `{other}`; this fmoec reads `{FORMAT}` and `{FORMAT_SHARDED}`",
+                dir.display()
+            ),
+        };
+        let want = model_hash(model);
+        if manifest.model_hash != want {
+            bail!(
+                "checkpoint `{}` was written for a different model (`{}`, hash {}…) than `{}` (hash {}…)",
+                dir.display(),
+                manifest.model,
+                &manifest.model_hash[..12.min(manifest.model_hash.len())],
+                model.name,
+                &want[..12]
+            );
+        }
+        if !manifest.shards.iter().any(|s| s.replicated) {
+            bail!(
+                "checkpoint `{}`: no shard holds the replicated parameters",
+                dir.display()
+            );
+        }
+        let mut rows = BTreeMap::new();
+        for (layer, moe) in model.moe_layers() {
+            let experts = moe.experts as usize;
+            let mut of = vec![(usize::MAX, 0); experts];
+            for (i, shard) in manifest.shards.iter().enumerate() {
+                for held in shard.experts.iter().filter(|h| h.layer == layer) {
+                    for (row, &e) in held.ids.iter().enumerate() {
+                        match of.get_mut(e) {
+                            Some(slot) => *slot = (i, row),
+                            None => bail!(
+                                "checkpoint `{}`: shard {} holds expert {e} of layer {layer}, which has {experts}",
+                                dir.display(),
+                                shard.dir
+                            ),
+                        }
+                    }
+                }
+            }
+            if let Some(missing) = of.iter().position(|s| s.0 == usize::MAX) {
+                bail!(
+                    "checkpoint `{}`: no shard holds expert {missing} of layer {layer}",
+                    dir.display()
+                );
+            }
+            rows.insert(layer, of);
+        }
+        Ok(Source {
+            dir,
+            manifest,
+            cache: Default::default(),
+            rows,
+        })
+    }
+
+    fn shard_bytes(&self, index: usize) -> Result<std::rc::Rc<ShardBytes>> {
+        if let Some(b) = self.cache.borrow().get(&index) {
+            return Ok(b.clone());
+        }
+        let shard = &self.manifest.shards[index];
+        let read = |file: &str| -> Result<Vec<u8>> {
+            let name = if shard.dir.is_empty() {
+                file.to_string()
+            } else {
+                format!("{}/{file}", shard.dir)
+            };
+            let entry = shard
+                .files
+                .iter()
+                .find(|f| f.name == name)
+                .with_context(|| {
+                    format!(
+                        "checkpoint `{}`'s manifest does not list `{name}`",
+                        self.dir.display()
+                    )
+                })?;
+            let p = self.dir.join(&name);
+            let bytes =
+                std::fs::read(&p).with_context(|| format!("cannot read `{}`", p.display()))?;
+            if bytes.len() as u64 != entry.bytes {
+                bail!(
+                    "checkpoint file `{}` is truncated or damaged: {} bytes, the manifest says {}",
+                    p.display(),
+                    bytes.len(),
+                    entry.bytes
+                );
+            }
+            if hex(&Sha256::digest(&bytes)) != entry.sha256 {
+                bail!(
+                    "checkpoint file `{}` is corrupt: its SHA-256 does not match the manifest",
+                    p.display()
+                );
+            }
+            Ok(bytes)
+        };
+        let bytes = std::rc::Rc::new((read(MODEL_FILE)?, read(OPTIM_FILE)?));
+        self.cache.borrow_mut().insert(index, bytes.clone());
+        Ok(bytes)
+    }
+
+    fn tensor(&self, index: usize, optim: bool, name: &str) -> Result<Tensor> {
+        let bytes = self.shard_bytes(index)?;
+        let shard = &self.manifest.shards[index];
+        let (data, file) = if optim {
+            (&bytes.1, OPTIM_FILE)
+        } else {
+            (&bytes.0, MODEL_FILE)
+        };
+        let st = SafeTensors::deserialize(data)
+            .with_context(|| format!("`{}/{}` is not a safetensors file", shard.dir, file))?;
+        let view = st.tensor(name).with_context(|| {
+            format!(
+                "checkpoint `{}`: `{}/{file}` has no tensor `{name}`",
+                self.dir.display(),
+                shard.dir
+            )
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
+        Ok(Tensor::f_from_data_size(
+            view.data(),
+            &shape,
+            kind_of(view.dtype())?,
+        )?)
+    }
+
+    /// The saved value of `name` (`m.`/`v.` prefixed in the optimizer file): a replicated
+    /// parameter as saved, or an expert tensor holding the rows of `experts` in that order.
+    pub fn get(&self, name: &str, optim: bool, experts: Option<&[usize]>) -> Result<Tensor> {
+        let key = if optim {
+            name.split_once('.').map_or(name, |(_, rest)| rest)
+        } else {
+            name
+        };
+        let replicated = self
+            .manifest
+            .shards
+            .iter()
+            .position(|s| s.replicated)
+            .unwrap_or_default();
+        if param_kind(key) != crate::collective::ParamKind::Expert {
+            return self.tensor(replicated, optim, name);
+        }
+        let layer =
+            expert_layer(key).with_context(|| format!("internal error: `{key}` names no layer"))?;
+        let rows = self.rows.get(&layer).with_context(|| {
+            format!(
+                "checkpoint `{}` has no placement for MoE layer {layer}",
+                self.dir.display()
+            )
+        })?;
+        let all: Vec<usize> = (0..rows.len()).collect();
+        let wanted = experts.unwrap_or(&all);
+        let mut parts = Vec::with_capacity(wanted.len());
+        let mut shard_tensors: BTreeMap<usize, Tensor> = BTreeMap::new();
+        for &e in wanted {
+            let &(index, row) = rows.get(e).with_context(|| {
+                format!(
+                    "expert {e} of layer {layer} is not in checkpoint `{}`",
+                    self.dir.display()
+                )
+            })?;
+            if let std::collections::btree_map::Entry::Vacant(slot) = shard_tensors.entry(index) {
+                slot.insert(self.tensor(index, optim, name)?);
+            }
+            let t = &shard_tensors[&index];
+            if t.size().first().copied().unwrap_or(0) <= row as i64 {
+                bail!(
+                    "checkpoint `{}`: `{name}` of shard {} has {} rows, the manifest places expert {e} at row {row}",
+                    self.dir.display(),
+                    self.manifest.shards[index].dir,
+                    t.size().first().copied().unwrap_or(0)
+                );
+            }
+            parts.push(t.f_narrow(0, row as i64, 1)?);
+        }
+        if parts.is_empty() {
+            let any = self.tensor(rows[0].0, optim, name)?;
+            let mut shape = any.size();
+            shape[0] = 0;
+            return Ok(Tensor::f_zeros(shape, (any.kind(), Device::Cpu))?);
+        }
+        Ok(Tensor::f_cat(&parts, 0)?)
+    }
+
+    /// Copies the saved parameters (and, with `optim`, the AdamW state) into `store`, taking
+    /// for every MoE layer the experts `local[layer]` in that order.
+    pub fn restore(
+        &self,
+        store: &ParamStore,
+        optim: Option<&mut AdamW>,
+        local: &BTreeMap<usize, Vec<usize>>,
+    ) -> Result<()> {
+        let experts_of = |name: &str| -> Option<&[usize]> {
+            if param_kind(name) != crate::collective::ParamKind::Expert {
+                return None;
+            }
+            expert_layer(name)
+                .and_then(|l| local.get(&l))
+                .map(Vec::as_slice)
+        };
+        let mut staged = Vec::new();
+        let check = |name: &str, got: &Tensor, target: &Tensor| -> Result<()> {
+            if got.size() != target.size() {
+                bail!(
+                    "checkpoint `{}`: tensor `{name}` has shape {:?}, the model needs {:?}",
+                    self.dir.display(),
+                    got.size(),
+                    target.size()
+                );
+            }
+            Ok(())
+        };
+        for (i, p) in store.params.iter().enumerate() {
+            let experts = experts_of(&p.name);
+            let t = self.get(&p.name, false, experts)?;
+            check(&p.name, &t, &p.tensor)?;
+            staged.push((p.tensor.shallow_clone(), t));
+            if let Some(adam) = optim.as_ref() {
+                for (prefix, target) in [("m", &adam.m[i]), ("v", &adam.v[i])] {
+                    let name = format!("{prefix}.{}", p.name);
+                    let t = self.get(&name, true, experts)?;
+                    check(&name, &t, target)?;
+                    staged.push((target.shallow_clone(), t));
+                }
+            }
+        }
+        let _guard = tch::no_grad_guard();
+        for (mut target, src) in staged {
+            target.f_copy_(&src.f_to_kind(target.kind())?.f_to_device(target.device())?)?;
+        }
+        if let Some(adam) = optim {
+            adam.step = self.manifest.optimizer_step;
+        }
+        Ok(())
+    }
+
+    /// Every parameter with all experts in global order (for comparisons and export).
+    pub fn parameters(&self, store: &ParamStore) -> Result<Vec<(String, Tensor)>> {
+        store
+            .params
+            .iter()
+            .map(|p| Ok((p.name.clone(), self.get(&p.name, false, None)?)))
+            .collect()
+    }
+}
+
+/// `layers.3.ffn.experts.w1` -> 3.
+fn expert_layer(name: &str) -> Option<usize> {
+    name.strip_prefix("layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A v1 (single-rank) checkpoint seen as one shard holding everything.
+fn single_as_sharded(v1: Manifest, model: &Model) -> ShardedManifest {
+    let experts: Vec<HeldExperts> = model
+        .moe_layers()
+        .map(|(layer, m)| HeldExperts {
+            layer,
+            ids: (0..m.experts as usize).collect(),
+        })
+        .collect();
+    ShardedManifest {
+        format: v1.format,
+        model: v1.model,
+        model_hash: v1.model_hash,
+        step: v1.step,
+        tokens_seen: v1.tokens_seen,
+        seed: v1.seed,
+        rng: v1.rng,
+        data: v1.data,
+        optimizer_step: v1.optimizer_step,
+        precision: v1.precision,
+        world: 1,
+        expert_group: 1,
+        layout: LayoutRecord {
+            data: vec![vec![0]],
+            expert: vec![vec![0]],
+            expert_data: vec![vec![0]],
+            gate: vec![vec![0]],
+        },
+        placements: experts
+            .iter()
+            .map(|h| LayerPlacement {
+                layer: h.layer,
+                experts: h.ids.len(),
+                positions: vec![h.ids.clone()],
+            })
+            .collect(),
+        shards: vec![Shard {
+            rank: 0,
+            dir: String::new(),
+            expert_position: 0,
+            replicated: true,
+            experts,
+            files: v1.files,
+        }],
+    }
+}
+
+/// Restores parameters and AdamW state from a checkpoint of either format onto this rank's
+/// experts (`local[layer]`: global ids in local order), resharding as needed.
+pub fn resume(
+    path: &Path,
+    model: &Model,
+    store: &ParamStore,
+    optim: &mut AdamW,
+    local: &BTreeMap<usize, Vec<usize>>,
+) -> Result<Resumed> {
+    let source = Source::open(path, model)?;
+    source.restore(store, Some(optim), local)?;
+    Ok(Resumed {
+        dir: source.dir.clone(),
+        step: source.manifest.step,
+        tokens_seen: source.manifest.tokens_seen,
+        seed: source.manifest.seed,
+        world: source.manifest.world,
+    })
 }

@@ -3,8 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::check::Precision;
+use std::time::Duration;
+
+use anyhow::bail;
+
+use crate::check::{Checked, ExpertGroup, Precision};
+use crate::collective::rendezvous::DistEnv;
 use crate::driver::{self, DiagFormat};
+use crate::runtime::distributed::{self, WorldPlan};
 use crate::runtime::train::{self, RunOptions, SampleOptions};
 
 #[derive(Debug, clap::Args)]
@@ -52,6 +58,80 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Train on N GPUs of this machine: one process per GPU, NCCL between them (needs a build
+    /// with `--features cuda`). Overrides the file's `gpus` as `fmoec plan --world` does.
+    /// Started by torchrun (RANK, WORLD_SIZE, ... set), fmoec runs as that rank instead.
+    #[arg(long, value_name = "N", conflicts_with = "ranks")]
+    pub gpus: Option<u64>,
+    /// Train on N in-process ranks (threads, CPU): the multi-GPU code path without GPUs.
+    #[arg(long, value_name = "N")]
+    pub ranks: Option<u64>,
+    /// Override the expert group with several ranks: `data` (every data rank shares the
+    /// experts), `replicated` (every rank holds every expert) or a size dividing the world.
+    #[arg(long, value_name = "data|replicated|N", value_parser = parse_expert_group)]
+    pub expert_group: Option<ExpertGroup>,
+    /// Seconds a collective may wait for the other ranks before the run stops with an error.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
+    pub collective_timeout: f64,
+}
+
+fn parse_expert_group(s: &str) -> Result<ExpertGroup, String> {
+    match s {
+        "data" => Ok(ExpertGroup::AcrossData),
+        "replicated" => Ok(ExpertGroup::Replicated),
+        n => match n.parse::<u64>() {
+            Ok(size) if size > 0 => Ok(ExpertGroup::Size { size }),
+            _ => Err(format!(
+                "expected `data`, `replicated` or a positive number, found `{n}`"
+            )),
+        },
+    }
+}
+
+/// How this process takes part in the run.
+enum Mode {
+    /// One device, no collectives.
+    Single,
+    /// N ranks on threads of this process.
+    InProcess(u64),
+    /// Start N processes (one per GPU) and wait for them.
+    Launch(u64),
+    /// One rank of a multi-process run (started by `--gpus` or torchrun).
+    Rank(DistEnv),
+}
+
+fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
+    let env = DistEnv::from_env()?.filter(|e| e.world > 1);
+    if let Some(n) = args.ranks {
+        if n == 0 {
+            bail!("--ranks must be at least 1");
+        }
+        if env.is_some() {
+            bail!("--ranks runs every rank in this process; it cannot be one rank of a launched run (unset RANK and WORLD_SIZE)");
+        }
+        if args.device != "cpu" {
+            bail!(
+                "--ranks N runs in-process ranks on the CPU (--device cpu); for GPUs use --gpus N"
+            );
+        }
+        return Ok(if n == 1 {
+            Mode::Single
+        } else {
+            Mode::InProcess(n)
+        });
+    }
+    match (args.gpus, env) {
+        (Some(0), _) => bail!("--gpus must be at least 1"),
+        (Some(n), Some(env)) => {
+            if env.world as u64 != n {
+                bail!("--gpus {n} but WORLD_SIZE is {}", env.world);
+            }
+            Ok(Mode::Rank(env))
+        }
+        (None, Some(env)) => Ok(Mode::Rank(env)),
+        (Some(1), None) | (None, None) => Ok(Mode::Single),
+        (Some(n), None) => Ok(Mode::Launch(n)),
+    }
 }
 
 /// `--precision` values.
@@ -74,7 +154,24 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         };
     }
     let checked = &checked;
-    let device = super::parse_device(&args.device)?;
+    let mode = mode(args)?;
+    if args.sample.is_some() && !matches!(mode, Mode::Single) {
+        bail!("--sample runs on one device; leave out --gpus/--ranks");
+    }
+    let timeout = Duration::try_from_secs_f64(args.collective_timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| {
+            anyhow::anyhow!("--collective-timeout must be a positive number of seconds")
+        })?;
+    let device_name = match (&mode, args.gpus, args.device.as_str()) {
+        (Mode::Single, Some(1), "cpu") => "cuda",
+        _ => args.device.as_str(),
+    };
+    let device = match mode {
+        Mode::Single | Mode::InProcess(_) => super::parse_device(device_name)?,
+        _ => tch::Device::Cpu,
+    };
     // `--out` puts everything under one folder; without it, checkpoints go where the train
     // block's `checkpoint = every(n, dir = ...)` says, the rest to `runs/<model>`.
     let declared_dir = checked
@@ -113,19 +210,130 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let summary = train::train(
-        checked,
-        &RunOptions {
-            device,
-            steps: args.steps,
-            stop_after: args.stop_after,
-            out,
-            checkpoints,
-            resume,
-            progress: !args.quiet,
-            print_summary: true,
-        },
-    )?;
+    let opts = RunOptions {
+        device,
+        steps: args.steps,
+        stop_after: args.stop_after,
+        out,
+        checkpoints,
+        resume,
+        progress: !args.quiet,
+        print_summary: true,
+    };
+    let plan_for = |world: u64| -> Result<WorldPlan, ExitCode> {
+        distributed::plan_world(checked, world, args.expert_group).map_err(|diags| {
+            driver::report(&loaded.sources, &diags, args.diagnostics);
+            if args.diagnostics == DiagFormat::Human {
+                eprintln!(
+                    "error: `{}` cannot run on {world} ranks (the planner's errors above)",
+                    args.file.display()
+                );
+            }
+            ExitCode::from(1)
+        })
+    };
+    let summary = match mode {
+        Mode::Single => {
+            if args.expert_group.is_some() {
+                bail!("--expert-group needs several ranks (--gpus N or --ranks N)");
+            }
+            train::train(checked, &opts)?
+        }
+        Mode::InProcess(n) => {
+            let plan = match plan_for(n) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let mut summaries = distributed::run_in_process(checked, &opts, &plan, timeout)?;
+            summaries.swap_remove(0)
+        }
+        Mode::Launch(n) => {
+            if let Err(code) = plan_for(n) {
+                return Ok(code);
+            }
+            return launch(n, checked);
+        }
+        Mode::Rank(env) => {
+            let plan = match plan_for(env.world as u64) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            return run_rank(checked, &opts, plan, &env, timeout);
+        }
+    };
+    Ok(if summary.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn launch(n: u64, _: &Checked) -> anyhow::Result<ExitCode> {
+    bail!(
+        "--gpus {n} needs NCCL, and this fmoec was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, or use --ranks {n} for in-process CPU ranks"
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn launch(n: u64, _: &Checked) -> anyhow::Result<ExitCode> {
+    use crate::collective::launch::{spawn_local, Launch};
+    use crate::collective::nccl::NcclLibrary;
+    let visible = tch::Cuda::device_count();
+    if n as i64 > visible {
+        bail!("--gpus {n} but this machine shows {visible} CUDA device(s)");
+    }
+    let library = NcclLibrary::for_ranks()?;
+    let program = std::env::current_exe()?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let launch = Launch {
+        env: library.env.clone(),
+        ..Launch::default()
+    };
+    // Ctrl-C reaches the ranks (same process group); they checkpoint and stop together, and
+    // the launcher waits for them instead of dying first.
+    train::install_interrupt_handler();
+    let outcome = spawn_local(n as usize, program, &args, &launch)?;
+    if let Some(text) = outcome.describe() {
+        eprintln!("fmoec run: {text}");
+    }
+    Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_rank(
+    _: &Checked,
+    _: &RunOptions,
+    _: WorldPlan,
+    env: &DistEnv,
+    _: Duration,
+) -> anyhow::Result<ExitCode> {
+    bail!(
+        "started as rank {} of {} (RANK/WORLD_SIZE are set), but this fmoec was built without the `cuda` feature (NCCL); rebuild with `--features cuda`, or unset them and use --ranks N on CPUs",
+        env.rank,
+        env.world
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn run_rank(
+    checked: &Checked,
+    opts: &RunOptions,
+    plan: WorldPlan,
+    env: &DistEnv,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    use crate::collective::nccl;
+    let (groups, device) = nccl::connect(&plan.layout, env, timeout)?;
+    let ctx = distributed::RankContext {
+        groups,
+        plan,
+        device,
+        timeout,
+    };
+    let mut opts = opts.clone();
+    opts.device = device;
+    let summary = train::train_ranked(checked, &opts, Some(&ctx))?;
     Ok(if summary.interrupted {
         ExitCode::from(130)
     } else {

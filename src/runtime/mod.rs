@@ -2,8 +2,9 @@
 //!
 //! Owns everything that runs tensors: the module tree built from the checked model
 //! ([`model`]), the MoE layer and its gates ([`moe`]), parameters ([`params`]), AdamW and the
-//! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), the loop, sampling and
-//! metrics ([`train`]), the plot ([`plot`]) and the `fmoec run` command line ([`cli`]).
+//! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), multi-rank training ([`distributed`]), the loop, sampling and
+//! metrics ([`train`]), the plot ([`plot`]), the `fmoec run` command line ([`cli`]), `fmoec bench
+//! moe` ([`bench`]) and, with feature `cuda`, the shim and fused kernels (`fused`).
 //! It reads only the checked [`crate::check::Checked`] artifact; it knows nothing about source
 //! text, the planner's internals or the Megatron emitter.
 
@@ -11,6 +12,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod distributed;
 #[cfg(feature = "cuda")]
 pub mod fused;
 pub mod model;

@@ -7,15 +7,25 @@
 //! embedding). Initialisation as Megatron-LM: normal(0, 0.02), output projections (attention
 //! `proj`, MLP/expert `w2`) normal(0, 0.02/√(2·layers)), biases zero, norm gains one.
 //!
+//! Tensor parallelism (Megatron-LM v2.2's column/row-parallel attention and MLPs,
+//! FastMoE's expert slicing) is an opt-in split of the built model
+//! ([`Transformer::new_tensor_parallel`], [`TensorParallel`]) with its own forward pass
+//! ([`Transformer::forward_tensor_parallel`]) that records autograd cuts on a
+//! [`Tape`]; the single-device path does not change.
+//!
 //! Every module is built by [`FfnModule::build`] / [`Block::new`] from one layer description,
 //! so a later ModelGraph-driven construction can call the same constructors node by node.
-//! This module knows nothing about optimizers, data or checkpoints.
+//! This module knows nothing about optimizers, data or checkpoints; of the collective layer
+//! it uses only the handles and cuts a tensor-parallel pass is given.
 
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::check::{Ffn, Layer, Model, Norm, Positions};
-use crate::runtime::moe::{self, DenseMlp, MoeLayer, Telemetry};
+use crate::collective::{
+    exchange_experts, reduce_from_tensor_region, Collective, ExpertPlacement, Tape, TensorSplit,
+};
+use crate::runtime::moe::{self, DenseMlp, DispatchPlan, Experts, MoeLayer, Telemetry};
 use crate::runtime::params::{Init, ParamStore};
 
 const NORM_EPS: f64 = 1e-5;
@@ -46,7 +56,7 @@ impl NormLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.f_to_kind(x.kind())?;
         Ok(match self.kind {
             Norm::LayerNorm => {
@@ -72,6 +82,8 @@ pub struct Attention {
     qkv_bias: Option<Tensor>,
     proj: Tensor,
     proj_bias: Option<Tensor>,
+    /// Set when `heads`, `kv_heads`, `qkv` and `proj` are this tensor rank's share.
+    tensor: Option<TensorParallel>,
 }
 
 impl Attention {
@@ -114,11 +126,25 @@ impl Attention {
             qkv_bias,
             proj,
             proj_bias,
+            tensor: None,
         })
     }
 
     /// `x`: `[B, T, d]` → `[B, T, d]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.tensor.is_some_and(|tp| tp.size > 1) {
+            bail!("internal error: a tensor-parallel model runs through Transformer::forward_tensor_parallel");
+        }
+        let mut out = self.forward_local(x)?;
+        if let Some(bias) = &self.proj_bias {
+            out = out.f_add(&bias.f_to_kind(x.kind())?)?;
+        }
+        Ok(out)
+    }
+
+    /// This rank's heads, through its rows of the output projection, without its bias: the
+    /// whole output with one rank, the rank's partial sum with tensor parallelism.
+    fn forward_local(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, _d) = x.size3()?;
         let kind = x.kind();
         let mut qkv = x.f_matmul(&self.qkv.f_to_kind(kind)?)?;
@@ -148,11 +174,7 @@ impl Attention {
             kvh < h,
         )?;
         let y = y.f_transpose(1, 2)?.f_reshape([b, t, h * hd])?;
-        let mut out = y.f_matmul(&self.proj.f_to_kind(kind)?)?;
-        if let Some(bias) = &self.proj_bias {
-            out = out.f_add(&bias.f_to_kind(kind)?)?;
-        }
-        Ok(out)
+        Ok(y.f_matmul(&self.proj.f_to_kind(kind)?)?)
     }
 }
 
@@ -238,13 +260,32 @@ impl Block {
         })
     }
 
-    /// `x + attn(norm1(x))`, then `+ ffn(norm2(.))`; returns the MoE output's extras.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<(Tensor, Telemetry)>)> {
+    /// `x + attn(norm1(x))`, then `+ ffn(norm2(.))`; returns the MoE output's extras. With a
+    /// `hook`, the MoE feed-forward (from `norm2` on) is the hook's.
+    fn forward<'h>(
+        &self,
+        x: &Tensor,
+        train: bool,
+        hook: Option<&mut (dyn MoeHook + 'h)>,
+        routing_key: Option<&[u64]>,
+    ) -> Result<(Tensor, Option<(Tensor, Telemetry)>)> {
         let x = x.f_add(&self.attn.forward(&self.norm1.forward(x)?)?)?;
+        if let (FfnModule::Moe(layer), Some(hook)) = (&self.ffn, hook) {
+            let (y, balance, telemetry) =
+                hook.moe(self.index, layer, &self.norm2, &x, train, routing_key)?;
+            return Ok((y, Some((balance, telemetry))));
+        }
         let h = self.norm2.forward(&x)?;
         match &self.ffn {
             FfnModule::Dense(mlp) => Ok((x.f_add(&mlp.forward(&h)?)?, None)),
             FfnModule::Moe(layer) => {
+                // The gate's random draws (noise, jitter, random routing) come from the
+                // global generator; seeded per (key, layer) they do not depend on which
+                // rank routes these tokens or on other threads.
+                let _rng = match (train, routing_key) {
+                    (true, Some(key)) => Some(seed_routing(key, self.index)),
+                    _ => None,
+                };
                 let (b, t, d) = h.size3()?;
                 let out = layer.forward(&h.f_reshape([b * t, d])?, train)?;
                 let y = out.out.f_reshape([b, t, d])?;
@@ -252,6 +293,42 @@ impl Block {
             }
         }
     }
+}
+
+/// Runs a block's MoE feed-forward somewhere else than in this process alone (the
+/// expert-parallel runtime: its experts are spread over an expert group).
+pub trait MoeHook {
+    /// `x`: the residual stream after attention, `[B, T, d]`. Returns `x + ffn(norm(x))`,
+    /// the layer's unweighted balance loss and its telemetry. With `train` and a
+    /// `routing_key`, the gate must route under [`seed_routing`]`(key, index)`.
+    fn moe(
+        &mut self,
+        index: usize,
+        layer: &MoeLayer,
+        norm: &NormLayer,
+        x: &Tensor,
+        train: bool,
+        routing_key: Option<&[u64]>,
+    ) -> Result<(Tensor, Tensor, Telemetry)>;
+}
+
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds libtorch's global generator for this thread (in-process ranks and tests share it).
+pub fn lock_rng() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Locks the generator and seeds it with `mix(key, layer)`: the gate of MoE layer `layer`
+/// routes the micro-batch `key` (`[seed, step, micro]`) with the same random draws
+/// whichever rank or thread runs it. Hold the guard while the gate draws.
+pub fn seed_routing(key: &[u64], layer: usize) -> std::sync::MutexGuard<'static, ()> {
+    let guard = lock_rng();
+    let mut words = key.to_vec();
+    words.push(0x0A7E);
+    words.push(layer as u64);
+    tch::manual_seed(crate::runtime::data::mix_all(&words) as i64);
+    guard
 }
 
 /// The whole language model.
@@ -264,6 +341,9 @@ pub struct Transformer {
     norm: NormLayer,
     /// Compute dtype (f32, bf16, or f64 in gradient checks).
     pub compute: Kind,
+    /// The micro-batch being trained (`[seed, step, micro]`): the gates' random draws are
+    /// seeded from it per layer (see [`seed_routing`]). `None`: the generator as it is.
+    pub routing_key: Option<Vec<u64>>,
 }
 
 /// What one forward pass yields besides the logits.
@@ -315,6 +395,7 @@ impl Transformer {
             blocks,
             norm,
             compute,
+            routing_key: None,
         };
         t.set_compute(compute);
         Ok(t)
@@ -335,6 +416,655 @@ impl Transformer {
 
     /// `tokens`: `[B, T]` int64 → logits and the MoE extras.
     pub fn forward(&self, tokens: &Tensor, train: bool) -> Result<ForwardOutput> {
+        self.forward_with(tokens, train, None)
+    }
+
+    /// [`Transformer::forward`] with the MoE feed-forwards run by `hook` (when given).
+    pub fn forward_with(
+        &self,
+        tokens: &Tensor,
+        train: bool,
+        mut hook: Option<&mut dyn MoeHook>,
+    ) -> Result<ForwardOutput> {
+        let (_b, t) = tokens.size2()?;
+        if t > self.model.context as i64 {
+            bail!(
+                "sequence of {t} tokens is longer than the model's context {}",
+                self.model.context
+            );
+        }
+        let emb = self.tokens.f_to_kind(self.compute)?;
+        let mut x = Tensor::f_embedding(&emb, tokens, -1, false, false)?;
+        if let Some(pos) = &self.positions {
+            x = x.f_add(&pos.f_narrow(0, 0, t)?.f_to_kind(self.compute)?)?;
+        }
+        let mut balance = Tensor::f_zeros([], (Kind::Float, self.store.device))?;
+        let mut telemetry = Vec::new();
+        let key = self.routing_key.as_deref();
+        let hooked = hook.is_some();
+        for block in &self.blocks {
+            let (y, extra) = block.forward(&x, train, hook.as_deref_mut(), key)?;
+            x = y;
+            if let (Some((loss, tel)), FfnModule::Moe(layer)) = (extra, &block.ffn) {
+                let w = layer.gate.balance_weight;
+                if w != 0.0 {
+                    balance = balance.f_add(&loss.f_mul_scalar(w)?)?;
+                }
+                telemetry.push((block.index, tel));
+            }
+        }
+        let x = self.norm.forward(&x)?;
+        // A hooked (segmented) backward traverses the head and the embedding in different
+        // passes: they must not share the cast's graph node.
+        let emb = if hooked {
+            self.tokens.f_to_kind(self.compute)?
+        } else {
+            emb
+        };
+        let logits = x
+            .f_matmul(&emb.f_transpose(0, 1)?)?
+            .f_to_kind(Kind::Float)?;
+        Ok(ForwardOutput {
+            logits,
+            balance_loss: balance,
+            telemetry,
+        })
+    }
+
+    /// Mean next-token cross-entropy of `tokens[:, 1:]` given `tokens[:, :-1]`, plus extras.
+    pub fn loss(&self, batch: &Tensor, train: bool) -> Result<(Tensor, ForwardOutput)> {
+        self.loss_with(batch, train, None)
+    }
+
+    /// [`Transformer::loss`] with the MoE feed-forwards run by `hook` (when given).
+    pub fn loss_with(
+        &self,
+        batch: &Tensor,
+        train: bool,
+        hook: Option<&mut dyn MoeHook>,
+    ) -> Result<(Tensor, ForwardOutput)> {
+        let (_b, t1) = batch.size2()?;
+        let input = batch.f_narrow(1, 0, t1 - 1)?;
+        let target = batch.f_narrow(1, 1, t1 - 1)?;
+        let out = self.forward_with(&input, train, hook)?;
+        let v = out.logits.size()[2];
+        let lm = out.logits.f_reshape([-1, v])?.f_cross_entropy_loss(
+            &target.f_reshape([-1])?,
+            None::<&Tensor>,
+            tch::Reduction::Mean,
+            -100,
+            0.0,
+        )?;
+        Ok((lm, out))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor parallelism (Megatron-LM v2.2, FastMoE on Megatron)
+// ---------------------------------------------------------------------------------------
+
+/// This rank's place in its tensor-parallel group, fixed when the model is built
+/// ([`Transformer::new_tensor_parallel`]). The group's handle is not kept here (a
+/// [`Collective`] handle belongs to the rank's groups and is not `Sync`); the forward pass
+/// takes it ([`Transformer::forward_tensor_parallel`]).
+///
+/// What each tensor rank holds (Megatron-LM's `ColumnParallelLinear` /
+/// `RowParallelLinear`):
+/// - attention: `heads / size` query heads and `kv_heads / size` key/value heads (its
+///   columns of the fused `qkv` and its rows of `proj`); `proj`'s bias whole, added after
+///   the all-reduce;
+/// - dense MLPs and shared experts: columns `[rank·f/size, (rank+1)·f/size)` of `w1`, `w3`,
+///   `b1` and those rows of `w2`; `b2` whole, added after the all-reduce;
+/// - routed experts with `expert_slicing` (FastMoE on Megatron): the same hidden columns of
+///   every expert it holds; `b2` whole but added by tensor rank 0 only (inside the expert,
+///   before the MoE output's all-reduce), so its gradient is summed over the tensor group
+///   ([`TensorSplit::Partial`]). Without slicing every tensor rank holds whole experts and
+///   runs the same tokens through them;
+/// - embedding, positions, norms, gates and the (tied) head: whole, on every tensor rank
+///   (Megatron splits the vocabulary; the runtime does not, so each tensor rank keeps the
+///   whole `vocab × width` embedding and computes the whole logits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorParallel {
+    /// Position in the tensor group (`global rank mod size` in Megatron's layout).
+    pub rank: usize,
+    /// Ranks in the tensor group (the file's `tensor`).
+    pub size: usize,
+    /// Whether routed experts are sliced over the tensor ranks (the planner's
+    /// `expert_slicing`, i.e. `Checked.parallel.expert_slicing && tensor > 1`).
+    pub expert_slicing: bool,
+}
+
+/// How the parameter `name` of a model split by `tp` is shared over the tensor group (see
+/// [`TensorParallel`]); every parameter is [`TensorSplit::Whole`] without one or with a
+/// group of one rank.
+pub fn tensor_split(name: &str, tp: Option<TensorParallel>) -> TensorSplit {
+    let Some(tp) = tp.filter(|tp| tp.size > 1) else {
+        return TensorSplit::Whole;
+    };
+    let Some(rest) = name.strip_prefix("layers.") else {
+        return TensorSplit::Whole;
+    };
+    let rest = rest.split_once('.').map_or("", |(_, r)| r);
+    let sharded_mlp = |m: &str| matches!(m, "w1" | "w3" | "b1" | "w2");
+    match rest {
+        "attn.qkv.weight" | "attn.qkv.bias" | "attn.proj.weight" => TensorSplit::Sharded,
+        _ => {
+            if let Some(m) = rest.strip_prefix("ffn.experts.") {
+                if !tp.expert_slicing {
+                    TensorSplit::Whole
+                } else if sharded_mlp(m) {
+                    TensorSplit::Sharded
+                } else {
+                    TensorSplit::Partial
+                }
+            } else if let Some(m) = rest
+                .strip_prefix("ffn.shared.")
+                .or_else(|| rest.strip_prefix("ffn."))
+            {
+                if sharded_mlp(m) {
+                    TensorSplit::Sharded
+                } else {
+                    TensorSplit::Whole
+                }
+            } else {
+                TensorSplit::Whole
+            }
+        }
+    }
+}
+
+/// Where a tensor-sharded parameter's slice lies: the dimension and the `(start, length)`
+/// pieces concatenated along it.
+type Pieces = (i64, Vec<(i64, i64)>);
+
+/// Slices of a sharded parameter named `name` with full shape `shape` for rank `tp.rank`;
+/// `None` for a parameter every tensor rank holds whole.
+fn shard_pieces(
+    name: &str,
+    shape: &[i64],
+    model: &Model,
+    tp: TensorParallel,
+) -> Result<Option<Pieces>> {
+    if tensor_split(name, Some(tp)) != TensorSplit::Sharded {
+        return Ok(None);
+    }
+    let (j, t) = (tp.rank as i64, tp.size as i64);
+    let last = shape.len() as i64 - 1;
+    let even = |what: &str, n: i64| -> Result<i64> {
+        if n % t != 0 {
+            bail!("`{name}`: {what} {n} is not divisible by tensor = {t}");
+        }
+        Ok(n / t)
+    };
+    let a = &model.attention;
+    let (h, kvh, hd) = (a.heads as i64, a.kv_heads as i64, a.head_dim as i64);
+    let piece = |dim: i64, what: &str| -> Result<Option<Pieces>> {
+        let n = even(what, shape[dim as usize])?;
+        Ok(Some((dim, vec![(j * n, n)])))
+    };
+    if name.ends_with(".attn.qkv.weight") || name.ends_with(".attn.qkv.bias") {
+        let (hl, kvl) = (even("heads", h)?, even("kv_heads", kvh)?);
+        return Ok(Some((
+            last,
+            vec![
+                (j * hl * hd, hl * hd),
+                (h * hd + j * kvl * hd, kvl * hd),
+                ((h + kvh) * hd + j * kvl * hd, kvl * hd),
+            ],
+        )));
+    }
+    if name.ends_with(".attn.proj.weight") {
+        even("heads", h)?;
+        return piece(0, "heads × head_dim");
+    }
+    let matrix = name.rsplit('.').next().unwrap_or_default();
+    let experts = name.contains(".ffn.experts.");
+    match (matrix, experts) {
+        ("w1" | "w3" | "b1", _) => piece(last, "hidden size"),
+        ("w2", true) => piece(1, "hidden size"),
+        ("w2", false) => piece(0, "hidden size"),
+        _ => Ok(None),
+    }
+}
+
+fn narrow_pieces(full: &Tensor, (dim, pieces): &Pieces) -> Result<Tensor> {
+    let parts: Vec<Tensor> = pieces
+        .iter()
+        .map(|&(start, len)| full.f_narrow(*dim, start, len))
+        .collect::<Result<_, _>>()?;
+    Ok(Tensor::f_cat(&parts, *dim)?)
+}
+
+/// A dense MLP's partial output on this tensor rank (its hidden columns), without `b2`.
+fn mlp_partial(mlp: &DenseMlp, x: &Tensor) -> Result<Tensor> {
+    let kind = x.kind();
+    let mut h = x.f_matmul(&mlp.w1.f_to_kind(kind)?)?;
+    if let Some(b) = &mlp.b1 {
+        h = h.f_add(&b.f_to_kind(kind)?)?;
+    }
+    let h = match &mlp.w3 {
+        Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&w3.f_to_kind(kind)?)?)?,
+        None => moe::activate(&h, mlp.act)?,
+    };
+    Ok(h.f_matmul(&mlp.w2.f_to_kind(kind)?)?)
+}
+
+fn add_bias(x: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match bias {
+        Some(b) => x.f_add(&b.f_to_kind(x.kind())?)?,
+        None => x,
+    })
+}
+
+/// What a tensor-parallel forward pass needs besides the tokens: the tensor group, the
+/// tape that records its cuts (run [`Tape::backward_tensor_parallel`] on it with the same
+/// group) and a label for the collectives (`"step 12, micro-batch 3"`).
+pub struct TensorPass<'a> {
+    pub group: &'a dyn Collective,
+    pub tape: &'a mut Tape,
+    pub at: &'a str,
+    /// Who runs the MoE layers' routed experts: `None` runs every expert of the layer on
+    /// this rank; [`ExchangedExperts`] spreads them over an expert group.
+    pub experts: Option<&'a mut dyn RoutedExperts>,
+}
+
+/// Runs a MoE layer's routed experts inside a tensor-parallel pass (the place where
+/// expert parallelism plugs in).
+pub trait RoutedExperts {
+    /// `h`: `[N, d]`, the layer's input, a leaf of the tape (the copy-to-region leaf when
+    /// experts are sliced); `expert`: `[N, k]` routed experts (−1: dropped); `weight`:
+    /// `[N, k]` combine weights, a leaf. Returns `Σ_slots weight · expert(h)`, `[N, d]`: this
+    /// rank's partial sum when the experts are sliced (the caller all-reduces it over the
+    /// tensor group). Anything recorded on `tape` goes in a new step (its graph must start
+    /// at the leaves, whose own step comes earlier).
+    fn combined(
+        &mut self,
+        index: usize,
+        layer: &MoeLayer,
+        h: &Tensor,
+        expert: &Tensor,
+        weight: &Tensor,
+        tape: &mut Tape,
+    ) -> Result<Tensor>;
+}
+
+/// The routed experts spread over an expert group (FastMoE on Megatron: the data-parallel
+/// group of this tensor rank), tokens moved by [`exchange_experts`]. Each MoE layer's
+/// `experts` must already hold only this rank's experts (in the placement's local order)
+/// and, with slicing, only this tensor rank's hidden columns of them.
+pub struct ExchangedExperts<'a> {
+    /// The expert group (`Groups::expert()`).
+    pub group: &'a dyn Collective,
+    /// Per MoE layer (block index): which experts each position of the group holds.
+    pub placements: &'a std::collections::BTreeMap<usize, ExpertPlacement>,
+    /// Label for the collectives (`"step 12, micro-batch 3"`).
+    pub at: &'a str,
+}
+
+impl RoutedExperts for ExchangedExperts<'_> {
+    fn combined(
+        &mut self,
+        index: usize,
+        layer: &MoeLayer,
+        h: &Tensor,
+        expert: &Tensor,
+        weight: &Tensor,
+        tape: &mut Tape,
+    ) -> Result<Tensor> {
+        let Some(placement) = self.placements.get(&index) else {
+            bail!("no expert placement for MoE layer {index}");
+        };
+        let (n, d) = h.size2()?;
+        let k = expert.size()[1];
+        let e = layer.gate.experts;
+        let device = h.device();
+        // Slots in the placement's order; dropped slots (-1) sort past the last one.
+        let slot_table = Tensor::f_from_slice(&placement.slot_of_expert())?.f_to_device(device)?;
+        let flat = expert.f_reshape([-1])?;
+        let slot = slot_table
+            .f_index_select(0, &flat.f_clamp_min(0)?)?
+            .f_where_scalarother(&flat.f_ge(0)?, e)?;
+        let order = slot.f_argsort_stable(true, 0, false)?;
+        let per_slot = slot.f_bincount(None::<Tensor>, e + 1)?.f_narrow(0, 0, e)?;
+        let counts = Vec::<i64>::try_from(&per_slot.f_to_device(Device::Cpu)?)?;
+        let kept: i64 = counts.iter().sum();
+        let sent = order.f_narrow(0, 0, kept)?;
+        let token = sent.f_div_scalar_mode(k, "floor")?;
+        tape.step();
+        let experts = &layer.experts;
+        let at = format!("{}, layer {index}", self.at);
+        let (ys, exchange) = exchange_experts(
+            self.group,
+            placement,
+            &h.f_index_select(0, &token)?,
+            &counts,
+            &at,
+            |received, local_counts| {
+                local_experts(experts, received, local_counts)
+                    .map_err(|e| tch::TchError::Torch(format!("{e:#}")))
+            },
+        )?;
+        tape.record(exchange);
+        let w = weight
+            .f_reshape([-1])?
+            .f_index_select(0, &sent)?
+            .f_to_kind(ys.kind())?;
+        Ok(Tensor::f_zeros([n, d], (ys.kind(), device))?.f_index_add(
+            0,
+            &token,
+            &ys.f_mul(&w.f_unsqueeze(1)?)?,
+        )?)
+    }
+}
+
+/// Runs `received` (rows grouped by local expert, `local_counts[j]` for local expert `j`)
+/// through this rank's experts.
+fn local_experts(experts: &Experts, received: &Tensor, local_counts: &[i64]) -> Result<Tensor> {
+    let (rows, width) = received.size2()?;
+    let device = received.device();
+    if rows == 0 || local_counts.is_empty() {
+        return Ok(Tensor::f_zeros([rows, width], (received.kind(), device))?);
+    }
+    let counts = Tensor::f_from_slice(local_counts)?.f_to_device(device)?;
+    let plan = DispatchPlan::grouped(&counts, rows)?;
+    experts.forward(received, &plan)
+}
+
+impl TensorPass<'_> {
+    fn reduce(&self, partial: &Tensor, what: &str) -> Result<Tensor> {
+        let at = format!("{}, {what}", self.at);
+        Ok(reduce_from_tensor_region(self.group, partial, &at)?)
+    }
+
+    /// A copy-to-region cut where the computation after it is split over the tensor
+    /// ranks, a plain cut where every tensor rank computes the same.
+    fn enter(&mut self, t: &Tensor, split: bool) -> Result<Tensor> {
+        Ok(if split {
+            self.tape.copy_to_tensor_region(t)?
+        } else {
+            self.tape.cut(t)?
+        })
+    }
+}
+
+impl Block {
+    /// [`Block::forward`] on one tensor rank. Four tape steps per block, in forward order:
+    /// the block input (a plain cut of the residual stream), the attention input (copy to
+    /// region), the residual after attention (plain cut), the feed-forward input (copy to
+    /// region; with an MoE layer also the combine weights and the balance loss). Replayed in
+    /// reverse, each segment of the graph is traversed once and every leaf's gradient is
+    /// complete before its step runs.
+    fn forward_tensor_parallel(
+        &self,
+        x: &Tensor,
+        train: bool,
+        tp: TensorParallel,
+        routing_key: Option<&[u64]>,
+        pass: &mut TensorPass,
+    ) -> Result<(Tensor, Option<(Tensor, Telemetry)>)> {
+        let split = tp.size > 1;
+        let i = self.index;
+        pass.tape.step();
+        let x = pass.tape.cut(x)?;
+        pass.tape.step();
+        let a = pass.enter(&self.norm1.forward(&x)?, split)?;
+        let y = pass.reduce(
+            &self.attn.forward_local(&a)?,
+            &format!("layer {i} attention"),
+        )?;
+        let y = add_bias(y, &self.attn.proj_bias)?;
+        pass.tape.step();
+        let x = pass.tape.cut(&x.f_add(&y)?)?;
+        pass.tape.step();
+        let h = self.norm2.forward(&x)?;
+        match &self.ffn {
+            FfnModule::Dense(mlp) => {
+                let hl = pass.enter(&h, split)?;
+                let z = pass.reduce(&mlp_partial(mlp, &hl)?, &format!("layer {i} mlp"))?;
+                Ok((x.f_add(&add_bias(z, &mlp.b2)?)?, None))
+            }
+            FfnModule::Moe(layer) => {
+                let (b, t, d) = h.size3()?;
+                let h = h.f_reshape([b * t, d])?;
+                let sliced = split && tp.expert_slicing;
+                // Seeded per (micro-batch, layer): every tensor rank (and every data rank
+                // that routes these tokens) draws the same noise, jitter and random routing.
+                let routing = {
+                    let _rng = match (train, routing_key) {
+                        (true, Some(key)) => Some(seed_routing(key, i)),
+                        _ => None,
+                    };
+                    layer.gate.route(&h, train)?
+                };
+                let he = pass.enter(&h, sliced)?;
+                let weight = pass.enter(&routing.weight, sliced)?;
+                let balance = pass.tape.cut(&routing.balance_loss)?;
+                // The shared experts' input is cut in this step too: a runner may open the
+                // next one.
+                let shared_input = match (&layer.shared, sliced) {
+                    (None, _) => None,
+                    (Some(_), true) => Some(he.shallow_clone()),
+                    (Some(_), false) => Some(pass.enter(&h, split)?),
+                };
+                let plan = DispatchPlan::new(
+                    &routing.expert,
+                    layer.gate.experts,
+                    layer.gate.may_drop(train),
+                )?;
+                let mut out = match pass.experts.as_deref_mut() {
+                    Some(runner) => {
+                        runner.combined(i, layer, &he, &routing.expert, &weight, pass.tape)?
+                    }
+                    None => {
+                        let ys = layer.experts.forward(&moe::dispatch(&he, &plan)?, &plan)?;
+                        moe::combine(&ys, &plan, &weight, b * t)?
+                    }
+                };
+                let what = format!("layer {i} moe");
+                if let (Some(shared), Some(hs)) = (&layer.shared, &shared_input) {
+                    let partial = mlp_partial(shared, hs)?;
+                    out = if sliced {
+                        pass.reduce(&out.f_add(&partial)?, &what)?
+                    } else {
+                        out.f_add(&pass.reduce(&partial, &what)?)?
+                    };
+                    out = add_bias(out, &shared.b2)?;
+                } else if sliced {
+                    out = pass.reduce(&out, &what)?;
+                }
+                let telemetry = tch::no_grad(|| moe_telemetry(&routing, &plan, b * t))?;
+                let y = x.f_add(&out.f_reshape([b, t, d])?)?;
+                Ok((y, Some((balance, telemetry))))
+            }
+        }
+    }
+
+    /// Keeps this tensor rank's share of the block's parameters (see [`TensorParallel`]),
+    /// in the modules and in `store`.
+    fn shard(&mut self, store: &mut ParamStore, model: &Model, tp: TensorParallel) -> Result<()> {
+        let prefix = format!("layers.{}", self.index);
+        let mut take = |name: String, t: &mut Tensor| -> Result<()> {
+            let Some(pieces) = shard_pieces(&name, &t.size(), model, tp)? else {
+                return Ok(());
+            };
+            let local = tch::no_grad(|| narrow_pieces(t, &pieces))?;
+            *t = store.replace(&name, &local)?;
+            Ok(())
+        };
+        let attn = &mut self.attn;
+        take(format!("{prefix}.attn.qkv.weight"), &mut attn.qkv)?;
+        if let Some(bias) = attn.qkv_bias.as_mut() {
+            take(format!("{prefix}.attn.qkv.bias"), bias)?;
+        }
+        take(format!("{prefix}.attn.proj.weight"), &mut attn.proj)?;
+        let t = tp.size as i64;
+        attn.heads /= t;
+        attn.kv_heads /= t;
+        attn.tensor = Some(tp);
+        let mut mlp = |p: &str, m: &mut DenseMlp| -> Result<()> {
+            take(format!("{p}.w1"), &mut m.w1)?;
+            take(format!("{p}.w2"), &mut m.w2)?;
+            if let Some(w3) = m.w3.as_mut() {
+                take(format!("{p}.w3"), w3)?;
+            }
+            if let Some(b1) = m.b1.as_mut() {
+                take(format!("{p}.b1"), b1)?;
+            }
+            Ok(())
+        };
+        match &mut self.ffn {
+            FfnModule::Dense(m) => mlp(&format!("{prefix}.ffn"), m)?,
+            FfnModule::Moe(layer) => {
+                if let Some(shared) = layer.shared.as_mut() {
+                    mlp(&format!("{prefix}.ffn.shared"), shared)?;
+                }
+                if tp.expert_slicing {
+                    mlp_experts(
+                        &mut take,
+                        &format!("{prefix}.ffn.experts"),
+                        &mut layer.experts,
+                    )?;
+                    if tp.rank != 0 {
+                        // The bias stays in the store (whole, summed over the tensor group
+                        // after the backward) but only tensor rank 0 adds it.
+                        layer.experts.b2 = None;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mlp_experts(
+    take: &mut dyn FnMut(String, &mut Tensor) -> Result<()>,
+    prefix: &str,
+    e: &mut Experts,
+) -> Result<()> {
+    take(format!("{prefix}.w1"), &mut e.w1)?;
+    take(format!("{prefix}.w2"), &mut e.w2)?;
+    if let Some(w3) = e.w3.as_mut() {
+        take(format!("{prefix}.w3"), w3)?;
+    }
+    if let Some(b1) = e.b1.as_mut() {
+        take(format!("{prefix}.b1"), b1)?;
+    }
+    Ok(())
+}
+
+/// Routing statistics as [`MoeLayer::forward`] reports them.
+fn moe_telemetry(routing: &moe::Routing, plan: &DispatchPlan, tokens: i64) -> Result<Telemetry> {
+    let counts = plan.counts.f_to_kind(Kind::Float)?;
+    let slots = (tokens * routing.expert.size()[1]) as f64;
+    let kept = counts.f_sum(Kind::Float)?;
+    let p = &routing.probs;
+    let entropy = p
+        .f_mul(&p.f_clamp_min(1e-30)?.f_log()?)?
+        .f_sum_dim_intlist(1, false, Kind::Float)?
+        .f_neg()?
+        .f_mean(Kind::Float)?;
+    Ok(Telemetry {
+        tokens_per_expert: counts,
+        dropped_fraction: kept.f_div_scalar(-slots)?.f_add_scalar(1.0)?,
+        gate_entropy: entropy,
+        balance_loss: routing.balance_loss.f_detach()?,
+    })
+}
+
+impl Transformer {
+    /// [`Transformer::new`] on one rank of a tensor group: every parameter is drawn whole,
+    /// exactly as the single-rank model draws it (seed the generator the same way), then
+    /// the rank keeps its share (see [`TensorParallel`]). `None` is [`Transformer::new`].
+    pub fn new_tensor_parallel(
+        model: &Model,
+        device: Device,
+        master: Kind,
+        compute: Kind,
+        tp: Option<TensorParallel>,
+    ) -> Result<Transformer> {
+        let mut t = Transformer::new(model, device, master, compute)?;
+        if let Some(tp) = tp {
+            t.split_tensor_parallel(tp)?;
+        }
+        Ok(t)
+    }
+
+    /// Keeps this tensor rank's share of every parameter of a whole model (see
+    /// [`TensorParallel`]), in the modules and in the store. With expert parallelism, keep
+    /// the rank's experts first (the stacked expert tensors, `b2` included, cut to its
+    /// experts), then split: on tensor ranks other than 0 a sliced layer's module no longer
+    /// holds `b2` (the store still does).
+    pub fn split_tensor_parallel(&mut self, tp: TensorParallel) -> Result<()> {
+        if self.tensor_parallel().is_some() {
+            bail!("internal error: the model is already split over tensor ranks");
+        }
+        let compute = self.compute;
+        let t = self;
+        if tp.size == 0 || tp.rank >= tp.size {
+            bail!(
+                "tensor rank {} is outside a tensor group of {} ranks",
+                tp.rank,
+                tp.size
+            );
+        }
+        let tp = TensorParallel {
+            expert_slicing: tp.expert_slicing && tp.size > 1,
+            ..tp
+        };
+        let model = t.model.clone();
+        // Every size checked before anything changes.
+        for p in &t.store.params {
+            shard_pieces(&p.name, &p.tensor.size(), &model, tp)?;
+        }
+        for block in &mut t.blocks {
+            block.shard(&mut t.store, &model, tp)?;
+        }
+        t.set_compute(compute);
+        Ok(())
+    }
+
+    /// The tensor-parallel split this model was built with.
+    pub fn tensor_parallel(&self) -> Option<TensorParallel> {
+        self.blocks.first().and_then(|b| b.attn.tensor)
+    }
+
+    /// How each parameter of the store (in order) is split over the tensor group.
+    pub fn tensor_splits(&self) -> Vec<TensorSplit> {
+        let tp = self.tensor_parallel();
+        self.store
+            .params
+            .iter()
+            .map(|p| tensor_split(&p.name, tp))
+            .collect()
+    }
+
+    /// This tensor rank's share of a whole tensor shaped like parameter `name` of the
+    /// single-rank model (a checkpoint's tensor, a reference gradient): the same slices the
+    /// parameter itself got. Whole parameters come back unchanged.
+    pub fn tensor_shard_of(&self, name: &str, full: &Tensor) -> Result<Tensor> {
+        match self.tensor_parallel() {
+            Some(tp) => match shard_pieces(name, &full.size(), &self.model, tp)? {
+                Some(pieces) => narrow_pieces(full, &pieces),
+                None => Ok(full.shallow_clone()),
+            },
+            None => Ok(full.shallow_clone()),
+        }
+    }
+
+    /// [`Transformer::forward`] on one rank of a tensor group (a model from
+    /// [`Transformer::new_tensor_parallel`]), recording its cuts on `pass.tape`. Every rank
+    /// of the group runs it on the same tokens; with random gates set
+    /// [`Transformer::routing_key`] so that every rank draws the same (see
+    /// [`seed_routing`]). The logits are whole on every rank.
+    pub fn forward_tensor_parallel(
+        &self,
+        tokens: &Tensor,
+        train: bool,
+        pass: &mut TensorPass,
+    ) -> Result<ForwardOutput> {
+        let Some(tp) = self.tensor_parallel() else {
+            bail!("internal error: the model was built without a tensor-parallel split");
+        };
         let (_b, t) = tokens.size2()?;
         if t > self.model.context as i64 {
             bail!(
@@ -350,7 +1080,8 @@ impl Transformer {
         let mut balance = Tensor::f_zeros([], (Kind::Float, self.store.device))?;
         let mut telemetry = Vec::new();
         for block in &self.blocks {
-            let (y, extra) = block.forward(&x, train)?;
+            let (y, extra) =
+                block.forward_tensor_parallel(&x, train, tp, self.routing_key.as_deref(), pass)?;
             x = y;
             if let (Some((loss, tel)), FfnModule::Moe(layer)) = (extra, &block.ffn) {
                 let w = layer.gate.balance_weight;
@@ -361,8 +1092,10 @@ impl Transformer {
             }
         }
         let x = self.norm.forward(&x)?;
+        // Its own cast: the head and the embedding are backpropagated in different segments.
+        let head = self.tokens.f_to_kind(self.compute)?;
         let logits = x
-            .f_matmul(&emb.f_transpose(0, 1)?)?
+            .f_matmul(&head.f_transpose(0, 1)?)?
             .f_to_kind(Kind::Float)?;
         Ok(ForwardOutput {
             logits,
@@ -371,12 +1104,17 @@ impl Transformer {
         })
     }
 
-    /// Mean next-token cross-entropy of `tokens[:, 1:]` given `tokens[:, :-1]`, plus extras.
-    pub fn loss(&self, batch: &Tensor, train: bool) -> Result<(Tensor, ForwardOutput)> {
+    /// [`Transformer::loss`] through [`Transformer::forward_tensor_parallel`].
+    pub fn loss_tensor_parallel(
+        &self,
+        batch: &Tensor,
+        train: bool,
+        pass: &mut TensorPass,
+    ) -> Result<(Tensor, ForwardOutput)> {
         let (_b, t1) = batch.size2()?;
         let input = batch.f_narrow(1, 0, t1 - 1)?;
         let target = batch.f_narrow(1, 1, t1 - 1)?;
-        let out = self.forward(&input, train)?;
+        let out = self.forward_tensor_parallel(&input, train, pass)?;
         let v = out.logits.size()[2];
         let lm = out.logits.f_reshape([-1, v])?.f_cross_entropy_loss(
             &target.f_reshape([-1])?,

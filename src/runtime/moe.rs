@@ -531,6 +531,33 @@ impl DispatchPlan {
     }
 }
 
+impl DispatchPlan {
+    /// The plan of rows already grouped by expert (`counts[j]` rows for expert `j`, in
+    /// order, none dropped), as an expert-parallel rank receives them: only
+    /// [`Experts::forward`] reads it (no dispatch or combine).
+    pub fn grouped(counts: &Tensor, rows: i64) -> Result<DispatchPlan> {
+        let device = counts.device();
+        let experts = counts.size()[0];
+        let arange = Tensor::f_arange(rows, (Kind::Int64, device))?;
+        let expert = Tensor::f_arange(experts, (Kind::Int64, device))?
+            .f_repeat_interleave_self_tensor(counts, 0, Some(rows))?;
+        Ok(DispatchPlan {
+            order: arange.shallow_clone(),
+            token: arange.shallow_clone(),
+            expert,
+            valid: Tensor::f_ones([rows, 1], (Kind::Bool, device))?,
+            row_slot: arange.shallow_clone(),
+            slot_row: arange,
+            offsets: counts.f_cumsum(0, Kind::Int)?,
+            counts: counts.shallow_clone(),
+            experts,
+            top_k: 1,
+            may_drop: false,
+            fused: false,
+        })
+    }
+}
+
 /// Whether the fused CUDA kernels can run on `device` (see [`DispatchPlan::fused`]).
 #[cfg(feature = "cuda")]
 pub fn fused_available(device: tch::Device) -> bool {

@@ -77,3 +77,20 @@ impl ParamStore {
         }
     }
 }
+
+impl ParamStore {
+    /// Replaces the tensor of parameter `name` by a copy of `values` (a fresh leaf that
+    /// requires grad and owns its memory, e.g. this rank's slice of the full tensor) and
+    /// returns it.
+    pub fn replace(&mut self, name: &str, values: &Tensor) -> Result<Tensor> {
+        let values = values.f_detach()?;
+        let mut t = values.f_zeros_like()?.f_contiguous()?;
+        tch::no_grad(|| t.f_copy_(&values))?;
+        let t = t.f_set_requires_grad(true)?;
+        match self.params.iter_mut().find(|p| p.name == name) {
+            Some(p) => p.tensor = t.shallow_clone(),
+            None => bail!("internal error: no parameter `{name}` to replace"),
+        }
+        Ok(t)
+    }
+}

@@ -3,10 +3,18 @@
 //! checkpoints, Ctrl-C, and the end-of-run summary and plot; plus text sampling from a
 //! checkpoint.
 //!
-//! Reproducibility: before step `s` libtorch's generator is reseeded with `mix(seed, s)` and the
-//! data windows of step `s` are keyed by `(seed, s, micro, row)`, so a run's whole random state
-//! is `(seed, step)`; with the optimizer state restored from a checkpoint a resumed CPU run
-//! repeats the uninterrupted one bit for bit. Knows nothing about the command line.
+//! Reproducibility: the data windows of step `s` are keyed by `(seed, s, micro, row)` and the
+//! gates' random draws by `(seed, s, micro, layer)` (see [`crate::runtime::model::seed_routing`]),
+//! so a run's whole random state is `(seed, step)`; with the optimizer state restored from a
+//! checkpoint a resumed CPU run repeats the uninterrupted one bit for bit.
+//!
+//! Many ranks ([`train_ranked`] with a [`RankContext`]): every data rank takes whole
+//! micro-batches of the same global batch (micro-batch `m` goes to data rank `m mod D`), so
+//! each gate sees the tokens it sees in the single-rank run with the same `micro_batch`, and
+//! each rank's loss is the mean over its own micro-batches; the gradient reduction by kind
+//! (replicated over the data group, experts over the expert-data group, gates over the gate
+//! group, each divided by `D`) then gives the single-rank gradients. Rank 0 alone prints,
+//! writes metrics, summary and plot. Knows nothing about the command line.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,9 +26,11 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::check::{Checked, Precision, Train};
+use crate::collective::{clip_global_norm, reduce_gradients, ParamKind};
 use crate::runtime::checkpoint::{self, SaveInfo};
 use crate::runtime::data::{mix_all, Dataset};
-use crate::runtime::model::Transformer;
+use crate::runtime::distributed::{self, ExpertParallel, RankContext};
+use crate::runtime::model::{lock_rng, Transformer};
 use crate::runtime::moe::{Telemetry, TelemetryReport};
 use crate::runtime::optim::{self, AdamW};
 use crate::runtime::plot;
@@ -136,17 +146,34 @@ fn precision_name(p: Precision) -> &'static str {
 /// Sequences per micro-batch: the file's `micro_batch`, else the largest divisor of the batch
 /// with at most [`DEFAULT_MICRO_TOKENS`] tokens.
 pub fn micro_batch(checked: &Checked, train: &Train) -> Result<u64> {
+    micro_batch_for(checked, train, 1)
+}
+
+/// Sequences per micro-batch on each of `data_ranks` data ranks: the file's `micro_batch`
+/// (which must split the batch evenly over the ranks), else the largest divisor of a rank's
+/// share of the batch with at most [`DEFAULT_MICRO_TOKENS`] tokens.
+pub fn micro_batch_for(checked: &Checked, train: &Train, data_ranks: u64) -> Result<u64> {
     let batch = train.batch_sequences;
+    let d = data_ranks.max(1);
+    if batch % d != 0 {
+        bail!("the batch of {batch} sequences cannot be split evenly over {d} data ranks");
+    }
+    let share = batch / d;
     if let Some(mb) = checked.parallel.micro_batch {
-        if mb == 0 || batch % mb != 0 {
-            bail!("micro_batch = {mb} does not divide the batch of {batch} sequences");
+        if mb == 0 || share % mb != 0 {
+            if d == 1 {
+                bail!("micro_batch = {mb} does not divide the batch of {batch} sequences");
+            }
+            bail!(
+                "micro_batch = {mb} does not divide the {share} sequences of each of the {d} data ranks (batch {batch}); choose a divisor of {share}"
+            );
         }
         return Ok(mb);
     }
     let cap = (DEFAULT_MICRO_TOKENS / train.seq_len.max(1)).max(1);
-    Ok((1..=batch.min(cap))
+    Ok((1..=share.min(cap))
         .rev()
-        .find(|d| batch % d == 0)
+        .find(|m| share % m == 0)
         .unwrap_or(1))
 }
 
@@ -207,14 +234,66 @@ pub fn evaluate(
     rows: usize,
     window: usize,
 ) -> Result<f64> {
+    evaluate_ranked(model, data, seed, batches, rows, window, None)
+}
+
+/// [`evaluate`] on one rank of many: every rank evaluates every batch (its experts serve
+/// the others' tokens), so all ranks get the single-rank value.
+pub fn evaluate_ranked(
+    model: &Transformer,
+    data: &Dataset,
+    seed: u64,
+    batches: u64,
+    rows: usize,
+    window: usize,
+    ctx: Option<&RankContext>,
+) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let mut total = 0.0;
     for j in 0..batches.max(1) {
         let batch = data.batch(true, &[seed, EVAL_KEY, j], rows, window, model.store.device)?;
-        let (lm, _) = model.loss(&batch, false)?;
+        let (lm, _) = match ctx {
+            Some(ctx) => {
+                let mut hook = ExpertParallel::new(ctx, false, format!("eval batch {j}"));
+                model.loss_with(&batch, false, Some(&mut hook))?
+            }
+            None => model.loss(&batch, false)?,
+        };
         total += lm.f_double_value(&[])?;
     }
     Ok(total / batches.max(1) as f64)
+}
+
+/// Sums `values` (f64, on any device) over the data group.
+fn sum_over_data(ctx: &RankContext, values: &[f64], at: &str) -> Result<Vec<f64>> {
+    let mut t = Tensor::f_from_slice(values)?.f_to_device(ctx.device)?;
+    ctx.groups.data().all_reduce_sum(&mut t, at)?;
+    Ok(Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?)?)
+}
+
+/// Sums every MoE layer's accumulated telemetry over the data group.
+fn reduce_telemetry(ctx: &RankContext, acc: &mut [(usize, Accum)], at: &str) -> Result<()> {
+    for (layer, a) in acc.iter_mut() {
+        let e = a.counts.size()[0];
+        let packed = Tensor::f_cat(
+            &[
+                a.counts.f_to_kind(Kind::Float)?,
+                a.dropped.f_to_kind(Kind::Float)?.f_reshape([1])?,
+                a.entropy.f_to_kind(Kind::Float)?.f_reshape([1])?,
+                a.balance.f_to_kind(Kind::Float)?.f_reshape([1])?,
+            ],
+            0,
+        )?;
+        let mut packed = packed.f_to_device(ctx.device)?;
+        ctx.groups
+            .data()
+            .all_reduce_sum(&mut packed, &format!("{at}, layer {layer} telemetry"))?;
+        a.counts = packed.f_narrow(0, 0, e)?;
+        a.dropped = packed.f_select(0, e)?;
+        a.entropy = packed.f_select(0, e + 1)?;
+        a.balance = packed.f_select(0, e + 2)?;
+    }
+    Ok(())
 }
 
 fn read_metrics(path: &Path) -> Vec<StepMetrics> {
@@ -229,6 +308,16 @@ fn read_metrics(path: &Path) -> Vec<StepMetrics> {
 
 /// Trains the checked model. Returns the summary; errors are user-facing.
 pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
+    train_ranked(checked, opts, None)
+}
+
+/// Trains the checked model as one rank of many (`ctx`), or alone (`None`). Every rank of a
+/// run calls this with the same arguments; rank 0 writes the files.
+pub fn train_ranked(
+    checked: &Checked,
+    opts: &RunOptions,
+    ctx: Option<&RankContext>,
+) -> Result<RunSummary> {
     let Some(train) = &checked.train else {
         bail!(
             "`{}` has no `train` block: `fmoec run` needs one (data, batch, steps, optimizer)",
@@ -248,8 +337,14 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         );
     }
     let window = seq + 1;
-    let mb = micro_batch(checked, train)?;
+    let main = ctx.is_none_or(|c| c.rank() == 0);
+    let data_ranks = ctx.map_or(1, |c| c.data_size()) as u64;
+    let data_rank = ctx.map_or(0, |c| c.data_rank()) as u64;
+    let device = ctx.map_or(opts.device, |c| c.device);
+    let mb = micro_batch_for(checked, train, data_ranks)?;
+    // Micro-batches of the global batch; this rank runs `m = i·D + data_rank`.
     let n_micro = train.batch_sequences / mb;
+    let n_local = n_micro / data_ranks;
     let data = Dataset::load(&train.data, model_decl.vocab)?;
     data.check_window(window)?;
 
@@ -261,33 +356,55 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         );
     }
 
-    tch::manual_seed(mix_all(&[train.seed, 0xB01D]) as i64);
-    let mut model = Transformer::new(model_decl, opts.device, Kind::Float, compute)?;
+    let mut model = {
+        let _rng = lock_rng();
+        tch::manual_seed(mix_all(&[train.seed, 0xB01D]) as i64);
+        Transformer::new(model_decl, device, Kind::Float, compute)?
+    };
+    // The experts this rank holds per MoE layer (all of them alone).
+    let local: std::collections::BTreeMap<usize, Vec<usize>> = model_decl
+        .moe_layers()
+        .map(|(layer, m)| {
+            let ids = match ctx {
+                Some(c) => c.local_experts(layer).to_vec(),
+                None => (0..m.experts as usize).collect(),
+            };
+            (layer, ids)
+        })
+        .collect();
+    if ctx.is_some() {
+        distributed::shard_experts(&mut model, &local)?;
+    }
+    let kinds = distributed::param_kinds(&model);
     let mut adam = AdamW::new(&train.optimizer, &model.store)?;
     let mut start_step = 0;
     let mut tokens_seen = 0;
     if let Some(path) = &opts.resume {
-        let loaded = checkpoint::load(path, model_decl)?;
-        loaded.restore(&model.store, &mut adam)?;
-        start_step = loaded.manifest.step;
-        tokens_seen = loaded.manifest.tokens_seen;
-        if loaded.manifest.seed != train.seed {
+        let resumed = checkpoint::resume(path, model_decl, &model.store, &mut adam, &local)?;
+        start_step = resumed.step;
+        tokens_seen = resumed.tokens_seen;
+        if resumed.seed != train.seed {
             bail!(
                 "checkpoint `{}` was written with seed {}, the file says {}",
-                loaded.dir.display(),
-                loaded.manifest.seed,
+                resumed.dir.display(),
+                resumed.seed,
                 train.seed
             );
         }
     }
     model.set_compute(compute);
+    if main {
+        if let Some(c) = ctx {
+            for note in &c.plan.notes {
+                eprintln!("note: {note}");
+            }
+        }
+    }
 
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("cannot create `{}`", opts.out.display()))?;
     let metrics_path = opts.out.join("metrics.jsonl");
     // Keep the history before the resumed step (a crashed run may have logged past its last
     // checkpoint), drop the rest.
-    let kept: Vec<String> = if opts.resume.is_some() {
+    let kept: Vec<String> = if opts.resume.is_some() && main {
         read_metrics(&metrics_path)
             .into_iter()
             .filter(|m| m.step <= start_step)
@@ -296,16 +413,23 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
     } else {
         Vec::new()
     };
-    let mut metrics_file = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("cannot write `{}`", metrics_path.display()))?;
-    for line in &kept {
-        writeln!(metrics_file, "{line}")?;
-    }
+    let mut metrics_file: Box<dyn Write> = if main {
+        std::fs::create_dir_all(&opts.out)
+            .with_context(|| format!("cannot create `{}`", opts.out.display()))?;
+        let mut file = std::fs::File::create(&metrics_path)
+            .with_context(|| format!("cannot write `{}`", metrics_path.display()))?;
+        for line in &kept {
+            writeln!(file, "{line}")?;
+        }
+        Box::new(file)
+    } else {
+        Box::new(std::io::sink())
+    };
 
     install_interrupt_handler();
     INTERRUPTED.store(false, Ordering::SeqCst);
 
-    let bar = if opts.progress {
+    let bar = if opts.progress && main {
         indicatif::ProgressBar::new(total_steps)
     } else {
         indicatif::ProgressBar::hidden()
@@ -336,37 +460,80 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
     let mut step = start_step;
     while step < stop_at {
         let step_start = Instant::now();
-        tch::manual_seed(mix_all(&[train.seed, STEP_KEY, step]) as i64);
+        if ctx.is_none() {
+            let _rng = lock_rng();
+            tch::manual_seed(mix_all(&[train.seed, STEP_KEY, step]) as i64);
+        }
         model.store.zero_grad();
-        let mut lm_sum = Tensor::f_zeros([], (Kind::Float, opts.device))?;
-        let mut bal_sum = Tensor::f_zeros([], (Kind::Float, opts.device))?;
+        let mut lm_sum = Tensor::f_zeros([], (Kind::Float, device))?;
+        let mut bal_sum = Tensor::f_zeros([], (Kind::Float, device))?;
         let mut acc = Vec::new();
-        for m in 0..n_micro {
-            let batch = data.batch(
-                false,
-                &[train.seed, step, m],
-                mb as usize,
-                window,
-                opts.device,
-            )?;
-            let (lm, out) = model.loss(&batch, true)?;
-            let total = lm.f_add(&out.balance_loss)?.f_div_scalar(n_micro as f64)?;
-            total.f_backward()?;
+        for i in 0..n_local {
+            let m = i * data_ranks + data_rank;
+            let batch = data.batch(false, &[train.seed, step, m], mb as usize, window, device)?;
+            model.routing_key = Some(vec![train.seed, step, m]);
+            let (lm, out) = match ctx {
+                Some(c) => {
+                    let label = format!("step {}, micro-batch {m}", step + 1);
+                    let mut hook = ExpertParallel::new(c, true, label);
+                    let (lm, out) = model.loss_with(&batch, true, Some(&mut hook))?;
+                    let total = lm.f_add(&out.balance_loss)?.f_div_scalar(n_local as f64)?;
+                    hook.backward(&total)?;
+                    (lm, out)
+                }
+                None => {
+                    let (lm, out) = model.loss(&batch, true)?;
+                    let total = lm.f_add(&out.balance_loss)?.f_div_scalar(n_micro as f64)?;
+                    total.f_backward()?;
+                    (lm, out)
+                }
+            };
             lm_sum = lm_sum.f_add(&lm.f_detach()?)?;
             bal_sum = bal_sum.f_add(&out.balance_loss.f_detach()?)?;
             accumulate(&mut acc, out.telemetry)?;
         }
-        let norm = match train.clip_grad {
-            Some(c) => optim::clip_grad_norm(&mut model.store, c)?,
-            None => optim::global_grad_norm(&model.store)?,
+        model.routing_key = None;
+        let (grad_norm, loss, balance) = match ctx {
+            Some(c) => {
+                let at = format!("step {}", step + 1);
+                let norm = {
+                    let params: Vec<(ParamKind, &Tensor)> = kinds
+                        .iter()
+                        .zip(&model.store.params)
+                        .map(|(k, p)| (*k, &p.tensor))
+                        .collect();
+                    reduce_gradients(&c.groups, &params, &at)?;
+                    clip_global_norm(&c.groups, &params, train.clip_grad, &at)?
+                };
+                let sums = sum_over_data(
+                    c,
+                    &[lm_sum.f_double_value(&[])?, bal_sum.f_double_value(&[])?],
+                    &format!("{at}, loss"),
+                )?;
+                reduce_telemetry(c, &mut acc, &at)?;
+                (
+                    norm.total,
+                    sums[0] / n_micro as f64,
+                    sums[1] / n_micro as f64,
+                )
+            }
+            None => {
+                let norm = match train.clip_grad {
+                    Some(c) => optim::clip_grad_norm(&mut model.store, c)?,
+                    None => optim::global_grad_norm(&model.store)?,
+                };
+                (
+                    norm.f_double_value(&[])?,
+                    lm_sum.f_double_value(&[])? / n_micro as f64,
+                    bal_sum.f_double_value(&[])? / n_micro as f64,
+                )
+            }
         };
         let lr = optim::learning_rate(&train.schedule, lr_max, step, total_steps);
         adam.step(&mut model.store, lr)?;
         step += 1;
         tokens_seen += tokens_per_step;
 
-        let loss = lm_sum.f_double_value(&[])? / n_micro as f64;
-        let balance = bal_sum.f_double_value(&[])? / n_micro as f64;
         if !loss.is_finite() {
             bar.abandon();
             bail!(
@@ -375,13 +542,17 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         }
         losses.push(loss);
         let dt = step_start.elapsed().as_secs_f64();
-        let moe = reports(acc, n_micro as f64)?;
+        let moe = if main {
+            reports(acc, n_micro as f64)?
+        } else {
+            Vec::new()
+        };
         let mut rec = StepMetrics {
             step,
             loss,
             balance_loss: balance,
             lr,
-            grad_norm: norm.f_double_value(&[])?,
+            grad_norm,
             tokens: tokens_seen,
             tokens_per_s: tokens_per_step as f64 / dt.max(1e-9),
             elapsed_s: started.elapsed().as_secs_f64(),
@@ -391,7 +562,15 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         };
         if let Some(ev) = &train.eval {
             if ev.every > 0 && (step % ev.every == 0 || step == total_steps) {
-                let l = evaluate(&model, &data, train.seed, ev.batches, mb as usize, window)?;
+                let l = evaluate_ranked(
+                    &model,
+                    &data,
+                    train.seed,
+                    ev.batches,
+                    mb as usize,
+                    window,
+                    ctx,
+                )?;
                 rec.eval_loss = Some(l);
                 rec.eval_ppl = Some(l.exp());
                 last_eval = Some(l);
@@ -414,15 +593,22 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         ));
         if let Some(policy) = &train.checkpoint {
             if policy.every > 0 && step % policy.every == 0 && step < stop_at {
-                last_ckpt = Some(checkpoint::save(
+                last_ckpt = Some(save_checkpoint(
                     &opts.checkpoints,
                     &save_info(step, tokens_seen),
                     &model.store,
                     &adam,
+                    ctx,
                 )?);
             }
         }
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        let mut stop = INTERRUPTED.load(Ordering::SeqCst);
+        if let Some(c) = ctx {
+            // Every rank stops at the same step, whichever of them saw Ctrl-C.
+            let flag = sum_over_data(c, &[f64::from(u8::from(stop))], "interrupt flag")?;
+            stop = flag[0] > 0.0;
+        }
+        if stop {
             interrupted = true;
             break;
         }
@@ -430,17 +616,24 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
     metrics_file.flush()?;
     if step > start_step || opts.resume.is_none() {
         let dir = opts.checkpoints.join(checkpoint::step_dir_name(step));
-        if !dir.exists() {
-            last_ckpt = Some(checkpoint::save(
+        // Every rank must take the same branch: rank 0's view of the folder decides.
+        let mut exists = dir.exists();
+        if let Some(c) = ctx {
+            let seen = f64::from(u8::from(exists && c.rank() == 0));
+            exists = sum_over_data(c, &[seen], "final checkpoint")?[0] > 0.0;
+        }
+        if !exists {
+            last_ckpt = Some(save_checkpoint(
                 &opts.checkpoints,
                 &save_info(step, tokens_seen),
                 &model.store,
                 &adam,
+                ctx,
             )?);
         }
     }
     bar.finish_and_clear();
-    if interrupted {
+    if interrupted && main {
         eprintln!(
             "interrupted: saved step {step} to `{}`; continue with --resume",
             last_ckpt
@@ -451,20 +644,44 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let done = step - start_step;
-    let history = read_metrics(&metrics_path);
     let plot_path = opts.out.join("plot.png");
-    let plot = match plot::draw(&history, &plot_path) {
-        Ok(()) => Some(plot_path),
-        Err(e) => {
-            eprintln!("warning: could not draw `{}`: {e:#}", plot_path.display());
-            None
+    let plot = if main {
+        let history = read_metrics(&metrics_path);
+        match plot::draw(&history, &plot_path) {
+            Ok(()) => Some(plot_path),
+            Err(e) => {
+                eprintln!("warning: could not draw `{}`: {e:#}", plot_path.display());
+                None
+            }
         }
+    } else {
+        None
+    };
+    let (parameters, device_name) = match ctx {
+        Some(c) => {
+            // Experts counted once over the expert group, the rest once.
+            let mut expert = 0i64;
+            let mut rest = 0i64;
+            for (k, p) in kinds.iter().zip(&model.store.params) {
+                match k {
+                    ParamKind::Expert => expert += p.tensor.numel() as i64,
+                    _ => rest += p.tensor.numel() as i64,
+                }
+            }
+            let mut t = Tensor::f_from_slice(&[expert])?.f_to_device(c.device)?;
+            c.groups
+                .expert()
+                .all_reduce_sum(&mut t, "parameter count")?;
+            let expert = t.f_int64_value(&[0])?;
+            (rest + expert, format!("{:?} x {} ranks", device, c.world()))
+        }
+        None => (model.store.numel(), format!("{device:?}")),
     };
     let summary = RunSummary {
         model: model_decl.name.clone(),
-        parameters: model.store.numel(),
+        parameters,
         data: data.description.clone(),
-        device: format!("{:?}", opts.device),
+        device: device_name,
         precision: precision_name(train.precision).to_string(),
         start_step,
         steps_done: done,
@@ -483,14 +700,29 @@ pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
         plot,
         losses,
     };
-    std::fs::write(
-        opts.out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
-    if opts.print_summary {
-        print_summary(&summary);
+    if main {
+        std::fs::write(
+            opts.out.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?,
+        )?;
+        if opts.print_summary {
+            print_summary(&summary);
+        }
     }
     Ok(summary)
+}
+
+fn save_checkpoint(
+    root: &Path,
+    info: &SaveInfo<'_>,
+    store: &crate::runtime::params::ParamStore,
+    adam: &AdamW,
+    ctx: Option<&RankContext>,
+) -> Result<PathBuf> {
+    match ctx {
+        Some(c) => checkpoint::save_sharded(root, info, store, adam, c),
+        None => checkpoint::save(root, info, store, adam),
+    }
 }
 
 fn print_summary(s: &RunSummary) {
@@ -545,13 +777,17 @@ pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
             model_decl.vocab
         );
     }
-    let loaded = checkpoint::load(&opts.checkpoint, model_decl)?;
+    let source = checkpoint::Source::open(&opts.checkpoint, model_decl)?;
     let compute = match &checked.train {
         Some(t) => compute_kind(t.precision)?,
         None => Kind::Float,
     };
     let model = Transformer::new(model_decl, opts.device, Kind::Float, compute)?;
-    loaded.restore_params(&model.store)?;
+    let all = model_decl
+        .moe_layers()
+        .map(|(layer, m)| (layer, (0..m.experts as usize).collect()))
+        .collect();
+    source.restore(&model.store, None, &all)?;
     tch::manual_seed(mix_all(&[opts.seed, 0x5A3]) as i64);
     let _guard = tch::no_grad_guard();
     let mut ids: Vec<i64> = opts.prompt.bytes().map(i64::from).collect();

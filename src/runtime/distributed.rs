@@ -1,0 +1,540 @@
+//! Multi-rank training: the world a run is split over (from the planner's groups and
+//! expert placement), one rank's context, its share of the experts, and the
+//! expert-parallel MoE feed-forward that the trainer hooks into the model.
+//!
+//! Owns: [`WorldPlan`] (a [`GroupLayout`] plus one [`ExpertPlacement`] per MoE layer, made
+//! from [`crate::plan::ParallelPlan`] with tensor = pipeline = 1), [`RankContext`] (a rank's
+//! [`Groups`] and that plan), [`shard_experts`] (keep only a rank's experts, initialised
+//! exactly as the single-rank model's), [`param_kinds`] (how each parameter's gradient is
+//! shared), [`ExpertParallel`] (the MoE layer across the expert group with autograd cut at
+//! the exchange, recorded on a [`Tape`]) and [`run_in_process`] (N ranks on threads, the
+//! `local` backend). It must not know about the command line, files or NCCL setup: the
+//! trainer ([`super::train`]) decides what runs on which rank; the collective layer moves
+//! the tensors.
+//!
+//! # Forward and backward of one MoE block on a rank
+//! ```text
+//! x (residual after attention) ──cut A──▶ xl ──norm──▶ h ──cut A'──▶ hl ──gate (seeded per
+//! micro-batch and layer)──▶ routing ──sort by slot──▶ tokens ──exchange_experts──▶ ys
+//! out = xl + Σ_slots cut_B(weight) · ys (+ shared(hl)); balance = cut_B(balance loss)
+//! ```
+//! The backward replays B (reverse all-to-alls, one pass through gate and dispatch), then
+//! A' (norm), then A (attention and everything up to the previous MoE block).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tch::{Kind, Tensor};
+
+use crate::check::{Checked, ExpertGroup};
+use crate::collective::local::{local_world, run_ranks};
+use crate::collective::{
+    exchange_experts, CollectiveError, ErrorKind, ExpertPlacement, GroupLayout, Groups, ParamKind,
+    Tape,
+};
+use crate::diag::Diagnostic;
+use crate::plan::{self, MemoryModel, Overrides, ParallelPlan};
+use crate::runtime::model::{seed_routing, FfnModule, MoeHook, NormLayer, Transformer};
+use crate::runtime::moe::{DispatchPlan, Experts, MoeLayer, Telemetry};
+use crate::runtime::train::{RunOptions, RunSummary};
+
+/// The split of one run over its ranks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorldPlan {
+    pub layout: GroupLayout,
+    /// Per MoE layer (block index): which experts each position of an expert group holds.
+    pub placements: BTreeMap<usize, ExpertPlacement>,
+    /// What the runtime changed in the file's `parallel` block (said once by rank 0).
+    pub notes: Vec<String>,
+}
+
+/// The runtime's overrides of the file's `parallel` block for a world of `world` ranks: the
+/// world size (like `fmoec plan --world`), tensor = pipeline = 1 (the built-in runtime has
+/// data and expert parallelism only), an optional expert group, and the runtime's own memory
+/// model (`fmoec plan --memory-model fmoec`).
+pub fn overrides(world: u64, expert_group: Option<ExpertGroup>) -> Overrides {
+    Overrides {
+        world: Some(world),
+        tensor: Some(1),
+        pipeline: Some(1),
+        expert_group,
+        micro_batch: None,
+        memory_model: Some(MemoryModel::Fmoec),
+    }
+}
+
+/// Plans `checked` on `world` ranks with [`overrides`]; the planner's diagnostics on failure.
+pub fn plan_world(
+    checked: &Checked,
+    world: u64,
+    expert_group: Option<ExpertGroup>,
+) -> Result<WorldPlan, Vec<Diagnostic>> {
+    let plan = plan::build_with(checked, &overrides(world, expert_group))?;
+    let mut world_plan = WorldPlan::from_plan(&plan).map_err(|e| {
+        vec![Diagnostic::error(
+            "P0900",
+            checked.parallel.spans.gpus,
+            format!("the runtime cannot use this plan: {e:#}"),
+        )]
+    })?;
+    let p = &checked.parallel;
+    if p.declared && (p.tensor > 1 || p.pipeline > 1) {
+        world_plan.notes.push(format!(
+            "the built-in runtime has no tensor or pipeline parallelism: running tensor = 1, pipeline = 1 (the file says {} and {}), data = {}",
+            p.tensor, p.pipeline, plan.data
+        ));
+    }
+    if p.declared && p.gpus != world {
+        world_plan.notes.push(format!(
+            "running on {world} rank(s) instead of the file's gpus = {}",
+            p.gpus
+        ));
+    }
+    Ok(world_plan)
+}
+
+/// Renders planner diagnostics as one error (for callers without the source text).
+pub fn diagnostics_error(diags: &[Diagnostic]) -> anyhow::Error {
+    let lines: Vec<String> = diags
+        .iter()
+        .map(|d| {
+            let mut line = format!("[{}] {}", d.code, d.message);
+            if let Some(help) = &d.help {
+                line.push_str(&format!(" (help: {help})"));
+            }
+            line
+        })
+        .collect();
+    anyhow::anyhow!("no plan for this world: {}", lines.join("; "))
+}
+
+fn ranks_of(lists: &[Vec<u64>]) -> Vec<Vec<usize>> {
+    lists
+        .iter()
+        .map(|g| g.iter().map(|&r| r as usize).collect())
+        .collect()
+}
+
+impl WorldPlan {
+    /// The groups and expert placement of a plan with tensor = pipeline = 1.
+    pub fn from_plan(plan: &ParallelPlan) -> Result<WorldPlan> {
+        if plan.tensor != 1 || plan.pipeline != 1 {
+            bail!(
+                "the plan has tensor = {} and pipeline = {}; the built-in runtime runs tensor = pipeline = 1",
+                plan.tensor,
+                plan.pipeline
+            );
+        }
+        let layout = GroupLayout {
+            world: plan.world as usize,
+            data: ranks_of(&plan.groups.data),
+            expert: ranks_of(&plan.groups.expert),
+            expert_data: ranks_of(&plan.groups.expert_data),
+            gate: ranks_of(&plan.groups.gate),
+        };
+        layout.validate()?;
+        let first = layout
+            .members(crate::collective::GroupKind::Expert, 0)
+            .unwrap_or_default()
+            .to_vec();
+        let mut placements = BTreeMap::new();
+        for layer in &plan.moe_layers {
+            let held = |rank: usize| -> Vec<usize> {
+                plan.ranks
+                    .get(rank)
+                    .and_then(|r| r.experts.iter().find(|h| h.layer == layer.layer))
+                    .map(|h| h.ids.iter().map(|&e| e as usize).collect())
+                    .unwrap_or_default()
+            };
+            let positions: Vec<Vec<usize>> = first.iter().map(|&r| held(r)).collect();
+            // Every expert group must hold the experts the same way (position p of each
+            // group holds what position p of the first holds).
+            for group in &layout.expert {
+                for (p, &r) in group.iter().enumerate() {
+                    if held(r) != positions[p] {
+                        bail!(
+                            "layer {}: rank {r} holds experts {:?}, but position {p} of the first expert group holds {:?}",
+                            layer.layer,
+                            held(r),
+                            positions[p]
+                        );
+                    }
+                }
+            }
+            let placement = ExpertPlacement::new(positions)
+                .map_err(|e| anyhow::anyhow!("layer {}: {e}", layer.layer))?;
+            if placement.experts() != layer.experts as usize {
+                bail!(
+                    "layer {}: the placement holds {} experts, the layer has {}",
+                    layer.layer,
+                    placement.experts(),
+                    layer.experts
+                );
+            }
+            placements.insert(layer.layer, placement);
+        }
+        Ok(WorldPlan {
+            layout,
+            placements,
+            notes: Vec::new(),
+        })
+    }
+
+    /// Data parallelism with expert groups of `expert_group` consecutive ranks and FastMoE's
+    /// contiguous placement, without the planner (tests, or placements of one's own).
+    pub fn data_parallel(
+        checked: &Checked,
+        world: usize,
+        expert_group: usize,
+    ) -> Result<WorldPlan> {
+        let layout = GroupLayout::data_parallel(world, expert_group)?;
+        let mut placements = BTreeMap::new();
+        for (layer, moe) in checked.model.moe_layers() {
+            placements.insert(
+                layer,
+                ExpertPlacement::contiguous(moe.experts as usize, expert_group)
+                    .map_err(|e| anyhow::anyhow!("layer {layer}: {e}"))?,
+            );
+        }
+        Ok(WorldPlan {
+            layout,
+            placements,
+            notes: Vec::new(),
+        })
+    }
+}
+
+/// One rank's handles and the plan it runs.
+pub struct RankContext {
+    pub groups: Groups,
+    pub plan: WorldPlan,
+    /// Where this rank's tensors live (its GPU, or the CPU for in-process ranks).
+    pub device: tch::Device,
+    /// Bound on every collective's wait.
+    pub timeout: Duration,
+}
+
+impl RankContext {
+    pub fn rank(&self) -> usize {
+        self.groups.rank()
+    }
+
+    pub fn world(&self) -> usize {
+        self.groups.world()
+    }
+
+    /// Ranks that split the batch (the whole world with tensor = pipeline = 1).
+    pub fn data_size(&self) -> usize {
+        self.groups.data().size()
+    }
+
+    pub fn data_rank(&self) -> usize {
+        self.groups.data().rank()
+    }
+
+    pub fn expert_group_size(&self) -> usize {
+        self.groups.expert().size()
+    }
+
+    /// The global experts this rank holds in MoE layer `layer`, in local order.
+    pub fn local_experts(&self, layer: usize) -> &[usize] {
+        self.plan
+            .placements
+            .get(&layer)
+            .map(|p| p.local_experts(self.groups.expert().rank()))
+            .unwrap_or_default()
+    }
+}
+
+/// Replaces every MoE layer's stacked experts by this rank's rows (its local experts in
+/// local order), in the module and in the parameter store. Build the full model first, with
+/// the generator seeded as the single-rank run does, so every expert starts with the same
+/// values wherever it lives.
+pub fn shard_experts(model: &mut Transformer, local: &BTreeMap<usize, Vec<usize>>) -> Result<()> {
+    let device = model.store.device;
+    for block in &mut model.blocks {
+        let FfnModule::Moe(layer) = &mut block.ffn else {
+            continue;
+        };
+        let ids: Vec<i64> = local
+            .get(&block.index)
+            .with_context(|| format!("no placement for MoE layer {}", block.index))?
+            .iter()
+            .map(|&e| e as i64)
+            .collect();
+        let index = Tensor::f_from_slice(&ids)?.f_to_device(device)?;
+        let prefix = format!("layers.{}.ffn.experts", block.index);
+        let experts = &mut layer.experts;
+        let slots: [(&str, &mut Tensor); 2] = [("w1", &mut experts.w1), ("w2", &mut experts.w2)];
+        let mut pairs: Vec<(String, &mut Tensor)> = slots
+            .into_iter()
+            .map(|(n, t)| (format!("{prefix}.{n}"), t))
+            .collect();
+        for (name, t) in [
+            ("w3", experts.w3.as_mut()),
+            ("b1", experts.b1.as_mut()),
+            ("b2", experts.b2.as_mut()),
+        ] {
+            if let Some(t) = t {
+                pairs.push((format!("{prefix}.{name}"), t));
+            }
+        }
+        for (name, tensor) in pairs {
+            let sliced = tch::no_grad(|| tensor.f_index_select(0, &index))?
+                .f_detach()?
+                .f_set_requires_grad(true)?;
+            *tensor = sliced.shallow_clone();
+            let param = model
+                .store
+                .params
+                .iter_mut()
+                .find(|p| p.name == name)
+                .with_context(|| format!("internal error: no parameter `{name}`"))?;
+            param.tensor = sliced;
+        }
+        experts.experts = ids.len() as i64;
+    }
+    Ok(())
+}
+
+/// How each parameter of the store (in order) is shared between ranks: routed experts,
+/// gates, everything else replicated (shared experts included).
+pub fn param_kinds(model: &Transformer) -> Vec<ParamKind> {
+    model
+        .store
+        .params
+        .iter()
+        .map(|p| param_kind(&p.name))
+        .collect()
+}
+
+/// The kind of the parameter named `name` (`layers.3.ffn.experts.w1` is an expert tensor).
+pub fn param_kind(name: &str) -> ParamKind {
+    if name.contains(".ffn.experts.") {
+        ParamKind::Expert
+    } else if name.contains(".ffn.gate.") {
+        ParamKind::Gate
+    } else {
+        ParamKind::Replicated
+    }
+}
+
+fn tch_error(e: anyhow::Error) -> tch::TchError {
+    tch::TchError::Torch(format!("{e:#}"))
+}
+
+/// Runs `experts` (a rank's local experts) on `received`, grouped by local expert with
+/// `local_counts[j]` rows for local expert `j`.
+fn run_local_experts(
+    experts: &Experts,
+    received: &Tensor,
+    local_counts: &[i64],
+) -> Result<Tensor, tch::TchError> {
+    let (rows, width) = received.size2()?;
+    if rows == 0 || local_counts.is_empty() {
+        return Tensor::f_zeros([rows, width], (received.kind(), received.device()));
+    }
+    let device = received.device();
+    let counts = Tensor::f_from_slice(local_counts)?.f_to_device(device)?;
+    let plan = DispatchPlan::grouped(&counts, rows).map_err(tch_error)?;
+    experts.forward(received, &plan).map_err(tch_error)
+}
+
+/// The expert-parallel MoE feed-forward of one forward pass: the hook the trainer gives
+/// [`Transformer::forward_with`]. Training passes keep a [`Tape`]; run
+/// [`ExpertParallel::backward`] once on the pass's loss.
+pub struct ExpertParallel<'a> {
+    ctx: &'a RankContext,
+    tape: Option<Tape>,
+    at: String,
+}
+
+impl<'a> ExpertParallel<'a> {
+    /// `train`: record the cuts for a backward. `at` labels the collectives
+    /// (`"step 12, micro-batch 3"`).
+    pub fn new(ctx: &'a RankContext, train: bool, at: String) -> ExpertParallel<'a> {
+        ExpertParallel {
+            ctx,
+            tape: train.then(Tape::new),
+            at,
+        }
+    }
+
+    /// Backpropagates `loss` through every segment and exchange of the pass.
+    pub fn backward(self, loss: &Tensor) -> Result<()> {
+        let at = format!("{} backward", self.at);
+        match self.tape {
+            Some(tape) => tape.backward(loss, self.ctx.groups.expert(), &at)?,
+            None => bail!("internal error: backward of a pass run without a tape"),
+        }
+        Ok(())
+    }
+
+    fn cut(&mut self, t: &Tensor, new_step: bool) -> Result<Tensor> {
+        match &mut self.tape {
+            Some(tape) => {
+                if new_step {
+                    tape.step();
+                }
+                Ok(tape.cut(t)?)
+            }
+            None => Ok(t.shallow_clone()),
+        }
+    }
+}
+
+impl MoeHook for ExpertParallel<'_> {
+    fn moe(
+        &mut self,
+        index: usize,
+        layer: &MoeLayer,
+        norm: &NormLayer,
+        x: &Tensor,
+        train: bool,
+        routing_key: Option<&[u64]>,
+    ) -> Result<(Tensor, Tensor, Telemetry)> {
+        let ctx = self.ctx;
+        let placement = ctx
+            .plan
+            .placements
+            .get(&index)
+            .with_context(|| format!("no expert placement for MoE layer {index}"))?;
+        let (b, t, d) = x.size3()?;
+        let tokens = b * t;
+        let xl = self.cut(&x.f_reshape([tokens, d])?, true)?;
+        let h = norm.forward(&xl)?;
+        let hl = self.cut(&h, true)?;
+        let routing = {
+            let _rng = match (train, routing_key) {
+                (true, Some(key)) => Some(seed_routing(key, index)),
+                _ => None,
+            };
+            layer.gate.route(&hl, train)?
+        };
+        let e = layer.gate.experts;
+        let k = routing.expert.size()[1];
+        let device = hl.device();
+        // Slots in the placement's order; dropped slots (-1) sort past the last one.
+        let slot_table = Tensor::f_from_slice(&placement.slot_of_expert())?.f_to_device(device)?;
+        let flat = routing.expert.f_reshape([-1])?;
+        let valid = flat.f_ge(0)?;
+        let slot = slot_table
+            .f_index_select(0, &flat.f_clamp_min(0)?)?
+            .f_where_scalarother(&valid, e)?;
+        let order = slot.f_argsort_stable(true, 0, false)?;
+        let per_slot = slot.f_bincount(None::<Tensor>, e + 1)?.f_narrow(0, 0, e)?;
+        let counts = Vec::<i64>::try_from(&per_slot.f_to_device(tch::Device::Cpu)?)?;
+        let kept: i64 = counts.iter().sum();
+        let sent = order.f_narrow(0, 0, kept)?;
+        let token = sent.f_div_scalar_mode(k, "floor")?;
+        let send = hl.f_index_select(0, &token)?;
+
+        if let Some(tape) = &mut self.tape {
+            tape.step();
+        }
+        let weight = self.cut(&routing.weight, false)?;
+        let balance = self.cut(&routing.balance_loss, false)?;
+        let at = format!("{}, layer {index}", self.at);
+        let experts = &layer.experts;
+        let (ys, exchange) = exchange_experts(
+            ctx.groups.expert(),
+            placement,
+            &send,
+            &counts,
+            &at,
+            |received, local_counts| run_local_experts(experts, received, local_counts),
+        )?;
+        if let Some(tape) = &mut self.tape {
+            tape.record(exchange);
+        }
+        let w = weight
+            .f_reshape([-1])?
+            .f_index_select(0, &sent)?
+            .f_to_kind(ys.kind())?;
+        let weighted = ys.f_mul(&w.f_unsqueeze(1)?)?;
+        let mut out =
+            Tensor::f_zeros([tokens, d], (ys.kind(), device))?.f_index_add(0, &token, &weighted)?;
+        if let Some(shared) = &layer.shared {
+            out = out.f_add(&shared.forward(&hl)?)?;
+        }
+        let y = xl.f_add(&out)?.f_reshape([b, t, d])?;
+        let telemetry = tch::no_grad(|| -> Result<Telemetry> {
+            let per_expert = per_slot.f_index_select(0, &slot_table)?;
+            let slots = (tokens * k) as f64;
+            let kept_t = per_slot.f_sum(Kind::Float)?;
+            let p = &routing.probs;
+            let entropy = p
+                .f_mul(&p.f_clamp_min(1e-30)?.f_log()?)?
+                .f_sum_dim_intlist(1, false, Kind::Float)?
+                .f_neg()?
+                .f_mean(Kind::Float)?;
+            Ok(Telemetry {
+                tokens_per_expert: per_expert.f_to_kind(Kind::Float)?,
+                dropped_fraction: kept_t.f_div_scalar(-slots)?.f_add_scalar(1.0)?,
+                gate_entropy: entropy,
+                balance_loss: routing.balance_loss.f_detach()?.f_to_kind(Kind::Float)?,
+            })
+        })?;
+        Ok((y, balance, telemetry))
+    }
+}
+
+/// The first error of a multi-rank run worth showing: a rank's own failure rather than
+/// the "peer gone" its failure caused in the others.
+pub fn first_error(errors: Vec<(usize, anyhow::Error)>) -> Option<anyhow::Error> {
+    let is_echo = |e: &anyhow::Error| {
+        e.chain().any(|c| {
+            c.downcast_ref::<CollectiveError>()
+                .is_some_and(|ce| matches!(ce.kind.as_ref(), ErrorKind::PeerGone { .. }))
+        })
+    };
+    let position = errors
+        .iter()
+        .position(|(_, e)| !is_echo(e))
+        .unwrap_or_default();
+    errors
+        .into_iter()
+        .nth(position)
+        .map(|(rank, e)| e.context(format!("rank {rank} failed")))
+}
+
+/// Trains on `plan.layout.world` in-process ranks (threads, the `local` backend, CPU).
+/// Returns every rank's summary (rank 0's wrote the files); the first real error otherwise.
+pub fn run_in_process(
+    checked: &Checked,
+    opts: &RunOptions,
+    plan: &WorldPlan,
+    timeout: Duration,
+) -> Result<Vec<RunSummary>> {
+    if !matches!(opts.device, tch::Device::Cpu) {
+        bail!("in-process ranks (--ranks N) run on the CPU; for GPUs use --gpus N");
+    }
+    let world = local_world(&plan.layout, timeout)?;
+    let results = run_ranks(world, |groups| {
+        let rank = groups.rank();
+        let ctx = RankContext {
+            groups,
+            plan: plan.clone(),
+            device: tch::Device::Cpu,
+            timeout,
+        };
+        (
+            rank,
+            crate::runtime::train::train_ranked(checked, opts, Some(&ctx)),
+        )
+    });
+    let mut summaries = Vec::new();
+    let mut errors = Vec::new();
+    for (rank, result) in results.into_iter().enumerate() {
+        match result {
+            Ok((_, Ok(summary))) => summaries.push(summary),
+            Ok((r, Err(e))) => errors.push((r, e)),
+            Err(_) => errors.push((rank, anyhow::anyhow!("the rank's thread panicked"))),
+        }
+    }
+    match first_error(errors) {
+        Some(e) => Err(e),
+        None => Ok(summaries),
+    }
+}
