@@ -5,7 +5,7 @@
 # facts; `check`: the fused kernels against their CPU reference (`fmoec bench moe
 # --check-kernels`); `bench`: `fmoec bench moe` (BENCH_ARGS, default `--stages`, e.g. `--shape S3`);
 # `tiny`: examples/tiny.fmoe in bf16; `e2e`: GPT-2-medium-MoE on one GPU in bf16 with the GPU's
-# peak memory sampled by nvidia-smi, beside the planner's estimate for the same one-GPU layout
+# peak memory sampled by nvidia-smi, beside the planner's estimate (`--memory-model fmoec`) for the same one-GPU layout
 # (E2E_UNFUSED=1 also runs it with the fused kernels off, FMOEC_FUSED=0).
 set -uo pipefail
 FMOEC="${FMOEC:-.dev/fmoec}"
@@ -58,8 +58,10 @@ src = open("examples/gpt2-medium-moe.fmoe").read()
 one = re.sub(r"parallel \{.*?\n\}", "parallel {\n    gpus = 1 of h100_sxm\n    tensor = 1\n    pipeline = 1\n    experts = across data\n    micro_batch = 8\n}", src, flags=re.S)
 open("/tmp/gpt2-medium-moe-1gpu.fmoe", "w").write(one)
 PY
-    "$FMOEC" plan /tmp/gpt2-medium-moe-1gpu.fmoe > "$OUT/e2e-plan.txt" 2>&1
-    "$FMOEC" plan /tmp/gpt2-medium-moe-1gpu.fmoe --format json > "$OUT/e2e-plan.json" 2>/dev/null
+    # the planner's memory for this run, as `fmoec run` keeps it (and Megatron's, for the record)
+    "$FMOEC" plan /tmp/gpt2-medium-moe-1gpu.fmoe --memory-model fmoec > "$OUT/e2e-plan.txt" 2>&1
+    "$FMOEC" plan /tmp/gpt2-medium-moe-1gpu.fmoe >> "$OUT/e2e-plan.txt" 2>&1
+    "$FMOEC" plan /tmp/gpt2-medium-moe-1gpu.fmoe --memory-model fmoec --format json > "$OUT/e2e-plan.json" 2>/dev/null
     with_peak_memory "$OUT/e2e.log" "$FMOEC" run /tmp/gpt2-medium-moe-1gpu.fmoe --device cuda --quiet \
         --stop-after "${E2E_STEPS:-8}" --out /tmp/run-e2e 2>&1 | tee "$OUT/e2e.log"
     cp /tmp/run-e2e/summary.json "$OUT/e2e-summary.json" 2>/dev/null
