@@ -342,6 +342,35 @@ fn sliced(steps: u64) -> Checked {
 }
 
 #[test]
+fn the_gpt2_medium_example_on_four_ranks_is_planned_tensor_two_by_data_two() {
+    let c = runtime_common::example("gpt2-medium-moe.fmoe");
+    let plan = plan_world(&c, 4, None).unwrap();
+    assert_eq!(plan.tensor, vec![vec![0, 1], vec![2, 3]]);
+    assert_eq!(plan.layout.data, vec![vec![0, 2], vec![1, 3]]);
+    assert_eq!(plan.layout.expert, vec![vec![0, 2], vec![1, 3]]);
+    assert!(plan.expert_slicing);
+    let layer1 = &plan.placements[&1];
+    assert_eq!(layer1.local_experts(0), (0..8).collect::<Vec<_>>());
+    assert_eq!(layer1.local_experts(1), (8..16).collect::<Vec<_>>());
+    assert!(
+        plan.notes.iter().any(|n| n.contains("gpus = 8")),
+        "{:?}",
+        plan.notes
+    );
+    let flat = plan_world_with(&c, 4, None, Some(1)).unwrap();
+    assert_eq!(flat.tensor_size(), 1);
+    assert!(!flat.expert_slicing);
+    assert_eq!(flat.layout.data, vec![vec![0, 1, 2, 3]]);
+    assert!(
+        flat.notes
+            .iter()
+            .any(|n| n.contains("running tensor = 1 (the file says 2)")),
+        "{:?}",
+        flat.notes
+    );
+}
+
+#[test]
 fn tensor_two_by_data_two_equals_the_single_rank_run() {
     let c = sliced(STEPS);
     let one = tempfile::tempdir().unwrap();
