@@ -7,13 +7,20 @@
 #            per-step loss / grad norm / routing compared with the 1-GPU run (metrics.jsonl)
 #   resume   the same run saved on 4 GPUs after 4 steps, resumed on 2 GPUs to step 8, compared
 #            with the uninterrupted 1-GPU run
-#   scale    examples/gpt2-medium-moe.fmoe in bf16 on 1, 2 and 4 GPUs (tensor = 1, experts across
-#            data), tokens/s of the steps after the first two, and the scaling ratios
-#            (SCALE_GPUS="1 2" on a 2-GPU machine; each run ends with a ~15 GB checkpoint, deleted)
+#   tp       tensor parallelism: examples/tiny.fmoe (fp32, micro_batch 4) on --gpus 4 --tensor 2
+#            (tensor 2 x data 2, experts across data), whole and sliced experts, compared with the
+#            1-GPU run like equiv; then the sliced run saved on tensor 2 x data 2 after 4 steps and
+#            resumed on --gpus 1 (tensor 1) to step 8, compared the same way
+#   scale    examples/gpt2-medium-moe.fmoe in bf16 on 1, 2 and 4 GPUs with --tensor 1 (experts
+#            across data), and on 4 GPUs also with the file's planned layout (tensor 2 x data 2,
+#            experts across data, sliced: `fmoec plan examples/gpt2-medium-moe.fmoe --world 4`);
+#            tokens/s of the steps after the first two, and the scaling ratios (SCALE_GPUS="1 2" on
+#            a 2-GPU machine, where the tensor-2 run uses 2 GPUs; each run ends with a ~15 GB
+#            checkpoint, deleted)
 set -uo pipefail
 FMOEC="${FMOEC:-.dev/fmoec}"
 OUT="${OUT:-out-multi}"
-STEPS="${STEPS:-equiv resume scale}"
+STEPS="${STEPS:-equiv resume tp scale}"
 SCALE_STEPS="${SCALE_STEPS:-8}"
 SCALE_GPUS="${SCALE_GPUS:-1 2 4}"
 mkdir -p "$OUT"
@@ -26,6 +33,9 @@ date -u | tee -a "$OUT/device.txt"
 # tiny.fmoe with micro-batches of 4 sequences (batch 16: 4 micro-batches, splittable over 1, 2, 4)
 sed 's/^train {/parallel {\n    gpus = 1\n    micro_batch = 4\n}\n\ntrain {/' examples/tiny.fmoe > /tmp/tiny-mb4.fmoe
 grep -q 'micro_batch = 4' /tmp/tiny-mb4.fmoe || { echo "could not write /tmp/tiny-mb4.fmoe"; exit 1; }
+# the same with expert slicing (each tensor rank holds half of every expert's hidden columns)
+sed 's/^    micro_batch = 4$/    micro_batch = 4\n    expert_slicing = true/' /tmp/tiny-mb4.fmoe > /tmp/tiny-mb4-sliced.fmoe
+grep -q 'expert_slicing = true' /tmp/tiny-mb4-sliced.fmoe || { echo "could not write /tmp/tiny-mb4-sliced.fmoe"; exit 1; }
 
 compare() { # compare.py REFERENCE OTHER... : per-step relative differences of loss and grad norm
 python3 - "$@" <<'PY'
@@ -73,30 +83,59 @@ resume)
         > "$OUT/resume-load2.log" 2>&1; echo "resume on 2: exit $?" | tee -a "$OUT/resume.txt"
     compare /tmp/multi-eq1 /tmp/multi-r4 | tee -a "$OUT/resume.txt"
     ;;
-scale)
-    for n in $SCALE_GPUS; do
-        rm -rf "/tmp/multi-s$n"
-        "$FMOEC" plan examples/gpt2-medium-moe.fmoe --world "$n" --tensor 1 --memory-model fmoec > "$OUT/scale-plan$n.txt" 2>&1
-        "$FMOEC" run examples/gpt2-medium-moe.fmoe --gpus "$n" --precision bf16 --quiet \
-            --stop-after "$SCALE_STEPS" --out "/tmp/multi-s$n" > "$OUT/scale-gpus$n.log" 2>&1
-        echo "scale --gpus $n: exit $?" | tee -a "$OUT/scale.txt"
-        cp "/tmp/multi-s$n/metrics.jsonl" "$OUT/scale-gpus$n.metrics.jsonl" 2>/dev/null
-        rm -rf "/tmp/multi-s$n/checkpoints"
+tp)
+    [ -f /tmp/multi-eq1/metrics.jsonl ] || { rm -rf /tmp/multi-eq1; "$FMOEC" run /tmp/tiny-mb4.fmoe \
+        --gpus 1 --quiet --stop-after 8 --out /tmp/multi-eq1 > "$OUT/tp-gpus1.log" 2>&1; }
+    for variant in whole sliced; do
+        file=/tmp/tiny-mb4.fmoe; [ "$variant" = sliced ] && file=/tmp/tiny-mb4-sliced.fmoe
+        rm -rf "/tmp/multi-tp-$variant"
+        "$FMOEC" plan "$file" --world 4 --tensor 2 --memory-model fmoec > "$OUT/tp-plan-$variant.txt" 2>&1
+        "$FMOEC" run "$file" --gpus 4 --tensor 2 --quiet --stop-after 8 --out "/tmp/multi-tp-$variant" \
+            > "$OUT/tp-$variant.log" 2>&1; echo "tp --gpus 4 --tensor 2 ($variant experts): exit $?" | tee -a "$OUT/tp.txt"
+        cp "/tmp/multi-tp-$variant/metrics.jsonl" "$OUT/tp-$variant.metrics.jsonl" 2>/dev/null
     done
-    python3 - "$OUT" <<'PY' | tee -a "$OUT/scale.txt"
+    # the sliced run's reference is the same model (expert_slicing only changes the layout)
+    compare /tmp/multi-eq1 /tmp/multi-tp-whole /tmp/multi-tp-sliced | tee -a "$OUT/tp.txt"
+    rm -rf /tmp/multi-tpr
+    "$FMOEC" run /tmp/tiny-mb4-sliced.fmoe --gpus 4 --tensor 2 --quiet --stop-after 4 --out /tmp/multi-tpr \
+        > "$OUT/tp-save.log" 2>&1; echo "save on tensor 2 x data 2: exit $?" | tee -a "$OUT/tp.txt"
+    cp /tmp/multi-tpr/checkpoints/step-00000004/manifest.json "$OUT/tp-manifest.json" 2>/dev/null
+    "$FMOEC" run /tmp/tiny-mb4-sliced.fmoe --gpus 1 --quiet --stop-after 8 --out /tmp/multi-tpr --resume \
+        > "$OUT/tp-load1.log" 2>&1; echo "resume on 1 GPU (tensor 1): exit $?" | tee -a "$OUT/tp.txt"
+    compare /tmp/multi-eq1 /tmp/multi-tpr | tee -a "$OUT/tp.txt"
+    ;;
+scale)
+    # runs: "GPUS TENSOR"; tensor 1 everywhere, and the planned tensor 2 on the largest world
+    runs=""; largest=1
+    for n in $SCALE_GPUS; do runs="$runs $n:1"; [ "$n" -gt "$largest" ] && largest=$n; done
+    [ "$largest" -ge 2 ] && runs="$runs $largest:2"
+    for run in $runs; do
+        n=${run%%:*}; t=${run##*:}; tag="gpus$n"; [ "$t" != 1 ] && tag="gpus$n-tensor$t"
+        rm -rf "/tmp/multi-s$tag"
+        "$FMOEC" plan examples/gpt2-medium-moe.fmoe --world "$n" --tensor "$t" --memory-model fmoec > "$OUT/scale-plan-$tag.txt" 2>&1
+        "$FMOEC" run examples/gpt2-medium-moe.fmoe --gpus "$n" --tensor "$t" --precision bf16 --quiet \
+            --stop-after "$SCALE_STEPS" --out "/tmp/multi-s$tag" > "$OUT/scale-$tag.log" 2>&1
+        echo "scale --gpus $n --tensor $t: exit $?" | tee -a "$OUT/scale.txt"
+        cp "/tmp/multi-s$tag/metrics.jsonl" "$OUT/scale-$tag.metrics.jsonl" 2>/dev/null
+        rm -rf "/tmp/multi-s$tag/checkpoints"
+    done
+    python3 - "$OUT" $runs <<'PY' | tee -a "$OUT/scale.txt"
 import json, statistics, sys, os
 out = sys.argv[1]
 base = None
-for n in (1, 2, 4):
-    p = f"{out}/scale-gpus{n}.metrics.jsonl"
+for run in sys.argv[2:]:
+    n, t = (int(x) for x in run.split(":"))
+    tag = f"gpus{n}" if t == 1 else f"gpus{n}-tensor{t}"
+    what = f"{n} GPU(s), tensor {t} x data {n // t}"
+    p = f"{out}/scale-{tag}.metrics.jsonl"
     if not os.path.exists(p):
-        print(f"{n} GPU(s): no metrics"); continue
+        print(f"{what}: no metrics"); continue
     m = [json.loads(l) for l in open(p)]
     tps = [x["tokens_per_s"] for x in m[2:]] or [x["tokens_per_s"] for x in m]
     med = statistics.median(tps)
     base = base or (med if n == 1 else None)
     ratio = f", {med / base:.2f}x of 1 GPU" if base else ""
-    print(f"{n} GPU(s): median {med:,.0f} tokens/s over {len(tps)} steps{ratio}; losses "
+    print(f"{what}: median {med:,.0f} tokens/s over {len(tps)} steps{ratio}; losses "
           + " ".join(f"{x['loss']:.3f}" for x in m))
 PY
     ;;

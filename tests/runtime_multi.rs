@@ -1,6 +1,7 @@
 //! `fmoec run` on several in-process ranks (threads, the `local` collective backend, CPU)
-//! equals the single-rank run of the same global batch, and sharded checkpoints move between
-//! worlds.
+//! equals the single-rank run of the same global batch, also with tensor parallelism (tensor
+//! 2 x data 2, experts across data and sliced), and sharded checkpoints move between worlds
+//! and tensor sizes.
 //!
 //! Model: the tiny two-block GPT of `runtime_common` (one dense block, one MoE block of 4
 //! GShard experts with capacity, random routing and a balance loss), batch 16 x 64 tokens in
@@ -10,7 +11,8 @@
 //! accumulated in f64 instead of f32): per-step loss, balance loss and gradient norm within
 //! 1e-5 relative, final parameters within 1e-5 absolute, routing (tokens per expert) exactly
 //! equal. Measured on 2026-11-28 (this machine): at most 1.3e-7 relative on loss and norm and
-//! 7.3e-8 absolute on parameters after 4 steps.
+//! 7.3e-8 absolute on parameters after 4 steps; tensor 2 x data 2: 1.3e-7 relative on loss,
+//! 8.1e-8 on the norm, 3.4e-7 absolute on parameters.
 #![cfg(feature = "runtime")]
 
 mod runtime_common;
@@ -22,7 +24,7 @@ use std::time::Duration;
 use fmoec::check::{Checked, DataSource, ExpertGroup, GateKind};
 use fmoec::collective::{ExpertPlacement, GroupLayout};
 use fmoec::runtime::checkpoint::Source;
-use fmoec::runtime::distributed::{plan_world, run_in_process, WorldPlan};
+use fmoec::runtime::distributed::{plan_world, plan_world_with, run_in_process, WorldPlan};
 use fmoec::runtime::model::Transformer;
 use fmoec::runtime::train::{self, RunOptions, RunSummary, StepMetrics};
 use tch::{Device, Kind};
@@ -321,6 +323,123 @@ fn a_checkpoint_of_four_ranks_resumes_on_two_and_on_one() {
     assert!(format!("{err:#}").contains("rank-00001"), "{err:#}");
 }
 
+/// The planned layout of `examples/gpt2-medium-moe.fmoe` on four ranks, in small: tensor 2 x
+/// data 2 (Megatron-LM's grid), experts across the data ranks of each tensor rank and sliced
+/// over the tensor ranks.
+fn tensor_two_data_two(c: &Checked) -> WorldPlan {
+    let plan = plan_world_with(c, 4, None, Some(2)).unwrap();
+    assert_eq!(plan.tensor, vec![vec![0, 1], vec![2, 3]]);
+    assert_eq!(plan.layout.data, vec![vec![0, 2], vec![1, 3]]);
+    assert_eq!(plan.layout.expert, vec![vec![0, 2], vec![1, 3]]);
+    assert!(plan.expert_slicing);
+    plan
+}
+
+fn sliced(steps: u64) -> Checked {
+    let mut c = checked(steps);
+    c.parallel.expert_slicing = true;
+    c
+}
+
+#[test]
+fn the_gpt2_medium_example_on_four_ranks_is_planned_tensor_two_by_data_two() {
+    let c = runtime_common::example("gpt2-medium-moe.fmoe");
+    let plan = plan_world(&c, 4, None).unwrap();
+    assert_eq!(plan.tensor, vec![vec![0, 1], vec![2, 3]]);
+    assert_eq!(plan.layout.data, vec![vec![0, 2], vec![1, 3]]);
+    assert_eq!(plan.layout.expert, vec![vec![0, 2], vec![1, 3]]);
+    assert!(plan.expert_slicing);
+    let layer1 = &plan.placements[&1];
+    assert_eq!(layer1.local_experts(0), (0..8).collect::<Vec<_>>());
+    assert_eq!(layer1.local_experts(1), (8..16).collect::<Vec<_>>());
+    assert!(
+        plan.notes.iter().any(|n| n.contains("gpus = 8")),
+        "{:?}",
+        plan.notes
+    );
+    let flat = plan_world_with(&c, 4, None, Some(1)).unwrap();
+    assert_eq!(flat.tensor_size(), 1);
+    assert!(!flat.expert_slicing);
+    assert_eq!(flat.layout.data, vec![vec![0, 1, 2, 3]]);
+    assert!(
+        flat.notes
+            .iter()
+            .any(|n| n.contains("running tensor = 1 (the file says 2)")),
+        "{:?}",
+        flat.notes
+    );
+}
+
+#[test]
+fn tensor_two_by_data_two_equals_the_single_rank_run() {
+    let c = sliced(STEPS);
+    let one = tempfile::tempdir().unwrap();
+    single(&c, one.path(), None, false);
+    let want = metrics(one.path());
+    assert!(
+        want.iter().all(|m| m.grad_norm > 0.05),
+        "the test must exercise clipping"
+    );
+    let plan = tensor_two_data_two(&c);
+    let dir = tempfile::tempdir().unwrap();
+    let summary = ranks(&c, &plan, dir.path(), None, false);
+    assert!(
+        summary.device.contains("tensor 2 x data 2"),
+        "{}",
+        summary.device
+    );
+    let single_params = Transformer::new(&c.model, Device::Cpu, Kind::Float, Kind::Float)
+        .unwrap()
+        .store
+        .numel();
+    assert_eq!(summary.parameters, single_params, "every parameter once");
+    assert_same_run("tensor 2 x data 2", &want, &metrics(dir.path()));
+    // The checkpoint holds whole tensors, written by tensor rank 0 of each data rank.
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("checkpoints/step-00000004/manifest.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let writers: Vec<u64> = manifest["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["rank"].as_u64().unwrap())
+        .collect();
+    assert_eq!(writers, vec![0, 2]);
+    assert_same_parameters(
+        "tensor 2 x data 2",
+        &parameters(&c, one.path()),
+        &parameters(&c, dir.path()),
+    );
+}
+
+#[test]
+fn checkpoints_move_between_tensor_sizes() {
+    let c = sliced(STEPS);
+    let full = tempfile::tempdir().unwrap();
+    single(&c, full.path(), None, false);
+    let want = metrics(full.path());
+    let want_params = parameters(&c, full.path());
+    let plan = tensor_two_data_two(&c);
+
+    // Saved under tensor 2, resumed alone (tensor 1).
+    let tp = tempfile::tempdir().unwrap();
+    ranks(&c, &plan, tp.path(), Some(2), false);
+    let resumed = single(&c, tp.path(), None, true);
+    assert_eq!(resumed.start_step, 2);
+    assert_same_run("tensor 2 -> 1", &want, &metrics(tp.path()));
+    assert_same_parameters("tensor 2 -> 1", &want_params, &parameters(&c, tp.path()));
+
+    // Saved alone, resumed under tensor 2 x data 2.
+    let alone = tempfile::tempdir().unwrap();
+    single(&c, alone.path(), Some(2), false);
+    let resumed = ranks(&c, &plan, alone.path(), None, true);
+    assert_eq!(resumed.start_step, 2);
+    assert_same_run("tensor 1 -> 2", &want, &metrics(alone.path()));
+    assert_same_parameters("tensor 1 -> 2", &want_params, &parameters(&c, alone.path()));
+}
+
 #[test]
 fn impossible_layouts_are_clear_errors() {
     let c = checked(1);
@@ -336,6 +455,8 @@ fn impossible_layouts_are_clear_errors() {
     // rank one sequence.
     let plan = WorldPlan {
         layout: GroupLayout::data_parallel(16, 1).unwrap(),
+        tensor: (0..16).map(|r| vec![r]).collect(),
+        expert_slicing: false,
         placements: WorldPlan::data_parallel(&c, 1, 1).unwrap().placements,
         notes: Vec::new(),
     };
@@ -397,6 +518,32 @@ fn the_command_line_runs_ranks_and_explains_what_it_cannot() {
     assert!(out
         .join("checkpoints/step-00000001/rank-00001/model.safetensors")
         .exists());
+
+    // Tensor 2 x data 2 from the command line.
+    let tp_out = dir.path().join("tp");
+    let tp = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--ranks"),
+        &o("4"),
+        &o("--tensor"),
+        &o("2"),
+        &o("--stop-after"),
+        &o("1"),
+        &o("--quiet"),
+        &o("--out"),
+        tp_out.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&tp.stderr);
+    assert!(tp.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("running tensor = 2 (the file says 1)"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&tp.stdout).contains("Cpu x 4 ranks (tensor 2 x data 2)"));
+    let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--tensor"), &o("2")]);
+    assert!(!alone.status.success());
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("--tensor needs several ranks"));
 
     // 8 experts cannot be split over 3 ranks: the planner's located error, exit 1.
     let bad = fmoec(&[&o("run"), file.as_os_str(), &o("--ranks"), &o("3")]);

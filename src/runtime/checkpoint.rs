@@ -9,6 +9,8 @@
 //! every MoE layer's placement, which rank holds which experts, and every shard's sizes and
 //! SHA-256. [`resume`] reads either format onto any placement: each rank reads the shards that
 //! hold its experts (and their AdamW moments), so a checkpoint saved on N ranks resumes on M.
+//! Tensors are always whole (a tensor-parallel run gathers its slices before saving and
+//! slices after loading), so a checkpoint also resumes under any tensor size.
 //!
 //! Writes are atomic: everything goes into a hidden temporary directory that is renamed into
 //! place, and the `latest` pointer is replaced by rename; an existing checkpoint is never
@@ -458,11 +460,10 @@ pub struct ShardedManifest {
     pub shards: Vec<Shard>,
 }
 
-/// Whether every rank of the world reports `ok` (a sum over the data group, which is the
-/// world with tensor = pipeline = 1).
+/// Whether every rank of the world reports `ok` (a sum over [`RankContext::world_group`]).
 fn all_ok(ctx: &RankContext, ok: bool, at: &str) -> Result<bool> {
     let mut t = Tensor::f_from_slice(&[f64::from(u8::from(!ok))])?.f_to_device(ctx.device)?;
-    ctx.groups.data().all_reduce_sum(&mut t, at)?;
+    ctx.world_group().all_reduce_sum(&mut t, at)?;
     Ok(t.f_double_value(&[0])? == 0.0)
 }
 
@@ -495,15 +496,25 @@ fn shard_of(ctx: &RankContext, rank: usize, layout: &crate::collective::GroupLay
     }
 }
 
-/// The ranks that write a shard: rank 0 and every rank at expert-data position 0.
-fn writers(layout: &crate::collective::GroupLayout) -> Vec<usize> {
+/// The ranks that write a shard: rank 0 and every rank at expert-data position 0, of those
+/// only tensor rank 0 (with tensor parallelism the trainer hands every rank whole tensors, so
+/// tensor rank 0 of a data rank holds what the whole tensor group holds).
+fn writers(plan: &crate::runtime::distributed::WorldPlan) -> Vec<usize> {
     use crate::collective::GroupKind;
+    let layout = &plan.layout;
+    let tensor_first = |r: usize| {
+        plan.tensor
+            .iter()
+            .find(|g| g.contains(&r))
+            .is_none_or(|g| g.first() == Some(&r))
+    };
     (0..layout.world)
         .filter(|&r| {
             r == 0
-                || layout
-                    .members(GroupKind::ExpertData, r)
-                    .is_some_and(|m| m.first() == Some(&r))
+                || (tensor_first(r)
+                    && layout
+                        .members(GroupKind::ExpertData, r)
+                        .is_some_and(|m| m.first() == Some(&r)))
         })
         .collect()
 }
@@ -555,7 +566,7 @@ pub fn save_sharded(
     }
 
     // 2. the writers write their shard and a small list of its files.
-    let writes = writers(layout).contains(&rank);
+    let writes = writers(&ctx.plan).contains(&rank);
     let written = (|| -> Result<()> {
         if !writes {
             return Ok(());
@@ -603,7 +614,7 @@ pub fn save_sharded(
     if rank == 0 {
         let finished = (|| -> Result<()> {
             let mut shards = Vec::new();
-            for r in writers(layout) {
+            for r in writers(&ctx.plan) {
                 let p = tmp.join(shard_dir_name(r)).join("shard.json");
                 let text = std::fs::read_to_string(&p)
                     .with_context(|| format!("cannot read `{}`", p.display()))?;

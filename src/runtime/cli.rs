@@ -70,6 +70,11 @@ pub struct RunArgs {
     /// experts), `replicated` (every rank holds every expert) or a size dividing the world.
     #[arg(long, value_name = "data|replicated|N", value_parser = parse_expert_group)]
     pub expert_group: Option<ExpertGroup>,
+    /// Override the file's tensor-parallel size (like `fmoec plan --tensor`): ranks that
+    /// split every layer's attention heads and MLP columns (and, with `expert_slicing`, the
+    /// experts' hidden columns); the world is tensor x data. Needs several ranks.
+    #[arg(long, value_name = "N")]
+    pub tensor: Option<u64>,
     /// Seconds a collective may wait for the other ranks before the run stops with an error.
     #[arg(long, value_name = "SECS", default_value_t = 600.0)]
     pub collective_timeout: f64,
@@ -221,21 +226,32 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         print_summary: true,
     };
     let plan_for = |world: u64| -> Result<WorldPlan, ExitCode> {
-        distributed::plan_world(checked, world, args.expert_group).map_err(|diags| {
+        distributed::plan_world_with(checked, world, args.expert_group, args.tensor).map_err(
+            |diags| {
             driver::report(&loaded.sources, &diags, args.diagnostics);
             if args.diagnostics == DiagFormat::Human {
+                let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
                 eprintln!(
-                    "error: `{}` cannot run on {world} ranks (the planner's errors above)",
-                    args.file.display()
+                    "error: `{}` cannot run on {world} ranks with tensor = {tensor} (the planner's errors above){}",
+                    args.file.display(),
+                    if tensor > 1 && args.tensor.is_none() {
+                        "; --tensor 1 runs without tensor parallelism"
+                    } else {
+                        ""
+                    }
                 );
             }
             ExitCode::from(1)
-        })
+        },
+        )
     };
     let summary = match mode {
         Mode::Single => {
             if args.expert_group.is_some() {
                 bail!("--expert-group needs several ranks (--gpus N or --ranks N)");
+            }
+            if args.tensor.is_some_and(|t| t != 1) {
+                bail!("--tensor needs several ranks (--gpus N or --ranks N)");
             }
             train::train(checked, &opts)?
         }
@@ -324,7 +340,11 @@ fn run_rank(
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
     use crate::collective::nccl;
-    let (groups, device) = nccl::connect(&plan.layout, env, timeout)?;
+    let (groups, device) = if plan.tensor_size() > 1 {
+        nccl::connect_tensor_parallel(&plan.layout, &plan.tensor, env, timeout)?
+    } else {
+        nccl::connect(&plan.layout, env, timeout)?
+    };
     let ctx = distributed::RankContext {
         groups,
         plan,

@@ -2,9 +2,10 @@
 //! expert placement), one rank's context, its share of the experts, and the
 //! expert-parallel MoE feed-forward that the trainer hooks into the model.
 //!
-//! Owns: [`WorldPlan`] (a [`GroupLayout`] plus one [`ExpertPlacement`] per MoE layer, made
-//! from [`crate::plan::ParallelPlan`] with tensor = pipeline = 1), [`RankContext`] (a rank's
-//! [`Groups`] and that plan), [`shard_experts`] (keep only a rank's experts, initialised
+//! Owns: [`WorldPlan`] (a [`GroupLayout`], the tensor groups and one [`ExpertPlacement`]
+//! per MoE layer, made from [`crate::plan::ParallelPlan`] with pipeline = 1: Megatron-LM's
+//! tensor × data grid, experts over the data ranks of each tensor rank), [`RankContext`] (a
+//! rank's [`Groups`] and that plan), [`shard_experts`] (keep only a rank's experts, initialised
 //! exactly as the single-rank model's), [`param_kinds`] (how each parameter's gradient is
 //! shared), [`ExpertParallel`] (the MoE layer across the expert group with autograd cut at
 //! the exchange, recorded on a [`Tape`]) and [`run_in_process`] (N ranks on threads, the
@@ -28,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
 use crate::check::{Checked, ExpertGroup};
-use crate::collective::local::{local_world, run_ranks};
+use crate::collective::local::{local_tensor_groups, local_world, run_ranks};
 use crate::collective::{
     exchange_experts, CollectiveError, ErrorKind, ExpertPlacement, GroupLayout, Groups, ParamKind,
     Tape,
@@ -43,6 +44,12 @@ use crate::runtime::train::{RunOptions, RunSummary};
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorldPlan {
     pub layout: GroupLayout,
+    /// The tensor(-parallel) groups, partitioning the world (consecutive runs of `tensor`
+    /// ranks, Megatron-LM's; one rank each with tensor = 1).
+    pub tensor: Vec<Vec<usize>>,
+    /// Whether routed experts are sliced over the tensor ranks (the plan's `expert_slicing`;
+    /// false with tensor = 1).
+    pub expert_slicing: bool,
     /// Per MoE layer (block index): which experts each position of an expert group holds.
     pub placements: BTreeMap<usize, ExpertPlacement>,
     /// What the runtime changed in the file's `parallel` block (said once by rank 0).
@@ -50,13 +57,14 @@ pub struct WorldPlan {
 }
 
 /// The runtime's overrides of the file's `parallel` block for a world of `world` ranks: the
-/// world size (like `fmoec plan --world`), tensor = pipeline = 1 (the built-in runtime has
-/// data and expert parallelism only), an optional expert group, and the runtime's own memory
-/// model (`fmoec plan --memory-model fmoec`).
-pub fn overrides(world: u64, expert_group: Option<ExpertGroup>) -> Overrides {
+/// world size (like `fmoec plan --world`), the tensor size (`None`: the file's, like
+/// `fmoec plan --tensor`), pipeline = 1 (the built-in runtime has no pipeline parallelism),
+/// an optional expert group, and the runtime's own memory model
+/// (`fmoec plan --memory-model fmoec`).
+pub fn overrides(world: u64, expert_group: Option<ExpertGroup>, tensor: Option<u64>) -> Overrides {
     Overrides {
         world: Some(world),
-        tensor: Some(1),
+        tensor,
         pipeline: Some(1),
         expert_group,
         micro_batch: None,
@@ -64,13 +72,24 @@ pub fn overrides(world: u64, expert_group: Option<ExpertGroup>) -> Overrides {
     }
 }
 
-/// Plans `checked` on `world` ranks with [`overrides`]; the planner's diagnostics on failure.
+/// Plans `checked` on `world` ranks with [`overrides`] and the file's tensor size; the
+/// planner's diagnostics on failure.
 pub fn plan_world(
     checked: &Checked,
     world: u64,
     expert_group: Option<ExpertGroup>,
 ) -> Result<WorldPlan, Vec<Diagnostic>> {
-    let plan = plan::build_with(checked, &overrides(world, expert_group))?;
+    plan_world_with(checked, world, expert_group, None)
+}
+
+/// [`plan_world`] with the tensor size `tensor` instead of the file's (`None`: the file's).
+pub fn plan_world_with(
+    checked: &Checked,
+    world: u64,
+    expert_group: Option<ExpertGroup>,
+    tensor: Option<u64>,
+) -> Result<WorldPlan, Vec<Diagnostic>> {
+    let plan = plan::build_with(checked, &overrides(world, expert_group, tensor))?;
     let mut world_plan = WorldPlan::from_plan(&plan).map_err(|e| {
         vec![Diagnostic::error(
             "P0900",
@@ -79,10 +98,16 @@ pub fn plan_world(
         )]
     })?;
     let p = &checked.parallel;
-    if p.declared && (p.tensor > 1 || p.pipeline > 1) {
+    if p.declared && p.pipeline > 1 {
         world_plan.notes.push(format!(
-            "the built-in runtime has no tensor or pipeline parallelism: running tensor = 1, pipeline = 1 (the file says {} and {}), data = {}",
-            p.tensor, p.pipeline, plan.data
+            "the built-in runtime has no pipeline parallelism: running pipeline = 1 (the file says {}), tensor = {}, data = {}",
+            p.pipeline, plan.tensor, plan.data
+        ));
+    }
+    if p.declared && plan.tensor != p.tensor {
+        world_plan.notes.push(format!(
+            "running tensor = {} (the file says {}), data = {}",
+            plan.tensor, p.tensor, plan.data
         ));
     }
     if p.declared && p.gpus != world {
@@ -117,13 +142,27 @@ fn ranks_of(lists: &[Vec<u64>]) -> Vec<Vec<usize>> {
 }
 
 impl WorldPlan {
-    /// The groups and expert placement of a plan with tensor = pipeline = 1.
+    /// The groups and expert placement of a plan with pipeline = 1 (any tensor size).
     pub fn from_plan(plan: &ParallelPlan) -> Result<WorldPlan> {
-        if plan.tensor != 1 || plan.pipeline != 1 {
+        if plan.pipeline != 1 {
             bail!(
-                "the plan has tensor = {} and pipeline = {}; the built-in runtime runs tensor = pipeline = 1",
-                plan.tensor,
+                "the plan has pipeline = {}; the built-in runtime runs pipeline = 1",
                 plan.pipeline
+            );
+        }
+        let tensor = ranks_of(&plan.groups.tensor);
+        let mut seen = vec![0usize; plan.world as usize];
+        for &r in tensor.iter().flatten() {
+            match seen.get_mut(r) {
+                Some(c) => *c += 1,
+                None => bail!("the plan's tensor groups name rank {r} outside the world"),
+            }
+        }
+        if seen.iter().any(|&c| c != 1) || tensor.iter().any(|g| g.len() != plan.tensor as usize) {
+            bail!(
+                "the plan's tensor groups {:?} do not split the world into groups of {}",
+                tensor,
+                plan.tensor
             );
         }
         let layout = GroupLayout {
@@ -176,9 +215,16 @@ impl WorldPlan {
         }
         Ok(WorldPlan {
             layout,
+            tensor,
+            expert_slicing: plan.expert_slicing && plan.tensor > 1,
             placements,
             notes: Vec::new(),
         })
+    }
+
+    /// Ranks per tensor group (1 without tensor parallelism).
+    pub fn tensor_size(&self) -> usize {
+        self.tensor.first().map_or(1, Vec::len)
     }
 
     /// Data parallelism with expert groups of `expert_group` consecutive ranks and FastMoE's
@@ -199,6 +245,8 @@ impl WorldPlan {
         }
         Ok(WorldPlan {
             layout,
+            tensor: (0..world).map(|r| vec![r]).collect(),
+            expert_slicing: false,
             placements,
             notes: Vec::new(),
         })
@@ -224,7 +272,22 @@ impl RankContext {
         self.groups.world()
     }
 
-    /// Ranks that split the batch (the whole world with tensor = pipeline = 1).
+    /// Ranks in this rank's tensor group (1 without tensor parallelism).
+    pub fn tensor_size(&self) -> usize {
+        self.groups.tensor().size()
+    }
+
+    /// A group spanning the whole world, for flags every rank must agree on: the data group
+    /// with tensor = 1, the gate group (one pipeline stage: the world) otherwise.
+    pub fn world_group(&self) -> &dyn crate::collective::Collective {
+        if self.tensor_size() > 1 {
+            self.groups.gate()
+        } else {
+            self.groups.data()
+        }
+    }
+
+    /// Ranks that split the batch (the world divided by the tensor size).
     pub fn data_size(&self) -> usize {
         self.groups.data().size()
     }
@@ -510,7 +573,13 @@ pub fn run_in_process(
     if !matches!(opts.device, tch::Device::Cpu) {
         bail!("in-process ranks (--ranks N) run on the CPU; for GPUs use --gpus N");
     }
-    let world = local_world(&plan.layout, timeout)?;
+    let mut world = local_world(&plan.layout, timeout)?;
+    if plan.tensor_size() > 1 {
+        let handles = local_tensor_groups(plan.layout.world, &plan.tensor, timeout)?;
+        for (groups, handle) in world.iter_mut().zip(handles) {
+            groups.set_tensor(Box::new(handle))?;
+        }
+    }
     let results = run_ranks(world, |groups| {
         let rank = groups.rank();
         let ctx = RankContext {

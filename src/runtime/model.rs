@@ -1051,6 +1051,40 @@ impl Transformer {
         }
     }
 
+    /// The inverse of [`Transformer::tensor_shard_of`] up to the other ranks' slices: a
+    /// tensor of the whole shape `full` (the single-rank model's shape of `name`) holding
+    /// `local` (this rank's slice, shaped like its parameter) where the split put it and
+    /// zeros elsewhere, so that summing it over the tensor group gives the whole tensor
+    /// exactly. `None` for a parameter every tensor rank holds whole.
+    pub fn tensor_whole_from_shard(
+        &self,
+        name: &str,
+        full: &[i64],
+        local: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some(tp) = self.tensor_parallel() else {
+            return Ok(None);
+        };
+        let Some((dim, pieces)) = shard_pieces(name, full, &self.model, tp)? else {
+            return Ok(None);
+        };
+        let _guard = tch::no_grad_guard();
+        let whole = Tensor::f_zeros(full, (local.kind(), local.device()))?;
+        let mut offset = 0;
+        for (start, len) in pieces {
+            let mut view = whole.f_narrow(dim, start, len)?;
+            view.f_copy_(&local.f_narrow(dim, offset, len)?)?;
+            offset += len;
+        }
+        if offset != local.size()[dim as usize] {
+            bail!(
+                "internal error: `{name}`: the slice has {} rows along dimension {dim}, the split gives {offset}",
+                local.size()[dim as usize]
+            );
+        }
+        Ok(Some(whole))
+    }
+
     /// [`Transformer::forward`] on one rank of a tensor group (a model from
     /// [`Transformer::new_tensor_parallel`]), recording its cuts on `pass.tape`. Every rank
     /// of the group runs it on the same tokens; with random gates set

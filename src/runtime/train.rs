@@ -15,6 +15,17 @@
 //! (replicated over the data group, experts over the expert-data group, gates over the gate
 //! group, each divided by `D`) then gives the single-rank gradients. Rank 0 alone prints,
 //! writes metrics, summary and plot. Knows nothing about the command line.
+//!
+//! Tensor parallelism (a [`RankContext`] whose tensor group has `t > 1` ranks, Megatron-LM's
+//! layout): the model is built whole and seeded as alone, cut to the rank's experts, restored
+//! from a checkpoint (whole tensors), and only then split over the tensor group
+//! ([`Transformer::split_tensor_parallel`], AdamW's moments sliced alike). The tensor ranks
+//! of one data rank run the same micro-batches through
+//! [`Transformer::loss_tensor_parallel`]; partial gradients are summed over the tensor group
+//! before the reduction by kind, and the global norm counts each slice once. Checkpoints stay
+//! layout-free: sharded tensors (and their moments) are summed back to whole ones over the
+//! tensor group and written by tensor rank 0 of each writer, so they resume on any world and
+//! tensor size.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,11 +37,14 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::check::{Checked, Precision, Train};
-use crate::collective::{clip_global_norm, reduce_gradients, ParamKind};
+use crate::collective::{
+    clip_global_norm, clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients,
+    ParamKind, Tape, TensorSplit,
+};
 use crate::runtime::checkpoint::{self, SaveInfo};
 use crate::runtime::data::{mix_all, Dataset};
 use crate::runtime::distributed::{self, ExpertParallel, RankContext};
-use crate::runtime::model::{lock_rng, Transformer};
+use crate::runtime::model::{lock_rng, ExchangedExperts, TensorParallel, TensorPass, Transformer};
 use crate::runtime::moe::{Telemetry, TelemetryReport};
 use crate::runtime::optim::{self, AdamW};
 use crate::runtime::plot;
@@ -253,6 +267,26 @@ pub fn evaluate_ranked(
     for j in 0..batches.max(1) {
         let batch = data.batch(true, &[seed, EVAL_KEY, j], rows, window, model.store.device)?;
         let (lm, _) = match ctx {
+            Some(ctx) if ctx.tensor_size() > 1 => {
+                let at = format!("eval batch {j}");
+                let mut tape = Tape::new();
+                let mut ex = ExchangedExperts {
+                    group: ctx.groups.expert(),
+                    placements: &ctx.plan.placements,
+                    at: &at,
+                };
+                let mut pass = TensorPass {
+                    group: ctx.groups.tensor(),
+                    tape: &mut tape,
+                    at: &at,
+                    experts: if ctx.expert_group_size() > 1 {
+                        Some(&mut ex)
+                    } else {
+                        None
+                    },
+                };
+                model.loss_tensor_parallel(&batch, false, &mut pass)?
+            }
             Some(ctx) => {
                 let mut hook = ExpertParallel::new(ctx, false, format!("eval batch {j}"));
                 model.loss_with(&batch, false, Some(&mut hook))?
@@ -268,6 +302,14 @@ pub fn evaluate_ranked(
 fn sum_over_data(ctx: &RankContext, values: &[f64], at: &str) -> Result<Vec<f64>> {
     let mut t = Tensor::f_from_slice(values)?.f_to_device(ctx.device)?;
     ctx.groups.data().all_reduce_sum(&mut t, at)?;
+    Ok(Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?)?)
+}
+
+/// Sums `values` (f64, on any device) over the whole world (see
+/// [`RankContext::world_group`]).
+fn sum_over_world(ctx: &RankContext, values: &[f64], at: &str) -> Result<Vec<f64>> {
+    let mut t = Tensor::f_from_slice(values)?.f_to_device(ctx.device)?;
+    ctx.world_group().all_reduce_sum(&mut t, at)?;
     Ok(Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?)?)
 }
 
@@ -375,7 +417,15 @@ pub fn train_ranked(
     if ctx.is_some() {
         distributed::shard_experts(&mut model, &local)?;
     }
-    let kinds = distributed::param_kinds(&model);
+    let tensor = ctx.map_or(1, |c| c.tensor_size());
+    if let Some(c) = ctx {
+        if c.plan.tensor_size() != tensor {
+            bail!(
+                "internal error: the plan has tensor groups of {}, the rank's tensor group has {tensor} ranks",
+                c.plan.tensor_size()
+            );
+        }
+    }
     let mut adam = AdamW::new(&train.optimizer, &model.store)?;
     let mut start_step = 0;
     let mut tokens_seen = 0;
@@ -392,6 +442,21 @@ pub fn train_ranked(
             );
         }
     }
+    // The shapes of the whole (unsplit) parameters, for gathering them into checkpoints.
+    let whole_shapes: Vec<Vec<i64>> = model.store.params.iter().map(|p| p.tensor.size()).collect();
+    if let Some(c) = ctx.filter(|_| tensor > 1) {
+        model.split_tensor_parallel(TensorParallel {
+            rank: c.groups.tensor().rank(),
+            size: tensor,
+            expert_slicing: c.plan.expert_slicing,
+        })?;
+        for (i, p) in model.store.params.iter().enumerate() {
+            adam.m[i] = model.tensor_shard_of(&p.name, &adam.m[i])?;
+            adam.v[i] = model.tensor_shard_of(&p.name, &adam.v[i])?;
+        }
+    }
+    let kinds = distributed::param_kinds(&model);
+    let splits = model.tensor_splits();
     model.set_compute(compute);
     if main {
         if let Some(c) = ctx {
@@ -473,6 +538,36 @@ pub fn train_ranked(
             let batch = data.batch(false, &[train.seed, step, m], mb as usize, window, device)?;
             model.routing_key = Some(vec![train.seed, step, m]);
             let (lm, out) = match ctx {
+                Some(c) if tensor > 1 => {
+                    let label = format!("step {}, micro-batch {m}", step + 1);
+                    let mut tape = Tape::new();
+                    let mut ex = ExchangedExperts {
+                        group: c.groups.expert(),
+                        placements: &c.plan.placements,
+                        at: &label,
+                    };
+                    let (lm, out) = {
+                        let mut pass = TensorPass {
+                            group: c.groups.tensor(),
+                            tape: &mut tape,
+                            at: &label,
+                            experts: if c.expert_group_size() > 1 {
+                                Some(&mut ex)
+                            } else {
+                                None
+                            },
+                        };
+                        model.loss_tensor_parallel(&batch, true, &mut pass)?
+                    };
+                    let total = lm.f_add(&out.balance_loss)?.f_div_scalar(n_local as f64)?;
+                    tape.backward_tensor_parallel(
+                        &total,
+                        c.groups.expert(),
+                        c.groups.tensor(),
+                        &format!("{label} backward"),
+                    )?;
+                    (lm, out)
+                }
                 Some(c) => {
                     let label = format!("step {}, micro-batch {m}", step + 1);
                     let mut hook = ExpertParallel::new(c, true, label);
@@ -502,8 +597,31 @@ pub fn train_ranked(
                         .zip(&model.store.params)
                         .map(|(k, p)| (*k, &p.tensor))
                         .collect();
-                    reduce_gradients(&c.groups, &params, &at)?;
-                    clip_global_norm(&c.groups, &params, train.clip_grad, &at)?
+                    if tensor > 1 {
+                        let partial: Vec<(TensorSplit, &Tensor)> = splits
+                            .iter()
+                            .zip(&model.store.params)
+                            .map(|(s, p)| (*s, &p.tensor))
+                            .collect();
+                        sum_partial_gradients(c.groups.tensor(), &partial, &at)?;
+                        reduce_gradients(&c.groups, &params, &at)?;
+                        let with_split: Vec<(ParamKind, TensorSplit, &Tensor)> = kinds
+                            .iter()
+                            .zip(&splits)
+                            .zip(&model.store.params)
+                            .map(|((k, s), p)| (*k, *s, &p.tensor))
+                            .collect();
+                        clip_global_norm_tensor_parallel(
+                            &c.groups,
+                            c.groups.tensor(),
+                            &with_split,
+                            train.clip_grad,
+                            &at,
+                        )?
+                    } else {
+                        reduce_gradients(&c.groups, &params, &at)?;
+                        clip_global_norm(&c.groups, &params, train.clip_grad, &at)?
+                    }
                 };
                 let sums = sum_over_data(
                     c,
@@ -596,7 +714,8 @@ pub fn train_ranked(
                 last_ckpt = Some(save_checkpoint(
                     &opts.checkpoints,
                     &save_info(step, tokens_seen),
-                    &model.store,
+                    &model,
+                    &whole_shapes,
                     &adam,
                     ctx,
                 )?);
@@ -605,7 +724,7 @@ pub fn train_ranked(
         let mut stop = INTERRUPTED.load(Ordering::SeqCst);
         if let Some(c) = ctx {
             // Every rank stops at the same step, whichever of them saw Ctrl-C.
-            let flag = sum_over_data(c, &[f64::from(u8::from(stop))], "interrupt flag")?;
+            let flag = sum_over_world(c, &[f64::from(u8::from(stop))], "interrupt flag")?;
             stop = flag[0] > 0.0;
         }
         if stop {
@@ -620,13 +739,14 @@ pub fn train_ranked(
         let mut exists = dir.exists();
         if let Some(c) = ctx {
             let seen = f64::from(u8::from(exists && c.rank() == 0));
-            exists = sum_over_data(c, &[seen], "final checkpoint")?[0] > 0.0;
+            exists = sum_over_world(c, &[seen], "final checkpoint")?[0] > 0.0;
         }
         if !exists {
             last_ckpt = Some(save_checkpoint(
                 &opts.checkpoints,
                 &save_info(step, tokens_seen),
-                &model.store,
+                &model,
+                &whole_shapes,
                 &adam,
                 ctx,
             )?);
@@ -659,21 +779,44 @@ pub fn train_ranked(
     };
     let (parameters, device_name) = match ctx {
         Some(c) => {
-            // Experts counted once over the expert group, the rest once.
+            // Experts counted once over the expert group, the rest once; tensor-sharded
+            // parameters summed over the tensor group first.
             let mut expert = 0i64;
             let mut rest = 0i64;
-            for (k, p) in kinds.iter().zip(&model.store.params) {
-                match k {
-                    ParamKind::Expert => expert += p.tensor.numel() as i64,
-                    _ => rest += p.tensor.numel() as i64,
+            let mut sharded = [0i64; 2];
+            for ((k, s), p) in kinds.iter().zip(&splits).zip(&model.store.params) {
+                let n = p.tensor.numel() as i64;
+                let is_expert = *k == ParamKind::Expert;
+                match (is_expert, *s == TensorSplit::Sharded && tensor > 1) {
+                    (e, true) => sharded[usize::from(e)] += n,
+                    (true, false) => expert += n,
+                    (false, false) => rest += n,
                 }
+            }
+            if tensor > 1 {
+                let mut t = Tensor::f_from_slice(&sharded)?.f_to_device(c.device)?;
+                c.groups
+                    .tensor()
+                    .all_reduce_sum(&mut t, "sharded parameter count")?;
+                rest += t.f_int64_value(&[0])?;
+                expert += t.f_int64_value(&[1])?;
             }
             let mut t = Tensor::f_from_slice(&[expert])?.f_to_device(c.device)?;
             c.groups
                 .expert()
                 .all_reduce_sum(&mut t, "parameter count")?;
             let expert = t.f_int64_value(&[0])?;
-            (rest + expert, format!("{:?} x {} ranks", device, c.world()))
+            let name = if tensor > 1 {
+                format!(
+                    "{:?} x {} ranks (tensor {tensor} x data {})",
+                    device,
+                    c.world(),
+                    c.data_size()
+                )
+            } else {
+                format!("{:?} x {} ranks", device, c.world())
+            };
+            (rest + expert, name)
         }
         None => (model.store.numel(), format!("{device:?}")),
     };
@@ -715,14 +858,64 @@ pub fn train_ranked(
 fn save_checkpoint(
     root: &Path,
     info: &SaveInfo<'_>,
-    store: &crate::runtime::params::ParamStore,
+    model: &Transformer,
+    whole_shapes: &[Vec<i64>],
     adam: &AdamW,
     ctx: Option<&RankContext>,
 ) -> Result<PathBuf> {
     match ctx {
-        Some(c) => checkpoint::save_sharded(root, info, store, adam, c),
-        None => checkpoint::save(root, info, store, adam),
+        Some(c) if c.tensor_size() > 1 => {
+            let (store, adam) = gather_tensor_parallel(model, whole_shapes, adam, c, info.step)?;
+            checkpoint::save_sharded(root, info, &store, &adam, c)
+        }
+        Some(c) => checkpoint::save_sharded(root, info, &model.store, adam, c),
+        None => checkpoint::save(root, info, &model.store, adam),
     }
+}
+
+/// The whole parameters and AdamW moments of a tensor-parallel rank: every sharded tensor
+/// placed in a zero tensor of its whole shape and summed over the tensor group (exact: each
+/// element is one rank's value plus zeros), the rest shared as they are. Every rank of the
+/// tensor group calls it, in the same order.
+fn gather_tensor_parallel(
+    model: &Transformer,
+    whole_shapes: &[Vec<i64>],
+    adam: &AdamW,
+    ctx: &RankContext,
+    step: u64,
+) -> Result<(crate::runtime::params::ParamStore, AdamW)> {
+    let _guard = tch::no_grad_guard();
+    let at = format!("checkpoint of step {step}, gathering tensor slices");
+    let mut store = crate::runtime::params::ParamStore::new(model.store.device, model.store.kind);
+    let mut m = Vec::with_capacity(adam.m.len());
+    let mut v = Vec::with_capacity(adam.v.len());
+    let whole = |name: &str, shape: &[i64], local: &Tensor| -> Result<Tensor> {
+        match model.tensor_whole_from_shard(name, shape, local)? {
+            Some(mut t) => {
+                ctx.groups.tensor().all_reduce_sum(&mut t, &at)?;
+                Ok(t)
+            }
+            None => Ok(local.shallow_clone()),
+        }
+    };
+    for (i, (p, shape)) in model.store.params.iter().zip(whole_shapes).enumerate() {
+        store.params.push(crate::runtime::params::Param {
+            name: p.name.clone(),
+            tensor: whole(&p.name, shape, &p.tensor.f_detach()?)?,
+            decay: p.decay,
+        });
+        m.push(whole(&p.name, shape, &adam.m[i])?);
+        v.push(whole(&p.name, shape, &adam.v[i])?);
+    }
+    let gathered = AdamW {
+        betas: adam.betas,
+        eps: adam.eps,
+        weight_decay: adam.weight_decay,
+        step: adam.step,
+        m,
+        v,
+    };
+    Ok((store, gathered))
 }
 
 fn print_summary(s: &RunSummary) {
