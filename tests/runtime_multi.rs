@@ -25,7 +25,7 @@ use fmoec::check::{Checked, DataSource, ExpertGroup, GateKind};
 use fmoec::collective::{ExpertPlacement, GroupLayout};
 use fmoec::runtime::checkpoint::Source;
 use fmoec::runtime::distributed::{plan_world, plan_world_with, run_in_process, WorldPlan};
-use fmoec::runtime::model::Transformer;
+use fmoec::runtime::model::{lock_rng, Transformer};
 use fmoec::runtime::train::{self, RunOptions, RunSummary, StepMetrics};
 use tch::{Device, Kind};
 
@@ -72,7 +72,12 @@ fn metrics(out: &Path) -> Vec<StepMetrics> {
 
 /// Every parameter of the final checkpoint under `out`, all experts in global order.
 fn parameters(checked: &Checked, out: &Path) -> BTreeMap<String, Vec<f64>> {
-    let model = Transformer::new(&checked.model, Device::Cpu, Kind::Float, Kind::Float).unwrap();
+    // Building a model draws from libtorch's global generator, which the trainers of tests
+    // running beside this one seed and draw from under this lock: take it too.
+    let model = {
+        let _rng = lock_rng();
+        Transformer::new(&checked.model, Device::Cpu, Kind::Float, Kind::Float).unwrap()
+    };
     let source = Source::open(&out.join("checkpoints"), &checked.model).unwrap();
     source
         .parameters(&model.store)
@@ -388,10 +393,13 @@ fn tensor_two_by_data_two_equals_the_single_rank_run() {
         "{}",
         summary.device
     );
-    let single_params = Transformer::new(&c.model, Device::Cpu, Kind::Float, Kind::Float)
-        .unwrap()
-        .store
-        .numel();
+    let single_params = {
+        let _rng = lock_rng();
+        Transformer::new(&c.model, Device::Cpu, Kind::Float, Kind::Float)
+            .unwrap()
+            .store
+            .numel()
+    };
     assert_eq!(summary.parameters, single_params, "every parameter once");
     assert_same_run("tensor 2 x data 2", &want, &metrics(dir.path()));
     // The checkpoint holds whole tensors, written by tensor rank 0 of each data rank.

@@ -82,6 +82,34 @@ pub fn model_hash(model: &Model) -> String {
     hex(&Sha256::digest(&json))
 }
 
+/// Reads `name` (a path relative to the checkpoint `dir`) after checking that the manifest
+/// lists it, and that its size and SHA-256 are the listed ones.
+fn read_listed(dir: &Path, files: &[FileEntry], name: &str) -> Result<Vec<u8>> {
+    let entry = files.iter().find(|f| f.name == name).with_context(|| {
+        format!(
+            "checkpoint `{}`'s manifest does not list `{name}`",
+            dir.display()
+        )
+    })?;
+    let p = dir.join(name);
+    let bytes = std::fs::read(&p).with_context(|| format!("cannot read `{}`", p.display()))?;
+    if bytes.len() as u64 != entry.bytes {
+        bail!(
+            "checkpoint file `{}` is truncated or damaged: {} bytes, the manifest says {}",
+            p.display(),
+            bytes.len(),
+            entry.bytes
+        );
+    }
+    if hex(&Sha256::digest(&bytes)) != entry.sha256 {
+        bail!(
+            "checkpoint file `{}` is corrupt: its SHA-256 does not match the manifest",
+            p.display()
+        );
+    }
+    Ok(bytes)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -285,35 +313,7 @@ pub fn load(path: &Path, model: &Model) -> Result<Loaded> {
             &want[..12]
         );
     }
-    let read = |name: &str| -> Result<Vec<u8>> {
-        let entry = manifest
-            .files
-            .iter()
-            .find(|f| f.name == name)
-            .with_context(|| {
-                format!(
-                    "checkpoint `{}`'s manifest does not list `{name}`",
-                    dir.display()
-                )
-            })?;
-        let p = dir.join(name);
-        let bytes = std::fs::read(&p).with_context(|| format!("cannot read `{}`", p.display()))?;
-        if bytes.len() as u64 != entry.bytes {
-            bail!(
-                "checkpoint file `{}` is truncated or damaged: {} bytes, the manifest says {}",
-                p.display(),
-                bytes.len(),
-                entry.bytes
-            );
-        }
-        if hex(&Sha256::digest(&bytes)) != entry.sha256 {
-            bail!(
-                "checkpoint file `{}` is corrupt: its SHA-256 does not match the manifest",
-                p.display()
-            );
-        }
-        Ok(bytes)
-    };
+    let read = |name: &str| read_listed(&dir, &manifest.files, name);
     let model_bytes = read(MODEL_FILE)?;
     let optim_bytes = read(OPTIM_FILE)?;
     Ok(Loaded {
@@ -805,34 +805,7 @@ impl Source {
             } else {
                 format!("{}/{file}", shard.dir)
             };
-            let entry = shard
-                .files
-                .iter()
-                .find(|f| f.name == name)
-                .with_context(|| {
-                    format!(
-                        "checkpoint `{}`'s manifest does not list `{name}`",
-                        self.dir.display()
-                    )
-                })?;
-            let p = self.dir.join(&name);
-            let bytes =
-                std::fs::read(&p).with_context(|| format!("cannot read `{}`", p.display()))?;
-            if bytes.len() as u64 != entry.bytes {
-                bail!(
-                    "checkpoint file `{}` is truncated or damaged: {} bytes, the manifest says {}",
-                    p.display(),
-                    bytes.len(),
-                    entry.bytes
-                );
-            }
-            if hex(&Sha256::digest(&bytes)) != entry.sha256 {
-                bail!(
-                    "checkpoint file `{}` is corrupt: its SHA-256 does not match the manifest",
-                    p.display()
-                );
-            }
-            Ok(bytes)
+            read_listed(&self.dir, &shard.files, &name)
         };
         let bytes = std::rc::Rc::new((read(MODEL_FILE)?, read(OPTIM_FILE)?));
         self.cache.borrow_mut().insert(index, bytes.clone());

@@ -487,14 +487,7 @@ impl Transformer {
         let input = batch.f_narrow(1, 0, t1 - 1)?;
         let target = batch.f_narrow(1, 1, t1 - 1)?;
         let out = self.forward_with(&input, train, hook)?;
-        let v = out.logits.size()[2];
-        let lm = out.logits.f_reshape([-1, v])?.f_cross_entropy_loss(
-            &target.f_reshape([-1])?,
-            None::<&Tensor>,
-            tch::Reduction::Mean,
-            -100,
-            0.0,
-        )?;
+        let lm = next_token_loss(&out.logits, &target)?;
         Ok((lm, out))
     }
 }
@@ -1149,14 +1142,19 @@ impl Transformer {
         let input = batch.f_narrow(1, 0, t1 - 1)?;
         let target = batch.f_narrow(1, 1, t1 - 1)?;
         let out = self.forward_tensor_parallel(&input, train, pass)?;
-        let v = out.logits.size()[2];
-        let lm = out.logits.f_reshape([-1, v])?.f_cross_entropy_loss(
-            &target.f_reshape([-1])?,
-            None::<&Tensor>,
-            tch::Reduction::Mean,
-            -100,
-            0.0,
-        )?;
+        let lm = next_token_loss(&out.logits, &target)?;
         Ok((lm, out))
     }
+}
+
+/// Mean cross-entropy of `logits` `[B, T, V]` against `target` `[B, T]`.
+fn next_token_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
+    let v = logits.size()[2];
+    Ok(logits.f_reshape([-1, v])?.f_cross_entropy_loss(
+        &target.f_reshape([-1])?,
+        None::<&Tensor>,
+        tch::Reduction::Mean,
+        -100,
+        0.0,
+    )?)
 }

@@ -975,6 +975,9 @@ pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
         Some(t) => compute_kind(t.precision)?,
         None => Kind::Float,
     };
+    // Sampling draws from libtorch's global generator: hold it, as the trainer does, so
+    // other threads of this process (tests, in-process ranks) do not move its state.
+    let _rng = lock_rng();
     let model = Transformer::new(model_decl, opts.device, Kind::Float, compute)?;
     let all = model_decl
         .moe_layers()
