@@ -44,4 +44,5 @@ OUT=$G/peers timeout 170 bash .ci/device-peers.sh > $G/peers.log 2>&1
 tail -5 $G/peers.log
 el "done"
 cp $G/peers/peers.json $G/peers/peers.txt $R/ 2>/dev/null
+python3 .ci/side-by-side.py $G/bench/bench.json $G/peers/peers.json | tee $R/side-by-side.md
 tar czf $R/gpu.tgz -C $G .
