@@ -173,17 +173,7 @@ pub fn clip_global_norm(
     group.all_reduce_sum(&mut expert_total, &format!("{at}, expert gradient norm"))?;
     let expert_total = expert_total.f_double_value(&[0]).map_err(&terr)?;
     let total = (shared + expert_total).sqrt();
-    let mut scale = 1.0;
-    if let Some(max_norm) = max_norm {
-        let coefficient = max_norm / (total + 1e-6);
-        if coefficient < 1.0 {
-            scale = coefficient;
-            for mut grad in grads {
-                let _ = tch::no_grad(|| grad.f_mul_scalar_(coefficient)).map_err(&terr)?;
-            }
-        }
-    }
-    Ok(GradientNorm { total, scale })
+    clip_to(total, max_norm, grads, &terr)
 }
 
 /// How a parameter is split over the ranks of a tensor(-parallel) group. A second
@@ -309,13 +299,24 @@ pub fn clip_global_norm_tensor_parallel(
         .all_reduce_sum(&mut expert, &format!("{at}, expert gradient norm"))?;
     let expert = expert.f_double_value(&[0]).map_err(&eerr)?;
     let total = (squares[0] + sliced[0] + expert).sqrt();
+    clip_to(total, max_norm, grads, &terr)
+}
+
+/// Scales `grads` in place as `clip_grad_norm_` does (by `max / (total + 1e-6)` when that is
+/// below 1) and returns the norm and the factor applied.
+fn clip_to(
+    total: f64,
+    max_norm: Option<f64>,
+    grads: Vec<Tensor>,
+    terr: &impl Fn(tch::TchError) -> CollectiveError,
+) -> Result<GradientNorm> {
     let mut scale = 1.0;
     if let Some(max_norm) = max_norm {
         let coefficient = max_norm / (total + 1e-6);
         if coefficient < 1.0 {
             scale = coefficient;
             for mut grad in grads {
-                let _ = tch::no_grad(|| grad.f_mul_scalar_(coefficient)).map_err(&terr)?;
+                let _ = tch::no_grad(|| grad.f_mul_scalar_(coefficient)).map_err(terr)?;
             }
         }
     }
