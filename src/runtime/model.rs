@@ -426,6 +426,28 @@ impl Transformer {
         train: bool,
         mut hook: Option<&mut dyn MoeHook>,
     ) -> Result<ForwardOutput> {
+        let (emb, mut x) = self.embed(tokens)?;
+        let mut extras = MoeExtras::new(self.store.device)?;
+        let key = self.routing_key.as_deref();
+        let hooked = hook.is_some();
+        for block in &self.blocks {
+            let (y, extra) = block.forward(&x, train, hook.as_deref_mut(), key)?;
+            x = y;
+            extras.add(block, extra)?;
+        }
+        // A hooked (segmented) backward traverses the head and the embedding in different
+        // passes: they must not share the cast's graph node.
+        let emb = if hooked {
+            self.tokens.f_to_kind(self.compute)?
+        } else {
+            emb
+        };
+        Ok(extras.with_logits(self.head(&x, &emb)?))
+    }
+
+    /// Token (and learned position) embeddings of `tokens` `[B, T]`, with the embedding
+    /// matrix in the compute precision they were read from.
+    fn embed(&self, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_b, t) = tokens.size2()?;
         if t > self.model.context as i64 {
             bail!(
@@ -438,37 +460,16 @@ impl Transformer {
         if let Some(pos) = &self.positions {
             x = x.f_add(&pos.f_narrow(0, 0, t)?.f_to_kind(self.compute)?)?;
         }
-        let mut balance = Tensor::f_zeros([], (Kind::Float, self.store.device))?;
-        let mut telemetry = Vec::new();
-        let key = self.routing_key.as_deref();
-        let hooked = hook.is_some();
-        for block in &self.blocks {
-            let (y, extra) = block.forward(&x, train, hook.as_deref_mut(), key)?;
-            x = y;
-            if let (Some((loss, tel)), FfnModule::Moe(layer)) = (extra, &block.ffn) {
-                let w = layer.gate.balance_weight;
-                if w != 0.0 {
-                    balance = balance.f_add(&loss.f_mul_scalar(w)?)?;
-                }
-                telemetry.push((block.index, tel));
-            }
-        }
-        let x = self.norm.forward(&x)?;
-        // A hooked (segmented) backward traverses the head and the embedding in different
-        // passes: they must not share the cast's graph node.
-        let emb = if hooked {
-            self.tokens.f_to_kind(self.compute)?
-        } else {
-            emb
-        };
-        let logits = x
+        Ok((emb, x))
+    }
+
+    /// The final norm and the tied head: f32 logits of the last hidden states `x`.
+    fn head(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .norm
+            .forward(x)?
             .f_matmul(&emb.f_transpose(0, 1)?)?
-            .f_to_kind(Kind::Float)?;
-        Ok(ForwardOutput {
-            logits,
-            balance_loss: balance,
-            telemetry,
-        })
+            .f_to_kind(Kind::Float)?)
     }
 
     /// Mean next-token cross-entropy of `tokens[:, 1:]` given `tokens[:, :-1]`, plus extras.
@@ -483,9 +484,7 @@ impl Transformer {
         train: bool,
         hook: Option<&mut dyn MoeHook>,
     ) -> Result<(Tensor, ForwardOutput)> {
-        let (_b, t1) = batch.size2()?;
-        let input = batch.f_narrow(1, 0, t1 - 1)?;
-        let target = batch.f_narrow(1, 1, t1 - 1)?;
+        let (input, target) = next_token_pairs(batch)?;
         let out = self.forward_with(&input, train, hook)?;
         let lm = next_token_loss(&out.logits, &target)?;
         Ok((lm, out))
@@ -1092,43 +1091,17 @@ impl Transformer {
         let Some(tp) = self.tensor_parallel() else {
             bail!("internal error: the model was built without a tensor-parallel split");
         };
-        let (_b, t) = tokens.size2()?;
-        if t > self.model.context as i64 {
-            bail!(
-                "sequence of {t} tokens is longer than the model's context {}",
-                self.model.context
-            );
-        }
-        let emb = self.tokens.f_to_kind(self.compute)?;
-        let mut x = Tensor::f_embedding(&emb, tokens, -1, false, false)?;
-        if let Some(pos) = &self.positions {
-            x = x.f_add(&pos.f_narrow(0, 0, t)?.f_to_kind(self.compute)?)?;
-        }
-        let mut balance = Tensor::f_zeros([], (Kind::Float, self.store.device))?;
-        let mut telemetry = Vec::new();
+        let (_, mut x) = self.embed(tokens)?;
+        let mut extras = MoeExtras::new(self.store.device)?;
         for block in &self.blocks {
             let (y, extra) =
                 block.forward_tensor_parallel(&x, train, tp, self.routing_key.as_deref(), pass)?;
             x = y;
-            if let (Some((loss, tel)), FfnModule::Moe(layer)) = (extra, &block.ffn) {
-                let w = layer.gate.balance_weight;
-                if w != 0.0 {
-                    balance = balance.f_add(&loss.f_mul_scalar(w)?)?;
-                }
-                telemetry.push((block.index, tel));
-            }
+            extras.add(block, extra)?;
         }
-        let x = self.norm.forward(&x)?;
         // Its own cast: the head and the embedding are backpropagated in different segments.
         let head = self.tokens.f_to_kind(self.compute)?;
-        let logits = x
-            .f_matmul(&head.f_transpose(0, 1)?)?
-            .f_to_kind(Kind::Float)?;
-        Ok(ForwardOutput {
-            logits,
-            balance_loss: balance,
-            telemetry,
-        })
+        Ok(extras.with_logits(self.head(&x, &head)?))
     }
 
     /// [`Transformer::loss`] through [`Transformer::forward_tensor_parallel`].
@@ -1138,9 +1111,7 @@ impl Transformer {
         train: bool,
         pass: &mut TensorPass,
     ) -> Result<(Tensor, ForwardOutput)> {
-        let (_b, t1) = batch.size2()?;
-        let input = batch.f_narrow(1, 0, t1 - 1)?;
-        let target = batch.f_narrow(1, 1, t1 - 1)?;
+        let (input, target) = next_token_pairs(batch)?;
         let out = self.forward_tensor_parallel(&input, train, pass)?;
         let lm = next_token_loss(&out.logits, &target)?;
         Ok((lm, out))
@@ -1157,4 +1128,45 @@ fn next_token_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
         -100,
         0.0,
     )?)
+}
+
+/// The inputs `tokens[:, :-1]` and next-token targets `tokens[:, 1:]` of a batch.
+fn next_token_pairs(batch: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (_b, t1) = batch.size2()?;
+    Ok((batch.f_narrow(1, 0, t1 - 1)?, batch.f_narrow(1, 1, t1 - 1)?))
+}
+
+/// The MoE blocks' weighted balance losses and telemetry, gathered over one forward pass.
+struct MoeExtras {
+    balance: Tensor,
+    telemetry: Vec<(usize, Telemetry)>,
+}
+
+impl MoeExtras {
+    fn new(device: Device) -> Result<MoeExtras> {
+        Ok(MoeExtras {
+            balance: Tensor::f_zeros([], (Kind::Float, device))?,
+            telemetry: Vec::new(),
+        })
+    }
+
+    /// Takes what `block`'s forward returned beside its output.
+    fn add(&mut self, block: &Block, extra: Option<(Tensor, Telemetry)>) -> Result<()> {
+        if let (Some((loss, tel)), FfnModule::Moe(layer)) = (extra, &block.ffn) {
+            let w = layer.gate.balance_weight;
+            if w != 0.0 {
+                self.balance = self.balance.f_add(&loss.f_mul_scalar(w)?)?;
+            }
+            self.telemetry.push((block.index, tel));
+        }
+        Ok(())
+    }
+
+    fn with_logits(self, logits: Tensor) -> ForwardOutput {
+        ForwardOutput {
+            logits,
+            balance_loss: self.balance,
+            telemetry: self.telemetry,
+        }
+    }
 }

@@ -269,23 +269,7 @@ pub fn evaluate_ranked(
         let (lm, _) = match ctx {
             Some(ctx) if ctx.tensor_size() > 1 => {
                 let at = format!("eval batch {j}");
-                let mut tape = Tape::new();
-                let mut ex = ExchangedExperts {
-                    group: ctx.groups.expert(),
-                    placements: &ctx.plan.placements,
-                    at: &at,
-                };
-                let mut pass = TensorPass {
-                    group: ctx.groups.tensor(),
-                    tape: &mut tape,
-                    at: &at,
-                    experts: if ctx.expert_group_size() > 1 {
-                        Some(&mut ex)
-                    } else {
-                        None
-                    },
-                };
-                model.loss_tensor_parallel(&batch, false, &mut pass)?
+                tensor_parallel_loss(model, ctx, &batch, false, &mut Tape::new(), &at)?
             }
             Some(ctx) => {
                 let mut hook = ExpertParallel::new(ctx, false, format!("eval batch {j}"));
@@ -296,6 +280,34 @@ pub fn evaluate_ranked(
         total += lm.f_double_value(&[])?;
     }
     Ok(total / batches.max(1) as f64)
+}
+
+/// The loss of `batch` through the tensor-parallel model on `ctx`'s groups, its cuts and
+/// exchanges recorded on `tape` (experts exchanged when the expert group has several ranks).
+fn tensor_parallel_loss(
+    model: &Transformer,
+    ctx: &RankContext,
+    batch: &Tensor,
+    train: bool,
+    tape: &mut Tape,
+    at: &str,
+) -> Result<(Tensor, crate::runtime::model::ForwardOutput)> {
+    let mut ex = ExchangedExperts {
+        group: ctx.groups.expert(),
+        placements: &ctx.plan.placements,
+        at,
+    };
+    let mut pass = TensorPass {
+        group: ctx.groups.tensor(),
+        tape,
+        at,
+        experts: if ctx.expert_group_size() > 1 {
+            Some(&mut ex)
+        } else {
+            None
+        },
+    };
+    model.loss_tensor_parallel(batch, train, &mut pass)
 }
 
 /// Sums `values` (f64, on any device) over the data group.
@@ -541,24 +553,8 @@ pub fn train_ranked(
                 Some(c) if tensor > 1 => {
                     let label = format!("step {}, micro-batch {m}", step + 1);
                     let mut tape = Tape::new();
-                    let mut ex = ExchangedExperts {
-                        group: c.groups.expert(),
-                        placements: &c.plan.placements,
-                        at: &label,
-                    };
-                    let (lm, out) = {
-                        let mut pass = TensorPass {
-                            group: c.groups.tensor(),
-                            tape: &mut tape,
-                            at: &label,
-                            experts: if c.expert_group_size() > 1 {
-                                Some(&mut ex)
-                            } else {
-                                None
-                            },
-                        };
-                        model.loss_tensor_parallel(&batch, true, &mut pass)?
-                    };
+                    let (lm, out) =
+                        tensor_parallel_loss(&model, c, &batch, true, &mut tape, &label)?;
                     let total = lm.f_add(&out.balance_loss)?.f_div_scalar(n_local as f64)?;
                     tape.backward_tensor_parallel(
                         &total,
