@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::check::{Checked, ExpertGroup};
 use crate::collective::local::{local_tensor_groups, local_world, run_ranks};
@@ -37,7 +37,7 @@ use crate::collective::{
 use crate::diag::Diagnostic;
 use crate::plan::{self, MemoryModel, Overrides, ParallelPlan};
 use crate::runtime::model::{seed_routing, FfnModule, MoeHook, NormLayer, Transformer};
-use crate::runtime::moe::{DispatchPlan, Experts, MoeLayer, Telemetry};
+use crate::runtime::moe::{self, DispatchPlan, Experts, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
 
 /// The split of one run over its ranks.
@@ -522,22 +522,9 @@ impl MoeHook for ExpertParallel<'_> {
             out = out.f_add(&shared.forward(&hl)?)?;
         }
         let y = xl.f_add(&out)?.f_reshape([b, t, d])?;
-        let telemetry = tch::no_grad(|| -> Result<Telemetry> {
+        let telemetry = tch::no_grad(|| {
             let per_expert = per_slot.f_index_select(0, &slot_table)?;
-            let slots = (tokens * k) as f64;
-            let kept_t = per_slot.f_sum(Kind::Float)?;
-            let p = &routing.probs;
-            let entropy = p
-                .f_mul(&p.f_clamp_min(1e-30)?.f_log()?)?
-                .f_sum_dim_intlist(1, false, Kind::Float)?
-                .f_neg()?
-                .f_mean(Kind::Float)?;
-            Ok(Telemetry {
-                tokens_per_expert: per_expert.f_to_kind(Kind::Float)?,
-                dropped_fraction: kept_t.f_div_scalar(-slots)?.f_add_scalar(1.0)?,
-                gate_entropy: entropy,
-                balance_loss: routing.balance_loss.f_detach()?.f_to_kind(Kind::Float)?,
-            })
+            moe::telemetry(&routing, &per_expert, tokens)
         })?;
         Ok((y, balance, telemetry))
     }

@@ -864,7 +864,7 @@ impl Block {
                 } else if sliced {
                     out = pass.reduce(&out, &what)?;
                 }
-                let telemetry = tch::no_grad(|| moe_telemetry(&routing, &plan, b * t))?;
+                let telemetry = tch::no_grad(|| moe::telemetry(&routing, &plan.counts, b * t))?;
                 let y = x.f_add(&out.f_reshape([b, t, d])?)?;
                 Ok((y, Some((balance, telemetry))))
             }
@@ -942,25 +942,6 @@ fn mlp_experts(
         take(format!("{prefix}.b1"), b1)?;
     }
     Ok(())
-}
-
-/// Routing statistics as [`MoeLayer::forward`] reports them.
-fn moe_telemetry(routing: &moe::Routing, plan: &DispatchPlan, tokens: i64) -> Result<Telemetry> {
-    let counts = plan.counts.f_to_kind(Kind::Float)?;
-    let slots = (tokens * routing.expert.size()[1]) as f64;
-    let kept = counts.f_sum(Kind::Float)?;
-    let p = &routing.probs;
-    let entropy = p
-        .f_mul(&p.f_clamp_min(1e-30)?.f_log()?)?
-        .f_sum_dim_intlist(1, false, Kind::Float)?
-        .f_neg()?
-        .f_mean(Kind::Float)?;
-    Ok(Telemetry {
-        tokens_per_expert: counts,
-        dropped_fraction: kept.f_div_scalar(-slots)?.f_add_scalar(1.0)?,
-        gate_entropy: entropy,
-        balance_loss: routing.balance_loss.f_detach()?,
-    })
 }
 
 impl Transformer {

@@ -945,7 +945,7 @@ impl MoeLayer {
         if let Some(shared) = &self.shared {
             out = out.f_add(&shared.forward(x)?)?;
         }
-        let telemetry = tch::no_grad(|| telemetry(&routing, &plan, t))?;
+        let telemetry = tch::no_grad(|| telemetry(&routing, &plan.counts, t))?;
         Ok(MoeOutput {
             out,
             balance_loss: routing.balance_loss,
@@ -954,8 +954,10 @@ impl MoeLayer {
     }
 }
 
-fn telemetry(routing: &Routing, plan: &DispatchPlan, tokens: i64) -> Result<Telemetry> {
-    let counts = plan.counts.f_to_kind(Kind::Float)?;
+/// A layer's routing statistics for `tokens` tokens, from the tokens each expert kept
+/// (`counts`, `[E]`, any numeric kind; `DispatchPlan::counts` on one rank).
+pub fn telemetry(routing: &Routing, counts: &Tensor, tokens: i64) -> Result<Telemetry> {
+    let counts = counts.f_to_kind(Kind::Float)?;
     let slots = (tokens * routing.expert.size()[1]) as f64;
     let kept = counts.f_sum(Kind::Float)?;
     let dropped = kept.f_div_scalar(-slots)?.f_add_scalar(1.0)?;
@@ -969,6 +971,6 @@ fn telemetry(routing: &Routing, plan: &DispatchPlan, tokens: i64) -> Result<Tele
         tokens_per_expert: counts,
         dropped_fraction: dropped,
         gate_entropy: entropy,
-        balance_loss: routing.balance_loss.f_detach()?,
+        balance_loss: routing.balance_loss.f_detach()?.f_to_kind(Kind::Float)?,
     })
 }
