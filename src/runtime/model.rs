@@ -893,16 +893,15 @@ impl Block {
         attn.heads /= t;
         attn.kv_heads /= t;
         attn.tensor = Some(tp);
-        let mut mlp = |p: &str, m: &mut DenseMlp| -> Result<()> {
-            take(format!("{p}.w1"), &mut m.w1)?;
-            take(format!("{p}.w2"), &mut m.w2)?;
-            if let Some(w3) = m.w3.as_mut() {
-                take(format!("{p}.w3"), w3)?;
-            }
-            if let Some(b1) = m.b1.as_mut() {
-                take(format!("{p}.b1"), b1)?;
-            }
-            Ok(())
+        let mut mlp = |p: &str, m: &mut DenseMlp| {
+            take_mlp(
+                &mut take,
+                p,
+                &mut m.w1,
+                &mut m.w2,
+                m.w3.as_mut(),
+                m.b1.as_mut(),
+            )
         };
         match &mut self.ffn {
             FfnModule::Dense(m) => mlp(&format!("{prefix}.ffn"), m)?,
@@ -911,10 +910,14 @@ impl Block {
                     mlp(&format!("{prefix}.ffn.shared"), shared)?;
                 }
                 if tp.expert_slicing {
-                    mlp_experts(
+                    let e = &mut layer.experts;
+                    take_mlp(
                         &mut take,
                         &format!("{prefix}.ffn.experts"),
-                        &mut layer.experts,
+                        &mut e.w1,
+                        &mut e.w2,
+                        e.w3.as_mut(),
+                        e.b1.as_mut(),
                     )?;
                     if tp.rank != 0 {
                         // The bias stays in the store (whole, summed over the tensor group
@@ -928,17 +931,22 @@ impl Block {
     }
 }
 
-fn mlp_experts(
+/// Hands an MLP's (or stacked experts') tensor-split matrices to `take` under their store
+/// names `{prefix}.w1`, `.w2`, `.w3`, `.b1` (`b2` is added after the reduce, whole).
+fn take_mlp(
     take: &mut dyn FnMut(String, &mut Tensor) -> Result<()>,
     prefix: &str,
-    e: &mut Experts,
+    w1: &mut Tensor,
+    w2: &mut Tensor,
+    w3: Option<&mut Tensor>,
+    b1: Option<&mut Tensor>,
 ) -> Result<()> {
-    take(format!("{prefix}.w1"), &mut e.w1)?;
-    take(format!("{prefix}.w2"), &mut e.w2)?;
-    if let Some(w3) = e.w3.as_mut() {
+    take(format!("{prefix}.w1"), w1)?;
+    take(format!("{prefix}.w2"), w2)?;
+    if let Some(w3) = w3 {
         take(format!("{prefix}.w3"), w3)?;
     }
-    if let Some(b1) = e.b1.as_mut() {
+    if let Some(b1) = b1 {
         take(format!("{prefix}.b1"), b1)?;
     }
     Ok(())
