@@ -18,7 +18,9 @@
 //! - `naive-loop`: for each expert, find its tokens (`nonzero`), run them, scatter back.
 //!
 //! FLOPs count the expert matmuls only: forward `2·T·k·m·d·ffn` (m matrices), forward +
-//! backward 3× that (the input requires grad, so no GEMM is skipped). The dense ceiling is an
+//! backward 3× that (the input requires grad, so no GEMM is skipped; the backward returns the
+//! gradients of the input and weights without accumulating into `.grad`, as PyTorch does
+//! after `zero_grad(set_to_none=True)`). The dense ceiling is an
 //! 8192³ matmul in the same dtype, same process. On CUDA with the `cuda` feature, times are
 //! CUDA events recorded on torch's current stream (median, p10, p90 over the timed
 //! iterations, after warm-up) and each row reports the caching allocator's peak allocated
@@ -586,29 +588,31 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                 let err = rel_error(&out, &reference)?;
                 drop(out);
                 let (mut fwd, mut bwd, mut both) = (Vec::new(), Vec::new(), Vec::new());
+                let inputs = |xg: &Tensor| -> Vec<Tensor> {
+                    [Some(xg), Some(&ex.w1), Some(&ex.w2), ex.w3.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .map(|t| t.shallow_clone())
+                        .collect()
+                };
                 for i in 0..opts.warmup + opts.iterations {
                     let xg = x.f_detach()?.f_set_requires_grad(true)?;
                     let t0 = mark(opts.device)?;
                     let out = forward(imp, &ex, &xg, &expert, &weight)?;
                     let t1 = mark(opts.device)?;
-                    // the backward seed Σ out · grad adds one elementwise pass over [T, d]
-                    out.f_mul(&grad)?.f_sum(opts.kind)?.f_backward()?;
+                    // the backward seed Σ out · grad adds one elementwise pass over [T, d];
+                    // gradients are returned, not accumulated into `.grad` (as after
+                    // PyTorch's default `zero_grad(set_to_none=True)`)
+                    let seed = out.f_mul(&grad)?.f_sum(opts.kind)?;
+                    let grads = Tensor::f_run_backward(&[&seed], &inputs(&xg), false, false)?;
                     let t2 = mark(opts.device)?;
+                    drop(grads);
                     if i >= opts.warmup {
                         fwd.push(between(&t0, &t1)?);
                         bwd.push(between(&t1, &t2)?);
                         both.push(between(&t0, &t2)?);
                     }
                     drop(out);
-                    for w in [Some(&ex.w1), Some(&ex.w2), ex.w3.as_ref()]
-                        .into_iter()
-                        .flatten()
-                    {
-                        let mut g = w.grad();
-                        if g.defined() {
-                            let _ = g.f_zero_()?;
-                        }
-                    }
                 }
                 let (fwd, bwd, both) = (timing(fwd), timing(bwd), timing(both));
                 let flops = shape.forward_flops();

@@ -486,7 +486,7 @@ impl MoeHook for ExpertParallel<'_> {
             .f_index_select(0, &flat.f_clamp_min(0)?)?
             .f_where_scalarother(&valid, e)?;
         let order = slot.f_argsort_stable(true, 0, false)?;
-        let per_slot = slot.f_bincount(None::<Tensor>, e + 1)?.f_narrow(0, 0, e)?;
+        let per_slot = moe::counts_of(&slot, e + 1)?.f_narrow(0, 0, e)?;
         let counts = Vec::<i64>::try_from(&per_slot.f_to_device(tch::Device::Cpu)?)?;
         let kept: i64 = counts.iter().sum();
         let sent = order.f_narrow(0, 0, kept)?;

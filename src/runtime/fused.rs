@@ -162,25 +162,41 @@ template <typename T> __device__ __forceinline__ void stv(T* p, const float* in)
   *reinterpret_cast<Vec<T>*>(p) = x;
 }
 
-// out[r] = scale[s] * src[s / k] for s = row_slot[r] >= 0, else 0.
+// out[r] = scale[s] * src[s / k] for s = row_slot[r] >= 0, else 0. One warp per row, each
+// lane keeping up to four 16-byte loads in flight.
 template <typename T>
-__device__ void gather_rows(const T* src, const long long* row_slot, int k, const float* scale,
-                            T* out, long long rows, int d) {
+__device__ void gather_rows(const T* __restrict__ src, const long long* __restrict__ row_slot,
+                            int k, const float* __restrict__ scale, T* __restrict__ out,
+                            long long rows, int d) {
   const int N = Vec<T>::N;
-  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (long long r = (long long)blockIdx.x * warps + (threadIdx.x >> 5); r < rows;
+       r += (long long)gridDim.x * warps) {
     long long s = row_slot[r];
     float w = (s >= 0 && scale) ? scale[s] : 1.0f;
-    for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
-      float v[16 / sizeof(T)];
-      if (s >= 0) {
-        ldv(src + (s / k) * (long long)d + c, v);
+    const T* from = src + (s >= 0 ? (s / k) * (long long)d : 0);
+    T* to = out + r * (long long)d;
+    for (int c0 = lane * N; c0 < d; c0 += 4 * 32 * N) {
+      float v[4][16 / sizeof(T)];
 #pragma unroll
-        for (int i = 0; i < N; ++i) v[i] *= w;
-      } else {
+      for (int u = 0; u < 4; ++u) {
+        int c = c0 + u * 32 * N;
+        if (s >= 0 && c < d) {
+          ldv(from + c, v[u]);
+        } else {
 #pragma unroll
-        for (int i = 0; i < N; ++i) v[i] = 0.0f;
+          for (int i = 0; i < N; ++i) v[u][i] = 0.0f;
+        }
       }
-      stv(out + r * (long long)d + c, v);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        int c = c0 + u * 32 * N;
+        if (c < d) {
+#pragma unroll
+          for (int i = 0; i < N; ++i) v[u][i] *= w;
+          stv(to + c, v[u]);
+        }
+      }
     }
   }
 }
@@ -276,6 +292,231 @@ __device__ void swiglu_bwd(const T* a, const T* b, const T* g, T* ga, T* gb, lon
   }
 }
 
+// Activations of the bias epilogue: 0 none, 1 GELU (erf form), 2 ReLU.
+__device__ __forceinline__ float act_f(int act, float x) {
+  if (act == 1) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+  if (act == 2) return x > 0.0f ? x : 0.0f;
+  return x;
+}
+__device__ __forceinline__ float act_d(int act, float x) {
+  if (act == 1)
+    return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) +
+           x * 0.39894228040143268f * __expf(-0.5f * x * x);
+  if (act == 2) return x > 0.0f ? 1.0f : 0.0f;
+  return 1.0f;
+}
+
+// Bias epilogue of a grouped matmul, rows in expert order: out[r] = act(h[r] + bias[e]) with
+// e = row_expert[r]; rows of dropped slots (e outside [0, E)) are written as zero and their
+// input is never read. Backward (g given): gh[r] = g[r] * act'(h[r] + bias[e]), zero for
+// dropped rows. d % VEC == 0.
+template <typename T>
+__device__ void bias_act(const T* __restrict__ h, const T* __restrict__ bias,
+                         const long long* __restrict__ row_expert, int E, int act,
+                         const T* __restrict__ g, T* __restrict__ out, long long rows, int d) {
+  const int N = Vec<T>::N;
+  const long long per_row = d / N;
+  const long long n = rows * per_row;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    long long r = i / per_row;
+    int c = (int)(i - r * per_row) * N;
+    long long e = row_expert[r];
+    float v[16 / sizeof(T)];
+    if (e >= 0 && e < E) {
+      float b[16 / sizeof(T)];
+      ldv(h + r * d + c, v);
+      ldv(bias + e * d + c, b);
+      if (g) {
+        float z[16 / sizeof(T)];
+        ldv(g + r * d + c, z);
+#pragma unroll
+        for (int j = 0; j < N; ++j) v[j] = z[j] * act_d(act, v[j] + b[j]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < N; ++j) v[j] = act_f(act, v[j] + b[j]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j) v[j] = 0.0f;
+    }
+    stv(out + r * d + c, v);
+  }
+}
+
+// First row whose expert is >= e in the sorted row_expert.
+__device__ __forceinline__ long long lower_row(const long long* row_expert, long long rows,
+                                               long long e) {
+  long long lo = 0, hi = rows;
+  while (lo < hi) {
+    long long mid = (lo + hi) >> 1;
+    if (row_expert[mid] < e) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// out[e] = sum of g's rows of expert e (rows sorted by expert; dropped rows, expert E, last
+// and never read). Grid (E, column chunks of 32 VEC), 256 threads: 8 row lanes x 32 column
+// lanes, four rows in flight per thread, f32 sums, no atomics.
+template <typename T>
+__device__ void segment_sums(const T* __restrict__ g, const long long* __restrict__ row_expert,
+                             T* __restrict__ out, long long rows, int d) {
+  const int N = Vec<T>::N;
+  __shared__ float part[8][32 * (16 / sizeof(T))];
+  const long long e = blockIdx.x;
+  const long long lo = lower_row(row_expert, rows, e), hi = lower_row(row_expert, rows, e + 1);
+  const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
+  const int c = (blockIdx.y * 32 + lx) * N;
+  float acc[16 / sizeof(T)];
+#pragma unroll
+  for (int j = 0; j < N; ++j) acc[j] = 0.0f;
+  if (c < d) {
+    for (long long r = lo + ly; r < hi; r += 32) {
+      float v[4][16 / sizeof(T)];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        long long rr = r + u * 8;
+        if (rr < hi) {
+          ldv(g + rr * d + c, v[u]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < N; ++j) v[u][j] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[j] += v[u][j];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) part[ly][lx * N + j] = acc[j];
+  __syncthreads();
+  if (ly == 0 && c < d) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float s = 0.0f;
+      for (int y = 0; y < 8; ++y) s += part[y][lx * N + j];
+      acc[j] = s;
+    }
+    stv(out + e * d + c, acc);
+  }
+}
+
+// ---- The expert order of the T·k slots (DispatchPlan) and capacity positions. Keys are
+// the slots' experts, anything outside [0, E) being the dropped key E, sorted last. Three
+// launches: per-chunk counts, one scan, then a stable placement per chunk (ranks within a
+// warp by __match_any_sync, warps in order through shared per-warp counts).
+__device__ __forceinline__ int plan_key(const long long* keys, long long s, int E) {
+  long long e = keys[s];
+  return (e >= 0 && e < E) ? (int)e : E;
+}
+
+extern "C" __global__ void plan_count(const long long* __restrict__ keys, long long n, int E,
+                                      long long chunk, int* __restrict__ block_counts) {
+  extern __shared__ int cnt[];
+  const int B = E + 1;
+  for (int j = threadIdx.x; j < B; j += blockDim.x) cnt[j] = 0;
+  __syncthreads();
+  const long long lo = (long long)blockIdx.x * chunk;
+  const long long hi = min(n, lo + chunk);
+  for (long long s = lo + threadIdx.x; s < hi; s += blockDim.x) atomicAdd(&cnt[plan_key(keys, s, E)], 1);
+  __syncthreads();
+  for (int j = threadIdx.x; j < B; j += blockDim.x) block_counts[(long long)blockIdx.x * B + j] = cnt[j];
+}
+
+// One block: totals per key, counts [E] (int64) and group ends [E] (int32), each key's first
+// row key_start [E+1], and each chunk's first row per key block_start [nb][E+1].
+extern "C" __global__ void plan_scan(const int* __restrict__ block_counts, int nb, int E,
+                                     long long* __restrict__ counts, int* __restrict__ offsets,
+                                     long long* __restrict__ key_start,
+                                     int* __restrict__ block_start) {
+  extern __shared__ int start[];
+  const int B = E + 1;
+  for (int j = threadIdx.x; j < B; j += blockDim.x) {
+    int t = 0;
+    for (int b = 0; b < nb; ++b) t += block_counts[b * B + j];
+    start[j] = t;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int j = 0; j < B; ++j) {
+      int t = start[j];
+      start[j] = acc;
+      key_start[j] = acc;
+      acc += t;
+      if (j < E) {
+        counts[j] = t;
+        offsets[j] = acc;
+      }
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < B; j += blockDim.x) {
+    int acc = start[j];
+    for (int b = 0; b < nb; ++b) {
+      block_start[b * B + j] = acc;
+      acc += block_counts[b * B + j];
+    }
+  }
+}
+
+// Stable placement of chunk blockIdx.x: row = first row of its key in this chunk + the slots
+// of that key before it. With `pos`, writes only each slot's position within its key
+// (row - key_start[key]); otherwise the plan's index maps.
+extern "C" __global__ void plan_place(const long long* __restrict__ keys, long long n, int k,
+                                      int E, long long chunk,
+                                      const int* __restrict__ block_start,
+                                      const long long* __restrict__ key_start,
+                                      long long* __restrict__ pos, long long* __restrict__ order,
+                                      long long* __restrict__ token,
+                                      long long* __restrict__ sorted_key,
+                                      long long* __restrict__ row_slot,
+                                      long long* __restrict__ slot_row) {
+  extern __shared__ int sh[];
+  const int B = E + 1;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  int* running = sh;
+  int* wc = sh + B;
+  for (int j = threadIdx.x; j < B; j += blockDim.x)
+    running[j] = block_start[(long long)blockIdx.x * B + j];
+  const long long lo = (long long)blockIdx.x * chunk;
+  const long long hi = min(n, lo + chunk);
+  for (long long base = lo; base < hi; base += blockDim.x) {
+    const long long s = base + threadIdx.x;
+    const int key = s < hi ? plan_key(keys, s, E) : -1;
+    for (int i = threadIdx.x; i < nw * B; i += blockDim.x) wc[i] = 0;
+    __syncthreads();
+    const unsigned same = __match_any_sync(0xffffffffu, key);
+    const int rank = __popc(same & ((1u << lane) - 1u));
+    if (key >= 0 && rank == 0) wc[warp * B + key] = __popc(same);
+    __syncthreads();
+    if (key >= 0) {
+      int before = 0;
+      for (int w = 0; w < warp; ++w) before += wc[w * B + key];
+      const long long row = (long long)running[key] + before + rank;
+      if (pos) {
+        pos[s] = row - key_start[key];
+      } else {
+        const bool kept = key < E;
+        order[row] = s;
+        token[row] = s / k;
+        sorted_key[row] = key;
+        row_slot[row] = kept ? s : -1;
+        slot_row[s] = kept ? row : -1;
+      }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < B; j += blockDim.x) {
+      int t = 0;
+      for (int w = 0; w < nw; ++w) t += wc[w * B + j];
+      running[j] += t;
+    }
+    __syncthreads();
+  }
+}
+
 #define INSTANCES(T, NAME) \
 extern "C" __global__ void swiglu_fwd_##NAME(const T* a, const T* b, T* out, long long n) { \
     swiglu_fwd<T>(a, b, out, n); } \
@@ -286,12 +527,20 @@ extern "C" __global__ void gather_rows_##NAME(const T* src, const long long* row
 extern "C" __global__ void sum_rows_##NAME(const T* src, const long long* slot_row, int k, \
     const float* weight, T* out, long long tokens, int d) { sum_rows<T>(src, slot_row, k, weight, out, tokens, d); } \
 extern "C" __global__ void row_dots_##NAME(const T* a, const long long* slot_row, int k, \
-    const T* b, float* out, long long tokens, int d) { row_dots<T>(a, slot_row, k, b, out, tokens, d); }
+    const T* b, float* out, long long tokens, int d) { row_dots<T>(a, slot_row, k, b, out, tokens, d); } \
+extern "C" __global__ void bias_act_##NAME(const T* h, const T* bias, const long long* row_expert, \
+    int E, int act, const T* g, T* out, long long rows, int d) { \
+    bias_act<T>(h, bias, row_expert, E, act, g, out, rows, d); } \
+extern "C" __global__ void segment_sums_##NAME(const T* g, const long long* row_expert, T* out, \
+    long long rows, int d) { segment_sums<T>(g, row_expert, out, rows, d); }
 INSTANCES(bf16_t, bf16)
 INSTANCES(float, f32)
 "#;
 
-const KERNELS: [&str; 10] = [
+const KERNELS: [&str; 17] = [
+    "plan_count",
+    "plan_scan",
+    "plan_place",
     "swiglu_fwd_bf16",
     "swiglu_bwd_bf16",
     "swiglu_fwd_f32",
@@ -302,6 +551,10 @@ const KERNELS: [&str; 10] = [
     "gather_rows_f32",
     "sum_rows_f32",
     "row_dots_f32",
+    "bias_act_bf16",
+    "segment_sums_bf16",
+    "bias_act_f32",
+    "segment_sums_f32",
 ];
 
 struct Module {
@@ -438,8 +691,30 @@ pub fn warn_unavailable(device: usize) {
     }
 }
 
-fn launch(device: usize, name: &str, blocks: i64, params: &mut [*mut c_void]) -> Result<()> {
-    if blocks == 0 {
+/// One kernel argument, passed by value.
+#[derive(Clone, Copy)]
+enum Arg {
+    Ptr(*mut c_void),
+    Int(c_int),
+    Long(i64),
+}
+
+/// A tensor's data pointer as a kernel argument (null for `None`).
+fn arg(t: Option<&Tensor>) -> Arg {
+    Arg::Ptr(t.map(|t| t.data_ptr()).unwrap_or(std::ptr::null_mut()))
+}
+
+/// Launches kernel `name` on `device`'s current torch stream: `blocks` blocks (x, capped
+/// for grid-stride kernels) by `blocks_y`, `threads` threads each with `shared_bytes` of
+/// dynamic shared memory.
+fn launch(
+    device: usize,
+    name: &str,
+    (blocks, blocks_y): (i64, u32),
+    (threads, shared_bytes): (u32, u32),
+    args: &[Arg],
+) -> Result<()> {
+    if blocks == 0 || blocks_y == 0 {
         return Ok(());
     }
     kernels_ready(device)?;
@@ -456,8 +731,18 @@ fn launch(device: usize, name: &str, blocks: i64, params: &mut [*mut c_void]) ->
         .ok_or_else(|| anyhow!("no kernel {name}"))?;
     let stream = current_stream(device)?;
     let grid = blocks.min(1 << 20) as u32;
-    // SAFETY: `params` point at live arguments matching the kernel's signature; the tensors
-    // they reference are contiguous, on `device`, and outlive the launch (stream-ordered).
+    let mut values = args.to_vec();
+    let mut params: Vec<*mut c_void> = values
+        .iter_mut()
+        .map(|a| match a {
+            Arg::Ptr(p) => p as *mut *mut c_void as *mut c_void,
+            Arg::Int(i) => i as *mut c_int as *mut c_void,
+            Arg::Long(l) => l as *mut i64 as *mut c_void,
+        })
+        .collect();
+    // SAFETY: `params` point at live values matching the kernel's signature (`values` is not
+    // moved until the call returns); the tensors they reference are contiguous, on
+    // `device`, and outlive the launch (stream-ordered).
     unsafe {
         cu_check("cuCtxSetCurrent", cu::cuCtxSetCurrent(module.ctx))?;
         cu_check(
@@ -465,12 +750,12 @@ fn launch(device: usize, name: &str, blocks: i64, params: &mut [*mut c_void]) ->
             cu::cuLaunchKernel(
                 f,
                 grid,
+                blocks_y,
+                1,
+                threads,
                 1,
                 1,
-                128,
-                1,
-                1,
-                0,
+                shared_bytes,
                 stream as cu::CUstream,
                 params.as_mut_ptr(),
                 std::ptr::null_mut(),
@@ -504,10 +789,6 @@ fn device_index(t: &Tensor) -> usize {
     }
 }
 
-fn ptr(t: &Tensor) -> *mut c_void {
-    t.data_ptr()
-}
-
 /// `out[r] = scale[s] · src[s / k]` for `s = row_slot[r] ≥ 0`, zero rows elsewhere.
 pub fn gather_rows(
     src: &Tensor,
@@ -524,23 +805,21 @@ pub fn gather_rows(
             .map(|s| s.f_to_kind(Kind::Float)?.f_contiguous())
             .transpose()?;
         let out = Tensor::f_empty([rows, d], (src.kind(), src.device()))?;
-        let (mut p_src, mut p_idx, mut p_out) = (ptr(&src), ptr(&idx), ptr(&out));
-        let mut p_scale = scale.as_ref().map(ptr).unwrap_or(std::ptr::null_mut());
-        let (mut k32, mut rows64, mut d32) = (k as c_int, rows, d as c_int);
-        let mut params: [*mut c_void; 7] = [
-            &mut p_src as *mut _ as *mut c_void,
-            &mut p_idx as *mut _ as *mut c_void,
-            &mut k32 as *mut _ as *mut c_void,
-            &mut p_scale as *mut _ as *mut c_void,
-            &mut p_out as *mut _ as *mut c_void,
-            &mut rows64 as *mut _ as *mut c_void,
-            &mut d32 as *mut _ as *mut c_void,
-        ];
+        // one warp per row, four rows per block
         launch(
             device_index(&src),
             &format!("gather_rows_{suffix}"),
-            rows,
-            &mut params,
+            ((rows + 3) / 4, 1),
+            (128, 0),
+            &[
+                arg(Some(&src)),
+                arg(Some(&idx)),
+                Arg::Int(k as c_int),
+                arg(scale.as_ref()),
+                arg(Some(&out)),
+                Arg::Long(rows),
+                Arg::Int(d as c_int),
+            ],
         )?;
         return Ok(out);
     }
@@ -574,23 +853,20 @@ pub fn sum_rows(
             .map(|s| s.f_to_kind(Kind::Float)?.f_contiguous())
             .transpose()?;
         let out = Tensor::f_empty([tokens, d], (src.kind(), src.device()))?;
-        let (mut p_src, mut p_idx, mut p_out) = (ptr(&src), ptr(&idx), ptr(&out));
-        let mut p_w = weight.as_ref().map(ptr).unwrap_or(std::ptr::null_mut());
-        let (mut k32, mut t64, mut d32) = (k as c_int, tokens, d as c_int);
-        let mut params: [*mut c_void; 7] = [
-            &mut p_src as *mut _ as *mut c_void,
-            &mut p_idx as *mut _ as *mut c_void,
-            &mut k32 as *mut _ as *mut c_void,
-            &mut p_w as *mut _ as *mut c_void,
-            &mut p_out as *mut _ as *mut c_void,
-            &mut t64 as *mut _ as *mut c_void,
-            &mut d32 as *mut _ as *mut c_void,
-        ];
         launch(
             device_index(&src),
             &format!("sum_rows_{suffix}"),
-            tokens,
-            &mut params,
+            (tokens, 1),
+            (128, 0),
+            &[
+                arg(Some(&src)),
+                arg(Some(&idx)),
+                Arg::Int(k as c_int),
+                arg(weight.as_ref()),
+                arg(Some(&out)),
+                Arg::Long(tokens),
+                Arg::Int(d as c_int),
+            ],
         )?;
         return Ok(out);
     }
@@ -615,22 +891,20 @@ pub fn row_dots(a: &Tensor, slot_row: &Tensor, k: i64, b: &Tensor) -> Result<Ten
         let b = b.f_contiguous()?;
         let idx = slot_row.f_contiguous()?;
         let out = Tensor::f_empty([tokens * k], (Kind::Float, a.device()))?;
-        let (mut p_a, mut p_idx, mut p_b, mut p_out) = (ptr(&a), ptr(&idx), ptr(&b), ptr(&out));
-        let (mut k32, mut t64, mut d32) = (k as c_int, tokens, d as c_int);
-        let mut params: [*mut c_void; 7] = [
-            &mut p_a as *mut _ as *mut c_void,
-            &mut p_idx as *mut _ as *mut c_void,
-            &mut k32 as *mut _ as *mut c_void,
-            &mut p_b as *mut _ as *mut c_void,
-            &mut p_out as *mut _ as *mut c_void,
-            &mut t64 as *mut _ as *mut c_void,
-            &mut d32 as *mut _ as *mut c_void,
-        ];
         launch(
             device_index(&a),
             &format!("row_dots_{suffix}"),
-            tokens,
-            &mut params,
+            (tokens, 1),
+            (128, 0),
+            &[
+                arg(Some(&a)),
+                arg(Some(&idx)),
+                Arg::Int(k as c_int),
+                arg(Some(&b)),
+                arg(Some(&out)),
+                Arg::Long(tokens),
+                Arg::Int(d as c_int),
+            ],
         )?;
         return Ok(out);
     }
@@ -652,6 +926,7 @@ pub fn row_dots(a: &Tensor, slot_row: &Tensor, k: i64, b: &Tensor) -> Result<Ten
 const OP_DISPATCH: i64 = 1;
 const OP_COMBINE: i64 = 2;
 const OP_SWIGLU: i64 = 3;
+const OP_BIAS_ACT: i64 = 4;
 
 /// Blocks of 128 threads for an elementwise kernel over `n` elements, `vec` per thread.
 fn elementwise_blocks(n: i64, vec: i64) -> i64 {
@@ -670,18 +945,12 @@ pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let out = a.f_empty_like()?;
         let n = a.numel() as i64;
         let vec = if suffix == "bf16" { 8 } else { 4 };
-        let (mut pa, mut pb, mut po, mut n64) = (ptr(&a), ptr(&b), ptr(&out), n);
-        let mut params: [*mut c_void; 4] = [
-            &mut pa as *mut _ as *mut c_void,
-            &mut pb as *mut _ as *mut c_void,
-            &mut po as *mut _ as *mut c_void,
-            &mut n64 as *mut _ as *mut c_void,
-        ];
         launch(
             device_index(&a),
             &format!("swiglu_fwd_{suffix}"),
-            elementwise_blocks(n, vec),
-            &mut params,
+            (elementwise_blocks(n, vec), 1),
+            (128, 0),
+            &[arg(Some(&a)), arg(Some(&b)), arg(Some(&out)), Arg::Long(n)],
         )?;
         return Ok(out);
     }
@@ -705,21 +974,19 @@ pub fn swiglu_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Te
         let gb = a.f_empty_like()?;
         let n = a.numel() as i64;
         let vec = if suffix == "bf16" { 8 } else { 4 };
-        let (mut pa, mut pb, mut pg, mut pga, mut pgb, mut n64) =
-            (ptr(&a), ptr(&b), ptr(&g), ptr(&ga), ptr(&gb), n);
-        let mut params: [*mut c_void; 6] = [
-            &mut pa as *mut _ as *mut c_void,
-            &mut pb as *mut _ as *mut c_void,
-            &mut pg as *mut _ as *mut c_void,
-            &mut pga as *mut _ as *mut c_void,
-            &mut pgb as *mut _ as *mut c_void,
-            &mut n64 as *mut _ as *mut c_void,
-        ];
         launch(
             device_index(&a),
             &format!("swiglu_bwd_{suffix}"),
-            elementwise_blocks(n, vec),
-            &mut params,
+            (elementwise_blocks(n, vec), 1),
+            (128, 0),
+            &[
+                arg(Some(&a)),
+                arg(Some(&b)),
+                arg(Some(&g)),
+                arg(Some(&ga)),
+                arg(Some(&gb)),
+                Arg::Long(n),
+            ],
         )?;
         return Ok((ga, gb));
     }
@@ -729,6 +996,283 @@ pub fn swiglu_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Te
     let ds = s.f_mul(&a.f_mul(&s.f_neg()?.f_add_scalar(1.0)?)?.f_add_scalar(1.0)?)?;
     let ga = g.f_mul(b)?.f_mul(&ds)?;
     Ok((ga, gb))
+}
+
+/// The most experts the plan kernels take (their shared memory holds 33·(E+1) ints).
+pub const PLAN_MAX_EXPERTS: i64 = 256;
+/// Slots per block of the plan kernels.
+const PLAN_CHUNK: i64 = 4096;
+
+/// Whether the plan kernels apply to `keys` (`[n]` int64 on a CUDA device, `e` experts);
+/// `FMOEC_FUSED_PLAN=0` switches them off (the libtorch sort runs instead).
+pub fn plan_kernels_apply(keys: &Tensor, e: i64) -> bool {
+    keys.device().is_cuda()
+        && keys.kind() == Kind::Int64
+        && keys.dim() == 1
+        && (1..=PLAN_MAX_EXPERTS).contains(&e)
+        && keys.size()[0] < i32::MAX as i64
+        && !std::env::var("FMOEC_FUSED_PLAN").is_ok_and(|v| v == "0")
+}
+
+/// A stable expert order of `n` slots, as [`crate::runtime::moe::DispatchPlan`] holds it.
+pub struct RowOrder {
+    /// Slot of each row (slots sorted by key, stable; dropped slots, key `E`, last).
+    pub order: Tensor,
+    /// `order / k`.
+    pub token: Tensor,
+    /// The key of each row (`E` for dropped slots).
+    pub sorted_key: Tensor,
+    /// Slot of each row, `-1` for dropped rows.
+    pub row_slot: Tensor,
+    /// Row of each slot, `-1` for dropped slots.
+    pub slot_row: Tensor,
+    /// Kept slots per expert, `[E]` int64.
+    pub counts: Tensor,
+    /// Group ends, `[E]` int32.
+    pub offsets: Tensor,
+}
+
+/// Per-chunk counts and the scan: `(counts, offsets, key_start, block_start, chunks)`.
+fn plan_counts(keys: &Tensor, e: i64) -> Result<(Tensor, Tensor, Tensor, Tensor, i64)> {
+    let n = keys.size()[0];
+    let (dev, di, b) = (keys.device(), device_index(keys), e + 1);
+    let nb = ((n + PLAN_CHUNK - 1) / PLAN_CHUNK).max(1);
+    let block_counts = Tensor::f_empty([nb, b], (Kind::Int, dev))?;
+    launch(
+        di,
+        "plan_count",
+        (nb, 1),
+        (512, (b * 4) as u32),
+        &[
+            arg(Some(keys)),
+            Arg::Long(n),
+            Arg::Int(e as c_int),
+            Arg::Long(PLAN_CHUNK),
+            arg(Some(&block_counts)),
+        ],
+    )?;
+    let counts = Tensor::f_empty([e], (Kind::Int64, dev))?;
+    let offsets = Tensor::f_empty([e], (Kind::Int, dev))?;
+    let key_start = Tensor::f_empty([b], (Kind::Int64, dev))?;
+    let block_start = Tensor::f_empty([nb, b], (Kind::Int, dev))?;
+    launch(
+        di,
+        "plan_scan",
+        (1, 1),
+        (1024, (b * 4) as u32),
+        &[
+            arg(Some(&block_counts)),
+            Arg::Int(nb as c_int),
+            Arg::Int(e as c_int),
+            arg(Some(&counts)),
+            arg(Some(&offsets)),
+            arg(Some(&key_start)),
+            arg(Some(&block_start)),
+        ],
+    )?;
+    Ok((counts, offsets, key_start, block_start, nb))
+}
+
+/// The placement pass: positions within each key (`pos`) or the index maps (`maps`).
+fn plan_place(
+    keys: &Tensor,
+    k: i64,
+    e: i64,
+    (key_start, block_start, nb): (&Tensor, &Tensor, i64),
+    pos: Option<&Tensor>,
+    maps: Option<[&Tensor; 5]>,
+) -> Result<()> {
+    let b = e + 1;
+    let map = |i: usize| maps.map(|m| m[i]);
+    launch(
+        device_index(keys),
+        "plan_place",
+        (nb, 1),
+        (1024, (33 * b * 4) as u32),
+        &[
+            arg(Some(keys)),
+            Arg::Long(keys.size()[0]),
+            Arg::Int(k as c_int),
+            Arg::Int(e as c_int),
+            Arg::Long(PLAN_CHUNK),
+            arg(Some(block_start)),
+            arg(Some(key_start)),
+            arg(pos),
+            arg(map(0)),
+            arg(map(1)),
+            arg(map(2)),
+            arg(map(3)),
+            arg(map(4)),
+        ],
+    )
+}
+
+/// The stable expert order of the slots `keys` (`[n]` int64, slot `s = token·k + j`, keys
+/// outside `[0, e)` dropped) in three launches and no host synchronisation. The caller
+/// checks [`plan_kernels_apply`].
+pub fn expert_order(keys: &Tensor, k: i64, e: i64) -> Result<RowOrder> {
+    let keys = keys.f_contiguous()?;
+    let n = keys.size()[0];
+    let (counts, offsets, key_start, block_start, nb) = plan_counts(&keys, e)?;
+    let new = || Tensor::f_empty([n], (Kind::Int64, keys.device()));
+    let (order, token, sorted_key, row_slot, slot_row) = (new()?, new()?, new()?, new()?, new()?);
+    plan_place(
+        &keys,
+        k,
+        e,
+        (&key_start, &block_start, nb),
+        None,
+        Some([&order, &token, &sorted_key, &row_slot, &slot_row]),
+    )?;
+    Ok(RowOrder {
+        order,
+        token,
+        sorted_key,
+        row_slot,
+        slot_row,
+        counts,
+        offsets,
+    })
+}
+
+/// Each slot's position among the slots of its key before it (`[n]` int64; dropped slots
+/// counted among themselves), for capacity limits. The caller checks [`plan_kernels_apply`].
+pub fn key_positions(keys: &Tensor, e: i64) -> Result<Tensor> {
+    let keys = keys.f_contiguous()?;
+    let (_, _, key_start, block_start, nb) = plan_counts(&keys, e)?;
+    let pos = Tensor::f_empty([keys.size()[0]], (Kind::Int64, keys.device()))?;
+    plan_place(
+        &keys,
+        1,
+        e,
+        (&key_start, &block_start, nb),
+        Some(&pos),
+        None,
+    )?;
+    Ok(pos)
+}
+
+/// Activations of the bias epilogue ([`bias_act`]): none (bias only), GELU (erf form), ReLU.
+pub const ACT_NONE: i64 = 0;
+pub const ACT_GELU: i64 = 1;
+pub const ACT_RELU: i64 = 2;
+
+fn act_ref(x: &Tensor, act: i64) -> Result<Tensor> {
+    Ok(match act {
+        ACT_GELU => x.f_gelu("none")?,
+        ACT_RELU => x.f_relu()?,
+        _ => x.shallow_clone(),
+    })
+}
+
+fn act_grad_ref(x: &Tensor, act: i64) -> Result<Tensor> {
+    Ok(match act {
+        ACT_GELU => {
+            let cdf = x
+                .f_mul_scalar(std::f64::consts::FRAC_1_SQRT_2)?
+                .f_erf()?
+                .f_add_scalar(1.0)?
+                .f_mul_scalar(0.5)?;
+            let pdf = x.f_square()?.f_mul_scalar(-0.5)?.f_exp()?.f_mul_scalar(
+                0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2,
+            )?;
+            cdf.f_add(&x.f_mul(&pdf)?)?
+        }
+        ACT_RELU => x.f_gt(0.0)?.f_to_kind(x.kind())?,
+        _ => x.f_ones_like()?,
+    })
+}
+
+/// The rows of `row_expert` that are kept slots (`[N, 1]` bool) and their expert clamped
+/// into `[0, E)` (for the libtorch reference paths).
+fn kept_rows(row_expert: &Tensor, experts: i64) -> Result<(Tensor, Tensor)> {
+    let valid = row_expert
+        .f_ge(0)?
+        .f_logical_and(&row_expert.f_lt(experts)?)?
+        .f_unsqueeze(1)?;
+    Ok((valid, row_expert.f_clamp(0, experts - 1)?))
+}
+
+/// The bias epilogue of a grouped matmul over rows in expert order:
+/// `act(h[r] + bias[row_expert[r]])`, zero rows for dropped slots (`row_expert[r]` outside
+/// `[0, E)`, whose `h` rows are never read). With `g`, the backward instead:
+/// `g[r] · act'(h[r] + bias[e])`, zero for dropped rows. `bias` is `[E, d]` of `h`'s dtype.
+fn bias_act_pass(
+    h: &Tensor,
+    bias: &Tensor,
+    row_expert: &Tensor,
+    act: i64,
+    g: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (rows, d) = h.size2()?;
+    let experts = bias.size()[0];
+    let same = |t: &Tensor| kernel_suffix(t).is_some() && t.kind() == h.kind() && t.size()[1] == d;
+    if let (Some(suffix), true, true) = (
+        kernel_suffix(h),
+        same(bias),
+        g.is_none_or(|g| same(g) && g.size()[0] == rows),
+    ) {
+        let h = h.f_contiguous()?;
+        let bias = bias.f_contiguous()?;
+        let g = g.map(|g| g.f_contiguous()).transpose()?;
+        let idx = row_expert.f_contiguous()?;
+        let out = h.f_empty_like()?;
+        let vec = if suffix == "bf16" { 8 } else { 4 };
+        launch(
+            device_index(&h),
+            &format!("bias_act_{suffix}"),
+            (elementwise_blocks(rows * d, vec), 1),
+            (128, 0),
+            &[
+                arg(Some(&h)),
+                arg(Some(&bias)),
+                arg(Some(&idx)),
+                Arg::Int(experts as c_int),
+                Arg::Int(act as c_int),
+                arg(g.as_ref()),
+                arg(Some(&out)),
+                Arg::Long(rows),
+                Arg::Int(d as c_int),
+            ],
+        )?;
+        return Ok(out);
+    }
+    let (valid, idx) = kept_rows(row_expert, experts)?;
+    let pre = h.f_add(&bias.f_index_select(0, &idx)?)?;
+    let out = match g {
+        None => act_ref(&pre, act)?,
+        Some(g) => g.f_mul(&act_grad_ref(&pre, act)?)?,
+    };
+    Ok(out.f_where_self(&valid, &out.f_zeros_like()?)?)
+}
+
+/// `out[e] = Σ g[r]` over the rows `r` of expert `e` (`[E, d]`, f32 sums in `g`'s dtype);
+/// `row_expert` is sorted (expert order) with dropped rows (`E`) last, never read.
+pub fn segment_sums(g: &Tensor, row_expert: &Tensor, experts: i64) -> Result<Tensor> {
+    let (rows, d) = g.size2()?;
+    if let Some(suffix) = kernel_suffix(g) {
+        let g = g.f_contiguous()?;
+        let idx = row_expert.f_contiguous()?;
+        let out = Tensor::f_empty([experts, d], (g.kind(), g.device()))?;
+        let vec = if suffix == "bf16" { 8 } else { 4 };
+        launch(
+            device_index(&g),
+            &format!("segment_sums_{suffix}"),
+            (experts, ((d / vec + 31) / 32) as u32),
+            (256, 0),
+            &[
+                arg(Some(&g)),
+                arg(Some(&idx)),
+                arg(Some(&out)),
+                Arg::Long(rows),
+                Arg::Int(d as c_int),
+            ],
+        )?;
+        return Ok(out);
+    }
+    let (valid, idx) = kept_rows(row_expert, experts)?;
+    let kept = g.f_where_self(&valid, &g.f_zeros_like()?)?;
+    Ok(Tensor::f_zeros([experts, d], (g.kind(), g.device()))?.f_index_add(0, &idx, &kept)?)
 }
 
 fn run_op(op: i64, phase: c_int, inputs: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
@@ -794,6 +1338,27 @@ fn run_op(op: i64, phase: c_int, inputs: Vec<Tensor>) -> Result<Vec<Option<Tenso
             let g = inputs[4].f_to_kind(inputs[0].kind())?;
             let (ga, gb) = swiglu_backward(&inputs[0], &inputs[1], &g)?;
             Ok(vec![Some(ga), Some(gb), None, None])
+        }
+        // bias epilogue: a = h [N, d], b = bias [E, d], c = row_expert [N], d = act (CPU)
+        (OP_BIAS_ACT, 0) => {
+            let act = inputs[3].f_int64_value(&[])?;
+            let out = bias_act_pass(&inputs[0], &inputs[1], &inputs[2], act, None)?;
+            Ok(vec![Some(out)])
+        }
+        (OP_BIAS_ACT, 1) => {
+            let (h, bias, row_expert, g) = (&inputs[0], &inputs[1], &inputs[2], &inputs[4]);
+            if undefined(g) {
+                return Ok(vec![None, None, None, None]);
+            }
+            let act = inputs[3].f_int64_value(&[])?;
+            let g = g.f_to_kind(h.kind())?;
+            let gh = bias_act_pass(h, bias, row_expert, act, Some(&g))?;
+            let gb = if bias.requires_grad() {
+                Some(segment_sums(&gh, row_expert, bias.size()[0])?)
+            } else {
+                None
+            };
+            Ok(vec![h.requires_grad().then_some(gh), gb, None, None])
         }
         _ => bail!("unknown fused op {op} phase {phase}"),
     }
@@ -907,6 +1472,20 @@ pub fn swiglu_op(h1: &Tensor, h3: &Tensor) -> Result<Tensor> {
         none,
     )
     .context("fused swiglu")
+}
+
+/// `act(h[r] + bias[row_expert[r]])` over rows in expert order (zero rows for dropped slots,
+/// whose `h` rows are never read), differentiable in `h` and `bias` (`[E, d]`, `h`'s dtype):
+/// one pass forward, one pass plus per-expert column sums (no atomics) backward.
+pub fn bias_act_op(h: &Tensor, bias: &Tensor, row_expert: &Tensor, act: i64) -> Result<Tensor> {
+    apply(
+        OP_BIAS_ACT,
+        h.shallow_clone(),
+        bias.shallow_clone(),
+        row_expert.shallow_clone(),
+        Tensor::from(act),
+    )
+    .context("fused bias epilogue")
 }
 
 /// `out[t] = Σ_j weight[t, j] · ys[slot_row[t·k+j]]` (`[T, d]`), differentiable in `ys` and
@@ -1088,6 +1667,103 @@ pub fn self_check(device: Device) -> Result<Vec<String>> {
             }
         }
     }
+    for &kind in kinds {
+        let tol = if kind == Kind::BFloat16 { 8e-3 } else { 1e-5 };
+        for &(rows, e, d) in &[(37i64, 5i64, 64i64), (4099, 16, 768), (3001, 128, 1032)] {
+            for act in [ACT_NONE, ACT_GELU, ACT_RELU] {
+                let cpu = Device::Cpu;
+                // rows in expert order, the last fifth dropped (expert E)
+                let kept = rows * 4 / 5;
+                let (sorted, _) =
+                    Tensor::f_randint(e, [kept], (Kind::Int64, cpu))?.f_sort(0, false)?;
+                let dropped = Tensor::f_full([rows - kept], e, (Kind::Int64, cpu))?;
+                let row_expert = Tensor::f_cat(&[sorted, dropped], 0)?;
+                let h = Tensor::f_randn([rows, d], (Kind::Double, cpu))?.f_mul_scalar(2.0)?;
+                let b = Tensor::f_randn([e, d], (Kind::Double, cpu))?;
+                let g = Tensor::f_randn([rows, d], (Kind::Double, cpu))?;
+                let (h, b, g) = (h.f_to_kind(kind)?, b.f_to_kind(kind)?, g.f_to_kind(kind)?);
+                let h64 = h.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+                let b64 = b.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+                let (valid, idx) = kept_rows(&row_expert, e)?;
+                let pre = h64.f_add(&b64.f_index_select(0, &idx)?)?;
+                let y = act_ref(&pre, act)?;
+                let want = y.f_where_self(&valid, &y.f_zeros_like()?)?;
+                want.f_mul(&g.f_to_kind(Kind::Double)?)?
+                    .f_sum(Kind::Double)?
+                    .f_backward()?;
+                // the dropped rows of h are NaN on the device: the kernels may not read them
+                let hd = h
+                    .f_to_device(device)?
+                    .f_masked_fill(&valid.f_logical_not()?.f_to_device(device)?, f64::NAN)?
+                    .f_set_requires_grad(true)?;
+                let bd = b.f_to_device(device)?.f_set_requires_grad(true)?;
+                poison(rows * d, kind, device)?;
+                let got = bias_act_op(&hd, &bd, &row_expert.f_to_device(device)?, act)?;
+                got.f_to_kind(Kind::Float)?
+                    .f_mul(&g.f_to_device(device)?.f_to_kind(Kind::Float)?)?
+                    .f_sum(Kind::Float)?
+                    .f_backward()?;
+                for (name, got, want) in [
+                    ("bias_act_op forward", got, want.f_detach()?),
+                    ("bias_act_op grad h", hd.grad(), h64.grad()),
+                    ("bias_act_op grad bias", bd.grad(), b64.grad()),
+                ] {
+                    let r = rel(&got, &want)?;
+                    let ok = r.is_finite() && r <= tol;
+                    if !ok {
+                        failed += 1;
+                    }
+                    lines.push(format!(
+                        "{name:<26} {kind:?} act={act} rows={rows} E={e} d={d}: rel err {r:.2e} {}",
+                        if ok { "ok" } else { "FAILED" }
+                    ));
+                }
+            }
+        }
+    }
+    // the plan kernels against the libtorch sort on the CPU: the same integers
+    for &(t, k, e) in &[
+        (37i64, 3i64, 5i64),
+        (1000, 8, 128),
+        (5000, 2, 16),
+        (9001, 2, 256),
+    ] {
+        use crate::runtime::moe::limit_by_capacity;
+        let cpu = Device::Cpu;
+        let mut expert = Tensor::f_randint(e, [t, k], (Kind::Int64, cpu))?;
+        let drop = Tensor::f_rand([t, k], (Kind::Float, cpu))?.f_lt(0.2)?;
+        expert = expert.f_masked_fill(&drop, -1)?;
+        let want = DispatchPlan::new(&expert, e, true)?;
+        let got = DispatchPlan::new(&expert.f_to_device(device)?, e, true)?;
+        let cap = (k * t + e - 1) / e;
+        let fields = [
+            ("order", &got.order, &want.order),
+            ("token", &got.token, &want.token),
+            ("expert", &got.expert, &want.expert),
+            ("row_slot", &got.row_slot, &want.row_slot),
+            ("slot_row", &got.slot_row, &want.slot_row),
+            ("counts", &got.counts, &want.counts),
+            ("offsets", &got.offsets, &want.offsets),
+        ];
+        let mut results: Vec<(&str, bool)> = Vec::new();
+        for (name, g, w) in fields {
+            let g = g.f_to_device(cpu)?.f_to_kind(Kind::Int64)?;
+            let w = w.f_to_kind(Kind::Int64)?;
+            results.push((name, g.size() == w.size() && g.f_equal(&w)?));
+        }
+        let limited = limit_by_capacity(&expert.f_to_device(device)?, e, cap)?;
+        let limited_ref = limit_by_capacity(&expert, e, cap)?;
+        results.push(("capacity", limited.f_to_device(cpu)?.f_equal(&limited_ref)?));
+        for (name, ok) in results {
+            if !ok {
+                failed += 1;
+            }
+            lines.push(format!(
+                "plan {name:<21} T={t} k={k} E={e}: {}",
+                if ok { "equal ok" } else { "FAILED" }
+            ));
+        }
+    }
     if failed > 0 {
         bail!("{failed} kernel check(s) failed:\n{}", lines.join("\n"));
     }
@@ -1103,7 +1779,7 @@ mod tests {
     #[test]
     fn fused_ops_match_the_reference_on_cpu() {
         let lines = self_check(Device::Cpu).unwrap();
-        assert!(lines.len() >= 30, "{lines:?}");
+        assert!(lines.len() >= 70, "{lines:?}");
         assert!(lines.iter().all(|l| l.ends_with(" ok")), "{lines:?}");
     }
 }

@@ -135,22 +135,16 @@ impl Attention {
         if self.tensor.is_some_and(|tp| tp.size > 1) {
             bail!("internal error: a tensor-parallel model runs through Transformer::forward_tensor_parallel");
         }
-        let mut out = self.forward_local(x)?;
-        if let Some(bias) = &self.proj_bias {
-            out = out.f_add(&bias.f_to_kind(x.kind())?)?;
-        }
-        Ok(out)
+        self.forward_local(x, self.proj_bias.as_ref())
     }
 
-    /// This rank's heads, through its rows of the output projection, without its bias: the
-    /// whole output with one rank, the rank's partial sum with tensor parallelism.
-    fn forward_local(&self, x: &Tensor) -> Result<Tensor> {
+    /// This rank's heads, through its rows of the output projection, plus `proj_bias` if
+    /// given: the whole output with one rank, the rank's partial sum (no bias) with tensor
+    /// parallelism.
+    fn forward_local(&self, x: &Tensor, proj_bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, _d) = x.size3()?;
         let kind = x.kind();
-        let mut qkv = x.f_matmul(&self.qkv.f_to_kind(kind)?)?;
-        if let Some(bias) = &self.qkv_bias {
-            qkv = qkv.f_add(&bias.f_to_kind(kind)?)?;
-        }
+        let qkv = moe::linear(x, &self.qkv, self.qkv_bias.as_ref())?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let parts = qkv.f_split_with_sizes([h * hd, kvh * hd, kvh * hd], -1)?;
         // q = q.view(b, t, h, hd).transpose(1, 2)
@@ -174,7 +168,7 @@ impl Attention {
             kvh < h,
         )?;
         let y = y.f_transpose(1, 2)?.f_reshape([b, t, h * hd])?;
-        Ok(y.f_matmul(&self.proj.f_to_kind(kind)?)?)
+        moe::linear(&y, &self.proj, proj_bias)
     }
 }
 
@@ -630,10 +624,7 @@ fn narrow_pieces(full: &Tensor, (dim, pieces): &Pieces) -> Result<Tensor> {
 /// A dense MLP's partial output on this tensor rank (its hidden columns), without `b2`.
 fn mlp_partial(mlp: &DenseMlp, x: &Tensor) -> Result<Tensor> {
     let kind = x.kind();
-    let mut h = x.f_matmul(&mlp.w1.f_to_kind(kind)?)?;
-    if let Some(b) = &mlp.b1 {
-        h = h.f_add(&b.f_to_kind(kind)?)?;
-    }
+    let h = moe::linear(x, &mlp.w1, mlp.b1.as_ref())?;
     let h = match &mlp.w3 {
         Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&w3.f_to_kind(kind)?)?)?,
         None => moe::activate(&h, mlp.act)?,
@@ -717,7 +708,7 @@ impl RoutedExperts for ExchangedExperts<'_> {
             .f_index_select(0, &flat.f_clamp_min(0)?)?
             .f_where_scalarother(&flat.f_ge(0)?, e)?;
         let order = slot.f_argsort_stable(true, 0, false)?;
-        let per_slot = slot.f_bincount(None::<Tensor>, e + 1)?.f_narrow(0, 0, e)?;
+        let per_slot = moe::counts_of(&slot, e + 1)?.f_narrow(0, 0, e)?;
         let counts = Vec::<i64>::try_from(&per_slot.f_to_device(Device::Cpu)?)?;
         let kept: i64 = counts.iter().sum();
         let sent = order.f_narrow(0, 0, kept)?;
@@ -801,7 +792,7 @@ impl Block {
         pass.tape.step();
         let a = pass.enter(&self.norm1.forward(&x)?, split)?;
         let y = pass.reduce(
-            &self.attn.forward_local(&a)?,
+            &self.attn.forward_local(&a, None)?,
             &format!("layer {i} attention"),
         )?;
         let y = add_bias(y, &self.attn.proj_bias)?;

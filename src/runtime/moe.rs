@@ -259,10 +259,7 @@ impl Gate {
                 let probs = logits.f_softmax(-1, gk)?;
                 // l_aux = E · Σ_e (fraction of tokens whose first choice is e) · (mean prob of e)
                 let top1 = idx.f_select(1, 0)?;
-                let c_e = top1
-                    .f_bincount(None::<Tensor>, e)?
-                    .f_to_kind(gk)?
-                    .f_div_scalar(t as f64)?;
+                let c_e = counts_of(&top1, e)?.f_to_kind(gk)?.f_div_scalar(t as f64)?;
                 let m_e = probs.f_mean_dim(0, false, gk)?;
                 let balance = c_e.f_mul(&m_e)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
                 let mut expert = idx;
@@ -381,12 +378,25 @@ fn prob_in_top_k(
     Ok(p_in.f_where_self(&is_in, &p_out)?)
 }
 
+/// How often each value `0..bins` occurs in `keys` (int64, every key in range; `[bins]`
+/// int64), without the host synchronisation of libtorch's `bincount` on a GPU (which reads
+/// the keys' minimum and maximum back to size its output).
+pub fn counts_of(keys: &Tensor, bins: i64) -> Result<Tensor> {
+    let flat = keys.f_reshape([-1])?;
+    Ok(
+        Tensor::f_zeros([bins], (Kind::Int64, flat.device()))?.f_scatter_add(
+            0,
+            &flat,
+            &flat.f_ones_like()?,
+        )?,
+    )
+}
+
 /// Tokens per expert among kept slots (`[E]` f32) and the number of kept slots (scalar f32).
 fn valid_counts(expert: &Tensor, e: i64, kind: Kind) -> Result<(Tensor, Tensor)> {
     let flat = expert.f_reshape([-1])?;
     let sentinel = flat.f_where_scalarother(&flat.f_ge(0)?, e)?;
-    let counts = sentinel
-        .f_bincount(None::<Tensor>, e + 1)?
+    let counts = counts_of(&sentinel, e + 1)?
         .f_narrow(0, 0, e)?
         .f_to_kind(kind)?;
     let kept = counts.f_sum(kind)?;
@@ -399,9 +409,16 @@ fn queue_positions(expert: &Tensor, e: i64) -> Result<Tensor> {
     let (t, k) = expert.size2()?;
     // slot-major order: row r = slot·T + token
     let order_major = expert.f_transpose(0, 1)?.f_reshape([-1])?;
+    #[cfg(feature = "cuda")]
+    if fused_available(expert.device())
+        && crate::runtime::fused::plan_kernels_apply(&order_major, e)
+    {
+        let pos = crate::runtime::fused::key_positions(&order_major, e)?;
+        return Ok(pos.f_reshape([k, t])?.f_transpose(0, 1)?);
+    }
     let keyed = order_major.f_where_scalarother(&order_major.f_ge(0)?, e)?;
     let sorted = keyed.f_argsort_stable(true, 0, false)?;
-    let counts = keyed.f_bincount(None::<Tensor>, e + 1)?;
+    let counts = counts_of(&keyed, e + 1)?;
     let starts = counts.f_cumsum(0, Kind::Int64)?.f_sub(&counts)?;
     let sorted_keys = keyed.f_index_select(0, &sorted)?;
     let rank = Tensor::f_arange(t * k, (Kind::Int64, expert.device()))?;
@@ -493,6 +510,26 @@ impl DispatchPlan {
         let flat = routing_expert.f_reshape([-1])?;
         let n = flat.size()[0];
         let device = flat.device();
+        #[cfg(feature = "cuda")]
+        if fused_available(device) && crate::runtime::fused::plan_kernels_apply(&flat, e) {
+            // the same maps from three kernels instead of a sort and a dozen small ops
+            let o = crate::runtime::fused::expert_order(&flat, k, e)?;
+            let valid = o.sorted_key.f_lt(e)?.f_unsqueeze(1)?;
+            return Ok(DispatchPlan {
+                order: o.order,
+                token: o.token,
+                expert: o.sorted_key,
+                valid,
+                row_slot: o.row_slot,
+                slot_row: o.slot_row,
+                counts: o.counts,
+                offsets: o.offsets,
+                experts: e,
+                top_k: k,
+                may_drop,
+                fused: true,
+            });
+        }
         let keyed = flat.f_where_scalarother(&flat.f_ge(0)?, e)?;
         let order = keyed.f_argsort_stable(true, 0, false)?;
         let expert = keyed.f_index_select(0, &order)?;
@@ -694,17 +731,12 @@ impl Experts {
         })
     }
 
-    fn mm(&self, xs: &Tensor, w: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
+    /// The grouped (or looped) matmul of every row with its expert's `w`. `masked` zeroes
+    /// the rows of dropped slots on both sides.
+    fn mm(&self, xs: &Tensor, w: &Tensor, plan: &DispatchPlan, masked: bool) -> Result<Tensor> {
         let w = w.f_to_kind(xs.kind())?;
         match self.path {
             ExpertPath::Grouped => {
-                // Rows past the last group (dropped slots) are left uninitialised by
-                // `_grouped_mm`, forward (its output) and backward (its input's gradient).
-                // Without biases nothing reads them: `combine` skips dropped rows forward,
-                // and `dispatch`'s backward skips (fused) or masks (libtorch) them. A bias
-                // gathered for those rows would collect that memory into its gradient, so
-                // with biases both sides are masked.
-                let masked = plan.may_drop && (self.b1.is_some() || self.b2.is_some());
                 let xs = if masked {
                     xs.f_where_self(&plan.valid, &xs.f_zeros_like()?)?
                 } else {
@@ -759,27 +791,69 @@ impl Experts {
         }
     }
 
-    /// Runs every row of `xs` (in expert order, as [`dispatch`] makes it) through its expert.
-    pub fn forward(&self, xs: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
-        let kind = xs.kind();
-        let mut h = self.mm(xs, &self.w1, plan)?;
-        if let Some(b) = self.row_bias(&self.b1, plan, kind)? {
+    /// `act(h + the bias of each row's expert)` (no activation for `None`): the fused
+    /// epilogue when `fused` (one pass, per-expert column sums backward), else libtorch.
+    fn bias_then(
+        &self,
+        h: Tensor,
+        b: &Option<Tensor>,
+        plan: &DispatchPlan,
+        act: Option<Activation>,
+        fused: bool,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (true, Some(b)) = (fused, b) {
+            use crate::runtime::fused::{bias_act_op, ACT_GELU, ACT_NONE, ACT_RELU};
+            let code = match act {
+                None => Some(ACT_NONE),
+                Some(Activation::Gelu) => Some(ACT_GELU),
+                Some(Activation::Relu) => Some(ACT_RELU),
+                Some(Activation::Swiglu) => None,
+            };
+            if let Some(code) = code {
+                return bias_act_op(&h, &b.f_to_kind(h.kind())?, &plan.expert, code);
+            }
+        }
+        let _ = fused;
+        let mut h = h;
+        if let Some(b) = self.row_bias(b, plan, h.kind())? {
             h = h.f_add(&b)?;
         }
-        let h = match (&self.act, &self.w3) {
-            #[cfg(feature = "cuda")]
-            (Activation::Swiglu, Some(w3)) if plan.fused => {
-                crate::runtime::fused::swiglu_op(&h, &self.mm(xs, w3, plan)?)?
-            }
-            (Activation::Swiglu, Some(w3)) => h.f_silu()?.f_mul(&self.mm(xs, w3, plan)?)?,
-            _ => activate(&h, self.act)?,
-        };
-
-        let mut y = self.mm(&h, &self.w2, plan)?;
-        if let Some(b) = self.row_bias(&self.b2, plan, kind)? {
-            y = y.f_add(&b)?;
+        match act {
+            Some(a) => activate(&h, a),
+            None => Ok(h),
         }
-        Ok(y)
+    }
+
+    /// Runs every row of `xs` (in expert order, as [`dispatch`] makes it) through its expert.
+    ///
+    /// Rows past the last group (dropped slots) are left uninitialised by `_grouped_mm`,
+    /// forward (its output) and backward (its input's gradient). Nothing reads them without
+    /// biases: `combine` skips dropped rows forward, and `dispatch`'s backward skips (fused)
+    /// or masks (libtorch) them. The fused bias epilogue writes zeros there and sums each
+    /// expert's own rows only; a libtorch bias gathered for those rows would collect that
+    /// memory into its gradient, so there the matmuls are masked on both sides.
+    pub fn forward(&self, xs: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
+        let fused = self.path == ExpertPath::Grouped && fused_available(xs.device());
+        let masked = !fused && plan.may_drop && (self.b1.is_some() || self.b2.is_some());
+        let h = self.mm(xs, &self.w1, plan, masked)?;
+        let h = match (&self.act, &self.w3) {
+            (Activation::Swiglu, Some(w3)) => {
+                let h1 = self.bias_then(h, &self.b1, plan, None, fused)?;
+                let h3 = self.mm(xs, w3, plan, masked)?;
+                #[cfg(feature = "cuda")]
+                if plan.fused || fused {
+                    crate::runtime::fused::swiglu_op(&h1, &h3)?
+                } else {
+                    h1.f_silu()?.f_mul(&h3)?
+                }
+                #[cfg(not(feature = "cuda"))]
+                h1.f_silu()?.f_mul(&h3)?
+            }
+            _ => self.bias_then(h, &self.b1, plan, Some(self.act), fused)?,
+        };
+        let y = self.mm(&h, &self.w2, plan, masked)?;
+        self.bias_then(y, &self.b2, plan, None, fused)
     }
 }
 
@@ -855,20 +929,31 @@ impl DenseMlp {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let kind = x.kind();
-        let mut h = x.f_matmul(&self.w1.f_to_kind(kind)?)?;
-        if let Some(b) = &self.b1 {
-            h = h.f_add(&b.f_to_kind(kind)?)?;
-        }
+        let h = linear(x, &self.w1, self.b1.as_ref())?;
         let h = match &self.w3 {
             Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&w3.f_to_kind(kind)?)?)?,
             None => activate(&h, self.act)?,
         };
-        let mut y = h.f_matmul(&self.w2.f_to_kind(kind)?)?;
-        if let Some(b) = &self.b2 {
-            y = y.f_add(&b.f_to_kind(kind)?)?;
-        }
-        Ok(y)
+        linear(&h, &self.w2, self.b2.as_ref())
     }
+}
+
+/// `x · w (+ b)` in `x`'s dtype over the last dimension (`w` is `[in, out]`). With a bias it
+/// is one `addmm` on the 2-D view, which libtorch runs with the bias in cuBLASLt's epilogue
+/// on a GPU instead of a separate broadcast add.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let kind = x.kind();
+    let w = w.f_to_kind(kind)?;
+    let Some(b) = b else {
+        return Ok(x.f_matmul(&w)?);
+    };
+    let mut shape = x.size();
+    let Some(last) = shape.last_mut() else {
+        bail!("linear: a scalar input");
+    };
+    let x2 = x.f_reshape([-1, *last])?;
+    *last = w.size()[1];
+    Ok(b.f_to_kind(kind)?.f_addmm(&x2, &w)?.f_reshape(shape)?)
 }
 
 /// One MoE feed-forward layer: gate, routed experts and optional shared experts.
