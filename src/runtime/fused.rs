@@ -927,6 +927,7 @@ const OP_DISPATCH: i64 = 1;
 const OP_COMBINE: i64 = 2;
 const OP_SWIGLU: i64 = 3;
 const OP_BIAS_ACT: i64 = 4;
+const OP_CAST: i64 = 5;
 
 /// Blocks of 128 threads for an elementwise kernel over `n` elements, `vec` per thread.
 fn elementwise_blocks(n: i64, vec: i64) -> i64 {
@@ -1360,6 +1361,15 @@ fn run_op(op: i64, phase: c_int, inputs: Vec<Tensor>) -> Result<Vec<Option<Tenso
             };
             Ok(vec![h.requires_grad().then_some(gh), gb, None, None])
         }
+        // cast: a = master, b = its copy in the compute dtype (made by the caller)
+        (OP_CAST, 0) => Ok(vec![Some(inputs[1].f_detach()?)]),
+        (OP_CAST, 1) => {
+            let (master, g) = (&inputs[0], &inputs[4]);
+            if undefined(g) {
+                return Ok(vec![None, None, None, None]);
+            }
+            Ok(vec![Some(g.f_to_kind(master.kind())?), None, None, None])
+        }
         _ => bail!("unknown fused op {op} phase {phase}"),
     }
 }
@@ -1486,6 +1496,20 @@ pub fn bias_act_op(h: &Tensor, bias: &Tensor, row_expert: &Tensor, act: i64) -> 
         Tensor::from(act),
     )
     .context("fused bias epilogue")
+}
+
+/// `copy` (`master` already converted, not requiring grad) as a differentiable function of
+/// `master`: no work forward, the gradient converted to `master`'s dtype backward.
+pub fn cast_op(master: &Tensor, copy: &Tensor) -> Result<Tensor> {
+    let none = Tensor::f_empty([0], (Kind::Float, Device::Cpu))?;
+    apply(
+        OP_CAST,
+        master.shallow_clone(),
+        copy.shallow_clone(),
+        none.shallow_clone(),
+        none,
+    )
+    .context("cached cast")
 }
 
 /// `out[t] = Σ_j weight[t, j] · ys[slot_row[t·k+j]]` (`[T, d]`), differentiable in `ys` and

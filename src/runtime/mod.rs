@@ -1,7 +1,8 @@
 //! `runtime`: the built-in trainer on libtorch (tch), behind the `runtime` cargo feature.
 //!
 //! Owns everything that runs tensors: the module tree built from the checked model
-//! ([`model`]), the MoE layer and its gates ([`moe`]), parameters ([`params`]), AdamW and the
+//! ([`model`]), the MoE layer and its gates ([`moe`]), parameters ([`params`]) and their
+//! per-step compute-dtype copies ([`cast`]), AdamW and the
 //! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), multi-rank training ([`distributed`]), the loop, sampling and
 //! metrics ([`train`]), the plot ([`plot`]), the `fmoec run` command line ([`cli`]), `fmoec bench
 //! moe` ([`bench`]) and, with feature `cuda`, the shim and fused kernels (`fused`).
@@ -9,6 +10,7 @@
 //! text, the planner's internals or the Megatron emitter.
 
 pub mod bench;
+pub mod cast;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

@@ -25,6 +25,7 @@ use crate::check::{Ffn, Layer, Model, Norm, Positions};
 use crate::collective::{
     exchange_experts, reduce_from_tensor_region, Collective, ExpertPlacement, Tape, TensorSplit,
 };
+use crate::runtime::cast;
 use crate::runtime::moe::{self, DenseMlp, DispatchPlan, Experts, MoeLayer, Telemetry};
 use crate::runtime::params::{Init, ParamStore};
 
@@ -57,13 +58,13 @@ impl NormLayer {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.f_to_kind(x.kind())?;
+        let w = cast::compute(&self.weight, x.kind())?;
         Ok(match self.kind {
             Norm::LayerNorm => {
                 let b = self
                     .bias
                     .as_ref()
-                    .map(|b| b.f_to_kind(x.kind()))
+                    .map(|b| cast::compute(b, x.kind()))
                     .transpose()?;
                 x.f_layer_norm([self.width], Some(&w), b.as_ref(), NORM_EPS, true)?
             }
@@ -432,7 +433,7 @@ impl Transformer {
         // A hooked (segmented) backward traverses the head and the embedding in different
         // passes: they must not share the cast's graph node.
         let emb = if hooked {
-            self.tokens.f_to_kind(self.compute)?
+            cast::compute(&self.tokens, self.compute)?
         } else {
             emb
         };
@@ -449,10 +450,10 @@ impl Transformer {
                 self.model.context
             );
         }
-        let emb = self.tokens.f_to_kind(self.compute)?;
+        let emb = cast::compute(&self.tokens, self.compute)?;
         let mut x = Tensor::f_embedding(&emb, tokens, -1, false, false)?;
         if let Some(pos) = &self.positions {
-            x = x.f_add(&pos.f_narrow(0, 0, t)?.f_to_kind(self.compute)?)?;
+            x = x.f_add(&cast::compute(pos, self.compute)?.f_narrow(0, 0, t)?)?;
         }
         Ok((emb, x))
     }
@@ -626,15 +627,15 @@ fn mlp_partial(mlp: &DenseMlp, x: &Tensor) -> Result<Tensor> {
     let kind = x.kind();
     let h = moe::linear(x, &mlp.w1, mlp.b1.as_ref())?;
     let h = match &mlp.w3 {
-        Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&w3.f_to_kind(kind)?)?)?,
+        Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&cast::compute(w3, kind)?)?)?,
         None => moe::activate(&h, mlp.act)?,
     };
-    Ok(h.f_matmul(&mlp.w2.f_to_kind(kind)?)?)
+    Ok(h.f_matmul(&cast::compute(&mlp.w2, kind)?)?)
 }
 
 fn add_bias(x: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
     Ok(match bias {
-        Some(b) => x.f_add(&b.f_to_kind(x.kind())?)?,
+        Some(b) => x.f_add(&cast::compute(b, x.kind())?)?,
         None => x,
     })
 }
@@ -1080,7 +1081,7 @@ impl Transformer {
             extras.add(block, extra)?;
         }
         // Its own cast: the head and the embedding are backpropagated in different segments.
-        let head = self.tokens.f_to_kind(self.compute)?;
+        let head = cast::compute(&self.tokens, self.compute)?;
         Ok(extras.with_logits(self.head(&x, &head)?))
     }
 

@@ -38,6 +38,7 @@ use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
 use crate::check::{Activation, Capacity, GateKind, Moe};
+use crate::runtime::cast;
 use crate::runtime::params::{Init, ParamStore};
 
 /// How the expert matmuls run.
@@ -190,10 +191,10 @@ impl Gate {
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let gk = gate_kind(x);
-        let w = self.weight.f_to_kind(x.kind())?;
+        let w = cast::compute(&self.weight, x.kind())?;
         let mut l = x.f_matmul(&w)?;
         if let Some(b) = &self.bias {
-            l = l.f_add(&b.f_to_kind(x.kind())?)?;
+            l = l.f_add(&cast::compute(b, x.kind())?)?;
         }
         Ok(l.f_to_kind(gk)?)
     }
@@ -223,7 +224,9 @@ impl Gate {
                     .noise
                     .as_ref()
                     .expect("noisy gate has a noise projection");
-                let raw_std = x.f_matmul(&noise_w.f_to_kind(x.kind())?)?.f_to_kind(gk)?;
+                let raw_std = x
+                    .f_matmul(&cast::compute(noise_w, x.kind())?)?
+                    .f_to_kind(gk)?;
                 let logits = if train {
                     let std = raw_std.f_softplus()?.f_add_scalar(NOISE_EPSILON)?;
                     let noisy = clean.f_add(&clean.f_randn_like()?.f_mul(&std)?)?;
@@ -734,7 +737,7 @@ impl Experts {
     /// The grouped (or looped) matmul of every row with its expert's `w`. `masked` zeroes
     /// the rows of dropped slots on both sides.
     fn mm(&self, xs: &Tensor, w: &Tensor, plan: &DispatchPlan, masked: bool) -> Result<Tensor> {
-        let w = w.f_to_kind(xs.kind())?;
+        let w = cast::compute(w, xs.kind())?;
         match self.path {
             ExpertPath::Grouped => {
                 let xs = if masked {
@@ -786,7 +789,7 @@ impl Experts {
             None => Ok(None),
             Some(b) => {
                 let idx = plan.expert.f_clamp_max(self.experts - 1)?;
-                Ok(Some(b.f_to_kind(kind)?.f_index_select(0, &idx)?))
+                Ok(Some(cast::compute(b, kind)?.f_index_select(0, &idx)?))
             }
         }
     }
@@ -811,7 +814,7 @@ impl Experts {
                 Some(Activation::Swiglu) => None,
             };
             if let Some(code) = code {
-                return bias_act_op(&h, &b.f_to_kind(h.kind())?, &plan.expert, code);
+                return bias_act_op(&h, &cast::compute(b, h.kind())?, &plan.expert, code);
             }
         }
         let _ = fused;
@@ -931,7 +934,7 @@ impl DenseMlp {
         let kind = x.kind();
         let h = linear(x, &self.w1, self.b1.as_ref())?;
         let h = match &self.w3 {
-            Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&w3.f_to_kind(kind)?)?)?,
+            Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&cast::compute(w3, kind)?)?)?,
             None => activate(&h, self.act)?,
         };
         linear(&h, &self.w2, self.b2.as_ref())
@@ -943,7 +946,7 @@ impl DenseMlp {
 /// on a GPU instead of a separate broadcast add.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let kind = x.kind();
-    let w = w.f_to_kind(kind)?;
+    let w = cast::compute(w, kind)?;
     let Some(b) = b else {
         return Ok(x.f_matmul(&w)?);
     };
@@ -953,7 +956,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     };
     let x2 = x.f_reshape([-1, *last])?;
     *last = w.size()[1];
-    Ok(b.f_to_kind(kind)?.f_addmm(&x2, &w)?.f_reshape(shape)?)
+    Ok(cast::compute(b, kind)?.f_addmm(&x2, &w)?.f_reshape(shape)?)
 }
 
 /// One MoE feed-forward layer: gate, routed experts and optional shared experts.

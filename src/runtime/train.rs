@@ -41,6 +41,7 @@ use crate::collective::{
     clip_global_norm, clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients,
     ParamKind, Tape, TensorSplit,
 };
+use crate::runtime::cast;
 use crate::runtime::checkpoint::{self, SaveInfo};
 use crate::runtime::data::{mix_all, Dataset};
 use crate::runtime::distributed::{self, ExpertParallel, RankContext};
@@ -542,6 +543,7 @@ pub fn train_ranked(
             tch::manual_seed(mix_all(&[train.seed, STEP_KEY, step]) as i64);
         }
         model.store.zero_grad();
+        cast::begin_step();
         let mut lm_sum = Tensor::f_zeros([], (Kind::Float, device))?;
         let mut bal_sum = Tensor::f_zeros([], (Kind::Float, device))?;
         let mut acc = Vec::new();
@@ -584,6 +586,7 @@ pub fn train_ranked(
             accumulate(&mut acc, out.telemetry)?;
         }
         model.routing_key = None;
+        cast::end_step();
         let (grad_norm, loss, balance) = match ctx {
             Some(c) => {
                 let at = format!("step {}", step + 1);
