@@ -789,6 +789,42 @@ fn device_index(t: &Tensor) -> usize {
     }
 }
 
+/// Launches a row kernel of signature `(src, index, k, f32 weights or null, out, n, d)`
+/// (`gather_rows_*`, `sum_rows_*`) writing `n` rows of `src`'s width, on `blocks` blocks.
+fn launch_rows(
+    kernel: &str,
+    src: &Tensor,
+    index: &Tensor,
+    k: i64,
+    weights: Option<&Tensor>,
+    n: i64,
+    blocks: i64,
+) -> Result<Tensor> {
+    let (_, d) = src.size2()?;
+    let src = src.f_contiguous()?;
+    let index = index.f_contiguous()?;
+    let weights = weights
+        .map(|w| w.f_to_kind(Kind::Float)?.f_contiguous())
+        .transpose()?;
+    let out = Tensor::f_empty([n, d], (src.kind(), src.device()))?;
+    launch(
+        device_index(&src),
+        kernel,
+        (blocks, 1),
+        (128, 0),
+        &[
+            arg(Some(&src)),
+            arg(Some(&index)),
+            Arg::Int(k as c_int),
+            arg(weights.as_ref()),
+            arg(Some(&out)),
+            Arg::Long(n),
+            Arg::Int(d as c_int),
+        ],
+    )?;
+    Ok(out)
+}
+
 /// `out[r] = scale[s] · src[s / k]` for `s = row_slot[r] ≥ 0`, zero rows elsewhere.
 pub fn gather_rows(
     src: &Tensor,
@@ -796,32 +832,11 @@ pub fn gather_rows(
     k: i64,
     scale: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (_, d) = src.size2()?;
     let rows = row_slot.size()[0];
     if let Some(suffix) = kernel_suffix(src) {
-        let src = src.f_contiguous()?;
-        let idx = row_slot.f_contiguous()?;
-        let scale = scale
-            .map(|s| s.f_to_kind(Kind::Float)?.f_contiguous())
-            .transpose()?;
-        let out = Tensor::f_empty([rows, d], (src.kind(), src.device()))?;
         // one warp per row, four rows per block
-        launch(
-            device_index(&src),
-            &format!("gather_rows_{suffix}"),
-            ((rows + 3) / 4, 1),
-            (128, 0),
-            &[
-                arg(Some(&src)),
-                arg(Some(&idx)),
-                Arg::Int(k as c_int),
-                arg(scale.as_ref()),
-                arg(Some(&out)),
-                Arg::Long(rows),
-                Arg::Int(d as c_int),
-            ],
-        )?;
-        return Ok(out);
+        let kernel = format!("gather_rows_{suffix}");
+        return launch_rows(&kernel, src, row_slot, k, scale, rows, (rows + 3) / 4);
     }
     // libtorch reference: the same function
     let valid = row_slot.f_ge(0)?;
@@ -847,28 +862,9 @@ pub fn sum_rows(
     let (_, d) = src.size2()?;
     let tokens = slot_row.size()[0] / k;
     if let Some(suffix) = kernel_suffix(src) {
-        let src = src.f_contiguous()?;
-        let idx = slot_row.f_contiguous()?;
-        let weight = weight
-            .map(|s| s.f_to_kind(Kind::Float)?.f_contiguous())
-            .transpose()?;
-        let out = Tensor::f_empty([tokens, d], (src.kind(), src.device()))?;
-        launch(
-            device_index(&src),
-            &format!("sum_rows_{suffix}"),
-            (tokens, 1),
-            (128, 0),
-            &[
-                arg(Some(&src)),
-                arg(Some(&idx)),
-                Arg::Int(k as c_int),
-                arg(weight.as_ref()),
-                arg(Some(&out)),
-                Arg::Long(tokens),
-                Arg::Int(d as c_int),
-            ],
-        )?;
-        return Ok(out);
+        // one block per token
+        let kernel = format!("sum_rows_{suffix}");
+        return launch_rows(&kernel, src, slot_row, k, weight, tokens, tokens);
     }
     let valid = slot_row.f_ge(0)?;
     let rows = src.f_index_select(0, &slot_row.f_clamp_min(0)?)?; // [T·k, d]
@@ -1551,170 +1547,162 @@ fn poison(n: i64, kind: Kind, device: Device) -> Result<()> {
     Ok(())
 }
 
-/// Checks every kernel and both fused autograd ops on `device` against the libtorch
-/// reference computed on the CPU in f64, on fresh random inputs with dropped slots. Returns
-/// one line per check; an error if any is off (tolerance 1e-5 for f32, 8e-3 for bf16).
+/// The comparisons of [`self_check`]: one line each, and how many failed.
+#[derive(Default)]
+struct Checks {
+    lines: Vec<String>,
+    failed: usize,
+}
+
+impl Checks {
+    fn record(&mut self, label: String, ok: bool, detail: String) {
+        if !ok {
+            self.failed += 1;
+        }
+        let verdict = if ok { "ok" } else { "FAILED" };
+        self.lines.push(format!("{label}: {detail} {verdict}"));
+    }
+
+    /// `got` within `tol` (relative, norm-wise) of `want`; NaN anywhere fails.
+    fn close(&mut self, label: String, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
+        let r = rel(got, want)?;
+        self.record(label, r.is_finite() && r <= tol, format!("rel err {r:.2e}"));
+        Ok(())
+    }
+
+    /// The same integers (shape and values).
+    fn equal(&mut self, label: String, got: &Tensor, want: &Tensor) -> Result<()> {
+        let got = got.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?;
+        let want = want.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?;
+        let ok = got.size() == want.size() && got.f_equal(&want)?;
+        self.record(label, ok, "equal".to_string());
+        Ok(())
+    }
+}
+
+/// Backpropagates `Σ out · g`, computed in `kind` on `out`'s device.
+fn seed_backward(out: &Tensor, g: &Tensor, kind: Kind) -> Result<()> {
+    out.f_to_kind(kind)?
+        .f_mul(&g.f_to_device(out.device())?.f_to_kind(kind)?)?
+        .f_sum(kind)?
+        .f_backward()?;
+    Ok(())
+}
+
+/// Checks every kernel and fused autograd op on `device` against the libtorch reference
+/// computed on the CPU in f64, on fresh random inputs with dropped slots, and the plan
+/// kernels for integer equality with libtorch's sort. Returns one line per check; an error
+/// if any is off (tolerance 1e-5 for f32, 8e-3 for bf16).
 pub fn self_check(device: Device) -> Result<Vec<String>> {
-    use crate::runtime::moe::{combine, dispatch, DispatchPlan};
-    let mut lines = Vec::new();
-    let mut failed = 0;
+    use crate::runtime::moe::{combine, dispatch, limit_by_capacity, DispatchPlan};
+    let mut c = Checks::default();
     let kinds: &[Kind] = if device.is_cuda() {
         &[Kind::Float, Kind::BFloat16]
     } else {
         &[Kind::Float]
     };
+    let cpu = Device::Cpu;
+    let tol_of = |kind: Kind| if kind == Kind::BFloat16 { 8e-3 } else { 1e-5 };
+    let randn = |shape: &[i64], kind: Kind| -> Result<Tensor> {
+        Ok(Tensor::f_randn(shape, (Kind::Double, cpu))?.f_to_kind(kind)?)
+    };
+    let leaf64 = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?)
+    };
     for &kind in kinds {
-        let tol = if kind == Kind::BFloat16 { 8e-3 } else { 1e-5 };
+        let tol = tol_of(kind);
         for &(t, k, e, d) in &[
             (37i64, 3i64, 5i64, 64i64),
             (1000, 8, 128, 2048),
             (513, 2, 8, 1032),
         ] {
-            let cpu = Device::Cpu;
+            let label = |name: &str| format!("{name:<26} {kind:?} T={t} k={k} E={e} d={d}");
             let mut expert = Tensor::f_randint(e, [t, k], (Kind::Int64, cpu))?;
             let drop = Tensor::f_rand([t, k], (Kind::Float, cpu))?.f_lt(0.2)?;
             expert = expert.f_masked_fill(&drop, -1)?;
-            let x = Tensor::f_randn([t, d], (Kind::Double, cpu))?.f_to_kind(kind)?;
-            let ys = Tensor::f_randn([t * k, d], (Kind::Double, cpu))?.f_to_kind(kind)?;
+            let (x, ys, g, gxs) = (
+                randn(&[t, d], kind)?,
+                randn(&[t * k, d], kind)?,
+                randn(&[t, d], kind)?,
+                randn(&[t * k, d], kind)?,
+            );
             let w = Tensor::f_rand([t, k], (Kind::Float, cpu))?;
-            let g = Tensor::f_randn([t, d], (Kind::Double, cpu))?.f_to_kind(kind)?;
-            let gxs = Tensor::f_randn([t * k, d], (Kind::Double, cpu))?.f_to_kind(kind)?;
             // reference: libtorch on the CPU in f64
             let plan_ref = DispatchPlan::new(&expert, e, true)?;
-            let x64 = x.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+            let x64 = leaf64(&x)?;
             let xs_ref = dispatch(&x64, &plan_ref)?;
-            xs_ref
-                .f_mul(&gxs.f_to_kind(Kind::Double)?)?
-                .f_sum(Kind::Double)?
-                .f_backward()?;
-            let ys64 = ys.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
-            let w64 = w.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+            seed_backward(&xs_ref, &gxs, Kind::Double)?;
+            let (ys64, w64) = (leaf64(&ys)?, leaf64(&w)?);
             let out_ref = combine(&ys64, &plan_ref, &w64, t)?;
-            out_ref
-                .f_mul(&g.f_to_kind(Kind::Double)?)?
-                .f_sum(Kind::Double)?
-                .f_backward()?;
+            seed_backward(&out_ref, &g, Kind::Double)?;
             let (gys_ref, gw_ref, gx_ref) = (ys64.grad(), w64.grad(), x64.grad());
 
             // device: raw kernels, then the autograd ops
             let dev = |t: &Tensor| t.f_to_device(device);
-            let expert_d = dev(&expert)?;
-            let plan = DispatchPlan::new(&expert_d, e, true)?;
-            let (xd, ysd, wd, gd, gxsd) = (dev(&x)?, dev(&ys)?, dev(&w)?, dev(&g)?, dev(&gxs)?);
+            let plan = DispatchPlan::new(&dev(&expert)?, e, true)?;
+            let (xd, ysd, wd, gd) = (dev(&x)?, dev(&ys)?, dev(&w)?, dev(&g)?);
             // poison the dropped rows of ys with NaN: no kernel may read them
             let dropped_rows = plan.row_slot.f_lt(0)?.f_unsqueeze(1)?;
             let ysd = ysd.f_masked_fill(&dropped_rows, f64::NAN)?;
-            let mut check = |name: &str, got: Tensor, want: &Tensor| -> Result<()> {
-                let r = rel(&got, want)?;
-                let ok = r.is_finite() && r <= tol;
-                if !ok {
-                    failed += 1;
-                }
-                lines.push(format!(
-                    "{name:<26} {kind:?} T={t} k={k} E={e} d={d}: rel err {r:.2e} {}",
-                    if ok { "ok" } else { "FAILED" }
-                ));
-                Ok(())
-            };
             poison(t * k * d, kind, device)?;
-            check(
-                "gather_rows",
-                gather_rows(&xd, &plan.row_slot, k, None)?,
-                &xs_ref,
-            )?;
+            let got = gather_rows(&xd, &plan.row_slot, k, None)?;
+            c.close(label("gather_rows"), &got, &xs_ref, tol)?;
             poison(t * d, kind, device)?;
-            check(
-                "sum_rows (weighted)",
-                sum_rows(&ysd, &plan.slot_row, k, Some(&wd))?,
-                &out_ref,
-            )?;
+            let got = sum_rows(&ysd, &plan.slot_row, k, Some(&wd))?;
+            c.close(label("sum_rows (weighted)"), &got, &out_ref, tol)?;
             poison(t * k, Kind::Float, device)?;
-            check(
-                "row_dots",
-                row_dots(&ysd, &plan.slot_row, k, &gd)?.f_reshape([t, k])?,
-                &gw_ref,
-            )?;
-            // autograd ops
+            let got = row_dots(&ysd, &plan.slot_row, k, &gd)?.f_reshape([t, k])?;
+            c.close(label("row_dots"), &got, &gw_ref, tol)?;
             let xg = xd.f_detach()?.f_set_requires_grad(true)?;
             let xs = dispatch_op(&xg, &plan.row_slot, &plan.slot_row, k)?;
-            xs.f_mul(&gxsd)?.f_sum(Kind::Float)?.f_backward()?;
-            check("dispatch_op forward", xs, &xs_ref)?;
-            check("dispatch_op grad x", xg.grad(), &gx_ref)?;
+            seed_backward(&xs, &gxs, Kind::Float)?;
+            c.close(label("dispatch_op forward"), &xs, &xs_ref, tol)?;
+            c.close(label("dispatch_op grad x"), &xg.grad(), &gx_ref, tol)?;
             let ysg = ysd.f_detach()?.f_set_requires_grad(true)?;
             let wg = wd.f_detach()?.f_set_requires_grad(true)?;
             let out = combine_op(&ysg, &wg, &plan.slot_row, &plan.row_slot)?;
-            out.f_to_kind(Kind::Float)?
-                .f_mul(&gd.f_to_kind(Kind::Float)?)?
-                .f_sum(Kind::Float)?
-                .f_backward()?;
-            check("combine_op forward", out, &out_ref)?;
-            check("combine_op grad ys", ysg.grad(), &gys_ref)?;
-            check("combine_op grad weight", wg.grad(), &gw_ref)?;
+            seed_backward(&out, &g, Kind::Float)?;
+            c.close(label("combine_op forward"), &out, &out_ref, tol)?;
+            c.close(label("combine_op grad ys"), &ysg.grad(), &gys_ref, tol)?;
+            c.close(label("combine_op grad weight"), &wg.grad(), &gw_ref, tol)?;
         }
-    }
-    for &kind in kinds {
-        let tol = if kind == Kind::BFloat16 { 8e-3 } else { 1e-5 };
         for &(rows, h) in &[(37i64, 64i64), (4099, 768)] {
-            let cpu = Device::Cpu;
-            let a = Tensor::f_randn([rows, h], (Kind::Double, cpu))?.f_mul_scalar(3.0)?;
-            let b = Tensor::f_randn([rows, h], (Kind::Double, cpu))?;
-            let g = Tensor::f_randn([rows, h], (Kind::Double, cpu))?;
-            let (a, b, g) = (a.f_to_kind(kind)?, b.f_to_kind(kind)?, g.f_to_kind(kind)?);
-            let a64 = a.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
-            let b64 = b.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+            let label = |name: &str| format!("{name:<26} {kind:?} rows={rows} h={h}");
+            let a = randn(&[rows, h], kind)?
+                .f_mul_scalar(3.0)?
+                .f_to_kind(kind)?;
+            let (b, g) = (randn(&[rows, h], kind)?, randn(&[rows, h], kind)?);
+            let (a64, b64) = (leaf64(&a)?, leaf64(&b)?);
             let want = a64.f_silu()?.f_mul(&b64)?;
-            want.f_mul(&g.f_to_kind(Kind::Double)?)?
-                .f_sum(Kind::Double)?
-                .f_backward()?;
+            seed_backward(&want, &g, Kind::Double)?;
             let ag = a.f_to_device(device)?.f_set_requires_grad(true)?;
             let bg = b.f_to_device(device)?.f_set_requires_grad(true)?;
             poison(rows * h, kind, device)?;
             let got = swiglu_op(&ag, &bg)?;
-            got.f_to_kind(Kind::Float)?
-                .f_mul(&g.f_to_device(device)?.f_to_kind(Kind::Float)?)?
-                .f_sum(Kind::Float)?
-                .f_backward()?;
-            for (name, got, want) in [
-                ("swiglu_op forward", got, want.f_detach()?),
-                ("swiglu_op grad h1", ag.grad(), a64.grad()),
-                ("swiglu_op grad h3", bg.grad(), b64.grad()),
-            ] {
-                let r = rel(&got, &want)?;
-                let ok = r.is_finite() && r <= tol;
-                if !ok {
-                    failed += 1;
-                }
-                lines.push(format!(
-                    "{name:<26} {kind:?} rows={rows} h={h}: rel err {r:.2e} {}",
-                    if ok { "ok" } else { "FAILED" }
-                ));
-            }
+            seed_backward(&got, &g, Kind::Float)?;
+            c.close(label("swiglu_op forward"), &got, &want, tol)?;
+            c.close(label("swiglu_op grad h1"), &ag.grad(), &a64.grad(), tol)?;
+            c.close(label("swiglu_op grad h3"), &bg.grad(), &b64.grad(), tol)?;
         }
-    }
-    for &kind in kinds {
-        let tol = if kind == Kind::BFloat16 { 8e-3 } else { 1e-5 };
         for &(rows, e, d) in &[(37i64, 5i64, 64i64), (4099, 16, 768), (3001, 128, 1032)] {
             for act in [ACT_NONE, ACT_GELU, ACT_RELU] {
-                let cpu = Device::Cpu;
+                let label =
+                    |name: &str| format!("{name:<26} {kind:?} act={act} rows={rows} E={e} d={d}");
                 // rows in expert order, the last fifth dropped (expert E)
                 let kept = rows * 4 / 5;
                 let (sorted, _) =
                     Tensor::f_randint(e, [kept], (Kind::Int64, cpu))?.f_sort(0, false)?;
                 let dropped = Tensor::f_full([rows - kept], e, (Kind::Int64, cpu))?;
                 let row_expert = Tensor::f_cat(&[sorted, dropped], 0)?;
-                let h = Tensor::f_randn([rows, d], (Kind::Double, cpu))?.f_mul_scalar(2.0)?;
-                let b = Tensor::f_randn([e, d], (Kind::Double, cpu))?;
-                let g = Tensor::f_randn([rows, d], (Kind::Double, cpu))?;
-                let (h, b, g) = (h.f_to_kind(kind)?, b.f_to_kind(kind)?, g.f_to_kind(kind)?);
-                let h64 = h.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
-                let b64 = b.f_to_kind(Kind::Double)?.f_set_requires_grad(true)?;
+                let h = randn(&[rows, d], kind)?
+                    .f_mul_scalar(2.0)?
+                    .f_to_kind(kind)?;
+                let (b, g) = (randn(&[e, d], kind)?, randn(&[rows, d], kind)?);
+                let (h64, b64) = (leaf64(&h)?, leaf64(&b)?);
                 let (valid, idx) = kept_rows(&row_expert, e)?;
-                let pre = h64.f_add(&b64.f_index_select(0, &idx)?)?;
-                let y = act_ref(&pre, act)?;
+                let y = act_ref(&h64.f_add(&b64.f_index_select(0, &idx)?)?, act)?;
                 let want = y.f_where_self(&valid, &y.f_zeros_like()?)?;
-                want.f_mul(&g.f_to_kind(Kind::Double)?)?
-                    .f_sum(Kind::Double)?
-                    .f_backward()?;
+                seed_backward(&want, &g, Kind::Double)?;
                 // the dropped rows of h are NaN on the device: the kernels may not read them
                 let hd = h
                     .f_to_device(device)?
@@ -1723,25 +1711,10 @@ pub fn self_check(device: Device) -> Result<Vec<String>> {
                 let bd = b.f_to_device(device)?.f_set_requires_grad(true)?;
                 poison(rows * d, kind, device)?;
                 let got = bias_act_op(&hd, &bd, &row_expert.f_to_device(device)?, act)?;
-                got.f_to_kind(Kind::Float)?
-                    .f_mul(&g.f_to_device(device)?.f_to_kind(Kind::Float)?)?
-                    .f_sum(Kind::Float)?
-                    .f_backward()?;
-                for (name, got, want) in [
-                    ("bias_act_op forward", got, want.f_detach()?),
-                    ("bias_act_op grad h", hd.grad(), h64.grad()),
-                    ("bias_act_op grad bias", bd.grad(), b64.grad()),
-                ] {
-                    let r = rel(&got, &want)?;
-                    let ok = r.is_finite() && r <= tol;
-                    if !ok {
-                        failed += 1;
-                    }
-                    lines.push(format!(
-                        "{name:<26} {kind:?} act={act} rows={rows} E={e} d={d}: rel err {r:.2e} {}",
-                        if ok { "ok" } else { "FAILED" }
-                    ));
-                }
+                seed_backward(&got, &g, Kind::Float)?;
+                c.close(label("bias_act_op forward"), &got, &want, tol)?;
+                c.close(label("bias_act_op grad h"), &hd.grad(), &h64.grad(), tol)?;
+                c.close(label("bias_act_op grad bias"), &bd.grad(), &b64.grad(), tol)?;
             }
         }
     }
@@ -1752,15 +1725,13 @@ pub fn self_check(device: Device) -> Result<Vec<String>> {
         (5000, 2, 16),
         (9001, 2, 256),
     ] {
-        use crate::runtime::moe::limit_by_capacity;
-        let cpu = Device::Cpu;
+        let label = |name: &str| format!("plan {name:<21} T={t} k={k} E={e}");
         let mut expert = Tensor::f_randint(e, [t, k], (Kind::Int64, cpu))?;
         let drop = Tensor::f_rand([t, k], (Kind::Float, cpu))?.f_lt(0.2)?;
         expert = expert.f_masked_fill(&drop, -1)?;
         let want = DispatchPlan::new(&expert, e, true)?;
         let got = DispatchPlan::new(&expert.f_to_device(device)?, e, true)?;
-        let cap = (k * t + e - 1) / e;
-        let fields = [
+        for (name, g, w) in [
             ("order", &got.order, &want.order),
             ("token", &got.token, &want.token),
             ("expert", &got.expert, &want.expert),
@@ -1768,30 +1739,25 @@ pub fn self_check(device: Device) -> Result<Vec<String>> {
             ("slot_row", &got.slot_row, &want.slot_row),
             ("counts", &got.counts, &want.counts),
             ("offsets", &got.offsets, &want.offsets),
-        ];
-        let mut results: Vec<(&str, bool)> = Vec::new();
-        for (name, g, w) in fields {
-            let g = g.f_to_device(cpu)?.f_to_kind(Kind::Int64)?;
-            let w = w.f_to_kind(Kind::Int64)?;
-            results.push((name, g.size() == w.size() && g.f_equal(&w)?));
+        ] {
+            c.equal(label(name), g, w)?;
         }
+        let cap = (k * t + e - 1) / e;
         let limited = limit_by_capacity(&expert.f_to_device(device)?, e, cap)?;
-        let limited_ref = limit_by_capacity(&expert, e, cap)?;
-        results.push(("capacity", limited.f_to_device(cpu)?.f_equal(&limited_ref)?));
-        for (name, ok) in results {
-            if !ok {
-                failed += 1;
-            }
-            lines.push(format!(
-                "plan {name:<21} T={t} k={k} E={e}: {}",
-                if ok { "equal ok" } else { "FAILED" }
-            ));
-        }
+        c.equal(
+            label("capacity"),
+            &limited,
+            &limit_by_capacity(&expert, e, cap)?,
+        )?;
     }
-    if failed > 0 {
-        bail!("{failed} kernel check(s) failed:\n{}", lines.join("\n"));
+    if c.failed > 0 {
+        bail!(
+            "{} kernel check(s) failed:\n{}",
+            c.failed,
+            c.lines.join("\n")
+        );
     }
-    Ok(lines)
+    Ok(c.lines)
 }
 
 #[cfg(test)]
