@@ -50,9 +50,10 @@ pub struct FileEntry {
     pub sha256: String,
 }
 
-/// `manifest.json`.
+/// What both manifest formats record about the run (flattened into each: the JSON keys
+/// stay at the top level, in this order).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Manifest {
+pub struct RunRecord {
     pub format: String,
     pub model: String,
     /// SHA-256 of the checked model's JSON (architecture, not spans).
@@ -67,6 +68,49 @@ pub struct Manifest {
     pub data: DataPosition,
     pub optimizer_step: u64,
     pub precision: String,
+}
+
+impl RunRecord {
+    fn new(format: &str, info: &SaveInfo, optimizer_step: u64) -> RunRecord {
+        RunRecord {
+            format: format.to_string(),
+            model: info.model.name.clone(),
+            model_hash: model_hash(info.model),
+            step: info.step,
+            tokens_seen: info.tokens_seen,
+            seed: info.seed,
+            rng: RNG_SCHEME.to_string(),
+            data: DataPosition {
+                source: info.data_source.clone(),
+                next_step: info.step,
+            },
+            optimizer_step,
+            precision: info.precision.clone(),
+        }
+    }
+
+    /// Refuses a checkpoint written for another architecture than `model`.
+    fn check_model(&self, dir: &Path, model: &Model) -> Result<()> {
+        let want = model_hash(model);
+        if self.model_hash != want {
+            bail!(
+                "checkpoint `{}` was written for a different model (`{}`, hash {}…) than `{}` (hash {}…)",
+                dir.display(),
+                self.model,
+                &self.model_hash[..12.min(self.model_hash.len())],
+                model.name,
+                &want[..12]
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `manifest.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    #[serde(flatten)]
+    pub run: RunRecord,
     pub files: Vec<FileEntry>,
 }
 
@@ -226,19 +270,7 @@ pub fn save(
         });
     }
     let manifest = Manifest {
-        format: FORMAT.to_string(),
-        model: info.model.name.clone(),
-        model_hash: model_hash(info.model),
-        step: info.step,
-        tokens_seen: info.tokens_seen,
-        seed: info.seed,
-        rng: RNG_SCHEME.to_string(),
-        data: DataPosition {
-            source: info.data_source.clone(),
-            next_step: info.step,
-        },
-        optimizer_step: optim.step,
-        precision: info.precision.clone(),
+        run: RunRecord::new(FORMAT, info, optim.step),
         files,
     };
     write_synced(
@@ -289,30 +321,20 @@ pub fn load(path: &Path, model: &Model) -> Result<Loaded> {
             manifest_path.display()
         )
     })?;
-    if manifest.format == FORMAT_SHARDED {
+    if manifest.run.format == FORMAT_SHARDED {
         bail!(
             "`{}` was written by a run on several ranks (format `{FORMAT_SHARDED}`); read it with checkpoint::resume",
             dir.display()
         );
     }
-    if manifest.format != FORMAT {
+    if manifest.run.format != FORMAT {
         bail!(
             "`{}` has format `{}`; this fmoec reads `{FORMAT}`",
             dir.display(),
-            manifest.format
+            manifest.run.format
         );
     }
-    let want = model_hash(model);
-    if manifest.model_hash != want {
-        bail!(
-            "checkpoint `{}` was written for a different model (`{}`, hash {}…) than `{}` (hash {}…)",
-            dir.display(),
-            manifest.model,
-            &manifest.model_hash[..12.min(manifest.model_hash.len())],
-            model.name,
-            &want[..12]
-        );
-    }
+    manifest.run.check_model(&dir, model)?;
     let read = |name: &str| read_listed(&dir, &manifest.files, name);
     let model_bytes = read(MODEL_FILE)?;
     let optim_bytes = read(OPTIM_FILE)?;
@@ -379,7 +401,7 @@ impl Loaded {
             optim_named.push((format!("v.{}", p.name), optim.v[i].shallow_clone()));
         }
         restore_into(&self.optim_bytes, OPTIM_FILE, &optim_named)?;
-        optim.step = self.manifest.optimizer_step;
+        optim.step = self.manifest.run.optimizer_step;
         Ok(())
     }
 
@@ -443,16 +465,8 @@ pub struct LayoutRecord {
 /// `manifest.json` of format v2.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ShardedManifest {
-    pub format: String,
-    pub model: String,
-    pub model_hash: String,
-    pub step: u64,
-    pub tokens_seen: u64,
-    pub seed: u64,
-    pub rng: String,
-    pub data: DataPosition,
-    pub optimizer_step: u64,
-    pub precision: String,
+    #[serde(flatten)]
+    pub run: RunRecord,
     pub world: usize,
     pub expert_group: usize,
     pub layout: LayoutRecord,
@@ -623,19 +637,7 @@ pub fn save_sharded(
                 shards.push(shard);
             }
             let manifest = ShardedManifest {
-                format: FORMAT_SHARDED.to_string(),
-                model: info.model.name.clone(),
-                model_hash: model_hash(info.model),
-                step: info.step,
-                tokens_seen: info.tokens_seen,
-                seed: info.seed,
-                rng: RNG_SCHEME.to_string(),
-                data: DataPosition {
-                    source: info.data_source.clone(),
-                    next_step: info.step,
-                },
-                optimizer_step: optim.step,
-                precision: info.precision.clone(),
+                run: RunRecord::new(FORMAT_SHARDED, info, optim.step),
                 world: layout.world,
                 expert_group: ctx.expert_group_size(),
                 layout: LayoutRecord {
@@ -743,17 +745,7 @@ impl Source {
                 dir.display()
             ),
         };
-        let want = model_hash(model);
-        if manifest.model_hash != want {
-            bail!(
-                "checkpoint `{}` was written for a different model (`{}`, hash {}…) than `{}` (hash {}…)",
-                dir.display(),
-                manifest.model,
-                &manifest.model_hash[..12.min(manifest.model_hash.len())],
-                model.name,
-                &want[..12]
-            );
-        }
+        manifest.run.check_model(&dir, model)?;
         if !manifest.shards.iter().any(|s| s.replicated) {
             bail!(
                 "checkpoint `{}`: no shard holds the replicated parameters",
@@ -943,7 +935,7 @@ impl Source {
             target.f_copy_(&src.f_to_kind(target.kind())?.f_to_device(target.device())?)?;
         }
         if let Some(adam) = optim {
-            adam.step = self.manifest.optimizer_step;
+            adam.step = self.manifest.run.optimizer_step;
         }
         Ok(())
     }
@@ -977,16 +969,7 @@ fn single_as_sharded(v1: Manifest, model: &Model) -> ShardedManifest {
         })
         .collect();
     ShardedManifest {
-        format: v1.format,
-        model: v1.model,
-        model_hash: v1.model_hash,
-        step: v1.step,
-        tokens_seen: v1.tokens_seen,
-        seed: v1.seed,
-        rng: v1.rng,
-        data: v1.data,
-        optimizer_step: v1.optimizer_step,
-        precision: v1.precision,
+        run: v1.run,
         world: 1,
         expert_group: 1,
         layout: LayoutRecord {
@@ -1027,9 +1010,9 @@ pub fn resume(
     source.restore(store, Some(optim), local)?;
     Ok(Resumed {
         dir: source.dir.clone(),
-        step: source.manifest.step,
-        tokens_seen: source.manifest.tokens_seen,
-        seed: source.manifest.seed,
+        step: source.manifest.run.step,
+        tokens_seen: source.manifest.run.tokens_seen,
+        seed: source.manifest.run.seed,
         world: source.manifest.world,
     })
 }
