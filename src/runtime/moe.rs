@@ -17,9 +17,10 @@
 //! last expert's group; `combine` never reads their rows and `dispatch`'s backward never
 //! reads their gradients (the fused kernels skip them, the libtorch path masks them), so
 //! whatever the grouped matmul leaves in rows outside every group never reaches the output or
-//! a gradient. Expert biases would gather those rows, so with biases the matmuls are masked
-//! too. With the `cuda` feature on a GPU, `dispatch` and `combine` are fused kernels without
-//! atomics (`runtime::fused`); elsewhere they are libtorch ops. A token with every slot dropped contributes nothing here and passes through the
+//! a gradient. Expert biases are added by a fused epilogue that skips those rows (with the
+//! `cuda` feature on a GPU); a libtorch bias would gather them, so there the matmuls are
+//! masked. With the `cuda` feature on a GPU, the plan, `dispatch` and `combine` are fused
+//! kernels without atomics (`runtime::fused`); elsewhere they are libtorch ops. A token with every slot dropped contributes nothing here and passes through the
 //! block's residual connection only.
 //!
 //! Semantics that differ from FastMoE's code on purpose (the checked model's contract wins):
