@@ -3,6 +3,7 @@
 # from): the fused kernels' checks, `fmoec bench moe` (fmoec and ops rows, stages), the
 # GPT-2-medium-MoE example on one GPU in bf16 (tokens/s per step, peak nvidia-smi memory;
 # beside a baseline binary in the same call when BASE is set, and without the cast cache),
+# with MFU (the planner's FLOPs per token) and the planner's memory beside the measured peak,
 # the peers (.ci/device-peers.sh: PyTorch's grouped-mm path and FastMoE, built on spare
 # cores meanwhile) with .ci/side-by-side.py, and Nsight Compute kernel durations of the
 # end-to-end step (.ci/ncu-summary.py reads them). Needs the CUDA build at $FMOEC (default
@@ -62,12 +63,19 @@ import json, statistics, sys
 n = sys.argv[1]
 ms = [json.loads(l) for l in open(f"/tmp/gpu/e2e/{n}.metrics.jsonl")]
 mem = max(int(x) for x in open(f"/tmp/gpu/e2e/{n}.mem").read().split())
-print(n, "tokens/s per step:", [round(m["tokens_per_s"]) for m in ms], "median of steps 2+:",
-      round(statistics.median(m["tokens_per_s"] for m in ms[1:])), "losses:", [round(m["loss"], 4) for m in ms],
-      "peak nvidia-smi MiB:", mem)
+med = statistics.median(m["tokens_per_s"] for m in ms[1:])
+plan = json.load(open("/tmp/e2e-plan.json"))
+flops = plan["time"]["model_flops_per_step"] / (plan["global_batch"] * plan["seq_len"])
+planned = plan["ranks"][0]["memory_bytes"] / 2**20
+print(n, "tokens/s per step:", [round(m["tokens_per_s"]) for m in ms], "median of steps 2+:", round(med),
+      f"MFU {100 * med * flops / (plan['hardware']['bf16_tflops'] * 1e12):.1f}%",
+      f"({flops:.4g} FLOPs/token, {plan['hardware']['bf16_tflops']} TFLOP/s);",
+      "losses:", [round(m["loss"], 4) for m in ms],
+      f"peak nvidia-smi {mem} MiB, planner (--memory-model fmoec) {planned:.0f} MiB ({100 * (planned / mem - 1):+.1f}%)")
 PY
 }
 if has e2e; then
+    "$FMOEC" plan /tmp/e2e.fmoe --memory-model fmoec --format json > /tmp/e2e-plan.json
     el "e2e"; e2e fmoec "$FMOEC"
     if [ -n "${BASE:-}" ]; then el "e2e baseline $BASE"; e2e base "$BASE"; fi
     el "e2e without the cast cache"; export FMOEC_CAST_CACHE=0; e2e nocache "$FMOEC"; unset FMOEC_CAST_CACHE
