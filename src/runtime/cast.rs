@@ -3,13 +3,16 @@
 //!
 //! The trainer keeps f32 masters and computes in bf16: every forward converts each weight,
 //! and its backward converts the gradient back. Within one step the masters do not change,
-//! so with feature `cuda` [`compute`] hands out one bf16 copy per weight for the whole step
-//! (made under `no_grad` on first use after [`begin_step`]) through a shim op whose backward
-//! is the same conversion of the gradient to the master's dtype: the per-micro-batch
-//! forward casts (one launch and a read and a write of every weight) disappear, and the
-//! gradients reach the masters exactly as before. [`end_step`] drops the copies before the
-//! optimizer changes the masters. Outside a step (eval, sampling, builds without `cuda`, or
-//! with `FMOEC_CAST_CACHE=0`) it is a plain `to_kind`.
+//! so with feature `cuda` and `FMOEC_CAST_CACHE=1` [`compute`] hands out one bf16 copy per
+//! weight for the whole step (made under `no_grad` on first use after [`begin_step`])
+//! through a shim op whose backward is the same conversion of the gradient to the master's
+//! dtype: the per-micro-batch forward casts (one launch and a read and a write of every
+//! weight) disappear, and the gradients reach the masters exactly as before. [`end_step`]
+//! drops the copies before the optimizer changes the masters. It is off by default: the
+//! shim op's backward calls back into Rust once per weight, and on the GPU-MoE example the
+//! measured effect was +3-5% on one H200 lease and -8-12% on another (BENCHMARKS.md), within
+//! the step-to-step spread of a launch-bound step. Otherwise, and outside a step (eval,
+//! sampling, builds without `cuda`), it is a plain `to_kind`.
 //!
 //! This module knows tensors and dtypes only, not the model or the optimizer.
 
@@ -35,7 +38,7 @@ mod cache {
 /// reused.
 pub fn begin_step() {
     #[cfg(feature = "cuda")]
-    if !std::env::var("FMOEC_CAST_CACHE").is_ok_and(|v| v == "0") {
+    if std::env::var("FMOEC_CAST_CACHE").is_ok_and(|v| v == "1") {
         cache::COPIES.with(|c| *c.borrow_mut() = Some(Default::default()));
     }
 }
@@ -89,6 +92,7 @@ mod tests {
         let plain = w.grad().copy();
         let _ = w.grad().zero_();
 
+        std::env::set_var("FMOEC_CAST_CACHE", "1");
         begin_step();
         let a = compute(&w, Kind::Double).unwrap();
         let b = compute(&w, Kind::Double).unwrap();
