@@ -419,3 +419,38 @@ fn grouped_path_matches_loop_path_with_drops() {
         assert!(d < 1e-4, "gradient differs by {d}");
     }
 }
+
+#[test]
+fn counts_of_matches_bincount() {
+    let _g = rng_lock();
+    for &(n, bins) in &[(1i64, 1i64), (1000, 17), (4096, 129)] {
+        let keys = Tensor::randint(bins, [n], (Kind::Int64, Device::Cpu));
+        let want = keys.bincount::<Tensor>(None, bins);
+        assert!(
+            moe::counts_of(&keys, bins).unwrap().equal(&want),
+            "n={n} bins={bins}"
+        );
+    }
+}
+
+#[test]
+fn linear_with_a_bias_is_matmul_plus_bias_with_the_same_gradients() {
+    let _g = rng_lock();
+    let x = Tensor::randn([2, 3, 5], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+    let w = Tensor::randn([5, 4], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+    let b = Tensor::randn([4], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+    let got = moe::linear(&x, &w, Some(&b)).unwrap();
+    let want = x.matmul(&w) + &b;
+    assert_eq!(got.size(), vec![2, 3, 4]);
+    assert!(got.allclose(&want, 1e-12, 1e-12, false));
+    let g = Tensor::randn([2, 3, 4], (Kind::Double, Device::Cpu));
+    let grads = |out: &Tensor| {
+        Tensor::run_backward(&[(out * &g).sum(Kind::Double)], &[&x, &w, &b], true, false)
+    };
+    for (a, e) in grads(&got).iter().zip(grads(&want).iter()) {
+        assert!(a.allclose(e, 1e-12, 1e-12, false));
+    }
+    // without a bias it is the plain matmul
+    let plain = moe::linear(&x, &w, None).unwrap();
+    assert!(plain.allclose(&x.matmul(&w), 1e-12, 1e-12, false));
+}
