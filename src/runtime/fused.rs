@@ -9,7 +9,13 @@
 //! combine gathers each token's `k` expert rows and sums them in f32, and its backward is a
 //! gather (expert-row gradients) plus one dot product per slot (weight gradients); the
 //! dispatch's backward is the same gather-sum. Dropped slots (`-1` in the index tensors) are
-//! skipped, so rows the grouped matmul leaves uninitialised are never read.
+//! skipped, so rows the grouped matmul leaves uninitialised are never read. The expert
+//! biases run as an epilogue ([`bias_act_op`]: bias plus GELU/ReLU in one pass, dropped rows
+//! written as zero; backward one pass plus per-expert column sums, [`segment_sums`]). The
+//! dispatch plan's stable expert order and the capacity queue positions come from three
+//! kernels ([`expert_order`], [`key_positions`]: per-chunk counts, a scan, a stable
+//! placement by warp-level matching) instead of a sort. [`cast_op`] hands a weight's
+//! precomputed compute-dtype copy to autograd (for `runtime::cast`).
 //!
 //! Where a kernel does not apply (CPU tensors, dtypes other than bf16/f32, widths that are
 //! not a multiple of 16 bytes) the callbacks compute the same function with libtorch ops, so
