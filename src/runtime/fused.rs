@@ -1155,7 +1155,7 @@ pub fn key_positions(keys: &Tensor, e: i64) -> Result<Tensor> {
     Ok(pos)
 }
 
-/// Activations of the bias epilogue ([`bias_act`]): none (bias only), GELU (erf form), ReLU.
+/// Activations of the bias epilogue ([`bias_act_op`]): none (bias only), GELU (erf form), ReLU.
 pub const ACT_NONE: i64 = 0;
 pub const ACT_GELU: i64 = 1;
 pub const ACT_RELU: i64 = 2;
