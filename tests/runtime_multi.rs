@@ -568,3 +568,40 @@ fn the_command_line_runs_ranks_and_explains_what_it_cannot() {
         );
     }
 }
+
+/// A rank builds only the experts it holds, each with the values the one-rank model gives it
+/// (so a large model never has to fit whole on one rank before sharding).
+#[test]
+fn a_rank_builds_only_its_experts_with_the_one_rank_values() {
+    let c = checked(STEPS);
+    let model = &c.model;
+    let (layer, moe) = model.moe_layers().next().expect("an MoE layer");
+    let all: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    let some: BTreeMap<usize, Vec<usize>> = [(layer, vec![3, 1])].into_iter().collect();
+    let build = |local: &BTreeMap<usize, Vec<usize>>| {
+        let _rng = lock_rng();
+        Transformer::new_seeded(model, Device::Cpu, Kind::Float, Kind::Float, 7, local).unwrap()
+    };
+    let (whole, part) = (build(&all), build(&some));
+    for name in ["w1", "w2"] {
+        let name = format!("layers.{layer}.ffn.experts.{name}");
+        let w = &whole.store.get(&name).unwrap().tensor;
+        let p = &part.store.get(&name).unwrap().tensor;
+        assert_eq!(w.size()[0], moe.experts as i64);
+        assert_eq!(p.size()[0], 2, "{name}: only the two local experts");
+        assert!(
+            p.get(0).equal(&w.get(3)) && p.get(1).equal(&w.get(1)),
+            "{name}"
+        );
+    }
+    // everything else is the same, whatever the rank holds
+    for p in &part.store.params {
+        if !p.name.contains(".ffn.experts.") {
+            assert!(
+                p.tensor.equal(&whole.store.get(&p.name).unwrap().tensor),
+                "{}",
+                p.name
+            );
+        }
+    }
+}

@@ -5,8 +5,7 @@
 //! Owns: [`WorldPlan`] (a [`GroupLayout`], the tensor groups and one [`ExpertPlacement`]
 //! per MoE layer, made from [`crate::plan::ParallelPlan`] with pipeline = 1: Megatron-LM's
 //! tensor × data grid, experts over the data ranks of each tensor rank), [`RankContext`] (a
-//! rank's [`Groups`] and that plan), [`shard_experts`] (keep only a rank's experts, initialised
-//! exactly as the single-rank model's), [`param_kinds`] (how each parameter's gradient is
+//! rank's [`Groups`] and that plan, and the experts it holds), [`param_kinds`] (how each parameter's gradient is
 //! shared), [`ExpertParallel`] (the MoE layer across the expert group with autograd cut at
 //! the exchange, recorded on a [`Tape`]) and [`run_in_process`] (N ranks on threads, the
 //! `local` backend). It must not know about the command line, files or NCCL setup: the
@@ -36,7 +35,7 @@ use crate::collective::{
 };
 use crate::diag::Diagnostic;
 use crate::plan::{self, MemoryModel, Overrides, ParallelPlan};
-use crate::runtime::model::{seed_routing, FfnModule, MoeHook, NormLayer, Transformer};
+use crate::runtime::model::{seed_routing, MoeHook, NormLayer, Transformer};
 use crate::runtime::moe::{self, DispatchPlan, Experts, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
 
@@ -308,57 +307,6 @@ impl RankContext {
             .map(|p| p.local_experts(self.groups.expert().rank()))
             .unwrap_or_default()
     }
-}
-
-/// Replaces every MoE layer's stacked experts by this rank's rows (its local experts in
-/// local order), in the module and in the parameter store. Build the full model first, with
-/// the generator seeded as the single-rank run does, so every expert starts with the same
-/// values wherever it lives.
-pub fn shard_experts(model: &mut Transformer, local: &BTreeMap<usize, Vec<usize>>) -> Result<()> {
-    let device = model.store.device;
-    for block in &mut model.blocks {
-        let FfnModule::Moe(layer) = &mut block.ffn else {
-            continue;
-        };
-        let ids: Vec<i64> = local
-            .get(&block.index)
-            .with_context(|| format!("no placement for MoE layer {}", block.index))?
-            .iter()
-            .map(|&e| e as i64)
-            .collect();
-        let index = Tensor::f_from_slice(&ids)?.f_to_device(device)?;
-        let prefix = format!("layers.{}.ffn.experts", block.index);
-        let experts = &mut layer.experts;
-        let slots: [(&str, &mut Tensor); 2] = [("w1", &mut experts.w1), ("w2", &mut experts.w2)];
-        let mut pairs: Vec<(String, &mut Tensor)> = slots
-            .into_iter()
-            .map(|(n, t)| (format!("{prefix}.{n}"), t))
-            .collect();
-        for (name, t) in [
-            ("w3", experts.w3.as_mut()),
-            ("b1", experts.b1.as_mut()),
-            ("b2", experts.b2.as_mut()),
-        ] {
-            if let Some(t) = t {
-                pairs.push((format!("{prefix}.{name}"), t));
-            }
-        }
-        for (name, tensor) in pairs {
-            let sliced = tch::no_grad(|| tensor.f_index_select(0, &index))?
-                .f_detach()?
-                .f_set_requires_grad(true)?;
-            *tensor = sliced.shallow_clone();
-            let param = model
-                .store
-                .params
-                .iter_mut()
-                .find(|p| p.name == name)
-                .with_context(|| format!("internal error: no parameter `{name}`"))?;
-            param.tensor = sliced;
-        }
-        experts.experts = ids.len() as i64;
-    }
-    Ok(())
 }
 
 /// How each parameter of the store (in order) is shared between ranks: routed experts,

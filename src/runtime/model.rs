@@ -18,6 +18,8 @@
 //! This module knows nothing about optimizers, data or checkpoints; of the collective layer
 //! it uses only the handles and cuts a tensor-parallel pass is given.
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -352,15 +354,40 @@ pub struct ForwardOutput {
 }
 
 impl Transformer {
-    /// Builds every parameter (drawing from libtorch's generator, so seed it first).
+    /// Builds every parameter (drawing from libtorch's generator in creation order, so seed
+    /// it first).
     pub fn new(model: &Model, device: Device, master: Kind, compute: Kind) -> Result<Transformer> {
+        Transformer::build(model, ParamStore::new(device, master), compute)
+    }
+
+    /// Builds the parameters of one rank: every parameter drawn from `seed` and its name
+    /// (see [`ParamStore::seed`]), and of each MoE layer only the experts `local` lists for
+    /// it (all where a layer is absent), with the values the one-rank model gives them.
+    /// Hold [`lock_rng`] around it.
+    pub fn new_seeded(
+        model: &Model,
+        device: Device,
+        master: Kind,
+        compute: Kind,
+        seed: u64,
+        local: &BTreeMap<usize, Vec<usize>>,
+    ) -> Result<Transformer> {
+        let mut store = ParamStore::new(device, master);
+        store.seed = Some(seed);
+        store.local_experts = local
+            .iter()
+            .map(|(layer, ids)| (format!("layers.{layer}.ffn.experts"), ids.clone()))
+            .collect();
+        Transformer::build(model, store, compute)
+    }
+
+    fn build(model: &Model, mut store: ParamStore, compute: Kind) -> Result<Transformer> {
         if !model.tied_embeddings {
             bail!(
                 "the runtime supports only tied input/output embeddings (model `{}`)",
                 model.name
             );
         }
-        let mut store = ParamStore::new(device, master);
         let d = model.width as i64;
         let tokens = store.var(
             "embed.tokens",

@@ -683,46 +683,26 @@ impl Experts {
         bias: bool,
         out_std: f64,
     ) -> Result<Experts> {
-        let w1 = store.var(
-            &format!("{prefix}.w1"),
-            &[experts, width, hidden],
-            Init::Normal(0.02),
-            true,
-        )?;
+        let mut var = |name: &str, shape: &[i64], init: Init, decay: bool| {
+            store.expert_var(prefix, name, experts, shape, init, decay)
+        };
+        let w1 = var("w1", &[width, hidden], Init::Normal(0.02), true)?;
         let w3 = if act == Activation::Swiglu {
-            Some(store.var(
-                &format!("{prefix}.w3"),
-                &[experts, width, hidden],
-                Init::Normal(0.02),
-                true,
-            )?)
+            Some(var("w3", &[width, hidden], Init::Normal(0.02), true)?)
         } else {
             None
         };
-        let w2 = store.var(
-            &format!("{prefix}.w2"),
-            &[experts, hidden, width],
-            Init::Normal(out_std),
-            true,
-        )?;
+        let w2 = var("w2", &[hidden, width], Init::Normal(out_std), true)?;
         let (b1, b2) = if bias {
             (
-                Some(store.var(
-                    &format!("{prefix}.b1"),
-                    &[experts, hidden],
-                    Init::Zeros,
-                    false,
-                )?),
-                Some(store.var(
-                    &format!("{prefix}.b2"),
-                    &[experts, width],
-                    Init::Zeros,
-                    false,
-                )?),
+                Some(var("b1", &[hidden], Init::Zeros, false)?),
+                Some(var("b2", &[width], Init::Zeros, false)?),
             )
         } else {
             (None, None)
         };
+        // the experts this store holds (a rank's share, or all)
+        let experts = w1.size()[0];
         Ok(Experts {
             experts,
             act,

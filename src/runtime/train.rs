@@ -411,11 +411,6 @@ pub fn train_ranked(
         );
     }
 
-    let mut model = {
-        let _rng = lock_rng();
-        tch::manual_seed(mix_all(&[train.seed, 0xB01D]) as i64);
-        Transformer::new(model_decl, device, Kind::Float, compute)?
-    };
     // The experts this rank holds per MoE layer (all of them alone).
     let local: std::collections::BTreeMap<usize, Vec<usize>> = model_decl
         .moe_layers()
@@ -427,9 +422,12 @@ pub fn train_ranked(
             (layer, ids)
         })
         .collect();
-    if ctx.is_some() {
-        distributed::shard_experts(&mut model, &local)?;
-    }
+    // Only this rank's experts are built, with the values the one-rank model gives them.
+    let mut model = {
+        let _rng = lock_rng();
+        let seed = mix_all(&[train.seed, 0xB01D]);
+        Transformer::new_seeded(model_decl, device, Kind::Float, compute, seed, &local)?
+    };
     let tensor = ctx.map_or(1, |c| c.tensor_size());
     if let Some(c) = ctx {
         if c.plan.tensor_size() != tensor {
