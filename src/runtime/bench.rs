@@ -36,7 +36,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::check::Activation;
-use crate::runtime::moe::{combine, dispatch, DispatchPlan, ExpertPath, Experts};
+use crate::runtime::moe::{combine, dispatch, fused_available, DispatchPlan, ExpertPath, Experts};
 use crate::runtime::params::ParamStore;
 
 /// One benchmark shape.
@@ -191,6 +191,23 @@ fn mlp_rows(ex: &Experts, e: i64, x: &Tensor) -> Result<Tensor> {
     Ok(h.f_matmul(&w2)?)
 }
 
+/// The baselines' combine: each sorted row of `ys` (slot `order[r]`, token `token[r]`)
+/// times its routing weight, summed onto its token with `index_add` (`[T, d]` like `x`).
+fn index_add_combine(
+    ys: &Tensor,
+    weight: &Tensor,
+    order: &Tensor,
+    token: &Tensor,
+    x: &Tensor,
+) -> Result<Tensor> {
+    let w = weight
+        .f_reshape([-1])?
+        .f_index_select(0, order)?
+        .f_to_kind(ys.kind())?;
+    let out = x.f_zeros_like()?;
+    Ok(out.f_index_add(0, token, &ys.f_mul(&w.f_unsqueeze(1)?)?)?)
+}
+
 /// One forward pass of the chosen implementation: `[T, d]` → `[T, d]`.
 pub fn forward(
     imp: Implementation,
@@ -203,10 +220,8 @@ pub fn forward(
     let k = expert.size()[1];
     match imp {
         Implementation::Fmoec | Implementation::FmoecUnfused => {
-            let mut plan = DispatchPlan::new(expert, ex.experts, false)?;
-            if imp == Implementation::FmoecUnfused {
-                plan.fused = false;
-            }
+            let fused = imp == Implementation::Fmoec && fused_available(x.device());
+            let plan = DispatchPlan::with_kernels(expert, ex.experts, false, fused)?;
             let xs = dispatch(x, &plan)?;
             let ys = ex.forward(&xs, &plan)?;
             combine(&ys, &plan, weight, t)
@@ -233,12 +248,7 @@ pub fn forward(
                 _ => h.f_gelu("none")?,
             };
             let ys = gmm(&h, &ex.w2)?;
-            let w = weight
-                .f_reshape([-1])?
-                .f_index_select(0, &order)?
-                .f_to_kind(ys.kind())?;
-            let out = Tensor::f_zeros([t, d], (x.kind(), x.device()))?;
-            Ok(out.f_index_add(0, &token, &ys.f_mul(&w.f_unsqueeze(1)?)?)?)
+            index_add_combine(&ys, weight, &order, &token, x)
         }
         Implementation::SortedLoop => {
             let flat = expert.f_reshape([-1])?;
@@ -255,12 +265,7 @@ pub fn forward(
                 start += c;
             }
             let ys = Tensor::f_cat(&parts, 0)?;
-            let w = weight
-                .f_reshape([-1])?
-                .f_index_select(0, &order)?
-                .f_to_kind(ys.kind())?;
-            let out = Tensor::f_zeros([t, d], (x.kind(), x.device()))?;
-            Ok(out.f_index_add(0, &token, &ys.f_mul(&w.f_unsqueeze(1)?)?)?)
+            index_add_combine(&ys, weight, &order, &token, x)
         }
         Implementation::NaiveLoop => {
             let mut out = Tensor::f_zeros([t, d], (x.kind(), x.device()))?;

@@ -500,9 +500,10 @@ pub struct DispatchPlan {
     /// Whether some slot may be dropped (`-1`); when false the masks around the dropped rows
     /// are skipped (the caller knows its gate has no capacity and no random routing).
     pub may_drop: bool,
-    /// Whether [`dispatch`] and [`combine`] use the fused CUDA kernels (feature `cuda`, a
-    /// CUDA device, bf16/f32 rows of a multiple of 16 bytes, kernels compiled; switch off
-    /// with `FMOEC_FUSED=0`).
+    /// Whether this layer runs the fused CUDA kernels (feature `cuda`, a CUDA device,
+    /// kernels compiled; switch off with `FMOEC_FUSED=0`): the plan itself, [`dispatch`],
+    /// [`combine`], and in [`Experts::forward`] the bias epilogue and SwiGLU. Each kernel
+    /// still falls back to libtorch for dtypes or row widths it does not take.
     pub fused: bool,
 }
 
@@ -510,12 +511,24 @@ impl DispatchPlan {
     /// Sorts the slots by expert with no host synchronisation (a stable sort, and group ends
     /// by binary search in the sorted keys).
     pub fn new(routing_expert: &Tensor, e: i64, may_drop: bool) -> Result<DispatchPlan> {
+        let fused = fused_available(routing_expert.device());
+        DispatchPlan::with_kernels(routing_expert, e, may_drop, fused)
+    }
+
+    /// [`DispatchPlan::new`] with the fused kernels on or off for this layer (`fused` true
+    /// only where [`fused_available`]); off, everything runs as libtorch ops.
+    pub fn with_kernels(
+        routing_expert: &Tensor,
+        e: i64,
+        may_drop: bool,
+        fused: bool,
+    ) -> Result<DispatchPlan> {
         let (_t, k) = routing_expert.size2()?;
         let flat = routing_expert.f_reshape([-1])?;
         let n = flat.size()[0];
         let device = flat.device();
         #[cfg(feature = "cuda")]
-        if fused_available(device) && crate::runtime::fused::plan_kernels_apply(&flat, e) {
+        if fused && crate::runtime::fused::plan_kernels_apply(&flat, e) {
             // the same maps from three kernels instead of a sort and a dozen small ops
             let o = crate::runtime::fused::expert_order(&flat, k, e)?;
             let valid = o.sorted_key.f_lt(e)?.f_unsqueeze(1)?;
@@ -567,7 +580,7 @@ impl DispatchPlan {
             experts: e,
             top_k: k,
             may_drop,
-            fused: fused_available(routing_expert.device()),
+            fused,
         })
     }
 }
@@ -575,7 +588,8 @@ impl DispatchPlan {
 impl DispatchPlan {
     /// The plan of rows already grouped by expert (`counts[j]` rows for expert `j`, in
     /// order, none dropped), as an expert-parallel rank receives them: only
-    /// [`Experts::forward`] reads it (no dispatch or combine).
+    /// [`Experts::forward`] reads it (no dispatch or combine), `fused` where
+    /// [`fused_available`].
     pub fn grouped(counts: &Tensor, rows: i64) -> Result<DispatchPlan> {
         let device = counts.device();
         let experts = counts.size()[0];
@@ -594,7 +608,7 @@ impl DispatchPlan {
             experts,
             top_k: 1,
             may_drop: false,
-            fused: false,
+            fused: fused_available(device),
         })
     }
 }
@@ -818,7 +832,7 @@ impl Experts {
     /// expert's own rows only; a libtorch bias gathered for those rows would collect that
     /// memory into its gradient, so there the matmuls are masked on both sides.
     pub fn forward(&self, xs: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
-        let fused = self.path == ExpertPath::Grouped && fused_available(xs.device());
+        let fused = self.path == ExpertPath::Grouped && plan.fused;
         let masked = !fused && plan.may_drop && (self.b1.is_some() || self.b2.is_some());
         let h = self.mm(xs, &self.w1, plan, masked)?;
         let h = match (&self.act, &self.w3) {
@@ -826,7 +840,7 @@ impl Experts {
                 let h1 = self.bias_then(h, &self.b1, plan, None, fused)?;
                 let h3 = self.mm(xs, w3, plan, masked)?;
                 #[cfg(feature = "cuda")]
-                if plan.fused || fused {
+                if plan.fused {
                     crate::runtime::fused::swiglu_op(&h1, &h3)?
                 } else {
                     h1.f_silu()?.f_mul(&h3)?
