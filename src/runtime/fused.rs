@@ -931,9 +931,26 @@ const OP_SWIGLU: i64 = 3;
 const OP_BIAS_ACT: i64 = 4;
 const OP_CAST: i64 = 5;
 
-/// Blocks of 128 threads for an elementwise kernel over `n` elements, `vec` per thread.
-fn elementwise_blocks(n: i64, vec: i64) -> i64 {
-    ((n / vec + 127) / 128).min(132 * 16)
+/// Elements per 16-byte vector for a kernel's dtype suffix (`bf16` or `f32`).
+fn vec_len(suffix: &str) -> i64 {
+    if suffix == "bf16" {
+        8
+    } else {
+        4
+    }
+}
+
+/// Launches the grid-stride elementwise kernel `{name}_{suffix}` over `n` elements on
+/// `like`'s device: blocks of 128 threads, one 16-byte vector per thread and iteration.
+fn launch_elementwise(name: &str, suffix: &str, like: &Tensor, n: i64, args: &[Arg]) -> Result<()> {
+    let blocks = ((n / vec_len(suffix) + 127) / 128).min(132 * 16);
+    launch(
+        device_index(like),
+        &format!("{name}_{suffix}"),
+        (blocks, 1),
+        (128, 0),
+        args,
+    )
 }
 
 /// `silu(a) · b`, one pass (f32 inside).
@@ -947,12 +964,11 @@ pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let b = b.f_contiguous()?;
         let out = a.f_empty_like()?;
         let n = a.numel() as i64;
-        let vec = if suffix == "bf16" { 8 } else { 4 };
-        launch(
-            device_index(&a),
-            &format!("swiglu_fwd_{suffix}"),
-            (elementwise_blocks(n, vec), 1),
-            (128, 0),
+        launch_elementwise(
+            "swiglu_fwd",
+            suffix,
+            &a,
+            n,
             &[arg(Some(&a)), arg(Some(&b)), arg(Some(&out)), Arg::Long(n)],
         )?;
         return Ok(out);
@@ -976,12 +992,11 @@ pub fn swiglu_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Te
         let ga = a.f_empty_like()?;
         let gb = a.f_empty_like()?;
         let n = a.numel() as i64;
-        let vec = if suffix == "bf16" { 8 } else { 4 };
-        launch(
-            device_index(&a),
-            &format!("swiglu_bwd_{suffix}"),
-            (elementwise_blocks(n, vec), 1),
-            (128, 0),
+        launch_elementwise(
+            "swiglu_bwd",
+            suffix,
+            &a,
+            n,
             &[
                 arg(Some(&a)),
                 arg(Some(&b)),
@@ -1220,12 +1235,11 @@ fn bias_act_pass(
         let g = g.map(|g| g.f_contiguous()).transpose()?;
         let idx = row_expert.f_contiguous()?;
         let out = h.f_empty_like()?;
-        let vec = if suffix == "bf16" { 8 } else { 4 };
-        launch(
-            device_index(&h),
-            &format!("bias_act_{suffix}"),
-            (elementwise_blocks(rows * d, vec), 1),
-            (128, 0),
+        launch_elementwise(
+            "bias_act",
+            suffix,
+            &h,
+            rows * d,
             &[
                 arg(Some(&h)),
                 arg(Some(&bias)),
@@ -1257,11 +1271,10 @@ pub fn segment_sums(g: &Tensor, row_expert: &Tensor, experts: i64) -> Result<Ten
         let g = g.f_contiguous()?;
         let idx = row_expert.f_contiguous()?;
         let out = Tensor::f_empty([experts, d], (g.kind(), g.device()))?;
-        let vec = if suffix == "bf16" { 8 } else { 4 };
         launch(
             device_index(&g),
             &format!("segment_sums_{suffix}"),
-            (experts, ((d / vec + 31) / 32) as u32),
+            (experts, ((d / vec_len(suffix) + 31) / 32) as u32),
             (256, 0),
             &[
                 arg(Some(&g)),
