@@ -147,18 +147,9 @@ pub fn clip_global_norm(
     let mut expert = 0.0f64;
     let mut grads = Vec::new();
     for (kind, p) in params {
-        if !p.requires_grad() {
+        let Some((grad, square)) = grad_and_square(p).map_err(&terr)? else {
             continue;
-        }
-        let grad = p.grad();
-        if !grad.defined() {
-            continue;
-        }
-        let square = grad
-            .f_to_kind(Kind::Double)
-            .and_then(|g| g.f_square())
-            .and_then(|g| g.f_sum(Kind::Double));
-        let square = square.and_then(|s| s.f_double_value(&[])).map_err(&terr)?;
+        };
         match kind {
             ParamKind::Expert => expert += square,
             ParamKind::Replicated | ParamKind::Gate => shared += square,
@@ -263,19 +254,9 @@ pub fn clip_global_norm_tensor_parallel(
     let mut squares = [0.0f64; 4];
     let mut grads = Vec::new();
     for (kind, split, p) in params {
-        if !p.requires_grad() {
+        let Some((grad, square)) = grad_and_square(p).map_err(&terr)? else {
             continue;
-        }
-        let grad = p.grad();
-        if !grad.defined() {
-            continue;
-        }
-        let square = grad
-            .f_to_kind(Kind::Double)
-            .and_then(|g| g.f_square())
-            .and_then(|g| g.f_sum(Kind::Double))
-            .and_then(|s| s.f_double_value(&[]))
-            .map_err(&terr)?;
+        };
         let expert = *kind == ParamKind::Expert;
         let sharded = *split == TensorSplit::Sharded;
         squares[2 * usize::from(expert) + usize::from(sharded)] += square;
@@ -300,6 +281,23 @@ pub fn clip_global_norm_tensor_parallel(
     let expert = expert.f_double_value(&[0]).map_err(&eerr)?;
     let total = (squares[0] + sliced[0] + expert).sqrt();
     clip_to(total, max_norm, grads, &terr)
+}
+
+/// `p`'s gradient and its squared L2 norm (summed in f64), if `p` has one.
+fn grad_and_square(p: &Tensor) -> Result<Option<(Tensor, f64)>, tch::TchError> {
+    if !p.requires_grad() {
+        return Ok(None);
+    }
+    let grad = p.grad();
+    if !grad.defined() {
+        return Ok(None);
+    }
+    let square = grad
+        .f_to_kind(Kind::Double)?
+        .f_square()?
+        .f_sum(Kind::Double)?
+        .f_double_value(&[])?;
+    Ok(Some((grad, square)))
 }
 
 /// Scales `grads` in place as `clip_grad_norm_` does (by `max / (total + 1e-6)` when that is

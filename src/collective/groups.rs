@@ -118,31 +118,8 @@ impl GroupLayout {
     /// `expert_group` consecutive ranks: data and gate groups are the whole world,
     /// expert-data groups are strided (`[p, p + expert_group, ...]`).
     pub fn data_parallel(world: usize, expert_group: usize) -> Result<GroupLayout, LayoutError> {
-        if world == 0 {
-            return Err(LayoutError::EmptyWorld);
-        }
-        if expert_group == 0 || world % expert_group != 0 {
-            return Err(LayoutError::Indivisible {
-                size: expert_group,
-                world,
-            });
-        }
-        let all: Vec<usize> = (0..world).collect();
-        let expert = (0..world / expert_group)
-            .map(|g| (g * expert_group..(g + 1) * expert_group).collect())
-            .collect();
-        let expert_data = (0..expert_group)
-            .map(|p| (p..world).step_by(expert_group).collect())
-            .collect();
-        let layout = GroupLayout {
-            world,
-            data: vec![all.clone()],
-            expert,
-            expert_data,
-            gate: vec![all],
-        };
-        layout.validate()?;
-        Ok(layout)
+        // Megatron's grid with tensor = 1: one data group of the whole world
+        GroupLayout::tensor_data(world, 1, expert_group)
     }
 
     /// Megatron-LM v2.2's layout with tensor size `tensor` and pipeline = 1 (see
