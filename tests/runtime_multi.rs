@@ -170,6 +170,19 @@ fn single(checked: &Checked, out: &Path, stop: Option<u64>, resume: bool) -> Run
     train::train(checked, &options(out, stop, resume)).unwrap()
 }
 
+/// The single-rank run the multi-rank runs are compared with: its folder and its
+/// per-step metrics, which must exercise clipping.
+fn reference_run(c: &Checked) -> (tempfile::TempDir, Vec<StepMetrics>) {
+    let one = tempfile::tempdir().unwrap();
+    single(c, one.path(), None, false);
+    let want = metrics(one.path());
+    assert!(
+        want.iter().all(|m| m.grad_norm > 0.05),
+        "the test must exercise clipping"
+    );
+    (one, want)
+}
+
 fn ranks(
     checked: &Checked,
     plan: &WorldPlan,
@@ -191,13 +204,7 @@ fn ranks(
 #[test]
 fn two_and_four_ranks_equal_the_single_rank_run() {
     let c = checked(STEPS);
-    let one = tempfile::tempdir().unwrap();
-    single(&c, one.path(), None, false);
-    let want = metrics(one.path());
-    assert!(
-        want.iter().all(|m| m.grad_norm > 0.05),
-        "the test must exercise clipping"
-    );
+    let (one, want) = reference_run(&c);
     let want_params = parameters(&c, one.path());
 
     for (world, expert_group) in [(2, None), (4, None), (4, Some(2))] {
@@ -378,13 +385,7 @@ fn the_gpt2_medium_example_on_four_ranks_is_planned_tensor_two_by_data_two() {
 #[test]
 fn tensor_two_by_data_two_equals_the_single_rank_run() {
     let c = sliced(STEPS);
-    let one = tempfile::tempdir().unwrap();
-    single(&c, one.path(), None, false);
-    let want = metrics(one.path());
-    assert!(
-        want.iter().all(|m| m.grad_norm > 0.05),
-        "the test must exercise clipping"
-    );
+    let (one, want) = reference_run(&c);
     let plan = tensor_two_data_two(&c);
     let dir = tempfile::tempdir().unwrap();
     let summary = ranks(&c, &plan, dir.path(), None, false);

@@ -17,6 +17,7 @@ use fmoec::collective::{
     clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients, tensor_groups,
     Collective, GroupKind, GroupLabel, GroupLayout, Groups, ParamKind, Tape, TensorSplit,
 };
+use fmoec::runtime::distributed::param_kind;
 use fmoec::runtime::model::{
     lock_rng, ExchangedExperts, FfnModule, TensorParallel, TensorPass, Transformer,
 };
@@ -185,16 +186,6 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         .abs()
         .max()
         .double_value(&[])
-}
-
-fn param_kind(name: &str) -> ParamKind {
-    if name.contains(".ffn.experts.") {
-        ParamKind::Expert
-    } else if name.contains(".ffn.gate.") {
-        ParamKind::Gate
-    } else {
-        ParamKind::Replicated
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
