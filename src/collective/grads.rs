@@ -70,41 +70,67 @@ pub fn reduce_gradients(groups: &Groups, params: &[(ParamKind, &Tensor)], at: &s
             ParamKind::Gate => (groups.gate(), groups.gate().size() as f64),
         };
         let op = "reduce_gradients";
-        let terr = err(group, op, at);
         let grads: Vec<Tensor> = params
             .iter()
             .filter(|(k, p)| *k == kind && p.requires_grad())
             .map(|(_, p)| grad_of(p))
             .collect::<std::result::Result<_, _>>()
-            .map_err(&terr)?;
-        let kind_of_bucket = grads.first().map(|g| g.kind()).unwrap_or(Kind::Float);
-        if grads.iter().any(|g| g.kind() != kind_of_bucket) {
-            let message = format!("{kind:?} parameters mix dtypes; reduce each dtype separately");
-            return Err(CollectiveError::new(
-                group.label(),
-                op,
-                at,
-                ErrorKind::Invalid(message),
-            ));
-        }
-        let flats: Vec<Tensor> = grads
-            .iter()
-            .map(|g| g.f_reshape([-1]))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(&terr)?;
-        let mut bucket = if flats.is_empty() {
-            Tensor::f_zeros([0], (Kind::Float, device)).map_err(&terr)?
-        } else {
-            Tensor::f_cat(&flats, 0).map_err(&terr)?
-        };
-        group.all_reduce_sum(&mut bucket, &format!("{at}, {} gradients", kind_name(kind)))?;
+            .map_err(err(group, op, at))?;
+        all_reduce_bucket(
+            group,
+            (op, at),
+            grads,
+            device,
+            Some(divisor),
+            &format!("{} gradients", kind_name(kind)),
+            &format!("{kind:?} parameters mix dtypes; reduce each dtype separately"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Sums `grads` over `group` in place as one flat bucket (then divides by `divisor`, if
+/// any): every rank enters the all-reduce, also with no gradients (an empty bucket on
+/// `device`, since NCCL takes only tensors on its GPU). `what` names the gradients in the
+/// collective's label; `mixed` is the error when their dtypes differ.
+fn all_reduce_bucket(
+    group: &dyn Collective,
+    (op, at): (&'static str, &str),
+    grads: Vec<Tensor>,
+    device: tch::Device,
+    divisor: Option<f64>,
+    what: &str,
+    mixed: &str,
+) -> Result<()> {
+    let terr = err(group, op, at);
+    let kind = grads.first().map(|g| g.kind()).unwrap_or(Kind::Float);
+    if grads.iter().any(|g| g.kind() != kind) {
+        return Err(CollectiveError::new(
+            group.label(),
+            op,
+            at,
+            ErrorKind::Invalid(mixed.to_string()),
+        ));
+    }
+    let flats: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.f_reshape([-1]))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(&terr)?;
+    let mut bucket = if flats.is_empty() {
+        Tensor::f_zeros([0], (Kind::Float, device)).map_err(&terr)?
+    } else {
+        Tensor::f_cat(&flats, 0).map_err(&terr)?
+    };
+    group.all_reduce_sum(&mut bucket, &format!("{at}, {what}"))?;
+    if let Some(divisor) = divisor {
         let _ = bucket.f_div_scalar_(divisor).map_err(&terr)?;
-        let sizes: Vec<i64> = flats.iter().map(|f| f.numel() as i64).collect();
-        let pieces = bucket.f_split_with_sizes(&sizes, 0).map_err(&terr)?;
-        for (mut grad, piece) in grads.into_iter().zip(pieces) {
-            let shape = grad.size();
-            tch::no_grad(|| grad.f_copy_(&piece.f_reshape(&shape)?)).map_err(&terr)?;
-        }
+    }
+    let sizes: Vec<i64> = flats.iter().map(|f| f.numel() as i64).collect();
+    let pieces = bucket.f_split_with_sizes(&sizes, 0).map_err(&terr)?;
+    for (mut grad, piece) in grads.into_iter().zip(pieces) {
+        let shape = grad.size();
+        tch::no_grad(|| grad.f_copy_(&piece.f_reshape(&shape)?)).map_err(&terr)?;
     }
     Ok(())
 }
@@ -197,41 +223,22 @@ pub fn sum_partial_gradients(
     at: &str,
 ) -> Result<()> {
     let op = "sum_partial_gradients";
-    let terr = err(tensor, op, at);
     let grads: Vec<Tensor> = params
         .iter()
         .filter(|(s, p)| *s == TensorSplit::Partial && p.requires_grad())
         .map(|(_, p)| grad_of(p))
         .collect::<std::result::Result<_, _>>()
-        .map_err(&terr)?;
-    let kind = grads.first().map(|g| g.kind()).unwrap_or(Kind::Float);
-    if grads.iter().any(|g| g.kind() != kind) {
-        return Err(CollectiveError::new(
-            tensor.label(),
-            op,
-            at,
-            ErrorKind::Invalid("partial parameters mix dtypes".into()),
-        ));
-    }
-    let flats: Vec<Tensor> = grads
-        .iter()
-        .map(|g| g.f_reshape([-1]))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(&terr)?;
+        .map_err(err(tensor, op, at))?;
     let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
-    let mut bucket = if flats.is_empty() {
-        Tensor::f_zeros([0], (Kind::Float, device)).map_err(&terr)?
-    } else {
-        Tensor::f_cat(&flats, 0).map_err(&terr)?
-    };
-    tensor.all_reduce_sum(&mut bucket, &format!("{at}, partial gradients"))?;
-    let sizes: Vec<i64> = flats.iter().map(|f| f.numel() as i64).collect();
-    let pieces = bucket.f_split_with_sizes(&sizes, 0).map_err(&terr)?;
-    for (mut grad, piece) in grads.into_iter().zip(pieces) {
-        let shape = grad.size();
-        tch::no_grad(|| grad.f_copy_(&piece.f_reshape(&shape)?)).map_err(&terr)?;
-    }
-    Ok(())
+    all_reduce_bucket(
+        tensor,
+        (op, at),
+        grads,
+        device,
+        None,
+        "partial gradients",
+        "partial parameters mix dtypes",
+    )
 }
 
 /// [`clip_global_norm`] with tensor parallelism: the norm over all distinct parameters of
