@@ -133,22 +133,9 @@ impl GroupLayout {
         tensor: usize,
         expert_group: usize,
     ) -> Result<GroupLayout, LayoutError> {
-        if world == 0 {
-            return Err(LayoutError::EmptyWorld);
-        }
-        if tensor == 0 || world % tensor != 0 {
-            return Err(LayoutError::Indivisible {
-                size: tensor,
-                world,
-            });
-        }
+        check_split(world, tensor)?;
         let data_size = world / tensor;
-        if expert_group == 0 || data_size % expert_group != 0 {
-            return Err(LayoutError::Indivisible {
-                size: expert_group,
-                world: data_size,
-            });
-        }
+        check_split(data_size, expert_group)?;
         let data: Vec<Vec<usize>> = (0..tensor)
             .map(|j| (j..world).step_by(tensor).collect())
             .collect();
@@ -256,18 +243,22 @@ impl GroupLayout {
     }
 }
 
-/// Megatron-LM v2.2's tensor groups for pipeline = 1: consecutive runs of `tensor` ranks
-/// (`[i·t, (i+1)·t)`), the same lists `fmoec plan` prints as `tensor`.
-pub fn tensor_groups(world: usize, tensor: usize) -> Result<Vec<Vec<usize>>, LayoutError> {
+/// Refuses splitting `world` ranks into groups of `size` unless the world is non-empty and
+/// `size` divides it.
+fn check_split(world: usize, size: usize) -> Result<(), LayoutError> {
     if world == 0 {
         return Err(LayoutError::EmptyWorld);
     }
-    if tensor == 0 || world % tensor != 0 {
-        return Err(LayoutError::Indivisible {
-            size: tensor,
-            world,
-        });
+    if size == 0 || world % size != 0 {
+        return Err(LayoutError::Indivisible { size, world });
     }
+    Ok(())
+}
+
+/// Megatron-LM v2.2's tensor groups for pipeline = 1: consecutive runs of `tensor` ranks
+/// (`[i·t, (i+1)·t)`), the same lists `fmoec plan` prints as `tensor`.
+pub fn tensor_groups(world: usize, tensor: usize) -> Result<Vec<Vec<usize>>, LayoutError> {
+    check_split(world, tensor)?;
     Ok((0..world / tensor)
         .map(|i| (i * tensor..(i + 1) * tensor).collect())
         .collect())
