@@ -22,6 +22,9 @@ fmoec_export_env() {
     export PATH="$FMOEC_VENV/bin:$PATH"
     local torch_lib
     torch_lib="$("$FMOEC_VENV/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')" || return 1
+    # torch's CUDA libraries (libnvrtc: the fused kernels' source is compiled in a test)
+    local cuda_lib="$torch_lib/../../nvidia/cu13/lib"
+    if [ -d "$cuda_lib" ]; then torch_lib="$torch_lib:$(cd "$cuda_lib" && pwd)"; fi
     export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export FMOEC_PYTHON="$FMOEC_VENV/bin/python"
 }

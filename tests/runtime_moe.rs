@@ -116,9 +116,9 @@ fn check_against_reference(
     let (_store, l) = layer(&decl, 8, Kind::Float, bias, 7);
     let x = Tensor::randn([24, 8], (Kind::Float, Device::Cpu));
     tch::manual_seed(99);
-    let out = l.forward(&x, train).unwrap();
+    let out = l.forward(&x, train, None).unwrap();
     tch::manual_seed(99);
-    let routing = l.gate.route(&x, train).unwrap();
+    let routing = l.gate.route(&x, train, None).unwrap();
     let reference = per_token(&l, &x, &routing.expert, &routing.weight);
     let diff = (&out.out - &reference).abs().max().double_value(&[]);
     assert!(
@@ -194,8 +194,8 @@ fn a_token_with_every_slot_dropped_gets_zero_ffn_output() {
     let decl = moe_decl(GateKind::Switch, 4, 1, Some((0.25, 0.25)), Activation::Gelu);
     let (_s, l) = layer(&decl, 8, Kind::Float, true, 3);
     let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
-    let out = l.forward(&x, false).unwrap().out;
-    let routing = l.gate.route(&x, false).unwrap();
+    let out = l.forward(&x, false, None).unwrap().out;
+    let routing = l.gate.route(&x, false, None).unwrap();
     let mut seen = 0;
     for i in 0..16 {
         if routing.expert.int64_value(&[i, 0]) < 0 {
@@ -227,11 +227,11 @@ fn swipe_balances_loads_without_drops() {
     // a skewed input: every token is nearly the same, so the plain top-k sends all to 2 experts
     let x = Tensor::randn([1, 8], (Kind::Float, Device::Cpu)).repeat([32, 1])
         + Tensor::randn([32, 8], (Kind::Float, Device::Cpu)) * 0.01;
-    let naive = l.gate.route(&x, false).unwrap();
+    let naive = l.gate.route(&x, false, None).unwrap();
     let naive_counts =
         Vec::<i64>::try_from(naive.expert.reshape([-1]).bincount(None::<Tensor>, 4)).unwrap();
     assert_eq!(*naive_counts.iter().max().unwrap(), 32);
-    let r = l.gate.route(&x, true).unwrap();
+    let r = l.gate.route(&x, true, None).unwrap();
     let counts = Vec::<i64>::try_from(r.expert.reshape([-1]).bincount(None::<Tensor>, 4)).unwrap();
     assert_eq!(counts, vec![16, 16, 16, 16]);
     assert_eq!(r.expert.lt(0).sum(Kind::Int64).int64_value(&[]), 0);
@@ -251,7 +251,7 @@ fn gradients_match_finite_differences() {
         let x = Tensor::randn([6, 4], (Kind::Double, Device::Cpu)).set_requires_grad(true);
         let r = Tensor::randn([6, 4], (Kind::Double, Device::Cpu));
         let f = |x: &Tensor| -> Tensor {
-            let o = l.forward(x, false).unwrap();
+            let o = l.forward(x, false, None).unwrap();
             (o.out * &r).sum(Kind::Double) + o.balance_loss.to_kind(Kind::Double) * 0.0
         };
         let loss = f(&x);
@@ -337,7 +337,7 @@ fn logits_tensor() -> Tensor {
 fn gshard_loss_is_e_times_sum_of_first_choice_fraction_times_mean_prob() {
     let _rng = rng_lock();
     let (_s, l) = gate_with_identity(GateKind::Gshard, 3, 2, Some((10.0, 10.0)));
-    let r = l.gate.route(&logits_tensor(), false).unwrap();
+    let r = l.gate.route(&logits_tensor(), false, None).unwrap();
     // first choices: 0, 1, 0, 2 -> c = (2/4, 1/4, 1/4)
     let c = [0.5, 0.25, 0.25];
     let probs: Vec<Vec<f64>> = LOGITS.iter().map(|r| softmax(r)).collect();
@@ -356,7 +356,7 @@ fn gshard_loss_is_e_times_sum_of_first_choice_fraction_times_mean_prob() {
 fn switch_loss_is_e_times_sum_of_fraction_times_mean_prob_over_kept_tokens() {
     let _rng = rng_lock();
     let (_s, l) = gate_with_identity(GateKind::Switch, 3, 1, Some((10.0, 10.0)));
-    let r = l.gate.route(&logits_tensor(), false).unwrap();
+    let r = l.gate.route(&logits_tensor(), false, None).unwrap();
     let probs: Vec<Vec<f64>> = LOGITS.iter().map(|r| softmax(r)).collect();
     let f = [0.5, 0.25, 0.25];
     let p: Vec<f64> = (0..3)
@@ -373,7 +373,7 @@ fn switch_loss_is_e_times_sum_of_fraction_times_mean_prob_over_kept_tokens() {
 fn noisy_loss_is_cv_squared_of_importance_plus_load_without_noise() {
     let _rng = rng_lock();
     let (_s, l) = gate_with_identity(GateKind::Noisy, 3, 1, None);
-    let r = l.gate.route(&logits_tensor(), false).unwrap();
+    let r = l.gate.route(&logits_tensor(), false, None).unwrap();
     // top-1 gates are 1.0 at experts 0, 1, 0, 2: importance = load = (2, 1, 1)
     let cv2 = |v: [f64; 3]| {
         let mean = v.iter().sum::<f64>() / 3.0;
@@ -390,7 +390,7 @@ fn naive_and_swipe_have_no_balance_loss() {
     let _rng = rng_lock();
     for kind in [GateKind::Naive, GateKind::Swipe] {
         let (_s, l) = gate_with_identity(kind, 3, 2, None);
-        let r = l.gate.route(&logits_tensor(), true).unwrap();
+        let r = l.gate.route(&logits_tensor(), true, None).unwrap();
         assert_eq!(r.balance_loss.double_value(&[]), 0.0);
     }
 }
@@ -405,7 +405,7 @@ fn grouped_path_matches_loop_path_with_drops() {
         let (store, mut l) = layer(&decl, 8, Kind::Float, true, 21);
         l.experts.path = path;
         let x = Tensor::randn([32, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let o = l.forward(&x, false).unwrap();
+        let o = l.forward(&x, false, None).unwrap();
         (o.out.sum(Kind::Float) + o.out.square().sum(Kind::Float)).backward();
         let mut grads: Vec<Tensor> = store.params.iter().map(|p| p.tensor.grad()).collect();
         grads.push(x.grad());
@@ -453,4 +453,78 @@ fn linear_with_a_bias_is_matmul_plus_bias_with_the_same_gradients() {
     // without a bias it is the plain matmul
     let plain = moe::linear(&x, &w, None).unwrap();
     assert!(plain.allclose(&x.matmul(&w), 1e-12, 1e-12, false));
+}
+
+/// The gates' keyed draws: uniform in [0, 1) and standard normal by their moments, a pure
+/// function of (key, stream, index), and different for another key or stream.
+#[test]
+fn keyed_draws_are_uniform_normal_and_reproducible() {
+    let key = Tensor::from_slice(&moe::draw_key_words(0xDEAD_BEEF_1234_5678));
+    let u = moe::keyed_uniform(&key, 0, &[400, 500]).unwrap();
+    assert_eq!(u.size(), vec![400, 500]);
+    assert_eq!(u.kind(), Kind::Float);
+    let (min, max) = (u.min().double_value(&[]), u.max().double_value(&[]));
+    assert!(
+        (0.0..1e-4).contains(&min) && max < 1.0 && max > 1.0 - 1e-4,
+        "{min} {max}"
+    );
+    let mean = u.mean(Kind::Double).double_value(&[]);
+    let var = u.var(true).double_value(&[]);
+    assert!((mean - 0.5).abs() < 3e-3, "mean {mean}");
+    assert!((var - 1.0 / 12.0).abs() < 2e-3, "variance {var}");
+    // neighbours are not correlated
+    let a = u.reshape([-1]).narrow(0, 0, 199_999);
+    let b = u.reshape([-1]).narrow(0, 1, 199_999);
+    let corr = (&a - 0.5)
+        .multiply(&(&b - 0.5))
+        .mean(Kind::Double)
+        .double_value(&[])
+        * 12.0;
+    assert!(corr.abs() < 1e-2, "lag-1 correlation {corr}");
+
+    assert!(moe::keyed_uniform(&key, 0, &[400, 500]).unwrap().equal(&u));
+    let other_key = Tensor::from_slice(&moe::draw_key_words(0xDEAD_BEEF_1234_5679));
+    for other in [
+        moe::keyed_uniform(&other_key, 0, &[400, 500]).unwrap(),
+        moe::keyed_uniform(&key, 1, &[400, 500]).unwrap(),
+    ] {
+        let same = other.eq_tensor(&u).to_kind(Kind::Float).mean(Kind::Double);
+        assert!(same.double_value(&[]) < 1e-3);
+    }
+
+    let z = moe::keyed_normal(&key, 0, &[200_000]).unwrap();
+    let (mean, std) = (
+        z.mean(Kind::Double).double_value(&[]),
+        z.std(true).double_value(&[]),
+    );
+    assert!(
+        mean.abs() < 1e-2 && (std - 1.0).abs() < 1e-2,
+        "{mean} {std}"
+    );
+    assert!(z.isfinite().all().int64_value(&[]) == 1);
+}
+
+/// With a draw key, a training route is a function of the key: the same key routes the same
+/// way (noise, jitter and random routing alike), another key differently.
+#[test]
+fn keyed_routing_repeats_for_the_same_key() {
+    let _g = rng_lock();
+    for kind in [GateKind::Noisy, GateKind::Gshard, GateKind::Switch] {
+        let decl = moe_decl(kind, 8, 2, None, Activation::Gelu);
+        let (_s, l) = layer(&decl, 16, Kind::Float, false, 5);
+        let x = Tensor::randn([64, 16], (Kind::Float, Device::Cpu));
+        let key = Tensor::from_slice(&moe::draw_key_words(42));
+        tch::manual_seed(1);
+        let a = l.gate.route(&x, true, Some(&key)).unwrap();
+        tch::manual_seed(2);
+        let b = l.gate.route(&x, true, Some(&key)).unwrap();
+        assert!(a.expert.equal(&b.expert), "{kind:?}");
+        assert!(a.weight.equal(&b.weight), "{kind:?}");
+        let other = Tensor::from_slice(&moe::draw_key_words(43));
+        let c = l.gate.route(&x, true, Some(&other)).unwrap();
+        assert!(
+            !c.weight.equal(&a.weight) || !c.expert.equal(&a.expert),
+            "{kind:?}"
+        );
+    }
 }

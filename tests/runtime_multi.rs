@@ -59,6 +59,7 @@ fn options(out: &Path, stop_after: Option<u64>, resume: bool) -> RunOptions {
         resume: resume.then(|| out.join("checkpoints")),
         progress: false,
         print_summary: false,
+        cuda_graph: false,
     }
 }
 

@@ -65,7 +65,7 @@ fn build(m: &Model, kind: Kind, tp: Option<TensorParallel>) -> Transformer {
     tch::manual_seed(SEED);
     let mut model =
         Transformer::new_tensor_parallel(m, Device::Cpu, kind, kind, tp).expect("model builds");
-    model.routing_key = Some(ROUTING_KEY.to_vec());
+    model.set_routing_key(Some(&ROUTING_KEY)).unwrap();
     model
 }
 

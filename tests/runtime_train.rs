@@ -33,6 +33,7 @@ fn options(out: &Path, stop_after: Option<u64>, resume: bool) -> RunOptions {
         },
         progress: false,
         print_summary: false,
+        cuda_graph: false,
     }
 }
 

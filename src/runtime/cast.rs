@@ -2,17 +2,18 @@
 //! per micro-batch.
 //!
 //! The trainer keeps f32 masters and computes in bf16: every forward converts each weight,
-//! and its backward converts the gradient back. Within one step the masters do not change,
-//! so with feature `cuda` and `FMOEC_CAST_CACHE=1` [`compute`] hands out one bf16 copy per
-//! weight for the whole step (made under `no_grad` on first use after [`begin_step`])
-//! through a shim op whose backward is the same conversion of the gradient to the master's
-//! dtype: the per-micro-batch forward casts (one launch and a read and a write of every
-//! weight) disappear, and the gradients reach the masters exactly as before. [`end_step`]
-//! drops the copies before the optimizer changes the masters. It is off by default: the
-//! shim op's backward calls back into Rust once per weight, and on the GPU-MoE example the
-//! measured effect was +3-5% on one H200 lease and -8-12% on another (BENCHMARKS.md), within
-//! the step-to-step spread of a launch-bound step. Otherwise, and outside a step (eval,
-//! sampling, builds without `cuda`), it is a plain `to_kind`.
+//! and its backward converts the gradient back and adds it to the master's. Within one step
+//! the masters do not change, so with feature `cuda` and the copies on ([`enable`]: the
+//! trainer does when it replays micro-batches as a CUDA graph; `FMOEC_CAST_CACHE=1` does
+//! everywhere) [`compute`] hands out one bf16 copy per weight, made on first use and
+//! rewritten in place from the master at every [`begin_step`], through a shim op whose
+//! backward adds the bf16 gradient straight into the master's f32 gradient (one pass
+//! instead of a conversion and an add). The per-micro-batch forward casts disappear, and the
+//! gradients reach the masters with the same values as before. Without a graph it stays off
+//! by default: the shim op's backward calls back into Rust once per weight, and on the
+//! GPU-MoE example op by op the measured effect was +3-5% on one H200 lease and -8-12% on
+//! another (BENCHMARKS.md). Otherwise, and outside a step (eval, sampling, builds without
+//! `cuda`), it is a plain `to_kind`.
 //!
 //! This module knows tensors and dtypes only, not the model or the optimizer.
 
@@ -26,48 +27,91 @@ mod cache {
 
     use tch::Tensor;
 
-    /// (data pointer, shape, dtype) of a master → its copy; `None` outside a step.
-    pub type Map = HashMap<(usize, Vec<i64>, String), Tensor>;
+    /// This thread's copies: (data pointer, shape, dtype) of a master → (master, its copy).
+    #[derive(Default)]
+    pub struct Cache {
+        /// Within a step: compute() hands out the copies.
+        pub in_step: bool,
+        pub copies: HashMap<(usize, Vec<i64>, String), (Tensor, Tensor)>,
+    }
     thread_local! {
         // per thread: in-process ranks are threads, each with its own model and steps
-        pub static COPIES: RefCell<Option<Map>> = const { RefCell::new(None) };
+        pub static CACHE: RefCell<Option<Cache>> = const { RefCell::new(None) };
     }
 }
 
-/// Starts a step on this thread: weights converted from now on are converted once and
-/// reused.
-pub fn begin_step() {
+/// Turns the copies on for this thread's steps (also on with `FMOEC_CAST_CACHE=1`).
+pub fn enable() {
     #[cfg(feature = "cuda")]
-    if std::env::var("FMOEC_CAST_CACHE").is_ok_and(|v| v == "1") {
-        cache::COPIES.with(|c| *c.borrow_mut() = Some(Default::default()));
-    }
+    cache::CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(Default::default());
+        }
+    });
 }
 
-/// Ends this thread's step: drops the copies (call before the masters change).
+/// Drops this thread's copies and turns them off.
+pub fn disable() {
+    #[cfg(feature = "cuda")]
+    cache::CACHE.with(|c| *c.borrow_mut() = None);
+}
+
+/// Starts a step on this thread: with the copies on, every copy made in an earlier step is
+/// rewritten in place from its master (the same memory, so a captured CUDA graph reads the
+/// new values), and weights converted from now on are converted once and reused.
+pub fn begin_step() -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        if std::env::var("FMOEC_CAST_CACHE").is_ok_and(|v| v == "1") {
+            enable();
+        }
+        cache::CACHE.with(|c| -> Result<()> {
+            if let Some(cache) = c.borrow_mut().as_mut() {
+                let _guard = tch::no_grad_guard();
+                for (master, copy) in cache.copies.values() {
+                    copy.shallow_clone().f_copy_(master)?;
+                }
+                cache.in_step = true;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Ends this thread's step (call before the masters change): the copies are kept, but not
+/// handed out until the next [`begin_step`] has refreshed them.
 pub fn end_step() {
     #[cfg(feature = "cuda")]
-    cache::COPIES.with(|c| *c.borrow_mut() = None);
+    cache::CACHE.with(|c| {
+        if let Some(cache) = c.borrow_mut().as_mut() {
+            cache.in_step = false;
+        }
+    });
 }
 
-/// `w` in `kind` for a forward pass: within a step, a master weight's copy made once for
-/// the step (the gradient still flows to `w`); otherwise `w.to_kind(kind)`.
+/// `w` in `kind` for a forward pass: within a step with the copies on, a master weight's
+/// copy made once (the gradient still flows to `w`); otherwise `w.to_kind(kind)`.
 pub fn compute(w: &Tensor, kind: Kind) -> Result<Tensor> {
     if w.kind() == kind {
         return Ok(w.shallow_clone());
     }
     #[cfg(feature = "cuda")]
     if w.requires_grad() {
-        let copy = cache::COPIES.with(|c| -> Result<Option<Tensor>> {
+        let copy = cache::CACHE.with(|c| -> Result<Option<Tensor>> {
             let mut c = c.borrow_mut();
-            let Some(map) = c.as_mut() else {
+            let Some(cache) = c.as_mut().filter(|c| c.in_step) else {
                 return Ok(None);
             };
             let key = (w.data_ptr() as usize, w.size(), format!("{kind:?}"));
-            if let Some(copy) = map.get(&key) {
+            if let Some((_, copy)) = cache.copies.get(&key) {
                 return Ok(Some(copy.shallow_clone()));
             }
             let copy = tch::no_grad(|| w.f_to_kind(kind))?;
-            map.insert(key, copy.shallow_clone());
+            cache
+                .copies
+                .insert(key, (w.shallow_clone(), copy.shallow_clone()));
             Ok(Some(copy))
         })?;
         if let Some(copy) = copy {
@@ -92,11 +136,12 @@ mod tests {
         let plain = w.grad().copy();
         let _ = w.grad().zero_();
 
-        std::env::set_var("FMOEC_CAST_CACHE", "1");
-        begin_step();
+        enable();
+        begin_step().unwrap();
         let a = compute(&w, Kind::Double).unwrap();
         let b = compute(&w, Kind::Double).unwrap();
         assert_eq!(a.data_ptr(), b.data_ptr(), "one copy per step");
+        // the first backward creates the master's gradient, the second adds into it
         loss(&a).backward();
         loss(&b).backward();
         end_step();
@@ -108,5 +153,16 @@ mod tests {
         // outside a step: a fresh conversion every time
         let c = compute(&w, Kind::Double).unwrap();
         assert_ne!(c.data_ptr(), a.data_ptr());
+
+        // the next step refreshes the same copy in place from the changed master
+        tch::no_grad(|| {
+            let _ = w.shallow_clone().f_add_scalar_(1.0).unwrap();
+        });
+        begin_step().unwrap();
+        let d = compute(&w, Kind::Double).unwrap();
+        assert_eq!(d.data_ptr(), a.data_ptr(), "the same memory every step");
+        assert!(d.allclose(&w.to_kind(Kind::Double), 0.0, 0.0, false));
+        end_step();
+        disable();
     }
 }

@@ -58,6 +58,11 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Run every micro-batch eagerly, op by op. By default a run on one GPU captures one
+    /// training micro-batch (forward and backward) as a CUDA graph after a warm-up micro-batch
+    /// and replays it for the others (the same kernels, without the CPU launching each).
+    #[arg(long)]
+    pub no_cuda_graph: bool,
     /// Train on N GPUs of this machine: one process per GPU, NCCL between them (needs a build
     /// with `--features cuda`). Overrides the file's `gpus` as `fmoec plan --world` does.
     /// Started by torchrun (RANK, WORLD_SIZE, ... set), fmoec runs as that rank instead.
@@ -224,6 +229,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         resume,
         progress: !args.quiet,
         print_summary: true,
+        cuda_graph: !args.no_cuda_graph,
     };
     let plan_for = |world: u64| -> Result<WorldPlan, ExitCode> {
         distributed::plan_world_with(checked, world, args.expert_group, args.tensor).map_err(

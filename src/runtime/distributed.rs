@@ -35,7 +35,7 @@ use crate::collective::{
 };
 use crate::diag::Diagnostic;
 use crate::plan::{self, MemoryModel, Overrides, ParallelPlan};
-use crate::runtime::model::{seed_routing, MoeHook, NormLayer, Transformer};
+use crate::runtime::model::{MoeHook, NormLayer, Transformer};
 use crate::runtime::moe::{self, DispatchPlan, Experts, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
 
@@ -403,7 +403,7 @@ impl MoeHook for ExpertParallel<'_> {
         norm: &NormLayer,
         x: &Tensor,
         train: bool,
-        routing_key: Option<&[u64]>,
+        key: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor, Telemetry)> {
         let ctx = self.ctx;
         let placement = ctx
@@ -416,13 +416,7 @@ impl MoeHook for ExpertParallel<'_> {
         let xl = self.cut(&x.f_reshape([tokens, d])?, true)?;
         let h = norm.forward(&xl)?;
         let hl = self.cut(&h, true)?;
-        let routing = {
-            let _rng = match (train, routing_key) {
-                (true, Some(key)) => Some(seed_routing(key, index)),
-                _ => None,
-            };
-            layer.gate.route(&hl, train)?
-        };
+        let routing = layer.gate.route(&hl, train, key)?;
         let e = layer.gate.experts;
         let k = routing.expert.size()[1];
         let device = hl.device();

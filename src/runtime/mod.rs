@@ -5,7 +5,9 @@
 //! per-step compute-dtype copies ([`cast`]), AdamW and the
 //! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), multi-rank training ([`distributed`]), the loop, sampling and
 //! metrics ([`train`]), the plot ([`plot`]), the `fmoec run` command line ([`cli`]), `fmoec bench
-//! moe` ([`bench`]) and, with feature `cuda`, the shim and fused kernels (`fused`).
+//! moe` ([`bench`]) and, with feature `cuda`, the shim and fused kernels (`fused`), CUDA
+//! graphs over a training micro-batch (`graph`) and libtorch's multi-tensor optimizer
+//! kernels (`foreach`).
 //! It reads only the checked [`crate::check::Checked`] artifact; it knows nothing about source
 //! text, the planner's internals or the Megatron emitter.
 
@@ -16,7 +18,11 @@ pub mod cli;
 pub mod data;
 pub mod distributed;
 #[cfg(feature = "cuda")]
+pub mod foreach;
+#[cfg(feature = "cuda")]
 pub mod fused;
+#[cfg(feature = "cuda")]
+pub mod graph;
 pub mod model;
 pub mod moe;
 pub mod optim;

@@ -264,27 +264,21 @@ impl Block {
         x: &Tensor,
         train: bool,
         hook: Option<&mut (dyn MoeHook + 'h)>,
-        routing_key: Option<&[u64]>,
+        keys: Option<&Tensor>,
     ) -> Result<(Tensor, Option<(Tensor, Telemetry)>)> {
         let x = x.f_add(&self.attn.forward(&self.norm1.forward(x)?)?)?;
+        let key = layer_key(keys, self.index)?;
         if let (FfnModule::Moe(layer), Some(hook)) = (&self.ffn, hook) {
             let (y, balance, telemetry) =
-                hook.moe(self.index, layer, &self.norm2, &x, train, routing_key)?;
+                hook.moe(self.index, layer, &self.norm2, &x, train, key.as_ref())?;
             return Ok((y, Some((balance, telemetry))));
         }
         let h = self.norm2.forward(&x)?;
         match &self.ffn {
             FfnModule::Dense(mlp) => Ok((x.f_add(&mlp.forward(&h)?)?, None)),
             FfnModule::Moe(layer) => {
-                // The gate's random draws (noise, jitter, random routing) come from the
-                // global generator; seeded per (key, layer) they do not depend on which
-                // rank routes these tokens or on other threads.
-                let _rng = match (train, routing_key) {
-                    (true, Some(key)) => Some(seed_routing(key, self.index)),
-                    _ => None,
-                };
                 let (b, t, d) = h.size3()?;
-                let out = layer.forward(&h.f_reshape([b * t, d])?, train)?;
+                let out = layer.forward(&h.f_reshape([b * t, d])?, train, key.as_ref())?;
                 let y = out.out.f_reshape([b, t, d])?;
                 Ok((x.f_add(&y)?, Some((out.balance_loss, out.telemetry))))
             }
@@ -296,8 +290,8 @@ impl Block {
 /// expert-parallel runtime: its experts are spread over an expert group).
 pub trait MoeHook {
     /// `x`: the residual stream after attention, `[B, T, d]`. Returns `x + ffn(norm(x))`,
-    /// the layer's unweighted balance loss and its telemetry. With `train` and a
-    /// `routing_key`, the gate must route under [`seed_routing`]`(key, index)`.
+    /// the layer's unweighted balance loss and its telemetry. The gate routes with `key`
+    /// (this layer's draw key, see [`Transformer::set_routing_key`]).
     fn moe(
         &mut self,
         index: usize,
@@ -305,7 +299,7 @@ pub trait MoeHook {
         norm: &NormLayer,
         x: &Tensor,
         train: bool,
-        routing_key: Option<&[u64]>,
+        key: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor, Telemetry)>;
 }
 
@@ -316,16 +310,38 @@ pub fn lock_rng() -> std::sync::MutexGuard<'static, ()> {
     RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Locks the generator and seeds it with `mix(key, layer)`: the gate of MoE layer `layer`
-/// routes the micro-batch `key` (`[seed, step, micro]`) with the same random draws
-/// whichever rank or thread runs it. Hold the guard while the gate draws.
-pub fn seed_routing(key: &[u64], layer: usize) -> std::sync::MutexGuard<'static, ()> {
-    let guard = lock_rng();
-    let mut words = key.to_vec();
-    words.push(0x0A7E);
-    words.push(layer as u64);
-    tch::manual_seed(crate::runtime::data::mix_all(&words) as i64);
-    guard
+/// The gates' draw keys of the micro-batch `key` (`[seed, step, micro]`), `depth` rows of two
+/// 32-bit words (row `layer` from `mix(key, layer)`, see [`moe::keyed_uniform`]): the gate of
+/// MoE layer `layer` draws the same noise, jitter and random routing whichever rank, thread or
+/// device routes these tokens.
+pub fn routing_key_words(key: &[u64], depth: usize) -> Vec<i64> {
+    (0..depth)
+        .flat_map(|layer| {
+            let mut words = key.to_vec();
+            words.push(0x0A7E);
+            words.push(layer as u64);
+            moe::draw_key_words(crate::runtime::data::mix_all(&words))
+        })
+        .collect()
+}
+
+/// Copies the CPU tensor `src` into `dst`: on a GPU through pinned memory, without waiting
+/// for the device (a plain copy from pageable memory waits for the stream to drain).
+pub fn copy_from_host(src: &Tensor, dst: &Tensor) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if dst.device().is_cuda() {
+        return crate::runtime::graph::copy_from_host(src, dst);
+    }
+    dst.shallow_clone().f_copy_(src)?;
+    Ok(())
+}
+
+/// Row `layer` of the `[depth, 2]` draw keys (a view, no copy).
+fn layer_key(keys: Option<&Tensor>, layer: usize) -> Result<Option<Tensor>> {
+    Ok(match keys {
+        Some(k) => Some(k.f_select(0, layer as i64)?),
+        None => None,
+    })
 }
 
 /// The whole language model.
@@ -338,14 +354,17 @@ pub struct Transformer {
     norm: NormLayer,
     /// Compute dtype (f32, bf16, or f64 in gradient checks).
     pub compute: Kind,
-    /// The micro-batch being trained (`[seed, step, micro]`): the gates' random draws are
-    /// seeded from it per layer (see [`seed_routing`]). `None`: the generator as it is.
-    pub routing_key: Option<Vec<u64>>,
+    /// The draw keys of the micro-batch being trained (`[depth, 2]` int64 on the model's
+    /// device, see [`Transformer::set_routing_key`]); `None`: the gates draw from libtorch's
+    /// generator.
+    pub routing_keys: Option<Tensor>,
+    /// The device tensor [`Transformer::set_routing_key`] writes (kept, so its address stays).
+    keys_buffer: Option<Tensor>,
 }
 
 /// What one forward pass yields besides the logits.
 pub struct ForwardOutput {
-    /// `[B, T, vocab]` in f32.
+    /// `[B, T, vocab]` in the compute dtype.
     pub logits: Tensor,
     /// Σ over MoE layers of `balance_loss_weight · balance_loss` (f32 scalar).
     pub balance_loss: Tensor,
@@ -417,10 +436,36 @@ impl Transformer {
             blocks,
             norm,
             compute,
-            routing_key: None,
+            routing_keys: None,
+            keys_buffer: None,
         };
         t.set_compute(compute);
         Ok(t)
+    }
+
+    /// Keys the gates' random draws to the micro-batch `key` (`[seed, step, micro]`, see
+    /// [`routing_key_words`]), or back to libtorch's generator with `None`. The keys are
+    /// written into the same device tensor every time (a captured CUDA graph reads them
+    /// there), without waiting for the device.
+    pub fn set_routing_key(&mut self, key: Option<&[u64]>) -> Result<()> {
+        let Some(key) = key else {
+            self.routing_keys = None;
+            return Ok(());
+        };
+        let depth = self.model.layers.len();
+        let words =
+            Tensor::f_from_slice(&routing_key_words(key, depth))?.f_reshape([depth as i64, 2])?;
+        let buffer = match &self.keys_buffer {
+            Some(b) => b.shallow_clone(),
+            None => {
+                let b = words.f_zeros_like()?.f_to_device(self.store.device)?;
+                self.keys_buffer = Some(b.shallow_clone());
+                b
+            }
+        };
+        copy_from_host(&words, &buffer)?;
+        self.routing_keys = Some(buffer);
+        Ok(())
     }
 
     /// Changes the compute dtype (and the expert matmul path that suits it).
@@ -450,10 +495,10 @@ impl Transformer {
     ) -> Result<ForwardOutput> {
         let (emb, mut x) = self.embed(tokens)?;
         let mut extras = MoeExtras::new(self.store.device)?;
-        let key = self.routing_key.as_deref();
+        let keys = self.routing_keys.as_ref();
         let hooked = hook.is_some();
         for block in &self.blocks {
-            let (y, extra) = block.forward(&x, train, hook.as_deref_mut(), key)?;
+            let (y, extra) = block.forward(&x, train, hook.as_deref_mut(), keys)?;
             x = y;
             extras.add(block, extra)?;
         }
@@ -485,13 +530,10 @@ impl Transformer {
         Ok((emb, x))
     }
 
-    /// The final norm and the tied head: f32 logits of the last hidden states `x`.
+    /// The final norm and the tied head: logits of the last hidden states `x`, in the
+    /// compute dtype.
     fn head(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .norm
-            .forward(x)?
-            .f_matmul(&emb.f_transpose(0, 1)?)?
-            .f_to_kind(Kind::Float)?)
+        Ok(self.norm.forward(x)?.f_matmul(&emb.f_transpose(0, 1)?)?)
     }
 
     /// Mean next-token cross-entropy of `tokens[:, 1:]` given `tokens[:, :-1]`, plus extras.
@@ -810,7 +852,7 @@ impl Block {
         x: &Tensor,
         train: bool,
         tp: TensorParallel,
-        routing_key: Option<&[u64]>,
+        keys: Option<&Tensor>,
         pass: &mut TensorPass,
     ) -> Result<(Tensor, Option<(Tensor, Telemetry)>)> {
         let split = tp.size > 1;
@@ -838,15 +880,9 @@ impl Block {
                 let (b, t, d) = h.size3()?;
                 let h = h.f_reshape([b * t, d])?;
                 let sliced = split && tp.expert_slicing;
-                // Seeded per (micro-batch, layer): every tensor rank (and every data rank
+                // Keyed per (micro-batch, layer): every tensor rank (and every data rank
                 // that routes these tokens) draws the same noise, jitter and random routing.
-                let routing = {
-                    let _rng = match (train, routing_key) {
-                        (true, Some(key)) => Some(seed_routing(key, i)),
-                        _ => None,
-                    };
-                    layer.gate.route(&h, train)?
-                };
+                let routing = layer.gate.route(&h, train, layer_key(keys, i)?.as_ref())?;
                 let he = pass.enter(&h, sliced)?;
                 let weight = pass.enter(&routing.weight, sliced)?;
                 let balance = pass.tape.cut(&routing.balance_loss)?;
@@ -1088,8 +1124,8 @@ impl Transformer {
     /// [`Transformer::forward`] on one rank of a tensor group (a model from
     /// [`Transformer::new_tensor_parallel`]), recording its cuts on `pass.tape`. Every rank
     /// of the group runs it on the same tokens; with random gates set
-    /// [`Transformer::routing_key`] so that every rank draws the same (see
-    /// [`seed_routing`]). The logits are whole on every rank.
+    /// [`Transformer::routing_keys`] so that every rank draws the same (see
+    /// [`routing_key_words`]). The logits are whole on every rank.
     pub fn forward_tensor_parallel(
         &self,
         tokens: &Tensor,
@@ -1103,7 +1139,7 @@ impl Transformer {
         let mut extras = MoeExtras::new(self.store.device)?;
         for block in &self.blocks {
             let (y, extra) =
-                block.forward_tensor_parallel(&x, train, tp, self.routing_key.as_deref(), pass)?;
+                block.forward_tensor_parallel(&x, train, tp, self.routing_keys.as_ref(), pass)?;
             x = y;
             extras.add(block, extra)?;
         }
@@ -1127,10 +1163,23 @@ impl Transformer {
 }
 
 /// Mean cross-entropy of `logits` `[B, T, V]` against `target` `[B, T]`.
+/// Mean cross-entropy of `logits` `[B, T, V]` (compute dtype) against `target` `[B, T]`,
+/// computed in f32: on a GPU with the fused kernels one pass over the logits in their own
+/// dtype each way ([`crate::runtime::fused`]), else libtorch's on f32 logits.
 fn next_token_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let v = logits.size()[2];
-    Ok(logits.f_reshape([-1, v])?.f_cross_entropy_loss(
-        &target.f_reshape([-1])?,
+    let flat = logits.f_reshape([-1, v])?;
+    let target = target.f_reshape([-1])?;
+    #[cfg(feature = "cuda")]
+    if moe::fused_available(logits.device()) {
+        if let Some(rows) = crate::runtime::fused::cross_entropy_rows(&flat, &target)? {
+            // the mean over targets inside the vocabulary (libtorch's ignore_index rows)
+            let counted = target.f_ge(0)?.f_sum(Kind::Float)?.f_clamp_min(1.0)?;
+            return Ok(rows.f_sum(Kind::Float)?.f_div(&counted)?);
+        }
+    }
+    Ok(flat.f_to_kind(Kind::Float)?.f_cross_entropy_loss(
+        &target,
         None::<&Tensor>,
         tch::Reduction::Mean,
         -100,

@@ -138,6 +138,66 @@ pub struct Gate {
 /// Noisy top-k's floor on the noise standard deviation (FastMoE: `noise_epsilon`).
 const NOISE_EPSILON: f64 = 1e-2;
 
+/// The two 32-bit words of a gate's draw key (see [`keyed_uniform`]) from a 64-bit seed.
+pub fn draw_key_words(seed: u64) -> [i64; 2] {
+    [(seed & 0xFFFF_FFFF) as i64, (seed >> 32) as i64]
+}
+
+/// murmur3's 32-bit finaliser with multipliers below 2^31, on int64 tensors holding 32-bit
+/// values: every product stays below 2^63, so the same bits come out on every device.
+fn mix32(x: &Tensor) -> Result<Tensor> {
+    const M: i64 = 0xFFFF_FFFF;
+    let x = x.f_bitwise_xor_tensor(&x.f_bitwise_right_shift_tensor_scalar(16)?)?;
+    let x = x.f_mul_scalar(0x7FEB_352D)?.f_bitwise_and(M)?;
+    let x = x.f_bitwise_xor_tensor(&x.f_bitwise_right_shift_tensor_scalar(15)?)?;
+    let x = x.f_mul_scalar(0x68E3_1DA5)?.f_bitwise_and(M)?;
+    Ok(x.f_bitwise_xor_tensor(&x.f_bitwise_right_shift_tensor_scalar(16)?)?)
+}
+
+/// Uniform draws in `[0, 1)` of `shape` (f32), a counter-based hash of `key` (`[2]` int64,
+/// two 32-bit words, see [`draw_key_words`]), `stream` and each element's index. No generator
+/// state: the same key gives the same values on every device, rank and thread, in any order,
+/// and inside a CUDA graph (the key lives in device memory, so a replay with a new key
+/// draws anew).
+pub fn keyed_uniform(key: &Tensor, stream: i64, shape: &[i64]) -> Result<Tensor> {
+    const M: i64 = 0xFFFF_FFFF;
+    let n: i64 = shape.iter().product();
+    let index = Tensor::f_arange(n, (Kind::Int64, key.device()))?;
+    let x = index
+        .f_mul_scalar(0x61C8_8647)?
+        .f_add(&key.f_select(0, 0)?)?
+        .f_add_scalar(stream.wrapping_mul(0x2545_F491) & M)?
+        .f_bitwise_and(M)?;
+    let x = mix32(&mix32(&x)?.f_bitwise_xor_tensor(&key.f_select(0, 1)?)?)?;
+    // the top 24 bits: exact in f32, below 1
+    Ok(x.f_bitwise_right_shift_tensor_scalar(8)?
+        .f_to_kind(Kind::Float)?
+        .f_mul_scalar(1.0 / (1u64 << 24) as f64)?
+        .f_reshape(shape)?)
+}
+
+/// Standard normal draws of `shape` (f32) from [`keyed_uniform`]'s streams `2·stream` and
+/// `2·stream + 1` (Box–Muller).
+pub fn keyed_normal(key: &Tensor, stream: i64, shape: &[i64]) -> Result<Tensor> {
+    let u1 = keyed_uniform(key, 2 * stream, shape)?;
+    let u2 = keyed_uniform(key, 2 * stream + 1, shape)?;
+    let radius = u1.f_neg()?.f_log1p()?.f_mul_scalar(-2.0)?.f_sqrt()?;
+    Ok(radius.f_mul(&u2.f_mul_scalar(2.0 * std::f64::consts::PI)?.f_cos()?)?)
+}
+
+/// `shape` uniform draws in `[0, 1)` of `kind` on `device`: keyed when a key is given,
+/// else from libtorch's generator.
+fn uniform(
+    key: Option<&Tensor>,
+    shape: &[i64],
+    (kind, device): (Kind, tch::Device),
+) -> Result<Tensor> {
+    match key {
+        Some(k) => Ok(keyed_uniform(&k.f_to_device(device)?, 0, shape)?.f_to_kind(kind)?),
+        None => Ok(Tensor::f_rand(shape, (kind, device))?),
+    }
+}
+
 impl Gate {
     pub fn new(store: &mut ParamStore, prefix: &str, moe: &Moe, width: i64) -> Result<Gate> {
         let e = moe.experts as i64;
@@ -200,9 +260,10 @@ impl Gate {
         Ok(l.f_to_kind(gk)?)
     }
 
-    /// Routes `x` (`[T, d]`). Randomness (noise, jitter, random routing) comes from libtorch's
-    /// generator and is used only when `train`.
-    pub fn route(&self, x: &Tensor, train: bool) -> Result<Routing> {
+    /// Routes `x` (`[T, d]`). Randomness (noise, jitter, random routing) is used only when
+    /// `train`: keyed by `key` (`[2]` int64, see [`keyed_uniform`]) when given, else from
+    /// libtorch's generator.
+    pub fn route(&self, x: &Tensor, train: bool, key: Option<&Tensor>) -> Result<Routing> {
         let (t, _d) = x.size2()?;
         let gk = gate_kind(x);
         let k = self.top_k;
@@ -230,7 +291,12 @@ impl Gate {
                     .f_to_kind(gk)?;
                 let logits = if train {
                     let std = raw_std.f_softplus()?.f_add_scalar(NOISE_EPSILON)?;
-                    let noisy = clean.f_add(&clean.f_randn_like()?.f_mul(&std)?)?;
+                    let draws = match key {
+                        Some(k) => keyed_normal(&k.f_to_device(x.device())?, 0, &clean.size())?
+                            .f_to_kind(gk)?,
+                        None => clean.f_randn_like()?,
+                    };
+                    let noisy = clean.f_add(&draws.f_mul(&std)?)?;
                     (noisy, Some(std))
                 } else {
                     (clean.shallow_clone(), None)
@@ -268,7 +334,7 @@ impl Gate {
                 let balance = c_e.f_mul(&m_e)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
                 let mut expert = idx;
                 if train && self.random_routing && k >= 2 {
-                    let r = Tensor::f_rand([t], (gk, x.device()))?;
+                    let r = uniform(key, &[t], (gk, x.device()))?;
                     let drop = weight.f_select(1, 1)?.f_mul_scalar(2.0)?.f_lt_tensor(&r)?;
                     let second = expert.f_select(1, 1)?.f_masked_fill(&drop, -1)?;
                     expert = Tensor::f_stack(&[expert.f_select(1, 0)?, second], 1)?;
@@ -288,7 +354,7 @@ impl Gate {
             }
             GateKind::Switch => {
                 let xin = if train && self.jitter > 0.0 {
-                    let u = x.f_rand_like()?;
+                    let u = uniform(key, &x.size(), (x.kind(), x.device()))?;
                     let scale = u
                         .f_mul_scalar(2.0 * self.jitter)?
                         .f_add_scalar(1.0 - self.jitter)?;
@@ -1011,10 +1077,11 @@ impl MoeLayer {
         })
     }
 
-    /// `x`: `[T, d]` (tokens flattened). The output does not include the residual.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<MoeOutput> {
+    /// `x`: `[T, d]` (tokens flattened); `key`: the gate's draw key (see [`Gate::route`]).
+    /// The output does not include the residual.
+    pub fn forward(&self, x: &Tensor, train: bool, key: Option<&Tensor>) -> Result<MoeOutput> {
         let (t, _d) = x.size2()?;
-        let routing = self.gate.route(x, train)?;
+        let routing = self.gate.route(x, train, key)?;
         let plan = DispatchPlan::new(
             &routing.expert,
             self.gate.experts,

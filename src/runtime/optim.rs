@@ -47,8 +47,56 @@ impl AdamW {
         })
     }
 
-    /// One update with learning rate `lr` from the gradients now in the store.
+    /// One update with learning rate `lr` from the gradients now in the store: on a GPU
+    /// (feature `cuda`) with libtorch's fused multi-tensor kernel, else op by op.
     pub fn step(&mut self, store: &mut ParamStore, lr: f64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if store.device.is_cuda() && store.params.iter().all(|p| p.tensor.kind() == Kind::Float) {
+            return self.step_fused(store, lr);
+        }
+        self.step_ops(store, lr)
+    }
+
+    /// [`AdamW::step`] with libtorch's fused AdamW over the decayed parameters, then over the
+    /// others (the same update, one pass over each tensor).
+    #[cfg(feature = "cuda")]
+    pub fn step_fused(&mut self, store: &mut ParamStore, lr: f64) -> Result<()> {
+        use crate::runtime::foreach::{fused_adamw, AdamWStep};
+        let _guard = tch::no_grad_guard();
+        self.step += 1;
+        let grads: Vec<Tensor> = store.params.iter().map(|p| p.tensor.grad()).collect();
+        for decayed in [true, false] {
+            let chosen: Vec<usize> = (0..store.params.len())
+                .filter(|&i| grads[i].defined())
+                .filter(|&i| (store.params[i].decay && self.weight_decay != 0.0) == decayed)
+                .collect();
+            let pick = |ts: &[Tensor]| -> Vec<Tensor> {
+                chosen.iter().map(|&i| ts[i].shallow_clone()).collect()
+            };
+            let params: Vec<Tensor> = chosen
+                .iter()
+                .map(|&i| store.params[i].tensor.shallow_clone())
+                .collect();
+            let (g, m, v) = (pick(&grads), pick(&self.m), pick(&self.v));
+            fused_adamw(
+                &refs(&params),
+                &refs(&g),
+                &refs(&m),
+                &refs(&v),
+                AdamWStep {
+                    step: self.step,
+                    lr,
+                    betas: self.betas,
+                    weight_decay: if decayed { self.weight_decay } else { 0.0 },
+                    eps: self.eps,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// [`AdamW::step`] op by op.
+    pub fn step_ops(&mut self, store: &mut ParamStore, lr: f64) -> Result<()> {
         let _guard = tch::no_grad_guard();
         self.step += 1;
         let (b1, b2) = self.betas;
@@ -77,6 +125,22 @@ impl AdamW {
     }
 }
 
+#[cfg(feature = "cuda")]
+fn refs(ts: &[Tensor]) -> Vec<&Tensor> {
+    ts.iter().collect()
+}
+
+/// The gradients the store's parameters have (those without one left out).
+#[cfg(feature = "cuda")]
+fn defined_grads(store: &ParamStore) -> Vec<Tensor> {
+    store
+        .params
+        .iter()
+        .map(|p| p.tensor.grad())
+        .filter(|g| g.defined())
+        .collect()
+}
+
 /// Learning rate at 0-based `step` of `total`: linear warmup to `lr` over `warmup` steps, then
 /// constant or cosine decay to `min_lr_ratio · lr` at the last step.
 pub fn learning_rate(schedule: &Schedule, lr: f64, step: u64, total: u64) -> f64 {
@@ -99,6 +163,13 @@ pub fn learning_rate(schedule: &Schedule, lr: f64, step: u64, total: u64) -> f64
 
 /// The global 2-norm of all gradients (f32 scalar, on the device; no host sync).
 pub fn global_grad_norm(store: &ParamStore) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if store.device.is_cuda() {
+        let grads = defined_grads(store);
+        if !grads.is_empty() {
+            return Ok(crate::runtime::foreach::sum_squares(&refs(&grads))?.f_sqrt()?);
+        }
+    }
     let mut sq = Tensor::f_zeros([], (Kind::Float, store.device))?;
     for p in &store.params {
         let g = p.tensor.grad();
@@ -118,6 +189,14 @@ pub fn clip_grad_norm(store: &mut ParamStore, max_norm: f64) -> Result<Tensor> {
         .f_reciprocal()?
         .f_mul_scalar(max_norm)?
         .f_clamp_max(1.0)?;
+    #[cfg(feature = "cuda")]
+    if store.device.is_cuda() {
+        let grads = defined_grads(store);
+        if grads.iter().all(|g| g.kind() == Kind::Float) {
+            crate::runtime::foreach::scale(&refs(&grads), &coef)?;
+            return Ok(norm);
+        }
+    }
     for p in &mut store.params {
         let mut g = p.tensor.grad();
         if g.defined() {
@@ -125,4 +204,65 @@ pub fn clip_grad_norm(store: &mut ParamStore, max_norm: f64) -> Result<Tensor> {
         }
     }
     Ok(norm)
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+    use crate::runtime::params::Init;
+
+    /// libtorch's fused AdamW (the GPU path, run here on the CPU) gives the op-by-op update:
+    /// parameters and moments over three steps, decayed and not, one parameter without a
+    /// gradient left alone; and the multi-tensor norm and scaling match the loops.
+    #[test]
+    fn fused_step_norm_and_clip_match_the_ops() {
+        let build = || {
+            tch::manual_seed(5);
+            let mut store = ParamStore::new(tch::Device::Cpu, Kind::Float);
+            let _ = store.var("a", &[7, 5], Init::Normal(1.0), true).unwrap();
+            let _ = store.var("b", &[5], Init::Normal(1.0), false).unwrap();
+            let _ = store.var("c", &[3, 3], Init::Normal(1.0), true).unwrap();
+            store
+        };
+        let opt = Optimizer::Adamw {
+            lr: 1e-2,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let (mut s1, mut s2) = (build(), build());
+        let (mut a1, mut a2) = (
+            AdamW::new(&opt, &s1).unwrap(),
+            AdamW::new(&opt, &s2).unwrap(),
+        );
+        for step in 0..3 {
+            tch::manual_seed(step);
+            let x = Tensor::randn([4, 7], (Kind::Float, tch::Device::Cpu));
+            for s in [&mut s1, &mut s2] {
+                s.zero_grad();
+                let y = x.matmul(&s.params[0].tensor) + &s.params[1].tensor;
+                y.square().sum(Kind::Float).backward();
+            }
+            a1.step_ops(&mut s1, 1e-2).unwrap();
+            a2.step_fused(&mut s2, 1e-2).unwrap();
+        }
+        for i in 0..3 {
+            let (p1, p2) = (&s1.params[i].tensor, &s2.params[i].tensor);
+            assert!(p1.allclose(p2, 1e-5, 1e-6, false), "param {i}");
+            assert!(a1.m[i].allclose(&a2.m[i], 1e-5, 1e-7, false), "m {i}");
+            assert!(a1.v[i].allclose(&a2.v[i], 1e-5, 1e-7, false), "v {i}");
+        }
+        assert!(!s2.params[2].tensor.grad().defined(), "c is not used");
+
+        let grads: Vec<Tensor> = s1.params.iter().take(2).map(|p| p.tensor.grad()).collect();
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let want = global_grad_norm(&s1).unwrap().square().double_value(&[]);
+        let got = crate::runtime::foreach::sum_squares(&refs)
+            .unwrap()
+            .double_value(&[]);
+        assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
+        let before = grads[0].copy();
+        crate::runtime::foreach::scale(&refs, &Tensor::from(0.5f32)).unwrap();
+        assert!(grads[0].allclose(&before.multiply_scalar(0.5), 1e-6, 0.0, false));
+    }
 }

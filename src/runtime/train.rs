@@ -4,7 +4,7 @@
 //! checkpoint.
 //!
 //! Reproducibility: the data windows of step `s` are keyed by `(seed, s, micro, row)` and the
-//! gates' random draws by `(seed, s, micro, layer)` (see [`crate::runtime::model::seed_routing`]),
+//! gates' random draws by `(seed, s, micro, layer)` (see [`crate::runtime::model::routing_key_words`]),
 //! so a run's whole random state is `(seed, step)`; with the optimizer state restored from a
 //! checkpoint a resumed CPU run repeats the uninterrupted one bit for bit.
 //!
@@ -45,7 +45,9 @@ use crate::runtime::cast;
 use crate::runtime::checkpoint::{self, SaveInfo};
 use crate::runtime::data::{mix_all, Dataset};
 use crate::runtime::distributed::{self, ExpertParallel, RankContext};
-use crate::runtime::model::{lock_rng, ExchangedExperts, TensorParallel, TensorPass, Transformer};
+use crate::runtime::model::{
+    lock_rng, ExchangedExperts, ForwardOutput, TensorParallel, TensorPass, Transformer,
+};
 use crate::runtime::moe::{Telemetry, TelemetryReport};
 use crate::runtime::optim::{self, AdamW};
 use crate::runtime::plot;
@@ -82,6 +84,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Print the end summary on stdout.
     pub print_summary: bool,
+    /// Alone on a GPU (and built with `cuda`): replay the training micro-batch as a CUDA graph
+    /// (see [`crate::runtime::graph`]); ignored elsewhere.
+    pub cuda_graph: bool,
 }
 
 /// One line of `metrics.jsonl`.
@@ -204,11 +209,12 @@ fn accumulate(acc: &mut Vec<(usize, Accum)>, tel: Vec<(usize, Telemetry)>) -> Re
         for (layer, t) in tel {
             acc.push((
                 layer,
+                // copies: a replayed CUDA graph rewrites its outputs in place
                 Accum {
-                    counts: t.tokens_per_expert,
-                    dropped: t.dropped_fraction,
-                    entropy: t.gate_entropy,
-                    balance: t.balance_loss,
+                    counts: t.tokens_per_expert.f_detach_copy()?,
+                    dropped: t.dropped_fraction.f_detach_copy()?,
+                    entropy: t.gate_entropy.f_detach_copy()?,
+                    balance: t.balance_loss.f_detach_copy()?,
                 },
             ));
         }
@@ -238,6 +244,171 @@ fn reports(acc: Vec<(usize, Accum)>, micro: f64) -> Result<Vec<LayerMetrics>> {
             })
         })
         .collect()
+}
+
+/// One training micro-batch alone on a device: forward, loss, backward (the gradients add
+/// up in the masters' `.grad`); returns the LM loss and the forward's extras.
+fn train_micro_batch(
+    model: &Transformer,
+    batch: &Tensor,
+    n_micro: u64,
+) -> Result<(Tensor, ForwardOutput)> {
+    let (lm, out) = model.loss(batch, true)?;
+    let total = lm.f_add(&out.balance_loss)?.f_div_scalar(n_micro as f64)?;
+    total.f_backward()?;
+    Ok((lm, out))
+}
+
+/// How the micro-batches of a run alone on one device are run: op by op, or (feature `cuda`,
+/// on a GPU) one warm-up micro-batch op by op, then the next captured as a CUDA graph and
+/// every later one a replay of it with its own tokens and draw keys copied in (see
+/// [`crate::runtime::graph`]). A capture that fails (some op waits for the host) says why
+/// once and leaves the run op by op.
+enum Runner {
+    Eager,
+    #[cfg(feature = "cuda")]
+    Warmup,
+    #[cfg(feature = "cuda")]
+    Capture,
+    #[cfg(feature = "cuda")]
+    Replay(Box<Captured>),
+}
+
+/// A captured micro-batch: the graph, its input tokens and its outputs (rewritten in place
+/// by every replay).
+#[cfg(feature = "cuda")]
+struct Captured {
+    graph: crate::runtime::graph::Graph,
+    batch: Tensor,
+    lm: Tensor,
+    out: ForwardOutput,
+}
+
+impl Runner {
+    /// Graphs when asked for, on a GPU: the run moves to a side stream of torch's pool.
+    fn new(cuda_graph: bool, device: Device) -> Result<Runner> {
+        #[cfg(feature = "cuda")]
+        if let (true, Device::Cuda(n)) = (cuda_graph, device) {
+            crate::runtime::graph::use_side_stream(n)?;
+            // one bf16 copy of each weight per step, at addresses the graph keeps reading
+            cast::enable();
+            return Ok(Runner::Warmup);
+        }
+        let _ = (cuda_graph, device);
+        Ok(Runner::Eager)
+    }
+
+    /// Runs one micro-batch of `tokens` (on the CPU) with the model's draw keys as they are
+    /// set now.
+    fn run(
+        &mut self,
+        model: &Transformer,
+        tokens: &Tensor,
+        n_micro: u64,
+    ) -> Result<(Tensor, ForwardOutput)> {
+        let device = model.store.device;
+        match self {
+            Runner::Eager => train_micro_batch(model, &tokens.f_to_device(device)?, n_micro),
+            #[cfg(feature = "cuda")]
+            Runner::Warmup => {
+                let out = train_micro_batch(model, &tokens.f_to_device(device)?, n_micro)?;
+                *self = Runner::Capture;
+                Ok(out)
+            }
+            #[cfg(feature = "cuda")]
+            Runner::Capture => {
+                use crate::runtime::graph::{empty_cache, Graph};
+                let batch = tokens.f_to_device(device)?;
+                // Every gradient must exist before the capture: the graph then adds into
+                // it, as every eager micro-batch after the first does.
+                let missing = model
+                    .store
+                    .params
+                    .iter()
+                    .find(|p| p.tensor.requires_grad() && !p.tensor.grad().defined());
+                let captured = match missing {
+                    Some(p) => Err(anyhow::anyhow!(
+                        "`{}` got no gradient in the warm-up micro-batch",
+                        p.name
+                    )),
+                    None => {
+                        // the warm-up's cached blocks would otherwise stay beside the graph's pool
+                        empty_cache()?;
+                        Graph::capture(|| train_micro_batch(model, &batch, n_micro))
+                    }
+                };
+                match captured {
+                    Ok((graph, (lm, out))) => {
+                        graph.replay()?;
+                        let result = (lm.shallow_clone(), shallow(&out));
+                        *self = Runner::Replay(Box::new(Captured {
+                            graph,
+                            batch,
+                            lm,
+                            out,
+                        }));
+                        Ok(result)
+                    }
+                    Err(e) => {
+                        // libtorch's messages go on with a C++ backtrace: the first line says it
+                        let why = format!("{e:#}");
+                        eprintln!(
+                            "warning: the training micro-batch could not be captured as a CUDA \
+                             graph ({}); running it op by op (--no-cuda-graph says so up front)",
+                            why.lines().next().unwrap_or_default()
+                        );
+                        *self = Runner::Eager;
+                        cast::disable();
+                        train_micro_batch(model, &batch, n_micro)
+                    }
+                }
+            }
+            #[cfg(feature = "cuda")]
+            Runner::Replay(c) => {
+                if tokens.size() != c.batch.size() {
+                    bail!(
+                        "internal error: a micro-batch of shape {:?} for a graph captured with {:?}",
+                        tokens.size(),
+                        c.batch.size()
+                    );
+                }
+                crate::runtime::model::copy_from_host(tokens, &c.batch)?;
+                c.graph.replay()?;
+                Ok((c.lm.shallow_clone(), shallow(&c.out)))
+            }
+        }
+    }
+}
+
+impl Drop for Runner {
+    /// The run is over (or failed): this thread's weight copies go.
+    fn drop(&mut self) {
+        cast::disable();
+    }
+}
+
+/// Another handle on the same output tensors.
+#[cfg(feature = "cuda")]
+fn shallow(out: &ForwardOutput) -> ForwardOutput {
+    ForwardOutput {
+        logits: out.logits.shallow_clone(),
+        balance_loss: out.balance_loss.shallow_clone(),
+        telemetry: out
+            .telemetry
+            .iter()
+            .map(|(i, t)| {
+                (
+                    *i,
+                    Telemetry {
+                        tokens_per_expert: t.tokens_per_expert.shallow_clone(),
+                        dropped_fraction: t.dropped_fraction.shallow_clone(),
+                        gate_entropy: t.gate_entropy.shallow_clone(),
+                        balance_loss: t.balance_loss.shallow_clone(),
+                    },
+                )
+            })
+            .collect(),
+    }
 }
 
 /// Mean held-out loss over the file's eval batches (fixed windows, same every time).
@@ -527,6 +698,7 @@ pub fn train_ranked(
         data_source: data.description.clone(),
         precision: precision_name(train.precision).to_string(),
     };
+    let mut runner = Runner::new(opts.cuda_graph && ctx.is_none(), device)?;
     let started = Instant::now();
     let mut losses = Vec::new();
     let mut last_ckpt = None;
@@ -541,14 +713,23 @@ pub fn train_ranked(
             tch::manual_seed(mix_all(&[train.seed, STEP_KEY, step]) as i64);
         }
         model.store.zero_grad();
-        cast::begin_step();
+        cast::begin_step()?;
         let mut lm_sum = Tensor::f_zeros([], (Kind::Float, device))?;
         let mut bal_sum = Tensor::f_zeros([], (Kind::Float, device))?;
         let mut acc = Vec::new();
         for i in 0..n_local {
             let m = i * data_ranks + data_rank;
-            let batch = data.batch(false, &[train.seed, step, m], mb as usize, window, device)?;
-            model.routing_key = Some(vec![train.seed, step, m]);
+            let key = [train.seed, step, m];
+            let tokens = data.batch(false, &key, mb as usize, window, Device::Cpu)?;
+            model.set_routing_key(Some(&key))?;
+            if ctx.is_none() {
+                let (lm, out) = runner.run(&model, &tokens, n_micro)?;
+                lm_sum = lm_sum.f_add(&lm.f_detach()?)?;
+                bal_sum = bal_sum.f_add(&out.balance_loss.f_detach()?)?;
+                accumulate(&mut acc, out.telemetry)?;
+                continue;
+            }
+            let batch = tokens.f_to_device(device)?;
             let (lm, out) = match ctx {
                 Some(c) if tensor > 1 => {
                     let label = format!("step {}, micro-batch {m}", step + 1);
@@ -572,18 +753,13 @@ pub fn train_ranked(
                     hook.backward(&total)?;
                     (lm, out)
                 }
-                None => {
-                    let (lm, out) = model.loss(&batch, true)?;
-                    let total = lm.f_add(&out.balance_loss)?.f_div_scalar(n_micro as f64)?;
-                    total.f_backward()?;
-                    (lm, out)
-                }
+                None => unreachable!("alone: run above"),
             };
             lm_sum = lm_sum.f_add(&lm.f_detach()?)?;
             bal_sum = bal_sum.f_add(&out.balance_loss.f_detach()?)?;
             accumulate(&mut acc, out.telemetry)?;
         }
-        model.routing_key = None;
+        model.set_routing_key(None)?;
         cast::end_step();
         let (grad_norm, loss, balance) = match ctx {
             Some(c) => {
@@ -995,7 +1171,11 @@ pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
             .f_unsqueeze(0)?
             .f_to(opts.device)?;
         let out = model.forward(&input, false)?;
-        let last = out.logits.f_select(1, -1)?.f_select(0, 0)?;
+        let last = out
+            .logits
+            .f_select(1, -1)?
+            .f_select(0, 0)?
+            .f_to_kind(Kind::Float)?;
         let next = if opts.temperature <= 0.0 {
             last.f_argmax(0, false)?.f_int64_value(&[])?
         } else {

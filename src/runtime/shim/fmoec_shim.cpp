@@ -1,8 +1,16 @@
 // fmoec's C++ shim over libtorch pieces that tch does not expose: the current CUDA stream
-// of a device, the caching allocator's statistics, and one autograd Function whose forward
-// and backward call back into Rust (tch has no custom autograd). Built by build.rs (cc
+// of a device, the caching allocator's statistics, one autograd Function whose forward
+// and backward call back into Rust (tch has no custom autograd), CUDA graphs (capture
+// of torch's work on a side stream, replay), and libtorch's multi-tensor kernels for the
+// optimizer step (fused AdamW, one norm and one scaling over a list of gradients). Built by build.rs (cc
 // crate) with the `cuda` feature only, against torch's and CUDA's headers; it needs no nvcc
 // and no GPU to build. It knows nothing about fmoec's model or what the callbacks compute.
+#include <ATen/cuda/CUDAGraph.h>
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/_foreach_norm.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -127,6 +135,142 @@ int fmoec_shim_empty_cache() {
     c10::cuda::CUDACachingAllocator::emptyCache();
     return 0;
   } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+// Makes a stream from torch's pool the current stream of `device` on this thread (a CUDA
+// graph is captured on a stream other than the default one, and work meant for a graph is
+// best warmed up on the same stream). 0 on success, -1 on error.
+int fmoec_shim_use_side_stream(int device) {
+  try {
+    auto index = static_cast<c10::DeviceIndex>(device);
+    c10::cuda::getCurrentCUDAStream(index).synchronize();
+    c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, index));
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// Copies the CPU tensor `src` into `dst` (on a GPU, same shape and dtype) through pinned
+// memory, on the current stream, without waiting for the device (a copy from pageable memory
+// waits for the stream to drain). 0 on success, -1 on error.
+int fmoec_shim_copy_from_host(at::Tensor* src, at::Tensor* dst) {
+  try {
+    dst->copy_(src->pin_memory(), /*non_blocking=*/true);
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// A new, empty CUDA graph (null on error).
+void* fmoec_shim_graph_new() {
+  try {
+    return static_cast<void*>(new at::cuda::CUDAGraph());
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return nullptr;
+  }
+}
+
+// Starts capturing torch's work on the current stream into `graph`, with its own memory
+// pool and torch's default (global) capture mode: a call that would synchronise the stream,
+// from any thread, fails the capture instead of running. 0 on success, -1 on error.
+int fmoec_shim_graph_begin(void* graph) {
+  try {
+    static_cast<at::cuda::CUDAGraph*>(graph)->capture_begin();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// Ends the capture (also after a failed one, leaving the stream usable); 0 when the graph
+// is ready to replay, -1 otherwise.
+int fmoec_shim_graph_end(void* graph) {
+  try {
+    static_cast<at::cuda::CUDAGraph*>(graph)->capture_end();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// Replays a captured graph on the current stream; 0 on success, -1 on error.
+int fmoec_shim_graph_replay(void* graph) {
+  try {
+    static_cast<at::cuda::CUDAGraph*>(graph)->replay();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// Frees a graph and returns its memory pool to the allocator.
+void fmoec_shim_graph_free(void* graph) {
+  try {
+    delete static_cast<at::cuda::CUDAGraph*>(graph);
+  } catch (...) {
+  }
+}
+
+namespace {
+std::vector<at::Tensor> list(at::Tensor** ts, int n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int i = 0; i < n; ++i) out.push_back(*ts[i]);
+  return out;
+}
+}  // namespace
+
+// One AdamW step (decoupled weight decay, bias correction at `step`) over `n` parameters
+// with their gradients and moments, all f32 on one device, with libtorch's fused kernel.
+// 0 on success, -1 on error.
+int fmoec_shim_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** m,
+                           at::Tensor** v, int n, double step, double lr, double beta1,
+                           double beta2, double weight_decay, double eps) {
+  try {
+    if (n == 0) return 0;
+    auto p = list(params, n);
+    auto steps = std::vector<at::Tensor>(
+        n, at::full({}, step, p[0].options().dtype(at::kFloat)));
+    at::_fused_adamw_(p, list(grads, n), list(m, n), list(v, n), {}, steps, lr, beta1, beta2,
+                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// The sum of squares of `n` tensors (an f32 scalar on their device, no host sync) in
+// *out; 0 on success, -1 on error.
+int fmoec_shim_sum_squares(at::Tensor** ts, int n, at::Tensor** out) {
+  try {
+    auto norms = at::_foreach_norm(list(ts, n), 2, at::kFloat);
+    *out = new at::Tensor(at::stack(norms).square().sum());
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// Multiplies `n` tensors in place by the scalar tensor `by`; 0 on success, -1 on error.
+int fmoec_shim_scale(at::Tensor** ts, int n, at::Tensor* by) {
+  try {
+    auto t = list(ts, n);
+    at::_foreach_mul_(t, *by);
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
     return -1;
   }
 }
