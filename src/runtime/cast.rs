@@ -11,8 +11,9 @@
 //! instead of a conversion and an add). The per-micro-batch forward casts disappear, and the
 //! gradients reach the masters with the same values as before. Without a graph it stays off
 //! by default: the shim op's backward calls back into Rust once per weight, and on the
-//! GPU-MoE example op by op the measured effect was +3-5% on one H200 lease and -8-12% on
-//! another (BENCHMARKS.md). Otherwise, and outside a step (eval, sampling, builds without
+//! GPU-MoE example op by op an earlier variant (copies dropped every step, the gradient
+//! converted before autograd's add) measured +3-5% on one H200 lease and -8-12% on another
+//! (BENCHMARKS.md, session 3); with the graph these copies measured +0.4% (session 4). Otherwise, and outside a step (eval, sampling, builds without
 //! `cuda`), it is a plain `to_kind`.
 //!
 //! This module knows tensors and dtypes only, not the model or the optimizer.

@@ -34,6 +34,18 @@ typedef int (*fmoec_callback)(int64_t op, int phase, at::Tensor** in, int n_in,
 
 thread_local std::string last_error;
 
+// Runs `f`: 0 when it returns, -1 with its message in last_error when it throws.
+template <typename F>
+int guarded(F f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
 at::Tensor take(at::Tensor* p) {
   if (p == nullptr) return at::Tensor();
   at::Tensor t = *p;
@@ -143,28 +155,20 @@ int fmoec_shim_empty_cache() {
 // graph is captured on a stream other than the default one, and work meant for a graph is
 // best warmed up on the same stream). 0 on success, -1 on error.
 int fmoec_shim_use_side_stream(int device) {
-  try {
+  return guarded([&] {
     auto index = static_cast<c10::DeviceIndex>(device);
     c10::cuda::getCurrentCUDAStream(index).synchronize();
     c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, index));
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // Copies the CPU tensor `src` into `dst` (on a GPU, same shape and dtype) through pinned
 // memory, on the current stream, without waiting for the device (a copy from pageable memory
 // waits for the stream to drain). 0 on success, -1 on error.
 int fmoec_shim_copy_from_host(at::Tensor* src, at::Tensor* dst) {
-  try {
+  return guarded([&] {
     dst->copy_(src->pin_memory(), /*non_blocking=*/true);
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // A new, empty CUDA graph (null on error).
@@ -181,36 +185,24 @@ void* fmoec_shim_graph_new() {
 // pool and torch's default (global) capture mode: a call that would synchronise the stream,
 // from any thread, fails the capture instead of running. 0 on success, -1 on error.
 int fmoec_shim_graph_begin(void* graph) {
-  try {
+  return guarded([&] {
     static_cast<at::cuda::CUDAGraph*>(graph)->capture_begin();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // Ends the capture (also after a failed one, leaving the stream usable); 0 when the graph
 // is ready to replay, -1 otherwise.
 int fmoec_shim_graph_end(void* graph) {
-  try {
+  return guarded([&] {
     static_cast<at::cuda::CUDAGraph*>(graph)->capture_end();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // Replays a captured graph on the current stream; 0 on success, -1 on error.
 int fmoec_shim_graph_replay(void* graph) {
-  try {
+  return guarded([&] {
     static_cast<at::cuda::CUDAGraph*>(graph)->replay();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // Frees a graph and returns its memory pool to the allocator.
@@ -236,42 +228,30 @@ std::vector<at::Tensor> list(at::Tensor** ts, int n) {
 int fmoec_shim_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** m,
                            at::Tensor** v, int n, double step, double lr, double beta1,
                            double beta2, double weight_decay, double eps) {
-  try {
-    if (n == 0) return 0;
+  return guarded([&] {
+    if (n == 0) return;
     auto p = list(params, n);
     auto steps = std::vector<at::Tensor>(
         n, at::full({}, step, p[0].options().dtype(at::kFloat)));
     at::_fused_adamw_(p, list(grads, n), list(m, n), list(v, n), {}, steps, lr, beta1, beta2,
                       weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // The sum of squares of `n` tensors (an f32 scalar on their device, no host sync) in
 // *out; 0 on success, -1 on error.
 int fmoec_shim_sum_squares(at::Tensor** ts, int n, at::Tensor** out) {
-  try {
+  return guarded([&] {
     auto norms = at::_foreach_norm(list(ts, n), 2, at::kFloat);
     *out = new at::Tensor(at::stack(norms).square().sum());
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // Multiplies `n` tensors in place by the scalar tensor `by`; 0 on success, -1 on error.
 int fmoec_shim_scale(at::Tensor** ts, int n, at::Tensor* by) {
-  try {
+  return guarded([&] {
     auto t = list(ts, n);
     at::_foreach_mul_(t, *by);
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 }
