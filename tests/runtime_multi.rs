@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use fmoec::check::{Checked, DataSource, ExpertGroup, GateKind};
+use fmoec::check::{Checked, DataSource, EvalPolicy, ExpertGroup, GateKind};
 use fmoec::collective::{ExpertPlacement, GroupLayout};
 use fmoec::runtime::checkpoint::Source;
 use fmoec::runtime::distributed::{plan_world, plan_world_with, run_in_process, WorldPlan};
@@ -44,7 +44,11 @@ fn checked(steps: u64) -> Checked {
     c.parallel.experts = ExpertGroup::AcrossData;
     let train = c.train.as_mut().unwrap();
     train.clip_grad = Some(0.05);
-    train.eval = None;
+    // three held-out batches every two steps: the data ranks share them unevenly
+    train.eval = Some(EvalPolicy {
+        every: 2,
+        batches: 3,
+    });
     train.checkpoint = None;
     c
 }
@@ -113,6 +117,15 @@ fn assert_same_run(what: &str, want: &[StepMetrics], got: &[StepMetrics]) {
     );
     for (w, g) in want.iter().zip(got) {
         assert_eq!(w.step, g.step);
+        match (w.eval_loss, g.eval_loss) {
+            (None, None) => {}
+            (Some(a), Some(b)) => assert!(
+                close(a, b),
+                "{what}: step {} held-out loss {b} vs {a}",
+                w.step
+            ),
+            (a, b) => panic!("{what}: step {} held-out loss {b:?} vs {a:?}", w.step),
+        }
         assert!(
             close(w.loss, g.loss),
             "{what}: step {} loss {} vs {}",
@@ -180,6 +193,10 @@ fn reference_run(c: &Checked) -> (tempfile::TempDir, Vec<StepMetrics>) {
     assert!(
         want.iter().all(|m| m.grad_norm > 0.05),
         "the test must exercise clipping"
+    );
+    assert!(
+        want.iter().any(|m| m.eval_loss.is_some()),
+        "the test must compare held-out losses"
     );
     (one, want)
 }

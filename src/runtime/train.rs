@@ -423,8 +423,11 @@ pub fn evaluate(
     evaluate_ranked(model, data, seed, batches, rows, window, None)
 }
 
-/// [`evaluate`] on one rank of many: every rank evaluates every batch (its experts serve
-/// the others' tokens), so all ranks get the single-rank value.
+/// [`evaluate`] on one rank of many: the data ranks share the batches (batch `j` on data
+/// rank `j mod D`; the ranks of one tensor group take the same batches) and sum their losses
+/// over the data group, so every rank gets the single-rank value for 1/D of the work. Every
+/// rank runs the same number of forward passes (the expert exchanges and tensor reductions
+/// in them are collective): a rank short of batches repeats one and leaves its loss out.
 pub fn evaluate_ranked(
     model: &Transformer,
     data: &Dataset,
@@ -435,8 +438,13 @@ pub fn evaluate_ranked(
     ctx: Option<&RankContext>,
 ) -> Result<f64> {
     let _guard = tch::no_grad_guard();
+    let batches = batches.max(1);
+    let (d, r) = ctx.map_or((1, 0), |c| (c.data_size() as u64, c.data_rank() as u64));
     let mut total = 0.0;
-    for j in 0..batches.max(1) {
+    for i in 0..batches.div_ceil(d) {
+        let j = i * d + r;
+        let counted = j < batches;
+        let j = if counted { j } else { r % batches };
         let batch = data.batch(true, &[seed, EVAL_KEY, j], rows, window, model.store.device)?;
         let (lm, _) = match ctx {
             Some(ctx) if ctx.tensor_size() > 1 => {
@@ -449,9 +457,14 @@ pub fn evaluate_ranked(
             }
             None => model.loss(&batch, false)?,
         };
-        total += lm.f_double_value(&[])?;
+        if counted {
+            total += lm.f_double_value(&[])?;
+        }
     }
-    Ok(total / batches.max(1) as f64)
+    if let Some(c) = ctx.filter(|_| d > 1) {
+        total = sum_over_data(c, &[total], "eval")?[0];
+    }
+    Ok(total / batches as f64)
 }
 
 /// The loss of `batch` through the tensor-parallel model on `ctx`'s groups, its cuts and
