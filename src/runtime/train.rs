@@ -380,6 +380,17 @@ impl Runner {
     }
 }
 
+impl Runner {
+    /// How the micro-batches ran, for the summary's device line (empty: op by op).
+    fn describe(&self) -> &'static str {
+        match self {
+            #[cfg(feature = "cuda")]
+            Runner::Replay(_) => " + CUDA graph",
+            _ => "",
+        }
+    }
+}
+
 impl Drop for Runner {
     /// The run is over (or failed): this thread's weight copies go.
     fn drop(&mut self) {
@@ -1004,7 +1015,10 @@ pub fn train_ranked(
             };
             (rest + expert, name)
         }
-        None => (model.store.numel(), format!("{device:?}")),
+        None => (
+            model.store.numel(),
+            format!("{device:?}{}", runner.describe()),
+        ),
     };
     let summary = RunSummary {
         model: model_decl.name.clone(),
