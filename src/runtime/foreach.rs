@@ -7,10 +7,12 @@
 //!
 //! This module knows tensors only, not the model, the store or the schedule.
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_int, c_void};
 
 use anyhow::{anyhow, Result};
 use tch::Tensor;
+
+use crate::runtime::fused::shim_error;
 
 extern "C" {
     fn fmoec_shim_fused_adamw(
@@ -28,13 +30,6 @@ extern "C" {
     ) -> c_int;
     fn fmoec_shim_sum_squares(ts: *mut *mut c_void, n: c_int, out: *mut *mut c_void) -> c_int;
     fn fmoec_shim_scale(ts: *mut *mut c_void, n: c_int, by: *mut c_void) -> c_int;
-    fn fmoec_shim_last_error() -> *const c_char;
-}
-
-fn shim_error(what: &str) -> anyhow::Error {
-    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
-    let msg = unsafe { CStr::from_ptr(fmoec_shim_last_error()) }.to_string_lossy();
-    anyhow!("{what}: {msg}")
 }
 
 /// Handles to `ts` and the raw pointers the shim reads (valid while the handles live).

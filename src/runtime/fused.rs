@@ -80,12 +80,28 @@ pub fn memory(device: usize) -> Result<(i64, i64)> {
 
 /// Resets the allocator's peak statistics on `device` (after returning cached blocks).
 pub fn reset_peak_memory(device: usize) -> Result<()> {
+    empty_cache()?;
     // SAFETY: no arguments beyond the index; the shim catches exceptions.
-    let rc = unsafe { fmoec_shim_empty_cache() + fmoec_shim_reset_peak(device as c_int) };
-    if rc != 0 {
+    if unsafe { fmoec_shim_reset_peak(device as c_int) } != 0 {
         bail!("resetting torch's CUDA allocator statistics failed");
     }
     Ok(())
+}
+
+/// Returns the caching allocator's unused blocks to the device.
+pub fn empty_cache() -> Result<()> {
+    // SAFETY: no arguments; the shim catches exceptions.
+    if unsafe { fmoec_shim_empty_cache() } != 0 {
+        bail!("emptying torch's CUDA allocator cache failed");
+    }
+    Ok(())
+}
+
+/// An error saying `what` failed, with the message the shim kept for this thread.
+pub(crate) fn shim_error(what: &str) -> anyhow::Error {
+    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
+    let msg = unsafe { CStr::from_ptr(fmoec_shim_last_error()) }.to_string_lossy();
+    anyhow!("{what}: {msg}")
 }
 
 fn rt_check(what: &str, e: rt::cudaError_t) -> Result<()> {
@@ -1568,11 +1584,7 @@ fn apply(op: i64, mut a: Tensor, mut b: Tensor, mut c: Tensor, mut d: Tensor) ->
         )
     };
     if rc != 0 || out.is_null() {
-        // SAFETY: a NUL-terminated thread-local string in the shim.
-        let msg = unsafe { CStr::from_ptr(fmoec_shim_last_error()) }
-            .to_string_lossy()
-            .into_owned();
-        bail!("fused op {op}: {msg}");
+        return Err(shim_error(&format!("fused op {op}")));
     }
     // SAFETY: `out` is a `new at::Tensor` from the shim.
     Ok(unsafe { Tensor::from_ptr(out.cast()) })

@@ -14,11 +14,13 @@
 //!
 //! This module knows streams and graphs only, not what the captured work computes.
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_int, c_void};
 use std::ptr::NonNull;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::Result;
 use tch::Tensor;
+
+use crate::runtime::fused::shim_error;
 
 extern "C" {
     fn fmoec_shim_use_side_stream(device: c_int) -> c_int;
@@ -28,14 +30,6 @@ extern "C" {
     fn fmoec_shim_graph_end(graph: *mut c_void) -> c_int;
     fn fmoec_shim_graph_replay(graph: *mut c_void) -> c_int;
     fn fmoec_shim_graph_free(graph: *mut c_void);
-    fn fmoec_shim_empty_cache() -> c_int;
-    fn fmoec_shim_last_error() -> *const c_char;
-}
-
-fn shim_error(what: &str) -> anyhow::Error {
-    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
-    let msg = unsafe { CStr::from_ptr(fmoec_shim_last_error()) }.to_string_lossy();
-    anyhow!("{what}: {msg}")
 }
 
 /// Makes a stream of torch's pool the current stream of `device` on this thread (after the
@@ -61,16 +55,6 @@ pub fn copy_from_host(src: &Tensor, dst: &Tensor) -> Result<()> {
     };
     if rc != 0 {
         return Err(shim_error("copying to the GPU"));
-    }
-    Ok(())
-}
-
-/// Returns the caching allocator's unused blocks to the device (so that memory cached by a
-/// warm-up run is not held twice once the graph's own pool holds the same tensors).
-pub fn empty_cache() -> Result<()> {
-    // SAFETY: no arguments; the shim catches exceptions.
-    if unsafe { fmoec_shim_empty_cache() } != 0 {
-        bail!("emptying torch's CUDA allocator cache failed");
     }
     Ok(())
 }

@@ -64,7 +64,12 @@ impl AdamW {
         use crate::runtime::foreach::{fused_adamw, AdamWStep};
         let _guard = tch::no_grad_guard();
         self.step += 1;
-        let grads: Vec<Tensor> = store.params.iter().map(|p| p.tensor.grad()).collect();
+        let params: Vec<Tensor> = store
+            .params
+            .iter()
+            .map(|p| p.tensor.shallow_clone())
+            .collect();
+        let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
         for decayed in [true, false] {
             let chosen: Vec<usize> = (0..store.params.len())
                 .filter(|&i| grads[i].defined())
@@ -73,13 +78,9 @@ impl AdamW {
             let pick = |ts: &[Tensor]| -> Vec<Tensor> {
                 chosen.iter().map(|&i| ts[i].shallow_clone()).collect()
             };
-            let params: Vec<Tensor> = chosen
-                .iter()
-                .map(|&i| store.params[i].tensor.shallow_clone())
-                .collect();
-            let (g, m, v) = (pick(&grads), pick(&self.m), pick(&self.v));
+            let (p, g, m, v) = (pick(&params), pick(&grads), pick(&self.m), pick(&self.v));
             fused_adamw(
-                &refs(&params),
+                &refs(&p),
                 &refs(&g),
                 &refs(&m),
                 &refs(&v),

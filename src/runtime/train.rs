@@ -317,7 +317,7 @@ impl Runner {
             }
             #[cfg(feature = "cuda")]
             Runner::Capture => {
-                use crate::runtime::graph::{empty_cache, Graph};
+                use crate::runtime::{fused::empty_cache, graph::Graph};
                 let batch = tokens.f_to_device(device)?;
                 // Every gradient must exist before the capture: the graph then adds into
                 // it, as every eager micro-batch after the first does.
@@ -378,9 +378,7 @@ impl Runner {
             }
         }
     }
-}
 
-impl Runner {
     /// How the micro-batches ran, for the summary's device line (empty: op by op).
     fn describe(&self) -> &'static str {
         match self {
@@ -746,16 +744,10 @@ pub fn train_ranked(
             let key = [train.seed, step, m];
             let tokens = data.batch(false, &key, mb as usize, window, Device::Cpu)?;
             model.set_routing_key(Some(&key))?;
-            if ctx.is_none() {
-                let (lm, out) = runner.run(&model, &tokens, n_micro)?;
-                lm_sum = lm_sum.f_add(&lm.f_detach()?)?;
-                bal_sum = bal_sum.f_add(&out.balance_loss.f_detach()?)?;
-                accumulate(&mut acc, out.telemetry)?;
-                continue;
-            }
-            let batch = tokens.f_to_device(device)?;
             let (lm, out) = match ctx {
+                None => runner.run(&model, &tokens, n_micro)?,
                 Some(c) if tensor > 1 => {
+                    let batch = tokens.f_to_device(device)?;
                     let label = format!("step {}, micro-batch {m}", step + 1);
                     let mut tape = Tape::new();
                     let (lm, out) =
@@ -770,6 +762,7 @@ pub fn train_ranked(
                     (lm, out)
                 }
                 Some(c) => {
+                    let batch = tokens.f_to_device(device)?;
                     let label = format!("step {}, micro-batch {m}", step + 1);
                     let mut hook = ExpertParallel::new(c, true, label);
                     let (lm, out) = model.loss_with(&batch, true, Some(&mut hook))?;
@@ -777,7 +770,6 @@ pub fn train_ranked(
                     hook.backward(&total)?;
                     (lm, out)
                 }
-                None => unreachable!("alone: run above"),
             };
             lm_sum = lm_sum.f_add(&lm.f_detach()?)?;
             bal_sum = bal_sum.f_add(&out.balance_loss.f_detach()?)?;
