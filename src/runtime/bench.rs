@@ -461,12 +461,7 @@ fn stage_row(
             None => None,
         };
         marks.push(mark(opts.device)?);
-        let h = match h3 {
-            #[cfg(feature = "cuda")]
-            Some(h3) if plan.fused => crate::runtime::fused::swiglu_op(&h1, &h3)?,
-            Some(h3) => h1.f_silu()?.f_mul(&h3)?,
-            None => crate::runtime::moe::activate(&h1, ex.act)?,
-        };
+        let h = ex.activation(h1, h3, &plan)?;
         marks.push(mark(opts.device)?);
         let ys = gmm(&h, &ex.w2, &plan)?;
         marks.push(mark(opts.device)?);

@@ -9,9 +9,10 @@
 //! combine gathers each token's `k` expert rows and sums them in f32, and its backward is a
 //! gather (expert-row gradients) plus one dot product per slot (weight gradients); the
 //! dispatch's backward is the same gather-sum. Dropped slots (`-1` in the index tensors) are
-//! skipped, so rows the grouped matmul leaves uninitialised are never read. The expert
+//! skipped, so rows the grouped matmul leaves uninitialised are never used. The expert
 //! biases run as an epilogue ([`bias_act_op`]: bias plus GELU/ReLU in one pass, dropped rows
-//! written as zero; backward one pass plus per-expert column sums, [`segment_sums`]). The
+//! written as zero without using their input; backward one pass plus per-expert column
+//! sums, [`segment_sums`]). The
 //! dispatch plan's stable expert order and the capacity queue positions come from three
 //! kernels ([`expert_order`], [`key_positions`]: per-chunk counts, a scan, a stable
 //! placement by warp-level matching) instead of a sort. [`cast_op`] hands a weight's
@@ -183,6 +184,17 @@ template <typename T> __device__ __forceinline__ void stv(T* p, const float* in)
   for (int i = 0; i < Vec<T>::N; ++i) st(&x.v[i], in[i]);
   *reinterpret_cast<Vec<T>*>(p) = x;
 }
+#if __CUDA_ARCH__ >= 800
+// eight bf16 in four conversions (round to nearest even, NaN kept), one 16-byte store
+template <> __device__ __forceinline__ void stv<bf16_t>(bf16_t* p, const float* in) {
+  uint4 w;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w.x) : "f"(in[1]), "f"(in[0]));
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w.y) : "f"(in[3]), "f"(in[2]));
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w.z) : "f"(in[5]), "f"(in[4]));
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w.w) : "f"(in[7]), "f"(in[6]));
+  *reinterpret_cast<uint4*>(p) = w;
+}
+#endif
 
 // out[r] = scale[s] * src[s / k] for s = row_slot[r] >= 0, else 0. One warp per row, each
 // lane keeping up to four 16-byte loads in flight.
@@ -314,55 +326,55 @@ __device__ void swiglu_bwd(const T* a, const T* b, const T* g, T* ga, T* gb, lon
   }
 }
 
-// Activations of the bias epilogue: 0 none, 1 GELU (erf form), 2 ReLU.
-__device__ __forceinline__ float act_f(int act, float x) {
-  if (act == 1) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-  if (act == 2) return x > 0.0f ? x : 0.0f;
+// Activations of the epilogue: 0 none, 1 GELU (erf form), 2 ReLU (compile-time ACT).
+template <int ACT> __device__ __forceinline__ float act_f(float x) {
+  if (ACT == 1) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+  if (ACT == 2) return x > 0.0f ? x : 0.0f;
   return x;
 }
-__device__ __forceinline__ float act_d(int act, float x) {
-  if (act == 1)
+template <int ACT> __device__ __forceinline__ float act_d(float x) {
+  if (ACT == 1)
     return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) +
            x * 0.39894228040143268f * __expf(-0.5f * x * x);
-  if (act == 2) return x > 0.0f ? 1.0f : 0.0f;
+  if (ACT == 2) return x > 0.0f ? 1.0f : 0.0f;
   return 1.0f;
 }
 
-// Bias epilogue of a grouped matmul, rows in expert order: out[r] = act(h[r] + bias[e]) with
-// e = row_expert[r]; rows of dropped slots (e outside [0, E)) are written as zero and their
-// input is never read. Backward (g given): gh[r] = g[r] * act'(h[r] + bias[e]), zero for
-// dropped rows. d % VEC == 0.
-template <typename T>
+// Bias epilogue of a grouped matmul, rows in expert order: out[r] = act(h[r] + bias[e])
+// with e = row_expert[r]; rows of dropped slots (e outside [0, E)) are written as zero
+// (their `h` is loaded with the rest but never used: rows past the last group are
+// allocated, uninitialised). Backward (g given): gh[r] = g[r] * act'(h[r] + bias[e]), zero
+// for dropped rows. d % VEC == 0. Grid (rows, chunks of blockDim vectors): one 16-byte
+// vector per thread, loaded before the row's expert is known; no index arithmetic beyond
+// the row.
+template <typename T, int ACT>
 __device__ void bias_act(const T* __restrict__ h, const T* __restrict__ bias,
-                         const long long* __restrict__ row_expert, int E, int act,
+                         const long long* __restrict__ row_expert, int E,
                          const T* __restrict__ g, T* __restrict__ out, long long rows, int d) {
   const int N = Vec<T>::N;
-  const long long per_row = d / N;
-  const long long n = rows * per_row;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    long long r = i / per_row;
-    int c = (int)(i - r * per_row) * N;
-    long long e = row_expert[r];
-    float v[16 / sizeof(T)];
+  const int c = (blockIdx.y * blockDim.x + threadIdx.x) * N;
+  if (c >= d) return;
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const long long at = r * d + c;
+    float x[16 / sizeof(T)], z[16 / sizeof(T)];
+    ldv(h + at, x);
+    if (g) ldv(g + at, z);
+    const long long e = row_expert[r];
     if (e >= 0 && e < E) {
       float b[16 / sizeof(T)];
-      ldv(h + r * d + c, v);
       ldv(bias + e * d + c, b);
       if (g) {
-        float z[16 / sizeof(T)];
-        ldv(g + r * d + c, z);
 #pragma unroll
-        for (int j = 0; j < N; ++j) v[j] = z[j] * act_d(act, v[j] + b[j]);
+        for (int j = 0; j < N; ++j) x[j] = z[j] * act_d<ACT>(x[j] + b[j]);
       } else {
 #pragma unroll
-        for (int j = 0; j < N; ++j) v[j] = act_f(act, v[j] + b[j]);
+        for (int j = 0; j < N; ++j) x[j] = act_f<ACT>(x[j] + b[j]);
       }
     } else {
 #pragma unroll
-      for (int j = 0; j < N; ++j) v[j] = 0.0f;
+      for (int j = 0; j < N; ++j) x[j] = 0.0f;
     }
-    stv(out + r * d + c, v);
+    stv(out + at, x);
   }
 }
 
@@ -628,9 +640,12 @@ extern "C" __global__ void sum_rows_##NAME(const T* src, const long long* slot_r
     const float* weight, T* out, long long tokens, int d) { sum_rows<T>(src, slot_row, k, weight, out, tokens, d); } \
 extern "C" __global__ void row_dots_##NAME(const T* a, const long long* slot_row, int k, \
     const T* b, float* out, long long tokens, int d) { row_dots<T>(a, slot_row, k, b, out, tokens, d); } \
-extern "C" __global__ void bias_act_##NAME(const T* h, const T* bias, const long long* row_expert, \
-    int E, int act, const T* g, T* out, long long rows, int d) { \
-    bias_act<T>(h, bias, row_expert, E, act, g, out, rows, d); } \
+extern "C" __global__ void bias_act0_##NAME(const T* h, const T* bias, const long long* row_expert, \
+    int E, const T* g, T* out, long long rows, int d) { bias_act<T, 0>(h, bias, row_expert, E, g, out, rows, d); } \
+extern "C" __global__ void bias_act1_##NAME(const T* h, const T* bias, const long long* row_expert, \
+    int E, const T* g, T* out, long long rows, int d) { bias_act<T, 1>(h, bias, row_expert, E, g, out, rows, d); } \
+extern "C" __global__ void bias_act2_##NAME(const T* h, const T* bias, const long long* row_expert, \
+    int E, const T* g, T* out, long long rows, int d) { bias_act<T, 2>(h, bias, row_expert, E, g, out, rows, d); } \
 extern "C" __global__ void segment_sums_##NAME(const T* g, const long long* row_expert, T* out, \
     long long rows, int d) { segment_sums<T>(g, row_expert, out, rows, d); } \
 extern "C" __global__ void xent_fwd_##NAME(const T* logits, const long long* target, float* loss, \
@@ -642,7 +657,7 @@ INSTANCES(bf16_t, bf16)
 INSTANCES(float, f32)
 "#;
 
-const KERNELS: [&str; 21] = [
+const KERNELS: [&str; 25] = [
     "plan_count",
     "plan_scan",
     "plan_place",
@@ -656,9 +671,13 @@ const KERNELS: [&str; 21] = [
     "gather_rows_f32",
     "sum_rows_f32",
     "row_dots_f32",
-    "bias_act_bf16",
+    "bias_act0_bf16",
+    "bias_act1_bf16",
+    "bias_act2_bf16",
     "segment_sums_bf16",
-    "bias_act_f32",
+    "bias_act0_f32",
+    "bias_act1_f32",
+    "bias_act2_f32",
     "segment_sums_f32",
     "xent_fwd_bf16",
     "xent_bwd_bf16",
@@ -1317,7 +1336,7 @@ fn kept_rows(row_expert: &Tensor, experts: i64) -> Result<(Tensor, Tensor)> {
 
 /// The bias epilogue of a grouped matmul over rows in expert order:
 /// `act(h[r] + bias[row_expert[r]])`, zero rows for dropped slots (`row_expert[r]` outside
-/// `[0, E)`, whose `h` rows are never read). With `g`, the backward instead:
+/// `[0, E)`, whose `h` rows are not used). With `g`, the backward instead:
 /// `g[r] · act'(h[r] + bias[e])`, zero for dropped rows. `bias` is `[E, d]` of `h`'s dtype.
 fn bias_act_pass(
     h: &Tensor,
@@ -1339,17 +1358,18 @@ fn bias_act_pass(
         let g = g.map(|g| g.f_contiguous()).transpose()?;
         let idx = row_expert.f_contiguous()?;
         let out = h.f_empty_like()?;
-        launch_elementwise(
-            "bias_act",
-            suffix,
-            &h,
-            rows * d,
+        // a block of 128 threads per row and 128 vectors
+        let per_block = 128 * vec_len(suffix);
+        launch(
+            device_index(&h),
+            &format!("bias_act{act}_{suffix}"),
+            (rows, ((d + per_block - 1) / per_block) as u32),
+            (128, 0),
             &[
                 arg(Some(&h)),
                 arg(Some(&bias)),
                 arg(Some(&idx)),
                 Arg::Int(experts as c_int),
-                Arg::Int(act as c_int),
                 arg(g.as_ref()),
                 arg(Some(&out)),
                 Arg::Long(rows),
@@ -1619,7 +1639,7 @@ pub fn swiglu_op(h1: &Tensor, h3: &Tensor) -> Result<Tensor> {
 }
 
 /// `act(h[r] + bias[row_expert[r]])` over rows in expert order (zero rows for dropped slots,
-/// whose `h` rows are never read), differentiable in `h` and `bias` (`[E, d]`, `h`'s dtype):
+/// whose `h` rows are not used), differentiable in `h` and `bias` (`[E, d]`, `h`'s dtype):
 /// one pass forward, one pass plus per-expert column sums (no atomics) backward.
 pub fn bias_act_op(h: &Tensor, bias: &Tensor, row_expert: &Tensor, act: i64) -> Result<Tensor> {
     apply(

@@ -856,7 +856,8 @@ impl Experts {
     }
 
     /// `act(h + the bias of each row's expert)` (no activation for `None`): the fused
-    /// epilogue when `fused` (one pass, per-expert column sums backward), else libtorch.
+    /// epilogue when `fused` (one pass, per-expert column sums backward), else libtorch
+    /// (also GELU or ReLU without a bias: libtorch's kernel measured faster than ours there).
     fn bias_then(
         &self,
         h: Tensor,
@@ -889,33 +890,40 @@ impl Experts {
         }
     }
 
+    /// The hidden activation of the first matmul's output `h` (SwiGLU: with the third
+    /// matrix's `h3`), the first bias included: fused kernels where the plan allows them.
+    pub fn activation(&self, h: Tensor, h3: Option<Tensor>, plan: &DispatchPlan) -> Result<Tensor> {
+        let fused = self.path == ExpertPath::Grouped && plan.fused;
+        match h3 {
+            Some(h3) => {
+                let h1 = self.bias_then(h, &self.b1, plan, None, fused)?;
+                #[cfg(feature = "cuda")]
+                if plan.fused {
+                    return crate::runtime::fused::swiglu_op(&h1, &h3);
+                }
+                Ok(h1.f_silu()?.f_mul(&h3)?)
+            }
+            None => self.bias_then(h, &self.b1, plan, Some(self.act), fused),
+        }
+    }
+
     /// Runs every row of `xs` (in expert order, as [`dispatch`] makes it) through its expert.
     ///
     /// Rows past the last group (dropped slots) are left uninitialised by `_grouped_mm`,
     /// forward (its output) and backward (its input's gradient). Nothing reads them without
     /// biases: `combine` skips dropped rows forward, and `dispatch`'s backward skips (fused)
-    /// or masks (libtorch) them. The fused bias epilogue writes zeros there and sums each
-    /// expert's own rows only; a libtorch bias gathered for those rows would collect that
+    /// or masks (libtorch) them. The fused bias epilogue writes zeros there (loading those
+    /// rows with the rest but not using them) and sums each expert's own rows only; a libtorch bias gathered for those rows would collect that
     /// memory into its gradient, so there the matmuls are masked on both sides.
     pub fn forward(&self, xs: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
         let fused = self.path == ExpertPath::Grouped && plan.fused;
         let masked = !fused && plan.may_drop && (self.b1.is_some() || self.b2.is_some());
         let h = self.mm(xs, &self.w1, plan, masked)?;
-        let h = match (&self.act, &self.w3) {
-            (Activation::Swiglu, Some(w3)) => {
-                let h1 = self.bias_then(h, &self.b1, plan, None, fused)?;
-                let h3 = self.mm(xs, w3, plan, masked)?;
-                #[cfg(feature = "cuda")]
-                if plan.fused {
-                    crate::runtime::fused::swiglu_op(&h1, &h3)?
-                } else {
-                    h1.f_silu()?.f_mul(&h3)?
-                }
-                #[cfg(not(feature = "cuda"))]
-                h1.f_silu()?.f_mul(&h3)?
-            }
-            _ => self.bias_then(h, &self.b1, plan, Some(self.act), fused)?,
+        let h3 = match (&self.act, &self.w3) {
+            (Activation::Swiglu, Some(w3)) => Some(self.mm(xs, w3, plan, masked)?),
+            _ => None,
         };
+        let h = self.activation(h, h3, plan)?;
         let y = self.mm(&h, &self.w2, plan, masked)?;
         self.bias_then(y, &self.b2, plan, None, fused)
     }
