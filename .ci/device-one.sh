@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a GPU machine for BENCHMARKS.md (what the "session 3" and "session 4" figures came
+# One call on a GPU machine for BENCHMARKS.md (what the "session 3" to "session 5" figures came
 # from): the fused kernels' checks, `fmoec bench moe` (fmoec and ops rows, stages), the
 # GPT-2-medium-MoE example on one GPU in bf16, replayed as a CUDA graph and op by op
 # (tokens/s per step, peak nvidia-smi memory; beside a baseline binary in the same call when

@@ -857,7 +857,8 @@ impl Experts {
 
     /// `act(h + the bias of each row's expert)` (no activation for `None`): the fused
     /// epilogue when `fused` (one pass, per-expert column sums backward), else libtorch
-    /// (also GELU or ReLU without a bias: libtorch's kernel measured faster than ours there).
+    /// (also GELU without a bias: kernels of our own measured no faster than libtorch's,
+    /// BENCHMARKS.md session 5).
     fn bias_then(
         &self,
         h: Tensor,
@@ -913,8 +914,9 @@ impl Experts {
     /// forward (its output) and backward (its input's gradient). Nothing reads them without
     /// biases: `combine` skips dropped rows forward, and `dispatch`'s backward skips (fused)
     /// or masks (libtorch) them. The fused bias epilogue writes zeros there (loading those
-    /// rows with the rest but not using them) and sums each expert's own rows only; a libtorch bias gathered for those rows would collect that
-    /// memory into its gradient, so there the matmuls are masked on both sides.
+    /// rows with the rest but not using them) and sums each expert's own rows only; a
+    /// libtorch bias gathered for those rows would collect that memory into its gradient,
+    /// so there the matmuls are masked on both sides.
     pub fn forward(&self, xs: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
         let fused = self.path == ExpertPath::Grouped && plan.fused;
         let masked = !fused && plan.may_drop && (self.b1.is_some() || self.b2.is_some());
