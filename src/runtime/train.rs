@@ -720,7 +720,16 @@ pub fn train_ranked(
         data_source: data.description.clone(),
         precision: precision_name(train.precision).to_string(),
     };
-    let mut runner = Runner::new(opts.cuda_graph && ctx.is_none(), device)?;
+    // libtorch's grouped matmul takes its CUTLASS path (group sizes read on the GPU) in bf16
+    // only; in other dtypes it reads the group sizes on the host, which no graph can capture
+    let graph_dtype = compute == Kind::BFloat16 || model_decl.moe_layers().next().is_none();
+    if opts.cuda_graph && ctx.is_none() && device.is_cuda() && !graph_dtype && main {
+        eprintln!(
+            "note: micro-batches run op by op, not as a CUDA graph: outside bf16 libtorch's \
+             grouped matmul reads its group sizes on the host (precision = bf16 gets the graph)"
+        );
+    }
+    let mut runner = Runner::new(opts.cuda_graph && ctx.is_none() && graph_dtype, device)?;
     let started = Instant::now();
     let mut losses = Vec::new();
     let mut last_ckpt = None;
