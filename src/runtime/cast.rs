@@ -13,8 +13,9 @@
 //! by default: the shim op's backward calls back into Rust once per weight, and on the
 //! GPU-MoE example op by op an earlier variant (copies dropped every step, the gradient
 //! converted before autograd's add) measured +3-5% on one H200 lease and -8-12% on another
-//! (BENCHMARKS.md, session 3); with the graph these copies measured +0.4% (session 4). Otherwise, and outside a step (eval, sampling, builds without
-//! `cuda`), it is a plain `to_kind`.
+//! (BENCHMARKS.md, session 3); with the graph these copies measured +0.4% (session 4).
+//! Otherwise, and outside a step (eval, sampling, builds without `cuda`), it is a plain
+//! `to_kind`.
 //!
 //! This module knows tensors and dtypes only, not the model or the optimizer.
 

@@ -12,11 +12,10 @@
 //! skipped, so rows the grouped matmul leaves uninitialised are never used. The expert
 //! biases run as an epilogue ([`bias_act_op`]: bias plus GELU/ReLU in one pass, dropped rows
 //! written as zero without using their input; backward one pass plus per-expert column
-//! sums, [`segment_sums`]). The
-//! dispatch plan's stable expert order and the capacity queue positions come from three
-//! kernels ([`expert_order`], [`key_positions`]: per-chunk counts, a scan, a stable
-//! placement by warp-level matching) instead of a sort. [`cast_op`] hands a weight's
-//! precomputed compute-dtype copy to autograd (for `runtime::cast`).
+//! sums, [`segment_sums`]). The dispatch plan's stable expert order and the capacity queue
+//! positions come from three kernels ([`expert_order`], [`key_positions`]: per-chunk counts,
+//! a scan, a stable placement by warp-level matching) instead of a sort. [`cast_op`] hands a
+//! weight's precomputed compute-dtype copy to autograd (for `runtime::cast`).
 //!
 //! Where a kernel does not apply (CPU tensors, dtypes other than bf16/f32, widths that are
 //! not a multiple of 16 bytes) the callbacks compute the same function with libtorch ops, so
@@ -74,7 +73,7 @@ pub fn memory(device: usize) -> Result<(i64, i64)> {
     // SAFETY: plain out-pointers; the shim catches exceptions.
     let rc = unsafe { fmoec_shim_memory(device as c_int, &mut peak, &mut current) };
     if rc != 0 {
-        bail!("reading torch's CUDA allocator statistics failed");
+        return Err(shim_error("reading torch's CUDA allocator statistics"));
     }
     Ok((peak, current))
 }
@@ -84,7 +83,7 @@ pub fn reset_peak_memory(device: usize) -> Result<()> {
     empty_cache()?;
     // SAFETY: no arguments beyond the index; the shim catches exceptions.
     if unsafe { fmoec_shim_reset_peak(device as c_int) } != 0 {
-        bail!("resetting torch's CUDA allocator statistics failed");
+        return Err(shim_error("resetting torch's CUDA allocator statistics"));
     }
     Ok(())
 }
@@ -93,7 +92,7 @@ pub fn reset_peak_memory(device: usize) -> Result<()> {
 pub fn empty_cache() -> Result<()> {
     // SAFETY: no arguments; the shim catches exceptions.
     if unsafe { fmoec_shim_empty_cache() } != 0 {
-        bail!("emptying torch's CUDA allocator cache failed");
+        return Err(shim_error("emptying torch's CUDA allocator cache"));
     }
     Ok(())
 }
@@ -1500,7 +1499,6 @@ fn run_op(op: i64, phase: c_int, inputs: Vec<Tensor>) -> Result<Vec<Option<Tenso
             };
             Ok(vec![h.requires_grad().then_some(gh), gb, None, None])
         }
-        // cast: a = master, b = its copy in the compute dtype (made by the caller)
         // cross-entropy: a = logits [N, V], b = target [N] int64, c = lse [N] f32 (written)
         (OP_XENT, 0) => Ok(vec![Some(xent_forward(
             &inputs[0], &inputs[1], &inputs[2],
@@ -1513,6 +1511,7 @@ fn run_op(op: i64, phase: c_int, inputs: Vec<Tensor>) -> Result<Vec<Option<Tenso
             let grad = xent_backward(&inputs[0], &inputs[1], &inputs[2], g)?;
             Ok(vec![Some(grad), None, None, None])
         }
+        // cast: a = master, b = its copy in the compute dtype (made by the caller)
         (OP_CAST, 0) => Ok(vec![Some(inputs[1].f_detach()?)]),
         (OP_CAST, 1) => {
             let (master, g) = (&inputs[0], &inputs[4]);
@@ -1717,7 +1716,8 @@ pub fn cross_entropy_rows(logits: &Tensor, target: &Tensor) -> Result<Option<Ten
 }
 
 /// `copy` (`master` already converted, not requiring grad) as a differentiable function of
-/// `master`: no work forward, the gradient converted to `master`'s dtype backward.
+/// `master`: no work forward; backward, the gradient added into `master`'s `.grad` in one
+/// pass where that exists, else converted to `master`'s dtype for autograd to start it.
 pub fn cast_op(master: &Tensor, copy: &Tensor) -> Result<Tensor> {
     let none = Tensor::f_empty([0], (Kind::Float, Device::Cpu))?;
     apply(

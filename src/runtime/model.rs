@@ -1162,7 +1162,6 @@ impl Transformer {
     }
 }
 
-/// Mean cross-entropy of `logits` `[B, T, V]` against `target` `[B, T]`.
 /// Mean cross-entropy of `logits` `[B, T, V]` (compute dtype) against `target` `[B, T]`,
 /// computed in f32: on a GPU with the fused kernels one pass over the logits in their own
 /// dtype each way ([`crate::runtime::fused`]), else libtorch's on f32 logits.

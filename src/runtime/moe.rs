@@ -198,6 +198,18 @@ fn uniform(
     }
 }
 
+/// `shape` standard normal draws of `kind` on `device`, keyed or not as in [`uniform`].
+fn normal(
+    key: Option<&Tensor>,
+    shape: &[i64],
+    (kind, device): (Kind, tch::Device),
+) -> Result<Tensor> {
+    match key {
+        Some(k) => Ok(keyed_normal(&k.f_to_device(device)?, 0, shape)?.f_to_kind(kind)?),
+        None => Ok(Tensor::f_randn(shape, (kind, device))?),
+    }
+}
+
 impl Gate {
     pub fn new(store: &mut ParamStore, prefix: &str, moe: &Moe, width: i64) -> Result<Gate> {
         let e = moe.experts as i64;
@@ -291,11 +303,7 @@ impl Gate {
                     .f_to_kind(gk)?;
                 let logits = if train {
                     let std = raw_std.f_softplus()?.f_add_scalar(NOISE_EPSILON)?;
-                    let draws = match key {
-                        Some(k) => keyed_normal(&k.f_to_device(x.device())?, 0, &clean.size())?
-                            .f_to_kind(gk)?,
-                        None => clean.f_randn_like()?,
-                    };
+                    let draws = normal(key, &clean.size(), (gk, clean.device()))?;
                     let noisy = clean.f_add(&draws.f_mul(&std)?)?;
                     (noisy, Some(std))
                 } else {

@@ -285,16 +285,27 @@ struct Captured {
 }
 
 impl Runner {
-    /// Graphs when asked for, on a GPU: the run moves to a side stream of torch's pool.
-    fn new(cuda_graph: bool, device: Device) -> Result<Runner> {
+    /// Graphs when asked for, on a GPU: the run moves to a side stream of torch's pool. Not
+    /// for a model with MoE layers outside bf16 (`grouped`: it has some; `compute`: its
+    /// dtype), which says so: there libtorch's grouped matmul takes a fallback that reads the
+    /// group sizes on the host, which no graph can capture (its CUTLASS path is bf16 only).
+    fn new(cuda_graph: bool, device: Device, compute: Kind, grouped: bool) -> Result<Runner> {
         #[cfg(feature = "cuda")]
         if let (true, Device::Cuda(n)) = (cuda_graph, device) {
+            if grouped && compute != Kind::BFloat16 {
+                eprintln!(
+                    "note: micro-batches run op by op, not as a CUDA graph: outside bf16 \
+                     libtorch's grouped matmul reads its group sizes on the host (precision = \
+                     bf16 gets the graph)"
+                );
+                return Ok(Runner::Eager);
+            }
             crate::runtime::graph::use_side_stream(n)?;
             // one bf16 copy of each weight per step, at addresses the graph keeps reading
             cast::enable();
             return Ok(Runner::Warmup);
         }
-        let _ = (cuda_graph, device);
+        let _ = (cuda_graph, device, compute, grouped);
         Ok(Runner::Eager)
     }
 
@@ -720,16 +731,12 @@ pub fn train_ranked(
         data_source: data.description.clone(),
         precision: precision_name(train.precision).to_string(),
     };
-    // libtorch's grouped matmul takes its CUTLASS path (group sizes read on the GPU) in bf16
-    // only; in other dtypes it reads the group sizes on the host, which no graph can capture
-    let graph_dtype = compute == Kind::BFloat16 || model_decl.moe_layers().next().is_none();
-    if opts.cuda_graph && ctx.is_none() && device.is_cuda() && !graph_dtype && main {
-        eprintln!(
-            "note: micro-batches run op by op, not as a CUDA graph: outside bf16 libtorch's \
-             grouped matmul reads its group sizes on the host (precision = bf16 gets the graph)"
-        );
-    }
-    let mut runner = Runner::new(opts.cuda_graph && ctx.is_none() && graph_dtype, device)?;
+    let mut runner = Runner::new(
+        opts.cuda_graph && ctx.is_none(),
+        device,
+        compute,
+        model_decl.moe_layers().next().is_some(),
+    )?;
     let started = Instant::now();
     let mut losses = Vec::new();
     let mut last_ckpt = None;

@@ -2,9 +2,10 @@
 // of a device, the caching allocator's statistics, one autograd Function whose forward
 // and backward call back into Rust (tch has no custom autograd), CUDA graphs (capture
 // of torch's work on a side stream, replay), and libtorch's multi-tensor kernels for the
-// optimizer step (fused AdamW, one norm and one scaling over a list of gradients). Built by build.rs (cc
-// crate) with the `cuda` feature only, against torch's and CUDA's headers; it needs no nvcc
-// and no GPU to build. It knows nothing about fmoec's model or what the callbacks compute.
+// optimizer step (fused AdamW, one norm and one scaling over a list of gradients). Built by
+// build.rs (cc crate) with the `cuda` feature only, against torch's and CUDA's headers; it
+// needs no nvcc and no GPU to build. It knows nothing about fmoec's model or what the
+// callbacks compute. Every entry point that returns a status sets the thread's last error.
 #include <ATen/cuda/CUDAGraph.h>
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
@@ -95,14 +96,10 @@ extern "C" {
 // the message in fmoec_shim_last_error().
 int fmoec_shim_apply(int64_t op, void* callback, at::Tensor* a, at::Tensor* b, at::Tensor* c,
                      at::Tensor* d, at::Tensor** out) {
-  try {
+  return guarded([&] {
     at::Tensor r = RustFunction::apply(*a, *b, *c, *d, op, reinterpret_cast<int64_t>(callback));
     *out = new at::Tensor(r);
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 const char* fmoec_shim_last_error() { return last_error.c_str(); }
@@ -120,35 +117,24 @@ void* fmoec_shim_current_stream(int device) {
 // Peak and current bytes allocated through torch's caching allocator on `device` since the
 // last reset; 0 on success, -1 on error.
 int fmoec_shim_memory(int device, int64_t* peak, int64_t* current) {
-  try {
+  return guarded([&] {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
         static_cast<c10::DeviceIndex>(device));
     *peak = stats.allocated_bytes[aggregate()].peak;
     *current = stats.allocated_bytes[aggregate()].current;
-    return 0;
-  } catch (const std::exception&) {
-    return -1;
-  }
+  });
 }
 
 // Resets the peak statistics of `device`; 0 on success, -1 on error.
 int fmoec_shim_reset_peak(int device) {
-  try {
+  return guarded([&] {
     c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
-    return 0;
-  } catch (const std::exception&) {
-    return -1;
-  }
+  });
 }
 
 // Returns the allocator's unused cached blocks to the device; 0 on success, -1 on error.
 int fmoec_shim_empty_cache() {
-  try {
-    c10::cuda::CUDACachingAllocator::emptyCache();
-    return 0;
-  } catch (const std::exception&) {
-    return -1;
-  }
+  return guarded([&] { c10::cuda::CUDACachingAllocator::emptyCache(); });
 }
 
 // Makes a stream from torch's pool the current stream of `device` on this thread (a CUDA
