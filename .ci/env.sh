@@ -13,7 +13,7 @@ fmoec_ensure_venv() {
     echo "setting up libtorch: torch==$FMOEC_TORCH_VERSION into $FMOEC_VENV (about 2 minutes, 4.6 GB; once)" >&2
     mkdir -p "$(dirname "$FMOEC_VENV")"
     [ -x "$FMOEC_VENV/bin/python" ] || python3 -m venv "$FMOEC_VENV" || return 1
-    "$FMOEC_VENV/bin/pip" install --quiet --disable-pip-version-check \
+    "$FMOEC_VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir \
         "torch==$FMOEC_TORCH_VERSION" numpy pytest || return 1
 }
 
