@@ -165,3 +165,44 @@ fn planner_chooses_micro_batch_and_is_deterministic() {
     assert_eq!(a.global_batch, 256);
     assert!(a.time.mfu > 0.0 && a.time.mfu <= 1.0);
 }
+
+/// A free micro-batch: the cost model ties every size without a pipeline (compute and
+/// traffic grow with the tokens), so the planner takes the runtime's default, the largest
+/// divisor of a rank's share with at most 8192 tokens; with a pipeline smaller micro-batches
+/// shrink the bubble and win; and a size that does not fit is never chosen.
+#[test]
+fn a_free_micro_batch_is_the_runtimes_default_unless_the_cost_model_prefers_another() {
+    assert_eq!(plan::default_micro_batch(256, 1024), 8);
+    assert_eq!(plan::default_micro_batch(12, 1024), 6);
+    assert_eq!(plan::default_micro_batch(3, 4096), 1);
+    assert_eq!(plan::default_micro_batch(5, 16384), 1);
+    assert_eq!(plan::default_micro_batch(16, 128), 16);
+
+    let gpt2 = || gpt("gpt2", 50257, 768, 12, 12, true);
+    // one GPU, 32 sequences of 1024 per step: 8 sequences = 8192 tokens
+    let c = checked(
+        gpt2(),
+        parallel(1, 1, 1, ExpertGroup::AcrossData),
+        Some(train(32, 1024, Precision::Bf16)),
+    );
+    let p = plan::build(&c).unwrap();
+    assert_eq!((p.micro_batch, p.micro_batches), (8, 4));
+
+    // 4 pipeline stages: the bubble (p - 1) / (m + p - 1) favours many small micro-batches
+    let c = checked(
+        gpt2(),
+        parallel(4, 1, 4, ExpertGroup::AcrossData),
+        Some(train(32, 1024, Precision::Bf16)),
+    );
+    let p = plan::build(&c).unwrap();
+    assert_eq!((p.micro_batch, p.micro_batches), (1, 32));
+
+    // a GPU too small for 8 sequences' activations (about 10 GB, see above) takes the
+    // largest that fits
+    let mut small = parallel(1, 1, 1, ExpertGroup::AcrossData);
+    small.hardware.memory_bytes = 8_000_000_000;
+    let c = checked(gpt2(), small, Some(train(32, 1024, Precision::Bf16)));
+    let p = plan::build(&c).unwrap();
+    assert_eq!(p.micro_batch, 4);
+    assert!(p.stages[0].cost.memory.total <= 8_000_000_000);
+}

@@ -157,7 +157,13 @@ pub fn emit(
         experts_per_worker,
         planned_layout: planned.clone(),
     };
-    let train = train_view(checked, release, &layers, &opts.source_name);
+    let train = train_view(
+        checked,
+        release,
+        &layers,
+        &opts.source_name,
+        micro_batch(checked),
+    );
     let patch_name = format!("megatron-{}.patch", release.version);
     let readme = ReadmeView {
         megatron_version: release.version.to_string(),
@@ -511,11 +517,31 @@ fn group_rows(l: &Layout) -> Vec<GroupRow> {
 /// Reads one printed value of a layer (for the uniform `--fmoe-*` launch arguments).
 type LayerField = dyn Fn(&LayerView) -> String;
 
+/// The micro-batch train.sh passes: the file's, else the one `fmoec plan` chooses for it
+/// (Megatron-LM's memory model), else — a plan that does not fit — the planner's default rule.
+fn micro_batch(c: &Checked) -> u64 {
+    if let Some(m) = c.parallel.micro_batch {
+        return m;
+    }
+    match crate::plan::cost_with(c, &crate::plan::Overrides::default()) {
+        Ok(planned) => planned.costed.micro_batch,
+        Err(_) => {
+            let seq = c.train.as_ref().map_or(c.model.context, |t| t.seq_len);
+            let share = c
+                .train
+                .as_ref()
+                .map_or(1, |t| t.batch_sequences / c.parallel.data.max(1));
+            crate::plan::default_micro_batch(share.max(1), seq)
+        }
+    }
+}
+
 fn train_view(
     c: &Checked,
     release: &ReleaseEdits,
     layers: &[LayerView],
     source_name: &str,
+    micro: u64,
 ) -> TrainView {
     let m = &c.model;
     let p = &c.parallel;
@@ -532,7 +558,6 @@ fn train_view(
     let seq = c.train.as_ref().map_or(m.context, |t| t.seq_len);
     arg("--seq-length", Some(seq.to_string()));
     arg("--max-position-embeddings", Some(m.context.to_string()));
-    let micro = p.micro_batch.unwrap_or(1);
     arg("--micro-batch-size", Some(micro.to_string()));
     arg("--DDP-impl", Some("local".to_string()));
     if let Some(t) = &c.train {

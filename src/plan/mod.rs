@@ -273,6 +273,47 @@ impl Costed {
     }
 }
 
+/// Tokens per micro-batch that a free micro-batch aims for (see [`default_micro_batch`]).
+pub const DEFAULT_MICRO_TOKENS: u64 = 8192;
+
+/// The micro-batch used when the file gives none and the cost model has no preference: the
+/// largest divisor of a data rank's `share` of the batch (in sequences) with at most
+/// [`DEFAULT_MICRO_TOKENS`] tokens, at least 1. Larger matmuls run closer to a GPU's peak,
+/// which the cost model's flat FLOP rate does not see; without a pipeline every micro-batch
+/// costs it the same. `fmoec run` uses this rule too, so both describe the same run.
+pub fn default_micro_batch(share: u64, seq_len: u64) -> u64 {
+    let cap = (DEFAULT_MICRO_TOKENS / seq_len.max(1)).max(1);
+    (1..=share.min(cap))
+        .rev()
+        .find(|m| share % m == 0)
+        .unwrap_or(1)
+}
+
+/// The fastest of the `fitting` (seconds per token, micro-batch, costed) candidates; among
+/// those within a millionth of the fastest (the cost model ties them: compute and traffic grow
+/// with the tokens, so without a pipeline bubble every micro-batch costs the same) the largest
+/// at most `preferred`, else the smallest.
+fn pick_micro_batch(
+    fitting: Vec<(f64, u64, cost::Costed)>,
+    preferred: u64,
+) -> Option<cost::Costed> {
+    let fastest = fitting
+        .iter()
+        .map(|(t, ..)| *t)
+        .fold(f64::INFINITY, f64::min);
+    fitting
+        .into_iter()
+        .filter(|(t, ..)| *t <= fastest * (1.0 + 1e-6))
+        .max_by_key(|(_, m, _)| {
+            if *m <= preferred {
+                (1, *m)
+            } else {
+                (0, u64::MAX - *m)
+            }
+        })
+        .map(|(.., c)| c)
+}
+
 /// Checks and costs the file with overrides, choosing the micro-batch when it is free.
 pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnostic>> {
     let filled;
@@ -321,25 +362,27 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
     }
     let g = graph::lower(&checked.model, seq_len);
     let per_rank_batch = train.map(|t| t.batch_sequences / grid.data);
+    // The micro-batch the runtime would pick by itself: preferred among equally fast ones.
+    let preferred = default_micro_batch(per_rank_batch.unwrap_or(64), seq_len);
     let candidates: Vec<u64> = match s.micro_batch {
         Some(m) => vec![m],
         None => {
             let limit = per_rank_batch.unwrap_or(64).min(64);
-            let c: Vec<u64> = (0..7)
+            let mut c: Vec<u64> = (0..7)
                 .map(|i| 1u64 << i)
                 .filter(|m| *m <= limit && per_rank_batch.is_none_or(|b| b % m == 0))
                 .collect();
+            if !c.contains(&preferred) {
+                c.push(preferred);
+                c.sort_unstable();
+            }
             if c.len() > 1 {
                 assumptions.push(format!(
-                    "micro-batch not given: chose the fastest that fits among {:?}",
-                    c
+                    "micro-batch not given: chose the fastest that fits among {c:?} (of equally \
+                     fast ones the largest with at most {DEFAULT_MICRO_TOKENS} tokens)"
                 ));
             }
-            if c.is_empty() {
-                vec![1]
-            } else {
-                c
-            }
+            c
         }
     };
     if let Some(t) = train {
@@ -361,7 +404,7 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
             ));
         }
     }
-    let mut best: Option<(f64, cost::Costed)> = None;
+    let mut fitting: Vec<(f64, u64, cost::Costed)> = Vec::new();
     let mut first_failure: Option<cost::Costed> = None;
     for m in candidates {
         let micro_batches = match train {
@@ -382,15 +425,13 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
             // Seconds per token: the step time when the batch is fixed, and still fair
             // when it grows with the micro-batch (no train block).
             let t = 1.0 / c.time.tokens_per_s.max(f64::MIN_POSITIVE);
-            if best.as_ref().is_none_or(|(bt, _)| t < *bt) {
-                best = Some((t, c));
-            }
+            fitting.push((t, m, c));
         } else if first_failure.is_none() {
             first_failure = Some(c);
         }
     }
-    let costed = match (best, first_failure) {
-        (Some((_, c)), _) => c,
+    let costed = match (pick_micro_batch(fitting, preferred), first_failure) {
+        (Some(c), _) => c,
         (None, Some(c)) => {
             let at = (par.hardware.name.as_str(), sp.gpus.join(sp.hardware));
             return Err(plan_error(vec![c.out_of_memory(&grid, at)], o));

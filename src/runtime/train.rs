@@ -52,8 +52,6 @@ use crate::runtime::moe::{Telemetry, TelemetryReport};
 use crate::runtime::optim::{self, AdamW};
 use crate::runtime::plot;
 
-/// Tokens per micro-batch the runtime aims for when the file does not fix `micro_batch`.
-const DEFAULT_MICRO_TOKENS: u64 = 8192;
 const EVAL_KEY: u64 = 0xE7A1;
 const STEP_KEY: u64 = 0x57E9;
 
@@ -164,14 +162,15 @@ fn precision_name(p: Precision) -> &'static str {
 }
 
 /// Sequences per micro-batch: the file's `micro_batch`, else the largest divisor of the batch
-/// with at most [`DEFAULT_MICRO_TOKENS`] tokens.
+/// with at most [`crate::plan::DEFAULT_MICRO_TOKENS`] tokens.
 pub fn micro_batch(checked: &Checked, train: &Train) -> Result<u64> {
     micro_batch_for(checked, train, 1)
 }
 
 /// Sequences per micro-batch on each of `data_ranks` data ranks: the file's `micro_batch`
 /// (which must split the batch evenly over the ranks), else the largest divisor of a rank's
-/// share of the batch with at most [`DEFAULT_MICRO_TOKENS`] tokens.
+/// share of the batch with at most [`crate::plan::DEFAULT_MICRO_TOKENS`] tokens (the planner's
+/// [`crate::plan::default_micro_batch`]).
 pub fn micro_batch_for(checked: &Checked, train: &Train, data_ranks: u64) -> Result<u64> {
     let batch = train.batch_sequences;
     let d = data_ranks.max(1);
@@ -190,11 +189,7 @@ pub fn micro_batch_for(checked: &Checked, train: &Train, data_ranks: u64) -> Res
         }
         return Ok(mb);
     }
-    let cap = (DEFAULT_MICRO_TOKENS / train.seq_len.max(1)).max(1);
-    Ok((1..=share.min(cap))
-        .rev()
-        .find(|m| share % m == 0)
-        .unwrap_or(1))
+    Ok(crate::plan::default_micro_batch(share, train.seq_len))
 }
 
 struct Accum {
