@@ -486,6 +486,7 @@ fn impossible_layouts_are_clear_errors() {
         expert_slicing: false,
         placements: WorldPlan::data_parallel(&c, 1, 1).unwrap().placements,
         notes: Vec::new(),
+        micro_batch: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let err = run_in_process(&c, &options(dir.path(), None, false), &plan, TIMEOUT).unwrap_err();

@@ -207,3 +207,46 @@ fn bf16_training_keeps_fp32_master_weights() {
         safetensors::Dtype::F32
     );
 }
+
+/// Without `micro_batch` in the file a run takes the planner's choice (`fmoec plan
+/// --memory-model fmoec` for its layout): the largest divisor of the batch with at most 8192
+/// tokens, or a smaller one when that does not fit the GPU's memory in the planner's estimate.
+#[test]
+fn a_free_micro_batch_follows_the_planner() {
+    use fmoec::plan::{self, MemoryModel, Overrides};
+    let _rng = rng_lock();
+    let mut checked = runtime_common::tiny_checked(
+        GateKind::Gshard,
+        1,
+        DataSource::Builtin("shakespeare".into()),
+    );
+    checked.parallel.micro_batch = None;
+    // 16 sequences of 64 tokens: the default is all 16 in one micro-batch
+    let dir = tempfile::tempdir().unwrap();
+    let s = train::train(&checked, &options(dir.path(), None, false)).unwrap();
+    assert_eq!(s.micro_batch, 16);
+
+    // a GPU with room for 8 sequences' activations, not 16
+    let memory = |m: u64| {
+        let o = Overrides {
+            micro_batch: Some(m),
+            memory_model: Some(MemoryModel::Fmoec),
+            ..Overrides::default()
+        };
+        plan::build_with(&checked, &o).unwrap().stages[0]
+            .cost
+            .memory
+            .total
+    };
+    let (eight, sixteen) = (memory(8), memory(16));
+    assert!(eight < sixteen);
+    checked.parallel.hardware.memory_bytes = (eight + sixteen) / 2;
+    let dir = tempfile::tempdir().unwrap();
+    let s = train::train(&checked, &options(dir.path(), None, false)).unwrap();
+    assert_eq!(s.micro_batch, 8);
+    assert_eq!(s.steps_done, 1);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["micro_batch"], 8);
+}

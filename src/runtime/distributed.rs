@@ -53,6 +53,9 @@ pub struct WorldPlan {
     pub placements: BTreeMap<usize, ExpertPlacement>,
     /// What the runtime changed in the file's `parallel` block (said once by rank 0).
     pub notes: Vec<String>,
+    /// The planner's micro-batch for this layout (sequences per data rank), the one the run
+    /// uses when the file gives none; `None`: plans made without the planner.
+    pub micro_batch: Option<u64>,
 }
 
 /// The runtime's overrides of the file's `parallel` block for a world of `world` ranks: the
@@ -218,6 +221,7 @@ impl WorldPlan {
             expert_slicing: plan.expert_slicing && plan.tensor > 1,
             placements,
             notes: Vec::new(),
+            micro_batch: Some(plan.micro_batch),
         })
     }
 
@@ -248,6 +252,7 @@ impl WorldPlan {
             expert_slicing: false,
             placements,
             notes: Vec::new(),
+            micro_batch: None,
         })
     }
 }

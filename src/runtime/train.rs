@@ -122,6 +122,8 @@ pub struct RunSummary {
     pub data: String,
     pub device: String,
     pub precision: String,
+    /// Sequences per micro-batch on each data rank.
+    pub micro_batch: u64,
     pub start_step: u64,
     pub steps_done: u64,
     pub total_steps: u64,
@@ -190,6 +192,43 @@ pub fn micro_batch_for(checked: &Checked, train: &Train, data_ranks: u64) -> Res
         return Ok(mb);
     }
     Ok(crate::plan::default_micro_batch(share, train.seq_len))
+}
+
+/// The micro-batch of a run on `data_ranks` data ranks: the file's, else the planner's for
+/// the run's layout (`planned`: the rank context's plan, or for one rank a plan of one GPU),
+/// which is [`micro_batch_for`]'s default unless that does not fit the planner's memory
+/// estimate; then also a note saying so. Without a plan (it fails, e.g. the model does not
+/// fit the file's GPU at all): the default.
+fn run_micro_batch(
+    checked: &Checked,
+    train: &Train,
+    data_ranks: u64,
+    planned: Option<u64>,
+) -> Result<(u64, Option<String>)> {
+    let default = micro_batch_for(checked, train, data_ranks)?;
+    if checked.parallel.micro_batch.is_some() {
+        return Ok((default, None));
+    }
+    let planned = planned.or_else(|| {
+        let one = distributed::overrides(1, None, Some(1));
+        crate::plan::cost_with(checked, &one)
+            .ok()
+            .map(|p| p.costed.micro_batch)
+    });
+    let share = train.batch_sequences / data_ranks.max(1);
+    match planned {
+        Some(m) if m != default && m > 0 && share % m == 0 => Ok((
+            m,
+            Some(format!(
+                "micro-batch {m} sequences: {default} (the default, at most {} tokens) does not \
+                 fit a `{}` GPU in the planner's memory estimate (`fmoec plan --memory-model \
+                 fmoec`)",
+                crate::plan::DEFAULT_MICRO_TOKENS,
+                checked.parallel.hardware.name
+            )),
+        )),
+        _ => Ok((default, None)),
+    }
 }
 
 struct Accum {
@@ -595,7 +634,12 @@ pub fn train_ranked(
     let data_ranks = ctx.map_or(1, |c| c.data_size()) as u64;
     let data_rank = ctx.map_or(0, |c| c.data_rank()) as u64;
     let device = ctx.map_or(opts.device, |c| c.device);
-    let mb = micro_batch_for(checked, train, data_ranks)?;
+    let (mb, mb_note) = run_micro_batch(
+        checked,
+        train,
+        data_ranks,
+        ctx.and_then(|c| c.plan.micro_batch),
+    )?;
     // Micro-batches of the global batch; this rank runs `m = i·D + data_rank`.
     let n_micro = train.batch_sequences / mb;
     let n_local = n_micro / data_ranks;
@@ -673,6 +717,9 @@ pub fn train_ranked(
             for note in &c.plan.notes {
                 eprintln!("note: {note}");
             }
+        }
+        if let Some(note) = &mb_note {
+            eprintln!("note: {note}");
         }
     }
 
@@ -1029,6 +1076,7 @@ pub fn train_ranked(
         data: data.description.clone(),
         device: device_name,
         precision: precision_name(train.precision).to_string(),
+        micro_batch: mb,
         start_step,
         steps_done: done,
         total_steps,
