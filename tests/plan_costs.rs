@@ -198,11 +198,29 @@ fn a_free_micro_batch_is_the_runtimes_default_unless_the_cost_model_prefers_anot
     assert_eq!((p.micro_batch, p.micro_batches), (1, 32));
 
     // a GPU too small for 8 sequences' activations (about 10 GB, see above) takes the
-    // largest that fits
+    // largest that leaves 10% of it free
     let mut small = parallel(1, 1, 1, ExpertGroup::AcrossData);
     small.hardware.memory_bytes = 8_000_000_000;
     let c = checked(gpt2(), small, Some(train(32, 1024, Precision::Bf16)));
     let p = plan::build(&c).unwrap();
     assert_eq!(p.micro_batch, 4);
-    assert!(p.stages[0].cost.memory.total <= 8_000_000_000);
+    assert!(p.stages[0].cost.memory.total <= 7_200_000_000);
+    // one that holds 8 with less than 10% to spare still takes 4; an explicit 8 fits
+    let eight = plan::build_with(
+        &c,
+        &Overrides {
+            micro_batch: Some(8),
+            ..Overrides::default()
+        },
+    );
+    assert!(eight.is_err(), "8 sequences do not fit 8 GB");
+    let mut snug = parallel(1, 1, 1, ExpertGroup::AcrossData);
+    snug.hardware.memory_bytes = 12_400_000_000; // 8 sequences: 12,259,270,656 B (above)
+    let c = checked(gpt2(), snug, Some(train(32, 1024, Precision::Bf16)));
+    assert_eq!(plan::build(&c).unwrap().micro_batch, 4);
+    let o = Overrides {
+        micro_batch: Some(8),
+        ..Overrides::default()
+    };
+    assert_eq!(plan::build_with(&c, &o).unwrap().micro_batch, 8);
 }

@@ -289,10 +289,22 @@ pub fn default_micro_batch(share: u64, seq_len: u64) -> u64 {
         .unwrap_or(1)
 }
 
-/// The fastest of the `fitting` (seconds per token, micro-batch, costed) candidates; among
+/// Share of a GPU's memory the planner keeps free when it picks among equally fast
+/// micro-batches: its estimate of `fmoec run` was 4-9% off the measured peak (BENCHMARKS.md).
+pub const FREE_CHOICE_HEADROOM: f64 = 0.10;
+
+/// Whether every rank of `c` leaves [`FREE_CHOICE_HEADROOM`] of its GPU free.
+fn roomy(c: &cost::Costed) -> bool {
+    c.stages
+        .iter()
+        .all(|s| s.memory.total as f64 <= (1.0 - FREE_CHOICE_HEADROOM) * s.memory.capacity as f64)
+}
+
+/// The fastest of the `fitting` (seconds per token, micro-batch, costed) candidates. Among
 /// those within a millionth of the fastest (the cost model ties them: compute and traffic grow
-/// with the tokens, so without a pipeline bubble every micro-batch costs the same) the largest
-/// at most `preferred`, else the smallest.
+/// with the tokens, so without a pipeline bubble every micro-batch costs the same): those that
+/// leave [`FREE_CHOICE_HEADROOM`] free first, then the largest at most `preferred`, else the
+/// smallest.
 fn pick_micro_batch(
     fitting: Vec<(f64, u64, cost::Costed)>,
     preferred: u64,
@@ -304,12 +316,13 @@ fn pick_micro_batch(
     fitting
         .into_iter()
         .filter(|(t, ..)| *t <= fastest * (1.0 + 1e-6))
-        .max_by_key(|(_, m, _)| {
-            if *m <= preferred {
+        .max_by_key(|(_, m, c)| {
+            let size = if *m <= preferred {
                 (1, *m)
             } else {
                 (0, u64::MAX - *m)
-            }
+            };
+            (roomy(c), size)
         })
         .map(|(.., c)| c)
 }
@@ -379,7 +392,9 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
             if c.len() > 1 {
                 assumptions.push(format!(
                     "micro-batch not given: chose the fastest that fits among {c:?} (of equally \
-                     fast ones the largest with at most {DEFAULT_MICRO_TOKENS} tokens)"
+                     fast ones the largest with at most {DEFAULT_MICRO_TOKENS} tokens that leaves \
+                     {:.0}% of the memory free)",
+                    FREE_CHOICE_HEADROOM * 100.0
                 ));
             }
             c

@@ -196,8 +196,9 @@ pub fn micro_batch_for(checked: &Checked, train: &Train, data_ranks: u64) -> Res
 
 /// The micro-batch of a run on `data_ranks` data ranks: the file's, else the planner's for
 /// the run's layout (`planned`: the rank context's plan, or for one rank a plan of one GPU),
-/// which is [`micro_batch_for`]'s default unless that does not fit the planner's memory
-/// estimate; then also a note saying so. Without a plan (it fails, e.g. the model does not
+/// which is [`micro_batch_for`]'s default unless that leaves less than
+/// [`crate::plan::FREE_CHOICE_HEADROOM`] of the GPU free in the planner's memory estimate;
+/// then also a note saying so. Without a plan (it fails, e.g. the model does not
 /// fit the file's GPU at all): the default.
 fn run_micro_batch(
     checked: &Checked,
@@ -220,10 +221,11 @@ fn run_micro_batch(
         Some(m) if m != default && m > 0 && share % m == 0 => Ok((
             m,
             Some(format!(
-                "micro-batch {m} sequences: {default} (the default, at most {} tokens) does not \
-                 fit a `{}` GPU in the planner's memory estimate (`fmoec plan --memory-model \
-                 fmoec`)",
+                "micro-batch {m} sequences: {default} (the default, at most {} tokens) would \
+                 leave less than {:.0}% of a `{}` GPU free in the planner's memory estimate \
+                 (`fmoec plan --memory-model fmoec`)",
                 crate::plan::DEFAULT_MICRO_TOKENS,
+                crate::plan::FREE_CHOICE_HEADROOM * 100.0,
                 checked.parallel.hardware.name
             )),
         )),
