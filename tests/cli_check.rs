@@ -1,4 +1,5 @@
-//! `fmoec check` as a user runs it: exit codes, the human and JSON formats.
+//! `fmoec check` as a user runs it: exit codes, the human and JSON formats; and `fmoec emit`'s
+//! output folder.
 
 use std::process::Command;
 
@@ -84,4 +85,80 @@ fn unreadable_file_exits_two_even_beside_a_file_with_errors() {
     );
     // the readable file is still checked and reported
     assert!(text.contains("error[E0201]"), "{text}");
+}
+
+/// `fmoec emit` replaces the files it wrote before, but never a file it did not write or one
+/// edited since: those stop it before anything is written, unless `--force`.
+#[test]
+fn emit_never_overwrites_files_it_did_not_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out_s = out.to_str().unwrap();
+    let emit = |extra: &[&str]| {
+        let mut args = vec![
+            "emit",
+            "--megatron",
+            "v2.2",
+            "examples/tiny.fmoe",
+            "-o",
+            out_s,
+        ];
+        args.extend_from_slice(extra);
+        fmoec(&args)
+    };
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("README.md"), "mine\n").unwrap();
+    let r = emit(&[]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("README.md` exists and is not written by fmoec"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("README.md")).unwrap(),
+        "mine\n"
+    );
+    assert!(
+        !out.join("train.sh").exists(),
+        "nothing is written after a refusal"
+    );
+
+    std::fs::remove_file(out.join("README.md")).unwrap();
+    assert!(emit(&[]).status.success());
+    let first = std::fs::read_to_string(out.join("train.sh")).unwrap();
+    // its own files, unchanged: emitted again without complaint
+    assert!(emit(&[]).status.success());
+
+    std::fs::write(out.join("train.sh"), format!("{first}# my change\n")).unwrap();
+    let r = emit(&[]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("train.sh` exists and is changed since fmoec wrote it"),
+        "{stderr}"
+    );
+    assert!(std::fs::read_to_string(out.join("train.sh"))
+        .unwrap()
+        .ends_with("# my change\n"));
+
+    assert!(emit(&["--force"]).status.success());
+    assert_eq!(
+        std::fs::read_to_string(out.join("train.sh")).unwrap(),
+        first
+    );
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let r = fmoec(&[
+        "emit",
+        "--megatron",
+        "v2.2",
+        "examples/tiny.fmoe",
+        "-o",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("it is a file, not a folder"));
 }

@@ -1,6 +1,7 @@
 //! `fmoec emit`: command-line arguments, and writing the emitted files.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::check;
@@ -25,9 +26,53 @@ pub struct EmitArgs {
     /// megatron_src` of fmoec.toml for this release, else the recorded release).
     #[arg(long, value_name = "PATH")]
     pub megatron_src: Option<PathBuf>,
+    /// Overwrite files in the output folder that fmoec did not write, or that were edited
+    /// since it wrote them (without it such files stop the emit and nothing is written).
+    #[arg(long)]
+    pub force: bool,
     /// How diagnostics are printed.
     #[arg(long, value_enum, default_value_t)]
     pub diagnostics: DiagFormat,
+}
+
+/// The record of what `fmoec emit` wrote into an output folder (file name → SHA-256 of its
+/// contents), so that a later emit replaces its own files but no one else's.
+const MANIFEST: &str = ".fmoec-emit.json";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The files of `files` that exist in `output` with other contents than fmoec last wrote
+/// there (or that it never wrote), with the reason.
+fn conflicts(output: &Path, files: &[(String, String)]) -> Vec<(PathBuf, &'static str)> {
+    let recorded: BTreeMap<String, String> = std::fs::read(output.join(MANIFEST))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (name, text) in files {
+        let path = output.join(name);
+        let Ok(old) = std::fs::read(&path) else {
+            if path.exists() {
+                out.push((path, "cannot be read"));
+            }
+            continue;
+        };
+        if old == text.as_bytes() {
+            continue;
+        }
+        match recorded.get(name) {
+            Some(sum) if *sum == sha256_hex(&old) => {}
+            Some(_) => out.push((path, "changed since fmoec wrote it")),
+            None => out.push((path, "not written by fmoec")),
+        }
+    }
+    out
 }
 
 pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
@@ -75,8 +120,29 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         }
     };
     driver::report(&loaded.sources, &emitted.warnings, args.diagnostics);
+    if output.exists() && !output.is_dir() {
+        anyhow::bail!(
+            "cannot write into `{}`: it is a file, not a folder",
+            output.display()
+        );
+    }
+    let clashes = conflicts(&output, &emitted.files);
+    if !clashes.is_empty() && !args.force {
+        for (path, why) in &clashes {
+            eprintln!("error: `{}` exists and is {why}", path.display());
+        }
+        eprintln!(
+            "nothing was written: choose another folder with --output, move those files, or \
+             pass --force to overwrite them"
+        );
+        return Ok(ExitCode::from(1));
+    }
     std::fs::create_dir_all(&output)
         .map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", output.display()))?;
+    let mut recorded = BTreeMap::new();
+    for (name, text) in &emitted.files {
+        recorded.insert(name.clone(), sha256_hex(text.as_bytes()));
+    }
     for (name, text) in &emitted.files {
         let path = output.join(name);
         driver::write_atomic(&path, text.as_bytes())
@@ -88,5 +154,9 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         }
         println!("wrote {}", path.display());
     }
+    let manifest = serde_json::to_string_pretty(&recorded).expect("a map of strings serializes");
+    let path = output.join(MANIFEST);
+    driver::write_atomic(&path, format!("{manifest}\n").as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path.display()))?;
     Ok(ExitCode::SUCCESS)
 }
