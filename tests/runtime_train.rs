@@ -251,3 +251,24 @@ fn a_free_micro_batch_follows_the_planner() {
             .unwrap();
     assert_eq!(summary["micro_batch"], 8);
 }
+
+/// An output path that is a file is refused before anything runs, and left as it was.
+#[test]
+fn an_output_path_that_is_a_file_is_refused() {
+    let _rng = rng_lock();
+    let checked = runtime_common::tiny_checked(
+        GateKind::Gshard,
+        1,
+        DataSource::Builtin("shakespeare".into()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("results");
+    std::fs::write(&file, "keep\n").unwrap();
+    let err = train::train(&checked, &options(&file, None, false)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("the output folder")
+            && format!("{err:#}").contains("is a file"),
+        "{err:#}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep\n");
+}

@@ -648,6 +648,14 @@ pub fn train_ranked(
     let data = Dataset::load(&train.data, model_decl.vocab)?;
     data.check_window(window)?;
 
+    for (dir, what) in [
+        (&opts.out, "the output folder"),
+        (&opts.checkpoints, "the checkpoint folder"),
+    ] {
+        if dir.exists() && !dir.is_dir() {
+            bail!("{what} `{}` is a file, not a folder", dir.display());
+        }
+    }
     if opts.resume.is_none() && opts.checkpoints.join("latest").exists() {
         bail!(
             "`{}` already holds checkpoints; pass --resume to continue that run, or --out DIR \
