@@ -195,27 +195,30 @@ pub fn micro_batch_for(checked: &Checked, train: &Train, data_ranks: u64) -> Res
 }
 
 /// The micro-batch of a run on `data_ranks` data ranks: the file's, else the planner's for
-/// the run's layout (`planned`: the rank context's plan, or for one rank a plan of one GPU),
-/// which is [`micro_batch_for`]'s default unless that leaves less than
+/// the run's layout (several ranks: `ctx`'s plan; one: a plan of one GPU), which is
+/// [`micro_batch_for`]'s default unless that leaves less than
 /// [`crate::plan::FREE_CHOICE_HEADROOM`] of the GPU free in the planner's memory estimate;
-/// then also a note saying so. Without a plan (it fails, e.g. the model does not
-/// fit the file's GPU at all): the default.
+/// then also a note saying so. Without a plan (one rank whose model does not fit the file's
+/// GPU at all, or ranks laid out without the planner): the default.
 fn run_micro_batch(
     checked: &Checked,
     train: &Train,
     data_ranks: u64,
-    planned: Option<u64>,
+    ctx: Option<&RankContext>,
 ) -> Result<(u64, Option<String>)> {
     let default = micro_batch_for(checked, train, data_ranks)?;
     if checked.parallel.micro_batch.is_some() {
         return Ok((default, None));
     }
-    let planned = planned.or_else(|| {
-        let one = distributed::overrides(1, None, Some(1));
-        crate::plan::cost_with(checked, &one)
-            .ok()
-            .map(|p| p.costed.micro_batch)
-    });
+    let planned = match ctx {
+        Some(c) => c.plan.micro_batch,
+        None => {
+            let one = distributed::overrides(1, None, Some(1));
+            crate::plan::cost_with(checked, &one)
+                .ok()
+                .map(|p| p.costed.micro_batch)
+        }
+    };
     let share = train.batch_sequences / data_ranks.max(1);
     match planned {
         Some(m) if m != default && m > 0 && share % m == 0 => Ok((
@@ -636,12 +639,7 @@ pub fn train_ranked(
     let data_ranks = ctx.map_or(1, |c| c.data_size()) as u64;
     let data_rank = ctx.map_or(0, |c| c.data_rank()) as u64;
     let device = ctx.map_or(opts.device, |c| c.device);
-    let (mb, mb_note) = run_micro_batch(
-        checked,
-        train,
-        data_ranks,
-        ctx.and_then(|c| c.plan.micro_batch),
-    )?;
+    let (mb, mb_note) = run_micro_batch(checked, train, data_ranks, ctx)?;
     // Micro-batches of the global batch; this rank runs `m = i·D + data_rank`.
     let n_micro = train.batch_sequences / mb;
     let n_local = n_micro / data_ranks;
