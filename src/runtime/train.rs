@@ -122,6 +122,9 @@ pub struct RunSummary {
     pub data: String,
     pub device: String,
     pub precision: String,
+    /// Sequences of `seq_len` tokens per step (the global batch).
+    pub batch_sequences: u64,
+    pub seq_len: u64,
     /// Sequences per micro-batch on each data rank.
     pub micro_batch: u64,
     pub start_step: u64,
@@ -1084,6 +1087,8 @@ pub fn train_ranked(
         data: data.description.clone(),
         device: device_name,
         precision: precision_name(train.precision).to_string(),
+        batch_sequences: train.batch_sequences,
+        seq_len: train.seq_len,
         micro_batch: mb,
         start_step,
         steps_done: done,
@@ -1181,6 +1186,10 @@ fn print_summary(s: &RunSummary) {
     println!("model      {} ({} parameters)", s.model, s.parameters);
     println!("data       {}", s.data);
     println!("device     {} ({})", s.device, s.precision);
+    println!(
+        "batch      {} x {} tokens per step, micro-batches of {} sequences",
+        s.batch_sequences, s.seq_len, s.micro_batch
+    );
     println!(
         "steps      {} -> {} of {} ({} tokens, {:.1} s, {:.0} tokens/s)",
         s.start_step,
