@@ -280,7 +280,8 @@ pub const DEFAULT_MICRO_TOKENS: u64 = 8192;
 /// largest divisor of a data rank's `share` of the batch (in sequences) with at most
 /// [`DEFAULT_MICRO_TOKENS`] tokens, at least 1. Larger matmuls run closer to a GPU's peak,
 /// which the cost model's flat FLOP rate does not see; without a pipeline every micro-batch
-/// costs it the same. `fmoec run` uses this rule too, so both describe the same run.
+/// costs it the same. `fmoec run` and `fmoec emit` take the planner's choice (this one unless
+/// it leaves too little memory free), so all three describe the same run.
 pub fn default_micro_batch(share: u64, seq_len: u64) -> u64 {
     let cap = (DEFAULT_MICRO_TOKENS / seq_len.max(1)).max(1);
     (1..=share.min(cap))
