@@ -272,3 +272,80 @@ fn an_output_path_that_is_a_file_is_refused() {
     );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep\n");
 }
+
+/// Ctrl-C (SIGINT) during `fmoec run` finishes the step, writes a checkpoint, exits with
+/// status 130, and `--resume` continues from that step.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_and_the_run_resumes() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(["run", "examples/tiny.fmoe", "--quiet", "--out", out_s])
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait for two logged steps
+    let metrics = out.join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no steps logged in 120 s"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let done = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert_eq!(
+        done.status.code(),
+        Some(130),
+        "{stdout}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let saved = fmoec::runtime::checkpoint::resolve(&out.join("checkpoints")).unwrap();
+    let name = saved.file_name().unwrap().to_string_lossy().into_owned();
+    let step: u64 = name.trim_start_matches("step-").parse().unwrap();
+    assert!(step >= 2, "{name}");
+    assert!(
+        stdout.contains(&format!("checkpoint {}", saved.display())),
+        "{stdout}"
+    );
+
+    // one more step from there
+    let more = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args([
+            "run",
+            "examples/tiny.fmoe",
+            "--quiet",
+            "--out",
+            out_s,
+            "--resume",
+        ])
+        .args(["--stop-after", &(step + 1).to_string()])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&more.stdout);
+    assert!(
+        more.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&more.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("steps      {step} -> {} of 300", step + 1)),
+        "{stdout}"
+    );
+}
