@@ -94,3 +94,24 @@ fn unknown_release_lists_the_known_ones() {
         "no Megatron-LM release `v9.9` to emit for; known: v2.2"
     );
 }
+
+/// Megatron-LM v2.2 has no checkpoint retention: a `keep` is said to apply to `fmoec run` only.
+#[test]
+fn checkpoint_keep_is_a_warning_for_megatron() {
+    let mut c = emit_fixture::checked(16, 2, 1, 32, GateKind::Gshard);
+    c.train.as_mut().unwrap().checkpoint.as_mut().unwrap().keep = 3;
+    let opts = EmitOptions {
+        runtime: Runtime::Fmoec,
+        megatron_src: None,
+        source_name: "tiny.fmoe".into(),
+    };
+    let out = emit::emit(&c, &emit::v2_2::RELEASE, &opts).expect("emit");
+    assert!(
+        out.warnings
+            .iter()
+            .any(|w| w.code == "W0806"
+                && w.message.contains("`keep = 3` applies to `fmoec run` only")),
+        "{:?}",
+        out.warnings
+    );
+}

@@ -349,3 +349,53 @@ fn ctrl_c_checkpoints_and_the_run_resumes() {
         "{stdout}"
     );
 }
+
+/// `checkpoint = every(1, keep = 2)`: once a checkpoint is complete the older ones beyond the
+/// newest two go, and the folder stays resumable; the folder's other contents are untouched
+/// and a deletion left half-done earlier is finished.
+#[test]
+fn checkpoints_beyond_keep_are_deleted_oldest_first() {
+    let _rng = rng_lock();
+    let mut checked = runtime_common::tiny_checked(
+        GateKind::Gshard,
+        4,
+        DataSource::Builtin("shakespeare".into()),
+    );
+    let t = checked.train.as_mut().unwrap();
+    t.checkpoint.as_mut().unwrap().every = 1;
+    t.checkpoint.as_mut().unwrap().keep = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("checkpoints");
+    std::fs::create_dir_all(root.join(".step-00000000.deleting/part")).unwrap();
+    std::fs::create_dir_all(root.join("step-notes")).unwrap();
+    std::fs::write(root.join("README"), "mine\n").unwrap();
+    train::train(&checked, &options(dir.path(), Some(3), false)).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "README",
+            "latest",
+            "step-00000002",
+            "step-00000003",
+            "step-notes"
+        ]
+    );
+    // resumed to the end: step 4 written, step 2 deleted
+    let s = train::train(&checked, &options(dir.path(), None, true)).unwrap();
+    assert_eq!((s.start_step, s.steps_done), (3, 1));
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-0"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["step-00000003", "step-00000004"]);
+    assert!(fmoec::runtime::checkpoint::resolve(&root)
+        .unwrap()
+        .ends_with("step-00000004"));
+}

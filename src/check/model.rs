@@ -377,6 +377,8 @@ pub struct CheckpointPolicy {
     /// Save every this many steps (and at the end).
     pub every: u64,
     pub dir: String,
+    /// How many of the newest checkpoints to keep (0: all).
+    pub keep: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

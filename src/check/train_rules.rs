@@ -209,6 +209,7 @@ impl Checker<'_> {
                     Some(Some(CheckpointPolicy {
                         every: c.arg("steps").map(uint).unwrap_or(1),
                         dir: c.arg("dir").map(string).unwrap_or_default(),
+                        keep: c.arg("keep").map(uint).unwrap_or(0),
                     }))
                 }
                 None => Some(None),
@@ -219,14 +220,16 @@ impl Checker<'_> {
         let eval = match self.typed_field(&fields, "eval", &every_ty, ctx) {
             Some(v) => match ctor_of(&v) {
                 Some(c) => {
-                    if let Some(d) = c.explicit("dir") {
-                        self.sink.push(errors::every_wrong_arg(
-                            d.span,
-                            "dir",
-                            "eval",
-                            "checkpoint",
-                        ));
-                        ok = false;
+                    for arg in ["dir", "keep"] {
+                        if let Some(d) = c.explicit(arg) {
+                            self.sink.push(errors::every_wrong_arg(
+                                d.span,
+                                arg,
+                                "eval",
+                                "checkpoint",
+                            ));
+                            ok = false;
+                        }
                     }
                     self.every_past_steps(&c, steps, spans.steps);
                     Some(Some(EvalPolicy {

@@ -378,6 +378,16 @@ fn validate(c: &Checked) -> Result<Vec<Diagnostic>, EmitError> {
         ));
     }
     if let Some(t) = &c.train {
+        if let Some(ck) = t.checkpoint.as_ref().filter(|ck| ck.keep > 0) {
+            warnings.push(Diagnostic::warning(
+                "W0806",
+                t.spans.checkpoint,
+                format!(
+                    "Megatron-LM v2.2 keeps every checkpoint: `keep = {}` applies to `fmoec run` only",
+                    ck.keep
+                ),
+            ));
+        }
         if t.precision == Precision::Bf16 {
             warnings.push(Diagnostic::warning(
                 "W0803",

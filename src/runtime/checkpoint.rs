@@ -285,6 +285,56 @@ pub fn save(
     Ok(final_dir)
 }
 
+/// Deletes all but the newest `keep` complete checkpoints (`step-*` folders with a manifest)
+/// under `root`, never the one `latest` names; `keep == 0` keeps all. Each folder is first
+/// renamed to a hidden name, so an interrupted deletion never leaves a damaged `step-*` folder
+/// behind (the next prune finishes it). Returns the checkpoints deleted.
+pub fn prune(root: &Path, keep: u64) -> Result<Vec<PathBuf>> {
+    if keep == 0 {
+        return Ok(Vec::new());
+    }
+    let latest = std::fs::read_to_string(root.join(LATEST))
+        .map(|s| s.trim().to_string())
+        .ok();
+    let mut steps: Vec<(u64, String)> = Vec::new();
+    for entry in
+        std::fs::read_dir(root).with_context(|| format!("cannot list `{}`", root.display()))?
+    {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let path = root.join(&name);
+        if name.starts_with(".step-") && name.ends_with(".deleting") {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot delete `{}`", path.display()))?;
+            continue;
+        }
+        let Some(step) = name
+            .strip_prefix("step-")
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if path.join(MANIFEST_FILE).is_file() {
+            steps.push((step, name));
+        }
+    }
+    steps.sort_unstable_by_key(|(step, _)| std::cmp::Reverse(*step));
+    let mut deleted = Vec::new();
+    for (_, name) in steps.into_iter().skip(keep as usize) {
+        if latest.as_deref() == Some(name.as_str()) {
+            continue;
+        }
+        let path = root.join(&name);
+        let doomed = root.join(format!(".{name}.deleting"));
+        std::fs::rename(&path, &doomed)
+            .with_context(|| format!("cannot delete `{}`", path.display()))?;
+        std::fs::remove_dir_all(&doomed)
+            .with_context(|| format!("cannot delete `{}`", doomed.display()))?;
+        deleted.push(path);
+    }
+    Ok(deleted)
+}
+
 /// Resolves a checkpoint directory: a `step-*` directory itself, or a root holding `latest`.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join(MANIFEST_FILE).exists() {

@@ -976,6 +976,7 @@ pub fn train_ranked(
                     &whole_shapes,
                     &adam,
                     ctx,
+                    policy.keep,
                 )?);
             }
         }
@@ -1007,6 +1008,7 @@ pub fn train_ranked(
                 &whole_shapes,
                 &adam,
                 ctx,
+                train.checkpoint.as_ref().map_or(0, |c| c.keep),
             )?);
         }
     }
@@ -1119,6 +1121,8 @@ pub fn train_ranked(
     Ok(summary)
 }
 
+/// Saves a checkpoint, then (rank 0, once every rank's part is written) deletes all but the
+/// newest `keep` (0: none). A failed deletion is a warning: the new checkpoint is complete.
 fn save_checkpoint(
     root: &Path,
     info: &SaveInfo<'_>,
@@ -1126,15 +1130,22 @@ fn save_checkpoint(
     whole_shapes: &[Vec<i64>],
     adam: &AdamW,
     ctx: Option<&RankContext>,
+    keep: u64,
 ) -> Result<PathBuf> {
-    match ctx {
+    let saved = match ctx {
         Some(c) if c.tensor_size() > 1 => {
             let (store, adam) = gather_tensor_parallel(model, whole_shapes, adam, c, info.step)?;
             checkpoint::save_sharded(root, info, &store, &adam, c)
         }
         Some(c) => checkpoint::save_sharded(root, info, &model.store, adam, c),
         None => checkpoint::save(root, info, &model.store, adam),
+    }?;
+    if ctx.is_none_or(|c| c.rank() == 0) {
+        if let Err(e) = checkpoint::prune(root, keep) {
+            eprintln!("warning: older checkpoints were not all deleted (keep = {keep}): {e:#}");
+        }
     }
+    Ok(saved)
 }
 
 /// The whole parameters and AdamW moments of a tensor-parallel rank: every sharded tensor

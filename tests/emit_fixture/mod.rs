@@ -123,6 +123,7 @@ pub fn checked(gpus: u64, tensor: u64, pipeline: u64, experts: u64, kind: GateKi
             checkpoint: Some(CheckpointPolicy {
                 every: 50,
                 dir: "ckpt".into(),
+                keep: 0,
             }),
             eval: None,
             seed: 1234,

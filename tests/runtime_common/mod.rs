@@ -132,6 +132,7 @@ pub fn tiny_checked(gate: GateKind, steps: u64, data: DataSource) -> Checked {
             checkpoint: Some(CheckpointPolicy {
                 every: 5,
                 dir: "ckpt".into(),
+                keep: 0,
             }),
             eval: Some(EvalPolicy {
                 every: 50,
