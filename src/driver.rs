@@ -42,6 +42,27 @@ pub fn report(sources: &Sources, diagnostics: &[diag::Diagnostic], format: DiagF
 /// Reads and checks `path`. Diagnostics (warnings too) are printed; on any error the
 /// caller gets the exit code to return (1 for errors in the file, 2 if it can't be read).
 pub fn load(path: &Path, format: DiagFormat) -> Result<Loaded, ExitCode> {
+    // Parsing and checking recurse once per level of an expression (at most
+    // `MAX_NESTING` brackets of `MAX_CHAIN` operators each): a deep stack of its own, so
+    // no file can overflow it.
+    std::thread::scope(|s| {
+        match std::thread::Builder::new()
+            .name("fmoec-front-end".into())
+            .stack_size(FRONT_END_STACK)
+            .spawn_scoped(s, || load_here(path, format))
+        {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(_) => load_here(path, format),
+        }
+    })
+}
+
+/// Stack of the thread that parses and checks a file (only touched as deep as used).
+const FRONT_END_STACK: usize = 256 << 20;
+
+fn load_here(path: &Path, format: DiagFormat) -> Result<Loaded, ExitCode> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {

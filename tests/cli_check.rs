@@ -162,3 +162,25 @@ fn emit_never_overwrites_files_it_did_not_write() {
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("it is a file, not a folder"));
 }
+
+/// The deepest expression the parser takes (64 nested brackets, each holding 255 products
+/// and 255 sums after the nested one: a tree about 32,000 levels deep) is checked without
+/// overflowing the stack; one chain longer than 256 operands is an error.
+#[test]
+fn the_deepest_allowed_expression_is_checked_without_a_crash() {
+    let mut e = String::from("1");
+    for _ in 0..63 {
+        e = format!("({e}{}{})", "*1".repeat(255), "+1".repeat(255));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("deep.fmoe");
+    std::fs::write(&file, format!("const x = {e}\n")).unwrap();
+    let out = fmoec(&["check", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("E0221"),
+        "no model: the only error\n{stderr}"
+    );
+    assert!(!stderr.contains("overflow"), "{stderr}");
+}

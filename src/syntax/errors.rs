@@ -66,6 +66,17 @@ pub fn unclosed_block(span: Span) -> Diagnostic {
         .with_help("add `}` after the block's last line")
 }
 
+/// `E0109`: one chain of `+ -` or `* / %` longer than the parser takes.
+pub fn chain_too_long(span: Span, operands: usize, max: usize) -> Diagnostic {
+    Diagnostic::error(
+        "E0109",
+        span,
+        format!("this expression chains {operands} operands; at most {max} are allowed"),
+    )
+    .with_label("too long")
+    .with_help("compute parts of it as `const`s and combine those")
+}
+
 /// `E0108`: brackets nested deeper than the parser goes.
 pub fn nested_too_deeply(span: Span, max: usize) -> Diagnostic {
     Diagnostic::error("E0108", span, format!("brackets nest more than {max} deep"))

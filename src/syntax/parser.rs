@@ -451,6 +451,16 @@ impl Lower<'_> {
     fn expr(&mut self, p: Pair<Rule>) -> Expr {
         // expr = term (add_op term)*, term = unary (mul_op unary)*: left-associative folds.
         let span = self.span(&p);
+        let operands = p
+            .clone()
+            .into_inner()
+            .filter(|c| matches!(c.as_rule(), Rule::term | Rule::unary))
+            .count();
+        if operands > MAX_CHAIN {
+            self.sink
+                .push(errors::chain_too_long(span, operands, MAX_CHAIN));
+            return self.error_expr(span);
+        }
         let mut acc: Option<Expr> = None;
         let mut op = BinOp::Add;
         for c in p.into_inner() {
@@ -818,6 +828,10 @@ fn floor_division_lookalikes(text: &str) -> Vec<usize> {
 
 /// Brackets nest at most this deep: parsing and checking recurse once per level.
 pub const MAX_NESTING: usize = 64;
+
+/// Operands of one `+ -` or `* / %` chain at most: the chain becomes a tree as deep as it is
+/// long, which checking walks recursively.
+pub const MAX_CHAIN: usize = 256;
 
 /// The offset of the first bracket nested deeper than [`MAX_NESTING`], if any
 /// (strings and comments skipped).
