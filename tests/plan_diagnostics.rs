@@ -222,3 +222,26 @@ fn warnings_for_plans_that_work_but_waste_time() {
     assert!(p.warnings[1].message.contains("idles 75%"));
     assert!(plan::build(&moe16()).unwrap().warnings.is_empty());
 }
+
+/// A plan whose ranks would list more expert ids than fmoec lists is refused with P0013
+/// (a million ranks each holding every replicated expert took all of a 24 GB machine), at
+/// the `parallel` block; `--auto`'s search still costs such worlds.
+#[test]
+fn plans_too_large_to_list_are_refused() {
+    let world = plan::limits::GPUS;
+    let c = checked(
+        gpt_moe_small(),
+        parallel(world, 1, 1, ExpertGroup::Replicated),
+        Some(train(world, 1024, Precision::Bf16)),
+    );
+    let d = plan::build(&c).unwrap_err();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].code, "P0013", "{:?}", d[0].message);
+    assert!(
+        d[0].message
+            .contains(&format!("expert ids over its {world} ranks")),
+        "{}",
+        d[0].message
+    );
+    assert_eq!(d[0].primary.span, span(S_GPUS).join(span(S_HARDWARE)));
+}

@@ -16,6 +16,10 @@ use super::Checker;
 use crate::diag::{did_you_mean, Span};
 use crate::syntax::ast::{self, BlockKind, SelItem};
 
+/// Layers a model may have: far above any real model (the planner takes 1,024), low enough
+/// that checking one layer at a time stays quick.
+pub const MAX_DEPTH: u64 = 1 << 16;
+
 pub const MODEL_FIELDS: &[&str] = &[
     "vocab",
     "context",
@@ -187,6 +191,16 @@ impl Checker<'_> {
             return None;
         };
         let depth_n = uint(&depth);
+        if depth_n > MAX_DEPTH {
+            // Every layer is materialised below: refuse before allocating them.
+            self.sink.push(errors::out_of_range(
+                depth.span,
+                "depth",
+                &depth_n.to_string(),
+                &format!("at most {MAX_DEPTH}"),
+            ));
+            return None;
+        }
 
         // Attention: the model's heads, optionally restated by `causal(...)`.
         let attention_ctor = block_ctor.arg("attention").and_then(ctor_of);

@@ -29,6 +29,8 @@ pub const ZERO_SIZE: &str = "P0010";
 pub const BATCH_NOT_DIVISIBLE: &str = "P0011";
 /// A size beyond what the planner's arithmetic supports.
 pub const TOO_LARGE: &str = "P0012";
+/// A plan too large to list rank by rank.
+pub const TOO_MANY_TO_LIST: &str = "P0013";
 /// Warning: a tensor-parallel group spans hosts.
 pub const TENSOR_ACROSS_HOSTS: &str = "P0101";
 /// Warning: the pipeline idles for most of the step.
@@ -239,6 +241,21 @@ pub fn too_large(what: &str, value: u64, limit: u64, at: Span) -> Diagnostic {
     )
     .with_label("too large to plan")
     .with_note("the limits keep every byte and FLOP count of the plan exact in 64 bits")
+}
+
+pub fn too_many_to_list(world: u64, ids: u64, limit: u64, at: Span) -> Diagnostic {
+    Diagnostic::error(
+        TOO_MANY_TO_LIST,
+        at,
+        format!(
+            "the plan would list {ids} expert ids over its {world} ranks; fmoec lists at most {limit}"
+        ),
+    )
+    .with_label("too many ranks to list")
+    .with_help(
+        "hold fewer experts per rank (a larger expert group), or plan fewer GPUs; `--auto` \
+         still compares such configurations without listing their ranks",
+    )
 }
 
 pub fn tensor_across_hosts(tensor: (u64, Span), gpus_per_node: u64) -> Diagnostic {
