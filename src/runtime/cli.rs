@@ -44,10 +44,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 400)]
     pub sample_tokens: usize,
     /// Sampling temperature (0 picks the most likely byte).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = non_negative)]
     pub temperature: f64,
-    /// Sample among the k most likely bytes.
-    #[arg(long, default_value_t = 40)]
+    /// Sample among the k most likely bytes (1 or more).
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(i64).range(1..))]
     pub top_k: i64,
     /// Seed for `--sample`.
     #[arg(long, default_value_t = 0)]
@@ -365,4 +365,13 @@ fn run_rank(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A finite number >= 0 (`--temperature`).
+fn non_negative(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Ok(_) => Err("must be a number >= 0 (0 picks the most likely byte)".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
