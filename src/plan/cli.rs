@@ -36,8 +36,8 @@ pub struct PlanArgs {
     /// that fit; print the best few and why the others were rejected.
     #[arg(long)]
     pub auto: bool,
-    /// How many plans `--auto` prints.
-    #[arg(long, default_value_t = 5, value_name = "N")]
+    /// How many plans `--auto` prints (1 or more).
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = at_least_one)]
     pub top: usize,
     /// Override the number of GPUs (world size).
     #[arg(long, value_name = "N")]
@@ -128,5 +128,14 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// `--top`: a count of 1 or more.
+fn at_least_one(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
