@@ -539,8 +539,8 @@ pub mod limits {
     pub const GPUS: u64 = 1 << 20;
     pub const BATCH: u64 = 1 << 30;
     pub const MICRO_BATCH: u64 = 1 << 20;
-    /// Expert ids listed over all ranks of one plan (at this limit the JSON plan of a
-    /// million ranks took 3.6 s and 3 GB at 2^26; a quarter of that here).
+    /// Expert ids listed over all ranks of one plan (the JSON plan of a million ranks with
+    /// 2^26 of them took 3.6 s and 3 GB; this is a quarter of that).
     pub const LISTED_EXPERT_IDS: u64 = 1 << 24;
 }
 
