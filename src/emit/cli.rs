@@ -39,14 +39,6 @@ pub struct EmitArgs {
 /// contents), so that a later emit replaces its own files but no one else's.
 const MANIFEST: &str = ".fmoec-emit.json";
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The files of `files` that exist in `output` with other contents than fmoec last wrote
 /// there (or that it never wrote), with the reason.
 fn conflicts(output: &Path, files: &[(String, String)]) -> Vec<(PathBuf, &'static str)> {
@@ -67,7 +59,7 @@ fn conflicts(output: &Path, files: &[(String, String)]) -> Vec<(PathBuf, &'stati
             continue;
         }
         match recorded.get(name) {
-            Some(sum) if *sum == sha256_hex(&old) => {}
+            Some(sum) if *sum == driver::sha256_hex(&old) => {}
             Some(_) => out.push((path, "changed since fmoec wrote it")),
             None => out.push((path, "not written by fmoec")),
         }
@@ -141,9 +133,7 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", output.display()))?;
     let mut recorded = BTreeMap::new();
     for (name, text) in &emitted.files {
-        recorded.insert(name.clone(), sha256_hex(text.as_bytes()));
-    }
-    for (name, text) in &emitted.files {
+        recorded.insert(name.clone(), driver::sha256_hex(text.as_bytes()));
         let path = output.join(name);
         driver::write_atomic(&path, text.as_bytes())
             .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path.display()))?;

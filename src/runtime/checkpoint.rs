@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use std::collections::BTreeMap;
@@ -123,7 +122,7 @@ pub struct DataPosition {
 /// SHA-256 (hex) of the model's architecture.
 pub fn model_hash(model: &Model) -> String {
     let json = serde_json::to_vec(model).expect("the model serializes");
-    hex(&Sha256::digest(&json))
+    crate::driver::sha256_hex(&json)
 }
 
 /// Reads `name` (a path relative to the checkpoint `dir`) after checking that the manifest
@@ -145,17 +144,13 @@ fn read_listed(dir: &Path, files: &[FileEntry], name: &str) -> Result<Vec<u8>> {
             entry.bytes
         );
     }
-    if hex(&Sha256::digest(&bytes)) != entry.sha256 {
+    if crate::driver::sha256_hex(&bytes) != entry.sha256 {
         bail!(
             "checkpoint file `{}` is corrupt: its SHA-256 does not match the manifest",
             p.display()
         );
     }
     Ok(bytes)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn dtype_of(kind: Kind) -> Result<Dtype> {
@@ -266,7 +261,7 @@ pub fn save(
         files.push(FileEntry {
             name: name.to_string(),
             bytes: bytes.len() as u64,
-            sha256: hex(&Sha256::digest(&bytes)),
+            sha256: crate::driver::sha256_hex(&bytes),
         });
     }
     let manifest = Manifest {
@@ -655,7 +650,7 @@ pub fn save_sharded(
             shard.files.push(FileEntry {
                 name: format!("{}/{file}", shard.dir),
                 bytes: bytes.len() as u64,
-                sha256: hex(&Sha256::digest(&bytes)),
+                sha256: crate::driver::sha256_hex(&bytes),
             });
         }
         write_synced(

@@ -796,6 +796,8 @@ pub fn train_ranked(
     let mut last_eval = None;
     let mut interrupted = false;
     let tokens_per_step = train.batch_sequences * train.seq_len;
+    // Checkpoints kept after each save (0: all).
+    let keep = train.checkpoint.as_ref().map_or(0, |c| c.keep);
     let mut step = start_step;
     while step < stop_at {
         let step_start = Instant::now();
@@ -976,7 +978,7 @@ pub fn train_ranked(
                     &whole_shapes,
                     &adam,
                     ctx,
-                    policy.keep,
+                    keep,
                 )?);
             }
         }
@@ -1008,7 +1010,7 @@ pub fn train_ranked(
                 &whole_shapes,
                 &adam,
                 ctx,
-                train.checkpoint.as_ref().map_or(0, |c| c.keep),
+                keep,
             )?);
         }
     }
@@ -1122,7 +1124,7 @@ pub fn train_ranked(
 }
 
 /// Saves a checkpoint, then (rank 0, once every rank's part is written) deletes all but the
-/// newest `keep` (0: none). A failed deletion is a warning: the new checkpoint is complete.
+/// newest `keep` (0 keeps all). A failed deletion is a warning: the new checkpoint is complete.
 fn save_checkpoint(
     root: &Path,
     info: &SaveInfo<'_>,
