@@ -94,28 +94,30 @@ fn emit_never_overwrites_files_it_did_not_write() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let out_s = out.to_str().unwrap();
-    let emit = |extra: &[&str]| {
+    let emit_to = |out: &str, extra: &[&str]| {
         let mut args = vec![
             "emit",
             "--megatron",
             "v2.2",
             "examples/tiny.fmoe",
             "-o",
-            out_s,
+            out,
         ];
         args.extend_from_slice(extra);
         fmoec(&args)
     };
+    let emit = |extra: &[&str]| emit_to(out_s, extra);
+    // An emit into `out` that fails with exit status 1 saying `expected`.
+    let refused = |expected: &str| {
+        let r = emit(&[]);
+        let stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+        assert_eq!(r.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(stderr.contains("nothing was written"), "{stderr}");
+    };
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("README.md"), "mine\n").unwrap();
-    let r = emit(&[]);
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(r.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("README.md` exists and is not written by fmoec"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("nothing was written"), "{stderr}");
+    refused("README.md` exists and is not written by fmoec");
     assert_eq!(
         std::fs::read_to_string(out.join("README.md")).unwrap(),
         "mine\n"
@@ -132,13 +134,7 @@ fn emit_never_overwrites_files_it_did_not_write() {
     assert!(emit(&[]).status.success());
 
     std::fs::write(out.join("train.sh"), format!("{first}# my change\n")).unwrap();
-    let r = emit(&[]);
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(r.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("train.sh` exists and is changed since fmoec wrote it"),
-        "{stderr}"
-    );
+    refused("train.sh` exists and is changed since fmoec wrote it");
     assert!(std::fs::read_to_string(out.join("train.sh"))
         .unwrap()
         .ends_with("# my change\n"));
@@ -151,14 +147,7 @@ fn emit_never_overwrites_files_it_did_not_write() {
 
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let r = fmoec(&[
-        "emit",
-        "--megatron",
-        "v2.2",
-        "examples/tiny.fmoe",
-        "-o",
-        file.to_str().unwrap(),
-    ]);
+    let r = emit_to(file.to_str().unwrap(), &[]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("it is a file, not a folder"));
 }

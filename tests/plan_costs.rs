@@ -178,49 +178,46 @@ fn a_free_micro_batch_is_the_runtimes_default_unless_the_cost_model_prefers_anot
     assert_eq!(plan::default_micro_batch(5, 16384), 1);
     assert_eq!(plan::default_micro_batch(16, 128), 16);
 
-    let gpt2 = || gpt("gpt2", 50257, 768, 12, 12, true);
-    // one GPU, 32 sequences of 1024 per step: 8 sequences = 8192 tokens
-    let c = checked(
-        gpt2(),
-        parallel(1, 1, 1, ExpertGroup::AcrossData),
-        Some(train(32, 1024, Precision::Bf16)),
-    );
-    let p = plan::build(&c).unwrap();
+    // GPT-2 small, 32 sequences of 1024 per step, on the given GPUs
+    let gpt2_on = |par| {
+        checked(
+            gpt("gpt2", 50257, 768, 12, 12, true),
+            par,
+            Some(train(32, 1024, Precision::Bf16)),
+        )
+    };
+    let one_gpu = |memory_bytes: Option<u64>| {
+        let mut p = parallel(1, 1, 1, ExpertGroup::AcrossData);
+        if let Some(m) = memory_bytes {
+            p.hardware.memory_bytes = m;
+        }
+        p
+    };
+    let eight = Overrides {
+        micro_batch: Some(8),
+        ..Overrides::default()
+    };
+    // one GPU: 8 sequences = 8192 tokens
+    let p = plan::build(&gpt2_on(one_gpu(None))).unwrap();
     assert_eq!((p.micro_batch, p.micro_batches), (8, 4));
 
     // 4 pipeline stages: the bubble (p - 1) / (m + p - 1) favours many small micro-batches
-    let c = checked(
-        gpt2(),
-        parallel(4, 1, 4, ExpertGroup::AcrossData),
-        Some(train(32, 1024, Precision::Bf16)),
-    );
-    let p = plan::build(&c).unwrap();
+    let p = plan::build(&gpt2_on(parallel(4, 1, 4, ExpertGroup::AcrossData))).unwrap();
     assert_eq!((p.micro_batch, p.micro_batches), (1, 32));
 
     // a GPU too small for 8 sequences' activations (about 10 GB, see above) takes the
     // largest that leaves 10% of it free
-    let mut small = parallel(1, 1, 1, ExpertGroup::AcrossData);
-    small.hardware.memory_bytes = 8_000_000_000;
-    let c = checked(gpt2(), small, Some(train(32, 1024, Precision::Bf16)));
+    let c = gpt2_on(one_gpu(Some(8_000_000_000)));
     let p = plan::build(&c).unwrap();
     assert_eq!(p.micro_batch, 4);
     assert!(p.stages[0].cost.memory.total <= 7_200_000_000);
-    // one that holds 8 with less than 10% to spare still takes 4; an explicit 8 fits
-    let eight = plan::build_with(
-        &c,
-        &Overrides {
-            micro_batch: Some(8),
-            ..Overrides::default()
-        },
+    assert!(
+        plan::build_with(&c, &eight).is_err(),
+        "8 sequences do not fit 8 GB"
     );
-    assert!(eight.is_err(), "8 sequences do not fit 8 GB");
-    let mut snug = parallel(1, 1, 1, ExpertGroup::AcrossData);
-    snug.hardware.memory_bytes = 12_400_000_000; // 8 sequences: 12,259,270,656 B (above)
-    let c = checked(gpt2(), snug, Some(train(32, 1024, Precision::Bf16)));
+    // one that holds 8 with less than 10% to spare still takes 4; an explicit 8 fits
+    // (8 sequences: 12,259,270,656 B, above)
+    let c = gpt2_on(one_gpu(Some(12_400_000_000)));
     assert_eq!(plan::build(&c).unwrap().micro_batch, 4);
-    let o = Overrides {
-        micro_batch: Some(8),
-        ..Overrides::default()
-    };
-    assert_eq!(plan::build_with(&c, &o).unwrap().micro_batch, 8);
+    assert_eq!(plan::build_with(&c, &eight).unwrap().micro_batch, 8);
 }

@@ -37,6 +37,11 @@ fn options(out: &Path, stop_after: Option<u64>, resume: bool) -> RunOptions {
     }
 }
 
+/// The tests' tiny model with `gate`, training `steps` steps on the embedded corpus.
+fn tiny_on_shakespeare(gate: GateKind, steps: u64) -> fmoec::check::Checked {
+    runtime_common::tiny_checked(gate, steps, DataSource::Builtin("shakespeare".into()))
+}
+
 fn params_bytes(dir: &Path) -> Vec<u8> {
     std::fs::read(
         fmoec::runtime::checkpoint::resolve(dir)
@@ -49,11 +54,7 @@ fn params_bytes(dir: &Path) -> Vec<u8> {
 #[test]
 fn resume_repeats_the_uninterrupted_run_exactly() {
     let _rng = rng_lock();
-    let checked = runtime_common::tiny_checked(
-        GateKind::Gshard,
-        12,
-        DataSource::Builtin("shakespeare".into()),
-    );
+    let checked = tiny_on_shakespeare(GateKind::Gshard, 12);
     let a = tempfile::tempdir().unwrap();
     let full: RunSummary = train::train(&checked, &options(a.path(), None, false)).unwrap();
     assert_eq!(full.steps_done, 12);
@@ -100,21 +101,13 @@ fn resume_repeats_the_uninterrupted_run_exactly() {
 #[test]
 fn damaged_or_mismatched_checkpoints_are_refused() {
     let _rng = rng_lock();
-    let checked = runtime_common::tiny_checked(
-        GateKind::Switch,
-        2,
-        DataSource::Builtin("shakespeare".into()),
-    );
+    let checked = tiny_on_shakespeare(GateKind::Switch, 2);
     let dir = tempfile::tempdir().unwrap();
     train::train(&checked, &options(dir.path(), None, false)).unwrap();
     let ckpt = fmoec::runtime::checkpoint::resolve(&dir.path().join("checkpoints")).unwrap();
 
     // a different model
-    let other = runtime_common::tiny_checked(
-        GateKind::Naive,
-        2,
-        DataSource::Builtin("shakespeare".into()),
-    );
+    let other = tiny_on_shakespeare(GateKind::Naive, 2);
     let err = fmoec::runtime::checkpoint::load(&ckpt, &other.model)
         .err()
         .expect("refused");
@@ -185,11 +178,7 @@ fn tiny_example_learns_below_the_unigram_entropy() {
 #[test]
 fn bf16_training_keeps_fp32_master_weights() {
     let _rng = rng_lock();
-    let mut checked = runtime_common::tiny_checked(
-        GateKind::Gshard,
-        3,
-        DataSource::Builtin("shakespeare".into()),
-    );
+    let mut checked = tiny_on_shakespeare(GateKind::Gshard, 3);
     checked.train.as_mut().unwrap().precision = fmoec::check::Precision::Bf16;
     let dir = tempfile::tempdir().unwrap();
     let s = train::train(&checked, &options(dir.path(), None, false)).unwrap();
@@ -216,11 +205,7 @@ fn bf16_training_keeps_fp32_master_weights() {
 fn a_free_micro_batch_follows_the_planner() {
     use fmoec::plan::{self, MemoryModel, Overrides};
     let _rng = rng_lock();
-    let mut checked = runtime_common::tiny_checked(
-        GateKind::Gshard,
-        1,
-        DataSource::Builtin("shakespeare".into()),
-    );
+    let mut checked = tiny_on_shakespeare(GateKind::Gshard, 1);
     checked.parallel.micro_batch = None;
     // 16 sequences of 64 tokens: the default is all 16 in one micro-batch
     let dir = tempfile::tempdir().unwrap();
@@ -256,11 +241,7 @@ fn a_free_micro_batch_follows_the_planner() {
 #[test]
 fn an_output_path_that_is_a_file_is_refused() {
     let _rng = rng_lock();
-    let checked = runtime_common::tiny_checked(
-        GateKind::Gshard,
-        1,
-        DataSource::Builtin("shakespeare".into()),
-    );
+    let checked = tiny_on_shakespeare(GateKind::Gshard, 1);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("results");
     std::fs::write(&file, "keep\n").unwrap();
@@ -356,11 +337,7 @@ fn ctrl_c_checkpoints_and_the_run_resumes() {
 #[test]
 fn checkpoints_beyond_keep_are_deleted_oldest_first() {
     let _rng = rng_lock();
-    let mut checked = runtime_common::tiny_checked(
-        GateKind::Gshard,
-        4,
-        DataSource::Builtin("shakespeare".into()),
-    );
+    let mut checked = tiny_on_shakespeare(GateKind::Gshard, 4);
     let t = checked.train.as_mut().unwrap();
     t.checkpoint.as_mut().unwrap().every = 1;
     t.checkpoint.as_mut().unwrap().keep = 2;
