@@ -27,6 +27,11 @@ enum Command {
     Run(RunArgs),
     /// Write the Megatron-LM patch, Python module and launch script for the model.
     Emit(fmoec::emit::cli::EmitArgs),
+    /// Preprocess text or JSON lines into Megatron-LM's indexed dataset (.bin/.idx).
+    Data(fmoec::data::cli::DataArgs),
+    /// Tokenizers: `fmoec tokenizer train` makes a byte-level BPE tokenizer from a corpus.
+    #[command(subcommand)]
+    Tokenizer(fmoec::data::cli::TokenizerCommand),
     /// Benchmarks (`fmoec bench moe`): the MoE layer against baselines, same process.
     #[cfg(feature = "runtime")]
     #[command(subcommand)]
@@ -103,6 +108,8 @@ fn main() -> ExitCode {
         Command::Plan(a) => fmoec::plan::cli::run(a),
         Command::Run(a) => run(a),
         Command::Emit(a) => fmoec::emit::cli::run(a),
+        Command::Data(a) => fmoec::data::cli::run_data(a),
+        Command::Tokenizer(c) => fmoec::data::cli::run_tokenizer(c),
         #[cfg(feature = "runtime")]
         Command::Bench(BenchCommand::Moe(a)) => fmoec::runtime::bench::run_cli(a),
     };

@@ -7,7 +7,6 @@
 //! its step: resuming at step `s` reads exactly what the uninterrupted run would have.
 //! Knows nothing about models or training.
 
-use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -15,11 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::check::DataSource;
 
-/// The embedded corpus (see `data/README.md`: Shakespeare, public domain, gzip).
-static SHAKESPEARE_GZ: &[u8] = include_bytes!("../../data/shakespeare.txt.gz");
-
-/// Names `builtin(...)` accepts.
-pub const BUILTIN_NAMES: &[&str] = &["shakespeare", "tiny-shakespeare"];
+pub use crate::data::corpus::{builtin_text, BUILTIN_NAMES};
 
 /// Fraction of the stream held out for evaluation (the tail).
 const HELDOUT_FRACTION: f64 = 0.05;
@@ -37,58 +32,7 @@ pub fn mix_all(words: &[u64]) -> u64 {
     words.iter().fold(0x5EED_u64, |acc, w| mix(acc ^ mix(*w)))
 }
 
-/// Megatron-LM's `DType` codes in `.idx` headers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TokenDType {
-    U8,
-    I8,
-    I16,
-    I32,
-    I64,
-    F64,
-    F32,
-    U16,
-}
-
-impl TokenDType {
-    pub fn from_code(code: u8) -> Option<TokenDType> {
-        Some(match code {
-            1 => TokenDType::U8,
-            2 => TokenDType::I8,
-            3 => TokenDType::I16,
-            4 => TokenDType::I32,
-            5 => TokenDType::I64,
-            6 => TokenDType::F64,
-            7 => TokenDType::F32,
-            8 => TokenDType::U16,
-            _ => return None,
-        })
-    }
-
-    pub fn size(self) -> usize {
-        match self {
-            TokenDType::U8 | TokenDType::I8 => 1,
-            TokenDType::I16 | TokenDType::U16 => 2,
-            TokenDType::I32 | TokenDType::F32 => 4,
-            TokenDType::I64 | TokenDType::F64 => 8,
-        }
-    }
-
-    fn read(self, b: &[u8]) -> Option<i64> {
-        Some(match self {
-            TokenDType::U8 => b[0] as i64,
-            TokenDType::I8 => b[0] as i8 as i64,
-            TokenDType::I16 => i16::from_le_bytes([b[0], b[1]]) as i64,
-            TokenDType::U16 => u16::from_le_bytes([b[0], b[1]]) as i64,
-            TokenDType::I32 => i32::from_le_bytes(b[..4].try_into().ok()?) as i64,
-            TokenDType::I64 => i64::from_le_bytes(b[..8].try_into().ok()?),
-            TokenDType::F32 | TokenDType::F64 => return None,
-        })
-    }
-}
-
-/// The `.idx` magic of Megatron-LM's mmap indexed dataset.
-pub const INDEX_MAGIC: &[u8; 9] = b"MMIDIDX\x00\x00";
+pub use crate::data::indexed::{TokenDType, INDEX_MAGIC};
 
 /// A Megatron-LM indexed dataset, memory-mapped.
 pub struct IndexedDataset {
@@ -262,21 +206,6 @@ pub struct Dataset {
     tokens: Tokens,
     len: usize,
     train_len: usize,
-}
-
-/// Decompresses the embedded corpus.
-pub fn builtin_text(name: &str) -> Result<Vec<u8>> {
-    if !BUILTIN_NAMES.contains(&name) {
-        bail!(
-            "there is no built-in corpus named `{name}`; built-in corpora: {}",
-            BUILTIN_NAMES.join(", ")
-        );
-    }
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(SHAKESPEARE_GZ)
-        .read_to_end(&mut out)
-        .context("the embedded corpus is corrupt")?;
-    Ok(out)
 }
 
 impl Dataset {

@@ -1,0 +1,284 @@
+//! Megatron-LM's mmap indexed dataset, the format of `prefix.bin` / `prefix.idx` (v2.2's
+//! `MMapIndexedDataset`, Megatron-Core's `IndexedDataset`: the same bytes):
+//!
+//! ```text
+//! .bin  the token ids of every sequence, back to back, in the index's dtype (little-endian)
+//! .idx  b"MMIDIDX\0\0", u64 version 1, u8 dtype code,
+//!       u64 sequence count S, u64 document-index length D (documents + 1),
+//!       i32 sizes[S], i64 byte pointers[S] (running sums of sizes · itemsize),
+//!       i64 document index[D] (0, then the sequence count after each document)
+//! ```
+//!
+//! The dtype is Megatron's `optimal_dtype(vocab_size)`: uint16 below 65500, else int32.
+//! [`IndexedWriter`] writes both files into hidden temporaries and renames them into place
+//! when finished, so a failed or interrupted run leaves nothing half-written. Readers live
+//! with their users (`runtime::data`). Knows nothing about tokenizers or text.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// The `.idx` magic.
+pub const INDEX_MAGIC: &[u8; 9] = b"MMIDIDX\x00\x00";
+/// The only index version Megatron writes.
+pub const INDEX_VERSION: u64 = 1;
+
+/// Megatron-LM's `DType` codes in `.idx` headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenDType {
+    U8,
+    I8,
+    I16,
+    I32,
+    I64,
+    F64,
+    F32,
+    U16,
+}
+
+impl TokenDType {
+    pub fn from_code(code: u8) -> Option<TokenDType> {
+        Some(match code {
+            1 => TokenDType::U8,
+            2 => TokenDType::I8,
+            3 => TokenDType::I16,
+            4 => TokenDType::I32,
+            5 => TokenDType::I64,
+            6 => TokenDType::F64,
+            7 => TokenDType::F32,
+            8 => TokenDType::U16,
+            _ => return None,
+        })
+    }
+
+    pub fn code(self) -> u8 {
+        match self {
+            TokenDType::U8 => 1,
+            TokenDType::I8 => 2,
+            TokenDType::I16 => 3,
+            TokenDType::I32 => 4,
+            TokenDType::I64 => 5,
+            TokenDType::F64 => 6,
+            TokenDType::F32 => 7,
+            TokenDType::U16 => 8,
+        }
+    }
+
+    /// NumPy's name of the dtype.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenDType::U8 => "uint8",
+            TokenDType::I8 => "int8",
+            TokenDType::I16 => "int16",
+            TokenDType::I32 => "int32",
+            TokenDType::I64 => "int64",
+            TokenDType::F64 => "float64",
+            TokenDType::F32 => "float32",
+            TokenDType::U16 => "uint16",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            TokenDType::U8 | TokenDType::I8 => 1,
+            TokenDType::I16 | TokenDType::U16 => 2,
+            TokenDType::I32 | TokenDType::F32 => 4,
+            TokenDType::I64 | TokenDType::F64 => 8,
+        }
+    }
+
+    /// The token id stored in `b` (`size()` bytes); `None` for floating-point dtypes.
+    pub fn read(self, b: &[u8]) -> Option<i64> {
+        Some(match self {
+            TokenDType::U8 => b[0] as i64,
+            TokenDType::I8 => b[0] as i8 as i64,
+            TokenDType::I16 => i16::from_le_bytes([b[0], b[1]]) as i64,
+            TokenDType::U16 => u16::from_le_bytes([b[0], b[1]]) as i64,
+            TokenDType::I32 => i32::from_le_bytes(b[..4].try_into().ok()?) as i64,
+            TokenDType::I64 => i64::from_le_bytes(b[..8].try_into().ok()?),
+            TokenDType::F32 | TokenDType::F64 => return None,
+        })
+    }
+
+    /// Megatron's `DType.optimal_dtype(vocab_size)` (v2.2: `__best_fitting_dtype`).
+    pub fn for_vocab(vocab_size: usize) -> TokenDType {
+        if vocab_size < 65500 {
+            TokenDType::U16
+        } else {
+            TokenDType::I32
+        }
+    }
+}
+
+/// `prefix.bin` and `prefix.idx`.
+pub fn paths(prefix: &str) -> (PathBuf, PathBuf) {
+    (
+        PathBuf::from(format!("{prefix}.bin")),
+        PathBuf::from(format!("{prefix}.idx")),
+    )
+}
+
+/// A hidden temporary beside `path`, renamed onto it when complete.
+fn temporary(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Writes one indexed dataset: documents of sequences of token ids.
+pub struct IndexedWriter {
+    dtype: TokenDType,
+    bin_path: PathBuf,
+    idx_path: PathBuf,
+    bin_tmp: PathBuf,
+    bin: Option<BufWriter<std::fs::File>>,
+    sizes: Vec<i32>,
+    doc_idx: Vec<i64>,
+    tokens: u64,
+    scratch: Vec<u8>,
+}
+
+impl IndexedWriter {
+    /// Starts `prefix.bin`/`prefix.idx`. Existing files are replaced only when finished,
+    /// and only with `overwrite`.
+    pub fn create(prefix: &str, dtype: TokenDType, overwrite: bool) -> Result<IndexedWriter> {
+        let (bin_path, idx_path) = paths(prefix);
+        if !overwrite {
+            for p in [&bin_path, &idx_path] {
+                if p.exists() {
+                    bail!("`{}` exists; pass --overwrite to replace it", p.display());
+                }
+            }
+        }
+        if let Some(dir) = bin_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the folder `{}`", dir.display()))?;
+        }
+        let bin_tmp = temporary(&bin_path);
+        let file = std::fs::File::create(&bin_tmp)
+            .with_context(|| format!("cannot create `{}`", bin_tmp.display()))?;
+        Ok(IndexedWriter {
+            dtype,
+            bin_path,
+            idx_path,
+            bin_tmp,
+            bin: Some(BufWriter::with_capacity(1 << 20, file)),
+            sizes: Vec::new(),
+            doc_idx: vec![0],
+            tokens: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    pub fn dtype(&self) -> TokenDType {
+        self.dtype
+    }
+
+    /// Appends one sequence (Megatron's `add_item`).
+    pub fn add_sequence(&mut self, ids: &[u32]) -> Result<()> {
+        self.scratch.clear();
+        for &id in ids {
+            match self.dtype {
+                TokenDType::U16 => {
+                    let v = u16::try_from(id).with_context(|| {
+                        format!("token id {id} does not fit the dataset's uint16")
+                    })?;
+                    self.scratch.extend_from_slice(&v.to_le_bytes());
+                }
+                TokenDType::I32 => {
+                    let v = i32::try_from(id).with_context(|| {
+                        format!("token id {id} does not fit the dataset's int32")
+                    })?;
+                    self.scratch.extend_from_slice(&v.to_le_bytes());
+                }
+                other => bail!("internal error: writing {other:?} datasets is not supported"),
+            }
+        }
+        let size = i32::try_from(ids.len())
+            .with_context(|| format!("a sequence of {} tokens is too long", ids.len()))?;
+        let bin = self
+            .bin
+            .as_mut()
+            .context("internal error: writer finished")?;
+        bin.write_all(&self.scratch)
+            .with_context(|| format!("cannot write `{}`", self.bin_tmp.display()))?;
+        self.sizes.push(size);
+        self.tokens += ids.len() as u64;
+        Ok(())
+    }
+
+    /// Closes the current document (Megatron's `end_document`).
+    pub fn end_document(&mut self) {
+        self.doc_idx.push(self.sizes.len() as i64);
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    pub fn documents(&self) -> usize {
+        self.doc_idx.len() - 1
+    }
+
+    pub fn sequences(&self) -> usize {
+        self.sizes.len()
+    }
+
+    /// The `.idx` bytes for what was written.
+    fn index_bytes(&self) -> Vec<u8> {
+        let item = self.dtype.size() as i64;
+        let mut out = Vec::with_capacity(34 + self.sizes.len() * 12 + self.doc_idx.len() * 8);
+        out.extend_from_slice(INDEX_MAGIC);
+        out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        out.push(self.dtype.code());
+        out.extend_from_slice(&(self.sizes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.doc_idx.len() as u64).to_le_bytes());
+        for s in &self.sizes {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+        let mut pointer = 0i64;
+        for &s in &self.sizes {
+            out.extend_from_slice(&pointer.to_le_bytes());
+            pointer += s as i64 * item;
+        }
+        for d in &self.doc_idx {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out
+    }
+
+    /// Writes the index and moves both files into place.
+    pub fn finish(mut self) -> Result<(PathBuf, PathBuf)> {
+        let bin = self.bin.take().context("internal error: writer finished")?;
+        let file = bin
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("cannot write `{}`", self.bin_tmp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("cannot write `{}`", self.bin_tmp.display()))?;
+        drop(file);
+        crate::driver::write_atomic(&self.idx_path, &self.index_bytes())
+            .with_context(|| format!("cannot write `{}`", self.idx_path.display()))?;
+        std::fs::rename(&self.bin_tmp, &self.bin_path).with_context(|| {
+            format!(
+                "cannot move `{}` to `{}`",
+                self.bin_tmp.display(),
+                self.bin_path.display()
+            )
+        })?;
+        Ok((self.bin_path.clone(), self.idx_path.clone()))
+    }
+}
+
+impl Drop for IndexedWriter {
+    /// An unfinished writer removes its temporary: nothing half-written is left.
+    fn drop(&mut self) {
+        if self.bin.is_some() {
+            self.bin = None;
+            let _ = std::fs::remove_file(&self.bin_tmp);
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! `fmoec data` and `fmoec tokenizer train` as a user runs them: the golden datasets Megatron-LM's
+//! own script wrote (tests/data_golden/README.md) come out byte for byte, bad inputs end in
+//! located errors that leave nothing written, and what `fmoec data` writes is what the
+//! runtime reads.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data_golden")
+}
+
+fn fmoec(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("fmoec runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// tests/data_golden/tok/vocab.json padded with `<|pad_N|>` to 65,500 entries (as
+/// make_corpus.py --pad-vocab writes it).
+fn wide_vocab(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(golden().join("tok/vocab.json")).unwrap();
+    let mut vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).unwrap();
+    for i in vocab.len()..65500 {
+        vocab.insert(format!("<|pad_{i}|>"), i.into());
+    }
+    let path = dir.join("vocab-65500.json");
+    std::fs::write(&path, serde_json::to_string(&vocab).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn every_golden_case_is_byte_identical_to_megatron() {
+    let g = golden();
+    let tmp = tempfile::tempdir().unwrap();
+    let wide = wide_vocab(tmp.path());
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let vocab = s(&g.join("tok/vocab.json"));
+    let merges = s(&g.join("tok/merges.txt"));
+    let hf = s(&g.join("tok/tokenizer.json"));
+    let gpt2 = vec![
+        "--vocab-file".to_string(),
+        vocab.clone(),
+        "--merge-file".into(),
+        merges.clone(),
+    ];
+    let gpt2_wide = vec![
+        "--vocab-file".to_string(),
+        s(&wide),
+        "--merge-file".into(),
+        merges.clone(),
+    ];
+    let hf_args = vec!["--tokenizer".to_string(), hf];
+    let keys = ["--append-eod", "--json-keys", "text", "title"];
+    let cases: Vec<(&str, &str, &str, &Vec<String>, &[&str])> = vec![
+        ("v22-gpt2", "v2.2", "corpus.jsonl", &gpt2, &keys),
+        ("v22-gpt2-edge", "v2.2", "edge.jsonl", &gpt2, &[]),
+        (
+            "v22-gpt2-int32",
+            "v2.2",
+            "corpus.jsonl",
+            &gpt2_wide,
+            &["--append-eod"],
+        ),
+        ("core-gpt2", "core", "corpus.jsonl", &gpt2, &keys),
+        (
+            "core-gpt2-edge",
+            "core",
+            "edge.jsonl",
+            &gpt2,
+            &["--append-eod"],
+        ),
+        (
+            "core-gpt2-sentences",
+            "core",
+            "sentences.jsonl",
+            &gpt2,
+            &["--append-eod"],
+        ),
+        (
+            "core-hf",
+            "core",
+            "corpus.jsonl",
+            &hf_args,
+            &["--append-eod"],
+        ),
+    ];
+    let mut compared = 0;
+    for (name, flavour, input, tok, extra) in cases {
+        let prefix = tmp.path().join(name).join("out");
+        let mut args: Vec<String> = vec![
+            "data".into(),
+            "--megatron".into(),
+            flavour.into(),
+            "--input".into(),
+            s(&g.join(input)),
+            "--output-prefix".into(),
+            s(&prefix),
+        ];
+        args.extend(tok.iter().cloned());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = fmoec(&argv, tmp.path());
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        for entry in std::fs::read_dir(g.join("expected").join(name)).unwrap() {
+            let want = entry.unwrap().path();
+            let got = tmp.path().join(name).join(want.file_name().unwrap());
+            let (w, r) = (std::fs::read(&want).unwrap(), std::fs::read(&got).unwrap());
+            assert!(w == r, "{name}: {} differs from Megatron's", got.display());
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 18);
+}
+
+fn corpus_args(dir: &Path, input: &str, prefix: &str) -> Vec<String> {
+    let g = golden();
+    vec![
+        "data".into(),
+        "--input".into(),
+        dir.join(input).to_str().unwrap().into(),
+        "--output-prefix".into(),
+        dir.join(prefix).to_str().unwrap().into(),
+        "--tokenizer".into(),
+        g.join("tok/tokenizer.json").to_str().unwrap().into(),
+        "--append-eod".into(),
+    ]
+}
+
+fn run_args(args: &[String], dir: &Path) -> Output {
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    fmoec(&argv, dir)
+}
+
+#[test]
+fn bad_lines_are_located_and_leave_nothing_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cases = [
+        (
+            "{\"text\": \"ok\"}\n{\"text\": \"ok\"\n",
+            "bad.jsonl:2: not a JSON object",
+        ),
+        (
+            "{\"text\": \"ok\"}\n{\"body\": \"x\"}\n",
+            "bad.jsonl:2: the JSON object has no key `text`",
+        ),
+        ("{\"text\": 12}\n", "bad.jsonl:1: `text` is not a string"),
+    ];
+    for (content, message) in cases {
+        std::fs::write(dir.join("bad.jsonl"), content).unwrap();
+        let out = run_args(&corpus_args(dir, "bad.jsonl", "out"), dir);
+        assert!(!out.status.success());
+        assert!(text(&out).contains(message), "{}", text(&out));
+        let left: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != "bad.jsonl")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+    std::fs::write(dir.join("bad.jsonl"), b"{\"text\": \"\xff\"}\n").unwrap();
+    let out = run_args(&corpus_args(dir, "bad.jsonl", "out"), dir);
+    assert!(
+        text(&out).contains("bad.jsonl:1: not valid UTF-8"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn existing_outputs_are_kept_without_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("c.jsonl"),
+        "{\"text\": \"one\"}\n\n{\"text\": \"two\"}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("out_text_document.bin"), "precious").unwrap();
+    let args = corpus_args(dir, "c.jsonl", "out");
+    let out = run_args(&args, dir);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("exists; pass --overwrite"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("out_text_document.bin")).unwrap(),
+        b"precious"
+    );
+    assert!(!dir.join("out_text_document.idx").exists());
+    let mut args = args;
+    args.push("--overwrite".into());
+    let out = run_args(&args, dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("2 documents") && text(&out).contains("1 blank lines skipped"));
+}
+
+#[test]
+fn megatron_failures_are_refused_with_reasons() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let g = golden();
+    std::fs::write(dir.join("e.jsonl"), "{\"text\": \"a\"}\n{\"text\": \"\"}\n").unwrap();
+    let gpt2 = |extra: &[&str]| {
+        let mut a = vec![
+            "data".to_string(),
+            "--input".into(),
+            "e.jsonl".into(),
+            "--output-prefix".into(),
+            "o".into(),
+            "--vocab-file".into(),
+            g.join("tok/vocab.json").to_str().unwrap().into(),
+            "--merge-file".into(),
+            g.join("tok/merges.txt").to_str().unwrap().into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        run_args(&a, dir)
+    };
+    let out = gpt2(&["--megatron", "v2.2", "--append-eod"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("e.jsonl:2: `text` has no tokens"),
+        "{}",
+        text(&out)
+    );
+    let out = gpt2(&["--split-sentences"]);
+    assert!(
+        text(&out).contains("--split-sentences is not supported"),
+        "{}",
+        text(&out)
+    );
+    let out = gpt2(&["--workers", "0"]);
+    assert!(
+        text(&out).contains("--workers must be at least 1"),
+        "{}",
+        text(&out)
+    );
+    let out = gpt2(&["--append-eod", "--eod-token", "<eos>"]);
+    assert!(
+        text(&out).contains("no end-of-document token `<eos>`"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.join("o_text_document.bin").exists());
+}
+
+#[test]
+fn a_text_file_is_one_document() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let body = "To be, or not to be:\nthat is the question.\n";
+    std::fs::write(dir.join("play.txt"), body).unwrap();
+    std::fs::write(
+        dir.join("play.jsonl"),
+        format!("{}\n", serde_json::json!({ "text": body })),
+    )
+    .unwrap();
+    for (input, prefix) in [("play.txt", "t"), ("play.jsonl", "j")] {
+        let out = run_args(&corpus_args(dir, input, prefix), dir);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    for ext in ["bin", "idx"] {
+        assert_eq!(
+            std::fs::read(dir.join(format!("t_text_document.{ext}"))).unwrap(),
+            std::fs::read(dir.join(format!("j_text_document.{ext}"))).unwrap()
+        );
+    }
+}
+
+#[test]
+fn tokenizer_train_writes_both_formats_and_keeps_existing_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let corpus: String = (0..200)
+        .map(|i| format!("the cat sat on the mat {i} times; the dog did not.\n"))
+        .collect();
+    std::fs::write(dir.join("c.txt"), &corpus).unwrap();
+    let train = |extra: &[&str]| {
+        let mut a = vec!["tokenizer", "train", "c.txt", "-o", "tok"];
+        a.extend(extra);
+        fmoec(&a, dir)
+    };
+    let out = train(&["--vocab-size", "300"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+    ] {
+        assert!(dir.join("tok").join(f).is_file(), "{f}");
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tok/vocab.json")).unwrap())
+            .unwrap();
+    assert_eq!(vocab.len(), 300);
+    assert_eq!(vocab["<|endoftext|>"], 0);
+    let before = std::fs::read(dir.join("tok/tokenizer.json")).unwrap();
+    let out = train(&["--vocab-size", "280"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("exists; pass --overwrite"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("tok/tokenizer.json")).unwrap(),
+        before
+    );
+    let out = train(&["--vocab-size", "10", "--overwrite"]);
+    assert!(
+        text(&out).contains("is below the 256 byte tokens"),
+        "{}",
+        text(&out)
+    );
+
+    // the trained tokenizer preprocesses through both of its forms alike
+    std::fs::write(
+        dir.join("c.jsonl"),
+        format!("{}\n", serde_json::json!({"text": corpus})),
+    )
+    .unwrap();
+    let hf = fmoec(
+        &[
+            "data",
+            "--input",
+            "c.jsonl",
+            "--output-prefix",
+            "h",
+            "--tokenizer",
+            "tok/tokenizer.json",
+        ],
+        dir,
+    );
+    let gpt2 = fmoec(
+        &[
+            "data",
+            "--input",
+            "c.jsonl",
+            "--output-prefix",
+            "g",
+            "--vocab-file",
+            "tok/vocab.json",
+            "--merge-file",
+            "tok/merges.txt",
+        ],
+        dir,
+    );
+    assert!(
+        hf.status.success() && gpt2.status.success(),
+        "{}{}",
+        text(&hf),
+        text(&gpt2)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("h_text_document.bin")).unwrap(),
+        std::fs::read(dir.join("g_text_document.bin")).unwrap()
+    );
+}
+
+/// `megatron("prefix")` in a run reads what `fmoec data` writes.
+#[cfg(feature = "runtime")]
+#[test]
+fn the_runtime_reads_what_fmoec_data_writes() {
+    use fmoec::runtime::data::IndexedDataset;
+    let g = golden();
+    let prefix = g.join("expected/core-gpt2-edge/out_text_document");
+    let ds = IndexedDataset::open(prefix.to_str().unwrap()).unwrap();
+    let tokenizer = fmoec::data::tokenizer::TextTokenizer::load(
+        &fmoec::data::tokenizer::TokenizerSource::Gpt2 {
+            vocab: g.join("tok/vocab.json"),
+            merges: g.join("tok/merges.txt"),
+        },
+        fmoec::data::tokenizer::Flavour::Core,
+    )
+    .unwrap();
+    let eod = tokenizer.eod(None).unwrap() as i64;
+    // the first document of edge.jsonl, its tokens and the end-of-document id
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(g.join("edge.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut want: Vec<i64> = tokenizer
+        .encode(first["text"].as_str().unwrap())
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    want.push(eod);
+    assert_eq!(ds.sequence(0).unwrap(), want);
+    // edge.jsonl has 48 documents, 4 of them empty: 44 sequences
+    assert_eq!(ds.doc_idx.len(), 49);
+    assert_eq!(ds.sizes.len(), 44);
+}
