@@ -410,3 +410,45 @@ fn the_runtime_reads_what_fmoec_data_writes() {
     assert_eq!(ds.doc_idx.len(), 49);
     assert_eq!(ds.sizes.len(), 44);
 }
+
+mod fast_path {
+    use super::golden;
+    use fmoec::data::tokenizer::{Flavour, TextTokenizer, TokenizerSource};
+    use proptest::prelude::*;
+
+    fn tokenizer() -> TextTokenizer {
+        TextTokenizer::load(
+            &TokenizerSource::Json(golden().join("tok/tokenizer.json")),
+            Flavour::Core,
+        )
+        .unwrap()
+    }
+
+    /// Characters that sit on every boundary of GPT-2's pattern.
+    const ALPHABET: &[&str] = &[
+        "a", "Z", "é", "ß", "中", "ǅ", "1", "١", "½", "Ⅻ", "'", "s", "t", "re", "ve", "ll", "d",
+        "m", " ", "  ", "\n", "\r\n", "\t", "\u{a0}", "\u{3000}", "\u{85}", "\u{1f}", "\u{2028}",
+        "!", ".", "\"", "👍🏽", "\u{200d}", "\u{301}", "-", "<|endoftext|>", "<|", "|>",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn fast_byte_level_path_gives_the_pipelines_ids(parts in prop::collection::vec(0..ALPHABET.len(), 0..40)) {
+            let tk = tokenizer();
+            let text: String = parts.iter().map(|&i| ALPHABET[i]).collect();
+            prop_assert_eq!(tk.encode(&text).unwrap(), tk.encode_with_pipeline(&text).unwrap(), "{:?}", text);
+        }
+    }
+
+    #[test]
+    fn the_golden_corpus_takes_the_fast_path_to_the_same_ids() {
+        let tk = tokenizer();
+        let corpus = std::fs::read_to_string(golden().join("corpus.jsonl")).unwrap();
+        for line in corpus.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let text = v["text"].as_str().unwrap();
+            assert_eq!(tk.encode(text).unwrap(), tk.encode_with_pipeline(text).unwrap());
+        }
+    }
+}

@@ -8,6 +8,7 @@
 //! preprocess their corpus for Megatron with it, and the checker reads tokenizers to know
 //! their vocabulary. Knows nothing about models, plans or the runtime.
 
+pub mod byte_level;
 pub mod cli;
 pub mod corpus;
 pub mod indexed;

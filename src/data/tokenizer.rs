@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{AddedToken, ModelWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer};
 
 /// GPT-2's end-of-document token (Megatron's `eod`).
 pub const GPT2_EOD: &str = "<|endoftext|>";
@@ -56,6 +56,9 @@ pub enum Flavour {
 /// A loaded tokenizer.
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The contents of the added tokens, when the fast byte-level path applies (see
+    /// [`super::byte_level`]): texts holding none of them take it.
+    fast: Option<Vec<String>>,
     /// Megatron's `tokenizer.vocab_size`: every id the tokenizer can produce is below it.
     pub vocab_size: usize,
     source: TokenizerSource,
@@ -103,8 +106,16 @@ impl TextTokenizer {
             }
         };
         let vocab_size = inner.get_vocab_size(true);
+        let fast = fast_path_applies(&inner).then(|| {
+            inner
+                .get_added_tokens_decoder()
+                .into_values()
+                .map(|t| t.content)
+                .collect()
+        });
         Ok(TextTokenizer {
             inner,
+            fast,
             vocab_size,
             source: source.clone(),
         })
@@ -134,6 +145,18 @@ impl TextTokenizer {
 
     /// Token ids of `text` as Megatron's preprocessing gets them.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if let (Some(added), ModelWrapper::BPE(bpe)) = (&self.fast, self.inner.get_model()) {
+            if !added.iter().any(|a| text.contains(a.as_str())) {
+                let mut ids = Vec::with_capacity(text.len() / 3);
+                super::byte_level::encode_into(bpe, text, &mut ids)?;
+                return Ok(ids);
+            }
+        }
+        self.encode_with_pipeline(text)
+    }
+
+    /// [`TextTokenizer::encode`] through the `tokenizers` crate's whole pipeline.
+    pub fn encode_with_pipeline(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode_fast(text, true)
@@ -164,6 +187,22 @@ impl TextTokenizer {
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
     }
+}
+
+/// Whether the tokenizer is GPT-2's byte-level BPE with nothing around it that the fast
+/// path leaves out (a normalizer, another pre-tokenizer, a post-processor adding tokens,
+/// BPE dropout).
+fn fast_path_applies(tk: &Tokenizer) -> bool {
+    let byte_level_split = matches!(
+        tk.get_pre_tokenizer(),
+        Some(PreTokenizerWrapper::ByteLevel(b)) if !b.add_prefix_space && b.use_regex
+    );
+    let plain_post = matches!(
+        tk.get_post_processor(),
+        None | Some(PostProcessorWrapper::ByteLevel(_))
+    );
+    let plain_bpe = matches!(tk.get_model(), ModelWrapper::BPE(b) if b.dropout.is_none());
+    tk.get_normalizer().is_none() && byte_level_split && plain_post && plain_bpe
 }
 
 fn path_str(p: &Path) -> Result<String> {
