@@ -426,9 +426,44 @@ mod fast_path {
 
     /// Characters that sit on every boundary of GPT-2's pattern.
     const ALPHABET: &[&str] = &[
-        "a", "Z", "é", "ß", "中", "ǅ", "1", "١", "½", "Ⅻ", "'", "s", "t", "re", "ve", "ll", "d",
-        "m", " ", "  ", "\n", "\r\n", "\t", "\u{a0}", "\u{3000}", "\u{85}", "\u{1f}", "\u{2028}",
-        "!", ".", "\"", "👍🏽", "\u{200d}", "\u{301}", "-", "<|endoftext|>", "<|", "|>",
+        "a",
+        "Z",
+        "é",
+        "ß",
+        "中",
+        "ǅ",
+        "1",
+        "١",
+        "½",
+        "Ⅻ",
+        "'",
+        "s",
+        "t",
+        "re",
+        "ve",
+        "ll",
+        "d",
+        "m",
+        " ",
+        "  ",
+        "\n",
+        "\r\n",
+        "\t",
+        "\u{a0}",
+        "\u{3000}",
+        "\u{85}",
+        "\u{1f}",
+        "\u{2028}",
+        "!",
+        ".",
+        "\"",
+        "👍🏽",
+        "\u{200d}",
+        "\u{301}",
+        "-",
+        "<|endoftext|>",
+        "<|",
+        "|>",
     ];
 
     proptest! {
@@ -448,7 +483,52 @@ mod fast_path {
         for line in corpus.lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             let text = v["text"].as_str().unwrap();
-            assert_eq!(tk.encode(text).unwrap(), tk.encode_with_pipeline(text).unwrap());
+            assert_eq!(
+                tk.encode(text).unwrap(),
+                tk.encode_with_pipeline(text).unwrap()
+            );
         }
     }
+}
+
+/// `data = jsonl(...)` with `tokenizer = hf(...)` streams the tokens `fmoec data --append-eod`
+/// writes for the same file, so training on either reads the same windows.
+#[cfg(feature = "runtime")]
+#[test]
+fn a_tokenized_jsonl_source_streams_what_fmoec_data_writes() {
+    use fmoec::check::{DataSource, TokenizerSpec};
+    use fmoec::runtime::data::Dataset;
+    let g = golden();
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("c");
+    let mut args = corpus_args(&g, "corpus.jsonl", "x");
+    args[4] = prefix.to_str().unwrap().into();
+    let out = run_args(&args, tmp.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let tokenizer = TokenizerSpec::Hf {
+        path: g.join("tok/tokenizer.json").to_str().unwrap().into(),
+    };
+    let jsonl = DataSource::Tokenized {
+        source: Box::new(DataSource::Jsonl {
+            path: g.join("corpus.jsonl").to_str().unwrap().into(),
+            key: "text".into(),
+        }),
+        tokenizer,
+    };
+    let megatron = DataSource::Megatron(format!("{}_text_document", prefix.display()));
+    let a = Dataset::load(&jsonl, 1024).unwrap();
+    let b = Dataset::load(&megatron, 1024).unwrap();
+    assert_eq!(a.len(), b.len());
+    for step in 0..4u64 {
+        let key = [1234, step];
+        let (x, y) = (
+            a.batch(false, &key, 4, 33, tch::Device::Cpu).unwrap(),
+            b.batch(false, &key, 4, 33, tch::Device::Cpu).unwrap(),
+        );
+        assert!(x.equal(&y));
+    }
+    assert!(
+        Dataset::load(&jsonl, 1000).is_err(),
+        "ids past the vocabulary are refused"
+    );
 }

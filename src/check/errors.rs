@@ -719,6 +719,40 @@ pub fn byte_vocab_too_small(span: Span, vocab: u64, vocab_span: Span) -> Diagnos
     .with_help("set `vocab = 256` or more")
 }
 
+pub fn tokenizer_unreadable(span: Span, error: &str) -> Diagnostic {
+    Diagnostic::error("E0605", span, "cannot load the tokenizer")
+        .with_label(error.to_string())
+        .with_help("paths are relative to the working directory")
+}
+
+pub fn vocab_below_tokenizer(
+    span: Span,
+    vocab: u64,
+    size: u64,
+    padded: u64,
+    tokenizer_span: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        "E0606",
+        span,
+        format!("vocab = {vocab} cannot hold the tokenizer's {size} tokens"),
+    )
+    .with_label(format!("at least {size}"))
+    .with_secondary(tokenizer_span, format!("{size} tokens"))
+    .with_help(format!(
+        "set `vocab = {padded}` (the tokenizer's size padded as Megatron-LM pads it)"
+    ))
+}
+
+pub fn jsonl_without_tokenizer(span: Span) -> Diagnostic {
+    Diagnostic::error("E0607", span, "JSON-lines data needs a tokenizer")
+        .with_label("read through which tokenizer?")
+        .with_help(
+            "add `tokenizer = hf(\"tokenizer.json\")` to the train block \
+             (`fmoec tokenizer train` makes one)",
+        )
+}
+
 // ---- E07xx: stdlib declarations ----------------------------------------------------
 
 pub fn constructor_outside_stdlib(span: Span) -> Diagnostic {
@@ -818,6 +852,27 @@ pub fn warmup_past_steps(span: Span, warmup: u64, steps: u64, steps_span: Span) 
     )
     .with_label("the learning rate never reaches its peak")
     .with_secondary(steps_span, "steps set here")
+}
+
+pub fn vocab_not_megatron_padded(
+    span: Span,
+    vocab: u64,
+    size: u64,
+    padded: u64,
+    tensor: u64,
+    tokenizer_span: Span,
+) -> Diagnostic {
+    Diagnostic::warning(
+        "W0009",
+        span,
+        format!("vocab = {vocab} is not the tokenizer's {size} tokens padded as Megatron-LM pads them ({padded})"),
+    )
+    .with_label(format!("Megatron-LM would use {padded}"))
+    .with_secondary(tokenizer_span, format!("{size} tokens"))
+    .with_note(format!(
+        "Megatron-LM rounds the tokenizer's size up to a multiple of 128 (--make-vocab-size-divisible-by) x {tensor} (tensor)"
+    ))
+    .with_help(format!("set `vocab = {padded}` to train the model Megatron-LM would"))
 }
 
 pub fn every_past_steps(span: Span, every: u64, steps: u64, steps_span: Span) -> Diagnostic {

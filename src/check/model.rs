@@ -317,6 +317,46 @@ pub enum DataSource {
     Text(String),
     /// A Megatron-LM indexed dataset: path prefix of `.bin`/`.idx`.
     Megatron(String),
+    /// JSON lines, the string under `key` of each line a document (only inside
+    /// [`DataSource::Tokenized`]).
+    Jsonl { path: String, key: String },
+    /// The train block's `tokenizer = ...`: a text source (builtin, text, jsonl) read through
+    /// it, or a Megatron dataset it made.
+    Tokenized {
+        source: Box<DataSource>,
+        tokenizer: TokenizerSpec,
+    },
+}
+
+/// `tokenizer = hf("tokenizer.json")` or `gpt2(vocab = "vocab.json", merges = "merges.txt")`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TokenizerSpec {
+    Hf { path: String },
+    Gpt2 { vocab: String, merges: String },
+}
+
+impl TokenizerSpec {
+    pub fn source(&self) -> crate::data::tokenizer::TokenizerSource {
+        use crate::data::tokenizer::TokenizerSource;
+        match self {
+            TokenizerSpec::Hf { path } => TokenizerSource::Json(path.into()),
+            TokenizerSpec::Gpt2 { vocab, merges } => TokenizerSource::Gpt2 {
+                vocab: vocab.into(),
+                merges: merges.into(),
+            },
+        }
+    }
+}
+
+impl DataSource {
+    /// The tokenizer the data is read through, if any.
+    pub fn tokenizer(&self) -> Option<&TokenizerSpec> {
+        match self {
+            DataSource::Tokenized { tokenizer, .. } => Some(tokenizer),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

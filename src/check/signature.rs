@@ -17,6 +17,7 @@ pub const KINDS: &[&str] = &[
     "block",
     "attention",
     "data",
+    "tokenizer",
     "optimizer",
     "schedule",
     "every",

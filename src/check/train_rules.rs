@@ -13,11 +13,16 @@ use super::model_rules::ctor_of;
 use super::scope::ModId;
 use super::value::{Bound, Type, Value, V};
 use super::Checker;
+use crate::data::tokenizer::{megatron_padded_vocab, Flavour, TextTokenizer};
 use crate::diag::Span;
+
+/// Megatron-LM's `--make-vocab-size-divisible-by` default.
+pub const MEGATRON_VOCAB_DIVISOR: u64 = 128;
 use crate::syntax::ast::{self, CmpOp};
 
 pub const TRAIN_FIELDS: &[&str] = &[
     "data",
+    "tokenizer",
     "batch",
     "steps",
     "optimizer",
@@ -71,10 +76,53 @@ impl Checker<'_> {
             match c.name.as_str() {
                 "text" => DataSource::Text(arg("path")),
                 "megatron" => DataSource::Megatron(arg("prefix")),
+                "jsonl" => DataSource::Jsonl {
+                    path: arg("path"),
+                    key: arg("key"),
+                },
                 _ => DataSource::Builtin(arg("name")),
             }
         });
         spans.data = data_v.as_ref().map(|v| v.span).unwrap_or(kw);
+        let tokenizer_v =
+            self.typed_field(&fields, "tokenizer", &Type::Kind("tokenizer".into()), ctx);
+        ok &= tokenizer_v.is_some() || !fields.contains_key("tokenizer");
+        let tokenizer = tokenizer_v.as_ref().and_then(ctor_of).map(|c| {
+            let arg = |n: &str| c.arg(n).map(string).unwrap_or_default();
+            match c.name.as_str() {
+                "gpt2" => TokenizerSpec::Gpt2 {
+                    vocab: arg("vocab"),
+                    merges: arg("merges"),
+                },
+                _ => TokenizerSpec::Hf { path: arg("path") },
+            }
+        });
+        // Its vocabulary, read now so that every later phase can rely on it.
+        let tokenizer_vocab = match (&tokenizer, &tokenizer_v) {
+            (Some(spec), Some(v)) => match TextTokenizer::load(&spec.source(), Flavour::Core) {
+                Ok(t) => Some((t.vocab_size as u64, v.span)),
+                Err(e) => {
+                    self.sink
+                        .push(errors::tokenizer_unreadable(v.span, &format!("{e:#}")));
+                    ok = false;
+                    None
+                }
+            },
+            _ => None,
+        };
+        if let (Some(DataSource::Jsonl { .. }), None) = (&data, &tokenizer) {
+            if tokenizer_v.is_none() && !fields.contains_key("tokenizer") {
+                self.sink.push(errors::jsonl_without_tokenizer(spans.data));
+                ok = false;
+            }
+        }
+        let data = match (data, tokenizer) {
+            (Some(source), Some(tokenizer)) => Some(DataSource::Tokenized {
+                source: Box::new(source),
+                tokenizer,
+            }),
+            (data, _) => data,
+        };
 
         // batch = SEQUENCES x TOKENS tokens, or a sequence count at the model's context.
         let (mut sequences, mut seq_len) = (None, None);
@@ -259,8 +307,30 @@ impl Checker<'_> {
                 ));
                 ok = false;
             }
-            if let Some(DataSource::Text(_)) = &data {
-                if model.vocab < 256 {
+            if let Some((size, tok_span)) = tokenizer_vocab {
+                let tensor = parallel.map_or(1, |p| p.tensor);
+                let padded = megatron_padded_vocab(size, MEGATRON_VOCAB_DIVISOR, tensor);
+                if model.vocab < size {
+                    self.sink.push(errors::vocab_below_tokenizer(
+                        model.spans.vocab,
+                        model.vocab,
+                        size,
+                        padded,
+                        tok_span,
+                    ));
+                    ok = false;
+                } else if model.vocab != padded {
+                    self.sink.push(errors::vocab_not_megatron_padded(
+                        model.spans.vocab,
+                        model.vocab,
+                        size,
+                        padded,
+                        tensor,
+                        tok_span,
+                    ));
+                }
+            } else if let Some(DataSource::Text(_) | DataSource::Builtin(_)) = &data {
+                if model.vocab < 256 && matches!(&data, Some(DataSource::Text(_))) {
                     self.sink.push(errors::byte_vocab_too_small(
                         spans.data,
                         model.vocab,

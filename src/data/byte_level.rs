@@ -94,7 +94,8 @@ fn kind(c: char) -> Kind {
 
 /// The pieces GPT-2's pattern cuts `text` into, in order (leftmost-first alternation).
 pub fn pieces(text: &str) -> Vec<&str> {
-    let chars: Vec<(usize, char, Kind)> = text.char_indices().map(|(i, c)| (i, c, kind(c))).collect();
+    let chars: Vec<(usize, char, Kind)> =
+        text.char_indices().map(|(i, c)| (i, c, kind(c))).collect();
     let end_of = |j: usize| chars.get(j).map_or(text.len(), |c| c.0);
     let mut out = Vec::new();
     let mut i = 0;
@@ -137,7 +138,11 @@ pub fn pieces(text: &str) -> Vec<&str> {
         while j < chars.len() && chars[j].2 == Kind::Space {
             j += 1;
         }
-        let stop = if j < chars.len() && j - i > 1 { j - 1 } else { j };
+        let stop = if j < chars.len() && j - i > 1 {
+            j - 1
+        } else {
+            j
+        };
         out.push(&text[start..end_of(stop)]);
         i = stop;
     }
@@ -151,7 +156,8 @@ fn byte_chars() -> &'static [char; 256] {
         let mut table = ['\0'; 256];
         let mut extra = 0u32;
         for b in 0..256u32 {
-            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
             table[b as usize] = if printable {
                 char::from_u32(b).expect("a Latin-1 code point")
             } else {

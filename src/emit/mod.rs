@@ -657,7 +657,11 @@ fn train_view(
     let per_node = p.hardware.gpus_per_node.max(1);
     let data_path = c.train.as_ref().and_then(|t| match &t.data {
         DataSource::Megatron(path) => Some(view::sh_word(path)),
-        DataSource::Builtin(_) | DataSource::Text(_) => None,
+        DataSource::Tokenized { source, .. } => match source.as_ref() {
+            DataSource::Megatron(path) => Some(view::sh_word(path)),
+            _ => None,
+        },
+        DataSource::Builtin(_) | DataSource::Text(_) | DataSource::Jsonl { .. } => None,
     });
     TrainView {
         megatron_version: release.version.to_string(),

@@ -1,6 +1,7 @@
-//! Training data: the embedded corpus, plain text files (byte-level tokens) and Megatron-LM's
-//! indexed datasets (`.bin`/`.idx`, the mmap format `tools/preprocess_data.py` writes), as one
-//! token stream split into a training part and a held-out tail.
+//! Training data: the embedded corpus and plain text files (byte-level tokens, or through the
+//! train block's tokenizer), JSON lines through a tokenizer, and Megatron-LM's indexed
+//! datasets (`.bin`/`.idx`, the mmap format `tools/preprocess_data.py` and `fmoec data`
+//! write), as one token stream split into a training part and a held-out tail.
 //!
 //! Batches are windows of `seq_len + 1` tokens at positions drawn from a counter-based
 //! generator keyed by `(seed, step, micro-batch, row)`, so the data position of a run is just
@@ -13,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::check::DataSource;
+use crate::data::tokenizer::{Flavour, TextTokenizer};
 
 pub use crate::data::corpus::{builtin_text, BUILTIN_NAMES};
 
@@ -227,6 +229,26 @@ impl Dataset {
                     bytes.into_iter().map(i64::from).collect(),
                 )
             }
+            DataSource::Jsonl { path, .. } => {
+                bail!("jsonl(\"{path}\") needs a tokenizer (`tokenizer = ...` in the train block)")
+            }
+            DataSource::Tokenized { source, tokenizer } => {
+                if let DataSource::Megatron(_) = source.as_ref() {
+                    // the tokenizer made the dataset: its ids are read as they are
+                    return Dataset::load(source, vocab);
+                }
+                let tk = TextTokenizer::load(&tokenizer.source(), Flavour::Core)?;
+                let tokens = tokenize_source(source, &tk)?;
+                (
+                    format!(
+                        "{} through {}, {} tokens",
+                        describe(source),
+                        tk.source(),
+                        tokens.len()
+                    ),
+                    tokens,
+                )
+            }
             DataSource::Megatron(prefix) => {
                 let ds = IndexedDataset::open(prefix)?;
                 let description = format!(
@@ -333,6 +355,65 @@ impl Dataset {
             .f_to(device)?
             .f_to_kind(Kind::Int64)?)
     }
+}
+
+fn describe(source: &DataSource) -> String {
+    match source {
+        DataSource::Builtin(n) => format!("builtin(\"{n}\")"),
+        DataSource::Text(p) => format!("text(\"{p}\")"),
+        DataSource::Megatron(p) => format!("megatron(\"{p}\")"),
+        DataSource::Jsonl { path, key } => format!("jsonl(\"{path}\", key = \"{key}\")"),
+        DataSource::Tokenized { source, .. } => describe(source),
+    }
+}
+
+/// The token stream of a text source read through `tk`: the documents' ids one after the
+/// other, each followed by the end-of-document token when the tokenizer has one (as
+/// `fmoec data --append-eod` writes them).
+fn tokenize_source(source: &DataSource, tk: &TextTokenizer) -> Result<Vec<i64>> {
+    use rayon::prelude::*;
+    let eod = tk
+        .config_eos()
+        .and_then(|e| tk.token_id(&e))
+        .or_else(|| tk.token_id(crate::data::tokenizer::GPT2_EOD));
+    let documents: Vec<String> =
+        match source {
+            DataSource::Builtin(name) => vec![String::from_utf8(builtin_text(name)?)
+                .context("the embedded corpus is not UTF-8")?],
+            DataSource::Text(path) => vec![std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the text file `{path}` as UTF-8"))?],
+            DataSource::Jsonl { path, key } => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read `{path}` as UTF-8"))?;
+                let mut docs = Vec::new();
+                for (i, line) in text.lines().enumerate() {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let v: serde_json::Value = serde_json::from_str(line)
+                        .with_context(|| format!("{path}:{}: not a JSON object", i + 1))?;
+                    match v.get(key) {
+                        Some(serde_json::Value::String(s)) => docs.push(s.clone()),
+                        _ => bail!("{path}:{}: no string under the key `{key}`", i + 1),
+                    }
+                }
+                docs
+            }
+            other => bail!("internal error: {} is not text", describe(other)),
+        };
+    let encoded: Vec<Vec<u32>> = documents
+        .par_iter()
+        .map(|d| tk.encode(d))
+        .collect::<Result<_>>()?;
+    let mut out = Vec::with_capacity(encoded.iter().map(|e| e.len() + 1).sum());
+    for ids in encoded {
+        if ids.is_empty() {
+            continue;
+        }
+        out.extend(ids.into_iter().map(i64::from));
+        out.extend(eod.map(i64::from));
+    }
+    Ok(out)
 }
 
 fn check_vocab(tokens: &[i64], vocab: u64) -> Result<()> {
