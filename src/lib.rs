@@ -18,6 +18,8 @@ pub mod diag;
 pub mod driver;
 pub mod emit;
 pub mod graph;
+#[cfg(feature = "runtime")]
+pub mod hf;
 pub mod plan;
 #[cfg(feature = "runtime")]
 pub mod runtime;

@@ -27,6 +27,8 @@ enum Command {
     Run(RunArgs),
     /// Write the Megatron-LM patch, Python module and launch script for the model.
     Emit(fmoec::emit::cli::EmitArgs),
+    /// Export a checkpoint for Hugging Face transformers (`fmoec export --hf OUT CHECKPOINT`).
+    Export(ExportArgs),
     /// Preprocess text or JSON lines into Megatron-LM's indexed dataset (.bin/.idx).
     Data(fmoec::data::cli::DataArgs),
     /// Tokenizers: `fmoec tokenizer train` makes a byte-level BPE tokenizer from a corpus.
@@ -101,6 +103,31 @@ fn run(_args: &RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(2))
 }
 
+#[cfg(feature = "runtime")]
+use fmoec::hf::cli::ExportArgs;
+
+/// Stand-in arguments for builds without the runtime: accepts anything, explains.
+#[cfg(not(feature = "runtime"))]
+#[derive(Debug, clap::Args)]
+struct ExportArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    rest: Vec<String>,
+}
+
+#[cfg(feature = "runtime")]
+fn export(args: &ExportArgs) -> anyhow::Result<ExitCode> {
+    fmoec::hf::cli::run(args)
+}
+
+#[cfg(not(feature = "runtime"))]
+fn export(_args: &ExportArgs) -> anyhow::Result<ExitCode> {
+    eprintln!(
+        "error: this fmoec was built without the runtime, which reads checkpoints\n  \
+         help: rebuild with the default features (`cargo build --release`)"
+    );
+    Ok(ExitCode::from(2))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -108,6 +135,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => fmoec::plan::cli::run(a),
         Command::Run(a) => run(a),
         Command::Emit(a) => fmoec::emit::cli::run(a),
+        Command::Export(a) => export(a),
         Command::Data(a) => fmoec::data::cli::run_data(a),
         Command::Tokenizer(c) => fmoec::data::cli::run_tokenizer(c),
         #[cfg(feature = "runtime")]

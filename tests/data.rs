@@ -532,3 +532,191 @@ fn a_tokenized_jsonl_source_streams_what_fmoec_data_writes() {
         "ids past the vocabulary are refused"
     );
 }
+
+/// `fmoec export --hf`: for each supported architecture a model is initialised (every
+/// parameter perturbed, so no norm gain is 1 and no bias 0), saved as a checkpoint, exported,
+/// loaded by transformers (CPU, fp32) and its logits compared with fmoec's forward on the same
+/// tokens; files of a wrong kind are refused with located diagnostics.
+#[cfg(feature = "runtime")]
+mod hf_export {
+    use super::{fmoec, golden, text};
+    use std::path::Path;
+    use tch::{Device, Kind, Tensor};
+
+    fn model_file(ffn: &str, layers: &str, extra: &str) -> String {
+        format!(
+            "use std.gates.*\n\nmodel m {{\n    vocab = 1024\n    context = 32\n    width = 64\n    heads = 4\n    kv_heads = 2\n    depth = 3\n    norm = rmsnorm\n    positions = rotary\n{extra}\n    block = transformer(attention = causal(), ffn = {ffn})\n{layers}\n}}\n\ntrain {{\n    data = text(\"corpus.txt\")\n    tokenizer = hf(\"{}\")\n    batch = 2 x 32 tokens\n    steps = 1\n    optimizer = adamw(lr = 1e-3)\n}}\n",
+            golden().join("tok/tokenizer.json").display()
+        )
+    }
+
+    /// Writes the file, a perturbed initial checkpoint, and fmoec's logits; returns the export folder.
+    fn export(dir: &Path, source: &str) -> std::process::Output {
+        std::fs::write(dir.join("m.fmoe"), source).unwrap();
+        let mut sources = fmoec::diag::Sources::new();
+        let file = sources.add("m.fmoe", source.to_string());
+        let mut sink = fmoec::diag::Sink::new();
+        let checked =
+            fmoec::check::check_file(&mut sources, file, &mut sink).expect("the file checks");
+        let _rng = fmoec::runtime::model::lock_rng();
+        tch::manual_seed(7);
+        let t = fmoec::runtime::model::Transformer::new(
+            &checked.model,
+            Device::Cpu,
+            Kind::Float,
+            Kind::Float,
+        )
+        .unwrap();
+        tch::no_grad(|| {
+            for p in &t.store.params {
+                let noise = Tensor::randn(p.tensor.size(), (Kind::Float, Device::Cpu)) * 0.05;
+                let _ = p.tensor.shallow_clone().g_add_(&noise);
+            }
+        });
+        let optim =
+            fmoec::runtime::optim::AdamW::new(&checked.train.as_ref().unwrap().optimizer, &t.store)
+                .unwrap();
+        let info = fmoec::runtime::checkpoint::SaveInfo {
+            model: &checked.model,
+            step: 0,
+            tokens_seen: 0,
+            seed: 7,
+            data_source: "test".into(),
+            precision: "fp32".into(),
+        };
+        fmoec::runtime::checkpoint::save(&dir.join("ckpt"), &info, &t.store, &optim).unwrap();
+        let tokens: Vec<Vec<i64>> = (0..2)
+            .map(|b| (0..17).map(|i| (i * 37 + b * 11 + 5) % 1024).collect())
+            .collect();
+        let input = Tensor::from_slice2(&tokens);
+        let logits = tch::no_grad(|| t.forward(&input, false))
+            .unwrap()
+            .logits
+            .contiguous();
+        let mut bytes = vec![0u8; logits.numel() * 4];
+        logits.copy_data_u8(&mut bytes, logits.numel());
+        std::fs::write(dir.join("logits.bin"), bytes).unwrap();
+        std::fs::write(
+            dir.join("tokens.json"),
+            serde_json::to_string(&tokens).unwrap(),
+        )
+        .unwrap();
+        fmoec(
+            &["export", "--hf", "hf", "ckpt", "--max-shard-size", "200000"],
+            dir,
+        )
+    }
+
+    fn compare(dir: &Path, arch: &str) {
+        let python = std::env::var("FMOEC_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf/compare_logits.py");
+        let out = std::process::Command::new(python)
+            .arg(script)
+            .args(["hf", "tokens.json", "logits.bin", arch])
+            .current_dir(dir)
+            .output()
+            .expect("python runs");
+        eprintln!("{}", text(&out));
+        assert!(out.status.success(), "{arch}: {}", text(&out));
+    }
+
+    fn case(source: String, arch: &str) {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = export(tmp.path(), &source);
+        assert!(out.status.success(), "{}", text(&out));
+        let index: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(tmp.path().join("hf/model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let shards: std::collections::BTreeSet<_> = index["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert!(shards.len() > 1, "sharded: {shards:?}");
+        assert!(tmp.path().join("hf/tokenizer.json").is_file());
+        compare(tmp.path(), arch);
+        // a second export into its own folder is allowed; a foreign file there is not
+        let again = fmoec(&["export", "--hf", "hf", "ckpt"], tmp.path());
+        assert!(again.status.success(), "{}", text(&again));
+        std::fs::write(tmp.path().join("hf/notes.txt"), "mine").unwrap();
+        let refused = fmoec(&["export", "--hf", "hf", "ckpt"], tmp.path());
+        assert!(
+            !refused.status.success() && text(&refused).contains("which fmoec did not write"),
+            "{}",
+            text(&refused)
+        );
+    }
+
+    const SWIGLU: &str = "mlp(hidden = 128, act = swiglu)";
+
+    #[test]
+    fn llama_dense_untied() {
+        case(
+            model_file(SWIGLU, "", "    bias = false\n    tied_embeddings = false"),
+            "LlamaForCausalLM",
+        );
+    }
+
+    #[test]
+    fn llama_dense_with_biases() {
+        case(
+            model_file(SWIGLU, "", "    bias = true"),
+            "LlamaForCausalLM",
+        );
+    }
+
+    #[test]
+    fn mixtral_naive_and_noisy() {
+        for gate in ["naive()", "noisy()"] {
+            let ffn = format!("moe(experts = 4, top_k = 2, gate = {gate}, expert = mlp(hidden = 64, act = swiglu))");
+            case(
+                model_file(&ffn, "", "    bias = false"),
+                "MixtralForCausalLM",
+            );
+        }
+        let ffn =
+            "moe(experts = 4, top_k = 2, gate = naive(), expert = mlp(hidden = 64, act = swiglu))";
+        case(
+            model_file(ffn, "", "    bias = false\n    tied_embeddings = false"),
+            "MixtralForCausalLM",
+        );
+    }
+
+    #[test]
+    fn qwen2_moe_shared_experts_dense_first_layer_untied() {
+        let layers = "    layers[1..depth].ffn = moe(experts = 8, top_k = 3, gate = naive(), expert = mlp(hidden = 32, act = swiglu),\n        shared = shared_experts(count = 2, expert = mlp(hidden = 32, act = swiglu)))";
+        case(
+            model_file(
+                SWIGLU,
+                layers,
+                "    bias = false\n    tied_embeddings = false",
+            ),
+            "Qwen2MoeForCausalLM",
+        );
+    }
+
+    #[test]
+    fn features_without_counterpart_are_refused_where_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = model_file(
+            "mlp(hidden = 128, act = gelu)",
+            "    layers[1].ffn = moe(experts = 4, top_k = 2, gate = gshard(), expert = mlp(hidden = 64, act = swiglu))",
+            "    bias = false",
+        )
+        .replace("norm = rmsnorm", "norm = layernorm");
+        let out = export(tmp.path(), &source);
+        assert!(!out.status.success());
+        let t = text(&out);
+        for want in [
+            "`norm = layernorm` has no Hugging Face counterpart",
+            "a gelu MLP",
+            "the GShard gate",
+            "m.fmoe:",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in {t}");
+        }
+        assert!(!tmp.path().join("hf").exists());
+    }
+}

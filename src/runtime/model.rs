@@ -4,7 +4,7 @@
 //! Architecture: GPT-2 / Megatron-LM GPT (pre-norm blocks, causal self-attention through
 //! libtorch's `scaled_dot_product_attention`, grouped-query attention when `kv_heads < heads`,
 //! learned absolute positions or rotary embeddings, final norm, LM head tied to the token
-//! embedding). Initialisation as Megatron-LM: normal(0, 0.02), output projections (attention
+//! embedding, or a `head.weight` of its own with `tied_embeddings = false`). Initialisation as Megatron-LM: normal(0, 0.02), output projections (attention
 //! `proj`, MLP/expert `w2`) normal(0, 0.02/√(2·layers)), biases zero, norm gains one.
 //!
 //! Tensor parallelism (Megatron-LM v2.2's column/row-parallel attention and MLPs,
@@ -352,6 +352,8 @@ pub struct Transformer {
     positions: Option<Tensor>,
     pub blocks: Vec<Block>,
     norm: NormLayer,
+    /// The untied output projection (`None`: the head is the token embedding).
+    head: Option<Tensor>,
     /// Compute dtype (f32, bf16, or f64 in gradient checks).
     pub compute: Kind,
     /// The draw keys of the micro-batch being trained (`[depth, 2]` int64 on the model's
@@ -401,12 +403,6 @@ impl Transformer {
     }
 
     fn build(model: &Model, mut store: ParamStore, compute: Kind) -> Result<Transformer> {
-        if !model.tied_embeddings {
-            bail!(
-                "the runtime supports only tied input/output embeddings (model `{}`)",
-                model.name
-            );
-        }
         let d = model.width as i64;
         let tokens = store.var(
             "embed.tokens",
@@ -428,6 +424,18 @@ impl Transformer {
             blocks.push(Block::new(&mut store, layer, model)?);
         }
         let norm = NormLayer::new(&mut store, "norm", model.norm, d)?;
+        // `tied_embeddings = false`: an output projection of its own, `[vocab, width]` like
+        // the embedding it replaces in the head.
+        let head = if model.tied_embeddings {
+            None
+        } else {
+            Some(store.var(
+                "head.weight",
+                &[model.vocab as i64, d],
+                Init::Normal(0.02),
+                true,
+            )?)
+        };
         let mut t = Transformer {
             model: model.clone(),
             store,
@@ -435,6 +443,7 @@ impl Transformer {
             positions,
             blocks,
             norm,
+            head,
             compute,
             routing_keys: None,
             keys_buffer: None,
@@ -504,10 +513,10 @@ impl Transformer {
         }
         // A hooked (segmented) backward traverses the head and the embedding in different
         // passes: they must not share the cast's graph node.
-        let emb = if hooked {
-            cast::compute(&self.tokens, self.compute)?
-        } else {
-            emb
+        let emb = match &self.head {
+            Some(head) => cast::compute(head, self.compute)?,
+            None if hooked => cast::compute(&self.tokens, self.compute)?,
+            None => emb,
         };
         Ok(extras.with_logits(self.head(&x, &emb)?))
     }
@@ -1144,7 +1153,7 @@ impl Transformer {
             extras.add(block, extra)?;
         }
         // Its own cast: the head and the embedding are backpropagated in different segments.
-        let head = cast::compute(&self.tokens, self.compute)?;
+        let head = cast::compute(self.head.as_ref().unwrap_or(&self.tokens), self.compute)?;
         Ok(extras.with_logits(self.head(&x, &head)?))
     }
 

@@ -1,0 +1,151 @@
+//! `fmoec export --hf OUT CHECKPOINT`: the command line of the Hugging Face export.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tch::{Device, Kind};
+
+use super::export;
+use crate::check::{GateKind, TokenizerSpec};
+use crate::driver::{self, DiagFormat};
+
+/// Export a checkpoint for Hugging Face `transformers` (config.json, sharded safetensors
+/// with their index, the tokenizer).
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  fmoec export --hf hf/ runs/mixtral/checkpoints --model mixtral.fmoe"
+)]
+pub struct ExportArgs {
+    /// Output folder (new, empty, or an earlier export of fmoec's).
+    #[arg(long = "hf", value_name = "OUT")]
+    pub out: PathBuf,
+    /// A checkpoint (`step-*` folder) or a checkpoint root with `latest`.
+    pub checkpoint: PathBuf,
+    /// The model file [default: the one `.fmoe` file in the checkpoint's folder or the two
+    /// above it].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Largest safetensors shard, in bytes (a bigger tensor gets a shard of its own).
+    #[arg(long, default_value_t = 5_000_000_000)]
+    pub max_shard_size: u64,
+}
+
+/// The one model file beside the checkpoint.
+fn find_model(checkpoint: &Path) -> Result<PathBuf> {
+    let full = checkpoint
+        .canonicalize()
+        .with_context(|| format!("cannot read the checkpoint `{}`", checkpoint.display()))?;
+    let mut dir = Some(full.as_path());
+    for _ in 0..3 {
+        let Some(d) = dir else { break };
+        let found: Vec<PathBuf> = std::fs::read_dir(d)
+            .map(|it| {
+                it.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "fmoe"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match found.len() {
+            0 => dir = d.parent(),
+            1 => return Ok(found[0].clone()),
+            _ => bail!(
+                "`{}` holds several model files; name one with --model",
+                d.display()
+            ),
+        }
+    }
+    bail!(
+        "no model file beside `{}`; name it with --model FILE",
+        checkpoint.display()
+    )
+}
+
+pub fn run(args: &ExportArgs) -> Result<ExitCode> {
+    let model_file = match &args.model {
+        Some(m) => m.clone(),
+        None => find_model(&args.checkpoint)?,
+    };
+    let loaded = match driver::load(&model_file, DiagFormat::Human) {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let checked = &loaded.checked;
+    let model = &checked.model;
+    let arch = match export::architecture(model) {
+        Ok(a) => a,
+        Err(diags) => {
+            driver::report(&loaded.sources, &diags, DiagFormat::Human);
+            eprintln!(
+                "error: `{}` cannot be exported for transformers ({} feature{} without a counterpart)",
+                model.name,
+                diags.len(),
+                if diags.len() == 1 { "" } else { "s" }
+            );
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let _guard = tch::no_grad_guard();
+    let shapes =
+        crate::runtime::model::Transformer::new(model, Device::Cpu, Kind::Float, Kind::Float)?;
+    let source = crate::runtime::checkpoint::Source::open(&args.checkpoint, model)?;
+    let params: BTreeMap<String, tch::Tensor> =
+        source.parameters(&shapes.store)?.into_iter().collect();
+    let named = export::tensors(model, arch, &params)?;
+    let tokenizer_json;
+    let tokenizer = match checked.train.as_ref().and_then(|t| t.data.tokenizer()) {
+        Some(TokenizerSpec::Hf { path }) => {
+            let p = PathBuf::from(path);
+            let config = p.with_file_name("tokenizer_config.json");
+            Some((p, Some(config)))
+        }
+        Some(spec @ TokenizerSpec::Gpt2 { .. }) => {
+            let tk = crate::data::tokenizer::TextTokenizer::load(
+                &spec.source(),
+                crate::data::tokenizer::Flavour::Core,
+            )?;
+            let dir = std::env::temp_dir().join(format!("fmoec-export-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            tokenizer_json = dir.join("tokenizer.json");
+            tk.inner()
+                .save(&tokenizer_json, true)
+                .map_err(|e| anyhow::anyhow!("cannot convert the GPT-2 tokenizer: {e}"))?;
+            Some((tokenizer_json.clone(), None))
+        }
+        None => None,
+    };
+    let files = export::files(
+        checked,
+        arch,
+        &named,
+        args.max_shard_size,
+        tokenizer.as_ref().map(|(j, c)| (j.as_path(), c.as_deref())),
+    )
+    .context("cannot build the export")?;
+    let record = json!({
+        "format": "fmoec-hf-export-v1",
+        "architecture": arch.class(),
+        "model": model.name,
+        "model_hash": crate::runtime::checkpoint::model_hash(model),
+        "checkpoint": source.dir.display().to_string(),
+        "step": source.manifest.run.step,
+    });
+    let written = export::place(&args.out, &files, record)?;
+    if model
+        .moe_layers()
+        .any(|(_, m)| m.gate.kind == GateKind::Noisy)
+    {
+        eprintln!("note: the noisy gates' noise projections are used in training only; they are not exported");
+    }
+    println!(
+        "{} ({} tensors, step {}) -> {} ({} files)",
+        arch.class(),
+        named.len(),
+        source.manifest.run.step,
+        args.out.display(),
+        written.len() + 1
+    );
+    Ok(ExitCode::SUCCESS)
+}
