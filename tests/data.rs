@@ -63,7 +63,9 @@ fn every_golden_case_is_byte_identical_to_megatron() {
     ];
     let hf_args = vec!["--tokenizer".to_string(), hf];
     let keys = ["--append-eod", "--json-keys", "text", "title"];
-    let cases: Vec<(&str, &str, &str, &Vec<String>, &[&str])> = vec![
+    /// (folder, Megatron, input, tokenizer flags, other flags)
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a Vec<String>, &'a [&'a str]);
+    let cases: Vec<Case> = vec![
         ("v22-gpt2", "v2.2", "corpus.jsonl", &gpt2, &keys),
         ("v22-gpt2-edge", "v2.2", "edge.jsonl", &gpt2, &[]),
         (
