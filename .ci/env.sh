@@ -7,14 +7,15 @@ FMOEC_TORCH_VERSION="2.11.0"
 
 fmoec_ensure_venv() {
     if [ -x "$FMOEC_VENV/bin/python" ] &&
-        "$FMOEC_VENV/bin/python" -c "import torch, numpy, pytest, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$FMOEC_TORCH_VERSION' else 1)" 2>/dev/null; then
+        "$FMOEC_VENV/bin/python" -c "import torch, numpy, pytest, transformers, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$FMOEC_TORCH_VERSION' else 1)" 2>/dev/null; then
         return 0
     fi
-    echo "setting up libtorch: torch==$FMOEC_TORCH_VERSION into $FMOEC_VENV (about 2 minutes, 4.6 GB; once)" >&2
+    # transformers: tests/data.rs loads `fmoec export --hf` folders with it (about 60 MB more)
+    echo "setting up libtorch: torch==$FMOEC_TORCH_VERSION (and transformers) into $FMOEC_VENV (about 2 minutes, 4.7 GB; once)" >&2
     mkdir -p "$(dirname "$FMOEC_VENV")"
     [ -x "$FMOEC_VENV/bin/python" ] || python3 -m venv "$FMOEC_VENV" || return 1
     "$FMOEC_VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir \
-        "torch==$FMOEC_TORCH_VERSION" numpy pytest || return 1
+        "torch==$FMOEC_TORCH_VERSION" numpy pytest "transformers==5.25.0" || return 1
 }
 
 fmoec_export_env() {
