@@ -1,7 +1,9 @@
 //! The `train` block: data source, batch shape (`32 x 1024 tokens`), steps, optimizer,
 //! schedule, gradient clipping, precision, checkpoint and eval policies, seed; and the
-//! rules tying it to the model and the parallel block (sequence length within context,
-//! batch divisible over data ranks and micro-batches).
+//! rules tying it to the model (sequence length within context, a byte vocabulary for
+//! byte-level data) and to what exists (the built-in corpora's names; for `fmoec check`, a
+//! warning for data files that are not there). How the batch splits over data ranks and
+//! micro-batches is the planner's rule.
 
 use std::rc::Rc;
 
@@ -29,6 +31,10 @@ pub const TRAIN_FIELDS: &[&str] = &[
     "seed",
 ];
 
+/// The corpora `builtin(...)` names: one text embedded in the binary, under two names. Byte
+/// level, like `text(...)`.
+pub const BUILTIN_CORPORA: &[&str] = &["shakespeare", "tiny-shakespeare"];
+
 /// Default seed of a `train` block without one.
 pub const DEFAULT_SEED: u64 = 1234;
 /// Default gradient clipping (Megatron-LM's `--clip-grad` default).
@@ -47,7 +53,6 @@ impl Checker<'_> {
         m: ModId,
         block: &Rc<ast::Block>,
         model: Option<&Model>,
-        parallel: Option<&Parallel>,
     ) -> Option<Train> {
         let fields = self.block_fields(block, TRAIN_FIELDS);
         let ctx = Ctx::module(m);
@@ -75,6 +80,9 @@ impl Checker<'_> {
             }
         });
         spans.data = data_v.as_ref().map(|v| v.span).unwrap_or(kw);
+        if let Some(c) = data_v.as_ref().and_then(ctor_of) {
+            self.builtin_corpus_exists(&c);
+        }
 
         // batch = SEQUENCES x TOKENS tokens, or a sequence count at the model's context.
         let (mut sequences, mut seq_len) = (None, None);
@@ -257,35 +265,15 @@ impl Checker<'_> {
                     model.context,
                     model.spans.context,
                 ));
-                ok = false;
             }
-            if let Some(DataSource::Text(_)) = &data {
+            if let Some(DataSource::Text(_) | DataSource::Builtin(_)) = &data {
                 if model.vocab < 256 {
                     self.sink.push(errors::byte_vocab_too_small(
                         spans.data,
                         model.vocab,
                         model.spans.vocab,
                     ));
-                    ok = false;
                 }
-            }
-        }
-        if let (Some(p), Some(seqs)) = (parallel, sequences) {
-            let per = p.data * p.micro_batch.unwrap_or(1);
-            if per > 0 && seqs % per != 0 {
-                let at = if p.micro_batch.is_some() {
-                    p.spans.micro_batch
-                } else {
-                    p.spans.data
-                };
-                self.sink.push(errors::batch_not_divisible(
-                    spans.batch,
-                    seqs,
-                    p.data,
-                    p.micro_batch,
-                    at,
-                ));
-                ok = false;
             }
         }
         if !ok {
@@ -307,6 +295,26 @@ impl Checker<'_> {
         })
     }
 
+    /// A built-in corpus must be one the binary has.
+    fn builtin_corpus_exists(&mut self, c: &super::value::CtorValue) {
+        if c.name != "builtin" {
+            return;
+        }
+        let Some(arg) = c.arg("name") else {
+            return;
+        };
+        let name = string(arg);
+        if !BUILTIN_CORPORA.contains(&name.as_str()) {
+            let help = crate::diag::did_you_mean(&name, BUILTIN_CORPORA.iter().copied());
+            self.sink.push(errors::unknown_corpus(
+                arg.span,
+                &name,
+                BUILTIN_CORPORA,
+                help,
+            ));
+        }
+    }
+
     fn every_past_steps(
         &mut self,
         c: &super::value::CtorValue,
@@ -320,4 +328,23 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// A warning when the text file or Megatron dataset of `train` is not there, relative to
+/// the working directory as `fmoec run` reads it. Only `fmoec check` asks: the data of a
+/// plan or an emitted Megatron training lives where it will run, not here.
+pub fn data_files_missing(train: &Train) -> Option<crate::diag::Diagnostic> {
+    let missing: Vec<String> = match &train.data {
+        DataSource::Builtin(_) => Vec::new(),
+        DataSource::Text(path) => vec![path.clone()],
+        DataSource::Megatron(prefix) => [".bin", ".idx"]
+            .iter()
+            .map(|ext| format!("{prefix}{ext}"))
+            .collect(),
+    };
+    let missing: Vec<String> = missing
+        .into_iter()
+        .filter(|f| !std::path::Path::new(f).is_file())
+        .collect();
+    (!missing.is_empty()).then(|| errors::data_file_missing(train.spans.data, &missing))
 }

@@ -18,8 +18,8 @@ use crate::check::DataSource;
 /// The embedded corpus (see `data/README.md`: Shakespeare, public domain, gzip).
 static SHAKESPEARE_GZ: &[u8] = include_bytes!("../../data/shakespeare.txt.gz");
 
-/// Names `builtin(...)` accepts.
-pub const BUILTIN_NAMES: &[&str] = &["shakespeare", "tiny-shakespeare"];
+/// Names `builtin(...)` accepts: the checker's list (it refuses any other name first).
+pub const BUILTIN_NAMES: &[&str] = crate::check::train_rules::BUILTIN_CORPORA;
 
 /// Fraction of the stream held out for evaluation (the tail).
 const HELDOUT_FRACTION: f64 = 0.05;
