@@ -211,7 +211,15 @@ fn normal(
 }
 
 impl Gate {
-    pub fn new(store: &mut ParamStore, prefix: &str, moe: &Moe, width: i64) -> Result<Gate> {
+    /// The gate of `moe`: its weight, and a bias when the model's linear layers have one
+    /// (`bias`; the planner counts it so) and the gate is not noisy.
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        moe: &Moe,
+        width: i64,
+        bias: bool,
+    ) -> Result<Gate> {
         let e = moe.experts as i64;
         let noisy = moe.gate.kind == GateKind::Noisy;
         let weight = store.var(
@@ -220,7 +228,7 @@ impl Gate {
             Init::Normal(0.02),
             true,
         )?;
-        let bias = if noisy {
+        let bias = if noisy || !bias {
             None
         } else {
             Some(store.var(&format!("{prefix}.bias"), &[e], Init::Zeros, false)?)
@@ -1065,7 +1073,7 @@ impl MoeLayer {
         bias: bool,
         out_std: f64,
     ) -> Result<MoeLayer> {
-        let gate = Gate::new(store, &format!("{prefix}.gate"), moe, width)?;
+        let gate = Gate::new(store, &format!("{prefix}.gate"), moe, width, bias)?;
         let experts = Experts::new(
             store,
             &format!("{prefix}.experts"),
