@@ -87,15 +87,23 @@ pub fn report(sources: &Sources, diagnostics: &[diag::Diagnostic], format: DiagF
     }
 }
 
-/// Reports an error that has no place in a model file (a file that cannot be read, a bad
-/// command-line value, a failure while running): a plain `error:` line, or in JSON a
-/// diagnostic with `code` (`E0001` for a file that cannot be read, `E0002` otherwise) and,
-/// where a file is concerned, `primary.file` with line and column 0.
+/// Reports an error that has no place in a model's text (a bad command-line value, a file in
+/// the way, a failure while running): a plain `error:` line, or in JSON an element with
+/// code `E0002` and, where a file is concerned, `primary.file` (line and column 0).
 pub fn report_error(message: &str, file: Option<&Path>, format: DiagFormat) {
+    report_unplaced("E0002", message, file, format);
+}
+
+/// Reports a file that cannot be read: code `E0001` in JSON.
+fn report_unreadable(message: &str, file: &Path, format: DiagFormat) {
+    report_unplaced("E0001", message, Some(file), format);
+}
+
+fn report_unplaced(code: &str, message: &str, file: Option<&Path>, format: DiagFormat) {
     match format {
         DiagFormat::Human => eprintln!("error: {message}"),
         DiagFormat::Json => push_json(vec![diag::json_unplaced(
-            if file.is_some() { "E0001" } else { "E0002" },
+            code,
             message,
             file.map(|f| f.display().to_string()).as_deref(),
         )]),
@@ -147,18 +155,18 @@ fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, Ex
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(t) => t,
             Err(_) => {
-                report_error(
+                report_unreadable(
                     &format!("cannot read `{}`: it is not UTF-8 text", path.display()),
-                    Some(path),
+                    path,
                     format,
                 );
                 return Err(ExitCode::from(2));
             }
         },
         Err(e) => {
-            report_error(
+            report_unreadable(
                 &format!("cannot read `{}`: {e}", path.display()),
-                Some(path),
+                path,
                 format,
             );
             return Err(ExitCode::from(2));

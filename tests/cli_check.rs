@@ -127,6 +127,17 @@ fn emit_never_overwrites_files_it_did_not_write() {
         std::fs::read_to_string(out.join("README.md")).unwrap(),
         "mine\n"
     );
+    // the same refusal as JSON: one array, the file in the way named
+    let json = emit(&["--diagnostics", "json"]);
+    assert_eq!(json.status.code(), Some(1));
+    let items = json_diagnostics(&json);
+    let readme = out.join("README.md");
+    assert!(
+        items
+            .iter()
+            .any(|d| d["code"] == "E0002" && d["primary"]["file"] == readme.to_str().unwrap()),
+        "{items:?}"
+    );
     assert!(
         !out.join("train.sh").exists(),
         "nothing is written after a refusal"
