@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Parse and check model files; print every diagnostic.
+    /// Check model files: every rule of the language and of the planner (on the file's own
+    /// `parallel` block), every diagnostic in one pass.
     Check(CheckArgs),
     /// Print the parallel plan: rank grid, groups, expert placement, memory, traffic.
     Plan(fmoec::plan::cli::PlanArgs),
