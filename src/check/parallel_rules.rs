@@ -167,6 +167,10 @@ impl Checker<'_> {
                     }
                     Value::Symbol(s) if s == "replicated" => ExpertGroup::Replicated,
                     Value::Ctor(c) if c.name == "groups_of" => {
+                        // the planner's rules about the group point at its size
+                        if let Some(size) = c.arg("size") {
+                            spans.experts = size.span;
+                        }
                         let size = c.arg("size").map(uint).unwrap_or(1);
                         ExpertGroup::Size { size }
                     }
