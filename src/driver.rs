@@ -1,47 +1,135 @@
 //! The command-line edge shared by every subcommand: read a model file, run the front
-//! end, render diagnostics to stderr, and turn failure into an exit code.
+//! end and the planner's rules on it, render diagnostics to stderr, and turn failure into
+//! an exit code.
+//!
+//! It knows the phases only through their entry points (`check`, `plan`); it knows nothing
+//! about what a subcommand does with the checked file afterwards.
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 use crate::check::{self, Checked};
 use crate::diag::{self, FileId, Sink, Sources};
+use crate::plan::{self, Overrides, ParallelPlan};
 
-/// How diagnostics are printed.
+/// How diagnostics are printed (`--diagnostics`, the same flag in every subcommand).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DiagFormat {
     /// Rendered like a compiler: location, underlined source, help.
     #[default]
     Human,
-    /// A JSON array on stderr, for editors and scripts.
+    /// One JSON array on stderr when the command ends (`[]` when there is nothing to
+    /// say), with every diagnostic of the command, for editors and scripts.
     Json,
 }
 
-/// A checked model file with the sources its diagnostics point into.
+/// A checked model file with the sources its diagnostics point into, and its plan when the
+/// caller asked for one.
 pub struct Loaded {
     pub sources: Sources,
     pub file: FileId,
     pub checked: Checked,
+    /// The plan `load_with` made (`None` with [`Planning::None`]).
+    pub plan: Option<ParallelPlan>,
 }
 
-/// Prints diagnostics on stderr in the chosen format.
+/// What [`load_with`] plans after the front end.
+#[derive(Clone, Copy, Debug)]
+pub enum Planning<'a> {
+    /// Nothing: the caller plans for itself (`fmoec plan --auto`).
+    None,
+    /// The file's `parallel` block under these what-if overrides (none: the file as
+    /// written, which is what `check`, `emit` and `run` accept).
+    With(&'a Overrides),
+}
+
+/// Which rules [`load_with`] and [`analyse`] apply beyond the front end's.
+#[derive(Clone, Copy, Debug)]
+pub struct Rules<'a> {
+    pub planning: Planning<'a>,
+    /// Warn about data files that are not here (`fmoec check`; a plan or an emitted
+    /// Megatron training reads its data elsewhere).
+    pub data_files: bool,
+}
+
+impl Rules<'_> {
+    /// The file as written: the front end and the planner (what `emit` and `run` accept).
+    pub const AS_WRITTEN: Rules<'static> = Rules {
+        planning: Planning::With(&Overrides::NONE),
+        data_files: false,
+    };
+}
+
+/// Diagnostics of this command in JSON, printed as one array by [`finish`].
+static JSON_DIAGNOSTICS: Mutex<Vec<serde_json::Value>> = Mutex::new(Vec::new());
+
+fn push_json(items: Vec<serde_json::Value>) {
+    JSON_DIAGNOSTICS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(items);
+}
+
+/// Reports diagnostics in the chosen format: on stderr now (human), or kept for the one
+/// JSON array [`finish`] prints.
 pub fn report(sources: &Sources, diagnostics: &[diag::Diagnostic], format: DiagFormat) {
-    if diagnostics.is_empty() {
-        return;
-    }
     match format {
         DiagFormat::Human => {
+            if diagnostics.is_empty() {
+                return;
+            }
             use std::io::IsTerminal;
             let colour = std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
             diag::render_to_stderr(sources, diagnostics, colour);
         }
-        DiagFormat::Json => eprintln!("{}", diag::render_json(sources, diagnostics)),
+        DiagFormat::Json => push_json(diag::json_items(sources, diagnostics)),
     }
 }
 
-/// Reads and checks `path`. Diagnostics (warnings too) are printed; on any error the
-/// caller gets the exit code to return (1 for errors in the file, 2 if it can't be read).
+/// Reports an error that has no place in a model's text (a bad command-line value, a file in
+/// the way, a failure while running): a plain `error:` line, or in JSON an element with
+/// code `E0002` and, where a file is concerned, `primary.file` (line and column 0).
+pub fn report_error(message: &str, file: Option<&Path>, format: DiagFormat) {
+    report_unplaced("E0002", message, file, format);
+}
+
+/// Reports a file that cannot be read: code `E0001` in JSON.
+fn report_unreadable(message: &str, file: &Path, format: DiagFormat) {
+    report_unplaced("E0001", message, Some(file), format);
+}
+
+fn report_unplaced(code: &str, message: &str, file: Option<&Path>, format: DiagFormat) {
+    match format {
+        DiagFormat::Human => eprintln!("error: {message}"),
+        DiagFormat::Json => push_json(vec![diag::json_unplaced(
+            code,
+            message,
+            file.map(|f| f.display().to_string()).as_deref(),
+        )]),
+    }
+}
+
+/// Ends a command's diagnostics: in JSON, prints the one array of everything reported
+/// (`[]` for nothing). Call once, as the command ends.
+pub fn finish(format: DiagFormat) {
+    if format == DiagFormat::Json {
+        let items =
+            std::mem::take(&mut *JSON_DIAGNOSTICS.lock().unwrap_or_else(|e| e.into_inner()));
+        let text = serde_json::to_string_pretty(&items).unwrap_or_else(|_| "[]".into());
+        eprintln!("{text}");
+    }
+}
+
+/// Reads and checks `path` and plans it as written: every rule of the front end and of the
+/// planner, in one pass. Diagnostics (warnings too) are reported; on any error the caller
+/// gets the exit code to return (1 for errors in the file, 2 if it can't be read).
 pub fn load(path: &Path, format: DiagFormat) -> Result<Loaded, ExitCode> {
+    load_with(path, format, Rules::AS_WRITTEN)
+}
+
+/// [`load`] with the rules the caller needs (see [`Rules`]).
+pub fn load_with(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, ExitCode> {
     // Parsing and checking recurse once per level of an expression (at most
     // `MAX_NESTING` brackets of `MAX_CHAIN` operators each): a deep stack of its own, so
     // no file can overflow it.
@@ -49,12 +137,12 @@ pub fn load(path: &Path, format: DiagFormat) -> Result<Loaded, ExitCode> {
         match std::thread::Builder::new()
             .name("fmoec-front-end".into())
             .stack_size(FRONT_END_STACK)
-            .spawn_scoped(s, || load_here(path, format))
+            .spawn_scoped(s, || load_here(path, format, rules))
         {
             Ok(handle) => handle
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-            Err(_) => load_here(path, format),
+            Err(_) => load_here(path, format, rules),
         }
     })
 }
@@ -62,18 +150,32 @@ pub fn load(path: &Path, format: DiagFormat) -> Result<Loaded, ExitCode> {
 /// Stack of the thread that parses and checks a file (only touched as deep as used).
 const FRONT_END_STACK: usize = 256 << 20;
 
-fn load_here(path: &Path, format: DiagFormat) -> Result<Loaded, ExitCode> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, ExitCode> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(_) => {
+                report_unreadable(
+                    &format!("cannot read `{}`: it is not UTF-8 text", path.display()),
+                    path,
+                    format,
+                );
+                return Err(ExitCode::from(2));
+            }
+        },
         Err(e) => {
-            eprintln!("error: cannot read `{}`: {e}", path.display());
+            report_unreadable(
+                &format!("cannot read `{}`: {e}", path.display()),
+                path,
+                format,
+            );
             return Err(ExitCode::from(2));
         }
     };
     let settings = match crate::settings::Settings::discover() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
+            report_error(&e.to_string(), None, format);
             return Err(ExitCode::from(2));
         }
     };
@@ -84,27 +186,101 @@ fn load_here(path: &Path, format: DiagFormat) -> Result<Loaded, ExitCode> {
         .collect();
     let mut sources = Sources::new();
     let file = sources.add(path.display().to_string(), text);
-    let mut sink = Sink::new();
-    let checked = check::check_file_with(&mut sources, file, &mut sink, &user_hardware);
-    let errors = sink.error_count();
-    let diagnostics = sink.into_sorted();
-    report(&sources, &diagnostics, format);
-    match checked {
-        Some(checked) if errors == 0 => Ok(Loaded {
+    let analysis = analyse(&mut sources, file, &user_hardware, rules);
+    report(&sources, &analysis.diagnostics, format);
+    match analysis.checked {
+        Some(checked) => Ok(Loaded {
             sources,
             file,
             checked,
+            plan: analysis.plan,
         }),
-        _ => {
+        None => {
             if format == DiagFormat::Human {
                 eprintln!(
-                    "error: could not check `{}` due to {} previous error{}",
+                    "error: could not check `{}` due to {}",
                     path.display(),
-                    errors.max(1),
-                    if errors == 1 { "" } else { "s" }
+                    diag::count(
+                        analysis.errors.max(1) as u64,
+                        "previous error",
+                        "previous errors"
+                    )
                 );
             }
             Err(ExitCode::from(1))
+        }
+    }
+}
+
+/// What [`analyse`] found in one file.
+pub struct Analysis {
+    /// Every diagnostic of the front end and the planner, in file order.
+    pub diagnostics: Vec<diag::Diagnostic>,
+    pub errors: usize,
+    /// The checked file, when there were no errors.
+    pub checked: Option<Checked>,
+    /// The plan [`Planning`] asked for, when there were no errors.
+    pub plan: Option<ParallelPlan>,
+}
+
+/// The front end and the planner's rules on a file already in `sources`, in one pass:
+/// what `fmoec check` reports (the UI tests call this too).
+pub fn analyse(
+    sources: &mut Sources,
+    file: FileId,
+    user_hardware: &std::collections::BTreeMap<String, check::Hardware>,
+    rules: Rules,
+) -> Analysis {
+    let mut sink = Sink::new();
+    let best = check::check_file_best_effort(sources, file, &mut sink, user_hardware);
+    let plan = match rules.planning {
+        Planning::With(o) => plan_rules(&best, o, &mut sink),
+        Planning::None => None,
+    };
+    if rules.data_files {
+        sink.extend(
+            best.train
+                .as_ref()
+                .and_then(check::train_rules::data_files_missing),
+        );
+    }
+    let errors = sink.error_count();
+    let clean = errors == 0;
+    Analysis {
+        diagnostics: sink.into_sorted(),
+        errors,
+        checked: best.checked().filter(|_| clean),
+        plan: plan.filter(|_| clean),
+    }
+}
+
+/// The planner's rules on what the front end built: a whole plan (memory included) when
+/// every block was built, else the rules that can be decided on the blocks that were. Its
+/// diagnostics, warnings included, go to `sink`; the plan comes back when there is one.
+fn plan_rules(
+    best: &check::BestEffort,
+    overrides: &Overrides,
+    sink: &mut Sink,
+) -> Option<ParallelPlan> {
+    let parallel = best.parallel.as_ref()?;
+    let checked = best.checked().filter(|_| best.complete);
+    let Some(checked) = checked else {
+        sink.extend(plan::layout_rules(
+            best.model.as_ref(),
+            parallel,
+            best.train.as_ref(),
+            overrides,
+        ));
+        return None;
+    };
+    match plan::build_with(&checked, overrides) {
+        Ok(mut plan) => {
+            sink.extend(std::mem::take(&mut plan.warnings));
+            Some(plan)
+        }
+        Err(diagnostics) => {
+            sink.extend(diagnostics);
+            None
         }
     }
 }

@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Parse and check model files; print every diagnostic.
+    /// Check model files: every rule of the language and of the planner (on the file's own
+    /// `parallel` block), every diagnostic in one pass.
     Check(CheckArgs),
     /// Print the parallel plan: rank grid, groups, expert placement, memory, traffic.
     Plan(fmoec::plan::cli::PlanArgs),
@@ -52,9 +53,13 @@ struct CheckArgs {
     /// Model files to check.
     #[arg(required = true)]
     files: Vec<std::path::PathBuf>,
-    /// How diagnostics are printed.
+    /// How diagnostics are printed: `human`, or `json` (one array for all the files).
     #[arg(long, value_enum, default_value_t)]
-    format: DiagFormat,
+    diagnostics: DiagFormat,
+    /// The old name of `--diagnostics` (every subcommand now says `--diagnostics`;
+    /// `--format` is the format of a command's own output, as in `plan --format json`).
+    #[arg(long, hide = true)]
+    format: Option<String>,
 }
 
 #[cfg(feature = "runtime")]
@@ -69,12 +74,27 @@ struct RunArgs {
 }
 
 fn check(args: &CheckArgs) -> ExitCode {
+    if let Some(f) = &args.format {
+        driver::report_error(
+            &format!(
+                "`fmoec check --format {f}` is now `--diagnostics {f}`, the name every \
+                 subcommand uses (`--format` is the format of a command's own output)"
+            ),
+            None,
+            args.diagnostics,
+        );
+        return ExitCode::from(2);
+    }
     // 1: a file has errors; 2 (wins): a file could not be read at all.
     let mut worst = ExitCode::SUCCESS;
     for file in &args.files {
-        match driver::load(file, args.format) {
+        let rules = driver::Rules {
+            data_files: true,
+            ..driver::Rules::AS_WRITTEN
+        };
+        match driver::load_with(file, args.diagnostics, rules) {
             Ok(_) => {
-                if args.format == DiagFormat::Human {
+                if args.diagnostics == DiagFormat::Human {
                     eprintln!("ok: {}", file.display());
                 }
             }
@@ -128,8 +148,21 @@ fn export(_args: &ExportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(2))
 }
 
+/// The `--diagnostics` format of the command (human for those without one).
+fn diagnostics_format(command: &Command) -> DiagFormat {
+    match command {
+        Command::Check(a) => a.diagnostics,
+        Command::Plan(a) => a.diagnostics,
+        Command::Emit(a) => a.diagnostics,
+        #[cfg(feature = "runtime")]
+        Command::Run(a) => a.diagnostics,
+        _ => DiagFormat::Human,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let format = diagnostics_format(&cli.command);
     let result = match &cli.command {
         Command::Check(a) => Ok(check(a)),
         Command::Plan(a) => fmoec::plan::cli::run(a),
@@ -141,11 +174,13 @@ fn main() -> ExitCode {
         #[cfg(feature = "runtime")]
         Command::Bench(BenchCommand::Moe(a)) => fmoec::runtime::bench::run_cli(a),
     };
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            driver::report_error(&format!("{e:#}"), None, format);
             ExitCode::from(1)
         }
-    }
+    };
+    driver::finish(format);
+    code
 }

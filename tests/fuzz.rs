@@ -1,12 +1,13 @@
-//! The parser and checker never panic: mutated example and stdlib files (tokens
-//! deleted, duplicated, swapped, random characters inserted, text truncated) go through
-//! `check_file`, which must return (with diagnostics) whatever the input. Bounded to a
-//! fixed number of cases so it takes a few seconds in CI.
+//! The parser, the checker and the planner's rules never panic: mutated example and
+//! stdlib files (tokens deleted, duplicated, swapped, random characters inserted, text
+//! truncated) go through what `fmoec check` runs (the front end, then the planner on what
+//! it could build, errors or not), which must return (with diagnostics) whatever the
+//! input. Bounded to a fixed number of cases so it takes a few seconds in CI.
 
 use std::path::Path;
 
-use fmoec::check;
-use fmoec::diag::{render_human, render_json, Sink, Sources};
+use fmoec::diag::{render_human, render_json, Sources};
+use fmoec::driver::{analyse, Rules};
 use proptest::prelude::*;
 
 /// The example files, the stdlib sources and the ui tests' bad inputs: the corpus to
@@ -129,13 +130,52 @@ fn apply(mut toks: Vec<String>, mutations: &[Mutation]) -> String {
 fn check_text(text: String) {
     let mut sources = Sources::new();
     let file = sources.add("fuzz.fmoe", text);
-    let mut sink = Sink::new();
-    let checked = check::check_file(&mut sources, file, &mut sink);
-    assert_eq!(checked.is_some(), !sink.has_errors());
-    let diags = sink.into_sorted();
+    let analysis = analyse(
+        &mut sources,
+        file,
+        &Default::default(),
+        Rules {
+            data_files: true,
+            ..Rules::AS_WRITTEN
+        },
+    );
+    assert_eq!(analysis.checked.is_some(), analysis.errors == 0);
+    assert_eq!(analysis.plan.is_some(), analysis.errors == 0);
+    let diags = analysis.diagnostics;
     // Rendering must not panic either, whatever the spans.
     let _ = render_human(&sources, &diags);
     let _ = render_json(&sources, &diags);
+}
+
+/// Models that break the front end's rules but are still built go on to the planner
+/// (memory and costs included): shapes no checked model has must not make it panic.
+#[test]
+fn models_with_broken_rules_are_planned_without_a_panic() {
+    let model = |fields: &str, layer: &str| {
+        format!(
+            "use std.gates.*\nmodel m {{\n    {fields}\n    block = transformer(attention = \
+             causal(), ffn = mlp(hidden = 64))\n    {layer}\n}}\nparallel {{ gpus = 4; \
+             tensor = 2 }}\ntrain {{ data = builtin(\"shakespeare\"); batch = 8 x 8 tokens; \
+             steps = 2; optimizer = adamw(lr = 1e-3) }}\n"
+        )
+    };
+    let fields = [
+        "vocab = 256; context = 8; width = 2; heads = 4; depth = 2",
+        "vocab = 256; context = 8; width = 30; heads = 4; depth = 2",
+        "vocab = 256; context = 8; width = 32; heads = 4; kv_heads = 3; depth = 2",
+        "vocab = 2; context = 4; width = 32; heads = 4; depth = 2",
+    ];
+    let layers = [
+        "layers[1].ffn = moe(experts = 2, top_k = 3, expert = mlp(hidden = 2))",
+        "layers[1].ffn = moe(experts = 1, gate = switch(), expert = mlp(hidden = 3))",
+        "layers[0].ffn = moe(experts = 4, top_k = 1, gate = gshard(), expert = mlp(hidden = 1))",
+        "",
+    ];
+    for f in fields {
+        for l in layers {
+            check_text(model(f, l));
+        }
+    }
 }
 
 // Each case checks a whole file against the whole stdlib (about 20 ms in a debug

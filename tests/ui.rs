@@ -1,12 +1,13 @@
 //! UI tests: each `tests/ui/NAME.fmoe` is a bad (or warning-worthy) input, and
 //! `tests/ui/NAME.stderr` holds its diagnostics as `fmoec check` renders them (human
-//! format, no colour). Run with `FMOEC_BLESS=1` to rewrite the `.stderr` files; the
-//! differences are printed either way, so a bless can be reviewed.
+//! format, no colour): the front end's and the planner's, found in one pass. Run with
+//! `FMOEC_BLESS=1` to rewrite the `.stderr` files; the differences are printed either way,
+//! so a bless can be reviewed.
 
 use std::path::{Path, PathBuf};
 
-use fmoec::check;
-use fmoec::diag::{render_human, Sink, Sources};
+use fmoec::diag::{render_human, Sources};
+use fmoec::driver::{analyse, Rules};
 
 fn ui_files() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
@@ -25,15 +26,27 @@ fn render(path: &Path) -> (String, usize, usize) {
     let name = format!("tests/ui/{}", path.file_name().unwrap().to_string_lossy());
     let mut sources = Sources::new();
     let file = sources.add(name, text);
-    let mut sink = Sink::new();
-    let checked = check::check_file(&mut sources, file, &mut sink);
-    let errors = sink.error_count();
-    let diags = sink.into_sorted();
+    let analysis = analyse(
+        &mut sources,
+        file,
+        &Default::default(),
+        Rules {
+            data_files: true,
+            ..Rules::AS_WRITTEN
+        },
+    );
+    let errors = analysis.errors;
     assert_eq!(
-        checked.is_some(),
+        analysis.checked.is_some(),
         errors == 0,
         "a file checks iff it has no errors"
     );
+    assert_eq!(
+        analysis.plan.is_some(),
+        errors == 0,
+        "a file plans iff it has no errors"
+    );
+    let diags = analysis.diagnostics;
     (render_human(&sources, &diags), errors, diags.len())
 }
 

@@ -5,7 +5,7 @@
 //! rules, `E05xx` parallel rules, `E06xx` train rules, `E07xx` stdlib declarations,
 //! `W0xxx` warnings. (`E01xx` are syntax errors, in `syntax::errors`.)
 
-use crate::diag::{Diagnostic, Span};
+use crate::diag::{count, Diagnostic, Span};
 
 fn list(items: &[String]) -> String {
     let quoted: Vec<String> = items.iter().map(|s| format!("`{s}`")).collect();
@@ -536,48 +536,78 @@ pub fn layer_assigned_twice(span: Span, index: u64, first: Span) -> Diagnostic {
     )
 }
 
+/// Where a rule about one argument's value points: the value the user wrote, or, when the
+/// signature's default supplied it, the user's call (with a note at the default in the
+/// stdlib), since that call is what the user can change.
+#[derive(Clone, Copy, Debug)]
+pub enum ArgAt {
+    Written(Span),
+    Defaulted { call: Span, default: Span },
+}
+
+/// A diagnostic about argument `param` (value `value`) at `at`; `label` says what is wrong
+/// with the value.
+fn about_argument(
+    code: &str,
+    at: ArgAt,
+    param: &str,
+    value: u64,
+    message: String,
+    label: String,
+) -> Diagnostic {
+    match at {
+        ArgAt::Written(span) => Diagnostic::error(code, span, message).with_label(label),
+        ArgAt::Defaulted { call, default } => Diagnostic::error(code, call, message)
+            .with_label(format!(
+                "`{param}` is not given here, so it is {value}: {label}"
+            ))
+            .with_secondary(default, format!("the default of `{param}`")),
+    }
+}
+
 pub fn top_k_exceeds_experts(
-    span: Span,
+    at: ArgAt,
     top_k: u64,
     experts: u64,
     experts_span: Span,
 ) -> Diagnostic {
-    Diagnostic::error(
+    about_argument(
         "E0412",
-        span,
-        format!("top_k = {top_k} is more than the {experts} experts"),
+        at,
+        "top_k",
+        top_k,
+        format!(
+            "top_k = {top_k} is more than the layer's {}",
+            count(experts, "expert", "experts")
+        ),
+        "each token would need more experts than exist".into(),
     )
-    .with_label("each token would need more experts than exist")
     .with_secondary(experts_span, "experts set here")
+    .with_help(format!("set `top_k` to at most {experts}"))
 }
 
 pub fn gate_needs_top_k(
-    span: Span,
+    at: ArgAt,
     gate: &str,
     needed: u64,
     top_k: u64,
     gate_span: Span,
 ) -> Diagnostic {
-    Diagnostic::error(
+    about_argument(
         "E0413",
-        span,
+        at,
+        "top_k",
+        top_k,
         format!("the `{gate}` gate routes to top-{needed}, but top_k = {top_k}"),
+        format!("must be {needed} for `{gate}`"),
     )
-    .with_label(format!("must be {needed} for `{gate}`"))
     .with_secondary(gate_span, "gate chosen here")
+    .with_help(format!("write `top_k = {needed}` in this `moe(...)`"))
 }
 
 // ---- E05xx: parallel rules --------------------------------------------------------
-
-pub fn gpus_not_divisible(span: Span, gpus: u64, tensor: u64, pipeline: u64) -> Diagnostic {
-    Diagnostic::error(
-        "E0501",
-        span,
-        format!("{gpus} GPUs cannot be split into tensor {tensor} x pipeline {pipeline} groups"),
-    )
-    .with_label(format!("{gpus} is not divisible by {}", tensor * pipeline))
-    .with_help("the data-parallel size is gpus / (tensor * pipeline) and must be whole")
-}
+// E0501 and E0505-E0507 were copies of the planner's rules; the planner reports them
+// (P0001, P0008, P0002, P0006). Codes are never reused.
 
 #[allow(clippy::too_many_arguments)]
 pub fn data_mismatch(
@@ -593,7 +623,7 @@ pub fn data_mismatch(
         "E0502",
         span,
         format!(
-            "data = {given}, but {gpus} GPUs / (tensor {tensor} x pipeline {pipeline}) = {derived}"
+            "data = {given}, but gpus / (tensor x pipeline) = {gpus} / ({tensor} x {pipeline}) = {derived}"
         ),
     )
     .with_label(format!("should be {derived}"))
@@ -627,47 +657,8 @@ pub fn bad_expert_group(span: Span, found: &str, help: Option<String>) -> Diagno
     )
 }
 
-pub fn group_not_dividing(span: Span, size: u64, data: u64, data_span: Span) -> Diagnostic {
-    Diagnostic::error(
-        "E0505",
-        span,
-        format!("expert groups of {size} do not divide the {data} data ranks"),
-    )
-    .with_label(format!("{data} is not divisible by {size}"))
-    .with_secondary(data_span, "data size from here")
-}
-
-pub fn heads_not_divisible_by_tensor(
-    span: Span,
-    heads: u64,
-    tensor: u64,
-    heads_span: Span,
-) -> Diagnostic {
-    Diagnostic::error(
-        "E0506",
-        span,
-        format!("{heads} heads cannot be split over tensor = {tensor} ranks"),
-    )
-    .with_label(format!("{heads} is not divisible by {tensor}"))
-    .with_secondary(heads_span, "heads set here")
-}
-
-pub fn depth_not_divisible_by_pipeline(
-    span: Span,
-    depth: u64,
-    pipeline: u64,
-    depth_span: Span,
-) -> Diagnostic {
-    Diagnostic::error(
-        "E0507",
-        span,
-        format!("{depth} layers cannot be split into pipeline = {pipeline} equal stages"),
-    )
-    .with_label(format!("{depth} is not divisible by {pipeline}"))
-    .with_secondary(depth_span, "depth set here")
-}
-
 // ---- E06xx: train rules -----------------------------------------------------------
+// E0602 was a copy of the planner's P0011 (the batch over data ranks and micro-batches).
 
 pub fn seq_len_past_context(span: Span, len: u64, context: u64, context_span: Span) -> Diagnostic {
     Diagnostic::error(
@@ -677,26 +668,6 @@ pub fn seq_len_past_context(span: Span, len: u64, context: u64, context_span: Sp
     )
     .with_label(format!("at most {context}"))
     .with_secondary(context_span, "context set here")
-}
-
-pub fn batch_not_divisible(
-    span: Span,
-    seqs: u64,
-    data: u64,
-    micro: Option<u64>,
-    at: Span,
-) -> Diagnostic {
-    let (what, n) = match micro {
-        Some(m) => (format!("{data} data ranks x micro-batch {m}"), data * m),
-        None => (format!("{data} data ranks"), data),
-    };
-    Diagnostic::error(
-        "E0602",
-        span,
-        format!("a batch of {seqs} sequences does not split over {what}"),
-    )
-    .with_label(format!("{seqs} is not divisible by {n}"))
-    .with_secondary(at, "set here")
 }
 
 pub fn every_wrong_arg(span: Span, arg: &str, here: &str, belongs: &str) -> Diagnostic {
@@ -712,7 +683,7 @@ pub fn byte_vocab_too_small(span: Span, vocab: u64, vocab_span: Span) -> Diagnos
     Diagnostic::error(
         "E0604",
         span,
-        format!("text data is read as bytes (256 tokens), but vocab = {vocab}"),
+        format!("this data is read as bytes (token ids 0 to 255), but vocab = {vocab}"),
     )
     .with_label("byte-level data")
     .with_secondary(vocab_span, "vocab set here")
@@ -720,7 +691,7 @@ pub fn byte_vocab_too_small(span: Span, vocab: u64, vocab_span: Span) -> Diagnos
 }
 
 pub fn tokenizer_unreadable(span: Span, error: &str) -> Diagnostic {
-    Diagnostic::error("E0605", span, "cannot load the tokenizer")
+    Diagnostic::error("E0608", span, "cannot load the tokenizer")
         .with_label(error.to_string())
         .with_help("paths are relative to the working directory")
 }
@@ -751,6 +722,20 @@ pub fn jsonl_without_tokenizer(span: Span) -> Diagnostic {
             "add `tokenizer = hf(\"tokenizer.json\")` to the train block \
              (`fmoec tokenizer train` makes one)",
         )
+}
+
+pub fn unknown_corpus(span: Span, name: &str, known: &[&str], help: Option<String>) -> Diagnostic {
+    let names: Vec<String> = known.iter().map(|n| format!("`{n}`")).collect();
+    with_opt_help(
+        Diagnostic::error(
+            "E0605",
+            span,
+            format!("there is no built-in corpus named `{name}`"),
+        )
+        .with_label("not built in")
+        .with_note(format!("the built-in corpora: {}", names.join(", "))),
+        help,
+    )
 }
 
 // ---- E07xx: stdlib declarations ----------------------------------------------------
@@ -848,7 +833,10 @@ pub fn warmup_past_steps(span: Span, warmup: u64, steps: u64, steps_span: Span) 
     Diagnostic::warning(
         "W0007",
         span,
-        format!("warmup of {warmup} steps is longer than training ({steps} steps)"),
+        format!(
+            "warmup of {warmup} steps is longer than training ({})",
+            count(steps, "step", "steps")
+        ),
     )
     .with_label("the learning rate never reaches its peak")
     .with_secondary(steps_span, "steps set here")
@@ -863,7 +851,7 @@ pub fn vocab_not_megatron_padded(
     tokenizer_span: Span,
 ) -> Diagnostic {
     Diagnostic::warning(
-        "W0009",
+        "W0010",
         span,
         format!("vocab = {vocab} is not the tokenizer's {size} tokens padded as Megatron-LM pads them ({padded})"),
     )
@@ -875,11 +863,30 @@ pub fn vocab_not_megatron_padded(
     .with_help(format!("set `vocab = {padded}` to train the model Megatron-LM would"))
 }
 
+pub fn data_file_missing(span: Span, files: &[String]) -> Diagnostic {
+    let shown: Vec<String> = files.iter().map(|f| format!("`{f}`")).collect();
+    let (what, verb) = if files.len() == 1 {
+        ("file", "does")
+    } else {
+        ("files", "do")
+    };
+    Diagnostic::warning(
+        "W0009",
+        span,
+        format!("the data {what} {} {verb} not exist", shown.join(" and ")),
+    )
+    .with_label("not found")
+    .with_note("paths are relative to the directory `fmoec run` starts in; the run stops if the data is missing then")
+}
+
 pub fn every_past_steps(span: Span, every: u64, steps: u64, steps_span: Span) -> Diagnostic {
     Diagnostic::warning(
         "W0008",
         span,
-        format!("every {every} steps never comes in {steps} steps of training"),
+        format!(
+            "every {every} steps never comes in {} of training",
+            count(steps, "step", "steps")
+        ),
     )
     .with_label("longer than the training")
     .with_secondary(steps_span, "steps set here")

@@ -485,8 +485,9 @@ impl Checker<'_> {
                                 did_you_mean(&n.name, names),
                                 sig.name_span,
                             ));
+                            // Reported and left out: the call is still made from the
+                            // other arguments, so that the rules about it run in this pass.
                             self.eval(&a.value, ctx);
-                            failed = true;
                             unknown_given = true;
                             continue;
                         }
@@ -560,11 +561,13 @@ impl Checker<'_> {
                 },
             );
         }
-        if !missing.is_empty() && !unknown_given {
-            self.sink.push(
-                errors::missing_arguments(span, &sig.name, &missing, None)
-                    .with_help(format!("the signature is `{}`", sig.display())),
-            );
+        if !missing.is_empty() {
+            if !unknown_given {
+                self.sink.push(
+                    errors::missing_arguments(span, &sig.name, &missing, None)
+                        .with_help(format!("the signature is `{}`", sig.display())),
+                );
+            }
             failed = true;
         }
         if failed {

@@ -71,8 +71,10 @@ impl<'a> Checker<'a> {
         c
     }
 
-    /// Checks every item of the user's module and returns the checked file.
-    fn check_user(&mut self, m: ModId) -> Option<Checked> {
+    /// Checks every item of the user's module and returns what could be built of it,
+    /// errors or not (see [`BestEffort`]). `errors_before`: the sink's error count before
+    /// the user's file was parsed.
+    fn check_user(&mut self, m: ModId, errors_before: usize) -> BestEffort {
         let file_start = Span::new(self.modules[m].file, 0, 0);
         let items: Vec<(String, EntityKind, Span)> = self.modules[m]
             .items
@@ -136,7 +138,7 @@ impl<'a> Checker<'a> {
             }
         }
         let parallel = match &parallel_block {
-            Some(b) => self.parallel(m, b, model.as_ref()),
+            Some(b) => self.parallel(m, b),
             None => {
                 let at = model.as_ref().map(|md| md.spans.name).unwrap_or(file_start);
                 self.default_parallel(at)
@@ -145,17 +147,18 @@ impl<'a> Checker<'a> {
         let train = train_block
             .as_ref()
             .map(|b| self.train(m, b, model.as_ref(), parallel.as_ref()));
-        self.report_unused(m);
-        let train = match train {
-            Some(None) => return None,
-            Some(t) => t,
-            None => None,
-        };
-        Some(Checked {
-            model: model?,
-            parallel: parallel?,
-            train,
-        })
+        // Where a check stopped early (an error), what it would have used is unknown:
+        // "unused" would be a guess, and a wrong one sends the user after the wrong line.
+        if self.sink.error_count() == errors_before {
+            self.report_unused(m);
+        }
+        let complete = model.is_some() && parallel.is_some() && !matches!(train, Some(None));
+        BestEffort {
+            model,
+            parallel,
+            train: train.flatten(),
+            complete,
+        }
     }
 
     /// Warnings for the user's imports, constants and definitions that nothing used.
@@ -235,6 +238,34 @@ impl<'a> Checker<'a> {
     }
 }
 
+/// What the front end could build of a file, whether or not it found errors: the rules of
+/// later phases (the planner's) run on it so that one `fmoec check` reports the mistakes of
+/// every phase. Each block is here when it could be built, even where a rule about it
+/// failed (the errors are in the sink). Never hand it to a back end: only [`check_file`]'s
+/// result is checked.
+#[derive(Clone, Debug)]
+pub struct BestEffort {
+    pub model: Option<Model>,
+    /// The `parallel` block, or the single-GPU default of a file without one.
+    pub parallel: Option<Parallel>,
+    /// The `train` block; `None` also when the file has one that could not be built.
+    pub train: Option<Train>,
+    /// Every block the file declares was built (the model, the placement, and training
+    /// when declared): plans of what is here describe the file.
+    pub complete: bool,
+}
+
+impl BestEffort {
+    /// The three blocks as one [`Checked`], when the model and its placement were built.
+    pub fn checked(&self) -> Option<Checked> {
+        Some(Checked {
+            model: self.model.clone()?,
+            parallel: self.parallel.clone()?,
+            train: self.train.clone(),
+        })
+    }
+}
+
 /// Parses and checks one source file already added to `sources`.
 ///
 /// Every problem goes to `sink` (all of them, not just the first); the result is
@@ -252,6 +283,22 @@ pub fn check_file_with(
     user_hardware: &std::collections::BTreeMap<String, Hardware>,
 ) -> Option<Checked> {
     let errors_before = sink.error_count();
+    let best = check_file_best_effort(sources, file, sink, user_hardware);
+    if sink.error_count() > errors_before {
+        None
+    } else {
+        best.checked()
+    }
+}
+
+/// Parses and checks one source file, reporting every problem to `sink`, and returns what
+/// could be built of it even where there were errors (see [`BestEffort`]).
+pub fn check_file_best_effort(
+    sources: &mut Sources,
+    file: FileId,
+    sink: &mut Sink,
+    user_hardware: &std::collections::BTreeMap<String, Hardware>,
+) -> BestEffort {
     let text = sources.text(file).to_string();
     let name = sources.name(file).to_string();
     let mut checker = Checker::with_stdlib(sources, sink);
@@ -262,12 +309,7 @@ pub fn check_file_with(
     checker.add_module(&name, file, false, parsed);
     checker.resolve_imports();
     let m = checker.modules.len() - 1;
-    let checked = checker.check_user(m);
-    if sink.error_count() > errors_before {
-        None
-    } else {
-        checked
-    }
+    checker.check_user(m, before_parse)
 }
 
 /// Checks the embedded stdlib on its own: every signature, preset, hardware profile

@@ -235,19 +235,20 @@ impl Checker<'_> {
             }
         }
         let width_n = uint(&width);
+        // The shape rules leave a well-formed model (reported, not fatal), so that later
+        // rules, the planner's included, still run in the same pass. `ok` is about whether
+        // the model could be built at all.
         let mut ok = true;
         if heads_n > 0 && width_n % heads_n != 0 {
             self.sink.push(errors::width_not_divisible(
                 width.span, width_n, heads_n, heads.span,
             ));
-            ok = false;
         }
         if kv_n > 0 && heads_n % kv_n != 0 {
             let kv_span = kv_heads.as_ref().map(|v| v.span).unwrap_or(heads.span);
             self.sink.push(errors::heads_not_divisible(
                 kv_span, heads_n, kv_n, heads.span,
             ));
-            ok = false;
         }
 
         // Layers: the block's feed-forward everywhere, then the selections.
@@ -520,15 +521,22 @@ impl Checker<'_> {
             }),
             None => None,
         };
-        let mut ok = true;
+        // A rule broken here leaves a well-formed layer: it is reported, and the model is
+        // still built so that the planner's rules can run on it in the same pass.
+        let top_k_at = match c.explicit("top_k") {
+            Some(v) => errors::ArgAt::Written(v.span),
+            None => errors::ArgAt::Defaulted {
+                call: c.callee_span,
+                default: top_k_v.span,
+            },
+        };
         if top_k > experts {
             self.sink.push(errors::top_k_exceeds_experts(
-                top_k_v.span,
+                top_k_at,
                 top_k,
                 experts,
                 experts_v.span,
             ));
-            ok = false;
         }
         let kind = match gate_c.name.as_str() {
             "noisy" => GateKind::Noisy,
@@ -545,13 +553,12 @@ impl Checker<'_> {
         if let Some(k) = needed {
             if top_k != k {
                 self.sink.push(errors::gate_needs_top_k(
-                    top_k_v.span,
+                    top_k_at,
                     &gate_c.name,
                     k,
                     top_k,
                     gate_c.callee_span,
                 ));
-                ok = false;
             }
         }
         let capacity = gate_c.arg("capacity").and_then(|v| match &v.value {
@@ -569,7 +576,7 @@ impl Checker<'_> {
             random_routing: gate_c.arg("random_routing").map(boolean).unwrap_or(false),
             span: gate_c.span,
         };
-        ok.then_some(Moe {
+        Some(Moe {
             experts,
             top_k,
             gate,

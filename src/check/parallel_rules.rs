@@ -1,6 +1,9 @@
 //! The `parallel` block: GPUs and their hardware profile, tensor and pipeline sizes,
 //! the derived (or checked) data size, the expert group, expert slicing, micro-batch.
-//! Only the rules that need no plan live here; the planner adds the deeper ones.
+//! Only what the block says on its own is checked here (types, names, a `data` that
+//! disagrees with the derived one); every rule about how the model splits over the GPUs
+//! (divisibility of the grid, heads, depth, experts, batch; memory) is the planner's, which
+//! `fmoec check` runs on the block as written.
 
 use std::rc::Rc;
 
@@ -63,12 +66,7 @@ impl Checker<'_> {
         }
     }
 
-    pub(crate) fn parallel(
-        &mut self,
-        m: ModId,
-        block: &Rc<ast::Block>,
-        model: Option<&Model>,
-    ) -> Option<Parallel> {
+    pub(crate) fn parallel(&mut self, m: ModId, block: &Rc<ast::Block>) -> Option<Parallel> {
         let fields = self.block_fields(block, PARALLEL_FIELDS);
         let ctx = Ctx::module(m);
         let mut spans = ParallelSpans {
@@ -127,27 +125,15 @@ impl Checker<'_> {
         let pipeline = pipeline_v.as_ref().map(uint).unwrap_or(1);
         spans.tensor = tensor_v.as_ref().map(|v| v.span).unwrap_or(block.kw_span);
         spans.pipeline = pipeline_v.as_ref().map(|v| v.span).unwrap_or(block.kw_span);
-        let mp = tensor.saturating_mul(pipeline);
-        let mut data = 1;
-        if ok && mp > 0 {
-            if gpus % mp != 0 {
-                let mut d = errors::gpus_not_divisible(spans.gpus, gpus, tensor, pipeline);
-                if let Some(t) = &tensor_v {
-                    d = d.with_secondary(t.span, "tensor size");
-                }
-                if let Some(p) = &pipeline_v {
-                    d = d.with_secondary(p.span, "pipeline size");
-                }
-                self.sink.push(d);
-                ok = false;
-            } else {
-                data = gpus / mp;
-            }
-        }
+        // Whether `gpus` splits into tensor x pipeline groups is the planner's rule (P0001);
+        // until it has said so, `data` is only a stand-in.
+        let mp = tensor.saturating_mul(pipeline).max(1);
+        let divides = gpus % mp == 0;
+        let data = (gpus / mp).max(1);
         spans.data = spans.gpus;
         if let Some(dv) = self.typed_field(&fields, "data", &pos_int(), ctx) {
             spans.data = dv.span;
-            if ok && uint(&dv) != data {
+            if ok && divides && uint(&dv) != data {
                 self.sink.push(errors::data_mismatch(
                     dv.span,
                     uint(&dv),
@@ -157,7 +143,6 @@ impl Checker<'_> {
                     pipeline,
                     spans.gpus,
                 ));
-                ok = false;
             }
         } else if fields.contains_key("data") {
             ok = false;
@@ -182,17 +167,11 @@ impl Checker<'_> {
                     }
                     Value::Symbol(s) if s == "replicated" => ExpertGroup::Replicated,
                     Value::Ctor(c) if c.name == "groups_of" => {
-                        let size_v = c.arg("size").cloned();
-                        let size = size_v.as_ref().map(uint).unwrap_or(1);
-                        if ok && size > 0 && data % size != 0 {
-                            self.sink.push(errors::group_not_dividing(
-                                size_v.map(|v| v.span).unwrap_or(f.value.span),
-                                size,
-                                data,
-                                spans.data,
-                            ));
-                            ok = false;
+                        // the planner's rules about the group point at its size
+                        if let Some(size) = c.arg("size") {
+                            spans.experts = size.span;
                         }
+                        let size = c.arg("size").map(uint).unwrap_or(1);
                         ExpertGroup::Size { size }
                     }
                     Value::Error => {
@@ -244,26 +223,6 @@ impl Checker<'_> {
                 None
             }
         };
-        if let Some(model) = model {
-            if ok && model.attention.heads % tensor != 0 {
-                self.sink.push(errors::heads_not_divisible_by_tensor(
-                    spans.tensor,
-                    model.attention.heads,
-                    tensor,
-                    model.spans.heads,
-                ));
-                ok = false;
-            }
-            if ok && model.depth() % pipeline != 0 {
-                self.sink.push(errors::depth_not_divisible_by_pipeline(
-                    spans.pipeline,
-                    model.depth(),
-                    pipeline,
-                    model.spans.depth,
-                ));
-                ok = false;
-            }
-        }
         let hardware = hardware?;
         ok.then_some(Parallel {
             declared: true,

@@ -1,7 +1,9 @@
 //! The `train` block: data source, batch shape (`32 x 1024 tokens`), steps, optimizer,
 //! schedule, gradient clipping, precision, checkpoint and eval policies, seed; and the
-//! rules tying it to the model and the parallel block (sequence length within context,
-//! batch divisible over data ranks and micro-batches).
+//! rules tying it to the model (sequence length within context, a byte vocabulary for
+//! byte-level data) and to what exists (the built-in corpora's names; for `fmoec check`, a
+//! warning for data files that are not there). How the batch splits over data ranks and
+//! micro-batches is the planner's rule.
 
 use std::rc::Rc;
 
@@ -33,6 +35,9 @@ pub const TRAIN_FIELDS: &[&str] = &[
     "eval",
     "seed",
 ];
+
+/// The corpora `builtin(...)` names (embedded in the binary; byte level, like `text(...)`).
+pub use crate::data::corpus::BUILTIN_NAMES as BUILTIN_CORPORA;
 
 /// Default seed of a `train` block without one.
 pub const DEFAULT_SEED: u64 = 1234;
@@ -84,6 +89,9 @@ impl Checker<'_> {
             }
         });
         spans.data = data_v.as_ref().map(|v| v.span).unwrap_or(kw);
+        if let Some(c) = data_v.as_ref().and_then(ctor_of) {
+            self.builtin_corpus_exists(&c);
+        }
         let tokenizer_v =
             self.typed_field(&fields, "tokenizer", &Type::Kind("tokenizer".into()), ctx);
         ok &= tokenizer_v.is_some() || !fields.contains_key("tokenizer");
@@ -305,7 +313,6 @@ impl Checker<'_> {
                     model.context,
                     model.spans.context,
                 ));
-                ok = false;
             }
             if let Some((size, tok_span)) = tokenizer_vocab {
                 let tensor = parallel.map_or(1, |p| p.tensor);
@@ -330,32 +337,13 @@ impl Checker<'_> {
                     ));
                 }
             } else if let Some(DataSource::Text(_) | DataSource::Builtin(_)) = &data {
-                if model.vocab < 256 && matches!(&data, Some(DataSource::Text(_))) {
+                if model.vocab < 256 {
                     self.sink.push(errors::byte_vocab_too_small(
                         spans.data,
                         model.vocab,
                         model.spans.vocab,
                     ));
-                    ok = false;
                 }
-            }
-        }
-        if let (Some(p), Some(seqs)) = (parallel, sequences) {
-            let per = p.data * p.micro_batch.unwrap_or(1);
-            if per > 0 && seqs % per != 0 {
-                let at = if p.micro_batch.is_some() {
-                    p.spans.micro_batch
-                } else {
-                    p.spans.data
-                };
-                self.sink.push(errors::batch_not_divisible(
-                    spans.batch,
-                    seqs,
-                    p.data,
-                    p.micro_batch,
-                    at,
-                ));
-                ok = false;
             }
         }
         if !ok {
@@ -377,6 +365,26 @@ impl Checker<'_> {
         })
     }
 
+    /// A built-in corpus must be one the binary has.
+    fn builtin_corpus_exists(&mut self, c: &super::value::CtorValue) {
+        if c.name != "builtin" {
+            return;
+        }
+        let Some(arg) = c.arg("name") else {
+            return;
+        };
+        let name = string(arg);
+        if !BUILTIN_CORPORA.contains(&name.as_str()) {
+            let help = crate::diag::did_you_mean(&name, BUILTIN_CORPORA.iter().copied());
+            self.sink.push(errors::unknown_corpus(
+                arg.span,
+                &name,
+                BUILTIN_CORPORA,
+                help,
+            ));
+        }
+    }
+
     fn every_past_steps(
         &mut self,
         c: &super::value::CtorValue,
@@ -390,4 +398,26 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// A warning when the text file or Megatron dataset of `train` is not there, relative to
+/// the working directory as `fmoec run` reads it. Only `fmoec check` asks: the data of a
+/// plan or an emitted Megatron training lives where it will run, not here.
+pub fn data_files_missing(train: &Train) -> Option<crate::diag::Diagnostic> {
+    fn files(source: &DataSource) -> Vec<String> {
+        match source {
+            DataSource::Builtin(_) => Vec::new(),
+            DataSource::Text(path) | DataSource::Jsonl { path, .. } => vec![path.clone()],
+            DataSource::Megatron(prefix) => [".bin", ".idx"]
+                .iter()
+                .map(|ext| format!("{prefix}{ext}"))
+                .collect(),
+            DataSource::Tokenized { source, .. } => files(source),
+        }
+    }
+    let missing: Vec<String> = files(&train.data)
+        .into_iter()
+        .filter(|f| !std::path::Path::new(f).is_file())
+        .collect();
+    (!missing.is_empty()).then(|| errors::data_file_missing(train.spans.data, &missing))
 }

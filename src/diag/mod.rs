@@ -308,7 +308,7 @@ struct JsonDiagnostic<'a> {
     severity: Severity,
     code: &'a str,
     message: &'a str,
-    primary: JsonLabel<'a>,
+    primary: Option<JsonLabel<'a>>,
     secondary: Vec<JsonLabel<'a>>,
     help: Option<&'a str>,
     notes: &'a [String],
@@ -330,19 +330,53 @@ fn json_label<'a>(sources: &'a Sources, l: &'a Label) -> JsonLabel<'a> {
 /// `severity`, `code`, `message`, `primary` and `secondary` labels (`file`, `line`,
 /// `column`, byte `start`/`end`, `message`), `help` and `notes`.
 pub fn render_json(sources: &Sources, diagnostics: &[Diagnostic]) -> String {
-    let items: Vec<JsonDiagnostic> = diagnostics
+    serde_json::to_string_pretty(&json_items(sources, diagnostics)).unwrap_or_else(|_| "[]".into())
+}
+
+/// The elements of [`render_json`]'s array, to be joined with other files' into one array.
+pub fn json_items(sources: &Sources, diagnostics: &[Diagnostic]) -> Vec<serde_json::Value> {
+    diagnostics
         .iter()
         .map(|d| JsonDiagnostic {
             severity: d.severity,
             code: &d.code,
             message: &d.message,
-            primary: json_label(sources, &d.primary),
+            primary: Some(json_label(sources, &d.primary)),
             secondary: d.secondary.iter().map(|l| json_label(sources, l)).collect(),
             help: d.help.as_deref(),
             notes: &d.notes,
         })
-        .collect();
-    serde_json::to_string_pretty(&items).unwrap_or_else(|_| "[]".to_string())
+        .map(|j| serde_json::to_value(j).unwrap_or_default())
+        .collect()
+}
+
+/// A JSON error element for a problem with no place in a source: `primary` names `file`
+/// (line and column 0: the whole file) where one is concerned, else it is `null`.
+pub fn json_unplaced(code: &str, message: &str, file: Option<&str>) -> serde_json::Value {
+    let primary = file.map(|f| JsonLabel {
+        file: f,
+        line: 0,
+        column: 0,
+        start: 0,
+        end: 0,
+        message: "",
+    });
+    serde_json::to_value(JsonDiagnostic {
+        severity: Severity::Error,
+        code,
+        message,
+        primary,
+        secondary: Vec::new(),
+        help: None,
+        notes: &[],
+    })
+    .unwrap_or_default()
+}
+
+/// A count with its noun in the right number: `count(1, "expert", "experts")` is
+/// `1 expert`, `count(4, ...)` is `4 experts`. Messages never say "1 experts".
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// "did you mean `x`?": the closest candidate by edit distance, if close enough.

@@ -76,7 +76,7 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
     let release = match super::find_release(&args.megatron, &targets) {
         Ok((release, _)) => release,
         Err(e) => {
-            eprintln!("error: {e}");
+            driver::report_error(&e.to_string(), None, args.diagnostics);
             return Ok(ExitCode::from(2));
         }
     };
@@ -107,7 +107,7 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            driver::report_error(&e.to_string(), None, args.diagnostics);
             return Ok(ExitCode::from(2));
         }
     };
@@ -121,12 +121,15 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
     let clashes = conflicts(&output, &emitted.files);
     if !clashes.is_empty() && !args.force {
         for (path, why) in &clashes {
-            eprintln!("error: `{}` exists and is {why}", path.display());
+            let message = format!("`{}` exists and is {why}", path.display());
+            driver::report_error(&message, Some(path), args.diagnostics);
         }
-        eprintln!(
-            "nothing was written: choose another folder with --output, move those files, or \
-             pass --force to overwrite them"
-        );
+        let advice = "nothing was written: choose another folder with --output, move those \
+                      files, or pass --force to overwrite them";
+        match args.diagnostics {
+            DiagFormat::Human => eprintln!("{advice}"),
+            DiagFormat::Json => driver::report_error(advice, None, args.diagnostics),
+        }
         return Ok(ExitCode::from(1));
     }
     std::fs::create_dir_all(&output)

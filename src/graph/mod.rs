@@ -13,7 +13,9 @@
 //! - Parameters: linear layers `in*out` (+ `out` with `bias`); LayerNorm `2*width`,
 //!   RMSNorm `width`; token embedding `vocab*width`; learned positions `context*width`;
 //!   gate `width*experts` (+ `experts` with `bias`; a noisy gate has a second, noise
-//!   matrix and no bias); an untied LM head `vocab*width` without bias.
+//!   matrix and no bias); an untied LM head `vocab*width` without bias; a SwiGLU MLP three
+//!   matrices and the biases of a GELU one (`hidden` after the up projections, `width`
+//!   after the down one).
 //! - FLOPs: matmul FLOPs only, 2 per multiply-add, as Megatron-LM counts them for MFU;
 //!   elementwise ops (norms, activations, softmax, residual adds) count 0. Attention adds
 //!   `4*seq*width` per token for `QK^T` and `AV` (no discount for the causal mask).
@@ -273,11 +275,12 @@ fn norm_params(norm: Norm, width: u64) -> u64 {
 }
 
 /// Parameters of one MLP split as Megatron places them: the first matrix (or the two
-/// gated ones) column-parallel with their biases, the second row-parallel with its bias
-/// copied on every tensor rank.
+/// gated ones) column-parallel, the second row-parallel with its bias copied on every
+/// tensor rank. One bias of `hidden` follows the up projection: SwiGLU's gate matrix
+/// (`w3`) has none, as in the runtime and the emitted module (`silu(x·w3) * (x·w1 + b1)`).
 pub fn mlp_params(width: u64, mlp: &Mlp, bias: bool) -> Params {
     let up = mlp.act.matrices() - 1;
-    let col = up * linear(width, mlp.hidden, bias);
+    let col = up * width * mlp.hidden + if bias { mlp.hidden } else { 0 };
     Params {
         sharded: col + width * mlp.hidden,
         replicated: if bias { width } else { 0 },
@@ -543,14 +546,14 @@ fn lower_moe(b: &mut Builder, model: &Model, moe: &Moe, i: usize, h: &Shape) -> 
     match &moe.shared {
         None => None,
         Some(shared) => {
+            // The shared experts are one MLP of `count` times the hidden size (DeepSeek-MoE's
+            // form, and the runtime's): one output bias, not one per expert.
             let mlp = Mlp {
                 hidden: shared.count * shared.expert.hidden,
                 act: shared.expert.act,
                 span: shared.expert.span,
             };
-            let mut params = mlp_params(w, &shared.expert, model.bias);
-            params.sharded *= shared.count;
-            params.replicated *= shared.count;
+            let params = mlp_params(w, &mlp, model.bias);
             let s = b.graph.add_node(node(
                 p("shared_experts"),
                 NodeKind::SharedExperts,

@@ -59,7 +59,7 @@ pub struct PlanArgs {
     /// emit` produces) or `fmoec` (the built-in runtime of `fmoec run`).
     #[arg(long, value_enum, value_name = "megatron|fmoec")]
     pub memory_model: Option<MemoryModel>,
-    /// How diagnostics are printed.
+    /// How diagnostics are printed: `human`, or `json` (one array on stderr).
     #[arg(long, value_enum, default_value_t)]
     pub diagnostics: DiagFormat,
 }
@@ -89,7 +89,19 @@ impl PlanArgs {
 }
 
 pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match driver::load(&args.file, args.diagnostics) {
+    // The front end and the planner's rules (under the overrides) run in one pass and
+    // report together; `--auto` plans many layouts itself.
+    let overrides = args.overrides();
+    let planning = if args.auto {
+        driver::Planning::None
+    } else {
+        driver::Planning::With(&overrides)
+    };
+    let rules = driver::Rules {
+        planning,
+        data_files: false,
+    };
+    let loaded = match driver::load_with(&args.file, args.diagnostics, rules) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
@@ -102,33 +114,20 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         });
     }
-    match super::build_with(&loaded.checked, &args.overrides()) {
-        Ok(plan) => {
-            driver::report(&loaded.sources, &plan.warnings, args.diagnostics);
-            let out = match args.format {
-                PlanFormat::Table => render::table(&plan),
-                PlanFormat::Json => render::json(&plan),
-                PlanFormat::Dot => {
-                    let g = graph::lower(&loaded.checked.model, plan.seq_len);
-                    render::dot(&plan, &g)
-                }
-            };
-            print!("{out}");
-            Ok(ExitCode::SUCCESS)
+    // `load_with` fails unless it made the plan it was asked for.
+    let plan = loaded
+        .plan
+        .ok_or_else(|| anyhow::anyhow!("no plan was made (a bug in fmoec; please report it)"))?;
+    let out = match args.format {
+        PlanFormat::Table => render::table(&plan),
+        PlanFormat::Json => render::json(&plan),
+        PlanFormat::Dot => {
+            let g = graph::lower(&loaded.checked.model, plan.seq_len);
+            render::dot(&plan, &g)
         }
-        Err(diags) => {
-            driver::report(&loaded.sources, &diags, args.diagnostics);
-            if args.diagnostics == DiagFormat::Human {
-                eprintln!(
-                    "error: no plan for `{}` due to {} error{}",
-                    args.file.display(),
-                    diags.len(),
-                    if diags.len() == 1 { "" } else { "s" }
-                );
-            }
-            Ok(ExitCode::from(1))
-        }
-    }
+    };
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `--top`: a count of 1 or more.

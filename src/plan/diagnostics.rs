@@ -3,7 +3,7 @@
 //! Codes are `P0001`...; never reuse or renumber one. Constructors take the values and
 //! spans they talk about and know nothing about how the planner found the problem.
 
-use crate::diag::{Diagnostic, Span};
+use crate::diag::{count, Diagnostic, Span};
 
 /// `gpus` not divisible by `tensor × pipeline`.
 pub const WORLD_NOT_DIVISIBLE: &str = "P0001";
@@ -40,10 +40,11 @@ fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
+/// `tensor` and `pipeline` carry the span of their value where the file writes one.
 pub fn world_not_divisible(
     gpus: (u64, Span),
-    tensor: (u64, Span),
-    pipeline: (u64, Span),
+    tensor: (u64, Option<Span>),
+    pipeline: (u64, Option<Span>),
 ) -> Diagnostic {
     let tp = tensor.0 * pipeline.0;
     // the nearest multiples of tensor × pipeline below and above the world size
@@ -53,18 +54,24 @@ pub fn world_not_divisible(
         .filter(|g| *g > 0 && *g != gpus.0)
         .map(|g| g.to_string())
         .collect();
-    Diagnostic::error(
+    let mut d = Diagnostic::error(
         WORLD_NOT_DIVISIBLE,
         gpus.1,
         format!(
-            "{} GPUs cannot be split into tensor = {} × pipeline = {} ({} GPUs per data-parallel replica)",
-            gpus.0, tensor.0, pipeline.0, tp
+            "{} cannot be split into tensor = {} × pipeline = {} ({} per data-parallel replica)",
+            count(gpus.0, "GPU", "GPUs"),
+            tensor.0,
+            pipeline.0,
+            count(tp, "GPU", "GPUs")
         ),
     )
-    .with_label(format!("{} is not a multiple of {}", gpus.0, tp))
-    .with_secondary(tensor.1, "tensor size")
-    .with_secondary(pipeline.1, "pipeline size")
-    .with_help(format!(
+    .with_label(format!("{} is not a multiple of {}", gpus.0, tp));
+    for (what, (_, span)) in [("tensor size", tensor), ("pipeline size", pipeline)] {
+        if let Some(span) = span {
+            d = d.with_secondary(span, what);
+        }
+    }
+    d.with_help(format!(
         "use a multiple of {tp} GPUs (such as {}), or change tensor or pipeline",
         fits.join(" or ")
     ))
@@ -80,8 +87,9 @@ pub fn heads_not_divisible(heads: (u64, Span), tensor: (u64, Span), kv: bool) ->
         code,
         tensor.1,
         format!(
-            "{} {what} cannot be split over tensor = {} ranks",
-            heads.0, tensor.0
+            "{} cannot be split over tensor = {} ranks",
+            count(heads.0, &what[..what.len() - 1], what),
+            tensor.0
         ),
     )
     .with_label(format!("{} does not divide {}", tensor.0, heads.0))
@@ -89,11 +97,14 @@ pub fn heads_not_divisible(heads: (u64, Span), tensor: (u64, Span), kv: bool) ->
         heads.1,
         if kv {
             format!(
-                "heads declared here; the model has {} key/value heads",
-                heads.0
+                "heads declared here; the model has {}",
+                count(heads.0, "key/value head", "key/value heads")
             )
         } else {
-            format!("{} {what} declared here", heads.0)
+            format!(
+                "{} declared here",
+                count(heads.0, "attention head", "attention heads")
+            )
         },
     )
     .with_help(
@@ -135,8 +146,9 @@ pub fn depth_not_divisible(depth: (u64, Span), pipeline: (u64, Span)) -> Diagnos
         DEPTH_NOT_DIVISIBLE,
         pipeline.1,
         format!(
-            "{} layers cannot be split evenly over pipeline = {} stages",
-            depth.0, pipeline.0
+            "{} cannot be split evenly over pipeline = {} stages",
+            count(depth.0, "layer", "layers"),
+            pipeline.0
         ),
     )
     .with_label(format!("{} does not divide {}", pipeline.0, depth.0))
@@ -144,11 +156,13 @@ pub fn depth_not_divisible(depth: (u64, Span), pipeline: (u64, Span)) -> Diagnos
     .with_help("Megatron-LM v2.2 gives every stage the same number of layers: choose a pipeline size that divides the depth")
 }
 
+/// `group_span`: the `experts = ...` line of the `parallel` block where the file has one,
+/// else the block itself (the expert group is then the data group, by default).
 pub fn experts_not_divisible(
     layer: usize,
     experts: (u64, Span),
     group: u64,
-    group_span: Span,
+    (group_span, group_written): (Span, bool),
 ) -> Diagnostic {
     Diagnostic::error(
         EXPERTS_NOT_DIVISIBLE,
@@ -158,8 +172,18 @@ pub fn experts_not_divisible(
             experts.0
         ),
     )
-    .with_label(format!("{} experts over {group} ranks", experts.0))
-    .with_secondary(group_span, format!("expert group of {group} ranks"))
+    .with_label(format!(
+        "{} over {group} ranks",
+        count(experts.0, "expert", "experts")
+    ))
+    .with_secondary(
+        group_span,
+        if group_written {
+            format!("expert group of {group} ranks")
+        } else {
+            format!("no `experts` line: the expert group is the data group, {group} ranks")
+        },
+    )
     .with_help(format!(
         "every rank of an expert group holds the same number of experts: use a multiple of {group} experts, or a smaller expert group"
     ))
@@ -169,7 +193,10 @@ pub fn expert_group_not_divisible(size: u64, data: u64, at: Span) -> Diagnostic 
     Diagnostic::error(
         EXPERT_GROUP_NOT_DIVISIBLE,
         at,
-        format!("an expert group of {size} ranks does not divide the {data} data-parallel ranks"),
+        format!(
+            "an expert group of {size} ranks does not divide the {}",
+            count(data, "data-parallel rank", "data-parallel ranks")
+        ),
     )
     .with_label(format!("{size} does not divide {data}"))
     .with_help("expert groups are consecutive data ranks: choose a size that divides the data size")
@@ -218,19 +245,46 @@ pub fn zero_size(what: &str, at: Span) -> Diagnostic {
     Diagnostic::error(ZERO_SIZE, at, format!("{what} must be at least 1")).with_label("0 here")
 }
 
-pub fn batch_not_divisible(batch: u64, data: u64, micro: u64, at: Span) -> Diagnostic {
-    Diagnostic::error(
+/// `micro`: the micro-batch when one is given (the file or `--micro-batch`), else the batch
+/// must at least split over the data ranks.
+pub fn batch_not_divisible(
+    batch: u64,
+    (data, data_at): (u64, Option<Span>),
+    micro: Option<u64>,
+    at: Span,
+) -> Diagnostic {
+    let per_step = data * micro.unwrap_or(1);
+    let over = match micro {
+        Some(m) => format!(
+            "into micro-batches of {m} over {}",
+            count(data, "data-parallel rank", "data-parallel ranks")
+        ),
+        None => format!(
+            "over {}",
+            count(data, "data-parallel rank", "data-parallel ranks")
+        ),
+    };
+    let mut d = Diagnostic::error(
         BATCH_NOT_DIVISIBLE,
         at,
         format!(
-            "a global batch of {batch} sequences cannot be split into micro-batches of {micro} over {data} data-parallel ranks"
+            "a global batch of {} cannot be split {over}",
+            count(batch, "sequence", "sequences")
         ),
     )
-    .with_label(format!("{batch} is not a multiple of {}", data * micro))
-    .with_help(format!(
-        "use a multiple of {} sequences, or another micro-batch or data size",
-        data * micro
-    ))
+    .with_label(format!("{batch} is not a multiple of {per_step}"));
+    if let Some(span) = data_at {
+        d = d.with_secondary(
+            span,
+            format!("{} from here", count(data, "data rank", "data ranks")),
+        );
+    }
+    d.with_help(match micro {
+        Some(_) => {
+            format!("use a multiple of {per_step} sequences, or another micro-batch or data size")
+        }
+        None => format!("use a multiple of {per_step} sequences, or another data size"),
+    })
 }
 
 pub fn too_large(what: &str, value: u64, limit: u64, at: Span) -> Diagnostic {
@@ -248,7 +302,8 @@ pub fn too_many_to_list(world: u64, ids: u64, limit: u64, at: Span) -> Diagnosti
         TOO_MANY_TO_LIST,
         at,
         format!(
-            "the plan would list {ids} expert ids over its {world} ranks; fmoec lists at most {limit}"
+            "the plan would list {ids} expert ids over its {}; fmoec lists at most {limit}",
+            count(world, "rank", "ranks")
         ),
     )
     .with_label("too many ranks to list")
@@ -263,8 +318,9 @@ pub fn tensor_across_hosts(tensor: (u64, Span), gpus_per_node: u64) -> Diagnosti
         TENSOR_ACROSS_HOSTS,
         tensor.1,
         format!(
-            "tensor = {} spans more than one host of {gpus_per_node} GPUs: its all-reduces, several per layer, go over the network",
-            tensor.0
+            "tensor = {} spans more than one host of {}: its all-reduces, several per layer, go over the network",
+            tensor.0,
+            count(gpus_per_node, "GPU", "GPUs")
         ),
     )
     .with_label("tensor group crosses hosts")
@@ -278,8 +334,9 @@ pub fn large_bubble(bubble: f64, micro_batches: u64, pipeline: u64, at: Span) ->
         LARGE_BUBBLE,
         at,
         format!(
-            "the pipeline idles {:.0}% of each step: {micro_batches} micro-batch(es) for {pipeline} stages",
-            100.0 * bubble
+            "the pipeline idles {:.0}% of each step: {} for {pipeline} stages",
+            100.0 * bubble,
+            count(micro_batches, "micro-batch", "micro-batches")
         ),
     )
     .with_label("few micro-batches per step")

@@ -28,8 +28,9 @@ pub mod search;
 
 use serde::Serialize;
 
-use crate::check::{Checked, ExpertGroup, Ffn, Hardware, Precision};
+use crate::check::{Checked, ExpertGroup, Ffn, Hardware, Model, Parallel, Precision, Train};
 use crate::diag::Diagnostic;
+use crate::diag::Span;
 use crate::graph::{self, ModelGraph};
 
 pub use cost::{Memory, MemoryModel, StageCost, TimeEstimate};
@@ -48,6 +49,16 @@ pub struct Overrides {
 }
 
 impl Overrides {
+    /// No overrides: the file as written.
+    pub const NONE: Overrides = Overrides {
+        world: None,
+        tensor: None,
+        pipeline: None,
+        expert_group: None,
+        micro_batch: None,
+        memory_model: None,
+    };
+
     pub fn is_empty(&self) -> bool {
         *self == Overrides::default()
     }
@@ -216,6 +227,8 @@ struct Setup {
     pipeline: u64,
     expert_group: ExpertGroup,
     micro_batch: Option<u64>,
+    /// The micro-batch comes from `--micro-batch`, not the file.
+    micro_batch_overridden: bool,
 }
 
 fn plan_error(mut diags: Vec<Diagnostic>, o: &Overrides) -> Vec<Diagnostic> {
@@ -360,14 +373,8 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
         None => checked,
     };
     let par = &checked.parallel;
-    let s = Setup {
-        world: o.world.unwrap_or(par.gpus),
-        tensor: o.tensor.unwrap_or(par.tensor),
-        pipeline: o.pipeline.unwrap_or(par.pipeline),
-        expert_group: o.expert_group.unwrap_or(par.experts),
-        micro_batch: o.micro_batch.or(par.micro_batch),
-    };
-    let grid = validate(checked, &s).map_err(|d| plan_error(d, o))?;
+    let s = Setup::of(&checked.parallel, o);
+    let grid = validate(&Parts::of(checked), &s).map_err(|d| plan_error(d, o))?;
     let sp = &par.spans;
     let train = checked.train.as_ref();
     let mut assumptions = Vec::new();
@@ -383,8 +390,8 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
         Some(t) => t.seq_len,
         None => {
             assumptions.push(format!(
-                "no train block: sequences of {} tokens (the context)",
-                checked.model.context
+                "no train block: sequences of {} (the context)",
+                crate::diag::count(checked.model.context, "token", "tokens")
             ));
             checked.model.context
         }
@@ -422,25 +429,6 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
             c
         }
     };
-    if let Some(t) = train {
-        let m = s.micro_batch.unwrap_or(1);
-        if t.batch_sequences == 0 || t.batch_sequences % (grid.data * m) != 0 {
-            let at = if par.micro_batch.is_some() && o.micro_batch.is_none() {
-                sp.micro_batch
-            } else {
-                t.spans.batch
-            };
-            return Err(plan_error(
-                vec![diagnostics::batch_not_divisible(
-                    t.batch_sequences,
-                    grid.data,
-                    m,
-                    at,
-                )],
-                o,
-            ));
-        }
-    }
     let mut fitting: Vec<(f64, u64, cost::Costed)> = Vec::new();
     let mut first_failure: Option<cost::Costed> = None;
     for m in candidates {
@@ -489,8 +477,18 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
 /// Values the file did not write (no `parallel` block, no `micro_batch`) have empty
 /// spans; point their diagnostics at the `parallel` block, else the model's name.
 fn with_fallback_spans(checked: &Checked) -> Option<Checked> {
-    let empty = |s: &crate::diag::Span| s.start == s.end;
-    let ps = &checked.parallel.spans;
+    let parallel = filled_parallel(&checked.parallel, Some(checked.model.spans.name))?;
+    Some(Checked {
+        parallel,
+        ..checked.clone()
+    })
+}
+
+/// `parallel` with its empty spans pointing at the block (else at `model_name`); `None`
+/// when no span is empty.
+fn filled_parallel(parallel: &Parallel, model_name: Option<Span>) -> Option<Parallel> {
+    let empty = |s: &Span| s.start == s.end;
+    let ps = &parallel.spans;
     let all = [
         &ps.gpus,
         &ps.hardware,
@@ -503,13 +501,12 @@ fn with_fallback_spans(checked: &Checked) -> Option<Checked> {
     if !all.iter().any(|s| empty(s)) {
         return None;
     }
-    let fallback = if empty(&ps.block) {
-        checked.model.spans.name
-    } else {
-        ps.block
+    let fallback = match model_name {
+        Some(name) if empty(&ps.block) => name,
+        _ => ps.block,
     };
-    let mut c = checked.clone();
-    let ps = &mut c.parallel.spans;
+    let mut p = parallel.clone();
+    let ps = &mut p.spans;
     for s in [
         &mut ps.gpus,
         &mut ps.hardware,
@@ -523,7 +520,25 @@ fn with_fallback_spans(checked: &Checked) -> Option<Checked> {
             *s = fallback;
         }
     }
-    Some(c)
+    Some(p)
+}
+
+/// What the planner's layout rules read: the model where it could be built, the
+/// placement, and the training batch where there is one.
+struct Parts<'a> {
+    model: Option<&'a Model>,
+    parallel: &'a Parallel,
+    train: Option<&'a Train>,
+}
+
+impl<'a> Parts<'a> {
+    fn of(checked: &'a Checked) -> Parts<'a> {
+        Parts {
+            model: Some(&checked.model),
+            parallel: &checked.parallel,
+            train: checked.train.as_ref(),
+        }
+    }
 }
 
 /// Upper bounds on declared sizes under which every count the planner computes fits in
@@ -544,30 +559,32 @@ pub mod limits {
     pub const LISTED_EXPERT_IDS: u64 = 1 << 24;
 }
 
-fn check_limits(checked: &Checked, s: &Setup) -> Vec<Diagnostic> {
-    let m = &checked.model;
-    let ms = &m.spans;
-    let ps = &checked.parallel.spans;
+fn check_limits(parts: &Parts, s: &Setup) -> Vec<Diagnostic> {
+    let ps = &parts.parallel.spans;
     let mut out = Vec::new();
     let mut check = |what: &str, v: u64, limit: u64, at| {
         if v > limit {
             out.push(diagnostics::too_large(what, v, limit, at));
         }
     };
-    check("width", m.width, limits::WIDTH, ms.width);
-    check("vocab", m.vocab, limits::VOCAB, ms.vocab);
-    check("context", m.context, limits::CONTEXT, ms.context);
-    check("depth", m.depth(), limits::DEPTH, ms.depth);
     check("gpus", s.world, limits::GPUS, ps.gpus);
     check("tensor", s.tensor, limits::GPUS, ps.tensor);
     check("pipeline", s.pipeline, limits::GPUS, ps.pipeline);
     if let Some(mb) = s.micro_batch {
         check("micro_batch", mb, limits::MICRO_BATCH, ps.micro_batch);
     }
-    if let Some(t) = &checked.train {
+    if let Some(t) = parts.train {
         check("batch", t.batch_sequences, limits::BATCH, t.spans.batch);
         check("sequence length", t.seq_len, limits::CONTEXT, t.spans.batch);
     }
+    let Some(m) = parts.model else {
+        return out;
+    };
+    let ms = &m.spans;
+    check("width", m.width, limits::WIDTH, ms.width);
+    check("vocab", m.vocab, limits::VOCAB, ms.vocab);
+    check("context", m.context, limits::CONTEXT, ms.context);
+    check("depth", m.depth(), limits::DEPTH, ms.depth);
     let mut seen = std::collections::BTreeSet::new();
     for l in &m.layers {
         match &l.ffn {
@@ -596,11 +613,51 @@ fn check_limits(checked: &Checked, s: &Setup) -> Vec<Diagnostic> {
     out
 }
 
-/// Divisibility and size checks; the grid when they all pass.
-fn validate(checked: &Checked, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
-    let par = &checked.parallel;
+/// The planner's rules that need no cost model (sizes, the grid's divisibility, heads,
+/// hidden sizes, depth, the expert group, experts, the batch), on the `parallel` block as
+/// written or under the overrides: every diagnostic, none when the layout is sound.
+/// `fmoec check` runs this where the front end could not build all of the file, so that
+/// one pass reports every mistake it can: without a model, the rules about the placement
+/// alone (the grid, the expert group); without a `train` block, those without the batch.
+pub fn layout_rules(
+    model: Option<&Model>,
+    parallel: &Parallel,
+    train: Option<&Train>,
+    o: &Overrides,
+) -> Vec<Diagnostic> {
+    let filled = filled_parallel(parallel, model.map(|m| m.spans.name));
+    let parallel = filled.as_ref().unwrap_or(parallel);
+    let parts = Parts {
+        model,
+        parallel,
+        train,
+    };
+    match validate(&parts, &Setup::of(parallel, o)) {
+        Ok(_) => Vec::new(),
+        Err(d) => plan_error(d, o),
+    }
+}
+
+impl Setup {
+    fn of(par: &Parallel, o: &Overrides) -> Setup {
+        Setup {
+            world: o.world.unwrap_or(par.gpus),
+            tensor: o.tensor.unwrap_or(par.tensor),
+            pipeline: o.pipeline.unwrap_or(par.pipeline),
+            expert_group: o.expert_group.unwrap_or(par.experts),
+            micro_batch: o.micro_batch.or(par.micro_batch),
+            micro_batch_overridden: o.micro_batch.is_some(),
+        }
+    }
+}
+
+/// Divisibility and size checks; the grid when they all pass. Every rule that can still be
+/// decided is checked (not only the first to fail): all of them need the sizes to be in
+/// range, those about the model need the model, and those about the expert group and the
+/// batch need the data size.
+fn validate(parts: &Parts, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
+    let par = parts.parallel;
     let sp = &par.spans;
-    let model = &checked.model;
     let mut errs = Vec::new();
     for (v, what, at) in [
         (s.world, "gpus", sp.gpus),
@@ -617,18 +674,85 @@ fn validate(checked: &Checked, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
     if let ExpertGroup::Size { size: 0 } = s.expert_group {
         errs.push(diagnostics::zero_size("the expert group size", sp.experts));
     }
-    errs.extend(check_limits(checked, s));
+    errs.extend(check_limits(parts, s));
     if !errs.is_empty() {
         return Err(errs);
     }
     let tp = s.tensor * s.pipeline;
+    // Values the file did not write point at the `parallel` block; they are not labelled
+    // as if they were written there.
+    let written = |span: crate::diag::Span| (span != sp.block).then_some(span);
     if s.world % tp != 0 {
         errs.push(diagnostics::world_not_divisible(
             (s.world, sp.gpus),
-            (s.tensor, sp.tensor),
-            (s.pipeline, sp.pipeline),
+            (s.tensor, written(sp.tensor)),
+            (s.pipeline, written(sp.pipeline)),
         ));
     }
+    if let Some(model) = parts.model {
+        model_rules(model, par, s, &mut errs);
+    }
+    if s.world % tp != 0 {
+        // No data size: nothing below can be decided.
+        return Err(errs);
+    }
+    let data = s.world / tp;
+    let expert_group = match s.expert_group {
+        ExpertGroup::AcrossData => Some(data),
+        ExpertGroup::Replicated => Some(1),
+        ExpertGroup::Size { size } if data % size != 0 => {
+            errs.push(diagnostics::expert_group_not_divisible(
+                size, data, sp.experts,
+            ));
+            None
+        }
+        ExpertGroup::Size { size } => Some(size),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let moe_layers = parts.model.into_iter().flat_map(|m| m.moe_layers());
+    for (i, m) in moe_layers {
+        let Some(group) = expert_group else { break };
+        if m.experts % group != 0 && seen.insert(m.spans.experts) {
+            errs.push(diagnostics::experts_not_divisible(
+                i,
+                (m.experts, m.spans.experts),
+                group,
+                (sp.experts, written(sp.experts).is_some()),
+            ));
+        }
+    }
+    if let Some(t) = parts.train {
+        let m = s.micro_batch.unwrap_or(1);
+        if t.batch_sequences == 0 || t.batch_sequences % (data * m) != 0 {
+            let at = if par.micro_batch.is_some() && !s.micro_batch_overridden {
+                sp.micro_batch
+            } else {
+                t.spans.batch
+            };
+            errs.push(diagnostics::batch_not_divisible(
+                t.batch_sequences,
+                (data, written(sp.data)),
+                s.micro_batch,
+                at,
+            ));
+        }
+    }
+    let Some(expert_group) = expert_group.filter(|_| errs.is_empty()) else {
+        return Err(errs);
+    };
+    Ok(Grid {
+        world: s.world,
+        tensor: s.tensor,
+        pipeline: s.pipeline,
+        data,
+        expert_group,
+    })
+}
+
+/// The rules about how the model splits: heads and hidden sizes over `tensor`, depth over
+/// `pipeline`.
+fn model_rules(model: &Model, par: &Parallel, s: &Setup, errs: &mut Vec<Diagnostic>) {
+    let sp = &par.spans;
     let att = &model.attention;
     if att.heads % s.tensor != 0 {
         errs.push(diagnostics::heads_not_divisible(
@@ -684,43 +808,6 @@ fn validate(checked: &Checked, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
             (s.pipeline, sp.pipeline),
         ));
     }
-    if !errs.is_empty() {
-        return Err(errs);
-    }
-    let data = s.world / tp;
-    let expert_group = match s.expert_group {
-        ExpertGroup::AcrossData => data,
-        ExpertGroup::Replicated => 1,
-        ExpertGroup::Size { size } => {
-            if data % size != 0 {
-                return Err(vec![diagnostics::expert_group_not_divisible(
-                    size, data, sp.experts,
-                )]);
-            }
-            size
-        }
-    };
-    let mut seen = std::collections::BTreeSet::new();
-    for (i, m) in model.moe_layers() {
-        if m.experts % expert_group != 0 && seen.insert(m.spans.experts) {
-            errs.push(diagnostics::experts_not_divisible(
-                i,
-                (m.experts, m.spans.experts),
-                expert_group,
-                sp.experts,
-            ));
-        }
-    }
-    if !errs.is_empty() {
-        return Err(errs);
-    }
-    Ok(Grid {
-        world: s.world,
-        tensor: s.tensor,
-        pipeline: s.pipeline,
-        data,
-        expert_group,
-    })
 }
 
 #[allow(clippy::too_many_arguments)]

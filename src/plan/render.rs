@@ -104,12 +104,12 @@ pub fn table(plan: &ParallelPlan) -> String {
     let hw = &plan.hardware;
     let _ = writeln!(
         o,
-        "plan for `{}` on {} × {} ({} each, {} GPUs per node)",
+        "plan for `{}` on {} × {} ({} each, {} per node)",
         plan.model,
         plan.world,
         hw.name,
         bytes(hw.memory_bytes),
-        hw.gpus_per_node
+        crate::diag::count(hw.gpus_per_node, "GPU", "GPUs")
     );
     let _ = writeln!(
         o,
@@ -121,21 +121,20 @@ pub fn table(plan: &ParallelPlan) -> String {
     } else {
         let _ = writeln!(
             o,
-            "experts:   expert group {} ({} rank{}), expert slicing over tensor ranks: {}",
+            "experts:   expert group {} ({}), expert slicing over tensor ranks: {}",
             plan.expert_group,
-            plan.expert_group_size,
-            if plan.expert_group_size == 1 { "" } else { "s" },
+            crate::diag::count(plan.expert_group_size, "rank", "ranks"),
             if plan.expert_slicing { "yes" } else { "no" }
         );
     }
     let _ = writeln!(
         o,
-        "batch:     {}, {} tokens/sequence, micro-batch {} × {} micro-batches × {} data rank(s) = {} sequences/step",
+        "batch:     {}, {} tokens/sequence, micro-batch {} × {} × {} = {} sequences/step",
         precision_name(plan.precision),
         plan.seq_len,
         plan.micro_batch,
-        plan.micro_batches,
-        plan.data,
+        crate::diag::count(plan.micro_batches, "micro-batch", "micro-batches"),
+        crate::diag::count(plan.data, "data rank", "data ranks"),
         plan.global_batch
     );
     let p = &plan.params;

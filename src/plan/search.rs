@@ -134,7 +134,8 @@ pub fn report(r: &SearchResult, top: usize) -> String {
     let tried = r.feasible.len() + r.rejected.len();
     let _ = writeln!(
         o,
-        "searched {tried} configurations: {} feasible, {} rejected",
+        "searched {}: {} feasible, {} rejected",
+        crate::diag::count(tried as u64, "configuration", "configurations"),
         r.feasible.len(),
         r.rejected.len()
     );

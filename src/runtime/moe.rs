@@ -211,8 +211,8 @@ fn normal(
 }
 
 impl Gate {
-    /// `bias`: the model's `bias` (FastMoE's gates are biased linear layers; a model
-    /// without biases has none in its gates either, as the model graph counts them).
+    /// The gate of `moe`: its weight, and a bias when the model's linear layers have one
+    /// (`bias`; the planner counts it so) and the gate is not noisy.
     pub fn new(
         store: &mut ParamStore,
         prefix: &str,

@@ -84,6 +84,17 @@ pub fn nested_too_deeply(span: Span, max: usize) -> Diagnostic {
         .with_help("name a part with `const` or `def`")
 }
 
+/// `E0108`: a chain of signs (`- - - x`) longer than the parser nests.
+pub fn too_many_signs(span: Span, signs: usize, max: usize) -> Diagnostic {
+    Diagnostic::error(
+        "E0108",
+        span,
+        format!("{signs} signs in a row; at most {max} are allowed"),
+    )
+    .with_label("too many `-` signs")
+    .with_help("two minus signs cancel: keep one sign, or none")
+}
+
 /// `W0101`: a comment that reads like floor division (`hidden = 4 * width // 3`).
 pub fn comment_looks_like_division(span: Span) -> Diagnostic {
     Diagnostic::warning("W0101", span, "`//` starts a comment here, not a division")

@@ -501,7 +501,8 @@ impl Lower<'_> {
         }
         let mut e = atom.unwrap_or_else(|| self.error_expr(span));
         if negs > MAX_NESTING {
-            self.sink.push(errors::nested_too_deeply(span, MAX_NESTING));
+            self.sink
+                .push(errors::too_many_signs(span, negs, MAX_NESTING));
             return self.error_expr(span);
         }
         for _ in 0..negs {
@@ -538,7 +539,12 @@ impl Lower<'_> {
             }
             Rule::string => {
                 let raw = p.into_inner().next().map(|s| s.as_str()).unwrap_or("");
-                ExprKind::Str(self.unescape(raw, span))
+                // A string with a bad escape is an error value: what it names is unknown,
+                // and checking a guess would only add errors about the guess.
+                match self.unescape(raw, span) {
+                    Some(text) => ExprKind::Str(text),
+                    None => ExprKind::Error,
+                }
             }
             Rule::bool_lit => ExprKind::Bool(p.as_str() == "true"),
             Rule::none_lit => ExprKind::None,
@@ -595,8 +601,10 @@ impl Lower<'_> {
         }
     }
 
-    fn unescape(&mut self, raw: &str, span: Span) -> String {
+    /// The string's text, or `None` after reporting a bad escape.
+    fn unescape(&mut self, raw: &str, span: Span) -> Option<String> {
         let mut out = String::with_capacity(raw.len());
+        let mut ok = true;
         let mut chars = raw.chars();
         while let Some(c) = chars.next() {
             if c != '\\' {
@@ -610,12 +618,12 @@ impl Lower<'_> {
                 Some('"') => out.push('"'),
                 Some(other) => {
                     self.sink.push(errors::bad_escape(span, other));
-                    out.push(other);
+                    ok = false;
                 }
                 None => {}
             }
         }
-        out
+        ok.then_some(out)
     }
 
     fn missing_ident(&self, span: Span) -> Ident {
@@ -806,12 +814,10 @@ fn floor_division_lookalikes(text: &str) -> Vec<usize> {
                 b'\\' if in_string => i += 1,
                 b'/' if !in_string && bytes[i + 1] == b'/' => {
                     let code = line[..i].trim_end();
-                    let comment = line[i + 2..].trim_start();
                     let after_operand =
                         code.ends_with(|c: char| c.is_ascii_alphanumeric() || c == ')');
-                    let operand_next = !line[i + 2..].starts_with('/')
-                        && comment.starts_with(|c: char| c.is_ascii_digit() || c == '(')
-                        && comment.trim_end().len() < 24;
+                    let operand_next =
+                        !line[i + 2..].starts_with('/') && reads_like_operand(&line[i + 2..]);
                     if code.contains('=') && after_operand && operand_next {
                         out.push(line_start + i);
                     }
@@ -824,6 +830,34 @@ fn floor_division_lookalikes(text: &str) -> Vec<usize> {
         line_start += line.len();
     }
     out
+}
+
+/// Whether the text of a `//` comment reads like the right operand of a division: up to
+/// the first `,` or unmatched closing bracket (where a division inside a call would end), an
+/// expression that starts with a digit or holds an operator (`3`, `(width + 1)`, `2 * k`),
+/// not prose that happens to start with a number (`256 byte values`, `2 blocks`).
+fn reads_like_operand(comment: &str) -> bool {
+    let mut depth = 0usize;
+    let mut end = comment.len();
+    for (i, c) in comment.char_indices() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' if depth == 0 => {
+                end = i;
+                break;
+            }
+            ')' | ']' => depth -= 1,
+            ',' if depth == 0 => {
+                end = i;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let operand = comment[..end].trim();
+    let arithmetic = operand.starts_with(|c: char| c.is_ascii_digit())
+        || operand.contains(['+', '-', '*', '/', '%']);
+    !operand.is_empty() && arithmetic && FmoeParser::parse(Rule::comment_operand, operand).is_ok()
 }
 
 /// Brackets nest at most this deep: parsing and checking recurse once per level.
