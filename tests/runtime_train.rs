@@ -376,3 +376,62 @@ fn checkpoints_beyond_keep_are_deleted_oldest_first() {
         .unwrap()
         .ends_with("step-00000004"));
 }
+
+/// `fmoec run FILE` without `--out`, as `bash .ci/train` runs it, works every time in one
+/// folder: a finished run is followed by a new one beside it (`runs/tiny-2`, `ckpt/tiny-2`),
+/// an unfinished one is continued, each said on stderr, and nothing written before changes.
+#[test]
+fn running_the_main_command_again_continues_or_starts_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(["run", file, "--quiet"])
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "{}{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    };
+    let (_, said) = run(&["--steps", "2"]);
+    assert!(
+        said.contains("a new run: metrics in `runs/tiny`, checkpoints in `ckpt/tiny`"),
+        "{said}"
+    );
+    let first = dir.path().join("runs/tiny/metrics.jsonl");
+    let first_bytes = std::fs::read(&first).unwrap();
+
+    let (stdout, said) = run(&["--steps", "2"]);
+    assert!(
+        said.contains("`ckpt/tiny` holds a finished run (2 of 2 steps), so this is a new run beside it: metrics in `runs/tiny-2`, checkpoints in `ckpt/tiny-2`"),
+        "{said}"
+    );
+    assert!(
+        stdout.contains("checkpoint ckpt/tiny-2/step-00000002"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        first_bytes,
+        "the first run's metrics changed"
+    );
+    assert!(dir
+        .path()
+        .join("ckpt/tiny/step-00000002/manifest.json")
+        .exists());
+
+    // stopped before the end of its schedule: the next run continues it
+    run(&["--steps", "3", "--stop-after", "1"]);
+    let (stdout, said) = run(&["--steps", "3"]);
+    assert!(
+        said.contains("continuing the unfinished run in `ckpt/tiny-3` from step 1 of 3"),
+        "{said}"
+    );
+    assert!(stdout.contains("steps      1 -> 3 of 3"), "{stdout}");
+}

@@ -40,7 +40,8 @@ pub const FORMAT_SHARDED: &str = "fmoec-checkpoint-v2";
 const MODEL_FILE: &str = "model.safetensors";
 const OPTIM_FILE: &str = "optimizer.safetensors";
 const MANIFEST_FILE: &str = "manifest.json";
-const LATEST: &str = "latest";
+/// The file naming the newest complete checkpoint of a folder.
+pub const LATEST: &str = "latest";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FileEntry {
@@ -59,6 +60,9 @@ pub struct RunRecord {
     pub model_hash: String,
     /// Completed optimizer steps; training resumes at this step.
     pub step: u64,
+    /// The length of the run's schedule (`--steps`); absent in checkpoints of older fmoec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_steps: Option<u64>,
     pub tokens_seen: u64,
     pub seed: u64,
     /// How the random state is derived, so that `seed` and `step` restore it exactly.
@@ -76,6 +80,7 @@ impl RunRecord {
             model: info.model.name.clone(),
             model_hash: model_hash(info.model),
             step: info.step,
+            total_steps: Some(info.total_steps),
             tokens_seen: info.tokens_seen,
             seed: info.seed,
             rng: RNG_SCHEME.to_string(),
@@ -213,6 +218,8 @@ pub fn step_dir_name(step: u64) -> String {
 pub struct SaveInfo<'a> {
     pub model: &'a Model,
     pub step: u64,
+    /// The schedule's length.
+    pub total_steps: u64,
     pub tokens_seen: u64,
     pub seed: u64,
     pub data_source: String,
@@ -344,6 +351,21 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         "`{}` is not a checkpoint: it has neither `{MANIFEST_FILE}` nor a `{LATEST}` pointer",
         path.display()
     )
+}
+
+/// What the manifest of the checkpoint at `path` (a `step-*` folder, or a root with
+/// `latest`) says about its run, in either format, without reading or checking its tensors.
+pub fn run_record(path: &Path) -> Result<RunRecord> {
+    let dir = resolve(path)?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&manifest_path)
+        .with_context(|| format!("cannot read `{}`", manifest_path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "`{}` is not a valid checkpoint manifest",
+            manifest_path.display()
+        )
+    })
 }
 
 /// A verified checkpoint, read into memory.

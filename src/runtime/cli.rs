@@ -11,6 +11,7 @@ use crate::check::{Checked, ExpertGroup, Precision};
 use crate::collective::rendezvous::DistEnv;
 use crate::driver::{self, DiagFormat};
 use crate::runtime::distributed::{self, WorldPlan};
+use crate::runtime::folders::Series;
 use crate::runtime::train::{self, RunOptions, SampleOptions};
 
 #[derive(Debug, clap::Args)]
@@ -144,6 +145,16 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
     }
 }
 
+/// Whether this process speaks for the run: not the ranks 1.. of a launched run, and not
+/// the launcher itself (its rank 0 speaks).
+fn is_first_rank(mode: &Mode) -> bool {
+    match mode {
+        Mode::Rank(env) => env.rank == 0,
+        Mode::Single | Mode::InProcess(_) => true,
+        Mode::Launch(_) => false,
+    }
+}
+
 /// `--precision` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PrecisionArg {
@@ -182,26 +193,52 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         Mode::Single | Mode::InProcess(_) => super::parse_device(device_name)?,
         _ => tch::Device::Cpu,
     };
+    if checked.train.is_none() && args.sample.is_none() {
+        bail!(
+            "`{}` has no `train` block: `fmoec run` needs one (data, batch, steps, optimizer)",
+            checked.model.name
+        );
+    }
     // `--out` puts everything under one folder; without it, checkpoints go where the train
-    // block's `checkpoint = every(n, dir = ...)` says, the rest to `runs/<model>`.
+    // block's `checkpoint = every(n, dir = ...)` says, the rest to `runs/<model>`, and a
+    // second run of the file continues the first or starts the next beside it.
     let declared_dir = checked
         .train
         .as_ref()
         .and_then(|t| t.checkpoint.as_ref())
         .map(|c| PathBuf::from(&c.dir));
-    let (out, checkpoints) = match (&args.out, declared_dir) {
-        (Some(out), _) => (out.clone(), out.join("checkpoints")),
-        (None, Some(dir)) => (PathBuf::from("runs").join(&checked.model.name), dir),
+    let series = Series::new("runs", &checked.model.name, declared_dir);
+    let (out, checkpoints, resume) = match (&args.out, &args.resume) {
+        (Some(out), resume) => {
+            let checkpoints = out.join("checkpoints");
+            let resume = resume
+                .as_ref()
+                .map(|p| p.clone().unwrap_or_else(|| checkpoints.clone()));
+            (out.clone(), checkpoints, resume)
+        }
+        (None, Some(dir)) => {
+            let newest = series.newest_folders();
+            let resume = dir.clone().unwrap_or_else(|| newest.checkpoints.clone());
+            (newest.out, newest.checkpoints, Some(resume))
+        }
+        (None, None) if args.sample.is_some() => {
+            let newest = series.newest_folders();
+            (newest.out, newest.checkpoints, None)
+        }
         (None, None) => {
-            let out = PathBuf::from("runs").join(&checked.model.name);
-            let ckpt = out.join("checkpoints");
-            (out, ckpt)
+            let total = args
+                .steps
+                .or(checked.train.as_ref().map(|t| t.steps))
+                .unwrap_or_default();
+            let choice = series.choose(total);
+            if is_first_rank(&mode) {
+                eprintln!("{}", choice.describe());
+            }
+            let folders = choice.folders().clone();
+            let resume = choice.resumes().then(|| folders.checkpoints.clone());
+            (folders.out, folders.checkpoints, resume)
         }
     };
-    let resume = args
-        .resume
-        .as_ref()
-        .map(|p| p.clone().unwrap_or_else(|| checkpoints.clone()));
 
     if let Some(prompt) = &args.sample {
         let text = train::sample(

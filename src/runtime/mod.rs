@@ -3,7 +3,7 @@
 //! Owns everything that runs tensors: the module tree built from the checked model
 //! ([`model`]), the MoE layer and its gates ([`moe`]), parameters ([`params`]) and their
 //! per-step compute-dtype copies ([`cast`]), AdamW and the
-//! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), multi-rank training ([`distributed`]), the loop, sampling and
+//! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), the default run folders ([`folders`]), multi-rank training ([`distributed`]), the loop, sampling and
 //! metrics ([`train`]), the plot ([`plot`]), the `fmoec run` command line ([`cli`]), `fmoec bench
 //! moe` ([`bench`]) and, with feature `cuda`, the shim and fused kernels (`fused`), CUDA
 //! graphs over a training micro-batch (`graph`) and libtorch's multi-tensor optimizer
@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod distributed;
+pub mod folders;
 #[cfg(feature = "cuda")]
 pub mod foreach;
 #[cfg(feature = "cuda")]

@@ -779,6 +779,7 @@ pub fn train_ranked(
     let save_info = |step: u64, tokens: u64| SaveInfo {
         model: model_decl,
         step,
+        total_steps,
         tokens_seen: tokens,
         seed: train.seed,
         data_source: data.description.clone(),
