@@ -61,9 +61,7 @@ fn options(out: &Path, stop_after: Option<u64>, resume: bool) -> RunOptions {
         out: out.to_path_buf(),
         checkpoints: out.join("checkpoints"),
         resume: resume.then(|| out.join("checkpoints")),
-        progress: false,
-        print_summary: false,
-        cuda_graph: false,
+        ..RunOptions::default()
     }
 }
 
@@ -487,6 +485,7 @@ fn impossible_layouts_are_clear_errors() {
         placements: WorldPlan::data_parallel(&c, 1, 1).unwrap().placements,
         notes: Vec::new(),
         micro_batch: None,
+        memory: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let err = run_in_process(&c, &options(dir.path(), None, false), &plan, TIMEOUT).unwrap_err();
@@ -624,4 +623,58 @@ fn a_rank_builds_only_its_experts_with_the_one_rank_values() {
             );
         }
     }
+}
+
+/// With `pipeline = 2` in the file the first thing `fmoec run` says is that it runs pipeline
+/// 1 and how; only then come the planner's errors about the layout that follows from it.
+#[test]
+fn a_pipeline_in_the_file_is_explained_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+        .unwrap()
+        .replace(
+            "\ntrain {",
+            "\nparallel {\n    gpus = 4\n    pipeline = 2\n    micro_batch = 8\n}\n\ntrain {",
+        );
+    let file = dir.path().join("tiny-pipeline.fmoe");
+    std::fs::write(&file, text).unwrap();
+    let o = |s: &str| std::ffi::OsString::from(s);
+    // 4 ranks of data: 4 sequences each, which micro-batches of 8 cannot split
+    let four = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--ranks"),
+        &o("4"),
+        &o("--quiet"),
+    ]);
+    let stderr = String::from_utf8_lossy(&four.stderr);
+    assert_eq!(four.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "note: `fmoec run` has no pipeline parallelism yet: it runs the file's pipeline = 2 \
+             as pipeline = 1, every rank holding every layer: the 4 ranks run as tensor 1 x data 4"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("P0011"), "{stderr}");
+    // alone: the whole model on one device, and it trains
+    let out = dir.path().join("alone");
+    let one = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--steps"),
+        &o("1"),
+        &o("--quiet"),
+        &o("--out"),
+        out.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&one.stderr);
+    assert!(one.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "note: `fmoec run` has no pipeline parallelism yet: it runs the file's pipeline = 2 \
+             as pipeline = 1, the whole model on this one device"
+        ),
+        "{stderr}"
+    );
 }

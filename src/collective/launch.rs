@@ -26,6 +26,9 @@ pub struct Launch {
     pub master_port: Option<u16>,
     /// More variables for every rank (e.g. `LD_LIBRARY_PATH`).
     pub env: Vec<(OsString, OsString)>,
+    /// Polled while the ranks run: the number of a signal the launcher received (a
+    /// scheduler's SIGTERM), which is then sent on, once, to every rank still running.
+    pub stop_signal: Option<fn() -> Option<i32>>,
 }
 
 impl Default for Launch {
@@ -34,6 +37,7 @@ impl Default for Launch {
             master_addr: "127.0.0.1".into(),
             master_port: None,
             env: Vec::new(),
+            stop_signal: None,
         }
     }
 }
@@ -206,7 +210,7 @@ pub fn spawn_local(
             }
         }
     }
-    let outcome = supervise(&mut children);
+    let outcome = supervise(&mut children, launch.stop_signal);
     // Let the ranks' last lines through. A pipe can stay open after its rank is gone
     // (a process the rank started still holds it), so do not wait for it forever.
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -219,12 +223,25 @@ pub fn spawn_local(
     outcome
 }
 
-/// Poll the ranks until all exit successfully or one fails; on failure kill the rest.
-fn supervise(children: &mut [Child]) -> Result<Outcome, LaunchError> {
+/// Poll the ranks until all exit successfully or one fails; on failure kill the rest. A stop
+/// signal (`stop_signal`) is passed on to the running ranks once.
+fn supervise(
+    children: &mut [Child],
+    stop_signal: Option<fn() -> Option<i32>>,
+) -> Result<Outcome, LaunchError> {
     let n = children.len();
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; n];
     let mut failed = None;
+    let mut passed_on = false;
     while failed.is_none() && statuses.iter().any(Option::is_none) {
+        if let (false, Some(signal)) = (passed_on, stop_signal.and_then(|f| f())) {
+            passed_on = true;
+            for (child, status) in children.iter().zip(&statuses) {
+                if status.is_none() {
+                    send_signal(child, signal);
+                }
+            }
+        }
         for (rank, child) in children.iter_mut().enumerate() {
             if statuses[rank].is_some() {
                 continue;
@@ -253,6 +270,20 @@ fn supervise(children: &mut [Child]) -> Result<Outcome, LaunchError> {
     }
     Ok(Outcome { statuses, failed })
 }
+
+#[cfg(unix)]
+fn send_signal(child: &Child, signal: i32) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on the pid of a child this process has not reaped yet (its status
+        // is still unknown), so the pid cannot belong to another process.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn send_signal(_: &Child, _: i32) {}
 
 fn kill_all(children: &mut [Child], statuses: &[Option<ExitStatus>]) {
     for (child, status) in children.iter_mut().zip(statuses) {
@@ -340,6 +371,41 @@ mod tests {
         let outcome = spawn_local(2, "sh", &sh(script), &Launch::default()).unwrap();
         assert_eq!(outcome.exit_code(), 128 + 9);
         assert!(outcome.describe().unwrap().contains("killed by signal 9"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_stop_signal_of_the_launcher_is_passed_on_to_the_ranks() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // The launcher "receives" SIGTERM once both ranks have set their trap.
+        static READY: AtomicBool = AtomicBool::new(false);
+        // Each rank says which signal reached it and exits 0; without the signal they would
+        // sleep for a minute.
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "trap 'echo TERM > {0}/rank$RANK; kill $!; exit 0' TERM; touch {0}/ready$RANK; sleep 60 & wait",
+            dir.path().display()
+        );
+        let launch = Launch {
+            stop_signal: Some(|| READY.load(Ordering::SeqCst).then_some(15)),
+            ..Launch::default()
+        };
+        let ready = dir.path().to_path_buf();
+        let watcher = std::thread::spawn(move || {
+            while !(0..2).all(|r| ready.join(format!("ready{r}")).exists()) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            READY.store(true, Ordering::SeqCst);
+        });
+        let started = Instant::now();
+        let outcome = spawn_local(2, "sh", &sh(&script), &launch).unwrap();
+        watcher.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(30), "not passed on");
+        assert_eq!(outcome.exit_code(), 0, "{:?}", outcome.describe());
+        for rank in 0..2 {
+            let text = std::fs::read_to_string(dir.path().join(format!("rank{rank}"))).unwrap();
+            assert_eq!(text.trim(), "TERM");
+        }
     }
 
     #[test]

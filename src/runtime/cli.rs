@@ -12,7 +12,8 @@ use crate::collective::rendezvous::DistEnv;
 use crate::driver::{self, DiagFormat};
 use crate::runtime::distributed::{self, WorldPlan};
 use crate::runtime::folders::Series;
-use crate::runtime::train::{self, RunOptions, SampleOptions};
+use crate::runtime::stop;
+use crate::runtime::train::{self, RunOptions, RunSummary, SampleOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -24,8 +25,8 @@ pub struct RunArgs {
     /// Where to run: `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Total training steps (the schedule's length); default: the file's `steps`.
-    #[arg(long)]
+    /// Total training steps (the schedule's length, at least 1); default: the file's `steps`.
+    #[arg(long, value_parser = at_least_one)]
     pub steps: Option<u64>,
     /// Stop with a checkpoint after this many completed steps, keeping the schedule of `--steps`.
     #[arg(long)]
@@ -56,9 +57,14 @@ pub struct RunArgs {
     /// Override the train block's precision (`fp32`, or `bf16` compute with fp32 master weights).
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
-    /// No progress bar.
+    /// No progress bar and no progress lines (evaluations, notes and the summary still print).
     #[arg(long)]
     pub quiet: bool,
+    /// When stderr is not a terminal (a log file, a pipe, a cluster job), progress goes there as
+    /// plain lines instead of a bar: after the first step, then at most every SECS seconds,
+    /// and after the last step (0: every step).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = non_negative_seconds)]
+    pub log_interval: f64,
     /// Run every micro-batch eagerly, op by op. By default a run on one GPU captures one
     /// training micro-batch (forward and backward) as a CUDA graph after a warm-up micro-batch
     /// and replays it for the others (the same kernels, without the CPU launching each).
@@ -193,6 +199,21 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         Mode::Single | Mode::InProcess(_) => super::parse_device(device_name)?,
         _ => tch::Device::Cpu,
     };
+    // Said first: what follows (the planner's layout and its batch split) depends on it.
+    let world = match &mode {
+        Mode::Single => 1,
+        Mode::InProcess(n) | Mode::Launch(n) => *n,
+        Mode::Rank(env) => env.world as u64,
+    };
+    let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
+    let pipeline_note =
+        distributed::pipeline_note(checked, world, if world == 1 { 1 } else { tensor });
+    if let (Some(note), true) = (
+        &pipeline_note,
+        is_first_rank(&mode) && args.sample.is_none(),
+    ) {
+        eprintln!("note: {note}");
+    }
     if checked.train.is_none() && args.sample.is_none() {
         bail!(
             "`{}` has no `train` block: `fmoec run` needs one (data, batch, steps, optimizer)",
@@ -265,12 +286,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         checkpoints,
         resume,
         progress: !args.quiet,
+        log_interval: Duration::from_secs_f64(args.log_interval),
         print_summary: true,
         cuda_graph: !args.no_cuda_graph,
     };
+    let launcher = matches!(mode, Mode::Launch(_));
     let plan_for = |world: u64| -> Result<WorldPlan, ExitCode> {
         distributed::plan_world_with(checked, world, args.expert_group, args.tensor).map_err(
             |diags| {
+            if let (Some(note), true) = (&pipeline_note, launcher) {
+                eprintln!("note: {note}");
+            }
             driver::report(&loaded.sources, &diags, args.diagnostics);
             if args.diagnostics == DiagFormat::Human {
                 let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
@@ -296,7 +322,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             if args.tensor.is_some_and(|t| t != 1) {
                 bail!("--tensor needs several ranks (--gpus N or --ranks N)");
             }
-            train::train(checked, &opts)?
+            let plan = match distributed::plan_alone(checked) {
+                Ok(p) => p,
+                Err(diags) => {
+                    driver::report(&loaded.sources, &diags, args.diagnostics);
+                    if args.diagnostics == DiagFormat::Human {
+                        eprintln!(
+                            "error: `{}` cannot run on one device (the planner's errors above)",
+                            args.file.display()
+                        );
+                    }
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            train::train_alone(checked, &opts, &plan)?
         }
         Mode::InProcess(n) => {
             let plan = match plan_for(n) {
@@ -320,11 +359,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             return run_rank(checked, &opts, plan, &env, timeout);
         }
     };
-    Ok(if summary.interrupted {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(exit_code(&summary))
+}
+
+/// 0, or 128 + the signal that stopped the run (130 for Ctrl-C, 143 for SIGTERM).
+fn exit_code(summary: &RunSummary) -> ExitCode {
+    match summary.signal {
+        Some(signal) => ExitCode::from(stop::exit_status(signal)),
+        None if summary.interrupted => ExitCode::from(130),
+        None => ExitCode::SUCCESS,
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -347,11 +391,13 @@ fn launch(n: u64, _: &Checked) -> anyhow::Result<ExitCode> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let launch = Launch {
         env: library.env.clone(),
+        stop_signal: Some(stop::requested),
         ..Launch::default()
     };
-    // Ctrl-C reaches the ranks (same process group); they checkpoint and stop together, and
-    // the launcher waits for them instead of dying first.
-    train::install_interrupt_handler();
+    // Ctrl-C reaches the ranks (same process group); a SIGTERM sent to the launcher alone
+    // (a scheduler's) is passed on to them. They checkpoint and stop together, and the
+    // launcher waits for them instead of dying first.
+    stop::install();
     let outcome = spawn_local(n as usize, program, &args, &launch)?;
     if let Some(text) = outcome.describe() {
         eprintln!("fmoec run: {text}");
@@ -396,12 +442,26 @@ fn run_rank(
     };
     let mut opts = opts.clone();
     opts.device = device;
-    let summary = train::train_ranked(checked, &opts, Some(&ctx))?;
-    Ok(if summary.interrupted {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
-    })
+    let summary = train::train_ranked(checked, &opts, &ctx)?;
+    Ok(exit_code(&summary))
+}
+
+/// A whole number >= 1 (`--steps`, like `steps` in the file).
+fn at_least_one(v: &str) -> Result<u64, String> {
+    match v.parse::<u64>() {
+        Ok(0) => Err("must be >= 1, found 0 (the number of training steps)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A finite number of seconds >= 0 (`--log-interval`).
+fn non_negative_seconds(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Ok(_) => Err("must be a number of seconds >= 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A finite number >= 0 (`--temperature`).

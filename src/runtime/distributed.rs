@@ -34,7 +34,7 @@ use crate::collective::{
     Tape,
 };
 use crate::diag::Diagnostic;
-use crate::plan::{self, MemoryModel, Overrides, ParallelPlan};
+use crate::plan::{self, Memory, MemoryModel, Overrides, ParallelPlan};
 use crate::runtime::model::{MoeHook, NormLayer, Transformer};
 use crate::runtime::moe::{self, DispatchPlan, Experts, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
@@ -56,6 +56,9 @@ pub struct WorldPlan {
     /// The planner's micro-batch for this layout (sequences per data rank), the one the run
     /// uses when the file gives none; `None`: plans made without the planner.
     pub micro_batch: Option<u64>,
+    /// The planner's memory of one rank for `fmoec run` (`--memory-model fmoec`; every rank
+    /// alike with pipeline = 1); `None`: plans made without the planner.
+    pub memory: Option<Memory>,
 }
 
 /// The runtime's overrides of the file's `parallel` block for a world of `world` ranks: the
@@ -92,20 +95,8 @@ pub fn plan_world_with(
     tensor: Option<u64>,
 ) -> Result<WorldPlan, Vec<Diagnostic>> {
     let plan = plan::build_with(checked, &overrides(world, expert_group, tensor))?;
-    let mut world_plan = WorldPlan::from_plan(&plan).map_err(|e| {
-        vec![Diagnostic::error(
-            "P0900",
-            checked.parallel.spans.gpus,
-            format!("the runtime cannot use this plan: {e:#}"),
-        )]
-    })?;
+    let mut world_plan = WorldPlan::from_plan(&plan).map_err(|e| runtime_refused(checked, e))?;
     let p = &checked.parallel;
-    if p.declared && p.pipeline > 1 {
-        world_plan.notes.push(format!(
-            "the built-in runtime has no pipeline parallelism: running pipeline = 1 (the file says {}), tensor = {}, data = {}",
-            p.pipeline, plan.tensor, plan.data
-        ));
-    }
     if p.declared && plan.tensor != p.tensor {
         world_plan.notes.push(format!(
             "running tensor = {} (the file says {}), data = {}",
@@ -119,6 +110,76 @@ pub fn plan_world_with(
         ));
     }
     Ok(world_plan)
+}
+
+/// What `fmoec run` says first about a file with `pipeline > 1` on `world` ranks of tensor
+/// size `tensor`: that it runs pipeline = 1, and how (before the planner says anything about
+/// that layout, whose batch split is a consequence of it). `None` for pipeline = 1.
+pub fn pipeline_note(checked: &Checked, world: u64, tensor: u64) -> Option<String> {
+    let p = &checked.parallel;
+    if p.pipeline <= 1 {
+        return None;
+    }
+    let how = if world == 1 {
+        "the whole model on this one device".to_string()
+    } else if tensor > 0 && world % tensor == 0 {
+        format!(
+            "every rank holding every layer: the {world} ranks run as tensor {tensor} x data {} \
+             (each data rank takes 1/{} of the batch)",
+            world / tensor,
+            world / tensor
+        )
+    } else {
+        format!("every rank of the {world} holding every layer")
+    };
+    Some(format!(
+        "`fmoec run` has no pipeline parallelism yet: it runs the file's pipeline = {} as \
+         pipeline = 1, {how}",
+        p.pipeline
+    ))
+}
+
+/// The plan of a run alone on one device: one GPU of the file's kind (`fmoec plan --world 1
+/// --tensor 1 --pipeline 1 --expert-group replicated --memory-model fmoec`). When only memory
+/// stands in the way (the file's GPU cannot hold the model alone, the machine this runs on
+/// may), the plan of such a GPU without a memory limit, with a note: the run then judges the
+/// fit by the machine's own free memory ([`crate::runtime::fit`]).
+pub fn plan_alone(checked: &Checked) -> Result<WorldPlan, Vec<Diagnostic>> {
+    let alone = overrides(1, Some(ExpertGroup::Replicated), Some(1));
+    let plan = match plan::build_with(checked, &alone) {
+        Ok(plan) => plan,
+        Err(diags)
+            if diags
+                .iter()
+                .all(|d| d.code == plan::diagnostics::OUT_OF_MEMORY) =>
+        {
+            let mut unlimited = checked.clone();
+            unlimited.parallel.hardware.memory_bytes = u64::MAX;
+            let mut plan = plan::build_with(&unlimited, &alone)?;
+            plan.hardware = checked.parallel.hardware.clone();
+            let mut world_plan =
+                WorldPlan::from_plan(&plan).map_err(|e| runtime_refused(checked, e))?;
+            world_plan.notes.push(format!(
+                "one `{}` ({}) cannot hold this model alone: the planner estimates {} for it \
+                 (`fmoec plan --world 1 --memory-model fmoec`); running anyway where it fits",
+                checked.parallel.hardware.name,
+                plan::render::bytes(checked.parallel.hardware.memory_bytes),
+                plan::render::bytes(world_plan.memory.map_or(0, |m| m.total))
+            ));
+            return Ok(world_plan);
+        }
+        Err(diags) => return Err(diags),
+    };
+    WorldPlan::from_plan(&plan).map_err(|e| runtime_refused(checked, e))
+}
+
+/// The planner's plan is one the runtime cannot use (a located error at `gpus`).
+fn runtime_refused(checked: &Checked, e: anyhow::Error) -> Vec<Diagnostic> {
+    vec![Diagnostic::error(
+        "P0900",
+        checked.parallel.spans.gpus,
+        format!("the runtime cannot use this plan: {e:#}"),
+    )]
 }
 
 /// Renders planner diagnostics as one error (for callers without the source text).
@@ -222,6 +283,7 @@ impl WorldPlan {
             placements,
             notes: Vec::new(),
             micro_batch: Some(plan.micro_batch),
+            memory: plan.stages.first().map(|s| s.cost.memory),
         })
     }
 
@@ -253,6 +315,7 @@ impl WorldPlan {
             placements,
             notes: Vec::new(),
             micro_batch: None,
+            memory: None,
         })
     }
 }
@@ -524,7 +587,7 @@ pub fn run_in_process(
         };
         (
             rank,
-            crate::runtime::train::train_ranked(checked, opts, Some(&ctx)),
+            crate::runtime::train::train_ranked(checked, opts, &ctx),
         )
     });
     let mut summaries = Vec::new();

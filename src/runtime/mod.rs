@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod distributed;
+pub mod fit;
 pub mod folders;
 #[cfg(feature = "cuda")]
 pub mod foreach;
@@ -24,11 +25,14 @@ pub mod foreach;
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod graph;
+pub mod metrics;
 pub mod model;
 pub mod moe;
 pub mod optim;
 pub mod params;
 pub mod plot;
+pub mod progress;
+pub mod stop;
 pub mod train;
 
 use anyhow::{bail, Result};

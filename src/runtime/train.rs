@@ -1,7 +1,8 @@
 //! The training loop: micro-batches with gradient accumulation, balance losses, clipping,
-//! AdamW, warmup + cosine, periodic held-out evaluation, metrics (JSONL), progress bar,
-//! checkpoints, Ctrl-C, and the end-of-run summary and plot; plus text sampling from a
-//! checkpoint.
+//! AdamW, warmup + cosine, periodic held-out evaluation, metrics ([`MetricsLog`]), progress
+//! ([`Progress`]), checkpoints, stopping on SIGINT/SIGTERM ([`stop`]), the memory check
+//! before anything is allocated ([`fit`]), and the end-of-run summary and plot; plus text
+//! sampling from a checkpoint. The run's plan (micro-batch, memory, groups) comes in made.
 //!
 //! Reproducibility: the data windows of step `s` are keyed by `(seed, s, micro, row)` and the
 //! gates' random draws by `(seed, s, micro, layer)` (see [`crate::runtime::model::routing_key_words`]),
@@ -27,10 +28,8 @@
 //! tensor group and written by tensor rank 0 of each writer, so they resume on any world and
 //! tensor size.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -44,27 +43,19 @@ use crate::collective::{
 use crate::runtime::cast;
 use crate::runtime::checkpoint::{self, SaveInfo};
 use crate::runtime::data::{mix_all, Dataset};
-use crate::runtime::distributed::{self, ExpertParallel, RankContext};
+use crate::runtime::distributed::{self, ExpertParallel, RankContext, WorldPlan};
+use crate::runtime::metrics::MetricsLog;
 use crate::runtime::model::{
     lock_rng, ExchangedExperts, ForwardOutput, TensorParallel, TensorPass, Transformer,
 };
 use crate::runtime::moe::{Telemetry, TelemetryReport};
 use crate::runtime::optim::{self, AdamW};
 use crate::runtime::plot;
+use crate::runtime::progress::Progress;
+use crate::runtime::{fit, stop};
 
 const EVAL_KEY: u64 = 0xE7A1;
 const STEP_KEY: u64 = 0x57E9;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static HANDLER: std::sync::Once = std::sync::Once::new();
-
-/// Installs the Ctrl-C handler (once per process): it asks the loop to checkpoint and stop.
-pub fn install_interrupt_handler() {
-    HANDLER.call_once(|| {
-        // If another handler is installed already, Ctrl-C keeps its default meaning.
-        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
-    });
-}
 
 /// Where and how to run, from the command line.
 #[derive(Clone, Debug)]
@@ -80,11 +71,32 @@ pub struct RunOptions {
     /// Resume from this checkpoint (a `step-*` directory or a root with `latest`).
     pub resume: Option<PathBuf>,
     pub progress: bool,
+    /// Where stderr is not a terminal: a progress line at most this often (and after the
+    /// first and the last step).
+    pub log_interval: Duration,
     /// Print the end summary on stdout.
     pub print_summary: bool,
     /// Alone on a GPU (and built with `cuda`): replay the training micro-batch as a CUDA graph
     /// (see [`crate::runtime::graph`]); ignored elsewhere.
     pub cuda_graph: bool,
+}
+
+impl Default for RunOptions {
+    /// A run on the CPU with the file's steps into `runs/default`, no progress display.
+    fn default() -> Self {
+        RunOptions {
+            device: Device::Cpu,
+            steps: None,
+            stop_after: None,
+            out: PathBuf::from("runs/default"),
+            checkpoints: PathBuf::from("runs/default/checkpoints"),
+            resume: None,
+            progress: false,
+            log_interval: Duration::from_secs(10),
+            print_summary: false,
+            cuda_graph: false,
+        }
+    }
 }
 
 /// One line of `metrics.jsonl`.
@@ -140,6 +152,9 @@ pub struct RunSummary {
     /// Of the training split (byte data only).
     pub unigram_entropy: Option<f64>,
     pub interrupted: bool,
+    /// The signal that stopped the run (2: SIGINT, 15: SIGTERM), when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
     pub checkpoint: Option<PathBuf>,
     pub metrics: PathBuf,
     pub plot: Option<PathBuf>,
@@ -197,33 +212,22 @@ pub fn micro_batch_for(checked: &Checked, train: &Train, data_ranks: u64) -> Res
     Ok(crate::plan::default_micro_batch(share, train.seq_len))
 }
 
-/// The micro-batch of a run on `data_ranks` data ranks: the file's, else the planner's for
-/// the run's layout (several ranks: `ctx`'s plan; one: a plan of one GPU), which is
-/// [`micro_batch_for`]'s default unless that leaves less than
-/// [`crate::plan::FREE_CHOICE_HEADROOM`] of the GPU free in the planner's memory estimate;
-/// then also a note saying so. Without a plan (one rank whose model does not fit the file's
-/// GPU at all, or ranks laid out without the planner): the default.
+/// The micro-batch of a run on `data_ranks` data ranks: the file's, else the plan's (the
+/// planner's choice for the run's layout), which is [`micro_batch_for`]'s default unless that
+/// leaves less than [`crate::plan::FREE_CHOICE_HEADROOM`] of the GPU free in the planner's
+/// memory estimate; then also a note saying so. Plans made without the planner: the default.
 fn run_micro_batch(
     checked: &Checked,
     train: &Train,
     data_ranks: u64,
-    ctx: Option<&RankContext>,
+    plan: &WorldPlan,
 ) -> Result<(u64, Option<String>)> {
     let default = micro_batch_for(checked, train, data_ranks)?;
     if checked.parallel.micro_batch.is_some() {
         return Ok((default, None));
     }
-    let planned = match ctx {
-        Some(c) => c.plan.micro_batch,
-        None => {
-            let one = distributed::overrides(1, None, Some(1));
-            crate::plan::cost_with(checked, &one)
-                .ok()
-                .map(|p| p.costed.micro_batch)
-        }
-    };
     let share = train.batch_sequences / data_ranks.max(1);
-    match planned {
+    match plan.micro_batch {
         Some(m) if m != default && m > 0 && share % m == 0 => Ok((
             m,
             Some(format!(
@@ -597,6 +601,33 @@ fn reduce_telemetry(ctx: &RankContext, acc: &mut [(usize, Accum)], at: &str) -> 
     Ok(())
 }
 
+/// Refuses to continue the checkpoint in `dir`, at step `at`, when nothing would be trained:
+/// it is at or past the end of the schedule of `total_steps`, or past `--stop-after`.
+fn check_resumable(dir: &Path, at: u64, total_steps: u64, stop_after: Option<u64>) -> Result<()> {
+    if at > total_steps {
+        bail!(
+            "checkpoint `{}` is at step {at}, past the end of this run's schedule of {total_steps} \
+             steps; pass --steps N with N > {at} to continue it with a longer schedule",
+            dir.display()
+        );
+    }
+    if at == total_steps {
+        bail!(
+            "checkpoint `{}` finished its run ({at} of {total_steps} steps): nothing to train; \
+             --steps N with N > {at} continues it with a longer schedule, and without --resume \
+             fmoec starts a new run",
+            dir.display()
+        );
+    }
+    if let Some(stop) = stop_after.filter(|&s| s <= at) {
+        bail!(
+            "--stop-after {stop}, but checkpoint `{}` is already at step {at}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn read_metrics(path: &Path) -> Vec<StepMetrics> {
     std::fs::read_to_string(path)
         .map(|s| {
@@ -607,16 +638,30 @@ fn read_metrics(path: &Path) -> Vec<StepMetrics> {
         .unwrap_or_default()
 }
 
-/// Trains the checked model. Returns the summary; errors are user-facing.
+/// Trains the checked model alone on `opts.device`, planned as [`distributed::plan_alone`]
+/// plans it (or, where the planner finds no plan, with the runtime's defaults). Returns the
+/// summary; errors are user-facing.
 pub fn train(checked: &Checked, opts: &RunOptions) -> Result<RunSummary> {
-    train_ranked(checked, opts, None)
+    let plan =
+        distributed::plan_alone(checked).or_else(|_| WorldPlan::data_parallel(checked, 1, 1))?;
+    train_alone(checked, opts, &plan)
 }
 
-/// Trains the checked model as one rank of many (`ctx`), or alone (`None`). Every rank of a
-/// run calls this with the same arguments; rank 0 writes the files.
-pub fn train_ranked(
+/// Trains the checked model alone on `opts.device` with the plan `plan` (a world of one).
+pub fn train_alone(checked: &Checked, opts: &RunOptions, plan: &WorldPlan) -> Result<RunSummary> {
+    train_planned(checked, opts, plan, None)
+}
+
+/// Trains the checked model as one rank of many. Every rank of a run calls this with the
+/// same arguments; rank 0 writes the files.
+pub fn train_ranked(checked: &Checked, opts: &RunOptions, ctx: &RankContext) -> Result<RunSummary> {
+    train_planned(checked, opts, &ctx.plan, Some(ctx))
+}
+
+fn train_planned(
     checked: &Checked,
     opts: &RunOptions,
+    plan: &WorldPlan,
     ctx: Option<&RankContext>,
 ) -> Result<RunSummary> {
     let Some(train) = &checked.train else {
@@ -642,7 +687,7 @@ pub fn train_ranked(
     let data_ranks = ctx.map_or(1, |c| c.data_size()) as u64;
     let data_rank = ctx.map_or(0, |c| c.data_rank()) as u64;
     let device = ctx.map_or(opts.device, |c| c.device);
-    let (mb, mb_note) = run_micro_batch(checked, train, data_ranks, ctx)?;
+    let (mb, mb_note) = run_micro_batch(checked, train, data_ranks, plan)?;
     // Micro-batches of the global batch; this rank runs `m = i·D + data_rank`.
     let n_micro = train.batch_sequences / mb;
     let n_local = n_micro / data_ranks;
@@ -657,12 +702,25 @@ pub fn train_ranked(
             bail!("{what} `{}` is a file, not a folder", dir.display());
         }
     }
-    if opts.resume.is_none() && opts.checkpoints.join("latest").exists() {
+    if opts.resume.is_none() && opts.checkpoints.join(checkpoint::LATEST).exists() {
         bail!(
             "`{}` already holds checkpoints; pass --resume to continue that run, or --out DIR \
              for a new one",
             opts.checkpoints.display()
         );
+    }
+    // Refused before anything is allocated, with the planner's figure and the machine's.
+    if let Some(memory) = &plan.memory {
+        let in_process = match ctx {
+            Some(c) if matches!(c.device, Device::Cpu) => c.world() as u64,
+            _ => 1,
+        };
+        let layout = format!(
+            "--world {} --tensor {} --pipeline 1",
+            plan.layout.world,
+            plan.tensor_size()
+        );
+        fit::check(memory, in_process, device, &layout)?;
     }
 
     // The experts this rank holds per MoE layer (all of them alone).
@@ -696,6 +754,7 @@ pub fn train_ranked(
     let mut tokens_seen = 0;
     if let Some(path) = &opts.resume {
         let resumed = checkpoint::resume(path, model_decl, &model.store, &mut adam, &local)?;
+        check_resumable(&resumed.dir, resumed.step, total_steps, opts.stop_after)?;
         start_step = resumed.step;
         tokens_seen = resumed.tokens_seen;
         if resumed.seed != train.seed {
@@ -724,10 +783,8 @@ pub fn train_ranked(
     let splits = model.tensor_splits();
     model.set_compute(compute);
     if main {
-        if let Some(c) = ctx {
-            for note in &c.plan.notes {
-                eprintln!("note: {note}");
-            }
+        for note in &plan.notes {
+            eprintln!("note: {note}");
         }
         if let Some(note) = &mb_note {
             eprintln!("note: {note}");
@@ -735,45 +792,27 @@ pub fn train_ranked(
     }
 
     let metrics_path = opts.out.join("metrics.jsonl");
-    // Keep the history before the resumed step (a crashed run may have logged past its last
-    // checkpoint), drop the rest.
-    let kept: Vec<String> = if opts.resume.is_some() && main {
-        read_metrics(&metrics_path)
-            .into_iter()
-            .filter(|m| m.step <= start_step)
-            .map(|m| serde_json::to_string(&m).expect("metrics serialize"))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut metrics_file: Box<dyn Write> = if main {
+    let mut metrics = if main {
         std::fs::create_dir_all(&opts.out)
             .with_context(|| format!("cannot create `{}`", opts.out.display()))?;
-        let mut file = std::fs::File::create(&metrics_path)
-            .with_context(|| format!("cannot write `{}`", metrics_path.display()))?;
-        for line in &kept {
-            writeln!(file, "{line}")?;
-        }
-        Box::new(file)
+        Some(if opts.resume.is_some() {
+            MetricsLog::resume(&opts.out, start_step)?
+        } else {
+            MetricsLog::create(&opts.out)?
+        })
     } else {
-        Box::new(std::io::sink())
+        None
     };
 
-    install_interrupt_handler();
-    INTERRUPTED.store(false, Ordering::SeqCst);
-
-    let bar = if opts.progress && main {
-        indicatif::ProgressBar::new(total_steps)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
-        )
-        .expect("valid template"),
+    stop::install();
+    stop::clear();
+    let mut progress = Progress::new(
+        main,
+        opts.progress,
+        opts.log_interval,
+        start_step,
+        total_steps,
     );
-    bar.set_position(start_step);
 
     let lr_max = train.optimizer.lr();
     let save_info = |step: u64, tokens: u64| SaveInfo {
@@ -795,7 +834,7 @@ pub fn train_ranked(
     let mut losses = Vec::new();
     let mut last_ckpt = None;
     let mut last_eval = None;
-    let mut interrupted = false;
+    let mut stopped_by: Option<i32> = None;
     let tokens_per_step = train.batch_sequences * train.seq_len;
     // Checkpoints kept after each save (0: all).
     let keep = train.checkpoint.as_ref().map_or(0, |c| c.keep);
@@ -914,7 +953,7 @@ pub fn train_ranked(
         tokens_seen += tokens_per_step;
 
         if !loss.is_finite() {
-            bar.abandon();
+            progress.abandon();
             bail!(
                 "the loss became {loss} at step {step}; lower the learning rate or check the data"
             );
@@ -953,23 +992,28 @@ pub fn train_ranked(
                 rec.eval_loss = Some(l);
                 rec.eval_ppl = Some(l.exp());
                 last_eval = Some(l);
-                bar.println(format!(
+                progress.say(&format!(
                     "step {step}: eval loss {l:.4}, perplexity {:.2}",
                     l.exp()
                 ));
             }
         }
-        writeln!(metrics_file, "{}", serde_json::to_string(&rec)?)?;
+        if let Some(log) = &mut metrics {
+            log.append(&rec)?;
+        }
         let load = rec
             .moe
             .iter()
             .map(|m| m.telemetry.max_over_mean_load)
             .fold(0.0, f64::max);
-        bar.set_position(step);
-        bar.set_message(format!(
-            "loss {loss:.4} | lr {lr:.2e} | {:.0} tok/s | max/mean load {load:.2} | bal {balance:.4}",
-            rec.tokens_per_s
-        ));
+        progress.step(
+            step,
+            &format!(
+                "loss {loss:.4} | lr {lr:.2e} | {:.0} tok/s | max/mean load {load:.2} | bal {balance:.4}",
+                rec.tokens_per_s
+            ),
+            step >= stop_at,
+        );
         if let Some(policy) = &train.checkpoint {
             if policy.every > 0 && step % policy.every == 0 && step < stop_at {
                 last_ckpt = Some(save_checkpoint(
@@ -983,18 +1027,26 @@ pub fn train_ranked(
                 )?);
             }
         }
-        let mut stop = INTERRUPTED.load(Ordering::SeqCst);
+        let mut signal = stop::requested();
         if let Some(c) = ctx {
-            // Every rank stops at the same step, whichever of them saw Ctrl-C.
-            let flag = sum_over_world(c, &[f64::from(u8::from(stop))], "interrupt flag")?;
-            stop = flag[0] > 0.0;
+            // Every rank stops at the same step, whichever of them got the signal (SIGTERM
+            // over SIGINT when both came).
+            let seen = |s: i32| f64::from(u8::from(signal == Some(s)));
+            let flags =
+                sum_over_world(c, &[seen(stop::SIGINT), seen(stop::SIGTERM)], "stop signal")?;
+            signal = if flags[1] > 0.0 {
+                Some(stop::SIGTERM)
+            } else if flags[0] > 0.0 {
+                Some(stop::SIGINT)
+            } else {
+                None
+            };
         }
-        if stop {
-            interrupted = true;
+        if signal.is_some() {
+            stopped_by = signal;
             break;
         }
     }
-    metrics_file.flush()?;
     if step > start_step || opts.resume.is_none() {
         let dir = opts.checkpoints.join(checkpoint::step_dir_name(step));
         // Every rank must take the same branch: rank 0's view of the folder decides.
@@ -1015,10 +1067,11 @@ pub fn train_ranked(
             )?);
         }
     }
-    bar.finish_and_clear();
-    if interrupted && main {
+    progress.finish();
+    if let (Some(signal), true) = (stopped_by, main) {
         eprintln!(
-            "interrupted: saved step {step} to `{}`; continue with --resume",
+            "stopped by {}: saved step {step} to `{}`; continue with --resume",
+            stop::name(signal),
             last_ckpt
                 .as_ref()
                 .map(|p| p.display().to_string())
@@ -1106,7 +1159,8 @@ pub fn train_ranked(
         final_eval_loss: last_eval,
         final_eval_ppl: last_eval.map(f64::exp),
         unigram_entropy: data.unigram_entropy(),
-        interrupted,
+        interrupted: stopped_by.is_some(),
+        signal: stopped_by,
         checkpoint: last_ckpt,
         metrics: metrics_path,
         plot,
