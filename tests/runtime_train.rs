@@ -650,3 +650,48 @@ fn a_model_that_does_not_fit_this_machine_is_refused_before_allocating() {
     );
     assert!(!dir.path().join("runs/tiny/metrics.jsonl").exists());
 }
+
+/// `fmoec run` plans once: alone on one device, the plan is the planner's for one GPU of the
+/// file's kind (`fmoec plan --world 1 --tensor 1 --pipeline 1 --expert-group replicated
+/// --memory-model fmoec`), micro-batch and memory included, also for files written for many
+/// GPUs; where the file's GPU cannot hold the model alone it is the same plan without the
+/// memory limit, with a note, and the machine's own memory decides.
+#[test]
+fn a_run_alone_takes_the_planners_plan_for_one_device() {
+    use fmoec::check::ExpertGroup;
+    use fmoec::plan::{self, MemoryModel, Overrides};
+    use fmoec::runtime::distributed::plan_alone;
+    let alone = Overrides {
+        world: Some(1),
+        tensor: Some(1),
+        pipeline: Some(1),
+        expert_group: Some(ExpertGroup::Replicated),
+        micro_batch: None,
+        memory_model: Some(MemoryModel::Fmoec),
+    };
+    let medium = runtime_common::example("gpt2-medium-moe.fmoe");
+    let planned = plan::build_with(&medium, &alone).unwrap();
+    let run = plan_alone(&medium).unwrap();
+    assert_eq!(run.micro_batch, Some(planned.micro_batch));
+    assert_eq!(run.memory, Some(planned.stages[0].cost.memory));
+    assert_eq!(run.layout.world, 1);
+    assert_eq!(
+        run.placements[&1].local_experts(0).len(),
+        16,
+        "every expert"
+    );
+
+    let deepseek = runtime_common::example("deepseek-moe.fmoe");
+    let too_big = plan::build_with(&deepseek, &alone).unwrap_err();
+    assert!(too_big.iter().all(|d| d.code == "P0009"));
+    let run = plan_alone(&deepseek).unwrap();
+    let memory = run.memory.unwrap().total;
+    assert!(memory > deepseek.parallel.hardware.memory_bytes, "{memory}");
+    assert!(
+        run.notes
+            .iter()
+            .any(|n| n.contains("cannot hold this model alone")),
+        "{:?}",
+        run.notes
+    );
+}

@@ -212,35 +212,41 @@ pub fn micro_batch_for(checked: &Checked, train: &Train, data_ranks: u64) -> Res
     Ok(crate::plan::default_micro_batch(share, train.seq_len))
 }
 
-/// The micro-batch of a run on `data_ranks` data ranks: the file's, else the plan's (the
-/// planner's choice for the run's layout), which is [`micro_batch_for`]'s default unless that
-/// leaves less than [`crate::plan::FREE_CHOICE_HEADROOM`] of the GPU free in the planner's
-/// memory estimate; then also a note saying so. Plans made without the planner: the default.
+/// The micro-batch of a run on `data_ranks` data ranks: the plan's, which is the planner's
+/// choice for the run's layout (the file's `micro_batch`, else
+/// [`crate::plan::default_micro_batch`] unless that leaves less than
+/// [`crate::plan::FREE_CHOICE_HEADROOM`] of the GPU free in the planner's memory estimate,
+/// which a note then says). Plans made without the planner: [`micro_batch_for`].
 fn run_micro_batch(
     checked: &Checked,
     train: &Train,
     data_ranks: u64,
     plan: &WorldPlan,
 ) -> Result<(u64, Option<String>)> {
-    let default = micro_batch_for(checked, train, data_ranks)?;
-    if checked.parallel.micro_batch.is_some() {
-        return Ok((default, None));
+    let Some(m) = plan.micro_batch else {
+        return Ok((micro_batch_for(checked, train, data_ranks)?, None));
+    };
+    let d = data_ranks.max(1);
+    let share = train.batch_sequences / d;
+    if m == 0 || train.batch_sequences % d != 0 || share % m != 0 {
+        bail!(
+            "internal error: the plan's micro-batch of {m} sequences does not split the batch of \
+             {} sequences over {d} data ranks",
+            train.batch_sequences
+        );
     }
-    let share = train.batch_sequences / data_ranks.max(1);
-    match plan.micro_batch {
-        Some(m) if m != default && m > 0 && share % m == 0 => Ok((
-            m,
-            Some(format!(
-                "micro-batch {m} sequences: {default} (the default, at most {} tokens) would \
-                 leave less than {:.0}% of a `{}` GPU free in the planner's memory estimate \
-                 (`fmoec plan --memory-model fmoec`)",
-                crate::plan::DEFAULT_MICRO_TOKENS,
-                crate::plan::FREE_CHOICE_HEADROOM * 100.0,
-                checked.parallel.hardware.name
-            )),
-        )),
-        _ => Ok((default, None)),
-    }
+    let default = crate::plan::default_micro_batch(share, train.seq_len);
+    let note = (checked.parallel.micro_batch.is_none() && m != default).then(|| {
+        format!(
+            "micro-batch {m} sequences: {default} (the default, at most {} tokens) would leave \
+             less than {:.0}% of a `{}` GPU free in the planner's memory estimate (`fmoec plan \
+             --memory-model fmoec`)",
+            crate::plan::DEFAULT_MICRO_TOKENS,
+            crate::plan::FREE_CHOICE_HEADROOM * 100.0,
+            checked.parallel.hardware.name
+        )
+    });
+    Ok((m, note))
 }
 
 struct Accum {
