@@ -14,6 +14,7 @@ pub mod check;
 #[cfg(feature = "runtime")]
 pub mod collective;
 pub mod diag;
+pub mod digest;
 pub mod driver;
 pub mod emit;
 pub mod graph;
