@@ -678,3 +678,153 @@ fn a_pipeline_in_the_file_is_explained_first() {
         "{stderr}"
     );
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Two "nodes" on this machine, as two machines run it: one launcher each (`--ranks 2
+/// --nodes 2 --node-rank I --master 127.0.0.1:PORT`), each starting two CPU rank processes,
+/// all four connected over TCP through the rendezvous. They give the single-rank run's
+/// per-step losses, gradient norms and routing, with data parallelism and with tensor 2 x
+/// data 2 (one tensor group per node, Megatron's grid). A node alone fails by the timeout,
+/// naming the rank it waited for; bad node arguments are refused before anything starts.
+#[test]
+fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_file(dir.path());
+    let o = |s: &str| std::ffi::OsString::from(s);
+    let one = dir.path().join("one");
+    let single = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--steps"),
+        &o("3"),
+        &o("--quiet"),
+        &o("--out"),
+        one.as_os_str(),
+    ]);
+    assert!(
+        single.status.success(),
+        "{}",
+        String::from_utf8_lossy(&single.stderr)
+    );
+    let want = metrics(&one);
+
+    for (name, extra) in [("data", vec![]), ("tensor", vec!["--tensor", "2"])] {
+        let out = dir.path().join(name);
+        let master = format!("127.0.0.1:{}", free_port());
+        let node = |rank: &str| {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
+            c.arg("run")
+                .arg(&file)
+                .args(["--ranks", "2", "--nodes", "2", "--node-rank", rank])
+                .args(["--master", &master, "--steps", "3", "--quiet"])
+                .args(["--collective-timeout", "120", "--out"])
+                .arg(&out)
+                .args(&extra);
+            c
+        };
+        let second = node("1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let first = node("0").output().unwrap();
+        let second = second.wait_with_output().unwrap();
+        let text = |o: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        assert!(first.status.success(), "node 0: {}", text(&first));
+        assert!(second.status.success(), "node 1: {}", text(&second));
+        let stdout = String::from_utf8_lossy(&first.stdout);
+        assert!(
+            stdout.contains("[rank 0] device     Cpu x 4 ranks"),
+            "{stdout}"
+        );
+        assert_same_run(&format!("two nodes, {name}"), &want, &metrics(&out));
+        assert!(out.join("checkpoints/step-00000003/manifest.json").exists());
+    }
+
+    // node 1 alone: its ranks give up on rank 0 by the timeout and say so
+    let lonely = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--ranks"),
+        &o("2"),
+        &o("--nodes"),
+        &o("2"),
+        &o("--node-rank"),
+        &o("1"),
+        &o("--master"),
+        &o(&format!("127.0.0.1:{}", free_port())),
+        &o("--collective-timeout"),
+        &o("2"),
+        &o("--out"),
+        dir.path().join("lonely").as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&lonely.stderr);
+    assert!(!lonely.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("could not reach rank 0")
+            && (stderr.contains("fmoec run: rank 2 exited with code 1")
+                || stderr.contains("fmoec run: rank 3 exited with code 1")),
+        "{stderr}"
+    );
+    for (args, says) in [
+        (
+            vec!["--ranks", "2", "--nodes", "2"],
+            "--nodes 2 needs --node-rank I (0..1)",
+        ),
+        (
+            vec!["--ranks", "2", "--nodes", "2", "--node-rank", "0"],
+            "--nodes 2 needs --master ADDR:PORT",
+        ),
+        (
+            vec![
+                "--ranks",
+                "2",
+                "--nodes",
+                "2",
+                "--node-rank",
+                "2",
+                "--master",
+                "h:1",
+            ],
+            "--node-rank 2 is not a node of --nodes 2",
+        ),
+        (
+            vec!["--nodes", "2", "--node-rank", "0", "--master", "h:1"],
+            "--nodes needs the ranks",
+        ),
+        (
+            vec![
+                "--ranks",
+                "2",
+                "--nodes",
+                "2",
+                "--node-rank",
+                "0",
+                "--master",
+                "h",
+            ],
+            "expected ADDR:PORT",
+        ),
+    ] {
+        let mut all = vec![o("run"), file.clone().into_os_string()];
+        all.extend(args.iter().map(|a| o(a)));
+        let refs: Vec<&std::ffi::OsStr> = all.iter().map(|a| a.as_os_str()).collect();
+        let bad = fmoec(&refs);
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert_eq!(bad.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

@@ -1,10 +1,11 @@
-//! Local launcher: one process per GPU with the torchrun variables set, so
-//! `--gpus N` needs no external tool.
+//! Local launcher: one process per rank of this machine (a GPU each, or CPU ranks) with the
+//! torchrun variables set, so `--gpus N` needs no external tool, and a run over several
+//! machines is one launcher per machine ([`Launch::first_rank`], [`Launch::world`]).
 //!
-//! [`spawn_local`] starts `n` copies of a program with `RANK`, `LOCAL_RANK`,
-//! `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` set (and `NCCL_NVLS_ENABLE=0` unless
-//! the caller's environment sets it), prefixes each line the ranks print with
-//! `[rank i]`, and waits. When one rank fails (non-zero exit or a signal) the others are
+//! [`spawn_local`] starts `n` copies of a program with `RANK` (this node's first rank plus
+//! i), `LOCAL_RANK` (i), `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`
+//! set (and `NCCL_NVLS_ENABLE=0` unless the caller's environment sets it), prefixes each line
+//! the ranks print with `[rank RANK]`, and waits. When one rank fails (non-zero exit or a signal) the others are
 //! killed at once, so a dead rank never leaves its peers hanging in a collective; the
 //! launcher's result names the first rank that failed and its exit code.
 //!
@@ -29,6 +30,10 @@ pub struct Launch {
     /// Polled while the ranks run: the number of a signal the launcher received (a
     /// scheduler's SIGTERM), which is then sent on, once, to every rank still running.
     pub stop_signal: Option<fn() -> Option<i32>>,
+    /// The global rank of this machine's first process (node rank × processes per node).
+    pub first_rank: usize,
+    /// Ranks of the whole run, all machines (`None`: the `n` started here).
+    pub world: Option<usize>,
 }
 
 impl Default for Launch {
@@ -38,6 +43,8 @@ impl Default for Launch {
             master_port: None,
             env: Vec::new(),
             stop_signal: None,
+            first_rank: 0,
+            world: None,
         }
     }
 }
@@ -45,11 +52,13 @@ impl Default for Launch {
 /// How a launched run ended.
 #[derive(Debug)]
 pub struct Outcome {
-    /// Each rank's exit status (`None`: it was killed by the launcher before it exited
-    /// on its own).
+    /// Each local rank's exit status (`None`: it was killed by the launcher before it
+    /// exited on its own).
     pub statuses: Vec<Option<ExitStatus>>,
-    /// The first rank that failed, if any.
+    /// The first local rank that failed, if any.
     pub failed: Option<(usize, ExitStatus)>,
+    /// The global rank of local rank 0 (for messages).
+    pub first_rank: usize,
 }
 
 impl Outcome {
@@ -70,9 +79,9 @@ impl Outcome {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.is_none())
-            .map(|(r, _)| r.to_string())
+            .map(|(r, _)| (self.first_rank + r).to_string())
             .collect();
-        let mut text = format!("rank {rank} {}", status_text(status));
+        let mut text = format!("rank {} {}", self.first_rank + rank, status_text(status));
         if !stopped.is_empty() {
             text.push_str(&format!("; stopped rank(s) {}", stopped.join(", ")));
         }
@@ -162,16 +171,18 @@ pub fn spawn_local(
         None => free_port(&launch.master_addr)?,
     };
     let program = program.as_ref();
+    let world = launch.world.unwrap_or(n);
     let mut children: Vec<Child> = Vec::with_capacity(n);
     let (done, forwarded) = std::sync::mpsc::channel::<()>();
     let mut forwarders = 0;
-    for rank in 0..n {
+    for local in 0..n {
+        let rank = launch.first_rank + local;
         let mut command = Command::new(program);
         command
             .args(args)
             .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("WORLD_SIZE", world.to_string())
             .env("LOCAL_WORLD_SIZE", n.to_string())
             .env("MASTER_ADDR", &launch.master_addr)
             .env("MASTER_PORT", port.to_string())
@@ -210,7 +221,10 @@ pub fn spawn_local(
             }
         }
     }
-    let outcome = supervise(&mut children, launch.stop_signal);
+    let outcome = supervise(&mut children, launch.stop_signal).map(|mut o| {
+        o.first_rank = launch.first_rank;
+        o
+    });
     // Let the ranks' last lines through. A pipe can stay open after its rank is gone
     // (a process the rank started still holds it), so do not wait for it forever.
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -268,7 +282,11 @@ fn supervise(
     if failed.is_some() {
         kill_all(children, &statuses);
     }
-    Ok(Outcome { statuses, failed })
+    Ok(Outcome {
+        statuses,
+        failed,
+        first_rank: 0,
+    })
 }
 
 #[cfg(unix)]
@@ -347,6 +365,36 @@ mod tests {
                 format!("{rank} {rank} 3 127.0.0.1 29555 {nvls} x")
             );
         }
+    }
+
+    #[test]
+    fn the_second_node_of_two_starts_ranks_two_and_three() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "echo \"$RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT\" > {}/rank$RANK; [ $RANK = 3 ] && exit 5; exit 0",
+            dir.path().display()
+        );
+        let launch = Launch {
+            master_addr: "10.1.2.3".into(),
+            master_port: Some(29600),
+            first_rank: 2,
+            world: Some(4),
+            ..Launch::default()
+        };
+        let outcome = spawn_local(2, "sh", &sh(&script), &launch).unwrap();
+        for (rank, local) in [(2, 0), (3, 1)] {
+            let text = std::fs::read_to_string(dir.path().join(format!("rank{rank}"))).unwrap();
+            assert_eq!(text.trim(), format!("{rank} {local} 4 2 10.1.2.3 29600"));
+        }
+        assert_eq!(outcome.exit_code(), 5);
+        assert!(
+            outcome
+                .describe()
+                .unwrap()
+                .starts_with("rank 3 exited with code 5"),
+            "{:?}",
+            outcome.describe()
+        );
     }
 
     #[test]

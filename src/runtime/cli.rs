@@ -22,9 +22,11 @@ pub struct RunArgs {
     /// How diagnostics are printed.
     #[arg(long, value_enum, default_value_t)]
     pub diagnostics: DiagFormat,
-    /// Where to run: `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Where to run: `cpu` (the default), `cuda` or `cuda:N`. As one rank of a run started by
+    /// torchrun, `--device cpu` makes it a CPU rank (TCP between the ranks); without it the
+    /// rank runs on GPU LOCAL_RANK (NCCL).
+    #[arg(long)]
+    pub device: Option<String>,
     /// Total training steps (the schedule's length, at least 1); default: the file's `steps`.
     #[arg(long, value_parser = at_least_one)]
     pub steps: Option<u64>,
@@ -90,6 +92,18 @@ pub struct RunArgs {
     /// Seconds a collective may wait for the other ranks before the run stops with an error.
     #[arg(long, value_name = "SECS", default_value_t = 600.0)]
     pub collective_timeout: f64,
+    /// Machines the run spans. Each runs the same command with its own --node-rank and starts
+    /// its ranks: --gpus K per node (one process per GPU, NCCL) or --ranks K per node (one
+    /// process per CPU rank, TCP); the world is N x K.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nodes: u64,
+    /// This machine's index among the --nodes (0..N); node 0 holds rank 0 and the rendezvous.
+    #[arg(long, value_name = "I")]
+    pub node_rank: Option<u64>,
+    /// Node 0's address and a free port, reachable from every node, where rank 0 serves the
+    /// rendezvous (torchrun's MASTER_ADDR and MASTER_PORT).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub master: Option<String>,
 }
 
 fn parse_expert_group(s: &str) -> Result<ExpertGroup, String> {
@@ -111,22 +125,121 @@ enum Mode {
     Single,
     /// N ranks on threads of this process.
     InProcess(u64),
-    /// Start N processes (one per GPU) and wait for them.
-    Launch(u64),
-    /// One rank of a multi-process run (started by `--gpus` or torchrun).
-    Rank(DistEnv),
+    /// Start this machine's ranks as processes and wait for them.
+    Launch(NodeLaunch),
+    /// One rank of a multi-process run (started by `--gpus`, `--nodes` or torchrun).
+    Rank(DistEnv, Transport),
+}
+
+/// The ranks one launcher starts: `per_node` processes, ranks `node_rank · per_node ..`, of
+/// a world of `nodes · per_node`.
+struct NodeLaunch {
+    per_node: u64,
+    nodes: u64,
+    node_rank: u64,
+    /// Where rank 0 serves the rendezvous (`None`: a free port on this machine).
+    master: Option<(String, u16)>,
+    /// CPU ranks over TCP (`--ranks`) rather than GPU ranks over NCCL (`--gpus`).
+    cpu: bool,
+}
+
+/// How a rank of a multi-process run reaches the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    /// GPU `LOCAL_RANK`, NCCL.
+    Nccl,
+    /// CPU, TCP ([`crate::collective::tcp`]).
+    Tcp,
+}
+
+/// `ADDR:PORT` of `--master`.
+fn parse_master(text: &str) -> anyhow::Result<(String, u16)> {
+    let (addr, port) = text
+        .rsplit_once(':')
+        .filter(|(a, _)| !a.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!("--master `{text}`: expected ADDR:PORT, e.g. 10.0.0.1:29500")
+        })?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| anyhow::anyhow!("--master `{text}`: `{port}` is not a port number"))?;
+    let addr = addr.trim_start_matches('[').trim_end_matches(']');
+    Ok((addr.to_string(), port))
 }
 
 fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
     let env = DistEnv::from_env()?.filter(|e| e.world > 1);
+    if args.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    if args.ranks == Some(0) {
+        bail!("--ranks must be at least 1");
+    }
+    if args.gpus == Some(0) {
+        bail!("--gpus must be at least 1");
+    }
+    let explicit_cpu = args.device.as_deref() == Some("cpu");
+    let several_nodes = args.nodes > 1 || args.node_rank.is_some() || args.master.is_some();
+    if several_nodes {
+        let (per_node, cpu) = match (args.gpus, args.ranks) {
+            (Some(k), None) => (k, false),
+            (None, Some(k)) => (k, true),
+            _ => bail!(
+                "--nodes needs the ranks each node starts: --gpus K (one process per GPU, NCCL) \
+                 or --ranks K (one process per CPU rank, TCP)"
+            ),
+        };
+        if cpu && args.device.as_deref().is_some_and(|d| d != "cpu") {
+            bail!("--ranks K starts CPU ranks; for GPUs use --gpus K");
+        }
+        let world = per_node * args.nodes;
+        if let Some(env) = env {
+            // One of the ranks a node's launcher started.
+            if env.world as u64 != world {
+                bail!(
+                    "--nodes {} x {per_node} ranks per node is {world} ranks, but WORLD_SIZE is {}",
+                    args.nodes,
+                    env.world
+                );
+            }
+            let transport = if cpu { Transport::Tcp } else { Transport::Nccl };
+            return Ok(Mode::Rank(env, transport));
+        }
+        let node_rank = match (args.node_rank, args.nodes) {
+            (Some(i), n) if i < n => i,
+            (Some(i), n) => bail!(
+                "--node-rank {i} is not a node of --nodes {n} (0..{})",
+                n - 1
+            ),
+            (None, 1) => 0,
+            (None, n) => bail!(
+                "--nodes {n} needs --node-rank I (0..{}) on each node",
+                n - 1
+            ),
+        };
+        let master = match (&args.master, args.nodes) {
+            (Some(m), _) => Some(parse_master(m)?),
+            (None, 1) => None,
+            (None, n) => bail!(
+                "--nodes {n} needs --master ADDR:PORT, the same on every node: node 0's address \
+                 and a free port there"
+            ),
+        };
+        return Ok(Mode::Launch(NodeLaunch {
+            per_node,
+            nodes: args.nodes,
+            node_rank,
+            master,
+            cpu,
+        }));
+    }
     if let Some(n) = args.ranks {
-        if n == 0 {
-            bail!("--ranks must be at least 1");
-        }
         if env.is_some() {
-            bail!("--ranks runs every rank in this process; it cannot be one rank of a launched run (unset RANK and WORLD_SIZE)");
+            bail!("--ranks runs every rank in this process; it cannot be one rank of a launched run (unset RANK and WORLD_SIZE, or give --nodes for one process per rank)");
         }
-        if args.device != "cpu" {
+        if args.device.as_deref().is_some_and(|d| d != "cpu") {
             bail!(
                 "--ranks N runs in-process ranks on the CPU (--device cpu); for GPUs use --gpus N"
             );
@@ -137,17 +250,27 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
             Mode::InProcess(n)
         });
     }
+    let transport = if explicit_cpu {
+        Transport::Tcp
+    } else {
+        Transport::Nccl
+    };
     match (args.gpus, env) {
-        (Some(0), _) => bail!("--gpus must be at least 1"),
         (Some(n), Some(env)) => {
             if env.world as u64 != n {
                 bail!("--gpus {n} but WORLD_SIZE is {}", env.world);
             }
-            Ok(Mode::Rank(env))
+            Ok(Mode::Rank(env, Transport::Nccl))
         }
-        (None, Some(env)) => Ok(Mode::Rank(env)),
+        (None, Some(env)) => Ok(Mode::Rank(env, transport)),
         (Some(1), None) | (None, None) => Ok(Mode::Single),
-        (Some(n), None) => Ok(Mode::Launch(n)),
+        (Some(n), None) => Ok(Mode::Launch(NodeLaunch {
+            per_node: n,
+            nodes: 1,
+            node_rank: 0,
+            master: None,
+            cpu: false,
+        })),
     }
 }
 
@@ -155,7 +278,7 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
 /// the launcher itself (its rank 0 speaks).
 fn is_first_rank(mode: &Mode) -> bool {
     match mode {
-        Mode::Rank(env) => env.rank == 0,
+        Mode::Rank(env, _) => env.rank == 0,
         Mode::Single | Mode::InProcess(_) => true,
         Mode::Launch(_) => false,
     }
@@ -191,9 +314,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .ok_or_else(|| {
             anyhow::anyhow!("--collective-timeout must be a positive number of seconds")
         })?;
-    let device_name = match (&mode, args.gpus, args.device.as_str()) {
-        (Mode::Single, Some(1), "cpu") => "cuda",
-        _ => args.device.as_str(),
+    let device_name = match (&mode, args.gpus, args.device.as_deref()) {
+        (Mode::Single, Some(1), None) => "cuda",
+        (_, _, device) => device.unwrap_or("cpu"),
     };
     let device = match mode {
         Mode::Single | Mode::InProcess(_) => super::parse_device(device_name)?,
@@ -202,8 +325,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // Said first: what follows (the planner's layout and its batch split) depends on it.
     let world = match &mode {
         Mode::Single => 1,
-        Mode::InProcess(n) | Mode::Launch(n) => *n,
-        Mode::Rank(env) => env.world as u64,
+        Mode::InProcess(n) => *n,
+        Mode::Launch(node) => node.per_node * node.nodes,
+        Mode::Rank(env, _) => env.world as u64,
     };
     let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
     let pipeline_note =
@@ -345,18 +469,21 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             let mut summaries = distributed::run_in_process(checked, &opts, &plan, timeout)?;
             summaries.swap_remove(0)
         }
-        Mode::Launch(n) => {
-            if let Err(code) = plan_for(n) {
+        Mode::Launch(node) => {
+            if let Err(code) = plan_for(world) {
                 return Ok(code);
             }
-            return launch(n, checked);
+            return launch(&node);
         }
-        Mode::Rank(env) => {
+        Mode::Rank(env, transport) => {
             let plan = match plan_for(env.world as u64) {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
             };
-            return run_rank(checked, &opts, plan, &env, timeout);
+            return match transport {
+                Transport::Tcp => run_cpu_rank(checked, &opts, plan, &env, timeout),
+                Transport::Nccl => run_rank(checked, &opts, plan, &env, timeout),
+            };
         }
     };
     Ok(exit_code(&summary))
@@ -371,29 +498,27 @@ fn exit_code(summary: &RunSummary) -> ExitCode {
     }
 }
 
-#[cfg(not(feature = "cuda"))]
-fn launch(n: u64, _: &Checked) -> anyhow::Result<ExitCode> {
-    bail!(
-        "--gpus {n} needs NCCL, and this fmoec was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, or use --ranks {n} for in-process CPU ranks"
-    )
-}
-
-#[cfg(feature = "cuda")]
-fn launch(n: u64, _: &Checked) -> anyhow::Result<ExitCode> {
+/// Starts this machine's ranks (`node`) as processes of this program with the same
+/// arguments and the torchrun variables, passes a stop signal on to them, waits, and exits
+/// with the first failing rank's code.
+fn launch(node: &NodeLaunch) -> anyhow::Result<ExitCode> {
     use crate::collective::launch::{spawn_local, Launch};
-    use crate::collective::nccl::NcclLibrary;
-    let visible = tch::Cuda::device_count();
-    if n as i64 > visible {
-        bail!("--gpus {n} but this machine shows {visible} CUDA device(s)");
-    }
-    let library = NcclLibrary::for_ranks()?;
-    let program = std::env::current_exe()?;
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let launch = Launch {
-        env: library.env.clone(),
+    let n = node.per_node;
+    let mut launch = Launch {
         stop_signal: Some(stop::requested),
+        first_rank: (node.node_rank * n) as usize,
+        world: Some((node.nodes * n) as usize),
         ..Launch::default()
     };
+    if let Some((addr, port)) = &node.master {
+        launch.master_addr = addr.clone();
+        launch.master_port = Some(*port);
+    }
+    if !node.cpu {
+        launch.env = gpu_ranks_env(n)?;
+    }
+    let program = std::env::current_exe()?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     // Ctrl-C reaches the ranks (same process group); a SIGTERM sent to the launcher alone
     // (a scheduler's) is passed on to them. They checkpoint and stop together, and the
     // launcher waits for them instead of dying first.
@@ -406,6 +531,54 @@ fn launch(n: u64, _: &Checked) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(not(feature = "cuda"))]
+fn gpu_ranks_env(n: u64) -> anyhow::Result<Vec<(std::ffi::OsString, std::ffi::OsString)>> {
+    bail!(
+        "--gpus {n} needs NCCL, and this fmoec was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, or use --ranks {n} for CPU ranks"
+    )
+}
+
+/// What the GPU ranks of this machine need in their environment (NCCL's library made
+/// findable), after checking the machine has `n` GPUs.
+#[cfg(feature = "cuda")]
+fn gpu_ranks_env(n: u64) -> anyhow::Result<Vec<(std::ffi::OsString, std::ffi::OsString)>> {
+    use crate::collective::nccl::NcclLibrary;
+    let visible = tch::Cuda::device_count();
+    if n as i64 > visible {
+        bail!("--gpus {n} but this machine shows {visible} CUDA device(s)");
+    }
+    Ok(NcclLibrary::for_ranks()?.env.clone())
+}
+
+/// One CPU rank of a multi-process run: the collectives over TCP.
+fn run_cpu_rank(
+    checked: &Checked,
+    opts: &RunOptions,
+    plan: WorldPlan,
+    env: &DistEnv,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let tensor = (plan.tensor_size() > 1).then_some(plan.tensor.as_slice());
+    let groups = crate::collective::tcp::connect(&plan.layout, tensor, env, timeout)?;
+    // The ranks this machine started share its memory (torchrun and fmoec's launcher say how
+    // many there are).
+    let local_world = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(1);
+    let ctx = distributed::RankContext {
+        groups,
+        plan,
+        device: tch::Device::Cpu,
+        timeout,
+        ranks_sharing_device: local_world.max(1),
+    };
+    let mut opts = opts.clone();
+    opts.device = tch::Device::Cpu;
+    let summary = train::train_ranked(checked, &opts, &ctx)?;
+    Ok(exit_code(&summary))
+}
+
+#[cfg(not(feature = "cuda"))]
 fn run_rank(
     _: &Checked,
     _: &RunOptions,
@@ -414,7 +587,7 @@ fn run_rank(
     _: Duration,
 ) -> anyhow::Result<ExitCode> {
     bail!(
-        "started as rank {} of {} (RANK/WORLD_SIZE are set), but this fmoec was built without the `cuda` feature (NCCL); rebuild with `--features cuda`, or unset them and use --ranks N on CPUs",
+        "started as rank {} of {} (RANK/WORLD_SIZE are set) on a GPU, but this fmoec was built without the `cuda` feature (NCCL); rebuild with `--features cuda`, or pass --device cpu for a CPU rank (TCP between the ranks)",
         env.rank,
         env.world
     )
@@ -439,6 +612,7 @@ fn run_rank(
         plan,
         device,
         timeout,
+        ranks_sharing_device: 1,
     };
     let mut opts = opts.clone();
     opts.device = device;

@@ -331,6 +331,9 @@ pub struct RankContext {
     pub device: tch::Device,
     /// Bound on every collective's wait.
     pub timeout: Duration,
+    /// Ranks of the run whose memory is this rank's device's (the in-process ranks of one
+    /// host, the CPU ranks one machine started; 1 for a GPU), for the memory check.
+    pub ranks_sharing_device: usize,
 }
 
 impl RankContext {
@@ -587,6 +590,7 @@ pub fn run_in_process(
             plan: plan.clone(),
             device: tch::Device::Cpu,
             timeout,
+            ranks_sharing_device: plan.layout.world,
         };
         (
             rank,

@@ -190,10 +190,7 @@ impl<'a> Trainer<'a> {
         }
         // Refused before anything is allocated, with the planner's figure and the machine's.
         if let Some(memory) = &plan.memory {
-            let in_process = match ctx {
-                Some(c) if matches!(c.device, Device::Cpu) => c.world() as u64,
-                _ => 1,
-            };
+            let in_process = ctx.map_or(1, |c| c.ranks_sharing_device as u64);
             let layout = format!(
                 "--world {} --tensor {} --pipeline 1",
                 plan.layout.world,
