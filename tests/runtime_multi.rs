@@ -754,6 +754,34 @@ fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
         assert!(out.join("checkpoints/step-00000003/manifest.json").exists());
     }
 
+    // nodes that do not see the same folders: node 0 would resume step 3, node 1 start afresh
+    let master = format!("127.0.0.1:{}", free_port());
+    let apart = |rank: &str, out: &Path, resume: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
+        c.arg("run")
+            .arg(&file)
+            .args(["--ranks", "2", "--nodes", "2", "--node-rank", rank])
+            .args(["--master", &master, "--steps", "5", "--quiet", "--out"])
+            .arg(out)
+            .args(if resume { &["--resume"][..] } else { &[][..] });
+        c
+    };
+    let second = apart("1", &dir.path().join("elsewhere"), false)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = apart("0", &dir.path().join("data"), true).output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    for o in [&first, &second] {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("the ranks do not start from the same step"),
+            "{stderr}"
+        );
+    }
+
     // node 1 alone: its ranks give up on rank 0 by the timeout and say so
     let lonely = fmoec(&[
         &o("run"),

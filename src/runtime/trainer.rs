@@ -263,6 +263,9 @@ impl<'a> Trainer<'a> {
             started: Instant::now(),
         };
         trainer.start_from(&local)?;
+        if let Some(c) = ctx {
+            trainer.agree_on_start(c)?;
+        }
         if let Some(c) = ctx.filter(|_| tensor > 1) {
             trainer.model.split_tensor_parallel(TensorParallel {
                 rank: c.groups.tensor().rank(),
@@ -338,6 +341,23 @@ impl<'a> Trainer<'a> {
         self.start_step = resumed.step;
         self.step = resumed.step;
         self.tokens_seen = resumed.tokens_seen;
+        Ok(())
+    }
+
+    /// Refuses to go on unless every rank starts from the same step: ranks on machines that
+    /// do not see the same folders would resume different checkpoints, or some none.
+    fn agree_on_start(&self, ctx: &RankContext) -> Result<()> {
+        let sums = sum_over_world(ctx, &[self.start_step as f64, 1.0], "starting step")?;
+        if sums[0] != self.start_step as f64 * sums[1] {
+            bail!(
+                "the ranks do not start from the same step (this rank, {}, starts from step {}): \
+                 every rank must see the same checkpoint folder `{}`; on several machines put \
+                 --out on a filesystem they share",
+                ctx.rank(),
+                self.start_step,
+                self.opts.checkpoints.display()
+            );
+        }
         Ok(())
     }
 
