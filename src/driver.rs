@@ -286,13 +286,7 @@ fn plan_rules(
 }
 
 /// The SHA-256 of `bytes` in lowercase hex (checkpoint and emit manifests).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use crate::digest::sha256_hex;
 
 /// Writes a file so that readers see the old content or the new, never a part: the bytes
 /// go to a temporary file beside it, which is synced and renamed over the target.

@@ -15,6 +15,7 @@ pub mod check;
 pub mod collective;
 pub mod data;
 pub mod diag;
+pub mod digest;
 pub mod driver;
 pub mod emit;
 pub mod graph;

@@ -83,3 +83,52 @@ fn bad_arguments_are_errors() {
     let (ok, text) = check(&["--device", "cpu", "--ranks", "4", "--expert-group", "3"]);
     assert!(!ok && text.contains("does not divide"), "{text}");
 }
+
+/// The same checks on four processes connected over TCP (the transport of CPU ranks that do
+/// not share a process, on one machine or several), and the timeout check across processes.
+#[test]
+fn every_check_passes_on_four_processes_over_tcp() {
+    let (ok, text) = check(&[
+        "--device",
+        "cpu",
+        "--ranks",
+        "4",
+        "--processes",
+        "--expert-group",
+        "2",
+        "--bench-mib",
+        "1",
+    ]);
+    assert!(ok, "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    for rank in 0..4 {
+        assert!(
+            text.contains(&format!("[rank {rank}] ALL PASS"))
+                && text.contains(&format!(
+                    "[rank {rank}] PASS expert exchange equals single rank (f64"
+                )),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("[rank 0] BENCH all_reduce_sum 4 ranks 1 MiB/rank"),
+        "{text}"
+    );
+    let (ok, text) = check(&[
+        "--device",
+        "cpu",
+        "--ranks",
+        "2",
+        "--processes",
+        "--no-bench",
+        "--check-timeout",
+        "--timeout-secs",
+        "1",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("[rank 0] PASS timeout names the group (after")
+            && text.contains("data group [0,1]: barrier at \"timeout check\": timed out after 1s waiting for rank 1"),
+        "{text}"
+    );
+}

@@ -61,9 +61,7 @@ fn options(out: &Path, stop_after: Option<u64>, resume: bool) -> RunOptions {
         out: out.to_path_buf(),
         checkpoints: out.join("checkpoints"),
         resume: resume.then(|| out.join("checkpoints")),
-        progress: false,
-        print_summary: false,
-        cuda_graph: false,
+        ..RunOptions::default()
     }
 }
 
@@ -487,6 +485,7 @@ fn impossible_layouts_are_clear_errors() {
         placements: WorldPlan::data_parallel(&c, 1, 1).unwrap().placements,
         notes: Vec::new(),
         micro_batch: None,
+        memory: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let err = run_in_process(&c, &options(dir.path(), None, false), &plan, TIMEOUT).unwrap_err();
@@ -623,5 +622,237 @@ fn a_rank_builds_only_its_experts_with_the_one_rank_values() {
                 p.name
             );
         }
+    }
+}
+
+/// With `pipeline = 2` in the file the first thing `fmoec run` says is that it runs pipeline
+/// 1 and how; only then come the planner's errors about the layout that follows from it.
+#[test]
+fn a_pipeline_in_the_file_is_explained_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+        .unwrap()
+        .replace(
+            "\ntrain {",
+            "\nparallel {\n    gpus = 4\n    pipeline = 2\n    micro_batch = 8\n}\n\ntrain {",
+        );
+    let file = dir.path().join("tiny-pipeline.fmoe");
+    std::fs::write(&file, text).unwrap();
+    let o = |s: &str| std::ffi::OsString::from(s);
+    // 4 ranks of data: 4 sequences each, which micro-batches of 8 cannot split
+    let four = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--ranks"),
+        &o("4"),
+        &o("--quiet"),
+    ]);
+    let stderr = String::from_utf8_lossy(&four.stderr);
+    assert_eq!(four.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "note: `fmoec run` has no pipeline parallelism yet: it runs the file's pipeline = 2 \
+             as pipeline = 1, every rank holding every layer: the 4 ranks run as tensor 1 x data 4"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("P0011"), "{stderr}");
+    // alone: the whole model on one device, and it trains
+    let out = dir.path().join("alone");
+    let one = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--steps"),
+        &o("1"),
+        &o("--quiet"),
+        &o("--out"),
+        out.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&one.stderr);
+    assert!(one.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "note: `fmoec run` has no pipeline parallelism yet: it runs the file's pipeline = 2 \
+             as pipeline = 1, the whole model on this one device"
+        ),
+        "{stderr}"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Two "nodes" on this machine, as two machines run it: one launcher each (`--ranks 2
+/// --nodes 2 --node-rank I --master 127.0.0.1:PORT`), each starting two CPU rank processes,
+/// all four connected over TCP through the rendezvous. They give the single-rank run's
+/// per-step losses, gradient norms and routing, with data parallelism and with tensor 2 x
+/// data 2 (one tensor group per node, Megatron's grid). A node alone fails by the timeout,
+/// naming the rank it waited for; bad node arguments are refused before anything starts.
+#[test]
+fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_file(dir.path());
+    let o = |s: &str| std::ffi::OsString::from(s);
+    let one = dir.path().join("one");
+    let single = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--steps"),
+        &o("3"),
+        &o("--quiet"),
+        &o("--out"),
+        one.as_os_str(),
+    ]);
+    assert!(
+        single.status.success(),
+        "{}",
+        String::from_utf8_lossy(&single.stderr)
+    );
+    let want = metrics(&one);
+
+    for (name, extra) in [("data", vec![]), ("tensor", vec!["--tensor", "2"])] {
+        let out = dir.path().join(name);
+        let master = format!("127.0.0.1:{}", free_port());
+        let node = |rank: &str| {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
+            c.arg("run")
+                .arg(&file)
+                .args(["--ranks", "2", "--nodes", "2", "--node-rank", rank])
+                .args(["--master", &master, "--steps", "3", "--quiet"])
+                .args(["--collective-timeout", "120", "--out"])
+                .arg(&out)
+                .args(&extra);
+            c
+        };
+        let second = node("1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let first = node("0").output().unwrap();
+        let second = second.wait_with_output().unwrap();
+        let text = |o: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        assert!(first.status.success(), "node 0: {}", text(&first));
+        assert!(second.status.success(), "node 1: {}", text(&second));
+        let stdout = String::from_utf8_lossy(&first.stdout);
+        assert!(
+            stdout.contains("[rank 0] device     Cpu x 4 ranks"),
+            "{stdout}"
+        );
+        assert_same_run(&format!("two nodes, {name}"), &want, &metrics(&out));
+        assert!(out.join("checkpoints/step-00000003/manifest.json").exists());
+    }
+
+    // nodes that do not see the same folders: node 0 would resume step 3, node 1 start afresh
+    let master = format!("127.0.0.1:{}", free_port());
+    let apart = |rank: &str, out: &Path, resume: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
+        c.arg("run")
+            .arg(&file)
+            .args(["--ranks", "2", "--nodes", "2", "--node-rank", rank])
+            .args(["--master", &master, "--steps", "5", "--quiet", "--out"])
+            .arg(out)
+            .args(if resume { &["--resume"][..] } else { &[][..] });
+        c
+    };
+    let second = apart("1", &dir.path().join("elsewhere"), false)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = apart("0", &dir.path().join("data"), true).output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    for o in [&first, &second] {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("the ranks do not start from the same step"),
+            "{stderr}"
+        );
+    }
+
+    // node 1 alone: its ranks give up on rank 0 by the timeout and say so
+    let lonely = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--ranks"),
+        &o("2"),
+        &o("--nodes"),
+        &o("2"),
+        &o("--node-rank"),
+        &o("1"),
+        &o("--master"),
+        &o(&format!("127.0.0.1:{}", free_port())),
+        &o("--collective-timeout"),
+        &o("2"),
+        &o("--out"),
+        dir.path().join("lonely").as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&lonely.stderr);
+    assert!(!lonely.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("could not reach rank 0")
+            && (stderr.contains("fmoec run: rank 2 exited with code 1")
+                || stderr.contains("fmoec run: rank 3 exited with code 1")),
+        "{stderr}"
+    );
+    for (args, says) in [
+        (
+            vec!["--ranks", "2", "--nodes", "2"],
+            "--nodes 2 needs --node-rank I (0..1)",
+        ),
+        (
+            vec!["--ranks", "2", "--nodes", "2", "--node-rank", "0"],
+            "--nodes 2 needs --master ADDR:PORT",
+        ),
+        (
+            vec![
+                "--ranks",
+                "2",
+                "--nodes",
+                "2",
+                "--node-rank",
+                "2",
+                "--master",
+                "h:1",
+            ],
+            "--node-rank 2 is not a node of --nodes 2",
+        ),
+        (
+            vec!["--nodes", "2", "--node-rank", "0", "--master", "h:1"],
+            "--nodes needs the ranks",
+        ),
+        (
+            vec![
+                "--ranks",
+                "2",
+                "--nodes",
+                "2",
+                "--node-rank",
+                "0",
+                "--master",
+                "h",
+            ],
+            "expected ADDR:PORT",
+        ),
+    ] {
+        let mut all = vec![o("run"), file.clone().into_os_string()];
+        all.extend(args.iter().map(|a| o(a)));
+        let refs: Vec<&std::ffi::OsStr> = all.iter().map(|a| a.as_os_str()).collect();
+        let bad = fmoec(&refs);
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert_eq!(bad.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }

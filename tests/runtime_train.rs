@@ -31,9 +31,7 @@ fn options(out: &Path, stop_after: Option<u64>, resume: bool) -> RunOptions {
         } else {
             None
         },
-        progress: false,
-        print_summary: false,
-        cuda_graph: false,
+        ..RunOptions::default()
     }
 }
 
@@ -375,4 +373,325 @@ fn checkpoints_beyond_keep_are_deleted_oldest_first() {
     assert!(fmoec::runtime::checkpoint::resolve(&root)
         .unwrap()
         .ends_with("step-00000004"));
+}
+
+/// `fmoec run FILE` without `--out`, as `bash .ci/train` runs it, works every time in one
+/// folder: a finished run is followed by a new one beside it (`runs/tiny-2`, `ckpt/tiny-2`),
+/// an unfinished one is continued, each said on stderr, and nothing written before changes.
+#[test]
+fn running_the_main_command_again_continues_or_starts_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(["run", file, "--quiet"])
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "{}{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    };
+    let (_, said) = run(&["--steps", "2"]);
+    assert!(
+        said.contains("a new run: metrics in `runs/tiny`, checkpoints in `ckpt/tiny`"),
+        "{said}"
+    );
+    let first = dir.path().join("runs/tiny/metrics.jsonl");
+    let first_bytes = std::fs::read(&first).unwrap();
+
+    let (stdout, said) = run(&["--steps", "2"]);
+    assert!(
+        said.contains("`ckpt/tiny` holds a finished run (2 of 2 steps), so this is a new run beside it: metrics in `runs/tiny-2`, checkpoints in `ckpt/tiny-2`"),
+        "{said}"
+    );
+    assert!(
+        stdout.contains("checkpoint ckpt/tiny-2/step-00000002"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        first_bytes,
+        "the first run's metrics changed"
+    );
+    assert!(dir
+        .path()
+        .join("ckpt/tiny/step-00000002/manifest.json")
+        .exists());
+
+    // stopped before the end of its schedule: the next run continues it
+    run(&["--steps", "3", "--stop-after", "1"]);
+    let (stdout, said) = run(&["--steps", "3"]);
+    assert!(
+        said.contains("continuing the unfinished run in `ckpt/tiny-3` from step 1 of 3"),
+        "{said}"
+    );
+    assert!(stdout.contains("steps      1 -> 3 of 3"), "{stdout}");
+}
+
+/// `examples/tiny.fmoe` with `replace`'s pairs applied, written into `dir`.
+fn tiny_variant(dir: &Path, name: &str, replace: &[(&str, &str)]) -> std::path::PathBuf {
+    let mut text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+            .unwrap();
+    for (from, to) in replace {
+        assert!(text.contains(from), "{from}");
+        text = text.replace(from, to);
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// As a cluster job runs it (stderr a log file, not a terminal): progress and evaluation lines
+/// reach the log while the run goes on, and the scheduler's SIGTERM finishes the step, writes
+/// a checkpoint and exits with 143 (128 + 15), like Ctrl-C does with 130.
+#[cfg(unix)]
+#[test]
+fn as_a_cluster_job_the_log_shows_progress_and_sigterm_checkpoints() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_variant(
+        dir.path(),
+        "tiny-eval2.fmoe",
+        &[(
+            "eval       = every(50, batches = 4)",
+            "eval       = every(2, batches = 1)",
+        )],
+    );
+    let out = dir.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .arg("run")
+        .arg(&file)
+        .args(["--log-interval", "0", "--out"])
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, seen) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = lines.send(line);
+        }
+    });
+    let start = Instant::now();
+    let mut log = Vec::new();
+    let wanted = |log: &[String]| {
+        log.iter().any(|l| l.starts_with("step 2 of 300 | loss "))
+            && log.iter().any(|l| l.starts_with("step 2: eval loss "))
+    };
+    while !wanted(&log) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no progress in the log after 120 s: {log:?}"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "ended early: {log:?}");
+        if let Ok(line) = seen.recv_timeout(Duration::from_millis(200)) {
+            log.push(line);
+        }
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the lines came only at the end"
+    );
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let done = child.wait_with_output().unwrap();
+    reader.join().unwrap();
+    log.extend(seen.try_iter());
+    let log = log.join("\n");
+    assert_eq!(done.status.code(), Some(143), "{log}");
+    let saved = fmoec::runtime::checkpoint::resolve(&out.join("checkpoints")).unwrap();
+    let name = saved.file_name().unwrap().to_string_lossy().into_owned();
+    let step: u64 = name.trim_start_matches("step-").parse().unwrap();
+    assert!(step >= 2, "{name}");
+    assert!(
+        log.contains(&format!("stopped by SIGTERM: saved step {step} to")),
+        "{log}"
+    );
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        stdout.contains(&format!("steps      0 -> {step} of 300")),
+        "{stdout}"
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count() as u64, step);
+}
+
+/// `--steps 0` is refused as `steps = 0` in the file is, and nothing is written.
+#[test]
+fn steps_zero_on_the_command_line_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(["run", file, "--steps", "0"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("must be >= 1, found 0"), "{stderr}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// Resuming a checkpoint at or past the end of the schedule trains nothing: an error that
+/// says so, not "3 -> 3 of 2" and success. Likewise a `--stop-after` already passed.
+#[test]
+fn resuming_at_or_past_the_end_of_the_schedule_is_an_error() {
+    let _rng = rng_lock();
+    let checked = tiny_on_shakespeare(GateKind::Gshard, 3);
+    let dir = tempfile::tempdir().unwrap();
+    train::train(&checked, &options(dir.path(), None, false)).unwrap();
+    let mut shorter = options(dir.path(), None, true);
+    shorter.steps = Some(2);
+    let err = format!("{:#}", train::train(&checked, &shorter).unwrap_err());
+    assert!(
+        err.contains("is at step 3, past the end of this run's schedule of 2 steps"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        train::train(&checked, &options(dir.path(), None, true)).unwrap_err()
+    );
+    assert!(err.contains("finished its run (3 of 3 steps)"), "{err}");
+    let mut longer = options(dir.path(), Some(3), true);
+    longer.steps = Some(5);
+    let err = format!("{:#}", train::train(&checked, &longer).unwrap_err());
+    assert!(err.contains("--stop-after 3, but checkpoint"), "{err}");
+    // and the checkpoint is still the one of step 3
+    assert!(
+        fmoec::runtime::checkpoint::resolve(&dir.path().join("checkpoints"))
+            .unwrap()
+            .ends_with("step-00000003")
+    );
+}
+
+/// `--resume` keeps the lines of the steps before the checkpoint byte for byte (re-reading
+/// and re-writing them changed digits: serde_json's float parsing is not exact), and drops
+/// what a crashed run logged after its checkpoint, a torn last line included.
+#[test]
+fn resume_keeps_the_earlier_metrics_lines_byte_for_byte() {
+    let _rng = rng_lock();
+    let checked = tiny_on_shakespeare(GateKind::Gshard, 8);
+    let dir = tempfile::tempdir().unwrap();
+    train::train(&checked, &options(dir.path(), Some(4), false)).unwrap();
+    let path = dir.path().join("metrics.jsonl");
+    let before = std::fs::read(&path).unwrap();
+    assert_eq!(before.split(|&b| b == b'\n').count(), 5);
+    // what a run that crashed after step 5 (past its checkpoint of step 4) left behind
+    let mut crashed = before.clone();
+    crashed.extend_from_slice(b"{\"step\":5,\"loss\":9.0}\n{\"step\":6,\"lo");
+    std::fs::write(&path, &crashed).unwrap();
+    let s = train::train(&checked, &options(dir.path(), None, true)).unwrap();
+    assert_eq!((s.start_step, s.steps_done), (4, 4));
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(&after[..before.len()], &before[..], "earlier lines changed");
+    let steps: Vec<u64> = String::from_utf8(after)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+}
+
+/// A model that cannot fit this machine is refused before anything is allocated, with the
+/// planner's estimate and the machine's free memory, not after minutes in an allocation.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_model_that_does_not_fit_this_machine_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    // about 3.3e12 parameters: tens of terabytes with their gradients and Adam moments
+    let file = tiny_variant(
+        dir.path(),
+        "huge.fmoe",
+        &[
+            ("width   = 128", "width   = 16384"),
+            ("heads   = 4", "heads   = 128"),
+            ("depth   = 4\n", "depth   = 1024\n"),
+        ],
+    );
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .arg("run")
+        .arg(&file)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("this run does not fit: the planner estimates")
+            && stderr.contains("TiB")
+            && stderr.contains("but this host has")
+            && stderr.contains("available (MemAvailable in /proc/meminfo)"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!dir.path().join("runs/tiny/metrics.jsonl").exists());
+}
+
+/// `fmoec run` plans once: alone on one device, the plan is the planner's for one GPU of the
+/// file's kind (`fmoec plan --world 1 --tensor 1 --pipeline 1 --expert-group replicated
+/// --memory-model fmoec`), micro-batch and memory included, also for files written for many
+/// GPUs; where the file's GPU cannot hold the model alone it is the same plan without the
+/// memory limit, with a note, and the machine's own memory decides.
+#[test]
+fn a_run_alone_takes_the_planners_plan_for_one_device() {
+    use fmoec::check::ExpertGroup;
+    use fmoec::plan::{self, MemoryModel, Overrides};
+    use fmoec::runtime::distributed::plan_alone;
+    let alone = Overrides {
+        world: Some(1),
+        tensor: Some(1),
+        pipeline: Some(1),
+        expert_group: Some(ExpertGroup::Replicated),
+        micro_batch: None,
+        memory_model: Some(MemoryModel::Fmoec),
+    };
+    let medium = runtime_common::example("gpt2-medium-moe.fmoe");
+    let planned = plan::build_with(&medium, &alone).unwrap();
+    let run = plan_alone(&medium).unwrap();
+    assert_eq!(run.micro_batch, Some(planned.micro_batch));
+    assert_eq!(run.memory, Some(planned.stages[0].cost.memory));
+    assert_eq!(run.layout.world, 1);
+    assert_eq!(
+        run.placements[&1].local_experts(0).len(),
+        16,
+        "every expert"
+    );
+
+    let deepseek = runtime_common::example("deepseek-moe.fmoe");
+    let too_big = plan::build_with(&deepseek, &alone).unwrap_err();
+    assert!(too_big.iter().all(|d| d.code == "P0009"));
+    let run = plan_alone(&deepseek).unwrap();
+    let memory = run.memory.unwrap().total;
+    assert!(memory > deepseek.parallel.hardware.memory_bytes, "{memory}");
+    assert!(
+        run.notes
+            .iter()
+            .any(|n| n.contains("cannot hold this model alone")),
+        "{:?}",
+        run.notes
+    );
 }

@@ -4,6 +4,7 @@
 //! ```text
 //! fmoec-collective-check --gpus 2              # one process per GPU, NCCL (feature `cuda`)
 //! fmoec-collective-check --device cpu --ranks 4  # in-process ranks on CPU threads (CI)
+//! fmoec-collective-check --device cpu --ranks 4 --processes  # 4 processes over TCP
 //! ```
 //!
 //! With `--gpus N` it relaunches itself as N ranks (the torchrun variables set, NCCL's
@@ -34,9 +35,15 @@ struct Args {
     /// `cuda` (NCCL, one process per rank) or `cpu` (in-process ranks on threads).
     #[arg(long, default_value = "cuda")]
     device: String,
-    /// Number of in-process ranks with `--device cpu`.
+    /// Number of CPU ranks with `--device cpu` (threads of this process, or processes with
+    /// `--processes`).
     #[arg(long, default_value_t = 2)]
     ranks: usize,
+    /// With `--device cpu`: one process per rank, connected over TCP on loopback (the
+    /// transport of CPU ranks on several machines), instead of threads. Under torchrun's
+    /// variables with `--device cpu` this process is one such rank.
+    #[arg(long)]
+    processes: bool,
     /// Ranks per expert group (default: all ranks).
     #[arg(long)]
     expert_group: Option<usize>,
@@ -93,8 +100,30 @@ fn layout_for(world: usize, expert_group: Option<usize>) -> anyhow::Result<Group
 }
 
 fn run_cpu(args: &Args, timeout: Duration) -> anyhow::Result<i32> {
+    use fmoec::collective::launch::{spawn_local, Launch};
+    use fmoec::collective::rendezvous::DistEnv;
     if args.gpus.is_some() {
         anyhow::bail!("--gpus launches GPU ranks; with --device cpu use --ranks N");
+    }
+    if let Some(env) = DistEnv::from_env()? {
+        // One rank of a multi-process run over TCP.
+        let layout = layout_for(env.world, args.expert_group)?;
+        let groups = fmoec::collective::tcp::connect(&layout, None, &env, timeout)?;
+        let report = Report::new(String::new());
+        rank_checks(&groups, Device::Cpu, args, &report);
+        if args.check_timeout {
+            timeout_check(&groups, &report, timeout);
+        }
+        return Ok(summary(report.failures()));
+    }
+    if args.processes {
+        let program = std::env::current_exe()?;
+        let rest: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let outcome = spawn_local(args.ranks, program, &rest, &Launch::default())?;
+        if let Some(text) = outcome.describe() {
+            eprintln!("fmoec-collective-check: {text}");
+        }
+        return Ok(outcome.exit_code());
     }
     let layout = layout_for(args.ranks, args.expert_group)?;
     let world = local_world(&layout, timeout)?;

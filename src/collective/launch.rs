@@ -1,10 +1,11 @@
-//! Local launcher: one process per GPU with the torchrun variables set, so
-//! `--gpus N` needs no external tool.
+//! Local launcher: one process per rank of this machine (a GPU each, or CPU ranks) with the
+//! torchrun variables set, so `--gpus N` needs no external tool, and a run over several
+//! machines is one launcher per machine ([`Launch::first_rank`], [`Launch::world`]).
 //!
-//! [`spawn_local`] starts `n` copies of a program with `RANK`, `LOCAL_RANK`,
-//! `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` set (and `NCCL_NVLS_ENABLE=0` unless
-//! the caller's environment sets it), prefixes each line the ranks print with
-//! `[rank i]`, and waits. When one rank fails (non-zero exit or a signal) the others are
+//! [`spawn_local`] starts `n` copies of a program with `RANK` (this node's first rank plus
+//! i), `LOCAL_RANK` (i), `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`
+//! set (and `NCCL_NVLS_ENABLE=0` unless the caller's environment sets it), prefixes each line
+//! the ranks print with `[rank RANK]`, and waits. When one rank fails (non-zero exit or a signal) the others are
 //! killed at once, so a dead rank never leaves its peers hanging in a collective; the
 //! launcher's result names the first rank that failed and its exit code.
 //!
@@ -26,6 +27,13 @@ pub struct Launch {
     pub master_port: Option<u16>,
     /// More variables for every rank (e.g. `LD_LIBRARY_PATH`).
     pub env: Vec<(OsString, OsString)>,
+    /// Polled while the ranks run: the number of a signal the launcher received (a
+    /// scheduler's SIGTERM), which is then sent on, once, to every rank still running.
+    pub stop_signal: Option<fn() -> Option<i32>>,
+    /// The global rank of this machine's first process (node rank × processes per node).
+    pub first_rank: usize,
+    /// Ranks of the whole run, all machines (`None`: the `n` started here).
+    pub world: Option<usize>,
 }
 
 impl Default for Launch {
@@ -34,6 +42,9 @@ impl Default for Launch {
             master_addr: "127.0.0.1".into(),
             master_port: None,
             env: Vec::new(),
+            stop_signal: None,
+            first_rank: 0,
+            world: None,
         }
     }
 }
@@ -41,11 +52,13 @@ impl Default for Launch {
 /// How a launched run ended.
 #[derive(Debug)]
 pub struct Outcome {
-    /// Each rank's exit status (`None`: it was killed by the launcher before it exited
-    /// on its own).
+    /// Each local rank's exit status (`None`: it was killed by the launcher before it
+    /// exited on its own).
     pub statuses: Vec<Option<ExitStatus>>,
-    /// The first rank that failed, if any.
+    /// The first local rank that failed, if any.
     pub failed: Option<(usize, ExitStatus)>,
+    /// The global rank of local rank 0 (for messages).
+    pub first_rank: usize,
 }
 
 impl Outcome {
@@ -66,9 +79,9 @@ impl Outcome {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.is_none())
-            .map(|(r, _)| r.to_string())
+            .map(|(r, _)| (self.first_rank + r).to_string())
             .collect();
-        let mut text = format!("rank {rank} {}", status_text(status));
+        let mut text = format!("rank {} {}", self.first_rank + rank, status_text(status));
         if !stopped.is_empty() {
             text.push_str(&format!("; stopped rank(s) {}", stopped.join(", ")));
         }
@@ -158,16 +171,18 @@ pub fn spawn_local(
         None => free_port(&launch.master_addr)?,
     };
     let program = program.as_ref();
+    let world = launch.world.unwrap_or(n);
     let mut children: Vec<Child> = Vec::with_capacity(n);
     let (done, forwarded) = std::sync::mpsc::channel::<()>();
     let mut forwarders = 0;
-    for rank in 0..n {
+    for local in 0..n {
+        let rank = launch.first_rank + local;
         let mut command = Command::new(program);
         command
             .args(args)
             .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("WORLD_SIZE", world.to_string())
             .env("LOCAL_WORLD_SIZE", n.to_string())
             .env("MASTER_ADDR", &launch.master_addr)
             .env("MASTER_PORT", port.to_string())
@@ -206,7 +221,10 @@ pub fn spawn_local(
             }
         }
     }
-    let outcome = supervise(&mut children);
+    let outcome = supervise(&mut children, launch.stop_signal).map(|mut o| {
+        o.first_rank = launch.first_rank;
+        o
+    });
     // Let the ranks' last lines through. A pipe can stay open after its rank is gone
     // (a process the rank started still holds it), so do not wait for it forever.
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -219,12 +237,25 @@ pub fn spawn_local(
     outcome
 }
 
-/// Poll the ranks until all exit successfully or one fails; on failure kill the rest.
-fn supervise(children: &mut [Child]) -> Result<Outcome, LaunchError> {
+/// Poll the ranks until all exit successfully or one fails; on failure kill the rest. A stop
+/// signal (`stop_signal`) is passed on to the running ranks once.
+fn supervise(
+    children: &mut [Child],
+    stop_signal: Option<fn() -> Option<i32>>,
+) -> Result<Outcome, LaunchError> {
     let n = children.len();
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; n];
     let mut failed = None;
+    let mut passed_on = false;
     while failed.is_none() && statuses.iter().any(Option::is_none) {
+        if let (false, Some(signal)) = (passed_on, stop_signal.and_then(|f| f())) {
+            passed_on = true;
+            for (child, status) in children.iter().zip(&statuses) {
+                if status.is_none() {
+                    send_signal(child, signal);
+                }
+            }
+        }
         for (rank, child) in children.iter_mut().enumerate() {
             if statuses[rank].is_some() {
                 continue;
@@ -251,8 +282,26 @@ fn supervise(children: &mut [Child]) -> Result<Outcome, LaunchError> {
     if failed.is_some() {
         kill_all(children, &statuses);
     }
-    Ok(Outcome { statuses, failed })
+    Ok(Outcome {
+        statuses,
+        failed,
+        first_rank: 0,
+    })
 }
+
+#[cfg(unix)]
+fn send_signal(child: &Child, signal: i32) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on the pid of a child this process has not reaped yet (its status
+        // is still unknown), so the pid cannot belong to another process.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn send_signal(_: &Child, _: i32) {}
 
 fn kill_all(children: &mut [Child], statuses: &[Option<ExitStatus>]) {
     for (child, status) in children.iter_mut().zip(statuses) {
@@ -319,6 +368,36 @@ mod tests {
     }
 
     #[test]
+    fn the_second_node_of_two_starts_ranks_two_and_three() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "echo \"$RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT\" > {}/rank$RANK; [ $RANK = 3 ] && exit 5; exit 0",
+            dir.path().display()
+        );
+        let launch = Launch {
+            master_addr: "10.1.2.3".into(),
+            master_port: Some(29600),
+            first_rank: 2,
+            world: Some(4),
+            ..Launch::default()
+        };
+        let outcome = spawn_local(2, "sh", &sh(&script), &launch).unwrap();
+        for (rank, local) in [(2, 0), (3, 1)] {
+            let text = std::fs::read_to_string(dir.path().join(format!("rank{rank}"))).unwrap();
+            assert_eq!(text.trim(), format!("{rank} {local} 4 2 10.1.2.3 29600"));
+        }
+        assert_eq!(outcome.exit_code(), 5);
+        assert!(
+            outcome
+                .describe()
+                .unwrap()
+                .starts_with("rank 3 exited with code 5"),
+            "{:?}",
+            outcome.describe()
+        );
+    }
+
+    #[test]
     fn a_failing_rank_stops_the_others_and_gives_its_exit_code() {
         // Rank 1 fails after a moment; ranks 0 and 2 would sleep for a minute.
         let started = Instant::now();
@@ -340,6 +419,41 @@ mod tests {
         let outcome = spawn_local(2, "sh", &sh(script), &Launch::default()).unwrap();
         assert_eq!(outcome.exit_code(), 128 + 9);
         assert!(outcome.describe().unwrap().contains("killed by signal 9"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_stop_signal_of_the_launcher_is_passed_on_to_the_ranks() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // The launcher "receives" SIGTERM once both ranks have set their trap.
+        static READY: AtomicBool = AtomicBool::new(false);
+        // Each rank says which signal reached it and exits 0; without the signal they would
+        // sleep for a minute.
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "trap 'echo TERM > {0}/rank$RANK; kill $!; exit 0' TERM; touch {0}/ready$RANK; sleep 60 & wait",
+            dir.path().display()
+        );
+        let launch = Launch {
+            stop_signal: Some(|| READY.load(Ordering::SeqCst).then_some(15)),
+            ..Launch::default()
+        };
+        let ready = dir.path().to_path_buf();
+        let watcher = std::thread::spawn(move || {
+            while !(0..2).all(|r| ready.join(format!("ready{r}")).exists()) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            READY.store(true, Ordering::SeqCst);
+        });
+        let started = Instant::now();
+        let outcome = spawn_local(2, "sh", &sh(&script), &launch).unwrap();
+        watcher.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(30), "not passed on");
+        assert_eq!(outcome.exit_code(), 0, "{:?}", outcome.describe());
+        for rank in 0..2 {
+            let text = std::fs::read_to_string(dir.path().join(format!("rank{rank}"))).unwrap();
+            assert_eq!(text.trim(), "TERM");
+        }
     }
 
     #[test]

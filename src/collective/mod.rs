@@ -9,7 +9,8 @@
 //!   built from a [`GroupLayout`] (lists of rank lists that the planner computes), and
 //!   its tensor group ([`tensor_groups`], [`Groups::set_tensor`]);
 //! - [`local`]: an in-process implementation over CPU threads, so tests exercise
-//!   multi-rank behaviour without GPUs;
+//!   multi-rank behaviour without GPUs; [`tcp`]: the same between processes (CPU ranks on
+//!   several processes or machines), connected through the [`rendezvous`];
 //! - the expert-parallel MoE exchange ([`exchange_experts`]) with its explicit backward,
 //!   and the [`Tape`] that runs a backward pass in segments around autograd cuts
 //!   (tch has no custom autograd functions), with Megatron's tensor-parallel region
@@ -49,6 +50,7 @@ pub mod rendezvous;
 mod reshard;
 pub mod selftest;
 mod tape;
+pub mod tcp;
 
 pub use error::{CollectiveError, ErrorKind};
 pub use exchange::{exchange_experts, ExchangeTape};

@@ -10,6 +10,13 @@
 //! Rank 0 serves until every rank has fetched the bytes, which makes the exchange a
 //! barrier too; every wait has a deadline and names the ranks that did not come.
 //!
+//! A second exchange, [`DistEnv::gather_addresses`], is an all-gather of where each rank
+//! listens (what the TCP transport between CPU ranks, [`super::tcp`], needs):
+//! `FMOEC-GATHER 1 <rank> <world> <tag> <port>\n` from each client; rank 0 keeps every
+//! connection until all ranks came, then answers each with `OK <world>\n` and one
+//! `host:port` line per rank (a client's host is the address rank 0 saw it connect from;
+//! rank 0's is `MASTER_ADDR`), or `ERR <message>\n`.
+//!
 //! It knows nothing about NCCL or tensors: the payload is opaque bytes.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,6 +24,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 const MAGIC: &str = "FMOEC-RENDEZVOUS 1";
+const GATHER_MAGIC: &str = "FMOEC-GATHER 1";
 /// Largest payload a client accepts (a unique id is 128 bytes; a run has a few).
 const MAX_PAYLOAD: usize = 1 << 20;
 
@@ -161,6 +169,235 @@ impl DistEnv {
         } else {
             fetch(&self.address(), self.rank, self.world, tag, timeout)
         }
+    }
+}
+
+impl DistEnv {
+    /// Every rank's `host:port`, indexed by rank, given this rank's listening `port`: rank 0
+    /// serves the gather on `MASTER_ADDR:MASTER_PORT` (its own entry is `MASTER_ADDR`), the
+    /// others fetch it. A barrier too; every wait ends by `timeout`.
+    pub fn gather_addresses(
+        &self,
+        tag: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Vec<String>, RendezvousError> {
+        let own = host_port(&self.master_addr, port);
+        if self.world == 1 {
+            return Ok(vec![own]);
+        }
+        if self.rank == 0 {
+            let listener = bind(&self.address())?;
+            serve_gather(&listener, self.world, tag, &own, timeout)
+        } else {
+            fetch_gather(&self.address(), self.rank, self.world, tag, port, timeout)
+        }
+    }
+}
+
+/// `host:port`, with brackets around an IPv6 host.
+fn host_port(host: &str, port: u16) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{host}:{port}"),
+    }
+}
+
+/// Rank 0's side of [`DistEnv::gather_addresses`]: waits for ranks `1..world`, then answers
+/// each with the whole table (`own` is rank 0's entry).
+pub fn serve_gather(
+    listener: &TcpListener,
+    world: usize,
+    tag: &str,
+    own: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, RendezvousError> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let deadline = Instant::now() + timeout;
+    let mut table: Vec<Option<String>> = vec![None; world];
+    table[0] = Some(own.to_string());
+    let mut clients: Vec<TcpStream> = Vec::new();
+    listener.set_nonblocking(true).map_err(io_error(&addr))?;
+    let refuse = |mut stream: TcpStream, message: &str| {
+        let _ = stream.write_all(format!("ERR {message}\n").as_bytes());
+    };
+    while table.iter().any(Option::is_none) {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<usize> = (0..world).filter(|&r| table[r].is_none()).collect();
+                    return Err(RendezvousError::Timeout {
+                        addr,
+                        waited: timeout,
+                        what: format!("{} did not connect", ranks_text(&missing)),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(e) => return Err(io_error(&addr)(e)),
+        };
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(left));
+        let _ = stream.set_write_timeout(Some(left));
+        let mut reader = BufReader::new(stream.take(1024));
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() {
+            continue;
+        }
+        let stream = reader.into_inner().into_inner();
+        let fields: Vec<&str> = line.trim_end().split(' ').collect();
+        let parsed = match fields.as_slice() {
+            [a, b, rank, w, t, port] if format!("{a} {b}") == GATHER_MAGIC => {
+                match (
+                    rank.parse::<usize>(),
+                    w.parse::<usize>(),
+                    port.parse::<u16>(),
+                ) {
+                    (Ok(rank), Ok(w), Ok(port)) => Some((rank, w, *t, port)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let Some((rank, their_world, their_tag, port)) = parsed else {
+            refuse(stream, "not an fmoec gather client");
+            continue;
+        };
+        if their_world != world {
+            let message = format!(
+                "rank {rank} was started with WORLD_SIZE={their_world}, rank 0 with {world}"
+            );
+            refuse(stream, &message);
+            return Err(RendezvousError::Refused { addr, message });
+        }
+        if their_tag != tag {
+            let message = format!(
+                "rank {rank} has a different configuration (`{their_tag}`) than rank 0 (`{tag}`)"
+            );
+            refuse(stream, &message);
+            return Err(RendezvousError::Refused { addr, message });
+        }
+        if rank == 0 || rank >= world || table[rank].is_some() {
+            refuse(
+                stream,
+                &format!("rank {rank} is not a rank that still has to join (world {world})"),
+            );
+            continue;
+        }
+        table[rank] = Some(SocketAddr::new(peer.ip(), port).to_string());
+        clients.push(stream);
+    }
+    let table: Vec<String> = table.into_iter().flatten().collect();
+    let mut answer = format!("OK {world}\n");
+    for entry in &table {
+        answer.push_str(entry);
+        answer.push('\n');
+    }
+    for mut client in clients {
+        client
+            .write_all(answer.as_bytes())
+            .and_then(|()| client.flush())
+            .map_err(io_error(&addr))?;
+    }
+    Ok(table)
+}
+
+/// A rank's side of [`DistEnv::gather_addresses`]: connects to rank 0 (retrying until
+/// `timeout`), says where it listens, and waits for the table.
+pub fn fetch_gather(
+    addr: &str,
+    rank: usize,
+    world: usize,
+    tag: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Vec<String>, RendezvousError> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = connect_until(addr, rank, deadline, timeout)?;
+    let io = io_error(addr);
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    stream.set_read_timeout(Some(left)).map_err(&io)?;
+    stream.set_write_timeout(Some(left)).map_err(&io)?;
+    let tag = tag.replace(['\n', ' '], "_");
+    stream
+        .write_all(format!("{GATHER_MAGIC} {rank} {world} {tag} {port}\n").as_bytes())
+        .map_err(&io)?;
+    let timed_out = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => RendezvousError::Timeout {
+            addr: addr.to_string(),
+            waited: timeout,
+            what: format!("rank {rank} connected, but not every rank did"),
+        },
+        _ => io_error(addr)(e),
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(timed_out)?;
+    let line = line.trim_end();
+    if let Some(message) = line.strip_prefix("ERR ") {
+        return Err(RendezvousError::Refused {
+            addr: addr.to_string(),
+            message: format!("rank 0 refused rank {rank}: {message}"),
+        });
+    }
+    if line != format!("OK {world}") {
+        return Err(RendezvousError::Refused {
+            addr: addr.to_string(),
+            message: format!("unexpected answer `{line}` (another service on this port?)"),
+        });
+    }
+    let mut table = Vec::with_capacity(world);
+    for _ in 0..world {
+        let mut entry = String::new();
+        reader.read_line(&mut entry).map_err(timed_out)?;
+        table.push(entry.trim_end().to_string());
+    }
+    Ok(table)
+}
+
+/// A connection to `addr`, retried until `deadline` (rank 0 may start after this rank).
+fn connect_until(
+    addr: &str,
+    rank: usize,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<TcpStream, RendezvousError> {
+    let mut last_error = String::from("no address to connect to");
+    loop {
+        if Instant::now() >= deadline {
+            return Err(RendezvousError::Timeout {
+                addr: addr.to_string(),
+                waited: timeout,
+                what: format!(
+                    "rank {rank} could not reach rank 0 (is it running and is MASTER_ADDR/MASTER_PORT right?); last error: {last_error}"
+                ),
+            });
+        }
+        let targets: Vec<SocketAddr> = match addr.to_socket_addrs() {
+            Ok(list) => list.collect(),
+            Err(e) => {
+                last_error = e.to_string();
+                Vec::new()
+            }
+        };
+        for target in targets {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match TcpStream::connect_timeout(&target, left.max(Duration::from_millis(1))) {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -514,6 +751,38 @@ mod tests {
             e.to_string().contains("rank 1 could not reach rank 0"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn every_rank_gets_every_ranks_address() {
+        let listener = bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let timeout = Duration::from_secs(20);
+        let (server, clients) = std::thread::scope(|s| {
+            let server = s.spawn(|| serve_gather(&listener, 3, "t", "127.0.0.1:7000", timeout));
+            let clients: Vec<_> = (1..3)
+                .map(|rank| {
+                    let addr = addr.clone();
+                    s.spawn(move || fetch_gather(&addr, rank, 3, "t", 7000 + rank as u16, timeout))
+                })
+                .collect();
+            let clients: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+            (server.join().unwrap(), clients)
+        });
+        let want = vec!["127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002"];
+        assert_eq!(server.unwrap(), want);
+        for c in clients {
+            assert_eq!(c.unwrap(), want);
+        }
+        let e = serve_gather(
+            &bind("127.0.0.1:0").unwrap(),
+            2,
+            "t",
+            "x:1",
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rank 1 did not connect"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,9 @@ use crate::check::{Checked, ExpertGroup, Precision};
 use crate::collective::rendezvous::DistEnv;
 use crate::driver::{self, DiagFormat};
 use crate::runtime::distributed::{self, WorldPlan};
-use crate::runtime::train::{self, RunOptions, SampleOptions};
+use crate::runtime::folders::Series;
+use crate::runtime::stop;
+use crate::runtime::train::{self, RunOptions, RunSummary, SampleOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -20,11 +22,13 @@ pub struct RunArgs {
     /// How diagnostics are printed.
     #[arg(long, value_enum, default_value_t)]
     pub diagnostics: DiagFormat,
-    /// Where to run: `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Total training steps (the schedule's length); default: the file's `steps`.
+    /// Where to run: `cpu` (the default), `cuda` or `cuda:N`. As one rank of a run started by
+    /// torchrun, `--device cpu` makes it a CPU rank (TCP between the ranks); without it the
+    /// rank runs on GPU LOCAL_RANK (NCCL).
     #[arg(long)]
+    pub device: Option<String>,
+    /// Total training steps (the schedule's length, at least 1); default: the file's `steps`.
+    #[arg(long, value_parser = at_least_one)]
     pub steps: Option<u64>,
     /// Stop with a checkpoint after this many completed steps, keeping the schedule of `--steps`.
     #[arg(long)]
@@ -55,9 +59,14 @@ pub struct RunArgs {
     /// Override the train block's precision (`fp32`, or `bf16` compute with fp32 master weights).
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
-    /// No progress bar.
+    /// No progress bar and no progress lines (evaluations, notes and the summary still print).
     #[arg(long)]
     pub quiet: bool,
+    /// When stderr is not a terminal (a log file, a pipe, a cluster job), progress goes there as
+    /// plain lines instead of a bar: after the first step, then at most every SECS seconds,
+    /// and after the last step (0: every step).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = non_negative_seconds)]
+    pub log_interval: f64,
     /// Run every micro-batch eagerly, op by op. By default a run on one GPU captures one
     /// training micro-batch (forward and backward) as a CUDA graph after a warm-up micro-batch
     /// and replays it for the others (the same kernels, without the CPU launching each).
@@ -83,6 +92,18 @@ pub struct RunArgs {
     /// Seconds a collective may wait for the other ranks before the run stops with an error.
     #[arg(long, value_name = "SECS", default_value_t = 600.0)]
     pub collective_timeout: f64,
+    /// Machines the run spans. Each runs the same command with its own --node-rank and starts
+    /// its ranks: --gpus K per node (one process per GPU, NCCL) or --ranks K per node (one
+    /// process per CPU rank, TCP); the world is N x K.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nodes: u64,
+    /// This machine's index among the --nodes (0..N); node 0 holds rank 0 and the rendezvous.
+    #[arg(long, value_name = "I")]
+    pub node_rank: Option<u64>,
+    /// Node 0's address and a free port, reachable from every node, where rank 0 serves the
+    /// rendezvous (torchrun's MASTER_ADDR and MASTER_PORT).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub master: Option<String>,
 }
 
 fn parse_expert_group(s: &str) -> Result<ExpertGroup, String> {
@@ -104,22 +125,121 @@ enum Mode {
     Single,
     /// N ranks on threads of this process.
     InProcess(u64),
-    /// Start N processes (one per GPU) and wait for them.
-    Launch(u64),
-    /// One rank of a multi-process run (started by `--gpus` or torchrun).
-    Rank(DistEnv),
+    /// Start this machine's ranks as processes and wait for them.
+    Launch(NodeLaunch),
+    /// One rank of a multi-process run (started by `--gpus`, `--nodes` or torchrun).
+    Rank(DistEnv, Transport),
+}
+
+/// The ranks one launcher starts: `per_node` processes, ranks `node_rank · per_node ..`, of
+/// a world of `nodes · per_node`.
+struct NodeLaunch {
+    per_node: u64,
+    nodes: u64,
+    node_rank: u64,
+    /// Where rank 0 serves the rendezvous (`None`: a free port on this machine).
+    master: Option<(String, u16)>,
+    /// CPU ranks over TCP (`--ranks`) rather than GPU ranks over NCCL (`--gpus`).
+    cpu: bool,
+}
+
+/// How a rank of a multi-process run reaches the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    /// GPU `LOCAL_RANK`, NCCL.
+    Nccl,
+    /// CPU, TCP ([`crate::collective::tcp`]).
+    Tcp,
+}
+
+/// `ADDR:PORT` of `--master`.
+fn parse_master(text: &str) -> anyhow::Result<(String, u16)> {
+    let (addr, port) = text
+        .rsplit_once(':')
+        .filter(|(a, _)| !a.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!("--master `{text}`: expected ADDR:PORT, e.g. 10.0.0.1:29500")
+        })?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| anyhow::anyhow!("--master `{text}`: `{port}` is not a port number"))?;
+    let addr = addr.trim_start_matches('[').trim_end_matches(']');
+    Ok((addr.to_string(), port))
 }
 
 fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
     let env = DistEnv::from_env()?.filter(|e| e.world > 1);
+    if args.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    if args.ranks == Some(0) {
+        bail!("--ranks must be at least 1");
+    }
+    if args.gpus == Some(0) {
+        bail!("--gpus must be at least 1");
+    }
+    let explicit_cpu = args.device.as_deref() == Some("cpu");
+    let several_nodes = args.nodes > 1 || args.node_rank.is_some() || args.master.is_some();
+    if several_nodes {
+        let (per_node, cpu) = match (args.gpus, args.ranks) {
+            (Some(k), None) => (k, false),
+            (None, Some(k)) => (k, true),
+            _ => bail!(
+                "--nodes needs the ranks each node starts: --gpus K (one process per GPU, NCCL) \
+                 or --ranks K (one process per CPU rank, TCP)"
+            ),
+        };
+        if cpu && args.device.as_deref().is_some_and(|d| d != "cpu") {
+            bail!("--ranks K starts CPU ranks; for GPUs use --gpus K");
+        }
+        let world = per_node * args.nodes;
+        if let Some(env) = env {
+            // One of the ranks a node's launcher started.
+            if env.world as u64 != world {
+                bail!(
+                    "--nodes {} x {per_node} ranks per node is {world} ranks, but WORLD_SIZE is {}",
+                    args.nodes,
+                    env.world
+                );
+            }
+            let transport = if cpu { Transport::Tcp } else { Transport::Nccl };
+            return Ok(Mode::Rank(env, transport));
+        }
+        let node_rank = match (args.node_rank, args.nodes) {
+            (Some(i), n) if i < n => i,
+            (Some(i), n) => bail!(
+                "--node-rank {i} is not a node of --nodes {n} (0..{})",
+                n - 1
+            ),
+            (None, 1) => 0,
+            (None, n) => bail!(
+                "--nodes {n} needs --node-rank I (0..{}) on each node",
+                n - 1
+            ),
+        };
+        let master = match (&args.master, args.nodes) {
+            (Some(m), _) => Some(parse_master(m)?),
+            (None, 1) => None,
+            (None, n) => bail!(
+                "--nodes {n} needs --master ADDR:PORT, the same on every node: node 0's address \
+                 and a free port there"
+            ),
+        };
+        return Ok(Mode::Launch(NodeLaunch {
+            per_node,
+            nodes: args.nodes,
+            node_rank,
+            master,
+            cpu,
+        }));
+    }
     if let Some(n) = args.ranks {
-        if n == 0 {
-            bail!("--ranks must be at least 1");
-        }
         if env.is_some() {
-            bail!("--ranks runs every rank in this process; it cannot be one rank of a launched run (unset RANK and WORLD_SIZE)");
+            bail!("--ranks runs every rank in this process; it cannot be one rank of a launched run (unset RANK and WORLD_SIZE, or give --nodes for one process per rank)");
         }
-        if args.device != "cpu" {
+        if args.device.as_deref().is_some_and(|d| d != "cpu") {
             bail!(
                 "--ranks N runs in-process ranks on the CPU (--device cpu); for GPUs use --gpus N"
             );
@@ -130,17 +250,37 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
             Mode::InProcess(n)
         });
     }
+    let transport = if explicit_cpu {
+        Transport::Tcp
+    } else {
+        Transport::Nccl
+    };
     match (args.gpus, env) {
-        (Some(0), _) => bail!("--gpus must be at least 1"),
         (Some(n), Some(env)) => {
             if env.world as u64 != n {
                 bail!("--gpus {n} but WORLD_SIZE is {}", env.world);
             }
-            Ok(Mode::Rank(env))
+            Ok(Mode::Rank(env, Transport::Nccl))
         }
-        (None, Some(env)) => Ok(Mode::Rank(env)),
+        (None, Some(env)) => Ok(Mode::Rank(env, transport)),
         (Some(1), None) | (None, None) => Ok(Mode::Single),
-        (Some(n), None) => Ok(Mode::Launch(n)),
+        (Some(n), None) => Ok(Mode::Launch(NodeLaunch {
+            per_node: n,
+            nodes: 1,
+            node_rank: 0,
+            master: None,
+            cpu: false,
+        })),
+    }
+}
+
+/// Whether this process speaks for the run: not the ranks 1.. of a launched run, and not
+/// the launcher itself (its rank 0 speaks).
+fn is_first_rank(mode: &Mode) -> bool {
+    match mode {
+        Mode::Rank(env, _) => env.rank == 0,
+        Mode::Single | Mode::InProcess(_) => true,
+        Mode::Launch(_) => false,
     }
 }
 
@@ -174,34 +314,76 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .ok_or_else(|| {
             anyhow::anyhow!("--collective-timeout must be a positive number of seconds")
         })?;
-    let device_name = match (&mode, args.gpus, args.device.as_str()) {
-        (Mode::Single, Some(1), "cpu") => "cuda",
-        _ => args.device.as_str(),
+    let device_name = match (&mode, args.gpus, args.device.as_deref()) {
+        (Mode::Single, Some(1), None) => "cuda",
+        (_, _, device) => device.unwrap_or("cpu"),
     };
     let device = match mode {
         Mode::Single | Mode::InProcess(_) => super::parse_device(device_name)?,
         _ => tch::Device::Cpu,
     };
+    // Said first: what follows (the planner's layout and its batch split) depends on it.
+    let world = match &mode {
+        Mode::Single => 1,
+        Mode::InProcess(n) => *n,
+        Mode::Launch(node) => node.per_node * node.nodes,
+        Mode::Rank(env, _) => env.world as u64,
+    };
+    let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
+    let pipeline_note =
+        distributed::pipeline_note(checked, world, if world == 1 { 1 } else { tensor });
+    if let (Some(note), true) = (
+        &pipeline_note,
+        is_first_rank(&mode) && args.sample.is_none(),
+    ) {
+        eprintln!("note: {note}");
+    }
+    if checked.train.is_none() && args.sample.is_none() {
+        bail!(
+            "`{}` has no `train` block: `fmoec run` needs one (data, batch, steps, optimizer)",
+            checked.model.name
+        );
+    }
     // `--out` puts everything under one folder; without it, checkpoints go where the train
-    // block's `checkpoint = every(n, dir = ...)` says, the rest to `runs/<model>`.
+    // block's `checkpoint = every(n, dir = ...)` says, the rest to `runs/<model>`, and a
+    // second run of the file continues the first or starts the next beside it.
     let declared_dir = checked
         .train
         .as_ref()
         .and_then(|t| t.checkpoint.as_ref())
         .map(|c| PathBuf::from(&c.dir));
-    let (out, checkpoints) = match (&args.out, declared_dir) {
-        (Some(out), _) => (out.clone(), out.join("checkpoints")),
-        (None, Some(dir)) => (PathBuf::from("runs").join(&checked.model.name), dir),
+    let series = Series::new("runs", &checked.model.name, declared_dir);
+    let (out, checkpoints, resume) = match (&args.out, &args.resume) {
+        (Some(out), resume) => {
+            let checkpoints = out.join("checkpoints");
+            let resume = resume
+                .as_ref()
+                .map(|p| p.clone().unwrap_or_else(|| checkpoints.clone()));
+            (out.clone(), checkpoints, resume)
+        }
+        (None, Some(dir)) => {
+            let newest = series.newest_folders();
+            let resume = dir.clone().unwrap_or_else(|| newest.checkpoints.clone());
+            (newest.out, newest.checkpoints, Some(resume))
+        }
+        (None, None) if args.sample.is_some() => {
+            let newest = series.newest_folders();
+            (newest.out, newest.checkpoints, None)
+        }
         (None, None) => {
-            let out = PathBuf::from("runs").join(&checked.model.name);
-            let ckpt = out.join("checkpoints");
-            (out, ckpt)
+            let total = args
+                .steps
+                .or(checked.train.as_ref().map(|t| t.steps))
+                .unwrap_or_default();
+            let choice = series.choose(total);
+            if is_first_rank(&mode) {
+                eprintln!("{}", choice.describe());
+            }
+            let folders = choice.folders().clone();
+            let resume = choice.resumes().then(|| folders.checkpoints.clone());
+            (folders.out, folders.checkpoints, resume)
         }
     };
-    let resume = args
-        .resume
-        .as_ref()
-        .map(|p| p.clone().unwrap_or_else(|| checkpoints.clone()));
 
     if let Some(prompt) = &args.sample {
         let text = train::sample(
@@ -228,12 +410,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         checkpoints,
         resume,
         progress: !args.quiet,
+        log_interval: Duration::from_secs_f64(args.log_interval),
         print_summary: true,
         cuda_graph: !args.no_cuda_graph,
     };
+    let launcher = matches!(mode, Mode::Launch(_));
     let plan_for = |world: u64| -> Result<WorldPlan, ExitCode> {
         distributed::plan_world_with(checked, world, args.expert_group, args.tensor).map_err(
             |diags| {
+            if let (Some(note), true) = (&pipeline_note, launcher) {
+                eprintln!("note: {note}");
+            }
             driver::report(&loaded.sources, &diags, args.diagnostics);
             if args.diagnostics == DiagFormat::Human {
                 let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
@@ -259,7 +446,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             if args.tensor.is_some_and(|t| t != 1) {
                 bail!("--tensor needs several ranks (--gpus N or --ranks N)");
             }
-            train::train(checked, &opts)?
+            let plan = match distributed::plan_alone(checked) {
+                Ok(p) => p,
+                Err(diags) => {
+                    driver::report(&loaded.sources, &diags, args.diagnostics);
+                    if args.diagnostics == DiagFormat::Human {
+                        eprintln!(
+                            "error: `{}` cannot run on one device (the planner's errors above)",
+                            args.file.display()
+                        );
+                    }
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            train::train_alone(checked, &opts, &plan)?
         }
         Mode::InProcess(n) => {
             let plan = match plan_for(n) {
@@ -269,57 +469,113 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             let mut summaries = distributed::run_in_process(checked, &opts, &plan, timeout)?;
             summaries.swap_remove(0)
         }
-        Mode::Launch(n) => {
-            if let Err(code) = plan_for(n) {
+        Mode::Launch(node) => {
+            if let Err(code) = plan_for(world) {
                 return Ok(code);
             }
-            return launch(n, checked);
+            return launch(&node);
         }
-        Mode::Rank(env) => {
+        Mode::Rank(env, transport) => {
             let plan = match plan_for(env.world as u64) {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
             };
-            return run_rank(checked, &opts, plan, &env, timeout);
+            return match transport {
+                Transport::Tcp => run_cpu_rank(checked, &opts, plan, &env, timeout),
+                Transport::Nccl => run_rank(checked, &opts, plan, &env, timeout),
+            };
         }
     };
-    Ok(if summary.interrupted {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(exit_code(&summary))
 }
 
-#[cfg(not(feature = "cuda"))]
-fn launch(n: u64, _: &Checked) -> anyhow::Result<ExitCode> {
-    bail!(
-        "--gpus {n} needs NCCL, and this fmoec was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, or use --ranks {n} for in-process CPU ranks"
-    )
-}
-
-#[cfg(feature = "cuda")]
-fn launch(n: u64, _: &Checked) -> anyhow::Result<ExitCode> {
-    use crate::collective::launch::{spawn_local, Launch};
-    use crate::collective::nccl::NcclLibrary;
-    let visible = tch::Cuda::device_count();
-    if n as i64 > visible {
-        bail!("--gpus {n} but this machine shows {visible} CUDA device(s)");
+/// 0, or 128 + the signal that stopped the run (130 for Ctrl-C, 143 for SIGTERM).
+fn exit_code(summary: &RunSummary) -> ExitCode {
+    match summary.signal {
+        Some(signal) => ExitCode::from(stop::exit_status(signal)),
+        None if summary.interrupted => ExitCode::from(130),
+        None => ExitCode::SUCCESS,
     }
-    let library = NcclLibrary::for_ranks()?;
-    let program = std::env::current_exe()?;
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let launch = Launch {
-        env: library.env.clone(),
+}
+
+/// Starts this machine's ranks (`node`) as processes of this program with the same
+/// arguments and the torchrun variables, passes a stop signal on to them, waits, and exits
+/// with the first failing rank's code.
+fn launch(node: &NodeLaunch) -> anyhow::Result<ExitCode> {
+    use crate::collective::launch::{spawn_local, Launch};
+    let n = node.per_node;
+    let mut launch = Launch {
+        stop_signal: Some(stop::requested),
+        first_rank: (node.node_rank * n) as usize,
+        world: Some((node.nodes * n) as usize),
         ..Launch::default()
     };
-    // Ctrl-C reaches the ranks (same process group); they checkpoint and stop together, and
-    // the launcher waits for them instead of dying first.
-    train::install_interrupt_handler();
+    if let Some((addr, port)) = &node.master {
+        launch.master_addr = addr.clone();
+        launch.master_port = Some(*port);
+    }
+    if !node.cpu {
+        launch.env = gpu_ranks_env(n)?;
+    }
+    let program = std::env::current_exe()?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // Ctrl-C reaches the ranks (same process group); a SIGTERM sent to the launcher alone
+    // (a scheduler's) is passed on to them. They checkpoint and stop together, and the
+    // launcher waits for them instead of dying first.
+    stop::install();
     let outcome = spawn_local(n as usize, program, &args, &launch)?;
     if let Some(text) = outcome.describe() {
         eprintln!("fmoec run: {text}");
     }
     Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_ranks_env(n: u64) -> anyhow::Result<Vec<(std::ffi::OsString, std::ffi::OsString)>> {
+    bail!(
+        "--gpus {n} needs NCCL, and this fmoec was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, or use --ranks {n} for CPU ranks"
+    )
+}
+
+/// What the GPU ranks of this machine need in their environment (NCCL's library made
+/// findable), after checking the machine has `n` GPUs.
+#[cfg(feature = "cuda")]
+fn gpu_ranks_env(n: u64) -> anyhow::Result<Vec<(std::ffi::OsString, std::ffi::OsString)>> {
+    use crate::collective::nccl::NcclLibrary;
+    let visible = tch::Cuda::device_count();
+    if n as i64 > visible {
+        bail!("--gpus {n} but this machine shows {visible} CUDA device(s)");
+    }
+    Ok(NcclLibrary::for_ranks()?.env.clone())
+}
+
+/// One CPU rank of a multi-process run: the collectives over TCP.
+fn run_cpu_rank(
+    checked: &Checked,
+    opts: &RunOptions,
+    plan: WorldPlan,
+    env: &DistEnv,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let tensor = (plan.tensor_size() > 1).then_some(plan.tensor.as_slice());
+    let groups = crate::collective::tcp::connect(&plan.layout, tensor, env, timeout)?;
+    // The ranks this machine started share its memory (torchrun and fmoec's launcher say how
+    // many there are).
+    let local_world = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(1);
+    let ctx = distributed::RankContext {
+        groups,
+        plan,
+        device: tch::Device::Cpu,
+        timeout,
+        ranks_sharing_device: local_world.max(1),
+    };
+    let mut opts = opts.clone();
+    opts.device = tch::Device::Cpu;
+    let summary = train::train_ranked(checked, &opts, &ctx)?;
+    Ok(exit_code(&summary))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -331,7 +587,7 @@ fn run_rank(
     _: Duration,
 ) -> anyhow::Result<ExitCode> {
     bail!(
-        "started as rank {} of {} (RANK/WORLD_SIZE are set), but this fmoec was built without the `cuda` feature (NCCL); rebuild with `--features cuda`, or unset them and use --ranks N on CPUs",
+        "started as rank {} of {} (RANK/WORLD_SIZE are set) on a GPU, but this fmoec was built without the `cuda` feature (NCCL); rebuild with `--features cuda`, or pass --device cpu for a CPU rank (TCP between the ranks)",
         env.rank,
         env.world
     )
@@ -356,15 +612,30 @@ fn run_rank(
         plan,
         device,
         timeout,
+        ranks_sharing_device: 1,
     };
     let mut opts = opts.clone();
     opts.device = device;
-    let summary = train::train_ranked(checked, &opts, Some(&ctx))?;
-    Ok(if summary.interrupted {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
-    })
+    let summary = train::train_ranked(checked, &opts, &ctx)?;
+    Ok(exit_code(&summary))
+}
+
+/// A whole number >= 1 (`--steps`, like `steps` in the file).
+fn at_least_one(v: &str) -> Result<u64, String> {
+    match v.parse::<u64>() {
+        Ok(0) => Err("must be >= 1, found 0 (the number of training steps)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A finite number of seconds >= 0 (`--log-interval`).
+fn non_negative_seconds(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Ok(_) => Err("must be a number of seconds >= 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A finite number >= 0 (`--temperature`).

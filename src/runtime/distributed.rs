@@ -2,9 +2,12 @@
 //! expert placement), one rank's context, its share of the experts, and the
 //! expert-parallel MoE feed-forward that the trainer hooks into the model.
 //!
-//! Owns: [`WorldPlan`] (a [`GroupLayout`], the tensor groups and one [`ExpertPlacement`]
-//! per MoE layer, made from [`crate::plan::ParallelPlan`] with pipeline = 1: Megatron-LM's
-//! tensor × data grid, experts over the data ranks of each tensor rank), [`RankContext`] (a
+//! Owns: [`WorldPlan`] (what the runtime takes from the one [`crate::plan::ParallelPlan`] the
+//! planner makes for a run, [`plan_world_with`] for ranks and [`plan_alone`] for one device:
+//! a [`GroupLayout`], the tensor groups, one [`ExpertPlacement`] per MoE layer, the
+//! micro-batch and one rank's memory, with pipeline = 1: Megatron-LM's tensor × data grid,
+//! experts over the data ranks of each tensor rank; the runtime never re-derives any of
+//! them), [`RankContext`] (a
 //! rank's [`Groups`] and that plan, and the experts it holds), [`param_kinds`] (how each parameter's gradient is
 //! shared), [`ExpertParallel`] (the MoE layer across the expert group with autograd cut at
 //! the exchange, recorded on a [`Tape`]) and [`run_in_process`] (N ranks on threads, the
@@ -34,7 +37,7 @@ use crate::collective::{
     Tape,
 };
 use crate::diag::Diagnostic;
-use crate::plan::{self, MemoryModel, Overrides, ParallelPlan};
+use crate::plan::{self, Memory, MemoryModel, Overrides, ParallelPlan};
 use crate::runtime::model::{MoeHook, NormLayer, Transformer};
 use crate::runtime::moe::{self, DispatchPlan, Experts, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
@@ -56,6 +59,9 @@ pub struct WorldPlan {
     /// The planner's micro-batch for this layout (sequences per data rank), the one the run
     /// uses when the file gives none; `None`: plans made without the planner.
     pub micro_batch: Option<u64>,
+    /// The planner's memory of one rank for `fmoec run` (`--memory-model fmoec`; every rank
+    /// alike with pipeline = 1); `None`: plans made without the planner.
+    pub memory: Option<Memory>,
 }
 
 /// The runtime's overrides of the file's `parallel` block for a world of `world` ranks: the
@@ -92,20 +98,8 @@ pub fn plan_world_with(
     tensor: Option<u64>,
 ) -> Result<WorldPlan, Vec<Diagnostic>> {
     let plan = plan::build_with(checked, &overrides(world, expert_group, tensor))?;
-    let mut world_plan = WorldPlan::from_plan(&plan).map_err(|e| {
-        vec![Diagnostic::error(
-            "P0900",
-            checked.parallel.spans.gpus,
-            format!("the runtime cannot use this plan: {e:#}"),
-        )]
-    })?;
+    let mut world_plan = WorldPlan::from_plan(&plan).map_err(|e| runtime_refused(checked, e))?;
     let p = &checked.parallel;
-    if p.declared && p.pipeline > 1 {
-        world_plan.notes.push(format!(
-            "the built-in runtime has no pipeline parallelism: running pipeline = 1 (the file says {}), tensor = {}, data = {}",
-            p.pipeline, plan.tensor, plan.data
-        ));
-    }
     if p.declared && plan.tensor != p.tensor {
         world_plan.notes.push(format!(
             "running tensor = {} (the file says {}), data = {}",
@@ -119,6 +113,76 @@ pub fn plan_world_with(
         ));
     }
     Ok(world_plan)
+}
+
+/// What `fmoec run` says first about a file with `pipeline > 1` on `world` ranks of tensor
+/// size `tensor`: that it runs pipeline = 1, and how (before the planner says anything about
+/// that layout, whose batch split is a consequence of it). `None` for pipeline = 1.
+pub fn pipeline_note(checked: &Checked, world: u64, tensor: u64) -> Option<String> {
+    let p = &checked.parallel;
+    if p.pipeline <= 1 {
+        return None;
+    }
+    let how = if world == 1 {
+        "the whole model on this one device".to_string()
+    } else if tensor > 0 && world % tensor == 0 {
+        format!(
+            "every rank holding every layer: the {world} ranks run as tensor {tensor} x data {} \
+             (each data rank takes 1/{} of the batch)",
+            world / tensor,
+            world / tensor
+        )
+    } else {
+        format!("every rank of the {world} holding every layer")
+    };
+    Some(format!(
+        "`fmoec run` has no pipeline parallelism yet: it runs the file's pipeline = {} as \
+         pipeline = 1, {how}",
+        p.pipeline
+    ))
+}
+
+/// The plan of a run alone on one device: one GPU of the file's kind (`fmoec plan --world 1
+/// --tensor 1 --pipeline 1 --expert-group replicated --memory-model fmoec`). When only memory
+/// stands in the way (the file's GPU cannot hold the model alone, the machine this runs on
+/// may), the plan of such a GPU without a memory limit, with a note: the run then judges the
+/// fit by the machine's own free memory ([`crate::runtime::fit`]).
+pub fn plan_alone(checked: &Checked) -> Result<WorldPlan, Vec<Diagnostic>> {
+    let alone = overrides(1, Some(ExpertGroup::Replicated), Some(1));
+    let plan = match plan::build_with(checked, &alone) {
+        Ok(plan) => plan,
+        Err(diags)
+            if diags
+                .iter()
+                .all(|d| d.code == plan::diagnostics::OUT_OF_MEMORY) =>
+        {
+            let mut unlimited = checked.clone();
+            unlimited.parallel.hardware.memory_bytes = u64::MAX;
+            let mut plan = plan::build_with(&unlimited, &alone)?;
+            plan.hardware = checked.parallel.hardware.clone();
+            let mut world_plan =
+                WorldPlan::from_plan(&plan).map_err(|e| runtime_refused(checked, e))?;
+            world_plan.notes.push(format!(
+                "one `{}` ({}) cannot hold this model alone: the planner estimates {} for it \
+                 (`fmoec plan --world 1 --memory-model fmoec`); running anyway where it fits",
+                checked.parallel.hardware.name,
+                plan::render::bytes(checked.parallel.hardware.memory_bytes),
+                plan::render::bytes(world_plan.memory.map_or(0, |m| m.total))
+            ));
+            return Ok(world_plan);
+        }
+        Err(diags) => return Err(diags),
+    };
+    WorldPlan::from_plan(&plan).map_err(|e| runtime_refused(checked, e))
+}
+
+/// The planner's plan is one the runtime cannot use (a located error at `gpus`).
+fn runtime_refused(checked: &Checked, e: anyhow::Error) -> Vec<Diagnostic> {
+    vec![Diagnostic::error(
+        "P0900",
+        checked.parallel.spans.gpus,
+        format!("the runtime cannot use this plan: {e:#}"),
+    )]
 }
 
 /// Renders planner diagnostics as one error (for callers without the source text).
@@ -222,6 +286,7 @@ impl WorldPlan {
             placements,
             notes: Vec::new(),
             micro_batch: Some(plan.micro_batch),
+            memory: plan.stages.first().map(|s| s.cost.memory),
         })
     }
 
@@ -253,6 +318,7 @@ impl WorldPlan {
             placements,
             notes: Vec::new(),
             micro_batch: None,
+            memory: None,
         })
     }
 }
@@ -265,6 +331,9 @@ pub struct RankContext {
     pub device: tch::Device,
     /// Bound on every collective's wait.
     pub timeout: Duration,
+    /// Ranks of the run whose memory is this rank's device's (the in-process ranks of one
+    /// host, the CPU ranks one machine started; 1 for a GPU), for the memory check.
+    pub ranks_sharing_device: usize,
 }
 
 impl RankContext {
@@ -521,10 +590,11 @@ pub fn run_in_process(
             plan: plan.clone(),
             device: tch::Device::Cpu,
             timeout,
+            ranks_sharing_device: plan.layout.world,
         };
         (
             rank,
-            crate::runtime::train::train_ranked(checked, opts, Some(&ctx)),
+            crate::runtime::train::train_ranked(checked, opts, &ctx),
         )
     });
     let mut summaries = Vec::new();

@@ -2,14 +2,19 @@
 //!
 //! Owns everything that runs tensors: the module tree built from the checked model
 //! ([`model`]), the MoE layer and its gates ([`moe`]), parameters ([`params`]) and their
-//! per-step compute-dtype copies ([`cast`]), AdamW and the
-//! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), multi-rank training ([`distributed`]), the loop, sampling and
-//! metrics ([`train`]), the plot ([`plot`]), the `fmoec run` command line ([`cli`]), `fmoec bench
-//! moe` ([`bench`]) and, with feature `cuda`, the shim and fused kernels (`fused`), CUDA
-//! graphs over a training micro-batch (`graph`) and libtorch's multi-tensor optimizer
-//! kernels (`foreach`).
-//! It reads only the checked [`crate::check::Checked`] artifact; it knows nothing about source
-//! text, the planner's internals or the Megatron emitter.
+//! per-step compute-dtype copies ([`cast`]), AdamW and the schedule ([`optim`]), data
+//! ([`data`]), checkpoints ([`checkpoint`]), multi-rank training ([`distributed`]); the
+//! trainer in phases ([`trainer`]) behind the entry points and report types of [`train`],
+//! with its micro-batch runner alone on a device ([`replay`]), metrics log ([`metrics`]),
+//! progress display ([`progress`]), stop signals ([`stop`]), memory check ([`fit`]) and
+//! default run folders ([`folders`]); sampling ([`sample`]), the plot ([`plot`]), `fmoec bench
+//! moe` ([`bench`]), and, with feature `cuda`, the shim and fused kernels (`fused`), CUDA
+//! graphs over a training micro-batch (`graph`) and libtorch's multi-tensor optimizer kernels
+//! (`foreach`). The `fmoec run` command line is [`cli`], the edge: nothing else here imports
+//! it or the driver.
+//! It reads the checked [`crate::check::Checked`] artifact and the planner's
+//! [`crate::plan::ParallelPlan`]; it knows nothing about source text, the planner's internals
+//! or the Megatron emitter.
 
 pub mod bench;
 pub mod cast;
@@ -17,18 +22,26 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod distributed;
+pub mod fit;
+pub mod folders;
 #[cfg(feature = "cuda")]
 pub mod foreach;
 #[cfg(feature = "cuda")]
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod graph;
+pub mod metrics;
 pub mod model;
 pub mod moe;
 pub mod optim;
 pub mod params;
 pub mod plot;
+pub mod progress;
+pub mod replay;
+pub mod sample;
+pub mod stop;
 pub mod train;
+pub mod trainer;
 
 use anyhow::{bail, Result};
 use tch::Device;

@@ -1,0 +1,966 @@
+//! A [`Collective`] between processes over TCP, for CPU ranks that do not share a process:
+//! `fmoec run --ranks K --nodes N` (K processes per node) and CPU ranks started by torchrun.
+//! The in-process [`super::local`] handles reach only threads of one process; NCCL only GPUs.
+//!
+//! Connecting ([`connect`]): every rank listens on a port of its own; the rendezvous
+//! ([`DistEnv::gather_addresses`], on `MASTER_ADDR:MASTER_PORT`) gives every rank every
+//! other's address; then each rank connects to every lower rank and accepts the higher ones:
+//! one TCP connection per pair of ranks, shared by all groups, each opened with a hello that
+//! carries the rank and the layout's fingerprint (a rank started with other settings is
+//! refused). One reader thread per connection sorts incoming messages into mailboxes by
+//! (group, sender).
+//!
+//! The operations are built from messages tagged with the sender's operation number and name,
+//! as the in-process ones are: ranks that call collectives in different orders get a mismatch
+//! error, a peer whose connection closed (its process ended or died) fails the waiters at
+//! once, every wait ends by the handle's timeout, and all-reduce adds the contributions in
+//! rank order, so every rank gets the same bits. Tensors travel as their raw bytes (any
+//! device: they go through the CPU).
+//!
+//! Wire format of one message (little-endian): group kind `u8`, the group's first member
+//! `u32`, operation number `u64`, operation `u8`, payload `u8` (0 none, 1 counts: `u64` n
+//! then n `i64`; 2 tensor: dtype `u8`, rank `u8`, that many `i64` sizes, `u64` byte count,
+//! the bytes).
+//!
+//! It knows nothing about models, gates or NCCL.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use super::error::{CollectiveError, ErrorKind};
+use super::groups::{GroupKind, GroupLabel, GroupLayout, Groups};
+use super::rendezvous::DistEnv;
+use super::{check_all_to_all_counts, Collective, Result};
+
+const HELLO: &str = "FMOEC-MESH 1";
+/// Largest tensor or counts message accepted (a corrupt length must not allocate terabytes).
+const MAX_MESSAGE: u64 = 1 << 40;
+
+/// A group's identity on the wire: its kind and first member (each kind's groups partition
+/// the world, so the pair is unique).
+type GroupKey = (u8, u32);
+
+fn group_key(label: &GroupLabel) -> GroupKey {
+    let kind = match label.kind {
+        GroupKind::Data => 0,
+        GroupKind::Expert => 1,
+        GroupKind::ExpertData => 2,
+        GroupKind::Gate => 3,
+        GroupKind::Tensor => 4,
+    };
+    (kind, label.members.first().copied().unwrap_or(0) as u32)
+}
+
+const OPS: [&str; 5] = [
+    "all_reduce_sum",
+    "all_gather_counts",
+    "all_to_all_v",
+    "broadcast",
+    "barrier",
+];
+
+fn op_code(op: &str) -> u8 {
+    OPS.iter().position(|&o| o == op).unwrap_or(OPS.len()) as u8
+}
+
+fn op_name(code: u8) -> &'static str {
+    OPS.get(code as usize)
+        .copied()
+        .unwrap_or("an unknown operation")
+}
+
+enum Payload {
+    Empty,
+    Counts(Vec<i64>),
+    Tensor(Tensor),
+}
+
+struct Message {
+    seq: u64,
+    op: u8,
+    payload: Payload,
+}
+
+/// What the reader threads have received, and which peers are gone.
+struct Mailbox {
+    queues: HashMap<(GroupKey, usize), VecDeque<Message>>,
+    /// Peers whose connection closed, and how.
+    gone: HashMap<usize, String>,
+}
+
+/// One process's connections to every other rank.
+struct Mesh {
+    rank: usize,
+    /// Writing ends, by global rank (`None` for this rank).
+    peers: Vec<Option<Mutex<TcpStream>>>,
+    mail: Mutex<Mailbox>,
+    arrived: Condvar,
+}
+
+impl Mesh {
+    fn lock(&self) -> MutexGuard<'_, Mailbox> {
+        self.mail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn deliver(&self, key: GroupKey, src: usize, message: Message) {
+        self.lock()
+            .queues
+            .entry((key, src))
+            .or_default()
+            .push_back(message);
+        self.arrived.notify_all();
+    }
+
+    fn lose(&self, peer: usize, why: String) {
+        self.lock().gone.entry(peer).or_insert(why);
+        self.arrived.notify_all();
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // Ends the reader threads (they see EOF) and tells the peers this rank is done.
+        for peer in self.peers.iter().flatten() {
+            if let Ok(stream) = peer.lock() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn kind_code(kind: Kind) -> Option<u8> {
+    Some(match kind {
+        Kind::Float => 0,
+        Kind::Double => 1,
+        Kind::BFloat16 => 2,
+        Kind::Half => 3,
+        Kind::Int64 => 4,
+        Kind::Int => 5,
+        Kind::Int8 => 6,
+        Kind::Uint8 => 7,
+        Kind::Bool => 8,
+        _ => return None,
+    })
+}
+
+fn code_kind(code: u8) -> Option<Kind> {
+    Some(match code {
+        0 => Kind::Float,
+        1 => Kind::Double,
+        2 => Kind::BFloat16,
+        3 => Kind::Half,
+        4 => Kind::Int64,
+        5 => Kind::Int,
+        6 => Kind::Int8,
+        7 => Kind::Uint8,
+        8 => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Encodes one message (see the module docs).
+fn encode(
+    key: GroupKey,
+    seq: u64,
+    op: u8,
+    payload: &Payload,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    out.push(key.0);
+    out.extend_from_slice(&key.1.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.push(op);
+    match payload {
+        Payload::Empty => out.push(0),
+        Payload::Counts(counts) => {
+            out.push(1);
+            out.extend_from_slice(&(counts.len() as u64).to_le_bytes());
+            for c in counts {
+                out.extend_from_slice(&c.to_le_bytes());
+            }
+        }
+        Payload::Tensor(t) => {
+            let code = kind_code(t.kind())
+                .ok_or_else(|| format!("cannot send a {:?} tensor over TCP", t.kind()))?;
+            let t = t
+                .f_detach()
+                .and_then(|t| t.f_to_device(Device::Cpu))
+                .and_then(|t| t.f_contiguous())
+                .map_err(|e| e.to_string())?;
+            let size = t.size();
+            let numel = t.numel();
+            let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+            t.f_copy_data_u8(&mut bytes, numel)
+                .map_err(|e| e.to_string())?;
+            out.push(2);
+            out.push(code);
+            out.push(size.len() as u8);
+            for d in &size {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            out.extend_from_slice(&bytes);
+        }
+    }
+    Ok(out)
+}
+
+fn read_u8(r: &mut impl Read) -> std::io::Result<u8> {
+    let mut b = [0u8; 1];
+    r.read_exact(&mut b)?;
+    Ok(b[0])
+}
+
+fn read_u32(r: &mut impl Read) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn invalid(text: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, text)
+}
+
+/// Decodes one message; `Ok(None)` at a clean end of the stream.
+fn decode(r: &mut impl Read) -> std::io::Result<Option<(GroupKey, Message)>> {
+    let kind = match read_u8(r) {
+        Ok(k) => k,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let first = read_u32(r)?;
+    let seq = read_u64(r)?;
+    let op = read_u8(r)?;
+    let payload = match read_u8(r)? {
+        0 => Payload::Empty,
+        1 => {
+            let n = read_u64(r)?;
+            if n > MAX_MESSAGE / 8 {
+                return Err(invalid(format!("a message of {n} counts")));
+            }
+            let mut counts = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                counts.push(read_u64(r)? as i64);
+            }
+            Payload::Counts(counts)
+        }
+        2 => {
+            let code = read_u8(r)?;
+            let kind = code_kind(code).ok_or_else(|| invalid(format!("dtype code {code}")))?;
+            let dims = read_u8(r)?;
+            let mut size = Vec::with_capacity(dims as usize);
+            for _ in 0..dims {
+                size.push(read_u64(r)? as i64);
+            }
+            let n = read_u64(r)?;
+            let numel: i64 = size.iter().product();
+            if n > MAX_MESSAGE
+                || size.iter().any(|&d| d < 0)
+                || numel as u64 * kind.elt_size_in_bytes() as u64 != n
+            {
+                return Err(invalid(format!(
+                    "a tensor of shape {size:?} ({kind:?}) in {n} bytes"
+                )));
+            }
+            let mut bytes = vec![0u8; n as usize];
+            r.read_exact(&mut bytes)?;
+            let t = Tensor::f_from_data_size(&bytes, &size, kind)
+                .map_err(|e| invalid(e.to_string()))?;
+            Payload::Tensor(t)
+        }
+        other => return Err(invalid(format!("payload type {other}"))),
+    };
+    Ok(Some(((kind, first), Message { seq, op, payload })))
+}
+
+/// Reads `peer`'s messages into the mailboxes until its connection ends.
+fn read_from(mesh: std::sync::Weak<Mesh>, peer: usize, stream: TcpStream) {
+    let mut reader = BufReader::with_capacity(1 << 20, stream);
+    let why = loop {
+        match decode(&mut reader) {
+            Ok(Some((key, message))) => match mesh.upgrade() {
+                Some(mesh) => mesh.deliver(key, peer, message),
+                None => return,
+            },
+            Ok(None) => break "its connection closed (the rank ended or failed)".to_string(),
+            Err(e) => break format!("its connection failed: {e}"),
+        }
+    };
+    if let Some(mesh) = mesh.upgrade() {
+        mesh.lose(peer, why);
+    }
+}
+
+/// One rank's handle to one group over the [`Mesh`].
+pub struct TcpCollective {
+    mesh: Arc<Mesh>,
+    label: GroupLabel,
+    key: GroupKey,
+    position: usize,
+    next_seq: std::cell::Cell<u64>,
+    timeout: Duration,
+}
+
+impl TcpCollective {
+    fn error(&self, op: &'static str, at: &str, kind: ErrorKind) -> CollectiveError {
+        CollectiveError::new(&self.label, op, at, kind)
+    }
+
+    fn begin(&self) -> u64 {
+        let seq = self.next_seq.get();
+        self.next_seq.set(seq + 1);
+        seq
+    }
+
+    fn size(&self) -> usize {
+        self.label.members.len()
+    }
+
+    fn everyone(&self) -> Vec<usize> {
+        (0..self.size()).collect()
+    }
+
+    /// Sends `payload` of operation `seq` to group position `dst`.
+    fn send(
+        &self,
+        dst: usize,
+        seq: u64,
+        op: &'static str,
+        payload: Payload,
+        at: &str,
+    ) -> Result<()> {
+        let global = self.label.global(dst);
+        let code = op_code(op);
+        if global == self.mesh.rank {
+            let payload = match payload {
+                Payload::Tensor(t) => Payload::Tensor(
+                    t.f_detach_copy()
+                        .map_err(|e| self.error(op, at, ErrorKind::Tensor(e)))?,
+                ),
+                other => other,
+            };
+            self.mesh.deliver(
+                self.key,
+                global,
+                Message {
+                    seq,
+                    op: code,
+                    payload,
+                },
+            );
+            return Ok(());
+        }
+        let bytes = encode(self.key, seq, code, &payload)
+            .map_err(|e| self.error(op, at, ErrorKind::Invalid(e)))?;
+        let Some(Some(peer)) = self.mesh.peers.get(global) else {
+            return Err(self.error(
+                op,
+                at,
+                ErrorKind::Transport(format!("no connection to rank {global}")),
+            ));
+        };
+        let mut stream = peer.lock().unwrap_or_else(|p| p.into_inner());
+        stream.write_all(&bytes).map_err(|e| {
+            use std::io::ErrorKind as Io;
+            let closed = matches!(
+                e.kind(),
+                Io::BrokenPipe | Io::ConnectionReset | Io::ConnectionAborted
+            );
+            let kind = if closed || self.mesh.lock().gone.contains_key(&global) {
+                ErrorKind::PeerGone {
+                    peer: global,
+                    panicked: false,
+                }
+            } else {
+                ErrorKind::Transport(format!("sending to rank {global}: {e}"))
+            };
+            self.error(op, at, kind)
+        })
+    }
+
+    /// Waits for operation `seq`'s message from every position in `sources`; payloads in
+    /// that order.
+    fn receive(
+        &self,
+        sources: &[usize],
+        seq: u64,
+        op: &'static str,
+        at: &str,
+    ) -> Result<Vec<Payload>> {
+        let deadline = Instant::now() + self.timeout;
+        let code = op_code(op);
+        let mut got: Vec<Option<Payload>> = sources.iter().map(|_| None).collect();
+        let mut mail = self.mesh.lock();
+        loop {
+            let mut gone = None;
+            for (slot, &src) in got.iter_mut().zip(sources) {
+                if slot.is_some() {
+                    continue;
+                }
+                let global = self.label.global(src);
+                let queue = mail.queues.entry((self.key, global)).or_default();
+                match queue.front() {
+                    Some(m) if m.seq == seq && m.op == code => {
+                        *slot = queue.pop_front().map(|m| m.payload);
+                    }
+                    Some(m) => {
+                        let kind = ErrorKind::Mismatch {
+                            peer: global,
+                            theirs: format!("{} (its collective #{})", op_name(m.op), m.seq),
+                            ours: format!("{op} (its collective #{seq})"),
+                        };
+                        return Err(self.error(op, at, kind));
+                    }
+                    None => {
+                        if mail.gone.contains_key(&global) && gone.is_none() {
+                            gone = Some(global);
+                        }
+                    }
+                }
+            }
+            if let Some(peer) = gone {
+                return Err(self.error(
+                    op,
+                    at,
+                    ErrorKind::PeerGone {
+                        peer,
+                        panicked: false,
+                    },
+                ));
+            }
+            if got.iter().all(Option::is_some) {
+                return Ok(got.into_iter().flatten().collect());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let missing = got
+                    .iter()
+                    .zip(sources)
+                    .filter(|(slot, _)| slot.is_none())
+                    .map(|(_, &src)| self.label.global(src))
+                    .collect();
+                return Err(self.error(
+                    op,
+                    at,
+                    ErrorKind::Timeout {
+                        waited: self.timeout,
+                        missing,
+                    },
+                ));
+            }
+            mail = self
+                .mesh
+                .arrived
+                .wait_timeout(mail, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn tensor_error(
+        &self,
+        op: &'static str,
+        at: &str,
+    ) -> impl Fn(tch::TchError) -> CollectiveError + '_ {
+        let at = at.to_string();
+        move |e| self.error(op, &at, ErrorKind::Tensor(e))
+    }
+}
+
+fn expect_tensor(payload: Payload) -> Option<Tensor> {
+    match payload {
+        Payload::Tensor(t) => Some(t),
+        _ => None,
+    }
+}
+
+impl Collective for TcpCollective {
+    fn rank(&self) -> usize {
+        self.position
+    }
+
+    fn size(&self) -> usize {
+        TcpCollective::size(self)
+    }
+
+    fn label(&self) -> &GroupLabel {
+        &self.label
+    }
+
+    fn all_reduce_sum(&self, tensor: &mut Tensor, at: &str) -> Result<()> {
+        const OP: &str = "all_reduce_sum";
+        let seq = self.begin();
+        for dst in self.everyone() {
+            self.send(dst, seq, OP, Payload::Tensor(tensor.shallow_clone()), at)?;
+        }
+        let parts = self.receive(&self.everyone(), seq, OP, at)?;
+        let shape = tensor.size();
+        let mut sum: Option<Tensor> = None;
+        for (src, part) in parts.into_iter().enumerate() {
+            let part = expect_tensor(part).unwrap_or_default();
+            if !part.defined() || part.size() != shape || part.kind() != tensor.kind() {
+                let message =
+                    format!(
+                    "rank {} sent a tensor of shape {:?} ({:?}) where this rank has {:?} ({:?})",
+                    self.label.global(src),
+                    if part.defined() { part.size() } else { vec![] },
+                    if part.defined() { Some(part.kind()) } else { None },
+                    shape,
+                    tensor.kind()
+                );
+                return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+            }
+            sum = Some(match sum {
+                None => part,
+                Some(acc) => acc.f_add(&part).map_err(self.tensor_error(OP, at))?,
+            });
+        }
+        if let Some(sum) = sum {
+            let sum = sum
+                .f_to_device(tensor.device())
+                .map_err(self.tensor_error(OP, at))?;
+            tch::no_grad(|| tensor.f_copy_(&sum)).map_err(self.tensor_error(OP, at))?;
+        }
+        Ok(())
+    }
+
+    fn all_gather_counts(&self, counts: &[i64], at: &str) -> Result<Vec<Vec<i64>>> {
+        const OP: &str = "all_gather_counts";
+        let seq = self.begin();
+        for dst in self.everyone() {
+            self.send(dst, seq, OP, Payload::Counts(counts.to_vec()), at)?;
+        }
+        let parts = self.receive(&self.everyone(), seq, OP, at)?;
+        Ok(parts
+            .into_iter()
+            .map(|p| match p {
+                Payload::Counts(c) => c,
+                _ => Vec::new(),
+            })
+            .collect())
+    }
+
+    fn all_to_all_v(
+        &self,
+        send: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+        at: &str,
+    ) -> Result<Tensor> {
+        const OP: &str = "all_to_all_v";
+        let seq = self.begin();
+        let size = self.size();
+        let rows = send.size().first().copied().unwrap_or(0);
+        let invalid = |message: String| self.error(OP, at, ErrorKind::Invalid(message));
+        check_all_to_all_counts(size, rows, send_counts, recv_counts).map_err(invalid)?;
+        let parts = send
+            .f_split_with_sizes(send_counts, 0)
+            .map_err(self.tensor_error(OP, at))?;
+        for (dst, part) in parts.iter().enumerate() {
+            self.send(dst, seq, OP, Payload::Tensor(part.shallow_clone()), at)?;
+        }
+        let received = self.receive(&self.everyone(), seq, OP, at)?;
+        let mut pieces = Vec::with_capacity(size);
+        for (src, part) in received.into_iter().enumerate() {
+            let part = expect_tensor(part).unwrap_or_default();
+            let got = if part.defined() {
+                part.size().first().copied().unwrap_or(0)
+            } else {
+                -1
+            };
+            if got != recv_counts[src] || part.size().get(1..) != send.size().get(1..) {
+                return Err(invalid(format!(
+                    "expected {} rows of shape {:?} from rank {}, got {:?}",
+                    recv_counts[src],
+                    send.size().get(1..).unwrap_or_default(),
+                    self.label.global(src),
+                    if part.defined() { part.size() } else { vec![] }
+                )));
+            }
+            pieces.push(part);
+        }
+        Tensor::f_cat(&pieces, 0)
+            .and_then(|t| t.f_to_device(send.device()))
+            .map_err(self.tensor_error(OP, at))
+    }
+
+    fn broadcast(&self, tensor: &mut Tensor, root: usize, at: &str) -> Result<()> {
+        const OP: &str = "broadcast";
+        let seq = self.begin();
+        if root >= self.size() {
+            let message = format!("root {root} is outside a group of {} ranks", self.size());
+            return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+        }
+        if self.position == root {
+            for dst in self.everyone().into_iter().filter(|&d| d != root) {
+                self.send(dst, seq, OP, Payload::Tensor(tensor.shallow_clone()), at)?;
+            }
+            return Ok(());
+        }
+        let part = self
+            .receive(&[root], seq, OP, at)?
+            .into_iter()
+            .next()
+            .and_then(expect_tensor);
+        match part {
+            Some(part) if part.size() == tensor.size() && part.kind() == tensor.kind() => {
+                let part = part
+                    .f_to_device(tensor.device())
+                    .map_err(self.tensor_error(OP, at))?;
+                tch::no_grad(|| tensor.f_copy_(&part)).map_err(self.tensor_error(OP, at))
+            }
+            _ => Err(self.error(
+                OP,
+                at,
+                ErrorKind::Invalid(format!(
+                    "the root's tensor does not match this rank's {:?}",
+                    tensor.size()
+                )),
+            )),
+        }
+    }
+
+    fn barrier(&self, at: &str) -> Result<()> {
+        const OP: &str = "barrier";
+        let seq = self.begin();
+        for dst in self.everyone() {
+            self.send(dst, seq, OP, Payload::Empty, at)?;
+        }
+        self.receive(&self.everyone(), seq, OP, at).map(|_| ())
+    }
+}
+
+/// A fingerprint of what every rank must agree on: the layout and the tensor groups.
+pub fn layout_tag(layout: &GroupLayout, tensor: Option<&[Vec<usize>]>) -> String {
+    let digest = crate::digest::sha256_hex(format!("{layout:?} {tensor:?}").as_bytes());
+    format!("layout-{}", &digest[..16])
+}
+
+/// The hello one rank sends the other on a new connection, and the answer.
+fn hello(rank: usize, tag: &str) -> String {
+    format!("{HELLO} {rank} {tag}\n")
+}
+
+/// Opens this process's connections to every other rank of `env`'s world and builds its
+/// [`Groups`] for `layout` (and its tensor group, when `tensor` lists the tensor groups),
+/// all on TCP. Every rank of the world calls it; it returns once every pair is connected, or
+/// fails by `timeout` naming who did not come.
+pub fn connect(
+    layout: &GroupLayout,
+    tensor: Option<&[Vec<usize>]>,
+    env: &DistEnv,
+    timeout: Duration,
+) -> anyhow::Result<Groups> {
+    layout.validate()?;
+    if layout.world != env.world {
+        anyhow::bail!(
+            "the layout has {} ranks but WORLD_SIZE is {}",
+            layout.world,
+            env.world
+        );
+    }
+    let my_tensor = match tensor {
+        None => None,
+        Some(lists) => {
+            let mut count = vec![0usize; layout.world];
+            for &r in lists.iter().flatten() {
+                match count.get_mut(r) {
+                    Some(c) => *c += 1,
+                    None => anyhow::bail!(
+                        "tensor groups: rank {r} is outside the world of {} ranks",
+                        layout.world
+                    ),
+                }
+            }
+            if let Some(r) = count.iter().position(|&c| c != 1) {
+                anyhow::bail!("tensor groups: rank {r} is in {} groups, not one", count[r]);
+            }
+            lists.iter().find(|g| g.contains(&env.rank)).cloned()
+        }
+    };
+    let deadline = Instant::now() + timeout;
+    let (rank, world) = (env.rank, env.world);
+    let tag = layout_tag(layout, tensor);
+    let listener = TcpListener::bind("0.0.0.0:0")
+        .map_err(|e| anyhow::anyhow!("rank {rank}: cannot listen for its peers: {e}"))?;
+    let port = listener.local_addr()?.port();
+    let addresses = env.gather_addresses(&tag, port, timeout)?;
+
+    let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+    // Connect to every lower rank, then accept every higher one: the lower ranks reach their
+    // accepting phase first, so no pair waits on the other.
+    for (peer, address) in addresses.iter().enumerate().take(rank) {
+        let mut stream = connect_peer(address, deadline).map_err(|e| {
+            anyhow::anyhow!("rank {rank} could not connect to rank {peer} at {address}: {e}")
+        })?;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(left))?;
+        stream.write_all(hello(rank, &tag).as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .take(1024)
+            .read_line(&mut line)
+            .map_err(|e| anyhow::anyhow!("rank {peer} did not answer rank {rank}'s hello: {e}"))?;
+        if line.trim_end() != "OK" {
+            anyhow::bail!(
+                "rank {peer} refused rank {rank}: {}",
+                line.trim_end().trim_start_matches("ERR ")
+            );
+        }
+        streams[peer] = Some(stream);
+    }
+    listener.set_nonblocking(true)?;
+    while let Some(waiting) = (rank + 1..world).find(|&p| streams[p].is_none()) {
+        let (mut stream, _) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<String> = (rank + 1..world)
+                        .filter(|&p| streams[p].is_none())
+                        .map(|p| p.to_string())
+                        .collect();
+                    anyhow::bail!(
+                        "rank {rank}: timed out after {timeout:?} waiting for rank(s) {} to connect (first: {waiting})",
+                        missing.join(", ")
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        stream.set_nonblocking(false)?;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(left))?;
+        let mut line = String::new();
+        if BufReader::new(&stream)
+            .take(1024)
+            .read_line(&mut line)
+            .is_err()
+        {
+            continue;
+        }
+        let fields: Vec<&str> = line.trim_end().split(' ').collect();
+        let peer = match fields.as_slice() {
+            [a, b, peer, their_tag] if format!("{a} {b}") == HELLO => match peer.parse::<usize>() {
+                Ok(p) if p > rank && p < world && streams[p].is_none() => {
+                    if *their_tag != tag {
+                        let _ = stream.write_all(
+                            format!("ERR rank {rank} has another configuration (`{tag}`)\n")
+                                .as_bytes(),
+                        );
+                        anyhow::bail!(
+                                "rank {p} has a different configuration (`{their_tag}`) than rank {rank} (`{tag}`)"
+                            );
+                    }
+                    p
+                }
+                _ => {
+                    let _ = stream.write_all(b"ERR not a rank this one waits for\n");
+                    continue;
+                }
+            },
+            _ => {
+                let _ = stream.write_all(b"ERR not an fmoec rank\n");
+                continue;
+            }
+        };
+        stream.write_all(b"OK\n")?;
+        streams[peer] = Some(stream);
+    }
+
+    let mut readers = Vec::new();
+    let mut peers = Vec::with_capacity(world);
+    for (peer, stream) in streams.into_iter().enumerate() {
+        match stream {
+            None => peers.push(None),
+            Some(stream) => {
+                stream.set_read_timeout(None)?;
+                stream.set_write_timeout(Some(timeout))?;
+                stream.set_nodelay(true)?;
+                readers.push((peer, stream.try_clone()?));
+                peers.push(Some(Mutex::new(stream)));
+            }
+        }
+    }
+    let mesh = Arc::new(Mesh {
+        rank,
+        peers,
+        mail: Mutex::new(Mailbox {
+            queues: HashMap::new(),
+            gone: HashMap::new(),
+        }),
+        arrived: Condvar::new(),
+    });
+    for (peer, stream) in readers {
+        let weak = Arc::downgrade(&mesh);
+        std::thread::Builder::new()
+            .name(format!("fmoec-tcp-from-{peer}"))
+            .spawn(move || read_from(weak, peer, stream))?;
+    }
+    let handle = |label: GroupLabel, position: usize| {
+        Box::new(TcpCollective {
+            mesh: Arc::clone(&mesh),
+            key: group_key(&label),
+            label,
+            position,
+            next_seq: std::cell::Cell::new(0),
+            timeout,
+        }) as Box<dyn Collective>
+    };
+    let mut groups = Groups::connect(layout, rank, |label, position| Ok(handle(label, position)))?;
+    if let Some(members) = my_tensor {
+        let position = members.iter().position(|&r| r == rank).unwrap_or_default();
+        let label = GroupLabel {
+            kind: GroupKind::Tensor,
+            members,
+        };
+        groups.set_tensor(handle(label, position))?;
+    }
+    Ok(groups)
+}
+
+/// A connection to a peer's `address`, retried until `deadline`.
+fn connect_peer(address: &str, deadline: Instant) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    loop {
+        let targets: Vec<SocketAddr> = address.to_socket_addrs()?.collect();
+        for target in &targets {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match TcpStream::connect_timeout(target, left.max(Duration::from_millis(1))) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(rank: usize, world: usize, port: u16) -> DistEnv {
+        DistEnv {
+            rank,
+            world,
+            local_rank: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        }
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Three ranks on threads, each with its own connections, as separate processes have.
+    fn on_three_ranks<R: Send>(
+        timeout: Duration,
+        body: impl Fn(Groups) -> R + Sync,
+    ) -> Vec<anyhow::Result<R>> {
+        let layout = GroupLayout::data_parallel(3, 3).unwrap();
+        let port = free_port();
+        std::thread::scope(|s| {
+            let threads: Vec<_> = (0..3)
+                .map(|rank| {
+                    let (layout, body) = (&layout, &body);
+                    s.spawn(move || connect(layout, None, &env(rank, 3, port), timeout).map(body))
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn operations_give_every_rank_the_same_results() {
+        let results = on_three_ranks(Duration::from_secs(30), |groups| {
+            let g = groups.data();
+            let r = g.rank() as f64;
+            let mut t = Tensor::from_slice(&[r, 10.0 * r, 0.5]).to_kind(Kind::Float);
+            g.all_reduce_sum(&mut t, "sum").unwrap();
+            let counts = g
+                .all_gather_counts(&[g.rank() as i64, 7], "counts")
+                .unwrap();
+            let send_counts: Vec<i64> = (0..3).map(|d| ((g.rank() + d) % 2) as i64).collect();
+            let recv_counts: Vec<i64> = (0..3).map(|s| ((s + g.rank()) % 2) as i64).collect();
+            let rows: Vec<f64> = (0..3usize)
+                .flat_map(|d| std::iter::repeat_n((10 * g.rank() + d) as f64, (g.rank() + d) % 2))
+                .collect();
+            let send = Tensor::from_slice(&rows).reshape([-1, 1]);
+            let got = g
+                .all_to_all_v(&send, &send_counts, &recv_counts, "a2a")
+                .unwrap();
+            let mut b = Tensor::from_slice(&[r, r]);
+            g.broadcast(&mut b, 1, "bcast").unwrap();
+            g.barrier("barrier").unwrap();
+            (
+                Vec::<f32>::try_from(&t).unwrap(),
+                counts,
+                Vec::<f64>::try_from(got.reshape([-1])).unwrap(),
+                Vec::<f64>::try_from(&b).unwrap(),
+            )
+        });
+        for (rank, result) in results.into_iter().enumerate() {
+            let (sum, counts, got, b) = result.unwrap();
+            assert_eq!(sum, vec![3.0, 30.0, 1.5]);
+            assert_eq!(counts, vec![vec![0, 7], vec![1, 7], vec![2, 7]]);
+            let want: Vec<f64> = (0..3usize)
+                .flat_map(|s| std::iter::repeat_n((10 * s + rank) as f64, (s + rank) % 2))
+                .collect();
+            assert_eq!(got, want, "rank {rank}");
+            assert_eq!(b, vec![1.0, 1.0]);
+        }
+    }
+
+    #[test]
+    fn a_rank_that_leaves_fails_the_others_and_a_late_one_times_out() {
+        let results = on_three_ranks(Duration::from_secs(30), |groups| {
+            if groups.rank() == 2 {
+                return Ok(());
+            }
+            groups.data().barrier("step 3").map_err(|e| e.to_string())
+        });
+        for r in &results[..2] {
+            let e = r.as_ref().unwrap().as_ref().unwrap_err();
+            assert!(
+                e.contains("data group [0,1,2]: barrier at \"step 3\": rank 2 left the group"),
+                "{e}"
+            );
+        }
+        let results = on_three_ranks(Duration::from_millis(400), |groups| {
+            if groups.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(1500));
+                return Ok(());
+            }
+            groups.data().barrier("step 4").map_err(|e| e.to_string())
+        });
+        let e = results[0].as_ref().unwrap().as_ref().unwrap_err();
+        assert!(
+            e.contains("timed out after 400ms waiting for rank 1"),
+            "{e}"
+        );
+    }
+}

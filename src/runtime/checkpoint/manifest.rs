@@ -1,0 +1,203 @@
+//! What a checkpoint's `manifest.json` records, in both formats: the run (model hash, step,
+//! schedule, seed and RNG scheme, data position, optimizer step, precision), every file's size
+//! and SHA-256, and for the sharded format the world, the group layout, every MoE layer's
+//! placement and which shard holds which experts. Serde types and the model hash only: no
+//! file is read or written here.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::check::Model;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// What both manifest formats record about the run (flattened into each: the JSON keys
+/// stay at the top level, in this order).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunRecord {
+    pub format: String,
+    pub model: String,
+    /// SHA-256 of the checked model's JSON (architecture, not spans).
+    pub model_hash: String,
+    /// Completed optimizer steps; training resumes at this step.
+    pub step: u64,
+    /// The length of the run's schedule (`--steps`); absent in checkpoints of older fmoec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_steps: Option<u64>,
+    pub tokens_seen: u64,
+    pub seed: u64,
+    /// How the random state is derived, so that `seed` and `step` restore it exactly.
+    pub rng: String,
+    /// The data source and the position in it (data windows are keyed by step).
+    pub data: DataPosition,
+    pub optimizer_step: u64,
+    pub precision: String,
+}
+
+impl RunRecord {
+    pub(super) fn new(format: &str, info: &SaveInfo, optimizer_step: u64) -> RunRecord {
+        RunRecord {
+            format: format.to_string(),
+            model: info.model.name.clone(),
+            model_hash: model_hash(info.model),
+            step: info.step,
+            total_steps: Some(info.total_steps),
+            tokens_seen: info.tokens_seen,
+            seed: info.seed,
+            rng: RNG_SCHEME.to_string(),
+            data: DataPosition {
+                source: info.data_source.clone(),
+                next_step: info.step,
+            },
+            optimizer_step,
+            precision: info.precision.clone(),
+        }
+    }
+
+    /// Refuses a checkpoint written for another architecture than `model`.
+    pub(super) fn check_model(&self, dir: &Path, model: &Model) -> Result<()> {
+        let want = model_hash(model);
+        if self.model_hash != want {
+            bail!(
+                "checkpoint `{}` was written for a different model (`{}`, hash {}…) than `{}` (hash {}…)",
+                dir.display(),
+                self.model,
+                &self.model_hash[..12.min(self.model_hash.len())],
+                model.name,
+                &want[..12]
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `manifest.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    #[serde(flatten)]
+    pub run: RunRecord,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DataPosition {
+    pub source: String,
+    pub next_step: u64,
+}
+
+/// What [`super::save`] and [`super::save_sharded`] record besides tensors.
+pub struct SaveInfo<'a> {
+    pub model: &'a Model,
+    pub step: u64,
+    /// The schedule's length.
+    pub total_steps: u64,
+    pub tokens_seen: u64,
+    pub seed: u64,
+    pub data_source: String,
+    pub precision: String,
+}
+
+/// SHA-256 (hex) of the model's architecture.
+pub fn model_hash(model: &Model) -> String {
+    let json = serde_json::to_vec(model).expect("the model serializes");
+    crate::digest::sha256_hex(&json)
+}
+
+const RNG_SCHEME: &str = "data windows are keyed by (seed, step, micro-batch, row) and the gates' \
+     random draws by (seed, step, micro-batch, layer); micro-batch m of a step runs on data rank m mod D";
+
+/// One MoE layer's placement in a sharded checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayerPlacement {
+    pub layer: usize,
+    pub experts: usize,
+    /// Global expert ids held by each position of an expert group, in local order.
+    pub positions: Vec<Vec<usize>>,
+}
+
+/// The experts one shard holds in one layer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HeldExperts {
+    pub layer: usize,
+    pub ids: Vec<usize>,
+}
+
+/// One rank's folder of a sharded checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Shard {
+    pub rank: usize,
+    /// `rank-NNNNN`.
+    pub dir: String,
+    /// Its position in its expert group.
+    pub expert_position: usize,
+    /// Whether it holds the replicated and gate parameters (rank 0 only).
+    pub replicated: bool,
+    pub experts: Vec<HeldExperts>,
+    pub files: Vec<FileEntry>,
+}
+
+/// The group layout a sharded checkpoint was written with.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayoutRecord {
+    pub data: Vec<Vec<usize>>,
+    pub expert: Vec<Vec<usize>>,
+    pub expert_data: Vec<Vec<usize>>,
+    pub gate: Vec<Vec<usize>>,
+}
+
+/// `manifest.json` of format v2.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardedManifest {
+    #[serde(flatten)]
+    pub run: RunRecord,
+    pub world: usize,
+    pub expert_group: usize,
+    pub layout: LayoutRecord,
+    pub placements: Vec<LayerPlacement>,
+    pub shards: Vec<Shard>,
+}
+
+/// A v1 (single-rank) checkpoint seen as one shard holding everything.
+pub(super) fn single_as_sharded(v1: Manifest, model: &Model) -> ShardedManifest {
+    let experts: Vec<HeldExperts> = model
+        .moe_layers()
+        .map(|(layer, m)| HeldExperts {
+            layer,
+            ids: (0..m.experts as usize).collect(),
+        })
+        .collect();
+    ShardedManifest {
+        run: v1.run,
+        world: 1,
+        expert_group: 1,
+        layout: LayoutRecord {
+            data: vec![vec![0]],
+            expert: vec![vec![0]],
+            expert_data: vec![vec![0]],
+            gate: vec![vec![0]],
+        },
+        placements: experts
+            .iter()
+            .map(|h| LayerPlacement {
+                layer: h.layer,
+                experts: h.ids.len(),
+                positions: vec![h.ids.clone()],
+            })
+            .collect(),
+        shards: vec![Shard {
+            rank: 0,
+            dir: String::new(),
+            expert_position: 0,
+            replicated: true,
+            experts,
+            files: v1.files,
+        }],
+    }
+}

@@ -1,0 +1,340 @@
+//! Writing checkpoints: one rank's ([`save`], format v1) or every rank's part of a sharded
+//! one ([`save_sharded`], format v2), each into a hidden temporary folder renamed into place
+//! once complete, then `latest`; and deleting all but the newest `keep` ([`prune`]). An
+//! existing checkpoint is never overwritten.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use tch::Tensor;
+
+use super::formats::{serialize, write_synced};
+use super::manifest::{
+    FileEntry, HeldExperts, LayerPlacement, LayoutRecord, Manifest, RunRecord, SaveInfo, Shard,
+    ShardedManifest,
+};
+use super::{
+    shard_dir_name, step_dir_name, FORMAT, FORMAT_SHARDED, LATEST, MANIFEST_FILE, MODEL_FILE,
+    OPTIM_FILE,
+};
+use crate::runtime::distributed::{param_kind, RankContext};
+use crate::runtime::optim::AdamW;
+use crate::runtime::params::ParamStore;
+
+/// Writes a checkpoint under `root` (`root/step-XXXXXXXX`), atomically; refuses to replace one.
+pub fn save(
+    root: &Path,
+    info: &SaveInfo<'_>,
+    store: &ParamStore,
+    optim: &AdamW,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).with_context(|| format!("cannot create `{}`", root.display()))?;
+    let final_dir = root.join(step_dir_name(info.step));
+    if final_dir.exists() {
+        bail!(
+            "refusing to overwrite the existing checkpoint `{}` (resume from it with --resume, or \
+             choose another --out)",
+            final_dir.display()
+        );
+    }
+    let tmp = root.join(format!(
+        ".{}.tmp-{}",
+        step_dir_name(info.step),
+        std::process::id()
+    ));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir(&tmp)?;
+    let model_named: Vec<(String, Tensor)> = store
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+        .collect();
+    let mut optim_named = Vec::new();
+    for (i, p) in store.params.iter().enumerate() {
+        optim_named.push((format!("m.{}", p.name), optim.m[i].shallow_clone()));
+        optim_named.push((format!("v.{}", p.name), optim.v[i].shallow_clone()));
+    }
+    let mut files = Vec::new();
+    for (name, named) in [(MODEL_FILE, &model_named), (OPTIM_FILE, &optim_named)] {
+        let bytes = serialize(named)?;
+        write_synced(&tmp.join(name), &bytes)?;
+        files.push(FileEntry {
+            name: name.to_string(),
+            bytes: bytes.len() as u64,
+            sha256: crate::digest::sha256_hex(&bytes),
+        });
+    }
+    let manifest = Manifest {
+        run: RunRecord::new(FORMAT, info, optim.step),
+        files,
+    };
+    write_synced(
+        &tmp.join(MANIFEST_FILE),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move the checkpoint into `{}`", final_dir.display()))?;
+    let latest_tmp = root.join(format!(".{LATEST}.tmp-{}", std::process::id()));
+    write_synced(&latest_tmp, step_dir_name(info.step).as_bytes())?;
+    std::fs::rename(&latest_tmp, root.join(LATEST))?;
+    Ok(final_dir)
+}
+
+/// Deletes all but the newest `keep` complete checkpoints (`step-*` folders with a manifest)
+/// under `root`, never the one `latest` names; `keep == 0` keeps all. Each folder is first
+/// renamed to a hidden name, so an interrupted deletion never leaves a damaged `step-*` folder
+/// behind (the next prune finishes it). Returns the checkpoints deleted.
+pub fn prune(root: &Path, keep: u64) -> Result<Vec<PathBuf>> {
+    if keep == 0 {
+        return Ok(Vec::new());
+    }
+    let latest = std::fs::read_to_string(root.join(LATEST))
+        .map(|s| s.trim().to_string())
+        .ok();
+    let mut steps: Vec<(u64, String)> = Vec::new();
+    for entry in
+        std::fs::read_dir(root).with_context(|| format!("cannot list `{}`", root.display()))?
+    {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let path = root.join(&name);
+        if name.starts_with(".step-") && name.ends_with(".deleting") {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot delete `{}`", path.display()))?;
+            continue;
+        }
+        let Some(step) = name
+            .strip_prefix("step-")
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if path.join(MANIFEST_FILE).is_file() {
+            steps.push((step, name));
+        }
+    }
+    steps.sort_unstable_by_key(|(step, _)| std::cmp::Reverse(*step));
+    let mut deleted = Vec::new();
+    for (_, name) in steps.into_iter().skip(keep as usize) {
+        if latest.as_deref() == Some(name.as_str()) {
+            continue;
+        }
+        let path = root.join(&name);
+        let doomed = root.join(format!(".{name}.deleting"));
+        std::fs::rename(&path, &doomed)
+            .with_context(|| format!("cannot delete `{}`", path.display()))?;
+        std::fs::remove_dir_all(&doomed)
+            .with_context(|| format!("cannot delete `{}`", doomed.display()))?;
+        deleted.push(path);
+    }
+    Ok(deleted)
+}
+
+/// Whether every rank of the world reports `ok` (a sum over [`RankContext::world_group`]).
+fn all_ok(ctx: &RankContext, ok: bool, at: &str) -> Result<bool> {
+    let mut t = Tensor::f_from_slice(&[f64::from(u8::from(!ok))])?.f_to_device(ctx.device)?;
+    ctx.world_group().all_reduce_sum(&mut t, at)?;
+    Ok(t.f_double_value(&[0])? == 0.0)
+}
+
+/// This rank's shard entry (without files).
+fn shard_of(ctx: &RankContext, rank: usize, layout: &crate::collective::GroupLayout) -> Shard {
+    use crate::collective::GroupKind;
+    let position = layout
+        .members(GroupKind::Expert, rank)
+        .and_then(|m| m.iter().position(|&r| r == rank))
+        .unwrap_or_default();
+    Shard {
+        rank,
+        dir: shard_dir_name(rank),
+        expert_position: position,
+        replicated: rank == 0,
+        experts: ctx
+            .plan
+            .placements
+            .iter()
+            .map(|(&layer, p)| HeldExperts {
+                layer,
+                ids: p.local_experts(position).to_vec(),
+            })
+            .collect(),
+        files: Vec::new(),
+    }
+}
+
+/// The ranks that write a shard: rank 0 and every rank at expert-data position 0, of those
+/// only tensor rank 0 (with tensor parallelism the trainer hands every rank whole tensors, so
+/// tensor rank 0 of a data rank holds what the whole tensor group holds).
+fn writers(plan: &crate::runtime::distributed::WorldPlan) -> Vec<usize> {
+    use crate::collective::GroupKind;
+    let layout = &plan.layout;
+    let tensor_first = |r: usize| {
+        plan.tensor
+            .iter()
+            .find(|g| g.contains(&r))
+            .is_none_or(|g| g.first() == Some(&r))
+    };
+    (0..layout.world)
+        .filter(|&r| {
+            r == 0
+                || (tensor_first(r)
+                    && layout
+                        .members(GroupKind::ExpertData, r)
+                        .is_some_and(|m| m.first() == Some(&r)))
+        })
+        .collect()
+}
+
+/// Writes this rank's part of the checkpoint after `info.step` steps under `root`. Every rank
+/// calls it; the step folder appears (by one rename, then `latest`) only after every shard
+/// was written and synced, so a crash leaves no half-written checkpoint behind `latest`.
+pub fn save_sharded(
+    root: &Path,
+    info: &SaveInfo<'_>,
+    store: &ParamStore,
+    optim: &AdamW,
+    ctx: &RankContext,
+) -> Result<PathBuf> {
+    let rank = ctx.rank();
+    let layout = &ctx.plan.layout;
+    let name = step_dir_name(info.step);
+    let final_dir = root.join(&name);
+    let tmp = root.join(format!(".{name}.tmp"));
+    let at = format!("checkpoint {name}");
+
+    // 1. rank 0 prepares the temporary folder.
+    let mut problem = None;
+    if rank == 0 {
+        let prepared = (|| -> Result<()> {
+            std::fs::create_dir_all(root)
+                .with_context(|| format!("cannot create `{}`", root.display()))?;
+            if final_dir.exists() {
+                bail!(
+                    "refusing to overwrite the existing checkpoint `{}` (resume from it with --resume, or choose another --out)",
+                    final_dir.display()
+                );
+            }
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)?;
+            }
+            std::fs::create_dir(&tmp)?;
+            Ok(())
+        })();
+        problem = prepared.err();
+    }
+    if !all_ok(ctx, problem.is_none(), &format!("{at}, prepare"))? {
+        return Err(problem.unwrap_or_else(|| {
+            anyhow::anyhow!(
+                "rank 0 could not prepare checkpoint `{}`",
+                final_dir.display()
+            )
+        }));
+    }
+
+    // 2. the writers write their shard and a small list of its files.
+    let writes = writers(&ctx.plan).contains(&rank);
+    let written = (|| -> Result<()> {
+        if !writes {
+            return Ok(());
+        }
+        let dir = tmp.join(shard_dir_name(rank));
+        std::fs::create_dir(&dir)?;
+        let keep = |n: &str| rank == 0 || param_kind(n) == crate::collective::ParamKind::Expert;
+        let mut model_named = Vec::new();
+        let mut optim_named = Vec::new();
+        for (i, p) in store.params.iter().enumerate() {
+            if !keep(&p.name) {
+                continue;
+            }
+            model_named.push((p.name.clone(), p.tensor.shallow_clone()));
+            optim_named.push((format!("m.{}", p.name), optim.m[i].shallow_clone()));
+            optim_named.push((format!("v.{}", p.name), optim.v[i].shallow_clone()));
+        }
+        let mut shard = shard_of(ctx, rank, layout);
+        for (file, named) in [(MODEL_FILE, &model_named), (OPTIM_FILE, &optim_named)] {
+            let bytes = serialize(named)?;
+            write_synced(&dir.join(file), &bytes)?;
+            shard.files.push(FileEntry {
+                name: format!("{}/{file}", shard.dir),
+                bytes: bytes.len() as u64,
+                sha256: crate::digest::sha256_hex(&bytes),
+            });
+        }
+        write_synced(
+            &dir.join("shard.json"),
+            serde_json::to_string_pretty(&shard)?.as_bytes(),
+        )?;
+        Ok(())
+    })();
+    let failed = written.as_ref().err().map(|e| format!("{e:#}"));
+    if !all_ok(ctx, written.is_ok(), &format!("{at}, shards"))? {
+        bail!(
+            "checkpoint `{}` was not written: {}",
+            final_dir.display(),
+            failed.unwrap_or_else(|| "another rank could not write its shard".into())
+        );
+    }
+
+    // 3. rank 0 writes the manifest and moves the folder into place.
+    let mut problem = None;
+    if rank == 0 {
+        let finished = (|| -> Result<()> {
+            let mut shards = Vec::new();
+            for r in writers(&ctx.plan) {
+                let p = tmp.join(shard_dir_name(r)).join("shard.json");
+                let text = std::fs::read_to_string(&p)
+                    .with_context(|| format!("cannot read `{}`", p.display()))?;
+                let shard: Shard = serde_json::from_str(&text)?;
+                std::fs::remove_file(&p)?;
+                shards.push(shard);
+            }
+            let manifest = ShardedManifest {
+                run: RunRecord::new(FORMAT_SHARDED, info, optim.step),
+                world: layout.world,
+                expert_group: ctx.expert_group_size(),
+                layout: LayoutRecord {
+                    data: layout.data.clone(),
+                    expert: layout.expert.clone(),
+                    expert_data: layout.expert_data.clone(),
+                    gate: layout.gate.clone(),
+                },
+                placements: ctx
+                    .plan
+                    .placements
+                    .iter()
+                    .map(|(&layer, p)| LayerPlacement {
+                        layer,
+                        experts: p.experts(),
+                        positions: (0..p.ranks())
+                            .map(|q| p.local_experts(q).to_vec())
+                            .collect(),
+                    })
+                    .collect(),
+                shards,
+            };
+            write_synced(
+                &tmp.join(MANIFEST_FILE),
+                serde_json::to_string_pretty(&manifest)?.as_bytes(),
+            )?;
+            std::fs::rename(&tmp, &final_dir).with_context(|| {
+                format!("cannot move the checkpoint into `{}`", final_dir.display())
+            })?;
+            let latest_tmp = root.join(format!(".{LATEST}.tmp-{}", std::process::id()));
+            write_synced(&latest_tmp, name.as_bytes())?;
+            std::fs::rename(&latest_tmp, root.join(LATEST))?;
+            Ok(())
+        })();
+        problem = finished.err();
+    }
+    if !all_ok(ctx, problem.is_none(), &format!("{at}, manifest"))? {
+        return Err(problem.unwrap_or_else(|| {
+            anyhow::anyhow!(
+                "rank 0 could not finish checkpoint `{}`",
+                final_dir.display()
+            )
+        }));
+    }
+    Ok(final_dir)
+}

@@ -1,0 +1,200 @@
+//! How the micro-batches of a run alone on one device run ([`Runner`]): op by op, or (feature
+//! `cuda`, on a GPU) one warm-up micro-batch op by op, the next captured as a CUDA graph, and
+//! every later one a replay of it with its own tokens and draw keys copied in (see
+//! [`crate::runtime::graph`]). Knows one micro-batch's forward, loss and backward; nothing
+//! about steps, optimizers or files.
+
+#[cfg(feature = "cuda")]
+use anyhow::bail;
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use crate::runtime::cast;
+use crate::runtime::model::{ForwardOutput, Transformer};
+#[cfg(feature = "cuda")]
+use crate::runtime::moe::Telemetry;
+
+/// One training micro-batch alone on a device: forward, loss, backward (the gradients add
+/// up in the masters' `.grad`); returns the LM loss and the forward's extras.
+pub(super) fn train_micro_batch(
+    model: &Transformer,
+    batch: &Tensor,
+    n_micro: u64,
+) -> Result<(Tensor, ForwardOutput)> {
+    let (lm, out) = model.loss(batch, true)?;
+    let total = lm.f_add(&out.balance_loss)?.f_div_scalar(n_micro as f64)?;
+    total.f_backward()?;
+    Ok((lm, out))
+}
+
+/// How the micro-batches of a run alone on one device are run: op by op, or (feature `cuda`,
+/// on a GPU) one warm-up micro-batch op by op, then the next captured as a CUDA graph and
+/// every later one a replay of it with its own tokens and draw keys copied in (see
+/// [`crate::runtime::graph`]). A capture that fails (some op waits for the host) says why
+/// once and leaves the run op by op.
+pub enum Runner {
+    Eager,
+    #[cfg(feature = "cuda")]
+    Warmup,
+    #[cfg(feature = "cuda")]
+    Capture,
+    #[cfg(feature = "cuda")]
+    Replay(Box<Captured>),
+}
+
+/// A captured micro-batch: the graph, its input tokens and its outputs (rewritten in place
+/// by every replay).
+#[cfg(feature = "cuda")]
+pub struct Captured {
+    graph: crate::runtime::graph::Graph,
+    batch: Tensor,
+    lm: Tensor,
+    out: ForwardOutput,
+}
+
+impl Runner {
+    /// Graphs when asked for, on a GPU: the run moves to a side stream of torch's pool. Not
+    /// for a model with MoE layers outside bf16 (`grouped`: it has some; `compute`: its
+    /// dtype), which says so: there libtorch's grouped matmul takes a fallback that reads the
+    /// group sizes on the host, which no graph can capture (its CUTLASS path is bf16 only).
+    pub fn new(cuda_graph: bool, device: Device, compute: Kind, grouped: bool) -> Result<Runner> {
+        #[cfg(feature = "cuda")]
+        if let (true, Device::Cuda(n)) = (cuda_graph, device) {
+            if grouped && compute != Kind::BFloat16 {
+                eprintln!(
+                    "note: micro-batches run op by op, not as a CUDA graph: outside bf16 \
+                     libtorch's grouped matmul reads its group sizes on the host (precision = \
+                     bf16 gets the graph)"
+                );
+                return Ok(Runner::Eager);
+            }
+            crate::runtime::graph::use_side_stream(n)?;
+            // one bf16 copy of each weight per step, at addresses the graph keeps reading
+            cast::enable();
+            return Ok(Runner::Warmup);
+        }
+        let _ = (cuda_graph, device, compute, grouped);
+        Ok(Runner::Eager)
+    }
+
+    /// Runs one micro-batch of `tokens` (on the CPU) with the model's draw keys as they are
+    /// set now.
+    pub fn run(
+        &mut self,
+        model: &Transformer,
+        tokens: &Tensor,
+        n_micro: u64,
+    ) -> Result<(Tensor, ForwardOutput)> {
+        let device = model.store.device;
+        match self {
+            Runner::Eager => train_micro_batch(model, &tokens.f_to_device(device)?, n_micro),
+            #[cfg(feature = "cuda")]
+            Runner::Warmup => {
+                let out = train_micro_batch(model, &tokens.f_to_device(device)?, n_micro)?;
+                *self = Runner::Capture;
+                Ok(out)
+            }
+            #[cfg(feature = "cuda")]
+            Runner::Capture => {
+                use crate::runtime::{fused::empty_cache, graph::Graph};
+                let batch = tokens.f_to_device(device)?;
+                // Every gradient must exist before the capture: the graph then adds into
+                // it, as every eager micro-batch after the first does.
+                let missing = model
+                    .store
+                    .params
+                    .iter()
+                    .find(|p| p.tensor.requires_grad() && !p.tensor.grad().defined());
+                let captured = match missing {
+                    Some(p) => Err(anyhow::anyhow!(
+                        "`{}` got no gradient in the warm-up micro-batch",
+                        p.name
+                    )),
+                    None => {
+                        // the warm-up's cached blocks would otherwise stay beside the graph's pool
+                        empty_cache()?;
+                        Graph::capture(|| train_micro_batch(model, &batch, n_micro))
+                    }
+                };
+                match captured {
+                    Ok((graph, (lm, out))) => {
+                        graph.replay()?;
+                        let result = (lm.shallow_clone(), shallow(&out));
+                        *self = Runner::Replay(Box::new(Captured {
+                            graph,
+                            batch,
+                            lm,
+                            out,
+                        }));
+                        Ok(result)
+                    }
+                    Err(e) => {
+                        // libtorch's messages go on with a C++ backtrace: the first line says it
+                        let why = format!("{e:#}");
+                        eprintln!(
+                            "warning: the training micro-batch could not be captured as a CUDA \
+                             graph ({}); running it op by op (--no-cuda-graph says so up front)",
+                            why.lines().next().unwrap_or_default()
+                        );
+                        *self = Runner::Eager;
+                        cast::disable();
+                        train_micro_batch(model, &batch, n_micro)
+                    }
+                }
+            }
+            #[cfg(feature = "cuda")]
+            Runner::Replay(c) => {
+                if tokens.size() != c.batch.size() {
+                    bail!(
+                        "internal error: a micro-batch of shape {:?} for a graph captured with {:?}",
+                        tokens.size(),
+                        c.batch.size()
+                    );
+                }
+                crate::runtime::model::copy_from_host(tokens, &c.batch)?;
+                c.graph.replay()?;
+                Ok((c.lm.shallow_clone(), shallow(&c.out)))
+            }
+        }
+    }
+
+    /// How the micro-batches ran, for the summary's device line (empty: op by op).
+    pub fn describe(&self) -> &'static str {
+        match self {
+            #[cfg(feature = "cuda")]
+            Runner::Replay(_) => " + CUDA graph",
+            _ => "",
+        }
+    }
+}
+
+impl Drop for Runner {
+    /// The run is over (or failed): this thread's weight copies go.
+    fn drop(&mut self) {
+        cast::disable();
+    }
+}
+
+/// Another handle on the same output tensors.
+#[cfg(feature = "cuda")]
+fn shallow(out: &ForwardOutput) -> ForwardOutput {
+    ForwardOutput {
+        logits: out.logits.shallow_clone(),
+        balance_loss: out.balance_loss.shallow_clone(),
+        telemetry: out
+            .telemetry
+            .iter()
+            .map(|(i, t)| {
+                (
+                    *i,
+                    Telemetry {
+                        tokens_per_expert: t.tokens_per_expert.shallow_clone(),
+                        dropped_fraction: t.dropped_fraction.shallow_clone(),
+                        gate_entropy: t.gate_entropy.shallow_clone(),
+                        balance_loss: t.balance_loss.shallow_clone(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}

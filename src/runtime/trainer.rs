@@ -1,0 +1,1037 @@
+//! The trainer: one run of the training loop in this process, alone on a device or as one
+//! rank of many, in phases.
+//!
+//! - [`Trainer::setup`]: everything checked and allocated before the first step, in this
+//!   order: the plan's micro-batch, the output folders, the memory check (before anything
+//!   is allocated), the data, this rank's model (only its experts), the optimizer, the run's
+//!   starting point ([`Trainer::start_from`]: a checkpoint, or the seeded initialisation),
+//!   the tensor split, the metrics log and the progress display.
+//! - [`Trainer::step`]: one optimizer step: this rank's micro-batches forward and backward
+//!   ([`Trainer::forward_backward`], by [`Pass`]), the reduction of the gradients by kind and
+//!   the clipping by the global norm ([`Trainer::reduce_and_clip`]), AdamW, the step's
+//!   metrics.
+//! - [`Trainer::evaluate`]: the held-out loss, shared by the data ranks.
+//! - [`Trainer::save`]: a checkpoint (sharded with several ranks, gathered whole under tensor
+//!   parallelism), then the older ones beyond `keep` deleted.
+//! - [`Trainer::finish`]: the final checkpoint, the plot and the summary.
+//!
+//! [`Trainer::run`] runs them in order, logs every step, and stops after the step in which a
+//! signal arrived ([`stop`]), every rank at the same step.
+//!
+//! # Where pipeline parallelism goes
+//! A pipeline stage holds a slice of the layers (the plan's `stages[s]`, its first and last
+//! stage the embedding and the head); within a step the micro-batches flow through the stages
+//! by send/recv under a schedule (1F1B, interleaved with virtual stages). That is one more
+//! [`Pass`]: a `Pass::Pipeline` variant owns the stage's schedule and runs all of the step's
+//! micro-batches inside [`Trainer::forward_backward`], returning the same [`StepSums`] (loss
+//! sums on the last stage, broadcast); [`Trainer::reduce_and_clip`] then sums the norm's
+//! squares over the stages and keeps the tied embedding and head equal, and the other phases
+//! stay as they are. Knows nothing about the command line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::check::{Checked, Train};
+use crate::collective::{
+    clip_global_norm, clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients,
+    ParamKind, Tape, TensorSplit,
+};
+use crate::runtime::checkpoint::{self, SaveInfo};
+use crate::runtime::data::{mix_all, Dataset};
+use crate::runtime::distributed::{self, ExpertParallel, RankContext, WorldPlan};
+use crate::runtime::metrics::MetricsLog;
+use crate::runtime::model::{lock_rng, ForwardOutput, TensorParallel, Transformer};
+use crate::runtime::moe::Telemetry;
+use crate::runtime::optim::{self, AdamW};
+use crate::runtime::params::{Param, ParamStore};
+use crate::runtime::progress::Progress;
+use crate::runtime::replay::Runner;
+use crate::runtime::train::{
+    compute_kind, evaluate_ranked, micro_batch_for, precision_name, print_summary, sum_over_data,
+    sum_over_world, tensor_parallel_loss, LayerMetrics, RunOptions, RunSummary, StepMetrics,
+};
+use crate::runtime::{cast, fit, plot, stop};
+
+/// Keys libtorch's generator for a step of a run alone (nothing of the run draws from it
+/// today; kept so that a future draw is reproducible too).
+const STEP_KEY: u64 = 0x57E9;
+
+/// How this process runs one training micro-batch forward and backward.
+enum Pass {
+    /// Alone on a device: op by op, or replayed as a CUDA graph.
+    Alone(Runner),
+    /// One rank of many with tensor = 1: the experts exchanged over the expert group, the
+    /// backward replayed in segments ([`ExpertParallel`]).
+    ExpertParallel,
+    /// One rank of a tensor group (and of an expert group): Megatron's regions around the
+    /// sharded matrices ([`Transformer::loss_tensor_parallel`]).
+    TensorParallel,
+}
+
+/// What one step's micro-batches of this rank add up to, before any reduction.
+pub struct StepSums {
+    /// Sum of the micro-batches' LM losses.
+    lm: Tensor,
+    /// Sum of their weighted balance losses.
+    balance: Tensor,
+    /// Per MoE layer, its telemetry summed over the micro-batches.
+    telemetry: Vec<(usize, Accum)>,
+}
+
+/// A step's reduced figures.
+struct Reduced {
+    grad_norm: f64,
+    /// Mean LM loss over the global batch's micro-batches.
+    loss: f64,
+    balance: f64,
+    telemetry: Vec<(usize, Accum)>,
+}
+
+/// The training loop of one run in this process; see the module docs for its phases.
+pub struct Trainer<'a> {
+    checked: &'a Checked,
+    train: &'a Train,
+    opts: &'a RunOptions,
+    ctx: Option<&'a RankContext>,
+    device: Device,
+    /// Rank 0: prints, writes metrics, summary and plot.
+    main: bool,
+    /// Tokens read per sequence: the sequence and its next token.
+    window: usize,
+    /// Sequences per micro-batch.
+    micro_batch: u64,
+    /// Micro-batches of the global batch per step; this rank runs `m = i·D + data_rank` for
+    /// `i < local_micro_batches`.
+    micro_batches: u64,
+    local_micro_batches: u64,
+    data_ranks: u64,
+    data_rank: u64,
+    /// Ranks per tensor group.
+    tensor: usize,
+    total_steps: u64,
+    /// This process stops (with a checkpoint) after this step.
+    stop_at: u64,
+    tokens_per_step: u64,
+    /// Checkpoints kept after each save (0: all).
+    keep: u64,
+    data: Dataset,
+    model: Transformer,
+    adam: AdamW,
+    kinds: Vec<ParamKind>,
+    splits: Vec<TensorSplit>,
+    /// The shapes of the whole (unsplit) parameters, for gathering them into checkpoints.
+    whole_shapes: Vec<Vec<i64>>,
+    pass: Pass,
+    start_step: u64,
+    /// Steps completed.
+    step: u64,
+    tokens_seen: u64,
+    metrics: Option<MetricsLog>,
+    progress: Progress,
+    losses: Vec<f64>,
+    last_checkpoint: Option<PathBuf>,
+    last_eval: Option<f64>,
+    started: Instant,
+}
+
+impl<'a> Trainer<'a> {
+    /// Checks the run and sets it up for its first step. `plan` is the run's plan (with a
+    /// `ctx`, the rank's: `ctx.plan`). Errors are user-facing; nothing is allocated before
+    /// the memory check.
+    pub fn setup(
+        checked: &'a Checked,
+        opts: &'a RunOptions,
+        plan: &'a WorldPlan,
+        ctx: Option<&'a RankContext>,
+    ) -> Result<Trainer<'a>> {
+        let Some(train) = &checked.train else {
+            bail!(
+                "`{}` has no `train` block: `fmoec run` needs one (data, batch, steps, optimizer)",
+                checked.model.name
+            );
+        };
+        let model_decl = &checked.model;
+        let total_steps = opts.steps.unwrap_or(train.steps);
+        let stop_at = opts.stop_after.unwrap_or(total_steps).min(total_steps);
+        let compute = compute_kind(train.precision)?;
+        if train.seq_len > model_decl.context {
+            bail!(
+                "seq_len {} exceeds the model's context {}",
+                train.seq_len,
+                model_decl.context
+            );
+        }
+        let window = train.seq_len as usize + 1;
+        let main = ctx.is_none_or(|c| c.rank() == 0);
+        let data_ranks = ctx.map_or(1, |c| c.data_size()) as u64;
+        let data_rank = ctx.map_or(0, |c| c.data_rank()) as u64;
+        let device = ctx.map_or(opts.device, |c| c.device);
+        let (micro_batch, micro_batch_note) = run_micro_batch(checked, train, data_ranks, plan)?;
+        let micro_batches = train.batch_sequences / micro_batch;
+
+        for (dir, what) in [
+            (&opts.out, "the output folder"),
+            (&opts.checkpoints, "the checkpoint folder"),
+        ] {
+            if dir.exists() && !dir.is_dir() {
+                bail!("{what} `{}` is a file, not a folder", dir.display());
+            }
+        }
+        if opts.resume.is_none() && opts.checkpoints.join(checkpoint::LATEST).exists() {
+            bail!(
+                "`{}` already holds checkpoints; pass --resume to continue that run, or --out DIR \
+                 for a new one",
+                opts.checkpoints.display()
+            );
+        }
+        // Refused before anything is allocated, with the planner's figure and the machine's.
+        if let Some(memory) = &plan.memory {
+            let in_process = ctx.map_or(1, |c| c.ranks_sharing_device as u64);
+            let layout = format!(
+                "--world {} --tensor {} --pipeline 1",
+                plan.layout.world,
+                plan.tensor_size()
+            );
+            fit::check(memory, in_process, device, &layout)?;
+        }
+        let data = Dataset::load(&train.data, model_decl.vocab)?;
+        data.check_window(window)?;
+
+        // Only this rank's experts are built, with the values the one-rank model gives them.
+        let local = local_experts(checked, ctx);
+        let model = {
+            let _rng = lock_rng();
+            let seed = mix_all(&[train.seed, 0xB01D]);
+            Transformer::new_seeded(model_decl, device, Kind::Float, compute, seed, &local)?
+        };
+        let tensor = ctx.map_or(1, |c| c.tensor_size());
+        if ctx.is_some() && plan.tensor_size() != tensor {
+            bail!(
+                "internal error: the plan has tensor groups of {}, the rank's tensor group has {tensor} ranks",
+                plan.tensor_size()
+            );
+        }
+        let adam = AdamW::new(&train.optimizer, &model.store)?;
+        let pass = match ctx {
+            None => Pass::Alone(Runner::new(
+                opts.cuda_graph,
+                device,
+                compute,
+                model_decl.moe_layers().next().is_some(),
+            )?),
+            Some(_) if tensor > 1 => Pass::TensorParallel,
+            Some(_) => Pass::ExpertParallel,
+        };
+        let whole_shapes = model.store.params.iter().map(|p| p.tensor.size()).collect();
+        let mut trainer = Trainer {
+            checked,
+            train,
+            opts,
+            ctx,
+            device,
+            main,
+            window,
+            micro_batch,
+            micro_batches,
+            local_micro_batches: micro_batches / data_ranks,
+            data_ranks,
+            data_rank,
+            tensor,
+            total_steps,
+            stop_at,
+            tokens_per_step: train.batch_sequences * train.seq_len,
+            keep: train.checkpoint.as_ref().map_or(0, |c| c.keep),
+            data,
+            model,
+            adam,
+            kinds: Vec::new(),
+            splits: Vec::new(),
+            whole_shapes,
+            pass,
+            start_step: 0,
+            step: 0,
+            tokens_seen: 0,
+            metrics: None,
+            progress: Progress::new(false, false, opts.log_interval, 0, total_steps),
+            losses: Vec::new(),
+            last_checkpoint: None,
+            last_eval: None,
+            started: Instant::now(),
+        };
+        trainer.start_from(&local)?;
+        if let Some(c) = ctx {
+            trainer.agree_on_start(c)?;
+        }
+        if let Some(c) = ctx.filter(|_| tensor > 1) {
+            trainer.model.split_tensor_parallel(TensorParallel {
+                rank: c.groups.tensor().rank(),
+                size: tensor,
+                expert_slicing: plan.expert_slicing,
+            })?;
+            let (model, adam) = (&trainer.model, &mut trainer.adam);
+            for (i, p) in model.store.params.iter().enumerate() {
+                adam.m[i] = model.tensor_shard_of(&p.name, &adam.m[i])?;
+                adam.v[i] = model.tensor_shard_of(&p.name, &adam.v[i])?;
+            }
+        }
+        trainer.kinds = distributed::param_kinds(&trainer.model);
+        trainer.splits = trainer.model.tensor_splits();
+        trainer.model.set_compute(compute);
+        if main {
+            for note in plan.notes.iter().chain(&micro_batch_note) {
+                eprintln!("note: {note}");
+            }
+        }
+        if main {
+            std::fs::create_dir_all(&opts.out)
+                .with_context(|| format!("cannot create `{}`", opts.out.display()))?;
+            trainer.metrics = Some(if opts.resume.is_some() {
+                MetricsLog::resume(&opts.out, trainer.start_step)?
+            } else {
+                MetricsLog::create(&opts.out)?
+            });
+        }
+        stop::install();
+        stop::clear();
+        trainer.progress = Progress::new(
+            main,
+            opts.progress,
+            opts.log_interval,
+            trainer.start_step,
+            total_steps,
+        );
+        trainer.started = Instant::now();
+        Ok(trainer)
+    }
+
+    /// Where the run's parameters and optimizer state come from before its first step: the
+    /// checkpoint it continues (`--resume`; this rank's experts `local`, resharded as needed),
+    /// else the seeded initialisation the model was built with. This is the one place a run's
+    /// initial state is set: another source (a Hugging Face checkpoint, an upcycled dense
+    /// model) goes here, onto the whole (not yet tensor-split) parameters.
+    fn start_from(&mut self, local: &BTreeMap<usize, Vec<usize>>) -> Result<()> {
+        let Some(path) = &self.opts.resume else {
+            return Ok(());
+        };
+        let resumed = checkpoint::resume(
+            path,
+            &self.checked.model,
+            &self.model.store,
+            &mut self.adam,
+            local,
+        )?;
+        check_resumable(
+            &resumed.dir,
+            resumed.step,
+            self.total_steps,
+            self.opts.stop_after,
+        )?;
+        if resumed.seed != self.train.seed {
+            bail!(
+                "checkpoint `{}` was written with seed {}, the file says {}",
+                resumed.dir.display(),
+                resumed.seed,
+                self.train.seed
+            );
+        }
+        self.start_step = resumed.step;
+        self.step = resumed.step;
+        self.tokens_seen = resumed.tokens_seen;
+        Ok(())
+    }
+
+    /// Refuses to go on unless every rank starts from the same step: ranks on machines that
+    /// do not see the same folders would resume different checkpoints, or some none.
+    fn agree_on_start(&self, ctx: &RankContext) -> Result<()> {
+        let sums = sum_over_world(ctx, &[self.start_step as f64, 1.0], "starting step")?;
+        if sums[0] != self.start_step as f64 * sums[1] {
+            bail!(
+                "the ranks do not start from the same step (this rank, {}, starts from step {}): \
+                 every rank must see the same checkpoint folder `{}`; on several machines put \
+                 --out on a filesystem they share",
+                ctx.rank(),
+                self.start_step,
+                self.opts.checkpoints.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Trains until the stop step or a stop signal, then [`Trainer::finish`]es.
+    pub fn run(mut self) -> Result<RunSummary> {
+        let mut stopped_by = None;
+        while self.step < self.stop_at {
+            let mut record = self.step()?;
+            if self.evaluation_due() {
+                let loss = self.evaluate()?;
+                record.eval_loss = Some(loss);
+                record.eval_ppl = Some(loss.exp());
+                self.progress.say(&format!(
+                    "step {}: eval loss {loss:.4}, perplexity {:.2}",
+                    self.step,
+                    loss.exp()
+                ));
+            }
+            self.log(&record)?;
+            if self.checkpoint_due() {
+                self.save()?;
+            }
+            stopped_by = self.stop_signal()?;
+            if stopped_by.is_some() {
+                break;
+            }
+        }
+        self.finish(stopped_by)
+    }
+
+    /// One optimizer step; returns its metrics (without evaluation).
+    pub fn step(&mut self) -> Result<StepMetrics> {
+        let started = Instant::now();
+        let sums = self.forward_backward()?;
+        let reduced = self.reduce_and_clip(sums)?;
+        let lr = optim::learning_rate(
+            &self.train.schedule,
+            self.train.optimizer.lr(),
+            self.step,
+            self.total_steps,
+        );
+        self.adam.step(&mut self.model.store, lr)?;
+        self.step += 1;
+        self.tokens_seen += self.tokens_per_step;
+        let (step, loss) = (self.step, reduced.loss);
+        if !loss.is_finite() {
+            self.progress.abandon();
+            bail!(
+                "the loss became {loss} at step {step}; lower the learning rate or check the data"
+            );
+        }
+        self.losses.push(loss);
+        let seconds = started.elapsed().as_secs_f64();
+        let moe = if self.main {
+            reports(reduced.telemetry, self.micro_batches as f64)?
+        } else {
+            Vec::new()
+        };
+        Ok(StepMetrics {
+            step,
+            loss,
+            balance_loss: reduced.balance,
+            lr,
+            grad_norm: reduced.grad_norm,
+            tokens: self.tokens_seen,
+            tokens_per_s: self.tokens_per_step as f64 / seconds.max(1e-9),
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            moe,
+            eval_loss: None,
+            eval_ppl: None,
+        })
+    }
+
+    /// This rank's micro-batches of the step, forward and backward (the gradients add up in
+    /// the masters' `.grad`), each loss divided by the micro-batches this rank runs.
+    fn forward_backward(&mut self) -> Result<StepSums> {
+        let (seed, step) = (self.train.seed, self.step);
+        if self.ctx.is_none() {
+            let _rng = lock_rng();
+            tch::manual_seed(mix_all(&[seed, STEP_KEY, step]) as i64);
+        }
+        self.model.store.zero_grad();
+        cast::begin_step()?;
+        let mut lm_sum = Tensor::f_zeros([], (Kind::Float, self.device))?;
+        let mut bal_sum = Tensor::f_zeros([], (Kind::Float, self.device))?;
+        let mut telemetry = Vec::new();
+        for i in 0..self.local_micro_batches {
+            let m = i * self.data_ranks + self.data_rank;
+            let key = [seed, step, m];
+            let tokens = self.data.batch(
+                false,
+                &key,
+                self.micro_batch as usize,
+                self.window,
+                Device::Cpu,
+            )?;
+            self.model.set_routing_key(Some(&key))?;
+            let (lm, out) = self.micro_batch_pass(&tokens, m)?;
+            lm_sum = lm_sum.f_add(&lm.f_detach()?)?;
+            bal_sum = bal_sum.f_add(&out.balance_loss.f_detach()?)?;
+            accumulate(&mut telemetry, out.telemetry)?;
+        }
+        self.model.set_routing_key(None)?;
+        cast::end_step();
+        Ok(StepSums {
+            lm: lm_sum,
+            balance: bal_sum,
+            telemetry,
+        })
+    }
+
+    /// Micro-batch `m` (its `tokens` on the CPU) forward and backward by this process's
+    /// [`Pass`]; the LM loss and the forward's extras.
+    fn micro_batch_pass(&mut self, tokens: &Tensor, m: u64) -> Result<(Tensor, ForwardOutput)> {
+        let label = format!("step {}, micro-batch {m}", self.step + 1);
+        let share = self.local_micro_batches as f64;
+        match (&mut self.pass, self.ctx) {
+            (Pass::Alone(runner), _) => runner.run(&self.model, tokens, self.micro_batches),
+            (Pass::TensorParallel, Some(c)) => {
+                let batch = tokens.f_to_device(self.device)?;
+                let mut tape = Tape::new();
+                let (lm, out) =
+                    tensor_parallel_loss(&self.model, c, &batch, true, &mut tape, &label)?;
+                let total = lm.f_add(&out.balance_loss)?.f_div_scalar(share)?;
+                tape.backward_tensor_parallel(
+                    &total,
+                    c.groups.expert(),
+                    c.groups.tensor(),
+                    &format!("{label} backward"),
+                )?;
+                Ok((lm, out))
+            }
+            (Pass::ExpertParallel, Some(c)) => {
+                let batch = tokens.f_to_device(self.device)?;
+                let mut hook = ExpertParallel::new(c, true, label);
+                let (lm, out) = self.model.loss_with(&batch, true, Some(&mut hook))?;
+                let total = lm.f_add(&out.balance_loss)?.f_div_scalar(share)?;
+                hook.backward(&total)?;
+                Ok((lm, out))
+            }
+            (_, None) => bail!("internal error: a ranked pass without a rank context"),
+        }
+    }
+
+    /// Reduces the step's gradients by kind over the ranks (none alone), clips them by the
+    /// global norm, and averages the losses and telemetry over the global batch.
+    fn reduce_and_clip(&mut self, sums: StepSums) -> Result<Reduced> {
+        let micro_batches = self.micro_batches as f64;
+        let StepSums {
+            lm,
+            balance,
+            mut telemetry,
+        } = sums;
+        let Some(c) = self.ctx else {
+            let norm = match self.train.clip_grad {
+                Some(max) => optim::clip_grad_norm(&mut self.model.store, max)?,
+                None => optim::global_grad_norm(&self.model.store)?,
+            };
+            return Ok(Reduced {
+                grad_norm: norm.f_double_value(&[])?,
+                loss: lm.f_double_value(&[])? / micro_batches,
+                balance: balance.f_double_value(&[])? / micro_batches,
+                telemetry,
+            });
+        };
+        let at = format!("step {}", self.step + 1);
+        let params: Vec<(ParamKind, &Tensor)> = self
+            .kinds
+            .iter()
+            .zip(&self.model.store.params)
+            .map(|(k, p)| (*k, &p.tensor))
+            .collect();
+        let norm = if self.tensor > 1 {
+            let partial: Vec<(TensorSplit, &Tensor)> = self
+                .splits
+                .iter()
+                .zip(&self.model.store.params)
+                .map(|(s, p)| (*s, &p.tensor))
+                .collect();
+            sum_partial_gradients(c.groups.tensor(), &partial, &at)?;
+            reduce_gradients(&c.groups, &params, &at)?;
+            let with_split: Vec<(ParamKind, TensorSplit, &Tensor)> = self
+                .kinds
+                .iter()
+                .zip(&self.splits)
+                .zip(&self.model.store.params)
+                .map(|((k, s), p)| (*k, *s, &p.tensor))
+                .collect();
+            clip_global_norm_tensor_parallel(
+                &c.groups,
+                c.groups.tensor(),
+                &with_split,
+                self.train.clip_grad,
+                &at,
+            )?
+        } else {
+            reduce_gradients(&c.groups, &params, &at)?;
+            clip_global_norm(&c.groups, &params, self.train.clip_grad, &at)?
+        };
+        let sums = sum_over_data(
+            c,
+            &[lm.f_double_value(&[])?, balance.f_double_value(&[])?],
+            &format!("{at}, loss"),
+        )?;
+        reduce_telemetry(c, &mut telemetry, &at)?;
+        Ok(Reduced {
+            grad_norm: norm.total,
+            loss: sums[0] / micro_batches,
+            balance: sums[1] / micro_batches,
+            telemetry,
+        })
+    }
+
+    /// Whether the step just completed is an evaluation step (every `eval.every`, and the
+    /// schedule's last).
+    fn evaluation_due(&self) -> bool {
+        self.train.eval.as_ref().is_some_and(|ev| {
+            ev.every > 0 && (self.step % ev.every == 0 || self.step == self.total_steps)
+        })
+    }
+
+    /// The held-out loss now (every rank calls it at the same step).
+    pub fn evaluate(&mut self) -> Result<f64> {
+        let batches = self.train.eval.as_ref().map_or(1, |ev| ev.batches);
+        let loss = evaluate_ranked(
+            &self.model,
+            &self.data,
+            self.train.seed,
+            batches,
+            self.micro_batch as usize,
+            self.window,
+            self.ctx,
+        )?;
+        self.last_eval = Some(loss);
+        Ok(loss)
+    }
+
+    /// Writes the step's line to `metrics.jsonl` and shows it.
+    fn log(&mut self, record: &StepMetrics) -> Result<()> {
+        if let Some(log) = &mut self.metrics {
+            log.append(record)?;
+        }
+        let load = record
+            .moe
+            .iter()
+            .map(|m| m.telemetry.max_over_mean_load)
+            .fold(0.0, f64::max);
+        self.progress.step(
+            self.step,
+            &format!(
+                "loss {:.4} | lr {:.2e} | {:.0} tok/s | max/mean load {load:.2} | bal {:.4}",
+                record.loss, record.lr, record.tokens_per_s, record.balance_loss
+            ),
+            self.step >= self.stop_at,
+        );
+        Ok(())
+    }
+
+    /// Whether the train block's `checkpoint = every(N)` asks for one after this step (the
+    /// stop step's is [`Trainer::finish`]'s).
+    fn checkpoint_due(&self) -> bool {
+        self.train
+            .checkpoint
+            .as_ref()
+            .is_some_and(|p| p.every > 0 && self.step % p.every == 0 && self.step < self.stop_at)
+    }
+
+    /// The stop signal every rank agrees on after this step (SIGTERM over SIGINT when both
+    /// came), whichever of them received it.
+    fn stop_signal(&self) -> Result<Option<i32>> {
+        let signal = stop::requested();
+        let Some(c) = self.ctx else {
+            return Ok(signal);
+        };
+        let seen = |s: i32| f64::from(u8::from(signal == Some(s)));
+        let flags = sum_over_world(c, &[seen(stop::SIGINT), seen(stop::SIGTERM)], "stop signal")?;
+        Ok(if flags[1] > 0.0 {
+            Some(stop::SIGTERM)
+        } else if flags[0] > 0.0 {
+            Some(stop::SIGINT)
+        } else {
+            None
+        })
+    }
+
+    /// Saves a checkpoint of the step just completed, then (rank 0, once every rank's part
+    /// is written) deletes all but the newest `keep` (0 keeps all). A failed deletion is a
+    /// warning: the new checkpoint is complete.
+    pub fn save(&mut self) -> Result<PathBuf> {
+        let root = &self.opts.checkpoints;
+        let info = SaveInfo {
+            model: &self.checked.model,
+            step: self.step,
+            total_steps: self.total_steps,
+            tokens_seen: self.tokens_seen,
+            seed: self.train.seed,
+            data_source: self.data.description.clone(),
+            precision: precision_name(self.train.precision).to_string(),
+        };
+        let saved = match self.ctx {
+            Some(c) if self.tensor > 1 => {
+                let (store, adam) = gather_tensor_parallel(
+                    &self.model,
+                    &self.whole_shapes,
+                    &self.adam,
+                    c,
+                    self.step,
+                )?;
+                checkpoint::save_sharded(root, &info, &store, &adam, c)
+            }
+            Some(c) => checkpoint::save_sharded(root, &info, &self.model.store, &self.adam, c),
+            None => checkpoint::save(root, &info, &self.model.store, &self.adam),
+        }?;
+        if self.main {
+            if let Err(e) = checkpoint::prune(root, self.keep) {
+                eprintln!(
+                    "warning: older checkpoints were not all deleted (keep = {}): {e:#}",
+                    self.keep
+                );
+            }
+        }
+        self.last_checkpoint = Some(saved.clone());
+        Ok(saved)
+    }
+
+    /// Ends the run: the checkpoint of the last step (unless it exists), the plot, the
+    /// summary (`summary.json`, and on stdout). `stopped_by`: the signal that ended it early.
+    pub fn finish(mut self, stopped_by: Option<i32>) -> Result<RunSummary> {
+        if self.step > self.start_step || self.opts.resume.is_none() {
+            let dir = self
+                .opts
+                .checkpoints
+                .join(checkpoint::step_dir_name(self.step));
+            // Every rank must take the same branch: rank 0's view of the folder decides.
+            let mut exists = dir.exists();
+            if let Some(c) = self.ctx {
+                let seen = f64::from(u8::from(exists && c.rank() == 0));
+                exists = sum_over_world(c, &[seen], "final checkpoint")?[0] > 0.0;
+            }
+            if !exists {
+                self.save()?;
+            }
+        }
+        self.progress.finish();
+        let step = self.step;
+        if let (Some(signal), true) = (stopped_by, self.main) {
+            eprintln!(
+                "stopped by {}: saved step {step} to `{}`; continue with --resume",
+                stop::name(signal),
+                self.last_checkpoint
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
+        let seconds = self.started.elapsed().as_secs_f64();
+        let done = step - self.start_step;
+        let metrics_path = self.opts.out.join("metrics.jsonl");
+        let plot_path = self.opts.out.join("plot.png");
+        let plot = if self.main {
+            let history = read_metrics(&metrics_path);
+            match plot::draw(&history, &plot_path) {
+                Ok(()) => Some(plot_path),
+                Err(e) => {
+                    eprintln!("warning: could not draw `{}`: {e:#}", plot_path.display());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let (parameters, device_name) = self.parameters_and_device()?;
+        let train = self.train;
+        let summary = RunSummary {
+            model: self.checked.model.name.clone(),
+            parameters,
+            data: self.data.description.clone(),
+            device: device_name,
+            precision: precision_name(train.precision).to_string(),
+            batch_sequences: train.batch_sequences,
+            seq_len: train.seq_len,
+            micro_batch: self.micro_batch,
+            start_step: self.start_step,
+            steps_done: done,
+            total_steps: self.total_steps,
+            tokens: self.tokens_seen,
+            seconds,
+            tokens_per_s: (done * self.tokens_per_step) as f64 / seconds.max(1e-9),
+            first_loss: self.losses.first().copied(),
+            final_loss: self.losses.last().copied(),
+            final_eval_loss: self.last_eval,
+            final_eval_ppl: self.last_eval.map(f64::exp),
+            unigram_entropy: self.data.unigram_entropy(),
+            interrupted: stopped_by.is_some(),
+            signal: stopped_by,
+            checkpoint: self.last_checkpoint.take(),
+            metrics: metrics_path,
+            plot,
+            losses: std::mem::take(&mut self.losses),
+        };
+        if self.main {
+            std::fs::write(
+                self.opts.out.join("summary.json"),
+                serde_json::to_string_pretty(&summary)?,
+            )?;
+            if self.opts.print_summary {
+                print_summary(&summary);
+            }
+        }
+        Ok(summary)
+    }
+
+    /// The model's parameter count (with several ranks: experts counted once over the expert
+    /// group, the rest once, tensor-sharded parameters summed over the tensor group first)
+    /// and the summary's device line.
+    fn parameters_and_device(&self) -> Result<(i64, String)> {
+        let device = self.device;
+        let Some(c) = self.ctx else {
+            let how = match &self.pass {
+                Pass::Alone(runner) => runner.describe(),
+                _ => "",
+            };
+            return Ok((self.model.store.numel(), format!("{device:?}{how}")));
+        };
+        let tensor = self.tensor;
+        let mut expert = 0i64;
+        let mut rest = 0i64;
+        let mut sharded = [0i64; 2];
+        for ((k, s), p) in self
+            .kinds
+            .iter()
+            .zip(&self.splits)
+            .zip(&self.model.store.params)
+        {
+            let n = p.tensor.numel() as i64;
+            let is_expert = *k == ParamKind::Expert;
+            match (is_expert, *s == TensorSplit::Sharded && tensor > 1) {
+                (e, true) => sharded[usize::from(e)] += n,
+                (true, false) => expert += n,
+                (false, false) => rest += n,
+            }
+        }
+        if tensor > 1 {
+            let mut t = Tensor::f_from_slice(&sharded)?.f_to_device(c.device)?;
+            c.groups
+                .tensor()
+                .all_reduce_sum(&mut t, "sharded parameter count")?;
+            rest += t.f_int64_value(&[0])?;
+            expert += t.f_int64_value(&[1])?;
+        }
+        let mut t = Tensor::f_from_slice(&[expert])?.f_to_device(c.device)?;
+        c.groups
+            .expert()
+            .all_reduce_sum(&mut t, "parameter count")?;
+        let expert = t.f_int64_value(&[0])?;
+        let name = if tensor > 1 {
+            format!(
+                "{:?} x {} ranks (tensor {tensor} x data {})",
+                device,
+                c.world(),
+                c.data_size()
+            )
+        } else {
+            format!("{:?} x {} ranks", device, c.world())
+        };
+        Ok((rest + expert, name))
+    }
+}
+
+/// The experts this rank holds per MoE layer (all of them alone), in local order.
+fn local_experts(checked: &Checked, ctx: Option<&RankContext>) -> BTreeMap<usize, Vec<usize>> {
+    checked
+        .model
+        .moe_layers()
+        .map(|(layer, m)| {
+            let ids = match ctx {
+                Some(c) => c.local_experts(layer).to_vec(),
+                None => (0..m.experts as usize).collect(),
+            };
+            (layer, ids)
+        })
+        .collect()
+}
+
+/// The micro-batch of a run on `data_ranks` data ranks: the plan's, which is the planner's
+/// choice for the run's layout (the file's `micro_batch`, else
+/// [`crate::plan::default_micro_batch`] unless that leaves less than
+/// [`crate::plan::FREE_CHOICE_HEADROOM`] of the GPU free in the planner's memory estimate,
+/// which a note then says). Plans made without the planner: [`micro_batch_for`].
+fn run_micro_batch(
+    checked: &Checked,
+    train: &Train,
+    data_ranks: u64,
+    plan: &WorldPlan,
+) -> Result<(u64, Option<String>)> {
+    let Some(m) = plan.micro_batch else {
+        return Ok((micro_batch_for(checked, train, data_ranks)?, None));
+    };
+    let d = data_ranks.max(1);
+    let share = train.batch_sequences / d;
+    if m == 0 || train.batch_sequences % d != 0 || share % m != 0 {
+        bail!(
+            "internal error: the plan's micro-batch of {m} sequences does not split the batch of \
+             {} sequences over {d} data ranks",
+            train.batch_sequences
+        );
+    }
+    let default = crate::plan::default_micro_batch(share, train.seq_len);
+    let note = (checked.parallel.micro_batch.is_none() && m != default).then(|| {
+        format!(
+            "micro-batch {m} sequences: {default} (the default, at most {} tokens) would leave \
+             less than {:.0}% of a `{}` GPU free in the planner's memory estimate (`fmoec plan \
+             --memory-model fmoec`)",
+            crate::plan::DEFAULT_MICRO_TOKENS,
+            crate::plan::FREE_CHOICE_HEADROOM * 100.0,
+            checked.parallel.hardware.name
+        )
+    });
+    Ok((m, note))
+}
+
+/// Refuses to continue the checkpoint in `dir`, at step `at`, when nothing would be trained:
+/// it is at or past the end of the schedule of `total_steps`, or past `--stop-after`.
+fn check_resumable(dir: &Path, at: u64, total_steps: u64, stop_after: Option<u64>) -> Result<()> {
+    if at > total_steps {
+        bail!(
+            "checkpoint `{}` is at step {at}, past the end of this run's schedule of {total_steps} \
+             steps; pass --steps N with N > {at} to continue it with a longer schedule",
+            dir.display()
+        );
+    }
+    if at == total_steps {
+        bail!(
+            "checkpoint `{}` finished its run ({at} of {total_steps} steps): nothing to train; \
+             --steps N with N > {at} continues it with a longer schedule, and without --resume \
+             fmoec starts a new run",
+            dir.display()
+        );
+    }
+    if let Some(stop) = stop_after.filter(|&s| s <= at) {
+        bail!(
+            "--stop-after {stop}, but checkpoint `{}` is already at step {at}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn read_metrics(path: &Path) -> Vec<StepMetrics> {
+    std::fs::read_to_string(path)
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One MoE layer's telemetry summed over micro-batches.
+struct Accum {
+    counts: Tensor,
+    dropped: Tensor,
+    entropy: Tensor,
+    balance: Tensor,
+}
+
+fn accumulate(acc: &mut Vec<(usize, Accum)>, tel: Vec<(usize, Telemetry)>) -> Result<()> {
+    if acc.is_empty() {
+        for (layer, t) in tel {
+            acc.push((
+                layer,
+                // copies: a replayed CUDA graph rewrites its outputs in place
+                Accum {
+                    counts: t.tokens_per_expert.f_detach_copy()?,
+                    dropped: t.dropped_fraction.f_detach_copy()?,
+                    entropy: t.gate_entropy.f_detach_copy()?,
+                    balance: t.balance_loss.f_detach_copy()?,
+                },
+            ));
+        }
+        return Ok(());
+    }
+    for ((_, a), (_, t)) in acc.iter_mut().zip(tel) {
+        a.counts = a.counts.f_add(&t.tokens_per_expert)?;
+        a.dropped = a.dropped.f_add(&t.dropped_fraction)?;
+        a.entropy = a.entropy.f_add(&t.gate_entropy)?;
+        a.balance = a.balance.f_add(&t.balance_loss)?;
+    }
+    Ok(())
+}
+
+fn reports(acc: Vec<(usize, Accum)>, micro: f64) -> Result<Vec<LayerMetrics>> {
+    acc.into_iter()
+        .map(|(layer, a)| {
+            let t = Telemetry {
+                tokens_per_expert: a.counts,
+                dropped_fraction: a.dropped.f_div_scalar(micro)?,
+                gate_entropy: a.entropy.f_div_scalar(micro)?,
+                balance_loss: a.balance.f_div_scalar(micro)?,
+            };
+            Ok(LayerMetrics {
+                layer,
+                telemetry: t.report()?,
+            })
+        })
+        .collect()
+}
+
+/// Sums every MoE layer's accumulated telemetry over the data group.
+fn reduce_telemetry(ctx: &RankContext, acc: &mut [(usize, Accum)], at: &str) -> Result<()> {
+    for (layer, a) in acc.iter_mut() {
+        let e = a.counts.size()[0];
+        let packed = Tensor::f_cat(
+            &[
+                a.counts.f_to_kind(Kind::Float)?,
+                a.dropped.f_to_kind(Kind::Float)?.f_reshape([1])?,
+                a.entropy.f_to_kind(Kind::Float)?.f_reshape([1])?,
+                a.balance.f_to_kind(Kind::Float)?.f_reshape([1])?,
+            ],
+            0,
+        )?;
+        let mut packed = packed.f_to_device(ctx.device)?;
+        ctx.groups
+            .data()
+            .all_reduce_sum(&mut packed, &format!("{at}, layer {layer} telemetry"))?;
+        a.counts = packed.f_narrow(0, 0, e)?;
+        a.dropped = packed.f_select(0, e)?;
+        a.entropy = packed.f_select(0, e + 1)?;
+        a.balance = packed.f_select(0, e + 2)?;
+    }
+    Ok(())
+}
+
+/// The whole parameters and AdamW moments of a tensor-parallel rank: every sharded tensor
+/// placed in a zero tensor of its whole shape and summed over the tensor group (exact: each
+/// element is one rank's value plus zeros), the rest shared as they are. Every rank of the
+/// tensor group calls it, in the same order.
+fn gather_tensor_parallel(
+    model: &Transformer,
+    whole_shapes: &[Vec<i64>],
+    adam: &AdamW,
+    ctx: &RankContext,
+    step: u64,
+) -> Result<(ParamStore, AdamW)> {
+    let _guard = tch::no_grad_guard();
+    let at = format!("checkpoint of step {step}, gathering tensor slices");
+    let mut store = ParamStore::new(model.store.device, model.store.kind);
+    let mut m = Vec::with_capacity(adam.m.len());
+    let mut v = Vec::with_capacity(adam.v.len());
+    let whole = |name: &str, shape: &[i64], local: &Tensor| -> Result<Tensor> {
+        match model.tensor_whole_from_shard(name, shape, local)? {
+            Some(mut t) => {
+                ctx.groups.tensor().all_reduce_sum(&mut t, &at)?;
+                Ok(t)
+            }
+            None => Ok(local.shallow_clone()),
+        }
+    };
+    for (i, (p, shape)) in model.store.params.iter().zip(whole_shapes).enumerate() {
+        store.params.push(Param {
+            name: p.name.clone(),
+            tensor: whole(&p.name, shape, &p.tensor.f_detach()?)?,
+            decay: p.decay,
+        });
+        m.push(whole(&p.name, shape, &adam.m[i])?);
+        v.push(whole(&p.name, shape, &adam.v[i])?);
+    }
+    let gathered = AdamW {
+        betas: adam.betas,
+        eps: adam.eps,
+        weight_decay: adam.weight_decay,
+        step: adam.step,
+        m,
+        v,
+    };
+    Ok((store, gathered))
+}
