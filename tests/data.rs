@@ -581,6 +581,7 @@ mod hf_export {
         let info = fmoec::runtime::checkpoint::SaveInfo {
             model: &checked.model,
             step: 0,
+            total_steps: 0,
             tokens_seen: 0,
             seed: 7,
             data_source: "test".into(),
