@@ -87,3 +87,94 @@ fn git_apply_accepts_the_patch_and_patched_files_compile() {
         .args(["apply", "-R", "--check"])
         .arg(&patch));
 }
+
+/// A Python for `tests/megatron/harness.py`: torch 2.x, numpy, six and regex
+/// (`FMOEC_HARNESS_PYTHON`); the harness also needs the shared `cpu_shim.py` and `stubs/`.
+fn harness_python() -> Option<PathBuf> {
+    match std::env::var_os("FMOEC_HARNESS_PYTHON") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!(
+                "skipped: set FMOEC_HARNESS_PYTHON to a python with torch, numpy, six, regex"
+            );
+            None
+        }
+    }
+}
+
+/// Emits `tests/megatron/harness.fmoe` for `release` with the fmoec binary, as a user does.
+fn emit_harness_model(release: &str, out: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(["emit", "--megatron", release])
+        .arg(root.join("tests/megatron/harness.fmoe"))
+        .arg("-o")
+        .arg(out));
+}
+
+/// Runs the harness on `ranks` CPU processes from the patched tree; returns its output.
+fn run_harness(python: &Path, tree: &Path, module: &Path, ranks: u32, args: &[&str]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(python)
+        .current_dir(tree)
+        .env("PYTHONPATH", module)
+        .env("HANG_DUMP_S", "120")
+        .env("OMP_NUM_THREADS", "1")
+        .args(["-m", "torch.distributed.run", "--nproc_per_node"])
+        .arg(ranks.to_string())
+        .args(["--master_port", "29531"])
+        .arg(root.join("tests/megatron/harness.py"))
+        .args(args)
+        .output()
+        .expect("spawn the harness");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("HARNESS_OK"),
+        "harness {args:?} failed:\n{text}"
+    );
+    text
+}
+
+/// fp16 with an inf in the expert gradients of one data rank only: every rank skips that
+/// step (before the fix, the rank with the overflow skipped and the other waited in clipping
+/// for a collective it never entered), and the replicas stay bit-identical.
+#[test]
+fn fp16_overflow_on_one_data_rank_is_skipped_by_every_rank() {
+    let Some(root) = checkout() else { return };
+    let Some(python) = harness_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    emit_harness_model("v2.2", &out);
+    let tree = tmp.path().join("megatron");
+    copy_tree(&root, &tree);
+    run(Command::new("git")
+        .current_dir(&tree)
+        .arg("apply")
+        .arg(out.join("megatron-v2.2.patch")));
+    for overflow in ["1:0", "1:1"] {
+        let text = run_harness(
+            &python,
+            &tree,
+            &out,
+            2,
+            &[
+                "--steps",
+                "3",
+                "--fp16",
+                "--initial-loss-scale",
+                "1024",
+                "--clip-grad",
+                "0.05",
+                "--overflow",
+                overflow,
+            ],
+        );
+        assert_eq!(text.matches("skipped [1]").count(), 2, "{text}");
+    }
+}

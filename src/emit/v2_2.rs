@@ -11,7 +11,9 @@
 //! - `megatron/training.py`: expert-aware checkpoints and data parallelism (imports
 //!   replaced), the model provider's output fmoefied in `get_model`, the balance loss's
 //!   loss-scale hook at the start of `train_step`, the balance report in `training_log`.
-//! - `megatron/optimizer/optimizer.py`: the fp16 optimizer's fp32 copies keep the tag.
+//! - `megatron/optimizer/optimizer.py`: the fp16 optimizer's fp32 copies keep the tag, and its
+//!   "found inf" is agreed across the data-parallel ranks too (an overflow only in one rank's
+//!   expert gradients must make every rank skip the step).
 //! - `megatron/optimizer/clip_grads.py`: `clip_grad_norm_fp32` rebound to fmoec's.
 
 use super::megatron::{Edit, FileEdits, ReleaseEdits};
@@ -109,7 +111,7 @@ const TRAINING: FileEdits = FileEdits {
 const OPTIMIZER: FileEdits = FileEdits {
     path: "megatron/optimizer/optimizer.py",
     original_blob: "9d42260d6b9358ff53d05e7b604b267b1f66a41c",
-    patched_blob: "5470ff0114c8b2d42cee1eaa21566dc8a7b756f5",
+    patched_blob: "1f06501e1e1475c1deca4091757cabbfcf05c6e5",
     edits: &[
         Edit {
             line: 27,
@@ -133,6 +135,19 @@ const OPTIMIZER: FileEdits = FileEdits {
                 "                        if hasattr(param, 'shared'):",
                 "                            main_param.shared = param.shared",
             ],
+        },
+        Edit {
+            line: 256,
+            before: &[
+                "                                     op=torch.distributed.ReduceOp.MAX,",
+                "                                     group=mpu.get_model_parallel_group())",
+            ],
+            remove: &[],
+            add: &[
+                "        # fmoec: expert gradients are not reduced across data ranks; agree there too.",
+                "        fmoec_moe.agree_found_inf(self.found_inf)",
+            ],
+            after: &["", "        # Check for nan."],
         },
     ],
 };

@@ -141,3 +141,15 @@ def checkpoint_round_trip(rank, world, folder):
     return dict(name=name, experts_equal=experts_equal, state_equal=state_equal,
                 experts=[n for n, p in layer.named_parameters() if m._is_expert(p)],
                 weight=layer.experts.htoh4_weight.detach().clone())
+
+
+def found_inf_agreement(rank, world, overflow_rank):
+    """Megatron's fp16 overflow flag after its model-parallel all-reduce: set on one data rank
+    only (an inf in that rank's expert gradients). Returns the flag after agree_found_inf."""
+    import fmoec_moe as m
+    group = dist.group.WORLD
+    m.set_topology(m.Topology(expert_group=group, expert_rank=rank, expert_size=world,
+                              data_group=group, data_size=world, gate_group=group))
+    found_inf = torch.tensor([1.0 if rank == overflow_rank else 0.0])
+    m.agree_found_inf(found_inf)
+    return {'found_inf': float(found_inf.item())}

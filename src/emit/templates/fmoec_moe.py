@@ -21,6 +21,7 @@ The Megatron patch calls, and only calls, these names:
   begin_step(optimizer)                       megatron/training.py, train_step
   training_log_hook(loss_dict, iteration)     megatron/training.py, training_log
   copy_param_tags(main_param, param)          megatron/optimizer/optimizer.py
+  agree_found_inf(found_inf)                  megatron/optimizer/optimizer.py, fp16 overflow check
   clip_grad_norm_fp32                         megatron/optimizer/clip_grads.py
 
 Parameter tags (attribute `dp_comm`, the same convention as FastMoE):
@@ -938,6 +939,21 @@ def clip_grad_norm_fp32(parameters, max_norm, norm_type=2, topology=None, model_
         for g in grads:
             g.mul_(clip_coeff)
     return total_norm
+
+
+def agree_found_inf(found_inf):
+    """Make an overflow seen by any rank an overflow on every rank (in place).
+
+    Megatron's fp16 optimizer agrees on "found inf" within the model-parallel group only, which
+    is enough when every gradient is reduced across data ranks. Expert gradients are not: an
+    inf/nan in one data rank's experts is seen by that rank alone, which would skip the step
+    while the others clip (a collective it never enters) and update. The maximum over the
+    data-parallel group, after Megatron's over the model-parallel group, covers every rank."""
+    topo = _TOPOLOGY
+    if topo is None or topo.data_size <= 1 or topo.data_group is None:
+        return found_inf
+    dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=topo.data_group)
+    return found_inf
 
 
 # ---------------------------------------------------------------------------------------------
