@@ -665,6 +665,8 @@ fn train_view(
         model_name: m.name.clone(),
         nproc_per_node: p.gpus.min(per_node),
         nnodes: p.gpus.div_ceil(per_node),
+        world: p.gpus,
+        planned_layout: planned_layout(c),
         data_path,
         args,
     }

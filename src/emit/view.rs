@@ -57,6 +57,10 @@ pub struct TrainView {
     pub model_name: String,
     pub nproc_per_node: u64,
     pub nnodes: u64,
+    /// Ranks the model file was planned for.
+    pub world: u64,
+    /// `"16 GPUs of h100_sxm: tensor 2 x pipeline 1 x data 8"`.
+    pub planned_layout: String,
     /// Set when the model file names a Megatron dataset; otherwise DATA_PATH must be given.
     pub data_path: Option<String>,
     pub args: Vec<ArgLine>,
