@@ -16,14 +16,12 @@ fn emit_example(name: &str) -> Result<(Vec<(String, String)>, String), String> {
     let mut sink = Sink::new();
     let checked = check::check_file(&mut sources, file, &mut sink).expect("examples check");
     assert!(!sink.has_errors(), "{name} has errors");
-    let targets = check::megatron_targets();
-    let (release, target) = emit::find_release("v2.2", &targets).unwrap();
-    assert_eq!(target.map(|t| t.commit.as_str()), Some(release.commit));
+    let target = emit::registry::find("v2.2").unwrap();
     let opts = EmitOptions {
         source_name: format!("{name}.fmoe"),
         ..Default::default()
     };
-    match emit::emit(&checked, release, &opts) {
+    match emit::emit(&checked, &target, &opts) {
         Ok(e) => Ok((e.files, diag::render_human(&sources, &e.warnings))),
         Err(EmitError::Model(ds)) => Err(diag::render_human(&sources, &ds)),
         Err(e) => panic!("{name}: {e}"),

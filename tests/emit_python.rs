@@ -28,7 +28,10 @@ fn write(runtime: Runtime, dir: &std::path::Path) {
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
     };
-    for (name, text) in emit::emit(&c, &emit::v2_2::RELEASE, &opts).unwrap().files {
+    for (name, text) in emit::emit(&c, &emit::registry::find("v2.2").unwrap(), &opts)
+        .unwrap()
+        .files
+    {
         std::fs::write(dir.join(name), text).unwrap();
     }
 }

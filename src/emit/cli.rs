@@ -4,16 +4,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::check;
 use crate::driver::{self, DiagFormat};
 
 use super::{EmitError, EmitOptions, Runtime};
 
 #[derive(Debug, clap::Args)]
 pub struct EmitArgs {
-    /// The model file.
-    pub file: PathBuf,
-    /// Megatron-LM release to target (`v2.2`).
+    /// The model file (not needed with `--megatron list`).
+    pub file: Option<PathBuf>,
+    /// Megatron-LM release to target (`v2.2`, ...); `list` prints the targets and what each
+    /// supports.
     #[arg(long, value_name = "VERSION")]
     pub megatron: String,
     /// Output folder (default: `[emit] out` of fmoec.toml, else `out`).
@@ -68,20 +68,29 @@ fn conflicts(output: &Path, files: &[(String, String)]) -> Vec<(PathBuf, &'stati
 }
 
 pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match driver::load(&args.file, args.diagnostics) {
-        Ok(l) => l,
-        Err(code) => return Ok(code),
-    };
-    let targets = check::megatron_targets();
-    let release = match super::find_release(&args.megatron, &targets) {
-        Ok((release, _)) => release,
+    if args.megatron == "list" {
+        print!("{}", super::registry::list());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let target = match super::registry::find(&args.megatron) {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(2));
         }
     };
-    let source_name = args
-        .file
+    let Some(file) = &args.file else {
+        eprintln!(
+            "error: the model file is missing: fmoec emit --megatron {} MODEL.fmoe",
+            args.megatron
+        );
+        return Ok(ExitCode::from(2));
+    };
+    let loaded = match driver::load(file, args.diagnostics) {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let source_name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -100,7 +109,7 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
             .or_else(|| settings.emit.megatron_src.get(&args.megatron).cloned()),
         source_name,
     };
-    let emitted = match super::emit(&loaded.checked, release, &opts) {
+    let emitted = match super::emit(&loaded.checked, &target, &opts) {
         Ok(e) => e,
         Err(EmitError::Model(diagnostics)) => {
             driver::report(&loaded.sources, &diagnostics, args.diagnostics);
