@@ -16,6 +16,7 @@ pub mod collective;
 pub mod diag;
 pub mod driver;
 pub mod emit;
+pub mod gates;
 pub mod graph;
 pub mod plan;
 #[cfg(feature = "runtime")]

@@ -21,7 +21,8 @@ fn emit_example(name: &str) -> Result<(Vec<(String, String)>, String), String> {
         source_name: format!("{name}.fmoe"),
         ..Default::default()
     };
-    match emit::emit(&checked, &target, &opts) {
+    let plan = fmoec::plan::build(&checked).unwrap_or_else(|ds| panic!("{name} plans: {ds:?}"));
+    match emit::emit(&checked, &plan, &target, &opts) {
         Ok(e) => Ok((e.files, diag::render_human(&sources, &e.warnings))),
         Err(EmitError::Model(ds)) => Err(diag::render_human(&sources, &ds)),
         Err(e) => panic!("{name}: {e}"),

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use fmoec::check::GateKind;
-use fmoec::emit::{self, EmitOptions, Runtime};
+use fmoec::emit::{EmitOptions, Runtime};
 
 fn python() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("FMOEC_PYTHON") {
@@ -28,10 +28,7 @@ fn write(runtime: Runtime, dir: &std::path::Path) {
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
     };
-    for (name, text) in emit::emit(&c, &emit::registry::find("v2.2").unwrap(), &opts)
-        .unwrap()
-        .files
-    {
+    for (name, text) in emit_fixture::emit(&c, "v2.2", &opts).unwrap().files {
         std::fs::write(dir.join(name), text).unwrap();
     }
 }

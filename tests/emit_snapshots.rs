@@ -4,7 +4,7 @@
 mod emit_fixture;
 
 use fmoec::check::GateKind;
-use fmoec::emit::{self, EmitError, EmitOptions, Runtime};
+use fmoec::emit::{self, EmitOptions, Runtime};
 
 fn emitted(c: &fmoec::check::Checked, runtime: Runtime) -> Vec<(String, String)> {
     let opts = EmitOptions {
@@ -12,9 +12,7 @@ fn emitted(c: &fmoec::check::Checked, runtime: Runtime) -> Vec<(String, String)>
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
     };
-    emit::emit(c, &emit::registry::find("v2.2").unwrap(), &opts)
-        .expect("emit")
-        .files
+    emit_fixture::emit(c, "v2.2", &opts).expect("emit").files
 }
 
 #[test]
@@ -68,22 +66,41 @@ fn output_is_byte_stable_and_the_patch_is_model_independent() {
     assert_ne!(a[1], c[1]);
 }
 
+/// The plan is the planner's: a model it cannot plan never reaches the emitter, and the emitter
+/// keeps no rules of its own about the grid (E0802-E0806 and E0808 were copies of them).
 #[test]
-fn indivisible_experts_are_a_diagnostic() {
+fn indivisible_experts_are_the_planners_diagnostic() {
     let c = emit_fixture::checked(16, 2, 1, 6, GateKind::Gshard);
+    let ds = fmoec::plan::build(&c).unwrap_err();
+    assert!(
+        ds.iter().any(|d| d.message
+            == "layer 1: experts = 6 is not divisible by the 8 ranks of the expert group"),
+        "{ds:?}"
+    );
+}
+
+/// The micro-batch and the groups train.sh and the README show are the plan's.
+#[test]
+fn train_sh_takes_the_micro_batch_and_groups_from_the_plan() {
+    let mut c = emit_fixture::checked(8, 2, 1, 8, GateKind::Gshard);
+    c.parallel.micro_batch = None;
+    let plan = fmoec::plan::build(&c).unwrap();
     let opts = EmitOptions {
         source_name: "tiny.fmoe".into(),
         ..Default::default()
     };
-    match emit::emit(&c, &emit::registry::find("v2.2").unwrap(), &opts) {
-        Err(EmitError::Model(ds)) => {
-            assert!(ds
-                .iter()
-                .any(|d| d.message
-                    == "experts = 6 is not divisible by the 8 ranks of the expert group"));
-        }
-        other => panic!("expected a diagnostic, got {other:?}"),
-    }
+    let target = emit::registry::find("v2.2").unwrap();
+    let files = emit::emit(&c, &plan, &target, &opts).unwrap().files;
+    let train = &files.iter().find(|(n, _)| n == "train.sh").unwrap().1;
+    assert!(
+        train.contains(&format!("--micro-batch-size {} ", plan.micro_batch)),
+        "{train}"
+    );
+    let readme = &files.iter().find(|(n, _)| n == "README.md").unwrap().1;
+    assert!(
+        readme.contains("| data | [0, 2, 4, 6] [1, 3, 5, 7] |"),
+        "{readme}"
+    );
 }
 
 #[test]
@@ -106,7 +123,7 @@ fn checkpoint_keep_is_a_warning_for_megatron() {
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
     };
-    let out = emit::emit(&c, &emit::registry::find("v2.2").unwrap(), &opts).expect("emit");
+    let out = emit_fixture::emit(&c, "v2.2", &opts).expect("emit");
     assert!(
         out.warnings
             .iter()
@@ -161,7 +178,8 @@ fn capability_diagnostics_come_from_the_declarations() {
     let mut c = emit_fixture::checked(4, 1, 1, 8, GateKind::Gshard);
     c.model.norm = fmoec::check::Norm::RmsNorm;
     let all = [v22.clone(), other.clone()];
-    let ds = emit::support::diagnostics(&c, &v22, &all);
+    let plan = fmoec::plan::build(&c).unwrap();
+    let ds = emit::support::diagnostics(&c, &plan, &v22, &all);
     assert_eq!(ds.len(), 1, "{ds:?}");
     assert_eq!(ds[0].code, "E0801");
     assert_eq!(
@@ -172,12 +190,34 @@ fn capability_diagnostics_come_from_the_declarations() {
         ds[0].help.as_deref(),
         Some("Megatron-LM v9.1 has it (`--megatron v9.1`); or train it with `fmoec run`")
     );
-    assert!(emit::support::diagnostics(&c, &other, &all).is_empty());
+    assert!(emit::support::diagnostics(&c, &plan, &other, &all).is_empty());
     // bf16 where the target has only fp16: a warning and the stand-in
     c.model.norm = fmoec::check::Norm::LayerNorm;
     c.train.as_mut().unwrap().precision = fmoec::check::Precision::Bf16;
-    let ds = emit::support::diagnostics(&c, &v22, &all);
+    let ds = emit::support::diagnostics(&c, &plan, &v22, &all);
     assert_eq!(ds.len(), 1);
     assert_eq!(ds[0].code, "W0803");
     assert_eq!(emit::support::precision_flag(&c, &v22), Some("--fp16"));
+}
+
+/// The generated module's gate table is `fmoec::gates` with the stdlib's defaults: every gate
+/// of the definition, every gate of the stdlib, no other.
+#[test]
+fn gate_table_is_the_one_definition_with_the_stdlib_defaults() {
+    let defaults = fmoec::check::gate_defaults();
+    let kinds: Vec<GateKind> = defaults.iter().map(|g| g.kind).collect();
+    let defined: Vec<GateKind> = fmoec::gates::GATES.iter().map(|g| g.kind).collect();
+    assert_eq!(kinds, defined);
+    let c = emit_fixture::checked(4, 1, 1, 8, GateKind::Gshard);
+    let opts = EmitOptions {
+        source_name: "tiny.fmoe".into(),
+        ..Default::default()
+    };
+    let files = emit_fixture::emit(&c, "v2.2", &opts).unwrap().files;
+    let module = &files.iter().find(|(n, _)| n == "fmoec_moe.py").unwrap().1;
+    assert!(module.contains(
+        "    'gshard': dict(cls='GShardGate', top_k=2, capacity=(1.2, 2.4), balance_loss=0.01,\n        \
+         jitter=0.0, random_routing=True),"
+    ));
+    assert!(module.contains("_FMOEC_BIAS = True"));
 }

@@ -567,6 +567,16 @@ pub fn gate_needs_top_k(
     .with_secondary(gate_span, "gate chosen here")
 }
 
+pub fn unknown_gate(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0414",
+        span,
+        format!("fmoec has no implementation of the gate `{name}`"),
+    )
+    .with_label("not one of fmoec's gates")
+    .with_help(format!("the gates are {}", crate::gates::NAMES.join(", ")))
+}
+
 // ---- E05xx: parallel rules --------------------------------------------------------
 
 pub fn gpus_not_divisible(span: Span, gpus: u64, tensor: u64, pipeline: u64) -> Diagnostic {

@@ -99,7 +99,7 @@ pub const CAPABILITIES: &[CapabilitySpec] = &[
     CapabilitySpec {
         field: "gates",
         about: "gates",
-        values: CapabilityValues::OneOf(&["naive", "noisy", "gshard", "switch", "swipe"]),
+        values: CapabilityValues::OneOf(crate::gates::NAMES),
     },
     CapabilitySpec {
         field: "shared_experts",
@@ -115,6 +115,11 @@ pub const CAPABILITIES: &[CapabilitySpec] = &[
         field: "expert_groups",
         about: "expert groups",
         values: CapabilityValues::OneOf(&["across_data", "groups", "replicated"]),
+    },
+    CapabilitySpec {
+        field: "expert_slicing",
+        about: "experts sliced over tensor ranks",
+        values: CapabilityValues::Bools,
     },
     CapabilitySpec {
         field: "runtimes",

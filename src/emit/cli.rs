@@ -109,7 +109,15 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
             .or_else(|| settings.emit.megatron_src.get(&args.megatron).cloned()),
         source_name,
     };
-    let emitted = match super::emit(&loaded.checked, &target, &opts) {
+    // The plan the files are written for: the planner's diagnostics if there is none.
+    let plan = match crate::plan::build(&loaded.checked) {
+        Ok(p) => p,
+        Err(diagnostics) => {
+            driver::report(&loaded.sources, &diagnostics, args.diagnostics);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let emitted = match super::emit(&loaded.checked, &plan, &target, &opts) {
         Ok(e) => e,
         Err(EmitError::Model(diagnostics)) => {
             driver::report(&loaded.sources, &diagnostics, args.diagnostics);
@@ -120,7 +128,9 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    driver::report(&loaded.sources, &emitted.warnings, args.diagnostics);
+    let mut warnings = plan.warnings.clone();
+    warnings.extend(emitted.warnings.iter().cloned());
+    driver::report(&loaded.sources, &warnings, args.diagnostics);
     if output.exists() && !output.is_dir() {
         anyhow::bail!(
             "cannot write into `{}`: it is a file, not a folder",

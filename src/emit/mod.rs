@@ -16,13 +16,15 @@
 //! module, so the patch's blob ids can be recorded and verified once per release. With a
 //! checkout (`--megatron-src`) the patch is computed from its real files instead.
 //!
+//! Takes the finished [`ParallelPlan`](crate::plan::ParallelPlan): the rank grid, the process
+//! groups, the experts per rank and the micro-batch are the planner's (the rules that make a
+//! plan valid live there only).
+//!
 //! Must not know about: source text (only spans for diagnostics), the runtime, how the
-//! planner computes its plan (`layout.rs` is a minimal stand-in, swapped for `plan` later),
-//! or any particular release (no code here names one).
+//! planner computes its plan, or any particular release (no code here names one).
 
 pub mod cli;
 pub mod gitdiff;
-pub mod layout;
 pub mod megatron;
 pub mod registry;
 pub mod support;
@@ -30,13 +32,13 @@ pub mod view;
 
 use std::path::PathBuf;
 
-use crate::check::{Activation, Checked, DataSource, Ffn, GateKind, Schedule};
+use crate::check::{Activation, Checked, DataSource, GateKind, Schedule};
 use crate::diag::Diagnostic;
+use crate::plan::ParallelPlan;
 
-use layout::Layout;
 use megatron::CheckoutError;
 pub use registry::Target;
-use view::{ArgLine, GroupRow, LayerView, TargetView};
+use view::{ArgLine, GateView, GroupRow, LayerView, TargetView};
 
 /// The Python module name the patch imports.
 pub const MODULE_NAME: &str = "fmoec_moe";
@@ -105,8 +107,14 @@ impl std::fmt::Display for EmitError {
 
 impl std::error::Error for EmitError {}
 
-/// Everything `fmoec emit` writes for `target`, as (relative path, contents).
-pub fn emit(checked: &Checked, target: &Target, opts: &EmitOptions) -> Result<Emitted, EmitError> {
+/// Everything `fmoec emit` writes for `target`, as (relative path, contents), from the checked
+/// model and its plan.
+pub fn emit(
+    checked: &Checked,
+    plan: &ParallelPlan,
+    target: &Target,
+    opts: &EmitOptions,
+) -> Result<Emitted, EmitError> {
     let decl = &target.decl;
     let fastmoe = opts.runtime == Runtime::Fastmoe;
     let runtime = if fastmoe { "fastmoe" } else { "fmoec" };
@@ -121,7 +129,7 @@ pub fn emit(checked: &Checked, target: &Target, opts: &EmitOptions) -> Result<Em
         )));
     }
     let all = crate::check::megatron_targets();
-    let warnings = validate(checked, target, &all)?;
+    let warnings = validate(checked, plan, target, &all)?;
     let patch = match (&target.patch, &opts.megatron_src) {
         (Some(p), Some(root)) => {
             Some(megatron::diff_from_checkout(root, p).map_err(EmitError::Checkout)?)
@@ -129,8 +137,7 @@ pub fn emit(checked: &Checked, target: &Target, opts: &EmitOptions) -> Result<Em
         (Some(p), None) => Some(megatron::diff_recorded(p)),
         (None, _) => None,
     };
-    let layout = Layout::new(&checked.parallel);
-    let layers = layer_views(checked, &layout);
+    let layers = layer_views(checked, plan);
     let experts_per_worker = {
         let mut per: Vec<u64> = layers.iter().map(|l| l.experts_per_rank).collect();
         per.dedup();
@@ -139,8 +146,7 @@ pub fn emit(checked: &Checked, target: &Target, opts: &EmitOptions) -> Result<Em
             _ => "None".to_string(),
         }
     };
-    let p = &checked.parallel;
-    let per_node = p.hardware.gpus_per_node.max(1);
+    let per_node = plan.hardware.gpus_per_node.max(1);
     let view = TargetView {
         megatron_version: decl.version.clone(),
         tree: decl.tree.clone(),
@@ -152,27 +158,29 @@ pub fn emit(checked: &Checked, target: &Target, opts: &EmitOptions) -> Result<Em
         model_name: checked.model.name.clone(),
         runtime,
         fastmoe,
-        expert_group_size: if layout.expert_group_size == layout.data {
+        gates: gate_views(),
+        bias: py_bool(checked.model.bias),
+        expert_group_size: if plan.expert_group_size == plan.data {
             0
         } else {
-            layout.expert_group_size
+            plan.expert_group_size
         },
         experts_per_worker,
-        planned_layout: planned_layout(checked),
-        expert_group: match layout.expert_group_size {
+        planned_layout: planned_layout(plan),
+        expert_group: match plan.expert_group_size {
             1 => "no ranks (every rank holds every expert)".to_string(),
-            n if n == layout.data => format!("the data-parallel group ({n} ranks)"),
+            n if n == plan.data => format!("the data-parallel group ({n} ranks)"),
             n => format!("sub-groups of {n} consecutive data-parallel ranks"),
         },
-        groups: group_rows(&layout),
-        nproc_per_node: p.gpus.min(per_node),
-        nnodes: p.gpus.div_ceil(per_node),
-        world: p.gpus,
+        groups: group_rows(plan),
+        nproc_per_node: plan.world.min(per_node),
+        nnodes: plan.world.div_ceil(per_node),
+        world: plan.world,
         data_path: checked.train.as_ref().and_then(|t| match &t.data {
             DataSource::Megatron(path) => Some(view::sh_word(path)),
             DataSource::Builtin(_) | DataSource::Text(_) => None,
         }),
-        args: launch_args(checked, decl, &layers, micro_batch(checked)),
+        args: launch_args(checked, plan, decl, &layers),
         notes: warnings.iter().map(|d| d.message.clone()).collect(),
         layers,
     };
@@ -198,81 +206,22 @@ pub fn emit(checked: &Checked, target: &Target, opts: &EmitOptions) -> Result<Em
 /// diagnostics of [`support`], then the rules every Megatron-LM target shares.
 fn validate(
     c: &Checked,
+    plan: &ParallelPlan,
     target: &Target,
     all: &[crate::check::MegatronTarget],
 ) -> Result<Vec<Diagnostic>, EmitError> {
     let m = &c.model;
-    let p = &c.parallel;
     let v = &target.decl.version;
     let name = m.spans.name;
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    for d in support::diagnostics(c, &target.decl, all) {
+    for d in support::diagnostics(c, plan, &target.decl, all) {
         match d.severity {
             crate::diag::Severity::Error => errors.push(d),
             _ => warnings.push(d),
         }
     }
-    if m.depth() % p.pipeline != 0 {
-        errors.push(
-            Diagnostic::error(
-                "E0802",
-                m.spans.depth,
-                format!(
-                    "depth {} is not divisible by the {} pipeline stages",
-                    m.depth(),
-                    p.pipeline
-                ),
-            )
-            .with_secondary(p.spans.pipeline, "pipeline size set here"),
-        );
-    }
-    if m.attention.heads % p.tensor != 0 {
-        errors.push(
-            Diagnostic::error(
-                "E0803",
-                m.spans.heads,
-                format!(
-                    "{} heads do not divide over {} tensor ranks",
-                    m.attention.heads, p.tensor
-                ),
-            )
-            .with_secondary(p.spans.tensor, "tensor size set here"),
-        );
-    }
-    let group = layout::expert_group_size(p.experts, p.data);
-    let mut moe_count = 0;
-    for layer in &m.layers {
-        if let Ffn::Moe(moe) = &layer.ffn {
-            moe_count += 1;
-            if moe.experts % group != 0 {
-                errors.push(
-                    Diagnostic::error(
-                        "E0805",
-                        moe.spans.experts,
-                        format!(
-                            "experts = {} is not divisible by the {group} ranks of the expert group",
-                            moe.experts
-                        ),
-                    )
-                    .with_secondary(p.spans.experts, "expert group chosen here"),
-                );
-            }
-            if moe.expert.hidden % p.tensor != 0 {
-                errors.push(
-                    Diagnostic::error(
-                        "E0806",
-                        moe.expert.span,
-                        format!(
-                            "expert hidden size {} is not divisible by the {} tensor ranks that slice it",
-                            moe.expert.hidden, p.tensor
-                        ),
-                    )
-                    .with_secondary(p.spans.tensor, "tensor size set here"),
-                );
-            }
-        }
-    }
+    let moe_count = m.moe_layers().count();
     if moe_count == 0 {
         warnings.push(Diagnostic::warning(
             "W0802",
@@ -282,7 +231,7 @@ fn validate(
     }
     // Megatron takes the vocabulary from its tokenizer: GPT-2 BPE, 50257 tokens padded to a
     // multiple of 128 x tensor size.
-    let padded = 50257u64.div_ceil(128 * p.tensor) * 128 * p.tensor;
+    let padded = 50257u64.div_ceil(128 * plan.tensor) * 128 * plan.tensor;
     if !(50257..=padded.max(50304)).contains(&m.vocab) {
         warnings.push(Diagnostic::warning(
             "W0804",
@@ -312,20 +261,6 @@ fn validate(
                 ),
             ));
         }
-        let micro = p.micro_batch.unwrap_or(1);
-        if t.batch_sequences % (micro * p.data) != 0 {
-            errors.push(
-                Diagnostic::error(
-                    "E0808",
-                    t.spans.batch,
-                    format!(
-                        "a batch of {} sequences does not split into micro-batches of {micro} over {} data ranks",
-                        t.batch_sequences, p.data
-                    ),
-                )
-                .with_help("Megatron needs batch = micro-batch x data ranks x micro-batches"),
-            );
-        }
     }
     // Layers assigned by one selection share their spans: say each thing once.
     let unique = |ds: Vec<Diagnostic>| {
@@ -347,13 +282,7 @@ fn validate(
 
 /// The gate's name as the stdlib and the generated module spell it.
 pub fn gate_name(k: GateKind) -> &'static str {
-    match k {
-        GateKind::Naive => "naive",
-        GateKind::Noisy => "noisy",
-        GateKind::Gshard => "gshard",
-        GateKind::Switch => "switch",
-        GateKind::Swipe => "swipe",
-    }
+    crate::gates::of(k).name
 }
 
 fn act_name(a: Activation) -> &'static str {
@@ -364,7 +293,7 @@ fn act_name(a: Activation) -> &'static str {
     }
 }
 
-fn layer_views(c: &Checked, layout: &Layout) -> Vec<LayerView> {
+fn layer_views(c: &Checked, plan: &ParallelPlan) -> Vec<LayerView> {
     c.model
         .moe_layers()
         .map(|(index, moe)| LayerView {
@@ -374,35 +303,65 @@ fn layer_views(c: &Checked, layout: &Layout) -> Vec<LayerView> {
             gate: gate_name(moe.gate.kind),
             hidden: moe.expert.hidden,
             act: act_name(moe.expert.act),
-            capacity: match moe.gate.capacity {
-                Some(cap) => format!(
-                    "({}, {})",
-                    view::py_float(cap.train),
-                    view::py_float(cap.eval)
-                ),
-                None => "None".to_string(),
-            },
+            capacity: py_capacity(moe.gate.capacity),
             balance_loss: view::py_float(moe.gate.balance_loss),
             jitter: view::py_float(moe.gate.jitter),
-            random_routing: if moe.gate.random_routing {
-                "True"
-            } else {
-                "False"
-            },
-            experts_per_rank: moe.experts / layout.expert_group_size.max(1),
+            random_routing: py_bool(moe.gate.random_routing),
+            experts_per_rank: plan
+                .moe_layers
+                .iter()
+                .find(|l| l.layer == index)
+                .map_or(moe.experts, |l| l.experts_per_rank),
         })
         .collect()
 }
 
-fn planned_layout(c: &Checked) -> String {
-    let p = &c.parallel;
+fn py_bool(b: bool) -> &'static str {
+    if b {
+        "True"
+    } else {
+        "False"
+    }
+}
+
+fn py_capacity(c: Option<crate::check::Capacity>) -> String {
+    match c {
+        Some(cap) => format!(
+            "({}, {})",
+            view::py_float(cap.train),
+            view::py_float(cap.eval)
+        ),
+        None => "None".to_string(),
+    }
+}
+
+/// The generated module's gate table: every gate's definition with its stdlib defaults.
+fn gate_views() -> Vec<GateView> {
+    crate::check::gate_defaults()
+        .iter()
+        .map(|g| {
+            let def = crate::gates::of(g.kind);
+            GateView {
+                name: def.name,
+                class: def.python_class,
+                top_k: def.top_k.map_or("None".to_string(), |k| k.to_string()),
+                capacity: py_capacity(g.capacity),
+                balance_loss: view::py_float(g.balance_loss),
+                jitter: view::py_float(g.jitter),
+                random_routing: py_bool(g.random_routing),
+            }
+        })
+        .collect()
+}
+
+fn planned_layout(plan: &ParallelPlan) -> String {
     format!(
         "{} GPUs of {}: tensor {} x pipeline {} x data {}",
-        p.gpus, p.hardware.name, p.tensor, p.pipeline, p.data
+        plan.world, plan.hardware.name, plan.tensor, plan.pipeline, plan.data
     )
 }
 
-fn group_rows(l: &Layout) -> Vec<GroupRow> {
+fn group_rows(plan: &ParallelPlan) -> Vec<GroupRow> {
     let fmt = |gs: &[Vec<u64>]| -> String {
         const SHOWN: usize = 8;
         let mut parts: Vec<String> = gs
@@ -418,26 +377,27 @@ fn group_rows(l: &Layout) -> Vec<GroupRow> {
         }
         parts.join(" ")
     };
+    let g = &plan.groups;
     vec![
         GroupRow {
             kind: "tensor",
-            groups: fmt(&l.tensor_groups),
+            groups: fmt(&g.tensor),
         },
         GroupRow {
             kind: "pipeline",
-            groups: fmt(&l.pipeline_groups),
+            groups: fmt(&g.pipeline),
         },
         GroupRow {
             kind: "data",
-            groups: fmt(&l.data_groups),
+            groups: fmt(&g.data),
         },
         GroupRow {
             kind: "expert (all-to-all)",
-            groups: fmt(&l.expert_groups),
+            groups: fmt(&g.expert),
         },
         GroupRow {
             kind: "gate (all-reduce)",
-            groups: fmt(&l.gate_groups),
+            groups: fmt(&g.gate),
         },
     ]
 }
@@ -445,40 +405,23 @@ fn group_rows(l: &Layout) -> Vec<GroupRow> {
 /// Reads one printed value of a layer (for the uniform `--fmoe-*` launch arguments).
 type LayerField = dyn Fn(&LayerView) -> String;
 
-/// The micro-batch train.sh passes: the file's, else the one `fmoec plan` chooses for it
-/// (Megatron-LM's memory model), else — a plan that does not fit — the planner's default rule.
-fn micro_batch(c: &Checked) -> u64 {
-    if let Some(m) = c.parallel.micro_batch {
-        return m;
-    }
-    match crate::plan::cost_with(c, &crate::plan::Overrides::default()) {
-        Ok(planned) => planned.costed.micro_batch,
-        Err(_) => {
-            let seq = c.train.as_ref().map_or(c.model.context, |t| t.seq_len);
-            let share = c
-                .train
-                .as_ref()
-                .map_or(1, |t| t.batch_sequences / c.parallel.data.max(1));
-            crate::plan::default_micro_batch(share.max(1), seq)
-        }
-    }
-}
-
 /// Megatron's launch arguments for the model, the plan and the target's capabilities.
 fn launch_args(
     c: &Checked,
+    plan: &ParallelPlan,
     target: &crate::check::MegatronTarget,
     layers: &[LayerView],
-    micro: u64,
 ) -> Vec<ArgLine> {
     let m = &c.model;
-    let p = &c.parallel;
     let mut args: Vec<(String, Option<String>)> = Vec::new();
     let mut arg = |flag: &str, value: Option<String>| args.push((flag.to_string(), value));
-    arg("--tensor-model-parallel-size", Some(p.tensor.to_string()));
+    arg(
+        "--tensor-model-parallel-size",
+        Some(plan.tensor.to_string()),
+    );
     arg(
         "--pipeline-model-parallel-size",
-        Some(p.pipeline.to_string()),
+        Some(plan.pipeline.to_string()),
     );
     arg("--num-layers", Some(m.depth().to_string()));
     arg("--hidden-size", Some(m.width.to_string()));
@@ -486,10 +429,9 @@ fn launch_args(
         arg("--ffn-hidden-size", Some(hidden.to_string()));
     }
     arg("--num-attention-heads", Some(m.attention.heads.to_string()));
-    let seq = c.train.as_ref().map_or(m.context, |t| t.seq_len);
-    arg("--seq-length", Some(seq.to_string()));
+    arg("--seq-length", Some(plan.seq_len.to_string()));
     arg("--max-position-embeddings", Some(m.context.to_string()));
-    arg("--micro-batch-size", Some(micro.to_string()));
+    arg("--micro-batch-size", Some(plan.micro_batch.to_string()));
     arg("--DDP-impl", Some("local".to_string()));
     if let Some(t) = &c.train {
         arg("--global-batch-size", Some(t.batch_sequences.to_string()));

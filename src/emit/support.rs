@@ -12,6 +12,7 @@ use crate::check::{
     Activation, Checked, ExpertGroup, Ffn, MegatronTarget, Norm, Positions, Precision,
 };
 use crate::diag::{Diagnostic, Span};
+use crate::plan::ParallelPlan;
 
 /// One thing the model asks of a target: a value of one capability, and where it asks.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,9 +42,9 @@ pub(super) fn precision_name(p: Precision) -> &'static str {
     }
 }
 
-/// What the model file asks for, each value once per place it is written (layers assigned by
-/// one selection share their spans). Dense MLPs are left to [`dense_mlp`].
-pub fn asks(c: &Checked) -> Vec<Ask> {
+/// What the model file and its plan ask for, each value once per place it is written (layers
+/// assigned by one selection share their spans). Dense MLPs are left to [`dense_mlp`].
+pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
     let m = &c.model;
     let at = m.spans.name;
     let mut out = Vec::new();
@@ -132,6 +133,17 @@ pub fn asks(c: &Checked) -> Vec<Ask> {
             ExpertGroup::Replicated => ("replicated", "replicated experts".to_string()),
         };
         ask("expert_groups", value, what, p.spans.experts);
+        if plan.tensor > 1 {
+            let (value, what) = if plan.expert_slicing {
+                ("true", "experts sliced over the tensor ranks")
+            } else {
+                (
+                    "false",
+                    "experts whole on every tensor rank (`expert_slicing = false`)",
+                )
+            };
+            ask("expert_slicing", value, what.into(), p.spans.tensor);
+        }
     }
     if let Some(t) = &c.train {
         let p = precision_name(t.precision);
@@ -172,12 +184,13 @@ fn precision_stand_in(asked: &str, target: &MegatronTarget) -> Option<&'static s
 /// The diagnostics of `c` for `target` (errors and warnings), given every declared target.
 pub fn diagnostics(
     c: &Checked,
+    plan: &ParallelPlan,
     target: &MegatronTarget,
     all: &[MegatronTarget],
 ) -> Vec<Diagnostic> {
     let v = &target.version;
     let mut out = Vec::new();
-    for a in asks(c) {
+    for a in asks(c, plan) {
         if target.allows(a.field, &a.value) {
             continue;
         }

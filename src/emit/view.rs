@@ -23,6 +23,20 @@ pub struct LayerView {
     pub experts_per_rank: u64,
 }
 
+/// One gate of the generated module's gate table: its definition and its stdlib defaults, as
+/// Python literals.
+#[derive(Clone, Debug)]
+pub struct GateView {
+    pub name: &'static str,
+    pub class: &'static str,
+    /// `2`, or `None` for any `top_k`.
+    pub top_k: String,
+    pub capacity: String,
+    pub balance_loss: String,
+    pub jitter: String,
+    pub random_routing: &'static str,
+}
+
 /// One `--flag value` line of the launch command.
 #[derive(Clone, Debug)]
 pub struct ArgLine {
@@ -54,7 +68,10 @@ pub struct TargetView {
     // The MoE runtime.
     pub runtime: &'static str,
     pub fastmoe: bool,
-    // The MoE layers and their placement.
+    // The gates and the MoE layers and their placement.
+    pub gates: Vec<GateView>,
+    /// `True` when the model's linear layers (the gates' too) have biases.
+    pub bias: &'static str,
     pub layers: Vec<LayerView>,
     /// 0 = the data-parallel group.
     pub expert_group_size: u64,

@@ -129,7 +129,8 @@ pub struct Gate {
     pub balance_weight: f64,
     /// `[d, E]`.
     pub weight: Tensor,
-    /// `[E]`; `None` for the noisy gate (FastMoE's noisy gate has no bias).
+    /// `[E]`; `None` for the noisy gate (FastMoE's noisy gate has no bias) and for models
+    /// without biases.
     pub bias: Option<Tensor>,
     /// Noisy gate only: `[d, E]` noise scale projection.
     pub noise: Option<Tensor>,
@@ -211,40 +212,51 @@ fn normal(
 }
 
 impl Gate {
-    pub fn new(store: &mut ParamStore, prefix: &str, moe: &Moe, width: i64) -> Result<Gate> {
-        let e = moe.experts as i64;
-        let noisy = moe.gate.kind == GateKind::Noisy;
-        let weight = store.var(
-            &format!("{prefix}.weight"),
-            &[width, e],
-            Init::Normal(0.02),
-            true,
-        )?;
-        let bias = if noisy {
-            None
-        } else {
-            Some(store.var(&format!("{prefix}.bias"), &[e], Init::Zeros, false)?)
-        };
-        let noise = if noisy {
-            Some(store.var(
-                &format!("{prefix}.noise"),
-                &[width, e],
-                Init::Normal(0.02),
-                true,
-            )?)
-        } else {
-            None
+    /// Registers the gate's parameters under `prefix` as its definition (`crate::gates`) lists
+    /// them: the scores' `weight` `[d, E]`, a `bias` `[E]` when the model's linear layers have
+    /// biases, the noisy gate's `noise` `[d, E]`.
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        moe: &Moe,
+        width: i64,
+        bias: bool,
+    ) -> Result<Gate> {
+        let def = crate::gates::of(moe.gate.kind);
+        let (mut weight, mut bias_param, mut noise) = (None, None, None);
+        for p in def.params_with(bias) {
+            let shape: Vec<i64> = p
+                .shape
+                .dims(width as u64, moe.experts)
+                .iter()
+                .map(|&n| n as i64)
+                .collect();
+            let (init, decays) = if p.is_bias {
+                (Init::Zeros, false)
+            } else {
+                (Init::Normal(0.02), true)
+            };
+            let t = store.var(&format!("{prefix}.{}", p.name), &shape, init, decays)?;
+            match p.name {
+                "weight" => weight = Some(t),
+                "bias" => bias_param = Some(t),
+                "noise" => noise = Some(t),
+                other => bail!("gate parameter `{other}` has no use in the runtime"),
+            }
+        }
+        let Some(weight) = weight else {
+            bail!("the {} gate's definition has no `weight`", def.name);
         };
         Ok(Gate {
             kind: moe.gate.kind,
-            experts: e,
+            experts: moe.experts as i64,
             top_k: moe.top_k as i64,
             capacity: moe.gate.capacity,
             jitter: moe.gate.jitter,
             random_routing: moe.gate.random_routing,
             balance_weight: moe.gate.balance_loss,
             weight,
-            bias,
+            bias: bias_param,
             noise,
         })
     }
@@ -1065,7 +1077,7 @@ impl MoeLayer {
         bias: bool,
         out_std: f64,
     ) -> Result<MoeLayer> {
-        let gate = Gate::new(store, &format!("{prefix}.gate"), moe, width)?;
+        let gate = Gate::new(store, &format!("{prefix}.gate"), moe, width, bias)?;
         let experts = Experts::new(
             store,
             &format!("{prefix}.experts"),

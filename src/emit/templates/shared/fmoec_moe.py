@@ -55,7 +55,16 @@ _FMOEC_LAYERS = {
 _FMOEC_EXPERT_GROUP_SIZE = {{ v.expert_group_size }}
 # Experts per rank of the expert group, as planned for the declared GPUs ({{ v.planned_layout }}).
 _FMOEC_EXPERTS_PER_WORKER = {{ v.experts_per_worker }}
-_GATES = ('naive', 'noisy', 'gshard', 'switch', 'swipe')
+# The gates, from fmoec's one definition of each (`fmoec::gates`: the class, the experts per token
+# it routes, None for any top_k) with the defaults of their arguments from `std.gates`.
+_GATES = {
+{%- for g in v.gates %}
+    '{{ g.name }}': dict(cls='{{ g.class }}', top_k={{ g.top_k }}, capacity={{ g.capacity }}, balance_loss={{ g.balance_loss }},
+        jitter={{ g.jitter }}, random_routing={{ g.random_routing }}),
+{%- endfor %}
+}
+# Whether the model's linear layers, the gates' included, have biases.
+_FMOEC_BIAS = {{ v.bias }}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +85,7 @@ _ARGUMENTS = (
         help='Experts per rank of the expert group (total experts = this x expert group size).')),
     ('--fmoe-top-k', 'fmoe_top_k', dict(type=int, default=_uniform('top_k'),
         help='Experts per token.')),
-    ('--fmoe-balance-strategy', 'fmoe_balance_strategy', dict(type=str, choices=_GATES, default=_uniform('gate'),
+    ('--fmoe-balance-strategy', 'fmoe_balance_strategy', dict(type=str, choices=tuple(_GATES), default=_uniform('gate'),
         help='Gate (balance strategy).')),
     ('--fmoe-balance-loss-weight', 'fmoe_balance_loss_weight', dict(type=float, default=_uniform('balance_loss'),
         help='Weight of the gate balance loss added to the LM loss.')),
@@ -102,16 +111,31 @@ def add_arguments(parser):
 
 
 def _layer_spec(index, args):
-    """The spec of global layer `index`: the model file's, overridden by the arguments given."""
+    """The spec of global layer `index`: the model file's, overridden by the arguments given.
+    Another gate than the file's comes with its own defaults (`std.gates`)."""
     spec = dict(_FMOEC_LAYERS.get(index) or _FMOEC_LAYERS[sorted(_FMOEC_LAYERS)[0]])
-    overrides = (('fmoe_top_k', 'top_k'), ('fmoe_balance_strategy', 'gate'),
-                 ('fmoe_balance_loss_weight', 'balance_loss'), ('fmoe_hidden_size', 'hidden'),
-                 ('fmoe_capacity', 'capacity'))
+    gate = getattr(args, 'fmoe_balance_strategy', None)
+    if gate is not None and gate != spec['gate']:
+        defaults = _gate_definition(gate)
+        spec.update(gate=gate, capacity=defaults['capacity'], jitter=defaults['jitter'],
+                    random_routing=defaults['random_routing'])
+    overrides = (('fmoe_top_k', 'top_k'), ('fmoe_balance_loss_weight', 'balance_loss'),
+                 ('fmoe_hidden_size', 'hidden'), ('fmoe_capacity', 'capacity'))
     for dest, key in overrides:
         value = getattr(args, dest, None)
         if value is not None:
             spec[key] = tuple(value) if key == 'capacity' else value
+    routes = _gate_definition(spec['gate'])['top_k']
+    if routes is not None and spec['top_k'] != routes:
+        raise ValueError('fmoec: layer {}: the {} gate routes each token to {} expert(s), not top_k = {}'
+                         .format(index, spec['gate'], routes, spec['top_k']))
     return spec
+
+
+def _gate_definition(name):
+    if name not in _GATES:
+        raise ValueError('fmoec: no gate `{}`; the gates are {}'.format(name, ', '.join(_GATES)))
+    return _GATES[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,16 +333,27 @@ def _prune_local(idx, capacity, num_experts):
 
 
 class _BaseGate(nn.Module):
+    NAME = None
+
     def __init__(self, d_model, num_experts, top_k, topo):
         super(_BaseGate, self).__init__()
         self.d_model, self.num_experts, self.top_k, self.topo = d_model, num_experts, top_k, topo
+        routes = _GATES[self.NAME]['top_k']
+        if routes is not None and top_k != routes:
+            raise ValueError('fmoec: the {} gate routes to {} expert(s), not {}'.format(self.NAME, routes, top_k))
+
+    def _default(self, key, value):
+        """An argument not given takes the gate's default from the table above."""
+        return _GATES[self.NAME][key] if value is None else value
 
 
 class NaiveGate(_BaseGate):
     """Top-k of a linear layer's logits, softmax over the k chosen logits. No loss."""
-    def __init__(self, d_model, num_experts, top_k, topo, **_):
+    NAME = 'naive'
+
+    def __init__(self, d_model, num_experts, top_k, topo, bias=None, **_):
         super(NaiveGate, self).__init__(d_model, num_experts, top_k, topo)
-        self.gate = nn.Linear(d_model, num_experts, bias=True)
+        self.gate = nn.Linear(d_model, num_experts, bias=_FMOEC_BIAS if bias is None else bias)
 
     def forward(self, x):
         logits = self.gate(x)
@@ -329,6 +364,8 @@ class NaiveGate(_BaseGate):
 
 class NoisyGate(_BaseGate):
     """Noisy top-k gating (Shazeer et al. 2017) as FastMoE: loss = cv^2(importance) + cv^2(load)."""
+    NAME = 'noisy'
+
     def __init__(self, d_model, num_experts, top_k, topo, **_):
         super(NoisyGate, self).__init__(d_model, num_experts, top_k, topo)
         self.w_gate = nn.Parameter(torch.zeros(d_model, num_experts))
@@ -374,11 +411,12 @@ class GShardGate(NaiveGate):
     this rank's tokens, then random routing drops the second expert when 2 * p2 < U(0, 1).
     E is the total expert count (FastMoE used the per-worker count, which made the loss depend
     on the number of expert ranks)."""
-    def __init__(self, d_model, num_experts, top_k, topo, capacity=(1.2, 2.4), random_routing=True, **_):
-        super(GShardGate, self).__init__(d_model, num_experts, top_k, topo)
-        if top_k != 2:
-            raise ValueError('fmoec: the gshard gate routes to 2 experts, not {}'.format(top_k))
-        self.capacity, self.random_routing = tuple(capacity), random_routing
+    NAME = 'gshard'
+
+    def __init__(self, d_model, num_experts, top_k, topo, capacity=None, random_routing=None, bias=None, **_):
+        super(GShardGate, self).__init__(d_model, num_experts, top_k, topo, bias=bias)
+        self.capacity = tuple(self._default('capacity', capacity))
+        self.random_routing = self._default('random_routing', random_routing)
 
     def forward(self, x):
         logits = self.gate(x)
@@ -405,11 +443,12 @@ class SwitchGate(NaiveGate):
     """Switch: logits + U(1 - eps, 1 + eps) in training, softmax, top-1; capacity
     ceil(c * N / experts per rank) per expert over the whole expert group, granted to ranks in
     rank order; loss = sum(f_e * p_e) * E over the kept tokens."""
-    def __init__(self, d_model, num_experts, top_k, topo, capacity=(1.2, 2.4), jitter=0.1, **_):
-        super(SwitchGate, self).__init__(d_model, num_experts, top_k, topo)
-        if top_k != 1:
-            raise ValueError('fmoec: the switch gate routes to 1 expert, not {}'.format(top_k))
-        self.capacity, self.jitter = tuple(capacity), jitter
+    NAME = 'switch'
+
+    def __init__(self, d_model, num_experts, top_k, topo, capacity=None, jitter=None, bias=None, **_):
+        super(SwitchGate, self).__init__(d_model, num_experts, top_k, topo, bias=bias)
+        self.capacity = tuple(self._default('capacity', capacity))
+        self.jitter = self._default('jitter', jitter)
 
     def forward(self, x):
         logits = self.gate(x)
@@ -455,8 +494,10 @@ class SwipeGate(NaiveGate):
     """SWIPE (FastMoE): per top-k slot, each rank of the expert group accepts at most its
     remaining capacity (initially N * k) of tokens, in source-rank order; rejected tokens are
     re-assigned, in order, to ranks with capacity left (their expert `slot % experts per rank`)."""
-    def __init__(self, d_model, num_experts, top_k, topo, **_):
-        super(SwipeGate, self).__init__(d_model, num_experts, top_k, topo)
+    NAME = 'swipe'
+
+    def __init__(self, d_model, num_experts, top_k, topo, bias=None, **_):
+        super(SwipeGate, self).__init__(d_model, num_experts, top_k, topo, bias=bias)
 
     def forward(self, x):
         logits = self.gate(x)
@@ -538,8 +579,7 @@ def _swipe_once(idx, cap, local, bias, topo):
     return out.to(idx.device), cap
 
 
-_GATE_CLASSES = {'naive': NaiveGate, 'noisy': NoisyGate, 'gshard': GShardGate,
-                 'switch': SwitchGate, 'swipe': SwipeGate}
+_GATE_CLASSES = {name: globals()[d['cls']] for name, d in _GATES.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,10 +640,10 @@ class MoELayer(nn.Module):
         self.topo, self.layer_index, self.num_local = topo, layer_index, num_local
         self.num_experts = num_local * topo.expert_size
         self.top_k, self.balance_weight = spec['top_k'], float(spec['balance_loss'])
+        _gate_definition(spec['gate'])
         gate_cls = _GATE_CLASSES[spec['gate']]
-        self.gate = gate_cls(d_model, self.num_experts, spec['top_k'], topo,
-                             capacity=spec.get('capacity') or (1.2, 2.4),
-                             random_routing=spec.get('random_routing', True), jitter=spec.get('jitter', 0.0))
+        self.gate = gate_cls(d_model, self.num_experts, spec['top_k'], topo, capacity=spec.get('capacity'),
+                             random_routing=spec.get('random_routing'), jitter=spec.get('jitter'))
         self.experts = Experts(num_local, d_model, spec['hidden'], spec['act'], topo.tensor_size)
         self.d_model = d_model
         self.reset_parameters(init_std, num_layers, seed)
