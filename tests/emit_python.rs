@@ -69,3 +69,97 @@ fn generated_module_passes_its_python_tests() {
         .unwrap();
     assert!(status.success(), "pytest failed");
 }
+
+/// The Switch gate's `jitter` means one thing in `fmoec run` and in the emitted module (the gate
+/// input times U(1 - eps, 1 + eps)): the runtime routes a batch with keyed draws, and the
+/// module's SwitchGate, given the same weights, inputs and draws, routes alike
+/// (tests/python/test_jitter.py). Before, the module added the noise to the logits.
+#[cfg(feature = "runtime")]
+#[test]
+fn switch_jitter_routes_alike_in_run_and_in_the_emitted_module() {
+    use fmoec::check::{Activation, Capacity, Gate, Mlp, Moe};
+    use fmoec::runtime::moe::{self, MoeLayer};
+    use fmoec::runtime::params::ParamStore;
+    use tch::{Device, Kind, Tensor};
+
+    let Some(python) = python() else {
+        eprintln!("skipped: no python with torch (set FMOEC_PYTHON)");
+        return;
+    };
+    let (tokens, width, experts, jitter) = (64i64, 8i64, 4u64, 0.5);
+    let decl = Moe {
+        experts,
+        top_k: 1,
+        gate: Gate {
+            kind: GateKind::Switch,
+            // room for every token: no drops in either engine
+            capacity: Some(Capacity {
+                train: 8.0,
+                eval: 8.0,
+            }),
+            balance_loss: 0.01,
+            jitter,
+            random_routing: false,
+            span: Default::default(),
+        },
+        expert: Mlp {
+            hidden: 8,
+            act: Activation::Gelu,
+            span: Default::default(),
+        },
+        shared: None,
+        spans: Default::default(),
+    };
+    tch::manual_seed(7);
+    let mut store = ParamStore::new(Device::Cpu, Kind::Float);
+    let layer = MoeLayer::new(&mut store, "ffn", &decl, width, true, 0.02).unwrap();
+    tch::no_grad(|| {
+        let w = Tensor::randn([width, experts as i64], (Kind::Float, Device::Cpu));
+        layer.gate.weight.shallow_clone().copy_(&w);
+        let b = Tensor::randn([experts as i64], (Kind::Float, Device::Cpu)) * 0.1;
+        layer.gate.bias.as_ref().unwrap().shallow_clone().copy_(&b);
+    });
+    let x = Tensor::randn([tokens, width], (Kind::Float, Device::Cpu));
+    let key = Tensor::from_slice(&moe::draw_key_words(1234));
+    let routed = tch::no_grad(|| layer.gate.route(&x, true, Some(&key))).unwrap();
+    let clean = tch::no_grad(|| layer.gate.route(&x, false, None)).unwrap();
+    // the draws the runtime's Switch gate takes for its jitter: stream 0 of the key, x's shape
+    let draws = moe::keyed_uniform(&key, 0, &[tokens, width]).unwrap();
+    let rows = |t: &Tensor| -> Vec<Vec<f64>> {
+        Vec::<Vec<f64>>::try_from(t.to_kind(Kind::Double)).unwrap()
+    };
+    let flat = |t: &Tensor| -> Vec<f64> {
+        Vec::<f64>::try_from(t.reshape([-1]).to_kind(Kind::Double)).unwrap()
+    };
+    let ids = |t: &Tensor| -> Vec<i64> { Vec::<i64>::try_from(t.reshape([-1])).unwrap() };
+    let case = serde_json::json!({
+        "x": rows(&x),
+        "weight": rows(&layer.gate.weight.detach()),
+        "bias": flat(&layer.gate.bias.as_ref().unwrap().detach()),
+        "draws": rows(&draws),
+        "jitter": jitter,
+        "capacity": [8.0, 8.0],
+        "expert": ids(&routed.expert),
+        "weight_out": flat(&routed.weight),
+        "balance_loss": routed.balance_loss.double_value(&[]),
+        "expert_without_jitter": ids(&clean.expert),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    write(Runtime::Fmoec, dir.path());
+    let case_path = dir.path().join("jitter.json");
+    std::fs::write(&case_path, case.to_string()).unwrap();
+    let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_jitter.py");
+    let out = Command::new(&python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"])
+        .arg(&tests)
+        .env("FMOEC_MODULE_DIR", dir.path())
+        .env("FMOEC_JITTER_CASE", &case_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -221,3 +221,19 @@ fn gate_table_is_the_one_definition_with_the_stdlib_defaults() {
     ));
     assert!(module.contains("_FMOEC_BIAS = True"));
 }
+
+/// One GPU is "1 GPU", in the README, train.sh and the module (it said "1 GPUs").
+#[test]
+fn one_gpu_is_singular() {
+    let c = emit_fixture::checked(1, 1, 1, 4, GateKind::Gshard);
+    let opts = EmitOptions {
+        source_name: "tiny.fmoe".into(),
+        ..Default::default()
+    };
+    for (name, text) in emit_fixture::emit(&c, "v2.2", &opts).unwrap().files {
+        assert!(!text.contains("1 GPUs"), "{name}");
+        if name != "megatron-v2.2.patch" {
+            assert!(text.contains("1 GPU of h100_sxm"), "{name}");
+        }
+    }
+}

@@ -354,10 +354,16 @@ fn gate_views() -> Vec<GateView> {
         .collect()
 }
 
+/// `"16 GPUs of h100_sxm: tensor 2 x pipeline 1 x data 8"` (`"1 GPU of ..."`).
 fn planned_layout(plan: &ParallelPlan) -> String {
     format!(
-        "{} GPUs of {}: tensor {} x pipeline {} x data {}",
-        plan.world, plan.hardware.name, plan.tensor, plan.pipeline, plan.data
+        "{} GPU{} of {}: tensor {} x pipeline {} x data {}",
+        plan.world,
+        if plan.world == 1 { "" } else { "s" },
+        plan.hardware.name,
+        plan.tensor,
+        plan.pipeline,
+        plan.data
     )
 }
 

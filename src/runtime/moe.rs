@@ -23,14 +23,11 @@
 //! kernels without atomics (`runtime::fused`); elsewhere they are libtorch ops. A token with every slot dropped contributes nothing here and passes through the
 //! block's residual connection only.
 //!
-//! Semantics that differ from FastMoE's code on purpose (the checked model's contract wins):
-//! capacity is `ceil(factor · k · T / E)` tokens per expert (FastMoE's code uses
-//! `ceil(factor · T)`); slots over capacity are dropped in slot-major, token order (first choices
-//! of all tokens before second choices) instead of the CUDA kernel's arrival order; Switch's
-//! jitter multiplies the gate input by `U(1-ε, 1+ε)` as in the Switch paper (FastMoE adds it to
-//! the logits); GShard's random routing drops the second slot before capacity is applied. SWIPE
-//! balances over experts of one process (FastMoE balances over workers; with one expert per
-//! worker the two agree).
+//! Semantics that differ from FastMoE's code on purpose (the checked model's contract wins:
+//! capacity `ceil(factor · k · T / E)`, slot-major drop order, Switch's jitter on the gate input,
+//! GShard's random routing before capacity, SWIPE within one process) are listed, for this
+//! runtime and the emitted module, in one place: README.md, "Where fmoec differs from FastMoE
+//! on purpose".
 //!
 //! This module knows nothing about the transformer around it, the optimizer or checkpoints; it
 //! only needs a [`ParamStore`] to register its parameters under a name prefix.

@@ -440,7 +440,9 @@ class GShardGate(NaiveGate):
 
 
 class SwitchGate(NaiveGate):
-    """Switch: logits + U(1 - eps, 1 + eps) in training, softmax, top-1; capacity
+    """Switch: in training the gate's input is multiplied by U(1 - eps, 1 + eps) (the Switch
+    Transformer's jitter, as `fmoec run`; FastMoE adds that noise to the logits instead, a
+    deliberate difference listed in fmoec's README), softmax, top-1; capacity
     ceil(c * N / experts per rank) per expert over the whole expert group, granted to ranks in
     rank order; loss = sum(f_e * p_e) * E over the kept tokens."""
     NAME = 'switch'
@@ -450,11 +452,14 @@ class SwitchGate(NaiveGate):
         self.capacity = tuple(self._default('capacity', capacity))
         self.jitter = self._default('jitter', jitter)
 
+    def _jitter_draws(self, x):
+        """U(0, 1) draws of x's shape (a test replaces them with given ones)."""
+        return torch.rand_like(x)
+
     def forward(self, x):
-        logits = self.gate(x)
         if self.training and self.jitter > 0:
-            noise = torch.rand_like(logits) * 2 * self.jitter + 1.0 - self.jitter
-            logits = logits + noise
+            x = x * (self._jitter_draws(x) * 2 * self.jitter + 1.0 - self.jitter)
+        logits = self.gate(x)
         prob = F.softmax(logits.float(), dim=-1)
         score, idx = torch.topk(prob, k=1, dim=-1)
         topo = self.topo
