@@ -184,6 +184,40 @@ fn emit_lists_its_targets_and_refuses_unknown_ones() {
     assert!(stderr.contains("the model file is missing"), "{stderr}");
 }
 
+/// Every target emits its four files and the manifest that records their SHA-256.
+#[test]
+fn every_target_writes_its_files_and_the_manifest() {
+    use sha2::{Digest, Sha256};
+    for version in ["v2.2", "v2.5", "v3.0.2"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let r = fmoec(&[
+            "emit",
+            "--megatron",
+            version,
+            "examples/tiny.fmoe",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let manifest: std::collections::BTreeMap<String, String> =
+            serde_json::from_slice(&std::fs::read(out.join(".fmoec-emit.json")).unwrap()).unwrap();
+        let patch = format!("megatron-{version}.patch");
+        let names: Vec<&str> = manifest.keys().map(String::as_str).collect();
+        let mut expected = vec!["README.md", "fmoec_moe.py", patch.as_str(), "train.sh"];
+        expected.sort();
+        assert_eq!(names, expected, "{version}");
+        for (name, sum) in &manifest {
+            let bytes = std::fs::read(out.join(name)).unwrap();
+            let hex: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(&hex, sum, "{version} {name}");
+        }
+    }
+}
+
 /// The deepest expression the parser takes (64 nested brackets, each holding 255 products
 /// and 255 sums after the nested one: a tree about 32,000 levels deep) is checked without
 /// overflowing the stack; one chain longer than 256 operands is an error.

@@ -1,5 +1,6 @@
-//! Runs the generated Python module: byte-compiles both runtimes' modules and runs the pytest
-//! suite in tests/python against the fmoec one (torch CPU, gloo, 1, 2 and 4 processes).
+//! Runs the generated Python module of every target: byte-compiles each runtime's module and
+//! runs the pytest suite in tests/python against the fmoec one of every Megatron-LM target,
+//! the targets side by side (torch CPU, gloo, 1, 2 and 4 processes).
 //!
 //! The interpreter is `FMOEC_PYTHON`, else `~/.cache/fmoec/venv/bin/python` (the venv with
 //! torch, numpy and pytest that CI uses); without either the test says it was skipped.
@@ -21,14 +22,14 @@ fn python() -> Option<PathBuf> {
     venv.exists().then_some(venv)
 }
 
-fn write(runtime: Runtime, dir: &std::path::Path) {
+fn write(version: &str, runtime: Runtime, dir: &std::path::Path) {
     let c = emit_fixture::checked(4, 1, 1, 8, GateKind::Gshard);
     let opts = EmitOptions {
         runtime,
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
     };
-    for (name, text) in emit_fixture::emit(&c, "v2.2", &opts).unwrap().files {
+    for (name, text) in emit_fixture::emit(&c, version, &opts).unwrap().files {
         std::fs::write(dir.join(name), text).unwrap();
     }
 }
@@ -37,7 +38,7 @@ fn write(runtime: Runtime, dir: &std::path::Path) {
 fn keep_emitted_files_when_asked() {
     if let Some(keep) = std::env::var_os("FMOEC_EMIT_KEEP") {
         std::fs::create_dir_all(&keep).unwrap();
-        write(Runtime::Fmoec, std::path::Path::new(&keep));
+        write("v2.2", Runtime::Fmoec, std::path::Path::new(&keep));
         assert!(std::path::Path::new(&keep).join("fmoec_moe.py").exists());
     }
 }
@@ -48,26 +49,45 @@ fn generated_module_passes_its_python_tests() {
         eprintln!("skipped: no python with torch (set FMOEC_PYTHON)");
         return;
     };
-    let fmoec_dir = tempfile::tempdir().unwrap();
-    let fastmoe_dir = tempfile::tempdir().unwrap();
-    write(Runtime::Fmoec, fmoec_dir.path());
-    write(Runtime::Fastmoe, fastmoe_dir.path());
-    for dir in [fmoec_dir.path(), fastmoe_dir.path()] {
-        let status = Command::new(&python)
-            .args(["-m", "py_compile"])
-            .arg(dir.join("fmoec_moe.py"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "py_compile {}", dir.display());
-    }
     let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python");
-    let status = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(&tests)
-        .env("FMOEC_MODULE_DIR", fmoec_dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "pytest failed");
+    let mut suites = Vec::new();
+    for target in fmoec::emit::registry::targets().unwrap() {
+        let version = target.decl.version.clone();
+        for runtime in [Runtime::Fmoec, Runtime::Fastmoe] {
+            let name = if runtime == Runtime::Fmoec {
+                "fmoec"
+            } else {
+                "fastmoe"
+            };
+            if !target.decl.allows("runtimes", name) {
+                continue;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            write(&version, runtime, dir.path());
+            let status = Command::new(&python)
+                .args(["-m", "py_compile"])
+                .arg(dir.path().join("fmoec_moe.py"))
+                .status()
+                .unwrap();
+            assert!(status.success(), "py_compile {version} {name}");
+            if runtime == Runtime::Fmoec {
+                let child = Command::new(&python)
+                    .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+                    .arg(&tests)
+                    .env("FMOEC_MODULE_DIR", dir.path())
+                    .spawn()
+                    .unwrap();
+                suites.push((version.clone(), child, dir));
+            }
+        }
+    }
+    let failed: Vec<String> = suites
+        .into_iter()
+        .filter_map(|(version, mut child, _dir)| {
+            (!child.wait().unwrap().success()).then_some(version)
+        })
+        .collect();
+    assert!(failed.is_empty(), "pytest failed for {failed:?}");
 }
 
 /// The Switch gate's `jitter` means one thing in `fmoec run` and in the emitted module (the gate
@@ -145,7 +165,7 @@ fn switch_jitter_routes_alike_in_run_and_in_the_emitted_module() {
         "expert_without_jitter": ids(&clean.expert),
     });
     let dir = tempfile::tempdir().unwrap();
-    write(Runtime::Fmoec, dir.path());
+    write("v2.2", Runtime::Fmoec, dir.path());
     let case_path = dir.path().join("jitter.json");
     std::fs::write(&case_path, case.to_string()).unwrap();
     let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_jitter.py");

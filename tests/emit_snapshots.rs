@@ -7,12 +7,20 @@ use fmoec::check::GateKind;
 use fmoec::emit::{self, EmitOptions, Runtime};
 
 fn emitted(c: &fmoec::check::Checked, runtime: Runtime) -> Vec<(String, String)> {
+    emitted_for(c, "v2.2", runtime)
+}
+
+fn emitted_for(
+    c: &fmoec::check::Checked,
+    version: &str,
+    runtime: Runtime,
+) -> Vec<(String, String)> {
     let opts = EmitOptions {
         runtime,
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
     };
-    emit_fixture::emit(c, "v2.2", &opts).expect("emit").files
+    emit_fixture::emit(c, version, &opts).expect("emit").files
 }
 
 #[test]
@@ -108,7 +116,7 @@ fn unknown_release_lists_the_known_ones() {
     let err = emit::registry::find("v9.9").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "no Megatron-LM release `v9.9` to emit for; known: v2.2 \
+        "no Megatron-LM release `v9.9` to emit for; known: v2.2, v2.5, v3.0.2 \
          (`fmoec emit --megatron list` says what each supports)"
     );
 }
@@ -236,4 +244,53 @@ fn one_gpu_is_singular() {
             assert!(text.contains("1 GPU of h100_sxm"), "{name}");
         }
     }
+}
+
+/// Every file of every later target for the tensor-parallel fixture (v2.2's are above).
+#[test]
+fn every_target_emits_every_file() {
+    for version in emit::registry::versions() {
+        if version == "v2.2" {
+            continue;
+        }
+        let files = emitted_for(
+            &emit_fixture::checked(16, 2, 1, 32, GateKind::Gshard),
+            &version,
+            Runtime::Fmoec,
+        );
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        let patch = format!("megatron-{version}.patch");
+        assert_eq!(
+            names,
+            [patch.as_str(), "fmoec_moe.py", "train.sh", "README.md"]
+        );
+        for (name, text) in &files {
+            insta::assert_snapshot!(format!("{version}_gshard_t2_{name}"), text);
+        }
+        // byte-stable
+        assert_eq!(
+            files,
+            emitted_for(
+                &emit_fixture::checked(16, 2, 1, 32, GateKind::Gshard),
+                &version,
+                Runtime::Fmoec
+            )
+        );
+    }
+}
+
+/// `--runtime fastmoe` is refused where a target does not list it, with what it has.
+#[test]
+fn a_runtime_the_target_lacks_is_refused() {
+    let c = emit_fixture::checked(4, 1, 1, 8, GateKind::Gshard);
+    let opts = EmitOptions {
+        runtime: Runtime::Fastmoe,
+        source_name: "tiny.fmoe".into(),
+        ..Default::default()
+    };
+    let err = emit_fixture::emit(&c, "v2.5", &opts).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Megatron-LM v2.5 has no `--runtime fastmoe`; its runtimes: fmoec"
+    );
 }

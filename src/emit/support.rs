@@ -96,12 +96,12 @@ pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
         );
     }
     if m.tied_embeddings {
-        ask("tied_embeddings", "true", "a tied LM head".into(), at);
+        ask("tied_embeddings", "true", "tied LM head".into(), at);
     } else {
         ask(
             "tied_embeddings",
             "false",
-            "an untied LM head (`tied_embeddings = false`)".into(),
+            "untied LM head (`tied_embeddings = false`)".into(),
             at,
         );
     }
@@ -109,7 +109,7 @@ pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
         let act = act_name(moe.expert.act);
         ask("expert_act", act, format!("{act} experts"), moe.expert.span);
         let gate = crate::emit::gate_name(moe.gate.kind);
-        ask("gates", gate, format!("the {gate} gate"), moe.gate.span);
+        ask("gates", gate, format!("{gate} gate"), moe.gate.span);
         if moe.shared.is_some() {
             ask(
                 "shared_experts",

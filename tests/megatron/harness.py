@@ -13,8 +13,8 @@ Derived from the shared harness (`shared/megatron-harness/tiny_gpt_v2x.py` and
 - no FastMoE wrapping of the model provider (fmoec's patched `get_model` fmoefies);
 - `--overflow STEP:DATA_RANK`: an inf in one expert gradient of one data rank at one step (the
   overflow only that rank sees, since expert gradients are not reduced across data ranks);
-- checks after the steps: the LM loss is finite, every rank skipped exactly the steps with an
-  overflow, clipping triggered where asked, non-expert parameters are bit-identical across
+- checks after the steps: the LM loss is finite and the same on every tensor rank, every rank
+  skipped exactly the steps with an overflow, clipping triggered where asked, non-expert parameters are bit-identical across
   data-parallel replicas and expert parameters differ between expert ranks, and (with
   `--ckpt-dir`) a save / scramble / load round trip restores every parameter bit for bit.
 Every rank prints one `[rank R] ...` summary; rank 0 prints HARNESS_OK when all checks pass.
@@ -192,6 +192,13 @@ for step in range(h.steps):
             rank, VERSION, step, losses[-1], skipped, optimizer.get_loss_scale().item()), flush=True)
 
 failures = []
+# Tensor-parallel ranks compute one loss: every rank of a tensor group reports the same.
+if h.tp > 1 and losses:
+    mine = torch.tensor(losses, dtype=torch.float64)
+    theirs = [torch.empty_like(mine) for _ in range(h.tp)]
+    torch.distributed.all_gather(theirs, mine, group=mpu.get_tensor_model_parallel_group())
+    if not all(torch.equal(t, mine) for t in theirs):
+        failures.append('tensor ranks report different losses: {}'.format([t.tolist() for t in theirs]))
 if losses and not all(math.isfinite(v) for v in losses):
     failures.append('non-finite LM loss {}'.format(losses))
 expected_skips = [overflow_step] if overflow_step is not None and overflow_step < h.steps else []
@@ -259,4 +266,9 @@ torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
 if rank == 0 and int(ok.item()) == 1:
     print('HARNESS_OK', flush=True)
 torch.distributed.destroy_process_group()
-sys.exit(0 if not failures else 1)
+sys.stdout.flush()
+sys.stderr.flush()
+# os._exit, not sys.exit: now and then a C++ thread of torch 2.11's gloo backend is still
+# joinable when the interpreter tears down and aborts the process ("terminate called without an
+# active exception") after every check above has passed and been printed.
+os._exit(0 if not failures else 1)

@@ -14,15 +14,7 @@ functions and gradient clipping. Works with torch 1.8+ and torch 2.x, on NCCL an
 {%- endif %}
 
 The Megatron patch calls, and only calls, these names:
-  add_arguments(parser)                       megatron/arguments.py
-  fmoefy(model)                               megatron/training.py, get_model
-  DistributedDataParallel                     megatron/training.py (replaces LocalDDP)
-  save_checkpoint, load_checkpoint            megatron/training.py
-  begin_step(optimizer)                       megatron/training.py, train_step
-  training_log_hook(loss_dict, iteration)     megatron/training.py, training_log
-  copy_param_tags(main_param, param)          megatron/optimizer/optimizer.py
-  agree_found_inf(found_inf)                  megatron/optimizer/optimizer.py, fp16 overflow check
-  clip_grad_norm_fp32                         megatron/optimizer/clip_grads.py
+{%- block patch_calls %}{% endblock %}
 
 Parameter tags (attribute `dp_comm`, the same convention as FastMoE):
   'none'       expert parameters: never reduced across the expert group
@@ -762,35 +754,53 @@ def _record(layer, loss, dropped):
 # ---------------------------------------------------------------------------------------------
 # Megatron glue: fmoefy, the step hook and the balance log.
 # ---------------------------------------------------------------------------------------------
+def _transformer_layers(module):
+    """The transformer layers of one model chunk (`language_model.transformer` in v2.2,
+    `language_model.encoder` from v2.5 on), through Megatron's wrappers."""
+    while hasattr(module, 'module') and not hasattr(module, 'language_model'):
+        module = module.module
+    lm = module.language_model
+    stack = getattr(lm, 'encoder', None) or getattr(lm, 'transformer', None)
+    if stack is None:
+        raise ValueError('fmoec: the model has no transformer layers where Megatron keeps them')
+    return stack.layers
+
+
 def fmoefy(model):
-    """Replace the MLP of the selected layers of a Megatron GPT/BERT model built on this rank."""
-    from megatron import get_args, mpu
+    """Replace the MLP of the selected layers of a Megatron GPT/BERT model built on this rank:
+    one module, or the list of model chunks (pre_process/post_process stages, virtual chunks)
+    that Megatron-LM v2.5 and later build. Each layer is selected by its global index
+    (`layer_number - 1`), so every pipeline stage and chunk finds its own."""
+    from megatron import get_args
     args = get_args()
     if not getattr(args, 'fmoefy', True):
         return model
     if args.DDP_impl != 'local':
         raise ValueError('fmoec: MoE layers need --DDP-impl local (the expert-aware data parallelism)')
+    if getattr(args, 'sequence_parallel', False):
+        raise ValueError('fmoec: MoE layers need every tensor rank to see the whole sequence: '
+                         'drop --sequence-parallel')
     topo = _megatron_topology(args.fmoe_expert_group_size)
     set_topology(topo)
-    layers = model.language_model.transformer.layers
-    offset = mpu.get_pipeline_model_parallel_rank() * len(layers)
     selected = set(args.fmoe_layers or [])
-    for local, layer in enumerate(layers):
-        index = offset + local
-        if index not in selected:
-            continue
-        spec = _layer_spec(index, args)
-        num_local = args.fmoe_num_experts
-        if num_local is None:
-            if spec['experts'] % topo.expert_size != 0:
-                raise ValueError('fmoec: layer {}: {} experts do not divide over {} expert ranks'.format(
-                    index, spec['experts'], topo.expert_size))
-            num_local = spec['experts'] // topo.expert_size
-        layer.mlp = MoELayer(spec, args.hidden_size, num_local, topo, layer_index=index,
-                             init_std=args.init_method_std, num_layers=args.num_layers, seed=args.seed)
-    for p in model.parameters():
-        if not hasattr(p, 'dp_comm'):
-            p.dp_comm = 'dp'
+    chunks = model if isinstance(model, list) else [model]
+    for chunk in chunks:
+        for layer in _transformer_layers(chunk):
+            index = layer.layer_number - 1
+            if index not in selected:
+                continue
+            spec = _layer_spec(index, args)
+            num_local = args.fmoe_num_experts
+            if num_local is None:
+                if spec['experts'] % topo.expert_size != 0:
+                    raise ValueError('fmoec: layer {}: {} experts do not divide over {} expert ranks'.format(
+                        index, spec['experts'], topo.expert_size))
+                num_local = spec['experts'] // topo.expert_size
+            layer.mlp = MoELayer(spec, args.hidden_size, num_local, topo, layer_index=index,
+                                 init_std=args.init_method_std, num_layers=args.num_layers, seed=args.seed)
+        for p in chunk.parameters():
+            if not hasattr(p, 'dp_comm'):
+                p.dp_comm = 'dp'
     return model
 
 
@@ -845,10 +855,11 @@ def copy_param_tags(main_param, param):
 # ---------------------------------------------------------------------------------------------
 # Expert-aware data parallelism.
 # ---------------------------------------------------------------------------------------------
-def _allreduce_by_kind(params, topo, fp32_allreduce=False):
+def _allreduce_by_kind(params, topo, fp32_allreduce=False, main_grad=False):
     """Sum gradients over each kind's group, then divide by the data-parallel size: the loss is
     the mean over data ranks, and every kind's gradient is the sum of its contributions.
-    The collectives are entered in the same order by every rank of each group."""
+    The collectives are entered in the same order by every rank of each group. With
+    `main_grad`, the gradients are Megatron's `param.main_grad` (v2.5 and later)."""
     kinds = (('dp', topo.data_group, topo.data_size),
              ('gate', topo.gate_group, topo.data_size * topo.tensor_size),
              ('expert_dp', topo.expert_dp_group, topo.expert_dp_size),
@@ -856,13 +867,17 @@ def _allreduce_by_kind(params, topo, fp32_allreduce=False):
     for kind, group, size in kinds:
         chosen = [p for p in params if getattr(p, 'dp_comm', 'dp') == kind and p.requires_grad]
         for p in chosen:
-            if p.grad is None:
+            if main_grad:
+                if getattr(p, 'main_grad', None) is None:
+                    p.main_grad = torch.zeros_like(p)
+            elif p.grad is None:
                 p.grad = torch.zeros_like(p)
+        grad_of = (lambda p: p.main_grad) if main_grad else (lambda p: p.grad.data)
         by_type = {}
         for p in chosen:
-            by_type.setdefault(str(p.grad.dtype), []).append(p)
+            by_type.setdefault(str(grad_of(p).dtype), []).append(p)
         for key in sorted(by_type):
-            grads = [p.grad.data for p in by_type[key]]
+            grads = [grad_of(p) for p in by_type[key]]
             flat = torch.cat([g.reshape(-1) for g in grads])
             if fp32_allreduce:
                 flat = flat.float()
@@ -881,43 +896,18 @@ def _allreduce_by_kind(params, topo, fp32_allreduce=False):
                 offset += n
 
 
-class DistributedDataParallel(nn.Module):
-    """Megatron's local DDP, reducing each parameter over its kind's group (see `dp_comm`)."""
-    def __init__(self, module, topology=None):
-        nn.Module.__init__(self)   # not super(): the FastMoE runtime rebinds this class's name
-        self.module = module
-        self.topology = topology
-        self.needs_reduction = False
+def _data_parallel_topology():
+    """The groups gradients are reduced over: fmoefy's, or plain data parallelism for a dense
+    model (--no-fmoefy)."""
+    if _TOPOLOGY is not None:
+        return _TOPOLOGY
+    from megatron import mpu
+    d = mpu.get_data_parallel_world_size()
+    return Topology(data_group=mpu.get_data_parallel_group(), data_size=d,
+                    gate_group=mpu.get_data_parallel_group())
 
-    def _topo(self):
-        if self.topology is not None:
-            return self.topology
-        if _TOPOLOGY is not None:
-            return _TOPOLOGY
-        # a dense model (--no-fmoefy): plain data parallelism
-        from megatron import mpu
-        d = mpu.get_data_parallel_world_size()
-        return Topology(data_group=mpu.get_data_parallel_group(), data_size=d,
-                        gate_group=mpu.get_data_parallel_group())
 
-    def allreduce_params(self, reduce_after=True, no_scale=False, fp32_allreduce=False):
-        if not self.needs_reduction:
-            return
-        self.needs_reduction = False
-        _allreduce_by_kind(list(self.module.parameters()), self._topo(), fp32_allreduce)
-
-    def forward(self, *inputs, **kwargs):
-        self.needs_reduction = True
-        return self.module(*inputs, **kwargs)
-
-    def state_dict(self, destination=None, prefix='', keep_vars=False):
-        return self.module.state_dict(destination, prefix, keep_vars)
-
-    def state_dict_for_save_checkpoint(self, destination=None, prefix='', keep_vars=False):
-        return self.module.state_dict_for_save_checkpoint(destination, prefix, keep_vars)
-
-    def load_state_dict(self, state_dict, strict=True):
-        self.module.load_state_dict(state_dict, strict=strict)
+{% block data_parallel %}{% endblock %}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1008,15 +998,28 @@ def _is_expert(p):
     return getattr(p, 'dp_comm', 'dp') in ('none', 'expert_dp')
 
 
-def _unwrap(model):
-    while hasattr(model, 'module'):
-        model = model.module
-    return model
+def _chunks(model):
+    """The model chunks (Megatron-LM v2.5 and later build a list), each without its wrappers."""
+    chunks = model if isinstance(model, list) else [model]
+    out = []
+    for m in chunks:
+        while hasattr(m, 'module'):
+            m = m.module
+        out.append(m)
+    return out
+
+
+def _named_parameters(model):
+    """Parameters by name; with several chunks the name starts with `chunk<i>.`."""
+    chunks = _chunks(model)
+    for i, chunk in enumerate(chunks):
+        for n, p in chunk.named_parameters():
+            yield (n if len(chunks) == 1 else 'chunk{}.{}'.format(i, n)), p
 
 
 def expert_state(model, optimizer):
     """This rank's expert parameters, their optimizer state and (fp16) their fp32 copies."""
-    params = {n: p.detach().clone() for n, p in _unwrap(model).named_parameters() if _is_expert(p)}
+    params = {n: p.detach().clone() for n, p in _named_parameters(model) if _is_expert(p)}
     inner = getattr(optimizer, 'optimizer', optimizer)
     state, main = {}, {}
     for i, group in enumerate(inner.param_groups):
@@ -1031,7 +1034,7 @@ def expert_state(model, optimizer):
 
 
 def load_expert_state(model, optimizer, saved):
-    named = dict(_unwrap(model).named_parameters())
+    named = dict(_named_parameters(model))
     with torch.no_grad():
         for n, t in saved['model'].items():
             named[n].copy_(t)
@@ -1060,28 +1063,30 @@ def _shards_needed():
     return topo is not None and topo.expert_size > 1
 
 
-def save_checkpoint(iteration, model, optimizer, lr_scheduler):
+def save_checkpoint(iteration, model, optimizer, scheduler, *args, **kwargs):
+    """Every data rank but 0 writes its experts first; then Megatron's own save writes data
+    rank 0's file and, last, the tracker file: a checkpoint the tracker names is complete."""
     from megatron import checkpointing, get_args, mpu
-    checkpointing.save_checkpoint(iteration, model, optimizer, lr_scheduler)
-    if not _shards_needed():
-        return
-    args = get_args()
-    data_rank = mpu.get_data_parallel_rank()
-    if data_rank != 0:
-        name = expert_checkpoint_name(checkpointing.get_checkpoint_name(args.save, iteration), data_rank)
-        os.makedirs(os.path.dirname(name), exist_ok=True)
-        torch.save({'iteration': iteration, 'experts': expert_state(model, optimizer)}, name)
-    dist.barrier()
+    if _shards_needed():
+        data_rank = mpu.get_data_parallel_rank()
+        if data_rank != 0:
+            name = expert_checkpoint_name(checkpointing.get_checkpoint_name(get_args().save, iteration),
+                                          data_rank)
+            os.makedirs(os.path.dirname(name), exist_ok=True)
+            torch.save({'iteration': iteration, 'experts': expert_state(model, optimizer)}, name)
+    checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, *args, **kwargs)
 
 
-def load_checkpoint(model, optimizer, lr_scheduler, load_arg='load'):
+def load_checkpoint(model, optimizer, scheduler, *args, **kwargs):
+    """Megatron's load (data rank 0's file on every rank), then each other data rank's experts."""
     from megatron import checkpointing, get_args, mpu
-    iteration = checkpointing.load_checkpoint(model, optimizer, lr_scheduler, load_arg)
+    iteration = checkpointing.load_checkpoint(model, optimizer, scheduler, *args, **kwargs)
     if not _shards_needed():
         return iteration
-    args = get_args()
+    args_ = get_args()
+    load_arg = kwargs.get('load_arg', args[0] if args else 'load')
     data_rank = mpu.get_data_parallel_rank()
-    load_dir = getattr(args, load_arg)
+    load_dir = getattr(args_, load_arg)
     tracker = checkpointing.get_checkpoint_tracker_filename(load_dir)
     if data_rank != 0 and os.path.isfile(tracker):
         with open(tracker) as f:
@@ -1092,94 +1097,8 @@ def load_checkpoint(model, optimizer, lr_scheduler, load_arg='load'):
         if not os.path.isfile(name):
             raise FileNotFoundError('fmoec: expert checkpoint {} is missing for data rank {}'.format(name, data_rank))
         saved = torch.load(name, map_location='cpu')
-        no_optim = release or getattr(args, 'finetune', False) or getattr(args, 'no_load_optim', False)
+        no_optim = release or getattr(args_, 'finetune', False) or getattr(args_, 'no_load_optim', False)
         load_expert_state(model, None if no_optim else optimizer, saved['experts'])
     dist.barrier()
     return iteration
-{%- if v.fastmoe %}
-
-
-# ---------------------------------------------------------------------------------------------
-# FastMoE runtime: FastMoE's MoE layers, data parallelism and checkpoints replace the ones
-# above; the arguments, the layer selection, the balance loss and the clipping stay fmoec's.
-# ---------------------------------------------------------------------------------------------
-_FMOEC_DDP = DistributedDataParallel
-
-
-def fmoefy(model):
-    """Replace the MLP of the selected layers by FastMoE's `MegatronMLP`."""
-    from megatron import get_args, mpu
-    from fmoe.megatron.balance import reset_gate_hook
-    from fmoe.megatron.layers import MegatronMLP
-    args = get_args()
-    if not getattr(args, 'fmoefy', True):
-        return model
-    if args.DDP_impl != 'local':
-        raise ValueError('fmoec: MoE layers need --DDP-impl local (the expert-aware data parallelism)')
-    topo = _megatron_topology(args.fmoe_expert_group_size)
-    if topo.expert_size not in (1, topo.data_size):
-        raise ValueError('fmoec: FastMoE splits experts over the whole data-parallel group or not at all')
-    set_topology(topo)
-    layers = model.language_model.transformer.layers
-    offset = mpu.get_pipeline_model_parallel_rank() * len(layers)
-    selected = set(args.fmoe_layers or [])
-    # FastMoE's balance bookkeeping reads args.balance_strategy when it is reset
-    args.balance_strategy = _layer_spec(min(selected) if selected else 0, args)['gate']
-    reset_gate_hook(args.num_layers)
-    for local, layer in enumerate(layers):
-        index = offset + local
-        if index not in selected:
-            continue
-        spec = _layer_spec(index, args)
-        # FastMoE's MegatronMLP reads its settings from these argument names.
-        args.fmoe_num_experts = args.fmoe_num_experts or spec['experts'] // topo.expert_size
-        args.top_k = spec['top_k']
-        args.balance_strategy = spec['gate']
-        args.hidden_hidden_size = spec['hidden'] // topo.tensor_size
-        args.distributed_experts = topo.expert_size > 1
-        mlp = MegatronMLP(args, index)
-        _attach_fastmoe_balance(mlp, index, float(spec['balance_loss']), topo)
-        layer.mlp = mlp
-    return model
-
-
-def _attach_fastmoe_balance(mlp, index, weight, topo):
-    forward = mlp.forward
-
-    def forward_with_balance(inp):
-        out, bias = forward(inp)
-        gate = mlp.gate
-        if mlp.training and getattr(gate, 'has_loss', False):
-            loss = gate.get_loss(clear=True).float().reshape(())
-            _record(index, loss.detach(), 0.0)
-            if weight != 0.0 and loss.requires_grad:
-                out = _AttachBalanceLoss.apply(out, loss * weight, 1.0 / topo.tensor_size)
-        return out, bias
-
-    mlp.forward = forward_with_balance
-
-
-class DistributedDataParallel(_FMOEC_DDP):
-    """fmoec's wrapper (so Megatron's isinstance checks hold) reducing with FastMoE's."""
-    def __init__(self, module, topology=None):
-        super(DistributedDataParallel, self).__init__(module, topology)
-        from fmoe.megatron.distributed import DistributedDataParallel as FastMoEDDP
-        self._fastmoe = [FastMoEDDP(module)]   # a list: not registered as a submodule
-
-    def allreduce_params(self, reduce_after=True, no_scale=False, fp32_allreduce=False):
-        if not self.needs_reduction:
-            return
-        self.needs_reduction = False
-        self._fastmoe[0].allreduce_params(no_scale=no_scale, reduce_after=reduce_after,
-                                          fp32_allreduce=fp32_allreduce)
-
-
-def save_checkpoint(iteration, model, optimizer, lr_scheduler):
-    from fmoe.megatron.checkpoint import save_checkpoint as fastmoe_save
-    return fastmoe_save(iteration, model, optimizer, lr_scheduler)
-
-
-def load_checkpoint(model, optimizer, lr_scheduler, load_arg='load'):
-    from fmoe.megatron.checkpoint import load_checkpoint as fastmoe_load
-    return fastmoe_load(model, optimizer, lr_scheduler, load_arg)
-{%- endif %}
+{%- block fastmoe %}{% endblock %}
