@@ -295,3 +295,73 @@ fn every_layout_trains_inside_real_megatron() {
         }
     }
 }
+
+/// The emitted train.sh starts every release under torch 2.x (torchrun, the ranks in the
+/// environment) and the release's own parser, with fmoec's argument group, accepts every
+/// argument it passes (before, torch 2.x's launcher passed `--local-rank=N`, which they reject):
+/// a stand-in pretrain_gpt.py runs only Megatron's `parse_args` on 2 ranks.
+#[test]
+fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
+    let Some(python) = harness_python() else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = std::env::var_os("FMOEC_MEGATRON_HARNESS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared/megatron-harness"));
+    for (target, checkout) in checkouts() {
+        let version = target.decl.version.clone();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(["emit", "--megatron", &version])
+            .arg(root.join("examples/gpt2-medium-moe.fmoe"))
+            .arg("-o")
+            .arg(&out));
+        let tree = tmp.path().join("megatron");
+        copy_tree(&checkout, &tree);
+        run(Command::new("git")
+            .current_dir(&tree)
+            .arg("apply")
+            .arg(out.join(target.patch_name())));
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::copy(
+            root.join("tests/megatron/parse_args_only.py"),
+            work.join("pretrain_gpt.py"),
+        )
+        .unwrap();
+        let mut cmd = Command::new("bash");
+        cmd.current_dir(&work)
+            .arg(out.join("train.sh"))
+            .env("PYTHON", &python)
+            .env("MEGATRON_TREE", &tree)
+            .env("FMOEC_MEGATRON_HARNESS", &shared)
+            .env("NNODES", "1")
+            .env("NPROC_PER_NODE", "2")
+            .env("MASTER_PORT", next_port().to_string())
+            .env("DATA_PATH", "corpus_text_document")
+            .env("VOCAB_FILE", "vocab.json")
+            .env("MERGE_FILE", "merges.txt");
+        // v2.2's parser compiles its CUDA softmax kernel unless told not to (a CPU has none)
+        let arguments = std::fs::read_to_string(tree.join("megatron/arguments.py")).unwrap();
+        if arguments.contains("--no-scaled-masked-softmax-fusion") {
+            cmd.arg("--no-scaled-masked-softmax-fusion");
+        }
+        let output = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "{version}:\n{text}");
+        // the ranks' lines may interleave with Megatron's own prints
+        let expected = "of 2: tp 2 pp 1 dp 1 micro 8 global 256 layers 24 fmoe_layers [1, 3,";
+        assert_eq!(
+            text.matches("PARSED rank ").count(),
+            2,
+            "{version}:\n{text}"
+        );
+        assert_eq!(text.matches(expected).count(), 2, "{version}:\n{text}");
+    }
+}
