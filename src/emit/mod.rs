@@ -285,7 +285,8 @@ pub fn gate_name(k: GateKind) -> &'static str {
     crate::gates::of(k).name
 }
 
-fn act_name(a: Activation) -> &'static str {
+/// The activation's name as the stdlib and the generated module spell it.
+pub(crate) fn act_name(a: Activation) -> &'static str {
     match a {
         Activation::Gelu => "gelu",
         Activation::Relu => "relu",

@@ -8,9 +8,8 @@
 //!
 //! Knows nothing about templates, patches or any particular release.
 
-use crate::check::{
-    Activation, Checked, ExpertGroup, Ffn, MegatronTarget, Norm, Positions, Precision,
-};
+use super::act_name;
+use crate::check::{Checked, ExpertGroup, Ffn, MegatronTarget, Norm, Positions, Precision};
 use crate::diag::{Diagnostic, Span};
 use crate::plan::ParallelPlan;
 
@@ -24,14 +23,6 @@ pub struct Ask {
     /// How a message names it: "RMSNorm (`norm = rmsnorm`)".
     pub what: String,
     pub span: Span,
-}
-
-fn act_name(a: Activation) -> &'static str {
-    match a {
-        Activation::Gelu => "gelu",
-        Activation::Relu => "relu",
-        Activation::Swiglu => "swiglu",
-    }
 }
 
 pub(super) fn precision_name(p: Precision) -> &'static str {
