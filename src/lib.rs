@@ -18,6 +18,7 @@ pub mod diag;
 pub mod digest;
 pub mod driver;
 pub mod emit;
+pub mod gates;
 pub mod graph;
 #[cfg(feature = "runtime")]
 pub mod hf;

@@ -168,6 +168,72 @@ fn emit_never_overwrites_files_it_did_not_write() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("it is a file, not a folder"));
 }
 
+/// `fmoec emit --megatron list` prints every target and what it supports (no model file
+/// needed); an unknown target is refused, naming the known ones; a missing model file too.
+#[test]
+fn emit_lists_its_targets_and_refuses_unknown_ones() {
+    let out = fmoec(&["emit", "--megatron", "list"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("v2.2  Megatron-LM v2.2, tree 8aa4619f"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  precision              fp32, fp16"),
+        "{stdout}"
+    );
+    let out = fmoec(&["emit", "--megatron", "v9.9", "examples/tiny.fmoe"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no Megatron-LM release `v9.9` to emit for; known: v2.2"),
+        "{stderr}"
+    );
+    let out = fmoec(&["emit", "--megatron", "v2.2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("the model file is missing"), "{stderr}");
+}
+
+/// Every target emits its four files and the manifest that records their SHA-256.
+#[test]
+fn every_target_writes_its_files_and_the_manifest() {
+    use sha2::{Digest, Sha256};
+    for version in ["v2.2", "v2.5", "v3.0.2"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let r = fmoec(&[
+            "emit",
+            "--megatron",
+            version,
+            "examples/tiny.fmoe",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let manifest: std::collections::BTreeMap<String, String> =
+            serde_json::from_slice(&std::fs::read(out.join(".fmoec-emit.json")).unwrap()).unwrap();
+        let patch = format!("megatron-{version}.patch");
+        let names: Vec<&str> = manifest.keys().map(String::as_str).collect();
+        let mut expected = vec!["README.md", "fmoec_moe.py", patch.as_str(), "train.sh"];
+        expected.sort();
+        assert_eq!(names, expected, "{version}");
+        for (name, sum) in &manifest {
+            let bytes = std::fs::read(out.join(name)).unwrap();
+            let hex: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(&hex, sum, "{version} {name}");
+        }
+    }
+}
+
 /// The deepest expression the parser takes (64 nested brackets, each holding 255 products
 /// and 255 sums after the nested one: a tree about 32,000 levels deep) is checked without
 /// overflowing the stack; one chain longer than 256 operands is an error.

@@ -1,35 +1,61 @@
-//! The patch against a real Megatron-LM v2.2 checkout, when `FMOEC_MEGATRON_V22` names one
-//! (tree 8aa4619f2b2a57b5725026a50ebd2b15e8121482). Megatron's source never enters this
-//! repository or CI; without the variable these tests only say they were skipped.
+//! Every target's patch against a real Megatron-LM checkout, when `FMOEC_MEGATRON_<VERSION>`
+//! names one (`FMOEC_MEGATRON_V22` for v2.2 at tree 8aa4619f2b2a57b5725026a50ebd2b15e8121482,
+//! `FMOEC_MEGATRON_V25`, `FMOEC_MEGATRON_V302`: the version upper-cased without dots).
+//! Megatron's source never enters this repository or CI; without the variables these tests
+//! only say what they skipped.
+//!
+//! With `FMOEC_HARNESS_PYTHON` too (a python with torch 2.x, numpy, six and regex), the
+//! emitted integration trains inside the patched tree (`tests/megatron/harness.py` on CPU
+//! ranks with gloo).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fmoec::emit::{gitdiff, megatron, v2_2};
+use fmoec::emit::{gitdiff, megatron, registry, Target};
 
-fn checkout() -> Option<PathBuf> {
-    match std::env::var_os("FMOEC_MEGATRON_V22") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: set FMOEC_MEGATRON_V22 to a Megatron-LM v2.2 checkout");
-            None
+/// Every declared target with a checkout named by its variable.
+fn checkouts() -> Vec<(Target, PathBuf)> {
+    let mut out = Vec::new();
+    for target in registry::targets().expect("the targets are consistent") {
+        let var = format!(
+            "FMOEC_MEGATRON_{}",
+            target.decl.version.to_uppercase().replace('.', "")
+        );
+        match std::env::var_os(&var) {
+            Some(p) => out.push((target, PathBuf::from(p))),
+            None => eprintln!(
+                "skipped {}: set {var} to a Megatron-LM checkout of {}",
+                target.decl.version, target.decl.tree
+            ),
         }
     }
+    out
+}
+
+/// The v2.2 checkout, for the tests of v2.2's own defects.
+fn checkout_v22() -> Option<PathBuf> {
+    checkouts()
+        .into_iter()
+        .find(|(t, _)| t.decl.version == "v2.2")
+        .map(|(_, p)| p)
 }
 
 #[test]
 fn recorded_patch_equals_patch_computed_from_checkout() {
-    let Some(root) = checkout() else { return };
-    let computed = megatron::diff_from_checkout(&root, &v2_2::RELEASE).expect("patch the checkout");
-    let recorded = megatron::diff_recorded(&v2_2::RELEASE);
-    assert_eq!(
-        computed, recorded,
-        "recorded line numbers or blob ids are stale"
-    );
-    // the recorded original blob ids are those of the checkout's files
-    for f in v2_2::RELEASE.files {
-        let bytes = std::fs::read(root.join(f.path)).unwrap();
-        assert_eq!(gitdiff::blob_id(&bytes), f.original_blob, "{}", f.path);
+    for (target, root) in checkouts() {
+        let Some(patch) = &target.patch else { continue };
+        let computed = megatron::diff_from_checkout(&root, patch).expect("patch the checkout");
+        let recorded = megatron::diff_recorded(patch);
+        assert_eq!(
+            computed, recorded,
+            "{}: recorded line numbers or blob ids are stale",
+            target.decl.version
+        );
+        // the recorded original blob ids are those of the checkout's files
+        for f in &patch.files {
+            let bytes = std::fs::read(root.join(&f.path)).unwrap();
+            assert_eq!(gitdiff::blob_id(&bytes), f.original_blob, "{}", f.path);
+        }
     }
 }
 
@@ -55,35 +81,287 @@ fn copy_tree(from: &Path, to: &Path) {
 
 #[test]
 fn git_apply_accepts_the_patch_and_patched_files_compile() {
-    let Some(root) = checkout() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let tree = tmp.path().join("megatron");
-    copy_tree(&root, &tree);
-    let patch = tmp.path().join("megatron-v2.2.patch");
-    std::fs::write(&patch, megatron::diff_recorded(&v2_2::RELEASE)).unwrap();
-    run(Command::new("git")
-        .current_dir(&tree)
-        .args(["apply", "--check"])
-        .arg(&patch));
+    for (target, root) in checkouts() {
+        let Some(release) = &target.patch else {
+            continue;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("megatron");
+        copy_tree(&root, &tree);
+        let patch = tmp.path().join(target.patch_name());
+        std::fs::write(&patch, megatron::diff_recorded(release)).unwrap();
+        run(Command::new("git")
+            .current_dir(&tree)
+            .args(["apply", "--check"])
+            .arg(&patch));
+        run(Command::new("git")
+            .current_dir(&tree)
+            .arg("apply")
+            .arg(&patch));
+        // index lines: the patched files hash to the recorded ids
+        for f in &release.files {
+            let bytes = std::fs::read(tree.join(&f.path)).unwrap();
+            assert_eq!(gitdiff::blob_id(&bytes), f.patched_blob, "{}", f.path);
+        }
+        let python = std::env::var("FMOEC_PYTHON").unwrap_or_else(|_| "python3".into());
+        let mut cmd = Command::new(python);
+        cmd.current_dir(&tree).args(["-m", "py_compile"]);
+        for f in &release.files {
+            cmd.arg(&f.path);
+        }
+        run(&mut cmd);
+        // and it reverses cleanly
+        run(Command::new("git")
+            .current_dir(&tree)
+            .args(["apply", "-R", "--check"])
+            .arg(&patch));
+    }
+}
+
+/// A Python for `tests/megatron/harness.py`: torch 2.x, numpy, six and regex
+/// (`FMOEC_HARNESS_PYTHON`); the harness also needs the shared `cpu_shim.py` and `stubs/`.
+fn harness_python() -> Option<PathBuf> {
+    match std::env::var_os("FMOEC_HARNESS_PYTHON") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!(
+                "skipped: set FMOEC_HARNESS_PYTHON to a python with torch, numpy, six, regex"
+            );
+            None
+        }
+    }
+}
+
+/// Emits `tests/megatron/harness.fmoe` for `release` with the fmoec binary, as a user does,
+/// into `dir/out`, and patches a copy of the checkout at `dir/megatron` with its patch.
+fn emitted_and_patched(release: &str, checkout: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let out = dir.join("out");
+    emit_harness_model(release, &out);
+    let tree = dir.join("megatron");
+    copy_tree(checkout, &tree);
     run(Command::new("git")
         .current_dir(&tree)
         .arg("apply")
-        .arg(&patch));
-    // index lines: the patched files hash to the recorded ids
-    for f in v2_2::RELEASE.files {
-        let bytes = std::fs::read(tree.join(f.path)).unwrap();
-        assert_eq!(gitdiff::blob_id(&bytes), f.patched_blob, "{}", f.path);
+        .arg(out.join(format!("megatron-{release}.patch"))));
+    (out, tree)
+}
+
+/// Emits `tests/megatron/harness.fmoe` for `release` with the fmoec binary, as a user does.
+fn emit_harness_model(release: &str, out: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(["emit", "--megatron", release])
+        .arg(root.join("tests/megatron/harness.fmoe"))
+        .arg("-o")
+        .arg(out));
+}
+
+/// A rendezvous port for the next harness run (tests of this file run in parallel).
+fn next_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(29531);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Runs the harness on `ranks` CPU processes from the patched tree; returns its output.
+fn run_harness(python: &Path, tree: &Path, module: &Path, ranks: u32, args: &[&str]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(python)
+        .current_dir(tree)
+        .env("PYTHONPATH", module)
+        .env("HANG_DUMP_S", "120")
+        .env("OMP_NUM_THREADS", "1")
+        .args(["-m", "torch.distributed.run", "--nproc_per_node"])
+        .arg(ranks.to_string())
+        .arg("--master_port")
+        .arg(next_port().to_string())
+        .arg(root.join("tests/megatron/harness.py"))
+        .args(args)
+        .output()
+        .expect("spawn the harness");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("HARNESS_OK"),
+        "harness {args:?} failed:\n{text}"
+    );
+    text
+}
+
+/// fp16 with an inf in the expert gradients of one data rank only: every rank skips that
+/// step (before the fix, the rank with the overflow skipped and the other waited in clipping
+/// for a collective it never entered), and the replicas stay bit-identical.
+#[test]
+fn fp16_overflow_on_one_data_rank_is_skipped_by_every_rank() {
+    let Some(root) = checkout_v22() else { return };
+    let Some(python) = harness_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, tree) = emitted_and_patched("v2.2", &root, tmp.path());
+    for overflow in ["1:0", "1:1"] {
+        let text = run_harness(
+            &python,
+            &tree,
+            &out,
+            2,
+            &[
+                "--steps",
+                "3",
+                "--fp16",
+                "--initial-loss-scale",
+                "1024",
+                "--clip-grad",
+                "0.05",
+                "--overflow",
+                overflow,
+            ],
+        );
+        assert_eq!(text.matches("skipped [1]").count(), 2, "{text}");
     }
-    let python = std::env::var("FMOEC_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut cmd = Command::new(python);
-    cmd.current_dir(&tree).args(["-m", "py_compile"]);
-    for f in v2_2::RELEASE.files {
-        cmd.arg(f.path);
+}
+
+/// Every target's integration trains inside its real Megatron-LM on CPU ranks, in the layouts
+/// tensor x pipeline x data 1x1x2, 2x1x2, 1x2x2, 2x2x1 and 2x2x2: fp16 with an overflow in the
+/// experts of one data rank at step 1 (skipped by every rank), clipping that triggers on every
+/// other step, checkpoint save / scramble / load bit for bit, replicas bit-identical, experts
+/// different on every data rank, the same loss on every tensor rank; and bf16 where the target
+/// has it.
+#[test]
+fn every_layout_trains_inside_real_megatron() {
+    let Some(python) = harness_python() else {
+        return;
+    };
+    for (target, root) in checkouts() {
+        let version = target.decl.version.clone();
+        let tmp = tempfile::tempdir().unwrap();
+        let (out, tree) = emitted_and_patched(&version, &root, tmp.path());
+        for (t, p, d) in [(1, 1, 2), (2, 1, 2), (1, 2, 2), (2, 2, 1), (2, 2, 2)] {
+            let ckpt = tmp.path().join(format!("ckpt-{t}{p}{d}"));
+            let (tp, pp, overflow) = (t.to_string(), p.to_string(), format!("1:{}", d - 1));
+            let text = run_harness(
+                &python,
+                &tree,
+                &out,
+                t * p * d,
+                &[
+                    "--tp",
+                    &tp,
+                    "--pp",
+                    &pp,
+                    "--steps",
+                    "4",
+                    "--fp16",
+                    "--initial-loss-scale",
+                    "1024",
+                    "--clip-grad",
+                    "0.05",
+                    "--expect-clipping",
+                    "--overflow",
+                    &overflow,
+                    "--ckpt-dir",
+                    ckpt.to_str().unwrap(),
+                ],
+            );
+            let summaries = text.matches("skipped [1], ").count();
+            assert_eq!(
+                summaries as u32,
+                t * p * d,
+                "{version} {t}x{p}x{d}:\n{text}"
+            );
+        }
+        if target.decl.allows("precision", "bf16") {
+            let ckpt = tmp.path().join("ckpt-bf16");
+            let mut args = vec![
+                "--tp",
+                "2",
+                "--steps",
+                "3",
+                "--bf16",
+                "--clip-grad",
+                "0.05",
+                "--expect-clipping",
+                "--ckpt-dir",
+                ckpt.to_str().unwrap(),
+            ];
+            // apex's fused weight-gradient kernel (v3.0.2's default with bf16) is CUDA only
+            let arguments = std::fs::read_to_string(tree.join("megatron/arguments.py")).unwrap();
+            if arguments.contains("--no-gradient-accumulation-fusion") {
+                args.push("--no-gradient-accumulation-fusion");
+            }
+            run_harness(&python, &tree, &out, 4, &args);
+        }
     }
-    run(&mut cmd);
-    // and it reverses cleanly
-    run(Command::new("git")
-        .current_dir(&tree)
-        .args(["apply", "-R", "--check"])
-        .arg(&patch));
+}
+
+/// The emitted train.sh starts every release under torch 2.x (torchrun, the ranks in the
+/// environment) and the release's own parser, with fmoec's argument group, accepts every
+/// argument it passes (before, torch 2.x's launcher passed `--local-rank=N`, which they reject):
+/// a stand-in pretrain_gpt.py runs only Megatron's `parse_args` on 2 ranks.
+#[test]
+fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
+    let Some(python) = harness_python() else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = std::env::var_os("FMOEC_MEGATRON_HARNESS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared/megatron-harness"));
+    for (target, checkout) in checkouts() {
+        let version = target.decl.version.clone();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(["emit", "--megatron", &version])
+            .arg(root.join("examples/gpt2-medium-moe.fmoe"))
+            .arg("-o")
+            .arg(&out));
+        let tree = tmp.path().join("megatron");
+        copy_tree(&checkout, &tree);
+        run(Command::new("git")
+            .current_dir(&tree)
+            .arg("apply")
+            .arg(out.join(target.patch_name())));
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::copy(
+            root.join("tests/megatron/parse_args_only.py"),
+            work.join("pretrain_gpt.py"),
+        )
+        .unwrap();
+        let mut cmd = Command::new("bash");
+        cmd.current_dir(&work)
+            .arg(out.join("train.sh"))
+            .env("PYTHON", &python)
+            .env("MEGATRON_TREE", &tree)
+            .env("FMOEC_MEGATRON_HARNESS", &shared)
+            .env("NNODES", "1")
+            .env("NPROC_PER_NODE", "2")
+            .env("MASTER_PORT", next_port().to_string())
+            .env("DATA_PATH", "corpus_text_document")
+            .env("VOCAB_FILE", "vocab.json")
+            .env("MERGE_FILE", "merges.txt");
+        // v2.2's parser compiles its CUDA softmax kernel unless told not to (a CPU has none)
+        let arguments = std::fs::read_to_string(tree.join("megatron/arguments.py")).unwrap();
+        if arguments.contains("--no-scaled-masked-softmax-fusion") {
+            cmd.arg("--no-scaled-masked-softmax-fusion");
+        }
+        let output = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "{version}:\n{text}");
+        // the ranks' lines may interleave with Megatron's own prints
+        let expected = "of 2: tp 2 pp 1 dp 1 micro 8 global 256 layers 24 fmoe_layers [1, 3,";
+        assert_eq!(
+            text.matches("PARSED rank ").count(),
+            2,
+            "{version}:\n{text}"
+        );
+        assert_eq!(text.matches(expected).count(), 2, "{version}:\n{text}");
+    }
 }

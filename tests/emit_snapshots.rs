@@ -4,17 +4,23 @@
 mod emit_fixture;
 
 use fmoec::check::GateKind;
-use fmoec::emit::{self, EmitError, EmitOptions, Runtime};
+use fmoec::emit::{self, EmitOptions, Runtime};
 
 fn emitted(c: &fmoec::check::Checked, runtime: Runtime) -> Vec<(String, String)> {
+    emitted_for(c, "v2.2", runtime)
+}
+
+fn emitted_for(
+    c: &fmoec::check::Checked,
+    version: &str,
+    runtime: Runtime,
+) -> Vec<(String, String)> {
     let opts = EmitOptions {
         runtime,
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
     };
-    emit::emit(c, &emit::v2_2::RELEASE, &opts)
-        .expect("emit")
-        .files
+    emit_fixture::emit(c, version, &opts).expect("emit").files
 }
 
 #[test]
@@ -68,30 +74,50 @@ fn output_is_byte_stable_and_the_patch_is_model_independent() {
     assert_ne!(a[1], c[1]);
 }
 
+/// The plan is the planner's: a model it cannot plan never reaches the emitter, and the emitter
+/// keeps no rules of its own about the grid (E0802-E0806 and E0808 were copies of them).
 #[test]
-fn indivisible_experts_are_a_diagnostic() {
+fn indivisible_experts_are_the_planners_diagnostic() {
     let c = emit_fixture::checked(16, 2, 1, 6, GateKind::Gshard);
+    let ds = fmoec::plan::build(&c).unwrap_err();
+    assert!(
+        ds.iter().any(|d| d.message
+            == "layer 1: experts = 6 is not divisible by the 8 ranks of the expert group"),
+        "{ds:?}"
+    );
+}
+
+/// The micro-batch and the groups train.sh and the README show are the plan's.
+#[test]
+fn train_sh_takes_the_micro_batch_and_groups_from_the_plan() {
+    let mut c = emit_fixture::checked(8, 2, 1, 8, GateKind::Gshard);
+    c.parallel.micro_batch = None;
+    let plan = fmoec::plan::build(&c).unwrap();
     let opts = EmitOptions {
         source_name: "tiny.fmoe".into(),
         ..Default::default()
     };
-    match emit::emit(&c, &emit::v2_2::RELEASE, &opts) {
-        Err(EmitError::Model(ds)) => {
-            assert!(ds
-                .iter()
-                .any(|d| d.message
-                    == "experts = 6 is not divisible by the 8 ranks of the expert group"));
-        }
-        other => panic!("expected a diagnostic, got {other:?}"),
-    }
+    let target = emit::registry::find("v2.2").unwrap();
+    let files = emit::emit(&c, &plan, &target, &opts).unwrap().files;
+    let train = &files.iter().find(|(n, _)| n == "train.sh").unwrap().1;
+    assert!(
+        train.contains(&format!("--micro-batch-size {} ", plan.micro_batch)),
+        "{train}"
+    );
+    let readme = &files.iter().find(|(n, _)| n == "README.md").unwrap().1;
+    assert!(
+        readme.contains("| data | [0, 2, 4, 6] [1, 3, 5, 7] |"),
+        "{readme}"
+    );
 }
 
 #[test]
 fn unknown_release_lists_the_known_ones() {
-    let err = emit::find_release("v9.9", &[]).unwrap_err();
+    let err = emit::registry::find("v9.9").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "no Megatron-LM release `v9.9` to emit for; known: v2.2"
+        "no Megatron-LM release `v9.9` to emit for; known: v2.2, v2.5, v3.0.2 \
+         (`fmoec emit --megatron list` says what each supports)"
     );
 }
 
@@ -105,7 +131,7 @@ fn checkpoint_keep_is_a_warning_for_megatron() {
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
     };
-    let out = emit::emit(&c, &emit::v2_2::RELEASE, &opts).expect("emit");
+    let out = emit_fixture::emit(&c, "v2.2", &opts).expect("emit");
     assert!(
         out.warnings
             .iter()
@@ -113,5 +139,158 @@ fn checkpoint_keep_is_a_warning_for_megatron() {
                 && w.message.contains("`keep = 3` applies to `fmoec run` only")),
         "{:?}",
         out.warnings
+    );
+}
+
+/// Every declared target has its template folder and a patch that parses and changes the files
+/// it declares; every folder is declared.
+#[test]
+fn every_target_is_a_declaration_plus_a_folder() {
+    let targets = emit::registry::targets().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!targets.is_empty());
+    assert_eq!(
+        emit::registry::undeclared_folders(),
+        Vec::<&str>::new(),
+        "template folders without a declaration in stdlib/megatron.fmoe"
+    );
+    for t in &targets {
+        let patch = t
+            .patch
+            .as_ref()
+            .expect("the Megatron-LM releases patch something");
+        // the recorded patch renders back byte for byte
+        let text = emit::megatron::diff_recorded(patch);
+        assert_eq!(
+            emit::megatron::ReleasePatch::parse(&text).as_ref(),
+            Ok(patch)
+        );
+    }
+}
+
+#[test]
+fn megatron_list_prints_every_target_and_its_capabilities() {
+    insta::assert_snapshot!(emit::registry::list());
+}
+
+/// What a target lacks is a diagnostic generated from the declarations: the same rule names
+/// whichever declared target has the capability (here a made-up one).
+#[test]
+fn capability_diagnostics_come_from_the_declarations() {
+    let v22 = emit::registry::find("v2.2").unwrap().decl;
+    let mut other = v22.clone();
+    other.version = "v9.1".into();
+    other.capabilities.insert(
+        "norm".into(),
+        fmoec::check::Capability::Set(vec!["layernorm".into(), "rmsnorm".into()]),
+    );
+    let mut c = emit_fixture::checked(4, 1, 1, 8, GateKind::Gshard);
+    c.model.norm = fmoec::check::Norm::RmsNorm;
+    let all = [v22.clone(), other.clone()];
+    let plan = fmoec::plan::build(&c).unwrap();
+    let ds = emit::support::diagnostics(&c, &plan, &v22, &all);
+    assert_eq!(ds.len(), 1, "{ds:?}");
+    assert_eq!(ds[0].code, "E0801");
+    assert_eq!(
+        ds[0].message,
+        "Megatron-LM v2.2 has no RMSNorm (`norm = rmsnorm`)"
+    );
+    assert_eq!(
+        ds[0].help.as_deref(),
+        Some("Megatron-LM v9.1 has it (`--megatron v9.1`); or train it with `fmoec run`")
+    );
+    assert!(emit::support::diagnostics(&c, &plan, &other, &all).is_empty());
+    // bf16 where the target has only fp16: a warning and the stand-in
+    c.model.norm = fmoec::check::Norm::LayerNorm;
+    c.train.as_mut().unwrap().precision = fmoec::check::Precision::Bf16;
+    let ds = emit::support::diagnostics(&c, &plan, &v22, &all);
+    assert_eq!(ds.len(), 1);
+    assert_eq!(ds[0].code, "W0803");
+    assert_eq!(emit::support::precision_flag(&c, &v22), Some("--fp16"));
+}
+
+/// The generated module's gate table is `fmoec::gates` with the stdlib's defaults: every gate
+/// of the definition, every gate of the stdlib, no other.
+#[test]
+fn gate_table_is_the_one_definition_with_the_stdlib_defaults() {
+    let defaults = fmoec::check::gate_defaults();
+    let kinds: Vec<GateKind> = defaults.iter().map(|g| g.kind).collect();
+    let defined: Vec<GateKind> = fmoec::gates::GATES.iter().map(|g| g.kind).collect();
+    assert_eq!(kinds, defined);
+    let c = emit_fixture::checked(4, 1, 1, 8, GateKind::Gshard);
+    let opts = EmitOptions {
+        source_name: "tiny.fmoe".into(),
+        ..Default::default()
+    };
+    let files = emit_fixture::emit(&c, "v2.2", &opts).unwrap().files;
+    let module = &files.iter().find(|(n, _)| n == "fmoec_moe.py").unwrap().1;
+    assert!(module.contains(
+        "    'gshard': dict(cls='GShardGate', top_k=2, capacity=(1.2, 2.4), balance_loss=0.01,\n        \
+         jitter=0.0, random_routing=True),"
+    ));
+    assert!(module.contains("_FMOEC_BIAS = True"));
+}
+
+/// One GPU is "1 GPU", in the README, train.sh and the module (it said "1 GPUs").
+#[test]
+fn one_gpu_is_singular() {
+    let c = emit_fixture::checked(1, 1, 1, 4, GateKind::Gshard);
+    let opts = EmitOptions {
+        source_name: "tiny.fmoe".into(),
+        ..Default::default()
+    };
+    for (name, text) in emit_fixture::emit(&c, "v2.2", &opts).unwrap().files {
+        assert!(!text.contains("1 GPUs"), "{name}");
+        if name != "megatron-v2.2.patch" {
+            assert!(text.contains("1 GPU of h100_sxm"), "{name}");
+        }
+    }
+}
+
+/// Every file of every later target for the tensor-parallel fixture (v2.2's are above).
+#[test]
+fn every_target_emits_every_file() {
+    for version in emit::registry::versions() {
+        if version == "v2.2" {
+            continue;
+        }
+        let files = emitted_for(
+            &emit_fixture::checked(16, 2, 1, 32, GateKind::Gshard),
+            &version,
+            Runtime::Fmoec,
+        );
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        let patch = format!("megatron-{version}.patch");
+        assert_eq!(
+            names,
+            [patch.as_str(), "fmoec_moe.py", "train.sh", "README.md"]
+        );
+        for (name, text) in &files {
+            insta::assert_snapshot!(format!("{version}_gshard_t2_{name}"), text);
+        }
+        // byte-stable
+        assert_eq!(
+            files,
+            emitted_for(
+                &emit_fixture::checked(16, 2, 1, 32, GateKind::Gshard),
+                &version,
+                Runtime::Fmoec
+            )
+        );
+    }
+}
+
+/// `--runtime fastmoe` is refused where a target does not list it, with what it has.
+#[test]
+fn a_runtime_the_target_lacks_is_refused() {
+    let c = emit_fixture::checked(4, 1, 1, 8, GateKind::Gshard);
+    let opts = EmitOptions {
+        runtime: Runtime::Fastmoe,
+        source_name: "tiny.fmoe".into(),
+        ..Default::default()
+    };
+    let err = emit_fixture::emit(&c, "v2.5", &opts).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Megatron-LM v2.5 has no `--runtime fastmoe`; its runtimes: fmoec"
     );
 }

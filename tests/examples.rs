@@ -56,9 +56,11 @@ fn stdlib_declares_the_seed_target_and_profiles() {
         .iter()
         .find(|t| t.version == "v2.2")
         .expect("v2.2 target");
-    assert_eq!(v22.commit, "8aa4619f2b2a57b5725026a50ebd2b15e8121482");
-    assert_eq!(v22.transformer_module, "megatron.model.transformer");
+    assert_eq!(v22.tree, "8aa4619f2b2a57b5725026a50ebd2b15e8121482");
+    assert_eq!(v22.templates, "v2.2");
     assert_eq!(v22.torch_min, "1.8");
+    assert!(v22.allows("norm", "layernorm") && !v22.allows("norm", "rmsnorm"));
+    assert!(!v22.can("native_expert_parallel") && !v22.can("shared_experts"));
     for f in [
         "megatron/arguments.py",
         "megatron/training.py",

@@ -528,3 +528,48 @@ fn keyed_routing_repeats_for_the_same_key() {
         );
     }
 }
+
+/// The gate's parameters are its one definition's (`fmoec::gates`), as the planner counts
+/// them: a bias only when the model's linear layers have biases (before, the runtime gave
+/// every gate but the noisy one a bias, so a bias-free model had `E` parameters more per MoE
+/// layer than `fmoec plan` counted).
+#[test]
+fn gate_parameters_follow_the_gate_definition() {
+    for kind in [
+        GateKind::Naive,
+        GateKind::Noisy,
+        GateKind::Gshard,
+        GateKind::Switch,
+    ] {
+        let top_k = if kind == GateKind::Switch { 1 } else { 2 };
+        for bias in [true, false] {
+            let decl = moe_decl(kind, 4, top_k, None, Activation::Gelu);
+            let mut store = ParamStore::new(Device::Cpu, Kind::Float);
+            let l = MoeLayer::new(&mut store, "ffn", &decl, 8, bias, 0.02).unwrap();
+            let def = fmoec::gates::of(kind);
+            for p in def.params {
+                let present = store.get(&format!("ffn.gate.{}", p.name)).is_some();
+                assert_eq!(
+                    present,
+                    bias || !p.is_bias,
+                    "{kind:?} bias={bias} {}",
+                    p.name
+                );
+            }
+            let count: i64 = [
+                Some(&l.gate.weight),
+                l.gate.bias.as_ref(),
+                l.gate.noise.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|t| t.numel() as i64)
+            .sum();
+            assert_eq!(
+                count as u64,
+                def.param_count(8, 4, bias),
+                "{kind:?} bias={bias}"
+            );
+        }
+    }
+}

@@ -605,6 +605,16 @@ pub fn gate_needs_top_k(
     .with_help(format!("write `top_k = {needed}` in this `moe(...)`"))
 }
 
+pub fn unknown_gate(span: Span, name: &str) -> Diagnostic {
+    Diagnostic::error(
+        "E0414",
+        span,
+        format!("fmoec has no implementation of the gate `{name}`"),
+    )
+    .with_label("not one of fmoec's gates")
+    .with_help(format!("the gates are {}", crate::gates::NAMES.join(", ")))
+}
+
 // ---- E05xx: parallel rules --------------------------------------------------------
 // E0501 and E0505-E0507 were copies of the planner's rules; the planner reports them
 // (P0001, P0008, P0002, P0006). Codes are never reused.

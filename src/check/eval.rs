@@ -457,7 +457,7 @@ impl Checker<'_> {
         V::new(v.value, span)
     }
 
-    fn call_ctor(
+    pub(crate) fn call_ctor(
         &mut self,
         sig: &Rc<Signature>,
         callee_span: Span,

@@ -210,6 +210,10 @@ impl<'a> Checker<'a> {
                         self.const_value(m, &c, span);
                     }
                     EntityKind::Ctor(sig) => {
+                        if sig.kind == "gate" && crate::gates::by_name(&sig.name).is_none() {
+                            self.sink
+                                .push(errors::unknown_gate(sig.name_span, &sig.name));
+                        }
                         for p in &sig.params {
                             if let Some(d) = &p.default {
                                 let ctx = eval::Ctx::module(m);
@@ -323,6 +327,8 @@ pub fn check_stdlib(sources: &mut Sources, sink: &mut Sink) {
 struct StdFacts {
     targets: Vec<MegatronTarget>,
     hardware: Vec<Hardware>,
+    /// Each stdlib gate with every argument at its default.
+    gates: Vec<Gate>,
 }
 
 fn std_facts() -> &'static StdFacts {
@@ -334,7 +340,31 @@ fn std_facts() -> &'static StdFacts {
         checker.resolve_imports();
         let mut targets = Vec::new();
         let mut hardware = Vec::new();
+        let mut gates = Vec::new();
         for m in 0..checker.modules.len() {
+            let sigs: Vec<Rc<signature::Signature>> = checker.modules[m]
+                .items
+                .values()
+                .filter_map(|e| match &e.kind {
+                    EntityKind::Ctor(sig) if sig.kind == "gate" => Some(sig.clone()),
+                    _ => None,
+                })
+                .collect();
+            for sig in sigs {
+                let Some(def) = crate::gates::by_name(&sig.name) else {
+                    continue;
+                };
+                let call = checker.call_ctor(
+                    &sig,
+                    sig.name_span,
+                    &[],
+                    sig.name_span,
+                    eval::Ctx::module(m),
+                );
+                if let Some(c) = model_rules::ctor_of(&call) {
+                    gates.push(model_rules::gate_of(&c, def.kind));
+                }
+            }
             let blocks: Vec<Rc<ast::Block>> = checker.modules[m]
                 .items
                 .values()
@@ -351,13 +381,24 @@ fn std_facts() -> &'static StdFacts {
                 }
             }
         }
-        StdFacts { targets, hardware }
+        gates.sort_by_key(|g: &Gate| crate::gates::GATES.iter().position(|d| d.kind == g.kind));
+        StdFacts {
+            targets,
+            hardware,
+            gates,
+        }
     })
 }
 
 /// The Megatron-LM releases declared in `stdlib/megatron.fmoe`.
 pub fn megatron_targets() -> Vec<MegatronTarget> {
     std_facts().targets.clone()
+}
+
+/// Every gate of `stdlib/gates.fmoe` with its arguments at their defaults, in the order of
+/// `gates::GATES` (the stdlib is the one home of the defaults).
+pub fn gate_defaults() -> Vec<Gate> {
+    std_facts().gates.clone()
 }
 
 /// A hardware profile declared in `stdlib/hardware.fmoe`, by name (`"h100_sxm"`).

@@ -432,14 +432,44 @@ pub struct EvalPolicy {
 /// A Megatron-LM release the emitter can target, declared in `stdlib/megatron.fmoe`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MegatronTarget {
+    /// The declaration's name (`v2_2`).
+    pub name: String,
     /// As the user names it on the command line: `"v2.2"`.
     pub version: String,
-    /// The source tree the patch applies to (tags may be gone from the repository).
-    pub commit: String,
-    /// Python module of the transformer layers (`megatron.model.transformer`).
-    pub transformer_module: String,
+    /// The source tree the patch applies to: a commit (tags may be gone) or a tag.
+    pub tree: String,
+    /// The folder of templates under `src/emit/templates/` (`"v2.2"`).
+    pub templates: String,
     /// Files the patch touches, relative to the Megatron-LM root.
     pub patched_files: Vec<String>,
     /// Oldest torch version the release supports (`"1.8"`).
     pub torch_min: String,
+    /// Every capability of `check::targets::CAPABILITIES`, by field name.
+    pub capabilities: std::collections::BTreeMap<String, Capability>,
+}
+
+/// One capability of a target: the values of a model property it accepts, or whether it can
+/// do something at all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Capability {
+    Set(Vec<String>),
+    Flag(bool),
+}
+
+impl MegatronTarget {
+    /// Whether capability `field` allows `value` (a name, or `"true"`/`"false"`); a flag
+    /// allows `"true"` when set. Unknown fields allow nothing.
+    pub fn allows(&self, field: &str, value: &str) -> bool {
+        match self.capabilities.get(field) {
+            Some(Capability::Set(values)) => values.iter().any(|v| v == value),
+            Some(Capability::Flag(on)) => *on && value == "true",
+            None => false,
+        }
+    }
+
+    /// Whether flag `field` is set.
+    pub fn can(&self, field: &str) -> bool {
+        self.allows(field, "true")
+    }
 }

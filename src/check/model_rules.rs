@@ -538,19 +538,14 @@ impl Checker<'_> {
                 experts_v.span,
             ));
         }
-        let kind = match gate_c.name.as_str() {
-            "noisy" => GateKind::Noisy,
-            "gshard" => GateKind::Gshard,
-            "switch" => GateKind::Switch,
-            "swipe" => GateKind::Swipe,
-            _ => GateKind::Naive,
+        let Some(def) = crate::gates::by_name(&gate_c.name) else {
+            // Only the stdlib declares gates; one fmoec does not implement is refused, never
+            // trained as another.
+            self.sink
+                .push(errors::unknown_gate(gate_c.callee_span, &gate_c.name));
+            return None;
         };
-        let needed = match kind {
-            GateKind::Gshard => Some(2),
-            GateKind::Switch => Some(1),
-            _ => None,
-        };
-        if let Some(k) = needed {
+        if let Some(k) = def.top_k {
             if top_k != k {
                 self.sink.push(errors::gate_needs_top_k(
                     top_k_at,
@@ -561,21 +556,7 @@ impl Checker<'_> {
                 ));
             }
         }
-        let capacity = gate_c.arg("capacity").and_then(|v| match &v.value {
-            Value::Tuple(items) if items.len() == 2 => Some(Capacity {
-                train: float(&items[0]),
-                eval: float(&items[1]),
-            }),
-            _ => None,
-        });
-        let gate = Gate {
-            kind,
-            capacity,
-            balance_loss: gate_c.arg("balance_loss").map(float).unwrap_or(0.0),
-            jitter: gate_c.arg("jitter").map(float).unwrap_or(0.0),
-            random_routing: gate_c.arg("random_routing").map(boolean).unwrap_or(false),
-            span: gate_c.span,
-        };
+        let gate = gate_of(&gate_c, def.kind);
         Some(Moe {
             experts,
             top_k,
@@ -588,6 +569,26 @@ impl Checker<'_> {
                 top_k: top_k_v.span,
             },
         })
+    }
+}
+
+/// A gate's settings from its checked constructor call (every argument present: given or the
+/// stdlib's default).
+pub(crate) fn gate_of(gate_c: &CtorValue, kind: GateKind) -> Gate {
+    let capacity = gate_c.arg("capacity").and_then(|v| match &v.value {
+        Value::Tuple(items) if items.len() == 2 => Some(Capacity {
+            train: float(&items[0]),
+            eval: float(&items[1]),
+        }),
+        _ => None,
+    });
+    Gate {
+        kind,
+        capacity,
+        balance_loss: gate_c.arg("balance_loss").map(float).unwrap_or(0.0),
+        jitter: gate_c.arg("jitter").map(float).unwrap_or(0.0),
+        random_routing: gate_c.arg("random_routing").map(boolean).unwrap_or(false),
+        span: gate_c.span,
     }
 }
 

@@ -1,14 +1,20 @@
 //! `hardware` profiles and `megatron` targets: blocks of plain fields read into
 //! [`Hardware`] and [`MegatronTarget`]. The stdlib declares them; a user file may add
 //! its own hardware profile.
+//!
+//! A target's capabilities are data: [`CAPABILITIES`] lists what every declaration states
+//! (the values of one model property each target accepts); this module checks that they are
+//! stated and well-formed, and knows nothing about what emit makes of them.
 
 use std::rc::Rc;
 
 use super::eval::Ctx;
-use super::fields::{float, string, uint};
+use std::collections::BTreeMap;
+
+use super::fields::{boolean, float, string, symbol, uint};
 use super::model::*;
 use super::scope::ModId;
-use super::value::{Bound, Type, Value};
+use super::value::{Bound, Type, Value, V};
 use super::{errors, Checker};
 use crate::syntax::ast::{self, CmpOp};
 
@@ -23,12 +29,113 @@ pub const HARDWARE_FIELDS: &[&str] = &[
     "gpus_per_node",
 ];
 
-pub const MEGATRON_FIELDS: &[&str] = &[
-    "version",
-    "commit",
-    "transformer_module",
-    "patched_files",
-    "torch_min",
+/// The fields of a `megatron` declaration besides its capabilities.
+pub const MEGATRON_FIELDS: &[&str] =
+    &["version", "tree", "templates", "patched_files", "torch_min"];
+
+/// What the values of one capability are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CapabilityValues {
+    /// A set of these names (a tuple, or one name).
+    OneOf(&'static [&'static str]),
+    /// A set of `true` / `false` (the values of a boolean property of the model).
+    Bools,
+    /// `true` or `false`: whether the target can do it at all.
+    Flag,
+}
+
+/// One capability a `megatron` declaration must state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapabilitySpec {
+    pub field: &'static str,
+    /// What it is about, for `fmoec emit --megatron list`.
+    pub about: &'static str,
+    pub values: CapabilityValues,
+}
+
+/// Every capability, in the order `fmoec emit --megatron list` prints them. A target's
+/// declaration states each one; emit derives its diagnostics from them (`emit::support`).
+pub const CAPABILITIES: &[CapabilitySpec] = &[
+    CapabilitySpec {
+        field: "norm",
+        about: "normalisation",
+        values: CapabilityValues::OneOf(&["layernorm", "rmsnorm"]),
+    },
+    CapabilitySpec {
+        field: "positions",
+        about: "position embeddings",
+        values: CapabilityValues::OneOf(&["learned", "rotary"]),
+    },
+    CapabilitySpec {
+        field: "attention",
+        about: "attention",
+        values: CapabilityValues::OneOf(&["multi_head", "grouped_query"]),
+    },
+    CapabilitySpec {
+        field: "bias",
+        about: "linear layers with biases",
+        values: CapabilityValues::Bools,
+    },
+    CapabilitySpec {
+        field: "tied_embeddings",
+        about: "LM head tied to the embedding",
+        values: CapabilityValues::Bools,
+    },
+    CapabilitySpec {
+        field: "dense_act",
+        about: "dense MLP activations",
+        values: CapabilityValues::OneOf(&["gelu", "relu", "swiglu"]),
+    },
+    CapabilitySpec {
+        field: "dense_hidden",
+        about: "dense MLP hidden size other than 4 x width",
+        values: CapabilityValues::Flag,
+    },
+    CapabilitySpec {
+        field: "expert_act",
+        about: "expert activations",
+        values: CapabilityValues::OneOf(&["gelu", "relu", "swiglu"]),
+    },
+    CapabilitySpec {
+        field: "gates",
+        about: "gates",
+        values: CapabilityValues::OneOf(crate::gates::NAMES),
+    },
+    CapabilitySpec {
+        field: "shared_experts",
+        about: "shared experts",
+        values: CapabilityValues::Flag,
+    },
+    CapabilitySpec {
+        field: "precision",
+        about: "precision",
+        values: CapabilityValues::OneOf(&["fp32", "fp16", "bf16"]),
+    },
+    CapabilitySpec {
+        field: "expert_groups",
+        about: "expert groups",
+        values: CapabilityValues::OneOf(&["across_data", "groups", "replicated"]),
+    },
+    CapabilitySpec {
+        field: "expert_slicing",
+        about: "experts sliced over tensor ranks",
+        values: CapabilityValues::Bools,
+    },
+    CapabilitySpec {
+        field: "runtimes",
+        about: "MoE runtimes (--runtime)",
+        values: CapabilityValues::OneOf(&["fmoec", "fastmoe"]),
+    },
+    CapabilitySpec {
+        field: "native_expert_parallel",
+        about: "Megatron's own MoE and expert parallelism",
+        values: CapabilityValues::Flag,
+    },
+    CapabilitySpec {
+        field: "distributed_optimizer",
+        about: "distributed optimizer",
+        values: CapabilityValues::Flag,
+    },
 ];
 
 impl Checker<'_> {
@@ -73,39 +180,26 @@ impl Checker<'_> {
         m: ModId,
         block: &Rc<ast::Block>,
     ) -> Option<MegatronTarget> {
-        let fields = self.block_fields(block, MEGATRON_FIELDS);
+        let known: Vec<&str> = MEGATRON_FIELDS
+            .iter()
+            .copied()
+            .chain(CAPABILITIES.iter().map(|c| c.field))
+            .collect();
+        let fields = self.block_fields(block, &known);
         let ctx = Ctx::module(m);
         let kw = block.kw_span;
         let req = |this: &mut Self, name: &str| {
             this.required_field(&fields, name, &Type::Str, ctx, kw, "megatron")
         };
         let version = req(self, "version");
-        let commit = req(self, "commit");
-        let module = req(self, "transformer_module");
+        let tree = req(self, "tree");
+        let templates = req(self, "templates");
         let torch_min = req(self, "torch_min");
         let files = match fields.get("patched_files") {
             Some(f) => {
                 let v = self.eval(&f.value, ctx);
-                match &v.value {
-                    Value::Tuple(items) => {
-                        let mut out = Vec::new();
-                        for item in items {
-                            let s = self.conform(item.clone(), &Type::Str, "a patched file", ctx);
-                            out.push(string(&s));
-                        }
-                        Some(out)
-                    }
-                    Value::Str(s) => Some(vec![s.clone()]),
-                    other => {
-                        self.sink.push(errors::type_mismatch(
-                            v.span,
-                            "field `patched_files`",
-                            "a tuple of strings",
-                            &other.describe(),
-                        ));
-                        None
-                    }
-                }
+                let items = self.items(v, &Type::Str, "a patched file", ctx);
+                Some(items.iter().map(string).collect())
             }
             None => {
                 self.sink.push(errors::missing_field(
@@ -117,12 +211,64 @@ impl Checker<'_> {
                 None
             }
         };
+        let mut capabilities = BTreeMap::new();
+        let mut complete = true;
+        for spec in CAPABILITIES {
+            let Some(f) = fields.get(spec.field) else {
+                let ty = match spec.values {
+                    CapabilityValues::OneOf(names) => format!("({})", names.join(" | ")),
+                    CapabilityValues::Bools => "(true | false)".to_string(),
+                    CapabilityValues::Flag => "true | false".to_string(),
+                };
+                self.sink
+                    .push(errors::missing_field(kw, spec.field, "megatron", &ty));
+                complete = false;
+                continue;
+            };
+            let v = self.eval(&f.value, ctx);
+            let what = format!("capability `{}`", spec.field);
+            let capability = match spec.values {
+                CapabilityValues::Flag => {
+                    let v = self.conform(v, &Type::Bool, &what, ctx);
+                    Capability::Flag(boolean(&v))
+                }
+                CapabilityValues::Bools => {
+                    let items = self.items(v, &Type::Bool, &what, ctx);
+                    Capability::Set(items.iter().map(|b| boolean(b).to_string()).collect())
+                }
+                CapabilityValues::OneOf(names) => {
+                    let ty = Type::Enum(names.iter().map(|n| n.to_string()).collect());
+                    let items = self.items(v, &ty, &what, ctx);
+                    Capability::Set(items.iter().map(|s| symbol(s).to_string()).collect())
+                }
+            };
+            capabilities.insert(spec.field.to_string(), capability);
+        }
+        if !complete {
+            return None;
+        }
         Some(MegatronTarget {
+            name: block.name.as_ref()?.name.clone(),
             version: string(&version?),
-            commit: string(&commit?),
-            transformer_module: string(&module?),
+            tree: string(&tree?),
+            templates: string(&templates?),
             patched_files: files?,
             torch_min: string(&torch_min?),
+            capabilities,
         })
+    }
+
+    /// The items of a tuple (or one value standing alone), each conformed to `ty`; erroneous
+    /// items are reported and left out.
+    fn items(&mut self, v: V, ty: &Type, what: &str, ctx: Ctx) -> Vec<V> {
+        let items = match v.value {
+            Value::Tuple(items) => items,
+            _ => vec![v],
+        };
+        items
+            .into_iter()
+            .map(|item| self.conform(item, ty, what, ctx))
+            .filter(|item| !item.is_error())
+            .collect()
     }
 }

@@ -4,16 +4,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::check;
 use crate::driver::{self, DiagFormat};
 
 use super::{EmitError, EmitOptions, Runtime};
 
 #[derive(Debug, clap::Args)]
 pub struct EmitArgs {
-    /// The model file.
-    pub file: PathBuf,
-    /// Megatron-LM release to target (`v2.2`).
+    /// The model file (not needed with `--megatron list`).
+    pub file: Option<PathBuf>,
+    /// Megatron-LM release to target (`v2.2`, ...); `list` prints the targets and what each
+    /// supports.
     #[arg(long, value_name = "VERSION")]
     pub megatron: String,
     /// Output folder (default: `[emit] out` of fmoec.toml, else `out`).
@@ -68,20 +68,29 @@ fn conflicts(output: &Path, files: &[(String, String)]) -> Vec<(PathBuf, &'stati
 }
 
 pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match driver::load(&args.file, args.diagnostics) {
-        Ok(l) => l,
-        Err(code) => return Ok(code),
-    };
-    let targets = check::megatron_targets();
-    let release = match super::find_release(&args.megatron, &targets) {
-        Ok((release, _)) => release,
+    if args.megatron == "list" {
+        print!("{}", super::registry::list());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let target = match super::registry::find(&args.megatron) {
+        Ok(t) => t,
         Err(e) => {
             driver::report_error(&e.to_string(), None, args.diagnostics);
             return Ok(ExitCode::from(2));
         }
     };
-    let source_name = args
-        .file
+    let Some(file) = &args.file else {
+        eprintln!(
+            "error: the model file is missing: fmoec emit --megatron {} MODEL.fmoe",
+            args.megatron
+        );
+        return Ok(ExitCode::from(2));
+    };
+    let loaded = match driver::load(file, args.diagnostics) {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let source_name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -100,7 +109,15 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
             .or_else(|| settings.emit.megatron_src.get(&args.megatron).cloned()),
         source_name,
     };
-    let emitted = match super::emit(&loaded.checked, release, &opts) {
+    // The plan the files are written for: the planner's diagnostics if there is none.
+    let plan = match crate::plan::build(&loaded.checked) {
+        Ok(p) => p,
+        Err(diagnostics) => {
+            driver::report(&loaded.sources, &diagnostics, args.diagnostics);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let emitted = match super::emit(&loaded.checked, &plan, &target, &opts) {
         Ok(e) => e,
         Err(EmitError::Model(diagnostics)) => {
             driver::report(&loaded.sources, &diagnostics, args.diagnostics);
@@ -111,7 +128,9 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    driver::report(&loaded.sources, &emitted.warnings, args.diagnostics);
+    let mut warnings = plan.warnings.clone();
+    warnings.extend(emitted.warnings.iter().cloned());
+    driver::report(&loaded.sources, &warnings, args.diagnostics);
     if output.exists() && !output.is_dir() {
         anyhow::bail!(
             "cannot write into `{}`: it is a file, not a folder",

@@ -1,7 +1,8 @@
 //! Git's unified diff, as `git apply` reads it: blob ids, `diff --git` headers, hunks.
 //!
 //! Owns the text format only; it knows nothing about Megatron or models. A [`FileDiff`]
-//! is built from the original file's blob id, the patched file's blob id and the hunks.
+//! is built from the original file's blob id, the patched file's blob id and the hunks, and
+//! [`parse`] reads back what [`FileDiff::render`] writes.
 
 use sha1::{Digest, Sha1};
 
@@ -63,6 +64,127 @@ impl FileDiff {
     }
 }
 
+/// Why a unified diff could not be read.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ParseError {
+    /// 1-based line of the diff.
+    pub line: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+/// Reads a diff in the form [`FileDiff::render`] writes (`git diff --full-index` of existing
+/// files: `diff --git`, `index OLD..NEW 100644`, `---`/`+++`, hunks), checking that each
+/// hunk's line counts match its header. `parse(&render(d)) == d` for every diff.
+pub fn parse(text: &str) -> Result<Vec<FileDiff>, ParseError> {
+    let lines: Vec<&str> = text.lines().collect();
+    let err = |i: usize, m: String| ParseError {
+        line: i + 1,
+        message: m,
+    };
+    let mut files = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let Some(paths) = lines[i].strip_prefix("diff --git a/") else {
+            return Err(err(
+                i,
+                format!("expected `diff --git a/...`, found `{}`", lines[i]),
+            ));
+        };
+        let path = paths
+            .split_once(" b/")
+            .map(|(a, _)| a.to_string())
+            .ok_or_else(|| err(i, "a `diff --git` line without ` b/`".into()))?;
+        let index = lines
+            .get(i + 1)
+            .and_then(|l| l.strip_prefix("index "))
+            .and_then(|l| l.strip_suffix(" 100644"))
+            .and_then(|l| l.split_once(".."))
+            .ok_or_else(|| err(i + 1, "expected `index OLD..NEW 100644`".into()))?;
+        let (old_blob, new_blob) = (index.0.to_string(), index.1.to_string());
+        if lines.get(i + 2) != Some(&format!("--- a/{path}").as_str())
+            || lines.get(i + 3) != Some(&format!("+++ b/{path}").as_str())
+        {
+            return Err(err(
+                i + 2,
+                format!("expected `--- a/{path}` and `+++ b/{path}`"),
+            ));
+        }
+        i += 4;
+        let mut hunks = Vec::new();
+        while i < lines.len() && lines[i].starts_with("@@ ") {
+            let header = lines[i];
+            let numbers = |part: &str| -> Option<(usize, usize)> {
+                let (start, count) = part.split_once(',').unwrap_or((part, "1"));
+                Some((start.parse().ok()?, count.parse().ok()?))
+            };
+            let parsed = header
+                .strip_prefix("@@ -")
+                .and_then(|h| h.strip_suffix(" @@"))
+                .and_then(|h| h.split_once(" +"))
+                .and_then(|(o, n)| Some((numbers(o)?, numbers(n)?)));
+            let Some(((old_start, old_count), (new_start, new_count))) = parsed else {
+                return Err(err(i, format!("a malformed hunk header `{header}`")));
+            };
+            let at = i;
+            i += 1;
+            let mut body = Vec::new();
+            while i < lines.len()
+                && !lines[i].starts_with("@@ ")
+                && !lines[i].starts_with("diff --git ")
+            {
+                if !matches!(lines[i].chars().next(), Some(' ' | '-' | '+')) {
+                    return Err(err(
+                        i,
+                        format!(
+                            "a hunk line must start with ' ', '-' or '+': `{}`",
+                            lines[i]
+                        ),
+                    ));
+                }
+                body.push(lines[i].to_string());
+                i += 1;
+            }
+            let hunk = Hunk {
+                // `-0,0`: an insertion at the start of the file
+                old_start: if old_count == 0 {
+                    old_start + 1
+                } else {
+                    old_start
+                },
+                new_start: if new_count == 0 {
+                    new_start + 1
+                } else {
+                    new_start
+                },
+                lines: body,
+            };
+            if hunk.counts() != (old_count, new_count) {
+                return Err(err(
+                    at,
+                    format!("hunk `{header}` has {:?} lines (old, new)", hunk.counts()),
+                ));
+            }
+            hunks.push(hunk);
+        }
+        if hunks.is_empty() {
+            return Err(err(i, format!("`{path}` has no hunks")));
+        }
+        files.push(FileDiff {
+            path,
+            old_blob,
+            new_blob,
+            hunks,
+        });
+    }
+    Ok(files)
+}
+
 fn range(start: usize, count: usize) -> String {
     match count {
         1 => format!("{start}"),
@@ -84,6 +206,32 @@ mod tests {
         );
         // the empty blob
         assert_eq!(blob_id(b""), "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391");
+    }
+
+    #[test]
+    fn parses_what_it_renders() {
+        let d = FileDiff {
+            path: "m/a.py".into(),
+            old_blob: "1".repeat(40),
+            new_blob: "2".repeat(40),
+            hunks: vec![
+                Hunk {
+                    old_start: 3,
+                    new_start: 3,
+                    lines: vec![" x".into(), "-y".into(), "+z".into(), "+w".into()],
+                },
+                Hunk {
+                    old_start: 9,
+                    new_start: 10,
+                    lines: vec![" a".into(), "+b".into()],
+                },
+            ],
+        };
+        let text = d.render() + &d.render();
+        assert_eq!(parse(&text).unwrap(), vec![d.clone(), d]);
+        let bad = "diff --git a/x b/x\nindex 1..2 100644\n--- a/x\n+++ b/x\n@@ -1,2 +1,2 @@\n a\n";
+        assert_eq!(parse(bad).unwrap_err().line, 5);
+        assert_eq!(parse("junk\n").unwrap_err().line, 1);
     }
 
     #[test]

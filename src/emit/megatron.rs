@@ -1,5 +1,7 @@
 //! The Megatron-LM patch as data: small targeted edits, each anchored by a few context
 //! lines, turned into a unified diff either from the recorded release or from a checkout.
+//! Each release's edits are its recorded patch (`megatron.patch` in its template folder),
+//! read back into [`Edit`]s.
 //!
 //! Megatron's source never enters this repository. An [`Edit`] quotes only the handful of
 //! lines `git apply` needs around the change (context and removed lines); the rest of each
@@ -19,36 +21,79 @@
 use std::fmt;
 use std::path::Path;
 
-use super::gitdiff::{self, FileDiff, Hunk};
+use super::gitdiff::{self, FileDiff, Hunk, ParseError};
 
-/// One change: `before` + `remove` + `after` are consecutive lines of the original file
-/// (`before` starting at the 1-based `line`); `remove` is replaced by `add`.
-/// An empty `after` anchors the edit at the end of the file.
-#[derive(Debug)]
+/// One change, a hunk of the recorded patch: its body lines keep their ' ', '-', '+' prefix.
+/// The original lines (context and removed) start at the 1-based `line`; a hunk that ends in
+/// a change rather than context is anchored at the end of the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Edit {
     pub line: usize,
-    pub before: &'static [&'static str],
-    pub remove: &'static [&'static str],
-    pub add: &'static [&'static str],
-    pub after: &'static [&'static str],
+    pub body: Vec<String>,
+}
+
+impl Edit {
+    /// The lines of the original file this edit covers (context and removed lines).
+    fn original(&self) -> Vec<&str> {
+        self.body
+            .iter()
+            .filter(|l| !l.starts_with('+'))
+            .map(|l| &l[1..])
+            .collect()
+    }
+
+    /// What they become (context and added lines).
+    fn patched(&self) -> Vec<&str> {
+        self.body
+            .iter()
+            .filter(|l| !l.starts_with('-'))
+            .map(|l| &l[1..])
+            .collect()
+    }
+
+    fn at_end_of_file(&self) -> bool {
+        self.body.last().is_some_and(|l| !l.starts_with(' '))
+    }
 }
 
 /// Every edit of one file, in file order, with the blob ids of the release's file before
 /// and after the edits.
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileEdits {
-    pub path: &'static str,
-    pub original_blob: &'static str,
-    pub patched_blob: &'static str,
-    pub edits: &'static [Edit],
+    pub path: String,
+    pub original_blob: String,
+    pub patched_blob: String,
+    pub edits: Vec<Edit>,
 }
 
-/// A Megatron-LM release the patch is recorded for.
-#[derive(Debug)]
-pub struct ReleaseEdits {
-    pub version: &'static str,
-    pub commit: &'static str,
-    pub files: &'static [FileEdits],
+/// The patch of one Megatron-LM release, as recorded in its template folder
+/// (`src/emit/templates/<folder>/megatron.patch`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReleasePatch {
+    pub files: Vec<FileEdits>,
+}
+
+impl ReleasePatch {
+    /// Reads a recorded patch; [`diff_recorded`] renders it back byte for byte.
+    pub fn parse(text: &str) -> Result<ReleasePatch, ParseError> {
+        let files = gitdiff::parse(text)?
+            .into_iter()
+            .map(|f| FileEdits {
+                path: f.path,
+                original_blob: f.old_blob,
+                patched_blob: f.new_blob,
+                edits: f
+                    .hunks
+                    .into_iter()
+                    .map(|h| Edit {
+                        line: h.old_start,
+                        body: h.lines,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(ReleasePatch { files })
+    }
 }
 
 /// Why a checkout could not be patched.
@@ -98,19 +143,6 @@ impl fmt::Display for CheckoutError {
 
 impl std::error::Error for CheckoutError {}
 
-fn edit_lines(e: &Edit) -> impl Iterator<Item = &'static str> + '_ {
-    e.before.iter().chain(e.remove).chain(e.after).copied()
-}
-
-fn hunk_body(e: &Edit) -> Vec<String> {
-    let mut lines = Vec::new();
-    lines.extend(e.before.iter().map(|l| format!(" {l}")));
-    lines.extend(e.remove.iter().map(|l| format!("-{l}")));
-    lines.extend(e.add.iter().map(|l| format!("+{l}")));
-    lines.extend(e.after.iter().map(|l| format!(" {l}")));
-    lines
-}
-
 /// Hunks for edits at the given 1-based start lines (one per edit, in order).
 fn hunks(edits: &[Edit], starts: &[usize]) -> Vec<Hunk> {
     let mut delta: isize = 0;
@@ -121,26 +153,26 @@ fn hunks(edits: &[Edit], starts: &[usize]) -> Vec<Hunk> {
             let h = Hunk {
                 old_start: start,
                 new_start: (start as isize + delta) as usize,
-                lines: hunk_body(e),
+                lines: e.body.clone(),
             };
-            delta += e.add.len() as isize - e.remove.len() as isize;
+            delta += e.patched().len() as isize - e.original().len() as isize;
             h
         })
         .collect()
 }
 
 /// The diff of the recorded release, without reading any Megatron file.
-pub fn diff_recorded(release: &ReleaseEdits) -> String {
+pub fn diff_recorded(release: &ReleasePatch) -> String {
     release
         .files
         .iter()
         .map(|f| {
             let starts: Vec<usize> = f.edits.iter().map(|e| e.line).collect();
             FileDiff {
-                path: f.path.to_string(),
-                old_blob: f.original_blob.to_string(),
-                new_blob: f.patched_blob.to_string(),
-                hunks: hunks(f.edits, &starts),
+                path: f.path.clone(),
+                old_blob: f.original_blob.clone(),
+                new_blob: f.patched_blob.clone(),
+                hunks: hunks(&f.edits, &starts),
             }
             .render()
         })
@@ -175,22 +207,16 @@ pub fn apply(
     let mut out: Vec<&str> = Vec::new();
     let mut next = 0usize; // first original line not yet copied
     for e in edits {
-        let want: Vec<&str> = edit_lines(e).collect();
+        let want = e.original();
         let n = want.len();
         let candidates = (next..=lines.len().saturating_sub(n))
             .filter(|&i| i + n <= lines.len() && lines[i..i + n] == want[..])
-            .filter(|&i| !e.after.is_empty() || i + n == lines.len());
+            .filter(|&i| !e.at_end_of_file() || i + n == lines.len());
         let target = e.line.saturating_sub(1);
         let found = candidates.min_by_key(|&i| (i.abs_diff(target), i));
         let Some(i) = found else {
-            let patched: Vec<&str> = e
-                .before
-                .iter()
-                .chain(e.add)
-                .chain(e.after)
-                .copied()
-                .collect();
-            if !e.add.is_empty() && lines.windows(patched.len()).any(|w| w == &patched[..]) {
+            let patched = e.patched();
+            if patched != want && lines.windows(patched.len()).any(|w| w == &patched[..]) {
                 return Err(CheckoutError::AlreadyPatched { path: path.into() });
             }
             return Err(CheckoutError::AnchorMissing {
@@ -200,9 +226,7 @@ pub fn apply(
             });
         };
         out.extend(&lines[next..i]);
-        out.extend(e.before);
-        out.extend(e.add);
-        out.extend(e.after);
+        out.extend(e.patched());
         next = i + n;
         starts.push(i + 1);
     }
@@ -217,29 +241,29 @@ pub fn apply(
 /// Reads the release's files from `root` (a Megatron-LM checkout) and patches them.
 pub fn patch_checkout(
     root: &Path,
-    release: &ReleaseEdits,
+    release: &ReleasePatch,
 ) -> Result<Vec<PatchedFile>, CheckoutError> {
     release
         .files
         .iter()
         .map(|f| {
-            let file = root.join(f.path);
+            let file = root.join(&f.path);
             let bytes = std::fs::read(&file).map_err(|e| CheckoutError::Read {
                 path: file.display().to_string(),
                 message: e.to_string(),
             })?;
             let original = String::from_utf8(bytes).map_err(|_| CheckoutError::NotUtf8 {
-                path: f.path.to_string(),
+                path: f.path.clone(),
             })?;
-            let (patched, starts) = apply(f.path, &original, f.edits)?;
+            let (patched, starts) = apply(&f.path, &original, &f.edits)?;
             let diff = FileDiff {
-                path: f.path.to_string(),
+                path: f.path.clone(),
                 old_blob: gitdiff::blob_id(original.as_bytes()),
                 new_blob: gitdiff::blob_id(patched.as_bytes()),
-                hunks: hunks(f.edits, &starts),
+                hunks: hunks(&f.edits, &starts),
             };
             Ok(PatchedFile {
-                path: f.path.to_string(),
+                path: f.path.clone(),
                 original,
                 patched,
                 diff,
@@ -249,7 +273,7 @@ pub fn patch_checkout(
 }
 
 /// The diff computed from a checkout's real files.
-pub fn diff_from_checkout(root: &Path, release: &ReleaseEdits) -> Result<String, CheckoutError> {
+pub fn diff_from_checkout(root: &Path, release: &ReleasePatch) -> Result<String, CheckoutError> {
     Ok(patch_checkout(root, release)?
         .iter()
         .map(|p| p.diff.render())
@@ -260,44 +284,55 @@ pub fn diff_from_checkout(root: &Path, release: &ReleaseEdits) -> Result<String,
 mod tests {
     use super::*;
 
-    static EDITS: &[Edit] = &[
-        Edit {
-            line: 2,
-            before: &["b", "c"],
-            remove: &["d"],
-            add: &["D1", "D2"],
-            after: &["e", "f"],
-        },
-        Edit {
-            line: 8,
-            before: &["h", "i"],
-            remove: &[],
-            add: &["I"],
-            after: &[],
-        },
-    ];
+    fn edits() -> Vec<Edit> {
+        let body = |ls: &[&str]| ls.iter().map(|l| l.to_string()).collect();
+        vec![
+            Edit {
+                line: 2,
+                body: body(&[" b", " c", "-d", "+D1", "+D2", " e", " f"]),
+            },
+            Edit {
+                line: 8,
+                body: body(&[" h", " i", "+I"]),
+            },
+        ]
+    }
 
     #[test]
     fn applies_edits_and_numbers_hunks() {
         let text = "a\nb\nc\nd\ne\nf\ng\nh\ni\n";
-        let (patched, starts) = apply("t.py", text, EDITS).unwrap();
+        let (patched, starts) = apply("t.py", text, &edits()).unwrap();
         assert_eq!(patched, "a\nb\nc\nD1\nD2\ne\nf\ng\nh\ni\nI\n");
         assert_eq!(starts, vec![2, 8]);
-        let hs = hunks(EDITS, &starts);
+        let hs = hunks(&edits(), &starts);
         assert_eq!((hs[1].old_start, hs[1].new_start), (8, 9));
     }
 
     #[test]
     fn finds_moved_anchor_and_rejects_missing_one() {
         let moved = "x\na\nb\nc\nd\ne\nf\ng\nh\ni\n";
-        let (_, starts) = apply("t.py", moved, EDITS).unwrap();
+        let (_, starts) = apply("t.py", moved, &edits()).unwrap();
         assert_eq!(starts, vec![3, 9]);
-        let err = apply("t.py", "a\nb\nc\nD1\nD2\ne\nf\n", EDITS).unwrap_err();
+        let err = apply("t.py", "a\nb\nc\nD1\nD2\ne\nf\n", &edits()).unwrap_err();
         assert!(matches!(err, CheckoutError::AlreadyPatched { .. }));
-        let err = apply("t.py", "a\nb\nc\nX\ne\nf\n", EDITS).unwrap_err();
+        let err = apply("t.py", "a\nb\nc\nX\ne\nf\n", &edits()).unwrap_err();
         assert!(matches!(err, CheckoutError::AnchorMissing { line: 2, .. }));
         // an end-of-file edit does not match in the middle of the file
-        let err = apply("t.py", "a\nb\nc\nd\ne\nf\nh\ni\nz\n", EDITS).unwrap_err();
+        let err = apply("t.py", "a\nb\nc\nd\ne\nf\nh\ni\nz\n", &edits()).unwrap_err();
         assert!(matches!(err, CheckoutError::AnchorMissing { line: 8, .. }));
+    }
+
+    #[test]
+    fn a_parsed_patch_renders_back_byte_for_byte() {
+        let text = FileDiff {
+            path: "megatron/t.py".into(),
+            old_blob: "1".repeat(40),
+            new_blob: "2".repeat(40),
+            hunks: hunks(&edits(), &[2, 8]),
+        }
+        .render();
+        let release = ReleasePatch::parse(&text).unwrap();
+        assert_eq!(release.files[0].edits, edits());
+        assert_eq!(diff_recorded(&release), text);
     }
 }

@@ -1,39 +1,44 @@
-//! `emit`: FastMoE's Megatron-LM integration, generated from a checked model.
+//! `emit`: FastMoE's Megatron-LM integration, generated from a checked model, for every
+//! Megatron-LM release declared in `stdlib/megatron.fmoe`.
 //!
 //! ```text
-//! Checked ─┬─ view models (view.rs) ──askama──▶ fmoec_moe.py, train.sh, README.md
-//!          └─ recorded edits (v2_2.rs) ─────────▶ megatron-v2.2.patch (megatron.rs, gitdiff.rs)
+//! Checked ─┬─ support.rs: what the model asks, against the target's capabilities ─▶ diagnostics
+//!          ├─ view.rs: one TargetView ──askama (the target's folder, else shared/)──▶
+//!          │                            fmoec_moe.py, train.sh, README.md
+//!          └─ the target's recorded patch (megatron.rs, gitdiff.rs) ─▶ megatron-VERSION.patch
 //! ```
 //!
-//! Owns: the emitted files and their bytes. The patch is a fixed set of small edits per
-//! Megatron release that only call into the generated module; everything that depends on
-//! the model (layer selection, experts, gates, defaults of the arguments) is in the module,
-//! so the patch's blob ids can be recorded and verified once per release. With a checkout
-//! (`--megatron-src`) the patch is computed from its real files instead.
+//! Owns the emitted files and their bytes. A target is data ([`registry`]): a declaration
+//! (tree, patched files, capabilities) and a template folder (its `megatron.patch` and the
+//! templates it writes differently from `src/emit/templates/shared/`). The patch is a fixed
+//! set of small edits per release that only call into the generated module; everything that
+//! depends on the model (layer selection, experts, gates, defaults of the arguments) is in the
+//! module, so the patch's blob ids can be recorded and verified once per release. With a
+//! checkout (`--megatron-src`) the patch is computed from its real files instead.
+//!
+//! Takes the finished [`ParallelPlan`](crate::plan::ParallelPlan): the rank grid, the process
+//! groups, the experts per rank and the micro-batch are the planner's (the rules that make a
+//! plan valid live there only).
 //!
 //! Must not know about: source text (only spans for diagnostics), the runtime, how the
-//! planner computes its plan (`layout.rs` is a minimal stand-in, swapped for `plan` later).
+//! planner computes its plan, or any particular release (no code here names one).
 
 pub mod cli;
 pub mod gitdiff;
-pub mod layout;
 pub mod megatron;
-pub mod v2_2;
+pub mod registry;
+pub mod support;
 pub mod view;
 
 use std::path::PathBuf;
 
-use askama::Template;
-
-use crate::check::{
-    Activation, Checked, DataSource, Ffn, GateKind, MegatronTarget, Norm, Positions, Precision,
-    Schedule,
-};
+use crate::check::{Activation, Checked, DataSource, GateKind, Schedule};
 use crate::diag::Diagnostic;
+use crate::plan::ParallelPlan;
 
-use layout::Layout;
-use megatron::{CheckoutError, ReleaseEdits};
-use view::{ArgLine, GroupRow, LayerView, ModuleView, ReadmeView, TrainView};
+use megatron::CheckoutError;
+pub use registry::Target;
+use view::{ArgLine, GateView, GroupRow, LayerView, TargetView};
 
 /// The Python module name the patch imports.
 pub const MODULE_NAME: &str = "fmoec_moe";
@@ -68,8 +73,12 @@ pub struct Emitted {
 pub enum EmitError {
     /// Problems with the model for this Megatron release, pointing into the model file.
     Model(Vec<Diagnostic>),
-    /// `--megatron` names a release that has no recorded edits.
+    /// `--megatron` names no declared release.
     UnknownRelease { version: String, known: Vec<String> },
+    /// An option the target cannot honour (no place in the model file to point at).
+    Option(String),
+    /// A target whose declaration and template folder disagree (a bug, not a user error).
+    Internal(String),
     /// The checkout given with `--megatron-src` could not be patched.
     Checkout(CheckoutError),
     /// A template failed to render (a bug, not a user error).
@@ -84,9 +93,12 @@ impl std::fmt::Display for EmitError {
             }
             EmitError::UnknownRelease { version, known } => write!(
                 f,
-                "no Megatron-LM release `{version}` to emit for; known: {}",
+                "no Megatron-LM release `{version}` to emit for; known: {} \
+                 (`fmoec emit --megatron list` says what each supports)",
                 known.join(", ")
             ),
+            EmitError::Option(m) => write!(f, "{m}"),
+            EmitError::Internal(m) => write!(f, "internal error: {m}"),
             EmitError::Checkout(e) => write!(f, "{e}"),
             EmitError::Render(e) => write!(f, "internal error rendering a template: {e}"),
         }
@@ -95,42 +107,37 @@ impl std::fmt::Display for EmitError {
 
 impl std::error::Error for EmitError {}
 
-/// The releases with recorded edits.
-pub fn releases() -> &'static [&'static ReleaseEdits] {
-    static RELEASES: [&ReleaseEdits; 1] = [&v2_2::RELEASE];
-    &RELEASES
-}
-
-/// Finds the target for `version` among `targets` (declared in the stdlib) and its edits.
-pub fn find_release<'a>(
-    version: &str,
-    targets: &'a [MegatronTarget],
-) -> Result<(&'static ReleaseEdits, Option<&'a MegatronTarget>), EmitError> {
-    let release = releases().iter().find(|r| r.version == version).copied();
-    let target = targets.iter().find(|t| t.version == version);
-    match release {
-        Some(r) => Ok((r, target)),
-        None => Err(EmitError::UnknownRelease {
-            version: version.to_string(),
-            known: releases().iter().map(|r| r.version.to_string()).collect(),
-        }),
-    }
-}
-
-/// Everything `fmoec emit` writes, as (relative path, contents).
+/// Everything `fmoec emit` writes for `target`, as (relative path, contents), from the checked
+/// model and its plan.
 pub fn emit(
     checked: &Checked,
-    release: &ReleaseEdits,
+    plan: &ParallelPlan,
+    target: &Target,
     opts: &EmitOptions,
 ) -> Result<Emitted, EmitError> {
-    let warnings = validate(checked)?;
-    let patch = match &opts.megatron_src {
-        Some(root) => megatron::diff_from_checkout(root, release).map_err(EmitError::Checkout)?,
-        None => megatron::diff_recorded(release),
+    let decl = &target.decl;
+    let fastmoe = opts.runtime == Runtime::Fastmoe;
+    let runtime = if fastmoe { "fastmoe" } else { "fmoec" };
+    if !decl.allows("runtimes", runtime) {
+        return Err(EmitError::Option(format!(
+            "Megatron-LM {} has no `--runtime {runtime}`; its runtimes: {}",
+            decl.version,
+            match decl.capabilities.get("runtimes") {
+                Some(crate::check::Capability::Set(v)) => v.join(", "),
+                _ => String::new(),
+            }
+        )));
+    }
+    let all = crate::check::megatron_targets();
+    let warnings = validate(checked, plan, target, &all)?;
+    let patch = match (&target.patch, &opts.megatron_src) {
+        (Some(p), Some(root)) => {
+            Some(megatron::diff_from_checkout(root, p).map_err(EmitError::Checkout)?)
+        }
+        (Some(p), None) => Some(megatron::diff_recorded(p)),
+        (None, _) => None,
     };
-    let layout = Layout::new(&checked.parallel);
-    let layers = layer_views(checked, &layout);
-    let planned = planned_layout(checked);
+    let layers = layer_views(checked, plan);
     let experts_per_worker = {
         let mut per: Vec<u64> = layers.iter().map(|l| l.experts_per_rank).collect();
         per.dedup();
@@ -139,216 +146,86 @@ pub fn emit(
             _ => "None".to_string(),
         }
     };
-    let fastmoe = opts.runtime == Runtime::Fastmoe;
-    let module = ModuleView {
+    let per_node = plan.hardware.gpus_per_node.max(1);
+    let view = TargetView {
+        megatron_version: decl.version.clone(),
+        tree: decl.tree.clone(),
+        patch_name: target.patch_name(),
+        patched_files: decl.patched_files.clone(),
         module_name: MODULE_NAME,
-        megatron_version: release.version.to_string(),
         fmoec_version: env!("CARGO_PKG_VERSION"),
         source_name: opts.source_name.clone(),
         model_name: checked.model.name.clone(),
-        runtime: if fastmoe { "fastmoe" } else { "fmoec" },
+        runtime,
         fastmoe,
-        layers: layers.clone(),
-        expert_group_size: if layout.expert_group_size == layout.data {
+        gates: gate_views(),
+        bias: py_bool(checked.model.bias),
+        expert_group_size: if plan.expert_group_size == plan.data {
             0
         } else {
-            layout.expert_group_size
+            plan.expert_group_size
         },
         experts_per_worker,
-        planned_layout: planned.clone(),
-    };
-    let train = train_view(
-        checked,
-        release,
-        &layers,
-        &opts.source_name,
-        micro_batch(checked),
-    );
-    let patch_name = format!("megatron-{}.patch", release.version);
-    let readme = ReadmeView {
-        megatron_version: release.version.to_string(),
-        commit: release.commit.to_string(),
-        source_name: opts.source_name.clone(),
-        model_name: checked.model.name.clone(),
-        patch_name: patch_name.clone(),
-        module_name: MODULE_NAME,
-        fastmoe,
-        planned_layout: planned,
-        layers,
-        expert_group: match layout.expert_group_size {
+        planned_layout: planned_layout(plan),
+        expert_group: match plan.expert_group_size {
             1 => "no ranks (every rank holds every expert)".to_string(),
-            n if n == layout.data => format!("the data-parallel group ({n} ranks)"),
+            n if n == plan.data => format!("the data-parallel group ({n} ranks)"),
             n => format!("sub-groups of {n} consecutive data-parallel ranks"),
         },
-        groups: group_rows(&layout),
-        patched_files: release.files.iter().map(|f| f.path.to_string()).collect(),
+        groups: group_rows(plan),
+        nproc_per_node: plan.world.min(per_node),
+        nnodes: plan.world.div_ceil(per_node),
+        world: plan.world,
+        data_path: checked.train.as_ref().and_then(|t| match &t.data {
+            DataSource::Megatron(path) => Some(view::sh_word(path)),
+            DataSource::Tokenized { source, .. } => match source.as_ref() {
+                DataSource::Megatron(path) => Some(view::sh_word(path)),
+                _ => None,
+            },
+            DataSource::Builtin(_) | DataSource::Text(_) | DataSource::Jsonl { .. } => None,
+        }),
+        args: launch_args(checked, plan, decl, &layers),
         notes: warnings.iter().map(|d| d.message.clone()).collect(),
+        layers,
     };
-    let files = vec![
-        (patch_name, patch),
-        (format!("{MODULE_NAME}.py"), render(&module)?),
-        ("train.sh".to_string(), render(&train)?),
-        ("README.md".to_string(), render(&readme)?),
-    ];
+    let folder = target.folder;
+    let render = |f: registry::Render| -> Result<String, EmitError> {
+        let mut s = f(&view).map_err(EmitError::Render)?;
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        Ok(s)
+    };
+    let mut files = Vec::new();
+    if let Some(patch) = patch {
+        files.push((target.patch_name(), patch));
+    }
+    files.push((format!("{MODULE_NAME}.py"), render(folder.module)?));
+    files.push(("train.sh".to_string(), render(folder.train)?));
+    files.push(("README.md".to_string(), render(folder.readme)?));
     Ok(Emitted { files, warnings })
 }
 
-fn render(t: &impl Template) -> Result<String, EmitError> {
-    let mut s = t.render().map_err(EmitError::Render)?;
-    if !s.ends_with('\n') {
-        s.push('\n');
-    }
-    Ok(s)
-}
-
-/// What Megatron-LM v2.2 cannot express: errors; what it approximates: warnings.
-fn validate(c: &Checked) -> Result<Vec<Diagnostic>, EmitError> {
+/// What `target` cannot express (errors) or approximates (warnings): the capability
+/// diagnostics of [`support`], then the rules every Megatron-LM target shares.
+fn validate(
+    c: &Checked,
+    plan: &ParallelPlan,
+    target: &Target,
+    all: &[crate::check::MegatronTarget],
+) -> Result<Vec<Diagnostic>, EmitError> {
     let m = &c.model;
-    let p = &c.parallel;
+    let v = &target.decl.version;
     let name = m.spans.name;
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    let mut unsupported = |what: &str, help: &str| {
-        errors.push(
-            Diagnostic::error(
-                "E0801",
-                name,
-                format!("Megatron-LM v2.2's GPT has no {what}"),
-            )
-            .with_label("this model")
-            .with_help(help.to_string()),
-        );
-    };
-    if m.norm == Norm::RmsNorm {
-        unsupported(
-            "RMSNorm",
-            "use `norm = layernorm` or train it with `fmoec run`",
-        );
-    }
-    if m.positions == Positions::Rotary {
-        unsupported(
-            "rotary position embeddings",
-            "use learned positions or `fmoec run`",
-        );
-    }
-    if m.attention.kv_heads != m.attention.heads {
-        unsupported(
-            "grouped-query attention",
-            "use as many key/value heads as heads",
-        );
-    }
-    if !m.bias {
-        unsupported("linear layers without bias", "set `bias = true`");
-    }
-    if !m.tied_embeddings {
-        unsupported("untied LM head", "tie the LM head to the token embedding");
-    }
-    if m.depth() % p.pipeline != 0 {
-        errors.push(
-            Diagnostic::error(
-                "E0802",
-                m.spans.depth,
-                format!(
-                    "depth {} is not divisible by the {} pipeline stages",
-                    m.depth(),
-                    p.pipeline
-                ),
-            )
-            .with_secondary(p.spans.pipeline, "pipeline size set here"),
-        );
-    }
-    if m.attention.heads % p.tensor != 0 {
-        errors.push(
-            Diagnostic::error(
-                "E0803",
-                m.spans.heads,
-                format!(
-                    "{} heads do not divide over {} tensor ranks",
-                    m.attention.heads, p.tensor
-                ),
-            )
-            .with_secondary(p.spans.tensor, "tensor size set here"),
-        );
-    }
-    let group = layout::expert_group_size(p.experts, p.data);
-    let mut moe_count = 0;
-    let mut dense_warned = false;
-    for layer in &m.layers {
-        match &layer.ffn {
-            Ffn::Dense(mlp) => {
-                let megatron_like = mlp.hidden == 4 * m.width && mlp.act == Activation::Gelu;
-                if !megatron_like && !dense_warned {
-                    dense_warned = true;
-                    warnings.push(Diagnostic::warning(
-                        "W0801",
-                        mlp.span,
-                        format!(
-                            "Megatron-LM v2.2's dense MLP is gelu with hidden 4 x width = {}; \
-                             its dense layers train that instead",
-                            4 * m.width
-                        ),
-                    ));
-                }
-            }
-            Ffn::Moe(moe) => {
-                moe_count += 1;
-                if moe.shared.is_some() {
-                    errors.push(
-                        Diagnostic::error(
-                            "E0804",
-                            moe.spans.call,
-                            "shared experts are not supported by the Megatron-LM emitter",
-                        )
-                        .with_help("remove `shared` or train with `fmoec run`"),
-                    );
-                }
-                if moe.experts % group != 0 {
-                    errors.push(
-                        Diagnostic::error(
-                            "E0805",
-                            moe.spans.experts,
-                            format!(
-                                "experts = {} is not divisible by the {group} ranks of the expert group",
-                                moe.experts
-                            ),
-                        )
-                        .with_secondary(p.spans.experts, "expert group chosen here"),
-                    );
-                }
-                if moe.expert.hidden % p.tensor != 0 {
-                    errors.push(
-                        Diagnostic::error(
-                            "E0806",
-                            moe.expert.span,
-                            format!(
-                                "expert hidden size {} is not divisible by the {} tensor ranks that slice it",
-                                moe.expert.hidden, p.tensor
-                            ),
-                        )
-                        .with_secondary(p.spans.tensor, "tensor size set here"),
-                    );
-                }
-                let k_needed = match moe.gate.kind {
-                    GateKind::Gshard => Some(2),
-                    GateKind::Switch => Some(1),
-                    _ => None,
-                };
-                if let Some(k) = k_needed {
-                    if moe.top_k != k {
-                        errors.push(Diagnostic::error(
-                            "E0807",
-                            moe.spans.top_k,
-                            format!(
-                                "the {} gate routes each token to {k} expert(s), not top_k = {}",
-                                gate_name(moe.gate.kind),
-                                moe.top_k
-                            ),
-                        ));
-                    }
-                }
-            }
+    for d in support::diagnostics(c, plan, &target.decl, all) {
+        match d.severity {
+            crate::diag::Severity::Error => errors.push(d),
+            _ => warnings.push(d),
         }
     }
+    let moe_count = m.moe_layers().count();
     if moe_count == 0 {
         warnings.push(Diagnostic::warning(
             "W0802",
@@ -358,13 +235,13 @@ fn validate(c: &Checked) -> Result<Vec<Diagnostic>, EmitError> {
     }
     // Megatron takes the vocabulary from its tokenizer: GPT-2 BPE, 50257 tokens padded to a
     // multiple of 128 x tensor size.
-    let padded = 50257u64.div_ceil(128 * p.tensor) * 128 * p.tensor;
+    let padded = 50257u64.div_ceil(128 * plan.tensor) * 128 * plan.tensor;
     if !(50257..=padded.max(50304)).contains(&m.vocab) {
         warnings.push(Diagnostic::warning(
             "W0804",
             m.spans.vocab,
             format!(
-                "Megatron-LM v2.2 takes the vocabulary from its GPT-2 tokenizer ({padded} entries \
+                "Megatron-LM {v} takes the vocabulary from its GPT-2 tokenizer ({padded} entries \
                  with padding), not vocab = {}",
                 m.vocab
             ),
@@ -383,34 +260,13 @@ fn validate(c: &Checked) -> Result<Vec<Diagnostic>, EmitError> {
                 "W0806",
                 t.spans.checkpoint,
                 format!(
-                    "Megatron-LM v2.2 keeps every checkpoint: `keep = {}` applies to `fmoec run` only",
+                    "Megatron-LM {v} keeps every checkpoint: `keep = {}` applies to `fmoec run` only",
                     ck.keep
                 ),
             ));
         }
-        if t.precision == Precision::Bf16 {
-            warnings.push(Diagnostic::warning(
-                "W0803",
-                t.spans.precision,
-                "Megatron-LM v2.2 has no bf16; train.sh uses --fp16 (fp16 with loss scaling)",
-            ));
-        }
-        let micro = p.micro_batch.unwrap_or(1);
-        if t.batch_sequences % (micro * p.data) != 0 {
-            errors.push(
-                Diagnostic::error(
-                    "E0808",
-                    t.spans.batch,
-                    format!(
-                        "a batch of {} sequences does not split into micro-batches of {micro} over {} data ranks",
-                        t.batch_sequences, p.data
-                    ),
-                )
-                .with_help("Megatron needs batch = micro-batch x data ranks x micro-batches"),
-            );
-        }
     }
-    // Layers assigned by one selection share its spans: say each thing once.
+    // Layers assigned by one selection share their spans: say each thing once.
     let unique = |ds: Vec<Diagnostic>| {
         let mut out: Vec<Diagnostic> = Vec::new();
         for d in ds {
@@ -428,17 +284,13 @@ fn validate(c: &Checked) -> Result<Vec<Diagnostic>, EmitError> {
     }
 }
 
-fn gate_name(k: GateKind) -> &'static str {
-    match k {
-        GateKind::Naive => "naive",
-        GateKind::Noisy => "noisy",
-        GateKind::Gshard => "gshard",
-        GateKind::Switch => "switch",
-        GateKind::Swipe => "swipe",
-    }
+/// The gate's name as the stdlib and the generated module spell it.
+pub fn gate_name(k: GateKind) -> &'static str {
+    crate::gates::of(k).name
 }
 
-fn act_name(a: Activation) -> &'static str {
+/// The activation's name as the stdlib and the generated module spell it.
+pub(crate) fn act_name(a: Activation) -> &'static str {
     match a {
         Activation::Gelu => "gelu",
         Activation::Relu => "relu",
@@ -446,7 +298,7 @@ fn act_name(a: Activation) -> &'static str {
     }
 }
 
-fn layer_views(c: &Checked, layout: &Layout) -> Vec<LayerView> {
+fn layer_views(c: &Checked, plan: &ParallelPlan) -> Vec<LayerView> {
     c.model
         .moe_layers()
         .map(|(index, moe)| LayerView {
@@ -456,35 +308,71 @@ fn layer_views(c: &Checked, layout: &Layout) -> Vec<LayerView> {
             gate: gate_name(moe.gate.kind),
             hidden: moe.expert.hidden,
             act: act_name(moe.expert.act),
-            capacity: match moe.gate.capacity {
-                Some(cap) => format!(
-                    "({}, {})",
-                    view::py_float(cap.train),
-                    view::py_float(cap.eval)
-                ),
-                None => "None".to_string(),
-            },
+            capacity: py_capacity(moe.gate.capacity),
             balance_loss: view::py_float(moe.gate.balance_loss),
             jitter: view::py_float(moe.gate.jitter),
-            random_routing: if moe.gate.random_routing {
-                "True"
-            } else {
-                "False"
-            },
-            experts_per_rank: moe.experts / layout.expert_group_size.max(1),
+            random_routing: py_bool(moe.gate.random_routing),
+            experts_per_rank: plan
+                .moe_layers
+                .iter()
+                .find(|l| l.layer == index)
+                .map_or(moe.experts, |l| l.experts_per_rank),
         })
         .collect()
 }
 
-fn planned_layout(c: &Checked) -> String {
-    let p = &c.parallel;
+fn py_bool(b: bool) -> &'static str {
+    if b {
+        "True"
+    } else {
+        "False"
+    }
+}
+
+fn py_capacity(c: Option<crate::check::Capacity>) -> String {
+    match c {
+        Some(cap) => format!(
+            "({}, {})",
+            view::py_float(cap.train),
+            view::py_float(cap.eval)
+        ),
+        None => "None".to_string(),
+    }
+}
+
+/// The generated module's gate table: every gate's definition with its stdlib defaults.
+fn gate_views() -> Vec<GateView> {
+    crate::check::gate_defaults()
+        .iter()
+        .map(|g| {
+            let def = crate::gates::of(g.kind);
+            GateView {
+                name: def.name,
+                class: def.python_class,
+                top_k: def.top_k.map_or("None".to_string(), |k| k.to_string()),
+                capacity: py_capacity(g.capacity),
+                balance_loss: view::py_float(g.balance_loss),
+                jitter: view::py_float(g.jitter),
+                random_routing: py_bool(g.random_routing),
+            }
+        })
+        .collect()
+}
+
+/// `"16 GPUs of h100_sxm: tensor 2 x pipeline 1 x data 8"` (`"1 GPU of ..."`).
+fn planned_layout(plan: &ParallelPlan) -> String {
     format!(
-        "{} GPUs of {}: tensor {} x pipeline {} x data {}",
-        p.gpus, p.hardware.name, p.tensor, p.pipeline, p.data
+        "{} GPU{} of {}: tensor {} x pipeline {} x data {}",
+        plan.world,
+        if plan.world == 1 { "" } else { "s" },
+        plan.hardware.name,
+        plan.tensor,
+        plan.pipeline,
+        plan.data
     )
 }
 
-fn group_rows(l: &Layout) -> Vec<GroupRow> {
+fn group_rows(plan: &ParallelPlan) -> Vec<GroupRow> {
     let fmt = |gs: &[Vec<u64>]| -> String {
         const SHOWN: usize = 8;
         let mut parts: Vec<String> = gs
@@ -500,26 +388,27 @@ fn group_rows(l: &Layout) -> Vec<GroupRow> {
         }
         parts.join(" ")
     };
+    let g = &plan.groups;
     vec![
         GroupRow {
             kind: "tensor",
-            groups: fmt(&l.tensor_groups),
+            groups: fmt(&g.tensor),
         },
         GroupRow {
             kind: "pipeline",
-            groups: fmt(&l.pipeline_groups),
+            groups: fmt(&g.pipeline),
         },
         GroupRow {
             kind: "data",
-            groups: fmt(&l.data_groups),
+            groups: fmt(&g.data),
         },
         GroupRow {
             kind: "expert (all-to-all)",
-            groups: fmt(&l.expert_groups),
+            groups: fmt(&g.expert),
         },
         GroupRow {
             kind: "gate (all-reduce)",
-            groups: fmt(&l.gate_groups),
+            groups: fmt(&g.gate),
         },
     ]
 }
@@ -527,48 +416,33 @@ fn group_rows(l: &Layout) -> Vec<GroupRow> {
 /// Reads one printed value of a layer (for the uniform `--fmoe-*` launch arguments).
 type LayerField = dyn Fn(&LayerView) -> String;
 
-/// The micro-batch train.sh passes: the file's, else the one `fmoec plan` chooses for it
-/// (Megatron-LM's memory model), else — a plan that does not fit — the planner's default rule.
-fn micro_batch(c: &Checked) -> u64 {
-    if let Some(m) = c.parallel.micro_batch {
-        return m;
-    }
-    match crate::plan::cost_with(c, &crate::plan::Overrides::default()) {
-        Ok(planned) => planned.costed.micro_batch,
-        Err(_) => {
-            let seq = c.train.as_ref().map_or(c.model.context, |t| t.seq_len);
-            let share = c
-                .train
-                .as_ref()
-                .map_or(1, |t| t.batch_sequences / c.parallel.data.max(1));
-            crate::plan::default_micro_batch(share.max(1), seq)
-        }
-    }
-}
-
-fn train_view(
+/// Megatron's launch arguments for the model, the plan and the target's capabilities.
+fn launch_args(
     c: &Checked,
-    release: &ReleaseEdits,
+    plan: &ParallelPlan,
+    target: &crate::check::MegatronTarget,
     layers: &[LayerView],
-    source_name: &str,
-    micro: u64,
-) -> TrainView {
+) -> Vec<ArgLine> {
     let m = &c.model;
-    let p = &c.parallel;
     let mut args: Vec<(String, Option<String>)> = Vec::new();
     let mut arg = |flag: &str, value: Option<String>| args.push((flag.to_string(), value));
-    arg("--tensor-model-parallel-size", Some(p.tensor.to_string()));
+    arg(
+        "--tensor-model-parallel-size",
+        Some(plan.tensor.to_string()),
+    );
     arg(
         "--pipeline-model-parallel-size",
-        Some(p.pipeline.to_string()),
+        Some(plan.pipeline.to_string()),
     );
     arg("--num-layers", Some(m.depth().to_string()));
     arg("--hidden-size", Some(m.width.to_string()));
+    if let Some(hidden) = support::dense_hidden(c, target) {
+        arg("--ffn-hidden-size", Some(hidden.to_string()));
+    }
     arg("--num-attention-heads", Some(m.attention.heads.to_string()));
-    let seq = c.train.as_ref().map_or(m.context, |t| t.seq_len);
-    arg("--seq-length", Some(seq.to_string()));
+    arg("--seq-length", Some(plan.seq_len.to_string()));
     arg("--max-position-embeddings", Some(m.context.to_string()));
-    arg("--micro-batch-size", Some(micro.to_string()));
+    arg("--micro-batch-size", Some(plan.micro_batch.to_string()));
     arg("--DDP-impl", Some("local".to_string()));
     if let Some(t) = &c.train {
         arg("--global-batch-size", Some(t.batch_sequences.to_string()));
@@ -602,8 +476,8 @@ fn train_view(
             "--clip-grad",
             Some(view::py_float(t.clip_grad.unwrap_or(0.0))),
         );
-        if t.precision != Precision::Fp32 {
-            arg("--fp16", None);
+        if let Some(flag) = support::precision_flag(c, target) {
+            arg(flag, None);
         }
         if let Some(ck) = &t.checkpoint {
             arg("--save", Some(view::sh_word(&ck.dir)));
@@ -645,31 +519,12 @@ fn train_view(
             }
         }
     }
-    let args = args
-        .into_iter()
+    args.into_iter()
         .map(|(f, v)| ArgLine {
             text: match v {
                 Some(v) => format!("{f} {v}"),
                 None => f,
             },
         })
-        .collect();
-    let per_node = p.hardware.gpus_per_node.max(1);
-    let data_path = c.train.as_ref().and_then(|t| match &t.data {
-        DataSource::Megatron(path) => Some(view::sh_word(path)),
-        DataSource::Tokenized { source, .. } => match source.as_ref() {
-            DataSource::Megatron(path) => Some(view::sh_word(path)),
-            _ => None,
-        },
-        DataSource::Builtin(_) | DataSource::Text(_) | DataSource::Jsonl { .. } => None,
-    });
-    TrainView {
-        megatron_version: release.version.to_string(),
-        source_name: source_name.to_string(),
-        model_name: m.name.clone(),
-        nproc_per_node: p.gpus.min(per_node),
-        nnodes: p.gpus.div_ceil(per_node),
-        data_path,
-        args,
-    }
+        .collect()
 }

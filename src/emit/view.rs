@@ -1,9 +1,8 @@
 //! View models: every value the templates print, computed here from the checked model.
 //!
 //! Templates (`src/emit/templates/`) only substitute and loop; formatting of Python
-//! literals and shell arguments happens in this module. Knows nothing about the patch.
-
-use askama::Template;
+//! literals and shell arguments happens in this module. Knows nothing about the patch or
+//! which target's templates print it.
 
 /// One MoE layer as the generated module's table lists it.
 #[derive(Clone, Debug)]
@@ -24,42 +23,24 @@ pub struct LayerView {
     pub experts_per_rank: u64,
 }
 
-#[derive(Template)]
-#[template(path = "fmoec_moe.py", escape = "none")]
-pub struct ModuleView {
-    pub module_name: &'static str,
-    pub megatron_version: String,
-    pub fmoec_version: &'static str,
-    pub source_name: String,
-    pub model_name: String,
-    pub runtime: &'static str,
-    pub fastmoe: bool,
-    pub layers: Vec<LayerView>,
-    /// 0 = the data-parallel group.
-    pub expert_group_size: u64,
-    /// A Python literal: the per-rank expert count, or `None` when layers differ.
-    pub experts_per_worker: String,
-    /// `"16 GPUs: tensor 2 x pipeline 1 x data 8"`.
-    pub planned_layout: String,
+/// One gate of the generated module's gate table: its definition and its stdlib defaults, as
+/// Python literals.
+#[derive(Clone, Debug)]
+pub struct GateView {
+    pub name: &'static str,
+    pub class: &'static str,
+    /// `2`, or `None` for any `top_k`.
+    pub top_k: String,
+    pub capacity: String,
+    pub balance_loss: String,
+    pub jitter: String,
+    pub random_routing: &'static str,
 }
 
 /// One `--flag value` line of the launch command.
 #[derive(Clone, Debug)]
 pub struct ArgLine {
     pub text: String,
-}
-
-#[derive(Template)]
-#[template(path = "train.sh", escape = "none")]
-pub struct TrainView {
-    pub megatron_version: String,
-    pub source_name: String,
-    pub model_name: String,
-    pub nproc_per_node: u64,
-    pub nnodes: u64,
-    /// Set when the model file names a Megatron dataset; otherwise DATA_PATH must be given.
-    pub data_path: Option<String>,
-    pub args: Vec<ArgLine>,
 }
 
 /// One row of the README's placement table.
@@ -69,21 +50,47 @@ pub struct GroupRow {
     pub groups: String,
 }
 
-#[derive(Template)]
-#[template(path = "README.md", escape = "none")]
-pub struct ReadmeView {
+/// Everything the templates of a target print (`fmoec_moe.py`, `train.sh`, `README.md`):
+/// templates read it as `v`.
+#[derive(Clone, Debug)]
+pub struct TargetView {
+    // The target.
     pub megatron_version: String,
-    pub commit: String,
+    /// The tree the patch applies to (commit or tag).
+    pub tree: String,
+    pub patch_name: String,
+    pub patched_files: Vec<String>,
+    // Where the files come from.
+    pub module_name: &'static str,
+    pub fmoec_version: &'static str,
     pub source_name: String,
     pub model_name: String,
-    pub patch_name: String,
-    pub module_name: &'static str,
+    // The MoE runtime.
+    pub runtime: &'static str,
     pub fastmoe: bool,
-    pub planned_layout: String,
+    // The gates and the MoE layers and their placement.
+    pub gates: Vec<GateView>,
+    /// `True` when the model's linear layers (the gates' too) have biases.
+    pub bias: &'static str,
     pub layers: Vec<LayerView>,
+    /// 0 = the data-parallel group.
+    pub expert_group_size: u64,
+    /// A Python literal: the per-rank expert count, or `None` when layers differ.
+    pub experts_per_worker: String,
+    /// `"16 GPUs of h100_sxm: tensor 2 x pipeline 1 x data 8"`.
+    pub planned_layout: String,
+    /// Which ranks share experts, in words.
     pub expert_group: String,
     pub groups: Vec<GroupRow>,
-    pub patched_files: Vec<String>,
+    // The launch.
+    pub nproc_per_node: u64,
+    pub nnodes: u64,
+    /// Ranks the model file was planned for.
+    pub world: u64,
+    /// Set when the model file names a Megatron dataset; otherwise DATA_PATH must be given.
+    pub data_path: Option<String>,
+    pub args: Vec<ArgLine>,
+    /// The warnings of the emit, for the README.
     pub notes: Vec<String>,
 }
 

@@ -26,7 +26,7 @@ use std::fmt;
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
 
-use crate::check::{Ffn, GateKind, Mlp, Model, Moe, Norm, Positions};
+use crate::check::{Ffn, Mlp, Model, Moe, Norm, Positions};
 
 /// One dimension of an activation shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -296,11 +296,7 @@ pub fn mlp_flops(width: u64, mlp: &Mlp) -> u64 {
 
 /// Parameters of a gate over `experts` experts.
 pub fn gate_params(width: u64, moe: &Moe, bias: bool) -> u64 {
-    match moe.gate.kind {
-        // w_gate and w_noise, no bias.
-        GateKind::Noisy => 2 * width * moe.experts,
-        _ => linear(width, moe.experts, bias),
-    }
+    crate::gates::of(moe.gate.kind).param_count(width, moe.experts, bias)
 }
 
 struct Builder {

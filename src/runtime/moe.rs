@@ -23,14 +23,11 @@
 //! kernels without atomics (`runtime::fused`); elsewhere they are libtorch ops. A token with every slot dropped contributes nothing here and passes through the
 //! block's residual connection only.
 //!
-//! Semantics that differ from FastMoE's code on purpose (the checked model's contract wins):
-//! capacity is `ceil(factor · k · T / E)` tokens per expert (FastMoE's code uses
-//! `ceil(factor · T)`); slots over capacity are dropped in slot-major, token order (first choices
-//! of all tokens before second choices) instead of the CUDA kernel's arrival order; Switch's
-//! jitter multiplies the gate input by `U(1-ε, 1+ε)` as in the Switch paper (FastMoE adds it to
-//! the logits); GShard's random routing drops the second slot before capacity is applied. SWIPE
-//! balances over experts of one process (FastMoE balances over workers; with one expert per
-//! worker the two agree).
+//! Semantics that differ from FastMoE's code on purpose (the checked model's contract wins:
+//! capacity `ceil(factor · k · T / E)`, slot-major drop order, Switch's jitter on the gate input,
+//! GShard's random routing before capacity, SWIPE within one process) are listed, for this
+//! runtime and the emitted module, in one place: README.md, "Where fmoec differs from FastMoE
+//! on purpose".
 //!
 //! This module knows nothing about the transformer around it, the optimizer or checkpoints; it
 //! only needs a [`ParamStore`] to register its parameters under a name prefix.
@@ -129,7 +126,8 @@ pub struct Gate {
     pub balance_weight: f64,
     /// `[d, E]`.
     pub weight: Tensor,
-    /// `[E]`; `None` for the noisy gate (FastMoE's noisy gate has no bias).
+    /// `[E]`; `None` for the noisy gate (FastMoE's noisy gate has no bias) and for models
+    /// without biases.
     pub bias: Option<Tensor>,
     /// Noisy gate only: `[d, E]` noise scale projection.
     pub noise: Option<Tensor>,
@@ -211,8 +209,9 @@ fn normal(
 }
 
 impl Gate {
-    /// The gate of `moe`: its weight, and a bias when the model's linear layers have one
-    /// (`bias`; the planner counts it so) and the gate is not noisy.
+    /// Registers the gate's parameters under `prefix` as its definition (`crate::gates`) lists
+    /// them: the scores' `weight` `[d, E]`, a `bias` `[E]` when the model's linear layers have
+    /// biases, the noisy gate's `noise` `[d, E]`.
     pub fn new(
         store: &mut ParamStore,
         prefix: &str,
@@ -220,39 +219,41 @@ impl Gate {
         width: i64,
         bias: bool,
     ) -> Result<Gate> {
-        let e = moe.experts as i64;
-        let noisy = moe.gate.kind == GateKind::Noisy;
-        let weight = store.var(
-            &format!("{prefix}.weight"),
-            &[width, e],
-            Init::Normal(0.02),
-            true,
-        )?;
-        let bias = if noisy || !bias {
-            None
-        } else {
-            Some(store.var(&format!("{prefix}.bias"), &[e], Init::Zeros, false)?)
-        };
-        let noise = if noisy {
-            Some(store.var(
-                &format!("{prefix}.noise"),
-                &[width, e],
-                Init::Normal(0.02),
-                true,
-            )?)
-        } else {
-            None
+        let def = crate::gates::of(moe.gate.kind);
+        let (mut weight, mut bias_param, mut noise) = (None, None, None);
+        for p in def.params_with(bias) {
+            let shape: Vec<i64> = p
+                .shape
+                .dims(width as u64, moe.experts)
+                .iter()
+                .map(|&n| n as i64)
+                .collect();
+            let (init, decays) = if p.is_bias {
+                (Init::Zeros, false)
+            } else {
+                (Init::Normal(0.02), true)
+            };
+            let t = store.var(&format!("{prefix}.{}", p.name), &shape, init, decays)?;
+            match p.name {
+                "weight" => weight = Some(t),
+                "bias" => bias_param = Some(t),
+                "noise" => noise = Some(t),
+                other => bail!("gate parameter `{other}` has no use in the runtime"),
+            }
+        }
+        let Some(weight) = weight else {
+            bail!("the {} gate's definition has no `weight`", def.name);
         };
         Ok(Gate {
             kind: moe.gate.kind,
-            experts: e,
+            experts: moe.experts as i64,
             top_k: moe.top_k as i64,
             capacity: moe.gate.capacity,
             jitter: moe.gate.jitter,
             random_routing: moe.gate.random_routing,
             balance_weight: moe.gate.balance_loss,
             weight,
-            bias,
+            bias: bias_param,
             noise,
         })
     }

@@ -131,3 +131,14 @@ pub fn checked(gpus: u64, tensor: u64, pipeline: u64, experts: u64, kind: GateKi
         }),
     }
 }
+
+/// `fmoec emit --megatron version` of a hand-built model: its plan, then the files.
+pub fn emit(
+    c: &Checked,
+    version: &str,
+    opts: &fmoec::emit::EmitOptions,
+) -> Result<fmoec::emit::Emitted, fmoec::emit::EmitError> {
+    let plan = fmoec::plan::build(c).unwrap_or_else(|ds| panic!("the fixture plans: {ds:?}"));
+    let target = fmoec::emit::registry::find(version).expect("a declared target");
+    fmoec::emit::emit(c, &plan, &target, opts)
+}

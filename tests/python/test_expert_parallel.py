@@ -66,3 +66,9 @@ def test_tensor_ranks_match_one_rank(single):
 def test_expert_sub_groups_with_replicated_experts_match_one_rank(single):
     """4 data ranks in 2 expert groups of 2: experts split within a group, replicated across."""
     _check(single, workers.run(4, workers.expert_parallel_step, GATES, 1, 2), 4, 1, 2)
+
+
+def test_main_grad_reduction_equals_grad_reduction():
+    # Megatron-LM v2.5 and later reduce `param.main_grad` (local_ddp); v2.2 `param.grad`
+    for r in workers.run(2, workers.main_grad_reduction):
+        assert r['same'] and r['grads_untouched']

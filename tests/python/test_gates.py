@@ -174,6 +174,39 @@ def test_arguments_are_registered_and_read_under_the_same_names():
     assert (spec['top_k'], spec['gate'], spec['capacity'], args.fmoefy) == (1, 'switch', (1.0, 2.0), False)
 
 
+def test_gate_table_is_fmoecs_one_definition():
+    # the gates of `fmoec::gates`, with std.gates' defaults
+    assert list(m._GATES) == ['naive', 'noisy', 'gshard', 'switch', 'swipe']
+    assert {n: d['top_k'] for n, d in m._GATES.items()} == \
+        {'naive': None, 'noisy': None, 'gshard': 2, 'switch': 1, 'swipe': None}
+    assert m._GATES['gshard']['capacity'] == (1.2, 2.4) and m._GATES['gshard']['random_routing']
+    assert m._GATES['switch']['jitter'] == 0.1
+    for name in m._GATES:
+        assert m._GATE_CLASSES[name].NAME == name
+    # an unknown gate or a top_k the gate does not route is an error, never a fallback
+    with pytest.raises(ValueError, match='no gate `mixtral`'):
+        m._gate_definition('mixtral')
+    with pytest.raises(ValueError, match='routes to 2 expert'):
+        m.GShardGate(4, 4, 1, m.Topology())
+    # a gate's parameters follow the model's biases
+    assert m.NaiveGate(4, 4, 2, m.Topology(), bias=False).gate.bias is None
+    assert m.SwitchGate(4, 4, 1, m.Topology()).gate.bias is not None   # this model has biases
+
+
+def test_another_gate_on_the_command_line_takes_its_own_defaults():
+    parser = m.add_arguments(argparse.ArgumentParser())
+    first = sorted(m._FMOEC_LAYERS)[0]
+    other = 'switch' if m._FMOEC_LAYERS[first]['gate'] != 'switch' else 'gshard'
+    top_k = m._GATES[other]['top_k']
+    args = parser.parse_args(['--fmoe-balance-strategy', other, '--fmoe-top-k', str(top_k)])
+    spec = m._layer_spec(first, args)
+    for key in ('capacity', 'jitter', 'random_routing'):
+        assert spec[key] == m._GATES[other][key], key
+    args = parser.parse_args(['--fmoe-balance-strategy', other, '--fmoe-top-k', str(top_k + 1)])
+    with pytest.raises(ValueError, match='routes each token to {} expert'.format(top_k)):
+        m._layer_spec(first, args)
+
+
 def test_expert_checkpoint_names():
     assert m.expert_checkpoint_name('ck/iter_0000010/mp_rank_01_002/model_optim_rng.pt', 3) == \
         'ck/iter_0000010/mp_rank_01_002_dp_rank_0003/model_optim_rng.pt'

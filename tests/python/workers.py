@@ -141,3 +141,38 @@ def checkpoint_round_trip(rank, world, folder):
     return dict(name=name, experts_equal=experts_equal, state_equal=state_equal,
                 experts=[n for n, p in layer.named_parameters() if m._is_expert(p)],
                 weight=layer.experts.htoh4_weight.detach().clone())
+
+
+def found_inf_agreement(rank, world, overflow_rank):
+    """Megatron's fp16 overflow flag after its model-parallel all-reduce: set on one data rank
+    only (an inf in that rank's expert gradients). Returns the flag after agree_found_inf."""
+    import fmoec_moe as m
+    group = dist.group.WORLD
+    m.set_topology(m.Topology(expert_group=group, expert_rank=rank, expert_size=world,
+                              data_group=group, data_size=world, gate_group=group))
+    found_inf = torch.tensor([1.0 if rank == overflow_rank else 0.0])
+    m.agree_found_inf(found_inf)
+    return {'found_inf': float(found_inf.item())}
+
+
+def main_grad_reduction(rank, world):
+    """One backward on 2 expert ranks, reduced once from `param.grad` (Megatron-LM v2.2's local
+    DDP) and once from `param.main_grad` (v2.5 and later): the same gradients."""
+    import fmoec_moe as m
+    group = dist.group.WORLD
+    topo = m.Topology(expert_group=group, expert_rank=rank, expert_size=world,
+                      data_group=group, data_size=world, gate_group=group)
+    layer = m.MoELayer(spec_for('gshard'), D_MODEL, EXPERTS // world, topo, layer_index=1, seed=3)
+    x, w = inputs()
+    y, _ = layer(x[rank::world])
+    (y * w).sum(-1).mean().backward()
+    params = list(layer.parameters())
+    for p in params:
+        p.main_grad = p.grad.detach().clone().float()
+    m._allreduce_by_kind(params, topo)
+    by_grad = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    for p in params:
+        p.grad = None
+    m._allreduce_by_kind(params, topo, main_grad=True)
+    same = all(torch.equal(p.main_grad, by_grad[n]) for n, p in layer.named_parameters())
+    return {'same': same, 'grads_untouched': all(p.grad is None for p in params)}

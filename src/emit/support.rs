@@ -1,0 +1,290 @@
+//! What a model asks of a Megatron-LM target, checked against the target's declared
+//! capabilities (`check::targets::CAPABILITIES`, `stdlib/megatron.fmoe`).
+//!
+//! Every diagnostic here is generated from the capabilities: a value the model uses that the
+//! target does not list is an error at the place the file asks for it, naming the targets that
+//! have it; where Megatron has a stand-in (fp16 for bf16, its own dense MLP) it is a warning
+//! saying what trains instead. No rule is written for one release.
+//!
+//! Knows nothing about templates, patches or any particular release.
+
+use super::act_name;
+use crate::check::{Checked, ExpertGroup, Ffn, MegatronTarget, Norm, Positions, Precision};
+use crate::diag::{Diagnostic, Span};
+use crate::plan::ParallelPlan;
+
+/// One thing the model asks of a target: a value of one capability, and where it asks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ask {
+    /// The capability (`norm`, `precision`, ...).
+    pub field: &'static str,
+    /// The value's name as the declarations write it (`rmsnorm`, `false`, `bf16`).
+    pub value: String,
+    /// How a message names it: "RMSNorm (`norm = rmsnorm`)".
+    pub what: String,
+    pub span: Span,
+}
+
+pub(super) fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::Fp32 => "fp32",
+        Precision::Fp16 => "fp16",
+        Precision::Bf16 => "bf16",
+    }
+}
+
+/// What the model file and its plan ask for, each value once per place it is written (layers
+/// assigned by one selection share their spans). Dense MLPs are left to [`dense_mlp`].
+pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
+    let m = &c.model;
+    let at = m.spans.name;
+    let mut out = Vec::new();
+    let mut ask = |field: &'static str, value: &str, what: String, span: Span| {
+        let a = Ask {
+            field,
+            value: value.to_string(),
+            what,
+            span,
+        };
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    };
+    match m.norm {
+        Norm::LayerNorm => ask("norm", "layernorm", "LayerNorm".into(), at),
+        Norm::RmsNorm => ask("norm", "rmsnorm", "RMSNorm (`norm = rmsnorm`)".into(), at),
+    }
+    match m.positions {
+        Positions::Learned => ask("positions", "learned", "learned positions".into(), at),
+        Positions::Rotary => ask(
+            "positions",
+            "rotary",
+            "rotary position embeddings (`positions = rotary`)".into(),
+            at,
+        ),
+    }
+    if m.attention.kv_heads == m.attention.heads {
+        ask("attention", "multi_head", "multi-head attention".into(), at);
+    } else {
+        ask(
+            "attention",
+            "grouped_query",
+            format!(
+                "grouped-query attention ({} key/value heads for {} heads)",
+                m.attention.kv_heads, m.attention.heads
+            ),
+            at,
+        );
+    }
+    if m.bias {
+        ask("bias", "true", "linear layers with biases".into(), at);
+    } else {
+        ask(
+            "bias",
+            "false",
+            "linear layers without bias (`bias = false`)".into(),
+            at,
+        );
+    }
+    if m.tied_embeddings {
+        ask("tied_embeddings", "true", "tied LM head".into(), at);
+    } else {
+        ask(
+            "tied_embeddings",
+            "false",
+            "untied LM head (`tied_embeddings = false`)".into(),
+            at,
+        );
+    }
+    for (_, moe) in m.moe_layers() {
+        let act = act_name(moe.expert.act);
+        ask("expert_act", act, format!("{act} experts"), moe.expert.span);
+        let gate = crate::emit::gate_name(moe.gate.kind);
+        ask("gates", gate, format!("{gate} gate"), moe.gate.span);
+        if moe.shared.is_some() {
+            ask(
+                "shared_experts",
+                "true",
+                "shared experts".into(),
+                moe.spans.call,
+            );
+        }
+    }
+    if m.moe_layers().next().is_some() {
+        let p = &c.parallel;
+        let (value, what) = match p.experts {
+            ExpertGroup::AcrossData => (
+                "across_data",
+                "experts across the data-parallel group".to_string(),
+            ),
+            ExpertGroup::Size { size } => (
+                "groups",
+                format!("expert groups of {size} data ranks (`groups_of({size})`)"),
+            ),
+            ExpertGroup::Replicated => ("replicated", "replicated experts".to_string()),
+        };
+        ask("expert_groups", value, what, p.spans.experts);
+        if plan.tensor > 1 {
+            let (value, what) = if plan.expert_slicing {
+                ("true", "experts sliced over the tensor ranks")
+            } else {
+                (
+                    "false",
+                    "experts whole on every tensor rank (`expert_slicing = false`)",
+                )
+            };
+            ask("expert_slicing", value, what.into(), p.spans.tensor);
+        }
+    }
+    if let Some(t) = &c.train {
+        let p = precision_name(t.precision);
+        ask("precision", p, p.to_string(), t.spans.precision);
+    }
+    out
+}
+
+/// "v2.5, v3.0.2 have it; or train it with `fmoec run`".
+fn who_has_it(field: &str, value: &str, all: &[MegatronTarget]) -> String {
+    let have: Vec<&str> = all
+        .iter()
+        .filter(|t| t.allows(field, value))
+        .map(|t| t.version.as_str())
+        .collect();
+    match have.as_slice() {
+        [] => "no Megatron-LM target has it yet; train it with `fmoec run`".to_string(),
+        [one] => {
+            format!("Megatron-LM {one} has it (`--megatron {one}`); or train it with `fmoec run`")
+        }
+        many => format!("{} have it; or train it with `fmoec run`", many.join(", ")),
+    }
+}
+
+/// Where Megatron has a stand-in for what the target lacks: precisions, in order of preference.
+fn precision_stand_in(asked: &str, target: &MegatronTarget) -> Option<&'static str> {
+    let order: &[&str] = match asked {
+        "bf16" => &["fp16"],
+        "fp16" => &["bf16"],
+        _ => &[],
+    };
+    order
+        .iter()
+        .copied()
+        .find(|p| target.allows("precision", p))
+}
+
+/// The diagnostics of `c` for `target` (errors and warnings), given every declared target.
+pub fn diagnostics(
+    c: &Checked,
+    plan: &ParallelPlan,
+    target: &MegatronTarget,
+    all: &[MegatronTarget],
+) -> Vec<Diagnostic> {
+    let v = &target.version;
+    let mut out = Vec::new();
+    for a in asks(c, plan) {
+        if target.allows(a.field, &a.value) {
+            continue;
+        }
+        if a.field == "precision" {
+            if let Some(instead) = precision_stand_in(&a.value, target) {
+                let how = match instead {
+                    "fp16" => "fp16 with loss scaling",
+                    _ => "bf16 with fp32 master weights",
+                };
+                out.push(Diagnostic::warning(
+                    "W0803",
+                    a.span,
+                    format!(
+                        "Megatron-LM {v} has no {}; train.sh uses --{instead} ({how})",
+                        a.value
+                    ),
+                ));
+                continue;
+            }
+        }
+        out.push(
+            Diagnostic::error(
+                "E0801",
+                a.span,
+                format!("Megatron-LM {v} has no {}", a.what),
+            )
+            .with_label("asked for here")
+            .with_help(who_has_it(a.field, &a.value, all)),
+        );
+    }
+    out.extend(dense_mlp(c, target));
+    out
+}
+
+/// Megatron's dense MLP trains the layers that are not MoE: its activation and hidden size are
+/// the target's (`dense_act`; `dense_hidden`: settable, else 4 x width). Anything else is said
+/// once, at the first dense layer that differs, with what trains instead.
+fn dense_mlp(c: &Checked, target: &MegatronTarget) -> Option<Diagnostic> {
+    let m = &c.model;
+    let dense: Vec<_> = m
+        .layers
+        .iter()
+        .filter_map(|l| match &l.ffn {
+            Ffn::Dense(mlp) => Some(mlp),
+            Ffn::Moe(_) => None,
+        })
+        .collect();
+    let first = dense.first()?;
+    let hidden = if target.can("dense_hidden") {
+        first.hidden
+    } else {
+        4 * m.width
+    };
+    let act = ["gelu", "relu", "swiglu"]
+        .into_iter()
+        .find(|a| *a == act_name(first.act) && target.allows("dense_act", a))
+        .or_else(|| {
+            ["gelu", "relu", "swiglu"]
+                .into_iter()
+                .find(|a| target.allows("dense_act", a))
+        })?;
+    let odd = dense
+        .iter()
+        .find(|d| d.hidden != hidden || act_name(d.act) != act)?;
+    let hidden_text = if target.can("dense_hidden") {
+        format!("{hidden} (one --ffn-hidden-size for every layer)")
+    } else {
+        format!("4 x width = {hidden}")
+    };
+    Some(Diagnostic::warning(
+        "W0801",
+        odd.span,
+        format!(
+            "Megatron-LM {}'s dense MLP is {act} with hidden {hidden_text}; its dense layers train that instead",
+            target.version
+        ),
+    ))
+}
+
+/// The dense MLP's hidden size train.sh passes (`--ffn-hidden-size`), when the target takes
+/// one and the model has dense layers.
+pub fn dense_hidden(c: &Checked, target: &MegatronTarget) -> Option<u64> {
+    if !target.can("dense_hidden") {
+        return None;
+    }
+    c.model.layers.iter().find_map(|l| match &l.ffn {
+        Ffn::Dense(mlp) => Some(mlp.hidden),
+        Ffn::Moe(_) => None,
+    })
+}
+
+/// The precision train.sh trains in: the file's, or the target's stand-in for it.
+pub fn precision_flag(c: &Checked, target: &MegatronTarget) -> Option<&'static str> {
+    let t = c.train.as_ref()?;
+    let asked = precision_name(t.precision);
+    let p = if target.allows("precision", asked) {
+        asked
+    } else {
+        precision_stand_in(asked, target)?
+    };
+    match p {
+        "fp32" => None,
+        "fp16" => Some("--fp16"),
+        _ => Some("--bf16"),
+    }
+}

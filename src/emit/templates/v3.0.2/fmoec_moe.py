@@ -1,0 +1,1 @@
+{% extends "v2.5/fmoec_moe.py" %}
