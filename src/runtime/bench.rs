@@ -8,7 +8,7 @@
 //!
 //! - `fmoec`: the runtime's own path ([`DispatchPlan`], [`dispatch`], [`Experts::forward`] on
 //!   the grouped matmul, [`combine`]); no host synchronisation; with the `cuda` feature on a
-//!   GPU, dispatch and combine are the fused kernels of `runtime::fused`.
+//!   GPU, dispatch and combine are the fused kernels of `runtime::cuda`.
 //! - `fmoec-unfused`: the same with libtorch dispatch and combine (shown where the fused
 //!   kernels run, to say whether they help).
 //! - `ops`: the libtorch-ops layer of issue 6 (argsort, bincount, index_select, grouped
@@ -316,7 +316,7 @@ fn sync(device: Device) {
 /// else host clocks taken after synchronising the device.
 enum Mark {
     #[cfg(feature = "cuda")]
-    Event(crate::runtime::fused::Event),
+    Event(crate::runtime::cuda::Event),
     Host(Instant),
 }
 
@@ -328,7 +328,7 @@ fn uses_events(device: Device) -> bool {
 fn mark(device: Device) -> Result<Mark> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(n) = device {
-        let e = crate::runtime::fused::Event::new()?;
+        let e = crate::runtime::cuda::Event::new()?;
         e.record(n)?;
         return Ok(Mark::Event(e));
     }
@@ -352,7 +352,7 @@ fn reset_peak(device: Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(n) = device {
         sync(device);
-        return crate::runtime::fused::reset_peak_memory(n);
+        return crate::runtime::cuda::reset_peak_memory(n);
     }
     let _ = device;
     Ok(())
@@ -363,7 +363,7 @@ fn peak_bytes(device: Device) -> Result<Option<i64>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(n) = device {
         sync(device);
-        return Ok(Some(crate::runtime::fused::memory(n)?.0));
+        return Ok(Some(crate::runtime::cuda::memory(n)?.0));
     }
     let _ = device;
     Ok(None)
@@ -907,10 +907,22 @@ fn or_all<T: Clone>(chosen: &[T], all: Vec<T>) -> Vec<T> {
 #[cfg(feature = "cuda")]
 fn check_kernels(device: Device) -> Result<std::process::ExitCode> {
     if let Device::Cuda(n) = device {
-        crate::runtime::fused::kernels_ready(n)?;
+        crate::runtime::cuda::kernels_ready(n)?;
     }
-    for line in crate::runtime::fused::self_check(device)? {
+    for line in crate::runtime::cuda::check::self_check(device)? {
         println!("{line}");
+    }
+    // the gates' keyed draws: the same bits on the device as on the CPU
+    {
+        use crate::runtime::moe::{draw_key_words, keyed_uniform};
+        let key = Tensor::f_from_slice(&draw_key_words(0x0123_4567_89AB_CDEF))?;
+        let want = keyed_uniform(&key, 3, &[1000, 7])?;
+        let got =
+            keyed_uniform(&key.f_to_device(device)?, 3, &[1000, 7])?.f_to_device(Device::Cpu)?;
+        if !got.f_equal(&want)? {
+            bail!("keyed draws: the device's differ from the CPU's");
+        }
+        println!("keyed draws: bit-equal to the CPU ok");
     }
     println!("all kernel checks passed on {device:?}");
     Ok(std::process::ExitCode::SUCCESS)

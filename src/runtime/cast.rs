@@ -117,7 +117,7 @@ pub fn compute(w: &Tensor, kind: Kind) -> Result<Tensor> {
             Ok(Some(copy))
         })?;
         if let Some(copy) = copy {
-            return crate::runtime::fused::cast_op(w, &copy);
+            return crate::runtime::cuda::cast_op(w, &copy);
         }
     }
     Ok(w.f_to_kind(kind)?)

@@ -1164,14 +1164,14 @@ impl Transformer {
 
 /// Mean cross-entropy of `logits` `[B, T, V]` (compute dtype) against `target` `[B, T]`,
 /// computed in f32: on a GPU with the fused kernels one pass over the logits in their own
-/// dtype each way ([`crate::runtime::fused`]), else libtorch's on f32 logits.
+/// dtype each way ([`crate::runtime::cuda`]), else libtorch's on f32 logits.
 fn next_token_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let v = logits.size()[2];
     let flat = logits.f_reshape([-1, v])?;
     let target = target.f_reshape([-1])?;
     #[cfg(feature = "cuda")]
     if moe::fused_available(logits.device()) {
-        if let Some(rows) = crate::runtime::fused::cross_entropy_rows(&flat, &target)? {
+        if let Some(rows) = crate::runtime::cuda::cross_entropy_rows(&flat, &target)? {
             // the mean over targets inside the vocabulary (libtorch's ignore_index rows)
             let counted = target.f_ge(0)?.f_sum(Kind::Float)?.f_clamp_min(1.0)?;
             return Ok(rows.f_sum(Kind::Float)?.f_div(&counted)?);

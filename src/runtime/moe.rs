@@ -20,7 +20,7 @@
 //! a gradient. Expert biases are added by a fused epilogue that skips those rows (with the
 //! `cuda` feature on a GPU); a libtorch bias would gather them, so there the matmuls are
 //! masked. With the `cuda` feature on a GPU, the plan, `dispatch` and `combine` are fused
-//! kernels without atomics (`runtime::fused`); elsewhere they are libtorch ops. A token with every slot dropped contributes nothing here and passes through the
+//! kernels without atomics (`runtime::cuda`); elsewhere they are libtorch ops. A token with every slot dropped contributes nothing here and passes through the
 //! block's residual connection only.
 //!
 //! Semantics that differ from FastMoE's code on purpose (the checked model's contract wins):
@@ -488,10 +488,9 @@ fn queue_positions(expert: &Tensor, e: i64) -> Result<Tensor> {
     // slot-major order: row r = slot·T + token
     let order_major = expert.f_transpose(0, 1)?.f_reshape([-1])?;
     #[cfg(feature = "cuda")]
-    if fused_available(expert.device())
-        && crate::runtime::fused::plan_kernels_apply(&order_major, e)
+    if fused_available(expert.device()) && crate::runtime::cuda::plan_kernels_apply(&order_major, e)
     {
-        let pos = crate::runtime::fused::key_positions(&order_major, e)?;
+        let pos = crate::runtime::cuda::key_positions(&order_major, e)?;
         return Ok(pos.f_reshape([k, t])?.f_transpose(0, 1)?);
     }
     let keyed = order_major.f_where_scalarother(&order_major.f_ge(0)?, e)?;
@@ -602,9 +601,9 @@ impl DispatchPlan {
         let n = flat.size()[0];
         let device = flat.device();
         #[cfg(feature = "cuda")]
-        if fused && crate::runtime::fused::plan_kernels_apply(&flat, e) {
+        if fused && crate::runtime::cuda::plan_kernels_apply(&flat, e) {
             // the same maps from three kernels instead of a sort and a dozen small ops
-            let o = crate::runtime::fused::expert_order(&flat, k, e)?;
+            let o = crate::runtime::cuda::expert_order(&flat, k, e)?;
             let valid = o.sorted_key.f_lt(e)?.f_unsqueeze(1)?;
             return Ok(DispatchPlan {
                 order: o.order,
@@ -695,9 +694,9 @@ pub fn fused_available(device: tch::Device) -> bool {
             if std::env::var("FMOEC_FUSED").is_ok_and(|v| v == "0") {
                 return false;
             }
-            let ok = crate::runtime::fused::kernels_ready(n).is_ok();
+            let ok = crate::runtime::cuda::kernels_ready(n).is_ok();
             if !ok {
-                crate::runtime::fused::warn_unavailable(n);
+                crate::runtime::cuda::warn_unavailable(n);
             }
             ok
         }
@@ -715,7 +714,7 @@ pub fn fused_available(_device: tch::Device) -> bool {
 pub fn dispatch(x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if plan.fused {
-        return crate::runtime::fused::dispatch_op(x, &plan.row_slot, &plan.slot_row, plan.top_k);
+        return crate::runtime::cuda::dispatch_op(x, &plan.row_slot, &plan.slot_row, plan.top_k);
     }
     let xs = x.f_index_select(0, &plan.token)?;
     if !plan.may_drop {
@@ -729,7 +728,7 @@ pub fn dispatch(x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
 pub fn combine(ys: &Tensor, plan: &DispatchPlan, weight: &Tensor, tokens: i64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if plan.fused && weight.kind() == Kind::Float {
-        return crate::runtime::fused::combine_op(ys, weight, &plan.slot_row, &plan.row_slot);
+        return crate::runtime::cuda::combine_op(ys, weight, &plan.slot_row, &plan.row_slot);
     }
     let w = weight
         .f_reshape([-1])?
@@ -877,11 +876,11 @@ impl Experts {
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let (true, Some(b)) = (fused, b) {
-            use crate::runtime::fused::{bias_act_op, ACT_GELU, ACT_NONE, ACT_RELU};
+            use crate::runtime::cuda::{bias_act_op, EpilogueAct};
             let code = match act {
-                None => Some(ACT_NONE),
-                Some(Activation::Gelu) => Some(ACT_GELU),
-                Some(Activation::Relu) => Some(ACT_RELU),
+                None => Some(EpilogueAct::None),
+                Some(Activation::Gelu) => Some(EpilogueAct::Gelu),
+                Some(Activation::Relu) => Some(EpilogueAct::Relu),
                 Some(Activation::Swiglu) => None,
             };
             if let Some(code) = code {
@@ -908,7 +907,7 @@ impl Experts {
                 let h1 = self.bias_then(h, &self.b1, plan, None, fused)?;
                 #[cfg(feature = "cuda")]
                 if plan.fused {
-                    return crate::runtime::fused::swiglu_op(&h1, &h3);
+                    return crate::runtime::cuda::swiglu_op(&h1, &h3);
                 }
                 Ok(h1.f_silu()?.f_mul(&h3)?)
             }
