@@ -719,6 +719,21 @@ pub fn byte_vocab_too_small(span: Span, vocab: u64, vocab_span: Span) -> Diagnos
     .with_help("set `vocab = 256` or more")
 }
 
+pub fn fp8_dense_without_fp8(span: Span, precision: Span) -> Diagnostic {
+    let d = Diagnostic::error(
+        "E0605",
+        span,
+        "`fp8_dense` applies only with `precision = fp8`",
+    )
+    .with_label("no FP8 matmuls to extend")
+    .with_help("set `precision = fp8`, or remove `fp8_dense`");
+    if precision == Span::default() {
+        d
+    } else {
+        d.with_secondary(precision, "precision set here")
+    }
+}
+
 // ---- E07xx: stdlib declarations ----------------------------------------------------
 
 pub fn constructor_outside_stdlib(span: Span) -> Diagnostic {

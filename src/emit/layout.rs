@@ -93,6 +93,7 @@ mod tests {
                 name: "test".into(),
                 memory_bytes: 0,
                 bf16_tflops: 0.0,
+                fp8_tflops: None,
                 fp16_tflops: 0.0,
                 fp32_tflops: 0.0,
                 hbm_gbps: 0.0,

@@ -395,6 +395,13 @@ fn validate(c: &Checked) -> Result<Vec<Diagnostic>, EmitError> {
                 "Megatron-LM v2.2 has no bf16; train.sh uses --fp16 (fp16 with loss scaling)",
             ));
         }
+        if let Precision::Fp8 { .. } = t.precision {
+            warnings.push(Diagnostic::warning(
+                "W0803",
+                t.spans.precision,
+                "Megatron-LM v2.2 has no FP8 (nor bf16); train.sh uses --fp16 (fp16 with loss scaling)",
+            ));
+        }
         let micro = p.micro_batch.unwrap_or(1);
         if t.batch_sequences % (micro * p.data) != 0 {
             errors.push(

@@ -5,7 +5,7 @@
 //! per-step compute-dtype copies ([`cast`]), AdamW and the
 //! schedule ([`optim`]), data ([`data`]), checkpoints ([`checkpoint`]), multi-rank training ([`distributed`]), the loop, sampling and
 //! metrics ([`train`]), the plot ([`plot`]), the `fmoec run` command line ([`cli`]), `fmoec bench
-//! moe` ([`bench`]) and, with feature `cuda`, the CUDA code (`cuda`: the shim, the kernels and the fused ops), CUDA
+//! moe` ([`bench`]), `precision = fp8` ([`fp8`]) and, with feature `cuda`, the CUDA code (`cuda`: the shim, the kernels and the fused ops), CUDA
 //! graphs over a training micro-batch (`graph`) and libtorch's multi-tensor optimizer
 //! kernels (`foreach`).
 //! It reads only the checked [`crate::check::Checked`] artifact; it knows nothing about source
@@ -21,6 +21,7 @@ pub mod data;
 pub mod distributed;
 #[cfg(feature = "cuda")]
 pub mod foreach;
+pub mod fp8;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod model;

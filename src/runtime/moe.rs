@@ -756,6 +756,9 @@ pub struct Experts {
     pub b1: Option<Tensor>,
     pub b2: Option<Tensor>,
     pub path: ExpertPath,
+    /// The grouped matmuls with FP8 operands (`precision = fp8`, feature `cuda`; see
+    /// `runtime::fp8`). Only on the grouped path.
+    pub fp8: bool,
 }
 
 impl Experts {
@@ -799,12 +802,43 @@ impl Experts {
             b1,
             b2,
             path: ExpertPath::Grouped,
+            fp8: false,
         })
+    }
+
+    /// The same experts (the same tensors), with FP8 operands or not.
+    pub fn with_fp8(&self, fp8: bool) -> Experts {
+        Experts {
+            experts: self.experts,
+            act: self.act,
+            w1: self.w1.shallow_clone(),
+            w2: self.w2.shallow_clone(),
+            w3: self.w3.as_ref().map(Tensor::shallow_clone),
+            b1: self.b1.as_ref().map(Tensor::shallow_clone),
+            b2: self.b2.as_ref().map(Tensor::shallow_clone),
+            path: self.path,
+            fp8,
+        }
     }
 
     /// The grouped (or looped) matmul of every row with its expert's `w`. `masked` zeroes
     /// the rows of dropped slots on both sides.
     fn mm(&self, xs: &Tensor, w: &Tensor, plan: &DispatchPlan, masked: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fp8 && self.path == ExpertPath::Grouped {
+            // the master goes in: its FP8 copies are made once per step
+            let xs = if masked {
+                xs.f_where_self(&plan.valid, &xs.f_zeros_like()?)?
+            } else {
+                xs.shallow_clone()
+            };
+            let out = crate::runtime::fp8::grouped_mm(&xs, w, &plan.offsets)?;
+            return if masked {
+                Ok(out.f_where_self(&plan.valid, &out.f_zeros_like()?)?)
+            } else {
+                Ok(out)
+            };
+        }
         let w = cast::compute(w, xs.kind())?;
         match self.path {
             ExpertPath::Grouped => {
@@ -955,6 +989,8 @@ pub struct DenseMlp {
     pub w3: Option<Tensor>,
     pub b1: Option<Tensor>,
     pub b2: Option<Tensor>,
+    /// The projections with FP8 operands (`fp8_dense`; see [`project`]).
+    pub fp8: bool,
 }
 
 impl DenseMlp {
@@ -1005,18 +1041,39 @@ impl DenseMlp {
             w3,
             b1,
             b2,
+            fp8: false,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let kind = x.kind();
-        let h = linear(x, &self.w1, self.b1.as_ref())?;
-        let h = match &self.w3 {
-            Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&cast::compute(w3, kind)?)?)?,
-            None => activate(&h, self.act)?,
-        };
-        linear(&h, &self.w2, self.b2.as_ref())
+        let h = self.hidden(x)?;
+        project(&h, &self.w2, self.b2.as_ref(), self.fp8)
     }
+
+    /// The activation of the hidden layer (`act(x · w1 + b1)`, SwiGLU with `x · w3`).
+    pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        let h = project(x, &self.w1, self.b1.as_ref(), self.fp8)?;
+        match &self.w3 {
+            Some(w3) => Ok(h.f_silu()?.f_mul(&project(x, w3, None, self.fp8)?)?),
+            None => activate(&h, self.act),
+        }
+    }
+}
+
+/// `x · w (+ b)` as [`linear`], with FP8 operands when `fp8` (feature `cuda`; both widths
+/// multiples of 16, else in the compute dtype as [`linear`]).
+pub fn project(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fp8: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fp8 {
+        use crate::runtime::fp8::{linear as fp8_linear, linear_applies, WeightLayout};
+        if let [k, n] = w.size().as_slice() {
+            if linear_applies(*k, *n) {
+                return fp8_linear(x, w, b, WeightLayout::InOut);
+            }
+        }
+    }
+    let _ = fp8;
+    linear(x, w, b)
 }
 
 /// `x · w (+ b)` in `x`'s dtype over the last dimension (`w` is `[in, out]`). With a bias it
@@ -1104,10 +1161,12 @@ impl MoeLayer {
             self.gate.experts,
             self.gate.may_drop(train),
         )?;
-        let xs = dispatch(x, &plan)?;
+        let xs = self.dispatch(x, &plan)?;
         // An expert-parallel runtime exchanges `xs` (by `plan.counts`) here ...
         let ys = self.experts.forward(&xs, &plan)?;
         // ... and sends `ys` back here.
+        #[cfg(feature = "cuda")]
+        crate::runtime::fp8::forget_prequantized();
         let mut out = combine(&ys, &plan, &routing.weight, t)?;
         if let Some(shared) = &self.shared {
             out = out.f_add(&shared.forward(x)?)?;
@@ -1119,6 +1178,25 @@ impl MoeLayer {
             telemetry,
         })
     }
+}
+
+impl MoeLayer {
+    /// [`dispatch_to`] this layer's experts.
+    pub fn dispatch(&self, x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
+        dispatch_to(&self.experts, x, plan)
+    }
+}
+
+/// [`dispatch`] for `experts`, writing the rows' FP8 copy in the same pass when they take FP8
+/// operands and the fused kernels run (then call `runtime::fp8::forget_prequantized` once
+/// they have run).
+pub fn dispatch_to(experts: &Experts, x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if experts.fp8 && experts.path == ExpertPath::Grouped && plan.fused {
+        return crate::runtime::fp8::dispatch(x, &plan.row_slot, &plan.slot_row, plan.top_k);
+    }
+    let _ = experts;
+    dispatch(x, plan)
 }
 
 /// A layer's routing statistics for `tokens` tokens, from the tokens each expert kept

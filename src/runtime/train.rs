@@ -151,7 +151,7 @@ pub struct RunSummary {
 pub fn compute_kind(p: Precision) -> Result<Kind> {
     Ok(match p {
         Precision::Fp32 => Kind::Float,
-        Precision::Bf16 => Kind::BFloat16,
+        Precision::Bf16 | Precision::Fp8 { .. } => Kind::BFloat16,
         Precision::Fp16 => bail!(
             "precision = fp16 needs loss scaling, which the built-in runtime does not do; use bf16"
         ),
@@ -163,6 +163,8 @@ fn precision_name(p: Precision) -> &'static str {
         Precision::Fp32 => "fp32",
         Precision::Bf16 => "bf16",
         Precision::Fp16 => "fp16",
+        Precision::Fp8 { dense: false } => "fp8",
+        Precision::Fp8 { dense: true } => "fp8 (dense too)",
     }
 }
 
@@ -446,6 +448,8 @@ impl Drop for Runner {
     /// The run is over (or failed): this thread's weight copies go.
     fn drop(&mut self) {
         cast::disable();
+        #[cfg(feature = "cuda")]
+        crate::runtime::fp8::clear();
     }
 }
 
@@ -628,7 +632,7 @@ pub fn train_ranked(
     let model_decl = &checked.model;
     let total_steps = opts.steps.unwrap_or(train.steps);
     let stop_at = opts.stop_after.unwrap_or(total_steps).min(total_steps);
-    let compute = compute_kind(train.precision)?;
+    let mut compute = compute_kind(train.precision)?;
     let seq = train.seq_len as usize;
     if train.seq_len > model_decl.context {
         bail!(
@@ -642,6 +646,19 @@ pub fn train_ranked(
     let data_ranks = ctx.map_or(1, |c| c.data_size()) as u64;
     let data_rank = ctx.map_or(0, |c| c.data_rank()) as u64;
     let device = ctx.map_or(opts.device, |c| c.device);
+    let fp8 = match train.precision {
+        Precision::Fp8 { dense } => {
+            // the CPU's emulation computes the rest in f32 (bf16 matmuls are slow there)
+            if crate::runtime::fp8::mode_for(device)? == crate::runtime::fp8::Fp8Mode::Emulated {
+                compute = Kind::Float;
+            }
+            Some(crate::runtime::fp8::Fp8Use {
+                experts: true,
+                dense,
+            })
+        }
+        _ => None,
+    };
     let (mb, mb_note) = run_micro_batch(checked, train, data_ranks, ctx)?;
     // Micro-batches of the global batch; this rank runs `m = i·D + data_rank`.
     let n_micro = train.batch_sequences / mb;
@@ -723,6 +740,18 @@ pub fn train_ranked(
     let kinds = distributed::param_kinds(&model);
     let splits = model.tensor_splits();
     model.set_compute(compute);
+    if let Some(fp8) = fp8 {
+        let tokens = (mb * train.seq_len) as i64;
+        let bf16_layers = model.set_fp8(fp8, tokens, &checked.parallel.hardware);
+        if main && !bf16_layers.is_empty() {
+            eprintln!(
+                "note: precision = fp8: the experts of layer(s) {bf16_layers:?} stay in bf16, where \
+                 the planner estimates FP8 would not pay on `{}` (`fmoec plan` says why; \
+                 FMOEC_FP8_EXPERTS=all forces FP8)",
+                checked.parallel.hardware.name
+            );
+        }
+    }
     if main {
         if let Some(c) = ctx {
             for note in &c.plan.notes {
@@ -907,6 +936,19 @@ pub fn train_ranked(
                 )
             }
         };
+        #[cfg(feature = "cuda")]
+        if fp8.is_some() {
+            let overflowed = crate::runtime::fp8::take_overflow(device)?;
+            if overflowed > 0 {
+                bar.abandon();
+                bail!(
+                    "step {}: {overflowed} FP8 scale(s) overflowed (a tensor quantised to FP8 held \
+                     Inf or NaN); the step was not applied. Lower the learning rate, or train \
+                     with precision = bf16 to see where the values diverge",
+                    step + 1
+                );
+            }
+        }
         let lr = optim::learning_rate(&train.schedule, lr_max, step, total_steps);
         adam.step(&mut model.store, lr)?;
         step += 1;

@@ -29,6 +29,8 @@ const SOURCE: &str = concat!(
     include_str!("kernels/plan.cu"),
     "\n",
     include_str!("kernels/xent.cu"),
+    "\n",
+    include_str!("kernels/fp8.cu"),
 );
 
 /// The element type of a kernel instance (its name's suffix).
@@ -107,6 +109,14 @@ pub enum Kernel {
     SegmentSums(Elem),
     XentFwd(Elem),
     XentBwd(Elem),
+    /// Row-wise FP8 quantisation (optionally gathering the rows as the dispatch does).
+    Fp8QuantRows(Elem),
+    /// Column maxima of each row group (for per-group column scales).
+    Fp8ColAmax(Elem),
+    /// FP8 scales from column maxima.
+    Fp8ScalesFromAmax,
+    /// The transposed FP8 copy with per-group column scales.
+    Fp8QuantTranspose(Elem),
 }
 
 /// The type of one kernel parameter, as the `.cu` declares it.
@@ -136,8 +146,26 @@ impl Kernel {
                 Kernel::XentBwd(e),
             ]);
             all.extend(EpilogueAct::ALL.map(|a| Kernel::BiasAct(a, e)));
+            all.extend([
+                Kernel::Fp8QuantRows(e),
+                Kernel::Fp8ColAmax(e),
+                Kernel::Fp8QuantTranspose(e),
+            ]);
         }
+        all.push(Kernel::Fp8ScalesFromAmax);
         all
+    }
+
+    /// Whether the kernel converts to FP8, which needs compute capability 8.9 or later (the
+    /// program leaves these kernels out below that).
+    pub fn needs_fp8(self) -> bool {
+        matches!(
+            self,
+            Kernel::Fp8QuantRows(_)
+                | Kernel::Fp8ColAmax(_)
+                | Kernel::Fp8ScalesFromAmax
+                | Kernel::Fp8QuantTranspose(_)
+        )
     }
 
     /// The kernel's `extern "C"` name in the program.
@@ -163,6 +191,10 @@ impl Kernel {
             Kernel::SegmentSums(e) => typed("segment_sums", e),
             Kernel::XentFwd(e) => typed("xent_fwd", e),
             Kernel::XentBwd(e) => typed("xent_bwd", e),
+            Kernel::Fp8QuantRows(e) => typed("fp8_quant_rows", e),
+            Kernel::Fp8ColAmax(e) => typed("fp8_col_amax", e),
+            Kernel::Fp8ScalesFromAmax => "fp8_scales_from_amax".into(),
+            Kernel::Fp8QuantTranspose(e) => typed("fp8_quant_transpose", e),
         }
     }
 
@@ -184,6 +216,14 @@ impl Kernel {
             Kernel::SegmentSums(_) => &[P, P, P, L, I],
             Kernel::XentFwd(_) => &[P, P, P, P, L, I],
             Kernel::XentBwd(_) => &[P, P, P, P, P, L, I],
+            // (src, row_slot or null, k, limit or null, copy or null, q, scale, overflow, rows, d)
+            Kernel::Fp8QuantRows(_) => &[P, P, I, P, P, P, P, P, L, I],
+            // (x, ends, groups, amax bits, d)
+            Kernel::Fp8ColAmax(_) => &[P, P, I, P, I],
+            // (amax bits, inv, scale, overflow, n)
+            Kernel::Fp8ScalesFromAmax => &[P, P, P, P, L],
+            // (x, ends, pad_ends, groups, inv, out, positions, d, group_stride, col_stride, base)
+            Kernel::Fp8QuantTranspose(_) => &[P, P, P, I, P, P, L, I, L, L, I],
         }
     }
 }
@@ -237,6 +277,8 @@ impl Grid {
 struct Module {
     ctx: cu::CUcontext,
     functions: HashMap<Kernel, cu::CUfunction>,
+    /// The device's compute capability, `major · 10 + minor`.
+    capability: i32,
 }
 
 // SAFETY: the driver's context and function handles are process-wide values, usable from
@@ -338,7 +380,11 @@ fn load(device: usize) -> Result<Module> {
             cu::cuModuleLoadData(&mut module, ptx.as_ptr() as *const c_void),
         )?;
         let mut functions = HashMap::new();
+        let capability = major * 10 + minor;
         for kernel in Kernel::all() {
+            if kernel.needs_fp8() && capability < 89 {
+                continue;
+            }
             let cname = CString::new(kernel.name())?;
             let mut f = std::ptr::null_mut();
             cu_check(
@@ -347,7 +393,11 @@ fn load(device: usize) -> Result<Module> {
             )?;
             functions.insert(kernel, f);
         }
-        Ok(Module { ctx, functions })
+        Ok(Module {
+            ctx,
+            functions,
+            capability,
+        })
     }
 }
 
@@ -362,6 +412,18 @@ pub fn kernels_ready(device: usize) -> Result<()> {
     match entry {
         Ok(_) => Ok(()),
         Err(e) => bail!("fused kernels unavailable on cuda:{device}: {e}"),
+    }
+}
+
+/// The compute capability (`major · 10 + minor`) of `device`, once its kernels are loaded.
+pub fn capability(device: usize) -> Result<i32> {
+    kernels_ready(device)?;
+    let m = modules()
+        .lock()
+        .map_err(|_| anyhow!("kernel cache poisoned"))?;
+    match m.get(&device) {
+        Some(Ok(module)) => Ok(module.capability),
+        _ => bail!("fused kernels not loaded on cuda:{device}"),
     }
 }
 

@@ -23,6 +23,7 @@ pub mod check;
 pub mod device;
 pub mod kernels;
 pub mod ops;
+pub mod quant;
 
 pub use autograd::{bias_act_op, cast_op, combine_op, cross_entropy_rows, dispatch_op, swiglu_op};
 pub(crate) use device::shim_error;
