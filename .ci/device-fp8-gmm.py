@@ -1,4 +1,4 @@
-# FP8 grouped matmuls on this GPU: forward (2d-3d), input gradient (2d-3d), weight gradient
+# FP8 grouped matmuls on this GPU (BENCHMARKS.md, 2026-12-06; run on the device: `python3 .ci/device-fp8-gmm.py`): forward (2d-3d), input gradient (2d-3d), weight gradient
 # (2d-2d, groups padded to 16 along the contraction), fast accumulation on and off, against
 # bf16 torch._grouped_mm of the same shapes. CUDA events, medians of 20 after 5 warm-ups.
 import torch, statistics
