@@ -143,7 +143,7 @@ pub fn quant_rows_into(
         launch(
             device_index(&x),
             Kernel::Fp8QuantRows(elem),
-            Grid::linear(rows, 256),
+            Grid::linear(rows, 128),
             &[
                 ptr(Some(&x)),
                 ptr(None),
@@ -201,7 +201,7 @@ pub fn gather_quant_rows(
         launch(
             device_index(&x),
             Kernel::Fp8QuantRows(elem),
-            Grid::linear(rows, 256),
+            Grid::linear(rows, 128),
             &[
                 ptr(Some(&x)),
                 ptr(Some(&row_slot)),

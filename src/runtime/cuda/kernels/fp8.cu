@@ -55,27 +55,16 @@ __device__ __forceinline__ float block_max(float v, float* part) {
   return m;
 }
 
-// Row-wise quantisation of `rows` rows of width d (d % VEC == 0), one block of 256 threads
-// per row: q[r] = e4m3(row * inv_r), scale[r] = 1 / inv_r. The row is read from src[r], or with
+// Row-wise quantisation of `rows` rows of width d (d % VEC == 0), one block per row:
+// q[r] = e4m3(row * inv_r), scale[r] = 1 / inv_r. The row is read from src[r], or with
 // `row_slot`, gathered as the dispatch does: src[s / k] for s = row_slot[r] >= 0, else a
 // zero row; `copy` (if not null) receives the gathered row in T as well (the dispatch's
 // output). With `limit` (if not null, an int32 on the device), rows from *limit on are
 // outside every expert group: written as zeros with the floor's scale, never read (they
-// hold whatever the grouped matmul left there), and they raise no overflow. Rows of up to
-// ROW_REGS vectors per thread (16384 bf16 or 8192 f32) are read once, all loads in flight
-// together, and kept in registers until they are written; wider rows are read twice.
-#define ROW_REGS 8
-template <typename T>
-__device__ __forceinline__ bool load_row_vec(const T* from, int c, int d, float* v) {
-  const int N = Vec<T>::N;
-  if (from && c < d) {
-    ldv(from + c, v);
-    return true;
-  }
-#pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = 0.0f;
-  return false;
-}
+// hold whatever the grouped matmul left there), and they raise no overflow. The row is read
+// twice (its amax, then the conversion; the second read mostly from L2): a variant keeping
+// rows in registers (256 threads, all loads in flight) measured slower on an H100
+// (BENCHMARKS.md, 2026-12-06).
 template <typename T>
 __device__ void quant_rows(const T* __restrict__ src, const long long* __restrict__ row_slot,
                            int k, const int* __restrict__ limit, T* __restrict__ copy,
@@ -85,8 +74,6 @@ __device__ void quant_rows(const T* __restrict__ src, const long long* __restric
   typedef typename Packed<T>::type P;
   __shared__ float part[32];
   const long long valid_rows = limit ? (long long)*limit : rows;
-  const int stride = blockDim.x * N;
-  const bool in_regs = d <= ROW_REGS * stride;
   for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* from = nullptr;
     if (r < valid_rows) {
@@ -98,53 +85,36 @@ __device__ void quant_rows(const T* __restrict__ src, const long long* __restric
       }
     }
     float amax = 0.0f;
-    bool bad = false;
-    float v[ROW_REGS][16 / sizeof(T)];
-    if (in_regs) {
-#pragma unroll
-      for (int u = 0; u < ROW_REGS; ++u) load_row_vec(from, threadIdx.x * N + u * stride, d, v[u]);
-#pragma unroll
-      for (int u = 0; u < ROW_REGS; ++u)
+    if (from) {
+      for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+        float v[16 / sizeof(T)];
+        ldv(from + c, v);
+        bool bad = false;
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-          amax = fmaxf(amax, fabsf(v[u][i]));
-          bad |= !isfinite(v[u][i]);
+          amax = fmaxf(amax, fabsf(v[i]));
+          bad |= !isfinite(v[i]);
         }
-    } else {
-      for (int c = threadIdx.x * N; c < d; c += stride) {
-        float w[16 / sizeof(T)];
-        load_row_vec(from, c, d, w);
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-          amax = fmaxf(amax, fabsf(w[i]));
-          bad |= !isfinite(w[i]);
-        }
+        // NaN is lost by fmaxf: a non-finite value makes the row's amax Inf (an overflow)
+        if (bad) amax = __int_as_float(0x7f800000);
       }
     }
-    // NaN is lost by fmaxf: a non-finite value makes the row's amax Inf (an overflow)
-    if (bad) amax = __int_as_float(0x7f800000);
     amax = block_max(amax, part);
     const float inv = fp8_inv(amax);
     if (threadIdx.x == 0) {
       scale[r] = fp8_scale(amax);
       if (!isfinite(amax) && overflow) atomicAdd(overflow, 1);
     }
-    if (in_regs) {
+    for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+      float v[16 / sizeof(T)];
+      if (from) {
+        ldv(from + c, v);
+      } else {
 #pragma unroll
-      for (int u = 0; u < ROW_REGS; ++u) {
-        const int c = threadIdx.x * N + u * stride;
-        if (c < d) {
-          if (copy) stv(copy + r * (long long)d + c, v[u]);
-          *reinterpret_cast<P*>(q + r * (long long)d + c) = Packed<T>::pack(v[u], inv);
-        }
+        for (int i = 0; i < N; ++i) v[i] = 0.0f;
       }
-    } else {
-      for (int c = threadIdx.x * N; c < d; c += stride) {
-        float w[16 / sizeof(T)];
-        load_row_vec(from, c, d, w);
-        if (copy) stv(copy + r * (long long)d + c, w);
-        *reinterpret_cast<P*>(q + r * (long long)d + c) = Packed<T>::pack(w, inv);
-      }
+      if (copy) stv(copy + r * (long long)d + c, v);
+      *reinterpret_cast<P*>(q + r * (long long)d + c) = Packed<T>::pack(v, inv);
     }
   }
 }
