@@ -293,9 +293,13 @@ fn fp8_matmul_share(smaller_width: u64) -> f64 {
     0.55 + t.clamp(0.0, 1.0) * (0.88 - 0.55)
 }
 
-/// The share of the HBM bandwidth the FP8 quantisation kernels reach (about 60% at S3's
-/// sizes on an H100, BENCHMARKS.md 2026-12-06).
-const FP8_QUANT_BANDWIDTH_SHARE: f64 = 0.6;
+/// The share of the HBM bandwidth the FP8 quantisations reach in a layer: 0.27 puts the
+/// bytes of [`FP8_QUANT_BYTES_INPUT`] and [`FP8_QUANT_BYTES_HIDDEN`] at the time S1's FP8
+/// layer took beyond its matmuls on an H100 (about 10 ms of 31; single passes reach about
+/// 0.6 at S3's sizes, but a layer's also wait on small launches and their column maxima;
+/// BENCHMARKS.md 2026-12-06). With it the estimate keeps S1 in FP8 (measured 1.12-1.14x) and
+/// F0 and S3 in bf16 (measured 0.28-0.47x in FP8).
+const FP8_QUANT_BANDWIDTH_SHARE: f64 = 0.27;
 
 /// Bytes the FP8 quantisations move per element of an expert layer's activations: its
 /// input (transposed for the weight gradient: 5; its gradient row-wise and transposed: 8;
