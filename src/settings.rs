@@ -21,6 +21,7 @@
 //! bf16_tflops = 756
 //! fp16_tflops = 756
 //! fp32_tflops = 51
+//! fp8_tflops = 1513   # optional: GPUs with FP8 tensor cores
 //! hbm_gbps = 2000
 //! nvlink_gbps = 300
 //! network_gbps = 25
@@ -77,6 +78,8 @@ pub struct HardwareSettings {
     pub bf16_tflops: f64,
     pub fp16_tflops: Option<f64>,
     pub fp32_tflops: Option<f64>,
+    /// Dense FP8 tensor-core peak, where the GPU has FP8 tensor cores.
+    pub fp8_tflops: Option<f64>,
     pub hbm_gbps: f64,
     pub nvlink_gbps: f64,
     pub network_gbps: f64,
@@ -96,6 +99,7 @@ impl HardwareSettings {
             bf16_tflops: self.bf16_tflops,
             fp16_tflops: self.fp16_tflops.unwrap_or(self.bf16_tflops),
             fp32_tflops: self.fp32_tflops.unwrap_or(self.bf16_tflops / 16.0),
+            fp8_tflops: self.fp8_tflops,
             hbm_gbps: self.hbm_gbps,
             nvlink_gbps: self.nvlink_gbps,
             network_gbps: self.network_gbps,
@@ -125,13 +129,14 @@ impl Settings {
         })?;
         for (name, hw) in &settings.hardware {
             let positive = [
-                ("memory_gib", hw.memory_gib),
-                ("bf16_tflops", hw.bf16_tflops),
-                ("hbm_gbps", hw.hbm_gbps),
-                ("nvlink_gbps", hw.nvlink_gbps),
-                ("network_gbps", hw.network_gbps),
+                ("memory_gib", Some(hw.memory_gib)),
+                ("bf16_tflops", Some(hw.bf16_tflops)),
+                ("fp8_tflops", hw.fp8_tflops),
+                ("hbm_gbps", Some(hw.hbm_gbps)),
+                ("nvlink_gbps", Some(hw.nvlink_gbps)),
+                ("network_gbps", Some(hw.network_gbps)),
             ];
-            for (key, value) in positive {
+            for (key, value) in positive.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))) {
                 if !(value.is_finite() && value > 0.0) {
                     return Err(SettingsError::Parse {
                         path: path.to_path_buf(),

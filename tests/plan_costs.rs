@@ -221,3 +221,93 @@ fn a_free_micro_batch_is_the_runtimes_default_unless_the_cost_model_prefers_anot
     assert_eq!(plan::build(&c).unwrap().micro_batch, 4);
     assert_eq!(plan::build_with(&c, &eight).unwrap().micro_batch, 8);
 }
+
+/// `precision = fp8` on an H100 profile with FP8 tensor cores: the same weights, gradients
+/// and optimizer state as bf16 (two e4m3 copies of each FP8 matrix take the 2 bytes of its
+/// bf16 copy), plus the FP8 copies' scales (`--memory-model fmoec`); the expert matmuls at
+/// the FP8 peak, so the step is faster; MFU still over the bf16 peak.
+///
+/// A model with S1's experts: width 4096, depth 2, block 1 an MoE layer of 8 experts
+/// 4096 → 14336 (GELU: 2 matrices), all on one rank, where the planner's estimate takes FP8
+/// (checked below). Scales: per matrix one f32 per output column and one per row,
+/// 4 B · (4096 + 14336) = 73,728 B; × 2 matrices × 8 experts = 1,179,648 B.
+#[test]
+fn fp8_memory_adds_the_scales_and_time_runs_the_experts_at_the_fp8_peak() {
+    let model = || {
+        let mut m = gpt("s1_moe", 50304, 4096, 32, 2, true);
+        m.layers[1].ffn = fmoec::check::Ffn::Moe(gshard_moe(8, 2, 14336));
+        m
+    };
+    let build = |precision: Precision| {
+        let mut c = checked(
+            model(),
+            parallel(1, 1, 1, ExpertGroup::AcrossData),
+            Some(train(8, 1024, precision)),
+        );
+        c.parallel.hardware.fp8_tflops = Some(1979.0);
+        let o = Overrides {
+            micro_batch: Some(8),
+            memory_model: Some(MemoryModel::Fmoec),
+            ..Overrides::default()
+        };
+        plan::build_with(&c, &o).unwrap()
+    };
+    let hw = {
+        let mut h = h100();
+        h.fp8_tflops = Some(1979.0);
+        h
+    };
+    assert!(plan::cost::fp8_pays_for_experts(
+        &hw,
+        4096,
+        14336,
+        fmoec::check::Activation::Gelu,
+        8192.0 * 2.0,
+        8
+    ));
+    let bf16 = build(Precision::Bf16);
+    let fp8 = build(Precision::Fp8 { dense: false });
+    let (mb, mf) = (&bf16.stages[0].cost.memory, &fp8.stages[0].cost.memory);
+    assert_eq!(mf.weights, mb.weights + 1_179_648);
+    assert_eq!(mf.grads, mb.grads);
+    assert_eq!(mf.optimizer, mb.optimizer);
+    assert_eq!(mf.activations, mb.activations);
+    assert!(fp8.time.step_s < bf16.time.step_s);
+    assert_eq!(fp8.time.peak_tflops, bf16.time.peak_tflops);
+}
+
+/// FP8 pays for S1's wide experts (4096 → 14336; measured 1.12-1.14x on an H100), not for
+/// F0's (1024 → 4096, 128 rows per expert) or S3's (2048 → 768), whose quantisations cost
+/// more than their FP8 matmuls save (measured 0.28-0.47x; BENCHMARKS.md 2026-12-06).
+#[test]
+fn fp8_pays_for_wide_experts_and_not_for_narrow_ones() {
+    use fmoec::check::Activation::Gelu;
+    let mut hw = h100();
+    hw.fp8_tflops = Some(1979.0);
+    let pays = |w, h, rows: f64, e| plan::cost::fp8_pays_for_experts(&hw, w, h, Gelu, rows, e);
+    assert!(pays(4096, 14336, 16384.0 * 2.0, 8));
+    assert!(!pays(1024, 4096, 4096.0 * 2.0, 64));
+    assert!(!pays(2048, 768, 16384.0 * 8.0, 128));
+    // no FP8 tensor cores: never
+    assert!(!plan::cost::fp8_pays_for_experts(
+        &h100(),
+        4096,
+        14336,
+        Gelu,
+        32768.0,
+        8
+    ));
+}
+
+/// `precision = fp8` on a GPU whose profile has no `fp8_tflops` is the planner's error.
+#[test]
+fn fp8_on_a_gpu_without_fp8_tensor_cores_is_refused() {
+    let c = checked(
+        gpt_moe_small(),
+        parallel(1, 1, 1, ExpertGroup::AcrossData),
+        Some(train(8, 1024, Precision::Fp8 { dense: false })),
+    );
+    let err = plan::build_with(&c, &Overrides::default()).unwrap_err();
+    assert_eq!(err[0].code, "P0014", "{err:?}");
+    assert!(err[0].message.contains("FP8 tensor cores"), "{err:?}");
+}

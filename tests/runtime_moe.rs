@@ -573,3 +573,15 @@ fn gate_parameters_follow_the_gate_definition() {
         }
     }
 }
+
+/// `precision = fp8` needs the CUDA parts (its matmuls and the autograd functions are in
+/// the shim): a build without them refuses it with a plain message, on any device.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn fp8_needs_a_build_with_the_cuda_feature() {
+    let err = fmoec::runtime::fp8::mode_for(Device::Cuda(0)).unwrap_err();
+    assert!(format!("{err}").contains("--features cuda"), "{err}");
+    // the CPU: only the emulation, and only when asked for
+    let err = fmoec::runtime::fp8::mode_for(Device::Cpu).unwrap_err();
+    assert!(format!("{err}").contains("FMOEC_FP8_EMULATE=1"), "{err}");
+}

@@ -748,6 +748,21 @@ pub fn unknown_corpus(span: Span, name: &str, known: &[&str], help: Option<Strin
     )
 }
 
+pub fn fp8_dense_without_fp8(span: Span, precision: Span) -> Diagnostic {
+    let d = Diagnostic::error(
+        "E0609",
+        span,
+        "`fp8_dense` applies only with `precision = fp8`",
+    )
+    .with_label("no FP8 matmuls to extend")
+    .with_help("set `precision = fp8`, or remove `fp8_dense`");
+    if precision == Span::default() {
+        d
+    } else {
+        d.with_secondary(precision, "precision set here")
+    }
+}
+
 // ---- E07xx: stdlib declarations ----------------------------------------------------
 
 pub fn constructor_outside_stdlib(span: Span) -> Diagnostic {

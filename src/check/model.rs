@@ -268,6 +268,9 @@ pub struct Hardware {
     pub bf16_tflops: f64,
     pub fp16_tflops: f64,
     pub fp32_tflops: f64,
+    /// Dense FP8 (e4m3) tensor-core peak; `None` where the GPU has no FP8 tensor cores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp8_tflops: Option<f64>,
     /// HBM bandwidth, GB/s (10^9 bytes).
     pub hbm_gbps: f64,
     /// Per-GPU NVLink bandwidth in one direction, GB/s.
@@ -400,6 +403,12 @@ pub enum Precision {
     Bf16,
     /// fp16 compute with fp32 master weights and loss scaling.
     Fp16,
+    /// bf16 compute with fp32 master weights, the routed experts' matmuls with FP8 (e4m3)
+    /// operands, and with `dense` (`fp8_dense = true`) also the attention projections, the
+    /// dense MLPs and the LM head.
+    Fp8 {
+        dense: bool,
+    },
 }
 
 impl Precision {
@@ -407,7 +416,7 @@ impl Precision {
     pub fn param_bytes(self) -> u64 {
         match self {
             Precision::Fp32 => 4,
-            Precision::Bf16 | Precision::Fp16 => 2,
+            Precision::Bf16 | Precision::Fp16 | Precision::Fp8 { .. } => 2,
         }
     }
 }

@@ -23,6 +23,7 @@ pub const HARDWARE_FIELDS: &[&str] = &[
     "bf16_tflops",
     "fp16_tflops",
     "fp32_tflops",
+    "fp8_tflops",
     "hbm_gbps",
     "nvlink_gbps",
     "network_gbps",
@@ -158,16 +159,22 @@ impl Checker<'_> {
         let bf16 = req(self, "bf16_tflops", &pos_float);
         let fp16 = req(self, "fp16_tflops", &pos_float);
         let fp32 = req(self, "fp32_tflops", &pos_float);
+        let fp8 = self.typed_field(&fields, "fp8_tflops", &pos_float, ctx);
+        let fp8_bad = fields.contains_key("fp8_tflops") && fp8.is_none();
         let hbm = req(self, "hbm_gbps", &pos_float);
         let nvlink = req(self, "nvlink_gbps", &pos_float);
         let network = req(self, "network_gbps", &pos_float);
         let per_node = req(self, "gpus_per_node", &pos_int);
+        if fp8_bad {
+            return None;
+        }
         Some(Hardware {
             name: block.name.as_ref()?.name.clone(),
             memory_bytes: uint(&memory?),
             bf16_tflops: float(&bf16?),
             fp16_tflops: float(&fp16?),
             fp32_tflops: float(&fp32?),
+            fp8_tflops: fp8.as_ref().map(float),
             hbm_gbps: float(&hbm?),
             nvlink_gbps: float(&nvlink?),
             network_gbps: float(&network?),

@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use super::errors;
 use super::eval::Ctx;
-use super::fields::{float, int, string, symbol, uint};
+use super::fields::{boolean, float, int, string, symbol, uint};
 use super::model::*;
 use super::model_rules::ctor_of;
 use super::scope::ModId;
@@ -31,6 +31,7 @@ pub const TRAIN_FIELDS: &[&str] = &[
     "schedule",
     "clip_grad",
     "precision",
+    "fp8_dense",
     "checkpoint",
     "eval",
     "seed",
@@ -233,19 +234,39 @@ impl Checker<'_> {
             None => Some(Some(DEFAULT_CLIP_GRAD)),
         };
 
-        let prec_ty = Type::Enum(vec!["fp32".into(), "bf16".into(), "fp16".into()]);
+        let prec_ty = Type::Enum(vec![
+            "fp32".into(),
+            "bf16".into(),
+            "fp16".into(),
+            "fp8".into(),
+        ]);
+        let fp8_dense = match self.typed_field(&fields, "fp8_dense", &Type::Bool, ctx) {
+            Some(v) => Some(Some((boolean(&v), v.span))),
+            None if fields.contains_key("fp8_dense") => None,
+            None => Some(None),
+        };
         let precision = match self.typed_field(&fields, "precision", &prec_ty, ctx) {
             Some(v) => {
                 spans.precision = v.span;
                 Some(match symbol(&v) {
                     "bf16" => Precision::Bf16,
                     "fp16" => Precision::Fp16,
+                    "fp8" => Precision::Fp8 {
+                        dense: matches!(fp8_dense, Some(Some((true, _)))),
+                    },
                     _ => Precision::Fp32,
                 })
             }
             None if fields.contains_key("precision") => None,
             None => Some(Precision::Fp32),
         };
+        if let (Some(p), Some(Some((_, span)))) = (precision, fp8_dense) {
+            if !matches!(p, Precision::Fp8 { .. }) {
+                self.sink
+                    .push(errors::fp8_dense_without_fp8(span, spans.precision));
+                ok = false;
+            }
+        }
 
         let every_ty = Type::Optional(Box::new(Type::Kind("every".into())));
         let checkpoint = match self.typed_field(&fields, "checkpoint", &every_ty, ctx) {

@@ -30,6 +30,7 @@ pub(super) fn precision_name(p: Precision) -> &'static str {
         Precision::Fp32 => "fp32",
         Precision::Fp16 => "fp16",
         Precision::Bf16 => "bf16",
+        Precision::Fp8 { .. } => "fp8",
     }
 }
 
@@ -164,6 +165,7 @@ fn precision_stand_in(asked: &str, target: &MegatronTarget) -> Option<&'static s
     let order: &[&str] = match asked {
         "bf16" => &["fp16"],
         "fp16" => &["bf16"],
+        "fp8" => &["bf16", "fp16"],
         _ => &[],
     };
     order

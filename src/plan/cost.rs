@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use crate::check::{Checked, Ffn, Precision};
+use crate::check::{Activation, Checked, Ffn, Hardware, Precision};
 use crate::diag::{Diagnostic, Span};
 use crate::graph::{self, ModelGraph, NodeKind};
 
@@ -221,7 +221,7 @@ impl Costed {
 fn act_bytes(p: Precision) -> u64 {
     match p {
         Precision::Fp32 => 4,
-        Precision::Bf16 | Precision::Fp16 => 2,
+        Precision::Bf16 | Precision::Fp16 | Precision::Fp8 { .. } => 2,
     }
 }
 
@@ -230,14 +230,16 @@ fn act_bytes(p: Precision) -> u64 {
 fn optimizer_bytes(p: Precision) -> u64 {
     match p {
         Precision::Fp32 => 8,
-        Precision::Bf16 | Precision::Fp16 => 12,
+        Precision::Bf16 | Precision::Fp16 | Precision::Fp8 { .. } => 12,
     }
 }
 
+/// The dense peak the plan's matmuls run at outside FP8, and MFU's denominator: with
+/// `precision = fp8` the bf16 peak (the FP8 matmuls are timed at `fp8_tflops` apart).
 fn peak_tflops(c: &Checked, p: Precision) -> f64 {
     let h = &c.parallel.hardware;
     match p {
-        Precision::Bf16 => h.bf16_tflops,
+        Precision::Bf16 | Precision::Fp8 { .. } => h.bf16_tflops,
         Precision::Fp16 => h.fp16_tflops,
         Precision::Fp32 => h.fp32_tflops,
     }
@@ -267,12 +269,106 @@ fn allreduce_s(bytes: u64, n: u64, bw: f64) -> f64 {
 
 /// Bytes per parameter of `fmoec run`: (weights, gradients, optimizer). fp32 master
 /// weights, plus a compute-precision copy of each made at use and kept for the backward
-/// pass under mixed precision; fp32 gradients; two fp32 Adam moments.
+/// pass under mixed precision (with `precision = fp8`, a matrix in FP8 has two e4m3 copies
+/// instead, one per operand layout: 2 bytes all the same; their scales are counted apart);
+/// fp32 gradients; two fp32 Adam moments.
 fn fmoec_param_bytes(p: Precision) -> (u64, u64, u64) {
     match p {
         Precision::Fp32 => (4, 4, 8),
-        Precision::Bf16 | Precision::Fp16 => (4 + 2, 4, 8),
+        Precision::Bf16 | Precision::Fp16 | Precision::Fp8 { .. } => (4 + 2, 4, 8),
     }
+}
+
+/// bf16 grouped matmuls reach this share of the bf16 peak (703 of 989.5 TFLOP/s at S1 on an
+/// H100, DESIGN.md "Measured facts for FP8").
+const BF16_MATMUL_SHARE: f64 = 0.71;
+
+/// The FP8 grouped matmul's speed over the bf16 one, as a share of the peaks' ratio, by the
+/// smaller of the two matrix widths: 0.88 at 4096 and above (S1: forward, input and weight
+/// gradient 1.76x on an H100 on average), 0.55 at 768 and below (S3: 1.10x), interpolated in
+/// log2 between (measured with fast accumulation, BENCHMARKS.md 2026-12-06).
+fn fp8_matmul_share(smaller_width: u64) -> f64 {
+    let (lo, hi) = (768f64.log2(), 4096f64.log2());
+    let t = (((smaller_width.max(1)) as f64).log2() - lo) / (hi - lo);
+    0.55 + t.clamp(0.0, 1.0) * (0.88 - 0.55)
+}
+
+/// The share of the HBM bandwidth the FP8 quantisations reach in a layer: 0.27 puts the
+/// bytes of [`FP8_QUANT_BYTES_INPUT`] and [`FP8_QUANT_BYTES_HIDDEN`] at the time S1's FP8
+/// layer took beyond its matmuls on an H100 (about 10 ms of 31; single passes reach about
+/// 0.6 at S3's sizes, but a layer's also wait on small launches and their column maxima;
+/// BENCHMARKS.md 2026-12-06). With it the estimate keeps S1 in FP8 (measured 1.12-1.14x) and
+/// F0 and S3 in bf16 (measured 0.28-0.47x in FP8).
+const FP8_QUANT_BANDWIDTH_SHARE: f64 = 0.27;
+
+/// Bytes the FP8 quantisations move per element of an expert layer's activations: its
+/// input (transposed for the weight gradient: 5; its gradient row-wise and transposed: 8;
+/// the forward copy is written by the dispatch: 1) and each hidden activation (row-wise
+/// forward: 3, transposed: 5, its gradient both ways: 8).
+const FP8_QUANT_BYTES_INPUT: f64 = 14.0;
+const FP8_QUANT_BYTES_HIDDEN: f64 = 16.0;
+/// The same for a dense matmul's input and output widths (row-wise and transposed copies of
+/// the input and of the output's gradient).
+const FP8_QUANT_BYTES_DENSE: f64 = 8.0;
+
+/// One MoE layer's routed experts on one rank, for a micro-batch: forward and backward of
+/// its matmuls in bf16 and with FP8 operands (see [`fp8_expert_estimate`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fp8ExpertEstimate {
+    pub bf16_s: f64,
+    pub fp8_s: f64,
+}
+
+/// The estimated time of one MoE layer's expert matmuls, forward and backward, in bf16 and
+/// in FP8 on `hw` (`None` without FP8 tensor cores): `rows` token rows (tokens × top-k) over
+/// `experts` local experts of `width` → `hidden` (`act`'s matrices). Each of the three
+/// matmuls per matrix (forward, input and weight gradient) takes the longer of its FLOPs at
+/// the rate matmuls of that shape reach ([`BF16_MATMUL_SHARE`], [`fp8_matmul_share`]) and
+/// its bytes (inputs, weights, output; FP8 operands are 1 byte) at the HBM bandwidth: so
+/// FP8 pays twice over when the experts' few rows leave the matmuls streaming weights, and
+/// little when narrow matrices leave its tensor cores idle. FP8 adds its quantisation passes
+/// over the activations at the HBM bandwidth.
+pub fn fp8_expert_estimate(
+    hw: &Hardware,
+    width: u64,
+    hidden: u64,
+    act: Activation,
+    rows: f64,
+    experts: u64,
+) -> Option<Fp8ExpertEstimate> {
+    let fp8_peak = hw.fp8_tflops? * 1e12;
+    let bf16_rate = hw.bf16_tflops * 1e12 * BF16_MATMUL_SHARE;
+    let fp8_rate = bf16_rate * fp8_peak / (hw.bf16_tflops.max(1e-9) * 1e12)
+        * fp8_matmul_share(width.min(hidden));
+    let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
+    let (k, n) = (width as f64, hidden as f64);
+    let r = rows / experts.max(1) as f64;
+    let flops = 2.0 * r * k * n;
+    // one matmul of one expert: operands A (r × k or r × n), B (k × n), out
+    let one = |rate: f64, operand: f64| -> f64 {
+        let bytes = operand * (r * k + k * n) + 2.0 * r * n;
+        (flops / rate).max(bytes / hbm)
+    };
+    let matmuls = 3.0 * act.matrices() as f64 * experts as f64;
+    let bf16_s = matmuls * one(bf16_rate, 2.0);
+    let quant_bytes = rows
+        * (FP8_QUANT_BYTES_INPUT * k + FP8_QUANT_BYTES_HIDDEN * n * (act.matrices() as f64 - 1.0));
+    let fp8_s = matmuls * one(fp8_rate, 1.0) + quant_bytes / (hbm * FP8_QUANT_BANDWIDTH_SHARE);
+    Some(Fp8ExpertEstimate { bf16_s, fp8_s })
+}
+
+/// Whether an MoE layer's experts run in FP8 under `precision = fp8`: where
+/// [`fp8_expert_estimate`] says FP8 is faster (`fmoec run` falls back to bf16 per layer
+/// elsewhere, as the plan assumes).
+pub fn fp8_pays_for_experts(
+    hw: &Hardware,
+    width: u64,
+    hidden: u64,
+    act: Activation,
+    rows: f64,
+    experts: u64,
+) -> bool {
+    fp8_expert_estimate(hw, width, hidden, act, rows, experts).is_some_and(|e| e.fp8_s < e.bf16_s)
 }
 
 /// Activation bytes `fmoec run` keeps for one block and one micro-batch of `sb` tokens
@@ -378,6 +474,29 @@ pub fn evaluate(
     let h = m.width;
     let vpad = padded_vocab(m.vocab, t);
     let peak = peak_tflops(c, precision).max(1e-9) * 1e12;
+    let hw = &c.parallel.hardware;
+    // FP8 (`precision = fp8` on a GPU with FP8 tensor cores): its peak, whether the dense
+    // matmuls take it too, and which MoE layers' experts do (where it pays)
+    let fp8 = match precision {
+        Precision::Fp8 { dense } => hw.fp8_tflops.map(|f| (f * 1e12, dense)),
+        _ => None,
+    };
+    let fp8_dense = fp8.is_some_and(|(_, dense)| dense);
+    let fp8_experts: Vec<bool> = m
+        .layers
+        .iter()
+        .map(|l| match (&l.ffn, fp8) {
+            (Ffn::Moe(moe), Some(_)) => fp8_pays_for_experts(
+                hw,
+                m.width,
+                moe.expert.hidden / te,
+                moe.expert.act,
+                (tokens * moe.top_k) as f64,
+                (moe.experts / grid.expert_group).max(1),
+            ),
+            _ => false,
+        })
+        .collect();
     let stage_of = |layer: usize| layer as u64 / per_stage.max(1);
     let mut stages = Vec::new();
     for s in 0..p {
@@ -391,8 +510,52 @@ pub fn evaluate(
         // Parameters.
         let mut rp = RankParams::default();
         let mut flops_per_token = 0u64;
+        // of which with FP8 operands, the FP8 quantisations' bytes per token, and the bytes
+        // of the FP8 copies' scales
+        let mut fp8_flops_per_token = 0u64;
+        let mut fp8_quant_bytes_per_token = 0.0f64;
+        let mut fp8_scale_bytes = 0u64;
+        let att = &m.attention;
+        let (qkv_out, proj_in) = (
+            (att.heads + 2 * att.kv_heads) * att.head_dim,
+            att.heads * att.head_dim,
+        );
         for (_, n) in g.nodes().filter(|(_, n)| on_stage(n)) {
             let fb = n.flops_fwd + n.flops_bwd;
+            if fp8_dense {
+                // the projections, not the attention scores; every dense matmul's input
+                // and output widths
+                let dense_widths = match n.kind {
+                    NodeKind::Attention => {
+                        fp8_flops_per_token += (fb - 3 * 4 * seq_len * proj_in) / t;
+                        Some(h + qkv_out / t + proj_in / t + h)
+                    }
+                    NodeKind::Mlp | NodeKind::SharedExperts => {
+                        fp8_flops_per_token += fb / t;
+                        let (act, hidden) = match n.layer.map(|l| &m.layers[l].ffn) {
+                            Some(Ffn::Dense(mlp)) => (mlp.act, mlp.hidden),
+                            Some(Ffn::Moe(moe)) => match &moe.shared {
+                                Some(s) => (s.expert.act, s.count * s.expert.hidden),
+                                None => (Activation::Gelu, 0),
+                            },
+                            None => (Activation::Gelu, 0),
+                        };
+                        Some(act.matrices() * (h + hidden / t))
+                    }
+                    NodeKind::LmHead => {
+                        fp8_flops_per_token += fb / m.vocab.max(1) * vpad / t;
+                        Some(h + vpad / t)
+                    }
+                    _ => None,
+                };
+                if let Some(w) = dense_widths {
+                    fp8_quant_bytes_per_token += FP8_QUANT_BYTES_DENSE * w as f64;
+                    fp8_scale_bytes += 4 * w;
+                }
+            }
+            if n.kind == NodeKind::Experts && n.layer.is_some_and(|l| fp8_experts[l]) {
+                fp8_flops_per_token += fb / te;
+            }
             match n.kind {
                 NodeKind::Embedding => {
                     rp.sharded += vpad * h / t;
@@ -426,6 +589,7 @@ pub fn evaluate(
         let base = grid.rank(0, 0, s);
         let dgroup = [base, grid.rank(0, grid.data - 1, s)];
         let egroup = [base, grid.rank(0, grid.expert_group - 1, s)];
+        #[allow(clippy::needless_range_loop)] // `layer` indexes the model's layers too
         for layer in (s * per_stage) as usize..((s + 1) * per_stage) as usize {
             act = act.saturating_add(match model {
                 MemoryModel::Megatron => block_activations(c, layer, grid, a, seq_len, tokens),
@@ -442,6 +606,16 @@ pub fn evaluate(
                     let one = graph::mlp_params(h, &moe.expert, m.bias);
                     let local = moe.experts / grid.expert_group;
                     rp.expert += local * (one.sharded / te + one.replicated);
+                    if fp8_experts[layer] {
+                        let (hidden, matrices) =
+                            (moe.expert.hidden / te, moe.expert.act.matrices());
+                        // each matrix: a scale per output column and per row
+                        fp8_scale_bytes += local * matrices * 4 * (h + hidden);
+                        fp8_quant_bytes_per_token += (moe.top_k * local * grid.expert_group) as f64
+                            / moe.experts.max(1) as f64
+                            * (FP8_QUANT_BYTES_INPUT * h as f64
+                                + FP8_QUANT_BYTES_HIDDEN * (hidden * (matrices - 1)) as f64);
+                    }
                     let g = grid.expert_group;
                     let bytes = u64::try_from(
                         2 * (moe.top_k as u128)
@@ -490,7 +664,13 @@ pub fn evaluate(
             MemoryModel::Megatron => (pb, grad_bytes, optimizer_bytes(precision)),
             MemoryModel::Fmoec => fmoec_param_bytes(precision),
         };
-        let weights = rp.total.saturating_mul(weight_b);
+        let weights = rp
+            .total
+            .saturating_mul(weight_b)
+            .saturating_add(match model {
+                MemoryModel::Fmoec => fp8_scale_bytes,
+                MemoryModel::Megatron => 0,
+            });
         let grads = rp.total.saturating_mul(grad_b);
         let optimizer = rp.total.saturating_mul(optimizer_b);
         let activations = act.saturating_mul(in_flight);
@@ -554,7 +734,15 @@ pub fn evaluate(
             }
             bw
         };
-        let compute_s = flops_per_token as f64 * tokens as f64 / peak;
+        let compute_s = match fp8 {
+            Some((fp8_peak, _)) => {
+                (flops_per_token - fp8_flops_per_token) as f64 * tokens as f64 / peak
+                    + fp8_flops_per_token as f64 * tokens as f64 / fp8_peak
+                    + fp8_quant_bytes_per_token * tokens as f64
+                        / (hw.hbm_gbps.max(1e-9) * 1e9 * FP8_QUANT_BANDWIDTH_SHARE)
+            }
+            None => flops_per_token as f64 * tokens as f64 / peak,
+        };
         let tensor_s = allreduce_s(tensor_bytes, t, bandwidth(c, &tgroup));
         let pipeline_s = if neighbours == 0 {
             0.0

@@ -31,6 +31,8 @@ pub const BATCH_NOT_DIVISIBLE: &str = "P0011";
 pub const TOO_LARGE: &str = "P0012";
 /// A plan too large to list rank by rank.
 pub const TOO_MANY_TO_LIST: &str = "P0013";
+/// `precision = fp8` on a GPU without FP8 tensor cores.
+pub const NO_FP8: &str = "P0014";
 /// Warning: a tensor-parallel group spans hosts.
 pub const TENSOR_ACROSS_HOSTS: &str = "P0101";
 /// Warning: the pipeline idles for most of the step.
@@ -311,6 +313,20 @@ pub fn too_many_to_list(world: u64, ids: u64, limit: u64, at: Span) -> Diagnosti
         "hold fewer experts per rank (a larger expert group), or plan fewer GPUs; `--auto` \
          still compares such configurations without listing their ranks",
     )
+}
+
+pub fn no_fp8(hardware: (&str, Span), precision: Span) -> Diagnostic {
+    Diagnostic::error(
+        NO_FP8,
+        precision,
+        format!(
+            "precision = fp8 needs FP8 tensor cores, and `{}` has none",
+            hardware.0
+        ),
+    )
+    .with_label("FP8 matmuls requested here")
+    .with_secondary(hardware.1, "this GPU's profile has no `fp8_tflops`")
+    .with_help("use precision = bf16, or a GPU with FP8 tensor cores (h100_sxm, h200)")
 }
 
 pub fn tensor_across_hosts(tensor: (u64, Span), gpus_per_node: u64) -> Diagnostic {

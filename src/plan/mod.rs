@@ -386,6 +386,13 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
             Precision::Bf16
         }
     };
+    if let (Precision::Fp8 { .. }, None) = (precision, par.hardware.fp8_tflops) {
+        let at = train.map(|t| t.spans.precision).unwrap_or(sp.block);
+        return Err(plan_error(
+            vec![diagnostics::no_fp8((&par.hardware.name, sp.hardware), at)],
+            o,
+        ));
+    }
     let seq_len = match train {
         Some(t) => t.seq_len,
         None => {

@@ -45,6 +45,8 @@ pub fn precision_name(p: Precision) -> &'static str {
         Precision::Fp32 => "fp32",
         Precision::Bf16 => "bf16 mixed precision",
         Precision::Fp16 => "fp16 mixed precision",
+        Precision::Fp8 { dense: false } => "bf16 mixed precision, experts in fp8",
+        Precision::Fp8 { dense: true } => "bf16 mixed precision, matmuls in fp8",
     }
 }
 

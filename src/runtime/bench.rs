@@ -8,7 +8,7 @@
 //!
 //! - `fmoec`: the runtime's own path ([`DispatchPlan`], [`dispatch`], [`Experts::forward`] on
 //!   the grouped matmul, [`combine`]); no host synchronisation; with the `cuda` feature on a
-//!   GPU, dispatch and combine are the fused kernels of `runtime::fused`.
+//!   GPU, dispatch and combine are the fused kernels of `runtime::cuda`.
 //! - `fmoec-unfused`: the same with libtorch dispatch and combine (shown where the fused
 //!   kernels run, to say whether they help).
 //! - `ops`: the libtorch-ops layer of issue 6 (argsort, bincount, index_select, grouped
@@ -36,7 +36,9 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::check::Activation;
-use crate::runtime::moe::{combine, dispatch, fused_available, DispatchPlan, ExpertPath, Experts};
+use crate::runtime::moe::{
+    combine, dispatch, dispatch_to, fused_available, DispatchPlan, ExpertPath, Experts,
+};
 use crate::runtime::params::ParamStore;
 
 /// One benchmark shape.
@@ -121,6 +123,9 @@ pub enum Implementation {
     Fmoec,
     /// `fmoec` with the fused kernels switched off (libtorch dispatch and combine).
     FmoecUnfused,
+    /// `fmoec` with the expert matmuls on FP8 operands (`precision = fp8`), the weights'
+    /// FP8 copies made once per step as in training (before the timed iterations).
+    FmoecFp8,
     Ops,
     SortedLoop,
     NaiveLoop,
@@ -219,11 +224,14 @@ pub fn forward(
     let (t, d) = x.size2()?;
     let k = expert.size()[1];
     match imp {
-        Implementation::Fmoec | Implementation::FmoecUnfused => {
-            let fused = imp == Implementation::Fmoec && fused_available(x.device());
+        Implementation::Fmoec | Implementation::FmoecUnfused | Implementation::FmoecFp8 => {
+            let fused = imp != Implementation::FmoecUnfused && fused_available(x.device());
             let plan = DispatchPlan::with_kernels(expert, ex.experts, false, fused)?;
-            let xs = dispatch(x, &plan)?;
+            let ex = ex.with_fp8(imp == Implementation::FmoecFp8);
+            let xs = dispatch_to(&ex, x, &plan)?;
             let ys = ex.forward(&xs, &plan)?;
+            #[cfg(feature = "cuda")]
+            crate::runtime::fp8::forget_prequantized();
             combine(&ys, &plan, weight, t)
         }
         Implementation::Ops => {
@@ -316,7 +324,7 @@ fn sync(device: Device) {
 /// else host clocks taken after synchronising the device.
 enum Mark {
     #[cfg(feature = "cuda")]
-    Event(crate::runtime::fused::Event),
+    Event(crate::runtime::cuda::Event),
     Host(Instant),
 }
 
@@ -328,7 +336,7 @@ fn uses_events(device: Device) -> bool {
 fn mark(device: Device) -> Result<Mark> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(n) = device {
-        let e = crate::runtime::fused::Event::new()?;
+        let e = crate::runtime::cuda::Event::new()?;
         e.record(n)?;
         return Ok(Mark::Event(e));
     }
@@ -352,7 +360,7 @@ fn reset_peak(device: Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(n) = device {
         sync(device);
-        return crate::runtime::fused::reset_peak_memory(n);
+        return crate::runtime::cuda::reset_peak_memory(n);
     }
     let _ = device;
     Ok(())
@@ -363,7 +371,7 @@ fn peak_bytes(device: Device) -> Result<Option<i64>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(n) = device {
         sync(device);
-        return Ok(Some(crate::runtime::fused::memory(n)?.0));
+        return Ok(Some(crate::runtime::cuda::memory(n)?.0));
     }
     let _ = device;
     Ok(None)
@@ -387,6 +395,10 @@ pub struct Row {
     /// Peak bytes allocated by torch's caching allocator during the row (weights, inputs
     /// and the timed iterations), reset before the row; `None` without CUDA events.
     pub peak_memory_bytes: Option<i64>,
+    /// `fmoec-fp8`: milliseconds to make the weights' FP8 copies, once per training step
+    /// (not in the row's times, as a step's micro-batches share them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp8_weight_copies_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -533,6 +545,30 @@ fn rel_error(out: &Tensor, reference: &Tensor) -> Result<f64> {
     Ok(if den > 0.0 { num / den } else { num })
 }
 
+/// Ends an `fmoec-fp8` row's step: times one refresh of the weights' FP8 copies (what each
+/// training step does once), checks that no FP8 scale overflowed, and drops the copies.
+#[cfg(feature = "cuda")]
+fn fp8_step_end(device: Device) -> Result<Option<f64>> {
+    use crate::runtime::{cast, fp8};
+    cast::end_step();
+    let t0 = mark(device)?;
+    fp8::begin_step()?;
+    let t1 = mark(device)?;
+    let ms = between(&t0, &t1)?;
+    fp8::end_step();
+    let overflowed = fp8::take_overflow(device)?;
+    fp8::clear();
+    if overflowed > 0 {
+        bail!("{overflowed} FP8 scale(s) overflowed on random inputs");
+    }
+    Ok(Some(ms))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fp8_step_end(_device: Device) -> Result<Option<f64>> {
+    bail!("fmoec-fp8 needs a build with `--features cuda`")
+}
+
 /// Runs every (shape, routing, implementation) and returns the table.
 pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
     if opts.iterations == 0 {
@@ -573,6 +609,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                     b1: None,
                     b2: None,
                     path: ExpertPath::Loop,
+                    fp8: false,
                 };
                 forward(
                     Implementation::SortedLoop,
@@ -587,6 +624,12 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                 let out = tch::no_grad(|| forward(imp, &ex, &x, &expert, &weight))?;
                 let err = rel_error(&out, &reference)?;
                 drop(out);
+                // FP8: the weights' copies are made in the first iteration and reused, as
+                // within a training step
+                let fp8 = imp == Implementation::FmoecFp8;
+                if fp8 {
+                    crate::runtime::cast::begin_step()?;
+                }
                 let (mut fwd, mut bwd, mut both) = (Vec::new(), Vec::new(), Vec::new());
                 let inputs = |xg: &Tensor| -> Vec<Tensor> {
                     [Some(xg), Some(&ex.w1), Some(&ex.w2), ex.w3.as_ref()]
@@ -614,6 +657,11 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                     }
                     drop(out);
                 }
+                let fp8_weight_copies_ms = if fp8 {
+                    fp8_step_end(opts.device)?
+                } else {
+                    None
+                };
                 let (fwd, bwd, both) = (timing(fwd), timing(bwd), timing(both));
                 let flops = shape.forward_flops();
                 let row = Row {
@@ -629,6 +677,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                     rel_error: err,
                     max_over_mean_load: max_over_mean,
                     peak_memory_bytes: peak_bytes(opts.device)?,
+                    fp8_weight_copies_ms,
                 };
                 progress(&row);
                 rows.push(row);
@@ -667,7 +716,7 @@ pub fn render(report: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<9} {:<7} {:<11} {:<12} {:>8} {:>8} {:>8} {:>17} {:>7} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9}",
+        "{:<9} {:<7} {:<11} {:<12} {:>8} {:>8} {:>8} {:>17} {:>7} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8} {:>9}",
         "shape",
         "act",
         "routing",
@@ -682,6 +731,7 @@ pub fn render(report: &Report) -> String {
         "tok/s",
         "peak MiB",
         "x ops",
+        "x fmoec",
         "rel err"
     );
     let name = |v: serde_json::Result<serde_json::Value>| {
@@ -697,9 +747,16 @@ pub fn render(report: &Report) -> String {
                 && o.shape.act == r.shape.act
         });
         let ratio = ops.map(|o| o.forward_backward.median_ms / r.forward_backward.median_ms);
+        let own = report.rows.iter().find(|o| {
+            o.implementation == Implementation::Fmoec
+                && o.routing == r.routing
+                && o.shape.name == r.shape.name
+                && o.shape.act == r.shape.act
+        });
+        let own_ratio = own.map(|o| o.forward_backward.median_ms / r.forward_backward.median_ms);
         let _ = writeln!(
             s,
-            "{:<9} {:<7} {:<11} {:<12} {:>8.3} {:>8.3} {:>8.3} {:>17} {:>7.1} {:>7.1} {:>6.1}% {:>9.3e} {:>8} {:>8} {:>9.2e}",
+            "{:<9} {:<7} {:<11} {:<12} {:>8.3} {:>8.3} {:>8.3} {:>17} {:>7.1} {:>7.1} {:>6.1}% {:>9.3e} {:>8} {:>8} {:>8} {:>9.2e}",
             r.shape.name,
             format!("{:?}", r.shape.act).to_lowercase(),
             name(serde_json::to_value(r.routing)),
@@ -716,8 +773,50 @@ pub fn render(report: &Report) -> String {
                 .map(|b| format!("{:.0}", b as f64 / (1u64 << 20) as f64))
                 .unwrap_or_else(|| "-".to_string()),
             ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
+            own_ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
             r.rel_error,
         );
+    }
+    let fp8_rows: Vec<&Row> = report
+        .rows
+        .iter()
+        .filter(|r| r.fp8_weight_copies_ms.is_some())
+        .collect();
+    if !fp8_rows.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nfmoec-fp8: the expert matmuls on FP8 operands (bf16 out); \"x fmoec\" is the speed-up over \
+             fmoec's bf16 layer. Not in the times: the weights' FP8 copies, made once per training \
+             step; and whether `precision = fp8` would take FP8 for such a layer on an h100_sxm \
+             (the planner's estimate; elsewhere it falls back to bf16):"
+        );
+        let h100 = crate::check::hardware_profile("h100_sxm");
+        for r in fp8_rows {
+            let sh = &r.shape;
+            let pays = h100.as_ref().map(|hw| {
+                crate::plan::cost::fp8_pays_for_experts(
+                    hw,
+                    sh.width as u64,
+                    sh.hidden as u64,
+                    sh.act,
+                    (sh.tokens * sh.top_k) as f64,
+                    sh.experts as u64,
+                )
+            });
+            let _ = writeln!(
+                s,
+                "  {:<9} {:<7} {:<11} weight copies {:.3} ms per step; on h100_sxm: {}",
+                sh.name,
+                format!("{:?}", sh.act).to_lowercase(),
+                name(serde_json::to_value(r.routing)),
+                r.fp8_weight_copies_ms.unwrap_or(0.0),
+                match pays {
+                    Some(true) => "fp8",
+                    Some(false) => "bf16 (fp8 would not pay)",
+                    None => "?",
+                }
+            );
+        }
     }
     if !report.stages.is_empty() {
         let _ = writeln!(
@@ -865,8 +964,9 @@ pub struct BenchArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cuda")]
     pub device: String,
-    /// Compute dtype: bf16 (CUDA) or f32.
-    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
+    /// Compute dtype: bf16 (CUDA) or f32; fp8 adds `fmoec-fp8` rows (the expert matmuls on
+    /// FP8 operands, on Hopper GPUs) beside the bf16 `fmoec` and `ops` rows.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32", "fp8"])]
     pub dtype: String,
     /// Timed iterations per row (after warm-up).
     #[arg(long, default_value_t = 50)]
@@ -907,10 +1007,31 @@ fn or_all<T: Clone>(chosen: &[T], all: Vec<T>) -> Vec<T> {
 #[cfg(feature = "cuda")]
 fn check_kernels(device: Device) -> Result<std::process::ExitCode> {
     if let Device::Cuda(n) = device {
-        crate::runtime::fused::kernels_ready(n)?;
+        crate::runtime::cuda::kernels_ready(n)?;
     }
-    for line in crate::runtime::fused::self_check(device)? {
+    for line in crate::runtime::cuda::check::self_check(device)? {
         println!("{line}");
+    }
+    // the FP8 quantisations and matmuls, where the device has FP8 (or the CPU's emulation)
+    match crate::runtime::fp8::mode_for(device) {
+        Ok(_) => {
+            for line in crate::runtime::fp8::self_check(device)? {
+                println!("{line}");
+            }
+        }
+        Err(e) => println!("fp8 checks skipped: {e:#}"),
+    }
+    // the gates' keyed draws: the same bits on the device as on the CPU
+    {
+        use crate::runtime::moe::{draw_key_words, keyed_uniform};
+        let key = Tensor::f_from_slice(&draw_key_words(0x0123_4567_89AB_CDEF))?;
+        let want = keyed_uniform(&key, 3, &[1000, 7])?;
+        let got =
+            keyed_uniform(&key.f_to_device(device)?, 3, &[1000, 7])?.f_to_device(Device::Cpu)?;
+        if !got.f_equal(&want)? {
+            bail!("keyed draws: the device's differ from the CPU's");
+        }
+        println!("keyed draws: bit-equal to the CPU ok");
     }
     println!("all kernel checks passed on {device:?}");
     Ok(std::process::ExitCode::SUCCESS)
@@ -928,13 +1049,22 @@ pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
     if args.check_kernels {
         return check_kernels(device);
     }
+    let fp8 = args.dtype == "fp8";
     let kind = match args.dtype.as_str() {
         "bf16" if !device.is_cuda() => {
             bail!("bf16 grouped matmuls need CUDA; use `--dtype f32` on CPU")
         }
         "bf16" => Kind::BFloat16,
+        "fp8" => match crate::runtime::fp8::mode_for(device)? {
+            crate::runtime::fp8::Fp8Mode::Device => Kind::BFloat16,
+            // the emulation's other rows in f32, as bf16 grouped matmuls need CUDA
+            crate::runtime::fp8::Fp8Mode::Emulated => Kind::Float,
+        },
         _ => Kind::Float,
     };
+    if !fp8 && args.implementations.contains(&Implementation::FmoecFp8) {
+        bail!("--impl fmoec-fp8 needs --dtype fp8");
+    }
     let mut shapes: Vec<Shape> = standard_shapes()
         .into_iter()
         .chain(smoke_shapes())
@@ -965,16 +1095,24 @@ pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
         ),
         stages: args.stages,
         implementations: or_all(&args.implementations, {
-            let mut all = vec![Implementation::Fmoec];
-            if crate::runtime::moe::fused_available(device) {
-                all.push(Implementation::FmoecUnfused);
+            if fp8 {
+                vec![
+                    Implementation::Fmoec,
+                    Implementation::Ops,
+                    Implementation::FmoecFp8,
+                ]
+            } else {
+                let mut all = vec![Implementation::Fmoec];
+                if crate::runtime::moe::fused_available(device) {
+                    all.push(Implementation::FmoecUnfused);
+                }
+                all.extend([
+                    Implementation::Ops,
+                    Implementation::SortedLoop,
+                    Implementation::NaiveLoop,
+                ]);
+                all
             }
-            all.extend([
-                Implementation::Ops,
-                Implementation::SortedLoop,
-                Implementation::NaiveLoop,
-            ]);
-            all
         }),
     };
     let report = run(&opts, |r| {

@@ -61,10 +61,12 @@ pub fn disable() {
 
 /// Starts a step on this thread: with the copies on, every copy made in an earlier step is
 /// rewritten in place from its master (the same memory, so a captured CUDA graph reads the
-/// new values), and weights converted from now on are converted once and reused.
+/// new values), and weights converted from now on are converted once and reused. The FP8
+/// copies of `precision = fp8` likewise (always on: see [`crate::runtime::fp8`]).
 pub fn begin_step() -> Result<()> {
     #[cfg(feature = "cuda")]
     {
+        crate::runtime::fp8::begin_step()?;
         if std::env::var("FMOEC_CAST_CACHE").is_ok_and(|v| v == "1") {
             enable();
         }
@@ -85,6 +87,8 @@ pub fn begin_step() -> Result<()> {
 /// Ends this thread's step (call before the masters change): the copies are kept, but not
 /// handed out until the next [`begin_step`] has refreshed them.
 pub fn end_step() {
+    #[cfg(feature = "cuda")]
+    crate::runtime::fp8::end_step();
     #[cfg(feature = "cuda")]
     cache::CACHE.with(|c| {
         if let Some(cache) = c.borrow_mut().as_mut() {
@@ -117,7 +121,7 @@ pub fn compute(w: &Tensor, kind: Kind) -> Result<Tensor> {
             Ok(Some(copy))
         })?;
         if let Some(copy) = copy {
-            return crate::runtime::fused::cast_op(w, &copy);
+            return crate::runtime::cuda::cast_op(w, &copy);
         }
     }
     Ok(w.f_to_kind(kind)?)

@@ -56,7 +56,9 @@ pub struct RunArgs {
     /// Seed for `--sample`.
     #[arg(long, default_value_t = 0)]
     pub sample_seed: u64,
-    /// Override the train block's precision (`fp32`, or `bf16` compute with fp32 master weights).
+    /// Override the train block's precision (`fp32`; `bf16` compute with fp32 master weights;
+    /// `fp8`: bf16 with the experts' matmuls in FP8, on Hopper GPUs; `fp8-dense`: the dense
+    /// matmuls in FP8 too).
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
     /// No progress bar and no progress lines (evaluations, notes and the summary still print).
@@ -289,6 +291,10 @@ fn is_first_rank(mode: &Mode) -> bool {
 pub enum PrecisionArg {
     Fp32,
     Bf16,
+    /// bf16 with the routed experts' matmuls in FP8 (`precision = fp8`).
+    Fp8,
+    /// fp8 with the dense matmuls in FP8 too (`precision = fp8` and `fp8_dense = true`).
+    Fp8Dense,
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
@@ -301,6 +307,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         train.precision = match p {
             PrecisionArg::Fp32 => Precision::Fp32,
             PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::Fp8 => Precision::Fp8 { dense: false },
+            PrecisionArg::Fp8Dense => Precision::Fp8 { dense: true },
         };
     }
     let checked = &checked;

@@ -12,7 +12,7 @@ use std::ffi::{c_int, c_void};
 use anyhow::{anyhow, Result};
 use tch::Tensor;
 
-use crate::runtime::fused::shim_error;
+use crate::runtime::cuda::shim_error;
 
 extern "C" {
     fn fmoec_shim_fused_adamw(

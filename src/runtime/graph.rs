@@ -20,7 +20,7 @@ use std::ptr::NonNull;
 use anyhow::Result;
 use tch::Tensor;
 
-use crate::runtime::fused::shim_error;
+use crate::runtime::cuda::shim_error;
 
 extern "C" {
     fn fmoec_shim_use_side_stream(device: c_int) -> c_int;

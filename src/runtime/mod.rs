@@ -8,7 +8,8 @@
 //! with its micro-batch runner alone on a device ([`replay`]), metrics log ([`metrics`]),
 //! progress display ([`progress`]), stop signals ([`stop`]), memory check ([`fit`]) and
 //! default run folders ([`folders`]); sampling ([`sample`]), the plot ([`plot`]), `fmoec bench
-//! moe` ([`bench`]), and, with feature `cuda`, the shim and fused kernels (`fused`), CUDA
+//! moe` ([`bench`]), `precision = fp8` ([`fp8`]), and, with feature `cuda`, the CUDA code
+//! (`cuda`: the shim, the kernels and the fused ops), CUDA
 //! graphs over a training micro-batch (`graph`) and libtorch's multi-tensor optimizer kernels
 //! (`foreach`). The `fmoec run` command line is [`cli`], the edge: nothing else here imports
 //! it or the driver.
@@ -20,14 +21,15 @@ pub mod bench;
 pub mod cast;
 pub mod checkpoint;
 pub mod cli;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod distributed;
 pub mod fit;
 pub mod folders;
 #[cfg(feature = "cuda")]
 pub mod foreach;
-#[cfg(feature = "cuda")]
-pub mod fused;
+pub mod fp8;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod metrics;

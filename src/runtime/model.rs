@@ -87,6 +87,8 @@ pub struct Attention {
     proj_bias: Option<Tensor>,
     /// Set when `heads`, `kv_heads`, `qkv` and `proj` are this tensor rank's share.
     tensor: Option<TensorParallel>,
+    /// The projections with FP8 operands (`fp8_dense`).
+    fp8: bool,
 }
 
 impl Attention {
@@ -130,6 +132,7 @@ impl Attention {
             proj,
             proj_bias,
             tensor: None,
+            fp8: false,
         })
     }
 
@@ -147,7 +150,7 @@ impl Attention {
     fn forward_local(&self, x: &Tensor, proj_bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, _d) = x.size3()?;
         let kind = x.kind();
-        let qkv = moe::linear(x, &self.qkv, self.qkv_bias.as_ref())?;
+        let qkv = moe::project(x, &self.qkv, self.qkv_bias.as_ref(), self.fp8)?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let parts = qkv.f_split_with_sizes([h * hd, kvh * hd, kvh * hd], -1)?;
         // q = q.view(b, t, h, hd).transpose(1, 2)
@@ -171,7 +174,7 @@ impl Attention {
             kvh < h,
         )?;
         let y = y.f_transpose(1, 2)?.f_reshape([b, t, h * hd])?;
-        moe::linear(&y, &self.proj, proj_bias)
+        moe::project(&y, &self.proj, proj_bias, self.fp8)
     }
 }
 
@@ -362,6 +365,8 @@ pub struct Transformer {
     pub routing_keys: Option<Tensor>,
     /// The device tensor [`Transformer::set_routing_key`] writes (kept, so its address stays).
     keys_buffer: Option<Tensor>,
+    /// The tied LM head with FP8 operands (`fp8_dense`; see [`Transformer::set_fp8`]).
+    pub fp8_head: bool,
 }
 
 /// What one forward pass yields besides the logits.
@@ -447,6 +452,7 @@ impl Transformer {
             compute,
             routing_keys: None,
             keys_buffer: None,
+            fp8_head: false,
         };
         t.set_compute(compute);
         Ok(t)
@@ -488,6 +494,49 @@ impl Transformer {
                 layer.experts.path = moe::default_path(compute, device, d, h);
             }
         }
+    }
+
+    /// Runs the matmuls `fp8` names with FP8 operands (`precision = fp8`, see
+    /// [`crate::runtime::fp8`]): the routed experts of each MoE layer where FP8 pays for
+    /// micro-batches of `tokens` tokens on `hardware`
+    /// ([`crate::runtime::fp8::pays_for_experts`]), and the dense projections and the LM head
+    /// (widths that are multiples of 16). Returns the layers whose experts stay in the
+    /// compute dtype.
+    pub fn set_fp8(
+        &mut self,
+        fp8: crate::runtime::fp8::Fp8Use,
+        tokens: i64,
+        hardware: &crate::check::Hardware,
+    ) -> Vec<usize> {
+        let d = self.model.width as i64;
+        let mut fallback = Vec::new();
+        for b in &mut self.blocks {
+            b.attn.fp8 = fp8.dense;
+            match &mut b.ffn {
+                FfnModule::Dense(mlp) => mlp.fp8 = fp8.dense,
+                FfnModule::Moe(layer) => {
+                    let h = layer.experts.w1.size()[2];
+                    let rows = (tokens * layer.gate.top_k) as f64;
+                    let pays = crate::runtime::fp8::pays_for_experts(
+                        hardware,
+                        d,
+                        h,
+                        layer.experts.act,
+                        rows,
+                        layer.experts.experts,
+                    );
+                    layer.experts.fp8 = fp8.experts && pays;
+                    if fp8.experts && !pays {
+                        fallback.push(b.index);
+                    }
+                    if let Some(shared) = &mut layer.shared {
+                        shared.fp8 = fp8.dense;
+                    }
+                }
+            }
+        }
+        self.fp8_head = fp8.dense && d % 16 == 0 && self.model.vocab % 16 == 0;
+        fallback
     }
 
     /// `tokens`: `[B, T]` int64 → logits and the MoE extras.
@@ -542,6 +591,16 @@ impl Transformer {
     /// The final norm and the tied head: logits of the last hidden states `x`, in the
     /// compute dtype.
     fn head(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fp8_head {
+            use crate::runtime::fp8::{linear, WeightLayout};
+            return linear(
+                &self.norm.forward(x)?,
+                &self.tokens,
+                None,
+                WeightLayout::OutIn,
+            );
+        }
         Ok(self.norm.forward(x)?.f_matmul(&emb.f_transpose(0, 1)?)?)
     }
 
@@ -702,13 +761,7 @@ fn narrow_pieces(full: &Tensor, (dim, pieces): &Pieces) -> Result<Tensor> {
 
 /// A dense MLP's partial output on this tensor rank (its hidden columns), without `b2`.
 fn mlp_partial(mlp: &DenseMlp, x: &Tensor) -> Result<Tensor> {
-    let kind = x.kind();
-    let h = moe::linear(x, &mlp.w1, mlp.b1.as_ref())?;
-    let h = match &mlp.w3 {
-        Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&cast::compute(w3, kind)?)?)?,
-        None => moe::activate(&h, mlp.act)?,
-    };
-    Ok(h.f_matmul(&cast::compute(&mlp.w2, kind)?)?)
+    moe::project(&mlp.hidden(x)?, &mlp.w2, None, mlp.fp8)
 }
 
 fn add_bias(x: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
@@ -1173,14 +1226,14 @@ impl Transformer {
 
 /// Mean cross-entropy of `logits` `[B, T, V]` (compute dtype) against `target` `[B, T]`,
 /// computed in f32: on a GPU with the fused kernels one pass over the logits in their own
-/// dtype each way ([`crate::runtime::fused`]), else libtorch's on f32 logits.
+/// dtype each way ([`crate::runtime::cuda`]), else libtorch's on f32 logits.
 fn next_token_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let v = logits.size()[2];
     let flat = logits.f_reshape([-1, v])?;
     let target = target.f_reshape([-1])?;
     #[cfg(feature = "cuda")]
     if moe::fused_available(logits.device()) {
-        if let Some(rows) = crate::runtime::fused::cross_entropy_rows(&flat, &target)? {
+        if let Some(rows) = crate::runtime::cuda::cross_entropy_rows(&flat, &target)? {
             // the mean over targets inside the vocabulary (libtorch's ignore_index rows)
             let counted = target.f_ge(0)?.f_sum(Kind::Float)?.f_clamp_min(1.0)?;
             return Ok(rows.f_sum(Kind::Float)?.f_div(&counted)?);

@@ -20,7 +20,7 @@
 //! a gradient. Expert biases are added by a fused epilogue that skips those rows (with the
 //! `cuda` feature on a GPU); a libtorch bias would gather them, so there the matmuls are
 //! masked. With the `cuda` feature on a GPU, the plan, `dispatch` and `combine` are fused
-//! kernels without atomics (`runtime::fused`); elsewhere they are libtorch ops. A token with every slot dropped contributes nothing here and passes through the
+//! kernels without atomics (`runtime::cuda`); elsewhere they are libtorch ops. A token with every slot dropped contributes nothing here and passes through the
 //! block's residual connection only.
 //!
 //! Semantics that differ from FastMoE's code on purpose (the checked model's contract wins:
@@ -497,10 +497,9 @@ fn queue_positions(expert: &Tensor, e: i64) -> Result<Tensor> {
     // slot-major order: row r = slot·T + token
     let order_major = expert.f_transpose(0, 1)?.f_reshape([-1])?;
     #[cfg(feature = "cuda")]
-    if fused_available(expert.device())
-        && crate::runtime::fused::plan_kernels_apply(&order_major, e)
+    if fused_available(expert.device()) && crate::runtime::cuda::plan_kernels_apply(&order_major, e)
     {
-        let pos = crate::runtime::fused::key_positions(&order_major, e)?;
+        let pos = crate::runtime::cuda::key_positions(&order_major, e)?;
         return Ok(pos.f_reshape([k, t])?.f_transpose(0, 1)?);
     }
     let keyed = order_major.f_where_scalarother(&order_major.f_ge(0)?, e)?;
@@ -611,9 +610,9 @@ impl DispatchPlan {
         let n = flat.size()[0];
         let device = flat.device();
         #[cfg(feature = "cuda")]
-        if fused && crate::runtime::fused::plan_kernels_apply(&flat, e) {
+        if fused && crate::runtime::cuda::plan_kernels_apply(&flat, e) {
             // the same maps from three kernels instead of a sort and a dozen small ops
-            let o = crate::runtime::fused::expert_order(&flat, k, e)?;
+            let o = crate::runtime::cuda::expert_order(&flat, k, e)?;
             let valid = o.sorted_key.f_lt(e)?.f_unsqueeze(1)?;
             return Ok(DispatchPlan {
                 order: o.order,
@@ -704,9 +703,9 @@ pub fn fused_available(device: tch::Device) -> bool {
             if std::env::var("FMOEC_FUSED").is_ok_and(|v| v == "0") {
                 return false;
             }
-            let ok = crate::runtime::fused::kernels_ready(n).is_ok();
+            let ok = crate::runtime::cuda::kernels_ready(n).is_ok();
             if !ok {
-                crate::runtime::fused::warn_unavailable(n);
+                crate::runtime::cuda::warn_unavailable(n);
             }
             ok
         }
@@ -724,7 +723,7 @@ pub fn fused_available(_device: tch::Device) -> bool {
 pub fn dispatch(x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if plan.fused {
-        return crate::runtime::fused::dispatch_op(x, &plan.row_slot, &plan.slot_row, plan.top_k);
+        return crate::runtime::cuda::dispatch_op(x, &plan.row_slot, &plan.slot_row, plan.top_k);
     }
     let xs = x.f_index_select(0, &plan.token)?;
     if !plan.may_drop {
@@ -738,7 +737,7 @@ pub fn dispatch(x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
 pub fn combine(ys: &Tensor, plan: &DispatchPlan, weight: &Tensor, tokens: i64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if plan.fused && weight.kind() == Kind::Float {
-        return crate::runtime::fused::combine_op(ys, weight, &plan.slot_row, &plan.row_slot);
+        return crate::runtime::cuda::combine_op(ys, weight, &plan.slot_row, &plan.row_slot);
     }
     let w = weight
         .f_reshape([-1])?
@@ -766,6 +765,9 @@ pub struct Experts {
     pub b1: Option<Tensor>,
     pub b2: Option<Tensor>,
     pub path: ExpertPath,
+    /// The grouped matmuls with FP8 operands (`precision = fp8`, feature `cuda`; see
+    /// `runtime::fp8`). Only on the grouped path.
+    pub fp8: bool,
 }
 
 impl Experts {
@@ -809,12 +811,43 @@ impl Experts {
             b1,
             b2,
             path: ExpertPath::Grouped,
+            fp8: false,
         })
+    }
+
+    /// The same experts (the same tensors), with FP8 operands or not.
+    pub fn with_fp8(&self, fp8: bool) -> Experts {
+        Experts {
+            experts: self.experts,
+            act: self.act,
+            w1: self.w1.shallow_clone(),
+            w2: self.w2.shallow_clone(),
+            w3: self.w3.as_ref().map(Tensor::shallow_clone),
+            b1: self.b1.as_ref().map(Tensor::shallow_clone),
+            b2: self.b2.as_ref().map(Tensor::shallow_clone),
+            path: self.path,
+            fp8,
+        }
     }
 
     /// The grouped (or looped) matmul of every row with its expert's `w`. `masked` zeroes
     /// the rows of dropped slots on both sides.
     fn mm(&self, xs: &Tensor, w: &Tensor, plan: &DispatchPlan, masked: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fp8 && self.path == ExpertPath::Grouped {
+            // the master goes in: its FP8 copies are made once per step
+            let xs = if masked {
+                xs.f_where_self(&plan.valid, &xs.f_zeros_like()?)?
+            } else {
+                xs.shallow_clone()
+            };
+            let out = crate::runtime::fp8::grouped_mm(&xs, w, &plan.offsets)?;
+            return if masked {
+                Ok(out.f_where_self(&plan.valid, &out.f_zeros_like()?)?)
+            } else {
+                Ok(out)
+            };
+        }
         let w = cast::compute(w, xs.kind())?;
         match self.path {
             ExpertPath::Grouped => {
@@ -886,11 +919,11 @@ impl Experts {
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let (true, Some(b)) = (fused, b) {
-            use crate::runtime::fused::{bias_act_op, ACT_GELU, ACT_NONE, ACT_RELU};
+            use crate::runtime::cuda::{bias_act_op, EpilogueAct};
             let code = match act {
-                None => Some(ACT_NONE),
-                Some(Activation::Gelu) => Some(ACT_GELU),
-                Some(Activation::Relu) => Some(ACT_RELU),
+                None => Some(EpilogueAct::None),
+                Some(Activation::Gelu) => Some(EpilogueAct::Gelu),
+                Some(Activation::Relu) => Some(EpilogueAct::Relu),
                 Some(Activation::Swiglu) => None,
             };
             if let Some(code) = code {
@@ -917,7 +950,7 @@ impl Experts {
                 let h1 = self.bias_then(h, &self.b1, plan, None, fused)?;
                 #[cfg(feature = "cuda")]
                 if plan.fused {
-                    return crate::runtime::fused::swiglu_op(&h1, &h3);
+                    return crate::runtime::cuda::swiglu_op(&h1, &h3);
                 }
                 Ok(h1.f_silu()?.f_mul(&h3)?)
             }
@@ -965,6 +998,8 @@ pub struct DenseMlp {
     pub w3: Option<Tensor>,
     pub b1: Option<Tensor>,
     pub b2: Option<Tensor>,
+    /// The projections with FP8 operands (`fp8_dense`; see [`project`]).
+    pub fp8: bool,
 }
 
 impl DenseMlp {
@@ -1015,18 +1050,39 @@ impl DenseMlp {
             w3,
             b1,
             b2,
+            fp8: false,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let kind = x.kind();
-        let h = linear(x, &self.w1, self.b1.as_ref())?;
-        let h = match &self.w3 {
-            Some(w3) => h.f_silu()?.f_mul(&x.f_matmul(&cast::compute(w3, kind)?)?)?,
-            None => activate(&h, self.act)?,
-        };
-        linear(&h, &self.w2, self.b2.as_ref())
+        let h = self.hidden(x)?;
+        project(&h, &self.w2, self.b2.as_ref(), self.fp8)
     }
+
+    /// The activation of the hidden layer (`act(x · w1 + b1)`, SwiGLU with `x · w3`).
+    pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        let h = project(x, &self.w1, self.b1.as_ref(), self.fp8)?;
+        match &self.w3 {
+            Some(w3) => Ok(h.f_silu()?.f_mul(&project(x, w3, None, self.fp8)?)?),
+            None => activate(&h, self.act),
+        }
+    }
+}
+
+/// `x · w (+ b)` as [`linear`], with FP8 operands when `fp8` (feature `cuda`; both widths
+/// multiples of 16, else in the compute dtype as [`linear`]).
+pub fn project(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fp8: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fp8 {
+        use crate::runtime::fp8::{linear as fp8_linear, linear_applies, WeightLayout};
+        if let [k, n] = w.size().as_slice() {
+            if linear_applies(*k, *n) {
+                return fp8_linear(x, w, b, WeightLayout::InOut);
+            }
+        }
+    }
+    let _ = fp8;
+    linear(x, w, b)
 }
 
 /// `x · w (+ b)` in `x`'s dtype over the last dimension (`w` is `[in, out]`). With a bias it
@@ -1114,10 +1170,12 @@ impl MoeLayer {
             self.gate.experts,
             self.gate.may_drop(train),
         )?;
-        let xs = dispatch(x, &plan)?;
+        let xs = self.dispatch(x, &plan)?;
         // An expert-parallel runtime exchanges `xs` (by `plan.counts`) here ...
         let ys = self.experts.forward(&xs, &plan)?;
         // ... and sends `ys` back here.
+        #[cfg(feature = "cuda")]
+        crate::runtime::fp8::forget_prequantized();
         let mut out = combine(&ys, &plan, &routing.weight, t)?;
         if let Some(shared) = &self.shared {
             out = out.f_add(&shared.forward(x)?)?;
@@ -1129,6 +1187,25 @@ impl MoeLayer {
             telemetry,
         })
     }
+}
+
+impl MoeLayer {
+    /// [`dispatch_to`] this layer's experts.
+    pub fn dispatch(&self, x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
+        dispatch_to(&self.experts, x, plan)
+    }
+}
+
+/// [`dispatch`] for `experts`, writing the rows' FP8 copy in the same pass when they take FP8
+/// operands and the fused kernels run (then call `runtime::fp8::forget_prequantized` once
+/// they have run).
+pub fn dispatch_to(experts: &Experts, x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if experts.fp8 && experts.path == ExpertPath::Grouped && plan.fused {
+        return crate::runtime::fp8::dispatch(x, &plan.row_slot, &plan.slot_row, plan.top_k);
+    }
+    let _ = experts;
+    dispatch(x, plan)
 }
 
 /// A layer's routing statistics for `tokens` tokens, from the tokens each expert kept

@@ -96,7 +96,7 @@ impl Runner {
             }
             #[cfg(feature = "cuda")]
             Runner::Capture => {
-                use crate::runtime::{fused::empty_cache, graph::Graph};
+                use crate::runtime::{cuda::empty_cache, graph::Graph};
                 let batch = tokens.f_to_device(device)?;
                 // Every gradient must exist before the capture: the graph then adds into
                 // it, as every eager micro-batch after the first does.
@@ -172,6 +172,8 @@ impl Drop for Runner {
     /// The run is over (or failed): this thread's weight copies go.
     fn drop(&mut self) {
         cast::disable();
+        #[cfg(feature = "cuda")]
+        crate::runtime::fp8::clear();
     }
 }
 

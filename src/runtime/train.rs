@@ -157,7 +157,7 @@ pub struct RunSummary {
 pub fn compute_kind(p: Precision) -> Result<Kind> {
     Ok(match p {
         Precision::Fp32 => Kind::Float,
-        Precision::Bf16 => Kind::BFloat16,
+        Precision::Bf16 | Precision::Fp8 { .. } => Kind::BFloat16,
         Precision::Fp16 => bail!(
             "precision = fp16 needs loss scaling, which the built-in runtime does not do; use bf16"
         ),
@@ -169,6 +169,8 @@ pub(crate) fn precision_name(p: Precision) -> &'static str {
         Precision::Fp32 => "fp32",
         Precision::Bf16 => "bf16",
         Precision::Fp16 => "fp16",
+        Precision::Fp8 { dense: false } => "fp8",
+        Precision::Fp8 { dense: true } => "fp8 (dense too)",
     }
 }
 

@@ -35,7 +35,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::check::{Checked, Train};
+use crate::check::{Checked, Precision, Train};
 use crate::collective::{
     clip_global_norm, clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients,
     ParamKind, Tape, TensorSplit,
@@ -54,7 +54,7 @@ use crate::runtime::train::{
     compute_kind, evaluate_ranked, micro_batch_for, precision_name, print_summary, sum_over_data,
     sum_over_world, tensor_parallel_loss, LayerMetrics, RunOptions, RunSummary, StepMetrics,
 };
-use crate::runtime::{cast, fit, plot, stop};
+use crate::runtime::{cast, fit, fp8, plot, stop};
 
 /// Keys libtorch's generator for a step of a run alone (nothing of the run draws from it
 /// today; kept so that a future draw is reproducible too).
@@ -136,6 +136,9 @@ pub struct Trainer<'a> {
     last_checkpoint: Option<PathBuf>,
     last_eval: Option<f64>,
     started: Instant,
+    /// `precision = fp8`: every step checks the FP8 scales' overflow counter before applying.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fp8: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -157,7 +160,7 @@ impl<'a> Trainer<'a> {
         let model_decl = &checked.model;
         let total_steps = opts.steps.unwrap_or(train.steps);
         let stop_at = opts.stop_after.unwrap_or(total_steps).min(total_steps);
-        let compute = compute_kind(train.precision)?;
+        let mut compute = compute_kind(train.precision)?;
         if train.seq_len > model_decl.context {
             bail!(
                 "seq_len {} exceeds the model's context {}",
@@ -170,6 +173,19 @@ impl<'a> Trainer<'a> {
         let data_ranks = ctx.map_or(1, |c| c.data_size()) as u64;
         let data_rank = ctx.map_or(0, |c| c.data_rank()) as u64;
         let device = ctx.map_or(opts.device, |c| c.device);
+        let fp8 = match train.precision {
+            Precision::Fp8 { dense } => {
+                // the CPU's emulation computes the rest in f32 (bf16 matmuls are slow there)
+                if fp8::mode_for(device)? == fp8::Fp8Mode::Emulated {
+                    compute = Kind::Float;
+                }
+                Some(fp8::Fp8Use {
+                    experts: true,
+                    dense,
+                })
+            }
+            _ => None,
+        };
         let (micro_batch, micro_batch_note) = run_micro_batch(checked, train, data_ranks, plan)?;
         let micro_batches = train.batch_sequences / micro_batch;
 
@@ -261,6 +277,7 @@ impl<'a> Trainer<'a> {
             last_checkpoint: None,
             last_eval: None,
             started: Instant::now(),
+            fp8: fp8.is_some(),
         };
         trainer.start_from(&local)?;
         if let Some(c) = ctx {
@@ -281,6 +298,20 @@ impl<'a> Trainer<'a> {
         trainer.kinds = distributed::param_kinds(&trainer.model);
         trainer.splits = trainer.model.tensor_splits();
         trainer.model.set_compute(compute);
+        if let Some(fp8) = fp8 {
+            let tokens = (micro_batch * train.seq_len) as i64;
+            let bf16_layers = trainer
+                .model
+                .set_fp8(fp8, tokens, &checked.parallel.hardware);
+            if main && !bf16_layers.is_empty() {
+                eprintln!(
+                    "note: precision = fp8: the experts of layer(s) {bf16_layers:?} stay in bf16, where \
+                     the planner estimates FP8 would not pay on `{}` (`fmoec plan` says why; \
+                     FMOEC_FP8_EXPERTS=all forces FP8)",
+                    checked.parallel.hardware.name
+                );
+            }
+        }
         if main {
             for note in plan.notes.iter().chain(&micro_batch_note) {
                 eprintln!("note: {note}");
@@ -393,6 +424,19 @@ impl<'a> Trainer<'a> {
         let started = Instant::now();
         let sums = self.forward_backward()?;
         let reduced = self.reduce_and_clip(sums)?;
+        #[cfg(feature = "cuda")]
+        if self.fp8 {
+            let overflowed = fp8::take_overflow(self.device)?;
+            if overflowed > 0 {
+                self.progress.abandon();
+                bail!(
+                    "step {}: {overflowed} FP8 scale(s) overflowed (a tensor quantised to FP8 held \
+                     Inf or NaN); the step was not applied. Lower the learning rate, or train \
+                     with precision = bf16 to see where the values diverge",
+                    self.step + 1
+                );
+            }
+        }
         let lr = optim::learning_rate(
             &self.train.schedule,
             self.train.optimizer.lr(),

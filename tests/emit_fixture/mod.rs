@@ -12,6 +12,7 @@ pub fn hardware() -> Hardware {
         bf16_tflops: 989.0,
         fp16_tflops: 989.0,
         fp32_tflops: 67.0,
+        fp8_tflops: None,
         hbm_gbps: 3350.0,
         nvlink_gbps: 450.0,
         network_gbps: 50.0,

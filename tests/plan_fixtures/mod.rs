@@ -31,6 +31,7 @@ pub fn h100() -> Hardware {
         bf16_tflops: 989.4,
         fp16_tflops: 989.4,
         fp32_tflops: 66.9,
+        fp8_tflops: None,
         hbm_gbps: 3350.0,
         nvlink_gbps: 450.0,
         network_gbps: 50.0,

@@ -90,6 +90,7 @@ pub fn hardware() -> Hardware {
         bf16_tflops: 1.0,
         fp16_tflops: 1.0,
         fp32_tflops: 1.0,
+        fp8_tflops: None,
         hbm_gbps: 10.0,
         nvlink_gbps: 0.0,
         network_gbps: 0.0,

@@ -17,6 +17,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <string>
+#include <vector>
 
 #include <cstdint>
 #include <exception>
@@ -26,10 +27,10 @@ size_t aggregate() {
   return static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
 }
 
-// The Rust side: `phase` 0 is forward (4 inputs, writes 1 output), 1 is backward (the 4
-// saved inputs and the output's gradient, writes 4 gradients, undefined where none).
-// Inputs are owned copies (`new at::Tensor`) the callee frees; outputs are `new at::Tensor`
-// the callee allocates (or null for an undefined tensor). Returns 0 on success.
+// The Rust side: `phase` 0 is forward (`n_in` inputs, writes 1 output), 1 is backward (the
+// `n_in` saved inputs and the output's gradient, writes one gradient per input, null where
+// none). Inputs are owned copies (`new at::Tensor`) the callee frees; outputs are `new
+// at::Tensor` the callee allocates (or null for an undefined tensor). Returns 0 on success.
 typedef int (*fmoec_callback)(int64_t op, int phase, at::Tensor** in, int n_in,
                               at::Tensor** out, int n_out);
 
@@ -55,17 +56,17 @@ at::Tensor take(at::Tensor* p) {
 }
 
 struct RustFunction : public torch::autograd::Function<RustFunction> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a,
-                            const at::Tensor& b, const at::Tensor& c, const at::Tensor& d,
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList inputs,
                             int64_t op, int64_t callback) {
     auto cb = reinterpret_cast<fmoec_callback>(callback);
-    at::Tensor* in[4] = {new at::Tensor(a), new at::Tensor(b), new at::Tensor(c),
-                         new at::Tensor(d)};
+    const int n = static_cast<int>(inputs.size());
+    std::vector<at::Tensor*> in(n);
+    for (int i = 0; i < n; ++i) in[i] = new at::Tensor(inputs[i]);
     at::Tensor* out[1] = {nullptr};
-    if (cb(op, 0, in, 4, out, 1) != 0) {
-      throw std::runtime_error("fmoec fused op " + std::to_string(op) + ": forward failed");
+    if (cb(op, 0, in.data(), n, out, 1) != 0) {
+      throw std::runtime_error("fmoec autograd op " + std::to_string(op) + ": forward failed");
     }
-    ctx->save_for_backward({a, b, c, d});
+    ctx->save_for_backward(inputs.vec());
     ctx->saved_data["op"] = op;
     ctx->saved_data["callback"] = callback;
     return take(out[0]);
@@ -76,28 +77,38 @@ struct RustFunction : public torch::autograd::Function<RustFunction> {
     auto saved = ctx->get_saved_variables();
     auto op = ctx->saved_data["op"].toInt();
     auto cb = reinterpret_cast<fmoec_callback>(ctx->saved_data["callback"].toInt());
-    at::Tensor* in[5];
-    for (int i = 0; i < 4; ++i) in[i] = new at::Tensor(saved[i]);
-    in[4] = new at::Tensor(grads[0]);
-    at::Tensor* out[4] = {nullptr, nullptr, nullptr, nullptr};
-    if (cb(op, 1, in, 5, out, 4) != 0) {
+    const int n = static_cast<int>(saved.size());
+    std::vector<at::Tensor*> in(n + 1);
+    for (int i = 0; i < n; ++i) in[i] = new at::Tensor(saved[i]);
+    in[n] = new at::Tensor(grads[0]);
+    std::vector<at::Tensor*> out(n, nullptr);
+    if (cb(op, 1, in.data(), n + 1, out.data(), n) != 0) {
       for (auto* p : out) delete p;
-      throw std::runtime_error("fmoec fused op " + std::to_string(op) + ": backward failed");
+      throw std::runtime_error("fmoec autograd op " + std::to_string(op) + ": backward failed");
     }
-    return {take(out[0]), take(out[1]), take(out[2]), take(out[3]), at::Tensor(), at::Tensor()};
+    // one gradient per tensor input, then none for `op` and `callback`
+    torch::autograd::variable_list result;
+    result.reserve(n + 2);
+    for (auto* p : out) result.push_back(take(p));
+    result.push_back(at::Tensor());
+    result.push_back(at::Tensor());
+    return result;
   }
 };
 }  // namespace
 
 extern "C" {
 
-// Applies the Rust-backed autograd function `op` to four tensors (pass undefined tensors
-// for unused slots). On success returns 0 and a `new at::Tensor` in *out; on error -1 and
-// the message in fmoec_shim_last_error().
-int fmoec_shim_apply(int64_t op, void* callback, at::Tensor* a, at::Tensor* b, at::Tensor* c,
-                     at::Tensor* d, at::Tensor** out) {
+// Applies the Rust-backed autograd function `op` to the `n` tensors `inputs` (the callee
+// keeps its own copies). On success returns 0 and a `new at::Tensor` in *out; on error -1
+// and the message in fmoec_shim_last_error().
+int fmoec_shim_apply(int64_t op, void* callback, at::Tensor** inputs, int n, at::Tensor** out) {
   return guarded([&] {
-    at::Tensor r = RustFunction::apply(*a, *b, *c, *d, op, reinterpret_cast<int64_t>(callback));
+    std::vector<at::Tensor> list;
+    list.reserve(n);
+    for (int i = 0; i < n; ++i) list.push_back(*inputs[i]);
+    at::Tensor r = RustFunction::apply(at::TensorList(list), op,
+                                       reinterpret_cast<int64_t>(callback));
     *out = new at::Tensor(r);
   });
 }

@@ -1,0 +1,472 @@
+//! Autograd functions whose forward and backward are Rust, through the C++ shim (tch has
+//! no custom autograd): the fused MoE glue ([`dispatch_op`], [`combine_op`], [`swiglu_op`],
+//! [`bias_act_op`]), the LM loss ([`cross_entropy_rows`]) and [`cast_op`], which hands a
+//! weight's precomputed compute-dtype copy to autograd (for `runtime::cast`).
+//!
+//! The shim's function takes a list of tensors, an op code and a callback; [`apply`] and
+//! [`callback_body`] are the generic halves other modules build their own ops on (each with
+//! its own callback and op codes, so this module needs to know none of them).
+//!
+//! Knows the ops' index conventions (see [`super::ops`]), not the layer or the trainer.
+
+use std::ffi::{c_int, c_void};
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::device::shim_error;
+use super::kernels::{device_index, kernels_ready, Elem, EpilogueAct};
+use super::ops::{
+    bias_act_pass, gather_rows, row_dots, segment_sums, sum_rows, swiglu, swiglu_backward,
+    xent_backward, xent_forward,
+};
+
+/// The shim's callback: `phase` 0 is the forward (`n_in` inputs, writes 1 output), 1 the
+/// backward (the saved inputs and the output's gradient, writes one gradient per input,
+/// null where none). Inputs are owned `at::Tensor*` copies the callee frees; outputs are
+/// `at::Tensor*` the callee allocates. Returns 0 on success.
+pub type Callback = unsafe extern "C" fn(
+    op: i64,
+    phase: c_int,
+    inputs: *mut *mut c_void,
+    n_in: c_int,
+    outputs: *mut *mut c_void,
+    n_out: c_int,
+) -> c_int;
+
+extern "C" {
+    fn fmoec_shim_apply(
+        op: i64,
+        callback: *mut c_void,
+        inputs: *mut *mut c_void,
+        n_in: c_int,
+        out: *mut *mut c_void,
+    ) -> c_int;
+}
+
+/// Which half of an autograd function the callback runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The inputs in; the one output out.
+    Forward,
+    /// The saved inputs and the output's gradient (last) in; one gradient per input out.
+    Backward,
+}
+
+/// The body of a shim callback: takes ownership of the inputs, runs `run` on them (op code
+/// and phase as the shim passed them), hands the outputs to the shim, and turns errors and
+/// panics into a non-zero status with the error on stderr (the shim's exception says which
+/// op failed).
+///
+/// # Safety
+/// `inputs` must hold `n_in` owned `at::Tensor*` and `outputs` have room for `n_out`
+/// pointers: the shim's contract for its callbacks.
+pub unsafe fn callback_body(
+    op: i64,
+    phase: c_int,
+    inputs: *mut *mut c_void,
+    n_in: c_int,
+    outputs: *mut *mut c_void,
+    n_out: c_int,
+    run: impl Fn(i64, Phase, Vec<Tensor>) -> Result<Vec<Option<Tensor>>>,
+) -> c_int {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
+        let phase = match phase {
+            0 => Phase::Forward,
+            1 => Phase::Backward,
+            other => bail!("unknown phase {other}"),
+        };
+        let mut ins = Vec::with_capacity(n_in as usize);
+        for i in 0..n_in as usize {
+            // SAFETY: the shim passes `n_in` `new at::Tensor` copies that we now own.
+            ins.push(unsafe { Tensor::from_ptr((*inputs.add(i)).cast()) });
+        }
+        let outs = run(op, phase, ins)?;
+        if outs.len() != n_out as usize {
+            bail!("op {op}: {} outputs for {n_out} slots", outs.len());
+        }
+        for (i, o) in outs.into_iter().enumerate() {
+            let p = match o {
+                Some(mut t) => {
+                    let p = t.as_mut_ptr() as *mut c_void;
+                    // the shim takes ownership of the at::Tensor behind `p`
+                    std::mem::forget(t);
+                    p
+                }
+                None => std::ptr::null_mut(),
+            };
+            // SAFETY: `outputs` has `n_out` slots and `i < n_out` (checked above).
+            unsafe { *outputs.add(i) = p };
+        }
+        Ok(())
+    }));
+    match result {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            eprintln!("fmoec op {op} ({phase}): {e:#}");
+            1
+        }
+        Err(_) => 1,
+    }
+}
+
+/// Applies the autograd function `op` of `callback` to `inputs` (at most 16; pass defined
+/// empty tensors for unused slots: autograd reads every input's device) and returns its one
+/// output.
+pub fn apply(callback: Callback, op: i64, inputs: Vec<Tensor>) -> Result<Tensor> {
+    let mut inputs = inputs;
+    let mut ptrs: Vec<*mut c_void> = inputs
+        .iter_mut()
+        .map(|t| t.as_mut_ptr() as *mut c_void)
+        .collect();
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `ptrs` points at the `at::Tensor`s of `inputs`, which stay alive (and are not
+    // moved) for the call; the shim copies them, and on success hands back a fresh
+    // `at::Tensor` that we own; `callback` has the shim's callback signature.
+    let rc = unsafe {
+        fmoec_shim_apply(
+            op,
+            callback as *mut c_void,
+            ptrs.as_mut_ptr(),
+            ptrs.len() as c_int,
+            &mut out,
+        )
+    };
+    drop(inputs);
+    if rc != 0 || out.is_null() {
+        return Err(shim_error(&format!("autograd op {op}")));
+    }
+    // SAFETY: `out` is a `new at::Tensor` from the shim, owned from here on.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// A defined, empty tensor for an unused input slot.
+pub fn unused() -> Result<Tensor> {
+    Ok(Tensor::f_empty([0], (Kind::Float, Device::Cpu))?)
+}
+
+/// The fused glue ops of this module, each with what it needs besides its tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FusedOp {
+    /// Gather into expert order; `k` slots per token.
+    Dispatch {
+        k: i64,
+    },
+    Combine,
+    Swiglu,
+    BiasAct(EpilogueAct),
+    Cast,
+    CrossEntropy,
+}
+
+impl FusedOp {
+    /// The op as the shim carries it: the kind in the low 8 bits, the parameter above.
+    fn code(self) -> i64 {
+        match self {
+            FusedOp::Dispatch { k } => 1 | (k << 8),
+            FusedOp::Combine => 2,
+            FusedOp::Swiglu => 3,
+            FusedOp::BiasAct(act) => {
+                4 | (match act {
+                    EpilogueAct::None => 0,
+                    EpilogueAct::Gelu => 1,
+                    EpilogueAct::Relu => 2,
+                } << 8)
+            }
+            FusedOp::Cast => 5,
+            FusedOp::CrossEntropy => 6,
+        }
+    }
+
+    fn from_code(code: i64) -> Result<FusedOp> {
+        let param = code >> 8;
+        Ok(match code & 0xFF {
+            1 => FusedOp::Dispatch { k: param },
+            2 => FusedOp::Combine,
+            3 => FusedOp::Swiglu,
+            4 => FusedOp::BiasAct(match param {
+                0 => EpilogueAct::None,
+                1 => EpilogueAct::Gelu,
+                2 => EpilogueAct::Relu,
+                _ => bail!("fused op {code}: unknown activation"),
+            }),
+            5 => FusedOp::Cast,
+            6 => FusedOp::CrossEntropy,
+            _ => bail!("unknown fused op {code}"),
+        })
+    }
+}
+
+fn run_op(op: FusedOp, phase: Phase, inputs: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
+    let undefined = |t: &Tensor| !t.defined();
+    match (op, phase) {
+        // dispatch: a = x [T, d], b = row_slot [N], c = slot_row [T·k]
+        (FusedOp::Dispatch { k }, Phase::Forward) => {
+            Ok(vec![Some(gather_rows(&inputs[0], &inputs[1], k, None)?)])
+        }
+        (FusedOp::Dispatch { k }, Phase::Backward) => {
+            let g = &inputs[3];
+            let gx = if undefined(g) {
+                None
+            } else {
+                Some(sum_rows(g, &inputs[2], k, None)?)
+            };
+            Ok(vec![gx, None, None])
+        }
+        // combine: a = ys [N, d], b = weight [T, k] f32, c = slot_row [T·k], d = row_slot [N]
+        (FusedOp::Combine, Phase::Forward) => {
+            let (ys, w, slot_row) = (&inputs[0], &inputs[1], &inputs[2]);
+            let k = combine_k(&inputs)?;
+            let w = w.f_to_kind(Kind::Float)?;
+            Ok(vec![Some(sum_rows(ys, slot_row, k, Some(&w))?)])
+        }
+        (FusedOp::Combine, Phase::Backward) => {
+            let k = combine_k(&inputs)?;
+            let (ys, w, slot_row, row_slot, g) =
+                (&inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4]);
+            if undefined(g) {
+                return Ok(vec![None, None, None, None]);
+            }
+            let g = g.f_to_kind(ys.kind())?;
+            let gys = if ys.requires_grad() {
+                Some(gather_rows(
+                    &g,
+                    row_slot,
+                    k,
+                    Some(&w.f_to_kind(Kind::Float)?),
+                )?)
+            } else {
+                None
+            };
+            let gw = if w.requires_grad() {
+                Some(
+                    row_dots(ys, slot_row, k, &g)?
+                        .f_to_kind(w.kind())?
+                        .f_reshape(w.size())?,
+                )
+            } else {
+                None
+            };
+            Ok(vec![gys, gw, None, None])
+        }
+        // swiglu: a = h1, b = h3
+        (FusedOp::Swiglu, Phase::Forward) => Ok(vec![Some(swiglu(&inputs[0], &inputs[1])?)]),
+        (FusedOp::Swiglu, Phase::Backward) => {
+            if undefined(&inputs[2]) {
+                return Ok(vec![None, None]);
+            }
+            let g = inputs[2].f_to_kind(inputs[0].kind())?;
+            let (ga, gb) = swiglu_backward(&inputs[0], &inputs[1], &g)?;
+            Ok(vec![Some(ga), Some(gb)])
+        }
+        // bias epilogue: a = h [N, d], b = bias [E, d], c = row_expert [N]
+        (FusedOp::BiasAct(act), Phase::Forward) => {
+            let out = bias_act_pass(&inputs[0], &inputs[1], &inputs[2], act, None)?;
+            Ok(vec![Some(out)])
+        }
+        (FusedOp::BiasAct(act), Phase::Backward) => {
+            let (h, bias, row_expert, g) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
+            if undefined(g) {
+                return Ok(vec![None, None, None]);
+            }
+            let g = g.f_to_kind(h.kind())?;
+            let gh = bias_act_pass(h, bias, row_expert, act, Some(&g))?;
+            let gb = if bias.requires_grad() {
+                Some(segment_sums(&gh, row_expert, bias.size()[0])?)
+            } else {
+                None
+            };
+            Ok(vec![h.requires_grad().then_some(gh), gb, None])
+        }
+        // cross-entropy: a = logits [N, V], b = target [N] int64, c = lse [N] f32 (written)
+        (FusedOp::CrossEntropy, Phase::Forward) => Ok(vec![Some(xent_forward(
+            &inputs[0], &inputs[1], &inputs[2],
+        )?)]),
+        (FusedOp::CrossEntropy, Phase::Backward) => {
+            let g = &inputs[3];
+            if undefined(g) {
+                return Ok(vec![None, None, None]);
+            }
+            let grad = xent_backward(&inputs[0], &inputs[1], &inputs[2], g)?;
+            Ok(vec![Some(grad), None, None])
+        }
+        // cast: a = master, b = its copy in the compute dtype (made by the caller)
+        (FusedOp::Cast, Phase::Forward) => Ok(vec![Some(inputs[1].f_detach()?)]),
+        (FusedOp::Cast, Phase::Backward) => {
+            let (master, g) = (&inputs[0], &inputs[2]);
+            if undefined(g) {
+                return Ok(vec![None, None]);
+            }
+            // Add into the master's gradient in one pass (f32 += bf16) where it exists;
+            // else hand autograd the converted gradient to start it.
+            let mut acc = master.grad();
+            if acc.defined() && acc.kind() == master.kind() && acc.size() == g.size() {
+                let _ = acc.f_add_(g)?;
+                return Ok(vec![None, None]);
+            }
+            Ok(vec![Some(g.f_to_kind(master.kind())?), None])
+        }
+    }
+}
+
+/// `k` of a combine: the weight's second dimension (`[T, k]`), checked against the indices.
+fn combine_k(inputs: &[Tensor]) -> Result<i64> {
+    let slots = inputs[2].size()[0];
+    let rows = inputs[3].size()[0];
+    if rows != slots || slots == 0 {
+        bail!("combine: {rows} expert rows for {slots} slots");
+    }
+    let w = &inputs[1];
+    match w.size().as_slice() {
+        [_, k] => Ok(*k),
+        _ => bail!("combine: weight must be [T, k]"),
+    }
+}
+
+unsafe extern "C" fn fused_callback(
+    op: i64,
+    phase: c_int,
+    inputs: *mut *mut c_void,
+    n_in: c_int,
+    outputs: *mut *mut c_void,
+    n_out: c_int,
+) -> c_int {
+    // SAFETY: the shim calls this with its callback contract, which `callback_body` needs.
+    unsafe {
+        callback_body(op, phase, inputs, n_in, outputs, n_out, |op, phase, ins| {
+            run_op(FusedOp::from_code(op)?, phase, ins)
+        })
+    }
+}
+
+fn apply_fused(op: FusedOp, inputs: Vec<Tensor>) -> Result<Tensor> {
+    apply(fused_callback, op.code(), inputs)
+}
+
+/// Gathers `x` (`[T, d]`) into expert order (`[N, d]`; rows with `row_slot < 0` are zero),
+/// differentiable in `x` with a gather-sum backward (no atomics).
+pub fn dispatch_op(x: &Tensor, row_slot: &Tensor, slot_row: &Tensor, k: i64) -> Result<Tensor> {
+    apply_fused(
+        FusedOp::Dispatch { k },
+        vec![
+            x.shallow_clone(),
+            row_slot.shallow_clone(),
+            slot_row.shallow_clone(),
+        ],
+    )
+    .context("fused dispatch")
+}
+
+/// `silu(h1) · h3` in one pass, differentiable in both with a one-pass backward.
+pub fn swiglu_op(h1: &Tensor, h3: &Tensor) -> Result<Tensor> {
+    apply_fused(
+        FusedOp::Swiglu,
+        vec![h1.shallow_clone(), h3.shallow_clone()],
+    )
+    .context("fused swiglu")
+}
+
+/// `act(h[r] + bias[row_expert[r]])` over rows in expert order (zero rows for dropped slots,
+/// whose `h` rows are not used), differentiable in `h` and `bias` (`[E, d]`, `h`'s dtype):
+/// one pass forward, one pass plus per-expert column sums (no atomics) backward.
+pub fn bias_act_op(
+    h: &Tensor,
+    bias: &Tensor,
+    row_expert: &Tensor,
+    act: EpilogueAct,
+) -> Result<Tensor> {
+    apply_fused(
+        FusedOp::BiasAct(act),
+        vec![
+            h.shallow_clone(),
+            bias.shallow_clone(),
+            row_expert.shallow_clone(),
+        ],
+    )
+    .context("fused bias epilogue")
+}
+
+/// Per-row cross-entropy `logsumexp(logits[r]) - logits[r, target[r]]` (`[N]` f32; 0 where the
+/// target is outside `[0, V)`) of `logits` `[N, V]` (bf16 or f32, on a GPU, rows of a multiple
+/// of 16 bytes) against `target` `[N]`, differentiable in `logits`: one pass over the logits
+/// forward and one backward, in their own dtype, instead of a conversion to f32, a
+/// log-softmax and its backward. `None` where the kernels do not apply.
+pub fn cross_entropy_rows(logits: &Tensor, target: &Tensor) -> Result<Option<Tensor>> {
+    if Elem::of(logits).is_none()
+        || logits.dim() != 2
+        || !logits.is_contiguous()
+        || logits.size()[1] >= i32::MAX as i64
+        || kernels_ready(device_index(logits)).is_err()
+    {
+        return Ok(None);
+    }
+    let rows = logits.size()[0];
+    let target = target.f_to_kind(Kind::Int64)?.f_contiguous()?;
+    if target.size() != [rows] {
+        bail!(
+            "cross-entropy: {rows} rows of logits, targets {:?}",
+            target.size()
+        );
+    }
+    let lse = Tensor::f_empty([rows], (Kind::Float, logits.device()))?;
+    Ok(Some(
+        apply_fused(
+            FusedOp::CrossEntropy,
+            vec![logits.shallow_clone(), target, lse],
+        )
+        .context("cross-entropy")?,
+    ))
+}
+
+/// `copy` (`master` already converted, not requiring grad) as a differentiable function of
+/// `master`: no work forward; backward, the gradient added into `master`'s `.grad` in one
+/// pass where that exists, else converted to `master`'s dtype for autograd to start it.
+pub fn cast_op(master: &Tensor, copy: &Tensor) -> Result<Tensor> {
+    apply_fused(
+        FusedOp::Cast,
+        vec![master.shallow_clone(), copy.shallow_clone()],
+    )
+    .context("cached cast")
+}
+
+/// `out[t] = Σ_j weight[t, j] · ys[slot_row[t·k+j]]` (`[T, d]`), differentiable in `ys` and
+/// `weight` (`[T, k]`, f32) with gather backwards (no atomics).
+pub fn combine_op(
+    ys: &Tensor,
+    weight: &Tensor,
+    slot_row: &Tensor,
+    row_slot: &Tensor,
+) -> Result<Tensor> {
+    apply_fused(
+        FusedOp::Combine,
+        vec![
+            ys.shallow_clone(),
+            weight.shallow_clone(),
+            slot_row.shallow_clone(),
+            row_slot.shallow_clone(),
+        ],
+    )
+    .context("fused combine")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_codes_round_trip() {
+        for op in [
+            FusedOp::Dispatch { k: 8 },
+            FusedOp::Combine,
+            FusedOp::Swiglu,
+            FusedOp::BiasAct(EpilogueAct::None),
+            FusedOp::BiasAct(EpilogueAct::Gelu),
+            FusedOp::BiasAct(EpilogueAct::Relu),
+            FusedOp::Cast,
+            FusedOp::CrossEntropy,
+        ] {
+            assert_eq!(FusedOp::from_code(op.code()).unwrap(), op);
+        }
+        assert!(FusedOp::from_code(99).is_err());
+    }
+}

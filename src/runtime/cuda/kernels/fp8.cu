@@ -1,0 +1,293 @@
+// FP8 (e4m3) operands of the scaled matmuls, with dynamic scales computed from the tensor
+// itself: q = satfinite_e4m3(x * inv) and scale = 1 / inv (what the matmul multiplies back),
+// where inv = 448 / max(amax, FP8_EPS) over the scaling group (a row, or a column of one
+// expert's rows). All-zero groups get the floor, so no scale is 0, Inf or NaN; a group whose
+// amax is not finite (the input overflowed) raises *overflow. Every division and product is
+// IEEE-rounded (no fast-math approximation), so the libtorch reference computes the same bits.
+// Needs the FP8 conversion instructions of compute capability 8.9 and later.
+#if __CUDA_ARCH__ >= 890
+
+#define FP8_MAX 448.0f
+#define FP8_EPS 1e-12f
+
+__device__ __forceinline__ float fp8_floor(float amax) { return fmaxf(amax, FP8_EPS); }
+__device__ __forceinline__ float fp8_inv(float amax) { return __fdiv_rn(FP8_MAX, fp8_floor(amax)); }
+__device__ __forceinline__ float fp8_scale(float amax) { return __fdiv_rn(fp8_floor(amax), FP8_MAX); }
+
+// two values into two e4m3 bytes, x0 in the low byte (round to nearest even, saturating)
+__device__ __forceinline__ unsigned short e4m3x2(float x0, float x1) {
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(x1), "f"(x0));
+  return r;
+}
+
+// The Vec<T>::N values of one 16-byte load, scaled and packed: 8 bytes for bf16, 4 for f32.
+template <typename T> struct Packed;
+template <> struct Packed<bf16_t> {
+  typedef uint2 type;
+  static __device__ __forceinline__ uint2 pack(const float* v, float inv) {
+    uint2 p;
+    p.x = (unsigned)e4m3x2(__fmul_rn(v[0], inv), __fmul_rn(v[1], inv)) |
+          ((unsigned)e4m3x2(__fmul_rn(v[2], inv), __fmul_rn(v[3], inv)) << 16);
+    p.y = (unsigned)e4m3x2(__fmul_rn(v[4], inv), __fmul_rn(v[5], inv)) |
+          ((unsigned)e4m3x2(__fmul_rn(v[6], inv), __fmul_rn(v[7], inv)) << 16);
+    return p;
+  }
+};
+template <> struct Packed<float> {
+  typedef unsigned type;
+  static __device__ __forceinline__ unsigned pack(const float* v, float inv) {
+    return (unsigned)e4m3x2(__fmul_rn(v[0], inv), __fmul_rn(v[1], inv)) |
+           ((unsigned)e4m3x2(__fmul_rn(v[2], inv), __fmul_rn(v[3], inv)) << 16);
+  }
+};
+
+// max over the block of `v` (blockDim.x a multiple of 32, at most 1024); every thread gets it
+__device__ __forceinline__ float block_max(float v, float* part) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  float m = 0.0f;
+  for (int w = 0; w < nw; ++w) m = fmaxf(m, part[w]);
+  return m;
+}
+
+// Row-wise quantisation of `rows` rows of width d (d % VEC == 0), one block per row:
+// q[r] = e4m3(row * inv_r), scale[r] = 1 / inv_r. The row is read from src[r], or with
+// `row_slot`, gathered as the dispatch does: src[s / k] for s = row_slot[r] >= 0, else a
+// zero row; `copy` (if not null) receives the gathered row in T as well (the dispatch's
+// output). With `limit` (if not null, an int32 on the device), rows from *limit on are
+// outside every expert group: written as zeros with the floor's scale, never read (they
+// hold whatever the grouped matmul left there), and they raise no overflow. The row is read
+// twice (its amax, then the conversion; the second read mostly from L2): a variant keeping
+// rows in registers (256 threads, all loads in flight) measured slower on an H100
+// (BENCHMARKS.md, 2026-12-06).
+template <typename T>
+__device__ void quant_rows(const T* __restrict__ src, const long long* __restrict__ row_slot,
+                           int k, const int* __restrict__ limit, T* __restrict__ copy,
+                           unsigned char* __restrict__ q, float* __restrict__ scale,
+                           int* __restrict__ overflow, long long rows, int d) {
+  const int N = Vec<T>::N;
+  typedef typename Packed<T>::type P;
+  __shared__ float part[32];
+  const long long valid_rows = limit ? (long long)*limit : rows;
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* from = nullptr;
+    if (r < valid_rows) {
+      if (row_slot) {
+        const long long s = row_slot[r];
+        if (s >= 0) from = src + (s / k) * (long long)d;
+      } else {
+        from = src + r * (long long)d;
+      }
+    }
+    float amax = 0.0f;
+    if (from) {
+      for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+        float v[16 / sizeof(T)];
+        ldv(from + c, v);
+        bool bad = false;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          amax = fmaxf(amax, fabsf(v[i]));
+          bad |= !isfinite(v[i]);
+        }
+        // NaN is lost by fmaxf: a non-finite value makes the row's amax Inf (an overflow)
+        if (bad) amax = __int_as_float(0x7f800000);
+      }
+    }
+    amax = block_max(amax, part);
+    const float inv = fp8_inv(amax);
+    if (threadIdx.x == 0) {
+      scale[r] = fp8_scale(amax);
+      if (!isfinite(amax) && overflow) atomicAdd(overflow, 1);
+    }
+    for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+      float v[16 / sizeof(T)];
+      if (from) {
+        ldv(from + c, v);
+      } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) v[i] = 0.0f;
+      }
+      if (copy) stv(copy + r * (long long)d + c, v);
+      *reinterpret_cast<P*>(q + r * (long long)d + c) = Packed<T>::pack(v, inv);
+    }
+  }
+}
+
+// First row of group g (groups are consecutive row ranges ending at ends[g], int32).
+__device__ __forceinline__ long long group_start(const int* ends, int g) {
+  return g == 0 ? 0 : (long long)ends[g - 1];
+}
+
+// Column amax of each group's rows, as the int bits of the (non-negative) float in
+// amax[g * d + c] (zeroed by the caller; atomicMax on those bits orders them as the floats;
+// a NaN counts as Inf). Grid (row chunks of CHUNK rows, column chunks of 32 vectors): a block
+// walks the groups its rows meet and, per group, reduces its 8 row lanes in shared memory
+// and raises the group's column maxima once. 256 threads: 8 row lanes x 32 column lanes of
+// one 16-byte vector each, four rows in flight per thread.
+#define COL_CHUNK 512
+template <typename T>
+__device__ void col_amax(const T* __restrict__ x, const int* __restrict__ ends, int groups,
+                         int* __restrict__ amax, int d) {
+  const int N = Vec<T>::N;
+  __shared__ float part[8][32 * (16 / sizeof(T))];
+  const long long total = ends[groups - 1];
+  const long long r0 = (long long)blockIdx.x * COL_CHUNK;
+  const long long r1 = min(total, r0 + COL_CHUNK);
+  if (r0 >= r1) return;
+  const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
+  const int c = (blockIdx.y * 32 + lx) * N;
+  int g = 0, hi_g = groups;  // the group of row r0: first whose end is past it
+  while (g < hi_g) {
+    int mid = (g + hi_g) >> 1;
+    if ((long long)ends[mid] <= r0) g = mid + 1; else hi_g = mid;
+  }
+  for (; g < groups && group_start(ends, g) < r1; ++g) {
+    const long long lo = max(r0, group_start(ends, g)), hi = min(r1, (long long)ends[g]);
+    float m[16 / sizeof(T)];
+#pragma unroll
+    for (int j = 0; j < N; ++j) m[j] = 0.0f;
+    if (c < d) {
+      for (long long r = lo + ly; r < hi; r += 32) {
+        float v[4][16 / sizeof(T)];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          if (r + u * 8 < hi) {
+            ldv(x + (r + u * 8) * d + c, v[u]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < N; ++j) v[u][j] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int j = 0; j < N; ++j)
+            m[j] = isfinite(v[u][j]) ? fmaxf(m[j], fabsf(v[u][j])) : __int_as_float(0x7f800000);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; ++j) part[ly][lx * N + j] = m[j];
+    __syncthreads();
+    if (ly == 0 && c < d && hi > lo) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        float a = 0.0f;
+        for (int y = 0; y < 8; ++y) a = fmaxf(a, part[y][lx * N + j]);
+        atomicMax(amax + (long long)g * d + c + j, __float_as_int(a));
+      }
+    }
+  }
+}
+
+// From col_amax's maxima (int bits): inv[i] and scale[i] of each of the n scaling groups,
+// and *overflow raised where a maximum is not finite.
+extern "C" __global__ void fp8_scales_from_amax(const int* __restrict__ amax, float* __restrict__ inv,
+                                                float* __restrict__ scale, int* __restrict__ overflow,
+                                                long long n) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const float a = __int_as_float(amax[i]);
+    inv[i] = fp8_inv(a);
+    scale[i] = fp8_scale(a);
+    if (!isfinite(a) && overflow) atomicAdd(overflow, 1);
+  }
+}
+
+// The transposed FP8 copy with per-group column scales (`inv`, [groups, d], from col_amax):
+// out[c, j] for the output positions j of group g, which hold the group's rows in order and
+// then zeros up to the group's padded length (pad_ends, int32 cumulative, multiples of 4).
+// Output address: g * group_stride + c * col_stride + (base ? pad_start(g) : 0) + (j -
+// pad_start(g)); so one [d, P] matrix of all groups side by side (group_stride 0, col_stride P,
+// base 1: the weight gradient's operands) or [groups, d, len] stacked (the weights' forward
+// operand: group_stride d * len, col_stride len, base 0). Positions past the last group (up to
+// `positions`) are zeros. Tiles of 64 positions x 64 columns through shared memory, 256
+// threads; each thread stores 4 bytes (4 positions of one column).
+template <typename T>
+__device__ void quant_transpose(const T* __restrict__ x, const int* __restrict__ ends,
+                                const int* __restrict__ pad_ends, int groups,
+                                const float* __restrict__ inv, unsigned char* __restrict__ out,
+                                long long positions, int d, long long group_stride,
+                                long long col_stride, int base) {
+  const int N = Vec<T>::N;
+  __shared__ float tile[64][65];
+  __shared__ int tile_group[64];
+  __shared__ long long tile_row[64];
+  const long long j0 = (long long)blockIdx.x * 64;
+  const int c0 = blockIdx.y * 64;
+  // which group and source row each position of the tile holds (-1: a zero)
+  if (threadIdx.x < 64) {
+    const long long j = j0 + threadIdx.x;
+    int lo = 0, hi = groups;  // first group whose padded end is past j
+    while (lo < hi) {
+      int mid = (lo + hi) >> 1;
+      if ((long long)pad_ends[mid] <= j) lo = mid + 1; else hi = mid;
+    }
+    long long row = -1;
+    if (j < positions && lo < groups) {
+      const long long pstart = lo == 0 ? 0 : (long long)pad_ends[lo - 1];
+      const long long r = group_start(ends, lo) + (j - pstart);
+      if (r < (long long)ends[lo]) row = r;
+    }
+    tile_group[threadIdx.x] = lo;
+    tile_row[threadIdx.x] = row;
+  }
+  __syncthreads();
+  // load: 64 rows of 64 columns, 64 / N threads per row
+  const int per_row = 64 / N;
+  for (int i = threadIdx.x; i < 64 * per_row; i += blockDim.x) {
+    const int jr = i / per_row, cc = (i % per_row) * N;
+    const long long row = tile_row[jr];
+    float v[16 / sizeof(T)];
+    if (row >= 0 && c0 + cc < d) {
+      ldv(x + row * d + c0 + cc, v);
+    } else {
+#pragma unroll
+      for (int u = 0; u < N; ++u) v[u] = 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < N; ++u) tile[jr][cc + u] = v[u];
+  }
+  __syncthreads();
+  // store: 64 columns of 16 four-byte words
+  for (int i = threadIdx.x; i < 64 * 16; i += blockDim.x) {
+    const int cc = i >> 4, jj = (i & 15) * 4;
+    const int c = c0 + cc;
+    const long long j = j0 + jj;
+    if (c >= d || j >= positions) continue;
+    const int g = tile_group[jj];
+    unsigned word = 0;
+    if (g < groups) {
+      const float s = inv[(long long)g * d + c];
+      word = (unsigned)e4m3x2(__fmul_rn(tile[jj][cc], s), __fmul_rn(tile[jj + 1][cc], s)) |
+             ((unsigned)e4m3x2(__fmul_rn(tile[jj + 2][cc], s), __fmul_rn(tile[jj + 3][cc], s)) << 16);
+    }
+    const long long pstart = (g < groups && g > 0) ? (long long)pad_ends[g - 1] : 0;
+    const long long at = g < groups
+        ? (long long)g * group_stride + (long long)c * col_stride + (base ? pstart : 0) + (j - pstart)
+        : (long long)c * col_stride + j;
+    *reinterpret_cast<unsigned*>(out + at) = word;
+  }
+}
+
+#define FP8_INSTANCES(T, NAME) \
+extern "C" __global__ void fp8_quant_rows_##NAME(const T* src, const long long* row_slot, int k, \
+    const int* limit, T* copy, unsigned char* q, float* scale, int* overflow, long long rows, int d) { \
+    quant_rows<T>(src, row_slot, k, limit, copy, q, scale, overflow, rows, d); } \
+extern "C" __global__ void fp8_col_amax_##NAME(const T* x, const int* ends, int groups, \
+    int* amax, int d) { col_amax<T>(x, ends, groups, amax, d); } \
+extern "C" __global__ void fp8_quant_transpose_##NAME(const T* x, const int* ends, \
+    const int* pad_ends, int groups, const float* inv, unsigned char* out, long long positions, \
+    int d, long long group_stride, long long col_stride, int base) { \
+    quant_transpose<T>(x, ends, pad_ends, groups, inv, out, positions, d, group_stride, \
+                       col_stride, base); }
+FP8_INSTANCES(bf16_t, bf16)
+FP8_INSTANCES(float, f32)
+
+#endif

@@ -1,0 +1,43 @@
+// SwiGLU's silu(a) * b, forward and backward, one pass each.
+
+template <typename T>
+__device__ void swiglu_fwd(const T* a, const T* b, T* out, long long n) {
+  const int N = Vec<T>::N;
+  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N; i < n;
+       i += (long long)gridDim.x * blockDim.x * N) {
+    float x[16 / sizeof(T)], y[16 / sizeof(T)];
+    ldv(a + i, x);
+    ldv(b + i, y);
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = x[j] / (1.0f + __expf(-x[j])) * y[j];
+    stv(out + i, x);
+  }
+}
+template <typename T>
+__device__ void swiglu_bwd(const T* a, const T* b, const T* g, T* ga, T* gb, long long n) {
+  const int N = Vec<T>::N;
+  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N; i < n;
+       i += (long long)gridDim.x * blockDim.x * N) {
+    float x[16 / sizeof(T)], y[16 / sizeof(T)], z[16 / sizeof(T)], da[16 / sizeof(T)], db[16 / sizeof(T)];
+    ldv(a + i, x);
+    ldv(b + i, y);
+    ldv(g + i, z);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float s = 1.0f / (1.0f + __expf(-x[j]));
+      float silu = x[j] * s;
+      db[j] = z[j] * silu;
+      da[j] = z[j] * y[j] * s * (1.0f + x[j] * (1.0f - s));
+    }
+    stv(ga + i, da);
+    stv(gb + i, db);
+  }
+}
+
+#define SWIGLU_INSTANCES(T, NAME) \
+extern "C" __global__ void swiglu_fwd_##NAME(const T* a, const T* b, T* out, long long n) { \
+    swiglu_fwd<T>(a, b, out, n); } \
+extern "C" __global__ void swiglu_bwd_##NAME(const T* a, const T* b, const T* g, T* ga, T* gb, \
+    long long n) { swiglu_bwd<T>(a, b, g, ga, gb, n); }
+SWIGLU_INSTANCES(bf16_t, bf16)
+SWIGLU_INSTANCES(float, f32)

@@ -1,0 +1,560 @@
+//! FP8 (e4m3) operands for the scaled matmuls, with dynamic scales computed from the tensor
+//! itself (no amax history): each scaling group (a row, or a column of one group of rows)
+//! gets `inv = 448 / max(amax, 1e-12)`, its values become `e4m3(x · inv)` (saturating) and
+//! the matmul multiplies back by `scale = max(amax, 1e-12) / 448`. All-zero groups (dropped
+//! slots, empty experts) get the floor, so no scale is 0, Inf or NaN; a group whose amax is
+//! not finite counts into an overflow counter (an int32 on the device) that the caller reads
+//! once per step.
+//!
+//! Three layouts, one pass each over the input (the column scales read it once more):
+//! - [`quant_rows`]: row-wise, `[R, C]` → `[R, C]` with `[R]` scales (the left operand of
+//!   every matmul; a weight's input-gradient operand), optionally gathering the rows as the
+//!   dispatch does ([`gather_quant_rows`]: the dispatch's gather and the quantisation in
+//!   one pass, which writes both copies);
+//! - [`quant_transposed`] side by side: rows in groups (experts) → `[C, P]`, each group's
+//!   rows padded to a multiple of 16 positions, with `[G·C]` per-group column scales (the
+//!   weight gradient's operands, whose contraction runs over the tokens);
+//! - [`quant_transposed`] stacked: `G` equal groups (an expert's weight) → `[G, C, len]` with
+//!   `[G, C]` scales (a weight's forward operand, as the matmul wants it column-major).
+//!
+//! Each function runs its kernels on a GPU of compute capability 8.9 or later (bf16 or f32
+//! input, rows of a multiple of 16 bytes) and otherwise the same function in libtorch ops,
+//! which compute the same bits (the kernels round every product and division as IEEE f32
+//! does): the CPU reference mode of `precision = fp8`, and the check of the kernels.
+//!
+//! Knows the scaling recipe and the layouts the scaled matmuls want, not the layer.
+
+use std::ffi::c_int;
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::kernels::{self, device_index, launch, ptr, Arg, Elem, Grid, Kernel};
+
+/// The largest finite e4m3 value.
+pub const FP8_MAX: f64 = 448.0;
+/// The floor on a scaling group's amax.
+pub const FP8_EPS: f64 = 1e-12;
+
+/// An FP8 operand: e4m3 values and the f32 scales that multiply them back.
+pub struct Fp8 {
+    pub q: Tensor,
+    pub scale: Tensor,
+}
+
+impl Fp8 {
+    pub fn shallow_clone(&self) -> Fp8 {
+        Fp8 {
+            q: self.q.shallow_clone(),
+            scale: self.scale.shallow_clone(),
+        }
+    }
+
+    /// The values times their scales, in f32 (`scale_of_row` broadcasts the scales along
+    /// the rows of `q` as they were quantised).
+    pub fn dequantize_rows(&self) -> Result<Tensor> {
+        Ok(self
+            .q
+            .f_to_kind(Kind::Float)?
+            .f_mul(&self.scale.f_unsqueeze(-1)?)?)
+    }
+}
+
+/// Whether the FP8 kernels run on `t`'s device for `t` (its type and row width), unless
+/// `FMOEC_FP8_KERNELS=0` (the libtorch ops run instead).
+pub fn kernels_apply(t: &Tensor) -> bool {
+    let Some(_) = Elem::of(t) else {
+        return false;
+    };
+    if std::env::var("FMOEC_FP8_KERNELS").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    kernels::capability(device_index(t)).is_ok_and(|c| c >= 89)
+}
+
+fn e4m3() -> Kind {
+    Kind::Float8e4m3fn
+}
+
+/// `e4m3(x · inv)` with saturation, in libtorch ops (the kernels' function).
+fn to_e4m3(x: &Tensor, inv: &Tensor) -> Result<Tensor> {
+    Ok(x.f_mul(inv)?
+        .f_clamp(-FP8_MAX, FP8_MAX)?
+        .f_to_kind(e4m3())?)
+}
+
+/// `(inv, scale)` of maxima `amax` (f32; NaN counts as Inf), and the number of non-finite
+/// maxima added into `overflow`.
+fn scales_of(amax: &Tensor, overflow: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    let finite = amax.f_isfinite()?;
+    if let Some(o) = overflow {
+        let bad = finite
+            .f_logical_not()?
+            .f_sum(Kind::Int)?
+            .f_to_device(o.device())?;
+        let _ = o.shallow_clone().f_add_(&bad)?;
+    }
+    let amax = amax.f_where_scalarother(&finite, f64::INFINITY)?;
+    let floor = amax.f_clamp_min(FP8_EPS)?;
+    // tensor by tensor, so each is one IEEE division as the kernels' __fdiv_rn (a division
+    // by a scalar may run as a product with its reciprocal)
+    let max = floor.f_full_like(FP8_MAX)?;
+    let inv = max.f_div(&floor)?;
+    let scale = floor.f_div(&max)?;
+    Ok((inv, scale))
+}
+
+/// `|x|` in f32 with NaN as Inf (an overflow either way).
+fn abs_f32(x: &Tensor) -> Result<Tensor> {
+    let a = x.f_to_kind(Kind::Float)?.f_abs()?;
+    Ok(a.f_where_scalarother(&a.f_isnan()?.f_logical_not()?, f64::INFINITY)?)
+}
+
+/// Row-wise quantisation of `x` (`[R, C]`): `[R, C]` e4m3 and `[R]` scales. With `limit`
+/// (an int32 scalar on `x`'s device: the first row past every expert group), the rows from
+/// there on are taken as zeros (they hold what the grouped matmul left) and raise no
+/// overflow. Non-finite rows count into `overflow`.
+pub fn quant_rows(x: &Tensor, limit: Option<&Tensor>, overflow: Option<&Tensor>) -> Result<Fp8> {
+    let (rows, cols) = x.size2()?;
+    let out = Fp8 {
+        q: Tensor::f_empty([rows, cols], (e4m3(), x.device()))?,
+        scale: Tensor::f_empty([rows], (Kind::Float, x.device()))?,
+    };
+    quant_rows_into(x, limit, overflow, &out)?;
+    Ok(out)
+}
+
+/// [`quant_rows`] into `out` (of the right shapes), in place: a cached weight copy keeps its
+/// memory from step to step.
+pub fn quant_rows_into(
+    x: &Tensor,
+    limit: Option<&Tensor>,
+    overflow: Option<&Tensor>,
+    out: &Fp8,
+) -> Result<()> {
+    let (rows, cols) = x.size2()?;
+    if out.q.size() != [rows, cols] || out.scale.size() != [rows] {
+        bail!("FP8 rows: output of the wrong shape");
+    }
+    if kernels_apply(x) && cols < i32::MAX as i64 {
+        let elem = Elem::of(x).expect("checked by kernels_apply");
+        let x = x.f_contiguous()?;
+        let limit = limit.map(|l| l.f_to_kind(Kind::Int)).transpose()?;
+        launch(
+            device_index(&x),
+            Kernel::Fp8QuantRows(elem),
+            Grid::linear(rows, 128),
+            &[
+                ptr(Some(&x)),
+                ptr(None),
+                Arg::I32(1),
+                ptr(limit.as_ref()),
+                ptr(None),
+                ptr(Some(&out.q)),
+                ptr(Some(&out.scale)),
+                ptr(overflow),
+                Arg::I64(rows),
+                Arg::I32(cols as c_int),
+            ],
+        )?;
+        return Ok(());
+    }
+    let mut xf = x.f_to_kind(Kind::Float)?;
+    if let Some(limit) = limit {
+        let keep = Tensor::f_arange(rows, (Kind::Int64, x.device()))?
+            .f_lt_tensor(&limit.f_to_kind(Kind::Int64)?)?
+            .f_unsqueeze(1)?;
+        xf = xf.f_where_self(&keep, &xf.f_zeros_like()?)?;
+    }
+    let amax = if cols == 0 {
+        Tensor::f_zeros([rows], (Kind::Float, x.device()))?
+    } else {
+        abs_f32(&xf)?.f_amax(&[1][..], false)?
+    };
+    let (inv, scale) = scales_of(&amax, overflow)?;
+    out.q
+        .shallow_clone()
+        .f_copy_(&to_e4m3(&xf, &inv.f_unsqueeze(1)?)?)?;
+    out.scale.shallow_clone().f_copy_(&scale)?;
+    Ok(())
+}
+
+/// The dispatch's gather and the row-wise quantisation in one pass: `xs[r] = x[s / k]` for
+/// `s = row_slot[r] ≥ 0` (zero rows elsewhere) in `x`'s type, and `xs` quantised row-wise.
+pub fn gather_quant_rows(
+    x: &Tensor,
+    row_slot: &Tensor,
+    k: i64,
+    overflow: Option<&Tensor>,
+) -> Result<(Tensor, Fp8)> {
+    let (_, d) = x.size2()?;
+    let rows = row_slot.size()[0];
+    if kernels_apply(x) && d < i32::MAX as i64 {
+        let elem = Elem::of(x).expect("checked by kernels_apply");
+        let x = x.f_contiguous()?;
+        let row_slot = row_slot.f_contiguous()?;
+        let xs = Tensor::f_empty([rows, d], (x.kind(), x.device()))?;
+        let out = Fp8 {
+            q: Tensor::f_empty([rows, d], (e4m3(), x.device()))?,
+            scale: Tensor::f_empty([rows], (Kind::Float, x.device()))?,
+        };
+        launch(
+            device_index(&x),
+            Kernel::Fp8QuantRows(elem),
+            Grid::linear(rows, 128),
+            &[
+                ptr(Some(&x)),
+                ptr(Some(&row_slot)),
+                Arg::I32(k as c_int),
+                ptr(None),
+                ptr(Some(&xs)),
+                ptr(Some(&out.q)),
+                ptr(Some(&out.scale)),
+                ptr(overflow),
+                Arg::I64(rows),
+                Arg::I32(d as c_int),
+            ],
+        )?;
+        return Ok((xs, out));
+    }
+    let xs = super::ops::gather_rows(x, row_slot, k, None)?;
+    let q = quant_rows(&xs, None, overflow)?;
+    Ok((xs, q))
+}
+
+/// Where [`quant_transposed`] puts each group's rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transposed {
+    /// `[C, positions]`: the groups side by side along the positions, each padded to a
+    /// multiple of 16 (`positions` at least `R + 15·G`, a multiple of 16); the scales
+    /// `[G·C]`, group-major. The weight gradient's operands.
+    SideBySide { positions: i64 },
+    /// `[G, C, len]`: `G` groups of `len` rows each (every group full), scales `[G, C]`. A
+    /// weight's forward operand.
+    Stacked { len: i64 },
+}
+
+/// The padded group ends of [`Transposed::SideBySide`] (int32 `[G]`, cumulative, each
+/// group's row count rounded up to a multiple of 16), from the group ends `ends`.
+pub fn padded_ends(ends: &Tensor) -> Result<Tensor> {
+    let ends = ends.f_to_kind(Kind::Int64)?;
+    let zero = Tensor::f_zeros([1], (Kind::Int64, ends.device()))?;
+    let counts = ends.f_diff(1, 0, Some(&zero), None::<&Tensor>)?;
+    let padded = counts
+        .f_add_scalar(15)?
+        .f_div_scalar_mode(16, "floor")?
+        .f_mul_scalar(16)?;
+    Ok(padded.f_cumsum(0, Kind::Int)?)
+}
+
+/// The positions [`Transposed::SideBySide`] needs for `rows` rows in `groups` groups.
+pub fn side_by_side_positions(rows: i64, groups: i64) -> i64 {
+    (rows + 15 * groups + 15) / 16 * 16
+}
+
+/// The transposed FP8 copy of `x` (`[R, C]`, rows in groups ending at `ends`, int32 `[G]`)
+/// with per-group column scales, laid out as `layout` says: `(copy, scales, padded ends)`
+/// (the padded ends for [`Transposed::SideBySide`], else `ends`). Rows past the last group
+/// are not read. Non-finite columns count into `overflow`.
+pub fn quant_transposed(
+    x: &Tensor,
+    ends: &Tensor,
+    layout: Transposed,
+    overflow: Option<&Tensor>,
+) -> Result<(Fp8, Tensor)> {
+    let (_, cols) = x.size2()?;
+    let groups = ends.size()[0];
+    let device = x.device();
+    let (shape, scale_shape, pad_ends): (Vec<i64>, Vec<i64>, Tensor) = match layout {
+        Transposed::SideBySide { positions } => (
+            vec![cols, positions],
+            vec![groups * cols],
+            padded_ends(ends)?,
+        ),
+        Transposed::Stacked { len } => (
+            vec![groups, cols, len],
+            vec![groups, cols],
+            ends.f_to_kind(Kind::Int)?,
+        ),
+    };
+    let out = Fp8 {
+        q: Tensor::f_empty(shape.as_slice(), (e4m3(), device))?,
+        scale: Tensor::f_empty(scale_shape.as_slice(), (Kind::Float, device))?,
+    };
+    quant_transposed_into(x, ends, &pad_ends, layout, overflow, &out)?;
+    Ok((out, pad_ends))
+}
+
+/// [`quant_transposed`] into `out` (of the right shapes) with the padded ends given, in
+/// place.
+pub fn quant_transposed_into(
+    x: &Tensor,
+    ends: &Tensor,
+    pad_ends: &Tensor,
+    layout: Transposed,
+    overflow: Option<&Tensor>,
+    out: &Fp8,
+) -> Result<()> {
+    let (rows, cols) = x.size2()?;
+    let groups = ends.size()[0];
+    if groups == 0 {
+        bail!("FP8 transposed copy: no groups");
+    }
+    let device = x.device();
+    let ends32 = ends.f_to_kind(Kind::Int)?.f_contiguous()?;
+    let pad32 = pad_ends.f_to_kind(Kind::Int)?.f_contiguous()?;
+    let (positions, group_stride, col_stride, base) = match layout {
+        Transposed::SideBySide { positions } => (positions, 0, positions, 1),
+        Transposed::Stacked { len } => (groups * len, cols * len, len, 0),
+    };
+    if kernels_apply(x) && cols < i32::MAX as i64 {
+        let elem = Elem::of(x).expect("checked by kernels_apply");
+        let x = x.f_contiguous()?;
+        let di = device_index(&x);
+        let amax = Tensor::f_zeros([groups * cols], (Kind::Int, device))?;
+        let col_chunks = (cols / elem.per_vector() + 31) / 32;
+        launch(
+            di,
+            Kernel::Fp8ColAmax(elem),
+            Grid {
+                blocks: (rows + 511) / 512,
+                blocks_y: col_chunks as u32,
+                threads: 256,
+                shared_bytes: 0,
+            },
+            &[
+                ptr(Some(&x)),
+                ptr(Some(&ends32)),
+                Arg::I32(groups as c_int),
+                ptr(Some(&amax)),
+                Arg::I32(cols as c_int),
+            ],
+        )?;
+        let inv = Tensor::f_empty([groups * cols], (Kind::Float, device))?;
+        let n = groups * cols;
+        launch(
+            di,
+            Kernel::Fp8ScalesFromAmax,
+            Grid::linear(((n + 255) / 256).min(4096), 256),
+            &[
+                ptr(Some(&amax)),
+                ptr(Some(&inv)),
+                ptr(Some(&out.scale)),
+                ptr(overflow),
+                Arg::I64(n),
+            ],
+        )?;
+        launch(
+            di,
+            Kernel::Fp8QuantTranspose(elem),
+            Grid {
+                blocks: (positions + 63) / 64,
+                blocks_y: ((cols + 63) / 64) as u32,
+                threads: 256,
+                shared_bytes: 0,
+            },
+            &[
+                ptr(Some(&x)),
+                ptr(Some(&ends32)),
+                ptr(Some(&pad32)),
+                Arg::I32(groups as c_int),
+                ptr(Some(&inv)),
+                ptr(Some(&out.q)),
+                Arg::I64(positions),
+                Arg::I32(cols as c_int),
+                Arg::I64(group_stride),
+                Arg::I64(col_stride),
+                Arg::I32(base),
+            ],
+        )?;
+        return Ok(());
+    }
+    // libtorch: each row's group, its column maxima per group, then the rows scaled by their
+    // group's column scales and placed at their positions
+    let ends64 = ends.f_to_kind(Kind::Int64)?;
+    let row = Tensor::f_arange(rows, (Kind::Int64, device))?;
+    // the first group whose end is past the row
+    let group = row.f_searchsorted(&ends64, false, true, "right", None::<Tensor>)?;
+    let kept = group.f_lt(groups)?;
+    let g = group.f_clamp_max(groups - 1)?;
+    let xf = x.f_to_kind(Kind::Float)?;
+    let absx = abs_f32(&xf)?.f_where_self(&kept.f_unsqueeze(1)?, &xf.f_zeros_like()?)?;
+    let amax = Tensor::f_zeros([groups, cols], (Kind::Float, device))?
+        .f_index_reduce(0, &g, &absx, "amax", true)?;
+    let (inv, scale) = scales_of(&amax.f_reshape([-1])?, overflow)?;
+    out.scale
+        .shallow_clone()
+        .f_copy_(&scale.f_reshape(out.scale.size())?)?;
+    let inv = inv.f_reshape([groups, cols])?;
+    let scaled = to_e4m3(&xf, &inv.f_index_select(0, &g)?)?.f_to_kind(Kind::Float)?;
+    match layout {
+        Transposed::SideBySide { positions } => {
+            let zero = Tensor::f_zeros([1], (Kind::Int64, device))?;
+            let starts = ends64.f_diff(1, 0, Some(&zero), None::<&Tensor>)?;
+            let starts = ends64.f_sub(&starts)?;
+            let pad64 = pad_ends.f_to_kind(Kind::Int64)?;
+            let pad_counts = pad64.f_diff(1, 0, Some(&zero), None::<&Tensor>)?;
+            let pad_starts = pad64.f_sub(&pad_counts)?;
+            let at = row
+                .f_sub(&starts.f_index_select(0, &g)?)?
+                .f_add(&pad_starts.f_index_select(0, &g)?)?;
+            // rows past the last group go to a scratch position dropped below
+            let at = at.f_where_scalarother(&kept, positions)?;
+            let full = Tensor::f_zeros([cols, positions + 1], (Kind::Float, device))?
+                .f_index_copy(1, &at, &scaled.f_transpose(0, 1)?)?;
+            out.q
+                .shallow_clone()
+                .f_copy_(&full.f_narrow(1, 0, positions)?.f_to_kind(e4m3())?)?;
+        }
+        Transposed::Stacked { len } => {
+            if rows != groups * len {
+                bail!("FP8 stacked copy: {rows} rows for {groups} groups of {len}");
+            }
+            let t = scaled
+                .f_reshape([groups, len, cols])?
+                .f_transpose(1, 2)?
+                .f_to_kind(e4m3())?;
+            out.q.shallow_clone().f_copy_(&t)?;
+        }
+    }
+    Ok(())
+}
+
+/// A defined int32 scalar counter on `device` for [`quant_rows`] and friends.
+pub fn overflow_counter(device: Device) -> Result<Tensor> {
+    Ok(Tensor::f_zeros([1], (Kind::Int, device))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(rows: &[&[f32]]) -> Tensor {
+        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_slice(&flat).reshape([rows.len() as i64, rows[0].len() as i64])
+    }
+
+    fn values(x: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(x.to_kind(Kind::Float).reshape([-1])).unwrap()
+    }
+
+    /// Row-wise: each row's scale is its amax / 448 (computed from the tensor now, so it
+    /// follows the values), its largest element becomes ±448, an all-zero row gets the
+    /// floor's scale and zeros (no 0, Inf or NaN scale), and the product back is within
+    /// e4m3's rounding (3 mantissa bits: half an ulp is 1/16 relative).
+    #[test]
+    fn row_scales_are_dynamic_with_a_floor() {
+        let x = t(&[
+            &[1.0, -2.0, 0.5, 0.25],
+            &[0.0, 0.0, 0.0, 0.0],
+            &[300.0, 1.0, -7.0, 2.0],
+        ]);
+        let q = quant_rows(&x, None, None).unwrap();
+        let s = values(&q.scale);
+        assert_eq!(s[0], 2.0 / 448.0);
+        assert_eq!(s[1], (FP8_EPS as f32) / (FP8_MAX as f32));
+        assert_eq!(s[2], 300.0 / 448.0);
+        let qv = values(&q.q);
+        assert_eq!(qv[1], -448.0);
+        assert_eq!(qv[8], 448.0);
+        assert!(qv[4..8].iter().all(|v| *v == 0.0));
+        let back = values(&q.dequantize_rows().unwrap());
+        for (b, x) in back.iter().zip(values(&x)) {
+            assert!((b - x).abs() <= x.abs() / 16.0 + 1e-6, "{b} for {x}");
+        }
+        // dynamic: doubling the tensor doubles the scales, not the values
+        let q2 = quant_rows(&x.f_mul_scalar(2.0).unwrap(), None, None).unwrap();
+        assert_eq!(values(&q2.q), qv);
+        assert_eq!(values(&q2.scale)[0], 4.0 / 448.0);
+    }
+
+    /// Rows from `limit` on (past every expert group) are zeros with the floor's scale even
+    /// when they hold NaN, and raise no overflow; an Inf or a NaN inside counts one per row.
+    #[test]
+    fn rows_past_the_limit_are_not_read_and_non_finite_rows_overflow() {
+        let x = t(&[
+            &[1.0, 2.0],
+            &[f32::INFINITY, 1.0],
+            &[f32::NAN, 1.0],
+            &[f32::NAN, f32::NAN],
+        ]);
+        let overflow = overflow_counter(Device::Cpu).unwrap();
+        let limit = Tensor::from_slice(&[3i32]);
+        let q = quant_rows(&x, Some(&limit), Some(&overflow)).unwrap();
+        assert_eq!(values(&overflow), [2.0]);
+        assert_eq!(values(&q.scale)[3], (FP8_EPS as f32) / (FP8_MAX as f32));
+        assert_eq!(&values(&q.q)[6..], [0.0, 0.0]);
+    }
+
+    /// The dispatch's gather: dropped slots (`-1`) are zero rows with finite scales.
+    #[test]
+    fn gathered_dropped_slots_are_zero_rows_with_finite_scales() {
+        let x = t(&[&[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]]);
+        let row_slot = Tensor::from_slice(&[3i64, -1, 0]);
+        let (xs, q) = gather_quant_rows(&x, &row_slot, 2, None).unwrap();
+        assert_eq!(
+            values(&xs),
+            [5.0, 6.0, 7.0, 8.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+        );
+        let s = values(&q.scale);
+        assert!(s.iter().all(|v| v.is_finite() && *v > 0.0), "{s:?}");
+        assert!(values(&q.q)[4..8].iter().all(|v| *v == 0.0));
+    }
+
+    /// The weight gradient's layout: `[C, P]`, each group's rows (here 3, 0 and 17 rows) at
+    /// its padded position (0, 16, 16: multiples of 16), zeros in the padding and past the
+    /// last group, scales per group and column (an empty group gets the floor).
+    #[test]
+    fn groups_side_by_side_are_padded_to_16_with_per_group_column_scales() {
+        let rows = 3 + 17 + 2;
+        let x = Tensor::arange(rows * 2, (Kind::Float, Device::Cpu))
+            .reshape([rows, 2])
+            .f_add_scalar(1.0)
+            .unwrap();
+        let ends = Tensor::from_slice(&[3i32, 3, 20]);
+        let positions = side_by_side_positions(rows, 3);
+        assert_eq!(positions, 80);
+        let (q, pad_ends) =
+            quant_transposed(&x, &ends, Transposed::SideBySide { positions }, None).unwrap();
+        assert_eq!(Vec::<i32>::try_from(&pad_ends).unwrap(), [16, 16, 48]);
+        assert_eq!(q.q.size(), [2, 80]);
+        let v = values(&q.q);
+        let s = values(&q.scale);
+        // group 0: rows 0..3, column 0 holds 1, 3, 5 (amax 5)
+        assert_eq!(s[0], 5.0 / 448.0);
+        let back = |j: usize, c: usize, g: usize| v[c * 80 + j] * s[g * 2 + c];
+        assert!((back(2, 0, 0) - 5.0).abs() < 1e-5);
+        assert!((back(0, 1, 0) - 2.0).abs() < 2.0 / 16.0);
+        assert!(v[3..16].iter().all(|x| *x == 0.0), "padding");
+        // the empty group: the floor
+        assert_eq!(s[2], (FP8_EPS as f32) / (FP8_MAX as f32));
+        // group 2: rows 3..20 at positions 16..33; amax of column 1 is x[19, 1] = 40
+        assert_eq!(s[5], 40.0 / 448.0);
+        assert!((back(16 + 16, 1, 2) - 40.0).abs() < 1e-4);
+        assert!(
+            v[33..80].iter().all(|x| *x == 0.0),
+            "padding and past the groups"
+        );
+    }
+
+    /// A weight's forward operand: `G` groups of `len` rows transposed to `[G, C, len]`, each
+    /// column of each group scaled by its own amax.
+    #[test]
+    fn stacked_copies_are_each_group_transposed() {
+        let w = Tensor::arange(2 * 3 * 4, (Kind::Float, Device::Cpu))
+            .reshape([6, 4])
+            .f_sub_scalar(5.0)
+            .unwrap();
+        let ends = Tensor::from_slice(&[3i32, 6]);
+        let (q, _) = quant_transposed(&w, &ends, Transposed::Stacked { len: 3 }, None).unwrap();
+        assert_eq!(q.q.size(), [2, 4, 3]);
+        assert_eq!(q.scale.size(), [2, 4]);
+        let back = q.dequantize_rows().unwrap();
+        let want = w.reshape([2, 3, 4]).transpose(1, 2);
+        let err = (back - &want).abs().max().double_value(&[]);
+        let top = want.abs().max().double_value(&[]);
+        assert!(err <= top / 16.0, "{err}");
+        // group 1, column 3: rows 3..6 hold 10, 14, 18: amax 18
+        assert_eq!(values(&q.scale)[7], 18.0 / 448.0);
+    }
+}

@@ -1,0 +1,1189 @@
+//! `precision = fp8`: the expert matmuls (and with `fp8_dense`, the attention projections,
+//! the dense MLPs and the LM head) with FP8 (e4m3) operands; bf16 everywhere else, f32
+//! master weights and optimizer state as with `precision = bf16`.
+//!
+//! The recipe (dynamic scaling, see [`crate::runtime::cuda::quant`] for the scales):
+//! - forward `y = x · W`: `x` row-wise, `W` per output column; `_scaled_grouped_mm` (experts,
+//!   `W` column-major: its transposed copy) or `_scaled_mm` (dense), bf16 out, fast
+//!   accumulation;
+//! - input gradient `gx = g · Wᵀ`: `g` row-wise, `W` per row (its own layout);
+//! - weight gradient `gW = xᵀ · g`: both transposed, scaled per column within each expert's
+//!   tokens (padded to multiples of 16 tokens, as the FP8 grouped matmul needs).
+//!
+//! Each weight's two FP8 copies are made once per training step ([`begin_step`] rewrites
+//! them in place from the masters, so a captured CUDA graph reads the new values; within
+//! the step every micro-batch's forward and backward use them); outside a step (eval) they
+//! are made at each use. The dispatch's gather writes the tokens' FP8 copy in the same pass
+//! ([`dispatch`]). A scale whose tensor held Inf or NaN counts into a per-device counter that
+//! the trainer reads once per step ([`take_overflow`]): such a step is refused, not trained on.
+//!
+//! On a GPU of compute capability 9.0 or later everything runs on the device; on the CPU only
+//! as an emulation for tests ([`Fp8Mode::Emulated`], `FMOEC_FP8_EMULATE=1`): the same FP8
+//! values and scales (the quantisation is computed with the same roundings), the products in
+//! f32 and rounded to bf16 as the device's are.
+//!
+//! Knows the matmuls' operand layouts and the step protocol; not the model around them.
+
+use anyhow::{bail, Result};
+use tch::Device;
+
+/// How the FP8 matmuls run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Mode {
+    /// On a GPU with FP8 tensor cores: `_scaled_grouped_mm` and `_scaled_mm`.
+    Device,
+    /// The CPU reference: FP8 rounding and scales as on the device, products in f32.
+    Emulated,
+}
+
+/// What runs in FP8 in a model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fp8Use {
+    /// The routed experts' matmuls (each MoE layer where FP8 pays, see [`pays_for_experts`]).
+    pub experts: bool,
+    /// The attention projections, the dense MLPs (and shared experts) and the LM head.
+    pub dense: bool,
+}
+
+/// Whether `precision = fp8` can run on `device`, and how; the error says why not.
+pub fn mode_for(device: Device) -> Result<Fp8Mode> {
+    match device {
+        Device::Cpu => {
+            if std::env::var("FMOEC_FP8_EMULATE").is_ok_and(|v| v == "1")
+                || EMULATE.with(|e| e.get())
+            {
+                Ok(Fp8Mode::Emulated)
+            } else {
+                bail!(
+                    "precision = fp8 runs on a GPU with FP8 tensor cores (Hopper, compute \
+                     capability 9.0, or newer); on the CPU it exists only as a slow emulation \
+                     for tests (FMOEC_FP8_EMULATE=1); use precision = bf16 or fp32 here"
+                )
+            }
+        }
+        Device::Cuda(n) => cuda_mode(n),
+        other => bail!("precision = fp8: device {other:?} is not supported"),
+    }
+}
+
+thread_local! {
+    static EMULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static EXPERTS_FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// On this thread, every MoE layer's experts in FP8 (`Some(true)`), none (`Some(false)`), or
+/// where it pays (`None`), as `FMOEC_FP8_EXPERTS=all|none` does for the process: for tests.
+pub fn force_experts_on_this_thread(all: Option<bool>) {
+    EXPERTS_FORCED.with(|f| f.set(all));
+}
+
+/// Lets this thread run `precision = fp8` on the CPU as the emulation (as
+/// `FMOEC_FP8_EMULATE=1` does for the process): for tests, which share their process.
+pub fn emulate_on_this_thread(on: bool) {
+    EMULATE.with(|e| e.set(on));
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_mode(n: usize) -> Result<Fp8Mode> {
+    let capability = crate::runtime::cuda::kernels::capability(n).map_err(|e| {
+        anyhow::anyhow!("precision = fp8 needs the FP8 kernels, which cannot run: {e:#}")
+    })?;
+    if capability < 90 {
+        bail!(
+            "precision = fp8 needs FP8 tensor cores with grouped FP8 matmuls (Hopper, compute \
+             capability 9.0, or newer); cuda:{n} has compute capability {}.{}: use precision = bf16",
+            capability / 10,
+            capability % 10
+        );
+    }
+    Ok(Fp8Mode::Device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_mode(_n: usize) -> Result<Fp8Mode> {
+    bail!("precision = fp8 needs a build with `--features cuda`")
+}
+
+/// Whether an MoE layer's experts take FP8 operands: where the planner estimates that FP8 is
+/// faster on `hardware` (the file's GPU) for these shapes
+/// ([`crate::plan::cost::fp8_pays_for_experts`]: narrow experts lose more to the
+/// quantisations than they gain); `FMOEC_FP8_EXPERTS=all` takes FP8 everywhere, `=none`
+/// nowhere.
+pub fn pays_for_experts(
+    hardware: &crate::check::Hardware,
+    width: i64,
+    hidden: i64,
+    act: crate::check::Activation,
+    rows: f64,
+    experts: i64,
+) -> bool {
+    match std::env::var("FMOEC_FP8_EXPERTS").as_deref() {
+        Ok("all") => return true,
+        Ok("none") => return false,
+        _ => {}
+    }
+    if let Some(all) = EXPERTS_FORCED.with(|f| f.get()) {
+        return all;
+    }
+    crate::plan::cost::fp8_pays_for_experts(
+        hardware,
+        width as u64,
+        hidden as u64,
+        act,
+        rows,
+        experts as u64,
+    )
+}
+
+#[cfg(feature = "cuda")]
+pub use ops::*;
+
+#[cfg(feature = "cuda")]
+mod ops {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::ffi::{c_int, c_void};
+
+    use anyhow::{bail, Context, Result};
+    use tch::{Device, Kind, Tensor};
+
+    use crate::runtime::cuda::autograd::{apply, callback_body, Phase};
+    use crate::runtime::cuda::ops::{gather_rows, sum_rows};
+    use crate::runtime::cuda::quant::{
+        gather_quant_rows, overflow_counter, quant_rows, quant_rows_into, quant_transposed,
+        quant_transposed_into, side_by_side_positions, Fp8, Transposed,
+    };
+
+    /// How a master weight holds the matmul's `W` (`[K, N]`: `x · W`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum WeightLayout {
+        /// `[E, K, N]`: stacked experts.
+        Experts,
+        /// `[K, N]`.
+        InOut,
+        /// `[N, K]`: `W` is the master transposed (the tied LM head, `x · embᵀ`).
+        OutIn,
+    }
+
+    /// A weight's two FP8 copies.
+    struct WeightCopies {
+        /// The master they are made from (a handle: it keeps the address unique too).
+        master: Tensor,
+        layout: WeightLayout,
+        /// The forward operand `[E, N, K]` (each output column's `K` values contiguous) with
+        /// `[E, N]` scales, as quantised (see [`WeightCopies::forward`]).
+        fwd: Fp8,
+        /// The input-gradient operand `[E, K, N]` with `[E, K]` scales, as quantised.
+        dgrad: Fp8,
+        /// The group ends the stacked copy was made with.
+        ends: Tensor,
+    }
+
+    /// `(E, K, N)` of a master in `layout`.
+    fn dims(master: &Tensor, layout: WeightLayout) -> Result<(i64, i64, i64)> {
+        Ok(match (layout, master.size().as_slice()) {
+            (WeightLayout::Experts, &[e, k, n]) => (e, k, n),
+            (WeightLayout::InOut, &[k, n]) => (1, k, n),
+            (WeightLayout::OutIn, &[n, k]) => (1, k, n),
+            (l, s) => bail!("FP8 weight: shape {s:?} is not {l:?}"),
+        })
+    }
+
+    impl WeightCopies {
+        fn new(master: &Tensor, layout: WeightLayout, overflow: Option<&Tensor>) -> Result<Self> {
+            let _guard = tch::no_grad_guard();
+            let (e, k, n) = dims(master, layout)?;
+            let device = master.device();
+            Ok(match layout {
+                WeightLayout::Experts | WeightLayout::InOut => {
+                    let rows = master.f_reshape([e * k, n])?;
+                    let ends = Tensor::f_arange_start_step(k, e * k + 1, k, (Kind::Int, device))?;
+                    let (fwd, _) =
+                        quant_transposed(&rows, &ends, Transposed::Stacked { len: k }, overflow)?;
+                    let dgrad = quant_rows(&rows, None, overflow)?;
+                    WeightCopies {
+                        master: master.shallow_clone(),
+                        layout,
+                        fwd,
+                        dgrad,
+                        ends,
+                    }
+                }
+                WeightLayout::OutIn => {
+                    let ends = Tensor::f_full([1], n, (Kind::Int, device))?;
+                    let fwd = quant_rows(master, None, overflow)?;
+                    let (dgrad, _) =
+                        quant_transposed(master, &ends, Transposed::Stacked { len: n }, overflow)?;
+                    WeightCopies {
+                        master: master.shallow_clone(),
+                        layout,
+                        fwd,
+                        dgrad,
+                        ends,
+                    }
+                }
+            })
+        }
+
+        /// Another handle on the same tensors.
+        fn shallow_clone(&self) -> WeightCopies {
+            WeightCopies {
+                master: self.master.shallow_clone(),
+                layout: self.layout,
+                fwd: self.fwd.shallow_clone(),
+                dgrad: self.dgrad.shallow_clone(),
+                ends: self.ends.shallow_clone(),
+            }
+        }
+
+        /// Rewrites both copies in place from the master.
+        fn refresh(&self, overflow: Option<&Tensor>) -> Result<()> {
+            let _guard = tch::no_grad_guard();
+            let (e, k, n) = dims(&self.master, self.layout)?;
+            match self.layout {
+                WeightLayout::Experts | WeightLayout::InOut => {
+                    let rows = self.master.f_reshape([e * k, n])?;
+                    quant_transposed_into(
+                        &rows,
+                        &self.ends,
+                        &self.ends,
+                        Transposed::Stacked { len: k },
+                        overflow,
+                        &self.fwd,
+                    )?;
+                    quant_rows_into(&rows, None, overflow, &self.dgrad)
+                }
+                WeightLayout::OutIn => {
+                    quant_rows_into(&self.master, None, overflow, &self.fwd)?;
+                    quant_transposed_into(
+                        &self.master,
+                        &self.ends,
+                        &self.ends,
+                        Transposed::Stacked { len: n },
+                        overflow,
+                        &self.dgrad,
+                    )
+                }
+            }
+        }
+
+        /// The forward operand: `[E, N, K]` e4m3 and `[E, N]` scales.
+        fn forward(&self) -> Result<Fp8> {
+            let (e, k, n) = dims(&self.master, self.layout)?;
+            Ok(Fp8 {
+                q: self.fwd.q.f_reshape([e, n, k])?,
+                scale: self.fwd.scale.f_reshape([e, n])?,
+            })
+        }
+
+        /// The input-gradient operand: `[E, K, N]` e4m3 and `[E, K]` scales.
+        fn dgrad(&self) -> Result<Fp8> {
+            let (e, k, n) = dims(&self.master, self.layout)?;
+            Ok(Fp8 {
+                q: self.dgrad.q.f_reshape([e, k, n])?,
+                scale: self.dgrad.scale.f_reshape([e, k])?,
+            })
+        }
+    }
+
+    type WeightKey = (usize, Vec<i64>, WeightLayout);
+
+    /// This thread's FP8 state (in-process ranks are threads, each with its own model).
+    #[derive(Default)]
+    struct State {
+        /// Within a training step: weight copies are cached.
+        in_step: bool,
+        weights: HashMap<WeightKey, WeightCopies>,
+        /// Per device: how many scaling groups had a non-finite amax (int32 `[1]`).
+        overflow: Vec<(Device, Tensor)>,
+        /// The dispatch's FP8 copy of its output `xs` (the tensor itself kept, so its
+        /// address stays unique while the copy is here), until the experts have run.
+        prequantized: Option<(Tensor, Fp8)>,
+    }
+
+    thread_local! {
+        static STATE: RefCell<State> = RefCell::new(State::default());
+    }
+
+    /// This thread's overflow counter on `device` (made on first use).
+    fn overflow(device: Device) -> Result<Tensor> {
+        STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            if let Some((_, t)) = s.overflow.iter().find(|(d, _)| *d == device) {
+                return Ok(t.shallow_clone());
+            }
+            let t = overflow_counter(device)?;
+            s.overflow.push((device, t.shallow_clone()));
+            Ok(t)
+        })
+    }
+
+    /// Starts a training step on this thread: every cached weight copy is rewritten in place
+    /// from its master (which the optimizer has changed), the overflow counters are zeroed,
+    /// and weights quantised from now on are cached until [`end_step`].
+    pub fn begin_step() -> Result<()> {
+        let devices: Vec<Device> = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            s.in_step = true;
+            s.weights.values().map(|w| w.master.device()).collect()
+        });
+        for d in devices {
+            let _ = overflow(d)?;
+        }
+        STATE.with(|s| -> Result<()> {
+            let s = s.borrow();
+            let _guard = tch::no_grad_guard();
+            for (_, counter) in &s.overflow {
+                let _ = counter.shallow_clone().f_zero_()?;
+            }
+            for w in s.weights.values() {
+                let o = s
+                    .overflow
+                    .iter()
+                    .find(|(d, _)| *d == w.master.device())
+                    .map(|(_, t)| t);
+                w.refresh(o)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Ends this thread's step (call before the masters change): the copies are kept but
+    /// not used until the next [`begin_step`] has refreshed them.
+    pub fn end_step() {
+        STATE.with(|s| s.borrow_mut().in_step = false);
+    }
+
+    /// Drops this thread's copies and counters.
+    pub fn clear() {
+        STATE.with(|s| *s.borrow_mut() = State::default());
+    }
+
+    /// How many scaling groups on `device` had a non-finite amax since the last call (or
+    /// [`begin_step`]), and zeroes the count. Reads the device (a host synchronisation).
+    pub fn take_overflow(device: Device) -> Result<i64> {
+        let counter = STATE.with(|s| {
+            s.borrow()
+                .overflow
+                .iter()
+                .find(|(d, _)| *d == device)
+                .map(|(_, t)| t.shallow_clone())
+        });
+        let Some(counter) = counter else {
+            return Ok(0);
+        };
+        let n = counter.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+        let _ = counter.shallow_clone().f_zero_()?;
+        Ok(n)
+    }
+
+    /// The FP8 copies of `master` (in `layout`): this step's, or made now outside a step.
+    fn weight_copies<R>(
+        master: &Tensor,
+        layout: WeightLayout,
+        f: impl FnOnce(&WeightCopies) -> Result<R>,
+    ) -> Result<R> {
+        let o = overflow(master.device())?;
+        let key = (master.data_ptr() as usize, master.size(), layout);
+        let cached = STATE.with(|s| {
+            let s = s.borrow();
+            match (s.in_step, s.weights.get(&key)) {
+                (true, Some(w)) => Some(w.shallow_clone()),
+                _ => None,
+            }
+        });
+        if let Some(w) = cached {
+            return f(&w);
+        }
+        let copies = WeightCopies::new(master, layout, Some(&o))?;
+        let in_step = STATE.with(|s| s.borrow().in_step);
+        if !in_step {
+            return f(&copies);
+        }
+        let r = f(&copies)?;
+        STATE.with(|s| s.borrow_mut().weights.insert(key, copies));
+        Ok(r)
+    }
+
+    /// The FP8 copy the dispatch made of `xs`, if it did.
+    fn prequantized(xs: &Tensor) -> Option<Fp8> {
+        STATE.with(|s| {
+            let s = s.borrow();
+            let (t, q) = s.prequantized.as_ref()?;
+            (t.data_ptr() == xs.data_ptr() && t.size() == xs.size() && t.stride() == xs.stride())
+                .then(|| q.shallow_clone())
+        })
+    }
+
+    /// Forgets the dispatch's FP8 copy (the experts have run).
+    pub fn forget_prequantized() {
+        STATE.with(|s| s.borrow_mut().prequantized = None);
+    }
+
+    /// Fast accumulation in the forward matmuls (the backward's always accumulate
+    /// precisely); `FMOEC_FP8_FAST_ACCUM=0` turns it off.
+    fn fast_forward() -> bool {
+        !std::env::var("FMOEC_FP8_FAST_ACCUM").is_ok_and(|v| v == "0")
+    }
+
+    /// `out[rows of group g] = a · b[g]` (`a` row-wise `[M, K]`, `b` the forward-layout
+    /// operand `[E, N, K]` with `[E, N]` scales), bf16 `[M, N]`; rows past the last group are
+    /// left as the matmul leaves them.
+    fn grouped(a: &Fp8, b: &Fp8, ends: &Tensor, fast: bool) -> Result<Tensor> {
+        if a.q.device().is_cuda() {
+            return Ok(a.q.f_internal_scaled_grouped_mm(
+                &b.q.f_transpose(1, 2)?,
+                &a.scale,
+                &b.scale,
+                Some(ends),
+                None,
+                None,
+                Kind::BFloat16,
+                fast,
+            )?);
+        }
+        let a32 = a.dequantize_rows()?;
+        let b32 = b.dequantize_rows()?.f_transpose(1, 2)?;
+        Ok(a32
+            .f_internal_grouped_mm(&b32, Some(ends), None::<&Tensor>, None::<Kind>)?
+            .f_to_kind(Kind::BFloat16)?)
+    }
+
+    /// `gW[g] = aᵀ_g · b_g` over the positions of group g: `at` `[K, P]` and `bt` `[N, P]`
+    /// side by side with `[G·K]` / `[G·N]` scales, groups ending at `pad_ends`; bf16
+    /// `[G, K, N]`.
+    fn grouped_weight_grad(at: &Fp8, bt: &Fp8, pad_ends: &Tensor) -> Result<Tensor> {
+        if at.q.device().is_cuda() {
+            return Ok(at.q.f_internal_scaled_grouped_mm(
+                &bt.q.f_transpose(0, 1)?,
+                &at.scale,
+                &bt.scale,
+                Some(pad_ends),
+                None,
+                None,
+                Kind::BFloat16,
+                false,
+            )?);
+        }
+        let groups = pad_ends.size()[0];
+        let (k, p) = at.q.size2()?;
+        let n = bt.q.size()[0];
+        let positions = Tensor::f_arange(p, (Kind::Int64, at.q.device()))?;
+        let group = positions
+            .f_searchsorted(
+                &pad_ends.f_to_kind(Kind::Int64)?,
+                false,
+                true,
+                "right",
+                None::<Tensor>,
+            )?
+            .f_clamp_max(groups - 1)?;
+        let scale_of = |t: &Fp8, rows: i64| -> Result<Tensor> {
+            // [rows, P]: the scale of each row in each position's group
+            Ok(t.scale
+                .f_reshape([groups, rows])?
+                .f_index_select(0, &group)?
+                .f_transpose(0, 1)?)
+        };
+        let a32 = at.q.f_to_kind(Kind::Float)?.f_mul(&scale_of(at, k)?)?;
+        let b32 = bt.q.f_to_kind(Kind::Float)?.f_mul(&scale_of(bt, n)?)?;
+        Ok(a32
+            .f_internal_grouped_mm(
+                &b32.f_transpose(0, 1)?,
+                Some(pad_ends),
+                None::<&Tensor>,
+                None::<Kind>,
+            )?
+            .f_to_kind(Kind::BFloat16)?)
+    }
+
+    /// `a · bᵀ` of two row-wise FP8 operands (`a` `[M, K]`, `b` `[N, K]`), bf16 `[M, N]`.
+    fn dense(a: &Fp8, b: &Fp8, fast: bool) -> Result<Tensor> {
+        let (m, _) = a.q.size2()?;
+        let (n, _) = b.q.size2()?;
+        if a.q.device().is_cuda() {
+            return Ok(a.q.f_internal_scaled_mm(
+                &b.q.f_transpose(0, 1)?,
+                &a.scale.f_reshape([m, 1])?,
+                &b.scale.f_reshape([1, n])?,
+                None::<&Tensor>,
+                None::<&Tensor>,
+                Kind::BFloat16,
+                fast,
+            )?);
+        }
+        Ok(a.dequantize_rows()?
+            .f_matmul(&b.dequantize_rows()?.f_transpose(0, 1)?)?
+            .f_to_kind(Kind::BFloat16)?)
+    }
+
+    /// The FP8 ops of this module, with what they need besides their tensors.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Fp8Op {
+        /// Experts: `xs` rows in groups times stacked weights.
+        Grouped,
+        /// Dense: `x · W` with `W` held as the layout says.
+        Linear(WeightLayout),
+        /// The dispatch's gather, writing the FP8 copy too; `k` slots per token.
+        Dispatch { k: i64 },
+    }
+
+    impl Fp8Op {
+        fn code(self) -> i64 {
+            match self {
+                Fp8Op::Grouped => 1,
+                Fp8Op::Linear(l) => {
+                    2 | (match l {
+                        WeightLayout::Experts => 0,
+                        WeightLayout::InOut => 1,
+                        WeightLayout::OutIn => 2,
+                    } << 8)
+                }
+                Fp8Op::Dispatch { k } => 3 | (k << 8),
+            }
+        }
+
+        fn from_code(code: i64) -> Result<Fp8Op> {
+            let param = code >> 8;
+            Ok(match code & 0xFF {
+                1 => Fp8Op::Grouped,
+                2 => Fp8Op::Linear(match param {
+                    1 => WeightLayout::InOut,
+                    2 => WeightLayout::OutIn,
+                    _ => bail!("FP8 op {code}: unknown layout"),
+                }),
+                3 => Fp8Op::Dispatch { k: param },
+                _ => bail!("unknown FP8 op {code}"),
+            })
+        }
+    }
+
+    /// The master's gradient `g`: added into `master.grad` in one pass where that exists
+    /// (autograd gets none), else converted for autograd to start it.
+    fn weight_gradient(master: &Tensor, g: Tensor) -> Result<Option<Tensor>> {
+        let g = g.f_reshape(master.size())?;
+        let mut acc = master.grad();
+        if acc.defined() && acc.kind() == master.kind() && acc.size() == g.size() {
+            let _ = acc.f_add_(&g)?;
+            return Ok(None);
+        }
+        Ok(Some(g.f_to_kind(master.kind())?))
+    }
+
+    fn run_op(op: Fp8Op, phase: Phase, inputs: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
+        match (op, phase) {
+            // experts: a = xs [M, K], b = W [E, K, N], c = group ends [E] int32
+            (Fp8Op::Grouped, Phase::Forward) => {
+                let (xs, w, ends) = (&inputs[0], &inputs[1], &inputs[2]);
+                let o = overflow(xs.device())?;
+                let groups = ends.size()[0];
+                let limit = ends.f_narrow(0, groups - 1, 1)?;
+                let a = match prequantized(xs) {
+                    Some(a) => a,
+                    None => quant_rows(xs, Some(&limit), Some(&o))?,
+                };
+                let out = weight_copies(w, WeightLayout::Experts, |c| {
+                    grouped(&a, &c.forward()?, ends, fast_forward())
+                })?;
+                Ok(vec![Some(out.f_to_kind(xs.kind())?)])
+            }
+            (Fp8Op::Grouped, Phase::Backward) => {
+                let (xs, w, ends, g) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
+                if !g.defined() {
+                    return Ok(vec![None, None, None]);
+                }
+                let o = overflow(xs.device())?;
+                let (rows, _) = xs.size2()?;
+                let groups = ends.size()[0];
+                let limit = ends.f_narrow(0, groups - 1, 1)?;
+                let g = g.f_contiguous()?;
+                let gq = quant_rows(&g, Some(&limit), Some(&o))?;
+                let gx = if xs.requires_grad() {
+                    let gx = weight_copies(w, WeightLayout::Experts, |c| {
+                        grouped(&gq, &c.dgrad()?, ends, false)
+                    })?;
+                    Some(gx.f_to_kind(xs.kind())?)
+                } else {
+                    None
+                };
+                let gw = if w.requires_grad() {
+                    let layout = Transposed::SideBySide {
+                        positions: side_by_side_positions(rows, groups),
+                    };
+                    let (at, pad_ends) = quant_transposed(xs, ends, layout, Some(&o))?;
+                    let (bt, _) = quant_transposed(&g, ends, layout, Some(&o))?;
+                    weight_gradient(w, grouped_weight_grad(&at, &bt, &pad_ends)?)?
+                } else {
+                    None
+                };
+                Ok(vec![gx, gw, None])
+            }
+            // dense: a = x [M, K], b = the master weight
+            (Fp8Op::Linear(layout), Phase::Forward) => {
+                let (x, w) = (&inputs[0], &inputs[1]);
+                let o = overflow(x.device())?;
+                let a = quant_rows(x, None, Some(&o))?;
+                let out = weight_copies(w, layout, |c| {
+                    let f = c.forward()?;
+                    let b = Fp8 {
+                        q: f.q.f_select(0, 0)?,
+                        scale: f.scale.f_select(0, 0)?,
+                    };
+                    dense(&a, &b, fast_forward())
+                })?;
+                Ok(vec![Some(out.f_to_kind(x.kind())?)])
+            }
+            (Fp8Op::Linear(layout), Phase::Backward) => {
+                let (x, w, g) = (&inputs[0], &inputs[1], &inputs[2]);
+                if !g.defined() {
+                    return Ok(vec![None, None]);
+                }
+                let o = overflow(x.device())?;
+                let (rows, _) = x.size2()?;
+                let g = g.f_contiguous()?;
+                let gx = if x.requires_grad() {
+                    let gq = quant_rows(&g, None, Some(&o))?;
+                    let gx = weight_copies(w, layout, |c| {
+                        let d = c.dgrad()?;
+                        let b = Fp8 {
+                            q: d.q.f_select(0, 0)?,
+                            scale: d.scale.f_select(0, 0)?,
+                        };
+                        // gx = g · Wᵀ: W's rows [K, N] are the right operand's rows
+                        dense(&gq, &b, false)
+                    })?;
+                    Some(gx.f_to_kind(x.kind())?)
+                } else {
+                    None
+                };
+                let gw = if w.requires_grad() {
+                    let ends = Tensor::f_full([1], rows, (Kind::Int, x.device()))?;
+                    let layout_t = Transposed::SideBySide {
+                        positions: side_by_side_positions(rows, 1),
+                    };
+                    let (xt, _) = quant_transposed(x, &ends, layout_t, Some(&o))?;
+                    let (gt, _) = quant_transposed(&g, &ends, layout_t, Some(&o))?;
+                    let grad = match layout {
+                        // gW = xᵀ · g, [K, N]
+                        WeightLayout::InOut => dense(&xt, &gt, false)?,
+                        // the master is Wᵀ: gWᵀ = gᵀ · x, [N, K]
+                        _ => dense(&gt, &xt, false)?,
+                    };
+                    weight_gradient(w, grad)?
+                } else {
+                    None
+                };
+                Ok(vec![gx, gw])
+            }
+            // dispatch: a = x [T, d], b = row_slot [N], c = slot_row [T·k]
+            (Fp8Op::Dispatch { k }, Phase::Forward) => {
+                let (x, row_slot) = (&inputs[0], &inputs[1]);
+                let o = overflow(x.device())?;
+                let (xs, q) = gather_quant_rows(x, row_slot, k, Some(&o))?;
+                STATE.with(|s| s.borrow_mut().prequantized = Some((xs.shallow_clone(), q)));
+                Ok(vec![Some(xs)])
+            }
+            (Fp8Op::Dispatch { k }, Phase::Backward) => {
+                let g = &inputs[3];
+                let gx = if g.defined() {
+                    Some(sum_rows(g, &inputs[2], k, None)?)
+                } else {
+                    None
+                };
+                Ok(vec![gx, None, None])
+            }
+        }
+    }
+
+    unsafe extern "C" fn fp8_callback(
+        op: i64,
+        phase: c_int,
+        inputs: *mut *mut c_void,
+        n_in: c_int,
+        outputs: *mut *mut c_void,
+        n_out: c_int,
+    ) -> c_int {
+        // SAFETY: the shim calls this with its callback contract, which `callback_body` needs.
+        unsafe {
+            callback_body(op, phase, inputs, n_in, outputs, n_out, |op, phase, ins| {
+                run_op(Fp8Op::from_code(op)?, phase, ins)
+            })
+        }
+    }
+
+    /// Every row of `xs` (`[M, K]`, bf16, or f32 in the emulation; rows in expert groups
+    /// ending at `ends`, int32 `[E]`) times its expert's `w` (the master, `[E, K, N]`) with
+    /// FP8 operands: `[M, N]` in `xs`'s type, differentiable in both. Rows past the last group
+    /// are left as the matmul leaves them (as with the bf16 grouped matmul).
+    pub fn grouped_mm(xs: &Tensor, w: &Tensor, ends: &Tensor) -> Result<Tensor> {
+        let (_, k) = xs.size2()?;
+        let n = *w.size().last().unwrap_or(&0);
+        if k % 16 != 0 || n % 16 != 0 {
+            bail!("FP8 experts need widths that are multiples of 16 (here {k} → {n})");
+        }
+        apply(
+            fp8_callback,
+            Fp8Op::Grouped.code(),
+            vec![
+                xs.f_contiguous()?,
+                w.shallow_clone(),
+                ends.f_to_kind(Kind::Int)?,
+            ],
+        )
+        .context("FP8 grouped matmul")
+    }
+
+    /// `x · W (+ b)` over the last dimension with FP8 operands, `W` held by `w` as `layout`
+    /// says (`InOut`: `w` is `[K, N]`; `OutIn`: `w` is `[N, K]`, the tied head); in `x`'s type,
+    /// differentiable in `x`, `w` and `b`.
+    pub fn linear(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        layout: WeightLayout,
+    ) -> Result<Tensor> {
+        let mut shape = x.size();
+        let Some(&k) = shape.last() else {
+            bail!("FP8 linear: a scalar input");
+        };
+        let n = match (layout, w.size().as_slice()) {
+            (WeightLayout::InOut, &[wk, n]) if wk == k => n,
+            (WeightLayout::OutIn, &[n, wk]) if wk == k => n,
+            (_, s) => bail!("FP8 linear: weight {s:?} for inputs of width {k}"),
+        };
+        let x2 = x.f_reshape([-1, k])?.f_contiguous()?;
+        let out = apply(
+            fp8_callback,
+            Fp8Op::Linear(layout).code(),
+            vec![x2, w.shallow_clone()],
+        )
+        .context("FP8 linear")?;
+        *shape.last_mut().expect("checked above") = n;
+        let out = out.f_reshape(shape)?;
+        match b {
+            Some(b) => Ok(out.f_add(&crate::runtime::cast::compute(b, out.kind())?)?),
+            None => Ok(out),
+        }
+    }
+
+    /// Whether [`linear`] takes `x · W` of these widths (`K`, `N` multiples of 16).
+    pub fn linear_applies(k: i64, n: i64) -> bool {
+        k % 16 == 0 && n % 16 == 0
+    }
+
+    /// The dispatch's gather into expert order (as `cuda::dispatch_op`), writing the rows'
+    /// FP8 copy in the same pass where the kernels run; [`grouped_mm`] then takes it instead
+    /// of quantising `xs` again. Call [`forget_prequantized`] once the experts have run.
+    pub fn dispatch(x: &Tensor, row_slot: &Tensor, slot_row: &Tensor, k: i64) -> Result<Tensor> {
+        apply(
+            fp8_callback,
+            Fp8Op::Dispatch { k }.code(),
+            vec![
+                x.shallow_clone(),
+                row_slot.shallow_clone(),
+                slot_row.shallow_clone(),
+            ],
+        )
+        .context("FP8 dispatch")
+    }
+
+    /// `xs` gathered by the reference (not quantised): for the checks.
+    pub fn gather_reference(x: &Tensor, row_slot: &Tensor, k: i64) -> Result<Tensor> {
+        gather_rows(x, row_slot, k, None)
+    }
+
+    /// Checks the FP8 kernels and ops on `device` (one line each; an error if any is off):
+    /// the quantisations bit for bit against the libtorch reference on the CPU (row-wise with
+    /// and without the gather and the limit, transposed side by side with uneven and empty
+    /// groups, stacked), and the autograd ops (experts and dense, forward and both
+    /// gradients) against the CPU emulation (within bf16 rounding and accumulation order)
+    /// and against f64 on the unquantised inputs (FP8's own error). Rows past the last
+    /// group hold NaN: nothing may read them. On the CPU both sides are the reference.
+    pub fn self_check(device: Device) -> Result<Vec<String>> {
+        use crate::runtime::cuda::check::{rel, Checks};
+        let cpu = Device::Cpu;
+        let mut c = Checks::default();
+        let kinds: &[Kind] = if device.is_cuda() {
+            &[Kind::BFloat16, Kind::Float]
+        } else {
+            &[Kind::Float]
+        };
+        let same = |c: &mut Checks, label: String, got: &Fp8, want: &Fp8| -> Result<()> {
+            let q = got.q.f_to_device(cpu)?.f_to_kind(Kind::Float)?;
+            let qw = want.q.f_to_device(cpu)?.f_to_kind(Kind::Float)?;
+            let s = got.scale.f_to_device(cpu)?;
+            let sw = want.scale.f_to_device(cpu)?;
+            let ok = q.size() == qw.size()
+                && q.f_eq_tensor(&qw)?
+                    .f_logical_or(&q.f_isnan()?.f_logical_and(&qw.f_isnan()?)?)?
+                    .f_all()?
+                    .f_int64_value(&[])?
+                    != 0
+                && s.f_equal(&sw)?;
+            c.record(label, ok, "bit-equal to the reference".into());
+            Ok(())
+        };
+        for &kind in kinds {
+            // groups of uneven sizes, one empty, and rows past the last group
+            let counts = [37i64, 0, 200, 16, 91];
+            let ends_v: Vec<i32> = counts
+                .iter()
+                .scan(0i64, |acc, c| {
+                    *acc += c;
+                    Some(*acc as i32)
+                })
+                .collect();
+            let kept = *ends_v.last().unwrap() as i64;
+            let (rows, d) = (kept + 21, 256i64);
+            let label = |n: &str| format!("fp8 {n:<30} {kind:?} rows={rows} d={d}");
+            let x = Tensor::f_randn([rows, d], (Kind::Float, cpu))?
+                .f_mul_scalar(3.0)?
+                .f_to_kind(kind)?;
+            // one all-zero row, and NaN past the last group
+            let _ = x.f_narrow(0, 5, 1)?.f_zero_()?;
+            let _ = x.f_narrow(0, kept, rows - kept)?.f_fill_(f64::NAN)?;
+            let ends = Tensor::f_from_slice(&ends_v)?;
+            let xd = x.f_to_device(device)?;
+            let ed = ends.f_to_device(device)?;
+            let limit = ends.f_narrow(0, counts.len() as i64 - 1, 1)?;
+            let o = overflow(device)?;
+            let got = quant_rows(&xd, Some(&limit.f_to_device(device)?), Some(&o))?;
+            let want = quant_rows(&x, Some(&limit), None)?;
+            same(&mut c, label("rows (limit)"), &got, &want)?;
+            let layout = Transposed::SideBySide {
+                positions: side_by_side_positions(rows, counts.len() as i64),
+            };
+            let (got, _) = quant_transposed(&xd, &ed, layout, Some(&o))?;
+            let (want, _) = quant_transposed(&x, &ends, layout, None)?;
+            same(
+                &mut c,
+                label("transposed, groups side by side"),
+                &got,
+                &want,
+            )?;
+            let n_over = take_overflow(device)?;
+            c.record(
+                label("rows past the groups"),
+                n_over == 0,
+                format!("{n_over} overflows"),
+            );
+            let w = x.f_narrow(0, 0, 256)?;
+            let wends = Tensor::f_from_slice(&[64i32, 128, 192, 256])?;
+            let (got, _) = quant_transposed(
+                &w.f_to_device(device)?,
+                &wends.f_to_device(device)?,
+                Transposed::Stacked { len: 64 },
+                None,
+            )?;
+            let (want, _) = quant_transposed(&w, &wends, Transposed::Stacked { len: 64 }, None)?;
+            same(&mut c, label("transposed, stacked"), &got, &want)?;
+            // the dispatch's gather and quantisation in one pass
+            let (t, k) = (100i64, 3i64);
+            let tokens = x.f_narrow(0, 0, t)?;
+            let mut slots = Tensor::f_randperm(t * k, (Kind::Int64, cpu))?;
+            let _ = slots.f_narrow(0, 0, 17)?.f_fill_(-1)?;
+            slots = slots.f_contiguous()?;
+            let (xs, got) = gather_quant_rows(
+                &tokens.f_to_device(device)?,
+                &slots.f_to_device(device)?,
+                k,
+                None,
+            )?;
+            let xs_ref = gather_reference(&tokens, &slots, k)?;
+            let want = quant_rows(&xs_ref, None, None)?;
+            same(&mut c, label("gather and rows"), &got, &want)?;
+            c.close(label("gather's copy"), &xs, &xs_ref, 0.0)?;
+            // an Inf inside a group is an overflow
+            let bad = x.f_narrow(0, 0, kept)?.f_detach_copy()?;
+            let _ = bad.f_get(3)?.f_get(7)?.f_fill_(f64::INFINITY)?;
+            let _ = quant_rows(&bad.f_to_device(device)?, None, Some(&o))?;
+            let n_over = take_overflow(device)?;
+            c.record(
+                label("an Inf overflows"),
+                n_over == 1,
+                format!("{n_over} overflows"),
+            );
+        }
+        // the ops: experts (E = 5, one group empty, dropped rows) and dense, both layouts
+        // the larger shape on a GPU only (the CPU's emulation of it takes minutes)
+        let shapes: &[(i64, i64, i64)] = if device.is_cuda() {
+            &[(512, 256, 384), (4096, 1024, 2048)]
+        } else {
+            &[(512, 256, 384)]
+        };
+        for &(rows_kept, k, n) in shapes {
+            let label = |name: &str| format!("fp8 {name:<30} rows={rows_kept} {k}->{n}");
+            let e = 5i64;
+            let mut cut: Vec<i64> = (0..e - 1)
+                .map(|_| rand_u(rows_kept as u64) as i64)
+                .collect();
+            cut.push(rows_kept);
+            cut.sort_unstable();
+            cut[1] = cut[0]; // an empty expert
+            let ends = Tensor::f_from_slice(&cut.iter().map(|&v| v as i32).collect::<Vec<_>>())?;
+            let rows = rows_kept + 40;
+            // the inputs as the device holds them (bf16 there), so that the emulation and
+            // the references start from the same values
+            let kind = if device.is_cuda() {
+                Kind::BFloat16
+            } else {
+                Kind::Float
+            };
+            let held = |t: Tensor| t.f_to_kind(kind)?.f_to_kind(Kind::Float);
+            let x = held(Tensor::f_randn([rows, k], (Kind::Float, cpu))?)?;
+            let _ = x.f_narrow(0, rows_kept, 40)?.f_fill_(f64::NAN)?;
+            let w = Tensor::f_randn([e, k, n], (Kind::Float, cpu))?.f_mul_scalar(0.05)?;
+            let g = held(Tensor::f_randn([rows, n], (Kind::Float, cpu))?)?;
+            let _ = g.f_narrow(0, rows_kept, 40)?.f_fill_(f64::NAN)?;
+            let run = |dev: Device, kind: Kind| -> Result<(Tensor, Tensor, Tensor)> {
+                let xg = leaf(&x, dev, kind)?;
+                let wg = leaf(&w, dev, Kind::Float)?;
+                let out = grouped_mm(&xg, &wg, &ends.f_to_device(dev)?)?;
+                let gd = g.f_to_device(dev)?.f_to_kind(out.kind())?;
+                let kept_out = out.f_narrow(0, 0, rows_kept)?;
+                kept_out
+                    .f_to_kind(Kind::Float)?
+                    .f_mul(&gd.f_narrow(0, 0, rows_kept)?.f_to_kind(Kind::Float)?)?
+                    .f_sum(Kind::Float)?
+                    .f_backward()?;
+                Ok((
+                    kept_out.f_to_device(cpu)?.f_to_kind(Kind::Float)?,
+                    xg.grad()
+                        .f_narrow(0, 0, rows_kept)?
+                        .f_to_device(cpu)?
+                        .f_to_kind(Kind::Float)?,
+                    wg.grad().f_to_device(cpu)?,
+                ))
+            };
+            let (out, gx, gw) = run(device, kind)?;
+            let (out_e, gx_e, gw_e) = run(cpu, Kind::Float)?;
+            c.close(label("experts forward vs emulation"), &out, &out_e, 1e-2)?;
+            c.close(label("experts grad x vs emulation"), &gx, &gx_e, 1e-2)?;
+            c.close(label("experts grad w vs emulation"), &gw, &gw_e, 1e-2)?;
+            // FP8's own error: against f64 on the unquantised inputs
+            let x64 = x.f_narrow(0, 0, rows_kept)?.f_to_kind(Kind::Double)?;
+            let w64 = w.f_to_kind(Kind::Double)?;
+            let g64 = g.f_narrow(0, 0, rows_kept)?.f_to_kind(Kind::Double)?;
+            let mut outs = Vec::new();
+            let mut gxs = Vec::new();
+            let mut gws = Vec::new();
+            let mut start = 0;
+            for (j, &end) in cut.iter().enumerate() {
+                let xe = x64.f_narrow(0, start, end - start)?;
+                let ge = g64.f_narrow(0, start, end - start)?;
+                let we = w64.f_select(0, j as i64)?;
+                outs.push(xe.f_matmul(&we)?);
+                gxs.push(ge.f_matmul(&we.f_transpose(0, 1)?)?);
+                gws.push(xe.f_transpose(0, 1)?.f_matmul(&ge)?);
+                start = end;
+            }
+            let want_out = Tensor::f_cat(&outs, 0)?;
+            let want_gx = Tensor::f_cat(&gxs, 0)?;
+            let want_gw = Tensor::f_stack(&gws, 0)?;
+            c.close(label("experts forward vs f64"), &out, &want_out, 8e-2)?;
+            c.close(label("experts grad x vs f64"), &gx, &want_gx, 8e-2)?;
+            c.close(label("experts grad w vs f64"), &gw, &want_gw, 8e-2)?;
+            let empty = gw.f_select(0, 1)?.f_abs()?.f_max()?.f_double_value(&[])?;
+            c.record(
+                label("empty expert's grad w"),
+                empty == 0.0,
+                format!("max |.| {empty:.2e}"),
+            );
+            // dense, both layouts
+            for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+                let xs = x.f_narrow(0, 0, rows_kept)?;
+                let wd = match layout {
+                    WeightLayout::OutIn => w.f_select(0, 0)?.f_transpose(0, 1)?.f_contiguous()?,
+                    _ => w.f_select(0, 0)?.f_contiguous()?,
+                };
+                let gs = g.f_narrow(0, 0, rows_kept)?;
+                let run = |dev: Device, kind: Kind| -> Result<(Tensor, Tensor, Tensor)> {
+                    let xg = leaf(&xs, dev, kind)?;
+                    let wg = leaf(&wd, dev, Kind::Float)?;
+                    let out = linear(&xg, &wg, None, layout)?;
+                    out.f_to_kind(Kind::Float)?
+                        .f_mul(&gs.f_to_device(dev)?)?
+                        .f_sum(Kind::Float)?
+                        .f_backward()?;
+                    Ok((
+                        out.f_to_device(cpu)?.f_to_kind(Kind::Float)?,
+                        xg.grad().f_to_device(cpu)?.f_to_kind(Kind::Float)?,
+                        wg.grad().f_to_device(cpu)?,
+                    ))
+                };
+                let (out, gx, gw) = run(device, kind)?;
+                let (out_e, gx_e, gw_e) = run(cpu, Kind::Float)?;
+                let l = |n: &str| label(&format!("dense {layout:?} {n}"));
+                c.close(l("forward vs emulation"), &out, &out_e, 1e-2)?;
+                c.close(l("grad x vs emulation"), &gx, &gx_e, 1e-2)?;
+                c.close(l("grad w vs emulation"), &gw, &gw_e, 1e-2)?;
+                let w64 = w.f_select(0, 0)?.f_to_kind(Kind::Double)?;
+                let x64 = xs.f_to_kind(Kind::Double)?;
+                let g64 = gs.f_to_kind(Kind::Double)?;
+                let want_gw = x64.f_transpose(0, 1)?.f_matmul(&g64)?;
+                let want_gw = match layout {
+                    WeightLayout::OutIn => want_gw.f_transpose(0, 1)?,
+                    _ => want_gw,
+                };
+                c.close(l("forward vs f64"), &out, &x64.f_matmul(&w64)?, 8e-2)?;
+                c.close(l("grad w vs f64"), &gw, &want_gw, 8e-2)?;
+                let r = rel(&gx, &g64.f_matmul(&w64.f_transpose(0, 1)?)?)?;
+                c.record(
+                    l("grad x vs f64"),
+                    r.is_finite() && r <= 8e-2,
+                    format!("rel err {r:.2e}"),
+                );
+            }
+        }
+        clear();
+        if c.failed > 0 {
+            bail!("{} FP8 check(s) failed:\n{}", c.failed, c.lines.join("\n"));
+        }
+        Ok(c.lines)
+    }
+
+    /// A fresh leaf requiring grad: `t`'s values on `device` in `kind`.
+    fn leaf(t: &Tensor, device: Device, kind: Kind) -> Result<Tensor> {
+        Ok(t.f_detach()?
+            .f_to_device(device)?
+            .f_to_kind(kind)?
+            .f_detach_copy()?
+            .f_set_requires_grad(true)?)
+    }
+
+    /// A pseudo-random number below `n` from libtorch's generator.
+    fn rand_u(n: u64) -> u64 {
+        Tensor::randint(n.max(1) as i64, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// On the CPU both sides of the check are the reference: this runs the ops' autograd
+        /// wiring and the emulation against f64 in CI.
+        #[test]
+        fn fp8_ops_match_the_reference_on_cpu() {
+            let lines = self_check(Device::Cpu).unwrap();
+            eprintln!("{}", lines.join("\n"));
+            assert!(lines.len() >= 25, "{lines:?}");
+            assert!(lines.iter().all(|l| l.ends_with(" ok")), "{lines:?}");
+        }
+
+        /// `examples/tiny.fmoe` with `precision`, `steps` steps and learning rate `lr`, a
+        /// smaller batch, no checkpoints or evaluation.
+        fn tiny(precision: &str, steps: u64, lr: &str) -> crate::check::Checked {
+            let path = format!("{}/examples/tiny.fmoe", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("precision  = fp32", precision)
+                .replace("steps      = 300", &format!("steps = {steps}"))
+                .replace("lr = 1e-3", &format!("lr = {lr}"))
+                .replace("batch      = 16 x 128 tokens", "batch = 8 x 64 tokens")
+                .replace("checkpoint = every(100, dir = \"ckpt/tiny\")", "")
+                .replace("eval       = every(50, batches = 4)", "");
+            let mut sources = crate::diag::Sources::new();
+            let file = sources.add(path, text);
+            let mut sink = crate::diag::Sink::new();
+            let checked = crate::check::check_file(&mut sources, file, &mut sink);
+            assert_eq!(sink.error_count(), 0);
+            checked.unwrap()
+        }
+
+        fn run(checked: &crate::check::Checked) -> Result<crate::runtime::train::RunSummary> {
+            let dir = tempfile::tempdir().unwrap();
+            // (train holds libtorch's generator itself)
+            tch::set_num_threads(1);
+            crate::runtime::train::train(
+                checked,
+                &crate::runtime::train::RunOptions {
+                    device: Device::Cpu,
+                    steps: None,
+                    stop_after: None,
+                    out: dir.path().to_path_buf(),
+                    checkpoints: dir.path().join("checkpoints"),
+                    resume: None,
+                    progress: false,
+                    print_summary: false,
+                    cuda_graph: false,
+                    ..Default::default()
+                },
+            )
+        }
+
+        /// The tiny example in the CPU's emulation of FP8 (experts, then every matmul) against
+        /// fp32 from the same seed and data: the losses stay within FP8's rounding of the
+        /// fp32 run's, and both learn.
+        #[test]
+        fn fp8_trains_the_tiny_example_as_fp32_does() {
+            super::super::emulate_on_this_thread(true);
+            super::super::force_experts_on_this_thread(Some(true));
+            let steps = 8;
+            let fp32 = run(&tiny("precision = fp32", steps, "1e-3")).unwrap();
+            let fp8 = run(&tiny("precision = fp8", steps, "1e-3")).unwrap();
+            let dense = run(&tiny("precision = fp8\n fp8_dense = true", steps, "1e-3")).unwrap();
+            // the same in bf16 where FP8 does not pay (these narrow experts): the fp32 run's
+            let auto = {
+                super::super::force_experts_on_this_thread(None);
+                run(&tiny("precision = fp8", steps, "1e-3")).unwrap()
+            };
+            super::super::emulate_on_this_thread(false);
+            assert_eq!(auto.losses, fp32.losses);
+            assert_ne!(fp8.losses, fp32.losses, "FP8 changes the rounding");
+            assert_eq!(fp8.precision, "fp8");
+            for (label, r) in [("fp8", &fp8), ("fp8 dense", &dense)] {
+                for (i, (a, b)) in r.losses.iter().zip(&fp32.losses).enumerate() {
+                    assert!(
+                        (a - b).abs() / b < 0.02,
+                        "{label} step {}: {a} against fp32 {b}\n{:?}\n{:?}",
+                        i + 1,
+                        r.losses,
+                        fp32.losses
+                    );
+                }
+                assert!(
+                    r.losses[steps as usize - 1] < r.losses[0] - 0.3,
+                    "{label}: {:?}",
+                    r.losses
+                );
+            }
+        }
+
+        /// A step whose FP8 scales overflow (here: a learning rate that blows the weights up)
+        /// stops the run with the step's number, before the optimizer applies it.
+        #[test]
+        fn an_fp8_overflow_stops_the_run_before_the_step_is_applied() {
+            super::super::emulate_on_this_thread(true);
+            super::super::force_experts_on_this_thread(Some(true));
+            let err = run(&tiny("precision = fp8", 6, "1e30")).unwrap_err();
+            super::super::force_experts_on_this_thread(None);
+            super::super::emulate_on_this_thread(false);
+            let msg = format!("{err:#}");
+            assert!(msg.contains("FP8 scale(s) overflowed"), "{msg}");
+            assert!(msg.contains("the step was not applied"), "{msg}");
+        }
+
+        /// On the CPU without the emulation, `precision = fp8` is refused up front.
+        #[test]
+        fn fp8_on_the_cpu_is_refused_without_the_emulation() {
+            let err = run(&tiny("precision = fp8", 2, "1e-3")).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(
+                msg.contains("FP8 tensor cores") && msg.contains("FMOEC_FP8_EMULATE"),
+                "{msg}"
+            );
+        }
+
+        #[test]
+        fn op_codes_round_trip() {
+            for op in [
+                Fp8Op::Grouped,
+                Fp8Op::Linear(WeightLayout::InOut),
+                Fp8Op::Linear(WeightLayout::OutIn),
+                Fp8Op::Dispatch { k: 2 },
+            ] {
+                assert_eq!(Fp8Op::from_code(op.code()).unwrap(), op);
+            }
+        }
+    }
+}
