@@ -18,6 +18,7 @@ Exit status 0 when every example's arguments are accepted and its count equals f
 """
 import argparse
 import contextlib
+import copy
 import io
 import json
 import os
@@ -97,6 +98,28 @@ def count_by_kind(model):
     return kinds
 
 
+def compare_memory(args, plan, micro_batches):
+    """Megatron's own theoretical memory report (what --log-memory-to-tensorboard's first line
+    and report_theoretical_memory print: the most loaded rank) beside fmoec plan's largest
+    stage. Information only: the two models differ (see NOTES.md, memory)."""
+    from megatron.training.theoretical_memory_usage import report_theoretical_memory
+    import copy
+    with contextlib.redirect_stdout(io.StringIO()):
+        weights_optim, activations, total = report_theoretical_memory(
+            copy.copy(args), num_microbatches=micro_batches)
+    worst = max(plan['stages'], key=lambda st: st['cost']['memory']['total'])
+    mem = worst['cost']['memory']
+    mib = 1024 * 1024
+    print('  memory per GPU (MiB)          weights+grads+optimizer  activations        total')
+    print('  Megatron-Core theoretical     %23.0f %12.0f %12.0f   (most loaded rank; %s'
+          'optimizer)' % (weights_optim, activations, total,
+                          'distributed ' if args.use_distributed_optimizer else 'plain '))
+    print('  fmoec plan (v2.2 model)       %23.0f %12.0f %12.0f   (stage %d, %d micro-batches '
+          'in flight)' % ((mem['weights'] + mem['grads'] + mem['optimizer']) / mib,
+                          mem['activations'] / mib, mem['total'] / mib, worst['stage'],
+                          mem['in_flight']))
+
+
 def check_one(example, fmoec, tokenizer_padding=False):
     """Runs in its own process: parse, validate, build, count, compare."""
     warnings.simplefilter('ignore')
@@ -129,8 +152,11 @@ def check_one(example, fmoec, tokenizer_padding=False):
     expected = {'tensor': (tp, plan['tensor']), 'pipeline': (pp, plan['pipeline']),
                 'micro batch': (mbs, plan['micro_batch']),
                 'global batch': (gbs, plan['global_batch']),
-                'expert-parallel size': (ep, plan['expert_group_size']),
-                'expert-tensor size': (etp, tp if plan['expert_slicing'] else 1)}
+                'ranks splitting a layer\'s experts': (ep * etp, plan['expert_group_size']
+                                     * (tp if plan['expert_slicing'] else 1))}
+    if etp not in (1, tp if plan['expert_slicing'] else 1):
+        problems.append('expert-tensor size %d: the plan slices experts over %s' % (
+            etp, '%d tensor ranks' % tp if plan['expert_slicing'] else 'no ranks'))
     for what, (mine, theirs) in expected.items():
         if mine != theirs:
             problems.append('%s: %s in the arguments, %s in the plan' % (what, mine, theirs))
@@ -177,12 +203,7 @@ def check_one(example, fmoec, tokenizer_padding=False):
     if args.data_parallel_size != plan['data']:
         problems.append('data: Megatron derives %d, the plan %d' % (args.data_parallel_size,
                                                                      plan['data']))
-
-    # (b) the model as pretrain_gpt.py builds it, on one rank (every parameter once)
-    for name in ('tensor_model_parallel_size', 'pipeline_model_parallel_size',
-                 'expert_model_parallel_size', 'expert_tensor_parallel_size'):
-        setattr(args, name, 1)
-    args.sequence_parallel = False
+    compare_memory(args, plan, get_num_microbatches())
     # Apex's persistent LayerNorm kernel (Megatron's default) has no CPU form; the torch norm
     # holds the same parameters
     args.no_persist_layer_norm = True
@@ -190,7 +211,21 @@ def check_one(example, fmoec, tokenizer_padding=False):
     # embedding (kernels, no parameters)
     args.gradient_accumulation_fusion = False
     args.apply_rope_fusion = False
+    # the model configuration with the real layout: TransformerConfig validates what
+    # parse_and_validate_args leaves to it (e.g. biases in MoE layers need expert-tensor size 1)
+    from megatron.training.argument_utils import core_transformer_config_from_args
+    try:
+        core_transformer_config_from_args(copy.copy(args))
+        print('%s: TransformerConfig accepts the layout' % example)
+    except (AssertionError, ValueError) as e:
+        problems.append('TransformerConfig refuses the layout: %s' % e)
+
+    # (b) the model as pretrain_gpt.py builds it, on one rank (every parameter once)
     args.use_cpu_initialization = False
+    for name in ('tensor_model_parallel_size', 'pipeline_model_parallel_size',
+                 'expert_model_parallel_size', 'expert_tensor_parallel_size'):
+        setattr(args, name, 1)
+    args.sequence_parallel = False
     import torch.distributed as dist
     dist.init_process_group('gloo', init_method='tcp://127.0.0.1:%d' % _free_port(),
                             world_size=1, rank=0)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import (
@@ -171,6 +172,16 @@ class _ExpertGroup:
         self.rank = dist.get_rank(group)
 
 
+def _gate_rng():
+    """Where the gates draw their noise: Megatron's model-parallel RNG stream (its tracker, the
+    stream its tensor-parallel dropout uses), which Megatron's checkpoints save and restore per
+    rank, so a resumed training draws the same noise. Outside Megatron (no tracker): torch's."""
+    import contextlib
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    tracker = get_cuda_rng_tracker()
+    return tracker.fork() if tracker.is_initialized() else contextlib.nullcontext()
+
+
 def _occurrence(idx_flat, num_experts):
     """For each entry of idx_flat (>= 0), how many earlier entries chose the same expert."""
     n = idx_flat.numel()
@@ -236,7 +247,9 @@ class NoisyGate(nn.Module):
             score = F.softmax(val.float(), dim=1).to(x.dtype)
             return idx, score, clean.new_zeros((), dtype=torch.float32)
         stddev = F.softplus(x @ self.w_noise) + self.noise_epsilon
-        noisy = clean + torch.randn_like(clean) * stddev
+        with _gate_rng():
+            noise = torch.randn_like(clean)
+        noisy = clean + noise * stddev
         m = min(self.top_k + 1, self.num_experts)
         top_val, top_idx = noisy.topk(m, dim=1)
         k_val, k_idx = top_val[:, :self.top_k], top_idx[:, :self.top_k]
@@ -282,7 +295,8 @@ class GShardGate(NaiveGate):
         capacity = torch.full((self.num_experts,), cap, dtype=torch.long, device=x.device)
         idx = _prune_local(idx, capacity, self.num_experts)
         if self.random_routing and self.training:
-            u = torch.rand(n, device=x.device)
+            with _gate_rng():
+                u = torch.rand(n, device=x.device)
             drop = 2 * score[:, 1] < u
             idx[:, 1] = torch.where(drop, torch.full_like(idx[:, 1], -1), idx[:, 1])
         return idx, score.to(x.dtype), loss
@@ -303,7 +317,8 @@ class SwitchGate(NaiveGate):
     def forward(self, x):
         logits = self.gate(x)
         if self.training and self.jitter > 0:
-            noise = torch.rand_like(logits) * 2 * self.jitter + 1.0 - self.jitter
+            with _gate_rng():
+                noise = torch.rand_like(logits) * 2 * self.jitter + 1.0 - self.jitter
             logits = logits + noise
         prob = F.softmax(logits.float(), dim=-1)
         score, idx = torch.topk(prob, k=1, dim=-1)
@@ -499,6 +514,7 @@ class FmoecMoELayer(MegatronModule):
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.pg = pg_collection
         self.layer_index = layer_index
+        self.layer_number = None          # 1-based, set by TransformerLayer (set_layer_number)
         self.spec = dict(spec)
         if spec['gate'] not in _GATE_CLASSES:
             raise ValueError('fmoec: layer {}: unknown gate {!r} (known: {})'.format(
@@ -569,6 +585,9 @@ class FmoecMoELayer(MegatronModule):
             p.partition_dim = 2 if name == 'fc2_weight' else 1
             p.partition_stride = 1
 
+    def set_layer_number(self, layer_number):
+        self.layer_number = layer_number
+
     def forward(self, hidden_states, padding_mask=None, **_):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
@@ -612,6 +631,13 @@ class FmoecMoELayer(MegatronModule):
             0, token, y * weight)
         self.last_loss = loss.detach()
         self.last_dropped = float(n * k - valid.numel()) / max(n * k, 1)
+        if self.training and self.layer_number is not None:
+            # Megatron's training log reports it as `load_balancing_loss` (per layer with
+            # --moe-per-layer-logging), unweighted like its own routers' losses: the mean over
+            # the tensor ranks' slices of the sequence, then over data ranks and micro-batches
+            get_moe_metrics_tracker().record(
+                'load_balancing_loss', loss.detach() / self.tp_size, self.layer_number,
+                self.config.num_layers, reduce_group=self.pg.tp, needs_dp_avg=True)
         if self.training and self.balance_weight != 0.0 and loss.requires_grad:
             # Megatron's own hook for auxiliary losses: the schedule sets its scale (loss
             # scale / micro-batches) and its backward adds d(weight * loss) to the gradient.

@@ -219,3 +219,28 @@ def _patch_gloo_collectives():
         return _Done() if async_op else None
 
     dist.all_gather = all_gather_uneven
+
+
+def pretend_cuda_for_training():
+    """megatron.training (initialize_megatron) asserts torch.cuda.is_available() and asks for
+    device counts, devices and memory: answer as one device per process. Only for running the
+    tree's training loop; the stand-ins above keep every tensor on the CPU."""
+    cuda = torch.cuda
+    cuda.is_available = lambda: True
+    cuda.device_count = lambda: 1
+    cuda.current_device = lambda: 'cpu'
+    cuda.get_device_name = lambda *a, **k: 'cpu'
+    cuda.get_device_capability = lambda *a, **k: (9, 0)
+    # validation asks the architecture (below 10 it wants CUDA_DEVICE_MAX_CONNECTIONS=1 with
+    # tensor parallelism): an H100's
+    import os
+    import types
+    cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
+        major=9, minor=0, name='cpu', total_memory=0, multi_processor_count=1)
+    os.environ.setdefault('CUDA_DEVICE_MAX_CONNECTIONS', '1')
+    cuda.memory_stats = lambda *a, **k: {}
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.mem_get_info = lambda *a, **k: (0, 0)
+    # torch's own DataLoader asks the accelerator for its device (to pin memory): there is none
+    torch.accelerator.is_available = lambda: False
+    torch.accelerator.current_device_index = lambda: 0

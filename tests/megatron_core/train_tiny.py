@@ -321,6 +321,39 @@ def check_replicas(model):
     return problems, counts, experts_differ
 
 
+def check_memory(model, optimizer, h):
+    """Bytes this rank holds for weights, main gradients (DDP's buffers) and optimizer state,
+    against the formula fmoec's planner would use for Megatron-Core (fp32 here: 4 B weight,
+    4 B gradient, 8 B Adam moments per parameter; the distributed optimizer shards the moments
+    over the data-parallel group, experts' over the expert-data-parallel group). Returns the
+    problems (the measured values must be within 2% of the formula: bucket padding)."""
+    from megatron.core import parallel_state as ps
+    params = list(model.module.parameters())
+    dense = sum(p.numel() for p in params if getattr(p, 'allreduce', True))
+    expert = sum(p.numel() for p in params if not getattr(p, 'allreduce', True))
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size()
+                for b in model.buffers + model.expert_parallel_buffers)
+    state = 0
+    for inner in getattr(optimizer, 'chained_optimizers', [optimizer]):
+        for per_param in inner.optimizer.state.values():
+            state += sum(v.numel() * v.element_size() for k, v in per_param.items()
+                         if torch.is_tensor(v) and k != 'step')
+    dp = ps.get_data_parallel_world_size()
+    edp = ps.get_expert_data_parallel_world_size()
+    expected_state = 8 * (dense / dp + expert / edp) if h.dist_opt else 8 * (dense + expert)
+    expected = {'weights': 4 * (dense + expert), 'main grads': 4 * (dense + expert),
+                'optimizer': expected_state}
+    measured = {'weights': weights, 'main grads': grads, 'optimizer': state}
+    log('memory rank %d: %d parameters (%d dense, %d expert); %s' % (
+        dist.get_rank(), dense + expert, dense, expert, ', '.join(
+            '%s %d B (formula %d)' % (k, measured[k], expected[k]) for k in measured)),
+        all_ranks=True)
+    return ['memory: %s %d B on rank %d, formula %d B' % (k, measured[k], dist.get_rank(),
+                                                          expected[k])
+            for k in measured if abs(measured[k] - expected[k]) > 0.02 * expected[k]]
+
+
 def sharded_state(model, optimizer, h, iteration, loading=False):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -507,7 +540,9 @@ def main():
                        not any('data-parallel' in p for p in problems),
                        not any('expert-data' in p for p in problems),
                        'n/a (1 expert rank)' if experts_differ is None else experts_differ))
-    # 4. the reference run's losses (same initial weights, same global batches)
+    # 4. memory: what this rank holds, against the formula
+    failures += check_memory(model, optimizer, h)
+    # 5. the reference run's losses (same initial weights, same global batches)
     if reference is not None:
         worst = max(abs(losses[s] - reference[s]) / abs(reference[s]) for s in losses)
         log('check against the reference run: largest relative loss difference %.3g '
@@ -516,7 +551,7 @@ def main():
             log('  step %d: %.6f here, %.6f reference' % (s + 1, losses[s], reference[s]))
         if worst > h.loss_tolerance:
             failures.append('losses differ from the reference run by %.3g' % worst)
-    # 5. checkpoint round trip: a fresh model and optimizer (other weights) load the checkpoint
+    # 6. checkpoint round trip: a fresh model and optimizer (other weights) load the checkpoint
     # saved after step save_step; the remaining steps must give bit-identical losses
     if round_trip:
         model, optimizer, config = fresh(seed_offset=1)
