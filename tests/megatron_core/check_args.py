@@ -118,6 +118,32 @@ def compare_memory(args, plan, micro_batches):
           'in flight)' % ((mem['weights'] + mem['grads'] + mem['optimizer']) / mib,
                           mem['activations'] / mib, mem['total'] / mib, worst['stage'],
                           mem['in_flight']))
+    # the plan's parameters per rank with Megatron-Core's bytes per parameter (NOTES.md,
+    # memory): what the planner would print for this target
+    counts = worst['cost']['params']
+    dense = counts['sharded'] + counts['replicated'] + counts['gate']
+    edp = args.world_size // (args.expert_tensor_parallel_size
+                              * args.expert_model_parallel_size
+                              * args.pipeline_model_parallel_size)
+    core = (dense * bytes_per_parameter(args, args.data_parallel_size)
+            + counts['expert'] * bytes_per_parameter(args, edp)) / mib
+    print('  plan params x Megatron-Core bytes/param %13.0f   (dense x %.2f B, experts x %.2f '
+          'B: expert-data-parallel %d)' % (core, bytes_per_parameter(args, args.data_parallel_size),
+                                          bytes_per_parameter(args, edp), edp))
+
+
+def bytes_per_parameter(args, shards):
+    """Weights, main gradients and optimizer state per parameter under Megatron-Core
+    (docs/user-guide/features/dist_optimizer.md): the distributed optimizer divides the fp32
+    main weights and Adam moments over `shards` ranks (the data-parallel group for dense
+    parameters, the expert-data-parallel group for experts)."""
+    if args.bf16:
+        kept, sharded = 6, 12       # bf16 weight + fp32 main grad; fp32 main weight + 2 moments
+    elif args.fp16:
+        kept, sharded = 4, 16       # fp16 weight + fp16 grad; fp32 main weight, grad, 2 moments
+    else:
+        kept, sharded = 8, 8        # fp32 weight + grad; 2 moments
+    return kept + sharded / shards if args.use_distributed_optimizer else kept + sharded
 
 
 def check_one(example, fmoec, tokenizer_padding=False):

@@ -17,11 +17,13 @@ Megatron-LM checkout at tag core_v0.19.0 named by MEGATRON_LM (put first on sys.
     torchrun --nproc_per_node=1 train_tiny.py --save-init DIR       # the reference run
     torchrun --nproc_per_node=4 train_tiny.py --tp 2 --ep 2 --load-init DIR   # same losses?
 
-A run trains `--steps` steps (losses printed), checks that clipping triggered and left the
-clipped norm, that data-parallel replicas hold bit-identical non-expert parameters and expert
-replicas bit-identical experts (and expert ranks different ones), then, with a checkpoint folder,
-saves at `--save-step`, builds a fresh model and optimizer, loads, and checks that the remaining
-steps give bit-identical losses. Exit status 0 and `TRAIN_TINY_OK` on rank 0 when all hold.
+A run trains `--steps` steps (losses printed) and checks that the loss falls, that clipping
+triggered and left the clipped norm, that data-parallel replicas hold bit-identical non-expert
+parameters and expert replicas bit-identical experts (and expert ranks different ones), that the
+bytes held for weights, gradients and optimizer state follow the Megatron-Core memory formula,
+the reference run's losses (with --load-init), and that a checkpoint saved at `--save-step` and
+loaded into a fresh model and optimizer gives bit-identical losses for the remaining steps.
+Exit status 0 and `TRAIN_TINY_OK` on rank 0 when all hold.
 """
 import argparse
 import hashlib
@@ -32,7 +34,6 @@ import os
 import sys
 import tempfile
 import warnings
-from functools import partial
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if os.environ.get('MEGATRON_LM'):
