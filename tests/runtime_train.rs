@@ -617,7 +617,9 @@ fn resume_keeps_the_earlier_metrics_lines_byte_for_byte() {
 #[test]
 fn a_model_that_does_not_fit_this_machine_is_refused_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
-    // about 3.3e12 parameters: tens of terabytes with their gradients and Adam moments
+    // about 3.3e12 parameters: tens of terabytes with their gradients and Adam moments, on a
+    // declared GPU large enough for them (the file's own plan, which `run` checks when it loads
+    // the file, passes), so that it is this machine's memory that refuses the run
     let file = tiny_variant(
         dir.path(),
         "huge.fmoe",
@@ -625,6 +627,12 @@ fn a_model_that_does_not_fit_this_machine_is_refused_before_allocating() {
             ("width   = 128", "width   = 16384"),
             ("heads   = 4", "heads   = 128"),
             ("depth   = 4\n", "depth   = 1024\n"),
+            (
+                "train {",
+                "hardware vast_gpu {\n    memory = 1000 * 1000000000000; bf16_tflops = 1000.0; \
+                 fp16_tflops = 1000.0; fp32_tflops = 100.0\n    hbm_gbps = 3000.0; nvlink_gbps = 400.0; \
+                 network_gbps = 50.0; gpus_per_node = 8\n}\n\nparallel {\n    gpus = 1 of vast_gpu\n}\n\ntrain {",
+            ),
         ],
     );
     let started = std::time::Instant::now();
