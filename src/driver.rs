@@ -241,7 +241,8 @@ pub fn analyse(
         sink.extend(
             best.train
                 .as_ref()
-                .and_then(check::train_rules::data_files_missing),
+                .map(check::train_rules::data_files_missing)
+                .unwrap_or_default(),
         );
     }
     let errors = sink.error_count();

@@ -20,7 +20,6 @@ pub mod driver;
 pub mod emit;
 pub mod gates;
 pub mod graph;
-#[cfg(feature = "runtime")]
 pub mod hf;
 pub mod plan;
 #[cfg(feature = "runtime")]

@@ -723,3 +723,438 @@ mod hf_export {
         assert!(!tmp.path().join("hf").exists());
     }
 }
+
+/// `init = ...` in the train block: the layout table is the runtime's; runs start from fmoec
+/// and Hugging Face checkpoints (checked where the file is written before anything runs);
+/// sparse upcycling computes the dense model at step 0 where the gates allow it, and says
+/// where they do not.
+#[cfg(feature = "runtime")]
+mod init {
+    use super::{fmoec, text};
+    use std::path::Path;
+    use tch::{Device, Kind, Tensor};
+
+    /// A small Llama-style model of bytes, `ffn` its feed-forward and `init` its start.
+    fn model(name: &str, ffn: &str, init: &str) -> String {
+        format!(
+            "use std.gates.*\n\nmodel {name} {{\n    vocab = 256\n    context = 32\n    width = 64\n    heads = 4\n    kv_heads = 2\n    depth = 2\n    norm = rmsnorm\n    positions = rotary\n    bias = false\n    block = transformer(attention = causal(), ffn = {ffn})\n}}\n\ntrain {{\n    data = builtin(\"shakespeare\")\n    batch = 4 x 32 tokens\n    steps = 2\n    optimizer = adamw(lr = 1e-2)\n{init}}}\n"
+        )
+    }
+
+    const DENSE: &str = "mlp(hidden = 128, act = swiglu)";
+
+    fn moe(experts: u64, top_k: u64, hidden: u64, gate: &str) -> String {
+        format!(
+            "moe(experts = {experts}, top_k = {top_k}, gate = {gate}, expert = mlp(hidden = {hidden}, act = swiglu))"
+        )
+    }
+
+    fn checked(dir: &Path, file: &str) -> fmoec::check::Checked {
+        let source = std::fs::read_to_string(dir.join(file)).unwrap();
+        let mut sources = fmoec::diag::Sources::new();
+        let id = sources.add(file, source);
+        let mut sink = fmoec::diag::Sink::new();
+        fmoec::check::check_file(&mut sources, id, &mut sink).expect("the file checks")
+    }
+
+    /// The model of `file` with the parameters of `checkpoint`.
+    fn load(dir: &Path, file: &str, checkpoint: &str) -> fmoec::runtime::model::Transformer {
+        let checked = checked(dir, file);
+        let model = &checked.model;
+        let t = {
+            let _rng = fmoec::runtime::model::lock_rng();
+            fmoec::runtime::model::Transformer::new(model, Device::Cpu, Kind::Float, Kind::Float)
+                .unwrap()
+        };
+        let source =
+            fmoec::runtime::checkpoint::Source::open(&dir.join(checkpoint), model).unwrap();
+        let all = model
+            .moe_layers()
+            .map(|(l, m)| (l, (0..m.experts as usize).collect()))
+            .collect();
+        source.restore(&t.store, None, &all).unwrap();
+        t
+    }
+
+    fn tokens() -> Tensor {
+        let rows: Vec<Vec<i64>> = (0..3)
+            .map(|b| (0..24).map(|i| (i * 41 + b * 13 + 7) % 256).collect())
+            .collect();
+        Tensor::from_slice2(&rows)
+    }
+
+    fn logits(t: &fmoec::runtime::model::Transformer) -> Tensor {
+        tch::no_grad(|| t.forward(&tokens(), false)).unwrap().logits
+    }
+
+    fn relative(a: &Tensor, b: &Tensor) -> f64 {
+        let diff = (a - b).abs().max().double_value(&[]);
+        diff / b.abs().max().double_value(&[])
+    }
+
+    fn param(t: &fmoec::runtime::model::Transformer, name: &str) -> Tensor {
+        t.store.get(name).unwrap().tensor.detach()
+    }
+
+    /// Trains the dense model two steps (so its weights are not the initialisation's) in `dir`.
+    fn dense_run(dir: &Path) {
+        std::fs::write(dir.join("dense.fmoe"), model("dense", DENSE, "")).unwrap();
+        let out = fmoec(&["run", "dense.fmoe", "--quiet"], dir);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
+    /// Writes `name.fmoe` and runs it for zero steps: its checkpoint holds what `init` made.
+    fn start(dir: &Path, name: &str, ffn: &str, init: &str) -> String {
+        std::fs::write(
+            dir.join(format!("{name}.fmoe")),
+            model(name, ffn, &format!("    init = {init}\n")),
+        )
+        .unwrap();
+        let out = fmoec(
+            &[
+                "run",
+                &format!("{name}.fmoe"),
+                "--stop-after",
+                "0",
+                "--quiet",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        text(&out)
+    }
+
+    #[test]
+    fn the_layout_names_every_parameter_the_runtime_builds() {
+        let variants = [
+            "norm = layernorm\n    positions = learned\n    bias = true\n    block = transformer(attention = causal(), ffn = mlp(hidden = 96, act = gelu))\n    layers[1].ffn = moe(experts = 4, top_k = 2, gate = gshard(), expert = mlp(hidden = 32, act = relu))",
+            "tied_embeddings = false\n    bias = true\n    block = transformer(attention = causal(), ffn = moe(experts = 3, top_k = 2, gate = noisy(), expert = mlp(hidden = 32, act = swiglu), shared = shared_experts(count = 2, expert = mlp(hidden = 16, act = swiglu))))",
+            "block = transformer(attention = causal(), ffn = mlp(hidden = 64, act = swiglu))\n    layers[0].ffn = moe(experts = 2, top_k = 1, gate = switch(), expert = mlp(hidden = 16, act = gelu))",
+        ];
+        for (i, v) in variants.iter().enumerate() {
+            let tmp = tempfile::tempdir().unwrap();
+            let source = format!(
+                "use std.gates.*\n\nmodel m {{\n    vocab = 300\n    context = 16\n    width = 32\n    heads = 4\n    kv_heads = 2\n    depth = 2\n    {v}\n}}\n"
+            );
+            std::fs::write(tmp.path().join("m.fmoe"), source).unwrap();
+            let model = checked(tmp.path(), "m.fmoe").model;
+            let t = fmoec::runtime::model::Transformer::new(
+                &model,
+                Device::Cpu,
+                Kind::Float,
+                Kind::Float,
+            )
+            .unwrap();
+            let built: Vec<(String, Vec<u64>)> = t
+                .store
+                .params
+                .iter()
+                .map(|p| {
+                    (
+                        p.name.clone(),
+                        p.tensor.size().iter().map(|&n| n as u64).collect(),
+                    )
+                })
+                .collect();
+            let listed: Vec<(String, Vec<u64>)> = fmoec::hf::layout::param_shapes(&model)
+                .into_iter()
+                .map(|p| (p.name, p.shape))
+                .collect();
+            assert_eq!(built, listed, "variant {i}");
+        }
+    }
+
+    #[test]
+    fn upcycled_models_compute_the_dense_model_at_step_0_where_the_gates_allow() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        dense_run(dir);
+        let dense = load(dir, "dense.fmoe", "runs/dense/checkpoints");
+        let want = logits(&dense);
+        let from_dense = "upcycle(from_checkpoint(\"runs/dense/checkpoints\"))";
+        // the same model from another run's checkpoint: the same parameters
+        start(
+            dir,
+            "same",
+            DENSE,
+            "from_checkpoint(\"runs/dense/checkpoints\")",
+        );
+        let same = load(dir, "same.fmoe", "runs/same/checkpoints");
+        for p in &dense.store.params {
+            assert!(p.tensor.equal(&param(&same, &p.name)), "{}", p.name);
+        }
+        // every expert a copy (G = 1), slices of two (G = 2), of four with a noisy gate (G = 4)
+        let equal = [
+            ("coarse", moe(4, 2, 128, "naive()"), from_dense.to_string()),
+            ("fine", moe(4, 2, 64, "naive()"), from_dense.to_string()),
+            ("finer", moe(8, 4, 32, "noisy()"), from_dense.to_string()),
+            ("swiped", moe(4, 2, 128, "swipe()"), from_dense.to_string()),
+        ];
+        for (name, ffn, init) in &equal {
+            let said = start(dir, name, ffn, init);
+            assert!(
+                said.contains("the run starts from upcycled 2 MoE layers"),
+                "{said}"
+            );
+            assert!(!said.contains("W0612"), "{said}");
+            let t = load(
+                dir,
+                &format!("{name}.fmoe"),
+                &format!("runs/{name}/checkpoints"),
+            );
+            let rel = relative(&logits(&t), &want);
+            assert!(rel < 1e-5, "{name}: relative difference {rel:e}");
+        }
+        // the experts themselves: G = 2 makes expert e slice e mod 2, its down projection doubled
+        let fine = load(dir, "fine.fmoe", "runs/fine/checkpoints");
+        let w1 = param(&dense, "layers.1.ffn.w1");
+        let w2 = param(&dense, "layers.1.ffn.w2");
+        for e in 0..4i64 {
+            let c = e % 2;
+            assert!(param(&fine, "layers.1.ffn.experts.w1")
+                .select(0, e)
+                .equal(&w1.narrow(1, c * 64, 64)));
+            assert!(param(&fine, "layers.1.ffn.experts.w2")
+                .select(0, e)
+                .equal(&(w2.narrow(0, c * 64, 64) * 2.0)));
+        }
+        let gate = param(&fine, "layers.0.ffn.gate.weight");
+        assert!(gate.select(1, 0).equal(&gate.select(1, 1)));
+        assert!(!gate.select(1, 0).equal(&gate.select(1, 2)));
+        // where it cannot: a top-1 gate over slices of two, a Switch gate (weight = its
+        // probability), and noise on purpose
+        let unequal = [
+            (
+                "top1",
+                moe(4, 1, 64, "naive()"),
+                from_dense.to_string(),
+                true,
+            ),
+            (
+                "switched",
+                moe(4, 1, 128, "switch()"),
+                from_dense.to_string(),
+                true,
+            ),
+            (
+                "noisy_copies",
+                moe(4, 2, 128, "naive()"),
+                "upcycle(from_checkpoint(\"runs/dense/checkpoints\"), noise = 0.05)".to_string(),
+                false,
+            ),
+        ];
+        for (name, ffn, init, warned) in &unequal {
+            let said = start(dir, name, ffn, init);
+            assert_eq!(said.contains("warning[W0612]"), *warned, "{name}: {said}");
+            let t = load(
+                dir,
+                &format!("{name}.fmoe"),
+                &format!("runs/{name}/checkpoints"),
+            );
+            let rel = relative(&logits(&t), &want);
+            assert!(rel > 1e-4, "{name}: relative difference {rel:e}");
+        }
+        let noisy = load(dir, "noisy_copies.fmoe", "runs/noisy_copies/checkpoints");
+        let w = param(&noisy, "layers.0.ffn.experts.w1");
+        assert!(!w.select(0, 0).equal(&w.select(0, 1)));
+        let jitter = relative(&w.select(0, 0), &param(&dense, "layers.0.ffn.w1"));
+        assert!(jitter > 0.0 && jitter < 0.5, "{jitter}");
+    }
+
+    #[test]
+    fn hugging_face_checkpoints_start_runs_and_upcycle() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        dense_run(dir);
+        let out = fmoec(
+            &[
+                "export",
+                "--hf",
+                "hf",
+                "runs/dense/checkpoints",
+                "--model",
+                "dense.fmoe",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let want = logits(&load(dir, "dense.fmoe", "runs/dense/checkpoints"));
+        for (name, ffn, init) in [
+            ("imported", DENSE.to_string(), "from_hf(\"hf\")"),
+            (
+                "upcycled",
+                moe(4, 2, 64, "naive()"),
+                "upcycle(from_hf(\"hf\"))",
+            ),
+        ] {
+            let said = start(dir, name, &ffn, init);
+            assert!(said.contains("LlamaForCausalLM `hf`"), "{said}");
+            let t = load(
+                dir,
+                &format!("{name}.fmoe"),
+                &format!("runs/{name}/checkpoints"),
+            );
+            let rel = relative(&logits(&t), &want);
+            assert!(rel < 1e-5, "{name}: relative difference {rel:e}");
+        }
+    }
+
+    /// `fmoec check` output of `source` written as `name.fmoe` in `dir`.
+    fn check(dir: &Path, name: &str, source: &str) -> (bool, String) {
+        std::fs::write(dir.join(format!("{name}.fmoe")), source).unwrap();
+        let out = fmoec(&["check", &format!("{name}.fmoe")], dir);
+        (out.status.success(), text(&out))
+    }
+
+    #[test]
+    fn sources_that_do_not_fit_are_refused_where_the_file_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        dense_run(dir);
+        start(
+            dir,
+            "coarse",
+            &moe(4, 2, 128, "naive()"),
+            "upcycle(from_checkpoint(\"runs/dense/checkpoints\"))",
+        );
+        let cases = [
+            (
+                "narrow",
+                model("narrow", DENSE, "    init = from_checkpoint(\"runs/dense/checkpoints\")\n")
+                    .replace("width = 64", "width = 32"),
+                vec!["error[E0612]: the model has width = 32, the checkpoint to start from has 64", "narrow.fmoe:6:13", "its `embed.tokens` is [256, 64]"],
+            ),
+            (
+                "odd_hidden",
+                model("odd_hidden", &moe(4, 2, 96, "naive()"), "    init = upcycle(from_checkpoint(\"runs/dense/checkpoints\"))\n"),
+                vec!["error[E0614]: the experts' hidden size 96 does not divide the dense MLP's 128 (layers 0 and 1)", "help: use hidden = 128"],
+            ),
+            (
+                "three",
+                model("three", &moe(3, 2, 64, "naive()"), "    init = upcycle(from_checkpoint(\"runs/dense/checkpoints\"))\n"),
+                vec!["error[E0614]: 3 experts cannot hold whole copies of the dense MLP cut into 2 slices (layers 0 and 1)"],
+            ),
+            (
+                "twice",
+                model("twice", &moe(8, 2, 128, "naive()"), "    init = upcycle(from_checkpoint(\"runs/coarse/checkpoints\"))\n"),
+                vec!["error[E0614]: upcycle starts from a dense model; layer 0 of the checkpoint is an MoE layer"],
+            ),
+            (
+                "gelu_experts",
+                model("gelu_experts", "moe(experts = 4, top_k = 2, expert = mlp(hidden = 128, act = gelu))", "    init = upcycle(from_checkpoint(\"runs/dense/checkpoints\"))\n"),
+                vec!["error[E0614]: the experts are GELU or ReLU, the checkpoint's layer 0 MLP is SwiGLU"],
+            ),
+            (
+                "moe_direct",
+                model("moe_direct", &moe(4, 2, 128, "naive()"), "    init = from_checkpoint(\"runs/dense/checkpoints\")\n"),
+                vec!["error[E0612]: layer 0 is an MoE layer here, a dense MLP in the checkpoint to start from", "error[E0612]: layer 1 is an MoE layer here", "help: to start MoE layers from a dense model's MLPs, write `init = upcycle(from_checkpoint(...))`"],
+            ),
+        ];
+        for (name, source, wants) in &cases {
+            let (ok, said) = check(dir, name, source);
+            assert!(!ok, "{name}: {said}");
+            for want in wants {
+                assert!(said.contains(want), "{name}: missing {want:?} in\n{said}");
+            }
+            // `fmoec run` refuses it the same way, before it writes anything
+            let out = fmoec(&["run", &format!("{name}.fmoe"), "--quiet"], dir);
+            assert!(!out.status.success(), "{name}");
+            assert!(!dir.join("runs").join(name).exists(), "{name}");
+        }
+        // a truncated Hugging Face shard, found from its header
+        let out = fmoec(
+            &[
+                "export",
+                "--hf",
+                "hf",
+                "runs/dense/checkpoints",
+                "--model",
+                "dense.fmoe",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let shard = dir.join("hf/model-00001-of-00001.safetensors");
+        let bytes = std::fs::read(&shard).unwrap();
+        std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
+        let (ok, said) = check(
+            dir,
+            "cut",
+            &model("cut", DENSE, "    init = from_hf(\"hf\")\n"),
+        );
+        assert!(
+            !ok && said.contains("error[E0611]: cannot read the Hugging Face checkpoint's weights")
+                && said.contains("is truncated"),
+            "{said}"
+        );
+        // not there: `fmoec check` warns, `fmoec run` refuses and writes nothing
+        let (ok, said) = check(
+            dir,
+            "gone",
+            &model("gone", DENSE, "    init = from_hf(\"elsewhere\")\n"),
+        );
+        assert!(
+            ok && said
+                .contains("warning[W0611]: the checkpoint to start from, `elsewhere`, is not here"),
+            "{said}"
+        );
+        let out = fmoec(&["run", "gone.fmoe", "--quiet"], dir);
+        assert!(
+            !out.status.success() && text(&out).contains("`elsewhere`, is not here"),
+            "{}",
+            text(&out)
+        );
+        assert!(!dir.join("runs/gone").exists());
+    }
+
+    #[test]
+    fn weights_the_model_file_cannot_compute_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let biased = model("biased", DENSE, "").replace("bias = false", "bias = true");
+        std::fs::write(dir.join("biased.fmoe"), &biased).unwrap();
+        let out = fmoec(&["run", "biased.fmoe", "--quiet"], dir);
+        assert!(out.status.success(), "{}", text(&out));
+        let out = fmoec(
+            &[
+                "export",
+                "--hf",
+                "hf",
+                "runs/biased/checkpoints",
+                "--model",
+                "biased.fmoe",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        // transformers' Llama has an up-projection bias; fmoec's SwiGLU has none
+        let shard = dir.join("hf/model-00001-of-00001.safetensors");
+        let named: Vec<(String, Tensor)> = Tensor::read_safetensors(&shard)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if n == "model.layers.1.mlp.up_proj.bias" {
+                    t + 0.5
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect();
+        Tensor::write_safetensors(&named, &shard).unwrap();
+        let again = biased
+            .replace("model biased", "model again")
+            .replace("    optimizer", "    init = from_hf(\"hf\")\n    optimizer");
+        std::fs::write(dir.join("again.fmoe"), again).unwrap();
+        let out = fmoec(&["run", "again.fmoe", "--quiet"], dir);
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(
+            said.contains(
+                "`model.layers.1.mlp.up_proj.bias` of the Hugging Face checkpoint is not zero"
+            ),
+            "{said}"
+        );
+        assert!(!dir.join("runs/again").exists());
+    }
+}

@@ -748,6 +748,16 @@ pub fn unknown_corpus(span: Span, name: &str, known: &[&str], help: Option<Strin
     )
 }
 
+pub fn upcycle_of_upcycle(span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0610",
+        span,
+        "`upcycle` starts from a dense checkpoint, not from another `upcycle`",
+    )
+    .with_label("not `from_hf(...)` or `from_checkpoint(...)`")
+    .with_help("write `upcycle(from_hf(\"DIR\"))` or `upcycle(from_checkpoint(\"DIR\"))`")
+}
+
 pub fn fp8_dense_without_fp8(span: Span, precision: Span) -> Diagnostic {
     let d = Diagnostic::error(
         "E0609",

@@ -297,8 +297,50 @@ pub struct Train {
     pub checkpoint: Option<CheckpointPolicy>,
     pub eval: Option<EvalPolicy>,
     pub seed: u64,
+    /// `init = ...`: where the run's parameters start; `None`: the seeded initialisation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitSpec>,
     #[serde(skip)]
     pub spans: TrainSpans,
+}
+
+/// `init = from_hf("DIR")`, `from_checkpoint("DIR")`, or `upcycle(...)` of either.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InitSpec {
+    pub source: InitSource,
+    /// `upcycle(...)`: the source is a dense model whose MLPs become every MoE layer's experts.
+    pub upcycle: Option<Upcycle>,
+    /// The whole `init` value.
+    #[serde(skip)]
+    pub span: Span,
+    /// The `from_hf(...)` or `from_checkpoint(...)` call.
+    #[serde(skip)]
+    pub source_span: Span,
+}
+
+/// Where an `init` reads its weights.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "path", rename_all = "snake_case")]
+pub enum InitSource {
+    /// A Hugging Face folder (`config.json`, safetensors).
+    Hf(String),
+    /// An fmoec checkpoint: a `step-*` folder, or a checkpoint folder with `latest`.
+    Checkpoint(String),
+}
+
+impl InitSource {
+    pub fn path(&self) -> &str {
+        match self {
+            InitSource::Hf(p) | InitSource::Checkpoint(p) => p,
+        }
+    }
+}
+
+/// `upcycle(dense, noise = 0.0)`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Upcycle {
+    /// Each expert's weights are the dense ones times `1 + noise · N(0, 1)`.
+    pub noise: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

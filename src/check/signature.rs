@@ -18,6 +18,7 @@ pub const KINDS: &[&str] = &[
     "attention",
     "data",
     "tokenizer",
+    "init",
     "optimizer",
     "schedule",
     "every",

@@ -17,6 +17,7 @@ use super::value::{Bound, Type, Value, V};
 use super::Checker;
 use crate::data::tokenizer::{megatron_padded_vocab, Flavour, TextTokenizer};
 use crate::diag::Span;
+use crate::hf::init::Resolution;
 
 /// Megatron-LM's `--make-vocab-size-divisible-by` default.
 pub const MEGATRON_VOCAB_DIVISOR: u64 = 128;
@@ -35,6 +36,7 @@ pub const TRAIN_FIELDS: &[&str] = &[
     "checkpoint",
     "eval",
     "seed",
+    "init",
 ];
 
 /// The corpora `builtin(...)` names (embedded in the binary; byte level, like `text(...)`).
@@ -319,6 +321,10 @@ impl Checker<'_> {
             None if fields.contains_key("eval") => None,
             None => Some(None),
         };
+        let init_v = self.typed_field(&fields, "init", &Type::Kind("init".into()), ctx);
+        let init = init_v.as_ref().and_then(|v| self.init_spec(v));
+        ok &= init.is_some() || !fields.contains_key("init");
+
         let seed = match self.typed_field(&fields, "seed", &int_ge(0.0), ctx) {
             Some(v) => Some(uint(&v)),
             None if fields.contains_key("seed") => None,
@@ -367,6 +373,14 @@ impl Checker<'_> {
                 }
             }
         }
+        // The checkpoint to start from, read (its metadata only) when it is here: a missing one
+        // is `fmoec check`'s warning (see `data_files_missing`) and `fmoec run`'s error.
+        if let (Some(model), Some(init)) = (model, &init) {
+            match crate::hf::init::resolve(model, init) {
+                Resolution::NotHere => {}
+                Resolution::Failed(diags) | Resolution::Ready(_, diags) => self.sink.extend(diags),
+            }
+        }
         if !ok {
             return None;
         }
@@ -382,7 +396,43 @@ impl Checker<'_> {
             checkpoint: checkpoint?,
             eval: eval?,
             seed: seed?,
+            init,
             spans,
+        })
+    }
+
+    /// `from_hf(...)`, `from_checkpoint(...)` or `upcycle(...)` of one of them.
+    fn init_spec(&mut self, v: &V) -> Option<InitSpec> {
+        let c = ctor_of(v)?;
+        let source_of = |c: &super::value::CtorValue| {
+            let path = c.arg("path").map(string).unwrap_or_default();
+            match c.name.as_str() {
+                "from_hf" => Some(InitSource::Hf(path)),
+                "from_checkpoint" => Some(InitSource::Checkpoint(path)),
+                _ => None,
+            }
+        };
+        if c.name != "upcycle" {
+            return Some(InitSpec {
+                source: source_of(&c)?,
+                upcycle: None,
+                span: v.span,
+                source_span: v.span,
+            });
+        }
+        let dense = c.arg("dense")?;
+        let inner = ctor_of(dense)?;
+        let Some(source) = source_of(&inner) else {
+            self.sink.push(errors::upcycle_of_upcycle(dense.span));
+            return None;
+        };
+        Some(InitSpec {
+            source,
+            upcycle: Some(Upcycle {
+                noise: c.arg("noise").map(float).unwrap_or(0.0),
+            }),
+            span: v.span,
+            source_span: dense.span,
         })
     }
 
@@ -421,10 +471,11 @@ impl Checker<'_> {
     }
 }
 
-/// A warning when the text file or Megatron dataset of `train` is not there, relative to
-/// the working directory as `fmoec run` reads it. Only `fmoec check` asks: the data of a
-/// plan or an emitted Megatron training lives where it will run, not here.
-pub fn data_files_missing(train: &Train) -> Option<crate::diag::Diagnostic> {
+/// Warnings for what `train` reads that is not here, relative to the working directory as
+/// `fmoec run` reads it: the data files (W0009) and the checkpoint to start from (W0611). Only
+/// `fmoec check` asks: the data of a plan or an emitted Megatron training lives where it will
+/// run, not here.
+pub fn data_files_missing(train: &Train) -> Vec<crate::diag::Diagnostic> {
     fn files(source: &DataSource) -> Vec<String> {
         match source {
             DataSource::Builtin(_) => Vec::new(),
@@ -440,5 +491,15 @@ pub fn data_files_missing(train: &Train) -> Option<crate::diag::Diagnostic> {
         .into_iter()
         .filter(|f| !std::path::Path::new(f).is_file())
         .collect();
-    (!missing.is_empty()).then(|| errors::data_file_missing(train.spans.data, &missing))
+    let mut out = Vec::new();
+    if !missing.is_empty() {
+        out.push(errors::data_file_missing(train.spans.data, &missing));
+    }
+    if let Some(init) = &train.init {
+        let path = init.source.path();
+        if !std::path::Path::new(path).exists() {
+            out.push(crate::hf::init::not_found(init.source_span, path));
+        }
+    }
+    out
 }

@@ -74,7 +74,7 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
     };
     let checked = &loaded.checked;
     let model = &checked.model;
-    let arch = match export::architecture(model) {
+    let arch = match super::architecture::architecture(model) {
         Ok(a) => a,
         Err(diags) => {
             driver::report(&loaded.sources, &diags, DiagFormat::Human);

@@ -1,6 +1,9 @@
-//! Hugging Face checkpoints out: `fmoec export --hf OUT CHECKPOINT` maps a checked model onto
-//! the `transformers` architecture that computes exactly what fmoec's runtime computes, and
-//! writes `config.json`, sharded safetensors with their index, and the tokenizer.
+//! Hugging Face checkpoints, out and in. `fmoec export --hf OUT CHECKPOINT` maps a checked model
+//! onto the `transformers` architecture that computes exactly what fmoec's runtime computes
+//! and writes `config.json`, sharded safetensors with their index, and the tokenizer; the
+//! `train` block's `init = from_hf(DIR)`, `from_checkpoint(DIR)` or `upcycle(...)` of either
+//! starts a run from such a checkpoint, an fmoec checkpoint of another run, or a dense model
+//! upcycled into the file's MoE layers.
 //!
 //! How fmoec's runtime computes (src/runtime/model.rs, moe.rs) and so what a counterpart must
 //! do: pre-norm blocks with RMSNorm (eps 1e-5); rotate-half rotary embeddings of the whole
@@ -11,9 +14,10 @@
 //! logits and soft-max them among themselves at inference, which equals transformers'
 //! softmax over all experts renormalised over the top k (Mixtral; Qwen2-MoE with
 //! `norm_topk_prob`); a noisy gate's noise projection is used in training only and is not
-//! exported. Shared experts are one MLP added to the routed output; Qwen2-MoE multiplies its
-//! shared expert by `sigmoid(shared_expert_gate x)`, so the export sets that gate to zero
-//! (sigmoid 0.5, exact) and doubles the shared expert's down projection (exact).
+//! exported (an import leaves it at its seeded start). Shared experts are one MLP added to the
+//! routed output; Qwen2-MoE multiplies its shared expert by `sigmoid(shared_expert_gate x)`, so
+//! the export sets that gate to zero (sigmoid 0.5, exact) and doubles the shared expert's down
+//! projection (exact); an import halves it and requires the gate to be zero.
 //!
 //! Architectures: every layer dense → `LlamaForCausalLM`; every layer MoE without shared
 //! experts → `MixtralForCausalLM`; otherwise (shared experts, or dense and MoE layers mixed
@@ -22,11 +26,18 @@
 //! shared by the heads), and Qwen3-MoE normalises queries and keys per head: no fmoec file
 //! matches them. Everything without a counterpart is refused with a located diagnostic.
 //!
-//! The export writes `fmoec-export.json` (the files and their SHA-256) so that it only ever
-//! replaces files it wrote itself. An import reads back: `config.json`'s architecture and
-//! sizes, the tensors by the names below (Qwen2-MoE: halve `shared_expert.down_proj`,
-//! check `shared_expert_gate` is zero), and `fmoec-export.json`'s `model_hash` to recognise
-//! its own exports. Knows nothing about training.
+//! By concern: [`architecture`] (the choice, `config.json` both ways), [`layout`] (every
+//! tensor by name and shape, and the one Hugging Face ↔ fmoec tensor table), [`init`] (an
+//! `init` source's metadata checked against the model: what `fmoec check` says), and with the
+//! runtime [`export`], [`import`] (the tensors, upcycling) and [`cli`]. Knows nothing about
+//! training beyond the parameters a run starts from.
 
+pub mod architecture;
+#[cfg(feature = "runtime")]
 pub mod cli;
+#[cfg(feature = "runtime")]
 pub mod export;
+#[cfg(feature = "runtime")]
+pub mod import;
+pub mod init;
+pub mod layout;

@@ -341,11 +341,24 @@ impl<'a> Trainer<'a> {
 
     /// Where the run's parameters and optimizer state come from before its first step: the
     /// checkpoint it continues (`--resume`; this rank's experts `local`, resharded as needed),
-    /// else the seeded initialisation the model was built with. This is the one place a run's
-    /// initial state is set: another source (a Hugging Face checkpoint, an upcycled dense
-    /// model) goes here, onto the whole (not yet tensor-split) parameters.
+    /// else the train block's `init` (a Hugging Face or fmoec checkpoint, or an upcycled dense
+    /// model: the parameters only, with a fresh optimizer, `crate::hf::import`), else the
+    /// seeded initialisation the model was built with. This is the one place a run's initial
+    /// state is set, onto the whole (not yet tensor-split) parameters.
     fn start_from(&mut self, local: &BTreeMap<usize, Vec<usize>>) -> Result<()> {
         let Some(path) = &self.opts.resume else {
+            if let Some(init) = &self.train.init {
+                let from = crate::hf::import::start_from(
+                    &self.checked.model,
+                    init,
+                    &self.model.store,
+                    local,
+                    self.train.seed,
+                )?;
+                if self.main {
+                    eprintln!("note: the run starts from {from}");
+                }
+            }
             return Ok(());
         };
         let resumed = checkpoint::resume(

@@ -128,6 +128,7 @@ pub fn checked(gpus: u64, tensor: u64, pipeline: u64, experts: u64, kind: GateKi
             }),
             eval: None,
             seed: 1234,
+            init: None,
             spans: Default::default(),
         }),
     }

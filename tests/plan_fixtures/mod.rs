@@ -159,6 +159,7 @@ pub fn train(batch_sequences: u64, seq_len: u64, precision: Precision) -> Train 
         checkpoint: None,
         eval: None,
         seed: 1,
+        init: None,
         spans: TrainSpans {
             batch: span(S_BATCH),
             ..TrainSpans::default()

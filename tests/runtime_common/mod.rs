@@ -140,6 +140,7 @@ pub fn tiny_checked(gate: GateKind, steps: u64, data: DataSource) -> Checked {
                 batches: 2,
             }),
             seed: 1234,
+            init: None,
             spans: Default::default(),
         }),
     }

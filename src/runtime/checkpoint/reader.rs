@@ -192,6 +192,17 @@ pub struct Source {
 impl Source {
     /// Opens `path` (a `step-*` folder, or a root with `latest`) of format v1 or v2.
     pub fn open(path: &Path, model: &Model) -> Result<Source> {
+        Source::open_checked(path, model, true)
+    }
+
+    /// Opens a checkpoint of another model than `model` to start a run from (`init`): as
+    /// [`Source::open`] without the model-hash check; `model` gives the layers' expert counts,
+    /// and the caller checks every tensor's name and shape.
+    pub fn open_for_init(path: &Path, model: &Model) -> Result<Source> {
+        Source::open_checked(path, model, false)
+    }
+
+    fn open_checked(path: &Path, model: &Model, same_model: bool) -> Result<Source> {
         let dir = resolve(path)?;
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&manifest_path)
@@ -224,7 +235,9 @@ impl Source {
                 dir.display()
             ),
         };
-        manifest.run.check_model(&dir, model)?;
+        if same_model {
+            manifest.run.check_model(&dir, model)?;
+        }
         if !manifest.shards.iter().any(|s| s.replicated) {
             bail!(
                 "checkpoint `{}`: no shard holds the replicated parameters",

@@ -1,0 +1,555 @@
+//! Which `transformers` architecture computes what an fmoec model computes, both ways: the
+//! choice for a model (or located refusals, H0001), the `config.json` an export writes, and
+//! the comparison of a checkpoint's `config.json` with a model file (what an import needs).
+//! Reads no tensors and knows nothing about libtorch, so `fmoec check` uses it in every build.
+
+use serde_json::{json, Value};
+
+use crate::check::{Activation, Ffn, GateKind, Mlp, Model, Moe, Norm, Positions};
+use crate::diag::{Diagnostic, Span};
+
+/// The `transformers` architecture an export targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mixtral,
+    Qwen2Moe,
+}
+
+impl Architecture {
+    pub fn class(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mixtral => "MixtralForCausalLM",
+            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+        }
+    }
+}
+
+/// fmoec's norm epsilon and rotary base (src/runtime/model.rs).
+const NORM_EPS: f64 = 1e-5;
+const ROPE_BASE: f64 = 10_000.0;
+
+fn refuse(span: Span, feature: &str, why: &str) -> Diagnostic {
+    Diagnostic::error(
+        "H0001",
+        span,
+        format!("{feature} has no Hugging Face counterpart"),
+    )
+    .with_label(feature.to_string())
+    .with_note(why.to_string())
+}
+
+/// Picks the architecture, or says every feature that has none.
+pub fn architecture(model: &Model) -> Result<Architecture, Vec<Diagnostic>> {
+    let at = model.spans.name;
+    let mut out = Vec::new();
+    if model.norm != Norm::RmsNorm {
+        out.push(refuse(
+            at,
+            "`norm = layernorm`",
+            "Llama, Mixtral and Qwen2-MoE use RMSNorm; set `norm = rmsnorm`",
+        ));
+    }
+    if model.positions != Positions::Rotary {
+        out.push(refuse(
+            at,
+            "`positions = learned`",
+            "Llama, Mixtral and Qwen2-MoE use rotary embeddings; set `positions = rotary`",
+        ));
+    }
+    let moe: Vec<(usize, &Moe)> = model.moe_layers().collect();
+    let dense: Vec<(&Mlp, Span)> = model
+        .layers
+        .iter()
+        .filter_map(|l| match &l.ffn {
+            Ffn::Dense(m) => Some((m, l.span)),
+            Ffn::Moe(_) => None,
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for (m, span) in &dense {
+        if m.act != Activation::Swiglu && !seen.contains(span) {
+            seen.push(*span);
+            let act = format!("{:?}", m.act).to_lowercase();
+            out.push(refuse(
+                *span,
+                &format!("a {act} MLP"),
+                "the architectures' MLPs are SwiGLU; use `act = swiglu`",
+            ));
+        }
+    }
+    for (index, m) in &moe {
+        let span = model.layers[*index].span;
+        if m.expert.act != Activation::Swiglu {
+            out.push(refuse(
+                span,
+                &format!("{:?} experts", m.expert.act).to_lowercase(),
+                "the architectures' experts are SwiGLU; use `act = swiglu`",
+            ));
+        }
+        if let Some(s) = &m.shared {
+            if s.expert.act != Activation::Swiglu {
+                out.push(refuse(
+                    span,
+                    "non-SwiGLU shared experts",
+                    "Qwen2-MoE's shared expert is SwiGLU",
+                ));
+            }
+        }
+        match m.gate.kind {
+            GateKind::Naive | GateKind::Noisy | GateKind::Swipe => {}
+            GateKind::Gshard => out.push(refuse(span, "the GShard gate", "its capacity drops tokens at inference; transformers' MoE blocks never drop one")),
+            GateKind::Switch => out.push(refuse(span, "the Switch gate", "its capacity drops tokens, and its top-1 weight is the expert's probability, not renormalised")),
+        }
+        if model.bias {
+            out.push(refuse(span, "biases in an MoE model (`bias = true`)", "Mixtral's and Qwen2-MoE's routers, experts and output projections have no biases; set `bias = false`"));
+        }
+    }
+    let all_same = |v: &[(usize, &Moe)]| v.windows(2).all(|w| w[0].1 == w[1].1);
+    if moe.len() > 1 && !all_same(&moe) {
+        out.push(refuse(
+            model.layers[moe[1].0].span,
+            "MoE layers of different shapes",
+            "every MoE layer of a Hugging Face config has the same experts, top-k and sizes",
+        ));
+    }
+    if dense.windows(2).any(|w| w[0].0.hidden != w[1].0.hidden) {
+        out.push(refuse(
+            dense[1].1,
+            "dense layers of different sizes",
+            "a Hugging Face config has one intermediate size for its dense layers",
+        ));
+    }
+    let arch = if moe.is_empty() {
+        Architecture::Llama
+    } else if dense.is_empty() && moe[0].1.shared.is_none() {
+        Architecture::Mixtral
+    } else {
+        if moe[0].1.shared.is_none() {
+            out.push(refuse(dense[0].1, "dense layers mixed with MoE layers without shared experts", "Mixtral has MoE layers only; Qwen2-MoE, which mixes them, always has a shared expert"));
+        }
+        Architecture::Qwen2Moe
+    };
+    if out.is_empty() {
+        Ok(arch)
+    } else {
+        Err(out)
+    }
+}
+
+/// `config.json` for `arch`.
+pub fn config(model: &Model, arch: Architecture) -> Value {
+    let a = &model.attention;
+    let mut c = json!({
+        "architectures": [arch.class()],
+        "vocab_size": model.vocab,
+        "hidden_size": model.width,
+        "num_hidden_layers": model.layers.len(),
+        "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads,
+        "head_dim": a.head_dim,
+        "max_position_embeddings": model.context,
+        "rms_norm_eps": NORM_EPS,
+        "rope_theta": ROPE_BASE,
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_BASE},
+        "hidden_act": "silu",
+        "tie_word_embeddings": model.tied_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+        "use_cache": true,
+    });
+    let moe = model.moe_layers().next().map(|(_, m)| m.clone());
+    let dense_hidden = model.layers.iter().find_map(|l| match &l.ffn {
+        Ffn::Dense(m) => Some(m.hidden),
+        Ffn::Moe(_) => None,
+    });
+    let obj = c.as_object_mut().expect("an object");
+    match arch {
+        Architecture::Llama => {
+            obj.insert("model_type".into(), json!("llama"));
+            obj.insert("intermediate_size".into(), json!(dense_hidden));
+            obj.insert("attention_bias".into(), json!(model.bias));
+            obj.insert("mlp_bias".into(), json!(model.bias));
+        }
+        Architecture::Mixtral => {
+            let m = moe.expect("an MoE layer");
+            obj.insert("model_type".into(), json!("mixtral"));
+            obj.insert("intermediate_size".into(), json!(m.expert.hidden));
+            obj.insert("num_local_experts".into(), json!(m.experts));
+            obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+            obj.insert("router_jitter_noise".into(), json!(0.0));
+            obj.insert("output_router_logits".into(), json!(false));
+            obj.insert("sliding_window".into(), Value::Null);
+        }
+        Architecture::Qwen2Moe => {
+            let m = moe.expect("an MoE layer");
+            let shared = m.shared.as_ref().map_or(0, |s| s.count * s.expert.hidden);
+            let dense_layers: Vec<usize> = model
+                .layers
+                .iter()
+                .filter(|l| matches!(l.ffn, Ffn::Dense(_)))
+                .map(|l| l.index)
+                .collect();
+            obj.insert("model_type".into(), json!("qwen2_moe"));
+            obj.insert(
+                "intermediate_size".into(),
+                json!(dense_hidden.unwrap_or(m.expert.hidden)),
+            );
+            obj.insert("moe_intermediate_size".into(), json!(m.expert.hidden));
+            obj.insert("shared_expert_intermediate_size".into(), json!(shared));
+            obj.insert("num_experts".into(), json!(m.experts));
+            obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+            obj.insert("norm_topk_prob".into(), json!(true));
+            obj.insert("decoder_sparse_step".into(), json!(1));
+            obj.insert("mlp_only_layers".into(), json!(dense_layers));
+            obj.insert("qkv_bias".into(), json!(true));
+            obj.insert("use_sliding_window".into(), json!(false));
+            obj.insert("output_router_logits".into(), json!(false));
+        }
+    }
+    c
+}
+
+impl Architecture {
+    /// The architecture a checkpoint's `config.json` names (`architectures`, else
+    /// `model_type`), or what it names when fmoec has no such architecture.
+    pub fn of_config(config: &Value) -> Result<Architecture, String> {
+        let class = config
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str);
+        let model_type = config.get("model_type").and_then(Value::as_str);
+        for arch in [
+            Architecture::Llama,
+            Architecture::Mixtral,
+            Architecture::Qwen2Moe,
+        ] {
+            if class == Some(arch.class())
+                || (class.is_none() && model_type == Some(arch.model_type()))
+            {
+                return Ok(arch);
+            }
+        }
+        Err(class
+            .or(model_type)
+            .unwrap_or("a model with neither `architectures` nor `model_type`")
+            .to_string())
+    }
+
+    /// transformers' `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mixtral => "mixtral",
+            Architecture::Qwen2Moe => "qwen2_moe",
+        }
+    }
+
+    /// What a user would call the kind of model.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Architecture::Llama => "a dense Llama-style model",
+            Architecture::Mixtral => "a Mixtral-style MoE model",
+            Architecture::Qwen2Moe => "a Qwen2-MoE-style model (shared experts)",
+        }
+    }
+}
+
+/// A checkpoint that does not describe the model file (E0612): the model field at `at`, with
+/// what the checkpoint says (`evidence`) pointed at by `init`.
+pub fn model_differs(
+    at: Span,
+    field: &str,
+    ours: &str,
+    theirs: &str,
+    evidence: &str,
+    init: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        "E0612",
+        at,
+        format!("the model has {field} = {ours}, the checkpoint to start from has {theirs}"),
+    )
+    .with_label(format!("{field} = {ours} here"))
+    .with_secondary(init, evidence.to_string())
+    .with_help(format!(
+        "set {field} = {theirs} to start from this checkpoint, or start from one of this model's shape"
+    ))
+}
+
+fn show(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "nothing".into(),
+        Some(v) => v.to_string(),
+    }
+}
+
+/// Compares a checkpoint's `config.json` with the `config.json` the model file exports as
+/// (both for `arch`): every difference in shape or architecture is an error at the model's
+/// own text (E0612); settings that change what the model computes but that the language
+/// cannot express (rotary base, norm epsilon, sliding windows, unnormalised top-k) are one
+/// warning (W0613) at `init`, since training adapts to them.
+pub fn compare_config(
+    model: &Model,
+    arch: Architecture,
+    theirs: &Value,
+    init: Span,
+) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let name = model.spans.name;
+    match Architecture::of_config(theirs) {
+        Ok(a) if a == arch => {}
+        Ok(a) => {
+            out.push(
+                Diagnostic::error(
+                    "E0612",
+                    name,
+                    format!(
+                        "`{}` is {} ({}); the checkpoint to start from is {} ({})",
+                        model.name,
+                        arch.describe(),
+                        arch.class(),
+                        a.describe(),
+                        a.class()
+                    ),
+                )
+                .with_label(format!("exports as {}", arch.class()))
+                .with_secondary(init, format!("config.json: {}", a.class()))
+                .with_help(if a == Architecture::Llama {
+                    "to turn a dense checkpoint into an MoE model, start from `upcycle(...)` of it"
+                } else {
+                    "declare the layers as the checkpoint has them (see `fmoec export --hf` in the README for the mapping)"
+                }),
+            );
+            return out;
+        }
+        Err(other) => {
+            out.push(
+                Diagnostic::error(
+                    "E0612",
+                    init,
+                    format!(
+                        "the checkpoint to start from is a `{other}`; fmoec reads LlamaForCausalLM, MixtralForCausalLM and Qwen2MoeForCausalLM"
+                    ),
+                )
+                .with_label("its config.json names this architecture"),
+            );
+            return out;
+        }
+    }
+    let ours = config(model, arch);
+    let first_dense = model.layers.iter().find_map(|l| match &l.ffn {
+        Ffn::Dense(m) => Some(m.span),
+        Ffn::Moe(_) => None,
+    });
+    let first_moe = model.moe_layers().next().map(|(_, m)| m);
+    let get = |key: &str| theirs.get(key).filter(|v| !v.is_null());
+    // (key, the model's field as the user wrote it, where, the checkpoint's default)
+    let mut fields: Vec<(&str, &str, Span, Option<Value>)> = vec![
+        ("vocab_size", "vocab", model.spans.vocab, None),
+        ("hidden_size", "width", model.spans.width, None),
+        ("num_hidden_layers", "depth", model.spans.depth, None),
+        ("num_attention_heads", "heads", model.spans.heads, None),
+        (
+            "num_key_value_heads",
+            "kv_heads",
+            model.spans.heads,
+            get("num_attention_heads").cloned(),
+        ),
+        (
+            "head_dim",
+            "the head size (width / heads)",
+            model.spans.heads,
+            match (
+                get("hidden_size").and_then(Value::as_u64),
+                get("num_attention_heads").and_then(Value::as_u64),
+            ) {
+                (Some(h), Some(n)) if n > 0 => Some(json!(h / n)),
+                _ => None,
+            },
+        ),
+        (
+            "tie_word_embeddings",
+            "tied_embeddings",
+            name,
+            Some(json!(false)),
+        ),
+    ];
+    match arch {
+        Architecture::Llama => {
+            let at = first_dense.unwrap_or(name);
+            fields.push(("intermediate_size", "the MLP's hidden", at, None));
+            fields.push(("attention_bias", "bias", name, Some(json!(false))));
+            fields.push(("mlp_bias", "bias", name, Some(json!(false))));
+        }
+        Architecture::Mixtral => {
+            let m = first_moe.expect("a Mixtral-style model has MoE layers");
+            fields.push((
+                "intermediate_size",
+                "the experts' hidden",
+                m.expert.span,
+                None,
+            ));
+            fields.push((
+                "num_local_experts",
+                "experts",
+                m.spans.experts,
+                Some(json!(8)),
+            ));
+            fields.push((
+                "num_experts_per_tok",
+                "top_k",
+                m.spans.top_k,
+                Some(json!(2)),
+            ));
+        }
+        Architecture::Qwen2Moe => {
+            let m = first_moe.expect("a Qwen2-MoE-style model has MoE layers");
+            if let Some(at) = first_dense {
+                fields.push(("intermediate_size", "the dense MLPs' hidden", at, None));
+            }
+            fields.push((
+                "moe_intermediate_size",
+                "the experts' hidden",
+                m.expert.span,
+                None,
+            ));
+            fields.push((
+                "shared_expert_intermediate_size",
+                "the shared experts' hidden (count x hidden)",
+                m.spans.call,
+                None,
+            ));
+            fields.push(("num_experts", "experts", m.spans.experts, None));
+            fields.push(("num_experts_per_tok", "top_k", m.spans.top_k, None));
+        }
+    }
+    for (key, field, at, default) in fields {
+        let want = ours.get(key);
+        let have = get(key).cloned().or(default);
+        let same = match (want, &have) {
+            (Some(w), Some(h)) => w == h || (w.as_f64().is_some() && w.as_f64() == h.as_f64()),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            let theirs = show(have.as_ref());
+            out.push(model_differs(
+                at,
+                field,
+                &show(want),
+                &theirs,
+                &format!("its config.json: `{key}` = {theirs}"),
+                init,
+            ));
+        }
+    }
+    if arch == Architecture::Qwen2Moe {
+        // transformers: layer i is sparse unless listed in mlp_only_layers, and only every
+        // decoder_sparse_step-th layer is
+        let only: Vec<u64> = get("mlp_only_layers")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        let step = get("decoder_sparse_step")
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            .max(1);
+        for layer in &model.layers {
+            let i = layer.index as u64;
+            let sparse = !only.contains(&i) && (i + 1) % step == 0;
+            let ours_sparse = matches!(layer.ffn, Ffn::Moe(_));
+            if sparse != ours_sparse {
+                let kind = |s: bool| if s { "an MoE layer" } else { "a dense MLP" };
+                out.push(
+                    Diagnostic::error(
+                        "E0612",
+                        layer.span,
+                        format!(
+                            "layer {i} is {} here, {} in the checkpoint to start from",
+                            kind(ours_sparse),
+                            kind(sparse)
+                        ),
+                    )
+                    .with_label(format!("layer {i}'s feed-forward"))
+                    .with_secondary(init, "its config.json: `mlp_only_layers`, `decoder_sparse_step`")
+                    .with_help("declare the same layers dense (`layers[...] .ffn = mlp(...)`) as the checkpoint's `mlp_only_layers`"),
+                );
+                break;
+            }
+        }
+    }
+    let mut differ = Vec::new();
+    let theta = get("rope_theta")
+        .or_else(|| {
+            theirs
+                .get("rope_parameters")
+                .and_then(|r| r.get("rope_theta"))
+        })
+        .and_then(Value::as_f64)
+        .unwrap_or(ROPE_BASE);
+    if theta != ROPE_BASE {
+        differ.push(format!("rotary base {theta} (fmoec: {ROPE_BASE})"));
+    }
+    let rope_type = ["rope_scaling", "rope_parameters"]
+        .iter()
+        .filter_map(|key| theirs.get(*key))
+        .filter_map(|r| r.get("rope_type").or_else(|| r.get("type")))
+        .filter_map(Value::as_str)
+        .find(|t| *t != "default")
+        .unwrap_or("default");
+    if rope_type != "default" {
+        differ.push(format!("rotary scaling `{rope_type}` (fmoec: none)"));
+    }
+    if let Some(eps) = get("rms_norm_eps").and_then(Value::as_f64) {
+        if eps != NORM_EPS {
+            differ.push(format!("RMSNorm epsilon {eps:e} (fmoec: {NORM_EPS:e})"));
+        }
+    }
+    if let Some(act) = get("hidden_act").and_then(Value::as_str) {
+        if act != "silu" {
+            differ.push(format!("`{act}` in its gated MLPs (fmoec's SwiGLU: silu)"));
+        }
+    }
+    let window = match arch {
+        Architecture::Qwen2Moe => get("use_sliding_window")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        _ => true,
+    };
+    if let Some(w) = get("sliding_window")
+        .and_then(Value::as_u64)
+        .filter(|_| window)
+    {
+        if w < model.context {
+            differ.push(format!(
+                "sliding-window attention over {w} tokens (fmoec: the whole context, {})",
+                model.context
+            ));
+        }
+    }
+    if arch == Architecture::Qwen2Moe
+        && !get("norm_topk_prob")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    {
+        differ.push(
+            "top-k gate weights that are not renormalised (fmoec's gates renormalise them)".into(),
+        );
+    }
+    if !differ.is_empty() {
+        out.push(
+            Diagnostic::warning(
+                "W0613",
+                init,
+                "the checkpoint's model computes differently from this model file in ways the file cannot express",
+            )
+            .with_label("its config.json differs")
+            .with_note(format!("it has {}", differ.join("; ")))
+            .with_note("the run starts from its weights and trains with fmoec's settings; its first losses are higher than the checkpoint's own"),
+        );
+    }
+    out
+}

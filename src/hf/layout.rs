@@ -1,0 +1,371 @@
+//! The tensors of a model by name and shape, without building them: fmoec's parameters as the
+//! runtime's parameter store names them (the names checkpoints use), and the tensors of the
+//! model's Hugging Face counterpart, each with the part of an fmoec parameter it is made of.
+//! The export and the import both read this one table, in opposite directions.
+//!
+//! Knows nothing about libtorch or files. `tests/data.rs` checks that [`param_shapes`] is what
+//! the runtime builds, for every example.
+
+use crate::check::{Activation, Ffn, Mlp, Model, Norm, Positions};
+
+use super::architecture::Architecture;
+
+/// One fmoec parameter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamShape {
+    pub name: String,
+    pub shape: Vec<u64>,
+    /// A stacked expert tensor: its first dimension is the layer's experts (a rank holds some).
+    pub experts: bool,
+}
+
+/// Every parameter of `model`, in the order the runtime creates them.
+pub fn param_shapes(model: &Model) -> Vec<ParamShape> {
+    let mut out = Vec::new();
+    let mut add = |name: String, shape: Vec<u64>, experts: bool| {
+        out.push(ParamShape {
+            name,
+            shape,
+            experts,
+        })
+    };
+    let d = model.width;
+    add("embed.tokens".into(), vec![model.vocab, d], false);
+    if model.positions == Positions::Learned {
+        add("embed.positions".into(), vec![model.context, d], false);
+    }
+    let norm = |prefix: &str, add: &mut dyn FnMut(String, Vec<u64>, bool)| {
+        add(format!("{prefix}.weight"), vec![d], false);
+        if model.norm == Norm::LayerNorm {
+            add(format!("{prefix}.bias"), vec![d], false);
+        }
+    };
+    let mlp =
+        |prefix: &str, mlp: &Mlp, hidden: u64, add: &mut dyn FnMut(String, Vec<u64>, bool)| {
+            add(format!("{prefix}.w1"), vec![d, hidden], false);
+            if mlp.act == Activation::Swiglu {
+                add(format!("{prefix}.w3"), vec![d, hidden], false);
+            }
+            add(format!("{prefix}.w2"), vec![hidden, d], false);
+            if model.bias {
+                add(format!("{prefix}.b1"), vec![hidden], false);
+                add(format!("{prefix}.b2"), vec![d], false);
+            }
+        };
+    let a = &model.attention;
+    let qkv_out = (a.heads + 2 * a.kv_heads) * a.head_dim;
+    for layer in &model.layers {
+        let p = format!("layers.{}", layer.index);
+        norm(&format!("{p}.norm1"), &mut add);
+        add(format!("{p}.attn.qkv.weight"), vec![d, qkv_out], false);
+        add(
+            format!("{p}.attn.proj.weight"),
+            vec![a.heads * a.head_dim, d],
+            false,
+        );
+        if model.bias {
+            add(format!("{p}.attn.qkv.bias"), vec![qkv_out], false);
+            add(format!("{p}.attn.proj.bias"), vec![d], false);
+        }
+        norm(&format!("{p}.norm2"), &mut add);
+        match &layer.ffn {
+            Ffn::Dense(m) => mlp(&format!("{p}.ffn"), m, m.hidden, &mut add),
+            Ffn::Moe(m) => {
+                for g in crate::gates::of(m.gate.kind).params_with(model.bias) {
+                    add(
+                        format!("{p}.ffn.gate.{}", g.name),
+                        g.shape.dims(d, m.experts),
+                        false,
+                    );
+                }
+                let (e, h) = (m.experts, m.expert.hidden);
+                let x = format!("{p}.ffn.experts");
+                add(format!("{x}.w1"), vec![e, d, h], true);
+                if m.expert.act == Activation::Swiglu {
+                    add(format!("{x}.w3"), vec![e, d, h], true);
+                }
+                add(format!("{x}.w2"), vec![e, h, d], true);
+                if model.bias {
+                    add(format!("{x}.b1"), vec![e, h], true);
+                    add(format!("{x}.b2"), vec![e, d], true);
+                }
+                if let Some(s) = &m.shared {
+                    mlp(
+                        &format!("{p}.ffn.shared"),
+                        &s.expert,
+                        s.count * s.expert.hidden,
+                        &mut add,
+                    );
+                }
+            }
+        }
+    }
+    norm("norm", &mut add);
+    if !model.tied_embeddings {
+        add("head.weight".into(), vec![model.vocab, d], false);
+    }
+    out
+}
+
+/// The part of an fmoec parameter a Hugging Face tensor holds:
+/// `hf = scale · transpose?(param[expert][..., columns])`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Part {
+    pub param: String,
+    /// The expert's row of a stacked expert tensor.
+    pub expert: Option<u64>,
+    /// `(offset, length)` along the parameter's last dimension (q, k, v of the fused `qkv`).
+    pub columns: Option<(u64, u64)>,
+    /// fmoec stores linear weights `[in, out]`, transformers `[out, in]`.
+    pub transposed: bool,
+    pub scale: f64,
+}
+
+/// What a Hugging Face tensor is made of.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    Param(Part),
+    /// No fmoec counterpart: zeros that make the architecture compute what fmoec computes
+    /// (an import requires them to be zero).
+    Zero {
+        why: &'static str,
+    },
+}
+
+/// One tensor of the Hugging Face checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfTensor {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub source: Source,
+}
+
+fn part(param: String) -> Part {
+    Part {
+        param,
+        expert: None,
+        columns: None,
+        transposed: false,
+        scale: 1.0,
+    }
+}
+
+/// The tensors of `model`'s counterpart in `arch`, in the order an export writes them (the
+/// noisy gates' noise projections, used in training only, have none).
+pub fn hf_tensors(model: &Model, arch: Architecture) -> Vec<HfTensor> {
+    let mut out: Vec<HfTensor> = Vec::new();
+    let d = model.width;
+    let a = &model.attention;
+    let (h, kvh, hd) = (a.heads, a.kv_heads, a.head_dim);
+    let push = |out: &mut Vec<HfTensor>, name: String, shape: Vec<u64>, source: Source| {
+        out.push(HfTensor {
+            name,
+            shape,
+            source,
+        })
+    };
+    let same = |param: String| Source::Param(part(param));
+    let linear = |param: String, scale: f64| {
+        Source::Param(Part {
+            transposed: true,
+            scale,
+            ..part(param)
+        })
+    };
+    push(
+        &mut out,
+        "model.embed_tokens.weight".into(),
+        vec![model.vocab, d],
+        same("embed.tokens".into()),
+    );
+    // fmoec's `prefix.{w1,w3,w2,b1,b2}` as a Hugging Face MLP under `hf`
+    let mlp = |out: &mut Vec<HfTensor>, prefix: &str, hf: &str, hidden: u64, down_scale: f64| {
+        push(
+            out,
+            format!("{hf}.gate_proj.weight"),
+            vec![hidden, d],
+            linear(format!("{prefix}.w1"), 1.0),
+        );
+        push(
+            out,
+            format!("{hf}.up_proj.weight"),
+            vec![hidden, d],
+            linear(format!("{prefix}.w3"), 1.0),
+        );
+        push(
+            out,
+            format!("{hf}.down_proj.weight"),
+            vec![d, hidden],
+            linear(format!("{prefix}.w2"), down_scale),
+        );
+        if model.bias {
+            push(
+                out,
+                format!("{hf}.gate_proj.bias"),
+                vec![hidden],
+                same(format!("{prefix}.b1")),
+            );
+            push(
+                out,
+                format!("{hf}.up_proj.bias"),
+                vec![hidden],
+                Source::Zero {
+                    why: "fmoec's SwiGLU has a bias on the gate projection only",
+                },
+            );
+            push(
+                out,
+                format!("{hf}.down_proj.bias"),
+                vec![d],
+                same(format!("{prefix}.b2")),
+            );
+        }
+    };
+    for layer in &model.layers {
+        let i = layer.index;
+        let p = format!("layers.{i}");
+        let hf = format!("model.layers.{i}");
+        push(
+            &mut out,
+            format!("{hf}.input_layernorm.weight"),
+            vec![d],
+            same(format!("{p}.norm1.weight")),
+        );
+        push(
+            &mut out,
+            format!("{hf}.post_attention_layernorm.weight"),
+            vec![d],
+            same(format!("{p}.norm2.weight")),
+        );
+        for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            let (offset, len) = match j {
+                0 => (0, h * hd),
+                1 => (h * hd, kvh * hd),
+                _ => ((h + kvh) * hd, kvh * hd),
+            };
+            push(
+                &mut out,
+                format!("{hf}.self_attn.{name}.weight"),
+                vec![len, d],
+                Source::Param(Part {
+                    columns: Some((offset, len)),
+                    transposed: true,
+                    ..part(format!("{p}.attn.qkv.weight"))
+                }),
+            );
+            let bias = if model.bias {
+                Some(Source::Param(Part {
+                    columns: Some((offset, len)),
+                    ..part(format!("{p}.attn.qkv.bias"))
+                }))
+            } else if arch == Architecture::Qwen2Moe {
+                // Qwen2-MoE's q/k/v always have biases (older transformers ignore qkv_bias)
+                Some(Source::Zero {
+                    why: "the model file has no biases (`bias = false`)",
+                })
+            } else {
+                None
+            };
+            if let Some(source) = bias {
+                push(
+                    &mut out,
+                    format!("{hf}.self_attn.{name}.bias"),
+                    vec![len],
+                    source,
+                );
+            }
+        }
+        push(
+            &mut out,
+            format!("{hf}.self_attn.o_proj.weight"),
+            vec![d, h * hd],
+            linear(format!("{p}.attn.proj.weight"), 1.0),
+        );
+        if model.bias {
+            push(
+                &mut out,
+                format!("{hf}.self_attn.o_proj.bias"),
+                vec![d],
+                same(format!("{p}.attn.proj.bias")),
+            );
+        }
+        match &layer.ffn {
+            Ffn::Dense(m) => mlp(
+                &mut out,
+                &format!("{p}.ffn"),
+                &format!("{hf}.mlp"),
+                m.hidden,
+                1.0,
+            ),
+            Ffn::Moe(m) => {
+                let (block, names) = if arch == Architecture::Mixtral {
+                    ("block_sparse_moe", ["w1", "w3", "w2"])
+                } else {
+                    ("mlp", ["gate_proj", "up_proj", "down_proj"])
+                };
+                let eh = m.expert.hidden;
+                push(
+                    &mut out,
+                    format!("{hf}.{block}.gate.weight"),
+                    vec![m.experts, d],
+                    linear(format!("{p}.ffn.gate.weight"), 1.0),
+                );
+                for e in 0..m.experts {
+                    let x = format!("{hf}.{block}.experts.{e}");
+                    for (k, (w, shape)) in [
+                        ("w1", vec![eh, d]),
+                        ("w3", vec![eh, d]),
+                        ("w2", vec![d, eh]),
+                    ]
+                    .into_iter()
+                    .enumerate()
+                    {
+                        push(
+                            &mut out,
+                            format!("{x}.{}.weight", names[k]),
+                            shape,
+                            Source::Param(Part {
+                                expert: Some(e),
+                                transposed: true,
+                                ..part(format!("{p}.ffn.experts.{w}"))
+                            }),
+                        );
+                    }
+                }
+                if let Some(s) = &m.shared {
+                    // sigmoid(0) = 1/2 exactly, so the doubled down projection gives the sum
+                    mlp(
+                        &mut out,
+                        &format!("{p}.ffn.shared"),
+                        &format!("{hf}.mlp.shared_expert"),
+                        s.count * s.expert.hidden,
+                        2.0,
+                    );
+                    push(
+                        &mut out,
+                        format!("{hf}.mlp.shared_expert_gate.weight"),
+                        vec![1, d],
+                        Source::Zero {
+                            why: "fmoec adds its shared experts ungated (Qwen2-MoE's sigmoid gate at 0 halves them; the down projection is doubled)",
+                        },
+                    );
+                }
+            }
+        }
+    }
+    push(
+        &mut out,
+        "model.norm.weight".into(),
+        vec![d],
+        same("norm.weight".into()),
+    );
+    if !model.tied_embeddings {
+        push(
+            &mut out,
+            "lm_head.weight".into(),
+            vec![model.vocab, d],
+            same("head.weight".into()),
+        );
+    }
+    out
+}
