@@ -640,6 +640,7 @@ mod hf_export {
         assert!(shards.len() > 1, "sharded: {shards:?}");
         assert!(tmp.path().join("hf/tokenizer.json").is_file());
         compare(tmp.path(), arch);
+        round_trip(tmp.path(), &source);
         // a second export into its own folder is allowed; a foreign file there is not
         let again = fmoec(&["export", "--hf", "hf", "ckpt"], tmp.path());
         assert!(again.status.success(), "{}", text(&again));
@@ -650,6 +651,63 @@ mod hf_export {
             "{}",
             text(&refused)
         );
+    }
+
+    /// A run started from the export (`init = from_hf("hf")`) and saved before its first step
+    /// exports the same bytes.
+    fn round_trip(dir: &Path, source: &str) {
+        let corpus = "To be, or not to be, that is the question:\n".repeat(100);
+        std::fs::write(dir.join("corpus.txt"), corpus).unwrap();
+        let init = source.replace(
+            "    optimizer = adamw(lr = 1e-3)\n",
+            "    optimizer = adamw(lr = 1e-3)\n    init = from_hf(\"hf\")\n",
+        );
+        assert_ne!(init, source);
+        // beside the first file's folder: a later export there finds one model file
+        std::fs::create_dir_all(dir.join("again")).unwrap();
+        std::fs::write(dir.join("again/init.fmoe"), init).unwrap();
+        let out = fmoec(
+            &[
+                "run",
+                "again/init.fmoe",
+                "--stop-after",
+                "0",
+                "--out",
+                "rt",
+                "--quiet",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let out = fmoec(
+            &[
+                "export",
+                "--hf",
+                "hf2",
+                "rt/checkpoints",
+                "--model",
+                "again/init.fmoe",
+                "--max-shard-size",
+                "200000",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let mut compared = 0;
+        for entry in std::fs::read_dir(dir.join("hf")).unwrap() {
+            let name = entry.unwrap().file_name();
+            if name == "fmoec-export.json" {
+                continue; // names the checkpoint and its step
+            }
+            let (a, b) = (dir.join("hf").join(&name), dir.join("hf2").join(&name));
+            assert!(
+                std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+                "{} differs after export -> import -> export",
+                name.to_string_lossy()
+            );
+            compared += 1;
+        }
+        assert!(compared >= 6, "{compared} files");
     }
 
     const SWIGLU: &str = "mlp(hidden = 128, act = swiglu)";
@@ -1156,5 +1214,161 @@ mod init {
             "{said}"
         );
         assert!(!dir.join("runs/again").exists());
+    }
+}
+
+/// The path of the README's "whole path" section, with tiny sizes: a JSON-lines corpus ->
+/// `fmoec tokenizer train` -> `fmoec data` -> `fmoec run` of a Mixtral-style model ->
+/// `fmoec export --hf` -> transformers' logits equal fmoec's -> a dense run -> an MoE run
+/// upcycled from its checkpoint, whose first loss is the dense model's on the same batch.
+#[cfg(feature = "runtime")]
+mod whole_path {
+    use super::{fmoec, golden, text};
+    use std::path::Path;
+    use tch::{Device, Kind, Tensor};
+
+    fn ok(args: &[&str], dir: &Path) -> String {
+        let out = fmoec(args, dir);
+        assert!(out.status.success(), "fmoec {args:?}: {}", text(&out));
+        text(&out)
+    }
+
+    fn model_file(name: &str, ffn: &str, init: &str) -> String {
+        format!(
+            "model {name} {{\n    vocab = 512\n    context = 32\n    width = 64\n    heads = 4\n    kv_heads = 2\n    depth = 2\n    norm = rmsnorm\n    positions = rotary\n    bias = false\n    block = transformer(attention = causal(), ffn = {ffn})\n}}\n\ntrain {{\n    data = megatron(\"data/corpus_text_document\")\n    tokenizer = hf(\"tok/tokenizer.json\")\n    batch = 4 x 32 tokens\n    steps = 3\n    optimizer = adamw(lr = 3e-3)\n{init}}}\n"
+        )
+    }
+
+    fn first_loss(dir: &Path, run: &str) -> f64 {
+        let metrics =
+            std::fs::read_to_string(dir.join("runs").join(run).join("metrics.jsonl")).unwrap();
+        let first: serde_json::Value =
+            serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        first["loss"].as_f64().unwrap()
+    }
+
+    #[test]
+    fn corpus_to_transformers_and_an_upcycled_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::copy(golden().join("corpus.jsonl"), dir.join("corpus.jsonl")).unwrap();
+        ok(
+            &[
+                "tokenizer",
+                "train",
+                "corpus.jsonl",
+                "--vocab-size",
+                "512",
+                "-o",
+                "tok",
+            ],
+            dir,
+        );
+        ok(
+            &[
+                "data",
+                "--input",
+                "corpus.jsonl",
+                "--tokenizer",
+                "tok/tokenizer.json",
+                "--append-eod",
+                "--output-prefix",
+                "data/corpus",
+            ],
+            dir,
+        );
+        let moe = "moe(experts = 4, top_k = 2, expert = mlp(hidden = 64, act = swiglu))";
+        std::fs::write(dir.join("mixtral.fmoe"), model_file("mixtral", moe, "")).unwrap();
+        ok(&["run", "mixtral.fmoe", "--quiet"], dir);
+        let said = ok(
+            &[
+                "export",
+                "--hf",
+                "hf/mixtral",
+                "runs/mixtral/checkpoints",
+                "--model",
+                "mixtral.fmoe",
+            ],
+            dir,
+        );
+        assert!(said.contains("MixtralForCausalLM"), "{said}");
+
+        // fmoec's logits from the trained checkpoint, then transformers' from the export
+        // (the model alone: the train block's paths are relative to `dir`)
+        let source = model_file("mixtral", moe, "");
+        let model_only = source.split("train {").next().unwrap().to_string();
+        let mut sources = fmoec::diag::Sources::new();
+        let id = sources.add("mixtral.fmoe", model_only);
+        let mut sink = fmoec::diag::Sink::new();
+        let checked = fmoec::check::check_file(&mut sources, id, &mut sink).unwrap();
+        let model = &checked.model;
+        let t = {
+            let _rng = fmoec::runtime::model::lock_rng();
+            fmoec::runtime::model::Transformer::new(model, Device::Cpu, Kind::Float, Kind::Float)
+                .unwrap()
+        };
+        let checkpoint =
+            fmoec::runtime::checkpoint::Source::open(&dir.join("runs/mixtral/checkpoints"), model)
+                .unwrap();
+        let all = model
+            .moe_layers()
+            .map(|(l, m)| (l, (0..m.experts as usize).collect()))
+            .collect();
+        checkpoint.restore(&t.store, None, &all).unwrap();
+        let tokens: Vec<Vec<i64>> = (0..2)
+            .map(|b| (0..20).map(|i| (i * 29 + b * 7 + 3) % 512).collect())
+            .collect();
+        let logits = tch::no_grad(|| t.forward(&Tensor::from_slice2(&tokens), false))
+            .unwrap()
+            .logits
+            .contiguous();
+        let mut bytes = vec![0u8; logits.numel() * 4];
+        logits.copy_data_u8(&mut bytes, logits.numel());
+        std::fs::write(dir.join("logits.bin"), bytes).unwrap();
+        std::fs::write(
+            dir.join("tokens.json"),
+            serde_json::to_string(&tokens).unwrap(),
+        )
+        .unwrap();
+        let python = std::env::var("FMOEC_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf/compare_logits.py");
+        let out = std::process::Command::new(python)
+            .arg(script)
+            .args([
+                "hf/mixtral",
+                "tokens.json",
+                "logits.bin",
+                "MixtralForCausalLM",
+            ])
+            .current_dir(dir)
+            .output()
+            .expect("python runs");
+        assert!(out.status.success(), "{}", text(&out));
+
+        // a dense model, and an MoE model upcycled from it (two slices per dense MLP)
+        let dense = "mlp(hidden = 128, act = swiglu)";
+        std::fs::write(dir.join("dense.fmoe"), model_file("dense", dense, "")).unwrap();
+        ok(&["run", "dense.fmoe", "--quiet"], dir);
+        let from = "from_checkpoint(\"runs/dense/checkpoints\")";
+        std::fs::write(
+            dir.join("upcycled.fmoe"),
+            model_file("upcycled", moe, &format!("    init = upcycle({from})\n")),
+        )
+        .unwrap();
+        ok(&["check", "upcycled.fmoe"], dir);
+        let said = ok(&["run", "upcycled.fmoe", "--quiet"], dir);
+        assert!(
+            said.contains("the run starts from upcycled 2 MoE layers"),
+            "{said}"
+        );
+        // the same dense parameters, not upcycled, see the same first batch
+        std::fs::write(
+            dir.join("continued.fmoe"),
+            model_file("continued", dense, &format!("    init = {from}\n")),
+        )
+        .unwrap();
+        ok(&["run", "continued.fmoe", "--quiet"], dir);
+        let (up, dense) = (first_loss(dir, "upcycled"), first_loss(dir, "continued"));
+        assert!((up - dense).abs() < 1e-5 * dense, "{up} vs {dense}");
     }
 }
