@@ -1013,6 +1013,26 @@ mod init {
             assert!(rel > 1e-4, "{name}: relative difference {rel:e}");
         }
         let noisy = load(dir, "noisy_copies.fmoe", "runs/noisy_copies/checkpoints");
+        // on two ranks, each holding two of the experts: the same experts, noise included
+        let out = fmoec(
+            &[
+                "run",
+                "noisy_copies.fmoe",
+                "--ranks",
+                "2",
+                "--stop-after",
+                "0",
+                "--out",
+                "runs/two_ranks",
+                "--quiet",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let two = load(dir, "noisy_copies.fmoe", "runs/two_ranks/checkpoints");
+        for p in &noisy.store.params {
+            assert!(p.tensor.equal(&param(&two, &p.name)), "{}", p.name);
+        }
         let w = param(&noisy, "layers.0.ffn.experts.w1");
         assert!(!w.select(0, 0).equal(&w.select(0, 1)));
         let jitter = relative(&w.select(0, 0), &param(&dense, "layers.0.ffn.w1"));
@@ -1101,6 +1121,11 @@ mod init {
                 "gelu_experts",
                 model("gelu_experts", "moe(experts = 4, top_k = 2, expert = mlp(hidden = 128, act = gelu))", "    init = upcycle(from_checkpoint(\"runs/dense/checkpoints\"))\n"),
                 vec!["error[E0614]: the experts are GELU or ReLU, the checkpoint's layer 0 MLP is SwiGLU"],
+            ),
+            (
+                "more_experts",
+                model("more_experts", &moe(8, 2, 128, "naive()"), "    init = from_checkpoint(\"runs/coarse/checkpoints\")\n"),
+                vec!["error[E0612]: the model has experts = 8, the checkpoint to start from has 4", "its `layers.0.ffn.experts.w1` is [4, 64, 128]"],
             ),
             (
                 "moe_direct",

@@ -552,7 +552,7 @@ fn resolve_checkpoint(
     let tensors = checkpoint_tensors(&dir).map_err(unreadable)?;
     let mut differs = headline_differences(model, &tensors, at);
     if init.upcycle.is_none() {
-        differs.extend(layer_kind_differences(model, &tensors, at));
+        differs.extend(layer_differences(model, &tensors, at));
     }
     if !differs.is_empty() {
         return Err(differs);
@@ -673,9 +673,9 @@ fn headline_differences(
     out
 }
 
-/// Layers that are dense in one and MoE in the other (E0612), for a checkpoint of the same
-/// model: a dense one is what `upcycle` starts from.
-fn layer_kind_differences(
+/// Layers that are dense in one and MoE in the other, or MoE layers of other sizes (E0612),
+/// for a checkpoint of the same model: a dense one is what `upcycle` starts from.
+fn layer_differences(
     model: &Model,
     tensors: &BTreeMap<String, HeaderEntry>,
     init: Span,
@@ -686,7 +686,42 @@ fn layer_kind_differences(
         let theirs_moe = tensors.contains_key(&format!("layers.{i}.ffn.experts.w1"));
         let theirs_dense = tensors.contains_key(&format!("layers.{i}.ffn.w1"));
         let ours_moe = matches!(layer.ffn, Ffn::Moe(_));
-        if theirs_moe == ours_moe || theirs_moe == theirs_dense {
+        if theirs_moe == theirs_dense {
+            continue;
+        }
+        if let (Ffn::Moe(m), Some(w1)) = (
+            &layer.ffn,
+            tensors.get(&format!("layers.{i}.ffn.experts.w1")),
+        ) {
+            let evidence = format!(
+                "its `layers.{i}.ffn.experts.w1` is {}",
+                shape_text(&w1.shape)
+            );
+            for (field, at, ours, theirs) in [
+                ("experts", m.spans.experts, m.experts, w1.shape.first()),
+                (
+                    "the experts' hidden",
+                    m.expert.span,
+                    m.expert.hidden,
+                    w1.shape.get(2),
+                ),
+            ] {
+                let theirs = theirs.copied().unwrap_or_default();
+                let d = model_differs(
+                    at,
+                    field,
+                    &ours.to_string(),
+                    &theirs.to_string(),
+                    &evidence,
+                    init,
+                );
+                // one `block = ...` line declares many layers: say it once
+                if ours != theirs && !out.iter().any(|o: &Diagnostic| o.primary == d.primary) {
+                    out.push(d);
+                }
+            }
+        }
+        if theirs_moe == ours_moe {
             continue;
         }
         let kind = |moe: bool| if moe { "an MoE layer" } else { "a dense MLP" };
