@@ -95,7 +95,18 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
         source.parameters(&shapes.store)?.into_iter().collect();
     let named = export::tensors(model, arch, &params)?;
     let tokenizer_json;
-    let tokenizer = match checked.train.as_ref().and_then(|t| t.data.tokenizer()) {
+    let spec = checked.train.as_ref().and_then(|t| t.data.tokenizer());
+    let eos_token_id = match spec {
+        Some(spec) => {
+            let tk = crate::data::tokenizer::TextTokenizer::load(
+                &spec.source(),
+                crate::data::tokenizer::Flavour::Core,
+            )?;
+            tk.eod(tk.config_eos().as_deref()).ok()
+        }
+        None => None,
+    };
+    let tokenizer = match spec {
         Some(TokenizerSpec::Hf { path }) => {
             let p = PathBuf::from(path);
             let config = p.with_file_name("tokenizer_config.json");
@@ -122,6 +133,7 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
         &named,
         args.max_shard_size,
         tokenizer.as_ref().map(|(j, c)| (j.as_path(), c.as_deref())),
+        eos_token_id,
     )
     .context("cannot build the export")?;
     let record = json!({

@@ -70,13 +70,15 @@ fn tensor_bytes(x: &Tensor) -> Result<(Vec<usize>, Vec<u8>)> {
     Ok((x.size().iter().map(|&s| s as usize).collect(), buf))
 }
 
-/// The files of an export, by name, in memory.
+/// The files of an export, by name, in memory (`eos_token_id`: the tokenizer's
+/// end-of-document token, for `generate()`).
 pub fn files(
     checked: &Checked,
     arch: Architecture,
     named: &[(String, Tensor)],
     shard_bytes: u64,
     tokenizer: Option<(&Path, Option<&Path>)>,
+    eos_token_id: Option<u32>,
 ) -> Result<BTreeMap<String, Vec<u8>>> {
     let model = &checked.model;
     let mut files = BTreeMap::new();
@@ -118,11 +120,15 @@ pub fn files(
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     files.insert("model.safetensors.index.json".into(), pretty(&index)?);
-    files.insert("config.json".into(), pretty(&config(model, arch))?);
-    files.insert(
-        "generation_config.json".into(),
-        pretty(&json!({"do_sample": false}))?,
-    );
+    let mut config = config(model, arch);
+    let mut generation = json!({"do_sample": false});
+    // transformers' generate() stops at the tokenizer's end-of-document token
+    if let Some(eos) = eos_token_id {
+        config["eos_token_id"] = json!(eos);
+        generation["eos_token_id"] = json!(eos);
+    }
+    files.insert("config.json".into(), pretty(&config)?);
+    files.insert("generation_config.json".into(), pretty(&generation)?);
     if let Some((json_path, config_path)) = tokenizer {
         files.insert(
             "tokenizer.json".into(),
