@@ -218,16 +218,16 @@ enum Reader {
         zeros: Vec<(String, &'static str)>,
         shapes: BTreeMap<String, layout::ParamShape>,
     },
-    Fmoec(CheckpointSource),
+    Fmoec(Box<CheckpointSource>),
 }
 
 impl Reader {
     fn open(resolved: &Resolved) -> Result<Reader> {
         match &resolved.format {
-            Format::Fmoec { dir } => Ok(Reader::Fmoec(CheckpointSource::open_for_init(
+            Format::Fmoec { dir } => Ok(Reader::Fmoec(Box::new(CheckpointSource::open_for_init(
                 dir,
                 &resolved.source_model,
-            )?)),
+            )?))),
             Format::Hf { arch, tensors } => {
                 let mut files = BTreeMap::new();
                 let mut file_of = BTreeMap::new();
