@@ -1077,6 +1077,80 @@ mod init {
         }
     }
 
+    #[test]
+    fn checkpoints_transformers_saved_start_runs_with_their_logits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let python = std::env::var("FMOEC_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf/make_checkpoints.py");
+        let out = std::process::Command::new(python)
+            .arg(script)
+            .arg("made")
+            .current_dir(dir)
+            .output()
+            .expect("python runs");
+        assert!(out.status.success(), "{}", text(&out));
+        let rows: Vec<Vec<i64>> =
+            serde_json::from_slice(&std::fs::read(dir.join("made/tokens.json")).unwrap()).unwrap();
+        let tokens = Tensor::from_slice2(&rows);
+        let qwen = "mlp(hidden = 96, act = swiglu))\n    layers[1].ffn = moe(experts = 4, top_k = 2, expert = mlp(hidden = 32, act = swiglu), shared = shared_experts(expert = mlp(hidden = 48, act = swiglu))";
+        for (name, folder, ffn, tolerance) in [
+            ("llama", "llama", "mlp(hidden = 96, act = swiglu)", 1e-4),
+            (
+                "mixtral",
+                "mixtral",
+                "moe(experts = 4, top_k = 2, expert = mlp(hidden = 32, act = swiglu))",
+                1e-4,
+            ),
+            ("qwen2_moe", "qwen2_moe", qwen, 1e-4),
+            // transformers' shards of the same Llama in bf16: fmoec reads them as fp32
+            (
+                "llama_bf16",
+                "llama",
+                "mlp(hidden = 96, act = swiglu)",
+                2e-2,
+            ),
+        ] {
+            let source = model(name, ffn, &format!("    init = from_hf(\"made/{name}\")\n"))
+                .replace(
+                    "    bias = false\n",
+                    "    bias = false\n    tied_embeddings = false\n",
+                );
+            std::fs::write(dir.join(format!("{name}.fmoe")), source).unwrap();
+            let out = fmoec(&["check", &format!("{name}.fmoe")], dir);
+            assert!(out.status.success(), "{name}: {}", text(&out));
+            assert!(!text(&out).contains("warning[W06"), "{name}: {}", text(&out));
+            let out = fmoec(
+                &[
+                    "run",
+                    &format!("{name}.fmoe"),
+                    "--stop-after",
+                    "0",
+                    "--quiet",
+                ],
+                dir,
+            );
+            assert!(out.status.success(), "{name}: {}", text(&out));
+            let t = load(
+                dir,
+                &format!("{name}.fmoe"),
+                &format!("runs/{name}/checkpoints"),
+            );
+            let got = tch::no_grad(|| t.forward(&tokens, false)).unwrap().logits;
+            let bytes = std::fs::read(dir.join(format!("made/{folder}.logits"))).unwrap();
+            let want: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let want = Tensor::from_slice(&want).view_(got.size());
+            let rel = relative(&got, &want);
+            assert!(rel < tolerance, "{name}: relative difference {rel:e}");
+            eprintln!(
+                "{name}: transformers' checkpoint, fmoec's logits: relative difference {rel:e}"
+            );
+        }
+    }
+
     /// `fmoec check` output of `source` written as `name.fmoe` in `dir`.
     fn check(dir: &Path, name: &str, source: &str) -> (bool, String) {
         std::fs::write(dir.join(format!("{name}.fmoe")), source).unwrap();
