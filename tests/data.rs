@@ -1119,7 +1119,11 @@ mod init {
             std::fs::write(dir.join(format!("{name}.fmoe")), source).unwrap();
             let out = fmoec(&["check", &format!("{name}.fmoe")], dir);
             assert!(out.status.success(), "{name}: {}", text(&out));
-            assert!(!text(&out).contains("warning[W06"), "{name}: {}", text(&out));
+            assert!(
+                !text(&out).contains("warning[W06"),
+                "{name}: {}",
+                text(&out)
+            );
             let out = fmoec(
                 &[
                     "run",
