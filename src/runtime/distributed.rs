@@ -77,6 +77,7 @@ pub fn overrides(world: u64, expert_group: Option<ExpertGroup>, tensor: Option<u
         expert_group,
         micro_batch: None,
         memory_model: Some(MemoryModel::Fmoec),
+        routing_skew: None,
     }
 }
 
