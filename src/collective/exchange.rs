@@ -147,7 +147,7 @@ pub struct ExchangeTape {
     source: Tensor,
     combined: Tensor,
     chunks: Vec<Chunk>,
-    shadows: Option<Shadows>,
+    shadows: Option<Box<Shadows>>,
     send_counts: Vec<i64>,
     recv_counts: Vec<i64>,
     local_counts: Vec<i64>,
@@ -525,7 +525,7 @@ pub fn exchange_experts_with(
             let out = experts
                 .forward_with(&views, &kept, &shadow_counts)
                 .map_err(&terr)?;
-            Some(Shadows {
+            Some(Box::new(Shadows {
                 experts: shadowed,
                 owners,
                 rows: rows_index,
@@ -533,7 +533,7 @@ pub fn exchange_experts_with(
                 params,
                 out,
                 stacked,
-            })
+            }))
         }
     };
 
