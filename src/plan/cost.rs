@@ -482,27 +482,23 @@ fn block_activations(c: &Checked, layer: usize, grid: &Grid, a: u64, seq: u64, s
 
 /// One MoE layer's expert exchange under FasterMoE's model ([`fastermoe`]), for one
 /// micro-batch on the busiest rank of an expert group of `group` ranks: `rows` token rows per
-/// rank, `balanced` = (transfer, experts) seconds under balanced routing, `row` = (bytes of
-/// one row, the group's bandwidth), `expert_params` parameters of one expert on one rank
-/// (broadcast and reduced as fp32 masters when shadowed).
+/// rank, `row` = (bytes of one row, the group's bandwidth), `flops` = (expert FLOPs of one
+/// row forward and backward, the rate the estimate runs them at, FP8 or not),
+/// `expert_params` parameters of one expert on one rank (broadcast and reduced as the fp32
+/// masters `fmoec run` keeps when shadowed).
 #[allow(clippy::too_many_arguments)]
 fn layer_exchange(
     c: &Checked,
     (layer, moe): (usize, &crate::check::Moe),
     group: u64,
     rows: f64,
-    balanced: (f64, f64),
     (row_bytes, bw): (f64, f64),
+    (row_flops, rate): (f64, f64),
     expert_params: u64,
     routing_skew: f64,
 ) -> LayerExchange {
-    let (_, compute_s) = balanced;
-    let costs = ExchangeCosts {
-        row_transfer_s: row_bytes / bw,
-        row_compute_s: if rows > 0.0 { compute_s / rows } else { 0.0 },
-        shadow_s: 2.0 * (expert_params as f64 * 4.0) / bw + 2.0 * fastermoe::CALL_LATENCY_S,
-        call_s: fastermoe::CALL_LATENCY_S,
-    };
+    let costs = ExchangeCosts::of_layer(row_bytes, row_flops, expert_params as f64 * 4.0, bw, rate);
+    let compute_s = rows * costs.row_compute_s;
     let experts = moe.experts as usize;
     let g = group.max(1) as usize;
     if g <= 1 || experts == 0 {
@@ -765,8 +761,11 @@ pub fn evaluate(
                         (layer, moe),
                         grid.expert_group,
                         (tokens * moe.top_k) as f64,
-                        (transfer_s, compute_s),
                         ((h * a) as f64, bw),
+                        (
+                            expert_flops_per_token[layer] as f64 / moe.top_k.max(1) as f64,
+                            rate.max(1e-9),
+                        ),
                         one.sharded / te + one.replicated,
                         routing_skew,
                     );

@@ -54,6 +54,28 @@ pub struct ExchangeCosts {
     pub call_s: f64,
 }
 
+impl ExchangeCosts {
+    /// The costs of a layer whose token rows are `row_bytes` long and take `row_flops` of
+    /// expert matmuls forward and backward, whose experts hold `expert_bytes` of
+    /// parameters (replicated and reduced as they are stored), over links of `link_bytes_s`
+    /// bytes/s on GPUs of `flops_s` FLOP/s.
+    pub fn of_layer(
+        row_bytes: f64,
+        row_flops: f64,
+        expert_bytes: f64,
+        link_bytes_s: f64,
+        flops_s: f64,
+    ) -> ExchangeCosts {
+        let link = link_bytes_s.max(f64::MIN_POSITIVE);
+        ExchangeCosts {
+            row_transfer_s: row_bytes / link,
+            row_compute_s: row_flops / flops_s.max(f64::MIN_POSITIVE),
+            shadow_s: 2.0 * expert_bytes / link + 2.0 * CALL_LATENCY_S,
+            call_s: CALL_LATENCY_S,
+        }
+    }
+}
+
 /// One rank's share of an exchange.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RankLoad {
