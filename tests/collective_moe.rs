@@ -277,3 +277,29 @@ fn a_lost_shadow_gradient_is_reported() {
     let bad = selftest::failures(&selftest::compare(&expected, &got, 0, 2, 0, &two), 1e-10);
     assert_eq!(bad.len(), 1, "{bad:?}");
 }
+
+#[test]
+fn a_shadowing_policy_that_names_no_expert_is_an_error() {
+    let two = ExpertPlacement::contiguous(EXPERTS, 2).unwrap();
+    let problem = Problem::new(TOKENS, EXPERTS, 7);
+    let layout = GroupLayout::data_parallel(2, 2).unwrap();
+    let ranks = local_world(&layout, Duration::from_secs(30)).unwrap();
+    let errors = run_ranks(ranks, |groups| {
+        let policy = ShadowThese(vec![EXPERTS + 3]);
+        let options = ExchangeOptions {
+            chunks: 1,
+            shadowing: Some(&policy),
+        };
+        selftest::split_with(&groups, Device::Cpu, Kind::Double, &problem, &two, options)
+            .err()
+            .map(|e| e.to_string())
+    });
+    for e in errors {
+        let e = e.expect("rank panicked").expect("an error");
+        assert!(
+            e.contains("expert group [0,1]")
+                && e.contains("the shadowing policy chose expert 7 of 4"),
+            "{e}"
+        );
+    }
+}
