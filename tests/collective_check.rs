@@ -132,3 +132,51 @@ fn every_check_passes_on_four_processes_over_tcp() {
         "{text}"
     );
 }
+
+#[test]
+fn fastermoe_checks_pass_and_its_bench_rows_run() {
+    // The smart schedule and shadowing against the single-rank run, then the rows a machine
+    // with several GPUs measures (`--gpus 4 --bench-moe S1,F0`), here on a tiny shape.
+    let (ok, text) = check(&[
+        "--device",
+        "cpu",
+        "--ranks",
+        "4",
+        "--no-bench",
+        "--bench-moe",
+        "tiny",
+    ]);
+    assert!(ok, "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    for rank in 0..4 {
+        assert!(
+            text.contains(&format!(
+                "[rank {rank}] PASS expert exchange in 4 chunks with expert 0 shadowed equals single rank (f64"
+            )),
+            "{text}"
+        );
+    }
+    for variant in [
+        "plain",
+        "chunks(2)",
+        "chunks(4)",
+        "shadowing",
+        "shadowing + chunks(4)",
+    ] {
+        assert!(
+            text.contains("skewed routing (max/mean load ")
+                && text.contains(&format!("4 ranks {variant}: median ")),
+            "{variant}: {text}"
+        );
+    }
+    let (ok, text) = check(&[
+        "--device",
+        "cpu",
+        "--ranks",
+        "2",
+        "--no-bench",
+        "--bench-moe",
+        "S9",
+    ]);
+    assert!(!ok && text.contains("no shape `S9`"), "{text}");
+}

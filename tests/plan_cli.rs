@@ -96,3 +96,49 @@ fn auto_prints_best_plans() {
     assert_eq!(code, 0);
     assert!(out.contains("best plans by estimated throughput"), "{out}");
 }
+
+#[test]
+fn a_routing_skew_shows_what_shadowing_would_do() {
+    // The 8-GPU example: its experts spread over the data ranks, routing as skewed as the
+    // bench's `skewed` (the busiest expert 3x the mean)
+    let (code, out, err) = fmoec(&[
+        "plan",
+        "examples/gpt2-medium-moe.fmoe",
+        "--routing-skew",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "expert exchange (FasterMoE): smart_schedule = off, shadowing = off, routing skew 3"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("shadowing would"), "{out}");
+    let (code, out, _) = fmoec(&[
+        "plan",
+        "examples/gpt2-medium-moe.fmoe",
+        "--routing-skew",
+        "3",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["fastermoe"]["routing_skew"].as_f64(), Some(3.0));
+    assert_eq!(v["fastermoe"]["layers"].as_array().map(Vec::len), Some(12));
+    // without a skew or the options, the plan has no such section
+    let (_, out, _) = fmoec(&["plan", "examples/gpt2-medium-moe.fmoe", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v.get("fastermoe").is_none());
+    for bad in ["0.5", "nan", "inf", "x"] {
+        let (code, _, err) = fmoec(&[
+            "plan",
+            "examples/gpt2-medium-moe.fmoe",
+            "--routing-skew",
+            bad,
+        ]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("--routing-skew"), "{bad}: {err}");
+    }
+}

@@ -2,7 +2,7 @@
 
 mod plan_fixtures;
 
-use fmoec::check::{ExpertGroup, Precision};
+use fmoec::check::{ExpertGroup, Ffn, Precision, Shadowing, SmartSchedule};
 use fmoec::plan::{self, MemoryModel, Overrides};
 use plan_fixtures::*;
 
@@ -310,4 +310,130 @@ fn fp8_on_a_gpu_without_fp8_tensor_cores_is_refused() {
     let err = plan::build_with(&c, &Overrides::default()).unwrap_err();
     assert_eq!(err[0].code, "P0014", "{err:?}");
     assert!(err[0].message.contains("FP8 tensor cores"), "{err:?}");
+}
+
+// ---- FasterMoE: the smart schedule and dynamic shadowing in the time estimate --------
+
+/// Four MoE blocks of 8 experts (Mixtral's expert shape: width 4096, hidden 14336, top-2)
+/// on 8 H100s, one expert per rank, bf16, 16 sequences of 4096 per step.
+fn big_moe(smart: SmartSchedule, shadowing: Shadowing) -> fmoec::check::Checked {
+    let mut m = gpt("big_moe", 32000, 4096, 32, 4, false);
+    for l in m.layers.iter_mut() {
+        l.ffn = Ffn::Moe(gshard_moe(8, 2, 14336));
+    }
+    let mut p = parallel(8, 1, 1, ExpertGroup::AcrossData);
+    p.smart_schedule = smart;
+    p.shadowing = shadowing;
+    checked(m, p, Some(train(16, 4096, Precision::Bf16)))
+}
+
+fn skewed(skew: f64) -> Overrides {
+    Overrides {
+        routing_skew: Some(skew),
+        ..Overrides::default()
+    }
+}
+
+fn a2a_s(p: &plan::ParallelPlan) -> f64 {
+    p.stages[0].cost.time.all_to_all_s
+}
+
+/// One layer by hand, micro-batch m (the planner's), T = 4096·m tokens, R = 2T rows per
+/// rank:
+///   a row moves 4096 · 2 B over NVLink at 450 GB/s: 18.2 ns, four times (dispatch,
+///   combine, their gradients), 7/8 of the rows leave the rank;
+///   a row through its expert, forward and backward: 3 · 2 · 2 · 4096 · 14336 FLOP at
+///   the fixture's 989.4 TFLOP/s = 712 ns;
+///   replicating an expert: its 2·4096·14336 + 14336 + 4096 parameters as fp32, broadcast
+///   and reduced: 2 · 4 B · 117,459,968 / 450 GB/s = 2.09 ms, plus 2 calls of 100 µs.
+/// Plain expert parallelism, balanced: 4 · R · 7/8 · 18.2 ns + R · 712 ns.
+#[test]
+fn fastermoe_costs_by_hand() {
+    let p = plan::build(&big_moe(SmartSchedule::Off, Shadowing::Dynamic)).unwrap();
+    let f = p.fastermoe.as_ref().expect("the plan lists the exchange");
+    let rows = (2 * 4096 * p.micro_batch) as f64;
+    let row_transfer = 4096.0 * 2.0 / 450e9;
+    let row_compute = 3.0 * 2.0 * 2.0 * 4096.0 * 14336.0 / 989.4e12;
+    let params = (2 * 4096 * 14336 + 14336 + 4096) as f64;
+    let shadow = 2.0 * 4.0 * params / 450e9 + 2.0 * 100e-6;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
+    assert_eq!(f.layers.len(), 4);
+    for x in &f.layers {
+        assert!(close(x.costs.row_transfer_s, row_transfer), "{x:?}");
+        assert!(close(x.costs.row_compute_s, row_compute), "{x:?}");
+        assert!(close(x.costs.shadow_s, shadow), "{x:?}");
+        let plain = 4.0 * rows * 7.0 / 8.0 * row_transfer + rows * row_compute;
+        assert!(close(x.plain_s, plain), "{} vs {plain}", x.plain_s);
+        // balanced: nothing worth replicating
+        assert_eq!(x.shadowed, 0);
+        assert!(close(x.planned_s, plain));
+    }
+    // the same estimate as without the options, up to rounding
+    let off = plan::build(&big_moe(SmartSchedule::Off, Shadowing::Off)).unwrap();
+    assert!(off.fastermoe.is_none());
+    assert!((a2a_s(&p) - a2a_s(&off)).abs() <= 1e-9 * a2a_s(&off));
+}
+
+#[test]
+fn the_smart_schedule_hides_part_of_the_exchange() {
+    let off = plan::build(&big_moe(SmartSchedule::Off, Shadowing::Off)).unwrap();
+    let auto = plan::build(&big_moe(SmartSchedule::Auto, Shadowing::Off)).unwrap();
+    let f = auto.fastermoe.as_ref().unwrap();
+    for x in &f.layers {
+        assert!(x.chunks >= 2, "{x:?}");
+        assert!(x.planned_s < x.plain_s, "{x:?}");
+        // max(T, X) + min(T, X) / n + 4 (n - 1) calls
+        let rows = (2 * 4096 * auto.micro_batch) as f64;
+        let t = 4.0 * rows * 7.0 / 8.0 * x.costs.row_transfer_s;
+        let c = rows * x.costs.row_compute_s;
+        let n = x.chunks as f64;
+        let want = t.max(c) + t.min(c) / n + 4.0 * (n - 1.0) * 100e-6;
+        assert!((x.planned_s - want).abs() <= 1e-9 * want, "{x:?}");
+    }
+    assert!(a2a_s(&auto) < a2a_s(&off));
+    assert!(auto.time.step_s < off.time.step_s);
+    // a given chunk count is used as given, at most one chunk per rank
+    let four = plan::build(&big_moe(SmartSchedule::Chunks { count: 4 }, Shadowing::Off)).unwrap();
+    assert!(four.fastermoe.unwrap().layers.iter().all(|x| x.chunks == 4));
+    let many = plan::build(&big_moe(
+        SmartSchedule::Chunks { count: 64 },
+        Shadowing::Off,
+    ))
+    .unwrap();
+    assert!(many.fastermoe.unwrap().layers.iter().all(|x| x.chunks == 8));
+    assert_eq!(many.warnings.len(), 1, "{:?}", many.warnings);
+    assert_eq!(many.warnings[0].code, "P0110");
+}
+
+#[test]
+fn shadowing_replicates_the_hot_expert_under_skewed_routing() {
+    let off = plan::build_with(&big_moe(SmartSchedule::Off, Shadowing::Off), &skewed(3.0)).unwrap();
+    let dynamic = plan::build_with(
+        &big_moe(SmartSchedule::Off, Shadowing::Dynamic),
+        &skewed(3.0),
+    )
+    .unwrap();
+    // without shadowing the busiest rank holds the hot expert: 3x the rows of the balanced run
+    let balanced = plan::build(&big_moe(SmartSchedule::Off, Shadowing::Off)).unwrap();
+    assert!(off.time.step_s > balanced.time.step_s);
+    let f = off.fastermoe.as_ref().expect("a skew shows the exchange");
+    for x in &f.layers {
+        let rows = (2 * 4096 * off.micro_batch) as f64;
+        // the hot expert's rank receives 3/8 of every rank's rows, computes 8 · 3/8 = 3x
+        let busiest = 4.0 * rows * 3.0 / 8.0 * 7.0 * x.costs.row_transfer_s
+            + 3.0 * rows * x.costs.row_compute_s;
+        assert!((x.plain_s - busiest).abs() <= 1e-9 * busiest, "{x:?}");
+        assert_eq!(x.shadowed, 0);
+        assert_eq!(x.would_shadow, 1);
+    }
+    let d = dynamic.fastermoe.as_ref().unwrap();
+    for x in &d.layers {
+        assert_eq!(x.shadowed, 1, "{x:?}");
+        assert!(x.planned_s < x.plain_s, "{x:?}");
+    }
+    assert!(dynamic.time.step_s < off.time.step_s);
+    // the table says what shadowing would do when the file does not ask for it
+    let table = plan::render::table(&off);
+    assert!(table.contains("shadowing would"), "{table}");
+    assert!(table.contains("1 expert ("), "{table}");
 }

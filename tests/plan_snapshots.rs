@@ -133,3 +133,23 @@ fn auto_finds_plans_for_mixtral_on_64_h100s() {
         .all(|x| x.message.contains("experts = 8")));
     insta::assert_snapshot!("example_mixtral_auto", plan::search::report(&r, 5));
 }
+
+#[test]
+fn fixture_gpt_moe_small_fastermoe_skewed() {
+    // FasterMoE's options on 8 ranks of one host, the busiest expert at 8x the mean (a
+    // quarter of the tokens)
+    let mut p = parallel(8, 1, 1, ExpertGroup::AcrossData);
+    p.smart_schedule = check::SmartSchedule::Auto;
+    p.shadowing = check::Shadowing::Dynamic;
+    let c = checked(gpt_moe_small(), p, Some(train(64, 1024, Precision::Bf16)));
+    let o = plan::Overrides {
+        routing_skew: Some(8.0),
+        ..plan::Overrides::default()
+    };
+    let p = plan::build_with(&c, &o).unwrap();
+    let table = plan::render::table(&p);
+    let section = &table[table.find("\ntime per rank").unwrap()..];
+    insta::assert_snapshot!("gpt_moe_small_fastermoe_skewed_table", section);
+    let json = serde_json::to_string_pretty(&p.fastermoe).unwrap();
+    insta::assert_snapshot!("gpt_moe_small_fastermoe_skewed_json", json);
+}

@@ -240,6 +240,8 @@ fn rank_run(
         group: groups.expert(),
         placements: &placements,
         at: "test step",
+        fastermoe: None,
+        shadowed: None,
     };
     let tokens = batch(m);
     let shares = groups.data().size() as i64;

@@ -676,6 +676,7 @@ fn a_run_alone_takes_the_planners_plan_for_one_device() {
         expert_group: Some(ExpertGroup::Replicated),
         micro_batch: None,
         memory_model: Some(MemoryModel::Fmoec),
+        routing_skew: None,
     };
     let medium = runtime_common::example("gpt2-medium-moe.fmoe");
     let planned = plan::build_with(&medium, &alone).unwrap();

@@ -5,6 +5,7 @@
 //! fmoec-collective-check --gpus 2              # one process per GPU, NCCL (feature `cuda`)
 //! fmoec-collective-check --device cpu --ranks 4  # in-process ranks on CPU threads (CI)
 //! fmoec-collective-check --device cpu --ranks 4 --processes  # 4 processes over TCP
+//! fmoec-collective-check --gpus 4 --no-bench --bench-moe S1,F0   # FasterMoE against plain EP
 //! ```
 //!
 //! With `--gpus N` it relaunches itself as N ranks (the torchrun variables set, NCCL's
@@ -13,7 +14,11 @@
 //! Every rank checks each operation on tensors with known contents, and the expert
 //! exchange of a two-block MoE (forward, backward, gradient reduction by kind, global
 //! norm clipping) against the single-rank run of the same global batch, computed on CPU
-//! in f64 in each process. The exit code is 0 only when every rank passes.
+//! in f64 in each process, also with FasterMoE's smart schedule and shadowing. The exit code
+//! is 0 only when every rank passes.
+//!
+//! `--bench-moe` times one MoE layer's exchange with its experts, forward and backward, on
+//! the bench's shapes and routing (`fmoec bench moe`), plain and with FasterMoE's options.
 //!
 //! It owns no library logic: everything it runs is `fmoec::collective`.
 
@@ -63,6 +68,23 @@ struct Args {
     /// timeout error naming the group (use a short --timeout-secs).
     #[arg(long)]
     check_timeout: bool,
+    /// Time one MoE layer's expert exchange and experts (forward and backward) on these
+    /// shapes of `fmoec bench moe` (S1, S1-T4096, S1-T512, S3, F0, tiny), every rank its own
+    /// tokens: plain expert parallelism, the smart schedule, shadowing, and both.
+    #[arg(long, value_delimiter = ',', value_name = "SHAPES")]
+    bench_moe: Vec<String>,
+    /// The routing of `--bench-moe`: balanced, skewed (the busiest expert 3x the mean) or
+    /// all-to-one.
+    #[arg(long, value_enum, default_value = "skewed")]
+    moe_routing: fmoec::runtime::bench::RoutingKind,
+    /// The link bandwidth (GB/s per direction) shadowing's decision assumes in
+    /// `--bench-moe` (default: H100 SXM's NVLink, as `std.hardware` has it).
+    #[arg(long, default_value_t = 450.0)]
+    link_gbps: f64,
+    /// The matmul rate (TFLOP/s) shadowing's decision assumes in `--bench-moe` (default:
+    /// H100 SXM's dense bf16 peak).
+    #[arg(long, default_value_t = 989.5)]
+    tflops: f64,
 }
 
 fn main() {
@@ -311,9 +333,26 @@ fn rank_checks(groups: &Groups, device: Device, args: &Args, report: &Report) {
         "expert exchange equals single rank (f32, tol 1e-4)",
         moe::equivalence(groups, device, Kind::Float, 1e-4),
     );
+    if groups.expert().size() > 1 {
+        let chunks = groups.expert().size();
+        for (kind, tolerance, name) in [
+            (Kind::Double, 1e-10, "f64, tol 1e-10"),
+            (Kind::Float, 1e-4, "f32, tol 1e-4"),
+        ] {
+            report.check(
+                &format!("expert exchange in {chunks} chunks with expert 0 shadowed equals single rank ({name})"),
+                moe::fastermoe_equivalence(groups, device, kind, tolerance, chunks),
+            );
+        }
+    }
     if !args.no_bench {
         if let Err(e) = bench(groups, device, args, report) {
             report.check("bandwidth measurement", Err(e));
+        }
+    }
+    if !args.bench_moe.is_empty() {
+        if let Err(e) = fastermoe_bench::run(groups, device, args, report) {
+            report.check("FasterMoE measurement", Err(e));
         }
     }
 }
@@ -574,6 +613,50 @@ mod moe {
     const EXPERTS_PER_RANK: usize = 2;
     const TOKENS_PER_RANK: i64 = 4;
 
+    /// [`equivalence`] with the exchange in `chunks` chunks and expert 0 replicated.
+    pub fn fastermoe_equivalence(
+        groups: &Groups,
+        device: Device,
+        kind: Kind,
+        tolerance: f64,
+        chunks: usize,
+    ) -> Check {
+        let world = groups.world();
+        let experts = EXPERTS_PER_RANK * groups.expert().size();
+        let problem = Problem::new(TOKENS_PER_RANK * world as i64, experts, 7);
+        let expected = selftest::reference(&problem, Kind::Double);
+        let placement =
+            ExpertPlacement::contiguous(experts, groups.expert().size()).map_err(err)?;
+        let policy = selftest::ShadowThese(vec![0]);
+        let options = fmoec::collective::ExchangeOptions {
+            chunks,
+            shadowing: Some(&policy),
+        };
+        let (got, records) =
+            selftest::split_with(groups, device, kind, &problem, &placement, options)
+                .map_err(err)?;
+        if records
+            .iter()
+            .any(|r| r.shadowed != [0] || r.chunks != chunks)
+        {
+            return Err(format!("the exchanges ran as {records:?}"));
+        }
+        let diffs = selftest::compare(
+            &expected,
+            &got,
+            groups.rank(),
+            world,
+            groups.expert().rank(),
+            &placement,
+        );
+        let bad = selftest::failures(&diffs, tolerance);
+        if !bad.is_empty() {
+            return Err(bad.join("; "));
+        }
+        let max = diffs.iter().map(|(_, d)| *d).fold(0.0, f64::max);
+        Ok(format!("{world} ranks, max difference {max:.1e}"))
+    }
+
     pub fn equivalence(groups: &Groups, device: Device, kind: Kind, tolerance: f64) -> Check {
         let world = groups.world();
         let experts = EXPERTS_PER_RANK * groups.expert().size();
@@ -601,5 +684,194 @@ mod moe {
             groups.expert().label(),
             got.norm
         ))
+    }
+}
+
+/// `--bench-moe`: one MoE layer's exchange with its experts, forward and backward, timed on
+/// every rank with its own tokens (the bench's shape and routing), plain and with FasterMoE's
+/// options; the slowest rank's median per variant.
+mod fastermoe_bench {
+    use super::*;
+    use fmoec::collective::{exchange_experts_with, ExchangeOptions, ShadowPolicy, Tape};
+    use fmoec::plan::fastermoe::ExchangeCosts;
+    use fmoec::runtime::bench::{make_routing, smoke_shapes, standard_shapes, Shape};
+    use fmoec::runtime::moe::{counts_of, Experts, PlannedShadowing, RankExperts};
+    use fmoec::runtime::params::ParamStore;
+
+    fn shape(name: &str) -> Result<Shape, String> {
+        standard_shapes()
+            .into_iter()
+            .chain(smoke_shapes())
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                format!("--bench-moe: no shape `{name}` (S1, S1-T4096, S1-T512, S3, F0, tiny)")
+            })
+    }
+
+    /// This rank's layer: its experts, tokens sorted by slot, combine weights.
+    struct Layer {
+        experts: Experts,
+        placement: ExpertPlacement,
+        x: Tensor,
+        /// The token of each sorted row, and its combine weight.
+        token: Tensor,
+        weight: Tensor,
+        counts: Vec<i64>,
+        /// Busiest expert's load over the mean, over the whole group.
+        skew: f64,
+    }
+
+    fn layer(groups: &Groups, device: Device, args: &Args, s: &Shape) -> Result<Layer, String> {
+        let group = groups.expert();
+        let g = group.size() as i64;
+        if s.experts % g != 0 {
+            return Err(format!(
+                "--bench-moe {}: {} experts do not split over {g} ranks",
+                s.name, s.experts
+            ));
+        }
+        let kind = if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        };
+        // every rank draws its own tokens and routing, the experts from one seed
+        tch::manual_seed(1000 + groups.rank() as i64);
+        let (expert, weight) = make_routing(s, args.moe_routing, device).map_err(err)?;
+        let x = Tensor::randn([s.tokens, s.width], (kind, device));
+        tch::manual_seed(7);
+        let mut store = ParamStore::new(device, kind);
+        let mut experts = Experts::new(
+            &mut store,
+            "experts",
+            s.experts / g,
+            s.width,
+            s.hidden,
+            s.act,
+            false,
+            0.02,
+        )
+        .map_err(err)?;
+        experts.path = fmoec::runtime::moe::ExpertPath::Grouped;
+        let placement = ExpertPlacement::contiguous(s.experts as usize, g as usize).map_err(err)?;
+        // contiguous placement: slot = expert
+        let flat = expert.reshape([-1]);
+        let order = flat.argsort_stable(true, 0, false);
+        let counts_t = counts_of(&flat, s.experts).map_err(err)?;
+        let counts = Vec::<i64>::try_from(counts_t.to_device(Device::Cpu)).map_err(err)?;
+        let token = order.divide_scalar_mode(s.top_k, "floor");
+        let weight = weight.reshape([-1]).index_select(0, &order).to_kind(kind);
+        let all = group
+            .all_gather_counts(&counts, "bench moe counts")
+            .map_err(err)?;
+        let load: Vec<i64> = (0..s.experts as usize)
+            .map(|e| all.iter().map(|c| c[e]).sum())
+            .collect();
+        let mean = load.iter().sum::<i64>() as f64 / load.len().max(1) as f64;
+        let max = load.iter().copied().max().unwrap_or(0) as f64;
+        Ok(Layer {
+            experts,
+            placement,
+            x,
+            token,
+            weight,
+            counts,
+            skew: if mean > 0.0 { max / mean } else { 0.0 },
+        })
+    }
+
+    /// One forward and backward of the layer; the experts the exchange replicated.
+    fn step(
+        group: &dyn Collective,
+        l: &Layer,
+        options: ExchangeOptions,
+        at: &str,
+    ) -> Result<usize, String> {
+        let x = l.x.detach().set_requires_grad(true);
+        let mut tape = Tape::new();
+        tape.step();
+        let tokens = x.index_select(0, &l.token);
+        let (y, exchange) = exchange_experts_with(
+            group,
+            &l.placement,
+            &tokens,
+            &l.counts,
+            at,
+            options,
+            &RankExperts(&l.experts),
+        )
+        .map_err(err)?;
+        let shadowed = exchange.shadowed().len();
+        tape.record(exchange);
+        let out = x
+            .zeros_like()
+            .index_add(0, &l.token, &(y * l.weight.unsqueeze(1)));
+        let loss = out.to_kind(Kind::Float).square().mean(Kind::Float);
+        tape.backward(&loss, group, at).map_err(err)?;
+        Ok(shadowed)
+    }
+
+    pub fn run(
+        groups: &Groups,
+        device: Device,
+        args: &Args,
+        report: &Report,
+    ) -> Result<(), String> {
+        let group = groups.expert();
+        let g = group.size();
+        if g < 2 {
+            return Err("--bench-moe needs an expert group of 2 ranks or more".into());
+        }
+        let print = groups.rank() == 0;
+        for name in &args.bench_moe {
+            let s = shape(name)?;
+            let l = layer(groups, device, args, &s)?;
+            let bytes = if device.is_cuda() { 2.0 } else { 4.0 };
+            let (w, h) = (s.width as f64, s.hidden as f64);
+            let matrices = s.act.matrices() as f64;
+            // the planner's costs of this layer on the assumed links and GPUs
+            let policy = PlannedShadowing(ExchangeCosts::of_layer(
+                w * bytes,
+                3.0 * 2.0 * matrices * w * h,
+                matrices * w * h * bytes,
+                args.link_gbps * 1e9,
+                args.tflops * 1e12,
+            ));
+            let shadow = Some(&policy as &dyn ShadowPolicy);
+            let mut variants: Vec<(String, usize, Option<&dyn ShadowPolicy>)> =
+                vec![("plain".into(), 1, None)];
+            if g > 2 {
+                variants.push(("chunks(2)".into(), 2, None));
+            }
+            variants.push((format!("chunks({g})"), g, None));
+            variants.push(("shadowing".into(), 1, shadow));
+            variants.push((format!("shadowing + chunks({g})"), g, shadow));
+            let mut plain = None;
+            for (label, chunks, shadowing) in variants {
+                let options = ExchangeOptions { chunks, shadowing };
+                let at = format!("bench moe {name} {label}");
+                let mut replicated = 0;
+                let elapsed = time_op(group, device, args.iters, || {
+                    replicated = step(group, &l, options, &at)?;
+                    Ok(())
+                })?;
+                let elapsed = slowest(group, elapsed)?;
+                let ms = elapsed.as_secs_f64() * 1e3;
+                let base = *plain.get_or_insert(ms);
+                if print {
+                    let routing = clap::ValueEnum::to_possible_value(&args.moe_routing)
+                        .map(|v| v.get_name().to_string())
+                        .unwrap_or_default();
+                    report.info(&format!(
+                        "BENCH moe {name} {} {routing} routing (max/mean load {:.2}) {g} ranks {label}: median {ms:.3} ms (slowest rank, {} iters), {:.2}x plain, {replicated} expert(s) replicated",
+                        format!("{:?}", s.act).to_lowercase(),
+                        l.skew,
+                        args.iters,
+                        base / ms
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -667,6 +667,18 @@ pub fn bad_expert_group(span: Span, found: &str, help: Option<String>) -> Diagno
     )
 }
 
+pub fn bad_smart_schedule(span: Span, found: &str, help: Option<String>) -> Diagnostic {
+    with_opt_help(
+        Diagnostic::error(
+            "E0508",
+            span,
+            format!("`smart_schedule` expects `chunks(N)`, `auto` or `off`, found {found}"),
+        )
+        .with_label("not a schedule of the expert exchange"),
+        help,
+    )
+}
+
 // ---- E06xx: train rules -----------------------------------------------------------
 // E0602 was a copy of the planner's P0011 (the batch over data ranks and micro-batches).
 

@@ -229,8 +229,50 @@ pub struct Parallel {
     pub expert_slicing: bool,
     /// Sequences per micro-batch per data rank; `None` lets the planner choose.
     pub micro_batch: Option<u64>,
+    /// FasterMoE's smart schedule of the expert exchange (`smart_schedule`).
+    #[serde(skip_serializing_if = "SmartSchedule::is_off")]
+    pub smart_schedule: SmartSchedule,
+    /// FasterMoE's dynamic shadowing of hot experts (`shadowing`).
+    #[serde(skip_serializing_if = "Shadowing::is_off")]
+    pub shadowing: Shadowing,
     #[serde(skip)]
     pub spans: ParallelSpans,
+}
+
+/// FasterMoE's smart schedule: the expert exchange split into chunks of peer ranks,
+/// pipelined with the expert matmuls (`smart_schedule = chunks(N)`, `auto` or `off`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SmartSchedule {
+    /// One all-to-all each way (FastMoE's exchange).
+    #[default]
+    Off,
+    /// The planner's cost model picks the chunk count.
+    Auto,
+    /// This many chunks (at most the expert group's ranks).
+    Chunks { count: u64 },
+}
+
+impl SmartSchedule {
+    pub fn is_off(&self) -> bool {
+        *self == SmartSchedule::Off
+    }
+}
+
+/// FasterMoE's dynamic shadowing: per step, experts whose tokens cost more to send than
+/// their weights are replicated to every rank of the expert group (`shadowing = dynamic`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shadowing {
+    #[default]
+    Off,
+    Dynamic,
+}
+
+impl Shadowing {
+    pub fn is_off(&self) -> bool {
+        *self == Shadowing::Off
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -244,6 +286,8 @@ pub struct ParallelSpans {
     pub data: Span,
     pub experts: Span,
     pub micro_batch: Span,
+    pub smart_schedule: Span,
+    pub shadowing: Span,
 }
 
 /// Which ranks share one layer's experts between them.

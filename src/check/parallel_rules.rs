@@ -1,5 +1,6 @@
 //! The `parallel` block: GPUs and their hardware profile, tensor and pipeline sizes,
-//! the derived (or checked) data size, the expert group, expert slicing, micro-batch.
+//! the derived (or checked) data size, the expert group, expert slicing, micro-batch, and
+//! FasterMoE's options for the expert exchange (`smart_schedule`, `shadowing`).
 //! Only what the block says on its own is checked here (types, names, a `data` that
 //! disagrees with the derived one); every rule about how the model splits over the GPUs
 //! (divisibility of the grid, heads, depth, experts, batch; memory) is the planner's, which
@@ -9,7 +10,7 @@ use std::rc::Rc;
 
 use super::errors;
 use super::eval::Ctx;
-use super::fields::{boolean, int, uint};
+use super::fields::{boolean, int, symbol, uint};
 use super::model::*;
 use super::scope::{EntityKind, ModId};
 use super::value::{Bound, Type, Value};
@@ -25,6 +26,8 @@ pub const PARALLEL_FIELDS: &[&str] = &[
     "experts",
     "expert_slicing",
     "micro_batch",
+    "smart_schedule",
+    "shadowing",
 ];
 
 /// The profile of a file without a `parallel` block (or with a bare GPU count).
@@ -51,6 +54,8 @@ impl Checker<'_> {
             experts: ExpertGroup::AcrossData,
             expert_slicing: false,
             micro_batch: None,
+            smart_schedule: SmartSchedule::Off,
+            shadowing: Shadowing::Off,
             spans: ParallelSpans {
                 block: at,
                 ..Default::default()
@@ -223,6 +228,21 @@ impl Checker<'_> {
                 None
             }
         };
+        let smart_schedule = self.smart_schedule(&fields, ctx, &mut spans, &mut ok);
+        let shadowing_ty = Type::Enum(vec!["off".into(), "dynamic".into()]);
+        let shadowing = match self.typed_field(&fields, "shadowing", &shadowing_ty, ctx) {
+            Some(v) => {
+                spans.shadowing = v.span;
+                match symbol(&v) {
+                    "dynamic" => Shadowing::Dynamic,
+                    _ => Shadowing::Off,
+                }
+            }
+            None => {
+                ok &= !fields.contains_key("shadowing");
+                Shadowing::Off
+            }
+        };
         let hardware = hardware?;
         ok.then_some(Parallel {
             declared: true,
@@ -234,8 +254,55 @@ impl Checker<'_> {
             experts,
             expert_slicing,
             micro_batch,
+            smart_schedule,
+            shadowing,
             spans,
         })
+    }
+
+    /// `smart_schedule = off | auto | chunks(N)`; whether `chunks` exceeds the expert group
+    /// is the planner's (it knows the group).
+    fn smart_schedule(
+        &mut self,
+        fields: &std::collections::BTreeMap<String, &ast::Field>,
+        ctx: Ctx,
+        spans: &mut ParallelSpans,
+        ok: &mut bool,
+    ) -> SmartSchedule {
+        let Some(f) = fields.get("smart_schedule") else {
+            return SmartSchedule::Off;
+        };
+        spans.smart_schedule = f.value.span;
+        let v = self.eval(&f.value, ctx);
+        match &v.value {
+            Value::Symbol(s) if s == "auto" => SmartSchedule::Auto,
+            Value::Symbol(s) if s == "off" => SmartSchedule::Off,
+            Value::Ctor(c) if c.name == "chunks" => {
+                if let Some(count) = c.arg("count") {
+                    spans.smart_schedule = count.span;
+                }
+                SmartSchedule::Chunks {
+                    count: c.arg("count").map(uint).unwrap_or(1),
+                }
+            }
+            Value::Error => {
+                *ok = false;
+                SmartSchedule::Off
+            }
+            other => {
+                let help = match other {
+                    Value::Symbol(s) => did_you_mean(s, ["auto", "off"]),
+                    _ => None,
+                };
+                self.sink.push(errors::bad_smart_schedule(
+                    f.value.span,
+                    &other.describe(),
+                    help,
+                ));
+                *ok = false;
+                SmartSchedule::Off
+            }
+        }
     }
 
     fn hardware_by_name(&mut self, m: ModId, name: &str, span: Span) -> Option<Hardware> {

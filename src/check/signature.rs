@@ -23,6 +23,7 @@ pub const KINDS: &[&str] = &[
     "schedule",
     "every",
     "expert_group",
+    "smart_schedule",
 ];
 
 #[derive(Clone, Debug)]

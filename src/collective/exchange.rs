@@ -1,5 +1,7 @@
 //! The expert-parallel MoE exchange: counts, tokens to the experts' ranks, local
-//! experts, results back; and its explicit backward.
+//! experts, results back; and its explicit backward. With FasterMoE's options
+//! ([`ExchangeOptions`]): the exchange pipelined in chunks of peer ranks (the smart
+//! schedule) and hot experts replicated to every rank (dynamic shadowing).
 //!
 //! Autograd is cut twice: the tokens a rank receives are a fresh leaf (`received`), and
 //! the results it gets back are another (`combined`). [`ExchangeTape::backward`] runs
@@ -7,18 +9,108 @@
 //! goes through the local experts (accumulating their parameter gradients), and the
 //! gradient of `received` travels back; the caller then backpropagates it from the
 //! tokens it sent (see [`super::Tape`]).
+//!
+//! # The smart schedule
+//! With `chunks = n` the peers of a rank at position `me` in a group of `G` are split by
+//! their offset `o = (q − me) mod G` into `n` chunks (`o · n / G`; chunk 0 holds the rank
+//! itself). Chunk `c`'s tokens go to the ranks at the offsets of chunk `c` and come from
+//! those at the same offsets backwards, so the pairs match on every rank. Every chunk's
+//! all-to-all is started first, then each chunk's experts run as soon as its tokens are
+//! in and its results start back (FasterMoE's order: `S_0..S_n`, then `C_i` and `R_i`). On
+//! backends that overlap ([`Collective::start_all_to_all_v`]: NCCL on a side stream) the
+//! exchange of chunk `i + 1` travels while the experts of chunk `i` run; elsewhere the
+//! same calls run one after another. The results equal the plain exchange's up to the
+//! order in which the experts' gradients are summed.
+//!
+//! # Dynamic shadowing
+//! Every rank knows every rank's counts (they are gathered first), so a [`ShadowPolicy`]
+//! given the same counts decides the same on every rank. A shadowed expert's parameters are
+//! broadcast from its owner; every rank runs its own tokens of that expert locally on the
+//! copy (the owner too), sends none of them, and in the backward the copies' gradients are
+//! summed back into the owner's gradient ([`super::grads::reduce_shadow_gradients`]),
+//! before the optimizer step.
+//!
+//! Ordering on backends with a side stream: everything issued on the group's own
+//! communicator (the counts, the broadcasts, the gradient reductions) happens while no
+//! started all-to-all is pending; an exchange waits for all it started before it returns.
 
 use super::error::{CollectiveError, ErrorKind};
+use super::grads::reduce_shadow_gradients;
 use super::tape::backward_roots;
 use super::{Collective, ExpertPlacement, Result};
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
 
-/// What one exchange needs to run backward. Keep it until the backward pass; call
-/// [`ExchangeTape::backward`] once, on every rank of the expert group, in the reverse
-/// order of the forward exchanges.
-pub struct ExchangeTape {
-    at: String,
-    source: Tensor,
+/// How one exchange runs (FasterMoE's options); the default is FastMoE's plain exchange.
+#[derive(Clone, Copy, Default)]
+pub struct ExchangeOptions<'a> {
+    /// Chunks of peer ranks the exchange is pipelined in (0 or 1: one all-to-all each way;
+    /// more than the group's ranks: one chunk per rank).
+    pub chunks: usize,
+    /// Decides which experts to replicate in this exchange (`None`: none).
+    pub shadowing: Option<&'a dyn ShadowPolicy>,
+}
+
+/// Decides which experts an exchange replicates to every rank of the group.
+pub trait ShadowPolicy {
+    /// The global experts to replicate (any order, no repeats): `rows[s][e]` token rows
+    /// of the group's rank `s` go to global expert `e`, held by position `owner[e]`. Every
+    /// rank passes the same counts and must get the same answer.
+    fn choose(&self, rows: &[Vec<i64>], owner: &[usize]) -> Vec<usize>;
+}
+
+/// This rank's experts of one MoE layer, as the exchange runs them.
+pub trait LocalExperts {
+    /// Runs `rows` (grouped by local expert: `counts[j]` rows for local expert `j`, in
+    /// order) through this rank's experts and returns their outputs in the same order.
+    /// Called on every rank, also with no rows.
+    fn forward(&self, rows: &Tensor, counts: &[i64]) -> std::result::Result<Tensor, TchError>;
+
+    /// The experts' parameters, each stacked over the local experts (`[E_local, ...]`), in
+    /// an order and with trailing shapes and dtype every rank of the group shares (a rank
+    /// with no experts returns `[0, ...]` tensors). Empty: these experts cannot be
+    /// shadowed (the exchange then shadows none).
+    fn parameters(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+
+    /// Runs `rows` (grouped: `counts[i]` rows for expert `i`) through the experts whose
+    /// parameters are `params`, stacked like [`LocalExperts::parameters`] (`[S, ...]`),
+    /// recording the graph back to `params`.
+    fn forward_with(
+        &self,
+        params: &[Tensor],
+        rows: &Tensor,
+        counts: &[i64],
+    ) -> std::result::Result<Tensor, TchError> {
+        let _ = (params, rows, counts);
+        Err(TchError::Torch(
+            "these experts cannot run on replicated parameters".into(),
+        ))
+    }
+}
+
+/// The plain exchange's experts: a closure called once.
+struct OnceExperts<F>(std::cell::RefCell<Option<F>>);
+
+impl<F> LocalExperts for OnceExperts<F>
+where
+    F: FnOnce(&Tensor, &[i64]) -> std::result::Result<Tensor, TchError>,
+{
+    fn forward(&self, rows: &Tensor, counts: &[i64]) -> std::result::Result<Tensor, TchError> {
+        match self.0.borrow_mut().take() {
+            Some(f) => f(rows, counts),
+            None => Err(TchError::Torch(
+                "internal error: the experts closure of a plain exchange ran twice".into(),
+            )),
+        }
+    }
+}
+
+/// One chunk of peers: what its forward exchanged and computed.
+struct Chunk {
+    /// Rows of the source tokens this chunk sends, in send order (`None`: all of them, in
+    /// order).
+    rows: Option<Tensor>,
     send_counts: Vec<i64>,
     recv_counts: Vec<i64>,
     /// Row `i` of the expert-major buffer is row `to_expert_major[i]` of the
@@ -27,7 +119,37 @@ pub struct ExchangeTape {
     to_source_major: Option<Tensor>,
     received: Tensor,
     expert_out: Tensor,
+}
+
+/// The replicated experts of one exchange.
+struct Shadows {
+    /// Global ids, ascending.
+    experts: Vec<usize>,
+    /// (owner position, its local index) of each.
+    owners: Vec<(usize, usize)>,
+    /// Rows of the source tokens that ran on the copies, grouped by shadowed expert.
+    rows: Tensor,
+    /// Those rows, a leaf.
+    kept: Tensor,
+    /// The copies' parameters, `[S, P]` (each expert's parameters flattened), a leaf.
+    params: Tensor,
+    /// The copies' outputs for `kept`.
+    out: Tensor,
+    /// This rank's stacked expert parameters (the owner adds the copies' gradients).
+    stacked: Vec<Tensor>,
+}
+
+/// What one exchange needs to run backward. Keep it until the backward pass; call
+/// [`ExchangeTape::backward`] once, on every rank of the expert group, in the reverse
+/// order of the forward exchanges.
+pub struct ExchangeTape {
+    at: String,
+    source: Tensor,
     combined: Tensor,
+    chunks: Vec<Chunk>,
+    shadows: Option<Box<Shadows>>,
+    send_counts: Vec<i64>,
+    recv_counts: Vec<i64>,
     local_counts: Vec<i64>,
 }
 
@@ -48,7 +170,33 @@ fn permute(t: &Tensor, index: &Option<Tensor>) -> std::result::Result<Tensor, tc
     }
 }
 
-/// Run one MoE layer's experts across the expert group.
+/// `t`'s rows `rows` (all of them when `None`).
+fn take_rows(t: &Tensor, rows: &Option<Tensor>) -> std::result::Result<Tensor, TchError> {
+    permute(t, rows)
+}
+
+/// `[rows, ...]` zeros shaped like `like`'s rows.
+fn zero_rows(like: &Tensor, rows: i64) -> std::result::Result<Tensor, TchError> {
+    let mut shape = like.size();
+    if let Some(first) = shape.first_mut() {
+        *first = rows;
+    }
+    Tensor::f_zeros(&shape, (like.kind(), like.device()))
+}
+
+/// An index tensor on `device`, `None` when it is `0..total` in order.
+fn index_or_all(
+    rows: &[i64],
+    total: i64,
+    device: tch::Device,
+) -> std::result::Result<Option<Tensor>, TchError> {
+    if rows.len() as i64 == total && rows.iter().enumerate().all(|(i, &r)| i as i64 == r) {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::f_from_slice(rows)?.f_to_device(device)?))
+}
+
+/// Run one MoE layer's experts across the expert group (FastMoE's plain exchange).
 ///
 /// - `tokens`: this rank's token copies, `[N, ...]`, sorted by slot (see
 ///   [`ExpertPlacement::slot_of_expert`]); it may be attached to the autograd graph.
@@ -73,6 +221,32 @@ pub fn exchange_experts<F>(
 where
     F: FnOnce(&Tensor, &[i64]) -> std::result::Result<Tensor, tch::TchError>,
 {
+    let experts = OnceExperts(std::cell::RefCell::new(Some(experts)));
+    exchange_experts_with(
+        group,
+        placement,
+        tokens,
+        counts,
+        at,
+        ExchangeOptions::default(),
+        &experts,
+    )
+}
+
+/// [`exchange_experts`] with FasterMoE's options: the exchange in `options.chunks` chunks
+/// of peers, and the experts `options.shadowing` picks replicated (see the module docs).
+/// `experts` runs this rank's experts (per chunk, so possibly several times) and, for
+/// shadowing, gives and runs their parameters. Every rank of the group must pass the same
+/// options.
+pub fn exchange_experts_with(
+    group: &dyn Collective,
+    placement: &ExpertPlacement,
+    tokens: &Tensor,
+    counts: &[i64],
+    at: &str,
+    options: ExchangeOptions,
+    experts: &dyn LocalExperts,
+) -> Result<(Tensor, ExchangeTape)> {
     const OP: &str = "exchange_experts";
     let invalid =
         |message: String| CollectiveError::new(group.label(), OP, at, ErrorKind::Invalid(message));
@@ -101,88 +275,379 @@ where
             "the ranks disagree on the number of experts".into(),
         ));
     }
-    let send_counts: Vec<i64> = (0..size)
-        .map(|q| counts[placement.slots(q)].iter().sum())
-        .collect();
-    let mine = placement.slots(me);
-    let recv_counts: Vec<i64> = all_counts
-        .iter()
-        .map(|c| c[mine.clone()].iter().sum())
-        .collect();
-    let local_counts: Vec<i64> = mine
-        .clone()
-        .map(|slot| all_counts.iter().map(|c| c[slot]).sum())
-        .collect();
-
-    // Source-major (rank s, then local expert j) to expert-major (j, then s).
-    let mut offsets = vec![vec![0i64; mine.len()]; size];
-    let mut next = 0i64;
-    for (s, row) in offsets.iter_mut().enumerate() {
-        for (j, slot) in mine.clone().enumerate() {
-            row[j] = next;
-            next += all_counts[s][slot];
-        }
-    }
-    let mut order = Vec::with_capacity(next as usize);
-    for (j, slot) in mine.clone().enumerate() {
-        for s in 0..size {
-            order.extend(offsets[s][j]..offsets[s][j] + all_counts[s][slot]);
-        }
-    }
-    let identity = order.iter().enumerate().all(|(i, &r)| i as i64 == r);
-    let device = tokens.device();
     let terr = tensor_err(group, OP, at);
-    let (to_expert_major, to_source_major) = if identity {
-        (None, None)
-    } else {
-        let mut inverse = vec![0i64; order.len()];
-        for (i, &r) in order.iter().enumerate() {
-            inverse[r as usize] = i as i64;
+    let device = tokens.device();
+    let slot_of_expert = placement.slot_of_expert();
+    let owners: Vec<(usize, usize)> = {
+        let mut owners = vec![(0, 0); placement.experts()];
+        for p in 0..size {
+            for (j, &e) in placement.local_experts(p).iter().enumerate() {
+                owners[e] = (p, j);
+            }
         }
-        let forward = Tensor::f_from_slice(&order)
-            .and_then(|t| t.f_to_device(device))
-            .map_err(&terr)?;
-        let backward = Tensor::f_from_slice(&inverse)
-            .and_then(|t| t.f_to_device(device))
-            .map_err(&terr)?;
-        (Some(forward), Some(backward))
+        owners
     };
 
+    // Which experts run on replicas this time: the same answer on every rank.
+    let stacked = match options.shadowing {
+        Some(_) if size > 1 => experts.parameters(),
+        _ => Vec::new(),
+    };
+    let shadowed: Vec<usize> = match options.shadowing {
+        Some(policy) if !stacked.is_empty() => {
+            let by_expert: Vec<Vec<i64>> = all_counts
+                .iter()
+                .map(|c| slot_of_expert.iter().map(|&s| c[s as usize]).collect())
+                .collect();
+            let owner: Vec<usize> = owners.iter().map(|&(p, _)| p).collect();
+            let mut chosen = policy.choose(&by_expert, &owner);
+            chosen.sort_unstable();
+            chosen.dedup();
+            if let Some(&e) = chosen.iter().find(|&&e| e >= placement.experts()) {
+                return Err(invalid(format!(
+                    "the shadowing policy chose expert {e} of {}",
+                    placement.experts()
+                )));
+            }
+            chosen
+        }
+        _ => Vec::new(),
+    };
+    let mut slot_shadowed = vec![false; placement.experts()];
+    for &e in &shadowed {
+        slot_shadowed[slot_of_expert[e] as usize] = true;
+    }
+
+    // The rows of `tokens` per slot, and per destination those that travel.
+    let mut slot_start = Vec::with_capacity(counts.len());
+    let mut next = 0i64;
+    for &c in counts {
+        slot_start.push(next);
+        next += c;
+    }
+    let slot_rows = |slot: usize| slot_start[slot]..slot_start[slot] + counts[slot];
+    let rows_to: Vec<Vec<i64>> = (0..size)
+        .map(|q| {
+            placement
+                .slots(q)
+                .filter(|&s| !slot_shadowed[s])
+                .flat_map(slot_rows)
+                .collect()
+        })
+        .collect();
+    let mine = placement.slots(me);
+    let recv_from: Vec<i64> = all_counts
+        .iter()
+        .map(|c| {
+            mine.clone()
+                .filter(|&s| !slot_shadowed[s])
+                .map(|s| c[s])
+                .sum()
+        })
+        .collect();
+
+    // Shadowed experts: parameters from their owners, before any chunk starts.
+    let shadows = if shadowed.is_empty() {
+        None
+    } else {
+        let experts_owners: Vec<(usize, usize)> = shadowed.iter().map(|&e| owners[e]).collect();
+        let params = replicate(group, &stacked, &experts_owners, at)?;
+        let kept_rows: Vec<i64> = shadowed
+            .iter()
+            .flat_map(|&e| slot_rows(slot_of_expert[e] as usize))
+            .collect();
+        let shadow_counts: Vec<i64> = shadowed
+            .iter()
+            .map(|&e| counts[slot_of_expert[e] as usize])
+            .collect();
+        let rows_index = Tensor::f_from_slice(&kept_rows)
+            .and_then(|t| t.f_to_device(device))
+            .map_err(&terr)?;
+        let kept = tokens
+            .f_detach()
+            .and_then(|t| t.f_index_select(0, &rows_index))
+            .and_then(|t| t.f_set_requires_grad(true))
+            .map_err(&terr)?;
+        Some((
+            experts_owners,
+            params,
+            rows_index,
+            kept,
+            shadow_counts,
+            stacked,
+        ))
+    };
+
+    // Chunks of peers: start every chunk's dispatch first (FasterMoE's order).
+    let n = options.chunks.clamp(1, size.max(1));
+    let chunk_of = |offset: usize| offset * n / size;
     let sent = tokens.f_detach().map_err(&terr)?;
-    let arrived = group.all_to_all_v(
-        &sent,
-        &send_counts,
-        &recv_counts,
-        &format!("{at}, dispatch"),
-    )?;
-    let received = permute(&arrived, &to_expert_major)
-        .and_then(|t| t.f_detach())
+    let mut plans = Vec::with_capacity(n);
+    let mut pending = Vec::with_capacity(n);
+    for c in 0..n {
+        let targets: Vec<bool> = (0..size)
+            .map(|q| chunk_of((q + size - me) % size) == c)
+            .collect();
+        let sources: Vec<bool> = (0..size)
+            .map(|s| chunk_of((me + size - s) % size) == c)
+            .collect();
+        let send_rows: Vec<i64> = (0..size)
+            .filter(|&q| targets[q])
+            .flat_map(|q| rows_to[q].iter().copied())
+            .collect();
+        let send_counts: Vec<i64> = (0..size)
+            .map(|q| {
+                if targets[q] {
+                    rows_to[q].len() as i64
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let recv_counts: Vec<i64> = (0..size)
+            .map(|s| if sources[s] { recv_from[s] } else { 0 })
+            .collect();
+        let rows_index = index_or_all(&send_rows, rows, device).map_err(&terr)?;
+        let local_counts: Vec<i64> = mine
+            .clone()
+            .map(|slot| {
+                if slot_shadowed[slot] {
+                    0
+                } else {
+                    (0..size)
+                        .filter(|&s| sources[s])
+                        .map(|s| all_counts[s][slot])
+                        .sum()
+                }
+            })
+            .collect();
+        // Source-major (rank s, then local expert j) to expert-major (j, then s).
+        let mut offsets = vec![vec![0i64; mine.len()]; size];
+        let mut at_row = 0i64;
+        for (s, row) in offsets.iter_mut().enumerate() {
+            if !sources[s] {
+                continue;
+            }
+            for (j, slot) in mine.clone().enumerate() {
+                row[j] = at_row;
+                if !slot_shadowed[slot] {
+                    at_row += all_counts[s][slot];
+                }
+            }
+        }
+        let mut order = Vec::with_capacity(at_row as usize);
+        for (j, slot) in mine.clone().enumerate() {
+            if slot_shadowed[slot] {
+                continue;
+            }
+            for s in (0..size).filter(|&s| sources[s]) {
+                order.extend(offsets[s][j]..offsets[s][j] + all_counts[s][slot]);
+            }
+        }
+        let (to_expert_major, to_source_major) =
+            match index_or_all(&order, at_row, device).map_err(&terr)? {
+                None => (None, None),
+                Some(forward) => {
+                    let mut inverse = vec![0i64; order.len()];
+                    for (i, &r) in order.iter().enumerate() {
+                        inverse[r as usize] = i as i64;
+                    }
+                    let backward = Tensor::f_from_slice(&inverse)
+                        .and_then(|t| t.f_to_device(device))
+                        .map_err(&terr)?;
+                    (Some(forward), Some(backward))
+                }
+            };
+        let send = take_rows(&sent, &rows_index).map_err(&terr)?;
+        let label = if n == 1 {
+            format!("{at}, dispatch")
+        } else {
+            format!("{at}, dispatch chunk {c}")
+        };
+        pending.push(group.start_all_to_all_v(&send, &send_counts, &recv_counts, &label)?);
+        plans.push((
+            rows_index,
+            send_counts,
+            recv_counts,
+            local_counts,
+            to_expert_major,
+            to_source_major,
+        ));
+    }
+
+    // Each chunk's experts as soon as its tokens are in; its results start back.
+    let mut chunks = Vec::with_capacity(n);
+    let mut returning = Vec::with_capacity(n);
+    let mut local_total = vec![0i64; mine.len()];
+    for (c, (arrival, plan)) in pending.into_iter().zip(plans).enumerate() {
+        let (rows_index, send_counts, recv_counts, local_counts, to_expert_major, to_source_major) =
+            plan;
+        let arrived = arrival.wait()?;
+        let received = permute(&arrived, &to_expert_major)
+            .and_then(|t| t.f_detach())
+            .and_then(|t| t.f_set_requires_grad(true))
+            .map_err(&terr)?;
+        let expert_out = experts.forward(&received, &local_counts).map_err(&terr)?;
+        let expected: i64 = local_counts.iter().sum();
+        let out_rows = expert_out.size().first().copied().unwrap_or(-1);
+        if out_rows != expected {
+            return Err(invalid(format!(
+                "the experts returned {out_rows} rows for {expected} received"
+            )));
+        }
+        for (total, c) in local_total.iter_mut().zip(&local_counts) {
+            *total += c;
+        }
+        let back =
+            permute(&expert_out.f_detach().map_err(&terr)?, &to_source_major).map_err(&terr)?;
+        let label = if n == 1 {
+            format!("{at}, combine")
+        } else {
+            format!("{at}, combine chunk {c}")
+        };
+        returning.push(group.start_all_to_all_v(&back, &recv_counts, &send_counts, &label)?);
+        chunks.push(Chunk {
+            rows: rows_index,
+            send_counts,
+            recv_counts,
+            to_expert_major,
+            to_source_major,
+            received,
+            expert_out,
+        });
+    }
+
+    // The replicas run this rank's own tokens of the shadowed experts meanwhile.
+    let shadows = match shadows {
+        None => None,
+        Some((owners, params, rows_index, kept, shadow_counts, stacked)) => {
+            let views = parameter_views(&params, &stacked).map_err(&terr)?;
+            let out = experts
+                .forward_with(&views, &kept, &shadow_counts)
+                .map_err(&terr)?;
+            Some(Box::new(Shadows {
+                experts: shadowed,
+                owners,
+                rows: rows_index,
+                kept,
+                params,
+                out,
+                stacked,
+            }))
+        }
+    };
+
+    let mut returned = Vec::with_capacity(n);
+    for r in returning {
+        returned.push(r.wait()?);
+    }
+    let combined = if n == 1 && shadows.is_none() && chunks[0].rows.is_none() {
+        returned.pop().unwrap_or_default()
+    } else {
+        let mut combined = zero_rows(tokens, rows).map_err(&terr)?;
+        for (chunk, back) in chunks.iter().zip(&returned) {
+            if let Some(index) = &chunk.rows {
+                combined = combined.f_index_copy(0, index, back).map_err(&terr)?;
+            } else {
+                combined = back.shallow_clone();
+            }
+        }
+        if let Some(s) = &shadows {
+            let out = s.out.f_detach().map_err(&terr)?;
+            combined = combined.f_index_copy(0, &s.rows, &out).map_err(&terr)?;
+        }
+        combined
+    };
+    let combined = combined
+        .f_detach()
         .and_then(|t| t.f_set_requires_grad(true))
         .map_err(&terr)?;
-    let expert_out = experts(&received, &local_counts).map_err(&terr)?;
-    let out_rows = expert_out.size().first().copied().unwrap_or(-1);
-    if out_rows != next {
-        return Err(invalid(format!(
-            "the experts returned {out_rows} rows for {next} received"
-        )));
-    }
-    let back = permute(&expert_out.f_detach().map_err(&terr)?, &to_source_major).map_err(&terr)?;
-    let returned =
-        group.all_to_all_v(&back, &recv_counts, &send_counts, &format!("{at}, combine"))?;
-    let combined = returned.f_set_requires_grad(true).map_err(&terr)?;
+    let send_counts = (0..size).map(|q| rows_to[q].len() as i64).collect();
     let tape = ExchangeTape {
         at: at.to_string(),
         source: tokens.shallow_clone(),
-        send_counts,
-        recv_counts,
-        to_expert_major,
-        to_source_major,
-        received,
-        expert_out,
         combined: combined.shallow_clone(),
-        local_counts,
+        chunks,
+        shadows,
+        send_counts,
+        recv_counts: recv_from,
+        local_counts: local_total,
     };
     Ok((combined, tape))
+}
+
+/// The parameters of the experts `owners` (position, local index) names, flattened into
+/// one row each (`[S, P]`), broadcast from each owner to the group: a leaf that requires
+/// grad. `stacked` is this rank's [`LocalExperts::parameters`].
+fn replicate(
+    group: &dyn Collective,
+    stacked: &[Tensor],
+    owners: &[(usize, usize)],
+    at: &str,
+) -> Result<Tensor> {
+    const OP: &str = "shadow experts";
+    let terr = tensor_err(group, OP, at);
+    let kind = stacked.first().map_or(Kind::Float, |t| t.kind());
+    if stacked.iter().any(|t| t.kind() != kind || t.dim() == 0) {
+        return Err(CollectiveError::new(
+            group.label(),
+            OP,
+            at,
+            ErrorKind::Invalid(
+                "the experts' stacked parameters must share one dtype and have a leading expert dimension".into(),
+            ),
+        ));
+    }
+    let device = stacked.first().map_or(tch::Device::Cpu, |t| t.device());
+    let per_expert: i64 = stacked
+        .iter()
+        .map(|t| t.size()[1..].iter().product::<i64>())
+        .sum();
+    let me = group.rank();
+    let mut copies = Vec::with_capacity(owners.len());
+    for (i, &(owner, local)) in owners.iter().enumerate() {
+        let mut flat = if owner == me {
+            let pieces: Vec<Tensor> = stacked
+                .iter()
+                .map(|t| t.f_detach()?.f_select(0, local as i64)?.f_reshape([-1]))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(&terr)?;
+            Tensor::f_cat(&pieces, 0)
+                .and_then(|t| t.f_contiguous())
+                .map_err(&terr)?
+        } else {
+            Tensor::f_zeros([per_expert], (kind, device)).map_err(&terr)?
+        };
+        if owner == me {
+            // a copy: the broadcast works in place and the parameters must not move
+            flat = flat.f_detach_copy().map_err(&terr)?;
+        }
+        group.broadcast(&mut flat, owner, &format!("{at}, shadowed expert {i}"))?;
+        copies.push(flat);
+    }
+    Tensor::f_stack(&copies, 0)
+        .and_then(|t| t.f_set_requires_grad(true))
+        .map_err(&terr)
+}
+
+/// The columns of the flattened `[S, P]` copies that hold each stacked parameter,
+/// reshaped to `[S, ...]` (attached to `params`' graph).
+fn parameter_views(
+    params: &Tensor,
+    stacked: &[Tensor],
+) -> std::result::Result<Vec<Tensor>, TchError> {
+    let s = params.size()[0];
+    let mut start = 0i64;
+    let mut views = Vec::with_capacity(stacked.len());
+    for t in stacked {
+        let trailing = &t.size()[1..];
+        let width: i64 = trailing.iter().product();
+        let mut shape = vec![s];
+        shape.extend_from_slice(trailing);
+        views.push(params.f_narrow(1, start, width)?.f_reshape(&shape)?);
+        start += width;
+    }
+    Ok(views)
 }
 
 impl ExchangeTape {
@@ -191,12 +656,13 @@ impl ExchangeTape {
         &self.source
     }
 
-    /// Rows this rank received per local expert in the forward.
+    /// Rows this rank received per local expert in the forward (all chunks).
     pub fn local_counts(&self) -> &[i64] {
         &self.local_counts
     }
 
-    /// Rows this rank sent to / received from each rank of the group in the forward.
+    /// Rows this rank sent to / received from each rank of the group in the forward (all
+    /// chunks; rows of shadowed experts stay home).
     pub fn send_counts(&self) -> &[i64] {
         &self.send_counts
     }
@@ -205,35 +671,98 @@ impl ExchangeTape {
         &self.recv_counts
     }
 
+    /// The chunks the exchange ran in.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// The experts (global ids, ascending) that ran on replicas in this exchange.
+    pub fn shadowed(&self) -> &[usize] {
+        self.shadows.as_ref().map_or(&[], |s| s.experts.as_slice())
+    }
+
     /// The reverse exchange. Reads the gradient accumulated on `combined` (zeros if
     /// none reached it), sends it to the experts' ranks, backpropagates it through the
     /// local experts (their parameters' `.grad` accumulate), and returns the gradient of
     /// [`ExchangeTape::source`], `[N, ...]`. The caller backpropagates it from `source`
     /// (with the other roots of the same segment: [`super::Tape`] does this).
+    /// Shadowed experts' gradients are summed into their owners' `.grad`.
     /// Call once per forward exchange, on every rank of the group.
     pub fn backward(&self, group: &dyn Collective, at: &str) -> Result<Tensor> {
         const OP: &str = "exchange_experts backward";
         let label = format!("{at}, {}", self.at);
         let terr = tensor_err(group, OP, &label);
         let grad_combined = defined_or_zeros(&self.combined).map_err(&terr)?;
-        let grad_back = group.all_to_all_v(
-            &grad_combined,
-            &self.send_counts,
-            &self.recv_counts,
-            &format!("{label}, combine backward"),
-        )?;
-        let grad_expert_out = permute(&grad_back, &self.to_expert_major).map_err(&terr)?;
-        if self.expert_out.requires_grad() {
-            backward_roots(&[(&self.expert_out, &grad_expert_out)]).map_err(&terr)?;
+        let n = self.chunks.len();
+        let name = |what: &str, c: usize| {
+            if n == 1 {
+                format!("{label}, {what} backward")
+            } else {
+                format!("{label}, {what} chunk {c} backward")
+            }
+        };
+        let mut pending = Vec::with_capacity(n);
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let grad = take_rows(&grad_combined, &chunk.rows).map_err(&terr)?;
+            pending.push(group.start_all_to_all_v(
+                &grad,
+                &chunk.send_counts,
+                &chunk.recv_counts,
+                &name("combine", c),
+            )?);
         }
-        let grad_received = defined_or_zeros(&self.received).map_err(&terr)?;
-        let grad_sent = permute(&grad_received, &self.to_source_major).map_err(&terr)?;
-        group.all_to_all_v(
-            &grad_sent,
-            &self.recv_counts,
-            &self.send_counts,
-            &format!("{label}, dispatch backward"),
-        )
+        let mut returning = Vec::with_capacity(n);
+        for (c, (chunk, arrival)) in self.chunks.iter().zip(pending).enumerate() {
+            let grad_back = arrival.wait()?;
+            let grad_expert_out = permute(&grad_back, &chunk.to_expert_major).map_err(&terr)?;
+            if chunk.expert_out.requires_grad() {
+                backward_roots(&[(&chunk.expert_out, &grad_expert_out)]).map_err(&terr)?;
+            }
+            let grad_received = defined_or_zeros(&chunk.received).map_err(&terr)?;
+            let grad_sent = permute(&grad_received, &chunk.to_source_major).map_err(&terr)?;
+            returning.push(group.start_all_to_all_v(
+                &grad_sent,
+                &chunk.recv_counts,
+                &chunk.send_counts,
+                &name("dispatch", c),
+            )?);
+        }
+        let shadow_grads = match &self.shadows {
+            Some(s) => {
+                let grad_out = grad_combined.f_index_select(0, &s.rows).map_err(&terr)?;
+                if s.out.requires_grad() {
+                    backward_roots(&[(&s.out, &grad_out)]).map_err(&terr)?;
+                }
+                Some((
+                    defined_or_zeros(&s.kept).map_err(&terr)?,
+                    defined_or_zeros(&s.params).map_err(&terr)?,
+                ))
+            }
+            None => None,
+        };
+        let mut grads = Vec::with_capacity(n);
+        for r in returning {
+            grads.push(r.wait()?);
+        }
+        // Only now, with no chunk in flight, the replicas' gradients go to their owners.
+        if let (Some(s), Some((_, params))) = (&self.shadows, &shadow_grads) {
+            reduce_shadow_gradients(group, &s.stacked, &s.owners, params, &label)?;
+        }
+        if n == 1 && self.shadows.is_none() && self.chunks[0].rows.is_none() {
+            return Ok(grads.pop().unwrap_or_default());
+        }
+        let rows = self.source.size().first().copied().unwrap_or(0);
+        let mut grad_source = zero_rows(&grad_combined, rows).map_err(&terr)?;
+        for (chunk, g) in self.chunks.iter().zip(&grads) {
+            grad_source = match &chunk.rows {
+                Some(index) => grad_source.f_index_copy(0, index, g).map_err(&terr)?,
+                None => g.shallow_clone(),
+            };
+        }
+        if let (Some(s), Some((kept, _))) = (&self.shadows, &shadow_grads) {
+            grad_source = grad_source.f_index_copy(0, &s.rows, kept).map_err(&terr)?;
+        }
+        Ok(grad_source)
     }
 }
 

@@ -16,6 +16,11 @@
 //! [`clip_global_norm_tensor_parallel`] sums the squares of `Sharded` ones over the tensor
 //! group. Pipeline stages are not covered (their squared norms must also be summed over
 //! the pipeline group).
+//!
+//! FasterMoE's shadowed experts ([`super::ExchangeOptions::shadowing`]) ran on copies on
+//! every rank of the expert group; [`reduce_shadow_gradients`] sums the copies' gradients
+//! into the owner's expert gradient during the exchange's backward, so that by
+//! [`reduce_gradients`] every expert gradient is whole on its owner, as without shadows.
 
 use super::error::{CollectiveError, ErrorKind};
 use super::{Collective, Groups, Result};
@@ -141,6 +146,56 @@ fn kind_name(kind: ParamKind) -> &'static str {
         ParamKind::Expert => "expert",
         ParamKind::Gate => "gate",
     }
+}
+
+/// Sums the gradients of replicated ("shadowed") experts over the expert `group` into each
+/// owner's expert gradient: row `i` of `grads` (`[S, P]`, expert `i`'s parameters
+/// flattened in the order of `stacked`) goes to position `owners[i].0`, which adds it into
+/// the `.grad` of its stacked parameters (`stacked`, each `[E_local, ...]`) at local index
+/// `owners[i].1`. One reduction per expert, in order; every rank of the group calls it with
+/// the same owners.
+pub fn reduce_shadow_gradients(
+    group: &dyn Collective,
+    stacked: &[Tensor],
+    owners: &[(usize, usize)],
+    grads: &Tensor,
+    at: &str,
+) -> Result<()> {
+    const OP: &str = "reduce_shadow_gradients";
+    let terr = err(group, OP, at);
+    let me = group.rank();
+    let widths: Vec<i64> = stacked
+        .iter()
+        .map(|t| t.size()[1..].iter().product())
+        .collect();
+    for (i, &(owner, local)) in owners.iter().enumerate() {
+        // a copy of the row: the reduction works in place
+        let mut row = grads
+            .f_select(0, i as i64)
+            .and_then(|r| r.f_detach_copy())
+            .map_err(&terr)?;
+        group.reduce_sum(
+            &mut row,
+            owner,
+            &format!("{at}, shadowed expert {i} gradient"),
+        )?;
+        if owner != me {
+            continue;
+        }
+        let pieces = row.f_split_with_sizes(&widths, 0).map_err(&terr)?;
+        for (p, piece) in stacked.iter().zip(pieces) {
+            if !p.requires_grad() {
+                continue;
+            }
+            let mut slot = grad_of(p)
+                .and_then(|g| g.f_select(0, local as i64))
+                .map_err(&terr)?;
+            let shape = slot.size();
+            let _ = tch::no_grad(|| slot.f_add_(&piece.f_reshape(&shape)?.f_to_kind(slot.kind())?))
+                .map_err(&terr)?;
+        }
+    }
+    Ok(())
 }
 
 /// The global gradient norm and what clipping did.

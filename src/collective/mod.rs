@@ -12,6 +12,8 @@
 //!   multi-rank behaviour without GPUs; [`tcp`]: the same between processes (CPU ranks on
 //!   several processes or machines), connected through the [`rendezvous`];
 //! - the expert-parallel MoE exchange ([`exchange_experts`]) with its explicit backward,
+//!   and FasterMoE's smart schedule and dynamic shadowing of it
+//!   ([`exchange_experts_with`], [`ExchangeOptions`]),
 //!   and the [`Tape`] that runs a backward pass in segments around autograd cuts
 //!   (tch has no custom autograd functions), with Megatron's tensor-parallel region
 //!   operators ([`Tape::copy_to_tensor_region`], [`reduce_from_tensor_region`]);
@@ -53,7 +55,10 @@ mod tape;
 pub mod tcp;
 
 pub use error::{CollectiveError, ErrorKind};
-pub use exchange::{exchange_experts, ExchangeTape};
+pub use exchange::{
+    exchange_experts, exchange_experts_with, ExchangeOptions, ExchangeTape, LocalExperts,
+    ShadowPolicy,
+};
 pub use grads::{
     clip_global_norm, clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients,
     GradientNorm, ParamKind, TensorSplit,
@@ -102,6 +107,74 @@ pub trait Collective: Send {
     fn broadcast(&self, tensor: &mut Tensor, root: usize, at: &str) -> Result<()>;
     /// Wait until every rank of the group has reached this call.
     fn barrier(&self, at: &str) -> Result<()>;
+
+    /// [`Collective::all_to_all_v`], started: backends that can overlap it with other
+    /// work (NCCL, on a side stream and communicator) return before it is done, and
+    /// [`PendingRows::wait`] gives its rows; the others run it now. Between starting one
+    /// and waiting for all the group's started ones, a rank calls no other operation of
+    /// the group but further starts (the side communicator runs apart from the group's
+    /// own); every member starts the same calls in the same order.
+    fn start_all_to_all_v(
+        &self,
+        send: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+        at: &str,
+    ) -> Result<PendingRows> {
+        self.all_to_all_v(send, send_counts, recv_counts, at)
+            .map(PendingRows::ready)
+    }
+
+    /// Element-wise sum over the group into `root`'s `tensor`, in place; the other ranks'
+    /// `tensor` may hold the sum too or be left as it was (NCCL's `ncclReduce`). By
+    /// default an all-reduce, which gives every rank the sum.
+    fn reduce_sum(&self, tensor: &mut Tensor, root: usize, at: &str) -> Result<()> {
+        if root >= self.size() {
+            let message = format!("root {root} is outside a group of {} ranks", self.size());
+            return Err(CollectiveError::new(
+                self.label(),
+                "reduce_sum",
+                at,
+                ErrorKind::Invalid(message),
+            ));
+        }
+        self.all_reduce_sum(tensor, at)
+    }
+}
+
+/// A started [`Collective::start_all_to_all_v`]: its rows once [`PendingRows::wait`]
+/// returns.
+pub struct PendingRows(Pending);
+
+enum Pending {
+    Ready(Tensor),
+    Started(Box<dyn FinishRows>),
+}
+
+/// The backend's side of a started all-to-all.
+pub trait FinishRows: Send {
+    /// Waits (bounded by the group's timeout) until the rows are there.
+    fn finish(self: Box<Self>) -> Result<Tensor>;
+}
+
+impl PendingRows {
+    /// Rows that are already there.
+    pub fn ready(rows: Tensor) -> PendingRows {
+        PendingRows(Pending::Ready(rows))
+    }
+
+    /// Rows a backend is still moving.
+    pub fn started(pending: Box<dyn FinishRows>) -> PendingRows {
+        PendingRows(Pending::Started(pending))
+    }
+
+    /// The received rows (`recv_counts` from each rank, in rank order).
+    pub fn wait(self) -> Result<Tensor> {
+        match self.0 {
+            Pending::Ready(rows) => Ok(rows),
+            Pending::Started(pending) => pending.finish(),
+        }
+    }
 }
 
 /// Checks the arguments of [`Collective::all_to_all_v`] before any rank sends: one send and

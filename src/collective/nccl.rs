@@ -35,11 +35,23 @@
 //! with a non-zero count (self included) as bytes, `ncclGroupEnd`; `broadcast` →
 //! in-place `ncclBroadcast` of bytes; `barrier` → all-reduce of one float.
 //! A group of one rank needs no communicator and does its work locally.
+//!
+//! # Started all-to-alls (FasterMoE's smart schedule)
+//! [`Collective::start_all_to_all_v`] runs on a side communicator (`ncclCommSplit` of the
+//! group's, made at the first call, which every member reaches at the same point) and a
+//! side stream created non-blocking (so the legacy default stream does not serialise with
+//! it): the side stream waits for an event recorded on the null stream (the rows to send
+//! are ready), issues the sends and receives, and records an event that
+//! [`PendingRows::wait`] polls against the deadline before the null stream is made to wait
+//! on it. The exchange issues nothing on the group's own communicator while started
+//! all-to-alls are pending, so the two communicators never wait on each other. `reduce_sum`
+//! is `ncclReduce` to the root. Compiled, not yet run on GPUs (no machine with several
+//! GPUs was lent since it was written).
 
 use super::error::{CollectiveError, ErrorKind};
 use super::groups::{GroupLabel, GroupLayout, Groups};
 use super::rendezvous::{DistEnv, RendezvousError};
-use super::{check_all_to_all_counts, Collective, Result};
+use super::{check_all_to_all_counts, Collective, FinishRows, PendingRows, Result};
 use cudarc::nccl::sys as nccl;
 use cudarc::runtime::sys as cuda;
 use std::collections::BTreeMap;
@@ -113,24 +125,7 @@ impl Comm {
         timeout: Duration,
         label: &GroupLabel,
     ) -> anyhow::Result<Comm> {
-        let mut config: nccl::ncclConfig_t = unsafe { std::mem::zeroed() };
-        config.size = std::mem::size_of::<nccl::ncclConfig_t>();
-        config.magic = CONFIG_MAGIC;
-        config.version = CONFIG_VERSION;
-        config.blocking = 0;
-        config.cgaClusterSize = UNDEF;
-        config.minCTAs = UNDEF;
-        config.maxCTAs = UNDEF;
-        config.netName = std::ptr::null();
-        config.splitShare = UNDEF;
-        config.trafficClass = UNDEF;
-        config.commName = std::ptr::null();
-        config.collnetEnable = UNDEF;
-        config.CTAPolicy = UNDEF;
-        config.shrinkShare = UNDEF;
-        config.nvlsCTAs = UNDEF;
-        config.nChannelsPerNetPeer = UNDEF;
-        config.nvlinkCentricSched = UNDEF;
+        let mut config = nonblocking_config();
         let mut raw: nccl::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `raw` and `config` outlive the call; the id came from ncclGetUniqueId
         // on rank 0 and `position < size`.
@@ -147,6 +142,51 @@ impl Comm {
                 nccl_text(result)
             );
         }
+        Comm::ready(raw, timeout, label)
+    }
+
+    /// A second communicator over the same ranks (`ncclCommSplit`, one color, keys by
+    /// position), for work on a side stream. Every member calls it at the same point.
+    fn split(&self, position: usize, label: &GroupLabel) -> anyhow::Result<Comm> {
+        let mut state = self.lock();
+        if let Some(reason) = &state.broken {
+            anyhow::bail!("{label}: the communicator was aborted earlier: {reason}");
+        }
+        let mut config = nonblocking_config();
+        let mut raw: nccl::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: the parent is live (not broken); `raw` and `config` outlive the call.
+        let result =
+            unsafe { nccl::ncclCommSplit(state.raw.0, 0, position as i32, &mut raw, &mut config) };
+        if !matches!(
+            result,
+            nccl::ncclResult_t::ncclSuccess | nccl::ncclResult_t::ncclInProgress
+        ) || raw.is_null()
+        {
+            let message = last_error(&state, result);
+            abort(&mut state, format!("ncclCommSplit: {message}"));
+            anyhow::bail!("{label}: splitting a side communicator failed: {message}");
+        }
+        match self.poll(&mut state, false) {
+            Wait::Done => {}
+            Wait::TimedOut => {
+                let message = format!(
+                    "{label}: splitting a side communicator timed out after {:?}",
+                    self.timeout
+                );
+                abort(&mut state, message.clone());
+                anyhow::bail!(message);
+            }
+            Wait::Failed(message) => {
+                abort(&mut state, message.clone());
+                anyhow::bail!("{label}: splitting a side communicator failed: {message}");
+            }
+        }
+        drop(state);
+        Comm::ready(raw, self.timeout, label)
+    }
+
+    /// Wraps a communicator being created and waits until it is ready.
+    fn ready(raw: nccl::ncclComm_t, timeout: Duration, label: &GroupLabel) -> anyhow::Result<Comm> {
         let comm = Comm {
             state: Mutex::new(CommState {
                 raw: RawComm(raw),
@@ -235,6 +275,203 @@ impl Comm {
     }
 }
 
+/// A non-blocking `ncclConfig_t` with NCCL's defaults otherwise.
+fn nonblocking_config() -> nccl::ncclConfig_t {
+    // SAFETY: ncclConfig_t is plain data; every field NCCL reads is set below.
+    let mut config: nccl::ncclConfig_t = unsafe { std::mem::zeroed() };
+    config.size = std::mem::size_of::<nccl::ncclConfig_t>();
+    config.magic = CONFIG_MAGIC;
+    config.version = CONFIG_VERSION;
+    config.blocking = 0;
+    config.cgaClusterSize = UNDEF;
+    config.minCTAs = UNDEF;
+    config.maxCTAs = UNDEF;
+    config.netName = std::ptr::null();
+    config.splitShare = UNDEF;
+    config.trafficClass = UNDEF;
+    config.commName = std::ptr::null();
+    config.collnetEnable = UNDEF;
+    config.CTAPolicy = UNDEF;
+    config.shrinkShare = UNDEF;
+    config.nvlsCTAs = UNDEF;
+    config.nChannelsPerNetPeer = UNDEF;
+    config.nvlinkCentricSched = UNDEF;
+    config
+}
+
+/// A CUDA stream that does not synchronise with the legacy default stream.
+struct SideStream(cuda::cudaStream_t);
+// SAFETY: a CUDA stream handle may be used from any thread; `Side` uses it under its
+// communicator's mutex.
+unsafe impl Send for SideStream {}
+unsafe impl Sync for SideStream {}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        // SAFETY: every started all-to-all on it was waited for (or its communicator
+        // aborted) before the handle that owns it goes.
+        unsafe {
+            cuda::cudaStreamDestroy(self.0);
+        }
+    }
+}
+
+/// The side communicator and stream of a group's started all-to-alls.
+struct Side {
+    comm: Arc<Comm>,
+    stream: SideStream,
+}
+
+/// A CUDA event (timing off), destroyed with its owner.
+struct Event(cuda::cudaEvent_t);
+// SAFETY: event handles may be used from any thread.
+unsafe impl Send for Event {}
+
+impl Event {
+    fn new() -> std::result::Result<Event, String> {
+        let mut raw: cuda::cudaEvent_t = std::ptr::null_mut();
+        // SAFETY: `raw` outlives the call.
+        let result =
+            unsafe { cuda::cudaEventCreateWithFlags(&mut raw, cuda::cudaEventDisableTiming) };
+        if result != cuda::cudaError_t::cudaSuccess {
+            return Err(format!("cudaEventCreate: {}", cuda_text(result)));
+        }
+        Ok(Event(raw))
+    }
+
+    /// Records the event on `stream`.
+    fn record(&self, stream: cuda::cudaStream_t) -> std::result::Result<(), String> {
+        // SAFETY: the event and the stream are live.
+        let result = unsafe { cuda::cudaEventRecord(self.0, stream) };
+        if result != cuda::cudaError_t::cudaSuccess {
+            return Err(format!("cudaEventRecord: {}", cuda_text(result)));
+        }
+        Ok(())
+    }
+
+    /// Makes `stream` wait for the event's work.
+    fn wait_on(&self, stream: cuda::cudaStream_t) -> std::result::Result<(), String> {
+        // SAFETY: the event and the stream are live.
+        let result = unsafe { cuda::cudaStreamWaitEvent(stream, self.0, 0) };
+        if result != cuda::cudaError_t::cudaSuccess {
+            return Err(format!("cudaStreamWaitEvent: {}", cuda_text(result)));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: destroying an event whose work is pending is allowed (CUDA releases it
+        // once the work is done).
+        unsafe {
+            cuda::cudaEventDestroy(self.0);
+        }
+    }
+}
+
+/// An all-to-all running on a group's side stream: its buffers stay alive until it is
+/// done.
+struct SideAllToAll {
+    label: GroupLabel,
+    position: usize,
+    size: usize,
+    at: String,
+    side: Arc<Side>,
+    done: Event,
+    _send: Tensor,
+    out: Option<Tensor>,
+}
+
+impl SideAllToAll {
+    fn error(&self, kind: ErrorKind) -> CollectiveError {
+        CollectiveError::new(&self.label, "all_to_all_v (side stream)", &self.at, kind)
+    }
+
+    /// Polls the done event and the side communicator's errors until the deadline.
+    fn poll(&self) -> Result<()> {
+        let comm = &self.side.comm;
+        let started = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let mut state = comm.lock();
+            if let Some(reason) = &state.broken {
+                let message = format!("the side communicator was aborted: {reason}");
+                return Err(self.error(ErrorKind::Transport(message)));
+            }
+            // SAFETY: the event is live.
+            match unsafe { cuda::cudaEventQuery(self.done.0) } {
+                cuda::cudaError_t::cudaSuccess => return Ok(()),
+                cuda::cudaError_t::cudaErrorNotReady => {
+                    let mut status = nccl::ncclResult_t::ncclSuccess;
+                    // SAFETY: the communicator is live (not broken).
+                    let _ = unsafe { nccl::ncclCommGetAsyncError(state.raw.0, &mut status) };
+                    if !matches!(
+                        status,
+                        nccl::ncclResult_t::ncclSuccess | nccl::ncclResult_t::ncclInProgress
+                    ) {
+                        let message = last_error(&state, status);
+                        abort(&mut state, format!("at \"{}\": {message}", self.at));
+                        return Err(self.error(ErrorKind::Transport(message)));
+                    }
+                }
+                other => {
+                    let message = format!("CUDA error: {}", cuda_text(other));
+                    abort(&mut state, message.clone());
+                    return Err(self.error(ErrorKind::Transport(message)));
+                }
+            }
+            if started.elapsed() >= comm.timeout {
+                abort(
+                    &mut state,
+                    format!("at \"{}\" timed out after {:?}", self.at, comm.timeout),
+                );
+                let missing = (0..self.size)
+                    .filter(|&p| p != self.position)
+                    .map(|p| self.label.global(p))
+                    .collect();
+                return Err(self.error(ErrorKind::Timeout {
+                    waited: comm.timeout,
+                    missing,
+                }));
+            }
+            drop(state);
+            spins += 1;
+            if spins < 2000 {
+                std::hint::spin_loop();
+            } else if spins < 4000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+}
+
+impl FinishRows for SideAllToAll {
+    fn finish(mut self: Box<Self>) -> Result<Tensor> {
+        self.poll()?;
+        // The null stream's later kernels read the rows: order them after the side work
+        // (already complete; this keeps CUDA's view of the dependency).
+        self.done
+            .wait_on(std::ptr::null_mut())
+            .map_err(|m| self.error(ErrorKind::Transport(m)))?;
+        self.out
+            .take()
+            .ok_or_else(|| self.error(ErrorKind::Invalid("finished twice".into())))
+    }
+}
+
+impl Drop for SideAllToAll {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            // Dropped unfinished (an error elsewhere): the buffers must outlive the GPU
+            // work, so wait for it (or abort the side communicator at the deadline).
+            let _ = self.poll();
+        }
+    }
+}
+
 fn last_error(state: &CommState, result: nccl::ncclResult_t) -> String {
     // SAFETY: the communicator is live; the returned string is owned by NCCL.
     let detail = unsafe { nccl::ncclGetLastError(state.raw.0) };
@@ -285,6 +522,8 @@ pub struct NcclCollective {
     size: usize,
     device: Device,
     comm: Option<Arc<Comm>>,
+    /// The side communicator and stream, made at the first started all-to-all.
+    side: Mutex<Option<Arc<Side>>>,
 }
 
 fn data_type(kind: Kind) -> Option<nccl::ncclDataType_t> {
@@ -326,6 +565,35 @@ impl NcclCollective {
             return Err(self.error(op, at, ErrorKind::Invalid(message)));
         }
         Ok(())
+    }
+
+    /// The side communicator and stream, made on first use (every member of the group
+    /// reaches its first started all-to-all at the same point).
+    fn side(&self, op: &'static str, at: &str) -> Result<Option<Arc<Side>>> {
+        let Some(comm) = &self.comm else {
+            return Ok(None);
+        };
+        let mut side = self.side.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = side.as_ref() {
+            return Ok(Some(Arc::clone(s)));
+        }
+        let split = comm
+            .split(self.position, &self.label)
+            .map_err(|e| self.error(op, at, ErrorKind::Transport(format!("{e:#}"))))?;
+        let mut stream: cuda::cudaStream_t = std::ptr::null_mut();
+        // SAFETY: `stream` outlives the call; this thread's device is the rank's GPU.
+        let result =
+            unsafe { cuda::cudaStreamCreateWithFlags(&mut stream, cuda::cudaStreamNonBlocking) };
+        if result != cuda::cudaError_t::cudaSuccess {
+            let message = format!("cudaStreamCreateWithFlags: {}", cuda_text(result));
+            return Err(self.error(op, at, ErrorKind::Transport(message)));
+        }
+        let made = Arc::new(Side {
+            comm: Arc::new(split),
+            stream: SideStream(stream),
+        });
+        *side = Some(Arc::clone(&made));
+        Ok(Some(made))
     }
 
     /// Run `issue` (the NCCL calls) on the live communicator, then wait for it.
@@ -581,6 +849,178 @@ impl Collective for NcclCollective {
                 ptr,
                 bytes,
                 nccl::ncclDataType_t::ncclUint8,
+                root as i32,
+                comm,
+                null_stream(),
+            )
+        })?;
+        if !tensor.is_contiguous() {
+            tch::no_grad(|| tensor.f_copy_(&work)).map_err(self.tensor_error(OP, at))?;
+        }
+        Ok(())
+    }
+
+    fn start_all_to_all_v(
+        &self,
+        send: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+        at: &str,
+    ) -> Result<PendingRows> {
+        const OP: &str = "all_to_all_v (side stream)";
+        let size = self.size;
+        let dims = send.size();
+        let rows = dims.first().copied().unwrap_or(0);
+        let invalid = |message: String| self.error(OP, at, ErrorKind::Invalid(message));
+        check_all_to_all_counts(size, rows, send_counts, recv_counts).map_err(invalid)?;
+        let Some(side) = self.side(OP, at)? else {
+            // one rank: nothing to overlap
+            return self
+                .all_to_all_v(send, send_counts, recv_counts, at)
+                .map(PendingRows::ready);
+        };
+        self.check_device(send, OP, at)?;
+        let send = send.f_contiguous().map_err(self.tensor_error(OP, at))?;
+        let mut out_shape = dims.clone();
+        if out_shape.is_empty() {
+            return Err(invalid("a tensor with no dimensions has no rows".into()));
+        }
+        out_shape[0] = recv_counts.iter().sum();
+        let out = Tensor::f_empty(&out_shape, (send.kind(), self.device))
+            .map_err(self.tensor_error(OP, at))?;
+        let transport = |m: String| self.error(OP, at, ErrorKind::Transport(m));
+        // The rows to send were written on the null stream: the side stream waits for them.
+        let ready = Event::new().map_err(transport)?;
+        ready.record(std::ptr::null_mut()).map_err(transport)?;
+        ready.wait_on(side.stream.0).map_err(transport)?;
+        let done = Event::new().map_err(transport)?;
+        let row_bytes =
+            (dims[1..].iter().product::<i64>() as usize) * send.kind().elt_size_in_bytes();
+        let (send_ptr, recv_ptr) = (send.data_ptr() as *mut u8, out.data_ptr() as *mut u8);
+        let stream = side.stream.0 as nccl::cudaStream_t;
+        {
+            let mut state = side.comm.lock();
+            if let Some(reason) = &state.broken {
+                let message = format!("the side communicator was aborted earlier: {reason}");
+                return Err(self.error(OP, at, ErrorKind::Transport(message)));
+            }
+            let comm = state.raw.0;
+            // SAFETY: offsets stay inside `send` (counts sum to its rows) and `out` (sized
+            // from recv_counts); both stay alive in the returned handle until the work is
+            // done.
+            let result = unsafe {
+                let mut results = vec![nccl::ncclGroupStart()];
+                let (mut sent, mut received) = (0usize, 0usize);
+                for peer in 0..size {
+                    let (s, r) = (
+                        send_counts[peer] as usize * row_bytes,
+                        recv_counts[peer] as usize * row_bytes,
+                    );
+                    if s > 0 {
+                        results.push(nccl::ncclSend(
+                            send_ptr.add(sent) as *const c_void,
+                            s,
+                            nccl::ncclDataType_t::ncclUint8,
+                            peer as i32,
+                            comm,
+                            stream,
+                        ));
+                    }
+                    if r > 0 {
+                        results.push(nccl::ncclRecv(
+                            recv_ptr.add(received) as *mut c_void,
+                            r,
+                            nccl::ncclDataType_t::ncclUint8,
+                            peer as i32,
+                            comm,
+                            stream,
+                        ));
+                    }
+                    sent += s;
+                    received += r;
+                }
+                results.push(nccl::ncclGroupEnd());
+                group_result(results)
+            };
+            if !matches!(
+                result,
+                nccl::ncclResult_t::ncclSuccess | nccl::ncclResult_t::ncclInProgress
+            ) {
+                let message = last_error(&state, result);
+                abort(&mut state, format!("{OP} at \"{at}\": {message}"));
+                return Err(self.error(OP, at, ErrorKind::Transport(message)));
+            }
+            // A non-blocking communicator takes the group's calls in the background: wait
+            // until they are enqueued before recording the event behind them.
+            match side.comm.poll(&mut state, false) {
+                Wait::Done => {}
+                Wait::TimedOut => {
+                    abort(
+                        &mut state,
+                        format!("{OP} at \"{at}\": enqueueing timed out"),
+                    );
+                    let missing = (0..size)
+                        .filter(|&p| p != self.position)
+                        .map(|p| self.label.global(p))
+                        .collect();
+                    return Err(self.error(
+                        OP,
+                        at,
+                        ErrorKind::Timeout {
+                            waited: side.comm.timeout,
+                            missing,
+                        },
+                    ));
+                }
+                Wait::Failed(message) => {
+                    abort(&mut state, format!("{OP} at \"{at}\": {message}"));
+                    return Err(self.error(OP, at, ErrorKind::Transport(message)));
+                }
+            }
+        }
+        done.record(side.stream.0).map_err(transport)?;
+        Ok(PendingRows::started(Box::new(SideAllToAll {
+            label: self.label.clone(),
+            position: self.position,
+            size,
+            at: at.to_string(),
+            side,
+            done,
+            _send: send,
+            out: Some(out),
+        })))
+    }
+
+    fn reduce_sum(&self, tensor: &mut Tensor, root: usize, at: &str) -> Result<()> {
+        const OP: &str = "reduce_sum";
+        if root >= self.size {
+            let message = format!("root {root} is outside a group of {} ranks", self.size);
+            return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+        }
+        self.check_device(tensor, OP, at)?;
+        let Some(dtype) = data_type(tensor.kind()) else {
+            let message = format!("NCCL cannot sum {:?} tensors", tensor.kind());
+            return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+        };
+        if self.comm.is_none() || tensor.numel() == 0 {
+            return Ok(());
+        }
+        let work = if tensor.is_contiguous() {
+            tensor.shallow_clone()
+        } else {
+            tensor.f_contiguous().map_err(self.tensor_error(OP, at))?
+        };
+        let count = work.numel();
+        let ptr = work.data_ptr();
+        // SAFETY: `ptr` is `count` elements of `dtype` on this rank's device, alive until
+        // `run` returns (it waits for completion).
+        self.run(OP, at, |comm| unsafe {
+            nccl::ncclReduce(
+                ptr,
+                ptr,
+                count,
+                dtype,
+                nccl::ncclRedOp_t::ncclSum,
                 root as i32,
                 comm,
                 null_stream(),
@@ -943,6 +1383,7 @@ fn connect_with(
             size,
             device,
             comm,
+            side: Mutex::new(None),
         }) as Box<dyn Collective>)
     };
     let mut groups = Groups::connect(layout, env.rank, &mut open)?;

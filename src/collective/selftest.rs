@@ -8,16 +8,17 @@
 //! [`reference`] computes it on one rank, token by token, with one `backward()`, and no
 //! part of this layer; [`split`] gives every rank its contiguous share of the tokens and only
 //! its experts, exchanges tokens with [`exchange_experts`], runs backward in segments with
-//! [`Tape`], reduces gradients by kind and clips by the global norm. [`compare`] lists the
-//! differences. Everything is plain data ([`Data`]) so rank threads can share it.
+//! [`Tape`], reduces gradients by kind and clips by the global norm ([`split_with`]: with
+//! FasterMoE's smart schedule and shadowing). [`compare`] lists the differences. Everything
+//! is plain data ([`Data`]) so rank threads can share it.
 //!
 //! It knows nothing about the runtime's model or trainer.
 
 use tch::{Device, Kind, Tensor};
 
 use super::{
-    clip_global_norm, exchange_experts, reduce_gradients, CollectiveError, ErrorKind,
-    ExpertPlacement, Groups, ParamKind, Tape,
+    clip_global_norm, exchange_experts_with, reduce_gradients, CollectiveError, ErrorKind,
+    ExchangeOptions, ExpertPlacement, Groups, LocalExperts, ParamKind, ShadowPolicy, Tape,
 };
 
 pub const WIDTH: i64 = 8;
@@ -211,6 +212,47 @@ pub fn reference(problem: &Problem, kind: Kind) -> Outcome {
     }
 }
 
+/// The selftest's experts on one rank: `[w1, b1, w2, b2]` stacked over its local experts.
+struct BlockExperts<'a>(&'a [Tensor]);
+
+impl LocalExperts for BlockExperts<'_> {
+    fn forward(&self, rows: &Tensor, counts: &[i64]) -> Result<Tensor, tch::TchError> {
+        self.forward_with(self.0, rows, counts)
+    }
+
+    fn parameters(&self) -> Vec<Tensor> {
+        self.0.iter().map(Tensor::shallow_clone).collect()
+    }
+
+    fn forward_with(
+        &self,
+        params: &[Tensor],
+        rows: &Tensor,
+        counts: &[i64],
+    ) -> Result<Tensor, tch::TchError> {
+        let mut start = 0;
+        let mut pieces = Vec::new();
+        for (j, &n) in counts.iter().enumerate() {
+            pieces.push(expert(&rows.f_narrow(0, start, n)?, params, j as i64));
+            start += n;
+        }
+        if pieces.is_empty() {
+            return Tensor::f_zeros([0, WIDTH], (rows.kind(), rows.device()));
+        }
+        Tensor::f_cat(&pieces, 0)
+    }
+}
+
+/// Shadows the same experts in every exchange (tests and the check binary; the runtime's
+/// policy weighs the counts).
+pub struct ShadowThese(pub Vec<usize>);
+
+impl ShadowPolicy for ShadowThese {
+    fn choose(&self, _rows: &[Vec<i64>], _owner: &[usize]) -> Vec<usize> {
+        self.0.clone()
+    }
+}
+
 /// Tokens per rank of a split run over `world` ranks.
 pub fn share(problem: &Problem, world: usize) -> i64 {
     problem.tokens / world as i64
@@ -225,6 +267,38 @@ pub fn split(
     problem: &Problem,
     placement: &ExpertPlacement,
 ) -> super::Result<Outcome> {
+    split_with(
+        groups,
+        device,
+        kind,
+        problem,
+        placement,
+        ExchangeOptions::default(),
+    )
+    .map(|(outcome, _)| outcome)
+}
+
+/// What one block's exchange did on one rank.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeRecord {
+    /// The experts that ran on replicas (ascending).
+    pub shadowed: Vec<usize>,
+    /// Chunks of peers the exchange ran in.
+    pub chunks: usize,
+    /// Token rows this rank sent to the other ranks of its group.
+    pub sent_away: i64,
+}
+
+/// [`split`] with FasterMoE's options on every exchange; also returns what each block's
+/// exchange did.
+pub fn split_with(
+    groups: &Groups,
+    device: Device,
+    kind: Kind,
+    problem: &Problem,
+    placement: &ExpertPlacement,
+    options: ExchangeOptions,
+) -> super::Result<(Outcome, Vec<ExchangeRecord>)> {
     let rank = groups.rank();
     let world = groups.world();
     let local: Vec<i64> = placement
@@ -265,6 +339,7 @@ pub fn split(
         kind: Box::new(ErrorKind::Tensor(e)),
     };
     let mut tape = Tape::new();
+    let mut shadowed = Vec::new();
     let mut h = x;
     for (layer, (w_in, w_gate, experts)) in blocks.iter().enumerate() {
         tape.step();
@@ -282,25 +357,27 @@ pub fn split(
             .to_device(Device::Cpu);
         let counts = Vec::<i64>::try_from(&counts_t).map_err(tensor_err)?;
         let tokens = h0.index_select(0, &token_sorted);
-        let (y, exchange) = exchange_experts(
+        let (y, exchange) = exchange_experts_with(
             groups.expert(),
             placement,
             &tokens,
             &counts,
             &format!("step 0, layer {layer}"),
-            |received, local_counts| {
-                let mut start = 0;
-                let mut pieces = Vec::new();
-                for (j, &n) in local_counts.iter().enumerate() {
-                    pieces.push(expert(&received.f_narrow(0, start, n)?, experts, j as i64));
-                    start += n;
-                }
-                if pieces.is_empty() {
-                    return Tensor::f_zeros([0, WIDTH], (received.kind(), received.device()));
-                }
-                Tensor::f_cat(&pieces, 0)
-            },
+            options,
+            &BlockExperts(experts),
         )?;
+        let me = groups.expert().rank();
+        shadowed.push(ExchangeRecord {
+            shadowed: exchange.shadowed().to_vec(),
+            chunks: exchange.chunks(),
+            sent_away: exchange
+                .send_counts()
+                .iter()
+                .enumerate()
+                .filter(|&(q, _)| q != me)
+                .map(|(_, &c)| c)
+                .sum(),
+        });
         tape.record(exchange);
         let w_sorted = weights.reshape([-1]).index_select(0, &order).unsqueeze(1);
         let moe = h0.zeros_like().index_add(0, &token_sorted, &(y * w_sorted));
@@ -320,7 +397,7 @@ pub fn split(
     groups
         .data()
         .all_reduce_sum(&mut global_loss, "step 0 loss")?;
-    Ok(Outcome {
+    let outcome = Outcome {
         out: Data::of(&h),
         loss: global_loss.double_value(&[0]) / world as f64,
         grads: params
@@ -329,7 +406,8 @@ pub fn split(
             .collect(),
         norm: norm.total,
         scale: norm.scale,
-    })
+    };
+    Ok((outcome, shadowed))
 }
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {

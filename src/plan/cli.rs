@@ -59,6 +59,12 @@ pub struct PlanArgs {
     /// emit` produces) or `fmoec` (the built-in runtime of `fmoec run`).
     #[arg(long, value_enum, value_name = "megatron|fmoec")]
     pub memory_model: Option<MemoryModel>,
+    /// Assume skewed routing: the busiest expert of each MoE layer takes this many times
+    /// the mean load (1 = balanced, the default; `fmoec bench moe --routing skewed` is 3).
+    /// The time estimate waits for the busiest rank, and the plan shows what FasterMoE's
+    /// dynamic shadowing does about it.
+    #[arg(long, value_name = "X", value_parser = parse_skew)]
+    pub routing_skew: Option<f64>,
     /// How diagnostics are printed: `human`, or `json` (one array on stderr).
     #[arg(long, value_enum, default_value_t)]
     pub diagnostics: DiagFormat,
@@ -84,6 +90,7 @@ impl PlanArgs {
             expert_group: self.expert_group,
             micro_batch: self.micro_batch,
             memory_model: self.memory_model,
+            routing_skew: self.routing_skew,
         }
     }
 }
@@ -128,6 +135,17 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     };
     print!("{out}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--routing-skew`: a finite number of at least 1.
+fn parse_skew(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 1.0 => Ok(x),
+        Ok(x) => Err(format!(
+            "must be a number of at least 1 (the busiest expert's load over the mean), not {x}"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `--top`: a count of 1 or more.

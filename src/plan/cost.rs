@@ -7,11 +7,12 @@
 
 use serde::Serialize;
 
-use crate::check::{Activation, Checked, Ffn, Hardware, Precision};
+use crate::check::{Activation, Checked, Ffn, Hardware, Precision, Shadowing, SmartSchedule};
 use crate::diag::{Diagnostic, Span};
 use crate::graph::{self, ModelGraph, NodeKind};
 
 use super::diagnostics;
+use super::fastermoe::{self, ExchangeCosts, GroupRows};
 use super::grid::Grid;
 
 /// Megatron-LM pads the vocabulary to a multiple of this times the tensor size
@@ -163,6 +164,35 @@ pub struct StageCost {
     pub flops_per_step: u64,
     pub traffic: Traffic,
     pub time: StageTime,
+    /// Each MoE layer's expert exchange under FasterMoE's model (see
+    /// [`super::fastermoe`]); the plan lists them apart from the stage's JSON.
+    #[serde(skip)]
+    pub exchanges: Vec<LayerExchange>,
+}
+
+/// One MoE layer's expert exchange and experts for one micro-batch (forward and backward)
+/// on the busiest rank of its expert group, under the file's smart schedule and
+/// shadowing and the plan's routing skew.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LayerExchange {
+    pub layer: usize,
+    /// What its rows and experts cost (the runtime's shadowing decides with these).
+    pub costs: ExchangeCosts,
+    /// Chunks of the pipelined exchange (1: one all-to-all each way).
+    pub chunks: u64,
+    /// Experts that dynamic shadowing replicates at the plan's routing skew (0 without
+    /// shadowing).
+    pub shadowed: u64,
+    /// Seconds of plain expert parallelism: transfer and experts of the busiest rank, in
+    /// sequence, with no chunks and no shadows.
+    pub plain_s: f64,
+    /// Seconds with the file's options (what the time estimate counts).
+    pub planned_s: f64,
+    /// Seconds with dynamic shadowing whether or not the file asks for it (to show what it
+    /// would do).
+    pub with_shadowing_s: f64,
+    /// Experts dynamic shadowing would replicate (whether or not the file asks for it).
+    pub would_shadow: u64,
 }
 
 /// The step estimate.
@@ -450,7 +480,85 @@ fn block_activations(c: &Checked, layer: usize, grid: &Grid, a: u64, seq: u64, s
     u64::try_from(attention + ffn).unwrap_or(u64::MAX)
 }
 
-/// Costs every stage at micro-batch `mb` with `micro_batches` per step.
+/// One MoE layer's expert exchange under FasterMoE's model ([`fastermoe`]), for one
+/// micro-batch on the busiest rank of an expert group of `group` ranks: `rows` token rows per
+/// rank, `row` = (bytes of one row, the group's bandwidth), `flops` = (expert FLOPs of one
+/// row forward and backward, the rate the estimate runs them at, FP8 or not),
+/// `expert_params` parameters of one expert on one rank (broadcast and reduced as the fp32
+/// masters `fmoec run` keeps when shadowed).
+#[allow(clippy::too_many_arguments)]
+fn layer_exchange(
+    c: &Checked,
+    (layer, moe): (usize, &crate::check::Moe),
+    group: u64,
+    rows: f64,
+    (row_bytes, bw): (f64, f64),
+    (row_flops, rate): (f64, f64),
+    expert_params: u64,
+    routing_skew: f64,
+) -> LayerExchange {
+    let costs = ExchangeCosts::of_layer(row_bytes, row_flops, expert_params as f64 * 4.0, bw, rate);
+    let compute_s = rows * costs.row_compute_s;
+    let experts = moe.experts as usize;
+    let g = group.max(1) as usize;
+    if g <= 1 || experts == 0 {
+        return LayerExchange {
+            layer,
+            costs,
+            chunks: 1,
+            shadowed: 0,
+            plain_s: compute_s,
+            planned_s: compute_s,
+            with_shadowing_s: compute_s,
+            would_shadow: 0,
+        };
+    }
+    let per = (experts / g).max(1);
+    let owner: Vec<usize> = (0..experts).map(|e| (e / per).min(g - 1)).collect();
+    let shares = fastermoe::skewed_shares(experts, routing_skew);
+    let table: Vec<Vec<f64>> = vec![shares.iter().map(|p| rows * p).collect(); g];
+    let routed = GroupRows {
+        rows: &table,
+        owner: &owner,
+    };
+    let chunks_for = |transfer: f64, compute: f64| match c.parallel.smart_schedule {
+        SmartSchedule::Off => 1,
+        SmartSchedule::Auto => fastermoe::best_chunks(transfer, compute, group, costs.call_s),
+        SmartSchedule::Chunks { count } => count.clamp(1, group),
+    };
+    let none = vec![false; experts];
+    let (t0, x0) = routed.busiest(&none, &costs);
+    let chosen = fastermoe::choose_shadows(&routed, &costs);
+    let mut mask = none.clone();
+    for &e in &chosen {
+        mask[e] = true;
+    }
+    let (ts, xs) = routed.busiest(&mask, &costs);
+    let shadow_chunks = chunks_for(ts, xs);
+    let with_shadowing_s = fastermoe::pipelined_s(ts, xs, shadow_chunks, costs.call_s)
+        + chosen.len() as f64 * costs.shadow_s;
+    let (chunks, shadowed, planned_s) = match c.parallel.shadowing {
+        Shadowing::Dynamic => (shadow_chunks, chosen.len() as u64, with_shadowing_s),
+        Shadowing::Off => {
+            let n = chunks_for(t0, x0);
+            (n, 0, fastermoe::pipelined_s(t0, x0, n, costs.call_s))
+        }
+    };
+    LayerExchange {
+        layer,
+        costs,
+        chunks,
+        shadowed,
+        plain_s: t0 + x0,
+        planned_s,
+        with_shadowing_s,
+        would_shadow: chosen.len() as u64,
+    }
+}
+
+/// Costs every stage at micro-batch `mb` with `micro_batches` per step. `routing_skew`: the
+/// busiest expert of each MoE layer routes this many times the mean (1: balanced; see
+/// [`fastermoe::skewed_shares`]).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     g: &ModelGraph,
@@ -461,6 +569,7 @@ pub fn evaluate(
     mb: u64,
     micro_batches: u64,
     model: MemoryModel,
+    routing_skew: f64,
 ) -> Costed {
     let m = &c.model;
     let t = grid.tensor;
@@ -510,6 +619,8 @@ pub fn evaluate(
         // Parameters.
         let mut rp = RankParams::default();
         let mut flops_per_token = 0u64;
+        // each MoE layer's expert matmul FLOPs per token on this rank
+        let mut expert_flops_per_token = vec![0u64; m.layers.len()];
         // of which with FP8 operands, the FP8 quantisations' bytes per token, and the bytes
         // of the FP8 copies' scales
         let mut fp8_flops_per_token = 0u64;
@@ -568,7 +679,12 @@ pub fn evaluate(
                     // fb is 6·width·vocab: scale it to the padded vocabulary.
                     flops_per_token += fb / m.vocab.max(1) * vpad / t;
                 }
-                NodeKind::Experts => flops_per_token += fb / te,
+                NodeKind::Experts => {
+                    flops_per_token += fb / te;
+                    if let Some(slot) = n.layer.and_then(|l| expert_flops_per_token.get_mut(l)) {
+                        *slot += fb / te;
+                    }
+                }
                 NodeKind::Gate => {
                     rp.gate += n.params.gate;
                     flops_per_token += fb;
@@ -581,6 +697,7 @@ pub fn evaluate(
             }
         }
         let mut all_to_all = Vec::new();
+        let mut exchanges = Vec::new();
         let mut a2a_s = 0.0;
         let mut act = 0u64;
         let mut tensor_msgs = 0u64;
@@ -631,7 +748,39 @@ pub fn evaluate(
                         fwd_bytes: bytes,
                         bwd_bytes: bytes,
                     });
-                    a2a_s += 2.0 * bytes as f64 / bandwidth(c, &egroup);
+                    let bw = bandwidth(c, &egroup);
+                    let transfer_s = 2.0 * bytes as f64 / bw;
+                    let rate = match fp8 {
+                        Some((fp8_peak, _)) if fp8_experts[layer] => fp8_peak,
+                        _ => peak,
+                    };
+                    let compute_s =
+                        expert_flops_per_token[layer] as f64 * tokens as f64 / rate.max(1e-9);
+                    let x = layer_exchange(
+                        c,
+                        (layer, moe),
+                        grid.expert_group,
+                        (tokens * moe.top_k) as f64,
+                        ((h * a) as f64, bw),
+                        (
+                            expert_flops_per_token[layer] as f64 / moe.top_k.max(1) as f64,
+                            rate.max(1e-9),
+                        ),
+                        one.sharded / te + one.replicated,
+                        routing_skew,
+                    );
+                    let plain = c.parallel.smart_schedule.is_off()
+                        && c.parallel.shadowing.is_off()
+                        && routing_skew <= 1.0;
+                    // Without FasterMoE's options on balanced routing the estimate is the
+                    // transfer alone, as it always was; otherwise what the layer takes beyond
+                    // its balanced experts (already in `compute_s`).
+                    a2a_s += if plain {
+                        transfer_s
+                    } else {
+                        (x.planned_s - compute_s).max(0.0)
+                    };
+                    exchanges.push(x);
                 }
             }
         }
@@ -786,6 +935,7 @@ pub fn evaluate(
                 .saturating_mul(micro_batches),
             traffic,
             time,
+            exchanges,
         });
     }
     let slowest = stages

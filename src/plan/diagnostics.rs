@@ -37,6 +37,10 @@ pub const NO_FP8: &str = "P0014";
 pub const TENSOR_ACROSS_HOSTS: &str = "P0101";
 /// Warning: the pipeline idles for most of the step.
 pub const LARGE_BUBBLE: &str = "P0102";
+/// Warning: `smart_schedule = chunks(N)` with more chunks than the expert group has ranks.
+pub const CHUNKS_OVER_EXPERT_GROUP: &str = "P0110";
+/// Warning: FasterMoE's options on a layout whose experts are not exchanged.
+pub const NOTHING_TO_EXCHANGE: &str = "P0111";
 
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
@@ -360,4 +364,29 @@ pub fn large_bubble(bubble: f64, micro_batches: u64, pipeline: u64, at: Span) ->
         "use a larger batch or a smaller micro-batch: at least {} micro-batches keep the bubble at or under 20%",
         4 * (pipeline - 1)
     ))
+}
+
+pub fn chunks_over_expert_group(chunks: u64, group: u64, at: Span) -> Diagnostic {
+    Diagnostic::warning(
+        CHUNKS_OVER_EXPERT_GROUP,
+        at,
+        format!(
+            "the expert exchange is split by peer ranks: {chunks} chunks over an expert group of {} run as {group}",
+            count(group, "rank", "ranks")
+        ),
+    )
+    .with_label(format!("at most {group} here"))
+    .with_help("use `smart_schedule = auto` to let the planner choose")
+}
+
+pub fn nothing_to_exchange(option: &str, world: u64, at: Span) -> Diagnostic {
+    Diagnostic::warning(
+        NOTHING_TO_EXCHANGE,
+        at,
+        format!(
+            "`{option}` has nothing to do: on these {world} ranks every rank holds every expert, so no tokens are exchanged"
+        ),
+    )
+    .with_label("no expert exchange to schedule")
+    .with_help("spread the experts over ranks (`experts = across data` or `groups_of(N)` with N > 1)")
 }

@@ -22,18 +22,22 @@
 pub mod cli;
 pub mod cost;
 pub mod diagnostics;
+pub mod fastermoe;
 pub mod grid;
 pub mod render;
 pub mod search;
 
 use serde::Serialize;
 
-use crate::check::{Checked, ExpertGroup, Ffn, Hardware, Model, Parallel, Precision, Train};
+use crate::check::{
+    Checked, ExpertGroup, Ffn, Hardware, Model, Parallel, Precision, Shadowing, SmartSchedule,
+    Train,
+};
 use crate::diag::Diagnostic;
 use crate::diag::Span;
 use crate::graph::{self, ModelGraph};
 
-pub use cost::{Memory, MemoryModel, StageCost, TimeEstimate};
+pub use cost::{LayerExchange, Memory, MemoryModel, StageCost, TimeEstimate};
 pub use grid::{Coords, Grid, GroupKind, Groups};
 
 /// What-if changes to the `parallel` block from the command line (`--world`, ...).
@@ -46,6 +50,9 @@ pub struct Overrides {
     pub micro_batch: Option<u64>,
     /// Whose memory to estimate (default: Megatron-LM v2.2's).
     pub memory_model: Option<MemoryModel>,
+    /// The busiest expert of each MoE layer routes this many times the mean (default 1,
+    /// balanced): what the time estimate and FasterMoE's shadowing assume.
+    pub routing_skew: Option<f64>,
 }
 
 impl Overrides {
@@ -57,6 +64,7 @@ impl Overrides {
         expert_group: None,
         micro_batch: None,
         memory_model: None,
+        routing_skew: None,
     };
 
     pub fn is_empty(&self) -> bool {
@@ -83,6 +91,9 @@ impl Overrides {
         }
         if self.memory_model == Some(MemoryModel::Fmoec) {
             parts.push("--memory-model fmoec".into());
+        }
+        if let Some(s) = self.routing_skew {
+            parts.push(format!("--routing-skew {s}"));
         }
         parts.join(" ")
     }
@@ -194,9 +205,26 @@ pub struct ParallelPlan {
     pub ranks: Vec<RankPlan>,
     pub groups: Groups,
     pub time: TimeEstimate,
+    /// FasterMoE's smart schedule and dynamic shadowing as planned; present when the file
+    /// turns either on or the plan assumes skewed routing (`--routing-skew`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fastermoe: Option<FasterMoePlan>,
     /// Warnings about a plan that works but wastes time (not part of the JSON).
     #[serde(skip)]
     pub warnings: Vec<Diagnostic>,
+}
+
+/// FasterMoE's options for the expert exchange and what the planner made of them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FasterMoePlan {
+    /// As the file wrote it (`off`, `auto`, `chunks(N)`).
+    pub smart_schedule: SmartSchedule,
+    pub shadowing: Shadowing,
+    /// The busiest expert's load over the mean that the estimate assumes (1: balanced).
+    pub routing_skew: f64,
+    /// Per MoE layer: its chunk count, the experts shadowing replicates at that skew, and
+    /// the seconds of its exchange and experts per micro-batch on the busiest rank.
+    pub layers: Vec<LayerExchange>,
 }
 
 /// Plan-level schema version (see README.md, "`fmoec plan`").
@@ -280,6 +308,7 @@ pub fn build_with(checked: &Checked, o: &Overrides) -> Result<ParallelPlan, Vec<
         p.seq_len,
         p.costed,
         p.assumptions,
+        o.routing_skew,
     ))
 }
 
@@ -452,6 +481,7 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
             m,
             micro_batches.max(1),
             o.memory_model.unwrap_or_default(),
+            o.routing_skew.unwrap_or(1.0),
         );
         if c.fits() {
             // Seconds per token: the step time when the batch is fixed, and still fair
@@ -479,6 +509,36 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
         assumptions,
         graph: g,
     })
+}
+
+/// FasterMoE's options that cannot do what they say on this layout (warnings).
+fn fastermoe_warnings(par: &Parallel, grid: &Grid, warnings: &mut Vec<Diagnostic>) {
+    if grid.expert_group <= 1 {
+        if grid.world > 1 {
+            for (on, name, at) in [
+                (
+                    !par.smart_schedule.is_off(),
+                    "smart_schedule",
+                    par.spans.smart_schedule,
+                ),
+                (!par.shadowing.is_off(), "shadowing", par.spans.shadowing),
+            ] {
+                if on {
+                    warnings.push(diagnostics::nothing_to_exchange(name, grid.world, at));
+                }
+            }
+        }
+        return;
+    }
+    if let SmartSchedule::Chunks { count } = par.smart_schedule {
+        if count > grid.expert_group {
+            warnings.push(diagnostics::chunks_over_expert_group(
+                count,
+                grid.expert_group,
+                par.spans.smart_schedule,
+            ));
+        }
+    }
 }
 
 /// Values the file did not write (no `parallel` block, no `micro_batch`) have empty
@@ -827,6 +887,7 @@ fn assemble(
     seq_len: u64,
     costed: cost::Costed,
     assumptions: Vec<String>,
+    routing_skew: Option<f64>,
 ) -> ParallelPlan {
     let par = &checked.parallel;
     let per_stage = checked.model.depth() / grid.pipeline;
@@ -915,7 +976,22 @@ fn assemble(
             at,
         ));
     }
+    let fastermoe = (!par.smart_schedule.is_off()
+        || !par.shadowing.is_off()
+        || routing_skew.is_some())
+    .then(|| FasterMoePlan {
+        smart_schedule: par.smart_schedule,
+        shadowing: par.shadowing,
+        routing_skew: routing_skew.unwrap_or(1.0),
+        layers: costed
+            .stages
+            .iter()
+            .flat_map(|s| s.exchanges.iter().cloned())
+            .collect(),
+    });
+    fastermoe_warnings(par, &grid, &mut warnings);
     ParallelPlan {
+        fastermoe,
         warnings,
         schema: SCHEMA_VERSION,
         model: checked.model.name.clone(),

@@ -6,8 +6,8 @@
 
 use std::fmt::Write;
 
-use super::ParallelPlan;
-use crate::check::Precision;
+use super::{FasterMoePlan, ParallelPlan};
+use crate::check::{Precision, Shadowing, SmartSchedule};
 use crate::graph::ModelGraph;
 
 /// Bytes in binary units, 2 decimals: `1.50 GiB`.
@@ -323,10 +323,19 @@ pub fn table(plan: &ParallelPlan) -> String {
         );
     }
 
+    let pipelined = plan
+        .fastermoe
+        .as_ref()
+        .is_some_and(|f| f.layers.iter().any(|x| x.chunks > 1));
     let _ = writeln!(
         o,
-        "\ntime per rank (estimate: peak {:.0} TFLOP/s, link bandwidth, no overlap)",
-        plan.time.peak_tflops
+        "\ntime per rank (estimate: peak {:.0} TFLOP/s, link bandwidth, {})",
+        plan.time.peak_tflops,
+        if pipelined {
+            "all-to-all overlapped with the experts in chunks (below)"
+        } else {
+            "no overlap"
+        }
     );
     let _ = writeln!(
         o,
@@ -355,7 +364,75 @@ pub fn table(plan: &ParallelPlan) -> String {
         count(t.tokens_per_s.round() as u64),
         100.0 * t.mfu
     );
+    if let Some(f) = &plan.fastermoe {
+        fastermoe_table(&mut o, f);
+    }
     o
+}
+
+/// `chunks(4)`, `auto`, `off`.
+pub fn smart_schedule_name(s: SmartSchedule) -> String {
+    match s {
+        SmartSchedule::Off => "off".into(),
+        SmartSchedule::Auto => "auto".into(),
+        SmartSchedule::Chunks { count } => format!("chunks({count})"),
+    }
+}
+
+/// The expert exchange under FasterMoE's options, per MoE layer.
+fn fastermoe_table(o: &mut String, f: &FasterMoePlan) {
+    let skew = if f.routing_skew <= 1.0 {
+        "balanced routing".to_string()
+    } else {
+        format!(
+            "routing skew {} (the busiest expert {}x the mean)",
+            f.routing_skew, f.routing_skew
+        )
+    };
+    let _ = writeln!(
+        o,
+        "\nexpert exchange (FasterMoE): smart_schedule = {}, shadowing = {}, {skew}",
+        smart_schedule_name(f.smart_schedule),
+        match f.shadowing {
+            Shadowing::Off => "off",
+            Shadowing::Dynamic => "dynamic",
+        }
+    );
+    let _ = writeln!(
+        o,
+        "  per micro-batch, forward and backward, on the busiest rank of the expert group"
+    );
+    let dynamic = f.shadowing == Shadowing::Dynamic;
+    let _ = writeln!(
+        o,
+        "  layers              chunks  shadowed  plain EP     planned{}",
+        if dynamic { "" } else { "  shadowing would" }
+    );
+    let mut rows: Vec<(String, Vec<usize>)> = Vec::new();
+    for x in &f.layers {
+        let mut row = format!(
+            "{:>6}  {:>8}  {:>11}  {:>11}",
+            x.chunks,
+            x.shadowed,
+            secs(x.plain_s),
+            secs(x.planned_s)
+        );
+        if !dynamic {
+            let _ = write!(
+                row,
+                "  {} ({})",
+                crate::diag::count(x.would_shadow, "expert", "experts"),
+                secs(x.with_shadowing_s)
+            );
+        }
+        match rows.last_mut() {
+            Some((r, layers)) if *r == row => layers.push(x.layer),
+            _ => rows.push((row, vec![x.layer])),
+        }
+    }
+    for (row, layers) in rows {
+        let _ = writeln!(o, "  {:<18}  {row}", layer_list(&layers));
+    }
 }
 
 /// The JSON document (pretty, trailing newline).

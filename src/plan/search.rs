@@ -89,6 +89,7 @@ pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
                     expert_group: Some(e),
                     micro_batch: None,
                     memory_model: None,
+                    routing_skew: None,
                 };
                 match cost_with(checked, &o) {
                     Ok(c) => feasible.push(Candidate {

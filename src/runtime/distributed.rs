@@ -33,13 +33,13 @@ use tch::Tensor;
 use crate::check::{Checked, ExpertGroup};
 use crate::collective::local::{local_tensor_groups, local_world, run_ranks};
 use crate::collective::{
-    exchange_experts, CollectiveError, ErrorKind, ExpertPlacement, GroupLayout, Groups, ParamKind,
-    Tape,
+    exchange_experts_with, CollectiveError, ErrorKind, ExpertPlacement, GroupLayout, Groups,
+    ParamKind, Tape,
 };
 use crate::diag::Diagnostic;
 use crate::plan::{self, Memory, MemoryModel, Overrides, ParallelPlan};
 use crate::runtime::model::{MoeHook, NormLayer, Transformer};
-use crate::runtime::moe::{self, DispatchPlan, Experts, MoeLayer, Telemetry};
+use crate::runtime::moe::{self, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
 
 /// The split of one run over its ranks.
@@ -62,6 +62,8 @@ pub struct WorldPlan {
     /// The planner's memory of one rank for `fmoec run` (`--memory-model fmoec`; every rank
     /// alike with pipeline = 1); `None`: plans made without the planner.
     pub memory: Option<Memory>,
+    /// FasterMoE's smart schedule and shadowing as planned (`None`: the plain exchange).
+    pub fastermoe: Option<plan::FasterMoePlan>,
 }
 
 /// The runtime's overrides of the file's `parallel` block for a world of `world` ranks: the
@@ -77,6 +79,7 @@ pub fn overrides(world: u64, expert_group: Option<ExpertGroup>, tensor: Option<u
         expert_group,
         micro_batch: None,
         memory_model: Some(MemoryModel::Fmoec),
+        routing_skew: None,
     }
 }
 
@@ -287,6 +290,7 @@ impl WorldPlan {
             notes: Vec::new(),
             micro_batch: Some(plan.micro_batch),
             memory: plan.stages.first().map(|s| s.cost.memory),
+            fastermoe: plan.fastermoe.clone(),
         })
     }
 
@@ -319,6 +323,7 @@ impl WorldPlan {
             notes: Vec::new(),
             micro_batch: None,
             memory: None,
+            fastermoe: None,
         })
     }
 }
@@ -403,27 +408,6 @@ pub fn param_kind(name: &str) -> ParamKind {
     } else {
         ParamKind::Replicated
     }
-}
-
-fn tch_error(e: anyhow::Error) -> tch::TchError {
-    tch::TchError::Torch(format!("{e:#}"))
-}
-
-/// Runs `experts` (a rank's local experts) on `received`, grouped by local expert with
-/// `local_counts[j]` rows for local expert `j`.
-fn run_local_experts(
-    experts: &Experts,
-    received: &Tensor,
-    local_counts: &[i64],
-) -> Result<Tensor, tch::TchError> {
-    let (rows, width) = received.size2()?;
-    if rows == 0 || local_counts.is_empty() {
-        return Tensor::f_zeros([rows, width], (received.kind(), received.device()));
-    }
-    let device = received.device();
-    let counts = Tensor::f_from_slice(local_counts)?.f_to_device(device)?;
-    let plan = DispatchPlan::grouped(&counts, rows).map_err(tch_error)?;
-    experts.forward(received, &plan).map_err(tch_error)
 }
 
 /// The expert-parallel MoE feed-forward of one forward pass: the hook the trainer gives
@@ -515,15 +499,18 @@ impl MoeHook for ExpertParallel<'_> {
         let weight = self.cut(&routing.weight, false)?;
         let balance = self.cut(&routing.balance_loss, false)?;
         let at = format!("{}, layer {index}", self.at);
-        let experts = &layer.experts;
-        let (ys, exchange) = exchange_experts(
+        // FasterMoE's chunks and shadowing where the plan asks for them
+        let schedule = moe::LayerSchedule::of(ctx.plan.fastermoe.as_ref(), index);
+        let (ys, exchange) = exchange_experts_with(
             ctx.groups.expert(),
             placement,
             &send,
             &counts,
             &at,
-            |received, local_counts| run_local_experts(experts, received, local_counts),
+            schedule.options(),
+            &moe::RankExperts(&layer.experts),
         )?;
+        let shadowed = schedule.shadowed(&exchange, e, device)?;
         if let Some(tape) = &mut self.tape {
             tape.record(exchange);
         }
@@ -538,10 +525,11 @@ impl MoeHook for ExpertParallel<'_> {
             out = out.f_add(&shared.forward(&hl)?)?;
         }
         let y = xl.f_add(&out)?.f_reshape([b, t, d])?;
-        let telemetry = tch::no_grad(|| {
+        let mut telemetry = tch::no_grad(|| {
             let per_expert = per_slot.f_index_select(0, &slot_table)?;
             moe::telemetry(&routing, &per_expert, tokens)
         })?;
+        telemetry.shadowed = shadowed;
         Ok((y, balance, telemetry))
     }
 }

@@ -25,10 +25,11 @@ use tch::{Device, Kind, Tensor};
 
 use crate::check::{Ffn, Layer, Model, Norm, Positions};
 use crate::collective::{
-    exchange_experts, reduce_from_tensor_region, Collective, ExpertPlacement, Tape, TensorSplit,
+    exchange_experts_with, reduce_from_tensor_region, Collective, ExpertPlacement, Tape,
+    TensorSplit,
 };
 use crate::runtime::cast;
-use crate::runtime::moe::{self, DenseMlp, DispatchPlan, Experts, MoeLayer, Telemetry};
+use crate::runtime::moe::{self, DenseMlp, DispatchPlan, MoeLayer, Telemetry};
 use crate::runtime::params::{Init, ParamStore};
 
 const NORM_EPS: f64 = 1e-5;
@@ -801,6 +802,12 @@ pub trait RoutedExperts {
         weight: &Tensor,
         tape: &mut Tape,
     ) -> Result<Tensor>;
+
+    /// The experts the last [`RoutedExperts::combined`] ran on replicas (FasterMoE's
+    /// shadowing), as the telemetry's `[E]` indicator; `None` where nothing could be.
+    fn take_shadowed(&mut self) -> Option<Tensor> {
+        None
+    }
 }
 
 /// The routed experts spread over an expert group (FastMoE on Megatron: the data-parallel
@@ -814,6 +821,10 @@ pub struct ExchangedExperts<'a> {
     pub placements: &'a std::collections::BTreeMap<usize, ExpertPlacement>,
     /// Label for the collectives (`"step 12, micro-batch 3"`).
     pub at: &'a str,
+    /// FasterMoE's smart schedule and shadowing as planned (`None`: the plain exchange).
+    pub fastermoe: Option<&'a crate::plan::FasterMoePlan>,
+    /// What the last exchange replicated (see [`RoutedExperts::take_shadowed`]).
+    pub shadowed: Option<Tensor>,
 }
 
 impl RoutedExperts for ExchangedExperts<'_> {
@@ -846,19 +857,18 @@ impl RoutedExperts for ExchangedExperts<'_> {
         let sent = order.f_narrow(0, 0, kept)?;
         let token = sent.f_div_scalar_mode(k, "floor")?;
         tape.step();
-        let experts = &layer.experts;
         let at = format!("{}, layer {index}", self.at);
-        let (ys, exchange) = exchange_experts(
+        let schedule = moe::LayerSchedule::of(self.fastermoe, index);
+        let (ys, exchange) = exchange_experts_with(
             self.group,
             placement,
             &h.f_index_select(0, &token)?,
             &counts,
             &at,
-            |received, local_counts| {
-                local_experts(experts, received, local_counts)
-                    .map_err(|e| tch::TchError::Torch(format!("{e:#}")))
-            },
+            schedule.options(),
+            &moe::RankExperts(&layer.experts),
         )?;
+        self.shadowed = schedule.shadowed(&exchange, e, device)?;
         tape.record(exchange);
         let w = weight
             .f_reshape([-1])?
@@ -870,19 +880,10 @@ impl RoutedExperts for ExchangedExperts<'_> {
             &ys.f_mul(&w.f_unsqueeze(1)?)?,
         )?)
     }
-}
 
-/// Runs `received` (rows grouped by local expert, `local_counts[j]` for local expert `j`)
-/// through this rank's experts.
-fn local_experts(experts: &Experts, received: &Tensor, local_counts: &[i64]) -> Result<Tensor> {
-    let (rows, width) = received.size2()?;
-    let device = received.device();
-    if rows == 0 || local_counts.is_empty() {
-        return Ok(Tensor::f_zeros([rows, width], (received.kind(), device))?);
+    fn take_shadowed(&mut self) -> Option<Tensor> {
+        self.shadowed.take()
     }
-    let counts = Tensor::f_from_slice(local_counts)?.f_to_device(device)?;
-    let plan = DispatchPlan::grouped(&counts, rows)?;
-    experts.forward(received, &plan)
 }
 
 impl TensorPass<'_> {
@@ -960,9 +961,13 @@ impl Block {
                     layer.gate.experts,
                     layer.gate.may_drop(train),
                 )?;
+                let mut shadowed = None;
                 let mut out = match pass.experts.as_deref_mut() {
                     Some(runner) => {
-                        runner.combined(i, layer, &he, &routing.expert, &weight, pass.tape)?
+                        let out =
+                            runner.combined(i, layer, &he, &routing.expert, &weight, pass.tape)?;
+                        shadowed = runner.take_shadowed();
+                        out
                     }
                     None => {
                         let ys = layer.experts.forward(&moe::dispatch(&he, &plan)?, &plan)?;
@@ -981,7 +986,8 @@ impl Block {
                 } else if sliced {
                     out = pass.reduce(&out, &what)?;
                 }
-                let telemetry = tch::no_grad(|| moe::telemetry(&routing, &plan.counts, b * t))?;
+                let mut telemetry = tch::no_grad(|| moe::telemetry(&routing, &plan.counts, b * t))?;
+                telemetry.shadowed = shadowed;
                 let y = x.f_add(&out.f_reshape([b, t, d])?)?;
                 Ok((y, Some((balance, telemetry))))
             }

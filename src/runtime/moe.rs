@@ -29,6 +29,11 @@
 //! runtime and the emitted module, in one place: README.md, "Where fmoec differs from FastMoE
 //! on purpose".
 //!
+//! Across an expert group the collective layer moves the tokens; [`RankExperts`] gives it this
+//! rank's experts (to run, and for FasterMoE's shadowing to replicate), and [`LayerSchedule`]
+//! turns the plan's FasterMoE section into the exchange's options (chunks, and the shadowing
+//! decision with the planner's costs, [`PlannedShadowing`]).
+//!
 //! This module knows nothing about the transformer around it, the optimizer or checkpoints; it
 //! only needs a [`ParamStore`] to register its parameters under a name prefix.
 
@@ -86,6 +91,9 @@ pub struct Telemetry {
     pub gate_entropy: Tensor,
     /// The unweighted balance loss (scalar f32).
     pub balance_loss: Tensor,
+    /// FasterMoE's dynamic shadowing: 1 for each expert that ran on replicas in this
+    /// exchange, `[E]` f32 (`None` where no exchange could shadow).
+    pub shadowed: Option<Tensor>,
 }
 
 /// Host copy of [`Telemetry`].
@@ -97,6 +105,13 @@ pub struct TelemetryReport {
     pub dropped_fraction: f64,
     pub gate_entropy: f64,
     pub balance_loss: f64,
+    /// Experts replicated per exchange by FasterMoE's dynamic shadowing, averaged over the
+    /// step's exchanges (micro-batches and expert groups); absent without shadowing.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub shadowed_experts: Option<f64>,
+    /// Per expert, the share of the step's exchanges in which it was replicated.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub shadowed_share: Option<Vec<f64>>,
 }
 
 impl Telemetry {
@@ -104,7 +119,13 @@ impl Telemetry {
         let counts = Vec::<f64>::try_from(self.tokens_per_expert.f_to_kind(Kind::Double)?)?;
         let mean = counts.iter().sum::<f64>() / counts.len().max(1) as f64;
         let max = counts.iter().cloned().fold(0.0, f64::max);
+        let shadowed_share = match &self.shadowed {
+            Some(s) => Some(Vec::<f64>::try_from(s.f_to_kind(Kind::Double)?)?),
+            None => None,
+        };
         Ok(TelemetryReport {
+            shadowed_experts: shadowed_share.as_ref().map(|s| s.iter().sum()),
+            shadowed_share,
             max_over_mean_load: if mean > 0.0 { max / mean } else { 0.0 },
             tokens_per_expert: counts,
             dropped_fraction: self.dropped_fraction.f_double_value(&[])?,
@@ -1222,9 +1243,160 @@ pub fn telemetry(routing: &Routing, counts: &Tensor, tokens: i64) -> Result<Tele
         .f_neg()?
         .f_mean(Kind::Float)?;
     Ok(Telemetry {
+        shadowed: None,
         tokens_per_expert: counts,
         dropped_fraction: dropped,
         gate_entropy: entropy,
         balance_loss: routing.balance_loss.f_detach()?.f_to_kind(Kind::Float)?,
     })
+}
+
+// ---- The layer's experts across an expert group (the collective exchange) -------------------
+
+/// This rank's routed experts as the collective exchange runs them
+/// ([`crate::collective::exchange_experts_with`]): rows grouped by local expert, and, for
+/// FasterMoE's shadowing, their stacked parameters (`w1`, `w2`, then `w3`, `b1`, `b2` where
+/// they exist) and a forward on replicas of them.
+pub struct RankExperts<'a>(pub &'a Experts);
+
+impl RankExperts<'_> {
+    fn run(experts: &Experts, rows: &Tensor, counts: &[i64]) -> Result<Tensor> {
+        let (n, width) = rows.size2()?;
+        let device = rows.device();
+        if n == 0 || counts.is_empty() {
+            return Ok(Tensor::f_zeros([n, width], (rows.kind(), device))?);
+        }
+        let counts = Tensor::f_from_slice(counts)?.f_to_device(device)?;
+        let plan = DispatchPlan::grouped(&counts, n)?;
+        experts.forward(rows, &plan)
+    }
+}
+
+fn tch_error(e: anyhow::Error) -> tch::TchError {
+    tch::TchError::Torch(format!("{e:#}"))
+}
+
+impl crate::collective::LocalExperts for RankExperts<'_> {
+    fn forward(&self, rows: &Tensor, counts: &[i64]) -> Result<Tensor, tch::TchError> {
+        RankExperts::run(self.0, rows, counts).map_err(tch_error)
+    }
+
+    fn parameters(&self) -> Vec<Tensor> {
+        let e = self.0;
+        [
+            Some(&e.w1),
+            Some(&e.w2),
+            e.w3.as_ref(),
+            e.b1.as_ref(),
+            e.b2.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(Tensor::shallow_clone)
+        .collect()
+    }
+
+    fn forward_with(
+        &self,
+        params: &[Tensor],
+        rows: &Tensor,
+        counts: &[i64],
+    ) -> Result<Tensor, tch::TchError> {
+        let e = self.0;
+        let mut next = params.iter().map(Tensor::shallow_clone);
+        let mut take = |present: bool| if present { next.next() } else { None };
+        let (Some(w1), Some(w2)) = (take(true), take(true)) else {
+            return Err(tch::TchError::Torch(
+                "replicated experts need w1 and w2".into(),
+            ));
+        };
+        let replicas = Experts {
+            experts: params.first().map_or(0, |p| p.size()[0]),
+            act: e.act,
+            w1,
+            w2,
+            w3: take(e.w3.is_some()),
+            b1: take(e.b1.is_some()),
+            b2: take(e.b2.is_some()),
+            path: e.path,
+            // FP8 copies of weights are cached per step by their address: replicas are
+            // fresh tensors every exchange, so they run in the compute dtype.
+            fp8: false,
+        };
+        RankExperts::run(&replicas, rows, counts).map_err(tch_error)
+    }
+}
+
+/// FasterMoE's dynamic shadowing decided with the planner's costs of one MoE layer
+/// ([`crate::plan::fastermoe::choose_shadows`]): what `fmoec plan` assumes, decided on the
+/// counts of each exchange.
+pub struct PlannedShadowing(pub crate::plan::fastermoe::ExchangeCosts);
+
+impl crate::collective::ShadowPolicy for PlannedShadowing {
+    fn choose(&self, rows: &[Vec<i64>], owner: &[usize]) -> Vec<usize> {
+        let rows: Vec<Vec<f64>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&c| c as f64).collect())
+            .collect();
+        crate::plan::fastermoe::choose_shadows(
+            &crate::plan::fastermoe::GroupRows { rows: &rows, owner },
+            &self.0,
+        )
+    }
+}
+
+/// How one MoE layer's exchange runs under the plan's FasterMoE section: its chunks and,
+/// with `shadowing = dynamic`, the policy that picks the replicas.
+pub struct LayerSchedule {
+    chunks: usize,
+    shadowing: Option<PlannedShadowing>,
+}
+
+impl LayerSchedule {
+    /// MoE layer `layer` (block index) under `plan` (`None`: FastMoE's plain exchange).
+    pub fn of(plan: Option<&crate::plan::FasterMoePlan>, layer: usize) -> LayerSchedule {
+        let planned = plan.and_then(|p| p.layers.iter().find(|x| x.layer == layer).map(|x| (p, x)));
+        match planned {
+            None => LayerSchedule {
+                chunks: 1,
+                shadowing: None,
+            },
+            Some((p, x)) => LayerSchedule {
+                chunks: x.chunks.max(1) as usize,
+                shadowing: (p.shadowing == crate::check::Shadowing::Dynamic)
+                    .then_some(PlannedShadowing(x.costs)),
+            },
+        }
+    }
+
+    /// The exchange's options.
+    pub fn options(&self) -> crate::collective::ExchangeOptions<'_> {
+        crate::collective::ExchangeOptions {
+            chunks: self.chunks,
+            shadowing: self
+                .shadowing
+                .as_ref()
+                .map(|s| s as &dyn crate::collective::ShadowPolicy),
+        }
+    }
+
+    /// The `[E]` f32 indicator of the experts `exchange` replicated, on `device`, for the
+    /// telemetry (`None` without shadowing).
+    pub fn shadowed(
+        &self,
+        exchange: &crate::collective::ExchangeTape,
+        experts: i64,
+        device: tch::Device,
+    ) -> Result<Option<Tensor>> {
+        if self.shadowing.is_none() {
+            return Ok(None);
+        }
+        let mut flags = vec![0f32; experts.max(0) as usize];
+        for &e in exchange.shadowed() {
+            if let Some(f) = flags.get_mut(e) {
+                *f = 1.0;
+            }
+        }
+        Ok(Some(Tensor::f_from_slice(&flags)?.f_to_device(device)?))
+    }
 }

@@ -194,6 +194,7 @@ fn shallow(out: &ForwardOutput) -> ForwardOutput {
                         dropped_fraction: t.dropped_fraction.shallow_clone(),
                         gate_entropy: t.gate_entropy.shallow_clone(),
                         balance_loss: t.balance_loss.shallow_clone(),
+                        shadowed: t.shadowed.as_ref().map(Tensor::shallow_clone),
                     },
                 )
             })

@@ -295,6 +295,8 @@ pub(crate) fn tensor_parallel_loss(
         group: ctx.groups.expert(),
         placements: &ctx.plan.placements,
         at,
+        fastermoe: ctx.plan.fastermoe.as_ref(),
+        shadowed: None,
     };
     let mut pass = TensorPass {
         group: ctx.groups.tensor(),

@@ -979,6 +979,8 @@ struct Accum {
     dropped: Tensor,
     entropy: Tensor,
     balance: Tensor,
+    /// FasterMoE's shadowing: per expert, the exchanges that replicated it.
+    shadowed: Option<Tensor>,
 }
 
 fn accumulate(acc: &mut Vec<(usize, Accum)>, tel: Vec<(usize, Telemetry)>) -> Result<()> {
@@ -992,6 +994,7 @@ fn accumulate(acc: &mut Vec<(usize, Accum)>, tel: Vec<(usize, Telemetry)>) -> Re
                     dropped: t.dropped_fraction.f_detach_copy()?,
                     entropy: t.gate_entropy.f_detach_copy()?,
                     balance: t.balance_loss.f_detach_copy()?,
+                    shadowed: t.shadowed.as_ref().map(Tensor::f_detach_copy).transpose()?,
                 },
             ));
         }
@@ -1002,6 +1005,9 @@ fn accumulate(acc: &mut Vec<(usize, Accum)>, tel: Vec<(usize, Telemetry)>) -> Re
         a.dropped = a.dropped.f_add(&t.dropped_fraction)?;
         a.entropy = a.entropy.f_add(&t.gate_entropy)?;
         a.balance = a.balance.f_add(&t.balance_loss)?;
+        if let (Some(sum), Some(s)) = (&mut a.shadowed, &t.shadowed) {
+            *sum = sum.f_add(s)?;
+        }
     }
     Ok(())
 }
@@ -1014,6 +1020,9 @@ fn reports(acc: Vec<(usize, Accum)>, micro: f64) -> Result<Vec<LayerMetrics>> {
                 dropped_fraction: a.dropped.f_div_scalar(micro)?,
                 gate_entropy: a.entropy.f_div_scalar(micro)?,
                 balance_loss: a.balance.f_div_scalar(micro)?,
+                // every data rank's exchanges, summed: over the step's micro-batches they
+                // are `micro` exchanges per expert group on average
+                shadowed: a.shadowed.map(|s| s.f_div_scalar(micro)).transpose()?,
             };
             Ok(LayerMetrics {
                 layer,
@@ -1027,15 +1036,16 @@ fn reports(acc: Vec<(usize, Accum)>, micro: f64) -> Result<Vec<LayerMetrics>> {
 fn reduce_telemetry(ctx: &RankContext, acc: &mut [(usize, Accum)], at: &str) -> Result<()> {
     for (layer, a) in acc.iter_mut() {
         let e = a.counts.size()[0];
-        let packed = Tensor::f_cat(
-            &[
-                a.counts.f_to_kind(Kind::Float)?,
-                a.dropped.f_to_kind(Kind::Float)?.f_reshape([1])?,
-                a.entropy.f_to_kind(Kind::Float)?.f_reshape([1])?,
-                a.balance.f_to_kind(Kind::Float)?.f_reshape([1])?,
-            ],
-            0,
-        )?;
+        let mut parts = vec![
+            a.counts.f_to_kind(Kind::Float)?,
+            a.dropped.f_to_kind(Kind::Float)?.f_reshape([1])?,
+            a.entropy.f_to_kind(Kind::Float)?.f_reshape([1])?,
+            a.balance.f_to_kind(Kind::Float)?.f_reshape([1])?,
+        ];
+        if let Some(s) = &a.shadowed {
+            parts.push(s.f_to_kind(Kind::Float)?);
+        }
+        let packed = Tensor::f_cat(&parts, 0)?;
         let mut packed = packed.f_to_device(ctx.device)?;
         ctx.groups
             .data()
@@ -1044,6 +1054,9 @@ fn reduce_telemetry(ctx: &RankContext, acc: &mut [(usize, Accum)], at: &str) -> 
         a.dropped = packed.f_select(0, e)?;
         a.entropy = packed.f_select(0, e + 1)?;
         a.balance = packed.f_select(0, e + 2)?;
+        if a.shadowed.is_some() {
+            a.shadowed = Some(packed.f_narrow(0, e + 3, e)?);
+        }
     }
     Ok(())
 }

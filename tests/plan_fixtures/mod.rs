@@ -50,6 +50,8 @@ pub fn parallel(gpus: u64, tensor: u64, pipeline: u64, experts: ExpertGroup) -> 
         experts,
         expert_slicing: true,
         micro_batch: None,
+        smart_schedule: SmartSchedule::Off,
+        shadowing: Shadowing::Off,
         spans: ParallelSpans {
             block: span(0),
             gpus: span(S_GPUS),
@@ -59,6 +61,8 @@ pub fn parallel(gpus: u64, tensor: u64, pipeline: u64, experts: ExpertGroup) -> 
             data: span(0),
             experts: span(S_EXPERTS_GROUP),
             micro_batch: span(12),
+            smart_schedule: span(0),
+            shadowing: span(0),
         },
     }
 }

@@ -111,6 +111,8 @@ pub fn tiny_checked(gate: GateKind, steps: u64, data: DataSource) -> Checked {
             experts: ExpertGroup::Replicated,
             expert_slicing: false,
             micro_batch: Some(8),
+            smart_schedule: SmartSchedule::Off,
+            shadowing: Shadowing::Off,
             spans: Default::default(),
         },
         train: Some(Train {
