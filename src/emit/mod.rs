@@ -312,6 +312,15 @@ fn layer_views(c: &Checked, plan: &ParallelPlan) -> Vec<LayerView> {
             balance_loss: view::py_float(moe.gate.balance_loss),
             jitter: view::py_float(moe.gate.jitter),
             random_routing: py_bool(moe.gate.random_routing),
+            shared: match &moe.shared {
+                Some(s) => format!(
+                    "dict(count={}, hidden={}, act='{}')",
+                    s.count,
+                    s.expert.hidden,
+                    act_name(s.expert.act)
+                ),
+                None => "None".to_string(),
+            },
             experts_per_rank: plan
                 .moe_layers
                 .iter()

@@ -5,8 +5,8 @@ import torch
 
 import workers
 
-# SWIPE is left out: it re-balances between expert ranks by design, so its routing depends on
-# how many there are (test_gates.py checks it against hand-computed routing).
+# SWIPE is left out: it re-balances among the tokens one rank routes, so splitting a batch
+# over ranks changes its routing (test_gates.py checks it on one and on two ranks).
 GATES = ('naive', 'noisy', 'gshard', 'switch')
 
 
