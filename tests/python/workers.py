@@ -72,6 +72,8 @@ def expert_parallel_step(rank, world, gates, tensor, expert_group_size=0):
     results = {}
     for gate in gates:
         spec = spec_for(gate)
+        # shared experts: replicated over the expert ranks, sliced over the tensor ranks
+        spec['shared'] = dict(count=2, hidden=6, act='gelu')
         layer = m.MoELayer(spec, D_MODEL, EXPERTS // experts_ranks, topo, layer_index=1, seed=99)
         if gate == 'noisy':
             layer.eval()
