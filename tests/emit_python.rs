@@ -90,96 +90,229 @@ fn generated_module_passes_its_python_tests() {
     assert!(failed.is_empty(), "pytest failed for {failed:?}");
 }
 
-/// The Switch gate's `jitter` means one thing in `fmoec run` and in the emitted module (the gate
-/// input times U(1 - eps, 1 + eps)): the runtime routes a batch with keyed draws, and the
-/// module's SwitchGate, given the same weights, inputs and draws, routes alike
-/// (tests/python/test_jitter.py). Before, the module added the noise to the logits.
+/// One layer, three engines: for every gate (naive, noisy, gshard, switch, swipe) and expert kind
+/// (gelu, relu, swiglu; with and without biases; with and without shared experts) the runtime's
+/// MoE layer (`fmoec run`) routes a batch in training and in evaluation, on random weights and
+/// inputs and keyed draws, and the case is written to files (tests/python/test_engines.py says
+/// what they hold): the weights, inputs and the very draws the runtime took, and the runtime's
+/// output, routing, balance loss, input and weight gradients. tests/python/test_engines.py then
+/// builds the emitted module's layer (and, with `FMOEC_FASTMOE` naming a FastMoE checkout,
+/// FastMoE's own layer on the harness's emulation of its extension) on the same weights,
+/// inputs and draws, and compares: fp32 within a relative 1e-5, routing exactly; FastMoE
+/// through the deliberate differences README.md lists, each shown by the test.
 #[cfg(feature = "runtime")]
 #[test]
-fn switch_jitter_routes_alike_in_run_and_in_the_emitted_module() {
-    use fmoec::check::{Activation, Capacity, Gate, Mlp, Moe};
-    use fmoec::runtime::moe::{self, MoeLayer};
-    use fmoec::runtime::params::ParamStore;
-    use tch::{Device, Kind, Tensor};
-
+fn one_layer_is_the_same_in_the_runtime_the_emitted_module_and_fastmoe() {
     let Some(python) = python() else {
         eprintln!("skipped: no python with torch (set FMOEC_PYTHON)");
         return;
     };
-    let (tokens, width, experts, jitter) = (64i64, 8i64, 4u64, 0.5);
-    let decl = Moe {
-        experts,
-        top_k: 1,
-        gate: Gate {
-            kind: GateKind::Switch,
-            // room for every token: no drops in either engine
-            capacity: Some(Capacity {
-                train: 8.0,
-                eval: 8.0,
-            }),
-            balance_loss: 0.01,
-            jitter,
-            random_routing: false,
-            span: Default::default(),
-        },
-        expert: Mlp {
-            hidden: 8,
-            act: Activation::Gelu,
-            span: Default::default(),
-        },
-        shared: None,
-        spans: Default::default(),
-    };
-    tch::manual_seed(7);
-    let mut store = ParamStore::new(Device::Cpu, Kind::Float);
-    let layer = MoeLayer::new(&mut store, "ffn", &decl, width, true, 0.02).unwrap();
-    tch::no_grad(|| {
-        let w = Tensor::randn([width, experts as i64], (Kind::Float, Device::Cpu));
-        layer.gate.weight.shallow_clone().copy_(&w);
-        let b = Tensor::randn([experts as i64], (Kind::Float, Device::Cpu)) * 0.1;
-        layer.gate.bias.as_ref().unwrap().shallow_clone().copy_(&b);
-    });
-    let x = Tensor::randn([tokens, width], (Kind::Float, Device::Cpu));
-    let key = Tensor::from_slice(&moe::draw_key_words(1234));
-    let routed = tch::no_grad(|| layer.gate.route(&x, true, Some(&key))).unwrap();
-    let clean = tch::no_grad(|| layer.gate.route(&x, false, None)).unwrap();
-    // the draws the runtime's Switch gate takes for its jitter: stream 0 of the key, x's shape
-    let draws = moe::keyed_uniform(&key, 0, &[tokens, width]).unwrap();
-    let rows = |t: &Tensor| -> Vec<Vec<f64>> {
-        Vec::<Vec<f64>>::try_from(t.to_kind(Kind::Double)).unwrap()
-    };
-    let flat = |t: &Tensor| -> Vec<f64> {
-        Vec::<f64>::try_from(t.reshape([-1]).to_kind(Kind::Double)).unwrap()
-    };
-    let ids = |t: &Tensor| -> Vec<i64> { Vec::<i64>::try_from(t.reshape([-1])).unwrap() };
-    let case = serde_json::json!({
-        "x": rows(&x),
-        "weight": rows(&layer.gate.weight.detach()),
-        "bias": flat(&layer.gate.bias.as_ref().unwrap().detach()),
-        "draws": rows(&draws),
-        "jitter": jitter,
-        "capacity": [8.0, 8.0],
-        "expert": ids(&routed.expert),
-        "weight_out": flat(&routed.weight),
-        "balance_loss": routed.balance_loss.double_value(&[]),
-        "expert_without_jitter": ids(&clean.expert),
-    });
-    let dir = tempfile::tempdir().unwrap();
-    write("v2.2", Runtime::Fmoec, dir.path());
-    let case_path = dir.path().join("jitter.json");
-    std::fs::write(&case_path, case.to_string()).unwrap();
-    let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_jitter.py");
+    let temp = tempfile::tempdir().unwrap();
+    // FMOEC_EMIT_KEEP=DIR keeps the module and the cases there, to run pytest on them by hand
+    let dir = std::env::var_os("FMOEC_EMIT_KEEP").map_or(temp.path().to_path_buf(), PathBuf::from);
+    let cases = dir.join("cases");
+    std::fs::create_dir_all(&cases).unwrap();
+    let mut n = 0;
+    for gate in [
+        GateKind::Naive,
+        GateKind::Noisy,
+        GateKind::Gshard,
+        GateKind::Switch,
+        GateKind::Swipe,
+    ] {
+        use fmoec::check::Activation;
+        for act in [Activation::Gelu, Activation::Relu, Activation::Swiglu] {
+            for bias in [true, false] {
+                for shared in [false, true] {
+                    engine_case::write(&cases, n, gate, act, bias, shared);
+                    n += 1;
+                }
+            }
+        }
+    }
+    write("v2.2", Runtime::Fmoec, &dir);
+    let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_engines.py");
     let out = Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"])
         .arg(&tests)
-        .env("FMOEC_MODULE_DIR", dir.path())
-        .env("FMOEC_JITTER_CASE", &case_path)
+        .env("FMOEC_MODULE_DIR", &dir)
+        .env("FMOEC_ENGINE_CASES", &cases)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    // the emitted module for every case; with FastMoE also its layer for every case, and its
+    // SWIPE on one process per expert
+    let expected = if std::env::var_os("FMOEC_FASTMOE").is_some() {
+        2 * n + 1
+    } else {
+        n
+    };
     assert!(
-        out.status.success() && text.contains("1 passed"),
+        out.status.success() && text.contains(&format!("{expected} passed")),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The runtime's leg of the three-engine test: one case's files.
+#[cfg(feature = "runtime")]
+mod engine_case {
+    use std::path::Path;
+
+    use fmoec::check::{Activation, Capacity, Gate, GateKind, Mlp, Moe, SharedExperts};
+    use fmoec::runtime::moe::{self, MoeLayer};
+    use fmoec::runtime::params::ParamStore;
+    use tch::{Device, Kind, Tensor};
+
+    pub const TOKENS: i64 = 24;
+    pub const WIDTH: i64 = 8;
+    pub const EXPERTS: u64 = 4;
+    pub const HIDDEN: u64 = 12;
+
+    fn decl(gate: GateKind, act: Activation, shared: bool) -> Moe {
+        let mlp = |hidden| Mlp {
+            hidden,
+            act,
+            span: Default::default(),
+        };
+        // capacities that drop slots in training and (fewer) in evaluation
+        let capacity = match gate {
+            GateKind::Gshard => Some(Capacity {
+                train: 0.6,
+                eval: 1.0,
+            }),
+            GateKind::Switch => Some(Capacity {
+                train: 0.8,
+                eval: 1.5,
+            }),
+            _ => None,
+        };
+        Moe {
+            experts: EXPERTS,
+            top_k: if gate == GateKind::Switch { 1 } else { 2 },
+            gate: Gate {
+                kind: gate,
+                capacity,
+                balance_loss: 0.1,
+                jitter: 0.6,
+                random_routing: true,
+                span: Default::default(),
+            },
+            expert: mlp(HIDDEN),
+            shared: shared.then(|| SharedExperts {
+                count: 2,
+                expert: mlp(6),
+            }),
+            spans: Default::default(),
+        }
+    }
+
+    fn name(kind: GateKind) -> &'static str {
+        fmoec::gates::of(kind).name
+    }
+
+    fn act_name(a: Activation) -> &'static str {
+        match a {
+            Activation::Gelu => "gelu",
+            Activation::Relu => "relu",
+            Activation::Swiglu => "swiglu",
+        }
+    }
+
+    /// Writes `case-NNN.json` (the layer) and `case-NNN.safetensors` (weights, inputs, draws
+    /// and the runtime's results).
+    pub fn write(dir: &Path, n: usize, gate: GateKind, act: Activation, bias: bool, shared: bool) {
+        let d = decl(gate, act, shared);
+        tch::manual_seed(1000 + n as i64);
+        let mut store = ParamStore::new(Device::Cpu, Kind::Float);
+        let layer = MoeLayer::new(&mut store, "ffn", &d, WIDTH, bias, 0.02).unwrap();
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        tch::no_grad(|| {
+            for p in &store.params {
+                let size = p.tensor.size();
+                let scale = if p.name.ends_with(".b1") || p.name.ends_with(".b2") {
+                    0.1
+                } else if p.name == "ffn.gate.weight" || p.name == "ffn.gate.bias" {
+                    1.0
+                } else {
+                    0.3
+                };
+                let v = Tensor::randn(&size, (Kind::Float, Device::Cpu)) * scale;
+                if p.name == "ffn.gate.weight" && gate != GateKind::Switch {
+                    // expert 0 preferred by most tokens: capacities drop slots, SWIPE moves them
+                    // (Switch's capacity drops slots without, and its jitter changes routing)
+                    let col = v.select(1, 0).abs() + 0.3;
+                    v.select(1, 0).copy_(&col);
+                }
+                p.tensor.shallow_clone().copy_(&v);
+                let short = p.name.strip_prefix("ffn.").unwrap();
+                tensors.push((format!("param.{short}"), v));
+            }
+        });
+        let x = (Tensor::randn([TOKENS, WIDTH], (Kind::Float, Device::Cpu)) + 0.3)
+            .set_requires_grad(true);
+        let w_out = Tensor::randn([TOKENS, WIDTH], (Kind::Float, Device::Cpu));
+        let key = Tensor::from_slice(&moe::draw_key_words(7000 + n as u64));
+        let draws = layer.gate.draws(&x, true, Some(&key)).unwrap();
+        let out = layer.forward_with_draws(&x, true, draws.as_ref()).unwrap();
+        let objective =
+            (&out.out * &w_out).sum(Kind::Float) + &out.balance_loss * d.gate.balance_loss;
+        objective.backward();
+        let routing =
+            tch::no_grad(|| layer.gate.route_with_draws(&x, true, draws.as_ref())).unwrap();
+        let eval = tch::no_grad(|| layer.forward_with_draws(&x, false, None)).unwrap();
+        let eval_routing = tch::no_grad(|| layer.gate.route_with_draws(&x, false, None)).unwrap();
+        let scalar = |t: &Tensor| t.detach().to_kind(Kind::Float).reshape([1]);
+        tensors.push(("x".into(), x.detach()));
+        tensors.push(("w_out".into(), w_out));
+        if let Some(dr) = &draws {
+            tensors.push(("draws".into(), dr.shallow_clone()));
+        }
+        tensors.push(("train.out".into(), out.out.detach()));
+        tensors.push(("train.x_grad".into(), x.grad()));
+        for p in &store.params {
+            let short = p.name.strip_prefix("ffn.").unwrap();
+            tensors.push((format!("train.grad.{short}"), p.tensor.grad()));
+        }
+        tensors.push(("train.balance_loss".into(), scalar(&out.balance_loss)));
+        tensors.push(("train.expert".into(), routing.expert));
+        tensors.push(("train.weight".into(), routing.weight.detach()));
+        tensors.push(("eval.out".into(), eval.out.detach()));
+        tensors.push(("eval.balance_loss".into(), scalar(&eval.balance_loss)));
+        tensors.push(("eval.expert".into(), eval_routing.expert));
+        tensors.push(("eval.weight".into(), eval_routing.weight.detach()));
+        let stem = format!("case-{n:03}");
+        let tensors: Vec<(String, Tensor)> = tensors
+            .into_iter()
+            .map(|(k, t)| (k, t.contiguous()))
+            .collect();
+        Tensor::write_safetensors(&tensors, dir.join(format!("{stem}.safetensors"))).unwrap();
+        let capacity = d.gate.capacity.map(|c| [c.train, c.eval]);
+        let config = serde_json::json!({
+            "name": format!(
+                "{}-{}-{}{}",
+                name(gate),
+                act_name(act),
+                if bias { "bias" } else { "nobias" },
+                if shared { "-shared" } else { "" }
+            ),
+            "gate": name(gate),
+            "act": act_name(act),
+            "bias": bias,
+            "shared": d.shared.as_ref().map(|s| serde_json::json!({
+                "count": s.count, "hidden": s.expert.hidden, "act": act_name(s.expert.act),
+            })),
+            "experts": d.experts,
+            "top_k": d.top_k,
+            "width": WIDTH,
+            "tokens": TOKENS,
+            "hidden": d.expert.hidden,
+            "capacity": capacity,
+            "jitter": d.gate.jitter,
+            "random_routing": d.gate.random_routing,
+            "balance_loss": d.gate.balance_loss,
+        });
+        std::fs::write(dir.join(format!("{stem}.json")), config.to_string()).unwrap();
+    }
 }

@@ -294,3 +294,72 @@ fn a_runtime_the_target_lacks_is_refused() {
         "Megatron-LM v2.5 has no `--runtime fastmoe`; its runtimes: fmoec"
     );
 }
+
+/// `--runtime fastmoe` refuses at emit time what FastMoE's own Megatron layer cannot train as
+/// the file declares it (before, `groups_of(N)` stopped training at its first step, and the
+/// other cases trained another model or failed in the layer): expert groups smaller than the
+/// data group, non-GELU experts, gate arguments other than FastMoE's defaults, its noisy gate.
+#[test]
+fn fastmoe_runtime_refuses_what_its_layer_cannot_train() {
+    use fmoec::check::{Activation, Capacity, Checked, ExpertGroup, Ffn};
+    let with = |runtime| EmitOptions {
+        runtime,
+        source_name: "tiny.fmoe".into(),
+        ..Default::default()
+    };
+    let refused = |c: &Checked| -> Vec<String> {
+        match emit_fixture::emit(c, "v2.2", &with(Runtime::Fastmoe)) {
+            Err(emit::EmitError::Model(ds)) => ds
+                .into_iter()
+                .filter(|d| d.code == "E0809")
+                .map(|d| d.message)
+                .collect(),
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => Vec::new(),
+        }
+    };
+    let fastmoe = "FastMoE's Megatron layer (`--runtime fastmoe`)";
+    let mut c = emit_fixture::checked(4, 1, 1, 8, GateKind::Gshard);
+    assert!(
+        refused(&c).is_empty(),
+        "FastMoE's defaults, experts over the data group"
+    );
+    c.parallel.experts = ExpertGroup::Size { size: 2 };
+    assert_eq!(
+        refused(&c),
+        [format!(
+            "{fastmoe} splits experts over the whole data-parallel group (4 ranks) or not at all, not over expert groups of 2 data ranks"
+        )]
+    );
+    assert!(emit_fixture::emit(&c, "v2.2", &with(Runtime::Fmoec)).is_ok());
+    c.parallel.experts = ExpertGroup::Replicated;
+    assert!(
+        refused(&c).is_empty(),
+        "replicated experts are FastMoE's too"
+    );
+    for layer in &mut c.model.layers {
+        if let Ffn::Moe(m) = &mut layer.ffn {
+            m.expert.act = Activation::Swiglu;
+            m.gate.capacity = Some(Capacity {
+                train: 1.25,
+                eval: 2.0,
+            });
+        }
+    }
+    assert_eq!(
+        refused(&c),
+        [
+            format!("{fastmoe} has GELU experts only, not swiglu experts"),
+            format!(
+                "{fastmoe} builds its gshard gate with FastMoE's defaults (capacity (1.2, 2.4) and random routing); this gate's arguments cannot reach it"
+            ),
+        ]
+    );
+    let noisy = emit_fixture::checked(4, 1, 1, 8, GateKind::Noisy);
+    assert_eq!(
+        refused(&noisy),
+        [format!(
+            "{fastmoe} cannot run FastMoE's noisy gate: its layer misroutes the gate's flat index (top_k > 1) and its evaluation divides by zero noise"
+        )]
+    );
+}

@@ -385,13 +385,58 @@ fn noisy_loss_is_cv_squared_of_importance_plus_load_without_noise() {
     assert!((got - want).abs() < 1e-6, "noisy loss {got}, hand {want}");
 }
 
+/// The naive gate's loss (DeepSeek-MoE's expert-level balance loss; FastMoE's naive gate has
+/// none, so before this `naive(balance_loss = 0.001)` trained without one): E times the sum
+/// over experts of the fraction of the T·k slots routed there times the mean probability.
 #[test]
-fn naive_and_swipe_have_no_balance_loss() {
+fn naive_loss_is_e_times_sum_of_slot_fraction_times_mean_prob() {
     let _rng = rng_lock();
-    for kind in [GateKind::Naive, GateKind::Swipe] {
-        let (_s, l) = gate_with_identity(kind, 3, 2, None);
-        let r = l.gate.route(&logits_tensor(), true, None).unwrap();
-        assert_eq!(r.balance_loss.double_value(&[]), 0.0);
+    let (_s, l) = gate_with_identity(GateKind::Naive, 3, 2, None);
+    let r = l.gate.route(&logits_tensor(), true, None).unwrap();
+    // top-2 of each token: {0, 1}, {1, 2}, {0, 1}, {2, 1} -> slots (2, 4, 2) of 8
+    let f = [2.0 / 8.0, 4.0 / 8.0, 2.0 / 8.0];
+    let probs: Vec<Vec<f64>> = LOGITS.iter().map(|r| softmax(r)).collect();
+    let p: Vec<f64> = (0..3)
+        .map(|e| probs.iter().map(|q| q[e]).sum::<f64>() / 4.0)
+        .collect();
+    let want = 3.0 * (0..3).map(|e| f[e] * p[e]).sum::<f64>();
+    let got = r.balance_loss.double_value(&[]);
+    assert!((got - want).abs() < 1e-6, "naive loss {got}, hand {want}");
+    // it has a gradient: the weight of the loss trains the gate
+    assert!(r.balance_loss.requires_grad());
+}
+
+#[test]
+fn swipe_has_no_balance_loss() {
+    let _rng = rng_lock();
+    let (_s, l) = gate_with_identity(GateKind::Swipe, 3, 2, None);
+    let r = l.gate.route(&logits_tensor(), true, None).unwrap();
+    assert_eq!(r.balance_loss.double_value(&[]), 0.0);
+}
+
+/// The draws a gate takes are the ones [`Gate::draws`] makes: routing with them given is
+/// routing with the key, for every gate that draws.
+#[test]
+fn routing_with_the_keys_draws_given_is_routing_with_the_key() {
+    let _rng = rng_lock();
+    for (kind, top_k, cap) in [
+        (GateKind::Noisy, 2, None),
+        (GateKind::Gshard, 2, Some((1.0, 2.0))),
+        (GateKind::Switch, 1, Some((1.0, 2.0))),
+    ] {
+        let decl = moe_decl(kind, 4, top_k, cap, Activation::Gelu);
+        let (_s, l) = layer(&decl, 8, Kind::Float, true, 3);
+        let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
+        let key = Tensor::from_slice(&moe::draw_key_words(99));
+        let draws = l.gate.draws(&x, true, Some(&key)).unwrap();
+        assert!(draws.is_some(), "{kind:?} draws in training");
+        let keyed = l.gate.route(&x, true, Some(&key)).unwrap();
+        let given = l.gate.route_with_draws(&x, true, draws.as_ref()).unwrap();
+        assert!(keyed.expert.equal(&given.expert), "{kind:?}");
+        assert!(keyed.weight.equal(&given.weight), "{kind:?}");
+        // in evaluation no gate draws, and one that needs draws refuses to route without
+        assert!(l.gate.draws(&x, false, Some(&key)).unwrap().is_none());
+        assert!(l.gate.route_with_draws(&x, true, None).is_err());
     }
 }
 

@@ -129,7 +129,7 @@ pub fn emit(
         )));
     }
     let all = crate::check::megatron_targets();
-    let warnings = validate(checked, plan, target, &all)?;
+    let warnings = validate(checked, plan, target, &all, opts.runtime)?;
     let patch = match (&target.patch, &opts.megatron_src) {
         (Some(p), Some(root)) => {
             Some(megatron::diff_from_checkout(root, p).map_err(EmitError::Checkout)?)
@@ -207,12 +207,14 @@ pub fn emit(
 }
 
 /// What `target` cannot express (errors) or approximates (warnings): the capability
-/// diagnostics of [`support`], then the rules every Megatron-LM target shares.
+/// diagnostics of [`support`] (and what FastMoE's layer cannot train, with `--runtime
+/// fastmoe`), then the rules every Megatron-LM target shares.
 fn validate(
     c: &Checked,
     plan: &ParallelPlan,
     target: &Target,
     all: &[crate::check::MegatronTarget],
+    runtime: Runtime,
 ) -> Result<Vec<Diagnostic>, EmitError> {
     let m = &c.model;
     let v = &target.decl.version;
@@ -224,6 +226,9 @@ fn validate(
             crate::diag::Severity::Error => errors.push(d),
             _ => warnings.push(d),
         }
+    }
+    if runtime == Runtime::Fastmoe {
+        errors.extend(support::fastmoe_runtime(c, plan));
     }
     let moe_count = m.moe_layers().count();
     if moe_count == 0 {
@@ -312,6 +317,15 @@ fn layer_views(c: &Checked, plan: &ParallelPlan) -> Vec<LayerView> {
             balance_loss: view::py_float(moe.gate.balance_loss),
             jitter: view::py_float(moe.gate.jitter),
             random_routing: py_bool(moe.gate.random_routing),
+            shared: match &moe.shared {
+                Some(s) => format!(
+                    "dict(count={}, hidden={}, act='{}')",
+                    s.count,
+                    s.expert.hidden,
+                    act_name(s.expert.act)
+                ),
+                None => "None".to_string(),
+            },
             experts_per_rank: plan
                 .moe_layers
                 .iter()

@@ -9,7 +9,9 @@
 //! Knows nothing about templates, patches or any particular release.
 
 use super::act_name;
-use crate::check::{Checked, ExpertGroup, Ffn, MegatronTarget, Norm, Positions, Precision};
+use crate::check::{
+    Activation, Checked, ExpertGroup, Ffn, GateKind, MegatronTarget, Norm, Positions, Precision,
+};
 use crate::diag::{Diagnostic, Span};
 use crate::plan::ParallelPlan;
 
@@ -289,4 +291,82 @@ pub fn precision_flag(c: &Checked, target: &MegatronTarget) -> Option<&'static s
         "fp16" => Some("--fp16"),
         _ => Some("--bf16"),
     }
+}
+
+/// The capacity FastMoE's GShard and Switch gates are built with (their constructors' defaults).
+const FASTMOE_CAPACITY: (f64, f64) = (1.2, 2.4);
+/// FastMoE's Switch gate's `switch_eps` default.
+const FASTMOE_SWITCH_EPS: f64 = 0.1;
+
+/// What `--runtime fastmoe` cannot train as the model file declares it (E0809), each at the
+/// place the file asks: training would stop at its first step, or train another model.
+///
+/// FastMoE's own Megatron layer (`fmoe.megatron.layers.MegatronMLP`) splits experts over the
+/// whole data-parallel group or not at all, its experts are GELU MLPs, it builds each gate
+/// with FastMoE's defaults (none of the model file's gate arguments reach it), and its noisy
+/// gate does not run in its own layer (a flat index its `FMoE` misroutes for `top_k > 1`, and
+/// in evaluation a 0 / 0 that torch's `Normal` refuses).
+pub fn fastmoe_runtime(c: &Checked, plan: &ParallelPlan) -> Vec<Diagnostic> {
+    let mut out: Vec<Diagnostic> = Vec::new();
+    let mut say = |span: Span, message: String| {
+        let d = Diagnostic::error("E0809", span, message)
+            .with_label("asked for here")
+            .with_help("`--runtime fmoec` (the default) trains it");
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    };
+    let fastmoe = "FastMoE's Megatron layer (`--runtime fastmoe`)";
+    if c.model.moe_layers().next().is_some()
+        && plan.expert_group_size != 1
+        && plan.expert_group_size != plan.data
+    {
+        say(
+            c.parallel.spans.experts,
+            format!(
+                "{fastmoe} splits experts over the whole data-parallel group ({} ranks) or not at all, not over expert groups of {} data ranks",
+                plan.data, plan.expert_group_size
+            ),
+        );
+    }
+    for (_, moe) in c.model.moe_layers() {
+        if moe.expert.act != Activation::Gelu {
+            say(
+                moe.expert.span,
+                format!(
+                    "{fastmoe} has GELU experts only, not {} experts",
+                    act_name(moe.expert.act)
+                ),
+            );
+        }
+        let g = &moe.gate;
+        let capacity = g.capacity.map(|c| (c.train, c.eval));
+        let defaults = match g.kind {
+            GateKind::Noisy => {
+                say(
+                    g.span,
+                    format!(
+                        "{fastmoe} cannot run FastMoE's noisy gate: its layer misroutes the gate's flat index (top_k > 1) and its evaluation divides by zero noise"
+                    ),
+                );
+                continue;
+            }
+            GateKind::Gshard => (capacity != Some(FASTMOE_CAPACITY) || !g.random_routing)
+                .then(|| "capacity (1.2, 2.4) and random routing".to_string()),
+            GateKind::Switch => (capacity != Some(FASTMOE_CAPACITY)
+                || g.jitter != FASTMOE_SWITCH_EPS)
+                .then(|| format!("capacity (1.2, 2.4) and jitter {FASTMOE_SWITCH_EPS}")),
+            GateKind::Naive | GateKind::Swipe => None,
+        };
+        if let Some(defaults) = defaults {
+            say(
+                g.span,
+                format!(
+                    "{fastmoe} builds its {} gate with FastMoE's defaults ({defaults}); this gate's arguments cannot reach it",
+                    crate::emit::gate_name(g.kind)
+                ),
+            );
+        }
+    }
+    out
 }

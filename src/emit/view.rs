@@ -19,6 +19,9 @@ pub struct LayerView {
     pub jitter: String,
     /// `True` or `False`.
     pub random_routing: &'static str,
+    /// A Python literal: `dict(count=2, hidden=1408, act='swiglu')` for shared experts, else
+    /// `None`.
+    pub shared: String,
     /// For the README: experts on each rank of the expert group.
     pub experts_per_rank: u64,
 }

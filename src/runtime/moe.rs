@@ -23,11 +23,13 @@
 //! kernels without atomics (`runtime::cuda`); elsewhere they are libtorch ops. A token with every slot dropped contributes nothing here and passes through the
 //! block's residual connection only.
 //!
-//! Semantics that differ from FastMoE's code on purpose (the checked model's contract wins:
-//! capacity `ceil(factor · k · T / E)`, slot-major drop order, Switch's jitter on the gate input,
-//! GShard's random routing before capacity, SWIPE within one process) are listed, for this
-//! runtime and the emitted module, in one place: README.md, "Where fmoec differs from FastMoE
-//! on purpose".
+//! The emitted module's layer (`src/emit/templates/shared/fmoec_moe.py`) computes the same
+//! routing, output, gradients and balance loss on the same weights, inputs and draws
+//! ([`Gate::draws`]), and FastMoE's layer does too but for the semantics that differ from it on
+//! purpose (capacity `ceil(factor · k · T / E)` in slot-major order after GShard's random
+//! routing, Switch's jitter on the gate input, SWIPE's experts as its workers, a naive-gate
+//! balance loss, ...): tests/emit_python.rs runs the three, and README.md, "Where fmoec differs
+//! from FastMoE on purpose", lists the differences in one place.
 //!
 //! Across an expert group the collective layer moves the tokens; [`RankExperts`] gives it this
 //! rank's experts (to run, and for FasterMoE's shadowing to replicate), and [`LayerSchedule`]
@@ -306,20 +308,74 @@ impl Gate {
     /// `train`: keyed by `key` (`[2]` int64, see [`keyed_uniform`]) when given, else from
     /// libtorch's generator.
     pub fn route(&self, x: &Tensor, train: bool, key: Option<&Tensor>) -> Result<Routing> {
+        let draws = self.draws(x, train, key)?;
+        self.route_with_draws(x, train, draws.as_ref())
+    }
+
+    /// The random draws routing `x` (`[T, d]`) takes, or `None` where it takes none (in
+    /// evaluation, or a gate without randomness): the noisy gate's standard normal noise
+    /// `[T, E]`, GShard's uniform random-routing draws `[T]`, Switch's uniform jitter draws
+    /// `[T, d]` (in `x`'s dtype). Keyed as in [`Gate::route`]. A test gives the same draws to
+    /// other implementations of the gate ([`Gate::route_with_draws`]).
+    pub fn draws(&self, x: &Tensor, train: bool, key: Option<&Tensor>) -> Result<Option<Tensor>> {
+        if !train {
+            return Ok(None);
+        }
+        let (t, _d) = x.size2()?;
+        let gk = gate_kind(x);
+        Ok(match self.kind {
+            GateKind::Noisy => Some(normal(key, &[t, self.experts], (gk, x.device()))?),
+            GateKind::Gshard if self.random_routing && self.top_k >= 2 => {
+                Some(uniform(key, &[t], (gk, x.device()))?)
+            }
+            GateKind::Switch if self.jitter > 0.0 => {
+                Some(uniform(key, &x.size(), (x.kind(), x.device()))?)
+            }
+            _ => None,
+        })
+    }
+
+    /// [`Gate::route`] with the given draws (as [`Gate::draws`] makes them).
+    pub fn route_with_draws(
+        &self,
+        x: &Tensor,
+        train: bool,
+        draws: Option<&Tensor>,
+    ) -> Result<Routing> {
         let (t, _d) = x.size2()?;
         let gk = gate_kind(x);
         let k = self.top_k;
         let e = self.experts;
         let zero = Tensor::f_zeros([], (gk, x.device()))?;
+        let needs_draws = train
+            && match self.kind {
+                GateKind::Noisy => true,
+                GateKind::Gshard => self.random_routing && k >= 2,
+                GateKind::Switch => self.jitter > 0.0,
+                GateKind::Naive | GateKind::Swipe => false,
+            };
+        let draws = match (needs_draws, draws) {
+            (true, Some(d)) => Some(d),
+            (true, None) => bail!("internal error: the {:?} gate routes with draws", self.kind),
+            (false, _) => None,
+        };
         match self.kind {
             GateKind::Naive => {
                 let logits = self.logits(x)?;
                 let (val, idx) = logits.f_topk(k, -1, true, true)?;
+                let probs = logits.f_softmax(-1, gk)?;
+                // E · Σ_e f_e · P_e: f_e the fraction of the T·k slots routed to e, P_e the
+                // mean probability of e (DeepSeek-MoE's expert-level balance loss)
+                let f_e = counts_of(&idx, e)?
+                    .f_to_kind(gk)?
+                    .f_div_scalar((t * k) as f64)?;
+                let p_e = probs.f_mean_dim(0, false, gk)?;
+                let balance = f_e.f_mul(&p_e)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
                 Ok(Routing {
                     expert: idx,
                     weight: val.f_softmax(-1, gk)?,
-                    balance_loss: zero,
-                    probs: logits.f_softmax(-1, gk)?,
+                    balance_loss: balance,
+                    probs,
                 })
             }
             GateKind::Noisy => {
@@ -331,15 +387,13 @@ impl Gate {
                 let raw_std = x
                     .f_matmul(&cast::compute(noise_w, x.kind())?)?
                     .f_to_kind(gk)?;
-                let logits = if train {
-                    let std = raw_std.f_softplus()?.f_add_scalar(NOISE_EPSILON)?;
-                    let draws = normal(key, &clean.size(), (gk, clean.device()))?;
-                    let noisy = clean.f_add(&draws.f_mul(&std)?)?;
-                    (noisy, Some(std))
-                } else {
-                    (clean.shallow_clone(), None)
+                let (noisy, std) = match draws {
+                    Some(noise) => {
+                        let std = raw_std.f_softplus()?.f_add_scalar(NOISE_EPSILON)?;
+                        (clean.f_add(&noise.f_mul(&std)?)?, Some(std))
+                    }
+                    None => (clean.shallow_clone(), None),
                 };
-                let (noisy, std) = logits;
                 let m = (k + 1).min(e);
                 let (top_val, top_idx) = noisy.f_topk(m, -1, true, true)?;
                 let top_k_val = top_val.f_narrow(1, 0, k)?;
@@ -371,9 +425,8 @@ impl Gate {
                 let m_e = probs.f_mean_dim(0, false, gk)?;
                 let balance = c_e.f_mul(&m_e)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
                 let mut expert = idx;
-                if train && self.random_routing && k >= 2 {
-                    let r = uniform(key, &[t], (gk, x.device()))?;
-                    let drop = weight.f_select(1, 1)?.f_mul_scalar(2.0)?.f_lt_tensor(&r)?;
+                if let Some(r) = draws {
+                    let drop = weight.f_select(1, 1)?.f_mul_scalar(2.0)?.f_lt_tensor(r)?;
                     let second = expert.f_select(1, 1)?.f_masked_fill(&drop, -1)?;
                     expert = Tensor::f_stack(&[expert.f_select(1, 0)?, second], 1)?;
                     if k > 2 {
@@ -391,8 +444,7 @@ impl Gate {
                 })
             }
             GateKind::Switch => {
-                let xin = if train && self.jitter > 0.0 {
-                    let u = uniform(key, &x.size(), (x.kind(), x.device()))?;
+                let xin = if let Some(u) = draws {
                     let scale = u
                         .f_mul_scalar(2.0 * self.jitter)?
                         .f_add_scalar(1.0 - self.jitter)?;
@@ -1184,8 +1236,19 @@ impl MoeLayer {
     /// `x`: `[T, d]` (tokens flattened); `key`: the gate's draw key (see [`Gate::route`]).
     /// The output does not include the residual.
     pub fn forward(&self, x: &Tensor, train: bool, key: Option<&Tensor>) -> Result<MoeOutput> {
+        let draws = self.gate.draws(x, train, key)?;
+        self.forward_with_draws(x, train, draws.as_ref())
+    }
+
+    /// [`MoeLayer::forward`] with the gate's random draws given (see [`Gate::draws`]).
+    pub fn forward_with_draws(
+        &self,
+        x: &Tensor,
+        train: bool,
+        draws: Option<&Tensor>,
+    ) -> Result<MoeOutput> {
         let (t, _d) = x.size2()?;
-        let routing = self.gate.route(x, train, key)?;
+        let routing = self.gate.route_with_draws(x, train, draws)?;
         let plan = DispatchPlan::new(
             &routing.expert,
             self.gate.experts,

@@ -1,12 +1,13 @@
 """2 and 4 expert ranks (and 2 tensor ranks) give what 1 rank gives: output, input and
-parameter gradients, the 2-norm and inf-norm, and the clipped gradients."""
+parameter gradients, the 2-norm and inf-norm, and the clipped gradients; the layers have shared
+experts (replicated over expert ranks, sliced over tensor ranks)."""
 import pytest
 import torch
 
 import workers
 
-# SWIPE is left out: it re-balances between expert ranks by design, so its routing depends on
-# how many there are (test_gates.py checks it against hand-computed routing).
+# SWIPE is left out: it re-balances among the tokens one rank routes, so splitting a batch
+# over ranks changes its routing (test_gates.py checks it on one and on two ranks).
 GATES = ('naive', 'noisy', 'gshard', 'switch')
 
 
@@ -16,8 +17,16 @@ def single():
 
 
 def _full_expert(results, name, world, tensor, expert_group_size=0):
-    """Stack the ranks' expert slices into the single-rank layout."""
+    """Stack the ranks' expert slices (and tensor slices of the shared experts) into the
+    single-rank layout."""
     parts = [r[name] for r in results]
+    if name.startswith('shared.'):
+        if tensor == 1:
+            # replicated over the expert ranks, reduced like any replicated parameter
+            for p in parts:
+                torch.testing.assert_close(p, parts[0])
+            return parts[0]
+        name = 'experts.' + name[len('shared.'):]
     if expert_group_size:
         # expert-data replicas hold the same experts with the same (reduced) values
         for i, p in enumerate(parts):

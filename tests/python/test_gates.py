@@ -34,8 +34,9 @@ def _softmax_rows(rows):
 def test_gshard_capacity_and_loss_by_hand():
     gate = _identity_gate(m.GShardGate(4, 4, 2, m.Topology(), capacity=(0.5, 0.5), random_routing=False))
     idx, score, loss = gate(X)
-    # capacity = ceil(0.5 * 4) * 2 // 4 = 1 per expert, granted in token order
-    assert idx.tolist() == [[0, 1], [-1, -1], [-1, 2], [-1, 3]]
+    # capacity = ceil(0.5 * 2 * 4 / 4) = 1 per expert, granted in slot-major order: every first
+    # choice (experts 0, 0, 0, 2) before any second choice (1, 1, 2, 3)
+    assert idx.tolist() == [[0, 1], [-1, -1], [-1, -1], [2, 3]]
     assert score[0].tolist() == pytest.approx([1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1))])
     probs = _softmax_rows(X.tolist())
     m_e = [sum(p[e] for p in probs) / 4 for e in range(4)]
@@ -101,12 +102,28 @@ def test_noisy_gate_loss_by_hand():
     assert float(loss.detach()) == pytest.approx(cv2(importance) + cv2(load), rel=1e-5)
 
 
-def test_swipe_moves_overflow_to_ranks_with_room():
+def test_swipe_moves_overflow_to_experts_with_room():
+    # 4 tokens, 2 experts, top-1: each expert takes ceil(4 * 1 / 2) = 2; all prefer expert 0,
+    # so the first two stay there and the other two move to expert 1, in token order
+    gate = m.SwipeGate(2, 2, 1, m.Topology())
+    with torch.no_grad():
+        gate.gate.weight.copy_(torch.eye(2))
+        gate.gate.bias.zero_()
+    x = torch.tensor([[3.0, 1.0], [2.0, 0.0], [4.0, 1.0], [1.0, 0.5]])
+    idx, score, loss = gate(x)
+    assert idx.reshape(-1).tolist() == [0, 0, 1, 1]
+    # the weights of the moved tokens are their logits' softmax at the new expert (k = 1: 1.0)
+    assert score.reshape(-1).tolist() == [1.0, 1.0, 1.0, 1.0] and float(loss) == 0.0
+    gate.eval()
+    assert gate(x)[0].reshape(-1).tolist() == [0, 0, 0, 0]   # no re-balancing in evaluation
+
+
+def test_swipe_on_expert_ranks_routes_each_ranks_tokens_on_their_own():
+    # 2 ranks, one expert each, both ranks' tokens prefer expert 0: each rank routes its two
+    # tokens as one rank would (expert 0 takes ceil(2 / 2) = 1 of them), with no collective
     r0, r1 = workers.run(2, workers.swipe_two_ranks)
-    # rank 0 holds expert 0 and accepts its own 2 tokens (capacity N * k = 2); rank 1's two
-    # tokens are dropped there and re-assigned to rank 1's expert (slot 0 -> local expert 0)
-    assert r0['idx'].reshape(-1).tolist() == [0, 0]
-    assert r1['idx'].reshape(-1).tolist() == [1, 1]
+    assert r0['idx'].reshape(-1).tolist() == [0, 1]
+    assert r1['idx'].reshape(-1).tolist() == [0, 1]
 
 
 @pytest.mark.parametrize('gate', ['naive', 'noisy', 'gshard', 'switch', 'swipe'])
@@ -131,7 +148,7 @@ def test_moe_output_equals_per_token_reference(gate, act):
             if e < 0:
                 continue
             h = ex.htoh4_weight[e] @ row + ex.htoh4_bias[e]
-            h = F.gelu(h) if act == 'gelu' else F.silu(ex.gate_proj_weight[e] @ row) * h
+            h = F.gelu(h) if act == 'gelu' else F.silu(h) * (ex.up_proj_weight[e] @ row)
             ref[t] += score[t, k] * (ex.h4toh_weight[e] @ h + ex.h4toh_bias[e])
     torch.testing.assert_close(y.reshape(-1, 8), ref, rtol=1e-5, atol=1e-6)
     assert bias.shape == (8,) and not bias.any()

@@ -72,6 +72,8 @@ def expert_parallel_step(rank, world, gates, tensor, expert_group_size=0):
     results = {}
     for gate in gates:
         spec = spec_for(gate)
+        # shared experts: replicated over the expert ranks, sliced over the tensor ranks
+        spec['shared'] = dict(count=2, hidden=6, act='gelu')
         layer = m.MoELayer(spec, D_MODEL, EXPERTS // experts_ranks, topo, layer_index=1, seed=99)
         if gate == 'noisy':
             layer.eval()
@@ -103,7 +105,7 @@ def swipe_two_ranks(rank, world):
         gate.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
         gate.gate.bias.zero_()
     x = torch.tensor([[3.0, 1.0], [2.0, 0.0]])
-    idx, score, _ = gate(x)
+    idx, score = gate(x)[:2]
     return dict(idx=idx, score=score)
 
 

@@ -39,7 +39,8 @@ RUNTIME = '{{ v.runtime }}'
 _FMOEC_LAYERS = {
 {%- for l in v.layers %}
     {{ l.index }}: dict(experts={{ l.experts }}, top_k={{ l.top_k }}, gate='{{ l.gate }}', hidden={{ l.hidden }}, act='{{ l.act }}',
-        capacity={{ l.capacity }}, balance_loss={{ l.balance_loss }}, jitter={{ l.jitter }}, random_routing={{ l.random_routing }}),
+        capacity={{ l.capacity }}, balance_loss={{ l.balance_loss }}, jitter={{ l.jitter }}, random_routing={{ l.random_routing }},
+        shared={{ l.shared }}),
 {%- endfor %}
 }
 # Ranks that share one layer's experts: 0 = the whole data-parallel group (FastMoE on Megatron),
@@ -298,7 +299,10 @@ class _AttachBalanceLoss(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# Gates (FastMoE semantics). Each returns (idx [N, k] global expert or -1, score [N, k], loss).
+# Gates (FastMoE's, with fmoec's deliberate differences: README, "Where fmoec differs from FastMoE
+# on purpose"; `fmoec run` routes alike). Each routes this rank's tokens on their own, as one
+# rank would, and returns (idx [N, k] global expert or -1, score [N, k], loss). `topo` is kept
+# for the interface: no gate communicates.
 # ---------------------------------------------------------------------------------------------
 def _occurrence(idx_flat, num_experts):
     """For each entry of idx_flat (>= 0), how many earlier entries chose the same expert."""
@@ -315,13 +319,24 @@ def _occurrence(idx_flat, num_experts):
 
 
 def _prune_local(idx, capacity, num_experts):
-    """Keep the first `capacity[e]` entries (token-major order) for each expert e; drop the rest."""
-    flat = idx.reshape(-1).clone()
+    """Keep the first `capacity[e]` slots of each expert e and drop the rest, in slot-major order:
+    every token's first choice before any token's second choice (GShard's order)."""
+    flat = idx.t().reshape(-1).clone()
     valid = (flat >= 0).nonzero().reshape(-1)
     chosen = flat[valid]
     pos = _occurrence(chosen, num_experts)
     flat[valid[pos >= capacity[chosen]]] = -1
-    return flat.view_as(idx)
+    return flat.view(idx.shape[1], idx.shape[0]).t()
+
+
+def _slot_balance_loss(logits, idx, num_experts):
+    """E * sum_e f_e * P_e over all experts: f_e the fraction of the N * k slots routed to e,
+    P_e the mean probability of e (DeepSeek-MoE's expert-level balance loss)."""
+    slots = idx.reshape(-1)
+    f = torch.zeros(num_experts, device=logits.device).scatter_add(
+        0, slots, torch.ones_like(slots, dtype=torch.float32)) / slots.numel()
+    p = F.softmax(logits.float(), dim=-1).mean(0)
+    return (f * p).sum() * num_experts
 
 
 class _BaseGate(nn.Module):
@@ -338,9 +353,19 @@ class _BaseGate(nn.Module):
         """An argument not given takes the gate's default from the table above."""
         return _GATES[self.NAME][key] if value is None else value
 
+    def _uniform(self, shape, like):
+        """U(0, 1) draws of `shape` in `like`'s dtype and device (a test gives every engine the
+        same draws through this method and `_normal`)."""
+        return torch.rand(shape, dtype=like.dtype, device=like.device)
+
+    def _normal(self, shape, like):
+        """Standard normal draws of `shape` in `like`'s dtype and device."""
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+
 
 class NaiveGate(_BaseGate):
-    """Top-k of a linear layer's logits, softmax over the k chosen logits. No loss."""
+    """Top-k of a linear layer's logits, softmax over the k chosen logits; loss E * sum_e f_e * P_e
+    (FastMoE's naive gate has no loss)."""
     NAME = 'naive'
 
     def __init__(self, d_model, num_experts, top_k, topo, bias=None, **_):
@@ -351,11 +376,12 @@ class NaiveGate(_BaseGate):
         logits = self.gate(x)
         val, idx = torch.topk(logits, k=self.top_k, dim=-1, largest=True, sorted=True)
         score = F.softmax(val.float(), dim=-1).to(x.dtype)
-        return idx, score, logits.new_zeros((), dtype=torch.float32)
+        return idx, score, _slot_balance_loss(logits, idx, self.num_experts)
 
 
 class NoisyGate(_BaseGate):
-    """Noisy top-k gating (Shazeer et al. 2017) as FastMoE: loss = cv^2(importance) + cv^2(load)."""
+    """Noisy top-k gating (Shazeer et al. 2017) as FastMoE: loss = cv^2(importance) + cv^2(load),
+    the load from the noise's distribution in training and the routed tokens in evaluation."""
     NAME = 'noisy'
 
     def __init__(self, d_model, num_experts, top_k, topo, **_):
@@ -373,18 +399,17 @@ class NoisyGate(_BaseGate):
 
     def forward(self, x):
         clean = x @ self.w_gate
-        if not self.training:
-            val, idx = torch.topk(clean, k=self.top_k, dim=1)
-            score = F.softmax(val.float(), dim=1).to(x.dtype)
-            return idx, score, clean.new_zeros((), dtype=torch.float32)
-        stddev = F.softplus(x @ self.w_noise) + self.noise_epsilon
-        noisy = clean + torch.randn_like(clean) * stddev
+        if self.training:
+            stddev = F.softplus(x @ self.w_noise) + self.noise_epsilon
+            noisy = clean + self._normal(clean.shape, clean) * stddev
+        else:
+            stddev, noisy = None, clean
         m = min(self.top_k + 1, self.num_experts)
         top_val, top_idx = noisy.topk(m, dim=1)
         k_val, k_idx = top_val[:, :self.top_k], top_idx[:, :self.top_k]
         k_score = F.softmax(k_val.float(), dim=1)
         gates = torch.zeros_like(clean, dtype=torch.float32).scatter(1, k_idx, k_score)
-        if self.top_k < self.num_experts:
+        if stddev is not None and self.top_k < self.num_experts:
             normal = torch.distributions.normal.Normal(0.0, 1.0)
             thr_in = top_val[:, self.top_k:self.top_k + 1]
             thr_out = top_val[:, self.top_k - 1:self.top_k]
@@ -399,10 +424,10 @@ class NoisyGate(_BaseGate):
 
 
 class GShardGate(NaiveGate):
-    """GShard: top-2, loss mean(c_e * m_e) * E^2, capacity ceil(c * N) * k // E per expert from
-    this rank's tokens, then random routing drops the second expert when 2 * p2 < U(0, 1).
-    E is the total expert count (FastMoE used the per-worker count, which made the loss depend
-    on the number of expert ranks)."""
+    """GShard: top-2, loss mean(c_e * m_e) * E^2 with E the layer's experts; in training the
+    second expert is dropped when 2 * p2 < U(0, 1), then each expert keeps at most
+    ceil(c * 2 * N / E) of this rank's slots in slot-major order (FastMoE: random routing after
+    `ceil(c * N) * 2 // E` in arrival order, and E the experts of one rank in the loss)."""
     NAME = 'gshard'
 
     def __init__(self, d_model, num_experts, top_k, topo, capacity=None, random_routing=None, bias=None, **_):
@@ -420,23 +445,23 @@ class GShardGate(NaiveGate):
             0, top1, torch.ones_like(top1, dtype=torch.float32)) / n
         m_e = F.softmax(logits.float(), dim=1).mean(0)
         loss = (c_e * m_e).mean() * (self.num_experts ** 2)
+        if self.random_routing and self.training:
+            u = self._uniform((n,), score)
+            drop = 2 * score[:, 1] < u
+            idx = torch.stack([idx[:, 0], torch.where(drop, torch.full_like(idx[:, 1], -1), idx[:, 1])], 1)
         rate = self.capacity[0 if self.training else 1]
-        cap = int(math.ceil(rate * n)) * 2 // self.num_experts
+        cap = int(math.ceil(rate * (2 * n) / self.num_experts))
         capacity = torch.full((self.num_experts,), cap, dtype=torch.long, device=x.device)
         idx = _prune_local(idx, capacity, self.num_experts)
-        if self.random_routing and self.training:
-            u = torch.rand(n, device=x.device)
-            drop = 2 * score[:, 1] < u
-            idx[:, 1] = torch.where(drop, torch.full_like(idx[:, 1], -1), idx[:, 1])
         return idx, score.to(x.dtype), loss
 
 
 class SwitchGate(NaiveGate):
     """Switch: in training the gate's input is multiplied by U(1 - eps, 1 + eps) (the Switch
-    Transformer's jitter, as `fmoec run`; FastMoE adds that noise to the logits instead, a
-    deliberate difference listed in fmoec's README), softmax, top-1; capacity
-    ceil(c * N / experts per rank) per expert over the whole expert group, granted to ranks in
-    rank order; loss = sum(f_e * p_e) * E over the kept tokens."""
+    Transformer's jitter; FastMoE adds that noise to the logits instead), softmax, top-1; each
+    expert keeps at most ceil(c * N / E) of this rank's tokens, in token order (FastMoE grants
+    its capacity across the ranks of the expert group); loss = sum(f_e * p_e) * E over the kept
+    tokens."""
     NAME = 'switch'
 
     def __init__(self, d_model, num_experts, top_k, topo, capacity=None, jitter=None, bias=None, **_):
@@ -444,24 +469,16 @@ class SwitchGate(NaiveGate):
         self.capacity = tuple(self._default('capacity', capacity))
         self.jitter = self._default('jitter', jitter)
 
-    def _jitter_draws(self, x):
-        """U(0, 1) draws of x's shape (a test replaces them with given ones)."""
-        return torch.rand_like(x)
-
     def forward(self, x):
         if self.training and self.jitter > 0:
-            x = x * (self._jitter_draws(x) * 2 * self.jitter + 1.0 - self.jitter)
+            x = x * (self._uniform(x.shape, x) * (2.0 * self.jitter) + (1.0 - self.jitter))
         logits = self.gate(x)
         prob = F.softmax(logits.float(), dim=-1)
         score, idx = torch.topk(prob, k=1, dim=-1)
-        topo = self.topo
-        local = self.num_experts // topo.expert_size
         rate = self.capacity[0 if self.training else 1]
-        cap = int(math.ceil(rate * x.shape[0] / local))
-        with torch.no_grad():
-            counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
-            allowed = _grant_capacity(counts, cap, local, topo)
-        idx = _prune_local(idx, allowed, self.num_experts)
+        cap = int(math.ceil(rate * x.shape[0] / self.num_experts))
+        capacity = torch.full((self.num_experts,), cap, dtype=torch.long, device=x.device)
+        idx = _prune_local(idx, capacity, self.num_experts)
         kept = idx[idx > -1]
         frac = torch.zeros(self.num_experts, device=x.device).scatter_add(
             0, kept, torch.ones_like(kept, dtype=torch.float32)) / max(kept.numel(), 1)
@@ -470,27 +487,12 @@ class SwitchGate(NaiveGate):
         return idx, score.to(x.dtype), loss
 
 
-def _grant_capacity(counts, cap, local, topo):
-    """Global capacity `cap` per expert, granted to the ranks of the expert group in rank order.
-    counts: this rank's tokens per global expert. Returns this rank's allowance per global expert."""
-    w = topo.expert_size
-    if w == 1:
-        return counts.clamp(max=cap)
-    recv = torch.empty_like(counts)
-    dist.all_to_all_single(recv, counts.contiguous(), group=topo.expert_group)
-    recv = recv.view(w, local)                     # [source rank, my local expert]
-    before = torch.cumsum(recv, 0) - recv
-    grant = (cap - before).clamp(min=0)
-    grant = torch.min(grant, recv).reshape(-1).contiguous()
-    back = torch.empty_like(grant)
-    dist.all_to_all_single(back, grant, group=topo.expert_group)
-    return back
-
-
 class SwipeGate(NaiveGate):
-    """SWIPE (FastMoE): per top-k slot, each rank of the expert group accepts at most its
-    remaining capacity (initially N * k) of tokens, in source-rank order; rejected tokens are
-    re-assigned, in order, to ranks with capacity left (their expert `slot % experts per rank`)."""
+    """SWIPE (FastMoE's algorithm with every expert a worker, over this rank's tokens): per top-k
+    slot, each expert accepts at most its remaining capacity (initially ceil(N * k / E)) of the
+    tokens, in token order; the tokens it rejects go, in token order, to the experts with
+    capacity left, lowest index first. No loss. (FastMoE's workers are the ranks of the expert
+    group, each with all its experts.)"""
     NAME = 'swipe'
 
     def __init__(self, d_model, num_experts, top_k, topo, bias=None, **_):
@@ -501,13 +503,12 @@ class SwipeGate(NaiveGate):
         val, idx = torch.topk(logits, k=self.top_k, dim=-1)
         if not self.training:
             return idx, F.softmax(val.float(), dim=-1).to(x.dtype), logits.new_zeros((), dtype=torch.float32)
-        topo = self.topo
-        local = self.num_experts // topo.expert_size
-        cap = x.shape[0] * self.top_k
+        share = -(-(x.shape[0] * self.top_k) // self.num_experts)
+        caps = [share] * self.num_experts
         rows = torch.arange(x.shape[0], device=x.device)
         idxs, vals = [], []
         for k in range(self.top_k):
-            new_idx, cap = _swipe_once(idx[:, k], cap, local, k % local, topo)
+            new_idx, caps = _swipe_once(idx[:, k], caps)
             idxs.append(new_idx)
             vals.append(logits[rows, new_idx])
         idx = torch.stack(idxs, 1)
@@ -515,65 +516,30 @@ class SwipeGate(NaiveGate):
         return idx, score, logits.new_zeros((), dtype=torch.float32)
 
 
-def _swipe_once(idx, cap, local, bias, topo):
-    w, me = topo.expert_size, topo.expert_rank
-    dev = idx.device    # collectives run on the tensors' device (NCCL needs CUDA tensors)
+def _swipe_once(idx, caps):
+    """One slot of SWIPE. idx: each token's expert; caps: each expert's remaining capacity.
+    Returns the new experts and capacities."""
+    num = len(caps)
     with torch.no_grad():
-        worker = (idx // local).cpu()
-        lec = torch.bincount(worker, minlength=w).long()
-        if w > 1:
-            gec = torch.empty_like(lec).to(dev)
-            dist.all_to_all_single(gec, lec.to(dev), group=topo.expert_group)
-            gec = gec.cpu()
-        else:
-            gec = lec.clone()
-        drop = torch.zeros(w, dtype=torch.long)
-        gec = gec.tolist()
-        for i in range(w):
-            if cap >= gec[i]:
-                cap -= gec[i]
-            else:
-                drop[i] = gec[i] - cap
-                gec[i] = cap
-                cap = 0
-        gec_t = torch.tensor(gec, dtype=torch.long)
-        if w > 1:
-            lec = torch.empty_like(gec_t).to(dev)
-            dist.all_to_all_single(lec, gec_t.to(dev), group=topo.expert_group)
-            lec = lec.cpu()
-            drop = drop.to(dev)
-            dist.all_reduce(drop, group=topo.expert_group)
-            drop = drop.cpu()
-            caps = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(w)]
-            dist.all_gather(caps, torch.tensor([cap], dtype=torch.long, device=dev), group=topo.expert_group)
-            gcap = [int(c.item()) for c in caps]
-        else:
-            lec = gec_t.clone()
-            gcap = [cap]
-        lec = lec.tolist()
-        drop = drop.tolist()
-        j = 0
-        for i in range(w):
-            while drop[i] > 0:
-                count = min(drop[i], gcap[j])
-                drop[i] -= count
-                gcap[j] -= count
-                if i == me:
-                    lec[j] += count
-                if j == me:
-                    cap -= count
-                if drop[i] > 0:
-                    j += 1
-        out = idx.clone().cpu()
-        pos = _occurrence(worker, w)
-        limit = torch.tensor(lec, dtype=torch.long)
-        keep = pos < limit[worker]
-        taken = torch.bincount(worker[keep], minlength=w)
-        left = (limit - taken).clamp(min=0)
+        mine = idx.cpu()
+        wanted = torch.bincount(mine, minlength=num).tolist()
+        limit = [min(w, c) for w, c in zip(wanted, caps)]
+        caps = [c - l for c, l in zip(caps, limit)]
+        rejected = sum(wanted) - sum(limit)
+        for e in range(num):
+            take = min(rejected, caps[e])
+            limit[e] += take
+            caps[e] -= take
+            rejected -= take
+        if rejected:
+            raise RuntimeError('fmoec: SWIPE found no expert with capacity left')
+        limit = torch.tensor(limit, dtype=torch.long)
+        keep = _occurrence(mine, num) < limit[mine]
+        left = (limit - torch.bincount(mine[keep], minlength=num)).clamp(min=0)
         dropped = (~keep).nonzero().reshape(-1)
-        target = torch.repeat_interleave(torch.arange(w), left)[:dropped.numel()]
-        out[dropped] = target * local + bias
-    return out.to(idx.device), cap
+        out = mine.clone()
+        out[dropped] = torch.repeat_interleave(torch.arange(num), left)[:dropped.numel()]
+    return out.to(idx.device), caps
 
 
 _GATE_CLASSES = {name: globals()[d['cls']] for name, d in _GATES.items()}
@@ -584,37 +550,41 @@ _GATE_CLASSES = {name: globals()[d['cls']] for name, d in _GATES.items()}
 # ---------------------------------------------------------------------------------------------
 class Experts(nn.Module):
     """`num_local` MLP experts stacked, each rank holding `hidden / tensor_size` of each hidden
-    dimension. Parameter names: htoh4.weight [n, h/t, d], htoh4.bias [n, h/t] (and gate_proj for
-    swiglu), h4toh.weight [n, d, h/t], h4toh.bias [n, d]."""
-    def __init__(self, num_local, d_model, hidden, act, tensor_size):
+    dimension: htoh4_weight [n, h/t, d], htoh4_bias [n, h/t], h4toh_weight [n, d, h/t],
+    h4toh_bias [n, d] (the biases when `bias`). SwiGLU adds up_proj_weight [n, h/t, d] (no bias):
+    h4toh(silu(htoh4 x) * up_proj x), as `fmoec run`'s `w2(silu(w1 x + b1) * w3 x)`."""
+    def __init__(self, num_local, d_model, hidden, act, tensor_size, bias=True):
         super(Experts, self).__init__()
         if hidden % tensor_size != 0:
             raise ValueError('fmoec: expert hidden size {} is not divisible by the tensor size {}'.format(hidden, tensor_size))
+        if act not in ('gelu', 'relu', 'swiglu'):
+            raise ValueError('fmoec: no expert activation `{}`; the activations are gelu, relu, swiglu'.format(act))
         h = hidden // tensor_size
         self.num_local, self.act = num_local, act
         self.htoh4_weight = nn.Parameter(torch.empty(num_local, h, d_model))
-        self.htoh4_bias = nn.Parameter(torch.zeros(num_local, h))
+        self.htoh4_bias = nn.Parameter(torch.zeros(num_local, h)) if bias else None
         if act == 'swiglu':
-            self.gate_proj_weight = nn.Parameter(torch.empty(num_local, h, d_model))
+            self.up_proj_weight = nn.Parameter(torch.empty(num_local, h, d_model))
         else:
-            self.gate_proj_weight = None
+            self.up_proj_weight = None
         self.h4toh_weight = nn.Parameter(torch.empty(num_local, d_model, h))
-        self.h4toh_bias = nn.Parameter(torch.zeros(num_local, d_model))
+        self.h4toh_bias = nn.Parameter(torch.zeros(num_local, d_model)) if bias else None
 
     def forward(self, x, counts, add_output_bias):
         outs, start = [], 0
-        b2 = _OnlyOnRankZero.apply(self.h4toh_bias, add_output_bias)
+        b1 = self.htoh4_bias
+        b2 = None if self.h4toh_bias is None else _OnlyOnRankZero.apply(self.h4toh_bias, add_output_bias)
         for e, c in enumerate(counts):
             rows = x[start:start + c]
             start += c
-            h = F.linear(rows, self.htoh4_weight[e], self.htoh4_bias[e])
+            h = F.linear(rows, self.htoh4_weight[e], None if b1 is None else b1[e])
             if self.act == 'gelu':
                 h = F.gelu(h)
             elif self.act == 'relu':
                 h = F.relu(h)
             else:
-                h = F.silu(F.linear(rows, self.gate_proj_weight[e])) * h
-            outs.append(F.linear(h, self.h4toh_weight[e], b2[e]))
+                h = F.silu(h) * F.linear(rows, self.up_proj_weight[e])
+            outs.append(F.linear(h, self.h4toh_weight[e], None if b2 is None else b2[e]))
         if not outs:
             return x.new_zeros((0, self.h4toh_weight.shape[1]))
         out = torch.cat(outs, 0)
@@ -631,17 +601,24 @@ def _tag(module, kind):
 class MoELayer(nn.Module):
     """A Megatron MLP replacement: `forward(x [s, b, d]) -> (output [s, b, d], bias [d])`.
 
-    Tokens go to their experts with all_to_all_single over the expert group, variable counts."""
-    def __init__(self, spec, d_model, num_local, topo, layer_index=0, init_std=0.02, num_layers=1, seed=1234):
+    Tokens go to their experts with all_to_all_single over the expert group, variable counts.
+    `spec['shared']` (count, hidden, act): DeepSeek-MoE's shared experts, one MLP of
+    count * hidden that every token goes through (`shared`, replicated like a dense MLP)."""
+    def __init__(self, spec, d_model, num_local, topo, layer_index=0, init_std=0.02, num_layers=1, seed=1234,
+                 bias=None):
         super(MoELayer, self).__init__()
+        bias = _FMOEC_BIAS if bias is None else bias
         self.topo, self.layer_index, self.num_local = topo, layer_index, num_local
         self.num_experts = num_local * topo.expert_size
         self.top_k, self.balance_weight = spec['top_k'], float(spec['balance_loss'])
         _gate_definition(spec['gate'])
         gate_cls = _GATE_CLASSES[spec['gate']]
         self.gate = gate_cls(d_model, self.num_experts, spec['top_k'], topo, capacity=spec.get('capacity'),
-                             random_routing=spec.get('random_routing'), jitter=spec.get('jitter'))
-        self.experts = Experts(num_local, d_model, spec['hidden'], spec['act'], topo.tensor_size)
+                             random_routing=spec.get('random_routing'), jitter=spec.get('jitter'), bias=bias)
+        self.experts = Experts(num_local, d_model, spec['hidden'], spec['act'], topo.tensor_size, bias=bias)
+        shared = spec.get('shared')
+        self.shared = (Experts(1, d_model, shared['count'] * shared['hidden'], shared['act'], topo.tensor_size,
+                               bias=bias) if shared else None)
         self.d_model = d_model
         self.reset_parameters(init_std, num_layers, seed)
         _tag(self.gate, 'gate')
@@ -652,10 +629,14 @@ class MoELayer(nn.Module):
         else:
             kind = 'none'
         _tag(self.experts, kind)
-        for name, p in self.experts.named_parameters():
-            p.tensor_model_parallel = name != 'h4toh_bias'
-            p.partition_dim = 2 if name in ('h4toh_weight',) else 1
-            p.partition_stride = 1
+        sliced = [self.experts] + ([self.shared] if self.shared is not None else [])
+        if self.shared is not None:
+            _tag(self.shared, 'dp')
+        for module in sliced:
+            for name, p in module.named_parameters():
+                p.tensor_model_parallel = name != 'h4toh_bias'
+                p.partition_dim = 2 if name in ('h4toh_weight',) else 1
+                p.partition_stride = 1
 
     def reset_parameters(self, std, num_layers, seed):
         """Megatron's init: normal(0, std), output layers normal(0, std / sqrt(2 * layers)),
@@ -664,23 +645,28 @@ class MoELayer(nn.Module):
         how many ranks share the experts or the tensor dimension."""
         topo = self.topo
         out_std = std / math.sqrt(2.0 * num_layers)
-        ex = self.experts
-        h = ex.htoh4_weight.shape[1]
-        lo, hi = topo.tensor_rank * h, (topo.tensor_rank + 1) * h
+        base = int(seed) * 1000003 + self.layer_index * 4099
+
+        def draw(ex, e, g):
+            h = ex.htoh4_weight.shape[1]
+            lo, hi = topo.tensor_rank * h, (topo.tensor_rank + 1) * h
+            full = torch.empty(h * topo.tensor_size, self.d_model).normal_(0.0, std, generator=g)
+            ex.htoh4_weight[e].copy_(full[lo:hi])
+            if ex.up_proj_weight is not None:
+                full = torch.empty(h * topo.tensor_size, self.d_model).normal_(0.0, std, generator=g)
+                ex.up_proj_weight[e].copy_(full[lo:hi])
+            full = torch.empty(self.d_model, h * topo.tensor_size).normal_(0.0, out_std, generator=g)
+            ex.h4toh_weight[e].copy_(full[:, lo:hi])
+            for b in (ex.htoh4_bias, ex.h4toh_bias):
+                if b is not None:
+                    b.zero_()
+
         with torch.no_grad():
             for e in range(self.num_local):
-                g = torch.Generator().manual_seed(
-                    int(seed) * 1000003 + self.layer_index * 4099 + topo.expert_rank * self.num_local + e)
-                full = torch.empty(h * topo.tensor_size, self.d_model).normal_(0.0, std, generator=g)
-                ex.htoh4_weight[e].copy_(full[lo:hi])
-                if ex.gate_proj_weight is not None:
-                    full = torch.empty(h * topo.tensor_size, self.d_model).normal_(0.0, std, generator=g)
-                    ex.gate_proj_weight[e].copy_(full[lo:hi])
-                full = torch.empty(self.d_model, h * topo.tensor_size).normal_(0.0, out_std, generator=g)
-                ex.h4toh_weight[e].copy_(full[:, lo:hi])
-            ex.htoh4_bias.zero_()
-            ex.h4toh_bias.zero_()
-            g = torch.Generator().manual_seed(int(seed) * 1000003 + self.layer_index * 4099 + 999983)
+                draw(self.experts, e, torch.Generator().manual_seed(base + topo.expert_rank * self.num_local + e))
+            if self.shared is not None:
+                draw(self.shared, 0, torch.Generator().manual_seed(base + 999979))
+            g = torch.Generator().manual_seed(base + 999983)
             for p in self.gate.parameters():
                 if p.dim() >= 2:
                     p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=g))
@@ -730,6 +716,8 @@ class MoELayer(nn.Module):
             y = self.experts(x[token], counts.tolist(), topo.tensor_rank == 0)
         weight = score.reshape(-1)[slot].unsqueeze(1).to(y.dtype)
         out = torch.zeros(n, y.shape[1], dtype=y.dtype, device=y.device).index_add(0, token, y * weight)
+        if self.shared is not None:
+            out = out + self.shared(x, [n], topo.tensor_rank == 0)
         if topo.tensor_size > 1:
             out = _ReduceFromGroup.apply(out, topo.tensor_group)
         self.last_loss = loss.detach()
