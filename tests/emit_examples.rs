@@ -106,6 +106,10 @@ fn examples_megatron_core() {
         } else {
             assert_eq!(names, ["fmoec_moe.py", "train.sh", "README.md"], "{name}");
         }
+        // the batch the plan was costed for, also without a train block (plan-only): Megatron
+        // would otherwise run one micro-batch per data rank, not the plan's micro-batches
+        let train_sh = &files.iter().find(|(n, _)| n == "train.sh").unwrap().1;
+        assert!(train_sh.contains("--global-batch-size "), "{name}");
         for (file, text) in &files {
             insta::assert_snapshot!(format!("core_v0.19__{name}__{file}"), text);
         }

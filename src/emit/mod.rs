@@ -676,6 +676,11 @@ fn launch_args(
         // the patch's expert-aware data parallelism replaces Megatron's local DDP
         arg("--DDP-impl", Some("local".to_string()));
     }
+    if c.train.is_none() && plan.megatron_core.is_some() {
+        // no train block: the global batch the plan was costed for (its micro-batches in
+        // flight), not Megatron's default of one micro-batch per data rank
+        arg("--global-batch-size", Some(plan.global_batch.to_string()));
+    }
     if let Some(t) = &c.train {
         arg("--global-batch-size", Some(t.batch_sequences.to_string()));
         arg("--train-iters", Some(t.steps.to_string()));
