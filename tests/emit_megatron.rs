@@ -437,6 +437,7 @@ fn core_emitted_arguments_pass_megatron_core_as_planned() {
             .env("PYTHON", core_python())
             .env("PRETRAIN", root.join("tests/megatron_core/check_args.py"))
             .env("FMOEC_PLAN_JSON", &plan_json)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("PYTHONPATH", &package)
             .env("MOCK_DATA", "1")
             .env("NNODES", "1")
@@ -503,6 +504,7 @@ fn core_emitted_tiny_trains_and_resumes_in_pretrain_gpt() {
             .args(["--nproc", &gpus.to_string()])
             .env("PYTHON", core_python())
             .env("MEGATRON_LM", &checkout)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
             .output()
             .unwrap();
         let text = format!(
