@@ -385,6 +385,35 @@ fn mixtral_memory_for_megatron_core_by_hand() {
     );
 }
 
+/// Mixtral's MoE traffic under Megatron-Core (micro-batch 1 of 4096 tokens, width 4096, bf16,
+/// top-2, tensor 8 with sequence parallelism, expert-parallel 2, expert-tensor 8): each tensor
+/// rank routes its own 4096 / 8 = 512 tokens, so per layer and direction
+///   exchange over the expert-parallel pair: 2 (dispatch, combine) · 2 · 512 · 4096 · 2 B · 1/2
+///                                                                          =   8,388,608
+///   expert-tensor all-gather and reduce-scatter of the received rows over 8 ranks:
+///                                            2 · 2 · 512 · 4096 · 2 B · 7  = 117,440,512
+/// (before: v2.2's 2 · 2 · 4096 · 4096 · 2 B · 1/2 = 67,108,864 for every model, the whole
+/// micro-batch exchanged and no gather).
+#[test]
+fn mixtral_all_to_all_for_megatron_core_by_hand() {
+    let c = example("mixtral-8x7b");
+    let p = plan::build_for(&c, &Overrides::default(), &core_rules()).unwrap();
+    let traffic = &p.stages[0].cost.traffic;
+    assert_eq!(traffic.all_to_all.len(), 8);
+    for layer in &traffic.all_to_all {
+        assert_eq!(
+            (layer.fwd_bytes, layer.bwd_bytes),
+            (8_388_608 + 117_440_512, 8_388_608 + 117_440_512)
+        );
+    }
+    // v2.2's plan of the same file keeps its formula
+    let v22 = plan::build(&c).unwrap();
+    assert_eq!(
+        v22.stages[0].cost.traffic.all_to_all[0].fwd_bytes,
+        67_108_864
+    );
+}
+
 /// gpt2-medium-moe slices experts that have biases over tensor 2: Megatron-Core cannot, so its
 /// plan spreads them whole over 4 × 2 = 8 expert-parallel ranks (a warning says so: the same
 /// weights per GPU, each output bias on one rank instead of two); experts

@@ -732,21 +732,30 @@ pub fn evaluate(
                                 + FP8_QUANT_BYTES_HIDDEN * (hidden * (matrices - 1)) as f64);
                     }
                     let g = ep;
-                    let bytes = u64::try_from(
-                        2 * (moe.top_k as u128)
-                            * (tokens as u128)
-                            * (h as u128)
-                            * (a as u128)
-                            * (g as u128 - 1)
-                            / g as u128,
-                    )
-                    .unwrap_or(u64::MAX);
+                    // Megatron-Core: sequence parallelism gives each tensor rank its own slice
+                    // of the micro-batch to route, and after the exchange the expert-tensor
+                    // ranks gather each other's tokens (reduce-scattered back in the combine)
+                    let (routed, gather_ranks) = match model {
+                        MemoryModel::MegatronCore => (tokens / t, te),
+                        _ => (tokens, 1),
+                    };
+                    let rows = 2 * (moe.top_k as u128) * (routed as u128) * (h as u128) * a as u128;
+                    let exchange =
+                        u64::try_from(rows * (g as u128 - 1) / g as u128).unwrap_or(u64::MAX);
+                    let gather =
+                        u64::try_from(rows * (gather_ranks as u128 - 1)).unwrap_or(u64::MAX);
+                    let bytes = exchange.saturating_add(gather);
                     all_to_all.push(AllToAll {
                         layer,
                         fwd_bytes: bytes,
                         bwd_bytes: bytes,
                     });
-                    a2a_s += 2.0 * bytes as f64 / bandwidth(c, &egroup);
+                    a2a_s += 2.0 * exchange as f64 / bandwidth(c, &egroup);
+                    if gather > 0 {
+                        // the expert-tensor group: consecutive ranks (tp-ep-dp-pp order)
+                        let group = [base, base + gather_ranks - 1];
+                        a2a_s += 2.0 * gather as f64 / bandwidth(c, &group);
+                    }
                 }
             }
         }
