@@ -23,7 +23,8 @@ fn emit_example(name: &str, version: &str) -> Result<(Vec<(String, String)>, Str
         source_name: format!("{name}.fmoe"),
         ..Default::default()
     };
-    let plan = fmoec::plan::build(&checked).unwrap_or_else(|ds| panic!("{name} plans: {ds:?}"));
+    let plan =
+        emit::plan_for(&checked, &target).unwrap_or_else(|ds| panic!("{name} plans: {ds:?}"));
     match emit::emit(&checked, &plan, &target, &opts) {
         Ok(e) => Ok((e.files, diag::render_human(&sources, &e.warnings))),
         Err(EmitError::Model(ds)) => Err(diag::render_human(&sources, &ds)),
@@ -54,13 +55,15 @@ fn examples_megatron_v22_cannot_express_are_diagnostics() {
 }
 
 /// Megatron-LM v2.5 and v3.0.2 train what v2.2 does (with bf16 and the dense MLP's own hidden
-/// size) and refuse Mixtral and DeepSeek for what they lack, naming no target that has it.
+/// size) and refuse Mixtral and DeepSeek for what they lack, naming Megatron-Core, which has it.
 #[test]
 fn examples_for_every_later_target() {
-    for target in emit::registry::versions() {
-        if target == "v2.2" {
+    for decl in check::megatron_targets() {
+        // Megatron-Core's own MoE target is below
+        if decl.version == "v2.2" || decl.can("native_expert_parallel") {
             continue;
         }
+        let target = decl.version;
         for name in ["tiny", "gpt2-medium-moe", "gpt345m-fmoefy", "plan-only"] {
             let (files, warnings) =
                 emit_example(name, &target).unwrap_or_else(|d| panic!("{target} {name}:\n{d}"));
@@ -77,6 +80,46 @@ fn examples_for_every_later_target() {
                 .unwrap_or_else(|| panic!("{target} {name} emitted"));
             insta::assert_snapshot!(format!("{target}__{name}__errors"), rendered);
         }
+    }
+}
+
+/// Megatron-Core emits all six examples: Megatron-Core's own MoE where it computes the file's
+/// MoE layers (GPT-345M's and Mixtral's naive top-2, DeepSeek's with shared experts), the
+/// generated module through `--spec` where it cannot (gshard, per-layer experts, switch). Every
+/// emitted file and the warnings are snapshotted; no patch is written.
+#[test]
+fn examples_megatron_core() {
+    let native = ["gpt345m-fmoefy", "mixtral-8x7b", "deepseek-moe"];
+    for name in [
+        "tiny",
+        "gpt2-medium-moe",
+        "gpt345m-fmoefy",
+        "mixtral-8x7b",
+        "deepseek-moe",
+        "plan-only",
+    ] {
+        let (files, warnings) =
+            emit_example(name, "core_v0.19").unwrap_or_else(|d| panic!("{name}:\n{d}"));
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        if native.contains(&name) {
+            assert_eq!(names, ["train.sh", "README.md"], "{name}");
+        } else {
+            assert_eq!(names, ["fmoec_moe.py", "train.sh", "README.md"], "{name}");
+        }
+        // the batch the plan was costed for, also without a train block (plan-only): Megatron
+        // would otherwise run one micro-batch per data rank, not the plan's micro-batches
+        let train_sh = &files.iter().find(|(n, _)| n == "train.sh").unwrap().1;
+        assert!(train_sh.contains("--global-batch-size "), "{name}");
+        for (file, text) in &files {
+            insta::assert_snapshot!(format!("core_v0.19__{name}__{file}"), text);
+        }
+        insta::assert_snapshot!(format!("core_v0.19__{name}__warnings"), warnings);
+        // byte-stable
+        assert_eq!(
+            files,
+            emit_example(name, "core_v0.19").unwrap().0,
+            "{name} twice"
+        );
     }
 }
 

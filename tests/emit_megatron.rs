@@ -7,6 +7,14 @@
 //! With `FMOEC_HARNESS_PYTHON` too (a python with torch 2.x, numpy, six and regex), the
 //! emitted integration trains inside the patched tree (`tests/megatron/harness.py` on CPU
 //! ranks with gloo).
+//!
+//! Megatron-Core (core_v0.19, no patch): with `FMOEC_MEGATRON_CORE_PKG` (a folder holding
+//! megatron/core and megatron/training: PyPI's megatron-core 0.19.0 wheel unzipped, as CI does)
+//! the emitted train.sh of all six examples passes Megatron's own argument validation and builds
+//! `fmoec plan`'s parameter count; with `FMOEC_MEGATRON_CORE_V019` (a checkout at tag
+//! core_v0.19.0: pretrain_gpt.py is not in the wheel) the emitted tiny model trains in the real
+//! pretrain_gpt.py on CPU ranks and resumes. The Python is `FMOEC_MEGATRON_CORE_PYTHON`, else
+//! `FMOEC_PYTHON` (torch, numpy, psutil).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -235,6 +243,10 @@ fn every_layout_trains_inside_real_megatron() {
         return;
     };
     for (target, root) in checkouts() {
+        if target.patch.is_none() {
+            // Megatron-Core: core_emitted_tiny_trains_and_resumes_in_pretrain_gpt
+            continue;
+        }
         let version = target.decl.version.clone();
         let tmp = tempfile::tempdir().unwrap();
         let (out, tree) = emitted_and_patched(&version, &root, tmp.path());
@@ -310,6 +322,10 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("../shared/megatron-harness"));
     for (target, checkout) in checkouts() {
+        if target.patch.is_none() {
+            // Megatron-Core's train.sh: core_emitted_arguments_pass_megatron_core_as_planned
+            continue;
+        }
         let version = target.decl.version.clone();
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
@@ -363,5 +379,143 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
             "{version}:\n{text}"
         );
         assert_eq!(text.matches(expected).count(), 2, "{version}:\n{text}");
+    }
+}
+
+/// The Python for Megatron-Core (torch, numpy and psutil; Python 3.11 works through
+/// tests/megatron_core/mcore_cpu.py's `typing.override` stand-in).
+fn core_python() -> String {
+    std::env::var("FMOEC_MEGATRON_CORE_PYTHON")
+        .or_else(|_| std::env::var("FMOEC_PYTHON"))
+        .unwrap_or_else(|_| "python3".into())
+}
+
+/// Emits `examples/NAME.fmoe` (or any model file) for core_v0.19 into `out` as a user does.
+fn emit_core(model: &Path, out: &Path) {
+    run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(["emit", "--megatron", "core_v0.19"])
+        .arg(model)
+        .arg("-o")
+        .arg(out));
+}
+
+/// The emitted launch of every example, with tests/megatron_core/check_args.py as the training
+/// script: Megatron-Core's own `parse_and_validate_args` accepts every argument train.sh passes
+/// with the plan's world size, `TransformerConfig` accepts the real layout, and the model it
+/// builds (on the meta device; the generated module through `--spec` where the file needs it)
+/// has exactly `fmoec plan --megatron core_v0.19`'s parameters by kind, layout, micro-batches,
+/// vocabulary and optimizer. (Before, plan-only's train.sh gave no global batch: Megatron ran
+/// one micro-batch where the plan counted 16.)
+#[test]
+fn core_emitted_arguments_pass_megatron_core_as_planned() {
+    let Some(package) = std::env::var_os("FMOEC_MEGATRON_CORE_PKG") else {
+        eprintln!(
+            "skipped: set FMOEC_MEGATRON_CORE_PKG to the megatron-core 0.19.0 wheel unzipped"
+        );
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for name in [
+        "tiny",
+        "gpt2-medium-moe",
+        "gpt345m-fmoefy",
+        "mixtral-8x7b",
+        "deepseek-moe",
+        "plan-only",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = root.join(format!("examples/{name}.fmoe"));
+        let out = tmp.path().join("out");
+        emit_core(&model, &out);
+        let plan = run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(["plan", "--megatron", "core_v0.19", "--format", "json"])
+            .arg(&model));
+        let plan_json = tmp.path().join("plan.json");
+        std::fs::write(&plan_json, plan).unwrap();
+        let output = Command::new("bash")
+            .arg(out.join("train.sh"))
+            .env("PYTHON", core_python())
+            .env("PRETRAIN", root.join("tests/megatron_core/check_args.py"))
+            .env("FMOEC_PLAN_JSON", &plan_json)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("PYTHONPATH", &package)
+            .env("MOCK_DATA", "1")
+            .env("NNODES", "1")
+            .env("NPROC_PER_NODE", "1")
+            .env("MASTER_PORT", next_port().to_string())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success() && text.contains("CHECK_ARGS_OK"),
+            "{name}:\n{text}"
+        );
+        eprintln!("{}", text.lines().next().unwrap_or(""));
+    }
+}
+
+/// The tiny example emitted for core_v0.19 in three layouts (its `parallel` block written as a
+/// user would) trains in the tree's own pretrain_gpt.py on CPU ranks (gloo, mock data, the
+/// generated module through `--spec`): finite losses, the gradient norm above the emitted
+/// `--clip-grad` (clipping acts), and a fresh start from the mid-run torch_dist checkpoint gives
+/// the uninterrupted run's gradient norms and losses (tests/megatron_core/train_emitted.py).
+#[test]
+fn core_emitted_tiny_trains_and_resumes_in_pretrain_gpt() {
+    let Some(checkout) = std::env::var_os("FMOEC_MEGATRON_CORE_V019") else {
+        eprintln!(
+            "skipped: set FMOEC_MEGATRON_CORE_V019 to a Megatron-LM checkout at core_v0.19.0"
+        );
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tiny = std::fs::read_to_string(root.join("examples/tiny.fmoe")).unwrap();
+    for (name, gpus, tensor, pipeline, experts) in [
+        ("expert 2", 2, 1, 1, "across data"),
+        ("tensor 2 x expert 2", 4, 2, 1, "groups_of(2)"),
+        ("pipeline 2", 2, 1, 2, "across data"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("tiny.fmoe");
+        let source = format!(
+            "use std.hardware.h100_sxm\n{tiny}\nparallel {{\n    gpus     = {gpus} of h100_sxm\n    \
+             tensor   = {tensor}\n    pipeline = {pipeline}\n    experts  = {experts}\n}}\n"
+        );
+        std::fs::write(&model, source).unwrap();
+        let out = tmp.path().join("out");
+        emit_core(&model, &out);
+        let train_sh = std::fs::read_to_string(out.join("train.sh")).unwrap();
+        assert!(
+            train_sh.contains(&format!("--tensor-model-parallel-size {tensor} "))
+                && train_sh.contains(&format!("--pipeline-model-parallel-size {pipeline} "))
+                && train_sh.contains(if pipeline == 1 {
+                    "--expert-model-parallel-size 2 "
+                } else {
+                    "--expert-model-parallel-size 1 "
+                }),
+            "{name}:\n{train_sh}"
+        );
+        let output = Command::new(core_python())
+            .arg(root.join("tests/megatron_core/train_emitted.py"))
+            .arg(&out)
+            .args(["--nproc", &gpus.to_string()])
+            .env("PYTHON", core_python())
+            .env("MEGATRON_LM", &checkout)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success() && text.contains("TRAIN_EMITTED_OK"),
+            "{name}:\n{text}"
+        );
+        eprintln!("{name}:\n{text}");
     }
 }

@@ -1,6 +1,8 @@
 //! Runs the generated Python module of every target: byte-compiles each runtime's module and
 //! runs the pytest suite in tests/python against the fmoec one of every Megatron-LM target,
-//! the targets side by side (torch CPU, gloo, 1, 2 and 4 processes).
+//! the targets side by side (torch CPU, gloo, 1, 2 and 4 processes); a Megatron-Core target's
+//! module runs tests/megatron_core/test_generated_module.py inside Megatron-Core when
+//! `FMOEC_MEGATRON_CORE_PKG` names the package (CI: PyPI's megatron-core wheel, unzipped).
 //!
 //! The interpreter is `FMOEC_PYTHON`, else `~/.cache/fmoec/venv/bin/python` (the venv with
 //! torch, numpy and pytest that CI uses); without either the test says it was skipped.
@@ -43,6 +45,15 @@ fn keep_emitted_files_when_asked() {
     }
 }
 
+/// The pytest suite of a Megatron-Core target's module (tests/megatron_core).
+fn core_tests(version: &str) -> PathBuf {
+    assert_eq!(
+        version, "core_v0.19",
+        "a new Megatron-Core target needs its suite here"
+    );
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/megatron_core/test_generated_module.py")
+}
+
 #[test]
 fn generated_module_passes_its_python_tests() {
     let Some(python) = python() else {
@@ -70,15 +81,33 @@ fn generated_module_passes_its_python_tests() {
                 .status()
                 .unwrap();
             assert!(status.success(), "py_compile {version} {name}");
-            if runtime == Runtime::Fmoec {
-                let child = Command::new(&python)
-                    .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-                    .arg(&tests)
-                    .env("FMOEC_MODULE_DIR", dir.path())
-                    .spawn()
-                    .unwrap();
-                suites.push((version.clone(), child, dir));
+            if runtime != Runtime::Fmoec {
+                continue;
             }
+            // Megatron-Core's module lives inside Megatron-Core: its own suite, with the
+            // package (CI unzips PyPI's wheel: .ci/env.sh's fmoec_megatron_core)
+            let mut cmd = Command::new(&python);
+            cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"]);
+            if target.decl.can("native_expert_parallel") {
+                let Some(package) = std::env::var_os("FMOEC_MEGATRON_CORE_PKG") else {
+                    eprintln!(
+                        "skipped the {version} module's suite: set FMOEC_MEGATRON_CORE_PKG to \
+                         a folder holding megatron/core (the megatron-core wheel unzipped)"
+                    );
+                    continue;
+                };
+                cmd.arg(core_tests(&version))
+                    .env("FMOEC_MEGATRON_CORE_PKG", package);
+            } else {
+                cmd.arg(&tests);
+            }
+            let child = cmd
+                .env("FMOEC_MODULE_DIR", dir.path())
+                // no __pycache__ left in the source tree
+                .env("PYTHONDONTWRITEBYTECODE", "1")
+                .spawn()
+                .unwrap();
+            suites.push((version.clone(), child, dir));
         }
     }
     let failed: Vec<String> = suites

@@ -437,3 +437,163 @@ fn shadowing_replicates_the_hot_expert_under_skewed_routing() {
     assert!(table.contains("shadowing would"), "{table}");
     assert!(table.contains("1 expert ("), "{table}");
 }
+
+/// An example file, checked by the front end.
+fn example(name: &str) -> fmoec::check::Checked {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let file_name = format!("examples/{name}.fmoe");
+    let text = std::fs::read_to_string(root.join(&file_name)).unwrap();
+    let mut sources = fmoec::diag::Sources::new();
+    let file = sources.add(file_name, text);
+    let mut sink = fmoec::diag::Sink::new();
+    fmoec::check::check_file(&mut sources, file, &mut sink).expect("the examples check")
+}
+
+fn core_rules() -> plan::TargetRules {
+    let core = fmoec::check::megatron_targets()
+        .into_iter()
+        .find(|t| t.version == "core_v0.19")
+        .unwrap();
+    plan::TargetRules::of(&core)
+}
+
+/// Mixtral-8x7B (examples/mixtral-8x7b.fmoe: 64 H100s, tensor 8, pipeline 4, data 2, experts
+/// in groups of 2 sliced over the tensor ranks, bf16) planned for Megatron-Core.
+///
+/// Expert grid: expert-parallel 2 × expert-tensor 8, so expert-data 16 / (2·8) = 1.
+/// Stage 0 on one rank: the word embedding 32,000·4096/8 = 16,384,000 (the file's vocabulary:
+/// no padding to 128·t) + 8 blocks of attention ((32 + 2·8)·128·4096 + 4096·4096)/8 = 5,242,880
+/// = 58,327,040 tensor-sharded; 8 norms of 2·4096 = 65,536 replicated; 8 gates 4096·8 =
+/// 262,144; 8 layers × 4 experts × 3·4096·14336/8 = 704,643,072 expert parameters.
+///   weights    2 B × 763,297,792                                 =  1,526,595,584
+///   grads      4 B (fp32 main gradients) × 763,297,792           =  3,053,191,168
+///   optimizer 12 B × (58,654,720 / 2 data ranks + 704,643,072 / 1) = 8,807,645,184
+#[test]
+fn mixtral_memory_for_megatron_core_by_hand() {
+    let c = example("mixtral-8x7b");
+    let p = plan::build_for(&c, &Overrides::default(), &core_rules()).unwrap();
+    let core = p.megatron_core.as_ref().expect("a Megatron-Core plan");
+    assert_eq!(
+        (core.expert_parallel, core.expert_tensor, core.expert_data),
+        (2, 8, 1)
+    );
+    assert_eq!(core.padded_vocab, 32_000);
+    assert!(core.distributed_optimizer && !core.whole_experts_for_bias);
+    let st = &p.stages[0].cost;
+    assert_eq!(
+        (
+            st.params.sharded,
+            st.params.replicated,
+            st.params.gate,
+            st.params.expert
+        ),
+        (58_327_040, 65_536, 262_144, 704_643_072)
+    );
+    let m = &st.memory;
+    assert_eq!(m.model, MemoryModel::MegatronCore);
+    assert_eq!(m.weights, 1_526_595_584);
+    assert_eq!(m.grads, 3_053_191_168);
+    assert_eq!(m.optimizer, 8_807_645_184);
+    // the expert groups are Megatron-Core's: expert-parallel ranks 8 apart (the expert-tensor
+    // ranks in between), each rank holding 4 of the 8 experts, an eighth of each
+    assert_eq!(p.groups.expert[0], vec![0, 8]);
+    assert_eq!(core.expert_tensor_groups[0], (0..8).collect::<Vec<u64>>());
+    assert_eq!(p.ranks[9].expert_rank, 1);
+    assert_eq!(p.ranks[9].experts[0].ids, vec![4, 5, 6, 7]);
+    assert_eq!(p.ranks[9].experts[0].hidden, [1792, 3584]);
+    // without the target the same file is planned as before: v2.2's padding and bytes
+    let v22 = plan::build(&c).unwrap();
+    assert!(v22.megatron_core.is_none());
+    assert_eq!(v22.stages[0].cost.memory.model, MemoryModel::Megatron);
+    assert_eq!(
+        v22.stages[0].cost.params.sharded,
+        58_327_040 + 768 * 4096 / 8
+    );
+}
+
+/// Mixtral's MoE traffic under Megatron-Core (micro-batch 1 of 4096 tokens, width 4096, bf16,
+/// top-2, tensor 8 with sequence parallelism, expert-parallel 2, expert-tensor 8): each tensor
+/// rank routes its own 4096 / 8 = 512 tokens, so per layer and direction
+///   exchange over the expert-parallel pair: 2 (dispatch, combine) · 2 · 512 · 4096 · 2 B · 1/2
+///                                                                          =   8,388,608
+///   expert-tensor all-gather and reduce-scatter of the received rows over 8 ranks:
+///                                            2 · 2 · 512 · 4096 · 2 B · 7  = 117,440,512
+/// (before: v2.2's 2 · 2 · 4096 · 4096 · 2 B · 1/2 = 67,108,864 for every model, the whole
+/// micro-batch exchanged and no gather).
+#[test]
+fn mixtral_all_to_all_for_megatron_core_by_hand() {
+    let c = example("mixtral-8x7b");
+    let p = plan::build_for(&c, &Overrides::default(), &core_rules()).unwrap();
+    let traffic = &p.stages[0].cost.traffic;
+    assert_eq!(traffic.all_to_all.len(), 8);
+    for layer in &traffic.all_to_all {
+        assert_eq!(
+            (layer.fwd_bytes, layer.bwd_bytes),
+            (8_388_608 + 117_440_512, 8_388_608 + 117_440_512)
+        );
+    }
+    // v2.2's plan of the same file keeps its formula
+    let v22 = plan::build(&c).unwrap();
+    assert_eq!(
+        v22.stages[0].cost.traffic.all_to_all[0].fwd_bytes,
+        67_108_864
+    );
+}
+
+/// gpt2-medium-moe slices experts that have biases over tensor 2: Megatron-Core cannot, so its
+/// plan spreads them whole over 4 × 2 = 8 expert-parallel ranks (a warning says so: the same
+/// weights per GPU, each output bias on one rank instead of two); experts
+/// that do not divide over those 8 ranks are an error at the expert count.
+#[test]
+fn megatron_core_spreads_experts_with_biases_whole() {
+    let c = example("gpt2-medium-moe");
+    let p = plan::build_for(&c, &Overrides::default(), &core_rules()).unwrap();
+    let core = p.megatron_core.as_ref().unwrap();
+    assert_eq!((core.expert_parallel, core.expert_tensor), (8, 1));
+    assert!(core.whole_experts_for_bias);
+    assert_eq!(p.expert_group_size, 8);
+    assert!(!p.expert_slicing);
+    let per_rank: Vec<u64> = p.moe_layers.iter().map(|l| l.experts_per_rank).collect();
+    assert_eq!(per_rank[0], 2);
+    assert_eq!(*per_rank.last().unwrap(), 4);
+    assert!(p.warnings.iter().any(|d| d.code == "P0103"));
+    // the same weights per GPU as the v2.2 plan, which slices them, and half the output
+    // biases (v2.2 keeps each local expert's on both tensor ranks): 11 layers of 4 local
+    // experts and one of 8, 1024 each
+    let v22 = plan::build(&c).unwrap();
+    assert_eq!(
+        v22.stages[0].cost.params.expert - p.stages[0].cost.params.expert,
+        (11 * 4 + 8) * 1024 / 2
+    );
+
+    let mut c12 = c.clone();
+    for l in &mut c12.model.layers {
+        if let fmoec::check::Ffn::Moe(m) = &mut l.ffn {
+            if m.experts == 16 {
+                m.experts = 12;
+            }
+        }
+    }
+    let errors = plan::build_for(&c12, &Overrides::default(), &core_rules()).unwrap_err();
+    assert!(errors.iter().any(|d| d.code == "P0015"), "{errors:?}");
+    // v2.2 slices them: 12 experts over 4 ranks are fine there
+    assert!(plan::build(&c12).is_ok());
+}
+
+/// Megatron-Core takes the file's vocabulary and only needs it to split over the tensor ranks:
+/// GPT-2's 50,257 at tensor 2 becomes 50,258 rows (a warning), where v2.2 pads to 50,432.
+#[test]
+fn megatron_core_pads_the_vocabulary_only_to_the_tensor_size() {
+    let c = checked(
+        gpt("gpt2", 50257, 768, 12, 12, true),
+        parallel(2, 2, 1, ExpertGroup::AcrossData),
+        Some(train(8, 1024, Precision::Bf16)),
+    );
+    let p = plan::build_for(&c, &Overrides::default(), &core_rules()).unwrap();
+    assert_eq!(p.megatron_core.as_ref().unwrap().padded_vocab, 50_258);
+    assert!(p.warnings.iter().any(|d| d.code == "P0104"));
+    assert_eq!(
+        plan::build(&c).unwrap().stages[0].cost.params.sharded - p.stages[0].cost.params.sharded,
+        (50_432 - 50_258) * 768 / 2
+    );
+}

@@ -103,8 +103,18 @@ pub const CAPABILITIES: &[CapabilitySpec] = &[
         values: CapabilityValues::OneOf(crate::gates::NAMES),
     },
     CapabilitySpec {
+        field: "native_gates",
+        about: "gates its own MoE router reproduces (trained natively)",
+        values: CapabilityValues::OneOf(crate::gates::NAMES),
+    },
+    CapabilitySpec {
         field: "shared_experts",
         about: "shared experts",
+        values: CapabilityValues::Flag,
+    },
+    CapabilitySpec {
+        field: "shared_expert_bias",
+        about: "shared experts with biases",
         values: CapabilityValues::Flag,
     },
     CapabilitySpec {
@@ -123,6 +133,11 @@ pub const CAPABILITIES: &[CapabilitySpec] = &[
         values: CapabilityValues::Bools,
     },
     CapabilitySpec {
+        field: "sliced_expert_bias",
+        about: "experts with biases sliced over tensor ranks",
+        values: CapabilityValues::Flag,
+    },
+    CapabilitySpec {
         field: "runtimes",
         about: "MoE runtimes (--runtime)",
         values: CapabilityValues::OneOf(&["fmoec", "fastmoe"]),
@@ -135,6 +150,11 @@ pub const CAPABILITIES: &[CapabilitySpec] = &[
     CapabilitySpec {
         field: "distributed_optimizer",
         about: "distributed optimizer",
+        values: CapabilityValues::Flag,
+    },
+    CapabilitySpec {
+        field: "pinned_vocab",
+        about: "the file's vocabulary (padded only to the tensor size)",
         values: CapabilityValues::Flag,
     },
 ];

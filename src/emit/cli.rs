@@ -86,7 +86,12 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     };
-    let loaded = match driver::load(file, args.diagnostics) {
+    // The front end here; the plan below, made for the target (its layout and memory).
+    let rules = driver::Rules {
+        planning: driver::Planning::None,
+        data_files: false,
+    };
+    let loaded = match driver::load_with(file, args.diagnostics, rules) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
@@ -110,7 +115,7 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         source_name,
     };
     // The plan the files are written for: the planner's diagnostics if there is none.
-    let plan = match crate::plan::build(&loaded.checked) {
+    let plan = match super::plan_for(&loaded.checked, &target) {
         Ok(p) => p,
         Err(diagnostics) => {
             driver::report(&loaded.sources, &diagnostics, args.diagnostics);

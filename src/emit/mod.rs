@@ -34,7 +34,7 @@ use std::path::PathBuf;
 
 use crate::check::{Activation, Checked, DataSource, GateKind, Schedule};
 use crate::diag::Diagnostic;
-use crate::plan::ParallelPlan;
+use crate::plan::{Overrides, ParallelPlan, TargetRules};
 
 use megatron::CheckoutError;
 pub use registry::Target;
@@ -107,8 +107,14 @@ impl std::fmt::Display for EmitError {
 
 impl std::error::Error for EmitError {}
 
+/// The plan `emit` takes for `target`: the file as written, planned with the target's rules
+/// (its rank layout, vocabulary and memory; `fmoec plan --megatron VERSION` prints it).
+pub fn plan_for(checked: &Checked, target: &Target) -> Result<ParallelPlan, Vec<Diagnostic>> {
+    crate::plan::build_for(checked, &Overrides::NONE, &TargetRules::of(&target.decl))
+}
+
 /// Everything `fmoec emit` writes for `target`, as (relative path, contents), from the checked
-/// model and its plan.
+/// model and its plan ([`plan_for`]).
 pub fn emit(
     checked: &Checked,
     plan: &ParallelPlan,
@@ -128,8 +134,15 @@ pub fn emit(
             }
         )));
     }
+    if plan.megatron_core.is_some() != decl.can("native_expert_parallel") {
+        return Err(EmitError::Internal(format!(
+            "the plan was not made for Megatron-LM {} (plan it with `emit::plan_for`)",
+            decl.version
+        )));
+    }
     let all = crate::check::megatron_targets();
     let warnings = validate(checked, plan, target, &all, opts.runtime)?;
+    let moe_path = support::moe_path(checked, decl);
     let patch = match (&target.patch, &opts.megatron_src) {
         (Some(p), Some(root)) => {
             Some(megatron::diff_from_checkout(root, p).map_err(EmitError::Checkout)?)
@@ -184,9 +197,20 @@ pub fn emit(
             },
             DataSource::Builtin(_) | DataSource::Text(_) | DataSource::Jsonl { .. } => None,
         }),
-        args: launch_args(checked, plan, decl, &layers),
+        args: launch_args(checked, plan, decl, &layers, &moe_path),
         notes: warnings.iter().map(|d| d.message.clone()).collect(),
         layers,
+        native: moe_path == support::MoePath::Native,
+        fmoec_layer: matches!(moe_path, support::MoePath::Module { .. }),
+        native_unfit: match &moe_path {
+            support::MoePath::Module { why } => why.clone(),
+            _ => String::new(),
+        },
+        vocab: plan
+            .megatron_core
+            .as_ref()
+            .map_or(checked.model.vocab, |core| core.padded_vocab),
+        megatron_act: support::megatron_act(checked, decl),
     };
     let folder = target.folder;
     let render = |f: registry::Render| -> Result<String, EmitError> {
@@ -200,7 +224,12 @@ pub fn emit(
     if let Some(patch) = patch {
         files.push((target.patch_name(), patch));
     }
-    files.push((format!("{MODULE_NAME}.py"), render(folder.module)?));
+    // A target with a MoE of its own needs the module only where its MoE cannot train the
+    // file's layers; the patches of the others call into it.
+    let module_needed = !decl.can("native_expert_parallel") || view.fmoec_layer;
+    if module_needed {
+        files.push((format!("{MODULE_NAME}.py"), render(folder.module)?));
+    }
     files.push(("train.sh".to_string(), render(folder.train)?));
     files.push(("README.md".to_string(), render(folder.readme)?));
     Ok(Emitted { files, warnings })
@@ -239,9 +268,9 @@ fn validate(
         ));
     }
     // Megatron takes the vocabulary from its tokenizer: GPT-2 BPE, 50257 tokens padded to a
-    // multiple of 128 x tensor size.
+    // multiple of 128 x tensor size (a target that pins the file's vocabulary builds that one).
     let padded = 50257u64.div_ceil(128 * plan.tensor) * 128 * plan.tensor;
-    if !(50257..=padded.max(50304)).contains(&m.vocab) {
+    if !target.decl.can("pinned_vocab") && !(50257..=padded.max(50304)).contains(&m.vocab) {
         warnings.push(Diagnostic::warning(
             "W0804",
             m.spans.vocab,
@@ -252,6 +281,7 @@ fn validate(
             ),
         ));
     }
+    warnings.extend(native_moe_warnings(c, &target.decl));
     if c.train.is_none() {
         warnings.push(Diagnostic::warning(
             "W0805",
@@ -287,6 +317,46 @@ fn validate(
         errors.extend(warnings);
         Err(EmitError::Model(unique(errors)))
     }
+}
+
+/// What Megatron's own MoE trains differently from the file, where it trains the MoE layers
+/// (`support::MoePath::Native`) or builds their shared experts.
+fn native_moe_warnings(c: &Checked, target: &crate::check::MegatronTarget) -> Vec<Diagnostic> {
+    let v = &target.version;
+    let mut out = Vec::new();
+    let path = support::moe_path(c, target);
+    let megatron = support::megatron_act(c, target);
+    for (_, moe) in c.model.moe_layers() {
+        if path == support::MoePath::Native
+            && moe.gate.kind == GateKind::Naive
+            && moe.gate.balance_loss > 0.0
+        {
+            out.push(Diagnostic::warning(
+                "W0807",
+                moe.gate.span,
+                format!(
+                    "fmoec's naive gate computes no balance loss; Megatron-LM {v}'s router adds \
+                     its auxiliary loss (experts x sum of routed fraction x mean probability, \
+                     over the top-k choices) with weight {}",
+                    view::py_float(moe.gate.balance_loss)
+                ),
+            ));
+        }
+        if let Some(shared) = &moe.shared {
+            if target.can("native_expert_parallel") && act_name(shared.expert.act) != megatron {
+                out.push(Diagnostic::warning(
+                    "W0808",
+                    shared.expert.span,
+                    format!(
+                        "Megatron-LM {v}'s shared experts take the activation of its dense MLP \
+                         ({megatron}), not {}",
+                        act_name(shared.expert.act)
+                    ),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The gate's name as the stdlib and the generated module spell it.
@@ -425,19 +495,122 @@ fn group_rows(plan: &ParallelPlan) -> Vec<GroupRow> {
             groups: fmt(&g.gate),
         },
     ]
+    .into_iter()
+    .chain(plan.megatron_core.iter().flat_map(|core| {
+        [
+            GroupRow {
+                kind: "expert-data (expert gradients)",
+                groups: fmt(&g.expert_data),
+            },
+            GroupRow {
+                kind: "expert-tensor (expert slices)",
+                groups: fmt(&core.expert_tensor_groups),
+            },
+        ]
+    }))
+    .collect()
 }
 
 /// Reads one printed value of a layer (for the uniform `--fmoe-*` launch arguments).
 type LayerField = dyn Fn(&LayerView) -> String;
 
-/// Megatron's launch arguments for the model, the plan and the target's capabilities.
+/// `--moe-layer-freq`'s pattern (1 for an MoE layer), as the shortest Python list expression
+/// Megatron evaluates: a repeated period (`([0,1]*12)`), else a dense prefix and a uniform rest
+/// (`([0]+[1]*13)`), else the list.
+fn moe_layer_pattern(c: &Checked) -> String {
+    let bits: Vec<u8> = c
+        .model
+        .layers
+        .iter()
+        .map(|l| u8::from(matches!(l.ffn, crate::check::Ffn::Moe(_))))
+        .collect();
+    let list = |b: &[u8]| -> String {
+        let items: Vec<String> = b.iter().map(u8::to_string).collect();
+        format!("[{}]", items.join(","))
+    };
+    let n = bits.len();
+    if let Some(period) = (1..n).find(|p| n % p == 0 && bits.chunks(*p).all(|c| c == &bits[..*p])) {
+        return format!("({}*{})", list(&bits[..period]), n / period);
+    }
+    if let Some(split) = (1..n).find(|&i| {
+        bits[..i].iter().all(|b| *b == bits[0]) && bits[i..].iter().all(|b| *b == bits[i])
+    }) {
+        return format!("([{}]*{}+[{}]*{})", bits[0], split, bits[split], n - split);
+    }
+    list(&bits)
+}
+
+/// Megatron's own MoE arguments (`native_expert_parallel`), from the first MoE layer: the MoE
+/// layers themselves where Megatron's MoE trains them (`MoePath::Native`); otherwise the
+/// expert groups, Megatron's checks and its loss bookkeeping around the generated module's
+/// layers, which take their own values from the module's table.
+fn megatron_moe_args(
+    c: &Checked,
+    arg: &mut dyn FnMut(&str, Option<String>),
+    moe_path: &support::MoePath,
+) {
+    let Some((_, first)) = c.model.moe_layers().next() else {
+        return;
+    };
+    let native = *moe_path == support::MoePath::Native;
+    if !native {
+        arg(
+            "--spec",
+            Some(format!("{MODULE_NAME} transformer_layer_spec")),
+        );
+    }
+    arg("--num-experts", Some(first.experts.to_string()));
+    if c.model.moe_layers().count() != c.model.layers.len() {
+        arg(
+            "--moe-layer-freq",
+            Some(view::sh_word(&moe_layer_pattern(c))),
+        );
+    }
+    arg("--moe-router-topk", Some(first.top_k.to_string()));
+    if first.top_k == 1 {
+        // Megatron's router refuses top-1 without it
+        arg("--moe-router-pre-softmax", None);
+    }
+    arg(
+        "--moe-ffn-hidden-size",
+        Some(first.expert.hidden.to_string()),
+    );
+    if let Some(shared) = &first.shared {
+        arg(
+            "--moe-shared-expert-intermediate-size",
+            Some((shared.count * shared.expert.hidden).to_string()),
+        );
+    }
+    let loss = first.gate.balance_loss;
+    if native && loss == 0.0 {
+        arg("--moe-router-load-balancing-type", Some("none".to_string()));
+        arg("--moe-aux-loss-coeff", Some("0".to_string()));
+    } else {
+        // the module's layers report their gate losses to Megatron's log under this type
+        arg(
+            "--moe-router-load-balancing-type",
+            Some("aux_loss".to_string()),
+        );
+        if native {
+            arg("--moe-aux-loss-coeff", Some(view::py_float(loss)));
+        }
+    }
+    arg("--moe-token-dispatcher-type", Some("alltoall".to_string()));
+}
+
+/// Megatron's launch arguments for the model, the plan and the target's capabilities: the
+/// arguments every release takes, then those a capability brings (a model property the target
+/// can set, Megatron's own MoE and expert parallelism, its distributed optimizer), so a target
+/// that declares a capability gets its arguments without code of its own.
 fn launch_args(
     c: &Checked,
     plan: &ParallelPlan,
     target: &crate::check::MegatronTarget,
     layers: &[LayerView],
+    moe_path: &support::MoePath,
 ) -> Vec<ArgLine> {
     let m = &c.model;
+    let native_moe = target.can("native_expert_parallel");
     let mut args: Vec<(String, Option<String>)> = Vec::new();
     let mut arg = |flag: &str, value: Option<String>| args.push((flag.to_string(), value));
     arg(
@@ -448,16 +621,80 @@ fn launch_args(
         "--pipeline-model-parallel-size",
         Some(plan.pipeline.to_string()),
     );
+    if native_moe {
+        // Megatron-Core requires sequence parallelism for MoE with tensor parallelism
+        if plan.tensor > 1 {
+            arg("--sequence-parallel", None);
+        }
+        if let Some(core) = &plan.megatron_core {
+            if !layers.is_empty() {
+                arg(
+                    "--expert-model-parallel-size",
+                    Some(core.expert_parallel.to_string()),
+                );
+                arg(
+                    "--expert-tensor-parallel-size",
+                    Some(core.expert_tensor.to_string()),
+                );
+            }
+        }
+    }
+    if target.can("distributed_optimizer") {
+        arg("--use-distributed-optimizer", None);
+    }
     arg("--num-layers", Some(m.depth().to_string()));
     arg("--hidden-size", Some(m.width.to_string()));
     if let Some(hidden) = support::dense_hidden(c, target) {
         arg("--ffn-hidden-size", Some(hidden.to_string()));
     }
     arg("--num-attention-heads", Some(m.attention.heads.to_string()));
+    // Model properties a target can set where it has more than one value for them.
+    if target.allows("attention", "grouped_query") && m.attention.kv_heads < m.attention.heads {
+        arg("--group-query-attention", None);
+        arg("--num-query-groups", Some(m.attention.kv_heads.to_string()));
+    }
     arg("--seq-length", Some(plan.seq_len.to_string()));
     arg("--max-position-embeddings", Some(m.context.to_string()));
+    if target.can("pinned_vocab") {
+        let vocab = plan
+            .megatron_core
+            .as_ref()
+            .map_or(m.vocab, |core| core.padded_vocab);
+        arg("--padded-vocab-size", Some(vocab.to_string()));
+    }
+    if target.allows("norm", "rmsnorm") {
+        let norm = match m.norm {
+            crate::check::Norm::LayerNorm => "LayerNorm",
+            crate::check::Norm::RmsNorm => "RMSNorm",
+        };
+        arg("--normalization", Some(norm.to_string()));
+    }
+    if target.allows("positions", "rotary") {
+        let positions = match m.positions {
+            crate::check::Positions::Learned => "learned_absolute",
+            crate::check::Positions::Rotary => "rope",
+        };
+        arg("--position-embedding-type", Some(positions.to_string()));
+    }
+    if target.allows("dense_act", "swiglu") && support::megatron_act(c, target) == "swiglu" {
+        arg("--swiglu", None);
+    }
+    if target.allows("bias", "false") && !m.bias {
+        arg("--disable-bias-linear", None);
+    }
+    if target.allows("tied_embeddings", "false") && !m.tied_embeddings {
+        arg("--untie-embeddings-and-output-weights", None);
+    }
     arg("--micro-batch-size", Some(plan.micro_batch.to_string()));
-    arg("--DDP-impl", Some("local".to_string()));
+    if !native_moe {
+        // the patch's expert-aware data parallelism replaces Megatron's local DDP
+        arg("--DDP-impl", Some("local".to_string()));
+    }
+    if c.train.is_none() && plan.megatron_core.is_some() {
+        // no train block: the global batch the plan was costed for (its micro-batches in
+        // flight), not Megatron's default of one micro-batch per data rank
+        arg("--global-batch-size", Some(plan.global_batch.to_string()));
+    }
     if let Some(t) = &c.train {
         arg("--global-batch-size", Some(t.batch_sequences.to_string()));
         arg("--train-iters", Some(t.steps.to_string()));
@@ -467,6 +704,9 @@ fn launch_args(
             eps,
             weight_decay,
         } = t.optimizer;
+        if native_moe {
+            arg("--optimizer", Some("adam".to_string()));
+        }
         arg("--lr", Some(view::py_float(lr)));
         match t.schedule {
             Schedule::Constant { warmup } => {
@@ -479,6 +719,9 @@ fn launch_args(
             } => {
                 arg("--lr-decay-style", Some("cosine".to_string()));
                 arg("--lr-warmup-iters", Some(warmup.to_string()));
+                if native_moe {
+                    arg("--lr-decay-iters", Some(t.steps.to_string()));
+                }
                 arg("--min-lr", Some(view::py_float(lr * min_lr_ratio)));
             }
         }
@@ -497,16 +740,32 @@ fn launch_args(
             arg("--save", Some(view::sh_word(&ck.dir)));
             arg("--load", Some(view::sh_word(&ck.dir)));
             arg("--save-interval", Some(ck.every.to_string()));
+            if native_moe {
+                // dist_checkpointing: one copy of each expert, resharded on load
+                arg("--ckpt-format", Some("torch_dist".to_string()));
+            }
         }
-        if let Some(ev) = &t.eval {
-            arg("--eval-interval", Some(ev.every.to_string()));
-            arg("--eval-iters", Some(ev.batches.to_string()));
+        match &t.eval {
+            Some(ev) => {
+                arg("--eval-interval", Some(ev.every.to_string()));
+                arg("--eval-iters", Some(ev.batches.to_string()));
+            }
+            // no evaluation; Megatron-Core still divides the run by an evaluation interval
+            None if native_moe => {
+                arg("--eval-interval", Some(t.steps.to_string()));
+                arg("--eval-iters", Some("0".to_string()));
+            }
+            None => {}
         }
         arg("--seed", Some(t.seed.to_string()));
     }
     arg("--log-interval", Some("10".to_string()));
-    // The MoE arguments (the module's defaults, spelled out so the command says what it trains).
-    if !layers.is_empty() {
+    if layers.is_empty() {
+        // a dense model: no MoE arguments
+    } else if native_moe {
+        megatron_moe_args(c, &mut arg, moe_path);
+    } else {
+        // The MoE arguments (the module's defaults, spelled out so the command says what it trains).
         let indices: Vec<String> = layers.iter().map(|l| l.index.to_string()).collect();
         arg("--fmoe-layers", Some(indices.join(" ")));
         let uniform = |f: &dyn Fn(&LayerView) -> String| -> Option<String> {

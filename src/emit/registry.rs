@@ -139,9 +139,15 @@ pub fn list() -> String {
             "{}  Megatron-LM {}, tree {}, torch >= {}",
             t.version, t.version, t.tree, t.torch_min
         );
-        let _ = writeln!(out, "  patches        {}", t.patched_files.join(", "));
+        let patches = if t.patched_files.is_empty() {
+            "nothing".to_string()
+        } else {
+            t.patched_files.join(", ")
+        };
+        let _ = writeln!(out, "  patches        {patches}");
         for spec in CAPABILITIES {
             let value = match (t.capabilities.get(spec.field), spec.values) {
+                (Some(Capability::Set(vs)), _) if vs.is_empty() => "none".to_string(),
                 (Some(Capability::Set(vs)), _) => vs.join(", "),
                 (Some(Capability::Flag(on)), CapabilityValues::Flag) => {
                     if *on { "yes" } else { "no" }.to_string()

@@ -111,6 +111,14 @@ pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
                 "shared experts".into(),
                 moe.spans.call,
             );
+            if m.bias {
+                ask(
+                    "shared_expert_bias",
+                    "true",
+                    "shared experts with biases".into(),
+                    moe.spans.call,
+                );
+            }
         }
     }
     if m.moe_layers().next().is_some() {
@@ -369,4 +377,106 @@ pub fn fastmoe_runtime(c: &Checked, plan: &ParallelPlan) -> Vec<Diagnostic> {
         }
     }
     out
+}
+
+/// How a target trains the file's MoE layers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MoePath {
+    /// No MoE layer.
+    Dense,
+    /// Megatron's own MoE (`native_expert_parallel`): its router, experts and token dispatcher,
+    /// set by the launch arguments alone.
+    Native,
+    /// fmoec's module; `why` says what Megatron's own MoE cannot express (empty where the
+    /// target has no MoE of its own).
+    Module { why: String },
+}
+
+/// The activation of Megatron's own MLPs (`--swiglu` or GELU): the dense layers' where there are
+/// any and the target has it, else the first MoE layer's experts'.
+pub fn megatron_act(c: &Checked, target: &MegatronTarget) -> &'static str {
+    let dense = c.model.layers.iter().find_map(|l| match &l.ffn {
+        Ffn::Dense(mlp) => Some(act_name(mlp.act)),
+        Ffn::Moe(_) => None,
+    });
+    let first_expert = c
+        .model
+        .moe_layers()
+        .next()
+        .map(|(_, m)| act_name(m.expert.act));
+    let wanted = dense.or(first_expert).unwrap_or("gelu");
+    ["gelu", "relu", "swiglu"]
+        .into_iter()
+        .find(|a| *a == wanted && target.allows("dense_act", a))
+        .or_else(|| {
+            ["gelu", "relu", "swiglu"]
+                .into_iter()
+                .find(|a| target.allows("dense_act", a))
+        })
+        .unwrap_or("gelu")
+}
+
+/// Whether `target`'s own MoE trains the file's MoE layers exactly (every layer alike, a gate
+/// its router computes (`native_gates`), experts with Megatron's MLP activation), and if not,
+/// why.
+pub fn moe_path(c: &Checked, target: &MegatronTarget) -> MoePath {
+    let layers: Vec<_> = c.model.moe_layers().collect();
+    let Some((first_index, first)) = layers.first() else {
+        return MoePath::Dense;
+    };
+    let v = &target.version;
+    if !target.can("native_expert_parallel") {
+        return MoePath::Module { why: String::new() };
+    }
+    let module = |why: String| MoePath::Module { why };
+    let shape = |m: &crate::check::Moe| {
+        (
+            m.experts,
+            m.top_k,
+            m.gate.kind,
+            m.expert.hidden,
+            m.expert.act,
+            m.shared.as_ref().map(|s| (s.count, s.expert.hidden)),
+        )
+    };
+    if let Some((i, other)) = layers.iter().find(|(_, m)| shape(m) != shape(first)) {
+        return module(format!(
+            "its MoE layers differ (layer {first_index}: {} experts of hidden {}, top-{}, {} gate; \
+             layer {i}: {} of hidden {}, top-{}, {} gate), and Megatron-LM {v}'s own MoE has one \
+             expert count, size, top-k and gate for all of them",
+            first.experts,
+            first.expert.hidden,
+            first.top_k,
+            crate::emit::gate_name(first.gate.kind),
+            other.experts,
+            other.expert.hidden,
+            other.top_k,
+            crate::emit::gate_name(other.gate.kind),
+        ));
+    }
+    let gate = crate::emit::gate_name(first.gate.kind);
+    if !target.allows("native_gates", gate) {
+        let native = match target.capabilities.get("native_gates") {
+            Some(crate::check::Capability::Set(v)) => v.join(", "),
+            _ => String::new(),
+        };
+        return module(format!(
+            "Megatron-LM {v}'s own router computes the {native} gate only, not the {gate} gate"
+        ));
+    }
+    if first.top_k == 1 {
+        return module(format!(
+            "with top_k = 1 Megatron-LM {v}'s router weights the chosen expert by its softmax \
+             probability (it needs --moe-router-pre-softmax), the {gate} gate by 1"
+        ));
+    }
+    let act = act_name(first.expert.act);
+    let megatron = megatron_act(c, target);
+    if act != megatron {
+        return module(format!(
+            "its experts are {act}, and Megatron-LM {v}'s own experts take the activation of its \
+             dense MLP ({megatron})"
+        ));
+    }
+    MoePath::Native
 }

@@ -95,6 +95,17 @@ pub struct TargetView {
     pub args: Vec<ArgLine>,
     /// The warnings of the emit, for the README.
     pub notes: Vec<String>,
+    // How the MoE layers train, where the target has a MoE of its own.
+    /// Megatron's own MoE trains them (no module is written).
+    pub native: bool,
+    /// fmoec's module trains them.
+    pub fmoec_layer: bool,
+    /// Why Megatron's own MoE cannot train them (empty otherwise).
+    pub native_unfit: String,
+    /// The vocabulary the model is built with (the planner's, padded as the target pads it).
+    pub vocab: u64,
+    /// The activation of Megatron's own MLPs (`gelu`, `swiglu`).
+    pub megatron_act: &'static str,
 }
 
 /// A Python float literal (`0.01`, `1.0`, `3e-5`) for a finite value, rounded to 12

@@ -11,7 +11,7 @@ use crate::check::ExpertGroup;
 use crate::driver::{self, DiagFormat};
 use crate::graph;
 
-use super::{render, search, MemoryModel, Overrides};
+use super::{render, search, MemoryModel, Overrides, TargetRules};
 
 /// How the plan is printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -57,7 +57,12 @@ pub struct PlanArgs {
     pub micro_batch: Option<u64>,
     /// Whose memory to estimate: `megatron` (Megatron-LM v2.2 with FastMoE, what `fmoec
     /// emit` produces) or `fmoec` (the built-in runtime of `fmoec run`).
-    #[arg(long, value_enum, value_name = "megatron|fmoec")]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "megatron|fmoec",
+        conflicts_with = "megatron"
+    )]
     pub memory_model: Option<MemoryModel>,
     /// Assume skewed routing: the busiest expert of each MoE layer takes this many times
     /// the mean load (1 = balanced, the default; `fmoec bench moe --routing skewed` is 3).
@@ -65,6 +70,12 @@ pub struct PlanArgs {
     /// dynamic shadowing does about it.
     #[arg(long, value_name = "X", value_parser = parse_skew)]
     pub routing_skew: Option<f64>,
+    /// Plan the training `fmoec emit --megatron VERSION` writes: that target's rank layout,
+    /// vocabulary and memory (`core_v0.19`: Megatron-Core's expert grid, distributed optimizer,
+    /// sequence parallelism). Default: FastMoE on Megatron-LM v2.2. `fmoec emit --megatron
+    /// list` names the targets.
+    #[arg(long, value_name = "VERSION")]
+    pub megatron: Option<String>,
     /// How diagnostics are printed: `human`, or `json` (one array on stderr).
     #[arg(long, value_enum, default_value_t)]
     pub diagnostics: DiagFormat,
@@ -95,11 +106,36 @@ impl PlanArgs {
     }
 }
 
+/// The rules of the target `--megatron` names; a message naming the known ones otherwise.
+fn target_rules(version: &str) -> Result<TargetRules, String> {
+    let targets = crate::check::megatron_targets();
+    match targets.iter().find(|t| t.version == version) {
+        Some(t) => Ok(TargetRules::of(t)),
+        None => Err(format!(
+            "no Megatron-LM target `{version}` to plan for; known: {} (`fmoec emit --megatron \
+             list` says what each supports)",
+            targets
+                .iter()
+                .map(|t| t.version.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
+    let target = match args.megatron.as_deref().map(target_rules) {
+        None => None,
+        Some(Ok(rules)) => Some(rules),
+        Some(Err(message)) => {
+            driver::report_error(&message, None, args.diagnostics);
+            return Ok(ExitCode::from(2));
+        }
+    };
     // The front end and the planner's rules (under the overrides) run in one pass and
-    // report together; `--auto` plans many layouts itself.
+    // report together; `--auto` and a plan for another target plan for themselves.
     let overrides = args.overrides();
-    let planning = if args.auto {
+    let planning = if args.auto || target.is_some() {
         driver::Planning::None
     } else {
         driver::Planning::With(&overrides)
@@ -112,8 +148,9 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
+    let rules = target.unwrap_or_default();
     if args.auto {
-        let result = search::search(&loaded.checked, args.world);
+        let result = search::search_for(&loaded.checked, args.world, &rules);
         print!("{}", search::report(&result, args.top));
         return Ok(if result.feasible.is_empty() {
             ExitCode::from(1)
@@ -121,10 +158,25 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         });
     }
-    // `load_with` fails unless it made the plan it was asked for.
-    let plan = loaded
-        .plan
-        .ok_or_else(|| anyhow::anyhow!("no plan was made (a bug in fmoec; please report it)"))?;
+    let plan = match loaded.plan {
+        Some(plan) => plan,
+        // `load_with` fails unless it made the plan it was asked for; a plan for a target is
+        // made here
+        None if args.megatron.is_some() => {
+            match super::build_for(&loaded.checked, &overrides, &rules) {
+                Ok(mut plan) => {
+                    let warnings = std::mem::take(&mut plan.warnings);
+                    driver::report(&loaded.sources, &warnings, args.diagnostics);
+                    plan
+                }
+                Err(diagnostics) => {
+                    driver::report(&loaded.sources, &diagnostics, args.diagnostics);
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        None => anyhow::bail!("no plan was made (a bug in fmoec; please report it)"),
+    };
     let out = match args.format {
         PlanFormat::Table => render::table(&plan),
         PlanFormat::Json => render::json(&plan),

@@ -13,7 +13,7 @@ use crate::graph::{self, ModelGraph, NodeKind};
 
 use super::diagnostics;
 use super::fastermoe::{self, ExchangeCosts, GroupRows};
-use super::grid::Grid;
+use super::grid::{Grid, Layout};
 
 /// Megatron-LM pads the vocabulary to a multiple of this times the tensor size
 /// (`--make-vocab-size-divisible-by`, default 128).
@@ -21,8 +21,46 @@ pub const VOCAB_PAD: u64 = 128;
 
 /// Megatron's padded vocabulary for tensor size `t`.
 pub fn padded_vocab(vocab: u64, tensor: u64) -> u64 {
-    let m = VOCAB_PAD * tensor;
+    padded_vocab_to(vocab, VOCAB_PAD, tensor)
+}
+
+/// The vocabulary padded to a multiple of `multiple × tensor`: [`VOCAB_PAD`] where Megatron pads
+/// its tokenizer's vocabulary, 1 where the target takes the file's (`--padded-vocab-size`, which
+/// must split evenly over the tensor ranks).
+pub fn padded_vocab_to(vocab: u64, multiple: u64, tensor: u64) -> u64 {
+    let m = multiple.max(1) * tensor.max(1);
     vocab.div_ceil(m) * m
+}
+
+/// Where one MoE layer's experts sit, for the cost model (the planner derives it from the
+/// expert group, the slicing and the target's layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ExpertPlacement {
+    pub layout: Layout,
+    /// Ranks that split a layer's experts and exchange its tokens (all-to-all).
+    pub parallel: u64,
+    /// Ranks that hold slices of the same experts (`hidden / slices` each).
+    pub slices: u64,
+    /// Rank distance between neighbours of one expert group: the tensor size in FastMoE's
+    /// layout (data ranks are `t` apart), the expert-tensor size in Megatron-Core's.
+    pub stride: u64,
+}
+
+impl ExpertPlacement {
+    /// Ranks holding the same expert slices, in a stage of `per_stage` ranks.
+    pub fn expert_data(&self, per_stage: u64) -> u64 {
+        per_stage / (self.stride * self.parallel).max(1)
+    }
+}
+
+/// What the memory estimate assumes of the training beyond the layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrainingRules {
+    /// The vocabulary is padded to a multiple of this times the tensor size.
+    pub vocab_multiple: u64,
+    /// Megatron-Core's distributed optimizer: fp32 main weights (and gradients) and the Adam
+    /// moments sharded over the data-parallel group (experts': the expert-data group).
+    pub distributed_optimizer: bool,
 }
 
 /// Parameters held by one rank, by how they are placed.
@@ -52,6 +90,12 @@ pub enum MemoryModel {
     /// of the weights made at each use and kept for the backward pass, fused attention (no
     /// scores stored), no dropout, fp32 logits.
     Fmoec,
+    /// Megatron-Core (`fmoec plan --megatron core_v0.19`, chosen with the target): bf16 weights with fp32 main
+    /// gradients, or fp16 weights and gradients with fp32 main copies, the optimizer's fp32
+    /// state sharded by its distributed optimizer; sequence parallelism and fused attention
+    /// (every activation split over the tensor ranks, no attention scores stored).
+    #[value(skip)]
+    MegatronCore,
 }
 
 impl MemoryModel {
@@ -59,6 +103,7 @@ impl MemoryModel {
         match self {
             MemoryModel::Megatron => "Megatron-LM v2.2 training",
             MemoryModel::Fmoec => "`fmoec run`",
+            MemoryModel::MegatronCore => "Megatron-Core training",
         }
     }
 }
@@ -89,6 +134,10 @@ impl Memory {
         let (optimizer, weights) = match self.model {
             MemoryModel::Megatron => (
                 "optimizer state (fp32 master weights and Adam moments)",
+                "weights",
+            ),
+            MemoryModel::MegatronCore => (
+                "optimizer state (fp32 main weights and Adam moments, sharded)",
                 "weights",
             ),
             MemoryModel::Fmoec => (
@@ -307,6 +356,66 @@ fn fmoec_param_bytes(p: Precision) -> (u64, u64, u64) {
         Precision::Fp32 => (4, 4, 8),
         Precision::Bf16 | Precision::Fp16 | Precision::Fp8 { .. } => (4 + 2, 4, 8),
     }
+}
+
+/// Bytes per parameter under Megatron-Core: (weight, main gradient, optimizer state), the last
+/// sharded by the distributed optimizer (Megatron's `docs/user-guide/features/dist_optimizer.md`):
+/// bf16 weights with fp32 main gradients and fp32 main weights + Adam moments (2, 4, 12); fp16
+/// weights and gradients with fp32 main weights, main gradients and moments (2, 2, 16); fp32
+/// (4, 4, 8). FP8 keeps bf16 weights (Transformer Engine's FP8 copies are not counted).
+fn core_param_bytes(p: Precision) -> (u64, u64, u64) {
+    match p {
+        Precision::Bf16 | Precision::Fp8 { .. } => (2, 4, 12),
+        Precision::Fp16 => (2, 2, 16),
+        Precision::Fp32 => (4, 4, 8),
+    }
+}
+
+/// Activation bytes of one block and one micro-batch on one rank of a Megatron-Core training
+/// (see README.md, "`fmoec plan`"): v2.2's terms ([`block_activations`]) with sequence
+/// parallelism (Megatron-Core requires it for MoE with tensor parallelism: every activation is
+/// split over the `t` tensor ranks) and fused attention (Transformer Engine's or flash: no
+/// attention scores, `4·heads·sb/t` fp32 softmax statistics). In an MoE layer each tensor rank
+/// routes its own `sb/t` tokens: `R = ⌈c·k·sb/t⌉` rows, gathered over the `e` expert-tensor ranks
+/// (`e·R` rows of `f/e` per expert: the internals are `m·a·R·f`).
+fn block_activations_core(
+    c: &Checked,
+    layer: usize,
+    grid: &Grid,
+    experts: &ExpertPlacement,
+    a: u64,
+    sb: u64,
+) -> u64 {
+    let w = |x: u64| x as u128;
+    let m = &c.model;
+    let (a, sb, t, h) = (w(a), w(sb), w(grid.tensor), w(m.width));
+    let att = &m.attention;
+    let q = w(att.heads) * w(att.head_dim);
+    let kv = w(att.kv_heads) * w(att.head_dim);
+    // Norm inputs (2), QKV input, Q K V, the attention output (the projection's input), its
+    // softmax statistics, the dropout mask (1 byte).
+    let attention =
+        (3 * a * sb * h + a * sb * (q + 2 * kv) + a * sb * q + 4 * w(att.heads) * sb + sb * h) / t;
+    let ffn = match &m.layers[layer].ffn {
+        Ffn::Dense(mlp) => {
+            (a * sb * h + w(mlp.act.matrices()) * a * sb * w(mlp.hidden) + sb * h) / t
+        }
+        Ffn::Moe(moe) => {
+            let e = w(experts.slices);
+            let cap = moe.gate.capacity.map(|c| c.train.max(1.0)).unwrap_or(1.0);
+            let routed = (cap * (moe.top_k as f64) * (sb as f64) / (t as f64)).ceil() as u128;
+            let shared = moe.shared.as_ref().map_or(0, |s| {
+                w(s.expert.act.matrices()) * a * sb * w(s.count) * w(s.expert.hidden) / t
+            });
+            // Input, fp32 gate logits, the rows gathered for the experts, the experts'
+            // internals, their outputs, the dropout mask.
+            (a * sb * h + 4 * sb * w(moe.experts) + sb * h) / t
+                + 2 * a * e * routed * h
+                + w(moe.expert.act.matrices()) * a * routed * w(moe.expert.hidden)
+                + shared
+        }
+    };
+    u64::try_from(attention + ffn).unwrap_or(u64::MAX)
 }
 
 /// bf16 grouped matmuls reach this share of the bf16 peak (703 of 989.5 TFLOP/s at S1 on an
@@ -556,7 +665,8 @@ fn layer_exchange(
     }
 }
 
-/// Costs every stage at micro-batch `mb` with `micro_batches` per step. `routing_skew`: the
+/// Costs every stage at micro-batch `mb` with `micro_batches` per step, the experts placed as
+/// `experts` says. `routing_skew`: the
 /// busiest expert of each MoE layer routes this many times the mean (1: balanced; see
 /// [`fastermoe::skewed_shares`]).
 #[allow(clippy::too_many_arguments)]
@@ -564,6 +674,8 @@ pub fn evaluate(
     g: &ModelGraph,
     c: &Checked,
     grid: &Grid,
+    experts: &ExpertPlacement,
+    rules: &TrainingRules,
     precision: Precision,
     seq_len: u64,
     mb: u64,
@@ -576,12 +688,12 @@ pub fn evaluate(
     let p = grid.pipeline;
     let a = act_bytes(precision);
     let pb = precision.param_bytes();
-    let slicing = c.parallel.expert_slicing && t > 1;
-    let te = if slicing { t } else { 1 };
+    let te = experts.slices;
+    let ep = experts.parallel;
     let per_stage = m.depth() / p;
     let tokens = mb * seq_len;
     let h = m.width;
-    let vpad = padded_vocab(m.vocab, t);
+    let vpad = padded_vocab_to(m.vocab, rules.vocab_multiple, t);
     let peak = peak_tflops(c, precision).max(1e-9) * 1e12;
     let hw = &c.parallel.hardware;
     // FP8 (`precision = fp8` on a GPU with FP8 tensor cores): its peak, whether the dense
@@ -601,7 +713,7 @@ pub fn evaluate(
                 moe.expert.hidden / te,
                 moe.expert.act,
                 (tokens * moe.top_k) as f64,
-                (moe.experts / grid.expert_group).max(1),
+                (moe.experts / ep).max(1),
             ),
             _ => false,
         })
@@ -705,51 +817,63 @@ pub fn evaluate(
         // are increasing, so they share a host exactly when those two do.
         let base = grid.rank(0, 0, s);
         let dgroup = [base, grid.rank(0, grid.data - 1, s)];
-        let egroup = [base, grid.rank(0, grid.expert_group - 1, s)];
+        let egroup = [base, base + (ep - 1) * experts.stride];
         #[allow(clippy::needless_range_loop)] // `layer` indexes the model's layers too
         for layer in (s * per_stage) as usize..((s + 1) * per_stage) as usize {
             act = act.saturating_add(match model {
                 MemoryModel::Megatron => block_activations(c, layer, grid, a, seq_len, tokens),
                 MemoryModel::Fmoec => block_activations_fmoec(c, layer, a, tokens),
+                MemoryModel::MegatronCore => {
+                    block_activations_core(c, layer, grid, experts, a, tokens)
+                }
             });
             // Attention output, forward and backward.
             tensor_msgs += 2;
             match &m.layers[layer].ffn {
                 Ffn::Dense(_) => tensor_msgs += 2,
                 Ffn::Moe(moe) => {
-                    if slicing || moe.shared.is_some() {
+                    if te > 1 || moe.shared.is_some() {
                         tensor_msgs += 2;
                     }
                     let one = graph::mlp_params(h, &moe.expert, m.bias);
-                    let local = moe.experts / grid.expert_group;
+                    let local = moe.experts / ep;
                     rp.expert += local * (one.sharded / te + one.replicated);
                     if fp8_experts[layer] {
                         let (hidden, matrices) =
                             (moe.expert.hidden / te, moe.expert.act.matrices());
                         // each matrix: a scale per output column and per row
                         fp8_scale_bytes += local * matrices * 4 * (h + hidden);
-                        fp8_quant_bytes_per_token += (moe.top_k * local * grid.expert_group) as f64
+                        fp8_quant_bytes_per_token += (moe.top_k * local * ep) as f64
                             / moe.experts.max(1) as f64
                             * (FP8_QUANT_BYTES_INPUT * h as f64
                                 + FP8_QUANT_BYTES_HIDDEN * (hidden * (matrices - 1)) as f64);
                     }
-                    let g = grid.expert_group;
-                    let bytes = u64::try_from(
-                        2 * (moe.top_k as u128)
-                            * (tokens as u128)
-                            * (h as u128)
-                            * (a as u128)
-                            * (g as u128 - 1)
-                            / g as u128,
-                    )
-                    .unwrap_or(u64::MAX);
+                    let g = ep;
+                    // Megatron-Core: sequence parallelism gives each tensor rank its own slice
+                    // of the micro-batch to route, and after the exchange the expert-tensor
+                    // ranks gather each other's tokens (reduce-scattered back in the combine)
+                    let (routed, gather_ranks) = match model {
+                        MemoryModel::MegatronCore => (tokens / t, te),
+                        _ => (tokens, 1),
+                    };
+                    let rows = 2 * (moe.top_k as u128) * (routed as u128) * (h as u128) * a as u128;
+                    let exchange =
+                        u64::try_from(rows * (g as u128 - 1) / g as u128).unwrap_or(u64::MAX);
+                    let gather =
+                        u64::try_from(rows * (gather_ranks as u128 - 1)).unwrap_or(u64::MAX);
+                    let bytes = exchange.saturating_add(gather);
                     all_to_all.push(AllToAll {
                         layer,
                         fwd_bytes: bytes,
                         bwd_bytes: bytes,
                     });
                     let bw = bandwidth(c, &egroup);
-                    let transfer_s = 2.0 * bytes as f64 / bw;
+                    let mut transfer_s = 2.0 * exchange as f64 / bw;
+                    if gather > 0 {
+                        // the expert-tensor group: consecutive ranks (tp-ep-dp-pp order)
+                        let group = [base, base + gather_ranks - 1];
+                        transfer_s += 2.0 * gather as f64 / bandwidth(c, &group);
+                    }
                     let rate = match fp8 {
                         Some((fp8_peak, _)) if fp8_experts[layer] => fp8_peak,
                         _ => peak,
@@ -759,7 +883,7 @@ pub fn evaluate(
                     let x = layer_exchange(
                         c,
                         (layer, moe),
-                        grid.expert_group,
+                        ep,
                         (tokens * moe.top_k) as f64,
                         ((h * a) as f64, bw),
                         (
@@ -801,6 +925,10 @@ pub fn evaluate(
                 MemoryModel::Fmoec => act
                     .saturating_add(2 * a * tokens * h)
                     .saturating_add((12 * tokens).saturating_mul(m.vocab)),
+                // sequence-parallel final norm input; vocab-parallel fp32 logits
+                MemoryModel::MegatronCore => act
+                    .saturating_add(a * tokens * h / t)
+                    .saturating_add((4 * tokens).saturating_mul(vpad) / t),
             };
         }
         if t == 1 {
@@ -812,16 +940,27 @@ pub fn evaluate(
         let (weight_b, grad_b, optimizer_b) = match model {
             MemoryModel::Megatron => (pb, grad_bytes, optimizer_bytes(precision)),
             MemoryModel::Fmoec => fmoec_param_bytes(precision),
+            MemoryModel::MegatronCore => core_param_bytes(precision),
         };
         let weights = rp
             .total
             .saturating_mul(weight_b)
             .saturating_add(match model {
                 MemoryModel::Fmoec => fp8_scale_bytes,
-                MemoryModel::Megatron => 0,
+                MemoryModel::Megatron | MemoryModel::MegatronCore => 0,
             });
         let grads = rp.total.saturating_mul(grad_b);
-        let optimizer = rp.total.saturating_mul(optimizer_b);
+        // the distributed optimizer shards its state over the data-parallel group, the
+        // experts' over the expert-data group
+        let ed = experts.expert_data(grid.world / p);
+        let optimizer = if model == MemoryModel::MegatronCore && rules.distributed_optimizer {
+            let dense = (rp.total - rp.expert) as u128;
+            let sharded =
+                dense.div_ceil(grid.data as u128) + (rp.expert as u128).div_ceil(ed as u128);
+            u64::try_from(sharded * optimizer_b as u128).unwrap_or(u64::MAX)
+        } else {
+            rp.total.saturating_mul(optimizer_b)
+        };
         let activations = act.saturating_mul(in_flight);
         let memory = Memory {
             model,
@@ -849,8 +988,7 @@ pub fn evaluate(
         } else {
             0
         };
-        let ed = grid.data / grid.expert_group;
-        let edgroup = [base, grid.rank(0, (ed - 1) * grid.expert_group, s)];
+        let edgroup = [base, base + (ed - 1) * experts.stride * ep];
         let gate_group = [base, grid.rank(t - 1, grid.data - 1, s)];
         let gate_size = grid.world / p;
         let traffic = Traffic {

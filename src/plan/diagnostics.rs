@@ -33,6 +33,9 @@ pub const TOO_LARGE: &str = "P0012";
 pub const TOO_MANY_TO_LIST: &str = "P0013";
 /// `precision = fp8` on a GPU without FP8 tensor cores.
 pub const NO_FP8: &str = "P0014";
+/// A layer's experts not divisible by the expert x tensor ranks that hold them whole (a
+/// Megatron-Core layout whose experts have biases and cannot be sliced).
+pub const EXPERTS_NOT_DIVISIBLE_WHOLE: &str = "P0015";
 /// Warning: a tensor-parallel group spans hosts.
 pub const TENSOR_ACROSS_HOSTS: &str = "P0101";
 /// Warning: the pipeline idles for most of the step.
@@ -41,6 +44,10 @@ pub const LARGE_BUBBLE: &str = "P0102";
 pub const CHUNKS_OVER_EXPERT_GROUP: &str = "P0110";
 /// Warning: FasterMoE's options on a layout whose experts are not exchanged.
 pub const NOTHING_TO_EXCHANGE: &str = "P0111";
+/// Warning: experts with biases are spread whole over expert x tensor ranks instead of sliced.
+pub const WHOLE_EXPERTS_FOR_BIAS: &str = "P0103";
+/// Warning: the vocabulary is padded to a multiple of the tensor size.
+pub const VOCAB_PADDED: &str = "P0104";
 
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
@@ -389,4 +396,69 @@ pub fn nothing_to_exchange(option: &str, world: u64, at: Span) -> Diagnostic {
     )
     .with_label("no expert exchange to schedule")
     .with_help("spread the experts over ranks (`experts = across data` or `groups_of(N)` with N > 1)")
+}
+
+/// The target cannot slice experts with biases (Megatron-Core): a layer's experts must divide
+/// over the `ranks = group × tensor` expert-parallel ranks that hold them whole.
+pub fn experts_not_divisible_whole(
+    layer: usize,
+    experts: (u64, Span),
+    (group, tensor, ranks): (u64, u64, u64),
+    target: &str,
+    slicing: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        EXPERTS_NOT_DIVISIBLE_WHOLE,
+        experts.1,
+        format!(
+            "layer {layer}: experts = {} do not divide over the {ranks} expert-parallel ranks that \
+             hold them on Megatron-LM {target}",
+            experts.0
+        ),
+    )
+    .with_label(format!(
+        "{} over {group} x {tensor} ranks",
+        count(experts.0, "expert", "experts")
+    ))
+    .with_secondary(slicing, "experts sliced over the tensor ranks")
+    .with_help(format!(
+        "Megatron-LM {target} slices no expert that has biases: each of the {group} x {tensor} \
+         ranks holds whole experts. Use a multiple of {ranks} experts, `bias = false`, or \
+         `expert_slicing = false`"
+    ))
+}
+
+pub fn whole_experts_for_bias(
+    (group, tensor): (u64, u64),
+    target: &str,
+    slicing: Span,
+) -> Diagnostic {
+    Diagnostic::warning(
+        WHOLE_EXPERTS_FOR_BIAS,
+        slicing,
+        format!(
+            "Megatron-LM {target} slices no expert that has biases: the experts are spread whole \
+             over {} expert-parallel ranks ({group} x {tensor}), the same weights per GPU as \
+             slicing them over the {tensor} tensor ranks",
+            group * tensor
+        ),
+    )
+    .with_label("experts with biases")
+    .with_help("with `bias = false` the experts are sliced over the tensor ranks as written")
+}
+
+pub fn vocab_padded(vocab: (u64, Span), padded: u64, tensor: u64, target: &str) -> Diagnostic {
+    Diagnostic::warning(
+        VOCAB_PADDED,
+        vocab.1,
+        format!(
+            "Megatron-LM {target} splits the vocabulary evenly over the {tensor} tensor ranks: \
+             vocab = {} is padded to {padded} rows",
+            vocab.0
+        ),
+    )
+    .with_label(format!("not a multiple of {tensor}"))
+    .with_help(format!(
+        "a vocabulary that is a multiple of {tensor} trains without padding rows"
+    ))
 }

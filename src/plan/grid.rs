@@ -212,3 +212,114 @@ impl Groups {
             .map(Vec::as_slice)
     }
 }
+
+/// Which rank layout a plan's experts follow (the dense groups are the same in both).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// FastMoE on Megatron-LM v2.x: an expert group is a run of `g` consecutive members of one
+    /// data group ([`Groups::expert`] of [`Grid::groups`]); tensor ranks never share one.
+    #[default]
+    Fastmoe,
+    /// Megatron-Core's `parallel_state` (`initialize_model_parallel`, order `tp-cp-ep-dp-pp`,
+    /// no context parallelism): the dense ranks as Megatron-LM v2.2 lays them out (`tp-dp-pp`),
+    /// the experts on their own grid `tp-ep-dp-pp` of expert-tensor × expert-parallel ×
+    /// expert-data ranks inside each pipeline stage ([`ExpertGrid`]).
+    MegatronCore,
+}
+
+impl Layout {
+    pub fn is_fastmoe(&self) -> bool {
+        *self == Layout::Fastmoe
+    }
+}
+
+/// Megatron-Core's expert grid. Within a pipeline stage of `W/p` ranks, local rank
+/// `i = etp_rank + etp·ep_rank + etp·ep·edp_rank` (`etp` expert-tensor, `ep` expert-parallel and
+/// `edp = W/(p·etp·ep)` expert-data ranks), as `RankGenerator(tp=etp, ep=ep, dp=edp, pp=p,
+/// order='tp-ep-dp-pp')` numbers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ExpertGrid {
+    /// Ranks that split one MoE layer's experts and exchange its tokens (all-to-all).
+    pub expert_parallel: u64,
+    /// Ranks that hold slices of the same experts (`hidden / expert_tensor` each).
+    pub expert_tensor: u64,
+}
+
+impl ExpertGrid {
+    /// Ranks holding the same expert slices (their expert gradients are summed there).
+    pub fn expert_data(&self, grid: &Grid) -> u64 {
+        grid.per_stage() / (self.expert_parallel * self.expert_tensor)
+    }
+
+    /// `(expert-parallel rank, expert-tensor rank)` of `rank`.
+    pub fn coords(&self, grid: &Grid, rank: u64) -> (u64, u64) {
+        let i = rank % grid.per_stage();
+        (
+            (i / self.expert_tensor) % self.expert_parallel,
+            i % self.expert_tensor,
+        )
+    }
+
+    /// The sizes of the grid's axes, fastest first: expert-tensor, expert-parallel,
+    /// expert-data, pipeline.
+    fn axes(&self, grid: &Grid) -> [u64; 4] {
+        [
+            self.expert_tensor,
+            self.expert_parallel,
+            self.expert_data(grid),
+            grid.pipeline,
+        ]
+    }
+
+    /// The expert-parallel groups, in the order Megatron-Core creates them.
+    pub fn expert_groups(&self, grid: &Grid) -> Vec<Vec<u64>> {
+        rank_groups(&self.axes(grid), [false, true, false, false])
+    }
+
+    /// The expert-tensor groups (ranks slicing the same experts).
+    pub fn expert_tensor_groups(&self, grid: &Grid) -> Vec<Vec<u64>> {
+        rank_groups(&self.axes(grid), [true, false, false, false])
+    }
+
+    /// The expert-data-parallel groups.
+    pub fn expert_data_groups(&self, grid: &Grid) -> Vec<Vec<u64>> {
+        rank_groups(&self.axes(grid), [false, false, true, false])
+    }
+}
+
+/// The groups of the masked axes of a grid whose rank is `Σ index[i]·stride[i]` (axes fastest
+/// first), as Megatron-Core's `generate_masked_orthogonal_rank_groups` lists them: one group per
+/// combination of the other axes (the first of them fastest), its members along the masked
+/// axes (the first of them fastest).
+fn rank_groups(sizes: &[u64; 4], mask: [bool; 4]) -> Vec<Vec<u64>> {
+    let mut strides = [1u64; 4];
+    for i in 1..4 {
+        strides[i] = strides[i - 1] * sizes[i - 1];
+    }
+    let pick = |want: bool| -> Vec<(u64, u64)> {
+        (0..4)
+            .filter(|&i| mask[i] == want)
+            .map(|i| (sizes[i], strides[i]))
+            .collect()
+    };
+    let (inside, outside) = (pick(true), pick(false));
+    let offsets = |axes: &[(u64, u64)]| -> Vec<u64> {
+        let count: u64 = axes.iter().map(|(n, _)| n).product();
+        (0..count)
+            .map(|mut k| {
+                let mut at = 0;
+                for (n, stride) in axes {
+                    at += (k % n) * stride;
+                    k /= n;
+                }
+                at
+            })
+            .collect()
+    };
+    let members = offsets(&inside);
+    offsets(&outside)
+        .into_iter()
+        .map(|base| members.iter().map(|m| base + m).collect())
+        .collect()
+}

@@ -37,8 +37,97 @@ use crate::diag::Diagnostic;
 use crate::diag::Span;
 use crate::graph::{self, ModelGraph};
 
-pub use cost::{LayerExchange, Memory, MemoryModel, StageCost, TimeEstimate};
-pub use grid::{Coords, Grid, GroupKind, Groups};
+pub use cost::{ExpertPlacement, LayerExchange, Memory, MemoryModel, StageCost, TimeEstimate};
+pub use grid::{Coords, ExpertGrid, Grid, GroupKind, Groups, Layout};
+
+/// What the Megatron-LM generation a plan is made for decides, read from its target
+/// declaration's capabilities (`stdlib/megatron.fmoe`), never from its name: `fmoec plan
+/// --megatron VERSION` and `fmoec emit --megatron VERSION` plan with them. The [`Default`] is
+/// FastMoE on Megatron-LM v2.2 (what `fmoec plan` describes without `--megatron`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetRules {
+    /// The target's version as the command line names it (`core_v0.19`); empty by default.
+    pub version: String,
+    /// Megatron-Core's rank layout where the target has `native_expert_parallel`.
+    pub layout: Layout,
+    /// The vocabulary is padded to a multiple of this times the tensor size: 1 where the target
+    /// takes the file's vocabulary (`pinned_vocab`), else the tokenizer padding of Megatron-LM.
+    pub vocab_multiple: u64,
+    /// The target's distributed optimizer (`distributed_optimizer`) shards the optimizer state.
+    pub distributed_optimizer: bool,
+    /// The target can slice experts that have biases over the tensor ranks
+    /// (`sliced_expert_bias`); else it spreads them whole over expert × tensor ranks.
+    pub sliced_expert_bias: bool,
+}
+
+impl Default for TargetRules {
+    fn default() -> TargetRules {
+        TargetRules {
+            version: String::new(),
+            layout: Layout::Fastmoe,
+            vocab_multiple: cost::VOCAB_PAD,
+            distributed_optimizer: false,
+            sliced_expert_bias: true,
+        }
+    }
+}
+
+impl TargetRules {
+    /// The rules of one declared target.
+    pub fn of(target: &crate::check::MegatronTarget) -> TargetRules {
+        TargetRules {
+            version: target.version.clone(),
+            layout: if target.can("native_expert_parallel") {
+                Layout::MegatronCore
+            } else {
+                Layout::Fastmoe
+            },
+            vocab_multiple: if target.can("pinned_vocab") {
+                1
+            } else {
+                cost::VOCAB_PAD
+            },
+            distributed_optimizer: target.can("distributed_optimizer"),
+            sliced_expert_bias: target.can("sliced_expert_bias"),
+        }
+    }
+
+    /// The memory model of a training under these rules (`--memory-model` overrides it).
+    fn memory_model(&self) -> MemoryModel {
+        match self.layout {
+            Layout::Fastmoe => MemoryModel::Megatron,
+            Layout::MegatronCore => MemoryModel::MegatronCore,
+        }
+    }
+
+    fn training(&self) -> cost::TrainingRules {
+        cost::TrainingRules {
+            vocab_multiple: self.vocab_multiple,
+            distributed_optimizer: self.distributed_optimizer,
+        }
+    }
+}
+
+/// What a plan for Megatron-Core holds beyond the common plan (absent from other plans' JSON).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MegatronCorePlan {
+    /// `--expert-model-parallel-size`: ranks splitting each MoE layer's experts
+    /// (`expert_group_size` of the plan).
+    pub expert_parallel: u64,
+    /// `--expert-tensor-parallel-size`: ranks slicing each expert.
+    pub expert_tensor: u64,
+    /// Ranks holding the same expert slices.
+    pub expert_data: u64,
+    /// The experts have biases and the file slices them: Megatron-Core holds them whole on
+    /// `expert_parallel = group × tensor` ranks instead.
+    pub whole_experts_for_bias: bool,
+    /// `--padded-vocab-size`.
+    pub padded_vocab: u64,
+    /// `--use-distributed-optimizer` (the memory estimate shards the optimizer state).
+    pub distributed_optimizer: bool,
+    /// The expert-tensor groups, in Megatron-Core's creation order.
+    pub expert_tensor_groups: Vec<Vec<u64>>,
+}
 
 /// What-if changes to the `parallel` block from the command line (`--world`, ...).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -209,6 +298,9 @@ pub struct ParallelPlan {
     /// turns either on or the plan assumes skewed routing (`--routing-skew`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fastermoe: Option<FasterMoePlan>,
+    /// Megatron-Core's own values, in a plan made for it (`--megatron core_v0.19`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub megatron_core: Option<MegatronCorePlan>,
     /// Warnings about a plan that works but wastes time (not part of the JSON).
     #[serde(skip)]
     pub warnings: Vec<Diagnostic>,
@@ -277,7 +369,17 @@ pub fn build(checked: &Checked) -> Result<ParallelPlan, Vec<Diagnostic>> {
 /// Plans the file with command-line overrides. Every error found is returned (not just
 /// the first); a plan comes back only when every rank fits its memory.
 pub fn build_with(checked: &Checked, o: &Overrides) -> Result<ParallelPlan, Vec<Diagnostic>> {
-    let p = cost_with(checked, o)?;
+    build_for(checked, o, &TargetRules::default())
+}
+
+/// Plans the file with command-line overrides for the training `rules` describe (one Megatron-LM
+/// target's layout, vocabulary and memory).
+pub fn build_for(
+    checked: &Checked,
+    o: &Overrides,
+    rules: &TargetRules,
+) -> Result<ParallelPlan, Vec<Diagnostic>> {
+    let p = cost_for(checked, o, rules)?;
     // Every rank lists the ids of the experts it holds: refuse plans whose listing alone
     // would take gigabytes (a million replicated-expert ranks would take terabytes).
     let per_rank: u64 = checked
@@ -299,23 +401,18 @@ pub fn build_with(checked: &Checked, o: &Overrides) -> Result<ParallelPlan, Vec<
             o,
         ));
     }
-    Ok(assemble(
-        checked,
-        &p.graph,
-        p.grid,
-        p.expert_group,
-        p.precision,
-        p.seq_len,
-        p.costed,
-        p.assumptions,
-        o.routing_skew,
-    ))
+    Ok(assemble(checked, p, o.routing_skew))
 }
 
 /// A configuration checked and costed, before ranks and groups are listed (cheap even
 /// for very large worlds; what `--auto` compares).
 pub struct Costed {
     pub grid: Grid,
+    /// Where the experts sit (the expert group after the target's layout).
+    pub experts: ExpertPlacement,
+    pub rules: TargetRules,
+    /// The planner's warnings about the placement it had to choose.
+    pub warnings: Vec<Diagnostic>,
     pub expert_group: ExpertGroup,
     pub precision: Precision,
     pub seq_len: u64,
@@ -393,6 +490,91 @@ fn pick_micro_batch(
 
 /// Checks and costs the file with overrides, choosing the micro-batch when it is free.
 pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnostic>> {
+    cost_for(checked, o, &TargetRules::default())
+}
+
+/// Where the experts of `model` sit on `grid` under `rules`, with the warnings of that choice;
+/// an error for each layer whose experts do not divide over the ranks that hold them.
+fn place_experts(
+    model: &Model,
+    par: &Parallel,
+    grid: &Grid,
+    rules: &TargetRules,
+) -> Result<(ExpertPlacement, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let t = grid.tensor;
+    let g = grid.expert_group;
+    let slicing = par.expert_slicing && t > 1;
+    let mut warnings = Vec::new();
+    let placement = match rules.layout {
+        Layout::Fastmoe => ExpertPlacement {
+            layout: Layout::Fastmoe,
+            parallel: g,
+            slices: if slicing { t } else { 1 },
+            stride: t,
+        },
+        // Megatron-Core's expert grid: the expert-tensor ranks are the tensor ranks when the
+        // file slices experts; else each tensor rank routes its own slice of the sequence to
+        // whole experts (expert-tensor size 1)
+        Layout::MegatronCore if slicing && model.bias && !rules.sliced_expert_bias => {
+            let mut errors = Vec::new();
+            let mut seen = std::collections::BTreeSet::new();
+            for (i, m) in model.moe_layers() {
+                if m.experts % (g * t) != 0 && seen.insert(m.spans.experts) {
+                    errors.push(diagnostics::experts_not_divisible_whole(
+                        i,
+                        (m.experts, m.spans.experts),
+                        (g, t, g * t),
+                        &rules.version,
+                        par.spans.tensor,
+                    ));
+                }
+            }
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            if model.moe_layers().next().is_some() {
+                warnings.push(diagnostics::whole_experts_for_bias(
+                    (g, t),
+                    &rules.version,
+                    par.spans.tensor,
+                ));
+            }
+            ExpertPlacement {
+                layout: Layout::MegatronCore,
+                parallel: g * t,
+                slices: 1,
+                stride: 1,
+            }
+        }
+        Layout::MegatronCore => {
+            let e = if slicing { t } else { 1 };
+            ExpertPlacement {
+                layout: Layout::MegatronCore,
+                parallel: g,
+                slices: e,
+                stride: e,
+            }
+        }
+    };
+    let padded = cost::padded_vocab_to(model.vocab, rules.vocab_multiple, t);
+    if rules.vocab_multiple == 1 && padded != model.vocab {
+        warnings.push(diagnostics::vocab_padded(
+            (model.vocab, model.spans.vocab),
+            padded,
+            t,
+            &rules.version,
+        ));
+    }
+    Ok((placement, warnings))
+}
+
+/// Checks and costs the file with overrides for the training `rules` describe, choosing the
+/// micro-batch when it is free.
+pub fn cost_for(
+    checked: &Checked,
+    o: &Overrides,
+    rules: &TargetRules,
+) -> Result<Costed, Vec<Diagnostic>> {
     let filled;
     let checked = match with_fallback_spans(checked) {
         Some(c) => {
@@ -404,6 +586,8 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
     let par = &checked.parallel;
     let s = Setup::of(&checked.parallel, o);
     let grid = validate(&Parts::of(checked), &s).map_err(|d| plan_error(d, o))?;
+    let (experts, warnings) =
+        place_experts(&checked.model, par, &grid, rules).map_err(|d| plan_error(d, o))?;
     let sp = &par.spans;
     let train = checked.train.as_ref();
     let mut assumptions = Vec::new();
@@ -476,11 +660,13 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
             &g,
             checked,
             &grid,
+            &experts,
+            &rules.training(),
             precision,
             seq_len,
             m,
             micro_batches.max(1),
-            o.memory_model.unwrap_or_default(),
+            o.memory_model.unwrap_or(rules.memory_model()),
             o.routing_skew.unwrap_or(1.0),
         );
         if c.fits() {
@@ -502,6 +688,9 @@ pub fn cost_with(checked: &Checked, o: &Overrides) -> Result<Costed, Vec<Diagnos
     };
     Ok(Costed {
         grid,
+        experts,
+        rules: rules.clone(),
+        warnings,
         expert_group: s.expert_group,
         precision,
         seq_len,
@@ -877,21 +1066,24 @@ fn model_rules(model: &Model, par: &Parallel, s: &Setup, errs: &mut Vec<Diagnost
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn assemble(
-    checked: &Checked,
-    g: &ModelGraph,
-    grid: Grid,
-    expert_group: ExpertGroup,
-    precision: Precision,
-    seq_len: u64,
-    costed: cost::Costed,
-    assumptions: Vec<String>,
-    routing_skew: Option<f64>,
-) -> ParallelPlan {
+fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> ParallelPlan {
+    let Costed {
+        grid,
+        experts: placement,
+        rules,
+        warnings: placement_warnings,
+        expert_group,
+        precision,
+        seq_len,
+        costed,
+        assumptions,
+        graph: g,
+    } = p;
+    let g = &g;
     let par = &checked.parallel;
     let per_stage = checked.model.depth() / grid.pipeline;
-    let slicing = par.expert_slicing && grid.tensor > 1;
+    let ep = placement.parallel;
+    let slices = placement.slices;
     let moe_layers: Vec<MoeLayerPlan> = checked
         .model
         .moe_layers()
@@ -900,30 +1092,35 @@ fn assemble(
             stage: i as u64 / per_stage,
             experts: m.experts,
             top_k: m.top_k,
-            experts_per_rank: m.experts / grid.expert_group,
+            experts_per_rank: m.experts / ep,
             expert_hidden: m.expert.hidden,
-            hidden_per_rank: if slicing {
-                m.expert.hidden / grid.tensor
-            } else {
-                m.expert.hidden
-            },
+            hidden_per_rank: m.expert.hidden / slices,
             capacity: m.gate.capacity.map(|c| c.train),
         })
         .collect();
+    // Megatron-Core's expert grid, where the plan is for it
+    let core_grid = match placement.layout {
+        Layout::MegatronCore => Some(ExpertGrid {
+            expert_parallel: ep,
+            expert_tensor: slices,
+        }),
+        Layout::Fastmoe => None,
+    };
     let gpn = par.hardware.gpus_per_node.max(1);
     let ranks = (0..grid.world)
         .map(|r| {
-            let c = grid.coords(r);
+            let mut c = grid.coords(r);
+            // the rank among the expert-tensor ranks slicing its experts
+            let mut slice = if slices > 1 { c.tensor_rank } else { 0 };
+            if let Some(eg) = &core_grid {
+                (c.expert_rank, slice) = eg.coords(&grid, r);
+            }
             let experts = moe_layers
                 .iter()
                 .filter(|m| m.stage == c.pipeline_rank)
                 .map(|m| {
                     let first = c.expert_rank * m.experts_per_rank;
-                    let lo = if slicing {
-                        c.tensor_rank * m.hidden_per_rank
-                    } else {
-                        0
-                    };
+                    let lo = slice * m.hidden_per_rank;
                     HeldExperts {
                         layer: m.layer,
                         ids: (first..first + m.experts_per_rank).collect(),
@@ -956,8 +1153,7 @@ fn assemble(
             cost: c.clone(),
         })
         .collect();
-    let mut warnings = Vec::new();
-    let gpn = par.hardware.gpus_per_node.max(1);
+    let mut warnings = placement_warnings;
     if grid.tensor > 1 && (grid.tensor > gpn || gpn % grid.tensor != 0) {
         warnings.push(diagnostics::tensor_across_hosts(
             (grid.tensor, par.spans.tensor),
@@ -1001,8 +1197,8 @@ fn assemble(
         pipeline: grid.pipeline,
         data: grid.data,
         expert_group: expert_group_name(expert_group),
-        expert_group_size: grid.expert_group,
-        expert_slicing: slicing,
+        expert_group_size: ep,
+        expert_slicing: slices > 1,
         precision,
         seq_len,
         micro_batch: costed.micro_batch,
@@ -1013,7 +1209,31 @@ fn assemble(
         stages,
         moe_layers,
         ranks,
-        groups: grid.groups(),
+        groups: match &core_grid {
+            Some(eg) => Groups {
+                expert: eg.expert_groups(&grid),
+                expert_data: eg.expert_data_groups(&grid),
+                ..grid.groups()
+            },
+            None => grid.groups(),
+        },
         time: costed.time,
+        megatron_core: core_grid.map(|eg| MegatronCorePlan {
+            expert_parallel: eg.expert_parallel,
+            expert_tensor: eg.expert_tensor,
+            expert_data: eg.expert_data(&grid),
+            whole_experts_for_bias: placement.stride == 1
+                && par.expert_slicing
+                && grid.tensor > 1
+                && checked.model.bias
+                && !rules.sliced_expert_bias,
+            padded_vocab: cost::padded_vocab_to(
+                checked.model.vocab,
+                rules.vocab_multiple,
+                grid.tensor,
+            ),
+            distributed_optimizer: rules.distributed_optimizer,
+            expert_tensor_groups: eg.expert_tensor_groups(&grid),
+        }),
     }
 }

@@ -113,13 +113,32 @@ pub fn table(plan: &ParallelPlan) -> String {
         bytes(hw.memory_bytes),
         crate::diag::count(hw.gpus_per_node, "GPU", "GPUs")
     );
+    let layout = match plan.megatron_core {
+        Some(_) => "Megatron-Core layout",
+        None => "Megatron-LM v2.2 layout",
+    };
     let _ = writeln!(
         o,
-        "grid:      world {} = tensor {} × pipeline {} × data {} (Megatron-LM v2.2 layout)",
+        "grid:      world {} = tensor {} × pipeline {} × data {} ({layout})",
         plan.world, plan.tensor, plan.pipeline, plan.data
     );
     if plan.moe_layers.is_empty() {
         let _ = writeln!(o, "experts:   none (a dense model)");
+    } else if let Some(core) = &plan.megatron_core {
+        let _ = writeln!(
+            o,
+            "experts:   expert group {} ({}): expert-parallel {} × expert-tensor {} × expert-data {}{}",
+            plan.expert_group,
+            crate::diag::count(plan.expert_group_size, "rank", "ranks"),
+            core.expert_parallel,
+            core.expert_tensor,
+            core.expert_data,
+            if core.whole_experts_for_bias {
+                " (experts with biases whole, not sliced)"
+            } else {
+                ""
+            }
+        );
     } else {
         let _ = writeln!(
             o,
@@ -283,6 +302,14 @@ pub fn table(plan: &ParallelPlan) -> String {
         ("embedding", &g.embedding),
     ] {
         let _ = writeln!(o, "  {:<12} {}", name, group_line(gs, 8));
+    }
+    if let Some(core) = &plan.megatron_core {
+        let _ = writeln!(
+            o,
+            "  {:<12} {}",
+            "expert_tensor",
+            group_line(&core.expert_tensor_groups, 8)
+        );
     }
 
     let _ = writeln!(

@@ -9,7 +9,7 @@ use std::fmt::Write;
 
 use super::cost::TimeEstimate;
 use super::grid::divisors;
-use super::{build_with, cost_with, expert_group_name, Overrides, ParallelPlan};
+use super::{build_for, cost_for, expert_group_name, Overrides, ParallelPlan, TargetRules};
 use crate::check::{Checked, ExpertGroup};
 
 /// A candidate that failed, with the first reason.
@@ -23,9 +23,11 @@ pub struct Rejected {
 /// A configuration that works.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Candidate {
-    /// Every choice made, the micro-batch included: `build_with(checked, &overrides)`
+    /// Every choice made, the micro-batch included: `build_for(checked, &overrides, &rules)`
     /// gives the full plan.
     pub overrides: Overrides,
+    /// The training the plans are for (`--megatron`).
+    pub rules: TargetRules,
     pub tensor: u64,
     pub pipeline: u64,
     pub data: u64,
@@ -40,7 +42,7 @@ pub struct Candidate {
 impl Candidate {
     /// The full plan of this candidate.
     pub fn plan(&self, checked: &Checked) -> Option<ParallelPlan> {
-        build_with(checked, &self.overrides).ok()
+        build_for(checked, &self.overrides, &self.rules).ok()
     }
 }
 
@@ -57,6 +59,11 @@ pub struct SearchResult {
 /// rest, expert group ∈ {across data, every proper divisor of data, replicated} and
 /// every micro-batch the planner tries. `world` overrides the file's GPU count.
 pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
+    search_for(checked, world, &TargetRules::default())
+}
+
+/// [`search`] for the training `rules` describe (`fmoec plan --auto --megatron VERSION`).
+pub fn search_for(checked: &Checked, world: Option<u64>, rules: &TargetRules) -> SearchResult {
     let w = world.unwrap_or(checked.parallel.gpus).max(1);
     let gpn = checked.parallel.hardware.gpus_per_node.max(1);
     let has_moe = checked.model.moe_layers().next().is_some();
@@ -91,17 +98,18 @@ pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
                     memory_model: None,
                     routing_skew: None,
                 };
-                match cost_with(checked, &o) {
+                match cost_for(checked, &o, rules) {
                     Ok(c) => feasible.push(Candidate {
                         overrides: Overrides {
                             micro_batch: Some(c.costed.micro_batch),
                             ..o
                         },
+                        rules: rules.clone(),
                         tensor: t,
                         pipeline: p,
                         data: d,
                         expert_group: expert_group_name(e),
-                        expert_group_size: c.grid.expert_group,
+                        expert_group_size: c.experts.parallel,
                         micro_batch: c.costed.micro_batch,
                         max_memory_bytes: c.max_memory(),
                         time: c.costed.time,

@@ -142,7 +142,8 @@ pub fn emit(
     version: &str,
     opts: &fmoec::emit::EmitOptions,
 ) -> Result<fmoec::emit::Emitted, fmoec::emit::EmitError> {
-    let plan = fmoec::plan::build(c).unwrap_or_else(|ds| panic!("the fixture plans: {ds:?}"));
     let target = fmoec::emit::registry::find(version).expect("a declared target");
+    let plan =
+        fmoec::emit::plan_for(c, &target).unwrap_or_else(|ds| panic!("the fixture plans: {ds:?}"));
     fmoec::emit::emit(c, &plan, &target, opts)
 }

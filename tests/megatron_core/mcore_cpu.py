@@ -11,9 +11,15 @@ Call `install()` after `torch.distributed.init_process_group('gloo')` and before
 """
 import functools
 import logging
+import typing
 
 import torch
 import torch.distributed as dist
+
+if not hasattr(typing, 'override'):
+    # megatron.training's model builders import typing.override (Python 3.12); on Python 3.11
+    # (the fmoec venv) a decorator that returns the method stands in: it has no other effect
+    typing.override = lambda method: method
 
 _INSTALLED = False
 
@@ -244,3 +250,45 @@ def pretend_cuda_for_training():
     # torch's own DataLoader asks the accelerator for its device (to pin memory): there is none
     torch.accelerator.is_available = lambda: False
     torch.accelerator.current_device_index = lambda: 0
+
+
+def resumable_distributed_optimizer():
+    """Megatron-Core 0.19's distributed optimizer on the torch-AdamW path (no Apex, no Transformer
+    Engine: every CPU) cannot resume from its own checkpoints; on a GPU with either, FusedAdam
+    keeps the step in the param groups and none of this happens. Three defects, each met by a
+    failing resume and each mended here (test-only; Megatron's computation is unchanged):
+    - a fresh optimizer cannot describe its state for the load template (`state_dict()` asserts
+      one `step` over an empty state): give it the dummy state Megatron itself creates for that
+      purpose (`_init_optimizer_states_with_dummy_values`) first;
+    - `load_parameter_state_from_dp_reshardable` (inside `load_state_dict`) copies into the main
+      parameters in place without the `@torch.no_grad()` its `fs_model_space` sibling has; with
+      fp32 parameters those are views of the model's and autograd refuses: load under no_grad;
+    - the load restores the step into the param groups, then copies each parameter's `step` from
+      the template (the dummy 1) over it, so Adam's bias correction restarts: restore each
+      parameter's step from its group."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    if getattr(DistributedOptimizer, '_fmoec_resumable', False):
+        return
+    DistributedOptimizer._fmoec_resumable = True
+    sharded_state_dict = DistributedOptimizer.sharded_state_dict
+    load_state_dict = DistributedOptimizer.load_state_dict
+
+    @functools.wraps(sharded_state_dict)
+    def sharded_state_dict_for_loading(self, model_sharded_state_dict, is_loading=False,
+                                       *args, **kwargs):
+        if is_loading and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return sharded_state_dict(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    @functools.wraps(load_state_dict)
+    def load_state_dict_keeping_steps(self, state_dict):
+        with torch.no_grad():
+            load_state_dict(self, state_dict)
+        for group in self.optimizer.param_groups:
+            for param in group['params']:
+                state = self.optimizer.state.get(param)
+                if state and 'step' in state and 'step' in group:
+                    state['step'] = torch.tensor(float(group['step']), dtype=torch.float32)
+
+    DistributedOptimizer.sharded_state_dict = sharded_state_dict_for_loading
+    DistributedOptimizer.load_state_dict = load_state_dict_keeping_steps

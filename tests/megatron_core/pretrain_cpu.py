@@ -1,16 +1,20 @@
-"""Runs Megatron-LM's own pretrain_gpt.py (core_v0.19.0 tree) on CPU ranks with gloo.
+"""Runs Megatron-LM's own pretrain_gpt.py (tag core_v0.19.0) on CPU ranks with gloo, as the
+training script of an emitted train.sh.
 
 Owns: starting the tree's training script unchanged, with the CPU stand-ins of mcore_cpu.py
-installed first and the arguments of one `args/EXAMPLE.args` file plus the switches a CPU needs
-(gloo, Megatron-Core's local modules, no fused kernels) and any given after `--`. Must not
-change what pretrain_gpt.py does: no patch of the tree, the model comes from the arguments
-(`--spec fmoec_moe transformer_layer_spec` picks fmoec_moe.py next to this file).
+installed first (and its mends of the distributed optimizer's resume on the torch-AdamW path, which
+every CPU takes), the arguments train.sh gives and the switches a CPU needs (gloo, Megatron-Core's
+local modules, no fused kernels) after them. Must not change what pretrain_gpt.py does: no patch
+of the tree, the model comes from the arguments (`--spec fmoec_moe transformer_layer_spec` finds
+the generated module through train.sh's PYTHONPATH).
 
-    MEGATRON_LM=/tmp/mlm-core_v0.19.0 python -m torch.distributed.run --nproc_per_node=2 \\
-        pretrain_cpu.py tiny -- --expert-model-parallel-size 2 --train-iters 4
+    fmoec emit --megatron core_v0.19 model.fmoe -o out
+    PRETRAIN=$PWD/tests/megatron_core/pretrain_cpu.py MEGATRON_LM=/tmp/megatron-lm-core_v0.19.0 \\
+        MOCK_DATA=1 NPROC_PER_NODE=2 bash out/train.sh --train-iters 4
 
 pretrain_gpt.py, gpt_builders.py and model_provider.py live at the root of the Megatron-LM tree
-and are not in the PyPI wheel: this needs a checkout.
+and are not in the PyPI wheel: this needs a checkout (MEGATRON_LM), and Python 3.12 or the
+`typing.override` stand-in of mcore_cpu.py.
 """
 import os
 import runpy
@@ -38,28 +42,21 @@ CPU_ARGUMENTS = [
 
 
 def main():
-    if len(sys.argv) < 2 or sys.argv[1].startswith('-'):
-        raise SystemExit('usage: pretrain_cpu.py EXAMPLE|FILE.args [-- MORE MEGATRON ARGUMENTS]')
     tree = os.environ.get('MEGATRON_LM')
     if not tree or not os.path.exists(os.path.join(tree, 'pretrain_gpt.py')):
         raise SystemExit('set MEGATRON_LM to a Megatron-LM checkout at tag core_v0.19.0 '
                          '(pretrain_gpt.py is not in the megatron-core wheel)')
-    example, extra = sys.argv[1], sys.argv[2:]
-    if extra[:1] == ['--']:
-        extra = extra[1:]
+    argv = sys.argv[1:]
+    # grouped GEMM needs Transformer Engine, which a CPU has not
+    argv = [a for a in argv if a != '--moe-grouped-gemm']
     sys.path[:0] = [tree, HERE]
-    import check_args
-    path = example if example.endswith('.args') else os.path.join(HERE, 'args', example + '.args')
-    argv = check_args.read_args(path)
-    if example in check_args.FMOEC_TABLES:
-        import fmoec_moe
-        fmoec_moe._FMOEC_LAYERS = check_args.FMOEC_TABLES[example]
     warnings.simplefilter('ignore')
     import mcore_cpu
     mcore_cpu.install()
     mcore_cpu.pretend_cuda_for_training()
-    # later arguments win in argparse: the CPU switches, then the caller's
-    sys.argv = [os.path.join(tree, 'pretrain_gpt.py')] + argv + CPU_ARGUMENTS + extra
+    mcore_cpu.resumable_distributed_optimizer()
+    # later arguments win in argparse: the CPU switches last
+    sys.argv = [os.path.join(tree, 'pretrain_gpt.py')] + argv + CPU_ARGUMENTS
     os.chdir(tree)
     runpy.run_path(os.path.join(tree, 'pretrain_gpt.py'), run_name='__main__')
 

@@ -6,7 +6,8 @@ optimizer (`get_megatron_optimizer`, plain or distributed, with clipping), the p
 (`get_forward_backward_func`), finalize_model_grads and dist_checkpointing. It checks what a
 training must get right on every layout and prints one line per check. Must not know how a MoE
 layer works inside: the layer comes from Megatron's own spec (`--moe native`) or from the fmoec
-module (`--moe fmoec`, fmoec_moe.py next to this file), and is only trained here.
+module (`--moe fmoec`: the fmoec_moe.py of `fmoec emit --megatron core_v0.19`, found on
+PYTHONPATH; its layer table is replaced by this script's), and is only trained here.
 
 Megatron-Core comes from the Python path: the PyPI package `megatron-core==0.19.0`, or a
 Megatron-LM checkout at tag core_v0.19.0 named by MEGATRON_LM (put first on sys.path).
@@ -136,7 +137,11 @@ def transformer_config(h):
 
 def layer_spec(config, h, fmoec_layers):
     if h.moe == 'fmoec':
-        import fmoec_moe
+        try:
+            import fmoec_moe
+        except ImportError as e:
+            raise SystemExit('--moe fmoec imports the generated module: put a folder written by '
+                             '`fmoec emit --megatron core_v0.19` on PYTHONPATH (%s)' % e)
         return fmoec_moe.layer_spec(config, layers=fmoec_layers, seed=h.seed)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     return get_gpt_decoder_block_spec(config, use_transformer_engine=False,
