@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use crate::check::{self, Checked};
 use crate::diag::{self, FileId, Sink, Sources};
-use crate::plan::{self, Overrides, ParallelPlan};
+use crate::plan::{self, Overrides, ParallelPlan, TargetRules};
 
 /// How diagnostics are printed (`--diagnostics`, the same flag in every subcommand).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -42,6 +42,9 @@ pub enum Planning<'a> {
     /// The file's `parallel` block under these what-if overrides (none: the file as
     /// written, which is what `check`, `emit` and `run` accept).
     With(&'a Overrides),
+    /// The same, planned for the training one Megatron-LM target describes (its layout,
+    /// vocabulary and memory: `fmoec emit --megatron VERSION`, `fmoec plan --megatron VERSION`).
+    For(&'a Overrides, &'a TargetRules),
 }
 
 /// Which rules [`load_with`] and [`analyse`] apply beyond the front end's.
@@ -234,7 +237,8 @@ pub fn analyse(
     let mut sink = Sink::new();
     let best = check::check_file_best_effort(sources, file, &mut sink, user_hardware);
     let plan = match rules.planning {
-        Planning::With(o) => plan_rules(&best, o, &mut sink),
+        Planning::With(o) => plan_rules(&best, o, &TargetRules::default(), &mut sink),
+        Planning::For(o, target) => plan_rules(&best, o, target, &mut sink),
         Planning::None => None,
     };
     if rules.data_files {
@@ -261,6 +265,7 @@ pub fn analyse(
 fn plan_rules(
     best: &check::BestEffort,
     overrides: &Overrides,
+    target: &TargetRules,
     sink: &mut Sink,
 ) -> Option<ParallelPlan> {
     let parallel = best.parallel.as_ref()?;
@@ -274,7 +279,7 @@ fn plan_rules(
         ));
         return None;
     };
-    match plan::build_with(&checked, overrides) {
+    match plan::build_for(&checked, overrides, target) {
         Ok(mut plan) => {
             sink.extend(std::mem::take(&mut plan.warnings));
             Some(plan)

@@ -191,7 +191,7 @@ fn emit_lists_its_targets_and_refuses_unknown_ones() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("no Megatron-LM release `v9.9` to emit for; known: v2.2"),
+        stderr.contains("no Megatron-LM release `v9.9` to emit for; known: core_v0.19, v2.2"),
         "{stderr}"
     );
     let out = fmoec(&["emit", "--megatron", "v2.2"]);

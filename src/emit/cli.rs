@@ -86,9 +86,11 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     };
-    // The front end here; the plan below, made for the target (its layout and memory).
+    // The front end and the planner's rules for the target (its layout and memory) in one
+    // pass: every mistake of both in one report.
+    let target_rules = crate::plan::TargetRules::of(&target.decl);
     let rules = driver::Rules {
-        planning: driver::Planning::None,
+        planning: driver::Planning::For(&crate::plan::Overrides::NONE, &target_rules),
         data_files: false,
     };
     let loaded = match driver::load_with(file, args.diagnostics, rules) {
@@ -114,13 +116,9 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
             .or_else(|| settings.emit.megatron_src.get(&args.megatron).cloned()),
         source_name,
     };
-    // The plan the files are written for: the planner's diagnostics if there is none.
-    let plan = match super::plan_for(&loaded.checked, &target) {
-        Ok(p) => p,
-        Err(diagnostics) => {
-            driver::report(&loaded.sources, &diagnostics, args.diagnostics);
-            return Ok(ExitCode::from(1));
-        }
+    // The plan the files are written for (`load_with` reported its warnings)
+    let Some(plan) = loaded.plan else {
+        anyhow::bail!("no plan was made (a bug in fmoec; please report it)")
     };
     let emitted = match super::emit(&loaded.checked, &plan, &target, &opts) {
         Ok(e) => e,

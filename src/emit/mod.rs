@@ -319,29 +319,14 @@ fn validate(
     }
 }
 
-/// What Megatron's own MoE trains differently from the file, where it trains the MoE layers
-/// (`support::MoePath::Native`) or builds their shared experts.
+/// What Megatron's own MoE trains differently from the file where it builds the layers' shared
+/// experts. (Its router's auxiliary loss, E·Σ f_e·P_e over the top-k choices, is the naive
+/// gate's balance loss: W0807 is retired.)
 fn native_moe_warnings(c: &Checked, target: &crate::check::MegatronTarget) -> Vec<Diagnostic> {
     let v = &target.version;
     let mut out = Vec::new();
-    let path = support::moe_path(c, target);
     let megatron = support::megatron_act(c, target);
     for (_, moe) in c.model.moe_layers() {
-        if path == support::MoePath::Native
-            && moe.gate.kind == GateKind::Naive
-            && moe.gate.balance_loss > 0.0
-        {
-            out.push(Diagnostic::warning(
-                "W0807",
-                moe.gate.span,
-                format!(
-                    "fmoec's naive gate computes no balance loss; Megatron-LM {v}'s router adds \
-                     its auxiliary loss (experts x sum of routed fraction x mean probability, \
-                     over the top-k choices) with weight {}",
-                    view::py_float(moe.gate.balance_loss)
-                ),
-            ));
-        }
         if let Some(shared) = &moe.shared {
             if target.can("native_expert_parallel") && act_name(shared.expert.act) != megatron {
                 out.push(Diagnostic::warning(

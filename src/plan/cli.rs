@@ -132,23 +132,26 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    // The front end and the planner's rules (under the overrides) run in one pass and
-    // report together; `--auto` and a plan for another target plan for themselves.
+    // The front end and the planner's rules (under the overrides, for the target) run in
+    // one pass and report together; `--auto` plans for itself.
     let overrides = args.overrides();
-    let planning = if args.auto || target.is_some() {
+    let rules = target.unwrap_or_default();
+    let planning = if args.auto {
         driver::Planning::None
     } else {
-        driver::Planning::With(&overrides)
+        driver::Planning::For(&overrides, &rules)
     };
-    let rules = driver::Rules {
-        planning,
-        data_files: false,
-    };
-    let loaded = match driver::load_with(&args.file, args.diagnostics, rules) {
+    let loaded = match driver::load_with(
+        &args.file,
+        args.diagnostics,
+        driver::Rules {
+            planning,
+            data_files: false,
+        },
+    ) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let rules = target.unwrap_or_default();
     if args.auto {
         let result = search::search_for(&loaded.checked, args.world, &rules);
         print!("{}", search::report(&result, args.top));
@@ -158,24 +161,8 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         });
     }
-    let plan = match loaded.plan {
-        Some(plan) => plan,
-        // `load_with` fails unless it made the plan it was asked for; a plan for a target is
-        // made here
-        None if args.megatron.is_some() => {
-            match super::build_for(&loaded.checked, &overrides, &rules) {
-                Ok(mut plan) => {
-                    let warnings = std::mem::take(&mut plan.warnings);
-                    driver::report(&loaded.sources, &warnings, args.diagnostics);
-                    plan
-                }
-                Err(diagnostics) => {
-                    driver::report(&loaded.sources, &diagnostics, args.diagnostics);
-                    return Ok(ExitCode::from(1));
-                }
-            }
-        }
-        None => anyhow::bail!("no plan was made (a bug in fmoec; please report it)"),
+    let Some(plan) = loaded.plan else {
+        anyhow::bail!("no plan was made (a bug in fmoec; please report it)")
     };
     let out = match args.format {
         PlanFormat::Table => render::table(&plan),
