@@ -964,10 +964,7 @@ impl Block {
                     Some(runner) => {
                         runner.combined(i, layer, &he, &routing.expert, &weight, pass.tape)?
                     }
-                    None => {
-                        let ys = layer.experts.forward(&moe::dispatch(&he, &plan)?, &plan)?;
-                        moe::combine(&ys, &plan, &weight, b * t)?
-                    }
+                    None => moe::run_experts(&layer.experts, &he, &plan, &weight, b * t)?,
                 };
                 let what = format!("layer {i} moe");
                 if let (Some(shared), Some(hs)) = (&layer.shared, &shared_input) {
