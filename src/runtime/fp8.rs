@@ -289,7 +289,8 @@ mod ops {
 
     type WeightKey = (usize, Vec<i64>, WeightLayout);
 
-    /// This thread's FP8 state (in-process ranks are threads, each with its own model).
+    /// The FP8 state of one thread's CPU work (in-process ranks are threads, each with its
+    /// own model) or of the GPU ([`GPU_STATE`]).
     #[derive(Default)]
     struct State {
         /// Within a training step: weight copies are cached.
@@ -304,40 +305,67 @@ mod ops {
         prequantized: Vec<(Tensor, Fp8)>,
         /// How many matmuls took a copy from `prequantized` (for the tests).
         prequantized_used: u64,
+        /// How many times a weight's FP8 copies were made (for the checks).
+        copies_made: u64,
     }
 
     thread_local! {
         static STATE: RefCell<State> = RefCell::new(State::default());
     }
 
-    /// This thread's overflow counter on `device` (made on first use).
+    /// The state of the GPU's work: libtorch runs the backward of GPU ops on its autograd
+    /// engine's device thread, not the thread that ran the forward, so the copies, counters
+    /// and pass copies of a GPU run live here, shared by both (one GPU per process; the
+    /// in-process ranks of the tests run on the CPU, each thread with its own state).
+    static GPU_STATE: std::sync::LazyLock<std::sync::Mutex<State>> =
+        std::sync::LazyLock::new(|| std::sync::Mutex::new(State::default()));
+
+    /// `f` on the state of work on `device` (the GPU's, or this thread's on the CPU). `f` must
+    /// not reach the state again.
+    fn with_state<R>(device: Device, f: impl FnOnce(&mut State) -> R) -> R {
+        if device.is_cuda() {
+            let mut s = GPU_STATE.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut s)
+        } else {
+            STATE.with(|s| f(&mut s.borrow_mut()))
+        }
+    }
+
+    /// `f` on this thread's state and on the GPU's.
+    fn each_state<R>(mut f: impl FnMut(&mut State) -> Result<R>) -> Result<(R, R)> {
+        let cpu = STATE.with(|s| f(&mut s.borrow_mut()))?;
+        let gpu = f(&mut GPU_STATE.lock().unwrap_or_else(|e| e.into_inner()))?;
+        Ok((cpu, gpu))
+    }
+
+    /// The overflow counter on `device` (made on first use).
     fn overflow(device: Device) -> Result<Tensor> {
-        STATE.with(|s| {
-            let mut s = s.borrow_mut();
-            if let Some((_, t)) = s.overflow.iter().find(|(d, _)| *d == device) {
+        with_state(device, |s| s.counter(device))
+    }
+
+    impl State {
+        fn counter(&mut self, device: Device) -> Result<Tensor> {
+            if let Some((_, t)) = self.overflow.iter().find(|(d, _)| *d == device) {
                 return Ok(t.shallow_clone());
             }
             let t = overflow_counter(device)?;
-            s.overflow.push((device, t.shallow_clone()));
+            self.overflow.push((device, t.shallow_clone()));
             Ok(t)
-        })
+        }
     }
 
-    /// Starts a training step on this thread: every cached weight copy is rewritten in place
-    /// from its master (which the optimizer has changed), the overflow counters are zeroed,
-    /// and weights quantised from now on are cached until [`end_step`].
+    /// Starts a training step (on this thread's CPU work and on the GPU): every cached
+    /// weight copy is rewritten in place from its master (which the optimizer has changed),
+    /// the overflow counters are zeroed, and weights quantised from now on are cached until
+    /// [`end_step`].
     pub fn begin_step() -> Result<()> {
-        let devices: Vec<Device> = STATE.with(|s| {
-            let mut s = s.borrow_mut();
+        each_state(|s| -> Result<()> {
             s.in_step = true;
             s.prequantized.clear();
-            s.weights.values().map(|w| w.master.device()).collect()
-        });
-        for d in devices {
-            let _ = overflow(d)?;
-        }
-        STATE.with(|s| -> Result<()> {
-            let s = s.borrow();
+            let devices: Vec<Device> = s.weights.values().map(|w| w.master.device()).collect();
+            for d in devices {
+                let _ = s.counter(d)?;
+            }
             let _guard = tch::no_grad_guard();
             for (_, counter) in &s.overflow {
                 let _ = counter.shallow_clone().f_zero_()?;
@@ -351,26 +379,32 @@ mod ops {
                 w.refresh(o)?;
             }
             Ok(())
-        })
+        })?;
+        Ok(())
     }
 
-    /// Ends this thread's step (call before the masters change): the copies are kept but
-    /// not used until the next [`begin_step`] has refreshed them.
+    /// Ends the step (call before the masters change): the copies are kept but not used
+    /// until the next [`begin_step`] has refreshed them.
     pub fn end_step() {
-        STATE.with(|s| s.borrow_mut().in_step = false);
+        let _ = each_state(|s| -> Result<()> {
+            s.in_step = false;
+            Ok(())
+        });
     }
 
-    /// Drops this thread's copies and counters.
+    /// Drops the copies and counters (this thread's and the GPU's).
     pub fn clear() {
-        STATE.with(|s| *s.borrow_mut() = State::default());
+        let _ = each_state(|s| -> Result<()> {
+            *s = State::default();
+            Ok(())
+        });
     }
 
     /// How many scaling groups on `device` had a non-finite amax since the last call (or
     /// [`begin_step`]), and zeroes the count. Reads the device (a host synchronisation).
     pub fn take_overflow(device: Device) -> Result<i64> {
-        let counter = STATE.with(|s| {
-            s.borrow()
-                .overflow
+        let counter = with_state(device, |s| {
+            s.overflow
                 .iter()
                 .find(|(d, _)| *d == device)
                 .map(|(_, t)| t.shallow_clone())
@@ -389,37 +423,37 @@ mod ops {
         layout: WeightLayout,
         f: impl FnOnce(&WeightCopies) -> Result<R>,
     ) -> Result<R> {
-        let o = overflow(master.device())?;
+        let device = master.device();
+        let o = overflow(device)?;
         let key = (master.data_ptr() as usize, master.size(), layout);
-        let cached = STATE.with(|s| {
-            let s = s.borrow();
-            match (s.in_step, s.weights.get(&key)) {
+        let (cached, in_step) = with_state(device, |s| {
+            let cached = match (s.in_step, s.weights.get(&key)) {
                 (true, Some(w)) => Some(w.shallow_clone()),
                 _ => None,
-            }
+            };
+            (cached, s.in_step)
         });
         if let Some(w) = cached {
             return f(&w);
         }
         let copies = WeightCopies::new(master, layout, Some(&o))?;
-        let in_step = STATE.with(|s| s.borrow().in_step);
+        with_state(device, |s| s.copies_made += 1);
         if !in_step {
             return f(&copies);
         }
         let r = f(&copies)?;
-        STATE.with(|s| s.borrow_mut().weights.insert(key, copies));
+        with_state(device, |s| s.weights.insert(key, copies));
         Ok(r)
     }
 
     /// Keeps `q`, the FP8 rows of `t` written by the pass that made `t`.
     fn remember_prequantized(t: &Tensor, q: Fp8) {
-        STATE.with(|s| s.borrow_mut().prequantized.push((t.shallow_clone(), q)));
+        with_state(t.device(), |s| s.prequantized.push((t.shallow_clone(), q)));
     }
 
     /// The FP8 copy the pass that made `xs` wrote, if it did; `take` forgets it.
     fn prequantized(xs: &Tensor, take: bool) -> Option<Fp8> {
-        STATE.with(|s| {
-            let mut s = s.borrow_mut();
+        with_state(xs.device(), |s| {
             let at = s.prequantized.iter().position(|(t, _)| {
                 t.data_ptr() == xs.data_ptr()
                     && t.size() == xs.size()
@@ -437,12 +471,18 @@ mod ops {
 
     /// Forgets the FP8 copies of the dispatch and the activation (the experts have run).
     pub fn forget_prequantized() {
-        STATE.with(|s| s.borrow_mut().prequantized.clear());
+        let _ = each_state(|s| -> Result<()> {
+            s.prequantized.clear();
+            Ok(())
+        });
     }
 
-    /// How many matmuls on this thread took an FP8 copy written by the pass before them.
+    /// How many matmuls took an FP8 copy written by the pass before them (this thread's CPU
+    /// work and the GPU's).
     pub fn prequantized_used() -> u64 {
-        STATE.with(|s| s.borrow().prequantized_used)
+        each_state(|s| -> Result<u64> { Ok(s.prequantized_used) })
+            .map(|(cpu, gpu)| cpu + gpu)
+            .unwrap_or(0)
     }
 
     /// Fast accumulation in the FP8 matmuls, forward and backward (libtorch's precise
@@ -1190,6 +1230,18 @@ mod ops {
                 ))
             };
             let (out, gx, gw) = run(device, kind)?;
+            // within a step the backward (on a GPU, libtorch's autograd thread runs it) takes
+            // the weight's copies that the forward made
+            begin_step()?;
+            let made = with_state(device, |s| s.copies_made);
+            let _ = run(device, kind)?;
+            let made = with_state(device, |s| s.copies_made) - made;
+            end_step();
+            c.record(
+                label("weight copies, once per step"),
+                made == 1,
+                format!("{made} made in a step's forward and backward"),
+            );
             let (out_e, gx_e, gw_e) = run(cpu, Kind::Float)?;
             c.close(label("experts forward vs emulation"), &out, &out_e, 1e-2)?;
             c.close(label("experts grad x vs emulation"), &gx, &gx_e, 1e-2)?;

@@ -96,11 +96,12 @@ __device__ __forceinline__ void row_source(const T* a, const T* b, int c, bool w
 // is read from src[r] (and src2[r] for SwiGLU), or with `row_slot` (SRC 0), gathered as the
 // dispatch does: src[s / k] for s = row_slot[r] >= 0, else a zero row, times weight[s] when
 // `weight` is not null (the combine's backward). `copy` (if not null) receives the row in T
-// as well (the gather's or the activation's output), so the pass that makes the tensor
-// writes its FP8 copy too. With `limit` (if not null, an int32 on the device), rows from
-// *limit on are outside every expert group: written as zeros with the floor's scale, never
-// read (they hold whatever the grouped matmul left there), and they raise no overflow. The
-// row is read twice (its amax, then the conversion; the second read mostly from L2): a
+// as well (the gather's or the activation's output, written in the first pass and read
+// back in the second), so the pass that makes the tensor writes its FP8 copy too. With
+// `limit` (if not null, an int32 on the device), rows from *limit on are outside every
+// expert group: written as zeros with the floor's scale, never read (they hold whatever the
+// grouped matmul left there), and they raise no overflow. The row is read twice (its amax,
+// then the conversion; the second read mostly from L2; with `copy`, the copy): a
 // variant keeping rows in registers (256 threads, all loads in flight) measured slower on an
 // H100 (BENCHMARKS.md, 2026-12-06).
 template <typename T, int SRC>
@@ -136,6 +137,7 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
       for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
         float v[16 / sizeof(T)];
         row_source<T, SRC>(from, from2, c, weighted, w, v);
+        if (copy) stv(copy + r * (long long)d + c, v);
         bool bad = false;
 #pragma unroll
         for (int i = 0; i < N; ++i) {
@@ -154,13 +156,17 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
     }
     for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
       float v[16 / sizeof(T)];
-      if (from) {
+      if (from && copy) {
+        // what this thread wrote in the first pass (the same columns; mostly from L2): the
+        // activation is computed once
+        ldv(copy + r * (long long)d + c, v);
+      } else if (from) {
         row_source<T, SRC>(from, from2, c, weighted, w, v);
       } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) v[i] = 0.0f;
+        if (copy) stv(copy + r * (long long)d + c, v);
       }
-      if (copy) stv(copy + r * (long long)d + c, v);
       *reinterpret_cast<P*>(q + r * (long long)d + c) = Packed<T>::pack(v, inv);
     }
   }
@@ -177,7 +183,7 @@ __device__ __forceinline__ long long group_start(const int* ends, int g) {
 // walks the groups its rows meet and, per group, reduces its 8 row lanes in shared memory
 // and raises the group's column maxima once. 256 threads: 8 row lanes x 32 column lanes of
 // one 16-byte vector each, four rows in flight per thread.
-#define COL_CHUNK 512
+#define COL_CHUNK 128
 template <typename T>
 __device__ void col_amax(const T* __restrict__ x, const int* __restrict__ ends, int groups,
                          int* __restrict__ amax, int d) {
