@@ -1126,7 +1126,7 @@ mod ops {
             // device (SwiGLU: the SwiGLU kernel's bits; GELU: libtorch's within a bf16
             // rounding), its FP8 rows the reference's quantisation of that output; rows
             // past the last group (NaN here) zeros, with no overflow
-            let (a, b) = (xd.shallow_clone(), xd.f_flip(&[1])?.f_contiguous()?);
+            let (a, b) = (xd.shallow_clone(), xd.f_flip([1])?.f_contiguous()?);
             let limit_d = limit.f_to_device(device)?;
             for act in Fp8Act::ALL {
                 let b = (act == Fp8Act::Swiglu).then_some(&b);
