@@ -5,7 +5,9 @@
 # examples/tiny.fmoe in bf16 and fp8 from the same seed (per-step losses, one PNG), and the
 # GPT-2-medium-MoE example on one GPU in bf16 and fp8 (tokens/s, MFU over the bf16 peak,
 # losses, peak nvidia-smi memory beside the planner's estimate). Needs the CUDA build at
-# $FMOEC (default .dev/fmoec). STEPS (default "check bench tiny e2e") picks steps;
+# $FMOEC (default .dev/fmoec). STEPS (default "check bench tiny e2e") picks steps, and two
+# more: `precise` (the bench's fp8 rows again with FMOEC_FP8_FAST_ACCUM=0) and `profile`
+# (Nsight Compute kernel durations of the fp8 layer at PROFILE_SHAPE, default F0);
 # TINY_STEPS (300), E2E_STEPS (6), E2E_LONG (25: the bf16 and fp8 runs whose losses are
 # compared), ITERS (20), BENCH_ARGS (default: S1, S3, F0, balanced routing). Results under
 # $OUT.
@@ -40,6 +42,43 @@ if has bench; then
     echo "bench exit $?"; tail -3 $G/bench.progress
     cat $G/bench.txt
     cp $G/bench.txt $G/bench.json "$R/" 2>/dev/null
+fi
+
+if has precise; then
+    el "bench, precise accumulation"
+    # shellcheck disable=SC2086
+    FMOEC_FP8_FAST_ACCUM=0 "$FMOEC" bench moe --device cuda --dtype fp8 --iters "${ITERS:-20}" --warmup 3 \
+        ${BENCH_ARGS:---shape S1 --shape S3 --shape F0 --routing balanced} \
+        --json $G/bench-precise.json > $G/bench-precise.txt 2> $G/bench-precise.progress
+    echo "bench (precise) exit $?"; tail -3 $G/bench-precise.progress
+    cat $G/bench-precise.txt
+    cp $G/bench-precise.txt "$R/" 2>/dev/null
+fi
+
+if has profile; then
+    el "kernel durations of the fp8 layer (ncu)"
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+    timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
+        --log-file $G/ncu-fp8.csv "$FMOEC" bench moe --device cuda --dtype fp8 --impl fmoec-fp8 \
+        --shape "${PROFILE_SHAPE:-F0}" --routing balanced --iters 3 --warmup 1 > $G/ncu-fp8.log 2>&1
+    echo "ncu exit $?"
+    python3 - <<'PY' | tee "$R/ncu-fp8.txt"
+import collections, csv
+rows = [l for l in open("/tmp/fp8/ncu-fp8.csv") if l.startswith('"')]
+tot = collections.Counter(); n = collections.Counter()
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+for r in csv.DictReader(rows):
+    if r["Metric Name"] != "gpu__time_duration.sum":
+        continue
+    name = r["Kernel Name"].split("(")[0][:60]
+    tot[name] += float(r["Metric Value"].replace(",", "")) * scale.get(r["Metric Unit"], 1.0)
+    n[name] += 1
+print("kernel durations (us, summed over the profiled run):")
+for name, us in tot.most_common(25):
+    print(f"{us:12.1f} {n[name]:6d}  {name}")
+print(f"{sum(tot.values()):12.1f}  all kernels")
+PY
+    gzip -f $G/ncu-fp8.csv
 fi
 
 if has tiny; then

@@ -432,20 +432,22 @@ fn fp8_matmul_share(smaller_width: u64) -> f64 {
     0.55 + t.clamp(0.0, 1.0) * (0.88 - 0.55)
 }
 
-/// The share of the HBM bandwidth the FP8 quantisations reach in a layer: 0.27 puts the
-/// bytes of [`FP8_QUANT_BYTES_INPUT`] and [`FP8_QUANT_BYTES_HIDDEN`] at the time S1's FP8
-/// layer took beyond its matmuls on an H100 (about 10 ms of 31; single passes reach about
-/// 0.6 at S3's sizes, but a layer's also wait on small launches and their column maxima;
-/// BENCHMARKS.md 2026-12-06). With it the estimate keeps S1 in FP8 (measured 1.12-1.14x) and
-/// F0 and S3 in bf16 (measured 0.28-0.47x in FP8).
-const FP8_QUANT_BANDWIDTH_SHARE: f64 = 0.27;
+/// The share of the HBM bandwidth the FP8 quantisations reach in a layer: 0.30, with the
+/// bytes of [`FP8_QUANT_BYTES_INPUT`] and [`FP8_QUANT_BYTES_HIDDEN`], keeps the verdicts of
+/// the FP8 layer measured on an H100 after the fused passes (BENCHMARKS.md 2026-12-06, call
+/// 5): S1 in FP8 (estimated 1.23x, measured 1.37x; SwiGLU 1.15x, measured 1.43x), F0 in bf16
+/// (estimated 0.94x, measured 0.89x) and S3 in bf16 (estimated 0.45-0.49x, measured 0.83-0.85x).
+/// Single passes reach 0.5-0.9 of the bandwidth; a layer's also wait on small launches and
+/// the column maxima of narrow tensors.
+const FP8_QUANT_BANDWIDTH_SHARE: f64 = 0.30;
 
 /// Bytes the FP8 quantisations move per element of an expert layer's activations: its
-/// input (transposed for the weight gradient: 5; its gradient row-wise and transposed: 8;
-/// the forward copy is written by the dispatch: 1) and each hidden activation (row-wise
-/// forward: 3, transposed: 5, its gradient both ways: 8).
-const FP8_QUANT_BYTES_INPUT: f64 = 14.0;
-const FP8_QUANT_BYTES_HIDDEN: f64 = 16.0;
+/// input (transposed for the weight gradient: 5; its gradient row-wise, written by the
+/// combine's backward: 1, and transposed: 5; the forward copy, written by the dispatch: 1)
+/// and each hidden activation (row-wise forward, written by the activation's pass: 1;
+/// transposed: 5; its gradient row-wise and transposed: 8).
+const FP8_QUANT_BYTES_INPUT: f64 = 12.0;
+const FP8_QUANT_BYTES_HIDDEN: f64 = 14.0;
 /// The same for a dense matmul's input and output widths (row-wise and transposed copies of
 /// the input and of the output's gradient).
 const FP8_QUANT_BYTES_DENSE: f64 = 8.0;

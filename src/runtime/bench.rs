@@ -37,7 +37,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::check::Activation;
 use crate::runtime::moe::{
-    combine, dispatch, dispatch_to, fused_available, DispatchPlan, ExpertPath, Experts,
+    combine, dispatch, fused_available, run_experts, DispatchPlan, ExpertPath, Experts,
 };
 use crate::runtime::params::ParamStore;
 
@@ -228,11 +228,7 @@ pub fn forward(
             let fused = imp != Implementation::FmoecUnfused && fused_available(x.device());
             let plan = DispatchPlan::with_kernels(expert, ex.experts, false, fused)?;
             let ex = ex.with_fp8(imp == Implementation::FmoecFp8);
-            let xs = dispatch_to(&ex, x, &plan)?;
-            let ys = ex.forward(&xs, &plan)?;
-            #[cfg(feature = "cuda")]
-            crate::runtime::fp8::forget_prequantized();
-            combine(&ys, &plan, weight, t)
+            run_experts(&ex, x, &plan, weight, t)
         }
         Implementation::Ops => {
             let flat = expert.f_reshape([-1])?;

@@ -148,10 +148,11 @@ mod ops {
     use tch::{Device, Kind, Tensor};
 
     use crate::runtime::cuda::autograd::{apply, callback_body, Phase};
-    use crate::runtime::cuda::ops::{gather_rows, sum_rows};
+    pub use crate::runtime::cuda::kernels::Fp8Act;
+    use crate::runtime::cuda::ops::{gather_rows, row_dots, sum_rows, swiglu_backward};
     use crate::runtime::cuda::quant::{
-        gather_quant_rows, overflow_counter, quant_rows, quant_rows_into, quant_transposed,
-        quant_transposed_into, side_by_side_positions, Fp8, Transposed,
+        act_quant_rows, gather_quant_rows, overflow_counter, quant_rows, quant_rows_into,
+        quant_transposed, quant_transposed_into, side_by_side_positions, Fp8, Transposed,
     };
 
     /// How a master weight holds the matmul's `W` (`[K, N]`: `x · W`).
@@ -288,7 +289,8 @@ mod ops {
 
     type WeightKey = (usize, Vec<i64>, WeightLayout);
 
-    /// This thread's FP8 state (in-process ranks are threads, each with its own model).
+    /// The FP8 state of one thread's CPU work (in-process ranks are threads, each with its
+    /// own model) or of the GPU ([`GPU_STATE`]).
     #[derive(Default)]
     struct State {
         /// Within a training step: weight copies are cached.
@@ -296,42 +298,74 @@ mod ops {
         weights: HashMap<WeightKey, WeightCopies>,
         /// Per device: how many scaling groups had a non-finite amax (int32 `[1]`).
         overflow: Vec<(Device, Tensor)>,
-        /// The dispatch's FP8 copy of its output `xs` (the tensor itself kept, so its
-        /// address stays unique while the copy is here), until the experts have run.
-        prequantized: Option<(Tensor, Fp8)>,
+        /// FP8 row copies that the pass making a tensor wrote beside it (the tensor itself
+        /// kept, so its address stays unique while the copy is here): the dispatch's `xs`
+        /// and the activation's output until the experts have run; the combine's backward's
+        /// gradient rows until the second matmul's backward takes them.
+        prequantized: Vec<(Tensor, Fp8)>,
+        /// How many matmuls took a copy from `prequantized` (for the tests).
+        prequantized_used: u64,
+        /// How many times a weight's FP8 copies were made (for the checks).
+        copies_made: u64,
     }
 
     thread_local! {
         static STATE: RefCell<State> = RefCell::new(State::default());
     }
 
-    /// This thread's overflow counter on `device` (made on first use).
+    /// The state of the GPU's work: libtorch runs the backward of GPU ops on its autograd
+    /// engine's device thread, not the thread that ran the forward, so the copies, counters
+    /// and pass copies of a GPU run live here, shared by both (one GPU per process; the
+    /// in-process ranks of the tests run on the CPU, each thread with its own state).
+    static GPU_STATE: std::sync::LazyLock<std::sync::Mutex<State>> =
+        std::sync::LazyLock::new(|| std::sync::Mutex::new(State::default()));
+
+    /// `f` on the state of work on `device` (the GPU's, or this thread's on the CPU). `f` must
+    /// not reach the state again.
+    fn with_state<R>(device: Device, f: impl FnOnce(&mut State) -> R) -> R {
+        if device.is_cuda() {
+            let mut s = GPU_STATE.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut s)
+        } else {
+            STATE.with(|s| f(&mut s.borrow_mut()))
+        }
+    }
+
+    /// `f` on this thread's state and on the GPU's.
+    fn each_state<R>(mut f: impl FnMut(&mut State) -> Result<R>) -> Result<(R, R)> {
+        let cpu = STATE.with(|s| f(&mut s.borrow_mut()))?;
+        let gpu = f(&mut GPU_STATE.lock().unwrap_or_else(|e| e.into_inner()))?;
+        Ok((cpu, gpu))
+    }
+
+    /// The overflow counter on `device` (made on first use).
     fn overflow(device: Device) -> Result<Tensor> {
-        STATE.with(|s| {
-            let mut s = s.borrow_mut();
-            if let Some((_, t)) = s.overflow.iter().find(|(d, _)| *d == device) {
+        with_state(device, |s| s.counter(device))
+    }
+
+    impl State {
+        fn counter(&mut self, device: Device) -> Result<Tensor> {
+            if let Some((_, t)) = self.overflow.iter().find(|(d, _)| *d == device) {
                 return Ok(t.shallow_clone());
             }
             let t = overflow_counter(device)?;
-            s.overflow.push((device, t.shallow_clone()));
+            self.overflow.push((device, t.shallow_clone()));
             Ok(t)
-        })
+        }
     }
 
-    /// Starts a training step on this thread: every cached weight copy is rewritten in place
-    /// from its master (which the optimizer has changed), the overflow counters are zeroed,
-    /// and weights quantised from now on are cached until [`end_step`].
+    /// Starts a training step (on this thread's CPU work and on the GPU): every cached
+    /// weight copy is rewritten in place from its master (which the optimizer has changed),
+    /// the overflow counters are zeroed, and weights quantised from now on are cached until
+    /// [`end_step`].
     pub fn begin_step() -> Result<()> {
-        let devices: Vec<Device> = STATE.with(|s| {
-            let mut s = s.borrow_mut();
+        each_state(|s| -> Result<()> {
             s.in_step = true;
-            s.weights.values().map(|w| w.master.device()).collect()
-        });
-        for d in devices {
-            let _ = overflow(d)?;
-        }
-        STATE.with(|s| -> Result<()> {
-            let s = s.borrow();
+            s.prequantized.clear();
+            let devices: Vec<Device> = s.weights.values().map(|w| w.master.device()).collect();
+            for d in devices {
+                let _ = s.counter(d)?;
+            }
             let _guard = tch::no_grad_guard();
             for (_, counter) in &s.overflow {
                 let _ = counter.shallow_clone().f_zero_()?;
@@ -345,26 +379,32 @@ mod ops {
                 w.refresh(o)?;
             }
             Ok(())
-        })
+        })?;
+        Ok(())
     }
 
-    /// Ends this thread's step (call before the masters change): the copies are kept but
-    /// not used until the next [`begin_step`] has refreshed them.
+    /// Ends the step (call before the masters change): the copies are kept but not used
+    /// until the next [`begin_step`] has refreshed them.
     pub fn end_step() {
-        STATE.with(|s| s.borrow_mut().in_step = false);
+        let _ = each_state(|s| -> Result<()> {
+            s.in_step = false;
+            Ok(())
+        });
     }
 
-    /// Drops this thread's copies and counters.
+    /// Drops the copies and counters (this thread's and the GPU's).
     pub fn clear() {
-        STATE.with(|s| *s.borrow_mut() = State::default());
+        let _ = each_state(|s| -> Result<()> {
+            *s = State::default();
+            Ok(())
+        });
     }
 
     /// How many scaling groups on `device` had a non-finite amax since the last call (or
     /// [`begin_step`]), and zeroes the count. Reads the device (a host synchronisation).
     pub fn take_overflow(device: Device) -> Result<i64> {
-        let counter = STATE.with(|s| {
-            s.borrow()
-                .overflow
+        let counter = with_state(device, |s| {
+            s.overflow
                 .iter()
                 .find(|(d, _)| *d == device)
                 .map(|(_, t)| t.shallow_clone())
@@ -383,46 +423,72 @@ mod ops {
         layout: WeightLayout,
         f: impl FnOnce(&WeightCopies) -> Result<R>,
     ) -> Result<R> {
-        let o = overflow(master.device())?;
+        let device = master.device();
+        let o = overflow(device)?;
         let key = (master.data_ptr() as usize, master.size(), layout);
-        let cached = STATE.with(|s| {
-            let s = s.borrow();
-            match (s.in_step, s.weights.get(&key)) {
+        let (cached, in_step) = with_state(device, |s| {
+            let cached = match (s.in_step, s.weights.get(&key)) {
                 (true, Some(w)) => Some(w.shallow_clone()),
                 _ => None,
-            }
+            };
+            (cached, s.in_step)
         });
         if let Some(w) = cached {
             return f(&w);
         }
         let copies = WeightCopies::new(master, layout, Some(&o))?;
-        let in_step = STATE.with(|s| s.borrow().in_step);
+        with_state(device, |s| s.copies_made += 1);
         if !in_step {
             return f(&copies);
         }
         let r = f(&copies)?;
-        STATE.with(|s| s.borrow_mut().weights.insert(key, copies));
+        with_state(device, |s| s.weights.insert(key, copies));
         Ok(r)
     }
 
-    /// The FP8 copy the dispatch made of `xs`, if it did.
-    fn prequantized(xs: &Tensor) -> Option<Fp8> {
-        STATE.with(|s| {
-            let s = s.borrow();
-            let (t, q) = s.prequantized.as_ref()?;
-            (t.data_ptr() == xs.data_ptr() && t.size() == xs.size() && t.stride() == xs.stride())
-                .then(|| q.shallow_clone())
+    /// Keeps `q`, the FP8 rows of `t` written by the pass that made `t`.
+    fn remember_prequantized(t: &Tensor, q: Fp8) {
+        with_state(t.device(), |s| s.prequantized.push((t.shallow_clone(), q)));
+    }
+
+    /// The FP8 copy the pass that made `xs` wrote, if it did; `take` forgets it.
+    fn prequantized(xs: &Tensor, take: bool) -> Option<Fp8> {
+        with_state(xs.device(), |s| {
+            let at = s.prequantized.iter().position(|(t, _)| {
+                t.data_ptr() == xs.data_ptr()
+                    && t.size() == xs.size()
+                    && t.stride() == xs.stride()
+                    && t.kind() == xs.kind()
+            })?;
+            s.prequantized_used += 1;
+            if take {
+                Some(s.prequantized.swap_remove(at).1)
+            } else {
+                Some(s.prequantized[at].1.shallow_clone())
+            }
         })
     }
 
-    /// Forgets the dispatch's FP8 copy (the experts have run).
+    /// Forgets the FP8 copies of the dispatch and the activation (the experts have run).
     pub fn forget_prequantized() {
-        STATE.with(|s| s.borrow_mut().prequantized = None);
+        let _ = each_state(|s| -> Result<()> {
+            s.prequantized.clear();
+            Ok(())
+        });
     }
 
-    /// Fast accumulation in the forward matmuls (the backward's always accumulate
-    /// precisely); `FMOEC_FP8_FAST_ACCUM=0` turns it off.
-    fn fast_forward() -> bool {
+    /// How many matmuls took an FP8 copy written by the pass before them (this thread's CPU
+    /// work and the GPU's).
+    pub fn prequantized_used() -> u64 {
+        each_state(|s| -> Result<u64> { Ok(s.prequantized_used) })
+            .map(|(cpu, gpu)| cpu + gpu)
+            .unwrap_or(0)
+    }
+
+    /// Fast accumulation in the FP8 matmuls, forward and backward (libtorch's precise
+    /// accumulation made the grouped weight gradient 2-3x slower at S3 and F0 on an H100,
+    /// BENCHMARKS.md 2026-12-06); `FMOEC_FP8_FAST_ACCUM=0` turns it off.
+    fn fast_accum() -> bool {
         !std::env::var("FMOEC_FP8_FAST_ACCUM").is_ok_and(|v| v == "0")
     }
 
@@ -452,7 +518,7 @@ mod ops {
     /// `gW[g] = aᵀ_g · b_g` over the positions of group g: `at` `[K, P]` and `bt` `[N, P]`
     /// side by side with `[G·K]` / `[G·N]` scales, groups ending at `pad_ends`; bf16
     /// `[G, K, N]`.
-    fn grouped_weight_grad(at: &Fp8, bt: &Fp8, pad_ends: &Tensor) -> Result<Tensor> {
+    fn grouped_weight_grad(at: &Fp8, bt: &Fp8, pad_ends: &Tensor, fast: bool) -> Result<Tensor> {
         if at.q.device().is_cuda() {
             return Ok(at.q.f_internal_scaled_grouped_mm(
                 &bt.q.f_transpose(0, 1)?,
@@ -462,7 +528,7 @@ mod ops {
                 None,
                 None,
                 Kind::BFloat16,
-                false,
+                fast,
             )?);
         }
         let groups = pad_ends.size()[0];
@@ -526,6 +592,10 @@ mod ops {
         Linear(WeightLayout),
         /// The dispatch's gather, writing the FP8 copy too; `k` slots per token.
         Dispatch { k: i64 },
+        /// The activation between the expert matmuls, writing its output's FP8 rows too.
+        Act(Fp8Act),
+        /// The combine, whose backward writes the FP8 rows of the experts' output gradient.
+        Combine,
     }
 
     impl Fp8Op {
@@ -540,6 +610,14 @@ mod ops {
                     } << 8)
                 }
                 Fp8Op::Dispatch { k } => 3 | (k << 8),
+                Fp8Op::Act(a) => {
+                    4 | (match a {
+                        Fp8Act::Gelu => 0,
+                        Fp8Act::Relu => 1,
+                        Fp8Act::Swiglu => 2,
+                    } << 8)
+                }
+                Fp8Op::Combine => 5,
             }
         }
 
@@ -553,6 +631,13 @@ mod ops {
                     _ => bail!("FP8 op {code}: unknown layout"),
                 }),
                 3 => Fp8Op::Dispatch { k: param },
+                4 => Fp8Op::Act(match param {
+                    0 => Fp8Act::Gelu,
+                    1 => Fp8Act::Relu,
+                    2 => Fp8Act::Swiglu,
+                    _ => bail!("FP8 op {code}: unknown activation"),
+                }),
+                5 => Fp8Op::Combine,
                 _ => bail!("unknown FP8 op {code}"),
             })
         }
@@ -578,12 +663,12 @@ mod ops {
                 let o = overflow(xs.device())?;
                 let groups = ends.size()[0];
                 let limit = ends.f_narrow(0, groups - 1, 1)?;
-                let a = match prequantized(xs) {
+                let a = match prequantized(xs, false) {
                     Some(a) => a,
                     None => quant_rows(xs, Some(&limit), Some(&o))?,
                 };
                 let out = weight_copies(w, WeightLayout::Experts, |c| {
-                    grouped(&a, &c.forward()?, ends, fast_forward())
+                    grouped(&a, &c.forward()?, ends, fast_accum())
                 })?;
                 Ok(vec![Some(out.f_to_kind(xs.kind())?)])
             }
@@ -597,10 +682,14 @@ mod ops {
                 let groups = ends.size()[0];
                 let limit = ends.f_narrow(0, groups - 1, 1)?;
                 let g = g.f_contiguous()?;
-                let gq = quant_rows(&g, Some(&limit), Some(&o))?;
+                // the combine's backward wrote the FP8 rows of the second matmul's gradient
+                let gq = match prequantized(&g, true) {
+                    Some(gq) => gq,
+                    None => quant_rows(&g, Some(&limit), Some(&o))?,
+                };
                 let gx = if xs.requires_grad() {
                     let gx = weight_copies(w, WeightLayout::Experts, |c| {
-                        grouped(&gq, &c.dgrad()?, ends, false)
+                        grouped(&gq, &c.dgrad()?, ends, fast_accum())
                     })?;
                     Some(gx.f_to_kind(xs.kind())?)
                 } else {
@@ -612,7 +701,7 @@ mod ops {
                     };
                     let (at, pad_ends) = quant_transposed(xs, ends, layout, Some(&o))?;
                     let (bt, _) = quant_transposed(&g, ends, layout, Some(&o))?;
-                    weight_gradient(w, grouped_weight_grad(&at, &bt, &pad_ends)?)?
+                    weight_gradient(w, grouped_weight_grad(&at, &bt, &pad_ends, fast_accum())?)?
                 } else {
                     None
                 };
@@ -629,7 +718,7 @@ mod ops {
                         q: f.q.f_select(0, 0)?,
                         scale: f.scale.f_select(0, 0)?,
                     };
-                    dense(&a, &b, fast_forward())
+                    dense(&a, &b, fast_accum())
                 })?;
                 Ok(vec![Some(out.f_to_kind(x.kind())?)])
             }
@@ -650,7 +739,7 @@ mod ops {
                             scale: d.scale.f_select(0, 0)?,
                         };
                         // gx = g · Wᵀ: W's rows [K, N] are the right operand's rows
-                        dense(&gq, &b, false)
+                        dense(&gq, &b, fast_accum())
                     })?;
                     Some(gx.f_to_kind(x.kind())?)
                 } else {
@@ -665,9 +754,9 @@ mod ops {
                     let (gt, _) = quant_transposed(&g, &ends, layout_t, Some(&o))?;
                     let grad = match layout {
                         // gW = xᵀ · g, [K, N]
-                        WeightLayout::InOut => dense(&xt, &gt, false)?,
+                        WeightLayout::InOut => dense(&xt, &gt, fast_accum())?,
                         // the master is Wᵀ: gWᵀ = gᵀ · x, [N, K]
-                        _ => dense(&gt, &xt, false)?,
+                        _ => dense(&gt, &xt, fast_accum())?,
                     };
                     weight_gradient(w, grad)?
                 } else {
@@ -679,8 +768,8 @@ mod ops {
             (Fp8Op::Dispatch { k }, Phase::Forward) => {
                 let (x, row_slot) = (&inputs[0], &inputs[1]);
                 let o = overflow(x.device())?;
-                let (xs, q) = gather_quant_rows(x, row_slot, k, Some(&o))?;
-                STATE.with(|s| s.borrow_mut().prequantized = Some((xs.shallow_clone(), q)));
+                let (xs, q) = gather_quant_rows(x, row_slot, k, None, Some(&o))?;
+                remember_prequantized(&xs, q);
                 Ok(vec![Some(xs)])
             }
             (Fp8Op::Dispatch { k }, Phase::Backward) => {
@@ -691,6 +780,71 @@ mod ops {
                     None
                 };
                 Ok(vec![gx, None, None])
+            }
+            // activation: a = h1 [N, H], b = h3 (SwiGLU) or unused, c = group ends [E] int32
+            (Fp8Op::Act(act), Phase::Forward) => {
+                let (a, ends) = (&inputs[0], &inputs[2]);
+                let b = (act == Fp8Act::Swiglu).then_some(&inputs[1]);
+                let o = overflow(a.device())?;
+                let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
+                let (out, q) = act_quant_rows(a, b, act, Some(&limit), Some(&o))?;
+                remember_prequantized(&out, q);
+                Ok(vec![Some(out)])
+            }
+            (Fp8Op::Act(act), Phase::Backward) => {
+                let (a, b, g) = (&inputs[0], &inputs[1], &inputs[3]);
+                if !g.defined() {
+                    return Ok(vec![None, None, None]);
+                }
+                // rows past the last group get what the unfused activation's backward gives
+                // them (nothing reads them)
+                let g = g.f_to_kind(a.kind())?;
+                Ok(match act {
+                    Fp8Act::Gelu => vec![Some(a.f_gelu_backward(&g, "none")?), None, None],
+                    Fp8Act::Relu => vec![Some(a.f_threshold_backward(&g, 0.0)?), None, None],
+                    Fp8Act::Swiglu => {
+                        let (ga, gb) = swiglu_backward(a, b, &g)?;
+                        vec![Some(ga), Some(gb), None]
+                    }
+                })
+            }
+            // combine: a = ys [N, d], b = weight [T, k] f32, c = slot_row [T·k], d = row_slot [N]
+            (Fp8Op::Combine, Phase::Forward) => {
+                let (ys, w, slot_row) = (&inputs[0], &inputs[1], &inputs[2]);
+                let k = w.size()[1];
+                Ok(vec![Some(sum_rows(
+                    ys,
+                    slot_row,
+                    k,
+                    Some(&w.f_contiguous()?),
+                )?)])
+            }
+            (Fp8Op::Combine, Phase::Backward) => {
+                let (ys, w, slot_row, row_slot, g) =
+                    (&inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4]);
+                if !g.defined() {
+                    return Ok(vec![None, None, None, None]);
+                }
+                let k = w.size()[1];
+                let g = g.f_to_kind(ys.kind())?.f_contiguous()?;
+                let gys = if ys.requires_grad() {
+                    let o = overflow(g.device())?;
+                    let (gys, q) = gather_quant_rows(&g, row_slot, k, Some(w), Some(&o))?;
+                    remember_prequantized(&gys, q);
+                    Some(gys)
+                } else {
+                    None
+                };
+                let gw = if w.requires_grad() {
+                    Some(
+                        row_dots(ys, slot_row, k, &g)?
+                            .f_to_kind(w.kind())?
+                            .f_reshape(w.size())?,
+                    )
+                } else {
+                    None
+                };
+                Ok(vec![gys, gw, None, None])
             }
         }
     }
@@ -785,6 +939,66 @@ mod ops {
             ],
         )
         .context("FP8 dispatch")
+    }
+
+    /// The activation between the expert matmuls (`act(h1)`, or SwiGLU's `silu(h1) · h3`;
+    /// rows in expert groups ending at `ends`, rows past the last group zero), writing its
+    /// output's FP8 rows in the same pass: the second matmul ([`grouped_mm`]) takes them
+    /// instead of quantising the output again. Differentiable in `h1` and `h3`. Call
+    /// [`forget_prequantized`] once the experts have run.
+    pub fn activation(
+        h1: &Tensor,
+        h3: Option<&Tensor>,
+        act: Fp8Act,
+        ends: &Tensor,
+    ) -> Result<Tensor> {
+        if (act == Fp8Act::Swiglu) != h3.is_some() {
+            bail!(
+                "FP8 activation {act:?}: {} inputs",
+                1 + h3.is_some() as usize
+            );
+        }
+        let h3 = match h3 {
+            Some(h3) => h3.f_contiguous()?,
+            None => crate::runtime::cuda::autograd::unused()?,
+        };
+        apply(
+            fp8_callback,
+            Fp8Op::Act(act).code(),
+            vec![h1.f_contiguous()?, h3, ends.f_to_kind(Kind::Int)?],
+        )
+        .context("FP8 activation")
+    }
+
+    /// The weighted combine of the expert outputs `ys` back onto their tokens (as
+    /// `cuda::combine_op`; `weight` `[T, k]` f32), whose backward writes the FP8 rows of the
+    /// experts' output gradient in the gather it makes anyway: the second matmul's backward
+    /// takes them instead of quantising the gradient again.
+    pub fn combine(
+        ys: &Tensor,
+        weight: &Tensor,
+        slot_row: &Tensor,
+        row_slot: &Tensor,
+    ) -> Result<Tensor> {
+        let slots = slot_row.size()[0];
+        if weight.dim() != 2 || weight.numel() as i64 != slots || row_slot.size()[0] != slots {
+            bail!(
+                "FP8 combine: weight {:?} for {slots} slots and {} expert rows",
+                weight.size(),
+                row_slot.size()[0]
+            );
+        }
+        apply(
+            fp8_callback,
+            Fp8Op::Combine.code(),
+            vec![
+                ys.shallow_clone(),
+                weight.shallow_clone(),
+                slot_row.shallow_clone(),
+                row_slot.shallow_clone(),
+            ],
+        )
+        .context("FP8 combine")
     }
 
     /// `xs` gathered by the reference (not quantised): for the checks.
@@ -888,11 +1102,71 @@ mod ops {
                 &slots.f_to_device(device)?,
                 k,
                 None,
+                None,
             )?;
             let xs_ref = gather_reference(&tokens, &slots, k)?;
             let want = quant_rows(&xs_ref, None, None)?;
             same(&mut c, label("gather and rows"), &got, &want)?;
             c.close(label("gather's copy"), &xs, &xs_ref, 0.0)?;
+            // the combine's backward: the weighted gather and its FP8 rows in one pass; the
+            // copy is the gather kernel's (or reference's) output on the same device, the
+            // FP8 rows the reference's quantisation of that copy
+            let gate = Tensor::f_rand([t * k], (Kind::Float, cpu))?;
+            let (td, sd, gd) = (
+                tokens.f_to_device(device)?,
+                slots.f_to_device(device)?,
+                gate.f_to_device(device)?,
+            );
+            let (gys, got) = gather_quant_rows(&td, &sd, k, Some(&gd), Some(&o))?;
+            let gys_ref = gather_rows(&td, &sd, k, Some(&gd))?;
+            c.close(label("weighted gather's copy"), &gys, &gys_ref, 0.0)?;
+            let want = quant_rows(&gys_ref.f_to_device(cpu)?, None, None)?;
+            same(&mut c, label("weighted gather and rows"), &got, &want)?;
+            // the activation's pass: its output beside the activation alone on the same
+            // device (SwiGLU: the SwiGLU kernel's bits; GELU: libtorch's within a bf16
+            // rounding), its FP8 rows the reference's quantisation of that output; rows
+            // past the last group (NaN here) zeros, with no overflow
+            let (a, b) = (xd.shallow_clone(), xd.f_flip([1])?.f_contiguous()?);
+            let limit_d = limit.f_to_device(device)?;
+            for act in Fp8Act::ALL {
+                let b = (act == Fp8Act::Swiglu).then_some(&b);
+                let (out, got) = act_quant_rows(&a, b, act, Some(&limit_d), Some(&o))?;
+                let alone = match b {
+                    Some(b) => crate::runtime::cuda::ops::swiglu(&a, b)?,
+                    None if act == Fp8Act::Gelu => a.f_gelu("none")?,
+                    None => a.f_relu()?,
+                };
+                let kept_out = out.f_narrow(0, 0, kept)?;
+                let tol = match (act, kind) {
+                    (Fp8Act::Gelu, Kind::BFloat16) => 4e-3,
+                    (Fp8Act::Gelu, _) => 1e-6,
+                    _ => 0.0,
+                };
+                c.close(
+                    label(&format!("{act:?} output")),
+                    &kept_out,
+                    &alone.f_narrow(0, 0, kept)?,
+                    tol,
+                )?;
+                let past = out
+                    .f_narrow(0, kept, rows - kept)?
+                    .f_abs()?
+                    .f_sum(Kind::Float)?
+                    .f_double_value(&[])?;
+                c.record(
+                    label(&format!("{act:?} rows past the groups")),
+                    past == 0.0,
+                    format!("sum |.| {past:.2e}"),
+                );
+                let want = quant_rows(&out.f_to_device(cpu)?, Some(&limit), None)?;
+                same(&mut c, label(&format!("{act:?} and rows")), &got, &want)?;
+            }
+            let n_over = take_overflow(device)?;
+            c.record(
+                label("fused passes' overflows"),
+                n_over == 0,
+                format!("{n_over} overflows"),
+            );
             // an Inf inside a group is an overflow
             let bad = x.f_narrow(0, 0, kept)?.f_detach_copy()?;
             let _ = bad.f_get(3)?.f_get(7)?.f_fill_(f64::INFINITY)?;
@@ -956,6 +1230,18 @@ mod ops {
                 ))
             };
             let (out, gx, gw) = run(device, kind)?;
+            // within a step the backward (on a GPU, libtorch's autograd thread runs it) takes
+            // the weight's copies that the forward made
+            begin_step()?;
+            let made = with_state(device, |s| s.copies_made);
+            let _ = run(device, kind)?;
+            let made = with_state(device, |s| s.copies_made) - made;
+            end_step();
+            c.record(
+                label("weight copies, once per step"),
+                made == 1,
+                format!("{made} made in a step's forward and backward"),
+            );
             let (out_e, gx_e, gw_e) = run(cpu, Kind::Float)?;
             c.close(label("experts forward vs emulation"), &out, &out_e, 1e-2)?;
             c.close(label("experts grad x vs emulation"), &gx, &gx_e, 1e-2)?;
@@ -1163,6 +1449,81 @@ mod ops {
             assert!(msg.contains("the step was not applied"), "{msg}");
         }
 
+        /// The fused passes (the activation writing its output's FP8 rows, the combine's
+        /// backward writing the experts' output gradient's) give what quantising each tensor
+        /// on its own gives, and the matmuls take those copies: the whole expert path with
+        /// the fused plan against the unfused one, forward and every gradient (on the CPU
+        /// both quantise with the reference; `self_check` holds the kernels to it on a GPU).
+        #[test]
+        fn fused_quantisations_give_the_separate_ones_and_the_matmuls_take_them() {
+            use crate::check::Activation;
+            use crate::runtime::moe::{run_experts, DispatchPlan, ExpertPath, Experts};
+            let cpu = Device::Cpu;
+            let (t, k, e, d, h) = (40i64, 2i64, 4i64, 32i64, 48i64);
+            // token i's slots go to experts i² mod 4 and (i² + 3) mod 4: uneven groups
+            let i = Tensor::arange(t, (Kind::Int64, cpu)).unsqueeze(1);
+            let expert = Tensor::cat(&[&i * &i, &i * &i + 3], 1).remainder(e);
+            let gate = Tensor::rand([t, k], (Kind::Float, cpu));
+            let x = Tensor::randn([t, d], (Kind::Float, cpu));
+            let g = Tensor::randn([t, d], (Kind::Float, cpu));
+            let w1 = Tensor::randn([e, d, h], (Kind::Float, cpu)) * 0.1;
+            let w2 = Tensor::randn([e, h, d], (Kind::Float, cpu)) * 0.1;
+            let w3 = Tensor::randn([e, d, h], (Kind::Float, cpu)) * 0.1;
+            // (matmuls that took a pass's copy) for each activation, with the fused plan:
+            // the first matmul(s) the dispatch's, the second the activation's forward and
+            // the combine's backward
+            for (act, takes) in [
+                (Activation::Gelu, 3),
+                (Activation::Relu, 3),
+                (Activation::Swiglu, 4),
+            ] {
+                let run = |fused: bool| -> (Vec<Tensor>, u64) {
+                    let leaf = |t: &Tensor| t.detach().copy().set_requires_grad(true);
+                    let (xl, gl) = (leaf(&x), leaf(&gate));
+                    let ex = Experts {
+                        experts: e,
+                        act,
+                        w1: leaf(&w1),
+                        w2: leaf(&w2),
+                        w3: (act == Activation::Swiglu).then(|| leaf(&w3)),
+                        b1: None,
+                        b2: None,
+                        path: ExpertPath::Grouped,
+                        fp8: true,
+                    };
+                    let mut plan = DispatchPlan::with_kernels(&expert, e, false, false).unwrap();
+                    // the fused ops (each with its libtorch fallback on the CPU)
+                    plan.fused = fused;
+                    let before = prequantized_used();
+                    let out = run_experts(&ex, &xl, &plan, &gl, t).unwrap();
+                    (&out * &g).sum(Kind::Float).backward();
+                    let mut got = vec![
+                        out.detach(),
+                        xl.grad(),
+                        gl.grad(),
+                        ex.w1.grad(),
+                        ex.w2.grad(),
+                    ];
+                    if let Some(w3) = &ex.w3 {
+                        got.push(w3.grad());
+                    }
+                    (got, prequantized_used() - before)
+                };
+                let (fused, used) = run(true);
+                let (separate, unused) = run(false);
+                assert_eq!((used, unused), (takes, 0), "{act:?}");
+                for (n, (a, b)) in fused.iter().zip(&separate).enumerate() {
+                    let diff = (a - b).abs().max().double_value(&[]);
+                    let top = b.abs().max().double_value(&[]);
+                    assert!(
+                        top > 0.0 && diff <= 1e-5 * top,
+                        "{act:?} tensor {n}: {diff} of {top}"
+                    );
+                }
+            }
+            forget_prequantized();
+        }
+
         /// On the CPU without the emulation, `precision = fp8` is refused up front.
         #[test]
         fn fp8_on_the_cpu_is_refused_without_the_emulation() {
@@ -1181,6 +1542,10 @@ mod ops {
                 Fp8Op::Linear(WeightLayout::InOut),
                 Fp8Op::Linear(WeightLayout::OutIn),
                 Fp8Op::Dispatch { k: 2 },
+                Fp8Op::Act(Fp8Act::Gelu),
+                Fp8Op::Act(Fp8Act::Relu),
+                Fp8Op::Act(Fp8Act::Swiglu),
+                Fp8Op::Combine,
             ] {
                 assert_eq!(Fp8Op::from_code(op.code()).unwrap(), op);
             }

@@ -969,10 +969,7 @@ impl Block {
                         shadowed = runner.take_shadowed();
                         out
                     }
-                    None => {
-                        let ys = layer.experts.forward(&moe::dispatch(&he, &plan)?, &plan)?;
-                        moe::combine(&ys, &plan, &weight, b * t)?
-                    }
+                    None => moe::run_experts(&layer.experts, &he, &plan, &weight, b * t)?,
                 };
                 let what = format!("layer {i} moe");
                 if let (Some(shared), Some(hs)) = (&layer.shared, &shared_input) {

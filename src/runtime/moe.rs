@@ -1018,6 +1018,20 @@ impl Experts {
     /// matrix's `h3`), the first bias included: fused kernels where the plan allows them.
     pub fn activation(&self, h: Tensor, h3: Option<Tensor>, plan: &DispatchPlan) -> Result<Tensor> {
         let fused = self.path == ExpertPath::Grouped && plan.fused;
+        #[cfg(feature = "cuda")]
+        if self.fp8 && fused && self.b1.is_none() {
+            // the activation's pass writes the FP8 rows of the second matmul's input
+            use crate::runtime::fp8::{activation, Fp8Act};
+            let act = match (self.act, &h3) {
+                (Activation::Swiglu, Some(_)) => Some(Fp8Act::Swiglu),
+                (Activation::Gelu, None) => Some(Fp8Act::Gelu),
+                (Activation::Relu, None) => Some(Fp8Act::Relu),
+                _ => None,
+            };
+            if let Some(act) = act {
+                return activation(&h, h3.as_ref(), act, &plan.offsets);
+            }
+        }
         match h3 {
             Some(h3) => {
                 let h1 = self.bias_then(h, &self.b1, plan, None, fused)?;
@@ -1254,13 +1268,9 @@ impl MoeLayer {
             self.gate.experts,
             self.gate.may_drop(train),
         )?;
-        let xs = self.dispatch(x, &plan)?;
-        // An expert-parallel runtime exchanges `xs` (by `plan.counts`) here ...
-        let ys = self.experts.forward(&xs, &plan)?;
-        // ... and sends `ys` back here.
-        #[cfg(feature = "cuda")]
-        crate::runtime::fp8::forget_prequantized();
-        let mut out = combine(&ys, &plan, &routing.weight, t)?;
+        // (an expert-parallel runtime exchanges the dispatched rows by `plan.counts` between
+        // the dispatch and the experts, and sends the outputs back before the combine)
+        let mut out = run_experts(&self.experts, x, &plan, &routing.weight, t)?;
         if let Some(shared) = &self.shared {
             out = out.f_add(&shared.forward(x)?)?;
         }
@@ -1290,6 +1300,46 @@ pub fn dispatch_to(experts: &Experts, x: &Tensor, plan: &DispatchPlan) -> Result
     }
     let _ = experts;
     dispatch(x, plan)
+}
+
+/// The weighted [`combine`] of `experts`' outputs: with FP8 operands, no second bias and the
+/// fused kernels, the combine whose backward writes the FP8 rows of the experts' output
+/// gradient (`runtime::fp8::combine`).
+pub fn combine_from(
+    experts: &Experts,
+    ys: &Tensor,
+    plan: &DispatchPlan,
+    weight: &Tensor,
+    tokens: i64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if experts.fp8
+        && experts.path == ExpertPath::Grouped
+        && experts.b2.is_none()
+        && plan.fused
+        && weight.kind() == Kind::Float
+    {
+        return crate::runtime::fp8::combine(ys, weight, &plan.slot_row, &plan.row_slot);
+    }
+    let _ = experts;
+    combine(ys, plan, weight, tokens)
+}
+
+/// `x` (`[T, d]`) through `experts` as `plan` routes it, combined with `weight` (`[T, k]`)
+/// onto `tokens` rows: [`dispatch_to`], the experts, [`combine_from`] (the FP8 copies written
+/// on the way are dropped once the experts have run).
+pub fn run_experts(
+    experts: &Experts,
+    x: &Tensor,
+    plan: &DispatchPlan,
+    weight: &Tensor,
+    tokens: i64,
+) -> Result<Tensor> {
+    let xs = dispatch_to(experts, x, plan)?;
+    let ys = experts.forward(&xs, plan);
+    #[cfg(feature = "cuda")]
+    crate::runtime::fp8::forget_prequantized();
+    combine_from(experts, &ys?, plan, weight, tokens)
 }
 
 /// A layer's routing statistics for `tokens` tokens, from the tokens each expert kept

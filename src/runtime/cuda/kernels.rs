@@ -91,6 +91,21 @@ impl EpilogueAct {
     const ALL: [EpilogueAct; 3] = [EpilogueAct::None, EpilogueAct::Gelu, EpilogueAct::Relu];
 }
 
+/// The activation whose pass writes the row-wise FP8 copy of its output (`fp8_act*` kernels:
+/// the second expert matmul's input).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fp8Act {
+    /// GELU, erf form, of the first matmul's output.
+    Gelu,
+    Relu,
+    /// `silu(h1) · h3`.
+    Swiglu,
+}
+
+impl Fp8Act {
+    pub const ALL: [Fp8Act; 3] = [Fp8Act::Gelu, Fp8Act::Relu, Fp8Act::Swiglu];
+}
+
 /// A kernel of the program, by what it does and the element type it was instantiated for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -109,8 +124,11 @@ pub enum Kernel {
     SegmentSums(Elem),
     XentFwd(Elem),
     XentBwd(Elem),
-    /// Row-wise FP8 quantisation (optionally gathering the rows as the dispatch does).
+    /// Row-wise FP8 quantisation (optionally gathering the rows as the dispatch does, or
+    /// weighted as the combine's backward does).
     Fp8QuantRows(Elem),
+    /// An activation writing its output and the output's row-wise FP8 copy in one pass.
+    Fp8ActQuantRows(Fp8Act, Elem),
     /// Column maxima of each row group (for per-group column scales).
     Fp8ColAmax(Elem),
     /// FP8 scales from column maxima.
@@ -146,6 +164,7 @@ impl Kernel {
                 Kernel::XentBwd(e),
             ]);
             all.extend(EpilogueAct::ALL.map(|a| Kernel::BiasAct(a, e)));
+            all.extend(Fp8Act::ALL.map(|a| Kernel::Fp8ActQuantRows(a, e)));
             all.extend([
                 Kernel::Fp8QuantRows(e),
                 Kernel::Fp8ColAmax(e),
@@ -162,6 +181,7 @@ impl Kernel {
         matches!(
             self,
             Kernel::Fp8QuantRows(_)
+                | Kernel::Fp8ActQuantRows(..)
                 | Kernel::Fp8ColAmax(_)
                 | Kernel::Fp8ScalesFromAmax
                 | Kernel::Fp8QuantTranspose(_)
@@ -192,6 +212,14 @@ impl Kernel {
             Kernel::XentFwd(e) => typed("xent_fwd", e),
             Kernel::XentBwd(e) => typed("xent_bwd", e),
             Kernel::Fp8QuantRows(e) => typed("fp8_quant_rows", e),
+            Kernel::Fp8ActQuantRows(a, e) => typed(
+                match a {
+                    Fp8Act::Gelu => "fp8_act1_quant_rows",
+                    Fp8Act::Relu => "fp8_act2_quant_rows",
+                    Fp8Act::Swiglu => "fp8_act3_quant_rows",
+                },
+                e,
+            ),
             Kernel::Fp8ColAmax(e) => typed("fp8_col_amax", e),
             Kernel::Fp8ScalesFromAmax => "fp8_scales_from_amax".into(),
             Kernel::Fp8QuantTranspose(e) => typed("fp8_quant_transpose", e),
@@ -216,8 +244,11 @@ impl Kernel {
             Kernel::SegmentSums(_) => &[P, P, P, L, I],
             Kernel::XentFwd(_) => &[P, P, P, P, L, I],
             Kernel::XentBwd(_) => &[P, P, P, P, P, L, I],
-            // (src, row_slot or null, k, limit or null, copy or null, q, scale, overflow, rows, d)
-            Kernel::Fp8QuantRows(_) => &[P, P, I, P, P, P, P, P, L, I],
+            // (src, row_slot or null, k, weight or null, limit or null, copy or null, q, scale,
+            // overflow, rows, d)
+            Kernel::Fp8QuantRows(_) => &[P, P, I, P, P, P, P, P, P, L, I],
+            // (a, b or null, limit or null, out, q, scale, overflow, rows, d)
+            Kernel::Fp8ActQuantRows(..) => &[P, P, P, P, P, P, P, L, I],
             // (x, ends, groups, amax bits, d)
             Kernel::Fp8ColAmax(_) => &[P, P, I, P, I],
             // (amax bits, inv, scale, overflow, n)

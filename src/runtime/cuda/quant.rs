@@ -8,9 +8,10 @@
 //!
 //! Three layouts, one pass each over the input (the column scales read it once more):
 //! - [`quant_rows`]: row-wise, `[R, C]` → `[R, C]` with `[R]` scales (the left operand of
-//!   every matmul; a weight's input-gradient operand), optionally gathering the rows as the
-//!   dispatch does ([`gather_quant_rows`]: the dispatch's gather and the quantisation in
-//!   one pass, which writes both copies);
+//!   every matmul; a weight's input-gradient operand), also inside the pass that makes the
+//!   tensor, which then writes both copies: [`gather_quant_rows`] (the dispatch's gather,
+//!   or weighted, the combine's backward) and [`act_quant_rows`] (the activation between
+//!   the expert matmuls);
 //! - [`quant_transposed`] side by side: rows in groups (experts) → `[C, P]`, each group's
 //!   rows padded to a multiple of 16 positions, with `[G·C]` per-group column scales (the
 //!   weight gradient's operands, whose contraction runs over the tokens);
@@ -29,7 +30,7 @@ use std::ffi::c_int;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::kernels::{self, device_index, launch, ptr, Arg, Elem, Grid, Kernel};
+use super::kernels::{self, device_index, launch, ptr, Arg, Elem, Fp8Act, Grid, Kernel};
 
 /// The largest finite e4m3 value.
 pub const FP8_MAX: f64 = 448.0;
@@ -148,6 +149,7 @@ pub fn quant_rows_into(
                 ptr(Some(&x)),
                 ptr(None),
                 Arg::I32(1),
+                ptr(None),
                 ptr(limit.as_ref()),
                 ptr(None),
                 ptr(Some(&out.q)),
@@ -179,16 +181,23 @@ pub fn quant_rows_into(
     Ok(())
 }
 
-/// The dispatch's gather and the row-wise quantisation in one pass: `xs[r] = x[s / k]` for
-/// `s = row_slot[r] ≥ 0` (zero rows elsewhere) in `x`'s type, and `xs` quantised row-wise.
+/// A gather and the row-wise quantisation in one pass: `xs[r] = x[s / k]` for `s =
+/// row_slot[r] ≥ 0` (zero rows elsewhere) in `x`'s type, times `weight[s]` (f32, `[T·k]`) if
+/// given, and `xs` quantised row-wise. Without `weight` the dispatch's gather; with it the
+/// combine's backward (the output gradient of every slot times its gate weight), so the
+/// expert's input gradient and weight gradient need no pass of their own for its FP8 rows.
 pub fn gather_quant_rows(
     x: &Tensor,
     row_slot: &Tensor,
     k: i64,
+    weight: Option<&Tensor>,
     overflow: Option<&Tensor>,
 ) -> Result<(Tensor, Fp8)> {
     let (_, d) = x.size2()?;
     let rows = row_slot.size()[0];
+    let weight = weight
+        .map(|w| w.f_to_kind(Kind::Float)?.f_reshape([-1])?.f_contiguous())
+        .transpose()?;
     if kernels_apply(x) && d < i32::MAX as i64 {
         let elem = Elem::of(x).expect("checked by kernels_apply");
         let x = x.f_contiguous()?;
@@ -206,6 +215,7 @@ pub fn gather_quant_rows(
                 ptr(Some(&x)),
                 ptr(Some(&row_slot)),
                 Arg::I32(k as c_int),
+                ptr(weight.as_ref()),
                 ptr(None),
                 ptr(Some(&xs)),
                 ptr(Some(&out.q)),
@@ -217,9 +227,80 @@ pub fn gather_quant_rows(
         )?;
         return Ok((xs, out));
     }
-    let xs = super::ops::gather_rows(x, row_slot, k, None)?;
+    let xs = super::ops::gather_rows(x, row_slot, k, weight.as_ref())?;
     let q = quant_rows(&xs, None, overflow)?;
     Ok((xs, q))
+}
+
+/// An activation and the row-wise quantisation of its output in one pass: `(out, FP8 rows
+/// of out)`, `out = act(a)` (GELU, erf form, or ReLU) or `silu(a) · b` (SwiGLU), `[R, C]` in
+/// `a`'s type. With `limit` (as in [`quant_rows`]) the rows from there on are zeros in both
+/// (they hold what the grouped matmul left, never read). The kernel computes each value as
+/// the SwiGLU kernel and the bias epilogue do; the libtorch reference (CPU) uses libtorch's
+/// activations.
+pub fn act_quant_rows(
+    a: &Tensor,
+    b: Option<&Tensor>,
+    act: Fp8Act,
+    limit: Option<&Tensor>,
+    overflow: Option<&Tensor>,
+) -> Result<(Tensor, Fp8)> {
+    let (rows, cols) = a.size2()?;
+    if (act == Fp8Act::Swiglu) != b.is_some() {
+        bail!("FP8 activation: SwiGLU takes two inputs, the others one");
+    }
+    if let Some(b) = b {
+        if b.size() != a.size() || b.kind() != a.kind() {
+            bail!(
+                "FP8 SwiGLU: inputs {:?} and {:?} differ",
+                a.size(),
+                b.size()
+            );
+        }
+    }
+    let b_fits = b.is_none_or(|b| Elem::of(b).is_some());
+    if kernels_apply(a) && b_fits && cols < i32::MAX as i64 {
+        let elem = Elem::of(a).expect("checked by kernels_apply");
+        let a = a.f_contiguous()?;
+        let b = b.map(|b| b.f_contiguous()).transpose()?;
+        let limit = limit.map(|l| l.f_to_kind(Kind::Int)).transpose()?;
+        let out = a.f_empty_like()?;
+        let q = Fp8 {
+            q: Tensor::f_empty([rows, cols], (e4m3(), a.device()))?,
+            scale: Tensor::f_empty([rows], (Kind::Float, a.device()))?,
+        };
+        launch(
+            device_index(&a),
+            Kernel::Fp8ActQuantRows(act, elem),
+            Grid::linear(rows, 128),
+            &[
+                ptr(Some(&a)),
+                ptr(b.as_ref()),
+                ptr(limit.as_ref()),
+                ptr(Some(&out)),
+                ptr(Some(&q.q)),
+                ptr(Some(&q.scale)),
+                ptr(overflow),
+                Arg::I64(rows),
+                Arg::I32(cols as c_int),
+            ],
+        )?;
+        return Ok((out, q));
+    }
+    let mut out = match (act, b) {
+        (Fp8Act::Gelu, _) => a.f_gelu("none")?,
+        (Fp8Act::Relu, _) => a.f_relu()?,
+        (Fp8Act::Swiglu, Some(b)) => super::ops::swiglu(a, b)?,
+        (Fp8Act::Swiglu, None) => unreachable!("checked above"),
+    };
+    if let Some(limit) = limit {
+        let keep = Tensor::f_arange(rows, (Kind::Int64, a.device()))?
+            .f_lt_tensor(&limit.f_to_kind(Kind::Int64)?)?
+            .f_unsqueeze(1)?;
+        out = out.f_where_self(&keep, &out.f_zeros_like()?)?;
+    }
+    let q = quant_rows(&out, limit, overflow)?;
+    Ok((out, q))
 }
 
 /// Where [`quant_transposed`] puts each group's rows.
@@ -317,7 +398,9 @@ pub fn quant_transposed_into(
             di,
             Kernel::Fp8ColAmax(elem),
             Grid {
-                blocks: (rows + 511) / 512,
+                // COL_CHUNK (128) rows a block: enough blocks to fill the GPU at 8192 rows
+                // (512 left F0's [8192, 1024] with 64 blocks, 0.47 TB/s on an H100)
+                blocks: (rows + 127) / 128,
                 blocks_y: col_chunks as u32,
                 threads: 256,
                 shared_bytes: 0,
@@ -491,7 +574,7 @@ mod tests {
     fn gathered_dropped_slots_are_zero_rows_with_finite_scales() {
         let x = t(&[&[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]]);
         let row_slot = Tensor::from_slice(&[3i64, -1, 0]);
-        let (xs, q) = gather_quant_rows(&x, &row_slot, 2, None).unwrap();
+        let (xs, q) = gather_quant_rows(&x, &row_slot, 2, None, None).unwrap();
         assert_eq!(
             values(&xs),
             [5.0, 6.0, 7.0, 8.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0]

@@ -55,40 +55,89 @@ __device__ __forceinline__ float block_max(float v, float* part) {
   return m;
 }
 
+// A value as T holds it (bf16: rounded to nearest even; f32: itself).
+template <typename T> __device__ __forceinline__ float held(float x);
+template <> __device__ __forceinline__ float held<float>(float x) { return x; }
+template <> __device__ __forceinline__ float held<bf16_t>(float x) {
+  bf16_t b;
+  st(&b, x);
+  return ld(&b);
+}
+
+// The row values the quantisation sees, from one 16-byte load at column c of the row's
+// source(s), each as T holds it (so the copy written in T and the FP8 copy agree): SRC 0
+// the row itself, times `w` when `weighted` (the combine's backward: w = the slot's gate
+// weight, one product as gather_rows computes it); SRC 1 GELU (erf form), 2 ReLU (act_f of
+// the bias epilogue); 3 SwiGLU's silu(a) * b (swiglu_f, as the SwiGLU kernel computes it).
+template <typename T, int SRC>
+__device__ __forceinline__ void row_source(const T* a, const T* b, int c, bool weighted, float w,
+                                           float* v) {
+  const int N = Vec<T>::N;
+  ldv(a + c, v);
+  if (SRC == 0) {
+    if (weighted) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = held<T>(__fmul_rn(v[i], w));
+    }
+  } else if (SRC == 3) {
+    float y[16 / sizeof(T)];
+    ldv(b + c, y);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = held<T>(swiglu_f(v[i], y[i]));
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = held<T>(act_f<SRC>(v[i]));
+  }
+}
+
 // Row-wise quantisation of `rows` rows of width d (d % VEC == 0), one block per row:
-// q[r] = e4m3(row * inv_r), scale[r] = 1 / inv_r. The row is read from src[r], or with
-// `row_slot`, gathered as the dispatch does: src[s / k] for s = row_slot[r] >= 0, else a
-// zero row; `copy` (if not null) receives the gathered row in T as well (the dispatch's
-// output). With `limit` (if not null, an int32 on the device), rows from *limit on are
-// outside every expert group: written as zeros with the floor's scale, never read (they
-// hold whatever the grouped matmul left there), and they raise no overflow. The row is read
-// twice (its amax, then the conversion; the second read mostly from L2): a variant keeping
-// rows in registers (256 threads, all loads in flight) measured slower on an H100
-// (BENCHMARKS.md, 2026-12-06).
-template <typename T>
-__device__ void quant_rows(const T* __restrict__ src, const long long* __restrict__ row_slot,
-                           int k, const int* __restrict__ limit, T* __restrict__ copy,
-                           unsigned char* __restrict__ q, float* __restrict__ scale,
-                           int* __restrict__ overflow, long long rows, int d) {
+// q[r] = e4m3(row * inv_r), scale[r] = 1 / inv_r, where the row is what row_source makes of
+// the source row(s) (SRC above: the row, the weighted row, or an activation of it). The row
+// is read from src[r] (and src2[r] for SwiGLU), or with `row_slot` (SRC 0), gathered as the
+// dispatch does: src[s / k] for s = row_slot[r] >= 0, else a zero row, times weight[s] when
+// `weight` is not null (the combine's backward). `copy` (if not null) receives the row in T
+// as well (the gather's or the activation's output, written in the first pass and read
+// back in the second), so the pass that makes the tensor writes its FP8 copy too. With
+// `limit` (if not null, an int32 on the device), rows from *limit on are outside every
+// expert group: written as zeros with the floor's scale, never read (they hold whatever the
+// grouped matmul left there), and they raise no overflow. The row is read twice (its amax,
+// then the conversion; the second read mostly from L2; with `copy`, the copy): a
+// variant keeping rows in registers (256 threads, all loads in flight) measured slower on an
+// H100 (BENCHMARKS.md, 2026-12-06).
+template <typename T, int SRC>
+__device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2,
+                           const long long* __restrict__ row_slot, int k,
+                           const float* __restrict__ weight, const int* __restrict__ limit,
+                           T* __restrict__ copy, unsigned char* __restrict__ q,
+                           float* __restrict__ scale, int* __restrict__ overflow, long long rows,
+                           int d) {
   const int N = Vec<T>::N;
   typedef typename Packed<T>::type P;
   __shared__ float part[32];
   const long long valid_rows = limit ? (long long)*limit : rows;
   for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* from = nullptr;
+    const T* from2 = nullptr;
+    float w = 1.0f;
     if (r < valid_rows) {
       if (row_slot) {
         const long long s = row_slot[r];
-        if (s >= 0) from = src + (s / k) * (long long)d;
+        if (s >= 0) {
+          from = src + (s / k) * (long long)d;
+          if (weight) w = weight[s];
+        }
       } else {
         from = src + r * (long long)d;
+        if (src2) from2 = src2 + r * (long long)d;
       }
     }
+    const bool weighted = weight != nullptr;
     float amax = 0.0f;
     if (from) {
       for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
         float v[16 / sizeof(T)];
-        ldv(from + c, v);
+        row_source<T, SRC>(from, from2, c, weighted, w, v);
+        if (copy) stv(copy + r * (long long)d + c, v);
         bool bad = false;
 #pragma unroll
         for (int i = 0; i < N; ++i) {
@@ -107,13 +156,17 @@ __device__ void quant_rows(const T* __restrict__ src, const long long* __restric
     }
     for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
       float v[16 / sizeof(T)];
-      if (from) {
-        ldv(from + c, v);
+      if (from && copy) {
+        // what this thread wrote in the first pass (the same columns; mostly from L2): the
+        // activation is computed once
+        ldv(copy + r * (long long)d + c, v);
+      } else if (from) {
+        row_source<T, SRC>(from, from2, c, weighted, w, v);
       } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) v[i] = 0.0f;
+        if (copy) stv(copy + r * (long long)d + c, v);
       }
-      if (copy) stv(copy + r * (long long)d + c, v);
       *reinterpret_cast<P*>(q + r * (long long)d + c) = Packed<T>::pack(v, inv);
     }
   }
@@ -130,7 +183,7 @@ __device__ __forceinline__ long long group_start(const int* ends, int g) {
 // walks the groups its rows meet and, per group, reduces its 8 row lanes in shared memory
 // and raises the group's column maxima once. 256 threads: 8 row lanes x 32 column lanes of
 // one 16-byte vector each, four rows in flight per thread.
-#define COL_CHUNK 512
+#define COL_CHUNK 128
 template <typename T>
 __device__ void col_amax(const T* __restrict__ x, const int* __restrict__ ends, int groups,
                          int* __restrict__ amax, int d) {
@@ -278,8 +331,12 @@ __device__ void quant_transpose(const T* __restrict__ x, const int* __restrict__
 
 #define FP8_INSTANCES(T, NAME) \
 extern "C" __global__ void fp8_quant_rows_##NAME(const T* src, const long long* row_slot, int k, \
-    const int* limit, T* copy, unsigned char* q, float* scale, int* overflow, long long rows, int d) { \
-    quant_rows<T>(src, row_slot, k, limit, copy, q, scale, overflow, rows, d); } \
+    const float* weight, const int* limit, T* copy, unsigned char* q, float* scale, int* overflow, \
+    long long rows, int d) { \
+    quant_rows<T, 0>(src, nullptr, row_slot, k, weight, limit, copy, q, scale, overflow, rows, d); } \
+FP8_ACT_INSTANCE(T, NAME, 1) \
+FP8_ACT_INSTANCE(T, NAME, 2) \
+FP8_ACT_INSTANCE(T, NAME, 3) \
 extern "C" __global__ void fp8_col_amax_##NAME(const T* x, const int* ends, int groups, \
     int* amax, int d) { col_amax<T>(x, ends, groups, amax, d); } \
 extern "C" __global__ void fp8_quant_transpose_##NAME(const T* x, const int* ends, \
@@ -287,6 +344,12 @@ extern "C" __global__ void fp8_quant_transpose_##NAME(const T* x, const int* end
     int d, long long group_stride, long long col_stride, int base) { \
     quant_transpose<T>(x, ends, pad_ends, groups, inv, out, positions, d, group_stride, \
                        col_stride, base); }
+// the activation's pass writing its output and the output's row-wise FP8 copy (SRC 1-3)
+#define FP8_ACT_INSTANCE(T, NAME, SRC) \
+extern "C" __global__ void fp8_act##SRC##_quant_rows_##NAME(const T* a, const T* b, \
+    const int* limit, T* out, unsigned char* q, float* scale, int* overflow, long long rows, \
+    int d) { \
+    quant_rows<T, SRC>(a, b, nullptr, 1, nullptr, limit, out, q, scale, overflow, rows, d); }
 FP8_INSTANCES(bf16_t, bf16)
 FP8_INSTANCES(float, f32)
 

@@ -1,5 +1,8 @@
 // SwiGLU's silu(a) * b, forward and backward, one pass each.
 
+// silu(x) * y as every kernel computes it (the FP8 epilogue too, so their bits agree)
+__device__ __forceinline__ float swiglu_f(float x, float y) { return x / (1.0f + __expf(-x)) * y; }
+
 template <typename T>
 __device__ void swiglu_fwd(const T* a, const T* b, T* out, long long n) {
   const int N = Vec<T>::N;
@@ -9,7 +12,7 @@ __device__ void swiglu_fwd(const T* a, const T* b, T* out, long long n) {
     ldv(a + i, x);
     ldv(b + i, y);
 #pragma unroll
-    for (int j = 0; j < N; ++j) x[j] = x[j] / (1.0f + __expf(-x[j])) * y[j];
+    for (int j = 0; j < N; ++j) x[j] = swiglu_f(x[j], y[j]);
     stv(out + i, x);
   }
 }
