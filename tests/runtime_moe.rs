@@ -580,6 +580,8 @@ fn keyed_routing_repeats_for_the_same_key() {
 /// layer than `fmoec plan` counted).
 #[test]
 fn gate_parameters_follow_the_gate_definition() {
+    // building layers draws their weights from libtorch's global generator
+    let _rng = rng_lock();
     for kind in [
         GateKind::Naive,
         GateKind::Noisy,

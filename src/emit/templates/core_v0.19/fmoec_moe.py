@@ -28,7 +28,6 @@ Parameter marking, as Megatron-Core marks its own MoE (megatron/core/transformer
               Expert-tensor slices carry `tensor_model_parallel` / `partition_dim`.
   shared      Megatron's own SharedExpertMLP (`--moe-shared-expert-intermediate-size`).
 """
-import contextlib
 import dataclasses
 import math
 
@@ -127,9 +126,11 @@ def _reduce_scatter_rows(x, sizes, rank, group):
     return out[:sizes[rank]].to(x.dtype)
 
 
-class _GatherFromExpertTensorGroup(torch.autograd.Function):
-    """Forward: every expert-tensor rank gets the rows of all of them (they hold slices of the
-    same experts); backward: each rank's input gradient is the sum of the slices' gradients."""
+class _GatherRowsFromGroup(torch.autograd.Function):
+    """Forward: every rank of `group` gets the rows of all of them, in rank order (the
+    expert-tensor ranks holding slices of the same experts; the tensor ranks holding slices of
+    the sequence); backward: each rank's input gradient is the sum over the group of the
+    gradients of its rows."""
 
     @staticmethod
     def forward(ctx, x, sizes, rank, group):
@@ -169,18 +170,8 @@ class _OnlyOnRankZero(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# Where the gates draw their noise, and which ranks they talk to.
+# Which ranks the gates talk to.
 # ---------------------------------------------------------------------------------------------
-def _gate_rng():
-    """Megatron's model-parallel RNG stream (its tracker, the stream its tensor-parallel dropout
-    uses), which Megatron's checkpoints save and restore per rank, so a resumed training draws
-    the same noise (noisy's noise, gshard's random routing, switch's jitter). Outside Megatron
-    (no tracker): torch's."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-    tracker = get_cuda_rng_tracker()
-    return tracker.fork() if tracker.is_initialized() else contextlib.nullcontext()
-
-
 class _ExpertGroup(object):
     """What the gates read of the ranks that share one layer's experts: Megatron-Core's
     expert-model-parallel group."""
@@ -272,6 +263,7 @@ class FmoecMoELayer(MegatronModule):
         self.etp_size = dist.get_world_size(self.etp_group)
         self.etp_rank = dist.get_rank(self.etp_group)
         self.tp_size = dist.get_world_size(pg_collection.tp)
+        self.tp_rank = dist.get_rank(pg_collection.tp)
         experts = spec['experts']
         if experts % self.ep.expert_size != 0:
             raise ValueError('fmoec: layer {}: {} experts do not divide over {} expert-parallel '
@@ -350,8 +342,7 @@ class FmoecMoELayer(MegatronModule):
     def forward(self, hidden_states, padding_mask=None, **_):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        with _gate_rng():
-            idx, score, loss = self.gate(x)
+        idx, score, loss = self._route(x)
         n, k = idx.shape
         flat = idx.reshape(-1)
         valid = (flat >= 0).nonzero().reshape(-1)
@@ -393,20 +384,38 @@ class FmoecMoELayer(MegatronModule):
         self.last_dropped = float(n * k - valid.numel()) / max(n * k, 1)
         if self.training and self.layer_number is not None:
             # Megatron's training log reports it as `load_balancing_loss` (per layer with
-            # --moe-per-layer-logging), unweighted like its own routers' losses: the mean over
-            # the tensor ranks' slices of the sequence, then over data ranks and micro-batches
+            # --moe-per-layer-logging), unweighted like its own routers' losses: the
+            # micro-batch's (summed over the tensor ranks' 1/t shares), averaged over data ranks
+            # and micro-batches
             get_moe_metrics_tracker().record(
                 'load_balancing_loss', loss.detach() / self.tp_size, self.layer_number,
                 self.config.num_layers, reduce_group=self.pg.tp, needs_dp_avg=True)
         if self.training and self.balance_weight != 0.0 and loss.requires_grad:
             # Megatron's own hook for auxiliary losses: the schedule sets its scale (loss
             # scale / micro-batches) and its backward adds d(weight * loss) to the gradient.
-            # Each tensor rank routes a slice of the sequence: their losses are averaged.
+            # Every tensor rank holds the micro-batch's loss (`_route`): each adds 1/t of it.
             out = MoEAuxLossAutoScaler.apply(out, loss * (self.balance_weight / self.tp_size))
         out = out.reshape(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         return out, None
+
+    def _route(self, x):
+        """The gate on this rank's tokens `x` [n, d]: (idx [n, k], score [n, k], loss).
+
+        With tensor parallelism Megatron-Core gives each tensor rank a slice of the sequence
+        (sequence parallelism); every tensor rank then routes the whole micro-batch, gathered
+        in sequence order, and keeps its slice, so capacity, drops and the balance loss are the
+        micro-batch's, as one rank computes them. The gates draw from torch's default
+        generator, which Megatron seeds alike on the tensor ranks (and saves in its
+        checkpoints), so every tensor rank draws the same noise."""
+        if self.tp_size == 1:
+            return self.gate(x)
+        sizes = [x.shape[0]] * self.tp_size
+        whole = _GatherRowsFromGroup.apply(x, sizes, self.tp_rank, self.pg.tp)
+        idx, score, loss = self.gate(whole)
+        mine = slice(self.tp_rank * x.shape[0], (self.tp_rank + 1) * x.shape[0])
+        return idx[mine], score[mine], loss
 
     def _experts(self, rows, counts):
         """Run the local experts on `rows` (sorted by local expert, `counts` per expert)."""
@@ -420,7 +429,7 @@ class FmoecMoELayer(MegatronModule):
         all_counts = [torch.zeros_like(counts) for _ in range(self.etp_size)]
         dist.all_gather(all_counts, counts.contiguous(), group=self.etp_group)
         sizes = sizes_t.tolist()
-        gathered = _GatherFromExpertTensorGroup.apply(rows, sizes, self.etp_rank, self.etp_group)
+        gathered = _GatherRowsFromGroup.apply(rows, sizes, self.etp_rank, self.etp_group)
         # rank-major -> expert-major, so each expert's rows are contiguous
         starts, perm = [0], []
         for c in all_counts:
