@@ -28,6 +28,7 @@ Parameter marking, as Megatron-Core marks its own MoE (megatron/core/transformer
               Expert-tensor slices carry `tensor_model_parallel` / `partition_dim`.
   shared      Megatron's own SharedExpertMLP (`--moe-shared-expert-intermediate-size`).
 """
+import contextlib
 import dataclasses
 import math
 
@@ -170,8 +171,22 @@ class _OnlyOnRankZero(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# Which ranks the gates talk to.
+# Where the gates draw their noise, and which ranks they talk to.
 # ---------------------------------------------------------------------------------------------
+def _gate_rng():
+    """Megatron's data-parallel RNG stream (a state of its RNG tracker, seeded alike on the
+    tensor ranks, saved and restored per rank by its checkpoints): every tensor rank draws the
+    same noise for the micro-batch it routes whole (`FmoecMoELayer._route`), and a resumed
+    training draws what it would have (noisy's noise, gshard's random routing, switch's jitter).
+    Outside Megatron (no tracker): torch's default generator."""
+    from megatron.core.tensor_parallel.random import (
+        get_cuda_rng_tracker, get_data_parallel_rng_tracker_name)
+    tracker, name = get_cuda_rng_tracker(), get_data_parallel_rng_tracker_name()
+    if tracker.is_initialized() and name in tracker.get_states():
+        return tracker.fork(name)
+    return contextlib.nullcontext()
+
+
 class _ExpertGroup(object):
     """What the gates read of the ranks that share one layer's experts: Megatron-Core's
     expert-model-parallel group."""
@@ -406,14 +421,15 @@ class FmoecMoELayer(MegatronModule):
         With tensor parallelism Megatron-Core gives each tensor rank a slice of the sequence
         (sequence parallelism); every tensor rank then routes the whole micro-batch, gathered
         in sequence order, and keeps its slice, so capacity, drops and the balance loss are the
-        micro-batch's, as one rank computes them. The gates draw from torch's default
-        generator, which Megatron seeds alike on the tensor ranks (and saves in its
-        checkpoints), so every tensor rank draws the same noise."""
+        micro-batch's, as one rank computes them; the gates draw in `_gate_rng`, alike on the
+        tensor ranks."""
         if self.tp_size == 1:
-            return self.gate(x)
+            with _gate_rng():
+                return self.gate(x)
         sizes = [x.shape[0]] * self.tp_size
         whole = _GatherRowsFromGroup.apply(x, sizes, self.tp_rank, self.pg.tp)
-        idx, score, loss = self.gate(whole)
+        with _gate_rng():
+            idx, score, loss = self.gate(whole)
         mine = slice(self.tp_rank * x.shape[0], (self.tp_rank + 1) * x.shape[0])
         return idx[mine], score[mine], loss
 
