@@ -231,12 +231,22 @@ impl WorldPlan {
                 plan.tensor
             );
         }
+        // The planner lists embedding groups for the first and last stages only; the
+        // collective layer wants every rank in one (a middle stage's rank alone).
+        let mut embedding = ranks_of(&plan.groups.embedding);
+        for r in 0..plan.world as usize {
+            if !embedding.iter().any(|g| g.contains(&r)) {
+                embedding.push(vec![r]);
+            }
+        }
         let layout = GroupLayout {
             world: plan.world as usize,
             data: ranks_of(&plan.groups.data),
             expert: ranks_of(&plan.groups.expert),
             expert_data: ranks_of(&plan.groups.expert_data),
             gate: ranks_of(&plan.groups.gate),
+            pipeline: ranks_of(&plan.groups.pipeline),
+            embedding,
         };
         layout.validate()?;
         let first = layout
