@@ -24,6 +24,7 @@ pub mod cost;
 pub mod diagnostics;
 pub mod grid;
 pub mod render;
+pub mod schedule;
 pub mod search;
 
 use serde::Serialize;
