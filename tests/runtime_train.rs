@@ -675,6 +675,7 @@ fn a_run_alone_takes_the_planners_plan_for_one_device() {
         pipeline: Some(1),
         expert_group: Some(ExpertGroup::Replicated),
         micro_batch: None,
+        virtual_stages: None,
         memory_model: Some(MemoryModel::Fmoec),
     };
     let medium = runtime_common::example("gpt2-medium-moe.fmoe");

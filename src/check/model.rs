@@ -229,8 +229,17 @@ pub struct Parallel {
     pub expert_slicing: bool,
     /// Sequences per micro-batch per data rank; `None` lets the planner choose.
     pub micro_batch: Option<u64>,
+    /// Model chunks per pipeline stage (Megatron-LM's virtual pipeline size): 1 is plain
+    /// 1F1B, more runs the interleaved schedule. Without effect with pipeline = 1. Left out
+    /// of the JSON when 1.
+    #[serde(skip_serializing_if = "is_one")]
+    pub virtual_stages: u64,
     #[serde(skip)]
     pub spans: ParallelSpans,
+}
+
+fn is_one(v: &u64) -> bool {
+    *v == 1
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -244,6 +253,7 @@ pub struct ParallelSpans {
     pub data: Span,
     pub experts: Span,
     pub micro_batch: Span,
+    pub virtual_stages: Span,
 }
 
 /// Which ranks share one layer's experts between them.

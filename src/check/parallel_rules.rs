@@ -1,5 +1,6 @@
 //! The `parallel` block: GPUs and their hardware profile, tensor and pipeline sizes,
-//! the derived (or checked) data size, the expert group, expert slicing, micro-batch.
+//! the derived (or checked) data size, the expert group, expert slicing, micro-batch,
+//! virtual pipeline stages.
 //! Only what the block says on its own is checked here (types, names, a `data` that
 //! disagrees with the derived one); every rule about how the model splits over the GPUs
 //! (divisibility of the grid, heads, depth, experts, batch; memory) is the planner's, which
@@ -25,6 +26,7 @@ pub const PARALLEL_FIELDS: &[&str] = &[
     "experts",
     "expert_slicing",
     "micro_batch",
+    "virtual_stages",
 ];
 
 /// The profile of a file without a `parallel` block (or with a bare GPU count).
@@ -51,6 +53,7 @@ impl Checker<'_> {
             experts: ExpertGroup::AcrossData,
             expert_slicing: false,
             micro_batch: None,
+            virtual_stages: 1,
             spans: ParallelSpans {
                 block: at,
                 ..Default::default()
@@ -223,6 +226,21 @@ impl Checker<'_> {
                 None
             }
         };
+        let virtual_stages = match self.typed_field(&fields, "virtual_stages", &pos_int(), ctx) {
+            Some(v) => {
+                spans.virtual_stages = v.span;
+                let n = uint(&v);
+                if n > 1 && pipeline == 1 {
+                    self.sink
+                        .push(errors::virtual_stages_without_pipeline(v.span));
+                }
+                n
+            }
+            None => {
+                ok &= !fields.contains_key("virtual_stages");
+                1
+            }
+        };
         let hardware = hardware?;
         ok.then_some(Parallel {
             declared: true,
@@ -234,6 +252,7 @@ impl Checker<'_> {
             experts,
             expert_slicing,
             micro_batch,
+            virtual_stages,
             spans,
         })
     }

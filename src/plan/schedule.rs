@@ -21,7 +21,7 @@
 //!
 //! Knows nothing about models, tensors or ranks: stages and micro-batches are numbers.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// What crosses from one stage to another.

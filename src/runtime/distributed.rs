@@ -76,6 +76,7 @@ pub fn overrides(world: u64, expert_group: Option<ExpertGroup>, tensor: Option<u
         pipeline: Some(1),
         expert_group,
         micro_batch: None,
+        virtual_stages: None,
         memory_model: Some(MemoryModel::Fmoec),
     }
 }

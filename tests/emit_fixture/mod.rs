@@ -102,6 +102,7 @@ pub fn checked(gpus: u64, tensor: u64, pipeline: u64, experts: u64, kind: GateKi
             experts: ExpertGroup::AcrossData,
             expert_slicing: tensor > 1,
             micro_batch: Some(2),
+            virtual_stages: 1,
             spans: Default::default(),
         },
         train: Some(Train {

@@ -50,6 +50,7 @@ pub fn parallel(gpus: u64, tensor: u64, pipeline: u64, experts: ExpertGroup) -> 
         experts,
         expert_slicing: true,
         micro_batch: None,
+        virtual_stages: 1,
         spans: ParallelSpans {
             block: span(0),
             gpus: span(S_GPUS),
@@ -59,6 +60,7 @@ pub fn parallel(gpus: u64, tensor: u64, pipeline: u64, experts: ExpertGroup) -> 
             data: span(0),
             experts: span(S_EXPERTS_GROUP),
             micro_batch: span(12),
+            virtual_stages: span(0),
         },
     }
 }

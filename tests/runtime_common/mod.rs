@@ -111,6 +111,7 @@ pub fn tiny_checked(gate: GateKind, steps: u64, data: DataSource) -> Checked {
             experts: ExpertGroup::Replicated,
             expert_slicing: false,
             micro_batch: Some(8),
+            virtual_stages: 1,
             spans: Default::default(),
         },
         train: Some(Train {
