@@ -56,8 +56,9 @@ pub mod tcp;
 pub use error::{CollectiveError, ErrorKind};
 pub use exchange::{exchange_experts, ExchangeTape};
 pub use grads::{
-    clip_global_norm, clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients,
-    GradientNorm, ParamKind, TensorSplit,
+    clip_global_norm, clip_global_norm_pipeline, clip_global_norm_tensor_parallel,
+    reduce_gradients, sum_partial_gradients, sum_tied_gradients, GradientNorm, ParamKind,
+    TensorSplit,
 };
 pub use groups::{tensor_groups, GroupKind, GroupLabel, GroupLayout, Groups, LayoutError};
 pub use placement::{ExpertPlacement, PlacementError};
