@@ -396,6 +396,13 @@ fn label(p: &Pipeline, stage: usize, t: &Transfer) -> (Payload, usize, usize) {
     (t.payload, producer, t.micro)
 }
 
+/// A transfer waited for: its ordered pair of stages `(from, to)` and its index in that
+/// pair's queue.
+type PairSlot = ((usize, usize), usize);
+/// A transfer posted on a pair's queue: its label (payload, chunk, micro-batch) and the time
+/// it was posted.
+type PostedTransfer = ((Payload, usize, usize), f64);
+
 /// Runs every stage's `programs[s]` of `pipeline` together: a compute action takes its time
 /// on its stage, a batch of transfers completes once every peer has posted the matching
 /// transfer (the n-th send from A to B meets B's n-th receive from A), and no transfer takes
@@ -415,10 +422,10 @@ pub fn simulate(
     let mut pc = vec![0usize; n];
     let mut clock = vec![0.0f64; n];
     // per stage: the transfers of the batch it waits in, as (pair queue, index)
-    let mut posted: Vec<Option<Vec<((usize, usize), usize)>>> = vec![None; n];
+    let mut posted: Vec<Option<Vec<PairSlot>>> = vec![None; n];
     // per ordered pair (from, to): the sends and receives posted, with labels and times
-    let mut sends: BTreeMap<(usize, usize), Vec<((Payload, usize, usize), f64)>> = BTreeMap::new();
-    let mut recvs: BTreeMap<(usize, usize), Vec<((Payload, usize, usize), f64)>> = BTreeMap::new();
+    let mut sends: BTreeMap<(usize, usize), Vec<PostedTransfer>> = BTreeMap::new();
+    let mut recvs: BTreeMap<(usize, usize), Vec<PostedTransfer>> = BTreeMap::new();
     let mut forwarded: Vec<BTreeSet<(usize, usize)>> = vec![BTreeSet::new(); n];
     let mut backwarded: Vec<BTreeSet<(usize, usize)>> = vec![BTreeSet::new(); n];
     let mut arrived: Vec<BTreeSet<(Payload, usize, usize)>> = vec![BTreeSet::new(); n];
@@ -509,7 +516,7 @@ pub fn simulate(
                             posted[s] = Some(mine);
                             progressed = true;
                         }
-                        let mine = posted[s].as_ref().map(Vec::as_slice).unwrap_or_default();
+                        let mine = posted[s].as_deref().unwrap_or_default();
                         let mut end = clock[s];
                         let mut complete = true;
                         for (t, &(pair, i)) in batch.iter().zip(mine) {

@@ -294,7 +294,7 @@ impl WorldPlan {
             .iter()
             .map(|s| {
                 let chunks = if s.chunks.is_empty() {
-                    vec![s.first_layer as usize..s.end_layer as usize]
+                    std::iter::once(s.first_layer as usize..s.end_layer as usize).collect()
                 } else {
                     s.chunks
                         .iter()

@@ -372,7 +372,7 @@ impl ModelPart {
     /// The whole model of `depth` blocks as one chunk.
     pub fn whole(depth: usize) -> ModelPart {
         ModelPart {
-            chunks: vec![0..depth],
+            chunks: std::iter::once(0..depth).collect(),
             embedding: true,
             head: true,
         }
