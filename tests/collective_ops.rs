@@ -435,3 +435,62 @@ fn a_stalled_exchange_names_the_expert_group_and_the_layer() {
         .unwrap();
     assert!(message.starts_with("expert group [0,1]: all_gather_counts at \"step 7, layer 3, dispatch counts\": timed out"), "{message}");
 }
+
+/// A parameter whose gradient is `grad` (f64, on the CPU).
+fn with_grad(grad: &[f64]) -> Tensor {
+    let p = Tensor::zeros([grad.len() as i64], (Kind::Double, tch::Device::Cpu))
+        .set_requires_grad(true);
+    (&p * Tensor::from_slice(grad)).sum(Kind::Double).backward();
+    p
+}
+
+/// Two pipeline stages of one rank each: the tied embedding's gradients (its copy on each
+/// stage) are summed over the embedding group, and the global norm counts every parameter
+/// once (the last stage's copy left out) and clips both copies alike.
+#[test]
+fn the_norm_over_pipeline_stages_counts_the_tied_copy_once() {
+    use fmoec::collective::{
+        clip_global_norm_pipeline, sum_tied_gradients, ParamKind, TensorSplit,
+    };
+    let layout = GroupLayout::megatron(2, 1, 2, 1).unwrap();
+    let ranks = local_world(&layout, Duration::from_secs(20)).unwrap();
+    let results = run_ranks(ranks, |groups| {
+        let stage = groups.pipeline().rank();
+        // stage 0: a block's weight and the embedding; stage 1: its block and the tied head
+        let (own, tied) = if stage == 0 {
+            (with_grad(&[3.0]), with_grad(&[1.0, 2.0]))
+        } else {
+            (with_grad(&[4.0]), with_grad(&[2.0, 1.0]))
+        };
+        sum_tied_gradients(groups.embedding(), &[&tied], "test tied").unwrap();
+        let params = [
+            (ParamKind::Replicated, TensorSplit::Whole, &own),
+            (ParamKind::Replicated, TensorSplit::Whole, &tied),
+        ];
+        let counted = [true, stage == 0];
+        let norm = clip_global_norm_pipeline(
+            &groups,
+            groups.tensor(),
+            &params,
+            &counted,
+            Some(1.0),
+            "test norm",
+        )
+        .unwrap();
+        (norm.total, values(&tied.grad()), values(&own.grad()))
+    });
+    let want = (9.0f64 + 9.0 + 9.0 + 16.0).sqrt();
+    let scale = 1.0 / (want + 1e-6);
+    for (stage, r) in results.into_iter().enumerate() {
+        let (total, tied, own) = r.unwrap();
+        assert!((total - want).abs() < 1e-12, "stage {stage}: norm {total}");
+        for g in tied {
+            assert!((g - 3.0 * scale).abs() < 1e-12, "stage {stage}: tied {g}");
+        }
+        let first = if stage == 0 { 3.0 } else { 4.0 };
+        assert!(
+            (own[0] - first * scale).abs() < 1e-12,
+            "stage {stage}: {own:?}"
+        );
+    }
+}
