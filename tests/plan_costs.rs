@@ -151,6 +151,67 @@ fn pipeline_stages_hold_their_layers_and_in_flight_micro_batches() {
     assert_eq!(p.time.bubble_fraction, 3.0 / 19.0);
 }
 
+/// The same pipeline with 3 model chunks per stage (one block each, Megatron-LM's interleaved
+/// schedule): stage 1 holds blocks 1, 5 and 9 (virtual stages 1, 5, 9); every chunk sends
+/// its output on and its input's gradient back, so a middle stage moves 3 times the
+/// activations; the bubble shrinks to (p − 1)/(v·m + p − 1) = 3/51 and the step to
+/// (m + (p − 1)/v) micro-batch times; the first stage keeps (p − 1)·2 + (v − 1)·p + 1 = 15
+/// chunks in flight (5 micro-batches' activations).
+#[test]
+fn interleaved_stages_hold_chunks_and_shrink_the_bubble() {
+    let mut c = checked(
+        gpt_moe_small(),
+        parallel(8, 1, 4, ExpertGroup::AcrossData),
+        Some(train(64, 1024, Precision::Bf16)),
+    );
+    c.parallel.virtual_stages = 3;
+    let o = Overrides {
+        micro_batch: Some(2),
+        ..Overrides::default()
+    };
+    let p = plan::build_with(&c, &o).unwrap();
+    assert_eq!((p.virtual_stages, p.micro_batches), (3, 16));
+    assert_eq!(p.stages[1].chunks, vec![[1, 2], [5, 6], [9, 10]]);
+    assert_eq!((p.stages[1].first_layer, p.stages[1].end_layer), (1, 2));
+    let held: Vec<usize> = p.ranks[2].experts.iter().map(|e| e.layer).collect();
+    assert_eq!(held, [1, 5, 9]);
+    let msg = 2 * 1024 * 768 * 2;
+    assert_eq!(
+        p.stages[1].cost.traffic.pipeline_send_bytes,
+        6 * 16 * msg,
+        "3 chunks, each sending both ways"
+    );
+    assert_eq!(p.stages[0].cost.traffic.pipeline_send_bytes, 5 * 16 * msg);
+    assert_eq!(p.time.bubble_fraction, 3.0 / 51.0);
+    let slowest = p
+        .stages
+        .iter()
+        .map(|s| s.cost.time.micro_batch_s)
+        .fold(0.0, f64::max);
+    let sync = p
+        .stages
+        .iter()
+        .map(|s| s.cost.time.gradient_sync_s)
+        .fold(0.0, f64::max);
+    assert!((p.time.step_s - (17.0 * slowest + sync)).abs() < 1e-12 * p.time.step_s);
+    let m = &p.stages[0].cost.memory;
+    assert_eq!(m.in_flight, 15);
+    assert_eq!(m.activations, m.activations_per_micro_batch * 15 / 3);
+    // the JSON says so; without virtual stages it keeps its former shape
+    let json = plan::render::json(&p);
+    assert!(json.contains("\"virtual_stages\": 3") && json.contains("\"chunks\""));
+    c.parallel.virtual_stages = 1;
+    let plain = plan::render::json(&plan::build_with(&c, &o).unwrap());
+    assert!(!plain.contains("virtual_stages") && !plain.contains("chunks"));
+    // the table says which schedule
+    let table = plan::render::table(&p);
+    assert!(
+        table.contains("schedule:  interleaved 1F1B, 3 model chunks per stage")
+            && table.contains("1..2,5..6,9..10"),
+        "{table}"
+    );
+}
+
 #[test]
 fn planner_chooses_micro_batch_and_is_deterministic() {
     let c = checked(
