@@ -26,7 +26,7 @@
 //! It knows nothing about models, gates or NCCL.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -828,10 +828,7 @@ pub fn connect(
             .max(Duration::from_millis(1));
         stream.set_read_timeout(Some(left))?;
         stream.write_all(hello(rank, &tag).as_bytes())?;
-        let mut line = String::new();
-        BufReader::new(&stream)
-            .take(1024)
-            .read_line(&mut line)
+        let line = read_handshake_line(&stream, 1024)
             .map_err(|e| anyhow::anyhow!("rank {peer} did not answer rank {rank}'s hello: {e}"))?;
         if line.trim_end() != "OK" {
             anyhow::bail!(
@@ -866,14 +863,9 @@ pub fn connect(
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         stream.set_read_timeout(Some(left))?;
-        let mut line = String::new();
-        if BufReader::new(&stream)
-            .take(1024)
-            .read_line(&mut line)
-            .is_err()
-        {
+        let Ok(line) = read_handshake_line(&stream, 1024) else {
             continue;
-        }
+        };
         let fields: Vec<&str> = line.trim_end().split(' ').collect();
         let peer = match fields.as_slice() {
             [a, b, peer, their_tag] if format!("{a} {b}") == HELLO => match peer.parse::<usize>() {
@@ -956,6 +948,25 @@ pub fn connect(
     Ok(groups)
 }
 
+/// One handshake line (`OK`, `ERR ...`, a hello) of at most `limit` bytes from `stream`,
+/// read a byte at a time: a peer may send its first message right behind its `OK`, and a
+/// buffered reader would swallow that message with the line.
+fn read_handshake_line(mut stream: impl Read, limit: u64) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while (line.len() as u64) < limit {
+        if stream.read(&mut byte)? == 0 {
+            break;
+        }
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8(line)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not a text line"))
+}
+
 /// A connection to a peer's `address`, retried until `deadline`.
 fn connect_peer(address: &str, deadline: Instant) -> std::io::Result<TcpStream> {
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
@@ -1013,6 +1024,22 @@ mod tests {
                 .collect();
             threads.into_iter().map(|t| t.join().unwrap()).collect()
         })
+    }
+
+    #[test]
+    fn a_handshake_line_leaves_the_messages_behind_it_unread() {
+        // A peer may answer `OK` and send its first message before this rank reads the
+        // answer: both arrive together, and the message must stay in the stream.
+        let mut stream = std::io::Cursor::new(b"OK\nFIRST MESSAGE".to_vec());
+        assert_eq!(read_handshake_line(&mut stream, 1024).unwrap(), "OK\n");
+        let mut rest = String::new();
+        stream.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "FIRST MESSAGE");
+        // at most `limit` bytes, and a stream that ends without a newline gives what it had
+        let mut long = std::io::Cursor::new(b"0123456789".to_vec());
+        assert_eq!(read_handshake_line(&mut long, 4).unwrap(), "0123");
+        let mut short = std::io::Cursor::new(b"ERR".to_vec());
+        assert_eq!(read_handshake_line(&mut short, 1024).unwrap(), "ERR");
     }
 
     #[test]
