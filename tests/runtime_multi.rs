@@ -905,8 +905,8 @@ fn fastermoe_checked(skewed: bool, options: bool) -> Checked {
     c
 }
 
-/// A checkpoint of step 0 whose gate prefers expert 0 (a bias of 4 on its logit): every
-/// token's first choice, routing skewed from the first step.
+/// A checkpoint of step 0 whose gates prefer expert 0 (a bias of 4 on its logit in every MoE
+/// layer): every token's first choice, routing skewed from the first step.
 fn skewed_start(c: &Checked, dir: &Path) -> std::path::PathBuf {
     let train = c.train.as_ref().unwrap();
     let model = {
@@ -921,15 +921,16 @@ fn skewed_start(c: &Checked, dir: &Path) -> std::path::PathBuf {
         )
         .unwrap()
     };
-    let (layer, moe) = c.model.moe_layers().next().unwrap();
-    let bias = &model
-        .store
-        .get(&format!("layers.{layer}.ffn.gate.bias"))
-        .unwrap()
-        .tensor;
-    let mut hot = vec![0f32; moe.experts as usize];
-    hot[0] = 4.0;
-    tch::no_grad(|| bias.shallow_clone().copy_(&tch::Tensor::from_slice(&hot)));
+    for (layer, moe) in c.model.moe_layers() {
+        let bias = &model
+            .store
+            .get(&format!("layers.{layer}.ffn.gate.bias"))
+            .unwrap()
+            .tensor;
+        let mut hot = vec![0f32; moe.experts as usize];
+        hot[0] = 4.0;
+        tch::no_grad(|| bias.shallow_clone().copy_(&tch::Tensor::from_slice(&hot)));
+    }
     let adam = fmoec::runtime::optim::AdamW::new(&train.optimizer, &model.store).unwrap();
     let info = fmoec::runtime::checkpoint::SaveInfo {
         model: &c.model,
@@ -1043,13 +1044,97 @@ fn fastermoe_with_tensor_two_by_data_two_equals_plain_expert_parallelism() {
     }
 }
 
+/// FasterMoE inside a pipeline: pipeline 2 x data 2 (each stage's MoE layer exchanged over its
+/// stage's two data ranks), 1F1B and interleaved (one block per model chunk), and tensor 2 x
+/// pipeline 2 x data 2 (sliced experts), with routing skewed in both MoE layers. `smart_schedule = chunks(4); shadowing = dynamic` gives the run
+/// of plain expert parallelism on the same layout and of one rank (loss, balance loss, norm,
+/// routing, parameters), and both MoE layers report their shadowing, each from its own stage:
+/// the hot expert replicated in every exchange.
+#[test]
+fn fastermoe_in_a_pipeline_equals_plain_expert_parallelism() {
+    let start = tempfile::tempdir().unwrap();
+    let mut plain = twice_the_blocks(fastermoe_checked(true, false));
+    let mut faster = twice_the_blocks(fastermoe_checked(true, true));
+    // with tensor 2 the experts are sliced over the tensor ranks
+    plain.parallel.expert_slicing = true;
+    faster.parallel.expert_slicing = true;
+    let from = skewed_start(&plain, start.path());
+    let one = tempfile::tempdir().unwrap();
+    train::train(
+        &plain,
+        &RunOptions {
+            resume: Some(from.clone()),
+            ..options(one.path(), None, false)
+        },
+    )
+    .unwrap();
+    let want = metrics(one.path());
+    let want_params = parameters(&plain, one.path());
+    for (tensor, virtual_stages) in [(1, 1), (1, 2), (2, 1)] {
+        let what = format!(
+            "tensor {tensor} x pipeline 2 (virtual stages {virtual_stages}) x data 2, skewed \
+             routing, chunks(4) and shadowing = dynamic"
+        );
+        let choice = LayoutChoice {
+            tensor: Some(tensor),
+            pipeline: Some(2),
+            virtual_stages: Some(virtual_stages),
+            ..LayoutChoice::default()
+        };
+        let run = |c: &Checked| {
+            let plan = plan_world_layout(c, 4 * tensor, choice).unwrap();
+            assert_eq!(plan.stages(), 2, "{what}");
+            assert_eq!(plan.virtual_stages, virtual_stages as usize, "{what}");
+            assert_eq!(plan.layout.expert[0].len(), 2, "{what}");
+            let dir = tempfile::tempdir().unwrap();
+            let opts = RunOptions {
+                resume: Some(from.clone()),
+                ..options(dir.path(), None, false)
+            };
+            let all = run_in_process(c, &opts, &plan, TIMEOUT).unwrap();
+            assert_eq!(all[0].steps_done, STEPS, "{what}");
+            dir
+        };
+        let (a, b) = (run(&plain), run(&faster));
+        let (got_plain, got) = (metrics(a.path()), metrics(b.path()));
+        assert_same_run(&format!("{what}: plain"), &want, &got_plain);
+        assert_same_run(&what, &want, &got);
+        assert_same_parameters(&what, &want_params, &parameters(&faster, b.path()));
+        for g in &got {
+            let layers: Vec<usize> = g.moe.iter().map(|m| m.layer).collect();
+            assert_eq!(layers, [1, 3], "{what}: both stages' MoE layers reported");
+            for m in &g.moe {
+                let share = m.telemetry.shadowed_share.clone().unwrap_or_else(|| {
+                    panic!(
+                        "{what}: step {}, layer {}: no shadowing metric",
+                        g.step, m.layer
+                    )
+                });
+                assert_eq!(
+                    share[0], 1.0,
+                    "{what}: step {}, layer {}: {share:?}",
+                    g.step, m.layer
+                );
+            }
+        }
+        for g in &got_plain {
+            assert!(g.moe.iter().all(|m| m.telemetry.shadowed_share.is_none()));
+        }
+    }
+}
+
 /// [`checked`] with four blocks (dense, MoE, dense, MoE), so that it splits into up to four
 /// pipeline stages.
 fn four_blocks(steps: u64) -> Checked {
-    let mut c = checked(steps);
+    twice_the_blocks(checked(steps))
+}
+
+/// `c`'s blocks twice over (the tiny model's dense, MoE becomes dense, MoE, dense, MoE).
+fn twice_the_blocks(mut c: Checked) -> Checked {
     let more: Vec<_> = c.model.layers.clone();
+    let depth = more.len();
     for mut layer in more {
-        layer.index += 2;
+        layer.index += depth;
         c.model.layers.push(layer);
     }
     c
