@@ -153,7 +153,7 @@ pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
             "virtual_stages",
             "true",
             format!(
-                "the interleaved pipeline schedule (`virtual_stages = {}`)",
+                "interleaved pipeline schedule (`virtual_stages = {}`)",
                 plan.virtual_stages
             ),
             c.parallel.spans.virtual_stages,
