@@ -1267,11 +1267,16 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         smart_schedule: par.smart_schedule,
         shadowing: par.shadowing,
         routing_skew: routing_skew.unwrap_or(1.0),
-        layers: costed
-            .stages
-            .iter()
-            .flat_map(|s| s.exchanges.iter().cloned())
-            .collect(),
+        layers: {
+            // in layer order: with virtual stages a stage's layers are not contiguous
+            let mut layers: Vec<LayerExchange> = costed
+                .stages
+                .iter()
+                .flat_map(|s| s.exchanges.iter().cloned())
+                .collect();
+            layers.sort_by_key(|x| x.layer);
+            layers
+        },
     });
     fastermoe_warnings(par, &grid, &mut warnings);
     ParallelPlan {
