@@ -578,6 +578,25 @@ fn the_command_line_runs_ranks_and_explains_what_it_cannot() {
     let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--tensor"), &o("2")]);
     assert!(!alone.status.success());
     assert!(String::from_utf8_lossy(&alone.stderr).contains("--tensor needs several ranks"));
+    let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--pipeline"), &o("2")]);
+    assert!(!alone.status.success());
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("--pipeline needs several ranks"));
+    // tiny.fmoe's 4 blocks cannot form 8 stages: the planner's error, and what was asked
+    let deep = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--ranks"),
+        &o("8"),
+        &o("--pipeline"),
+        &o("8"),
+    ]);
+    let stderr = String::from_utf8_lossy(&deep.stderr);
+    assert_eq!(deep.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot be split evenly over pipeline = 8 stages")
+            && stderr.contains("cannot run on 8 ranks with tensor = 1 and pipeline = 8"),
+        "{stderr}"
+    );
 
     // 8 experts cannot be split over 3 ranks: the planner's located error, exit 1.
     let bad = fmoec(&[&o("run"), file.as_os_str(), &o("--ranks"), &o("3")]);
