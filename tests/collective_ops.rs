@@ -3,7 +3,9 @@
 #![cfg(feature = "runtime")]
 
 use fmoec::collective::local::{local_world, run_ranks, LocalCollective};
-use fmoec::collective::{Collective, ErrorKind, GroupKind, GroupLabel, GroupLayout, LayoutError};
+use fmoec::collective::{
+    Collective, ErrorKind, GroupKind, GroupLabel, GroupLayout, LayoutError, PeerTransfer,
+};
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
@@ -88,6 +90,8 @@ fn strided_layout() -> GroupLayout {
         expert: vec![vec![0, 2], vec![1, 3]],
         expert_data: vec![vec![0, 1], vec![2, 3]],
         gate: vec![vec![0, 1, 2, 3]],
+        pipeline: (0..4).map(|r| vec![r]).collect(),
+        embedding: (0..4).map(|r| vec![r]).collect(),
     }
 }
 
@@ -261,12 +265,143 @@ fn layouts_are_validated() {
         layout.validate().unwrap_err(),
         LayoutError::Product { .. }
     ));
+    let mut layout = strided_layout();
+    layout.pipeline = vec![vec![0, 2], vec![1, 3]];
+    layout.embedding = vec![vec![0, 1], vec![2], vec![3]];
+    assert!(matches!(
+        layout.validate().unwrap_err(),
+        LayoutError::EmbeddingOutsidePipeline { rank: 0, .. }
+    ));
     let layout = GroupLayout::data_parallel(8, 4).unwrap();
     assert_eq!(layout.members(GroupKind::ExpertData, 5), Some(&[1, 5][..]));
     assert_eq!(
         layout.members(GroupKind::Expert, 5),
         Some(&[4, 5, 6, 7][..])
     );
+    // Megatron-LM's grid with 2 tensor x 2 pipeline x 2 data (the planner's lists).
+    let layout = GroupLayout::megatron(8, 2, 2, 2).unwrap();
+    assert_eq!(
+        layout.data,
+        vec![vec![0, 2], vec![1, 3], vec![4, 6], vec![5, 7]]
+    );
+    assert_eq!(layout.gate, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+    assert_eq!(
+        layout.pipeline,
+        vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]
+    );
+    assert_eq!(layout.embedding, layout.pipeline);
+    assert_eq!((layout.stages(), layout.stage_of(6)), (2, 1));
+    let layout = GroupLayout::megatron(4, 1, 4, 1).unwrap();
+    assert_eq!(
+        layout.embedding,
+        vec![vec![0, 3], vec![1], vec![2]],
+        "the middle stages hold no embedding"
+    );
+}
+
+/// Four pipeline stages pass a tensor down and its gradient back up, in batches that
+/// send and receive at once (the first and last stage also talk to each other, as the
+/// interleaved schedule's wrap-around does); every transfer arrives in order, from the rank
+/// it was sent by.
+#[test]
+fn point_to_point_transfers_arrive_in_order() {
+    let layout = GroupLayout::megatron(4, 1, 4, 1).unwrap();
+    let ranks = local_world(&layout, Duration::from_secs(20)).unwrap();
+    let results = run_ranks(ranks, |groups| {
+        let g = groups.pipeline();
+        let s = g.rank();
+        let (next, prev) = ((s + 1) % 4, (s + 3) % 4);
+        let mut got = Vec::new();
+        for round in 0..3 {
+            let mine = Tensor::from_slice(&[(10 * s + round) as f32, -1.0]);
+            let grad = Tensor::from_slice(&[(100 * s + round) as i64]);
+            let mut from_prev = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
+            let mut from_next = Tensor::zeros([1], (Kind::Int64, tch::Device::Cpu));
+            g.send_recv(
+                &mut [
+                    PeerTransfer::Send {
+                        tensor: &mine,
+                        to: next,
+                    },
+                    PeerTransfer::Send {
+                        tensor: &grad,
+                        to: prev,
+                    },
+                    PeerTransfer::Recv {
+                        into: &mut from_prev,
+                        from: prev,
+                    },
+                    PeerTransfer::Recv {
+                        into: &mut from_next,
+                        from: next,
+                    },
+                ],
+                &format!("round {round}"),
+            )
+            .unwrap();
+            got.push((values(&from_prev)[0], values(&from_next)[0]));
+        }
+        // one-way transfers with the convenience forms
+        if s == 0 {
+            g.send(&Tensor::from_slice(&[7.0f64]), 3, "last").unwrap();
+        } else if s == 3 {
+            let mut t = Tensor::zeros([1], (Kind::Double, tch::Device::Cpu));
+            g.recv(&mut t, 0, "last").unwrap();
+            got.push((values(&t)[0], 0.0));
+        }
+        got
+    });
+    for (s, result) in results.into_iter().enumerate() {
+        let got = result.unwrap();
+        let (next, prev) = ((s + 1) % 4, (s + 3) % 4);
+        for (round, &(a, g)) in got.iter().take(3).enumerate() {
+            assert_eq!(a, (10 * prev + round) as f64, "stage {s} round {round}");
+            assert_eq!(g, (100 * next + round) as f64, "stage {s} round {round}");
+        }
+        assert_eq!(got.len(), if s == 3 { 4 } else { 3 });
+    }
+}
+
+/// A receive whose tensor is not what the peer sent, a peer that never sends, and a peer
+/// that left are errors naming the group, the call site and the peer.
+#[test]
+fn point_to_point_failures_name_the_peer() {
+    let layout = GroupLayout::megatron(3, 1, 3, 1).unwrap();
+    let ranks = local_world(&layout, Duration::from_millis(400)).unwrap();
+    let results = run_ranks(ranks, |groups| {
+        let g = groups.pipeline();
+        match g.rank() {
+            0 => {
+                g.send(&Tensor::from_slice(&[1.0f32, 2.0]), 1, "step 1")
+                    .unwrap();
+                None
+            }
+            1 => {
+                let mut wrong = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
+                let shape = g.recv(&mut wrong, 0, "step 1").unwrap_err().to_string();
+                let mut t = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
+                let late = g.recv(&mut t, 2, "step 2").unwrap_err().to_string();
+                let gone = g.recv(&mut t, 0, "step 3").unwrap_err().to_string();
+                Some((shape, late, gone))
+            }
+            _ => {
+                std::thread::sleep(Duration::from_millis(900));
+                None
+            }
+        }
+    });
+    let (shape, late, gone) = results.into_iter().nth(1).unwrap().unwrap().unwrap();
+    assert!(
+        shape.contains("pipeline group [0,1,2]: send_recv at \"step 1\"")
+            && shape.contains("rank 0 sent a tensor of shape [2]")
+            && shape.contains("where this rank receives [3]"),
+        "{shape}"
+    );
+    assert!(
+        late.contains("timed out after 400ms waiting for rank 2"),
+        "{late}"
+    );
+    assert!(gone.contains("rank 0 left the group"), "{gone}");
 }
 
 #[test]
@@ -299,4 +434,63 @@ fn a_stalled_exchange_names_the_expert_group_and_the_layer() {
         .unwrap()
         .unwrap();
     assert!(message.starts_with("expert group [0,1]: all_gather_counts at \"step 7, layer 3, dispatch counts\": timed out"), "{message}");
+}
+
+/// A parameter whose gradient is `grad` (f64, on the CPU).
+fn with_grad(grad: &[f64]) -> Tensor {
+    let p = Tensor::zeros([grad.len() as i64], (Kind::Double, tch::Device::Cpu))
+        .set_requires_grad(true);
+    (&p * Tensor::from_slice(grad)).sum(Kind::Double).backward();
+    p
+}
+
+/// Two pipeline stages of one rank each: the tied embedding's gradients (its copy on each
+/// stage) are summed over the embedding group, and the global norm counts every parameter
+/// once (the last stage's copy left out) and clips both copies alike.
+#[test]
+fn the_norm_over_pipeline_stages_counts_the_tied_copy_once() {
+    use fmoec::collective::{
+        clip_global_norm_pipeline, sum_tied_gradients, ParamKind, TensorSplit,
+    };
+    let layout = GroupLayout::megatron(2, 1, 2, 1).unwrap();
+    let ranks = local_world(&layout, Duration::from_secs(20)).unwrap();
+    let results = run_ranks(ranks, |groups| {
+        let stage = groups.pipeline().rank();
+        // stage 0: a block's weight and the embedding; stage 1: its block and the tied head
+        let (own, tied) = if stage == 0 {
+            (with_grad(&[3.0]), with_grad(&[1.0, 2.0]))
+        } else {
+            (with_grad(&[4.0]), with_grad(&[2.0, 1.0]))
+        };
+        sum_tied_gradients(groups.embedding(), &[&tied], "test tied").unwrap();
+        let params = [
+            (ParamKind::Replicated, TensorSplit::Whole, &own),
+            (ParamKind::Replicated, TensorSplit::Whole, &tied),
+        ];
+        let counted = [true, stage == 0];
+        let norm = clip_global_norm_pipeline(
+            &groups,
+            groups.tensor(),
+            &params,
+            &counted,
+            Some(1.0),
+            "test norm",
+        )
+        .unwrap();
+        (norm.total, values(&tied.grad()), values(&own.grad()))
+    });
+    let want = (9.0f64 + 9.0 + 9.0 + 16.0).sqrt();
+    let scale = 1.0 / (want + 1e-6);
+    for (stage, r) in results.into_iter().enumerate() {
+        let (total, tied, own) = r.unwrap();
+        assert!((total - want).abs() < 1e-12, "stage {stage}: norm {total}");
+        for g in tied {
+            assert!((g - 3.0 * scale).abs() < 1e-12, "stage {stage}: tied {g}");
+        }
+        let first = if stage == 0 { 3.0 } else { 4.0 };
+        assert!(
+            (own[0] - first * scale).abs() < 1e-12,
+            "stage {stage}: {own:?}"
+        );
+    }
 }

@@ -208,6 +208,37 @@ fn capability_diagnostics_come_from_the_declarations() {
     assert_eq!(emit::support::precision_flag(&c, &v22), Some("--fp16"));
 }
 
+/// No target declares the interleaved pipeline schedule: `virtual_stages` is refused by each,
+/// in a sentence, at the value the file wrote.
+#[test]
+fn the_interleaved_schedule_is_refused_by_every_target() {
+    let mut c = emit_fixture::checked(4, 1, 2, 8, GateKind::Gshard);
+    c.parallel.virtual_stages = 2;
+    let plan = fmoec::plan::build(&c).unwrap();
+    assert_eq!(plan.virtual_stages, 2);
+    let all = fmoec::check::megatron_targets();
+    assert!(all.iter().any(|t| t.version == "core_v0.19"));
+    for target in &all {
+        let ds = emit::support::diagnostics(&c, &plan, target, &all);
+        let refusal = ds
+            .iter()
+            .find(|d| d.message.contains("virtual_stages"))
+            .unwrap_or_else(|| panic!("{}: {ds:?}", target.version));
+        assert_eq!(refusal.code, "E0801");
+        assert_eq!(
+            refusal.message,
+            format!(
+                "Megatron-LM {} has no interleaved pipeline schedule (`virtual_stages = 2`)",
+                target.version
+            )
+        );
+        assert_eq!(
+            refusal.help.as_deref(),
+            Some("no Megatron-LM target has it yet; train it with `fmoec run`")
+        );
+    }
+}
+
 /// The generated module's gate table is `fmoec::gates` with the stdlib's defaults: every gate
 /// of the definition, every gate of the stdlib, no other.
 #[test]

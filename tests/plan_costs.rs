@@ -151,6 +151,67 @@ fn pipeline_stages_hold_their_layers_and_in_flight_micro_batches() {
     assert_eq!(p.time.bubble_fraction, 3.0 / 19.0);
 }
 
+/// The same pipeline with 3 model chunks per stage (one block each, Megatron-LM's interleaved
+/// schedule): stage 1 holds blocks 1, 5 and 9 (virtual stages 1, 5, 9); every chunk sends
+/// its output on and its input's gradient back, so a middle stage moves 3 times the
+/// activations; the bubble shrinks to (p − 1)/(v·m + p − 1) = 3/51 and the step to
+/// (m + (p − 1)/v) micro-batch times; the first stage keeps (p − 1)·2 + (v − 1)·p + 1 = 15
+/// chunks in flight (5 micro-batches' activations).
+#[test]
+fn interleaved_stages_hold_chunks_and_shrink_the_bubble() {
+    let mut c = checked(
+        gpt_moe_small(),
+        parallel(8, 1, 4, ExpertGroup::AcrossData),
+        Some(train(64, 1024, Precision::Bf16)),
+    );
+    c.parallel.virtual_stages = 3;
+    let o = Overrides {
+        micro_batch: Some(2),
+        ..Overrides::default()
+    };
+    let p = plan::build_with(&c, &o).unwrap();
+    assert_eq!((p.virtual_stages, p.micro_batches), (3, 16));
+    assert_eq!(p.stages[1].chunks, vec![[1, 2], [5, 6], [9, 10]]);
+    assert_eq!((p.stages[1].first_layer, p.stages[1].end_layer), (1, 2));
+    let held: Vec<usize> = p.ranks[2].experts.iter().map(|e| e.layer).collect();
+    assert_eq!(held, [1, 5, 9]);
+    let msg = 2 * 1024 * 768 * 2;
+    assert_eq!(
+        p.stages[1].cost.traffic.pipeline_send_bytes,
+        6 * 16 * msg,
+        "3 chunks, each sending both ways"
+    );
+    assert_eq!(p.stages[0].cost.traffic.pipeline_send_bytes, 5 * 16 * msg);
+    assert_eq!(p.time.bubble_fraction, 3.0 / 51.0);
+    let slowest = p
+        .stages
+        .iter()
+        .map(|s| s.cost.time.micro_batch_s)
+        .fold(0.0, f64::max);
+    let sync = p
+        .stages
+        .iter()
+        .map(|s| s.cost.time.gradient_sync_s)
+        .fold(0.0, f64::max);
+    assert!((p.time.step_s - (17.0 * slowest + sync)).abs() < 1e-12 * p.time.step_s);
+    let m = &p.stages[0].cost.memory;
+    assert_eq!(m.in_flight, 15);
+    assert_eq!(m.activations, m.activations_per_micro_batch * 15 / 3);
+    // the JSON says so; without virtual stages it keeps its former shape
+    let json = plan::render::json(&p);
+    assert!(json.contains("\"virtual_stages\": 3") && json.contains("\"chunks\""));
+    c.parallel.virtual_stages = 1;
+    let plain = plan::render::json(&plan::build_with(&c, &o).unwrap());
+    assert!(!plain.contains("virtual_stages") && !plain.contains("chunks"));
+    // the table says which schedule
+    let table = plan::render::table(&p);
+    assert!(
+        table.contains("schedule:  interleaved 1F1B, 3 model chunks per stage")
+            && table.contains("1..2,5..6,9..10"),
+        "{table}"
+    );
+}
+
 #[test]
 fn planner_chooses_micro_batch_and_is_deterministic() {
     let c = checked(
@@ -438,6 +499,70 @@ fn shadowing_replicates_the_hot_expert_under_skewed_routing() {
     assert!(table.contains("1 expert ("), "{table}");
 }
 
+/// FasterMoE in an interleaved pipeline: the four MoE blocks on pipeline 2 with 2 model chunks
+/// per stage (stage 0 runs blocks 0 and 2, stage 1 blocks 1 and 3), the experts across each
+/// stage's 4 data ranks, routing skewed 3x. Every MoE layer is listed once and in layer order,
+/// costed on its own stage's expert group of 4: as a plan of one stage (4 GPUs, no pipeline)
+/// costs it, the hot expert replicated; each stage's all-to-all time is its two layers'.
+#[test]
+fn fastermoe_in_an_interleaved_pipeline_costs_each_layer_on_its_stage() {
+    let faster = |gpus: u64, pipeline: u64, virtual_stages: u64| {
+        let mut c = big_moe(SmartSchedule::Auto, Shadowing::Dynamic);
+        c.parallel = fmoec::check::Parallel {
+            smart_schedule: c.parallel.smart_schedule,
+            shadowing: c.parallel.shadowing,
+            virtual_stages,
+            ..parallel(gpus, 1, pipeline, ExpertGroup::AcrossData)
+        };
+        let o = Overrides {
+            micro_batch: Some(1),
+            ..skewed(3.0)
+        };
+        plan::build_with(&c, &o).unwrap()
+    };
+    let p = faster(8, 2, 2);
+    assert_eq!((p.pipeline, p.virtual_stages, p.data), (2, 2, 4));
+    assert_eq!(p.stages[0].chunks, vec![[0, 1], [2, 3]]);
+    let f = p.fastermoe.as_ref().expect("the options are planned");
+    let layers: Vec<usize> = f.layers.iter().map(|x| x.layer).collect();
+    assert_eq!(
+        layers,
+        [0, 1, 2, 3],
+        "one entry per MoE layer, in layer order"
+    );
+    let one_stage = faster(4, 1, 1);
+    let alone = one_stage.fastermoe.as_ref().unwrap();
+    for (x, y) in f.layers.iter().zip(&alone.layers) {
+        assert_eq!((x.chunks, x.shadowed), (y.chunks, y.shadowed), "{x:?}");
+        assert_eq!(x.shadowed, 1, "{x:?}");
+        assert!(x.planned_s < x.plain_s, "{x:?}");
+        assert!(
+            (x.planned_s - y.planned_s).abs() <= 1e-12 * y.planned_s,
+            "{x:?} {y:?}"
+        );
+    }
+    // each stage runs two of the four identical layers: half the one-stage plan's exchange
+    for s in &p.stages {
+        let half = one_stage.stages[0].cost.time.all_to_all_s / 2.0;
+        assert!(
+            (s.cost.time.all_to_all_s - half).abs() <= 1e-9 * half,
+            "{s:?}"
+        );
+    }
+    // and shadowing pays there as without a pipeline
+    let mut plain = big_moe(SmartSchedule::Off, Shadowing::Off);
+    plain.parallel = fmoec::check::Parallel {
+        virtual_stages: 2,
+        ..parallel(8, 1, 2, ExpertGroup::AcrossData)
+    };
+    let o = Overrides {
+        micro_batch: Some(1),
+        ..skewed(3.0)
+    };
+    let off = plan::build_with(&plain, &o).unwrap();
+    assert!(p.time.step_s < off.time.step_s);
+}
+
 /// An example file, checked by the front end.
 fn example(name: &str) -> fmoec::check::Checked {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -578,6 +703,45 @@ fn megatron_core_spreads_experts_with_biases_whole() {
     assert!(errors.iter().any(|d| d.code == "P0015"), "{errors:?}");
     // v2.2 slices them: 12 experts over 4 ranks are fine there
     assert!(plan::build(&c12).is_ok());
+}
+
+/// Mixtral for Megatron-Core with the interleaved schedule (2 model chunks of 4 blocks per
+/// stage): stage 0 runs blocks 0..4 and 16..20, and its ranks hold those layers' experts in
+/// Megatron-Core's expert grid; the bubble is (p − 1)/(v·m + p − 1) with the 32 micro-batches
+/// of a data rank, and the first stage keeps (p − 1)·2 + (v − 1)·p + 1 = 11 chunks in flight
+/// (5.5 micro-batches' activations, as 11 chunks of half a stage).
+#[test]
+fn mixtral_for_megatron_core_with_virtual_stages() {
+    let mut c = example("mixtral-8x7b");
+    c.parallel.virtual_stages = 2;
+    let p = plan::build_for(&c, &Overrides::default(), &core_rules()).unwrap();
+    assert!(p.megatron_core.is_some());
+    assert_eq!((p.pipeline, p.virtual_stages), (4, 2));
+    assert_eq!(p.stages[0].chunks, vec![[0, 4], [16, 20]]);
+    let layers: Vec<usize> = p.ranks[0].experts.iter().map(|e| e.layer).collect();
+    assert_eq!(layers, [0, 1, 2, 3, 16, 17, 18, 19]);
+    // the expert grid is the one without virtual stages
+    let plain = plan::build_for(
+        &example("mixtral-8x7b"),
+        &Overrides::default(),
+        &core_rules(),
+    )
+    .unwrap();
+    assert_eq!(p.groups, plain.groups);
+    assert_eq!(p.ranks[9].experts[0].ids, vec![4, 5, 6, 7]);
+    assert_eq!(p.ranks[9].experts[0].hidden, [1792, 3584]);
+    let m = p.micro_batches;
+    assert_eq!(p.time.bubble_fraction, 3.0 / (2 * m + 3) as f64);
+    let memory = &p.stages[0].cost.memory;
+    assert_eq!(memory.model, MemoryModel::MegatronCore);
+    assert_eq!(memory.in_flight, 11);
+    assert_eq!(
+        memory.activations,
+        memory.activations_per_micro_batch * 11 / 2
+    );
+    // the same weights and optimizer state per rank as 1F1B (the stage holds 8 blocks either way)
+    assert_eq!(memory.weights, plain.stages[0].cost.memory.weights);
+    assert_eq!(memory.optimizer, plain.stages[0].cost.memory.optimizer);
 }
 
 /// Megatron-Core takes the file's vocabulary and only needs it to split over the tensor ranks:

@@ -98,6 +98,7 @@ fn groups_equal_megatron_v2_2_for_every_world_up_to_64() {
                     world,
                     tensor: t,
                     pipeline: p,
+                    virtual_stages: 1,
                     data: d,
                     expert_group: d,
                 };
@@ -152,6 +153,7 @@ fn megatron_docstring_example() {
         world: 16,
         tensor: 2,
         pipeline: 4,
+        virtual_stages: 1,
         data: 2,
         expert_group: 2,
     }
@@ -251,6 +253,7 @@ fn containing_finds_each_ranks_group() {
         world: 16,
         tensor: 2,
         pipeline: 2,
+        virtual_stages: 1,
         data: 4,
         expert_group: 2,
     }

@@ -20,6 +20,7 @@ fn groups_equal_megatron_v2_2_new_group_calls() {
             world,
             tensor,
             pipeline,
+            virtual_stages: 1,
             data,
             expert_group: data,
         }
@@ -63,6 +64,7 @@ fn groups_equal_megatron_core_initialize_model_parallel() {
             world,
             tensor,
             pipeline,
+            virtual_stages: 1,
             data: world / (tensor * pipeline),
             expert_group: ep,
         };

@@ -1,7 +1,8 @@
 //! `fmoec run` on several in-process ranks (threads, the `local` collective backend, CPU)
 //! equals the single-rank run of the same global batch, also with tensor parallelism (tensor
-//! 2 x data 2, experts across data and sliced), and sharded checkpoints move between worlds
-//! and tensor sizes.
+//! 2 x data 2, experts across data and sliced) and pipeline parallelism (every pipelined
+//! layout `fmoec plan --auto` lists for shrunk examples, 1F1B and interleaved), and sharded
+//! checkpoints move between worlds, tensor sizes and pipeline sizes.
 //!
 //! Model: the tiny two-block GPT of `runtime_common` (one dense block, one MoE block of 4
 //! GShard experts with capacity, random routing and a balance loss), batch 16 x 64 tokens in
@@ -21,11 +22,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use fmoec::check::{Checked, DataSource, EvalPolicy, ExpertGroup, GateKind};
+use fmoec::check::{Checked, DataSource, EvalPolicy, ExpertGroup, Ffn, GateKind};
 use fmoec::collective::{ExpertPlacement, GroupLayout};
+use fmoec::plan::search::Candidate;
 use fmoec::runtime::checkpoint::Source;
-use fmoec::runtime::distributed::{plan_world, plan_world_with, run_in_process, WorldPlan};
-use fmoec::runtime::model::{lock_rng, Transformer};
+use fmoec::runtime::distributed::{
+    plan_world, plan_world_layout, plan_world_with, run_in_process, LayoutChoice, WorldPlan,
+};
+use fmoec::runtime::model::{lock_rng, ModelPart, Transformer};
 use fmoec::runtime::train::{self, RunOptions, RunSummary, StepMetrics};
 use tch::{Device, Kind};
 
@@ -483,9 +487,11 @@ fn impossible_layouts_are_clear_errors() {
         tensor: (0..16).map(|r| vec![r]).collect(),
         expert_slicing: false,
         placements: WorldPlan::data_parallel(&c, 1, 1).unwrap().placements,
+        parts: vec![ModelPart::whole(c.model.layers.len())],
+        virtual_stages: 1,
         notes: Vec::new(),
         micro_batch: None,
-        memory: None,
+        memory: Vec::new(),
         fastermoe: None,
     };
     let dir = tempfile::tempdir().unwrap();
@@ -572,6 +578,25 @@ fn the_command_line_runs_ranks_and_explains_what_it_cannot() {
     let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--tensor"), &o("2")]);
     assert!(!alone.status.success());
     assert!(String::from_utf8_lossy(&alone.stderr).contains("--tensor needs several ranks"));
+    let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--pipeline"), &o("2")]);
+    assert!(!alone.status.success());
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("--pipeline needs several ranks"));
+    // tiny.fmoe's 4 blocks cannot form 8 stages: the planner's error, and what was asked
+    let deep = fmoec(&[
+        &o("run"),
+        file.as_os_str(),
+        &o("--ranks"),
+        &o("8"),
+        &o("--pipeline"),
+        &o("8"),
+    ]);
+    let stderr = String::from_utf8_lossy(&deep.stderr);
+    assert_eq!(deep.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot be split evenly over pipeline = 8 stages")
+            && stderr.contains("cannot run on 8 ranks with tensor = 1 and pipeline = 8"),
+        "{stderr}"
+    );
 
     // 8 experts cannot be split over 3 ranks: the planner's located error, exit 1.
     let bad = fmoec(&[&o("run"), file.as_os_str(), &o("--ranks"), &o("3")]);
@@ -626,38 +651,41 @@ fn a_rank_builds_only_its_experts_with_the_one_rank_values() {
     }
 }
 
-/// With `pipeline = 2` in the file the first thing `fmoec run` says is that it runs pipeline
-/// 1 and how; only then come the planner's errors about the layout that follows from it.
+/// With `pipeline = 2` in the file `fmoec run --ranks 4` runs its layout (pipeline 2 x data
+/// 2, nothing said about a missing pipeline); alone it says that one rank holds the whole
+/// model, and trains.
 #[test]
-fn a_pipeline_in_the_file_is_explained_first() {
+fn a_pipeline_in_the_file_runs_as_the_file_says() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
         .unwrap()
         .replace(
             "\ntrain {",
-            "\nparallel {\n    gpus = 4\n    pipeline = 2\n    micro_batch = 8\n}\n\ntrain {",
-        );
+            "\nparallel {\n    gpus = 4\n    pipeline = 2\n    micro_batch = 4\n}\n\ntrain {",
+        )
+        .replace("width   = 128", "width   = 32");
     let file = dir.path().join("tiny-pipeline.fmoe");
     std::fs::write(&file, text).unwrap();
     let o = |s: &str| std::ffi::OsString::from(s);
-    // 4 ranks of data: 4 sequences each, which micro-batches of 8 cannot split
+    let out = dir.path().join("four");
     let four = fmoec(&[
         &o("run"),
         file.as_os_str(),
         &o("--ranks"),
         &o("4"),
-        &o("--quiet"),
+        &o("--steps"),
+        &o("1"),
+        &o("--out"),
+        out.as_os_str(),
     ]);
     let stderr = String::from_utf8_lossy(&four.stderr);
-    assert_eq!(four.status.code(), Some(1), "{stderr}");
+    let stdout = String::from_utf8_lossy(&four.stdout);
+    assert!(four.status.success(), "{stderr}");
+    assert!(!stderr.contains("pipeline parallelism"), "{stderr}");
     assert!(
-        stderr.starts_with(
-            "note: `fmoec run` has no pipeline parallelism yet: it runs the file's pipeline = 2 \
-             as pipeline = 1, every rank holding every layer: the 4 ranks run as tensor 1 x data 4"
-        ),
-        "{stderr}"
+        stdout.contains("Cpu x 4 ranks (tensor 1 x pipeline 2 x data 2)"),
+        "{stdout}"
     );
-    assert!(stderr.contains("P0011"), "{stderr}");
     // alone: the whole model on one device, and it trains
     let out = dir.path().join("alone");
     let one = fmoec(&[
@@ -673,8 +701,8 @@ fn a_pipeline_in_the_file_is_explained_first() {
     assert!(one.status.success(), "{stderr}");
     assert!(
         stderr.starts_with(
-            "note: `fmoec run` has no pipeline parallelism yet: it runs the file's pipeline = 2 \
-             as pipeline = 1, the whole model on this one device"
+            "note: one device: the file's tensor = 1 x pipeline = 2 runs as one rank holding the \
+             whole model"
         ),
         "{stderr}"
     );
@@ -896,8 +924,8 @@ fn fastermoe_checked(skewed: bool, options: bool) -> Checked {
     c
 }
 
-/// A checkpoint of step 0 whose gate prefers expert 0 (a bias of 4 on its logit): every
-/// token's first choice, routing skewed from the first step.
+/// A checkpoint of step 0 whose gates prefer expert 0 (a bias of 4 on its logit in every MoE
+/// layer): every token's first choice, routing skewed from the first step.
 fn skewed_start(c: &Checked, dir: &Path) -> std::path::PathBuf {
     let train = c.train.as_ref().unwrap();
     let model = {
@@ -912,15 +940,16 @@ fn skewed_start(c: &Checked, dir: &Path) -> std::path::PathBuf {
         )
         .unwrap()
     };
-    let (layer, moe) = c.model.moe_layers().next().unwrap();
-    let bias = &model
-        .store
-        .get(&format!("layers.{layer}.ffn.gate.bias"))
-        .unwrap()
-        .tensor;
-    let mut hot = vec![0f32; moe.experts as usize];
-    hot[0] = 4.0;
-    tch::no_grad(|| bias.shallow_clone().copy_(&tch::Tensor::from_slice(&hot)));
+    for (layer, moe) in c.model.moe_layers() {
+        let bias = &model
+            .store
+            .get(&format!("layers.{layer}.ffn.gate.bias"))
+            .unwrap()
+            .tensor;
+        let mut hot = vec![0f32; moe.experts as usize];
+        hot[0] = 4.0;
+        tch::no_grad(|| bias.shallow_clone().copy_(&tch::Tensor::from_slice(&hot)));
+    }
     let adam = fmoec::runtime::optim::AdamW::new(&train.optimizer, &model.store).unwrap();
     let info = fmoec::runtime::checkpoint::SaveInfo {
         model: &c.model,
@@ -1032,4 +1061,283 @@ fn fastermoe_with_tensor_two_by_data_two_equals_plain_expert_parallelism() {
         let share = g.moe[0].telemetry.shadowed_share.clone().unwrap();
         assert_eq!(share[0], 1.0, "{what}: step {}: {share:?}", g.step);
     }
+}
+
+/// FasterMoE inside a pipeline: pipeline 2 x data 2 (each stage's MoE layer exchanged over its
+/// stage's two data ranks), 1F1B and interleaved (one block per model chunk), and tensor 2 x
+/// pipeline 2 x data 2 (sliced experts), with routing skewed in both MoE layers. `smart_schedule = chunks(4); shadowing = dynamic` gives the run
+/// of plain expert parallelism on the same layout and of one rank (loss, balance loss, norm,
+/// routing, parameters), and both MoE layers report their shadowing, each from its own stage:
+/// the hot expert replicated in every exchange.
+#[test]
+fn fastermoe_in_a_pipeline_equals_plain_expert_parallelism() {
+    let start = tempfile::tempdir().unwrap();
+    let mut plain = twice_the_blocks(fastermoe_checked(true, false));
+    let mut faster = twice_the_blocks(fastermoe_checked(true, true));
+    // with tensor 2 the experts are sliced over the tensor ranks
+    plain.parallel.expert_slicing = true;
+    faster.parallel.expert_slicing = true;
+    let from = skewed_start(&plain, start.path());
+    let one = tempfile::tempdir().unwrap();
+    train::train(
+        &plain,
+        &RunOptions {
+            resume: Some(from.clone()),
+            ..options(one.path(), None, false)
+        },
+    )
+    .unwrap();
+    let want = metrics(one.path());
+    let want_params = parameters(&plain, one.path());
+    for (tensor, virtual_stages) in [(1, 1), (1, 2), (2, 1)] {
+        let what = format!(
+            "tensor {tensor} x pipeline 2 (virtual stages {virtual_stages}) x data 2, skewed \
+             routing, chunks(4) and shadowing = dynamic"
+        );
+        let choice = LayoutChoice {
+            tensor: Some(tensor),
+            pipeline: Some(2),
+            virtual_stages: Some(virtual_stages),
+            ..LayoutChoice::default()
+        };
+        let run = |c: &Checked| {
+            let plan = plan_world_layout(c, 4 * tensor, choice).unwrap();
+            assert_eq!(plan.stages(), 2, "{what}");
+            assert_eq!(plan.virtual_stages, virtual_stages as usize, "{what}");
+            assert_eq!(plan.layout.expert[0].len(), 2, "{what}");
+            let dir = tempfile::tempdir().unwrap();
+            let opts = RunOptions {
+                resume: Some(from.clone()),
+                ..options(dir.path(), None, false)
+            };
+            let all = run_in_process(c, &opts, &plan, TIMEOUT).unwrap();
+            assert_eq!(all[0].steps_done, STEPS, "{what}");
+            dir
+        };
+        let (a, b) = (run(&plain), run(&faster));
+        let (got_plain, got) = (metrics(a.path()), metrics(b.path()));
+        assert_same_run(&format!("{what}: plain"), &want, &got_plain);
+        assert_same_run(&what, &want, &got);
+        assert_same_parameters(&what, &want_params, &parameters(&faster, b.path()));
+        for g in &got {
+            let layers: Vec<usize> = g.moe.iter().map(|m| m.layer).collect();
+            assert_eq!(layers, [1, 3], "{what}: both stages' MoE layers reported");
+            for m in &g.moe {
+                let share = m.telemetry.shadowed_share.clone().unwrap_or_else(|| {
+                    panic!(
+                        "{what}: step {}, layer {}: no shadowing metric",
+                        g.step, m.layer
+                    )
+                });
+                assert_eq!(
+                    share[0], 1.0,
+                    "{what}: step {}, layer {}: {share:?}",
+                    g.step, m.layer
+                );
+            }
+        }
+        for g in &got_plain {
+            assert!(g.moe.iter().all(|m| m.telemetry.shadowed_share.is_none()));
+        }
+    }
+}
+
+/// [`checked`] with four blocks (dense, MoE, dense, MoE), so that it splits into up to four
+/// pipeline stages.
+fn four_blocks(steps: u64) -> Checked {
+    twice_the_blocks(checked(steps))
+}
+
+/// `c`'s blocks twice over (the tiny model's dense, MoE becomes dense, MoE, dense, MoE).
+fn twice_the_blocks(mut c: Checked) -> Checked {
+    let more: Vec<_> = c.model.layers.clone();
+    let depth = more.len();
+    for mut layer in more {
+        layer.index += depth;
+        c.model.layers.push(layer);
+    }
+    c
+}
+
+fn pipeline_plan(c: &Checked, world: u64, pipeline: u64) -> WorldPlan {
+    let choice = LayoutChoice {
+        pipeline: Some(pipeline),
+        ..LayoutChoice::default()
+    };
+    let plan = plan_world_layout(c, world, choice).unwrap();
+    assert_eq!(plan.stages(), pipeline as usize);
+    plan
+}
+
+/// A checkpoint saved with pipeline 2 resumes alone and with pipeline 4 (and the reverse)
+/// to the same losses, norms and final parameters as the run that never stopped.
+#[test]
+fn checkpoints_move_between_pipeline_sizes() {
+    let c = four_blocks(STEPS);
+    let full = tempfile::tempdir().unwrap();
+    single(&c, full.path(), None, false);
+    let want = metrics(full.path());
+    let want_params = parameters(&c, full.path());
+    let p2 = pipeline_plan(&c, 2, 2);
+    let p4 = pipeline_plan(&c, 4, 4);
+
+    let saved_with_2 = tempfile::tempdir().unwrap();
+    ranks(&c, &p2, saved_with_2.path(), Some(2), false);
+    for (what, resume_on) in [("pipeline 2 -> 1", None), ("pipeline 2 -> 4", Some(&p4))] {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(saved_with_2.path(), dir.path());
+        let resumed = match resume_on {
+            None => single(&c, dir.path(), None, true),
+            Some(plan) => ranks(&c, plan, dir.path(), None, true),
+        };
+        assert_eq!(resumed.start_step, 2, "{what}");
+        assert_same_run(what, &want, &metrics(dir.path()));
+        assert_same_parameters(what, &want_params, &parameters(&c, dir.path()));
+    }
+    for (what, saved_on) in [("pipeline 1 -> 2", None), ("pipeline 4 -> 2", Some(&p4))] {
+        let dir = tempfile::tempdir().unwrap();
+        match saved_on {
+            None => single(&c, dir.path(), Some(2), false),
+            Some(plan) => ranks(&c, plan, dir.path(), Some(2), false),
+        };
+        let resumed = ranks(&c, &p2, dir.path(), None, true);
+        assert_eq!(resumed.start_step, 2, "{what}");
+        assert_same_run(what, &want, &metrics(dir.path()));
+        assert_same_parameters(what, &want_params, &parameters(&c, dir.path()));
+    }
+}
+
+/// An example shrunk to fit a CPU, its structure kept: at most 8 blocks, width 32 in 4
+/// heads (grouped-query attention stays grouped), at most 8 experts of hidden 32 per MoE
+/// layer (shared experts kept), bytes as tokens, sequences of 16 tokens, a batch of 8
+/// sequences in micro-batches of 1 (so every layout up to 8 ranks splits it), the
+/// [`checked`] training settings (AdamW, clipping always active, held-out batches shared
+/// unevenly) for `steps` steps, and a memory no layout runs out of.
+fn shrunk_example(name: &str, steps: u64) -> Checked {
+    let mut c = runtime_common::example(name);
+    let m = &mut c.model;
+    m.vocab = 256;
+    m.context = 16;
+    m.width = 32;
+    let grouped = m.attention.kv_heads < m.attention.heads;
+    m.attention.heads = 4;
+    m.attention.kv_heads = if grouped { 2 } else { 4 };
+    m.attention.head_dim = 8;
+    m.layers.truncate(8);
+    for layer in &mut m.layers {
+        match &mut layer.ffn {
+            Ffn::Dense(mlp) => mlp.hidden = 64,
+            Ffn::Moe(moe) => {
+                moe.experts = moe.experts.min(8);
+                moe.top_k = moe.top_k.min(moe.experts);
+                moe.expert.hidden = 32;
+                if let Some(shared) = &mut moe.shared {
+                    shared.expert.hidden = 32;
+                }
+            }
+        }
+    }
+    let p = &mut c.parallel;
+    p.micro_batch = Some(1);
+    p.hardware.memory_bytes = 1 << 40;
+    let mut train = checked(steps).train.unwrap();
+    train.batch_sequences = 8;
+    train.seq_len = 16;
+    c.train = Some(train);
+    c
+}
+
+/// Runs every layout `fmoec plan --auto` lists as feasible for `c` on each of `worlds`
+/// (tensor x pipeline x data, expert groups, the file's virtual stages where they fit) on
+/// in-process ranks, and checks each against the single-rank run: per-step loss, balance
+/// loss, held-out loss, gradient norm and final parameters within 1e-5, routing equal.
+/// Only the candidates `keep` takes; returns how many layouts ran.
+fn walk_feasible_layouts(
+    what: &str,
+    c: &Checked,
+    worlds: &[u64],
+    keep: impl Fn(&Candidate) -> bool,
+) -> usize {
+    let (one, want) = reference_run(c);
+    let want_params = parameters(c, one.path());
+    let mut ran = 0;
+    for &world in worlds {
+        let found = fmoec::plan::search::search(c, Some(world));
+        assert!(
+            !found.feasible.is_empty(),
+            "{what}: nothing feasible on {world}"
+        );
+        for candidate in found.feasible.iter().filter(|c| keep(c)) {
+            let o = &candidate.overrides;
+            let layout = format!(
+                "{what}: {world} ranks, tensor {} x pipeline {} (virtual {}) x data {}, experts {}",
+                candidate.tensor,
+                candidate.pipeline,
+                candidate.virtual_stages,
+                candidate.data,
+                candidate.expert_group
+            );
+            let choice = LayoutChoice {
+                expert_group: o.expert_group,
+                tensor: o.tensor,
+                pipeline: o.pipeline,
+                virtual_stages: Some(candidate.virtual_stages),
+            };
+            let plan = plan_world_layout(c, world, choice)
+                .unwrap_or_else(|d| panic!("{layout}: `fmoec run` refuses it: {d:?}"));
+            assert_eq!(plan.stages(), candidate.pipeline as usize, "{layout}");
+            let started = std::time::Instant::now();
+            let dir = tempfile::tempdir().unwrap();
+            ranks(c, &plan, dir.path(), None, false);
+            assert_same_run(&layout, &want, &metrics(dir.path()));
+            assert_same_parameters(&layout, &want_params, &parameters(c, dir.path()));
+            eprintln!("{layout}: {:.1} s", started.elapsed().as_secs_f64());
+            ran += 1;
+        }
+    }
+    ran
+}
+
+/// Issue 18's proof, sized for CI: every pipelined layout `fmoec plan --auto` lists for the
+/// shrunk GPT-2-medium example (tensor with sliced experts) on 4 ranks and for the shrunk
+/// GPT-345M FastMoE example with two virtual stages (interleaved where a pipeline takes
+/// them, expert groups) on 8 ranks equals the single-rank run. Layouts without a pipeline
+/// are the other tests' here; the walk over every layout of every example on 2, 4 and 8
+/// ranks is `every_example_on_every_feasible_layout_up_to_8_ranks` (ignored: long).
+#[test]
+fn feasible_pipelined_layouts_equal_the_single_rank_run() {
+    let pipelined = |c: &Candidate| c.pipeline > 1;
+    let gpt2 = shrunk_example("gpt2-medium-moe.fmoe", 2);
+    let ran = walk_feasible_layouts("gpt2-medium-moe", &gpt2, &[4], pipelined);
+    let mut fmoefy = shrunk_example("gpt345m-fmoefy.fmoe", 2);
+    fmoefy.parallel.virtual_stages = 2;
+    let what = "gpt345m-fmoefy, 2 virtual stages";
+    let ran = ran + walk_feasible_layouts(what, &fmoefy, &[8], pipelined);
+    eprintln!("{ran} layouts equal the single-rank run");
+}
+
+/// Every example, shrunk, on every layout `fmoec plan --auto` lists for 2, 4 and 8 ranks
+/// (with two virtual stages too), against its single-rank run. Long: `cargo test --test
+/// runtime_multi -- --ignored every_example`.
+#[test]
+#[ignore]
+fn every_example_on_every_feasible_layout_up_to_8_ranks() {
+    let mut ran = 0;
+    for name in [
+        "tiny.fmoe",
+        "gpt2-medium-moe.fmoe",
+        "gpt345m-fmoefy.fmoe",
+        "deepseek-moe.fmoe",
+        "mixtral-8x7b.fmoe",
+    ] {
+        for virtual_stages in [1, 2] {
+            let mut c = shrunk_example(name, 2);
+            c.parallel.virtual_stages = virtual_stages;
+            let what = format!("{name}, virtual stages {virtual_stages}");
+            // with two, only the layouts that take them (the others ran with one)
+            let keep = |l: &Candidate| l.virtual_stages == virtual_stages;
+            ran += walk_feasible_layouts(&what, &c, &[2, 4, 8], keep);
+        }
+    }
+    eprintln!("{ran} layouts equal the single-rank run");
 }

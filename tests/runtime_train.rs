@@ -675,6 +675,7 @@ fn a_run_alone_takes_the_planners_plan_for_one_device() {
         pipeline: Some(1),
         expert_group: Some(ExpertGroup::Replicated),
         micro_batch: None,
+        virtual_stages: None,
         memory_model: Some(MemoryModel::Fmoec),
         routing_skew: None,
     };
@@ -682,7 +683,7 @@ fn a_run_alone_takes_the_planners_plan_for_one_device() {
     let planned = plan::build_with(&medium, &alone).unwrap();
     let run = plan_alone(&medium).unwrap();
     assert_eq!(run.micro_batch, Some(planned.micro_batch));
-    assert_eq!(run.memory, Some(planned.stages[0].cost.memory));
+    assert_eq!(run.memory, vec![planned.stages[0].cost.memory]);
     assert_eq!(run.layout.world, 1);
     assert_eq!(
         run.placements[&1].local_experts(0).len(),
@@ -694,7 +695,7 @@ fn a_run_alone_takes_the_planners_plan_for_one_device() {
     let too_big = plan::build_with(&deepseek, &alone).unwrap_err();
     assert!(too_big.iter().all(|d| d.code == "P0009"));
     let run = plan_alone(&deepseek).unwrap();
-    let memory = run.memory.unwrap().total;
+    let memory = run.memory[0].total;
     assert!(memory > deepseek.parallel.hardware.memory_bytes, "{memory}");
     assert!(
         run.notes

@@ -876,6 +876,16 @@ pub fn slicing_without_tensor(span: Span) -> Diagnostic {
     .with_label("nothing to slice over")
 }
 
+pub fn virtual_stages_without_pipeline(span: Span) -> Diagnostic {
+    Diagnostic::warning(
+        "W0011",
+        span,
+        "`virtual_stages` has no effect with pipeline = 1",
+    )
+    .with_label("no pipeline to interleave")
+    .with_help("the interleaved schedule splits each of several pipeline stages into model chunks: set `pipeline` to 2 or more")
+}
+
 pub fn warmup_past_steps(span: Span, warmup: u64, steps: u64, steps_span: Span) -> Diagnostic {
     Diagnostic::warning(
         "W0007",

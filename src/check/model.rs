@@ -235,6 +235,11 @@ pub struct Parallel {
     /// FasterMoE's dynamic shadowing of hot experts (`shadowing`).
     #[serde(skip_serializing_if = "Shadowing::is_off")]
     pub shadowing: Shadowing,
+    /// Model chunks per pipeline stage (Megatron-LM's virtual pipeline size): 1 is plain
+    /// 1F1B, more runs the interleaved schedule. Without effect with pipeline = 1. Left out
+    /// of the JSON when 1.
+    #[serde(skip_serializing_if = "is_one")]
+    pub virtual_stages: u64,
     #[serde(skip)]
     pub spans: ParallelSpans,
 }
@@ -275,6 +280,10 @@ impl Shadowing {
     }
 }
 
+fn is_one(v: &u64) -> bool {
+    *v == 1
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ParallelSpans {
     /// The `parallel` keyword (or the model name when no block was written).
@@ -288,6 +297,7 @@ pub struct ParallelSpans {
     pub micro_batch: Span,
     pub smart_schedule: Span,
     pub shadowing: Span,
+    pub virtual_stages: Span,
 }
 
 /// Which ranks share one layer's experts between them.

@@ -1,6 +1,7 @@
 //! The `parallel` block: GPUs and their hardware profile, tensor and pipeline sizes,
-//! the derived (or checked) data size, the expert group, expert slicing, micro-batch, and
-//! FasterMoE's options for the expert exchange (`smart_schedule`, `shadowing`).
+//! the derived (or checked) data size, the expert group, expert slicing, micro-batch,
+//! virtual pipeline stages, and FasterMoE's options for the expert exchange
+//! (`smart_schedule`, `shadowing`).
 //! Only what the block says on its own is checked here (types, names, a `data` that
 //! disagrees with the derived one); every rule about how the model splits over the GPUs
 //! (divisibility of the grid, heads, depth, experts, batch; memory) is the planner's, which
@@ -28,6 +29,7 @@ pub const PARALLEL_FIELDS: &[&str] = &[
     "micro_batch",
     "smart_schedule",
     "shadowing",
+    "virtual_stages",
 ];
 
 /// The profile of a file without a `parallel` block (or with a bare GPU count).
@@ -56,6 +58,7 @@ impl Checker<'_> {
             micro_batch: None,
             smart_schedule: SmartSchedule::Off,
             shadowing: Shadowing::Off,
+            virtual_stages: 1,
             spans: ParallelSpans {
                 block: at,
                 ..Default::default()
@@ -243,6 +246,21 @@ impl Checker<'_> {
                 Shadowing::Off
             }
         };
+        let virtual_stages = match self.typed_field(&fields, "virtual_stages", &pos_int(), ctx) {
+            Some(v) => {
+                spans.virtual_stages = v.span;
+                let n = uint(&v);
+                if n > 1 && pipeline == 1 {
+                    self.sink
+                        .push(errors::virtual_stages_without_pipeline(v.span));
+                }
+                n
+            }
+            None => {
+                ok &= !fields.contains_key("virtual_stages");
+                1
+            }
+        };
         let hardware = hardware?;
         ok.then_some(Parallel {
             declared: true,
@@ -256,6 +274,7 @@ impl Checker<'_> {
             micro_batch,
             smart_schedule,
             shadowing,
+            virtual_stages,
             spans,
         })
     }

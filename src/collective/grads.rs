@@ -14,8 +14,9 @@
 //! With tensor parallelism a second dimension, [`TensorSplit`], says how a parameter is
 //! split over the tensor group: [`sum_partial_gradients`] completes the `Partial` ones and
 //! [`clip_global_norm_tensor_parallel`] sums the squares of `Sharded` ones over the tensor
-//! group. Pipeline stages are not covered (their squared norms must also be summed over
-//! the pipeline group).
+//! group. With pipeline parallelism [`clip_global_norm_pipeline`] sums each stage's squares
+//! over the pipeline group (a parameter two stages hold, the tied embedding, counted once),
+//! and [`sum_tied_gradients`] sums the tied embedding's gradient between its two stages.
 //!
 //! FasterMoE's shadowed experts ([`super::ExchangeOptions::shadowing`]) ran on copies on
 //! every rank of the expert group; [`reduce_shadow_gradients`] sums the copies' gradients
@@ -311,18 +312,92 @@ pub fn clip_global_norm_tensor_parallel(
     max_norm: Option<f64>,
     at: &str,
 ) -> Result<GradientNorm> {
+    let counted = vec![true; params.len()];
+    let (squares, grads) = stage_squares(groups, tensor, params, &counted, at)?;
+    clip_to(
+        squares.sqrt(),
+        max_norm,
+        grads,
+        &err(tensor, "clip_global_norm", at),
+    )
+}
+
+/// [`clip_global_norm_tensor_parallel`] over pipeline stages: each stage's squares, counted
+/// as that function counts them, summed over the pipeline group, so the norm is over every
+/// parameter of the model once. `counted[i] == false` marks parameter `i` as a copy another
+/// stage counts (the last stage's copy of a tied embedding: clipped, not counted). Every rank
+/// enters its tensor, expert and pipeline groups' all-reduces, in that order.
+pub fn clip_global_norm_pipeline(
+    groups: &Groups,
+    tensor: &dyn Collective,
+    params: &[(ParamKind, TensorSplit, &Tensor)],
+    counted: &[bool],
+    max_norm: Option<f64>,
+    at: &str,
+) -> Result<GradientNorm> {
+    let (squares, grads) = stage_squares(groups, tensor, params, counted, at)?;
+    let pipeline = groups.pipeline();
+    let perr = err(pipeline, "clip_global_norm", at);
+    let device = params
+        .first()
+        .map_or(tch::Device::Cpu, |(_, _, p)| p.device());
+    let mut total = Tensor::f_from_slice(&[squares])
+        .and_then(|t| t.f_to_device(device))
+        .map_err(&perr)?;
+    pipeline.all_reduce_sum(&mut total, &format!("{at}, gradient norm over the stages"))?;
+    let total = total.f_double_value(&[0]).map_err(&perr)?;
+    clip_to(total.sqrt(), max_norm, grads, &perr)
+}
+
+/// Sums the gradients of `params` over `group` in place (one flat all-reduce): the tied
+/// token embedding's between the first and the last pipeline stage (Megatron-LM's embedding
+/// group), which then hold its whole gradient and stay equal after the optimizer's step.
+/// Every rank of the group enters, in the same order.
+pub fn sum_tied_gradients(group: &dyn Collective, params: &[&Tensor], at: &str) -> Result<()> {
+    let op = "sum_tied_gradients";
+    let grads: Vec<Tensor> = params
+        .iter()
+        .filter(|p| p.requires_grad())
+        .map(|p| grad_of(p))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(err(group, op, at))?;
+    let device = params.first().map_or(tch::Device::Cpu, |p| p.device());
+    all_reduce_bucket(
+        group,
+        (op, at),
+        grads,
+        device,
+        None,
+        "tied embedding gradients",
+        "tied parameters mix dtypes",
+    )
+}
+
+/// The squared norm of one stage's gradients (see [`clip_global_norm_tensor_parallel`]),
+/// the same on every rank of the stage, and the gradients to clip (all of them, counted or
+/// not).
+fn stage_squares(
+    groups: &Groups,
+    tensor: &dyn Collective,
+    params: &[(ParamKind, TensorSplit, &Tensor)],
+    counted: &[bool],
+    at: &str,
+) -> Result<(f64, Vec<Tensor>)> {
     let terr = err(tensor, "clip_global_norm", at);
     // [shared whole, shared sharded, expert whole, expert sharded]
     let mut squares = [0.0f64; 4];
     let mut grads = Vec::new();
-    for (kind, split, p) in params {
+    for (i, (kind, split, p)) in params.iter().enumerate() {
         let Some((grad, square)) = grad_and_square(p).map_err(&terr)? else {
             continue;
         };
+        grads.push(grad);
+        if !counted.get(i).copied().unwrap_or(true) {
+            continue;
+        }
         let expert = *kind == ParamKind::Expert;
         let sharded = *split == TensorSplit::Sharded;
         squares[2 * usize::from(expert) + usize::from(sharded)] += square;
-        grads.push(grad);
     }
     let device = params
         .first()
@@ -341,8 +416,7 @@ pub fn clip_global_norm_tensor_parallel(
         .expert()
         .all_reduce_sum(&mut expert, &format!("{at}, expert gradient norm"))?;
     let expert = expert.f_double_value(&[0]).map_err(&eerr)?;
-    let total = (squares[0] + sliced[0] + expert).sqrt();
-    clip_to(total, max_norm, grads, &terr)
+    Ok((squares[0] + sliced[0] + expert, grads))
 }
 
 /// `p`'s gradient and its squared L2 norm (summed in f64), if `p` has one.

@@ -15,6 +15,14 @@ pub enum GroupKind {
     ExpertData,
     /// Ranks whose gate gradients are all-reduced together (FastMoE: one pipeline stage).
     Gate,
+    /// One rank of every pipeline stage with the same tensor and data position (Megatron's
+    /// pipeline group: activations and their gradients go point to point between
+    /// neighbours, and the norm's squares are summed over it).
+    Pipeline,
+    /// The first and last stage of a pipeline group, which hold the tied token embedding
+    /// (Megatron's embedding group: its gradient is summed between them); a rank of another
+    /// stage, or every rank without pipeline parallelism, is a group of its own.
+    Embedding,
     /// Ranks that split one layer's matrices (Megatron's tensor-model-parallel group).
     /// Not part of a [`GroupLayout`] (whose kinds are [`GroupKind::ALL`]): its lists
     /// come from [`tensor_groups`] or the planner's `tensor` groups, and the handle is
@@ -23,11 +31,13 @@ pub enum GroupKind {
 }
 
 impl GroupKind {
-    pub const ALL: [GroupKind; 4] = [
+    pub const ALL: [GroupKind; 6] = [
         GroupKind::Data,
         GroupKind::Expert,
         GroupKind::ExpertData,
         GroupKind::Gate,
+        GroupKind::Pipeline,
+        GroupKind::Embedding,
     ];
 
     pub fn name(self) -> &'static str {
@@ -36,6 +46,8 @@ impl GroupKind {
             GroupKind::Expert => "expert",
             GroupKind::ExpertData => "expert-data",
             GroupKind::Gate => "gate",
+            GroupKind::Pipeline => "pipeline",
+            GroupKind::Embedding => "embedding",
             GroupKind::Tensor => "tensor",
         }
     }
@@ -97,13 +109,23 @@ pub enum LayoutError {
     },
     #[error("expert group size {size} does not divide the {world} ranks")]
     Indivisible { size: usize, world: usize },
+    #[error(
+        "rank {rank}: its embedding group {group:?} is not inside its pipeline group {pipeline:?}"
+    )]
+    EmbeddingOutsidePipeline {
+        rank: usize,
+        group: Vec<usize>,
+        pipeline: Vec<usize>,
+    },
 }
 
 /// Every group of every kind, as lists of global ranks. Each kind's lists partition
 /// `0..world`. Invariants checked by [`GroupLayout::validate`]: a rank's expert and
 /// expert-data groups lie inside its data group and their sizes multiply to the data
 /// group's size (each expert group holds every expert once; each expert-data group
-/// holds one position's experts once per expert group).
+/// holds one position's experts once per expert group); a rank's embedding group lies
+/// inside its pipeline group. A pipeline group lists its ranks in stage order (position
+/// `s` is stage `s`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupLayout {
     pub world: usize,
@@ -111,6 +133,8 @@ pub struct GroupLayout {
     pub expert: Vec<Vec<usize>>,
     pub expert_data: Vec<Vec<usize>>,
     pub gate: Vec<Vec<usize>>,
+    pub pipeline: Vec<Vec<usize>>,
+    pub embedding: Vec<Vec<usize>>,
 }
 
 impl GroupLayout {
@@ -133,11 +157,46 @@ impl GroupLayout {
         tensor: usize,
         expert_group: usize,
     ) -> Result<GroupLayout, LayoutError> {
-        check_split(world, tensor)?;
-        let data_size = world / tensor;
+        GroupLayout::megatron(world, tensor, 1, expert_group)
+    }
+
+    /// Megatron-LM v2.2's layout with tensor size `tensor` and `pipeline` stages of
+    /// `world / pipeline` consecutive ranks: within a stage as [`GroupLayout::tensor_data`]
+    /// (the gate group is the stage); pipeline groups are strided (`[i, i + world/pipeline,
+    /// ...]`), embedding groups their first and last members.
+    pub fn megatron(
+        world: usize,
+        tensor: usize,
+        pipeline: usize,
+        expert_group: usize,
+    ) -> Result<GroupLayout, LayoutError> {
+        check_split(world, pipeline)?;
+        let per_stage = world / pipeline;
+        check_split(per_stage, tensor)?;
+        let data_size = per_stage / tensor;
         check_split(data_size, expert_group)?;
-        let data: Vec<Vec<usize>> = (0..tensor)
-            .map(|j| (j..world).step_by(tensor).collect())
+        let data: Vec<Vec<usize>> = (0..pipeline)
+            .flat_map(|s| {
+                (0..tensor).map(move |j| {
+                    (s * per_stage + j..(s + 1) * per_stage)
+                        .step_by(tensor)
+                        .collect()
+                })
+            })
+            .collect();
+        let pipeline_groups: Vec<Vec<usize>> = (0..per_stage)
+            .map(|i| (i..world).step_by(per_stage).collect())
+            .collect();
+        let embedding = pipeline_groups
+            .iter()
+            .flat_map(|g| match g.as_slice() {
+                [first, .., last] => {
+                    let mut pairs = vec![vec![*first, *last]];
+                    pairs.extend(g[1..g.len() - 1].iter().map(|&r| vec![r]));
+                    pairs
+                }
+                _ => vec![g.clone()],
+            })
             .collect();
         let mut expert = Vec::new();
         let mut expert_data = Vec::new();
@@ -157,10 +216,26 @@ impl GroupLayout {
             data,
             expert,
             expert_data,
-            gate: vec![(0..world).collect()],
+            gate: (0..pipeline)
+                .map(|s| (s * per_stage..(s + 1) * per_stage).collect())
+                .collect(),
+            pipeline: pipeline_groups,
+            embedding,
         };
         layout.validate()?;
         Ok(layout)
+    }
+
+    /// Pipeline stages (the size of a pipeline group).
+    pub fn stages(&self) -> usize {
+        self.pipeline.first().map_or(1, Vec::len)
+    }
+
+    /// The pipeline stage of `rank` (its position in its pipeline group).
+    pub fn stage_of(&self, rank: usize) -> usize {
+        self.members(GroupKind::Pipeline, rank)
+            .and_then(|g| g.iter().position(|&r| r == rank))
+            .unwrap_or_default()
     }
 
     pub fn groups(&self, kind: GroupKind) -> &[Vec<usize>] {
@@ -169,6 +244,8 @@ impl GroupLayout {
             GroupKind::Expert => &self.expert,
             GroupKind::ExpertData => &self.expert_data,
             GroupKind::Gate => &self.gate,
+            GroupKind::Pipeline => &self.pipeline,
+            GroupKind::Embedding => &self.embedding,
             // Kept beside the layout: see GroupKind::Tensor.
             GroupKind::Tensor => &[],
         }
@@ -238,6 +315,14 @@ impl GroupLayout {
                     data: data.len(),
                 });
             }
+            let (embedding, pipeline) = (member(GroupKind::Embedding), member(GroupKind::Pipeline));
+            if !embedding.iter().all(|r| pipeline.contains(r)) {
+                return Err(LayoutError::EmbeddingOutsidePipeline {
+                    rank,
+                    group: embedding.to_vec(),
+                    pipeline: pipeline.to_vec(),
+                });
+            }
         }
         Ok(())
     }
@@ -264,7 +349,7 @@ pub fn tensor_groups(world: usize, tensor: usize) -> Result<Vec<Vec<usize>>, Lay
         .collect())
 }
 
-/// One rank's handles to its four groups, and to its tensor group (see
+/// One rank's handles to the groups of its [`GroupLayout`], and to its tensor group (see
 /// [`Groups::set_tensor`]).
 pub struct Groups {
     rank: usize,
@@ -273,14 +358,17 @@ pub struct Groups {
     expert: Box<dyn Collective>,
     expert_data: Box<dyn Collective>,
     gate: Box<dyn Collective>,
+    pipeline: Box<dyn Collective>,
+    embedding: Box<dyn Collective>,
     tensor: Box<dyn Collective>,
 }
 
 impl Groups {
     /// Build `rank`'s handles: `connect(label, position)` opens the handle for one group
     /// (label = kind and members, position = this rank's place in it). Groups are
-    /// connected in the order data, expert, expert-data, gate on every rank, which is
-    /// what communicator creation (a collective itself on NCCL) needs.
+    /// connected in the order of [`GroupKind::ALL`] (data, expert, expert-data, gate,
+    /// pipeline, embedding) on every rank, which is what communicator creation (a
+    /// collective itself on NCCL) needs.
     pub fn connect<F>(layout: &GroupLayout, rank: usize, mut connect: F) -> anyhow::Result<Groups>
     where
         F: FnMut(GroupLabel, usize) -> anyhow::Result<Box<dyn Collective>>,
@@ -311,6 +399,8 @@ impl Groups {
             expert: open(GroupKind::Expert)?,
             expert_data: open(GroupKind::ExpertData)?,
             gate: open(GroupKind::Gate)?,
+            pipeline: open(GroupKind::Pipeline)?,
+            embedding: open(GroupKind::Embedding)?,
         })
     }
 
@@ -329,6 +419,8 @@ impl Groups {
             GroupKind::Expert => self.expert.as_ref(),
             GroupKind::ExpertData => self.expert_data.as_ref(),
             GroupKind::Gate => self.gate.as_ref(),
+            GroupKind::Pipeline => self.pipeline.as_ref(),
+            GroupKind::Embedding => self.embedding.as_ref(),
             GroupKind::Tensor => self.tensor.as_ref(),
         }
     }
@@ -369,5 +461,16 @@ impl Groups {
 
     pub fn gate(&self) -> &dyn Collective {
         self.gate.as_ref()
+    }
+
+    /// This rank's pipeline group: one rank per stage, position = stage.
+    pub fn pipeline(&self) -> &dyn Collective {
+        self.pipeline.as_ref()
+    }
+
+    /// The first and last stage of this rank's pipeline group (the tied embedding's
+    /// holders); this rank alone on another stage or without a pipeline.
+    pub fn embedding(&self) -> &dyn Collective {
+        self.embedding.as_ref()
     }
 }

@@ -10,8 +10,10 @@
 
 use super::error::{CollectiveError, ErrorKind};
 use super::groups::{GroupLabel, GroupLayout, Groups, LayoutError};
-use super::{check_all_to_all_counts, Collective, Result};
-use std::cell::Cell;
+use super::{
+    check_all_to_all_counts, check_peers, received_mismatch, Collective, PeerTransfer, Result,
+};
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -38,6 +40,9 @@ enum Presence {
 struct State {
     /// `queues[dst * size + src]`: messages from `src` waiting for `dst`.
     queues: Vec<VecDeque<Message>>,
+    /// The same for point-to-point transfers, numbered per pair of ranks (collectives are
+    /// numbered per group), so that the two never mix.
+    p2p: Vec<VecDeque<Message>>,
     presence: Vec<Presence>,
 }
 
@@ -63,6 +68,9 @@ pub struct LocalCollective {
     shared: Arc<Shared>,
     position: usize,
     next_seq: Cell<u64>,
+    /// Point-to-point transfers sent to / received from each position so far.
+    p2p_sent: RefCell<Vec<u64>>,
+    p2p_received: RefCell<Vec<u64>>,
     timeout: Duration,
 }
 
@@ -75,6 +83,7 @@ impl LocalCollective {
             size,
             state: Mutex::new(State {
                 queues: (0..size * size).map(|_| VecDeque::new()).collect(),
+                p2p: (0..size * size).map(|_| VecDeque::new()).collect(),
                 presence: vec![Presence::Here; size],
             }),
             arrived: Condvar::new(),
@@ -84,6 +93,8 @@ impl LocalCollective {
                 shared: Arc::clone(&shared),
                 position,
                 next_seq: Cell::new(0),
+                p2p_sent: RefCell::new(vec![0; size]),
+                p2p_received: RefCell::new(vec![0; size]),
                 timeout,
             })
             .collect()
@@ -201,6 +212,57 @@ impl LocalCollective {
 
     fn everyone(&self) -> Vec<usize> {
         (0..self.shared.size).collect()
+    }
+
+    /// Waits for the point-to-point transfer number `seq` from position `src`.
+    fn receive_p2p(&self, src: usize, seq: u64, at: &str) -> Result<Tensor> {
+        const OP: &str = "send_recv";
+        let deadline = Instant::now() + self.timeout;
+        let size = self.shared.size;
+        let peer = self.shared.label.global(src);
+        let mut state = self.shared.lock();
+        loop {
+            let queue = &mut state.p2p[self.position * size + src];
+            match queue.front() {
+                Some(m) if m.seq == seq => {
+                    return match queue.pop_front().map(|m| m.payload) {
+                        Some(Payload::Tensor(t)) => Ok(t),
+                        _ => Err(self.error(
+                            OP,
+                            at,
+                            ErrorKind::Invalid(format!("rank {peer} sent no tensor")),
+                        )),
+                    };
+                }
+                Some(m) => {
+                    let kind = ErrorKind::Mismatch {
+                        peer,
+                        theirs: format!("its transfer #{} to this rank", m.seq),
+                        ours: format!("this rank's transfer #{seq} from it"),
+                    };
+                    return Err(self.error(OP, at, kind));
+                }
+                None => {
+                    if let Presence::Left { panicked } = state.presence[src] {
+                        return Err(self.error(OP, at, ErrorKind::PeerGone { peer, panicked }));
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let kind = ErrorKind::Timeout {
+                    waited: self.timeout,
+                    missing: vec![peer],
+                };
+                return Err(self.error(OP, at, kind));
+            }
+            state = self
+                .shared
+                .arrived
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
     }
 
     fn copy_of(&self, tensor: &Tensor, op: &'static str, at: &str) -> Result<Tensor> {
@@ -374,6 +436,46 @@ impl Collective for LocalCollective {
             self.send(dst, seq, OP, Payload::Empty);
         }
         self.receive(&self.everyone(), seq, OP, at).map(|_| ())
+    }
+
+    fn send_recv(&self, transfers: &mut [PeerTransfer<'_>], at: &str) -> Result<()> {
+        const OP: &str = "send_recv";
+        let size = self.shared.size;
+        check_peers(size, transfers).map_err(|m| self.error(OP, at, ErrorKind::Invalid(m)))?;
+        // Sends never wait (they are queued), so all of them go first.
+        for t in transfers.iter() {
+            if let PeerTransfer::Send { tensor, to } = t {
+                let copy = self.copy_of(tensor, OP, at)?;
+                let seq = {
+                    let mut sent = self.p2p_sent.borrow_mut();
+                    sent[*to] += 1;
+                    sent[*to] - 1
+                };
+                let mut state = self.shared.lock();
+                if let Presence::Here = state.presence[*to] {
+                    state.p2p[*to * size + self.position].push_back(Message {
+                        seq,
+                        op: OP,
+                        payload: Payload::Tensor(copy),
+                    });
+                }
+                drop(state);
+                self.shared.arrived.notify_all();
+            }
+        }
+        for t in transfers.iter_mut() {
+            if let PeerTransfer::Recv { into, from } = t {
+                let seq = self.p2p_received.borrow()[*from];
+                let got = self.receive_p2p(*from, seq, at)?;
+                self.p2p_received.borrow_mut()[*from] += 1;
+                let peer = self.shared.label.global(*from);
+                if let Some(message) = received_mismatch(peer, &got, into) {
+                    return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+                }
+                tch::no_grad(|| into.f_copy_(&got)).map_err(self.tensor_error(OP, at))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -5,9 +5,10 @@
 //!   operation bounded by a timeout and every error naming the group, the operation
 //!   and the caller's label (`"step 12, layer 3 dispatch"`), so a hang becomes a
 //!   message instead of a frozen job;
-//! - [`Groups`]: one rank's handles for its data, expert, expert-data and gate groups,
-//!   built from a [`GroupLayout`] (lists of rank lists that the planner computes), and
-//!   its tensor group ([`tensor_groups`], [`Groups::set_tensor`]);
+//! - [`Groups`]: one rank's handles for its data, expert, expert-data, gate, pipeline and
+//!   embedding groups, built from a [`GroupLayout`] (lists of rank lists that the planner
+//!   computes), and its tensor group ([`tensor_groups`], [`Groups::set_tensor`]);
+//! - point-to-point transfers ([`Collective::send_recv`]) between pipeline stages;
 //! - [`local`]: an in-process implementation over CPU threads, so tests exercise
 //!   multi-rank behaviour without GPUs; [`tcp`]: the same between processes (CPU ranks on
 //!   several processes or machines), connected through the [`rendezvous`];
@@ -60,8 +61,9 @@ pub use exchange::{
     ShadowPolicy,
 };
 pub use grads::{
-    clip_global_norm, clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients,
-    GradientNorm, ParamKind, TensorSplit,
+    clip_global_norm, clip_global_norm_pipeline, clip_global_norm_tensor_parallel,
+    reduce_gradients, sum_partial_gradients, sum_tied_gradients, GradientNorm, ParamKind,
+    TensorSplit,
 };
 pub use groups::{tensor_groups, GroupKind, GroupLabel, GroupLayout, Groups, LayoutError};
 pub use placement::{ExpertPlacement, PlacementError};
@@ -72,6 +74,26 @@ use tch::Tensor;
 
 /// Result of a collective operation.
 pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;
+
+/// One transfer of a batch of point-to-point transfers ([`Collective::send_recv`]); peers are
+/// positions in the group.
+pub enum PeerTransfer<'a> {
+    /// Send `tensor` to position `to`.
+    Send { tensor: &'a Tensor, to: usize },
+    /// Receive into `into` (preallocated with the shape and dtype the peer sends) from
+    /// position `from`.
+    Recv { into: &'a mut Tensor, from: usize },
+}
+
+impl PeerTransfer<'_> {
+    /// The other rank of the transfer (a group position).
+    pub fn peer(&self) -> usize {
+        match self {
+            PeerTransfer::Send { to, .. } => *to,
+            PeerTransfer::Recv { from, .. } => *from,
+        }
+    }
+}
 
 /// One rank's handle to one process group.
 ///
@@ -107,6 +129,22 @@ pub trait Collective: Send {
     fn broadcast(&self, tensor: &mut Tensor, root: usize, at: &str) -> Result<()>;
     /// Wait until every rank of the group has reached this call.
     fn barrier(&self, at: &str) -> Result<()>;
+    /// Point to point: the sends and receives of `transfers` as one batch (one NCCL group of
+    /// `ncclSend`/`ncclRecv`), returning when all are done; two ranks that send to each
+    /// other in one batch do not wait for each other. Only the ranks named take part, and
+    /// between two ranks transfers are matched in the order they are issued (the n-th send
+    /// from A to B is B's n-th receive from A, over all batches), so the sender's tensor and
+    /// the receiver's must agree in shape and dtype (the in-process and TCP backends check
+    /// it; NCCL cannot).
+    fn send_recv(&self, transfers: &mut [PeerTransfer<'_>], at: &str) -> Result<()>;
+    /// [`Collective::send_recv`] of one send.
+    fn send(&self, tensor: &Tensor, to: usize, at: &str) -> Result<()> {
+        self.send_recv(&mut [PeerTransfer::Send { tensor, to }], at)
+    }
+    /// [`Collective::send_recv`] of one receive.
+    fn recv(&self, into: &mut Tensor, from: usize, at: &str) -> Result<()> {
+        self.send_recv(&mut [PeerTransfer::Recv { into, from }], at)
+    }
 
     /// [`Collective::all_to_all_v`], started: backends that can overlap it with other
     /// work (NCCL, on a side stream and communicator) return before it is done, and
@@ -175,6 +213,30 @@ impl PendingRows {
             Pending::Started(pending) => pending.finish(),
         }
     }
+}
+
+/// Checks the peers of a [`Collective::send_recv`] batch against a group of `size` ranks.
+pub(crate) fn check_peers(size: usize, transfers: &[PeerTransfer<'_>]) -> Result<(), String> {
+    match transfers.iter().find(|t| t.peer() >= size) {
+        Some(t) => Err(format!(
+            "peer {} is outside a group of {size} ranks",
+            t.peer()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The message when a received tensor is not what the receiver expects.
+pub(crate) fn received_mismatch(peer: usize, got: &Tensor, into: &Tensor) -> Option<String> {
+    let shape = if got.defined() { got.size() } else { vec![] };
+    let kind = got.defined().then(|| got.kind());
+    (shape != into.size() || kind != Some(into.kind())).then(|| {
+        format!(
+            "rank {peer} sent a tensor of shape {shape:?} ({kind:?}) where this rank receives {:?} ({:?})",
+            into.size(),
+            into.kind()
+        )
+    })
 }
 
 /// Checks the arguments of [`Collective::all_to_all_v`] before any rank sends: one send and

@@ -51,7 +51,10 @@
 use super::error::{CollectiveError, ErrorKind};
 use super::groups::{GroupLabel, GroupLayout, Groups};
 use super::rendezvous::{DistEnv, RendezvousError};
-use super::{check_all_to_all_counts, Collective, FinishRows, PendingRows, Result};
+use super::{
+    check_all_to_all_counts, check_peers, received_mismatch, Collective, FinishRows, PeerTransfer,
+    PendingRows, Result,
+};
 use cudarc::nccl::sys as nccl;
 use cudarc::runtime::sys as cuda;
 use std::collections::BTreeMap;
@@ -1032,6 +1035,77 @@ impl Collective for NcclCollective {
         Ok(())
     }
 
+    fn send_recv(&self, transfers: &mut [PeerTransfer<'_>], at: &str) -> Result<()> {
+        const OP: &str = "send_recv";
+        check_peers(self.size, transfers).map_err(|m| self.error(OP, at, ErrorKind::Invalid(m)))?;
+        for t in transfers.iter() {
+            match t {
+                PeerTransfer::Send { tensor, .. } => self.check_device(tensor, OP, at)?,
+                PeerTransfer::Recv { into, .. } => self.check_device(into, OP, at)?,
+            }
+        }
+        if self.comm.is_none() {
+            return self.send_recv_alone(transfers, at);
+        }
+        // NCCL moves bytes between contiguous buffers: non-contiguous sends go through a
+        // copy, non-contiguous receives through a buffer copied back afterwards.
+        let mut buffers = Vec::with_capacity(transfers.len());
+        for t in transfers.iter() {
+            let (tensor, send) = match t {
+                PeerTransfer::Send { tensor, .. } => (*tensor, true),
+                PeerTransfer::Recv { into, .. } => (&**into, false),
+            };
+            let buffer = if tensor.is_contiguous() {
+                tensor.shallow_clone()
+            } else {
+                tensor.f_contiguous().map_err(self.tensor_error(OP, at))?
+            };
+            buffers.push(PeerBuffer {
+                bytes: buffer.numel() * buffer.kind().elt_size_in_bytes(),
+                buffer,
+                peer: t.peer() as i32,
+                send,
+            });
+        }
+        // SAFETY: every pointer is `bytes` bytes of a contiguous tensor on this rank's
+        // device, kept alive by `buffers` until `run` returns (it waits for completion).
+        self.run(OP, at, |comm| unsafe {
+            let mut results = vec![nccl::ncclGroupStart()];
+            for b in buffers.iter().filter(|b| b.bytes > 0) {
+                let ptr = b.buffer.data_ptr();
+                results.push(if b.send {
+                    nccl::ncclSend(
+                        ptr as *const c_void,
+                        b.bytes,
+                        nccl::ncclDataType_t::ncclUint8,
+                        b.peer,
+                        comm,
+                        null_stream(),
+                    )
+                } else {
+                    nccl::ncclRecv(
+                        ptr,
+                        b.bytes,
+                        nccl::ncclDataType_t::ncclUint8,
+                        b.peer,
+                        comm,
+                        null_stream(),
+                    )
+                });
+            }
+            results.push(nccl::ncclGroupEnd());
+            group_result(results)
+        })?;
+        for (t, b) in transfers.iter_mut().zip(&buffers) {
+            if let PeerTransfer::Recv { into, .. } = t {
+                if !into.is_contiguous() {
+                    tch::no_grad(|| into.f_copy_(&b.buffer)).map_err(self.tensor_error(OP, at))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn barrier(&self, at: &str) -> Result<()> {
         const OP: &str = "barrier";
         if self.comm.is_none() {
@@ -1053,6 +1127,42 @@ impl Collective for NcclCollective {
             )
         })
     }
+}
+
+impl NcclCollective {
+    /// [`Collective::send_recv`] in a group of one (no communicator): every transfer is with
+    /// this rank itself, the n-th receive taking the n-th send.
+    fn send_recv_alone(&self, transfers: &mut [PeerTransfer<'_>], at: &str) -> Result<()> {
+        const OP: &str = "send_recv";
+        let mut sent = std::collections::VecDeque::new();
+        for t in transfers.iter() {
+            if let PeerTransfer::Send { tensor, .. } = t {
+                sent.push_back(tensor.f_detach_copy().map_err(self.tensor_error(OP, at))?);
+            }
+        }
+        for t in transfers.iter_mut() {
+            if let PeerTransfer::Recv { into, .. } = t {
+                let Some(got) = sent.pop_front() else {
+                    let message = "a receive from this rank itself with nothing sent".into();
+                    return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+                };
+                if let Some(message) = received_mismatch(self.label.global(0), &got, into) {
+                    return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+                }
+                tch::no_grad(|| into.f_copy_(&got)).map_err(self.tensor_error(OP, at))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One transfer of an NCCL point-to-point batch: a contiguous buffer on the rank's device
+/// (the caller's tensor, or a copy of it), its size in bytes and the peer.
+struct PeerBuffer {
+    buffer: Tensor,
+    bytes: usize,
+    peer: i32,
+    send: bool,
 }
 
 /// Where the process's NCCL library is and how ranks find it.
@@ -1457,6 +1567,87 @@ mod tests {
             layout_tag(&GroupLayout::data_parallel(4, 2).unwrap()),
             layout_tag(&GroupLayout::data_parallel(4, 4).unwrap())
         );
+    }
+
+    #[test]
+    fn pipeline_and_embedding_groups_get_communicators_after_the_others() {
+        // 2 stages of 2 data ranks: data = expert = gate per stage, pipeline [0,2] [1,3],
+        // whose first and last stage are the embedding groups (the same communicators).
+        let layout = GroupLayout::megatron(4, 1, 2, 2).unwrap();
+        assert_eq!(
+            communicators(&layout),
+            vec![vec![0, 1], vec![2, 3], vec![0, 2], vec![1, 3]]
+        );
+        // 4 stages: the embedding groups [0,3] are new, the middle stages alone.
+        let layout = GroupLayout::megatron(4, 1, 4, 1).unwrap();
+        assert_eq!(communicators(&layout), vec![vec![0, 1, 2, 3], vec![0, 3]]);
+    }
+
+    /// A rank's handle to a group of one on `device` (no communicator: nothing to connect).
+    fn alone(device: Device) -> NcclCollective {
+        NcclCollective {
+            label: GroupLabel {
+                kind: crate::collective::GroupKind::Pipeline,
+                members: vec![3],
+            },
+            position: 0,
+            size: 1,
+            device,
+            comm: None,
+            side: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn point_to_point_checks_its_peers_and_in_a_group_of_one_goes_to_itself() {
+        let g = alone(Device::Cpu);
+        let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).reshape([3, 1]);
+        let b = Tensor::from_slice(&[4.0f32, 5.0]);
+        let (mut ra, mut rb) = (a.zeros_like(), b.zeros_like());
+        g.send_recv(
+            &mut [
+                PeerTransfer::Send { tensor: &a, to: 0 },
+                PeerTransfer::Send { tensor: &b, to: 0 },
+                PeerTransfer::Recv {
+                    into: &mut ra,
+                    from: 0,
+                },
+                PeerTransfer::Recv {
+                    into: &mut rb,
+                    from: 0,
+                },
+            ],
+            "step 1",
+        )
+        .unwrap();
+        assert!(ra.equal(&a) && rb.equal(&b));
+        let e = g.send(&a, 1, "step 2").unwrap_err().to_string();
+        assert!(
+            e.contains("pipeline group [3]: send_recv at \"step 2\"")
+                && e.contains("peer 1 is outside a group of 1 ranks"),
+            "{e}"
+        );
+        let mut wrong = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        let e = g
+            .send_recv(
+                &mut [
+                    PeerTransfer::Send { tensor: &a, to: 0 },
+                    PeerTransfer::Recv {
+                        into: &mut wrong,
+                        from: 0,
+                    },
+                ],
+                "step 3",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("where this rank receives [2]"), "{e}");
+        // a tensor on another device than the communicator's is refused before anything moves
+        let e = alone(Device::Cuda(0))
+            .send(&a, 0, "step 4")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the tensor is on Cpu"), "{e}");
     }
 
     #[test]

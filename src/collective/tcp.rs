@@ -17,15 +17,16 @@
 //! rank order, so every rank gets the same bits. Tensors travel as their raw bytes (any
 //! device: they go through the CPU).
 //!
-//! Wire format of one message (little-endian): group kind `u8`, the group's first member
-//! `u32`, operation number `u64`, operation `u8`, payload `u8` (0 none, 1 counts: `u64` n
-//! then n `i64`; 2 tensor: dtype `u8`, rank `u8`, that many `i64` sizes, `u64` byte count,
-//! the bytes).
+//! Wire format of one message (little-endian): group kind `u8` (with bit 7 set for a
+//! point-to-point transfer, numbered per pair of ranks instead of per group), the group's
+//! first member `u32`, operation number `u64`, operation `u8`, payload `u8` (0 none, 1
+//! counts: `u64` n then n `i64`; 2 tensor: dtype `u8`, rank `u8`, that many `i64` sizes,
+//! `u64` byte count, the bytes).
 //!
 //! It knows nothing about models, gates or NCCL.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -35,7 +36,9 @@ use tch::{Device, Kind, Tensor};
 use super::error::{CollectiveError, ErrorKind};
 use super::groups::{GroupKind, GroupLabel, GroupLayout, Groups};
 use super::rendezvous::DistEnv;
-use super::{check_all_to_all_counts, Collective, Result};
+use super::{
+    check_all_to_all_counts, check_peers, received_mismatch, Collective, PeerTransfer, Result,
+};
 
 const HELLO: &str = "FMOEC-MESH 1";
 /// Largest tensor or counts message accepted (a corrupt length must not allocate terabytes).
@@ -52,16 +55,27 @@ fn group_key(label: &GroupLabel) -> GroupKey {
         GroupKind::ExpertData => 2,
         GroupKind::Gate => 3,
         GroupKind::Tensor => 4,
+        GroupKind::Pipeline => 5,
+        GroupKind::Embedding => 6,
     };
     (kind, label.members.first().copied().unwrap_or(0) as u32)
 }
 
-const OPS: [&str; 5] = [
+/// The key of a group's point-to-point transfers: numbered per pair of ranks, not per
+/// group, so they travel in mailboxes of their own.
+fn p2p_key(key: GroupKey) -> GroupKey {
+    (key.0 | P2P, key.1)
+}
+
+const P2P: u8 = 0x80;
+
+const OPS: [&str; 6] = [
     "all_reduce_sum",
     "all_gather_counts",
     "all_to_all_v",
     "broadcast",
     "barrier",
+    "send_recv",
 ];
 
 fn op_code(op: &str) -> u8 {
@@ -309,6 +323,9 @@ pub struct TcpCollective {
     key: GroupKey,
     position: usize,
     next_seq: std::cell::Cell<u64>,
+    /// Point-to-point transfers sent to / received from each position so far.
+    p2p_sent: std::cell::RefCell<Vec<u64>>,
+    p2p_received: std::cell::RefCell<Vec<u64>>,
     timeout: Duration,
 }
 
@@ -340,6 +357,19 @@ impl TcpCollective {
         payload: Payload,
         at: &str,
     ) -> Result<()> {
+        self.send_keyed(self.key, dst, seq, op, payload, at)
+    }
+
+    /// [`TcpCollective::send`] into the mailboxes of `key`.
+    fn send_keyed(
+        &self,
+        key: GroupKey,
+        dst: usize,
+        seq: u64,
+        op: &'static str,
+        payload: Payload,
+        at: &str,
+    ) -> Result<()> {
         let global = self.label.global(dst);
         let code = op_code(op);
         if global == self.mesh.rank {
@@ -351,7 +381,7 @@ impl TcpCollective {
                 other => other,
             };
             self.mesh.deliver(
-                self.key,
+                key,
                 global,
                 Message {
                     seq,
@@ -361,7 +391,7 @@ impl TcpCollective {
             );
             return Ok(());
         }
-        let bytes = encode(self.key, seq, code, &payload)
+        let bytes = encode(key, seq, code, &payload)
             .map_err(|e| self.error(op, at, ErrorKind::Invalid(e)))?;
         let Some(Some(peer)) = self.mesh.peers.get(global) else {
             return Err(self.error(
@@ -475,6 +505,61 @@ impl TcpCollective {
     ) -> impl Fn(tch::TchError) -> CollectiveError + '_ {
         let at = at.to_string();
         move |e| self.error(op, &at, ErrorKind::Tensor(e))
+    }
+
+    /// Waits for the point-to-point transfer number `seq` from position `src`.
+    fn receive_p2p(&self, src: usize, seq: u64, at: &str) -> Result<Tensor> {
+        const OP: &str = "send_recv";
+        let deadline = Instant::now() + self.timeout;
+        let key = p2p_key(self.key);
+        let global = self.label.global(src);
+        let mut mail = self.mesh.lock();
+        loop {
+            let queue = mail.queues.entry((key, global)).or_default();
+            match queue.front() {
+                Some(m) if m.seq == seq => {
+                    return match queue.pop_front().map(|m| m.payload) {
+                        Some(Payload::Tensor(t)) => Ok(t),
+                        _ => Err(self.error(
+                            OP,
+                            at,
+                            ErrorKind::Invalid(format!("rank {global} sent no tensor")),
+                        )),
+                    };
+                }
+                Some(m) => {
+                    let kind = ErrorKind::Mismatch {
+                        peer: global,
+                        theirs: format!("its transfer #{} to this rank", m.seq),
+                        ours: format!("this rank's transfer #{seq} from it"),
+                    };
+                    return Err(self.error(OP, at, kind));
+                }
+                None => {
+                    if mail.gone.contains_key(&global) {
+                        let kind = ErrorKind::PeerGone {
+                            peer: global,
+                            panicked: false,
+                        };
+                        return Err(self.error(OP, at, kind));
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let kind = ErrorKind::Timeout {
+                    waited: self.timeout,
+                    missing: vec![global],
+                };
+                return Err(self.error(OP, at, kind));
+            }
+            mail = self
+                .mesh
+                .arrived
+                .wait_timeout(mail, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 }
 
@@ -639,6 +724,40 @@ impl Collective for TcpCollective {
         }
         self.receive(&self.everyone(), seq, OP, at).map(|_| ())
     }
+
+    fn send_recv(&self, transfers: &mut [PeerTransfer<'_>], at: &str) -> Result<()> {
+        const OP: &str = "send_recv";
+        check_peers(self.size(), transfers)
+            .map_err(|m| self.error(OP, at, ErrorKind::Invalid(m)))?;
+        // A send only waits for the socket: the peer's reader thread empties it into
+        // mailboxes whatever the peer is doing, so all sends go first.
+        for t in transfers.iter() {
+            if let PeerTransfer::Send { tensor, to } = t {
+                let seq = {
+                    let mut sent = self.p2p_sent.borrow_mut();
+                    sent[*to] += 1;
+                    sent[*to] - 1
+                };
+                let payload = Payload::Tensor(tensor.shallow_clone());
+                self.send_keyed(p2p_key(self.key), *to, seq, OP, payload, at)?;
+            }
+        }
+        for t in transfers.iter_mut() {
+            if let PeerTransfer::Recv { into, from } = t {
+                let seq = self.p2p_received.borrow()[*from];
+                let got = self.receive_p2p(*from, seq, at)?;
+                self.p2p_received.borrow_mut()[*from] += 1;
+                if let Some(message) = received_mismatch(self.label.global(*from), &got, into) {
+                    return Err(self.error(OP, at, ErrorKind::Invalid(message)));
+                }
+                let got = got
+                    .f_to_device(into.device())
+                    .map_err(self.tensor_error(OP, at))?;
+                tch::no_grad(|| into.f_copy_(&got)).map_err(self.tensor_error(OP, at))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A fingerprint of what every rank must agree on: the layout and the tensor groups.
@@ -709,10 +828,7 @@ pub fn connect(
             .max(Duration::from_millis(1));
         stream.set_read_timeout(Some(left))?;
         stream.write_all(hello(rank, &tag).as_bytes())?;
-        let mut line = String::new();
-        BufReader::new(&stream)
-            .take(1024)
-            .read_line(&mut line)
+        let line = read_handshake_line(&stream, 1024)
             .map_err(|e| anyhow::anyhow!("rank {peer} did not answer rank {rank}'s hello: {e}"))?;
         if line.trim_end() != "OK" {
             anyhow::bail!(
@@ -747,14 +863,9 @@ pub fn connect(
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         stream.set_read_timeout(Some(left))?;
-        let mut line = String::new();
-        if BufReader::new(&stream)
-            .take(1024)
-            .read_line(&mut line)
-            .is_err()
-        {
+        let Ok(line) = read_handshake_line(&stream, 1024) else {
             continue;
-        }
+        };
         let fields: Vec<&str> = line.trim_end().split(' ').collect();
         let peer = match fields.as_slice() {
             [a, b, peer, their_tag] if format!("{a} {b}") == HELLO => match peer.parse::<usize>() {
@@ -817,6 +928,8 @@ pub fn connect(
         Box::new(TcpCollective {
             mesh: Arc::clone(&mesh),
             key: group_key(&label),
+            p2p_sent: std::cell::RefCell::new(vec![0; label.members.len()]),
+            p2p_received: std::cell::RefCell::new(vec![0; label.members.len()]),
             label,
             position,
             next_seq: std::cell::Cell::new(0),
@@ -833,6 +946,25 @@ pub fn connect(
         groups.set_tensor(handle(label, position))?;
     }
     Ok(groups)
+}
+
+/// One handshake line (`OK`, `ERR ...`, a hello) of at most `limit` bytes from `stream`,
+/// read a byte at a time: a peer may send its first message right behind its `OK`, and a
+/// buffered reader would swallow that message with the line.
+fn read_handshake_line(mut stream: impl Read, limit: u64) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while (line.len() as u64) < limit {
+        if stream.read(&mut byte)? == 0 {
+            break;
+        }
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8(line)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not a text line"))
 }
 
 /// A connection to a peer's `address`, retried until `deadline`.
@@ -895,6 +1027,22 @@ mod tests {
     }
 
     #[test]
+    fn a_handshake_line_leaves_the_messages_behind_it_unread() {
+        // A peer may answer `OK` and send its first message before this rank reads the
+        // answer: both arrive together, and the message must stay in the stream.
+        let mut stream = std::io::Cursor::new(b"OK\nFIRST MESSAGE".to_vec());
+        assert_eq!(read_handshake_line(&mut stream, 1024).unwrap(), "OK\n");
+        let mut rest = String::new();
+        stream.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "FIRST MESSAGE");
+        // at most `limit` bytes, and a stream that ends without a newline gives what it had
+        let mut long = std::io::Cursor::new(b"0123456789".to_vec());
+        assert_eq!(read_handshake_line(&mut long, 4).unwrap(), "0123");
+        let mut short = std::io::Cursor::new(b"ERR".to_vec());
+        assert_eq!(read_handshake_line(&mut short, 1024).unwrap(), "ERR");
+    }
+
+    #[test]
     fn operations_give_every_rank_the_same_results() {
         let results = on_three_ranks(Duration::from_secs(30), |groups| {
             let g = groups.data();
@@ -916,15 +1064,58 @@ mod tests {
             let mut b = Tensor::from_slice(&[r, r]);
             g.broadcast(&mut b, 1, "bcast").unwrap();
             g.barrier("barrier").unwrap();
+            // point to point around the ring, both ways in one batch, twice, with a
+            // collective between (the two are numbered apart)
+            let (next, prev) = ((g.rank() + 1) % 3, (g.rank() + 2) % 3);
+            let mut ring = Vec::new();
+            for round in 0..2 {
+                let a = Tensor::from_slice(&[r + round as f64]);
+                let mut from_prev = a.zeros_like();
+                let mut from_next = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
+                let back = Tensor::from_slice(&[g.rank() as i64, round]);
+                g.send_recv(
+                    &mut [
+                        PeerTransfer::Send {
+                            tensor: &a,
+                            to: next,
+                        },
+                        PeerTransfer::Send {
+                            tensor: &back,
+                            to: prev,
+                        },
+                        PeerTransfer::Recv {
+                            into: &mut from_prev,
+                            from: prev,
+                        },
+                        PeerTransfer::Recv {
+                            into: &mut from_next,
+                            from: next,
+                        },
+                    ],
+                    "ring",
+                )
+                .unwrap();
+                g.barrier("between").unwrap();
+                ring.push((
+                    Vec::<f64>::try_from(&from_prev).unwrap()[0],
+                    Vec::<i64>::try_from(&from_next).unwrap(),
+                ));
+            }
             (
                 Vec::<f32>::try_from(&t).unwrap(),
                 counts,
                 Vec::<f64>::try_from(got.reshape([-1])).unwrap(),
                 Vec::<f64>::try_from(&b).unwrap(),
+                ring,
             )
         });
         for (rank, result) in results.into_iter().enumerate() {
-            let (sum, counts, got, b) = result.unwrap();
+            let (sum, counts, got, b, ring) = result.unwrap();
+            let (next, prev) = ((rank + 1) % 3, (rank + 2) % 3);
+            for (round, (a, back)) in ring.into_iter().enumerate() {
+                assert_eq!(a, (prev + round) as f64, "rank {rank}");
+                assert_eq!(back, vec![next as i64, round as i64], "rank {rank}");
+            }
             assert_eq!(sum, vec![3.0, 30.0, 1.5]);
             assert_eq!(counts, vec![vec![0, 7], vec![1, 7], vec![2, 7]]);
             let want: Vec<f64> = (0..3usize)

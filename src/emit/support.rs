@@ -147,6 +147,18 @@ pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
             ask("expert_slicing", value, what.into(), p.spans.tensor);
         }
     }
+    if plan.virtual_stages > 1 {
+        // no target declares it yet: refused with the targets' usual message
+        ask(
+            "virtual_stages",
+            "true",
+            format!(
+                "interleaved pipeline schedule (`virtual_stages = {}`)",
+                plan.virtual_stages
+            ),
+            c.parallel.spans.virtual_stages,
+        );
+    }
     if let Some(t) = &c.train {
         let p = precision_name(t.precision);
         ask("precision", p, p.to_string(), t.spans.precision);

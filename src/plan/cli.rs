@@ -55,6 +55,10 @@ pub struct PlanArgs {
     /// Override the micro-batch (sequences per data rank).
     #[arg(long, value_name = "N")]
     pub micro_batch: Option<u64>,
+    /// Override the model chunks per pipeline stage (`virtual_stages`: 2 or more runs
+    /// Megatron-LM's interleaved schedule).
+    #[arg(long, value_name = "N")]
+    pub virtual_stages: Option<u64>,
     /// Whose memory to estimate: `megatron` (Megatron-LM v2.2 with FastMoE, what `fmoec
     /// emit` produces) or `fmoec` (the built-in runtime of `fmoec run`).
     #[arg(
@@ -100,6 +104,7 @@ impl PlanArgs {
             pipeline: self.pipeline,
             expert_group: self.expert_group,
             micro_batch: self.micro_batch,
+            virtual_stages: self.virtual_stages,
             memory_model: self.memory_model,
             routing_skew: self.routing_skew,
         }

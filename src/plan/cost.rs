@@ -120,7 +120,8 @@ pub struct Memory {
     /// Activations of one micro-batch on this stage.
     pub activations_per_micro_batch: u64,
     /// Micro-batches whose activations are alive at once (1F1B: `min(pipeline - stage,
-    /// micro_batches)`).
+    /// micro_batches)`; the interleaved schedule: model chunks of micro-batches, each with
+    /// 1/virtual_stages of the stage's activations, as many as its program keeps).
     pub in_flight: u64,
     pub activations: u64,
     pub total: u64,
@@ -247,9 +248,11 @@ pub struct LayerExchange {
 /// The step estimate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct TimeEstimate {
-    /// `(micro_batches + pipeline - 1) * slowest micro_batch_s + slowest gradient_sync_s`.
+    /// `(micro_batches + (pipeline - 1) / virtual_stages) * slowest micro_batch_s + slowest
+    /// gradient_sync_s`.
     pub step_s: f64,
-    /// Idle share of the 1F1B schedule: `(pipeline - 1) / (micro_batches + pipeline - 1)`.
+    /// Idle share of the 1F1B schedule: `(pipeline - 1) / (virtual_stages · micro_batches +
+    /// pipeline - 1)` ([`super::schedule::bubble_fraction`]).
     pub bubble_fraction: f64,
     pub tokens_per_s: f64,
     /// Model matmul FLOPs per step, all ranks (3 × forward, no recomputation).
@@ -688,11 +691,12 @@ pub fn evaluate(
     let m = &c.model;
     let t = grid.tensor;
     let p = grid.pipeline;
+    let v = grid.virtual_stages.max(1);
     let a = act_bytes(precision);
     let pb = precision.param_bytes();
     let te = experts.slices;
     let ep = experts.parallel;
-    let per_stage = m.depth() / p;
+    let depth = m.depth();
     let tokens = mb * seq_len;
     let h = m.width;
     let vpad = padded_vocab_to(m.vocab, rules.vocab_multiple, t);
@@ -720,7 +724,7 @@ pub fn evaluate(
             _ => false,
         })
         .collect();
-    let stage_of = |layer: usize| layer as u64 / per_stage.max(1);
+    let stage_of = |layer: usize| grid.stage_of_layer(layer as u64, depth);
     let mut stages = Vec::new();
     for s in 0..p {
         let on_stage = |n: &graph::Node| match n.layer {
@@ -820,8 +824,7 @@ pub fn evaluate(
         let base = grid.rank(0, 0, s);
         let dgroup = [base, grid.rank(0, grid.data - 1, s)];
         let egroup = [base, base + (ep - 1) * experts.stride];
-        #[allow(clippy::needless_range_loop)] // `layer` indexes the model's layers too
-        for layer in (s * per_stage) as usize..((s + 1) * per_stage) as usize {
+        for layer in (0..m.layers.len()).filter(|&l| stage_of(l) == s) {
             act = act.saturating_add(match model {
                 MemoryModel::Megatron => block_activations(c, layer, grid, a, seq_len, tokens),
                 MemoryModel::Fmoec => block_activations_fmoec(c, layer, a, tokens),
@@ -938,7 +941,20 @@ pub fn evaluate(
         }
         rp.total = rp.sharded + rp.replicated + rp.gate + rp.expert;
         let grad_bytes = pb;
-        let in_flight = (p - s).min(micro_batches).max(1);
+        // Micro-batches whose activations are alive at once: plain 1F1B keeps the stages
+        // ahead of this one in flight; the interleaved schedule counts model chunks (each
+        // 1/v of the stage's activations), as its program runs them.
+        let in_flight = if v == 1 {
+            (p - s).min(micro_batches).max(1)
+        } else {
+            let pipeline = super::schedule::Pipeline {
+                stages: p as usize,
+                virtual_stages: v as usize,
+                micro_batches: micro_batches as usize,
+            };
+            super::schedule::peak_in_flight(&pipeline, s as usize)
+                .map_or((p - s).min(micro_batches).max(1) * v, |n| n.max(1) as u64)
+        };
         let (weight_b, grad_b, optimizer_b) = match model {
             MemoryModel::Megatron => (pb, grad_bytes, optimizer_bytes(precision)),
             MemoryModel::Fmoec => fmoec_param_bytes(precision),
@@ -963,7 +979,7 @@ pub fn evaluate(
         } else {
             rp.total.saturating_mul(optimizer_b)
         };
-        let activations = act.saturating_mul(in_flight);
+        let activations = act.saturating_mul(in_flight) / v;
         let memory = Memory {
             model,
             weights,
@@ -981,8 +997,10 @@ pub fn evaluate(
         // Traffic per step.
         let msg = tokens * h * a;
         let tensor_bytes = tensor_msgs.saturating_mul(msg);
-        let neighbours = u64::from(s > 0) + u64::from(s + 1 < p);
-        let p2p = 2 * neighbours * msg;
+        // Per micro-batch each chunk sends its output on and its input's gradient back,
+        // except at the model's two ends, and receives as many.
+        let transfers = 2 * v - u64::from(s == 0) - u64::from(s + 1 == p);
+        let p2p = 2 * transfers * msg;
         let dense = rp.sharded + rp.replicated;
         let tied_copy = g.tied_embeddings && p > 1 && (s == 0 || s == p - 1);
         let emb_bytes = if tied_copy {
@@ -1021,6 +1039,10 @@ pub fn evaluate(
             if s + 1 < p {
                 bw = bw.min(bandwidth(c, &[first, grid.rank(0, 0, s + 1)]));
             }
+            // the interleaved schedule's wrap-around from the last stage to the first
+            if v > 1 && p > 1 && (s == 0 || s + 1 == p) {
+                bw = bw.min(bandwidth(c, &[grid.rank(0, 0, 0), grid.rank(0, 0, p - 1)]));
+            }
             bw
         };
         let compute_s = match fp8 {
@@ -1033,7 +1055,7 @@ pub fn evaluate(
             None => flops_per_token as f64 * tokens as f64 / peak,
         };
         let tensor_s = allreduce_s(tensor_bytes, t, bandwidth(c, &tgroup));
-        let pipeline_s = if neighbours == 0 {
+        let pipeline_s = if transfers == 0 {
             0.0
         } else {
             p2p as f64 / pipe_bw
@@ -1086,12 +1108,14 @@ pub fn evaluate(
         .iter()
         .map(|s| s.time.gradient_sync_s)
         .fold(0.0, f64::max);
-    let step_s = (micro_batches + p - 1) as f64 * slowest + sync;
+    // The interleaved schedule fills and drains the pipeline in 1/v of a micro-batch time
+    // per stage (plan::schedule simulates it to this figure).
+    let step_s = (micro_batches as f64 + (p - 1) as f64 / v as f64) * slowest + sync;
     let global_tokens = mb * micro_batches * grid.data * seq_len;
     let model_flops_per_step = g.flops_per_token().saturating_mul(global_tokens);
     let time = TimeEstimate {
         step_s,
-        bubble_fraction: (p - 1) as f64 / (micro_batches + p - 1) as f64,
+        bubble_fraction: super::schedule::bubble_fraction(p, v, micro_batches),
         tokens_per_s: if step_s > 0.0 {
             global_tokens as f64 / step_s
         } else {

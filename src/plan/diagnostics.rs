@@ -36,6 +36,10 @@ pub const NO_FP8: &str = "P0014";
 /// A layer's experts not divisible by the expert x tensor ranks that hold them whole (a
 /// Megatron-Core layout whose experts have biases and cannot be sliced).
 pub const EXPERTS_NOT_DIVISIBLE_WHOLE: &str = "P0015";
+/// A pipeline stage's blocks not divisible by `virtual_stages`.
+pub const CHUNKS_NOT_DIVISIBLE: &str = "P0016";
+/// The interleaved schedule with micro-batches that are not a multiple of the stages.
+pub const INTERLEAVED_MICRO_BATCHES: &str = "P0017";
 /// Warning: a tensor-parallel group spans hosts.
 pub const TENSOR_ACROSS_HOSTS: &str = "P0101";
 /// Warning: the pipeline idles for most of the step.
@@ -167,6 +171,47 @@ pub fn depth_not_divisible(depth: (u64, Span), pipeline: (u64, Span)) -> Diagnos
     .with_label(format!("{} does not divide {}", pipeline.0, depth.0))
     .with_secondary(depth.1, format!("depth = {}", depth.0))
     .with_help("Megatron-LM v2.2 gives every stage the same number of layers: choose a pipeline size that divides the depth")
+}
+
+pub fn chunks_not_divisible(
+    depth: (u64, Span),
+    pipeline: u64,
+    virtual_stages: (u64, Span),
+) -> Diagnostic {
+    let per_stage = depth.0 / pipeline.max(1);
+    Diagnostic::error(
+        CHUNKS_NOT_DIVISIBLE,
+        virtual_stages.1,
+        format!(
+            "the {} of each of the {pipeline} pipeline stages cannot be split into {} model chunks",
+            count(per_stage, "layer", "layers"),
+            virtual_stages.0
+        ),
+    )
+    .with_label(format!("{} does not divide {per_stage}", virtual_stages.0))
+    .with_secondary(depth.1, format!("depth = {}", depth.0))
+    .with_help("every virtual stage holds the same number of layers: choose virtual_stages dividing depth / pipeline")
+}
+
+pub fn interleaved_micro_batches(
+    micro_batches: u64,
+    pipeline: u64,
+    virtual_stages: (u64, Span),
+    batch: Span,
+) -> Diagnostic {
+    Diagnostic::error(
+        INTERLEAVED_MICRO_BATCHES,
+        virtual_stages.1,
+        format!(
+            "the interleaved schedule ({} model chunks per stage) needs the micro-batches of a step to be a multiple of the {pipeline} pipeline stages, but there are {micro_batches}",
+            virtual_stages.0
+        ),
+    )
+    .with_label("interleaved schedule asked for here")
+    .with_secondary(batch, format!("{} per data rank", count(micro_batches, "micro-batch", "micro-batches")))
+    .with_help(format!(
+        "use a batch or micro-batch that gives a multiple of {pipeline} micro-batches per data rank, or virtual_stages = 1"
+    ))
 }
 
 /// `group_span`: the `experts = ...` line of the `parallel` block where the file has one,
@@ -356,7 +401,12 @@ pub fn tensor_across_hosts(tensor: (u64, Span), gpus_per_node: u64) -> Diagnosti
     ))
 }
 
-pub fn large_bubble(bubble: f64, micro_batches: u64, pipeline: u64, at: Span) -> Diagnostic {
+pub fn large_bubble(
+    bubble: f64,
+    micro_batches: u64,
+    (pipeline, virtual_stages): (u64, u64),
+    at: Span,
+) -> Diagnostic {
     Diagnostic::warning(
         LARGE_BUBBLE,
         at,
@@ -369,7 +419,7 @@ pub fn large_bubble(bubble: f64, micro_batches: u64, pipeline: u64, at: Span) ->
     .with_label("few micro-batches per step")
     .with_help(format!(
         "use a larger batch or a smaller micro-batch: at least {} micro-batches keep the bubble at or under 20%",
-        4 * (pipeline - 1)
+        (4 * (pipeline - 1)).div_ceil(virtual_stages.max(1))
     ))
 }
 

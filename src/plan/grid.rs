@@ -24,6 +24,8 @@ pub struct Grid {
     pub world: u64,
     pub tensor: u64,
     pub pipeline: u64,
+    /// Model chunks per pipeline stage (1 without the interleaved schedule).
+    pub virtual_stages: u64,
     pub data: u64,
     /// Size of one expert group; divides `data`.
     pub expert_group: u64,
@@ -60,6 +62,29 @@ pub struct Groups {
 impl Grid {
     fn per_stage(&self) -> u64 {
         self.world / self.pipeline
+    }
+
+    /// Blocks per model chunk of a model `depth` blocks deep (`depth / (pipeline ·
+    /// virtual_stages)`, at least 1).
+    pub fn layers_per_chunk(&self, depth: u64) -> u64 {
+        (depth / (self.pipeline * self.virtual_stages).max(1)).max(1)
+    }
+
+    /// The pipeline stage holding block `layer`: chunk `c` of stage `s` is virtual stage
+    /// `c·pipeline + s`, and virtual stage `k` holds blocks `[k·n, (k+1)·n)`.
+    pub fn stage_of_layer(&self, layer: u64, depth: u64) -> u64 {
+        (layer / self.layers_per_chunk(depth)) % self.pipeline
+    }
+
+    /// The blocks `[first, end)` of each of `stage`'s model chunks, in the order it runs them.
+    pub fn chunks_of(&self, stage: u64, depth: u64) -> Vec<[u64; 2]> {
+        let n = self.layers_per_chunk(depth);
+        (0..self.virtual_stages)
+            .map(|c| {
+                let k = c * self.pipeline + stage;
+                [k * n, (k + 1) * n]
+            })
+            .collect()
     }
 
     pub fn coords(&self, rank: u64) -> Coords {

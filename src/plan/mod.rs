@@ -15,7 +15,8 @@
 //!   global ids and the `[start, end)` slice of each expert's hidden dimension).
 //! - `plan.groups` ([`Groups`]): every process group kind as rank lists, in Megatron's
 //!   creation order; [`Groups::containing`] finds a rank's group of a [`GroupKind`].
-//! - `plan.stages[s].first_layer..end_layer`: the blocks of pipeline stage `s`.
+//! - `plan.stages[s].first_layer..end_layer`: the blocks of pipeline stage `s` (with
+//!   virtual stages, `plan.stages[s].chunks`: those of each of its model chunks).
 //! - [`Grid::coords`] / [`Grid::rank`] convert between ranks and coordinates without
 //!   listing groups.
 
@@ -25,6 +26,7 @@ pub mod diagnostics;
 pub mod fastermoe;
 pub mod grid;
 pub mod render;
+pub mod schedule;
 pub mod search;
 
 use serde::Serialize;
@@ -137,6 +139,8 @@ pub struct Overrides {
     pub pipeline: Option<u64>,
     pub expert_group: Option<ExpertGroup>,
     pub micro_batch: Option<u64>,
+    /// Model chunks per pipeline stage (`--virtual-stages`).
+    pub virtual_stages: Option<u64>,
     /// Whose memory to estimate (default: Megatron-LM v2.2's).
     pub memory_model: Option<MemoryModel>,
     /// The busiest expert of each MoE layer routes this many times the mean (default 1,
@@ -152,6 +156,7 @@ impl Overrides {
         pipeline: None,
         expert_group: None,
         micro_batch: None,
+        virtual_stages: None,
         memory_model: None,
         routing_skew: None,
     };
@@ -178,6 +183,9 @@ impl Overrides {
         if let Some(m) = self.micro_batch {
             parts.push(format!("--micro-batch {m}"));
         }
+        if let Some(v) = self.virtual_stages {
+            parts.push(format!("--virtual-stages {v}"));
+        }
         if self.memory_model == Some(MemoryModel::Fmoec) {
             parts.push("--memory-model fmoec".into());
         }
@@ -201,9 +209,13 @@ pub fn expert_group_name(e: ExpertGroup) -> String {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Stage {
     pub stage: u64,
-    /// Blocks `first..end` (end exclusive).
+    /// Blocks `first..end` (end exclusive); with virtual stages, those of its first chunk.
     pub first_layer: u64,
     pub end_layer: u64,
+    /// With virtual stages, the blocks `[first, end)` of each of its model chunks in the
+    /// order it runs them (chunk `c` is virtual stage `c·pipeline + stage`); empty without.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<[u64; 2]>,
     pub embedding: bool,
     pub head: bool,
     pub cost: StageCost,
@@ -273,6 +285,10 @@ pub struct ParallelPlan {
     pub world: u64,
     pub tensor: u64,
     pub pipeline: u64,
+    /// Model chunks per pipeline stage (the interleaved schedule; 1, left out of the JSON, is
+    /// plain 1F1B).
+    #[serde(skip_serializing_if = "is_one")]
+    pub virtual_stages: u64,
     pub data: u64,
     /// `data`, `replicated` or a size.
     pub expert_group: String,
@@ -322,6 +338,10 @@ pub struct FasterMoePlan {
 /// Plan-level schema version (see README.md, "`fmoec plan`").
 pub const SCHEMA_VERSION: u32 = 1;
 
+fn is_one(v: &u64) -> bool {
+    *v == 1
+}
+
 /// The model's parameter counts.
 pub fn model_params(g: &ModelGraph, checked: &Checked) -> ModelParams {
     let p = g.params();
@@ -345,6 +365,9 @@ struct Setup {
     world: u64,
     tensor: u64,
     pipeline: u64,
+    /// Model chunks per stage as asked (the file's, or `--virtual-stages`); without effect
+    /// with one stage.
+    virtual_stages: u64,
     expert_group: ExpertGroup,
     micro_batch: Option<u64>,
     /// The micro-batch comes from `--micro-batch`, not the file.
@@ -626,6 +649,10 @@ pub fn cost_for(
     let per_rank_batch = train.map(|t| t.batch_sequences / grid.data);
     // The micro-batch the runtime would pick by itself: preferred among equally fast ones.
     let preferred = default_micro_batch(per_rank_batch.unwrap_or(64), seq_len);
+    // The interleaved schedule needs a multiple of the stages in micro-batches.
+    let schedulable = |m: u64| {
+        grid.virtual_stages == 1 || per_rank_batch.is_none_or(|b| (b / m) % grid.pipeline == 0)
+    };
     let candidates: Vec<u64> = match s.micro_batch {
         Some(m) => vec![m],
         None => {
@@ -633,10 +660,22 @@ pub fn cost_for(
             let mut c: Vec<u64> = (0..7)
                 .map(|i| 1u64 << i)
                 .filter(|m| *m <= limit && per_rank_batch.is_none_or(|b| b % m == 0))
+                .filter(|&m| schedulable(m))
                 .collect();
-            if !c.contains(&preferred) {
+            if !c.contains(&preferred) && schedulable(preferred) {
                 c.push(preferred);
                 c.sort_unstable();
+            }
+            if let (true, Some(t), Some(b)) = (c.is_empty(), train, per_rank_batch) {
+                return Err(plan_error(
+                    vec![diagnostics::interleaved_micro_batches(
+                        b,
+                        grid.pipeline,
+                        (grid.virtual_stages, sp.virtual_stages),
+                        t.spans.batch,
+                    )],
+                    o,
+                ));
             }
             if c.len() > 1 {
                 assumptions.push(format!(
@@ -826,6 +865,12 @@ fn check_limits(parts: &Parts, s: &Setup) -> Vec<Diagnostic> {
     check("gpus", s.world, limits::GPUS, ps.gpus);
     check("tensor", s.tensor, limits::GPUS, ps.tensor);
     check("pipeline", s.pipeline, limits::GPUS, ps.pipeline);
+    check(
+        "virtual_stages",
+        s.virtual_stages,
+        limits::DEPTH,
+        ps.virtual_stages,
+    );
     if let Some(mb) = s.micro_batch {
         check("micro_batch", mb, limits::MICRO_BATCH, ps.micro_batch);
     }
@@ -900,6 +945,7 @@ impl Setup {
             world: o.world.unwrap_or(par.gpus),
             tensor: o.tensor.unwrap_or(par.tensor),
             pipeline: o.pipeline.unwrap_or(par.pipeline),
+            virtual_stages: o.virtual_stages.unwrap_or(par.virtual_stages),
             expert_group: o.expert_group.unwrap_or(par.experts),
             micro_batch: o.micro_batch.or(par.micro_batch),
             micro_batch_overridden: o.micro_batch.is_some(),
@@ -926,6 +972,9 @@ fn validate(parts: &Parts, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
     }
     if s.micro_batch == Some(0) {
         errs.push(diagnostics::zero_size("micro_batch", sp.micro_batch));
+    }
+    if s.virtual_stages == 0 {
+        errs.push(diagnostics::zero_size("virtual_stages", sp.virtual_stages));
     }
     if let ExpertGroup::Size { size: 0 } = s.expert_group {
         errs.push(diagnostics::zero_size("the expert group size", sp.experts));
@@ -993,6 +1042,18 @@ fn validate(parts: &Parts, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
             ));
         }
     }
+    let virtual_stages = s.virtual_stages_in_effect();
+    if let (Some(t), Some(m), true) = (parts.train, s.micro_batch, virtual_stages > 1) {
+        let micro_batches = t.batch_sequences / (data * m).max(1);
+        if t.batch_sequences % (data * m) == 0 && micro_batches % s.pipeline != 0 {
+            errs.push(diagnostics::interleaved_micro_batches(
+                micro_batches,
+                s.pipeline,
+                (virtual_stages, sp.virtual_stages),
+                t.spans.batch,
+            ));
+        }
+    }
     let Some(expert_group) = expert_group.filter(|_| errs.is_empty()) else {
         return Err(errs);
     };
@@ -1000,9 +1061,22 @@ fn validate(parts: &Parts, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
         world: s.world,
         tensor: s.tensor,
         pipeline: s.pipeline,
+        virtual_stages,
         data,
         expert_group,
     })
+}
+
+impl Setup {
+    /// Model chunks per stage: as asked with several stages, 1 with one (the checker warns
+    /// about `virtual_stages` without a pipeline).
+    fn virtual_stages_in_effect(&self) -> u64 {
+        if self.pipeline > 1 {
+            self.virtual_stages
+        } else {
+            1
+        }
+    }
 }
 
 /// The rules about how the model splits: heads and hidden sizes over `tensor`, depth over
@@ -1063,6 +1137,12 @@ fn model_rules(model: &Model, par: &Parallel, s: &Setup, errs: &mut Vec<Diagnost
             (model.depth(), model.spans.depth),
             (s.pipeline, sp.pipeline),
         ));
+    } else if model.depth() % (s.pipeline * s.virtual_stages_in_effect()) != 0 {
+        errs.push(diagnostics::chunks_not_divisible(
+            (model.depth(), model.spans.depth),
+            s.pipeline,
+            (s.virtual_stages, sp.virtual_stages),
+        ));
     }
 }
 
@@ -1081,7 +1161,7 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
     } = p;
     let g = &g;
     let par = &checked.parallel;
-    let per_stage = checked.model.depth() / grid.pipeline;
+    let depth = checked.model.depth();
     let ep = placement.parallel;
     let slices = placement.slices;
     let moe_layers: Vec<MoeLayerPlan> = checked
@@ -1089,7 +1169,7 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         .moe_layers()
         .map(|(i, m)| MoeLayerPlan {
             layer: i,
-            stage: i as u64 / per_stage,
+            stage: grid.stage_of_layer(i as u64, depth),
             experts: m.experts,
             top_k: m.top_k,
             experts_per_rank: m.experts / ep,
@@ -1144,13 +1224,21 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         .stages
         .iter()
         .enumerate()
-        .map(|(s, c)| Stage {
-            stage: s as u64,
-            first_layer: s as u64 * per_stage,
-            end_layer: (s as u64 + 1) * per_stage,
-            embedding: s == 0,
-            head: s as u64 == grid.pipeline - 1,
-            cost: c.clone(),
+        .map(|(s, c)| {
+            let chunks = grid.chunks_of(s as u64, depth);
+            Stage {
+                stage: s as u64,
+                first_layer: chunks[0][0],
+                end_layer: chunks[0][1],
+                chunks: if grid.virtual_stages > 1 {
+                    chunks
+                } else {
+                    Vec::new()
+                },
+                embedding: s == 0,
+                head: s as u64 == grid.pipeline - 1,
+                cost: c.clone(),
+            }
         })
         .collect();
     let mut warnings = placement_warnings;
@@ -1168,7 +1256,7 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         warnings.push(diagnostics::large_bubble(
             costed.time.bubble_fraction,
             costed.micro_batches,
-            grid.pipeline,
+            (grid.pipeline, grid.virtual_stages),
             at,
         ));
     }
@@ -1179,11 +1267,16 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         smart_schedule: par.smart_schedule,
         shadowing: par.shadowing,
         routing_skew: routing_skew.unwrap_or(1.0),
-        layers: costed
-            .stages
-            .iter()
-            .flat_map(|s| s.exchanges.iter().cloned())
-            .collect(),
+        layers: {
+            // in layer order: with virtual stages a stage's layers are not contiguous
+            let mut layers: Vec<LayerExchange> = costed
+                .stages
+                .iter()
+                .flat_map(|s| s.exchanges.iter().cloned())
+                .collect();
+            layers.sort_by_key(|x| x.layer);
+            layers
+        },
     });
     fastermoe_warnings(par, &grid, &mut warnings);
     ParallelPlan {
@@ -1195,6 +1288,7 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         world: grid.world,
         tensor: grid.tensor,
         pipeline: grid.pipeline,
+        virtual_stages: grid.virtual_stages,
         data: grid.data,
         expert_group: expert_group_name(expert_group),
         expert_group_size: ep,

@@ -122,6 +122,13 @@ pub fn table(plan: &ParallelPlan) -> String {
         "grid:      world {} = tensor {} × pipeline {} × data {} ({layout})",
         plan.world, plan.tensor, plan.pipeline, plan.data
     );
+    if plan.virtual_stages > 1 {
+        let _ = writeln!(
+            o,
+            "schedule:  interleaved 1F1B, {} model chunks per stage",
+            plan.virtual_stages
+        );
+    }
     if plan.moe_layers.is_empty() {
         let _ = writeln!(o, "experts:   none (a dense model)");
     } else if let Some(core) = &plan.megatron_core {
@@ -191,7 +198,7 @@ pub fn table(plan: &ParallelPlan) -> String {
             o,
             "  {:>5}  {:<8} {:>12} {:>12} {:>11} {:>11} {:>12} (×{:<2})    {:>11}  {:>5.1}%",
             s.stage,
-            format!("{}..{}", s.first_layer, s.end_layer),
+            layers(s),
             count(s.cost.params.total),
             bytes(m.weights),
             bytes(m.grads),
@@ -472,6 +479,29 @@ pub fn json(plan: &ParallelPlan) -> String {
 
 /// The model graph as DOT, one cluster per pipeline stage of the plan.
 pub fn dot(plan: &ParallelPlan, graph: &ModelGraph) -> String {
-    let per_stage = (graph.depth as u64 / plan.pipeline.max(1)).max(1);
-    graph.to_dot(plan.pipeline, |l| l as u64 / per_stage)
+    let stage_of = |l: usize| {
+        let l = l as u64;
+        plan.stages
+            .iter()
+            .find(|s| {
+                (s.first_layer..s.end_layer).contains(&l)
+                    || s.chunks.iter().any(|c| (c[0]..c[1]).contains(&l))
+            })
+            .map_or(0, |s| s.stage)
+    };
+    graph.to_dot(plan.pipeline, stage_of)
+}
+
+/// A stage's blocks: `4..8`, or with model chunks `0..2,8..10`.
+fn layers(s: &super::Stage) -> String {
+    if s.chunks.is_empty() {
+        format!("{}..{}", s.first_layer, s.end_layer)
+    } else {
+        let chunks: Vec<String> = s
+            .chunks
+            .iter()
+            .map(|c| format!("{}..{}", c[0], c[1]))
+            .collect();
+        chunks.join(",")
+    }
 }

@@ -9,7 +9,9 @@ use std::fmt::Write;
 
 use super::cost::TimeEstimate;
 use super::grid::divisors;
-use super::{build_for, cost_for, expert_group_name, Overrides, ParallelPlan, TargetRules};
+use super::{
+    build_for, cost_for, diagnostics, expert_group_name, Overrides, ParallelPlan, TargetRules,
+};
 use crate::check::{Checked, ExpertGroup};
 
 /// A candidate that failed, with the first reason.
@@ -30,6 +32,8 @@ pub struct Candidate {
     pub rules: TargetRules,
     pub tensor: u64,
     pub pipeline: u64,
+    /// Model chunks per stage (the file's where its pipeline allows them, else 1).
+    pub virtual_stages: u64,
     pub data: u64,
     pub expert_group: String,
     pub expert_group_size: u64,
@@ -57,7 +61,9 @@ pub struct SearchResult {
 
 /// Searches tensor ∈ divisors(world) up to `gpus_per_node`, pipeline ∈ divisors of the
 /// rest, expert group ∈ {across data, every proper divisor of data, replicated} and
-/// every micro-batch the planner tries. `world` overrides the file's GPU count.
+/// every micro-batch the planner tries. `world` overrides the file's GPU count. The file's
+/// `virtual_stages` are kept where a pipeline can take them (its stages' layers split into
+/// that many chunks and a multiple of the stages in micro-batches), else 1.
 pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
     search_for(checked, world, &TargetRules::default())
 }
@@ -95,10 +101,30 @@ pub fn search_for(checked: &Checked, world: Option<u64>, rules: &TargetRules) ->
                     pipeline: Some(p),
                     expert_group: Some(e),
                     micro_batch: None,
+                    virtual_stages: None,
                     memory_model: None,
                     routing_skew: None,
                 };
-                match cost_for(checked, &o, rules) {
+                let mut costed = cost_for(checked, &o, rules);
+                let interleaving = p > 1 && checked.parallel.virtual_stages > 1;
+                let unschedulable = |d: &[crate::diag::Diagnostic]| {
+                    d.iter().any(|d| {
+                        d.code == diagnostics::CHUNKS_NOT_DIVISIBLE
+                            || d.code == diagnostics::INTERLEAVED_MICRO_BATCHES
+                    })
+                };
+                let o = match &costed {
+                    Err(d) if interleaving && unschedulable(d) => {
+                        let plain = Overrides {
+                            virtual_stages: Some(1),
+                            ..o
+                        };
+                        costed = cost_for(checked, &plain, rules);
+                        plain
+                    }
+                    _ => o,
+                };
+                match costed {
                     Ok(c) => feasible.push(Candidate {
                         overrides: Overrides {
                             micro_batch: Some(c.costed.micro_batch),
@@ -107,6 +133,7 @@ pub fn search_for(checked: &Checked, world: Option<u64>, rules: &TargetRules) ->
                         rules: rules.clone(),
                         tensor: t,
                         pipeline: p,
+                        virtual_stages: c.grid.virtual_stages,
                         data: d,
                         expert_group: expert_group_name(e),
                         expert_group_size: c.experts.parallel,
@@ -156,12 +183,18 @@ pub fn report(r: &SearchResult, top: usize) -> String {
         );
         for (i, p) in r.feasible.iter().take(top).enumerate() {
             let mem = p.max_memory_bytes;
+            // `4 (x2)`: 4 stages of 2 model chunks each (the interleaved schedule)
+            let pipeline = if p.virtual_stages > 1 {
+                format!("{} (x{})", p.pipeline, p.virtual_stages)
+            } else {
+                p.pipeline.to_string()
+            };
             let _ = writeln!(
                 o,
                 "  {:>1}  {:>6}  {:>8}  {:>4}  {:>14}  {:>11}  {:>10}  {:>8.3}s  {:>11}  {:>5.1}%",
                 i + 1,
                 p.tensor,
-                p.pipeline,
+                pipeline,
                 p.data,
                 format!("{} ({})", p.expert_group, p.expert_group_size),
                 p.micro_batch,

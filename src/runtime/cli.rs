@@ -91,6 +91,15 @@ pub struct RunArgs {
     /// experts' hidden columns); the world is tensor x data. Needs several ranks.
     #[arg(long, value_name = "N")]
     pub tensor: Option<u64>,
+    /// Override the file's pipeline size (like `fmoec plan --pipeline`): stages of
+    /// consecutive blocks, the micro-batches flowing through them by Megatron-LM's 1F1B
+    /// schedule; the world is tensor x pipeline x data. Needs several ranks.
+    #[arg(long, value_name = "N")]
+    pub pipeline: Option<u64>,
+    /// Override the file's `virtual_stages` (like `fmoec plan --virtual-stages`): model
+    /// chunks per pipeline stage; 2 or more run the interleaved schedule.
+    #[arg(long, value_name = "N")]
+    pub virtual_stages: Option<u64>,
     /// Seconds a collective may wait for the other ranks before the run stops with an error.
     #[arg(long, value_name = "SECS", default_value_t = 600.0)]
     pub collective_timeout: f64,
@@ -330,22 +339,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         Mode::Single | Mode::InProcess(_) => super::parse_device(device_name)?,
         _ => tch::Device::Cpu,
     };
-    // Said first: what follows (the planner's layout and its batch split) depends on it.
     let world = match &mode {
         Mode::Single => 1,
         Mode::InProcess(n) => *n,
         Mode::Launch(node) => node.per_node * node.nodes,
         Mode::Rank(env, _) => env.world as u64,
     };
-    let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
-    let pipeline_note =
-        distributed::pipeline_note(checked, world, if world == 1 { 1 } else { tensor });
-    if let (Some(note), true) = (
-        &pipeline_note,
-        is_first_rank(&mode) && args.sample.is_none(),
-    ) {
-        eprintln!("note: {note}");
-    }
     if checked.train.is_none() && args.sample.is_none() {
         bail!(
             "`{}` has no `train` block: `fmoec run` needs one (data, batch, steps, optimizer)",
@@ -422,29 +421,33 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         print_summary: true,
         cuda_graph: !args.no_cuda_graph,
     };
-    let launcher = matches!(mode, Mode::Launch(_));
+    let choice = distributed::LayoutChoice {
+        expert_group: args.expert_group,
+        tensor: args.tensor,
+        pipeline: args.pipeline,
+        virtual_stages: args.virtual_stages,
+    };
     let plan_for = |world: u64| -> Result<WorldPlan, ExitCode> {
-        distributed::plan_world_with(checked, world, args.expert_group, args.tensor).map_err(
-            |diags| {
-            if let (Some(note), true) = (&pipeline_note, launcher) {
-                eprintln!("note: {note}");
-            }
+        distributed::plan_world_layout(checked, world, choice).map_err(|diags| {
             driver::report(&loaded.sources, &diags, args.diagnostics);
             if args.diagnostics == DiagFormat::Human {
                 let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
+                let pipeline = args.pipeline.unwrap_or(checked.parallel.pipeline);
+                let mut hints = Vec::new();
+                if tensor > 1 && args.tensor.is_none() {
+                    hints.push("--tensor 1 runs without tensor parallelism");
+                }
+                if pipeline > 1 && args.pipeline.is_none() {
+                    hints.push("--pipeline 1 runs without pipeline parallelism");
+                }
                 eprintln!(
-                    "error: `{}` cannot run on {world} ranks with tensor = {tensor} (the planner's errors above){}",
+                    "error: `{}` cannot run on {world} ranks with tensor = {tensor} and pipeline = {pipeline} (the planner's errors above){}",
                     args.file.display(),
-                    if tensor > 1 && args.tensor.is_none() {
-                        "; --tensor 1 runs without tensor parallelism"
-                    } else {
-                        ""
-                    }
+                    hints.iter().map(|h| format!("; {h}")).collect::<String>()
                 );
             }
             ExitCode::from(1)
-        },
-        )
+        })
     };
     let summary = match mode {
         Mode::Single => {
@@ -453,6 +456,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             }
             if args.tensor.is_some_and(|t| t != 1) {
                 bail!("--tensor needs several ranks (--gpus N or --ranks N)");
+            }
+            if args.pipeline.is_some_and(|p| p != 1) {
+                bail!("--pipeline needs several ranks (--gpus N or --ranks N)");
             }
             let plan = match distributed::plan_alone(checked) {
                 Ok(p) => p,

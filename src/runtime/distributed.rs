@@ -38,7 +38,7 @@ use crate::collective::{
 };
 use crate::diag::Diagnostic;
 use crate::plan::{self, Memory, MemoryModel, Overrides, ParallelPlan};
-use crate::runtime::model::{MoeHook, NormLayer, Transformer};
+use crate::runtime::model::{ModelPart, MoeHook, NormLayer, Transformer};
 use crate::runtime::moe::{self, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
 
@@ -52,39 +52,54 @@ pub struct WorldPlan {
     /// Whether routed experts are sliced over the tensor ranks (the plan's `expert_slicing`;
     /// false with tensor = 1).
     pub expert_slicing: bool,
-    /// Per MoE layer (block index): which experts each position of an expert group holds.
+    /// Per MoE layer (block index): which experts each position of an expert group of the
+    /// layer's stage holds.
     pub placements: BTreeMap<usize, ExpertPlacement>,
+    /// What each pipeline stage holds (one whole-model part without a pipeline).
+    pub parts: Vec<ModelPart>,
+    /// Model chunks per stage (the interleaved schedule with more than one).
+    pub virtual_stages: usize,
     /// What the runtime changed in the file's `parallel` block (said once by rank 0).
     pub notes: Vec<String>,
     /// The planner's micro-batch for this layout (sequences per data rank), the one the run
     /// uses when the file gives none; `None`: plans made without the planner.
     pub micro_batch: Option<u64>,
-    /// The planner's memory of one rank for `fmoec run` (`--memory-model fmoec`; every rank
-    /// alike with pipeline = 1); `None`: plans made without the planner.
-    pub memory: Option<Memory>,
+    /// The planner's memory of one rank of each stage for `fmoec run` (`--memory-model
+    /// fmoec`); empty: plans made without the planner.
+    pub memory: Vec<Memory>,
     /// FasterMoE's smart schedule and shadowing as planned (`None`: the plain exchange).
     pub fastermoe: Option<plan::FasterMoePlan>,
 }
 
+/// What `fmoec run` asks of the layout besides the world size, like `fmoec plan`'s options
+/// (`None`: the file's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayoutChoice {
+    pub expert_group: Option<ExpertGroup>,
+    pub tensor: Option<u64>,
+    pub pipeline: Option<u64>,
+    pub virtual_stages: Option<u64>,
+}
+
 /// The runtime's overrides of the file's `parallel` block for a world of `world` ranks: the
-/// world size (like `fmoec plan --world`), the tensor size (`None`: the file's, like
-/// `fmoec plan --tensor`), pipeline = 1 (the built-in runtime has no pipeline parallelism),
-/// an optional expert group, and the runtime's own memory model
-/// (`fmoec plan --memory-model fmoec`).
-pub fn overrides(world: u64, expert_group: Option<ExpertGroup>, tensor: Option<u64>) -> Overrides {
+/// world size (like `fmoec plan --world`), the layout's choices (`--tensor`, `--pipeline`,
+/// `--virtual-stages`, `--expert-group`; the file's where not given), and the runtime's own
+/// memory model (`fmoec plan --memory-model fmoec`).
+pub fn overrides(world: u64, choice: LayoutChoice) -> Overrides {
     Overrides {
         world: Some(world),
-        tensor,
-        pipeline: Some(1),
-        expert_group,
+        tensor: choice.tensor,
+        pipeline: choice.pipeline,
+        expert_group: choice.expert_group,
         micro_batch: None,
+        virtual_stages: choice.virtual_stages,
         memory_model: Some(MemoryModel::Fmoec),
         routing_skew: None,
     }
 }
 
-/// Plans `checked` on `world` ranks with [`overrides`] and the file's tensor size; the
-/// planner's diagnostics on failure.
+/// Plans `checked` on `world` ranks with [`overrides`] and the file's tensor and pipeline
+/// sizes; the planner's diagnostics on failure.
 pub fn plan_world(
     checked: &Checked,
     world: u64,
@@ -100,14 +115,41 @@ pub fn plan_world_with(
     expert_group: Option<ExpertGroup>,
     tensor: Option<u64>,
 ) -> Result<WorldPlan, Vec<Diagnostic>> {
-    let plan = plan::build_with(checked, &overrides(world, expert_group, tensor))?;
+    let choice = LayoutChoice {
+        expert_group,
+        tensor,
+        ..LayoutChoice::default()
+    };
+    plan_world_layout(checked, world, choice)
+}
+
+/// Plans `checked` on `world` ranks with the layout `choice` (the file's where it says
+/// nothing), as `fmoec plan --world N --memory-model fmoec` with the same options does.
+pub fn plan_world_layout(
+    checked: &Checked,
+    world: u64,
+    choice: LayoutChoice,
+) -> Result<WorldPlan, Vec<Diagnostic>> {
+    let plan = plan::build_with(checked, &overrides(world, choice))?;
     let mut world_plan = WorldPlan::from_plan(&plan).map_err(|e| runtime_refused(checked, e))?;
     let p = &checked.parallel;
-    if p.declared && plan.tensor != p.tensor {
-        world_plan.notes.push(format!(
-            "running tensor = {} (the file says {}), data = {}",
-            plan.tensor, p.tensor, plan.data
-        ));
+    if p.declared && (plan.tensor != p.tensor || plan.pipeline != p.pipeline) {
+        let mut said = Vec::new();
+        if plan.tensor != p.tensor {
+            said.push(format!(
+                "tensor = {} (the file says {})",
+                plan.tensor, p.tensor
+            ));
+        }
+        if plan.pipeline != p.pipeline {
+            said.push(format!(
+                "pipeline = {} (the file says {})",
+                plan.pipeline, p.pipeline
+            ));
+        }
+        world_plan
+            .notes
+            .push(format!("running {}, data = {}", said.join(", "), plan.data));
     }
     if p.declared && p.gpus != world {
         world_plan.notes.push(format!(
@@ -118,41 +160,38 @@ pub fn plan_world_with(
     Ok(world_plan)
 }
 
-/// What `fmoec run` says first about a file with `pipeline > 1` on `world` ranks of tensor
-/// size `tensor`: that it runs pipeline = 1, and how (before the planner says anything about
-/// that layout, whose batch split is a consequence of it). `None` for pipeline = 1.
-pub fn pipeline_note(checked: &Checked, world: u64, tensor: u64) -> Option<String> {
-    let p = &checked.parallel;
-    if p.pipeline <= 1 {
-        return None;
-    }
-    let how = if world == 1 {
-        "the whole model on this one device".to_string()
-    } else if tensor > 0 && world % tensor == 0 {
-        format!(
-            "every rank holding every layer: the {world} ranks run as tensor {tensor} x data {} \
-             (each data rank takes 1/{} of the batch)",
-            world / tensor,
-            world / tensor
-        )
-    } else {
-        format!("every rank of the {world} holding every layer")
-    };
-    Some(format!(
-        "`fmoec run` has no pipeline parallelism yet: it runs the file's pipeline = {} as \
-         pipeline = 1, {how}",
-        p.pipeline
-    ))
-}
-
 /// The plan of a run alone on one device: one GPU of the file's kind (`fmoec plan --world 1
 /// --tensor 1 --pipeline 1 --expert-group replicated --memory-model fmoec`). When only memory
 /// stands in the way (the file's GPU cannot hold the model alone, the machine this runs on
 /// may), the plan of such a GPU without a memory limit, with a note: the run then judges the
 /// fit by the machine's own free memory ([`crate::runtime::fit`]).
 pub fn plan_alone(checked: &Checked) -> Result<WorldPlan, Vec<Diagnostic>> {
-    let alone = overrides(1, Some(ExpertGroup::Replicated), Some(1));
-    let plan = match plan::build_with(checked, &alone) {
+    let alone = overrides(
+        1,
+        LayoutChoice {
+            expert_group: Some(ExpertGroup::Replicated),
+            tensor: Some(1),
+            pipeline: Some(1),
+            virtual_stages: None,
+        },
+    );
+    let mut world_plan = plan_alone_with(checked, &alone)?;
+    let p = &checked.parallel;
+    if p.declared && (p.tensor > 1 || p.pipeline > 1) {
+        world_plan.notes.insert(
+            0,
+            format!(
+                "one device: the file's tensor = {} x pipeline = {} runs as one rank holding the \
+                 whole model (--ranks N or --gpus N runs its layout)",
+                p.tensor, p.pipeline
+            ),
+        );
+    }
+    Ok(world_plan)
+}
+
+fn plan_alone_with(checked: &Checked, alone: &Overrides) -> Result<WorldPlan, Vec<Diagnostic>> {
+    let plan = match plan::build_with(checked, alone) {
         Ok(plan) => plan,
         Err(diags)
             if diags
@@ -161,7 +200,7 @@ pub fn plan_alone(checked: &Checked) -> Result<WorldPlan, Vec<Diagnostic>> {
         {
             let mut unlimited = checked.clone();
             unlimited.parallel.hardware.memory_bytes = u64::MAX;
-            let mut plan = plan::build_with(&unlimited, &alone)?;
+            let mut plan = plan::build_with(&unlimited, alone)?;
             plan.hardware = checked.parallel.hardware.clone();
             let mut world_plan =
                 WorldPlan::from_plan(&plan).map_err(|e| runtime_refused(checked, e))?;
@@ -170,7 +209,7 @@ pub fn plan_alone(checked: &Checked) -> Result<WorldPlan, Vec<Diagnostic>> {
                  (`fmoec plan --world 1 --memory-model fmoec`); running anyway where it fits",
                 checked.parallel.hardware.name,
                 plan::render::bytes(checked.parallel.hardware.memory_bytes),
-                plan::render::bytes(world_plan.memory.map_or(0, |m| m.total))
+                plan::render::bytes(world_plan.memory.first().map_or(0, |m| m.total))
             ));
             return Ok(world_plan);
         }
@@ -211,14 +250,8 @@ fn ranks_of(lists: &[Vec<u64>]) -> Vec<Vec<usize>> {
 }
 
 impl WorldPlan {
-    /// The groups and expert placement of a plan with pipeline = 1 (any tensor size).
+    /// The groups, stages and expert placement of a plan.
     pub fn from_plan(plan: &ParallelPlan) -> Result<WorldPlan> {
-        if plan.pipeline != 1 {
-            bail!(
-                "the plan has pipeline = {}; the built-in runtime runs pipeline = 1",
-                plan.pipeline
-            );
-        }
         let tensor = ranks_of(&plan.groups.tensor);
         let mut seen = vec![0usize; plan.world as usize];
         for &r in tensor.iter().flatten() {
@@ -234,20 +267,61 @@ impl WorldPlan {
                 plan.tensor
             );
         }
+        // The planner lists embedding groups for the first and last stages only; the
+        // collective layer wants every rank in one (a middle stage's rank alone).
+        let mut embedding = ranks_of(&plan.groups.embedding);
+        for r in 0..plan.world as usize {
+            if !embedding.iter().any(|g| g.contains(&r)) {
+                embedding.push(vec![r]);
+            }
+        }
         let layout = GroupLayout {
             world: plan.world as usize,
             data: ranks_of(&plan.groups.data),
             expert: ranks_of(&plan.groups.expert),
             expert_data: ranks_of(&plan.groups.expert_data),
             gate: ranks_of(&plan.groups.gate),
+            pipeline: ranks_of(&plan.groups.pipeline),
+            embedding,
         };
         layout.validate()?;
-        let first = layout
-            .members(crate::collective::GroupKind::Expert, 0)
-            .unwrap_or_default()
-            .to_vec();
+        if layout.stages() != plan.pipeline as usize || plan.stages.len() != layout.stages() {
+            bail!(
+                "the plan's pipeline groups have {} stages, its pipeline is {}",
+                layout.stages(),
+                plan.pipeline
+            );
+        }
+        let parts: Vec<ModelPart> = plan
+            .stages
+            .iter()
+            .map(|s| {
+                let chunks = if s.chunks.is_empty() {
+                    std::iter::once(s.first_layer as usize..s.end_layer as usize).collect()
+                } else {
+                    s.chunks
+                        .iter()
+                        .map(|c| c[0] as usize..c[1] as usize)
+                        .collect()
+                };
+                ModelPart {
+                    chunks,
+                    embedding: s.embedding,
+                    head: s.head,
+                }
+            })
+            .collect();
         let mut placements = BTreeMap::new();
         for layer in &plan.moe_layers {
+            // the first expert group of the layer's stage (every expert group lies in one)
+            let stage = layer.stage as usize;
+            let Some(first) = layout
+                .expert
+                .iter()
+                .find(|g| g.first().is_some_and(|&r| layout.stage_of(r) == stage))
+            else {
+                bail!("layer {}: no expert group on stage {stage}", layer.layer);
+            };
             let held = |rank: usize| -> Vec<usize> {
                 plan.ranks
                     .get(rank)
@@ -256,11 +330,20 @@ impl WorldPlan {
                     .unwrap_or_default()
             };
             let positions: Vec<Vec<usize>> = first.iter().map(|&r| held(r)).collect();
-            // Every expert group must hold the experts the same way (position p of each
-            // group holds what position p of the first holds).
+            // Every expert group of the stage must hold the experts the same way (position
+            // p of each group holds what position p of the first holds), the others none.
             for group in &layout.expert {
+                let on_stage = group.iter().all(|&r| layout.stage_of(r) == stage);
                 for (p, &r) in group.iter().enumerate() {
-                    if held(r) != positions[p] {
+                    if !on_stage && !held(r).is_empty() {
+                        bail!(
+                            "layer {}: rank {r} of stage {} holds experts {:?} of a layer of stage {stage}",
+                            layer.layer,
+                            layout.stage_of(r),
+                            held(r)
+                        );
+                    }
+                    if on_stage && held(r) != positions[p] {
                         bail!(
                             "layer {}: rank {r} holds experts {:?}, but position {p} of the first expert group holds {:?}",
                             layer.layer,
@@ -287,11 +370,18 @@ impl WorldPlan {
             tensor,
             expert_slicing: plan.expert_slicing && plan.tensor > 1,
             placements,
+            parts,
+            virtual_stages: plan.virtual_stages as usize,
             notes: Vec::new(),
             micro_batch: Some(plan.micro_batch),
-            memory: plan.stages.first().map(|s| s.cost.memory),
+            memory: plan.stages.iter().map(|s| s.cost.memory).collect(),
             fastermoe: plan.fastermoe.clone(),
         })
+    }
+
+    /// Pipeline stages.
+    pub fn stages(&self) -> usize {
+        self.parts.len().max(1)
     }
 
     /// Ranks per tensor group (1 without tensor parallelism).
@@ -320,9 +410,11 @@ impl WorldPlan {
             tensor: (0..world).map(|r| vec![r]).collect(),
             expert_slicing: false,
             placements,
+            parts: vec![ModelPart::whole(checked.model.layers.len())],
+            virtual_stages: 1,
             notes: Vec::new(),
             micro_batch: None,
-            memory: None,
+            memory: Vec::new(),
             fastermoe: None,
         })
     }
@@ -355,17 +447,32 @@ impl RankContext {
         self.groups.tensor().size()
     }
 
-    /// A group spanning the whole world, for flags every rank must agree on: the data group
-    /// with tensor = 1, the gate group (one pipeline stage: the world) otherwise.
-    pub fn world_group(&self) -> &dyn crate::collective::Collective {
-        if self.tensor_size() > 1 {
-            self.groups.gate()
-        } else {
-            self.groups.data()
+    /// Sums `t` over the whole world, in place: over the ranks of this rank's stage (the
+    /// gate group), then over the stages (the pipeline group).
+    pub fn all_reduce_world(&self, t: &mut Tensor, at: &str) -> Result<()> {
+        self.groups.gate().all_reduce_sum(t, at)?;
+        if self.stages() > 1 {
+            self.groups.pipeline().all_reduce_sum(t, at)?;
         }
+        Ok(())
     }
 
-    /// Ranks that split the batch (the world divided by the tensor size).
+    /// Pipeline stages of the run.
+    pub fn stages(&self) -> usize {
+        self.plan.stages()
+    }
+
+    /// This rank's pipeline stage.
+    pub fn stage(&self) -> usize {
+        self.groups.pipeline().rank()
+    }
+
+    /// What of the model this rank holds.
+    pub fn part(&self) -> &ModelPart {
+        &self.plan.parts[self.stage().min(self.plan.parts.len() - 1)]
+    }
+
+    /// Ranks that split the batch (the world divided by the tensor and pipeline sizes).
     pub fn data_size(&self) -> usize {
         self.groups.data().size()
     }
@@ -378,8 +485,12 @@ impl RankContext {
         self.groups.expert().size()
     }
 
-    /// The global experts this rank holds in MoE layer `layer`, in local order.
+    /// The global experts this rank holds in MoE layer `layer`, in local order (none of a
+    /// layer on another pipeline stage).
     pub fn local_experts(&self, layer: usize) -> &[usize] {
+        if !self.part().holds_layer(layer) {
+            return &[];
+        }
         self.plan
             .placements
             .get(&layer)

@@ -37,6 +37,7 @@ pub mod model;
 pub mod moe;
 pub mod optim;
 pub mod params;
+pub mod pipeline;
 pub mod plot;
 pub mod progress;
 pub mod replay;

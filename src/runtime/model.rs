@@ -13,12 +13,19 @@
 //! ([`Transformer::forward_tensor_parallel`]) that records autograd cuts on a
 //! [`Tape`]; the single-device path does not change.
 //!
+//! Pipeline parallelism: a rank builds only its [`ModelPart`] (its stage's blocks, the
+//! embedding on the first stage, the final norm and head on the last, with a copy of a tied
+//! embedding) and runs one model chunk at a time ([`Transformer::forward_chunk_with`],
+//! [`Transformer::forward_chunk_tensor_parallel`]), from token ids or the previous chunk's
+//! hidden states to hidden states or logits; the trainer moves them between stages.
+//!
 //! Every module is built by [`FfnModule::build`] / [`Block::new`] from one layer description,
 //! so a later ModelGraph-driven construction can call the same constructors node by node.
 //! This module knows nothing about optimizers, data or checkpoints; of the collective layer
 //! it uses only the handles and cuts a tensor-parallel pass is given.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
@@ -348,14 +355,54 @@ fn layer_key(keys: Option<&Tensor>, layer: usize) -> Result<Option<Tensor>> {
     })
 }
 
-/// The whole language model.
+/// The part of the model one rank builds and runs: all of it without pipeline parallelism;
+/// with it, its stage's blocks in model chunks (one per virtual stage it holds), the
+/// embedding on the first stage and the final norm and head on the last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelPart {
+    /// Blocks `start..end` of each model chunk, in the order the rank runs them.
+    pub chunks: Vec<Range<usize>>,
+    /// Holds the token embedding (and learned positions): the first stage.
+    pub embedding: bool,
+    /// Holds the final norm and the head (a copy of the token embedding, when they are
+    /// tied): the last stage.
+    pub head: bool,
+}
+
+impl ModelPart {
+    /// The whole model of `depth` blocks as one chunk.
+    pub fn whole(depth: usize) -> ModelPart {
+        ModelPart {
+            chunks: std::iter::once(0..depth).collect(),
+            embedding: true,
+            head: true,
+        }
+    }
+
+    pub fn holds_layer(&self, layer: usize) -> bool {
+        self.chunks.iter().any(|c| c.contains(&layer))
+    }
+
+    /// Whether this part's copy of the tied token embedding is another part's too (the last
+    /// stage's copy of the first stage's): the first stage counts it (the gradient norm,
+    /// checkpoints); the two are kept equal (their gradients summed between them).
+    pub fn holds_tied_copy(&self, model: &Model) -> bool {
+        model.tied_embeddings && self.head && !self.embedding
+    }
+}
+
+/// The whole language model, or one rank's [`ModelPart`] of it.
 pub struct Transformer {
     pub model: Model,
     pub store: ParamStore,
-    tokens: Tensor,
+    /// What of the model this one holds.
+    pub part: ModelPart,
+    /// The token embedding (first stage; and the last one's copy with a tied head).
+    tokens: Option<Tensor>,
     positions: Option<Tensor>,
     pub blocks: Vec<Block>,
-    norm: NormLayer,
+    /// The final norm (last stage).
+    norm: Option<NormLayer>,
     /// The untied output projection (`None`: the head is the token embedding).
     head: Option<Tensor>,
     /// Compute dtype (f32, bf16, or f64 in gradient checks).
@@ -368,6 +415,17 @@ pub struct Transformer {
     keys_buffer: Option<Tensor>,
     /// The tied LM head with FP8 operands (`fp8_dense`; see [`Transformer::set_fp8`]).
     pub fp8_head: bool,
+}
+
+/// What one model chunk's forward pass yields ([`Transformer::forward_chunk_with`]).
+pub struct ChunkOutput {
+    /// The logits `[B, T, vocab]` when the chunk ends the model, else its hidden states
+    /// `[B, T, d]` (the next chunk's input), in the compute dtype.
+    pub output: Tensor,
+    /// Σ over the chunk's MoE layers of `balance_loss_weight · balance_loss` (f32 scalar).
+    pub balance_loss: Tensor,
+    /// `(layer index, telemetry)` per MoE layer of the chunk.
+    pub telemetry: Vec<(usize, Telemetry)>,
 }
 
 /// What one forward pass yields besides the logits.
@@ -384,7 +442,8 @@ impl Transformer {
     /// Builds every parameter (drawing from libtorch's generator in creation order, so seed
     /// it first).
     pub fn new(model: &Model, device: Device, master: Kind, compute: Kind) -> Result<Transformer> {
-        Transformer::build(model, ParamStore::new(device, master), compute)
+        let whole = ModelPart::whole(model.layers.len());
+        Transformer::build(model, ParamStore::new(device, master), compute, &whole)
     }
 
     /// Builds the parameters of one rank: every parameter drawn from `seed` and its name
@@ -399,40 +458,80 @@ impl Transformer {
         seed: u64,
         local: &BTreeMap<usize, Vec<usize>>,
     ) -> Result<Transformer> {
+        let whole = ModelPart::whole(model.layers.len());
+        Transformer::new_part_seeded(model, device, master, compute, seed, local, &whole)
+    }
+
+    /// [`Transformer::new_seeded`] of one [`ModelPart`] (a pipeline stage): its parameters
+    /// only, each with the value the whole model gives it (a tied head's copy of the token
+    /// embedding too).
+    pub fn new_part_seeded(
+        model: &Model,
+        device: Device,
+        master: Kind,
+        compute: Kind,
+        seed: u64,
+        local: &BTreeMap<usize, Vec<usize>>,
+        part: &ModelPart,
+    ) -> Result<Transformer> {
         let mut store = ParamStore::new(device, master);
         store.seed = Some(seed);
         store.local_experts = local
             .iter()
             .map(|(layer, ids)| (format!("layers.{layer}.ffn.experts"), ids.clone()))
             .collect();
-        Transformer::build(model, store, compute)
+        Transformer::build(model, store, compute, part)
     }
 
-    fn build(model: &Model, mut store: ParamStore, compute: Kind) -> Result<Transformer> {
+    fn build(
+        model: &Model,
+        mut store: ParamStore,
+        compute: Kind,
+        part: &ModelPart,
+    ) -> Result<Transformer> {
         let d = model.width as i64;
-        let tokens = store.var(
-            "embed.tokens",
-            &[model.vocab as i64, d],
-            Init::Normal(0.02),
-            true,
-        )?;
+        let depth = model.layers.len();
+        if part
+            .chunks
+            .iter()
+            .any(|c| c.start >= c.end || c.end > depth)
+        {
+            bail!(
+                "internal error: model chunks {:?} of a model of {depth} blocks",
+                part.chunks
+            );
+        }
+        let tokens = if part.embedding || (part.head && model.tied_embeddings) {
+            Some(store.var(
+                "embed.tokens",
+                &[model.vocab as i64, d],
+                Init::Normal(0.02),
+                true,
+            )?)
+        } else {
+            None
+        };
         let positions = match model.positions {
-            Positions::Learned => Some(store.var(
+            Positions::Learned if part.embedding => Some(store.var(
                 "embed.positions",
                 &[model.context as i64, d],
                 Init::Normal(0.02),
                 true,
             )?),
-            Positions::Rotary => None,
+            _ => None,
         };
         let mut blocks = Vec::with_capacity(model.layers.len());
-        for layer in &model.layers {
+        for layer in model.layers.iter().filter(|l| part.holds_layer(l.index)) {
             blocks.push(Block::new(&mut store, layer, model)?);
         }
-        let norm = NormLayer::new(&mut store, "norm", model.norm, d)?;
+        let norm = if part.head {
+            Some(NormLayer::new(&mut store, "norm", model.norm, d)?)
+        } else {
+            None
+        };
         // `tied_embeddings = false`: an output projection of its own, `[vocab, width]` like
         // the embedding it replaces in the head.
-        let head = if model.tied_embeddings {
+        let head = if model.tied_embeddings || !part.head {
             None
         } else {
             Some(store.var(
@@ -445,6 +544,7 @@ impl Transformer {
         let mut t = Transformer {
             model: model.clone(),
             store,
+            part: part.clone(),
             tokens,
             positions,
             blocks,
@@ -550,25 +650,92 @@ impl Transformer {
         &self,
         tokens: &Tensor,
         train: bool,
-        mut hook: Option<&mut dyn MoeHook>,
+        hook: Option<&mut dyn MoeHook>,
     ) -> Result<ForwardOutput> {
-        let (emb, mut x) = self.embed(tokens)?;
+        self.check_whole()?;
+        let out = self.forward_chunk_with(0, tokens, train, hook)?;
+        Ok(ForwardOutput {
+            logits: out.output,
+            balance_loss: out.balance_loss,
+            telemetry: out.telemetry,
+        })
+    }
+
+    /// Refuses a forward pass of the whole model on a part of it.
+    fn check_whole(&self) -> Result<()> {
+        if self.part != ModelPart::whole(self.model.layers.len()) {
+            bail!(
+                "internal error: a whole-model pass on a pipeline stage's part ({:?})",
+                self.part
+            );
+        }
+        Ok(())
+    }
+
+    /// Blocks `start..end` of this part's model chunk `chunk`.
+    pub fn chunk_range(&self, chunk: usize) -> Result<Range<usize>> {
+        match self.part.chunks.get(chunk) {
+            Some(r) => Ok(r.clone()),
+            None => bail!(
+                "internal error: model chunk {chunk} of a part with {}",
+                self.part.chunks.len()
+            ),
+        }
+    }
+
+    /// Whether chunk `chunk` starts the model (its input is token ids) and whether it ends
+    /// it (its output is the logits).
+    pub fn chunk_ends(&self, chunk: usize) -> Result<(bool, bool)> {
+        let r = self.chunk_range(chunk)?;
+        Ok((r.start == 0, r.end == self.model.layers.len()))
+    }
+
+    /// The forward pass of this part's model chunk `chunk`, the MoE feed-forwards run by
+    /// `hook` (when given): `input` is the token ids `[B, T]` when the chunk starts the
+    /// model, else the previous chunk's hidden states `[B, T, d]`; the output is the logits
+    /// when it ends the model, else its hidden states.
+    pub fn forward_chunk_with(
+        &self,
+        chunk: usize,
+        input: &Tensor,
+        train: bool,
+        mut hook: Option<&mut dyn MoeHook>,
+    ) -> Result<ChunkOutput> {
+        let range = self.chunk_range(chunk)?;
+        let (starts, ends) = self.chunk_ends(chunk)?;
+        let (emb, mut x) = if starts {
+            let (emb, x) = self.embed(input)?;
+            (Some(emb), x)
+        } else {
+            (None, input.shallow_clone())
+        };
         let mut extras = MoeExtras::new(self.store.device)?;
         let keys = self.routing_keys.as_ref();
         let hooked = hook.is_some();
-        for block in &self.blocks {
+        for block in self.blocks.iter().filter(|b| range.contains(&b.index)) {
             let (y, extra) = block.forward(&x, train, hook.as_deref_mut(), keys)?;
             x = y;
             extras.add(block, extra)?;
         }
+        if !ends {
+            return Ok(extras.with_output(x));
+        }
         // A hooked (segmented) backward traverses the head and the embedding in different
         // passes: they must not share the cast's graph node.
-        let emb = match &self.head {
-            Some(head) => cast::compute(head, self.compute)?,
-            None if hooked => cast::compute(&self.tokens, self.compute)?,
-            None => emb,
+        let emb = match (&self.head, emb) {
+            (Some(head), _) => cast::compute(head, self.compute)?,
+            (None, Some(emb)) if !hooked => emb,
+            (None, _) => cast::compute(self.tokens()?, self.compute)?,
         };
-        Ok(extras.with_logits(self.head(&x, &emb)?))
+        Ok(extras.with_output(self.head(&x, &emb)?))
+    }
+
+    /// The token embedding this part holds.
+    fn tokens(&self) -> Result<&Tensor> {
+        match &self.tokens {
+            Some(t) => Ok(t),
+            None => bail!("internal error: this pipeline stage holds no token embedding"),
+        }
     }
 
     /// Token (and learned position) embeddings of `tokens` `[B, T]`, with the embedding
@@ -581,7 +748,7 @@ impl Transformer {
                 self.model.context
             );
         }
-        let emb = cast::compute(&self.tokens, self.compute)?;
+        let emb = cast::compute(self.tokens()?, self.compute)?;
         let mut x = Tensor::f_embedding(&emb, tokens, -1, false, false)?;
         if let Some(pos) = &self.positions {
             x = x.f_add(&cast::compute(pos, self.compute)?.f_narrow(0, 0, t)?)?;
@@ -592,17 +759,19 @@ impl Transformer {
     /// The final norm and the tied head: logits of the last hidden states `x`, in the
     /// compute dtype.
     fn head(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        let Some(norm) = &self.norm else {
+            bail!("internal error: this pipeline stage holds no head");
+        };
         #[cfg(feature = "cuda")]
         if self.fp8_head {
             use crate::runtime::fp8::{linear, WeightLayout};
-            return linear(
-                &self.norm.forward(x)?,
-                &self.tokens,
-                None,
-                WeightLayout::OutIn,
-            );
+            let weight = match &self.head {
+                Some(head) => head,
+                None => self.tokens()?,
+            };
+            return linear(&norm.forward(x)?, weight, None, WeightLayout::OutIn);
         }
-        Ok(self.norm.forward(x)?.f_matmul(&emb.f_transpose(0, 1)?)?)
+        Ok(norm.forward(x)?.f_matmul(&emb.f_transpose(0, 1)?)?)
     }
 
     /// Mean next-token cross-entropy of `tokens[:, 1:]` given `tokens[:, :-1]`, plus extras.
@@ -1197,20 +1366,51 @@ impl Transformer {
         train: bool,
         pass: &mut TensorPass,
     ) -> Result<ForwardOutput> {
+        self.check_whole()?;
+        let out = self.forward_chunk_tensor_parallel(0, tokens, train, pass)?;
+        Ok(ForwardOutput {
+            logits: out.output,
+            balance_loss: out.balance_loss,
+            telemetry: out.telemetry,
+        })
+    }
+
+    /// [`Transformer::forward_chunk_with`] on one rank of a tensor group, as
+    /// [`Transformer::forward_tensor_parallel`] runs the whole model.
+    pub fn forward_chunk_tensor_parallel(
+        &self,
+        chunk: usize,
+        input: &Tensor,
+        train: bool,
+        pass: &mut TensorPass,
+    ) -> Result<ChunkOutput> {
         let Some(tp) = self.tensor_parallel() else {
             bail!("internal error: the model was built without a tensor-parallel split");
         };
-        let (_, mut x) = self.embed(tokens)?;
+        let range = self.chunk_range(chunk)?;
+        let (starts, ends) = self.chunk_ends(chunk)?;
+        let mut x = if starts {
+            self.embed(input)?.1
+        } else {
+            input.shallow_clone()
+        };
         let mut extras = MoeExtras::new(self.store.device)?;
-        for block in &self.blocks {
+        for block in self.blocks.iter().filter(|b| range.contains(&b.index)) {
             let (y, extra) =
                 block.forward_tensor_parallel(&x, train, tp, self.routing_keys.as_ref(), pass)?;
             x = y;
             extras.add(block, extra)?;
         }
+        if !ends {
+            return Ok(extras.with_output(x));
+        }
         // Its own cast: the head and the embedding are backpropagated in different segments.
-        let head = cast::compute(self.head.as_ref().unwrap_or(&self.tokens), self.compute)?;
-        Ok(extras.with_logits(self.head(&x, &head)?))
+        let head = match &self.head {
+            Some(head) => head,
+            None => self.tokens()?,
+        };
+        let head = cast::compute(head, self.compute)?;
+        Ok(extras.with_output(self.head(&x, &head)?))
     }
 
     /// [`Transformer::loss`] through [`Transformer::forward_tensor_parallel`].
@@ -1230,7 +1430,7 @@ impl Transformer {
 /// Mean cross-entropy of `logits` `[B, T, V]` (compute dtype) against `target` `[B, T]`,
 /// computed in f32: on a GPU with the fused kernels one pass over the logits in their own
 /// dtype each way ([`crate::runtime::cuda`]), else libtorch's on f32 logits.
-fn next_token_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
+pub fn next_token_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let v = logits.size()[2];
     let flat = logits.f_reshape([-1, v])?;
     let target = target.f_reshape([-1])?;
@@ -1252,7 +1452,7 @@ fn next_token_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
 }
 
 /// The inputs `tokens[:, :-1]` and next-token targets `tokens[:, 1:]` of a batch.
-fn next_token_pairs(batch: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn next_token_pairs(batch: &Tensor) -> Result<(Tensor, Tensor)> {
     let (_b, t1) = batch.size2()?;
     Ok((batch.f_narrow(1, 0, t1 - 1)?, batch.f_narrow(1, 1, t1 - 1)?))
 }
@@ -1283,9 +1483,9 @@ impl MoeExtras {
         Ok(())
     }
 
-    fn with_logits(self, logits: Tensor) -> ForwardOutput {
-        ForwardOutput {
-            logits,
+    fn with_output(self, output: Tensor) -> ChunkOutput {
+        ChunkOutput {
+            output,
             balance_loss: self.balance,
             telemetry: self.telemetry,
         }

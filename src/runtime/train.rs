@@ -46,7 +46,8 @@ use crate::runtime::trainer::Trainer;
 
 pub use crate::runtime::sample::{sample, SampleOptions};
 
-const EVAL_KEY: u64 = 0xE7A1;
+/// Keys the held-out batches (`(seed, EVAL_KEY, batch)`).
+pub(crate) const EVAL_KEY: u64 = 0xE7A1;
 
 /// Where and how to run, from the command line.
 #[derive(Clone, Debug)]
@@ -319,10 +320,10 @@ pub(crate) fn sum_over_data(ctx: &RankContext, values: &[f64], at: &str) -> Resu
 }
 
 /// Sums `values` (f64, on any device) over the whole world (see
-/// [`RankContext::world_group`]).
+/// [`RankContext::all_reduce_world`]).
 pub(crate) fn sum_over_world(ctx: &RankContext, values: &[f64], at: &str) -> Result<Vec<f64>> {
     let mut t = Tensor::f_from_slice(values)?.f_to_device(ctx.device)?;
-    ctx.world_group().all_reduce_sum(&mut t, at)?;
+    ctx.all_reduce_world(&mut t, at)?;
     Ok(Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?)?)
 }
 

@@ -18,15 +18,17 @@
 //! [`Trainer::run`] runs them in order, logs every step, and stops after the step in which a
 //! signal arrived ([`stop`]), every rank at the same step.
 //!
-//! # Where pipeline parallelism goes
-//! A pipeline stage holds a slice of the layers (the plan's `stages[s]`, its first and last
-//! stage the embedding and the head); within a step the micro-batches flow through the stages
-//! by send/recv under a schedule (1F1B, interleaved with virtual stages). That is one more
-//! [`Pass`]: a `Pass::Pipeline` variant owns the stage's schedule and runs all of the step's
-//! micro-batches inside [`Trainer::forward_backward`], returning the same [`StepSums`] (loss
-//! sums on the last stage, broadcast); [`Trainer::reduce_and_clip`] then sums the norm's
-//! squares over the stages and keeps the tied embedding and head equal, and the other phases
-//! stay as they are. Knows nothing about the command line.
+//! # Pipeline parallelism
+//! A rank of a pipeline stage holds its stage's [`ModelPart`] (its blocks, in model chunks
+//! with virtual stages; the embedding on the first stage, the final norm and the head on the
+//! last, with a copy of a tied embedding). [`Pass::Pipeline`] runs all of the step's
+//! micro-batches inside [`Trainer::forward_backward`] by the schedule
+//! ([`crate::runtime::pipeline`]); [`Trainer::reduce_and_clip`] then reduces the gradients
+//! within the stage as without a pipeline, sums the tied embedding's between the first and
+//! the last stage (which keeps the two copies equal), sums the norm's squares over the
+//! stages (the copy counted once) and the losses and telemetry over the stages; evaluation
+//! runs the schedule forward only; checkpoints hold each stage's part under the whole
+//! model's names, so they resume on any pipeline size. Knows nothing about the command line.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,28 +39,34 @@ use tch::{Device, Kind, Tensor};
 
 use crate::check::{Checked, Precision, Train};
 use crate::collective::{
-    clip_global_norm, clip_global_norm_tensor_parallel, reduce_gradients, sum_partial_gradients,
-    ParamKind, Tape, TensorSplit,
+    clip_global_norm, clip_global_norm_pipeline, clip_global_norm_tensor_parallel,
+    reduce_gradients, sum_partial_gradients, sum_tied_gradients, ParamKind, Tape, TensorSplit,
 };
 use crate::runtime::checkpoint::{self, SaveInfo};
 use crate::runtime::data::{mix_all, Dataset};
 use crate::runtime::distributed::{self, ExpertParallel, RankContext, WorldPlan};
 use crate::runtime::metrics::MetricsLog;
-use crate::runtime::model::{lock_rng, ForwardOutput, TensorParallel, Transformer};
+use crate::runtime::model::{lock_rng, ForwardOutput, ModelPart, TensorParallel, Transformer};
 use crate::runtime::moe::Telemetry;
 use crate::runtime::optim::{self, AdamW};
 use crate::runtime::params::{Param, ParamStore};
+use crate::runtime::pipeline::{self, Feed};
 use crate::runtime::progress::Progress;
 use crate::runtime::replay::Runner;
 use crate::runtime::train::{
     compute_kind, evaluate_ranked, micro_batch_for, precision_name, print_summary, sum_over_data,
     sum_over_world, tensor_parallel_loss, LayerMetrics, RunOptions, RunSummary, StepMetrics,
+    EVAL_KEY,
 };
 use crate::runtime::{cast, fit, fp8, plot, stop};
 
 /// Keys libtorch's generator for a step of a run alone (nothing of the run draws from it
 /// today; kept so that a future draw is reproducible too).
 const STEP_KEY: u64 = 0x57E9;
+
+/// The token embedding, which a tied head shares (the first and the last pipeline stage
+/// each hold it).
+const TIED_EMBEDDING: &str = "embed.tokens";
 
 /// How this process runs one training micro-batch forward and backward.
 enum Pass {
@@ -70,6 +78,9 @@ enum Pass {
     /// One rank of a tensor group (and of an expert group): Megatron's regions around the
     /// sharded matrices ([`Transformer::loss_tensor_parallel`]).
     TensorParallel,
+    /// One rank of a pipeline stage: the step's micro-batches through its model chunks by
+    /// the schedule ([`pipeline::run`]), with tensor and expert parallelism inside.
+    Pipeline,
 }
 
 /// What one step's micro-batches of this rank add up to, before any reduction.
@@ -123,6 +134,9 @@ pub struct Trainer<'a> {
     adam: AdamW,
     kinds: Vec<ParamKind>,
     splits: Vec<TensorSplit>,
+    /// Whether each parameter counts in the gradient norm and the parameter count (all but
+    /// the last pipeline stage's copy of a tied embedding).
+    counted: Vec<bool>,
     /// The shapes of the whole (unsplit) parameters, for gathering them into checkpoints.
     whole_shapes: Vec<Vec<i64>>,
     pass: Pass,
@@ -205,24 +219,38 @@ impl<'a> Trainer<'a> {
             );
         }
         // Refused before anything is allocated, with the planner's figure and the machine's.
-        if let Some(memory) = &plan.memory {
+        if let Some(memory) = sharing_memory(plan, ctx) {
             let in_process = ctx.map_or(1, |c| c.ranks_sharing_device as u64);
             let layout = format!(
-                "--world {} --tensor {} --pipeline 1",
+                "--world {} --tensor {} --pipeline {}",
                 plan.layout.world,
-                plan.tensor_size()
+                plan.tensor_size(),
+                plan.stages()
             );
-            fit::check(memory, in_process, device, &layout)?;
+            fit::check(&memory, in_process, device, &layout)?;
         }
         let data = Dataset::load(&train.data, model_decl.vocab)?;
         data.check_window(window)?;
 
-        // Only this rank's experts are built, with the values the one-rank model gives them.
+        // Only this rank's stage and experts are built, with the values the one-rank model
+        // gives them.
         let local = local_experts(checked, ctx);
+        let part = ctx.map_or_else(
+            || ModelPart::whole(model_decl.layers.len()),
+            |c| c.part().clone(),
+        );
         let model = {
             let _rng = lock_rng();
             let seed = mix_all(&[train.seed, 0xB01D]);
-            Transformer::new_seeded(model_decl, device, Kind::Float, compute, seed, &local)?
+            Transformer::new_part_seeded(
+                model_decl,
+                device,
+                Kind::Float,
+                compute,
+                seed,
+                &local,
+                &part,
+            )?
         };
         let tensor = ctx.map_or(1, |c| c.tensor_size());
         if ctx.is_some() && plan.tensor_size() != tensor {
@@ -239,6 +267,13 @@ impl<'a> Trainer<'a> {
                 compute,
                 model_decl.moe_layers().next().is_some(),
             )?),
+            Some(c) if c.stages() > 1 => {
+                let schedule = pipeline::pipeline_of(c, (micro_batches / data_ranks) as usize);
+                schedule.check().map_err(|e| {
+                    anyhow::anyhow!("the pipeline schedule cannot run this batch: {e}")
+                })?;
+                Pass::Pipeline
+            }
             Some(_) if tensor > 1 => Pass::TensorParallel,
             Some(_) => Pass::ExpertParallel,
         };
@@ -266,6 +301,7 @@ impl<'a> Trainer<'a> {
             adam,
             kinds: Vec::new(),
             splits: Vec::new(),
+            counted: Vec::new(),
             whole_shapes,
             pass,
             start_step: 0,
@@ -297,6 +333,14 @@ impl<'a> Trainer<'a> {
         }
         trainer.kinds = distributed::param_kinds(&trainer.model);
         trainer.splits = trainer.model.tensor_splits();
+        let copy = trainer.model.part.holds_tied_copy(&trainer.model.model);
+        trainer.counted = trainer
+            .model
+            .store
+            .params
+            .iter()
+            .map(|p| !(copy && p.name == TIED_EMBEDDING))
+            .collect();
         trainer.model.set_compute(compute);
         if let Some(fp8) = fp8 {
             let tokens = (micro_batch * train.seq_len) as i64;
@@ -501,6 +545,37 @@ impl<'a> Trainer<'a> {
         let mut lm_sum = Tensor::f_zeros([], (Kind::Float, self.device))?;
         let mut bal_sum = Tensor::f_zeros([], (Kind::Float, self.device))?;
         let mut telemetry = Vec::new();
+        if let (Pass::Pipeline, Some(c)) = (&self.pass, self.ctx) {
+            let source = pipeline::Source {
+                data: &self.data,
+                seed,
+                rows: self.micro_batch as usize,
+                window: self.window,
+                feed: Feed::Train { step },
+            };
+            let label = format!("step {}", step + 1);
+            let passes = pipeline::run(
+                &mut self.model,
+                c,
+                &source,
+                self.local_micro_batches as usize,
+                true,
+                &label,
+            )?;
+            for f in passes {
+                if let Some(lm) = &f.lm {
+                    lm_sum = lm_sum.f_add(lm)?;
+                }
+                bal_sum = bal_sum.f_add(&f.balance)?;
+                accumulate(&mut telemetry, f.telemetry)?;
+            }
+            cast::end_step();
+            return Ok(StepSums {
+                lm: lm_sum,
+                balance: bal_sum,
+                telemetry,
+            });
+        }
         for i in 0..self.local_micro_batches {
             let m = i * self.data_ranks + self.data_rank;
             let key = [seed, step, m];
@@ -555,6 +630,9 @@ impl<'a> Trainer<'a> {
                 hook.backward(&total)?;
                 Ok((lm, out))
             }
+            (Pass::Pipeline, _) => {
+                bail!("internal error: a pipeline stage runs its micro-batches by its schedule")
+            }
             (_, None) => bail!("internal error: a ranked pass without a rank context"),
         }
     }
@@ -587,7 +665,47 @@ impl<'a> Trainer<'a> {
             .zip(&self.model.store.params)
             .map(|(k, p)| (*k, &p.tensor))
             .collect();
-        let norm = if self.tensor > 1 {
+        let norm = if c.stages() > 1 {
+            if self.tensor > 1 {
+                let partial: Vec<(TensorSplit, &Tensor)> = self
+                    .splits
+                    .iter()
+                    .zip(&self.model.store.params)
+                    .map(|(s, p)| (*s, &p.tensor))
+                    .collect();
+                sum_partial_gradients(c.groups.tensor(), &partial, &at)?;
+            }
+            reduce_gradients(&c.groups, &params, &at)?;
+            // The first and the last stage each hold the tied embedding: its whole gradient
+            // is the sum of theirs (Megatron-LM's embedding group).
+            let part = &self.model.part;
+            if self.checked.model.tied_embeddings && (part.embedding || part.head) {
+                let tied: Vec<&Tensor> = self
+                    .model
+                    .store
+                    .params
+                    .iter()
+                    .filter(|p| p.name == TIED_EMBEDDING)
+                    .map(|p| &p.tensor)
+                    .collect();
+                sum_tied_gradients(c.groups.embedding(), &tied, &at)?;
+            }
+            let with_split: Vec<(ParamKind, TensorSplit, &Tensor)> = self
+                .kinds
+                .iter()
+                .zip(&self.splits)
+                .zip(&self.model.store.params)
+                .map(|((k, s), p)| (*k, *s, &p.tensor))
+                .collect();
+            clip_global_norm_pipeline(
+                &c.groups,
+                c.groups.tensor(),
+                &with_split,
+                &self.counted,
+                self.train.clip_grad,
+                &at,
+            )?
+        } else if self.tensor > 1 {
             let partial: Vec<(TensorSplit, &Tensor)> = self
                 .splits
                 .iter()
@@ -614,12 +732,12 @@ impl<'a> Trainer<'a> {
             reduce_gradients(&c.groups, &params, &at)?;
             clip_global_norm(&c.groups, &params, self.train.clip_grad, &at)?
         };
-        let sums = sum_over_data(
+        let sums = sum_over_data_and_stages(
             c,
             &[lm.f_double_value(&[])?, balance.f_double_value(&[])?],
             &format!("{at}, loss"),
         )?;
-        reduce_telemetry(c, &mut telemetry, &at)?;
+        reduce_telemetry(&self.checked.model, c, &mut telemetry, &at)?;
         Ok(Reduced {
             grad_norm: norm.total,
             loss: sums[0] / micro_batches,
@@ -639,6 +757,11 @@ impl<'a> Trainer<'a> {
     /// The held-out loss now (every rank calls it at the same step).
     pub fn evaluate(&mut self) -> Result<f64> {
         let batches = self.train.eval.as_ref().map_or(1, |ev| ev.batches);
+        if let (Pass::Pipeline, Some(c)) = (&self.pass, self.ctx) {
+            let loss = self.evaluate_pipeline(c, batches)?;
+            self.last_eval = Some(loss);
+            return Ok(loss);
+        }
         let loss = evaluate_ranked(
             &self.model,
             &self.data,
@@ -650,6 +773,35 @@ impl<'a> Trainer<'a> {
         )?;
         self.last_eval = Some(loss);
         Ok(loss)
+    }
+
+    /// [`Trainer::evaluate`] on a pipeline stage: the held-out batches shared by the data
+    /// ranks as [`evaluate_ranked`] shares them, each run forward through the stages by the
+    /// schedule; the last stage's losses summed over the data ranks and the stages.
+    fn evaluate_pipeline(&mut self, c: &RankContext, batches: u64) -> Result<f64> {
+        let _guard = tch::no_grad_guard();
+        let batches = batches.max(1);
+        let source = pipeline::Source {
+            data: &self.data,
+            seed: self.train.seed,
+            rows: self.micro_batch as usize,
+            window: self.window,
+            feed: Feed::Eval {
+                batches,
+                key: EVAL_KEY,
+            },
+        };
+        let passes = pipeline::eval_passes(c, batches);
+        let label = format!("eval after step {}", self.step);
+        let forwarded = pipeline::run(&mut self.model, c, &source, passes, false, &label)?;
+        let mut total = 0.0;
+        for f in forwarded.iter().filter(|f| f.counted) {
+            if let Some(lm) = &f.lm {
+                total += lm.f_double_value(&[])?;
+            }
+        }
+        let sum = sum_over_data_and_stages(c, &[total], &label)?[0];
+        Ok(sum / batches as f64)
     }
 
     /// Writes the step's line to `metrics.jsonl` and shows it.
@@ -704,6 +856,9 @@ impl<'a> Trainer<'a> {
     /// is written) deletes all but the newest `keep` (0 keeps all). A failed deletion is a
     /// warning: the new checkpoint is complete.
     pub fn save(&mut self) -> Result<PathBuf> {
+        if let Some(c) = self.ctx.filter(|c| c.stages() > 1) {
+            self.check_tied_copies(c)?;
+        }
         let root = &self.opts.checkpoints;
         let info = SaveInfo {
             model: &self.checked.model,
@@ -738,6 +893,35 @@ impl<'a> Trainer<'a> {
         }
         self.last_checkpoint = Some(saved.clone());
         Ok(saved)
+    }
+
+    /// Refuses to save when the last pipeline stage's copy of the tied embedding is not the
+    /// first stage's bit for bit (their gradients are summed between them and they take the
+    /// same optimizer steps, so they cannot differ unless something is wrong): a checkpoint
+    /// holds the first stage's alone. Every rank takes part.
+    fn check_tied_copies(&self, c: &RankContext) -> Result<()> {
+        let part = &self.model.part;
+        let at = format!("checkpoint of step {}, tied embedding", self.step);
+        let mut differs = 0.0;
+        if self.checked.model.tied_embeddings && (part.embedding || part.head) {
+            let Some(mine) = self.model.store.get(TIED_EMBEDDING) else {
+                bail!("internal error: a first or last stage without the token embedding");
+            };
+            let mine = mine.tensor.f_detach_copy()?;
+            let mut first = mine.f_detach_copy()?;
+            c.groups.embedding().broadcast(&mut first, 0, &at)?;
+            if !first.equal(&mine) {
+                differs = 1.0;
+            }
+        }
+        if sum_over_world(c, &[differs], &at)?[0] > 0.0 {
+            bail!(
+                "internal error: step {}: the last pipeline stage's copy of the tied token \
+                 embedding differs from the first stage's",
+                self.step
+            );
+        }
+        Ok(())
     }
 
     /// Ends the run: the checkpoint of the last step (unless it exists), the plot, the
@@ -843,12 +1027,16 @@ impl<'a> Trainer<'a> {
         let mut expert = 0i64;
         let mut rest = 0i64;
         let mut sharded = [0i64; 2];
-        for ((k, s), p) in self
+        for (((k, s), p), counted) in self
             .kinds
             .iter()
             .zip(&self.splits)
             .zip(&self.model.store.params)
+            .zip(&self.counted)
         {
+            if !counted {
+                continue;
+            }
             let n = p.tensor.numel() as i64;
             let is_expert = *k == ParamKind::Expert;
             match (is_expert, *s == TensorSplit::Sharded && tensor > 1) {
@@ -870,6 +1058,26 @@ impl<'a> Trainer<'a> {
             .expert()
             .all_reduce_sum(&mut t, "parameter count")?;
         let expert = t.f_int64_value(&[0])?;
+        let stages = c.stages();
+        if stages > 1 {
+            // every stage holds its own part: summed over the stages
+            let mut t = Tensor::f_from_slice(&[rest + expert])?.f_to_device(c.device)?;
+            c.groups
+                .pipeline()
+                .all_reduce_sum(&mut t, "parameter count over the stages")?;
+            let total = t.f_int64_value(&[0])?;
+            let name = format!(
+                "{:?} x {} ranks (tensor {tensor} x pipeline {stages}{} x data {})",
+                device,
+                c.world(),
+                match c.plan.virtual_stages {
+                    v if v > 1 => format!(", {v} chunks each"),
+                    _ => String::new(),
+                },
+                c.data_size()
+            );
+            return Ok((total, name));
+        }
         let name = if tensor > 1 {
             format!(
                 "{:?} x {} ranks (tensor {tensor} x data {})",
@@ -882,6 +1090,27 @@ impl<'a> Trainer<'a> {
         };
         Ok((rest + expert, name))
     }
+}
+
+/// The planner's memory of one rank as the memory check needs it: this rank's stage on a
+/// device of its own; the mean over the stages where ranks of every stage share the device
+/// (in-process and CPU ranks: each stage has as many ranks).
+fn sharing_memory(plan: &WorldPlan, ctx: Option<&RankContext>) -> Option<crate::plan::Memory> {
+    let own = ctx.map_or(0, |c| c.stage());
+    let first = plan.memory.get(own).or(plan.memory.first())?;
+    if ctx.is_none_or(|c| c.ranks_sharing_device <= 1) || plan.memory.len() <= 1 {
+        return Some(*first);
+    }
+    let n = plan.memory.len() as u64;
+    let mean = |f: fn(&crate::plan::Memory) -> u64| plan.memory.iter().map(f).sum::<u64>() / n;
+    Some(crate::plan::Memory {
+        weights: mean(|m| m.weights),
+        grads: mean(|m| m.grads),
+        optimizer: mean(|m| m.optimizer),
+        activations: mean(|m| m.activations),
+        total: mean(|m| m.total),
+        ..*first
+    })
 }
 
 /// The experts this rank holds per MoE layer (all of them alone), in local order.
@@ -983,30 +1212,35 @@ struct Accum {
     shadowed: Option<Tensor>,
 }
 
+/// Adds one forward pass's telemetry to `acc`, layer by layer (in layer order: a pipeline
+/// stage's passes each bring only the layers of one model chunk).
 fn accumulate(acc: &mut Vec<(usize, Accum)>, tel: Vec<(usize, Telemetry)>) -> Result<()> {
-    if acc.is_empty() {
-        for (layer, t) in tel {
-            acc.push((
-                layer,
-                // copies: a replayed CUDA graph rewrites its outputs in place
-                Accum {
-                    counts: t.tokens_per_expert.f_detach_copy()?,
-                    dropped: t.dropped_fraction.f_detach_copy()?,
-                    entropy: t.gate_entropy.f_detach_copy()?,
-                    balance: t.balance_loss.f_detach_copy()?,
-                    shadowed: t.shadowed.as_ref().map(Tensor::f_detach_copy).transpose()?,
-                },
-            ));
-        }
-        return Ok(());
-    }
-    for ((_, a), (_, t)) in acc.iter_mut().zip(tel) {
-        a.counts = a.counts.f_add(&t.tokens_per_expert)?;
-        a.dropped = a.dropped.f_add(&t.dropped_fraction)?;
-        a.entropy = a.entropy.f_add(&t.gate_entropy)?;
-        a.balance = a.balance.f_add(&t.balance_loss)?;
-        if let (Some(sum), Some(s)) = (&mut a.shadowed, &t.shadowed) {
-            *sum = sum.f_add(s)?;
+    for (layer, t) in tel {
+        match acc.binary_search_by_key(&layer, |(l, _)| *l) {
+            Ok(i) => {
+                let a = &mut acc[i].1;
+                a.counts = a.counts.f_add(&t.tokens_per_expert)?;
+                a.dropped = a.dropped.f_add(&t.dropped_fraction)?;
+                a.entropy = a.entropy.f_add(&t.gate_entropy)?;
+                a.balance = a.balance.f_add(&t.balance_loss)?;
+                if let (Some(sum), Some(s)) = (&mut a.shadowed, &t.shadowed) {
+                    *sum = sum.f_add(s)?;
+                }
+            }
+            Err(i) => acc.insert(
+                i,
+                (
+                    layer,
+                    // copies: a replayed CUDA graph rewrites its outputs in place
+                    Accum {
+                        counts: t.tokens_per_expert.f_detach_copy()?,
+                        dropped: t.dropped_fraction.f_detach_copy()?,
+                        entropy: t.gate_entropy.f_detach_copy()?,
+                        balance: t.balance_loss.f_detach_copy()?,
+                        shadowed: t.shadowed.as_ref().map(Tensor::f_detach_copy).transpose()?,
+                    },
+                ),
+            ),
         }
     }
     Ok(())
@@ -1032,33 +1266,94 @@ fn reports(acc: Vec<(usize, Accum)>, micro: f64) -> Result<Vec<LayerMetrics>> {
         .collect()
 }
 
-/// Sums every MoE layer's accumulated telemetry over the data group.
-fn reduce_telemetry(ctx: &RankContext, acc: &mut [(usize, Accum)], at: &str) -> Result<()> {
-    for (layer, a) in acc.iter_mut() {
-        let e = a.counts.size()[0];
-        let mut parts = vec![
-            a.counts.f_to_kind(Kind::Float)?,
-            a.dropped.f_to_kind(Kind::Float)?.f_reshape([1])?,
-            a.entropy.f_to_kind(Kind::Float)?.f_reshape([1])?,
-            a.balance.f_to_kind(Kind::Float)?.f_reshape([1])?,
-        ];
-        if let Some(s) = &a.shadowed {
-            parts.push(s.f_to_kind(Kind::Float)?);
-        }
-        let packed = Tensor::f_cat(&parts, 0)?;
-        let mut packed = packed.f_to_device(ctx.device)?;
-        ctx.groups
-            .data()
-            .all_reduce_sum(&mut packed, &format!("{at}, layer {layer} telemetry"))?;
-        a.counts = packed.f_narrow(0, 0, e)?;
-        a.dropped = packed.f_select(0, e)?;
-        a.entropy = packed.f_select(0, e + 1)?;
-        a.balance = packed.f_select(0, e + 2)?;
-        if a.shadowed.is_some() {
-            a.shadowed = Some(packed.f_narrow(0, e + 3, e)?);
+/// Sums every MoE layer's accumulated telemetry over the data group, and with a pipeline
+/// over the stages too (each holds its own layers'), so that `acc` ends with every MoE
+/// layer of `model` on every rank. One all-reduce per group: the layers packed in order,
+/// zeros for those another stage holds. Each layer's slice also carries a marker and the
+/// shadowing counts (zeros without shadowing), so that every rank packs the same layout
+/// whether or not it holds the layer or shadows its experts.
+fn reduce_telemetry(
+    model: &crate::check::Model,
+    ctx: &RankContext,
+    acc: &mut Vec<(usize, Accum)>,
+    at: &str,
+) -> Result<()> {
+    let layers: Vec<(usize, i64)> = model
+        .moe_layers()
+        .map(|(l, m)| (l, m.experts as i64))
+        .collect();
+    // counts (e), dropped, entropy, balance, shadowing marker, shadowed (e)
+    let slice = |e: i64| 2 * e + 4;
+    let mut pieces = Vec::new();
+    for &(layer, e) in &layers {
+        match acc.iter().find(|(l, _)| *l == layer) {
+            Some((_, a)) => {
+                let (marker, shadowed) = match &a.shadowed {
+                    Some(s) => (
+                        Tensor::f_ones([1], (Kind::Float, ctx.device))?,
+                        s.f_to_kind(Kind::Float)?,
+                    ),
+                    None => (
+                        Tensor::f_zeros([1], (Kind::Float, ctx.device))?,
+                        Tensor::f_zeros([e], (Kind::Float, ctx.device))?,
+                    ),
+                };
+                pieces.extend([
+                    a.counts.f_to_kind(Kind::Float)?,
+                    a.dropped.f_to_kind(Kind::Float)?.f_reshape([1])?,
+                    a.entropy.f_to_kind(Kind::Float)?.f_reshape([1])?,
+                    a.balance.f_to_kind(Kind::Float)?.f_reshape([1])?,
+                    marker,
+                    shadowed,
+                ]);
+            }
+            None => pieces.push(Tensor::f_zeros([slice(e)], (Kind::Float, ctx.device))?),
         }
     }
+    if pieces.is_empty() {
+        return Ok(());
+    }
+    let mut packed = Tensor::f_cat(&pieces, 0)?.f_to_device(ctx.device)?;
+    let what = format!("{at}, MoE telemetry");
+    ctx.groups.data().all_reduce_sum(&mut packed, &what)?;
+    if ctx.stages() > 1 {
+        ctx.groups.pipeline().all_reduce_sum(&mut packed, &what)?;
+    }
+    // one copy to the host for the markers, not one per layer
+    let host = packed.f_to_device(tch::Device::Cpu)?;
+    acc.clear();
+    let mut offset = 0;
+    for (layer, e) in layers {
+        let shadowing = host.f_double_value(&[offset + e + 3])? > 0.0;
+        acc.push((
+            layer,
+            Accum {
+                counts: packed.f_narrow(0, offset, e)?,
+                dropped: packed.f_select(0, offset + e)?,
+                entropy: packed.f_select(0, offset + e + 1)?,
+                balance: packed.f_select(0, offset + e + 2)?,
+                shadowed: if shadowing {
+                    Some(packed.f_narrow(0, offset + e + 4, e)?)
+                } else {
+                    None
+                },
+            },
+        ));
+        offset += slice(e);
+    }
     Ok(())
+}
+
+/// Sums `values` over the data group and then, with a pipeline, over the stages (each
+/// stage's share: the last stage's LM losses, every stage's balance losses).
+fn sum_over_data_and_stages(ctx: &RankContext, values: &[f64], at: &str) -> Result<Vec<f64>> {
+    let sums = sum_over_data(ctx, values, at)?;
+    if ctx.stages() == 1 {
+        return Ok(sums);
+    }
+    let mut t = Tensor::f_from_slice(&sums)?.f_to_device(ctx.device)?;
+    ctx.groups.pipeline().all_reduce_sum(&mut t, at)?;
+    Ok(Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?)?)
 }
 
 /// The whole parameters and AdamW moments of a tensor-parallel rank: every sharded tensor

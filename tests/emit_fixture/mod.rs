@@ -104,6 +104,7 @@ pub fn checked(gpus: u64, tensor: u64, pipeline: u64, experts: u64, kind: GateKi
             micro_batch: Some(2),
             smart_schedule: SmartSchedule::Off,
             shadowing: Shadowing::Off,
+            virtual_stages: 1,
             spans: Default::default(),
         },
         train: Some(Train {

@@ -52,6 +52,7 @@ pub fn parallel(gpus: u64, tensor: u64, pipeline: u64, experts: ExpertGroup) -> 
         micro_batch: None,
         smart_schedule: SmartSchedule::Off,
         shadowing: Shadowing::Off,
+        virtual_stages: 1,
         spans: ParallelSpans {
             block: span(0),
             gpus: span(S_GPUS),
@@ -63,6 +64,7 @@ pub fn parallel(gpus: u64, tensor: u64, pipeline: u64, experts: ExpertGroup) -> 
             micro_batch: span(12),
             smart_schedule: span(0),
             shadowing: span(0),
+            virtual_stages: span(0),
         },
     }
 }

@@ -113,6 +113,7 @@ pub fn tiny_checked(gate: GateKind, steps: u64, data: DataSource) -> Checked {
             micro_batch: Some(8),
             smart_schedule: SmartSchedule::Off,
             shadowing: Shadowing::Off,
+            virtual_stages: 1,
             spans: Default::default(),
         },
         train: Some(Train {

@@ -137,10 +137,41 @@ pub struct Shard {
     pub dir: String,
     /// Its position in its expert group.
     pub expert_position: usize,
-    /// Whether it holds the replicated and gate parameters (rank 0 only).
+    /// Whether it holds the replicated and gate parameters (rank 0 only; with pipeline
+    /// parallelism the first rank of each stage, those of its stage's part).
     pub replicated: bool,
+    /// With pipeline parallelism, the part of the model the shard's replicated parameters
+    /// belong to; absent: the whole model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<ShardPart>,
     pub experts: Vec<HeldExperts>,
     pub files: Vec<FileEntry>,
+}
+
+/// The part of the model a pipeline stage's shard holds (its replicated parameters'
+/// names): blocks `[first, end)` per model chunk, the token embedding (first stage), the
+/// final norm and an untied head (last stage). The last stage's copy of a tied embedding is
+/// not saved: it is the first stage's.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardPart {
+    pub stage: usize,
+    pub layers: Vec<[usize; 2]>,
+    pub embedding: bool,
+    pub head: bool,
+}
+
+impl ShardPart {
+    /// Whether the replicated parameter `name` is this part's.
+    pub fn holds(&self, name: &str) -> bool {
+        if let Some(rest) = name.strip_prefix("layers.") {
+            let layer = rest.split('.').next().and_then(|n| n.parse::<usize>().ok());
+            return layer.is_some_and(|l| self.layers.iter().any(|r| (r[0]..r[1]).contains(&l)));
+        }
+        if name.starts_with("embed.") {
+            return self.embedding;
+        }
+        self.head && (name.starts_with("norm.") || name.starts_with("head."))
+    }
 }
 
 /// The group layout a sharded checkpoint was written with.
@@ -150,6 +181,9 @@ pub struct LayoutRecord {
     pub expert: Vec<Vec<usize>>,
     pub expert_data: Vec<Vec<usize>>,
     pub gate: Vec<Vec<usize>>,
+    /// The pipeline groups (one rank per stage), with pipeline parallelism.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pipeline: Vec<Vec<usize>>,
 }
 
 /// `manifest.json` of format v2.
@@ -182,6 +216,7 @@ pub(super) fn single_as_sharded(v1: Manifest, model: &Model) -> ShardedManifest 
             expert: vec![vec![0]],
             expert_data: vec![vec![0]],
             gate: vec![vec![0]],
+            pipeline: Vec::new(),
         },
         placements: experts
             .iter()
@@ -196,6 +231,7 @@ pub(super) fn single_as_sharded(v1: Manifest, model: &Model) -> ShardedManifest 
             dir: String::new(),
             expert_position: 0,
             replicated: true,
+            part: None,
             experts,
             files: v1.files,
         }],

@@ -29,7 +29,7 @@ mod writer;
 
 pub use manifest::{
     model_hash, DataPosition, FileEntry, HeldExperts, LayerPlacement, LayoutRecord, Manifest,
-    RunRecord, SaveInfo, Shard, ShardedManifest,
+    RunRecord, SaveInfo, Shard, ShardPart, ShardedManifest,
 };
 pub use reader::{load, resolve, resume, run_record, Loaded, Resumed, Source};
 pub use writer::{prune, save, save_sharded};

@@ -329,14 +329,20 @@ impl Source {
         } else {
             name
         };
-        let replicated = self
-            .manifest
-            .shards
-            .iter()
-            .position(|s| s.replicated)
-            .unwrap_or_default();
         if param_kind(key) != crate::collective::ParamKind::Expert {
-            return self.tensor(replicated, optim, name);
+            // the shard holding it: the replicated one, or with pipeline stages its stage's
+            let Some(holder) = self
+                .manifest
+                .shards
+                .iter()
+                .position(|s| s.replicated && s.part.as_ref().is_none_or(|p| p.holds(key)))
+            else {
+                bail!(
+                    "checkpoint `{}`: no shard holds `{key}`",
+                    self.dir.display()
+                );
+            };
+            return self.tensor(holder, optim, name);
         }
         let layer =
             expert_layer(key).with_context(|| format!("internal error: `{key}` names no layer"))?;

@@ -11,7 +11,7 @@ use tch::Tensor;
 use super::formats::{serialize, write_synced};
 use super::manifest::{
     FileEntry, HeldExperts, LayerPlacement, LayoutRecord, Manifest, RunRecord, SaveInfo, Shard,
-    ShardedManifest,
+    ShardPart, ShardedManifest,
 };
 use super::{
     shard_dir_name, step_dir_name, FORMAT, FORMAT_SHARDED, LATEST, MANIFEST_FILE, MODEL_FILE,
@@ -132,10 +132,11 @@ pub fn prune(root: &Path, keep: u64) -> Result<Vec<PathBuf>> {
     Ok(deleted)
 }
 
-/// Whether every rank of the world reports `ok` (a sum over [`RankContext::world_group`]).
+/// Whether every rank of the world reports `ok` (a sum over
+/// [`RankContext::all_reduce_world`]).
 fn all_ok(ctx: &RankContext, ok: bool, at: &str) -> Result<bool> {
     let mut t = Tensor::f_from_slice(&[f64::from(u8::from(!ok))])?.f_to_device(ctx.device)?;
-    ctx.world_group().all_reduce_sum(&mut t, at)?;
+    ctx.all_reduce_world(&mut t, at)?;
     Ok(t.f_double_value(&[0])? == 0.0)
 }
 
@@ -146,15 +147,23 @@ fn shard_of(ctx: &RankContext, rank: usize, layout: &crate::collective::GroupLay
         .members(GroupKind::Expert, rank)
         .and_then(|m| m.iter().position(|&r| r == rank))
         .unwrap_or_default();
+    let part = ctx.part();
     Shard {
         rank,
         dir: shard_dir_name(rank),
         expert_position: position,
-        replicated: rank == 0,
+        replicated: replicated_writer(layout, rank),
+        part: (ctx.stages() > 1).then(|| ShardPart {
+            stage: ctx.stage(),
+            layers: part.chunks.iter().map(|c| [c.start, c.end]).collect(),
+            embedding: part.embedding,
+            head: part.head,
+        }),
         experts: ctx
             .plan
             .placements
             .iter()
+            .filter(|(&layer, _)| part.holds_layer(layer))
             .map(|(&layer, p)| HeldExperts {
                 layer,
                 ids: p.local_experts(position).to_vec(),
@@ -164,9 +173,18 @@ fn shard_of(ctx: &RankContext, rank: usize, layout: &crate::collective::GroupLay
     }
 }
 
-/// The ranks that write a shard: rank 0 and every rank at expert-data position 0, of those
-/// only tensor rank 0 (with tensor parallelism the trainer hands every rank whole tensors, so
-/// tensor rank 0 of a data rank holds what the whole tensor group holds).
+/// Whether `rank` writes its stage's replicated and gate parameters: the first rank of its
+/// stage (rank 0 without a pipeline).
+fn replicated_writer(layout: &crate::collective::GroupLayout, rank: usize) -> bool {
+    layout
+        .members(crate::collective::GroupKind::Gate, rank)
+        .is_some_and(|m| m.first() == Some(&rank))
+}
+
+/// The ranks that write a shard: the first rank of each pipeline stage (rank 0 without a
+/// pipeline) and every rank at expert-data position 0, of those only tensor rank 0 (with
+/// tensor parallelism the trainer hands every rank whole tensors, so tensor rank 0 of a data
+/// rank holds what the whole tensor group holds).
 fn writers(plan: &crate::runtime::distributed::WorldPlan) -> Vec<usize> {
     use crate::collective::GroupKind;
     let layout = &plan.layout;
@@ -178,7 +196,7 @@ fn writers(plan: &crate::runtime::distributed::WorldPlan) -> Vec<usize> {
     };
     (0..layout.world)
         .filter(|&r| {
-            r == 0
+            replicated_writer(layout, r)
                 || (tensor_first(r)
                     && layout
                         .members(GroupKind::ExpertData, r)
@@ -241,7 +259,13 @@ pub fn save_sharded(
         }
         let dir = tmp.join(shard_dir_name(rank));
         std::fs::create_dir(&dir)?;
-        let keep = |n: &str| rank == 0 || param_kind(n) == crate::collective::ParamKind::Expert;
+        // The last stage's copy of a tied embedding is the first stage's: saved once.
+        let copy = ctx.part().holds_tied_copy(info.model);
+        let replicated = replicated_writer(layout, rank);
+        let keep = |n: &str| {
+            let expert = param_kind(n) == crate::collective::ParamKind::Expert;
+            (replicated || expert) && !(copy && n == "embed.tokens")
+        };
         let mut model_named = Vec::new();
         let mut optim_named = Vec::new();
         for (i, p) in store.params.iter().enumerate() {
@@ -299,6 +323,11 @@ pub fn save_sharded(
                     expert: layout.expert.clone(),
                     expert_data: layout.expert_data.clone(),
                     gate: layout.gate.clone(),
+                    pipeline: if layout.stages() > 1 {
+                        layout.pipeline.clone()
+                    } else {
+                        Vec::new()
+                    },
                 },
                 placements: ctx
                     .plan
