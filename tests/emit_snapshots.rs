@@ -142,6 +142,32 @@ fn checkpoint_keep_is_a_warning_for_megatron() {
     );
 }
 
+/// FasterMoE's options are `fmoec run`'s: every target emits the file and says so (W0810) at
+/// each option (before, the emitted training silently went without them).
+#[test]
+fn fastermoe_options_are_a_warning_for_every_target() {
+    let mut c = emit_fixture::checked(16, 2, 1, 32, GateKind::Gshard);
+    c.parallel.smart_schedule = fmoec::check::SmartSchedule::Auto;
+    c.parallel.shadowing = fmoec::check::Shadowing::Dynamic;
+    let opts = EmitOptions {
+        runtime: Runtime::Fmoec,
+        megatron_src: None,
+        source_name: "tiny.fmoe".into(),
+    };
+    for version in ["v2.2", "v2.5", "v3.0.2", "core_v0.19"] {
+        let out = emit_fixture::emit(&c, version, &opts).expect("emit");
+        let said: Vec<&str> = out
+            .warnings
+            .iter()
+            .filter(|w| w.code == "W0810")
+            .map(|w| w.message.as_str())
+            .collect();
+        assert_eq!(said.len(), 2, "{version}: {:?}", out.warnings);
+        assert!(said[0].starts_with("`smart_schedule` is FasterMoE's option of `fmoec run`"));
+        assert!(said[1].starts_with("`shadowing` is FasterMoE's option of `fmoec run`"));
+    }
+}
+
 /// Every declared target has its template folder and, where it declares patched files, a patch
 /// that parses and changes them (Megatron-Core patches nothing); every folder is declared.
 #[test]
