@@ -558,6 +558,49 @@ impl NcclCollective {
         move |e| self.error(op, &at, ErrorKind::Tensor(e))
     }
 
+    /// NCCL's type for summing `t`'s elements, or why it has none.
+    fn sum_type(&self, t: &Tensor, op: &'static str, at: &str) -> Result<nccl::ncclDataType_t> {
+        data_type(t.kind()).ok_or_else(|| {
+            let message = format!("NCCL cannot sum {:?} tensors", t.kind());
+            self.error(op, at, ErrorKind::Invalid(message))
+        })
+    }
+
+    /// `root` names a rank of this group.
+    fn check_root(&self, root: usize, op: &'static str, at: &str) -> Result<()> {
+        if root >= self.size {
+            let message = format!("root {root} is outside a group of {} ranks", self.size);
+            return Err(self.error(op, at, ErrorKind::Invalid(message)));
+        }
+        Ok(())
+    }
+
+    /// Issues an in-place collective on `tensor`: `issue(pointer, elements, comm)` on its
+    /// memory, or on a contiguous copy written back after; nothing without a communicator or
+    /// elements.
+    fn in_place(
+        &self,
+        tensor: &mut Tensor,
+        op: &'static str,
+        at: &str,
+        issue: impl FnOnce(*mut std::ffi::c_void, usize, nccl::ncclComm_t) -> nccl::ncclResult_t,
+    ) -> Result<()> {
+        if self.comm.is_none() || tensor.numel() == 0 {
+            return Ok(());
+        }
+        let work = if tensor.is_contiguous() {
+            tensor.shallow_clone()
+        } else {
+            tensor.f_contiguous().map_err(self.tensor_error(op, at))?
+        };
+        let (ptr, count) = (work.data_ptr(), work.numel());
+        self.run(op, at, |comm| issue(ptr, count, comm))?;
+        if !tensor.is_contiguous() {
+            tch::no_grad(|| tensor.f_copy_(&work)).map_err(self.tensor_error(op, at))?;
+        }
+        Ok(())
+    }
+
     fn check_device(&self, t: &Tensor, op: &'static str, at: &str) -> Result<()> {
         if t.device() != self.device {
             let message = format!(
@@ -679,23 +722,10 @@ impl Collective for NcclCollective {
     fn all_reduce_sum(&self, tensor: &mut Tensor, at: &str) -> Result<()> {
         const OP: &str = "all_reduce_sum";
         self.check_device(tensor, OP, at)?;
-        let Some(dtype) = data_type(tensor.kind()) else {
-            let message = format!("NCCL cannot sum {:?} tensors", tensor.kind());
-            return Err(self.error(OP, at, ErrorKind::Invalid(message)));
-        };
-        if self.comm.is_none() || tensor.numel() == 0 {
-            return Ok(());
-        }
-        let work = if tensor.is_contiguous() {
-            tensor.shallow_clone()
-        } else {
-            tensor.f_contiguous().map_err(self.tensor_error(OP, at))?
-        };
-        let count = work.numel();
-        let ptr = work.data_ptr();
+        let dtype = self.sum_type(tensor, OP, at)?;
         // SAFETY: `ptr` is `count` elements of `dtype` on this rank's device, alive until
         // `run` returns (it waits for completion).
-        self.run(OP, at, |comm| unsafe {
+        self.in_place(tensor, OP, at, |ptr, count, comm| unsafe {
             nccl::ncclAllReduce(
                 ptr,
                 ptr,
@@ -705,11 +735,7 @@ impl Collective for NcclCollective {
                 comm,
                 null_stream(),
             )
-        })?;
-        if !tensor.is_contiguous() {
-            tch::no_grad(|| tensor.f_copy_(&work)).map_err(self.tensor_error(OP, at))?;
-        }
-        Ok(())
+        })
     }
 
     fn all_gather_counts(&self, counts: &[i64], at: &str) -> Result<Vec<Vec<i64>>> {
@@ -830,37 +856,22 @@ impl Collective for NcclCollective {
 
     fn broadcast(&self, tensor: &mut Tensor, root: usize, at: &str) -> Result<()> {
         const OP: &str = "broadcast";
-        if root >= self.size {
-            let message = format!("root {root} is outside a group of {} ranks", self.size);
-            return Err(self.error(OP, at, ErrorKind::Invalid(message)));
-        }
+        self.check_root(root, OP, at)?;
         self.check_device(tensor, OP, at)?;
-        if self.comm.is_none() || tensor.numel() == 0 {
-            return Ok(());
-        }
-        let work = if tensor.is_contiguous() {
-            tensor.shallow_clone()
-        } else {
-            tensor.f_contiguous().map_err(self.tensor_error(OP, at))?
-        };
-        let bytes = work.numel() * work.kind().elt_size_in_bytes();
-        let ptr = work.data_ptr();
-        // SAFETY: `ptr` holds `bytes` bytes on this device, alive through `run`.
-        self.run(OP, at, |comm| unsafe {
+        let element = tensor.kind().elt_size_in_bytes();
+        // SAFETY: `ptr` holds `count` elements of `element` bytes on this device, alive
+        // through `run`.
+        self.in_place(tensor, OP, at, |ptr, count, comm| unsafe {
             nccl::ncclBroadcast(
                 ptr,
                 ptr,
-                bytes,
+                count * element,
                 nccl::ncclDataType_t::ncclUint8,
                 root as i32,
                 comm,
                 null_stream(),
             )
-        })?;
-        if !tensor.is_contiguous() {
-            tch::no_grad(|| tensor.f_copy_(&work)).map_err(self.tensor_error(OP, at))?;
-        }
-        Ok(())
+        })
     }
 
     fn start_all_to_all_v(
@@ -996,28 +1007,12 @@ impl Collective for NcclCollective {
 
     fn reduce_sum(&self, tensor: &mut Tensor, root: usize, at: &str) -> Result<()> {
         const OP: &str = "reduce_sum";
-        if root >= self.size {
-            let message = format!("root {root} is outside a group of {} ranks", self.size);
-            return Err(self.error(OP, at, ErrorKind::Invalid(message)));
-        }
+        self.check_root(root, OP, at)?;
         self.check_device(tensor, OP, at)?;
-        let Some(dtype) = data_type(tensor.kind()) else {
-            let message = format!("NCCL cannot sum {:?} tensors", tensor.kind());
-            return Err(self.error(OP, at, ErrorKind::Invalid(message)));
-        };
-        if self.comm.is_none() || tensor.numel() == 0 {
-            return Ok(());
-        }
-        let work = if tensor.is_contiguous() {
-            tensor.shallow_clone()
-        } else {
-            tensor.f_contiguous().map_err(self.tensor_error(OP, at))?
-        };
-        let count = work.numel();
-        let ptr = work.data_ptr();
+        let dtype = self.sum_type(tensor, OP, at)?;
         // SAFETY: `ptr` is `count` elements of `dtype` on this rank's device, alive until
         // `run` returns (it waits for completion).
-        self.run(OP, at, |comm| unsafe {
+        self.in_place(tensor, OP, at, |ptr, count, comm| unsafe {
             nccl::ncclReduce(
                 ptr,
                 ptr,
@@ -1028,11 +1023,7 @@ impl Collective for NcclCollective {
                 comm,
                 null_stream(),
             )
-        })?;
-        if !tensor.is_contiguous() {
-            tch::no_grad(|| tensor.f_copy_(&work)).map_err(self.tensor_error(OP, at))?;
-        }
-        Ok(())
+        })
     }
 
     fn send_recv(&self, transfers: &mut [PeerTransfer<'_>], at: &str) -> Result<()> {
