@@ -244,6 +244,20 @@ pub struct Parallel {
     pub spans: ParallelSpans,
 }
 
+impl Parallel {
+    /// FasterMoE's options the file turns on, by name with where it writes them.
+    pub fn fastermoe_options(&self) -> Vec<(&'static str, Span)> {
+        let mut on = Vec::new();
+        if !self.smart_schedule.is_off() {
+            on.push(("smart_schedule", self.spans.smart_schedule));
+        }
+        if !self.shadowing.is_off() {
+            on.push(("shadowing", self.spans.shadowing));
+        }
+        on
+    }
+}
+
 /// FasterMoE's smart schedule: the expert exchange split into chunks of peer ranks,
 /// pipelined with the expert matmuls (`smart_schedule = chunks(N)`, `auto` or `off`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

@@ -302,27 +302,17 @@ fn validate(
         }
     }
     // FasterMoE's options are `fmoec run`'s: no emitted training has them
-    let par = &c.parallel;
-    for (on, name, at) in [
-        (
-            !par.smart_schedule.is_off(),
-            "smart_schedule",
-            par.spans.smart_schedule,
-        ),
-        (!par.shadowing.is_off(), "shadowing", par.spans.shadowing),
-    ] {
-        if on {
-            warnings.push(
-                Diagnostic::warning(
-                    "W0810",
-                    at,
-                    format!(
-                        "`{name}` is FasterMoE's option of `fmoec run`; the Megatron-LM {v} training emitted here exchanges experts without it"
-                    ),
-                )
-                .with_label("applies to `fmoec run` only"),
-            );
-        }
+    for (name, at) in c.parallel.fastermoe_options() {
+        warnings.push(
+            Diagnostic::warning(
+                "W0810",
+                at,
+                format!(
+                    "`{name}` is FasterMoE's option of `fmoec run`; the Megatron-LM {v} training emitted here exchanges experts without it"
+                ),
+            )
+            .with_label("applies to `fmoec run` only"),
+        );
     }
     // Layers assigned by one selection share their spans: say each thing once.
     let unique = |ds: Vec<Diagnostic>| {

@@ -743,17 +743,8 @@ pub fn cost_for(
 fn fastermoe_warnings(par: &Parallel, grid: &Grid, warnings: &mut Vec<Diagnostic>) {
     if grid.expert_group <= 1 {
         if grid.world > 1 {
-            for (on, name, at) in [
-                (
-                    !par.smart_schedule.is_off(),
-                    "smart_schedule",
-                    par.spans.smart_schedule,
-                ),
-                (!par.shadowing.is_off(), "shadowing", par.spans.shadowing),
-            ] {
-                if on {
-                    warnings.push(diagnostics::nothing_to_exchange(name, grid.world, at));
-                }
+            for (name, at) in par.fastermoe_options() {
+                warnings.push(diagnostics::nothing_to_exchange(name, grid.world, at));
             }
         }
         return;
