@@ -578,6 +578,30 @@ fn the_command_line_runs_ranks_and_explains_what_it_cannot() {
     let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--tensor"), &o("2")]);
     assert!(!alone.status.success());
     assert!(String::from_utf8_lossy(&alone.stderr).contains("--tensor needs several ranks"));
+    // a pipeline's micro-batch is the planner's fastest (the bubble), not a memory fallback:
+    // examples/tiny.fmoe's 16 sequences run as micro-batches of 1 on 2 stages
+    let pp_out = dir.path().join("pp");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny.fmoe");
+    let pp = fmoec(&[
+        &o("run"),
+        example.as_os_str(),
+        &o("--ranks"),
+        &o("2"),
+        &o("--pipeline"),
+        &o("2"),
+        &o("--stop-after"),
+        &o("1"),
+        &o("--quiet"),
+        &o("--out"),
+        pp_out.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&pp.stderr);
+    assert!(pp.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the planner's fastest for 2 pipeline stages")
+            && !stderr.contains("GPU free"),
+        "{stderr}"
+    );
     let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--pipeline"), &o("2")]);
     assert!(!alone.status.success());
     assert!(String::from_utf8_lossy(&alone.stderr).contains("--pipeline needs several ranks"));

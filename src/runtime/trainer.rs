@@ -1132,7 +1132,8 @@ fn local_experts(checked: &Checked, ctx: Option<&RankContext>) -> BTreeMap<usize
 /// choice for the run's layout (the file's `micro_batch`, else
 /// [`crate::plan::default_micro_batch`] unless that leaves less than
 /// [`crate::plan::FREE_CHOICE_HEADROOM`] of the GPU free in the planner's memory estimate,
-/// which a note then says). Plans made without the planner: [`micro_batch_for`].
+/// which a note then says; a pipeline's is the planner's fastest, which the note says
+/// instead). Plans made without the planner: [`micro_batch_for`].
 fn run_micro_batch(
     checked: &Checked,
     train: &Train,
@@ -1152,7 +1153,16 @@ fn run_micro_batch(
         );
     }
     let default = crate::plan::default_micro_batch(share, train.seq_len);
+    let stages = plan.parts.len();
     let note = (checked.parallel.micro_batch.is_none() && m != default).then(|| {
+        if stages > 1 {
+            // a pipeline's micro-batch is the planner's fastest: more of them, less bubble
+            return format!(
+                "micro-batch {m} sequences: the planner's fastest for {stages} pipeline stages \
+                 (smaller micro-batches, more of them in flight, a smaller bubble; `fmoec plan` \
+                 shows the estimate)"
+            );
+        }
         format!(
             "micro-batch {m} sequences: {default} (the default, at most {} tokens) would leave \
              less than {:.0}% of a `{}` GPU free in the planner's memory estimate (`fmoec plan \
