@@ -694,6 +694,50 @@ impl NcclCollective {
     }
 }
 
+/// Issues one exchange of rows as a group of `ncclSend`/`ncclRecv` on `stream`: peer `p` gets
+/// the next `send_counts[p]` rows of `row_bytes` from `send` and its `recv_counts[p]` rows
+/// land next in `recv`. The group's first failure, else success (or in progress).
+///
+/// # Safety
+/// `send` and `recv` hold the counts' rows and stay alive until the group's work is done.
+unsafe fn issue_all_to_all_rows(
+    (send, recv): (*mut u8, *mut u8),
+    (send_counts, recv_counts): (&[i64], &[i64]),
+    row_bytes: usize,
+    comm: nccl::ncclComm_t,
+    stream: nccl::cudaStream_t,
+) -> nccl::ncclResult_t {
+    let mut results = vec![nccl::ncclGroupStart()];
+    let (mut sent, mut received) = (0usize, 0usize);
+    for (peer, (&s, &r)) in send_counts.iter().zip(recv_counts).enumerate() {
+        let (s, r) = (s as usize * row_bytes, r as usize * row_bytes);
+        if s > 0 {
+            results.push(nccl::ncclSend(
+                send.add(sent) as *const c_void,
+                s,
+                nccl::ncclDataType_t::ncclUint8,
+                peer as i32,
+                comm,
+                stream,
+            ));
+        }
+        if r > 0 {
+            results.push(nccl::ncclRecv(
+                recv.add(received) as *mut c_void,
+                r,
+                nccl::ncclDataType_t::ncclUint8,
+                peer as i32,
+                comm,
+                stream,
+            ));
+        }
+        sent += s;
+        received += r;
+    }
+    results.push(nccl::ncclGroupEnd());
+    group_result(results)
+}
+
 fn group_result(results: impl IntoIterator<Item = nccl::ncclResult_t>) -> nccl::ncclResult_t {
     results
         .into_iter()
@@ -818,38 +862,13 @@ impl Collective for NcclCollective {
         // SAFETY: offsets stay inside `send` (counts sum to its rows) and `out` (sized
         // from recv_counts); both live through `run`, which waits for completion.
         self.run(OP, at, |comm| unsafe {
-            let mut results = vec![nccl::ncclGroupStart()];
-            let (mut sent, mut received) = (0usize, 0usize);
-            for peer in 0..size {
-                let (s, r) = (
-                    send_counts[peer] as usize * row_bytes,
-                    recv_counts[peer] as usize * row_bytes,
-                );
-                if s > 0 {
-                    results.push(nccl::ncclSend(
-                        send_ptr.add(sent) as *const c_void,
-                        s,
-                        nccl::ncclDataType_t::ncclUint8,
-                        peer as i32,
-                        comm,
-                        null_stream(),
-                    ));
-                }
-                if r > 0 {
-                    results.push(nccl::ncclRecv(
-                        recv_ptr.add(received) as *mut c_void,
-                        r,
-                        nccl::ncclDataType_t::ncclUint8,
-                        peer as i32,
-                        comm,
-                        null_stream(),
-                    ));
-                }
-                sent += s;
-                received += r;
-            }
-            results.push(nccl::ncclGroupEnd());
-            group_result(results)
+            issue_all_to_all_rows(
+                (send_ptr, recv_ptr),
+                (send_counts, recv_counts),
+                row_bytes,
+                comm,
+                null_stream(),
+            )
         })?;
         Ok(out)
     }
@@ -923,38 +942,13 @@ impl Collective for NcclCollective {
             // from recv_counts); both stay alive in the returned handle until the work is
             // done.
             let result = unsafe {
-                let mut results = vec![nccl::ncclGroupStart()];
-                let (mut sent, mut received) = (0usize, 0usize);
-                for peer in 0..size {
-                    let (s, r) = (
-                        send_counts[peer] as usize * row_bytes,
-                        recv_counts[peer] as usize * row_bytes,
-                    );
-                    if s > 0 {
-                        results.push(nccl::ncclSend(
-                            send_ptr.add(sent) as *const c_void,
-                            s,
-                            nccl::ncclDataType_t::ncclUint8,
-                            peer as i32,
-                            comm,
-                            stream,
-                        ));
-                    }
-                    if r > 0 {
-                        results.push(nccl::ncclRecv(
-                            recv_ptr.add(received) as *mut c_void,
-                            r,
-                            nccl::ncclDataType_t::ncclUint8,
-                            peer as i32,
-                            comm,
-                            stream,
-                        ));
-                    }
-                    sent += s;
-                    received += r;
-                }
-                results.push(nccl::ncclGroupEnd());
-                group_result(results)
+                issue_all_to_all_rows(
+                    (send_ptr, recv_ptr),
+                    (send_counts, recv_counts),
+                    row_bytes,
+                    comm,
+                    stream,
+                )
             };
             if !matches!(
                 result,
