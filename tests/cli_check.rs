@@ -369,3 +369,94 @@ fn check_reports_the_planners_mistakes_in_the_same_pass() {
         assert!(fmoec(&["plan", &file]).status.success(), "{file}");
     }
 }
+
+/// A value given on the command line has no place in the file: its diagnostic points at the
+/// model (the `parallel` block where there is one), not at the file's first character, and
+/// says which overrides were in force.
+#[test]
+fn override_diagnostics_point_at_the_model_not_at_the_first_line() {
+    let out = fmoec(&[
+        "plan",
+        "examples/tiny.fmoe",
+        "--world",
+        "2",
+        "--pipeline",
+        "2",
+        "--virtual-stages",
+        "3",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error[P0016]"), "{stderr}");
+    assert!(stderr.contains("examples/tiny.fmoe:8:7"), "{stderr}");
+    assert!(!stderr.contains("examples/tiny.fmoe:1:1"), "{stderr}");
+    assert!(
+        stderr.contains("with command-line overrides --world 2 --pipeline 2 --virtual-stages 3"),
+        "{stderr}"
+    );
+}
+
+/// `plan --megatron VERSION` plans the training `emit --megatron VERSION` writes: what the
+/// target cannot train is refused by both, with the same diagnostic and exit code, and no
+/// plan is printed.
+#[test]
+fn plan_for_a_target_refuses_what_emit_refuses() {
+    let interleaved = ["--world", "2", "--pipeline", "2", "--virtual-stages", "2"];
+    let mut args = vec!["plan", "--megatron", "core_v0.19", "examples/tiny.fmoe"];
+    args.extend(interleaved);
+    let out = fmoec(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr
+            .contains("error[E0801]: Megatron-LM core_v0.19 has no interleaved pipeline schedule"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("examples/tiny.fmoe:8:7"), "{stderr}");
+    // The same refusal, from plan and from emit, for a model the v2.x releases cannot build.
+    let dir = tempfile::tempdir().unwrap();
+    let emit_out = dir.path().join("out");
+    let emit = fmoec(&[
+        "emit",
+        "--megatron",
+        "v2.2",
+        "examples/mixtral-8x7b.fmoe",
+        "-o",
+        emit_out.to_str().unwrap(),
+    ]);
+    let plan = fmoec(&["plan", "--megatron", "v2.2", "examples/mixtral-8x7b.fmoe"]);
+    let codes = |o: &std::process::Output| {
+        let text = String::from_utf8_lossy(&o.stderr).into_owned();
+        let mut codes: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("error["))
+            .map(|l| l[..5].to_string())
+            .collect();
+        codes.sort();
+        codes
+    };
+    assert_eq!(emit.status.code(), Some(1));
+    assert_eq!(plan.status.code(), Some(1));
+    assert!(!codes(&plan).is_empty());
+    assert_eq!(codes(&plan), codes(&emit));
+    assert!(plan.stdout.is_empty());
+    assert!(!emit_out.exists());
+    // A target that can train it prints the plan.
+    let ok = fmoec(&[
+        "plan",
+        "--megatron",
+        "core_v0.19",
+        "examples/mixtral-8x7b.fmoe",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("Megatron-Core layout"));
+}

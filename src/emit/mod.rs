@@ -141,7 +141,7 @@ pub fn emit(
         )));
     }
     let all = crate::check::megatron_targets();
-    let warnings = validate(checked, plan, target, &all, opts.runtime)?;
+    let warnings = validate(checked, plan, decl, &all, opts.runtime)?;
     let moe_path = support::moe_path(checked, decl);
     let patch = match (&target.patch, &opts.megatron_src) {
         (Some(p), Some(root)) => {
@@ -235,22 +235,24 @@ pub fn emit(
     Ok(Emitted { files, warnings })
 }
 
-/// What `target` cannot express (errors) or approximates (warnings): the capability
-/// diagnostics of [`support`] (and what FastMoE's layer cannot train, with `--runtime
-/// fastmoe`), then the rules every Megatron-LM target shares.
-fn validate(
+/// What `target` cannot express (errors, as [`EmitError::Model`]) or approximates (the
+/// warnings returned): the capability diagnostics of [`support`] (and what FastMoE's layer
+/// cannot train, with `--runtime fastmoe`), then the rules every Megatron-LM target shares.
+/// `fmoec plan --megatron VERSION` reports the same, so that a plan is never shown for a
+/// training `emit` would refuse.
+pub fn validate(
     c: &Checked,
     plan: &ParallelPlan,
-    target: &Target,
+    target: &crate::check::MegatronTarget,
     all: &[crate::check::MegatronTarget],
     runtime: Runtime,
 ) -> Result<Vec<Diagnostic>, EmitError> {
     let m = &c.model;
-    let v = &target.decl.version;
+    let v = &target.version;
     let name = m.spans.name;
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    for d in support::diagnostics(c, plan, &target.decl, all) {
+    for d in support::diagnostics(c, plan, target, all) {
         match d.severity {
             crate::diag::Severity::Error => errors.push(d),
             _ => warnings.push(d),
@@ -270,7 +272,7 @@ fn validate(
     // Megatron takes the vocabulary from its tokenizer: GPT-2 BPE, 50257 tokens padded to a
     // multiple of 128 x tensor size (a target that pins the file's vocabulary builds that one).
     let padded = 50257u64.div_ceil(128 * plan.tensor) * 128 * plan.tensor;
-    if !target.decl.can("pinned_vocab") && !(50257..=padded.max(50304)).contains(&m.vocab) {
+    if !target.can("pinned_vocab") && !(50257..=padded.max(50304)).contains(&m.vocab) {
         warnings.push(Diagnostic::warning(
             "W0804",
             m.spans.vocab,
@@ -281,7 +283,7 @@ fn validate(
             ),
         ));
     }
-    warnings.extend(native_moe_warnings(c, &target.decl));
+    warnings.extend(native_moe_warnings(c, target));
     if c.train.is_none() {
         warnings.push(Diagnostic::warning(
             "W0805",

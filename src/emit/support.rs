@@ -156,7 +156,10 @@ pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
                 "interleaved pipeline schedule (`virtual_stages = {}`)",
                 plan.virtual_stages
             ),
-            c.parallel.spans.virtual_stages,
+            // `fmoec plan --megatron --virtual-stages N`: not written in the file
+            Some(c.parallel.spans.virtual_stages)
+                .filter(|s| s.start < s.end)
+                .unwrap_or(c.parallel.spans.block),
         );
     }
     if let Some(t) = &c.train {

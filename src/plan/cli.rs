@@ -169,6 +169,35 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let Some(plan) = loaded.plan else {
         anyhow::bail!("no plan was made (a bug in fmoec; please report it)")
     };
+    // The training `emit` would write: what the target cannot express is refused here too,
+    // and what it approximates is said, so that no plan is shown for a refused emit.
+    if let Some(version) = &args.megatron {
+        let all = crate::check::megatron_targets();
+        let Some(decl) = all.iter().find(|t| &t.version == version) else {
+            anyhow::bail!("target `{version}` vanished between two lookups (a bug in fmoec)")
+        };
+        let emit_runtime = crate::emit::Runtime::Fmoec;
+        match crate::emit::validate(&loaded.checked, &plan, decl, &all, emit_runtime) {
+            Ok(warnings) => driver::report(&loaded.sources, &warnings, args.diagnostics),
+            Err(crate::emit::EmitError::Model(mut diagnostics)) => {
+                if !overrides.is_empty() {
+                    let note = format!("with command-line overrides {}", overrides.describe());
+                    for d in &mut diagnostics {
+                        d.notes.push(note.clone());
+                    }
+                }
+                driver::report(&loaded.sources, &diagnostics, args.diagnostics);
+                if args.diagnostics == DiagFormat::Human {
+                    eprintln!(
+                        "error: Megatron-LM {version} cannot train `{}` as planned (`fmoec emit --megatron {version}` refuses it too)",
+                        args.file.display()
+                    );
+                }
+                return Ok(ExitCode::from(1));
+            }
+            Err(e) => anyhow::bail!("{e}"),
+        }
+    }
     let out = match args.format {
         PlanFormat::Table => render::table(&plan),
         PlanFormat::Json => render::json(&plan),

@@ -783,6 +783,9 @@ fn filled_parallel(parallel: &Parallel, model_name: Option<Span>) -> Option<Para
         &ps.data,
         &ps.experts,
         &ps.micro_batch,
+        &ps.virtual_stages,
+        &ps.smart_schedule,
+        &ps.shadowing,
     ];
     if !all.iter().any(|s| empty(s)) {
         return None;
@@ -801,6 +804,9 @@ fn filled_parallel(parallel: &Parallel, model_name: Option<Span>) -> Option<Para
         &mut ps.data,
         &mut ps.experts,
         &mut ps.micro_batch,
+        &mut ps.virtual_stages,
+        &mut ps.smart_schedule,
+        &mut ps.shadowing,
     ] {
         if empty(s) {
             *s = fallback;
