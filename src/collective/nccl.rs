@@ -251,6 +251,8 @@ impl Comm {
                     cuda::cudaError_t::cudaErrorNotReady => {
                         // A peer that failed shows up as an async error while we wait.
                         let mut status = nccl::ncclResult_t::ncclSuccess;
+                        // SAFETY: as above: the communicator is live (callers check `broken`)
+                        // and `status` is a valid out-pointer.
                         let _ = unsafe { nccl::ncclCommGetAsyncError(state.raw.0, &mut status) };
                         if !matches!(
                             status,
@@ -1428,6 +1430,7 @@ fn connect_with(
     let payload = env.exchange(&tag, timeout, || {
         let mut bytes = Vec::with_capacity(lists.len() * ID);
         for _ in &lists {
+            // SAFETY: ncclUniqueId is a plain byte array, for which all zeros is a valid value.
             let mut id: nccl::ncclUniqueId = unsafe { std::mem::zeroed() };
             // SAFETY: `id` is a valid out-pointer.
             let result = unsafe { nccl::ncclGetUniqueId(&mut id) };
@@ -1460,6 +1463,7 @@ fn connect_with(
                 .iter()
                 .position(|m| *m == label.members)
                 .ok_or_else(|| anyhow::anyhow!("{label}: no NCCL id for this group"))?;
+            // SAFETY: ncclUniqueId is a plain byte array, for which all zeros is a valid value.
             let mut id: nccl::ncclUniqueId = unsafe { std::mem::zeroed() };
             for (dst, &src) in id
                 .internal
