@@ -100,9 +100,25 @@ fn group_line(gs: &[Vec<u64>], max: usize) -> String {
     parts.join(" ")
 }
 
-/// The readable table.
+/// The readable table: one section after another.
 pub fn table(plan: &ParallelPlan) -> String {
     let mut o = String::new();
+    header(&mut o, plan);
+    memory(&mut o, plan);
+    params_by_kind(&mut o, plan);
+    moe_layers(&mut o, plan);
+    ranks(&mut o, plan);
+    groups(&mut o, plan);
+    traffic(&mut o, plan);
+    time(&mut o, plan);
+    if let Some(f) = &plan.fastermoe {
+        fastermoe_table(&mut o, f);
+    }
+    o
+}
+
+/// The summary lines: hardware, grid, schedule, experts, batch, parameters, assumptions.
+fn header(o: &mut String, plan: &ParallelPlan) {
     let hw = &plan.hardware;
     let _ = writeln!(
         o,
@@ -177,7 +193,10 @@ pub fn table(plan: &ParallelPlan) -> String {
     for a in &plan.assumptions {
         let _ = writeln!(o, "assumed:   {a}");
     }
+}
 
+/// Memory per rank, by stage.
+fn memory(o: &mut String, plan: &ParallelPlan) {
     let model = plan
         .stages
         .first()
@@ -209,6 +228,10 @@ pub fn table(plan: &ParallelPlan) -> String {
             100.0 * m.total as f64 / m.capacity.max(1) as f64
         );
     }
+}
+
+/// Parameters per rank by kind, by stage.
+fn params_by_kind(o: &mut String, plan: &ParallelPlan) {
     let _ = writeln!(o, "\nparameters per rank by kind");
     let _ = writeln!(
         o,
@@ -226,7 +249,10 @@ pub fn table(plan: &ParallelPlan) -> String {
             count(r.expert)
         );
     }
+}
 
+/// The MoE layers, rows that differ only in the layer index printed once.
+fn moe_layers(o: &mut String, plan: &ParallelPlan) {
     if !plan.moe_layers.is_empty() {
         let _ = writeln!(o, "\nmoe layers");
         let _ = writeln!(
@@ -255,7 +281,10 @@ pub fn table(plan: &ParallelPlan) -> String {
             let _ = writeln!(o, "  {:<18}  {row}", layer_list(&layers));
         }
     }
+}
 
+/// Every rank's coordinates, memory and the experts it holds.
+fn ranks(o: &mut String, plan: &ParallelPlan) {
     let _ = writeln!(o, "\nranks");
     let _ = writeln!(
         o,
@@ -295,7 +324,10 @@ pub fn table(plan: &ParallelPlan) -> String {
             }
         );
     }
+}
 
+/// The process groups (the first eight of each kind).
+fn groups(o: &mut String, plan: &ParallelPlan) {
     let g = &plan.groups;
     let _ = writeln!(o, "\ngroups");
     for (name, gs) in [
@@ -318,7 +350,10 @@ pub fn table(plan: &ParallelPlan) -> String {
             group_line(&core.expert_tensor_groups, 8)
         );
     }
+}
 
+/// Bytes each rank sends per step, by stage.
+fn traffic(o: &mut String, plan: &ParallelPlan) {
     let _ = writeln!(
         o,
         "\ntraffic per rank per step (bytes sent; all-reduce: buffer size)"
@@ -356,7 +391,10 @@ pub fn table(plan: &ParallelPlan) -> String {
             x.layer
         );
     }
+}
 
+/// The time estimate per stage and for the step.
+fn time(o: &mut String, plan: &ParallelPlan) {
     let pipelined = plan
         .fastermoe
         .as_ref()
@@ -398,10 +436,6 @@ pub fn table(plan: &ParallelPlan) -> String {
         count(t.tokens_per_s.round() as u64),
         100.0 * t.mfu
     );
-    if let Some(f) = &plan.fastermoe {
-        fastermoe_table(&mut o, f);
-    }
-    o
 }
 
 /// `chunks(4)`, `auto`, `off`.
