@@ -198,6 +198,32 @@ train {{
     assert!(t.eval.is_none());
 }
 
+/// `none` switches a policy off: the block is valid and the run has neither.
+#[test]
+fn checkpoint_and_eval_none_switch_them_off() {
+    let c = check_ok(&format!(
+        "{SMALL}}}
+train {{
+    data = megatron(\"data/x\")
+    batch = 16
+    steps = 100
+    optimizer = adamw(lr = 3e-4)
+    schedule = cosine(warmup = 10)
+    checkpoint = none
+    eval = none
+}}
+"
+    ));
+    let t = c.train.unwrap();
+    assert!(t.checkpoint.is_none());
+    assert!(t.eval.is_none());
+    assert_eq!(t.clip_grad, Some(1.0));
+    assert!(matches!(
+        t.schedule,
+        check::Schedule::Cosine { warmup: 10, .. }
+    ));
+}
+
 #[test]
 fn errors_are_all_reported_in_one_run() {
     let found = codes(&format!(

@@ -5,6 +5,7 @@
 //! warning for data files that are not there). How the batch splits over data ranks and
 //! micro-batches is the planner's rule.
 
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use super::errors;
@@ -47,6 +48,21 @@ pub const DEFAULT_SEED: u64 = 1234;
 /// Default gradient clipping (Megatron-LM's `--clip-grad` default).
 pub const DEFAULT_CLIP_GRAD: f64 = 1.0;
 
+/// The `train` block's fields, evaluated in its module.
+struct TrainBlock<'b, 'e> {
+    fields: BTreeMap<String, &'b ast::Field>,
+    ctx: Ctx<'e>,
+    kw: Span,
+}
+
+/// `batch`, as far as it could be read.
+struct BatchShape {
+    sequences: Option<u64>,
+    seq_len: Option<u64>,
+    /// Where the tokens per sequence are written (the whole value when only sequences are).
+    tokens_span: Span,
+}
+
 fn int_ge(v: f64) -> Type {
     Type::Int(vec![Bound {
         op: CmpOp::Ge,
@@ -62,21 +78,90 @@ impl Checker<'_> {
         model: Option<&Model>,
         parallel: Option<&Parallel>,
     ) -> Option<Train> {
-        let fields = self.block_fields(block, TRAIN_FIELDS);
-        let ctx = Ctx::module(m);
-        let kw = block.kw_span;
+        let b = TrainBlock {
+            fields: self.block_fields(block, TRAIN_FIELDS),
+            ctx: Ctx::module(m),
+            kw: block.kw_span,
+        };
         let mut ok = true;
         let mut spans = TrainSpans {
-            block: kw,
+            block: b.kw,
             ..Default::default()
         };
+        let (data, tokenizer_vocab) = self.train_data(&b, &mut spans, &mut ok);
+        let batch = self.train_batch(&b, model, &mut spans, &mut ok);
+        let steps_v = self.required_field(&b.fields, "steps", &int_ge(1.0), b.ctx, b.kw, "train");
+        spans.steps = steps_v.as_ref().map(|v| v.span).unwrap_or(b.kw);
+        let steps = steps_v.as_ref().map(uint);
+        let optimizer = self.train_optimizer(&b);
+        let schedule = self.train_schedule(&b, steps, spans.steps);
+        let clip_grad = self.train_clip_grad(&b);
+        let precision = self.train_precision(&b, &mut spans, &mut ok);
+        let checkpoint = self.train_checkpoint(&b, steps, &mut spans, &mut ok);
+        let eval = self.train_eval(&b, steps, spans.steps, &mut ok);
+        let init_v = self.typed_field(&b.fields, "init", &Type::Kind("init".into()), b.ctx);
+        let init = init_v.as_ref().and_then(|v| self.init_spec(v));
+        ok &= init.is_some() || !b.fields.contains_key("init");
+        let seed = match self.typed_field(&b.fields, "seed", &int_ge(0.0), b.ctx) {
+            Some(v) => Some(uint(&v)),
+            None if b.fields.contains_key("seed") => None,
+            None => Some(DEFAULT_SEED),
+        };
+        if let Some(model) = model {
+            ok &= self.train_against_model(
+                model,
+                parallel,
+                &batch,
+                tokenizer_vocab,
+                data.as_ref(),
+                &spans,
+            );
+            // The checkpoint to start from, read (its metadata only) when it is here: a
+            // missing one is `fmoec check`'s warning (see `data_files_missing`) and `fmoec
+            // run`'s error.
+            if let Some(init) = &init {
+                match crate::hf::init::resolve(model, init) {
+                    Resolution::NotHere => {}
+                    Resolution::Failed(diags) | Resolution::Ready(_, diags) => {
+                        self.sink.extend(diags)
+                    }
+                }
+            }
+        }
+        if !ok {
+            return None;
+        }
+        Some(Train {
+            data: data?,
+            batch_sequences: batch.sequences?,
+            seq_len: batch.seq_len?,
+            steps: steps?,
+            optimizer: optimizer?,
+            schedule: schedule?,
+            clip_grad: clip_grad?,
+            precision: precision?,
+            checkpoint: checkpoint?,
+            eval: eval?,
+            seed: seed?,
+            init,
+            spans,
+        })
+    }
 
+    /// `data` and `tokenizer`: the source, tokenized when a tokenizer is given, and the
+    /// tokenizer's vocabulary (read now, so that the rules against the model can use it).
+    fn train_data(
+        &mut self,
+        b: &TrainBlock,
+        spans: &mut TrainSpans,
+        ok: &mut bool,
+    ) -> (Option<DataSource>, Option<(u64, Span)>) {
         let data_v = self.required_field(
-            &fields,
+            &b.fields,
             "data",
             &Type::Kind("data".into()),
-            ctx,
-            kw,
+            b.ctx,
+            b.kw,
             "train",
         );
         let data = data_v.as_ref().and_then(ctor_of).map(|c| {
@@ -91,13 +176,17 @@ impl Checker<'_> {
                 _ => DataSource::Builtin(arg("name")),
             }
         });
-        spans.data = data_v.as_ref().map(|v| v.span).unwrap_or(kw);
+        spans.data = data_v.as_ref().map(|v| v.span).unwrap_or(b.kw);
         if let Some(c) = data_v.as_ref().and_then(ctor_of) {
             self.builtin_corpus_exists(&c);
         }
-        let tokenizer_v =
-            self.typed_field(&fields, "tokenizer", &Type::Kind("tokenizer".into()), ctx);
-        ok &= tokenizer_v.is_some() || !fields.contains_key("tokenizer");
+        let tokenizer_v = self.typed_field(
+            &b.fields,
+            "tokenizer",
+            &Type::Kind("tokenizer".into()),
+            b.ctx,
+        );
+        *ok &= tokenizer_v.is_some() || !b.fields.contains_key("tokenizer");
         let tokenizer = tokenizer_v.as_ref().and_then(ctor_of).map(|c| {
             let arg = |n: &str| c.arg(n).map(string).unwrap_or_default();
             match c.name.as_str() {
@@ -108,23 +197,22 @@ impl Checker<'_> {
                 _ => TokenizerSpec::Hf { path: arg("path") },
             }
         });
-        // Its vocabulary, read now so that every later phase can rely on it.
         let tokenizer_vocab = match (&tokenizer, &tokenizer_v) {
             (Some(spec), Some(v)) => match TextTokenizer::load(&spec.source(), Flavour::Core) {
                 Ok(t) => Some((t.vocab_size as u64, v.span)),
                 Err(e) => {
                     self.sink
                         .push(errors::tokenizer_unreadable(v.span, &format!("{e:#}")));
-                    ok = false;
+                    *ok = false;
                     None
                 }
             },
             _ => None,
         };
         if let (Some(DataSource::Jsonl { .. }), None) = (&data, &tokenizer) {
-            if tokenizer_v.is_none() && !fields.contains_key("tokenizer") {
+            if tokenizer_v.is_none() && !b.fields.contains_key("tokenizer") {
                 self.sink.push(errors::jsonl_without_tokenizer(spans.data));
-                ok = false;
+                *ok = false;
             }
         }
         let data = match (data, tokenizer) {
@@ -134,55 +222,63 @@ impl Checker<'_> {
             }),
             (data, _) => data,
         };
+        (data, tokenizer_vocab)
+    }
 
-        // batch = SEQUENCES x TOKENS tokens, or a sequence count at the model's context.
-        let (mut sequences, mut seq_len) = (None, None);
-        let mut tokens_span = kw;
-        match fields.get("batch") {
-            None => {
-                self.sink.push(errors::missing_field(
-                    kw,
-                    "batch",
-                    "train",
-                    "`SEQUENCES x TOKENS tokens`",
-                ));
-                ok = false;
+    /// `batch = SEQUENCES x TOKENS tokens`, or a sequence count at the model's context.
+    fn train_batch(
+        &mut self,
+        b: &TrainBlock,
+        model: Option<&Model>,
+        spans: &mut TrainSpans,
+        ok: &mut bool,
+    ) -> BatchShape {
+        let mut shape = BatchShape {
+            sequences: None,
+            seq_len: None,
+            tokens_span: b.kw,
+        };
+        let Some(f) = b.fields.get("batch") else {
+            self.sink.push(errors::missing_field(
+                b.kw,
+                "batch",
+                "train",
+                "`SEQUENCES x TOKENS tokens`",
+            ));
+            *ok = false;
+            return shape;
+        };
+        spans.batch = f.value.span;
+        let v = self.eval(&f.value, b.ctx);
+        match v.value {
+            Value::Batch(s, t) => {
+                shape.tokens_span = t.span;
+                let s = self.conform(*s, &int_ge(1.0), "the batch's sequences", b.ctx);
+                let t = self.conform(*t, &int_ge(1.0), "the batch's tokens per sequence", b.ctx);
+                shape.sequences = int(&s).map(|i| i as u64);
+                shape.seq_len = int(&t).map(|i| i as u64);
             }
-            Some(f) => {
-                spans.batch = f.value.span;
-                let v = self.eval(&f.value, ctx);
-                match v.value {
-                    Value::Batch(s, t) => {
-                        tokens_span = t.span;
-                        let s = self.conform(*s, &int_ge(1.0), "the batch's sequences", ctx);
-                        let t =
-                            self.conform(*t, &int_ge(1.0), "the batch's tokens per sequence", ctx);
-                        sequences = int(&s).map(|i| i as u64);
-                        seq_len = int(&t).map(|i| i as u64);
-                    }
-                    _ => {
-                        tokens_span = f.value.span;
-                        let s = self.conform(v, &int_ge(1.0), "field `batch`", ctx);
-                        sequences = int(&s).map(|i| i as u64);
-                        seq_len = model.map(|m| m.context);
-                    }
-                }
-                ok &= sequences.is_some() && seq_len.is_some();
+            _ => {
+                shape.tokens_span = f.value.span;
+                let s = self.conform(v, &int_ge(1.0), "field `batch`", b.ctx);
+                shape.sequences = int(&s).map(|i| i as u64);
+                shape.seq_len = model.map(|m| m.context);
             }
         }
-        let steps_v = self.required_field(&fields, "steps", &int_ge(1.0), ctx, kw, "train");
-        spans.steps = steps_v.as_ref().map(|v| v.span).unwrap_or(kw);
-        let steps = steps_v.as_ref().map(uint);
+        *ok &= shape.sequences.is_some() && shape.seq_len.is_some();
+        shape
+    }
 
+    fn train_optimizer(&mut self, b: &TrainBlock) -> Option<Optimizer> {
         let opt_v = self.required_field(
-            &fields,
+            &b.fields,
             "optimizer",
             &Type::Kind("optimizer".into()),
-            ctx,
-            kw,
+            b.ctx,
+            b.kw,
             "train",
         );
-        let optimizer = opt_v.as_ref().and_then(ctor_of).map(|c| {
+        opt_v.as_ref().and_then(ctor_of).map(|c| {
             let betas = match c.arg("betas").map(|v| &v.value) {
                 Some(Value::Tuple(b)) if b.len() == 2 => (float(&b[0]), float(&b[1])),
                 _ => (0.9, 0.999),
@@ -193,61 +289,77 @@ impl Checker<'_> {
                 eps: c.arg("eps").map(float).unwrap_or(1e-8),
                 weight_decay: c.arg("weight_decay").map(float).unwrap_or(0.0),
             }
-        });
+        })
+    }
 
-        let schedule =
-            match self.typed_field(&fields, "schedule", &Type::Kind("schedule".into()), ctx) {
-                Some(v) => {
-                    let c = ctor_of(&v)?;
-                    let warmup_v = c.arg("warmup").cloned();
-                    let warmup = warmup_v.as_ref().map(uint).unwrap_or(0);
-                    if let (Some(s), Some(w)) = (steps, &warmup_v) {
-                        if warmup > s {
-                            self.sink.push(errors::warmup_past_steps(
-                                w.span,
-                                warmup,
-                                s,
-                                spans.steps,
-                            ));
-                        }
-                    }
-                    Some(match c.name.as_str() {
-                        "cosine" => Schedule::Cosine {
-                            warmup,
-                            min_lr_ratio: c.arg("min_lr_ratio").map(float).unwrap_or(0.1),
-                        },
-                        _ => Schedule::Constant { warmup },
-                    })
-                }
-                None if fields.contains_key("schedule") => None,
-                None => Some(Schedule::Constant { warmup: 0 }),
-            };
+    /// `schedule`, constant without warm-up when not written; a warm-up longer than the run
+    /// is an error.
+    fn train_schedule(
+        &mut self,
+        b: &TrainBlock,
+        steps: Option<u64>,
+        steps_span: Span,
+    ) -> Option<Schedule> {
+        let Some(v) =
+            self.typed_field(&b.fields, "schedule", &Type::Kind("schedule".into()), b.ctx)
+        else {
+            return (!b.fields.contains_key("schedule"))
+                .then_some(Schedule::Constant { warmup: 0 });
+        };
+        let c = ctor_of(&v)?;
+        let warmup_v = c.arg("warmup").cloned();
+        let warmup = warmup_v.as_ref().map(uint).unwrap_or(0);
+        if let (Some(s), Some(w)) = (steps, &warmup_v) {
+            if warmup > s {
+                self.sink
+                    .push(errors::warmup_past_steps(w.span, warmup, s, steps_span));
+            }
+        }
+        Some(match c.name.as_str() {
+            "cosine" => Schedule::Cosine {
+                warmup,
+                min_lr_ratio: c.arg("min_lr_ratio").map(float).unwrap_or(0.1),
+            },
+            _ => Schedule::Constant { warmup },
+        })
+    }
 
+    /// `clip_grad`: a positive norm, `none`, or Megatron-LM's default. The outer `None`: the
+    /// field is written but wrong.
+    fn train_clip_grad(&mut self, b: &TrainBlock) -> Option<Option<f64>> {
         let clip_ty = Type::Optional(Box::new(Type::Float(vec![Bound {
             op: CmpOp::Gt,
             value: 0.0,
         }])));
-        let clip_grad = match self.typed_field(&fields, "clip_grad", &clip_ty, ctx) {
+        match self.typed_field(&b.fields, "clip_grad", &clip_ty, b.ctx) {
             Some(V {
                 value: Value::None, ..
             }) => Some(None),
             Some(v) => Some(Some(float(&v))),
-            None if fields.contains_key("clip_grad") => None,
+            None if b.fields.contains_key("clip_grad") => None,
             None => Some(Some(DEFAULT_CLIP_GRAD)),
-        };
+        }
+    }
 
+    /// `precision`, and `fp8_dense`, which only `precision = fp8` takes.
+    fn train_precision(
+        &mut self,
+        b: &TrainBlock,
+        spans: &mut TrainSpans,
+        ok: &mut bool,
+    ) -> Option<Precision> {
         let prec_ty = Type::Enum(vec![
             "fp32".into(),
             "bf16".into(),
             "fp16".into(),
             "fp8".into(),
         ]);
-        let fp8_dense = match self.typed_field(&fields, "fp8_dense", &Type::Bool, ctx) {
+        let fp8_dense = match self.typed_field(&b.fields, "fp8_dense", &Type::Bool, b.ctx) {
             Some(v) => Some(Some((boolean(&v), v.span))),
-            None if fields.contains_key("fp8_dense") => None,
+            None if b.fields.contains_key("fp8_dense") => None,
             None => Some(None),
         };
-        let precision = match self.typed_field(&fields, "precision", &prec_ty, ctx) {
+        let precision = match self.typed_field(&b.fields, "precision", &prec_ty, b.ctx) {
             Some(v) => {
                 spans.precision = v.span;
                 Some(match symbol(&v) {
@@ -259,146 +371,139 @@ impl Checker<'_> {
                     _ => Precision::Fp32,
                 })
             }
-            None if fields.contains_key("precision") => None,
+            None if b.fields.contains_key("precision") => None,
             None => Some(Precision::Fp32),
         };
         if let (Some(p), Some(Some((_, span)))) = (precision, fp8_dense) {
             if !matches!(p, Precision::Fp8 { .. }) {
                 self.sink
                     .push(errors::fp8_dense_without_fp8(span, spans.precision));
-                ok = false;
+                *ok = false;
             }
         }
+        precision
+    }
 
+    /// `checkpoint = every(N, dir = ..., keep = K)` or `none`.
+    fn train_checkpoint(
+        &mut self,
+        b: &TrainBlock,
+        steps: Option<u64>,
+        spans: &mut TrainSpans,
+        ok: &mut bool,
+    ) -> Option<Option<CheckpointPolicy>> {
         let every_ty = Type::Optional(Box::new(Type::Kind("every".into())));
-        let checkpoint = match self.typed_field(&fields, "checkpoint", &every_ty, ctx) {
-            Some(v) => match ctor_of(&v) {
-                Some(c) => {
-                    spans.checkpoint = v.span;
-                    if let Some(b) = c.explicit("batches") {
-                        self.sink.push(errors::every_wrong_arg(
-                            b.span,
-                            "batches",
-                            "checkpoint",
-                            "eval",
-                        ));
-                        ok = false;
-                    }
-                    self.every_past_steps(&c, steps, spans.steps);
-                    Some(Some(CheckpointPolicy {
-                        every: c.arg("steps").map(uint).unwrap_or(1),
-                        dir: c.arg("dir").map(string).unwrap_or_default(),
-                        keep: c.arg("keep").map(uint).unwrap_or(0),
-                    }))
-                }
-                None => Some(None),
-            },
-            None if fields.contains_key("checkpoint") => None,
-            None => Some(None),
+        let Some(v) = self.typed_field(&b.fields, "checkpoint", &every_ty, b.ctx) else {
+            return (!b.fields.contains_key("checkpoint")).then_some(None);
         };
-        let eval = match self.typed_field(&fields, "eval", &every_ty, ctx) {
-            Some(v) => match ctor_of(&v) {
-                Some(c) => {
-                    for arg in ["dir", "keep"] {
-                        if let Some(d) = c.explicit(arg) {
-                            self.sink.push(errors::every_wrong_arg(
-                                d.span,
-                                arg,
-                                "eval",
-                                "checkpoint",
-                            ));
-                            ok = false;
-                        }
-                    }
-                    self.every_past_steps(&c, steps, spans.steps);
-                    Some(Some(EvalPolicy {
-                        every: c.arg("steps").map(uint).unwrap_or(1),
-                        batches: c.arg("batches").map(uint).unwrap_or(1),
-                    }))
-                }
-                None => Some(None),
-            },
-            None if fields.contains_key("eval") => None,
-            None => Some(None),
+        // `checkpoint = none`
+        let Some(c) = ctor_of(&v) else {
+            return Some(None);
         };
-        let init_v = self.typed_field(&fields, "init", &Type::Kind("init".into()), ctx);
-        let init = init_v.as_ref().and_then(|v| self.init_spec(v));
-        ok &= init.is_some() || !fields.contains_key("init");
+        spans.checkpoint = v.span;
+        if let Some(b) = c.explicit("batches") {
+            self.sink.push(errors::every_wrong_arg(
+                b.span,
+                "batches",
+                "checkpoint",
+                "eval",
+            ));
+            *ok = false;
+        }
+        self.every_past_steps(&c, steps, spans.steps);
+        Some(Some(CheckpointPolicy {
+            every: c.arg("steps").map(uint).unwrap_or(1),
+            dir: c.arg("dir").map(string).unwrap_or_default(),
+            keep: c.arg("keep").map(uint).unwrap_or(0),
+        }))
+    }
 
-        let seed = match self.typed_field(&fields, "seed", &int_ge(0.0), ctx) {
-            Some(v) => Some(uint(&v)),
-            None if fields.contains_key("seed") => None,
-            None => Some(DEFAULT_SEED),
+    /// `eval = every(N, batches = B)` or `none`.
+    fn train_eval(
+        &mut self,
+        b: &TrainBlock,
+        steps: Option<u64>,
+        steps_span: Span,
+        ok: &mut bool,
+    ) -> Option<Option<EvalPolicy>> {
+        let every_ty = Type::Optional(Box::new(Type::Kind("every".into())));
+        let Some(v) = self.typed_field(&b.fields, "eval", &every_ty, b.ctx) else {
+            return (!b.fields.contains_key("eval")).then_some(None);
         };
+        // `eval = none`
+        let Some(c) = ctor_of(&v) else {
+            return Some(None);
+        };
+        for arg in ["dir", "keep"] {
+            if let Some(d) = c.explicit(arg) {
+                self.sink
+                    .push(errors::every_wrong_arg(d.span, arg, "eval", "checkpoint"));
+                *ok = false;
+            }
+        }
+        self.every_past_steps(&c, steps, steps_span);
+        Some(Some(EvalPolicy {
+            every: c.arg("steps").map(uint).unwrap_or(1),
+            batches: c.arg("batches").map(uint).unwrap_or(1),
+        }))
+    }
 
-        // Rules across blocks.
-        if let (Some(model), Some(len)) = (model, seq_len) {
-            if len > model.context {
-                self.sink.push(errors::seq_len_past_context(
-                    tokens_span,
-                    len,
-                    model.context,
-                    model.spans.context,
+    /// The rules tying the block to the model: the sequence within the context, the
+    /// tokenizer's vocabulary within the model's (padded as Megatron-LM pads it), a byte
+    /// vocabulary for byte-level data. False where an error makes the block unusable.
+    fn train_against_model(
+        &mut self,
+        model: &Model,
+        parallel: Option<&Parallel>,
+        batch: &BatchShape,
+        tokenizer_vocab: Option<(u64, Span)>,
+        data: Option<&DataSource>,
+        spans: &TrainSpans,
+    ) -> bool {
+        let Some(len) = batch.seq_len else {
+            return true;
+        };
+        if len > model.context {
+            self.sink.push(errors::seq_len_past_context(
+                batch.tokens_span,
+                len,
+                model.context,
+                model.spans.context,
+            ));
+        }
+        if let Some((size, tok_span)) = tokenizer_vocab {
+            let tensor = parallel.map_or(1, |p| p.tensor);
+            let padded = megatron_padded_vocab(size, MEGATRON_VOCAB_DIVISOR, tensor);
+            if model.vocab < size {
+                self.sink.push(errors::vocab_below_tokenizer(
+                    model.spans.vocab,
+                    model.vocab,
+                    size,
+                    padded,
+                    tok_span,
+                ));
+                return false;
+            }
+            if model.vocab != padded {
+                self.sink.push(errors::vocab_not_megatron_padded(
+                    model.spans.vocab,
+                    model.vocab,
+                    size,
+                    padded,
+                    tensor,
+                    tok_span,
                 ));
             }
-            if let Some((size, tok_span)) = tokenizer_vocab {
-                let tensor = parallel.map_or(1, |p| p.tensor);
-                let padded = megatron_padded_vocab(size, MEGATRON_VOCAB_DIVISOR, tensor);
-                if model.vocab < size {
-                    self.sink.push(errors::vocab_below_tokenizer(
-                        model.spans.vocab,
-                        model.vocab,
-                        size,
-                        padded,
-                        tok_span,
-                    ));
-                    ok = false;
-                } else if model.vocab != padded {
-                    self.sink.push(errors::vocab_not_megatron_padded(
-                        model.spans.vocab,
-                        model.vocab,
-                        size,
-                        padded,
-                        tensor,
-                        tok_span,
-                    ));
-                }
-            } else if let Some(DataSource::Text(_) | DataSource::Builtin(_)) = &data {
-                if model.vocab < 256 {
-                    self.sink.push(errors::byte_vocab_too_small(
-                        spans.data,
-                        model.vocab,
-                        model.spans.vocab,
-                    ));
-                }
+        } else if let Some(DataSource::Text(_) | DataSource::Builtin(_)) = data {
+            if model.vocab < 256 {
+                self.sink.push(errors::byte_vocab_too_small(
+                    spans.data,
+                    model.vocab,
+                    model.spans.vocab,
+                ));
             }
         }
-        // The checkpoint to start from, read (its metadata only) when it is here: a missing one
-        // is `fmoec check`'s warning (see `data_files_missing`) and `fmoec run`'s error.
-        if let (Some(model), Some(init)) = (model, &init) {
-            match crate::hf::init::resolve(model, init) {
-                Resolution::NotHere => {}
-                Resolution::Failed(diags) | Resolution::Ready(_, diags) => self.sink.extend(diags),
-            }
-        }
-        if !ok {
-            return None;
-        }
-        Some(Train {
-            data: data?,
-            batch_sequences: sequences?,
-            seq_len: seq_len?,
-            steps: steps?,
-            optimizer: optimizer?,
-            schedule: schedule?,
-            clip_grad: clip_grad?,
-            precision: precision?,
-            checkpoint: checkpoint?,
-            eval: eval?,
-            seed: seed?,
-            init,
-            spans,
-        })
+        true
     }
 
     /// `from_hf(...)`, `from_checkpoint(...)` or `upcycle(...)` of one of them.
