@@ -297,55 +297,73 @@ pub fn compare_config(
     theirs: &Value,
     init: Span,
 ) -> Vec<Diagnostic> {
-    let mut out = Vec::new();
+    if let Some(wrong) = architecture_differs(model, arch, theirs, init) {
+        return vec![wrong];
+    }
+    let mut out = shapes_differ(model, arch, theirs, init);
+    if arch == Architecture::Qwen2Moe {
+        out.extend(sparse_layers_differ(model, theirs, init));
+    }
+    out.extend(settings_the_file_cannot_express(model, arch, theirs, init));
+    out
+}
+
+/// E0612 when the checkpoint is another architecture (or one fmoec does not read).
+fn architecture_differs(
+    model: &Model,
+    arch: Architecture,
+    theirs: &Value,
+    init: Span,
+) -> Option<Diagnostic> {
     let name = model.spans.name;
     match Architecture::of_config(theirs) {
-        Ok(a) if a == arch => {}
-        Ok(a) => {
-            out.push(
-                Diagnostic::error(
-                    "E0612",
-                    name,
-                    format!(
-                        "`{}` is {} ({}); the checkpoint to start from is {} ({})",
-                        model.name,
-                        arch.describe(),
-                        arch.class(),
-                        a.describe(),
-                        a.class()
-                    ),
-                )
-                .with_label(format!("exports as {}", arch.class()))
-                .with_secondary(init, format!("config.json: {}", a.class()))
-                .with_help(if a == Architecture::Llama {
-                    "to turn a dense checkpoint into an MoE model, start from `upcycle(...)` of it"
-                } else {
-                    "declare the layers as the checkpoint has them (see `fmoec export --hf` in the README for the mapping)"
-                }),
-            );
-            return out;
-        }
-        Err(other) => {
-            out.push(
-                Diagnostic::error(
-                    "E0612",
-                    init,
-                    format!(
-                        "the checkpoint to start from is a `{other}`; fmoec reads LlamaForCausalLM, MixtralForCausalLM and Qwen2MoeForCausalLM"
-                    ),
-                )
-                .with_label("its config.json names this architecture"),
-            );
-            return out;
-        }
+        Ok(a) if a == arch => None,
+        Ok(a) => Some(
+            Diagnostic::error(
+                "E0612",
+                name,
+                format!(
+                    "`{}` is {} ({}); the checkpoint to start from is {} ({})",
+                    model.name,
+                    arch.describe(),
+                    arch.class(),
+                    a.describe(),
+                    a.class()
+                ),
+            )
+            .with_label(format!("exports as {}", arch.class()))
+            .with_secondary(init, format!("config.json: {}", a.class()))
+            .with_help(if a == Architecture::Llama {
+                "to turn a dense checkpoint into an MoE model, start from `upcycle(...)` of it"
+            } else {
+                "declare the layers as the checkpoint has them (see `fmoec export --hf` in the README for the mapping)"
+            }),
+        ),
+        Err(other) => Some(
+            Diagnostic::error(
+                "E0612",
+                init,
+                format!(
+                    "the checkpoint to start from is a `{other}`; fmoec reads LlamaForCausalLM, MixtralForCausalLM and Qwen2MoeForCausalLM"
+                ),
+            )
+            .with_label("its config.json names this architecture"),
+        ),
     }
+}
+
+/// E0612 for every shape the model file and the checkpoint's config disagree on, at the
+/// model's own text.
+fn shapes_differ(model: &Model, arch: Architecture, theirs: &Value, init: Span) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let name = model.spans.name;
     let ours = config(model, arch);
     let first_dense = model.layers.iter().find_map(|l| match &l.ffn {
         Ffn::Dense(m) => Some(m.span),
         Ffn::Moe(_) => None,
     });
     let first_moe = model.moe_layers().next().map(|(_, m)| m);
-    let get = |key: &str| theirs.get(key).filter(|v| !v.is_null());
+    let get = |key: &str| present(theirs, key);
     // (key, the model's field as the user wrote it, where, the checkpoint's default)
     let mut fields: Vec<(&str, &str, Span, Option<Value>)> = vec![
         ("vocab_size", "vocab", model.spans.vocab, None),
@@ -446,41 +464,57 @@ pub fn compare_config(
             ));
         }
     }
-    if arch == Architecture::Qwen2Moe {
-        // transformers: layer i is sparse unless listed in mlp_only_layers, and only every
-        // decoder_sparse_step-th layer is
-        let only: Vec<u64> = get("mlp_only_layers")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default();
-        let step = get("decoder_sparse_step")
-            .and_then(Value::as_u64)
-            .unwrap_or(1)
-            .max(1);
-        for layer in &model.layers {
-            let i = layer.index as u64;
-            let sparse = !only.contains(&i) && (i + 1) % step == 0;
-            let ours_sparse = matches!(layer.ffn, Ffn::Moe(_));
-            if sparse != ours_sparse {
-                let kind = |s: bool| if s { "an MoE layer" } else { "a dense MLP" };
-                out.push(
-                    Diagnostic::error(
-                        "E0612",
-                        layer.span,
-                        format!(
-                            "layer {i} is {} here, {} in the checkpoint to start from",
-                            kind(ours_sparse),
-                            kind(sparse)
-                        ),
-                    )
-                    .with_label(format!("layer {i}'s feed-forward"))
-                    .with_secondary(init, "its config.json: `mlp_only_layers`, `decoder_sparse_step`")
-                    .with_help("declare the same layers dense (`layers[...] .ffn = mlp(...)`) as the checkpoint's `mlp_only_layers`"),
-                );
-                break;
-            }
+    out
+}
+
+/// Qwen2-MoE: E0612 at the first layer that is sparse in one and dense in the other.
+fn sparse_layers_differ(model: &Model, theirs: &Value, init: Span) -> Option<Diagnostic> {
+    let get = |key: &str| present(theirs, key);
+    // transformers: layer i is sparse unless listed in mlp_only_layers, and only every
+    // decoder_sparse_step-th layer is
+    let only: Vec<u64> = get("mlp_only_layers")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let step = get("decoder_sparse_step")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .max(1);
+    for layer in &model.layers {
+        let i = layer.index as u64;
+        let sparse = !only.contains(&i) && (i + 1) % step == 0;
+        let ours_sparse = matches!(layer.ffn, Ffn::Moe(_));
+        if sparse != ours_sparse {
+            let kind = |s: bool| if s { "an MoE layer" } else { "a dense MLP" };
+            return Some(
+                Diagnostic::error(
+                    "E0612",
+                    layer.span,
+                    format!(
+                        "layer {i} is {} here, {} in the checkpoint to start from",
+                        kind(ours_sparse),
+                        kind(sparse)
+                    ),
+                )
+                .with_label(format!("layer {i}'s feed-forward"))
+                .with_secondary(init, "its config.json: `mlp_only_layers`, `decoder_sparse_step`")
+                .with_help("declare the same layers dense (`layers[...] .ffn = mlp(...)`) as the checkpoint's `mlp_only_layers`"),
+            );
         }
     }
+    None
+}
+
+/// W0613: what the checkpoint computes differently in ways the language cannot express
+/// (rotary base and scaling, norm epsilon, the gated MLP's activation, sliding windows,
+/// unnormalised top-k), one warning at `init`.
+fn settings_the_file_cannot_express(
+    model: &Model,
+    arch: Architecture,
+    theirs: &Value,
+    init: Span,
+) -> Option<Diagnostic> {
+    let get = |key: &str| present(theirs, key);
     let mut differ = Vec::new();
     let theta = get("rope_theta")
         .or_else(|| {
@@ -539,8 +573,10 @@ pub fn compare_config(
             "top-k gate weights that are not renormalised (fmoec's gates renormalise them)".into(),
         );
     }
-    if !differ.is_empty() {
-        out.push(
+    if differ.is_empty() {
+        return None;
+    }
+    Some(
             Diagnostic::warning(
                 "W0613",
                 init,
@@ -549,7 +585,10 @@ pub fn compare_config(
             .with_label("its config.json differs")
             .with_note(format!("it has {}", differ.join("; ")))
             .with_note("the run starts from its weights and trains with fmoec's settings; its first losses are higher than the checkpoint's own"),
-        );
-    }
-    out
+    )
+}
+
+/// `key` of a config, where it is there and not null.
+fn present<'v>(config: &'v Value, key: &str) -> Option<&'v Value> {
+    config.get(key).filter(|v| !v.is_null())
 }
