@@ -460,3 +460,48 @@ fn plan_for_a_target_refuses_what_emit_refuses() {
     );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("Megatron-Core layout"));
 }
+
+/// `plan --auto --megatron VERSION` lists only layouts the target can train: without an
+/// interleaved schedule, the file's `virtual_stages` are not planned, and it says so;
+/// without a target (`fmoec run`) they are.
+#[test]
+fn auto_plans_for_a_target_only_what_it_can_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+        .unwrap();
+    let file = dir.path().join("interleaved.fmoe");
+    std::fs::write(
+        &file,
+        tiny.replace(
+            "train {",
+            "parallel {\n    gpus = 4\n    pipeline = 2\n    virtual_stages = 2\n}\n\ntrain {",
+        ),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let out = fmoec(&[
+        "plan",
+        "--auto",
+        "--top",
+        "20",
+        "--megatron",
+        "core_v0.19",
+        file,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("note: Megatron-LM core_v0.19 has no interleaved pipeline schedule"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("(x2)"), "{stdout}");
+    let run = fmoec(&["plan", "--auto", "--top", "20", file]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success());
+    assert!(stdout.contains("(x2)"), "{stdout}");
+    assert!(!stdout.contains("note:"), "{stdout}");
+}

@@ -60,6 +60,9 @@ pub struct TargetRules {
     /// The target can slice experts that have biases over the tensor ranks
     /// (`sliced_expert_bias`); else it spreads them whole over expert × tensor ranks.
     pub sliced_expert_bias: bool,
+    /// The target runs the interleaved pipeline schedule (`virtual_stages`); `fmoec run`
+    /// does, and `--auto` plans a target without it with one model chunk per stage.
+    pub interleaved_schedule: bool,
 }
 
 impl Default for TargetRules {
@@ -70,6 +73,7 @@ impl Default for TargetRules {
             vocab_multiple: cost::VOCAB_PAD,
             distributed_optimizer: false,
             sliced_expert_bias: true,
+            interleaved_schedule: true,
         }
     }
 }
@@ -91,6 +95,7 @@ impl TargetRules {
             },
             distributed_optimizer: target.can("distributed_optimizer"),
             sliced_expert_bias: target.can("sliced_expert_bias"),
+            interleaved_schedule: target.allows("virtual_stages", "true"),
         }
     }
 

@@ -57,6 +57,9 @@ pub struct SearchResult {
     /// larger expert group).
     pub feasible: Vec<Candidate>,
     pub rejected: Vec<Rejected>,
+    /// Why the file's `virtual_stages` were not planned, when they were not for every
+    /// candidate (the target has no interleaved schedule).
+    pub note: Option<String>,
 }
 
 /// Searches tensor ∈ divisors(world) up to `gpus_per_node`, pipeline ∈ divisors of the
@@ -79,6 +82,15 @@ pub fn search_for(checked: &Checked, world: Option<u64>, rules: &TargetRules) ->
     let checked = &free;
     let mut feasible = Vec::new();
     let mut rejected = Vec::new();
+    // A target without the interleaved schedule is planned with one chunk per stage.
+    let asked = checked.parallel.virtual_stages;
+    let plain_only = asked > 1 && !rules.interleaved_schedule;
+    let note = plain_only.then(|| {
+        format!(
+            "Megatron-LM {} has no interleaved pipeline schedule: the file's virtual_stages = {asked} is not planned (one model chunk per stage)",
+            rules.version
+        )
+    });
     for t in divisors(w).into_iter().filter(|t| *t <= gpn) {
         for p in divisors(w / t) {
             let d = w / (t * p);
@@ -101,12 +113,12 @@ pub fn search_for(checked: &Checked, world: Option<u64>, rules: &TargetRules) ->
                     pipeline: Some(p),
                     expert_group: Some(e),
                     micro_batch: None,
-                    virtual_stages: None,
+                    virtual_stages: plain_only.then_some(1),
                     memory_model: None,
                     routing_skew: None,
                 };
                 let mut costed = cost_for(checked, &o, rules);
-                let interleaving = p > 1 && checked.parallel.virtual_stages > 1;
+                let interleaving = p > 1 && asked > 1 && !plain_only;
                 let unschedulable = |d: &[crate::diag::Diagnostic]| {
                     d.iter().any(|d| {
                         d.code == diagnostics::CHUNKS_NOT_DIVISIBLE
@@ -161,7 +173,11 @@ pub fn search_for(checked: &Checked, world: Option<u64>, rules: &TargetRules) ->
             .then(a.pipeline.cmp(&b.pipeline))
             .then(b.expert_group_size.cmp(&a.expert_group_size))
     });
-    SearchResult { feasible, rejected }
+    SearchResult {
+        feasible,
+        rejected,
+        note,
+    }
 }
 
 /// The report: the best `top` plans and the rejections grouped by reason.
@@ -175,6 +191,9 @@ pub fn report(r: &SearchResult, top: usize) -> String {
         r.feasible.len(),
         r.rejected.len()
     );
+    if let Some(note) = &r.note {
+        let _ = writeln!(o, "note: {note}");
+    }
     if !r.feasible.is_empty() {
         let _ = writeln!(o, "\nbest plans by estimated throughput");
         let _ = writeln!(
