@@ -76,6 +76,16 @@ if [ -z "${TRANSFORMER_IMPL:-}" ]; then
     fi
 fi
 IMPL_ARGS=(--transformer-impl "${TRANSFORMER_IMPL}")
+if [ "${TRANSFORMER_IMPL}" = local ]; then
+    # The local modules fuse with apex's CUDA extensions and Transformer Engine's rotary kernel
+    # by default, and fail at the first step where those are not installed: turn off each
+    # fusion whose kernel this Python cannot import.
+    has() { "${PYTHON}" -c "import $1" 2>/dev/null; }
+    has fused_weight_gradient_mlp_cuda || IMPL_ARGS+=(--no-gradient-accumulation-fusion)
+    has scaled_masked_softmax_cuda || IMPL_ARGS+=(--no-masked-softmax-fusion)
+    has apex || IMPL_ARGS+=(--no-persist-layer-norm)
+    has transformer_engine || IMPL_ARGS+=(--no-rope-fusion)
+fi
 {%- if v.native %}
 if [ "${TRANSFORMER_IMPL}" = transformer_engine ]; then
     IMPL_ARGS+=(--moe-grouped-gemm)
