@@ -5,7 +5,8 @@
 # mixtral-small.fmoe). Optionally first a folder emitted by an older build (BEFORE=dir).
 #
 # Two steps, because the GPU machine has no Rust and no network:
-#   here:    bash .ci/device-mcore.sh prep /path/to/Megatron-LM-at-core_v0.19.0 [fmoec binary]
+#   here:    [FMOEC_CUDA=target/release/fmoec] bash .ci/device-mcore.sh prep \
+#                /path/to/Megatron-LM-at-core_v0.19.0 [fmoec binary that emits]
 #            (copies the tree's pretrain_gpt.py, gpt_builders.py, model_provider.py and megatron/
 #            into .int/mlm, emits the two folders into .int/out, downloads packaging and psutil
 #            wheels into .int/wheels; .int must be ignored by git: it holds Megatron's code)
@@ -28,6 +29,10 @@ if [ "${1:-}" = prep ]; then
         rm -rf "$INT/out/$m"
         "$FMOEC" emit --megatron core_v0.19 "$INT/models/$m.fmoe" -o "$INT/out/$m" || exit 1
     done
+    # the same model for `fmoec run` (FMOEC_CUDA=path of a `--features cuda` build): its own data
+    sed -e 's#megatron("data/pile_text_document")#builtin("tiny-shakespeare")#' \
+        "$INT/models/mixtral-small.fmoe" > "$INT/models/mixtral-small-run.fmoe"
+    if [ -n "${FMOEC_CUDA:-}" ]; then cp "$FMOEC_CUDA" "$INT/fmoec" || exit 1; fi
     python3 -m pip download -q --no-deps -d "$INT/wheels" packaging psutil || exit 1
     du -sh "$INT"
     exit 0
@@ -72,4 +77,16 @@ if [ -n "${BEFORE:-}" ]; then
 fi
 run tiny-bf16 "$INT/out/tiny-bf16" 150 --train-iters 40 "${COMMON[@]}"
 run mixtral-small "$INT/out/mixtral-small" 200 --train-iters 30 "${COMMON[@]}"
+# The same Mixtral-shaped model (8 x 1024 tokens a step, bf16) in `fmoec run`, same GPU and call.
+if [ -x "$INT/fmoec" ]; then
+    TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
+    export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    for p in bf16 fp8; do
+        t0=$(date +%s)
+        timeout 200 "$INT/fmoec" run "$INT/models/mixtral-small-run.fmoe" --device cuda --steps 30 \
+            --precision "$p" --out "$OUT/fmoec-$p" --log-interval 0 > "$OUT/fmoec-$p.log" 2>&1
+        echo "== fmoec run $p: exit $? after $(( $(date +%s) - t0 )) s"
+        grep -E "^step (1|2|10|30) of|^steps|^loss|^device|note" "$OUT/fmoec-$p.log" | cut -c1-300
+    done
+fi
 date -u
