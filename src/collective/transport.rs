@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
-use super::error::{CollectiveError, ErrorKind};
+use super::error::{tensor_failure, CollectiveError, ErrorKind};
 use super::groups::{GroupKind, GroupLabel};
 use super::{
     check_all_to_all_counts, check_peers, received_mismatch, Collective, PeerTransfer, Result,
@@ -275,9 +275,8 @@ impl<T: Transport> MessageCollective<T> {
         &self,
         op: &'static str,
         at: &str,
-    ) -> impl Fn(tch::TchError) -> CollectiveError + '_ {
-        let at = at.to_string();
-        move |e| self.error(op, &at, ErrorKind::Tensor(e))
+    ) -> impl Fn(tch::TchError) -> CollectiveError {
+        tensor_failure(&self.label, op, at)
     }
 
     fn begin(&self) -> u64 {
