@@ -7,7 +7,7 @@
 //! by unwinding from a panic) marks the rank as gone in every inbox of its group and wakes
 //! every waiter.
 
-use super::groups::{GroupLabel, GroupLayout, Groups, LayoutError};
+use super::groups::{check_partition, GroupLabel, GroupLayout, Groups, LayoutError};
 use super::transport::{Inbox, Message, MessageCollective, Peer, Route, Transport};
 use super::{Collective, ErrorKind};
 use std::sync::Arc;
@@ -127,44 +127,19 @@ pub fn local_tensor_groups(
     groups: &[Vec<usize>],
     timeout: Duration,
 ) -> Result<Vec<LocalCollective>, LayoutError> {
+    check_partition("tensor", world, groups)?;
     let mut slots: Vec<Option<LocalCollective>> = (0..world).map(|_| None).collect();
     for members in groups {
-        if members.is_empty() {
-            return Err(LayoutError::EmptyGroup { kind: "tensor" });
-        }
         let label = GroupLabel {
             kind: super::GroupKind::Tensor,
             members: members.clone(),
         };
         for (&rank, handle) in members.iter().zip(LocalCollective::group(label, timeout)) {
-            match slots.get_mut(rank) {
-                None => {
-                    return Err(LayoutError::OutOfRange {
-                        kind: "tensor",
-                        rank,
-                        world,
-                    })
-                }
-                Some(Some(_)) => {
-                    return Err(LayoutError::Duplicate {
-                        kind: "tensor",
-                        rank,
-                    })
-                }
-                Some(slot) => *slot = Some(handle),
-            }
+            slots[rank] = Some(handle);
         }
     }
-    slots
-        .into_iter()
-        .enumerate()
-        .map(|(rank, s)| {
-            s.ok_or(LayoutError::Missing {
-                kind: "tensor",
-                rank,
-            })
-        })
-        .collect()
+    // A partition: every rank has its handle.
+    Ok(slots.into_iter().flatten().collect())
 }
 
 /// Run `body` once per rank, each on its own thread with that rank's groups; the

@@ -49,7 +49,7 @@
 //! GPUs was lent since it was written).
 
 use super::error::{CollectiveError, ErrorKind};
-use super::groups::{GroupLabel, GroupLayout, Groups};
+use super::groups::{tensor_group_of, GroupLabel, GroupLayout, Groups};
 use super::rendezvous::{DistEnv, RendezvousError};
 use super::{
     check_all_to_all_counts, check_peers, received_mismatch, Collective, FinishRows, PeerTransfer,
@@ -1358,25 +1358,9 @@ fn connect_with(
     timeout: Duration,
 ) -> anyhow::Result<(Groups, Device)> {
     layout.validate()?;
-    let my_tensor = match tensor {
-        None => None,
-        Some(lists) => {
-            let mut count = vec![0usize; layout.world];
-            for &r in lists.iter().flatten() {
-                match count.get_mut(r) {
-                    Some(c) => *c += 1,
-                    None => anyhow::bail!(
-                        "tensor groups: rank {r} is outside the world of {} ranks",
-                        layout.world
-                    ),
-                }
-            }
-            if let Some(r) = count.iter().position(|&c| c != 1) {
-                anyhow::bail!("tensor groups: rank {r} is in {} groups, not one", count[r]);
-            }
-            lists.iter().find(|g| g.contains(&env.rank)).cloned()
-        }
-    };
+    let my_tensor = tensor
+        .map(|lists| tensor_group_of(lists, layout.world, env.rank))
+        .transpose()?;
     if layout.world != env.world {
         anyhow::bail!(
             "the layout has {} ranks but WORLD_SIZE is {}",

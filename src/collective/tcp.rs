@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 use super::error::ErrorKind;
-use super::groups::{GroupKind, GroupLabel, GroupLayout, Groups};
+use super::groups::{tensor_group_of, GroupKind, GroupLabel, GroupLayout, Groups};
 use super::rendezvous::DistEnv;
 use super::transport::{
     Channel, Inbox, Message, MessageCollective, Payload, Peer, Route, Transport, OPERATIONS,
@@ -335,25 +335,9 @@ pub fn connect(
             env.world
         );
     }
-    let my_tensor = match tensor {
-        None => None,
-        Some(lists) => {
-            let mut count = vec![0usize; layout.world];
-            for &r in lists.iter().flatten() {
-                match count.get_mut(r) {
-                    Some(c) => *c += 1,
-                    None => anyhow::bail!(
-                        "tensor groups: rank {r} is outside the world of {} ranks",
-                        layout.world
-                    ),
-                }
-            }
-            if let Some(r) = count.iter().position(|&c| c != 1) {
-                anyhow::bail!("tensor groups: rank {r} is in {} groups, not one", count[r]);
-            }
-            lists.iter().find(|g| g.contains(&env.rank)).cloned()
-        }
-    };
+    let my_tensor = tensor
+        .map(|lists| tensor_group_of(lists, layout.world, env.rank))
+        .transpose()?;
     let deadline = Instant::now() + timeout;
     let (rank, world) = (env.rank, env.world);
     let tag = layout_tag(layout, tensor);
@@ -575,6 +559,33 @@ mod tests {
         assert_eq!(read_handshake_line(&mut long, 4).unwrap(), "0123");
         let mut short = std::io::Cursor::new(b"ERR".to_vec());
         assert_eq!(read_handshake_line(&mut short, 1024).unwrap(), "ERR");
+    }
+
+    /// Tensor groups that do not partition the world are refused before any connection.
+    #[test]
+    fn tensor_groups_must_partition_the_world() {
+        let layout = GroupLayout::data_parallel(3, 3).unwrap();
+        let timeout = Duration::from_secs(1);
+        for (lists, want) in [
+            (
+                vec![vec![0, 1], vec![1, 2]],
+                "tensor groups: rank 1 is in more than one group",
+            ),
+            (vec![vec![0, 1]], "tensor groups: rank 2 is in no group"),
+            (
+                vec![vec![0, 1, 2, 3]],
+                "rank 3 is outside the world of 3 ranks",
+            ),
+            (
+                vec![vec![0, 1, 2], vec![]],
+                "tensor groups: a group is empty",
+            ),
+        ] {
+            let Err(e) = connect(&layout, Some(&lists), &env(0, 3, free_port()), timeout) else {
+                panic!("{lists:?} was accepted");
+            };
+            assert!(e.to_string().contains(want), "{lists:?}: {e}");
+        }
     }
 
     #[test]
