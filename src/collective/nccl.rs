@@ -1358,9 +1358,6 @@ fn connect_with(
     timeout: Duration,
 ) -> anyhow::Result<(Groups, Device)> {
     layout.validate()?;
-    let my_tensor = tensor
-        .map(|lists| tensor_group_of(lists, layout.world, env.rank))
-        .transpose()?;
     if layout.world != env.world {
         anyhow::bail!(
             "the layout has {} ranks but WORLD_SIZE is {}",
@@ -1368,6 +1365,9 @@ fn connect_with(
             env.world
         );
     }
+    let my_tensor = tensor
+        .map(|lists| tensor_group_of(lists, layout.world, env.rank))
+        .transpose()?;
     if !NcclLibrary::loadable() {
         let found = NcclLibrary::locate()
             .map(|p| format!("this process has {} loaded, but ", p.display()))
