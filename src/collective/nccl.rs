@@ -49,7 +49,7 @@
 //! GPUs was lent since it was written).
 
 use super::error::{CollectiveError, ErrorKind};
-use super::groups::{tensor_group_of, GroupLabel, GroupLayout, Groups};
+use super::groups::{GroupLabel, GroupLayout, Groups};
 use super::rendezvous::{DistEnv, RendezvousError};
 use super::{
     check_all_to_all_counts, check_peers, received_mismatch, Collective, FinishRows, PeerTransfer,
@@ -1357,17 +1357,7 @@ fn connect_with(
     env: &DistEnv,
     timeout: Duration,
 ) -> anyhow::Result<(Groups, Device)> {
-    layout.validate()?;
-    if layout.world != env.world {
-        anyhow::bail!(
-            "the layout has {} ranks but WORLD_SIZE is {}",
-            layout.world,
-            env.world
-        );
-    }
-    let my_tensor = tensor
-        .map(|lists| tensor_group_of(lists, layout.world, env.rank))
-        .transpose()?;
+    let my_tensor = env.place_in(layout, tensor)?;
     if !NcclLibrary::loadable() {
         let found = NcclLibrary::locate()
             .map(|p| format!("this process has {} loaded, but ", p.display()))

@@ -17,8 +17,10 @@
 //! `host:port` line per rank (a client's host is the address rank 0 saw it connect from;
 //! rank 0's is `MASTER_ADDR`), or `ERR <message>\n`.
 //!
-//! It knows nothing about NCCL or tensors: the payload is opaque bytes.
+//! It knows nothing about NCCL or tensors: the payload is opaque bytes; of the groups, only
+//! whether a [`GroupLayout`] fits the environment ([`DistEnv::place_in`]).
 
+use super::groups::{tensor_group_of, GroupLayout};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -173,6 +175,25 @@ impl DistEnv {
 }
 
 impl DistEnv {
+    /// Checks that this process fits `layout` (and the tensor groups `tensor`, when given):
+    /// a valid layout of `WORLD_SIZE` ranks. Returns this rank's tensor group.
+    pub(crate) fn place_in(
+        &self,
+        layout: &GroupLayout,
+        tensor: Option<&[Vec<usize>]>,
+    ) -> anyhow::Result<Option<Vec<usize>>> {
+        layout.validate()?;
+        if layout.world != self.world {
+            anyhow::bail!(
+                "the layout has {} ranks but WORLD_SIZE is {}",
+                layout.world,
+                self.world
+            );
+        }
+        let mine = tensor.map(|lists| tensor_group_of(lists, layout.world, self.rank));
+        Ok(mine.transpose()?)
+    }
+
     /// Every rank's `host:port`, indexed by rank, given this rank's listening `port`: rank 0
     /// serves the gather on `MASTER_ADDR:MASTER_PORT` (its own entry is `MASTER_ADDR`), the
     /// others fetch it. A barrier too; every wait ends by `timeout`.

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 use super::error::ErrorKind;
-use super::groups::{tensor_group_of, GroupKind, GroupLabel, GroupLayout, Groups};
+use super::groups::{GroupKind, GroupLabel, GroupLayout, Groups};
 use super::rendezvous::DistEnv;
 use super::transport::{
     Channel, Inbox, Message, MessageCollective, Payload, Peer, Route, Transport, OPERATIONS,
@@ -327,17 +327,7 @@ pub fn connect(
     env: &DistEnv,
     timeout: Duration,
 ) -> anyhow::Result<Groups> {
-    layout.validate()?;
-    if layout.world != env.world {
-        anyhow::bail!(
-            "the layout has {} ranks but WORLD_SIZE is {}",
-            layout.world,
-            env.world
-        );
-    }
-    let my_tensor = tensor
-        .map(|lists| tensor_group_of(lists, layout.world, env.rank))
-        .transpose()?;
+    let my_tensor = env.place_in(layout, tensor)?;
     let deadline = Instant::now() + timeout;
     let (rank, world) = (env.rank, env.world);
     let tag = layout_tag(layout, tensor);
