@@ -236,12 +236,19 @@ pub fn serve_gather(
     let mut table: Vec<String> = vec![String::new(); world];
     table[0] = own.to_string();
     let mut clients: Vec<TcpStream> = Vec::new();
-    admit_ranks(listener, world, tag, Exchange::Gather, timeout, |joining| {
-        let port = joining.port.unwrap_or_default();
-        table[joining.rank] = SocketAddr::new(joining.from.ip(), port).to_string();
-        clients.push(joining.stream);
-        true
-    })?;
+    admit_ranks(
+        listener,
+        world,
+        tag,
+        Exchange::Gather,
+        timeout,
+        |hello, from, stream| {
+            let port = hello.port.unwrap_or_default();
+            table[hello.rank] = SocketAddr::new(from.ip(), port).to_string();
+            clients.push(stream);
+            true
+        },
+    )?;
     let mut answer = format!("OK {world}\n");
     for entry in &table {
         answer.push_str(entry);
@@ -356,17 +363,9 @@ struct Hello {
     port: Option<u16>,
 }
 
-/// A rank that said a valid hello, for [`admit_ranks`]'s caller to answer.
-struct Joining {
-    rank: usize,
-    /// The address it connected from.
-    from: SocketAddr,
-    port: Option<u16>,
-    stream: TcpStream,
-}
-
 /// Rank 0's side of both exchanges: accepts clients on `listener` until `admit` has taken
-/// each of ranks `1..world` once (it answers the rank and says whether it counts), or fails
+/// each of ranks `1..world` once (given the rank's hello, the address it connected from and
+/// its connection, it answers the rank and says whether it counts), or fails
 /// by `timeout` naming the ranks that did not come. A bad client (not fmoec, a duplicate
 /// rank, a port scanner) gets an `ERR` line and is not counted; a rank that disagrees on the
 /// world size or the tag fails rank 0 too.
@@ -376,7 +375,7 @@ fn admit_ranks(
     tag: &str,
     exchange: Exchange,
     timeout: Duration,
-    mut admit: impl FnMut(Joining) -> bool,
+    mut admit: impl FnMut(&Hello, SocketAddr, TcpStream) -> bool,
 ) -> Result<(), RendezvousError> {
     let addr = local_addr(listener);
     let deadline = Instant::now() + timeout;
@@ -446,13 +445,7 @@ fn admit_ranks(
             refuse(&mut stream, &message);
             continue;
         }
-        let joining = Joining {
-            rank,
-            from,
-            port: hello.port,
-            stream,
-        };
-        joined[rank] = admit(joining);
+        joined[rank] = admit(&hello, from, stream);
     }
     Ok(())
 }
@@ -593,12 +586,11 @@ pub fn serve(
         tag,
         Exchange::Bytes,
         timeout,
-        |mut joining| {
+        |_, _, mut stream| {
             // A rank counts once it has the bytes.
-            joining
-                .stream
+            stream
                 .write_all(&message)
-                .and_then(|_| joining.stream.flush())
+                .and_then(|_| stream.flush())
                 .is_ok()
         },
     )
