@@ -2,7 +2,7 @@
 //! the group's threads. Used by CI to test multi-rank behaviour without GPUs, and by a
 //! CPU run that wants several ranks in one process.
 //!
-//! The operations are [`super::transport`]'s, over the [`InProcess`] transport: a message
+//! The operations are [`super::MessageCollective`]'s, over the [`InProcess`] transport: a message
 //! is a copy of the sender's tensor queued in the receiver's inbox. Dropping a handle (also
 //! by unwinding from a panic) marks the rank as gone in every inbox of its group and wakes
 //! every waiter.
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The in-process transport of one rank of one group: a message goes straight into the
-/// receiver's [`Inbox`], shared between the group's threads.
+/// receiver's inbox, shared between the group's threads.
 pub struct InProcess {
     /// Every position's inbox.
     inboxes: Arc<[Inbox]>,

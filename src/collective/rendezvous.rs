@@ -18,7 +18,7 @@
 //! rank 0's is `MASTER_ADDR`), or `ERR <message>\n`.
 //!
 //! It knows nothing about NCCL or tensors: the payload is opaque bytes; of the groups, only
-//! whether a [`GroupLayout`] fits the environment ([`DistEnv::place_in`]).
+//! whether a [`GroupLayout`] fits the environment (`DistEnv::place_in`).
 
 use super::groups::{tensor_group_of, GroupLayout};
 use std::io::{BufRead, BufReader, Read, Write};

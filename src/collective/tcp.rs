@@ -10,12 +10,12 @@
 //! refused). One reader thread per connection sorts incoming messages into the process's
 //! inbox by (group, sender).
 //!
-//! The operations are [`super::transport`]'s, over the [`TcpTransport`], as the in-process
-//! ones are: ranks that call collectives in different orders get a mismatch error, a peer
-//! whose connection closed (its process ended or died) fails the waiters at once, every
-//! wait ends by the handle's timeout, and all-reduce adds the contributions in rank order,
-//! so every rank gets the same bits. Tensors travel as their raw bytes (any device: they go
-//! through the CPU).
+//! The operations are [`super::MessageCollective`]'s, over the [`TcpTransport`], as the
+//! in-process ones are: ranks that call collectives in different orders get a mismatch
+//! error, a peer whose connection closed (its process ended or died) fails the waiters at
+//! once, every wait ends by the handle's timeout, and all-reduce adds the contributions in
+//! rank order, so every rank gets the same bits. Tensors travel as their raw bytes (any
+//! device: they go through the CPU).
 //!
 //! Wire format of one message (little-endian): group kind `u8` (with bit 7 set for a
 //! point-to-point transfer, numbered per pair of ranks instead of per group), the group's
