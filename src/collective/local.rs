@@ -2,10 +2,10 @@
 //! the group's threads. Used by CI to test multi-rank behaviour without GPUs, and by a
 //! CPU run that wants several ranks in one process.
 //!
-//! The operations are [`super::MessageCollective`]'s, over the [`InProcess`] transport: a message
-//! is a copy of the sender's tensor queued in the receiver's inbox. Dropping a handle (also
-//! by unwinding from a panic) marks the rank as gone in every inbox of its group and wakes
-//! every waiter.
+//! The operations are [`super::MessageCollective`]'s, over the [`InProcess`] transport: a
+//! message is a copy of the sender's tensor queued in the receiver's inbox. Dropping a
+//! handle (also by unwinding from a panic) marks the rank as gone in every inbox of its
+//! group and wakes every waiter.
 
 use super::groups::{check_partition, GroupLabel, GroupLayout, Groups, LayoutError};
 use super::transport::{Inbox, Message, MessageCollective, Peer, Route, Transport};
