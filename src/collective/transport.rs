@@ -298,7 +298,7 @@ impl<T: Transport> MessageCollective<T> {
     }
 
     /// Sends `payload` of operation `seq` on `channel` to group position `to`.
-    fn send(
+    fn send_message(
         &self,
         channel: Channel,
         to: usize,
@@ -319,7 +319,7 @@ impl<T: Transport> MessageCollective<T> {
 
     /// Waits for operation `seq`'s message on `channel` from every group position in
     /// `sources`; payloads in that order.
-    fn receive(
+    fn receive_messages(
         &self,
         channel: Channel,
         sources: &[usize],
@@ -343,9 +343,9 @@ impl<T: Transport> MessageCollective<T> {
         at: &str,
     ) -> Result<Vec<Payload>> {
         for dst in self.everyone() {
-            self.send(Channel::Collective, dst, seq, op, mine(), at)?;
+            self.send_message(Channel::Collective, dst, seq, op, mine(), at)?;
         }
-        self.receive(Channel::Collective, &self.everyone(), seq, op, at)
+        self.receive_messages(Channel::Collective, &self.everyone(), seq, op, at)
     }
 }
 
@@ -437,9 +437,9 @@ impl<T: Transport> Collective for MessageCollective<T> {
             .map_err(self.tensor_error(OP, at))?;
         for (dst, part) in parts.iter().enumerate() {
             let payload = Payload::Tensor(part.shallow_clone());
-            self.send(Channel::Collective, dst, seq, OP, payload, at)?;
+            self.send_message(Channel::Collective, dst, seq, OP, payload, at)?;
         }
-        let received = self.receive(Channel::Collective, &self.everyone(), seq, OP, at)?;
+        let received = self.receive_messages(Channel::Collective, &self.everyone(), seq, OP, at)?;
         let mut pieces = Vec::with_capacity(size);
         for (src, part) in received.into_iter().enumerate() {
             let part = expect_tensor(part).unwrap_or_default();
@@ -474,12 +474,12 @@ impl<T: Transport> Collective for MessageCollective<T> {
         if self.position == root {
             for dst in self.everyone().into_iter().filter(|&d| d != root) {
                 let payload = Payload::Tensor(tensor.shallow_clone());
-                self.send(Channel::Collective, dst, seq, OP, payload, at)?;
+                self.send_message(Channel::Collective, dst, seq, OP, payload, at)?;
             }
             return Ok(());
         }
         let part = self
-            .receive(Channel::Collective, &[root], seq, OP, at)?
+            .receive_messages(Channel::Collective, &[root], seq, OP, at)?
             .into_iter()
             .next()
             .and_then(expect_tensor);
@@ -522,14 +522,14 @@ impl<T: Transport> Collective for MessageCollective<T> {
                     sent[*to] - 1
                 };
                 let payload = Payload::Tensor(tensor.shallow_clone());
-                self.send(Channel::PointToPoint, *to, seq, OP, payload, at)?;
+                self.send_message(Channel::PointToPoint, *to, seq, OP, payload, at)?;
             }
         }
         for t in transfers.iter_mut() {
             if let PeerTransfer::Recv { into, from } = t {
                 let seq = self.p2p_received.borrow()[*from];
                 let payload = self
-                    .receive(Channel::PointToPoint, &[*from], seq, OP, at)?
+                    .receive_messages(Channel::PointToPoint, &[*from], seq, OP, at)?
                     .into_iter()
                     .next();
                 self.p2p_received.borrow_mut()[*from] += 1;
