@@ -472,9 +472,19 @@ fn ask_rank_zero(
     stream.write_all(hello.as_bytes()).map_err(&io)?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    reader
+    let read = reader
         .read_line(&mut line)
         .map_err(read_error(addr, timeout, waiting))?;
+    if read == 0 {
+        // Rank 0 gave up (its own deadline, a rank that disagreed) and closed the
+        // connection; its own error says why.
+        return Err(RendezvousError::Refused {
+            addr: addr.to_string(),
+            message: format!(
+                "rank 0 closed the connection without answering rank {rank} (see rank 0's error)"
+            ),
+        });
+    }
     let line = line.trim_end().to_string();
     if let Some(message) = line.strip_prefix("ERR ") {
         return Err(RendezvousError::Refused {
@@ -835,6 +845,27 @@ mod tests {
             assert_eq!(fetch(&addr, 2, 3, "t", timeout).unwrap(), b"id");
             server.join().unwrap().unwrap();
         });
+    }
+
+    /// Rank 0 that stops before answering (its own deadline passed) is named as such, not
+    /// as "another service on this port".
+    #[test]
+    fn a_rank_zero_that_closes_without_answering_is_named() {
+        let listener = bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let rank_zero = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut hello = String::new();
+            BufReader::new(&mut stream).read_line(&mut hello).unwrap();
+        });
+        let e = fetch_gather(&addr, 1, 2, "t", 7001, Duration::from_secs(20)).unwrap_err();
+        rank_zero.join().unwrap();
+        assert!(
+            e.to_string().ends_with(
+                "rank 0 closed the connection without answering rank 1 (see rank 0's error)"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
