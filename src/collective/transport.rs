@@ -40,6 +40,7 @@ pub const OPERATIONS: [&str; 6] = [
 ];
 
 /// What one message carries.
+#[derive(Debug)]
 pub enum Payload {
     Empty,
     Counts(Vec<i64>),
@@ -548,5 +549,108 @@ impl<T: Transport> Collective for MessageCollective<T> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(channel: Channel) -> Route {
+        Route {
+            kind: GroupKind::Pipeline,
+            first: 0,
+            channel,
+        }
+    }
+
+    fn message(seq: u64, op: &'static str) -> Message {
+        Message {
+            seq,
+            op,
+            payload: Payload::Counts(vec![seq as i64]),
+        }
+    }
+
+    const SOON: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn messages_queued_before_a_peer_left_are_still_received() {
+        let inbox = Inbox::default();
+        let collective = route(Channel::Collective);
+        inbox.deliver(collective, 3, message(0, "barrier"));
+        inbox.depart(3, false);
+        let got = inbox.take(collective, &[3], 0, "barrier", SOON).unwrap();
+        assert!(matches!(got.as_slice(), [Payload::Counts(c)] if c == &[0]));
+        let e = inbox
+            .take(collective, &[3], 1, "barrier", SOON)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            ErrorKind::PeerGone {
+                peer: 3,
+                panicked: false
+            }
+        ));
+    }
+
+    #[test]
+    fn of_two_peers_gone_the_one_that_panicked_is_named() {
+        let inbox = Inbox::default();
+        inbox.depart(3, false);
+        inbox.depart(5, true);
+        // a second record of the same departure does not change the first
+        inbox.depart(5, false);
+        let e = inbox
+            .take(route(Channel::Collective), &[3, 5], 0, "barrier", SOON)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            ErrorKind::PeerGone {
+                peer: 5,
+                panicked: true
+            }
+        ));
+    }
+
+    #[test]
+    fn a_timeout_lists_the_silent_sources_in_order() {
+        let inbox = Inbox::default();
+        let collective = route(Channel::Collective);
+        inbox.deliver(collective, 7, message(0, "all_reduce_sum"));
+        let e = inbox
+            .take(collective, &[2, 7, 4], 0, "all_reduce_sum", SOON)
+            .unwrap_err();
+        match e {
+            ErrorKind::Timeout { waited, missing } => {
+                assert_eq!((waited, missing), (SOON, vec![2, 4]));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Collectives and point-to-point transfers are numbered apart and say so when out of
+    /// step; a message on one channel never answers a wait on the other.
+    #[test]
+    fn mismatches_name_the_operation_or_the_transfer() {
+        let inbox = Inbox::default();
+        let (collective, p2p) = (route(Channel::Collective), route(Channel::PointToPoint));
+        inbox.deliver(collective, 1, message(4, "barrier"));
+        inbox.deliver(p2p, 1, message(2, "send_recv"));
+        let e = inbox
+            .take(collective, &[1], 4, "all_gather_counts", SOON)
+            .unwrap_err();
+        assert_eq!(
+            CollectiveError::new(&"data group [0,1]", "all_gather_counts", "step 2", e)
+                .to_string(),
+            "data group [0,1]: all_gather_counts at \"step 2\": rank 1 is at barrier (its collective #4) while this rank is at all_gather_counts (its collective #4): the ranks call collectives in different orders"
+        );
+        let e = inbox.take(p2p, &[1], 1, "send_recv", SOON).unwrap_err();
+        assert!(matches!(
+            &e,
+            ErrorKind::Mismatch { peer: 1, theirs, ours }
+                if theirs == "its transfer #2 to this rank" && ours == "this rank's transfer #1 from it"
+        ));
+        assert!(inbox.take(p2p, &[1], 2, "send_recv", SOON).is_ok());
     }
 }
