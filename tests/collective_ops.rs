@@ -1,10 +1,12 @@
-//! The in-process collectives: results, and failures that name the group and the call
-//! site instead of hanging (timeouts, ranks that die, ranks out of step).
+//! The collectives of the in-process and the TCP backend (one implementation over two
+//! transports): results, the same bits over both, and failures that name the group and
+//! the call site instead of hanging (timeouts, ranks that die, ranks out of step).
 #![cfg(feature = "runtime")]
 
 use fmoec::collective::local::{local_world, run_ranks, LocalCollective};
+use fmoec::collective::rendezvous::DistEnv;
 use fmoec::collective::{
-    Collective, ErrorKind, GroupKind, GroupLabel, GroupLayout, LayoutError, PeerTransfer,
+    Collective, ErrorKind, GroupKind, GroupLabel, GroupLayout, Groups, LayoutError, PeerTransfer,
 };
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
@@ -17,9 +19,67 @@ fn world(n: usize, timeout: Duration) -> Vec<fmoec::collective::Groups> {
     local_world(&GroupLayout::data_parallel(n, n).unwrap(), timeout).unwrap()
 }
 
+/// How the ranks of a test reach each other.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    /// `local`: handles of one process.
+    InProcess,
+    /// `tcp`: every rank connects on its own, as separate processes do.
+    Tcp,
+}
+
+const BACKENDS: [Backend; 2] = [Backend::InProcess, Backend::Tcp];
+
+/// Runs `body` once per rank of `layout`, each on its own thread with its groups over
+/// `backend`; the results (or panics) in rank order.
+fn on_ranks<R: Send>(
+    backend: Backend,
+    layout: &GroupLayout,
+    timeout: Duration,
+    body: impl Fn(Groups) -> R + Sync,
+) -> Vec<std::thread::Result<R>> {
+    match backend {
+        Backend::InProcess => run_ranks(local_world(layout, timeout).unwrap(), body),
+        Backend::Tcp => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap()
+                .port();
+            std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..layout.world)
+                    .map(|rank| {
+                        let env = DistEnv {
+                            rank,
+                            world: layout.world,
+                            local_rank: rank,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port,
+                        };
+                        let body = &body;
+                        scope.spawn(move || {
+                            let connect = fmoec::collective::tcp::connect;
+                            // the handles' timeout bounds the connecting too
+                            let groups = connect(layout, None, &env, timeout);
+                            body(groups.expect("rank connects over TCP"))
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join()).collect()
+            })
+        }
+    }
+}
+
 #[test]
 fn operations_give_the_expected_values_on_four_ranks() {
-    let results = run_ranks(world(4, Duration::from_secs(20)), |groups| {
+    for backend in BACKENDS {
+        operations_give_the_expected_values(backend);
+    }
+}
+
+fn operations_give_the_expected_values(backend: Backend) {
+    let layout = GroupLayout::data_parallel(4, 4).unwrap();
+    let results = on_ranks(backend, &layout, Duration::from_secs(20), |groups| {
         let g = groups.data();
         let r = g.rank() as f64;
         let mut t = Tensor::from_slice(&[r, 10.0 * r, 0.5]).reshape([3, 1]);
@@ -51,15 +111,129 @@ fn operations_give_the_expected_values_on_four_ranks() {
     });
     for (rank, result) in results.into_iter().enumerate() {
         let (sum, counts, received, shape, broadcast) = result.unwrap();
-        assert_eq!(sum, vec![6.0, 60.0, 2.0]);
+        assert_eq!(sum, vec![6.0, 60.0, 2.0], "{backend:?}");
         assert_eq!(counts, (0..4).map(|s| vec![s, 7]).collect::<Vec<_>>());
         let expected: Vec<f64> = (0..4usize)
             .flat_map(|s| std::iter::repeat_n((10 * s + rank) as f64, (s + rank) % 3))
             .flat_map(|v| [v, -v])
             .collect();
-        assert_eq!(received, expected, "rank {rank}");
+        assert_eq!(received, expected, "{backend:?} rank {rank}");
         assert_eq!(shape[1], 2);
-        assert_eq!(broadcast, vec![2.0, 2.0]);
+        assert_eq!(broadcast, vec![2.0, 2.0], "{backend:?}");
+    }
+}
+
+/// The bits of a tensor's values, with its dtype and shape.
+fn bits(t: &Tensor) -> (Kind, Vec<i64>, Vec<u8>) {
+    let t = t.contiguous();
+    let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+    t.copy_data_u8(&mut bytes, t.numel());
+    (t.kind(), t.size(), bytes)
+}
+
+/// A tensor of `shape` and `kind` with values in [-1000, 1000) drawn from `seed` (not from
+/// libtorch's generator, which the rank threads share).
+fn noise(seed: &mut u64, shape: &[i64], kind: Kind) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let values: Vec<f64> = (0..n)
+        .map(|_| {
+            // xorshift64
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            (*seed >> 11) as f64 / (1u64 << 53) as f64 * 2000.0 - 1000.0
+        })
+        .collect();
+    Tensor::from_slice(&values).reshape(shape).to_kind(kind)
+}
+
+/// Every operation of a script on pseudo-random data, in f32, f64 and bf16: each rank's
+/// results, as bits.
+fn script_of_every_operation(groups: Groups) -> Vec<(Kind, Vec<i64>, Vec<u8>)> {
+    let g = groups.data();
+    let (rank, size) = (g.rank(), g.size());
+    let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (rank as u64 + 1);
+    let mut out = Vec::new();
+    for (round, kind) in [Kind::Float, Kind::Double, Kind::BFloat16]
+        .into_iter()
+        .enumerate()
+    {
+        let options = (kind, tch::Device::Cpu);
+        // sums whose order shows in the last bits
+        let mut t = noise(&mut seed, &[257], kind);
+        g.all_reduce_sum(&mut t, "bits: all_reduce").unwrap();
+        out.push(bits(&t));
+        // the same on one of the other groups (its own numbering)
+        let mut e = noise(&mut seed, &[3, 5], kind);
+        groups
+            .expert()
+            .all_reduce_sum(&mut e, "bits: expert")
+            .unwrap();
+        out.push(bits(&e));
+        let counts: Vec<i64> = (0..size)
+            .map(|d| ((rank + 2 * d + round) % 4) as i64)
+            .collect();
+        let gathered = g.all_gather_counts(&counts, "bits: counts").unwrap();
+        let recv: Vec<i64> = gathered.iter().map(|c| c[rank]).collect();
+        let rows = noise(&mut seed, &[counts.iter().sum::<i64>(), 3], kind);
+        let got = g
+            .all_to_all_v(&rows, &counts, &recv, "bits: all_to_all")
+            .unwrap();
+        out.push(bits(&got));
+        let mut b = noise(&mut seed, &[4], kind);
+        g.broadcast(&mut b, size - 1, "bits: broadcast").unwrap();
+        out.push(bits(&b));
+        g.barrier("bits: barrier").unwrap();
+        let (next, prev) = ((rank + 1) % size, (rank + size - 1) % size);
+        let mine = noise(&mut seed, &[2, 2], kind);
+        let mut from_prev = Tensor::zeros([2, 2], options);
+        g.send_recv(
+            &mut [
+                PeerTransfer::Send {
+                    tensor: &mine,
+                    to: next,
+                },
+                PeerTransfer::Recv {
+                    into: &mut from_prev,
+                    from: prev,
+                },
+            ],
+            "bits: ring",
+        )
+        .unwrap();
+        out.push(bits(&from_prev));
+    }
+    out
+}
+
+/// The one implementation of the collectives gives the same bits whichever transport
+/// carries its messages (four ranks, two expert groups of two).
+#[test]
+fn every_operation_gives_the_same_bits_in_process_and_over_tcp() {
+    let layout = GroupLayout::data_parallel(4, 2).unwrap();
+    let timeout = Duration::from_secs(30);
+    let over = |backend| -> Vec<_> {
+        on_ranks(backend, &layout, timeout, script_of_every_operation)
+            .into_iter()
+            .map(|r| r.expect("no rank panics"))
+            .collect()
+    };
+    let (local, tcp) = (over(Backend::InProcess), over(Backend::Tcp));
+    assert_eq!(local.len(), 4);
+    for (rank, (a, b)) in local.iter().zip(&tcp).enumerate() {
+        assert_eq!(a.len(), 15);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                x == y,
+                "rank {rank}, result {i}: {:?} {:?} differ",
+                x.0,
+                x.1
+            );
+        }
+    }
+    // and the all-reduce is the same on every rank
+    for r in &local[1..] {
+        assert_eq!(r[0], local[0][0]);
     }
 }
 
@@ -97,8 +271,14 @@ fn strided_layout() -> GroupLayout {
 
 #[test]
 fn a_timeout_names_the_group_and_the_step() {
-    let ranks = local_world(&strided_layout(), Duration::from_millis(300)).unwrap();
-    let results = run_ranks(ranks, |groups| {
+    for backend in BACKENDS {
+        a_timeout_names_the_group_and_the_step_over(backend);
+    }
+}
+
+fn a_timeout_names_the_group_and_the_step_over(backend: Backend) {
+    let timeout = Duration::from_millis(300);
+    let results = on_ranks(backend, &strided_layout(), timeout, |groups| {
         if groups.rank() == 2 {
             // Stays alive but never joins: rank 0 must time out, not wait.
             std::thread::sleep(Duration::from_millis(1200));
@@ -120,7 +300,7 @@ fn a_timeout_names_the_group_and_the_step() {
         ))
     });
     let (message, is_timeout, elapsed) = results.into_iter().next().unwrap().unwrap().unwrap();
-    assert!(is_timeout, "{message}");
+    assert!(is_timeout, "{backend:?}: {message}");
     assert!(message.contains("expert group [0,2]"), "{message}");
     assert!(message.contains("step 7, layer 3"), "{message}");
     assert!(message.contains("all_reduce_sum"), "{message}");
@@ -172,7 +352,14 @@ fn a_rank_that_panics_makes_the_others_fail_instead_of_hanging() {
 
 #[test]
 fn a_rank_that_drops_its_handle_makes_the_others_fail() {
-    let results = run_ranks(world(2, Duration::from_secs(60)), |groups| {
+    for backend in BACKENDS {
+        a_rank_that_drops_its_handle_makes_the_others_fail_over(backend);
+    }
+}
+
+fn a_rank_that_drops_its_handle_makes_the_others_fail_over(backend: Backend) {
+    let layout = GroupLayout::data_parallel(2, 2).unwrap();
+    let results = on_ranks(backend, &layout, Duration::from_secs(60), |groups| {
         if groups.rank() == 1 {
             drop(groups);
             return None;
@@ -188,14 +375,21 @@ fn a_rank_that_drops_its_handle_makes_the_others_fail() {
                 panicked: false
             }
         ),
-        "{err}"
+        "{backend:?}: {err}"
     );
     assert!(err.to_string().contains("data group [0,1]"), "{err}");
 }
 
 #[test]
 fn ranks_out_of_step_get_a_mismatch_error() {
-    let results = run_ranks(world(2, Duration::from_secs(20)), |groups| {
+    for backend in BACKENDS {
+        ranks_out_of_step_get_a_mismatch_error_over(backend);
+    }
+}
+
+fn ranks_out_of_step_get_a_mismatch_error_over(backend: Backend) {
+    let layout = GroupLayout::data_parallel(2, 2).unwrap();
+    let results = on_ranks(backend, &layout, Duration::from_secs(20), |groups| {
         let g = groups.data();
         if g.rank() == 0 {
             g.barrier("step 2").map(|_| ())
@@ -208,13 +402,13 @@ fn ranks_out_of_step_get_a_mismatch_error() {
         .map(|r| r.unwrap().unwrap_err().to_string())
         .collect();
     assert!(
-        messages[0].contains("rank 1 is at all_gather_counts"),
-        "{}",
+        messages[0].contains("rank 1 is at all_gather_counts (its collective #0)"),
+        "{backend:?}: {}",
         messages[0]
     );
     assert!(
         messages[1].contains("rank 0 is at barrier"),
-        "{}",
+        "{backend:?}: {}",
         messages[1]
     );
 }
@@ -305,9 +499,14 @@ fn layouts_are_validated() {
 /// it was sent by.
 #[test]
 fn point_to_point_transfers_arrive_in_order() {
+    for backend in BACKENDS {
+        point_to_point_transfers_arrive_in_order_over(backend);
+    }
+}
+
+fn point_to_point_transfers_arrive_in_order_over(backend: Backend) {
     let layout = GroupLayout::megatron(4, 1, 4, 1).unwrap();
-    let ranks = local_world(&layout, Duration::from_secs(20)).unwrap();
-    let results = run_ranks(ranks, |groups| {
+    let results = on_ranks(backend, &layout, Duration::from_secs(20), |groups| {
         let g = groups.pipeline();
         let s = g.rank();
         let (next, prev) = ((s + 1) % 4, (s + 3) % 4);
@@ -355,7 +554,11 @@ fn point_to_point_transfers_arrive_in_order() {
         let got = result.unwrap();
         let (next, prev) = ((s + 1) % 4, (s + 3) % 4);
         for (round, &(a, g)) in got.iter().take(3).enumerate() {
-            assert_eq!(a, (10 * prev + round) as f64, "stage {s} round {round}");
+            assert_eq!(
+                a,
+                (10 * prev + round) as f64,
+                "{backend:?} stage {s} round {round}"
+            );
             assert_eq!(g, (100 * next + round) as f64, "stage {s} round {round}");
         }
         assert_eq!(got.len(), if s == 3 { 4 } else { 3 });
@@ -366,9 +569,14 @@ fn point_to_point_transfers_arrive_in_order() {
 /// that left are errors naming the group, the call site and the peer.
 #[test]
 fn point_to_point_failures_name_the_peer() {
+    for backend in BACKENDS {
+        point_to_point_failures_name_the_peer_over(backend);
+    }
+}
+
+fn point_to_point_failures_name_the_peer_over(backend: Backend) {
     let layout = GroupLayout::megatron(3, 1, 3, 1).unwrap();
-    let ranks = local_world(&layout, Duration::from_millis(400)).unwrap();
-    let results = run_ranks(ranks, |groups| {
+    let results = on_ranks(backend, &layout, Duration::from_millis(400), |groups| {
         let g = groups.pipeline();
         match g.rank() {
             0 => {
@@ -395,13 +603,16 @@ fn point_to_point_failures_name_the_peer() {
         shape.contains("pipeline group [0,1,2]: send_recv at \"step 1\"")
             && shape.contains("rank 0 sent a tensor of shape [2]")
             && shape.contains("where this rank receives [3]"),
-        "{shape}"
+        "{backend:?}: {shape}"
     );
     assert!(
         late.contains("timed out after 400ms waiting for rank 2"),
         "{late}"
     );
-    assert!(gone.contains("rank 0 left the group"), "{gone}");
+    assert!(
+        gone.contains("rank 0 left the group"),
+        "{backend:?}: {gone}"
+    );
 }
 
 #[test]

@@ -61,6 +61,17 @@ impl CollectiveError {
     }
 }
 
+/// For `map_err`: a failed tensor operation within operation `op` of `group`, called at `at`.
+pub(crate) fn tensor_failure(
+    group: &impl fmt::Display,
+    op: &'static str,
+    at: &str,
+) -> impl Fn(tch::TchError) -> CollectiveError {
+    let group = group.to_string();
+    let at = at.to_string();
+    move |e| CollectiveError::new(&group, op, &at, ErrorKind::Tensor(e))
+}
+
 impl fmt::Display for CollectiveError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {} at \"{}\": ", self.group, self.op, self.at)?;

@@ -34,7 +34,7 @@
 //! communicator (the counts, the broadcasts, the gradient reductions) happens while no
 //! started all-to-all is pending; an exchange waits for all it started before it returns.
 
-use super::error::{CollectiveError, ErrorKind};
+use super::error::{tensor_failure, CollectiveError, ErrorKind};
 use super::grads::reduce_shadow_gradients;
 use super::tape::backward_roots;
 use super::{Collective, ExpertPlacement, Result};
@@ -153,16 +153,6 @@ pub struct ExchangeTape {
     local_counts: Vec<i64>,
 }
 
-fn tensor_err(
-    group: &dyn Collective,
-    op: &'static str,
-    at: &str,
-) -> impl Fn(tch::TchError) -> CollectiveError {
-    let group = group.label().to_string();
-    let at = at.to_string();
-    move |e| CollectiveError::new(&group, op, &at, ErrorKind::Tensor(e))
-}
-
 fn permute(t: &Tensor, index: &Option<Tensor>) -> std::result::Result<Tensor, tch::TchError> {
     match index {
         Some(index) => t.f_index_select(0, index),
@@ -275,7 +265,7 @@ pub fn exchange_experts_with(
             "the ranks disagree on the number of experts".into(),
         ));
     }
-    let terr = tensor_err(group, OP, at);
+    let terr = tensor_failure(group.label(), OP, at);
     let device = tokens.device();
     let slot_of_expert = placement.slot_of_expert();
     let owners: Vec<(usize, usize)> = {
@@ -586,7 +576,7 @@ fn replicate(
     at: &str,
 ) -> Result<Tensor> {
     const OP: &str = "shadow experts";
-    let terr = tensor_err(group, OP, at);
+    let terr = tensor_failure(group.label(), OP, at);
     let kind = stacked.first().map_or(Kind::Float, |t| t.kind());
     if stacked.iter().any(|t| t.kind() != kind || t.dim() == 0) {
         return Err(CollectiveError::new(
@@ -691,7 +681,7 @@ impl ExchangeTape {
     pub fn backward(&self, group: &dyn Collective, at: &str) -> Result<Tensor> {
         const OP: &str = "exchange_experts backward";
         let label = format!("{at}, {}", self.at);
-        let terr = tensor_err(group, OP, &label);
+        let terr = tensor_failure(group.label(), OP, &label);
         let grad_combined = defined_or_zeros(&self.combined).map_err(&terr)?;
         let n = self.chunks.len();
         let name = |what: &str, c: usize| {

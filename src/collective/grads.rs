@@ -23,7 +23,7 @@
 //! into the owner's expert gradient during the exchange's backward, so that by
 //! [`reduce_gradients`] every expert gradient is whole on its owner, as without shadows.
 
-use super::error::{CollectiveError, ErrorKind};
+use super::error::{tensor_failure, CollectiveError, ErrorKind};
 use super::{Collective, Groups, Result};
 use tch::{Kind, Tensor};
 
@@ -39,16 +39,6 @@ pub enum ParamKind {
 }
 
 const KINDS: [ParamKind; 3] = [ParamKind::Replicated, ParamKind::Expert, ParamKind::Gate];
-
-fn err(
-    group: &dyn Collective,
-    op: &'static str,
-    at: &str,
-) -> impl Fn(tch::TchError) -> CollectiveError {
-    let group = group.label().to_string();
-    let at = at.to_string();
-    move |e| CollectiveError::new(&group, op, &at, ErrorKind::Tensor(e))
-}
 
 /// `p.grad()`, first defining it as zeros when no gradient reached `p` (an expert that
 /// received no tokens): its rank must still take part in the reduction.
@@ -81,7 +71,7 @@ pub fn reduce_gradients(groups: &Groups, params: &[(ParamKind, &Tensor)], at: &s
             .filter(|(k, p)| *k == kind && p.requires_grad())
             .map(|(_, p)| grad_of(p))
             .collect::<std::result::Result<_, _>>()
-            .map_err(err(group, op, at))?;
+            .map_err(tensor_failure(group.label(), op, at))?;
         all_reduce_bucket(
             group,
             (op, at),
@@ -108,7 +98,7 @@ fn all_reduce_bucket(
     what: &str,
     mixed: &str,
 ) -> Result<()> {
-    let terr = err(group, op, at);
+    let terr = tensor_failure(group.label(), op, at);
     let kind = grads.first().map(|g| g.kind()).unwrap_or(Kind::Float);
     if grads.iter().any(|g| g.kind() != kind) {
         return Err(CollectiveError::new(
@@ -163,7 +153,7 @@ pub fn reduce_shadow_gradients(
     at: &str,
 ) -> Result<()> {
     const OP: &str = "reduce_shadow_gradients";
-    let terr = err(group, OP, at);
+    let terr = tensor_failure(group.label(), OP, at);
     let me = group.rank();
     let widths: Vec<i64> = stacked
         .iter()
@@ -224,7 +214,7 @@ pub fn clip_global_norm(
     at: &str,
 ) -> Result<GradientNorm> {
     let group = groups.expert();
-    let terr = err(group, "clip_global_norm", at);
+    let terr = tensor_failure(group.label(), "clip_global_norm", at);
     let mut shared = 0.0f64;
     let mut expert = 0.0f64;
     let mut grads = Vec::new();
@@ -284,7 +274,7 @@ pub fn sum_partial_gradients(
         .filter(|(s, p)| *s == TensorSplit::Partial && p.requires_grad())
         .map(|(_, p)| grad_of(p))
         .collect::<std::result::Result<_, _>>()
-        .map_err(err(tensor, op, at))?;
+        .map_err(tensor_failure(tensor.label(), op, at))?;
     let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
     all_reduce_bucket(
         tensor,
@@ -318,7 +308,7 @@ pub fn clip_global_norm_tensor_parallel(
         squares.sqrt(),
         max_norm,
         grads,
-        &err(tensor, "clip_global_norm", at),
+        &tensor_failure(tensor.label(), "clip_global_norm", at),
     )
 }
 
@@ -337,7 +327,7 @@ pub fn clip_global_norm_pipeline(
 ) -> Result<GradientNorm> {
     let (squares, grads) = stage_squares(groups, tensor, params, counted, at)?;
     let pipeline = groups.pipeline();
-    let perr = err(pipeline, "clip_global_norm", at);
+    let perr = tensor_failure(pipeline.label(), "clip_global_norm", at);
     let device = params
         .first()
         .map_or(tch::Device::Cpu, |(_, _, p)| p.device());
@@ -360,7 +350,7 @@ pub fn sum_tied_gradients(group: &dyn Collective, params: &[&Tensor], at: &str) 
         .filter(|p| p.requires_grad())
         .map(|p| grad_of(p))
         .collect::<std::result::Result<_, _>>()
-        .map_err(err(group, op, at))?;
+        .map_err(tensor_failure(group.label(), op, at))?;
     let device = params.first().map_or(tch::Device::Cpu, |p| p.device());
     all_reduce_bucket(
         group,
@@ -383,7 +373,7 @@ fn stage_squares(
     counted: &[bool],
     at: &str,
 ) -> Result<(f64, Vec<Tensor>)> {
-    let terr = err(tensor, "clip_global_norm", at);
+    let terr = tensor_failure(tensor.label(), "clip_global_norm", at);
     // [shared whole, shared sharded, expert whole, expert sharded]
     let mut squares = [0.0f64; 4];
     let mut grads = Vec::new();
@@ -408,7 +398,7 @@ fn stage_squares(
     tensor.all_reduce_sum(&mut sliced, &format!("{at}, tensor-sharded gradient norm"))?;
     let sliced = Vec::<f64>::try_from(sliced.f_to_device(tch::Device::Cpu).map_err(&terr)?)
         .map_err(&terr)?;
-    let eerr = err(groups.expert(), "clip_global_norm", at);
+    let eerr = tensor_failure(groups.expert().label(), "clip_global_norm", at);
     let mut expert = Tensor::f_from_slice(&[squares[2] + sliced[1]])
         .and_then(|t| t.f_to_device(device))
         .map_err(&eerr)?;

@@ -265,29 +265,7 @@ impl GroupLayout {
             return Err(LayoutError::EmptyWorld);
         }
         for kind in GroupKind::ALL {
-            let name = kind.name();
-            let mut seen = vec![false; self.world];
-            for group in self.groups(kind) {
-                if group.is_empty() {
-                    return Err(LayoutError::EmptyGroup { kind: name });
-                }
-                for &rank in group {
-                    match seen.get_mut(rank) {
-                        None => {
-                            return Err(LayoutError::OutOfRange {
-                                kind: name,
-                                rank,
-                                world: self.world,
-                            })
-                        }
-                        Some(true) => return Err(LayoutError::Duplicate { kind: name, rank }),
-                        Some(slot) => *slot = true,
-                    }
-                }
-            }
-            if let Some(rank) = seen.iter().position(|s| !s) {
-                return Err(LayoutError::Missing { kind: name, rank });
-            }
+            check_partition(kind.name(), self.world, self.groups(kind))?;
         }
         for rank in 0..self.world {
             let member = |kind| self.members(kind, rank).unwrap_or_default();
@@ -326,6 +304,50 @@ impl GroupLayout {
         }
         Ok(())
     }
+}
+
+/// Checks that the `kind` groups `lists` are non-empty and partition `0..world`.
+pub(crate) fn check_partition(
+    kind: &'static str,
+    world: usize,
+    lists: &[Vec<usize>],
+) -> Result<(), LayoutError> {
+    let mut seen = vec![false; world];
+    for group in lists {
+        if group.is_empty() {
+            return Err(LayoutError::EmptyGroup { kind });
+        }
+        for &rank in group {
+            match seen.get_mut(rank) {
+                None => return Err(LayoutError::OutOfRange { kind, rank, world }),
+                Some(true) => return Err(LayoutError::Duplicate { kind, rank }),
+                Some(slot) => *slot = true,
+            }
+        }
+    }
+    match seen.iter().position(|s| !s) {
+        Some(rank) => Err(LayoutError::Missing { kind, rank }),
+        None => Ok(()),
+    }
+}
+
+/// The tensor group of `rank` among the tensor groups `lists` (from [`tensor_groups`] or
+/// the planner), once they are checked to partition `0..world`.
+pub(crate) fn tensor_group_of(
+    lists: &[Vec<usize>],
+    world: usize,
+    rank: usize,
+) -> Result<Vec<usize>, LayoutError> {
+    check_partition("tensor", world, lists)?;
+    lists
+        .iter()
+        .find(|g| g.contains(&rank))
+        .cloned()
+        .ok_or(LayoutError::OutOfRange {
+            kind: "tensor",
+            rank,
+            world,
+        })
 }
 
 /// Refuses splitting `world` ranks into groups of `size` unless the world is non-empty and

@@ -11,7 +11,8 @@
 //! - point-to-point transfers ([`Collective::send_recv`]) between pipeline stages;
 //! - [`local`]: an in-process implementation over CPU threads, so tests exercise
 //!   multi-rank behaviour without GPUs; [`tcp`]: the same between processes (CPU ranks on
-//!   several processes or machines), connected through the [`rendezvous`];
+//!   several processes or machines), connected through the [`rendezvous`]; both are one
+//!   [`MessageCollective`], the operations written once over a message transport;
 //! - the expert-parallel MoE exchange ([`exchange_experts`]) with its explicit backward,
 //!   and FasterMoE's smart schedule and dynamic shadowing of it
 //!   ([`exchange_experts_with`], [`ExchangeOptions`]),
@@ -54,6 +55,7 @@ mod reshard;
 pub mod selftest;
 mod tape;
 pub mod tcp;
+mod transport;
 
 pub use error::{CollectiveError, ErrorKind};
 pub use exchange::{
@@ -69,6 +71,7 @@ pub use groups::{tensor_groups, GroupKind, GroupLabel, GroupLayout, Groups, Layo
 pub use placement::{ExpertPlacement, PlacementError};
 pub use reshard::{reshard_experts, ReshardError};
 pub use tape::{backward_roots, reduce_from_tensor_region, Cut, Tape};
+pub use transport::MessageCollective;
 
 use tch::Tensor;
 

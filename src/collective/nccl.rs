@@ -1359,33 +1359,7 @@ fn connect_with(
     env: &DistEnv,
     timeout: Duration,
 ) -> anyhow::Result<(Groups, Device)> {
-    layout.validate()?;
-    let my_tensor = match tensor {
-        None => None,
-        Some(lists) => {
-            let mut count = vec![0usize; layout.world];
-            for &r in lists.iter().flatten() {
-                match count.get_mut(r) {
-                    Some(c) => *c += 1,
-                    None => anyhow::bail!(
-                        "tensor groups: rank {r} is outside the world of {} ranks",
-                        layout.world
-                    ),
-                }
-            }
-            if let Some(r) = count.iter().position(|&c| c != 1) {
-                anyhow::bail!("tensor groups: rank {r} is in {} groups, not one", count[r]);
-            }
-            lists.iter().find(|g| g.contains(&env.rank)).cloned()
-        }
-    };
-    if layout.world != env.world {
-        anyhow::bail!(
-            "the layout has {} ranks but WORLD_SIZE is {}",
-            layout.world,
-            env.world
-        );
-    }
+    let my_tensor = env.place_in(layout, tensor)?;
     if !NcclLibrary::loadable() {
         let found = NcclLibrary::locate()
             .map(|p| format!("this process has {} loaded, but ", p.display()))

@@ -17,8 +17,10 @@
 //! `host:port` line per rank (a client's host is the address rank 0 saw it connect from;
 //! rank 0's is `MASTER_ADDR`), or `ERR <message>\n`.
 //!
-//! It knows nothing about NCCL or tensors: the payload is opaque bytes.
+//! It knows nothing about NCCL or tensors: the payload is opaque bytes; of the groups, only
+//! whether a [`GroupLayout`] fits the environment (`DistEnv::place_in`).
 
+use super::groups::{tensor_group_of, GroupLayout};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -173,6 +175,25 @@ impl DistEnv {
 }
 
 impl DistEnv {
+    /// Checks that this process fits `layout` (and the tensor groups `tensor`, when given):
+    /// a valid layout of `WORLD_SIZE` ranks. Returns this rank's tensor group.
+    pub(crate) fn place_in(
+        &self,
+        layout: &GroupLayout,
+        tensor: Option<&[Vec<usize>]>,
+    ) -> anyhow::Result<Option<Vec<usize>>> {
+        layout.validate()?;
+        if layout.world != self.world {
+            anyhow::bail!(
+                "the layout has {} ranks but WORLD_SIZE is {}",
+                layout.world,
+                self.world
+            );
+        }
+        let mine = tensor.map(|lists| tensor_group_of(lists, layout.world, self.rank));
+        Ok(mine.transpose()?)
+    }
+
     /// Every rank's `host:port`, indexed by rank, given this rank's listening `port`: rank 0
     /// serves the gather on `MASTER_ADDR:MASTER_PORT` (its own entry is `MASTER_ADDR`), the
     /// others fetch it. A barrier too; every wait ends by `timeout`.
@@ -212,24 +233,164 @@ pub fn serve_gather(
     own: &str,
     timeout: Duration,
 ) -> Result<Vec<String>, RendezvousError> {
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
-    let deadline = Instant::now() + timeout;
-    let mut table: Vec<Option<String>> = vec![None; world];
-    table[0] = Some(own.to_string());
+    let mut table: Vec<String> = vec![String::new(); world];
+    table[0] = own.to_string();
     let mut clients: Vec<TcpStream> = Vec::new();
+    admit_ranks(
+        listener,
+        world,
+        tag,
+        Exchange::Gather,
+        timeout,
+        |hello, from, stream| {
+            let port = hello.port.unwrap_or_default();
+            table[hello.rank] = SocketAddr::new(from.ip(), port).to_string();
+            clients.push(stream);
+            true
+        },
+    )?;
+    let mut answer = format!("OK {world}\n");
+    for entry in &table {
+        answer.push_str(entry);
+        answer.push('\n');
+    }
+    let addr = local_addr(listener);
+    for mut client in clients {
+        client
+            .write_all(answer.as_bytes())
+            .and_then(|()| client.flush())
+            .map_err(io_error(&addr))?;
+    }
+    Ok(table)
+}
+
+/// A rank's side of [`DistEnv::gather_addresses`]: connects to rank 0 (retrying until
+/// `timeout`), says where it listens, and waits for the table.
+pub fn fetch_gather(
+    addr: &str,
+    rank: usize,
+    world: usize,
+    tag: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Vec<String>, RendezvousError> {
+    let hello = Exchange::Gather.hello(rank, world, tag, Some(port));
+    let waiting = format!("rank {rank} connected, but not every rank did");
+    let (line, mut reader) = ask_rank_zero(addr, rank, &hello, timeout, &waiting)?;
+    if line != format!("OK {world}") {
+        return Err(unexpected_answer(addr, &line));
+    }
+    let mut table = Vec::with_capacity(world);
+    for _ in 0..world {
+        let mut entry = String::new();
+        reader
+            .read_line(&mut entry)
+            .map_err(read_error(addr, timeout, &waiting))?;
+        table.push(entry.trim_end().to_string());
+    }
+    Ok(table)
+}
+
+/// The two exchanges rank 0 serves: the same hello but for its magic and, for the gather,
+/// the port the client listens on.
+#[derive(Clone, Copy)]
+enum Exchange {
+    /// [`serve`] / [`fetch`]: rank 0's bytes to every rank.
+    Bytes,
+    /// [`serve_gather`] / [`fetch_gather`]: every rank's address to every rank.
+    Gather,
+}
+
+impl Exchange {
+    fn magic(self) -> &'static str {
+        match self {
+            Exchange::Bytes => MAGIC,
+            Exchange::Gather => GATHER_MAGIC,
+        }
+    }
+
+    /// What rank 0 calls a client that does not speak this exchange.
+    fn client(self) -> &'static str {
+        match self {
+            Exchange::Bytes => "rendezvous",
+            Exchange::Gather => "gather",
+        }
+    }
+
+    /// A client's hello line: `MAGIC rank world tag [port]`.
+    fn hello(self, rank: usize, world: usize, tag: &str, port: Option<u16>) -> String {
+        let tag = tag.replace(['\n', ' '], "_");
+        let port = port.map(|p| format!(" {p}")).unwrap_or_default();
+        format!("{} {rank} {world} {tag}{port}\n", self.magic())
+    }
+
+    /// The hello of `line`, or the reason to refuse it.
+    fn parse(self, line: &str) -> Result<Hello, String> {
+        let fields: Vec<&str> = line.trim_end().split(' ').collect();
+        let (magic, rest) = fields.split_at(fields.len().min(2));
+        if magic.join(" ") != self.magic() {
+            return Err(format!("not an fmoec {} client", self.client()));
+        }
+        let malformed = || "malformed hello".to_string();
+        let (rank, world, tag, port) = match (self, rest) {
+            (Exchange::Bytes, [rank, world, tag]) => (rank, world, tag, None),
+            (Exchange::Gather, [rank, world, tag, port]) => (
+                rank,
+                world,
+                tag,
+                Some(port.parse::<u16>().map_err(|_| malformed())?),
+            ),
+            _ => return Err(malformed()),
+        };
+        match (rank.parse::<usize>(), world.parse::<usize>()) {
+            (Ok(rank), Ok(world)) => Ok(Hello {
+                rank,
+                world,
+                tag: tag.to_string(),
+                port,
+            }),
+            _ => Err(malformed()),
+        }
+    }
+}
+
+/// What a client says when it connects.
+struct Hello {
+    rank: usize,
+    world: usize,
+    tag: String,
+    /// Where it listens ([`Exchange::Gather`]).
+    port: Option<u16>,
+}
+
+/// Rank 0's side of both exchanges: accepts clients on `listener` until `admit` has taken
+/// each of ranks `1..world` once (given the rank's hello, the address it connected from and
+/// its connection, it answers the rank and says whether it counts), or fails
+/// by `timeout` naming the ranks that did not come. A bad client (not fmoec, a duplicate
+/// rank, a port scanner) gets an `ERR` line and is not counted; a rank that disagrees on the
+/// world size or the tag fails rank 0 too.
+fn admit_ranks(
+    listener: &TcpListener,
+    world: usize,
+    tag: &str,
+    exchange: Exchange,
+    timeout: Duration,
+    mut admit: impl FnMut(&Hello, SocketAddr, TcpStream) -> bool,
+) -> Result<(), RendezvousError> {
+    let addr = local_addr(listener);
+    let deadline = Instant::now() + timeout;
+    let mut joined = vec![false; world];
+    joined[0] = true;
     listener.set_nonblocking(true).map_err(io_error(&addr))?;
-    let refuse = |mut stream: TcpStream, message: &str| {
+    let refuse = |stream: &mut TcpStream, message: &str| {
         let _ = stream.write_all(format!("ERR {message}\n").as_bytes());
     };
-    while table.iter().any(Option::is_none) {
-        let (stream, peer) = match listener.accept() {
+    while joined.iter().any(|j| !j) {
+        let (stream, from) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
-                    let missing: Vec<usize> = (0..world).filter(|&r| table[r].is_none()).collect();
+                    let missing: Vec<usize> = (0..world).filter(|&r| !joined[r]).collect();
                     return Err(RendezvousError::Timeout {
                         addr,
                         waited: timeout,
@@ -252,74 +413,54 @@ pub fn serve_gather(
         if reader.read_line(&mut line).is_err() {
             continue;
         }
-        let stream = reader.into_inner().into_inner();
-        let fields: Vec<&str> = line.trim_end().split(' ').collect();
-        let parsed = match fields.as_slice() {
-            [a, b, rank, w, t, port] if format!("{a} {b}") == GATHER_MAGIC => {
-                match (
-                    rank.parse::<usize>(),
-                    w.parse::<usize>(),
-                    port.parse::<u16>(),
-                ) {
-                    (Ok(rank), Ok(w), Ok(port)) => Some((rank, w, *t, port)),
-                    _ => None,
-                }
+        let mut stream = reader.into_inner().into_inner();
+        let hello = match exchange.parse(&line) {
+            Ok(hello) => hello,
+            Err(message) => {
+                refuse(&mut stream, &message);
+                continue;
             }
-            _ => None,
         };
-        let Some((rank, their_world, their_tag, port)) = parsed else {
-            refuse(stream, "not an fmoec gather client");
-            continue;
+        let rank = hello.rank;
+        let fatal = if hello.world != world {
+            Some(format!(
+                "rank {rank} was started with WORLD_SIZE={}, rank 0 with {world}",
+                hello.world
+            ))
+        } else if hello.tag != tag {
+            Some(format!(
+                "rank {rank} has a different configuration (`{}`) than rank 0 (`{tag}`)",
+                hello.tag
+            ))
+        } else {
+            None
         };
-        if their_world != world {
-            let message = format!(
-                "rank {rank} was started with WORLD_SIZE={their_world}, rank 0 with {world}"
-            );
-            refuse(stream, &message);
+        if let Some(message) = fatal {
+            refuse(&mut stream, &message);
             return Err(RendezvousError::Refused { addr, message });
         }
-        if their_tag != tag {
-            let message = format!(
-                "rank {rank} has a different configuration (`{their_tag}`) than rank 0 (`{tag}`)"
-            );
-            refuse(stream, &message);
-            return Err(RendezvousError::Refused { addr, message });
-        }
-        if rank == 0 || rank >= world || table[rank].is_some() {
-            refuse(
-                stream,
-                &format!("rank {rank} is not a rank that still has to join (world {world})"),
-            );
+        if rank == 0 || rank >= world || joined[rank] {
+            let message =
+                format!("rank {rank} is not a rank that still has to join (world {world})");
+            refuse(&mut stream, &message);
             continue;
         }
-        table[rank] = Some(SocketAddr::new(peer.ip(), port).to_string());
-        clients.push(stream);
+        joined[rank] = admit(&hello, from, stream);
     }
-    let table: Vec<String> = table.into_iter().flatten().collect();
-    let mut answer = format!("OK {world}\n");
-    for entry in &table {
-        answer.push_str(entry);
-        answer.push('\n');
-    }
-    for mut client in clients {
-        client
-            .write_all(answer.as_bytes())
-            .and_then(|()| client.flush())
-            .map_err(io_error(&addr))?;
-    }
-    Ok(table)
+    Ok(())
 }
 
-/// A rank's side of [`DistEnv::gather_addresses`]: connects to rank 0 (retrying until
-/// `timeout`), says where it listens, and waits for the table.
-pub fn fetch_gather(
+/// A client's talk with rank 0: connects to `addr` (retrying until `timeout`), sends
+/// `hello`, and reads the first line of the answer. An `ERR` line is a refusal; otherwise the
+/// line (without its newline) and the reader, positioned after it. A read past the deadline
+/// is a timeout saying `waiting`.
+fn ask_rank_zero(
     addr: &str,
     rank: usize,
-    world: usize,
-    tag: &str,
-    port: u16,
+    hello: &str,
     timeout: Duration,
-) -> Result<Vec<String>, RendezvousError> {
+    waiting: &str,
+) -> Result<(String, BufReader<TcpStream>), RendezvousError> {
     let deadline = Instant::now() + timeout;
     let mut stream = connect_until(addr, rank, deadline, timeout)?;
     let io = io_error(addr);
@@ -328,41 +469,53 @@ pub fn fetch_gather(
         .max(Duration::from_millis(1));
     stream.set_read_timeout(Some(left)).map_err(&io)?;
     stream.set_write_timeout(Some(left)).map_err(&io)?;
-    let tag = tag.replace(['\n', ' '], "_");
-    stream
-        .write_all(format!("{GATHER_MAGIC} {rank} {world} {tag} {port}\n").as_bytes())
-        .map_err(&io)?;
-    let timed_out = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => RendezvousError::Timeout {
-            addr: addr.to_string(),
-            waited: timeout,
-            what: format!("rank {rank} connected, but not every rank did"),
-        },
-        _ => io_error(addr)(e),
-    };
+    stream.write_all(hello.as_bytes()).map_err(&io)?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    reader.read_line(&mut line).map_err(timed_out)?;
-    let line = line.trim_end();
+    let read = reader
+        .read_line(&mut line)
+        .map_err(read_error(addr, timeout, waiting))?;
+    if read == 0 {
+        // Rank 0 gave up (its own deadline, a rank that disagreed) and closed the
+        // connection; its own error says why.
+        return Err(RendezvousError::Refused {
+            addr: addr.to_string(),
+            message: format!(
+                "rank 0 closed the connection without answering rank {rank} (see rank 0's error)"
+            ),
+        });
+    }
+    let line = line.trim_end().to_string();
     if let Some(message) = line.strip_prefix("ERR ") {
         return Err(RendezvousError::Refused {
             addr: addr.to_string(),
             message: format!("rank 0 refused rank {rank}: {message}"),
         });
     }
-    if line != format!("OK {world}") {
-        return Err(RendezvousError::Refused {
+    Ok((line, reader))
+}
+
+/// A client's failed read from rank 0: past its deadline, a timeout saying `waiting`.
+fn read_error<'a>(
+    addr: &'a str,
+    timeout: Duration,
+    waiting: &'a str,
+) -> impl Fn(std::io::Error) -> RendezvousError + 'a {
+    move |e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => RendezvousError::Timeout {
             addr: addr.to_string(),
-            message: format!("unexpected answer `{line}` (another service on this port?)"),
-        });
+            waited: timeout,
+            what: waiting.to_string(),
+        },
+        _ => io_error(addr)(e),
     }
-    let mut table = Vec::with_capacity(world);
-    for _ in 0..world {
-        let mut entry = String::new();
-        reader.read_line(&mut entry).map_err(timed_out)?;
-        table.push(entry.trim_end().to_string());
+}
+
+fn unexpected_answer(addr: &str, line: &str) -> RendezvousError {
+    RendezvousError::Refused {
+        addr: addr.to_string(),
+        message: format!("unexpected answer `{line}` (another service on this port?)"),
     }
-    Ok(table)
 }
 
 /// A connection to `addr`, retried until `deadline` (rank 0 may start after this rank).
@@ -408,6 +561,14 @@ fn io_error(addr: &str) -> impl Fn(std::io::Error) -> RendezvousError + '_ {
     }
 }
 
+/// The address `listener` listens on, for messages.
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
 /// Listen on `addr` (`host:port`; port 0 picks a free one).
 pub fn bind(addr: &str) -> Result<TcpListener, RendezvousError> {
     TcpListener::bind(addr).map_err(io_error(addr))
@@ -427,114 +588,22 @@ pub fn serve(
     payload: &[u8],
     timeout: Duration,
 ) -> Result<(), RendezvousError> {
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
-    let deadline = Instant::now() + timeout;
-    let mut served = vec![false; world];
-    served[0] = true;
-    listener.set_nonblocking(true).map_err(io_error(&addr))?;
-    while served.iter().any(|s| !s) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                // A bad client (wrong tag, duplicate rank, a port scanner) gets an ERR line
-                // and is not counted; a disagreement on world or tag fails rank 0 too.
-                if let Some(result) = answer(stream, world, tag, payload, &mut served, deadline) {
-                    return Err(RendezvousError::Refused {
-                        addr,
-                        message: result,
-                    });
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let missing: Vec<usize> = (0..world).filter(|&r| !served[r]).collect();
-                    return Err(RendezvousError::Timeout {
-                        addr,
-                        waited: timeout,
-                        what: format!("{} did not connect", ranks_text(&missing)),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(io_error(&addr)(e)),
-        }
-    }
-    Ok(())
-}
-
-/// Answer one client. `Some(message)` when the run itself is misconfigured (a rank
-/// with another world size or tag), which must stop rank 0 as well.
-fn answer(
-    stream: TcpStream,
-    world: usize,
-    tag: &str,
-    payload: &[u8],
-    served: &mut [bool],
-    deadline: Instant,
-) -> Option<String> {
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(100));
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(left));
-    let _ = stream.set_write_timeout(Some(left));
-    let mut reader = BufReader::new(stream.take(1024));
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return None;
-    }
-    let mut stream = reader.into_inner().into_inner();
-    let fields: Vec<&str> = line.trim_end().splitn(5, ' ').collect();
-    let reply = |stream: &mut TcpStream, text: String| {
-        let _ = stream.write_all(text.as_bytes());
-    };
-    let (rank, their_world, their_tag) = match fields.as_slice() {
-        [a, b, rank, w, t] if format!("{a} {b}") == MAGIC => {
-            match (rank.parse::<usize>(), w.parse::<usize>()) {
-                (Ok(rank), Ok(w)) => (rank, w, *t),
-                _ => {
-                    reply(&mut stream, "ERR malformed hello\n".into());
-                    return None;
-                }
-            }
-        }
-        _ => {
-            reply(&mut stream, "ERR not an fmoec rendezvous client\n".into());
-            return None;
-        }
-    };
-    if their_world != world {
-        let message =
-            format!("rank {rank} was started with WORLD_SIZE={their_world}, rank 0 with {world}");
-        reply(&mut stream, format!("ERR {message}\n"));
-        return Some(message);
-    }
-    if their_tag != tag {
-        let message = format!(
-            "rank {rank} has a different configuration (`{their_tag}`) than rank 0 (`{tag}`)"
-        );
-        reply(&mut stream, format!("ERR {message}\n"));
-        return Some(message);
-    }
-    if rank == 0 || rank >= world || served[rank] {
-        reply(
-            &mut stream,
-            format!("ERR rank {rank} is not a rank that still has to join (world {world})\n"),
-        );
-        return None;
-    }
     let mut message = format!("OK {}\n", payload.len()).into_bytes();
     message.extend_from_slice(payload);
-    if stream
-        .write_all(&message)
-        .and_then(|_| stream.flush())
-        .is_ok()
-    {
-        served[rank] = true;
-    }
-    None
+    admit_ranks(
+        listener,
+        world,
+        tag,
+        Exchange::Bytes,
+        timeout,
+        |_, _, mut stream| {
+            // A rank counts once it has the bytes.
+            stream
+                .write_all(&message)
+                .and_then(|_| stream.flush())
+                .is_ok()
+        },
+    )
 }
 
 /// Fetch rank 0's payload from `addr`, retrying the connection until `timeout` (rank 0
@@ -546,85 +615,18 @@ pub fn fetch(
     tag: &str,
     timeout: Duration,
 ) -> Result<Vec<u8>, RendezvousError> {
-    let deadline = Instant::now() + timeout;
-    let mut last_error = String::from("no address to connect to");
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(RendezvousError::Timeout {
-                addr: addr.to_string(),
-                waited: timeout,
-                what: format!(
-                    "rank {rank} could not reach rank 0 (is it running and is MASTER_ADDR/MASTER_PORT right?); last error: {last_error}"
-                ),
-            });
-        }
-        let targets: Vec<SocketAddr> = match addr.to_socket_addrs() {
-            Ok(list) => list.collect(),
-            Err(e) => {
-                last_error = e.to_string();
-                Vec::new()
-            }
-        };
-        for target in targets {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = TcpStream::connect_timeout(&target, left.max(Duration::from_millis(1)));
-            match attempt {
-                Ok(stream) => return request(stream, addr, rank, world, tag, deadline, timeout),
-                Err(e) => last_error = e.to_string(),
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn request(
-    mut stream: TcpStream,
-    addr: &str,
-    rank: usize,
-    world: usize,
-    tag: &str,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<Vec<u8>, RendezvousError> {
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    let io = io_error(addr);
-    stream.set_read_timeout(Some(left)).map_err(&io)?;
-    stream.set_write_timeout(Some(left)).map_err(&io)?;
-    let tag = tag.replace(['\n', ' '], "_");
-    stream
-        .write_all(format!("{MAGIC} {rank} {world} {tag}\n").as_bytes())
-        .map_err(&io)?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    let timed_out = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => RendezvousError::Timeout {
-            addr: addr.to_string(),
-            waited: timeout,
-            what: format!("rank {rank} connected but rank 0 did not answer"),
-        },
-        _ => io_error(addr)(e),
-    };
-    reader.read_line(&mut line).map_err(timed_out)?;
-    let line = line.trim_end();
-    if let Some(message) = line.strip_prefix("ERR ") {
-        return Err(RendezvousError::Refused {
-            addr: addr.to_string(),
-            message: format!("rank 0 refused rank {rank}: {message}"),
-        });
-    }
+    let hello = Exchange::Bytes.hello(rank, world, tag, None);
+    let waiting = format!("rank {rank} connected but rank 0 did not answer");
+    let (line, mut reader) = ask_rank_zero(addr, rank, &hello, timeout, &waiting)?;
     let len = line
         .strip_prefix("OK ")
         .and_then(|n| n.parse::<usize>().ok())
         .filter(|&n| n <= MAX_PAYLOAD)
-        .ok_or_else(|| RendezvousError::Refused {
-            addr: addr.to_string(),
-            message: format!("unexpected answer `{line}` (another service on this port?)"),
-        })?;
+        .ok_or_else(|| unexpected_answer(addr, &line))?;
     let mut payload = vec![0u8; len];
-    reader.read_exact(&mut payload).map_err(timed_out)?;
+    reader
+        .read_exact(&mut payload)
+        .map_err(read_error(addr, timeout, &waiting))?;
     Ok(payload)
 }
 
@@ -783,6 +785,87 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("rank 1 did not connect"), "{e}");
+    }
+
+    /// The first line rank 0 answers `line` with.
+    fn answer_to(addr: &str, line: &str) -> String {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(line.as_bytes()).unwrap();
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).unwrap();
+        answer
+    }
+
+    /// Both exchanges refuse a stranger, a malformed hello, rank 0 and a rank that already
+    /// joined with an `ERR` line, do not count them, and go on serving the real ranks.
+    #[test]
+    fn bad_clients_are_refused_and_not_counted() {
+        let timeout = Duration::from_secs(20);
+        for exchange in [Exchange::Bytes, Exchange::Gather] {
+            let listener = bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let port = matches!(exchange, Exchange::Gather).then_some(7000);
+            std::thread::scope(|s| {
+                let server = s.spawn(|| match exchange {
+                    Exchange::Bytes => serve(&listener, 2, "t", b"id", timeout),
+                    Exchange::Gather => serve_gather(&listener, 2, "t", "x:1", timeout).map(|_| ()),
+                });
+                let client = exchange.client();
+                let stranger = answer_to(&addr, "GET / HTTP/1.0\n");
+                assert_eq!(stranger, format!("ERR not an fmoec {client} client\n"));
+                let magic = exchange.magic();
+                let malformed = answer_to(&addr, &format!("{magic} one 2 t 7000\n"));
+                assert_eq!(malformed, "ERR malformed hello\n");
+                let zero = answer_to(&addr, &exchange.hello(0, 2, "t", port));
+                assert_eq!(
+                    zero,
+                    "ERR rank 0 is not a rank that still has to join (world 2)\n"
+                );
+                match exchange {
+                    Exchange::Bytes => assert_eq!(fetch(&addr, 1, 2, "t", timeout).unwrap(), b"id"),
+                    Exchange::Gather => assert_eq!(
+                        fetch_gather(&addr, 1, 2, "t", 7001, timeout).unwrap(),
+                        vec!["x:1", "127.0.0.1:7001"]
+                    ),
+                }
+                server.join().unwrap().unwrap();
+            });
+        }
+        // a rank that fetched the bytes and comes again
+        let listener = bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::scope(|s| {
+            let server = s.spawn(|| serve(&listener, 3, "t", b"id", timeout));
+            assert_eq!(fetch(&addr, 1, 3, "t", timeout).unwrap(), b"id");
+            let e = fetch(&addr, 1, 3, "t", timeout).unwrap_err().to_string();
+            assert!(
+                e.contains("rank 1 is not a rank that still has to join"),
+                "{e}"
+            );
+            assert_eq!(fetch(&addr, 2, 3, "t", timeout).unwrap(), b"id");
+            server.join().unwrap().unwrap();
+        });
+    }
+
+    /// Rank 0 that stops before answering (its own deadline passed) is named as such, not
+    /// as "another service on this port".
+    #[test]
+    fn a_rank_zero_that_closes_without_answering_is_named() {
+        let listener = bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let rank_zero = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut hello = String::new();
+            BufReader::new(&mut stream).read_line(&mut hello).unwrap();
+        });
+        let e = fetch_gather(&addr, 1, 2, "t", 7001, Duration::from_secs(20)).unwrap_err();
+        rank_zero.join().unwrap();
+        assert!(
+            e.to_string().ends_with(
+                "rank 0 closed the connection without answering rank 1 (see rank 0's error)"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,11 +7,11 @@
 //! other's address; then each rank connects to every lower rank and accepts the higher ones:
 //! one TCP connection per pair of ranks, shared by all groups, each opened with a hello that
 //! carries the rank and the layout's fingerprint (a rank started with other settings is
-//! refused). One reader thread per connection sorts incoming messages into mailboxes by
-//! (group, sender).
+//! refused). One reader thread per connection sorts incoming messages into the process's
+//! inbox by (group, sender).
 //!
-//! The operations are built from messages tagged with the sender's operation number and name,
-//! as the in-process ones are: ranks that call collectives in different orders get a mismatch
+//! The operations are [`super::MessageCollective`]'s, over the [`TcpTransport`], as the
+//! in-process ones are: ranks that call collectives in different orders get a mismatch
 //! error, a peer whose connection closed (its process ended or died) fails the waiters at
 //! once, every wait ends by the handle's timeout, and all-reduce adds the contributions in
 //! rank order, so every rank gets the same bits. Tensors travel as their raw bytes (any
@@ -25,86 +25,79 @@
 //!
 //! It knows nothing about models, gates or NCCL.
 
-use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use super::error::{CollectiveError, ErrorKind};
+use super::error::ErrorKind;
 use super::groups::{GroupKind, GroupLabel, GroupLayout, Groups};
 use super::rendezvous::DistEnv;
-use super::{
-    check_all_to_all_counts, check_peers, received_mismatch, Collective, PeerTransfer, Result,
+use super::transport::{
+    Channel, Inbox, Message, MessageCollective, Payload, Peer, Route, Transport, OPERATIONS,
 };
+use super::Collective;
 
 const HELLO: &str = "FMOEC-MESH 1";
 /// Largest tensor or counts message accepted (a corrupt length must not allocate terabytes).
 const MAX_MESSAGE: u64 = 1 << 40;
 
-/// A group's identity on the wire: its kind and first member (each kind's groups partition
-/// the world, so the pair is unique).
-type GroupKey = (u8, u32);
-
-fn group_key(label: &GroupLabel) -> GroupKey {
-    let kind = match label.kind {
-        GroupKind::Data => 0,
-        GroupKind::Expert => 1,
-        GroupKind::ExpertData => 2,
-        GroupKind::Gate => 3,
-        GroupKind::Tensor => 4,
-        GroupKind::Pipeline => 5,
-        GroupKind::Embedding => 6,
-    };
-    (kind, label.members.first().copied().unwrap_or(0) as u32)
-}
-
-/// The key of a group's point-to-point transfers: numbered per pair of ranks, not per
-/// group, so they travel in mailboxes of their own.
-fn p2p_key(key: GroupKey) -> GroupKey {
-    (key.0 | P2P, key.1)
-}
-
-const P2P: u8 = 0x80;
-
-const OPS: [&str; 6] = [
-    "all_reduce_sum",
-    "all_gather_counts",
-    "all_to_all_v",
-    "broadcast",
-    "barrier",
-    "send_recv",
+/// Group kinds by their code on the wire.
+const GROUP_KINDS: [GroupKind; 7] = [
+    GroupKind::Data,
+    GroupKind::Expert,
+    GroupKind::ExpertData,
+    GroupKind::Gate,
+    GroupKind::Tensor,
+    GroupKind::Pipeline,
+    GroupKind::Embedding,
 ];
 
-fn op_code(op: &str) -> u8 {
-    OPS.iter().position(|&o| o == op).unwrap_or(OPS.len()) as u8
+/// Set in the group kind's byte for a point-to-point transfer.
+const P2P: u8 = 0x80;
+
+/// Tensor dtypes by their code on the wire.
+const DTYPES: [Kind; 9] = [
+    Kind::Float,
+    Kind::Double,
+    Kind::BFloat16,
+    Kind::Half,
+    Kind::Int64,
+    Kind::Int,
+    Kind::Int8,
+    Kind::Uint8,
+    Kind::Bool,
+];
+
+/// The code of `item` in `list` (its position).
+fn code_of<T: PartialEq>(list: &[T], item: &T) -> Option<u8> {
+    list.iter().position(|x| x == item).map(|i| i as u8)
 }
 
-fn op_name(code: u8) -> &'static str {
-    OPS.get(code as usize)
-        .copied()
-        .unwrap_or("an unknown operation")
+/// The group kind byte and first member of `route` on the wire.
+fn route_code(route: Route) -> (u8, u32) {
+    let kind = code_of(&GROUP_KINDS, &route.kind).unwrap_or_default();
+    let channel = match route.channel {
+        Channel::Collective => 0,
+        Channel::PointToPoint => P2P,
+    };
+    (kind | channel, route.first as u32)
 }
 
-enum Payload {
-    Empty,
-    Counts(Vec<i64>),
-    Tensor(Tensor),
-}
-
-struct Message {
-    seq: u64,
-    op: u8,
-    payload: Payload,
-}
-
-/// What the reader threads have received, and which peers are gone.
-struct Mailbox {
-    queues: HashMap<(GroupKey, usize), VecDeque<Message>>,
-    /// Peers whose connection closed, and how.
-    gone: HashMap<usize, String>,
+/// The route of a group kind byte and first member read from the wire.
+fn code_route(kind: u8, first: u32) -> Option<Route> {
+    let channel = if kind & P2P == 0 {
+        Channel::Collective
+    } else {
+        Channel::PointToPoint
+    };
+    Some(Route {
+        kind: *GROUP_KINDS.get((kind & !P2P) as usize)?,
+        first: first as usize,
+        channel,
+    })
 }
 
 /// One process's connections to every other rank.
@@ -112,28 +105,8 @@ struct Mesh {
     rank: usize,
     /// Writing ends, by global rank (`None` for this rank).
     peers: Vec<Option<Mutex<TcpStream>>>,
-    mail: Mutex<Mailbox>,
-    arrived: Condvar,
-}
-
-impl Mesh {
-    fn lock(&self) -> MutexGuard<'_, Mailbox> {
-        self.mail.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn deliver(&self, key: GroupKey, src: usize, message: Message) {
-        self.lock()
-            .queues
-            .entry((key, src))
-            .or_default()
-            .push_back(message);
-        self.arrived.notify_all();
-    }
-
-    fn lose(&self, peer: usize, why: String) {
-        self.lock().gone.entry(peer).or_insert(why);
-        self.arrived.notify_all();
-    }
+    /// What the reader threads have received, for every group of this rank.
+    inbox: Inbox,
 }
 
 impl Drop for Mesh {
@@ -147,49 +120,15 @@ impl Drop for Mesh {
     }
 }
 
-fn kind_code(kind: Kind) -> Option<u8> {
-    Some(match kind {
-        Kind::Float => 0,
-        Kind::Double => 1,
-        Kind::BFloat16 => 2,
-        Kind::Half => 3,
-        Kind::Int64 => 4,
-        Kind::Int => 5,
-        Kind::Int8 => 6,
-        Kind::Uint8 => 7,
-        Kind::Bool => 8,
-        _ => return None,
-    })
-}
-
-fn code_kind(code: u8) -> Option<Kind> {
-    Some(match code {
-        0 => Kind::Float,
-        1 => Kind::Double,
-        2 => Kind::BFloat16,
-        3 => Kind::Half,
-        4 => Kind::Int64,
-        5 => Kind::Int,
-        6 => Kind::Int8,
-        7 => Kind::Uint8,
-        8 => Kind::Bool,
-        _ => return None,
-    })
-}
-
 /// Encodes one message (see the module docs).
-fn encode(
-    key: GroupKey,
-    seq: u64,
-    op: u8,
-    payload: &Payload,
-) -> std::result::Result<Vec<u8>, String> {
+fn encode(route: Route, message: &Message) -> std::result::Result<Vec<u8>, String> {
+    let (kind, first) = route_code(route);
     let mut out = Vec::new();
-    out.push(key.0);
-    out.extend_from_slice(&key.1.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.push(op);
-    match payload {
+    out.push(kind);
+    out.extend_from_slice(&first.to_le_bytes());
+    out.extend_from_slice(&message.seq.to_le_bytes());
+    out.push(code_of(&OPERATIONS, &message.op).unwrap_or(OPERATIONS.len() as u8));
+    match &message.payload {
         Payload::Empty => out.push(0),
         Payload::Counts(counts) => {
             out.push(1);
@@ -199,7 +138,7 @@ fn encode(
             }
         }
         Payload::Tensor(t) => {
-            let code = kind_code(t.kind())
+            let code = code_of(&DTYPES, &t.kind())
                 .ok_or_else(|| format!("cannot send a {:?} tensor over TCP", t.kind()))?;
             let t = t
                 .f_detach()
@@ -247,15 +186,19 @@ fn invalid(text: String) -> std::io::Error {
 }
 
 /// Decodes one message; `Ok(None)` at a clean end of the stream.
-fn decode(r: &mut impl Read) -> std::io::Result<Option<(GroupKey, Message)>> {
+fn decode(r: &mut impl Read) -> std::io::Result<Option<(Route, Message)>> {
     let kind = match read_u8(r) {
         Ok(k) => k,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     };
     let first = read_u32(r)?;
+    let route = code_route(kind, first).ok_or_else(|| invalid(format!("group kind {kind}")))?;
     let seq = read_u64(r)?;
-    let op = read_u8(r)?;
+    let op = OPERATIONS
+        .get(read_u8(r)? as usize)
+        .copied()
+        .unwrap_or("an unknown operation");
     let payload = match read_u8(r)? {
         0 => Payload::Empty,
         1 => {
@@ -271,7 +214,10 @@ fn decode(r: &mut impl Read) -> std::io::Result<Option<(GroupKey, Message)>> {
         }
         2 => {
             let code = read_u8(r)?;
-            let kind = code_kind(code).ok_or_else(|| invalid(format!("dtype code {code}")))?;
+            let kind = DTYPES
+                .get(code as usize)
+                .copied()
+                .ok_or_else(|| invalid(format!("dtype code {code}")))?;
             let dims = read_u8(r)?;
             let mut size = Vec::with_capacity(dims as usize);
             for _ in 0..dims {
@@ -295,110 +241,48 @@ fn decode(r: &mut impl Read) -> std::io::Result<Option<(GroupKey, Message)>> {
         }
         other => return Err(invalid(format!("payload type {other}"))),
     };
-    Ok(Some(((kind, first), Message { seq, op, payload })))
+    Ok(Some((route, Message { seq, op, payload })))
 }
 
-/// Reads `peer`'s messages into the mailboxes until its connection ends.
+/// Reads `peer`'s messages into the inbox until its connection ends.
 fn read_from(mesh: std::sync::Weak<Mesh>, peer: usize, stream: TcpStream) {
     let mut reader = BufReader::with_capacity(1 << 20, stream);
-    let why = loop {
-        match decode(&mut reader) {
-            Ok(Some((key, message))) => match mesh.upgrade() {
-                Some(mesh) => mesh.deliver(key, peer, message),
-                None => return,
-            },
-            Ok(None) => break "its connection closed (the rank ended or failed)".to_string(),
-            Err(e) => break format!("its connection failed: {e}"),
+    // Until a clean end (the rank ended or failed) or a broken connection: either way the
+    // waiters for this peer then fail at once, as for a rank that left the group.
+    while let Ok(Some((route, message))) = decode(&mut reader) {
+        match mesh.upgrade() {
+            Some(mesh) => mesh.inbox.deliver(route, peer, message),
+            None => return,
         }
-    };
+    }
     if let Some(mesh) = mesh.upgrade() {
-        mesh.lose(peer, why);
+        mesh.inbox.depart(peer, false);
     }
 }
 
-/// One rank's handle to one group over the [`Mesh`].
-pub struct TcpCollective {
-    mesh: Arc<Mesh>,
-    label: GroupLabel,
-    key: GroupKey,
-    position: usize,
-    next_seq: std::cell::Cell<u64>,
-    /// Point-to-point transfers sent to / received from each position so far.
-    p2p_sent: std::cell::RefCell<Vec<u64>>,
-    p2p_received: std::cell::RefCell<Vec<u64>>,
-    timeout: Duration,
-}
+/// The TCP transport of one rank, shared by its groups: a message to another rank is
+/// written to that rank's connection, one to itself goes straight into its inbox.
+pub struct TcpTransport(Arc<Mesh>);
 
-impl TcpCollective {
-    fn error(&self, op: &'static str, at: &str, kind: ErrorKind) -> CollectiveError {
-        CollectiveError::new(&self.label, op, at, kind)
+impl Transport for TcpTransport {
+    fn inbox(&self) -> &Inbox {
+        &self.0.inbox
     }
 
-    fn begin(&self) -> u64 {
-        let seq = self.next_seq.get();
-        self.next_seq.set(seq + 1);
-        seq
-    }
-
-    fn size(&self) -> usize {
-        self.label.members.len()
-    }
-
-    fn everyone(&self) -> Vec<usize> {
-        (0..self.size()).collect()
-    }
-
-    /// Sends `payload` of operation `seq` to group position `dst`.
-    fn send(
-        &self,
-        dst: usize,
-        seq: u64,
-        op: &'static str,
-        payload: Payload,
-        at: &str,
-    ) -> Result<()> {
-        self.send_keyed(self.key, dst, seq, op, payload, at)
-    }
-
-    /// [`TcpCollective::send`] into the mailboxes of `key`.
-    fn send_keyed(
-        &self,
-        key: GroupKey,
-        dst: usize,
-        seq: u64,
-        op: &'static str,
-        payload: Payload,
-        at: &str,
-    ) -> Result<()> {
-        let global = self.label.global(dst);
-        let code = op_code(op);
-        if global == self.mesh.rank {
-            let payload = match payload {
-                Payload::Tensor(t) => Payload::Tensor(
-                    t.f_detach_copy()
-                        .map_err(|e| self.error(op, at, ErrorKind::Tensor(e)))?,
-                ),
-                other => other,
-            };
-            self.mesh.deliver(
-                key,
-                global,
-                Message {
-                    seq,
-                    op: code,
-                    payload,
-                },
-            );
+    fn send(&self, to: Peer, route: Route, message: Message) -> Result<(), ErrorKind> {
+        let mesh = &self.0;
+        let global = to.rank;
+        if global == mesh.rank {
+            let payload = message.payload.detached_copy().map_err(ErrorKind::Tensor)?;
+            mesh.inbox
+                .deliver(route, global, Message { payload, ..message });
             return Ok(());
         }
-        let bytes = encode(key, seq, code, &payload)
-            .map_err(|e| self.error(op, at, ErrorKind::Invalid(e)))?;
-        let Some(Some(peer)) = self.mesh.peers.get(global) else {
-            return Err(self.error(
-                op,
-                at,
-                ErrorKind::Transport(format!("no connection to rank {global}")),
-            ));
+        let bytes = encode(route, &message).map_err(ErrorKind::Invalid)?;
+        let Some(Some(peer)) = mesh.peers.get(global) else {
+            return Err(ErrorKind::Transport(format!(
+                "no connection to rank {global}"
+            )));
         };
         let mut stream = peer.lock().unwrap_or_else(|p| p.into_inner());
         stream.write_all(&bytes).map_err(|e| {
@@ -407,358 +291,20 @@ impl TcpCollective {
                 e.kind(),
                 Io::BrokenPipe | Io::ConnectionReset | Io::ConnectionAborted
             );
-            let kind = if closed || self.mesh.lock().gone.contains_key(&global) {
+            if closed || mesh.inbox.has_left(global) {
                 ErrorKind::PeerGone {
                     peer: global,
                     panicked: false,
                 }
             } else {
                 ErrorKind::Transport(format!("sending to rank {global}: {e}"))
-            };
-            self.error(op, at, kind)
+            }
         })
     }
-
-    /// Waits for operation `seq`'s message from every position in `sources`; payloads in
-    /// that order.
-    fn receive(
-        &self,
-        sources: &[usize],
-        seq: u64,
-        op: &'static str,
-        at: &str,
-    ) -> Result<Vec<Payload>> {
-        let deadline = Instant::now() + self.timeout;
-        let code = op_code(op);
-        let mut got: Vec<Option<Payload>> = sources.iter().map(|_| None).collect();
-        let mut mail = self.mesh.lock();
-        loop {
-            let mut gone = None;
-            for (slot, &src) in got.iter_mut().zip(sources) {
-                if slot.is_some() {
-                    continue;
-                }
-                let global = self.label.global(src);
-                let queue = mail.queues.entry((self.key, global)).or_default();
-                match queue.front() {
-                    Some(m) if m.seq == seq && m.op == code => {
-                        *slot = queue.pop_front().map(|m| m.payload);
-                    }
-                    Some(m) => {
-                        let kind = ErrorKind::Mismatch {
-                            peer: global,
-                            theirs: format!("{} (its collective #{})", op_name(m.op), m.seq),
-                            ours: format!("{op} (its collective #{seq})"),
-                        };
-                        return Err(self.error(op, at, kind));
-                    }
-                    None => {
-                        if mail.gone.contains_key(&global) && gone.is_none() {
-                            gone = Some(global);
-                        }
-                    }
-                }
-            }
-            if let Some(peer) = gone {
-                return Err(self.error(
-                    op,
-                    at,
-                    ErrorKind::PeerGone {
-                        peer,
-                        panicked: false,
-                    },
-                ));
-            }
-            if got.iter().all(Option::is_some) {
-                return Ok(got.into_iter().flatten().collect());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let missing = got
-                    .iter()
-                    .zip(sources)
-                    .filter(|(slot, _)| slot.is_none())
-                    .map(|(_, &src)| self.label.global(src))
-                    .collect();
-                return Err(self.error(
-                    op,
-                    at,
-                    ErrorKind::Timeout {
-                        waited: self.timeout,
-                        missing,
-                    },
-                ));
-            }
-            mail = self
-                .mesh
-                .arrived
-                .wait_timeout(mail, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    fn tensor_error(
-        &self,
-        op: &'static str,
-        at: &str,
-    ) -> impl Fn(tch::TchError) -> CollectiveError + '_ {
-        let at = at.to_string();
-        move |e| self.error(op, &at, ErrorKind::Tensor(e))
-    }
-
-    /// Waits for the point-to-point transfer number `seq` from position `src`.
-    fn receive_p2p(&self, src: usize, seq: u64, at: &str) -> Result<Tensor> {
-        const OP: &str = "send_recv";
-        let deadline = Instant::now() + self.timeout;
-        let key = p2p_key(self.key);
-        let global = self.label.global(src);
-        let mut mail = self.mesh.lock();
-        loop {
-            let queue = mail.queues.entry((key, global)).or_default();
-            match queue.front() {
-                Some(m) if m.seq == seq => {
-                    return match queue.pop_front().map(|m| m.payload) {
-                        Some(Payload::Tensor(t)) => Ok(t),
-                        _ => Err(self.error(
-                            OP,
-                            at,
-                            ErrorKind::Invalid(format!("rank {global} sent no tensor")),
-                        )),
-                    };
-                }
-                Some(m) => {
-                    let kind = ErrorKind::Mismatch {
-                        peer: global,
-                        theirs: format!("its transfer #{} to this rank", m.seq),
-                        ours: format!("this rank's transfer #{seq} from it"),
-                    };
-                    return Err(self.error(OP, at, kind));
-                }
-                None => {
-                    if mail.gone.contains_key(&global) {
-                        let kind = ErrorKind::PeerGone {
-                            peer: global,
-                            panicked: false,
-                        };
-                        return Err(self.error(OP, at, kind));
-                    }
-                }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let kind = ErrorKind::Timeout {
-                    waited: self.timeout,
-                    missing: vec![global],
-                };
-                return Err(self.error(OP, at, kind));
-            }
-            mail = self
-                .mesh
-                .arrived
-                .wait_timeout(mail, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
 }
 
-fn expect_tensor(payload: Payload) -> Option<Tensor> {
-    match payload {
-        Payload::Tensor(t) => Some(t),
-        _ => None,
-    }
-}
-
-impl Collective for TcpCollective {
-    fn rank(&self) -> usize {
-        self.position
-    }
-
-    fn size(&self) -> usize {
-        TcpCollective::size(self)
-    }
-
-    fn label(&self) -> &GroupLabel {
-        &self.label
-    }
-
-    fn all_reduce_sum(&self, tensor: &mut Tensor, at: &str) -> Result<()> {
-        const OP: &str = "all_reduce_sum";
-        let seq = self.begin();
-        for dst in self.everyone() {
-            self.send(dst, seq, OP, Payload::Tensor(tensor.shallow_clone()), at)?;
-        }
-        let parts = self.receive(&self.everyone(), seq, OP, at)?;
-        let shape = tensor.size();
-        let mut sum: Option<Tensor> = None;
-        for (src, part) in parts.into_iter().enumerate() {
-            let part = expect_tensor(part).unwrap_or_default();
-            if !part.defined() || part.size() != shape || part.kind() != tensor.kind() {
-                let message =
-                    format!(
-                    "rank {} sent a tensor of shape {:?} ({:?}) where this rank has {:?} ({:?})",
-                    self.label.global(src),
-                    if part.defined() { part.size() } else { vec![] },
-                    if part.defined() { Some(part.kind()) } else { None },
-                    shape,
-                    tensor.kind()
-                );
-                return Err(self.error(OP, at, ErrorKind::Invalid(message)));
-            }
-            sum = Some(match sum {
-                None => part,
-                Some(acc) => acc.f_add(&part).map_err(self.tensor_error(OP, at))?,
-            });
-        }
-        if let Some(sum) = sum {
-            let sum = sum
-                .f_to_device(tensor.device())
-                .map_err(self.tensor_error(OP, at))?;
-            tch::no_grad(|| tensor.f_copy_(&sum)).map_err(self.tensor_error(OP, at))?;
-        }
-        Ok(())
-    }
-
-    fn all_gather_counts(&self, counts: &[i64], at: &str) -> Result<Vec<Vec<i64>>> {
-        const OP: &str = "all_gather_counts";
-        let seq = self.begin();
-        for dst in self.everyone() {
-            self.send(dst, seq, OP, Payload::Counts(counts.to_vec()), at)?;
-        }
-        let parts = self.receive(&self.everyone(), seq, OP, at)?;
-        Ok(parts
-            .into_iter()
-            .map(|p| match p {
-                Payload::Counts(c) => c,
-                _ => Vec::new(),
-            })
-            .collect())
-    }
-
-    fn all_to_all_v(
-        &self,
-        send: &Tensor,
-        send_counts: &[i64],
-        recv_counts: &[i64],
-        at: &str,
-    ) -> Result<Tensor> {
-        const OP: &str = "all_to_all_v";
-        let seq = self.begin();
-        let size = self.size();
-        let rows = send.size().first().copied().unwrap_or(0);
-        let invalid = |message: String| self.error(OP, at, ErrorKind::Invalid(message));
-        check_all_to_all_counts(size, rows, send_counts, recv_counts).map_err(invalid)?;
-        let parts = send
-            .f_split_with_sizes(send_counts, 0)
-            .map_err(self.tensor_error(OP, at))?;
-        for (dst, part) in parts.iter().enumerate() {
-            self.send(dst, seq, OP, Payload::Tensor(part.shallow_clone()), at)?;
-        }
-        let received = self.receive(&self.everyone(), seq, OP, at)?;
-        let mut pieces = Vec::with_capacity(size);
-        for (src, part) in received.into_iter().enumerate() {
-            let part = expect_tensor(part).unwrap_or_default();
-            let got = if part.defined() {
-                part.size().first().copied().unwrap_or(0)
-            } else {
-                -1
-            };
-            if got != recv_counts[src] || part.size().get(1..) != send.size().get(1..) {
-                return Err(invalid(format!(
-                    "expected {} rows of shape {:?} from rank {}, got {:?}",
-                    recv_counts[src],
-                    send.size().get(1..).unwrap_or_default(),
-                    self.label.global(src),
-                    if part.defined() { part.size() } else { vec![] }
-                )));
-            }
-            pieces.push(part);
-        }
-        Tensor::f_cat(&pieces, 0)
-            .and_then(|t| t.f_to_device(send.device()))
-            .map_err(self.tensor_error(OP, at))
-    }
-
-    fn broadcast(&self, tensor: &mut Tensor, root: usize, at: &str) -> Result<()> {
-        const OP: &str = "broadcast";
-        let seq = self.begin();
-        if root >= self.size() {
-            let message = format!("root {root} is outside a group of {} ranks", self.size());
-            return Err(self.error(OP, at, ErrorKind::Invalid(message)));
-        }
-        if self.position == root {
-            for dst in self.everyone().into_iter().filter(|&d| d != root) {
-                self.send(dst, seq, OP, Payload::Tensor(tensor.shallow_clone()), at)?;
-            }
-            return Ok(());
-        }
-        let part = self
-            .receive(&[root], seq, OP, at)?
-            .into_iter()
-            .next()
-            .and_then(expect_tensor);
-        match part {
-            Some(part) if part.size() == tensor.size() && part.kind() == tensor.kind() => {
-                let part = part
-                    .f_to_device(tensor.device())
-                    .map_err(self.tensor_error(OP, at))?;
-                tch::no_grad(|| tensor.f_copy_(&part)).map_err(self.tensor_error(OP, at))
-            }
-            _ => Err(self.error(
-                OP,
-                at,
-                ErrorKind::Invalid(format!(
-                    "the root's tensor does not match this rank's {:?}",
-                    tensor.size()
-                )),
-            )),
-        }
-    }
-
-    fn barrier(&self, at: &str) -> Result<()> {
-        const OP: &str = "barrier";
-        let seq = self.begin();
-        for dst in self.everyone() {
-            self.send(dst, seq, OP, Payload::Empty, at)?;
-        }
-        self.receive(&self.everyone(), seq, OP, at).map(|_| ())
-    }
-
-    fn send_recv(&self, transfers: &mut [PeerTransfer<'_>], at: &str) -> Result<()> {
-        const OP: &str = "send_recv";
-        check_peers(self.size(), transfers)
-            .map_err(|m| self.error(OP, at, ErrorKind::Invalid(m)))?;
-        // A send only waits for the socket: the peer's reader thread empties it into
-        // mailboxes whatever the peer is doing, so all sends go first.
-        for t in transfers.iter() {
-            if let PeerTransfer::Send { tensor, to } = t {
-                let seq = {
-                    let mut sent = self.p2p_sent.borrow_mut();
-                    sent[*to] += 1;
-                    sent[*to] - 1
-                };
-                let payload = Payload::Tensor(tensor.shallow_clone());
-                self.send_keyed(p2p_key(self.key), *to, seq, OP, payload, at)?;
-            }
-        }
-        for t in transfers.iter_mut() {
-            if let PeerTransfer::Recv { into, from } = t {
-                let seq = self.p2p_received.borrow()[*from];
-                let got = self.receive_p2p(*from, seq, at)?;
-                self.p2p_received.borrow_mut()[*from] += 1;
-                if let Some(message) = received_mismatch(self.label.global(*from), &got, into) {
-                    return Err(self.error(OP, at, ErrorKind::Invalid(message)));
-                }
-                let got = got
-                    .f_to_device(into.device())
-                    .map_err(self.tensor_error(OP, at))?;
-                tch::no_grad(|| into.f_copy_(&got)).map_err(self.tensor_error(OP, at))?;
-            }
-        }
-        Ok(())
-    }
-}
+/// One rank's handle to one group over TCP.
+pub type TcpCollective = MessageCollective<TcpTransport>;
 
 /// A fingerprint of what every rank must agree on: the layout and the tensor groups.
 pub fn layout_tag(layout: &GroupLayout, tensor: Option<&[Vec<usize>]>) -> String {
@@ -781,33 +327,7 @@ pub fn connect(
     env: &DistEnv,
     timeout: Duration,
 ) -> anyhow::Result<Groups> {
-    layout.validate()?;
-    if layout.world != env.world {
-        anyhow::bail!(
-            "the layout has {} ranks but WORLD_SIZE is {}",
-            layout.world,
-            env.world
-        );
-    }
-    let my_tensor = match tensor {
-        None => None,
-        Some(lists) => {
-            let mut count = vec![0usize; layout.world];
-            for &r in lists.iter().flatten() {
-                match count.get_mut(r) {
-                    Some(c) => *c += 1,
-                    None => anyhow::bail!(
-                        "tensor groups: rank {r} is outside the world of {} ranks",
-                        layout.world
-                    ),
-                }
-            }
-            if let Some(r) = count.iter().position(|&c| c != 1) {
-                anyhow::bail!("tensor groups: rank {r} is in {} groups, not one", count[r]);
-            }
-            lists.iter().find(|g| g.contains(&env.rank)).cloned()
-        }
-    };
+    let my_tensor = env.place_in(layout, tensor)?;
     let deadline = Instant::now() + timeout;
     let (rank, world) = (env.rank, env.world);
     let tag = layout_tag(layout, tensor);
@@ -912,11 +432,7 @@ pub fn connect(
     let mesh = Arc::new(Mesh {
         rank,
         peers,
-        mail: Mutex::new(Mailbox {
-            queues: HashMap::new(),
-            gone: HashMap::new(),
-        }),
-        arrived: Condvar::new(),
+        inbox: Inbox::default(),
     });
     for (peer, stream) in readers {
         let weak = Arc::downgrade(&mesh);
@@ -925,16 +441,8 @@ pub fn connect(
             .spawn(move || read_from(weak, peer, stream))?;
     }
     let handle = |label: GroupLabel, position: usize| {
-        Box::new(TcpCollective {
-            mesh: Arc::clone(&mesh),
-            key: group_key(&label),
-            p2p_sent: std::cell::RefCell::new(vec![0; label.members.len()]),
-            p2p_received: std::cell::RefCell::new(vec![0; label.members.len()]),
-            label,
-            position,
-            next_seq: std::cell::Cell::new(0),
-            timeout,
-        }) as Box<dyn Collective>
+        let transport = TcpTransport(Arc::clone(&mesh));
+        Box::new(TcpCollective::new(transport, label, position, timeout)) as Box<dyn Collective>
     };
     let mut groups = Groups::connect(layout, rank, |label, position| Ok(handle(label, position)))?;
     if let Some(members) = my_tensor {
@@ -989,6 +497,7 @@ fn connect_peer(address: &str, deadline: Instant) -> std::io::Result<TcpStream> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collective::PeerTransfer;
 
     fn env(rank: usize, world: usize, port: u16) -> DistEnv {
         DistEnv {
@@ -1040,6 +549,33 @@ mod tests {
         assert_eq!(read_handshake_line(&mut long, 4).unwrap(), "0123");
         let mut short = std::io::Cursor::new(b"ERR".to_vec());
         assert_eq!(read_handshake_line(&mut short, 1024).unwrap(), "ERR");
+    }
+
+    /// Tensor groups that do not partition the world are refused before any connection.
+    #[test]
+    fn tensor_groups_must_partition_the_world() {
+        let layout = GroupLayout::data_parallel(3, 3).unwrap();
+        let timeout = Duration::from_secs(1);
+        for (lists, want) in [
+            (
+                vec![vec![0, 1], vec![1, 2]],
+                "tensor groups: rank 1 is in more than one group",
+            ),
+            (vec![vec![0, 1]], "tensor groups: rank 2 is in no group"),
+            (
+                vec![vec![0, 1, 2, 3]],
+                "rank 3 is outside the world of 3 ranks",
+            ),
+            (
+                vec![vec![0, 1, 2], vec![]],
+                "tensor groups: a group is empty",
+            ),
+        ] {
+            let Err(e) = connect(&layout, Some(&lists), &env(0, 3, free_port()), timeout) else {
+                panic!("{lists:?} was accepted");
+            };
+            assert!(e.to_string().contains(want), "{lists:?}: {e}");
+        }
     }
 
     #[test]
