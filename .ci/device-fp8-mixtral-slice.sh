@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Mixtral-shaped one-GPU slice, bf16 against fp8 from the same seed and data, 300 steps each
-# (issue 17 item 4). The runs are killed once 300 steps are in metrics.jsonl (no 35 GB checkpoint).
+# (issue 17 item 4), at lr 1e-4 with 100 warm-up steps since part 3 (3e-4 with 30 spiked in
+# both precisions: BENCHMARKS.md). The runs are killed once 300 steps are in metrics.jsonl
+# (no 35 GB checkpoint).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 R="${OUT:-out-mx}"; mkdir -p "$R"

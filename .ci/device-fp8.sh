@@ -6,7 +6,8 @@
 # GPT-2-medium-MoE example on one GPU in bf16 and fp8 (tokens/s, MFU over the bf16 peak,
 # losses, peak nvidia-smi memory beside the planner's estimate). Needs the CUDA build at
 # $FMOEC (default .dev/fmoec). STEPS (default "check bench tiny e2e") picks steps, and two
-# more: `precise` (the bench's fp8 rows again with FMOEC_FP8_FAST_ACCUM=0) and `profile`
+# more: `precise` (the bench's fp8 rows again with FMOEC_FP8_FAST_ACCUM=0), `variants` (the
+# bench again for each of VARIANTS="NAME:VAR=VALUE,..." and the binary at BASELINE) and `profile`
 # (Nsight Compute kernel durations of the fp8 layer at PROFILE_SHAPE, default F0);
 # TINY_STEPS (300), E2E_STEPS (6), E2E_LONG (25: the bf16 and fp8 runs whose losses are
 # compared), ITERS (20), BENCH_ARGS (default: S1, S3, F0, balanced routing). Results under
@@ -42,6 +43,23 @@ if has bench; then
     echo "bench exit $?"; tail -3 $G/bench.progress
     cat $G/bench.txt
     cp $G/bench.txt $G/bench.json "$R/" 2>/dev/null
+fi
+
+if has variants; then
+    # the bench's rows again for each "NAME:VAR=VALUE[,VAR=VALUE]" of VARIANTS (the code's
+    # switches, e.g. FMOEC_FP8_COLUMN_MAXIMA=0), and with the build at $BASELINE (another
+    # commit's binary) if given: every table of one call, for choices made by measurement
+    for v in ${BASELINE:+baseline:} ${VARIANTS:-}; do
+        name=${v%%:*}; envs=${v#*:}; bin="$FMOEC"
+        [ "$name" = baseline ] && bin="$BASELINE"
+        el "bench, variant $name (${envs:-no switches})"
+        # shellcheck disable=SC2086
+        env ${envs//,/ } "$bin" bench moe --device cuda --dtype fp8 --iters "${ITERS:-20}" --warmup 3 \
+            ${BENCH_ARGS:---shape S1 --shape S3 --shape F0 --routing balanced} \
+            > $G/bench-$name.txt 2> $G/bench-$name.progress
+        echo "bench ($name) exit $?"
+        grep -E "fmoec-fp8|^S1 .* fmoec  " $G/bench-$name.txt
+    done
 fi
 
 if has precise; then

@@ -337,9 +337,9 @@ fn fp8_memory_adds_the_scales_and_time_runs_the_experts_at_the_fp8_peak() {
     assert_eq!(fp8.time.peak_tflops, bf16.time.peak_tflops);
 }
 
-/// FP8 pays for S1's wide experts (4096 → 14336; measured 1.37-1.43x on an H100), not for
+/// FP8 pays for S1's wide experts (4096 → 14336; measured 1.40-1.45x on an H100), not for
 /// F0's (1024 → 4096, 128 rows per expert) or S3's (2048 → 768), whose quantisations cost
-/// more than their FP8 matmuls save (measured 0.83-0.89x; BENCHMARKS.md 2026-12-06, call 5).
+/// more than their FP8 matmuls save (measured 0.79-0.92x; BENCHMARKS.md 2026-12-06, part 3).
 #[test]
 fn fp8_pays_for_wide_experts_and_not_for_narrow_ones() {
     use fmoec::check::Activation::Gelu;

@@ -435,22 +435,25 @@ fn fp8_matmul_share(smaller_width: u64) -> f64 {
     0.55 + t.clamp(0.0, 1.0) * (0.88 - 0.55)
 }
 
-/// The share of the HBM bandwidth the FP8 quantisations reach in a layer: 0.30, with the
+/// The share of the HBM bandwidth the FP8 quantisations reach in a layer: 0.18, with the
 /// bytes of [`FP8_QUANT_BYTES_INPUT`] and [`FP8_QUANT_BYTES_HIDDEN`], keeps the verdicts of
-/// the FP8 layer measured on an H100 after the fused passes (BENCHMARKS.md 2026-12-06, call
-/// 5): S1 in FP8 (estimated 1.23x, measured 1.37x; SwiGLU 1.15x, measured 1.43x), F0 in bf16
-/// (estimated 0.94x, measured 0.89x) and S3 in bf16 (estimated 0.45-0.49x, measured 0.83-0.85x).
-/// Single passes reach 0.5-0.9 of the bandwidth; a layer's also wait on small launches and
-/// the column maxima of narrow tensors.
-const FP8_QUANT_BANDWIDTH_SHARE: f64 = 0.30;
+/// the FP8 layer measured on an H100 with the column maxima in the passes (BENCHMARKS.md
+/// 2026-12-06 part 3, call C): S1 in FP8 (estimated 1.23x, measured 1.40x; SwiGLU 1.17x,
+/// measured 1.45x), F0 in bf16 (estimated 0.95x, measured 0.86-0.92x) and S3 in bf16
+/// (estimated 0.43-0.48x, measured 0.79-0.86x). Single passes reach 0.7-0.8 of the
+/// bandwidth; the layer's time beyond its matmuls is more than its passes' bytes explain
+/// (launch gaps and small kernels: call B's profile), which this share stands for.
+const FP8_QUANT_BANDWIDTH_SHARE: f64 = 0.18;
 
 /// Bytes the FP8 quantisations move per element of an expert layer's activations: its
-/// input (transposed for the weight gradient: 5; its gradient row-wise, written by the
-/// combine's backward: 1, and transposed: 5; the forward copy, written by the dispatch: 1)
-/// and each hidden activation (row-wise forward, written by the activation's pass: 1;
-/// transposed: 5; its gradient row-wise and transposed: 8).
-const FP8_QUANT_BYTES_INPUT: f64 = 12.0;
-const FP8_QUANT_BYTES_HIDDEN: f64 = 14.0;
+/// input (the forward copy, written by the dispatch with its column maxima: 1; transposed
+/// for the weight gradient: 3; its gradient row-wise, written by the combine's backward: 1,
+/// and transposed: 3) and each hidden activation (row-wise forward, written by the
+/// activation's pass: 1; transposed: 3; its gradient row-wise, written by the activation's
+/// backward, and transposed: 4; SwiGLU's two gradients quantise in a pass of their own,
+/// the same 8 a matrix on average).
+const FP8_QUANT_BYTES_INPUT: f64 = 8.0;
+const FP8_QUANT_BYTES_HIDDEN: f64 = 8.0;
 /// The same for a dense matmul's input and output widths (row-wise and transposed copies of
 /// the input and of the output's gradient).
 const FP8_QUANT_BYTES_DENSE: f64 = 8.0;

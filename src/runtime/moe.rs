@@ -1296,7 +1296,13 @@ impl MoeLayer {
 pub fn dispatch_to(experts: &Experts, x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if experts.fp8 && experts.path == ExpertPath::Grouped && plan.fused {
-        return crate::runtime::fp8::dispatch(x, &plan.row_slot, &plan.slot_row, plan.top_k);
+        return crate::runtime::fp8::dispatch(
+            x,
+            &plan.row_slot,
+            &plan.slot_row,
+            plan.top_k,
+            &plan.offsets,
+        );
     }
     let _ = experts;
     dispatch(x, plan)
@@ -1319,7 +1325,13 @@ pub fn combine_from(
         && plan.fused
         && weight.kind() == Kind::Float
     {
-        return crate::runtime::fp8::combine(ys, weight, &plan.slot_row, &plan.row_slot);
+        return crate::runtime::fp8::combine(
+            ys,
+            weight,
+            &plan.slot_row,
+            &plan.row_slot,
+            &plan.offsets,
+        );
     }
     let _ = experts;
     combine(ys, plan, weight, tokens)

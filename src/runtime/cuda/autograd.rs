@@ -204,15 +204,11 @@ fn run_op(op: FusedOp, phase: Phase, inputs: Vec<Tensor>) -> Result<Vec<Option<T
         (FusedOp::Dispatch { k }, Phase::Forward) => {
             Ok(vec![Some(gather_rows(&inputs[0], &inputs[1], k, None)?)])
         }
-        (FusedOp::Dispatch { k }, Phase::Backward) => {
-            let g = &inputs[3];
-            let gx = if undefined(g) {
-                None
-            } else {
-                Some(sum_rows(g, &inputs[2], k, None)?)
-            };
-            Ok(vec![gx, None, None])
-        }
+        (FusedOp::Dispatch { k }, Phase::Backward) => Ok(vec![
+            dispatch_backward(&inputs[2], &inputs[3], k)?,
+            None,
+            None,
+        ]),
         // combine: a = ys [N, d], b = weight [T, k] f32, c = slot_row [T·k], d = row_slot [N]
         (FusedOp::Combine, Phase::Forward) => {
             let (ys, w, slot_row) = (&inputs[0], &inputs[1], &inputs[2]);
@@ -238,15 +234,7 @@ fn run_op(op: FusedOp, phase: Phase, inputs: Vec<Tensor>) -> Result<Vec<Option<T
             } else {
                 None
             };
-            let gw = if w.requires_grad() {
-                Some(
-                    row_dots(ys, slot_row, k, &g)?
-                        .f_to_kind(w.kind())?
-                        .f_reshape(w.size())?,
-                )
-            } else {
-                None
-            };
+            let gw = combine_weight_gradient(ys, w, slot_row, &g)?;
             Ok(vec![gys, gw, None, None])
         }
         // swiglu: a = h1, b = h3
@@ -297,16 +285,52 @@ fn run_op(op: FusedOp, phase: Phase, inputs: Vec<Tensor>) -> Result<Vec<Option<T
             if undefined(g) {
                 return Ok(vec![None, None]);
             }
-            // Add into the master's gradient in one pass (f32 += bf16) where it exists;
-            // else hand autograd the converted gradient to start it.
-            let mut acc = master.grad();
-            if acc.defined() && acc.kind() == master.kind() && acc.size() == g.size() {
-                let _ = acc.f_add_(g)?;
-                return Ok(vec![None, None]);
-            }
-            Ok(vec![Some(g.f_to_kind(master.kind())?), None])
+            Ok(vec![master_gradient(master, g)?, None])
         }
     }
+}
+
+/// The backward of a gather into expert order (the fused dispatch's and the FP8 one's): each
+/// token's gradient, the sum of its `k` slots' rows of `g` (`[N, d]`, expert order; dropped
+/// slots skipped), none where `g` is undefined.
+pub fn dispatch_backward(slot_row: &Tensor, g: &Tensor, k: i64) -> Result<Option<Tensor>> {
+    if !g.defined() {
+        return Ok(None);
+    }
+    Ok(Some(sum_rows(g, slot_row, k, None)?))
+}
+
+/// The gradient of a combine in its gate weights `w` (`[T, k]`, none unless it requires
+/// grad): each slot's expert output row `ys[slot_row[s]]` dotted with its token's output
+/// gradient `g` (`[T, d]`, `ys`'s dtype), in `w`'s dtype.
+pub fn combine_weight_gradient(
+    ys: &Tensor,
+    w: &Tensor,
+    slot_row: &Tensor,
+    g: &Tensor,
+) -> Result<Option<Tensor>> {
+    if !w.requires_grad() {
+        return Ok(None);
+    }
+    let k = *w.size().last().unwrap_or(&1);
+    Ok(Some(
+        row_dots(ys, slot_row, k, g)?
+            .f_to_kind(w.kind())?
+            .f_reshape(w.size())?,
+    ))
+}
+
+/// A master weight's gradient `g` (any dtype, the master's element count): added into the
+/// master's `.grad` in one pass (f32 += bf16) where that exists, and then none for autograd;
+/// else converted to the master's dtype and shape for autograd to start it.
+pub fn master_gradient(master: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    let g = g.f_reshape(master.size())?;
+    let mut acc = master.grad();
+    if acc.defined() && acc.kind() == master.kind() && acc.size() == g.size() {
+        let _ = acc.f_add_(&g)?;
+        return Ok(None);
+    }
+    Ok(Some(g.f_to_kind(master.kind())?))
 }
 
 /// `k` of a combine: the weight's second dimension (`[T, k]`), checked against the indices.

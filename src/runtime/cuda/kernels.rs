@@ -106,6 +106,21 @@ impl Fp8Act {
     pub const ALL: [Fp8Act; 3] = [Fp8Act::Gelu, Fp8Act::Relu, Fp8Act::Swiglu];
 }
 
+/// The activation whose backward pass writes the row-wise FP8 copy of the input's gradient
+/// (`fp8_act4`/`fp8_act5` kernels: the first expert matmul's output gradient). SwiGLU's
+/// backward has two outputs and keeps its own kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fp8ActGrad {
+    /// GELU, erf form: `g · gelu'(a)`.
+    Gelu,
+    /// ReLU: `g · [a > 0]`.
+    Relu,
+}
+
+impl Fp8ActGrad {
+    pub const ALL: [Fp8ActGrad; 2] = [Fp8ActGrad::Gelu, Fp8ActGrad::Relu];
+}
+
 /// A kernel of the program, by what it does and the element type it was instantiated for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -129,6 +144,8 @@ pub enum Kernel {
     Fp8QuantRows(Elem),
     /// An activation writing its output and the output's row-wise FP8 copy in one pass.
     Fp8ActQuantRows(Fp8Act, Elem),
+    /// An activation's backward writing the input's gradient and its row-wise FP8 copy.
+    Fp8ActGradQuantRows(Fp8ActGrad, Elem),
     /// Column maxima of each row group (for per-group column scales).
     Fp8ColAmax(Elem),
     /// FP8 scales from column maxima.
@@ -165,6 +182,7 @@ impl Kernel {
             ]);
             all.extend(EpilogueAct::ALL.map(|a| Kernel::BiasAct(a, e)));
             all.extend(Fp8Act::ALL.map(|a| Kernel::Fp8ActQuantRows(a, e)));
+            all.extend(Fp8ActGrad::ALL.map(|a| Kernel::Fp8ActGradQuantRows(a, e)));
             all.extend([
                 Kernel::Fp8QuantRows(e),
                 Kernel::Fp8ColAmax(e),
@@ -182,6 +200,7 @@ impl Kernel {
             self,
             Kernel::Fp8QuantRows(_)
                 | Kernel::Fp8ActQuantRows(..)
+                | Kernel::Fp8ActGradQuantRows(..)
                 | Kernel::Fp8ColAmax(_)
                 | Kernel::Fp8ScalesFromAmax
                 | Kernel::Fp8QuantTranspose(_)
@@ -220,6 +239,13 @@ impl Kernel {
                 },
                 e,
             ),
+            Kernel::Fp8ActGradQuantRows(a, e) => typed(
+                match a {
+                    Fp8ActGrad::Gelu => "fp8_act4_quant_rows",
+                    Fp8ActGrad::Relu => "fp8_act5_quant_rows",
+                },
+                e,
+            ),
             Kernel::Fp8ColAmax(e) => typed("fp8_col_amax", e),
             Kernel::Fp8ScalesFromAmax => "fp8_scales_from_amax".into(),
             Kernel::Fp8QuantTranspose(e) => typed("fp8_quant_transpose", e),
@@ -245,10 +271,13 @@ impl Kernel {
             Kernel::XentFwd(_) => &[P, P, P, P, L, I],
             Kernel::XentBwd(_) => &[P, P, P, P, P, L, I],
             // (src, row_slot or null, k, weight or null, limit or null, copy or null, q, scale,
-            // overflow, rows, d)
-            Kernel::Fp8QuantRows(_) => &[P, P, I, P, P, P, P, P, P, L, I],
-            // (a, b or null, limit or null, out, q, scale, overflow, rows, d)
-            Kernel::Fp8ActQuantRows(..) => &[P, P, P, P, P, P, P, L, I],
+            // overflow, rows, d, ends, groups, column maxima or null)
+            Kernel::Fp8QuantRows(_) => &[P, P, I, P, P, P, P, P, P, L, I, P, I, P],
+            // (a, b or null, limit or null, out, q, scale, overflow, rows, d, ends, groups,
+            // column maxima or null)
+            Kernel::Fp8ActQuantRows(..) | Kernel::Fp8ActGradQuantRows(..) => {
+                &[P, P, P, P, P, P, P, L, I, P, I, P]
+            }
             // (x, ends, groups, amax bits, d)
             Kernel::Fp8ColAmax(_) => &[P, P, I, P, I],
             // (amax bits, inv, scale, overflow, n)
@@ -310,6 +339,8 @@ struct Module {
     functions: HashMap<Kernel, cu::CUfunction>,
     /// The device's compute capability, `major · 10 + minor`.
     capability: i32,
+    /// Its streaming multiprocessors.
+    multiprocessors: i32,
 }
 
 // SAFETY: the driver's context and function handles are process-wide values, usable from
@@ -403,6 +434,15 @@ fn load(device: usize) -> Result<Module> {
                 dev,
             ),
         )?;
+        let mut multiprocessors = 0;
+        cu_check(
+            "cuDeviceGetAttribute",
+            cu::cuDeviceGetAttribute(
+                &mut multiprocessors,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                dev,
+            ),
+        )?;
         let mut ptx = compile(major, minor)?;
         ptx.push(0);
         let mut module = std::ptr::null_mut();
@@ -428,6 +468,7 @@ fn load(device: usize) -> Result<Module> {
             ctx,
             functions,
             capability,
+            multiprocessors,
         })
     }
 }
@@ -454,6 +495,19 @@ pub fn capability(device: usize) -> Result<i32> {
         .map_err(|_| anyhow!("kernel cache poisoned"))?;
     match m.get(&device) {
         Some(Ok(module)) => Ok(module.capability),
+        _ => bail!("fused kernels not loaded on cuda:{device}"),
+    }
+}
+
+/// The streaming multiprocessors of `device`, once its kernels are loaded (for grids of
+/// one wave of resident blocks).
+pub fn multiprocessors(device: usize) -> Result<i64> {
+    kernels_ready(device)?;
+    let m = modules()
+        .lock()
+        .map_err(|_| anyhow!("kernel cache poisoned"))?;
+    match m.get(&device) {
+        Some(Ok(module)) => Ok(module.multiprocessors.max(1) as i64),
         _ => bail!("fused kernels not loaded on cuda:{device}"),
     }
 }

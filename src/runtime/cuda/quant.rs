@@ -18,6 +18,10 @@
 //! - [`quant_transposed`] stacked: `G` equal groups (an expert's weight) → `[G, C, len]` with
 //!   `[G, C]` scales (a weight's forward operand, as the matmul wants it column-major).
 //!
+//! The row-wise passes can also return the column maxima of each row group
+//! ([`ColumnMaxima`]), which the transposed copy of the same tensor then takes instead of a
+//! pass of its own over the tensor.
+//!
 //! Each function runs its kernels on a GPU of compute capability 8.9 or later (bf16 or f32
 //! input, rows of a multiple of 16 bytes) and otherwise the same function in libtorch ops,
 //! which compute the same bits (the kernels round every product and division as IEEE f32
@@ -30,7 +34,9 @@ use std::ffi::c_int;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::kernels::{self, device_index, launch, ptr, Arg, Elem, Fp8Act, Grid, Kernel};
+use super::kernels::{
+    self, device_index, launch, multiprocessors, ptr, Arg, Elem, Fp8Act, Fp8ActGrad, Grid, Kernel,
+};
 
 /// The largest finite e4m3 value.
 pub const FP8_MAX: f64 = 448.0;
@@ -111,6 +117,119 @@ fn abs_f32(x: &Tensor) -> Result<Tensor> {
     Ok(a.f_where_scalarother(&a.f_isnan()?.f_logical_not()?, f64::INFINITY)?)
 }
 
+/// The column maxima of each row group of a tensor, as a row-wise pass raised them: int32
+/// `[G·C]`, the bits of the non-negative f32 maxima (Inf where a value was not finite), for
+/// [`quant_transposed`] of the same tensor with the same group ends.
+pub type ColumnMaxima = Tensor;
+
+/// f32 `[G, C]`: the largest `|x|` of each column within each group of rows (groups ending
+/// at `ends`; rows past the last group left out; NaN as Inf).
+fn group_column_amax(x: &Tensor, ends: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = x.size2()?;
+    let groups = ends.size()[0];
+    let device = x.device();
+    let row = Tensor::f_arange(rows, (Kind::Int64, device))?;
+    // the first group whose end is past the row
+    let group = row.f_searchsorted(
+        &ends.f_to_kind(Kind::Int64)?,
+        false,
+        true,
+        "right",
+        None::<Tensor>,
+    )?;
+    let kept = group.f_lt(groups)?;
+    let g = group.f_clamp_max(groups - 1)?;
+    let xf = x.f_to_kind(Kind::Float)?;
+    let absx = abs_f32(&xf)?.f_where_self(&kept.f_unsqueeze(1)?, &xf.f_zeros_like()?)?;
+    Ok(Tensor::f_zeros([groups, cols], (Kind::Float, device))?
+        .f_index_reduce(0, &g, &absx, "amax", true)?)
+}
+
+/// [`ColumnMaxima`] of `x` computed in libtorch ops (the reference of the fused passes).
+pub fn column_maxima_reference(x: &Tensor, ends: &Tensor) -> Result<ColumnMaxima> {
+    Ok(group_column_amax(x, ends)?
+        .f_contiguous()?
+        .f_view_dtype(Kind::Int)?
+        .f_reshape([-1])?)
+}
+
+/// Where a row-wise kernel writes column maxima, when it can: the group ends (int32), their
+/// count and the zeroed maxima.
+struct FusedMaxima {
+    ends: Tensor,
+    groups: i64,
+    amax: Tensor,
+}
+
+/// The largest dynamic shared memory a kernel gets without raising its limit.
+const SHARED_DEFAULT_LIMIT: i64 = 48 * 1024;
+
+impl FusedMaxima {
+    /// For a pass over rows of width `d` of `elem` on `x`'s device with groups ending at
+    /// `ends`; `None` where the block's d values would not fit its shared memory (the
+    /// transposed copy then computes the maxima itself).
+    fn new(x: &Tensor, elem: Elem, d: i64, ends: Option<&Tensor>) -> Result<Option<FusedMaxima>> {
+        let Some(ends) = ends else {
+            return Ok(None);
+        };
+        let groups = ends.size()[0];
+        if groups == 0
+            || d * (16 / elem.per_vector()) > SHARED_DEFAULT_LIMIT
+            || std::env::var("FMOEC_FP8_COLUMN_MAXIMA").is_ok_and(|v| v == "0")
+        {
+            return Ok(None);
+        }
+        Ok(Some(FusedMaxima {
+            ends: ends.f_to_kind(Kind::Int)?.f_contiguous()?,
+            groups,
+            amax: Tensor::f_zeros([groups * d], (Kind::Int, x.device()))?,
+        }))
+    }
+
+    /// The kernel's last three arguments (nulls without maxima).
+    fn args(this: Option<&FusedMaxima>) -> [Arg; 3] {
+        match this {
+            Some(m) => [
+                ptr(Some(&m.ends)),
+                Arg::I32(m.groups as c_int),
+                ptr(Some(&m.amax)),
+            ],
+            None => [ptr(None), Arg::I32(0), ptr(None)],
+        }
+    }
+
+    /// The launch of a row-wise pass over `rows` rows of width `d`: one block of 128 threads
+    /// per row (grid-stride), or with maxima one wave of resident blocks, each over a
+    /// contiguous chunk of rows with its d values of shared memory, of up to 256 threads
+    /// (`FMOEC_FP8_MAXIMA_THREADS`; no more than a row has 16-byte vectors: S3's hidden rows
+    /// of 768 have 96). On an H100 128 and 512 threads measured within the run-to-run spread
+    /// of 256 at S1 (BENCHMARKS.md 2026-12-06 part 3, call C).
+    fn grid(this: Option<&FusedMaxima>, x: &Tensor, elem: Elem, rows: i64, d: i64) -> Result<Grid> {
+        if this.is_none() {
+            return Ok(Grid::linear(rows, 128));
+        }
+        let shared = d * (16 / elem.per_vector());
+        let threads = std::env::var("FMOEC_FP8_MAXIMA_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(|t| (t + 31) / 32 * 32)
+            .unwrap_or(256)
+            .min((d / elem.per_vector() + 31) / 32 * 32)
+            .clamp(64, 1024);
+        // resident blocks: by threads (2048 a multiprocessor), shared memory (about 200 KB
+        // usable) and the hardware's 32 blocks
+        let per_multiprocessor = (2048 / threads)
+            .min(200 * 1024 / shared.max(1))
+            .clamp(1, 32);
+        Ok(Grid {
+            blocks: (multiprocessors(device_index(x))? * per_multiprocessor).min(rows.max(1)),
+            blocks_y: 1,
+            threads: threads as u32,
+            shared_bytes: shared as u32,
+        })
+    }
+}
+
 /// Row-wise quantisation of `x` (`[R, C]`): `[R, C]` e4m3 and `[R]` scales. With `limit`
 /// (an int32 scalar on `x`'s device: the first row past every expert group), the rows from
 /// there on are taken as zeros (they hold what the grouped matmul left) and raise no
@@ -123,6 +242,74 @@ pub fn quant_rows(x: &Tensor, limit: Option<&Tensor>, overflow: Option<&Tensor>)
     };
     quant_rows_into(x, limit, overflow, &out)?;
     Ok(out)
+}
+
+/// [`quant_rows`] and the [`ColumnMaxima`] of `x`'s row groups ending at `ends` (rows past
+/// the last group, and from `limit` on, left out), in one pass where the kernels run; on a
+/// GPU where the pass cannot hold them (rows too wide for its shared memory,
+/// `FMOEC_FP8_COLUMN_MAXIMA=0`) `None`, and the transposed copy computes them with its own
+/// kernel (the libtorch reference here, the CPU's way, was 4x slower on an H100: S1 SwiGLU's
+/// backward 68 ms against 26, BENCHMARKS.md 2026-12-06 part 3).
+pub fn quant_rows_with_maxima(
+    x: &Tensor,
+    limit: Option<&Tensor>,
+    overflow: Option<&Tensor>,
+    ends: &Tensor,
+) -> Result<(Fp8, Option<ColumnMaxima>)> {
+    let (rows, cols) = x.size2()?;
+    if kernels_apply(x) && cols < i32::MAX as i64 {
+        let elem = Elem::of(x).expect("checked by kernels_apply");
+        if let Some(maxima) = FusedMaxima::new(x, elem, cols, Some(ends))? {
+            let x = x.f_contiguous()?;
+            let limit = limit.map(|l| l.f_to_kind(Kind::Int)).transpose()?;
+            let out = Fp8 {
+                q: Tensor::f_empty([rows, cols], (e4m3(), x.device()))?,
+                scale: Tensor::f_empty([rows], (Kind::Float, x.device()))?,
+            };
+            let [e, g, m] = FusedMaxima::args(Some(&maxima));
+            launch(
+                device_index(&x),
+                Kernel::Fp8QuantRows(elem),
+                FusedMaxima::grid(Some(&maxima), &x, elem, rows, cols)?,
+                &[
+                    ptr(Some(&x)),
+                    ptr(None),
+                    Arg::I32(1),
+                    ptr(None),
+                    ptr(limit.as_ref()),
+                    ptr(None),
+                    ptr(Some(&out.q)),
+                    ptr(Some(&out.scale)),
+                    ptr(overflow),
+                    Arg::I64(rows),
+                    Arg::I32(cols as c_int),
+                    e,
+                    g,
+                    m,
+                ],
+            )?;
+            return Ok((out, Some(maxima.amax)));
+        }
+    }
+    let q = quant_rows(x, limit, overflow)?;
+    if x.device().is_cuda() {
+        return Ok((q, None));
+    }
+    Ok((
+        q,
+        Some(column_maxima_reference(&rows_before(x, limit)?, ends)?),
+    ))
+}
+
+/// `x` with the rows from `limit` on as zeros (they hold what the grouped matmul left).
+fn rows_before(x: &Tensor, limit: Option<&Tensor>) -> Result<Tensor> {
+    let Some(limit) = limit else {
+        return Ok(x.shallow_clone());
+    };
+    let keep = Tensor::f_arange(x.size()[0], (Kind::Int64, x.device()))?
+        .f_lt_tensor(&limit.f_to_kind(Kind::Int64)?)?
+        .f_unsqueeze(1)?;
+    Ok(x.f_where_self(&keep, &x.f_zeros_like()?)?)
 }
 
 /// [`quant_rows`] into `out` (of the right shapes), in place: a cached weight copy keeps its
@@ -157,6 +344,9 @@ pub fn quant_rows_into(
                 ptr(overflow),
                 Arg::I64(rows),
                 Arg::I32(cols as c_int),
+                ptr(None),
+                Arg::I32(0),
+                ptr(None),
             ],
         )?;
         return Ok(());
@@ -186,13 +376,16 @@ pub fn quant_rows_into(
 /// given, and `xs` quantised row-wise. Without `weight` the dispatch's gather; with it the
 /// combine's backward (the output gradient of every slot times its gate weight), so the
 /// expert's input gradient and weight gradient need no pass of their own for its FP8 rows.
+/// With `col_ends` (the expert groups' ends of `xs`), also `xs`'s [`ColumnMaxima`] (`None`
+/// where the pass cannot hold them: the transposed copy computes them then).
 pub fn gather_quant_rows(
     x: &Tensor,
     row_slot: &Tensor,
     k: i64,
     weight: Option<&Tensor>,
     overflow: Option<&Tensor>,
-) -> Result<(Tensor, Fp8)> {
+    col_ends: Option<&Tensor>,
+) -> Result<(Tensor, Fp8, Option<ColumnMaxima>)> {
     let (_, d) = x.size2()?;
     let rows = row_slot.size()[0];
     let weight = weight
@@ -207,10 +400,12 @@ pub fn gather_quant_rows(
             q: Tensor::f_empty([rows, d], (e4m3(), x.device()))?,
             scale: Tensor::f_empty([rows], (Kind::Float, x.device()))?,
         };
+        let maxima = FusedMaxima::new(&x, elem, d, col_ends)?;
+        let [e, g, m] = FusedMaxima::args(maxima.as_ref());
         launch(
             device_index(&x),
             Kernel::Fp8QuantRows(elem),
-            Grid::linear(rows, 128),
+            FusedMaxima::grid(maxima.as_ref(), &x, elem, rows, d)?,
             &[
                 ptr(Some(&x)),
                 ptr(Some(&row_slot)),
@@ -223,13 +418,19 @@ pub fn gather_quant_rows(
                 ptr(overflow),
                 Arg::I64(rows),
                 Arg::I32(d as c_int),
+                e,
+                g,
+                m,
             ],
         )?;
-        return Ok((xs, out));
+        return Ok((xs, out, maxima.map(|m| m.amax)));
     }
     let xs = super::ops::gather_rows(x, row_slot, k, weight.as_ref())?;
     let q = quant_rows(&xs, None, overflow)?;
-    Ok((xs, q))
+    let maxima = col_ends
+        .map(|ends| column_maxima_reference(&xs, ends))
+        .transpose()?;
+    Ok((xs, q, maxima))
 }
 
 /// An activation and the row-wise quantisation of its output in one pass: `(out, FP8 rows
@@ -237,14 +438,16 @@ pub fn gather_quant_rows(
 /// `a`'s type. With `limit` (as in [`quant_rows`]) the rows from there on are zeros in both
 /// (they hold what the grouped matmul left, never read). The kernel computes each value as
 /// the SwiGLU kernel and the bias epilogue do; the libtorch reference (CPU) uses libtorch's
-/// activations.
+/// activations. With `col_ends` (the expert groups' ends), also `out`'s [`ColumnMaxima`]
+/// (`None` where the pass cannot hold them).
 pub fn act_quant_rows(
     a: &Tensor,
     b: Option<&Tensor>,
     act: Fp8Act,
     limit: Option<&Tensor>,
     overflow: Option<&Tensor>,
-) -> Result<(Tensor, Fp8)> {
+    col_ends: Option<&Tensor>,
+) -> Result<(Tensor, Fp8, Option<ColumnMaxima>)> {
     let (rows, cols) = a.size2()?;
     if (act == Fp8Act::Swiglu) != b.is_some() {
         bail!("FP8 activation: SwiGLU takes two inputs, the others one");
@@ -269,10 +472,12 @@ pub fn act_quant_rows(
             q: Tensor::f_empty([rows, cols], (e4m3(), a.device()))?,
             scale: Tensor::f_empty([rows], (Kind::Float, a.device()))?,
         };
+        let maxima = FusedMaxima::new(&a, elem, cols, col_ends)?;
+        let [e, g, m] = FusedMaxima::args(maxima.as_ref());
         launch(
             device_index(&a),
             Kernel::Fp8ActQuantRows(act, elem),
-            Grid::linear(rows, 128),
+            FusedMaxima::grid(maxima.as_ref(), &a, elem, rows, cols)?,
             &[
                 ptr(Some(&a)),
                 ptr(b.as_ref()),
@@ -283,9 +488,12 @@ pub fn act_quant_rows(
                 ptr(overflow),
                 Arg::I64(rows),
                 Arg::I32(cols as c_int),
+                e,
+                g,
+                m,
             ],
         )?;
-        return Ok((out, q));
+        return Ok((out, q, maxima.map(|m| m.amax)));
     }
     let mut out = match (act, b) {
         (Fp8Act::Gelu, _) => a.f_gelu("none")?,
@@ -300,7 +508,76 @@ pub fn act_quant_rows(
         out = out.f_where_self(&keep, &out.f_zeros_like()?)?;
     }
     let q = quant_rows(&out, limit, overflow)?;
-    Ok((out, q))
+    let maxima = col_ends
+        .map(|ends| column_maxima_reference(&out, ends))
+        .transpose()?;
+    Ok((out, q, maxima))
+}
+
+/// An activation's backward and the row-wise quantisation of the input's gradient in one
+/// pass: `(ga, FP8 rows of ga)` with `ga = g · act'(a)` (GELU, erf form, or ReLU) in `a`'s
+/// type, rows from `limit` on zeros in both, and with `col_ends` `ga`'s [`ColumnMaxima`]
+/// (`None` where the pass cannot hold them). The kernel computes each value as the bias
+/// epilogue's backward does; the libtorch reference (CPU) uses libtorch's backward.
+pub fn act_grad_quant_rows(
+    a: &Tensor,
+    g: &Tensor,
+    act: Fp8ActGrad,
+    limit: Option<&Tensor>,
+    overflow: Option<&Tensor>,
+    col_ends: Option<&Tensor>,
+) -> Result<(Tensor, Fp8, Option<ColumnMaxima>)> {
+    let (rows, cols) = a.size2()?;
+    if g.size() != a.size() || g.kind() != a.kind() {
+        bail!(
+            "FP8 activation backward: input {:?} and gradient {:?} differ",
+            a.size(),
+            g.size()
+        );
+    }
+    if kernels_apply(a) && Elem::of(g).is_some() && cols < i32::MAX as i64 {
+        let elem = Elem::of(a).expect("checked by kernels_apply");
+        let a = a.f_contiguous()?;
+        let g = g.f_contiguous()?;
+        let limit = limit.map(|l| l.f_to_kind(Kind::Int)).transpose()?;
+        let ga = a.f_empty_like()?;
+        let q = Fp8 {
+            q: Tensor::f_empty([rows, cols], (e4m3(), a.device()))?,
+            scale: Tensor::f_empty([rows], (Kind::Float, a.device()))?,
+        };
+        let maxima = FusedMaxima::new(&a, elem, cols, col_ends)?;
+        let [e, gr, m] = FusedMaxima::args(maxima.as_ref());
+        launch(
+            device_index(&a),
+            Kernel::Fp8ActGradQuantRows(act, elem),
+            FusedMaxima::grid(maxima.as_ref(), &a, elem, rows, cols)?,
+            &[
+                ptr(Some(&a)),
+                ptr(Some(&g)),
+                ptr(limit.as_ref()),
+                ptr(Some(&ga)),
+                ptr(Some(&q.q)),
+                ptr(Some(&q.scale)),
+                ptr(overflow),
+                Arg::I64(rows),
+                Arg::I32(cols as c_int),
+                e,
+                gr,
+                m,
+            ],
+        )?;
+        return Ok((ga, q, maxima.map(|m| m.amax)));
+    }
+    let ga = match act {
+        Fp8ActGrad::Gelu => a.f_gelu_backward(g, "none")?,
+        Fp8ActGrad::Relu => a.f_threshold_backward(g, 0.0)?,
+    };
+    let ga = rows_before(&ga, limit)?;
+    let q = quant_rows(&ga, limit, overflow)?;
+    let maxima = col_ends
+        .map(|ends| column_maxima_reference(&ga, ends))
+        .transpose()?;
+    Ok((ga, q, maxima))
 }
 
 /// Where [`quant_transposed`] puts each group's rows.
@@ -336,12 +613,14 @@ pub fn side_by_side_positions(rows: i64, groups: i64) -> i64 {
 /// The transposed FP8 copy of `x` (`[R, C]`, rows in groups ending at `ends`, int32 `[G]`)
 /// with per-group column scales, laid out as `layout` says: `(copy, scales, padded ends)`
 /// (the padded ends for [`Transposed::SideBySide`], else `ends`). Rows past the last group
-/// are not read. Non-finite columns count into `overflow`.
+/// are not read. Non-finite columns count into `overflow`. `maxima`: the column maxima a
+/// row-wise pass over `x` already raised (with these `ends`), else they are computed here.
 pub fn quant_transposed(
     x: &Tensor,
     ends: &Tensor,
     layout: Transposed,
     overflow: Option<&Tensor>,
+    maxima: Option<&ColumnMaxima>,
 ) -> Result<(Fp8, Tensor)> {
     let (_, cols) = x.size2()?;
     let groups = ends.size()[0];
@@ -362,7 +641,7 @@ pub fn quant_transposed(
         q: Tensor::f_empty(shape.as_slice(), (e4m3(), device))?,
         scale: Tensor::f_empty(scale_shape.as_slice(), (Kind::Float, device))?,
     };
-    quant_transposed_into(x, ends, &pad_ends, layout, overflow, &out)?;
+    quant_transposed_into(x, ends, &pad_ends, layout, overflow, maxima, &out)?;
     Ok((out, pad_ends))
 }
 
@@ -374,12 +653,21 @@ pub fn quant_transposed_into(
     pad_ends: &Tensor,
     layout: Transposed,
     overflow: Option<&Tensor>,
+    maxima: Option<&ColumnMaxima>,
     out: &Fp8,
 ) -> Result<()> {
     let (rows, cols) = x.size2()?;
     let groups = ends.size()[0];
     if groups == 0 {
         bail!("FP8 transposed copy: no groups");
+    }
+    if let Some(m) = maxima {
+        if m.size() != [groups * cols] || m.kind() != Kind::Int {
+            bail!(
+                "FP8 transposed copy: column maxima {:?} for {groups} groups of {cols}",
+                m.size()
+            );
+        }
     }
     let device = x.device();
     let ends32 = ends.f_to_kind(Kind::Int)?.f_contiguous()?;
@@ -392,27 +680,33 @@ pub fn quant_transposed_into(
         let elem = Elem::of(x).expect("checked by kernels_apply");
         let x = x.f_contiguous()?;
         let di = device_index(&x);
-        let amax = Tensor::f_zeros([groups * cols], (Kind::Int, device))?;
-        let col_chunks = (cols / elem.per_vector() + 31) / 32;
-        launch(
-            di,
-            Kernel::Fp8ColAmax(elem),
-            Grid {
-                // COL_CHUNK (128) rows a block: enough blocks to fill the GPU at 8192 rows
-                // (512 left F0's [8192, 1024] with 64 blocks, 0.47 TB/s on an H100)
-                blocks: (rows + 127) / 128,
-                blocks_y: col_chunks as u32,
-                threads: 256,
-                shared_bytes: 0,
-            },
-            &[
-                ptr(Some(&x)),
-                ptr(Some(&ends32)),
-                Arg::I32(groups as c_int),
-                ptr(Some(&amax)),
-                Arg::I32(cols as c_int),
-            ],
-        )?;
+        let amax = match maxima {
+            Some(m) => m.f_contiguous()?,
+            None => {
+                let amax = Tensor::f_zeros([groups * cols], (Kind::Int, device))?;
+                let col_chunks = (cols / elem.per_vector() + 31) / 32;
+                launch(
+                    di,
+                    Kernel::Fp8ColAmax(elem),
+                    Grid {
+                        // COL_CHUNK (128) rows a block: enough blocks to fill the GPU at 8192
+                        // rows (512 left F0's [8192, 1024] with 64 blocks, 0.47 TB/s on an H100)
+                        blocks: (rows + 127) / 128,
+                        blocks_y: col_chunks as u32,
+                        threads: 256,
+                        shared_bytes: 0,
+                    },
+                    &[
+                        ptr(Some(&x)),
+                        ptr(Some(&ends32)),
+                        Arg::I32(groups as c_int),
+                        ptr(Some(&amax)),
+                        Arg::I32(cols as c_int),
+                    ],
+                )?;
+                amax
+            }
+        };
         let inv = Tensor::f_empty([groups * cols], (Kind::Float, device))?;
         let n = groups * cols;
         launch(
@@ -431,7 +725,8 @@ pub fn quant_transposed_into(
             di,
             Kernel::Fp8QuantTranspose(elem),
             Grid {
-                blocks: (positions + 63) / 64,
+                // tiles of TP = 128 positions by TC = 64 columns
+                blocks: (positions + 127) / 128,
                 blocks_y: ((cols + 63) / 64) as u32,
                 threads: 256,
                 shared_bytes: 0,
@@ -461,9 +756,13 @@ pub fn quant_transposed_into(
     let kept = group.f_lt(groups)?;
     let g = group.f_clamp_max(groups - 1)?;
     let xf = x.f_to_kind(Kind::Float)?;
-    let absx = abs_f32(&xf)?.f_where_self(&kept.f_unsqueeze(1)?, &xf.f_zeros_like()?)?;
-    let amax = Tensor::f_zeros([groups, cols], (Kind::Float, device))?
-        .f_index_reduce(0, &g, &absx, "amax", true)?;
+    let amax = match maxima {
+        Some(m) => m
+            .f_contiguous()?
+            .f_view_dtype(Kind::Float)?
+            .f_reshape([groups, cols])?,
+        None => group_column_amax(x, ends)?,
+    };
     let (inv, scale) = scales_of(&amax.f_reshape([-1])?, overflow)?;
     out.scale
         .shallow_clone()
@@ -574,7 +873,7 @@ mod tests {
     fn gathered_dropped_slots_are_zero_rows_with_finite_scales() {
         let x = t(&[&[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]]);
         let row_slot = Tensor::from_slice(&[3i64, -1, 0]);
-        let (xs, q) = gather_quant_rows(&x, &row_slot, 2, None, None).unwrap();
+        let (xs, q, _) = gather_quant_rows(&x, &row_slot, 2, None, None, None).unwrap();
         assert_eq!(
             values(&xs),
             [5.0, 6.0, 7.0, 8.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0]
@@ -598,7 +897,7 @@ mod tests {
         let positions = side_by_side_positions(rows, 3);
         assert_eq!(positions, 80);
         let (q, pad_ends) =
-            quant_transposed(&x, &ends, Transposed::SideBySide { positions }, None).unwrap();
+            quant_transposed(&x, &ends, Transposed::SideBySide { positions }, None, None).unwrap();
         assert_eq!(Vec::<i32>::try_from(&pad_ends).unwrap(), [16, 16, 48]);
         assert_eq!(q.q.size(), [2, 80]);
         let v = values(&q.q);
@@ -629,7 +928,8 @@ mod tests {
             .f_sub_scalar(5.0)
             .unwrap();
         let ends = Tensor::from_slice(&[3i32, 6]);
-        let (q, _) = quant_transposed(&w, &ends, Transposed::Stacked { len: 3 }, None).unwrap();
+        let (q, _) =
+            quant_transposed(&w, &ends, Transposed::Stacked { len: 3 }, None, None).unwrap();
         assert_eq!(q.q.size(), [2, 4, 3]);
         assert_eq!(q.scale.size(), [2, 4]);
         let back = q.dequantize_rows().unwrap();
@@ -639,5 +939,70 @@ mod tests {
         assert!(err <= top / 16.0, "{err}");
         // group 1, column 3: rows 3..6 hold 10, 14, 18: amax 18
         assert_eq!(values(&q.scale)[7], 18.0 / 448.0);
+    }
+
+    /// The column maxima a row-wise pass returns are each group's `|x|` maxima (rows past
+    /// the last group and from `limit` on left out, an empty group zeros), and the
+    /// transposed copy made from them is the one that computes its own.
+    #[test]
+    fn row_pass_maxima_are_the_transposed_copy_s_own() {
+        let x = t(&[
+            &[1.0, -2.0],
+            &[-3.0, 0.5],
+            &[0.25, 7.0],
+            &[9.0, 9.0],
+            &[f32::NAN, 1.0],
+        ]);
+        let ends = Tensor::from_slice(&[2i32, 2, 3]);
+        let limit = Tensor::from_slice(&[3i32]);
+        let (q, maxima) = quant_rows_with_maxima(&x, Some(&limit), None, &ends).unwrap();
+        assert_eq!(
+            values(&q.scale),
+            values(&quant_rows(&x, Some(&limit), None).unwrap().scale)
+        );
+        let maxima = maxima.expect("the CPU reference computes the maxima");
+        let m = values(&maxima.view_dtype(Kind::Float));
+        assert_eq!(m, [3.0, 2.0, 0.0, 0.0, 0.25, 7.0]);
+        let layout = Transposed::SideBySide {
+            positions: side_by_side_positions(5, 3),
+        };
+        let (own, _) = quant_transposed(&x, &ends, layout, None, None).unwrap();
+        let (given, _) = quant_transposed(&x, &ends, layout, None, Some(&maxima)).unwrap();
+        assert_eq!(values(&own.q), values(&given.q));
+        assert_eq!(values(&own.scale), values(&given.scale));
+        // maxima of another shape are refused, not misread
+        let wrong = Tensor::zeros([4], (Kind::Int, Device::Cpu));
+        assert!(quant_transposed(&x, &ends, layout, None, Some(&wrong)).is_err());
+    }
+
+    /// The activation's backward pass: `g · act'(a)` (libtorch's backward on the CPU), rows
+    /// from `limit` on zeros, its FP8 rows and column maxima those of that gradient.
+    #[test]
+    fn activation_backward_writes_the_gradient_and_its_fp8_rows() {
+        let a = t(&[&[-1.0, 0.5], &[2.0, -0.25], &[3.0, 4.0]]);
+        let g = t(&[&[1.0, -2.0], &[0.5, 4.0], &[f32::NAN, 1.0]]);
+        let ends = Tensor::from_slice(&[1i32, 2]);
+        let limit = Tensor::from_slice(&[2i32]);
+        for act in Fp8ActGrad::ALL {
+            let (ga, q, maxima) =
+                act_grad_quant_rows(&a, &g, act, Some(&limit), None, Some(&ends)).unwrap();
+            let want = match act {
+                Fp8ActGrad::Gelu => a.gelu_backward(&g, "none"),
+                Fp8ActGrad::Relu => a.threshold_backward(&g, 0.0),
+            };
+            let (gv, wv) = (values(&ga), values(&want));
+            assert_eq!(&gv[..4], &wv[..4], "{act:?}");
+            assert_eq!(&gv[4..], [0.0, 0.0], "{act:?}: rows past the limit");
+            let qw = quant_rows(&ga, Some(&limit), None).unwrap();
+            assert_eq!(values(&q.q), values(&qw.q));
+            assert_eq!(values(&q.scale), values(&qw.scale));
+            let m = values(&maxima.unwrap().view_dtype(Kind::Float));
+            let abs: Vec<f32> = gv.iter().map(|v| v.abs()).collect();
+            assert_eq!(m, [abs[0], abs[1], abs[2], abs[3]], "{act:?}");
+        }
+        assert!(
+            act_grad_quant_rows(&a, &g.narrow(0, 0, 2), Fp8ActGrad::Gelu, None, None, None)
+                .is_err()
+        );
     }
 }

@@ -68,7 +68,8 @@ template <> __device__ __forceinline__ float held<bf16_t>(float x) {
 // source(s), each as T holds it (so the copy written in T and the FP8 copy agree): SRC 0
 // the row itself, times `w` when `weighted` (the combine's backward: w = the slot's gate
 // weight, one product as gather_rows computes it); SRC 1 GELU (erf form), 2 ReLU (act_f of
-// the bias epilogue); 3 SwiGLU's silu(a) * b (swiglu_f, as the SwiGLU kernel computes it).
+// the bias epilogue); 3 SwiGLU's silu(a) * b (swiglu_f, as the SwiGLU kernel computes it);
+// 4 and 5 the backward of GELU and ReLU, b * act'(a) (act_d, as the bias epilogue's backward).
 template <typename T, int SRC>
 __device__ __forceinline__ void row_source(const T* a, const T* b, int c, bool weighted, float w,
                                            float* v) {
@@ -84,9 +85,70 @@ __device__ __forceinline__ void row_source(const T* a, const T* b, int c, bool w
     ldv(b + c, y);
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = held<T>(swiglu_f(v[i], y[i]));
+  } else if (SRC >= 4) {
+    // the activation's backward: b is the output's gradient, the product as the bias
+    // epilogue's backward computes it
+    float z[16 / sizeof(T)];
+    ldv(b + c, z);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = held<T>(z[i] * act_d<SRC - 3>(v[i]));
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = held<T>(act_f<SRC>(v[i]));
+  }
+}
+
+// |v| as the bits of T (v as T holds it, so the bits are exact; a non-finite value as Inf):
+// ordered as the values, so a maximum over them is an integer maximum, in any order.
+template <typename T> struct AbsBits;
+template <> struct AbsBits<bf16_t> {
+  typedef unsigned short type;
+  static __device__ __forceinline__ unsigned short of(float v) {
+    return isfinite(v) ? (unsigned short)(__float_as_uint(fabsf(v)) >> 16) : (unsigned short)0x7f80;
+  }
+  // the f32 bits of the same value (col_amax's int bits)
+  static __device__ __forceinline__ int f32_bits(unsigned short b) { return (int)((unsigned)b << 16); }
+};
+template <> struct AbsBits<float> {
+  typedef unsigned type;
+  static __device__ __forceinline__ unsigned of(float v) {
+    return isfinite(v) ? __float_as_uint(fabsf(v)) : 0x7f800000u;
+  }
+  static __device__ __forceinline__ int f32_bits(unsigned b) { return (int)b; }
+};
+
+// A block's running column maxima in shared memory (`slots`, d values of AbsBits<T>, 16
+// bytes per vector): each thread owns the columns of its row loop (c = threadIdx.x * N +
+// j * blockDim.x * N), so no barrier guards them.
+template <typename T>
+__device__ __forceinline__ void raise_slots(unsigned char* slots, int c, const float* v) {
+  typedef typename AbsBits<T>::type B;
+  const int N = Vec<T>::N;
+  uint4* at = reinterpret_cast<uint4*>(reinterpret_cast<B*>(slots) + c);
+  uint4 w = *at;
+  B* b = reinterpret_cast<B*>(&w);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const B x = AbsBits<T>::of(v[i]);
+    b[i] = x > b[i] ? x : b[i];
+  }
+  *at = w;
+}
+
+// Raises group g's column maxima (colmax[g * d + c], col_amax's int bits) by this thread's
+// slots and zeroes them; zero slots (nothing seen) raise nothing.
+template <typename T>
+__device__ __forceinline__ void flush_slots(unsigned char* slots, int* colmax, int g, int d) {
+  typedef typename AbsBits<T>::type B;
+  const int N = Vec<T>::N;
+  B* s = reinterpret_cast<B*>(slots);
+  for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const B b = s[c + i];
+      if (b) atomicMax(colmax + (long long)g * d + c + i, AbsBits<T>::f32_bits(b));
+    }
+    *reinterpret_cast<uint4*>(s + c) = make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
@@ -104,18 +166,50 @@ __device__ __forceinline__ void row_source(const T* a, const T* b, int c, bool w
 // then the conversion; the second read mostly from L2; with `copy`, the copy): a
 // variant keeping rows in registers (256 threads, all loads in flight) measured slower on an
 // H100 (BENCHMARKS.md, 2026-12-06).
+// With `colmax` (int32 [groups * d], zeroed by the caller), the pass also raises the column
+// maxima of each row group (rows in groups ending at `ends`, as fp8_col_amax computes them,
+// so the transposed copy needs no pass of its own for them): then each block takes a
+// contiguous chunk of rows, keeps its maxima in d * sizeof(T) bytes of dynamic shared memory
+// and raises the group's maxima (atomicMax on the bits: order-free) when its rows leave the
+// group and at the end.
 template <typename T, int SRC>
 __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2,
                            const long long* __restrict__ row_slot, int k,
                            const float* __restrict__ weight, const int* __restrict__ limit,
                            T* __restrict__ copy, unsigned char* __restrict__ q,
                            float* __restrict__ scale, int* __restrict__ overflow, long long rows,
-                           int d) {
+                           int d, const int* __restrict__ ends, int groups,
+                           int* __restrict__ colmax) {
   const int N = Vec<T>::N;
   typedef typename Packed<T>::type P;
+  typedef typename AbsBits<T>::type B;
   __shared__ float part[32];
+  extern __shared__ __align__(16) unsigned char col_slots[];
   const long long valid_rows = limit ? (long long)*limit : rows;
-  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+  const bool cols = colmax != nullptr && groups > 0;
+  long long r_begin = blockIdx.x, r_end = rows, r_step = gridDim.x;
+  int g = 0;
+  if (cols) {
+    const long long chunk = (rows + gridDim.x - 1) / gridDim.x;
+    r_begin = (long long)blockIdx.x * chunk;
+    r_end = min(rows, r_begin + chunk);
+    r_step = 1;
+    for (int c = threadIdx.x * N; c < d; c += blockDim.x * N)
+      *reinterpret_cast<uint4*>(reinterpret_cast<B*>(col_slots) + c) = make_uint4(0u, 0u, 0u, 0u);
+    int hi_g = groups;  // the group of r_begin: the first whose end is past it
+    while (g < hi_g) {
+      int mid = (g + hi_g) >> 1;
+      if ((long long)ends[mid] <= r_begin) g = mid + 1; else hi_g = mid;
+    }
+  }
+  for (long long r = r_begin; r < r_end; r += r_step) {
+    if (cols) {
+      while (g < groups && r >= (long long)ends[g]) {
+        flush_slots<T>(col_slots, colmax, g, d);
+        ++g;
+      }
+    }
+    const bool counted = cols && g < groups;
     const T* from = nullptr;
     const T* from2 = nullptr;
     float w = 1.0f;
@@ -138,6 +232,7 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
         float v[16 / sizeof(T)];
         row_source<T, SRC>(from, from2, c, weighted, w, v);
         if (copy) stv(copy + r * (long long)d + c, v);
+        if (counted) raise_slots<T>(col_slots, c, v);
         bool bad = false;
 #pragma unroll
         for (int i = 0; i < N; ++i) {
@@ -170,6 +265,7 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
       *reinterpret_cast<P*>(q + r * (long long)d + c) = Packed<T>::pack(v, inv);
     }
   }
+  if (cols && g < groups) flush_slots<T>(col_slots, colmax, g, d);
 }
 
 // First row of group g (groups are consecutive row ranges ending at ends[g], int32).
@@ -260,8 +356,20 @@ extern "C" __global__ void fp8_scales_from_amax(const int* __restrict__ amax, fl
 // pad_start(g)); so one [d, P] matrix of all groups side by side (group_stride 0, col_stride P,
 // base 1: the weight gradient's operands) or [groups, d, len] stacked (the weights' forward
 // operand: group_stride d * len, col_stride len, base 0). Positions past the last group (up to
-// `positions`) are zeros. Tiles of 64 positions x 64 columns through shared memory, 256
-// threads; each thread stores 4 bytes (4 positions of one column).
+// `positions`) are zeros.
+// Tiles of TP = 128 positions x TC = 64 columns, 256 threads. A thread loads 4 consecutive
+// positions of one 16-byte column vector (4 loads in flight; a warp reads 4 rows of 128
+// contiguous bytes each), converts them with their groups' scales and writes, per column,
+// the 4 FP8 bytes as one word of the tile (bytes in shared memory, 16-byte chunks of each
+// column row swizzled by the column's vector index, so neither phase has bank conflicts);
+// then each thread stores 16 positions of a column with one 16-byte store where they are
+// contiguous and aligned in the output (always side by side; stacked when len % 16 == 0),
+// byte by byte otherwise.
+#define TP 128
+#define TC 64
+__device__ __forceinline__ int tile_chunk(int col, int chunk, int n) {
+  return chunk ^ ((col / n) & 7);
+}
 template <typename T>
 __device__ void quant_transpose(const T* __restrict__ x, const int* __restrict__ ends,
                                 const int* __restrict__ pad_ends, int groups,
@@ -269,14 +377,14 @@ __device__ void quant_transpose(const T* __restrict__ x, const int* __restrict__
                                 long long positions, int d, long long group_stride,
                                 long long col_stride, int base) {
   const int N = Vec<T>::N;
-  __shared__ float tile[64][65];
-  __shared__ int tile_group[64];
-  __shared__ long long tile_row[64];
-  const long long j0 = (long long)blockIdx.x * 64;
-  const int c0 = blockIdx.y * 64;
+  __shared__ __align__(16) unsigned tile[TC][TP / 4];
+  __shared__ int tile_group[TP];
+  __shared__ long long tile_row[TP];
+  const long long j0 = (long long)blockIdx.x * TP;
+  const int c0 = blockIdx.y * TC;
   // which group and source row each position of the tile holds (-1: a zero)
-  if (threadIdx.x < 64) {
-    const long long j = j0 + threadIdx.x;
+  for (int t = threadIdx.x; t < TP; t += blockDim.x) {
+    const long long j = j0 + t;
     int lo = 0, hi = groups;  // first group whose padded end is past j
     while (lo < hi) {
       int mid = (lo + hi) >> 1;
@@ -288,55 +396,95 @@ __device__ void quant_transpose(const T* __restrict__ x, const int* __restrict__
       const long long r = group_start(ends, lo) + (j - pstart);
       if (r < (long long)ends[lo]) row = r;
     }
-    tile_group[threadIdx.x] = lo;
-    tile_row[threadIdx.x] = row;
+    tile_group[t] = lo;
+    tile_row[t] = row;
   }
   __syncthreads();
-  // load: 64 rows of 64 columns, 64 / N threads per row
-  const int per_row = 64 / N;
-  for (int i = threadIdx.x; i < 64 * per_row; i += blockDim.x) {
-    const int jr = i / per_row, cc = (i % per_row) * N;
-    const long long row = tile_row[jr];
-    float v[16 / sizeof(T)];
-    if (row >= 0 && c0 + cc < d) {
-      ldv(x + row * d + c0 + cc, v);
-    } else {
+  // load and convert: units of (4 positions, one column vector), column vectors fastest
+  const int vecs = TC / N;
+  for (int u = threadIdx.x; u < (TP / 4) * vecs; u += blockDim.x) {
+    const int cv = u % vecs, jq = u / vecs;
+    const int c = c0 + cv * N;
+    float v[4][16 / sizeof(T)];
 #pragma unroll
-      for (int u = 0; u < N; ++u) v[u] = 0.0f;
+    for (int p = 0; p < 4; ++p) {
+      const long long row = tile_row[jq * 4 + p];
+      if (row >= 0 && c < d) {
+        ldv(x + row * d + c, v[p]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[p][e] = 0.0f;
+      }
+    }
+    unsigned word[16 / sizeof(T)];
+#pragma unroll
+    for (int e = 0; e < N; ++e) word[e] = 0u;
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int g = tile_group[jq * 4 + p];
+      if (g < groups && c < d) {
+        float s[16 / sizeof(T)];
+        const float* at = inv + (long long)g * d + c;
+#pragma unroll
+        for (int e = 0; e < N; ++e) s[e] = at[e];
+#pragma unroll
+        for (int e = 0; e < N; e += 2) {
+          const unsigned two = e4m3x2(__fmul_rn(v[p][e], s[e]), __fmul_rn(v[p][e + 1], s[e + 1]));
+          word[e] |= (two & 0xffu) << (8 * p);
+          word[e + 1] |= (two >> 8) << (8 * p);
+        }
+      }
     }
 #pragma unroll
-    for (int u = 0; u < N; ++u) tile[jr][cc + u] = v[u];
+    for (int e = 0; e < N; ++e) {
+      const int col = cv * N + e;
+      tile[col][tile_chunk(col, jq >> 2, N) * 4 + (jq & 3)] = word[e];
+    }
   }
   __syncthreads();
-  // store: 64 columns of 16 four-byte words
-  for (int i = threadIdx.x; i < 64 * 16; i += blockDim.x) {
-    const int cc = i >> 4, jj = (i & 15) * 4;
+  // store: TC columns of TP / 16 chunks of 16 positions
+  for (int i = threadIdx.x; i < TC * (TP / 16); i += blockDim.x) {
+    const int cc = i / (TP / 16), chunk = i % (TP / 16);
     const int c = c0 + cc;
-    const long long j = j0 + jj;
+    const long long j = j0 + chunk * 16;
     if (c >= d || j >= positions) continue;
-    const int g = tile_group[jj];
-    unsigned word = 0;
-    if (g < groups) {
-      const float s = inv[(long long)g * d + c];
-      word = (unsigned)e4m3x2(__fmul_rn(tile[jj][cc], s), __fmul_rn(tile[jj + 1][cc], s)) |
-             ((unsigned)e4m3x2(__fmul_rn(tile[jj + 2][cc], s), __fmul_rn(tile[jj + 3][cc], s)) << 16);
-    }
+    const uint4 w = *reinterpret_cast<const uint4*>(&tile[cc][tile_chunk(cc, chunk, N) * 4]);
+    const int g = tile_group[chunk * 16];
     const long long pstart = (g < groups && g > 0) ? (long long)pad_ends[g - 1] : 0;
     const long long at = g < groups
         ? (long long)g * group_stride + (long long)c * col_stride + (base ? pstart : 0) + (j - pstart)
         : (long long)c * col_stride + j;
-    *reinterpret_cast<unsigned*>(out + at) = word;
+    const bool one_run = j + 16 <= positions &&
+        (group_stride == 0 || tile_group[chunk * 16 + 15] == g) && (at & 15) == 0;
+    if (one_run) {
+      *reinterpret_cast<uint4*>(out + at) = w;
+    } else {
+      for (int b = 0; b < 16 && j + b < positions; ++b) {
+        // the byte by shifts (an index into w would put it in local memory)
+        const unsigned word = b < 4 ? w.x : b < 8 ? w.y : b < 12 ? w.z : w.w;
+        const unsigned char byte = (unsigned char)(word >> (8 * (b & 3)));
+        const int gb = tile_group[chunk * 16 + b];
+        const long long pb = (gb < groups && gb > 0) ? (long long)pad_ends[gb - 1] : 0;
+        const long long ab = gb < groups
+            ? (long long)gb * group_stride + (long long)c * col_stride + (base ? pb : 0) + (j + b - pb)
+            : (long long)c * col_stride + j + b;
+        out[ab] = byte;
+      }
+    }
   }
 }
 
 #define FP8_INSTANCES(T, NAME) \
 extern "C" __global__ void fp8_quant_rows_##NAME(const T* src, const long long* row_slot, int k, \
     const float* weight, const int* limit, T* copy, unsigned char* q, float* scale, int* overflow, \
-    long long rows, int d) { \
-    quant_rows<T, 0>(src, nullptr, row_slot, k, weight, limit, copy, q, scale, overflow, rows, d); } \
+    long long rows, int d, const int* ends, int groups, int* colmax) { \
+    quant_rows<T, 0>(src, nullptr, row_slot, k, weight, limit, copy, q, scale, overflow, rows, d, \
+                     ends, groups, colmax); } \
 FP8_ACT_INSTANCE(T, NAME, 1) \
 FP8_ACT_INSTANCE(T, NAME, 2) \
 FP8_ACT_INSTANCE(T, NAME, 3) \
+FP8_ACT_INSTANCE(T, NAME, 4) \
+FP8_ACT_INSTANCE(T, NAME, 5) \
 extern "C" __global__ void fp8_col_amax_##NAME(const T* x, const int* ends, int groups, \
     int* amax, int d) { col_amax<T>(x, ends, groups, amax, d); } \
 extern "C" __global__ void fp8_quant_transpose_##NAME(const T* x, const int* ends, \
@@ -344,12 +492,14 @@ extern "C" __global__ void fp8_quant_transpose_##NAME(const T* x, const int* end
     int d, long long group_stride, long long col_stride, int base) { \
     quant_transpose<T>(x, ends, pad_ends, groups, inv, out, positions, d, group_stride, \
                        col_stride, base); }
-// the activation's pass writing its output and the output's row-wise FP8 copy (SRC 1-3)
+// the activation's pass writing its output and the output's row-wise FP8 copy (SRC 1-3),
+// or its backward's pass writing the input's gradient and that gradient's copy (SRC 4-5)
 #define FP8_ACT_INSTANCE(T, NAME, SRC) \
 extern "C" __global__ void fp8_act##SRC##_quant_rows_##NAME(const T* a, const T* b, \
     const int* limit, T* out, unsigned char* q, float* scale, int* overflow, long long rows, \
-    int d) { \
-    quant_rows<T, SRC>(a, b, nullptr, 1, nullptr, limit, out, q, scale, overflow, rows, d); }
+    int d, const int* ends, int groups, int* colmax) { \
+    quant_rows<T, SRC>(a, b, nullptr, 1, nullptr, limit, out, q, scale, overflow, rows, d, ends, \
+                       groups, colmax); }
 FP8_INSTANCES(bf16_t, bf16)
 FP8_INSTANCES(float, f32)
 
