@@ -10,7 +10,8 @@
 #            (copies the tree's pretrain_gpt.py, gpt_builders.py, model_provider.py and megatron/
 #            into .int/mlm, emits the two folders into .int/out, downloads packaging and psutil
 #            wheels into .int/wheels; .int must be ignored by git: it holds Megatron's code)
-#   device:  bash .ci/device-mcore.sh        (the `run` tool with carry [".int"]; logs in $OUT)
+#   device:  bash .ci/device-mcore.sh        (the `run` tool with carry [".int"]; logs in $OUT;
+#            RUNS picks among "tiny-bf16 mixtral-small fmoec", default all)
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 INT="$ROOT/.int"
@@ -39,6 +40,10 @@ if [ "${1:-}" = prep ]; then
 fi
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
+# before any run changes the environment (PYTHONPATH) or the directory
+TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
+RUNS="${RUNS:-tiny-bf16 mixtral-small fmoec}"
+want() { [[ " $RUNS " == *" $1 "* ]]; }
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 --version
@@ -69,17 +74,16 @@ run() {  # name folder seconds args...
     grep -E "iteration +[0-9]+/" "$OUT/mcore-$name.log" | sed -n '1p;2p;5p;10p;$p' | cut -c1-400
     grep -m2 -E "memory \(MB\)|max allocated" "$OUT/mcore-$name.log" | cut -c1-300
     grep -m3 -E "Error|error:|Traceback" "$OUT/mcore-$name.log" | cut -c1-300
-    rm -rf "$work"
+    cd "$INT" && rm -rf "$work"
 }
 COMMON=(--log-interval 1 --eval-iters 0 --eval-interval 100000 --save-interval 100000 --save "" --load "")
 if [ -n "${BEFORE:-}" ]; then
     run before "$BEFORE" 90 --train-iters 3 "${COMMON[@]}"
 fi
-run tiny-bf16 "$INT/out/tiny-bf16" 150 --train-iters 40 "${COMMON[@]}"
-run mixtral-small "$INT/out/mixtral-small" 200 --train-iters 30 "${COMMON[@]}"
+want tiny-bf16 && run tiny-bf16 "$INT/out/tiny-bf16" 150 --train-iters 40 "${COMMON[@]}"
+want mixtral-small && run mixtral-small "$INT/out/mixtral-small" 200 --train-iters 30 "${COMMON[@]}"
 # The same Mixtral-shaped model (8 x 1024 tokens a step, bf16) in `fmoec run`, same GPU and call.
-if [ -x "$INT/fmoec" ]; then
-    TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
+if want fmoec && [ -x "$INT/fmoec" ]; then
     export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     for p in bf16 fp8; do
         t0=$(date +%s)
