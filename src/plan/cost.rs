@@ -691,62 +691,183 @@ pub fn evaluate(
     model: MemoryModel,
     routing_skew: f64,
 ) -> Costed {
-    let m = &c.model;
-    let t = grid.tensor;
-    let p = grid.pipeline;
-    let v = grid.virtual_stages.max(1);
-    let a = act_bytes(precision);
-    let pb = precision.param_bytes();
-    let te = experts.slices;
-    let ep = experts.parallel;
-    let depth = m.depth();
-    let tokens = mb * seq_len;
-    let h = m.width;
-    let vpad = padded_vocab_to(m.vocab, rules.vocab_multiple, t);
-    let peak = peak_tflops(c, precision).max(1e-9) * 1e12;
-    let hw = &c.parallel.hardware;
-    // FP8 (`precision = fp8` on a GPU with FP8 tensor cores): its peak, whether the dense
-    // matmuls take it too, and which MoE layers' experts do (where it pays)
-    let fp8 = match precision {
-        Precision::Fp8 { dense } => hw.fp8_tflops.map(|f| (f * 1e12, dense)),
-        _ => None,
-    };
-    let fp8_dense = fp8.is_some_and(|(_, dense)| dense);
-    let fp8_experts: Vec<bool> = m
-        .layers
-        .iter()
-        .map(|l| match (&l.ffn, fp8) {
-            (Ffn::Moe(moe), Some(_)) => fp8_pays_for_experts(
-                hw,
-                m.width,
-                moe.expert.hidden / te,
-                moe.expert.act,
-                (tokens * moe.top_k) as f64,
-                (moe.experts / ep).max(1),
-            ),
-            _ => false,
-        })
-        .collect();
-    let stage_of = |layer: usize| grid.stage_of_layer(layer as u64, depth);
-    let mut stages = Vec::new();
-    for s in 0..p {
+    let e = Eval::new(
+        g,
+        c,
+        grid,
+        experts,
+        rules,
+        precision,
+        (seq_len, mb, micro_batches),
+        model,
+        routing_skew,
+    );
+    let stages: Vec<StageCost> = (0..grid.pipeline).map(|s| e.stage(s)).collect();
+    let time = e.step_time(&stages);
+    Costed {
+        micro_batch: mb,
+        micro_batches,
+        stages,
+        time,
+    }
+}
+
+/// What every stage's cost reads: the configuration, and what is derived from it once.
+struct Eval<'a> {
+    g: &'a ModelGraph,
+    c: &'a Checked,
+    grid: &'a Grid,
+    experts: &'a ExpertPlacement,
+    rules: &'a TrainingRules,
+    precision: Precision,
+    seq_len: u64,
+    mb: u64,
+    micro_batches: u64,
+    model: MemoryModel,
+    routing_skew: f64,
+    /// Bytes of an activation element.
+    a: u64,
+    /// Tokens of one micro-batch.
+    tokens: u64,
+    /// The vocabulary as the embedding and head hold it (padded).
+    vpad: u64,
+    /// The dense peak (FLOP/s) the matmuls outside FP8 run at.
+    peak: f64,
+    /// `precision = fp8` on a GPU with FP8 tensor cores: its peak (FLOP/s), and whether the
+    /// dense matmuls take it too.
+    fp8: Option<(f64, bool)>,
+    /// Per layer: its experts run in FP8 (where the estimate says it pays).
+    fp8_experts: Vec<bool>,
+}
+
+/// One stage's parameters per rank and FLOPs per token, before its MoE layers are costed.
+struct StageWork {
+    rp: RankParams,
+    flops_per_token: u64,
+    /// Each layer's expert matmul FLOPs per token on this rank.
+    expert_flops_per_token: Vec<u64>,
+    /// Of `flops_per_token`, those on FP8 operands.
+    fp8_flops_per_token: u64,
+    /// Bytes the FP8 quantisations move per token.
+    fp8_quant_bytes_per_token: f64,
+    /// Bytes of the FP8 copies' scales.
+    fp8_scale_bytes: u64,
+}
+
+/// One stage's MoE exchanges, activations per micro-batch and tensor-parallel messages.
+struct StageLayers {
+    all_to_all: Vec<AllToAll>,
+    exchanges: Vec<LayerExchange>,
+    a2a_s: f64,
+    act: u64,
+    tensor_msgs: u64,
+}
+
+impl<'a> Eval<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        g: &'a ModelGraph,
+        c: &'a Checked,
+        grid: &'a Grid,
+        experts: &'a ExpertPlacement,
+        rules: &'a TrainingRules,
+        precision: Precision,
+        (seq_len, mb, micro_batches): (u64, u64, u64),
+        model: MemoryModel,
+        routing_skew: f64,
+    ) -> Eval<'a> {
+        let m = &c.model;
+        let tokens = mb * seq_len;
+        let hw = &c.parallel.hardware;
+        let fp8 = match precision {
+            Precision::Fp8 { dense } => hw.fp8_tflops.map(|f| (f * 1e12, dense)),
+            _ => None,
+        };
+        let fp8_experts = m
+            .layers
+            .iter()
+            .map(|l| match (&l.ffn, fp8) {
+                (Ffn::Moe(moe), Some(_)) => fp8_pays_for_experts(
+                    hw,
+                    m.width,
+                    moe.expert.hidden / experts.slices,
+                    moe.expert.act,
+                    (tokens * moe.top_k) as f64,
+                    (moe.experts / experts.parallel).max(1),
+                ),
+                _ => false,
+            })
+            .collect();
+        Eval {
+            g,
+            c,
+            grid,
+            experts,
+            rules,
+            precision,
+            seq_len,
+            mb,
+            micro_batches,
+            model,
+            routing_skew,
+            a: act_bytes(precision),
+            tokens,
+            vpad: padded_vocab_to(m.vocab, rules.vocab_multiple, grid.tensor),
+            peak: peak_tflops(c, precision).max(1e-9) * 1e12,
+            fp8,
+            fp8_experts,
+        }
+    }
+
+    /// Model chunks per stage.
+    fn v(&self) -> u64 {
+        self.grid.virtual_stages.max(1)
+    }
+
+    fn stage_of(&self, layer: usize) -> u64 {
+        self.grid.stage_of_layer(layer as u64, self.c.model.depth())
+    }
+
+    /// Everything one rank of stage `s` costs.
+    fn stage(&self, s: u64) -> StageCost {
+        let mut work = self.stage_work(s);
+        let layers = self.stage_layers(s, &mut work);
+        let memory = self.stage_memory(s, &work, layers.act);
+        let (traffic, time) = self.stage_traffic_and_time(s, &work, &layers);
+        StageCost {
+            params: work.rp,
+            memory,
+            flops_per_step: work
+                .flops_per_token
+                .saturating_mul(self.tokens)
+                .saturating_mul(self.micro_batches),
+            traffic,
+            time,
+            exchanges: layers.exchanges,
+        }
+    }
+
+    /// Stage `s`'s parameters per rank and FLOPs per token, from the graph's nodes on it.
+    fn stage_work(&self, s: u64) -> StageWork {
+        let (m, g) = (&self.c.model, self.g);
+        let (t, p, te) = (self.grid.tensor, self.grid.pipeline, self.experts.slices);
+        let (h, vpad, seq_len) = (m.width, self.vpad, self.seq_len);
+        let fp8_dense = self.fp8.is_some_and(|(_, dense)| dense);
         let on_stage = |n: &graph::Node| match n.layer {
-            Some(l) => stage_of(l) == s,
+            Some(l) => self.stage_of(l) == s,
             None => {
                 (n.kind == NodeKind::Embedding && s == 0)
                     || (n.kind != NodeKind::Embedding && s == p - 1)
             }
         };
-        // Parameters.
-        let mut rp = RankParams::default();
-        let mut flops_per_token = 0u64;
-        // each MoE layer's expert matmul FLOPs per token on this rank
-        let mut expert_flops_per_token = vec![0u64; m.layers.len()];
-        // of which with FP8 operands, the FP8 quantisations' bytes per token, and the bytes
-        // of the FP8 copies' scales
-        let mut fp8_flops_per_token = 0u64;
-        let mut fp8_quant_bytes_per_token = 0.0f64;
-        let mut fp8_scale_bytes = 0u64;
+        let mut w = StageWork {
+            rp: RankParams::default(),
+            flops_per_token: 0,
+            expert_flops_per_token: vec![0; m.layers.len()],
+            fp8_flops_per_token: 0,
+            fp8_quant_bytes_per_token: 0.0,
+            fp8_scale_bytes: 0,
+        };
         let att = &m.attention;
         let (qkv_out, proj_in) = (
             (att.heads + 2 * att.kv_heads) * att.head_dim,
@@ -759,11 +880,11 @@ pub fn evaluate(
                 // and output widths
                 let dense_widths = match n.kind {
                     NodeKind::Attention => {
-                        fp8_flops_per_token += (fb - 3 * 4 * seq_len * proj_in) / t;
+                        w.fp8_flops_per_token += (fb - 3 * 4 * seq_len * proj_in) / t;
                         Some(h + qkv_out / t + proj_in / t + h)
                     }
                     NodeKind::Mlp | NodeKind::SharedExperts => {
-                        fp8_flops_per_token += fb / t;
+                        w.fp8_flops_per_token += fb / t;
                         let (act, hidden) = match n.layer.map(|l| &m.layers[l].ffn) {
                             Some(Ffn::Dense(mlp)) => (mlp.act, mlp.hidden),
                             Some(Ffn::Moe(moe)) => match &moe.shared {
@@ -775,83 +896,93 @@ pub fn evaluate(
                         Some(act.matrices() * (h + hidden / t))
                     }
                     NodeKind::LmHead => {
-                        fp8_flops_per_token += fb / m.vocab.max(1) * vpad / t;
+                        w.fp8_flops_per_token += fb / m.vocab.max(1) * vpad / t;
                         Some(h + vpad / t)
                     }
                     _ => None,
                 };
-                if let Some(w) = dense_widths {
-                    fp8_quant_bytes_per_token += FP8_QUANT_BYTES_DENSE * w as f64;
-                    fp8_scale_bytes += 4 * w;
+                if let Some(width) = dense_widths {
+                    w.fp8_quant_bytes_per_token += FP8_QUANT_BYTES_DENSE * width as f64;
+                    w.fp8_scale_bytes += 4 * width;
                 }
             }
-            if n.kind == NodeKind::Experts && n.layer.is_some_and(|l| fp8_experts[l]) {
-                fp8_flops_per_token += fb / te;
+            if n.kind == NodeKind::Experts && n.layer.is_some_and(|l| self.fp8_experts[l]) {
+                w.fp8_flops_per_token += fb / te;
             }
             match n.kind {
                 NodeKind::Embedding => {
-                    rp.sharded += vpad * h / t;
-                    rp.replicated += n.params.replicated;
+                    w.rp.sharded += vpad * h / t;
+                    w.rp.replicated += n.params.replicated;
                 }
                 NodeKind::LmHead => {
                     if !g.tied_embeddings || p > 1 {
-                        rp.sharded += vpad * h / t;
+                        w.rp.sharded += vpad * h / t;
                     }
                     // fb is 6·width·vocab: scale it to the padded vocabulary.
-                    flops_per_token += fb / m.vocab.max(1) * vpad / t;
+                    w.flops_per_token += fb / m.vocab.max(1) * vpad / t;
                 }
                 NodeKind::Experts => {
-                    flops_per_token += fb / te;
-                    if let Some(slot) = n.layer.and_then(|l| expert_flops_per_token.get_mut(l)) {
+                    w.flops_per_token += fb / te;
+                    if let Some(slot) = n.layer.and_then(|l| w.expert_flops_per_token.get_mut(l)) {
                         *slot += fb / te;
                     }
                 }
                 NodeKind::Gate => {
-                    rp.gate += n.params.gate;
-                    flops_per_token += fb;
+                    w.rp.gate += n.params.gate;
+                    w.flops_per_token += fb;
                 }
                 _ => {
-                    rp.sharded += n.params.sharded / t;
-                    rp.replicated += n.params.replicated;
-                    flops_per_token += fb / t;
+                    w.rp.sharded += n.params.sharded / t;
+                    w.rp.replicated += n.params.replicated;
+                    w.flops_per_token += fb / t;
                 }
             }
         }
-        let mut all_to_all = Vec::new();
-        let mut exchanges = Vec::new();
-        let mut a2a_s = 0.0;
-        let mut act = 0u64;
-        let mut tensor_msgs = 0u64;
+        w
+    }
+
+    /// Stage `s`'s layers: activations, tensor-parallel messages, and each MoE layer's
+    /// experts (their parameters and FP8 copies go into `w`) and exchange.
+    fn stage_layers(&self, s: u64, w: &mut StageWork) -> StageLayers {
+        let (c, m, grid, experts) = (self.c, &self.c.model, self.grid, self.experts);
+        let (t, p, te, ep) = (grid.tensor, grid.pipeline, experts.slices, experts.parallel);
+        let (h, a, tokens, model) = (m.width, self.a, self.tokens, self.model);
+        let mut out = StageLayers {
+            all_to_all: Vec::new(),
+            exchanges: Vec::new(),
+            a2a_s: 0.0,
+            act: 0,
+            tensor_msgs: 0,
+        };
         // The groups of tensor rank 0 of this stage, as (lowest, highest) rank: they
         // are increasing, so they share a host exactly when those two do.
         let base = grid.rank(0, 0, s);
-        let dgroup = [base, grid.rank(0, grid.data - 1, s)];
         let egroup = [base, base + (ep - 1) * experts.stride];
-        for layer in (0..m.layers.len()).filter(|&l| stage_of(l) == s) {
-            act = act.saturating_add(match model {
-                MemoryModel::Megatron => block_activations(c, layer, grid, a, seq_len, tokens),
+        for layer in (0..m.layers.len()).filter(|&l| self.stage_of(l) == s) {
+            out.act = out.act.saturating_add(match model {
+                MemoryModel::Megatron => block_activations(c, layer, grid, a, self.seq_len, tokens),
                 MemoryModel::Fmoec => block_activations_fmoec(c, layer, a, tokens),
                 MemoryModel::MegatronCore => {
                     block_activations_core(c, layer, grid, experts, a, tokens)
                 }
             });
             // Attention output, forward and backward.
-            tensor_msgs += 2;
+            out.tensor_msgs += 2;
             match &m.layers[layer].ffn {
-                Ffn::Dense(_) => tensor_msgs += 2,
+                Ffn::Dense(_) => out.tensor_msgs += 2,
                 Ffn::Moe(moe) => {
                     if te > 1 || moe.shared.is_some() {
-                        tensor_msgs += 2;
+                        out.tensor_msgs += 2;
                     }
                     let one = graph::mlp_params(h, &moe.expert, m.bias);
                     let local = moe.experts / ep;
-                    rp.expert += local * (one.sharded / te + one.replicated);
-                    if fp8_experts[layer] {
+                    w.rp.expert += local * (one.sharded / te + one.replicated);
+                    if self.fp8_experts[layer] {
                         let (hidden, matrices) =
                             (moe.expert.hidden / te, moe.expert.act.matrices());
                         // each matrix: a scale per output column and per row
-                        fp8_scale_bytes += local * matrices * 4 * (h + hidden);
-                        fp8_quant_bytes_per_token += (moe.top_k * local * ep) as f64
+                        w.fp8_scale_bytes += local * matrices * 4 * (h + hidden);
+                        w.fp8_quant_bytes_per_token += (moe.top_k * local * ep) as f64
                             / moe.experts.max(1) as f64
                             * (FP8_QUANT_BYTES_INPUT * h as f64
                                 + FP8_QUANT_BYTES_HIDDEN * (hidden * (matrices - 1)) as f64);
@@ -870,7 +1001,7 @@ pub fn evaluate(
                     let gather =
                         u64::try_from(rows * (gather_ranks as u128 - 1)).unwrap_or(u64::MAX);
                     let bytes = exchange.saturating_add(gather);
-                    all_to_all.push(AllToAll {
+                    out.all_to_all.push(AllToAll {
                         layer,
                         fwd_bytes: bytes,
                         bwd_bytes: bytes,
@@ -882,12 +1013,12 @@ pub fn evaluate(
                         let group = [base, base + gather_ranks - 1];
                         transfer_s += 2.0 * gather as f64 / bandwidth(c, &group);
                     }
-                    let rate = match fp8 {
-                        Some((fp8_peak, _)) if fp8_experts[layer] => fp8_peak,
-                        _ => peak,
+                    let rate = match self.fp8 {
+                        Some((fp8_peak, _)) if self.fp8_experts[layer] => fp8_peak,
+                        _ => self.peak,
                     };
                     let compute_s =
-                        expert_flops_per_token[layer] as f64 * tokens as f64 / rate.max(1e-9);
+                        w.expert_flops_per_token[layer] as f64 * tokens as f64 / rate.max(1e-9);
                     let x = layer_exchange(
                         c,
                         (layer, moe),
@@ -895,55 +1026,73 @@ pub fn evaluate(
                         (tokens * moe.top_k) as f64,
                         ((h * a) as f64, bw),
                         (
-                            expert_flops_per_token[layer] as f64 / moe.top_k.max(1) as f64,
+                            w.expert_flops_per_token[layer] as f64 / moe.top_k.max(1) as f64,
                             rate.max(1e-9),
                         ),
                         one.sharded / te + one.replicated,
-                        routing_skew,
+                        self.routing_skew,
                     );
                     let plain = c.parallel.smart_schedule.is_off()
                         && c.parallel.shadowing.is_off()
-                        && routing_skew <= 1.0;
+                        && self.routing_skew <= 1.0;
                     // Without FasterMoE's options on balanced routing the estimate is the
                     // transfer alone, as it always was; otherwise what the layer takes beyond
                     // its balanced experts (already in `compute_s`).
-                    a2a_s += if plain {
+                    out.a2a_s += if plain {
                         transfer_s
                     } else {
                         (x.planned_s - compute_s).max(0.0)
                     };
-                    exchanges.push(x);
+                    out.exchanges.push(x);
                 }
             }
         }
+        let vpad = self.vpad;
         if s == 0 {
             // The vocab-parallel embedding's output is all-reduced.
-            tensor_msgs += 1;
+            out.tensor_msgs += 1;
         }
         if s == p - 1 {
             // The LM head's input gradient is all-reduced; the final norm input and the
             // fp32 logits of the vocab-parallel cross entropy stay alive. `fmoec run`
             // keeps the final norm's input and output, the fp32 logits and their
             // log-softmax, and at the start of the backward pass their gradient.
-            tensor_msgs += 1;
-            act = match model {
-                MemoryModel::Megatron => act
+            out.tensor_msgs += 1;
+            out.act = match model {
+                MemoryModel::Megatron => out
+                    .act
                     .saturating_add(a * tokens * h)
                     .saturating_add((4 * tokens).saturating_mul(vpad) / t),
-                MemoryModel::Fmoec => act
+                MemoryModel::Fmoec => out
+                    .act
                     .saturating_add(2 * a * tokens * h)
                     .saturating_add((12 * tokens).saturating_mul(m.vocab)),
                 // sequence-parallel final norm input; vocab-parallel fp32 logits
-                MemoryModel::MegatronCore => act
+                MemoryModel::MegatronCore => out
+                    .act
                     .saturating_add(a * tokens * h / t)
                     .saturating_add((4 * tokens).saturating_mul(vpad) / t),
             };
         }
         if t == 1 {
-            tensor_msgs = 0;
+            out.tensor_msgs = 0;
         }
-        rp.total = rp.sharded + rp.replicated + rp.gate + rp.expert;
-        let grad_bytes = pb;
+        w.rp.total = w.rp.sharded + w.rp.replicated + w.rp.gate + w.rp.expert;
+        out
+    }
+
+    /// The experts' data-parallel replicas (the expert-data group's size).
+    fn expert_data(&self) -> u64 {
+        self.experts
+            .expert_data(self.grid.world / self.grid.pipeline)
+    }
+
+    /// Stage `s`'s memory per rank: weights, gradients, optimizer state, and the activations
+    /// of the micro-batches in flight (`act` each).
+    fn stage_memory(&self, s: u64, w: &StageWork, act: u64) -> Memory {
+        let (p, v, micro_batches) = (self.grid.pipeline, self.v(), self.micro_batches);
+        let (model, precision, rp) = (self.model, self.precision, &w.rp);
+        let pb = precision.param_bytes();
         // Micro-batches whose activations are alive at once: plain 1F1B keeps the stages
         // ahead of this one in flight; the interleaved schedule counts model chunks (each
         // 1/v of the stage's activations), as its program runs them.
@@ -959,7 +1108,7 @@ pub fn evaluate(
                 .map_or((p - s).min(micro_batches).max(1) * v, |n| n.max(1) as u64)
         };
         let (weight_b, grad_b, optimizer_b) = match model {
-            MemoryModel::Megatron => (pb, grad_bytes, optimizer_bytes(precision)),
+            MemoryModel::Megatron => (pb, pb, optimizer_bytes(precision)),
             MemoryModel::Fmoec => fmoec_param_bytes(precision),
             MemoryModel::MegatronCore => core_param_bytes(precision),
         };
@@ -967,23 +1116,22 @@ pub fn evaluate(
             .total
             .saturating_mul(weight_b)
             .saturating_add(match model {
-                MemoryModel::Fmoec => fp8_scale_bytes,
+                MemoryModel::Fmoec => w.fp8_scale_bytes,
                 MemoryModel::Megatron | MemoryModel::MegatronCore => 0,
             });
         let grads = rp.total.saturating_mul(grad_b);
         // the distributed optimizer shards its state over the data-parallel group, the
         // experts' over the expert-data group
-        let ed = experts.expert_data(grid.world / p);
-        let optimizer = if model == MemoryModel::MegatronCore && rules.distributed_optimizer {
+        let optimizer = if model == MemoryModel::MegatronCore && self.rules.distributed_optimizer {
             let dense = (rp.total - rp.expert) as u128;
-            let sharded =
-                dense.div_ceil(grid.data as u128) + (rp.expert as u128).div_ceil(ed as u128);
+            let sharded = dense.div_ceil(self.grid.data as u128)
+                + (rp.expert as u128).div_ceil(self.expert_data() as u128);
             u64::try_from(sharded * optimizer_b as u128).unwrap_or(u64::MAX)
         } else {
             rp.total.saturating_mul(optimizer_b)
         };
         let activations = act.saturating_mul(in_flight) / v;
-        let memory = Memory {
+        Memory {
             model,
             weights,
             grads,
@@ -995,11 +1143,29 @@ pub fn evaluate(
                 .saturating_add(grads)
                 .saturating_add(optimizer)
                 .saturating_add(activations),
-            capacity: c.parallel.hardware.memory_bytes,
-        };
-        // Traffic per step.
+            capacity: self.c.parallel.hardware.memory_bytes,
+        }
+    }
+
+    /// Stage `s`'s bytes sent per step and its time per micro-batch and for the gradient
+    /// synchronisation.
+    fn stage_traffic_and_time(
+        &self,
+        s: u64,
+        w: &StageWork,
+        layers: &StageLayers,
+    ) -> (Traffic, StageTime) {
+        let (c, g, grid, experts) = (self.c, self.g, self.grid, self.experts);
+        let (t, p, v, ep) = (grid.tensor, grid.pipeline, self.v(), experts.parallel);
+        let (h, a, tokens, micro_batches) =
+            (c.model.width, self.a, self.tokens, self.micro_batches);
+        let (rp, vpad, peak) = (&w.rp, self.vpad, self.peak);
+        let grad_bytes = self.precision.param_bytes();
+        let base = grid.rank(0, 0, s);
+        let dgroup = [base, grid.rank(0, grid.data - 1, s)];
+        let ed = self.expert_data();
         let msg = tokens * h * a;
-        let tensor_bytes = tensor_msgs.saturating_mul(msg);
+        let tensor_bytes = layers.tensor_msgs.saturating_mul(msg);
         // Per micro-batch each chunk sends its output on and its input's gradient back,
         // except at the model's two ends, and receives as many.
         let transfers = 2 * v - u64::from(s == 0) - u64::from(s + 1 == p);
@@ -1014,6 +1180,7 @@ pub fn evaluate(
         let edgroup = [base, base + (ed - 1) * experts.stride * ep];
         let gate_group = [base, grid.rank(t - 1, grid.data - 1, s)];
         let gate_size = grid.world / p;
+        let all_to_all = layers.all_to_all.clone();
         let traffic = Traffic {
             tensor_allreduce_bytes: tensor_bytes.saturating_mul(micro_batches),
             all_to_all_bytes: all_to_all
@@ -1048,14 +1215,15 @@ pub fn evaluate(
             }
             bw
         };
-        let compute_s = match fp8 {
+        let hw = &c.parallel.hardware;
+        let compute_s = match self.fp8 {
             Some((fp8_peak, _)) => {
-                (flops_per_token - fp8_flops_per_token) as f64 * tokens as f64 / peak
-                    + fp8_flops_per_token as f64 * tokens as f64 / fp8_peak
-                    + fp8_quant_bytes_per_token * tokens as f64
+                (w.flops_per_token - w.fp8_flops_per_token) as f64 * tokens as f64 / peak
+                    + w.fp8_flops_per_token as f64 * tokens as f64 / fp8_peak
+                    + w.fp8_quant_bytes_per_token * tokens as f64
                         / (hw.hbm_gbps.max(1e-9) * 1e9 * FP8_QUANT_BANDWIDTH_SHARE)
             }
-            None => flops_per_token as f64 * tokens as f64 / peak,
+            None => w.flops_per_token as f64 * tokens as f64 / peak,
         };
         let tensor_s = allreduce_s(tensor_bytes, t, bandwidth(c, &tgroup));
         let pipeline_s = if transfers == 0 {
@@ -1084,6 +1252,7 @@ pub fn evaluate(
         } else {
             0.0
         };
+        let a2a_s = layers.a2a_s;
         let time = StageTime {
             compute_s,
             tensor_s,
@@ -1092,50 +1261,43 @@ pub fn evaluate(
             micro_batch_s: compute_s + tensor_s + a2a_s + pipeline_s,
             gradient_sync_s,
         };
-        stages.push(StageCost {
-            params: rp,
-            memory,
-            flops_per_step: flops_per_token
-                .saturating_mul(tokens)
-                .saturating_mul(micro_batches),
-            traffic,
-            time,
-            exchanges,
-        });
+        (traffic, time)
     }
-    let slowest = stages
-        .iter()
-        .map(|s| s.time.micro_batch_s)
-        .fold(0.0, f64::max);
-    let sync = stages
-        .iter()
-        .map(|s| s.time.gradient_sync_s)
-        .fold(0.0, f64::max);
-    // The interleaved schedule fills and drains the pipeline in 1/v of a micro-batch time
-    // per stage (plan::schedule simulates it to this figure).
-    let step_s = (micro_batches as f64 + (p - 1) as f64 / v as f64) * slowest + sync;
-    let global_tokens = mb * micro_batches * grid.data * seq_len;
-    let model_flops_per_step = g.flops_per_token().saturating_mul(global_tokens);
-    let time = TimeEstimate {
-        step_s,
-        bubble_fraction: super::schedule::bubble_fraction(p, v, micro_batches),
-        tokens_per_s: if step_s > 0.0 {
-            global_tokens as f64 / step_s
-        } else {
-            0.0
-        },
-        model_flops_per_step,
-        peak_tflops: peak / 1e12,
-        mfu: if step_s > 0.0 {
-            g.flops_per_token() as f64 * global_tokens as f64 / (step_s * grid.world as f64 * peak)
-        } else {
-            0.0
-        },
-    };
-    Costed {
-        micro_batch: mb,
-        micro_batches,
-        stages,
-        time,
+
+    /// The step: the slowest stage's micro-batches, the pipeline's fill and drain, and the
+    /// slowest gradient synchronisation; tokens per second and MFU from it.
+    fn step_time(&self, stages: &[StageCost]) -> TimeEstimate {
+        let (g, grid, peak) = (self.g, self.grid, self.peak);
+        let (p, v, micro_batches) = (grid.pipeline, self.v(), self.micro_batches);
+        let slowest = stages
+            .iter()
+            .map(|s| s.time.micro_batch_s)
+            .fold(0.0, f64::max);
+        let sync = stages
+            .iter()
+            .map(|s| s.time.gradient_sync_s)
+            .fold(0.0, f64::max);
+        // The interleaved schedule fills and drains the pipeline in 1/v of a micro-batch time
+        // per stage (plan::schedule simulates it to this figure).
+        let step_s = (micro_batches as f64 + (p - 1) as f64 / v as f64) * slowest + sync;
+        let global_tokens = self.mb * micro_batches * grid.data * self.seq_len;
+        let model_flops_per_step = g.flops_per_token().saturating_mul(global_tokens);
+        TimeEstimate {
+            step_s,
+            bubble_fraction: super::schedule::bubble_fraction(p, v, micro_batches),
+            tokens_per_s: if step_s > 0.0 {
+                global_tokens as f64 / step_s
+            } else {
+                0.0
+            },
+            model_flops_per_step,
+            peak_tflops: peak / 1e12,
+            mfu: if step_s > 0.0 {
+                g.flops_per_token() as f64 * global_tokens as f64
+                    / (step_s * grid.world as f64 * peak)
+            } else {
+                0.0
+            },
+        }
     }
 }
