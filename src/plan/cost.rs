@@ -691,17 +691,31 @@ pub fn evaluate(
     model: MemoryModel,
     routing_skew: f64,
 ) -> Costed {
-    let e = Eval::new(
+    let tokens = mb * seq_len;
+    let hw = &c.parallel.hardware;
+    let fp8 = match precision {
+        Precision::Fp8 { dense } => hw.fp8_tflops.map(|f| (f * 1e12, dense)),
+        _ => None,
+    };
+    let e = Eval {
         g,
         c,
         grid,
         experts,
         rules,
         precision,
-        (seq_len, mb, micro_batches),
+        seq_len,
+        mb,
+        micro_batches,
         model,
         routing_skew,
-    );
+        a: act_bytes(precision),
+        tokens,
+        vpad: padded_vocab_to(c.model.vocab, rules.vocab_multiple, grid.tensor),
+        peak: peak_tflops(c, precision).max(1e-9) * 1e12,
+        fp8,
+        fp8_experts: fp8_experts(c, experts, tokens, fp8.is_some()),
+    };
     let stages: Vec<StageCost> = (0..grid.pipeline).map(|s| e.stage(s)).collect();
     let time = e.step_time(&stages);
     Costed {
@@ -710,6 +724,27 @@ pub fn evaluate(
         stages,
         time,
     }
+}
+
+/// Per layer: whether its experts run in FP8 (`fp8`: the precision asks for it on a GPU
+/// with FP8 tensor cores), where [`fp8_pays_for_experts`] says it pays at `tokens` a
+/// micro-batch.
+fn fp8_experts(c: &Checked, experts: &ExpertPlacement, tokens: u64, fp8: bool) -> Vec<bool> {
+    let m = &c.model;
+    m.layers
+        .iter()
+        .map(|l| match &l.ffn {
+            Ffn::Moe(moe) if fp8 => fp8_pays_for_experts(
+                &c.parallel.hardware,
+                m.width,
+                moe.expert.hidden / experts.slices,
+                moe.expert.act,
+                (tokens * moe.top_k) as f64,
+                (moe.experts / experts.parallel).max(1),
+            ),
+            _ => false,
+        })
+        .collect()
 }
 
 /// What every stage's cost reads: the configuration, and what is derived from it once.
@@ -763,62 +798,7 @@ struct StageLayers {
     tensor_msgs: u64,
 }
 
-impl<'a> Eval<'a> {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        g: &'a ModelGraph,
-        c: &'a Checked,
-        grid: &'a Grid,
-        experts: &'a ExpertPlacement,
-        rules: &'a TrainingRules,
-        precision: Precision,
-        (seq_len, mb, micro_batches): (u64, u64, u64),
-        model: MemoryModel,
-        routing_skew: f64,
-    ) -> Eval<'a> {
-        let m = &c.model;
-        let tokens = mb * seq_len;
-        let hw = &c.parallel.hardware;
-        let fp8 = match precision {
-            Precision::Fp8 { dense } => hw.fp8_tflops.map(|f| (f * 1e12, dense)),
-            _ => None,
-        };
-        let fp8_experts = m
-            .layers
-            .iter()
-            .map(|l| match (&l.ffn, fp8) {
-                (Ffn::Moe(moe), Some(_)) => fp8_pays_for_experts(
-                    hw,
-                    m.width,
-                    moe.expert.hidden / experts.slices,
-                    moe.expert.act,
-                    (tokens * moe.top_k) as f64,
-                    (moe.experts / experts.parallel).max(1),
-                ),
-                _ => false,
-            })
-            .collect();
-        Eval {
-            g,
-            c,
-            grid,
-            experts,
-            rules,
-            precision,
-            seq_len,
-            mb,
-            micro_batches,
-            model,
-            routing_skew,
-            a: act_bytes(precision),
-            tokens,
-            vpad: padded_vocab_to(m.vocab, rules.vocab_multiple, grid.tensor),
-            peak: peak_tflops(c, precision).max(1e-9) * 1e12,
-            fp8,
-            fp8_experts,
-        }
-    }
-
+impl Eval<'_> {
     /// Model chunks per stage.
     fn v(&self) -> u64 {
         self.grid.virtual_stages.max(1)
