@@ -237,12 +237,151 @@ pub fn exchange_experts_with(
     options: ExchangeOptions,
     experts: &dyn LocalExperts,
 ) -> Result<(Tensor, ExchangeTape)> {
-    const OP: &str = "exchange_experts";
-    let invalid =
-        |message: String| CollectiveError::new(group.label(), OP, at, ErrorKind::Invalid(message));
+    let invalid = |message: String| {
+        CollectiveError::new(group.label(), EXCHANGE, at, ErrorKind::Invalid(message))
+    };
+    let terr = tensor_failure(group.label(), EXCHANGE, at);
     let size = group.size();
-    let me = group.rank();
     let rows = tokens.size().first().copied().unwrap_or(0);
+    let all_counts = gather_counts(group, placement, rows, counts, at)?;
+    // Which experts run on replicas this time: the same answer on every rank.
+    let stacked = match options.shadowing {
+        Some(_) if size > 1 => experts.parameters(),
+        _ => Vec::new(),
+    };
+    let shadowed = match options.shadowing {
+        Some(policy) if !stacked.is_empty() => {
+            choose_shadowed(policy, placement, &all_counts).map_err(invalid)?
+        }
+        _ => Vec::new(),
+    };
+    let routing = Routing::new(placement, group.rank(), counts, all_counts, &shadowed);
+
+    // Shadowed experts: parameters from their owners, before any chunk starts.
+    let shadows = if shadowed.is_empty() {
+        None
+    } else {
+        Some(PendingShadows::start(
+            group, &routing, &shadowed, tokens, stacked, at,
+        )?)
+    };
+
+    // Chunks of peers: start every chunk's dispatch first (FasterMoE's order).
+    let n = options.chunks.clamp(1, size.max(1));
+    let sent = tokens.f_detach().map_err(&terr)?;
+    let mut plans = Vec::with_capacity(n);
+    let mut pending = Vec::with_capacity(n);
+    for c in 0..n {
+        let plan = routing.chunk(c, n, rows, tokens.device()).map_err(&terr)?;
+        let send = take_rows(&sent, &plan.rows).map_err(&terr)?;
+        let label = chunk_label(at, "dispatch", c, n);
+        pending.push(group.start_all_to_all_v(
+            &send,
+            &plan.send_counts,
+            &plan.recv_counts,
+            &label,
+        )?);
+        plans.push(plan);
+    }
+
+    // Each chunk's experts as soon as its tokens are in; its results start back.
+    let mut chunks = Vec::with_capacity(n);
+    let mut returning = Vec::with_capacity(n);
+    let mut local_total = vec![0i64; routing.mine.len()];
+    for (c, (arrival, plan)) in pending.into_iter().zip(plans).enumerate() {
+        let arrived = arrival.wait()?;
+        let received = permute(&arrived, &plan.to_expert_major)
+            .and_then(|t| t.f_detach())
+            .and_then(|t| t.f_set_requires_grad(true))
+            .map_err(&terr)?;
+        let expert_out = experts
+            .forward(&received, &plan.local_counts)
+            .map_err(&terr)?;
+        let expected: i64 = plan.local_counts.iter().sum();
+        let out_rows = expert_out.size().first().copied().unwrap_or(-1);
+        if out_rows != expected {
+            return Err(invalid(format!(
+                "the experts returned {out_rows} rows for {expected} received"
+            )));
+        }
+        for (total, c) in local_total.iter_mut().zip(&plan.local_counts) {
+            *total += c;
+        }
+        let back = permute(
+            &expert_out.f_detach().map_err(&terr)?,
+            &plan.to_source_major,
+        )
+        .map_err(&terr)?;
+        let label = chunk_label(at, "combine", c, n);
+        returning.push(group.start_all_to_all_v(
+            &back,
+            &plan.recv_counts,
+            &plan.send_counts,
+            &label,
+        )?);
+        chunks.push(Chunk {
+            rows: plan.rows,
+            send_counts: plan.send_counts,
+            recv_counts: plan.recv_counts,
+            to_expert_major: plan.to_expert_major,
+            to_source_major: plan.to_source_major,
+            received,
+            expert_out,
+        });
+    }
+
+    // The replicas run this rank's own tokens of the shadowed experts meanwhile.
+    let shadows = match shadows {
+        None => None,
+        Some(pending) => Some(Box::new(pending.run(shadowed, experts).map_err(&terr)?)),
+    };
+
+    let mut returned = Vec::with_capacity(n);
+    for r in returning {
+        returned.push(r.wait()?);
+    }
+    let combined = combine(tokens, rows, &chunks, returned, shadows.as_deref())
+        .and_then(|t| t.f_detach())
+        .and_then(|t| t.f_set_requires_grad(true))
+        .map_err(&terr)?;
+    let send_counts = routing.rows_to.iter().map(|r| r.len() as i64).collect();
+    let tape = ExchangeTape {
+        at: at.to_string(),
+        source: tokens.shallow_clone(),
+        combined: combined.shallow_clone(),
+        chunks,
+        shadows,
+        send_counts,
+        recv_counts: routing.recv_from,
+        local_counts: local_total,
+    };
+    Ok((combined, tape))
+}
+
+const EXCHANGE: &str = "exchange_experts";
+
+/// `"{at}, dispatch"`, or with several chunks `"{at}, dispatch chunk 2"`.
+fn chunk_label(at: &str, what: &str, chunk: usize, chunks: usize) -> String {
+    if chunks == 1 {
+        format!("{at}, {what}")
+    } else {
+        format!("{at}, {what} chunk {chunk}")
+    }
+}
+
+/// Checks this rank's call against the placement (the group's size, a count per expert
+/// summing to the token rows) and gathers every rank's counts.
+fn gather_counts(
+    group: &dyn Collective,
+    placement: &ExpertPlacement,
+    rows: i64,
+    counts: &[i64],
+    at: &str,
+) -> Result<Vec<Vec<i64>>> {
+    let invalid = |message: String| {
+        CollectiveError::new(group.label(), EXCHANGE, at, ErrorKind::Invalid(message))
+    };
+    let size = group.size();
     if placement.ranks() != size {
         return Err(invalid(format!(
             "the placement spreads experts over {} ranks but the group has {size}",
@@ -258,123 +397,154 @@ pub fn exchange_experts_with(
             placement.experts()
         )));
     }
-
     let all_counts = group.all_gather_counts(counts, &format!("{at}, dispatch counts"))?;
     if all_counts.iter().any(|c| c.len() != counts.len()) {
         return Err(invalid(
             "the ranks disagree on the number of experts".into(),
         ));
     }
-    let terr = tensor_failure(group.label(), OP, at);
-    let device = tokens.device();
+    Ok(all_counts)
+}
+
+/// Each global expert's (owner position, local index on it).
+fn expert_owners(placement: &ExpertPlacement) -> Vec<(usize, usize)> {
+    let mut owners = vec![(0, 0); placement.experts()];
+    for p in 0..placement.ranks() {
+        for (j, &e) in placement.local_experts(p).iter().enumerate() {
+            owners[e] = (p, j);
+        }
+    }
+    owners
+}
+
+/// The experts `policy` replicates, ascending and without repeats; a message when it names
+/// one that does not exist.
+fn choose_shadowed(
+    policy: &dyn ShadowPolicy,
+    placement: &ExpertPlacement,
+    all_counts: &[Vec<i64>],
+) -> std::result::Result<Vec<usize>, String> {
     let slot_of_expert = placement.slot_of_expert();
-    let owners: Vec<(usize, usize)> = {
-        let mut owners = vec![(0, 0); placement.experts()];
-        for p in 0..size {
-            for (j, &e) in placement.local_experts(p).iter().enumerate() {
-                owners[e] = (p, j);
-            }
-        }
-        owners
-    };
-
-    // Which experts run on replicas this time: the same answer on every rank.
-    let stacked = match options.shadowing {
-        Some(_) if size > 1 => experts.parameters(),
-        _ => Vec::new(),
-    };
-    let shadowed: Vec<usize> = match options.shadowing {
-        Some(policy) if !stacked.is_empty() => {
-            let by_expert: Vec<Vec<i64>> = all_counts
-                .iter()
-                .map(|c| slot_of_expert.iter().map(|&s| c[s as usize]).collect())
-                .collect();
-            let owner: Vec<usize> = owners.iter().map(|&(p, _)| p).collect();
-            let mut chosen = policy.choose(&by_expert, &owner);
-            chosen.sort_unstable();
-            chosen.dedup();
-            if let Some(&e) = chosen.iter().find(|&&e| e >= placement.experts()) {
-                return Err(invalid(format!(
-                    "the shadowing policy chose expert {e} of {}",
-                    placement.experts()
-                )));
-            }
-            chosen
-        }
-        _ => Vec::new(),
-    };
-    let mut slot_shadowed = vec![false; placement.experts()];
-    for &e in &shadowed {
-        slot_shadowed[slot_of_expert[e] as usize] = true;
-    }
-
-    // The rows of `tokens` per slot, and per destination those that travel.
-    let mut slot_start = Vec::with_capacity(counts.len());
-    let mut next = 0i64;
-    for &c in counts {
-        slot_start.push(next);
-        next += c;
-    }
-    let slot_rows = |slot: usize| slot_start[slot]..slot_start[slot] + counts[slot];
-    let rows_to: Vec<Vec<i64>> = (0..size)
-        .map(|q| {
-            placement
-                .slots(q)
-                .filter(|&s| !slot_shadowed[s])
-                .flat_map(slot_rows)
-                .collect()
-        })
-        .collect();
-    let mine = placement.slots(me);
-    let recv_from: Vec<i64> = all_counts
+    let by_expert: Vec<Vec<i64>> = all_counts
         .iter()
-        .map(|c| {
-            mine.clone()
-                .filter(|&s| !slot_shadowed[s])
-                .map(|s| c[s])
-                .sum()
-        })
+        .map(|c| slot_of_expert.iter().map(|&s| c[s as usize]).collect())
         .collect();
+    let owner: Vec<usize> = expert_owners(placement).iter().map(|&(p, _)| p).collect();
+    let mut chosen = policy.choose(&by_expert, &owner);
+    chosen.sort_unstable();
+    chosen.dedup();
+    match chosen.iter().find(|&&e| e >= placement.experts()) {
+        Some(e) => Err(format!(
+            "the shadowing policy chose expert {e} of {}",
+            placement.experts()
+        )),
+        None => Ok(chosen),
+    }
+}
 
-    // Shadowed experts: parameters from their owners, before any chunk starts.
-    let shadows = if shadowed.is_empty() {
-        None
-    } else {
-        let experts_owners: Vec<(usize, usize)> = shadowed.iter().map(|&e| owners[e]).collect();
-        let params = replicate(group, &stacked, &experts_owners, at)?;
-        let kept_rows: Vec<i64> = shadowed
-            .iter()
-            .flat_map(|&e| slot_rows(slot_of_expert[e] as usize))
-            .collect();
-        let shadow_counts: Vec<i64> = shadowed
-            .iter()
-            .map(|&e| counts[slot_of_expert[e] as usize])
-            .collect();
-        let rows_index = Tensor::f_from_slice(&kept_rows)
-            .and_then(|t| t.f_to_device(device))
-            .map_err(&terr)?;
-        let kept = tokens
-            .f_detach()
-            .and_then(|t| t.f_index_select(0, &rows_index))
-            .and_then(|t| t.f_set_requires_grad(true))
-            .map_err(&terr)?;
-        Some((
-            experts_owners,
-            params,
-            rows_index,
-            kept,
-            shadow_counts,
-            stacked,
-        ))
-    };
+/// Where one exchange's rows go: this rank's rows per slot, those that travel to each
+/// rank, and how many arrive from each; the shadowed experts' slots travel nowhere.
+struct Routing {
+    size: usize,
+    me: usize,
+    /// This rank's slots (its local experts in placement order).
+    mine: std::ops::Range<usize>,
+    counts: Vec<i64>,
+    all_counts: Vec<Vec<i64>>,
+    /// Each global expert's (owner position, local index on it).
+    owners: Vec<(usize, usize)>,
+    slot_of_expert: Vec<i64>,
+    slot_shadowed: Vec<bool>,
+    /// The first row of each slot in this rank's tokens.
+    slot_start: Vec<i64>,
+    /// Per destination rank, the rows of this rank's tokens it receives, in order.
+    rows_to: Vec<Vec<i64>>,
+    /// Per source rank, how many rows arrive here from it.
+    recv_from: Vec<i64>,
+}
 
-    // Chunks of peers: start every chunk's dispatch first (FasterMoE's order).
-    let n = options.chunks.clamp(1, size.max(1));
-    let chunk_of = |offset: usize| offset * n / size;
-    let sent = tokens.f_detach().map_err(&terr)?;
-    let mut plans = Vec::with_capacity(n);
-    let mut pending = Vec::with_capacity(n);
-    for c in 0..n {
+/// One chunk's part of the exchange.
+struct ChunkPlan {
+    /// The rows of the tokens it sends, in send order (`None`: all, in order).
+    rows: Option<Tensor>,
+    send_counts: Vec<i64>,
+    recv_counts: Vec<i64>,
+    /// Rows per local expert that arrive in this chunk.
+    local_counts: Vec<i64>,
+    to_expert_major: Option<Tensor>,
+    to_source_major: Option<Tensor>,
+}
+
+impl Routing {
+    fn new(
+        placement: &ExpertPlacement,
+        me: usize,
+        counts: &[i64],
+        all_counts: Vec<Vec<i64>>,
+        shadowed: &[usize],
+    ) -> Routing {
+        let size = placement.ranks();
+        let slot_of_expert = placement.slot_of_expert();
+        let mut slot_shadowed = vec![false; placement.experts()];
+        for &e in shadowed {
+            slot_shadowed[slot_of_expert[e] as usize] = true;
+        }
+        let mut slot_start = Vec::with_capacity(counts.len());
+        let mut next = 0i64;
+        for &c in counts {
+            slot_start.push(next);
+            next += c;
+        }
+        let mine = placement.slots(me);
+        let recv_from = all_counts
+            .iter()
+            .map(|c| {
+                mine.clone()
+                    .filter(|&s| !slot_shadowed[s])
+                    .map(|s| c[s])
+                    .sum()
+            })
+            .collect();
+        let mut routing = Routing {
+            size,
+            me,
+            mine,
+            counts: counts.to_vec(),
+            all_counts,
+            owners: expert_owners(placement),
+            slot_of_expert,
+            slot_shadowed,
+            slot_start,
+            rows_to: Vec::new(),
+            recv_from,
+        };
+        routing.rows_to = (0..size)
+            .map(|q| {
+                placement
+                    .slots(q)
+                    .filter(|&s| !routing.slot_shadowed[s])
+                    .flat_map(|s| routing.slot_rows(s))
+                    .collect()
+            })
+            .collect();
+        routing
+    }
+
+    /// The rows of this rank's tokens in `slot`.
+    fn slot_rows(&self, slot: usize) -> std::ops::Range<i64> {
+        self.slot_start[slot]..self.slot_start[slot] + self.counts[slot]
+    }
+
+    /// Chunk `c` of `n`: the peers at offsets `o` from this rank with `o·n/size == c`.
+    fn chunk(
+        &self,
+        c: usize,
+        n: usize,
+        rows: i64,
+        device: tch::Device,
+    ) -> std::result::Result<ChunkPlan, TchError> {
+        let (size, me, mine) = (self.size, self.me, &self.mine);
+        let chunk_of = |offset: usize| offset * n / size;
         let targets: Vec<bool> = (0..size)
             .map(|q| chunk_of((q + size - me) % size) == c)
             .collect();
@@ -383,30 +553,29 @@ pub fn exchange_experts_with(
             .collect();
         let send_rows: Vec<i64> = (0..size)
             .filter(|&q| targets[q])
-            .flat_map(|q| rows_to[q].iter().copied())
+            .flat_map(|q| self.rows_to[q].iter().copied())
             .collect();
         let send_counts: Vec<i64> = (0..size)
             .map(|q| {
                 if targets[q] {
-                    rows_to[q].len() as i64
+                    self.rows_to[q].len() as i64
                 } else {
                     0
                 }
             })
             .collect();
         let recv_counts: Vec<i64> = (0..size)
-            .map(|s| if sources[s] { recv_from[s] } else { 0 })
+            .map(|s| if sources[s] { self.recv_from[s] } else { 0 })
             .collect();
-        let rows_index = index_or_all(&send_rows, rows, device).map_err(&terr)?;
         let local_counts: Vec<i64> = mine
             .clone()
             .map(|slot| {
-                if slot_shadowed[slot] {
+                if self.slot_shadowed[slot] {
                     0
                 } else {
                     (0..size)
                         .filter(|&s| sources[s])
-                        .map(|s| all_counts[s][slot])
+                        .map(|s| self.all_counts[s][slot])
                         .sum()
                 }
             })
@@ -420,150 +589,134 @@ pub fn exchange_experts_with(
             }
             for (j, slot) in mine.clone().enumerate() {
                 row[j] = at_row;
-                if !slot_shadowed[slot] {
-                    at_row += all_counts[s][slot];
+                if !self.slot_shadowed[slot] {
+                    at_row += self.all_counts[s][slot];
                 }
             }
         }
         let mut order = Vec::with_capacity(at_row as usize);
         for (j, slot) in mine.clone().enumerate() {
-            if slot_shadowed[slot] {
+            if self.slot_shadowed[slot] {
                 continue;
             }
             for s in (0..size).filter(|&s| sources[s]) {
-                order.extend(offsets[s][j]..offsets[s][j] + all_counts[s][slot]);
+                order.extend(offsets[s][j]..offsets[s][j] + self.all_counts[s][slot]);
             }
         }
-        let (to_expert_major, to_source_major) =
-            match index_or_all(&order, at_row, device).map_err(&terr)? {
-                None => (None, None),
-                Some(forward) => {
-                    let mut inverse = vec![0i64; order.len()];
-                    for (i, &r) in order.iter().enumerate() {
-                        inverse[r as usize] = i as i64;
-                    }
-                    let backward = Tensor::f_from_slice(&inverse)
-                        .and_then(|t| t.f_to_device(device))
-                        .map_err(&terr)?;
-                    (Some(forward), Some(backward))
+        let (to_expert_major, to_source_major) = match index_or_all(&order, at_row, device)? {
+            None => (None, None),
+            Some(forward) => {
+                let mut inverse = vec![0i64; order.len()];
+                for (i, &r) in order.iter().enumerate() {
+                    inverse[r as usize] = i as i64;
                 }
-            };
-        let send = take_rows(&sent, &rows_index).map_err(&terr)?;
-        let label = if n == 1 {
-            format!("{at}, dispatch")
-        } else {
-            format!("{at}, dispatch chunk {c}")
+                let backward = Tensor::f_from_slice(&inverse)?.f_to_device(device)?;
+                (Some(forward), Some(backward))
+            }
         };
-        pending.push(group.start_all_to_all_v(&send, &send_counts, &recv_counts, &label)?);
-        plans.push((
-            rows_index,
+        Ok(ChunkPlan {
+            rows: index_or_all(&send_rows, rows, device)?,
             send_counts,
             recv_counts,
             local_counts,
             to_expert_major,
             to_source_major,
-        ));
+        })
     }
+}
 
-    // Each chunk's experts as soon as its tokens are in; its results start back.
-    let mut chunks = Vec::with_capacity(n);
-    let mut returning = Vec::with_capacity(n);
-    let mut local_total = vec![0i64; mine.len()];
-    for (c, (arrival, plan)) in pending.into_iter().zip(plans).enumerate() {
-        let (rows_index, send_counts, recv_counts, local_counts, to_expert_major, to_source_major) =
-            plan;
-        let arrived = arrival.wait()?;
-        let received = permute(&arrived, &to_expert_major)
-            .and_then(|t| t.f_detach())
+/// The shadowed experts' parameters, broadcast from their owners, and this rank's rows for
+/// them, before the chunks start.
+struct PendingShadows {
+    owners: Vec<(usize, usize)>,
+    params: Tensor,
+    rows: Tensor,
+    kept: Tensor,
+    counts: Vec<i64>,
+    stacked: Vec<Tensor>,
+}
+
+impl PendingShadows {
+    fn start(
+        group: &dyn Collective,
+        routing: &Routing,
+        shadowed: &[usize],
+        tokens: &Tensor,
+        stacked: Vec<Tensor>,
+        at: &str,
+    ) -> Result<PendingShadows> {
+        let terr = tensor_failure(group.label(), EXCHANGE, at);
+        let all_owners: Vec<(usize, usize)> = shadowed.iter().map(|&e| routing.owners[e]).collect();
+        let params = replicate(group, &stacked, &all_owners, at)?;
+        let slot = |e: usize| routing.slot_of_expert[e] as usize;
+        let kept_rows: Vec<i64> = shadowed
+            .iter()
+            .flat_map(|&e| routing.slot_rows(slot(e)))
+            .collect();
+        let counts = shadowed.iter().map(|&e| routing.counts[slot(e)]).collect();
+        let rows = Tensor::f_from_slice(&kept_rows)
+            .and_then(|t| t.f_to_device(tokens.device()))
+            .map_err(&terr)?;
+        let kept = tokens
+            .f_detach()
+            .and_then(|t| t.f_index_select(0, &rows))
             .and_then(|t| t.f_set_requires_grad(true))
             .map_err(&terr)?;
-        let expert_out = experts.forward(&received, &local_counts).map_err(&terr)?;
-        let expected: i64 = local_counts.iter().sum();
-        let out_rows = expert_out.size().first().copied().unwrap_or(-1);
-        if out_rows != expected {
-            return Err(invalid(format!(
-                "the experts returned {out_rows} rows for {expected} received"
-            )));
-        }
-        for (total, c) in local_total.iter_mut().zip(&local_counts) {
-            *total += c;
-        }
-        let back =
-            permute(&expert_out.f_detach().map_err(&terr)?, &to_source_major).map_err(&terr)?;
-        let label = if n == 1 {
-            format!("{at}, combine")
+        Ok(PendingShadows {
+            owners: all_owners,
+            params,
+            rows,
+            kept,
+            counts,
+            stacked,
+        })
+    }
+
+    /// The replicas run this rank's rows of the shadowed experts.
+    fn run(
+        self,
+        experts: Vec<usize>,
+        local: &dyn LocalExperts,
+    ) -> std::result::Result<Shadows, TchError> {
+        let views = parameter_views(&self.params, &self.stacked)?;
+        let out = local.forward_with(&views, &self.kept, &self.counts)?;
+        Ok(Shadows {
+            experts,
+            owners: self.owners,
+            rows: self.rows,
+            kept: self.kept,
+            params: self.params,
+            out,
+            stacked: self.stacked,
+        })
+    }
+}
+
+/// The combined output rows: each chunk's returned rows (and the replicas' outputs) at the
+/// rows of the tokens they came from.
+fn combine(
+    tokens: &Tensor,
+    rows: i64,
+    chunks: &[Chunk],
+    mut returned: Vec<Tensor>,
+    shadows: Option<&Shadows>,
+) -> std::result::Result<Tensor, TchError> {
+    if chunks.len() == 1 && shadows.is_none() && chunks[0].rows.is_none() {
+        return Ok(returned.pop().unwrap_or_default());
+    }
+    let mut combined = zero_rows(tokens, rows)?;
+    for (chunk, back) in chunks.iter().zip(&returned) {
+        if let Some(index) = &chunk.rows {
+            combined = combined.f_index_copy(0, index, back)?;
         } else {
-            format!("{at}, combine chunk {c}")
-        };
-        returning.push(group.start_all_to_all_v(&back, &recv_counts, &send_counts, &label)?);
-        chunks.push(Chunk {
-            rows: rows_index,
-            send_counts,
-            recv_counts,
-            to_expert_major,
-            to_source_major,
-            received,
-            expert_out,
-        });
+            combined = back.shallow_clone();
+        }
     }
-
-    // The replicas run this rank's own tokens of the shadowed experts meanwhile.
-    let shadows = match shadows {
-        None => None,
-        Some((owners, params, rows_index, kept, shadow_counts, stacked)) => {
-            let views = parameter_views(&params, &stacked).map_err(&terr)?;
-            let out = experts
-                .forward_with(&views, &kept, &shadow_counts)
-                .map_err(&terr)?;
-            Some(Box::new(Shadows {
-                experts: shadowed,
-                owners,
-                rows: rows_index,
-                kept,
-                params,
-                out,
-                stacked,
-            }))
-        }
-    };
-
-    let mut returned = Vec::with_capacity(n);
-    for r in returning {
-        returned.push(r.wait()?);
+    if let Some(s) = shadows {
+        let out = s.out.f_detach()?;
+        combined = combined.f_index_copy(0, &s.rows, &out)?;
     }
-    let combined = if n == 1 && shadows.is_none() && chunks[0].rows.is_none() {
-        returned.pop().unwrap_or_default()
-    } else {
-        let mut combined = zero_rows(tokens, rows).map_err(&terr)?;
-        for (chunk, back) in chunks.iter().zip(&returned) {
-            if let Some(index) = &chunk.rows {
-                combined = combined.f_index_copy(0, index, back).map_err(&terr)?;
-            } else {
-                combined = back.shallow_clone();
-            }
-        }
-        if let Some(s) = &shadows {
-            let out = s.out.f_detach().map_err(&terr)?;
-            combined = combined.f_index_copy(0, &s.rows, &out).map_err(&terr)?;
-        }
-        combined
-    };
-    let combined = combined
-        .f_detach()
-        .and_then(|t| t.f_set_requires_grad(true))
-        .map_err(&terr)?;
-    let send_counts = (0..size).map(|q| rows_to[q].len() as i64).collect();
-    let tape = ExchangeTape {
-        at: at.to_string(),
-        source: tokens.shallow_clone(),
-        combined: combined.shallow_clone(),
-        chunks,
-        shadows,
-        send_counts,
-        recv_counts: recv_from,
-        local_counts: local_total,
-    };
-    Ok((combined, tape))
+    Ok(combined)
 }
 
 /// The parameters of the experts `owners` (position, local index) names, flattened into
