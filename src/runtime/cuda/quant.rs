@@ -161,8 +161,8 @@ pub enum MaximaReduction {
     /// the buffer: the default.
     TwoStep,
     /// Each block raises the maxima by atomicMax when its rows leave a group and at the end
-    /// (`FMOEC_FP8_MAXIMA_REDUCE=atomic`): part 3's way, which cost S1's passes 0.64 ms on an
-    /// H100 against the passes without maxima (BENCHMARKS.md 2026-12-06 part 3, call C).
+    /// (`FMOEC_FP8_MAXIMA_REDUCE=atomic`): the earlier way, whose S1 passes took about 0.11 ms
+    /// more on an H100 (BENCHMARKS.md 2026-12-06, part 4).
     Atomic,
 }
 

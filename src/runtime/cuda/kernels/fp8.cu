@@ -140,9 +140,10 @@ __device__ __forceinline__ void raise_slots(unsigned char* slots, int c, const f
 // slot saw something. With `partial` (the two-step reduction): a group whose rows lie in
 // this block's chunk alone (chunk_owns) is this block's to store, plainly, into colmax; a
 // group shared with other blocks gets this block's slots copied, as they are, into its
-// partial row (slot 0: the block's first group, 1: its last), for colmax_reduce. Atomics
-// at the end of every persistent block, all on the same few addresses, cost S1's passes
-// 0.64 ms (BENCHMARKS.md 2026-12-06 part 3, call C).
+// partial row (slot 0: the block's first group, 1: its last), for colmax_reduce. On an H100
+// this took back about 0.11 ms of S1's four passes with maxima from the atomics at the end of
+// every persistent block (all on the same few addresses); they remain about 0.5 ms slower
+// than the passes without maxima (BENCHMARKS.md 2026-12-06, part 4).
 template <typename T>
 __device__ __forceinline__ void flush_slots(unsigned char* slots, int* colmax, int g, int d,
                                             unsigned char* partial, bool owned, int slot) {
