@@ -27,6 +27,14 @@
 //! bytes (reset before the row); elsewhere they are host clocks around synchronised work,
 //! and the report says so.
 //!
+//! Those times are op by op: the host issues every kernel of the forward and backward as it
+//! goes, and the gaps between kernels count. A training step on one GPU replays each
+//! micro-batch as a captured CUDA graph (see [`crate::runtime::replay`]), which has no such
+//! gaps; with `--cuda-graph` every row is timed that way too (the forward and backward
+//! captured once with the same capture as the trainer's, then replayed), beside its op-by-op
+//! times, in the same process. A row whose work waits for the host (data-dependent shapes
+//! read back, as `ops`' `bincount` does) cannot be captured, and the table says so.
+//!
 //! This module knows the MoE layer's stages, not the transformer or the trainer.
 
 use std::time::Instant;
@@ -395,6 +403,19 @@ pub struct Row {
     /// (not in the row's times, as a step's micro-batches share them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fp8_weight_copies_ms: Option<f64>,
+    /// With `--cuda-graph`: forward + backward replayed as one captured CUDA graph.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph: Option<GraphTiming>,
+}
+
+/// A row's forward + backward as a CUDA graph, as a training step replays it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GraphTiming {
+    /// Captured once, then replayed: the time of each replay.
+    Replayed(Timing),
+    /// The capture failed, and why (libtorch's first line).
+    NotCaptured(String),
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -421,6 +442,9 @@ pub struct Options {
     pub implementations: Vec<Implementation>,
     /// Also time the stages of the `fmoec` forward one by one (see [`StageRow`]).
     pub stages: bool,
+    /// Also time every row's forward + backward replayed as a CUDA graph (CUDA, feature
+    /// `cuda`): the whole run then issues its work on a side stream, as the trainer does.
+    pub cuda_graph: bool,
 }
 
 /// The `fmoec` forward split into its stages, each timed alone (median ms over the timed
@@ -565,10 +589,66 @@ fn fp8_step_end(_device: Device) -> Result<Option<f64>> {
     bail!("fmoec-fp8 needs a build with `--features cuda`")
 }
 
+/// Moves this thread's work on `device` to a side stream, where CUDA graphs are captured
+/// (CUDA with feature `cuda`; elsewhere the error says what `--cuda-graph` needs).
+fn use_side_stream(device: Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(n) = device {
+        return crate::runtime::graph::use_side_stream(n);
+    }
+    bail!(
+        "--cuda-graph times CUDA graphs: it needs a CUDA device (not {device:?}) and a build \
+         with `--features cuda`"
+    )
+}
+
+/// Captures what `body` issues (one forward + backward, already run op by op on this stream
+/// as the warm-up) with the trainer's capture, then replays it `warmup` times and times
+/// `iterations` replays issued back to back (CUDA events around each). The outputs live in
+/// the graph's memory until both go.
+#[cfg(feature = "cuda")]
+fn graph_timing(
+    opts: &Options,
+    body: impl FnOnce() -> Result<(Tensor, Vec<Tensor>)>,
+) -> Result<GraphTiming> {
+    let (graph, outputs) = match crate::runtime::replay::capture_warmed(body)? {
+        Ok(captured) => captured,
+        Err(why) => return Ok(GraphTiming::NotCaptured(why)),
+    };
+    for _ in 0..opts.warmup {
+        graph.replay()?;
+    }
+    // back to back, as a step's micro-batches replay (events read after the last)
+    let mut marks = Vec::with_capacity(opts.iterations);
+    for _ in 0..opts.iterations {
+        let t0 = mark(opts.device)?;
+        graph.replay()?;
+        marks.push((t0, mark(opts.device)?));
+    }
+    let samples = marks
+        .iter()
+        .map(|(t0, t1)| between(t0, t1))
+        .collect::<Result<Vec<f64>>>()?;
+    drop(outputs);
+    drop(graph);
+    Ok(GraphTiming::Replayed(timing(samples)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn graph_timing(
+    _opts: &Options,
+    _body: impl FnOnce() -> Result<(Tensor, Vec<Tensor>)>,
+) -> Result<GraphTiming> {
+    bail!("--cuda-graph needs a build with `--features cuda`")
+}
+
 /// Runs every (shape, routing, implementation) and returns the table.
 pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
     if opts.iterations == 0 {
         bail!("--iters must be at least 1");
+    }
+    if opts.cuda_graph {
+        use_side_stream(opts.device)?;
     }
     let ceiling = dense_ceiling(
         opts.device,
@@ -653,6 +733,20 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                     }
                     drop(out);
                 }
+                // the op-by-op iterations' peak (the graph's memory comes on top)
+                let peak_memory_bytes = peak_bytes(opts.device)?;
+                // the graph reads this step's FP8 weight copies, as a training step's does
+                let graph = if opts.cuda_graph {
+                    Some(graph_timing(opts, || {
+                        let xg = x.f_detach()?.f_set_requires_grad(true)?;
+                        let out = forward(imp, &ex, &xg, &expert, &weight)?;
+                        let seed = out.f_mul(&grad)?.f_sum(opts.kind)?;
+                        let grads = Tensor::f_run_backward(&[&seed], &inputs(&xg), false, false)?;
+                        Ok((out, grads))
+                    })?)
+                } else {
+                    None
+                };
                 let fp8_weight_copies_ms = if fp8 {
                     fp8_step_end(opts.device)?
                 } else {
@@ -672,8 +766,9 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                     forward_backward: both,
                     rel_error: err,
                     max_over_mean_load: max_over_mean,
-                    peak_memory_bytes: peak_bytes(opts.device)?,
+                    peak_memory_bytes,
                     fp8_weight_copies_ms,
+                    graph,
                 };
                 progress(&row);
                 rows.push(row);
@@ -773,6 +868,7 @@ pub fn render(report: &Report) -> String {
             r.rel_error,
         );
     }
+    render_graph_rows(report, &mut s);
     let fp8_rows: Vec<&Row> = report
         .rows
         .iter()
@@ -865,6 +961,88 @@ pub fn render(report: &Report) -> String {
     s
 }
 
+/// With `--cuda-graph`: each row's forward + backward replayed as a CUDA graph, with the
+/// ratios to the `ops` and `fmoec` rows' graphs and what op by op cost on top.
+fn render_graph_rows(report: &Report, s: &mut String) {
+    use std::fmt::Write;
+    if report.rows.iter().all(|r| r.graph.is_none()) {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nforward + backward as a CUDA graph (captured once, replayed back to back, as `fmoec run` \
+         replays a micro-batch); \"op by op +\" is what the op-by-op f+b above takes on top"
+    );
+    let _ = writeln!(
+        s,
+        "{:<9} {:<7} {:<11} {:<12} {:>8} {:>17} {:>7} {:>7} {:>8} {:>8} {:>11}",
+        "shape",
+        "act",
+        "routing",
+        "impl",
+        "f+b ms",
+        "f+b p10-p90",
+        "f+b TF",
+        "%dense",
+        "x ops",
+        "x fmoec",
+        "op by op +"
+    );
+    let name = |v: serde_json::Result<serde_json::Value>| {
+        v.ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let replayed = |r: &Row| match &r.graph {
+        Some(GraphTiming::Replayed(t)) => Some(t.median_ms),
+        _ => None,
+    };
+    let same_case = |o: &Row, r: &Row, imp: Implementation| {
+        o.implementation == imp
+            && o.routing == r.routing
+            && o.shape.name == r.shape.name
+            && o.shape.act == r.shape.act
+    };
+    for r in &report.rows {
+        let head = format!(
+            "{:<9} {:<7} {:<11} {:<12}",
+            r.shape.name,
+            format!("{:?}", r.shape.act).to_lowercase(),
+            name(serde_json::to_value(r.routing)),
+            name(serde_json::to_value(r.implementation)),
+        );
+        match &r.graph {
+            None => {}
+            Some(GraphTiming::NotCaptured(why)) => {
+                let _ = writeln!(s, "{head} not captured: {why}");
+            }
+            Some(GraphTiming::Replayed(t)) => {
+                let ratio_to = |imp: Implementation| {
+                    report
+                        .rows
+                        .iter()
+                        .find(|o| same_case(o, r, imp))
+                        .and_then(replayed)
+                        .map(|o| format!("{:.2}x", o / t.median_ms))
+                        .unwrap_or_default()
+                };
+                let flops = 3.0 * r.shape.forward_flops() / (t.median_ms * 1e-3) / 1e12;
+                let _ = writeln!(
+                    s,
+                    "{head} {:>8.3} {:>17} {:>7.1} {:>6.1}% {:>8} {:>8} {:>11.3}",
+                    t.median_ms,
+                    format!("{:.3}-{:.3}", t.p10_ms, t.p90_ms),
+                    flops,
+                    100.0 * flops / report.dense_ceiling_tflops,
+                    ratio_to(Implementation::Ops),
+                    ratio_to(Implementation::Fmoec),
+                    r.forward_backward.median_ms - t.median_ms,
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -931,6 +1109,7 @@ mod tests {
             shapes: smoke_shapes(),
             routings: vec![RoutingKind::Skewed],
             stages: true,
+            cuda_graph: false,
             implementations: vec![
                 Implementation::Fmoec,
                 Implementation::Ops,
@@ -950,6 +1129,115 @@ mod tests {
         assert!(
             table.contains("sorted-loop") && table.contains("1.00x"),
             "{table}"
+        );
+        assert!(!table.contains("CUDA graph"), "{table}");
+    }
+
+    /// `--cuda-graph` where no graph can be captured is refused up front, saying what it needs.
+    #[test]
+    fn cuda_graphs_need_a_gpu() {
+        let opts = Options {
+            device: Device::Cpu,
+            kind: Kind::Float,
+            warmup: 1,
+            iterations: 1,
+            shapes: smoke_shapes(),
+            routings: vec![RoutingKind::Balanced],
+            stages: false,
+            cuda_graph: true,
+            implementations: vec![Implementation::Fmoec],
+        };
+        let err = run(&opts, |_| {}).unwrap_err();
+        assert!(
+            format!("{err}").contains("--cuda-graph times CUDA graphs: it needs a CUDA device"),
+            "{err}"
+        );
+    }
+
+    /// The graph table: each row's replayed time, its ratios to the `ops` and `fmoec` rows'
+    /// graphs where they were captured, what op by op adds, and a row that could not be
+    /// captured with libtorch's reason.
+    #[test]
+    fn graph_rows_render_beside_the_op_by_op_ones() {
+        let shape = smoke_shapes().remove(0);
+        let t = |ms: f64| Timing {
+            median_ms: ms,
+            p10_ms: ms * 0.9,
+            p90_ms: ms * 1.1,
+        };
+        let row = |implementation, both: f64, graph| Row {
+            shape: shape.clone(),
+            routing: RoutingKind::Balanced,
+            implementation,
+            forward: t(both / 3.0),
+            backward: t(both * 2.0 / 3.0),
+            forward_backward: t(both),
+            forward_tflops: 1.0,
+            forward_backward_tflops: 1.0,
+            tokens_per_s: 1.0,
+            rel_error: 0.0,
+            max_over_mean_load: 1.0,
+            peak_memory_bytes: None,
+            fp8_weight_copies_ms: None,
+            graph,
+        };
+        let report = Report {
+            device: "Cuda(0)".into(),
+            dtype: "BFloat16".into(),
+            iterations: 3,
+            timer: "cuda-events".into(),
+            stages: vec![],
+            dense_ceiling_tflops: 700.0,
+            rows: vec![
+                row(
+                    Implementation::Fmoec,
+                    35.0,
+                    Some(GraphTiming::Replayed(t(34.0))),
+                ),
+                row(
+                    Implementation::Ops,
+                    38.0,
+                    Some(GraphTiming::NotCaptured(
+                        "operation not permitted when stream is capturing".into(),
+                    )),
+                ),
+                row(
+                    Implementation::FmoecFp8,
+                    25.0,
+                    Some(GraphTiming::Replayed(t(22.5))),
+                ),
+            ],
+        };
+        let table = render(&report);
+        let graph_part = table
+            .split("as a CUDA graph")
+            .nth(1)
+            .expect("a graph table");
+        let line = |imp: &str| {
+            graph_part
+                .lines()
+                .find(|l| l.split_whitespace().nth(3) == Some(imp))
+                .unwrap_or_else(|| panic!("no {imp} line in {table}"))
+                .to_string()
+        };
+        let fp8 = line("fmoec-fp8");
+        // 34 / 22.5 = 1.51x fmoec's graph; op by op took 2.5 ms more; no ops graph to compare
+        assert!(fp8.contains("22.500") && fp8.contains("1.51x"), "{fp8}");
+        assert!(fp8.trim_end().ends_with("2.500"), "{fp8}");
+        assert!(!fp8.contains("x ops"), "{fp8}");
+        assert!(line("fmoec").contains("1.00x"), "{table}");
+        assert!(
+            line("ops").contains("not captured: operation not permitted when stream is capturing"),
+            "{table}"
+        );
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(
+            json.contains(r#""graph":{"replayed":{"median_ms":22.5"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""not-captured":"operation not permitted"#),
+            "{json}"
         );
     }
 }
@@ -987,6 +1275,12 @@ pub struct BenchArgs {
     /// combine) and print that table after the main one.
     #[arg(long)]
     pub stages: bool,
+    /// Also time each row's forward + backward captured once as a CUDA graph and replayed,
+    /// as `fmoec run` replays a micro-batch (no gaps between kernels for the host to fill),
+    /// and print that table after the op-by-op one, which stays. CUDA only; a row that
+    /// cannot be captured (its work waits for the host) says so there.
+    #[arg(long)]
+    pub cuda_graph: bool,
     /// Also write the full report as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<std::path::PathBuf>,
@@ -1058,6 +1352,12 @@ pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
         },
         _ => Kind::Float,
     };
+    if args.cuda_graph && !(cfg!(feature = "cuda") && device.is_cuda()) {
+        bail!(
+            "--cuda-graph times CUDA graphs: it needs a CUDA device (not {device:?}) and a \
+             build with `--features cuda`; without it the rows are timed op by op"
+        );
+    }
     if !fp8 && args.implementations.contains(&Implementation::FmoecFp8) {
         bail!("--impl fmoec-fp8 needs --dtype fp8");
     }
@@ -1090,6 +1390,7 @@ pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
             ],
         ),
         stages: args.stages,
+        cuda_graph: args.cuda_graph,
         implementations: or_all(&args.implementations, {
             if fp8 {
                 vec![

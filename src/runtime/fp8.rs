@@ -156,7 +156,8 @@ mod ops {
     use crate::runtime::cuda::quant::{
         act_grad_quant_rows, act_quant_rows, column_maxima_reference, gather_quant_rows,
         overflow_counter, quant_rows, quant_rows_into, quant_rows_with_maxima, quant_transposed,
-        quant_transposed_into, side_by_side_positions, ColumnMaxima, Fp8, Transposed,
+        quant_transposed_into, reduce_maxima_on_this_thread, side_by_side_positions, ColumnMaxima,
+        Fp8, MaximaReduction, Transposed,
     };
 
     /// How a master weight holds the matmul's `W` (`[K, N]`: `x · W`).
@@ -1448,6 +1449,42 @@ mod ops {
                 n_over == 0,
                 format!("{n_over} overflows"),
             );
+            // many groups of mixed sizes over more rows than a pass has blocks: blocks whose
+            // chunk holds whole groups, starts or ends inside one, or meets empty ones; the
+            // column maxima bit-equal both ways the blocks hand them on
+            let sizes = [1i64, 0, 2, 3, 7, 11, 29, 57, 300, 1500, 4, 0, 9, 130];
+            let many: Vec<i32> = sizes
+                .iter()
+                .cycle()
+                .take(sizes.len() * 20)
+                .scan(0i64, |acc, c| {
+                    *acc += c;
+                    Some(*acc as i32)
+                })
+                .collect();
+            let many_rows = *many.last().unwrap() as i64 + 5;
+            let wide = Tensor::f_randn([many_rows, d], (Kind::Float, cpu))?.f_to_kind(kind)?;
+            let many_ends = Tensor::f_from_slice(&many)?;
+            let want = column_maxima_reference(&wide, &many_ends)?;
+            for way in [MaximaReduction::TwoStep, MaximaReduction::Atomic] {
+                reduce_maxima_on_this_thread(Some(way));
+                let got = quant_rows_with_maxima(
+                    &wide.f_to_device(device)?,
+                    None,
+                    Some(&o),
+                    &many_ends.f_to_device(device)?,
+                );
+                reduce_maxima_on_this_thread(None);
+                same_maxima(
+                    &mut c,
+                    format!(
+                        "fp8 {:<30} {kind:?} rows={many_rows} d={d}",
+                        format!("{} groups' maxima, {way:?}", many.len())
+                    ),
+                    got?.1.as_ref(),
+                    &want,
+                );
+            }
             // an Inf inside a group is an overflow
             let bad = x.f_narrow(0, 0, kept)?.f_detach_copy()?;
             let _ = bad.f_get(3)?.f_get(7)?.f_fill_(f64::INFINITY)?;

@@ -96,7 +96,6 @@ impl Runner {
             }
             #[cfg(feature = "cuda")]
             Runner::Capture => {
-                use crate::runtime::{cuda::empty_cache, graph::Graph};
                 let batch = tokens.f_to_device(device)?;
                 // Every gradient must exist before the capture: the graph then adds into
                 // it, as every eager micro-batch after the first does.
@@ -106,19 +105,14 @@ impl Runner {
                     .iter()
                     .find(|p| p.tensor.requires_grad() && !p.tensor.grad().defined());
                 let captured = match missing {
-                    Some(p) => Err(anyhow::anyhow!(
+                    Some(p) => Err(format!(
                         "`{}` got no gradient in the warm-up micro-batch",
                         p.name
                     )),
-                    None => {
-                        // the warm-up's cached blocks would otherwise stay beside the graph's pool
-                        empty_cache()?;
-                        Graph::capture(|| train_micro_batch(model, &batch, n_micro))
-                    }
+                    None => capture_warmed(|| train_micro_batch(model, &batch, n_micro))?,
                 };
                 match captured {
                     Ok((graph, (lm, out))) => {
-                        graph.replay()?;
                         let result = (lm.shallow_clone(), shallow(&out));
                         *self = Runner::Replay(Box::new(Captured {
                             graph,
@@ -128,13 +122,10 @@ impl Runner {
                         }));
                         Ok(result)
                     }
-                    Err(e) => {
-                        // libtorch's messages go on with a C++ backtrace: the first line says it
-                        let why = format!("{e:#}");
+                    Err(why) => {
                         eprintln!(
                             "warning: the training micro-batch could not be captured as a CUDA \
-                             graph ({}); running it op by op (--no-cuda-graph says so up front)",
-                            why.lines().next().unwrap_or_default()
+                             graph ({why}); running it op by op (--no-cuda-graph says so up front)"
                         );
                         *self = Runner::Eager;
                         cast::disable();
@@ -174,6 +165,32 @@ impl Drop for Runner {
         cast::disable();
         #[cfg(feature = "cuda")]
         crate::runtime::fp8::clear();
+    }
+}
+
+/// Captures the work of `body` as a CUDA graph, on the current stream (a side stream: see
+/// [`crate::runtime::graph::use_side_stream`]), after the same work ran there op by op (the
+/// warm-up: libraries' workspaces and kernels exist before the capture), and replays it once,
+/// so its outputs hold their values. `Ok(Err(why))` where the work cannot be captured (some
+/// op waits for the host), in one line; `Err` where the replay failed. For the trainer's
+/// micro-batch and `fmoec bench moe --cuda-graph`, which times layers as training runs them.
+#[cfg(feature = "cuda")]
+pub(crate) fn capture_warmed<T>(
+    body: impl FnOnce() -> Result<T>,
+) -> Result<std::result::Result<(crate::runtime::graph::Graph, T), String>> {
+    // the warm-up's cached blocks would otherwise stay beside the graph's pool
+    crate::runtime::cuda::empty_cache()?;
+    match crate::runtime::graph::Graph::capture(body) {
+        Ok((graph, out)) => {
+            graph.replay()?;
+            Ok(Ok((graph, out)))
+        }
+        // libtorch's messages go on with a C++ backtrace: the first line says it
+        Err(e) => Ok(Err(format!("{e:#}")
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string())),
     }
 }
 

@@ -148,6 +148,9 @@ pub enum Kernel {
     Fp8ActGradQuantRows(Fp8ActGrad, Elem),
     /// Column maxima of each row group (for per-group column scales).
     Fp8ColAmax(Elem),
+    /// The second step of the column maxima a row-wise pass raises: its blocks' partial
+    /// maxima of the groups they share, reduced.
+    Fp8ColmaxReduce(Elem),
     /// FP8 scales from column maxima.
     Fp8ScalesFromAmax,
     /// The transposed FP8 copy with per-group column scales.
@@ -186,6 +189,7 @@ impl Kernel {
             all.extend([
                 Kernel::Fp8QuantRows(e),
                 Kernel::Fp8ColAmax(e),
+                Kernel::Fp8ColmaxReduce(e),
                 Kernel::Fp8QuantTranspose(e),
             ]);
         }
@@ -202,6 +206,7 @@ impl Kernel {
                 | Kernel::Fp8ActQuantRows(..)
                 | Kernel::Fp8ActGradQuantRows(..)
                 | Kernel::Fp8ColAmax(_)
+                | Kernel::Fp8ColmaxReduce(_)
                 | Kernel::Fp8ScalesFromAmax
                 | Kernel::Fp8QuantTranspose(_)
         )
@@ -247,6 +252,7 @@ impl Kernel {
                 e,
             ),
             Kernel::Fp8ColAmax(e) => typed("fp8_col_amax", e),
+            Kernel::Fp8ColmaxReduce(e) => typed("fp8_colmax_reduce", e),
             Kernel::Fp8ScalesFromAmax => "fp8_scales_from_amax".into(),
             Kernel::Fp8QuantTranspose(e) => typed("fp8_quant_transpose", e),
         }
@@ -271,15 +277,17 @@ impl Kernel {
             Kernel::XentFwd(_) => &[P, P, P, P, L, I],
             Kernel::XentBwd(_) => &[P, P, P, P, P, L, I],
             // (src, row_slot or null, k, weight or null, limit or null, copy or null, q, scale,
-            // overflow, rows, d, ends, groups, column maxima or null)
-            Kernel::Fp8QuantRows(_) => &[P, P, I, P, P, P, P, P, P, L, I, P, I, P],
+            // overflow, rows, d, ends, groups, column maxima or null, partial maxima or null)
+            Kernel::Fp8QuantRows(_) => &[P, P, I, P, P, P, P, P, P, L, I, P, I, P, P],
             // (a, b or null, limit or null, out, q, scale, overflow, rows, d, ends, groups,
-            // column maxima or null)
+            // column maxima or null, partial maxima or null)
             Kernel::Fp8ActQuantRows(..) | Kernel::Fp8ActGradQuantRows(..) => {
-                &[P, P, P, P, P, P, P, L, I, P, I, P]
+                &[P, P, P, P, P, P, P, L, I, P, I, P, P]
             }
             // (x, ends, groups, amax bits, d)
             Kernel::Fp8ColAmax(_) => &[P, P, I, P, I],
+            // (partial maxima, ends, groups, chunk, blocks, blocks a span, amax bits, d)
+            Kernel::Fp8ColmaxReduce(_) => &[P, P, I, L, L, I, P, I],
             // (amax bits, inv, scale, overflow, n)
             Kernel::Fp8ScalesFromAmax => &[P, P, P, P, L],
             // (x, ends, pad_ends, groups, inv, out, positions, d, group_stride, col_stride, base)

@@ -153,22 +153,74 @@ pub fn column_maxima_reference(x: &Tensor, ends: &Tensor) -> Result<ColumnMaxima
         .f_reshape([-1])?)
 }
 
+/// How a row-wise pass's blocks hand on the column maxima they raised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaximaReduction {
+    /// Each block copies its maxima of the groups it shares with other blocks into a small
+    /// buffer (and stores those of the groups it holds alone), and a second kernel reduces
+    /// the buffer: the default.
+    TwoStep,
+    /// Each block raises the maxima by atomicMax when its rows leave a group and at the end
+    /// (`FMOEC_FP8_MAXIMA_REDUCE=atomic`): the earlier way, whose S1 passes took about 0.11 ms
+    /// more on an H100 (BENCHMARKS.md 2026-12-06, part 4).
+    Atomic,
+}
+
+thread_local! {
+    static REDUCTION_ON_THIS_THREAD: std::cell::Cell<Option<MaximaReduction>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// On this thread, the row-wise passes reduce their column maxima this way (`None`: as
+/// `FMOEC_FP8_MAXIMA_REDUCE` says): for the kernel checks, which check both.
+pub fn reduce_maxima_on_this_thread(way: Option<MaximaReduction>) {
+    REDUCTION_ON_THIS_THREAD.with(|r| r.set(way));
+}
+
+fn maxima_reduction() -> MaximaReduction {
+    REDUCTION_ON_THIS_THREAD
+        .with(|r| r.get())
+        .unwrap_or_else(|| {
+            if std::env::var("FMOEC_FP8_MAXIMA_REDUCE").is_ok_and(|v| v == "atomic") {
+                MaximaReduction::Atomic
+            } else {
+                MaximaReduction::TwoStep
+            }
+        })
+}
+
 /// Where a row-wise kernel writes column maxima, when it can: the group ends (int32), their
-/// count and the zeroed maxima.
+/// count, the zeroed maxima, the pass's launch, and (two-step) its blocks' partial maxima.
 struct FusedMaxima {
     ends: Tensor,
     groups: i64,
     amax: Tensor,
+    elem: Elem,
+    d: i64,
+    grid: Grid,
+    /// Two rows of `d` maxima (as the input's type holds them) a block of `grid`; not
+    /// zeroed: the second kernel reads only the rows the blocks wrote.
+    partial: Option<Tensor>,
 }
 
 /// The largest dynamic shared memory a kernel gets without raising its limit.
 const SHARED_DEFAULT_LIMIT: i64 = 48 * 1024;
 
+/// Blocks of a row-wise pass whose partial maxima one block of the second kernel reduces:
+/// enough for few atomics, few enough for many threads (S1's hidden rows: 29 spans).
+const BLOCKS_A_SPAN: i64 = 32;
+
 impl FusedMaxima {
-    /// For a pass over rows of width `d` of `elem` on `x`'s device with groups ending at
-    /// `ends`; `None` where the block's d values would not fit its shared memory (the
+    /// For a pass over `rows` rows of width `d` of `elem` on `x`'s device with groups ending
+    /// at `ends`; `None` where the block's d values would not fit its shared memory (the
     /// transposed copy then computes the maxima itself).
-    fn new(x: &Tensor, elem: Elem, d: i64, ends: Option<&Tensor>) -> Result<Option<FusedMaxima>> {
+    fn new(
+        x: &Tensor,
+        elem: Elem,
+        rows: i64,
+        d: i64,
+        ends: Option<&Tensor>,
+    ) -> Result<Option<FusedMaxima>> {
         let Some(ends) = ends else {
             return Ok(None);
         };
@@ -179,35 +231,53 @@ impl FusedMaxima {
         {
             return Ok(None);
         }
+        let grid = Self::resident_grid(x, elem, rows, d)?;
+        let partial = match maxima_reduction() {
+            MaximaReduction::TwoStep => Some(Tensor::f_empty(
+                [grid.blocks * 2 * d * (16 / elem.per_vector())],
+                (Kind::Uint8, x.device()),
+            )?),
+            MaximaReduction::Atomic => None,
+        };
         Ok(Some(FusedMaxima {
             ends: ends.f_to_kind(Kind::Int)?.f_contiguous()?,
             groups,
             amax: Tensor::f_zeros([groups * d], (Kind::Int, x.device()))?,
+            elem,
+            d,
+            grid,
+            partial,
         }))
     }
 
-    /// The kernel's last three arguments (nulls without maxima).
-    fn args(this: Option<&FusedMaxima>) -> [Arg; 3] {
+    /// The kernel's last four arguments (nulls without maxima).
+    fn args(this: Option<&FusedMaxima>) -> [Arg; 4] {
         match this {
             Some(m) => [
                 ptr(Some(&m.ends)),
                 Arg::I32(m.groups as c_int),
                 ptr(Some(&m.amax)),
+                ptr(m.partial.as_ref()),
             ],
-            None => [ptr(None), Arg::I32(0), ptr(None)],
+            None => [ptr(None), Arg::I32(0), ptr(None), ptr(None)],
         }
     }
 
-    /// The launch of a row-wise pass over `rows` rows of width `d`: one block of 128 threads
-    /// per row (grid-stride), or with maxima one wave of resident blocks, each over a
-    /// contiguous chunk of rows with its d values of shared memory, of up to 256 threads
-    /// (`FMOEC_FP8_MAXIMA_THREADS`; no more than a row has 16-byte vectors: S3's hidden rows
-    /// of 768 have 96). On an H100 128 and 512 threads measured within the run-to-run spread
-    /// of 256 at S1 (BENCHMARKS.md 2026-12-06 part 3, call C).
-    fn grid(this: Option<&FusedMaxima>, x: &Tensor, elem: Elem, rows: i64, d: i64) -> Result<Grid> {
-        if this.is_none() {
-            return Ok(Grid::linear(rows, 128));
+    /// The launch of a row-wise pass over `rows` rows: one block of 128 threads per row
+    /// (grid-stride), or with maxima [`FusedMaxima::resident_grid`].
+    fn grid(this: Option<&FusedMaxima>, rows: i64) -> Grid {
+        match this {
+            Some(m) => m.grid,
+            None => Grid::linear(rows, 128),
         }
+    }
+
+    /// With maxima: one wave of resident blocks, each over a contiguous chunk of rows with
+    /// its d values of shared memory, of up to 256 threads (`FMOEC_FP8_MAXIMA_THREADS`; no
+    /// more than a row has 16-byte vectors: S3's hidden rows of 768 have 96). On an H100 128
+    /// and 512 threads measured within the run-to-run spread of 256 at S1 (BENCHMARKS.md
+    /// 2026-12-06 part 3, call C).
+    fn resident_grid(x: &Tensor, elem: Elem, rows: i64, d: i64) -> Result<Grid> {
         let shared = d * (16 / elem.per_vector());
         let threads = std::env::var("FMOEC_FP8_MAXIMA_THREADS")
             .ok()
@@ -227,6 +297,42 @@ impl FusedMaxima {
             threads: threads as u32,
             shared_bytes: shared as u32,
         })
+    }
+
+    /// After the pass (on the same stream): the two-step reduction's second kernel, which
+    /// raises the maxima of the groups its blocks shared from their partial rows.
+    fn finish(this: Option<&FusedMaxima>, rows: i64, device: usize) -> Result<()> {
+        let Some(m) = this else {
+            return Ok(());
+        };
+        let Some(partial) = &m.partial else {
+            return Ok(());
+        };
+        let blocks = m.grid.blocks;
+        // the pass's chunks: ceil(rows / blocks) rows a block, as the kernel computes them
+        let chunk = (rows + blocks - 1) / blocks;
+        let vectors = m.d / m.elem.per_vector();
+        let threads = vectors.clamp(32, 256);
+        launch(
+            device,
+            Kernel::Fp8ColmaxReduce(m.elem),
+            Grid {
+                blocks: (blocks + BLOCKS_A_SPAN - 1) / BLOCKS_A_SPAN,
+                blocks_y: ((vectors + threads - 1) / threads) as u32,
+                threads: ((threads + 31) / 32 * 32) as u32,
+                shared_bytes: 0,
+            },
+            &[
+                ptr(Some(partial)),
+                ptr(Some(&m.ends)),
+                Arg::I32(m.groups as c_int),
+                Arg::I64(chunk.max(1)),
+                Arg::I64(blocks),
+                Arg::I32(BLOCKS_A_SPAN as c_int),
+                ptr(Some(&m.amax)),
+                Arg::I32(m.d as c_int),
+            ],
+        )
     }
 }
 
@@ -259,18 +365,18 @@ pub fn quant_rows_with_maxima(
     let (rows, cols) = x.size2()?;
     if kernels_apply(x) && cols < i32::MAX as i64 {
         let elem = Elem::of(x).expect("checked by kernels_apply");
-        if let Some(maxima) = FusedMaxima::new(x, elem, cols, Some(ends))? {
+        if let Some(maxima) = FusedMaxima::new(x, elem, rows, cols, Some(ends))? {
             let x = x.f_contiguous()?;
             let limit = limit.map(|l| l.f_to_kind(Kind::Int)).transpose()?;
             let out = Fp8 {
                 q: Tensor::f_empty([rows, cols], (e4m3(), x.device()))?,
                 scale: Tensor::f_empty([rows], (Kind::Float, x.device()))?,
             };
-            let [e, g, m] = FusedMaxima::args(Some(&maxima));
+            let [e, g, m, p] = FusedMaxima::args(Some(&maxima));
             launch(
                 device_index(&x),
                 Kernel::Fp8QuantRows(elem),
-                FusedMaxima::grid(Some(&maxima), &x, elem, rows, cols)?,
+                FusedMaxima::grid(Some(&maxima), rows),
                 &[
                     ptr(Some(&x)),
                     ptr(None),
@@ -286,8 +392,10 @@ pub fn quant_rows_with_maxima(
                     e,
                     g,
                     m,
+                    p,
                 ],
             )?;
+            FusedMaxima::finish(Some(&maxima), rows, device_index(&x))?;
             return Ok((out, Some(maxima.amax)));
         }
     }
@@ -347,6 +455,7 @@ pub fn quant_rows_into(
                 ptr(None),
                 Arg::I32(0),
                 ptr(None),
+                ptr(None),
             ],
         )?;
         return Ok(());
@@ -400,12 +509,12 @@ pub fn gather_quant_rows(
             q: Tensor::f_empty([rows, d], (e4m3(), x.device()))?,
             scale: Tensor::f_empty([rows], (Kind::Float, x.device()))?,
         };
-        let maxima = FusedMaxima::new(&x, elem, d, col_ends)?;
-        let [e, g, m] = FusedMaxima::args(maxima.as_ref());
+        let maxima = FusedMaxima::new(&x, elem, rows, d, col_ends)?;
+        let [e, g, m, p] = FusedMaxima::args(maxima.as_ref());
         launch(
             device_index(&x),
             Kernel::Fp8QuantRows(elem),
-            FusedMaxima::grid(maxima.as_ref(), &x, elem, rows, d)?,
+            FusedMaxima::grid(maxima.as_ref(), rows),
             &[
                 ptr(Some(&x)),
                 ptr(Some(&row_slot)),
@@ -421,8 +530,10 @@ pub fn gather_quant_rows(
                 e,
                 g,
                 m,
+                p,
             ],
         )?;
+        FusedMaxima::finish(maxima.as_ref(), rows, device_index(&x))?;
         return Ok((xs, out, maxima.map(|m| m.amax)));
     }
     let xs = super::ops::gather_rows(x, row_slot, k, weight.as_ref())?;
@@ -472,12 +583,12 @@ pub fn act_quant_rows(
             q: Tensor::f_empty([rows, cols], (e4m3(), a.device()))?,
             scale: Tensor::f_empty([rows], (Kind::Float, a.device()))?,
         };
-        let maxima = FusedMaxima::new(&a, elem, cols, col_ends)?;
-        let [e, g, m] = FusedMaxima::args(maxima.as_ref());
+        let maxima = FusedMaxima::new(&a, elem, rows, cols, col_ends)?;
+        let [e, g, m, p] = FusedMaxima::args(maxima.as_ref());
         launch(
             device_index(&a),
             Kernel::Fp8ActQuantRows(act, elem),
-            FusedMaxima::grid(maxima.as_ref(), &a, elem, rows, cols)?,
+            FusedMaxima::grid(maxima.as_ref(), rows),
             &[
                 ptr(Some(&a)),
                 ptr(b.as_ref()),
@@ -491,8 +602,10 @@ pub fn act_quant_rows(
                 e,
                 g,
                 m,
+                p,
             ],
         )?;
+        FusedMaxima::finish(maxima.as_ref(), rows, device_index(&a))?;
         return Ok((out, q, maxima.map(|m| m.amax)));
     }
     let mut out = match (act, b) {
@@ -545,12 +658,12 @@ pub fn act_grad_quant_rows(
             q: Tensor::f_empty([rows, cols], (e4m3(), a.device()))?,
             scale: Tensor::f_empty([rows], (Kind::Float, a.device()))?,
         };
-        let maxima = FusedMaxima::new(&a, elem, cols, col_ends)?;
-        let [e, gr, m] = FusedMaxima::args(maxima.as_ref());
+        let maxima = FusedMaxima::new(&a, elem, rows, cols, col_ends)?;
+        let [e, gr, m, p] = FusedMaxima::args(maxima.as_ref());
         launch(
             device_index(&a),
             Kernel::Fp8ActGradQuantRows(act, elem),
-            FusedMaxima::grid(maxima.as_ref(), &a, elem, rows, cols)?,
+            FusedMaxima::grid(maxima.as_ref(), rows),
             &[
                 ptr(Some(&a)),
                 ptr(Some(&g)),
@@ -564,8 +677,10 @@ pub fn act_grad_quant_rows(
                 e,
                 gr,
                 m,
+                p,
             ],
         )?;
+        FusedMaxima::finish(maxima.as_ref(), rows, device_index(&a))?;
         return Ok((ga, q, maxima.map(|m| m.amax)));
     }
     let ga = match act {

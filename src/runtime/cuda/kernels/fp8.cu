@@ -135,21 +135,49 @@ __device__ __forceinline__ void raise_slots(unsigned char* slots, int c, const f
   *at = w;
 }
 
-// Raises group g's column maxima (colmax[g * d + c], col_amax's int bits) by this thread's
-// slots and zeroes them; zero slots (nothing seen) raise nothing.
+// Hands on group g's column maxima as this thread's slots hold them, and zeroes the slots.
+// Without `partial`: raises colmax[g * d + c] (col_amax's int bits) by atomicMax, where a
+// slot saw something. With `partial` (the two-step reduction): a group whose rows lie in
+// this block's chunk alone (chunk_owns) is this block's to store, plainly, into colmax; a
+// group shared with other blocks gets this block's slots copied, as they are, into its
+// partial row (slot 0: the block's first group, 1: its last), for colmax_reduce. On an H100
+// this took back about 0.11 ms of S1's four passes with maxima from the atomics at the end of
+// every persistent block (all on the same few addresses); they remain about 0.5 ms slower
+// than the passes without maxima (BENCHMARKS.md 2026-12-06, part 4).
 template <typename T>
-__device__ __forceinline__ void flush_slots(unsigned char* slots, int* colmax, int g, int d) {
+__device__ __forceinline__ void flush_slots(unsigned char* slots, int* colmax, int g, int d,
+                                            unsigned char* partial, bool owned, int slot) {
   typedef typename AbsBits<T>::type B;
   const int N = Vec<T>::N;
   B* s = reinterpret_cast<B*>(slots);
+  B* part = partial ? reinterpret_cast<B*>(partial) + ((long long)blockIdx.x * 2 + slot) * d
+                    : nullptr;
   for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+    if (part && !owned) {
+      *reinterpret_cast<uint4*>(part + c) = *reinterpret_cast<const uint4*>(s + c);
+    } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const B b = s[c + i];
-      if (b) atomicMax(colmax + (long long)g * d + c + i, AbsBits<T>::f32_bits(b));
+      for (int i = 0; i < N; ++i) {
+        const B b = s[c + i];
+        int* at = colmax + (long long)g * d + c + i;
+        if (part) *at = AbsBits<T>::f32_bits(b);
+        else if (b) atomicMax(at, AbsBits<T>::f32_bits(b));
+      }
     }
     *reinterpret_cast<uint4*>(s + c) = make_uint4(0u, 0u, 0u, 0u);
   }
+}
+
+// First row of group g (groups are consecutive row ranges ending at ends[g], int32).
+__device__ __forceinline__ long long group_start(const int* ends, int g) {
+  return g == 0 ? 0 : (long long)ends[g - 1];
+}
+
+// Whether group g (rows group_start(g) to ends[g]) lies within one chunk of `chunk` rows (the
+// row-wise pass's blocks take consecutive chunks): the same test in the pass and in
+// colmax_reduce, so each shared group's partial rows are the ones the reduction reads.
+__device__ __forceinline__ bool chunk_owns(long long start, long long end, long long chunk) {
+  return start / chunk == (end - 1) / chunk;
 }
 
 // Row-wise quantisation of `rows` rows of width d (d % VEC == 0), one block per row:
@@ -170,8 +198,9 @@ __device__ __forceinline__ void flush_slots(unsigned char* slots, int* colmax, i
 // maxima of each row group (rows in groups ending at `ends`, as fp8_col_amax computes them,
 // so the transposed copy needs no pass of its own for them): then each block takes a
 // contiguous chunk of rows, keeps its maxima in d * sizeof(T) bytes of dynamic shared memory
-// and raises the group's maxima (atomicMax on the bits: order-free) when its rows leave the
-// group and at the end.
+// and hands them on when its rows leave the group and at the end (flush_slots): with
+// `partial` (2 * gridDim.x * d values of AbsBits<T>) into its partial rows for colmax_reduce,
+// or stored where the group is its own; without, by atomicMax on the bits (order-free).
 template <typename T, int SRC>
 __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2,
                            const long long* __restrict__ row_slot, int k,
@@ -179,7 +208,7 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
                            T* __restrict__ copy, unsigned char* __restrict__ q,
                            float* __restrict__ scale, int* __restrict__ overflow, long long rows,
                            int d, const int* __restrict__ ends, int groups,
-                           int* __restrict__ colmax) {
+                           int* __restrict__ colmax, unsigned char* __restrict__ partial) {
   const int N = Vec<T>::N;
   typedef typename Packed<T>::type P;
   typedef typename AbsBits<T>::type B;
@@ -188,9 +217,10 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
   const long long valid_rows = limit ? (long long)*limit : rows;
   const bool cols = colmax != nullptr && groups > 0;
   long long r_begin = blockIdx.x, r_end = rows, r_step = gridDim.x;
+  long long chunk = 1;
   int g = 0;
   if (cols) {
-    const long long chunk = (rows + gridDim.x - 1) / gridDim.x;
+    chunk = (rows + gridDim.x - 1) / gridDim.x;
     r_begin = (long long)blockIdx.x * chunk;
     r_end = min(rows, r_begin + chunk);
     r_step = 1;
@@ -202,10 +232,18 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
       if ((long long)ends[mid] <= r_begin) g = mid + 1; else hi_g = mid;
     }
   }
+  const int g_first = g;
+  // hands on group g's maxima (an empty group has none; a block past the rows saw none)
+  auto flush = [&](int group) {
+    const long long start = group_start(ends, group), end = ends[group];
+    if (end > start && r_begin < r_end)
+      flush_slots<T>(col_slots, colmax, group, d, partial, chunk_owns(start, end, chunk),
+                     group == g_first ? 0 : 1);
+  };
   for (long long r = r_begin; r < r_end; r += r_step) {
     if (cols) {
       while (g < groups && r >= (long long)ends[g]) {
-        flush_slots<T>(col_slots, colmax, g, d);
+        flush(g);
         ++g;
       }
     }
@@ -265,12 +303,53 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
       *reinterpret_cast<P*>(q + r * (long long)d + c) = Packed<T>::pack(v, inv);
     }
   }
-  if (cols && g < groups) flush_slots<T>(col_slots, colmax, g, d);
+  if (cols && g < groups) flush(g);
 }
 
-// First row of group g (groups are consecutive row ranges ending at ends[g], int32).
-__device__ __forceinline__ long long group_start(const int* ends, int g) {
-  return g == 0 ? 0 : (long long)ends[g - 1];
+// The second step of the two-step column maxima, after a row-wise pass over `nblocks`
+// chunks of `chunk` rows: each group shared by several of its blocks (chunk_owns false) gets
+// the maximum of their partial rows, raised into colmax by atomicMax on the bits (order-free)
+// once per column for each span of `per_span` consecutive blocks: a few atomics, not one per
+// block. Grid: x = spans, y = column vectors by blockDim.x. Block b's row for group g: slot 0
+// where g is b's first group (b starts inside g, or where g starts), else slot 1 (g starts
+// inside b's chunk: its last group).
+template <typename T>
+__device__ void colmax_reduce(const unsigned char* __restrict__ partial,
+                              const int* __restrict__ ends, int groups, long long chunk,
+                              long long nblocks, int per_span, int* __restrict__ colmax, int d) {
+  typedef typename AbsBits<T>::type B;
+  const int N = Vec<T>::N;
+  const long long s0 = (long long)blockIdx.x * per_span;
+  const long long s1 = min(nblocks, s0 + per_span) - 1;
+  const int c = (blockIdx.y * blockDim.x + threadIdx.x) * N;
+  if (s0 > s1 || c >= d) return;
+  const long long r0 = s0 * chunk, r1 = (s1 + 1) * chunk;
+  int g = 0, hi_g = groups;  // the group of row r0: the first whose end is past it
+  while (g < hi_g) {
+    int mid = (g + hi_g) >> 1;
+    if ((long long)ends[mid] <= r0) g = mid + 1; else hi_g = mid;
+  }
+  const B* rows = reinterpret_cast<const B*>(partial);
+  for (; g < groups && group_start(ends, g) < r1; ++g) {
+    const long long start = group_start(ends, g), end = ends[g];
+    if (end <= start || chunk_owns(start, end, chunk)) continue;
+    const long long b_lo = start / chunk;
+    const long long lo = max(b_lo, s0), hi = min(min((end - 1) / chunk, nblocks - 1), s1);
+    B m[16 / sizeof(T)];
+#pragma unroll
+    for (int i = 0; i < N; ++i) m[i] = 0;
+#pragma unroll 4
+    for (long long b = lo; b <= hi; ++b) {
+      const int slot = (b == b_lo && start != b * chunk) ? 1 : 0;
+      const uint4 w = *reinterpret_cast<const uint4*>(rows + (b * 2 + slot) * d + c);
+      const B* v = reinterpret_cast<const B*>(&w);
+#pragma unroll
+      for (int i = 0; i < N; ++i) m[i] = v[i] > m[i] ? v[i] : m[i];
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (m[i]) atomicMax(colmax + (long long)g * d + c + i, AbsBits<T>::f32_bits(m[i]));
+  }
 }
 
 // Column amax of each group's rows, as the int bits of the (non-negative) float in
@@ -477,9 +556,9 @@ __device__ void quant_transpose(const T* __restrict__ x, const int* __restrict__
 #define FP8_INSTANCES(T, NAME) \
 extern "C" __global__ void fp8_quant_rows_##NAME(const T* src, const long long* row_slot, int k, \
     const float* weight, const int* limit, T* copy, unsigned char* q, float* scale, int* overflow, \
-    long long rows, int d, const int* ends, int groups, int* colmax) { \
+    long long rows, int d, const int* ends, int groups, int* colmax, unsigned char* partial) { \
     quant_rows<T, 0>(src, nullptr, row_slot, k, weight, limit, copy, q, scale, overflow, rows, d, \
-                     ends, groups, colmax); } \
+                     ends, groups, colmax, partial); } \
 FP8_ACT_INSTANCE(T, NAME, 1) \
 FP8_ACT_INSTANCE(T, NAME, 2) \
 FP8_ACT_INSTANCE(T, NAME, 3) \
@@ -487,6 +566,9 @@ FP8_ACT_INSTANCE(T, NAME, 4) \
 FP8_ACT_INSTANCE(T, NAME, 5) \
 extern "C" __global__ void fp8_col_amax_##NAME(const T* x, const int* ends, int groups, \
     int* amax, int d) { col_amax<T>(x, ends, groups, amax, d); } \
+extern "C" __global__ void fp8_colmax_reduce_##NAME(const unsigned char* partial, \
+    const int* ends, int groups, long long chunk, long long nblocks, int per_span, int* colmax, \
+    int d) { colmax_reduce<T>(partial, ends, groups, chunk, nblocks, per_span, colmax, d); } \
 extern "C" __global__ void fp8_quant_transpose_##NAME(const T* x, const int* ends, \
     const int* pad_ends, int groups, const float* inv, unsigned char* out, long long positions, \
     int d, long long group_stride, long long col_stride, int base) { \
@@ -497,9 +579,9 @@ extern "C" __global__ void fp8_quant_transpose_##NAME(const T* x, const int* end
 #define FP8_ACT_INSTANCE(T, NAME, SRC) \
 extern "C" __global__ void fp8_act##SRC##_quant_rows_##NAME(const T* a, const T* b, \
     const int* limit, T* out, unsigned char* q, float* scale, int* overflow, long long rows, \
-    int d, const int* ends, int groups, int* colmax) { \
+    int d, const int* ends, int groups, int* colmax, unsigned char* partial) { \
     quant_rows<T, SRC>(a, b, nullptr, 1, nullptr, limit, out, q, scale, overflow, rows, d, ends, \
-                       groups, colmax); }
+                       groups, colmax, partial); }
 FP8_INSTANCES(bf16_t, bf16)
 FP8_INSTANCES(float, f32)
 
