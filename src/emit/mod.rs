@@ -609,10 +609,50 @@ fn launch_args(
     layers: &[LayerView],
     moe_path: &support::MoePath,
 ) -> Vec<ArgLine> {
-    let m = &c.model;
     let native_moe = target.can("native_expert_parallel");
     let mut args: Vec<(String, Option<String>)> = Vec::new();
     let mut arg = |flag: &str, value: Option<String>| args.push((flag.to_string(), value));
+    parallel_args(plan, target, layers, &mut arg);
+    model_args(c, plan, target, &mut arg);
+    arg("--micro-batch-size", Some(plan.micro_batch.to_string()));
+    if !native_moe {
+        // the patch's expert-aware data parallelism replaces Megatron's local DDP
+        arg("--DDP-impl", Some("local".to_string()));
+    }
+    if c.train.is_none() && plan.megatron_core.is_some() {
+        // no train block: the global batch the plan was costed for (its micro-batches in
+        // flight), not Megatron's default of one micro-batch per data rank
+        arg("--global-batch-size", Some(plan.global_batch.to_string()));
+    }
+    if let Some(t) = &c.train {
+        train_args(c, t, target, &mut arg);
+    }
+    arg("--log-interval", Some("10".to_string()));
+    if layers.is_empty() {
+        // a dense model: no MoE arguments
+    } else if native_moe {
+        megatron_moe_args(c, &mut arg, moe_path);
+    } else {
+        fmoe_args(layers, &mut arg);
+    }
+    args.into_iter()
+        .map(|(f, v)| ArgLine {
+            text: match v {
+                Some(v) => format!("{f} {v}"),
+                None => f,
+            },
+        })
+        .collect()
+}
+
+/// The rank layout: tensor, pipeline and (Megatron-Core) expert sizes, the optimizer's sharding.
+fn parallel_args(
+    plan: &ParallelPlan,
+    target: &crate::check::MegatronTarget,
+    layers: &[LayerView],
+    arg: &mut dyn FnMut(&str, Option<String>),
+) {
+    let native_moe = target.can("native_expert_parallel");
     arg(
         "--tensor-model-parallel-size",
         Some(plan.tensor.to_string()),
@@ -642,6 +682,16 @@ fn launch_args(
     if target.can("distributed_optimizer") {
         arg("--use-distributed-optimizer", None);
     }
+}
+
+/// The model's shape and the properties the target can set.
+fn model_args(
+    c: &Checked,
+    plan: &ParallelPlan,
+    target: &crate::check::MegatronTarget,
+    arg: &mut dyn FnMut(&str, Option<String>),
+) {
+    let m = &c.model;
     arg("--num-layers", Some(m.depth().to_string()));
     arg("--hidden-size", Some(m.width.to_string()));
     if let Some(hidden) = support::dense_hidden(c, target) {
@@ -685,119 +735,106 @@ fn launch_args(
     if target.allows("tied_embeddings", "false") && !m.tied_embeddings {
         arg("--untie-embeddings-and-output-weights", None);
     }
-    arg("--micro-batch-size", Some(plan.micro_batch.to_string()));
-    if !native_moe {
-        // the patch's expert-aware data parallelism replaces Megatron's local DDP
-        arg("--DDP-impl", Some("local".to_string()));
+}
+
+/// The `train` block: batch, steps, optimizer and schedule, clipping, precision, checkpoints, evaluation, seed.
+fn train_args(
+    c: &Checked,
+    t: &crate::check::Train,
+    target: &crate::check::MegatronTarget,
+    arg: &mut dyn FnMut(&str, Option<String>),
+) {
+    let native_moe = target.can("native_expert_parallel");
+    arg("--global-batch-size", Some(t.batch_sequences.to_string()));
+    arg("--train-iters", Some(t.steps.to_string()));
+    let crate::check::Optimizer::Adamw {
+        lr,
+        betas,
+        eps,
+        weight_decay,
+    } = t.optimizer;
+    if native_moe {
+        arg("--optimizer", Some("adam".to_string()));
     }
-    if c.train.is_none() && plan.megatron_core.is_some() {
-        // no train block: the global batch the plan was costed for (its micro-batches in
-        // flight), not Megatron's default of one micro-batch per data rank
-        arg("--global-batch-size", Some(plan.global_batch.to_string()));
-    }
-    if let Some(t) = &c.train {
-        arg("--global-batch-size", Some(t.batch_sequences.to_string()));
-        arg("--train-iters", Some(t.steps.to_string()));
-        let crate::check::Optimizer::Adamw {
-            lr,
-            betas,
-            eps,
-            weight_decay,
-        } = t.optimizer;
-        if native_moe {
-            arg("--optimizer", Some("adam".to_string()));
+    arg("--lr", Some(view::py_float(lr)));
+    match t.schedule {
+        Schedule::Constant { warmup } => {
+            arg("--lr-decay-style", Some("constant".to_string()));
+            arg("--lr-warmup-iters", Some(warmup.to_string()));
         }
-        arg("--lr", Some(view::py_float(lr)));
-        match t.schedule {
-            Schedule::Constant { warmup } => {
-                arg("--lr-decay-style", Some("constant".to_string()));
-                arg("--lr-warmup-iters", Some(warmup.to_string()));
-            }
-            Schedule::Cosine {
-                warmup,
-                min_lr_ratio,
-            } => {
-                arg("--lr-decay-style", Some("cosine".to_string()));
-                arg("--lr-warmup-iters", Some(warmup.to_string()));
-                if native_moe {
-                    arg("--lr-decay-iters", Some(t.steps.to_string()));
-                }
-                arg("--min-lr", Some(view::py_float(lr * min_lr_ratio)));
-            }
-        }
-        arg("--weight-decay", Some(view::py_float(weight_decay)));
-        arg("--adam-beta1", Some(view::py_float(betas.0)));
-        arg("--adam-beta2", Some(view::py_float(betas.1)));
-        arg("--adam-eps", Some(view::py_float(eps)));
-        arg(
-            "--clip-grad",
-            Some(view::py_float(t.clip_grad.unwrap_or(0.0))),
-        );
-        if let Some(flag) = support::precision_flag(c, target) {
-            arg(flag, None);
-        }
-        if let Some(ck) = &t.checkpoint {
-            arg("--save", Some(view::sh_word(&ck.dir)));
-            arg("--load", Some(view::sh_word(&ck.dir)));
-            arg("--save-interval", Some(ck.every.to_string()));
+        Schedule::Cosine {
+            warmup,
+            min_lr_ratio,
+        } => {
+            arg("--lr-decay-style", Some("cosine".to_string()));
+            arg("--lr-warmup-iters", Some(warmup.to_string()));
             if native_moe {
-                // dist_checkpointing: one copy of each expert, resharded on load
-                arg("--ckpt-format", Some("torch_dist".to_string()));
+                arg("--lr-decay-iters", Some(t.steps.to_string()));
             }
-        }
-        match &t.eval {
-            Some(ev) => {
-                arg("--eval-interval", Some(ev.every.to_string()));
-                arg("--eval-iters", Some(ev.batches.to_string()));
-            }
-            // no evaluation; Megatron-Core still divides the run by an evaluation interval
-            None if native_moe => {
-                arg("--eval-interval", Some(t.steps.to_string()));
-                arg("--eval-iters", Some("0".to_string()));
-            }
-            None => {}
-        }
-        arg("--seed", Some(t.seed.to_string()));
-    }
-    arg("--log-interval", Some("10".to_string()));
-    if layers.is_empty() {
-        // a dense model: no MoE arguments
-    } else if native_moe {
-        megatron_moe_args(c, &mut arg, moe_path);
-    } else {
-        // The MoE arguments (the module's defaults, spelled out so the command says what it trains).
-        let indices: Vec<String> = layers.iter().map(|l| l.index.to_string()).collect();
-        arg("--fmoe-layers", Some(indices.join(" ")));
-        let uniform = |f: &dyn Fn(&LayerView) -> String| -> Option<String> {
-            let first = f(&layers[0]);
-            layers.iter().all(|l| f(l) == first).then_some(first)
-        };
-        let fields: [(&str, &LayerField); 6] = [
-            ("--fmoe-num-experts", &|l| l.experts_per_rank.to_string()),
-            ("--fmoe-top-k", &|l| l.top_k.to_string()),
-            ("--fmoe-balance-strategy", &|l| l.gate.to_string()),
-            ("--fmoe-balance-loss-weight", &|l| l.balance_loss.clone()),
-            ("--fmoe-hidden-size", &|l| l.hidden.to_string()),
-            ("--fmoe-capacity", &|l| {
-                l.capacity
-                    .trim_matches(|c| c == '(' || c == ')')
-                    .replace(',', "")
-            }),
-        ];
-        for (flag, f) in fields {
-            if let Some(v) = uniform(f) {
-                if v != "None" {
-                    arg(flag, Some(v));
-                }
-            }
+            arg("--min-lr", Some(view::py_float(lr * min_lr_ratio)));
         }
     }
-    args.into_iter()
-        .map(|(f, v)| ArgLine {
-            text: match v {
-                Some(v) => format!("{f} {v}"),
-                None => f,
-            },
-        })
-        .collect()
+    arg("--weight-decay", Some(view::py_float(weight_decay)));
+    arg("--adam-beta1", Some(view::py_float(betas.0)));
+    arg("--adam-beta2", Some(view::py_float(betas.1)));
+    arg("--adam-eps", Some(view::py_float(eps)));
+    arg(
+        "--clip-grad",
+        Some(view::py_float(t.clip_grad.unwrap_or(0.0))),
+    );
+    if let Some(flag) = support::precision_flag(c, target) {
+        arg(flag, None);
+    }
+    if let Some(ck) = &t.checkpoint {
+        arg("--save", Some(view::sh_word(&ck.dir)));
+        arg("--load", Some(view::sh_word(&ck.dir)));
+        arg("--save-interval", Some(ck.every.to_string()));
+        if native_moe {
+            // dist_checkpointing: one copy of each expert, resharded on load
+            arg("--ckpt-format", Some("torch_dist".to_string()));
+        }
+    }
+    match &t.eval {
+        Some(ev) => {
+            arg("--eval-interval", Some(ev.every.to_string()));
+            arg("--eval-iters", Some(ev.batches.to_string()));
+        }
+        // no evaluation; Megatron-Core still divides the run by an evaluation interval
+        None if native_moe => {
+            arg("--eval-interval", Some(t.steps.to_string()));
+            arg("--eval-iters", Some("0".to_string()));
+        }
+        None => {}
+    }
+    arg("--seed", Some(t.seed.to_string()));
+}
+
+/// FastMoE's MoE arguments (the module's defaults, spelled out so that the command says what it trains): each where every MoE layer has the same value.
+fn fmoe_args(layers: &[LayerView], arg: &mut dyn FnMut(&str, Option<String>)) {
+    // The MoE arguments (the module's defaults, spelled out so the command says what it trains).
+    let indices: Vec<String> = layers.iter().map(|l| l.index.to_string()).collect();
+    arg("--fmoe-layers", Some(indices.join(" ")));
+    let uniform = |f: &dyn Fn(&LayerView) -> String| -> Option<String> {
+        let first = f(&layers[0]);
+        layers.iter().all(|l| f(l) == first).then_some(first)
+    };
+    let fields: [(&str, &LayerField); 6] = [
+        ("--fmoe-num-experts", &|l| l.experts_per_rank.to_string()),
+        ("--fmoe-top-k", &|l| l.top_k.to_string()),
+        ("--fmoe-balance-strategy", &|l| l.gate.to_string()),
+        ("--fmoe-balance-loss-weight", &|l| l.balance_loss.clone()),
+        ("--fmoe-hidden-size", &|l| l.hidden.to_string()),
+        ("--fmoe-capacity", &|l| {
+            l.capacity
+                .trim_matches(|c| c == '(' || c == ')')
+                .replace(',', "")
+        }),
+    ];
+    for (flag, f) in fields {
+        if let Some(v) = uniform(f) {
+            if v != "None" {
+                arg(flag, Some(v));
+            }
+        }
+    }
 }
