@@ -1189,98 +1189,10 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         Layout::Fastmoe => None,
     };
     let gpn = par.hardware.gpus_per_node.max(1);
-    let ranks = (0..grid.world)
-        .map(|r| {
-            let mut c = grid.coords(r);
-            // the rank among the expert-tensor ranks slicing its experts
-            let mut slice = if slices > 1 { c.tensor_rank } else { 0 };
-            if let Some(eg) = &core_grid {
-                (c.expert_rank, slice) = eg.coords(&grid, r);
-            }
-            let experts = moe_layers
-                .iter()
-                .filter(|m| m.stage == c.pipeline_rank)
-                .map(|m| {
-                    let first = c.expert_rank * m.experts_per_rank;
-                    let lo = slice * m.hidden_per_rank;
-                    HeldExperts {
-                        layer: m.layer,
-                        ids: (first..first + m.experts_per_rank).collect(),
-                        hidden: [lo, lo + m.hidden_per_rank],
-                    }
-                })
-                .collect();
-            RankPlan {
-                rank: r,
-                node: r / gpn,
-                tensor_rank: c.tensor_rank,
-                pipeline_rank: c.pipeline_rank,
-                data_rank: c.data_rank,
-                expert_rank: c.expert_rank,
-                experts,
-                memory_bytes: costed.stages[c.pipeline_rank as usize].memory.total,
-            }
-        })
-        .collect();
-    let stages = costed
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(s, c)| {
-            let chunks = grid.chunks_of(s as u64, depth);
-            Stage {
-                stage: s as u64,
-                first_layer: chunks[0][0],
-                end_layer: chunks[0][1],
-                chunks: if grid.virtual_stages > 1 {
-                    chunks
-                } else {
-                    Vec::new()
-                },
-                embedding: s == 0,
-                head: s as u64 == grid.pipeline - 1,
-                cost: c.clone(),
-            }
-        })
-        .collect();
-    let mut warnings = placement_warnings;
-    if grid.tensor > 1 && (grid.tensor > gpn || gpn % grid.tensor != 0) {
-        warnings.push(diagnostics::tensor_across_hosts(
-            (grid.tensor, par.spans.tensor),
-            gpn,
-        ));
-    }
-    if costed.time.bubble_fraction > 0.5 {
-        let at = checked
-            .train
-            .as_ref()
-            .map_or(par.spans.pipeline, |t| t.spans.batch);
-        warnings.push(diagnostics::large_bubble(
-            costed.time.bubble_fraction,
-            costed.micro_batches,
-            (grid.pipeline, grid.virtual_stages),
-            at,
-        ));
-    }
-    let fastermoe = (!par.smart_schedule.is_off()
-        || !par.shadowing.is_off()
-        || routing_skew.is_some())
-    .then(|| FasterMoePlan {
-        smart_schedule: par.smart_schedule,
-        shadowing: par.shadowing,
-        routing_skew: routing_skew.unwrap_or(1.0),
-        layers: {
-            // in layer order: with virtual stages a stage's layers are not contiguous
-            let mut layers: Vec<LayerExchange> = costed
-                .stages
-                .iter()
-                .flat_map(|s| s.exchanges.iter().cloned())
-                .collect();
-            layers.sort_by_key(|x| x.layer);
-            layers
-        },
-    });
-    fastermoe_warnings(par, &grid, &mut warnings);
+    let ranks = rank_plans(&grid, core_grid.as_ref(), slices, gpn, &moe_layers, &costed);
+    let stages = stage_plans(&grid, depth, &costed);
+    let warnings = layout_warnings(checked, &grid, &costed, placement_warnings);
+    let fastermoe = fastermoe_plan(par, routing_skew, &costed);
     ParallelPlan {
         fastermoe,
         warnings,
@@ -1332,4 +1244,133 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
             expert_tensor_groups: eg.expert_tensor_groups(&grid),
         }),
     }
+}
+
+/// Every rank's coordinates, the experts it holds (ids and hidden slice per MoE layer of its
+/// stage) and its stage's memory.
+fn rank_plans(
+    grid: &Grid,
+    core_grid: Option<&ExpertGrid>,
+    slices: u64,
+    gpn: u64,
+    moe_layers: &[MoeLayerPlan],
+    costed: &cost::Costed,
+) -> Vec<RankPlan> {
+    (0..grid.world)
+        .map(|r| {
+            let mut c = grid.coords(r);
+            // the rank among the expert-tensor ranks slicing its experts
+            let mut slice = if slices > 1 { c.tensor_rank } else { 0 };
+            if let Some(eg) = &core_grid {
+                (c.expert_rank, slice) = eg.coords(&grid, r);
+            }
+            let experts = moe_layers
+                .iter()
+                .filter(|m| m.stage == c.pipeline_rank)
+                .map(|m| {
+                    let first = c.expert_rank * m.experts_per_rank;
+                    let lo = slice * m.hidden_per_rank;
+                    HeldExperts {
+                        layer: m.layer,
+                        ids: (first..first + m.experts_per_rank).collect(),
+                        hidden: [lo, lo + m.hidden_per_rank],
+                    }
+                })
+                .collect();
+            RankPlan {
+                rank: r,
+                node: r / gpn,
+                tensor_rank: c.tensor_rank,
+                pipeline_rank: c.pipeline_rank,
+                data_rank: c.data_rank,
+                expert_rank: c.expert_rank,
+                experts,
+                memory_bytes: costed.stages[c.pipeline_rank as usize].memory.total,
+            }
+        })
+        .collect()
+}
+
+/// Every stage's layers (its model chunks with virtual stages) and costs.
+fn stage_plans(grid: &Grid, depth: u64, costed: &cost::Costed) -> Vec<Stage> {
+    costed
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(s, c)| {
+            let chunks = grid.chunks_of(s as u64, depth);
+            Stage {
+                stage: s as u64,
+                first_layer: chunks[0][0],
+                end_layer: chunks[0][1],
+                chunks: if grid.virtual_stages > 1 {
+                    chunks
+                } else {
+                    Vec::new()
+                },
+                embedding: s == 0,
+                head: s as u64 == grid.pipeline - 1,
+                cost: c.clone(),
+            }
+        })
+        .collect()
+}
+
+/// The placement's warnings, and the layout's: tensor groups across hosts, a large bubble,
+/// FasterMoE's options that cannot act.
+fn layout_warnings(
+    checked: &Checked,
+    grid: &Grid,
+    costed: &cost::Costed,
+    placement_warnings: Vec<Diagnostic>,
+) -> Vec<Diagnostic> {
+    let par = &checked.parallel;
+    let gpn = par.hardware.gpus_per_node.max(1);
+    let mut warnings = placement_warnings;
+    if grid.tensor > 1 && (grid.tensor > gpn || gpn % grid.tensor != 0) {
+        warnings.push(diagnostics::tensor_across_hosts(
+            (grid.tensor, par.spans.tensor),
+            gpn,
+        ));
+    }
+    if costed.time.bubble_fraction > 0.5 {
+        let at = checked
+            .train
+            .as_ref()
+            .map_or(par.spans.pipeline, |t| t.spans.batch);
+        warnings.push(diagnostics::large_bubble(
+            costed.time.bubble_fraction,
+            costed.micro_batches,
+            (grid.pipeline, grid.virtual_stages),
+            at,
+        ));
+    }
+    fastermoe_warnings(par, grid, &mut warnings);
+    warnings
+}
+
+/// FasterMoE's part of the plan, where the file turns an option on or the routing is skewed:
+/// each MoE layer's exchange, in layer order.
+fn fastermoe_plan(
+    par: &Parallel,
+    routing_skew: Option<f64>,
+    costed: &cost::Costed,
+) -> Option<FasterMoePlan> {
+    (!par.smart_schedule.is_off() || !par.shadowing.is_off() || routing_skew.is_some()).then(|| {
+        FasterMoePlan {
+            smart_schedule: par.smart_schedule,
+            shadowing: par.shadowing,
+            routing_skew: routing_skew.unwrap_or(1.0),
+            layers: {
+                // in layer order: with virtual stages a stage's layers are not contiguous
+                let mut layers: Vec<LayerExchange> = costed
+                    .stages
+                    .iter()
+                    .flat_map(|s| s.exchanges.iter().cloned())
+                    .collect();
+                layers.sort_by_key(|x| x.layer);
+                layers
+            },
+        }
+    })
 }
