@@ -1262,7 +1262,7 @@ fn rank_plans(
             // the rank among the expert-tensor ranks slicing its experts
             let mut slice = if slices > 1 { c.tensor_rank } else { 0 };
             if let Some(eg) = &core_grid {
-                (c.expert_rank, slice) = eg.coords(&grid, r);
+                (c.expert_rank, slice) = eg.coords(grid, r);
             }
             let experts = moe_layers
                 .iter()
