@@ -83,44 +83,8 @@ impl Checker<'_> {
         };
         let mut ok = true;
 
-        // gpus = N of profile, or a bare N on the default profile.
-        let mut gpus = 1;
-        let mut hardware = None;
-        match fields.get("gpus") {
-            Some(f) => {
-                spans.gpus = f.value.span;
-                let v = self.eval(&f.value, ctx);
-                let (count, hw) = match &v.value {
-                    Value::Of(count, hw) => ((**count).clone(), Some(hw.clone())),
-                    _ => (v.clone(), None),
-                };
-                let count = self.conform(count, &pos_int(), "field `gpus`", ctx);
-                match int(&count) {
-                    Some(n) => gpus = n as u64,
-                    None => ok = false,
-                }
-                if let (
-                    Some(hw),
-                    ast::ExprKind::Of {
-                        hardware: ident, ..
-                    },
-                ) = (hw, &f.value.kind)
-                {
-                    spans.hardware = ident.span;
-                    hardware = self.hardware_by_name(m, &hw, ident.span);
-                    ok &= hardware.is_some();
-                }
-            }
-            None => {
-                self.sink.push(errors::missing_field(
-                    block.kw_span,
-                    "gpus",
-                    "parallel",
-                    "`N of profile`",
-                ));
-                ok = false;
-            }
-        }
+        let (gpus, hardware) =
+            self.parallel_gpus(m, &fields, ctx, block.kw_span, &mut spans, &mut ok);
         let hardware = match hardware {
             Some(h) => Some(h),
             None => self.std_hardware(DEFAULT_HARDWARE),
@@ -156,58 +120,7 @@ impl Checker<'_> {
             ok = false;
         }
 
-        let experts = match fields.get("experts") {
-            None => ExpertGroup::AcrossData,
-            Some(f) => {
-                spans.experts = f.value.span;
-                let v = self.eval(&f.value, ctx);
-                match &v.value {
-                    Value::Across(g) if g == "data" => ExpertGroup::AcrossData,
-                    Value::Across(g) => {
-                        let gspan = match &f.value.kind {
-                            ast::ExprKind::Across(i) => i.span,
-                            _ => f.value.span,
-                        };
-                        self.sink
-                            .push(errors::across_what(gspan, g, did_you_mean(g, ["data"])));
-                        ok = false;
-                        ExpertGroup::AcrossData
-                    }
-                    Value::Symbol(s) if s == "replicated" => ExpertGroup::Replicated,
-                    Value::Ctor(c) if c.name == "groups_of" => {
-                        // the planner's rules about the group point at its size
-                        if let Some(size) = c.arg("size") {
-                            spans.experts = size.span;
-                        }
-                        let size = c.arg("size").map(uint).unwrap_or(1);
-                        ExpertGroup::Size { size }
-                    }
-                    Value::Error => {
-                        ok = false;
-                        ExpertGroup::AcrossData
-                    }
-                    Value::Symbol(s) => {
-                        let help = did_you_mean(s, ["replicated"]);
-                        self.sink.push(errors::bad_expert_group(
-                            f.value.span,
-                            &v.value.describe(),
-                            help,
-                        ));
-                        ok = false;
-                        ExpertGroup::AcrossData
-                    }
-                    other => {
-                        self.sink.push(errors::bad_expert_group(
-                            f.value.span,
-                            &other.describe(),
-                            None,
-                        ));
-                        ok = false;
-                        ExpertGroup::AcrossData
-                    }
-                }
-            }
-        };
+        let experts = self.expert_group(&fields, ctx, &mut spans, &mut ok);
         let expert_slicing = match self.typed_field(&fields, "expert_slicing", &Type::Bool, ctx) {
             Some(v) => {
                 let on = boolean(&v);
@@ -277,6 +190,119 @@ impl Checker<'_> {
             virtual_stages,
             spans,
         })
+    }
+
+    /// `gpus = N of profile`, or a bare `N` on the default profile: the count, and the
+    /// profile where the file names one (`None`: the default).
+    fn parallel_gpus(
+        &mut self,
+        m: ModId,
+        fields: &std::collections::BTreeMap<String, &ast::Field>,
+        ctx: Ctx,
+        kw: Span,
+        spans: &mut ParallelSpans,
+        ok: &mut bool,
+    ) -> (u64, Option<Hardware>) {
+        let mut gpus = 1;
+        let mut hardware = None;
+        match fields.get("gpus") {
+            Some(f) => {
+                spans.gpus = f.value.span;
+                let v = self.eval(&f.value, ctx);
+                let (count, hw) = match &v.value {
+                    Value::Of(count, hw) => ((**count).clone(), Some(hw.clone())),
+                    _ => (v.clone(), None),
+                };
+                let count = self.conform(count, &pos_int(), "field `gpus`", ctx);
+                match int(&count) {
+                    Some(n) => gpus = n as u64,
+                    None => *ok = false,
+                }
+                if let (
+                    Some(hw),
+                    ast::ExprKind::Of {
+                        hardware: ident, ..
+                    },
+                ) = (hw, &f.value.kind)
+                {
+                    spans.hardware = ident.span;
+                    hardware = self.hardware_by_name(m, &hw, ident.span);
+                    *ok &= hardware.is_some();
+                }
+            }
+            None => {
+                self.sink.push(errors::missing_field(
+                    kw,
+                    "gpus",
+                    "parallel",
+                    "`N of profile`",
+                ));
+                *ok = false;
+            }
+        }
+        (gpus, hardware)
+    }
+
+    /// `experts = across(data) | replicated | groups_of(N)`; across data when not written.
+    fn expert_group(
+        &mut self,
+        fields: &std::collections::BTreeMap<String, &ast::Field>,
+        ctx: Ctx,
+        spans: &mut ParallelSpans,
+        ok: &mut bool,
+    ) -> ExpertGroup {
+        match fields.get("experts") {
+            None => ExpertGroup::AcrossData,
+            Some(f) => {
+                spans.experts = f.value.span;
+                let v = self.eval(&f.value, ctx);
+                match &v.value {
+                    Value::Across(g) if g == "data" => ExpertGroup::AcrossData,
+                    Value::Across(g) => {
+                        let gspan = match &f.value.kind {
+                            ast::ExprKind::Across(i) => i.span,
+                            _ => f.value.span,
+                        };
+                        self.sink
+                            .push(errors::across_what(gspan, g, did_you_mean(g, ["data"])));
+                        *ok = false;
+                        ExpertGroup::AcrossData
+                    }
+                    Value::Symbol(s) if s == "replicated" => ExpertGroup::Replicated,
+                    Value::Ctor(c) if c.name == "groups_of" => {
+                        // the planner's rules about the group point at its size
+                        if let Some(size) = c.arg("size") {
+                            spans.experts = size.span;
+                        }
+                        let size = c.arg("size").map(uint).unwrap_or(1);
+                        ExpertGroup::Size { size }
+                    }
+                    Value::Error => {
+                        *ok = false;
+                        ExpertGroup::AcrossData
+                    }
+                    Value::Symbol(s) => {
+                        let help = did_you_mean(s, ["replicated"]);
+                        self.sink.push(errors::bad_expert_group(
+                            f.value.span,
+                            &v.value.describe(),
+                            help,
+                        ));
+                        *ok = false;
+                        ExpertGroup::AcrossData
+                    }
+                    other => {
+                        self.sink.push(errors::bad_expert_group(
+                            f.value.span,
+                            &other.describe(),
+                            None,
+                        ));
+                        *ok = false;
+                        ExpertGroup::AcrossData
+                    }
+                }
+            }
+        }
     }
 
     /// `smart_schedule = off | auto | chunks(N)`; whether `chunks` exceeds the expert group
