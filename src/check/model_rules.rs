@@ -118,25 +118,7 @@ impl Checker<'_> {
     pub(crate) fn model(&mut self, m: ModId, block: &Rc<ast::Block>) -> Option<Model> {
         let name = block.name.clone()?;
         let chain = self.preset_chain(m, block)?;
-        let mut exprs: BTreeMap<String, (ast::Expr, ModId)> = BTreeMap::new();
-        let mut spans_of: BTreeMap<String, Span> = BTreeMap::new();
-        for (bm, b) in &chain {
-            // Only the block being checked reports its own field mistakes here; presets
-            // are checked on their own (the stdlib test checks every preset).
-            let fields = if Rc::ptr_eq(b, block) {
-                self.block_fields(b, MODEL_FIELDS)
-            } else {
-                let mut quiet = crate::diag::Sink::new();
-                std::mem::swap(self.sink, &mut quiet);
-                let f = self.block_fields(b, MODEL_FIELDS);
-                std::mem::swap(self.sink, &mut quiet);
-                f
-            };
-            for (n, f) in fields {
-                exprs.insert(n.clone(), (f.value.clone(), *bm));
-                spans_of.insert(n, f.value.span);
-            }
-        }
+        let (exprs, spans_of) = self.chain_fields(&chain, block);
         let env = FieldEnv::new(exprs);
         let ctx = Ctx {
             module: m,
@@ -202,54 +184,12 @@ impl Checker<'_> {
             return None;
         }
 
-        // Attention: the model's heads, optionally restated by `causal(...)`.
-        let attention_ctor = block_ctor.arg("attention").and_then(ctor_of);
-        let mut heads_n = uint(&heads);
-        let mut kv_n = kv_heads.as_ref().map(uint).unwrap_or(heads_n);
-        if let Some(att) = &attention_ctor {
-            if let Some(h) = att.arg("heads").and_then(int) {
-                if h as u64 != heads_n {
-                    self.sink.push(errors::heads_disagree(
-                        att.arg("heads").map(|v| v.span).unwrap_or(att.span),
-                        "heads",
-                        h as u64,
-                        heads_n,
-                        heads.span,
-                    ));
-                }
-                heads_n = h as u64;
-            }
-            if let Some(k) = att.arg("kv_heads").and_then(int) {
-                if let Some(kv) = &kv_heads {
-                    if k as u64 != uint(kv) {
-                        self.sink.push(errors::heads_disagree(
-                            att.arg("kv_heads").map(|v| v.span).unwrap_or(att.span),
-                            "kv_heads",
-                            k as u64,
-                            uint(kv),
-                            kv.span,
-                        ));
-                    }
-                }
-                kv_n = k as u64;
-            }
-        }
+        let (heads_n, kv_n) = self.attention_heads(block_ctor, &heads, kv_heads.as_ref(), &width);
         let width_n = uint(&width);
         // The shape rules leave a well-formed model (reported, not fatal), so that later
         // rules, the planner's included, still run in the same pass. `ok` is about whether
         // the model could be built at all.
         let mut ok = true;
-        if heads_n > 0 && width_n % heads_n != 0 {
-            self.sink.push(errors::width_not_divisible(
-                width.span, width_n, heads_n, heads.span,
-            ));
-        }
-        if kv_n > 0 && heads_n % kv_n != 0 {
-            let kv_span = kv_heads.as_ref().map(|v| v.span).unwrap_or(heads.span);
-            self.sink.push(errors::heads_not_divisible(
-                kv_span, heads_n, kv_n, heads.span,
-            ));
-        }
 
         // Layers: the block's feed-forward everywhere, then the selections.
         let default_ffn = block_ctor.arg("ffn").cloned();
@@ -313,6 +253,93 @@ impl Checker<'_> {
                 depth: depth.span,
             },
         })
+    }
+
+    /// The fields of `block` and of the presets it extends (`chain`, the furthest preset
+    /// first, so that a nearer block's field replaces a preset's): each as its expression with
+    /// the module it is written in, and where it is written. Only `block` reports its own
+    /// field mistakes here; presets are checked on their own (the stdlib test checks every
+    /// preset).
+    fn chain_fields(
+        &mut self,
+        chain: &[(ModId, Rc<ast::Block>)],
+        block: &Rc<ast::Block>,
+    ) -> (BTreeMap<String, (ast::Expr, ModId)>, BTreeMap<String, Span>) {
+        let mut exprs: BTreeMap<String, (ast::Expr, ModId)> = BTreeMap::new();
+        let mut spans_of: BTreeMap<String, Span> = BTreeMap::new();
+        for (bm, b) in chain {
+            let fields = if Rc::ptr_eq(b, block) {
+                self.block_fields(b, MODEL_FIELDS)
+            } else {
+                let mut quiet = crate::diag::Sink::new();
+                std::mem::swap(self.sink, &mut quiet);
+                let f = self.block_fields(b, MODEL_FIELDS);
+                std::mem::swap(self.sink, &mut quiet);
+                f
+            };
+            for (n, f) in fields {
+                exprs.insert(n.clone(), (f.value.clone(), *bm));
+                spans_of.insert(n, f.value.span);
+            }
+        }
+        (exprs, spans_of)
+    }
+
+    /// The attention's heads and key/value heads: the model's, optionally restated by
+    /// `causal(heads = ..., kv_heads = ...)` (a disagreement is reported and the restated value
+    /// taken); the width must split over the heads and the heads over the key/value heads
+    /// (reported, not fatal).
+    fn attention_heads(
+        &mut self,
+        block_ctor: &CtorValue,
+        heads: &V,
+        kv_heads: Option<&V>,
+        width: &V,
+    ) -> (u64, u64) {
+        let attention_ctor = block_ctor.arg("attention").and_then(ctor_of);
+        let mut heads_n = uint(heads);
+        let mut kv_n = kv_heads.map(uint).unwrap_or(heads_n);
+        if let Some(att) = &attention_ctor {
+            if let Some(h) = att.arg("heads").and_then(int) {
+                if h as u64 != heads_n {
+                    self.sink.push(errors::heads_disagree(
+                        att.arg("heads").map(|v| v.span).unwrap_or(att.span),
+                        "heads",
+                        h as u64,
+                        heads_n,
+                        heads.span,
+                    ));
+                }
+                heads_n = h as u64;
+            }
+            if let Some(k) = att.arg("kv_heads").and_then(int) {
+                if let Some(kv) = kv_heads {
+                    if k as u64 != uint(kv) {
+                        self.sink.push(errors::heads_disagree(
+                            att.arg("kv_heads").map(|v| v.span).unwrap_or(att.span),
+                            "kv_heads",
+                            k as u64,
+                            uint(kv),
+                            kv.span,
+                        ));
+                    }
+                }
+                kv_n = k as u64;
+            }
+        }
+        let width_n = uint(width);
+        if heads_n > 0 && width_n % heads_n != 0 {
+            self.sink.push(errors::width_not_divisible(
+                width.span, width_n, heads_n, heads.span,
+            ));
+        }
+        if kv_n > 0 && heads_n % kv_n != 0 {
+            let kv_span = kv_heads.map(|v| v.span).unwrap_or(heads.span);
+            self.sink.push(errors::heads_not_divisible(
+                kv_span, heads_n, kv_n, heads.span,
+            ));
+        }
+        (heads_n, kv_n)
     }
 
     /// Applies the `layers[...]` assignments of one block; `false` if any was wrong.
