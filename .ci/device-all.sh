@@ -17,8 +17,7 @@ OUT=$G/multi FMOEC=.dev/fmoec STEPS=tp timeout 120 bash .ci/device-multi.sh > $G
 pkill -f '.dev/fmoec run' ; sleep 1
 cat $G/multi/tp.txt; cp $G/multi/tp.txt $R/
 el "gpt2-medium-moe planned layout on 4 GPUs"
-TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
-export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+. "$(dirname "$0")/cuda-libs.sh"
 .dev/fmoec plan examples/gpt2-medium-moe.fmoe --world 4 --memory-model fmoec > $G/multi/t2-plan.txt 2>&1
 timeout 120 .dev/fmoec run examples/gpt2-medium-moe.fmoe --gpus 4 --precision bf16 --quiet --stop-after 6 \
     --out /tmp/s4t2 > $G/multi/t2.log 2>&1; echo "exit $?"; tail -8 $G/multi/t2.log

@@ -11,10 +11,7 @@ set -uo pipefail
 FMOEC="${FMOEC:-.dev/fmoec}"
 OUT="${OUT:-out-gpu}"
 mkdir -p "$OUT"
-TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
-# torch's CUDA libraries (libnvrtc for the fused kernels, libcudart for events) beside it
-NV_LIB="$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "lib"))')"
-export LD_LIBRARY_PATH="$TORCH_LIB:$NV_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+. "$(dirname "$0")/cuda-libs.sh"
 export NCCL_NVLS_ENABLE=0
 steps="${STEPS:-check bench tiny e2e}"
 

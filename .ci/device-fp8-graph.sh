@@ -18,9 +18,7 @@ T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
     # the checks and the op-by-op bench through device-fp8.sh (it sets the library path)
     el "check"
     OUT=$G/checks FMOEC=$F STEPS=check timeout 90 bash "$D/device-fp8.sh" 2>&1 | grep -v "^fp8 .* ok$"
-    TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
-    NV_LIB="$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "lib"))')"
-    export LD_LIBRARY_PATH="$TORCH_LIB:$NV_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    . "$D/cuda-libs.sh"
     el "bench --cuda-graph (S1, S3, F0)"
     timeout 120 "$F" bench moe "${ARGS[@]}" --shape S1 --shape S3 --shape F0 --cuda-graph \
         --json $G/bench-graph.json > $G/bench-graph.txt 2> $G/bench-graph.progress

@@ -6,9 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 R="${OUT:-out-mx}"; mkdir -p "$R"
-TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
-NV_LIB="$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "lib"))')"
-export LD_LIBRARY_PATH="$TORCH_LIB:$NV_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+. .ci/cuda-libs.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/device.txt"
 date -u | tee -a "$R/device.txt"
 F="${FMOEC:-.dev/fmoec}"

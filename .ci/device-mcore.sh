@@ -40,8 +40,6 @@ if [ "${1:-}" = prep ]; then
 fi
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
-# before any run changes the environment (PYTHONPATH) or the directory
-TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
 RUNS="${RUNS:-tiny-bf16 mixtral-small fmoec}"
 want() { [[ " $RUNS " == *" $1 "* ]]; }
 date -u
@@ -84,7 +82,7 @@ want tiny-bf16 && run tiny-bf16 "$INT/out/tiny-bf16" 150 --train-iters 40 "${COM
 want mixtral-small && run mixtral-small "$INT/out/mixtral-small" 200 --train-iters 30 "${COMMON[@]}"
 # The same Mixtral-shaped model (8 x 1024 tokens a step, bf16) in `fmoec run`, same GPU and call.
 if want fmoec && [ -x "$INT/fmoec" ]; then
-    export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    . "$ROOT/.ci/cuda-libs.sh"
     for p in bf16 fp8; do
         t0=$(date +%s)
         timeout 200 "$INT/fmoec" run "$INT/models/mixtral-small-run.fmoe" --device cuda --steps 30 \

@@ -18,9 +18,7 @@ R="${OUT:-out-gpu}"; G=/tmp/gpu; rm -rf $G; mkdir -p "$R" $G/bench $G/peers $G/e
 FMOEC="${FMOEC:-.dev/fmoec}"
 steps="${STEPS:-check bench e2e peers profile}"
 export NCCL_NVLS_ENABLE=0
-TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
-NV_LIB="$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "lib"))')"
-export LD_LIBRARY_PATH="$TORCH_LIB:$NV_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+. "$(dirname "$0")/cuda-libs.sh"
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/device.txt"; date -u | tee -a "$R/device.txt"
 has() { [[ " $steps " == *" $1 "* ]]; }
