@@ -48,7 +48,7 @@
 //! is `ncclReduce` to the root. Compiled, not yet run on GPUs (no machine with several
 //! GPUs was lent since it was written).
 
-use super::error::{CollectiveError, ErrorKind};
+use super::error::{tensor_failure, CollectiveError, ErrorKind};
 use super::groups::{GroupLabel, GroupLayout, Groups};
 use super::rendezvous::{DistEnv, RendezvousError};
 use super::{
@@ -555,9 +555,8 @@ impl NcclCollective {
         &self,
         op: &'static str,
         at: &str,
-    ) -> impl Fn(tch::TchError) -> CollectiveError + '_ {
-        let at = at.to_string();
-        move |e| self.error(op, &at, ErrorKind::Tensor(e))
+    ) -> impl Fn(tch::TchError) -> CollectiveError {
+        tensor_failure(&self.label, op, at)
     }
 
     /// NCCL's type for summing `t`'s elements, or why it has none.
