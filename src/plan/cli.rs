@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::check::ExpertGroup;
+use crate::check::{ExpertGroup, MegatronTarget};
 use crate::driver::{self, DiagFormat};
 use crate::graph;
 
@@ -111,11 +111,11 @@ impl PlanArgs {
     }
 }
 
-/// The rules of the target `--megatron` names; a message naming the known ones otherwise.
-fn target_rules(version: &str) -> Result<TargetRules, String> {
-    let targets = crate::check::megatron_targets();
-    match targets.iter().find(|t| t.version == version) {
-        Some(t) => Ok(TargetRules::of(t)),
+/// The target `--megatron` names; a message naming the known ones otherwise.
+fn find_target(version: &str) -> Result<MegatronTarget, String> {
+    let mut targets = crate::check::megatron_targets();
+    match targets.iter().position(|t| t.version == version) {
+        Some(i) => Ok(targets.swap_remove(i)),
         None => Err(format!(
             "no Megatron-LM target `{version}` to plan for; known: {} (`fmoec emit --megatron \
              list` says what each supports)",
@@ -129,9 +129,9 @@ fn target_rules(version: &str) -> Result<TargetRules, String> {
 }
 
 pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
-    let target = match args.megatron.as_deref().map(target_rules) {
+    let target = match args.megatron.as_deref().map(find_target) {
         None => None,
-        Some(Ok(rules)) => Some(rules),
+        Some(Ok(target)) => Some(target),
         Some(Err(message)) => {
             driver::report_error(&message, None, args.diagnostics);
             return Ok(ExitCode::from(2));
@@ -140,7 +140,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     // The front end and the planner's rules (under the overrides, for the target) run in
     // one pass and report together; `--auto` plans for itself.
     let overrides = args.overrides();
-    let rules = target.unwrap_or_default();
+    let rules = target.as_ref().map(TargetRules::of).unwrap_or_default();
     let planning = if args.auto {
         driver::Planning::None
     } else {
@@ -171,21 +171,14 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     };
     // The training `emit` would write: what the target cannot express is refused here too,
     // and what it approximates is said, so that no plan is shown for a refused emit.
-    if let Some(version) = &args.megatron {
+    if let Some(target) = &target {
+        let version = &target.version;
         let all = crate::check::megatron_targets();
-        let Some(decl) = all.iter().find(|t| &t.version == version) else {
-            anyhow::bail!("target `{version}` vanished between two lookups (a bug in fmoec)")
-        };
         let emit_runtime = crate::emit::Runtime::Fmoec;
-        match crate::emit::validate(&loaded.checked, &plan, decl, &all, emit_runtime) {
+        match crate::emit::validate(&loaded.checked, &plan, target, &all, emit_runtime) {
             Ok(warnings) => driver::report(&loaded.sources, &warnings, args.diagnostics),
-            Err(crate::emit::EmitError::Model(mut diagnostics)) => {
-                if !overrides.is_empty() {
-                    let note = format!("with command-line overrides {}", overrides.describe());
-                    for d in &mut diagnostics {
-                        d.notes.push(note.clone());
-                    }
-                }
+            Err(crate::emit::EmitError::Model(diagnostics)) => {
+                let diagnostics = super::plan_error(diagnostics, &overrides);
                 driver::report(&loaded.sources, &diagnostics, args.diagnostics);
                 if args.diagnostics == DiagFormat::Human {
                     eprintln!(

@@ -379,6 +379,7 @@ struct Setup {
     micro_batch_overridden: bool,
 }
 
+/// `diags` with a note naming the command-line overrides in force, where there are any.
 fn plan_error(mut diags: Vec<Diagnostic>, o: &Overrides) -> Vec<Diagnostic> {
     if !o.is_empty() {
         let note = format!("with command-line overrides {}", o.describe());
