@@ -247,6 +247,10 @@ pub fn validate(
     all: &[crate::check::MegatronTarget],
     runtime: Runtime,
 ) -> Result<Vec<Diagnostic>, EmitError> {
+    // values the file does not write (or a command-line override gave) point at the
+    // `parallel` block or the model, as the planner's diagnostics do
+    let filled = crate::plan::with_fallback_spans(c);
+    let c = filled.as_ref().unwrap_or(c);
     let m = &c.model;
     let v = &target.version;
     let name = m.spans.name;

@@ -156,10 +156,7 @@ pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
                 "interleaved pipeline schedule (`virtual_stages = {}`)",
                 plan.virtual_stages
             ),
-            // `fmoec plan --megatron --virtual-stages N`: not written in the file
-            Some(c.parallel.spans.virtual_stages)
-                .filter(|s| s.start < s.end)
-                .unwrap_or(c.parallel.spans.block),
+            c.parallel.spans.virtual_stages,
         );
     }
     if let Some(t) = &c.train {

@@ -767,8 +767,10 @@ fn fastermoe_warnings(par: &Parallel, grid: &Grid, warnings: &mut Vec<Diagnostic
 }
 
 /// Values the file did not write (no `parallel` block, no `micro_batch`) have empty
-/// spans; point their diagnostics at the `parallel` block, else the model's name.
-fn with_fallback_spans(checked: &Checked) -> Option<Checked> {
+/// spans; point their diagnostics at the `parallel` block, else the model's name (`None`:
+/// every span is written). Every diagnostic about the placement reads these (the target's
+/// in `emit::validate` too).
+pub fn with_fallback_spans(checked: &Checked) -> Option<Checked> {
     let parallel = filled_parallel(&checked.parallel, Some(checked.model.spans.name))?;
     Some(Checked {
         parallel,
