@@ -813,7 +813,14 @@ impl Eval<'_> {
         let mut work = self.stage_work(s);
         let layers = self.stage_layers(s, &mut work);
         let memory = self.stage_memory(s, &work, layers.act);
-        let (traffic, time) = self.stage_traffic_and_time(s, &work, &layers);
+        let StageLayers {
+            all_to_all,
+            exchanges,
+            a2a_s,
+            tensor_msgs,
+            ..
+        } = layers;
+        let (traffic, time) = self.stage_traffic_and_time(s, &work, all_to_all, tensor_msgs, a2a_s);
         StageCost {
             params: work.rp,
             memory,
@@ -823,7 +830,7 @@ impl Eval<'_> {
                 .saturating_mul(self.micro_batches),
             traffic,
             time,
-            exchanges: layers.exchanges,
+            exchanges,
         }
     }
 
@@ -1128,12 +1135,15 @@ impl Eval<'_> {
     }
 
     /// Stage `s`'s bytes sent per step and its time per micro-batch and for the gradient
-    /// synchronisation.
+    /// synchronisation, from its layers' MoE exchanges (`all_to_all`, taking `a2a_s`) and
+    /// tensor-parallel messages ([`StageLayers`]).
     fn stage_traffic_and_time(
         &self,
         s: u64,
         w: &StageWork,
-        layers: &StageLayers,
+        all_to_all: Vec<AllToAll>,
+        tensor_msgs: u64,
+        a2a_s: f64,
     ) -> (Traffic, StageTime) {
         let (c, g, grid, experts) = (self.c, self.g, self.grid, self.experts);
         let (t, p, v, ep) = (grid.tensor, grid.pipeline, self.v(), experts.parallel);
@@ -1145,7 +1155,7 @@ impl Eval<'_> {
         let dgroup = [base, grid.rank(0, grid.data - 1, s)];
         let ed = self.expert_data();
         let msg = tokens * h * a;
-        let tensor_bytes = layers.tensor_msgs.saturating_mul(msg);
+        let tensor_bytes = tensor_msgs.saturating_mul(msg);
         // Per micro-batch each chunk sends its output on and its input's gradient back,
         // except at the model's two ends, and receives as many.
         let transfers = 2 * v - u64::from(s == 0) - u64::from(s + 1 == p);
@@ -1160,7 +1170,6 @@ impl Eval<'_> {
         let edgroup = [base, base + (ed - 1) * experts.stride * ep];
         let gate_group = [base, grid.rank(t - 1, grid.data - 1, s)];
         let gate_size = grid.world / p;
-        let all_to_all = layers.all_to_all.clone();
         let traffic = Traffic {
             tensor_allreduce_bytes: tensor_bytes.saturating_mul(micro_batches),
             all_to_all_bytes: all_to_all
@@ -1232,7 +1241,6 @@ impl Eval<'_> {
         } else {
             0.0
         };
-        let a2a_s = layers.a2a_s;
         let time = StageTime {
             compute_s,
             tensor_s,
