@@ -396,6 +396,35 @@ fn override_diagnostics_point_at_the_model_not_at_the_first_line() {
     );
 }
 
+/// `plan --megatron core_v0.19` says what the emitted train.sh's fallback to Megatron's local
+/// attention (no Transformer Engine) adds to its memory; other targets have no such line.
+#[test]
+fn plan_for_megatron_core_shows_the_local_attention_memory() {
+    let out = fmoec(&[
+        "plan",
+        "--megatron",
+        "core_v0.19",
+        "examples/mixtral-8x7b.fmoe",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "without Transformer Engine (train.sh falls back to Megatron's local attention"
+        ),
+        "{stdout}"
+    );
+    // 5 × 67,108,864 × 8 × 4 + 2 × 67,108,864 bytes (tests/plan_costs.rs) = 10.12 GiB
+    assert!(stdout.contains("up to 10.12 GiB more"), "{stdout}");
+    let v22 = fmoec(&["plan", "examples/mixtral-8x7b.fmoe"]);
+    assert!(!String::from_utf8_lossy(&v22.stdout).contains("without Transformer Engine"));
+}
+
 /// `plan --megatron VERSION` plans the training `emit --megatron VERSION` writes: what the
 /// target cannot train is refused by both, with the same diagnostic and exit code, and no
 /// plan is printed.

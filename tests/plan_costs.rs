@@ -619,6 +619,11 @@ fn mixtral_memory_for_megatron_core_by_hand() {
     assert_eq!(m.weights, 1_526_595_584);
     assert_eq!(m.grads, 3_053_191_168);
     assert_eq!(m.optimizer, 8_807_645_184);
+    // Without Transformer Engine the local attention keeps, per layer and micro-batch in
+    // flight, 32/8 heads × 4096² probabilities (2 B), their dropout mask (1 B) and output
+    // (2 B): 5 × 67,108,864 × 8 layers × 4 in flight, plus one shared 2 B score buffer.
+    assert_eq!(m.in_flight, 4);
+    assert_eq!(m.unfused_attention, 5 * 67_108_864 * 8 * 4 + 2 * 67_108_864);
     // the expert groups are Megatron-Core's: expert-parallel ranks 8 apart (the expert-tensor
     // ranks in between), each rank holding 4 of the 8 experts, an eighth of each
     assert_eq!(p.groups.expert[0], vec![0, 8]);
@@ -630,6 +635,7 @@ fn mixtral_memory_for_megatron_core_by_hand() {
     let v22 = plan::build(&c).unwrap();
     assert!(v22.megatron_core.is_none());
     assert_eq!(v22.stages[0].cost.memory.model, MemoryModel::Megatron);
+    assert_eq!(v22.stages[0].cost.memory.unfused_attention, 0);
     assert_eq!(
         v22.stages[0].cost.params.sharded,
         58_327_040 + 768 * 4096 / 8

@@ -127,6 +127,16 @@ pub struct Memory {
     pub total: u64,
     /// The GPU's memory, for comparison.
     pub capacity: u64,
+    /// Megatron-Core only (0 for the other models): what its local attention keeps beyond
+    /// `total` when Transformer Engine is missing and the emitted `train.sh` falls back to
+    /// Megatron's local modules: each layer's attention probabilities, their dropout mask and
+    /// output for the micro-batches in flight, and the one score buffer they share.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unfused_attention: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Memory {
@@ -555,19 +565,27 @@ fn block_activations_fmoec(c: &Checked, layer: usize, a: u64, sb: u64) -> u64 {
     u64::try_from(attention + ffn).unwrap_or(u64::MAX)
 }
 
+/// Attention scores of one block for one micro-batch on one tensor rank (`heads/t` heads of
+/// `seq × seq` for each of the micro-batch's sequences), in elements; saturating.
+fn attention_scores(c: &Checked, grid: &Grid, seq: u64, sb: u64) -> u64 {
+    let w = |x: u64| x as u128;
+    let scores = w(c.model.attention.heads) * w(seq) * w(sb) / w(grid.tensor);
+    u64::try_from(scores).unwrap_or(u64::MAX)
+}
+
 /// Activation bytes of one block for one micro-batch on one rank (see README.md, "`fmoec plan`").
 fn block_activations(c: &Checked, layer: usize, grid: &Grid, a: u64, seq: u64, sb: u64) -> u64 {
     // u128: attention scores grow with seq², and the planner must not overflow on
     // whatever sizes a file declares (the result saturates instead).
     let w = |x: u64| x as u128;
     let m = &c.model;
-    let (a, seq, sb, t, h) = (w(a), w(seq), w(sb), w(grid.tensor), w(m.width));
+    let scores = w(attention_scores(c, grid, seq, sb));
+    let (a, sb, t, h) = (w(a), w(sb), w(grid.tensor), w(m.width));
     let att = &m.attention;
     let q = w(att.heads) * w(att.head_dim);
     let kv = w(att.kv_heads) * w(att.head_dim);
     // Norm inputs (2), QKV input, Q K V, attention scores: softmax output, dropout mask
     // (1 byte), dropout output; projection input; dropout mask (1 byte).
-    let scores = w(att.heads) * seq * sb / t;
     let attention = 2 * a * sb * h
         + a * sb * h
         + a * sb * (q + 2 * kv) / t
@@ -795,6 +813,8 @@ struct StageLayers {
     exchanges: Vec<LayerExchange>,
     a2a_s: f64,
     act: u64,
+    /// Attention scores (elements) of one micro-batch over the stage's layers, on one rank.
+    scores: u64,
     tensor_msgs: u64,
 }
 
@@ -812,7 +832,7 @@ impl Eval<'_> {
     fn stage(&self, s: u64) -> StageCost {
         let mut work = self.stage_work(s);
         let layers = self.stage_layers(s, &mut work);
-        let memory = self.stage_memory(s, &work, layers.act);
+        let memory = self.stage_memory(s, &work, layers.act, layers.scores);
         let StageLayers {
             all_to_all,
             exchanges,
@@ -939,6 +959,7 @@ impl Eval<'_> {
             exchanges: Vec::new(),
             a2a_s: 0.0,
             act: 0,
+            scores: 0,
             tensor_msgs: 0,
         };
         // The groups of tensor rank 0 of this stage, as (lowest, highest) rank: they
@@ -953,6 +974,9 @@ impl Eval<'_> {
                     block_activations_core(c, layer, grid, experts, a, tokens)
                 }
             });
+            out.scores = out
+                .scores
+                .saturating_add(attention_scores(c, grid, self.seq_len, tokens));
             // Attention output, forward and backward.
             out.tensor_msgs += 2;
             match &m.layers[layer].ffn {
@@ -1075,8 +1099,9 @@ impl Eval<'_> {
     }
 
     /// Stage `s`'s memory per rank: weights, gradients, optimizer state, and the activations
-    /// of the micro-batches in flight (`act` each).
-    fn stage_memory(&self, s: u64, w: &StageWork, act: u64) -> Memory {
+    /// of the micro-batches in flight (`act` each; `scores` attention scores each, which
+    /// only Megatron-Core's local attention keeps).
+    fn stage_memory(&self, s: u64, w: &StageWork, act: u64, scores: u64) -> Memory {
         let (p, v, micro_batches) = (self.grid.pipeline, self.v(), self.micro_batches);
         let (model, precision, rp) = (self.model, self.precision, &w.rp);
         let pb = precision.param_bytes();
@@ -1118,6 +1143,25 @@ impl Eval<'_> {
             rp.total.saturating_mul(optimizer_b)
         };
         let activations = act.saturating_mul(in_flight) / v;
+        // Megatron-Core's local attention (no Transformer Engine): per layer the probabilities
+        // (a bytes), the dropout mask (1) and its output (a), as Megatron-LM v2.2 keeps them,
+        // and one score buffer of a layer (`a` bytes) that every layer reuses.
+        let unfused_attention = match model {
+            MemoryModel::MegatronCore => {
+                let layers = self.c.model.layers.iter().enumerate();
+                let one_layer = layers
+                    .filter(|&(l, _)| self.stage_of(l) == s)
+                    .map(|_| attention_scores(self.c, self.grid, self.seq_len, self.tokens))
+                    .max()
+                    .unwrap_or(0);
+                (2 * self.a + 1)
+                    .saturating_mul(scores)
+                    .saturating_mul(in_flight)
+                    / v
+                    + self.a.saturating_mul(one_layer)
+            }
+            MemoryModel::Megatron | MemoryModel::Fmoec => 0,
+        };
         Memory {
             model,
             weights,
@@ -1131,6 +1175,7 @@ impl Eval<'_> {
                 .saturating_add(optimizer)
                 .saturating_add(activations),
             capacity: self.c.parallel.hardware.memory_bytes,
+            unfused_attention,
         }
     }
 

@@ -228,6 +228,25 @@ fn memory(o: &mut String, plan: &ParallelPlan) {
             100.0 * m.total as f64 / m.capacity.max(1) as f64
         );
     }
+    // Megatron-Core's figures assume Transformer Engine's fused attention; the emitted
+    // train.sh falls back to the local modules without it, which keep the scores.
+    if let Some(worst) = plan
+        .stages
+        .iter()
+        .map(|s| &s.cost.memory)
+        .filter(|m| m.unfused_attention > 0)
+        .max_by_key(|m| m.total.saturating_add(m.unfused_attention))
+    {
+        let total = worst.total.saturating_add(worst.unfused_attention);
+        let _ = writeln!(
+            o,
+            "  without Transformer Engine (train.sh falls back to Megatron's local attention, which keeps\n  \
+             the attention probabilities, their dropout mask and output): up to {} more, {} ({:.1}% of GPU)",
+            bytes(worst.unfused_attention),
+            bytes(total),
+            100.0 * total as f64 / worst.capacity.max(1) as f64
+        );
+    }
 }
 
 /// Parameters per rank by kind, by stage.
