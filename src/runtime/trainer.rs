@@ -659,20 +659,25 @@ impl<'a> Trainer<'a> {
             });
         };
         let at = format!("step {}", self.step + 1);
+        // every parameter with its kind, and with how tensor parallelism splits it
+        let tensors = &self.model.store.params;
         let params: Vec<(ParamKind, &Tensor)> = self
             .kinds
             .iter()
-            .zip(&self.model.store.params)
+            .zip(tensors)
             .map(|(k, p)| (*k, &p.tensor))
             .collect();
+        let with_split: Vec<(ParamKind, TensorSplit, &Tensor)> = self
+            .kinds
+            .iter()
+            .zip(&self.splits)
+            .zip(tensors)
+            .map(|((k, s), p)| (*k, *s, &p.tensor))
+            .collect();
+        let partial: Vec<(TensorSplit, &Tensor)> =
+            with_split.iter().map(|&(_, s, t)| (s, t)).collect();
         let norm = if c.stages() > 1 {
             if self.tensor > 1 {
-                let partial: Vec<(TensorSplit, &Tensor)> = self
-                    .splits
-                    .iter()
-                    .zip(&self.model.store.params)
-                    .map(|(s, p)| (*s, &p.tensor))
-                    .collect();
                 sum_partial_gradients(c.groups.tensor(), &partial, &at)?;
             }
             reduce_gradients(&c.groups, &params, &at)?;
@@ -690,13 +695,6 @@ impl<'a> Trainer<'a> {
                     .collect();
                 sum_tied_gradients(c.groups.embedding(), &tied, &at)?;
             }
-            let with_split: Vec<(ParamKind, TensorSplit, &Tensor)> = self
-                .kinds
-                .iter()
-                .zip(&self.splits)
-                .zip(&self.model.store.params)
-                .map(|((k, s), p)| (*k, *s, &p.tensor))
-                .collect();
             clip_global_norm_pipeline(
                 &c.groups,
                 c.groups.tensor(),
@@ -706,21 +704,8 @@ impl<'a> Trainer<'a> {
                 &at,
             )?
         } else if self.tensor > 1 {
-            let partial: Vec<(TensorSplit, &Tensor)> = self
-                .splits
-                .iter()
-                .zip(&self.model.store.params)
-                .map(|(s, p)| (*s, &p.tensor))
-                .collect();
             sum_partial_gradients(c.groups.tensor(), &partial, &at)?;
             reduce_gradients(&c.groups, &params, &at)?;
-            let with_split: Vec<(ParamKind, TensorSplit, &Tensor)> = self
-                .kinds
-                .iter()
-                .zip(&self.splits)
-                .zip(&self.model.store.params)
-                .map(|((k, s), p)| (*k, *s, &p.tensor))
-                .collect();
             clip_global_norm_tensor_parallel(
                 &c.groups,
                 c.groups.tensor(),
