@@ -16,5 +16,5 @@ cp -r /tmp/fp8 /tmp/o1/g
 OUT=/tmp/o2 FMOEC=$F STEPS=profile PROFILE_SHAPE=S1 FMOEC_FP8_COLUMN_MAXIMA=0 \
     bash "$D/device-fp8.sh" > "$O/c2.log" 2>&1
 cat /tmp/o2/ncu-fp8.txt
-OUT=/tmp/o3 FMOEC=$F CONFIGS="1e-4:100:1234" bash "$D/device-fp8-mixtral-seeds.sh" 2>&1 | tail -6
+OUT=/tmp/o3 FMOEC=$F CONFIGS="1e-4:100:1234" bash "$D/device-fp8-accuracy.sh" 2>&1 | tail -6
 tar czf "$O/maxima.tgz" /tmp/o1 /tmp/o2 /tmp/o3 2>/dev/null; ls -la "$O"
