@@ -15,9 +15,9 @@
 # ALT_ONCE (default "S3 F0") once per binary; nvidia-smi's SM clock, power and throttle
 # reasons sampled during each process); with BASELINE, `tiny` also runs the baseline's fp8
 # and compares its per-step losses with $FMOEC's bit for bit;
-# TINY_STEPS (300), TINY_PRECISIONS (bf16 fp8 fp8-dense), E2E_STEPS (6), E2E_LONG (25: the
-# bf16 and fp8 runs whose losses are compared), ITERS (20; `alternate` 30), BENCH_ARGS
-# (default: S1, S3, F0, balanced routing). Results under $OUT.
+# TINY_FILE (examples/tiny.fmoe), TINY_STEPS (300), TINY_PRECISIONS (bf16 fp8 fp8-dense),
+# E2E_STEPS (6), E2E_LONG (25: the bf16 and fp8 runs whose losses are compared), ITERS (20;
+# `alternate` 30), BENCH_ARGS (default: S1, S3, F0, balanced routing). Results under $OUT.
 set -uo pipefail
 R="${OUT:-out-gpu}"; G=/tmp/fp8; rm -rf $G; mkdir -p "$R" $G/e2e $G/tiny
 FMOEC="${FMOEC:-.dev/fmoec}"
@@ -159,7 +159,7 @@ if has tiny; then
     for p in ${TINY_PRECISIONS:-bf16 fp8 fp8-dense}; do
         el "tiny $p"
         rm -rf /tmp/tiny-$p
-        FMOEC_FP8_EXPERTS=all "$FMOEC" run examples/tiny.fmoe --device cuda --precision $p --quiet \
+        FMOEC_FP8_EXPERTS=all "$FMOEC" run "${TINY_FILE:-examples/tiny.fmoe}" --device cuda --precision $p --quiet \
             --steps "${TINY_STEPS:-300}" --out /tmp/tiny-$p > $G/tiny/$p.log 2>&1
         echo "tiny $p exit $?"; grep -iE "error|warning|note" $G/tiny/$p.log | head -3
         cp /tmp/tiny-$p/metrics.jsonl $G/tiny/$p.metrics.jsonl 2>/dev/null
@@ -169,7 +169,7 @@ if has tiny; then
         # the baseline binary's fp8 run from the same seed: its losses against this build's
         el "tiny fp8, baseline"
         rm -rf /tmp/tiny-base-fp8
-        FMOEC_FP8_EXPERTS=all "$BASELINE" run examples/tiny.fmoe --device cuda --precision fp8 --quiet \
+        FMOEC_FP8_EXPERTS=all "$BASELINE" run "${TINY_FILE:-examples/tiny.fmoe}" --device cuda --precision fp8 --quiet \
             --steps "${TINY_STEPS:-300}" --out /tmp/tiny-base-fp8 > $G/tiny/base-fp8.log 2>&1
         echo "tiny fp8 (baseline) exit $?"
         cp /tmp/tiny-base-fp8/metrics.jsonl $G/tiny/base-fp8.metrics.jsonl 2>/dev/null

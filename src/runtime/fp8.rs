@@ -75,7 +75,7 @@ thread_local! {
 /// On this thread, every activation between FP8 expert matmuls fused with the second matmul
 /// (`Some(true)`: its output computed again on load by the weight gradient, never kept),
 /// none (`Some(false)`: the output written and kept, as before), or as the defaults and
-/// `FMOEC_FP8_SWIGLU_ON_LOAD` say (`None`): for the tests and checks that compare the two.
+/// `FMOEC_FP8_ACT_ON_LOAD` say (`None`): for the tests and checks that compare the two.
 pub fn activation_on_load_on_this_thread(on: Option<bool>) {
     ACT_ON_LOAD.with(|f| f.set(on));
 }
@@ -1273,13 +1273,16 @@ mod ops {
     }
 
     /// Whether the experts take `act` with [`activation_mm`] (else [`activation`] then
-    /// [`grouped_mm`]): GELU and ReLU always; SwiGLU, whose transposed copy reads both of its
-    /// inputs again, with `FMOEC_FP8_SWIGLU_ON_LOAD=1`; on this thread as
-    /// [`super::activation_on_load_on_this_thread`] says, if it does.
+    /// [`grouped_mm`]): by default GELU and ReLU, not SwiGLU (its transposed copy reads both
+    /// of its inputs again); `FMOEC_FP8_ACT_ON_LOAD=1` every activation, `=0` none; on this
+    /// thread as [`super::activation_on_load_on_this_thread`] says, if it does.
     pub fn fuses_activation(act: Fp8Act) -> bool {
         super::ACT_ON_LOAD.with(|f| f.get()).unwrap_or_else(|| {
-            act != Fp8Act::Swiglu
-                || std::env::var("FMOEC_FP8_SWIGLU_ON_LOAD").is_ok_and(|v| v == "1")
+            match std::env::var("FMOEC_FP8_ACT_ON_LOAD").as_deref() {
+                Ok("1") => true,
+                Ok("0") => false,
+                _ => act != Fp8Act::Swiglu,
+            }
         })
     }
 
