@@ -74,8 +74,8 @@ thread_local! {
 
 /// On this thread, every activation between FP8 expert matmuls fused with the second matmul
 /// (`Some(true)`: its output computed again on load by the weight gradient, never kept),
-/// none (`Some(false)`: the output written and kept, as before), or as the defaults and
-/// `FMOEC_FP8_ACT_ON_LOAD` say (`None`): for the tests and checks that compare the two.
+/// none (`Some(false)`: the output written and kept, the default), or as
+/// `FMOEC_FP8_ACT_ON_LOAD` says (`None`): for the tests and checks that compare the two.
 pub fn activation_on_load_on_this_thread(on: Option<bool>) {
     ACT_ON_LOAD.with(|f| f.set(on));
 }
@@ -1272,18 +1272,18 @@ mod ops {
         Ok(out)
     }
 
-    /// Whether the experts take `act` with [`activation_mm`] (else [`activation`] then
-    /// [`grouped_mm`]): by default GELU and ReLU, not SwiGLU (its transposed copy reads both
-    /// of its inputs again); `FMOEC_FP8_ACT_ON_LOAD=1` every activation, `=0` none; on this
-    /// thread as [`super::activation_on_load_on_this_thread`] says, if it does.
-    pub fn fuses_activation(act: Fp8Act) -> bool {
-        super::ACT_ON_LOAD.with(|f| f.get()).unwrap_or_else(|| {
-            match std::env::var("FMOEC_FP8_ACT_ON_LOAD").as_deref() {
-                Ok("1") => true,
-                Ok("0") => false,
-                _ => act != Fp8Act::Swiglu,
-            }
-        })
+    /// Whether the experts take their activation with [`activation_mm`] (else [`activation`]
+    /// then [`grouped_mm`]): with `FMOEC_FP8_ACT_ON_LOAD=1`, or on this thread as
+    /// [`super::activation_on_load_on_this_thread`] says. Off by default: it keeps the
+    /// activation's output (S1: 0.94 GB of bf16) out of memory from the forward to the
+    /// backward, but on an H100 the S1 GELU
+    /// layer ran 0.8 ms slower with it (the passes compute GELU's erf three times instead
+    /// of once and are bound by that arithmetic, not by the bytes they no longer write), and
+    /// SwiGLU's within the run-to-run spread (BENCHMARKS.md 2026-12-06 11:17 UTC).
+    pub fn fuses_activation() -> bool {
+        super::ACT_ON_LOAD
+            .with(|f| f.get())
+            .unwrap_or_else(|| std::env::var("FMOEC_FP8_ACT_ON_LOAD").is_ok_and(|v| v == "1"))
     }
 
     /// The activation between the expert matmuls and the second matmul in one node:

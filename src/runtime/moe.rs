@@ -1076,7 +1076,7 @@ impl Experts {
         #[cfg(feature = "cuda")]
         if let Some(act) = self.fp8_activation(h3.is_some(), plan) {
             use crate::runtime::fp8::{activation_mm, fuses_activation};
-            if fuses_activation(act) {
+            if fuses_activation() {
                 // the activation's output is never written in bf16 nor kept for the backward
                 let y = activation_mm(&h, h3.as_ref(), act, &self.w2, &plan.offsets)?;
                 return self.bias_then(y, &self.b2, plan, None, fused);
