@@ -18,6 +18,10 @@
 //! - [`quant_transposed`] stacked: `G` equal groups (an expert's weight) → `[G, C, len]` with
 //!   `[G, C]` scales (a weight's forward operand, as the matmul wants it column-major).
 //!
+//! The activation's output can also exist only as FP8: [`act_quant_rows_only`] writes its
+//! rows without the output, and [`act_quant_transposed`] makes its transposed copy from the
+//! activation's input, computing the activation on load (the same bits).
+//!
 //! The row-wise passes can also return the column maxima of each row group
 //! ([`ColumnMaxima`]), which the transposed copy of the same tensor then takes instead of a
 //! pass of its own over the tensor.
