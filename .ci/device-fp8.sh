@@ -5,13 +5,19 @@
 # examples/tiny.fmoe in bf16 and fp8 from the same seed (per-step losses, one PNG), and the
 # GPT-2-medium-MoE example on one GPU in bf16 and fp8 (tokens/s, MFU over the bf16 peak,
 # losses, peak nvidia-smi memory beside the planner's estimate). Needs the CUDA build at
-# $FMOEC (default .dev/fmoec). STEPS (default "check bench tiny e2e") picks steps, and two
+# $FMOEC (default .dev/fmoec). STEPS (default "check bench tiny e2e") picks steps, and
 # more: `precise` (the bench's fp8 rows again with FMOEC_FP8_FAST_ACCUM=0), `variants` (the
 # bench again for each of VARIANTS="NAME:VAR=VALUE,..." and the binary at BASELINE) and `profile`
-# (Nsight Compute kernel durations of the fp8 layer at PROFILE_SHAPE, default F0);
-# TINY_STEPS (300), E2E_STEPS (6), E2E_LONG (25: the bf16 and fp8 runs whose losses are
-# compared), ITERS (20), BENCH_ARGS (default: S1, S3, F0, balanced routing). Results under
-# $OUT.
+# (Nsight Compute kernel durations of the fp8 layer at PROFILE_SHAPE, default F0), and
+# `alternate` (the fmoec and fmoec-fp8 rows of ALT_SHAPE, default S1, from the binary at
+# BASELINE and from $FMOEC in turn, ALT_ROUNDS times (default 2), each in its own process, and
+# after each of $FMOEC's also each of ALT_VARIANTS="NAME:VAR=VALUE,..."; then each of
+# ALT_ONCE (default "S3 F0") once per binary; nvidia-smi's SM clock, power and throttle
+# reasons sampled during each process); with BASELINE, `tiny` also runs the baseline's fp8
+# and compares its per-step losses with $FMOEC's bit for bit;
+# TINY_FILE (examples/tiny.fmoe), TINY_STEPS (300), TINY_PRECISIONS (bf16 fp8 fp8-dense),
+# E2E_STEPS (6), E2E_LONG (25: the bf16 and fp8 runs whose losses are compared), ITERS (20;
+# `alternate` 30), BENCH_ARGS (default: S1, S3, F0, balanced routing). Results under $OUT.
 set -uo pipefail
 R="${OUT:-out-gpu}"; G=/tmp/fp8; rm -rf $G; mkdir -p "$R" $G/e2e $G/tiny
 FMOEC="${FMOEC:-.dev/fmoec}"
@@ -60,6 +66,55 @@ if has variants; then
     done
 fi
 
+# alt NAME BIN SHAPE [VAR=VALUE...]: one bench process of the fmoec and fmoec-fp8 rows of SHAPE,
+# with nvidia-smi sampled every 50 ms meanwhile (busy samples: over 300 W)
+alt() {
+    local name=$1 bin=$2 shape=$3; shift 3
+    el "bench $shape, $name ${*:-}"
+    nvidia-smi --query-gpu=clocks.sm,power.draw,clocks_event_reasons.active --format=csv,noheader,nounits \
+        -lms 50 > $G/alt-$name.smi 2>/dev/null &
+    local smi=$!
+    env "$@" timeout 90 "$bin" bench moe --device cuda --dtype fp8 --impl fmoec --impl fmoec-fp8 \
+        --shape "$shape" --routing balanced --iters "${ITERS:-30}" --warmup 3 \
+        > $G/alt-$name.txt 2> $G/alt-$name.progress
+    echo "bench ($name) exit $?"
+    kill $smi; wait $smi 2>/dev/null
+    grep -E "^ *$shape" $G/alt-$name.txt
+    python3 - $G/alt-$name.smi <<'PY'
+import statistics, sys
+rows = []
+for l in open(sys.argv[1]):
+    p = [x.strip() for x in l.split(",")]
+    try:
+        rows.append((float(p[0]), float(p[1]), p[2]))
+    except (ValueError, IndexError):
+        pass
+busy = [r for r in rows if r[1] > 300]
+if busy:
+    print(f"  nvidia-smi: {len(busy)} busy samples of {len(rows)}: SM clock median "
+          f"{statistics.median(r[0] for r in busy):.0f} MHz (min {min(r[0] for r in busy):.0f}), "
+          f"power median {statistics.median(r[1] for r in busy):.0f} W, throttle reasons "
+          f"{sorted(set(r[2] for r in busy))}")
+PY
+}
+
+if has alternate; then
+    shape=${ALT_SHAPE:-S1}
+    for round in $(seq 1 "${ALT_ROUNDS:-2}"); do
+        [ -n "${BASELINE:-}" ] && alt base-$shape-$round "$BASELINE" $shape
+        alt new-$shape-$round "$FMOEC" $shape
+        for v in ${ALT_VARIANTS:-}; do
+            envs=${v#*:}
+            # shellcheck disable=SC2086
+            alt ${v%%:*}-$shape-$round "$FMOEC" $shape ${envs//,/ }
+        done
+    done
+    for once in ${ALT_ONCE:-S3 F0}; do
+        [ -n "${BASELINE:-}" ] && alt base-$once "$BASELINE" $once
+        alt new-$once "$FMOEC" $once
+    done
+fi
+
 if has precise; then
     el "bench, precise accumulation"
     # shellcheck disable=SC2086
@@ -101,15 +156,40 @@ if has tiny; then
     # the same seed and data in bf16 and in fp8 (the tiny experts are too narrow for FP8 to
     # pay, so FMOEC_FP8_EXPERTS=all forces it, to see its accuracy), and fp8 with the dense
     # matmuls too
-    for p in bf16 fp8 fp8-dense; do
+    for p in ${TINY_PRECISIONS:-bf16 fp8 fp8-dense}; do
         el "tiny $p"
         rm -rf /tmp/tiny-$p
-        FMOEC_FP8_EXPERTS=all "$FMOEC" run examples/tiny.fmoe --device cuda --precision $p --quiet \
+        FMOEC_FP8_EXPERTS=all "$FMOEC" run "${TINY_FILE:-examples/tiny.fmoe}" --device cuda --precision $p --quiet \
             --steps "${TINY_STEPS:-300}" --out /tmp/tiny-$p > $G/tiny/$p.log 2>&1
         echo "tiny $p exit $?"; grep -iE "error|warning|note" $G/tiny/$p.log | head -3
         cp /tmp/tiny-$p/metrics.jsonl $G/tiny/$p.metrics.jsonl 2>/dev/null
         cp /tmp/tiny-$p/summary.json $G/tiny/$p.summary.json 2>/dev/null
     done
+    if [ -n "${BASELINE:-}" ]; then
+        # the baseline binary's fp8 run from the same seed: its losses against this build's
+        el "tiny fp8, baseline"
+        rm -rf /tmp/tiny-base-fp8
+        FMOEC_FP8_EXPERTS=all "$BASELINE" run "${TINY_FILE:-examples/tiny.fmoe}" --device cuda --precision fp8 --quiet \
+            --steps "${TINY_STEPS:-300}" --out /tmp/tiny-base-fp8 > $G/tiny/base-fp8.log 2>&1
+        echo "tiny fp8 (baseline) exit $?"
+        cp /tmp/tiny-base-fp8/metrics.jsonl $G/tiny/base-fp8.metrics.jsonl 2>/dev/null
+        python3 - <<'PY'
+import json
+try:
+    new = [json.loads(l) for l in open("/tmp/fp8/tiny/fp8.metrics.jsonl")]
+    base = [json.loads(l) for l in open("/tmp/fp8/tiny/base-fp8.metrics.jsonl")]
+except OSError as e:
+    print("tiny fp8 against the baseline: no metrics", e)
+else:
+    n = min(len(new), len(base))
+    same = sum(a["loss"] == b["loss"] for a, b in zip(new[:n], base[:n]))
+    first = next((a["step"] for a, b in zip(new[:n], base[:n]) if a["loss"] != b["loss"]), None)
+    big = max((abs(a["loss"] - b["loss"]) for a, b in zip(new[:n], base[:n])), default=0.0)
+    print(f"tiny fp8 against the baseline: {n} steps ({len(new)} and {len(base)}), {same} losses "
+          f"bit-identical, first differing step {first}, largest difference {big:.3g}; last "
+          f"{new[n-1]['loss']:.6f} and {base[n-1]['loss']:.6f}")
+PY
+    fi
     python3 - "$R" <<'PY'
 import json, sys
 out = sys.argv[1]

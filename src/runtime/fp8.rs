@@ -69,6 +69,15 @@ pub fn mode_for(device: Device) -> Result<Fp8Mode> {
 thread_local! {
     static EMULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static EXPERTS_FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    static ACT_ON_LOAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// On this thread, every activation between FP8 expert matmuls fused with the second matmul
+/// (`Some(true)`: its output computed again on load by the weight gradient, never kept),
+/// none (`Some(false)`: the output written and kept, the default), or as
+/// `FMOEC_FP8_ACT_ON_LOAD` says (`None`): for the tests and checks that compare the two.
+pub fn activation_on_load_on_this_thread(on: Option<bool>) {
+    ACT_ON_LOAD.with(|f| f.set(on));
 }
 
 /// On this thread, every MoE layer's experts in FP8 (`Some(true)`), none (`Some(false)`), or
@@ -154,10 +163,11 @@ mod ops {
     pub use crate::runtime::cuda::kernels::Fp8ActGrad;
     use crate::runtime::cuda::ops::{gather_rows, sum_rows, swiglu_backward};
     use crate::runtime::cuda::quant::{
-        act_grad_quant_rows, act_quant_rows, column_maxima_reference, gather_quant_rows,
-        overflow_counter, quant_rows, quant_rows_into, quant_rows_with_maxima, quant_transposed,
-        quant_transposed_into, reduce_maxima_on_this_thread, side_by_side_positions, ColumnMaxima,
-        Fp8, MaximaReduction, Transposed,
+        act_grad_quant_rows, act_quant_rows, act_quant_rows_only, act_quant_transposed,
+        column_maxima_reference, gather_quant_rows, overflow_counter, quant_rows, quant_rows_into,
+        quant_rows_with_maxima, quant_transposed, quant_transposed_into,
+        reduce_maxima_on_this_thread, side_by_side_positions, ColumnMaxima, Fp8, MaximaReduction,
+        Transposed,
     };
 
     /// How a master weight holds the matmul's `W` (`[K, N]`: `x · W`).
@@ -325,6 +335,11 @@ mod ops {
         /// What the passes over an expert matmul's operand left for its weight gradient
         /// (see [`OperandExtras`]).
         extras: Vec<OperandExtras>,
+        /// For the activation fused with the second matmul ([`activation_mm`]): the column
+        /// maxima of the activation's output that its forward pass raised, kept by the
+        /// activation's input (the output itself is not kept) until the backward's transposed
+        /// copy of the output takes them.
+        act_maxima: Vec<(Tensor, ColumnMaxima)>,
         /// How many weight gradients took column maxima from a pass before them (for the
         /// tests).
         maxima_used: u64,
@@ -408,6 +423,7 @@ mod ops {
             s.in_step = true;
             s.prequantized.clear();
             s.extras.clear();
+            s.act_maxima.clear();
             let devices: Vec<Device> = s.weights.values().map(|w| w.master.device()).collect();
             for d in devices {
                 let _ = s.counter(d)?;
@@ -610,7 +626,7 @@ mod ops {
     /// How many tensors' column maxima or transposed copies are kept for weight gradients
     /// still to come (this thread's CPU work and the GPU's; none once a backward is done).
     pub fn operand_extras_held() -> usize {
-        each_state(|s| -> Result<usize> { Ok(s.extras.len()) })
+        each_state(|s| -> Result<usize> { Ok(s.extras.len() + s.act_maxima.len()) })
             .map(|(cpu, gpu)| cpu + gpu)
             .unwrap_or(0)
     }
@@ -734,6 +750,9 @@ mod ops {
         Act(Fp8Act),
         /// The combine, whose backward writes the FP8 rows of the experts' output gradient.
         Combine,
+        /// The activation and the second expert matmul as one node: the activation's output
+        /// exists only as its FP8 rows (forward) and its transposed FP8 copy (backward).
+        ActGrouped(Fp8Act),
     }
 
     impl Fp8Op {
@@ -748,14 +767,9 @@ mod ops {
                     } << 8)
                 }
                 Fp8Op::Dispatch { k } => 3 | (k << 8),
-                Fp8Op::Act(a) => {
-                    4 | (match a {
-                        Fp8Act::Gelu => 0,
-                        Fp8Act::Relu => 1,
-                        Fp8Act::Swiglu => 2,
-                    } << 8)
-                }
+                Fp8Op::Act(a) => 4 | (a.code() << 8),
                 Fp8Op::Combine => 5,
+                Fp8Op::ActGrouped(a) => 6 | (a.code() << 8),
             }
         }
 
@@ -769,16 +783,57 @@ mod ops {
                     _ => bail!("FP8 op {code}: unknown layout"),
                 }),
                 3 => Fp8Op::Dispatch { k: param },
-                4 => Fp8Op::Act(match param {
-                    0 => Fp8Act::Gelu,
-                    1 => Fp8Act::Relu,
-                    2 => Fp8Act::Swiglu,
-                    _ => bail!("FP8 op {code}: unknown activation"),
-                }),
+                4 => Fp8Op::Act(act_of_code(code)?),
                 5 => Fp8Op::Combine,
+                6 => Fp8Op::ActGrouped(act_of_code(code)?),
                 _ => bail!("unknown FP8 op {code}"),
             })
         }
+    }
+
+    /// An activation's op-code parameter.
+    trait ActCode {
+        fn code(self) -> i64;
+    }
+
+    impl ActCode for Fp8Act {
+        fn code(self) -> i64 {
+            match self {
+                Fp8Act::Gelu => 0,
+                Fp8Act::Relu => 1,
+                Fp8Act::Swiglu => 2,
+            }
+        }
+    }
+
+    /// The activation of an op code's parameter.
+    fn act_of_code(code: i64) -> Result<Fp8Act> {
+        Fp8Act::ALL
+            .into_iter()
+            .find(|a| a.code() == code >> 8)
+            .with_context(|| format!("FP8 op {code}: unknown activation"))
+    }
+
+    /// The FP8 rows of an expert matmul's output gradient `g` (rows in groups ending at
+    /// `ends`, from `limit` on past them): the ones the combine's backward or the activation's
+    /// backward wrote, else quantised here, with the column maxima of its groups for the
+    /// weight gradient when `for_weight` (then kept for [`transposed_operand`]).
+    fn gradient_rows(
+        g: &Tensor,
+        ends: &Tensor,
+        limit: &Tensor,
+        overflow: &Tensor,
+        for_weight: bool,
+    ) -> Result<Fp8> {
+        Ok(match prequantized(g, true) {
+            Some(gq) => gq,
+            None if for_weight => {
+                let (gq, maxima) = quant_rows_with_maxima(g, Some(limit), Some(overflow), ends)?;
+                remember_maxima(g, maxima, 1);
+                gq
+            }
+            None => quant_rows(g, Some(limit), Some(overflow))?,
+        })
     }
 
     fn run_op(op: Fp8Op, phase: Phase, inputs: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
@@ -815,16 +870,7 @@ mod ops {
                 // the combine's backward wrote the FP8 rows of the second matmul's gradient, and
                 // the activation's backward (GELU, ReLU) those of the first's; elsewhere (the
                 // two of SwiGLU) the row-wise pass raises the column maxima too
-                let gq = match prequantized(&g, true) {
-                    Some(gq) => gq,
-                    None if w.requires_grad() => {
-                        let (gq, maxima) =
-                            quant_rows_with_maxima(&g, Some(&limit), Some(&o), ends)?;
-                        remember_maxima(&g, maxima, 1);
-                        gq
-                    }
-                    None => quant_rows(&g, Some(&limit), Some(&o))?,
-                };
+                let gq = gradient_rows(&g, ends, &limit, &o, w.requires_grad())?;
                 let gx = if xs.requires_grad() {
                     let gx = weight_copies(w, WeightLayout::Experts, |c| {
                         grouped(&gq, &c.dgrad()?, ends, fast_accum())
@@ -934,25 +980,84 @@ mod ops {
                 if !g.defined() {
                     return Ok(vec![None, None, None]);
                 }
-                let g = g.f_to_kind(a.kind())?.f_contiguous()?;
-                let one_input = match act {
-                    Fp8Act::Gelu => Fp8ActGrad::Gelu,
-                    Fp8Act::Relu => Fp8ActGrad::Relu,
-                    Fp8Act::Swiglu => {
-                        let (ga, gb) = swiglu_backward(a, b, &g)?;
-                        return Ok(vec![Some(ga), Some(gb), None]);
-                    }
-                };
-                // the backward's pass writes the FP8 rows (and column maxima) of the first
-                // matmul's output gradient; rows past the last group are zeros (nothing reads
-                // them)
+                let (ga, gb) = act_backward(act, a, b, ends, g)?;
+                Ok(vec![Some(ga), gb, None])
+            }
+            // the activation fused with the second matmul: a = h1 [N, H], b = h3 (SwiGLU) or
+            // unused, c = W2 [E, H, d], d = group ends [E] int32
+            (Fp8Op::ActGrouped(act), Phase::Forward) => {
+                let (a, w, ends) = (&inputs[0], &inputs[2], &inputs[3]);
+                let b = (act == Fp8Act::Swiglu).then_some(&inputs[1]);
                 let o = overflow(a.device())?;
                 let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
-                let (ga, q, maxima) =
-                    act_grad_quant_rows(a, &g, one_input, Some(&limit), Some(&o), Some(ends))?;
-                remember_prequantized(&ga, q);
-                remember_maxima(&ga, maxima, 1);
-                Ok(vec![Some(ga), None, None])
+                // the activation's FP8 rows alone: its output in bf16 is neither written nor
+                // kept (the weight gradient's transposed copy computes it again from `a`)
+                let col_ends = w.requires_grad().then_some(ends);
+                let (q, maxima) = act_quant_rows_only(a, b, act, Some(&limit), Some(&o), col_ends)?;
+                if let Some(maxima) = maxima {
+                    with_state(a.device(), |s| {
+                        s.act_maxima.push((a.shallow_clone(), maxima))
+                    });
+                }
+                let out = weight_copies(w, WeightLayout::Experts, |c| {
+                    grouped(&q, &c.forward()?, ends, fast_accum())
+                })?;
+                Ok(vec![Some(out.f_to_kind(a.kind())?)])
+            }
+            (Fp8Op::ActGrouped(act), Phase::Backward) => {
+                let (a, b, w, ends, g) =
+                    (&inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4]);
+                if !g.defined() {
+                    return Ok(vec![None, None, None, None]);
+                }
+                let o = overflow(a.device())?;
+                let (rows, _) = a.size2()?;
+                let groups = ends.size()[0];
+                let limit = ends.f_narrow(0, groups - 1, 1)?;
+                let g = g.f_contiguous()?;
+                let maxima = take_act_maxima(a);
+                // as the second matmul's backward: the output gradient's FP8 rows (the
+                // combine's backward wrote them), the activation's gradient, the weight's
+                let gq = gradient_rows(&g, ends, &limit, &o, w.requires_grad())?;
+                let gh = if a.requires_grad() || b.requires_grad() {
+                    let gh = weight_copies(w, WeightLayout::Experts, |c| {
+                        grouped(&gq, &c.dgrad()?, ends, fast_accum())
+                    })?;
+                    Some(gh.f_to_kind(a.kind())?)
+                } else {
+                    None
+                };
+                drop(gq);
+                let gw = if w.requires_grad() {
+                    let layout = Transposed::SideBySide {
+                        positions: side_by_side_positions(rows, groups),
+                    };
+                    if maxima.is_some() {
+                        with_state(a.device(), |s| s.maxima_used += 1);
+                    }
+                    let swiglu_b = (act == Fp8Act::Swiglu).then_some(b);
+                    let (at, pad_ends) = act_quant_transposed(
+                        a,
+                        swiglu_b,
+                        act,
+                        ends,
+                        layout,
+                        Some(&o),
+                        maxima.as_ref(),
+                    )?;
+                    let (bt, _) = transposed_operand(&g, ends, layout, &o)?;
+                    master_gradient(w, &grouped_weight_grad(&at, &bt, &pad_ends, fast_accum())?)?
+                } else {
+                    None
+                };
+                let (ga, gb) = match gh {
+                    Some(gh) => {
+                        let (ga, gb) = act_backward(act, a, b, ends, &gh)?;
+                        (Some(ga), gb)
+                    }
+                    None => (None, None),
+                };
+                Ok(vec![ga, gb, gw, None])
             }
             // combine: a = ys [N, d], b = weight [T, k] f32, c = slot_row [T·k], d = row_slot
             // [N], e = the expert groups' ends [E] int32
@@ -989,6 +1094,44 @@ mod ops {
                 Ok(vec![gys, gw, None, None, None])
             }
         }
+    }
+
+    /// The activation's backward: the gradient of `a` (and SwiGLU's of `b`) from the output's
+    /// `g`. GELU's and ReLU's pass writes the FP8 rows (and column maxima) of `a`'s gradient,
+    /// the first matmul's output gradient, for its backward; rows past the last group are
+    /// zeros (nothing reads them).
+    fn act_backward(
+        act: Fp8Act,
+        a: &Tensor,
+        b: &Tensor,
+        ends: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let g = g.f_to_kind(a.kind())?.f_contiguous()?;
+        let one_input = match act {
+            Fp8Act::Gelu => Fp8ActGrad::Gelu,
+            Fp8Act::Relu => Fp8ActGrad::Relu,
+            Fp8Act::Swiglu => {
+                let (ga, gb) = swiglu_backward(a, b, &g)?;
+                return Ok((ga, Some(gb)));
+            }
+        };
+        let o = overflow(a.device())?;
+        let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
+        let (ga, q, maxima) =
+            act_grad_quant_rows(a, &g, one_input, Some(&limit), Some(&o), Some(ends))?;
+        remember_prequantized(&ga, q);
+        remember_maxima(&ga, maxima, 1);
+        Ok((ga, None))
+    }
+
+    /// The column maxima of the activation's output that [`activation_mm`]'s forward raised
+    /// from `a`, forgotten here.
+    fn take_act_maxima(a: &Tensor) -> Option<ColumnMaxima> {
+        with_state(a.device(), |s| {
+            let at = s.act_maxima.iter().position(|(t, _)| same_tensor(t, a))?;
+            Some(s.act_maxima.swap_remove(at).1)
+        })
     }
 
     unsafe extern "C" fn fp8_callback(
@@ -1125,6 +1268,68 @@ mod ops {
         .context("FP8 activation")?;
         if !out.requires_grad() {
             forget_extras(&out);
+        }
+        Ok(out)
+    }
+
+    /// Whether the experts take their activation with [`activation_mm`] (else [`activation`]
+    /// then [`grouped_mm`]): with `FMOEC_FP8_ACT_ON_LOAD=1`, or on this thread as
+    /// [`super::activation_on_load_on_this_thread`] says. Off by default: it keeps the
+    /// activation's output (S1: 0.94 GB of bf16) out of memory from the forward to the
+    /// backward, but on an H100 the S1 GELU
+    /// layer ran 0.8 ms slower with it (the passes compute GELU's erf three times instead
+    /// of once and are bound by that arithmetic, not by the bytes they no longer write), and
+    /// SwiGLU's within the run-to-run spread (BENCHMARKS.md 2026-12-06 11:17 UTC).
+    pub fn fuses_activation() -> bool {
+        super::ACT_ON_LOAD
+            .with(|f| f.get())
+            .unwrap_or_else(|| std::env::var("FMOEC_FP8_ACT_ON_LOAD").is_ok_and(|v| v == "1"))
+    }
+
+    /// The activation between the expert matmuls and the second matmul in one node:
+    /// `act(h1) · w[e]` (SwiGLU: `(silu(h1) · h3) · w[e]`) for the rows of each expert group
+    /// (ending at `ends`), `w` the master `[E, H, d]`, in `h1`'s type, differentiable in
+    /// `h1`, `h3` and `w`. The same values as [`activation`] then [`grouped_mm`], bit for bit,
+    /// but the activation's output is never written in bf16 nor kept for the backward: the
+    /// forward's pass writes only its FP8 rows (and column maxima), and the weight
+    /// gradient's transposed copy computes it again from `h1` (and `h3`), which autograd
+    /// keeps anyway for the activation's backward.
+    pub fn activation_mm(
+        h1: &Tensor,
+        h3: Option<&Tensor>,
+        act: Fp8Act,
+        w: &Tensor,
+        ends: &Tensor,
+    ) -> Result<Tensor> {
+        if (act == Fp8Act::Swiglu) != h3.is_some() {
+            bail!(
+                "FP8 activation {act:?}: {} inputs",
+                1 + h3.is_some() as usize
+            );
+        }
+        let (_, k) = h1.size2()?;
+        let n = *w.size().last().unwrap_or(&0);
+        if k % 16 != 0 || n % 16 != 0 {
+            bail!("FP8 experts need widths that are multiples of 16 (here {k} → {n})");
+        }
+        let h1 = h1.f_contiguous()?;
+        let h3 = match h3 {
+            Some(h3) => h3.f_contiguous()?,
+            None => crate::runtime::cuda::autograd::unused()?,
+        };
+        let out = apply(
+            fp8_callback,
+            Fp8Op::ActGrouped(act).code(),
+            vec![
+                h1.shallow_clone(),
+                h3,
+                w.shallow_clone(),
+                ends.f_to_kind(Kind::Int)?,
+            ],
+        )
+        .context("FP8 activation and matmul")?;
+        if !out.requires_grad() {
+            let _ = take_act_maxima(&h1);
         }
         Ok(out)
     }
@@ -1390,12 +1595,42 @@ mod ops {
                 );
                 let want = quant_rows(&out.f_to_device(cpu)?, Some(&limit), None)?;
                 same(&mut c, label(&format!("{act:?} and rows")), &got, &want)?;
+                let out_cpu = out.f_to_device(cpu)?;
                 same_maxima(
                     &mut c,
                     label(&format!("{act:?}'s column maxima")),
                     maxima.as_ref(),
-                    &column_maxima_reference(&out.f_to_device(cpu)?, &ends)?,
+                    &column_maxima_reference(&out_cpu, &ends)?,
                 );
+                // the pass without its output: the same FP8 rows and maxima
+                let (got, maxima) =
+                    act_quant_rows_only(&a, b, act, Some(&limit_d), Some(&o), Some(&ed))?;
+                same(&mut c, label(&format!("{act:?} rows alone")), &got, &want)?;
+                same_maxima(
+                    &mut c,
+                    label(&format!("{act:?} alone's column maxima")),
+                    maxima.as_ref(),
+                    &column_maxima_reference(&out_cpu, &ends)?,
+                );
+                // the transposed copy of the output computed on load from the input(s): the
+                // reference's copy of the output the pass writes (uneven and empty groups;
+                // NaN past the last group, never read), with the pass's maxima and without
+                let (want, _) = quant_transposed(&out_cpu, &ends, layout, None, None)?;
+                let (got, _) =
+                    act_quant_transposed(&a, b, act, &ed, layout, Some(&o), maxima.as_ref())?;
+                same(
+                    &mut c,
+                    label(&format!("{act:?} transposed on load")),
+                    &got,
+                    &want,
+                )?;
+                let (got, _) = act_quant_transposed(&a, b, act, &ed, layout, Some(&o), None)?;
+                same(
+                    &mut c,
+                    label(&format!("{act:?} transposed, own maxima")),
+                    &got,
+                    &want,
+                )?;
             }
             // the activation's backward pass: the input's gradient beside libtorch's backward
             // on the same device (GELU within a bf16 rounding: the kernels' erf and exp are
@@ -1593,6 +1828,49 @@ mod ops {
                 empty == 0.0,
                 format!("max |.| {empty:.2e}"),
             );
+            // the activation fused with the second matmul (`x` as the first matmul's output,
+            // `w` as the second's weight): bit for bit the activation's output then the
+            // matmul, forward and every gradient
+            for act in Fp8Act::ALL {
+                let run_act = |on_load: bool| -> Result<Vec<Tensor>> {
+                    let h1 = leaf(&x, device, kind)?;
+                    let h3 = leaf(&x.f_flip([1])?, device, kind)?;
+                    let wg = leaf(&w, device, Kind::Float)?;
+                    let ed = ends.f_to_device(device)?;
+                    let h3 = (act == Fp8Act::Swiglu).then_some(h3);
+                    let out = if on_load {
+                        activation_mm(&h1, h3.as_ref(), act, &wg, &ed)?
+                    } else {
+                        grouped_mm(&activation(&h1, h3.as_ref(), act, &ed)?, &wg, &ed)?
+                    };
+                    forget_prequantized();
+                    let kept_out = out.f_narrow(0, 0, rows_kept)?;
+                    let gd = g.f_narrow(0, 0, rows_kept)?.f_to_device(device)?;
+                    kept_out
+                        .f_to_kind(Kind::Float)?
+                        .f_mul(&gd)?
+                        .f_sum(Kind::Float)?
+                        .f_backward()?;
+                    let mut got = vec![kept_out, h1.grad().f_narrow(0, 0, rows_kept)?, wg.grad()];
+                    if let Some(h3) = &h3 {
+                        got.push(h3.grad().f_narrow(0, 0, rows_kept)?);
+                    }
+                    got.into_iter().map(|t| Ok(t.f_to_device(cpu)?)).collect()
+                };
+                let want = run_act(false)?;
+                let got = run_act(true)?;
+                let ok = want.len() == got.len() && want.iter().zip(&got).all(|(a, b)| a.equal(b));
+                c.record(
+                    label(&format!("{act:?} and matmul, output on load")),
+                    ok,
+                    if ok {
+                        "bit-equal to the output then the matmul".into()
+                    } else {
+                        "differ from the output then the matmul".into()
+                    },
+                );
+            }
+
             // dense, both layouts
             for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
                 let xs = x.f_narrow(0, 0, rows_kept)?;
@@ -1794,12 +2072,14 @@ mod ops {
             // gradients that took a pass's column maxima) fused and not: the passes' above,
             // and every output gradient's own row-wise pass (SwiGLU's second first matmul
             // reuses the first's transposed copy of xs)
+            // (the second matmul takes the activation's FP8 rows straight from its pass when
+            // the two are one node: one fewer taken through the kept copies)
             for (act, takes, maxima) in [
                 (Activation::Gelu, 4, (4, 2)),
                 (Activation::Relu, 4, (4, 2)),
                 (Activation::Swiglu, 4, (5, 3)),
             ] {
-                let run = |fused: bool| -> (Vec<Tensor>, u64, u64) {
+                let run = |fused: bool, on_load: bool| -> (Vec<Tensor>, u64, u64) {
                     let leaf = |t: &Tensor| t.detach().copy().set_requires_grad(true);
                     let (xl, gl) = (leaf(&x), leaf(&gate));
                     let ex = Experts {
@@ -1818,7 +2098,10 @@ mod ops {
                     plan.fused = fused;
                     let before = prequantized_used();
                     let maxima_before = maxima_used();
-                    let out = run_experts(&ex, &xl, &plan, &gl, t).unwrap();
+                    crate::runtime::fp8::activation_on_load_on_this_thread(Some(on_load));
+                    let out = run_experts(&ex, &xl, &plan, &gl, t);
+                    crate::runtime::fp8::activation_on_load_on_this_thread(None);
+                    let out = out.unwrap();
                     (&out * &g).sum(Kind::Float).backward();
                     let mut got = vec![
                         out.detach(),
@@ -1837,10 +2120,18 @@ mod ops {
                         maxima_used() - maxima_before,
                     )
                 };
-                let (fused, used, fused_maxima) = run(true);
-                let (separate, unused, own_maxima) = run(false);
+                let (fused, used, fused_maxima) = run(true, false);
+                let (separate, unused, own_maxima) = run(false, false);
                 assert_eq!((used, unused), (takes, 0), "{act:?}");
                 assert_eq!((fused_maxima, own_maxima), maxima, "{act:?}");
+                // the activation's output computed again on load by the weight gradient's
+                // transposed copy: the same bits everywhere, the same maxima taken
+                let (on_load, used, on_load_maxima) = run(true, true);
+                assert_eq!(used, takes - 1, "{act:?} on load");
+                assert_eq!(on_load_maxima, maxima.0, "{act:?} on load");
+                for (n, (a, b)) in on_load.iter().zip(&fused).enumerate() {
+                    assert!(a.equal(b), "{act:?} on load, tensor {n} differs");
+                }
                 // SwiGLU's fused pass and libtorch's silu · h3 (and their backwards) round
                 // differently in f32, which can move an FP8 rounding and with it one element
                 // of a bf16 weight gradient by an ulp; GELU and ReLU compute the same values
@@ -1883,6 +2174,9 @@ mod ops {
                 Fp8Op::Act(Fp8Act::Relu),
                 Fp8Op::Act(Fp8Act::Swiglu),
                 Fp8Op::Combine,
+                Fp8Op::ActGrouped(Fp8Act::Gelu),
+                Fp8Op::ActGrouped(Fp8Act::Relu),
+                Fp8Op::ActGrouped(Fp8Act::Swiglu),
             ] {
                 assert_eq!(Fp8Op::from_code(op.code()).unwrap(), op);
             }

@@ -1014,23 +1014,34 @@ impl Experts {
         }
     }
 
+    /// The activation whose FP8 pass runs between the expert matmuls (it writes the second
+    /// matmul's FP8 rows), if the experts take one: FP8, grouped and fused, no first bias.
+    #[cfg(feature = "cuda")]
+    fn fp8_activation(
+        &self,
+        with_h3: bool,
+        plan: &DispatchPlan,
+    ) -> Option<crate::runtime::fp8::Fp8Act> {
+        use crate::runtime::fp8::Fp8Act;
+        if !(self.fp8 && self.path == ExpertPath::Grouped && plan.fused && self.b1.is_none()) {
+            return None;
+        }
+        match (self.act, with_h3) {
+            (Activation::Swiglu, true) => Some(Fp8Act::Swiglu),
+            (Activation::Gelu, false) => Some(Fp8Act::Gelu),
+            (Activation::Relu, false) => Some(Fp8Act::Relu),
+            _ => None,
+        }
+    }
+
     /// The hidden activation of the first matmul's output `h` (SwiGLU: with the third
     /// matrix's `h3`), the first bias included: fused kernels where the plan allows them.
     pub fn activation(&self, h: Tensor, h3: Option<Tensor>, plan: &DispatchPlan) -> Result<Tensor> {
         let fused = self.path == ExpertPath::Grouped && plan.fused;
         #[cfg(feature = "cuda")]
-        if self.fp8 && fused && self.b1.is_none() {
+        if let Some(act) = self.fp8_activation(h3.is_some(), plan) {
             // the activation's pass writes the FP8 rows of the second matmul's input
-            use crate::runtime::fp8::{activation, Fp8Act};
-            let act = match (self.act, &h3) {
-                (Activation::Swiglu, Some(_)) => Some(Fp8Act::Swiglu),
-                (Activation::Gelu, None) => Some(Fp8Act::Gelu),
-                (Activation::Relu, None) => Some(Fp8Act::Relu),
-                _ => None,
-            };
-            if let Some(act) = act {
-                return activation(&h, h3.as_ref(), act, &plan.offsets);
-            }
+            return crate::runtime::fp8::activation(&h, h3.as_ref(), act, &plan.offsets);
         }
         match h3 {
             Some(h3) => {
@@ -1062,6 +1073,15 @@ impl Experts {
             (Activation::Swiglu, Some(w3)) => Some(self.mm(xs, w3, plan, masked)?),
             _ => None,
         };
+        #[cfg(feature = "cuda")]
+        if let Some(act) = self.fp8_activation(h3.is_some(), plan) {
+            use crate::runtime::fp8::{activation_mm, fuses_activation};
+            if fuses_activation() {
+                // the activation's output is never written in bf16 nor kept for the backward
+                let y = activation_mm(&h, h3.as_ref(), act, &self.w2, &plan.offsets)?;
+                return self.bias_then(y, &self.b2, plan, None, fused);
+            }
+        }
         let h = self.activation(h, h3, plan)?;
         let y = self.mm(&h, &self.w2, plan, masked)?;
         self.bias_then(y, &self.b2, plan, None, fused)

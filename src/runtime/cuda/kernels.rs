@@ -155,6 +155,9 @@ pub enum Kernel {
     Fp8ScalesFromAmax,
     /// The transposed FP8 copy with per-group column scales.
     Fp8QuantTranspose(Elem),
+    /// The transposed FP8 copy of an activation's output, computed on load from its input(s)
+    /// as [`Kernel::Fp8ActQuantRows`] computes it (the output itself is never written).
+    Fp8ActQuantTranspose(Fp8Act, Elem),
 }
 
 /// The type of one kernel parameter, as the `.cu` declares it.
@@ -185,6 +188,7 @@ impl Kernel {
             ]);
             all.extend(EpilogueAct::ALL.map(|a| Kernel::BiasAct(a, e)));
             all.extend(Fp8Act::ALL.map(|a| Kernel::Fp8ActQuantRows(a, e)));
+            all.extend(Fp8Act::ALL.map(|a| Kernel::Fp8ActQuantTranspose(a, e)));
             all.extend(Fp8ActGrad::ALL.map(|a| Kernel::Fp8ActGradQuantRows(a, e)));
             all.extend([
                 Kernel::Fp8QuantRows(e),
@@ -209,6 +213,7 @@ impl Kernel {
                 | Kernel::Fp8ColmaxReduce(_)
                 | Kernel::Fp8ScalesFromAmax
                 | Kernel::Fp8QuantTranspose(_)
+                | Kernel::Fp8ActQuantTranspose(..)
         )
     }
 
@@ -255,6 +260,14 @@ impl Kernel {
             Kernel::Fp8ColmaxReduce(e) => typed("fp8_colmax_reduce", e),
             Kernel::Fp8ScalesFromAmax => "fp8_scales_from_amax".into(),
             Kernel::Fp8QuantTranspose(e) => typed("fp8_quant_transpose", e),
+            Kernel::Fp8ActQuantTranspose(a, e) => typed(
+                match a {
+                    Fp8Act::Gelu => "fp8_act1_quant_transpose",
+                    Fp8Act::Relu => "fp8_act2_quant_transpose",
+                    Fp8Act::Swiglu => "fp8_act3_quant_transpose",
+                },
+                e,
+            ),
         }
     }
 
@@ -290,8 +303,11 @@ impl Kernel {
             Kernel::Fp8ColmaxReduce(_) => &[P, P, I, L, L, I, P, I],
             // (amax bits, inv, scale, overflow, n)
             Kernel::Fp8ScalesFromAmax => &[P, P, P, P, L],
-            // (x, ends, pad_ends, groups, inv, out, positions, d, group_stride, col_stride, base)
-            Kernel::Fp8QuantTranspose(_) => &[P, P, P, I, P, P, L, I, L, L, I],
+            // (x, x2 or null, ends, pad_ends, groups, inv, out, positions, d, group_stride,
+            // col_stride, base)
+            Kernel::Fp8QuantTranspose(_) | Kernel::Fp8ActQuantTranspose(..) => {
+                &[P, P, P, P, I, P, P, L, I, L, L, I]
+            }
         }
     }
 }

@@ -18,6 +18,10 @@
 //! - [`quant_transposed`] stacked: `G` equal groups (an expert's weight) → `[G, C, len]` with
 //!   `[G, C]` scales (a weight's forward operand, as the matmul wants it column-major).
 //!
+//! The activation's output can also exist only as FP8: [`act_quant_rows_only`] writes its
+//! rows without the output, and [`act_quant_transposed`] makes its transposed copy from the
+//! activation's input, computing the activation on load (the same bits).
+//!
 //! The row-wise passes can also return the column maxima of each row group
 //! ([`ColumnMaxima`]), which the transposed copy of the same tensor then takes instead of a
 //! pass of its own over the tensor.
@@ -336,16 +340,66 @@ impl FusedMaxima {
     }
 }
 
+/// One launch of a row-wise FP8 pass (`quant_rows` in `fp8.cu`, through any of its kernels):
+/// what every such launch sets up the same way (the limit's type, the FP8 rows' arguments,
+/// the column maxima's arguments, grid and second step).
+struct RowPass<'a> {
+    kernel: Kernel,
+    /// The kernel's arguments before `limit`: its source(s), and for `fp8_quant_rows` the
+    /// gather's index, `k` and weights.
+    sources: Vec<Arg>,
+    /// The first row past every expert group (an int32 scalar on the device), if any.
+    limit: Option<&'a Tensor>,
+    /// Where the pass also writes the rows it quantises, in the input's type, if anywhere.
+    copy: Option<&'a Tensor>,
+    overflow: Option<&'a Tensor>,
+}
+
+impl RowPass<'_> {
+    /// Runs the pass over `rows` rows of width `d` of `x` (the tensor that gives the device)
+    /// into `out`, raising `maxima` if given (then on its resident grid, and its second step
+    /// after it).
+    fn run(
+        &self,
+        x: &Tensor,
+        rows: i64,
+        d: i64,
+        out: &Fp8,
+        maxima: Option<&FusedMaxima>,
+    ) -> Result<()> {
+        let limit = self.limit.map(|l| l.f_to_kind(Kind::Int)).transpose()?;
+        let mut args = self.sources.clone();
+        args.extend([
+            ptr(limit.as_ref()),
+            ptr(self.copy),
+            ptr(Some(&out.q)),
+            ptr(Some(&out.scale)),
+            ptr(self.overflow),
+            Arg::I64(rows),
+            Arg::I32(d as c_int),
+        ]);
+        args.extend(FusedMaxima::args(maxima));
+        let device = device_index(x);
+        launch(device, self.kernel, FusedMaxima::grid(maxima, rows), &args)?;
+        FusedMaxima::finish(maxima, rows, device)
+    }
+}
+
+/// Uninitialised row-wise FP8 storage for `rows` rows of width `d` on `device`.
+fn empty_rows(rows: i64, d: i64, device: Device) -> Result<Fp8> {
+    Ok(Fp8 {
+        q: Tensor::f_empty([rows, d], (e4m3(), device))?,
+        scale: Tensor::f_empty([rows], (Kind::Float, device))?,
+    })
+}
+
 /// Row-wise quantisation of `x` (`[R, C]`): `[R, C]` e4m3 and `[R]` scales. With `limit`
 /// (an int32 scalar on `x`'s device: the first row past every expert group), the rows from
 /// there on are taken as zeros (they hold what the grouped matmul left) and raise no
 /// overflow. Non-finite rows count into `overflow`.
 pub fn quant_rows(x: &Tensor, limit: Option<&Tensor>, overflow: Option<&Tensor>) -> Result<Fp8> {
     let (rows, cols) = x.size2()?;
-    let out = Fp8 {
-        q: Tensor::f_empty([rows, cols], (e4m3(), x.device()))?,
-        scale: Tensor::f_empty([rows], (Kind::Float, x.device()))?,
-    };
+    let out = empty_rows(rows, cols, x.device())?;
     quant_rows_into(x, limit, overflow, &out)?;
     Ok(out)
 }
@@ -367,35 +421,15 @@ pub fn quant_rows_with_maxima(
         let elem = Elem::of(x).expect("checked by kernels_apply");
         if let Some(maxima) = FusedMaxima::new(x, elem, rows, cols, Some(ends))? {
             let x = x.f_contiguous()?;
-            let limit = limit.map(|l| l.f_to_kind(Kind::Int)).transpose()?;
-            let out = Fp8 {
-                q: Tensor::f_empty([rows, cols], (e4m3(), x.device()))?,
-                scale: Tensor::f_empty([rows], (Kind::Float, x.device()))?,
-            };
-            let [e, g, m, p] = FusedMaxima::args(Some(&maxima));
-            launch(
-                device_index(&x),
-                Kernel::Fp8QuantRows(elem),
-                FusedMaxima::grid(Some(&maxima), rows),
-                &[
-                    ptr(Some(&x)),
-                    ptr(None),
-                    Arg::I32(1),
-                    ptr(None),
-                    ptr(limit.as_ref()),
-                    ptr(None),
-                    ptr(Some(&out.q)),
-                    ptr(Some(&out.scale)),
-                    ptr(overflow),
-                    Arg::I64(rows),
-                    Arg::I32(cols as c_int),
-                    e,
-                    g,
-                    m,
-                    p,
-                ],
-            )?;
-            FusedMaxima::finish(Some(&maxima), rows, device_index(&x))?;
+            let out = empty_rows(rows, cols, x.device())?;
+            RowPass {
+                kernel: Kernel::Fp8QuantRows(elem),
+                sources: vec![ptr(Some(&x)), ptr(None), Arg::I32(1), ptr(None)],
+                limit,
+                copy: None,
+                overflow,
+            }
+            .run(&x, rows, cols, &out, Some(&maxima))?;
             return Ok((out, Some(maxima.amax)));
         }
     }
@@ -407,6 +441,22 @@ pub fn quant_rows_with_maxima(
         q,
         Some(column_maxima_reference(&rows_before(x, limit)?, ends)?),
     ))
+}
+
+/// The reference's FP8 rows of a pass's output `x` (its rows from `limit` on already
+/// zeros), and with `col_ends` its [`ColumnMaxima`]: what the fused passes compute where
+/// their kernels do not run.
+fn reference_rows(
+    x: &Tensor,
+    limit: Option<&Tensor>,
+    overflow: Option<&Tensor>,
+    col_ends: Option<&Tensor>,
+) -> Result<(Fp8, Option<ColumnMaxima>)> {
+    let q = quant_rows(x, limit, overflow)?;
+    let maxima = col_ends
+        .map(|ends| column_maxima_reference(x, ends))
+        .transpose()?;
+    Ok((q, maxima))
 }
 
 /// `x` with the rows from `limit` on as zeros (they hold what the grouped matmul left).
@@ -435,29 +485,14 @@ pub fn quant_rows_into(
     if kernels_apply(x) && cols < i32::MAX as i64 {
         let elem = Elem::of(x).expect("checked by kernels_apply");
         let x = x.f_contiguous()?;
-        let limit = limit.map(|l| l.f_to_kind(Kind::Int)).transpose()?;
-        launch(
-            device_index(&x),
-            Kernel::Fp8QuantRows(elem),
-            Grid::linear(rows, 128),
-            &[
-                ptr(Some(&x)),
-                ptr(None),
-                Arg::I32(1),
-                ptr(None),
-                ptr(limit.as_ref()),
-                ptr(None),
-                ptr(Some(&out.q)),
-                ptr(Some(&out.scale)),
-                ptr(overflow),
-                Arg::I64(rows),
-                Arg::I32(cols as c_int),
-                ptr(None),
-                Arg::I32(0),
-                ptr(None),
-                ptr(None),
-            ],
-        )?;
+        RowPass {
+            kernel: Kernel::Fp8QuantRows(elem),
+            sources: vec![ptr(Some(&x)), ptr(None), Arg::I32(1), ptr(None)],
+            limit,
+            copy: None,
+            overflow,
+        }
+        .run(&x, rows, cols, out, None)?;
         return Ok(());
     }
     let mut xf = x.f_to_kind(Kind::Float)?;
@@ -505,42 +540,25 @@ pub fn gather_quant_rows(
         let x = x.f_contiguous()?;
         let row_slot = row_slot.f_contiguous()?;
         let xs = Tensor::f_empty([rows, d], (x.kind(), x.device()))?;
-        let out = Fp8 {
-            q: Tensor::f_empty([rows, d], (e4m3(), x.device()))?,
-            scale: Tensor::f_empty([rows], (Kind::Float, x.device()))?,
-        };
+        let out = empty_rows(rows, d, x.device())?;
         let maxima = FusedMaxima::new(&x, elem, rows, d, col_ends)?;
-        let [e, g, m, p] = FusedMaxima::args(maxima.as_ref());
-        launch(
-            device_index(&x),
-            Kernel::Fp8QuantRows(elem),
-            FusedMaxima::grid(maxima.as_ref(), rows),
-            &[
+        RowPass {
+            kernel: Kernel::Fp8QuantRows(elem),
+            sources: vec![
                 ptr(Some(&x)),
                 ptr(Some(&row_slot)),
                 Arg::I32(k as c_int),
                 ptr(weight.as_ref()),
-                ptr(None),
-                ptr(Some(&xs)),
-                ptr(Some(&out.q)),
-                ptr(Some(&out.scale)),
-                ptr(overflow),
-                Arg::I64(rows),
-                Arg::I32(d as c_int),
-                e,
-                g,
-                m,
-                p,
             ],
-        )?;
-        FusedMaxima::finish(maxima.as_ref(), rows, device_index(&x))?;
+            limit: None,
+            copy: Some(&xs),
+            overflow,
+        }
+        .run(&x, rows, d, &out, maxima.as_ref())?;
         return Ok((xs, out, maxima.map(|m| m.amax)));
     }
     let xs = super::ops::gather_rows(x, row_slot, k, weight.as_ref())?;
-    let q = quant_rows(&xs, None, overflow)?;
-    let maxima = col_ends
-        .map(|ends| column_maxima_reference(&xs, ends))
-        .transpose()?;
+    let (q, maxima) = reference_rows(&xs, None, overflow, col_ends)?;
     Ok((xs, q, maxima))
 }
 
@@ -559,7 +577,28 @@ pub fn act_quant_rows(
     overflow: Option<&Tensor>,
     col_ends: Option<&Tensor>,
 ) -> Result<(Tensor, Fp8, Option<ColumnMaxima>)> {
-    let (rows, cols) = a.size2()?;
+    let (out, q, maxima) = act_rows(a, b, act, limit, overflow, col_ends, true)?;
+    Ok((out.expect("asked for"), q, maxima))
+}
+
+/// [`act_quant_rows`] without its output in `a`'s type: the FP8 rows (and column maxima)
+/// alone, the same bits, for a matmul whose weight gradient makes its transposed copy with
+/// [`act_quant_transposed`] (the kernel writes no output; the reference computes it and
+/// drops it).
+pub fn act_quant_rows_only(
+    a: &Tensor,
+    b: Option<&Tensor>,
+    act: Fp8Act,
+    limit: Option<&Tensor>,
+    overflow: Option<&Tensor>,
+    col_ends: Option<&Tensor>,
+) -> Result<(Fp8, Option<ColumnMaxima>)> {
+    let (_, q, maxima) = act_rows(a, b, act, limit, overflow, col_ends, false)?;
+    Ok((q, maxima))
+}
+
+/// Checks SwiGLU's second input against the first.
+fn check_act_inputs(a: &Tensor, b: Option<&Tensor>, act: Fp8Act) -> Result<()> {
     if (act == Fp8Act::Swiglu) != b.is_some() {
         bail!("FP8 activation: SwiGLU takes two inputs, the others one");
     }
@@ -572,59 +611,53 @@ pub fn act_quant_rows(
             );
         }
     }
+    Ok(())
+}
+
+/// `act(a)` (SwiGLU: `silu(a) · b`) in libtorch ops: the reference of the kernels.
+fn act_reference(a: &Tensor, b: Option<&Tensor>, act: Fp8Act) -> Result<Tensor> {
+    Ok(match (act, b) {
+        (Fp8Act::Gelu, _) => a.f_gelu("none")?,
+        (Fp8Act::Relu, _) => a.f_relu()?,
+        (Fp8Act::Swiglu, Some(b)) => super::ops::swiglu(a, b)?,
+        (Fp8Act::Swiglu, None) => bail!("FP8 SwiGLU: one input"),
+    })
+}
+
+/// [`act_quant_rows`], writing the output only if `write_output` (the kernel; the reference
+/// always computes it).
+fn act_rows(
+    a: &Tensor,
+    b: Option<&Tensor>,
+    act: Fp8Act,
+    limit: Option<&Tensor>,
+    overflow: Option<&Tensor>,
+    col_ends: Option<&Tensor>,
+    write_output: bool,
+) -> Result<(Option<Tensor>, Fp8, Option<ColumnMaxima>)> {
+    let (rows, cols) = a.size2()?;
+    check_act_inputs(a, b, act)?;
     let b_fits = b.is_none_or(|b| Elem::of(b).is_some());
     if kernels_apply(a) && b_fits && cols < i32::MAX as i64 {
         let elem = Elem::of(a).expect("checked by kernels_apply");
         let a = a.f_contiguous()?;
         let b = b.map(|b| b.f_contiguous()).transpose()?;
-        let limit = limit.map(|l| l.f_to_kind(Kind::Int)).transpose()?;
-        let out = a.f_empty_like()?;
-        let q = Fp8 {
-            q: Tensor::f_empty([rows, cols], (e4m3(), a.device()))?,
-            scale: Tensor::f_empty([rows], (Kind::Float, a.device()))?,
-        };
+        let out = write_output.then(|| a.f_empty_like()).transpose()?;
+        let q = empty_rows(rows, cols, a.device())?;
         let maxima = FusedMaxima::new(&a, elem, rows, cols, col_ends)?;
-        let [e, g, m, p] = FusedMaxima::args(maxima.as_ref());
-        launch(
-            device_index(&a),
-            Kernel::Fp8ActQuantRows(act, elem),
-            FusedMaxima::grid(maxima.as_ref(), rows),
-            &[
-                ptr(Some(&a)),
-                ptr(b.as_ref()),
-                ptr(limit.as_ref()),
-                ptr(Some(&out)),
-                ptr(Some(&q.q)),
-                ptr(Some(&q.scale)),
-                ptr(overflow),
-                Arg::I64(rows),
-                Arg::I32(cols as c_int),
-                e,
-                g,
-                m,
-                p,
-            ],
-        )?;
-        FusedMaxima::finish(maxima.as_ref(), rows, device_index(&a))?;
+        RowPass {
+            kernel: Kernel::Fp8ActQuantRows(act, elem),
+            sources: vec![ptr(Some(&a)), ptr(b.as_ref())],
+            limit,
+            copy: out.as_ref(),
+            overflow,
+        }
+        .run(&a, rows, cols, &q, maxima.as_ref())?;
         return Ok((out, q, maxima.map(|m| m.amax)));
     }
-    let mut out = match (act, b) {
-        (Fp8Act::Gelu, _) => a.f_gelu("none")?,
-        (Fp8Act::Relu, _) => a.f_relu()?,
-        (Fp8Act::Swiglu, Some(b)) => super::ops::swiglu(a, b)?,
-        (Fp8Act::Swiglu, None) => unreachable!("checked above"),
-    };
-    if let Some(limit) = limit {
-        let keep = Tensor::f_arange(rows, (Kind::Int64, a.device()))?
-            .f_lt_tensor(&limit.f_to_kind(Kind::Int64)?)?
-            .f_unsqueeze(1)?;
-        out = out.f_where_self(&keep, &out.f_zeros_like()?)?;
-    }
-    let q = quant_rows(&out, limit, overflow)?;
-    let maxima = col_ends
-        .map(|ends| column_maxima_reference(&out, ends))
-        .transpose()?;
-    Ok((out, q, maxima))
+    let out = rows_before(&act_reference(a, b, act)?, limit)?;
+    let (q, maxima) = reference_rows(&out, limit, overflow, col_ends)?;
+    Ok((Some(out), q, maxima))
 }
 
 /// An activation's backward and the row-wise quantisation of the input's gradient in one
@@ -652,35 +685,17 @@ pub fn act_grad_quant_rows(
         let elem = Elem::of(a).expect("checked by kernels_apply");
         let a = a.f_contiguous()?;
         let g = g.f_contiguous()?;
-        let limit = limit.map(|l| l.f_to_kind(Kind::Int)).transpose()?;
         let ga = a.f_empty_like()?;
-        let q = Fp8 {
-            q: Tensor::f_empty([rows, cols], (e4m3(), a.device()))?,
-            scale: Tensor::f_empty([rows], (Kind::Float, a.device()))?,
-        };
+        let q = empty_rows(rows, cols, a.device())?;
         let maxima = FusedMaxima::new(&a, elem, rows, cols, col_ends)?;
-        let [e, gr, m, p] = FusedMaxima::args(maxima.as_ref());
-        launch(
-            device_index(&a),
-            Kernel::Fp8ActGradQuantRows(act, elem),
-            FusedMaxima::grid(maxima.as_ref(), rows),
-            &[
-                ptr(Some(&a)),
-                ptr(Some(&g)),
-                ptr(limit.as_ref()),
-                ptr(Some(&ga)),
-                ptr(Some(&q.q)),
-                ptr(Some(&q.scale)),
-                ptr(overflow),
-                Arg::I64(rows),
-                Arg::I32(cols as c_int),
-                e,
-                gr,
-                m,
-                p,
-            ],
-        )?;
-        FusedMaxima::finish(maxima.as_ref(), rows, device_index(&a))?;
+        RowPass {
+            kernel: Kernel::Fp8ActGradQuantRows(act, elem),
+            sources: vec![ptr(Some(&a)), ptr(Some(&g))],
+            limit,
+            copy: Some(&ga),
+            overflow,
+        }
+        .run(&a, rows, cols, &q, maxima.as_ref())?;
         return Ok((ga, q, maxima.map(|m| m.amax)));
     }
     let ga = match act {
@@ -688,10 +703,7 @@ pub fn act_grad_quant_rows(
         Fp8ActGrad::Relu => a.f_threshold_backward(g, 0.0)?,
     };
     let ga = rows_before(&ga, limit)?;
-    let q = quant_rows(&ga, limit, overflow)?;
-    let maxima = col_ends
-        .map(|ends| column_maxima_reference(&ga, ends))
-        .transpose()?;
+    let (q, maxima) = reference_rows(&ga, limit, overflow, col_ends)?;
     Ok((ga, q, maxima))
 }
 
@@ -737,6 +749,60 @@ pub fn quant_transposed(
     overflow: Option<&Tensor>,
     maxima: Option<&ColumnMaxima>,
 ) -> Result<(Fp8, Tensor)> {
+    let (out, pad_ends) = transposed_storage(x, ends, layout)?;
+    transposed_into(
+        Source::Tensor(x),
+        ends,
+        &pad_ends,
+        layout,
+        overflow,
+        maxima,
+        &out,
+    )?;
+    Ok((out, pad_ends))
+}
+
+/// [`quant_transposed`] of `act(a)` (SwiGLU: `silu(a) · b`), computed on load from `a` (and
+/// `b`) as [`act_quant_rows`] computes it, so the copy is bit-equal to the transposed copy of
+/// that pass's output, which need not be written or kept: the second expert matmul's weight
+/// gradient takes it, with the column maxima that [`act_quant_rows_only`] raised. Without
+/// those maxima (the pass could not hold them), or where the kernels do not run, the output
+/// is made first (by the pass, or the reference) and copied as [`quant_transposed`] does.
+pub fn act_quant_transposed(
+    a: &Tensor,
+    b: Option<&Tensor>,
+    act: Fp8Act,
+    ends: &Tensor,
+    layout: Transposed,
+    overflow: Option<&Tensor>,
+    maxima: Option<&ColumnMaxima>,
+) -> Result<(Fp8, Tensor)> {
+    check_act_inputs(a, b, act)?;
+    let (out, pad_ends) = transposed_storage(a, ends, layout)?;
+    transposed_into(
+        Source::Act(a, b, act),
+        ends,
+        &pad_ends,
+        layout,
+        overflow,
+        maxima,
+        &out,
+    )?;
+    Ok((out, pad_ends))
+}
+
+/// What a transposed copy reads.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The tensor itself.
+    Tensor(&'a Tensor),
+    /// An activation's output, computed on load from its input(s) (SwiGLU's two).
+    Act(&'a Tensor, Option<&'a Tensor>, Fp8Act),
+}
+
+/// Uninitialised storage of the transposed copy of `x` (`[R, C]`) in `layout` (rows in groups
+/// ending at `ends`), and its padded ends ([`padded_ends`] side by side, else `ends`).
+fn transposed_storage(x: &Tensor, ends: &Tensor, layout: Transposed) -> Result<(Fp8, Tensor)> {
     let (_, cols) = x.size2()?;
     let groups = ends.size()[0];
     let device = x.device();
@@ -756,7 +822,6 @@ pub fn quant_transposed(
         q: Tensor::f_empty(shape.as_slice(), (e4m3(), device))?,
         scale: Tensor::f_empty(scale_shape.as_slice(), (Kind::Float, device))?,
     };
-    quant_transposed_into(x, ends, &pad_ends, layout, overflow, maxima, &out)?;
     Ok((out, pad_ends))
 }
 
@@ -771,7 +836,58 @@ pub fn quant_transposed_into(
     maxima: Option<&ColumnMaxima>,
     out: &Fp8,
 ) -> Result<()> {
+    transposed_into(
+        Source::Tensor(x),
+        ends,
+        pad_ends,
+        layout,
+        overflow,
+        maxima,
+        out,
+    )
+}
+
+/// [`quant_transposed_into`] of `source`.
+fn transposed_into(
+    source: Source,
+    ends: &Tensor,
+    pad_ends: &Tensor,
+    layout: Transposed,
+    overflow: Option<&Tensor>,
+    maxima: Option<&ColumnMaxima>,
+    out: &Fp8,
+) -> Result<()> {
+    let (x, x2, act) = match source {
+        Source::Tensor(x) => (x, None, None),
+        Source::Act(a, b, act) => (a, b, Some(act)),
+    };
     let (rows, cols) = x.size2()?;
+    if let Some(act) = act {
+        let on_load = kernels_apply(x)
+            && x2.is_none_or(|b| Elem::of(b).is_some())
+            && maxima.is_some()
+            && cols < i32::MAX as i64;
+        if !on_load {
+            // the output first: the pass's (which computes what the copy on load would) on a
+            // GPU, libtorch's where the kernels do not run
+            let h = if kernels_apply(x) {
+                act_rows(x, x2, act, None, None, None, true)?
+                    .0
+                    .expect("asked for")
+            } else {
+                act_reference(x, x2, act)?
+            };
+            return transposed_into(
+                Source::Tensor(&h),
+                ends,
+                pad_ends,
+                layout,
+                overflow,
+                maxima,
+                out,
+            );
+        }
+    }
     let groups = ends.size()[0];
     if groups == 0 {
         bail!("FP8 transposed copy: no groups");
@@ -794,6 +910,7 @@ pub fn quant_transposed_into(
     if kernels_apply(x) && cols < i32::MAX as i64 {
         let elem = Elem::of(x).expect("checked by kernels_apply");
         let x = x.f_contiguous()?;
+        let x2 = x2.map(Tensor::f_contiguous).transpose()?;
         let di = device_index(&x);
         let amax = match maxima {
             Some(m) => m.f_contiguous()?,
@@ -838,7 +955,10 @@ pub fn quant_transposed_into(
         )?;
         launch(
             di,
-            Kernel::Fp8QuantTranspose(elem),
+            match act {
+                None => Kernel::Fp8QuantTranspose(elem),
+                Some(act) => Kernel::Fp8ActQuantTranspose(act, elem),
+            },
             Grid {
                 // tiles of TP = 128 positions by TC = 64 columns
                 blocks: (positions + 127) / 128,
@@ -848,6 +968,7 @@ pub fn quant_transposed_into(
             },
             &[
                 ptr(Some(&x)),
+                ptr(x2.as_ref()),
                 ptr(Some(&ends32)),
                 ptr(Some(&pad32)),
                 Arg::I32(groups as c_int),

@@ -449,8 +449,14 @@ extern "C" __global__ void fp8_scales_from_amax(const int* __restrict__ amax, fl
 __device__ __forceinline__ int tile_chunk(int col, int chunk, int n) {
   return chunk ^ ((col / n) & 7);
 }
-template <typename T>
-__device__ void quant_transpose(const T* __restrict__ x, const int* __restrict__ ends,
+// SRC (as row_source's): 0 reads x itself; 1-3 compute the activation of x (SwiGLU: of x
+// and x2) on load, each value as the activation's row-wise pass computes it and T holds it,
+// so the copy is bit-equal to the transposed copy of the output that pass would write: the
+// forward then writes no output for the weight gradient (S1: 0.94 GB of bf16 not written
+// and not kept until the backward).
+template <typename T, int SRC>
+__device__ void quant_transpose(const T* __restrict__ x, const T* __restrict__ x2,
+                                const int* __restrict__ ends,
                                 const int* __restrict__ pad_ends, int groups,
                                 const float* __restrict__ inv, unsigned char* __restrict__ out,
                                 long long positions, int d, long long group_stride,
@@ -489,7 +495,7 @@ __device__ void quant_transpose(const T* __restrict__ x, const int* __restrict__
     for (int p = 0; p < 4; ++p) {
       const long long row = tile_row[jq * 4 + p];
       if (row >= 0 && c < d) {
-        ldv(x + row * d + c, v[p]);
+        row_source<T, SRC>(x + row * d, x2 ? x2 + row * d : nullptr, c, false, 1.0f, v[p]);
       } else {
 #pragma unroll
         for (int e = 0; e < N; ++e) v[p][e] = 0.0f;
@@ -569,11 +575,18 @@ extern "C" __global__ void fp8_col_amax_##NAME(const T* x, const int* ends, int 
 extern "C" __global__ void fp8_colmax_reduce_##NAME(const unsigned char* partial, \
     const int* ends, int groups, long long chunk, long long nblocks, int per_span, int* colmax, \
     int d) { colmax_reduce<T>(partial, ends, groups, chunk, nblocks, per_span, colmax, d); } \
-extern "C" __global__ void fp8_quant_transpose_##NAME(const T* x, const int* ends, \
+FP8_TRANSPOSE_INSTANCE(T, NAME, quant_transpose, 0) \
+FP8_TRANSPOSE_INSTANCE(T, NAME, act1_quant_transpose, 1) \
+FP8_TRANSPOSE_INSTANCE(T, NAME, act2_quant_transpose, 2) \
+FP8_TRANSPOSE_INSTANCE(T, NAME, act3_quant_transpose, 3)
+// the transposed copy of a tensor (SRC 0: x2 unused) or of an activation's output computed
+// on load from its input(s) (SRC 1-3)
+#define FP8_TRANSPOSE_INSTANCE(T, NAME, KIND, SRC) \
+extern "C" __global__ void fp8_##KIND##_##NAME(const T* x, const T* x2, const int* ends, \
     const int* pad_ends, int groups, const float* inv, unsigned char* out, long long positions, \
     int d, long long group_stride, long long col_stride, int base) { \
-    quant_transpose<T>(x, ends, pad_ends, groups, inv, out, positions, d, group_stride, \
-                       col_stride, base); }
+    quant_transpose<T, SRC>(x, x2, ends, pad_ends, groups, inv, out, positions, d, group_stride, \
+                            col_stride, base); }
 // the activation's pass writing its output and the output's row-wise FP8 copy (SRC 1-3),
 // or its backward's pass writing the input's gradient and that gradient's copy (SRC 4-5)
 #define FP8_ACT_INSTANCE(T, NAME, SRC) \
