@@ -641,20 +641,32 @@ mod moe {
         {
             return Err(format!("the exchanges ran as {records:?}"));
         }
+        let max = largest_difference(groups, &expected, &got, &placement, tolerance)?;
+        Ok(format!("{world} ranks, max difference {max:.1e}"))
+    }
+
+    /// This rank's share of `got` against the `expected` reference: the largest difference,
+    /// or every one above `tolerance`.
+    fn largest_difference(
+        groups: &Groups,
+        expected: &selftest::Outcome,
+        got: &selftest::Outcome,
+        placement: &ExpertPlacement,
+        tolerance: f64,
+    ) -> Result<f64, String> {
         let diffs = selftest::compare(
-            &expected,
-            &got,
+            expected,
+            got,
             groups.rank(),
-            world,
+            groups.world(),
             groups.expert().rank(),
-            &placement,
+            placement,
         );
         let bad = selftest::failures(&diffs, tolerance);
         if !bad.is_empty() {
             return Err(bad.join("; "));
         }
-        let max = diffs.iter().map(|(_, d)| *d).fold(0.0, f64::max);
-        Ok(format!("{world} ranks, max difference {max:.1e}"))
+        Ok(diffs.iter().map(|(_, d)| *d).fold(0.0, f64::max))
     }
 
     pub fn equivalence(groups: &Groups, device: Device, kind: Kind, tolerance: f64) -> Check {
@@ -665,19 +677,7 @@ mod moe {
         let placement =
             ExpertPlacement::contiguous(experts, groups.expert().size()).map_err(err)?;
         let got = selftest::split(groups, device, kind, &problem, &placement).map_err(err)?;
-        let diffs = selftest::compare(
-            &expected,
-            &got,
-            groups.rank(),
-            world,
-            groups.expert().rank(),
-            &placement,
-        );
-        let bad = selftest::failures(&diffs, tolerance);
-        if !bad.is_empty() {
-            return Err(bad.join("; "));
-        }
-        let max = diffs.iter().map(|(_, d)| *d).fold(0.0, f64::max);
+        let max = largest_difference(groups, &expected, &got, &placement, tolerance)?;
         Ok(format!(
             "{} ranks, {}, norm {:.6}, max difference {max:.1e}",
             world,
