@@ -406,6 +406,10 @@ pub struct Row {
     /// With `--cuda-graph`: forward + backward replayed as one captured CUDA graph.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub graph: Option<GraphTiming>,
+    /// The GPU's SM clock and power during the timed op-by-op iterations (NVML; `None` on
+    /// the CPU, without the `cuda` feature or without NVML).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::runtime::telemetry::Summary>,
 }
 
 /// A row's forward + backward as a CUDA graph, as a training step replays it.
@@ -714,7 +718,14 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                         .map(|t| t.shallow_clone())
                         .collect()
                 };
+                let mut sampler = None;
                 for i in 0..opts.warmup + opts.iterations {
+                    if i == opts.warmup {
+                        // the warm-up's work done, the GPU is sampled over the timed
+                        // iterations alone
+                        sync(opts.device);
+                        sampler = gpu_sampler(opts.device);
+                    }
                     let xg = x.f_detach()?.f_set_requires_grad(true)?;
                     let t0 = mark(opts.device)?;
                     let out = forward(imp, &ex, &xg, &expert, &weight)?;
@@ -733,6 +744,8 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                     }
                     drop(out);
                 }
+                sync(opts.device);
+                let gpu = sampler.and_then(|s| s.finish());
                 // the op-by-op iterations' peak (the graph's memory comes on top)
                 let peak_memory_bytes = peak_bytes(opts.device)?;
                 // the graph reads this step's FP8 weight copies, as a training step's does
@@ -769,6 +782,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                     peak_memory_bytes,
                     fp8_weight_copies_ms,
                     graph,
+                    gpu,
                 };
                 progress(&row);
                 rows.push(row);
@@ -792,6 +806,34 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
         rows,
         stages,
     })
+}
+
+/// A thread sampling `device`'s clock and power, where NVML can see it.
+#[cfg(feature = "cuda")]
+fn gpu_sampler(device: Device) -> Option<crate::runtime::telemetry::Sampler> {
+    match device {
+        Device::Cuda(n) => {
+            crate::runtime::telemetry::Sampler::start(&crate::runtime::telemetry::pci_bus_id(n)?)
+        }
+        _ => None,
+    }
+}
+
+/// Without the `cuda` feature nothing samples.
+#[cfg(not(feature = "cuda"))]
+fn gpu_sampler(_device: Device) -> Option<Never> {
+    None
+}
+
+/// The sampler a build without `cuda` never has.
+#[cfg(not(feature = "cuda"))]
+enum Never {}
+
+#[cfg(not(feature = "cuda"))]
+impl Never {
+    fn finish(self) -> Option<crate::runtime::telemetry::Summary> {
+        match self {}
+    }
 }
 
 /// The side-by-side table: one line per (shape, routing, implementation), with the ratio to
@@ -825,11 +867,6 @@ pub fn render(report: &Report) -> String {
         "x fmoec",
         "rel err"
     );
-    let name = |v: serde_json::Result<serde_json::Value>| {
-        v.ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default()
-    };
     for r in &report.rows {
         let ops = report.rows.iter().find(|o| {
             o.implementation == Implementation::Ops
@@ -850,8 +887,8 @@ pub fn render(report: &Report) -> String {
             "{:<9} {:<7} {:<11} {:<12} {:>8.3} {:>8.3} {:>8.3} {:>17} {:>7.1} {:>7.1} {:>6.1}% {:>9.3e} {:>8} {:>8} {:>8} {:>9.2e}",
             r.shape.name,
             format!("{:?}", r.shape.act).to_lowercase(),
-            name(serde_json::to_value(r.routing)),
-            name(serde_json::to_value(r.implementation)),
+            label(serde_json::to_value(r.routing)),
+            label(serde_json::to_value(r.implementation)),
             r.forward.median_ms,
             r.backward.median_ms,
             r.forward_backward.median_ms,
@@ -900,7 +937,7 @@ pub fn render(report: &Report) -> String {
                 "  {:<9} {:<7} {:<11} weight copies {:.3} ms per step; on h100_sxm: {}",
                 sh.name,
                 format!("{:?}", sh.act).to_lowercase(),
-                name(serde_json::to_value(r.routing)),
+                label(serde_json::to_value(r.routing)),
                 r.fp8_weight_copies_ms.unwrap_or(0.0),
                 match pays {
                     Some(true) => "fp8",
@@ -910,6 +947,7 @@ pub fn render(report: &Report) -> String {
             );
         }
     }
+    render_gpu(report, &mut s);
     if !report.stages.is_empty() {
         let _ = writeln!(
             s,
@@ -945,7 +983,7 @@ pub fn render(report: &Report) -> String {
                 "{:<9} {:<7} {:<11} {:>8.3} {:>9.3} {:>8.3} {:>10.3} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>10.0}",
                 r.shape.name,
                 format!("{:?}", r.shape.act).to_lowercase(),
-                name(serde_json::to_value(r.routing)),
+                label(serde_json::to_value(r.routing)),
                 get("plan"),
                 get("dispatch"),
                 get("mm1"),
@@ -959,6 +997,48 @@ pub fn render(report: &Report) -> String {
         }
     }
     s
+}
+
+/// A routing's or implementation's name as the command line spells it (its serde name).
+fn label(v: serde_json::Result<serde_json::Value>) -> String {
+    v.ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Each row's SM clock and power while it was timed, where NVML sampled them: under the
+/// power cap the clock falls by an amount that depends on the work, so rows are compared at
+/// the clocks they ran at.
+fn render_gpu(report: &Report, s: &mut String) {
+    use std::fmt::Write;
+    let rows: Vec<(&Row, &crate::runtime::telemetry::Summary)> = report
+        .rows
+        .iter()
+        .filter_map(|r| r.gpu.as_ref().map(|g| (r, g)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nthe GPU while each row was timed (NVML, every 10 ms): SM clock median (lowest), power \
+         median, share of samples held down by the power cap"
+    );
+    for (r, g) in rows {
+        let _ = writeln!(
+            s,
+            "  {:<9} {:<7} {:<11} {:<12} {:>5} MHz ({:>4})  {:>5.0} W  power cap {:>3.0}%  ({} samples)",
+            r.shape.name,
+            format!("{:?}", r.shape.act).to_lowercase(),
+            label(serde_json::to_value(r.routing)),
+            label(serde_json::to_value(r.implementation)),
+            g.sm_mhz_median,
+            g.sm_mhz_min,
+            g.power_w_median,
+            100.0 * g.power_capped,
+            g.samples
+        );
+    }
 }
 
 /// With `--cuda-graph`: each row's forward + backward replayed as a CUDA graph, with the
@@ -988,11 +1068,6 @@ fn render_graph_rows(report: &Report, s: &mut String) {
         "x fmoec",
         "op by op +"
     );
-    let name = |v: serde_json::Result<serde_json::Value>| {
-        v.ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default()
-    };
     let replayed = |r: &Row| match &r.graph {
         Some(GraphTiming::Replayed(t)) => Some(t.median_ms),
         _ => None,
@@ -1008,8 +1083,8 @@ fn render_graph_rows(report: &Report, s: &mut String) {
             "{:<9} {:<7} {:<11} {:<12}",
             r.shape.name,
             format!("{:?}", r.shape.act).to_lowercase(),
-            name(serde_json::to_value(r.routing)),
-            name(serde_json::to_value(r.implementation)),
+            label(serde_json::to_value(r.routing)),
+            label(serde_json::to_value(r.implementation)),
         );
         match &r.graph {
             None => {}
@@ -1180,8 +1255,9 @@ mod tests {
             peak_memory_bytes: None,
             fp8_weight_copies_ms: None,
             graph,
+            gpu: None,
         };
-        let report = Report {
+        let mut report = Report {
             device: "Cuda(0)".into(),
             dtype: "BFloat16".into(),
             iterations: 3,
@@ -1230,7 +1306,30 @@ mod tests {
             line("ops").contains("not captured: operation not permitted when stream is capturing"),
             "{table}"
         );
+        // no row was sampled: no clock table
+        assert!(
+            !table.contains("the GPU while each row was timed"),
+            "{table}"
+        );
+        report.rows[2].gpu = Some(crate::runtime::telemetry::Summary {
+            samples: 40,
+            sm_mhz_median: 1590,
+            sm_mhz_min: 1485,
+            power_w_median: 696.6,
+            power_capped: 1.0,
+        });
+        let table = render(&report);
+        let clocks = table
+            .split("the GPU while each row was timed")
+            .nth(1)
+            .expect("a clock table");
+        assert!(
+            clocks.contains("fmoec-fp8     1590 MHz (1485)    697 W  power cap 100%  (40 samples)"),
+            "{table}"
+        );
+        assert_eq!(clocks.lines().filter(|l| l.contains(" MHz ")).count(), 1);
         let json = serde_json::to_string(&report).unwrap();
+        assert!(json.contains(r#""sm_mhz_median":1590"#), "{json}");
         assert!(
             json.contains(r#""graph":{"replayed":{"median_ms":22.5"#),
             "{json}"

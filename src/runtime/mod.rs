@@ -8,7 +8,8 @@
 //! with its micro-batch runner alone on a device ([`replay`]), metrics log ([`metrics`]),
 //! progress display ([`progress`]), stop signals ([`stop`]), memory check ([`fit`]) and
 //! default run folders ([`folders`]); sampling ([`sample`]), the plot ([`plot`]), `fmoec bench
-//! moe` ([`bench`]), `precision = fp8` ([`fp8`]), and, with feature `cuda`, the CUDA code
+//! moe` ([`bench`]) with the GPU's clock and power while it times ([`telemetry`]), `precision =
+//! fp8` ([`fp8`]), and, with feature `cuda`, the CUDA code
 //! (`cuda`: the shim, the kernels and the fused ops), CUDA
 //! graphs over a training micro-batch (`graph`) and libtorch's multi-tensor optimizer kernels
 //! (`foreach`). The `fmoec run` command line is [`cli`], the edge: nothing else here imports
@@ -43,6 +44,7 @@ pub mod progress;
 pub mod replay;
 pub mod sample;
 pub mod stop;
+pub mod telemetry;
 pub mod train;
 pub mod trainer;
 

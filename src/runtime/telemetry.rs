@@ -1,0 +1,177 @@
+//! What a GPU's clock and power did while some work ran: NVML (the driver's management
+//! library, loaded at run time) sampled on a thread of its own. An H100 SXM at its 700 W
+//! limit lowers its SM clock well below the maximum under matmul load, and by how much
+//! depends on the work: the figures say how a timing was made. Knows nothing about what
+//! runs; a machine without NVML (or a build without the `cuda` feature) gets `None`, never
+//! an error.
+
+use serde::Serialize;
+
+#[cfg(feature = "cuda")]
+pub use nvml::{pci_bus_id, Sampler};
+
+/// One reading.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    pub sm_mhz: u32,
+    pub power_w: f64,
+    /// The driver held the clocks down for power (software or hardware power cap).
+    pub power_capped: bool,
+}
+
+/// The readings of a span of work, summarised.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Summary {
+    pub samples: usize,
+    pub sm_mhz_median: u32,
+    pub sm_mhz_min: u32,
+    pub power_w_median: f64,
+    /// Share of the samples in which the power cap held the clocks down.
+    pub power_capped: f64,
+}
+
+/// Summarises `samples` (medians, the lowest clock, the power cap's share); `None` for none.
+pub fn summarize(samples: &[Sample]) -> Option<Summary> {
+    if samples.is_empty() {
+        return None;
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let capped = samples.iter().filter(|s| s.power_capped).count();
+    Some(Summary {
+        samples: samples.len(),
+        sm_mhz_median: median(samples.iter().map(|s| s.sm_mhz as f64).collect()) as u32,
+        sm_mhz_min: samples.iter().map(|s| s.sm_mhz).min().unwrap_or(0),
+        power_w_median: median(samples.iter().map(|s| s.power_w).collect()),
+        power_capped: capped as f64 / samples.len() as f64,
+    })
+}
+
+/// The sampling thread, through NVML (the `nvml-wrapper` crate, which loads the library at
+/// run time) and the CUDA runtime's device ids.
+#[cfg(feature = "cuda")]
+mod nvml {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    use nvml_wrapper::enum_wrappers::device::Clock;
+    use nvml_wrapper::Nvml;
+
+    use super::{summarize, Sample, Summary};
+
+    /// How often the thread asks NVML (its power reading is itself an average over a short
+    /// window).
+    const PERIOD: Duration = Duration::from_millis(10);
+
+    /// A sampling thread, from [`Sampler::start`] to [`Sampler::finish`].
+    pub struct Sampler {
+        stop: Arc<AtomicBool>,
+        thread: JoinHandle<Vec<Sample>>,
+    }
+
+    impl Sampler {
+        /// Samples the GPU at PCI bus id `bus_id` (as CUDA names it: `0000:1B:00.0`) until
+        /// [`Sampler::finish`]; `None` where NVML or the device cannot be opened.
+        pub fn start(bus_id: &str) -> Option<Sampler> {
+            let nvml = Nvml::init().ok()?;
+            // fail here, not on the thread, when the device is not NVML's
+            nvml.device_by_pci_bus_id(bus_id).ok()?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let (flag, bus_id) = (stop.clone(), bus_id.to_string());
+            let thread = std::thread::spawn(move || {
+                let mut samples = Vec::new();
+                let Ok(device) = nvml.device_by_pci_bus_id(bus_id) else {
+                    return samples;
+                };
+                while !flag.load(Ordering::Relaxed) {
+                    if let (Ok(sm_mhz), Ok(milliwatts)) =
+                        (device.clock_info(Clock::SM), device.power_usage())
+                    {
+                        let power_capped = device.current_throttle_reasons().is_ok_and(|r| {
+                            use nvml_wrapper::bitmasks::device::ThrottleReasons as R;
+                            r.intersects(R::SW_POWER_CAP | R::HW_POWER_BRAKE_SLOWDOWN)
+                        });
+                        samples.push(Sample {
+                            sm_mhz,
+                            power_w: milliwatts as f64 / 1e3,
+                            power_capped,
+                        });
+                    }
+                    std::thread::sleep(PERIOD);
+                }
+                samples
+            });
+            Some(Sampler { stop, thread })
+        }
+
+        /// Stops the thread; the summary of what it read (`None` if it read nothing).
+        pub fn finish(self) -> Option<Summary> {
+            self.stop.store(true, Ordering::Relaxed);
+            summarize(&self.thread.join().ok()?)
+        }
+    }
+
+    /// The PCI bus id of CUDA device `ordinal` (which NVML's numbering need not share, e.g.
+    /// under `CUDA_VISIBLE_DEVICES`); `None` where the runtime cannot say.
+    pub fn pci_bus_id(ordinal: usize) -> Option<String> {
+        use cudarc::runtime::sys as rt;
+        // SAFETY: checks that the runtime library loaded before calling into it.
+        if !unsafe { rt::is_culib_present() } {
+            return None;
+        }
+        let mut buf = [0 as std::ffi::c_char; 32];
+        // SAFETY: the buffer is live and its length is passed; the runtime writes a
+        // NUL-terminated id of at most 13 characters into it.
+        let rc = unsafe {
+            rt::cudaDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, ordinal as i32)
+        };
+        if rc != rt::cudaError::cudaSuccess {
+            return None;
+        }
+        // SAFETY: NUL-terminated by the call above (the buffer was zeroed, and is longer).
+        let id = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+        Some(id.to_string_lossy().into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(sm_mhz: u32, power_w: f64, power_capped: bool) -> Sample {
+        Sample {
+            sm_mhz,
+            power_w,
+            power_capped,
+        }
+    }
+
+    #[test]
+    fn summaries_take_medians_the_lowest_clock_and_the_caps_share() {
+        assert_eq!(summarize(&[]), None);
+        let s = summarize(&[
+            sample(1980, 310.0, false),
+            sample(1395, 698.0, true),
+            sample(1350, 697.0, true),
+            sample(1095, 699.0, true),
+        ])
+        .unwrap();
+        assert_eq!(s.samples, 4);
+        assert_eq!((s.sm_mhz_median, s.sm_mhz_min), (1395, 1095));
+        assert_eq!(s.power_w_median, 698.0);
+        assert_eq!(s.power_capped, 0.75);
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn no_nvml_or_no_device_is_none_not_an_error() {
+        // this machine may or may not have a driver: either way nothing panics, and a bus id
+        // no GPU has gives no sampler
+        assert!(Sampler::start("ffff:ff:1f.7").is_none());
+        let _ = pci_bus_id(0);
+    }
+}
