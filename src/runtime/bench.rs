@@ -724,7 +724,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
                         // the warm-up's work done, the GPU is sampled over the timed
                         // iterations alone
                         sync(opts.device);
-                        sampler = gpu_sampler(opts.device);
+                        sampler = crate::runtime::telemetry::sample(opts.device);
                     }
                     let xg = x.f_detach()?.f_set_requires_grad(true)?;
                     let t0 = mark(opts.device)?;
@@ -806,34 +806,6 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
         rows,
         stages,
     })
-}
-
-/// A thread sampling `device`'s clock and power, where NVML can see it.
-#[cfg(feature = "cuda")]
-fn gpu_sampler(device: Device) -> Option<crate::runtime::telemetry::Sampler> {
-    match device {
-        Device::Cuda(n) => {
-            crate::runtime::telemetry::Sampler::start(&crate::runtime::telemetry::pci_bus_id(n)?)
-        }
-        _ => None,
-    }
-}
-
-/// Without the `cuda` feature nothing samples.
-#[cfg(not(feature = "cuda"))]
-fn gpu_sampler(_device: Device) -> Option<Never> {
-    None
-}
-
-/// The sampler a build without `cuda` never has.
-#[cfg(not(feature = "cuda"))]
-enum Never {}
-
-#[cfg(not(feature = "cuda"))]
-impl Never {
-    fn finish(self) -> Option<crate::runtime::telemetry::Summary> {
-        match self {}
-    }
 }
 
 /// The side-by-side table: one line per (shape, routing, implementation), with the ratio to

@@ -10,6 +10,42 @@ use serde::Serialize;
 #[cfg(feature = "cuda")]
 pub use nvml::{pci_bus_id, Sampler};
 
+/// A thread sampling `device`'s clock and power until [`Sampler::finish`], where NVML can see
+/// it (a CUDA device, the `cuda` feature, the driver's library); `None` elsewhere.
+pub fn sample(device: tch::Device) -> Option<Sampler> {
+    match device {
+        #[cfg(feature = "cuda")]
+        tch::Device::Cuda(n) => Sampler::start(&pci_bus_id(n)?),
+        _ => None,
+    }
+}
+
+/// Without the `cuda` feature there is nothing to sample with: no sampler exists.
+#[cfg(not(feature = "cuda"))]
+pub enum Sampler {}
+
+#[cfg(not(feature = "cuda"))]
+impl Sampler {
+    pub fn finish(self) -> Option<Summary> {
+        match self {}
+    }
+}
+
+impl std::fmt::Display for Summary {
+    /// `1650 MHz (lowest 1455), 690 W, power cap 100% of 72 samples`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SM {} MHz (lowest {}), {:.0} W, power cap {:.0}% of {} samples",
+            self.sm_mhz_median,
+            self.sm_mhz_min,
+            self.power_w_median,
+            100.0 * self.power_capped,
+            self.samples
+        )
+    }
+}
+
 /// One reading.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sample {

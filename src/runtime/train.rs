@@ -153,6 +153,9 @@ pub struct RunSummary {
     /// Every step's LM loss in this process (for tests and the summary).
     #[serde(skip)]
     pub losses: Vec<f64>,
+    /// The GPU's SM clock and power while the steps ran (NVML; rank 0's GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::runtime::telemetry::Summary>,
 }
 
 pub fn compute_kind(p: Precision) -> Result<Kind> {
@@ -331,6 +334,9 @@ pub(crate) fn print_summary(s: &RunSummary) {
     println!("model      {} ({} parameters)", s.model, s.parameters);
     println!("data       {}", s.data);
     println!("device     {} ({})", s.device, s.precision);
+    if let Some(g) = &s.gpu {
+        println!("gpu        {g}");
+    }
     println!(
         "batch      {} x {} tokens per step, micro-batches of {} sequences",
         s.batch_sequences, s.seq_len, s.micro_batch

@@ -58,7 +58,7 @@ use crate::runtime::train::{
     sum_over_world, tensor_parallel_loss, LayerMetrics, RunOptions, RunSummary, StepMetrics,
     EVAL_KEY,
 };
-use crate::runtime::{cast, fit, fp8, plot, stop};
+use crate::runtime::{cast, fit, fp8, plot, stop, telemetry};
 
 /// Keys libtorch's generator for a step of a run alone (nothing of the run draws from it
 /// today; kept so that a future draw is reproducible too).
@@ -153,6 +153,8 @@ pub struct Trainer<'a> {
     /// `precision = fp8`: every step checks the FP8 scales' overflow counter before applying.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fp8: bool,
+    /// Rank 0 on a GPU NVML sees: the clock and power while the steps run.
+    gpu: Option<telemetry::Sampler>,
 }
 
 impl<'a> Trainer<'a> {
@@ -314,6 +316,7 @@ impl<'a> Trainer<'a> {
             last_eval: None,
             started: Instant::now(),
             fp8: fp8.is_some(),
+            gpu: None,
         };
         trainer.start_from(&local)?;
         if let Some(c) = ctx {
@@ -452,6 +455,9 @@ impl<'a> Trainer<'a> {
     /// Trains until the stop step or a stop signal, then [`Trainer::finish`]es.
     pub fn run(mut self) -> Result<RunSummary> {
         let mut stopped_by = None;
+        if self.main {
+            self.gpu = telemetry::sample(self.device);
+        }
         while self.step < self.stop_at {
             let mut record = self.step()?;
             if self.evaluation_due() {
@@ -956,6 +962,7 @@ impl<'a> Trainer<'a> {
             None
         };
         let (parameters, device_name) = self.parameters_and_device()?;
+        let gpu = self.gpu.take().and_then(|s| s.finish());
         let train = self.train;
         let summary = RunSummary {
             model: self.checked.model.name.clone(),
@@ -983,6 +990,7 @@ impl<'a> Trainer<'a> {
             metrics: metrics_path,
             plot,
             losses: std::mem::take(&mut self.losses),
+            gpu,
         };
         if self.main {
             std::fs::write(
