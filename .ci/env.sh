@@ -10,7 +10,7 @@ fmoec_ensure_venv() {
         "$FMOEC_VENV/bin/python" -c "import torch, numpy, pytest, transformers, psutil, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$FMOEC_TORCH_VERSION' else 1)" 2>/dev/null; then
         return 0
     fi
-    # transformers: tests/data.rs loads `fmoec export --hf` folders with it (about 60 MB more)
+    # transformers: tests/runtime/data.rs loads `fmoec export --hf` folders with it (about 60 MB more)
     # psutil: Megatron-Core's dist_checkpointing refuses to save without it (tests/megatron_core)
     echo "setting up libtorch: torch==$FMOEC_TORCH_VERSION (and transformers) into $FMOEC_VENV (about 2 minutes, 4.7 GB; once)" >&2
     mkdir -p "$(dirname "$FMOEC_VENV")"
@@ -34,7 +34,7 @@ fmoec_export_env() {
 # Megatron-Core for the core_v0.19 target's tests: PyPI's megatron-core 0.19.0 wheel (the code of
 # tag core_v0.19.0; 2.4 MB) unzipped beside the venv's torch, not installed (it asks for Python
 # 3.12; megatron.core and megatron.training run on the venv's 3.11, see tests/megatron_core).
-# Exports FMOEC_MEGATRON_CORE_PKG, which tests/emit_python.rs and tests/emit_megatron.rs read.
+# Exports FMOEC_MEGATRON_CORE_PKG, which tests/compiler/emit_python.rs and emit_megatron.rs read.
 FMOEC_MEGATRON_CORE_VERSION="0.19.0"
 
 fmoec_megatron_core() {

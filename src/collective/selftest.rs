@@ -1,5 +1,5 @@
 //! A small MoE whose split run must equal its single-rank run: the yardstick for the
-//! expert exchange, used by the CPU tests (`tests/collective_moe.rs`) and by
+//! expert exchange, used by the CPU tests (`tests/runtime/collective_moe.rs`) and by
 //! `fmoec-collective-check` on real NCCL ranks.
 //!
 //! The model: two blocks of `h0 = h @ w_in` (a replicated stand-in for attention), then
@@ -89,11 +89,10 @@ pub struct Problem {
 }
 
 impl Problem {
-    /// Draws the problem from a fixed seed on CPU in f64. In-process ranks share torch's
-    /// global generator, so drawing is serialised.
+    /// Draws the problem from a fixed seed on CPU in f64. In-process ranks (and the other
+    /// tests of a test binary) share torch's global generator, so drawing holds its lock.
     pub fn new(tokens: i64, experts: usize, seed: i64) -> Problem {
-        static DRAWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _guard = DRAWING.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = crate::runtime::model::lock_rng();
         tch::manual_seed(seed);
         let randn = |shape: &[i64], scale: f64| {
             Data::of(&(Tensor::randn(shape, (Kind::Double, Device::Cpu)) * scale))

@@ -60,7 +60,8 @@ impl Target {
 }
 
 /// Joins a declaration with its folder; an error says what is inconsistent (a bug in the
-/// stdlib or the templates, which `tests/emit_targets.rs` keeps from shipping).
+/// stdlib or the templates, which `every_target_is_a_declaration_plus_a_folder` in
+/// `tests/compiler/emit_snapshots.rs` keeps from shipping).
 fn join(decl: MegatronTarget) -> Result<Target, String> {
     let folder = generated::FOLDERS
         .iter()

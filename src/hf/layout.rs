@@ -3,8 +3,8 @@
 //! model's Hugging Face counterpart, each with the part of an fmoec parameter it is made of.
 //! The export and the import both read this one table, in opposite directions.
 //!
-//! Knows nothing about libtorch or files. `tests/data.rs` checks that [`param_shapes`] is what
-//! the runtime builds, for every example.
+//! Knows nothing about libtorch or files. `tests/runtime/data.rs` checks that [`param_shapes`] is
+//! what the runtime builds, for every example.
 
 use crate::check::{Activation, Ffn, Mlp, Model, Norm, Positions};
 

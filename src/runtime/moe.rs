@@ -28,8 +28,8 @@
 //! ([`Gate::draws`]), and FastMoE's layer does too but for the semantics that differ from it on
 //! purpose (capacity `ceil(factor · k · T / E)` in slot-major order after GShard's random
 //! routing, Switch's jitter on the gate input, SWIPE's experts as its workers, a naive-gate
-//! balance loss, ...): tests/emit_python.rs runs the three, and README.md, "Where fmoec differs
-//! from FastMoE on purpose", lists the differences in one place.
+//! balance loss, ...): tests/compiler/emit_python.rs runs the three, and README.md, "Where fmoec
+//! differs from FastMoE on purpose", lists the differences in one place.
 //!
 //! Across an expert group the collective layer moves the tokens; [`RankExperts`] gives it this
 //! rank's experts (to run, and for FasterMoE's shadowing to replicate), and [`LayerSchedule`]

@@ -2,7 +2,7 @@
 # Developer check (not run by CI, which has no Megatron-LM tree): runs Megatron-LM's own
 # tools/preprocess_data.py (v2.2 and core_v0.19.0) and `fmoec data` on the same inputs and
 # tokenizers, and compares the .bin/.idx files byte for byte. With --bless it then copies
-# Megatron's outputs into expected/ (the golden files tests/data.rs compares against).
+# Megatron's outputs into expected/ (the golden files tests/runtime/data.rs compares against).
 #
 #   MLM22=/tmp/mlm22 MLMCORE=/tmp/mlmcore PY22=... PYCORE=... FMOEC=target/release/fmoec \
 #     bash tests/data_golden/megatron_check.sh [--bless]

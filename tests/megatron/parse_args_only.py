@@ -1,6 +1,6 @@
 """A stand-in for Megatron-LM's pretrain_gpt.py that only runs the release's own `parse_args`
 (with fmoec's argument group, from the patched tree at MEGATRON_TREE) on every rank train.sh
-starts, and prints what it parsed. tests/emit_megatron.rs copies it as pretrain_gpt.py next to
+starts, and prints what it parsed. tests/compiler/emit_megatron.rs copies it as pretrain_gpt.py next to
 an emitted train.sh: the launch and every argument train.sh passes must be accepted as they are.
 Needs the shared harness's cpu_shim (FMOEC_MEGATRON_HARNESS) to import Megatron on a CPU."""
 import os

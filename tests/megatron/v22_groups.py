@@ -1,6 +1,6 @@
 """Record the process groups Megatron-LM v2.2's own `initialize_model_parallel` creates,
 with torch.distributed replaced by a recorder, for every world size up to 16 and every
-valid (tensor, pipeline). Writes the JSON that tests/plan_megatron.rs compares with.
+valid (tensor, pipeline). Writes the JSON that tests/compiler/plan_megatron.rs compares with.
 
 usage: python tests/megatron/v22_groups.py MEGATRON_V2_2/megatron/mpu/initialize.py > tests/megatron/v22_groups.json
 (Megatron-LM commit 8aa4619f2b2a57b5725026a50ebd2b15e8121482; needs torch only to import.)

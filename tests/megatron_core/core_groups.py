@@ -5,7 +5,7 @@ installed megatron-core or the checkout named by MEGATRON_LM) with torch.distrib
 a recorder, for the worlds 1, 2, 3, 4, 6, 8, 12 and 16 and every tensor, pipeline, expert-parallel and
 expert-tensor size it accepts (expert-tensor 1 or the tensor size, the two fmoec plans), and
 writing each kind of group fmoec's planner lists, in creation order, to `core_groups.json`
-(`tests/plan_megatron.rs` compares the planner with it). Must not know fmoec's formulas.
+(`tests/compiler/plan_megatron.rs` compares the planner with it). Must not know fmoec's formulas.
 
     MEGATRON_LM=/tmp/megatron-core-0.19.0 python tests/megatron_core/core_groups.py
 

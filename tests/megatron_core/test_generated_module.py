@@ -11,7 +11,7 @@ know the module's insides: it is imported as `fmoec_moe`, as `--spec fmoec_moe .
 
 Megatron-Core comes from FMOEC_MEGATRON_CORE_PKG: a folder holding `megatron/core` (PyPI's
 megatron-core 0.19.0 wheel unzipped, or a checkout at tag core_v0.19.0). Run by
-tests/emit_python.rs; by hand:
+tests/compiler/emit_python.rs; by hand:
 
     FMOEC_MODULE_DIR=out FMOEC_MEGATRON_CORE_PKG=/tmp/mcore python -m pytest tests/megatron_core
 """

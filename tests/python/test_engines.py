@@ -1,6 +1,6 @@
 """One MoE layer, three engines: `fmoec run`'s (Rust), the emitted module's and FastMoE's own.
 
-tests/emit_python.rs (`one_layer_is_the_same_in_the_runtime_the_emitted_module_and_fastmoe`)
+tests/compiler/emit_python.rs (`one_layer_is_the_same_in_the_runtime_the_emitted_module_and_fastmoe`)
 runs the runtime's layer for every gate and expert kind and writes each case to
 FMOEC_ENGINE_CASES:
   case-NNN.json         the layer: gate, act, bias, shared experts, experts, top_k, width,
@@ -177,7 +177,7 @@ def _exercised(config, want):
         assert not torch.equal(expert, want['eval.expert']), '{} routed as in evaluation'.format(gate)
 
 
-@pytest.mark.skipif(not CASES, reason='FMOEC_ENGINE_CASES is written by tests/emit_python.rs')
+@pytest.mark.skipif(not CASES, reason='FMOEC_ENGINE_CASES is written by tests/compiler/emit_python.rs')
 @pytest.mark.parametrize('stem', _case_names())
 def test_emitted_module_is_fmoec_run(stem):
     config, want = load_case(stem)

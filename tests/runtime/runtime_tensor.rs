@@ -4,9 +4,8 @@
 //! gradient is sliced the way the parameters are, its gradients; the global gradient norm
 //! and the clipped gradients too. A backward that skips the tensor group's gradient
 //! all-reduce must be caught by the same comparison.
-#![cfg(feature = "runtime")]
 
-mod runtime_common;
+use crate::runtime_common;
 
 use std::time::Duration;
 

@@ -1,7 +1,6 @@
 //! The `fmoec-collective-check` binary on in-process ranks: every check passes, a
 //! skipped barrier becomes a timeout that names the group, and bandwidth lines appear.
 //! (On GPUs the same binary runs over NCCL: `fmoec-collective-check --gpus 2`.)
-#![cfg(feature = "runtime")]
 
 use std::process::Command;
 

@@ -1,10 +1,8 @@
 //! Memory and traffic figures worked by hand.
 
-mod plan_fixtures;
-
+use crate::plan_fixtures::*;
 use fmoec::check::{ExpertGroup, Ffn, Precision, Shadowing, SmartSchedule};
 use fmoec::plan::{self, MemoryModel, Overrides};
-use plan_fixtures::*;
 
 /// GPT-2 small (tied, vocab 50257) on one H100, bf16, 8 sequences of 1024 per step,
 /// micro-batch 8 (one micro-batch).

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 #[test]
 fn groups_equal_megatron_v2_2_new_group_calls() {
-    let text = include_str!("megatron/v22_groups.json");
+    let text = include_str!("../megatron/v22_groups.json");
     let cases: Vec<Value> = serde_json::from_str(text).unwrap();
     assert_eq!(cases.len(), 110);
     for case in cases {
@@ -53,7 +53,7 @@ fn groups_equal_megatron_v2_2_new_group_calls() {
 #[test]
 fn groups_equal_megatron_core_initialize_model_parallel() {
     use fmoec::plan::ExpertGrid;
-    let text = include_str!("megatron_core/core_groups.json");
+    let text = include_str!("../megatron_core/core_groups.json");
     let cases: Vec<Value> = serde_json::from_str(text).unwrap();
     assert_eq!(cases.len(), 270);
     for case in cases {

@@ -8,7 +8,7 @@
 //! torch, numpy and pytest that CI uses); without either the test says it was skipped.
 //! `FMOEC_EMIT_KEEP=DIR` also writes the emitted files to DIR, to try them by hand.
 
-mod emit_fixture;
+use crate::emit_fixture;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -253,6 +253,8 @@ mod engine_case {
     /// and the runtime's results).
     pub fn write(dir: &Path, n: usize, gate: GateKind, act: Activation, bias: bool, shared: bool) {
         let d = decl(gate, act, shared);
+        // libtorch's generator is process-wide; the other modules' tests draw from it too.
+        let _rng = fmoec::runtime::model::lock_rng();
         tch::manual_seed(1000 + n as i64);
         let mut store = ParamStore::new(Device::Cpu, Kind::Float);
         let layer = MoeLayer::new(&mut store, "ffn", &d, WIDTH, bias, 0.02).unwrap();

@@ -1,6 +1,5 @@
 //! Resharding stacked expert tensors between placements (4 ranks → 2 → 1, moved
 //! experts, and back) keeps every global expert's values.
-#![cfg(feature = "runtime")]
 
 use fmoec::collective::{reshard_experts, ExpertPlacement, ReshardError};
 use tch::{Kind, Tensor};

@@ -1,7 +1,7 @@
 //! Snapshots of every emitted file, for hand-built checked models (the examples join once
 //! the front end lands). Review diffs with `cargo insta review`; never bless blindly.
 
-mod emit_fixture;
+use crate::emit_fixture;
 
 use fmoec::check::GateKind;
 use fmoec::emit::{self, EmitOptions, Runtime};

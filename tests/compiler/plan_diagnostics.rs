@@ -1,11 +1,9 @@
 //! Every impossible configuration gets a located diagnostic with a stable code.
 
-mod plan_fixtures;
-
+use crate::plan_fixtures::*;
 use fmoec::check::{ExpertGroup, Precision};
 use fmoec::diag::Diagnostic;
 use fmoec::plan::{self, Overrides};
-use plan_fixtures::*;
 
 fn errors(c: &fmoec::check::Checked, o: Overrides) -> Vec<Diagnostic> {
     plan::build_with(c, &o).expect_err("plan should fail")

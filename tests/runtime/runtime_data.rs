@@ -1,7 +1,6 @@
 //! Megatron-LM indexed datasets written by an independent writer (this test, byte by byte as
 //! Megatron's `IndexedDatasetBuilder` lays them out) read back as the same tokens; damaged
 //! files are refused; the embedded corpus is there.
-#![cfg(feature = "runtime")]
 
 use fmoec::check::DataSource;
 use fmoec::runtime::data::{builtin_text, unigram_entropy, Dataset, IndexedDataset};

@@ -14,9 +14,8 @@
 //! equal. Measured on 2026-11-28 (this machine): at most 1.3e-7 relative on loss and norm and
 //! 7.3e-8 absolute on parameters after 4 steps; tensor 2 x data 2: 1.3e-7 relative on loss,
 //! 8.1e-8 on the norm, 3.4e-7 absolute on parameters.
-#![cfg(feature = "runtime")]
 
-mod runtime_common;
+use crate::runtime_common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -1342,7 +1341,7 @@ fn feasible_pipelined_layouts_equal_the_single_rank_run() {
 
 /// Every example, shrunk, on every layout `fmoec plan --auto` lists for 2, 4 and 8 ranks
 /// (with two virtual stages too), against its single-rank run. Long: `cargo test --test
-/// runtime_multi -- --ignored every_example`.
+/// runtime runtime_multi::every_example -- --ignored`.
 #[test]
 #[ignore]
 fn every_example_on_every_feasible_layout_up_to_8_ranks() {

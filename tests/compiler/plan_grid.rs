@@ -3,13 +3,11 @@
 //! every world size up to 64 and every valid (tensor, pipeline); and the expert groups
 //! against FastMoE's definition.
 
-mod plan_fixtures;
-
 use std::collections::BTreeSet;
 
+use crate::plan_fixtures::*;
 use fmoec::check::ExpertGroup;
 use fmoec::plan::{self, Grid, Overrides};
-use plan_fixtures::*;
 use proptest::prelude::*;
 
 /// The groups v2.2 creates, written as its Python loops are, in creation order.

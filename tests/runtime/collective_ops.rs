@@ -1,7 +1,6 @@
 //! The collectives of the in-process and the TCP backend (one implementation over two
 //! transports): results, the same bits over both, and failures that name the group and
 //! the call site instead of hanging (timeouts, ranks that die, ranks out of step).
-#![cfg(feature = "runtime")]
 
 use fmoec::collective::local::{local_world, run_ranks, LocalCollective};
 use fmoec::collective::rendezvous::DistEnv;
@@ -241,8 +240,12 @@ fn every_operation_gives_the_same_bits_in_process_and_over_tcp() {
 fn all_reduce_gives_every_rank_the_same_bits() {
     let results = run_ranks(world(4, Duration::from_secs(20)), |groups| {
         let g = groups.data();
-        tch::manual_seed(g.rank() as i64);
-        let mut t = Tensor::randn([257], (Kind::Float, tch::Device::Cpu)) * 1e3;
+        // libtorch's generator is process-wide: the other ranks and tests draw from it too.
+        let mut t = {
+            let _rng = fmoec::runtime::model::lock_rng();
+            tch::manual_seed(g.rank() as i64);
+            Tensor::randn([257], (Kind::Float, tch::Device::Cpu)) * 1e3
+        };
         g.all_reduce_sum(&mut t, "bits").unwrap();
         Vec::<f32>::try_from(t).unwrap()
     });

@@ -1,19 +1,17 @@
 //! The MoE layer against a per-token reference, gradients against finite differences, and
 //! the gates' balance losses against hand-computed values.
-#![cfg(feature = "runtime")]
 
 use fmoec::check::{Activation, Capacity, Gate, GateKind, Mlp, Moe};
 use fmoec::runtime::moe::{self, ExpertPath, MoeLayer};
 use fmoec::runtime::params::ParamStore;
 use tch::{Device, Kind, Tensor};
 
-/// libtorch's generator is process-wide and tests run on parallel threads: every test that
-/// draws random numbers holds this lock.
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
+/// libtorch's generator is process-wide and the tests of every module of this binary run on
+/// parallel threads: every test that draws random numbers holds the runtime's own lock on it,
+/// which the trainer and the other modules' tests take too.
 fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     tch::set_num_threads(1);
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
+    fmoec::runtime::model::lock_rng()
 }
 
 fn moe_decl(

@@ -2,11 +2,9 @@
 //! once the front end parses them, for every file in `examples/`. Review diffs with
 //! `cargo insta review`; never accept blindly.
 
-mod plan_fixtures;
-
+use crate::plan_fixtures::*;
 use fmoec::check::{self, Activation, ExpertGroup, Ffn, GateKind, Norm, Positions, Precision};
 use fmoec::plan;
-use plan_fixtures::*;
 
 fn mixtral_64() -> check::Checked {
     let mut m = gpt("mixtral", 32000, 4096, 32, 32, false);

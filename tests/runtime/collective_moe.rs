@@ -13,7 +13,6 @@
 //! FasterMoE's options change only where the work happens: the exchange pipelined in
 //! chunks of peers, and experts replicated to every rank of the group ("shadowed", their
 //! gradients summed back into the owner's), give the same outputs, loss, gradients and norm.
-#![cfg(feature = "runtime")]
 
 use fmoec::collective::local::{local_world, run_ranks};
 use fmoec::collective::selftest::{self, ExchangeRecord, Outcome, Problem, ShadowThese};

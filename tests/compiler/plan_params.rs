@@ -1,11 +1,9 @@
 //! Parameter counts of the ModelGraph against closed forms.
 
-mod plan_fixtures;
-
+use crate::plan_fixtures::*;
 use fmoec::check::{Activation, ExpertGroup, Ffn, Norm, Positions, SharedExperts};
 use fmoec::graph::{self, NodeKind};
 use fmoec::plan;
-use plan_fixtures::*;
 
 /// Closed form of a GPT-2-style model with tied embeddings:
 /// `V·h + n_ctx·h + L·(12h² + 13h) + 2h` (per block: 2 LayerNorms 4h, QKV 3h²+3h,
@@ -200,12 +198,16 @@ fn planner_runtime_and_emitted_module_count_the_same_parameters() {
             ..model.clone()
         };
         let planner = graph::lower(&tied, 16).params().total();
-        let built = fmoec::runtime::model::Transformer::new(
-            &tied,
-            tch::Device::Cpu,
-            tch::Kind::Float,
-            tch::Kind::Float,
-        )
+        // Building draws the initial weights from libtorch's process-wide generator.
+        let built = {
+            let _rng = fmoec::runtime::model::lock_rng();
+            fmoec::runtime::model::Transformer::new(
+                &tied,
+                tch::Device::Cpu,
+                tch::Kind::Float,
+                tch::Kind::Float,
+            )
+        }
         .unwrap_or_else(|e| panic!("{name}: the runtime cannot build it: {e:#}"));
         assert_eq!(
             built.store.numel() as u64,

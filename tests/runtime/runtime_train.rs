@@ -1,8 +1,7 @@
 //! Training lowers the loss below the corpus's unigram entropy; a resumed run repeats the
 //! uninterrupted one exactly; damaged or mismatched checkpoints are refused, never overwritten.
-#![cfg(feature = "runtime")]
 
-mod runtime_common;
+use crate::runtime_common;
 
 use std::path::Path;
 
@@ -10,8 +9,10 @@ use fmoec::check::{DataSource, GateKind};
 use fmoec::runtime::train::{self, RunOptions, RunSummary, SampleOptions};
 use tch::Device;
 
-/// libtorch's generator is process-wide and tests run on parallel threads: every test that
-/// draws random numbers holds this lock.
+/// These tests train one at a time, as they did in a binary of their own. libtorch's generator
+/// itself is guarded by `fmoec::runtime::model::lock_rng`, which the trainer and sampling take
+/// around their draws (so a test cannot hold it across `train::run`), and which the tests of
+/// the other modules in this binary take for theirs.
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
