@@ -32,7 +32,7 @@ impl Sampler {
 }
 
 impl std::fmt::Display for Summary {
-    /// `1650 MHz (lowest 1455), 690 W, power cap 100% of 72 samples`
+    /// `SM 1650 MHz (lowest 1455), 690 W, power cap 100% of 72 samples`
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
