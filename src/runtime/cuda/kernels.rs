@@ -402,11 +402,16 @@ pub fn compile(major: i32, minor: i32) -> Result<Vec<u8>> {
     let src = CString::new(SOURCE)?;
     let name = CString::new("fmoec_kernels.cu")?;
     let prog = nv::create_program(&src, Some(&name)).map_err(|e| anyhow!("nvrtc: {e:?}"))?;
-    let opts = vec![
+    let mut opts = vec![
         format!("--gpu-architecture=compute_{major}{minor}"),
         "-std=c++17".to_string(),
         "--use_fast_math".to_string(),
     ];
+    // the bf16 FP8 row passes' per-value first phase instead of the packed one (the same
+    // bits; for timing the two in one build)
+    if std::env::var("FMOEC_FP8_PACKED_ROWS").is_ok_and(|v| v == "0") {
+        opts.push("-DFMOEC_FP8_HELD_ROWS".to_string());
+    }
     // SAFETY: `prog` is a live program handle (created above, destroyed below).
     let result = unsafe { nv::compile_program(prog, &opts) };
     let out = match result {

@@ -10,6 +10,15 @@
 #define FP8_MAX 448.0f
 #define FP8_EPS 1e-12f
 
+// Whether the bf16 row-wise passes work on packed bf16 bits in their first phase
+// (row_source_bf16); FMOEC_FP8_HELD_ROWS (defined when FMOEC_FP8_PACKED_ROWS=0) keeps the
+// per-value way of row_source, to compare the two in one build. Both give the same bits.
+#ifdef FMOEC_FP8_HELD_ROWS
+#define FP8_PACKED_ROWS false
+#else
+#define FP8_PACKED_ROWS true
+#endif
+
 __device__ __forceinline__ float fp8_floor(float amax) { return fmaxf(amax, FP8_EPS); }
 __device__ __forceinline__ float fp8_inv(float amax) { return __fdiv_rn(FP8_MAX, fp8_floor(amax)); }
 __device__ __forceinline__ float fp8_scale(float amax) { return __fdiv_rn(fp8_floor(amax), FP8_MAX); }
@@ -339,7 +348,7 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
     // bf16: whether the row holds a NaN (then the second phase takes `held`'s bits, as
     // before the packed first phase, so even a NaN's bits in the copy stay the same)
     bool row_nan = false;
-    if constexpr (sizeof(T) == 2) {
+    if constexpr (sizeof(T) == 2 && FP8_PACKED_ROWS) {
       unsigned amax2 = 0u;  // two 16-bit maxima of |v|'s bits (a NaN above Inf's 0x7f80)
       if (from) {
         for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
@@ -391,7 +400,7 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
         // activation is computed once
         ldv(copy + r * (long long)d + c, v);
       } else if (from) {
-        if constexpr (sizeof(T) == 2) {
+        if constexpr (sizeof(T) == 2 && FP8_PACKED_ROWS) {
           unpack_bf16x8(row_source_bf16<SRC>(from, from2, c, weighted, w), v);
         } else {
           row_source<T, SRC>(from, from2, c, weighted, w, v);
