@@ -131,9 +131,11 @@ __device__ __forceinline__ uint4 pack_bf16x8(const float* v) {
 
 // row_source for bf16 as the bf16 bits of one 16-byte vector, without `held`'s rounding and
 // unpacking of each value: the same arithmetic, then pack_bf16x8 (the row itself, unweighted,
-// is its bits as loaded). The row-wise passes over bf16 are bound by instruction issue (GELU's
-// erf among them), so their first phase works on these bits: the copy stored as they are,
-// |v| as the bits with the sign cleared, maxima as two 16-bit maxima a word.
+// is its bits as loaded). The per-value rounding, unpacking and maxima were about 40% of
+// GELU's first phase in PTX instructions, so the first phase works on these bits: the copy
+// stored as they are, |v| as the bits with the sign cleared, maxima as two 16-bit maxima a
+// word. On an H100 GELU's pass went from 1231 to 1047 us, its backward from 1520 to 1463
+// (BENCHMARKS.md, 2026-12-06, FP8 part 6).
 template <int SRC>
 __device__ __forceinline__ uint4 row_source_bf16(const bf16_t* a, const bf16_t* b, int c,
                                                  bool weighted, float w) {
