@@ -8,7 +8,8 @@
 # $FMOEC (default .dev/fmoec). STEPS (default "check bench tiny e2e") picks steps, and
 # more: `precise` (the bench's fp8 rows again with FMOEC_FP8_FAST_ACCUM=0), `variants` (the
 # bench again for each of VARIANTS="NAME:VAR=VALUE,..." and the binary at BASELINE) and `profile`
-# (Nsight Compute kernel durations of the fp8 layer at PROFILE_SHAPE, default F0), and
+# (Nsight Compute kernel durations, or PROFILE_METRICS, of the fp8 layer at PROFILE_SHAPE,
+# default F0), and
 # `alternate` (the fmoec and fmoec-fp8 rows of ALT_SHAPE, default S1, from the binary at
 # BASELINE and from $FMOEC in turn, ALT_ROUNDS times (default 2), each in its own process, and
 # after each of $FMOEC's also each of ALT_VARIANTS="NAME:VAR=VALUE,..."; then each of
@@ -127,29 +128,52 @@ if has precise; then
 fi
 
 if has profile; then
-    el "kernel durations of the fp8 layer (ncu)"
+    # PROFILE_METRICS (default gpu__time_duration.sum; e.g. with
+    # sm__throughput.avg.pct_of_peak_sustained_elapsed and
+    # dram__throughput.avg.pct_of_peak_sustained_elapsed: what bounds each pass),
+    # PROFILE_KERNELS (an ncu kernel-name regex, e.g. fp8_), PROFILE_ITERS (3), PROFILE_BIN
+    # (default $FMOEC; PROFILE_NAME names the output); the shape's GELU and SwiGLU rows
+    el "kernel metrics of the fp8 layer (ncu) ${PROFILE_NAME:-}"
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
-    timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
-        --log-file $G/ncu-fp8.csv "$FMOEC" bench moe --device cuda --dtype fp8 --impl fmoec-fp8 \
-        --shape "${PROFILE_SHAPE:-F0}" --routing balanced --iters 3 --warmup 1 > $G/ncu-fp8.log 2>&1
+    pname=ncu-fp8${PROFILE_NAME:+-$PROFILE_NAME}
+    # shellcheck disable=SC2086
+    timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --clock-control none \
+        --metrics "${PROFILE_METRICS:-gpu__time_duration.sum}" \
+        ${PROFILE_KERNELS:+--kernel-name regex:$PROFILE_KERNELS} --csv \
+        --log-file $G/$pname.csv "${PROFILE_BIN:-$FMOEC}" bench moe --device cuda --dtype fp8 --impl fmoec-fp8 \
+        --shape "${PROFILE_SHAPE:-F0}" --routing balanced \
+        --iters "${PROFILE_ITERS:-3}" --warmup 1 > $G/$pname.log 2>&1
     echo "ncu exit $?"
-    python3 - <<'PY' | tee "$R/ncu-fp8.txt"
-import collections, csv
-rows = [l for l in open("/tmp/fp8/ncu-fp8.csv") if l.startswith('"')]
-tot = collections.Counter(); n = collections.Counter()
+    python3 - $G/$pname.csv <<'PY' | tee "$R/$pname.txt"
+import collections, csv, sys
+rows = [l for l in open(sys.argv[1]) if l.startswith('"')]
 scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+vals = collections.defaultdict(lambda: collections.defaultdict(list))
 for r in csv.DictReader(rows):
-    if r["Metric Name"] != "gpu__time_duration.sum":
-        continue
-    name = r["Kernel Name"].split("(")[0][:60]
-    tot[name] += float(r["Metric Value"].replace(",", "")) * scale.get(r["Metric Unit"], 1.0)
-    n[name] += 1
-print("kernel durations (us, summed over the profiled run):")
-for name, us in tot.most_common(25):
-    print(f"{us:12.1f} {n[name]:6d}  {name}")
-print(f"{sum(tot.values()):12.1f}  all kernels")
+    name = r["Kernel Name"].split("(")[0][:48]
+    m = r["Metric Name"]
+    v = float(r["Metric Value"].replace(",", ""))
+    if m == "gpu__time_duration.sum":
+        v *= scale.get(r["Metric Unit"], 1.0)
+    vals[name][m].append(v)
+metrics = sorted({m for k in vals.values() for m in k}, key=lambda m: m != "gpu__time_duration.sum")
+short = {"gpu__time_duration.sum": "us each (n)", "sm__throughput.avg.pct_of_peak_sustained_elapsed": "SM %",
+         "dram__throughput.avg.pct_of_peak_sustained_elapsed": "DRAM %"}
+print("kernel".ljust(48), " ".join(short.get(m, m)[:14].rjust(14) for m in metrics))
+order = sorted(vals, key=lambda k: -sum(vals[k].get("gpu__time_duration.sum", [0])))
+for k in order:
+    cells = []
+    for m in metrics:
+        xs = vals[k].get(m, [])
+        if not xs:
+            cells.append("-".rjust(14))
+        elif m == "gpu__time_duration.sum":
+            cells.append(f"{sum(xs) / len(xs):9.1f} ({len(xs)})".rjust(14))
+        else:
+            cells.append(f"{min(xs):.0f}-{max(xs):.0f}".rjust(14))
+    print(k.ljust(48), " ".join(cells))
 PY
-    gzip -f $G/ncu-fp8.csv
+    gzip -f $G/$pname.csv
 fi
 
 if has tiny; then

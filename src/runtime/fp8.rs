@@ -164,10 +164,10 @@ mod ops {
     use crate::runtime::cuda::ops::{gather_rows, sum_rows, swiglu_backward};
     use crate::runtime::cuda::quant::{
         act_grad_quant_rows, act_quant_rows, act_quant_rows_only, act_quant_transposed,
-        column_maxima_reference, gather_quant_rows, overflow_counter, quant_rows, quant_rows_into,
-        quant_rows_with_maxima, quant_transposed, quant_transposed_into,
-        reduce_maxima_on_this_thread, side_by_side_positions, ColumnMaxima, Fp8, MaximaReduction,
-        Transposed,
+        column_maxima_reference, gather_quant_rows, overflow_counter, padded_ends,
+        padded_ends_reference, quant_rows, quant_rows_into, quant_rows_with_maxima,
+        quant_transposed, quant_transposed_into, reduce_maxima_on_this_thread,
+        side_by_side_positions, ColumnMaxima, Fp8, MaximaReduction, Transposed,
     };
 
     /// How a master weight holds the matmul's `W` (`[K, N]`: `x · W`).
@@ -1416,6 +1416,29 @@ mod ops {
                 },
             );
         };
+        // the padded group ends (the weight gradients' groups): one group, uneven ones with
+        // empty ones among them, and more than the kernel's 32 a step (S3's 128 experts)
+        for counts in [
+            vec![5i32],
+            vec![37, 0, 200, 16, 91, 0],
+            (0..130).map(|g| g * 7 % 45).collect(),
+        ] {
+            let ends: Vec<i32> = counts
+                .iter()
+                .scan(0, |acc, n| {
+                    *acc += n;
+                    Some(*acc)
+                })
+                .collect();
+            let ends = Tensor::f_from_slice(&ends)?;
+            let got = padded_ends(&ends.f_to_device(device)?)?.f_to_device(cpu)?;
+            let want = padded_ends_reference(&ends)?;
+            c.record(
+                format!("fp8 padded group ends           groups={}", counts.len()),
+                got.kind() == want.kind() && got.equal(&want),
+                "equal to the reference's".into(),
+            );
+        }
         for &kind in kinds {
             // groups of uneven sizes, one empty, and rows past the last group
             let counts = [37i64, 0, 200, 16, 91];
@@ -1729,6 +1752,75 @@ mod ops {
                 label("an Inf overflows"),
                 n_over == 1,
                 format!("{n_over} overflows"),
+            );
+            // a NaN and an Inf inside the groups: the bf16 passes take `held`'s way for a row
+            // with a NaN, so every other value of the output (that row's too) and of every
+            // other row is as without them, the FP8 rows the reference's of that output, and
+            // each such row an overflow
+            let clean_in = x.f_narrow(0, 0, kept)?.f_to_device(device)?;
+            let bad_in = clean_in.f_detach_copy()?;
+            let _ = bad_in.f_get(3)?.f_get(7)?.f_fill_(f64::NAN)?;
+            let _ = bad_in.f_get(40)?.f_get(9)?.f_fill_(f64::INFINITY)?;
+            let keep = Tensor::f_ones([kept, d], (Kind::Bool, device))?;
+            let _ = keep.f_get(3)?.f_get(7)?.f_fill_(0i64)?;
+            let _ = keep.f_get(40)?.f_get(9)?.f_fill_(0i64)?;
+            let kept_equal = |got: &Tensor, want: &Tensor| -> Result<bool> {
+                Ok(got
+                    .f_masked_select(&keep)?
+                    .f_equal(&want.f_masked_select(&keep)?)?)
+            };
+            let _ = take_overflow(device)?;
+            let got = quant_rows(&bad_in, None, Some(&o))?;
+            let want = quant_rows(&bad_in.f_to_device(cpu)?, None, None)?;
+            same(&mut c, label("rows with a NaN and an Inf"), &got, &want)?;
+            let grad_of = clean_in.f_flip([1])?.f_contiguous()?;
+            for (name, bad_out, clean_out, got, maxima) in [
+                {
+                    let gelu = |x: &Tensor, o: Option<&Tensor>| {
+                        act_quant_rows(x, None, Fp8Act::Gelu, None, o, Some(&ed))
+                    };
+                    let (out, q, maxima) = gelu(&bad_in, Some(&o))?;
+                    ("Gelu", out, gelu(&clean_in, None)?.0, q, maxima)
+                },
+                {
+                    let backward = |x: &Tensor, o: Option<&Tensor>| {
+                        act_grad_quant_rows(x, &grad_of, Fp8ActGrad::Gelu, None, o, Some(&ed))
+                    };
+                    let (out, q, maxima) = backward(&bad_in, Some(&o))?;
+                    (
+                        "Gelu backward",
+                        out,
+                        backward(&clean_in, None)?.0,
+                        q,
+                        maxima,
+                    )
+                },
+            ] {
+                c.record(
+                    label(&format!("{name} with a NaN, other values")),
+                    kept_equal(&bad_out, &clean_out)?,
+                    "bit-equal to the pass without the NaN and the Inf".into(),
+                );
+                let bad_cpu = bad_out.f_to_device(cpu)?;
+                let want = quant_rows(&bad_cpu, None, None)?;
+                same(
+                    &mut c,
+                    label(&format!("{name} with a NaN, rows")),
+                    &got,
+                    &want,
+                )?;
+                same_maxima(
+                    &mut c,
+                    label(&format!("{name} with a NaN, column maxima")),
+                    maxima.as_ref(),
+                    &column_maxima_reference(&bad_cpu, &ends)?,
+                );
+            }
+            let n_over = take_overflow(device)?;
+            c.record(
+                label("NaN and Inf rows overflow"),
+                n_over == 6,
+                format!("{n_over} overflows (6 expected: 2 rows in each of 3 passes)"),
             );
         }
         // the ops: experts (E = 5, one group empty, dropped rows) and dense, both layouts

@@ -153,6 +153,8 @@ pub enum Kernel {
     Fp8ColmaxReduce(Elem),
     /// FP8 scales from column maxima.
     Fp8ScalesFromAmax,
+    /// The padded group ends of the side-by-side transposed copy (one warp).
+    Fp8PaddedEnds,
     /// The transposed FP8 copy with per-group column scales.
     Fp8QuantTranspose(Elem),
     /// The transposed FP8 copy of an activation's output, computed on load from its input(s)
@@ -198,6 +200,7 @@ impl Kernel {
             ]);
         }
         all.push(Kernel::Fp8ScalesFromAmax);
+        all.push(Kernel::Fp8PaddedEnds);
         all
     }
 
@@ -212,6 +215,7 @@ impl Kernel {
                 | Kernel::Fp8ColAmax(_)
                 | Kernel::Fp8ColmaxReduce(_)
                 | Kernel::Fp8ScalesFromAmax
+                | Kernel::Fp8PaddedEnds
                 | Kernel::Fp8QuantTranspose(_)
                 | Kernel::Fp8ActQuantTranspose(..)
         )
@@ -259,6 +263,7 @@ impl Kernel {
             Kernel::Fp8ColAmax(e) => typed("fp8_col_amax", e),
             Kernel::Fp8ColmaxReduce(e) => typed("fp8_colmax_reduce", e),
             Kernel::Fp8ScalesFromAmax => "fp8_scales_from_amax".into(),
+            Kernel::Fp8PaddedEnds => "fp8_padded_ends".into(),
             Kernel::Fp8QuantTranspose(e) => typed("fp8_quant_transpose", e),
             Kernel::Fp8ActQuantTranspose(a, e) => typed(
                 match a {
@@ -303,6 +308,8 @@ impl Kernel {
             Kernel::Fp8ColmaxReduce(_) => &[P, P, I, L, L, I, P, I],
             // (amax bits, inv, scale, overflow, n)
             Kernel::Fp8ScalesFromAmax => &[P, P, P, P, L],
+            // (ends, groups, padded ends)
+            Kernel::Fp8PaddedEnds => &[P, I, P],
             // (x, x2 or null, ends, pad_ends, groups, inv, out, positions, d, group_stride,
             // col_stride, base)
             Kernel::Fp8QuantTranspose(_) | Kernel::Fp8ActQuantTranspose(..) => {
@@ -395,11 +402,16 @@ pub fn compile(major: i32, minor: i32) -> Result<Vec<u8>> {
     let src = CString::new(SOURCE)?;
     let name = CString::new("fmoec_kernels.cu")?;
     let prog = nv::create_program(&src, Some(&name)).map_err(|e| anyhow!("nvrtc: {e:?}"))?;
-    let opts = vec![
+    let mut opts = vec![
         format!("--gpu-architecture=compute_{major}{minor}"),
         "-std=c++17".to_string(),
         "--use_fast_math".to_string(),
     ];
+    // the bf16 FP8 row passes' per-value first phase instead of the packed one (the same
+    // bits; for timing the two in one build)
+    if std::env::var("FMOEC_FP8_PACKED_ROWS").is_ok_and(|v| v == "0") {
+        opts.push("-DFMOEC_FP8_HELD_ROWS".to_string());
+    }
     // SAFETY: `prog` is a live program handle (created above, destroyed below).
     let result = unsafe { nv::compile_program(prog, &opts) };
     let out = match result {

@@ -74,13 +74,19 @@ impl Fp8 {
 /// Whether the FP8 kernels run on `t`'s device for `t` (its type and row width), unless
 /// `FMOEC_FP8_KERNELS=0` (the libtorch ops run instead).
 pub fn kernels_apply(t: &Tensor) -> bool {
-    let Some(_) = Elem::of(t) else {
+    Elem::of(t).is_some() && kernels_run_on(t.device())
+}
+
+/// Whether the FP8 kernels run on `device` (a GPU of compute capability 8.9 or later),
+/// unless `FMOEC_FP8_KERNELS=0`.
+fn kernels_run_on(device: Device) -> bool {
+    let Device::Cuda(index) = device else {
         return false;
     };
     if std::env::var("FMOEC_FP8_KERNELS").is_ok_and(|v| v == "0") {
         return false;
     }
-    kernels::capability(device_index(t)).is_ok_and(|c| c >= 89)
+    kernels::capability(index).is_ok_and(|c| c >= 89)
 }
 
 fn e4m3() -> Kind {
@@ -720,8 +726,32 @@ pub enum Transposed {
 }
 
 /// The padded group ends of [`Transposed::SideBySide`] (int32 `[G]`, cumulative, each
-/// group's row count rounded up to a multiple of 16), from the group ends `ends`.
+/// group's row count rounded up to a multiple of 16), from the group ends `ends`
+/// (non-decreasing). On a GPU one launch of ours: the libtorch ops below are about ten small
+/// kernels, and every transposed copy of a weight gradient needs these ends (on an H100, 29
+/// µs a copy, four copies an iteration of the S1 layer: BENCHMARKS.md, FP8 part 5).
 pub fn padded_ends(ends: &Tensor) -> Result<Tensor> {
+    let groups = ends.size()[0];
+    if kernels_run_on(ends.device()) && (1..i32::MAX as i64).contains(&groups) {
+        let ends32 = ends.f_to_kind(Kind::Int)?.f_contiguous()?;
+        let padded = Tensor::f_empty([groups], (Kind::Int, ends.device()))?;
+        launch(
+            device_index(&ends32),
+            Kernel::Fp8PaddedEnds,
+            Grid::linear(1, 32),
+            &[
+                ptr(Some(&ends32)),
+                Arg::I32(groups as c_int),
+                ptr(Some(&padded)),
+            ],
+        )?;
+        return Ok(padded);
+    }
+    padded_ends_reference(ends)
+}
+
+/// [`padded_ends`] in libtorch ops (the CPU reference, and the check of the kernel).
+pub fn padded_ends_reference(ends: &Tensor) -> Result<Tensor> {
     let ends = ends.f_to_kind(Kind::Int64)?;
     let zero = Tensor::f_zeros([1], (Kind::Int64, ends.device()))?;
     let counts = ends.f_diff(1, 0, Some(&zero), None::<&Tensor>)?;

@@ -10,6 +10,15 @@
 #define FP8_MAX 448.0f
 #define FP8_EPS 1e-12f
 
+// Whether the bf16 row-wise passes work on packed bf16 bits in their first phase
+// (row_source_bf16); FMOEC_FP8_HELD_ROWS (defined when FMOEC_FP8_PACKED_ROWS=0) keeps the
+// per-value way of row_source, to compare the two in one build. Both give the same bits.
+#ifdef FMOEC_FP8_HELD_ROWS
+#define FP8_PACKED_ROWS false
+#else
+#define FP8_PACKED_ROWS true
+#endif
+
 __device__ __forceinline__ float fp8_floor(float amax) { return fmaxf(amax, FP8_EPS); }
 __device__ __forceinline__ float fp8_inv(float amax) { return __fdiv_rn(FP8_MAX, fp8_floor(amax)); }
 __device__ __forceinline__ float fp8_scale(float amax) { return __fdiv_rn(fp8_floor(amax), FP8_MAX); }
@@ -96,6 +105,79 @@ __device__ __forceinline__ void row_source(const T* a, const T* b, int c, bool w
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = held<T>(act_f<SRC>(v[i]));
   }
+}
+
+// Eight bf16 (one 16-byte vector's bits) as f32: ld's conversion, two a word.
+__device__ __forceinline__ void unpack_bf16x8(uint4 p, float* v) {
+  const unsigned w[4] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = __uint_as_float(w[i] << 16);
+    v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+// Eight f32 as bf16, rounded to nearest even, in one 16-byte vector: four conversions of
+// two values each. Every value that is not NaN gets the bits `held` gives it; a NaN comes
+// out as some NaN (the passes take `held` for a row with a NaN, so their bits stay as before).
+__device__ __forceinline__ uint4 pack_bf16x8(const float* v) {
+  uint4 p;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(p.x) : "f"(v[1]), "f"(v[0]));
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(p.y) : "f"(v[3]), "f"(v[2]));
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(p.z) : "f"(v[5]), "f"(v[4]));
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(p.w) : "f"(v[7]), "f"(v[6]));
+  return p;
+}
+
+// row_source for bf16 as the bf16 bits of one 16-byte vector, without `held`'s rounding and
+// unpacking of each value: the same arithmetic, then pack_bf16x8 (the row itself, unweighted,
+// is its bits as loaded). The per-value rounding, unpacking and maxima were about 40% of
+// GELU's first phase in PTX instructions, so the first phase works on these bits: the copy
+// stored as they are, |v| as the bits with the sign cleared, maxima as two 16-bit maxima a
+// word. On an H100 GELU's pass went from 1231 to 1047 us, its backward from 1520 to 1463
+// (BENCHMARKS.md, 2026-12-06, FP8 part 6).
+template <int SRC>
+__device__ __forceinline__ uint4 row_source_bf16(const bf16_t* a, const bf16_t* b, int c,
+                                                 bool weighted, float w) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(a + c);
+  if (SRC == 0 && !weighted) return raw;
+  float v[8];
+  unpack_bf16x8(raw, v);
+  if (SRC == 0) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(v[i], w);
+  } else if (SRC == 3) {
+    float y[8];
+    ldv(b + c, y);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = swiglu_f(v[i], y[i]);
+  } else if (SRC >= 4) {
+    float z[8];
+    ldv(b + c, z);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = z[i] * act_d<SRC - 3>(v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = act_f<SRC>(v[i]);
+  }
+  return pack_bf16x8(v);
+}
+
+// |v| of eight bf16 as their bits (the sign cleared: NaN stays above 0x7f80, Inf's bits).
+__device__ __forceinline__ uint4 abs_bf16x8(uint4 p) {
+  return make_uint4(p.x & 0x7fff7fffu, p.y & 0x7fff7fffu, p.z & 0x7fff7fffu, p.w & 0x7fff7fffu);
+}
+
+// raise_slots for bf16 from abs_bf16x8's bits: two 16-bit maxima a word, a NaN as Inf
+// (AbsBits<bf16_t>::of's bits for every value).
+__device__ __forceinline__ void raise_slots_bf16(unsigned char* slots, int c, uint4 m) {
+  uint4* at = reinterpret_cast<uint4*>(reinterpret_cast<unsigned short*>(slots) + c);
+  uint4 s = *at;
+  s.x = __vmaxu2(s.x, __vminu2(m.x, 0x7f807f80u));
+  s.y = __vmaxu2(s.y, __vminu2(m.y, 0x7f807f80u));
+  s.z = __vmaxu2(s.z, __vminu2(m.z, 0x7f807f80u));
+  s.w = __vmaxu2(s.w, __vminu2(m.w, 0x7f807f80u));
+  *at = s;
 }
 
 // |v| as the bits of T (v as T holds it, so the bits are exact; a non-finite value as Inf):
@@ -265,7 +347,25 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
     }
     const bool weighted = weight != nullptr;
     float amax = 0.0f;
-    if (from) {
+    // bf16: whether the row holds a NaN (then the second phase takes `held`'s bits, as
+    // before the packed first phase, so even a NaN's bits in the copy stay the same)
+    bool row_nan = false;
+    if constexpr (sizeof(T) == 2 && FP8_PACKED_ROWS) {
+      unsigned amax2 = 0u;  // two 16-bit maxima of |v|'s bits (a NaN above Inf's 0x7f80)
+      if (from) {
+        for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+          const uint4 p = row_source_bf16<SRC>(from, from2, c, weighted, w);
+          if (copy) *reinterpret_cast<uint4*>(copy + r * (long long)d + c) = p;
+          const uint4 m = abs_bf16x8(p);
+          amax2 = __vmaxu2(amax2, __vmaxu2(__vmaxu2(m.x, m.y), __vmaxu2(m.z, m.w)));
+          if (counted) raise_slots_bf16(col_slots, c, m);
+        }
+      }
+      const unsigned top = max(amax2 & 0xffffu, amax2 >> 16);
+      row_nan = __syncthreads_or(top > 0x7f80u) != 0;
+      // a non-finite value makes the row's amax Inf (an overflow), as below
+      amax = __uint_as_float(min(top, 0x7f80u) << 16);
+    } else if (from) {
       for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
         float v[16 / sizeof(T)];
         row_source<T, SRC>(from, from2, c, weighted, w, v);
@@ -289,12 +389,24 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
     }
     for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
       float v[16 / sizeof(T)];
-      if (from && copy) {
+      if (from && row_nan) {
+        // bf16, a row with a NaN: the first phase's copy written again, as `held` rounds
+        // (NaN to 0x7fc0), and read back as before
+        row_source<T, SRC>(from, from2, c, weighted, w, v);
+        if (copy) {
+          stv(copy + r * (long long)d + c, v);
+          ldv(copy + r * (long long)d + c, v);
+        }
+      } else if (from && copy) {
         // what this thread wrote in the first pass (the same columns; mostly from L2): the
         // activation is computed once
         ldv(copy + r * (long long)d + c, v);
       } else if (from) {
-        row_source<T, SRC>(from, from2, c, weighted, w, v);
+        if constexpr (sizeof(T) == 2 && FP8_PACKED_ROWS) {
+          unpack_bf16x8(row_source_bf16<SRC>(from, from2, c, weighted, w), v);
+        } else {
+          row_source<T, SRC>(from, from2, c, weighted, w, v);
+        }
       } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) v[i] = 0.0f;
@@ -425,6 +537,30 @@ extern "C" __global__ void fp8_scales_from_amax(const int* __restrict__ amax, fl
     inv[i] = fp8_inv(a);
     scale[i] = fp8_scale(a);
     if (!isfinite(a) && overflow) atomicAdd(overflow, 1);
+  }
+}
+
+// The padded group ends of the side-by-side transposed copy, from the group ends `ends`
+// (int32, cumulative, non-decreasing): pad_ends[g] = the sum of the row counts of groups 0
+// to g, each rounded up to a multiple of 16 (int32, as the libtorch reference's cumsum).
+// One warp, 32 groups a step (a shuffle scan, the carry handed on), so the copy and the
+// weight gradient get them from one launch instead of a handful of libtorch ops.
+extern "C" __global__ void fp8_padded_ends(const int* __restrict__ ends, int groups,
+                                           int* __restrict__ pad_ends) {
+  const int lane = threadIdx.x & 31;
+  if (threadIdx.x >= 32) return;
+  int carry = 0;
+  for (int g0 = 0; g0 < groups; g0 += 32) {
+    const int g = g0 + lane;
+    int n = 0;
+    if (g < groups) n = (ends[g] - (g == 0 ? 0 : ends[g - 1]) + 15) / 16 * 16;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int t = __shfl_up_sync(0xffffffffu, n, o);
+      if (lane >= o) n += t;
+    }
+    if (g < groups) pad_ends[g] = carry + n;
+    carry += __shfl_sync(0xffffffffu, n, 31);
   }
 }
 
