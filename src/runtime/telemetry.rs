@@ -5,6 +5,8 @@
 //! runs; a machine without NVML (or a build without the `cuda` feature) gets `None`, never
 //! an error.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 #[cfg(feature = "cuda")]
@@ -66,23 +68,55 @@ pub struct Summary {
     pub power_capped: f64,
 }
 
-/// Summarises `samples` (medians, the lowest clock, the power cap's share); `None` for none.
-pub fn summarize(samples: &[Sample]) -> Option<Summary> {
-    if samples.is_empty() {
-        return None;
+/// Readings folded in as they come: a count per clock (MHz) and per whole watt, so a run of
+/// days holds a few hundred numbers, not a sample every 10 ms.
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    sm_mhz: BTreeMap<u32, u64>,
+    power_w: BTreeMap<u32, u64>,
+    capped: u64,
+    samples: u64,
+}
+
+impl Tally {
+    pub fn add(&mut self, s: Sample) {
+        *self.sm_mhz.entry(s.sm_mhz).or_default() += 1;
+        *self.power_w.entry(s.power_w.round() as u32).or_default() += 1;
+        self.capped += u64::from(s.power_capped);
+        self.samples += 1;
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let capped = samples.iter().filter(|s| s.power_capped).count();
-    Some(Summary {
-        samples: samples.len(),
-        sm_mhz_median: median(samples.iter().map(|s| s.sm_mhz as f64).collect()) as u32,
-        sm_mhz_min: samples.iter().map(|s| s.sm_mhz).min().unwrap_or(0),
-        power_w_median: median(samples.iter().map(|s| s.power_w).collect()),
-        power_capped: capped as f64 / samples.len() as f64,
-    })
+
+    /// Medians (power to the watt), the lowest clock, the power cap's share; `None` for no
+    /// readings.
+    pub fn summary(&self) -> Option<Summary> {
+        let lowest = *self.sm_mhz.keys().next()?;
+        Some(Summary {
+            samples: self.samples as usize,
+            sm_mhz_median: middle(&self.sm_mhz, self.samples),
+            sm_mhz_min: lowest,
+            power_w_median: middle(&self.power_w, self.samples) as f64,
+            power_capped: self.capped as f64 / self.samples as f64,
+        })
+    }
+}
+
+/// The value at position `n / 2` of the `n` values `counts` holds, in order.
+fn middle(counts: &BTreeMap<u32, u64>, n: u64) -> u32 {
+    let mut seen = 0;
+    for (&value, &count) in counts {
+        seen += count;
+        if seen > n / 2 {
+            return value;
+        }
+    }
+    0
+}
+
+/// [`Tally::summary`] of `samples`.
+pub fn summarize(samples: &[Sample]) -> Option<Summary> {
+    let mut tally = Tally::default();
+    samples.iter().for_each(|&s| tally.add(s));
+    tally.summary()
 }
 
 /// The sampling thread, through NVML (the `nvml-wrapper` crate, which loads the library at
@@ -97,7 +131,7 @@ mod nvml {
     use nvml_wrapper::enum_wrappers::device::Clock;
     use nvml_wrapper::Nvml;
 
-    use super::{summarize, Sample, Summary};
+    use super::{Sample, Summary, Tally};
 
     /// How often the thread asks NVML (its power reading is itself an average over a short
     /// window).
@@ -106,7 +140,7 @@ mod nvml {
     /// A sampling thread, from [`Sampler::start`] to [`Sampler::finish`].
     pub struct Sampler {
         stop: Arc<AtomicBool>,
-        thread: JoinHandle<Vec<Sample>>,
+        thread: JoinHandle<Tally>,
     }
 
     impl Sampler {
@@ -119,9 +153,9 @@ mod nvml {
             let stop = Arc::new(AtomicBool::new(false));
             let (flag, bus_id) = (stop.clone(), bus_id.to_string());
             let thread = std::thread::spawn(move || {
-                let mut samples = Vec::new();
+                let mut tally = Tally::default();
                 let Ok(device) = nvml.device_by_pci_bus_id(bus_id) else {
-                    return samples;
+                    return tally;
                 };
                 while !flag.load(Ordering::Relaxed) {
                     if let (Ok(sm_mhz), Ok(milliwatts)) =
@@ -131,7 +165,7 @@ mod nvml {
                             use nvml_wrapper::bitmasks::device::ThrottleReasons as R;
                             r.intersects(R::SW_POWER_CAP | R::HW_POWER_BRAKE_SLOWDOWN)
                         });
-                        samples.push(Sample {
+                        tally.add(Sample {
                             sm_mhz,
                             power_w: milliwatts as f64 / 1e3,
                             power_capped,
@@ -139,7 +173,7 @@ mod nvml {
                     }
                     std::thread::sleep(PERIOD);
                 }
-                samples
+                tally
             });
             Some(Sampler { stop, thread })
         }
@@ -147,7 +181,7 @@ mod nvml {
         /// Stops the thread; the summary of what it read (`None` if it read nothing).
         pub fn finish(self) -> Option<Summary> {
             self.stop.store(true, Ordering::Relaxed);
-            summarize(&self.thread.join().ok()?)
+            self.thread.join().ok()?.summary()
         }
     }
 
@@ -199,6 +233,23 @@ mod tests {
         assert_eq!(s.samples, 4);
         assert_eq!((s.sm_mhz_median, s.sm_mhz_min), (1395, 1095));
         assert_eq!(s.power_w_median, 698.0);
+        assert_eq!(s.power_capped, 0.75);
+    }
+
+    #[test]
+    fn a_long_run_keeps_counts_not_samples() {
+        let mut tally = Tally::default();
+        for i in 0..1_000_000u32 {
+            tally.add(sample(
+                1300 + 15 * (i % 20),
+                690.0 + (i % 7) as f64 * 0.4,
+                i % 4 != 0,
+            ));
+        }
+        assert!(tally.sm_mhz.len() == 20 && tally.power_w.len() <= 4);
+        let s = tally.summary().unwrap();
+        assert_eq!((s.samples, s.sm_mhz_min), (1_000_000, 1300));
+        assert_eq!(s.sm_mhz_median, 1300 + 15 * 10);
         assert_eq!(s.power_capped, 0.75);
     }
 
