@@ -134,17 +134,7 @@ class _ReduceScatterToExpertTensorGroup(torch.autograd.Function):
         return _gather_rows(grad, ctx.sizes, ctx.group), None, None, None
 
 
-class _OnlyOnRankZero(torch.autograd.Function):
-    """`x` on expert-tensor rank 0 and zeros elsewhere, the gradient reaching every rank: the
-    experts' output bias is added once to the summed output and stays identical on every rank."""
-
-    @staticmethod
-    def forward(ctx, x, keep):
-        return x.clone() if keep else torch.zeros_like(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+{% include "shared/experts.py" %}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,28 +194,11 @@ class Experts(nn.Module):
                          if bias else None)
 
     def forward(self, x, counts, add_output_bias):
-        outs, start = [], 0
         b2 = None
         if self.fc2_bias is not None:
             b2 = _OnlyOnRankZero.apply(self.fc2_bias, add_output_bias)
-        for e, c in enumerate(counts):
-            rows = x[start:start + c]
-            start += c
-            h = F.linear(rows, self.fc1_weight[e],
-                         None if self.fc1_bias is None else self.fc1_bias[e])
-            if self.act == 'gelu':
-                h = F.gelu(h)
-            elif self.act == 'relu':
-                h = F.relu(h)
-            else:
-                h = F.silu(h) * F.linear(rows, self.fc1_up_weight[e])
-            outs.append(F.linear(h, self.fc2_weight[e], None if b2 is None else b2[e]))
-        if not outs:
-            return x.new_zeros((0, self.fc2_weight.shape[1]))
-        out = torch.cat(outs, 0)
-        # touch every expert parameter so each has a gradient, even with no tokens routed to it
-        extra = sum(p.sum() for p in self.parameters()) * 0.0
-        return out + extra.to(out.dtype)
+        return _experts_forward(x, counts, self.act, self.fc1_weight, self.fc1_bias,
+                                self.fc1_up_weight, self.fc2_weight, b2, self.parameters())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -236,16 +236,7 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
-class _OnlyOnRankZero(torch.autograd.Function):
-    """`x` on tensor rank 0 and zeros elsewhere; the gradient passes to every rank, so a
-    parameter used this way (the experts' output bias) stays identical across tensor ranks."""
-    @staticmethod
-    def forward(ctx, x, keep):
-        return x.clone() if keep else torch.zeros_like(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+{% include "shared/experts.py" %}
 
 
 _STATE = {'aux_grad_scale': 1.0, 'losses': {}, 'counts': {}}
@@ -294,26 +285,9 @@ class Experts(nn.Module):
         self.h4toh_bias = nn.Parameter(torch.zeros(num_local, d_model)) if bias else None
 
     def forward(self, x, counts, add_output_bias):
-        outs, start = [], 0
-        b1 = self.htoh4_bias
         b2 = None if self.h4toh_bias is None else _OnlyOnRankZero.apply(self.h4toh_bias, add_output_bias)
-        for e, c in enumerate(counts):
-            rows = x[start:start + c]
-            start += c
-            h = F.linear(rows, self.htoh4_weight[e], None if b1 is None else b1[e])
-            if self.act == 'gelu':
-                h = F.gelu(h)
-            elif self.act == 'relu':
-                h = F.relu(h)
-            else:
-                h = F.silu(h) * F.linear(rows, self.up_proj_weight[e])
-            outs.append(F.linear(h, self.h4toh_weight[e], None if b2 is None else b2[e]))
-        if not outs:
-            return x.new_zeros((0, self.h4toh_weight.shape[1]))
-        out = torch.cat(outs, 0)
-        # touch every expert parameter so each has a gradient, even with no tokens routed to it
-        extra = sum(p.sum() for p in self.parameters()) * 0.0
-        return out + extra.to(out.dtype)
+        return _experts_forward(x, counts, self.act, self.htoh4_weight, self.htoh4_bias,
+                                self.up_proj_weight, self.h4toh_weight, b2, self.parameters())
 
 
 def _tag(module, kind):
