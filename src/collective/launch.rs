@@ -370,8 +370,11 @@ mod tests {
     #[test]
     fn the_second_node_of_two_starts_ranks_two_and_three() {
         let dir = tempfile::tempdir().unwrap();
+        // rank 3 fails only once rank 2 has written its line: the launcher stops the other
+        // ranks when one fails, and on a loaded machine rank 2 may not have run yet
         let script = format!(
-            "echo \"$RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT\" > {}/rank$RANK; [ $RANK = 3 ] && exit 5; exit 0",
+            "d={}; echo \"$RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT\" > $d/tmp$RANK && mv $d/tmp$RANK $d/rank$RANK; \
+             if [ $RANK = 3 ]; then i=0; while [ ! -f $d/rank2 ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; exit 5; fi; exit 0",
             dir.path().display()
         );
         let launch = Launch {
