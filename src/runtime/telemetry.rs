@@ -137,10 +137,17 @@ mod nvml {
     /// window).
     const PERIOD: Duration = Duration::from_millis(10);
 
-    /// A sampling thread, from [`Sampler::start`] to [`Sampler::finish`].
+    /// A sampling thread, from [`Sampler::start`] to [`Sampler::finish`] (or to its drop,
+    /// when the work it watched failed).
     pub struct Sampler {
         stop: Arc<AtomicBool>,
-        thread: JoinHandle<Tally>,
+        thread: Option<JoinHandle<Tally>>,
+    }
+
+    impl Drop for Sampler {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+        }
     }
 
     impl Sampler {
@@ -175,13 +182,16 @@ mod nvml {
                 }
                 tally
             });
-            Some(Sampler { stop, thread })
+            Some(Sampler {
+                stop,
+                thread: Some(thread),
+            })
         }
 
         /// Stops the thread; the summary of what it read (`None` if it read nothing).
-        pub fn finish(self) -> Option<Summary> {
+        pub fn finish(mut self) -> Option<Summary> {
             self.stop.store(true, Ordering::Relaxed);
-            self.thread.join().ok()?.summary()
+            self.thread.take()?.join().ok()?.summary()
         }
     }
 
