@@ -1147,20 +1147,16 @@ impl Eval<'_> {
         // (a bytes), the dropout mask (1) and its output (a), as Megatron-LM v2.2 keeps them,
         // and one score buffer of a layer (`a` bytes) that every layer reuses.
         let unfused_attention = match model {
-            MemoryModel::MegatronCore => {
-                let layers = self.c.model.layers.iter().enumerate();
-                let one_layer = layers
-                    .filter(|&(l, _)| self.stage_of(l) == s)
-                    .map(|_| attention_scores(self.c, self.grid, self.seq_len, self.tokens))
-                    .max()
-                    .unwrap_or(0);
+            // every layer has the model's attention: a stage with layers has one layer's scores
+            MemoryModel::MegatronCore if scores > 0 => {
+                let one_layer = attention_scores(self.c, self.grid, self.seq_len, self.tokens);
                 (2 * self.a + 1)
                     .saturating_mul(scores)
                     .saturating_mul(in_flight)
                     / v
                     + self.a.saturating_mul(one_layer)
             }
-            MemoryModel::Megatron | MemoryModel::Fmoec => 0,
+            _ => 0,
         };
         Memory {
             model,
