@@ -856,11 +856,8 @@ pub fn render(report: &Report) -> String {
         let own_ratio = own.map(|o| o.forward_backward.median_ms / r.forward_backward.median_ms);
         let _ = writeln!(
             s,
-            "{:<9} {:<7} {:<11} {:<12} {:>8.3} {:>8.3} {:>8.3} {:>17} {:>7.1} {:>7.1} {:>6.1}% {:>9.3e} {:>8} {:>8} {:>8} {:>9.2e}",
-            r.shape.name,
-            format!("{:?}", r.shape.act).to_lowercase(),
-            label(serde_json::to_value(r.routing)),
-            label(serde_json::to_value(r.implementation)),
+            "{} {:>8.3} {:>8.3} {:>8.3} {:>17} {:>7.1} {:>7.1} {:>6.1}% {:>9.3e} {:>8} {:>8} {:>8} {:>9.2e}",
+            row_head(r),
             r.forward.median_ms,
             r.backward.median_ms,
             r.forward_backward.median_ms,
@@ -978,6 +975,17 @@ fn label(v: serde_json::Result<serde_json::Value>) -> String {
         .unwrap_or_default()
 }
 
+/// A row's shape, activation, routing and implementation, as the tables' first columns.
+fn row_head(r: &Row) -> String {
+    format!(
+        "{:<9} {:<7} {:<11} {:<12}",
+        r.shape.name,
+        format!("{:?}", r.shape.act).to_lowercase(),
+        label(serde_json::to_value(r.routing)),
+        label(serde_json::to_value(r.implementation)),
+    )
+}
+
 /// Each row's SM clock and power while it was timed, where NVML sampled them: under the
 /// power cap the clock falls by an amount that depends on the work, so rows are compared at
 /// the clocks they ran at.
@@ -999,11 +1007,8 @@ fn render_gpu(report: &Report, s: &mut String) {
     for (r, g) in rows {
         let _ = writeln!(
             s,
-            "  {:<9} {:<7} {:<11} {:<12} {:>5} MHz ({:>4})  {:>5.0} W  power cap {:>3.0}%  ({} samples)",
-            r.shape.name,
-            format!("{:?}", r.shape.act).to_lowercase(),
-            label(serde_json::to_value(r.routing)),
-            label(serde_json::to_value(r.implementation)),
+            "  {} {:>5} MHz ({:>4})  {:>5.0} W  power cap {:>3.0}%  ({} samples)",
+            row_head(r),
             g.sm_mhz_median,
             g.sm_mhz_min,
             g.power_w_median,
@@ -1051,13 +1056,7 @@ fn render_graph_rows(report: &Report, s: &mut String) {
             && o.shape.act == r.shape.act
     };
     for r in &report.rows {
-        let head = format!(
-            "{:<9} {:<7} {:<11} {:<12}",
-            r.shape.name,
-            format!("{:?}", r.shape.act).to_lowercase(),
-            label(serde_json::to_value(r.routing)),
-            label(serde_json::to_value(r.implementation)),
-        );
+        let head = row_head(r);
         match &r.graph {
             None => {}
             Some(GraphTiming::NotCaptured(why)) => {
