@@ -1579,6 +1579,46 @@ mod ops {
                 maxima.as_ref(),
                 &column_maxima_reference(&gys.f_to_device(cpu)?, &gather_ends)?,
             );
+            // a fused pass's output (the activation's, or its backward's input gradient)
+            // beside `alone` (the op by itself on the same device) within `tol` on the
+            // groups' rows, zeros past them (no overflow from the NaN there), its FP8 rows and
+            // column maxima the reference's of that output; gives the reference's rows and
+            // the output on the CPU
+            let pass_output = |c: &mut Checks,
+                               what: &str,
+                               out: &Tensor,
+                               alone: &Tensor,
+                               tol: f64,
+                               got: &Fp8,
+                               maxima: Option<&Tensor>|
+             -> Result<(Fp8, Tensor)> {
+                c.close(
+                    label(&format!("{what} output")),
+                    &out.f_narrow(0, 0, kept)?,
+                    &alone.f_narrow(0, 0, kept)?,
+                    tol,
+                )?;
+                let past = out
+                    .f_narrow(0, kept, rows - kept)?
+                    .f_abs()?
+                    .f_sum(Kind::Float)?
+                    .f_double_value(&[])?;
+                c.record(
+                    label(&format!("{what} past the groups")),
+                    past == 0.0,
+                    format!("sum |.| {past:.2e}"),
+                );
+                let out_cpu = out.f_to_device(cpu)?;
+                let want = quant_rows(&out_cpu, Some(&limit), None)?;
+                same(c, label(&format!("{what} and rows")), got, &want)?;
+                same_maxima(
+                    c,
+                    label(&format!("{what}'s column maxima")),
+                    maxima,
+                    &column_maxima_reference(&out_cpu, &ends)?,
+                );
+                Ok((want, out_cpu))
+            };
             // the activation's pass: its output beside the activation alone on the same
             // device (SwiGLU: the SwiGLU kernel's bits; GELU: libtorch's within a bf16
             // rounding), its FP8 rows the reference's quantisation of that output; rows
@@ -1594,37 +1634,20 @@ mod ops {
                     None if act == Fp8Act::Gelu => a.f_gelu("none")?,
                     None => a.f_relu()?,
                 };
-                let kept_out = out.f_narrow(0, 0, kept)?;
                 let tol = match (act, kind) {
                     (Fp8Act::Gelu, Kind::BFloat16) => 4e-3,
                     (Fp8Act::Gelu, _) => 1e-6,
                     _ => 0.0,
                 };
-                c.close(
-                    label(&format!("{act:?} output")),
-                    &kept_out,
-                    &alone.f_narrow(0, 0, kept)?,
-                    tol,
-                )?;
-                let past = out
-                    .f_narrow(0, kept, rows - kept)?
-                    .f_abs()?
-                    .f_sum(Kind::Float)?
-                    .f_double_value(&[])?;
-                c.record(
-                    label(&format!("{act:?} rows past the groups")),
-                    past == 0.0,
-                    format!("sum |.| {past:.2e}"),
-                );
-                let want = quant_rows(&out.f_to_device(cpu)?, Some(&limit), None)?;
-                same(&mut c, label(&format!("{act:?} and rows")), &got, &want)?;
-                let out_cpu = out.f_to_device(cpu)?;
-                same_maxima(
+                let (want, out_cpu) = pass_output(
                     &mut c,
-                    label(&format!("{act:?}'s column maxima")),
+                    &format!("{act:?}"),
+                    &out,
+                    &alone,
+                    tol,
+                    &got,
                     maxima.as_ref(),
-                    &column_maxima_reference(&out_cpu, &ends)?,
-                );
+                )?;
                 // the pass without its output: the same FP8 rows and maxima
                 let (got, maxima) =
                     act_quant_rows_only(&a, b, act, Some(&limit_d), Some(&o), Some(&ed))?;
@@ -1671,35 +1694,8 @@ mod ops {
                     (Fp8ActGrad::Gelu, _) => 1e-5,
                     _ => 0.0,
                 };
-                c.close(
-                    label(&format!("{act:?} backward's gradient")),
-                    &ga.f_narrow(0, 0, kept)?,
-                    &alone.f_narrow(0, 0, kept)?,
-                    tol,
-                )?;
-                let past = ga
-                    .f_narrow(0, kept, rows - kept)?
-                    .f_abs()?
-                    .f_sum(Kind::Float)?
-                    .f_double_value(&[])?;
-                c.record(
-                    label(&format!("{act:?} backward past the groups")),
-                    past == 0.0,
-                    format!("sum |.| {past:.2e}"),
-                );
-                let want = quant_rows(&ga.f_to_device(cpu)?, Some(&limit), None)?;
-                same(
-                    &mut c,
-                    label(&format!("{act:?} backward and rows")),
-                    &got,
-                    &want,
-                )?;
-                same_maxima(
-                    &mut c,
-                    label(&format!("{act:?} backward's column maxima")),
-                    maxima.as_ref(),
-                    &column_maxima_reference(&ga.f_to_device(cpu)?, &ends)?,
-                );
+                let what = format!("{act:?} backward");
+                let _ = pass_output(&mut c, &what, &ga, &alone, tol, &got, maxima.as_ref())?;
             }
             let n_over = take_overflow(device)?;
             c.record(

@@ -412,6 +412,35 @@ pub fn compile(major: i32, minor: i32) -> Result<Vec<u8>> {
     if std::env::var("FMOEC_FP8_PACKED_ROWS").is_ok_and(|v| v == "0") {
         opts.push("-DFMOEC_FP8_HELD_ROWS".to_string());
     }
+    // the bf16 transposed copy's per-value loads instead of the packed ones (the same bits)
+    if std::env::var("FMOEC_FP8_PACKED_TRANSPOSE").is_ok_and(|v| v == "0") {
+        opts.push("-DFMOEC_FP8_HELD_TRANSPOSE".to_string());
+    }
+    // the row-wise FP8 passes compiled for at least N resident blocks of 256 threads a
+    // multiprocessor (fewer registers a thread)
+    if let Some(n) = std::env::var("FMOEC_FP8_ROW_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| (1..=8).contains(n))
+    {
+        opts.push(format!("-DFP8_ROW_MIN_BLOCKS={n}"));
+    }
+    // the row-wise passes' loops over a row unrolled N times
+    if let Some(n) = std::env::var("FMOEC_FP8_ROW_UNROLL")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| (2..=8).contains(n))
+    {
+        opts.push(format!("-DFP8_ROW_UNROLL_BY={n}"));
+    }
+    // and the transposed copies likewise
+    if let Some(n) = std::env::var("FMOEC_FP8_TRANSPOSE_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| (1..=8).contains(n))
+    {
+        opts.push(format!("-DFP8_TRANSPOSE_MIN_BLOCKS={n}"));
+    }
     // SAFETY: `prog` is a live program handle (created above, destroyed below).
     let result = unsafe { nv::compile_program(prog, &opts) };
     let out = match result {
@@ -523,29 +552,69 @@ pub fn kernels_ready(device: usize) -> Result<()> {
     }
 }
 
-/// The compute capability (`major · 10 + minor`) of `device`, once its kernels are loaded.
-pub fn capability(device: usize) -> Result<i32> {
+impl Module {
+    fn function(&self, kernel: Kernel) -> Result<cu::CUfunction> {
+        self.functions
+            .get(&kernel)
+            .copied()
+            .ok_or_else(|| anyhow!("kernel {} is not loaded", kernel.name()))
+    }
+}
+
+/// `f` of `device`'s loaded program (compiled and loaded first, once).
+fn with_module<R>(device: usize, f: impl FnOnce(&Module) -> Result<R>) -> Result<R> {
     kernels_ready(device)?;
     let m = modules()
         .lock()
         .map_err(|_| anyhow!("kernel cache poisoned"))?;
     match m.get(&device) {
-        Some(Ok(module)) => Ok(module.capability),
+        Some(Ok(module)) => f(module),
         _ => bail!("fused kernels not loaded on cuda:{device}"),
     }
 }
 
-/// The streaming multiprocessors of `device`, once its kernels are loaded (for grids of
-/// one wave of resident blocks).
+/// The compute capability (`major · 10 + minor`) of `device`, once its kernels are loaded.
+pub fn capability(device: usize) -> Result<i32> {
+    with_module(device, |m| Ok(m.capability))
+}
+
+/// The streaming multiprocessors of `device`, once its kernels are loaded.
 pub fn multiprocessors(device: usize) -> Result<i64> {
-    kernels_ready(device)?;
-    let m = modules()
-        .lock()
-        .map_err(|_| anyhow!("kernel cache poisoned"))?;
-    match m.get(&device) {
-        Some(Ok(module)) => Ok(module.multiprocessors.max(1) as i64),
-        _ => bail!("fused kernels not loaded on cuda:{device}"),
-    }
+    with_module(device, |m| Ok(m.multiprocessors.max(1) as i64))
+}
+
+/// How many blocks of `kernel` (of `threads` threads and `shared_bytes` of dynamic shared
+/// memory) the whole of `device` holds at once: the driver's occupancy, which counts the
+/// kernel's registers as well as its threads and shared memory, times the multiprocessors.
+/// A grid of this many blocks runs in one wave. (Counting threads and shared memory alone,
+/// the row-wise passes with column maxima asked for 7 blocks of 256 threads a
+/// multiprocessor where their 40-56 registers a thread leave room for 4-6, so a second,
+/// thinner wave ran after the first.)
+pub fn resident_blocks(
+    device: usize,
+    kernel: Kernel,
+    threads: u32,
+    shared_bytes: u32,
+) -> Result<i64> {
+    with_module(device, |m| {
+        let f = m.function(kernel)?;
+        let mut per_multiprocessor: c_int = 0;
+        // SAFETY: `f` belongs to the loaded module (never unloaded) and the out-pointer is
+        // a live local; the call only reads the function's attributes.
+        unsafe {
+            cu_check("cuCtxSetCurrent", cu::cuCtxSetCurrent(m.ctx))?;
+            cu_check(
+                "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+                cu::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                    &mut per_multiprocessor,
+                    f,
+                    threads as c_int,
+                    shared_bytes as usize,
+                ),
+            )?;
+        }
+        Ok(per_multiprocessor.max(1) as i64 * m.multiprocessors.max(1) as i64)
+    })
 }
 
 /// Says once on stderr why the fused kernels cannot run (the libtorch path runs instead).
@@ -580,18 +649,20 @@ pub fn launch(device: usize, kernel: Kernel, grid: Grid, args: &[Arg]) -> Result
     if grid.blocks == 0 || grid.blocks_y == 0 {
         return Ok(());
     }
-    kernels_ready(device)?;
-    let m = modules()
-        .lock()
-        .map_err(|_| anyhow!("kernel cache poisoned"))?;
-    let module = match m.get(&device) {
-        Some(Ok(module)) => module,
-        _ => bail!("fused kernels not loaded on cuda:{device}"),
-    };
-    let f = *module
-        .functions
-        .get(&kernel)
-        .ok_or_else(|| anyhow!("kernel {} is not loaded", kernel.name()))?;
+    with_module(device, |module| {
+        launch_loaded(module, device, kernel, grid, args)
+    })
+}
+
+/// [`launch`] on the loaded `module` of `device`, the arguments checked.
+fn launch_loaded(
+    module: &Module,
+    device: usize,
+    kernel: Kernel,
+    grid: Grid,
+    args: &[Arg],
+) -> Result<()> {
+    let f = module.function(kernel)?;
     let stream = current_stream(device)?;
     let blocks = grid.blocks.min(1 << 20) as u32;
     let mut values = args.to_vec();

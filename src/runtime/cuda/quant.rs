@@ -39,7 +39,8 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::kernels::{
-    self, device_index, launch, multiprocessors, ptr, Arg, Elem, Fp8Act, Fp8ActGrad, Grid, Kernel,
+    self, device_index, launch, multiprocessors, ptr, resident_blocks, Arg, Elem, Fp8Act,
+    Fp8ActGrad, Grid, Kernel,
 };
 
 /// The largest finite e4m3 value.
@@ -226,6 +227,7 @@ impl FusedMaxima {
     /// transposed copy then computes the maxima itself).
     fn new(
         x: &Tensor,
+        kernel: Kernel,
         elem: Elem,
         rows: i64,
         d: i64,
@@ -241,7 +243,7 @@ impl FusedMaxima {
         {
             return Ok(None);
         }
-        let grid = Self::resident_grid(x, elem, rows, d)?;
+        let grid = Self::resident_grid(x, kernel, elem, rows, d)?;
         let partial = match maxima_reduction() {
             MaximaReduction::TwoStep => Some(Tensor::f_empty(
                 [grid.blocks * 2 * d * (16 / elem.per_vector())],
@@ -282,12 +284,15 @@ impl FusedMaxima {
         }
     }
 
-    /// With maxima: one wave of resident blocks, each over a contiguous chunk of rows with
-    /// its d values of shared memory, of up to 256 threads (`FMOEC_FP8_MAXIMA_THREADS`; no
-    /// more than a row has 16-byte vectors: S3's hidden rows of 768 have 96). On an H100 128
-    /// and 512 threads measured within the run-to-run spread of 256 at S1 (BENCHMARKS.md
-    /// 2026-12-06 part 3, call C).
-    fn resident_grid(x: &Tensor, elem: Elem, rows: i64, d: i64) -> Result<Grid> {
+    /// With maxima: one wave of resident blocks of `kernel`, each over a contiguous chunk of
+    /// rows with its d values of shared memory, of up to 256 threads
+    /// (`FMOEC_FP8_MAXIMA_THREADS`; no more than a row has 16-byte vectors: S3's hidden rows
+    /// of 768 have 96). On an H100 128 and 512 threads measured within the run-to-run spread
+    /// of 256 at S1 (BENCHMARKS.md 2026-12-06 part 3, call C). The driver says how many blocks
+    /// are resident ([`resident_blocks`]); `FMOEC_FP8_RESIDENT=threads` counts threads and
+    /// shared memory alone, the earlier way, which asked S1's passes for more blocks than
+    /// their registers let in.
+    fn resident_grid(x: &Tensor, kernel: Kernel, elem: Elem, rows: i64, d: i64) -> Result<Grid> {
         let shared = d * (16 / elem.per_vector());
         let threads = std::env::var("FMOEC_FP8_MAXIMA_THREADS")
             .ok()
@@ -296,13 +301,19 @@ impl FusedMaxima {
             .unwrap_or(256)
             .min((d / elem.per_vector() + 31) / 32 * 32)
             .clamp(64, 1024);
-        // resident blocks: by threads (2048 a multiprocessor), shared memory (about 200 KB
-        // usable) and the hardware's 32 blocks
-        let per_multiprocessor = (2048 / threads)
-            .min(200 * 1024 / shared.max(1))
-            .clamp(1, 32);
+        let device = device_index(x);
+        let blocks = if std::env::var("FMOEC_FP8_RESIDENT").is_ok_and(|v| v == "threads") {
+            // by threads (2048 a multiprocessor), shared memory (about 200 KB usable) and
+            // the hardware's 32 blocks
+            let per_multiprocessor = (2048 / threads)
+                .min(200 * 1024 / shared.max(1))
+                .clamp(1, 32);
+            multiprocessors(device)? * per_multiprocessor
+        } else {
+            resident_blocks(device, kernel, threads as u32, shared as u32)?
+        };
         Ok(Grid {
-            blocks: (multiprocessors(device_index(x))? * per_multiprocessor).min(rows.max(1)),
+            blocks: blocks.min(rows.max(1)),
             blocks_y: 1,
             threads: threads as u32,
             shared_bytes: shared as u32,
@@ -425,7 +436,9 @@ pub fn quant_rows_with_maxima(
     let (rows, cols) = x.size2()?;
     if kernels_apply(x) && cols < i32::MAX as i64 {
         let elem = Elem::of(x).expect("checked by kernels_apply");
-        if let Some(maxima) = FusedMaxima::new(x, elem, rows, cols, Some(ends))? {
+        if let Some(maxima) =
+            FusedMaxima::new(x, Kernel::Fp8QuantRows(elem), elem, rows, cols, Some(ends))?
+        {
             let x = x.f_contiguous()?;
             let out = empty_rows(rows, cols, x.device())?;
             RowPass {
@@ -547,7 +560,7 @@ pub fn gather_quant_rows(
         let row_slot = row_slot.f_contiguous()?;
         let xs = Tensor::f_empty([rows, d], (x.kind(), x.device()))?;
         let out = empty_rows(rows, d, x.device())?;
-        let maxima = FusedMaxima::new(&x, elem, rows, d, col_ends)?;
+        let maxima = FusedMaxima::new(&x, Kernel::Fp8QuantRows(elem), elem, rows, d, col_ends)?;
         RowPass {
             kernel: Kernel::Fp8QuantRows(elem),
             sources: vec![
@@ -650,9 +663,10 @@ fn act_rows(
         let b = b.map(|b| b.f_contiguous()).transpose()?;
         let out = write_output.then(|| a.f_empty_like()).transpose()?;
         let q = empty_rows(rows, cols, a.device())?;
-        let maxima = FusedMaxima::new(&a, elem, rows, cols, col_ends)?;
+        let kernel = Kernel::Fp8ActQuantRows(act, elem);
+        let maxima = FusedMaxima::new(&a, kernel, elem, rows, cols, col_ends)?;
         RowPass {
-            kernel: Kernel::Fp8ActQuantRows(act, elem),
+            kernel,
             sources: vec![ptr(Some(&a)), ptr(b.as_ref())],
             limit,
             copy: out.as_ref(),
@@ -693,9 +707,10 @@ pub fn act_grad_quant_rows(
         let g = g.f_contiguous()?;
         let ga = a.f_empty_like()?;
         let q = empty_rows(rows, cols, a.device())?;
-        let maxima = FusedMaxima::new(&a, elem, rows, cols, col_ends)?;
+        let kernel = Kernel::Fp8ActGradQuantRows(act, elem);
+        let maxima = FusedMaxima::new(&a, kernel, elem, rows, cols, col_ends)?;
         RowPass {
-            kernel: Kernel::Fp8ActGradQuantRows(act, elem),
+            kernel,
             sources: vec![ptr(Some(&a)), ptr(Some(&g))],
             limit,
             copy: Some(&ga),

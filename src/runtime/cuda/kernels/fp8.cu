@@ -19,6 +19,15 @@
 #define FP8_PACKED_ROWS true
 #endif
 
+// The row-wise passes' loops over a row's vectors unrolled FMOEC_FP8_ROW_UNROLL times (more
+// loads in flight a thread, more registers), to compare in one build.
+#define FP8_PRAGMA(x) _Pragma(#x)
+#ifdef FP8_ROW_UNROLL_BY
+#define FP8_ROW_UNROLL FP8_PRAGMA(unroll FP8_ROW_UNROLL_BY)
+#else
+#define FP8_ROW_UNROLL
+#endif
+
 __device__ __forceinline__ float fp8_floor(float amax) { return fmaxf(amax, FP8_EPS); }
 __device__ __forceinline__ float fp8_inv(float amax) { return __fdiv_rn(FP8_MAX, fp8_floor(amax)); }
 __device__ __forceinline__ float fp8_scale(float amax) { return __fdiv_rn(fp8_floor(amax), FP8_MAX); }
@@ -353,6 +362,7 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
     if constexpr (sizeof(T) == 2 && FP8_PACKED_ROWS) {
       unsigned amax2 = 0u;  // two 16-bit maxima of |v|'s bits (a NaN above Inf's 0x7f80)
       if (from) {
+        FP8_ROW_UNROLL
         for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
           const uint4 p = row_source_bf16<SRC>(from, from2, c, weighted, w);
           if (copy) *reinterpret_cast<uint4*>(copy + r * (long long)d + c) = p;
@@ -387,6 +397,7 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
       scale[r] = fp8_scale(amax);
       if (!isfinite(amax) && overflow) atomicAdd(overflow, 1);
     }
+    FP8_ROW_UNROLL
     for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
       float v[16 / sizeof(T)];
       if (from && row_nan) {
@@ -582,6 +593,14 @@ extern "C" __global__ void fp8_padded_ends(const int* __restrict__ ends, int gro
 // byte by byte otherwise.
 #define TP 128
 #define TC 64
+// Whether the bf16 transposed copy of a tensor (SRC 0) keeps its loads as bits
+// (FMOEC_FP8_HELD_TRANSPOSE, defined when FMOEC_FP8_PACKED_TRANSPOSE=0, keeps the per-value
+// way, to compare the two in one build). Both give the same bits.
+#ifdef FMOEC_FP8_HELD_TRANSPOSE
+#define FP8_PACKED_TRANSPOSE false
+#else
+#define FP8_PACKED_TRANSPOSE true
+#endif
 __device__ __forceinline__ int tile_chunk(int col, int chunk, int n) {
   return chunk ^ ((col / n) & 7);
 }
@@ -626,6 +645,47 @@ __device__ void quant_transpose(const T* __restrict__ x, const T* __restrict__ x
   for (int u = threadIdx.x; u < (TP / 4) * vecs; u += blockDim.x) {
     const int cv = u % vecs, jq = u / vecs;
     const int c = c0 + cv * N;
+    if constexpr (sizeof(T) == 2 && SRC == 0 && FP8_PACKED_TRANSPOSE) {
+      // bf16 rows as loaded: the four loads in flight as bits (16 registers, not 32
+      // floats), each unpacked when converted, and a tile's scales loaded once per group
+      uint4 raw[4];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const long long row = tile_row[jq * 4 + p];
+        raw[p] = (row >= 0 && c < d) ? *reinterpret_cast<const uint4*>(x + row * d + c)
+                                     : make_uint4(0u, 0u, 0u, 0u);
+      }
+      unsigned word[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+      float s[8];
+      int held_group = -1;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const int g = tile_group[jq * 4 + p];
+        if (g < groups && c < d) {
+          if (g != held_group) {
+            const float4* at = reinterpret_cast<const float4*>(inv + (long long)g * d + c);
+            const float4 lo = at[0], hi = at[1];
+            s[0] = lo.x; s[1] = lo.y; s[2] = lo.z; s[3] = lo.w;
+            s[4] = hi.x; s[5] = hi.y; s[6] = hi.z; s[7] = hi.w;
+            held_group = g;
+          }
+          float v[8];
+          unpack_bf16x8(raw[p], v);
+#pragma unroll
+          for (int e = 0; e < 8; e += 2) {
+            const unsigned two = e4m3x2(__fmul_rn(v[e], s[e]), __fmul_rn(v[e + 1], s[e + 1]));
+            word[e] |= (two & 0xffu) << (8 * p);
+            word[e + 1] |= (two >> 8) << (8 * p);
+          }
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int col = cv * 8 + e;
+        tile[col][tile_chunk(col, jq >> 2, 8) * 4 + (jq & 3)] = word[e];
+      }
+      continue;
+    }
     float v[4][16 / sizeof(T)];
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
@@ -695,8 +755,18 @@ __device__ void quant_transpose(const T* __restrict__ x, const T* __restrict__ x
   }
 }
 
+#ifdef FP8_ROW_MIN_BLOCKS
+#define FP8_ROW_BOUNDS __launch_bounds__(256, FP8_ROW_MIN_BLOCKS)
+#else
+#define FP8_ROW_BOUNDS
+#endif
+#ifdef FP8_TRANSPOSE_MIN_BLOCKS
+#define FP8_TRANSPOSE_BOUNDS __launch_bounds__(256, FP8_TRANSPOSE_MIN_BLOCKS)
+#else
+#define FP8_TRANSPOSE_BOUNDS
+#endif
 #define FP8_INSTANCES(T, NAME) \
-extern "C" __global__ void fp8_quant_rows_##NAME(const T* src, const long long* row_slot, int k, \
+extern "C" __global__ void FP8_ROW_BOUNDS fp8_quant_rows_##NAME(const T* src, const long long* row_slot, int k, \
     const float* weight, const int* limit, T* copy, unsigned char* q, float* scale, int* overflow, \
     long long rows, int d, const int* ends, int groups, int* colmax, unsigned char* partial) { \
     quant_rows<T, 0>(src, nullptr, row_slot, k, weight, limit, copy, q, scale, overflow, rows, d, \
@@ -718,7 +788,7 @@ FP8_TRANSPOSE_INSTANCE(T, NAME, act3_quant_transpose, 3)
 // the transposed copy of a tensor (SRC 0: x2 unused) or of an activation's output computed
 // on load from its input(s) (SRC 1-3)
 #define FP8_TRANSPOSE_INSTANCE(T, NAME, KIND, SRC) \
-extern "C" __global__ void fp8_##KIND##_##NAME(const T* x, const T* x2, const int* ends, \
+extern "C" __global__ void FP8_TRANSPOSE_BOUNDS fp8_##KIND##_##NAME(const T* x, const T* x2, const int* ends, \
     const int* pad_ends, int groups, const float* inv, unsigned char* out, long long positions, \
     int d, long long group_stride, long long col_stride, int base) { \
     quant_transpose<T, SRC>(x, x2, ends, pad_ends, groups, inv, out, positions, d, group_stride, \
@@ -726,7 +796,7 @@ extern "C" __global__ void fp8_##KIND##_##NAME(const T* x, const T* x2, const in
 // the activation's pass writing its output and the output's row-wise FP8 copy (SRC 1-3),
 // or its backward's pass writing the input's gradient and that gradient's copy (SRC 4-5)
 #define FP8_ACT_INSTANCE(T, NAME, SRC) \
-extern "C" __global__ void fp8_act##SRC##_quant_rows_##NAME(const T* a, const T* b, \
+extern "C" __global__ void FP8_ROW_BOUNDS fp8_act##SRC##_quant_rows_##NAME(const T* a, const T* b, \
     const int* limit, T* out, unsigned char* q, float* scale, int* overflow, long long rows, \
     int d, const int* ends, int groups, int* colmax, unsigned char* partial) { \
     quant_rows<T, SRC>(a, b, nullptr, 1, nullptr, limit, out, q, scale, overflow, rows, d, ends, \
