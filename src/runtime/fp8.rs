@@ -167,7 +167,8 @@ mod ops {
         column_maxima_reference, gather_quant_rows, overflow_counter, padded_ends,
         padded_ends_reference, quant_rows, quant_rows_into, quant_rows_with_maxima,
         quant_transposed, quant_transposed_into, reduce_maxima_on_this_thread,
-        side_by_side_positions, ColumnMaxima, Fp8, MaximaReduction, Transposed,
+        side_by_side_positions, swiglu_grad_quant_rows, ColumnMaxima, Fp8, MaximaReduction,
+        Transposed,
     };
 
     /// How a master weight holds the matmul's `W` (`[K, N]`: `x · W`).
@@ -1097,9 +1098,9 @@ mod ops {
     }
 
     /// The activation's backward: the gradient of `a` (and SwiGLU's of `b`) from the output's
-    /// `g`. GELU's and ReLU's pass writes the FP8 rows (and column maxima) of `a`'s gradient,
-    /// the first matmul's output gradient, for its backward; rows past the last group are
-    /// zeros (nothing reads them).
+    /// `g`. Its pass writes the FP8 rows (and column maxima) of each gradient, the first
+    /// matmuls' output gradients, for their backward; rows past the last group are zeros
+    /// (nothing reads them).
     fn act_backward(
         act: Fp8Act,
         a: &Tensor,
@@ -1108,16 +1109,29 @@ mod ops {
         g: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let g = g.f_to_kind(a.kind())?.f_contiguous()?;
+        let o = overflow(a.device())?;
+        let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
         let one_input = match act {
             Fp8Act::Gelu => Fp8ActGrad::Gelu,
             Fp8Act::Relu => Fp8ActGrad::Relu,
-            Fp8Act::Swiglu => {
+            // `FMOEC_FP8_SWIGLU_GRAD_PASS=0`: the SwiGLU kernel, and each gradient's FP8 rows
+            // made by the first matmuls' backward (the way before the pass; for timing)
+            Fp8Act::Swiglu
+                if std::env::var("FMOEC_FP8_SWIGLU_GRAD_PASS").is_ok_and(|v| v == "0") =>
+            {
                 let (ga, gb) = swiglu_backward(a, b, &g)?;
                 return Ok((ga, Some(gb)));
             }
+            Fp8Act::Swiglu => {
+                let ((ga, qa, maxima_a), (gb, qb, maxima_b)) =
+                    swiglu_grad_quant_rows(a, b, &g, Some(&limit), Some(&o), Some(ends))?;
+                remember_prequantized(&ga, qa);
+                remember_maxima(&ga, maxima_a, 1);
+                remember_prequantized(&gb, qb);
+                remember_maxima(&gb, maxima_b, 1);
+                return Ok((ga, Some(gb)));
+            }
         };
-        let o = overflow(a.device())?;
-        let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
         let (ga, q, maxima) =
             act_grad_quant_rows(a, &g, one_input, Some(&limit), Some(&o), Some(ends))?;
         remember_prequantized(&ga, q);
@@ -1697,6 +1711,19 @@ mod ops {
                 let what = format!("{act:?} backward");
                 let _ = pass_output(&mut c, &what, &ga, &alone, tol, &got, maxima.as_ref())?;
             }
+            // SwiGLU's backward pass: both gradients beside the SwiGLU kernel's backward on
+            // the same device (the same arithmetic, swiglu_d), their FP8 rows and column
+            // maxima the reference's of those gradients; rows past the groups zeros
+            let ((ga, qa, maxima_a), (gb, qb, maxima_b)) =
+                swiglu_grad_quant_rows(&a, &b, &g, Some(&limit_d), Some(&o), Some(&ed))?;
+            let (ga_alone, gb_alone) = swiglu_backward(&a, &b, &g)?;
+            let tol = if kind == Kind::BFloat16 { 4e-3 } else { 1e-6 };
+            for (what, grad, alone, q, maxima) in [
+                ("Swiglu backward a", &ga, &ga_alone, &qa, &maxima_a),
+                ("Swiglu backward b", &gb, &gb_alone, &qb, &maxima_b),
+            ] {
+                let _ = pass_output(&mut c, what, grad, alone, tol, q, maxima.as_ref())?;
+            }
             let n_over = take_overflow(device)?;
             c.record(
                 label("fused passes' overflows"),
@@ -2155,8 +2182,9 @@ mod ops {
             let w2 = Tensor::randn([e, h, d], (Kind::Float, cpu)) * 0.1;
             let w3 = Tensor::randn([e, d, h], (Kind::Float, cpu)) * 0.1;
             // (matmuls that took a pass's copy) for each activation, with the fused plan:
-            // the first matmul(s) the dispatch's and (GELU, ReLU) the activation backward's,
-            // the second the activation's forward and the combine's backward; (weight
+            // the first matmul(s) the dispatch's and the activation backward's (SwiGLU's
+            // two first matmuls one gradient each), the second the activation's forward and
+            // the combine's backward; (weight
             // gradients that took a pass's column maxima) fused and not: the passes' above,
             // and every output gradient's own row-wise pass (SwiGLU's second first matmul
             // reuses the first's transposed copy of xs)
@@ -2165,7 +2193,7 @@ mod ops {
             for (act, takes, maxima) in [
                 (Activation::Gelu, 4, (4, 2)),
                 (Activation::Relu, 4, (4, 2)),
-                (Activation::Swiglu, 4, (5, 3)),
+                (Activation::Swiglu, 6, (5, 3)),
             ] {
                 let run = |fused: bool, on_load: bool| -> (Vec<Tensor>, u64, u64) {
                     let leaf = |t: &Tensor| t.detach().copy().set_requires_grad(true);

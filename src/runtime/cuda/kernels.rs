@@ -108,7 +108,7 @@ impl Fp8Act {
 
 /// The activation whose backward pass writes the row-wise FP8 copy of the input's gradient
 /// (`fp8_act4`/`fp8_act5` kernels: the first expert matmul's output gradient). SwiGLU's
-/// backward has two outputs and keeps its own kernel.
+/// backward has two outputs: [`Kernel::Fp8SwigluGradQuantRows`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Fp8ActGrad {
     /// GELU, erf form: `g · gelu'(a)`.
@@ -146,6 +146,8 @@ pub enum Kernel {
     Fp8ActQuantRows(Fp8Act, Elem),
     /// An activation's backward writing the input's gradient and its row-wise FP8 copy.
     Fp8ActGradQuantRows(Fp8ActGrad, Elem),
+    /// SwiGLU's backward writing both inputs' gradients and their row-wise FP8 copies.
+    Fp8SwigluGradQuantRows(Elem),
     /// Column maxima of each row group (for per-group column scales).
     Fp8ColAmax(Elem),
     /// The second step of the column maxima a row-wise pass raises: its blocks' partial
@@ -194,6 +196,7 @@ impl Kernel {
             all.extend(Fp8ActGrad::ALL.map(|a| Kernel::Fp8ActGradQuantRows(a, e)));
             all.extend([
                 Kernel::Fp8QuantRows(e),
+                Kernel::Fp8SwigluGradQuantRows(e),
                 Kernel::Fp8ColAmax(e),
                 Kernel::Fp8ColmaxReduce(e),
                 Kernel::Fp8QuantTranspose(e),
@@ -204,6 +207,18 @@ impl Kernel {
         all
     }
 
+    /// Whether the kernel takes dynamic shared memory (the row-wise passes' column maxima),
+    /// which may go past 48 KB where the device allows it.
+    pub fn takes_dynamic_shared(self) -> bool {
+        matches!(
+            self,
+            Kernel::Fp8QuantRows(_)
+                | Kernel::Fp8ActQuantRows(..)
+                | Kernel::Fp8ActGradQuantRows(..)
+                | Kernel::Fp8SwigluGradQuantRows(_)
+        )
+    }
+
     /// Whether the kernel converts to FP8, which needs compute capability 8.9 or later (the
     /// program leaves these kernels out below that).
     pub fn needs_fp8(self) -> bool {
@@ -212,6 +227,7 @@ impl Kernel {
             Kernel::Fp8QuantRows(_)
                 | Kernel::Fp8ActQuantRows(..)
                 | Kernel::Fp8ActGradQuantRows(..)
+                | Kernel::Fp8SwigluGradQuantRows(_)
                 | Kernel::Fp8ColAmax(_)
                 | Kernel::Fp8ColmaxReduce(_)
                 | Kernel::Fp8ScalesFromAmax
@@ -260,6 +276,7 @@ impl Kernel {
                 },
                 e,
             ),
+            Kernel::Fp8SwigluGradQuantRows(e) => typed("fp8_swiglu_grad_quant_rows", e),
             Kernel::Fp8ColAmax(e) => typed("fp8_col_amax", e),
             Kernel::Fp8ColmaxReduce(e) => typed("fp8_colmax_reduce", e),
             Kernel::Fp8ScalesFromAmax => "fp8_scales_from_amax".into(),
@@ -301,6 +318,12 @@ impl Kernel {
             // column maxima or null, partial maxima or null)
             Kernel::Fp8ActQuantRows(..) | Kernel::Fp8ActGradQuantRows(..) => {
                 &[P, P, P, P, P, P, P, L, I, P, I, P, P]
+            }
+            // (a, b, g, limit or null, ga, ga's q, scale, overflow, rows, d, ends, groups,
+            // ga's column maxima or null, partial maxima or null, then gb's gradient, q,
+            // scale, column maxima or null, partial maxima or null)
+            Kernel::Fp8SwigluGradQuantRows(_) => {
+                &[P, P, P, P, P, P, P, P, L, I, P, I, P, P, P, P, P, P, P]
             }
             // (x, ends, groups, amax bits, d)
             Kernel::Fp8ColAmax(_) => &[P, P, I, P, I],
@@ -372,6 +395,8 @@ struct Module {
     capability: i32,
     /// Its streaming multiprocessors.
     multiprocessors: i32,
+    /// The dynamic shared memory a block may opt into (the kernels that take it have).
+    shared_optin: i64,
 }
 
 // SAFETY: the driver's context and function handles are process-wide values, usable from
@@ -508,6 +533,15 @@ fn load(device: usize) -> Result<Module> {
                 dev,
             ),
         )?;
+        let mut shared_optin = 0;
+        cu_check(
+            "cuDeviceGetAttribute",
+            cu::cuDeviceGetAttribute(
+                &mut shared_optin,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                dev,
+            ),
+        )?;
         let mut ptx = compile(major, minor)?;
         ptx.push(0);
         let mut module = std::ptr::null_mut();
@@ -527,6 +561,27 @@ fn load(device: usize) -> Result<Module> {
                 "cuModuleGetFunction",
                 cu::cuModuleGetFunction(&mut f, module, cname.as_ptr()),
             )?;
+            if kernel.takes_dynamic_shared() {
+                // the most the device lets a block of this kernel opt into (its static
+                // shared memory counted)
+                let mut fixed = 0;
+                cu_check(
+                    "cuFuncGetAttribute",
+                    cu::cuFuncGetAttribute(
+                        &mut fixed,
+                        cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                        f,
+                    ),
+                )?;
+                cu_check(
+                    "cuFuncSetAttribute",
+                    cu::cuFuncSetAttribute(
+                        f,
+                        cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        (shared_optin - fixed).max(0),
+                    ),
+                )?;
+            }
             functions.insert(kernel, f);
         }
         Ok(Module {
@@ -534,6 +589,7 @@ fn load(device: usize) -> Result<Module> {
             functions,
             capability,
             multiprocessors,
+            shared_optin: shared_optin as i64,
         })
     }
 }
@@ -581,6 +637,12 @@ pub fn capability(device: usize) -> Result<i32> {
 /// The streaming multiprocessors of `device`, once its kernels are loaded.
 pub fn multiprocessors(device: usize) -> Result<i64> {
     with_module(device, |m| Ok(m.multiprocessors.max(1) as i64))
+}
+
+/// The dynamic shared memory a block of a kernel that takes it
+/// ([`Kernel::takes_dynamic_shared`]) may have on `device`.
+pub fn dynamic_shared_limit(device: usize) -> Result<i64> {
+    with_module(device, |m| Ok(m.shared_optin))
 }
 
 /// How many blocks of `kernel` (of `threads` threads and `shared_bytes` of dynamic shared

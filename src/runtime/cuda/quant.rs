@@ -39,8 +39,8 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::kernels::{
-    self, device_index, launch, multiprocessors, ptr, resident_blocks, Arg, Elem, Fp8Act,
-    Fp8ActGrad, Grid, Kernel,
+    self, device_index, dynamic_shared_limit, launch, multiprocessors, ptr, resident_blocks, Arg,
+    Elem, Fp8Act, Fp8ActGrad, Grid, Kernel,
 };
 
 /// The largest finite e4m3 value.
@@ -222,9 +222,11 @@ const SHARED_DEFAULT_LIMIT: i64 = 48 * 1024;
 const BLOCKS_A_SPAN: i64 = 32;
 
 impl FusedMaxima {
-    /// For a pass over `rows` rows of width `d` of `elem` on `x`'s device with groups ending
-    /// at `ends`; `None` where the block's d values would not fit its shared memory (the
-    /// transposed copy then computes the maxima itself).
+    /// For a pass of `kernel` over `rows` rows of width `d` of `elem` on `x`'s device with
+    /// groups ending at `ends`, writing `outputs` outputs (each its own maxima, in one block's
+    /// shared memory); `None` where an output's d values would not fit 48 KB, or all of them
+    /// not the block's shared memory (the transposed copy then computes the maxima itself).
+    /// The first output's maxima; [`FusedMaxima::sibling`] gives the others'.
     fn new(
         x: &Tensor,
         kernel: Kernel,
@@ -232,34 +234,56 @@ impl FusedMaxima {
         rows: i64,
         d: i64,
         ends: Option<&Tensor>,
+        outputs: i64,
     ) -> Result<Option<FusedMaxima>> {
         let Some(ends) = ends else {
             return Ok(None);
         };
         let groups = ends.size()[0];
+        let per_output = d * (16 / elem.per_vector());
         if groups == 0
-            || d * (16 / elem.per_vector()) > SHARED_DEFAULT_LIMIT
+            || per_output > SHARED_DEFAULT_LIMIT
+            || per_output * outputs > dynamic_shared_limit(device_index(x))?
             || std::env::var("FMOEC_FP8_COLUMN_MAXIMA").is_ok_and(|v| v == "0")
         {
             return Ok(None);
         }
-        let grid = Self::resident_grid(x, kernel, elem, rows, d)?;
-        let partial = match maxima_reduction() {
-            MaximaReduction::TwoStep => Some(Tensor::f_empty(
-                [grid.blocks * 2 * d * (16 / elem.per_vector())],
-                (Kind::Uint8, x.device()),
-            )?),
-            MaximaReduction::Atomic => None,
-        };
+        let grid = Self::resident_grid(x, kernel, elem, rows, d, outputs)?;
         Ok(Some(FusedMaxima {
             ends: ends.f_to_kind(Kind::Int)?.f_contiguous()?,
             groups,
             amax: Tensor::f_zeros([groups * d], (Kind::Int, x.device()))?,
             elem,
             d,
+            partial: Self::partial_rows(grid, elem, d, x.device())?,
             grid,
-            partial,
         }))
+    }
+
+    /// The maxima of another output of the same pass: the same groups and grid, their own
+    /// maxima and partial rows.
+    fn sibling(&self) -> Result<FusedMaxima> {
+        let device = self.amax.device();
+        Ok(FusedMaxima {
+            ends: self.ends.shallow_clone(),
+            groups: self.groups,
+            amax: self.amax.f_zeros_like()?,
+            elem: self.elem,
+            d: self.d,
+            grid: self.grid,
+            partial: Self::partial_rows(self.grid, self.elem, self.d, device)?,
+        })
+    }
+
+    /// The two-step reduction's partial rows for `grid`'s blocks (none with atomics).
+    fn partial_rows(grid: Grid, elem: Elem, d: i64, device: Device) -> Result<Option<Tensor>> {
+        Ok(match maxima_reduction() {
+            MaximaReduction::TwoStep => Some(Tensor::f_empty(
+                [grid.blocks * 2 * d * (16 / elem.per_vector())],
+                (Kind::Uint8, device),
+            )?),
+            MaximaReduction::Atomic => None,
+        })
     }
 
     /// The kernel's last four arguments (nulls without maxima).
@@ -291,9 +315,16 @@ impl FusedMaxima {
     /// of 256 at S1 (BENCHMARKS.md 2026-12-06 part 3, call C). The driver says how many blocks
     /// are resident ([`resident_blocks`]); `FMOEC_FP8_RESIDENT=threads` counts threads and
     /// shared memory alone, the earlier way, which asked S1's passes for more blocks than
-    /// their registers let in.
-    fn resident_grid(x: &Tensor, kernel: Kernel, elem: Elem, rows: i64, d: i64) -> Result<Grid> {
-        let shared = d * (16 / elem.per_vector());
+    /// their registers let in. Each output of the pass keeps its d values.
+    fn resident_grid(
+        x: &Tensor,
+        kernel: Kernel,
+        elem: Elem,
+        rows: i64,
+        d: i64,
+        outputs: i64,
+    ) -> Result<Grid> {
+        let shared = outputs * d * (16 / elem.per_vector());
         let threads = std::env::var("FMOEC_FP8_MAXIMA_THREADS")
             .ok()
             .and_then(|v| v.parse::<i64>().ok())
@@ -370,6 +401,9 @@ struct RowPass<'a> {
     /// Where the pass also writes the rows it quantises, in the input's type, if anywhere.
     copy: Option<&'a Tensor>,
     overflow: Option<&'a Tensor>,
+    /// The second output of a pass that has two (SwiGLU's backward): its rows in the
+    /// input's type, FP8 rows and maxima (on the first's grid).
+    second: Option<(&'a Tensor, &'a Fp8, Option<&'a FusedMaxima>)>,
 }
 
 impl RowPass<'_> {
@@ -396,9 +430,20 @@ impl RowPass<'_> {
             Arg::I32(d as c_int),
         ]);
         args.extend(FusedMaxima::args(maxima));
+        if let Some((copy, out, maxima)) = self.second {
+            let [_, _, colmax, partial] = FusedMaxima::args(maxima);
+            args.extend([
+                ptr(Some(copy)),
+                ptr(Some(&out.q)),
+                ptr(Some(&out.scale)),
+                colmax,
+                partial,
+            ]);
+        }
         let device = device_index(x);
         launch(device, self.kernel, FusedMaxima::grid(maxima, rows), &args)?;
-        FusedMaxima::finish(maxima, rows, device)
+        FusedMaxima::finish(maxima, rows, device)?;
+        FusedMaxima::finish(self.second.and_then(|(_, _, m)| m), rows, device)
     }
 }
 
@@ -436,9 +481,15 @@ pub fn quant_rows_with_maxima(
     let (rows, cols) = x.size2()?;
     if kernels_apply(x) && cols < i32::MAX as i64 {
         let elem = Elem::of(x).expect("checked by kernels_apply");
-        if let Some(maxima) =
-            FusedMaxima::new(x, Kernel::Fp8QuantRows(elem), elem, rows, cols, Some(ends))?
-        {
+        if let Some(maxima) = FusedMaxima::new(
+            x,
+            Kernel::Fp8QuantRows(elem),
+            elem,
+            rows,
+            cols,
+            Some(ends),
+            1,
+        )? {
             let x = x.f_contiguous()?;
             let out = empty_rows(rows, cols, x.device())?;
             RowPass {
@@ -447,6 +498,7 @@ pub fn quant_rows_with_maxima(
                 limit,
                 copy: None,
                 overflow,
+                second: None,
             }
             .run(&x, rows, cols, &out, Some(&maxima))?;
             return Ok((out, Some(maxima.amax)));
@@ -510,6 +562,7 @@ pub fn quant_rows_into(
             limit,
             copy: None,
             overflow,
+            second: None,
         }
         .run(&x, rows, cols, out, None)?;
         return Ok(());
@@ -560,7 +613,7 @@ pub fn gather_quant_rows(
         let row_slot = row_slot.f_contiguous()?;
         let xs = Tensor::f_empty([rows, d], (x.kind(), x.device()))?;
         let out = empty_rows(rows, d, x.device())?;
-        let maxima = FusedMaxima::new(&x, Kernel::Fp8QuantRows(elem), elem, rows, d, col_ends)?;
+        let maxima = FusedMaxima::new(&x, Kernel::Fp8QuantRows(elem), elem, rows, d, col_ends, 1)?;
         RowPass {
             kernel: Kernel::Fp8QuantRows(elem),
             sources: vec![
@@ -570,6 +623,7 @@ pub fn gather_quant_rows(
                 ptr(weight.as_ref()),
             ],
             limit: None,
+            second: None,
             copy: Some(&xs),
             overflow,
         }
@@ -664,13 +718,14 @@ fn act_rows(
         let out = write_output.then(|| a.f_empty_like()).transpose()?;
         let q = empty_rows(rows, cols, a.device())?;
         let kernel = Kernel::Fp8ActQuantRows(act, elem);
-        let maxima = FusedMaxima::new(&a, kernel, elem, rows, cols, col_ends)?;
+        let maxima = FusedMaxima::new(&a, kernel, elem, rows, cols, col_ends, 1)?;
         RowPass {
             kernel,
             sources: vec![ptr(Some(&a)), ptr(b.as_ref())],
             limit,
             copy: out.as_ref(),
             overflow,
+            second: None,
         }
         .run(&a, rows, cols, &q, maxima.as_ref())?;
         return Ok((out, q, maxima.map(|m| m.amax)));
@@ -708,13 +763,14 @@ pub fn act_grad_quant_rows(
         let ga = a.f_empty_like()?;
         let q = empty_rows(rows, cols, a.device())?;
         let kernel = Kernel::Fp8ActGradQuantRows(act, elem);
-        let maxima = FusedMaxima::new(&a, kernel, elem, rows, cols, col_ends)?;
+        let maxima = FusedMaxima::new(&a, kernel, elem, rows, cols, col_ends, 1)?;
         RowPass {
             kernel,
             sources: vec![ptr(Some(&a)), ptr(Some(&g))],
             limit,
             copy: Some(&ga),
             overflow,
+            second: None,
         }
         .run(&a, rows, cols, &q, maxima.as_ref())?;
         return Ok((ga, q, maxima.map(|m| m.amax)));
@@ -726,6 +782,69 @@ pub fn act_grad_quant_rows(
     let ga = rows_before(&ga, limit)?;
     let (q, maxima) = reference_rows(&ga, limit, overflow, col_ends)?;
     Ok((ga, q, maxima))
+}
+
+/// What SwiGLU's backward pass gives for one of its inputs: the gradient in the input's type,
+/// its row-wise FP8 copy and, with `col_ends`, its [`ColumnMaxima`].
+pub type SwigluGrad = (Tensor, Fp8, Option<ColumnMaxima>);
+
+/// SwiGLU's backward and the row-wise quantisation of both gradients in one pass: for
+/// `silu(a) · b` and the output's gradient `g`, `ga` and `gb` as the SwiGLU kernel's backward
+/// computes them, in `a`'s type, each with its FP8 rows (and with `col_ends` its column
+/// maxima; `None` where the pass cannot hold them), rows from `limit` on zeros. One read of
+/// `a`, `b` and `g`: the SwiGLU kernel and a pass over each gradient read `ga` and `gb` twice
+/// more (S1: 1.9 GB). The libtorch reference (CPU) uses libtorch's backward.
+pub fn swiglu_grad_quant_rows(
+    a: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+    limit: Option<&Tensor>,
+    overflow: Option<&Tensor>,
+    col_ends: Option<&Tensor>,
+) -> Result<(SwigluGrad, SwigluGrad)> {
+    let (rows, cols) = a.size2()?;
+    if b.size() != a.size() || g.size() != a.size() || b.kind() != a.kind() || g.kind() != a.kind()
+    {
+        bail!(
+            "FP8 SwiGLU backward: inputs {:?} and {:?}, gradient {:?} differ",
+            a.size(),
+            b.size(),
+            g.size()
+        );
+    }
+    if kernels_apply(a) && Elem::of(b).is_some() && Elem::of(g).is_some() && cols < i32::MAX as i64
+    {
+        let elem = Elem::of(a).expect("checked by kernels_apply");
+        let (a, b, g) = (a.f_contiguous()?, b.f_contiguous()?, g.f_contiguous()?);
+        let (ga, gb) = (a.f_empty_like()?, a.f_empty_like()?);
+        let (qa, qb) = (
+            empty_rows(rows, cols, a.device())?,
+            empty_rows(rows, cols, a.device())?,
+        );
+        let kernel = Kernel::Fp8SwigluGradQuantRows(elem);
+        let maxima_a = FusedMaxima::new(&a, kernel, elem, rows, cols, col_ends, 2)?;
+        let maxima_b = maxima_a.as_ref().map(FusedMaxima::sibling).transpose()?;
+        RowPass {
+            kernel,
+            sources: vec![ptr(Some(&a)), ptr(Some(&b)), ptr(Some(&g))],
+            limit,
+            copy: Some(&ga),
+            overflow,
+            second: Some((&gb, &qb, maxima_b.as_ref())),
+        }
+        .run(&a, rows, cols, &qa, maxima_a.as_ref())?;
+        return Ok((
+            (ga, qa, maxima_a.map(|m| m.amax)),
+            (gb, qb, maxima_b.map(|m| m.amax)),
+        ));
+    }
+    let (ga, gb) = super::ops::swiglu_backward(a, b, g)?;
+    let each = |grad: Tensor| -> Result<SwigluGrad> {
+        let grad = rows_before(&grad, limit)?;
+        let (q, maxima) = reference_rows(&grad, limit, overflow, col_ends)?;
+        Ok((grad, q, maxima))
+    };
+    Ok((each(ga)?, each(gb)?))
 }
 
 /// Where [`quant_transposed`] puts each group's rows.

@@ -292,21 +292,106 @@ __device__ __forceinline__ bool chunk_owns(long long start, long long end, long 
 // and hands them on when its rows leave the group and at the end (flush_slots): with
 // `partial` (2 * gridDim.x * d values of AbsBits<T>) into its partial rows for colmax_reduce,
 // or stored where the group is its own; without, by atomicMax on the bits (order-free).
+// One output of a row-wise pass: the rows in T (if kept: `copy`), their FP8 rows and scales,
+// and the column maxima (`colmax`, with the two-step reduction's `partial` rows).
+template <typename T> struct RowOut {
+  T* copy;
+  unsigned char* q;
+  float* scale;
+  int* colmax;
+  unsigned char* partial;
+};
+
+// How many outputs a row-wise pass of SRC writes: SwiGLU's backward (SRC 6) both inputs'
+// gradients, every other one row.
+template <int SRC> struct RowOuts { static const int n = SRC == 6 ? 2 : 1; };
+
+// row_source for every output of SRC, from one 16-byte load at column c of each source:
+// SRC 6 reads a, b and the output's gradient g (g3) and gives (ga, gb) as swiglu_d computes
+// them (the SwiGLU kernel's backward), each as T holds it.
+template <typename T, int SRC>
+__device__ __forceinline__ void row_sources(const T* a, const T* b, const T* g3, int c,
+                                            bool weighted, float w,
+                                            float (*v)[16 / sizeof(T)]) {
+  if constexpr (SRC == 6) {
+    const int N = Vec<T>::N;
+    float y[16 / sizeof(T)], z[16 / sizeof(T)];
+    ldv(a + c, v[0]);
+    ldv(b + c, y);
+    ldv(g3 + c, z);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      float da, db;
+      swiglu_d(v[0][i], y[i], z[i], da, db);
+      v[0][i] = held<T>(da);
+      v[1][i] = held<T>(db);
+    }
+  } else {
+    row_source<T, SRC>(a, b, c, weighted, w, v[0]);
+  }
+}
+
+// row_source_bf16 for every output of SRC (SRC 6 as row_sources).
+template <int SRC>
+__device__ __forceinline__ void row_sources_bf16(const bf16_t* a, const bf16_t* b,
+                                                 const bf16_t* g3, int c, bool weighted,
+                                                 float w, uint4* p) {
+  if constexpr (SRC == 6) {
+    float x[8], y[8], z[8], da[8], db[8];
+    ldv(a + c, x);
+    ldv(b + c, y);
+    ldv(g3 + c, z);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) swiglu_d(x[i], y[i], z[i], da[i], db[i]);
+    p[0] = pack_bf16x8(da);
+    p[1] = pack_bf16x8(db);
+  } else {
+    p[0] = row_source_bf16<SRC>(a, b, c, weighted, w);
+  }
+}
+
+// Row-wise quantisation of `rows` rows of width d (d % VEC == 0), one block per row:
+// q[r] = e4m3(row * inv_r), scale[r] = 1 / inv_r, where the row is what row_source makes of
+// the source row(s) (SRC above: the row, the weighted row, or an activation of it). The row
+// is read from src[r] (and src2[r] for SwiGLU), or with `row_slot` (SRC 0), gathered as the
+// dispatch does: src[s / k] for s = row_slot[r] >= 0, else a zero row, times weight[s] when
+// `weight` is not null (the combine's backward). SwiGLU's backward (SRC 6) reads src, src2
+// and the gradient src3 and writes two outputs, ga into out[0] and gb into out[1], from one
+// read of its three inputs (its kernel and two passes after it read ga and gb twice more).
+// `copy` (if not null) receives the row in T as well (the gather's or the activation's
+// output, written in the first pass and read back in the second), so the pass that makes
+// the tensor writes its FP8 copy too. With `limit` (if not null, an int32 on the device),
+// rows from *limit on are outside every expert group: written as zeros with the floor's
+// scale, never read (they hold whatever the grouped matmul left there), and they raise no
+// overflow. The row is read twice (its amax, then the conversion; the second read mostly
+// from L2; with `copy`, the copy): a variant keeping rows in registers (256 threads, all
+// loads in flight) measured slower on an H100 (BENCHMARKS.md, 2026-12-06).
+// With `colmax` (int32 [groups * d], zeroed by the caller), the pass also raises the column
+// maxima of each row group (rows in groups ending at `ends`, as fp8_col_amax computes them,
+// so the transposed copy needs no pass of its own for them): then each block takes a
+// contiguous chunk of rows, keeps its maxima in d * sizeof(T) bytes of dynamic shared memory
+// an output and hands them on when its rows leave the group and at the end (flush_slots):
+// with `partial` (2 * gridDim.x * d values of AbsBits<T>) into its partial rows for
+// colmax_reduce, or stored where the group is its own; without, by atomicMax on the bits
+// (order-free).
 template <typename T, int SRC>
 __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2,
-                           const long long* __restrict__ row_slot, int k,
-                           const float* __restrict__ weight, const int* __restrict__ limit,
-                           T* __restrict__ copy, unsigned char* __restrict__ q,
-                           float* __restrict__ scale, int* __restrict__ overflow, long long rows,
-                           int d, const int* __restrict__ ends, int groups,
-                           int* __restrict__ colmax, unsigned char* __restrict__ partial) {
+                           const T* __restrict__ src3, const long long* __restrict__ row_slot,
+                           int k, const float* __restrict__ weight,
+                           const int* __restrict__ limit, RowOut<T> out0, RowOut<T> out1,
+                           int* __restrict__ overflow, long long rows, int d,
+                           const int* __restrict__ ends, int groups) {
   const int N = Vec<T>::N;
+  const int OUTS = RowOuts<SRC>::n;
   typedef typename Packed<T>::type P;
   typedef typename AbsBits<T>::type B;
+  const RowOut<T> out[2] = {out0, out1};
   __shared__ float part[32];
   extern __shared__ __align__(16) unsigned char col_slots[];
+  // output o's column maxima slots
+  auto slots = [&](int o) { return col_slots + (long long)o * d * sizeof(B); };
   const long long valid_rows = limit ? (long long)*limit : rows;
-  const bool cols = colmax != nullptr && groups > 0;
+  const bool cols = out0.colmax != nullptr && groups > 0;
   long long r_begin = blockIdx.x, r_end = rows, r_step = gridDim.x;
   long long chunk = 1;
   int g = 0;
@@ -315,7 +400,7 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
     r_begin = (long long)blockIdx.x * chunk;
     r_end = min(rows, r_begin + chunk);
     r_step = 1;
-    for (int c = threadIdx.x * N; c < d; c += blockDim.x * N)
+    for (int c = threadIdx.x * N; c < OUTS * d; c += blockDim.x * N)
       *reinterpret_cast<uint4*>(reinterpret_cast<B*>(col_slots) + c) = make_uint4(0u, 0u, 0u, 0u);
     int hi_g = groups;  // the group of r_begin: the first whose end is past it
     while (g < hi_g) {
@@ -327,9 +412,12 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
   // hands on group g's maxima (an empty group has none; a block past the rows saw none)
   auto flush = [&](int group) {
     const long long start = group_start(ends, group), end = ends[group];
-    if (end > start && r_begin < r_end)
-      flush_slots<T>(col_slots, colmax, group, d, partial, chunk_owns(start, end, chunk),
-                     group == g_first ? 0 : 1);
+    if (end > start && r_begin < r_end) {
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o)
+        flush_slots<T>(slots(o), out[o].colmax, group, d, out[o].partial,
+                       chunk_owns(start, end, chunk), group == g_first ? 0 : 1);
+    }
   };
   for (long long r = r_begin; r < r_end; r += r_step) {
     if (cols) {
@@ -341,6 +429,7 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
     const bool counted = cols && g < groups;
     const T* from = nullptr;
     const T* from2 = nullptr;
+    const T* from3 = nullptr;
     float w = 1.0f;
     if (r < valid_rows) {
       if (row_slot) {
@@ -352,78 +441,108 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
       } else {
         from = src + r * (long long)d;
         if (src2) from2 = src2 + r * (long long)d;
+        if (src3) from3 = src3 + r * (long long)d;
       }
     }
     const bool weighted = weight != nullptr;
-    float amax = 0.0f;
+    float amax[2] = {0.0f, 0.0f};
     // bf16: whether the row holds a NaN (then the second phase takes `held`'s bits, as
     // before the packed first phase, so even a NaN's bits in the copy stay the same)
     bool row_nan = false;
     if constexpr (sizeof(T) == 2 && FP8_PACKED_ROWS) {
-      unsigned amax2 = 0u;  // two 16-bit maxima of |v|'s bits (a NaN above Inf's 0x7f80)
+      // two 16-bit maxima of |v|'s bits an output (a NaN above Inf's 0x7f80)
+      unsigned amax2[2] = {0u, 0u};
       if (from) {
         FP8_ROW_UNROLL
         for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
-          const uint4 p = row_source_bf16<SRC>(from, from2, c, weighted, w);
-          if (copy) *reinterpret_cast<uint4*>(copy + r * (long long)d + c) = p;
-          const uint4 m = abs_bf16x8(p);
-          amax2 = __vmaxu2(amax2, __vmaxu2(__vmaxu2(m.x, m.y), __vmaxu2(m.z, m.w)));
-          if (counted) raise_slots_bf16(col_slots, c, m);
+          uint4 p[2];
+          row_sources_bf16<SRC>(from, from2, from3, c, weighted, w, p);
+#pragma unroll
+          for (int o = 0; o < OUTS; ++o) {
+            if (out[o].copy) *reinterpret_cast<uint4*>(out[o].copy + r * (long long)d + c) = p[o];
+            const uint4 m = abs_bf16x8(p[o]);
+            amax2[o] = __vmaxu2(amax2[o], __vmaxu2(__vmaxu2(m.x, m.y), __vmaxu2(m.z, m.w)));
+            if (counted) raise_slots_bf16(slots(o), c, m);
+          }
         }
       }
-      const unsigned top = max(amax2 & 0xffffu, amax2 >> 16);
-      row_nan = __syncthreads_or(top > 0x7f80u) != 0;
+      unsigned top[2] = {0u, 0u};
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o) top[o] = max(amax2[o] & 0xffffu, amax2[o] >> 16);
+      row_nan = __syncthreads_or(max(top[0], top[1]) > 0x7f80u) != 0;
       // a non-finite value makes the row's amax Inf (an overflow), as below
-      amax = __uint_as_float(min(top, 0x7f80u) << 16);
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o) amax[o] = __uint_as_float(min(top[o], 0x7f80u) << 16);
     } else if (from) {
       for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
-        float v[16 / sizeof(T)];
-        row_source<T, SRC>(from, from2, c, weighted, w, v);
-        if (copy) stv(copy + r * (long long)d + c, v);
-        if (counted) raise_slots<T>(col_slots, c, v);
-        bool bad = false;
+        float v[2][16 / sizeof(T)];
+        row_sources<T, SRC>(from, from2, from3, c, weighted, w, v);
 #pragma unroll
-        for (int i = 0; i < N; ++i) {
-          amax = fmaxf(amax, fabsf(v[i]));
-          bad |= !isfinite(v[i]);
+        for (int o = 0; o < OUTS; ++o) {
+          if (out[o].copy) stv(out[o].copy + r * (long long)d + c, v[o]);
+          if (counted) raise_slots<T>(slots(o), c, v[o]);
+          bool bad = false;
+#pragma unroll
+          for (int i = 0; i < N; ++i) {
+            amax[o] = fmaxf(amax[o], fabsf(v[o][i]));
+            bad |= !isfinite(v[o][i]);
+          }
+          // NaN is lost by fmaxf: a non-finite value makes the row's amax Inf (an overflow)
+          if (bad) amax[o] = __int_as_float(0x7f800000);
         }
-        // NaN is lost by fmaxf: a non-finite value makes the row's amax Inf (an overflow)
-        if (bad) amax = __int_as_float(0x7f800000);
       }
     }
-    amax = block_max(amax, part);
-    const float inv = fp8_inv(amax);
-    if (threadIdx.x == 0) {
-      scale[r] = fp8_scale(amax);
-      if (!isfinite(amax) && overflow) atomicAdd(overflow, 1);
+    float inv[2];
+#pragma unroll
+    for (int o = 0; o < OUTS; ++o) {
+      amax[o] = block_max(amax[o], part);
+      inv[o] = fp8_inv(amax[o]);
+      if (threadIdx.x == 0) {
+        out[o].scale[r] = fp8_scale(amax[o]);
+        if (!isfinite(amax[o]) && overflow) atomicAdd(overflow, 1);
+      }
     }
     FP8_ROW_UNROLL
     for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
-      float v[16 / sizeof(T)];
-      if (from && row_nan) {
+      float v[2][16 / sizeof(T)];
+      if (from && (row_nan || !out[0].copy)) {
         // bf16, a row with a NaN: the first phase's copy written again, as `held` rounds
-        // (NaN to 0x7fc0), and read back as before
-        row_source<T, SRC>(from, from2, c, weighted, w, v);
-        if (copy) {
-          stv(copy + r * (long long)d + c, v);
-          ldv(copy + r * (long long)d + c, v);
+        // (NaN to 0x7fc0), and read back as before; or no copy: the row again
+        if constexpr (sizeof(T) == 2 && FP8_PACKED_ROWS) {
+          if (!row_nan) {
+            uint4 p[2];
+            row_sources_bf16<SRC>(from, from2, from3, c, weighted, w, p);
+#pragma unroll
+            for (int o = 0; o < OUTS; ++o) unpack_bf16x8(p[o], v[o]);
+          } else {
+            row_sources<T, SRC>(from, from2, from3, c, weighted, w, v);
+          }
+        } else {
+          row_sources<T, SRC>(from, from2, from3, c, weighted, w, v);
         }
-      } else if (from && copy) {
+#pragma unroll
+        for (int o = 0; o < OUTS; ++o) {
+          if (row_nan && out[o].copy) {
+            stv(out[o].copy + r * (long long)d + c, v[o]);
+            ldv(out[o].copy + r * (long long)d + c, v[o]);
+          }
+        }
+      } else if (from) {
         // what this thread wrote in the first pass (the same columns; mostly from L2): the
         // activation is computed once
-        ldv(copy + r * (long long)d + c, v);
-      } else if (from) {
-        if constexpr (sizeof(T) == 2 && FP8_PACKED_ROWS) {
-          unpack_bf16x8(row_source_bf16<SRC>(from, from2, c, weighted, w), v);
-        } else {
-          row_source<T, SRC>(from, from2, c, weighted, w, v);
-        }
+#pragma unroll
+        for (int o = 0; o < OUTS; ++o) ldv(out[o].copy + r * (long long)d + c, v[o]);
       } else {
 #pragma unroll
-        for (int i = 0; i < N; ++i) v[i] = 0.0f;
-        if (copy) stv(copy + r * (long long)d + c, v);
+        for (int o = 0; o < OUTS; ++o) {
+#pragma unroll
+          for (int i = 0; i < N; ++i) v[o][i] = 0.0f;
+          if (out[o].copy) stv(out[o].copy + r * (long long)d + c, v[o]);
+        }
       }
-      *reinterpret_cast<P*>(q + r * (long long)d + c) = Packed<T>::pack(v, inv);
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o)
+        *reinterpret_cast<P*>(out[o].q + r * (long long)d + c) = Packed<T>::pack(v[o], inv[o]);
     }
   }
   if (cols && g < groups) flush(g);
@@ -769,8 +888,16 @@ __device__ void quant_transpose(const T* __restrict__ x, const T* __restrict__ x
 extern "C" __global__ void FP8_ROW_BOUNDS fp8_quant_rows_##NAME(const T* src, const long long* row_slot, int k, \
     const float* weight, const int* limit, T* copy, unsigned char* q, float* scale, int* overflow, \
     long long rows, int d, const int* ends, int groups, int* colmax, unsigned char* partial) { \
-    quant_rows<T, 0>(src, nullptr, row_slot, k, weight, limit, copy, q, scale, overflow, rows, d, \
-                     ends, groups, colmax, partial); } \
+    quant_rows<T, 0>(src, nullptr, nullptr, row_slot, k, weight, limit, \
+                     RowOut<T>{copy, q, scale, colmax, partial}, RowOut<T>{}, overflow, rows, d, \
+                     ends, groups); } \
+extern "C" __global__ void FP8_ROW_BOUNDS fp8_swiglu_grad_quant_rows_##NAME(const T* a, const T* b, \
+    const T* g, const int* limit, T* ga, unsigned char* qa, float* sa, int* overflow, long long rows, \
+    int d, const int* ends, int groups, int* colmax_a, unsigned char* partial_a, T* gb, \
+    unsigned char* qb, float* sb, int* colmax_b, unsigned char* partial_b) { \
+    quant_rows<T, 6>(a, b, g, nullptr, 1, nullptr, limit, \
+                     RowOut<T>{ga, qa, sa, colmax_a, partial_a}, \
+                     RowOut<T>{gb, qb, sb, colmax_b, partial_b}, overflow, rows, d, ends, groups); } \
 FP8_ACT_INSTANCE(T, NAME, 1) \
 FP8_ACT_INSTANCE(T, NAME, 2) \
 FP8_ACT_INSTANCE(T, NAME, 3) \
@@ -799,8 +926,9 @@ extern "C" __global__ void FP8_TRANSPOSE_BOUNDS fp8_##KIND##_##NAME(const T* x, 
 extern "C" __global__ void FP8_ROW_BOUNDS fp8_act##SRC##_quant_rows_##NAME(const T* a, const T* b, \
     const int* limit, T* out, unsigned char* q, float* scale, int* overflow, long long rows, \
     int d, const int* ends, int groups, int* colmax, unsigned char* partial) { \
-    quant_rows<T, SRC>(a, b, nullptr, 1, nullptr, limit, out, q, scale, overflow, rows, d, ends, \
-                       groups, colmax, partial); }
+    quant_rows<T, SRC>(a, b, nullptr, nullptr, 1, nullptr, limit, \
+                       RowOut<T>{out, q, scale, colmax, partial}, RowOut<T>{}, overflow, rows, d, \
+                       ends, groups); }
 FP8_INSTANCES(bf16_t, bf16)
 FP8_INSTANCES(float, f32)
 

@@ -3,6 +3,14 @@
 // silu(x) * y as every kernel computes it (the FP8 epilogue too, so their bits agree)
 __device__ __forceinline__ float swiglu_f(float x, float y) { return x / (1.0f + __expf(-x)) * y; }
 
+// the gradients of silu(x) * y for the output's gradient z, as every kernel computes them
+// (the FP8 pass of SwiGLU's backward too)
+__device__ __forceinline__ void swiglu_d(float x, float y, float z, float& da, float& db) {
+  const float s = 1.0f / (1.0f + __expf(-x));
+  db = z * (x * s);
+  da = z * y * s * (1.0f + x * (1.0f - s));
+}
+
 template <typename T>
 __device__ void swiglu_fwd(const T* a, const T* b, T* out, long long n) {
   const int N = Vec<T>::N;
@@ -26,12 +34,7 @@ __device__ void swiglu_bwd(const T* a, const T* b, const T* g, T* ga, T* gb, lon
     ldv(b + i, y);
     ldv(g + i, z);
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      float s = 1.0f / (1.0f + __expf(-x[j]));
-      float silu = x[j] * s;
-      db[j] = z[j] * silu;
-      da[j] = z[j] * y[j] * s * (1.0f + x[j] * (1.0f - s));
-    }
+    for (int j = 0; j < N; ++j) swiglu_d(x[j], y[j], z[j], da[j], db[j]);
     stv(ga + i, da);
     stv(gb + i, db);
   }
