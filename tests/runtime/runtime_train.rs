@@ -533,6 +533,38 @@ fn as_a_cluster_job_the_log_shows_progress_and_sigterm_checkpoints() {
 }
 
 /// `--steps 0` is refused as `steps = 0` in the file is, and nothing is written.
+/// `--resume` and `--sample` with nothing to read say that nothing is there, not that a
+/// missing folder "is not a checkpoint"; a `latest` naming a checkpoint that is gone says
+/// which.
+#[test]
+fn a_missing_checkpoint_is_named_as_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    for extra in [&["--resume"][..], &["--sample", "ROMEO:"]] {
+        let mut args = vec!["run", file, "--out", "fresh"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains("there is no checkpoint at `fresh/checkpoints`: it does not exist"),
+            "{extra:?}: {stderr}"
+        );
+    }
+    let root = dir.path().join("ckpt");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("latest"), "step-00000007\n").unwrap();
+    let err = fmoec::runtime::checkpoint::resolve(&root).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("names the checkpoint `step-00000007`, but"),
+        "{err:#}"
+    );
+}
+
 #[test]
 fn steps_zero_on_the_command_line_is_refused() {
     let dir = tempfile::tempdir().unwrap();
