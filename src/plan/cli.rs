@@ -186,7 +186,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     };
     if args.auto {
         let result = search::search_for(&loaded.checked, &overrides, &rules);
-        print!("{}", search::report(&result, args.top));
+        crate::out!("{}", search::report(&result, args.top));
         return Ok(if result.feasible.is_empty() {
             ExitCode::from(1)
         } else {
@@ -208,7 +208,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
                 let diagnostics = super::plan_error(diagnostics, &overrides);
                 driver::report(&loaded.sources, &diagnostics, args.diagnostics);
                 if args.diagnostics == DiagFormat::Human {
-                    eprintln!(
+                    crate::errln!(
                         "error: Megatron-LM {version} cannot train `{}` as planned (`fmoec emit --megatron {version}` refuses it too)",
                         args.file.display()
                     );
@@ -226,7 +226,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             render::dot(&plan, &g)
         }
     };
-    print!("{out}");
+    crate::out!("{out}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -384,7 +384,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default();
             let choice = series.choose(total);
             if is_first_rank(&mode) {
-                eprintln!("{}", choice.describe());
+                crate::errln!("{}", choice.describe());
             }
             let folders = choice.folders().clone();
             let resume = choice.resumes().then(|| folders.checkpoints.clone());
@@ -405,7 +405,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 seed: args.sample_seed,
             },
         )?;
-        println!("{prompt}{text}");
+        crate::outln!("{prompt}{text}");
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -440,7 +440,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 if pipeline > 1 && args.pipeline.is_none() {
                     hints.push("--pipeline 1 runs without pipeline parallelism");
                 }
-                eprintln!(
+                crate::errln!(
                     "error: `{}` cannot run on {world} ranks with tensor = {tensor} and pipeline = {pipeline} (the planner's errors above){}",
                     args.file.display(),
                     hints.iter().map(|h| format!("; {h}")).collect::<String>()
@@ -465,7 +465,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 Err(diags) => {
                     driver::report(&loaded.sources, &diags, args.diagnostics);
                     if args.diagnostics == DiagFormat::Human {
-                        eprintln!(
+                        crate::errln!(
                             "error: `{}` cannot run on one device (the planner's errors above)",
                             args.file.display()
                         );
@@ -539,7 +539,7 @@ fn launch(node: &NodeLaunch) -> anyhow::Result<ExitCode> {
     stop::install();
     let outcome = spawn_local(n as usize, program, &args, &launch)?;
     if let Some(text) = outcome.describe() {
-        eprintln!("fmoec run: {text}");
+        crate::errln!("fmoec run: {text}");
     }
     Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
 }

@@ -161,6 +161,31 @@ fn auto_plans_under_the_memory_model_and_routing_skew() {
     }
 }
 
+/// `fmoec plan ... | head`: a reader that stops early ends the plan quietly, with no panic.
+#[test]
+fn a_plan_into_a_closed_pipe_ends_quietly() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args([
+            "plan",
+            "examples/mixtral-8x7b.fmoe",
+            "--world",
+            "512",
+            "--format",
+            "json",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
 #[test]
 fn a_routing_skew_shows_what_shadowing_would_do() {
     // The 8-GPU example: its experts spread over the data ranks, routing as skewed as the

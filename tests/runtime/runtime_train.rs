@@ -565,6 +565,39 @@ fn a_missing_checkpoint_is_named_as_missing() {
     );
 }
 
+/// A run whose output pipes close (`fmoec run ... | head`, a log reader that died) keeps
+/// training and writes its checkpoint, instead of panicking on its next progress line.
+#[test]
+fn a_run_whose_output_pipes_close_still_finishes_and_checkpoints() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args([
+            "run",
+            file,
+            "--steps",
+            "3",
+            "--out",
+            "o",
+            "--log-interval",
+            "0",
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let ckpt = dir.path().join("o/checkpoints");
+    let latest = std::fs::read_to_string(ckpt.join("latest")).unwrap();
+    assert_eq!(latest.trim(), "step-00000003");
+    assert!(ckpt.join("step-00000003/manifest.json").exists());
+}
+
 #[test]
 fn steps_zero_on_the_command_line_is_refused() {
     let dir = tempfile::tempdir().unwrap();
