@@ -97,7 +97,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub pipeline: Option<u64>,
     /// Override the file's `virtual_stages` (like `fmoec plan --virtual-stages`): model
-    /// chunks per pipeline stage; 2 or more run the interleaved schedule.
+    /// chunks per pipeline stage; 2 or more run the interleaved schedule. Needs several ranks
+    /// and a pipeline
     #[arg(long, value_name = "N")]
     pub virtual_stages: Option<u64>,
     /// Seconds a collective may wait for the other ranks before the run stops with an error.
@@ -194,6 +195,18 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
     let explicit_cpu = args.device.as_deref() == Some("cpu");
     let several_nodes = args.nodes > 1 || args.node_rank.is_some() || args.master.is_some();
     if several_nodes {
+        if args.nodes == 1 {
+            // --node-rank or --master alone: they mean nothing without --nodes N.
+            let given = if args.node_rank.is_some() {
+                "--node-rank"
+            } else {
+                "--master"
+            };
+            bail!(
+                "{given} is for a run over several machines: give --nodes N (and --gpus K or \
+                 --ranks K per node); on this machine alone leave it out"
+            );
+        }
         let (per_node, cpu) = match (args.gpus, args.ranks) {
             (Some(k), None) => (k, false),
             (None, Some(k)) => (k, true),
@@ -459,6 +472,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             }
             if args.pipeline.is_some_and(|p| p != 1) {
                 bail!("--pipeline needs several ranks (--gpus N or --ranks N)");
+            }
+            if args.virtual_stages.is_some_and(|v| v != 1) {
+                bail!(
+                    "--virtual-stages needs a pipeline of several ranks (--gpus N or --ranks N, \
+                     with --pipeline P)"
+                );
             }
             let plan = match distributed::plan_alone(checked) {
                 Ok(p) => p,

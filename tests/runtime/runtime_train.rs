@@ -598,6 +598,40 @@ fn a_run_whose_output_pipes_close_still_finishes_and_checkpoints() {
     assert!(ckpt.join("step-00000003/manifest.json").exists());
 }
 
+/// Options that mean something only with other options are refused alone, with what they
+/// need, before anything is written (not ignored, not blamed on an option not given).
+#[test]
+fn options_that_need_others_say_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    for (extra, expected) in [
+        (
+            &["--virtual-stages", "2"][..],
+            "--virtual-stages needs a pipeline of several ranks",
+        ),
+        (
+            &["--master", "127.0.0.1:29500"],
+            "--master is for a run over several machines: give --nodes N",
+        ),
+        (
+            &["--node-rank", "1"],
+            "--node-rank is for a run over several machines: give --nodes N",
+        ),
+    ] {
+        let mut args = vec!["run", file, "--steps", "2", "--out", "o"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+        assert!(!dir.path().join("o").exists(), "{extra:?} wrote `o`");
+    }
+}
+
 #[test]
 fn steps_zero_on_the_command_line_is_refused() {
     let dir = tempfile::tempdir().unwrap();
