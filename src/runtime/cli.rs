@@ -98,7 +98,7 @@ pub struct RunArgs {
     pub pipeline: Option<u64>,
     /// Override the file's `virtual_stages` (like `fmoec plan --virtual-stages`): model
     /// chunks per pipeline stage; 2 or more run the interleaved schedule. Needs several ranks
-    /// and a pipeline
+    /// and a pipeline.
     #[arg(long, value_name = "N")]
     pub virtual_stages: Option<u64>,
     /// Seconds a collective may wait for the other ranks before the run stops with an error.
