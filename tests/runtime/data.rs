@@ -1318,6 +1318,54 @@ mod init {
         );
         assert!(!dir.join("runs/again").exists());
     }
+
+    /// A checkpoint holding NaN is refused at the start, naming the tensor, instead of
+    /// training into "the loss became NaN at step 1; lower the learning rate".
+    #[test]
+    fn weights_that_are_not_finite_are_refused_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        dense_run(dir);
+        let out = fmoec(
+            &[
+                "export",
+                "--hf",
+                "hf",
+                "runs/dense/checkpoints",
+                "--model",
+                "dense.fmoe",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let shard = dir.join("hf/model-00001-of-00001.safetensors");
+        let named: Vec<(String, Tensor)> = Tensor::read_safetensors(&shard)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if n == "model.layers.0.mlp.down_proj.weight" {
+                    t * f64::NAN
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect();
+        Tensor::write_safetensors(&named, &shard).unwrap();
+        std::fs::write(
+            dir.join("nan.fmoe"),
+            model("nan", DENSE, "    init = from_hf(\"hf\")\n"),
+        )
+        .unwrap();
+        let out = fmoec(&["run", "nan.fmoe", "--quiet"], dir);
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(
+            said.contains("`layers.0.ffn.w2` from the checkpoint to start from (`hf`) holds NaN"),
+            "{said}"
+        );
+        assert!(!dir.join("runs/nan").exists());
+    }
 }
 
 /// The path of the README's "whole path" section, with tiny sizes: a JSON-lines corpus ->
