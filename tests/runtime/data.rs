@@ -1245,7 +1245,8 @@ mod init {
         );
         assert!(
             !ok && said.contains("error[E0611]: cannot read the Hugging Face checkpoint's weights")
-                && said.contains("is truncated"),
+                && said.contains("is truncated")
+                && said.contains(&format!("({} bytes in the file)", bytes.len() - 100)),
             "{said}"
         );
         // not there: `fmoec check` warns, `fmoec run` refuses and writes nothing
