@@ -44,13 +44,13 @@ pub struct RunArgs {
     /// Generate text after PROMPT from the latest checkpoint (or `--resume DIR`) instead of training.
     #[arg(long, value_name = "PROMPT")]
     pub sample: Option<String>,
-    /// Bytes to generate with `--sample`.
+    /// Tokens to generate with `--sample` (bytes, for a model without a tokenizer).
     #[arg(long, default_value_t = 400)]
     pub sample_tokens: usize,
-    /// Sampling temperature (0 picks the most likely byte).
+    /// Sampling temperature (0 picks the most likely token).
     #[arg(long, default_value_t = 0.8, value_parser = non_negative)]
     pub temperature: f64,
-    /// Sample among the k most likely bytes (1 or more).
+    /// Sample among the k most likely tokens (1 or more).
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(i64).range(1..))]
     pub top_k: i64,
     /// Seed for `--sample`.
@@ -675,7 +675,7 @@ fn non_negative_seconds(v: &str) -> Result<f64, String> {
 fn non_negative(v: &str) -> Result<f64, String> {
     match v.parse::<f64>() {
         Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-        Ok(_) => Err("must be a number >= 0 (0 picks the most likely byte)".into()),
+        Ok(_) => Err("must be a number >= 0 (0 picks the most likely token)".into()),
         Err(e) => Err(e.to_string()),
     }
 }
