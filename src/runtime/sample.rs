@@ -79,16 +79,16 @@ pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
 /// How the model's token ids are text: bytes, or the ids of the train block's tokenizer.
 enum TextIds {
     Bytes,
-    Tokenizer(TextTokenizer),
+    Tokenizer(Box<TextTokenizer>),
 }
 
 impl TextIds {
     fn of(checked: &Checked) -> Result<TextIds> {
         let data = checked.train.as_ref().map(|t| &t.data);
         match data {
-            Some(DataSource::Tokenized { tokenizer, .. }) => Ok(TextIds::Tokenizer(
+            Some(DataSource::Tokenized { tokenizer, .. }) => Ok(TextIds::Tokenizer(Box::new(
                 TextTokenizer::load(&tokenizer.source(), Flavour::Core)?,
-            )),
+            ))),
             // a Megatron dataset's ids come from a tokenizer the file does not name
             Some(DataSource::Megatron(prefix)) => bail!(
                 "--sample cannot turn the ids of `megatron(\"{prefix}\")` into text: name the \

@@ -374,11 +374,10 @@ fn tokenizer_train_writes_both_formats_and_keeps_existing_files() {
     );
 }
 
-/// `megatron("prefix")` in a run reads what `fmoec data` writes.
-#[cfg(feature = "runtime")]
 /// `--sample` of a model trained through a tokenizer encodes the prompt and decodes the
 /// sample with that tokenizer (it read the ids as bytes, printing U+FFFD for every id past
 /// 255); a Megatron dataset without its tokenizer is refused, since its ids are not text.
+#[cfg(feature = "runtime")]
 #[test]
 fn sampling_decodes_through_the_train_blocks_tokenizer() {
     let tmp = tempfile::tempdir().unwrap();
@@ -452,6 +451,8 @@ fn sampling_decodes_through_the_train_blocks_tokenizer() {
     );
 }
 
+/// `megatron("prefix")` in a run reads what `fmoec data` writes.
+#[cfg(feature = "runtime")]
 #[test]
 fn the_runtime_reads_what_fmoec_data_writes() {
     use fmoec::runtime::data::IndexedDataset;
