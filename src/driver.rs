@@ -104,7 +104,7 @@ fn report_unreadable(message: &str, file: &Path, format: DiagFormat) {
 
 fn report_unplaced(code: &str, message: &str, file: Option<&Path>, format: DiagFormat) {
     match format {
-        DiagFormat::Human => eprintln!("error: {message}"),
+        DiagFormat::Human => crate::errln!("error: {message}"),
         DiagFormat::Json => push_json(vec![diag::json_unplaced(
             code,
             message,
@@ -120,7 +120,7 @@ pub fn finish(format: DiagFormat) {
         let items =
             std::mem::take(&mut *JSON_DIAGNOSTICS.lock().unwrap_or_else(|e| e.into_inner()));
         let text = serde_json::to_string_pretty(&items).unwrap_or_else(|_| "[]".into());
-        eprintln!("{text}");
+        crate::errln!("{text}");
     }
 }
 
@@ -200,7 +200,7 @@ fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, Ex
         }),
         None => {
             if format == DiagFormat::Human {
-                eprintln!(
+                crate::errln!(
                     "error: could not check `{}` due to {}",
                     path.display(),
                     diag::count(

@@ -13,6 +13,7 @@
 pub mod check;
 #[cfg(feature = "runtime")]
 pub mod collective;
+pub mod console;
 pub mod data;
 pub mod diag;
 pub mod digest;

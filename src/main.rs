@@ -95,7 +95,7 @@ fn check(args: &CheckArgs) -> ExitCode {
         match driver::load_with(file, args.diagnostics, rules) {
             Ok(_) => {
                 if args.diagnostics == DiagFormat::Human {
-                    eprintln!("ok: {}", file.display());
+                    fmoec::errln!("ok: {}", file.display());
                 }
             }
             Err(code) => {
@@ -115,7 +115,7 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(not(feature = "runtime"))]
 fn run(_args: &RunArgs) -> anyhow::Result<ExitCode> {
-    eprintln!(
+    fmoec::errln!(
         "error: this fmoec was built without the training runtime\n  \
          help: rebuild with the default features (`cargo build --release`), which need \
          libtorch 2.11 (see README.md, \"Training\")"
@@ -141,7 +141,7 @@ fn export(args: &ExportArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(not(feature = "runtime"))]
 fn export(_args: &ExportArgs) -> anyhow::Result<ExitCode> {
-    eprintln!(
+    fmoec::errln!(
         "error: this fmoec was built without the runtime, which reads checkpoints\n  \
          help: rebuild with the default features (`cargo build --release`)"
     );

@@ -137,7 +137,7 @@ pub fn run_data(args: &DataArgs) -> Result<ExitCode> {
         overwrite: args.overwrite,
         progress: true,
     };
-    eprintln!(
+    crate::errln!(
         "tokenizer {} (vocabulary {}, {} ids), {} worker threads",
         source,
         tokenizer.vocab_size,
@@ -146,7 +146,7 @@ pub fn run_data(args: &DataArgs) -> Result<ExitCode> {
     );
     let summary = pool.install(|| job.run())?;
     let mb = summary.bytes as f64 / 1e6;
-    eprintln!(
+    crate::errln!(
         "{} documents, {:.1} MB in {:.2} s ({:.1} MB/s){}",
         summary.documents,
         mb,
@@ -159,7 +159,7 @@ pub fn run_data(args: &DataArgs) -> Result<ExitCode> {
         }
     );
     for out in &summary.outputs {
-        println!(
+        crate::outln!(
             "{}: {} documents, {} sequences, {} tokens -> {} / {}",
             out.key,
             out.documents,
@@ -216,7 +216,7 @@ pub fn run_tokenizer(cmd: &TokenizerCommand) -> Result<ExitCode> {
         TokenizerCommand::Train(args) => {
             let written = super::train::train(args)?;
             for p in written {
-                println!("wrote {}", p.display());
+                crate::outln!("wrote {}", p.display());
             }
             Ok(ExitCode::SUCCESS)
         }

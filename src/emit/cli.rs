@@ -69,7 +69,7 @@ fn conflicts(output: &Path, files: &[(String, String)]) -> Vec<(PathBuf, &'stati
 
 pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
     if args.megatron == "list" {
-        print!("{}", super::registry::list());
+        crate::out!("{}", super::registry::list());
         return Ok(ExitCode::SUCCESS);
     }
     let target = match super::registry::find(&args.megatron) {
@@ -80,7 +80,7 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let Some(file) = &args.file else {
-        eprintln!(
+        crate::errln!(
             "error: the model file is missing: fmoec emit --megatron {} MODEL.fmoe",
             args.megatron
         );
@@ -149,7 +149,7 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         let advice = "nothing was written: choose another folder with --output, move those \
                       files, or pass --force to overwrite them";
         match args.diagnostics {
-            DiagFormat::Human => eprintln!("{advice}"),
+            DiagFormat::Human => crate::errln!("{advice}"),
             DiagFormat::Json => driver::report_error(advice, None, args.diagnostics),
         }
         return Ok(ExitCode::from(1));
@@ -167,7 +167,7 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755));
         }
-        println!("wrote {}", path.display());
+        crate::outln!("wrote {}", path.display());
     }
     let manifest = serde_json::to_string_pretty(&recorded).expect("a map of strings serializes");
     let path = output.join(MANIFEST);

@@ -78,7 +78,7 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
         Ok(a) => a,
         Err(diags) => {
             driver::report(&loaded.sources, &diags, DiagFormat::Human);
-            eprintln!(
+            crate::errln!(
                 "error: `{}` cannot be exported for transformers ({} feature{} without a counterpart)",
                 model.name,
                 diags.len(),
@@ -149,9 +149,9 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
         .moe_layers()
         .any(|(_, m)| m.gate.kind == GateKind::Noisy)
     {
-        eprintln!("note: the noisy gates' noise projections are used in training only; they are not exported");
+        crate::errln!("note: the noisy gates' noise projections are used in training only; they are not exported");
     }
-    println!(
+    crate::outln!(
         "{} ({} tensors, step {}) -> {} ({} files)",
         arch.class(),
         named.len(),

@@ -99,6 +99,16 @@ pub fn start_from(
                 p.tensor.size()
             );
         }
+        // A NaN or infinity here would surface only as "the loss became NaN at step 1",
+        // blaming the learning rate or the data.
+        if !bool::try_from(value.f_isfinite()?.f_all()?)? {
+            bail!(
+                "`{}` from the checkpoint to start from (`{}`) holds NaN or infinite values; \
+                 the checkpoint is damaged or diverged",
+                p.name,
+                init.source.path()
+            );
+        }
         let mut target = p.tensor.shallow_clone();
         target.f_copy_(
             &value

@@ -187,7 +187,8 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, String>
             [begin, end] if *end <= data && Some(end - begin) == bytes => {}
             [_, end] if *end > data => {
                 return Err(format!(
-                    "`{}` is truncated: tensor `{name}` ends at byte {end} of {data}",
+                    "`{}` is truncated: tensor `{name}` ends at byte {end} of the data, which \
+                     holds only {data} bytes ({total} bytes in the file)",
                     path.display()
                 ))
             }

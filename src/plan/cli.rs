@@ -25,6 +25,17 @@ pub enum PlanFormat {
     Dot,
 }
 
+impl PlanFormat {
+    /// The name `--format` takes.
+    fn name(self) -> &'static str {
+        match self {
+            PlanFormat::Table => "table",
+            PlanFormat::Json => "json",
+            PlanFormat::Dot => "dot",
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct PlanArgs {
     /// The model file.
@@ -33,11 +44,12 @@ pub struct PlanArgs {
     #[arg(long, value_enum, default_value_t)]
     pub format: PlanFormat,
     /// Search tensor, pipeline, expert-group size and micro-batch for the fastest plans
-    /// that fit; print the best few and why the others were rejected.
-    #[arg(long)]
+    /// that fit; print the best few and why the others were rejected (a table; `--world`,
+    /// `--memory-model`, `--routing-skew` and `--megatron` hold for every layout tried).
+    #[arg(long, conflicts_with_all = ["tensor", "pipeline", "expert_group", "micro_batch", "virtual_stages"])]
     pub auto: bool,
     /// How many plans `--auto` prints (1 or more).
-    #[arg(long, default_value_t = 5, value_name = "N", value_parser = at_least_one)]
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = at_least_one, requires = "auto")]
     pub top: usize,
     /// Override the number of GPUs (world size).
     #[arg(long, value_name = "N")]
@@ -139,6 +151,21 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     };
     // The front end and the planner's rules (under the overrides, for the target) run in
     // one pass and report together; `--auto` plans for itself.
+    // `--auto` ranks many layouts in one table; JSON and DOT describe one plan.
+    if args.auto && args.format != PlanFormat::Table {
+        driver::report_error(
+            &format!(
+                "--auto prints a ranking of layouts, not one plan, so it has no --format {}; \
+                 run `fmoec plan --auto` first, then `--format {}` with the layout you pick \
+                 (`--tensor T --pipeline P --expert-group E --micro-batch M`)",
+                args.format.name(),
+                args.format.name()
+            ),
+            None,
+            args.diagnostics,
+        );
+        return Ok(ExitCode::from(2));
+    }
     let overrides = args.overrides();
     let rules = target.as_ref().map(TargetRules::of).unwrap_or_default();
     let planning = if args.auto {
@@ -158,8 +185,8 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     if args.auto {
-        let result = search::search_for(&loaded.checked, args.world, &rules);
-        print!("{}", search::report(&result, args.top));
+        let result = search::search_for(&loaded.checked, &overrides, &rules);
+        crate::out!("{}", search::report(&result, args.top));
         return Ok(if result.feasible.is_empty() {
             ExitCode::from(1)
         } else {
@@ -181,7 +208,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
                 let diagnostics = super::plan_error(diagnostics, &overrides);
                 driver::report(&loaded.sources, &diagnostics, args.diagnostics);
                 if args.diagnostics == DiagFormat::Human {
-                    eprintln!(
+                    crate::errln!(
                         "error: Megatron-LM {version} cannot train `{}` as planned (`fmoec emit --megatron {version}` refuses it too)",
                         args.file.display()
                     );
@@ -199,7 +226,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             render::dot(&plan, &g)
         }
     };
-    print!("{out}");
+    crate::out!("{out}");
     Ok(ExitCode::SUCCESS)
 }
 

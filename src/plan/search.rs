@@ -68,12 +68,20 @@ pub struct SearchResult {
 /// `virtual_stages` are kept where a pipeline can take them (its stages' layers split into
 /// that many chunks and a multiple of the stages in micro-batches), else 1.
 pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
-    search_for(checked, world, &TargetRules::default())
+    let assumed = Overrides {
+        world,
+        ..Overrides::NONE
+    };
+    search_for(checked, &assumed, &TargetRules::default())
 }
 
-/// [`search`] for the training `rules` describe (`fmoec plan --auto --megatron VERSION`).
-pub fn search_for(checked: &Checked, world: Option<u64>, rules: &TargetRules) -> SearchResult {
-    let w = world.unwrap_or(checked.parallel.gpus).max(1);
+/// [`search`] for the training `rules` describe (`fmoec plan --auto --megatron VERSION`),
+/// under the overrides that are assumptions rather than layout choices: `assumed`'s world,
+/// memory model and routing skew hold for every candidate. Its layout fields (tensor,
+/// pipeline, expert group, micro-batch, virtual stages) are what the search chooses, so
+/// they are not read.
+pub fn search_for(checked: &Checked, assumed: &Overrides, rules: &TargetRules) -> SearchResult {
+    let w = assumed.world.unwrap_or(checked.parallel.gpus).max(1);
     let gpn = checked.parallel.hardware.gpus_per_node.max(1);
     let has_moe = checked.model.moe_layers().next().is_some();
     // The search chooses the micro-batch itself, whatever the file says.
@@ -114,8 +122,8 @@ pub fn search_for(checked: &Checked, world: Option<u64>, rules: &TargetRules) ->
                     expert_group: Some(e),
                     micro_batch: None,
                     virtual_stages: plain_only.then_some(1),
-                    memory_model: None,
-                    routing_skew: None,
+                    memory_model: assumed.memory_model,
+                    routing_skew: assumed.routing_skew,
                 };
                 let mut costed = cost_for(checked, &o, rules);
                 let interleaving = p > 1 && asked > 1 && !plain_only;

@@ -44,13 +44,13 @@ pub struct RunArgs {
     /// Generate text after PROMPT from the latest checkpoint (or `--resume DIR`) instead of training.
     #[arg(long, value_name = "PROMPT")]
     pub sample: Option<String>,
-    /// Bytes to generate with `--sample`.
+    /// Tokens to generate with `--sample` (bytes, for a model without a tokenizer).
     #[arg(long, default_value_t = 400)]
     pub sample_tokens: usize,
-    /// Sampling temperature (0 picks the most likely byte).
+    /// Sampling temperature (0 picks the most likely token).
     #[arg(long, default_value_t = 0.8, value_parser = non_negative)]
     pub temperature: f64,
-    /// Sample among the k most likely bytes (1 or more).
+    /// Sample among the k most likely tokens (1 or more).
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(i64).range(1..))]
     pub top_k: i64,
     /// Seed for `--sample`.
@@ -97,7 +97,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub pipeline: Option<u64>,
     /// Override the file's `virtual_stages` (like `fmoec plan --virtual-stages`): model
-    /// chunks per pipeline stage; 2 or more run the interleaved schedule.
+    /// chunks per pipeline stage; 2 or more run the interleaved schedule. Needs several ranks
+    /// and a pipeline.
     #[arg(long, value_name = "N")]
     pub virtual_stages: Option<u64>,
     /// Seconds a collective may wait for the other ranks before the run stops with an error.
@@ -194,6 +195,18 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
     let explicit_cpu = args.device.as_deref() == Some("cpu");
     let several_nodes = args.nodes > 1 || args.node_rank.is_some() || args.master.is_some();
     if several_nodes {
+        if args.nodes == 1 {
+            // --node-rank or --master alone: they mean nothing without --nodes N.
+            let given = if args.node_rank.is_some() {
+                "--node-rank"
+            } else {
+                "--master"
+            };
+            bail!(
+                "{given} is for a run over several machines: give --nodes N (and --gpus K or \
+                 --ranks K per node); on this machine alone leave it out"
+            );
+        }
         let (per_node, cpu) = match (args.gpus, args.ranks) {
             (Some(k), None) => (k, false),
             (None, Some(k)) => (k, true),
@@ -384,7 +397,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default();
             let choice = series.choose(total);
             if is_first_rank(&mode) {
-                eprintln!("{}", choice.describe());
+                crate::errln!("{}", choice.describe());
             }
             let folders = choice.folders().clone();
             let resume = choice.resumes().then(|| folders.checkpoints.clone());
@@ -405,7 +418,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 seed: args.sample_seed,
             },
         )?;
-        println!("{prompt}{text}");
+        crate::outln!("{prompt}{text}");
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -440,7 +453,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 if pipeline > 1 && args.pipeline.is_none() {
                     hints.push("--pipeline 1 runs without pipeline parallelism");
                 }
-                eprintln!(
+                crate::errln!(
                     "error: `{}` cannot run on {world} ranks with tensor = {tensor} and pipeline = {pipeline} (the planner's errors above){}",
                     args.file.display(),
                     hints.iter().map(|h| format!("; {h}")).collect::<String>()
@@ -460,12 +473,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             if args.pipeline.is_some_and(|p| p != 1) {
                 bail!("--pipeline needs several ranks (--gpus N or --ranks N)");
             }
+            if args.virtual_stages.is_some_and(|v| v != 1) {
+                bail!(
+                    "--virtual-stages needs a pipeline of several ranks (--gpus N or --ranks N, \
+                     with --pipeline P)"
+                );
+            }
             let plan = match distributed::plan_alone(checked) {
                 Ok(p) => p,
                 Err(diags) => {
                     driver::report(&loaded.sources, &diags, args.diagnostics);
                     if args.diagnostics == DiagFormat::Human {
-                        eprintln!(
+                        crate::errln!(
                             "error: `{}` cannot run on one device (the planner's errors above)",
                             args.file.display()
                         );
@@ -539,7 +558,7 @@ fn launch(node: &NodeLaunch) -> anyhow::Result<ExitCode> {
     stop::install();
     let outcome = spawn_local(n as usize, program, &args, &launch)?;
     if let Some(text) = outcome.describe() {
-        eprintln!("fmoec run: {text}");
+        crate::errln!("fmoec run: {text}");
     }
     Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
 }
@@ -656,7 +675,7 @@ fn non_negative_seconds(v: &str) -> Result<f64, String> {
 fn non_negative(v: &str) -> Result<f64, String> {
     match v.parse::<f64>() {
         Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-        Ok(_) => Err("must be a number >= 0 (0 picks the most likely byte)".into()),
+        Ok(_) => Err("must be a number >= 0 (0 picks the most likely token)".into()),
         Err(e) => Err(e.to_string()),
     }
 }

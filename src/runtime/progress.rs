@@ -58,7 +58,7 @@ impl Progress {
             Display::Lines { every, last: when } => {
                 let due = when.is_none_or(|t| t.elapsed() >= *every);
                 if due || last {
-                    eprintln!("step {step} of {total} | {status}");
+                    crate::errln!("step {step} of {total} | {status}");
                     *when = Some(Instant::now());
                 }
             }
@@ -73,7 +73,7 @@ impl Progress {
         }
         match &self.how {
             Display::Bar(bar) => bar.println(line),
-            _ => eprintln!("{line}"),
+            _ => crate::errln!("{line}"),
         }
     }
 

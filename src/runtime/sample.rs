@@ -1,4 +1,5 @@
-//! Text generation from a checkpoint (`fmoec run --sample PROMPT`): byte-level models only,
+//! Text generation from a checkpoint (`fmoec run --sample PROMPT`): the prompt is encoded and
+//! the sample decoded by the train block's tokenizer, or as bytes where the model reads bytes;
 //! temperature and top-k sampling from libtorch's generator, seeded. Knows nothing about
 //! training.
 
@@ -7,7 +8,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::check::Checked;
+use crate::check::{Checked, DataSource};
+use crate::data::tokenizer::{Flavour, TextTokenizer};
 use crate::runtime::checkpoint;
 use crate::runtime::data::mix_all;
 use crate::runtime::model::{lock_rng, Transformer};
@@ -28,12 +30,7 @@ pub struct SampleOptions {
 /// Generates `tokens` bytes after `prompt` from a checkpoint of the checked model.
 pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
     let model_decl = &checked.model;
-    if model_decl.vocab < 256 {
-        bail!(
-            "sampling text needs a byte-level vocabulary (vocab >= 256), the model has {}",
-            model_decl.vocab
-        );
-    }
+    let text = TextIds::of(checked)?;
     let source = checkpoint::Source::open(&opts.checkpoint, model_decl)?;
     let compute = match &checked.train {
         Some(t) => compute_kind(t.precision)?,
@@ -50,10 +47,7 @@ pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
     source.restore(&model.store, None, &all)?;
     tch::manual_seed(mix_all(&[opts.seed, 0x5A3]) as i64);
     let _guard = tch::no_grad_guard();
-    let mut ids: Vec<i64> = opts.prompt.bytes().map(i64::from).collect();
-    if ids.is_empty() {
-        ids.push(b'\n' as i64);
-    }
+    let mut ids = text.encode(&opts.prompt)?;
     let ctx = model_decl.context as usize;
     let start = ids.len();
     for _ in 0..opts.tokens {
@@ -79,9 +73,57 @@ pub fn sample(checked: &Checked, opts: &SampleOptions) -> Result<String> {
         };
         ids.push(next);
     }
-    let bytes: Vec<u8> = ids[start..]
-        .iter()
-        .map(|&t| t.clamp(0, 255) as u8)
-        .collect();
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    text.decode(&ids[start..])
+}
+
+/// How the model's token ids are text: bytes, or the ids of the train block's tokenizer.
+enum TextIds {
+    Bytes,
+    Tokenizer(Box<TextTokenizer>),
+}
+
+impl TextIds {
+    fn of(checked: &Checked) -> Result<TextIds> {
+        let data = checked.train.as_ref().map(|t| &t.data);
+        match data {
+            Some(DataSource::Tokenized { tokenizer, .. }) => Ok(TextIds::Tokenizer(Box::new(
+                TextTokenizer::load(&tokenizer.source(), Flavour::Core)?,
+            ))),
+            // a Megatron dataset's ids come from a tokenizer the file does not name
+            Some(DataSource::Megatron(prefix)) => bail!(
+                "--sample cannot turn the ids of `megatron(\"{prefix}\")` into text: name the \
+                 tokenizer that made the dataset in the train block (`tokenizer = \
+                 hf(\"tokenizer.json\")` or `gpt2(vocab = ..., merges = ...)`)"
+            ),
+            _ if checked.model.vocab < 256 => bail!(
+                "sampling text needs a byte-level vocabulary (vocab >= 256) or a tokenizer, \
+                 the model has {}",
+                checked.model.vocab
+            ),
+            _ => Ok(TextIds::Bytes),
+        }
+    }
+
+    /// The prompt's ids (a newline for an empty prompt, so that there is something to
+    /// continue).
+    fn encode(&self, prompt: &str) -> Result<Vec<i64>> {
+        let prompt = if prompt.is_empty() { "\n" } else { prompt };
+        Ok(match self {
+            TextIds::Bytes => prompt.bytes().map(i64::from).collect(),
+            TextIds::Tokenizer(tk) => tk.encode(prompt)?.into_iter().map(i64::from).collect(),
+        })
+    }
+
+    fn decode(&self, ids: &[i64]) -> Result<String> {
+        match self {
+            TextIds::Bytes => {
+                let bytes: Vec<u8> = ids.iter().map(|&t| t.clamp(0, 255) as u8).collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            TextIds::Tokenizer(tk) => {
+                let ids: Vec<u32> = ids.iter().map(|&t| t.max(0) as u32).collect();
+                tk.decode(&ids)
+            }
+        }
+    }
 }

@@ -331,17 +331,19 @@ pub(crate) fn sum_over_world(ctx: &RankContext, values: &[f64], at: &str) -> Res
 }
 
 pub(crate) fn print_summary(s: &RunSummary) {
-    println!("model      {} ({} parameters)", s.model, s.parameters);
-    println!("data       {}", s.data);
-    println!("device     {} ({})", s.device, s.precision);
+    crate::outln!("model      {} ({} parameters)", s.model, s.parameters);
+    crate::outln!("data       {}", s.data);
+    crate::outln!("device     {} ({})", s.device, s.precision);
     if let Some(g) = &s.gpu {
-        println!("gpu        {g}");
+        crate::outln!("gpu        {g}");
     }
-    println!(
+    crate::outln!(
         "batch      {} x {} tokens per step, micro-batches of {} sequences",
-        s.batch_sequences, s.seq_len, s.micro_batch
+        s.batch_sequences,
+        s.seq_len,
+        s.micro_batch
     );
-    println!(
+    crate::outln!(
         "steps      {} -> {} of {} ({} tokens, {:.1} s, {:.0} tokens/s)",
         s.start_step,
         s.start_step + s.steps_done,
@@ -352,18 +354,20 @@ pub(crate) fn print_summary(s: &RunSummary) {
     );
     if let (Some(a), Some(b)) = (s.first_loss, s.final_loss) {
         match s.unigram_entropy {
-            Some(h) => println!("loss       {a:.4} -> {b:.4} (unigram entropy of the data {h:.4})"),
-            None => println!("loss       {a:.4} -> {b:.4}"),
+            Some(h) => {
+                crate::outln!("loss       {a:.4} -> {b:.4} (unigram entropy of the data {h:.4})")
+            }
+            None => crate::outln!("loss       {a:.4} -> {b:.4}"),
         }
     }
     if let (Some(l), Some(p)) = (s.final_eval_loss, s.final_eval_ppl) {
-        println!("eval       loss {l:.4}, perplexity {p:.2}");
+        crate::outln!("eval       loss {l:.4}, perplexity {p:.2}");
     }
     if let Some(c) = &s.checkpoint {
-        println!("checkpoint {}", c.display());
+        crate::outln!("checkpoint {}", c.display());
     }
-    println!("metrics    {}", s.metrics.display());
+    crate::outln!("metrics    {}", s.metrics.display());
     if let Some(p) = &s.plot {
-        println!("plot       {}", p.display());
+        crate::outln!("plot       {}", p.display());
     }
 }

@@ -351,7 +351,7 @@ impl<'a> Trainer<'a> {
                 .model
                 .set_fp8(fp8, tokens, &checked.parallel.hardware);
             if main && !bf16_layers.is_empty() {
-                eprintln!(
+                crate::errln!(
                     "note: precision = fp8: the experts of layer(s) {bf16_layers:?} stay in bf16, where \
                      the planner estimates FP8 would not pay on `{}` (`fmoec plan` says why; \
                      FMOEC_FP8_EXPERTS=all forces FP8)",
@@ -361,7 +361,7 @@ impl<'a> Trainer<'a> {
         }
         if main {
             for note in plan.notes.iter().chain(&micro_batch_note) {
-                eprintln!("note: {note}");
+                crate::errln!("note: {note}");
             }
         }
         if main {
@@ -403,7 +403,7 @@ impl<'a> Trainer<'a> {
                     self.train.seed,
                 )?;
                 if self.main {
-                    eprintln!("note: the run starts from {from}");
+                    crate::errln!("note: the run starts from {from}");
                 }
             }
             return Ok(());
@@ -876,7 +876,7 @@ impl<'a> Trainer<'a> {
         }?;
         if self.main {
             if let Err(e) = checkpoint::prune(root, self.keep) {
-                eprintln!(
+                crate::errln!(
                     "warning: older checkpoints were not all deleted (keep = {}): {e:#}",
                     self.keep
                 );
@@ -936,7 +936,7 @@ impl<'a> Trainer<'a> {
         self.progress.finish();
         let step = self.step;
         if let (Some(signal), true) = (stopped_by, self.main) {
-            eprintln!(
+            crate::errln!(
                 "stopped by {}: saved step {step} to `{}`; continue with --resume",
                 stop::name(signal),
                 self.last_checkpoint
@@ -954,7 +954,7 @@ impl<'a> Trainer<'a> {
             match plot::draw(&history, &plot_path) {
                 Ok(()) => Some(plot_path),
                 Err(e) => {
-                    eprintln!("warning: could not draw `{}`: {e:#}", plot_path.display());
+                    crate::errln!("warning: could not draw `{}`: {e:#}", plot_path.display());
                     None
                 }
             }

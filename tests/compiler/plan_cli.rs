@@ -97,6 +97,95 @@ fn auto_prints_best_plans() {
     assert!(out.contains("best plans by estimated throughput"), "{out}");
 }
 
+/// `--auto` ranks layouts in a table; a format meant for one plan is refused, not ignored.
+#[test]
+fn auto_refuses_a_format_for_one_plan() {
+    for format in ["json", "dot"] {
+        let (code, out, err) = fmoec(&[
+            "plan",
+            "--auto",
+            "examples/tiny.fmoe",
+            "--world",
+            "8",
+            "--format",
+            format,
+        ]);
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(err.contains(&format!("no --format {format}")), "{err}");
+    }
+}
+
+/// The layout overrides are what `--auto` chooses, and `--top` only means something with
+/// `--auto`: both together with the other are refused instead of silently dropped.
+#[test]
+fn auto_refuses_the_layout_it_searches_and_top_needs_auto() {
+    for layout in [
+        &["--tensor", "2"][..],
+        &["--pipeline", "2"],
+        &["--expert-group", "2"],
+        &["--micro-batch", "2"],
+        &["--virtual-stages", "2"],
+    ] {
+        let mut args = vec!["plan", "--auto", "examples/tiny.fmoe", "--world", "8"];
+        args.extend_from_slice(layout);
+        let (code, out, err) = fmoec(&args);
+        assert_eq!(code, 2, "{layout:?}: {out}{err}");
+        assert!(err.contains("cannot be used with"), "{layout:?}: {err}");
+    }
+    let (code, _, err) = fmoec(&["plan", "examples/tiny.fmoe", "--top", "3"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--auto"), "{err}");
+}
+
+/// The assumptions `--memory-model` and `--routing-skew` hold for every layout `--auto`
+/// ranks: the runtime's memory model changes the memory column, a skew the step times.
+#[test]
+fn auto_plans_under_the_memory_model_and_routing_skew() {
+    // (the best layout replicates the experts, which no skew slows: compare the top five)
+    let base = [
+        "plan",
+        "--auto",
+        "examples/gpt2-medium-moe.fmoe",
+        "--top",
+        "5",
+    ];
+    let (code, plain, err) = fmoec(&base);
+    assert_eq!(code, 0, "{err}");
+    for assumption in [["--memory-model", "fmoec"], ["--routing-skew", "3"]] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(&assumption);
+        let (code, assumed, err) = fmoec(&args);
+        assert_eq!(code, 0, "{assumption:?}: {err}");
+        assert_ne!(plain, assumed, "{assumption:?} changed nothing:\n{assumed}");
+    }
+}
+
+/// `fmoec plan ... | head`: a reader that stops early ends the plan quietly, with no panic.
+#[test]
+fn a_plan_into_a_closed_pipe_ends_quietly() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args([
+            "plan",
+            "examples/mixtral-8x7b.fmoe",
+            "--world",
+            "512",
+            "--format",
+            "json",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
 #[test]
 fn a_routing_skew_shows_what_shadowing_would_do() {
     // The 8-GPU example: its experts spread over the data ranks, routing as skewed as the

@@ -374,6 +374,83 @@ fn tokenizer_train_writes_both_formats_and_keeps_existing_files() {
     );
 }
 
+/// `--sample` of a model trained through a tokenizer encodes the prompt and decodes the
+/// sample with that tokenizer (it read the ids as bytes, printing U+FFFD for every id past
+/// 255); a Megatron dataset without its tokenizer is refused, since its ids are not text.
+#[cfg(feature = "runtime")]
+#[test]
+fn sampling_decodes_through_the_train_blocks_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = fmoec(
+        &[
+            "tokenizer",
+            "train",
+            "--builtin",
+            "shakespeare",
+            "--vocab-size",
+            "512",
+            "-o",
+            "tok",
+        ],
+        dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let model = |name: &str, data: &str| {
+        format!(
+            "model {name} {{\n    vocab = 512\n    context = 32\n    width = 32\n    heads = 2\n    depth = 1\n    block = transformer(attention = causal(), ffn = mlp(hidden = 64, act = gelu))\n}}\n\ntrain {{\n    {data}\n    batch = 4 x 32 tokens\n    steps = 20\n    optimizer = adamw(lr = 1e-2)\n}}\n"
+        )
+    };
+    let tokenized = model(
+        "tokenized",
+        "data = builtin(\"shakespeare\")\n    tokenizer = hf(\"tok/tokenizer.json\")",
+    );
+    std::fs::write(dir.join("tokenized.fmoe"), tokenized).unwrap();
+    let out = fmoec(&["run", "tokenized.fmoe", "--quiet"], dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = fmoec(
+        &[
+            "run",
+            "tokenized.fmoe",
+            "--sample",
+            "ROMEO:",
+            "--sample-tokens",
+            "12",
+            "--temperature",
+            "0",
+        ],
+        dir,
+    );
+    let sample = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(sample.starts_with("ROMEO:"), "{sample}");
+    assert!(!sample.contains('\u{fffd}'), "{sample:?}");
+    // tokens of the tokenizer are longer than bytes: 12 of them make more than 12 characters
+    assert!(sample.chars().count() > "ROMEO:".len() + 12, "{sample:?}");
+
+    let bare = model("bare", "data = megatron(\"data/corpus_text_document\")");
+    std::fs::write(dir.join("bare.fmoe"), bare).unwrap();
+    let out = fmoec(
+        &[
+            "run",
+            "bare.fmoe",
+            "--sample",
+            "x",
+            "--resume",
+            "runs/tokenized/checkpoints",
+        ],
+        dir,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains(
+            "--sample cannot turn the ids of `megatron(\"data/corpus_text_document\")` into text"
+        ),
+        "{}",
+        text(&out)
+    );
+}
+
 /// `megatron("prefix")` in a run reads what `fmoec data` writes.
 #[cfg(feature = "runtime")]
 #[test]
@@ -1245,7 +1322,8 @@ mod init {
         );
         assert!(
             !ok && said.contains("error[E0611]: cannot read the Hugging Face checkpoint's weights")
-                && said.contains("is truncated"),
+                && said.contains("is truncated")
+                && said.contains(&format!("({} bytes in the file)", bytes.len() - 100)),
             "{said}"
         );
         // not there: `fmoec check` warns, `fmoec run` refuses and writes nothing
@@ -1317,6 +1395,54 @@ mod init {
             "{said}"
         );
         assert!(!dir.join("runs/again").exists());
+    }
+
+    /// A checkpoint holding NaN is refused at the start, naming the tensor, instead of
+    /// training into "the loss became NaN at step 1; lower the learning rate".
+    #[test]
+    fn weights_that_are_not_finite_are_refused_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        dense_run(dir);
+        let out = fmoec(
+            &[
+                "export",
+                "--hf",
+                "hf",
+                "runs/dense/checkpoints",
+                "--model",
+                "dense.fmoe",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let shard = dir.join("hf/model-00001-of-00001.safetensors");
+        let named: Vec<(String, Tensor)> = Tensor::read_safetensors(&shard)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if n == "model.layers.0.mlp.down_proj.weight" {
+                    t * f64::NAN
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect();
+        Tensor::write_safetensors(&named, &shard).unwrap();
+        std::fs::write(
+            dir.join("nan.fmoe"),
+            model("nan", DENSE, "    init = from_hf(\"hf\")\n"),
+        )
+        .unwrap();
+        let out = fmoec(&["run", "nan.fmoe", "--quiet"], dir);
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(
+            said.contains("`layers.0.ffn.w2` from the checkpoint to start from (`hf`) holds NaN"),
+            "{said}"
+        );
+        assert!(!dir.join("runs/nan").exists());
     }
 }
 

@@ -533,6 +533,105 @@ fn as_a_cluster_job_the_log_shows_progress_and_sigterm_checkpoints() {
 }
 
 /// `--steps 0` is refused as `steps = 0` in the file is, and nothing is written.
+/// `--resume` and `--sample` with nothing to read say that nothing is there, not that a
+/// missing folder "is not a checkpoint"; a `latest` naming a checkpoint that is gone says
+/// which.
+#[test]
+fn a_missing_checkpoint_is_named_as_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    for extra in [&["--resume"][..], &["--sample", "ROMEO:"]] {
+        let mut args = vec!["run", file, "--out", "fresh"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains("there is no checkpoint at `fresh/checkpoints`: it does not exist"),
+            "{extra:?}: {stderr}"
+        );
+    }
+    let root = dir.path().join("ckpt");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("latest"), "step-00000007\n").unwrap();
+    let err = fmoec::runtime::checkpoint::resolve(&root).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("names the checkpoint `step-00000007`, but"),
+        "{err:#}"
+    );
+}
+
+/// A run whose output pipes close (`fmoec run ... | head`, a log reader that died) keeps
+/// training and writes its checkpoint, instead of panicking on its next progress line.
+#[test]
+fn a_run_whose_output_pipes_close_still_finishes_and_checkpoints() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args([
+            "run",
+            file,
+            "--steps",
+            "3",
+            "--out",
+            "o",
+            "--log-interval",
+            "0",
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let ckpt = dir.path().join("o/checkpoints");
+    let latest = std::fs::read_to_string(ckpt.join("latest")).unwrap();
+    assert_eq!(latest.trim(), "step-00000003");
+    assert!(ckpt.join("step-00000003/manifest.json").exists());
+}
+
+/// Options that mean something only with other options are refused alone, with what they
+/// need, before anything is written (not ignored, not blamed on an option not given).
+#[test]
+fn options_that_need_others_say_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    for (extra, expected) in [
+        (
+            &["--virtual-stages", "2"][..],
+            "--virtual-stages needs a pipeline of several ranks",
+        ),
+        (
+            &["--master", "127.0.0.1:29500"],
+            "--master is for a run over several machines: give --nodes N",
+        ),
+        (
+            &["--node-rank", "1"],
+            "--node-rank is for a run over several machines: give --nodes N",
+        ),
+    ] {
+        let mut args = vec!["run", file, "--steps", "2", "--out", "o"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+        assert!(!dir.path().join("o").exists(), "{extra:?} wrote `o`");
+    }
+}
+
 #[test]
 fn steps_zero_on_the_command_line_is_refused() {
     let dir = tempfile::tempdir().unwrap();

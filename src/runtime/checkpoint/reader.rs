@@ -20,13 +20,31 @@ use crate::runtime::params::ParamStore;
 
 /// Resolves a checkpoint directory: a `step-*` directory itself, or a root holding `latest`.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if !path.exists() {
+        bail!(
+            "there is no checkpoint at `{}`: it does not exist (a run writes its first \
+             checkpoint at its first `checkpoint = every(N)` step, at --stop-after or when it \
+             is stopped)",
+            path.display()
+        );
+    }
     if path.join(MANIFEST_FILE).exists() {
         return Ok(path.to_path_buf());
     }
     let latest = path.join(LATEST);
     if latest.exists() {
-        let name = std::fs::read_to_string(&latest)?;
-        return Ok(path.join(name.trim()));
+        let name = std::fs::read_to_string(&latest)
+            .with_context(|| format!("cannot read `{}`", latest.display()))?;
+        let dir = path.join(name.trim());
+        if !dir.join(MANIFEST_FILE).exists() {
+            bail!(
+                "`{}` names the checkpoint `{}`, but `{}` is not there",
+                latest.display(),
+                name.trim(),
+                dir.join(MANIFEST_FILE).display()
+            );
+        }
+        return Ok(dir);
     }
     bail!(
         "`{}` is not a checkpoint: it has neither `{MANIFEST_FILE}` nor a `{LATEST}` pointer",
