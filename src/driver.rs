@@ -245,7 +245,7 @@ pub fn analyse(
         sink.extend(
             best.train
                 .as_ref()
-                .map(check::train_rules::data_files_missing)
+                .map(check::train_rules::data_files_here)
                 .unwrap_or_default(),
         );
     }

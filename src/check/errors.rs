@@ -936,6 +936,12 @@ pub fn data_file_missing(span: Span, files: &[String]) -> Diagnostic {
     .with_note("paths are relative to the directory `fmoec run` starts in; the run stops if the data is missing then")
 }
 
+pub fn megatron_dataset_damaged(span: Span, problem: &anyhow::Error) -> Diagnostic {
+    Diagnostic::error("E0615", span, format!("{problem:#}"))
+        .with_label("`fmoec run` would refuse this dataset")
+        .with_help("write it again (`fmoec data` or Megatron-LM's `tools/preprocess_data.py`)")
+}
+
 pub fn every_past_steps(span: Span, every: u64, steps: u64, steps_span: Span) -> Diagnostic {
     Diagnostic::warning(
         "W0008",

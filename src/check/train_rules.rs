@@ -117,7 +117,7 @@ impl Checker<'_> {
                 &spans,
             );
             // The checkpoint to start from, read (its metadata only) when it is here: a
-            // missing one is `fmoec check`'s warning (see `data_files_missing`) and `fmoec
+            // missing one is `fmoec check`'s warning (see `data_files_here`) and `fmoec
             // run`'s error.
             if let Some(init) = &init {
                 match crate::hf::init::resolve(model, init) {
@@ -576,11 +576,12 @@ impl Checker<'_> {
     }
 }
 
-/// Warnings for what `train` reads that is not here, relative to the working directory as
-/// `fmoec run` reads it: the data files (W0009) and the checkpoint to start from (W0611). Only
-/// `fmoec check` asks: the data of a plan or an emitted Megatron training lives where it will
-/// run, not here.
-pub fn data_files_missing(train: &Train) -> Vec<crate::diag::Diagnostic> {
+/// What `train` reads, relative to the working directory as `fmoec run` reads it: warnings
+/// for what is not here, the data files (W0009) and the checkpoint to start from (W0611), and
+/// an error for a Megatron dataset that is here but truncated (E0615, from its index header
+/// alone). Only `fmoec check` asks: the data of a plan or an emitted Megatron training lives
+/// where it will run, not here.
+pub fn data_files_here(train: &Train) -> Vec<crate::diag::Diagnostic> {
     fn files(source: &DataSource) -> Vec<String> {
         match source {
             DataSource::Builtin(_) => Vec::new(),
@@ -592,6 +593,13 @@ pub fn data_files_missing(train: &Train) -> Vec<crate::diag::Diagnostic> {
             DataSource::Tokenized { source, .. } => files(source),
         }
     }
+    fn megatron_prefix(source: &DataSource) -> Option<&str> {
+        match source {
+            DataSource::Megatron(prefix) => Some(prefix),
+            DataSource::Tokenized { source, .. } => megatron_prefix(source),
+            _ => None,
+        }
+    }
     let missing: Vec<String> = files(&train.data)
         .into_iter()
         .filter(|f| !std::path::Path::new(f).is_file())
@@ -599,6 +607,10 @@ pub fn data_files_missing(train: &Train) -> Vec<crate::diag::Diagnostic> {
     let mut out = Vec::new();
     if !missing.is_empty() {
         out.push(errors::data_file_missing(train.spans.data, &missing));
+    } else if let Some(prefix) = megatron_prefix(&train.data) {
+        if let Err(problem) = crate::data::indexed::check_dataset(prefix) {
+            out.push(errors::megatron_dataset_damaged(train.spans.data, &problem));
+        }
     }
     if let Some(init) = &train.init {
         let path = init.source.path();

@@ -119,6 +119,136 @@ pub fn paths(prefix: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Bytes of the `.idx` header before the sizes: magic, version, dtype, the two counts.
+pub const INDEX_HEADER_BYTES: usize = 34;
+
+/// What an `.idx` header says: the token dtype and how many entries each table holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexHeader {
+    pub dtype: TokenDType,
+    /// Sequences (entries of the sizes and of the pointers).
+    pub sequences: u64,
+    /// Entries of the document index (documents + 1).
+    pub doc_entries: u64,
+}
+
+impl IndexHeader {
+    /// Reads the header at the start of `bytes` (the `.idx` at `path`, named in errors):
+    /// refuses a short file, another magic or version, and dtypes that are not token ids.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<IndexHeader> {
+        let magic = &bytes[..bytes.len().min(INDEX_MAGIC.len())];
+        if magic != &INDEX_MAGIC[..magic.len()] {
+            bail!(
+                "`{}` is not a Megatron-LM mmap index (its first bytes are not `MMIDIDX`)",
+                path.display()
+            );
+        }
+        if bytes.len() < INDEX_HEADER_BYTES {
+            bail!(
+                "`{}` is truncated: it ends inside the header",
+                path.display()
+            );
+        }
+        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let version = word(9);
+        if version != INDEX_VERSION {
+            bail!(
+                "`{}` has index version {version}; only version {INDEX_VERSION} is supported",
+                path.display()
+            );
+        }
+        let code = bytes[17];
+        let dtype = TokenDType::from_code(code).with_context(|| {
+            format!(
+                "`{}` names an unknown token dtype code {code}",
+                path.display()
+            )
+        })?;
+        if matches!(dtype, TokenDType::F32 | TokenDType::F64) {
+            bail!(
+                "`{}` holds floating-point values, not token ids",
+                path.display()
+            );
+        }
+        Ok(IndexHeader {
+            dtype,
+            sequences: word(18),
+            doc_entries: word(26),
+        })
+    }
+
+    /// Byte offsets where the sizes, the pointers and the document index end (`None` when
+    /// the counts overflow, which no real file has).
+    fn table_ends(&self) -> Option<[(u64, &'static str); 3]> {
+        let sizes = (INDEX_HEADER_BYTES as u64).checked_add(self.sequences.checked_mul(4)?)?;
+        let pointers = sizes.checked_add(self.sequences.checked_mul(8)?)?;
+        let documents = pointers.checked_add(self.doc_entries.checked_mul(8)?)?;
+        Some([
+            (sizes, "sequence lengths"),
+            (pointers, "sequence pointers"),
+            (documents, "document indices"),
+        ])
+    }
+}
+
+/// Whether `prefix.idx` and `prefix.bin` hold a whole dataset, reading only the index's header
+/// and its last sequence's entries (not the tables, not the tokens): the checker's view of
+/// what `fmoec run` would refuse (a truncated `.idx`, or a `.bin` shorter than the last
+/// sequence's end), with the words the run's reader uses.
+pub fn check_dataset(prefix: &str) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let (bin_path, idx_path) = paths(prefix);
+    let mut idx = std::fs::File::open(&idx_path)
+        .with_context(|| format!("cannot read the Megatron index `{}`", idx_path.display()))?;
+    let idx_len = idx.metadata()?.len();
+    let mut head = Vec::with_capacity(INDEX_HEADER_BYTES);
+    (&mut idx)
+        .take(INDEX_HEADER_BYTES as u64)
+        .read_to_end(&mut head)
+        .with_context(|| format!("cannot read `{}`", idx_path.display()))?;
+    let header = IndexHeader::parse(&head, &idx_path)?;
+    let ends = header.table_ends().with_context(|| {
+        format!(
+            "`{}` names more sequences than a file can hold",
+            idx_path.display()
+        )
+    })?;
+    if let Some((_, what)) = ends.iter().find(|(end, _)| *end > idx_len) {
+        bail!(
+            "`{}` is truncated: it ends inside the {what}",
+            idx_path.display()
+        );
+    }
+    let bin_len = std::fs::metadata(&bin_path)
+        .with_context(|| format!("cannot open the Megatron data `{}`", bin_path.display()))?
+        .len();
+    if header.sequences == 0 {
+        return Ok(());
+    }
+    let last = header.sequences - 1;
+    let mut read_at = |at: u64, n: usize| -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; n];
+        idx.seek(SeekFrom::Start(at))?;
+        idx.read_exact(&mut buf)
+            .with_context(|| format!("cannot read `{}`", idx_path.display()))?;
+        Ok(buf)
+    };
+    let size = i32::from_le_bytes(read_at(ends[0].0 - 4, 4)?.try_into().expect("4 bytes"));
+    let pointer = i64::from_le_bytes(read_at(ends[1].0 - 8, 8)?.try_into().expect("8 bytes"));
+    let end = (size as i64)
+        .checked_mul(header.dtype.size() as i64)
+        .and_then(|bytes| bytes.checked_add(pointer));
+    if size < 0 || pointer < 0 || end.is_none_or(|end| end as u64 > bin_len) {
+        bail!(
+            "`{}` is truncated or does not match `{}`: sequence {last} ({size} tokens at byte \
+             {pointer}) lies past its end ({bin_len} bytes)",
+            bin_path.display(),
+            idx_path.display(),
+        );
+    }
+    Ok(())
+}
+
 /// A hidden temporary beside `path`, renamed onto it when complete.
 fn temporary(path: &Path) -> PathBuf {
     let name = path

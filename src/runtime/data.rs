@@ -34,6 +34,7 @@ pub fn mix_all(words: &[u64]) -> u64 {
     words.iter().fold(0x5EED_u64, |acc, w| mix(acc ^ mix(*w)))
 }
 
+use crate::data::indexed::{IndexHeader, INDEX_HEADER_BYTES};
 pub use crate::data::indexed::{TokenDType, INDEX_MAGIC};
 
 /// A Megatron-LM indexed dataset, memory-mapped.
@@ -70,38 +71,11 @@ impl IndexedDataset {
         let bin_path = Path::new(&format!("{prefix}.bin")).to_path_buf();
         let idx = std::fs::read(&idx_path)
             .with_context(|| format!("cannot read the Megatron index `{}`", idx_path.display()))?;
-        let mut at = 0;
-        let magic = take(&idx, &mut at, 9, "header", &idx_path)?;
-        if magic != INDEX_MAGIC {
-            bail!(
-                "`{}` is not a Megatron-LM mmap index (its first bytes are not `MMIDIDX`)",
-                idx_path.display()
-            );
-        }
-        let version = u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?);
-        if version != 1 {
-            bail!(
-                "`{}` has index version {version}; only version 1 is supported",
-                idx_path.display()
-            );
-        }
-        let code = take(&idx, &mut at, 1, "header", &idx_path)?[0];
-        let dtype = TokenDType::from_code(code).with_context(|| {
-            format!(
-                "`{}` names an unknown token dtype code {code}",
-                idx_path.display()
-            )
-        })?;
-        if matches!(dtype, TokenDType::F32 | TokenDType::F64) {
-            bail!(
-                "`{}` holds floating-point values, not token ids",
-                idx_path.display()
-            );
-        }
-        let count =
-            u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?) as usize;
-        let docs =
-            u64::from_le_bytes(take(&idx, &mut at, 8, "header", &idx_path)?.try_into()?) as usize;
+        let header = IndexHeader::parse(&idx, &idx_path)?;
+        let dtype = header.dtype;
+        let mut at = INDEX_HEADER_BYTES;
+        let count = usize::try_from(header.sequences).context("sequence count overflows")?;
+        let docs = usize::try_from(header.doc_entries).context("document count overflows")?;
         let n4 = count.checked_mul(4).context("sequence count overflows")?;
         let sizes: Vec<i32> = take(&idx, &mut at, n4, "sequence lengths", &idx_path)?
             .chunks_exact(4)

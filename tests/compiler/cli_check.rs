@@ -534,3 +534,79 @@ fn auto_plans_for_a_target_only_what_it_can_schedule() {
     assert!(stdout.contains("(x2)"), "{stdout}");
     assert!(!stdout.contains("note:"), "{stdout}");
 }
+
+/// A model file reading the Megatron dataset `d/out_text_document` beside it, written into
+/// `dir` with a copy of the golden dataset (`tests/data_golden`, `fmoec data`'s output).
+fn megatron_dataset_in(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir(dir.join("d")).unwrap();
+    for ext in ["bin", "idx"] {
+        std::fs::copy(
+            root.join(format!(
+                "tests/data_golden/expected/core-hf/out_text_document.{ext}"
+            )),
+            dir.join(format!("d/out_text_document.{ext}")),
+        )
+        .unwrap();
+    }
+    let model = dir.join("m.fmoe");
+    let tokenizer = root.join("tests/data_golden/tok/tokenizer.json");
+    std::fs::write(
+        &model,
+        format!(
+            "model m {{\n    vocab = 1024; context = 32; width = 32; heads = 2; depth = 1\n    \
+             block = transformer(attention = causal(), ffn = mlp(hidden = 64))\n}}\n\n\
+             train {{\n    data      = megatron(\"d/out_text_document\")\n    \
+             tokenizer = hf({tokenizer:?})\n    batch     = 4 x 32 tokens\n    \
+             steps     = 2\n    optimizer = adamw(lr = 1e-3)\n}}\n"
+        ),
+    )
+    .unwrap();
+    model
+}
+
+fn check_in(dir: &std::path::Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(["check", "m.fmoe"])
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("fmoec runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_refuses_a_truncated_megatron_dataset_at_its_data_line() {
+    let dir = tempfile::tempdir().unwrap();
+    megatron_dataset_in(dir.path());
+    let (code, text) = check_in(dir.path());
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("ok: m.fmoe"), "{text}");
+
+    let idx = dir.path().join("d/out_text_document.idx");
+    let whole_idx = std::fs::read(&idx).unwrap();
+    std::fs::write(&idx, &whole_idx[..1000]).unwrap();
+    let (code, text) = check_in(dir.path());
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(
+            "error[E0615]: `d/out_text_document.idx` is truncated: it ends inside the sequence pointers"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("m.fmoe:7:17"), "{text}");
+
+    std::fs::write(&idx, &whole_idx).unwrap();
+    let bin = dir.path().join("d/out_text_document.bin");
+    let whole_bin = std::fs::read(&bin).unwrap();
+    std::fs::write(&bin, &whole_bin[..whole_bin.len() - 2]).unwrap();
+    let (code, text) = check_in(dir.path());
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("error[E0615]: `d/out_text_document.bin` is truncated or does not match `d/out_text_document.idx`"),
+        "{text}"
+    );
+}
