@@ -314,3 +314,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     result
 }
+
+/// A command-line count of at least 1 (`--world`, `--top-k`, ...), for clap's `value_parser`:
+/// a 0 is refused where it was typed, with words instead of clap's `0 is not in 1..MAX`, so
+/// that no diagnostic points into the model file at a value the file does not hold.
+pub fn one_or_more<T>(v: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+    T::Err: std::fmt::Display,
+{
+    match v.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        Ok(_) => Err(format!("must be 1 or more, found {v}")),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -52,24 +52,24 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 5, value_name = "N", value_parser = at_least_one, requires = "auto")]
     pub top: usize,
     /// Override the number of GPUs (world size).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = driver::one_or_more::<u64>)]
     pub world: Option<u64>,
     /// Override the tensor-parallel size.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = driver::one_or_more::<u64>)]
     pub tensor: Option<u64>,
     /// Override the pipeline-parallel size.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = driver::one_or_more::<u64>)]
     pub pipeline: Option<u64>,
     /// Override the expert group: `data` (the data-parallel group), `replicated`, or a
     /// size dividing the data-parallel size.
     #[arg(long, value_name = "data|replicated|N", value_parser = parse_expert_group)]
     pub expert_group: Option<ExpertGroup>,
     /// Override the micro-batch (sequences per data rank).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = driver::one_or_more::<u64>)]
     pub micro_batch: Option<u64>,
     /// Override the model chunks per pipeline stage (`virtual_stages`: 2 or more runs
     /// Megatron-LM's interleaved schedule).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = driver::one_or_more::<u64>)]
     pub virtual_stages: Option<u64>,
     /// Whose memory to estimate: `megatron` (Megatron-LM v2.2 with FastMoE, what `fmoec
     /// emit` produces) or `fmoec` (the built-in runtime of `fmoec run`).
@@ -101,10 +101,12 @@ fn parse_expert_group(s: &str) -> Result<ExpertGroup, String> {
     match s {
         "data" => Ok(ExpertGroup::AcrossData),
         "replicated" => Ok(ExpertGroup::Replicated),
-        n => n
-            .parse::<u64>()
-            .map(|size| ExpertGroup::Size { size })
-            .map_err(|_| format!("expected `data`, `replicated` or a number, found `{n}`")),
+        n => match n.parse::<u64>() {
+            Ok(size) if size > 0 => Ok(ExpertGroup::Size { size }),
+            _ => Err(format!(
+                "expected `data`, `replicated` or a number of 1 or more, found `{n}`"
+            )),
+        },
     }
 }
 

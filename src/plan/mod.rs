@@ -408,7 +408,29 @@ pub fn build_for(
     o: &Overrides,
     rules: &TargetRules,
 ) -> Result<ParallelPlan, Vec<Diagnostic>> {
-    let p = cost_for(checked, o, rules)?;
+    let mut p = cost_for(checked, o, rules)?;
+    // The file's `virtual_stages` without a pipeline is the checker's W0011; the flag's is
+    // only known here, where the pipeline in effect is.
+    if let Some(chunks) = o.virtual_stages.filter(|&v| v > 1 && p.grid.pipeline == 1) {
+        let filled = with_fallback_spans(checked);
+        let par = &filled.as_ref().unwrap_or(checked).parallel;
+        // `--pipeline 1` is not the file's text: point at the block, not at its `pipeline`.
+        let (at, pipeline_flag) = match o.pipeline {
+            Some(_) if par.spans.block.start == par.spans.block.end => {
+                (checked.model.spans.name, true)
+            }
+            Some(_) => (par.spans.block, true),
+            None => (par.spans.pipeline, false),
+        };
+        p.warnings.extend(plan_error(
+            vec![crate::check::errors::virtual_stages_flag_without_pipeline(
+                chunks,
+                at,
+                pipeline_flag,
+            )],
+            o,
+        ));
+    }
     // Every rank lists the ids of the experts it holds: refuse plans whose listing alone
     // would take gigabytes (a million replicated-expert ranks would take terabytes).
     let per_rank: u64 = checked

@@ -231,3 +231,56 @@ fn a_routing_skew_shows_what_shadowing_would_do() {
         assert!(err.contains("--routing-skew"), "{bad}: {err}");
     }
 }
+
+#[test]
+fn virtual_stages_flag_without_a_pipeline_warns_like_the_files_value() {
+    let (code, out, err) = fmoec(&[
+        "plan",
+        "examples/gpt2-medium-moe.fmoe",
+        "--virtual-stages",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pipeline 1"), "{out}");
+    assert!(
+        err.contains("warning[W0011]: `--virtual-stages 2` has no effect with pipeline = 1"),
+        "{err}"
+    );
+    // at the file's `pipeline = 1`
+    assert!(err.contains("examples/gpt2-medium-moe.fmoe:32:16"), "{err}");
+    assert!(
+        err.contains("with command-line overrides --virtual-stages 2"),
+        "{err}"
+    );
+    // with a pipeline it takes effect, and nothing is said
+    let (code, out, err) = fmoec(&[
+        "plan",
+        "examples/gpt2-medium-moe.fmoe",
+        "--virtual-stages",
+        "2",
+        "--pipeline",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 model chunks per stage"), "{out}");
+    assert!(!err.contains("W0011"), "{err}");
+}
+
+#[test]
+fn zero_sizes_on_the_command_line_are_refused_at_the_flag() {
+    for flag in [
+        "--world",
+        "--tensor",
+        "--pipeline",
+        "--micro-batch",
+        "--virtual-stages",
+        "--expert-group",
+    ] {
+        let (code, _, err) = fmoec(&["plan", "examples/tiny.fmoe", flag, "0"]);
+        assert_eq!(code, 2, "{flag}: {err}");
+        assert!(err.contains(&format!("invalid value '0' for '{flag}")), "{err}");
+        assert!(err.contains("1 or more"), "{flag}: {err}");
+        assert!(!err.contains("0 here"), "{flag}: {err}");
+        assert!(!err.contains("examples/tiny.fmoe:"), "{flag}: {err}");
+    }
+}
