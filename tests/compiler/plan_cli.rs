@@ -278,7 +278,10 @@ fn zero_sizes_on_the_command_line_are_refused_at_the_flag() {
     ] {
         let (code, _, err) = fmoec(&["plan", "examples/tiny.fmoe", flag, "0"]);
         assert_eq!(code, 2, "{flag}: {err}");
-        assert!(err.contains(&format!("invalid value '0' for '{flag}")), "{err}");
+        assert!(
+            err.contains(&format!("invalid value '0' for '{flag}")),
+            "{err}"
+        );
         assert!(err.contains("1 or more"), "{flag}: {err}");
         assert!(!err.contains("0 here"), "{flag}: {err}");
         assert!(!err.contains("examples/tiny.fmoe:"), "{flag}: {err}");
