@@ -45,16 +45,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "PROMPT")]
     pub sample: Option<String>,
     /// Tokens to generate with `--sample` (bytes, for a model without a tokenizer).
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 400, requires = "sample")]
     pub sample_tokens: usize,
     /// Sampling temperature (0 picks the most likely token).
-    #[arg(long, default_value_t = 0.8, value_parser = non_negative)]
+    #[arg(long, default_value_t = 0.8, value_parser = non_negative, requires = "sample")]
     pub temperature: f64,
     /// Sample among the k most likely tokens (1 or more).
-    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(i64).range(1..))]
+    #[arg(long, default_value_t = 40, value_parser = driver::one_or_more::<i64>, requires = "sample")]
     pub top_k: i64,
     /// Seed for `--sample`.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, requires = "sample")]
     pub sample_seed: u64,
     /// Override the train block's precision (`fp32`; `bf16` compute with fp32 master weights;
     /// `fp8`: bf16 with the experts' matmuls in FP8, on Hopper GPUs; `fp8-dense`: the dense
@@ -77,7 +77,7 @@ pub struct RunArgs {
     /// Train on N GPUs of this machine: one process per GPU, NCCL between them (needs a build
     /// with `--features cuda`). Overrides the file's `gpus` as `fmoec plan --world` does.
     /// Started by torchrun (RANK, WORLD_SIZE, ... set), fmoec runs as that rank instead.
-    #[arg(long, value_name = "N", conflicts_with = "ranks")]
+    #[arg(long, value_name = "N", conflicts_with = "ranks", value_parser = driver::one_or_more::<u64>)]
     pub gpus: Option<u64>,
     /// Train on N in-process ranks (threads, CPU): the multi-GPU code path without GPUs.
     #[arg(long, value_name = "N")]
@@ -89,17 +89,17 @@ pub struct RunArgs {
     /// Override the file's tensor-parallel size (like `fmoec plan --tensor`): ranks that
     /// split every layer's attention heads and MLP columns (and, with `expert_slicing`, the
     /// experts' hidden columns); the world is tensor x data. Needs several ranks.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = driver::one_or_more::<u64>)]
     pub tensor: Option<u64>,
     /// Override the file's pipeline size (like `fmoec plan --pipeline`): stages of
     /// consecutive blocks, the micro-batches flowing through them by Megatron-LM's 1F1B
     /// schedule; the world is tensor x pipeline x data. Needs several ranks.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = driver::one_or_more::<u64>)]
     pub pipeline: Option<u64>,
     /// Override the file's `virtual_stages` (like `fmoec plan --virtual-stages`): model
     /// chunks per pipeline stage; 2 or more run the interleaved schedule. Needs several ranks
     /// and a pipeline.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = driver::one_or_more::<u64>)]
     pub virtual_stages: Option<u64>,
     /// Seconds a collective may wait for the other ranks before the run stops with an error.
     #[arg(long, value_name = "SECS", default_value_t = 600.0)]

@@ -565,6 +565,41 @@ fn a_missing_checkpoint_is_named_as_missing() {
     );
 }
 
+/// Sampling's flags mean nothing to a training run: refused without `--sample`, before
+/// anything is read or written; a `--top-k` of 0 is refused in words.
+#[test]
+fn sampling_flags_need_sample_and_top_k_says_one_or_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    for flag in [
+        &["--temperature", "0"][..],
+        &["--top-k", "3"],
+        &["--sample-tokens", "10"],
+        &["--sample-seed", "7"],
+    ] {
+        let mut args = vec!["run", file, "--out", "fresh", "--steps", "1"];
+        args.extend_from_slice(flag);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag:?}: {stderr}");
+        assert!(stderr.contains("--sample <PROMPT>"), "{flag:?}: {stderr}");
+        assert!(!dir.path().join("fresh").exists(), "{flag:?}: wrote a run");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(["run", file, "--sample", "ROMEO:", "--top-k", "0"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("must be 1 or more, found 0"), "{stderr}");
+    assert!(!stderr.contains("9223372036854775807"), "{stderr}");
+}
+
 /// A run whose output pipes close (`fmoec run ... | head`, a log reader that died) keeps
 /// training and writes its checkpoint, instead of panicking on its next progress line.
 #[test]
