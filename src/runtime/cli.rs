@@ -11,7 +11,7 @@ use crate::check::{Checked, ExpertGroup, Precision};
 use crate::collective::rendezvous::DistEnv;
 use crate::driver::{self, DiagFormat};
 use crate::runtime::distributed::{self, WorldPlan};
-use crate::runtime::folders::Series;
+use crate::runtime::folders::{RunFolders, Series};
 use crate::runtime::stop;
 use crate::runtime::train::{self, RunOptions, RunSummary, SampleOptions};
 
@@ -422,6 +422,38 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
+    // The file's warmup past the file's steps is the checker's W0007; past `--steps` only the
+    // run knows.
+    if let (Some(steps), Some(train), true) = (args.steps, &checked.train, is_first_rank(&mode)) {
+        let warmup = match train.schedule {
+            crate::check::Schedule::Constant { warmup }
+            | crate::check::Schedule::Cosine { warmup, .. } => warmup,
+        };
+        if warmup > steps {
+            crate::errln!(
+                "note: the warmup of {warmup} steps is longer than --steps {steps}: the learning \
+                 rate never reaches its peak"
+            );
+        }
+    }
+    // Continuing a run said so when it was chosen from the folders; `--resume` says it too.
+    if let (Some(checkpoint), true) = (&resume, args.resume.is_some() && is_first_rank(&mode)) {
+        if let Ok(record) = crate::runtime::checkpoint::run_record(checkpoint) {
+            let total_steps = args
+                .steps
+                .or(record.total_steps)
+                .or(checked.train.as_ref().map(|t| t.steps))
+                .unwrap_or(record.step);
+            let folders = RunFolders {
+                out: out.clone(),
+                checkpoints: checkpoint.clone(),
+            };
+            crate::errln!(
+                "{})",
+                crate::runtime::folders::continuing(&folders, record.step, total_steps)
+            );
+        }
+    }
     let opts = RunOptions {
         device,
         steps: args.steps,

@@ -75,10 +75,8 @@ impl Choice {
                 step,
                 total_steps,
             } => format!(
-                "continuing the unfinished run in `{}` from step {step} of {total_steps} \
-                 (metrics in `{}`; --out DIR starts a separate run)",
-                folders.checkpoints.display(),
-                folders.out.display()
+                "{}; --out DIR starts a separate run)",
+                continuing(folders, *step, *total_steps)
             ),
             Choice::Next {
                 previous,
@@ -91,6 +89,17 @@ impl Choice {
             ),
         }
     }
+}
+
+/// "continuing the unfinished run in `CKPT` from step N of T (metrics in `OUT`", the start
+/// of the line a continued run prints, however it was asked for (again, or `--resume`); the
+/// caller closes the parenthesis.
+pub fn continuing(folders: &RunFolders, step: u64, total_steps: u64) -> String {
+    format!(
+        "continuing the unfinished run in `{}` from step {step} of {total_steps} (metrics in `{}`",
+        folders.checkpoints.display(),
+        folders.out.display()
+    )
 }
 
 /// The series of one model's runs.

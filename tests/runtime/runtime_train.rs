@@ -600,6 +600,42 @@ fn sampling_flags_need_sample_and_top_k_says_one_or_more() {
     assert!(!stderr.contains("9223372036854775807"), "{stderr}");
 }
 
+/// `--steps` shorter than the file's warmup (30 in tiny.fmoe) is noted, not refused; and
+/// `--resume` with `--out` says where it continues from, as a run continued without flags does.
+#[test]
+fn short_steps_note_the_warmup_and_resume_with_out_says_from_which_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", file, "--steps", "2", "--out", "r", "--quiet"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        stderr
+    };
+    let first = run(&["--stop-after", "1"]);
+    assert!(
+        first.contains(
+            "note: the warmup of 30 steps is longer than --steps 2: the learning rate never \
+             reaches its peak"
+        ),
+        "{first}"
+    );
+    assert!(!first.contains("continuing"), "{first}");
+    let resumed = run(&["--resume"]);
+    assert!(
+        resumed.contains(
+            "continuing the unfinished run in `r/checkpoints` from step 1 of 2 (metrics in `r`)"
+        ),
+        "{resumed}"
+    );
+}
+
 /// A run whose output pipes close (`fmoec run ... | head`, a log reader that died) keeps
 /// training and writes its checkpoint, instead of panicking on its next progress line.
 #[test]
