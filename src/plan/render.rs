@@ -215,7 +215,7 @@ fn memory(o: &mut String, plan: &ParallelPlan) {
         let m = &s.cost.memory;
         let _ = writeln!(
             o,
-            "  {:>5}  {:<8} {:>12} {:>12} {:>11} {:>11} {:>12} (×{:<2})    {:>11}  {:>5.1}%",
+            "  {:>5}  {:<8} {:>12} {:>12} {:>11} {:>11} {:>12} {:<9}{:>11}  {:>5.1}%",
             s.stage,
             layers(s),
             count(s.cost.params.total),
@@ -223,7 +223,7 @@ fn memory(o: &mut String, plan: &ParallelPlan) {
             bytes(m.grads),
             bytes(m.optimizer),
             bytes(m.activations),
-            m.in_flight,
+            format!("(×{})", m.in_flight),
             bytes(m.total),
             100.0 * m.total as f64 / m.capacity.max(1) as f64
         );
