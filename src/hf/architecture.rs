@@ -34,7 +34,7 @@ fn refuse(span: Span, feature: &str, why: &str) -> Diagnostic {
     Diagnostic::error(
         "H0001",
         span,
-        format!("{feature} has no Hugging Face counterpart"),
+        format!("no Hugging Face architecture that fmoec exports has {feature}"),
     )
     .with_label(feature.to_string())
     .with_note(why.to_string())

@@ -848,8 +848,8 @@ mod hf_export {
         assert!(!out.status.success());
         let t = text(&out);
         for want in [
-            "`norm = layernorm` has no Hugging Face counterpart",
-            "a gelu MLP",
+            "no Hugging Face architecture that fmoec exports has `norm = layernorm`",
+            "no Hugging Face architecture that fmoec exports has a gelu MLP",
             "the GShard gate",
             "m.fmoe:",
         ] {
