@@ -140,10 +140,13 @@ pub fn list() -> String {
             "{}  Megatron-LM {}, tree {}, torch >= {}",
             t.version, t.version, t.tree, t.torch_min
         );
-        let patches = if t.patched_files.is_empty() {
+        // sorted, as each target's declaration may list them in any order
+        let mut patched_files = t.patched_files.clone();
+        patched_files.sort();
+        let patches = if patched_files.is_empty() {
             "nothing".to_string()
         } else {
-            t.patched_files.join(", ")
+            patched_files.join(", ")
         };
         let _ = writeln!(out, "  patches        {patches}");
         for spec in CAPABILITIES {
