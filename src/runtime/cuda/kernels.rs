@@ -441,31 +441,6 @@ pub fn compile(major: i32, minor: i32) -> Result<Vec<u8>> {
     if std::env::var("FMOEC_FP8_PACKED_TRANSPOSE").is_ok_and(|v| v == "0") {
         opts.push("-DFMOEC_FP8_HELD_TRANSPOSE".to_string());
     }
-    // the row-wise FP8 passes compiled for at least N resident blocks of 256 threads a
-    // multiprocessor (fewer registers a thread)
-    if let Some(n) = std::env::var("FMOEC_FP8_ROW_BLOCKS")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|n| (1..=8).contains(n))
-    {
-        opts.push(format!("-DFP8_ROW_MIN_BLOCKS={n}"));
-    }
-    // the row-wise passes' loops over a row unrolled N times
-    if let Some(n) = std::env::var("FMOEC_FP8_ROW_UNROLL")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|n| (2..=8).contains(n))
-    {
-        opts.push(format!("-DFP8_ROW_UNROLL_BY={n}"));
-    }
-    // and the transposed copies likewise
-    if let Some(n) = std::env::var("FMOEC_FP8_TRANSPOSE_BLOCKS")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|n| (1..=8).contains(n))
-    {
-        opts.push(format!("-DFP8_TRANSPOSE_MIN_BLOCKS={n}"));
-    }
     // SAFETY: `prog` is a live program handle (created above, destroyed below).
     let result = unsafe { nv::compile_program(prog, &opts) };
     let out = match result {

@@ -315,7 +315,9 @@ impl FusedMaxima {
     /// of 256 at S1 (BENCHMARKS.md 2026-12-06 part 3, call C). The driver says how many blocks
     /// are resident ([`resident_blocks`]); `FMOEC_FP8_RESIDENT=threads` counts threads and
     /// shared memory alone, the earlier way, which asked S1's passes for more blocks than
-    /// their registers let in. Each output of the pass keeps its d values.
+    /// their registers let in (SwiGLU's pass took 1399-1410 us on an H100 in one wave against
+    /// 1584-1592 in two; BENCHMARKS.md 2026-12-06, FP8 part 7). Each output of the pass keeps
+    /// its d values.
     fn resident_grid(
         x: &Tensor,
         kernel: Kernel,
@@ -793,7 +795,9 @@ pub type SwigluGrad = (Tensor, Fp8, Option<ColumnMaxima>);
 /// computes them, in `a`'s type, each with its FP8 rows (and with `col_ends` its column
 /// maxima; `None` where the pass cannot hold them), rows from `limit` on zeros. One read of
 /// `a`, `b` and `g`: the SwiGLU kernel and a pass over each gradient read `ga` and `gb` twice
-/// more (S1: 1.9 GB). The libtorch reference (CPU) uses libtorch's backward.
+/// more (S1: 1.9 GB; on an H100 the S1 SwiGLU layer took 35.1-35.4 ms with the pass, 36.0-36.1
+/// without, BENCHMARKS.md 2026-12-06, FP8 part 7). The libtorch reference (CPU) uses
+/// libtorch's backward.
 pub fn swiglu_grad_quant_rows(
     a: &Tensor,
     b: &Tensor,

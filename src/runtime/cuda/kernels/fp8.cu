@@ -19,15 +19,6 @@
 #define FP8_PACKED_ROWS true
 #endif
 
-// The row-wise passes' loops over a row's vectors unrolled FMOEC_FP8_ROW_UNROLL times (more
-// loads in flight a thread, more registers), to compare in one build.
-#define FP8_PRAGMA(x) _Pragma(#x)
-#ifdef FP8_ROW_UNROLL_BY
-#define FP8_ROW_UNROLL FP8_PRAGMA(unroll FP8_ROW_UNROLL_BY)
-#else
-#define FP8_ROW_UNROLL
-#endif
-
 __device__ __forceinline__ float fp8_floor(float amax) { return fmaxf(amax, FP8_EPS); }
 __device__ __forceinline__ float fp8_inv(float amax) { return __fdiv_rn(FP8_MAX, fp8_floor(amax)); }
 __device__ __forceinline__ float fp8_scale(float amax) { return __fdiv_rn(fp8_floor(amax), FP8_MAX); }
@@ -453,7 +444,6 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
       // two 16-bit maxima of |v|'s bits an output (a NaN above Inf's 0x7f80)
       unsigned amax2[2] = {0u, 0u};
       if (from) {
-        FP8_ROW_UNROLL
         for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
           uint4 p[2];
           row_sources_bf16<SRC>(from, from2, from3, c, weighted, w, p);
@@ -502,7 +492,6 @@ __device__ void quant_rows(const T* __restrict__ src, const T* __restrict__ src2
         if (!isfinite(amax[o]) && overflow) atomicAdd(overflow, 1);
       }
     }
-    FP8_ROW_UNROLL
     for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
       float v[2][16 / sizeof(T)];
       if (from && (row_nan || !out[0].copy)) {
@@ -766,7 +755,10 @@ __device__ void quant_transpose(const T* __restrict__ x, const T* __restrict__ x
     const int c = c0 + cv * N;
     if constexpr (sizeof(T) == 2 && SRC == 0 && FP8_PACKED_TRANSPOSE) {
       // bf16 rows as loaded: the four loads in flight as bits (16 registers, not 32
-      // floats), each unpacked when converted, and a tile's scales loaded once per group
+      // floats), each unpacked when converted, and a tile's scales loaded once per group.
+      // 48 registers a thread instead of 55, so 5 blocks a multiprocessor instead of 4: on an
+      // H100 S1's copies of h took 486-494 us instead of 670-676, of xs 139-141 instead of
+      // 194-196 (BENCHMARKS.md, 2026-12-06, FP8 part 7)
       uint4 raw[4];
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
@@ -874,24 +866,14 @@ __device__ void quant_transpose(const T* __restrict__ x, const T* __restrict__ x
   }
 }
 
-#ifdef FP8_ROW_MIN_BLOCKS
-#define FP8_ROW_BOUNDS __launch_bounds__(256, FP8_ROW_MIN_BLOCKS)
-#else
-#define FP8_ROW_BOUNDS
-#endif
-#ifdef FP8_TRANSPOSE_MIN_BLOCKS
-#define FP8_TRANSPOSE_BOUNDS __launch_bounds__(256, FP8_TRANSPOSE_MIN_BLOCKS)
-#else
-#define FP8_TRANSPOSE_BOUNDS
-#endif
 #define FP8_INSTANCES(T, NAME) \
-extern "C" __global__ void FP8_ROW_BOUNDS fp8_quant_rows_##NAME(const T* src, const long long* row_slot, int k, \
+extern "C" __global__ void fp8_quant_rows_##NAME(const T* src, const long long* row_slot, int k, \
     const float* weight, const int* limit, T* copy, unsigned char* q, float* scale, int* overflow, \
     long long rows, int d, const int* ends, int groups, int* colmax, unsigned char* partial) { \
     quant_rows<T, 0>(src, nullptr, nullptr, row_slot, k, weight, limit, \
                      RowOut<T>{copy, q, scale, colmax, partial}, RowOut<T>{}, overflow, rows, d, \
                      ends, groups); } \
-extern "C" __global__ void FP8_ROW_BOUNDS fp8_swiglu_grad_quant_rows_##NAME(const T* a, const T* b, \
+extern "C" __global__ void fp8_swiglu_grad_quant_rows_##NAME(const T* a, const T* b, \
     const T* g, const int* limit, T* ga, unsigned char* qa, float* sa, int* overflow, long long rows, \
     int d, const int* ends, int groups, int* colmax_a, unsigned char* partial_a, T* gb, \
     unsigned char* qb, float* sb, int* colmax_b, unsigned char* partial_b) { \
@@ -915,7 +897,7 @@ FP8_TRANSPOSE_INSTANCE(T, NAME, act3_quant_transpose, 3)
 // the transposed copy of a tensor (SRC 0: x2 unused) or of an activation's output computed
 // on load from its input(s) (SRC 1-3)
 #define FP8_TRANSPOSE_INSTANCE(T, NAME, KIND, SRC) \
-extern "C" __global__ void FP8_TRANSPOSE_BOUNDS fp8_##KIND##_##NAME(const T* x, const T* x2, const int* ends, \
+extern "C" __global__ void fp8_##KIND##_##NAME(const T* x, const T* x2, const int* ends, \
     const int* pad_ends, int groups, const float* inv, unsigned char* out, long long positions, \
     int d, long long group_stride, long long col_stride, int base) { \
     quant_transpose<T, SRC>(x, x2, ends, pad_ends, groups, inv, out, positions, d, group_stride, \
@@ -923,7 +905,7 @@ extern "C" __global__ void FP8_TRANSPOSE_BOUNDS fp8_##KIND##_##NAME(const T* x, 
 // the activation's pass writing its output and the output's row-wise FP8 copy (SRC 1-3),
 // or its backward's pass writing the input's gradient and that gradient's copy (SRC 4-5)
 #define FP8_ACT_INSTANCE(T, NAME, SRC) \
-extern "C" __global__ void FP8_ROW_BOUNDS fp8_act##SRC##_quant_rows_##NAME(const T* a, const T* b, \
+extern "C" __global__ void fp8_act##SRC##_quant_rows_##NAME(const T* a, const T* b, \
     const int* limit, T* out, unsigned char* q, float* scale, int* overflow, long long rows, \
     int d, const int* ends, int groups, int* colmax, unsigned char* partial) { \
     quant_rows<T, SRC>(a, b, nullptr, nullptr, 1, nullptr, limit, \
