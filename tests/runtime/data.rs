@@ -938,6 +938,22 @@ mod init {
         assert!(out.status.success(), "{}", text(&out));
     }
 
+    /// Exports [`dense_run`]'s checkpoint as a Hugging Face folder `hf` in `dir`.
+    fn export_dense(dir: &Path) {
+        let out = fmoec(
+            &[
+                "export",
+                "--hf",
+                "hf",
+                "runs/dense/checkpoints",
+                "--model",
+                "dense.fmoe",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
     /// Writes `name.fmoe` and runs it for zero steps: its checkpoint holds what `init` made.
     fn start(dir: &Path, name: &str, ffn: &str, init: &str) -> String {
         std::fs::write(
@@ -1121,18 +1137,7 @@ mod init {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         dense_run(dir);
-        let out = fmoec(
-            &[
-                "export",
-                "--hf",
-                "hf",
-                "runs/dense/checkpoints",
-                "--model",
-                "dense.fmoe",
-            ],
-            dir,
-        );
-        assert!(out.status.success(), "{}", text(&out));
+        export_dense(dir);
         let want = logits(&load(dir, "dense.fmoe", "runs/dense/checkpoints"));
         for (name, ffn, init) in [
             ("imported", DENSE.to_string(), "from_hf(\"hf\")"),
@@ -1300,18 +1305,7 @@ mod init {
             assert!(!dir.join("runs").join(name).exists(), "{name}");
         }
         // a truncated Hugging Face shard, found from its header
-        let out = fmoec(
-            &[
-                "export",
-                "--hf",
-                "hf",
-                "runs/dense/checkpoints",
-                "--model",
-                "dense.fmoe",
-            ],
-            dir,
-        );
-        assert!(out.status.success(), "{}", text(&out));
+        export_dense(dir);
         let shard = dir.join("hf/model-00001-of-00001.safetensors");
         let bytes = std::fs::read(&shard).unwrap();
         std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
@@ -1404,18 +1398,7 @@ mod init {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         dense_run(dir);
-        let out = fmoec(
-            &[
-                "export",
-                "--hf",
-                "hf",
-                "runs/dense/checkpoints",
-                "--model",
-                "dense.fmoe",
-            ],
-            dir,
-        );
-        assert!(out.status.success(), "{}", text(&out));
+        export_dense(dir);
         let shard = dir.join("hf/model-00001-of-00001.safetensors");
         let named: Vec<(String, Tensor)> = Tensor::read_safetensors(&shard)
             .unwrap()

@@ -222,19 +222,17 @@ impl Kernel {
     /// Whether the kernel converts to FP8, which needs compute capability 8.9 or later (the
     /// program leaves these kernels out below that).
     pub fn needs_fp8(self) -> bool {
-        matches!(
-            self,
-            Kernel::Fp8QuantRows(_)
-                | Kernel::Fp8ActQuantRows(..)
-                | Kernel::Fp8ActGradQuantRows(..)
-                | Kernel::Fp8SwigluGradQuantRows(_)
-                | Kernel::Fp8ColAmax(_)
-                | Kernel::Fp8ColmaxReduce(_)
-                | Kernel::Fp8ScalesFromAmax
-                | Kernel::Fp8PaddedEnds
-                | Kernel::Fp8QuantTranspose(_)
-                | Kernel::Fp8ActQuantTranspose(..)
-        )
+        // the row-wise passes (the kernels with dynamic shared memory) and these
+        self.takes_dynamic_shared()
+            || matches!(
+                self,
+                Kernel::Fp8ColAmax(_)
+                    | Kernel::Fp8ColmaxReduce(_)
+                    | Kernel::Fp8ScalesFromAmax
+                    | Kernel::Fp8PaddedEnds
+                    | Kernel::Fp8QuantTranspose(_)
+                    | Kernel::Fp8ActQuantTranspose(..)
+            )
     }
 
     /// The kernel's `extern "C"` name in the program.
