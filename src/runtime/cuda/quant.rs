@@ -214,7 +214,9 @@ struct FusedMaxima {
     partial: Option<Tensor>,
 }
 
-/// The largest dynamic shared memory a kernel gets without raising its limit.
+/// The most shared memory one output's column maxima take in a row pass (the limit a kernel
+/// has without opting into more: rows of up to 24576 bf16 values); a pass with two outputs
+/// opts into twice that where the device allows it.
 const SHARED_DEFAULT_LIMIT: i64 = 48 * 1024;
 
 /// Blocks of a row-wise pass whose partial maxima one block of the second kernel reduces:
@@ -625,9 +627,9 @@ pub fn gather_quant_rows(
                 ptr(weight.as_ref()),
             ],
             limit: None,
-            second: None,
             copy: Some(&xs),
             overflow,
+            second: None,
         }
         .run(&x, rows, d, &out, maxima.as_ref())?;
         return Ok((xs, out, maxima.map(|m| m.amax)));

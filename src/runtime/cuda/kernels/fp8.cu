@@ -262,27 +262,6 @@ __device__ __forceinline__ bool chunk_owns(long long start, long long end, long 
   return start / chunk == (end - 1) / chunk;
 }
 
-// Row-wise quantisation of `rows` rows of width d (d % VEC == 0), one block per row:
-// q[r] = e4m3(row * inv_r), scale[r] = 1 / inv_r, where the row is what row_source makes of
-// the source row(s) (SRC above: the row, the weighted row, or an activation of it). The row
-// is read from src[r] (and src2[r] for SwiGLU), or with `row_slot` (SRC 0), gathered as the
-// dispatch does: src[s / k] for s = row_slot[r] >= 0, else a zero row, times weight[s] when
-// `weight` is not null (the combine's backward). `copy` (if not null) receives the row in T
-// as well (the gather's or the activation's output, written in the first pass and read
-// back in the second), so the pass that makes the tensor writes its FP8 copy too. With
-// `limit` (if not null, an int32 on the device), rows from *limit on are outside every
-// expert group: written as zeros with the floor's scale, never read (they hold whatever the
-// grouped matmul left there), and they raise no overflow. The row is read twice (its amax,
-// then the conversion; the second read mostly from L2; with `copy`, the copy): a
-// variant keeping rows in registers (256 threads, all loads in flight) measured slower on an
-// H100 (BENCHMARKS.md, 2026-12-06).
-// With `colmax` (int32 [groups * d], zeroed by the caller), the pass also raises the column
-// maxima of each row group (rows in groups ending at `ends`, as fp8_col_amax computes them,
-// so the transposed copy needs no pass of its own for them): then each block takes a
-// contiguous chunk of rows, keeps its maxima in d * sizeof(T) bytes of dynamic shared memory
-// and hands them on when its rows leave the group and at the end (flush_slots): with
-// `partial` (2 * gridDim.x * d values of AbsBits<T>) into its partial rows for colmax_reduce,
-// or stored where the group is its own; without, by atomicMax on the bits (order-free).
 // One output of a row-wise pass: the rows in T (if kept: `copy`), their FP8 rows and scales,
 // and the column maxima (`colmax`, with the two-step reduction's `partial` rows).
 template <typename T> struct RowOut {
