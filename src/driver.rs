@@ -94,20 +94,35 @@ pub fn report(sources: &Sources, diagnostics: &[diag::Diagnostic], format: DiagF
 /// the way, a failure while running): a plain `error:` line, or in JSON an element with
 /// code `E0002` and, where a file is concerned, `primary.file` (line and column 0).
 pub fn report_error(message: &str, file: Option<&Path>, format: DiagFormat) {
-    report_unplaced("E0002", message, file, format);
+    report_unplaced("E0002", message, None, file, format);
+}
+
+/// [`report_error`] with a `help` (a line of its own in human form, JSON's `help`).
+pub fn report_error_with_help(message: &str, help: Option<&str>, format: DiagFormat) {
+    report_unplaced("E0002", message, help, None, format);
 }
 
 /// Reports a file that cannot be read: code `E0001` in JSON.
 fn report_unreadable(message: &str, file: &Path, format: DiagFormat) {
-    report_unplaced("E0001", message, Some(file), format);
+    report_unplaced("E0001", message, None, Some(file), format);
 }
 
-fn report_unplaced(code: &str, message: &str, file: Option<&Path>, format: DiagFormat) {
+fn report_unplaced(
+    code: &str,
+    message: &str,
+    help: Option<&str>,
+    file: Option<&Path>,
+    format: DiagFormat,
+) {
     match format {
-        DiagFormat::Human => crate::errln!("error: {message}"),
+        DiagFormat::Human => match help {
+            Some(help) => crate::errln!("error: {message}\n  help: {help}"),
+            None => crate::errln!("error: {message}"),
+        },
         DiagFormat::Json => push_json(vec![diag::json_unplaced(
             code,
             message,
+            help,
             file.map(|f| f.display().to_string()).as_deref(),
         )]),
     }

@@ -160,8 +160,52 @@ fn diagnostics_format(command: &Command) -> DiagFormat {
     }
 }
 
+/// Whether the command line asks for `--diagnostics json`, read from the raw arguments
+/// (before `--`): clap refuses some command lines before any subcommand's arguments exist.
+fn json_diagnostics_asked(args: &[std::ffi::OsString]) -> bool {
+    let args: Vec<_> = args.iter().skip(1).take_while(|a| *a != "--").collect();
+    args.iter().enumerate().any(|(i, a)| {
+        *a == "--diagnostics=json"
+            || (*a == "--diagnostics" && args.get(i + 1).is_some_and(|next| *next == "json"))
+    })
+}
+
+/// clap's refusal of a command line (an unknown flag, a bad value, a missing file): its own
+/// text, unless `--diagnostics json` was asked for; then one JSON diagnostic like every
+/// other error of the command, so that a tool reading JSON never gets text. Same exit code.
+fn refuse_command_line(e: clap::Error, args: &[std::ffi::OsString]) -> ExitCode {
+    if !e.use_stderr() || !json_diagnostics_asked(args) {
+        e.exit()
+    }
+    let text = e.render().to_string();
+    let mut paragraphs = text.split("\n\n");
+    let first = paragraphs.next().unwrap_or_default();
+    let message = first
+        .trim()
+        .trim_start_matches("error:")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    // clap's `tip:` lines (a similar flag, how to pass a value that looks like one)
+    let tips: Vec<&str> = paragraphs
+        .flat_map(str::lines)
+        .filter_map(|l| l.trim().strip_prefix("tip:"))
+        .map(str::trim)
+        .collect();
+    let help = (!tips.is_empty()).then(|| tips.join("; "));
+    driver::report_error_with_help(&message, help.as_deref(), DiagFormat::Json);
+    driver::finish(DiagFormat::Json);
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => return refuse_command_line(e, &args),
+    };
     let format = diagnostics_format(&cli.command);
     let result = match &cli.command {
         Command::Check(a) => Ok(check(a)),

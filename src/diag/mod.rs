@@ -352,7 +352,12 @@ pub fn json_items(sources: &Sources, diagnostics: &[Diagnostic]) -> Vec<serde_js
 
 /// A JSON error element for a problem with no place in a source: `primary` names `file`
 /// (line and column 0: the whole file) where one is concerned, else it is `null`.
-pub fn json_unplaced(code: &str, message: &str, file: Option<&str>) -> serde_json::Value {
+pub fn json_unplaced(
+    code: &str,
+    message: &str,
+    help: Option<&str>,
+    file: Option<&str>,
+) -> serde_json::Value {
     let primary = file.map(|f| JsonLabel {
         file: f,
         line: 0,
@@ -367,7 +372,7 @@ pub fn json_unplaced(code: &str, message: &str, file: Option<&str>) -> serde_jso
         message,
         primary,
         secondary: Vec::new(),
-        help: None,
+        help,
         notes: &[],
     })
     .unwrap_or_default()

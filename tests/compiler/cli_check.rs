@@ -610,3 +610,68 @@ fn check_refuses_a_truncated_megatron_dataset_at_its_data_line() {
         "{text}"
     );
 }
+
+/// What clap refuses before any subcommand runs (a bad value, an unknown flag, a missing
+/// file) is one JSON diagnostic under `--diagnostics json`, with clap's exit code; clap's
+/// own text otherwise.
+#[test]
+fn command_line_refusals_are_json_under_diagnostics_json() {
+    let cases: [&[&str]; 4] = [
+        &[
+            "plan",
+            "examples/tiny.fmoe",
+            "--world",
+            "0",
+            "--diagnostics",
+            "json",
+        ],
+        &[
+            "check",
+            "--diagnostics",
+            "json",
+            "--bogus",
+            "examples/tiny.fmoe",
+        ],
+        &["check", "--diagnostics=json"],
+        &[
+            "emit",
+            "--diagnostics",
+            "json",
+            "--wrold",
+            "2",
+            "examples/tiny.fmoe",
+        ],
+    ];
+    for args in cases {
+        let out = fmoec(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let items = json_diagnostics(&out);
+        assert_eq!(items.len(), 1, "{args:?}: {items:?}");
+        let d = &items[0];
+        assert_eq!(d["severity"], "error", "{args:?}");
+        assert_eq!(d["code"], "E0002", "{args:?}");
+        assert!(d["primary"].is_null(), "{args:?}");
+        let message = d["message"].as_str().unwrap();
+        assert!(!message.starts_with("error"), "{message}");
+        assert!(!message.contains("Usage"), "{message}");
+    }
+    let items = json_diagnostics(&fmoec(cases[0]));
+    assert_eq!(
+        items[0]["message"],
+        "invalid value '0' for '--world <N>': must be 1 or more, found 0"
+    );
+    let items = json_diagnostics(&fmoec(cases[1]));
+    assert!(items[0]["help"].as_str().unwrap().contains("-- --bogus"));
+
+    // without `--diagnostics json`, clap's text as before; `--help` is not an error
+    let text = fmoec(&["check", "--bogus", "examples/tiny.fmoe"]);
+    assert_eq!(text.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    assert!(
+        stderr.starts_with("error: unexpected argument '--bogus'"),
+        "{stderr}"
+    );
+    let help = fmoec(&["check", "--diagnostics", "json", "--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage"));
+}
