@@ -886,6 +886,17 @@ pub fn virtual_stages_without_pipeline(span: Span) -> Diagnostic {
     .with_help("the interleaved schedule splits each of several pipeline stages into model chunks: set `pipeline` to 2 or more")
 }
 
+/// W0011 for the file's `virtual_stages` when `--pipeline 1` takes its pipeline away.
+pub fn virtual_stages_under_pipeline_flag(span: Span) -> Diagnostic {
+    Diagnostic::warning(
+        "W0011",
+        span,
+        "`virtual_stages` has no effect with `--pipeline 1`",
+    )
+    .with_label("no pipeline to interleave")
+    .with_help("the interleaved schedule splits each of several pipeline stages into model chunks: leave out `--pipeline 1`, or give `--virtual-stages 1`")
+}
+
 /// W0011 for `--virtual-stages N` (`plan`), where no `virtual_stages` of the file is to
 /// point at: `at` is the file's pipeline (or its `parallel` block, or its model when the file
 /// has no such block), or the block when `--pipeline 1` set it.

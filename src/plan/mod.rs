@@ -431,6 +431,21 @@ pub fn build_for(
             o,
         ));
     }
+    // The file's `virtual_stages` under `--pipeline 1` (the checker saw the file's pipeline
+    // of 2 or more, and said nothing).
+    let file_chunks = checked.parallel.virtual_stages;
+    if o.virtual_stages.is_none()
+        && file_chunks > 1
+        && p.grid.pipeline == 1
+        && checked.parallel.pipeline > 1
+    {
+        p.warnings.extend(plan_error(
+            vec![crate::check::errors::virtual_stages_under_pipeline_flag(
+                checked.parallel.spans.virtual_stages,
+            )],
+            o,
+        ));
+    }
     // Every rank lists the ids of the experts it holds: refuse plans whose listing alone
     // would take gigabytes (a million replicated-expert ranks would take terabytes).
     let per_rank: u64 = checked

@@ -320,7 +320,11 @@ pub enum PrecisionArg {
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match driver::load(&args.file, args.diagnostics) {
+    let rules = driver::Rules {
+        pipeline_flag: args.pipeline,
+        ..driver::Rules::AS_WRITTEN
+    };
+    let loaded = match driver::load_with(&args.file, args.diagnostics, rules) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };

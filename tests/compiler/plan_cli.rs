@@ -287,3 +287,48 @@ fn zero_sizes_on_the_command_line_are_refused_at_the_flag() {
         assert!(!err.contains("examples/tiny.fmoe:"), "{flag}: {err}");
     }
 }
+
+/// The file's `virtual_stages` are judged against the pipeline in effect: `--pipeline 2`
+/// gives them one (no W0011, in `plan` and `run`), `--pipeline 1` takes it away (W0011 at
+/// the file's `virtual_stages`, which the checker did not warn about).
+#[test]
+fn the_files_virtual_stages_are_judged_against_the_pipeline_flag() {
+    let file = "tests/ui/warn-virtual-stages-without-pipeline.fmoe";
+    let (code, _, err) = fmoec(&["plan", file]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning[W0011]"), "{err}");
+    let (code, out, err) = fmoec(&["plan", file, "--pipeline", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 model chunks per stage"), "{out}");
+    assert!(!err.contains("W0011"), "{err}");
+    if cfg!(feature = "runtime") {
+        // tiny.fmoe (it trains) on 2 GPUs with 2 virtual stages; on one device `run` refuses
+        // `--pipeline 2` after loading the file, whose warnings come first
+        let tiny = std::fs::read_to_string("examples/tiny.fmoe").unwrap();
+        let path = std::env::temp_dir().join(format!("fmoec-w0011-{}.fmoe", std::process::id()));
+        std::fs::write(
+            &path,
+            tiny + "\nparallel {\n    gpus = 2\n    virtual_stages = 2\n}\n",
+        )
+        .unwrap();
+        let path = path.to_str().unwrap();
+        let (code, _, err) = fmoec(&["run", path, "--pipeline", "2"]);
+        std::fs::remove_file(path).unwrap();
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("--pipeline needs several ranks"), "{err}");
+        assert!(!err.contains("W0011"), "{err}");
+    }
+
+    let file = "tests/ui/parallel-virtual-stages-over-layers.fmoe";
+    let (code, _, err) = fmoec(&["plan", file, "--pipeline", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("warning[W0011]: `virtual_stages` has no effect with `--pipeline 1`"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{file}:17:22")), "{err}");
+    assert!(
+        err.contains("with command-line overrides --pipeline 1"),
+        "{err}"
+    );
+}
