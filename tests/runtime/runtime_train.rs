@@ -435,6 +435,19 @@ fn running_the_main_command_again_continues_or_starts_the_next_run() {
     assert!(stdout.contains("steps      1 -> 3 of 3"), "{stdout}");
 }
 
+/// `fmoec ARGS` run in `dir`, its output.
+fn fmoec_in<I, S>(dir: &Path, args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
 /// `examples/tiny.fmoe` with `replace`'s pairs applied, written into `dir`.
 fn tiny_variant(dir: &Path, name: &str, replace: &[(&str, &str)]) -> std::path::PathBuf {
     let mut text =
@@ -543,11 +556,7 @@ fn a_missing_checkpoint_is_named_as_missing() {
     for extra in [&["--resume"][..], &["--sample", "ROMEO:"]] {
         let mut args = vec!["run", file, "--out", "fresh"];
         args.extend_from_slice(extra);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .args(&args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
+        let out = fmoec_in(dir.path(), &args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
         assert!(
@@ -579,21 +588,16 @@ fn sampling_flags_need_sample_and_top_k_says_one_or_more() {
     ] {
         let mut args = vec!["run", file, "--out", "fresh", "--steps", "1"];
         args.extend_from_slice(flag);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .args(&args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
+        let out = fmoec_in(dir.path(), &args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{flag:?}: {stderr}");
         assert!(stderr.contains("--sample <PROMPT>"), "{flag:?}: {stderr}");
         assert!(!dir.path().join("fresh").exists(), "{flag:?}: wrote a run");
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-        .args(["run", file, "--sample", "ROMEO:", "--top-k", "0"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let out = fmoec_in(
+        dir.path(),
+        ["run", file, "--sample", "ROMEO:", "--top-k", "0"],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("must be 1 or more, found 0"), "{stderr}");
@@ -609,11 +613,7 @@ fn short_steps_note_the_warmup_and_resume_with_out_says_from_which_step() {
     let run = |extra: &[&str]| {
         let mut args = vec!["run", file, "--steps", "2", "--out", "r", "--quiet"];
         args.extend_from_slice(extra);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .args(&args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
+        let out = fmoec_in(dir.path(), &args);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{extra:?}: {stderr}");
         stderr
@@ -691,11 +691,7 @@ fn options_that_need_others_say_which() {
     ] {
         let mut args = vec!["run", file, "--steps", "2", "--out", "o"];
         args.extend_from_slice(extra);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .args(&args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
+        let out = fmoec_in(dir.path(), &args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
         assert!(stderr.contains(expected), "{extra:?}: {stderr}");
@@ -707,11 +703,7 @@ fn options_that_need_others_say_which() {
 fn steps_zero_on_the_command_line_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-        .args(["run", file, "--steps", "0"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let out = fmoec_in(dir.path(), ["run", file, "--steps", "0"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("must be >= 1, found 0"), "{stderr}");
