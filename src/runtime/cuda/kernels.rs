@@ -464,6 +464,19 @@ pub fn compile(major: i32, minor: i32) -> Result<Vec<u8>> {
     out
 }
 
+/// One attribute of the CUDA device `dev` (libcuda loaded and initialised).
+fn device_attribute(dev: cu::CUdevice, attribute: cu::CUdevice_attribute) -> Result<c_int> {
+    let mut value = 0;
+    // SAFETY: the out-pointer is a live local; the call only reads the device's attribute.
+    unsafe {
+        cu_check(
+            "cuDeviceGetAttribute",
+            cu::cuDeviceGetAttribute(&mut value, attribute, dev),
+        )?;
+    }
+    Ok(value)
+}
+
 fn load(device: usize) -> Result<Module> {
     // SAFETY: dlopen of libcuda, then driver calls with out-pointers to live locals, in the
     // order the driver API requires (init, device, primary context made current, module).
@@ -480,40 +493,13 @@ fn load(device: usize) -> Result<Module> {
             cu::cuDevicePrimaryCtxRetain(&mut ctx, dev),
         )?;
         cu_check("cuCtxSetCurrent", cu::cuCtxSetCurrent(ctx))?;
-        let (mut major, mut minor) = (0, 0);
-        cu_check(
-            "cuDeviceGetAttribute",
-            cu::cuDeviceGetAttribute(
-                &mut major,
-                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-                dev,
-            ),
-        )?;
-        cu_check(
-            "cuDeviceGetAttribute",
-            cu::cuDeviceGetAttribute(
-                &mut minor,
-                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-                dev,
-            ),
-        )?;
-        let mut multiprocessors = 0;
-        cu_check(
-            "cuDeviceGetAttribute",
-            cu::cuDeviceGetAttribute(
-                &mut multiprocessors,
-                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-                dev,
-            ),
-        )?;
-        let mut shared_optin = 0;
-        cu_check(
-            "cuDeviceGetAttribute",
-            cu::cuDeviceGetAttribute(
-                &mut shared_optin,
-                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                dev,
-            ),
+        use cu::CUdevice_attribute as A;
+        let major = device_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = device_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let multiprocessors = device_attribute(dev, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let shared_optin = device_attribute(
+            dev,
+            A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
         )?;
         let mut ptx = compile(major, minor)?;
         ptx.push(0);
