@@ -521,6 +521,13 @@ impl Drop for Comm {
 }
 
 /// One rank's handle to one group over NCCL.
+/// An all-to-all's send rows (contiguous), its output, and the bytes of one row.
+struct Rows {
+    send: Tensor,
+    out: Tensor,
+    row_bytes: usize,
+}
+
 pub struct NcclCollective {
     label: GroupLabel,
     position: usize,
@@ -612,6 +619,34 @@ impl NcclCollective {
             return Err(self.error(op, at, ErrorKind::Invalid(message)));
         }
         Ok(())
+    }
+
+    /// An all-to-all's rows: `send` contiguous on this rank's device, and the output of
+    /// `recv_counts` rows of the same row shape and kind.
+    fn rows_for_all_to_all(
+        &self,
+        send: &Tensor,
+        recv_counts: &[i64],
+        op: &'static str,
+        at: &str,
+    ) -> Result<Rows> {
+        self.check_device(send, op, at)?;
+        let mut out_shape = send.size();
+        if out_shape.is_empty() {
+            let message = "a tensor with no dimensions has no rows".to_string();
+            return Err(self.error(op, at, ErrorKind::Invalid(message)));
+        }
+        let send = send.f_contiguous().map_err(self.tensor_error(op, at))?;
+        let row_bytes =
+            (out_shape[1..].iter().product::<i64>() as usize) * send.kind().elt_size_in_bytes();
+        out_shape[0] = recv_counts.iter().sum();
+        let out = Tensor::f_empty(&out_shape, (send.kind(), self.device))
+            .map_err(self.tensor_error(op, at))?;
+        Ok(Rows {
+            send,
+            out,
+            row_bytes,
+        })
     }
 
     /// The side communicator and stream, made on first use (every member of the group
@@ -839,26 +874,19 @@ impl Collective for NcclCollective {
     ) -> Result<Tensor> {
         const OP: &str = "all_to_all_v";
         let size = self.size;
-        let dims = send.size();
-        let rows = dims.first().copied().unwrap_or(0);
-        let invalid = |message: String| self.error(OP, at, ErrorKind::Invalid(message));
-        check_all_to_all_counts(size, rows, send_counts, recv_counts).map_err(invalid)?;
-        self.check_device(send, OP, at)?;
-        let send = send.f_contiguous().map_err(self.tensor_error(OP, at))?;
-        let mut out_shape = dims.clone();
-        if out_shape.is_empty() {
-            return Err(invalid("a tensor with no dimensions has no rows".into()));
-        }
-        out_shape[0] = recv_counts.iter().sum();
-        let out = Tensor::f_empty(&out_shape, (send.kind(), self.device))
-            .map_err(self.tensor_error(OP, at))?;
+        let rows = send.size().first().copied().unwrap_or(0);
+        check_all_to_all_counts(size, rows, send_counts, recv_counts)
+            .map_err(|message| self.error(OP, at, ErrorKind::Invalid(message)))?;
+        let Rows {
+            send,
+            out,
+            row_bytes,
+        } = self.rows_for_all_to_all(send, recv_counts, OP, at)?;
         if self.comm.is_none() {
             tch::no_grad(|| out.shallow_clone().f_copy_(&send))
                 .map_err(self.tensor_error(OP, at))?;
             return Ok(out);
         }
-        let row_bytes =
-            (dims[1..].iter().product::<i64>() as usize) * send.kind().elt_size_in_bytes();
         let (send_ptr, recv_ptr) = (send.data_ptr() as *mut u8, out.data_ptr() as *mut u8);
         // SAFETY: offsets stay inside `send` (counts sum to its rows) and `out` (sized
         // from recv_counts); both live through `run`, which waits for completion.
@@ -903,33 +931,26 @@ impl Collective for NcclCollective {
     ) -> Result<PendingRows> {
         const OP: &str = "all_to_all_v (side stream)";
         let size = self.size;
-        let dims = send.size();
-        let rows = dims.first().copied().unwrap_or(0);
-        let invalid = |message: String| self.error(OP, at, ErrorKind::Invalid(message));
-        check_all_to_all_counts(size, rows, send_counts, recv_counts).map_err(invalid)?;
+        let rows = send.size().first().copied().unwrap_or(0);
+        check_all_to_all_counts(size, rows, send_counts, recv_counts)
+            .map_err(|message| self.error(OP, at, ErrorKind::Invalid(message)))?;
         let Some(side) = self.side(OP, at)? else {
             // one rank: nothing to overlap
             return self
                 .all_to_all_v(send, send_counts, recv_counts, at)
                 .map(PendingRows::ready);
         };
-        self.check_device(send, OP, at)?;
-        let send = send.f_contiguous().map_err(self.tensor_error(OP, at))?;
-        let mut out_shape = dims.clone();
-        if out_shape.is_empty() {
-            return Err(invalid("a tensor with no dimensions has no rows".into()));
-        }
-        out_shape[0] = recv_counts.iter().sum();
-        let out = Tensor::f_empty(&out_shape, (send.kind(), self.device))
-            .map_err(self.tensor_error(OP, at))?;
+        let Rows {
+            send,
+            out,
+            row_bytes,
+        } = self.rows_for_all_to_all(send, recv_counts, OP, at)?;
         let transport = |m: String| self.error(OP, at, ErrorKind::Transport(m));
         // The rows to send were written on the null stream: the side stream waits for them.
         let ready = Event::new().map_err(transport)?;
         ready.record(std::ptr::null_mut()).map_err(transport)?;
         ready.wait_on(side.stream.0).map_err(transport)?;
         let done = Event::new().map_err(transport)?;
-        let row_bytes =
-            (dims[1..].iter().product::<i64>() as usize) * send.kind().elt_size_in_bytes();
         let (send_ptr, recv_ptr) = (send.data_ptr() as *mut u8, out.data_ptr() as *mut u8);
         let stream = side.stream.0 as nccl::cudaStream_t;
         {
