@@ -182,6 +182,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             planning,
             data_files: false,
             pipeline_flag: args.pipeline,
+            warnings: driver::Warnings::All,
         },
     ) {
         Ok(l) => l,

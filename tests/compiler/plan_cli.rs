@@ -303,7 +303,7 @@ fn the_files_virtual_stages_are_judged_against_the_pipeline_flag() {
     assert!(!err.contains("W0011"), "{err}");
     if cfg!(feature = "runtime") {
         // tiny.fmoe (it trains) on 2 GPUs with 2 virtual stages; on one device `run` refuses
-        // `--pipeline 2` after loading the file, whose warnings come first
+        // `--pipeline 2` before it reads the file
         let tiny = std::fs::read_to_string("examples/tiny.fmoe").unwrap();
         let path = std::env::temp_dir().join(format!("fmoec-w0011-{}.fmoe", std::process::id()));
         std::fs::write(
