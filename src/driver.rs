@@ -54,10 +54,6 @@ pub struct Rules<'a> {
     /// Warn about data files that are not here (`fmoec check`; a plan or an emitted
     /// Megatron training reads its data elsewhere).
     pub data_files: bool,
-    /// The command line's `--pipeline`, where the command plans or trains with one: the
-    /// file's `virtual_stages` are judged against it, not against the file's `pipeline`
-    /// (`run` plans its world after loading, with the file as written).
-    pub pipeline_flag: Option<u64>,
     /// Which warnings are reported (errors always are).
     pub warnings: Warnings,
 }
@@ -67,7 +63,6 @@ impl Rules<'_> {
     pub const AS_WRITTEN: Rules<'static> = Rules {
         planning: Planning::With(&Overrides::NONE),
         data_files: false,
-        pipeline_flag: None,
         warnings: Warnings::All,
     };
 }
@@ -297,15 +292,8 @@ pub fn analyse(
     }
     let errors = sink.error_count();
     let clean = errors == 0;
-    let mut diagnostics = sink.into_sorted();
-    // The checker's W0011 judges the file's `virtual_stages` against the file's pipeline;
-    // a `--pipeline` of 2 or more gives them one (the planner warns when the one in effect
-    // is 1, so no W0011 can be its own here).
-    if rules.pipeline_flag.is_some_and(|p| p > 1) {
-        diagnostics.retain(|d| d.code != "W0011");
-    }
     Analysis {
-        diagnostics,
+        diagnostics: sink.into_sorted(),
         errors,
         checked: best.checked().filter(|_| clean),
         plan: plan.filter(|_| clean),

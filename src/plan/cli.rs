@@ -181,7 +181,6 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
         driver::Rules {
             planning,
             data_files: false,
-            pipeline_flag: args.pipeline,
             warnings: driver::Warnings::All,
         },
     ) {

@@ -378,7 +378,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             _ => driver::Planning::With(&Overrides::NONE),
         },
         data_files: false,
-        pipeline_flag: args.pipeline,
         warnings: match (&mode, reports_warnings) {
             (_, false) => driver::Warnings::None,
             (Mode::Single, true) => driver::Warnings::All,

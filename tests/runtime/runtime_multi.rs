@@ -864,6 +864,45 @@ fn a_run_says_the_warnings_of_its_worlds_plan_once() {
     assert!(first_err.contains(w0011), "{first_err}");
 }
 
+/// The file's `virtual_stages` without a pipeline are judged against the world's: `run --ranks
+/// 2` keeps the file's pipeline of 1 and says W0011 once, at them; `--pipeline 2` gives them a
+/// pipeline, the interleaved schedule runs, and nothing is said.
+#[test]
+fn a_run_judges_the_files_virtual_stages_against_its_worlds_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+        .unwrap()
+        .replace(
+            "\ntrain {",
+            "\nparallel {\n    gpus = 2\n    virtual_stages = 2\n}\n\ntrain {",
+        )
+        .replace("width   = 128", "width   = 32");
+    let file = dir.path().join("tiny-chunks.fmoe");
+    std::fs::write(&file, text).unwrap();
+    let o = |s: &str| std::ffi::OsString::from(s);
+    let run = |out: &str, pipeline: &[&str]| {
+        let out = dir.path().join(out);
+        let mut args = vec![o("run"), file.clone().into_os_string()];
+        args.extend(["--ranks", "2", "--steps", "1", "--quiet", "--out"].map(o));
+        args.push(out.into_os_string());
+        args.extend(pipeline.iter().map(|a| o(a)));
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let run = fmoec(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(run.status.success(), "{stderr}");
+        (String::from_utf8_lossy(&run.stdout).into_owned(), stderr)
+    };
+    let (_, stderr) = run("plain", &[]);
+    assert_eq!(stderr.matches("warning[W0011]").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("warning[W0011]: `virtual_stages` has no effect with pipeline = 1"),
+        "{stderr}"
+    );
+    let (stdout, stderr) = run("interleaved", &["--pipeline", "2"]);
+    assert!(!stderr.contains("W0011"), "{stderr}");
+    assert!(stdout.contains("pipeline 2"), "{stdout}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
