@@ -54,10 +54,8 @@ pub struct Rules<'a> {
     /// Warn about data files that are not here (`fmoec check`; a plan or an emitted
     /// Megatron training reads its data elsewhere).
     pub data_files: bool,
-    /// The command line's `--pipeline`, where the command plans or trains with one: the
-    /// file's `virtual_stages` are judged against it, not against the file's `pipeline`
-    /// (`run` plans its world after loading, with the file as written).
-    pub pipeline_flag: Option<u64>,
+    /// Which warnings are reported (errors always are).
+    pub warnings: Warnings,
 }
 
 impl Rules<'_> {
@@ -65,8 +63,22 @@ impl Rules<'_> {
     pub const AS_WRITTEN: Rules<'static> = Rules {
         planning: Planning::With(&Overrides::NONE),
         data_files: false,
-        pipeline_flag: None,
+        warnings: Warnings::All,
     };
+}
+
+/// Which warnings [`load_with`] reports; errors are reported whatever this says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Warnings {
+    /// The front end's and the plan's.
+    All,
+    /// The front end's only: the plan made here is not the one the command runs (`fmoec run`
+    /// on several ranks checks the file as written, then plans its world and reports that
+    /// plan's warnings). The plan's own stay on [`Loaded::plan`].
+    FrontEnd,
+    /// None: another process of the same run reports them (a rank of a launched run that
+    /// does not speak for it).
+    None,
 }
 
 /// Diagnostics of this command in JSON, printed as one array by [`finish`].
@@ -210,7 +222,13 @@ fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, Ex
     let mut sources = Sources::new();
     let file = sources.add(path.display().to_string(), text);
     let analysis = analyse(&mut sources, file, &user_hardware, rules);
-    report(&sources, &analysis.diagnostics, format);
+    let said: Vec<_> = analysis
+        .diagnostics
+        .iter()
+        .filter(|d| rules.warnings != Warnings::None || d.is_error())
+        .cloned()
+        .collect();
+    report(&sources, &said, format);
     match analysis.checked {
         Some(checked) => Ok(Loaded {
             sources,
@@ -256,9 +274,12 @@ pub fn analyse(
 ) -> Analysis {
     let mut sink = Sink::new();
     let best = check::check_file_best_effort(sources, file, &mut sink, user_hardware);
+    let plan_warnings = rules.warnings == Warnings::All;
     let plan = match rules.planning {
-        Planning::With(o) => plan_rules(&best, o, &TargetRules::default(), &mut sink),
-        Planning::For(o, target) => plan_rules(&best, o, target, &mut sink),
+        Planning::With(o) => {
+            plan_rules(&best, o, &TargetRules::default(), plan_warnings, &mut sink)
+        }
+        Planning::For(o, target) => plan_rules(&best, o, target, plan_warnings, &mut sink),
         Planning::None => None,
     };
     if rules.data_files {
@@ -271,15 +292,8 @@ pub fn analyse(
     }
     let errors = sink.error_count();
     let clean = errors == 0;
-    let mut diagnostics = sink.into_sorted();
-    // The checker's W0011 judges the file's `virtual_stages` against the file's pipeline;
-    // a `--pipeline` of 2 or more gives them one (the planner warns when the one in effect
-    // is 1, so no W0011 can be its own here).
-    if rules.pipeline_flag.is_some_and(|p| p > 1) {
-        diagnostics.retain(|d| d.code != "W0011");
-    }
     Analysis {
-        diagnostics,
+        diagnostics: sink.into_sorted(),
         errors,
         checked: best.checked().filter(|_| clean),
         plan: plan.filter(|_| clean),
@@ -288,11 +302,13 @@ pub fn analyse(
 
 /// The planner's rules on what the front end built: a whole plan (memory included) when
 /// every block was built, else the rules that can be decided on the blocks that were. Its
-/// diagnostics, warnings included, go to `sink`; the plan comes back when there is one.
+/// errors go to `sink`, and so do its warnings with `plan_warnings` (else they stay on the
+/// plan); the plan comes back when there is one.
 fn plan_rules(
     best: &check::BestEffort,
     overrides: &Overrides,
     target: &TargetRules,
+    plan_warnings: bool,
     sink: &mut Sink,
 ) -> Option<ParallelPlan> {
     let parallel = best.parallel.as_ref()?;
@@ -308,7 +324,9 @@ fn plan_rules(
     };
     match plan::build_for(&checked, overrides, target) {
         Ok(mut plan) => {
-            sink.extend(std::mem::take(&mut plan.warnings));
+            if plan_warnings {
+                sink.extend(std::mem::take(&mut plan.warnings));
+            }
             Some(plan)
         }
         Err(diagnostics) => {

@@ -876,49 +876,6 @@ pub fn slicing_without_tensor(span: Span) -> Diagnostic {
     .with_label("nothing to slice over")
 }
 
-pub fn virtual_stages_without_pipeline(span: Span) -> Diagnostic {
-    Diagnostic::warning(
-        "W0011",
-        span,
-        "`virtual_stages` has no effect with pipeline = 1",
-    )
-    .with_label("no pipeline to interleave")
-    .with_help("the interleaved schedule splits each of several pipeline stages into model chunks: set `pipeline` to 2 or more")
-}
-
-/// W0011 for the file's `virtual_stages` when `--pipeline 1` takes its pipeline away.
-pub fn virtual_stages_under_pipeline_flag(span: Span) -> Diagnostic {
-    Diagnostic::warning(
-        "W0011",
-        span,
-        "`virtual_stages` has no effect with `--pipeline 1`",
-    )
-    .with_label("no pipeline to interleave")
-    .with_help("the interleaved schedule splits each of several pipeline stages into model chunks: leave out `--pipeline 1`, or give `--virtual-stages 1`")
-}
-
-/// W0011 for `--virtual-stages N` (`plan`), where no `virtual_stages` of the file is to
-/// point at: `at` is the file's pipeline (or its `parallel` block, or its model when the file
-/// has no such block), or the block when `--pipeline 1` set it.
-pub fn virtual_stages_flag_without_pipeline(
-    chunks: u64,
-    at: Span,
-    pipeline_flag: bool,
-) -> Diagnostic {
-    let label = if pipeline_flag {
-        "`--pipeline 1`: no pipeline to interleave"
-    } else {
-        "pipeline = 1: no pipeline to interleave"
-    };
-    Diagnostic::warning(
-        "W0011",
-        at,
-        format!("`--virtual-stages {chunks}` has no effect with pipeline = 1"),
-    )
-    .with_label(label)
-    .with_help("the interleaved schedule splits each of several pipeline stages into model chunks: set `pipeline` (or `--pipeline`) to 2 or more")
-}
-
 pub fn warmup_past_steps(span: Span, warmup: u64, steps: u64, steps_span: Span) -> Diagnostic {
     Diagnostic::warning(
         "W0007",

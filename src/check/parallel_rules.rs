@@ -160,14 +160,11 @@ impl Checker<'_> {
             }
         };
         let virtual_stages = match self.typed_field(&fields, "virtual_stages", &pos_int(), ctx) {
+            // Without a pipeline in effect they do nothing: the planner's W0011 says so, as
+            // it knows the command line's `--pipeline`.
             Some(v) => {
                 spans.virtual_stages = v.span;
-                let n = uint(&v);
-                if n > 1 && pipeline == 1 {
-                    self.sink
-                        .push(errors::virtual_stages_without_pipeline(v.span));
-                }
-                n
+                uint(&v)
             }
             None => {
                 ok &= !fields.contains_key("virtual_stages");

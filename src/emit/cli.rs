@@ -92,7 +92,7 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
     let rules = driver::Rules {
         planning: driver::Planning::For(&crate::plan::Overrides::NONE, &target_rules),
         data_files: false,
-        pipeline_flag: None,
+        warnings: driver::Warnings::All,
     };
     let loaded = match driver::load_with(file, args.diagnostics, rules) {
         Ok(l) => l,

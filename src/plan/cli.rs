@@ -181,7 +181,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
         driver::Rules {
             planning,
             data_files: false,
-            pipeline_flag: args.pipeline,
+            warnings: driver::Warnings::All,
         },
     ) {
         Ok(l) => l,

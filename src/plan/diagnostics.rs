@@ -52,6 +52,10 @@ pub const NOTHING_TO_EXCHANGE: &str = "P0111";
 pub const WHOLE_EXPERTS_FOR_BIAS: &str = "P0103";
 /// Warning: the vocabulary is padded to a multiple of the tensor size.
 pub const VOCAB_PADDED: &str = "P0104";
+/// Warning: model chunks asked for (`virtual_stages` > 1) where the pipeline in effect has one
+/// stage. A `W` code, not a `P` one: the checker raised it before the planner judged it against
+/// the pipeline in effect, and codes are never renumbered.
+pub const VIRTUAL_STAGES_WITHOUT_PIPELINE: &str = "W0011";
 
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
@@ -510,5 +514,53 @@ pub fn vocab_padded(vocab: (u64, Span), padded: u64, tensor: u64, target: &str) 
     .with_label(format!("not a multiple of {tensor}"))
     .with_help(format!(
         "a vocabulary that is a multiple of {tensor} trains without padding rows"
+    ))
+}
+
+/// Where a value of the layout in effect comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The model file (or its default, where it writes none).
+    File,
+    /// The command line's flag (`--pipeline`, `--virtual-stages`).
+    Flag,
+}
+
+/// W0011: `chunks` model chunks per stage with one pipeline stage. `at` is the file's
+/// `virtual_stages` where the chunks come from the file; else (`--virtual-stages`) the file's
+/// `pipeline`, or its `parallel` block when that is not written or `--pipeline 1` replaces it.
+pub fn virtual_stages_without_pipeline(
+    (chunks, chunks_from): (u64, Origin),
+    pipeline_from: Origin,
+    at: Span,
+) -> Diagnostic {
+    let asked = match chunks_from {
+        Origin::File => "`virtual_stages`".to_string(),
+        Origin::Flag => format!("`--virtual-stages {chunks}`"),
+    };
+    let pipeline = match pipeline_from {
+        Origin::File => "pipeline = 1",
+        Origin::Flag => "`--pipeline 1`",
+    };
+    let label = match chunks_from {
+        Origin::File => "no pipeline to interleave".to_string(),
+        Origin::Flag => format!("{pipeline}: no pipeline to interleave"),
+    };
+    let remedy = match (chunks_from, pipeline_from) {
+        (Origin::File, Origin::File) => "set `pipeline` to 2 or more",
+        (Origin::File, Origin::Flag) => "leave out `--pipeline 1`, or give `--virtual-stages 1`",
+        (Origin::Flag, Origin::File) => "set `pipeline` (or `--pipeline`) to 2 or more",
+        (Origin::Flag, Origin::Flag) => {
+            "give `--pipeline` 2 or more, or leave out `--virtual-stages`"
+        }
+    };
+    Diagnostic::warning(
+        VIRTUAL_STAGES_WITHOUT_PIPELINE,
+        at,
+        format!("{asked} has no effect with {pipeline}"),
+    )
+    .with_label(label)
+    .with_help(format!(
+        "the interleaved schedule splits each of several pipeline stages into model chunks: {remedy}"
     ))
 }

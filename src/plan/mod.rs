@@ -409,43 +409,8 @@ pub fn build_for(
     rules: &TargetRules,
 ) -> Result<ParallelPlan, Vec<Diagnostic>> {
     let mut p = cost_for(checked, o, rules)?;
-    // The file's `virtual_stages` without a pipeline is the checker's W0011; the flag's is
-    // only known here, where the pipeline in effect is.
-    if let Some(chunks) = o.virtual_stages.filter(|&v| v > 1 && p.grid.pipeline == 1) {
-        let filled = with_fallback_spans(checked);
-        let par = &filled.as_ref().unwrap_or(checked).parallel;
-        // `--pipeline 1` is not the file's text: point at the block, not at its `pipeline`.
-        let (at, pipeline_flag) = match o.pipeline {
-            Some(_) if par.spans.block.start == par.spans.block.end => {
-                (checked.model.spans.name, true)
-            }
-            Some(_) => (par.spans.block, true),
-            None => (par.spans.pipeline, false),
-        };
-        p.warnings.extend(plan_error(
-            vec![crate::check::errors::virtual_stages_flag_without_pipeline(
-                chunks,
-                at,
-                pipeline_flag,
-            )],
-            o,
-        ));
-    }
-    // The file's `virtual_stages` under `--pipeline 1` (the checker saw the file's pipeline
-    // of 2 or more, and said nothing).
-    let file_chunks = checked.parallel.virtual_stages;
-    if o.virtual_stages.is_none()
-        && file_chunks > 1
-        && p.grid.pipeline == 1
-        && checked.parallel.pipeline > 1
-    {
-        p.warnings.extend(plan_error(
-            vec![crate::check::errors::virtual_stages_under_pipeline_flag(
-                checked.parallel.spans.virtual_stages,
-            )],
-            o,
-        ));
-    }
+    p.warnings
+        .extend(virtual_stages_without_pipeline(checked, o));
     // Every rank lists the ids of the experts it holds: refuse plans whose listing alone
     // would take gigabytes (a million replicated-expert ranks would take terabytes).
     let per_rank: u64 = checked
@@ -468,6 +433,40 @@ pub fn build_for(
         ));
     }
     Ok(assemble(checked, p, o.routing_skew))
+}
+
+/// W0011, the one place it is judged: model chunks asked for (the file's `virtual_stages`, or
+/// `--virtual-stages`) where the pipeline in effect (the file's `pipeline`, or `--pipeline`)
+/// has one stage. It points at the file's `virtual_stages` where the chunks come from the file,
+/// else at what set the pipeline: the file's `pipeline` (or its block, where the file writes
+/// none), or the block when `--pipeline 1` replaces it.
+fn virtual_stages_without_pipeline(checked: &Checked, o: &Overrides) -> Option<Diagnostic> {
+    use diagnostics::Origin;
+    let s = Setup::of(&checked.parallel, o);
+    if s.virtual_stages <= 1 || s.pipeline != 1 {
+        return None;
+    }
+    let filled = with_fallback_spans(checked);
+    let sp = &filled.as_ref().unwrap_or(checked).parallel.spans;
+    let origin = |flag: Option<u64>| match flag {
+        Some(_) => Origin::Flag,
+        None => Origin::File,
+    };
+    let (chunks_from, pipeline_from) = (origin(o.virtual_stages), origin(o.pipeline));
+    let at = match (chunks_from, pipeline_from) {
+        (Origin::File, _) => sp.virtual_stages,
+        (Origin::Flag, Origin::File) => sp.pipeline,
+        // `--pipeline 1` is not the file's text: the block it replaces a value of (the model,
+        // in a file without one).
+        (Origin::Flag, Origin::Flag) if sp.block.start == sp.block.end => checked.model.spans.name,
+        (Origin::Flag, Origin::Flag) => sp.block,
+    };
+    let warning = diagnostics::virtual_stages_without_pipeline(
+        (s.virtual_stages, chunks_from),
+        pipeline_from,
+        at,
+    );
+    plan_error(vec![warning], o).pop()
 }
 
 /// A configuration checked and costed, before ranks and groups are listed (cheap even
@@ -1110,8 +1109,8 @@ fn validate(parts: &Parts, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
 }
 
 impl Setup {
-    /// Model chunks per stage: as asked with several stages, 1 with one (the checker warns
-    /// about `virtual_stages` without a pipeline).
+    /// Model chunks per stage: as asked with several stages, 1 with one (W0011 says so, see
+    /// [`virtual_stages_without_pipeline`]).
     fn virtual_stages_in_effect(&self) -> u64 {
         if self.pipeline > 1 {
             self.virtual_stages

@@ -10,6 +10,7 @@ use anyhow::bail;
 use crate::check::{Checked, ExpertGroup, Precision};
 use crate::collective::rendezvous::DistEnv;
 use crate::driver::{self, DiagFormat};
+use crate::plan::Overrides;
 use crate::runtime::distributed::{self, WorldPlan};
 use crate::runtime::folders::{RunFolders, Series};
 use crate::runtime::stop;
@@ -298,6 +299,43 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
     }
 }
 
+/// The layout flags that need several ranks, refused on one device (before the file is read:
+/// the run alone is planned with the others).
+fn refuse_layout_flags_alone(args: &RunArgs) -> anyhow::Result<()> {
+    if args.expert_group.is_some() {
+        bail!("--expert-group needs several ranks (--gpus N or --ranks N)");
+    }
+    if args.tensor.is_some_and(|t| t != 1) {
+        bail!("--tensor needs several ranks (--gpus N or --ranks N)");
+    }
+    if args.pipeline.is_some_and(|p| p != 1) {
+        bail!("--pipeline needs several ranks (--gpus N or --ranks N)");
+    }
+    if args.virtual_stages.is_some_and(|v| v != 1) {
+        bail!(
+            "--virtual-stages needs a pipeline of several ranks (--gpus N or --ranks N, with \
+             --pipeline P)"
+        );
+    }
+    Ok(())
+}
+
+/// Set by fmoec's launcher for the ranks it starts: the launcher has reported the run's
+/// warnings (they report errors only).
+const STARTED_BY_FMOEC: &str = "FMOEC_STARTED_BY_LAUNCHER";
+
+/// Whether this process reports the warnings of the run (the file's and its plan's), so that
+/// each is said once: a run in this process does; of a launched run, the launcher of node 0
+/// (it checks and plans the file before any rank starts: its lines are not prefixed with a
+/// rank, and in JSON its array is the run's) or, under torchrun, rank 0.
+fn reports_warnings(mode: &Mode) -> bool {
+    match mode {
+        Mode::Single | Mode::InProcess(_) => true,
+        Mode::Launch(node) => node.node_rank == 0,
+        Mode::Rank(env, _) => env.rank == 0 && std::env::var_os(STARTED_BY_FMOEC).is_none(),
+    }
+}
+
 /// Whether this process speaks for the run: not the ranks 1.. of a launched run, and not
 /// the launcher itself (its rank 0 speaks).
 fn is_first_rank(mode: &Mode) -> bool {
@@ -320,9 +358,31 @@ pub enum PrecisionArg {
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let mode = mode(args)?;
+    if let Mode::Single = mode {
+        refuse_layout_flags_alone(args)?;
+    }
+    let reports_warnings = reports_warnings(&mode);
+    // Alone, the run's plan is the file with the layout flags given (each 1 by now), as
+    // `fmoec plan` with them has it; on several ranks the file as written must plan, and the
+    // run's own plan (its world's) comes later, with its warnings.
+    let alone = Overrides {
+        tensor: args.tensor,
+        pipeline: args.pipeline,
+        virtual_stages: args.virtual_stages,
+        ..Overrides::NONE
+    };
     let rules = driver::Rules {
-        pipeline_flag: args.pipeline,
-        ..driver::Rules::AS_WRITTEN
+        planning: match mode {
+            Mode::Single => driver::Planning::With(&alone),
+            _ => driver::Planning::With(&Overrides::NONE),
+        },
+        data_files: false,
+        warnings: match (&mode, reports_warnings) {
+            (_, false) => driver::Warnings::None,
+            (Mode::Single, true) => driver::Warnings::All,
+            (_, true) => driver::Warnings::FrontEnd,
+        },
     };
     let loaded = match driver::load_with(&args.file, args.diagnostics, rules) {
         Ok(l) => l,
@@ -338,7 +398,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         };
     }
     let checked = &checked;
-    let mode = mode(args)?;
     if args.sample.is_some() && !matches!(mode, Mode::Single) {
         bail!("--sample runs on one device; leave out --gpus/--ranks");
     }
@@ -368,6 +427,45 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             checked.model.name
         );
     }
+    let choice = distributed::LayoutChoice {
+        expert_group: args.expert_group,
+        tensor: args.tensor,
+        pipeline: args.pipeline,
+        virtual_stages: args.virtual_stages,
+    };
+    // On several ranks, the world's plan before anything else is said: its warnings come
+    // with the file's.
+    let world_plan = match mode {
+        Mode::Single => None,
+        _ => match distributed::plan_world_layout(checked, world, choice) {
+            Ok(plan) => {
+                if reports_warnings {
+                    driver::report(&loaded.sources, &plan.warnings, args.diagnostics);
+                }
+                Some(plan)
+            }
+            Err(diags) => {
+                driver::report(&loaded.sources, &diags, args.diagnostics);
+                if args.diagnostics == DiagFormat::Human {
+                    let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
+                    let pipeline = args.pipeline.unwrap_or(checked.parallel.pipeline);
+                    let mut hints = Vec::new();
+                    if tensor > 1 && args.tensor.is_none() {
+                        hints.push("--tensor 1 runs without tensor parallelism");
+                    }
+                    if pipeline > 1 && args.pipeline.is_none() {
+                        hints.push("--pipeline 1 runs without pipeline parallelism");
+                    }
+                    crate::errln!(
+                        "error: `{}` cannot run on {world} ranks with tensor = {tensor} and pipeline = {pipeline} (the planner's errors above){}",
+                        args.file.display(),
+                        hints.iter().map(|h| format!("; {h}")).collect::<String>()
+                    );
+                }
+                return Ok(ExitCode::from(1));
+            }
+        },
+    };
     // `--out` puts everything under one folder; without it, checkpoints go where the train
     // block's `checkpoint = every(n, dir = ...)` says, the rest to `runs/<model>`, and a
     // second run of the file continues the first or starts the next beside it.
@@ -470,51 +568,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         print_summary: true,
         cuda_graph: !args.no_cuda_graph,
     };
-    let choice = distributed::LayoutChoice {
-        expert_group: args.expert_group,
-        tensor: args.tensor,
-        pipeline: args.pipeline,
-        virtual_stages: args.virtual_stages,
-    };
-    let plan_for = |world: u64| -> Result<WorldPlan, ExitCode> {
-        distributed::plan_world_layout(checked, world, choice).map_err(|diags| {
-            driver::report(&loaded.sources, &diags, args.diagnostics);
-            if args.diagnostics == DiagFormat::Human {
-                let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
-                let pipeline = args.pipeline.unwrap_or(checked.parallel.pipeline);
-                let mut hints = Vec::new();
-                if tensor > 1 && args.tensor.is_none() {
-                    hints.push("--tensor 1 runs without tensor parallelism");
-                }
-                if pipeline > 1 && args.pipeline.is_none() {
-                    hints.push("--pipeline 1 runs without pipeline parallelism");
-                }
-                crate::errln!(
-                    "error: `{}` cannot run on {world} ranks with tensor = {tensor} and pipeline = {pipeline} (the planner's errors above){}",
-                    args.file.display(),
-                    hints.iter().map(|h| format!("; {h}")).collect::<String>()
-                );
-            }
-            ExitCode::from(1)
-        })
-    };
-    let summary = match mode {
-        Mode::Single => {
-            if args.expert_group.is_some() {
-                bail!("--expert-group needs several ranks (--gpus N or --ranks N)");
-            }
-            if args.tensor.is_some_and(|t| t != 1) {
-                bail!("--tensor needs several ranks (--gpus N or --ranks N)");
-            }
-            if args.pipeline.is_some_and(|p| p != 1) {
-                bail!("--pipeline needs several ranks (--gpus N or --ranks N)");
-            }
-            if args.virtual_stages.is_some_and(|v| v != 1) {
-                bail!(
-                    "--virtual-stages needs a pipeline of several ranks (--gpus N or --ranks N, \
-                     with --pipeline P)"
-                );
-            }
+    let summary = match (mode, world_plan) {
+        (Mode::Single, _) => {
             let plan = match distributed::plan_alone(checked) {
                 Ok(p) => p,
                 Err(diags) => {
@@ -530,29 +585,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             };
             train::train_alone(checked, &opts, &plan)?
         }
-        Mode::InProcess(n) => {
-            let plan = match plan_for(n) {
-                Ok(p) => p,
-                Err(code) => return Ok(code),
-            };
+        (Mode::InProcess(_), Some(plan)) => {
             let mut summaries = distributed::run_in_process(checked, &opts, &plan, timeout)?;
             summaries.swap_remove(0)
         }
-        Mode::Launch(node) => {
-            if let Err(code) = plan_for(world) {
-                return Ok(code);
-            }
-            return launch(&node);
-        }
-        Mode::Rank(env, transport) => {
-            let plan = match plan_for(env.world as u64) {
-                Ok(p) => p,
-                Err(code) => return Ok(code),
-            };
+        (Mode::Launch(node), Some(_)) => return launch(&node),
+        (Mode::Rank(env, transport), Some(plan)) => {
             return match transport {
                 Transport::Tcp => run_cpu_rank(checked, &opts, plan, &env, timeout),
                 Transport::Nccl => run_rank(checked, &opts, plan, &env, timeout),
             };
+        }
+        (_, None) => {
+            bail!("no plan was made for the {world} ranks (a bug in fmoec; please report it)")
         }
     };
     Ok(exit_code(&summary))
@@ -586,6 +631,7 @@ fn launch(node: &NodeLaunch) -> anyhow::Result<ExitCode> {
     if !node.cpu {
         launch.env = gpu_ranks_env(n)?;
     }
+    launch.env.push((STARTED_BY_FMOEC.into(), "1".into()));
     let program = std::env::current_exe()?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     // Ctrl-C reaches the ranks (same process group); a SIGTERM sent to the launcher alone

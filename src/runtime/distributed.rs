@@ -61,6 +61,9 @@ pub struct WorldPlan {
     pub virtual_stages: usize,
     /// What the runtime changed in the file's `parallel` block (said once by rank 0).
     pub notes: Vec<String>,
+    /// The planner's warnings about this layout (what `fmoec plan` with the same options
+    /// warns about), for the command line to report once.
+    pub warnings: Vec<Diagnostic>,
     /// The planner's micro-batch for this layout (sequences per data rank), the one the run
     /// uses when the file gives none; `None`: plans made without the planner.
     pub micro_batch: Option<u64>,
@@ -373,6 +376,7 @@ impl WorldPlan {
             parts,
             virtual_stages: plan.virtual_stages as usize,
             notes: Vec::new(),
+            warnings: plan.warnings.clone(),
             micro_batch: Some(plan.micro_batch),
             memory: plan.stages.iter().map(|s| s.cost.memory).collect(),
             fastermoe: plan.fastermoe.clone(),
@@ -413,6 +417,7 @@ impl WorldPlan {
             parts: vec![ModelPart::whole(checked.model.layers.len())],
             virtual_stages: 1,
             notes: Vec::new(),
+            warnings: Vec::new(),
             micro_batch: None,
             memory: Vec::new(),
             fastermoe: None,

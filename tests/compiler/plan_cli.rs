@@ -290,7 +290,7 @@ fn zero_sizes_on_the_command_line_are_refused_at_the_flag() {
 
 /// The file's `virtual_stages` are judged against the pipeline in effect: `--pipeline 2`
 /// gives them one (no W0011, in `plan` and `run`), `--pipeline 1` takes it away (W0011 at
-/// the file's `virtual_stages`, which the checker did not warn about).
+/// the file's `virtual_stages`, which `check` does not warn about).
 #[test]
 fn the_files_virtual_stages_are_judged_against_the_pipeline_flag() {
     let file = "tests/ui/warn-virtual-stages-without-pipeline.fmoe";
@@ -303,7 +303,7 @@ fn the_files_virtual_stages_are_judged_against_the_pipeline_flag() {
     assert!(!err.contains("W0011"), "{err}");
     if cfg!(feature = "runtime") {
         // tiny.fmoe (it trains) on 2 GPUs with 2 virtual stages; on one device `run` refuses
-        // `--pipeline 2` after loading the file, whose warnings come first
+        // `--pipeline 2` before it reads the file
         let tiny = std::fs::read_to_string("examples/tiny.fmoe").unwrap();
         let path = std::env::temp_dir().join(format!("fmoec-w0011-{}.fmoe", std::process::id()));
         std::fs::write(
@@ -331,4 +331,56 @@ fn the_files_virtual_stages_are_judged_against_the_pipeline_flag() {
         err.contains("with command-line overrides --pipeline 1"),
         "{err}"
     );
+}
+
+/// W0011 is one rule, the planner's, judged on the layout in effect and said once: by `check`
+/// and `plan` at the file's `virtual_stages`; `--virtual-stages N` replaces the file's value
+/// (one warning, about the flag, none with `--virtual-stages 1`); with `--pipeline 1` too it
+/// names both flags; in JSON, one element.
+#[test]
+fn w0011_is_said_once_about_the_virtual_stages_in_effect() {
+    let file = "tests/ui/warn-virtual-stages-without-pipeline.fmoe";
+    let at_the_files_value = format!("{file}:16:22");
+    let count = |err: &str| err.matches("warning[W0011]").count();
+    for command in ["check", "plan"] {
+        let (code, _, err) = fmoec(&[command, file]);
+        assert_eq!(code, 0, "{command}: {err}");
+        assert_eq!(count(&err), 1, "{command}: {err}");
+        assert!(
+            err.contains("warning[W0011]: `virtual_stages` has no effect with pipeline = 1"),
+            "{command}: {err}"
+        );
+        assert!(err.contains(&at_the_files_value), "{command}: {err}");
+    }
+    let (code, _, err) = fmoec(&["plan", file, "--virtual-stages", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&err), 1, "{err}");
+    assert!(
+        err.contains("warning[W0011]: `--virtual-stages 2` has no effect with pipeline = 1"),
+        "{err}"
+    );
+    assert!(!err.contains(&at_the_files_value), "{err}");
+    let (code, _, err) = fmoec(&["plan", file, "--virtual-stages", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&err), 0, "{err}");
+    let (code, _, err) = fmoec(&["plan", file, "--pipeline", "1", "--virtual-stages", "3"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&err), 1, "{err}");
+    assert!(
+        err.contains("warning[W0011]: `--virtual-stages 3` has no effect with `--pipeline 1`"),
+        "{err}"
+    );
+    let (code, _, err) = fmoec(&[
+        "plan",
+        file,
+        "--virtual-stages",
+        "2",
+        "--diagnostics",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let items: Vec<serde_json::Value> = serde_json::from_str(&err).unwrap();
+    let w0011: Vec<_> = items.iter().filter(|d| d["code"] == "W0011").collect();
+    assert_eq!(w0011.len(), 1, "{err}");
+    assert_eq!(w0011[0]["primary"]["line"], 14, "{err}");
 }

@@ -489,6 +489,7 @@ fn impossible_layouts_are_clear_errors() {
         parts: vec![ModelPart::whole(c.model.layers.len())],
         virtual_stages: 1,
         notes: Vec::new(),
+        warnings: Vec::new(),
         micro_batch: None,
         memory: Vec::new(),
         fastermoe: None,
@@ -730,6 +731,176 @@ fn a_pipeline_in_the_file_runs_as_the_file_says() {
         )),
         "{stderr}"
     );
+}
+
+/// The diagnostics at the end of a `--diagnostics json` command's stderr: its one JSON array,
+/// after whatever else the run printed.
+fn json_diagnostics(stderr: &str) -> Vec<serde_json::Value> {
+    let start = stderr
+        .rfind("\n[\n")
+        .map(|i| i + 1)
+        .or_else(|| stderr.starts_with("[\n").then_some(0))
+        .unwrap_or_else(|| panic!("no JSON array at the end of: {stderr}"));
+    serde_json::from_str(&stderr[start..]).unwrap_or_else(|e| panic!("{e}: {stderr}"))
+}
+
+/// A run on several ranks says the warnings of the plan it makes for its world, as `fmoec plan`
+/// with the same options does, and each warning once: `--pipeline 1` over a file whose
+/// pipeline has virtual stages gives W0011 at its `virtual_stages` (in JSON too), beside the
+/// file's own warnings. Over two nodes they come from node 0's launcher only: not from its
+/// ranks, nor from node 1.
+#[test]
+fn a_run_says_the_warnings_of_its_worlds_plan_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+        .unwrap()
+        .replace("const experts = 8", "const experts = 8\nconst unused = 3")
+        .replace(
+            "\ntrain {",
+            "\nparallel {\n    gpus = 2\n    pipeline = 2\n    virtual_stages = 2\n}\n\ntrain {",
+        )
+        .replace("width   = 128", "width   = 32");
+    let file = dir.path().join("tiny-interleaved.fmoe");
+    std::fs::write(&file, text).unwrap();
+    let o = |s: &str| std::ffi::OsString::from(s);
+    let count = |text: &str, code: &str| text.matches(&format!("warning[{code}]")).count();
+
+    // what `fmoec plan` says of the world `run --ranks 2 --pipeline 1` plans
+    let plan_args = [
+        o("plan"),
+        file.clone().into_os_string(),
+        o("--world"),
+        o("2"),
+        o("--pipeline"),
+        o("1"),
+        o("--memory-model"),
+        o("fmoec"),
+    ];
+    let plan_args: Vec<&std::ffi::OsStr> = plan_args.iter().map(|a| a.as_os_str()).collect();
+    let plan = fmoec(&plan_args);
+    let plan_err = String::from_utf8_lossy(&plan.stderr);
+    assert!(plan.status.success(), "{plan_err}");
+    assert_eq!(count(&plan_err, "W0011"), 1, "{plan_err}");
+    assert_eq!(count(&plan_err, "W0003"), 1, "{plan_err}");
+    let w0011 = &plan_err[plan_err.find("warning[W0011]").unwrap()..];
+
+    let run = |out: &str, json: bool| {
+        let out = dir.path().join(out);
+        let mut args = vec![o("run"), file.clone().into_os_string()];
+        args.extend(["--ranks", "2", "--pipeline", "1", "--steps", "1", "--quiet"].map(o));
+        args.extend([o("--out"), out.into_os_string()]);
+        if json {
+            args.extend([o("--diagnostics"), o("json")]);
+        }
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let run = fmoec(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(run.status.success(), "{stderr}");
+        stderr
+    };
+    let stderr = run("human", false);
+    assert_eq!(count(&stderr, "W0011"), 1, "{stderr}");
+    assert_eq!(count(&stderr, "W0003"), 1, "{stderr}");
+    assert!(
+        stderr.contains(w0011),
+        "{stderr}\nnot as `fmoec plan` says it:\n{w0011}"
+    );
+
+    let plan_args: Vec<&std::ffi::OsStr> = plan_args
+        .iter()
+        .copied()
+        .chain(["--diagnostics", "json"].map(std::ffi::OsStr::new))
+        .collect();
+    let planned = json_diagnostics(&String::from_utf8_lossy(&fmoec(&plan_args).stderr));
+    let ran = json_diagnostics(&run("json", true));
+    let codes = |items: &[serde_json::Value]| -> Vec<String> {
+        items
+            .iter()
+            .map(|d| d["code"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(codes(&ran), ["W0003", "W0011"], "{ran:?}");
+    assert_eq!(ran, planned);
+
+    // two nodes of one rank each: node 0's launcher says them, once
+    let out = dir.path().join("nodes");
+    let master = format!("127.0.0.1:{}", free_port());
+    let node = |rank: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
+        c.arg("run")
+            .arg(&file)
+            .args(["--ranks", "1", "--nodes", "2", "--node-rank", rank])
+            .args([
+                "--master",
+                &master,
+                "--pipeline",
+                "1",
+                "--steps",
+                "1",
+                "--quiet",
+            ])
+            .args(["--collective-timeout", "120", "--out"])
+            .arg(&out);
+        c
+    };
+    let second = node("1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = node("0").output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    let (first_err, second_err) = (
+        String::from_utf8_lossy(&first.stderr),
+        String::from_utf8_lossy(&second.stderr),
+    );
+    assert!(first.status.success(), "node 0: {first_err}");
+    assert!(second.status.success(), "node 1: {second_err}");
+    for code in ["W0003", "W0011"] {
+        assert_eq!(count(&first_err, code), 1, "node 0: {first_err}");
+        assert_eq!(count(&second_err, code), 0, "node 1: {second_err}");
+    }
+    assert!(!first_err.contains("[rank 0] warning"), "{first_err}");
+    assert!(first_err.contains(w0011), "{first_err}");
+}
+
+/// The file's `virtual_stages` without a pipeline are judged against the world's: `run --ranks
+/// 2` keeps the file's pipeline of 1 and says W0011 once, at them; `--pipeline 2` gives them a
+/// pipeline, the interleaved schedule runs, and nothing is said.
+#[test]
+fn a_run_judges_the_files_virtual_stages_against_its_worlds_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+        .unwrap()
+        .replace(
+            "\ntrain {",
+            "\nparallel {\n    gpus = 2\n    virtual_stages = 2\n}\n\ntrain {",
+        )
+        .replace("width   = 128", "width   = 32");
+    let file = dir.path().join("tiny-chunks.fmoe");
+    std::fs::write(&file, text).unwrap();
+    let o = |s: &str| std::ffi::OsString::from(s);
+    let run = |out: &str, pipeline: &[&str]| {
+        let out = dir.path().join(out);
+        let mut args = vec![o("run"), file.clone().into_os_string()];
+        args.extend(["--ranks", "2", "--steps", "1", "--quiet", "--out"].map(o));
+        args.push(out.into_os_string());
+        args.extend(pipeline.iter().map(|a| o(a)));
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let run = fmoec(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(run.status.success(), "{stderr}");
+        (String::from_utf8_lossy(&run.stdout).into_owned(), stderr)
+    };
+    let (_, stderr) = run("plain", &[]);
+    assert_eq!(stderr.matches("warning[W0011]").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("warning[W0011]: `virtual_stages` has no effect with pipeline = 1"),
+        "{stderr}"
+    );
+    let (stdout, stderr) = run("interleaved", &["--pipeline", "2"]);
+    assert!(!stderr.contains("W0011"), "{stderr}");
+    assert!(stdout.contains("pipeline 2"), "{stdout}");
 }
 
 fn free_port() -> u16 {
