@@ -889,6 +889,129 @@ fn a_run_says_the_warnings_of_its_worlds_plan_once() {
     assert!(first_err.contains(w0011), "{first_err}");
 }
 
+/// A `--diagnostics json` command's stderr cut where its JSON array starts (the first line
+/// that is `[` or `[]`): the lines before it, and the array, which must be all that follows.
+fn lines_and_json_array(stderr: &str) -> (Vec<&str>, Vec<serde_json::Value>) {
+    let mut at = 0;
+    for line in stderr.split_inclusive('\n') {
+        if matches!(line.trim_end(), "[" | "[]") {
+            let array = serde_json::from_str(&stderr[at..]).unwrap_or_else(|e| {
+                panic!("not one JSON array from byte {at} to the end ({e}):\n{stderr}")
+            });
+            return (stderr[..at].lines().collect(), array);
+        }
+        at += line.len();
+    }
+    panic!("no JSON array in:\n{stderr}")
+}
+
+/// Under `--diagnostics json` a launched run's stderr reads as a run in one process: rank 0's
+/// lines as it prints them (no `[rank i]`), then one JSON array, the launcher's, which holds
+/// its ranks' diagnostics. Two nodes of one rank each: node 0 prints what `--ranks 2` prints
+/// (the notes, then the file's and the world plan's warnings), node 1 an empty array. A rank
+/// that fails (node 1 alone, its rank giving up on rank 0) has its error in its node's
+/// array, naming the rank, before the launcher's own.
+#[test]
+fn a_launched_run_prints_one_json_array_with_its_ranks_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_with_warnings(dir.path());
+    let flags = [
+        "--pipeline",
+        "1",
+        "--steps",
+        "1",
+        "--quiet",
+        "--diagnostics",
+        "json",
+    ];
+    let run = |extra: &[&str], out: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
+        c.arg("run")
+            .arg(&file)
+            .args(extra)
+            .args(flags)
+            .arg("--out")
+            .arg(dir.path().join(out));
+        c
+    };
+    let stderr_of = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    // progress lines carry numbers of their own run; the notes and the array must be equal
+    let not_progress = |lines: Vec<&str>| -> Vec<String> {
+        lines
+            .into_iter()
+            .filter(|l| !l.starts_with("step "))
+            .map(str::to_string)
+            .collect()
+    };
+
+    let in_process = run(&["--ranks", "2"], "in-process").output().unwrap();
+    let in_process_err = stderr_of(&in_process);
+    assert!(in_process.status.success(), "{in_process_err}");
+    let (want_lines, want) = lines_and_json_array(&in_process_err);
+    let codes: Vec<&str> = want.iter().map(|d| d["code"].as_str().unwrap()).collect();
+    assert_eq!(codes, ["W0003", "W0011"], "{in_process_err}");
+    let want_lines = not_progress(want_lines);
+    assert!(!want_lines.is_empty(), "{in_process_err}");
+
+    let master = format!("127.0.0.1:{}", free_port());
+    let node = |rank: &str| {
+        let mut c = run(
+            &["--ranks", "1", "--nodes", "2", "--node-rank", rank],
+            "nodes",
+        );
+        c.args(["--master", &master, "--collective-timeout", "120"]);
+        c
+    };
+    let second = node("1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = node("0").output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    let (first_err, second_err) = (stderr_of(&first), stderr_of(&second));
+    assert!(first.status.success(), "node 0: {first_err}");
+    assert!(second.status.success(), "node 1: {second_err}");
+    let (lines, said) = lines_and_json_array(&first_err);
+    assert_eq!(not_progress(lines), want_lines, "node 0:\n{first_err}");
+    assert_eq!(said, want, "node 0:\n{first_err}");
+    assert_eq!(second_err, "[]\n", "node 1");
+
+    // node 1 alone: its rank gives up on rank 0 by the timeout, and says so in the array
+    let lonely = run(
+        &["--ranks", "1", "--nodes", "2", "--node-rank", "1"],
+        "lonely",
+    )
+    .args(["--master", &format!("127.0.0.1:{}", free_port())])
+    .args(["--collective-timeout", "2"])
+    .output()
+    .unwrap();
+    let stderr = stderr_of(&lonely);
+    assert_eq!(lonely.status.code(), Some(1), "{stderr}");
+    let (lines, said) = lines_and_json_array(&stderr);
+    assert!(lines.is_empty(), "{stderr}");
+    assert_eq!(said.len(), 2, "{stderr}");
+    for d in &said {
+        assert_eq!(
+            (&d["severity"], &d["code"]),
+            (&"error".into(), &"E0002".into())
+        );
+    }
+    assert!(
+        said[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rank 1 could not reach rank 0"),
+        "{stderr}"
+    );
+    assert_eq!(
+        said[0]["notes"],
+        serde_json::json!(["from rank 1"]),
+        "{stderr}"
+    );
+    assert_eq!(said[1]["message"], "rank 1 exited with code 1", "{stderr}");
+}
+
 /// Started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; `--device
 /// cpu`: CPU ranks over TCP), rank 0 says the file's warnings and its world plan's, each once
 /// and as `fmoec plan` says them; rank 1 says none.
