@@ -5,7 +5,7 @@
 //! It knows the phases only through their entry points (`check`, `plan`); it knows nothing
 //! about what a subcommand does with the checked file afterwards.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 
@@ -145,13 +145,57 @@ fn report_unplaced(
     }
 }
 
+/// Diagnostics another process of the same command reported in JSON (read with
+/// [`read_handed_json`]), kept for the one array [`finish`] prints.
+pub fn report_json(items: Vec<serde_json::Value>) {
+    push_json(items);
+}
+
+/// Where [`finish`] puts the JSON array instead of stderr (see [`hand_json_to`]).
+static JSON_HANDED_TO: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Makes [`finish`] write the JSON array to `file` instead of stderr: this process is one
+/// of several whose diagnostics another process prints as its own one array (a rank of
+/// `fmoec run`'s launcher), so its stderr carries no array.
+pub fn hand_json_to(file: PathBuf) {
+    *JSON_HANDED_TO.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+}
+
+/// The diagnostics a process wrote to `file` by [`hand_json_to`]; `Ok(None)` when it wrote
+/// none (it never got to [`finish`]).
+pub fn read_handed_json(file: &Path) -> anyhow::Result<Option<Vec<serde_json::Value>>> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow::anyhow!("cannot read `{}`: {e}", file.display())),
+    };
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        anyhow::anyhow!(
+            "`{}` is not a JSON array of diagnostics: {e}",
+            file.display()
+        )
+    })
+}
+
 /// Ends a command's diagnostics: in JSON, prints the one array of everything reported
-/// (`[]` for nothing). Call once, as the command ends.
+/// (`[]` for nothing), or writes it where [`hand_json_to`] says. Call once, as the command
+/// ends.
 pub fn finish(format: DiagFormat) {
     if format == DiagFormat::Json {
         let items =
             std::mem::take(&mut *JSON_DIAGNOSTICS.lock().unwrap_or_else(|e| e.into_inner()));
         let text = serde_json::to_string_pretty(&items).unwrap_or_else(|_| "[]".into());
+        let handed_to = JSON_HANDED_TO
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        // Written whole or not at all: the reader takes a missing file for "nothing said".
+        // If it cannot be written, stderr still gets the diagnostics.
+        if let Some(file) = handed_to {
+            if write_atomic(&file, text.as_bytes()).is_ok() {
+                return;
+            }
+        }
         crate::errln!("{text}");
     }
 }

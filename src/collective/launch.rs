@@ -5,9 +5,10 @@
 //! [`spawn_local`] starts `n` copies of a program with `RANK` (this node's first rank plus
 //! i), `LOCAL_RANK` (i), `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`
 //! set (and `NCCL_NVLS_ENABLE=0` unless the caller's environment sets it), prefixes each line
-//! the ranks print with `[rank RANK]`, and waits. When one rank fails (non-zero exit or a signal) the others are
-//! killed at once, so a dead rank never leaves its peers hanging in a collective; the
-//! launcher's result names the first rank that failed and its exit code.
+//! the ranks print with `[rank RANK]` (on stderr unless [`Launch::label_stderr`] says not),
+//! and waits. When one rank fails (non-zero exit or a signal) the others are killed at once,
+//! so a dead rank never leaves its peers hanging in a collective; the launcher's result
+//! names the first rank that failed and its exit code.
 //!
 //! It knows nothing about NCCL or tensors; the library search path for NCCL is the
 //! caller's business (it passes extra environment variables in [`Launch::env`]).
@@ -34,6 +35,10 @@ pub struct Launch {
     pub first_rank: usize,
     /// Ranks of the whole run, all machines (`None`: the `n` started here).
     pub world: Option<usize>,
+    /// Whether the lines the ranks print on stderr start with `[rank RANK]` as those on
+    /// stdout do; without, they are passed on as printed, so that stderr reads as one
+    /// process's would (a caller whose stderr has a format of its own, which the ranks keep).
+    pub label_stderr: bool,
 }
 
 impl Default for Launch {
@@ -45,6 +50,7 @@ impl Default for Launch {
             stop_signal: None,
             first_rank: 0,
             world: None,
+            label_stderr: true,
         }
     }
 }
@@ -155,8 +161,9 @@ pub fn free_port(addr: &str) -> Result<u16, LaunchError> {
 }
 
 /// Start `n` ranks of `program args...` on this machine (rank i uses GPU i), forward
-/// their output with a `[rank i]` prefix, and wait for all of them. When a rank fails
-/// the remaining ones are killed and the result names the failure.
+/// their output with a `[rank i]` prefix (see [`Launch::label_stderr`]), and wait for all
+/// of them. When a rank fails the remaining ones are killed and the result names the
+/// failure.
 pub fn spawn_local(
     n: usize,
     program: impl AsRef<OsStr>,
@@ -199,11 +206,12 @@ pub fn spawn_local(
         match command.spawn() {
             Ok(mut child) => {
                 if let Some(out) = child.stdout.take() {
-                    forward(out, rank, false, done.clone());
+                    forward(out, Output::Stdout, Some(rank), done.clone());
                     forwarders += 1;
                 }
                 if let Some(err) = child.stderr.take() {
-                    forward(err, rank, true, done.clone());
+                    let label = launch.label_stderr.then_some(rank);
+                    forward(err, Output::Stderr, label, done.clone());
                     forwarders += 1;
                 }
                 children.push(child);
@@ -312,22 +320,34 @@ fn kill_all(children: &mut [Child], statuses: &[Option<ExitStatus>]) {
     }
 }
 
+/// Where [`forward`] passes a rank's lines on.
+#[derive(Clone, Copy)]
+enum Output {
+    Stdout,
+    Stderr,
+}
+
+/// Passes each line of `stream` on to this process's `output`, after `[rank RANK] ` when
+/// `label` names the rank, and says `done` at the end of the stream.
 fn forward(
     stream: impl Read + Send + 'static,
-    rank: usize,
-    to_stderr: bool,
+    output: Output,
+    label: Option<usize>,
     done: std::sync::mpsc::Sender<()>,
 ) {
     std::thread::spawn(move || {
         let reader = BufReader::new(stream);
         for line in reader.split(b'\n') {
             let Ok(line) = line else { break };
-            let text = format!("[rank {rank}] {}\n", String::from_utf8_lossy(&line));
-            if to_stderr {
-                let _ = std::io::stderr().lock().write_all(text.as_bytes());
-            } else {
-                let _ = std::io::stdout().lock().write_all(text.as_bytes());
-            }
+            let line = String::from_utf8_lossy(&line);
+            let text = match label {
+                Some(rank) => format!("[rank {rank}] {line}\n"),
+                None => format!("{line}\n"),
+            };
+            let _ = match output {
+                Output::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
+                Output::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
+            };
         }
         let _ = done.send(());
     });

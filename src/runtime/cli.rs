@@ -1,6 +1,6 @@
 //! `fmoec run`: command-line arguments, and the edge between them and [`super::train`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use std::time::Duration;
@@ -324,6 +324,92 @@ fn refuse_layout_flags_alone(args: &RunArgs) -> anyhow::Result<()> {
 /// warnings (they report errors only).
 const STARTED_BY_FMOEC: &str = "FMOEC_STARTED_BY_LAUNCHER";
 
+/// Set by fmoec's launcher under `--diagnostics json`: a folder where each rank it starts
+/// writes its JSON array (`rank-RANK.json`) instead of printing it, for the launcher to
+/// print in its own one array.
+const RANK_DIAGNOSTICS_DIR: &str = "FMOEC_RANK_DIAGNOSTICS_DIR";
+
+/// Where this process writes its JSON diagnostics for the launcher that started it (`None`:
+/// not started by one, or not under `--diagnostics json`).
+fn diagnostics_file_of_this_rank() -> Option<PathBuf> {
+    let dir = std::env::var_os(RANK_DIAGNOSTICS_DIR)?;
+    let rank: usize = std::env::var("RANK").ok()?.trim().parse().ok()?;
+    Some(rank_diagnostics_file(Path::new(&dir), rank))
+}
+
+fn rank_diagnostics_file(dir: &Path, rank: usize) -> PathBuf {
+    dir.join(format!("rank-{rank}.json"))
+}
+
+/// The folder a launcher under `--diagnostics json` gives its ranks for their diagnostics
+/// ([`RANK_DIAGNOSTICS_DIR`]), removed with what is in it when dropped.
+struct RankDiagnostics {
+    dir: PathBuf,
+}
+
+impl RankDiagnostics {
+    fn create() -> anyhow::Result<RankDiagnostics> {
+        let dir =
+            std::env::temp_dir().join(format!("fmoec-rank-diagnostics-{}", std::process::id()));
+        // A folder of that name can only be left by a process of the same id that died.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create `{}` for the ranks' diagnostics: {e}",
+                dir.display()
+            )
+        })?;
+        Ok(RankDiagnostics { dir })
+    }
+
+    /// Reports what the ranks `ranks` wrote, in rank order: a diagnostic that several ranks
+    /// wrote alike once, each with a note naming its ranks.
+    fn report(&self, ranks: std::ops::Range<usize>) {
+        let mut said: Vec<(serde_json::Value, Vec<usize>)> = Vec::new();
+        for rank in ranks {
+            let items = match driver::read_handed_json(&rank_diagnostics_file(&self.dir, rank)) {
+                Ok(items) => items.unwrap_or_default(),
+                Err(e) => {
+                    driver::report_error(
+                        &format!("the diagnostics of rank {rank} are lost: {e:#}"),
+                        None,
+                        DiagFormat::Json,
+                    );
+                    continue;
+                }
+            };
+            for item in items {
+                match said.iter_mut().find(|(seen, _)| *seen == item) {
+                    Some((_, by)) => by.push(rank),
+                    None => said.push((item, vec![rank])),
+                }
+            }
+        }
+        let items = said
+            .into_iter()
+            .map(|(mut item, ranks)| {
+                let ranks: Vec<String> = ranks.iter().map(usize::to_string).collect();
+                let note = match ranks.len() {
+                    1 => format!("from rank {}", ranks[0]),
+                    _ => format!("from ranks {}", ranks.join(", ")),
+                };
+                match item.get_mut("notes").and_then(|n| n.as_array_mut()) {
+                    Some(notes) => notes.push(note.into()),
+                    None => item["notes"] = serde_json::json!([note]),
+                }
+                item
+            })
+            .collect();
+        driver::report_json(items);
+    }
+}
+
+impl Drop for RankDiagnostics {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Whether this process reports the warnings of the run (the file's and its plan's), so that
 /// each is said once: a run in this process does; of a launched run, the launcher of node 0
 /// (it checks and plans the file before any rank starts: its lines are not prefixed with a
@@ -358,6 +444,11 @@ pub enum PrecisionArg {
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    if args.diagnostics == DiagFormat::Json {
+        if let Some(file) = diagnostics_file_of_this_rank() {
+            driver::hand_json_to(file);
+        }
+    }
     let mode = mode(args)?;
     if let Mode::Single = mode {
         refuse_layout_flags_alone(args)?;
@@ -589,7 +680,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             let mut summaries = distributed::run_in_process(checked, &opts, &plan, timeout)?;
             summaries.swap_remove(0)
         }
-        (Mode::Launch(node), Some(_)) => return launch(&node),
+        (Mode::Launch(node), Some(_)) => return launch(&node, args.diagnostics),
         (Mode::Rank(env, transport), Some(plan)) => {
             return match transport {
                 Transport::Tcp => run_cpu_rank(checked, &opts, plan, &env, timeout),
@@ -614,8 +705,10 @@ fn exit_code(summary: &RunSummary) -> ExitCode {
 
 /// Starts this machine's ranks (`node`) as processes of this program with the same
 /// arguments and the torchrun variables, passes a stop signal on to them, waits, and exits
-/// with the first failing rank's code.
-fn launch(node: &NodeLaunch) -> anyhow::Result<ExitCode> {
+/// with the first failing rank's code. Under `--diagnostics json` this process's stderr
+/// is what one process of the run would print: the ranks' lines as they print them (rank
+/// 0's progress), then one JSON array, this launcher's with the ranks' diagnostics in it.
+fn launch(node: &NodeLaunch, format: DiagFormat) -> anyhow::Result<ExitCode> {
     use crate::collective::launch::{spawn_local, Launch};
     let n = node.per_node;
     let mut launch = Launch {
@@ -632,6 +725,18 @@ fn launch(node: &NodeLaunch) -> anyhow::Result<ExitCode> {
         launch.env = gpu_ranks_env(n)?;
     }
     launch.env.push((STARTED_BY_FMOEC.into(), "1".into()));
+    let rank_diagnostics = match format {
+        DiagFormat::Json => {
+            let diagnostics = RankDiagnostics::create()?;
+            launch.env.push((
+                RANK_DIAGNOSTICS_DIR.into(),
+                diagnostics.dir.clone().into_os_string(),
+            ));
+            launch.label_stderr = false;
+            Some(diagnostics)
+        }
+        DiagFormat::Human => None,
+    };
     let program = std::env::current_exe()?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     // Ctrl-C reaches the ranks (same process group); a SIGTERM sent to the launcher alone
@@ -639,8 +744,14 @@ fn launch(node: &NodeLaunch) -> anyhow::Result<ExitCode> {
     // launcher waits for them instead of dying first.
     stop::install();
     let outcome = spawn_local(n as usize, program, &args, &launch)?;
+    if let Some(diagnostics) = &rank_diagnostics {
+        diagnostics.report(launch.first_rank..launch.first_rank + n as usize);
+    }
     if let Some(text) = outcome.describe() {
-        crate::errln!("fmoec run: {text}");
+        match format {
+            DiagFormat::Human => crate::errln!("fmoec run: {text}"),
+            DiagFormat::Json => driver::report_error(&text, None, format),
+        }
     }
     Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
 }

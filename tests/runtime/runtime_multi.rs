@@ -744,14 +744,10 @@ fn json_diagnostics(stderr: &str) -> Vec<serde_json::Value> {
     serde_json::from_str(&stderr[start..]).unwrap_or_else(|e| panic!("{e}: {stderr}"))
 }
 
-/// A run on several ranks says the warnings of the plan it makes for its world, as `fmoec plan`
-/// with the same options does, and each warning once: `--pipeline 1` over a file whose
-/// pipeline has virtual stages gives W0011 at its `virtual_stages` (in JSON too), beside the
-/// file's own warnings. Over two nodes they come from node 0's launcher only: not from its
-/// ranks, nor from node 1.
-#[test]
-fn a_run_says_the_warnings_of_its_worlds_plan_once() {
-    let dir = tempfile::tempdir().unwrap();
+/// `examples/tiny.fmoe` narrowed to width 32, with a warning of its own (W0003, an unused
+/// constant) and a pipeline of 2 with 2 virtual stages, so that a run with `--pipeline 1`
+/// plans a world with W0011 at the file's `virtual_stages`.
+fn tiny_with_warnings(dir: &Path) -> std::path::PathBuf {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
         .unwrap()
         .replace("const experts = 8", "const experts = 8\nconst unused = 3")
@@ -760,10 +756,44 @@ fn a_run_says_the_warnings_of_its_worlds_plan_once() {
             "\nparallel {\n    gpus = 2\n    pipeline = 2\n    virtual_stages = 2\n}\n\ntrain {",
         )
         .replace("width   = 128", "width   = 32");
-    let file = dir.path().join("tiny-interleaved.fmoe");
+    let file = dir.join("tiny-interleaved.fmoe");
     std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// How many times `warning[CODE]` is in `text`.
+fn warnings_of(text: &str, code: &str) -> usize {
+    text.matches(&format!("warning[{code}]")).count()
+}
+
+/// What `fmoec plan` says of `file` on 2 ranks with `--pipeline 1`, as `fmoec run` plans
+/// that world: its stderr from `warning[W0011]` on, after checking it holds W0011 and W0003
+/// once each.
+fn plan_w0011_on_two_ranks(file: &Path) -> String {
+    let plan = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .arg("plan")
+        .arg(file)
+        .args(["--world", "2", "--pipeline", "1", "--memory-model", "fmoec"])
+        .output()
+        .unwrap();
+    let plan_err = String::from_utf8_lossy(&plan.stderr).into_owned();
+    assert!(plan.status.success(), "{plan_err}");
+    assert_eq!(warnings_of(&plan_err, "W0011"), 1, "{plan_err}");
+    assert_eq!(warnings_of(&plan_err, "W0003"), 1, "{plan_err}");
+    plan_err[plan_err.find("warning[W0011]").unwrap()..].to_string()
+}
+
+/// A run on several ranks says the warnings of the plan it makes for its world, as `fmoec plan`
+/// with the same options does, and each warning once: `--pipeline 1` over a file whose
+/// pipeline has virtual stages gives W0011 at its `virtual_stages` (in JSON too), beside the
+/// file's own warnings. Over two nodes they come from node 0's launcher only: not from its
+/// ranks, nor from node 1.
+#[test]
+fn a_run_says_the_warnings_of_its_worlds_plan_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_with_warnings(dir.path());
     let o = |s: &str| std::ffi::OsString::from(s);
-    let count = |text: &str, code: &str| text.matches(&format!("warning[{code}]")).count();
+    let count = warnings_of;
 
     // what `fmoec plan` says of the world `run --ranks 2 --pipeline 1` plans
     let plan_args = [
@@ -777,12 +807,7 @@ fn a_run_says_the_warnings_of_its_worlds_plan_once() {
         o("fmoec"),
     ];
     let plan_args: Vec<&std::ffi::OsStr> = plan_args.iter().map(|a| a.as_os_str()).collect();
-    let plan = fmoec(&plan_args);
-    let plan_err = String::from_utf8_lossy(&plan.stderr);
-    assert!(plan.status.success(), "{plan_err}");
-    assert_eq!(count(&plan_err, "W0011"), 1, "{plan_err}");
-    assert_eq!(count(&plan_err, "W0003"), 1, "{plan_err}");
-    let w0011 = &plan_err[plan_err.find("warning[W0011]").unwrap()..];
+    let w0011 = &plan_w0011_on_two_ranks(&file);
 
     let run = |out: &str, json: bool| {
         let out = dir.path().join(out);
@@ -862,6 +887,216 @@ fn a_run_says_the_warnings_of_its_worlds_plan_once() {
     }
     assert!(!first_err.contains("[rank 0] warning"), "{first_err}");
     assert!(first_err.contains(w0011), "{first_err}");
+}
+
+/// A `--diagnostics json` command's stderr cut where its JSON array starts (the first line
+/// that is `[` or `[]`): the lines before it, and the array, which must be all that follows.
+fn lines_and_json_array(stderr: &str) -> (Vec<&str>, Vec<serde_json::Value>) {
+    let mut at = 0;
+    for line in stderr.split_inclusive('\n') {
+        if matches!(line.trim_end(), "[" | "[]") {
+            let array = serde_json::from_str(&stderr[at..]).unwrap_or_else(|e| {
+                panic!("not one JSON array from byte {at} to the end ({e}):\n{stderr}")
+            });
+            return (stderr[..at].lines().collect(), array);
+        }
+        at += line.len();
+    }
+    panic!("no JSON array in:\n{stderr}")
+}
+
+/// Under `--diagnostics json` a launched run's stderr reads as a run in one process: rank 0's
+/// lines as it prints them (no `[rank i]`), then one JSON array, the launcher's, which holds
+/// its ranks' diagnostics. Two nodes of one rank each: node 0 prints what `--ranks 2` prints
+/// (the notes, then the file's and the world plan's warnings), node 1 an empty array. A rank
+/// that fails (node 1 alone, its rank giving up on rank 0) has its error in its node's
+/// array, naming the rank, before the launcher's own.
+#[test]
+fn a_launched_run_prints_one_json_array_with_its_ranks_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_with_warnings(dir.path());
+    let flags = [
+        "--pipeline",
+        "1",
+        "--steps",
+        "1",
+        "--quiet",
+        "--diagnostics",
+        "json",
+    ];
+    let run = |extra: &[&str], out: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
+        c.arg("run")
+            .arg(&file)
+            .args(extra)
+            .args(flags)
+            .arg("--out")
+            .arg(dir.path().join(out));
+        c
+    };
+    let stderr_of = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    // progress lines carry numbers of their own run; the notes and the array must be equal
+    let not_progress = |lines: Vec<&str>| -> Vec<String> {
+        lines
+            .into_iter()
+            .filter(|l| !l.starts_with("step "))
+            .map(str::to_string)
+            .collect()
+    };
+
+    let in_process = run(&["--ranks", "2"], "in-process").output().unwrap();
+    let in_process_err = stderr_of(&in_process);
+    assert!(in_process.status.success(), "{in_process_err}");
+    let (want_lines, want) = lines_and_json_array(&in_process_err);
+    let codes: Vec<&str> = want.iter().map(|d| d["code"].as_str().unwrap()).collect();
+    assert_eq!(codes, ["W0003", "W0011"], "{in_process_err}");
+    let want_lines = not_progress(want_lines);
+    assert!(!want_lines.is_empty(), "{in_process_err}");
+
+    let master = format!("127.0.0.1:{}", free_port());
+    let node = |rank: &str| {
+        let mut c = run(
+            &["--ranks", "1", "--nodes", "2", "--node-rank", rank],
+            "nodes",
+        );
+        c.args(["--master", &master, "--collective-timeout", "120"]);
+        c
+    };
+    let second = node("1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = node("0").output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    let (first_err, second_err) = (stderr_of(&first), stderr_of(&second));
+    assert!(first.status.success(), "node 0: {first_err}");
+    assert!(second.status.success(), "node 1: {second_err}");
+    let (lines, said) = lines_and_json_array(&first_err);
+    assert_eq!(not_progress(lines), want_lines, "node 0:\n{first_err}");
+    assert_eq!(said, want, "node 0:\n{first_err}");
+    assert_eq!(second_err, "[]\n", "node 1");
+
+    // node 1 alone: its rank gives up on rank 0 by the timeout, and says so in the array
+    let lonely = run(
+        &["--ranks", "1", "--nodes", "2", "--node-rank", "1"],
+        "lonely",
+    )
+    .args(["--master", &format!("127.0.0.1:{}", free_port())])
+    .args(["--collective-timeout", "2"])
+    .output()
+    .unwrap();
+    let stderr = stderr_of(&lonely);
+    assert_eq!(lonely.status.code(), Some(1), "{stderr}");
+    let (lines, said) = lines_and_json_array(&stderr);
+    assert!(lines.is_empty(), "{stderr}");
+    assert_eq!(said.len(), 2, "{stderr}");
+    for d in &said {
+        assert_eq!(
+            (&d["severity"], &d["code"]),
+            (&"error".into(), &"E0002".into())
+        );
+    }
+    assert!(
+        said[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rank 1 could not reach rank 0"),
+        "{stderr}"
+    );
+    assert_eq!(
+        said[0]["notes"],
+        serde_json::json!(["from rank 1"]),
+        "{stderr}"
+    );
+    assert_eq!(said[1]["message"], "rank 1 exited with code 1", "{stderr}");
+}
+
+/// Started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; `--device
+/// cpu`: CPU ranks over TCP), rank 0 says the file's warnings and its world plan's, each once
+/// and as `fmoec plan` says them; rank 1 says none.
+#[test]
+fn under_torchrun_rank_0_says_the_warnings_and_rank_1_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_with_warnings(dir.path());
+    let w0011 = plan_w0011_on_two_ranks(&file);
+    let out = dir.path().join("torchrun");
+    let rank = |rank: usize, port: u16| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
+        c.arg("run")
+            .arg(&file)
+            .args([
+                "--device",
+                "cpu",
+                "--pipeline",
+                "1",
+                "--steps",
+                "1",
+                "--quiet",
+            ])
+            .args(["--collective-timeout", "120", "--out"])
+            .arg(&out)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("LOCAL_WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            // torchrun's ranks, not fmoec's launcher's
+            .env_remove("FMOEC_STARTED_BY_LAUNCHER")
+            .env_remove("FMOEC_RANK_DIAGNOSTICS_DIR");
+        c
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    // Rank 1 starts first and retries reaching rank 0 until the timeout, so however late
+    // rank 0 comes on a loaded machine they meet. The port is free when picked; should
+    // another process take it before rank 0 listens there, the pair runs again on another.
+    let (first, second) = (0..3)
+        .find_map(|attempt| {
+            let port = free_port();
+            let second = rank(1, port)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let first = rank(0, port).output().unwrap();
+            if first.status.success() {
+                return Some((first, second.wait_with_output().unwrap()));
+            }
+            let mut second = second;
+            let _ = second.kill();
+            let second = second.wait_with_output().unwrap();
+            let first_text = text(&first);
+            if attempt < 2 && first_text.contains("Address already in use") {
+                return None;
+            }
+            panic!("rank 0: {first_text}\nrank 1: {}", text(&second));
+        })
+        .expect("three ports taken before rank 0 listened");
+    assert!(second.status.success(), "rank 1: {}", text(&second));
+    let (first_err, second_err) = (
+        String::from_utf8_lossy(&first.stderr),
+        String::from_utf8_lossy(&second.stderr),
+    );
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("Cpu x 2 ranks"),
+        "rank 0: {}",
+        text(&first)
+    );
+    for code in ["W0003", "W0011"] {
+        assert_eq!(warnings_of(&first_err, code), 1, "rank 0: {first_err}");
+    }
+    assert!(
+        first_err.contains(&w0011),
+        "rank 0: {first_err}\nnot as `fmoec plan` says it:\n{w0011}"
+    );
+    assert!(!second_err.contains("warning"), "rank 1: {second_err}");
 }
 
 /// The file's `virtual_stages` without a pipeline are judged against the world's: `run --ranks
