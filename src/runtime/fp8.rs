@@ -1515,31 +1515,25 @@ mod ops {
                 n_over == 0,
                 format!("{n_over} overflows"),
             );
-            let w = x.f_narrow(0, 0, 256)?;
-            let wends = Tensor::f_from_slice(&[64i32, 128, 192, 256])?;
-            let (got, _) = quant_transposed(
-                &w.f_to_device(device)?,
-                &wends.f_to_device(device)?,
-                Transposed::Stacked { len: 64 },
-                None,
-                None,
-            )?;
-            let (want, _) =
-                quant_transposed(&w, &wends, Transposed::Stacked { len: 64 }, None, None)?;
-            same(&mut c, label("transposed, stacked"), &got, &want)?;
+            // four stacked groups of `len` rows each, on the device against the reference
+            let stacked = |c: &mut Checks, len: i64, what: &str| -> Result<()> {
+                let w = x.f_narrow(0, 0, 4 * len)?;
+                let ends: Vec<i32> = (1..=4).map(|g| (g * len) as i32).collect();
+                let wends = Tensor::f_from_slice(&ends)?;
+                let layout = Transposed::Stacked { len };
+                let (got, _) = quant_transposed(
+                    &w.f_to_device(device)?,
+                    &wends.f_to_device(device)?,
+                    layout,
+                    None,
+                    None,
+                )?;
+                let (want, _) = quant_transposed(&w, &wends, layout, None, None)?;
+                same(c, label(what), &got, &want)
+            };
+            stacked(&mut c, 64, "transposed, stacked")?;
             // groups of a length that is no multiple of 16: the copy's byte-wise stores
-            let w = x.f_narrow(0, 0, 96)?;
-            let wends = Tensor::f_from_slice(&[24i32, 48, 72, 96])?;
-            let (got, _) = quant_transposed(
-                &w.f_to_device(device)?,
-                &wends.f_to_device(device)?,
-                Transposed::Stacked { len: 24 },
-                None,
-                None,
-            )?;
-            let (want, _) =
-                quant_transposed(&w, &wends, Transposed::Stacked { len: 24 }, None, None)?;
-            same(&mut c, label("transposed, stacked by 24"), &got, &want)?;
+            stacked(&mut c, 24, "transposed, stacked by 24")?;
             // the dispatch's gather and quantisation in one pass
             let (t, k) = (100i64, 3i64);
             let tokens = x.f_narrow(0, 0, t)?;

@@ -411,6 +411,24 @@ struct RowPass<'a> {
 }
 
 impl RowPass<'_> {
+    /// Runs a pass of one output over `rows` rows of width `d` of `x` into new FP8 rows, and
+    /// with `col_ends` raises their [`ColumnMaxima`] where the pass can hold them.
+    fn run_into_new(
+        &self,
+        x: &Tensor,
+        rows: i64,
+        d: i64,
+        col_ends: Option<&Tensor>,
+    ) -> Result<(Fp8, Option<ColumnMaxima>)> {
+        let Some(elem) = Elem::of(x) else {
+            bail!("FP8 row pass over a tensor of {:?}", x.kind());
+        };
+        let q = empty_rows(rows, d, x.device())?;
+        let maxima = FusedMaxima::new(x, self.kernel, elem, rows, d, col_ends, 1)?;
+        self.run(x, rows, d, &q, maxima.as_ref())?;
+        Ok((q, maxima.map(|m| m.amax)))
+    }
+
     /// Runs the pass over `rows` rows of width `d` of `x` (the tensor that gives the device)
     /// into `out`, raising `maxima` if given (then on its resident grid, and its second step
     /// after it).
@@ -616,9 +634,7 @@ pub fn gather_quant_rows(
         let x = x.f_contiguous()?;
         let row_slot = row_slot.f_contiguous()?;
         let xs = Tensor::f_empty([rows, d], (x.kind(), x.device()))?;
-        let out = empty_rows(rows, d, x.device())?;
-        let maxima = FusedMaxima::new(&x, Kernel::Fp8QuantRows(elem), elem, rows, d, col_ends, 1)?;
-        RowPass {
+        let (out, maxima) = RowPass {
             kernel: Kernel::Fp8QuantRows(elem),
             sources: vec![
                 ptr(Some(&x)),
@@ -631,8 +647,8 @@ pub fn gather_quant_rows(
             overflow,
             second: None,
         }
-        .run(&x, rows, d, &out, maxima.as_ref())?;
-        return Ok((xs, out, maxima.map(|m| m.amax)));
+        .run_into_new(&x, rows, d, col_ends)?;
+        return Ok((xs, out, maxima));
     }
     let xs = super::ops::gather_rows(x, row_slot, k, weight.as_ref())?;
     let (q, maxima) = reference_rows(&xs, None, overflow, col_ends)?;
@@ -720,19 +736,16 @@ fn act_rows(
         let a = a.f_contiguous()?;
         let b = b.map(|b| b.f_contiguous()).transpose()?;
         let out = write_output.then(|| a.f_empty_like()).transpose()?;
-        let q = empty_rows(rows, cols, a.device())?;
-        let kernel = Kernel::Fp8ActQuantRows(act, elem);
-        let maxima = FusedMaxima::new(&a, kernel, elem, rows, cols, col_ends, 1)?;
-        RowPass {
-            kernel,
+        let (q, maxima) = RowPass {
+            kernel: Kernel::Fp8ActQuantRows(act, elem),
             sources: vec![ptr(Some(&a)), ptr(b.as_ref())],
             limit,
             copy: out.as_ref(),
             overflow,
             second: None,
         }
-        .run(&a, rows, cols, &q, maxima.as_ref())?;
-        return Ok((out, q, maxima.map(|m| m.amax)));
+        .run_into_new(&a, rows, cols, col_ends)?;
+        return Ok((out, q, maxima));
     }
     let out = rows_before(&act_reference(a, b, act)?, limit)?;
     let (q, maxima) = reference_rows(&out, limit, overflow, col_ends)?;
@@ -765,19 +778,16 @@ pub fn act_grad_quant_rows(
         let a = a.f_contiguous()?;
         let g = g.f_contiguous()?;
         let ga = a.f_empty_like()?;
-        let q = empty_rows(rows, cols, a.device())?;
-        let kernel = Kernel::Fp8ActGradQuantRows(act, elem);
-        let maxima = FusedMaxima::new(&a, kernel, elem, rows, cols, col_ends, 1)?;
-        RowPass {
-            kernel,
+        let (q, maxima) = RowPass {
+            kernel: Kernel::Fp8ActGradQuantRows(act, elem),
             sources: vec![ptr(Some(&a)), ptr(Some(&g))],
             limit,
             copy: Some(&ga),
             overflow,
             second: None,
         }
-        .run(&a, rows, cols, &q, maxima.as_ref())?;
-        return Ok((ga, q, maxima.map(|m| m.amax)));
+        .run_into_new(&a, rows, cols, col_ends)?;
+        return Ok((ga, q, maxima));
     }
     let ga = match act {
         Fp8ActGrad::Gelu => a.f_gelu_backward(g, "none")?,
