@@ -502,6 +502,21 @@ fn impossible_layouts_are_clear_errors() {
     );
 }
 
+/// `examples/tiny.fmoe` 32 wide (fast on CPU ranks) with `parallel` as its parallel block,
+/// written to `dir/name`.
+fn narrow_tiny(dir: &Path, name: &str, parallel: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+        .unwrap()
+        .replace(
+            "\ntrain {",
+            &format!("\nparallel {{\n{parallel}}}\n\ntrain {{"),
+        )
+        .replace("width   = 128", "width   = 32");
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
 /// `examples/tiny.fmoe` with micro-batches of 4 sequences (splittable over 1, 2 and 4 ranks).
 fn tiny_file(dir: &Path) -> std::path::PathBuf {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
@@ -681,15 +696,11 @@ fn a_rank_builds_only_its_experts_with_the_one_rank_values() {
 #[test]
 fn a_pipeline_in_the_file_runs_as_the_file_says() {
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
-        .unwrap()
-        .replace(
-            "\ntrain {",
-            "\nparallel {\n    gpus = 4\n    pipeline = 2\n    micro_batch = 4\n}\n\ntrain {",
-        )
-        .replace("width   = 128", "width   = 32");
-    let file = dir.path().join("tiny-pipeline.fmoe");
-    std::fs::write(&file, text).unwrap();
+    let file = narrow_tiny(
+        dir.path(),
+        "tiny-pipeline.fmoe",
+        "    gpus = 4\n    pipeline = 2\n    micro_batch = 4\n",
+    );
     let o = |s: &str| std::ffi::OsString::from(s);
     let out = dir.path().join("four");
     let four = fmoec(&[
@@ -748,15 +759,14 @@ fn json_diagnostics(stderr: &str) -> Vec<serde_json::Value> {
 /// constant) and a pipeline of 2 with 2 virtual stages, so that a run with `--pipeline 1`
 /// plans a world with W0011 at the file's `virtual_stages`.
 fn tiny_with_warnings(dir: &Path) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+    let file = narrow_tiny(
+        dir,
+        "tiny-interleaved.fmoe",
+        "    gpus = 2\n    pipeline = 2\n    virtual_stages = 2\n",
+    );
+    let text = std::fs::read_to_string(&file)
         .unwrap()
-        .replace("const experts = 8", "const experts = 8\nconst unused = 3")
-        .replace(
-            "\ntrain {",
-            "\nparallel {\n    gpus = 2\n    pipeline = 2\n    virtual_stages = 2\n}\n\ntrain {",
-        )
-        .replace("width   = 128", "width   = 32");
-    let file = dir.join("tiny-interleaved.fmoe");
+        .replace("const experts = 8", "const experts = 8\nconst unused = 3");
     std::fs::write(&file, text).unwrap();
     file
 }
@@ -1105,15 +1115,11 @@ fn under_torchrun_rank_0_says_the_warnings_and_rank_1_none() {
 #[test]
 fn a_run_judges_the_files_virtual_stages_against_its_worlds_pipeline() {
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
-        .unwrap()
-        .replace(
-            "\ntrain {",
-            "\nparallel {\n    gpus = 2\n    virtual_stages = 2\n}\n\ntrain {",
-        )
-        .replace("width   = 128", "width   = 32");
-    let file = dir.path().join("tiny-chunks.fmoe");
-    std::fs::write(&file, text).unwrap();
+    let file = narrow_tiny(
+        dir.path(),
+        "tiny-chunks.fmoe",
+        "    gpus = 2\n    virtual_stages = 2\n",
+    );
     let o = |s: &str| std::ffi::OsString::from(s);
     let run = |out: &str, pipeline: &[&str]| {
         let out = dir.path().join(out);
