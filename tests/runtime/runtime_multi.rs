@@ -502,6 +502,20 @@ fn impossible_layouts_are_clear_errors() {
     );
 }
 
+/// The outputs of node 0 and node 1 of a two-node run, `node(rank)` the command of each:
+/// node 1 started first, in the background, then node 0 run to its end.
+fn two_nodes(
+    node: impl Fn(&str) -> std::process::Command,
+) -> (std::process::Output, std::process::Output) {
+    let second = node("1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = node("0").output().unwrap();
+    (first, second.wait_with_output().unwrap())
+}
+
 /// `examples/tiny.fmoe` 32 wide (fast on CPU ranks) with `parallel` as its parallel block,
 /// written to `dir/name`.
 fn narrow_tiny(dir: &Path, name: &str, parallel: &str) -> std::path::PathBuf {
@@ -878,13 +892,7 @@ fn a_run_says_the_warnings_of_its_worlds_plan_once() {
             .arg(&out);
         c
     };
-    let second = node("1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let first = node("0").output().unwrap();
-    let second = second.wait_with_output().unwrap();
+    let (first, second) = two_nodes(node);
     let (first_err, second_err) = (
         String::from_utf8_lossy(&first.stderr),
         String::from_utf8_lossy(&second.stderr),
@@ -972,13 +980,7 @@ fn a_launched_run_prints_one_json_array_with_its_ranks_errors() {
         c.args(["--master", &master, "--collective-timeout", "120"]);
         c
     };
-    let second = node("1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let first = node("0").output().unwrap();
-    let second = second.wait_with_output().unwrap();
+    let (first, second) = two_nodes(node);
     let (first_err, second_err) = (stderr_of(&first), stderr_of(&second));
     assert!(first.status.success(), "node 0: {first_err}");
     assert!(second.status.success(), "node 1: {second_err}");
@@ -1194,13 +1196,7 @@ fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
                 .args(&extra);
             c
         };
-        let second = node("1")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let first = node("0").output().unwrap();
-        let second = second.wait_with_output().unwrap();
+        let (first, second) = two_nodes(node);
         let text = |o: &std::process::Output| {
             format!(
                 "{}{}",
