@@ -200,6 +200,60 @@ pub fn finish(format: DiagFormat) {
     }
 }
 
+/// Makes a panic (a bug in fmoec, never the user's input) end like any other error of the
+/// command: one `error:` line with a help (in JSON an element with code `E0003`, in the one
+/// array [`finish`] prints), instead of Rust's panic text. With `RUST_BACKTRACE` set, Rust's
+/// own report follows, with the backtrace (in JSON the backtrace is the element's note). The caller catches the unwinding and calls
+/// [`finish`]; a rank's array then reaches its launcher like any other.
+pub fn report_panics(format: DiagFormat) {
+    let rust_report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        let at = info
+            .location()
+            .map(|l| format!(" (at {}:{})", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = format!("fmoec failed inside: {what}{at}");
+        let help = "this is a bug in fmoec, not a mistake in the input: please report it with \
+                    the command line and the model file (`RUST_BACKTRACE=1` shows where it \
+                    happened)";
+        let backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+        match format {
+            DiagFormat::Human => {
+                crate::errln!("error: {message}\n  help: {help}");
+                if backtrace {
+                    rust_report(info);
+                }
+            }
+            // `try_lock`: a panic while this thread holds the list must not wait on itself
+            DiagFormat::Json => {
+                let mut item = diag::json_unplaced("E0003", &message, Some(help), None);
+                if backtrace {
+                    let trace = std::backtrace::Backtrace::force_capture();
+                    item["notes"] = serde_json::json!([format!("backtrace:\n{trace}")]);
+                }
+                if let Ok(mut items) = JSON_DIAGNOSTICS.try_lock() {
+                    items.push(item);
+                }
+            }
+        }
+    }));
+}
+
+/// Panics on purpose where `FMOEC_DEBUG_PANIC` says, for the tests of [`report_panics`]:
+/// `main` in every command as it starts, `rank-N` in rank N of a run once it knows where its
+/// diagnostics go.
+pub fn panic_if_asked(here: &str) {
+    if std::env::var_os("FMOEC_DEBUG_PANIC").is_some_and(|asked| asked == here) {
+        panic!("FMOEC_DEBUG_PANIC={here} asks for a panic here");
+    }
+}
+
 /// Reads and checks `path` and plans it as written: every rule of the front end and of the
 /// planner, in one pass. Diagnostics (warnings too) are reported; on any error the caller
 /// gets the exit code to return (1 for errors in the file, 2 if it can't be read).

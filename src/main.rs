@@ -207,7 +207,26 @@ fn main() -> ExitCode {
         Err(e) => return refuse_command_line(e, &args),
     };
     let format = diagnostics_format(&cli.command);
-    let result = match &cli.command {
+    driver::report_panics(format);
+    let result = std::panic::catch_unwind(|| {
+        driver::panic_if_asked("main");
+        dispatch(&cli.command)
+    });
+    let code = match result {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            driver::report_error(&format!("{e:#}"), None, format);
+            ExitCode::from(1)
+        }
+        // reported by the hook; 101 as Rust's own exit after a panic
+        Err(_) => ExitCode::from(101),
+    };
+    driver::finish(format);
+    code
+}
+
+fn dispatch(command: &Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Check(a) => Ok(check(a)),
         Command::Plan(a) => fmoec::plan::cli::run(a),
         Command::Run(a) => run(a),
@@ -217,14 +236,5 @@ fn main() -> ExitCode {
         Command::Tokenizer(c) => fmoec::data::cli::run_tokenizer(c),
         #[cfg(feature = "runtime")]
         Command::Bench(BenchCommand::Moe(a)) => fmoec::runtime::bench::run_cli(a),
-    };
-    let code = match result {
-        Ok(code) => code,
-        Err(e) => {
-            driver::report_error(&format!("{e:#}"), None, format);
-            ExitCode::from(1)
-        }
-    };
-    driver::finish(format);
-    code
+    }
 }

@@ -449,6 +449,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             driver::hand_json_to(file);
         }
     }
+    if let Ok(rank) = std::env::var("RANK") {
+        driver::panic_if_asked(&format!("rank-{}", rank.trim()));
+    }
     let mode = mode(args)?;
     if let Mode::Single = mode {
         refuse_layout_flags_alone(args)?;

@@ -675,3 +675,66 @@ fn command_line_refusals_are_json_under_diagnostics_json() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("Usage"));
 }
+
+/// A panic (a bug in fmoec, here one asked for by `FMOEC_DEBUG_PANIC`) ends like any other
+/// error: in JSON one array whose element has code `E0003`, in human form an `error:` line
+/// with a help instead of Rust's panic text; exit code 101 in both. With `RUST_BACKTRACE`,
+/// the backtrace comes too (in JSON as the element's note).
+#[test]
+fn a_panic_is_reported_as_an_error_of_the_command() {
+    let panicking = |args: &[&str], backtrace: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fmoec"));
+        c.args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("NO_COLOR", "1")
+            .env("FMOEC_DEBUG_PANIC", "main")
+            .env_remove("RUST_BACKTRACE");
+        if backtrace {
+            c.env("RUST_BACKTRACE", "1");
+        }
+        c.output().expect("fmoec runs")
+    };
+    for backtrace in [false, true] {
+        let json = panicking(
+            &["check", "--diagnostics", "json", "examples/tiny.fmoe"],
+            backtrace,
+        );
+        assert_eq!(json.status.code(), Some(101));
+        let items = json_diagnostics(&json);
+        assert_eq!(items.len(), 1, "{items:?}");
+        let d = &items[0];
+        assert_eq!(
+            (&d["severity"], &d["code"]),
+            (&"error".into(), &"E0003".into())
+        );
+        let message = d["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("fmoec failed inside: FMOEC_DEBUG_PANIC=main"),
+            "{message}"
+        );
+        assert!(d["help"].as_str().unwrap().contains("a bug in fmoec"));
+        let notes = d["notes"].as_array().unwrap();
+        match backtrace {
+            false => assert!(notes.is_empty(), "{notes:?}"),
+            true => assert!(notes[0].as_str().unwrap().starts_with("backtrace:\n")),
+        }
+    }
+
+    let human = panicking(&["plan", "examples/tiny.fmoe"], false);
+    assert_eq!(human.status.code(), Some(101));
+    let stderr = String::from_utf8_lossy(&human.stderr);
+    assert!(
+        stderr.starts_with("error: fmoec failed inside: FMOEC_DEBUG_PANIC=main"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("\n  help: this is a bug in fmoec"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(human.stdout.is_empty());
+    let traced = panicking(&["plan", "examples/tiny.fmoe"], true);
+    let stderr = String::from_utf8_lossy(&traced.stderr);
+    assert!(stderr.contains("panicked at"), "{stderr}");
+    assert!(stderr.contains("stack backtrace:"), "{stderr}");
+}

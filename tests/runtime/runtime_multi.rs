@@ -927,8 +927,8 @@ fn lines_and_json_array(stderr: &str) -> (Vec<&str>, Vec<serde_json::Value>) {
 /// lines as it prints them (no `[rank i]`), then one JSON array, the launcher's, which holds
 /// its ranks' diagnostics. Two nodes of one rank each: node 0 prints what `--ranks 2` prints
 /// (the notes, then the file's and the world plan's warnings), node 1 an empty array. A rank
-/// that fails (node 1 alone, its rank giving up on rank 0) has its error in its node's
-/// array, naming the rank, before the launcher's own.
+/// that fails (node 1 alone, its rank giving up on rank 0, or panicking) has its error in its
+/// node's array, naming the rank, before the launcher's own.
 #[test]
 fn a_launched_run_prints_one_json_array_with_its_ranks_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -1022,6 +1022,39 @@ fn a_launched_run_prints_one_json_array_with_its_ranks_errors() {
         "{stderr}"
     );
     assert_eq!(said[1]["message"], "rank 1 exited with code 1", "{stderr}");
+
+    // a rank that panics (a bug in fmoec) says so in the same array, from its rank
+    let panicking = run(
+        &["--ranks", "1", "--nodes", "2", "--node-rank", "1"],
+        "panicking",
+    )
+    .args(["--master", &format!("127.0.0.1:{}", free_port())])
+    .env("FMOEC_DEBUG_PANIC", "rank-1")
+    .env_remove("RUST_BACKTRACE")
+    .output()
+    .unwrap();
+    let stderr = stderr_of(&panicking);
+    assert_eq!(panicking.status.code(), Some(101), "{stderr}");
+    let (lines, said) = lines_and_json_array(&stderr);
+    assert!(lines.is_empty(), "{stderr}");
+    let codes: Vec<&str> = said.iter().map(|d| d["code"].as_str().unwrap()).collect();
+    assert_eq!(codes, ["E0003", "E0002"], "{stderr}");
+    assert!(
+        said[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("fmoec failed inside: FMOEC_DEBUG_PANIC=rank-1"),
+        "{stderr}"
+    );
+    assert_eq!(
+        said[0]["notes"],
+        serde_json::json!(["from rank 1"]),
+        "{stderr}"
+    );
+    assert_eq!(
+        said[1]["message"], "rank 1 exited with code 101",
+        "{stderr}"
+    );
 }
 
 /// Started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; `--device
