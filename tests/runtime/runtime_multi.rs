@@ -989,71 +989,44 @@ fn a_launched_run_prints_one_json_array_with_its_ranks_errors() {
     assert_eq!(said, want, "node 0:\n{first_err}");
     assert_eq!(second_err, "[]\n", "node 1");
 
-    // node 1 alone: its rank gives up on rank 0 by the timeout, and says so in the array
-    let lonely = run(
-        &["--ranks", "1", "--nodes", "2", "--node-rank", "1"],
-        "lonely",
-    )
-    .args(["--master", &format!("127.0.0.1:{}", free_port())])
-    .args(["--collective-timeout", "2"])
-    .output()
-    .unwrap();
-    let stderr = stderr_of(&lonely);
-    assert_eq!(lonely.status.code(), Some(1), "{stderr}");
-    let (lines, said) = lines_and_json_array(&stderr);
-    assert!(lines.is_empty(), "{stderr}");
-    assert_eq!(said.len(), 2, "{stderr}");
-    for d in &said {
-        assert_eq!(
-            (&d["severity"], &d["code"]),
-            (&"error".into(), &"E0002".into())
-        );
-    }
-    assert!(
-        said[0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("rank 1 could not reach rank 0"),
-        "{stderr}"
+    // node 1 alone, its rank failing: the array holds the rank's error (`code`, with `says`
+    // in its message, from rank 1), then the launcher's
+    let node_1 = |out: &str| {
+        let mut c = run(&["--ranks", "1", "--nodes", "2", "--node-rank", "1"], out);
+        c.args(["--master", &format!("127.0.0.1:{}", free_port())]);
+        c
+    };
+    let rank_1_fails = |c: &mut std::process::Command, code: &str, says: &str, exit: i32| {
+        let o = c.output().unwrap();
+        let stderr = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(exit), "{stderr}");
+        let (lines, said) = lines_and_json_array(&stderr);
+        assert!(lines.is_empty(), "{stderr}");
+        let codes: Vec<&str> = said.iter().map(|d| d["code"].as_str().unwrap()).collect();
+        assert_eq!(codes, [code, "E0002"], "{stderr}");
+        assert!(said.iter().all(|d| d["severity"] == "error"), "{stderr}");
+        let message = said[0]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{stderr}");
+        let from_rank_1 = serde_json::json!(["from rank 1"]);
+        assert_eq!(said[0]["notes"], from_rank_1, "{stderr}");
+        let exited = format!("rank 1 exited with code {exit}");
+        assert_eq!(said[1]["message"], exited.as_str(), "{stderr}");
+    };
+    // it gives up on rank 0 by the timeout
+    rank_1_fails(
+        node_1("lonely").args(["--collective-timeout", "2"]),
+        "E0002",
+        "rank 1 could not reach rank 0",
+        1,
     );
-    assert_eq!(
-        said[0]["notes"],
-        serde_json::json!(["from rank 1"]),
-        "{stderr}"
-    );
-    assert_eq!(said[1]["message"], "rank 1 exited with code 1", "{stderr}");
-
-    // a rank that panics (a bug in fmoec) says so in the same array, from its rank
-    let panicking = run(
-        &["--ranks", "1", "--nodes", "2", "--node-rank", "1"],
-        "panicking",
-    )
-    .args(["--master", &format!("127.0.0.1:{}", free_port())])
-    .env("FMOEC_DEBUG_PANIC", "rank-1")
-    .env_remove("RUST_BACKTRACE")
-    .output()
-    .unwrap();
-    let stderr = stderr_of(&panicking);
-    assert_eq!(panicking.status.code(), Some(101), "{stderr}");
-    let (lines, said) = lines_and_json_array(&stderr);
-    assert!(lines.is_empty(), "{stderr}");
-    let codes: Vec<&str> = said.iter().map(|d| d["code"].as_str().unwrap()).collect();
-    assert_eq!(codes, ["E0003", "E0002"], "{stderr}");
-    assert!(
-        said[0]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("fmoec failed inside: FMOEC_DEBUG_PANIC=rank-1"),
-        "{stderr}"
-    );
-    assert_eq!(
-        said[0]["notes"],
-        serde_json::json!(["from rank 1"]),
-        "{stderr}"
-    );
-    assert_eq!(
-        said[1]["message"], "rank 1 exited with code 101",
-        "{stderr}"
+    // it panics (a bug in fmoec)
+    rank_1_fails(
+        node_1("panicking")
+            .env("FMOEC_DEBUG_PANIC", "rank-1")
+            .env_remove("RUST_BACKTRACE"),
+        "E0003",
+        "fmoec failed inside: FMOEC_DEBUG_PANIC=rank-1",
+        101,
     );
 }
 
