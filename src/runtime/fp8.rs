@@ -159,6 +159,7 @@ mod ops {
     use crate::runtime::cuda::autograd::{
         apply, callback_body, combine_weight_gradient, dispatch_backward, master_gradient, Phase,
     };
+    use crate::runtime::cuda::check::{rel, Checks};
     pub use crate::runtime::cuda::kernels::Fp8Act;
     pub use crate::runtime::cuda::kernels::Fp8ActGrad;
     use crate::runtime::cuda::ops::{gather_rows, sum_rows, swiglu_backward};
@@ -1394,44 +1395,79 @@ mod ops {
     /// and against f64 on the unquantised inputs (FP8's own error). Rows past the last
     /// group hold NaN: nothing may read them. On the CPU both sides are the reference.
     pub fn self_check(device: Device) -> Result<Vec<String>> {
-        use crate::runtime::cuda::check::{rel, Checks};
-        let cpu = Device::Cpu;
         let mut c = Checks::default();
+        check_padded_ends(&mut c, device)?;
         let kinds: &[Kind] = if device.is_cuda() {
             &[Kind::BFloat16, Kind::Float]
         } else {
             &[Kind::Float]
         };
-        let same = |c: &mut Checks, label: String, got: &Fp8, want: &Fp8| -> Result<()> {
-            let q = got.q.f_to_device(cpu)?.f_to_kind(Kind::Float)?;
-            let qw = want.q.f_to_device(cpu)?.f_to_kind(Kind::Float)?;
-            let s = got.scale.f_to_device(cpu)?;
-            let sw = want.scale.f_to_device(cpu)?;
-            let ok = q.size() == qw.size()
-                && q.f_eq_tensor(&qw)?
-                    .f_logical_or(&q.f_isnan()?.f_logical_and(&qw.f_isnan()?)?)?
-                    .f_all()?
-                    .f_int64_value(&[])?
-                    != 0
-                && s.f_equal(&sw)?;
-            c.record(label, ok, "bit-equal to the reference".into());
-            Ok(())
+        for &kind in kinds {
+            let rows = RowsCase::new(device, kind)?;
+            rows.check_rows_and_copies(&mut c)?;
+            rows.check_gathers(&mut c)?;
+            rows.check_activations(&mut c)?;
+            rows.check_many_groups(&mut c)?;
+            rows.check_non_finite(&mut c)?;
+        }
+        // the ops: experts (E = 5, one group empty, dropped rows) and dense, both layouts
+        // the larger shape on a GPU only (the CPU's emulation of it takes minutes)
+        let shapes: &[(i64, i64, i64)] = if device.is_cuda() {
+            &[(512, 256, 384), (4096, 1024, 2048)]
+        } else {
+            &[(512, 256, 384)]
         };
-        let same_maxima = |c: &mut Checks, label: String, got: Option<&Tensor>, want: &Tensor| {
-            let got = got.map(|g| g.to_device(cpu));
-            let ok = got.as_ref().is_some_and(|g| g.equal(want));
-            c.record(
-                label,
-                ok,
-                match got {
-                    Some(_) if ok => "bit-equal to the reference".into(),
-                    Some(_) => "differ from the reference".into(),
-                    None => "not raised by the pass".into(),
-                },
-            );
-        };
-        // the padded group ends (the weight gradients' groups): one group, uneven ones with
-        // empty ones among them, and more than the kernel's 32 a step (S3's 128 experts)
+        for &(rows_kept, k, n) in shapes {
+            let ops = OpsCase::new(device, rows_kept, k, n)?;
+            ops.check_experts(&mut c)?;
+            ops.check_activation_mm(&mut c)?;
+            ops.check_dense(&mut c)?;
+        }
+        clear();
+        if c.failed > 0 {
+            bail!("{} FP8 check(s) failed:\n{}", c.failed, c.lines.join("\n"));
+        }
+        Ok(c.lines)
+    }
+
+    /// Records whether `got`'s FP8 rows and scales are bit-equal to `want`'s (NaN where both
+    /// hold NaN).
+    fn same(c: &mut Checks, label: String, got: &Fp8, want: &Fp8) -> Result<()> {
+        let cpu = Device::Cpu;
+        let q = got.q.f_to_device(cpu)?.f_to_kind(Kind::Float)?;
+        let qw = want.q.f_to_device(cpu)?.f_to_kind(Kind::Float)?;
+        let s = got.scale.f_to_device(cpu)?;
+        let sw = want.scale.f_to_device(cpu)?;
+        let ok = q.size() == qw.size()
+            && q.f_eq_tensor(&qw)?
+                .f_logical_or(&q.f_isnan()?.f_logical_and(&qw.f_isnan()?)?)?
+                .f_all()?
+                .f_int64_value(&[])?
+                != 0
+            && s.f_equal(&sw)?;
+        c.record(label, ok, "bit-equal to the reference".into());
+        Ok(())
+    }
+
+    /// Records whether a pass raised column maxima bit-equal to the reference's `want`.
+    fn same_maxima(c: &mut Checks, label: String, got: Option<&Tensor>, want: &Tensor) {
+        let got = got.map(|g| g.to_device(Device::Cpu));
+        let ok = got.as_ref().is_some_and(|g| g.equal(want));
+        c.record(
+            label,
+            ok,
+            match got {
+                Some(_) if ok => "bit-equal to the reference".into(),
+                Some(_) => "differ from the reference".into(),
+                None => "not raised by the pass".into(),
+            },
+        );
+    }
+
+    /// The padded group ends (the weight gradients' groups): one group, uneven ones with
+    /// empty ones among them, and more than the kernel's 32 a step (S3's 128 experts).
+    fn check_padded_ends(c: &mut Checks, device: Device) -> Result<()> {
+        let cpu = Device::Cpu;
         for counts in [
             vec![5i32],
             vec![37, 0, 200, 16, 91, 0],
@@ -1453,7 +1489,36 @@ mod ops {
                 "equal to the reference's".into(),
             );
         }
-        for &kind in kinds {
+        Ok(())
+    }
+
+    /// The inputs of the row passes' checks in one kind: groups of uneven sizes, one empty,
+    /// an all-zero row, and rows past the last group holding NaN, on the CPU and on the
+    /// device.
+    struct RowsCase {
+        device: Device,
+        kind: Kind,
+        /// `[rows, d]`, on the CPU and on the device
+        x: Tensor,
+        xd: Tensor,
+        /// the groups' ends (int32), on the CPU and on the device
+        ends: Tensor,
+        ed: Tensor,
+        /// the last group's end (`kept`), on the CPU and on the device
+        limit: Tensor,
+        limit_d: Tensor,
+        kept: i64,
+        rows: i64,
+        d: i64,
+        /// the device's overflow counter
+        o: Tensor,
+        /// the weight gradient's layout of `x`'s groups
+        layout: Transposed,
+    }
+
+    impl RowsCase {
+        fn new(device: Device, kind: Kind) -> Result<RowsCase> {
+            let cpu = Device::Cpu;
             // groups of uneven sizes, one empty, and rows past the last group
             let counts = [37i64, 0, 200, 16, 91];
             let ends_v: Vec<i32> = counts
@@ -1465,7 +1530,6 @@ mod ops {
                 .collect();
             let kept = *ends_v.last().unwrap() as i64;
             let (rows, d) = (kept + 21, 256i64);
-            let label = |n: &str| format!("fp8 {n:<30} {kind:?} rows={rows} d={d}");
             let x = Tensor::f_randn([rows, d], (Kind::Float, cpu))?
                 .f_mul_scalar(3.0)?
                 .f_to_kind(kind)?;
@@ -1473,42 +1537,67 @@ mod ops {
             let _ = x.f_narrow(0, 5, 1)?.f_zero_()?;
             let _ = x.f_narrow(0, kept, rows - kept)?.f_fill_(f64::NAN)?;
             let ends = Tensor::f_from_slice(&ends_v)?;
-            let xd = x.f_to_device(device)?;
-            let ed = ends.f_to_device(device)?;
             let limit = ends.f_narrow(0, counts.len() as i64 - 1, 1)?;
-            let o = overflow(device)?;
-            let got = quant_rows(&xd, Some(&limit.f_to_device(device)?), Some(&o))?;
-            let want = quant_rows(&x, Some(&limit), None)?;
-            same(&mut c, label("rows (limit)"), &got, &want)?;
+            let layout = Transposed::SideBySide {
+                positions: side_by_side_positions(rows, counts.len() as i64),
+            };
+            Ok(RowsCase {
+                device,
+                kind,
+                xd: x.f_to_device(device)?,
+                x,
+                ed: ends.f_to_device(device)?,
+                ends,
+                limit_d: limit.f_to_device(device)?,
+                limit,
+                kept,
+                rows,
+                d,
+                o: overflow(device)?,
+                layout,
+            })
+        }
+
+        fn label(&self, n: &str) -> String {
+            let (kind, rows, d) = (self.kind, self.rows, self.d);
+            format!("fp8 {n:<30} {kind:?} rows={rows} d={d}")
+        }
+
+        /// The row-wise pass (with the limit, and raising the groups' column maxima too),
+        /// the transposed copies side by side (with and without the rows' maxima) and
+        /// stacked, and no overflow from the rows past the groups.
+        fn check_rows_and_copies(&self, c: &mut Checks) -> Result<()> {
+            let RowsCase {
+                device,
+                ref x,
+                ref xd,
+                ref ends,
+                ref ed,
+                ref limit,
+                ref limit_d,
+                ref o,
+                layout,
+                ..
+            } = *self;
+            let label = |n: &str| self.label(n);
+            let got = quant_rows(xd, Some(limit_d), Some(o))?;
+            let want = quant_rows(x, Some(limit), None)?;
+            same(c, label("rows (limit)"), &got, &want)?;
             // the row-wise pass raising the column maxima of the groups too
-            let (got, maxima) =
-                quant_rows_with_maxima(&xd, Some(&limit.f_to_device(device)?), Some(&o), &ed)?;
-            same(&mut c, label("rows with column maxima"), &got, &want)?;
-            let maxima_ref = column_maxima_reference(&x, &ends)?;
+            let (got, maxima) = quant_rows_with_maxima(xd, Some(limit_d), Some(o), ed)?;
+            same(c, label("rows with column maxima"), &got, &want)?;
+            let maxima_ref = column_maxima_reference(x, ends)?;
             same_maxima(
-                &mut c,
+                c,
                 label("rows' column maxima"),
                 maxima.as_ref(),
                 &maxima_ref,
             );
-            let layout = Transposed::SideBySide {
-                positions: side_by_side_positions(rows, counts.len() as i64),
-            };
-            let (got, _) = quant_transposed(&xd, &ed, layout, Some(&o), None)?;
-            let (want, _) = quant_transposed(&x, &ends, layout, None, None)?;
-            same(
-                &mut c,
-                label("transposed, groups side by side"),
-                &got,
-                &want,
-            )?;
-            let (got, _) = quant_transposed(&xd, &ed, layout, Some(&o), maxima.as_ref())?;
-            same(
-                &mut c,
-                label("transposed from the rows' maxima"),
-                &got,
-                &want,
-            )?;
+            let (got, _) = quant_transposed(xd, ed, layout, Some(o), None)?;
+            let (want, _) = quant_transposed(x, ends, layout, None, None)?;
+            same(c, label("transposed, groups side by side"), &got, &want)?;
+            let (got, _) = quant_transposed(xd, ed, layout, Some(o), maxima.as_ref())?;
+            same(c, label("transposed from the rows' maxima"), &got, &want)?;
             let n_over = take_overflow(device)?;
             c.record(
                 label("rows past the groups"),
@@ -1531,9 +1620,23 @@ mod ops {
                 let (want, _) = quant_transposed(&w, &wends, layout, None, None)?;
                 same(c, label(what), &got, &want)
             };
-            stacked(&mut c, 64, "transposed, stacked")?;
+            stacked(c, 64, "transposed, stacked")?;
             // groups of a length that is no multiple of 16: the copy's byte-wise stores
-            stacked(&mut c, 24, "transposed, stacked by 24")?;
+            stacked(c, 24, "transposed, stacked by 24")?;
+            Ok(())
+        }
+
+        /// The dispatch's gather and the combine's backward, each with its FP8 rows and
+        /// column maxima in one pass.
+        fn check_gathers(&self, c: &mut Checks) -> Result<()> {
+            let RowsCase {
+                device,
+                ref x,
+                ref o,
+                ..
+            } = *self;
+            let cpu = Device::Cpu;
+            let label = |n: &str| self.label(n);
             // the dispatch's gather and quantisation in one pass
             let (t, k) = (100i64, 3i64);
             let tokens = x.f_narrow(0, 0, t)?;
@@ -1552,10 +1655,10 @@ mod ops {
             )?;
             let xs_ref = gather_reference(&tokens, &slots, k)?;
             let want = quant_rows(&xs_ref, None, None)?;
-            same(&mut c, label("gather and rows"), &got, &want)?;
+            same(c, label("gather and rows"), &got, &want)?;
             c.close(label("gather's copy"), &xs, &xs_ref, 0.0)?;
             same_maxima(
-                &mut c,
+                c,
                 label("gather's column maxima"),
                 maxima.as_ref(),
                 &column_maxima_reference(&xs_ref, &gather_ends)?,
@@ -1574,69 +1677,98 @@ mod ops {
                 &sd,
                 k,
                 Some(&gd),
-                Some(&o),
+                Some(o),
                 Some(&gather_ends.f_to_device(device)?),
             )?;
             let gys_ref = gather_rows(&td, &sd, k, Some(&gd))?;
             c.close(label("weighted gather's copy"), &gys, &gys_ref, 0.0)?;
             let want = quant_rows(&gys_ref.f_to_device(cpu)?, None, None)?;
-            same(&mut c, label("weighted gather and rows"), &got, &want)?;
+            same(c, label("weighted gather and rows"), &got, &want)?;
             same_maxima(
-                &mut c,
+                c,
                 label("weighted gather's column maxima"),
                 maxima.as_ref(),
                 &column_maxima_reference(&gys.f_to_device(cpu)?, &gather_ends)?,
             );
-            // a fused pass's output (the activation's, or its backward's input gradient)
-            // beside `alone` (the op by itself on the same device) within `tol` on the
-            // groups' rows, zeros past them (no overflow from the NaN there), its FP8 rows and
-            // column maxima the reference's of that output; gives the reference's rows and
-            // the output on the CPU
-            let pass_output = |c: &mut Checks,
-                               what: &str,
-                               out: &Tensor,
-                               alone: &Tensor,
-                               tol: f64,
-                               got: &Fp8,
-                               maxima: Option<&Tensor>|
-             -> Result<(Fp8, Tensor)> {
-                c.close(
-                    label(&format!("{what} output")),
-                    &out.f_narrow(0, 0, kept)?,
-                    &alone.f_narrow(0, 0, kept)?,
-                    tol,
-                )?;
-                let past = out
-                    .f_narrow(0, kept, rows - kept)?
-                    .f_abs()?
-                    .f_sum(Kind::Float)?
-                    .f_double_value(&[])?;
-                c.record(
-                    label(&format!("{what} past the groups")),
-                    past == 0.0,
-                    format!("sum |.| {past:.2e}"),
-                );
-                let out_cpu = out.f_to_device(cpu)?;
-                let want = quant_rows(&out_cpu, Some(&limit), None)?;
-                same(c, label(&format!("{what} and rows")), got, &want)?;
-                same_maxima(
-                    c,
-                    label(&format!("{what}'s column maxima")),
-                    maxima,
-                    &column_maxima_reference(&out_cpu, &ends)?,
-                );
-                Ok((want, out_cpu))
-            };
+            Ok(())
+        }
+
+        /// A fused pass's output (the activation's, or its backward's input gradient)
+        /// beside `alone` (the op by itself on the same device) within `tol` on the
+        /// groups' rows, zeros past them (no overflow from the NaN there), its FP8 rows and
+        /// column maxima the reference's of that output; gives the reference's rows and
+        /// the output on the CPU.
+        #[allow(clippy::too_many_arguments)]
+        fn pass_output(
+            &self,
+            c: &mut Checks,
+            what: &str,
+            out: &Tensor,
+            alone: &Tensor,
+            tol: f64,
+            got: &Fp8,
+            maxima: Option<&Tensor>,
+        ) -> Result<(Fp8, Tensor)> {
+            let RowsCase {
+                kept,
+                rows,
+                ref limit,
+                ref ends,
+                ..
+            } = *self;
+            let label = |n: &str| self.label(n);
+            c.close(
+                label(&format!("{what} output")),
+                &out.f_narrow(0, 0, kept)?,
+                &alone.f_narrow(0, 0, kept)?,
+                tol,
+            )?;
+            let past = out
+                .f_narrow(0, kept, rows - kept)?
+                .f_abs()?
+                .f_sum(Kind::Float)?
+                .f_double_value(&[])?;
+            c.record(
+                label(&format!("{what} past the groups")),
+                past == 0.0,
+                format!("sum |.| {past:.2e}"),
+            );
+            let out_cpu = out.f_to_device(Device::Cpu)?;
+            let want = quant_rows(&out_cpu, Some(limit), None)?;
+            same(c, label(&format!("{what} and rows")), got, &want)?;
+            same_maxima(
+                c,
+                label(&format!("{what}'s column maxima")),
+                maxima,
+                &column_maxima_reference(&out_cpu, ends)?,
+            );
+            Ok((want, out_cpu))
+        }
+
+        /// The activations' passes and their backward passes, each beside the op alone on
+        /// the same device, with no overflow from the rows past the groups.
+        fn check_activations(&self, c: &mut Checks) -> Result<()> {
+            let RowsCase {
+                device,
+                kind,
+                ref xd,
+                ref ends,
+                ref ed,
+                ref limit_d,
+                ref o,
+                layout,
+                ..
+            } = *self;
+            let label = |n: &str| self.label(n);
             // the activation's pass: its output beside the activation alone on the same
             // device (SwiGLU: the SwiGLU kernel's bits; GELU: libtorch's within a bf16
             // rounding), its FP8 rows the reference's quantisation of that output; rows
             // past the last group (NaN here) zeros, with no overflow
             let (a, b) = (xd.shallow_clone(), xd.f_flip([1])?.f_contiguous()?);
-            let limit_d = limit.f_to_device(device)?;
             for act in Fp8Act::ALL {
                 let b = (act == Fp8Act::Swiglu).then_some(&b);
                 let (out, got, maxima) =
-                    act_quant_rows(&a, b, act, Some(&limit_d), Some(&o), Some(&ed))?;
+                    act_quant_rows(&a, b, act, Some(limit_d), Some(o), Some(ed))?;
                 let alone = match b {
                     Some(b) => crate::runtime::cuda::ops::swiglu(&a, b)?,
                     None if act == Fp8Act::Gelu => a.f_gelu("none")?,
@@ -1647,8 +1779,8 @@ mod ops {
                     (Fp8Act::Gelu, _) => 1e-6,
                     _ => 0.0,
                 };
-                let (want, out_cpu) = pass_output(
-                    &mut c,
+                let (want, out_cpu) = self.pass_output(
+                    c,
                     &format!("{act:?}"),
                     &out,
                     &alone,
@@ -1658,29 +1790,29 @@ mod ops {
                 )?;
                 // the pass without its output: the same FP8 rows and maxima
                 let (got, maxima) =
-                    act_quant_rows_only(&a, b, act, Some(&limit_d), Some(&o), Some(&ed))?;
-                same(&mut c, label(&format!("{act:?} rows alone")), &got, &want)?;
+                    act_quant_rows_only(&a, b, act, Some(limit_d), Some(o), Some(ed))?;
+                same(c, label(&format!("{act:?} rows alone")), &got, &want)?;
                 same_maxima(
-                    &mut c,
+                    c,
                     label(&format!("{act:?} alone's column maxima")),
                     maxima.as_ref(),
-                    &column_maxima_reference(&out_cpu, &ends)?,
+                    &column_maxima_reference(&out_cpu, ends)?,
                 );
                 // the transposed copy of the output computed on load from the input(s): the
                 // reference's copy of the output the pass writes (uneven and empty groups;
                 // NaN past the last group, never read), with the pass's maxima and without
-                let (want, _) = quant_transposed(&out_cpu, &ends, layout, None, None)?;
+                let (want, _) = quant_transposed(&out_cpu, ends, layout, None, None)?;
                 let (got, _) =
-                    act_quant_transposed(&a, b, act, &ed, layout, Some(&o), maxima.as_ref())?;
+                    act_quant_transposed(&a, b, act, ed, layout, Some(o), maxima.as_ref())?;
                 same(
-                    &mut c,
+                    c,
                     label(&format!("{act:?} transposed on load")),
                     &got,
                     &want,
                 )?;
-                let (got, _) = act_quant_transposed(&a, b, act, &ed, layout, Some(&o), None)?;
+                let (got, _) = act_quant_transposed(&a, b, act, ed, layout, Some(o), None)?;
                 same(
-                    &mut c,
+                    c,
                     label(&format!("{act:?} transposed, own maxima")),
                     &got,
                     &want,
@@ -1692,7 +1824,7 @@ mod ops {
             let g = b.f_mul_scalar(0.5)?;
             for act in Fp8ActGrad::ALL {
                 let (ga, got, maxima) =
-                    act_grad_quant_rows(&a, &g, act, Some(&limit_d), Some(&o), Some(&ed))?;
+                    act_grad_quant_rows(&a, &g, act, Some(limit_d), Some(o), Some(ed))?;
                 let alone = match act {
                     Fp8ActGrad::Gelu => a.f_gelu_backward(&g, "none")?,
                     Fp8ActGrad::Relu => a.f_threshold_backward(&g, 0.0)?,
@@ -1703,20 +1835,20 @@ mod ops {
                     _ => 0.0,
                 };
                 let what = format!("{act:?} backward");
-                let _ = pass_output(&mut c, &what, &ga, &alone, tol, &got, maxima.as_ref())?;
+                let _ = self.pass_output(c, &what, &ga, &alone, tol, &got, maxima.as_ref())?;
             }
             // SwiGLU's backward pass: both gradients beside the SwiGLU kernel's backward on
             // the same device (the same arithmetic, swiglu_d), their FP8 rows and column
             // maxima the reference's of those gradients; rows past the groups zeros
             let ((ga, qa, maxima_a), (gb, qb, maxima_b)) =
-                swiglu_grad_quant_rows(&a, &b, &g, Some(&limit_d), Some(&o), Some(&ed))?;
+                swiglu_grad_quant_rows(&a, &b, &g, Some(limit_d), Some(o), Some(ed))?;
             let (ga_alone, gb_alone) = swiglu_backward(&a, &b, &g)?;
             let tol = if kind == Kind::BFloat16 { 4e-3 } else { 1e-6 };
             for (what, grad, alone, q, maxima) in [
                 ("Swiglu backward a", &ga, &ga_alone, &qa, &maxima_a),
                 ("Swiglu backward b", &gb, &gb_alone, &qb, &maxima_b),
             ] {
-                let _ = pass_output(&mut c, what, grad, alone, tol, q, maxima.as_ref())?;
+                let _ = self.pass_output(c, what, grad, alone, tol, q, maxima.as_ref())?;
             }
             let n_over = take_overflow(device)?;
             c.record(
@@ -1724,9 +1856,21 @@ mod ops {
                 n_over == 0,
                 format!("{n_over} overflows"),
             );
-            // many groups of mixed sizes over more rows than a pass has blocks: blocks whose
-            // chunk holds whole groups, starts or ends inside one, or meets empty ones; the
-            // column maxima bit-equal both ways the blocks hand them on
+            Ok(())
+        }
+
+        /// Many groups of mixed sizes over more rows than a pass has blocks: blocks whose
+        /// chunk holds whole groups, starts or ends inside one, or meets empty ones; the
+        /// column maxima bit-equal both ways the blocks hand them on.
+        fn check_many_groups(&self, c: &mut Checks) -> Result<()> {
+            let RowsCase {
+                device,
+                kind,
+                d,
+                ref o,
+                ..
+            } = *self;
+            let cpu = Device::Cpu;
             let sizes = [1i64, 0, 2, 3, 7, 11, 29, 57, 300, 1500, 4, 0, 9, 130];
             let many: Vec<i32> = sizes
                 .iter()
@@ -1746,12 +1890,12 @@ mod ops {
                 let got = quant_rows_with_maxima(
                     &wide.f_to_device(device)?,
                     None,
-                    Some(&o),
+                    Some(o),
                     &many_ends.f_to_device(device)?,
                 );
                 reduce_maxima_on_this_thread(None);
                 same_maxima(
-                    &mut c,
+                    c,
                     format!(
                         "fp8 {:<30} {kind:?} rows={many_rows} d={d}",
                         format!("{} groups' maxima, {way:?}", many.len())
@@ -1760,10 +1904,27 @@ mod ops {
                     &want,
                 );
             }
-            // an Inf inside a group is an overflow
+            Ok(())
+        }
+
+        /// An Inf inside a group is an overflow; a NaN and an Inf inside the groups leave
+        /// every other value of the output as without them.
+        fn check_non_finite(&self, c: &mut Checks) -> Result<()> {
+            let RowsCase {
+                device,
+                ref x,
+                kept,
+                d,
+                ref ends,
+                ref ed,
+                ref o,
+                ..
+            } = *self;
+            let cpu = Device::Cpu;
+            let label = |n: &str| self.label(n);
             let bad = x.f_narrow(0, 0, kept)?.f_detach_copy()?;
             let _ = bad.f_get(3)?.f_get(7)?.f_fill_(f64::INFINITY)?;
-            let _ = quant_rows(&bad.f_to_device(device)?, None, Some(&o))?;
+            let _ = quant_rows(&bad.f_to_device(device)?, None, Some(o))?;
             let n_over = take_overflow(device)?;
             c.record(
                 label("an Inf overflows"),
@@ -1787,23 +1948,23 @@ mod ops {
                     .f_equal(&want.f_masked_select(&keep)?)?)
             };
             let _ = take_overflow(device)?;
-            let got = quant_rows(&bad_in, None, Some(&o))?;
+            let got = quant_rows(&bad_in, None, Some(o))?;
             let want = quant_rows(&bad_in.f_to_device(cpu)?, None, None)?;
-            same(&mut c, label("rows with a NaN and an Inf"), &got, &want)?;
+            same(c, label("rows with a NaN and an Inf"), &got, &want)?;
             let grad_of = clean_in.f_flip([1])?.f_contiguous()?;
             for (name, bad_out, clean_out, got, maxima) in [
                 {
                     let gelu = |x: &Tensor, o: Option<&Tensor>| {
-                        act_quant_rows(x, None, Fp8Act::Gelu, None, o, Some(&ed))
+                        act_quant_rows(x, None, Fp8Act::Gelu, None, o, Some(ed))
                     };
-                    let (out, q, maxima) = gelu(&bad_in, Some(&o))?;
+                    let (out, q, maxima) = gelu(&bad_in, Some(o))?;
                     ("Gelu", out, gelu(&clean_in, None)?.0, q, maxima)
                 },
                 {
                     let backward = |x: &Tensor, o: Option<&Tensor>| {
-                        act_grad_quant_rows(x, &grad_of, Fp8ActGrad::Gelu, None, o, Some(&ed))
+                        act_grad_quant_rows(x, &grad_of, Fp8ActGrad::Gelu, None, o, Some(ed))
                     };
-                    let (out, q, maxima) = backward(&bad_in, Some(&o))?;
+                    let (out, q, maxima) = backward(&bad_in, Some(o))?;
                     (
                         "Gelu backward",
                         out,
@@ -1820,17 +1981,12 @@ mod ops {
                 );
                 let bad_cpu = bad_out.f_to_device(cpu)?;
                 let want = quant_rows(&bad_cpu, None, None)?;
-                same(
-                    &mut c,
-                    label(&format!("{name} with a NaN, rows")),
-                    &got,
-                    &want,
-                )?;
+                same(c, label(&format!("{name} with a NaN, rows")), &got, &want)?;
                 same_maxima(
-                    &mut c,
+                    c,
                     label(&format!("{name} with a NaN, column maxima")),
                     maxima.as_ref(),
-                    &column_maxima_reference(&bad_cpu, &ends)?,
+                    &column_maxima_reference(&bad_cpu, ends)?,
                 );
             }
             let n_over = take_overflow(device)?;
@@ -1839,16 +1995,32 @@ mod ops {
                 n_over == 6,
                 format!("{n_over} overflows (6 expected: 2 rows in each of 3 passes)"),
             );
+            Ok(())
         }
-        // the ops: experts (E = 5, one group empty, dropped rows) and dense, both layouts
-        // the larger shape on a GPU only (the CPU's emulation of it takes minutes)
-        let shapes: &[(i64, i64, i64)] = if device.is_cuda() {
-            &[(512, 256, 384), (4096, 1024, 2048)]
-        } else {
-            &[(512, 256, 384)]
-        };
-        for &(rows_kept, k, n) in shapes {
-            let label = |name: &str| format!("fp8 {name:<30} rows={rows_kept} {k}->{n}");
+    }
+
+    /// The inputs of the autograd ops' checks: `e = 5` experts (one empty) over `rows_kept`
+    /// rows of width `k` and 40 dropped ones (NaN), weights `k -> n`, in the kind the device
+    /// holds (bf16 on a GPU), so that the emulation and the references start from the same
+    /// values.
+    struct OpsCase {
+        device: Device,
+        kind: Kind,
+        rows_kept: i64,
+        k: i64,
+        n: i64,
+        /// the experts' ends
+        cut: Vec<i64>,
+        ends: Tensor,
+        /// `[rows, k]` inputs, `[e, k, n]` weights, `[rows, n]` output gradients (on the CPU)
+        x: Tensor,
+        w: Tensor,
+        g: Tensor,
+    }
+
+    impl OpsCase {
+        fn new(device: Device, rows_kept: i64, k: i64, n: i64) -> Result<OpsCase> {
+            let cpu = Device::Cpu;
             let e = 5i64;
             let mut cut: Vec<i64> = (0..e - 1)
                 .map(|_| rand_u(rows_kept as u64) as i64)
@@ -1870,33 +2042,77 @@ mod ops {
             let _ = x.f_narrow(0, rows_kept, 40)?.f_fill_(f64::NAN)?;
             let w = Tensor::f_randn([e, k, n], (Kind::Float, cpu))?.f_mul_scalar(0.05)?;
             let g = held(Tensor::f_randn([rows, n], (Kind::Float, cpu))?)?;
-            let _ = g.f_narrow(0, rows_kept, 40)?.f_fill_(f64::NAN)?;
-            let run = |dev: Device, kind: Kind| -> Result<(Tensor, Tensor, Tensor)> {
-                let xg = leaf(&x, dev, kind)?;
-                let wg = leaf(&w, dev, Kind::Float)?;
-                let out = grouped_mm(&xg, &wg, &ends.f_to_device(dev)?)?;
-                let gd = g.f_to_device(dev)?.f_to_kind(out.kind())?;
-                let kept_out = out.f_narrow(0, 0, rows_kept)?;
-                kept_out
-                    .f_to_kind(Kind::Float)?
-                    .f_mul(&gd.f_narrow(0, 0, rows_kept)?.f_to_kind(Kind::Float)?)?
-                    .f_sum(Kind::Float)?
-                    .f_backward()?;
-                Ok((
-                    kept_out.f_to_device(cpu)?.f_to_kind(Kind::Float)?,
-                    xg.grad()
-                        .f_narrow(0, 0, rows_kept)?
-                        .f_to_device(cpu)?
-                        .f_to_kind(Kind::Float)?,
-                    wg.grad().f_to_device(cpu)?,
-                ))
-            };
-            let (out, gx, gw) = run(device, kind)?;
+            Ok(OpsCase {
+                device,
+                kind,
+                rows_kept,
+                k,
+                n,
+                cut,
+                ends,
+                x,
+                w,
+                g,
+            })
+        }
+
+        fn label(&self, name: &str) -> String {
+            let (rows_kept, k, n) = (self.rows_kept, self.k, self.n);
+            format!("fp8 {name:<30} rows={rows_kept} {k}->{n}")
+        }
+
+        /// The experts' grouped matmul on `dev` in `kind`: the kept rows' output and input
+        /// gradient, and the weight gradient, on the CPU in f32.
+        fn experts(&self, dev: Device, kind: Kind) -> Result<(Tensor, Tensor, Tensor)> {
+            let OpsCase {
+                rows_kept,
+                ref ends,
+                ref x,
+                ref w,
+                ref g,
+                ..
+            } = *self;
+            let cpu = Device::Cpu;
+            let xg = leaf(x, dev, kind)?;
+            let wg = leaf(w, dev, Kind::Float)?;
+            let out = grouped_mm(&xg, &wg, &ends.f_to_device(dev)?)?;
+            let gd = g.f_to_device(dev)?.f_to_kind(out.kind())?;
+            let kept_out = out.f_narrow(0, 0, rows_kept)?;
+            kept_out
+                .f_to_kind(Kind::Float)?
+                .f_mul(&gd.f_narrow(0, 0, rows_kept)?.f_to_kind(Kind::Float)?)?
+                .f_sum(Kind::Float)?
+                .f_backward()?;
+            Ok((
+                kept_out.f_to_device(cpu)?.f_to_kind(Kind::Float)?,
+                xg.grad()
+                    .f_narrow(0, 0, rows_kept)?
+                    .f_to_device(cpu)?
+                    .f_to_kind(Kind::Float)?,
+                wg.grad().f_to_device(cpu)?,
+            ))
+        }
+
+        /// The experts' op: the weight's copies made once per step, the forward and both
+        /// gradients against the CPU emulation and against f64 (FP8's own error).
+        fn check_experts(&self, c: &mut Checks) -> Result<()> {
+            let OpsCase {
+                device,
+                kind,
+                rows_kept,
+                ref cut,
+                ref x,
+                ref w,
+                ref g,
+                ..
+            } = *self;
+            let label = |n: &str| self.label(n);
+            let (out, gx, gw) = self.experts(device, kind)?;
             // within a step the backward (on a GPU, libtorch's autograd thread runs it) takes
             // the weight's copies that the forward made
             begin_step()?;
             let made = with_state(device, |s| s.copies_made);
-            let _ = run(device, kind)?;
+            let _ = self.experts(device, kind)?;
             let made = with_state(device, |s| s.copies_made) - made;
             end_step();
             c.record(
@@ -1904,7 +2120,7 @@ mod ops {
                 made == 1,
                 format!("{made} made in a step's forward and backward"),
             );
-            let (out_e, gx_e, gw_e) = run(cpu, Kind::Float)?;
+            let (out_e, gx_e, gw_e) = self.experts(Device::Cpu, Kind::Float)?;
             c.close(label("experts forward vs emulation"), &out, &out_e, 1e-2)?;
             c.close(label("experts grad x vs emulation"), &gx, &gx_e, 1e-2)?;
             c.close(label("experts grad w vs emulation"), &gw, &gw_e, 1e-2)?;
@@ -1937,14 +2153,30 @@ mod ops {
                 empty == 0.0,
                 format!("max |.| {empty:.2e}"),
             );
-            // the activation fused with the second matmul (`x` as the first matmul's output,
-            // `w` as the second's weight): bit for bit the activation's output then the
-            // matmul, forward and every gradient
+            Ok(())
+        }
+
+        /// The activation fused with the second matmul (`x` as the first matmul's output,
+        /// `w` as the second's weight): bit for bit the activation's output then the
+        /// matmul, forward and every gradient.
+        fn check_activation_mm(&self, c: &mut Checks) -> Result<()> {
+            let OpsCase {
+                device,
+                kind,
+                rows_kept,
+                ref ends,
+                ref x,
+                ref w,
+                ref g,
+                ..
+            } = *self;
+            let cpu = Device::Cpu;
+            let label = |n: &str| self.label(n);
             for act in Fp8Act::ALL {
                 let run_act = |on_load: bool| -> Result<Vec<Tensor>> {
-                    let h1 = leaf(&x, device, kind)?;
+                    let h1 = leaf(x, device, kind)?;
                     let h3 = leaf(&x.f_flip([1])?, device, kind)?;
-                    let wg = leaf(&w, device, Kind::Float)?;
+                    let wg = leaf(w, device, Kind::Float)?;
                     let ed = ends.f_to_device(device)?;
                     let h3 = (act == Fp8Act::Swiglu).then_some(h3);
                     let out = if on_load {
@@ -1979,8 +2211,23 @@ mod ops {
                     },
                 );
             }
+            Ok(())
+        }
 
-            // dense, both layouts
+        /// The dense op in both weight layouts: forward and both gradients against the CPU
+        /// emulation and against f64.
+        fn check_dense(&self, c: &mut Checks) -> Result<()> {
+            let OpsCase {
+                device,
+                kind,
+                rows_kept,
+                ref x,
+                ref w,
+                ref g,
+                ..
+            } = *self;
+            let cpu = Device::Cpu;
+            let label = |n: &str| self.label(n);
             for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
                 let xs = x.f_narrow(0, 0, rows_kept)?;
                 let wd = match layout {
@@ -2025,12 +2272,8 @@ mod ops {
                     format!("rel err {r:.2e}"),
                 );
             }
+            Ok(())
         }
-        clear();
-        if c.failed > 0 {
-            bail!("{} FP8 check(s) failed:\n{}", c.failed, c.lines.join("\n"));
-        }
-        Ok(c.lines)
     }
 
     /// A fresh leaf requiring grad: `t`'s values on `device` in `kind`.
