@@ -699,6 +699,44 @@ fn options_that_need_others_say_which() {
     }
 }
 
+/// A --master port another program listens on: rank 0 cannot serve the rendezvous. The error
+/// says so once (the OS's text used to be printed twice) and what to do; nothing is written.
+#[test]
+fn a_master_port_in_use_is_named_once_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let master = busy.local_addr().unwrap().to_string();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    let args = [
+        "run",
+        file,
+        "--steps",
+        "2",
+        "--out",
+        "o",
+        "--ranks",
+        "2",
+        "--nodes",
+        "2",
+        "--node-rank",
+        "0",
+        "--master",
+        &master,
+        "--collective-timeout",
+        "20",
+    ];
+    let out = fmoec_in(dir.path(), args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("rendezvous at {master}: the port is in use"))
+            && stderr.contains("choose a free port for --master"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("in use").count(), 1, "{stderr}");
+    assert!(!dir.path().join("o").exists());
+}
+
 #[test]
 fn steps_zero_on_the_command_line_is_refused() {
     let dir = tempfile::tempdir().unwrap();
