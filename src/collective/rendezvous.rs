@@ -43,12 +43,9 @@ pub enum RendezvousError {
     },
     #[error("rendezvous at {addr}: {message}")]
     Refused { addr: String, message: String },
-    #[error("rendezvous at {addr}: {source}")]
-    Io {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The I/O error is in the message and not a `source`: `{:#}` would print it twice.
+    #[error("rendezvous at {addr}: {error}")]
+    Io { addr: String, error: std::io::Error },
 }
 
 /// One process's place in the run, from the torchrun variables `RANK`, `WORLD_SIZE`,
@@ -555,9 +552,9 @@ fn connect_until(
 }
 
 fn io_error(addr: &str) -> impl Fn(std::io::Error) -> RendezvousError + '_ {
-    move |source| RendezvousError::Io {
+    move |error| RendezvousError::Io {
         addr: addr.to_string(),
-        source,
+        error,
     }
 }
 
@@ -571,7 +568,15 @@ fn local_addr(listener: &TcpListener) -> String {
 
 /// Listen on `addr` (`host:port`; port 0 picks a free one).
 pub fn bind(addr: &str) -> Result<TcpListener, RendezvousError> {
-    TcpListener::bind(addr).map_err(io_error(addr))
+    TcpListener::bind(addr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => RendezvousError::Refused {
+            addr: addr.to_string(),
+            message: "the port is in use (by another run or program on this machine); choose a \
+                      free port for --master (torchrun's MASTER_PORT)"
+                .into(),
+        },
+        _ => io_error(addr)(e),
+    })
 }
 
 fn ranks_text(ranks: &[usize]) -> String {

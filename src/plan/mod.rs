@@ -63,6 +63,9 @@ pub struct TargetRules {
     /// The target runs the interleaved pipeline schedule (`virtual_stages`); `fmoec run`
     /// does, and `--auto` plans a target without it with one model chunk per stage.
     pub interleaved_schedule: bool,
+    /// The training runs FasterMoE's `smart_schedule` and `shadowing` (`fmoec run` does; no
+    /// Megatron-LM target does, W0810): elsewhere the plan costs plain expert parallelism.
+    pub fastermoe: bool,
 }
 
 impl Default for TargetRules {
@@ -74,6 +77,7 @@ impl Default for TargetRules {
             distributed_optimizer: false,
             sliced_expert_bias: true,
             interleaved_schedule: true,
+            fastermoe: true,
         }
     }
 }
@@ -96,7 +100,20 @@ impl TargetRules {
             distributed_optimizer: target.can("distributed_optimizer"),
             sliced_expert_bias: target.can("sliced_expert_bias"),
             interleaved_schedule: target.allows("virtual_stages", "true"),
+            fastermoe: false,
         }
+    }
+
+    /// `checked` as these rules train it: without FasterMoE's options where the training has
+    /// none; `None` where nothing changes.
+    fn trained(&self, checked: &Checked) -> Option<Checked> {
+        if self.fastermoe || checked.parallel.fastermoe_options().is_empty() {
+            return None;
+        }
+        let mut plain = checked.clone();
+        plain.parallel.smart_schedule = SmartSchedule::Off;
+        plain.parallel.shadowing = Shadowing::Off;
+        Some(plain)
     }
 
     /// The memory model of a training under these rules (`--memory-model` overrides it).
@@ -330,7 +347,8 @@ pub struct ParallelPlan {
 /// FasterMoE's options for the expert exchange and what the planner made of them.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FasterMoePlan {
-    /// As the file wrote it (`off`, `auto`, `chunks(N)`).
+    /// As the planned training runs it: the file's (`off`, `auto`, `chunks(N)`); `off`, as
+    /// its `shadowing`, for a Megatron-LM target, which has neither.
     pub smart_schedule: SmartSchedule,
     pub shadowing: Shadowing,
     /// The busiest expert's load over the mean that the estimate assumes (1: balanced).
@@ -408,6 +426,8 @@ pub fn build_for(
     o: &Overrides,
     rules: &TargetRules,
 ) -> Result<ParallelPlan, Vec<Diagnostic>> {
+    let trained = rules.trained(checked);
+    let checked = trained.as_ref().unwrap_or(checked);
     let mut p = cost_for(checked, o, rules)?;
     p.warnings
         .extend(virtual_stages_without_pipeline(checked, o));
@@ -640,6 +660,8 @@ pub fn cost_for(
     o: &Overrides,
     rules: &TargetRules,
 ) -> Result<Costed, Vec<Diagnostic>> {
+    let trained = rules.trained(checked);
+    let checked = trained.as_ref().unwrap_or(checked);
     let filled;
     let checked = match with_fallback_spans(checked) {
         Some(c) => {

@@ -644,10 +644,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 out: out.clone(),
                 checkpoints: checkpoint.clone(),
             };
-            crate::errln!(
-                "{})",
-                crate::runtime::folders::continuing(&folders, record.step, total_steps)
-            );
+            // A checkpoint at or past the end is refused by the trainer, which says why.
+            if record.step < total_steps {
+                crate::errln!(
+                    "{})",
+                    crate::runtime::folders::continuing(&folders, record.step, total_steps)
+                );
+            }
         }
     }
     let opts = RunOptions {

@@ -214,11 +214,22 @@ impl<'a> Trainer<'a> {
             }
         }
         if opts.resume.is_none() && opts.checkpoints.join(checkpoint::LATEST).exists() {
-            bail!(
-                "`{}` already holds checkpoints; pass --resume to continue that run, or --out DIR \
-                 for a new one",
-                opts.checkpoints.display()
-            );
+            // --resume of a finished run is refused too (nothing to train): say what does work
+            let finished = checkpoint::run_record(&opts.checkpoints)
+                .ok()
+                .and_then(|r| r.total_steps.filter(|&t| r.step >= t).map(|t| (r.step, t)));
+            match finished {
+                Some((step, total)) => bail!(
+                    "`{}` already holds a finished run ({step} of {total} steps); pass --out DIR \
+                     for a new run, or --resume with --steps N (N > {step}) to extend that one",
+                    opts.checkpoints.display()
+                ),
+                None => bail!(
+                    "`{}` already holds checkpoints; pass --resume to continue that run, or \
+                     --out DIR for a new one",
+                    opts.checkpoints.display()
+                ),
+            }
         }
         // Refused before anything is allocated, with the planner's figure and the machine's.
         if let Some(memory) = sharing_memory(plan, ctx) {
@@ -421,6 +432,21 @@ impl<'a> Trainer<'a> {
             self.total_steps,
             self.opts.stop_after,
         )?;
+        // Continuing an older checkpoint in a folder that holds later ones would mix two
+        // histories: the later checkpoints (and `latest`) would stay while metrics.jsonl lost
+        // their steps, and this run's own checkpoints at their steps would not be written.
+        if let Some(newest) =
+            checkpoint::newest_step(&self.opts.checkpoints).filter(|&newest| newest > resumed.step)
+        {
+            bail!(
+                "`{}` holds checkpoints after step {} (up to step {newest}): continuing step {} \
+                 there would mix two runs' checkpoints and metrics; pass --out DIR to continue \
+                 it into another folder (or remove the later checkpoints first)",
+                self.opts.checkpoints.display(),
+                resumed.step,
+                resumed.step,
+            );
+        }
         if resumed.seed != self.train.seed {
             bail!(
                 "checkpoint `{}` was written with seed {}, the file says {}",
@@ -1181,8 +1207,8 @@ fn check_resumable(dir: &Path, at: u64, total_steps: u64, stop_after: Option<u64
     if at == total_steps {
         bail!(
             "checkpoint `{}` finished its run ({at} of {total_steps} steps): nothing to train; \
-             --steps N with N > {at} continues it with a longer schedule, and without --resume \
-             fmoec starts a new run",
+             --steps N with N > {at} continues it with a longer schedule; for a new run leave \
+             out --resume (with --out, name another folder)",
             dir.display()
         );
     }

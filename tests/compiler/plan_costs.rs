@@ -464,6 +464,46 @@ fn the_smart_schedule_hides_part_of_the_exchange() {
     assert_eq!(many.warnings[0].code, "P0110");
 }
 
+/// `plan --megatron VERSION` plans what `emit --megatron VERSION` trains, and no Megatron-LM
+/// target has FasterMoE's options (W0810): its time estimate is plain expert parallelism's,
+/// not the smart schedule's or shadowing's.
+#[test]
+fn a_megatron_target_costs_the_exchange_without_fastermoe() {
+    for target in fmoec::check::megatron_targets() {
+        let rules = plan::TargetRules::of(&target);
+        let plain = plan::build_for(
+            &big_moe(SmartSchedule::Off, Shadowing::Off),
+            &skewed(3.0),
+            &rules,
+        )
+        .unwrap();
+        let asked = plan::build_for(
+            &big_moe(SmartSchedule::Auto, Shadowing::Dynamic),
+            &skewed(3.0),
+            &rules,
+        )
+        .unwrap();
+        let v = &target.version;
+        assert_eq!(asked.time.step_s, plain.time.step_s, "{v}");
+        let f = asked.fastermoe.as_ref().unwrap();
+        assert_eq!(f.smart_schedule, SmartSchedule::Off, "{v}");
+        assert_eq!(f.shadowing, Shadowing::Off, "{v}");
+        assert!(
+            f.layers.iter().all(|x| x.chunks == 1 && x.shadowed == 0),
+            "{v}"
+        );
+    }
+    // `fmoec run`'s plan keeps them
+    let run = plan::build_with(
+        &big_moe(SmartSchedule::Auto, Shadowing::Dynamic),
+        &skewed(3.0),
+    )
+    .unwrap();
+    let plain =
+        plan::build_with(&big_moe(SmartSchedule::Off, Shadowing::Off), &skewed(3.0)).unwrap();
+    assert!(run.time.step_s < plain.time.step_s);
+}
+
 #[test]
 fn shadowing_replicates_the_hot_expert_under_skewed_routing() {
     let off = plan::build_with(&big_moe(SmartSchedule::Off, Shadowing::Off), &skewed(3.0)).unwrap();

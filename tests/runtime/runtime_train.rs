@@ -76,7 +76,7 @@ fn resume_repeats_the_uninterrupted_run_exactly() {
     // A fresh run into a folder with checkpoints is refused instead of overwriting them.
     let err = train::train(&checked, &options(b.path(), None, false)).unwrap_err();
     assert!(
-        format!("{err:#}").contains("already holds checkpoints"),
+        format!("{err:#}").contains("already holds a finished run (12 of 12 steps)"),
         "{err:#}"
     );
 
@@ -699,6 +699,44 @@ fn options_that_need_others_say_which() {
     }
 }
 
+/// A --master port another program listens on: rank 0 cannot serve the rendezvous. The error
+/// says so once (the OS's text used to be printed twice) and what to do; nothing is written.
+#[test]
+fn a_master_port_in_use_is_named_once_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let master = busy.local_addr().unwrap().to_string();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    let args = [
+        "run",
+        file,
+        "--steps",
+        "2",
+        "--out",
+        "o",
+        "--ranks",
+        "2",
+        "--nodes",
+        "2",
+        "--node-rank",
+        "0",
+        "--master",
+        &master,
+        "--collective-timeout",
+        "20",
+    ];
+    let out = fmoec_in(dir.path(), args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("rendezvous at {master}: the port is in use"))
+            && stderr.contains("choose a free port for --master"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("in use").count(), 1, "{stderr}");
+    assert!(!dir.path().join("o").exists());
+}
+
 #[test]
 fn steps_zero_on_the_command_line_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -739,6 +777,102 @@ fn resuming_at_or_past_the_end_of_the_schedule_is_an_error() {
         fmoec::runtime::checkpoint::resolve(&dir.path().join("checkpoints"))
             .unwrap()
             .ends_with("step-00000003")
+    );
+}
+
+/// Continuing an older checkpoint in the folder of a run that went further would mix two
+/// histories: `latest` and the later checkpoints stay, metrics.jsonl loses their steps, and the
+/// new run's checkpoint at a step that exists is silently not written. It is refused before
+/// anything changes; continuing it into another folder works.
+#[test]
+fn resuming_an_older_checkpoint_beside_later_ones_is_refused() {
+    let _rng = rng_lock();
+    let checked = tiny_on_shakespeare(GateKind::Gshard, 4);
+    let dir = tempfile::tempdir().unwrap();
+    train::train(&checked, &options(dir.path(), Some(2), false)).unwrap();
+    train::train(&checked, &options(dir.path(), None, true)).unwrap();
+    let checkpoints = dir.path().join("checkpoints");
+    let metrics = std::fs::read(dir.path().join("metrics.jsonl")).unwrap();
+    let mut older = options(dir.path(), None, true);
+    older.resume = Some(checkpoints.join("step-00000002"));
+    older.steps = Some(6);
+    let err = format!("{:#}", train::train(&checked, &older).unwrap_err());
+    assert!(
+        err.contains("holds checkpoints after step 2 (up to step 4)") && err.contains("--out DIR"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+    assert_eq!(
+        std::fs::read_to_string(checkpoints.join("latest")).unwrap(),
+        "step-00000004"
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut branch = options(elsewhere.path(), None, false);
+    branch.resume = older.resume.clone();
+    branch.steps = Some(6);
+    let summary = train::train(&checked, &branch).unwrap();
+    assert_eq!((summary.start_step, summary.steps_done), (2, 4));
+}
+
+/// A finished run's folder given again as --out: the refusal names what works (a new folder,
+/// or --resume with a longer --steps) instead of sending the user to a plain --resume, which
+/// is refused in turn; and `--resume` of it does not first claim to continue an unfinished run.
+#[test]
+fn a_finished_run_in_out_says_what_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_variant(
+        dir.path(),
+        "short.fmoe",
+        &[
+            ("batch      = 16 x 128 tokens", "batch      = 2 x 32 tokens"),
+            (
+                "eval       = every(50, batches = 4)",
+                "eval       = every(50, batches = 1)",
+            ),
+        ],
+    );
+    let file = file.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let steps = if extra.contains(&"--steps") {
+            &[][..]
+        } else {
+            &["--steps", "2"][..]
+        };
+        let mut args = vec!["run", file, "--out", "o", "--quiet"];
+        args.extend_from_slice(steps);
+        args.extend_from_slice(extra);
+        let out = fmoec_in(dir.path(), &args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(&[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = run(&[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("already holds a finished run (2 of 2 steps); pass --out DIR"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["--resume"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("finished its run (2 of 2 steps)"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("continuing the unfinished run"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["--resume", "--steps", "3"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("continuing the unfinished run in `o/checkpoints` from step 2 of 3"),
+        "{stderr}"
     );
 }
 

@@ -34,6 +34,8 @@ pub use manifest::{
 pub use reader::{load, resolve, resume, run_record, Loaded, Resumed, Source};
 pub use writer::{prune, save, save_sharded};
 
+use std::path::Path;
+
 pub const FORMAT: &str = "fmoec-checkpoint-v1";
 /// The sharded format of multi-rank runs.
 pub const FORMAT_SHARDED: &str = "fmoec-checkpoint-v2";
@@ -46,6 +48,26 @@ pub const LATEST: &str = "latest";
 /// The directory name of the checkpoint after `step` steps.
 pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
+}
+
+/// The step a `step-XXXXXXXX` directory name stands for; `None` for any other name.
+fn step_of_dir_name(name: &str) -> Option<u64> {
+    name.strip_prefix("step-")
+        .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|d| d.parse::<u64>().ok())
+}
+
+/// The newest complete checkpoint (a `step-*` folder with a manifest) under `root`, by step;
+/// `None` when there is none or `root` cannot be listed.
+pub fn newest_step(root: &Path) -> Option<u64> {
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let step = step_of_dir_name(&entry.file_name().to_string_lossy())?;
+            entry.path().join(MANIFEST_FILE).is_file().then_some(step)
+        })
+        .max()
 }
 
 fn shard_dir_name(rank: usize) -> String {

@@ -104,11 +104,7 @@ pub fn prune(root: &Path, keep: u64) -> Result<Vec<PathBuf>> {
                 .with_context(|| format!("cannot delete `{}`", path.display()))?;
             continue;
         }
-        let Some(step) = name
-            .strip_prefix("step-")
-            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|d| d.parse::<u64>().ok())
-        else {
+        let Some(step) = super::step_of_dir_name(&name) else {
             continue;
         };
         if path.join(MANIFEST_FILE).is_file() {
