@@ -932,6 +932,17 @@ pub fn megatron_dataset_damaged(span: Span, problem: &anyhow::Error) -> Diagnost
         .with_help("write it again (`fmoec data` or Megatron-LM's `tools/preprocess_data.py`)")
 }
 
+/// The file's `precision` that the device of `fmoec run` cannot run (`precision = fp8` on the
+/// CPU, or on a GPU before Hopper): `why` is the runtime's reason.
+pub fn precision_cannot_run(span: Span, message: &str, why: &str) -> Diagnostic {
+    Diagnostic::error("E0616", span, message)
+        .with_label("not on this device")
+        .with_note(why)
+        .with_help(
+            "`precision = bf16` (or `fp32`) runs here; `--precision bf16` sets it for one run",
+        )
+}
+
 pub fn every_past_steps(span: Span, every: u64, steps: u64, steps_span: Span) -> Diagnostic {
     Diagnostic::warning(
         "W0008",

@@ -1415,7 +1415,9 @@ pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
             bail!("bf16 grouped matmuls need CUDA; use `--dtype f32` on CPU")
         }
         "bf16" => Kind::BFloat16,
-        "fp8" => match crate::runtime::fp8::mode_for(device)? {
+        "fp8" => match crate::runtime::fp8::mode_for(device)
+            .map_err(|e| anyhow::anyhow!("--dtype fp8: {e:#}"))?
+        {
             crate::runtime::fp8::Fp8Mode::Device => Kind::BFloat16,
             // the emulation's other rows in f32, as bf16 grouped matmuls need CUDA
             crate::runtime::fp8::Fp8Mode::Emulated => Kind::Float,

@@ -443,6 +443,59 @@ pub enum PrecisionArg {
     Fp8Dense,
 }
 
+/// `precision = fp8` (the file's, or `--precision`'s) on ranks that cannot run it (the CPU
+/// outside the tests' emulation, a GPU before Hopper): refused before anything starts, at the
+/// file's `precision` or naming the flag. A launched run's GPU ranks each say it themselves
+/// (their device is not known here). `None`: nothing to refuse.
+fn refuse_fp8_where_it_cannot_run(
+    args: &RunArgs,
+    loaded: &driver::Loaded,
+    checked: &Checked,
+    mode: &Mode,
+    device: tch::Device,
+) -> Option<ExitCode> {
+    let train = checked.train.as_ref()?;
+    let Precision::Fp8 { dense } = train.precision else {
+        return None;
+    };
+    let device = match mode {
+        Mode::Single | Mode::InProcess(_) => device,
+        Mode::Launch(node) if node.cpu => tch::Device::Cpu,
+        _ => return None,
+    };
+    let why = super::fp8::mode_for(device).err()?;
+    let on = match device {
+        tch::Device::Cpu => "the CPU".to_string(),
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}"),
+    };
+    match args.precision {
+        Some(flag) => {
+            let flag = clap::ValueEnum::to_possible_value(&flag)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            driver::report_error_with_help(
+                &format!("`--precision {flag}` cannot run on {on}: {why:#}"),
+                Some("`--precision bf16` (or `fp32`) runs here"),
+                args.diagnostics,
+            );
+        }
+        None => {
+            let what = match dense {
+                true => "`precision = fp8` with `fp8_dense`",
+                false => "`precision = fp8`",
+            };
+            let refusal = crate::check::errors::precision_cannot_run(
+                train.spans.precision,
+                &format!("{what} cannot run on {on}"),
+                &format!("{why:#}"),
+            );
+            driver::report(&loaded.sources, &[refusal], args.diagnostics);
+        }
+    }
+    Some(ExitCode::from(1))
+}
+
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     if args.diagnostics == DiagFormat::Json {
         if let Some(file) = diagnostics_file_of_this_rank() {
@@ -515,6 +568,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         Mode::Launch(node) => node.per_node * node.nodes,
         Mode::Rank(env, _) => env.world as u64,
     };
+    if let Some(code) = refuse_fp8_where_it_cannot_run(args, &loaded, checked, &mode, device) {
+        return Ok(code);
+    }
     if checked.train.is_none() && args.sample.is_none() {
         bail!(
             "`{}` has no `train` block: `fmoec run` needs one (data, batch, steps, optimizer)",

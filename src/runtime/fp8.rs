@@ -45,7 +45,8 @@ pub struct Fp8Use {
     pub dense: bool,
 }
 
-/// Whether `precision = fp8` can run on `device`, and how; the error says why not.
+/// Whether `precision = fp8` can run on `device`, and how; the error says why not (the
+/// reason alone: the caller names what asked for FP8).
 pub fn mode_for(device: Device) -> Result<Fp8Mode> {
     match device {
         Device::Cpu => {
@@ -55,14 +56,14 @@ pub fn mode_for(device: Device) -> Result<Fp8Mode> {
                 Ok(Fp8Mode::Emulated)
             } else {
                 bail!(
-                    "precision = fp8 runs on a GPU with FP8 tensor cores (Hopper, compute \
-                     capability 9.0, or newer); on the CPU it exists only as a slow emulation \
-                     for tests (FMOEC_FP8_EMULATE=1); use precision = bf16 or fp32 here"
+                    "FP8 runs on a GPU with FP8 tensor cores (Hopper, compute capability 9.0, \
+                     or newer); on the CPU only as a slow emulation for the tests \
+                     (FMOEC_FP8_EMULATE=1)"
                 )
             }
         }
         Device::Cuda(n) => cuda_mode(n),
-        other => bail!("precision = fp8: device {other:?} is not supported"),
+        other => bail!("FP8 does not run on {other:?}"),
     }
 }
 
@@ -94,13 +95,12 @@ pub fn emulate_on_this_thread(on: bool) {
 
 #[cfg(feature = "cuda")]
 fn cuda_mode(n: usize) -> Result<Fp8Mode> {
-    let capability = crate::runtime::cuda::kernels::capability(n).map_err(|e| {
-        anyhow::anyhow!("precision = fp8 needs the FP8 kernels, which cannot run: {e:#}")
-    })?;
+    let capability = crate::runtime::cuda::kernels::capability(n)
+        .map_err(|e| anyhow::anyhow!("FP8 needs fmoec's FP8 kernels, which cannot run: {e:#}"))?;
     if capability < 90 {
         bail!(
-            "precision = fp8 needs FP8 tensor cores with grouped FP8 matmuls (Hopper, compute \
-             capability 9.0, or newer); cuda:{n} has compute capability {}.{}: use precision = bf16",
+            "FP8 needs FP8 tensor cores with grouped FP8 matmuls (Hopper, compute capability \
+             9.0, or newer); cuda:{n} has compute capability {}.{}",
             capability / 10,
             capability % 10
         );
@@ -110,7 +110,7 @@ fn cuda_mode(n: usize) -> Result<Fp8Mode> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_mode(_n: usize) -> Result<Fp8Mode> {
-    bail!("precision = fp8 needs a build with `--features cuda`")
+    bail!("FP8 on a GPU needs a build with `--features cuda`")
 }
 
 /// Whether an MoE layer's experts take FP8 operands: where the planner estimates that FP8 is

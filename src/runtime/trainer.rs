@@ -192,7 +192,10 @@ impl<'a> Trainer<'a> {
         let fp8 = match train.precision {
             Precision::Fp8 { dense } => {
                 // the CPU's emulation computes the rest in f32 (bf16 matmuls are slow there)
-                if fp8::mode_for(device)? == fp8::Fp8Mode::Emulated {
+                let mode = fp8::mode_for(device).map_err(|e| {
+                    anyhow::anyhow!("precision = fp8 cannot run here: {e:#}; use bf16 or fp32")
+                })?;
+                if mode == fp8::Fp8Mode::Emulated {
                     compute = Kind::Float;
                 }
                 Some(fp8::Fp8Use {

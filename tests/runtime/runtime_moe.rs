@@ -630,3 +630,59 @@ fn fp8_needs_a_build_with_the_cuda_feature() {
     let err = fmoec::runtime::fp8::mode_for(Device::Cpu).unwrap_err();
     assert!(format!("{err}").contains("FMOEC_FP8_EMULATE=1"), "{err}");
 }
+
+/// `fmoec run` refuses `precision = fp8` on the CPU (outside the tests' emulation) before
+/// anything starts: at the file's `precision` (E0616, in both formats) when the file asks for
+/// it, naming the flag when `--precision` does; alone and on in-process ranks.
+#[test]
+fn fp8_on_the_cpu_is_refused_at_the_files_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = format!("{}/examples/tiny.fmoe", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&tiny).unwrap();
+    let file = dir.path().join("fp8.fmoe");
+    std::fs::write(&file, text.replace("precision  = fp32", "precision  = fp8")).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.contains("precision  = fp32"))
+        .unwrap()
+        + 1;
+    let run = |file: &std::path::Path, extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .arg("run")
+            .arg(file)
+            .args(["--steps", "1", "--out"])
+            .arg(dir.path().join("out"))
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env_remove("FMOEC_FP8_EMULATE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stderr)
+    };
+    for ranks in [&[][..], &["--ranks", "2"]] {
+        let (code, stderr) = run(&file, &[ranks, &["--diagnostics", "json"]].concat());
+        assert_eq!(code, Some(1), "{stderr}");
+        let said: serde_json::Value = serde_json::from_str(&stderr).expect(&stderr);
+        let d = &said[0];
+        assert_eq!(said.as_array().unwrap().len(), 1, "{stderr}");
+        assert_eq!(d["code"], "E0616", "{stderr}");
+        assert_eq!(d["message"], "`precision = fp8` cannot run on the CPU");
+        assert_eq!(d["primary"]["line"], line, "{stderr}");
+        assert!(d["notes"][0].as_str().unwrap().contains("FP8 tensor cores"));
+    }
+    let (code, stderr) = run(&file, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error[E0616]: `precision = fp8` cannot run on the CPU"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("fp8.fmoe:{line}:")), "{stderr}");
+    let (code, stderr) = run(std::path::Path::new(&tiny), &["--precision", "fp8-dense"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: `--precision fp8-dense` cannot run on the CPU: FP8 runs on"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("out").exists(), "nothing is written");
+}
