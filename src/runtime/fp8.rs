@@ -838,145 +838,21 @@ mod ops {
         })
     }
 
+    /// One phase of an FP8 autograd op on its inputs: the gradients of the inputs in the
+    /// backward (`None` where an input takes none), the output in the forward.
     fn run_op(op: Fp8Op, phase: Phase, inputs: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
+        let inputs = &inputs[..];
         match (op, phase) {
-            // experts: a = xs [M, K], b = W [E, K, N], c = group ends [E] int32
-            (Fp8Op::Grouped, Phase::Forward) => {
-                let (xs, w, ends) = (&inputs[0], &inputs[1], &inputs[2]);
-                let o = overflow(xs.device())?;
-                let groups = ends.size()[0];
-                let limit = ends.f_narrow(0, groups - 1, 1)?;
-                let a = match prequantized(xs, false) {
-                    Some(a) => a,
-                    None => quant_rows(xs, Some(&limit), Some(&o))?,
-                };
-                // this matmul's weight gradient will take xs's transposed copy
-                if w.requires_grad() {
-                    note_use(xs);
-                }
-                let out = weight_copies(w, WeightLayout::Experts, |c| {
-                    grouped(&a, &c.forward()?, ends, fast_accum())
-                })?;
-                Ok(vec![Some(out.f_to_kind(xs.kind())?)])
-            }
-            (Fp8Op::Grouped, Phase::Backward) => {
-                let (xs, w, ends, g) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
-                if !g.defined() {
-                    return Ok(vec![None, None, None]);
-                }
-                let o = overflow(xs.device())?;
-                let (rows, _) = xs.size2()?;
-                let groups = ends.size()[0];
-                let limit = ends.f_narrow(0, groups - 1, 1)?;
-                let g = g.f_contiguous()?;
-                // the combine's backward wrote the FP8 rows of the second matmul's gradient, and
-                // the activation's backward (GELU, ReLU) those of the first's; elsewhere (the
-                // two of SwiGLU) the row-wise pass raises the column maxima too
-                let gq = gradient_rows(&g, ends, &limit, &o, w.requires_grad())?;
-                let gx = if xs.requires_grad() {
-                    let gx = weight_copies(w, WeightLayout::Experts, |c| {
-                        grouped(&gq, &c.dgrad()?, ends, fast_accum())
-                    })?;
-                    Some(gx.f_to_kind(xs.kind())?)
-                } else {
-                    None
-                };
-                let gw = if w.requires_grad() {
-                    let layout = Transposed::SideBySide {
-                        positions: side_by_side_positions(rows, groups),
-                    };
-                    let (at, pad_ends) = transposed_operand(xs, ends, layout, &o)?;
-                    let (bt, _) = transposed_operand(&g, ends, layout, &o)?;
-                    master_gradient(w, &grouped_weight_grad(&at, &bt, &pad_ends, fast_accum())?)?
-                } else {
-                    None
-                };
-                Ok(vec![gx, gw, None])
-            }
-            // dense: a = x [M, K], b = the master weight
-            (Fp8Op::Linear(layout), Phase::Forward) => {
-                let (x, w) = (&inputs[0], &inputs[1]);
-                let o = overflow(x.device())?;
-                let a = quant_rows(x, None, Some(&o))?;
-                let out = weight_copies(w, layout, |c| {
-                    let f = c.forward()?;
-                    let b = Fp8 {
-                        q: f.q.f_select(0, 0)?,
-                        scale: f.scale.f_select(0, 0)?,
-                    };
-                    dense(&a, &b, fast_accum())
-                })?;
-                Ok(vec![Some(out.f_to_kind(x.kind())?)])
-            }
-            (Fp8Op::Linear(layout), Phase::Backward) => {
-                let (x, w, g) = (&inputs[0], &inputs[1], &inputs[2]);
-                if !g.defined() {
-                    return Ok(vec![None, None]);
-                }
-                let o = overflow(x.device())?;
-                let (rows, _) = x.size2()?;
-                let g = g.f_contiguous()?;
-                let gx = if x.requires_grad() {
-                    let gq = quant_rows(&g, None, Some(&o))?;
-                    let gx = weight_copies(w, layout, |c| {
-                        let d = c.dgrad()?;
-                        let b = Fp8 {
-                            q: d.q.f_select(0, 0)?,
-                            scale: d.scale.f_select(0, 0)?,
-                        };
-                        // gx = g · Wᵀ: W's rows [K, N] are the right operand's rows
-                        dense(&gq, &b, fast_accum())
-                    })?;
-                    Some(gx.f_to_kind(x.kind())?)
-                } else {
-                    None
-                };
-                let gw = if w.requires_grad() {
-                    let ends = Tensor::f_full([1], rows, (Kind::Int, x.device()))?;
-                    let layout_t = Transposed::SideBySide {
-                        positions: side_by_side_positions(rows, 1),
-                    };
-                    let (xt, _) = quant_transposed(x, &ends, layout_t, Some(&o), None)?;
-                    let (gt, _) = quant_transposed(&g, &ends, layout_t, Some(&o), None)?;
-                    let grad = match layout {
-                        // gW = xᵀ · g, [K, N]
-                        WeightLayout::InOut => dense(&xt, &gt, fast_accum())?,
-                        // the master is Wᵀ: gWᵀ = gᵀ · x, [N, K]
-                        _ => dense(&gt, &xt, fast_accum())?,
-                    };
-                    master_gradient(w, &grad)?
-                } else {
-                    None
-                };
-                Ok(vec![gx, gw])
-            }
-            // dispatch: a = x [T, d], b = row_slot [N], c = slot_row [T·k], d = the expert
-            // groups' ends [E] int32
-            (Fp8Op::Dispatch { k }, Phase::Forward) => {
-                let (x, row_slot, ends) = (&inputs[0], &inputs[1], &inputs[3]);
-                let o = overflow(x.device())?;
-                let (xs, q, maxima) =
-                    gather_quant_rows(x, row_slot, k, None, Some(&o), Some(ends))?;
-                remember_prequantized(&xs, q);
-                remember_maxima(&xs, maxima, 0);
-                Ok(vec![Some(xs)])
-            }
+            (Fp8Op::Grouped, Phase::Forward) => grouped_forward(inputs),
+            (Fp8Op::Grouped, Phase::Backward) => grouped_backward(inputs),
+            (Fp8Op::Linear(layout), Phase::Forward) => linear_forward(layout, inputs),
+            (Fp8Op::Linear(layout), Phase::Backward) => linear_backward(layout, inputs),
+            (Fp8Op::Dispatch { k }, Phase::Forward) => dispatch_forward(k, inputs),
             (Fp8Op::Dispatch { k }, Phase::Backward) => {
                 let gx = dispatch_backward(&inputs[2], &inputs[4], k)?;
                 Ok(vec![gx, None, None, None])
             }
-            // activation: a = h1 [N, H], b = h3 (SwiGLU) or unused, c = group ends [E] int32
-            (Fp8Op::Act(act), Phase::Forward) => {
-                let (a, ends) = (&inputs[0], &inputs[2]);
-                let b = (act == Fp8Act::Swiglu).then_some(&inputs[1]);
-                let o = overflow(a.device())?;
-                let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
-                let (out, q, maxima) =
-                    act_quant_rows(a, b, act, Some(&limit), Some(&o), Some(ends))?;
-                remember_prequantized(&out, q);
-                remember_maxima(&out, maxima, 0);
-                Ok(vec![Some(out)])
-            }
+            (Fp8Op::Act(act), Phase::Forward) => act_forward(act, inputs),
             (Fp8Op::Act(act), Phase::Backward) => {
                 let (a, b, ends, g) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
                 if !g.defined() {
@@ -985,82 +861,8 @@ mod ops {
                 let (ga, gb) = act_backward(act, a, b, ends, g)?;
                 Ok(vec![Some(ga), gb, None])
             }
-            // the activation fused with the second matmul: a = h1 [N, H], b = h3 (SwiGLU) or
-            // unused, c = W2 [E, H, d], d = group ends [E] int32
-            (Fp8Op::ActGrouped(act), Phase::Forward) => {
-                let (a, w, ends) = (&inputs[0], &inputs[2], &inputs[3]);
-                let b = (act == Fp8Act::Swiglu).then_some(&inputs[1]);
-                let o = overflow(a.device())?;
-                let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
-                // the activation's FP8 rows alone: its output in bf16 is neither written nor
-                // kept (the weight gradient's transposed copy computes it again from `a`)
-                let col_ends = w.requires_grad().then_some(ends);
-                let (q, maxima) = act_quant_rows_only(a, b, act, Some(&limit), Some(&o), col_ends)?;
-                if let Some(maxima) = maxima {
-                    with_state(a.device(), |s| {
-                        s.act_maxima.push((a.shallow_clone(), maxima))
-                    });
-                }
-                let out = weight_copies(w, WeightLayout::Experts, |c| {
-                    grouped(&q, &c.forward()?, ends, fast_accum())
-                })?;
-                Ok(vec![Some(out.f_to_kind(a.kind())?)])
-            }
-            (Fp8Op::ActGrouped(act), Phase::Backward) => {
-                let (a, b, w, ends, g) =
-                    (&inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4]);
-                if !g.defined() {
-                    return Ok(vec![None, None, None, None]);
-                }
-                let o = overflow(a.device())?;
-                let (rows, _) = a.size2()?;
-                let groups = ends.size()[0];
-                let limit = ends.f_narrow(0, groups - 1, 1)?;
-                let g = g.f_contiguous()?;
-                let maxima = take_act_maxima(a);
-                // as the second matmul's backward: the output gradient's FP8 rows (the
-                // combine's backward wrote them), the activation's gradient, the weight's
-                let gq = gradient_rows(&g, ends, &limit, &o, w.requires_grad())?;
-                let gh = if a.requires_grad() || b.requires_grad() {
-                    let gh = weight_copies(w, WeightLayout::Experts, |c| {
-                        grouped(&gq, &c.dgrad()?, ends, fast_accum())
-                    })?;
-                    Some(gh.f_to_kind(a.kind())?)
-                } else {
-                    None
-                };
-                drop(gq);
-                let gw = if w.requires_grad() {
-                    let layout = Transposed::SideBySide {
-                        positions: side_by_side_positions(rows, groups),
-                    };
-                    if maxima.is_some() {
-                        with_state(a.device(), |s| s.maxima_used += 1);
-                    }
-                    let swiglu_b = (act == Fp8Act::Swiglu).then_some(b);
-                    let (at, pad_ends) = act_quant_transposed(
-                        a,
-                        swiglu_b,
-                        act,
-                        ends,
-                        layout,
-                        Some(&o),
-                        maxima.as_ref(),
-                    )?;
-                    let (bt, _) = transposed_operand(&g, ends, layout, &o)?;
-                    master_gradient(w, &grouped_weight_grad(&at, &bt, &pad_ends, fast_accum())?)?
-                } else {
-                    None
-                };
-                let (ga, gb) = match gh {
-                    Some(gh) => {
-                        let (ga, gb) = act_backward(act, a, b, ends, &gh)?;
-                        (Some(ga), gb)
-                    }
-                    None => (None, None),
-                };
-                Ok(vec![ga, gb, gw, None])
-            }
+            (Fp8Op::ActGrouped(act), Phase::Forward) => act_grouped_forward(act, inputs),
+            (Fp8Op::ActGrouped(act), Phase::Backward) => act_grouped_backward(act, inputs),
             // combine: a = ys [N, d], b = weight [T, k] f32, c = slot_row [T·k], d = row_slot
             // [N], e = the expert groups' ends [E] int32
             (Fp8Op::Combine, Phase::Forward) => {
@@ -1073,31 +875,247 @@ mod ops {
                     Some(&w.f_contiguous()?),
                 )?)])
             }
-            (Fp8Op::Combine, Phase::Backward) => {
-                let (ys, w, slot_row, row_slot, ends, g) = (
-                    &inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4], &inputs[5],
-                );
-                if !g.defined() {
-                    return Ok(vec![None, None, None, None, None]);
-                }
-                let k = w.size()[1];
-                let g = g.f_to_kind(ys.kind())?.f_contiguous()?;
-                let gys = if ys.requires_grad() {
-                    let o = overflow(g.device())?;
-                    let (gys, q, maxima) =
-                        gather_quant_rows(&g, row_slot, k, Some(w), Some(&o), Some(ends))?;
-                    remember_prequantized(&gys, q);
-                    remember_maxima(&gys, maxima, 1);
-                    Some(gys)
-                } else {
-                    None
-                };
-                let gw = combine_weight_gradient(ys, w, slot_row, &g)?;
-                Ok(vec![gys, gw, None, None, None])
-            }
+            (Fp8Op::Combine, Phase::Backward) => combine_backward(inputs),
         }
     }
 
+    /// The experts' grouped matmul: `xs` [M, K], `W` [E, K, N], the groups' ends [E] int32.
+    fn grouped_forward(inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let (xs, w, ends) = (&inputs[0], &inputs[1], &inputs[2]);
+        let o = overflow(xs.device())?;
+        let groups = ends.size()[0];
+        let limit = ends.f_narrow(0, groups - 1, 1)?;
+        let a = match prequantized(xs, false) {
+            Some(a) => a,
+            None => quant_rows(xs, Some(&limit), Some(&o))?,
+        };
+        // this matmul's weight gradient will take xs's transposed copy
+        if w.requires_grad() {
+            note_use(xs);
+        }
+        let out = weight_copies(w, WeightLayout::Experts, |c| {
+            grouped(&a, &c.forward()?, ends, fast_accum())
+        })?;
+        Ok(vec![Some(out.f_to_kind(xs.kind())?)])
+    }
+
+    /// Its backward: the gradients of `xs` and `W` from the output's (input 3).
+    fn grouped_backward(inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let (xs, w, ends, g) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
+        if !g.defined() {
+            return Ok(vec![None, None, None]);
+        }
+        let o = overflow(xs.device())?;
+        let (rows, _) = xs.size2()?;
+        let groups = ends.size()[0];
+        let limit = ends.f_narrow(0, groups - 1, 1)?;
+        let g = g.f_contiguous()?;
+        // the combine's backward wrote the FP8 rows of the second matmul's gradient, and
+        // the activation's backward (GELU, ReLU) those of the first's; elsewhere (the
+        // two of SwiGLU) the row-wise pass raises the column maxima too
+        let gq = gradient_rows(&g, ends, &limit, &o, w.requires_grad())?;
+        let gx = if xs.requires_grad() {
+            let gx = weight_copies(w, WeightLayout::Experts, |c| {
+                grouped(&gq, &c.dgrad()?, ends, fast_accum())
+            })?;
+            Some(gx.f_to_kind(xs.kind())?)
+        } else {
+            None
+        };
+        let gw = if w.requires_grad() {
+            let layout = Transposed::SideBySide {
+                positions: side_by_side_positions(rows, groups),
+            };
+            let (at, pad_ends) = transposed_operand(xs, ends, layout, &o)?;
+            let (bt, _) = transposed_operand(&g, ends, layout, &o)?;
+            master_gradient(w, &grouped_weight_grad(&at, &bt, &pad_ends, fast_accum())?)?
+        } else {
+            None
+        };
+        Ok(vec![gx, gw, None])
+    }
+
+    /// A dense matmul: `x` [M, K] and the master weight in `layout`.
+    fn linear_forward(layout: WeightLayout, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let (x, w) = (&inputs[0], &inputs[1]);
+        let o = overflow(x.device())?;
+        let a = quant_rows(x, None, Some(&o))?;
+        let out = weight_copies(w, layout, |c| {
+            let f = c.forward()?;
+            let b = Fp8 {
+                q: f.q.f_select(0, 0)?,
+                scale: f.scale.f_select(0, 0)?,
+            };
+            dense(&a, &b, fast_accum())
+        })?;
+        Ok(vec![Some(out.f_to_kind(x.kind())?)])
+    }
+
+    /// Its backward: the gradients of `x` and of the master weight from the output's (input 2).
+    fn linear_backward(layout: WeightLayout, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let (x, w, g) = (&inputs[0], &inputs[1], &inputs[2]);
+        if !g.defined() {
+            return Ok(vec![None, None]);
+        }
+        let o = overflow(x.device())?;
+        let (rows, _) = x.size2()?;
+        let g = g.f_contiguous()?;
+        let gx = if x.requires_grad() {
+            let gq = quant_rows(&g, None, Some(&o))?;
+            let gx = weight_copies(w, layout, |c| {
+                let d = c.dgrad()?;
+                let b = Fp8 {
+                    q: d.q.f_select(0, 0)?,
+                    scale: d.scale.f_select(0, 0)?,
+                };
+                // gx = g · Wᵀ: W's rows [K, N] are the right operand's rows
+                dense(&gq, &b, fast_accum())
+            })?;
+            Some(gx.f_to_kind(x.kind())?)
+        } else {
+            None
+        };
+        let gw = if w.requires_grad() {
+            let ends = Tensor::f_full([1], rows, (Kind::Int, x.device()))?;
+            let layout_t = Transposed::SideBySide {
+                positions: side_by_side_positions(rows, 1),
+            };
+            let (xt, _) = quant_transposed(x, &ends, layout_t, Some(&o), None)?;
+            let (gt, _) = quant_transposed(&g, &ends, layout_t, Some(&o), None)?;
+            let grad = match layout {
+                // gW = xᵀ · g, [K, N]
+                WeightLayout::InOut => dense(&xt, &gt, fast_accum())?,
+                // the master is Wᵀ: gWᵀ = gᵀ · x, [N, K]
+                _ => dense(&gt, &xt, fast_accum())?,
+            };
+            master_gradient(w, &grad)?
+        } else {
+            None
+        };
+        Ok(vec![gx, gw])
+    }
+
+    /// The dispatch: `x` [T, d] gathered by `row_slot` [N] into expert order, its FP8 rows and
+    /// column maxima kept for the first matmul (inputs: x, row_slot, slot_row [T·k], the groups'
+    /// ends [E] int32).
+    fn dispatch_forward(k: i64, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let (x, row_slot, ends) = (&inputs[0], &inputs[1], &inputs[3]);
+        let o = overflow(x.device())?;
+        let (xs, q, maxima) = gather_quant_rows(x, row_slot, k, None, Some(&o), Some(ends))?;
+        remember_prequantized(&xs, q);
+        remember_maxima(&xs, maxima, 0);
+        Ok(vec![Some(xs)])
+    }
+
+    /// The activation: `h1` [N, H] (and `h3` for SwiGLU), its FP8 rows and column maxima kept for
+    /// the second matmul (inputs: h1, h3 or unused, the groups' ends [E] int32).
+    fn act_forward(act: Fp8Act, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let (a, ends) = (&inputs[0], &inputs[2]);
+        let b = (act == Fp8Act::Swiglu).then_some(&inputs[1]);
+        let o = overflow(a.device())?;
+        let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
+        let (out, q, maxima) = act_quant_rows(a, b, act, Some(&limit), Some(&o), Some(ends))?;
+        remember_prequantized(&out, q);
+        remember_maxima(&out, maxima, 0);
+        Ok(vec![Some(out)])
+    }
+
+    /// The activation fused with the second matmul: `h1` [N, H], `h3` (SwiGLU) or unused,
+    /// `W2` [E, H, d], the groups' ends [E] int32.
+    fn act_grouped_forward(act: Fp8Act, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let (a, w, ends) = (&inputs[0], &inputs[2], &inputs[3]);
+        let b = (act == Fp8Act::Swiglu).then_some(&inputs[1]);
+        let o = overflow(a.device())?;
+        let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
+        // the activation's FP8 rows alone: its output in bf16 is neither written nor
+        // kept (the weight gradient's transposed copy computes it again from `a`)
+        let col_ends = w.requires_grad().then_some(ends);
+        let (q, maxima) = act_quant_rows_only(a, b, act, Some(&limit), Some(&o), col_ends)?;
+        if let Some(maxima) = maxima {
+            with_state(a.device(), |s| {
+                s.act_maxima.push((a.shallow_clone(), maxima))
+            });
+        }
+        let out = weight_copies(w, WeightLayout::Experts, |c| {
+            grouped(&q, &c.forward()?, ends, fast_accum())
+        })?;
+        Ok(vec![Some(out.f_to_kind(a.kind())?)])
+    }
+
+    /// Its backward: the gradients of `h1` (and `h3`) and `W2` from the output's (input 4).
+    fn act_grouped_backward(act: Fp8Act, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let (a, b, w, ends, g) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4]);
+        if !g.defined() {
+            return Ok(vec![None, None, None, None]);
+        }
+        let o = overflow(a.device())?;
+        let (rows, _) = a.size2()?;
+        let groups = ends.size()[0];
+        let limit = ends.f_narrow(0, groups - 1, 1)?;
+        let g = g.f_contiguous()?;
+        let maxima = take_act_maxima(a);
+        // as the second matmul's backward: the output gradient's FP8 rows (the
+        // combine's backward wrote them), the activation's gradient, the weight's
+        let gq = gradient_rows(&g, ends, &limit, &o, w.requires_grad())?;
+        let gh = if a.requires_grad() || b.requires_grad() {
+            let gh = weight_copies(w, WeightLayout::Experts, |c| {
+                grouped(&gq, &c.dgrad()?, ends, fast_accum())
+            })?;
+            Some(gh.f_to_kind(a.kind())?)
+        } else {
+            None
+        };
+        drop(gq);
+        let gw = if w.requires_grad() {
+            let layout = Transposed::SideBySide {
+                positions: side_by_side_positions(rows, groups),
+            };
+            if maxima.is_some() {
+                with_state(a.device(), |s| s.maxima_used += 1);
+            }
+            let swiglu_b = (act == Fp8Act::Swiglu).then_some(b);
+            let (at, pad_ends) =
+                act_quant_transposed(a, swiglu_b, act, ends, layout, Some(&o), maxima.as_ref())?;
+            let (bt, _) = transposed_operand(&g, ends, layout, &o)?;
+            master_gradient(w, &grouped_weight_grad(&at, &bt, &pad_ends, fast_accum())?)?
+        } else {
+            None
+        };
+        let (ga, gb) = match gh {
+            Some(gh) => {
+                let (ga, gb) = act_backward(act, a, b, ends, &gh)?;
+                (Some(ga), gb)
+            }
+            None => (None, None),
+        };
+        Ok(vec![ga, gb, gw, None])
+    }
+
+    /// The combine's backward: the gate-weighted gradient of `ys` (with its FP8 rows, kept for the
+    /// second matmul) and the gradient of the gate weights (inputs: ys [N, d], weight [T, k] f32,
+    /// slot_row [T·k], row_slot [N], the groups' ends [E] int32, the output's gradient).
+    fn combine_backward(inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let (ys, w, slot_row, row_slot, ends, g) = (
+            &inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4], &inputs[5],
+        );
+        if !g.defined() {
+            return Ok(vec![None, None, None, None, None]);
+        }
+        let k = w.size()[1];
+        let g = g.f_to_kind(ys.kind())?.f_contiguous()?;
+        let gys = if ys.requires_grad() {
+            let o = overflow(g.device())?;
+            let (gys, q, maxima) =
+                gather_quant_rows(&g, row_slot, k, Some(w), Some(&o), Some(ends))?;
+            remember_prequantized(&gys, q);
+            remember_maxima(&gys, maxima, 1);
+            Some(gys)
+        } else {
+            None
+        };
+        let gw = combine_weight_gradient(ys, w, slot_row, &g)?;
+        Ok(vec![gys, gw, None, None, None])
+    }
     /// The activation's backward: the gradient of `a` (and SwiGLU's of `b`) from the output's
     /// `g`. Its pass writes the FP8 rows (and column maxima) of each gradient, the first
     /// matmuls' output gradients, for their backward; rows past the last group are zeros
