@@ -110,7 +110,33 @@ fn damaged_or_mismatched_checkpoints_are_refused() {
     let err = fmoec::runtime::checkpoint::load(&ckpt, &other.model)
         .err()
         .expect("refused");
-    assert!(format!("{err:#}").contains("different model"), "{err:#}");
+    let message = format!("{err:#}");
+    assert!(message.contains("different model"), "{message}");
+    // ... and says what differs, from the definition the manifest records
+    assert!(
+        message.contains("ffn.gate.kind of layer")
+            && message.contains("(switch in the checkpoint, naive here)"),
+        "{message}"
+    );
+    // A manifest of older fmoec, without the definition, is refused as before: by hash only.
+    let manifest_file = ckpt.join("manifest.json");
+    let manifest_text = std::fs::read_to_string(&manifest_file).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&manifest_text).unwrap();
+    manifest
+        .as_object_mut()
+        .unwrap()
+        .remove("model_definition")
+        .expect("recorded");
+    std::fs::write(&manifest_file, serde_json::to_string(&manifest).unwrap()).unwrap();
+    let err = fmoec::runtime::checkpoint::load(&ckpt, &other.model)
+        .err()
+        .expect("refused");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("different model") && message.ends_with("…)"),
+        "{message}"
+    );
+    std::fs::write(&manifest_file, manifest_text).unwrap();
 
     // truncated
     let file = ckpt.join("model.safetensors");
