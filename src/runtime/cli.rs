@@ -688,9 +688,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
         (Mode::Launch(node), Some(_)) => return launch(&node, args.diagnostics),
         (Mode::Rank(env, transport), Some(plan)) => {
-            return match transport {
+            let result = match transport {
                 Transport::Tcp => run_cpu_rank(checked, &opts, plan, &env, timeout),
                 Transport::Nccl => run_rank(checked, &opts, plan, &env, timeout),
+            };
+            return match result {
+                // Said as any error is, with the code that lets the launcher name the
+                // failure this one followed.
+                Err(e) if follows_another_rank(&e) => {
+                    driver::report_error(&format!("{e:#}"), None, args.diagnostics);
+                    Ok(ExitCode::from(
+                        crate::collective::launch::FOLLOWED_ANOTHER_RANK,
+                    ))
+                }
+                other => other,
             };
         }
         (_, None) => {
@@ -698,6 +709,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     Ok(exit_code(&summary))
+}
+
+/// Whether a rank's error only follows another rank's (rank 0 gave up the rendezvous, a
+/// peer left a collective).
+fn follows_another_rank(error: &anyhow::Error) -> bool {
+    use crate::collective::{rendezvous::RendezvousError, CollectiveError};
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<RendezvousError>()
+            .is_some_and(RendezvousError::follows_another_rank)
+            || cause
+                .downcast_ref::<CollectiveError>()
+                .is_some_and(CollectiveError::follows_another_rank)
+    })
 }
 
 /// 0, or 128 + the signal that stopped the run (130 for Ctrl-C, 143 for SIGTERM).
@@ -758,6 +783,17 @@ fn launch(node: &NodeLaunch, format: DiagFormat) -> anyhow::Result<ExitCode> {
             DiagFormat::Human => crate::errln!("fmoec run: {text}"),
             DiagFormat::Json => driver::report_error(&text, None, format),
         }
+    } else if let (Some(signal), DiagFormat::Human) = (outcome.interrupted, format) {
+        let ranks: Vec<String> = outcome
+            .stopped_as_asked()
+            .iter()
+            .map(usize::to_string)
+            .collect();
+        crate::errln!(
+            "fmoec run: interrupted by {}: rank(s) {} stopped together after the same step, each saving its part of the checkpoint",
+            stop::name(signal),
+            ranks.join(", ")
+        );
     }
     Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
 }
