@@ -375,9 +375,12 @@ impl<'a> Trainer<'a> {
                 crate::errln!("note: {note}");
             }
         }
+        // Every rank, so that a folder that cannot be made fails all of them alike (one
+        // error for the run, not rank 0's with the others' echoes); each writes its shards
+        // under it anyway.
+        std::fs::create_dir_all(&opts.out)
+            .with_context(|| format!("cannot create `{}`", opts.out.display()))?;
         if main {
-            std::fs::create_dir_all(&opts.out)
-                .with_context(|| format!("cannot create `{}`", opts.out.display()))?;
             trainer.metrics = Some(if opts.resume.is_some() {
                 MetricsLog::resume(&opts.out, trainer.start_step)?
             } else {
