@@ -81,7 +81,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", conflicts_with = "ranks", value_parser = driver::one_or_more::<u64>)]
     pub gpus: Option<u64>,
     /// Train on N in-process ranks (threads, CPU): the multi-GPU code path without GPUs.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = driver::one_or_more::<u64>)]
     pub ranks: Option<u64>,
     /// Override the expert group with several ranks: `data` (every data rank shares the
     /// experts), `replicated` (every rank holds every expert) or a size dividing the world.
@@ -108,7 +108,7 @@ pub struct RunArgs {
     /// Machines the run spans. Each runs the same command with its own --node-rank and starts
     /// its ranks: --gpus K per node (one process per GPU, NCCL) or --ranks K per node (one
     /// process per CPU rank, TCP); the world is N x K.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = driver::one_or_more::<u64>)]
     pub nodes: u64,
     /// This machine's index among the --nodes (0..N); node 0 holds rank 0 and the rendezvous.
     #[arg(long, value_name = "I")]

@@ -630,6 +630,30 @@ fn sampling_flags_need_sample_and_top_k_says_one_or_more() {
     assert!(!stderr.contains("9223372036854775807"), "{stderr}");
 }
 
+/// A zero for any count of ranks, nodes or stages is clap's refusal (exit 2), worded alike,
+/// before anything is read or written.
+#[test]
+fn zero_ranks_nodes_gpus_or_stages_are_refused_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    for flag in [
+        "--ranks",
+        "--nodes",
+        "--gpus",
+        "--pipeline",
+        "--virtual-stages",
+    ] {
+        let out = fmoec_in(dir.path(), ["run", file, "--out", "fresh", flag, "0"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(
+            stderr.contains("must be 1 or more, found 0"),
+            "{flag}: {stderr}"
+        );
+        assert!(!dir.path().join("fresh").exists(), "{flag}: wrote a run");
+    }
+}
+
 /// `--steps` shorter than the file's warmup (30 in tiny.fmoe) is noted, not refused; and
 /// `--resume` with `--out` says where it continues from, as a run continued without flags does.
 #[test]
