@@ -302,19 +302,25 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
 /// The layout flags that need several ranks, refused on one device (before the file is read:
 /// the run alone is planned with the others).
 fn refuse_layout_flags_alone(args: &RunArgs) -> anyhow::Result<()> {
+    // `--gpus 1` / `--ranks 1` looks like a rank count but is the run alone: say so.
+    let one_rank = match (args.gpus, args.ranks) {
+        (Some(1), _) => "; --gpus 1 is one rank",
+        (_, Some(1)) => "; --ranks 1 is one rank",
+        _ => "",
+    };
     if args.expert_group.is_some() {
-        bail!("--expert-group needs several ranks (--gpus N or --ranks N)");
+        bail!("--expert-group needs several ranks (--gpus N or --ranks N){one_rank}");
     }
     if args.tensor.is_some_and(|t| t != 1) {
-        bail!("--tensor needs several ranks (--gpus N or --ranks N)");
+        bail!("--tensor needs several ranks (--gpus N or --ranks N){one_rank}");
     }
     if args.pipeline.is_some_and(|p| p != 1) {
-        bail!("--pipeline needs several ranks (--gpus N or --ranks N)");
+        bail!("--pipeline needs several ranks (--gpus N or --ranks N){one_rank}");
     }
     if args.virtual_stages.is_some_and(|v| v != 1) {
         bail!(
             "--virtual-stages needs a pipeline of several ranks (--gpus N or --ranks N, with \
-             --pipeline P)"
+             --pipeline P){one_rank}"
         );
     }
     Ok(())

@@ -652,6 +652,25 @@ fn the_command_line_runs_ranks_and_explains_what_it_cannot() {
     let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--pipeline"), &o("2")]);
     assert!(!alone.status.success());
     assert!(String::from_utf8_lossy(&alone.stderr).contains("--pipeline needs several ranks"));
+    // `--gpus 1` reads like a rank count: the refusal says it is one rank
+    for one in ["--gpus", "--ranks"] {
+        let alone = fmoec(&[
+            &o("run"),
+            file.as_os_str(),
+            &o("--pipeline"),
+            &o("2"),
+            &o(one),
+            &o("1"),
+        ]);
+        let stderr = String::from_utf8_lossy(&alone.stderr);
+        assert_eq!(alone.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "--pipeline needs several ranks (--gpus N or --ranks N); {one} 1 is one rank"
+            )),
+            "{stderr}"
+        );
+    }
     // tiny.fmoe's 4 blocks cannot form 8 stages: the planner's error, and what was asked
     let deep = fmoec(&[
         &o("run"),
