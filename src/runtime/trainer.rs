@@ -879,6 +879,10 @@ impl<'a> Trainer<'a> {
         if let Some(c) = self.ctx.filter(|c| c.stages() > 1) {
             self.check_tied_copies(c)?;
         }
+        // A large model's checkpoint takes long enough to look like a hang without a word.
+        let saving = Instant::now();
+        self.progress
+            .working(&format!("saving checkpoint step {} ...", self.step));
         let root = &self.opts.checkpoints;
         let info = SaveInfo {
             model: &self.checked.model,
@@ -911,6 +915,14 @@ impl<'a> Trainer<'a> {
                 );
             }
         }
+        let took = saving.elapsed();
+        let took = if took < std::time::Duration::from_secs(1) {
+            format!("{} ms", took.as_millis())
+        } else {
+            format!("{:.1} s", took.as_secs_f64())
+        };
+        self.progress
+            .working(&format!("saved checkpoint step {} in {took}", self.step));
         self.last_checkpoint = Some(saved.clone());
         Ok(saved)
     }

@@ -630,6 +630,37 @@ fn sampling_flags_need_sample_and_top_k_says_one_or_more() {
     assert!(!stderr.contains("9223372036854775807"), "{stderr}");
 }
 
+/// Writing a checkpoint (20 s for a large model) says so on rank 0, and how long it took,
+/// in the run's lines; `--quiet` keeps them back.
+#[test]
+fn saving_a_checkpoint_says_so_unless_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    for (out, quiet) in [("said", false), ("quiet", true)] {
+        let mut args = vec!["run", file, "--steps", "2", "--ranks", "2", "--out", out];
+        if quiet {
+            args.push("--quiet");
+        }
+        let run = fmoec_in(dir.path(), &args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{stderr}");
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("checkpoint step"))
+            .collect();
+        if quiet {
+            assert!(lines.is_empty(), "{stderr}");
+        } else {
+            assert_eq!(lines.len(), 2, "{stderr}");
+            assert_eq!(lines[0], "saving checkpoint step 2 ...");
+            assert!(
+                lines[1].starts_with("saved checkpoint step 2 in "),
+                "{stderr}"
+            );
+        }
+    }
+}
+
 /// A zero for any count of ranks, nodes or stages is clap's refusal (exit 2), worded alike,
 /// before anything is read or written.
 #[test]
