@@ -61,6 +61,13 @@ impl CollectiveError {
     }
 }
 
+impl CollectiveError {
+    /// Whether this rank failed only because a peer left first (the peer's error says why).
+    pub fn follows_another_rank(&self) -> bool {
+        matches!(self.kind.as_ref(), ErrorKind::PeerGone { .. })
+    }
+}
+
 /// For `map_err`: a failed tensor operation within operation `op` of `group`, called at `at`.
 pub(crate) fn tensor_failure(
     group: &impl fmt::Display,

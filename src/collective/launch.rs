@@ -8,7 +8,11 @@
 //! the ranks print with `[rank RANK]` (on stderr unless [`Launch::label_stderr`] says not),
 //! and waits. When one rank fails (non-zero exit or a signal) the others are killed at once,
 //! so a dead rank never leaves its peers hanging in a collective; the launcher's result
-//! names the first rank that failed and its exit code.
+//! names the first rank that failed and its exit code. A rank that failed only because
+//! another did exits with [`FOLLOWED_ANOTHER_RANK`]; the launcher then waits a moment for the
+//! failure it followed, so that the cause is named and not its echo. Ranks that stop with
+//! `128 + signal` after the launcher passed that signal on did what was asked: the launcher
+//! waits for all of them and reports the run as interrupted, not as failed.
 //!
 //! It knows nothing about NCCL or tensors; the library search path for NCCL is the
 //! caller's business (it passes extra environment variables in [`Launch::env`]).
@@ -55,14 +59,27 @@ impl Default for Launch {
     }
 }
 
+/// The exit code of a rank whose failure follows another rank's (rank 0 gave up the
+/// rendezvous, a peer left a collective): its error points at the other rank's, which is the
+/// one to name.
+pub const FOLLOWED_ANOTHER_RANK: u8 = 3;
+
+/// How long the launcher waits, after a rank failed with [`FOLLOWED_ANOTHER_RANK`], for the
+/// failure it followed before it stops the rest.
+const FOLLOWED_FAILURE_GRACE: Duration = Duration::from_secs(3);
+
 /// How a launched run ended.
 #[derive(Debug)]
 pub struct Outcome {
     /// Each local rank's exit status (`None`: it was killed by the launcher before it
     /// exited on its own).
     pub statuses: Vec<Option<ExitStatus>>,
-    /// The first local rank that failed, if any.
+    /// The local rank whose failure is the run's: the first that failed on its own, else
+    /// the first that failed after another rank ([`FOLLOWED_ANOTHER_RANK`]).
     pub failed: Option<(usize, ExitStatus)>,
+    /// The stop signal the launcher passed on, when the ranks then stopped as asked (with
+    /// `128 + signal`) and none failed.
+    pub interrupted: Option<i32>,
     /// The global rank of local rank 0 (for messages).
     pub first_rank: usize,
 }
@@ -71,10 +88,25 @@ impl Outcome {
     /// The code the launcher process should exit with: 0, the failed rank's code, or
     /// 128 + signal for a rank killed by a signal (the shell's convention).
     pub fn exit_code(&self) -> i32 {
-        match self.failed {
-            None => 0,
-            Some((_, status)) => code_of(status),
+        match (self.failed, self.interrupted) {
+            (Some((_, status)), _) => code_of(status),
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => 0,
         }
+    }
+
+    /// The global ranks that stopped as asked after an interruption (none when the run was
+    /// not interrupted).
+    pub fn stopped_as_asked(&self) -> Vec<usize> {
+        let Some(signal) = self.interrupted else {
+            return Vec::new();
+        };
+        self.statuses
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_some_and(|s| s.code() == Some(128 + signal)))
+            .map(|(r, _)| self.first_rank + r)
+            .collect()
     }
 
     /// A one-line account of a failure (`rank 1 exited with code 3; stopped ranks 0, 2`).
@@ -88,6 +120,9 @@ impl Outcome {
             .map(|(r, _)| (self.first_rank + r).to_string())
             .collect();
         let mut text = format!("rank {} {}", self.first_rank + rank, status_text(status));
+        if status.code() == Some(i32::from(FOLLOWED_ANOTHER_RANK)) {
+            text.push_str(" (it failed after another rank did: that rank's error says why)");
+        }
         if !stopped.is_empty() {
             text.push_str(&format!("; stopped rank(s) {}", stopped.join(", ")));
         }
@@ -245,19 +280,32 @@ pub fn spawn_local(
     outcome
 }
 
-/// Poll the ranks until all exit successfully or one fails; on failure kill the rest. A stop
-/// signal (`stop_signal`) is passed on to the running ranks once.
+/// Poll the ranks until all exit or one fails; on failure kill the rest (after
+/// [`FOLLOWED_FAILURE_GRACE`] when the failure follows another rank's). A stop signal
+/// (`stop_signal`) is passed on to the running ranks once; a rank that then exits with
+/// `128 + signal` stopped as asked, and the others are left to stop likewise.
 fn supervise(
     children: &mut [Child],
     stop_signal: Option<fn() -> Option<i32>>,
 ) -> Result<Outcome, LaunchError> {
     let n = children.len();
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; n];
-    let mut failed = None;
-    let mut passed_on = false;
-    while failed.is_none() && statuses.iter().any(Option::is_none) {
-        if let (false, Some(signal)) = (passed_on, stop_signal.and_then(|f| f())) {
-            passed_on = true;
+    // In the order seen.
+    let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
+    let mut passed_on: Option<i32> = None;
+    let mut grace_ends = None;
+    let own_failure = |failures: &[(usize, ExitStatus)]| {
+        failures
+            .iter()
+            .find(|(_, s)| !followed_another(*s))
+            .copied()
+    };
+    while statuses.iter().any(Option::is_none)
+        && own_failure(&failures).is_none()
+        && grace_ends.is_none_or(|end| std::time::Instant::now() < end)
+    {
+        if let (None, Some(signal)) = (passed_on, stop_signal.and_then(|f| f())) {
+            passed_on = Some(signal);
             for (child, status) in children.iter().zip(&statuses) {
                 if status.is_none() {
                     send_signal(child, signal);
@@ -277,24 +325,38 @@ fn supervise(
             };
             if let Some(status) = status {
                 statuses[rank] = Some(status);
-                if !status.success() {
-                    failed = Some((rank, status));
-                    break;
+                let as_asked = passed_on.is_some_and(|signal| status.code() == Some(128 + signal));
+                if !status.success() && !as_asked {
+                    failures.push((rank, status));
                 }
             }
         }
-        if failed.is_none() {
-            std::thread::sleep(Duration::from_millis(20));
+        if !failures.is_empty() && grace_ends.is_none() {
+            grace_ends = Some(std::time::Instant::now() + FOLLOWED_FAILURE_GRACE);
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let failed = own_failure(&failures).or(failures.first().copied());
     if failed.is_some() {
         kill_all(children, &statuses);
     }
+    let interrupted = passed_on.filter(|&signal| {
+        failed.is_none()
+            && statuses
+                .iter()
+                .any(|s| s.is_some_and(|s| s.code() == Some(128 + signal)))
+    });
     Ok(Outcome {
         statuses,
         failed,
+        interrupted,
         first_rank: 0,
     })
+}
+
+/// Whether a rank's status says it failed only after another rank did.
+fn followed_another(status: ExitStatus) -> bool {
+    status.code() == Some(i32::from(FOLLOWED_ANOTHER_RANK))
 }
 
 #[cfg(unix)]
@@ -476,6 +538,66 @@ mod tests {
         for rank in 0..2 {
             let text = std::fs::read_to_string(dir.path().join(format!("rank{rank}"))).unwrap();
             assert_eq!(text.trim(), "TERM");
+        }
+    }
+
+    #[test]
+    fn a_failure_that_follows_another_ranks_is_not_named_as_the_cause() {
+        // Rank 1 fails at once because rank 0 gave up (exit 3); rank 0's own failure comes
+        // a moment later: it is the one named, and not stopped by the launcher.
+        let script = "if [ \"$RANK\" = 1 ]; then exit 3; else sleep 0.3; exit 1; fi";
+        let outcome = spawn_local(2, "sh", &sh(script), &Launch::default()).unwrap();
+        assert_eq!(outcome.describe().unwrap(), "rank 0 exited with code 1");
+        assert_eq!(outcome.exit_code(), 1);
+        // Alone (the cause is on another machine), the follow-on failure is named as such
+        // once the grace is over, and the ranks still running are stopped.
+        let started = Instant::now();
+        let script = "if [ \"$RANK\" = 1 ]; then exit 3; else sleep 60; fi";
+        let outcome = spawn_local(2, "sh", &sh(script), &Launch::default()).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the launcher hung"
+        );
+        assert_eq!(
+            outcome.describe().unwrap(),
+            "rank 1 exited with code 3 (it failed after another rank did: that rank's error \
+             says why); stopped rank(s) 0"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn ranks_that_stop_as_asked_are_an_interruption_not_a_failure() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static READY: AtomicBool = AtomicBool::new(false);
+        // On SIGINT each rank "saves" and exits 130, rank 1 more slowly than rank 0: the
+        // launcher must not stop rank 1 when rank 0 is done.
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "trap 'kill $!; if [ $RANK = 1 ]; then sleep 0.5; fi; echo saved > {0}/rank$RANK; exit 130' INT; \
+             touch {0}/ready$RANK; sleep 60 & wait",
+            dir.path().display()
+        );
+        let launch = Launch {
+            stop_signal: Some(|| READY.load(Ordering::SeqCst).then_some(2)),
+            ..Launch::default()
+        };
+        let ready = dir.path().to_path_buf();
+        let watcher = std::thread::spawn(move || {
+            while !(0..2).all(|r| ready.join(format!("ready{r}")).exists()) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            READY.store(true, Ordering::SeqCst);
+        });
+        let outcome = spawn_local(2, "sh", &sh(&script), &launch).unwrap();
+        watcher.join().unwrap();
+        assert_eq!(outcome.describe(), None);
+        assert_eq!(outcome.interrupted, Some(2));
+        assert_eq!(outcome.stopped_as_asked(), vec![0, 1]);
+        assert_eq!(outcome.exit_code(), 130);
+        for rank in 0..2 {
+            let text = std::fs::read_to_string(dir.path().join(format!("rank{rank}"))).unwrap();
+            assert_eq!(text.trim(), "saved");
         }
     }
 

@@ -43,9 +43,19 @@ pub enum RendezvousError {
     },
     #[error("rendezvous at {addr}: {message}")]
     Refused { addr: String, message: String },
+    /// Rank 0 closed the connection without answering: it gave up (its own error says why).
+    #[error("rendezvous at {addr}: rank 0 closed the connection without answering rank {rank} (see rank 0's error)")]
+    Abandoned { addr: String, rank: usize },
     // The I/O error is in the message and not a `source`: `{:#}` would print it twice.
     #[error("rendezvous at {addr}: {error}")]
     Io { addr: String, error: std::io::Error },
+}
+
+impl RendezvousError {
+    /// Whether this rank failed only because rank 0 did (its error is the one to read).
+    pub fn follows_another_rank(&self) -> bool {
+        matches!(self, RendezvousError::Abandoned { .. })
+    }
 }
 
 /// One process's place in the run, from the torchrun variables `RANK`, `WORLD_SIZE`,
@@ -475,11 +485,9 @@ fn ask_rank_zero(
     if read == 0 {
         // Rank 0 gave up (its own deadline, a rank that disagreed) and closed the
         // connection; its own error says why.
-        return Err(RendezvousError::Refused {
+        return Err(RendezvousError::Abandoned {
             addr: addr.to_string(),
-            message: format!(
-                "rank 0 closed the connection without answering rank {rank} (see rank 0's error)"
-            ),
+            rank,
         });
     }
     let line = line.trim_end().to_string();

@@ -307,14 +307,15 @@ pub fn validate(
             ));
         }
     }
-    // FasterMoE's options are `fmoec run`'s: no emitted training has them
+    // FasterMoE's options are `fmoec run`'s: no emitted training has them. Said by `emit`
+    // and by `plan --megatron` alike, so worded for both.
     for (name, at) in c.parallel.fastermoe_options() {
         warnings.push(
             Diagnostic::warning(
                 "W0810",
                 at,
                 format!(
-                    "`{name}` is FasterMoE's option of `fmoec run`; the Megatron-LM {v} training emitted here exchanges experts without it"
+                    "`{name}` is FasterMoE's option of `fmoec run`; a Megatron-LM {v} training (what `emit --megatron {v}` writes and `plan --megatron {v}` costs) exchanges experts without it"
                 ),
             )
             .with_label("applies to `fmoec run` only"),

@@ -441,6 +441,18 @@ pub fn chunks_over_expert_group(chunks: u64, group: u64, at: Span) -> Diagnostic
 }
 
 pub fn nothing_to_exchange(option: &str, world: u64, at: Span) -> Diagnostic {
+    if world == 1 {
+        return Diagnostic::warning(
+            NOTHING_TO_EXCHANGE,
+            at,
+            format!("`{option}` has nothing to do on one GPU: no tokens are exchanged"),
+        )
+        .with_label("no expert exchange to schedule")
+        .with_help(
+            "it acts where the experts are spread over several ranks: `gpus = N` here, \
+             `fmoec plan --world N`, or `fmoec run --gpus N` / `--ranks N`",
+        );
+    }
     Diagnostic::warning(
         NOTHING_TO_EXCHANGE,
         at,

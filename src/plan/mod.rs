@@ -806,10 +806,9 @@ pub fn cost_for(
 /// FasterMoE's options that cannot do what they say on this layout (warnings).
 fn fastermoe_warnings(par: &Parallel, grid: &Grid, warnings: &mut Vec<Diagnostic>) {
     if grid.expert_group <= 1 {
-        if grid.world > 1 {
-            for (name, at) in par.fastermoe_options() {
-                warnings.push(diagnostics::nothing_to_exchange(name, grid.world, at));
-            }
+        // On one GPU too: the option was written, and does nothing on the world planned.
+        for (name, at) in par.fastermoe_options() {
+            warnings.push(diagnostics::nothing_to_exchange(name, grid.world, at));
         }
         return;
     }

@@ -81,7 +81,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", conflicts_with = "ranks", value_parser = driver::one_or_more::<u64>)]
     pub gpus: Option<u64>,
     /// Train on N in-process ranks (threads, CPU): the multi-GPU code path without GPUs.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = driver::one_or_more::<u64>)]
     pub ranks: Option<u64>,
     /// Override the expert group with several ranks: `data` (every data rank shares the
     /// experts), `replicated` (every rank holds every expert) or a size dividing the world.
@@ -108,7 +108,7 @@ pub struct RunArgs {
     /// Machines the run spans. Each runs the same command with its own --node-rank and starts
     /// its ranks: --gpus K per node (one process per GPU, NCCL) or --ranks K per node (one
     /// process per CPU rank, TCP); the world is N x K.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = driver::one_or_more::<u64>)]
     pub nodes: u64,
     /// This machine's index among the --nodes (0..N); node 0 holds rank 0 and the rendezvous.
     #[arg(long, value_name = "I")]
@@ -302,19 +302,25 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
 /// The layout flags that need several ranks, refused on one device (before the file is read:
 /// the run alone is planned with the others).
 fn refuse_layout_flags_alone(args: &RunArgs) -> anyhow::Result<()> {
+    // `--gpus 1` / `--ranks 1` looks like a rank count but is the run alone: say so.
+    let one_rank = match (args.gpus, args.ranks) {
+        (Some(1), _) => "; --gpus 1 is one rank",
+        (_, Some(1)) => "; --ranks 1 is one rank",
+        _ => "",
+    };
     if args.expert_group.is_some() {
-        bail!("--expert-group needs several ranks (--gpus N or --ranks N)");
+        bail!("--expert-group needs several ranks (--gpus N or --ranks N){one_rank}");
     }
     if args.tensor.is_some_and(|t| t != 1) {
-        bail!("--tensor needs several ranks (--gpus N or --ranks N)");
+        bail!("--tensor needs several ranks (--gpus N or --ranks N){one_rank}");
     }
     if args.pipeline.is_some_and(|p| p != 1) {
-        bail!("--pipeline needs several ranks (--gpus N or --ranks N)");
+        bail!("--pipeline needs several ranks (--gpus N or --ranks N){one_rank}");
     }
     if args.virtual_stages.is_some_and(|v| v != 1) {
         bail!(
             "--virtual-stages needs a pipeline of several ranks (--gpus N or --ranks N, with \
-             --pipeline P)"
+             --pipeline P){one_rank}"
         );
     }
     Ok(())
@@ -744,9 +750,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
         (Mode::Launch(node), Some(_)) => return launch(&node, args.diagnostics),
         (Mode::Rank(env, transport), Some(plan)) => {
-            return match transport {
+            let result = match transport {
                 Transport::Tcp => run_cpu_rank(checked, &opts, plan, &env, timeout),
                 Transport::Nccl => run_rank(checked, &opts, plan, &env, timeout),
+            };
+            return match result {
+                // Said as any error is, with the code that lets the launcher name the
+                // failure this one followed.
+                Err(e) if follows_another_rank(&e) => {
+                    driver::report_error(&format!("{e:#}"), None, args.diagnostics);
+                    Ok(ExitCode::from(
+                        crate::collective::launch::FOLLOWED_ANOTHER_RANK,
+                    ))
+                }
+                other => other,
             };
         }
         (_, None) => {
@@ -754,6 +771,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     Ok(exit_code(&summary))
+}
+
+/// Whether a rank's error only follows another rank's (rank 0 gave up the rendezvous, a
+/// peer left a collective).
+fn follows_another_rank(error: &anyhow::Error) -> bool {
+    use crate::collective::{rendezvous::RendezvousError, CollectiveError};
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<RendezvousError>()
+            .is_some_and(RendezvousError::follows_another_rank)
+            || cause
+                .downcast_ref::<CollectiveError>()
+                .is_some_and(CollectiveError::follows_another_rank)
+    })
 }
 
 /// 0, or 128 + the signal that stopped the run (130 for Ctrl-C, 143 for SIGTERM).
@@ -814,6 +845,17 @@ fn launch(node: &NodeLaunch, format: DiagFormat) -> anyhow::Result<ExitCode> {
             DiagFormat::Human => crate::errln!("fmoec run: {text}"),
             DiagFormat::Json => driver::report_error(&text, None, format),
         }
+    } else if let (Some(signal), DiagFormat::Human) = (outcome.interrupted, format) {
+        let ranks: Vec<String> = outcome
+            .stopped_as_asked()
+            .iter()
+            .map(usize::to_string)
+            .collect();
+        crate::errln!(
+            "fmoec run: interrupted by {}: rank(s) {} stopped together after the same step, each saving its part of the checkpoint",
+            stop::name(signal),
+            ranks.join(", ")
+        );
     }
     Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
 }

@@ -651,14 +651,22 @@ impl MoeHook for ExpertParallel<'_> {
 }
 
 /// The first error of a multi-rank run worth showing: a rank's own failure rather than
-/// the "peer gone" its failure caused in the others.
-pub fn first_error(errors: Vec<(usize, anyhow::Error)>) -> Option<anyhow::Error> {
+/// the "peer gone" its failure caused in the others. An error every one of the `world` ranks
+/// hit alike (a bad `--out`, a missing data file) is the run's, said without a rank.
+pub fn first_error(errors: Vec<(usize, anyhow::Error)>, world: usize) -> Option<anyhow::Error> {
     let is_echo = |e: &anyhow::Error| {
         e.chain().any(|c| {
             c.downcast_ref::<CollectiveError>()
                 .is_some_and(|ce| matches!(ce.kind.as_ref(), ErrorKind::PeerGone { .. }))
         })
     };
+    let every_rank_alike = errors.len() == world
+        && errors
+            .windows(2)
+            .all(|pair| format!("{:#}", pair[0].1) == format!("{:#}", pair[1].1));
+    if every_rank_alike {
+        return errors.into_iter().next().map(|(_, e)| e);
+    }
     let position = errors
         .iter()
         .position(|(_, e)| !is_echo(e))
@@ -710,7 +718,7 @@ pub fn run_in_process(
             Err(_) => errors.push((rank, anyhow::anyhow!("the rank's thread panicked"))),
         }
     }
-    match first_error(errors) {
+    match first_error(errors, plan.layout.world) {
         Some(e) => Err(e),
         None => Ok(summaries),
     }

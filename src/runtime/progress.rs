@@ -77,6 +77,16 @@ impl Progress {
         }
     }
 
+    /// A line about long work under way between steps (a checkpoint being written): as
+    /// [`Progress::say`], but only where progress is shown (not under `--quiet`).
+    pub fn working(&self, line: &str) {
+        match &self.how {
+            Display::Bar(bar) => bar.println(line),
+            Display::Lines { .. } => crate::errln!("{line}"),
+            Display::Silent => {}
+        }
+    }
+
     /// The run failed: leave the bar where it stopped.
     pub fn abandon(&self) {
         if let Display::Bar(bar) = &self.how {

@@ -378,9 +378,12 @@ impl<'a> Trainer<'a> {
                 crate::errln!("note: {note}");
             }
         }
+        // Every rank, so that a folder that cannot be made fails all of them alike (one
+        // error for the run, not rank 0's with the others' echoes); each writes its shards
+        // under it anyway.
+        std::fs::create_dir_all(&opts.out)
+            .with_context(|| format!("cannot create `{}`", opts.out.display()))?;
         if main {
-            std::fs::create_dir_all(&opts.out)
-                .with_context(|| format!("cannot create `{}`", opts.out.display()))?;
             trainer.metrics = Some(if opts.resume.is_some() {
                 MetricsLog::resume(&opts.out, trainer.start_step)?
             } else {
@@ -879,6 +882,10 @@ impl<'a> Trainer<'a> {
         if let Some(c) = self.ctx.filter(|c| c.stages() > 1) {
             self.check_tied_copies(c)?;
         }
+        // A large model's checkpoint takes long enough to look like a hang without a word.
+        let saving = Instant::now();
+        self.progress
+            .working(&format!("saving checkpoint step {} ...", self.step));
         let root = &self.opts.checkpoints;
         let info = SaveInfo {
             model: &self.checked.model,
@@ -911,6 +918,14 @@ impl<'a> Trainer<'a> {
                 );
             }
         }
+        let took = saving.elapsed();
+        let took = if took < std::time::Duration::from_secs(1) {
+            format!("{} ms", took.as_millis())
+        } else {
+            format!("{:.1} s", took.as_secs_f64())
+        };
+        self.progress
+            .working(&format!("saved checkpoint step {} in {took}", self.step));
         self.last_checkpoint = Some(saved.clone());
         Ok(saved)
     }

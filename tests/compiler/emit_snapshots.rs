@@ -165,6 +165,14 @@ fn fastermoe_options_are_a_warning_for_every_target() {
         assert_eq!(said.len(), 2, "{version}: {:?}", out.warnings);
         assert!(said[0].starts_with("`smart_schedule` is FasterMoE's option of `fmoec run`"));
         assert!(said[1].starts_with("`shadowing` is FasterMoE's option of `fmoec run`"));
+        // `plan --megatron` says it too, and emits nothing: worded for both commands
+        assert!(
+            said.iter().all(|m| !m.contains("emitted here")
+                && m.contains(&format!(
+                    "what `emit --megatron {version}` writes and `plan --megatron {version}` costs"
+                ))),
+            "{said:?}"
+        );
     }
 }
 

@@ -502,6 +502,24 @@ fn impossible_layouts_are_clear_errors() {
     );
 }
 
+#[test]
+fn an_error_every_rank_hits_is_the_runs_said_once_without_a_rank() {
+    let c = checked(1);
+    let plan = plan_world(&c, 2, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("afile");
+    std::fs::write(&file, "not a folder").unwrap();
+    for (out, says) in [
+        (file.clone(), "the output folder"),
+        (file.join("below"), "cannot create"),
+    ] {
+        let err = run_in_process(&c, &options(&out, None, false), &plan, TIMEOUT).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.starts_with(says), "{text}");
+        assert!(!text.contains("rank"), "{text}");
+    }
+}
+
 /// The outputs of node 0 and node 1 of a two-node run, `node(rank)` the command of each:
 /// node 1 started first, in the background, then node 0 run to its end.
 fn two_nodes(
@@ -634,6 +652,25 @@ fn the_command_line_runs_ranks_and_explains_what_it_cannot() {
     let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--pipeline"), &o("2")]);
     assert!(!alone.status.success());
     assert!(String::from_utf8_lossy(&alone.stderr).contains("--pipeline needs several ranks"));
+    // `--gpus 1` reads like a rank count: the refusal says it is one rank
+    for one in ["--gpus", "--ranks"] {
+        let alone = fmoec(&[
+            &o("run"),
+            file.as_os_str(),
+            &o("--pipeline"),
+            &o("2"),
+            &o(one),
+            &o("1"),
+        ]);
+        let stderr = String::from_utf8_lossy(&alone.stderr);
+        assert_eq!(alone.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "--pipeline needs several ranks (--gpus N or --ranks N); {one} 1 is one rank"
+            )),
+            "{stderr}"
+        );
+    }
     // tiny.fmoe's 4 blocks cannot form 8 stages: the planner's error, and what was asked
     let deep = fmoec(&[
         &o("run"),

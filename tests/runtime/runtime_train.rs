@@ -110,7 +110,33 @@ fn damaged_or_mismatched_checkpoints_are_refused() {
     let err = fmoec::runtime::checkpoint::load(&ckpt, &other.model)
         .err()
         .expect("refused");
-    assert!(format!("{err:#}").contains("different model"), "{err:#}");
+    let message = format!("{err:#}");
+    assert!(message.contains("different model"), "{message}");
+    // ... and says what differs, from the definition the manifest records
+    assert!(
+        message.contains("ffn.gate.kind of layer")
+            && message.contains("(switch in the checkpoint, naive here)"),
+        "{message}"
+    );
+    // A manifest of older fmoec, without the definition, is refused as before: by hash only.
+    let manifest_file = ckpt.join("manifest.json");
+    let manifest_text = std::fs::read_to_string(&manifest_file).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&manifest_text).unwrap();
+    manifest
+        .as_object_mut()
+        .unwrap()
+        .remove("model_definition")
+        .expect("recorded");
+    std::fs::write(&manifest_file, serde_json::to_string(&manifest).unwrap()).unwrap();
+    let err = fmoec::runtime::checkpoint::load(&ckpt, &other.model)
+        .err()
+        .expect("refused");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("different model") && message.ends_with("…)"),
+        "{message}"
+    );
+    std::fs::write(&manifest_file, manifest_text).unwrap();
 
     // truncated
     let file = ckpt.join("model.safetensors");
@@ -602,6 +628,61 @@ fn sampling_flags_need_sample_and_top_k_says_one_or_more() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("must be 1 or more, found 0"), "{stderr}");
     assert!(!stderr.contains("9223372036854775807"), "{stderr}");
+}
+
+/// Writing a checkpoint (20 s for a large model) says so on rank 0, and how long it took,
+/// in the run's lines; `--quiet` keeps them back.
+#[test]
+fn saving_a_checkpoint_says_so_unless_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    for (out, quiet) in [("said", false), ("quiet", true)] {
+        let mut args = vec!["run", file, "--steps", "2", "--ranks", "2", "--out", out];
+        if quiet {
+            args.push("--quiet");
+        }
+        let run = fmoec_in(dir.path(), &args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{stderr}");
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("checkpoint step"))
+            .collect();
+        if quiet {
+            assert!(lines.is_empty(), "{stderr}");
+        } else {
+            assert_eq!(lines.len(), 2, "{stderr}");
+            assert_eq!(lines[0], "saving checkpoint step 2 ...");
+            assert!(
+                lines[1].starts_with("saved checkpoint step 2 in "),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+/// A zero for any count of ranks, nodes or stages is clap's refusal (exit 2), worded alike,
+/// before anything is read or written.
+#[test]
+fn zero_ranks_nodes_gpus_or_stages_are_refused_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    for flag in [
+        "--ranks",
+        "--nodes",
+        "--gpus",
+        "--pipeline",
+        "--virtual-stages",
+    ] {
+        let out = fmoec_in(dir.path(), ["run", file, "--out", "fresh", flag, "0"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(
+            stderr.contains("must be 1 or more, found 0"),
+            "{flag}: {stderr}"
+        );
+        assert!(!dir.path().join("fresh").exists(), "{flag}: wrote a run");
+    }
 }
 
 /// `--steps` shorter than the file's warmup (30 in tiny.fmoe) is noted, not refused; and

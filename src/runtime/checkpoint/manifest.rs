@@ -26,6 +26,10 @@ pub struct RunRecord {
     pub model: String,
     /// SHA-256 of the checked model's JSON (architecture, not spans).
     pub model_hash: String,
+    /// That JSON itself, so that a refusal can say what differs (the hash stays the
+    /// authority); absent in checkpoints of older fmoec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_definition: Option<serde_json::Value>,
     /// Completed optimizer steps; training resumes at this step.
     pub step: u64,
     /// The length of the run's schedule (`--steps`); absent in checkpoints of older fmoec.
@@ -47,6 +51,7 @@ impl RunRecord {
             format: format.to_string(),
             model: info.model.name.clone(),
             model_hash: model_hash(info.model),
+            model_definition: Some(model_definition(info.model)),
             step: info.step,
             total_steps: Some(info.total_steps),
             tokens_seen: info.tokens_seen,
@@ -62,11 +67,23 @@ impl RunRecord {
     }
 
     /// Refuses a checkpoint written for another architecture than `model`.
+    /// The hash decides; the recorded definition, where there is one, only names what
+    /// differs.
     pub(super) fn check_model(&self, dir: &Path, model: &Model) -> Result<()> {
         let want = model_hash(model);
         if self.model_hash != want {
+            let differences = self
+                .model_definition
+                .as_ref()
+                .map(|saved| describe_model_differences(saved, &model_definition(model)))
+                .unwrap_or_default();
+            let what_differs = if differences.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", differences.join("; "))
+            };
             bail!(
-                "checkpoint `{}` was written for a different model (`{}`, hash {}…) than `{}` (hash {}…)",
+                "checkpoint `{}` was written for a different model (`{}`, hash {}…) than `{}` (hash {}…){what_differs}",
                 dir.display(),
                 self.model,
                 &self.model_hash[..12.min(self.model_hash.len())],
@@ -108,6 +125,132 @@ pub struct SaveInfo<'a> {
 pub fn model_hash(model: &Model) -> String {
     let json = serde_json::to_vec(model).expect("the model serializes");
     crate::digest::sha256_hex(&json)
+}
+
+/// The model's architecture as JSON: what [`model_hash`] hashes.
+fn model_definition(model: &Model) -> serde_json::Value {
+    serde_json::to_value(model).expect("the model serializes")
+}
+
+/// How many differences a refusal names before it says how many more there are.
+const DIFFERENCES_NAMED: usize = 4;
+
+/// What differs between the model a checkpoint recorded and the model given, in the
+/// model's field order, each as `field (A in the checkpoint, B here)`. A field that
+/// differs alike in several layers is named once with those layers.
+fn describe_model_differences(saved: &serde_json::Value, given: &serde_json::Value) -> Vec<String> {
+    let mut found = Vec::new();
+    collect_differences("", saved, given, &mut found);
+    // Group `layers[i].path` by (path, values), keeping the first occurrence's place.
+    let mut grouped: Vec<(String, Vec<usize>, String)> = Vec::new();
+    for (path, values) in found {
+        let per_layer = path.strip_prefix("layers[").and_then(|rest| {
+            let (index, field) = rest.split_once("].")?;
+            Some((index.parse::<usize>().ok()?, field.to_string()))
+        });
+        match per_layer {
+            Some((layer, field)) => {
+                match grouped
+                    .iter_mut()
+                    .find(|(f, layers, v)| !layers.is_empty() && *f == field && *v == values)
+                {
+                    Some((_, layers, _)) => layers.push(layer),
+                    None => grouped.push((field, vec![layer], values)),
+                }
+            }
+            None => grouped.push((path, Vec::new(), values)),
+        }
+    }
+    let mut lines: Vec<String> = grouped
+        .iter()
+        .take(DIFFERENCES_NAMED)
+        .map(|(field, layers, values)| match layers.as_slice() {
+            [] => format!("{field} ({values})"),
+            [one] => format!("{field} of layer {one} ({values})"),
+            many => {
+                let list: Vec<String> = many.iter().map(usize::to_string).collect();
+                format!("{field} of layers {} ({values})", list.join(", "))
+            }
+        })
+        .collect();
+    if grouped.len() > DIFFERENCES_NAMED {
+        lines.push(format!("and {} more", grouped.len() - DIFFERENCES_NAMED));
+    }
+    lines
+}
+
+/// Appends `(path, "A in the checkpoint, B here")` for every differing leaf. An object
+/// whose `kind` differs (a dense layer against an MoE layer) is one difference, not one
+/// per field of each kind; so is a list of another length (the layers: `depth`).
+fn collect_differences(
+    path: &str,
+    saved: &serde_json::Value,
+    given: &serde_json::Value,
+    found: &mut Vec<(String, String)>,
+) {
+    use serde_json::Value;
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    let both = |a: &Value, b: &Value| format!("{} in the checkpoint, {} here", brief(a), brief(b));
+    match (saved, given) {
+        (Value::Object(a), Value::Object(b)) => {
+            if let (Some(ka), Some(kb)) = (a.get("kind"), b.get("kind")) {
+                if ka != kb {
+                    found.push((join("kind"), both(ka, kb)));
+                    return;
+                }
+            }
+            for (key, va) in a {
+                match b.get(key) {
+                    Some(vb) => collect_differences(&join(key), va, vb, found),
+                    None => found.push((
+                        join(key),
+                        format!("{} in the checkpoint, none here", brief(va)),
+                    )),
+                }
+            }
+            for (key, vb) in b {
+                if !a.contains_key(key) {
+                    found.push((
+                        join(key),
+                        format!("none in the checkpoint, {} here", brief(vb)),
+                    ));
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() != b.len() => {
+            let name = if path == "layers" {
+                "depth".to_string()
+            } else {
+                format!("length of {path}")
+            };
+            found.push((
+                name,
+                format!("{} in the checkpoint, {} here", a.len(), b.len()),
+            ));
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (va, vb)) in a.iter().zip(b).enumerate() {
+                collect_differences(&format!("{path}[{i}]"), va, vb, found);
+            }
+        }
+        (a, b) if a != b => found.push((path.to_string(), both(a, b))),
+        _ => {}
+    }
+}
+
+/// A JSON value as a user reads it: strings without quotes, `none` for null.
+fn brief(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "none".to_string(),
+        other => other.to_string(),
+    }
 }
 
 const RNG_SCHEME: &str = "data windows are keyed by (seed, step, micro-batch, row) and the gates' \
