@@ -219,9 +219,29 @@ struct FusedMaxima {
 /// opts into twice that where the device allows it.
 const SHARED_DEFAULT_LIMIT: i64 = 48 * 1024;
 
-/// Blocks of a row-wise pass whose partial maxima one block of the second kernel reduces:
-/// enough for few atomics, few enough for many threads (S1's hidden rows: 29 spans).
+/// The most blocks of a row-wise pass whose partial maxima one block of the second kernel
+/// reduces (see [`blocks_a_span`]).
 const BLOCKS_A_SPAN: i64 = 32;
+
+/// Blocks of a row-wise pass (`blocks` of them) whose partial maxima one block of the second
+/// kernel reduces, where that kernel's grid has `blocks_y` column blocks: spans short enough
+/// for two of its blocks a multiprocessor, up to [`BLOCKS_A_SPAN`]. A span's threads read their
+/// blocks' partial rows one after another, so a grid of a few long spans waits on them: at F0
+/// 32 blocks a span made 17 blocks of 128 threads, 18-21 us a pass on an H100 (BENCHMARKS.md
+/// 2026-12-06, F0 kernel by kernel); spans sized to the grid take it to 11.2 us against 19.5
+/// for 32-block spans measured in the same call (BENCHMARKS.md, 2026-12-06 19:24-19:27 UTC).
+/// `FMOEC_FP8_MAXIMA_SPAN=n` sets it (32: the earlier way).
+fn blocks_a_span(blocks: i64, blocks_y: i64, device: usize) -> Result<i64> {
+    if let Some(n) = std::env::var("FMOEC_FP8_MAXIMA_SPAN")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|&n| n >= 1)
+    {
+        return Ok(n);
+    }
+    let spans = (2 * multiprocessors(device)? / blocks_y.max(1)).max(1);
+    Ok(((blocks + spans - 1) / spans).clamp(1, BLOCKS_A_SPAN))
+}
 
 impl FusedMaxima {
     /// For a pass of `kernel` over `rows` rows of width `d` of `elem` on `x`'s device with
@@ -369,12 +389,14 @@ impl FusedMaxima {
         let chunk = (rows + blocks - 1) / blocks;
         let vectors = m.d / m.elem.per_vector();
         let threads = vectors.clamp(32, 256);
+        let blocks_y = (vectors + threads - 1) / threads;
+        let per_span = blocks_a_span(blocks, blocks_y, device)?;
         launch(
             device,
             Kernel::Fp8ColmaxReduce(m.elem),
             Grid {
-                blocks: (blocks + BLOCKS_A_SPAN - 1) / BLOCKS_A_SPAN,
-                blocks_y: ((vectors + threads - 1) / threads) as u32,
+                blocks: (blocks + per_span - 1) / per_span,
+                blocks_y: blocks_y as u32,
                 threads: ((threads + 31) / 32 * 32) as u32,
                 shared_bytes: 0,
             },
@@ -384,7 +406,7 @@ impl FusedMaxima {
                 Arg::I32(m.groups as c_int),
                 Arg::I64(chunk.max(1)),
                 Arg::I64(blocks),
-                Arg::I32(BLOCKS_A_SPAN as c_int),
+                Arg::I32(per_span as c_int),
                 ptr(Some(&m.amax)),
                 Arg::I32(m.d as c_int),
             ],
