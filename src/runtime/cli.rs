@@ -516,40 +516,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         refuse_layout_flags_alone(args)?;
     }
     let reports_warnings = reports_warnings(&mode);
-    // Alone, the run's plan is the file with the layout flags given (each 1 by now), as
-    // `fmoec plan` with them has it; on several ranks the file as written must plan, and the
-    // run's own plan (its world's) comes later, with its warnings.
-    let alone = Overrides {
-        tensor: args.tensor,
-        pipeline: args.pipeline,
-        virtual_stages: args.virtual_stages,
-        ..Overrides::NONE
-    };
-    let rules = driver::Rules {
-        planning: match mode {
-            Mode::Single => driver::Planning::With(&alone),
-            _ => driver::Planning::With(&Overrides::NONE),
-        },
-        data_files: false,
-        warnings: match (&mode, reports_warnings) {
-            (_, false) => driver::Warnings::None,
-            (Mode::Single, true) => driver::Warnings::All,
-            (_, true) => driver::Warnings::FrontEnd,
-        },
-    };
-    let loaded = match driver::load_with(&args.file, args.diagnostics, rules) {
+    let loaded = match load(args, &mode, reports_warnings) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let mut checked = loaded.checked.clone();
-    if let (Some(p), Some(train)) = (args.precision, checked.train.as_mut()) {
-        train.precision = match p {
-            PrecisionArg::Fp32 => Precision::Fp32,
-            PrecisionArg::Bf16 => Precision::Bf16,
-            PrecisionArg::Fp8 => Precision::Fp8 { dense: false },
-            PrecisionArg::Fp8Dense => Precision::Fp8 { dense: true },
-        };
-    }
+    let checked = with_precision_flag(&loaded.checked, args);
     let checked = &checked;
     if args.sample.is_some() && !matches!(mode, Mode::Single) {
         bail!("--sample runs on one device; leave out --gpus/--ranks");
@@ -583,6 +554,98 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             checked.model.name
         );
     }
+    let world_plan = match plan_world(args, &loaded, checked, &mode, world, reports_warnings) {
+        Ok(plan) => plan,
+        Err(code) => return Ok(code),
+    };
+    let (out, checkpoints, resume) = run_folders(args, checked, &mode);
+
+    if let Some(prompt) = &args.sample {
+        let text = train::sample(
+            checked,
+            &SampleOptions {
+                device,
+                checkpoint: resume.unwrap_or(checkpoints),
+                prompt: prompt.clone(),
+                tokens: args.sample_tokens,
+                temperature: args.temperature,
+                top_k: args.top_k,
+                seed: args.sample_seed,
+            },
+        )?;
+        crate::outln!("{prompt}{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    say_before_training(args, checked, &mode, &out, resume.as_ref());
+    let opts = RunOptions {
+        device,
+        steps: args.steps,
+        stop_after: args.stop_after,
+        out,
+        checkpoints,
+        resume,
+        progress: !args.quiet,
+        log_interval: Duration::from_secs_f64(args.log_interval),
+        print_summary: true,
+        cuda_graph: !args.no_cuda_graph,
+    };
+    train_in_mode(args, &loaded, checked, mode, world_plan, &opts, timeout)
+}
+
+/// Reads, checks and plans the file as this process of the run must: alone, the run's plan is
+/// the file with the layout flags given (each 1 by now), as `fmoec plan` with them has it; on
+/// several ranks the file as written must plan, and the run's own plan (its world's) comes
+/// later, with its warnings. Only the process that reports the run's warnings says them.
+fn load(args: &RunArgs, mode: &Mode, reports_warnings: bool) -> Result<driver::Loaded, ExitCode> {
+    let alone = Overrides {
+        tensor: args.tensor,
+        pipeline: args.pipeline,
+        virtual_stages: args.virtual_stages,
+        ..Overrides::NONE
+    };
+    let rules = driver::Rules {
+        planning: match mode {
+            Mode::Single => driver::Planning::With(&alone),
+            _ => driver::Planning::With(&Overrides::NONE),
+        },
+        data_files: false,
+        warnings: match (&mode, reports_warnings) {
+            (_, false) => driver::Warnings::None,
+            (Mode::Single, true) => driver::Warnings::All,
+            (_, true) => driver::Warnings::FrontEnd,
+        },
+    };
+    driver::load_with(&args.file, args.diagnostics, rules)
+}
+
+/// The checked file with `--precision` applied.
+fn with_precision_flag(checked: &Checked, args: &RunArgs) -> Checked {
+    let mut checked = checked.clone();
+    if let (Some(p), Some(train)) = (args.precision, checked.train.as_mut()) {
+        train.precision = match p {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::Fp8 => Precision::Fp8 { dense: false },
+            PrecisionArg::Fp8Dense => Precision::Fp8 { dense: true },
+        };
+    }
+    checked
+}
+
+/// The plan of the run's world (`None` alone, where the trainer plans), its warnings said by
+/// the process that reports them; on the planner's errors, the exit code after saying them.
+fn plan_world(
+    args: &RunArgs,
+    loaded: &driver::Loaded,
+    checked: &Checked,
+    mode: &Mode,
+    world: u64,
+    reports_warnings: bool,
+) -> Result<Option<WorldPlan>, ExitCode> {
+    if let Mode::Single = mode {
+        return Ok(None);
+    }
     let choice = distributed::LayoutChoice {
         expert_group: args.expert_group,
         tensor: args.tensor,
@@ -591,37 +654,42 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     // On several ranks, the world's plan before anything else is said: its warnings come
     // with the file's.
-    let world_plan = match mode {
-        Mode::Single => None,
-        _ => match distributed::plan_world_layout(checked, world, choice) {
-            Ok(plan) => {
-                if reports_warnings {
-                    driver::report(&loaded.sources, &plan.warnings, args.diagnostics);
-                }
-                Some(plan)
+    match distributed::plan_world_layout(checked, world, choice) {
+        Ok(plan) => {
+            if reports_warnings {
+                driver::report(&loaded.sources, &plan.warnings, args.diagnostics);
             }
-            Err(diags) => {
-                driver::report(&loaded.sources, &diags, args.diagnostics);
-                if args.diagnostics == DiagFormat::Human {
-                    let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
-                    let pipeline = args.pipeline.unwrap_or(checked.parallel.pipeline);
-                    let mut hints = Vec::new();
-                    if tensor > 1 && args.tensor.is_none() {
-                        hints.push("--tensor 1 runs without tensor parallelism");
-                    }
-                    if pipeline > 1 && args.pipeline.is_none() {
-                        hints.push("--pipeline 1 runs without pipeline parallelism");
-                    }
-                    crate::errln!(
+            Ok(Some(plan))
+        }
+        Err(diags) => {
+            driver::report(&loaded.sources, &diags, args.diagnostics);
+            if args.diagnostics == DiagFormat::Human {
+                let tensor = args.tensor.unwrap_or(checked.parallel.tensor);
+                let pipeline = args.pipeline.unwrap_or(checked.parallel.pipeline);
+                let mut hints = Vec::new();
+                if tensor > 1 && args.tensor.is_none() {
+                    hints.push("--tensor 1 runs without tensor parallelism");
+                }
+                if pipeline > 1 && args.pipeline.is_none() {
+                    hints.push("--pipeline 1 runs without pipeline parallelism");
+                }
+                crate::errln!(
                         "error: `{}` cannot run on {world} ranks with tensor = {tensor} and pipeline = {pipeline} (the planner's errors above){}",
                         args.file.display(),
                         hints.iter().map(|h| format!("; {h}")).collect::<String>()
                     );
-                }
-                return Ok(ExitCode::from(1));
             }
-        },
-    };
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+/// Where the run writes (`out`), its checkpoints, and the checkpoint it resumes, if any.
+fn run_folders(
+    args: &RunArgs,
+    checked: &Checked,
+    mode: &Mode,
+) -> (PathBuf, PathBuf, Option<PathBuf>) {
     // `--out` puts everything under one folder; without it, checkpoints go where the train
     // block's `checkpoint = every(n, dir = ...)` says, the rest to `runs/<model>`, and a
     // second run of the file continues the first or starts the next beside it.
@@ -631,7 +699,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .and_then(|t| t.checkpoint.as_ref())
         .map(|c| PathBuf::from(&c.dir));
     let series = Series::new("runs", &checked.model.name, declared_dir);
-    let (out, checkpoints, resume) = match (&args.out, &args.resume) {
+    match (&args.out, &args.resume) {
         (Some(out), resume) => {
             let checkpoints = out.join("checkpoints");
             let resume = resume
@@ -654,35 +722,28 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 .or(checked.train.as_ref().map(|t| t.steps))
                 .unwrap_or_default();
             let choice = series.choose(total);
-            if is_first_rank(&mode) {
+            if is_first_rank(mode) {
                 crate::errln!("{}", choice.describe());
             }
             let folders = choice.folders().clone();
             let resume = choice.resumes().then(|| folders.checkpoints.clone());
             (folders.out, folders.checkpoints, resume)
         }
-    };
-
-    if let Some(prompt) = &args.sample {
-        let text = train::sample(
-            checked,
-            &SampleOptions {
-                device,
-                checkpoint: resume.unwrap_or(checkpoints),
-                prompt: prompt.clone(),
-                tokens: args.sample_tokens,
-                temperature: args.temperature,
-                top_k: args.top_k,
-                seed: args.sample_seed,
-            },
-        )?;
-        crate::outln!("{prompt}{text}");
-        return Ok(ExitCode::SUCCESS);
     }
+}
 
+/// The notes of the first rank before training: a warmup longer than `--steps`, and which run
+/// `--resume` continues.
+fn say_before_training(
+    args: &RunArgs,
+    checked: &Checked,
+    mode: &Mode,
+    out: &Path,
+    resume: Option<&PathBuf>,
+) {
     // The file's warmup past the file's steps is the checker's W0007; past `--steps` only the
     // run knows.
-    if let (Some(steps), Some(train), true) = (args.steps, &checked.train, is_first_rank(&mode)) {
+    if let (Some(steps), Some(train), true) = (args.steps, &checked.train, is_first_rank(mode)) {
         let warmup = match train.schedule {
             crate::check::Schedule::Constant { warmup }
             | crate::check::Schedule::Cosine { warmup, .. } => warmup,
@@ -695,7 +756,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     // Continuing a run said so when it was chosen from the folders; `--resume` says it too.
-    if let (Some(checkpoint), true) = (&resume, args.resume.is_some() && is_first_rank(&mode)) {
+    if let (Some(checkpoint), true) = (resume, args.resume.is_some() && is_first_rank(mode)) {
         if let Ok(record) = crate::runtime::checkpoint::run_record(checkpoint) {
             let total_steps = args
                 .steps
@@ -703,7 +764,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 .or(checked.train.as_ref().map(|t| t.steps))
                 .unwrap_or(record.step);
             let folders = RunFolders {
-                out: out.clone(),
+                out: out.to_path_buf(),
                 checkpoints: checkpoint.clone(),
             };
             // A checkpoint at or past the end is refused by the trainer, which says why.
@@ -715,18 +776,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let opts = RunOptions {
-        device,
-        steps: args.steps,
-        stop_after: args.stop_after,
-        out,
-        checkpoints,
-        resume,
-        progress: !args.quiet,
-        log_interval: Duration::from_secs_f64(args.log_interval),
-        print_summary: true,
-        cuda_graph: !args.no_cuda_graph,
-    };
+}
+
+/// Trains as the mode says: alone, on in-process ranks, by starting this node's ranks, or as
+/// one rank of a launched run.
+fn train_in_mode(
+    args: &RunArgs,
+    loaded: &driver::Loaded,
+    checked: &Checked,
+    mode: Mode,
+    world_plan: Option<WorldPlan>,
+    opts: &RunOptions,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
     let summary = match (mode, world_plan) {
         (Mode::Single, _) => {
             let plan = match distributed::plan_alone(checked) {
@@ -742,17 +804,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(1));
                 }
             };
-            train::train_alone(checked, &opts, &plan)?
+            train::train_alone(checked, opts, &plan)?
         }
         (Mode::InProcess(_), Some(plan)) => {
-            let mut summaries = distributed::run_in_process(checked, &opts, &plan, timeout)?;
+            let mut summaries = distributed::run_in_process(checked, opts, &plan, timeout)?;
             summaries.swap_remove(0)
         }
         (Mode::Launch(node), Some(_)) => return launch(&node, args.diagnostics),
         (Mode::Rank(env, transport), Some(plan)) => {
             let result = match transport {
-                Transport::Tcp => run_cpu_rank(checked, &opts, plan, &env, timeout),
-                Transport::Nccl => run_rank(checked, &opts, plan, &env, timeout),
+                Transport::Tcp => run_cpu_rank(checked, opts, plan, &env, timeout),
+                Transport::Nccl => run_rank(checked, opts, plan, &env, timeout),
             };
             return match result {
                 // Said as any error is, with the code that lets the launcher name the
@@ -767,7 +829,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             };
         }
         (_, None) => {
-            bail!("no plan was made for the {world} ranks (a bug in fmoec; please report it)")
+            bail!("no plan was made for the run's ranks (a bug in fmoec; please report it)")
         }
     };
     Ok(exit_code(&summary))
