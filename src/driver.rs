@@ -203,8 +203,9 @@ pub fn finish(format: DiagFormat) {
 /// Makes a panic (a bug in fmoec, never the user's input) end like any other error of the
 /// command: one `error:` line with a help (in JSON an element with code `E0003`, in the one
 /// array [`finish`] prints), instead of Rust's panic text. With `RUST_BACKTRACE` set, Rust's
-/// own report follows, with the backtrace (in JSON the backtrace is the element's note). The caller catches the unwinding and calls
-/// [`finish`]; a rank's array then reaches its launcher like any other.
+/// own report follows, with the backtrace (in JSON the backtrace is the element's note). The
+/// caller catches the unwinding and calls [`finish`]; a rank's array then reaches its
+/// launcher like any other.
 pub fn report_panics(format: DiagFormat) {
     let rust_report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
