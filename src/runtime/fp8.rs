@@ -1585,18 +1585,16 @@ mod ops {
         /// the transposed copies side by side (with and without the rows' maxima) and
         /// stacked, and no overflow from the rows past the groups.
         fn check_rows_and_copies(&self, c: &mut Checks) -> Result<()> {
-            let RowsCase {
-                device,
-                ref x,
-                ref xd,
-                ref ends,
-                ref ed,
-                ref limit,
-                ref limit_d,
-                ref o,
-                layout,
-                ..
-            } = *self;
+            let (device, layout) = (self.device, self.layout);
+            let (x, xd, ends, ed, limit, limit_d, o) = (
+                &self.x,
+                &self.xd,
+                &self.ends,
+                &self.ed,
+                &self.limit,
+                &self.limit_d,
+                &self.o,
+            );
             let label = |n: &str| self.label(n);
             let got = quant_rows(xd, Some(limit_d), Some(o))?;
             let want = quant_rows(x, Some(limit), None)?;
@@ -1647,12 +1645,8 @@ mod ops {
         /// The dispatch's gather and the combine's backward, each with its FP8 rows and
         /// column maxima in one pass.
         fn check_gathers(&self, c: &mut Checks) -> Result<()> {
-            let RowsCase {
-                device,
-                ref x,
-                ref o,
-                ..
-            } = *self;
+            let device = self.device;
+            let (x, o) = (&self.x, &self.o);
             let cpu = Device::Cpu;
             let label = |n: &str| self.label(n);
             // the dispatch's gather and quantisation in one pass
@@ -1727,13 +1721,8 @@ mod ops {
             got: &Fp8,
             maxima: Option<&Tensor>,
         ) -> Result<(Fp8, Tensor)> {
-            let RowsCase {
-                kept,
-                rows,
-                ref limit,
-                ref ends,
-                ..
-            } = *self;
+            let (kept, rows) = (self.kept, self.rows);
+            let (limit, ends) = (&self.limit, &self.ends);
             let label = |n: &str| self.label(n);
             c.close(
                 label(&format!("{what} output")),
@@ -1766,17 +1755,9 @@ mod ops {
         /// The activations' passes and their backward passes, each beside the op alone on
         /// the same device, with no overflow from the rows past the groups.
         fn check_activations(&self, c: &mut Checks) -> Result<()> {
-            let RowsCase {
-                device,
-                kind,
-                ref xd,
-                ref ends,
-                ref ed,
-                ref limit_d,
-                ref o,
-                layout,
-                ..
-            } = *self;
+            let (device, kind, layout) = (self.device, self.kind, self.layout);
+            let (xd, ends, ed, limit_d, o) =
+                (&self.xd, &self.ends, &self.ed, &self.limit_d, &self.o);
             let label = |n: &str| self.label(n);
             // the activation's pass: its output beside the activation alone on the same
             // device (SwiGLU: the SwiGLU kernel's bits; GELU: libtorch's within a bf16
@@ -1881,13 +1862,8 @@ mod ops {
         /// chunk holds whole groups, starts or ends inside one, or meets empty ones; the
         /// column maxima bit-equal both ways the blocks hand them on.
         fn check_many_groups(&self, c: &mut Checks) -> Result<()> {
-            let RowsCase {
-                device,
-                kind,
-                d,
-                ref o,
-                ..
-            } = *self;
+            let (device, kind, d) = (self.device, self.kind, self.d);
+            let o = &self.o;
             let cpu = Device::Cpu;
             let sizes = [1i64, 0, 2, 3, 7, 11, 29, 57, 300, 1500, 4, 0, 9, 130];
             let many: Vec<i32> = sizes
@@ -1928,16 +1904,8 @@ mod ops {
         /// An Inf inside a group is an overflow; a NaN and an Inf inside the groups leave
         /// every other value of the output as without them.
         fn check_non_finite(&self, c: &mut Checks) -> Result<()> {
-            let RowsCase {
-                device,
-                ref x,
-                kept,
-                d,
-                ref ends,
-                ref ed,
-                ref o,
-                ..
-            } = *self;
+            let (device, kept, d) = (self.device, self.kept, self.d);
+            let (x, ends, ed, o) = (&self.x, &self.ends, &self.ed, &self.o);
             let cpu = Device::Cpu;
             let label = |n: &str| self.label(n);
             let bad = x.f_narrow(0, 0, kept)?.f_detach_copy()?;
@@ -2082,14 +2050,8 @@ mod ops {
         /// The experts' grouped matmul on `dev` in `kind`: the kept rows' output and input
         /// gradient, and the weight gradient, on the CPU in f32.
         fn experts(&self, dev: Device, kind: Kind) -> Result<(Tensor, Tensor, Tensor)> {
-            let OpsCase {
-                rows_kept,
-                ref ends,
-                ref x,
-                ref w,
-                ref g,
-                ..
-            } = *self;
+            let rows_kept = self.rows_kept;
+            let (ends, x, w, g) = (&self.ends, &self.x, &self.w, &self.g);
             let cpu = Device::Cpu;
             let xg = leaf(x, dev, kind)?;
             let wg = leaf(w, dev, Kind::Float)?;
@@ -2114,16 +2076,8 @@ mod ops {
         /// The experts' op: the weight's copies made once per step, the forward and both
         /// gradients against the CPU emulation and against f64 (FP8's own error).
         fn check_experts(&self, c: &mut Checks) -> Result<()> {
-            let OpsCase {
-                device,
-                kind,
-                rows_kept,
-                ref cut,
-                ref x,
-                ref w,
-                ref g,
-                ..
-            } = *self;
+            let (device, kind, rows_kept) = (self.device, self.kind, self.rows_kept);
+            let (cut, x, w, g) = (&self.cut, &self.x, &self.w, &self.g);
             let label = |n: &str| self.label(n);
             let (out, gx, gw) = self.experts(device, kind)?;
             // within a step the backward (on a GPU, libtorch's autograd thread runs it) takes
@@ -2178,16 +2132,8 @@ mod ops {
         /// `w` as the second's weight): bit for bit the activation's output then the
         /// matmul, forward and every gradient.
         fn check_activation_mm(&self, c: &mut Checks) -> Result<()> {
-            let OpsCase {
-                device,
-                kind,
-                rows_kept,
-                ref ends,
-                ref x,
-                ref w,
-                ref g,
-                ..
-            } = *self;
+            let (device, kind, rows_kept) = (self.device, self.kind, self.rows_kept);
+            let (ends, x, w, g) = (&self.ends, &self.x, &self.w, &self.g);
             let cpu = Device::Cpu;
             let label = |n: &str| self.label(n);
             for act in Fp8Act::ALL {
@@ -2235,15 +2181,8 @@ mod ops {
         /// The dense op in both weight layouts: forward and both gradients against the CPU
         /// emulation and against f64.
         fn check_dense(&self, c: &mut Checks) -> Result<()> {
-            let OpsCase {
-                device,
-                kind,
-                rows_kept,
-                ref x,
-                ref w,
-                ref g,
-                ..
-            } = *self;
+            let (device, kind, rows_kept) = (self.device, self.kind, self.rows_kept);
+            let (x, w, g) = (&self.x, &self.w, &self.g);
             let cpu = Device::Cpu;
             let label = |n: &str| self.label(n);
             for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
