@@ -507,6 +507,22 @@ mod tests {
     }
 
     #[cfg(unix)]
+    /// Sets `flag` (the launcher's stop signal "received") on a thread once each of the
+    /// first `ranks` ranks has written `ready$RANK` in `dir`, that is, has set its trap.
+    fn set_once_ready(
+        dir: &std::path::Path,
+        ranks: usize,
+        flag: &'static std::sync::atomic::AtomicBool,
+    ) -> std::thread::JoinHandle<()> {
+        let dir = dir.to_path_buf();
+        std::thread::spawn(move || {
+            while !(0..ranks).all(|r| dir.join(format!("ready{r}")).exists()) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    }
+
     #[test]
     fn a_stop_signal_of_the_launcher_is_passed_on_to_the_ranks() {
         use std::sync::atomic::{AtomicBool, Ordering};
@@ -523,13 +539,7 @@ mod tests {
             stop_signal: Some(|| READY.load(Ordering::SeqCst).then_some(15)),
             ..Launch::default()
         };
-        let ready = dir.path().to_path_buf();
-        let watcher = std::thread::spawn(move || {
-            while !(0..2).all(|r| ready.join(format!("ready{r}")).exists()) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            READY.store(true, Ordering::SeqCst);
-        });
+        let watcher = set_once_ready(dir.path(), 2, &READY);
         let started = Instant::now();
         let outcome = spawn_local(2, "sh", &sh(&script), &launch).unwrap();
         watcher.join().unwrap();
@@ -582,13 +592,7 @@ mod tests {
             stop_signal: Some(|| READY.load(Ordering::SeqCst).then_some(2)),
             ..Launch::default()
         };
-        let ready = dir.path().to_path_buf();
-        let watcher = std::thread::spawn(move || {
-            while !(0..2).all(|r| ready.join(format!("ready{r}")).exists()) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            READY.store(true, Ordering::SeqCst);
-        });
+        let watcher = set_once_ready(dir.path(), 2, &READY);
         let outcome = spawn_local(2, "sh", &sh(&script), &launch).unwrap();
         watcher.join().unwrap();
         assert_eq!(outcome.describe(), None);
