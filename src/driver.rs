@@ -145,6 +145,25 @@ fn report_unplaced(
     }
 }
 
+/// The code of the JSON element [`report_interruption`] gives.
+pub const INTERRUPTED: &str = "W0090";
+
+/// Says in JSON that the command was interrupted (a run stopped by Ctrl-C or SIGTERM after
+/// saving where it was): an element with severity `warning`, code [`INTERRUPTED`] and
+/// `message`, so that a tool reading the array learns why the exit status is 130 or 143.
+/// In human form the command has said so in its own line already, and this says nothing.
+pub fn report_interruption(message: &str, format: DiagFormat) {
+    if format == DiagFormat::Json {
+        push_json(vec![diag::json_unplaced_as(
+            diag::Severity::Warning,
+            INTERRUPTED,
+            message,
+            None,
+            None,
+        )]);
+    }
+}
+
 /// Diagnostics another process of the same command reported in JSON (read with
 /// [`read_handed_json`]), kept for the one array [`finish`] prints.
 pub fn report_json(items: Vec<serde_json::Value>) {

@@ -358,6 +358,17 @@ pub fn json_unplaced(
     help: Option<&str>,
     file: Option<&str>,
 ) -> serde_json::Value {
+    json_unplaced_as(Severity::Error, code, message, help, file)
+}
+
+/// [`json_unplaced`] with another severity.
+pub fn json_unplaced_as(
+    severity: Severity,
+    code: &str,
+    message: &str,
+    help: Option<&str>,
+    file: Option<&str>,
+) -> serde_json::Value {
     let primary = file.map(|f| JsonLabel {
         file: f,
         line: 0,
@@ -367,7 +378,7 @@ pub fn json_unplaced(
         message: "",
     });
     serde_json::to_value(JsonDiagnostic {
-        severity: Severity::Error,
+        severity,
         code,
         message,
         primary,

@@ -832,7 +832,27 @@ fn train_in_mode(
             bail!("no plan was made for the run's ranks (a bug in fmoec; please report it)")
         }
     };
+    if let Some(text) = interruption(&summary) {
+        driver::report_interruption(&text, args.diagnostics);
+    }
     Ok(exit_code(&summary))
+}
+
+/// What the run says of itself when a signal stopped it (the line the trainer prints, for
+/// the JSON array); `None` for a run that was not interrupted.
+fn interruption(summary: &RunSummary) -> Option<String> {
+    if !summary.interrupted {
+        return None;
+    }
+    let by = summary.signal.map_or("a stop request".into(), stop::name);
+    let step = summary.start_step + summary.steps_done;
+    Some(match &summary.checkpoint {
+        Some(saved) => format!(
+            "stopped by {by}: saved step {step} to `{}`; continue with --resume",
+            saved.display()
+        ),
+        None => format!("stopped by {by} after step {step}"),
+    })
 }
 
 /// Whether a rank's error only follows another rank's (rank 0 gave up the rendezvous, a
@@ -907,17 +927,21 @@ fn launch(node: &NodeLaunch, format: DiagFormat) -> anyhow::Result<ExitCode> {
             DiagFormat::Human => crate::errln!("fmoec run: {text}"),
             DiagFormat::Json => driver::report_error(&text, None, format),
         }
-    } else if let (Some(signal), DiagFormat::Human) = (outcome.interrupted, format) {
+    } else if let Some(signal) = outcome.interrupted {
         let ranks: Vec<String> = outcome
             .stopped_as_asked()
             .iter()
             .map(usize::to_string)
             .collect();
-        crate::errln!(
-            "fmoec run: interrupted by {}: rank(s) {} stopped together after the same step, each saving its part of the checkpoint",
+        let text = format!(
+            "interrupted by {}: rank(s) {} stopped together after the same step, each saving its part of the checkpoint",
             stop::name(signal),
             ranks.join(", ")
         );
+        match format {
+            DiagFormat::Human => crate::errln!("fmoec run: {text}"),
+            DiagFormat::Json => driver::report_interruption(&text, format),
+        }
     }
     Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
 }

@@ -280,7 +280,8 @@ fn an_output_path_that_is_a_file_is_refused() {
 }
 
 /// Ctrl-C (SIGINT) during `fmoec run` finishes the step, writes a checkpoint, exits with
-/// status 130, and `--resume` continues from that step.
+/// status 130, and `--resume` continues from that step. Under `--diagnostics json` the one
+/// array says so (a warning, W0090), so that a tool reading it learns why the status is 130.
 #[cfg(unix)]
 #[test]
 fn ctrl_c_checkpoints_and_the_run_resumes() {
@@ -292,6 +293,7 @@ fn ctrl_c_checkpoints_and_the_run_resumes() {
     let root = env!("CARGO_MANIFEST_DIR");
     let mut child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
         .args(["run", "examples/tiny.fmoe", "--quiet", "--out", out_s])
+        .args(["--diagnostics", "json"])
         .current_dir(root)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -328,6 +330,21 @@ fn ctrl_c_checkpoints_and_the_run_resumes() {
     assert!(
         stdout.contains(&format!("checkpoint {}", saved.display())),
         "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    let array: Vec<serde_json::Value> = stderr
+        .rfind("\n[\n")
+        .and_then(|at| serde_json::from_str(&stderr[at + 1..]).ok())
+        .unwrap_or_else(|| panic!("no JSON array at the end of: {stderr}"));
+    let said = format!(
+        "stopped by SIGINT (Ctrl-C): saved step {step} to `{}`",
+        saved.display()
+    );
+    assert!(
+        array.iter().any(|d| d["code"] == "W0090"
+            && d["severity"] == "warning"
+            && d["message"].as_str().is_some_and(|m| m.starts_with(&said))),
+        "{stderr}"
     );
 
     // one more step from there
