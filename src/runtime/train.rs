@@ -29,7 +29,7 @@
 //! tensor group and written by tensor rank 0 of each writer, so they resume on any world and
 //! tensor size.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -226,7 +226,82 @@ pub fn train_alone(checked: &Checked, opts: &RunOptions, plan: &WorldPlan) -> Re
 /// Trains the checked model as one rank of many. Every rank of a run calls this with the
 /// same arguments; rank 0 writes the files.
 pub fn train_ranked(checked: &Checked, opts: &RunOptions, ctx: &RankContext) -> Result<RunSummary> {
+    agree_on_out(ctx, &opts.out)?;
     Trainer::setup(checked, opts, &ctx.plan, Some(ctx))?.run()
+}
+
+/// The file rank 0 leaves in the run's folder for [`agree_on_out`], for a moment.
+const SHARED_OUT_MARK: &str = ".fmoec-shared-out";
+
+/// Refuses a run whose ranks do not all see one output folder (ranks on machines without a
+/// shared filesystem), as it starts: rank 0 writes a fresh token into the folder and every
+/// other rank reads it back. Without this the first checkpoint fails, maybe hours in, with
+/// "No such file or directory" on the other machines. Every rank gets the same error. When
+/// rank 0 cannot write there at all, the trainer's own check of the folder says why.
+fn agree_on_out(ctx: &RankContext, out: &Path) -> Result<()> {
+    let rank = ctx.rank();
+    let mark = out.join(SHARED_OUT_MARK);
+    let (token, written, created) = if rank == 0 {
+        let token = fresh_token();
+        let created = !out.exists();
+        let written = std::fs::create_dir_all(out)
+            .and_then(|()| crate::driver::write_atomic(&mark, token.to_string().as_bytes()))
+            .is_ok();
+        (token, written, created)
+    } else {
+        (0, false, false)
+    };
+    // the token in two halves, each exact in an f64
+    let halves = [(token >> 32) as f64, (token & 0xffff_ffff) as f64];
+    let shared = sum_over_world(
+        ctx,
+        &[halves[0], halves[1], f64::from(u8::from(written))],
+        "the run's folder",
+    )?;
+    if shared[2] == 0.0 {
+        return Ok(());
+    }
+    let token = ((shared[0] as u64) << 32) | shared[1] as u64;
+    let mut unseen = vec![0.0; ctx.world()];
+    if rank != 0 {
+        let seen = std::fs::read_to_string(&mark)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        unseen[rank] = f64::from(u8::from(seen != Some(token)));
+    }
+    let unseen = sum_over_world(ctx, &unseen, "the run's folder")?;
+    let ranks: Vec<String> = (0..unseen.len())
+        .filter(|&r| unseen[r] > 0.0)
+        .map(|r| r.to_string())
+        .collect();
+    if rank == 0 {
+        let _ = std::fs::remove_file(&mark);
+        if created && !ranks.is_empty() {
+            let _ = std::fs::remove_dir(out);
+        }
+    }
+    if !ranks.is_empty() {
+        bail!(
+            "the ranks do not share the run's folder `{}`: rank(s) {} do not see what rank 0 writes there; a run over several machines needs its folder (--out) on a filesystem every machine shares, under the same path",
+            out.display(),
+            ranks.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A number that differs from run to run (the time and this process), so that a mark left
+/// in a folder by another run is not taken for this one's.
+fn fresh_token() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// Mean held-out loss over the file's eval batches (fixed windows, same every time).

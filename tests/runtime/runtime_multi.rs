@@ -1260,31 +1260,61 @@ fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
 
     // nodes that do not see the same folders: node 0 would resume step 3, node 1 start afresh
     let master = format!("127.0.0.1:{}", free_port());
-    let apart = |rank: &str, out: &Path, resume: bool| {
+    let apart = |rank: &str, out: &Path, resume: bool, master: &str| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
         c.arg("run")
             .arg(&file)
             .args(["--ranks", "2", "--nodes", "2", "--node-rank", rank])
-            .args(["--master", &master, "--steps", "5", "--quiet", "--out"])
+            .args(["--master", master, "--steps", "5", "--quiet", "--out"])
             .arg(out)
             .args(if resume { &["--resume"][..] } else { &[][..] });
         c
     };
-    let second = apart("1", &dir.path().join("elsewhere"), false)
+    let second = apart("1", &dir.path().join("elsewhere"), false, &master)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let first = apart("0", &dir.path().join("data"), true).output().unwrap();
+    let first = apart("0", &dir.path().join("data"), true, &master)
+        .output()
+        .unwrap();
     let second = second.wait_with_output().unwrap();
     for o in [&first, &second] {
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{stderr}");
         assert!(
-            stderr.contains("the ranks do not start from the same step"),
+            stderr.contains("the ranks do not share the run's folder")
+                && stderr.contains("rank(s) 2, 3 do not see what rank 0 writes there"),
             "{stderr}"
         );
     }
+
+    // the same without --resume: refused as the run starts (not at its first checkpoint,
+    // with "No such file or directory" from node 1), and node 0's new folder is left out
+    let master = format!("127.0.0.1:{}", free_port());
+    let (here, there) = (dir.path().join("here"), dir.path().join("there"));
+    let second = apart("1", &there, false, &master)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = apart("0", &here, false, &master).output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    for o in [&first, &second] {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "the ranks do not share the run's folder `{}`",
+                here.display()
+            )) || stderr.contains(&format!(
+                "the ranks do not share the run's folder `{}`",
+                there.display()
+            )),
+            "{stderr}"
+        );
+    }
+    assert!(!here.exists() && !there.join("metrics.jsonl").exists());
 
     // node 1 alone: its ranks give up on rank 0 by the timeout and say so
     let lonely = fmoec(&[
