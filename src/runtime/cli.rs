@@ -933,11 +933,17 @@ fn launch(node: &NodeLaunch, format: DiagFormat) -> anyhow::Result<ExitCode> {
             .iter()
             .map(usize::to_string)
             .collect();
-        let text = format!(
-            "interrupted by {}: rank(s) {} stopped together after the same step, each saving its part of the checkpoint",
-            stop::name(signal),
-            ranks.join(", ")
-        );
+        let text = match ranks.as_slice() {
+            [rank] => format!(
+                "interrupted by {}: rank {rank} stopped after the step, saving its part of the checkpoint",
+                stop::name(signal)
+            ),
+            _ => format!(
+                "interrupted by {}: ranks {} stopped together after the same step, each saving its part of the checkpoint",
+                stop::name(signal),
+                ranks.join(", ")
+            ),
+        };
         match format {
             DiagFormat::Human => crate::errln!("fmoec run: {text}"),
             DiagFormat::Json => driver::report_interruption(&text, format),

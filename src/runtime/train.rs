@@ -281,10 +281,13 @@ fn agree_on_out(ctx: &RankContext, out: &Path) -> Result<()> {
         }
     }
     if !ranks.is_empty() {
+        let who = match ranks.as_slice() {
+            [rank] => format!("rank {rank} does not"),
+            _ => format!("ranks {} do not", ranks.join(", ")),
+        };
         bail!(
-            "the ranks do not share the run's folder `{}`: rank(s) {} do not see what rank 0 writes there; a run over several machines needs its folder (--out) on a filesystem every machine shares, under the same path",
+            "the ranks do not share the run's folder `{}`: {who} see what rank 0 writes there; a run over several machines needs its folder (--out) on a filesystem every machine shares, under the same path",
             out.display(),
-            ranks.join(", ")
         );
     }
     Ok(())

@@ -1284,7 +1284,7 @@ fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
         assert!(!o.status.success(), "{stderr}");
         assert!(
             stderr.contains("the ranks do not share the run's folder")
-                && stderr.contains("rank(s) 2, 3 do not see what rank 0 writes there"),
+                && stderr.contains("ranks 2, 3 do not see what rank 0 writes there"),
             "{stderr}"
         );
     }
