@@ -6,7 +6,7 @@
 //! Knows nothing about libtorch or files. `tests/runtime/data.rs` checks that [`param_shapes`] is
 //! what the runtime builds, for every example.
 
-use crate::check::{Activation, Ffn, Mlp, Model, Norm, Positions};
+use crate::check::{Activation, Ffn, Layer, Mlp, Model, Moe, Norm, Positions};
 
 use super::architecture::Architecture;
 
@@ -153,98 +153,74 @@ fn part(param: String) -> Part {
 /// The tensors of `model`'s counterpart in `arch`, in the order an export writes them (the
 /// noisy gates' noise projections, used in training only, have none).
 pub fn hf_tensors(model: &Model, arch: Architecture) -> Vec<HfTensor> {
-    let mut out: Vec<HfTensor> = Vec::new();
-    let d = model.width;
-    let a = &model.attention;
-    let (h, kvh, hd) = (a.heads, a.kv_heads, a.head_dim);
-    let push = |out: &mut Vec<HfTensor>, name: String, shape: Vec<u64>, source: Source| {
-        out.push(HfTensor {
+    let mut tensors = HfTensors {
+        model,
+        arch,
+        out: Vec::new(),
+    };
+    tensors.push(
+        "model.embed_tokens.weight".into(),
+        vec![model.vocab, model.width],
+        same("embed.tokens".into()),
+    );
+    for layer in &model.layers {
+        tensors.block(layer);
+    }
+    tensors.final_norm_and_head();
+    tensors.out
+}
+
+/// [`hf_tensors`] as it goes: the model, the architecture, and the tensors listed so far.
+struct HfTensors<'m> {
+    model: &'m Model,
+    arch: Architecture,
+    out: Vec<HfTensor>,
+}
+
+impl HfTensors<'_> {
+    fn push(&mut self, name: String, shape: Vec<u64>, source: Source) {
+        self.out.push(HfTensor {
             name,
             shape,
             source,
         })
-    };
-    let same = |param: String| Source::Param(part(param));
-    let linear = |param: String, scale: f64| {
-        Source::Param(Part {
-            transposed: true,
-            scale,
-            ..part(param)
-        })
-    };
-    push(
-        &mut out,
-        "model.embed_tokens.weight".into(),
-        vec![model.vocab, d],
-        same("embed.tokens".into()),
-    );
-    // fmoec's `prefix.{w1,w3,w2,b1,b2}` as a Hugging Face MLP under `hf`
-    let mlp = |out: &mut Vec<HfTensor>, prefix: &str, hf: &str, hidden: u64, down_scale: f64| {
-        push(
-            out,
-            format!("{hf}.gate_proj.weight"),
-            vec![hidden, d],
-            linear(format!("{prefix}.w1"), 1.0),
-        );
-        push(
-            out,
-            format!("{hf}.up_proj.weight"),
-            vec![hidden, d],
-            linear(format!("{prefix}.w3"), 1.0),
-        );
-        push(
-            out,
-            format!("{hf}.down_proj.weight"),
-            vec![d, hidden],
-            linear(format!("{prefix}.w2"), down_scale),
-        );
-        if model.bias {
-            push(
-                out,
-                format!("{hf}.gate_proj.bias"),
-                vec![hidden],
-                same(format!("{prefix}.b1")),
-            );
-            push(
-                out,
-                format!("{hf}.up_proj.bias"),
-                vec![hidden],
-                Source::Zero {
-                    why: "fmoec's SwiGLU has a bias on the gate projection only",
-                },
-            );
-            push(
-                out,
-                format!("{hf}.down_proj.bias"),
-                vec![d],
-                same(format!("{prefix}.b2")),
-            );
-        }
-    };
-    for layer in &model.layers {
-        let i = layer.index;
-        let p = format!("layers.{i}");
-        let hf = format!("model.layers.{i}");
-        push(
-            &mut out,
+    }
+
+    /// Transformer block `layer`: its two norms, its attention, its feed-forward.
+    fn block(&mut self, layer: &Layer) {
+        let d = self.model.width;
+        let p = format!("layers.{}", layer.index);
+        let hf = format!("model.layers.{}", layer.index);
+        self.push(
             format!("{hf}.input_layernorm.weight"),
             vec![d],
             same(format!("{p}.norm1.weight")),
         );
-        push(
-            &mut out,
+        self.push(
             format!("{hf}.post_attention_layernorm.weight"),
             vec![d],
             same(format!("{p}.norm2.weight")),
         );
+        self.attention(&p, &hf);
+        match &layer.ffn {
+            Ffn::Dense(m) => self.mlp(&format!("{p}.ffn"), &format!("{hf}.mlp"), m.hidden, 1.0),
+            Ffn::Moe(m) => self.moe(&p, &hf, m),
+        }
+    }
+
+    /// fmoec's fused `qkv` as q, k and v projections (each with its bias, where there is
+    /// one), then the output projection.
+    fn attention(&mut self, p: &str, hf: &str) {
+        let d = self.model.width;
+        let a = &self.model.attention;
+        let (h, kvh, hd) = (a.heads, a.kv_heads, a.head_dim);
         for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
             let (offset, len) = match j {
                 0 => (0, h * hd),
                 1 => (h * hd, kvh * hd),
                 _ => ((h + kvh) * hd, kvh * hd),
             };
-            push(
-                &mut out,
+            self.push(
                 format!("{hf}.self_attn.{name}.weight"),
                 vec![len, d],
                 Source::Param(Part {
@@ -253,12 +229,12 @@ pub fn hf_tensors(model: &Model, arch: Architecture) -> Vec<HfTensor> {
                     ..part(format!("{p}.attn.qkv.weight"))
                 }),
             );
-            let bias = if model.bias {
+            let bias = if self.model.bias {
                 Some(Source::Param(Part {
                     columns: Some((offset, len)),
                     ..part(format!("{p}.attn.qkv.bias"))
                 }))
-            } else if arch == Architecture::Qwen2Moe {
+            } else if self.arch == Architecture::Qwen2Moe {
                 // Qwen2-MoE's q/k/v always have biases (older transformers ignore qkv_bias)
                 Some(Source::Zero {
                     why: "the model file has no biases (`bias = false`)",
@@ -267,105 +243,144 @@ pub fn hf_tensors(model: &Model, arch: Architecture) -> Vec<HfTensor> {
                 None
             };
             if let Some(source) = bias {
-                push(
-                    &mut out,
-                    format!("{hf}.self_attn.{name}.bias"),
-                    vec![len],
-                    source,
-                );
+                self.push(format!("{hf}.self_attn.{name}.bias"), vec![len], source);
             }
         }
-        push(
-            &mut out,
+        self.push(
             format!("{hf}.self_attn.o_proj.weight"),
             vec![d, h * hd],
             linear(format!("{p}.attn.proj.weight"), 1.0),
         );
-        if model.bias {
-            push(
-                &mut out,
+        if self.model.bias {
+            self.push(
                 format!("{hf}.self_attn.o_proj.bias"),
                 vec![d],
                 same(format!("{p}.attn.proj.bias")),
             );
         }
-        match &layer.ffn {
-            Ffn::Dense(m) => mlp(
-                &mut out,
-                &format!("{p}.ffn"),
-                &format!("{hf}.mlp"),
-                m.hidden,
-                1.0,
-            ),
-            Ffn::Moe(m) => {
-                let (block, names) = if arch == Architecture::Mixtral {
-                    ("block_sparse_moe", ["w1", "w3", "w2"])
-                } else {
-                    ("mlp", ["gate_proj", "up_proj", "down_proj"])
-                };
-                let eh = m.expert.hidden;
-                push(
-                    &mut out,
-                    format!("{hf}.{block}.gate.weight"),
-                    vec![m.experts, d],
-                    linear(format!("{p}.ffn.gate.weight"), 1.0),
-                );
-                for e in 0..m.experts {
-                    let x = format!("{hf}.{block}.experts.{e}");
-                    for (k, (w, shape)) in [
-                        ("w1", vec![eh, d]),
-                        ("w3", vec![eh, d]),
-                        ("w2", vec![d, eh]),
-                    ]
-                    .into_iter()
-                    .enumerate()
-                    {
-                        push(
-                            &mut out,
-                            format!("{x}.{}.weight", names[k]),
-                            shape,
-                            Source::Param(Part {
-                                expert: Some(e),
-                                transposed: true,
-                                ..part(format!("{p}.ffn.experts.{w}"))
-                            }),
-                        );
-                    }
-                }
-                if let Some(s) = &m.shared {
-                    // sigmoid(0) = 1/2 exactly, so the doubled down projection gives the sum
-                    mlp(
-                        &mut out,
-                        &format!("{p}.ffn.shared"),
-                        &format!("{hf}.mlp.shared_expert"),
-                        s.count * s.expert.hidden,
-                        2.0,
-                    );
-                    push(
-                        &mut out,
-                        format!("{hf}.mlp.shared_expert_gate.weight"),
-                        vec![1, d],
-                        Source::Zero {
-                            why: "fmoec adds its shared experts ungated (Qwen2-MoE's sigmoid gate at 0 halves them; the down projection is doubled)",
-                        },
-                    );
-                }
-            }
+    }
+
+    /// fmoec's `prefix.{w1,w3,w2,b1,b2}` as a Hugging Face MLP under `hf`.
+    fn mlp(&mut self, prefix: &str, hf: &str, hidden: u64, down_scale: f64) {
+        let d = self.model.width;
+        self.push(
+            format!("{hf}.gate_proj.weight"),
+            vec![hidden, d],
+            linear(format!("{prefix}.w1"), 1.0),
+        );
+        self.push(
+            format!("{hf}.up_proj.weight"),
+            vec![hidden, d],
+            linear(format!("{prefix}.w3"), 1.0),
+        );
+        self.push(
+            format!("{hf}.down_proj.weight"),
+            vec![d, hidden],
+            linear(format!("{prefix}.w2"), down_scale),
+        );
+        if self.model.bias {
+            self.push(
+                format!("{hf}.gate_proj.bias"),
+                vec![hidden],
+                same(format!("{prefix}.b1")),
+            );
+            self.push(
+                format!("{hf}.up_proj.bias"),
+                vec![hidden],
+                Source::Zero {
+                    why: "fmoec's SwiGLU has a bias on the gate projection only",
+                },
+            );
+            self.push(
+                format!("{hf}.down_proj.bias"),
+                vec![d],
+                same(format!("{prefix}.b2")),
+            );
         }
     }
-    push(
-        &mut out,
-        "model.norm.weight".into(),
-        vec![d],
-        same("norm.weight".into()),
-    );
-    if !model.tied_embeddings {
-        push(
-            &mut out,
-            "lm_head.weight".into(),
-            vec![model.vocab, d],
-            same("head.weight".into()),
+
+    /// An MoE layer: the router, each expert's three matrices (Mixtral's `w1, w3, w2` or
+    /// Qwen2-MoE's projections), and the shared experts as Qwen2-MoE's shared expert.
+    fn moe(&mut self, p: &str, hf: &str, m: &Moe) {
+        let d = self.model.width;
+        let (block, names) = if self.arch == Architecture::Mixtral {
+            ("block_sparse_moe", ["w1", "w3", "w2"])
+        } else {
+            ("mlp", ["gate_proj", "up_proj", "down_proj"])
+        };
+        let eh = m.expert.hidden;
+        self.push(
+            format!("{hf}.{block}.gate.weight"),
+            vec![m.experts, d],
+            linear(format!("{p}.ffn.gate.weight"), 1.0),
         );
+        for e in 0..m.experts {
+            let x = format!("{hf}.{block}.experts.{e}");
+            for (k, (w, shape)) in [
+                ("w1", vec![eh, d]),
+                ("w3", vec![eh, d]),
+                ("w2", vec![d, eh]),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                self.push(
+                    format!("{x}.{}.weight", names[k]),
+                    shape,
+                    Source::Param(Part {
+                        expert: Some(e),
+                        transposed: true,
+                        ..part(format!("{p}.ffn.experts.{w}"))
+                    }),
+                );
+            }
+        }
+        if let Some(s) = &m.shared {
+            // sigmoid(0) = 1/2 exactly, so the doubled down projection gives the sum
+            self.mlp(
+                &format!("{p}.ffn.shared"),
+                &format!("{hf}.mlp.shared_expert"),
+                s.count * s.expert.hidden,
+                2.0,
+            );
+            self.push(
+                format!("{hf}.mlp.shared_expert_gate.weight"),
+                vec![1, d],
+                Source::Zero {
+                    why: "fmoec adds its shared experts ungated (Qwen2-MoE's sigmoid gate at 0 halves them; the down projection is doubled)",
+                },
+            );
+        }
     }
-    out
+
+    /// The final norm, and the head unless it is the tied embedding.
+    fn final_norm_and_head(&mut self) {
+        let (vocab, d) = (self.model.vocab, self.model.width);
+        self.push(
+            "model.norm.weight".into(),
+            vec![d],
+            same("norm.weight".into()),
+        );
+        if !self.model.tied_embeddings {
+            self.push(
+                "lm_head.weight".into(),
+                vec![vocab, d],
+                same("head.weight".into()),
+            );
+        }
+    }
+}
+
+/// A Hugging Face tensor that is the fmoec parameter `param` as it is.
+fn same(param: String) -> Source {
+    Source::Param(part(param))
+}
+
+/// A Hugging Face linear weight from fmoec's `[in, out]` parameter `param`, times `scale`.
+fn linear(param: String, scale: f64) -> Source {
+    Source::Param(Part {
+        transposed: true,
+        scale,
+        ..part(param)
+    })
 }

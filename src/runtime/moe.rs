@@ -343,157 +343,202 @@ impl Gate {
         draws: Option<&Tensor>,
     ) -> Result<Routing> {
         let (t, _d) = x.size2()?;
-        let gk = gate_kind(x);
-        let k = self.top_k;
-        let e = self.experts;
-        let zero = Tensor::f_zeros([], (gk, x.device()))?;
+        let draws = self.draws_taken(train, draws)?;
+        match self.kind {
+            GateKind::Naive => self.route_naive(x, t),
+            GateKind::Noisy => self.route_noisy(x, draws),
+            GateKind::Gshard => self.route_gshard(x, t, train, draws),
+            GateKind::Switch => self.route_switch(x, t, train, draws),
+            GateKind::Swipe => self.route_swipe(x, train),
+        }
+    }
+
+    /// The draws this routing takes (in training, where the gate has randomness), refusing
+    /// to route without them; `None` where it takes none.
+    fn draws_taken<'d>(
+        &self,
+        train: bool,
+        draws: Option<&'d Tensor>,
+    ) -> Result<Option<&'d Tensor>> {
         let needs_draws = train
             && match self.kind {
                 GateKind::Noisy => true,
-                GateKind::Gshard => self.random_routing && k >= 2,
+                GateKind::Gshard => self.random_routing && self.top_k >= 2,
                 GateKind::Switch => self.jitter > 0.0,
                 GateKind::Naive | GateKind::Swipe => false,
             };
-        let draws = match (needs_draws, draws) {
+        Ok(match (needs_draws, draws) {
             (true, Some(d)) => Some(d),
             (true, None) => bail!("internal error: the {:?} gate routes with draws", self.kind),
             (false, _) => None,
+        })
+    }
+
+    /// Top-k of the logits, the weights soft-maxed among them, with DeepSeek-MoE's
+    /// expert-level balance loss over the `t` tokens.
+    fn route_naive(&self, x: &Tensor, t: i64) -> Result<Routing> {
+        let (gk, k, e) = (gate_kind(x), self.top_k, self.experts);
+        let logits = self.logits(x)?;
+        let (val, idx) = logits.f_topk(k, -1, true, true)?;
+        let probs = logits.f_softmax(-1, gk)?;
+        // E · Σ_e f_e · P_e: f_e the fraction of the T·k slots routed to e, P_e the
+        // mean probability of e (DeepSeek-MoE's expert-level balance loss)
+        let f_e = counts_of(&idx, e)?
+            .f_to_kind(gk)?
+            .f_div_scalar((t * k) as f64)?;
+        let p_e = probs.f_mean_dim(0, false, gk)?;
+        let balance = f_e.f_mul(&p_e)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
+        Ok(Routing {
+            expert: idx,
+            weight: val.f_softmax(-1, gk)?,
+            balance_loss: balance,
+            probs,
+        })
+    }
+
+    /// Top-k of the logits plus the standard normal `noise` (in training) scaled by the
+    /// learned noise, with the importance and load losses.
+    fn route_noisy(&self, x: &Tensor, noise: Option<&Tensor>) -> Result<Routing> {
+        let (gk, k, e) = (gate_kind(x), self.top_k, self.experts);
+        let clean = self.logits(x)?;
+        let noise_w = self
+            .noise
+            .as_ref()
+            .expect("noisy gate has a noise projection");
+        let raw_std = x
+            .f_matmul(&cast::compute(noise_w, x.kind())?)?
+            .f_to_kind(gk)?;
+        let (noisy, std) = match noise {
+            Some(noise) => {
+                let std = raw_std.f_softplus()?.f_add_scalar(NOISE_EPSILON)?;
+                (clean.f_add(&noise.f_mul(&std)?)?, Some(std))
+            }
+            None => (clean.shallow_clone(), None),
         };
-        match self.kind {
-            GateKind::Naive => {
-                let logits = self.logits(x)?;
-                let (val, idx) = logits.f_topk(k, -1, true, true)?;
-                let probs = logits.f_softmax(-1, gk)?;
-                // E · Σ_e f_e · P_e: f_e the fraction of the T·k slots routed to e, P_e the
-                // mean probability of e (DeepSeek-MoE's expert-level balance loss)
-                let f_e = counts_of(&idx, e)?
-                    .f_to_kind(gk)?
-                    .f_div_scalar((t * k) as f64)?;
-                let p_e = probs.f_mean_dim(0, false, gk)?;
-                let balance = f_e.f_mul(&p_e)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
-                Ok(Routing {
-                    expert: idx,
-                    weight: val.f_softmax(-1, gk)?,
-                    balance_loss: balance,
-                    probs,
-                })
+        let m = (k + 1).min(e);
+        let (top_val, top_idx) = noisy.f_topk(m, -1, true, true)?;
+        let top_k_val = top_val.f_narrow(1, 0, k)?;
+        let top_k_idx = top_idx.f_narrow(1, 0, k)?;
+        let weight = top_k_val.f_softmax(-1, gk)?;
+        let gates = clean.f_zeros_like()?.f_scatter(1, &top_k_idx, &weight)?;
+        let importance = gates.f_sum_dim_intlist(0, false, gk)?;
+        let load = match (&std, k < e) {
+            (Some(std), true) => {
+                prob_in_top_k(&clean, &noisy, std, &top_val, k)?.f_sum_dim_intlist(0, false, gk)?
             }
-            GateKind::Noisy => {
-                let clean = self.logits(x)?;
-                let noise_w = self
-                    .noise
-                    .as_ref()
-                    .expect("noisy gate has a noise projection");
-                let raw_std = x
-                    .f_matmul(&cast::compute(noise_w, x.kind())?)?
-                    .f_to_kind(gk)?;
-                let (noisy, std) = match draws {
-                    Some(noise) => {
-                        let std = raw_std.f_softplus()?.f_add_scalar(NOISE_EPSILON)?;
-                        (clean.f_add(&noise.f_mul(&std)?)?, Some(std))
-                    }
-                    None => (clean.shallow_clone(), None),
-                };
-                let m = (k + 1).min(e);
-                let (top_val, top_idx) = noisy.f_topk(m, -1, true, true)?;
-                let top_k_val = top_val.f_narrow(1, 0, k)?;
-                let top_k_idx = top_idx.f_narrow(1, 0, k)?;
-                let weight = top_k_val.f_softmax(-1, gk)?;
-                let gates = clean.f_zeros_like()?.f_scatter(1, &top_k_idx, &weight)?;
-                let importance = gates.f_sum_dim_intlist(0, false, gk)?;
-                let load = match (&std, k < e) {
-                    (Some(std), true) => prob_in_top_k(&clean, &noisy, std, &top_val, k)?
-                        .f_sum_dim_intlist(0, false, gk)?,
-                    _ => gates.f_gt(0.0)?.f_sum_dim_intlist(0, false, gk)?,
-                };
-                let balance = cv_squared(&importance)?.f_add(&cv_squared(&load)?)?;
-                Ok(Routing {
-                    expert: top_k_idx,
-                    weight,
-                    balance_loss: balance,
-                    probs: clean.f_softmax(-1, gk)?,
-                })
-            }
-            GateKind::Gshard => {
-                let logits = self.logits(x)?;
-                let (val, idx) = logits.f_topk(k, -1, true, true)?;
-                let weight = val.f_softmax(-1, gk)?;
-                let probs = logits.f_softmax(-1, gk)?;
-                // l_aux = E · Σ_e (fraction of tokens whose first choice is e) · (mean prob of e)
-                let top1 = idx.f_select(1, 0)?;
-                let c_e = counts_of(&top1, e)?.f_to_kind(gk)?.f_div_scalar(t as f64)?;
-                let m_e = probs.f_mean_dim(0, false, gk)?;
-                let balance = c_e.f_mul(&m_e)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
-                let mut expert = idx;
-                if let Some(r) = draws {
-                    let drop = weight.f_select(1, 1)?.f_mul_scalar(2.0)?.f_lt_tensor(r)?;
-                    let second = expert.f_select(1, 1)?.f_masked_fill(&drop, -1)?;
-                    expert = Tensor::f_stack(&[expert.f_select(1, 0)?, second], 1)?;
-                    if k > 2 {
-                        bail!("gshard routes at most two experts per token (top_k = {k})");
-                    }
-                }
-                if let Some(cap) = self.capacity_for(t, train) {
-                    expert = limit_by_capacity(&expert, e, cap)?;
-                }
-                Ok(Routing {
-                    expert,
-                    weight,
-                    balance_loss: balance,
-                    probs,
-                })
-            }
-            GateKind::Switch => {
-                let xin = if let Some(u) = draws {
-                    let scale = u
-                        .f_mul_scalar(2.0 * self.jitter)?
-                        .f_add_scalar(1.0 - self.jitter)?;
-                    x.f_mul(&scale)?
-                } else {
-                    x.shallow_clone()
-                };
-                let logits = self.logits(&xin)?;
-                let probs = logits.f_softmax(-1, gk)?;
-                let (val, idx) = probs.f_topk(k, -1, true, true)?;
-                let mut expert = idx;
-                if let Some(cap) = self.capacity_for(t, train) {
-                    expert = limit_by_capacity(&expert, e, cap)?;
-                }
-                // l_aux = E · Σ_e (fraction of kept slots at e) · (Σ_t p_te / kept slots)
-                let (counts, kept) = valid_counts(&expert, e, gk)?;
-                let kept = kept.f_clamp_min(1.0)?;
-                let fraction = counts.f_div(&kept)?;
-                let prob = probs.f_sum_dim_intlist(0, false, gk)?.f_div(&kept)?;
-                let balance = fraction.f_mul(&prob)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
-                Ok(Routing {
-                    expert,
-                    weight: val,
-                    balance_loss: balance,
-                    probs,
-                })
-            }
-            GateKind::Swipe => {
-                let logits = self.logits(x)?;
-                let probs = logits.f_softmax(-1, gk)?;
-                let (val, idx) = logits.f_topk(k, -1, true, true)?;
-                if !train {
-                    return Ok(Routing {
-                        expert: idx,
-                        weight: val.f_softmax(-1, gk)?,
-                        balance_loss: zero,
-                        probs,
-                    });
-                }
-                let expert = swipe(&idx, e)?;
-                let chosen = logits.f_gather(1, &expert, false)?;
-                Ok(Routing {
-                    expert,
-                    weight: chosen.f_softmax(-1, gk)?,
-                    balance_loss: zero,
-                    probs,
-                })
+            _ => gates.f_gt(0.0)?.f_sum_dim_intlist(0, false, gk)?,
+        };
+        let balance = cv_squared(&importance)?.f_add(&cv_squared(&load)?)?;
+        Ok(Routing {
+            expert: top_k_idx,
+            weight,
+            balance_loss: balance,
+            probs: clean.f_softmax(-1, gk)?,
+        })
+    }
+
+    /// Top-2 of the logits, the second expert dropped where its uniform draw `random` (in
+    /// training) exceeds twice its weight, then the capacity; GShard's auxiliary loss.
+    fn route_gshard(
+        &self,
+        x: &Tensor,
+        t: i64,
+        train: bool,
+        random: Option<&Tensor>,
+    ) -> Result<Routing> {
+        let (gk, k, e) = (gate_kind(x), self.top_k, self.experts);
+        let logits = self.logits(x)?;
+        let (val, idx) = logits.f_topk(k, -1, true, true)?;
+        let weight = val.f_softmax(-1, gk)?;
+        let probs = logits.f_softmax(-1, gk)?;
+        // l_aux = E · Σ_e (fraction of tokens whose first choice is e) · (mean prob of e)
+        let top1 = idx.f_select(1, 0)?;
+        let c_e = counts_of(&top1, e)?.f_to_kind(gk)?.f_div_scalar(t as f64)?;
+        let m_e = probs.f_mean_dim(0, false, gk)?;
+        let balance = c_e.f_mul(&m_e)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
+        let mut expert = idx;
+        if let Some(r) = random {
+            let drop = weight.f_select(1, 1)?.f_mul_scalar(2.0)?.f_lt_tensor(r)?;
+            let second = expert.f_select(1, 1)?.f_masked_fill(&drop, -1)?;
+            expert = Tensor::f_stack(&[expert.f_select(1, 0)?, second], 1)?;
+            if k > 2 {
+                bail!("gshard routes at most two experts per token (top_k = {k})");
             }
         }
+        if let Some(cap) = self.capacity_for(t, train) {
+            expert = limit_by_capacity(&expert, e, cap)?;
+        }
+        Ok(Routing {
+            expert,
+            weight,
+            balance_loss: balance,
+            probs,
+        })
+    }
+
+    /// Top-k of the probabilities of the input scaled by the uniform `jitter` draws (in
+    /// training), then the capacity; the Switch balance loss over the kept slots.
+    fn route_switch(
+        &self,
+        x: &Tensor,
+        t: i64,
+        train: bool,
+        jitter: Option<&Tensor>,
+    ) -> Result<Routing> {
+        let (gk, k, e) = (gate_kind(x), self.top_k, self.experts);
+        let xin = if let Some(u) = jitter {
+            let scale = u
+                .f_mul_scalar(2.0 * self.jitter)?
+                .f_add_scalar(1.0 - self.jitter)?;
+            x.f_mul(&scale)?
+        } else {
+            x.shallow_clone()
+        };
+        let logits = self.logits(&xin)?;
+        let probs = logits.f_softmax(-1, gk)?;
+        let (val, idx) = probs.f_topk(k, -1, true, true)?;
+        let mut expert = idx;
+        if let Some(cap) = self.capacity_for(t, train) {
+            expert = limit_by_capacity(&expert, e, cap)?;
+        }
+        // l_aux = E · Σ_e (fraction of kept slots at e) · (Σ_t p_te / kept slots)
+        let (counts, kept) = valid_counts(&expert, e, gk)?;
+        let kept = kept.f_clamp_min(1.0)?;
+        let fraction = counts.f_div(&kept)?;
+        let prob = probs.f_sum_dim_intlist(0, false, gk)?.f_div(&kept)?;
+        let balance = fraction.f_mul(&prob)?.f_sum(gk)?.f_mul_scalar(e as f64)?;
+        Ok(Routing {
+            expert,
+            weight: val,
+            balance_loss: balance,
+            probs,
+        })
+    }
+
+    /// Top-k of the logits; in training, over-loaded experts' tokens swapped to under-loaded
+    /// ones ([`swipe`]) and weighted by their own logits. No balance loss.
+    fn route_swipe(&self, x: &Tensor, train: bool) -> Result<Routing> {
+        let (gk, k, e) = (gate_kind(x), self.top_k, self.experts);
+        let zero = Tensor::f_zeros([], (gk, x.device()))?;
+        let logits = self.logits(x)?;
+        let probs = logits.f_softmax(-1, gk)?;
+        let (val, idx) = logits.f_topk(k, -1, true, true)?;
+        if !train {
+            return Ok(Routing {
+                expert: idx,
+                weight: val.f_softmax(-1, gk)?,
+                balance_loss: zero,
+                probs,
+            });
+        }
+        let expert = swipe(&idx, e)?;
+        let chosen = logits.f_gather(1, &expert, false)?;
+        Ok(Routing {
+            expert,
+            weight: chosen.f_softmax(-1, gk)?,
+            balance_loss: zero,
+            probs,
+        })
     }
 }
 

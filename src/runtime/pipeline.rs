@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::{PeerTransfer, Tape};
-use crate::plan::schedule::{self, Action, Payload, Pipeline};
+use crate::plan::schedule::{self, Action, Payload, Pipeline, Transfer};
 use crate::runtime::data::Dataset;
 use crate::runtime::distributed::{ExpertParallel, RankContext};
 use crate::runtime::model::{
@@ -152,168 +152,240 @@ pub fn run(
     let program = schedule::program(&pipeline, ctx.stage(), !train).map_err(|e| {
         anyhow::anyhow!("internal error: no pipeline schedule for {pipeline:?}: {e}")
     })?;
-    let device = ctx.device;
-    let width = model.model.width as i64;
-    let activation = [source.rows as i64, source.window as i64 - 1, width];
-    let share = micro_batches as f64;
-    let mut in_flight: BTreeMap<(usize, usize), InFlight> = BTreeMap::new();
-    // forward-only outputs waiting to be sent
-    let mut outputs: BTreeMap<(usize, usize), Tensor> = BTreeMap::new();
-    let mut inputs: BTreeMap<(usize, usize), Tensor> = BTreeMap::new();
-    let mut output_grads: BTreeMap<(usize, usize), Tensor> = BTreeMap::new();
-    let mut input_grads: BTreeMap<(usize, usize), Tensor> = BTreeMap::new();
-    let mut forwarded = Vec::new();
+    let mut stage = StagePass::new(model, ctx, source, micro_batches, train, label);
     for action in &program {
         match *action {
-            Action::Forward { chunk, micro } => {
-                let (m, counted) = source.micro(ctx, micro);
-                let at = format!("{label}, micro-batch {m}, chunk {chunk}");
-                let (starts, ends) = model.chunk_ends(chunk)?;
-                if train {
-                    model.set_routing_key(Some(&source.key(m)))?;
-                }
-                let batch = if starts || ends {
-                    Some(source.batch(m, device)?)
-                } else {
-                    None
-                };
-                let (input, leaf) = match (&batch, starts) {
-                    (Some(b), true) => (next_token_pairs(b)?.0, None),
-                    _ => {
-                        let received = inputs.remove(&(chunk, micro)).with_context(|| {
-                            format!("internal error: {at}: its input never arrived")
-                        })?;
-                        let leaf = received.f_detach()?.f_set_requires_grad(train)?;
-                        (leaf.shallow_clone(), train.then_some(leaf))
-                    }
-                };
-                let (out, segments) = forward(model, ctx, chunk, &input, train, &at)?;
-                let lm = match (&batch, ends) {
-                    (Some(b), true) => Some(next_token_loss(&out.output, &next_token_pairs(b)?.1)?),
-                    _ => None,
-                };
-                forwarded.push(Forwarded {
-                    micro: m,
-                    counted,
-                    lm: lm.as_ref().map(Tensor::f_detach).transpose()?,
-                    balance: out.balance_loss.f_detach()?,
-                    telemetry: out.telemetry,
-                });
-                let output = (!ends).then_some(out.output);
-                if !train {
-                    if let Some(output) = output {
-                        outputs.insert((chunk, micro), output.f_detach()?);
-                    }
-                    continue;
-                }
-                let here = match &lm {
-                    Some(lm) => lm.f_add(&out.balance_loss)?,
-                    None => out.balance_loss,
-                };
-                in_flight.insert(
-                    (chunk, micro),
-                    InFlight {
-                        input: leaf,
-                        output,
-                        root: here.f_div_scalar(share)?,
-                        segments,
-                    },
-                );
-            }
-            Action::Backward { chunk, micro } => {
-                let (m, _) = source.micro(ctx, micro);
-                let at = format!("{label}, micro-batch {m}, chunk {chunk} backward");
-                let f = in_flight
-                    .remove(&(chunk, micro))
-                    .with_context(|| format!("internal error: {at} without its forward"))?;
-                let mut total = f.root;
-                if let Some(y) = &f.output {
-                    let g = output_grads.remove(&(chunk, micro)).with_context(|| {
-                        format!("internal error: {at}: its output's gradient never arrived")
-                    })?;
-                    total = total
-                        .f_to_kind(Kind::Double)?
-                        .f_add(&y.f_mul(&g)?.f_sum(Kind::Double)?)?;
-                }
-                match f.segments {
-                    Segments::Experts(hook) => hook.backward(&total)?,
-                    Segments::Tensor(tape) => tape.backward_tensor_parallel(
-                        &total,
-                        ctx.groups.expert(),
-                        ctx.groups.tensor(),
-                        &at,
-                    )?,
-                }
-                if let Some(x) = f.input {
-                    let g = x.grad();
-                    let g = if g.defined() { g } else { x.f_zeros_like()? };
-                    input_grads.insert((chunk, micro), g.f_detach()?);
-                }
-            }
-            Action::Exchange(ref transfers) => {
-                let mut sent = Vec::new();
-                for t in transfers.iter().filter(|t| t.send) {
-                    let key = (t.chunk, t.micro);
-                    let tensor = match t.payload {
-                        Payload::Activation if train => in_flight
-                            .get(&key)
-                            .and_then(|f| f.output.as_ref())
-                            .map(Tensor::f_detach)
-                            .transpose()?,
-                        Payload::Activation => outputs.remove(&key),
-                        Payload::Gradient => input_grads.remove(&key),
-                    };
-                    let Some(tensor) = tensor else {
-                        bail!("internal error: {label}: nothing to send for {t:?}");
-                    };
-                    sent.push(tensor);
-                }
-                let mut received: Vec<Tensor> = transfers
-                    .iter()
-                    .filter(|t| !t.send)
-                    .map(|_| Tensor::f_zeros(activation, (model.compute, device)))
-                    .collect::<Result<_, _>>()?;
-                {
-                    let mut sends = sent.iter();
-                    let mut recvs = received.iter_mut();
-                    let mut batch = Vec::with_capacity(transfers.len());
-                    for t in transfers {
-                        batch.push(if t.send {
-                            PeerTransfer::Send {
-                                tensor: sends.next().context("internal error: send")?,
-                                to: t.peer,
-                            }
-                        } else {
-                            PeerTransfer::Recv {
-                                into: recvs.next().context("internal error: receive")?,
-                                from: t.peer,
-                            }
-                        });
-                    }
-                    ctx.groups
-                        .pipeline()
-                        .send_recv(&mut batch, &format!("{label}, pipeline transfers"))?;
-                }
-                for (t, tensor) in transfers.iter().filter(|t| !t.send).zip(received) {
-                    let slot = match t.payload {
-                        Payload::Activation => &mut inputs,
-                        Payload::Gradient => &mut output_grads,
-                    };
-                    slot.insert((t.chunk, t.micro), tensor);
-                }
-            }
+            Action::Forward { chunk, micro } => stage.forward(chunk, micro)?,
+            Action::Backward { chunk, micro } => stage.backward(chunk, micro)?,
+            Action::Exchange(ref transfers) => stage.exchange(transfers)?,
         }
     }
-    model.set_routing_key(None)?;
-    if !(in_flight.is_empty()
-        && inputs.is_empty()
-        && output_grads.is_empty()
-        && input_grads.is_empty()
-        && outputs.is_empty())
-    {
-        bail!("internal error: {label}: the schedule left tensors unsent or unused");
+    stage.finish()
+}
+
+/// One pass of [`run`] as it goes through the schedule's actions: the tensors each chunk
+/// and micro-batch (keyed `(chunk, micro)`) waits with, and the forward passes so far.
+struct StagePass<'p, 'c> {
+    model: &'p mut Transformer,
+    ctx: &'c RankContext,
+    source: &'p Source<'p>,
+    train: bool,
+    label: &'p str,
+    /// The shape of an activation sent between stages.
+    activation: [i64; 3],
+    /// The rank's micro-batches: each one's loss is divided by it.
+    share: f64,
+    in_flight: BTreeMap<(usize, usize), InFlight<'c>>,
+    /// Forward-only outputs waiting to be sent.
+    outputs: BTreeMap<(usize, usize), Tensor>,
+    inputs: BTreeMap<(usize, usize), Tensor>,
+    output_grads: BTreeMap<(usize, usize), Tensor>,
+    input_grads: BTreeMap<(usize, usize), Tensor>,
+    forwarded: Vec<Forwarded>,
+}
+
+impl<'p, 'c> StagePass<'p, 'c> {
+    fn new(
+        model: &'p mut Transformer,
+        ctx: &'c RankContext,
+        source: &'p Source<'p>,
+        micro_batches: usize,
+        train: bool,
+        label: &'p str,
+    ) -> StagePass<'p, 'c> {
+        let width = model.model.width as i64;
+        StagePass {
+            activation: [source.rows as i64, source.window as i64 - 1, width],
+            share: micro_batches as f64,
+            model,
+            ctx,
+            source,
+            train,
+            label,
+            in_flight: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+            output_grads: BTreeMap::new(),
+            input_grads: BTreeMap::new(),
+            forwarded: Vec::new(),
+        }
     }
-    Ok(forwarded)
+
+    /// Chunk `chunk`'s forward pass of the rank's micro-batch `micro`, from the data on the
+    /// chunk that starts the model, else from the input received; kept for its backward
+    /// when training, its output kept to be sent otherwise.
+    fn forward(&mut self, chunk: usize, micro: usize) -> Result<()> {
+        let (ctx, source, train) = (self.ctx, self.source, self.train);
+        let (m, counted) = source.micro(ctx, micro);
+        let at = format!("{}, micro-batch {m}, chunk {chunk}", self.label);
+        let (starts, ends) = self.model.chunk_ends(chunk)?;
+        if train {
+            self.model.set_routing_key(Some(&source.key(m)))?;
+        }
+        let batch = if starts || ends {
+            Some(source.batch(m, ctx.device)?)
+        } else {
+            None
+        };
+        let (input, leaf) = match (&batch, starts) {
+            (Some(b), true) => (next_token_pairs(b)?.0, None),
+            _ => {
+                let received = self
+                    .inputs
+                    .remove(&(chunk, micro))
+                    .with_context(|| format!("internal error: {at}: its input never arrived"))?;
+                let leaf = received.f_detach()?.f_set_requires_grad(train)?;
+                (leaf.shallow_clone(), train.then_some(leaf))
+            }
+        };
+        let (out, segments) = forward(self.model, ctx, chunk, &input, train, &at)?;
+        let lm = match (&batch, ends) {
+            (Some(b), true) => Some(next_token_loss(&out.output, &next_token_pairs(b)?.1)?),
+            _ => None,
+        };
+        self.forwarded.push(Forwarded {
+            micro: m,
+            counted,
+            lm: lm.as_ref().map(Tensor::f_detach).transpose()?,
+            balance: out.balance_loss.f_detach()?,
+            telemetry: out.telemetry,
+        });
+        let output = (!ends).then_some(out.output);
+        if !train {
+            if let Some(output) = output {
+                self.outputs.insert((chunk, micro), output.f_detach()?);
+            }
+            return Ok(());
+        }
+        let here = match &lm {
+            Some(lm) => lm.f_add(&out.balance_loss)?,
+            None => out.balance_loss,
+        };
+        self.in_flight.insert(
+            (chunk, micro),
+            InFlight {
+                input: leaf,
+                output,
+                root: here.f_div_scalar(self.share)?,
+                segments,
+            },
+        );
+        Ok(())
+    }
+
+    /// Chunk `chunk`'s backward pass of micro-batch `micro`: from its part of the loss plus
+    /// `Σ output · gradient` with the gradient the next chunk sent back; its input's
+    /// gradient kept to be sent in turn.
+    fn backward(&mut self, chunk: usize, micro: usize) -> Result<()> {
+        let ctx = self.ctx;
+        let (m, _) = self.source.micro(ctx, micro);
+        let at = format!("{}, micro-batch {m}, chunk {chunk} backward", self.label);
+        let f = self
+            .in_flight
+            .remove(&(chunk, micro))
+            .with_context(|| format!("internal error: {at} without its forward"))?;
+        let mut total = f.root;
+        if let Some(y) = &f.output {
+            let g = self.output_grads.remove(&(chunk, micro)).with_context(|| {
+                format!("internal error: {at}: its output's gradient never arrived")
+            })?;
+            total = total
+                .f_to_kind(Kind::Double)?
+                .f_add(&y.f_mul(&g)?.f_sum(Kind::Double)?)?;
+        }
+        match f.segments {
+            Segments::Experts(hook) => hook.backward(&total)?,
+            Segments::Tensor(tape) => tape.backward_tensor_parallel(
+                &total,
+                ctx.groups.expert(),
+                ctx.groups.tensor(),
+                &at,
+            )?,
+        }
+        if let Some(x) = f.input {
+            let g = x.grad();
+            let g = if g.defined() { g } else { x.f_zeros_like()? };
+            self.input_grads.insert((chunk, micro), g.f_detach()?);
+        }
+        Ok(())
+    }
+
+    /// One batch of the schedule's transfers with the neighbouring stages: what it sends
+    /// (activations, or input gradients) taken from where the passes left them, and what it
+    /// receives put where the next passes take them.
+    fn exchange(&mut self, transfers: &[Transfer]) -> Result<()> {
+        let label = self.label;
+        let mut sent = Vec::new();
+        for t in transfers.iter().filter(|t| t.send) {
+            let key = (t.chunk, t.micro);
+            let tensor = match t.payload {
+                Payload::Activation if self.train => self
+                    .in_flight
+                    .get(&key)
+                    .and_then(|f| f.output.as_ref())
+                    .map(Tensor::f_detach)
+                    .transpose()?,
+                Payload::Activation => self.outputs.remove(&key),
+                Payload::Gradient => self.input_grads.remove(&key),
+            };
+            let Some(tensor) = tensor else {
+                bail!("internal error: {label}: nothing to send for {t:?}");
+            };
+            sent.push(tensor);
+        }
+        let mut received: Vec<Tensor> = transfers
+            .iter()
+            .filter(|t| !t.send)
+            .map(|_| Tensor::f_zeros(self.activation, (self.model.compute, self.ctx.device)))
+            .collect::<Result<_, _>>()?;
+        {
+            let mut sends = sent.iter();
+            let mut recvs = received.iter_mut();
+            let mut batch = Vec::with_capacity(transfers.len());
+            for t in transfers {
+                batch.push(if t.send {
+                    PeerTransfer::Send {
+                        tensor: sends.next().context("internal error: send")?,
+                        to: t.peer,
+                    }
+                } else {
+                    PeerTransfer::Recv {
+                        into: recvs.next().context("internal error: receive")?,
+                        from: t.peer,
+                    }
+                });
+            }
+            self.ctx
+                .groups
+                .pipeline()
+                .send_recv(&mut batch, &format!("{label}, pipeline transfers"))?;
+        }
+        for (t, tensor) in transfers.iter().filter(|t| !t.send).zip(received) {
+            let slot = match t.payload {
+                Payload::Activation => &mut self.inputs,
+                Payload::Gradient => &mut self.output_grads,
+            };
+            slot.insert((t.chunk, t.micro), tensor);
+        }
+        Ok(())
+    }
+
+    /// Clears the routing key and refuses a schedule that left a tensor behind.
+    fn finish(self) -> Result<Vec<Forwarded>> {
+        self.model.set_routing_key(None)?;
+        if !(self.in_flight.is_empty()
+            && self.inputs.is_empty()
+            && self.output_grads.is_empty()
+            && self.input_grads.is_empty()
+            && self.outputs.is_empty())
+        {
+            bail!(
+                "internal error: {}: the schedule left tensors unsent or unused",
+                self.label
+            );
+        }
+        Ok(self.forwarded)
+    }
 }
 
 /// Chunk `chunk`'s forward pass on this rank's groups, its cuts recorded for the backward.

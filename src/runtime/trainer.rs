@@ -167,151 +167,65 @@ impl<'a> Trainer<'a> {
         plan: &'a WorldPlan,
         ctx: Option<&'a RankContext>,
     ) -> Result<Trainer<'a>> {
-        let Some(train) = &checked.train else {
-            bail!(
-                "`{}` has no `train` block: `fmoec run` needs one (data, batch, steps, optimizer)",
-                checked.model.name
-            );
-        };
-        let model_decl = &checked.model;
-        let total_steps = opts.steps.unwrap_or(train.steps);
-        let stop_at = opts.stop_after.unwrap_or(total_steps).min(total_steps);
-        let mut compute = compute_kind(train.precision)?;
-        if train.seq_len > model_decl.context {
-            bail!(
-                "seq_len {} exceeds the model's context {}",
-                train.seq_len,
-                model_decl.context
-            );
-        }
-        let window = train.seq_len as usize + 1;
-        let main = ctx.is_none_or(|c| c.rank() == 0);
-        let data_ranks = ctx.map_or(1, |c| c.data_size()) as u64;
-        let data_rank = ctx.map_or(0, |c| c.data_rank()) as u64;
-        let device = ctx.map_or(opts.device, |c| c.device);
-        let fp8 = match train.precision {
-            Precision::Fp8 { dense } => {
-                // the CPU's emulation computes the rest in f32 (bf16 matmuls are slow there)
-                let mode = fp8::mode_for(device).map_err(|e| {
-                    anyhow::anyhow!("precision = fp8 cannot run here: {e:#}; use bf16 or fp32")
-                })?;
-                if mode == fp8::Fp8Mode::Emulated {
-                    compute = Kind::Float;
-                }
-                Some(fp8::Fp8Use {
-                    experts: true,
-                    dense,
-                })
-            }
-            _ => None,
-        };
-        let (micro_batch, micro_batch_note) = run_micro_batch(checked, train, data_ranks, plan)?;
-        let micro_batches = train.batch_sequences / micro_batch;
-
-        for (dir, what) in [
-            (&opts.out, "the output folder"),
-            (&opts.checkpoints, "the checkpoint folder"),
-        ] {
-            if dir.exists() && !dir.is_dir() {
-                bail!("{what} `{}` is a file, not a folder", dir.display());
-            }
-        }
-        if opts.resume.is_none() && opts.checkpoints.join(checkpoint::LATEST).exists() {
-            // --resume of a finished run is refused too (nothing to train): say what does work
-            let finished = checkpoint::run_record(&opts.checkpoints)
-                .ok()
-                .and_then(|r| r.total_steps.filter(|&t| r.step >= t).map(|t| (r.step, t)));
-            match finished {
-                Some((step, total)) => bail!(
-                    "`{}` already holds a finished run ({step} of {total} steps); pass --out DIR \
-                     for a new run, or --resume with --steps N (N > {step}) to extend that one",
-                    opts.checkpoints.display()
-                ),
-                None => bail!(
-                    "`{}` already holds checkpoints; pass --resume to continue that run, or \
-                     --out DIR for a new one",
-                    opts.checkpoints.display()
-                ),
-            }
-        }
-        // Refused before anything is allocated, with the planner's figure and the machine's.
-        if let Some(memory) = sharing_memory(plan, ctx) {
-            let in_process = ctx.map_or(1, |c| c.ranks_sharing_device as u64);
-            let layout = format!(
-                "--world {} --tensor {} --pipeline {}",
-                plan.layout.world,
-                plan.tensor_size(),
-                plan.stages()
-            );
-            fit::check(&memory, in_process, device, &layout)?;
-        }
-        let data = Dataset::load(&train.data, model_decl.vocab)?;
-        data.check_window(window)?;
-
-        // Only this rank's stage and experts are built, with the values the one-rank model
-        // gives them.
+        let shape = RunShape::of(checked, opts, plan, ctx)?;
+        check_output_folders(opts)?;
+        check_memory(plan, ctx, shape.device)?;
         let local = local_experts(checked, ctx);
-        let part = ctx.map_or_else(
-            || ModelPart::whole(model_decl.layers.len()),
-            |c| c.part().clone(),
-        );
-        let model = {
-            let _rng = lock_rng();
-            let seed = mix_all(&[train.seed, 0xB01D]);
-            Transformer::new_part_seeded(
-                model_decl,
-                device,
-                Kind::Float,
-                compute,
-                seed,
-                &local,
-                &part,
-            )?
-        };
-        let tensor = ctx.map_or(1, |c| c.tensor_size());
-        if ctx.is_some() && plan.tensor_size() != tensor {
-            bail!(
-                "internal error: the plan has tensor groups of {}, the rank's tensor group has {tensor} ranks",
-                plan.tensor_size()
-            );
+        let allocated = allocate(checked, opts, plan, ctx, &shape, &local)?;
+        let mut trainer = Trainer::assemble(checked, opts, ctx, &shape, allocated);
+        trainer.start_from(&local)?;
+        if let Some(c) = ctx {
+            trainer.agree_on_start(c)?;
         }
-        let adam = AdamW::new(&train.optimizer, &model.store)?;
-        let pass = match ctx {
-            None => Pass::Alone(Runner::new(
-                opts.cuda_graph,
-                device,
-                compute,
-                model_decl.moe_layers().next().is_some(),
-            )?),
-            Some(c) if c.stages() > 1 => {
-                let schedule = pipeline::pipeline_of(c, (micro_batches / data_ranks) as usize);
-                schedule.check().map_err(|e| {
-                    anyhow::anyhow!("the pipeline schedule cannot run this batch: {e}")
-                })?;
-                Pass::Pipeline
+        trainer.shard_over_tensor_group(plan)?;
+        trainer.classify_params();
+        trainer.set_precision(&shape);
+        if trainer.main {
+            for note in plan.notes.iter().chain(&shape.micro_batch_note) {
+                crate::errln!("note: {note}");
             }
-            Some(_) if tensor > 1 => Pass::TensorParallel,
-            Some(_) => Pass::ExpertParallel,
-        };
+        }
+        trainer.open_outputs()?;
+        stop::install();
+        stop::clear();
+        trainer.start_progress();
+        Ok(trainer)
+    }
+
+    /// The trainer over what [`allocate`] made, before its starting point is set: at step 0,
+    /// with no metrics log and a silent progress display yet.
+    fn assemble(
+        checked: &'a Checked,
+        opts: &'a RunOptions,
+        ctx: Option<&'a RankContext>,
+        shape: &RunShape<'a>,
+        allocated: Allocated,
+    ) -> Trainer<'a> {
+        let Allocated {
+            data,
+            model,
+            adam,
+            pass,
+        } = allocated;
         let whole_shapes = model.store.params.iter().map(|p| p.tensor.size()).collect();
-        let mut trainer = Trainer {
+        Trainer {
             checked,
-            train,
+            train: shape.train,
             opts,
             ctx,
-            device,
-            main,
-            window,
-            micro_batch,
-            micro_batches,
-            local_micro_batches: micro_batches / data_ranks,
-            data_ranks,
-            data_rank,
-            tensor,
-            total_steps,
-            stop_at,
-            tokens_per_step: train.batch_sequences * train.seq_len,
-            keep: train.checkpoint.as_ref().map_or(0, |c| c.keep),
+            device: shape.device,
+            main: shape.main,
+            window: shape.window,
+            micro_batch: shape.micro_batch,
+            micro_batches: shape.micro_batches,
+            local_micro_batches: shape.micro_batches / shape.data_ranks,
+            data_ranks: shape.data_ranks,
+            data_rank: shape.data_rank,
+            tensor: shape.tensor,
+            total_steps: shape.total_steps,
+            stop_at: shape.stop_at,
+            tokens_per_step: shape.train.batch_sequences * shape.train.seq_len,
+            keep: shape.train.checkpoint.as_ref().map_or(0, |c| c.keep),
             data,
             model,
             adam,
@@ -324,83 +238,97 @@ impl<'a> Trainer<'a> {
             step: 0,
             tokens_seen: 0,
             metrics: None,
-            progress: Progress::new(false, false, opts.log_interval, 0, total_steps),
+            progress: Progress::new(false, false, opts.log_interval, 0, shape.total_steps),
             losses: Vec::new(),
             last_checkpoint: None,
             last_eval: None,
             started: Instant::now(),
-            fp8: fp8.is_some(),
+            fp8: shape.fp8.is_some(),
             gpu: None,
+        }
+    }
+
+    /// Under tensor parallelism, keeps this rank's shard of every split parameter and of its
+    /// optimizer state (the starting point was set on the whole parameters).
+    fn shard_over_tensor_group(&mut self, plan: &WorldPlan) -> Result<()> {
+        let Some(c) = self.ctx.filter(|_| self.tensor > 1) else {
+            return Ok(());
         };
-        trainer.start_from(&local)?;
-        if let Some(c) = ctx {
-            trainer.agree_on_start(c)?;
+        self.model.split_tensor_parallel(TensorParallel {
+            rank: c.groups.tensor().rank(),
+            size: self.tensor,
+            expert_slicing: plan.expert_slicing,
+        })?;
+        let (model, adam) = (&self.model, &mut self.adam);
+        for (i, p) in model.store.params.iter().enumerate() {
+            adam.m[i] = model.tensor_shard_of(&p.name, &adam.m[i])?;
+            adam.v[i] = model.tensor_shard_of(&p.name, &adam.v[i])?;
         }
-        if let Some(c) = ctx.filter(|_| tensor > 1) {
-            trainer.model.split_tensor_parallel(TensorParallel {
-                rank: c.groups.tensor().rank(),
-                size: tensor,
-                expert_slicing: plan.expert_slicing,
-            })?;
-            let (model, adam) = (&trainer.model, &mut trainer.adam);
-            for (i, p) in model.store.params.iter().enumerate() {
-                adam.m[i] = model.tensor_shard_of(&p.name, &adam.m[i])?;
-                adam.v[i] = model.tensor_shard_of(&p.name, &adam.v[i])?;
-            }
-        }
-        trainer.kinds = distributed::param_kinds(&trainer.model);
-        trainer.splits = trainer.model.tensor_splits();
-        let copy = trainer.model.part.holds_tied_copy(&trainer.model.model);
-        trainer.counted = trainer
+        Ok(())
+    }
+
+    /// Each parameter's kind for the gradient reduction, its tensor split, and whether it
+    /// counts in the gradient norm (a pipeline's second copy of a tied embedding does not).
+    fn classify_params(&mut self) {
+        self.kinds = distributed::param_kinds(&self.model);
+        self.splits = self.model.tensor_splits();
+        let copy = self.model.part.holds_tied_copy(&self.model.model);
+        self.counted = self
             .model
             .store
             .params
             .iter()
             .map(|p| !(copy && p.name == TIED_EMBEDDING))
             .collect();
-        trainer.model.set_compute(compute);
-        if let Some(fp8) = fp8 {
-            let tokens = (micro_batch * train.seq_len) as i64;
-            let bf16_layers = trainer
-                .model
-                .set_fp8(fp8, tokens, &checked.parallel.hardware);
-            if main && !bf16_layers.is_empty() {
-                crate::errln!(
-                    "note: precision = fp8: the experts of layer(s) {bf16_layers:?} stay in bf16, where \
-                     the planner estimates FP8 would not pay on `{}` (`fmoec plan` says why; \
-                     FMOEC_FP8_EXPERTS=all forces FP8)",
-                    checked.parallel.hardware.name
-                );
-            }
+    }
+
+    /// The model's compute dtype and, with `precision = fp8`, its FP8 matmuls (rank 0 says
+    /// which MoE layers keep their experts in bf16).
+    fn set_precision(&mut self, shape: &RunShape) {
+        self.model.set_compute(shape.compute);
+        let Some(fp8) = shape.fp8 else {
+            return;
+        };
+        let tokens = (shape.micro_batch * shape.train.seq_len) as i64;
+        let hardware = &self.checked.parallel.hardware;
+        let bf16_layers = self.model.set_fp8(fp8, tokens, hardware);
+        if self.main && !bf16_layers.is_empty() {
+            crate::errln!(
+                "note: precision = fp8: the experts of layer(s) {bf16_layers:?} stay in bf16, where \
+                 the planner estimates FP8 would not pay on `{}` (`fmoec plan` says why; \
+                 FMOEC_FP8_EXPERTS=all forces FP8)",
+                hardware.name
+            );
         }
-        if main {
-            for note in plan.notes.iter().chain(&micro_batch_note) {
-                crate::errln!("note: {note}");
-            }
-        }
-        // Every rank, so that a folder that cannot be made fails all of them alike (one
-        // error for the run, not rank 0's with the others' echoes); each writes its shards
-        // under it anyway.
-        std::fs::create_dir_all(&opts.out)
-            .with_context(|| format!("cannot create `{}`", opts.out.display()))?;
-        if main {
-            trainer.metrics = Some(if opts.resume.is_some() {
-                MetricsLog::resume(&opts.out, trainer.start_step)?
+    }
+
+    /// The output folder (made by every rank, so that a folder that cannot be made fails all
+    /// of them alike: one error for the run, not rank 0's with the others' echoes; each
+    /// writes its shards under it anyway) and rank 0's metrics log, continued on a resume.
+    fn open_outputs(&mut self) -> Result<()> {
+        let out = &self.opts.out;
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create `{}`", out.display()))?;
+        if self.main {
+            self.metrics = Some(if self.opts.resume.is_some() {
+                MetricsLog::resume(out, self.start_step)?
             } else {
-                MetricsLog::create(&opts.out)?
+                MetricsLog::create(out)?
             });
         }
-        stop::install();
-        stop::clear();
-        trainer.progress = Progress::new(
-            main,
-            opts.progress,
-            opts.log_interval,
-            trainer.start_step,
-            total_steps,
+        Ok(())
+    }
+
+    /// The progress display from the starting step, and the clock of the run's throughput.
+    fn start_progress(&mut self) {
+        self.progress = Progress::new(
+            self.main,
+            self.opts.progress,
+            self.opts.log_interval,
+            self.start_step,
+            self.total_steps,
         );
-        trainer.started = Instant::now();
-        Ok(trainer)
+        self.started = Instant::now();
     }
 
     /// Where the run's parameters and optimizer state come from before its first step: the
@@ -1127,6 +1055,216 @@ impl<'a> Trainer<'a> {
         };
         Ok((rest + expert, name))
     }
+}
+
+/// What [`Trainer::setup`] derives from the file, the options and the rank before it looks
+/// at any folder or allocates anything.
+struct RunShape<'a> {
+    train: &'a Train,
+    total_steps: u64,
+    /// This process stops (with a checkpoint) after this step.
+    stop_at: u64,
+    /// The dtype the model computes in (f32 where FP8 is emulated on the CPU).
+    compute: Kind,
+    /// Tokens read per sequence: the sequence and its next token.
+    window: usize,
+    /// Rank 0 (or the run alone).
+    main: bool,
+    data_ranks: u64,
+    data_rank: u64,
+    /// Ranks per tensor group.
+    tensor: usize,
+    device: Device,
+    fp8: Option<fp8::Fp8Use>,
+    /// Sequences per micro-batch, and the note that says why when the planner chose it.
+    micro_batch: u64,
+    micro_batch_note: Option<String>,
+    /// Micro-batches of the global batch per step.
+    micro_batches: u64,
+}
+
+impl<'a> RunShape<'a> {
+    /// Refuses a file without a `train` block, a sequence longer than the context, and FP8
+    /// where it cannot run; the micro-batch is the plan's ([`run_micro_batch`]).
+    fn of(
+        checked: &'a Checked,
+        opts: &RunOptions,
+        plan: &WorldPlan,
+        ctx: Option<&RankContext>,
+    ) -> Result<RunShape<'a>> {
+        let Some(train) = &checked.train else {
+            bail!(
+                "`{}` has no `train` block: `fmoec run` needs one (data, batch, steps, optimizer)",
+                checked.model.name
+            );
+        };
+        let total_steps = opts.steps.unwrap_or(train.steps);
+        let stop_at = opts.stop_after.unwrap_or(total_steps).min(total_steps);
+        let mut compute = compute_kind(train.precision)?;
+        if train.seq_len > checked.model.context {
+            bail!(
+                "seq_len {} exceeds the model's context {}",
+                train.seq_len,
+                checked.model.context
+            );
+        }
+        let data_ranks = ctx.map_or(1, |c| c.data_size()) as u64;
+        let device = ctx.map_or(opts.device, |c| c.device);
+        let fp8 = match train.precision {
+            Precision::Fp8 { dense } => {
+                // the CPU's emulation computes the rest in f32 (bf16 matmuls are slow there)
+                let mode = fp8::mode_for(device).map_err(|e| {
+                    anyhow::anyhow!("precision = fp8 cannot run here: {e:#}; use bf16 or fp32")
+                })?;
+                if mode == fp8::Fp8Mode::Emulated {
+                    compute = Kind::Float;
+                }
+                Some(fp8::Fp8Use {
+                    experts: true,
+                    dense,
+                })
+            }
+            _ => None,
+        };
+        let (micro_batch, micro_batch_note) = run_micro_batch(checked, train, data_ranks, plan)?;
+        Ok(RunShape {
+            train,
+            total_steps,
+            stop_at,
+            compute,
+            window: train.seq_len as usize + 1,
+            main: ctx.is_none_or(|c| c.rank() == 0),
+            data_ranks,
+            data_rank: ctx.map_or(0, |c| c.data_rank()) as u64,
+            tensor: ctx.map_or(1, |c| c.tensor_size()),
+            device,
+            fp8,
+            micro_batch,
+            micro_batch_note,
+            micro_batches: train.batch_sequences / micro_batch,
+        })
+    }
+}
+
+/// Refuses an output or checkpoint folder that is a file, and a new run into a folder that
+/// holds checkpoints (saying how to continue or extend the run there).
+fn check_output_folders(opts: &RunOptions) -> Result<()> {
+    for (dir, what) in [
+        (&opts.out, "the output folder"),
+        (&opts.checkpoints, "the checkpoint folder"),
+    ] {
+        if dir.exists() && !dir.is_dir() {
+            bail!("{what} `{}` is a file, not a folder", dir.display());
+        }
+    }
+    if opts.resume.is_some() || !opts.checkpoints.join(checkpoint::LATEST).exists() {
+        return Ok(());
+    }
+    // --resume of a finished run is refused too (nothing to train): say what does work
+    let finished = checkpoint::run_record(&opts.checkpoints)
+        .ok()
+        .and_then(|r| r.total_steps.filter(|&t| r.step >= t).map(|t| (r.step, t)));
+    match finished {
+        Some((step, total)) => bail!(
+            "`{}` already holds a finished run ({step} of {total} steps); pass --out DIR \
+             for a new run, or --resume with --steps N (N > {step}) to extend that one",
+            opts.checkpoints.display()
+        ),
+        None => bail!(
+            "`{}` already holds checkpoints; pass --resume to continue that run, or \
+             --out DIR for a new one",
+            opts.checkpoints.display()
+        ),
+    }
+}
+
+/// Refuses a run whose ranks would not fit the device, before anything is allocated, with
+/// the planner's figure and the machine's.
+fn check_memory(plan: &WorldPlan, ctx: Option<&RankContext>, device: Device) -> Result<()> {
+    let Some(memory) = sharing_memory(plan, ctx) else {
+        return Ok(());
+    };
+    let in_process = ctx.map_or(1, |c| c.ranks_sharing_device as u64);
+    let layout = format!(
+        "--world {} --tensor {} --pipeline {}",
+        plan.layout.world,
+        plan.tensor_size(),
+        plan.stages()
+    );
+    fit::check(&memory, in_process, device, &layout)
+}
+
+/// What [`allocate`] makes for a run, in its order.
+struct Allocated {
+    data: Dataset,
+    model: Transformer,
+    adam: AdamW,
+    pass: Pass,
+}
+
+/// Loads the data, builds this rank's part of the model (only its stage and its experts
+/// `local`, with the values the one-rank model gives them) and its optimizer, and chooses
+/// how a micro-batch runs ([`Pass`]; a pipeline's schedule is checked first).
+fn allocate(
+    checked: &Checked,
+    opts: &RunOptions,
+    plan: &WorldPlan,
+    ctx: Option<&RankContext>,
+    shape: &RunShape,
+    local: &BTreeMap<usize, Vec<usize>>,
+) -> Result<Allocated> {
+    let (model_decl, train) = (&checked.model, shape.train);
+    let data = Dataset::load(&train.data, model_decl.vocab)?;
+    data.check_window(shape.window)?;
+    let part = ctx.map_or_else(
+        || ModelPart::whole(model_decl.layers.len()),
+        |c| c.part().clone(),
+    );
+    let model = {
+        let _rng = lock_rng();
+        let seed = mix_all(&[train.seed, 0xB01D]);
+        Transformer::new_part_seeded(
+            model_decl,
+            shape.device,
+            Kind::Float,
+            shape.compute,
+            seed,
+            local,
+            &part,
+        )?
+    };
+    if ctx.is_some() && plan.tensor_size() != shape.tensor {
+        bail!(
+            "internal error: the plan has tensor groups of {}, the rank's tensor group has {} ranks",
+            plan.tensor_size(),
+            shape.tensor
+        );
+    }
+    let adam = AdamW::new(&train.optimizer, &model.store)?;
+    let pass = match ctx {
+        None => Pass::Alone(Runner::new(
+            opts.cuda_graph,
+            shape.device,
+            shape.compute,
+            model_decl.moe_layers().next().is_some(),
+        )?),
+        Some(c) if c.stages() > 1 => {
+            let schedule =
+                pipeline::pipeline_of(c, (shape.micro_batches / shape.data_ranks) as usize);
+            schedule
+                .check()
+                .map_err(|e| anyhow::anyhow!("the pipeline schedule cannot run this batch: {e}"))?;
+            Pass::Pipeline
+        }
+        Some(_) if shape.tensor > 1 => Pass::TensorParallel,
+        Some(_) => Pass::ExpertParallel,
+    };
+    Ok(Allocated {
+        data,
+        model,
+        adam,
+        pass,
+    })
 }
 
 /// The planner's memory of one rank as the memory check needs it: this rank's stage on a

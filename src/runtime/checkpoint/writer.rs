@@ -211,155 +211,221 @@ pub fn save_sharded(
     optim: &AdamW,
     ctx: &RankContext,
 ) -> Result<PathBuf> {
-    let rank = ctx.rank();
-    let layout = &ctx.plan.layout;
-    let name = step_dir_name(info.step);
-    let final_dir = root.join(&name);
-    let tmp = root.join(format!(".{name}.tmp"));
-    let at = format!("checkpoint {name}");
+    let folders = StepFolders::new(root, info.step);
+    let at = format!("checkpoint {}", folders.name);
+    let rank_zero = ctx.rank() == 0;
 
     // 1. rank 0 prepares the temporary folder.
-    let mut problem = None;
-    if rank == 0 {
-        let prepared = (|| -> Result<()> {
-            std::fs::create_dir_all(root)
-                .with_context(|| format!("cannot create `{}`", root.display()))?;
-            if final_dir.exists() {
-                bail!(
-                    "refusing to overwrite the existing checkpoint `{}` (resume from it with --resume, or choose another --out)",
-                    final_dir.display()
-                );
-            }
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp)?;
-            }
-            std::fs::create_dir(&tmp)?;
-            Ok(())
-        })();
-        problem = prepared.err();
-    }
-    if !all_ok(ctx, problem.is_none(), &format!("{at}, prepare"))? {
-        return Err(problem.unwrap_or_else(|| {
-            anyhow::anyhow!(
-                "rank 0 could not prepare checkpoint `{}`",
-                final_dir.display()
-            )
-        }));
-    }
+    let prepared = if rank_zero { folders.prepare() } else { Ok(()) };
+    agree_with_rank_zero(ctx, prepared, &format!("{at}, prepare"), || {
+        format!(
+            "rank 0 could not prepare checkpoint `{}`",
+            folders.done.display()
+        )
+    })?;
 
     // 2. the writers write their shard and a small list of its files.
-    let writes = writers(&ctx.plan).contains(&rank);
-    let written = (|| -> Result<()> {
-        if !writes {
-            return Ok(());
-        }
-        let dir = tmp.join(shard_dir_name(rank));
-        std::fs::create_dir(&dir)?;
-        // The last stage's copy of a tied embedding is the first stage's: saved once.
-        let copy = ctx.part().holds_tied_copy(info.model);
-        let replicated = replicated_writer(layout, rank);
-        let keep = |n: &str| {
-            let expert = param_kind(n) == crate::collective::ParamKind::Expert;
-            (replicated || expert) && !(copy && n == "embed.tokens")
-        };
-        let mut model_named = Vec::new();
-        let mut optim_named = Vec::new();
-        for (i, p) in store.params.iter().enumerate() {
-            if !keep(&p.name) {
-                continue;
-            }
-            model_named.push((p.name.clone(), p.tensor.shallow_clone()));
-            optim_named.push((format!("m.{}", p.name), optim.m[i].shallow_clone()));
-            optim_named.push((format!("v.{}", p.name), optim.v[i].shallow_clone()));
-        }
-        let mut shard = shard_of(ctx, rank, layout);
-        for (file, named) in [(MODEL_FILE, &model_named), (OPTIM_FILE, &optim_named)] {
-            let bytes = serialize(named)?;
-            write_synced(&dir.join(file), &bytes)?;
-            shard.files.push(FileEntry {
-                name: format!("{}/{file}", shard.dir),
-                bytes: bytes.len() as u64,
-                sha256: crate::digest::sha256_hex(&bytes),
-            });
-        }
-        write_synced(
-            &dir.join("shard.json"),
-            serde_json::to_string_pretty(&shard)?.as_bytes(),
-        )?;
+    let written = if writers(&ctx.plan).contains(&ctx.rank()) {
+        write_shard(&folders.tmp, info, store, optim, ctx)
+    } else {
         Ok(())
-    })();
+    };
     let failed = written.as_ref().err().map(|e| format!("{e:#}"));
     if !all_ok(ctx, written.is_ok(), &format!("{at}, shards"))? {
         bail!(
             "checkpoint `{}` was not written: {}",
-            final_dir.display(),
+            folders.done.display(),
             failed.unwrap_or_else(|| "another rank could not write its shard".into())
         );
     }
 
     // 3. rank 0 writes the manifest and moves the folder into place.
-    let mut problem = None;
-    if rank == 0 {
-        let finished = (|| -> Result<()> {
-            let mut shards = Vec::new();
-            for r in writers(&ctx.plan) {
-                let p = tmp.join(shard_dir_name(r)).join("shard.json");
-                let text = std::fs::read_to_string(&p)
-                    .with_context(|| format!("cannot read `{}`", p.display()))?;
-                let shard: Shard = serde_json::from_str(&text)?;
-                std::fs::remove_file(&p)?;
-                shards.push(shard);
-            }
-            let manifest = ShardedManifest {
-                run: RunRecord::new(FORMAT_SHARDED, info, optim.step),
-                world: layout.world,
-                expert_group: ctx.expert_group_size(),
-                layout: LayoutRecord {
-                    data: layout.data.clone(),
-                    expert: layout.expert.clone(),
-                    expert_data: layout.expert_data.clone(),
-                    gate: layout.gate.clone(),
-                    pipeline: if layout.stages() > 1 {
-                        layout.pipeline.clone()
-                    } else {
-                        Vec::new()
-                    },
-                },
-                placements: ctx
-                    .plan
-                    .placements
-                    .iter()
-                    .map(|(&layer, p)| LayerPlacement {
-                        layer,
-                        experts: p.experts(),
-                        positions: (0..p.ranks())
-                            .map(|q| p.local_experts(q).to_vec())
-                            .collect(),
-                    })
+    let finished = if rank_zero {
+        folders.finish(info, optim, ctx)
+    } else {
+        Ok(())
+    };
+    agree_with_rank_zero(ctx, finished, &format!("{at}, manifest"), || {
+        format!(
+            "rank 0 could not finish checkpoint `{}`",
+            folders.done.display()
+        )
+    })?;
+    Ok(folders.done)
+}
+
+/// The folders of a sharded checkpoint's step: written under `tmp`, renamed to `done`.
+struct StepFolders<'r> {
+    root: &'r Path,
+    /// `step-XXXXXXXX`.
+    name: String,
+    done: PathBuf,
+    tmp: PathBuf,
+}
+
+impl<'r> StepFolders<'r> {
+    fn new(root: &'r Path, step: u64) -> StepFolders<'r> {
+        let name = step_dir_name(step);
+        StepFolders {
+            root,
+            done: root.join(&name),
+            tmp: root.join(format!(".{name}.tmp")),
+            name,
+        }
+    }
+
+    /// Rank 0: refuses to overwrite the step's checkpoint and makes an empty temporary
+    /// folder (removing one an interrupted save left).
+    fn prepare(&self) -> Result<()> {
+        std::fs::create_dir_all(self.root)
+            .with_context(|| format!("cannot create `{}`", self.root.display()))?;
+        if self.done.exists() {
+            bail!(
+                "refusing to overwrite the existing checkpoint `{}` (resume from it with --resume, or choose another --out)",
+                self.done.display()
+            );
+        }
+        if self.tmp.exists() {
+            std::fs::remove_dir_all(&self.tmp)?;
+        }
+        std::fs::create_dir(&self.tmp)?;
+        Ok(())
+    }
+
+    /// Rank 0, once every shard is written: the manifest (over the shards' lists of files,
+    /// which it removes), the folder moved into place, then `latest` naming it.
+    fn finish(&self, info: &SaveInfo<'_>, optim: &AdamW, ctx: &RankContext) -> Result<()> {
+        let shards = self.take_shard_lists(ctx)?;
+        let manifest = sharded_manifest(info, optim, ctx, shards);
+        write_synced(
+            &self.tmp.join(MANIFEST_FILE),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )?;
+        std::fs::rename(&self.tmp, &self.done).with_context(|| {
+            format!("cannot move the checkpoint into `{}`", self.done.display())
+        })?;
+        let latest_tmp = self
+            .root
+            .join(format!(".{LATEST}.tmp-{}", std::process::id()));
+        write_synced(&latest_tmp, self.name.as_bytes())?;
+        std::fs::rename(&latest_tmp, self.root.join(LATEST))?;
+        Ok(())
+    }
+
+    /// Every writer's `shard.json`, read and removed, in the writers' order.
+    fn take_shard_lists(&self, ctx: &RankContext) -> Result<Vec<Shard>> {
+        let mut shards = Vec::new();
+        for r in writers(&ctx.plan) {
+            let p = self.tmp.join(shard_dir_name(r)).join("shard.json");
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read `{}`", p.display()))?;
+            let shard: Shard = serde_json::from_str(&text)?;
+            std::fs::remove_file(&p)?;
+            shards.push(shard);
+        }
+        Ok(shards)
+    }
+}
+
+/// Passes on what rank 0 did alone once every rank knows whether it worked: rank 0 returns
+/// its own error, the others `elsewhere`'s message.
+fn agree_with_rank_zero(
+    ctx: &RankContext,
+    outcome: Result<()>,
+    at: &str,
+    elsewhere: impl FnOnce() -> String,
+) -> Result<()> {
+    let problem = outcome.err();
+    if !all_ok(ctx, problem.is_none(), at)? {
+        return Err(problem.unwrap_or_else(|| anyhow::anyhow!(elsewhere())));
+    }
+    Ok(())
+}
+
+/// A writer's shard under `tmp`: the parameters it saves (its experts; with the replicated
+/// ones on its stage's first rank) and their optimizer state, then `shard.json`, the list of
+/// its files that rank 0 gathers into the manifest.
+fn write_shard(
+    tmp: &Path,
+    info: &SaveInfo<'_>,
+    store: &ParamStore,
+    optim: &AdamW,
+    ctx: &RankContext,
+) -> Result<()> {
+    let rank = ctx.rank();
+    let layout = &ctx.plan.layout;
+    let dir = tmp.join(shard_dir_name(rank));
+    std::fs::create_dir(&dir)?;
+    // The last stage's copy of a tied embedding is the first stage's: saved once.
+    let copy = ctx.part().holds_tied_copy(info.model);
+    let replicated = replicated_writer(layout, rank);
+    let keep = |n: &str| {
+        let expert = param_kind(n) == crate::collective::ParamKind::Expert;
+        (replicated || expert) && !(copy && n == "embed.tokens")
+    };
+    let mut model_named = Vec::new();
+    let mut optim_named = Vec::new();
+    for (i, p) in store.params.iter().enumerate() {
+        if !keep(&p.name) {
+            continue;
+        }
+        model_named.push((p.name.clone(), p.tensor.shallow_clone()));
+        optim_named.push((format!("m.{}", p.name), optim.m[i].shallow_clone()));
+        optim_named.push((format!("v.{}", p.name), optim.v[i].shallow_clone()));
+    }
+    let mut shard = shard_of(ctx, rank, layout);
+    for (file, named) in [(MODEL_FILE, &model_named), (OPTIM_FILE, &optim_named)] {
+        let bytes = serialize(named)?;
+        write_synced(&dir.join(file), &bytes)?;
+        shard.files.push(FileEntry {
+            name: format!("{}/{file}", shard.dir),
+            bytes: bytes.len() as u64,
+            sha256: crate::digest::sha256_hex(&bytes),
+        });
+    }
+    write_synced(
+        &dir.join("shard.json"),
+        serde_json::to_string_pretty(&shard)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// The manifest of a sharded checkpoint: the run, the world's layout, the experts' placement
+/// and the `shards`.
+fn sharded_manifest(
+    info: &SaveInfo<'_>,
+    optim: &AdamW,
+    ctx: &RankContext,
+    shards: Vec<Shard>,
+) -> ShardedManifest {
+    let layout = &ctx.plan.layout;
+    ShardedManifest {
+        run: RunRecord::new(FORMAT_SHARDED, info, optim.step),
+        world: layout.world,
+        expert_group: ctx.expert_group_size(),
+        layout: LayoutRecord {
+            data: layout.data.clone(),
+            expert: layout.expert.clone(),
+            expert_data: layout.expert_data.clone(),
+            gate: layout.gate.clone(),
+            pipeline: if layout.stages() > 1 {
+                layout.pipeline.clone()
+            } else {
+                Vec::new()
+            },
+        },
+        placements: ctx
+            .plan
+            .placements
+            .iter()
+            .map(|(&layer, p)| LayerPlacement {
+                layer,
+                experts: p.experts(),
+                positions: (0..p.ranks())
+                    .map(|q| p.local_experts(q).to_vec())
                     .collect(),
-                shards,
-            };
-            write_synced(
-                &tmp.join(MANIFEST_FILE),
-                serde_json::to_string_pretty(&manifest)?.as_bytes(),
-            )?;
-            std::fs::rename(&tmp, &final_dir).with_context(|| {
-                format!("cannot move the checkpoint into `{}`", final_dir.display())
-            })?;
-            let latest_tmp = root.join(format!(".{LATEST}.tmp-{}", std::process::id()));
-            write_synced(&latest_tmp, name.as_bytes())?;
-            std::fs::rename(&latest_tmp, root.join(LATEST))?;
-            Ok(())
-        })();
-        problem = finished.err();
+            })
+            .collect(),
+        shards,
     }
-    if !all_ok(ctx, problem.is_none(), &format!("{at}, manifest"))? {
-        return Err(problem.unwrap_or_else(|| {
-            anyhow::anyhow!(
-                "rank 0 could not finish checkpoint `{}`",
-                final_dir.display()
-            )
-        }));
-    }
-    Ok(final_dir)
 }
