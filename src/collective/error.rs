@@ -61,10 +61,20 @@ impl CollectiveError {
     }
 }
 
+/// How a transport's message ends when the library reports a peer's failure as the cause
+/// (NCCL's `ncclRemoteError`: a peer rank failed or exited), so that
+/// [`CollectiveError::follows_another_rank`] knows it.
+pub(crate) const PEER_FAILED: &str = "a peer rank failed or exited";
+
 impl CollectiveError {
-    /// Whether this rank failed only because a peer left first (the peer's error says why).
+    /// Whether this rank failed only because a peer left first (the peer's error says why):
+    /// a peer that dropped its handle, or a transport that reports a failed peer.
     pub fn follows_another_rank(&self) -> bool {
-        matches!(self.kind.as_ref(), ErrorKind::PeerGone { .. })
+        match self.kind.as_ref() {
+            ErrorKind::PeerGone { .. } => true,
+            ErrorKind::Transport(message) => message.contains(PEER_FAILED),
+            _ => false,
+        }
     }
 }
 
@@ -111,5 +121,41 @@ impl std::error::Error for CollectiveError {
             ErrorKind::Tensor(e) => Some(e),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(kind: ErrorKind) -> CollectiveError {
+        CollectiveError::new(&"data group [0,1]", "all_reduce_sum", "step 3", kind)
+    }
+
+    /// A rank whose transport reports a failed peer (NCCL's remote error, also when it is
+    /// the reason a communicator was aborted) failed after another rank did, as a rank whose
+    /// peer dropped its handle; a timeout or another transport error is a failure of its own.
+    #[test]
+    fn a_reported_peer_failure_follows_another_rank() {
+        let remote = format!(
+            "NCCL error: remote process exited or there was a network error; {PEER_FAILED}"
+        );
+        assert!(failure(ErrorKind::Transport(remote.clone())).follows_another_rank());
+        let aborted = format!("the communicator was aborted after an earlier error: {remote}");
+        assert!(failure(ErrorKind::Transport(aborted)).follows_another_rank());
+        assert!(failure(ErrorKind::PeerGone {
+            peer: 1,
+            panicked: false
+        })
+        .follows_another_rank());
+        assert!(!failure(ErrorKind::Transport(
+            "NCCL error: unhandled system error".into()
+        ))
+        .follows_another_rank());
+        let timeout = ErrorKind::Timeout {
+            waited: Duration::from_secs(5),
+            missing: vec![1],
+        };
+        assert!(!failure(timeout).follows_another_rank());
     }
 }

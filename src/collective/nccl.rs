@@ -48,7 +48,7 @@
 //! is `ncclReduce` to the root. Compiled, not yet run on GPUs (no machine with several
 //! GPUs was lent since it was written).
 
-use super::error::{tensor_failure, CollectiveError, ErrorKind};
+use super::error::{tensor_failure, CollectiveError, ErrorKind, PEER_FAILED};
 use super::groups::{GroupLabel, GroupLayout, Groups};
 use super::rendezvous::{DistEnv, RendezvousError};
 use super::{
@@ -492,7 +492,7 @@ fn last_error(state: &CommState, result: nccl::ncclResult_t) -> String {
         text.push_str(&format!(" ({detail})"));
     }
     if result == nccl::ncclResult_t::ncclRemoteError {
-        text.push_str("; a peer rank failed or exited");
+        text.push_str(&format!("; {PEER_FAILED}"));
     }
     text
 }
