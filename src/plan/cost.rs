@@ -220,8 +220,9 @@ pub struct StageTime {
 pub struct StageCost {
     pub params: RankParams,
     pub memory: Memory,
-    /// Matmul FLOPs per step of one rank (forward and backward).
-    pub flops_per_step: u64,
+    /// Matmul FLOPs per step of one rank (forward and backward); 128 bits, since real
+    /// trainings pass 2^64 FLOPs per step.
+    pub flops_per_step: u128,
     pub traffic: Traffic,
     pub time: StageTime,
     /// Each MoE layer's expert exchange under FasterMoE's model (see
@@ -265,8 +266,9 @@ pub struct TimeEstimate {
     /// pipeline - 1)` ([`super::schedule::bubble_fraction`]).
     pub bubble_fraction: f64,
     pub tokens_per_s: f64,
-    /// Model matmul FLOPs per step, all ranks (3 × forward, no recomputation).
-    pub model_flops_per_step: u64,
+    /// Model matmul FLOPs per step, all ranks (3 × forward, no recomputation); 128 bits, since
+    /// real trainings pass 2^64 (a 400B-parameter dense model on 16M tokens does 4·10^19).
+    pub model_flops_per_step: u128,
     /// Peak dense TFLOP/s of one GPU at the plan's precision.
     pub peak_tflops: f64,
     /// `model_flops_per_step / (step_s * world * peak)`.
@@ -844,10 +846,9 @@ impl Eval<'_> {
         StageCost {
             params: work.rp,
             memory,
-            flops_per_step: work
-                .flops_per_token
-                .saturating_mul(self.tokens)
-                .saturating_mul(self.micro_batches),
+            flops_per_step: u128::from(work.flops_per_token)
+                * u128::from(self.tokens)
+                * u128::from(self.micro_batches),
             traffic,
             time,
             exchanges,
@@ -1310,7 +1311,7 @@ impl Eval<'_> {
         // per stage (plan::schedule simulates it to this figure).
         let step_s = (micro_batches as f64 + (p - 1) as f64 / v as f64) * slowest + sync;
         let global_tokens = self.mb * micro_batches * grid.data * self.seq_len;
-        let model_flops_per_step = g.flops_per_token().saturating_mul(global_tokens);
+        let model_flops_per_step = u128::from(g.flops_per_token()) * u128::from(global_tokens);
         TimeEstimate {
             step_s,
             bubble_fraction: super::schedule::bubble_fraction(p, v, micro_batches),

@@ -805,3 +805,34 @@ fn megatron_core_pads_the_vocabulary_only_to_the_tensor_size() {
         (50_432 - 50_258) * 768 / 2
     );
 }
+
+/// A step's FLOPs pass 2^64 for real trainings (a 400B-parameter dense model on a batch of
+/// 16M tokens does 4·10^19); the plan counts them exactly instead of stopping at
+/// `u64::MAX`. Here GPT-2 small on 2^25 sequences of 1024 tokens on one GPU, micro-batch 8.
+#[test]
+fn step_flops_past_2_to_the_64_are_exact() {
+    let model = gpt("gpt2", 50257, 768, 12, 12, true);
+    let per_token = fmoec::graph::lower(&model, 1024).flops_per_token();
+    let plan_of = |sequences: u64| {
+        let c = checked(
+            model.clone(),
+            parallel(1, 1, 1, ExpertGroup::AcrossData),
+            Some(train(sequences, 1024, Precision::Bf16)),
+        );
+        let o = Overrides {
+            micro_batch: Some(8),
+            ..Overrides::default()
+        };
+        plan::build_with(&c, &o).unwrap()
+    };
+    let p = plan_of(1 << 25);
+    let tokens = (1u128 << 25) * 1024;
+    let expected = u128::from(per_token) * tokens;
+    assert!(expected > u128::from(u64::MAX));
+    assert_eq!(p.time.model_flops_per_step, expected);
+    // The rank's FLOPs (its padded vocabulary included): one micro-batch's, 2^22 times.
+    let one_micro_batch = plan_of(8).stages[0].cost.flops_per_step;
+    assert_eq!(p.stages[0].cost.flops_per_step, one_micro_batch << 22);
+    let json = plan::render::json(&p);
+    assert!(json.contains(&format!("\"model_flops_per_step\": {expected}")));
+}
