@@ -513,7 +513,11 @@ impl Checker<'_> {
                         } else {
                             out.push(i as u64);
                         }
-                        i += st_i;
+                        // A step past the range (up to i64::MAX) ends it.
+                        let Some(next) = i.checked_add(st_i) else {
+                            break;
+                        };
+                        i = next;
                     }
                 }
             }
