@@ -273,6 +273,26 @@ proptest! {
     }
 }
 
+/// Every number of the tiny example at zero, at 2^63 - 1 and at the largest float a file
+/// writes in one (a capacity factor of 1e308 overflowed the planner's activation sum; the
+/// random mutations rarely land on such a number).
+#[test]
+fn every_number_of_an_example_at_the_extremes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(dir.join("examples/tiny.fmoe")).unwrap();
+    let toks = tokens(&text);
+    let numbers = toks
+        .iter()
+        .filter(|t| t.starts_with(|c: char| c.is_ascii_digit()))
+        .count();
+    assert!(numbers > 20);
+    for n in 0..numbers {
+        for extreme in ["0", "9223372036854775807", "1e308"] {
+            check_text(apply(toks.clone(), &[Mutation::Number(n, extreme)]));
+        }
+    }
+}
+
 #[test]
 fn tokens_round_trip() {
     for text in corpus() {
