@@ -303,8 +303,29 @@ pub fn load_with(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded
 /// Stack of the thread that parses and checks a file (only touched as deep as used).
 const FRONT_END_STACK: usize = 256 << 20;
 
+/// The largest model file read: thousands of times any real one (the examples and the
+/// stdlib are a few KiB), so that a device such as `/dev/zero` or a runaway generated file
+/// is refused instead of read until the memory runs out.
+pub const MAX_MODEL_FILE_BYTES: u64 = 16 << 20;
+
+/// A model file's bytes, at most [`MAX_MODEL_FILE_BYTES`] of them read.
+fn read_model_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_MODEL_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_MODEL_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "it is larger than {} MiB (a model file is a few KiB of text)",
+            MAX_MODEL_FILE_BYTES >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
 fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, ExitCode> {
-    let text = match std::fs::read(path) {
+    let text = match read_model_file(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(t) => t,
             Err(_) => {

@@ -339,7 +339,9 @@ impl Checker<'_> {
                 kv_span, heads_n, kv_n, heads.span,
             ));
         }
-        (heads_n, kv_n)
+        // Reported above; more key/value heads than heads leave a model no rule after this
+        // one should cost (any count up to 2^63 overflowed the attention's sizes).
+        (heads_n, kv_n.min(heads_n))
     }
 
     /// Applies the `layers[...]` assignments of one block; `false` if any was wrong.
@@ -513,7 +515,11 @@ impl Checker<'_> {
                         } else {
                             out.push(i as u64);
                         }
-                        i += st_i;
+                        // A step past the range (up to i64::MAX) ends it.
+                        let Some(next) = i.checked_add(st_i) else {
+                            break;
+                        };
+                        i = next;
                     }
                 }
             }

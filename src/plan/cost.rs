@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use crate::check::{Activation, Checked, Ffn, Hardware, Precision, Shadowing, SmartSchedule};
+use crate::check::{Activation, Checked, Ffn, Hardware, Moe, Precision, Shadowing, SmartSchedule};
 use crate::diag::{Diagnostic, Span};
 use crate::graph::{self, ModelGraph, NodeKind};
 
@@ -220,8 +220,9 @@ pub struct StageTime {
 pub struct StageCost {
     pub params: RankParams,
     pub memory: Memory,
-    /// Matmul FLOPs per step of one rank (forward and backward).
-    pub flops_per_step: u64,
+    /// Matmul FLOPs per step of one rank (forward and backward); 128 bits, since real
+    /// trainings pass 2^64 FLOPs per step.
+    pub flops_per_step: u128,
     pub traffic: Traffic,
     pub time: StageTime,
     /// Each MoE layer's expert exchange under FasterMoE's model (see
@@ -265,8 +266,9 @@ pub struct TimeEstimate {
     /// pipeline - 1)` ([`super::schedule::bubble_fraction`]).
     pub bubble_fraction: f64,
     pub tokens_per_s: f64,
-    /// Model matmul FLOPs per step, all ranks (3 × forward, no recomputation).
-    pub model_flops_per_step: u64,
+    /// Model matmul FLOPs per step, all ranks (3 × forward, no recomputation); 128 bits, since
+    /// real trainings pass 2^64 (a 400B-parameter dense model on 16M tokens does 4·10^19).
+    pub model_flops_per_step: u128,
     /// Peak dense TFLOP/s of one GPU at the plan's precision.
     pub peak_tflops: f64,
     /// `model_flops_per_step / (step_s * world * peak)`.
@@ -389,8 +391,8 @@ fn core_param_bytes(p: Precision) -> (u64, u64, u64) {
 /// parallelism (Megatron-Core requires it for MoE with tensor parallelism: every activation is
 /// split over the `t` tensor ranks) and fused attention (Transformer Engine's or flash: no
 /// attention scores, `4·heads·sb/t` fp32 softmax statistics). In an MoE layer each tensor rank
-/// routes its own `sb/t` tokens: `R = ⌈c·k·sb/t⌉` rows, gathered over the `e` expert-tensor ranks
-/// (`e·R` rows of `f/e` per expert: the internals are `m·a·R·f`).
+/// routes its own `sb/t` tokens: `R = ⌈min(c·k, E)·sb/t⌉` rows ([`routed_rows`]), gathered over
+/// the `e` expert-tensor ranks (`e·R` rows of `f/e` per expert: the internals are `m·a·R·f`).
 fn block_activations_core(
     c: &Checked,
     layer: usize,
@@ -415,8 +417,7 @@ fn block_activations_core(
         }
         Ffn::Moe(moe) => {
             let e = w(experts.slices);
-            let cap = moe.gate.capacity.map(|c| c.train.max(1.0)).unwrap_or(1.0);
-            let routed = (cap * (moe.top_k as f64) * (sb as f64) / (t as f64)).ceil() as u128;
+            let routed = routed_rows(moe, sb as f64 / t as f64);
             let shared = moe.shared.as_ref().map_or(0, |s| {
                 w(s.expert.act.matrices()) * a * sb * w(s.count) * w(s.expert.hidden) / t
             });
@@ -573,6 +574,16 @@ fn attention_scores(c: &Checked, grid: &Grid, seq: u64, sb: u64) -> u64 {
     u64::try_from(scores).unwrap_or(u64::MAX)
 }
 
+/// Rows that reach a rank's experts from `tokens` routed tokens under balanced routing:
+/// `⌈c·k·tokens⌉`, `c` the train capacity factor (1 without a capacity). At most
+/// `experts · tokens`: a token reaches an expert at most once, so a factor beyond
+/// `experts / top_k` (any float a file may write) grants rows that are never filled.
+fn routed_rows(moe: &Moe, tokens: f64) -> u128 {
+    let cap = moe.gate.capacity.map(|c| c.train.max(1.0)).unwrap_or(1.0);
+    let rows = (cap * moe.top_k as f64).min(moe.experts as f64) * tokens;
+    rows.ceil() as u128
+}
+
 /// Activation bytes of one block for one micro-batch on one rank (see README.md, "`fmoec plan`").
 fn block_activations(c: &Checked, layer: usize, grid: &Grid, a: u64, seq: u64, sb: u64) -> u64 {
     // u128: attention scores grow with seq², and the planner must not overflow on
@@ -596,8 +607,7 @@ fn block_activations(c: &Checked, layer: usize, grid: &Grid, a: u64, seq: u64, s
         Ffn::Dense(mlp) => a * sb * h + w(mlp.act.matrices()) * a * sb * w(mlp.hidden) / t + sb * h,
         Ffn::Moe(moe) => {
             let te = if c.parallel.expert_slicing { t } else { 1 };
-            let cap = moe.gate.capacity.map(|c| c.train.max(1.0)).unwrap_or(1.0);
-            let routed = (cap * (moe.top_k as f64) * (sb as f64)).ceil() as u128;
+            let routed = routed_rows(moe, sb as f64);
             let shared = moe.shared.as_ref().map_or(0, |s| {
                 w(s.expert.act.matrices()) * a * sb * w(s.count) * w(s.expert.hidden) / t
             });
@@ -844,10 +854,9 @@ impl Eval<'_> {
         StageCost {
             params: work.rp,
             memory,
-            flops_per_step: work
-                .flops_per_token
-                .saturating_mul(self.tokens)
-                .saturating_mul(self.micro_batches),
+            flops_per_step: u128::from(work.flops_per_token)
+                * u128::from(self.tokens)
+                * u128::from(self.micro_batches),
             traffic,
             time,
             exchanges,
@@ -1310,7 +1319,7 @@ impl Eval<'_> {
         // per stage (plan::schedule simulates it to this figure).
         let step_s = (micro_batches as f64 + (p - 1) as f64 / v as f64) * slowest + sync;
         let global_tokens = self.mb * micro_batches * grid.data * self.seq_len;
-        let model_flops_per_step = g.flops_per_token().saturating_mul(global_tokens);
+        let model_flops_per_step = u128::from(g.flops_per_token()) * u128::from(global_tokens);
         TimeEstimate {
             step_s,
             bubble_fraction: super::schedule::bubble_fraction(p, v, micro_batches),

@@ -173,7 +173,9 @@ pub fn divisors(n: u64) -> Vec<u64> {
     let mut small = Vec::new();
     let mut large = Vec::new();
     let mut d = 1u64;
-    while d.saturating_mul(d) <= n {
+    // `d <= n / d`, not `d * d <= n`: the square saturates at u64::MAX and never ends the
+    // loop for n = u64::MAX.
+    while d <= n / d {
         if n % d == 0 {
             small.push(d);
             if d != n / d {

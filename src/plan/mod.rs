@@ -945,6 +945,10 @@ fn check_limits(parts: &Parts, s: &Setup) -> Vec<Diagnostic> {
     };
     let ms = &m.spans;
     check("width", m.width, limits::WIDTH, ms.width);
+    // Heads past the width and top_k past the experts are the front end's errors, but the
+    // planner still costs such a model in the same pass: bound them like the sizes they
+    // are compared with (the front end leaves key/value heads at most the heads).
+    check("heads", m.attention.heads, limits::WIDTH, ms.heads);
     check("vocab", m.vocab, limits::VOCAB, ms.vocab);
     check("context", m.context, limits::CONTEXT, ms.context);
     check("depth", m.depth(), limits::DEPTH, ms.depth);
@@ -959,6 +963,7 @@ fn check_limits(parts: &Parts, s: &Setup) -> Vec<Diagnostic> {
             Ffn::Moe(moe) => {
                 if seen.insert(moe.spans.call) {
                     check("experts", moe.experts, limits::EXPERTS, moe.spans.experts);
+                    check("top_k", moe.top_k, limits::EXPERTS, moe.spans.top_k);
                     check("hidden", moe.expert.hidden, limits::HIDDEN, moe.expert.span);
                     if let Some(sh) = &moe.shared {
                         check(

@@ -10,7 +10,8 @@ use std::fmt::Write;
 use super::cost::TimeEstimate;
 use super::grid::divisors;
 use super::{
-    build_for, cost_for, diagnostics, expert_group_name, Overrides, ParallelPlan, TargetRules,
+    build_for, cost_for, diagnostics, expert_group_name, limits, Overrides, ParallelPlan,
+    TargetRules,
 };
 use crate::check::{Checked, ExpertGroup};
 
@@ -99,13 +100,22 @@ pub fn search_for(checked: &Checked, assumed: &Overrides, rules: &TargetRules) -
             rules.version
         )
     });
-    for t in divisors(w).into_iter().filter(|t| *t <= gpn) {
-        for p in divisors(w / t) {
+    // Every layout of a world past the planner's limit is refused (P0012): cost one for the
+    // diagnostic rather than enumerate the divisors of a number up to 2^64.
+    let sizes_dividing = |n: u64| {
+        if w > limits::GPUS {
+            vec![1]
+        } else {
+            divisors(n)
+        }
+    };
+    for t in sizes_dividing(w).into_iter().filter(|t| *t <= gpn) {
+        for p in sizes_dividing(w / t) {
             let d = w / (t * p);
             let mut groups = vec![ExpertGroup::AcrossData];
             if has_moe {
                 groups.extend(
-                    divisors(d)
+                    sizes_dividing(d)
                         .into_iter()
                         .filter(|g| *g > 1 && *g < d)
                         .map(|size| ExpertGroup::Size { size }),

@@ -92,6 +92,26 @@ fn unreadable_file_exits_two_even_beside_a_file_with_errors() {
     assert!(text.contains("error[E0201]"), "{text}");
 }
 
+/// A model file past the size cap (a device such as `/dev/zero`, a runaway generated file) is
+/// refused like an unreadable one, after reading only the cap: it used to be read whole
+/// (`fmoec check /dev/zero` filled the memory) and a file of NUL bytes was then parsed.
+#[test]
+fn a_file_past_the_size_cap_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.fmoe");
+    let file = std::fs::File::create(&big).unwrap();
+    file.set_len(fmoec::driver::MAX_MODEL_FILE_BYTES + 1)
+        .unwrap();
+    let big = big.to_str().unwrap();
+    for format in ["human", "json"] {
+        let out = fmoec(&["check", "--diagnostics", format, big]);
+        assert_eq!(out.status.code(), Some(2));
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains(&format!("cannot read `{big}`")), "{text}");
+        assert!(text.contains("larger than 16 MiB"), "{text}");
+    }
+}
+
 /// `fmoec emit` replaces the files it wrote before, but never a file it did not write or one
 /// edited since: those stop it before anything is written, unless `--force`.
 #[test]

@@ -64,7 +64,24 @@ enum Mutation {
     Swap(usize, usize),
     Insert(usize, String),
     Truncate(usize),
+    /// Replaces the n-th number of the text by an extreme one.
+    Number(usize, &'static str),
 }
+
+/// Numbers at the edges of what the checker and the planner compute with: zero, 2^32,
+/// 2^63 - 1, 2^64 - 1, the largest and the smallest floats, past a float.
+const EXTREME_NUMBERS: &[&str] = &[
+    "0",
+    "4294967296",
+    "9223372036854775807",
+    "18446744073709551615",
+    "1e308",
+    "1.7976931348623157e308",
+    "4.9e-324",
+    "1e309",
+    "65536",
+    "1073741824",
+];
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
@@ -102,6 +119,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         )
             .prop_map(|(a, s)| Mutation::Insert(a, s.to_string())),
         any::<usize>().prop_map(Mutation::Truncate),
+        (any::<usize>(), prop::sample::select(EXTREME_NUMBERS))
+            .prop_map(|(i, n)| Mutation::Number(i, n)),
     ]
 }
 
@@ -122,6 +141,14 @@ fn apply(mut toks: Vec<String>, mutations: &[Mutation]) -> String {
             Mutation::Swap(a, b) => toks.swap(a % n, b % n),
             Mutation::Insert(i, s) => toks.insert(i % (n + 1), s.clone()),
             Mutation::Truncate(i) => toks.truncate(i % n),
+            Mutation::Number(i, number) => {
+                let numbers: Vec<usize> = (0..n)
+                    .filter(|&k| toks[k].starts_with(|c: char| c.is_ascii_digit()))
+                    .collect();
+                if !numbers.is_empty() {
+                    toks[numbers[i % numbers.len()]] = number.to_string();
+                }
+            }
         }
     }
     toks.concat()
@@ -141,10 +168,44 @@ fn check_text(text: String) {
     );
     assert_eq!(analysis.checked.is_some(), analysis.errors == 0);
     assert_eq!(analysis.plan.is_some(), analysis.errors == 0);
+    if let Some(plan) = &analysis.plan {
+        assert_true_figures(plan);
+    }
     let diags = analysis.diagnostics;
     // Rendering must not panic either, whatever the spans.
     let _ = render_human(&sources, &diags);
     let _ = render_json(&sources, &diags);
+}
+
+/// A plan that checks clean prints figures, not wrapped or saturated counts: times finite
+/// and non-negative, memory the sum of its parts and within the GPU's.
+fn assert_true_figures(plan: &fmoec::plan::ParallelPlan) {
+    let t = &plan.time;
+    for x in [
+        t.step_s,
+        t.bubble_fraction,
+        t.tokens_per_s,
+        t.peak_tflops,
+        t.mfu,
+    ] {
+        assert!(x.is_finite() && x >= 0.0, "{t:?}");
+    }
+    for stage in &plan.stages {
+        let (time, memory) = (&stage.cost.time, &stage.cost.memory);
+        for x in [
+            time.compute_s,
+            time.tensor_s,
+            time.all_to_all_s,
+            time.pipeline_s,
+            time.micro_batch_s,
+            time.gradient_sync_s,
+        ] {
+            assert!(x.is_finite() && x >= 0.0, "{time:?}");
+        }
+        let parts: u128 = memory.parts().iter().map(|&(_, b)| u128::from(b)).sum();
+        assert_eq!(u128::from(memory.total), parts, "{memory:?}");
+        assert!(memory.total <= memory.capacity, "{memory:?}");
+    }
 }
 
 /// Models that break the front end's rules but are still built go on to the planner
@@ -209,6 +270,26 @@ proptest! {
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
         check_text(String::from_utf8_lossy(&bytes).into_owned());
+    }
+}
+
+/// Every number of the tiny example at zero, at 2^63 - 1 and at the largest float a file
+/// writes in one (a capacity factor of 1e308 overflowed the planner's activation sum; the
+/// random mutations rarely land on such a number).
+#[test]
+fn every_number_of_an_example_at_the_extremes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(dir.join("examples/tiny.fmoe")).unwrap();
+    let toks = tokens(&text);
+    let numbers = toks
+        .iter()
+        .filter(|t| t.starts_with(|c: char| c.is_ascii_digit()))
+        .count();
+    assert!(numbers > 20);
+    for n in 0..numbers {
+        for extreme in ["0", "9223372036854775807", "1e308"] {
+            check_text(apply(toks.clone(), &[Mutation::Number(n, extreme)]));
+        }
     }
 }
 

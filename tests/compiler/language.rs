@@ -62,6 +62,27 @@ fn defaults_of_a_plan_only_file() {
     );
 }
 
+/// A step as large as an integer goes (2^63 - 1) selects the range's first layer: the
+/// next index overflowed (a panic in a debug build; in a release build it wrapped and
+/// selected layers 2^63 and 2^64 - 1).
+#[test]
+fn a_step_past_the_range_selects_its_first_layer() {
+    let c = check_ok(&format!(
+        "use std.gates.*\n{SMALL}
+    layers[1..depth step 9223372036854775807].ffn = moe(experts = 8, gate = gshard(), expert = mlp(hidden = 96))
+}}
+"
+    ));
+    let moe: Vec<usize> = c
+        .model
+        .layers
+        .iter()
+        .filter(|l| matches!(l.ffn, Ffn::Moe(_)))
+        .map(|l| l.index)
+        .collect();
+    assert_eq!(moe, [1]);
+}
+
 #[test]
 fn selections_ranges_steps_lists_and_override() {
     let c = check_ok(&format!(

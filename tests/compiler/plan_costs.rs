@@ -805,3 +805,77 @@ fn megatron_core_pads_the_vocabulary_only_to_the_tensor_size() {
         (50_432 - 50_258) * 768 / 2
     );
 }
+
+/// A step's FLOPs pass 2^64 for real trainings (a 400B-parameter dense model on a batch of
+/// 16M tokens does 4·10^19); the plan counts them exactly instead of stopping at
+/// `u64::MAX`. Here GPT-2 small on 2^25 sequences of 1024 tokens on one GPU, micro-batch 8.
+#[test]
+fn step_flops_past_2_to_the_64_are_exact() {
+    let model = gpt("gpt2", 50257, 768, 12, 12, true);
+    let per_token = fmoec::graph::lower(&model, 1024).flops_per_token();
+    let plan_of = |sequences: u64| {
+        let c = checked(
+            model.clone(),
+            parallel(1, 1, 1, ExpertGroup::AcrossData),
+            Some(train(sequences, 1024, Precision::Bf16)),
+        );
+        let o = Overrides {
+            micro_batch: Some(8),
+            ..Overrides::default()
+        };
+        plan::build_with(&c, &o).unwrap()
+    };
+    let p = plan_of(1 << 25);
+    let tokens = (1u128 << 25) * 1024;
+    let expected = u128::from(per_token) * tokens;
+    assert!(expected > u128::from(u64::MAX));
+    assert_eq!(p.time.model_flops_per_step, expected);
+    // The rank's FLOPs (its padded vocabulary included): one micro-batch's, 2^22 times.
+    let one_micro_batch = plan_of(8).stages[0].cost.flops_per_step;
+    assert_eq!(p.stages[0].cost.flops_per_step, one_micro_batch << 22);
+    let json = plan::render::json(&p);
+    assert!(json.contains(&format!("\"model_flops_per_step\": {expected}")));
+}
+
+/// A capacity factor beyond `experts / top_k` grants each expert more rows than a
+/// micro-batch has tokens (a token reaches an expert at most once): the dispatched rows stop
+/// at `experts · sb`, so any larger factor, up to the largest float a file can write, costs
+/// what `experts / top_k` costs (it overflowed the activation sum before), in both memory
+/// models of Megatron.
+#[test]
+fn capacity_beyond_experts_over_top_k_costs_every_row_once() {
+    let train_batch = || train(256, 1024, Precision::Bf16);
+    let with_capacity = |train: f64| {
+        let mut m = gpt_moe_small();
+        for l in &mut m.layers {
+            if let Ffn::Moe(moe) = &mut l.ffn {
+                moe.gate.capacity.as_mut().unwrap().train = train;
+            }
+        }
+        checked(
+            m,
+            parallel(16, 2, 1, ExpertGroup::AcrossData),
+            Some(train_batch()),
+        )
+    };
+    let o = Overrides {
+        micro_batch: Some(2),
+        ..Overrides::default()
+    };
+    let activations = |c: &fmoec::check::Checked, core: bool| {
+        let p = if core {
+            plan::build_for(c, &o, &core_rules()).unwrap()
+        } else {
+            plan::build_with(c, &o).unwrap()
+        };
+        p.stages[0].cost.memory.activations_per_micro_batch
+    };
+    for core in [false, true] {
+        // 32 experts, top-2: a factor of 16 already lets every token reach every expert.
+        let whole = activations(&with_capacity(16.0), core);
+        assert!(activations(&with_capacity(8.0), core) < whole);
+        for huge in [16.5, 1e9, 1e308, f64::MAX] {
+            assert_eq!(activations(&with_capacity(huge), core), whole, "{huge}");
+        }
+    }
+}

@@ -200,6 +200,19 @@ fn absurd_sizes_are_diagnosed_not_overflowed() {
     assert!(r.feasible.is_empty());
 }
 
+/// `fmoec plan --auto --world N` with N past the planner's limit of GPUs is refused with
+/// P0012 at once: the search used to enumerate the divisors of N first, which for 2^64 - 1
+/// never ended (and took minutes for any N near 2^63).
+#[test]
+fn auto_refuses_a_world_past_the_limit_without_enumerating_it() {
+    for world in [plan::limits::GPUS + 1, 1 << 62, u64::MAX] {
+        let r = plan::search::search(&moe16(), Some(world));
+        assert!(r.feasible.is_empty());
+        assert!(!r.rejected.is_empty());
+        assert!(r.rejected.iter().all(|x| x.code == "P0012"), "{world}");
+    }
+}
+
 #[test]
 fn warnings_for_plans_that_work_but_waste_time() {
     // Tensor 16 on hosts of 8 GPUs; one micro-batch for 4 stages.
