@@ -963,53 +963,89 @@ impl<'a> Trainer<'a> {
     /// Ends the run: the checkpoint of the last step (unless it exists), the plot, the
     /// summary (`summary.json`, and on stdout). `stopped_by`: the signal that ended it early.
     pub fn finish(mut self, stopped_by: Option<i32>) -> Result<RunSummary> {
-        if self.step > self.start_step || self.opts.resume.is_none() {
-            let dir = self
-                .opts
-                .checkpoints
-                .join(checkpoint::step_dir_name(self.step));
-            // Every rank must take the same branch: rank 0's view of the folder decides.
-            let mut exists = dir.exists();
-            if let Some(c) = self.ctx {
-                let seen = f64::from(u8::from(exists && c.rank() == 0));
-                exists = sum_over_world(c, &[seen], "final checkpoint")?[0] > 0.0;
-            }
-            if !exists {
-                self.save()?;
-            }
-        }
+        self.save_final_checkpoint()?;
         self.progress.finish();
-        let step = self.step;
         if let (Some(signal), true) = (stopped_by, self.main) {
-            crate::errln!(
-                "stopped by {}: saved step {step} to `{}`; continue with --resume",
-                stop::name(signal),
-                self.last_checkpoint
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            );
+            self.say_stopped(signal);
         }
         let seconds = self.started.elapsed().as_secs_f64();
-        let done = step - self.start_step;
-        let metrics_path = self.opts.out.join("metrics.jsonl");
+        let plot = if self.main { self.draw_plot() } else { None };
+        let summary = self.summary(stopped_by, seconds, plot)?;
+        if self.main {
+            self.write_summary(&summary)?;
+        }
+        Ok(summary)
+    }
+
+    /// Saves the last step's checkpoint unless the folder holds it already (rank 0's view
+    /// decides for every rank, so that all take the same branch) or this run resumed and
+    /// took no step.
+    fn save_final_checkpoint(&mut self) -> Result<()> {
+        let resumed_without_a_step = self.opts.resume.is_some() && self.step <= self.start_step;
+        if resumed_without_a_step {
+            return Ok(());
+        }
+        let dir = self
+            .opts
+            .checkpoints
+            .join(checkpoint::step_dir_name(self.step));
+        let mut exists = dir.exists();
+        if let Some(c) = self.ctx {
+            let seen = f64::from(u8::from(exists && c.rank() == 0));
+            exists = sum_over_world(c, &[seen], "final checkpoint")?[0] > 0.0;
+        }
+        if !exists {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Tells the user (rank 0) which signal stopped the run, where its last step was saved
+    /// and how to continue.
+    fn say_stopped(&self, signal: i32) {
+        crate::errln!(
+            "stopped by {}: saved step {} to `{}`; continue with --resume",
+            stop::name(signal),
+            self.step,
+            self.last_checkpoint
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+    }
+
+    /// `metrics.jsonl` in the output folder.
+    fn metrics_path(&self) -> PathBuf {
+        self.opts.out.join("metrics.jsonl")
+    }
+
+    /// Draws the loss curve of `metrics.jsonl` into `plot.png` (rank 0); a failure is a
+    /// warning, since the run itself is complete. The plot's path where it was drawn.
+    fn draw_plot(&self) -> Option<PathBuf> {
         let plot_path = self.opts.out.join("plot.png");
-        let plot = if self.main {
-            let history = read_metrics(&metrics_path);
-            match plot::draw(&history, &plot_path) {
-                Ok(()) => Some(plot_path),
-                Err(e) => {
-                    crate::errln!("warning: could not draw `{}`: {e:#}", plot_path.display());
-                    None
-                }
+        let history = read_metrics(&self.metrics_path());
+        match plot::draw(&history, &plot_path) {
+            Ok(()) => Some(plot_path),
+            Err(e) => {
+                crate::errln!("warning: could not draw `{}`: {e:#}", plot_path.display());
+                None
             }
-        } else {
-            None
-        };
+        }
+    }
+
+    /// The run's summary, `seconds` after it started; every rank takes part in counting the
+    /// parameters. Takes the trainer's losses, last checkpoint and GPU sampler.
+    fn summary(
+        &mut self,
+        stopped_by: Option<i32>,
+        seconds: f64,
+        plot: Option<PathBuf>,
+    ) -> Result<RunSummary> {
         let (parameters, device_name) = self.parameters_and_device()?;
         let gpu = self.gpu.take().and_then(|s| s.finish());
         let train = self.train;
-        let summary = RunSummary {
+        let done = self.step - self.start_step;
+        Ok(RunSummary {
             model: self.checked.model.name.clone(),
             parameters,
             data: self.data.description.clone(),
@@ -1032,21 +1068,24 @@ impl<'a> Trainer<'a> {
             interrupted: stopped_by.is_some(),
             signal: stopped_by,
             checkpoint: self.last_checkpoint.take(),
-            metrics: metrics_path,
+            metrics: self.metrics_path(),
             plot,
             losses: std::mem::take(&mut self.losses),
             gpu,
-        };
-        if self.main {
-            std::fs::write(
-                self.opts.out.join("summary.json"),
-                serde_json::to_string_pretty(&summary)?,
-            )?;
-            if self.opts.print_summary {
-                print_summary(&summary);
-            }
+        })
+    }
+
+    /// Writes `summary.json` into the output folder and, unless asked not to, prints the
+    /// summary (rank 0).
+    fn write_summary(&self, summary: &RunSummary) -> Result<()> {
+        std::fs::write(
+            self.opts.out.join("summary.json"),
+            serde_json::to_string_pretty(summary)?,
+        )?;
+        if self.opts.print_summary {
+            print_summary(summary);
         }
-        Ok(summary)
+        Ok(())
     }
 
     /// The model's parameter count (with several ranks: experts counted once over the expert
