@@ -401,10 +401,9 @@ impl Gate {
     fn route_noisy(&self, x: &Tensor, noise: Option<&Tensor>) -> Result<Routing> {
         let (gk, k, e) = (gate_kind(x), self.top_k, self.experts);
         let clean = self.logits(x)?;
-        let noise_w = self
-            .noise
-            .as_ref()
-            .expect("noisy gate has a noise projection");
+        let Some(noise_w) = self.noise.as_ref() else {
+            bail!("internal error: a noisy gate without its noise projection");
+        };
         let raw_std = x
             .f_matmul(&cast::compute(noise_w, x.kind())?)?
             .f_to_kind(gk)?;

@@ -438,6 +438,29 @@ fn routing_with_the_keys_draws_given_is_routing_with_the_key() {
     }
 }
 
+/// A noisy gate that lost its noise projection (the runtime builds none such) is an internal
+/// error from routing, not a panic.
+#[test]
+fn a_noisy_gate_without_its_noise_projection_is_an_internal_error() {
+    let _rng = rng_lock();
+    let decl = moe_decl(GateKind::Noisy, 4, 2, None, Activation::Gelu);
+    let (_s, mut l) = layer(&decl, 8, Kind::Float, false, 5);
+    l.gate.noise = None;
+    let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
+    for train in [false, true] {
+        let err = l
+            .gate
+            .route(&x, train, None)
+            .err()
+            .map(|e| format!("{e:#}"));
+        assert_eq!(
+            err.as_deref(),
+            Some("internal error: a noisy gate without its noise projection"),
+            "train {train}"
+        );
+    }
+}
+
 /// The grouped-matmul path and the per-expert loop give the same output and gradients, also
 /// with dropped slots and expert biases (rows past the last group must not leak anywhere).
 #[test]
