@@ -156,6 +156,17 @@ pub struct Gate {
     pub noise: Option<Tensor>,
 }
 
+/// The random draws a gate's routing takes in training ([`Gate::draws`] makes them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RandomDraws {
+    /// The noisy gate's standard normal noise, `[T, E]`.
+    Noise,
+    /// GShard's uniform random-routing draws, `[T]`.
+    RandomRouting,
+    /// Switch's uniform jitter draws, `x`'s shape and dtype.
+    Jitter,
+}
+
 /// Noisy top-k's floor on the noise standard deviation (FastMoE: `noise_epsilon`).
 const NOISE_EPSILON: f64 = 1e-2;
 
@@ -283,8 +294,7 @@ impl Gate {
 
     /// Whether routing may drop slots (`-1`): a capacity, or GShard's random routing.
     pub fn may_drop(&self, train: bool) -> bool {
-        self.capacity.is_some()
-            || (train && self.kind == GateKind::Gshard && self.random_routing && self.top_k >= 2)
+        self.capacity.is_some() || self.random_draws(train) == Some(RandomDraws::RandomRouting)
     }
 
     /// Per-expert capacity for `tokens` tokens, or `None` when this gate (or mode) has none.
@@ -318,21 +328,33 @@ impl Gate {
     /// `[T, d]` (in `x`'s dtype). Keyed as in [`Gate::route`]. A test gives the same draws to
     /// other implementations of the gate ([`Gate::route_with_draws`]).
     pub fn draws(&self, x: &Tensor, train: bool, key: Option<&Tensor>) -> Result<Option<Tensor>> {
-        if !train {
+        let Some(draws) = self.random_draws(train) else {
             return Ok(None);
-        }
+        };
         let (t, _d) = x.size2()?;
         let gk = gate_kind(x);
-        Ok(match self.kind {
-            GateKind::Noisy => Some(normal(key, &[t, self.experts], (gk, x.device()))?),
+        Ok(Some(match draws {
+            RandomDraws::Noise => normal(key, &[t, self.experts], (gk, x.device()))?,
+            RandomDraws::RandomRouting => uniform(key, &[t], (gk, x.device()))?,
+            RandomDraws::Jitter => uniform(key, &x.size(), (x.kind(), x.device()))?,
+        }))
+    }
+
+    /// The one rule for which random draws this gate's routing takes: only in training, and
+    /// there the noisy gate's noise always, GShard's random routing when it is on with
+    /// `top_k >= 2`, Switch's jitter when `jitter > 0`; `None` where it takes none.
+    fn random_draws(&self, train: bool) -> Option<RandomDraws> {
+        if !train {
+            return None;
+        }
+        match self.kind {
+            GateKind::Noisy => Some(RandomDraws::Noise),
             GateKind::Gshard if self.random_routing && self.top_k >= 2 => {
-                Some(uniform(key, &[t], (gk, x.device()))?)
+                Some(RandomDraws::RandomRouting)
             }
-            GateKind::Switch if self.jitter > 0.0 => {
-                Some(uniform(key, &x.size(), (x.kind(), x.device()))?)
-            }
-            _ => None,
-        })
+            GateKind::Switch if self.jitter > 0.0 => Some(RandomDraws::Jitter),
+            GateKind::Naive | GateKind::Gshard | GateKind::Switch | GateKind::Swipe => None,
+        }
     }
 
     /// [`Gate::route`] with the given draws (as [`Gate::draws`] makes them).
@@ -353,21 +375,14 @@ impl Gate {
         }
     }
 
-    /// The draws this routing takes (in training, where the gate has randomness), refusing
-    /// to route without them; `None` where it takes none.
+    /// The draws this routing takes (where [`Gate::random_draws`] says it takes some),
+    /// refusing to route without them; `None` where it takes none.
     fn draws_taken<'d>(
         &self,
         train: bool,
         draws: Option<&'d Tensor>,
     ) -> Result<Option<&'d Tensor>> {
-        let needs_draws = train
-            && match self.kind {
-                GateKind::Noisy => true,
-                GateKind::Gshard => self.random_routing && self.top_k >= 2,
-                GateKind::Switch => self.jitter > 0.0,
-                GateKind::Naive | GateKind::Swipe => false,
-            };
-        Ok(match (needs_draws, draws) {
+        Ok(match (self.random_draws(train).is_some(), draws) {
             (true, Some(d)) => Some(d),
             (true, None) => bail!("internal error: the {:?} gate routes with draws", self.kind),
             (false, _) => None,
@@ -401,10 +416,9 @@ impl Gate {
     fn route_noisy(&self, x: &Tensor, noise: Option<&Tensor>) -> Result<Routing> {
         let (gk, k, e) = (gate_kind(x), self.top_k, self.experts);
         let clean = self.logits(x)?;
-        let noise_w = self
-            .noise
-            .as_ref()
-            .expect("noisy gate has a noise projection");
+        let Some(noise_w) = self.noise.as_ref() else {
+            bail!("internal error: a noisy gate without its noise projection");
+        };
         let raw_std = x
             .f_matmul(&cast::compute(noise_w, x.kind())?)?
             .f_to_kind(gk)?;

@@ -102,6 +102,55 @@ struct Reduced {
     telemetry: Vec<(usize, Accum)>,
 }
 
+impl Reduced {
+    /// The step's figures, with its summed `[lm, balance]` losses averaged over the global
+    /// batch's `micro_batches`.
+    fn over_global_batch(
+        micro_batches: u64,
+        grad_norm: f64,
+        [lm, balance]: [f64; 2],
+        telemetry: Vec<(usize, Accum)>,
+    ) -> Reduced {
+        let micro_batches = micro_batches as f64;
+        Reduced {
+            grad_norm,
+            loss: lm / micro_batches,
+            balance: balance / micro_batches,
+            telemetry,
+        }
+    }
+}
+
+/// Every parameter's tensor (the reductions act on its `.grad`) as the collectives take
+/// them: with its kind, with how tensor parallelism splits it, or with both.
+struct GradientViews<'t> {
+    by_kind: Vec<(ParamKind, &'t Tensor)>,
+    by_split: Vec<(TensorSplit, &'t Tensor)>,
+    with_split: Vec<(ParamKind, TensorSplit, &'t Tensor)>,
+}
+
+impl<'t> GradientViews<'t> {
+    fn of(kinds: &[ParamKind], splits: &[TensorSplit], params: &'t [Param]) -> GradientViews<'t> {
+        let by_kind = kinds
+            .iter()
+            .zip(params)
+            .map(|(k, p)| (*k, &p.tensor))
+            .collect();
+        let with_split: Vec<(ParamKind, TensorSplit, &Tensor)> = kinds
+            .iter()
+            .zip(splits)
+            .zip(params)
+            .map(|((k, s), p)| (*k, *s, &p.tensor))
+            .collect();
+        let by_split = with_split.iter().map(|&(_, s, t)| (s, t)).collect();
+        GradientViews {
+            by_kind,
+            by_split,
+            with_split,
+        }
+    }
+}
+
 /// The training loop of one run in this process; see the module docs for its phases.
 pub struct Trainer<'a> {
     checked: &'a Checked,
@@ -606,95 +655,119 @@ impl<'a> Trainer<'a> {
     /// Reduces the step's gradients by kind over the ranks (none alone), clips them by the
     /// global norm, and averages the losses and telemetry over the global batch.
     fn reduce_and_clip(&mut self, sums: StepSums) -> Result<Reduced> {
-        let micro_batches = self.micro_batches as f64;
+        let Some(c) = self.ctx else {
+            return self.clip_alone(sums);
+        };
+        let at = format!("step {}", self.step + 1);
+        let grads = GradientViews::of(&self.kinds, &self.splits, &self.model.store.params);
+        self.reduce_over_groups(c, &grads, &at)?;
+        let grad_norm = self.clip_over_groups(c, &grads, &at)?;
+        self.reduce_figures(c, sums, grad_norm, &at)
+    }
+
+    /// [`Trainer::reduce_and_clip`] alone on a device: nothing to reduce, the gradients
+    /// clipped by their norm.
+    fn clip_alone(&mut self, sums: StepSums) -> Result<Reduced> {
+        let norm = match self.train.clip_grad {
+            Some(max) => optim::clip_grad_norm(&mut self.model.store, max)?,
+            None => optim::global_grad_norm(&self.model.store)?,
+        };
+        let grad_norm = norm.f_double_value(&[])?;
+        let losses = [
+            sums.lm.f_double_value(&[])?,
+            sums.balance.f_double_value(&[])?,
+        ];
+        Ok(Reduced::over_global_batch(
+            self.micro_batches,
+            grad_norm,
+            losses,
+            sums.telemetry,
+        ))
+    }
+
+    /// Reduces every gradient over the groups that share its parameter: the partial
+    /// gradients of tensor-split parameters summed over the tensor group, each kind over its
+    /// groups ([`reduce_gradients`]), and on a pipeline the tied embedding's over its two
+    /// stages. Every rank calls the same collectives in this order.
+    fn reduce_over_groups(&self, c: &RankContext, grads: &GradientViews, at: &str) -> Result<()> {
+        if self.tensor > 1 {
+            sum_partial_gradients(c.groups.tensor(), &grads.by_split, at)?;
+        }
+        reduce_gradients(&c.groups, &grads.by_kind, at)?;
+        if c.stages() > 1 {
+            self.sum_tied_embedding_gradients(c, at)?;
+        }
+        Ok(())
+    }
+
+    /// The first and the last stage each hold the tied embedding: its whole gradient is the
+    /// sum of theirs (Megatron-LM's embedding group). Only those two stages take part.
+    fn sum_tied_embedding_gradients(&self, c: &RankContext, at: &str) -> Result<()> {
+        let part = &self.model.part;
+        if !(self.checked.model.tied_embeddings && (part.embedding || part.head)) {
+            return Ok(());
+        }
+        let tied: Vec<&Tensor> = self
+            .model
+            .store
+            .params
+            .iter()
+            .filter(|p| p.name == TIED_EMBEDDING)
+            .map(|p| &p.tensor)
+            .collect();
+        sum_tied_gradients(c.groups.embedding(), &tied, at)?;
+        Ok(())
+    }
+
+    /// Clips the reduced gradients by their global norm over the whole model (summed over
+    /// the tensor group's shards and, on a pipeline, over the stages with a tied embedding's
+    /// copy counted once); the norm before clipping.
+    fn clip_over_groups(&self, c: &RankContext, grads: &GradientViews, at: &str) -> Result<f64> {
+        let clip = self.train.clip_grad;
+        let tensor_group = c.groups.tensor();
+        let norm = if c.stages() > 1 {
+            clip_global_norm_pipeline(
+                &c.groups,
+                tensor_group,
+                &grads.with_split,
+                &self.counted,
+                clip,
+                at,
+            )?
+        } else if self.tensor > 1 {
+            clip_global_norm_tensor_parallel(&c.groups, tensor_group, &grads.with_split, clip, at)?
+        } else {
+            clip_global_norm(&c.groups, &grads.by_kind, clip, at)?
+        };
+        Ok(norm.total)
+    }
+
+    /// The step's losses summed over the data ranks and the stages, and its telemetry
+    /// reduced over the ranks, both averaged over the global batch.
+    fn reduce_figures(
+        &self,
+        c: &RankContext,
+        sums: StepSums,
+        grad_norm: f64,
+        at: &str,
+    ) -> Result<Reduced> {
         let StepSums {
             lm,
             balance,
             mut telemetry,
         } = sums;
-        let Some(c) = self.ctx else {
-            let norm = match self.train.clip_grad {
-                Some(max) => optim::clip_grad_norm(&mut self.model.store, max)?,
-                None => optim::global_grad_norm(&self.model.store)?,
-            };
-            return Ok(Reduced {
-                grad_norm: norm.f_double_value(&[])?,
-                loss: lm.f_double_value(&[])? / micro_batches,
-                balance: balance.f_double_value(&[])? / micro_batches,
-                telemetry,
-            });
-        };
-        let at = format!("step {}", self.step + 1);
-        // every parameter with its kind, and with how tensor parallelism splits it
-        let tensors = &self.model.store.params;
-        let params: Vec<(ParamKind, &Tensor)> = self
-            .kinds
-            .iter()
-            .zip(tensors)
-            .map(|(k, p)| (*k, &p.tensor))
-            .collect();
-        let with_split: Vec<(ParamKind, TensorSplit, &Tensor)> = self
-            .kinds
-            .iter()
-            .zip(&self.splits)
-            .zip(tensors)
-            .map(|((k, s), p)| (*k, *s, &p.tensor))
-            .collect();
-        let partial: Vec<(TensorSplit, &Tensor)> =
-            with_split.iter().map(|&(_, s, t)| (s, t)).collect();
-        let norm = if c.stages() > 1 {
-            if self.tensor > 1 {
-                sum_partial_gradients(c.groups.tensor(), &partial, &at)?;
-            }
-            reduce_gradients(&c.groups, &params, &at)?;
-            // The first and the last stage each hold the tied embedding: its whole gradient
-            // is the sum of theirs (Megatron-LM's embedding group).
-            let part = &self.model.part;
-            if self.checked.model.tied_embeddings && (part.embedding || part.head) {
-                let tied: Vec<&Tensor> = self
-                    .model
-                    .store
-                    .params
-                    .iter()
-                    .filter(|p| p.name == TIED_EMBEDDING)
-                    .map(|p| &p.tensor)
-                    .collect();
-                sum_tied_gradients(c.groups.embedding(), &tied, &at)?;
-            }
-            clip_global_norm_pipeline(
-                &c.groups,
-                c.groups.tensor(),
-                &with_split,
-                &self.counted,
-                self.train.clip_grad,
-                &at,
-            )?
-        } else if self.tensor > 1 {
-            sum_partial_gradients(c.groups.tensor(), &partial, &at)?;
-            reduce_gradients(&c.groups, &params, &at)?;
-            clip_global_norm_tensor_parallel(
-                &c.groups,
-                c.groups.tensor(),
-                &with_split,
-                self.train.clip_grad,
-                &at,
-            )?
-        } else {
-            reduce_gradients(&c.groups, &params, &at)?;
-            clip_global_norm(&c.groups, &params, self.train.clip_grad, &at)?
-        };
-        let sums = sum_over_data_and_stages(
+        let losses = sum_over_data_and_stages(
             c,
             &[lm.f_double_value(&[])?, balance.f_double_value(&[])?],
             &format!("{at}, loss"),
         )?;
-        reduce_telemetry(&self.checked.model, c, &mut telemetry, &at)?;
-        Ok(Reduced {
-            grad_norm: norm.total,
-            loss: sums[0] / micro_batches,
-            balance: sums[1] / micro_batches,
+        reduce_telemetry(&self.checked.model, c, &mut telemetry, at)?;
+        Ok(Reduced::over_global_batch(
+            self.micro_batches,
+            grad_norm,
+            [losses[0], losses[1]],
             telemetry,
-        })
+        ))
     }
 
     /// Whether the step just completed is an evaluation step (every `eval.every`, and the
@@ -890,53 +963,89 @@ impl<'a> Trainer<'a> {
     /// Ends the run: the checkpoint of the last step (unless it exists), the plot, the
     /// summary (`summary.json`, and on stdout). `stopped_by`: the signal that ended it early.
     pub fn finish(mut self, stopped_by: Option<i32>) -> Result<RunSummary> {
-        if self.step > self.start_step || self.opts.resume.is_none() {
-            let dir = self
-                .opts
-                .checkpoints
-                .join(checkpoint::step_dir_name(self.step));
-            // Every rank must take the same branch: rank 0's view of the folder decides.
-            let mut exists = dir.exists();
-            if let Some(c) = self.ctx {
-                let seen = f64::from(u8::from(exists && c.rank() == 0));
-                exists = sum_over_world(c, &[seen], "final checkpoint")?[0] > 0.0;
-            }
-            if !exists {
-                self.save()?;
-            }
-        }
+        self.save_final_checkpoint()?;
         self.progress.finish();
-        let step = self.step;
         if let (Some(signal), true) = (stopped_by, self.main) {
-            crate::errln!(
-                "stopped by {}: saved step {step} to `{}`; continue with --resume",
-                stop::name(signal),
-                self.last_checkpoint
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            );
+            self.say_stopped(signal);
         }
         let seconds = self.started.elapsed().as_secs_f64();
-        let done = step - self.start_step;
-        let metrics_path = self.opts.out.join("metrics.jsonl");
+        let plot = if self.main { self.draw_plot() } else { None };
+        let summary = self.summary(stopped_by, seconds, plot)?;
+        if self.main {
+            self.write_summary(&summary)?;
+        }
+        Ok(summary)
+    }
+
+    /// Saves the last step's checkpoint unless the folder holds it already (rank 0's view
+    /// decides for every rank, so that all take the same branch) or this run resumed and
+    /// took no step.
+    fn save_final_checkpoint(&mut self) -> Result<()> {
+        let resumed_without_a_step = self.opts.resume.is_some() && self.step <= self.start_step;
+        if resumed_without_a_step {
+            return Ok(());
+        }
+        let dir = self
+            .opts
+            .checkpoints
+            .join(checkpoint::step_dir_name(self.step));
+        let mut exists = dir.exists();
+        if let Some(c) = self.ctx {
+            let seen = f64::from(u8::from(exists && c.rank() == 0));
+            exists = sum_over_world(c, &[seen], "final checkpoint")?[0] > 0.0;
+        }
+        if !exists {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Tells the user (rank 0) which signal stopped the run, where its last step was saved
+    /// and how to continue.
+    fn say_stopped(&self, signal: i32) {
+        crate::errln!(
+            "stopped by {}: saved step {} to `{}`; continue with --resume",
+            stop::name(signal),
+            self.step,
+            self.last_checkpoint
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+    }
+
+    /// `metrics.jsonl` in the output folder.
+    fn metrics_path(&self) -> PathBuf {
+        self.opts.out.join("metrics.jsonl")
+    }
+
+    /// Draws the loss curve of `metrics.jsonl` into `plot.png` (rank 0); a failure is a
+    /// warning, since the run itself is complete. The plot's path where it was drawn.
+    fn draw_plot(&self) -> Option<PathBuf> {
         let plot_path = self.opts.out.join("plot.png");
-        let plot = if self.main {
-            let history = read_metrics(&metrics_path);
-            match plot::draw(&history, &plot_path) {
-                Ok(()) => Some(plot_path),
-                Err(e) => {
-                    crate::errln!("warning: could not draw `{}`: {e:#}", plot_path.display());
-                    None
-                }
+        let history = read_metrics(&self.metrics_path());
+        match plot::draw(&history, &plot_path) {
+            Ok(()) => Some(plot_path),
+            Err(e) => {
+                crate::errln!("warning: could not draw `{}`: {e:#}", plot_path.display());
+                None
             }
-        } else {
-            None
-        };
+        }
+    }
+
+    /// The run's summary, `seconds` after it started; every rank takes part in counting the
+    /// parameters. Takes the trainer's losses, last checkpoint and GPU sampler.
+    fn summary(
+        &mut self,
+        stopped_by: Option<i32>,
+        seconds: f64,
+        plot: Option<PathBuf>,
+    ) -> Result<RunSummary> {
         let (parameters, device_name) = self.parameters_and_device()?;
         let gpu = self.gpu.take().and_then(|s| s.finish());
         let train = self.train;
-        let summary = RunSummary {
+        let done = self.step - self.start_step;
+        Ok(RunSummary {
             model: self.checked.model.name.clone(),
             parameters,
             data: self.data.description.clone(),
@@ -959,21 +1068,24 @@ impl<'a> Trainer<'a> {
             interrupted: stopped_by.is_some(),
             signal: stopped_by,
             checkpoint: self.last_checkpoint.take(),
-            metrics: metrics_path,
+            metrics: self.metrics_path(),
             plot,
             losses: std::mem::take(&mut self.losses),
             gpu,
-        };
-        if self.main {
-            std::fs::write(
-                self.opts.out.join("summary.json"),
-                serde_json::to_string_pretty(&summary)?,
-            )?;
-            if self.opts.print_summary {
-                print_summary(&summary);
-            }
+        })
+    }
+
+    /// Writes `summary.json` into the output folder and, unless asked not to, prints the
+    /// summary (rank 0).
+    fn write_summary(&self, summary: &RunSummary) -> Result<()> {
+        std::fs::write(
+            self.opts.out.join("summary.json"),
+            serde_json::to_string_pretty(summary)?,
+        )?;
+        if self.opts.print_summary {
+            print_summary(summary);
         }
-        Ok(summary)
+        Ok(())
     }
 
     /// The model's parameter count (with several ranks: experts counted once over the expert

@@ -438,6 +438,87 @@ fn routing_with_the_keys_draws_given_is_routing_with_the_key() {
     }
 }
 
+/// [`Gate::draws`] and [`Gate::route_with_draws`] follow one rule for when a gate takes
+/// random draws: where `draws` makes none, routing takes none (and routes without them);
+/// where it makes some, routing refuses to go on without them. Every gate, with its random
+/// options on and off, in training and in evaluation.
+#[test]
+fn a_gate_routes_with_draws_exactly_where_it_makes_them() {
+    let _rng = rng_lock();
+    let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
+    let key = Tensor::from_slice(&moe::draw_key_words(7));
+    let kinds = [
+        GateKind::Naive,
+        GateKind::Noisy,
+        GateKind::Gshard,
+        GateKind::Switch,
+        GateKind::Swipe,
+    ];
+    let mut drawing = Vec::new();
+    for kind in kinds {
+        for top_k in [1, 2] {
+            for random_on in [false, true] {
+                let mut decl = moe_decl(kind, 4, top_k, None, Activation::Gelu);
+                decl.gate.jitter = if random_on && kind == GateKind::Switch {
+                    0.1
+                } else {
+                    0.0
+                };
+                decl.gate.random_routing = random_on && kind == GateKind::Gshard;
+                let (_s, l) = layer(&decl, 8, Kind::Float, false, 5);
+                for train in [false, true] {
+                    let case =
+                        format!("{kind:?}, top_k {top_k}, random {random_on}, train {train}");
+                    let draws = l.gate.draws(&x, train, Some(&key)).unwrap();
+                    let without = l.gate.route_with_draws(&x, train, None);
+                    assert_eq!(draws.is_some(), without.is_err(), "{case}");
+                    if let Some(d) = &draws {
+                        l.gate.route_with_draws(&x, train, Some(d)).unwrap();
+                        drawing.push(case);
+                    }
+                }
+            }
+        }
+    }
+    // the gates that draw: noisy always in training, GShard's random routing with top-2,
+    // Switch's jitter
+    assert_eq!(
+        drawing,
+        [
+            "Noisy, top_k 1, random false, train true",
+            "Noisy, top_k 1, random true, train true",
+            "Noisy, top_k 2, random false, train true",
+            "Noisy, top_k 2, random true, train true",
+            "Gshard, top_k 2, random true, train true",
+            "Switch, top_k 1, random true, train true",
+            "Switch, top_k 2, random true, train true",
+        ]
+    );
+}
+
+/// A noisy gate that lost its noise projection (the runtime builds none such) is an internal
+/// error from routing, not a panic.
+#[test]
+fn a_noisy_gate_without_its_noise_projection_is_an_internal_error() {
+    let _rng = rng_lock();
+    let decl = moe_decl(GateKind::Noisy, 4, 2, None, Activation::Gelu);
+    let (_s, mut l) = layer(&decl, 8, Kind::Float, false, 5);
+    l.gate.noise = None;
+    let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
+    for train in [false, true] {
+        let err = l
+            .gate
+            .route(&x, train, None)
+            .err()
+            .map(|e| format!("{e:#}"));
+        assert_eq!(
+            err.as_deref(),
+            Some("internal error: a noisy gate without its noise projection"),
+            "train {train}"
+        );
+    }
+}
+
 /// The grouped-matmul path and the per-expert loop give the same output and gradients, also
 /// with dropped slots and expert biases (rows past the last group must not leak anywhere).
 #[test]
