@@ -238,6 +238,7 @@ pub fn spawn_local(
         for (key, value) in &launch.env {
             command.env(key, value);
         }
+        receive_stop_signals(&mut command);
         match command.spawn() {
             Ok(mut child) => {
                 if let Some(out) = child.stdout.take() {
@@ -353,6 +354,27 @@ fn supervise(
         first_rank: 0,
     })
 }
+
+/// Lets a rank receive the stop signals the launcher passes on, however the launcher was
+/// started: a launcher started in the background by a script (`fmoec run ... &`, `nohup`)
+/// has SIGINT ignored, its children inherit that, and a shell cannot trap a signal ignored on
+/// entry, so such a rank would never stop as asked.
+#[cfg(unix)]
+fn receive_stop_signals(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and calls only signal(2),
+    // which is async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(unix))]
+fn receive_stop_signals(_: &mut Command) {}
 
 /// Whether a rank's status says it failed only after another rank did.
 fn followed_another(status: ExitStatus) -> bool {
