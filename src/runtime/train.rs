@@ -276,7 +276,8 @@ fn agree_on_out(ctx: &RankContext, out: &Path) -> Result<()> {
         .collect();
     if rank == 0 {
         let _ = std::fs::remove_file(&mark);
-        if created && !ranks.is_empty() {
+        // made only for the mark: the trainer makes it again once every check has passed
+        if created {
             let _ = std::fs::remove_dir(out);
         }
     }
