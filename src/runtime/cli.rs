@@ -844,15 +844,11 @@ fn interruption(summary: &RunSummary) -> Option<String> {
     if !summary.interrupted {
         return None;
     }
-    let by = summary.signal.map_or("a stop request".into(), stop::name);
-    let step = summary.start_step + summary.steps_done;
-    Some(match &summary.checkpoint {
-        Some(saved) => format!(
-            "stopped by {by}: saved step {step} to `{}`; continue with --resume",
-            saved.display()
-        ),
-        None => format!("stopped by {by} after step {step}"),
-    })
+    Some(stop::stopped_text(
+        summary.signal,
+        summary.start_step + summary.steps_done,
+        summary.checkpoint.as_deref(),
+    ))
 }
 
 /// Whether a rank's error only follows another rank's (rank 0 gave up the rendezvous, a

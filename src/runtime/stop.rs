@@ -67,6 +67,19 @@ pub fn name(signal: i32) -> String {
     }
 }
 
+/// What a run says when a signal stopped it at `step` (`None`: a stop without a signal),
+/// with the checkpoint it saved there: the trainer's line, and the run's W0090 in JSON.
+pub fn stopped_text(signal: Option<i32>, step: u64, saved: Option<&std::path::Path>) -> String {
+    let by = signal.map_or("a stop request".into(), name);
+    match saved {
+        Some(saved) => format!(
+            "stopped by {by}: saved step {step} to `{}`; continue with --resume",
+            saved.display()
+        ),
+        None => format!("stopped by {by} after step {step}"),
+    }
+}
+
 /// The shell's exit status for a process stopped by `signal`: 128 + its number.
 pub fn exit_status(signal: i32) -> u8 {
     (128 + signal).clamp(0, 255) as u8

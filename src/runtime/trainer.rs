@@ -1004,13 +1004,8 @@ impl<'a> Trainer<'a> {
     /// and how to continue.
     fn say_stopped(&self, signal: i32) {
         crate::errln!(
-            "stopped by {}: saved step {} to `{}`; continue with --resume",
-            stop::name(signal),
-            self.step,
-            self.last_checkpoint
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
+            "{}",
+            stop::stopped_text(Some(signal), self.step, self.last_checkpoint.as_deref())
         );
     }
 
