@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Summarise Nsight Compute kernel durations of `fmoec run` (the CSV of
 `ncu --metrics gpu__time_duration.sum --csv --log-file F`, plain or .gz) for one micro-batch:
-the kernels between two consecutive launches of the LM head's log-softmax forward (one
-forward tail, one backward and the next forward), grouped by kernel family.
+the kernels between two consecutive launches of the LM loss's forward (the fused `xent_fwd`
+kernel, or libtorch's log-softmax before it: one forward tail, one backward and the next
+forward), grouped by kernel family.
 
 usage: ncu-summary.py NCU.csv[.gz] [--top N]
 """
@@ -42,9 +43,10 @@ def main():
         sys.exit(__doc__)
     top = int(sys.argv[sys.argv.index("--top") + 1]) if "--top" in sys.argv else 25
     rows = load(sys.argv[1])
-    marks = [i for i, (n, _) in enumerate(rows) if "SoftMaxForward" in n]
+    marks = [i for i, (n, _) in enumerate(rows) if n.startswith("xent_fwd")]
+    marks = marks or [i for i, (n, _) in enumerate(rows) if "SoftMaxForward" in n]
     if len(marks) < 2:
-        sys.exit(f"{len(rows)} kernels and {len(marks)} log-softmax launches: no whole micro-batch")
+        sys.exit(f"{len(rows)} kernels and {len(marks)} LM-loss launches: no whole micro-batch")
     window = rows[marks[0]:marks[1]]
     total = sum(t for _, t in window)
     mm = sum(t for n, t in window if re.search(r"nvjet|cutlass|gemm|sdpa|flash", n))
