@@ -332,6 +332,68 @@ fn json_diagnostics_are_one_array_every_time() {
     assert!(items.iter().any(|d| d["code"] == "E0201"), "{items:?}");
 }
 
+/// A model file that is not UTF-8 is refused with E0001 at its first bad byte (line and
+/// column of the text before it, the byte named), in both formats; not at line 0.
+#[test]
+fn a_file_that_is_not_utf8_is_refused_at_its_first_bad_byte() {
+    let dir = std::env::temp_dir().join(format!("fmoec-not-utf8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("latin1.fmoe");
+    // `é` in Latin-1 (0xE9) inside a doc comment on line 3, after `/// caf` (7 characters)
+    let mut bytes = b"use std.gates.gshard\nconst a = 1\n/// caf".to_vec();
+    bytes.push(0xE9);
+    bytes.extend_from_slice(b" au lait\nconst b = 2\n");
+    std::fs::write(&file, &bytes).unwrap();
+    let path = file.to_str().unwrap();
+
+    let human = fmoec(&["check", path]);
+    assert_eq!(human.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&human.stderr);
+    assert!(
+        stderr.contains("error[E0001]: cannot read")
+            && stderr
+                .contains("it is not UTF-8 text (byte 0xE9 at line 3, column 8, byte offset 40)")
+            && stderr.contains(&format!("{path}:3:8"))
+            && stderr.contains("/// caf\u{FFFD} au lait"),
+        "{stderr}"
+    );
+
+    let json = fmoec(&["check", "--diagnostics", "json", path]);
+    assert_eq!(json.status.code(), Some(2));
+    let items = json_diagnostics(&json);
+    assert_eq!(items.len(), 1, "{items:?}");
+    let primary = &items[0]["primary"];
+    assert_eq!(items[0]["code"], "E0001");
+    assert_eq!(primary["file"], path);
+    assert_eq!(
+        (&primary["line"], &primary["column"]),
+        (&3.into(), &8.into())
+    );
+    assert_eq!(
+        (&primary["start"], &primary["end"]),
+        (&40.into(), &40.into())
+    );
+    assert!(
+        primary["message"].as_str().unwrap().contains("byte 0xE9"),
+        "{items:?}"
+    );
+
+    // A file cut inside a character: the first byte of the unfinished one.
+    std::fs::write(&file, b"const a = 1\n// \xE2\x82").unwrap();
+    let cut = fmoec(&["check", "--diagnostics", "json", path]);
+    let items = json_diagnostics(&cut);
+    assert_eq!(items[0]["code"], "E0001");
+    assert_eq!(
+        (&items[0]["primary"]["line"], &items[0]["primary"]["column"]),
+        (&2.into(), &4.into())
+    );
+    assert!(
+        items[0]["message"].as_str().unwrap().contains("byte 0xE2"),
+        "{items:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Issue 14, item 5: one flag name for the diagnostics' format in every subcommand;
 /// `check --format` (its old name) says so instead of meaning something else.
 #[test]
