@@ -167,7 +167,7 @@ pub fn emit(
         patched_files: decl.patched_files.clone(),
         module_name: MODULE_NAME,
         fmoec_version: env!("CARGO_PKG_VERSION"),
-        source_name: opts.source_name.clone(),
+        source_name: view::one_line(&opts.source_name),
         model_name: checked.model.name.clone(),
         runtime,
         fastmoe,
