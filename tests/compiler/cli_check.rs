@@ -394,6 +394,56 @@ fn a_file_that_is_not_utf8_is_refused_at_its_first_bad_byte() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Rendered diagnostics reach stderr in few large writes, not one system call per piece
+/// that codespan prints (a file of 400,000 unused constants spent most of its 30 s `check`
+/// printing their warnings so). Seen from outside: stderr is a pipe no one reads yet, and once
+/// 32 KiB have gone into it the process has made only a handful of write calls
+/// (`/proc/PID/io`; before, thousands).
+#[cfg(target_os = "linux")]
+#[test]
+fn many_warnings_are_printed_in_few_writes() {
+    use std::process::Stdio;
+    let dir = std::env::temp_dir().join(format!("fmoec-many-warnings-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("unused.fmoe");
+    let mut text: String = (0..2000)
+        .map(|i| format!("const unused_{i} = {i}\n"))
+        .collect();
+    text += "model m {\n    vocab = 256; context = 8; width = 32; heads = 4; depth = 2\n    \
+             block = transformer(attention = causal(), ffn = mlp(hidden = 64))\n}\n";
+    std::fs::write(&file, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(["check", file.to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fmoec runs");
+    let io = format!("/proc/{}/io", child.id());
+    let field = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    let (written, writes) = loop {
+        let now = std::fs::read_to_string(&io).unwrap_or_default();
+        let (written, writes) = (field(&now, "wchar:"), field(&now, "syscw:"));
+        if written >= 32 << 10 || start.elapsed().as_secs() > 120 {
+            break (written, writes);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("warning[W0003]").count(), 2000);
+    assert!(written >= 32 << 10, "{written} bytes written");
+    assert!(writes < 100, "{writes} write calls for {written} bytes");
+}
+
 /// Issue 14, item 5: one flag name for the diagnostics' format in every subcommand;
 /// `check --format` (its old name) says so instead of meaning something else.
 #[test]
