@@ -412,7 +412,7 @@ fn many_warnings_are_printed_in_few_writes() {
     text += "model m {\n    vocab = 256; context = 8; width = 32; heads = 4; depth = 2\n    \
              block = transformer(attention = causal(), ffn = mlp(hidden = 64))\n}\n";
     std::fs::write(&file, text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+    let child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
         .args(["check", file.to_str().unwrap()])
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
