@@ -186,6 +186,27 @@ fn emit_never_overwrites_files_it_did_not_write() {
     let r = emit_to(file.to_str().unwrap(), &[]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("it is a file, not a folder"));
+
+    // A folder where a file goes (the manifest too) stops the emit even with --force, before
+    // anything is written: before, --force wrote the patch and the module, then failed on the
+    // folder, leaving half an emit without its manifest.
+    for in_the_way in ["train.sh", ".fmoec-emit.json"] {
+        let blocked = dir.path().join(format!("blocked-{in_the_way}"));
+        std::fs::create_dir_all(blocked.join(in_the_way)).unwrap();
+        for extra in [&[][..], &["--force"][..]] {
+            let r = emit_to(blocked.to_str().unwrap(), extra);
+            let stderr = String::from_utf8_lossy(&r.stderr);
+            assert_eq!(r.status.code(), Some(1), "{stderr}");
+            assert!(
+                stderr.contains(&format!("{in_the_way}` exists and is not a file"))
+                    && stderr.contains("nothing was written")
+                    && !stderr.contains("--force to overwrite"),
+                "{stderr}"
+            );
+            let left: Vec<_> = std::fs::read_dir(&blocked).unwrap().collect();
+            assert_eq!(left.len(), 1, "{in_the_way} {extra:?}: {left:?}");
+        }
+    }
 }
 
 /// `fmoec emit --megatron list` prints every target and what it supports (no model file
