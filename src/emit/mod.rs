@@ -306,6 +306,22 @@ pub fn validate(
                 ),
             ));
         }
+        // Megatron reads neither a Hugging Face folder nor an fmoec checkpoint: without a word
+        // the emitted training would start from random weights where the file says otherwise.
+        if let Some(init) = &t.init {
+            warnings.push(
+                Diagnostic::warning(
+                    "W0811",
+                    init.span,
+                    format!(
+                        "`init` applies to `fmoec run` only: a Megatron-LM {v} training (what \
+                         `emit --megatron {v}` writes) starts from Megatron's own initialisation, \
+                         or from a Megatron checkpoint in its `--load` folder"
+                    ),
+                )
+                .with_label("applies to `fmoec run` only"),
+            );
+        }
     }
     // FasterMoE's options are `fmoec run`'s: no emitted training has them. Said by `emit`
     // and by `plan --megatron` alike, so worded for both.
