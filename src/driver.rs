@@ -356,8 +356,14 @@ fn not_utf8_diagnostic(
     )
     .with_label(format!("byte 0x{byte:02X} {what}"))
     .with_help(
-        "model files are UTF-8: save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or remove \
-         the byte",
+        if bytes.starts_with(&[0xFF, 0xFE]) || bytes.starts_with(&[0xFE, 0xFF]) {
+            // what Windows PowerShell's `>` writes
+            "it starts with a UTF-16 byte-order mark: model files are UTF-8, so save it as UTF-8 \
+         (e.g. `iconv -f utf-16 -t utf-8`)"
+        } else {
+            "model files are UTF-8: save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or remove \
+         the byte"
+        },
     )
 }
 

@@ -412,6 +412,19 @@ fn a_file_that_is_not_utf8_is_refused_at_its_first_bad_byte() {
         items[0]["message"].as_str().unwrap().contains("byte 0xE2"),
         "{items:?}"
     );
+
+    // UTF-16 (what Windows PowerShell's `>` writes) is named as such.
+    let utf16: Vec<u8> = [0xFF, 0xFE]
+        .into_iter()
+        .chain("const a = 1\n".encode_utf16().flat_map(u16::to_le_bytes))
+        .collect();
+    std::fs::write(&file, utf16).unwrap();
+    let items = json_diagnostics(&fmoec(&["check", "--diagnostics", "json", path]));
+    assert_eq!(items[0]["primary"]["line"], 1);
+    assert!(
+        items[0]["help"].as_str().unwrap().contains("UTF-16"),
+        "{items:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
