@@ -324,16 +324,57 @@ fn read_model_file(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// `E0001` for a model file that is not UTF-8, pointing at its first bad byte: the file's text
+/// is added to `sources` with each bad sequence shown as U+FFFD (the text before the first one
+/// is the file's own, so the line, the column and the byte offset are the file's).
+fn not_utf8_diagnostic(
+    sources: &mut Sources,
+    path: &Path,
+    error: &std::string::FromUtf8Error,
+) -> diag::Diagnostic {
+    let bytes = error.as_bytes();
+    let at = error.utf8_error().valid_up_to();
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    let file = sources.add(path.display().to_string(), text);
+    // Empty: the span must not end inside the replacement character, which is wider than
+    // the byte it stands for.
+    let span = diag::Span::new(file, at, at);
+    let (line, column) = sources.line_col(span);
+    let byte = bytes[at];
+    let what = match error.utf8_error().error_len() {
+        Some(_) => "does not start or continue a UTF-8 character",
+        None => "starts a UTF-8 character that the file ends before",
+    };
+    diag::Diagnostic::error(
+        "E0001",
+        span,
+        format!(
+            "cannot read `{}`: it is not UTF-8 text (byte 0x{byte:02X} at line {line}, column \
+             {column}, byte offset {at})",
+            path.display()
+        ),
+    )
+    .with_label(format!("byte 0x{byte:02X} {what}"))
+    .with_help(
+        if bytes.starts_with(&[0xFF, 0xFE]) || bytes.starts_with(&[0xFE, 0xFF]) {
+            // what Windows PowerShell's `>` writes
+            "it starts with a UTF-16 byte-order mark: model files are UTF-8, so save it as UTF-8 \
+         (e.g. `iconv -f utf-16 -t utf-8`)"
+        } else {
+            "model files are UTF-8: save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or remove \
+         the byte"
+        },
+    )
+}
+
 fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, ExitCode> {
     let text = match read_model_file(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(t) => t,
-            Err(_) => {
-                report_unreadable(
-                    &format!("cannot read `{}`: it is not UTF-8 text", path.display()),
-                    path,
-                    format,
-                );
+            Err(e) => {
+                let mut sources = Sources::new();
+                let not_utf8 = not_utf8_diagnostic(&mut sources, path, &e);
+                report(&sources, &[not_utf8], format);
                 return Err(ExitCode::from(2));
             }
         },

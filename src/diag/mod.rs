@@ -275,22 +275,27 @@ pub fn render_human(sources: &Sources, diagnostics: &[Diagnostic]) -> String {
 
 /// Same as [`render_human`] but coloured for a terminal.
 pub fn render_to_stderr(sources: &Sources, diagnostics: &[Diagnostic], colour: bool) {
-    use term::termcolor::{ColorChoice, StandardStream};
+    use std::io::Write;
+    use term::termcolor::{BufferedStandardStream, ColorChoice};
     let choice = if colour {
         ColorChoice::Auto
     } else {
         ColorChoice::Never
     };
-    let writer = StandardStream::stderr(choice);
+    // Buffered: codespan writes each diagnostic in dozens of small pieces, and unbuffered
+    // stderr made each a system call (a file of 400,000 unused constants spent most of its
+    // `check` printing their warnings).
+    let mut writer = BufferedStandardStream::stderr(choice);
     let config = term::Config::default();
     for d in diagnostics {
         let _ = term::emit(
-            &mut writer.lock(),
+            &mut writer,
             &config,
             &sources.files,
             &to_codespan(sources, d),
         );
     }
+    let _ = writer.flush();
 }
 
 #[derive(Serialize)]

@@ -39,30 +39,59 @@ pub struct EmitArgs {
 /// contents), so that a later emit replaces its own files but no one else's.
 const MANIFEST: &str = ".fmoec-emit.json";
 
-/// The files of `files` that exist in `output` with other contents than fmoec last wrote
-/// there (or that it never wrote), with the reason.
-fn conflicts(output: &Path, files: &[(String, String)]) -> Vec<(PathBuf, &'static str)> {
+/// A file of the emit that is in the way in the output folder.
+struct Clash {
+    path: PathBuf,
+    /// Why, after the path: "exists and is not written by fmoec".
+    why: String,
+    /// `--force` may overwrite it (a file), or nothing may (a folder, or what cannot be read).
+    forceable: bool,
+}
+
+/// The files of `files` (and the manifest) that exist in `output` with other contents than
+/// fmoec last wrote there, that it never wrote, or that no file can replace.
+fn conflicts(output: &Path, files: &[(String, String)]) -> Vec<Clash> {
     let recorded: BTreeMap<String, String> = std::fs::read(output.join(MANIFEST))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let mut out = Vec::new();
+    let blocked = |path: PathBuf, why: String| Clash {
+        path,
+        why,
+        forceable: false,
+    };
+    let manifest = output.join(MANIFEST);
+    if manifest.exists() && !manifest.is_file() {
+        out.push(blocked(manifest, "exists and is not a file".to_string()));
+    }
     for (name, text) in files {
         let path = output.join(name);
-        let Ok(old) = std::fs::read(&path) else {
-            if path.exists() {
-                out.push((path, "cannot be read"));
-            }
+        if path.exists() && !path.is_file() {
+            out.push(blocked(path, "exists and is not a file".to_string()));
             continue;
+        }
+        let old = match std::fs::read(&path) {
+            Ok(old) => old,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                out.push(blocked(path, format!("exists and cannot be read ({e})")));
+                continue;
+            }
         };
         if old == text.as_bytes() {
             continue;
         }
-        match recorded.get(name) {
-            Some(sum) if *sum == driver::sha256_hex(&old) => {}
-            Some(_) => out.push((path, "changed since fmoec wrote it")),
-            None => out.push((path, "not written by fmoec")),
-        }
+        let why = match recorded.get(name) {
+            Some(sum) if *sum == driver::sha256_hex(&old) => continue,
+            Some(_) => "exists and is changed since fmoec wrote it",
+            None => "exists and is not written by fmoec",
+        };
+        out.push(Clash {
+            path,
+            why: why.to_string(),
+            forceable: true,
+        });
     }
     out
 }
@@ -142,13 +171,20 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let clashes = conflicts(&output, &emitted.files);
-    if !clashes.is_empty() && !args.force {
-        for (path, why) in &clashes {
-            let message = format!("`{}` exists and is {why}", path.display());
-            driver::report_error(&message, Some(path), args.diagnostics);
+    let blocked = clashes.iter().any(|c| !c.forceable);
+    if blocked || (!clashes.is_empty() && !args.force) {
+        for c in &clashes {
+            let message = format!("`{}` {}", c.path.display(), c.why);
+            driver::report_error(&message, Some(&c.path), args.diagnostics);
         }
-        let advice = "nothing was written: choose another folder with --output, move those \
-                      files, or pass --force to overwrite them";
+        // `--force` replaces files, never a folder: nothing is written rather than a part
+        let advice = if blocked {
+            "nothing was written: choose another folder with --output, or move those out of \
+             the way"
+        } else {
+            "nothing was written: choose another folder with --output, move those files, or \
+             pass --force to overwrite them"
+        };
         match args.diagnostics {
             DiagFormat::Human => crate::errln!("{advice}"),
             DiagFormat::Json => driver::report_error(advice, None, args.diagnostics),

@@ -167,7 +167,7 @@ pub fn emit(
         patched_files: decl.patched_files.clone(),
         module_name: MODULE_NAME,
         fmoec_version: env!("CARGO_PKG_VERSION"),
-        source_name: opts.source_name.clone(),
+        source_name: view::one_line(&opts.source_name),
         model_name: checked.model.name.clone(),
         runtime,
         fastmoe,
@@ -305,6 +305,22 @@ pub fn validate(
                     ck.keep
                 ),
             ));
+        }
+        // Megatron reads neither a Hugging Face folder nor an fmoec checkpoint: without a word
+        // the emitted training would start from random weights where the file says otherwise.
+        if let Some(init) = &t.init {
+            warnings.push(
+                Diagnostic::warning(
+                    "W0811",
+                    init.span,
+                    format!(
+                        "`init` applies to `fmoec run` only: a Megatron-LM {v} training (what \
+                         `emit --megatron {v}` writes) starts from Megatron's own initialisation, \
+                         or from a Megatron checkpoint in its `--load` folder"
+                    ),
+                )
+                .with_label("applies to `fmoec run` only"),
+            );
         }
     }
     // FasterMoE's options are `fmoec run`'s: no emitted training has them. Said by `emit`

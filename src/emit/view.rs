@@ -132,6 +132,21 @@ pub fn sh_word(s: &str) -> String {
     }
 }
 
+/// Text for one line of a comment in the emitted files: control characters (a line break in a
+/// file name) written as escapes, so that they cannot end the comment and turn the rest into
+/// Python or shell code.
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +160,6 @@ mod tests {
         assert_eq!(sh_word("ckpt/run-1"), "ckpt/run-1");
         assert_eq!(sh_word("my data"), "'my data'");
         assert_eq!(sh_word("it's"), r"'it'\''s'");
+        assert_eq!(one_line("a\nb\r\u{7}ü.fmoe"), r"a\nb\r\u{7}ü.fmoe");
     }
 }

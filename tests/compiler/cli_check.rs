@@ -186,6 +186,27 @@ fn emit_never_overwrites_files_it_did_not_write() {
     let r = emit_to(file.to_str().unwrap(), &[]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("it is a file, not a folder"));
+
+    // A folder where a file goes (the manifest too) stops the emit even with --force, before
+    // anything is written: before, --force wrote the patch and the module, then failed on the
+    // folder, leaving half an emit without its manifest.
+    for in_the_way in ["train.sh", ".fmoec-emit.json"] {
+        let blocked = dir.path().join(format!("blocked-{in_the_way}"));
+        std::fs::create_dir_all(blocked.join(in_the_way)).unwrap();
+        for extra in [&[][..], &["--force"][..]] {
+            let r = emit_to(blocked.to_str().unwrap(), extra);
+            let stderr = String::from_utf8_lossy(&r.stderr);
+            assert_eq!(r.status.code(), Some(1), "{stderr}");
+            assert!(
+                stderr.contains(&format!("{in_the_way}` exists and is not a file"))
+                    && stderr.contains("nothing was written")
+                    && !stderr.contains("--force to overwrite"),
+                "{stderr}"
+            );
+            let left: Vec<_> = std::fs::read_dir(&blocked).unwrap().collect();
+            assert_eq!(left.len(), 1, "{in_the_way} {extra:?}: {left:?}");
+        }
+    }
 }
 
 /// `fmoec emit --megatron list` prints every target and what it supports (no model file
@@ -330,6 +351,131 @@ fn json_diagnostics_are_one_array_every_time() {
         .unwrap()
         .contains("cannot read `no/such/model.fmoe`"));
     assert!(items.iter().any(|d| d["code"] == "E0201"), "{items:?}");
+}
+
+/// A model file that is not UTF-8 is refused with E0001 at its first bad byte (line and
+/// column of the text before it, the byte named), in both formats; not at line 0.
+#[test]
+fn a_file_that_is_not_utf8_is_refused_at_its_first_bad_byte() {
+    let dir = std::env::temp_dir().join(format!("fmoec-not-utf8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("latin1.fmoe");
+    // `é` in Latin-1 (0xE9) inside a doc comment on line 3, after `/// caf` (7 characters)
+    let mut bytes = b"use std.gates.gshard\nconst a = 1\n/// caf".to_vec();
+    bytes.push(0xE9);
+    bytes.extend_from_slice(b" au lait\nconst b = 2\n");
+    std::fs::write(&file, &bytes).unwrap();
+    let path = file.to_str().unwrap();
+
+    let human = fmoec(&["check", path]);
+    assert_eq!(human.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&human.stderr);
+    assert!(
+        stderr.contains("error[E0001]: cannot read")
+            && stderr
+                .contains("it is not UTF-8 text (byte 0xE9 at line 3, column 8, byte offset 40)")
+            && stderr.contains(&format!("{path}:3:8"))
+            && stderr.contains("/// caf\u{FFFD} au lait"),
+        "{stderr}"
+    );
+
+    let json = fmoec(&["check", "--diagnostics", "json", path]);
+    assert_eq!(json.status.code(), Some(2));
+    let items = json_diagnostics(&json);
+    assert_eq!(items.len(), 1, "{items:?}");
+    let primary = &items[0]["primary"];
+    assert_eq!(items[0]["code"], "E0001");
+    assert_eq!(primary["file"], path);
+    assert_eq!(
+        (&primary["line"], &primary["column"]),
+        (&3.into(), &8.into())
+    );
+    assert_eq!(
+        (&primary["start"], &primary["end"]),
+        (&40.into(), &40.into())
+    );
+    assert!(
+        primary["message"].as_str().unwrap().contains("byte 0xE9"),
+        "{items:?}"
+    );
+
+    // A file cut inside a character: the first byte of the unfinished one.
+    std::fs::write(&file, b"const a = 1\n// \xE2\x82").unwrap();
+    let cut = fmoec(&["check", "--diagnostics", "json", path]);
+    let items = json_diagnostics(&cut);
+    assert_eq!(items[0]["code"], "E0001");
+    assert_eq!(
+        (&items[0]["primary"]["line"], &items[0]["primary"]["column"]),
+        (&2.into(), &4.into())
+    );
+    assert!(
+        items[0]["message"].as_str().unwrap().contains("byte 0xE2"),
+        "{items:?}"
+    );
+
+    // UTF-16 (what Windows PowerShell's `>` writes) is named as such.
+    let utf16: Vec<u8> = [0xFF, 0xFE]
+        .into_iter()
+        .chain("const a = 1\n".encode_utf16().flat_map(u16::to_le_bytes))
+        .collect();
+    std::fs::write(&file, utf16).unwrap();
+    let items = json_diagnostics(&fmoec(&["check", "--diagnostics", "json", path]));
+    assert_eq!(items[0]["primary"]["line"], 1);
+    assert!(
+        items[0]["help"].as_str().unwrap().contains("UTF-16"),
+        "{items:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Rendered diagnostics reach stderr in few large writes, not one system call per piece
+/// that codespan prints (a file of 400,000 unused constants spent most of its 30 s `check`
+/// printing their warnings so). Seen from outside: stderr is a pipe no one reads yet, and once
+/// 32 KiB have gone into it the process has made only a handful of write calls
+/// (`/proc/PID/io`; before, thousands).
+#[cfg(target_os = "linux")]
+#[test]
+fn many_warnings_are_printed_in_few_writes() {
+    use std::process::Stdio;
+    let dir = std::env::temp_dir().join(format!("fmoec-many-warnings-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("unused.fmoe");
+    let mut text: String = (0..2000)
+        .map(|i| format!("const unused_{i} = {i}\n"))
+        .collect();
+    text += "model m {\n    vocab = 256; context = 8; width = 32; heads = 4; depth = 2\n    \
+             block = transformer(attention = causal(), ffn = mlp(hidden = 64))\n}\n";
+    std::fs::write(&file, text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(["check", file.to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fmoec runs");
+    let io = format!("/proc/{}/io", child.id());
+    let field = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    let (written, writes) = loop {
+        let now = std::fs::read_to_string(&io).unwrap_or_default();
+        let (written, writes) = (field(&now, "wchar:"), field(&now, "syscw:"));
+        if written >= 32 << 10 || start.elapsed().as_secs() > 120 {
+            break (written, writes);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("warning[W0003]").count(), 2000);
+    assert!(written >= 32 << 10, "{written} bytes written");
+    assert!(writes < 100, "{writes} write calls for {written} bytes");
 }
 
 /// Issue 14, item 5: one flag name for the diagnostics' format in every subcommand;

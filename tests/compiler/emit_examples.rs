@@ -10,6 +10,15 @@ use fmoec::diag::{self, Sink, Sources};
 use fmoec::emit::{self, EmitError, EmitOptions};
 
 fn emit_example(name: &str, version: &str) -> Result<(Vec<(String, String)>, String), String> {
+    emit_example_as(name, version, &format!("{name}.fmoe"))
+}
+
+/// [`emit_example`] for a model file named `source_name`.
+fn emit_example_as(
+    name: &str,
+    version: &str,
+    source_name: &str,
+) -> Result<(Vec<(String, String)>, String), String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let file_name = format!("examples/{name}.fmoe");
     let text = std::fs::read_to_string(root.join(&file_name)).unwrap();
@@ -20,7 +29,7 @@ fn emit_example(name: &str, version: &str) -> Result<(Vec<(String, String)>, Str
     assert!(!sink.has_errors(), "{name} has errors");
     let target = emit::registry::find(version).unwrap();
     let opts = EmitOptions {
-        source_name: format!("{name}.fmoe"),
+        source_name: source_name.to_string(),
         ..Default::default()
     };
     let plan =
@@ -120,6 +129,38 @@ fn examples_megatron_core() {
             emit_example(name, "core_v0.19").unwrap().0,
             "{name} twice"
         );
+    }
+}
+
+/// A model file's name is printed in comments of the emitted files: a line break in it (a
+/// legal file name) stays escaped inside its comment instead of starting a line of Python or
+/// shell (`fmoec_moe.py` did not parse, `bash -n train.sh` failed).
+#[test]
+fn a_file_name_with_line_breaks_stays_in_its_comment() {
+    let source_name = "a\nfmoec_injected = 1\rb\u{85}.fmoe";
+    for decl in check::megatron_targets() {
+        let (files, _) = emit_example_as("tiny", &decl.version, source_name)
+            .unwrap_or_else(|d| panic!("{}:\n{d}", decl.version));
+        for (file, text) in &files {
+            assert!(
+                !text.contains("fmoec_injected = 1\r") && !text.contains('\u{85}'),
+                "{} {file}:\n{text}",
+                decl.version
+            );
+            if file.ends_with(".py") || file.ends_with(".sh") {
+                let named = text
+                    .lines()
+                    .filter(|l| l.contains("fmoec_injected"))
+                    .count();
+                let commented = text
+                    .lines()
+                    .filter(|l| {
+                        l.contains(r"a\nfmoec_injected = 1\rb\u{85}.fmoe") && l.starts_with('#')
+                    })
+                    .count();
+                assert!(named > 0 && named == commented, "{} {file}", decl.version);
+            }
+        }
     }
 }
 

@@ -142,6 +142,40 @@ fn checkpoint_keep_is_a_warning_for_megatron() {
     );
 }
 
+/// `init` (a Hugging Face folder, an fmoec checkpoint, upcycling) is `fmoec run`'s: every
+/// target emits the file and says so at the `init` (W0811; before, the emitted training
+/// silently started from random weights).
+#[test]
+fn init_is_a_warning_for_every_target() {
+    use fmoec::check::{InitSource, InitSpec};
+    let mut c = emit_fixture::checked(16, 2, 1, 32, GateKind::Gshard);
+    let at = fmoec::diag::Span::new(fmoec::diag::FileId(0), 10, 20);
+    c.train.as_mut().unwrap().init = Some(InitSpec {
+        source: InitSource::Hf("hf/model".into()),
+        upcycle: None,
+        span: at,
+        source_span: at,
+    });
+    let opts = EmitOptions {
+        runtime: Runtime::Fmoec,
+        megatron_src: None,
+        source_name: "tiny.fmoe".into(),
+    };
+    for version in ["v2.2", "v2.5", "v3.0.2", "core_v0.19"] {
+        let out = emit_fixture::emit(&c, version, &opts).expect("emit");
+        let said: Vec<_> = out.warnings.iter().filter(|w| w.code == "W0811").collect();
+        assert_eq!(said.len(), 1, "{version}: {:?}", out.warnings);
+        assert_eq!(said[0].primary.span, at);
+        assert!(
+            said[0]
+                .message
+                .contains("`init` applies to `fmoec run` only"),
+            "{}",
+            said[0].message
+        );
+    }
+}
+
 /// FasterMoE's options are `fmoec run`'s: every target emits the file and says so (W0810) at
 /// each option (before, the emitted training silently went without them).
 #[test]
