@@ -93,6 +93,32 @@ pub struct StepSums {
     telemetry: Vec<(usize, Accum)>,
 }
 
+impl StepSums {
+    /// Nothing yet: zero losses on `device`, no telemetry.
+    fn zero(device: Device) -> Result<StepSums> {
+        Ok(StepSums {
+            lm: Tensor::f_zeros([], (Kind::Float, device))?,
+            balance: Tensor::f_zeros([], (Kind::Float, device))?,
+            telemetry: Vec::new(),
+        })
+    }
+
+    /// Adds one micro-batch's LM loss (a pipeline stage without the head has none), its
+    /// balance loss and its telemetry.
+    fn add(
+        &mut self,
+        lm: Option<&Tensor>,
+        balance: &Tensor,
+        telemetry: Vec<(usize, Telemetry)>,
+    ) -> Result<()> {
+        if let Some(lm) = lm {
+            self.lm = self.lm.f_add(lm)?;
+        }
+        self.balance = self.balance.f_add(balance)?;
+        accumulate(&mut self.telemetry, telemetry)
+    }
+}
+
 /// A step's reduced figures.
 struct Reduced {
     grad_norm: f64,
@@ -550,47 +576,61 @@ impl<'a> Trainer<'a> {
     /// This rank's micro-batches of the step, forward and backward (the gradients add up in
     /// the masters' `.grad`), each loss divided by the micro-batches this rank runs.
     fn forward_backward(&mut self) -> Result<StepSums> {
-        let (seed, step) = (self.train.seed, self.step);
         if self.ctx.is_none() {
-            let _rng = lock_rng();
-            tch::manual_seed(mix_all(&[seed, STEP_KEY, step]) as i64);
+            self.seed_libtorch_for_the_step();
         }
         self.model.store.zero_grad();
         cast::begin_step()?;
-        let mut lm_sum = Tensor::f_zeros([], (Kind::Float, self.device))?;
-        let mut bal_sum = Tensor::f_zeros([], (Kind::Float, self.device))?;
-        let mut telemetry = Vec::new();
-        if let (Pass::Pipeline, Some(c)) = (&self.pass, self.ctx) {
-            let source = pipeline::Source {
-                data: &self.data,
-                seed,
-                rows: self.micro_batch as usize,
-                window: self.window,
-                feed: Feed::Train { step },
-            };
-            let label = format!("step {}", step + 1);
-            let passes = pipeline::run(
-                &mut self.model,
-                c,
-                &source,
-                self.local_micro_batches as usize,
-                true,
-                &label,
-            )?;
-            for f in passes {
-                if let Some(lm) = &f.lm {
-                    lm_sum = lm_sum.f_add(lm)?;
-                }
-                bal_sum = bal_sum.f_add(&f.balance)?;
-                accumulate(&mut telemetry, f.telemetry)?;
-            }
-            cast::end_step();
-            return Ok(StepSums {
-                lm: lm_sum,
-                balance: bal_sum,
-                telemetry,
-            });
+        let mut sums = StepSums::zero(self.device)?;
+        match (&self.pass, self.ctx) {
+            (Pass::Pipeline, Some(c)) => self.micro_batches_by_the_schedule(c, &mut sums)?,
+            _ => self.micro_batches_one_by_one(&mut sums)?,
         }
+        cast::end_step();
+        Ok(sums)
+    }
+
+    /// Alone: keys libtorch's generator by the run's seed and the step (see [`STEP_KEY`]).
+    fn seed_libtorch_for_the_step(&self) {
+        let _rng = lock_rng();
+        tch::manual_seed(mix_all(&[self.train.seed, STEP_KEY, self.step]) as i64);
+    }
+
+    /// A pipeline stage: the step's micro-batches through this stage's model chunks by the
+    /// schedule ([`pipeline::run`]), their losses and telemetry added to `sums`.
+    fn micro_batches_by_the_schedule(
+        &mut self,
+        c: &RankContext,
+        sums: &mut StepSums,
+    ) -> Result<()> {
+        let step = self.step;
+        let source = pipeline::Source {
+            data: &self.data,
+            seed: self.train.seed,
+            rows: self.micro_batch as usize,
+            window: self.window,
+            feed: Feed::Train { step },
+        };
+        let label = format!("step {}", step + 1);
+        let passes = pipeline::run(
+            &mut self.model,
+            c,
+            &source,
+            self.local_micro_batches as usize,
+            true,
+            &label,
+        )?;
+        for f in passes {
+            sums.add(f.lm.as_ref(), &f.balance, f.telemetry)?;
+        }
+        Ok(())
+    }
+
+    /// Alone, or a rank without a pipeline: this rank's micro-batches of the step one after
+    /// another by its [`Pass`], each routed by its own key; their detached losses and
+    /// telemetry added to `sums`.
+    fn micro_batches_one_by_one(&mut self, sums: &mut StepSums) -> Result<()> {
+        let (seed, step) = (self.train.seed, self.step);
         for i in 0..self.local_micro_batches {
             let m = i * self.data_ranks + self.data_rank;
             let key = [seed, step, m];
@@ -603,17 +643,11 @@ impl<'a> Trainer<'a> {
             )?;
             self.model.set_routing_key(Some(&key))?;
             let (lm, out) = self.micro_batch_pass(&tokens, m)?;
-            lm_sum = lm_sum.f_add(&lm.f_detach()?)?;
-            bal_sum = bal_sum.f_add(&out.balance_loss.f_detach()?)?;
-            accumulate(&mut telemetry, out.telemetry)?;
+            let (lm, balance) = (lm.f_detach()?, out.balance_loss.f_detach()?);
+            sums.add(Some(&lm), &balance, out.telemetry)?;
         }
         self.model.set_routing_key(None)?;
-        cast::end_step();
-        Ok(StepSums {
-            lm: lm_sum,
-            balance: bal_sum,
-            telemetry,
-        })
+        Ok(())
     }
 
     /// Micro-batch `m` (its `tokens` on the CPU) forward and backward by this process's
