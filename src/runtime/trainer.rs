@@ -40,7 +40,8 @@ use tch::{Device, Kind, Tensor};
 use crate::check::{Checked, Precision, Train};
 use crate::collective::{
     clip_global_norm, clip_global_norm_pipeline, clip_global_norm_tensor_parallel,
-    reduce_gradients, sum_partial_gradients, sum_tied_gradients, ParamKind, Tape, TensorSplit,
+    reduce_gradients, sum_partial_gradients, sum_tied_gradients, Collective, ParamKind, Tape,
+    TensorSplit,
 };
 use crate::runtime::checkpoint::{self, SaveInfo};
 use crate::runtime::data::{mix_all, Dataset};
@@ -1121,18 +1122,16 @@ impl<'a> Trainer<'a> {
     /// group, the rest once, tensor-sharded parameters summed over the tensor group first)
     /// and the summary's device line.
     fn parameters_and_device(&self) -> Result<(i64, String)> {
-        let device = self.device;
         let Some(c) = self.ctx else {
-            let how = match &self.pass {
-                Pass::Alone(runner) => runner.describe(),
-                _ => "",
-            };
-            return Ok((self.model.store.numel(), format!("{device:?}{how}")));
+            return Ok((self.model.store.numel(), self.device_line_alone()));
         };
-        let tensor = self.tensor;
-        let mut expert = 0i64;
-        let mut rest = 0i64;
-        let mut sharded = [0i64; 2];
+        let parameters = self.parameters_here().summed_over_ranks(c, self.tensor)?;
+        Ok((parameters, self.device_line_ranked(c)))
+    }
+
+    /// This rank's counted parameters, by how they add up over the ranks.
+    fn parameters_here(&self) -> ParameterCounts {
+        let mut counts = ParameterCounts::default();
         for (((k, s), p), counted) in self
             .kinds
             .iter()
@@ -1145,57 +1144,100 @@ impl<'a> Trainer<'a> {
             }
             let n = p.tensor.numel() as i64;
             let is_expert = *k == ParamKind::Expert;
-            match (is_expert, *s == TensorSplit::Sharded && tensor > 1) {
-                (e, true) => sharded[usize::from(e)] += n,
-                (true, false) => expert += n,
-                (false, false) => rest += n,
+            match (is_expert, *s == TensorSplit::Sharded && self.tensor > 1) {
+                (e, true) => counts.sharded[usize::from(e)] += n,
+                (true, false) => counts.expert += n,
+                (false, false) => counts.rest += n,
             }
         }
-        if tensor > 1 {
-            let mut t = Tensor::f_from_slice(&sharded)?.f_to_device(c.device)?;
-            c.groups
-                .tensor()
-                .all_reduce_sum(&mut t, "sharded parameter count")?;
-            rest += t.f_int64_value(&[0])?;
-            expert += t.f_int64_value(&[1])?;
-        }
-        let mut t = Tensor::f_from_slice(&[expert])?.f_to_device(c.device)?;
-        c.groups
-            .expert()
-            .all_reduce_sum(&mut t, "parameter count")?;
-        let expert = t.f_int64_value(&[0])?;
-        let stages = c.stages();
+        counts
+    }
+
+    /// The summary's device line alone: the device, and how the step runs on it.
+    fn device_line_alone(&self) -> String {
+        let how = match &self.pass {
+            Pass::Alone(runner) => runner.describe(),
+            _ => "",
+        };
+        format!("{:?}{how}", self.device)
+    }
+
+    /// The summary's device line with several ranks: the device, the ranks and, with tensor
+    /// or pipeline parallelism, their grid.
+    fn device_line_ranked(&self, c: &RankContext) -> String {
+        let (device, tensor, stages) = (self.device, self.tensor, c.stages());
         if stages > 1 {
-            // every stage holds its own part: summed over the stages
-            let mut t = Tensor::f_from_slice(&[rest + expert])?.f_to_device(c.device)?;
-            c.groups
-                .pipeline()
-                .all_reduce_sum(&mut t, "parameter count over the stages")?;
-            let total = t.f_int64_value(&[0])?;
-            let name = format!(
-                "{:?} x {} ranks (tensor {tensor} x pipeline {stages}{} x data {})",
-                device,
-                c.world(),
-                match c.plan.virtual_stages {
-                    v if v > 1 => format!(", {v} chunks each"),
-                    _ => String::new(),
-                },
-                c.data_size()
-            );
-            return Ok((total, name));
-        }
-        let name = if tensor > 1 {
+            let chunks = match c.plan.virtual_stages {
+                v if v > 1 => format!(", {v} chunks each"),
+                _ => String::new(),
+            };
             format!(
-                "{:?} x {} ranks (tensor {tensor} x data {})",
-                device,
+                "{device:?} x {} ranks (tensor {tensor} x pipeline {stages}{chunks} x data {})",
+                c.world(),
+                c.data_size()
+            )
+        } else if tensor > 1 {
+            format!(
+                "{device:?} x {} ranks (tensor {tensor} x data {})",
                 c.world(),
                 c.data_size()
             )
         } else {
-            format!("{:?} x {} ranks", device, c.world())
-        };
-        Ok((rest + expert, name))
+            format!("{device:?} x {} ranks", c.world())
+        }
     }
+}
+
+/// One rank's parameter elements (those it counts), by how they add up over the ranks.
+#[derive(Default)]
+struct ParameterCounts {
+    /// Experts' (not tensor-sharded): each expert group holds every expert once.
+    expert: i64,
+    /// The rest (not tensor-sharded): every rank of a stage holds the same.
+    rest: i64,
+    /// Tensor-sharded, `[rest, expert]`: each tensor group holds them once.
+    sharded: [i64; 2],
+}
+
+impl ParameterCounts {
+    /// The model's count from every rank's: the sharded ones summed over the tensor group
+    /// (when `tensor > 1`), then the experts over the expert group, then every stage's part
+    /// over the pipeline (with several stages); every rank takes part, in this order.
+    fn summed_over_ranks(self, c: &RankContext, tensor: usize) -> Result<i64> {
+        let ParameterCounts {
+            mut expert,
+            mut rest,
+            sharded,
+        } = self;
+        let device = c.device;
+        if tensor > 1 {
+            let at = "sharded parameter count";
+            let sums = sum_counts(c.groups.tensor(), device, &sharded, at)?;
+            rest += sums[0];
+            expert += sums[1];
+        }
+        let expert = sum_counts(c.groups.expert(), device, &[expert], "parameter count")?[0];
+        if c.stages() > 1 {
+            // every stage holds its own part: summed over the stages
+            let at = "parameter count over the stages";
+            return Ok(sum_counts(c.groups.pipeline(), device, &[rest + expert], at)?[0]);
+        }
+        Ok(rest + expert)
+    }
+}
+
+/// `counts` summed over `group`, through a tensor on the rank's `device`.
+fn sum_counts(
+    group: &dyn Collective,
+    device: Device,
+    counts: &[i64],
+    at: &str,
+) -> Result<Vec<i64>> {
+    let mut t = Tensor::f_from_slice(counts)?.f_to_device(device)?;
+    group.all_reduce_sum(&mut t, at)?;
+    (0..counts.len() as i64)
+        .map(|i| Ok(t.f_int64_value(&[i])?))
+        .collect()
 }
 
 /// What [`Trainer::setup`] derives from the file, the options and the rank before it looks
