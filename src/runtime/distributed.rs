@@ -37,7 +37,7 @@ use crate::collective::{
     ParamKind, Tape,
 };
 use crate::diag::Diagnostic;
-use crate::plan::{self, Memory, MemoryModel, Overrides, ParallelPlan};
+use crate::plan::{self, Memory, MemoryModel, MoeLayerPlan, Overrides, ParallelPlan};
 use crate::runtime::model::{ModelPart, MoeHook, NormLayer, Transformer};
 use crate::runtime::moe::{self, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
@@ -252,122 +252,151 @@ fn ranks_of(lists: &[Vec<u64>]) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// The plan's tensor groups, checked to split the world into groups of its tensor size.
+fn tensor_groups_of(plan: &ParallelPlan) -> Result<Vec<Vec<usize>>> {
+    let tensor = ranks_of(&plan.groups.tensor);
+    let mut seen = vec![0usize; plan.world as usize];
+    for &r in tensor.iter().flatten() {
+        match seen.get_mut(r) {
+            Some(c) => *c += 1,
+            None => bail!("the plan's tensor groups name rank {r} outside the world"),
+        }
+    }
+    if seen.iter().any(|&c| c != 1) || tensor.iter().any(|g| g.len() != plan.tensor as usize) {
+        bail!(
+            "the plan's tensor groups {:?} do not split the world into groups of {}",
+            tensor,
+            plan.tensor
+        );
+    }
+    Ok(tensor)
+}
+
+/// The plan's groups as the collective layer takes them, validated, with as many stages as
+/// the plan's pipeline.
+fn layout_of(plan: &ParallelPlan) -> Result<GroupLayout> {
+    // The planner lists embedding groups for the first and last stages only; the
+    // collective layer wants every rank in one (a middle stage's rank alone).
+    let mut embedding = ranks_of(&plan.groups.embedding);
+    for r in 0..plan.world as usize {
+        if !embedding.iter().any(|g| g.contains(&r)) {
+            embedding.push(vec![r]);
+        }
+    }
+    let layout = GroupLayout {
+        world: plan.world as usize,
+        data: ranks_of(&plan.groups.data),
+        expert: ranks_of(&plan.groups.expert),
+        expert_data: ranks_of(&plan.groups.expert_data),
+        gate: ranks_of(&plan.groups.gate),
+        pipeline: ranks_of(&plan.groups.pipeline),
+        embedding,
+    };
+    layout.validate()?;
+    if layout.stages() != plan.pipeline as usize || plan.stages.len() != layout.stages() {
+        bail!(
+            "the plan's pipeline groups have {} stages, its pipeline is {}",
+            layout.stages(),
+            plan.pipeline
+        );
+    }
+    Ok(layout)
+}
+
+/// What each of the plan's stages holds: its layers (in model chunks with virtual stages),
+/// and whether the embedding and the head.
+fn parts_of(plan: &ParallelPlan) -> Vec<ModelPart> {
+    plan.stages
+        .iter()
+        .map(|s| {
+            let chunks = if s.chunks.is_empty() {
+                std::iter::once(s.first_layer as usize..s.end_layer as usize).collect()
+            } else {
+                s.chunks
+                    .iter()
+                    .map(|c| c[0] as usize..c[1] as usize)
+                    .collect()
+            };
+            ModelPart {
+                chunks,
+                embedding: s.embedding,
+                head: s.head,
+            }
+        })
+        .collect()
+}
+
+/// The expert placement of MoE layer `layer`: what each position of the first expert group
+/// of its stage holds, checked against every rank's experts and the layer's expert count.
+fn placement_of(
+    plan: &ParallelPlan,
+    layout: &GroupLayout,
+    layer: &MoeLayerPlan,
+) -> Result<ExpertPlacement> {
+    // the first expert group of the layer's stage (every expert group lies in one)
+    let stage = layer.stage as usize;
+    let Some(first) = layout
+        .expert
+        .iter()
+        .find(|g| g.first().is_some_and(|&r| layout.stage_of(r) == stage))
+    else {
+        bail!("layer {}: no expert group on stage {stage}", layer.layer);
+    };
+    let held = |rank: usize| -> Vec<usize> {
+        plan.ranks
+            .get(rank)
+            .and_then(|r| r.experts.iter().find(|h| h.layer == layer.layer))
+            .map(|h| h.ids.iter().map(|&e| e as usize).collect())
+            .unwrap_or_default()
+    };
+    let positions: Vec<Vec<usize>> = first.iter().map(|&r| held(r)).collect();
+    // Every expert group of the stage must hold the experts the same way (position
+    // p of each group holds what position p of the first holds), the others none.
+    for group in &layout.expert {
+        let on_stage = group.iter().all(|&r| layout.stage_of(r) == stage);
+        for (p, &r) in group.iter().enumerate() {
+            if !on_stage && !held(r).is_empty() {
+                bail!(
+                    "layer {}: rank {r} of stage {} holds experts {:?} of a layer of stage {stage}",
+                    layer.layer,
+                    layout.stage_of(r),
+                    held(r)
+                );
+            }
+            if on_stage && held(r) != positions[p] {
+                bail!(
+                    "layer {}: rank {r} holds experts {:?}, but position {p} of the first expert group holds {:?}",
+                    layer.layer,
+                    held(r),
+                    positions[p]
+                );
+            }
+        }
+    }
+    let placement = ExpertPlacement::new(positions)
+        .map_err(|e| anyhow::anyhow!("layer {}: {e}", layer.layer))?;
+    if placement.experts() != layer.experts as usize {
+        bail!(
+            "layer {}: the placement holds {} experts, the layer has {}",
+            layer.layer,
+            placement.experts(),
+            layer.experts
+        );
+    }
+    Ok(placement)
+}
+
 impl WorldPlan {
     /// The groups, stages and expert placement of a plan.
     pub fn from_plan(plan: &ParallelPlan) -> Result<WorldPlan> {
-        let tensor = ranks_of(&plan.groups.tensor);
-        let mut seen = vec![0usize; plan.world as usize];
-        for &r in tensor.iter().flatten() {
-            match seen.get_mut(r) {
-                Some(c) => *c += 1,
-                None => bail!("the plan's tensor groups name rank {r} outside the world"),
-            }
-        }
-        if seen.iter().any(|&c| c != 1) || tensor.iter().any(|g| g.len() != plan.tensor as usize) {
-            bail!(
-                "the plan's tensor groups {:?} do not split the world into groups of {}",
-                tensor,
-                plan.tensor
-            );
-        }
-        // The planner lists embedding groups for the first and last stages only; the
-        // collective layer wants every rank in one (a middle stage's rank alone).
-        let mut embedding = ranks_of(&plan.groups.embedding);
-        for r in 0..plan.world as usize {
-            if !embedding.iter().any(|g| g.contains(&r)) {
-                embedding.push(vec![r]);
-            }
-        }
-        let layout = GroupLayout {
-            world: plan.world as usize,
-            data: ranks_of(&plan.groups.data),
-            expert: ranks_of(&plan.groups.expert),
-            expert_data: ranks_of(&plan.groups.expert_data),
-            gate: ranks_of(&plan.groups.gate),
-            pipeline: ranks_of(&plan.groups.pipeline),
-            embedding,
-        };
-        layout.validate()?;
-        if layout.stages() != plan.pipeline as usize || plan.stages.len() != layout.stages() {
-            bail!(
-                "the plan's pipeline groups have {} stages, its pipeline is {}",
-                layout.stages(),
-                plan.pipeline
-            );
-        }
-        let parts: Vec<ModelPart> = plan
-            .stages
+        let tensor = tensor_groups_of(plan)?;
+        let layout = layout_of(plan)?;
+        let parts = parts_of(plan);
+        let placements = plan
+            .moe_layers
             .iter()
-            .map(|s| {
-                let chunks = if s.chunks.is_empty() {
-                    std::iter::once(s.first_layer as usize..s.end_layer as usize).collect()
-                } else {
-                    s.chunks
-                        .iter()
-                        .map(|c| c[0] as usize..c[1] as usize)
-                        .collect()
-                };
-                ModelPart {
-                    chunks,
-                    embedding: s.embedding,
-                    head: s.head,
-                }
-            })
-            .collect();
-        let mut placements = BTreeMap::new();
-        for layer in &plan.moe_layers {
-            // the first expert group of the layer's stage (every expert group lies in one)
-            let stage = layer.stage as usize;
-            let Some(first) = layout
-                .expert
-                .iter()
-                .find(|g| g.first().is_some_and(|&r| layout.stage_of(r) == stage))
-            else {
-                bail!("layer {}: no expert group on stage {stage}", layer.layer);
-            };
-            let held = |rank: usize| -> Vec<usize> {
-                plan.ranks
-                    .get(rank)
-                    .and_then(|r| r.experts.iter().find(|h| h.layer == layer.layer))
-                    .map(|h| h.ids.iter().map(|&e| e as usize).collect())
-                    .unwrap_or_default()
-            };
-            let positions: Vec<Vec<usize>> = first.iter().map(|&r| held(r)).collect();
-            // Every expert group of the stage must hold the experts the same way (position
-            // p of each group holds what position p of the first holds), the others none.
-            for group in &layout.expert {
-                let on_stage = group.iter().all(|&r| layout.stage_of(r) == stage);
-                for (p, &r) in group.iter().enumerate() {
-                    if !on_stage && !held(r).is_empty() {
-                        bail!(
-                            "layer {}: rank {r} of stage {} holds experts {:?} of a layer of stage {stage}",
-                            layer.layer,
-                            layout.stage_of(r),
-                            held(r)
-                        );
-                    }
-                    if on_stage && held(r) != positions[p] {
-                        bail!(
-                            "layer {}: rank {r} holds experts {:?}, but position {p} of the first expert group holds {:?}",
-                            layer.layer,
-                            held(r),
-                            positions[p]
-                        );
-                    }
-                }
-            }
-            let placement = ExpertPlacement::new(positions)
-                .map_err(|e| anyhow::anyhow!("layer {}: {e}", layer.layer))?;
-            if placement.experts() != layer.experts as usize {
-                bail!(
-                    "layer {}: the placement holds {} experts, the layer has {}",
-                    layer.layer,
-                    placement.experts(),
-                    layer.experts
-                );
-            }
-            placements.insert(layer.layer, placement);
-        }
+            .map(|layer| Ok((layer.layer, placement_of(plan, &layout, layer)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(WorldPlan {
             layout,
             tensor,
