@@ -608,8 +608,8 @@ impl MoeHook for ExpertParallel<'_> {
         train: bool,
         key: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor, Telemetry)> {
-        let ctx = self.ctx;
-        let placement = ctx
+        let placement = self
+            .ctx
             .plan
             .placements
             .get(&index)
@@ -620,7 +620,87 @@ impl MoeHook for ExpertParallel<'_> {
         let h = norm.forward(&xl)?;
         let hl = self.cut(&h, true)?;
         let routing = layer.gate.route(&hl, train, key)?;
-        let e = layer.gate.experts;
+        let dispatch = Dispatch::sorted_by_slot(&routing, placement, layer.gate.experts, &hl)?;
+
+        if let Some(tape) = &mut self.tape {
+            tape.step();
+        }
+        let weight = self.cut(&routing.weight, false)?;
+        let balance = self.cut(&routing.balance_loss, false)?;
+        let (ys, shadowed) = self.exchange(index, layer, placement, &dispatch, hl.device())?;
+        let mut out = dispatch.weighted_sum(&ys, &weight, tokens, d, hl.device())?;
+        if let Some(shared) = &layer.shared {
+            out = out.f_add(&shared.forward(&hl)?)?;
+        }
+        let y = xl.f_add(&out)?.f_reshape([b, t, d])?;
+        let mut telemetry = tch::no_grad(|| {
+            let per_expert = dispatch.per_slot.f_index_select(0, &dispatch.slot_table)?;
+            moe::telemetry(&routing, &per_expert, tokens)
+        })?;
+        telemetry.shadowed = shadowed;
+        Ok((y, balance, telemetry))
+    }
+}
+
+impl ExpertParallel<'_> {
+    /// MoE layer `index`'s exchange of `dispatch`'s rows over the expert group, with
+    /// FasterMoE's chunks and shadowing where the plan asks for them, recorded on the tape.
+    /// The experts' outputs (in `dispatch`'s order) and, with shadowing, which experts ran
+    /// on replicas.
+    fn exchange(
+        &mut self,
+        index: usize,
+        layer: &MoeLayer,
+        placement: &ExpertPlacement,
+        dispatch: &Dispatch,
+        device: tch::Device,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let ctx = self.ctx;
+        let at = format!("{}, layer {index}", self.at);
+        let schedule = moe::LayerSchedule::of(ctx.plan.fastermoe.as_ref(), index);
+        let (ys, exchange) = exchange_experts_with(
+            ctx.groups.expert(),
+            placement,
+            &dispatch.send,
+            &dispatch.counts,
+            &at,
+            schedule.options(),
+            &moe::RankExperts(&layer.experts),
+        )?;
+        let shadowed = schedule.shadowed(&exchange, layer.gate.experts, device)?;
+        if let Some(tape) = &mut self.tape {
+            tape.record(exchange);
+        }
+        Ok((ys, shadowed))
+    }
+}
+
+/// One MoE layer's token copies on this rank, sorted by the slot of their expert in the
+/// placement's order, as the exchange takes them.
+struct Dispatch {
+    /// Each global expert's slot.
+    slot_table: Tensor,
+    /// Kept copies per slot, `[E]` on the device.
+    per_slot: Tensor,
+    /// The same on the CPU.
+    counts: Vec<i64>,
+    /// The kept copies (positions in the flattened `[T * k]` routing), by slot.
+    sent: Tensor,
+    /// The token of each sent copy.
+    token: Tensor,
+    /// The sent copies' rows of the layer's normed input.
+    send: Tensor,
+}
+
+impl Dispatch {
+    /// `routing`'s copies of `hl`'s rows sorted by slot (`experts`: the layer's global
+    /// count).
+    fn sorted_by_slot(
+        routing: &moe::Routing,
+        placement: &ExpertPlacement,
+        experts: i64,
+        hl: &Tensor,
+    ) -> Result<Dispatch> {
         let k = routing.expert.size()[1];
         let device = hl.device();
         // Slots in the placement's order; dropped slots (-1) sort past the last one.
@@ -629,53 +709,46 @@ impl MoeHook for ExpertParallel<'_> {
         let valid = flat.f_ge(0)?;
         let slot = slot_table
             .f_index_select(0, &flat.f_clamp_min(0)?)?
-            .f_where_scalarother(&valid, e)?;
+            .f_where_scalarother(&valid, experts)?;
         let order = slot.f_argsort_stable(true, 0, false)?;
-        let per_slot = moe::counts_of(&slot, e + 1)?.f_narrow(0, 0, e)?;
+        let per_slot = moe::counts_of(&slot, experts + 1)?.f_narrow(0, 0, experts)?;
         let counts = Vec::<i64>::try_from(&per_slot.f_to_device(tch::Device::Cpu)?)?;
         let kept: i64 = counts.iter().sum();
         let sent = order.f_narrow(0, 0, kept)?;
         let token = sent.f_div_scalar_mode(k, "floor")?;
         let send = hl.f_index_select(0, &token)?;
+        Ok(Dispatch {
+            slot_table,
+            per_slot,
+            counts,
+            sent,
+            token,
+            send,
+        })
+    }
 
-        if let Some(tape) = &mut self.tape {
-            tape.step();
-        }
-        let weight = self.cut(&routing.weight, false)?;
-        let balance = self.cut(&routing.balance_loss, false)?;
-        let at = format!("{}, layer {index}", self.at);
-        // FasterMoE's chunks and shadowing where the plan asks for them
-        let schedule = moe::LayerSchedule::of(ctx.plan.fastermoe.as_ref(), index);
-        let (ys, exchange) = exchange_experts_with(
-            ctx.groups.expert(),
-            placement,
-            &send,
-            &counts,
-            &at,
-            schedule.options(),
-            &moe::RankExperts(&layer.experts),
-        )?;
-        let shadowed = schedule.shadowed(&exchange, e, device)?;
-        if let Some(tape) = &mut self.tape {
-            tape.record(exchange);
-        }
+    /// The experts' outputs `ys` (one row per sent copy) weighted by the copies' combine
+    /// `weight` and summed per token: `[tokens, d]` on `device`.
+    fn weighted_sum(
+        &self,
+        ys: &Tensor,
+        weight: &Tensor,
+        tokens: i64,
+        d: i64,
+        device: tch::Device,
+    ) -> Result<Tensor> {
         let w = weight
             .f_reshape([-1])?
-            .f_index_select(0, &sent)?
+            .f_index_select(0, &self.sent)?
             .f_to_kind(ys.kind())?;
         let weighted = ys.f_mul(&w.f_unsqueeze(1)?)?;
-        let mut out =
-            Tensor::f_zeros([tokens, d], (ys.kind(), device))?.f_index_add(0, &token, &weighted)?;
-        if let Some(shared) = &layer.shared {
-            out = out.f_add(&shared.forward(&hl)?)?;
-        }
-        let y = xl.f_add(&out)?.f_reshape([b, t, d])?;
-        let mut telemetry = tch::no_grad(|| {
-            let per_expert = per_slot.f_index_select(0, &slot_table)?;
-            moe::telemetry(&routing, &per_expert, tokens)
-        })?;
-        telemetry.shadowed = shadowed;
-        Ok((y, balance, telemetry))
+        Ok(
+            Tensor::f_zeros([tokens, d], (ys.kind(), device))?.f_index_add(
+                0,
+                &self.token,
+                &weighted,
+            )?,
+        )
     }
 }
 
