@@ -760,4 +760,80 @@ mod tests {
             "{e}"
         );
     }
+
+    /// Rank 0 of two runs `connect` on a thread; this test is rank 1: it passes the
+    /// rendezvous, then knocks on rank 0's port with lines that are not (yet) the hello it
+    /// waits for. Each gets its answer and rank 0 keeps waiting, until a hello of another
+    /// configuration ends its `connect` with an error naming both.
+    #[test]
+    fn the_mesh_handshake_answers_strangers_and_refuses_another_configuration() {
+        let layout = GroupLayout::data_parallel(2, 2).unwrap();
+        let tag = layout_tag(&layout, None);
+        let (port, timeout) = (free_port(), Duration::from_secs(30));
+        std::thread::scope(|s| {
+            let rank0 = s.spawn(|| connect(&layout, None, &env(0, 2, port), timeout).map(|_| ()));
+            let addresses = env(1, 2, port)
+                .gather_addresses(&tag, free_port(), timeout)
+                .unwrap();
+            let ask = |line: &str| {
+                let mut stream = TcpStream::connect(&addresses[0]).unwrap();
+                stream.write_all(line.as_bytes()).unwrap();
+                read_handshake_line(&stream, 1024).unwrap()
+            };
+            assert_eq!(ask("GET / HTTP/1.0\n"), "ERR not an fmoec rank\n");
+            for not_awaited in [0, 2] {
+                assert_eq!(
+                    ask(&hello(not_awaited, &tag)),
+                    "ERR not a rank this one waits for\n"
+                );
+            }
+            assert_eq!(
+                ask(&hello(1, "layout-other")),
+                format!("ERR rank 0 has another configuration (`{tag}`)\n")
+            );
+            let e = rank0.join().unwrap().unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "rank 1 has a different configuration (`layout-other`) than rank 0 (`{tag}`)"
+                )
+            );
+        });
+    }
+
+    /// This test as rank 0 refuses the hello of rank 1's `connect`, which says so; then, as
+    /// rank 1, it passes the rendezvous but never connects, and rank 0's `connect` gives up by
+    /// the timeout naming it.
+    #[test]
+    fn a_refused_hello_and_a_rank_that_never_connects_are_errors_naming_the_ranks() {
+        let layout = GroupLayout::data_parallel(2, 2).unwrap();
+        let tag = layout_tag(&layout, None);
+        let (port, timeout) = (free_port(), Duration::from_secs(30));
+        std::thread::scope(|s| {
+            let rank1 = s.spawn(|| connect(&layout, None, &env(1, 2, port), timeout).map(|_| ()));
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mesh_port = listener.local_addr().unwrap().port();
+            env(0, 2, port)
+                .gather_addresses(&tag, mesh_port, timeout)
+                .unwrap();
+            let (mut stream, _) = listener.accept().unwrap();
+            assert_eq!(read_handshake_line(&stream, 1024).unwrap(), hello(1, &tag));
+            stream.write_all(b"ERR busy\n").unwrap();
+            let e = rank1.join().unwrap().unwrap_err().to_string();
+            assert_eq!(e, "rank 0 refused rank 1: busy");
+        });
+
+        let (port, short) = (free_port(), Duration::from_millis(1500));
+        std::thread::scope(|s| {
+            let rank0 = s.spawn(|| connect(&layout, None, &env(0, 2, port), short).map(|_| ()));
+            env(1, 2, port)
+                .gather_addresses(&tag, free_port(), timeout)
+                .unwrap();
+            let e = rank0.join().unwrap().unwrap_err().to_string();
+            assert_eq!(
+                e,
+                "rank 0: timed out after 1.5s waiting for rank(s) 1 to connect (first: 1)"
+            );
+        });
+    }
 }
