@@ -37,7 +37,7 @@
 use super::error::{tensor_failure, CollectiveError, ErrorKind};
 use super::grads::reduce_shadow_gradients;
 use super::tape::backward_roots;
-use super::{Collective, ExpertPlacement, Result};
+use super::{Collective, ExpertPlacement, PendingRows, Result};
 use tch::{Kind, TchError, Tensor};
 
 /// How one exchange runs (FasterMoE's options); the default is FastMoE's plain exchange.
@@ -237,24 +237,17 @@ pub fn exchange_experts_with(
     options: ExchangeOptions,
     experts: &dyn LocalExperts,
 ) -> Result<(Tensor, ExchangeTape)> {
-    let invalid = |message: String| {
-        CollectiveError::new(group.label(), EXCHANGE, at, ErrorKind::Invalid(message))
-    };
     let terr = tensor_failure(group.label(), EXCHANGE, at);
-    let size = group.size();
     let rows = tokens.size().first().copied().unwrap_or(0);
     let all_counts = gather_counts(group, placement, rows, counts, at)?;
-    // Which experts run on replicas this time: the same answer on every rank.
-    let stacked = match options.shadowing {
-        Some(_) if size > 1 => experts.parameters(),
-        _ => Vec::new(),
-    };
-    let shadowed = match options.shadowing {
-        Some(policy) if !stacked.is_empty() => {
-            choose_shadowed(policy, placement, &all_counts).map_err(invalid)?
-        }
-        _ => Vec::new(),
-    };
+    let (shadowed, stacked) = shadowed_experts(
+        group,
+        placement,
+        &all_counts,
+        options.shadowing,
+        experts,
+        at,
+    )?;
     let routing = Routing::new(placement, group.rank(), counts, all_counts, &shadowed);
 
     // Shadowed experts: parameters from their owners, before any chunk starts.
@@ -266,69 +259,10 @@ pub fn exchange_experts_with(
         )?)
     };
 
-    // Chunks of peers: start every chunk's dispatch first (FasterMoE's order).
-    let n = options.chunks.clamp(1, size.max(1));
-    let sent = tokens.f_detach().map_err(&terr)?;
-    let mut plans = Vec::with_capacity(n);
-    let mut pending = Vec::with_capacity(n);
-    for c in 0..n {
-        let plan = routing.chunk(c, n, rows, tokens.device()).map_err(&terr)?;
-        let send = take_rows(&sent, &plan.rows).map_err(&terr)?;
-        let label = chunk_label(at, "dispatch", c, n);
-        pending.push(group.start_all_to_all_v(
-            &send,
-            &plan.send_counts,
-            &plan.recv_counts,
-            &label,
-        )?);
-        plans.push(plan);
-    }
-
-    // Each chunk's experts as soon as its tokens are in; its results start back.
-    let mut chunks = Vec::with_capacity(n);
-    let mut returning = Vec::with_capacity(n);
-    let mut local_total = vec![0i64; routing.mine.len()];
-    for (c, (arrival, plan)) in pending.into_iter().zip(plans).enumerate() {
-        let arrived = arrival.wait()?;
-        let received = permute(&arrived, &plan.to_expert_major)
-            .and_then(|t| t.f_detach())
-            .and_then(|t| t.f_set_requires_grad(true))
-            .map_err(&terr)?;
-        let expert_out = experts
-            .forward(&received, &plan.local_counts)
-            .map_err(&terr)?;
-        let expected: i64 = plan.local_counts.iter().sum();
-        let out_rows = expert_out.size().first().copied().unwrap_or(-1);
-        if out_rows != expected {
-            return Err(invalid(format!(
-                "the experts returned {out_rows} rows for {expected} received"
-            )));
-        }
-        for (total, c) in local_total.iter_mut().zip(&plan.local_counts) {
-            *total += c;
-        }
-        let back = permute(
-            &expert_out.f_detach().map_err(&terr)?,
-            &plan.to_source_major,
-        )
-        .map_err(&terr)?;
-        let label = chunk_label(at, "combine", c, n);
-        returning.push(group.start_all_to_all_v(
-            &back,
-            &plan.recv_counts,
-            &plan.send_counts,
-            &label,
-        )?);
-        chunks.push(Chunk {
-            rows: plan.rows,
-            send_counts: plan.send_counts,
-            recv_counts: plan.recv_counts,
-            to_expert_major: plan.to_expert_major,
-            to_source_major: plan.to_source_major,
-            received,
-            expert_out,
-        });
-    }
+    // Chunks of peers: every chunk's dispatch starts before any chunk's experts run.
+    let chunks = options.chunks.clamp(1, group.size().max(1));
+    let dispatched = start_dispatches(group, &routing, tokens, rows, chunks, at)?;
+    let ran = run_chunks(group, &routing, dispatched, experts, at)?;
 
     // The replicas run this rank's own tokens of the shadowed experts meanwhile.
     let shadows = match shadows {
@@ -336,29 +270,164 @@ pub fn exchange_experts_with(
         Some(pending) => Some(Box::new(pending.run(shadowed, experts).map_err(&terr)?)),
     };
 
-    let mut returned = Vec::with_capacity(n);
-    for r in returning {
-        returned.push(r.wait()?);
-    }
-    let combined = combine(tokens, rows, &chunks, returned, shadows.as_deref())
-        .and_then(|t| t.f_detach())
-        .and_then(|t| t.f_set_requires_grad(true))
-        .map_err(&terr)?;
+    let combined = wait_and_combine(
+        group,
+        tokens,
+        rows,
+        &ran.chunks,
+        ran.returning,
+        shadows.as_deref(),
+        at,
+    )?;
     let send_counts = routing.rows_to.iter().map(|r| r.len() as i64).collect();
     let tape = ExchangeTape {
         at: at.to_string(),
         source: tokens.shallow_clone(),
         combined: combined.shallow_clone(),
-        chunks,
+        chunks: ran.chunks,
         shadows,
         send_counts,
         recv_counts: routing.recv_from,
-        local_counts: local_total,
+        local_counts: ran.local_counts,
     };
     Ok((combined, tape))
 }
 
 const EXCHANGE: &str = "exchange_experts";
+
+/// An exchange refused for a call that does not fit (`message` says why).
+fn invalid_call(group: &dyn Collective, at: &str, message: String) -> CollectiveError {
+    CollectiveError::new(group.label(), EXCHANGE, at, ErrorKind::Invalid(message))
+}
+
+/// Which experts run on replicas this time (the same answer on every rank, from every
+/// rank's counts), and this rank's stacked expert parameters to replicate them from. None
+/// without a policy, alone in the group, or when these experts cannot be shadowed.
+fn shadowed_experts(
+    group: &dyn Collective,
+    placement: &ExpertPlacement,
+    all_counts: &[Vec<i64>],
+    policy: Option<&dyn ShadowPolicy>,
+    experts: &dyn LocalExperts,
+    at: &str,
+) -> Result<(Vec<usize>, Vec<Tensor>)> {
+    let Some(policy) = policy.filter(|_| group.size() > 1) else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let stacked = experts.parameters();
+    if stacked.is_empty() {
+        return Ok((Vec::new(), stacked));
+    }
+    let shadowed = choose_shadowed(policy, placement, all_counts)
+        .map_err(|message| invalid_call(group, at, message))?;
+    Ok((shadowed, stacked))
+}
+
+/// Starts every chunk's dispatch before any expert runs (FasterMoE's order): each chunk's
+/// plan, and its rows of `tokens` on their way to the experts' ranks.
+fn start_dispatches(
+    group: &dyn Collective,
+    routing: &Routing,
+    tokens: &Tensor,
+    rows: i64,
+    n: usize,
+    at: &str,
+) -> Result<Vec<(ChunkPlan, PendingRows)>> {
+    let terr = tensor_failure(group.label(), EXCHANGE, at);
+    let sent = tokens.f_detach().map_err(&terr)?;
+    let mut dispatched = Vec::with_capacity(n);
+    for c in 0..n {
+        let plan = routing.chunk(c, n, rows, tokens.device()).map_err(&terr)?;
+        let send = take_rows(&sent, &plan.rows).map_err(&terr)?;
+        let label = chunk_label(at, "dispatch", c, n);
+        let arrival =
+            group.start_all_to_all_v(&send, &plan.send_counts, &plan.recv_counts, &label)?;
+        dispatched.push((plan, arrival));
+    }
+    Ok(dispatched)
+}
+
+/// The chunks' experts run, and their results on the way back.
+struct RanChunks {
+    chunks: Vec<Chunk>,
+    /// Each chunk's results travelling back to the tokens' ranks, in chunk order.
+    returning: Vec<PendingRows>,
+    /// Rows per local expert over all the chunks.
+    local_counts: Vec<i64>,
+}
+
+/// Each chunk's experts as soon as its tokens are in, in chunk order; its results start
+/// back before the next chunk's experts run.
+fn run_chunks(
+    group: &dyn Collective,
+    routing: &Routing,
+    dispatched: Vec<(ChunkPlan, PendingRows)>,
+    experts: &dyn LocalExperts,
+    at: &str,
+) -> Result<RanChunks> {
+    let n = dispatched.len();
+    let mut ran = RanChunks {
+        chunks: Vec::with_capacity(n),
+        returning: Vec::with_capacity(n),
+        local_counts: vec![0i64; routing.mine.len()],
+    };
+    for (c, (plan, arrival)) in dispatched.into_iter().enumerate() {
+        for (total, rows) in ran.local_counts.iter_mut().zip(&plan.local_counts) {
+            *total += rows;
+        }
+        let label = chunk_label(at, "combine", c, n);
+        let (chunk, returning) = run_chunk(group, plan, arrival, experts, &label, at)?;
+        ran.chunks.push(chunk);
+        ran.returning.push(returning);
+    }
+    Ok(ran)
+}
+
+/// One chunk once its tokens arrive: this rank's experts run on them (a fresh leaf, grouped
+/// by local expert) and their results start back (`label`).
+fn run_chunk(
+    group: &dyn Collective,
+    plan: ChunkPlan,
+    arrival: PendingRows,
+    experts: &dyn LocalExperts,
+    label: &str,
+    at: &str,
+) -> Result<(Chunk, PendingRows)> {
+    let terr = tensor_failure(group.label(), EXCHANGE, at);
+    let arrived = arrival.wait()?;
+    let received = permute(&arrived, &plan.to_expert_major)
+        .and_then(|t| t.f_detach())
+        .and_then(|t| t.f_set_requires_grad(true))
+        .map_err(&terr)?;
+    let expert_out = experts
+        .forward(&received, &plan.local_counts)
+        .map_err(&terr)?;
+    let expected: i64 = plan.local_counts.iter().sum();
+    let out_rows = expert_out.size().first().copied().unwrap_or(-1);
+    if out_rows != expected {
+        return Err(invalid_call(
+            group,
+            at,
+            format!("the experts returned {out_rows} rows for {expected} received"),
+        ));
+    }
+    let back = permute(
+        &expert_out.f_detach().map_err(&terr)?,
+        &plan.to_source_major,
+    )
+    .map_err(&terr)?;
+    let returning = group.start_all_to_all_v(&back, &plan.recv_counts, &plan.send_counts, label)?;
+    let chunk = Chunk {
+        rows: plan.rows,
+        send_counts: plan.send_counts,
+        recv_counts: plan.recv_counts,
+        to_expert_major: plan.to_expert_major,
+        to_source_major: plan.to_source_major,
+        received,
+        expert_out,
+    };
+    Ok((chunk, returning))
+}
 
 /// `"{at}, dispatch"`, or with several chunks `"{at}, dispatch chunk 2"`.
 fn chunk_label(at: &str, what: &str, chunk: usize, chunks: usize) -> String {
@@ -378,9 +447,7 @@ fn gather_counts(
     counts: &[i64],
     at: &str,
 ) -> Result<Vec<Vec<i64>>> {
-    let invalid = |message: String| {
-        CollectiveError::new(group.label(), EXCHANGE, at, ErrorKind::Invalid(message))
-    };
+    let invalid = |message: String| invalid_call(group, at, message);
     let size = group.size();
     if placement.ranks() != size {
         return Err(invalid(format!(
@@ -690,6 +757,27 @@ impl PendingShadows {
             stacked: self.stacked,
         })
     }
+}
+
+/// Waits for every chunk's results, in chunk order, and puts them (and the replicas') at the
+/// rows of `tokens` they came from: `combined`, a leaf that requires grad.
+fn wait_and_combine(
+    group: &dyn Collective,
+    tokens: &Tensor,
+    rows: i64,
+    chunks: &[Chunk],
+    returning: Vec<PendingRows>,
+    shadows: Option<&Shadows>,
+    at: &str,
+) -> Result<Tensor> {
+    let mut returned = Vec::with_capacity(returning.len());
+    for r in returning {
+        returned.push(r.wait()?);
+    }
+    combine(tokens, rows, chunks, returned, shadows)
+        .and_then(|t| t.f_detach())
+        .and_then(|t| t.f_set_requires_grad(true))
+        .map_err(tensor_failure(group.label(), EXCHANGE, at))
 }
 
 /// The combined output rows: each chunk's returned rows (and the replicas' outputs) at the

@@ -340,24 +340,59 @@ pub fn connect(
     // Connect to every lower rank, then accept every higher one: the lower ranks reach their
     // accepting phase first, so no pair waits on the other.
     for (peer, address) in addresses.iter().enumerate().take(rank) {
-        let mut stream = connect_peer(address, deadline).map_err(|e| {
-            anyhow::anyhow!("rank {rank} could not connect to rank {peer} at {address}: {e}")
-        })?;
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        stream.set_read_timeout(Some(left))?;
-        stream.write_all(hello(rank, &tag).as_bytes())?;
-        let line = read_handshake_line(&stream, 1024)
-            .map_err(|e| anyhow::anyhow!("rank {peer} did not answer rank {rank}'s hello: {e}"))?;
-        if line.trim_end() != "OK" {
-            anyhow::bail!(
-                "rank {peer} refused rank {rank}: {}",
-                line.trim_end().trim_start_matches("ERR ")
-            );
-        }
-        streams[peer] = Some(stream);
+        streams[peer] = Some(greet_lower_rank(rank, peer, address, &tag, deadline)?);
     }
+    accept_higher_ranks(&listener, rank, &tag, deadline, timeout, &mut streams)?;
+
+    let mesh = start_mesh(rank, streams, timeout)?;
+    groups_over_mesh(&mesh, layout, rank, my_tensor, timeout)
+}
+
+/// The time left until `deadline`, at least a millisecond (a socket timeout of zero is
+/// refused).
+fn time_left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
+/// Rank `rank`'s connection to the lower rank `peer` at `address`: opened (retried until
+/// `deadline`), this rank's hello sent, and the peer's `OK` read.
+fn greet_lower_rank(
+    rank: usize,
+    peer: usize,
+    address: &str,
+    tag: &str,
+    deadline: Instant,
+) -> anyhow::Result<TcpStream> {
+    let mut stream = connect_peer(address, deadline).map_err(|e| {
+        anyhow::anyhow!("rank {rank} could not connect to rank {peer} at {address}: {e}")
+    })?;
+    stream.set_read_timeout(Some(time_left(deadline)))?;
+    stream.write_all(hello(rank, tag).as_bytes())?;
+    let line = read_handshake_line(&stream, 1024)
+        .map_err(|e| anyhow::anyhow!("rank {peer} did not answer rank {rank}'s hello: {e}"))?;
+    if line.trim_end() != "OK" {
+        anyhow::bail!(
+            "rank {peer} refused rank {rank}: {}",
+            line.trim_end().trim_start_matches("ERR ")
+        );
+    }
+    Ok(stream)
+}
+
+/// Accepts a connection from every rank above `rank` into `streams` (by their hellos; a
+/// stranger is answered `ERR` and ignored), until `deadline`; a timeout names the ranks that
+/// did not come.
+fn accept_higher_ranks(
+    listener: &TcpListener,
+    rank: usize,
+    tag: &str,
+    deadline: Instant,
+    timeout: Duration,
+    streams: &mut [Option<TcpStream>],
+) -> anyhow::Result<()> {
+    let world = streams.len();
     listener.set_nonblocking(true)?;
     while let Some(waiting) = (rank + 1..world).find(|&p| streams[p].is_none()) {
         let (mut stream, _) = match listener.accept() {
@@ -378,45 +413,68 @@ pub fn connect(
             }
             Err(e) => return Err(e.into()),
         };
-        stream.set_nonblocking(false)?;
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        stream.set_read_timeout(Some(left))?;
-        let Ok(line) = read_handshake_line(&stream, 1024) else {
-            continue;
-        };
-        let fields: Vec<&str> = line.trim_end().split(' ').collect();
-        let peer = match fields.as_slice() {
-            [a, b, peer, their_tag] if format!("{a} {b}") == HELLO => match peer.parse::<usize>() {
-                Ok(p) if p > rank && p < world && streams[p].is_none() => {
-                    if *their_tag != tag {
-                        let _ = stream.write_all(
-                            format!("ERR rank {rank} has another configuration (`{tag}`)\n")
-                                .as_bytes(),
-                        );
-                        anyhow::bail!(
-                                "rank {p} has a different configuration (`{their_tag}`) than rank {rank} (`{tag}`)"
-                            );
-                    }
-                    p
-                }
-                _ => {
-                    let _ = stream.write_all(b"ERR not a rank this one waits for\n");
-                    continue;
-                }
-            },
-            _ => {
-                let _ = stream.write_all(b"ERR not an fmoec rank\n");
-                continue;
-            }
-        };
-        stream.write_all(b"OK\n")?;
-        streams[peer] = Some(stream);
+        if let Some(peer) = answer_hello(&mut stream, rank, tag, deadline, streams)? {
+            streams[peer] = Some(stream);
+        }
     }
+    Ok(())
+}
 
+/// Reads the hello on an accepted `stream` and answers it: the higher rank it comes from
+/// (answered `OK`), `None` for a connection that is not a rank this one still waits for
+/// (answered `ERR`, or silent), or an error for a rank started with another configuration
+/// than `tag`.
+fn answer_hello(
+    stream: &mut TcpStream,
+    rank: usize,
+    tag: &str,
+    deadline: Instant,
+    streams: &[Option<TcpStream>],
+) -> anyhow::Result<Option<usize>> {
+    let world = streams.len();
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(time_left(deadline)))?;
+    let Ok(line) = read_handshake_line(&*stream, 1024) else {
+        return Ok(None);
+    };
+    let fields: Vec<&str> = line.trim_end().split(' ').collect();
+    let peer = match fields.as_slice() {
+        [a, b, peer, their_tag] if format!("{a} {b}") == HELLO => match peer.parse::<usize>() {
+            Ok(p) if p > rank && p < world && streams[p].is_none() => {
+                if *their_tag != tag {
+                    let _ = stream.write_all(
+                        format!("ERR rank {rank} has another configuration (`{tag}`)\n").as_bytes(),
+                    );
+                    anyhow::bail!(
+                        "rank {p} has a different configuration (`{their_tag}`) than rank {rank} (`{tag}`)"
+                    );
+                }
+                p
+            }
+            _ => {
+                let _ = stream.write_all(b"ERR not a rank this one waits for\n");
+                return Ok(None);
+            }
+        },
+        _ => {
+            let _ = stream.write_all(b"ERR not an fmoec rank\n");
+            return Ok(None);
+        }
+    };
+    stream.write_all(b"OK\n")?;
+    Ok(Some(peer))
+}
+
+/// The mesh of rank `rank`'s connections (`streams` by global rank, `None` for itself), each
+/// with writes bounded by `timeout` and a reader thread that sorts its messages into the
+/// inbox.
+fn start_mesh(
+    rank: usize,
+    streams: Vec<Option<TcpStream>>,
+    timeout: Duration,
+) -> anyhow::Result<Arc<Mesh>> {
     let mut readers = Vec::new();
-    let mut peers = Vec::with_capacity(world);
+    let mut peers = Vec::with_capacity(streams.len());
     for (peer, stream) in streams.into_iter().enumerate() {
         match stream {
             None => peers.push(None),
@@ -440,8 +498,20 @@ pub fn connect(
             .name(format!("fmoec-tcp-from-{peer}"))
             .spawn(move || read_from(weak, peer, stream))?;
     }
+    Ok(mesh)
+}
+
+/// Rank `rank`'s [`Groups`] of `layout` over `mesh`, with its tensor group (`my_tensor`:
+/// its members) when it has one.
+fn groups_over_mesh(
+    mesh: &Arc<Mesh>,
+    layout: &GroupLayout,
+    rank: usize,
+    my_tensor: Option<Vec<usize>>,
+    timeout: Duration,
+) -> anyhow::Result<Groups> {
     let handle = |label: GroupLabel, position: usize| {
-        let transport = TcpTransport(Arc::clone(&mesh));
+        let transport = TcpTransport(Arc::clone(mesh));
         Box::new(TcpCollective::new(transport, label, position, timeout)) as Box<dyn Collective>
     };
     let mut groups = Groups::connect(layout, rank, |label, position| Ok(handle(label, position)))?;
@@ -689,5 +759,81 @@ mod tests {
             e.contains("timed out after 400ms waiting for rank 1"),
             "{e}"
         );
+    }
+
+    /// Rank 0 of two runs `connect` on a thread; this test is rank 1: it passes the
+    /// rendezvous, then knocks on rank 0's port with lines that are not (yet) the hello it
+    /// waits for. Each gets its answer and rank 0 keeps waiting, until a hello of another
+    /// configuration ends its `connect` with an error naming both.
+    #[test]
+    fn the_mesh_handshake_answers_strangers_and_refuses_another_configuration() {
+        let layout = GroupLayout::data_parallel(2, 2).unwrap();
+        let tag = layout_tag(&layout, None);
+        let (port, timeout) = (free_port(), Duration::from_secs(30));
+        std::thread::scope(|s| {
+            let rank0 = s.spawn(|| connect(&layout, None, &env(0, 2, port), timeout).map(|_| ()));
+            let addresses = env(1, 2, port)
+                .gather_addresses(&tag, free_port(), timeout)
+                .unwrap();
+            let ask = |line: &str| {
+                let mut stream = TcpStream::connect(&addresses[0]).unwrap();
+                stream.write_all(line.as_bytes()).unwrap();
+                read_handshake_line(&stream, 1024).unwrap()
+            };
+            assert_eq!(ask("GET / HTTP/1.0\n"), "ERR not an fmoec rank\n");
+            for not_awaited in [0, 2] {
+                assert_eq!(
+                    ask(&hello(not_awaited, &tag)),
+                    "ERR not a rank this one waits for\n"
+                );
+            }
+            assert_eq!(
+                ask(&hello(1, "layout-other")),
+                format!("ERR rank 0 has another configuration (`{tag}`)\n")
+            );
+            let e = rank0.join().unwrap().unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "rank 1 has a different configuration (`layout-other`) than rank 0 (`{tag}`)"
+                )
+            );
+        });
+    }
+
+    /// This test as rank 0 refuses the hello of rank 1's `connect`, which says so; then, as
+    /// rank 1, it passes the rendezvous but never connects, and rank 0's `connect` gives up by
+    /// the timeout naming it.
+    #[test]
+    fn a_refused_hello_and_a_rank_that_never_connects_are_errors_naming_the_ranks() {
+        let layout = GroupLayout::data_parallel(2, 2).unwrap();
+        let tag = layout_tag(&layout, None);
+        let (port, timeout) = (free_port(), Duration::from_secs(30));
+        std::thread::scope(|s| {
+            let rank1 = s.spawn(|| connect(&layout, None, &env(1, 2, port), timeout).map(|_| ()));
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mesh_port = listener.local_addr().unwrap().port();
+            env(0, 2, port)
+                .gather_addresses(&tag, mesh_port, timeout)
+                .unwrap();
+            let (mut stream, _) = listener.accept().unwrap();
+            assert_eq!(read_handshake_line(&stream, 1024).unwrap(), hello(1, &tag));
+            stream.write_all(b"ERR busy\n").unwrap();
+            let e = rank1.join().unwrap().unwrap_err().to_string();
+            assert_eq!(e, "rank 0 refused rank 1: busy");
+        });
+
+        let (port, short) = (free_port(), Duration::from_millis(1500));
+        std::thread::scope(|s| {
+            let rank0 = s.spawn(|| connect(&layout, None, &env(0, 2, port), short).map(|_| ()));
+            env(1, 2, port)
+                .gather_addresses(&tag, free_port(), timeout)
+                .unwrap();
+            let e = rank0.join().unwrap().unwrap_err().to_string();
+            assert_eq!(
+                e,
+                "rank 0: timed out after 1.5s waiting for rank(s) 1 to connect (first: 1)"
+            );
+        });
     }
 }

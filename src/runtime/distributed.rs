@@ -37,7 +37,7 @@ use crate::collective::{
     ParamKind, Tape,
 };
 use crate::diag::Diagnostic;
-use crate::plan::{self, Memory, MemoryModel, Overrides, ParallelPlan};
+use crate::plan::{self, Memory, MemoryModel, MoeLayerPlan, Overrides, ParallelPlan};
 use crate::runtime::model::{ModelPart, MoeHook, NormLayer, Transformer};
 use crate::runtime::moe::{self, MoeLayer, Telemetry};
 use crate::runtime::train::{RunOptions, RunSummary};
@@ -252,122 +252,151 @@ fn ranks_of(lists: &[Vec<u64>]) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// The plan's tensor groups, checked to split the world into groups of its tensor size.
+fn tensor_groups_of(plan: &ParallelPlan) -> Result<Vec<Vec<usize>>> {
+    let tensor = ranks_of(&plan.groups.tensor);
+    let mut seen = vec![0usize; plan.world as usize];
+    for &r in tensor.iter().flatten() {
+        match seen.get_mut(r) {
+            Some(c) => *c += 1,
+            None => bail!("the plan's tensor groups name rank {r} outside the world"),
+        }
+    }
+    if seen.iter().any(|&c| c != 1) || tensor.iter().any(|g| g.len() != plan.tensor as usize) {
+        bail!(
+            "the plan's tensor groups {:?} do not split the world into groups of {}",
+            tensor,
+            plan.tensor
+        );
+    }
+    Ok(tensor)
+}
+
+/// The plan's groups as the collective layer takes them, validated, with as many stages as
+/// the plan's pipeline.
+fn layout_of(plan: &ParallelPlan) -> Result<GroupLayout> {
+    // The planner lists embedding groups for the first and last stages only; the
+    // collective layer wants every rank in one (a middle stage's rank alone).
+    let mut embedding = ranks_of(&plan.groups.embedding);
+    for r in 0..plan.world as usize {
+        if !embedding.iter().any(|g| g.contains(&r)) {
+            embedding.push(vec![r]);
+        }
+    }
+    let layout = GroupLayout {
+        world: plan.world as usize,
+        data: ranks_of(&plan.groups.data),
+        expert: ranks_of(&plan.groups.expert),
+        expert_data: ranks_of(&plan.groups.expert_data),
+        gate: ranks_of(&plan.groups.gate),
+        pipeline: ranks_of(&plan.groups.pipeline),
+        embedding,
+    };
+    layout.validate()?;
+    if layout.stages() != plan.pipeline as usize || plan.stages.len() != layout.stages() {
+        bail!(
+            "the plan's pipeline groups have {} stages, its pipeline is {}",
+            layout.stages(),
+            plan.pipeline
+        );
+    }
+    Ok(layout)
+}
+
+/// What each of the plan's stages holds: its layers (in model chunks with virtual stages),
+/// and whether the embedding and the head.
+fn parts_of(plan: &ParallelPlan) -> Vec<ModelPart> {
+    plan.stages
+        .iter()
+        .map(|s| {
+            let chunks = if s.chunks.is_empty() {
+                std::iter::once(s.first_layer as usize..s.end_layer as usize).collect()
+            } else {
+                s.chunks
+                    .iter()
+                    .map(|c| c[0] as usize..c[1] as usize)
+                    .collect()
+            };
+            ModelPart {
+                chunks,
+                embedding: s.embedding,
+                head: s.head,
+            }
+        })
+        .collect()
+}
+
+/// The expert placement of MoE layer `layer`: what each position of the first expert group
+/// of its stage holds, checked against every rank's experts and the layer's expert count.
+fn placement_of(
+    plan: &ParallelPlan,
+    layout: &GroupLayout,
+    layer: &MoeLayerPlan,
+) -> Result<ExpertPlacement> {
+    // the first expert group of the layer's stage (every expert group lies in one)
+    let stage = layer.stage as usize;
+    let Some(first) = layout
+        .expert
+        .iter()
+        .find(|g| g.first().is_some_and(|&r| layout.stage_of(r) == stage))
+    else {
+        bail!("layer {}: no expert group on stage {stage}", layer.layer);
+    };
+    let held = |rank: usize| -> Vec<usize> {
+        plan.ranks
+            .get(rank)
+            .and_then(|r| r.experts.iter().find(|h| h.layer == layer.layer))
+            .map(|h| h.ids.iter().map(|&e| e as usize).collect())
+            .unwrap_or_default()
+    };
+    let positions: Vec<Vec<usize>> = first.iter().map(|&r| held(r)).collect();
+    // Every expert group of the stage must hold the experts the same way (position
+    // p of each group holds what position p of the first holds), the others none.
+    for group in &layout.expert {
+        let on_stage = group.iter().all(|&r| layout.stage_of(r) == stage);
+        for (p, &r) in group.iter().enumerate() {
+            if !on_stage && !held(r).is_empty() {
+                bail!(
+                    "layer {}: rank {r} of stage {} holds experts {:?} of a layer of stage {stage}",
+                    layer.layer,
+                    layout.stage_of(r),
+                    held(r)
+                );
+            }
+            if on_stage && held(r) != positions[p] {
+                bail!(
+                    "layer {}: rank {r} holds experts {:?}, but position {p} of the first expert group holds {:?}",
+                    layer.layer,
+                    held(r),
+                    positions[p]
+                );
+            }
+        }
+    }
+    let placement = ExpertPlacement::new(positions)
+        .map_err(|e| anyhow::anyhow!("layer {}: {e}", layer.layer))?;
+    if placement.experts() != layer.experts as usize {
+        bail!(
+            "layer {}: the placement holds {} experts, the layer has {}",
+            layer.layer,
+            placement.experts(),
+            layer.experts
+        );
+    }
+    Ok(placement)
+}
+
 impl WorldPlan {
     /// The groups, stages and expert placement of a plan.
     pub fn from_plan(plan: &ParallelPlan) -> Result<WorldPlan> {
-        let tensor = ranks_of(&plan.groups.tensor);
-        let mut seen = vec![0usize; plan.world as usize];
-        for &r in tensor.iter().flatten() {
-            match seen.get_mut(r) {
-                Some(c) => *c += 1,
-                None => bail!("the plan's tensor groups name rank {r} outside the world"),
-            }
-        }
-        if seen.iter().any(|&c| c != 1) || tensor.iter().any(|g| g.len() != plan.tensor as usize) {
-            bail!(
-                "the plan's tensor groups {:?} do not split the world into groups of {}",
-                tensor,
-                plan.tensor
-            );
-        }
-        // The planner lists embedding groups for the first and last stages only; the
-        // collective layer wants every rank in one (a middle stage's rank alone).
-        let mut embedding = ranks_of(&plan.groups.embedding);
-        for r in 0..plan.world as usize {
-            if !embedding.iter().any(|g| g.contains(&r)) {
-                embedding.push(vec![r]);
-            }
-        }
-        let layout = GroupLayout {
-            world: plan.world as usize,
-            data: ranks_of(&plan.groups.data),
-            expert: ranks_of(&plan.groups.expert),
-            expert_data: ranks_of(&plan.groups.expert_data),
-            gate: ranks_of(&plan.groups.gate),
-            pipeline: ranks_of(&plan.groups.pipeline),
-            embedding,
-        };
-        layout.validate()?;
-        if layout.stages() != plan.pipeline as usize || plan.stages.len() != layout.stages() {
-            bail!(
-                "the plan's pipeline groups have {} stages, its pipeline is {}",
-                layout.stages(),
-                plan.pipeline
-            );
-        }
-        let parts: Vec<ModelPart> = plan
-            .stages
+        let tensor = tensor_groups_of(plan)?;
+        let layout = layout_of(plan)?;
+        let parts = parts_of(plan);
+        let placements = plan
+            .moe_layers
             .iter()
-            .map(|s| {
-                let chunks = if s.chunks.is_empty() {
-                    std::iter::once(s.first_layer as usize..s.end_layer as usize).collect()
-                } else {
-                    s.chunks
-                        .iter()
-                        .map(|c| c[0] as usize..c[1] as usize)
-                        .collect()
-                };
-                ModelPart {
-                    chunks,
-                    embedding: s.embedding,
-                    head: s.head,
-                }
-            })
-            .collect();
-        let mut placements = BTreeMap::new();
-        for layer in &plan.moe_layers {
-            // the first expert group of the layer's stage (every expert group lies in one)
-            let stage = layer.stage as usize;
-            let Some(first) = layout
-                .expert
-                .iter()
-                .find(|g| g.first().is_some_and(|&r| layout.stage_of(r) == stage))
-            else {
-                bail!("layer {}: no expert group on stage {stage}", layer.layer);
-            };
-            let held = |rank: usize| -> Vec<usize> {
-                plan.ranks
-                    .get(rank)
-                    .and_then(|r| r.experts.iter().find(|h| h.layer == layer.layer))
-                    .map(|h| h.ids.iter().map(|&e| e as usize).collect())
-                    .unwrap_or_default()
-            };
-            let positions: Vec<Vec<usize>> = first.iter().map(|&r| held(r)).collect();
-            // Every expert group of the stage must hold the experts the same way (position
-            // p of each group holds what position p of the first holds), the others none.
-            for group in &layout.expert {
-                let on_stage = group.iter().all(|&r| layout.stage_of(r) == stage);
-                for (p, &r) in group.iter().enumerate() {
-                    if !on_stage && !held(r).is_empty() {
-                        bail!(
-                            "layer {}: rank {r} of stage {} holds experts {:?} of a layer of stage {stage}",
-                            layer.layer,
-                            layout.stage_of(r),
-                            held(r)
-                        );
-                    }
-                    if on_stage && held(r) != positions[p] {
-                        bail!(
-                            "layer {}: rank {r} holds experts {:?}, but position {p} of the first expert group holds {:?}",
-                            layer.layer,
-                            held(r),
-                            positions[p]
-                        );
-                    }
-                }
-            }
-            let placement = ExpertPlacement::new(positions)
-                .map_err(|e| anyhow::anyhow!("layer {}: {e}", layer.layer))?;
-            if placement.experts() != layer.experts as usize {
-                bail!(
-                    "layer {}: the placement holds {} experts, the layer has {}",
-                    layer.layer,
-                    placement.experts(),
-                    layer.experts
-                );
-            }
-            placements.insert(layer.layer, placement);
-        }
+            .map(|layer| Ok((layer.layer, placement_of(plan, &layout, layer)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(WorldPlan {
             layout,
             tensor,
@@ -579,8 +608,8 @@ impl MoeHook for ExpertParallel<'_> {
         train: bool,
         key: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor, Telemetry)> {
-        let ctx = self.ctx;
-        let placement = ctx
+        let placement = self
+            .ctx
             .plan
             .placements
             .get(&index)
@@ -591,7 +620,87 @@ impl MoeHook for ExpertParallel<'_> {
         let h = norm.forward(&xl)?;
         let hl = self.cut(&h, true)?;
         let routing = layer.gate.route(&hl, train, key)?;
-        let e = layer.gate.experts;
+        let dispatch = Dispatch::sorted_by_slot(&routing, placement, layer.gate.experts, &hl)?;
+
+        if let Some(tape) = &mut self.tape {
+            tape.step();
+        }
+        let weight = self.cut(&routing.weight, false)?;
+        let balance = self.cut(&routing.balance_loss, false)?;
+        let (ys, shadowed) = self.exchange(index, layer, placement, &dispatch, hl.device())?;
+        let mut out = dispatch.weighted_sum(&ys, &weight, tokens, d, hl.device())?;
+        if let Some(shared) = &layer.shared {
+            out = out.f_add(&shared.forward(&hl)?)?;
+        }
+        let y = xl.f_add(&out)?.f_reshape([b, t, d])?;
+        let mut telemetry = tch::no_grad(|| {
+            let per_expert = dispatch.per_slot.f_index_select(0, &dispatch.slot_table)?;
+            moe::telemetry(&routing, &per_expert, tokens)
+        })?;
+        telemetry.shadowed = shadowed;
+        Ok((y, balance, telemetry))
+    }
+}
+
+impl ExpertParallel<'_> {
+    /// MoE layer `index`'s exchange of `dispatch`'s rows over the expert group, with
+    /// FasterMoE's chunks and shadowing where the plan asks for them, recorded on the tape.
+    /// The experts' outputs (in `dispatch`'s order) and, with shadowing, which experts ran
+    /// on replicas.
+    fn exchange(
+        &mut self,
+        index: usize,
+        layer: &MoeLayer,
+        placement: &ExpertPlacement,
+        dispatch: &Dispatch,
+        device: tch::Device,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let ctx = self.ctx;
+        let at = format!("{}, layer {index}", self.at);
+        let schedule = moe::LayerSchedule::of(ctx.plan.fastermoe.as_ref(), index);
+        let (ys, exchange) = exchange_experts_with(
+            ctx.groups.expert(),
+            placement,
+            &dispatch.send,
+            &dispatch.counts,
+            &at,
+            schedule.options(),
+            &moe::RankExperts(&layer.experts),
+        )?;
+        let shadowed = schedule.shadowed(&exchange, layer.gate.experts, device)?;
+        if let Some(tape) = &mut self.tape {
+            tape.record(exchange);
+        }
+        Ok((ys, shadowed))
+    }
+}
+
+/// One MoE layer's token copies on this rank, sorted by the slot of their expert in the
+/// placement's order, as the exchange takes them.
+struct Dispatch {
+    /// Each global expert's slot.
+    slot_table: Tensor,
+    /// Kept copies per slot, `[E]` on the device.
+    per_slot: Tensor,
+    /// The same on the CPU.
+    counts: Vec<i64>,
+    /// The kept copies (positions in the flattened `[T * k]` routing), by slot.
+    sent: Tensor,
+    /// The token of each sent copy.
+    token: Tensor,
+    /// The sent copies' rows of the layer's normed input.
+    send: Tensor,
+}
+
+impl Dispatch {
+    /// `routing`'s copies of `hl`'s rows sorted by slot (`experts`: the layer's global
+    /// count).
+    fn sorted_by_slot(
+        routing: &moe::Routing,
+        placement: &ExpertPlacement,
+        experts: i64,
+        hl: &Tensor,
+    ) -> Result<Dispatch> {
         let k = routing.expert.size()[1];
         let device = hl.device();
         // Slots in the placement's order; dropped slots (-1) sort past the last one.
@@ -600,53 +709,46 @@ impl MoeHook for ExpertParallel<'_> {
         let valid = flat.f_ge(0)?;
         let slot = slot_table
             .f_index_select(0, &flat.f_clamp_min(0)?)?
-            .f_where_scalarother(&valid, e)?;
+            .f_where_scalarother(&valid, experts)?;
         let order = slot.f_argsort_stable(true, 0, false)?;
-        let per_slot = moe::counts_of(&slot, e + 1)?.f_narrow(0, 0, e)?;
+        let per_slot = moe::counts_of(&slot, experts + 1)?.f_narrow(0, 0, experts)?;
         let counts = Vec::<i64>::try_from(&per_slot.f_to_device(tch::Device::Cpu)?)?;
         let kept: i64 = counts.iter().sum();
         let sent = order.f_narrow(0, 0, kept)?;
         let token = sent.f_div_scalar_mode(k, "floor")?;
         let send = hl.f_index_select(0, &token)?;
+        Ok(Dispatch {
+            slot_table,
+            per_slot,
+            counts,
+            sent,
+            token,
+            send,
+        })
+    }
 
-        if let Some(tape) = &mut self.tape {
-            tape.step();
-        }
-        let weight = self.cut(&routing.weight, false)?;
-        let balance = self.cut(&routing.balance_loss, false)?;
-        let at = format!("{}, layer {index}", self.at);
-        // FasterMoE's chunks and shadowing where the plan asks for them
-        let schedule = moe::LayerSchedule::of(ctx.plan.fastermoe.as_ref(), index);
-        let (ys, exchange) = exchange_experts_with(
-            ctx.groups.expert(),
-            placement,
-            &send,
-            &counts,
-            &at,
-            schedule.options(),
-            &moe::RankExperts(&layer.experts),
-        )?;
-        let shadowed = schedule.shadowed(&exchange, e, device)?;
-        if let Some(tape) = &mut self.tape {
-            tape.record(exchange);
-        }
+    /// The experts' outputs `ys` (one row per sent copy) weighted by the copies' combine
+    /// `weight` and summed per token: `[tokens, d]` on `device`.
+    fn weighted_sum(
+        &self,
+        ys: &Tensor,
+        weight: &Tensor,
+        tokens: i64,
+        d: i64,
+        device: tch::Device,
+    ) -> Result<Tensor> {
         let w = weight
             .f_reshape([-1])?
-            .f_index_select(0, &sent)?
+            .f_index_select(0, &self.sent)?
             .f_to_kind(ys.kind())?;
         let weighted = ys.f_mul(&w.f_unsqueeze(1)?)?;
-        let mut out =
-            Tensor::f_zeros([tokens, d], (ys.kind(), device))?.f_index_add(0, &token, &weighted)?;
-        if let Some(shared) = &layer.shared {
-            out = out.f_add(&shared.forward(&hl)?)?;
-        }
-        let y = xl.f_add(&out)?.f_reshape([b, t, d])?;
-        let mut telemetry = tch::no_grad(|| {
-            let per_expert = per_slot.f_index_select(0, &slot_table)?;
-            moe::telemetry(&routing, &per_expert, tokens)
-        })?;
-        telemetry.shadowed = shadowed;
-        Ok((y, balance, telemetry))
+        Ok(
+            Tensor::f_zeros([tokens, d], (ys.kind(), device))?.f_index_add(
+                0,
+                &self.token,
+                &weighted,
+            )?,
+        )
     }
 }
 

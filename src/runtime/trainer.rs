@@ -40,7 +40,8 @@ use tch::{Device, Kind, Tensor};
 use crate::check::{Checked, Precision, Train};
 use crate::collective::{
     clip_global_norm, clip_global_norm_pipeline, clip_global_norm_tensor_parallel,
-    reduce_gradients, sum_partial_gradients, sum_tied_gradients, ParamKind, Tape, TensorSplit,
+    reduce_gradients, sum_partial_gradients, sum_tied_gradients, Collective, ParamKind, Tape,
+    TensorSplit,
 };
 use crate::runtime::checkpoint::{self, SaveInfo};
 use crate::runtime::data::{mix_all, Dataset};
@@ -91,6 +92,32 @@ pub struct StepSums {
     balance: Tensor,
     /// Per MoE layer, its telemetry summed over the micro-batches.
     telemetry: Vec<(usize, Accum)>,
+}
+
+impl StepSums {
+    /// Nothing yet: zero losses on `device`, no telemetry.
+    fn zero(device: Device) -> Result<StepSums> {
+        Ok(StepSums {
+            lm: Tensor::f_zeros([], (Kind::Float, device))?,
+            balance: Tensor::f_zeros([], (Kind::Float, device))?,
+            telemetry: Vec::new(),
+        })
+    }
+
+    /// Adds one micro-batch's LM loss (a pipeline stage without the head has none), its
+    /// balance loss and its telemetry.
+    fn add(
+        &mut self,
+        lm: Option<&Tensor>,
+        balance: &Tensor,
+        telemetry: Vec<(usize, Telemetry)>,
+    ) -> Result<()> {
+        if let Some(lm) = lm {
+            self.lm = self.lm.f_add(lm)?;
+        }
+        self.balance = self.balance.f_add(balance)?;
+        accumulate(&mut self.telemetry, telemetry)
+    }
 }
 
 /// A step's reduced figures.
@@ -550,47 +577,61 @@ impl<'a> Trainer<'a> {
     /// This rank's micro-batches of the step, forward and backward (the gradients add up in
     /// the masters' `.grad`), each loss divided by the micro-batches this rank runs.
     fn forward_backward(&mut self) -> Result<StepSums> {
-        let (seed, step) = (self.train.seed, self.step);
         if self.ctx.is_none() {
-            let _rng = lock_rng();
-            tch::manual_seed(mix_all(&[seed, STEP_KEY, step]) as i64);
+            self.seed_libtorch_for_the_step();
         }
         self.model.store.zero_grad();
         cast::begin_step()?;
-        let mut lm_sum = Tensor::f_zeros([], (Kind::Float, self.device))?;
-        let mut bal_sum = Tensor::f_zeros([], (Kind::Float, self.device))?;
-        let mut telemetry = Vec::new();
-        if let (Pass::Pipeline, Some(c)) = (&self.pass, self.ctx) {
-            let source = pipeline::Source {
-                data: &self.data,
-                seed,
-                rows: self.micro_batch as usize,
-                window: self.window,
-                feed: Feed::Train { step },
-            };
-            let label = format!("step {}", step + 1);
-            let passes = pipeline::run(
-                &mut self.model,
-                c,
-                &source,
-                self.local_micro_batches as usize,
-                true,
-                &label,
-            )?;
-            for f in passes {
-                if let Some(lm) = &f.lm {
-                    lm_sum = lm_sum.f_add(lm)?;
-                }
-                bal_sum = bal_sum.f_add(&f.balance)?;
-                accumulate(&mut telemetry, f.telemetry)?;
-            }
-            cast::end_step();
-            return Ok(StepSums {
-                lm: lm_sum,
-                balance: bal_sum,
-                telemetry,
-            });
+        let mut sums = StepSums::zero(self.device)?;
+        match (&self.pass, self.ctx) {
+            (Pass::Pipeline, Some(c)) => self.micro_batches_by_the_schedule(c, &mut sums)?,
+            _ => self.micro_batches_one_by_one(&mut sums)?,
         }
+        cast::end_step();
+        Ok(sums)
+    }
+
+    /// Alone: keys libtorch's generator by the run's seed and the step (see [`STEP_KEY`]).
+    fn seed_libtorch_for_the_step(&self) {
+        let _rng = lock_rng();
+        tch::manual_seed(mix_all(&[self.train.seed, STEP_KEY, self.step]) as i64);
+    }
+
+    /// A pipeline stage: the step's micro-batches through this stage's model chunks by the
+    /// schedule ([`pipeline::run`]), their losses and telemetry added to `sums`.
+    fn micro_batches_by_the_schedule(
+        &mut self,
+        c: &RankContext,
+        sums: &mut StepSums,
+    ) -> Result<()> {
+        let step = self.step;
+        let source = pipeline::Source {
+            data: &self.data,
+            seed: self.train.seed,
+            rows: self.micro_batch as usize,
+            window: self.window,
+            feed: Feed::Train { step },
+        };
+        let label = format!("step {}", step + 1);
+        let passes = pipeline::run(
+            &mut self.model,
+            c,
+            &source,
+            self.local_micro_batches as usize,
+            true,
+            &label,
+        )?;
+        for f in passes {
+            sums.add(f.lm.as_ref(), &f.balance, f.telemetry)?;
+        }
+        Ok(())
+    }
+
+    /// Alone, or a rank without a pipeline: this rank's micro-batches of the step one after
+    /// another by its [`Pass`], each routed by its own key; their detached losses and
+    /// telemetry added to `sums`.
+    fn micro_batches_one_by_one(&mut self, sums: &mut StepSums) -> Result<()> {
+        let (seed, step) = (self.train.seed, self.step);
         for i in 0..self.local_micro_batches {
             let m = i * self.data_ranks + self.data_rank;
             let key = [seed, step, m];
@@ -603,17 +644,11 @@ impl<'a> Trainer<'a> {
             )?;
             self.model.set_routing_key(Some(&key))?;
             let (lm, out) = self.micro_batch_pass(&tokens, m)?;
-            lm_sum = lm_sum.f_add(&lm.f_detach()?)?;
-            bal_sum = bal_sum.f_add(&out.balance_loss.f_detach()?)?;
-            accumulate(&mut telemetry, out.telemetry)?;
+            let (lm, balance) = (lm.f_detach()?, out.balance_loss.f_detach()?);
+            sums.add(Some(&lm), &balance, out.telemetry)?;
         }
         self.model.set_routing_key(None)?;
-        cast::end_step();
-        Ok(StepSums {
-            lm: lm_sum,
-            balance: bal_sum,
-            telemetry,
-        })
+        Ok(())
     }
 
     /// Micro-batch `m` (its `tokens` on the CPU) forward and backward by this process's
@@ -1087,18 +1122,16 @@ impl<'a> Trainer<'a> {
     /// group, the rest once, tensor-sharded parameters summed over the tensor group first)
     /// and the summary's device line.
     fn parameters_and_device(&self) -> Result<(i64, String)> {
-        let device = self.device;
         let Some(c) = self.ctx else {
-            let how = match &self.pass {
-                Pass::Alone(runner) => runner.describe(),
-                _ => "",
-            };
-            return Ok((self.model.store.numel(), format!("{device:?}{how}")));
+            return Ok((self.model.store.numel(), self.device_line_alone()));
         };
-        let tensor = self.tensor;
-        let mut expert = 0i64;
-        let mut rest = 0i64;
-        let mut sharded = [0i64; 2];
+        let parameters = self.parameters_here().summed_over_ranks(c, self.tensor)?;
+        Ok((parameters, self.device_line_ranked(c)))
+    }
+
+    /// This rank's counted parameters, by how they add up over the ranks.
+    fn parameters_here(&self) -> ParameterCounts {
+        let mut counts = ParameterCounts::default();
         for (((k, s), p), counted) in self
             .kinds
             .iter()
@@ -1111,57 +1144,100 @@ impl<'a> Trainer<'a> {
             }
             let n = p.tensor.numel() as i64;
             let is_expert = *k == ParamKind::Expert;
-            match (is_expert, *s == TensorSplit::Sharded && tensor > 1) {
-                (e, true) => sharded[usize::from(e)] += n,
-                (true, false) => expert += n,
-                (false, false) => rest += n,
+            match (is_expert, *s == TensorSplit::Sharded && self.tensor > 1) {
+                (e, true) => counts.sharded[usize::from(e)] += n,
+                (true, false) => counts.expert += n,
+                (false, false) => counts.rest += n,
             }
         }
-        if tensor > 1 {
-            let mut t = Tensor::f_from_slice(&sharded)?.f_to_device(c.device)?;
-            c.groups
-                .tensor()
-                .all_reduce_sum(&mut t, "sharded parameter count")?;
-            rest += t.f_int64_value(&[0])?;
-            expert += t.f_int64_value(&[1])?;
-        }
-        let mut t = Tensor::f_from_slice(&[expert])?.f_to_device(c.device)?;
-        c.groups
-            .expert()
-            .all_reduce_sum(&mut t, "parameter count")?;
-        let expert = t.f_int64_value(&[0])?;
-        let stages = c.stages();
+        counts
+    }
+
+    /// The summary's device line alone: the device, and how the step runs on it.
+    fn device_line_alone(&self) -> String {
+        let how = match &self.pass {
+            Pass::Alone(runner) => runner.describe(),
+            _ => "",
+        };
+        format!("{:?}{how}", self.device)
+    }
+
+    /// The summary's device line with several ranks: the device, the ranks and, with tensor
+    /// or pipeline parallelism, their grid.
+    fn device_line_ranked(&self, c: &RankContext) -> String {
+        let (device, tensor, stages) = (self.device, self.tensor, c.stages());
         if stages > 1 {
-            // every stage holds its own part: summed over the stages
-            let mut t = Tensor::f_from_slice(&[rest + expert])?.f_to_device(c.device)?;
-            c.groups
-                .pipeline()
-                .all_reduce_sum(&mut t, "parameter count over the stages")?;
-            let total = t.f_int64_value(&[0])?;
-            let name = format!(
-                "{:?} x {} ranks (tensor {tensor} x pipeline {stages}{} x data {})",
-                device,
-                c.world(),
-                match c.plan.virtual_stages {
-                    v if v > 1 => format!(", {v} chunks each"),
-                    _ => String::new(),
-                },
-                c.data_size()
-            );
-            return Ok((total, name));
-        }
-        let name = if tensor > 1 {
+            let chunks = match c.plan.virtual_stages {
+                v if v > 1 => format!(", {v} chunks each"),
+                _ => String::new(),
+            };
             format!(
-                "{:?} x {} ranks (tensor {tensor} x data {})",
-                device,
+                "{device:?} x {} ranks (tensor {tensor} x pipeline {stages}{chunks} x data {})",
+                c.world(),
+                c.data_size()
+            )
+        } else if tensor > 1 {
+            format!(
+                "{device:?} x {} ranks (tensor {tensor} x data {})",
                 c.world(),
                 c.data_size()
             )
         } else {
-            format!("{:?} x {} ranks", device, c.world())
-        };
-        Ok((rest + expert, name))
+            format!("{device:?} x {} ranks", c.world())
+        }
     }
+}
+
+/// One rank's parameter elements (those it counts), by how they add up over the ranks.
+#[derive(Default)]
+struct ParameterCounts {
+    /// Experts' (not tensor-sharded): each expert group holds every expert once.
+    expert: i64,
+    /// The rest (not tensor-sharded): every rank of a stage holds the same.
+    rest: i64,
+    /// Tensor-sharded, `[rest, expert]`: each tensor group holds them once.
+    sharded: [i64; 2],
+}
+
+impl ParameterCounts {
+    /// The model's count from every rank's: the sharded ones summed over the tensor group
+    /// (when `tensor > 1`), then the experts over the expert group, then every stage's part
+    /// over the pipeline (with several stages); every rank takes part, in this order.
+    fn summed_over_ranks(self, c: &RankContext, tensor: usize) -> Result<i64> {
+        let ParameterCounts {
+            mut expert,
+            mut rest,
+            sharded,
+        } = self;
+        let device = c.device;
+        if tensor > 1 {
+            let at = "sharded parameter count";
+            let sums = sum_counts(c.groups.tensor(), device, &sharded, at)?;
+            rest += sums[0];
+            expert += sums[1];
+        }
+        let expert = sum_counts(c.groups.expert(), device, &[expert], "parameter count")?[0];
+        if c.stages() > 1 {
+            // every stage holds its own part: summed over the stages
+            let at = "parameter count over the stages";
+            return Ok(sum_counts(c.groups.pipeline(), device, &[rest + expert], at)?[0]);
+        }
+        Ok(rest + expert)
+    }
+}
+
+/// `counts` summed over `group`, through a tensor on the rank's `device`.
+fn sum_counts(
+    group: &dyn Collective,
+    device: Device,
+    counts: &[i64],
+    at: &str,
+) -> Result<Vec<i64>> {
+    let mut t = Tensor::f_from_slice(counts)?.f_to_device(device)?;
+    group.all_reduce_sum(&mut t, at)?;
+    (0..counts.len() as i64)
+        .map(|i| Ok(t.f_int64_value(&[i])?))
+        .collect()
 }
 
 /// What [`Trainer::setup`] derives from the file, the options and the rank before it looks
