@@ -960,9 +960,7 @@ impl Eval<'_> {
     /// Stage `s`'s layers: activations, tensor-parallel messages, and each MoE layer's
     /// experts (their parameters and FP8 copies go into `w`) and exchange.
     fn stage_layers(&self, s: u64, w: &mut StageWork) -> StageLayers {
-        let (c, m, grid, experts) = (self.c, &self.c.model, self.grid, self.experts);
-        let (t, p, te, ep) = (grid.tensor, grid.pipeline, experts.slices, experts.parallel);
-        let (h, a, tokens, model) = (m.width, self.a, self.tokens, self.model);
+        let (c, m, grid) = (self.c, &self.c.model, self.grid);
         let mut out = StageLayers {
             all_to_all: Vec::new(),
             exchanges: Vec::new(),
@@ -971,103 +969,152 @@ impl Eval<'_> {
             scores: 0,
             tensor_msgs: 0,
         };
-        // The groups of tensor rank 0 of this stage, as (lowest, highest) rank: they
-        // are increasing, so they share a host exactly when those two do.
-        let base = grid.rank(0, 0, s);
-        let egroup = [base, base + (ep - 1) * experts.stride];
         for layer in (0..m.layers.len()).filter(|&l| self.stage_of(l) == s) {
-            out.act = out.act.saturating_add(match model {
-                MemoryModel::Megatron => block_activations(c, layer, grid, a, self.seq_len, tokens),
-                MemoryModel::Fmoec => block_activations_fmoec(c, layer, a, tokens),
-                MemoryModel::MegatronCore => {
-                    block_activations_core(c, layer, grid, experts, a, tokens)
-                }
-            });
-            out.scores = out
-                .scores
-                .saturating_add(attention_scores(c, grid, self.seq_len, tokens));
+            out.act = out.act.saturating_add(self.layer_activations(layer));
+            out.scores =
+                out.scores
+                    .saturating_add(attention_scores(c, grid, self.seq_len, self.tokens));
             // Attention output, forward and backward.
             out.tensor_msgs += 2;
             match &m.layers[layer].ffn {
                 Ffn::Dense(_) => out.tensor_msgs += 2,
                 Ffn::Moe(moe) => {
-                    if te > 1 || moe.shared.is_some() {
+                    if self.experts.slices > 1 || moe.shared.is_some() {
                         out.tensor_msgs += 2;
                     }
-                    let one = graph::mlp_params(h, &moe.expert, m.bias);
-                    let local = moe.experts / ep;
-                    w.rp.expert += local * (one.sharded / te + one.replicated);
-                    if self.fp8_experts[layer] {
-                        let (hidden, matrices) =
-                            (moe.expert.hidden / te, moe.expert.act.matrices());
-                        // each matrix: a scale per output column and per row
-                        w.fp8_scale_bytes += local * matrices * 4 * (h + hidden);
-                        w.fp8_quant_bytes_per_token += (moe.top_k * local * ep) as f64
-                            / moe.experts.max(1) as f64
-                            * (FP8_QUANT_BYTES_INPUT * h as f64
-                                + FP8_QUANT_BYTES_HIDDEN * (hidden * (matrices - 1)) as f64);
-                    }
-                    let g = ep;
-                    // Megatron-Core: sequence parallelism gives each tensor rank its own slice
-                    // of the micro-batch to route, and after the exchange the expert-tensor
-                    // ranks gather each other's tokens (reduce-scattered back in the combine)
-                    let (routed, gather_ranks) = match model {
-                        MemoryModel::MegatronCore => (tokens / t, te),
-                        _ => (tokens, 1),
-                    };
-                    let rows = 2 * (moe.top_k as u128) * (routed as u128) * (h as u128) * a as u128;
-                    let exchange =
-                        u64::try_from(rows * (g as u128 - 1) / g as u128).unwrap_or(u64::MAX);
-                    let gather =
-                        u64::try_from(rows * (gather_ranks as u128 - 1)).unwrap_or(u64::MAX);
-                    let bytes = exchange.saturating_add(gather);
-                    out.all_to_all.push(AllToAll {
-                        layer,
-                        fwd_bytes: bytes,
-                        bwd_bytes: bytes,
-                    });
-                    let bw = bandwidth(c, &egroup);
-                    let mut transfer_s = 2.0 * exchange as f64 / bw;
-                    if gather > 0 {
-                        // the expert-tensor group: consecutive ranks (tp-ep-dp-pp order)
-                        let group = [base, base + gather_ranks - 1];
-                        transfer_s += 2.0 * gather as f64 / bandwidth(c, &group);
-                    }
-                    let rate = match self.fp8 {
-                        Some((fp8_peak, _)) if self.fp8_experts[layer] => fp8_peak,
-                        _ => self.peak,
-                    };
-                    let compute_s =
-                        w.expert_flops_per_token[layer] as f64 * tokens as f64 / rate.max(1e-9);
-                    let x = layer_exchange(
-                        c,
-                        (layer, moe),
-                        ep,
-                        (tokens * moe.top_k) as f64,
-                        ((h * a) as f64, bw),
-                        (
-                            w.expert_flops_per_token[layer] as f64 / moe.top_k.max(1) as f64,
-                            rate.max(1e-9),
-                        ),
-                        one.sharded / te + one.replicated,
-                        self.routing_skew,
-                    );
-                    let plain = c.parallel.smart_schedule.is_off()
-                        && c.parallel.shadowing.is_off()
-                        && self.routing_skew <= 1.0;
-                    // Without FasterMoE's options on balanced routing the estimate is the
-                    // transfer alone, as it always was; otherwise what the layer takes beyond
-                    // its balanced experts (already in `compute_s`).
-                    out.a2a_s += if plain {
-                        transfer_s
-                    } else {
-                        (x.planned_s - compute_s).max(0.0)
-                    };
-                    out.exchanges.push(x);
+                    self.add_moe_layer(s, (layer, moe), w, &mut out);
                 }
             }
         }
-        let vpad = self.vpad;
+        self.add_model_ends(s, &mut out);
+        if grid.tensor == 1 {
+            out.tensor_msgs = 0;
+        }
+        w.rp.total = w.rp.sharded + w.rp.replicated + w.rp.gate + w.rp.expert;
+        out
+    }
+
+    /// One micro-batch's activations of block `layer` on one rank, as the memory model keeps
+    /// them.
+    fn layer_activations(&self, layer: usize) -> u64 {
+        let (c, grid, a, tokens) = (self.c, self.grid, self.a, self.tokens);
+        match self.model {
+            MemoryModel::Megatron => block_activations(c, layer, grid, a, self.seq_len, tokens),
+            MemoryModel::Fmoec => block_activations_fmoec(c, layer, a, tokens),
+            MemoryModel::MegatronCore => {
+                block_activations_core(c, layer, grid, self.experts, a, tokens)
+            }
+        }
+    }
+
+    /// MoE layer `layer` of stage `s`: its experts on one rank (parameters and FP8 copies,
+    /// into `w`), and its exchange: bytes per micro-batch and the time it adds to one.
+    fn add_moe_layer(
+        &self,
+        s: u64,
+        (layer, moe): (usize, &Moe),
+        w: &mut StageWork,
+        out: &mut StageLayers,
+    ) {
+        let (c, grid, experts) = (self.c, self.grid, self.experts);
+        let (h, a, tokens) = (c.model.width, self.a, self.tokens);
+        let one_expert = self.add_local_experts((layer, moe), w);
+        let (exchange, gather, gather_ranks) = self.exchange_bytes(moe);
+        let bytes = exchange.saturating_add(gather);
+        out.all_to_all.push(AllToAll {
+            layer,
+            fwd_bytes: bytes,
+            bwd_bytes: bytes,
+        });
+        // The groups of tensor rank 0 of this stage, as (lowest, highest) rank: they
+        // are increasing, so they share a host exactly when those two do.
+        let base = grid.rank(0, 0, s);
+        let egroup = [base, base + (experts.parallel - 1) * experts.stride];
+        let bw = bandwidth(c, &egroup);
+        let mut transfer_s = 2.0 * exchange as f64 / bw;
+        if gather > 0 {
+            // the expert-tensor group: consecutive ranks (tp-ep-dp-pp order)
+            let group = [base, base + gather_ranks - 1];
+            transfer_s += 2.0 * gather as f64 / bandwidth(c, &group);
+        }
+        let rate = match self.fp8 {
+            Some((fp8_peak, _)) if self.fp8_experts[layer] => fp8_peak,
+            _ => self.peak,
+        };
+        let compute_s = w.expert_flops_per_token[layer] as f64 * tokens as f64 / rate.max(1e-9);
+        let x = layer_exchange(
+            c,
+            (layer, moe),
+            experts.parallel,
+            (tokens * moe.top_k) as f64,
+            ((h * a) as f64, bw),
+            (
+                w.expert_flops_per_token[layer] as f64 / moe.top_k.max(1) as f64,
+                rate.max(1e-9),
+            ),
+            one_expert,
+            self.routing_skew,
+        );
+        let plain = c.parallel.smart_schedule.is_off()
+            && c.parallel.shadowing.is_off()
+            && self.routing_skew <= 1.0;
+        // Without FasterMoE's options on balanced routing the estimate is the
+        // transfer alone, as it always was; otherwise what the layer takes beyond
+        // its balanced experts (already in `compute_s`).
+        out.a2a_s += if plain {
+            transfer_s
+        } else {
+            (x.planned_s - compute_s).max(0.0)
+        };
+        out.exchanges.push(x);
+    }
+
+    /// MoE layer `layer`'s experts on one rank: their parameters, and with FP8 experts the
+    /// copies' scales and quantisation bytes, go into `w`. Returns the parameters of one
+    /// expert on the rank.
+    fn add_local_experts(&self, (layer, moe): (usize, &Moe), w: &mut StageWork) -> u64 {
+        let (m, te, ep) = (&self.c.model, self.experts.slices, self.experts.parallel);
+        let h = m.width;
+        let one = graph::mlp_params(h, &moe.expert, m.bias);
+        let one_expert = one.sharded / te + one.replicated;
+        let local = moe.experts / ep;
+        w.rp.expert += local * one_expert;
+        if self.fp8_experts[layer] {
+            let (hidden, matrices) = (moe.expert.hidden / te, moe.expert.act.matrices());
+            // each matrix: a scale per output column and per row
+            w.fp8_scale_bytes += local * matrices * 4 * (h + hidden);
+            w.fp8_quant_bytes_per_token += (moe.top_k * local * ep) as f64
+                / moe.experts.max(1) as f64
+                * (FP8_QUANT_BYTES_INPUT * h as f64
+                    + FP8_QUANT_BYTES_HIDDEN * (hidden * (matrices - 1)) as f64);
+        }
+        one_expert
+    }
+
+    /// An MoE layer's bytes per micro-batch and direction on one rank: those its all-to-all
+    /// exchanges over the expert group, those the expert-tensor ranks gather from each other
+    /// (Megatron-Core), and how many ranks gather.
+    fn exchange_bytes(&self, moe: &Moe) -> (u64, u64, u64) {
+        let (t, te, g) = (self.grid.tensor, self.experts.slices, self.experts.parallel);
+        let (h, a, tokens) = (self.c.model.width, self.a, self.tokens);
+        // Megatron-Core: sequence parallelism gives each tensor rank its own slice
+        // of the micro-batch to route, and after the exchange the expert-tensor
+        // ranks gather each other's tokens (reduce-scattered back in the combine)
+        let (routed, gather_ranks) = match self.model {
+            MemoryModel::MegatronCore => (tokens / t, te),
+            _ => (tokens, 1),
+        };
+        let rows = 2 * (moe.top_k as u128) * (routed as u128) * (h as u128) * a as u128;
+        let exchange = u64::try_from(rows * (g as u128 - 1) / g as u128).unwrap_or(u64::MAX);
+        let gather = u64::try_from(rows * (gather_ranks as u128 - 1)).unwrap_or(u64::MAX);
+        (exchange, gather, gather_ranks)
+    }
+
+    /// The model's ends on stage `s`: on the first stage the embedding's all-reduced output;
+    /// on the last the head's all-reduced input gradient, and what stays alive for the loss.
+    fn add_model_ends(&self, s: u64, out: &mut StageLayers) {
+        let (t, p) = (self.grid.tensor, self.grid.pipeline);
+        let (h, a, tokens, vpad) = (self.c.model.width, self.a, self.tokens, self.vpad);
         if s == 0 {
             // The vocab-parallel embedding's output is all-reduced.
             out.tensor_msgs += 1;
@@ -1078,7 +1125,7 @@ impl Eval<'_> {
             // keeps the final norm's input and output, the fp32 logits and their
             // log-softmax, and at the start of the backward pass their gradient.
             out.tensor_msgs += 1;
-            out.act = match model {
+            out.act = match self.model {
                 MemoryModel::Megatron => out
                     .act
                     .saturating_add(a * tokens * h)
@@ -1086,7 +1133,7 @@ impl Eval<'_> {
                 MemoryModel::Fmoec => out
                     .act
                     .saturating_add(2 * a * tokens * h)
-                    .saturating_add((12 * tokens).saturating_mul(m.vocab)),
+                    .saturating_add((12 * tokens).saturating_mul(self.c.model.vocab)),
                 // sequence-parallel final norm input; vocab-parallel fp32 logits
                 MemoryModel::MegatronCore => out
                     .act
@@ -1094,11 +1141,6 @@ impl Eval<'_> {
                     .saturating_add((4 * tokens).saturating_mul(vpad) / t),
             };
         }
-        if t == 1 {
-            out.tensor_msgs = 0;
-        }
-        w.rp.total = w.rp.sharded + w.rp.replicated + w.rp.gate + w.rp.expert;
-        out
     }
 
     /// The experts' data-parallel replicas (the expert-data group's size).
