@@ -863,98 +863,126 @@ impl Eval<'_> {
         }
     }
 
-    /// Stage `s`'s parameters per rank and FLOPs per token, from the graph's nodes on it.
-    fn stage_work(&self, s: u64) -> StageWork {
-        let (m, g) = (&self.c.model, self.g);
-        let (t, p, te) = (self.grid.tensor, self.grid.pipeline, self.experts.slices);
-        let (h, vpad, seq_len) = (m.width, self.vpad, self.seq_len);
-        let fp8_dense = self.fp8.is_some_and(|(_, dense)| dense);
-        let on_stage = |n: &graph::Node| match n.layer {
+    /// Whether graph node `n` runs on stage `s`: a block's nodes on their layer's stage, the
+    /// embedding on the first stage, the final norm, head and loss on the last.
+    fn on_stage(&self, n: &graph::Node, s: u64) -> bool {
+        match n.layer {
             Some(l) => self.stage_of(l) == s,
             None => {
                 (n.kind == NodeKind::Embedding && s == 0)
-                    || (n.kind != NodeKind::Embedding && s == p - 1)
+                    || (n.kind != NodeKind::Embedding && s == self.grid.pipeline - 1)
             }
-        };
+        }
+    }
+
+    /// The word embedding's parameters on one tensor rank (the padded vocabulary split over
+    /// the tensor ranks): an untied head, and the last stage's copy of a tied one, hold as
+    /// many.
+    fn word_embedding_shard(&self) -> u64 {
+        self.vpad * self.c.model.width / self.grid.tensor
+    }
+
+    /// The LM head's FLOPs per token on one tensor rank, from the graph's `fb` (forward and
+    /// backward, 6·width·vocab): scaled to the padded vocabulary.
+    fn lm_head_flops(&self, fb: u64) -> u64 {
+        fb / self.c.model.vocab.max(1) * self.vpad / self.grid.tensor
+    }
+
+    /// Stage `s`'s parameters per rank and FLOPs per token, from the graph's nodes on it.
+    fn stage_work(&self, s: u64) -> StageWork {
+        let fp8_dense = self.fp8.is_some_and(|(_, dense)| dense);
         let mut w = StageWork {
             rp: RankParams::default(),
             flops_per_token: 0,
-            expert_flops_per_token: vec![0; m.layers.len()],
+            expert_flops_per_token: vec![0; self.c.model.layers.len()],
             fp8_flops_per_token: 0,
             fp8_quant_bytes_per_token: 0.0,
             fp8_scale_bytes: 0,
         };
+        for (_, n) in self.g.nodes().filter(|(_, n)| self.on_stage(n, s)) {
+            if fp8_dense {
+                self.add_fp8_dense_matmuls(n, &mut w);
+            }
+            if n.kind == NodeKind::Experts && n.layer.is_some_and(|l| self.fp8_experts[l]) {
+                w.fp8_flops_per_token += (n.flops_fwd + n.flops_bwd) / self.experts.slices;
+            }
+            self.add_params_and_flops(n, &mut w);
+        }
+        w
+    }
+
+    /// Node `n`'s dense matmuls on FP8 operands (the projections, not the attention scores):
+    /// their FLOPs per token, and the quantisation bytes and scales of every dense matmul's
+    /// input and output widths.
+    fn add_fp8_dense_matmuls(&self, n: &graph::Node, w: &mut StageWork) {
+        let m = &self.c.model;
+        let (h, t, vpad) = (m.width, self.grid.tensor, self.vpad);
+        let fb = n.flops_fwd + n.flops_bwd;
         let att = &m.attention;
         let (qkv_out, proj_in) = (
             (att.heads + 2 * att.kv_heads) * att.head_dim,
             att.heads * att.head_dim,
         );
-        for (_, n) in g.nodes().filter(|(_, n)| on_stage(n)) {
-            let fb = n.flops_fwd + n.flops_bwd;
-            if fp8_dense {
-                // the projections, not the attention scores; every dense matmul's input
-                // and output widths
-                let dense_widths = match n.kind {
-                    NodeKind::Attention => {
-                        w.fp8_flops_per_token += (fb - 3 * 4 * seq_len * proj_in) / t;
-                        Some(h + qkv_out / t + proj_in / t + h)
-                    }
-                    NodeKind::Mlp | NodeKind::SharedExperts => {
-                        w.fp8_flops_per_token += fb / t;
-                        let (act, hidden) = match n.layer.map(|l| &m.layers[l].ffn) {
-                            Some(Ffn::Dense(mlp)) => (mlp.act, mlp.hidden),
-                            Some(Ffn::Moe(moe)) => match &moe.shared {
-                                Some(s) => (s.expert.act, s.count * s.expert.hidden),
-                                None => (Activation::Gelu, 0),
-                            },
-                            None => (Activation::Gelu, 0),
-                        };
-                        Some(act.matrices() * (h + hidden / t))
-                    }
-                    NodeKind::LmHead => {
-                        w.fp8_flops_per_token += fb / m.vocab.max(1) * vpad / t;
-                        Some(h + vpad / t)
-                    }
-                    _ => None,
+        let dense_widths = match n.kind {
+            NodeKind::Attention => {
+                w.fp8_flops_per_token += (fb - 3 * 4 * self.seq_len * proj_in) / t;
+                Some(h + qkv_out / t + proj_in / t + h)
+            }
+            NodeKind::Mlp | NodeKind::SharedExperts => {
+                w.fp8_flops_per_token += fb / t;
+                let (act, hidden) = match n.layer.map(|l| &m.layers[l].ffn) {
+                    Some(Ffn::Dense(mlp)) => (mlp.act, mlp.hidden),
+                    Some(Ffn::Moe(moe)) => match &moe.shared {
+                        Some(s) => (s.expert.act, s.count * s.expert.hidden),
+                        None => (Activation::Gelu, 0),
+                    },
+                    None => (Activation::Gelu, 0),
                 };
-                if let Some(width) = dense_widths {
-                    w.fp8_quant_bytes_per_token += FP8_QUANT_BYTES_DENSE * width as f64;
-                    w.fp8_scale_bytes += 4 * width;
+                Some(act.matrices() * (h + hidden / t))
+            }
+            NodeKind::LmHead => {
+                w.fp8_flops_per_token += self.lm_head_flops(fb);
+                Some(h + vpad / t)
+            }
+            _ => None,
+        };
+        if let Some(width) = dense_widths {
+            w.fp8_quant_bytes_per_token += FP8_QUANT_BYTES_DENSE * width as f64;
+            w.fp8_scale_bytes += 4 * width;
+        }
+    }
+
+    /// Node `n`'s parameters on one rank, by placement, and its FLOPs per token there.
+    fn add_params_and_flops(&self, n: &graph::Node, w: &mut StageWork) {
+        let (t, te) = (self.grid.tensor, self.experts.slices);
+        let fb = n.flops_fwd + n.flops_bwd;
+        match n.kind {
+            NodeKind::Embedding => {
+                w.rp.sharded += self.word_embedding_shard();
+                w.rp.replicated += n.params.replicated;
+            }
+            NodeKind::LmHead => {
+                if !self.g.tied_embeddings || self.grid.pipeline > 1 {
+                    w.rp.sharded += self.word_embedding_shard();
+                }
+                w.flops_per_token += self.lm_head_flops(fb);
+            }
+            NodeKind::Experts => {
+                w.flops_per_token += fb / te;
+                if let Some(slot) = n.layer.and_then(|l| w.expert_flops_per_token.get_mut(l)) {
+                    *slot += fb / te;
                 }
             }
-            if n.kind == NodeKind::Experts && n.layer.is_some_and(|l| self.fp8_experts[l]) {
-                w.fp8_flops_per_token += fb / te;
+            NodeKind::Gate => {
+                w.rp.gate += n.params.gate;
+                w.flops_per_token += fb;
             }
-            match n.kind {
-                NodeKind::Embedding => {
-                    w.rp.sharded += vpad * h / t;
-                    w.rp.replicated += n.params.replicated;
-                }
-                NodeKind::LmHead => {
-                    if !g.tied_embeddings || p > 1 {
-                        w.rp.sharded += vpad * h / t;
-                    }
-                    // fb is 6·width·vocab: scale it to the padded vocabulary.
-                    w.flops_per_token += fb / m.vocab.max(1) * vpad / t;
-                }
-                NodeKind::Experts => {
-                    w.flops_per_token += fb / te;
-                    if let Some(slot) = n.layer.and_then(|l| w.expert_flops_per_token.get_mut(l)) {
-                        *slot += fb / te;
-                    }
-                }
-                NodeKind::Gate => {
-                    w.rp.gate += n.params.gate;
-                    w.flops_per_token += fb;
-                }
-                _ => {
-                    w.rp.sharded += n.params.sharded / t;
-                    w.rp.replicated += n.params.replicated;
-                    w.flops_per_token += fb / t;
-                }
+            _ => {
+                w.rp.sharded += n.params.sharded / t;
+                w.rp.replicated += n.params.replicated;
+                w.flops_per_token += fb / t;
             }
         }
-        w
     }
 
     /// Stage `s`'s layers: activations, tensor-parallel messages, and each MoE layer's
