@@ -1265,32 +1265,93 @@ impl Eval<'_> {
         tensor_msgs: u64,
         a2a_s: f64,
     ) -> (Traffic, StageTime) {
-        let (c, g, grid, experts) = (self.c, self.g, self.grid, self.experts);
-        let (t, p, v, ep) = (grid.tensor, grid.pipeline, self.v(), experts.parallel);
-        let (h, a, tokens, micro_batches) =
-            (c.model.width, self.a, self.tokens, self.micro_batches);
-        let (rp, vpad, peak) = (&w.rp, self.vpad, self.peak);
+        let traffic = self.stage_traffic(s, w, all_to_all, tensor_msgs);
+        let compute_s = self.compute_s(w);
+        let tensor_s = self.tensor_s(s, tensor_msgs);
+        let pipeline_s = self.pipeline_s(s);
+        let time = StageTime {
+            compute_s,
+            tensor_s,
+            all_to_all_s: a2a_s,
+            pipeline_s,
+            micro_batch_s: compute_s + tensor_s + a2a_s + pipeline_s,
+            gradient_sync_s: self.gradient_sync_s(s, &traffic),
+        };
+        (traffic, time)
+    }
+
+    /// One activation (or its gradient) of a micro-batch on one rank, in bytes: a
+    /// tensor-parallel message, and what a pipeline transfer carries.
+    fn activation_message(&self) -> u64 {
+        self.tokens * self.c.model.width * self.a
+    }
+
+    /// Bytes of `tensor_msgs` tensor-parallel messages.
+    fn tensor_bytes(&self, tensor_msgs: u64) -> u64 {
+        tensor_msgs.saturating_mul(self.activation_message())
+    }
+
+    /// Ranks of the gate group: all ranks of one pipeline stage.
+    fn gate_group_size(&self) -> u64 {
+        self.grid.world / self.grid.pipeline
+    }
+
+    /// Stage `s`'s pipeline bytes per micro-batch, sent and received.
+    fn pipeline_bytes(&self, s: u64) -> u64 {
+        2 * self.pipeline_transfers(s) * self.activation_message()
+    }
+
+    /// Stage `s`'s pipeline transfers per micro-batch in each direction: each chunk sends its
+    /// output on and its input's gradient back, except at the model's two ends, and receives
+    /// as many.
+    fn pipeline_transfers(&self, s: u64) -> u64 {
+        let p = self.grid.pipeline;
+        2 * self.v() - u64::from(s == 0) - u64::from(s + 1 == p)
+    }
+
+    /// Stage `s` holds the tied word embedding with another stage (the first and the last
+    /// stage of a pipeline), whose gradients they all-reduce.
+    fn holds_tied_embedding(&self, s: u64) -> bool {
+        let p = self.grid.pipeline;
+        self.g.tied_embeddings && p > 1 && (s == 0 || s == p - 1)
+    }
+
+    /// Tensor rank 0 of the first and of the last stage (as a group's lowest and highest rank).
+    fn first_and_last_stage(&self) -> [u64; 2] {
+        [
+            self.grid.rank(0, 0, 0),
+            self.grid.rank(0, 0, self.grid.pipeline - 1),
+        ]
+    }
+
+    /// The experts' gradient group of stage `s` (tensor rank 0's), as its lowest and highest
+    /// rank.
+    fn expert_data_group(&self, s: u64) -> [u64; 2] {
+        let base = self.grid.rank(0, 0, s);
+        let (stride, ep) = (self.experts.stride, self.experts.parallel);
+        [base, base + (self.expert_data() - 1) * stride * ep]
+    }
+
+    /// Stage `s`'s bytes sent per step.
+    fn stage_traffic(
+        &self,
+        s: u64,
+        w: &StageWork,
+        all_to_all: Vec<AllToAll>,
+        tensor_msgs: u64,
+    ) -> Traffic {
+        let (grid, micro_batches) = (self.grid, self.micro_batches);
+        let rp = &w.rp;
         let grad_bytes = self.precision.param_bytes();
-        let base = grid.rank(0, 0, s);
-        let dgroup = [base, grid.rank(0, grid.data - 1, s)];
-        let ed = self.expert_data();
-        let msg = tokens * h * a;
-        let tensor_bytes = tensor_msgs.saturating_mul(msg);
-        // Per micro-batch each chunk sends its output on and its input's gradient back,
-        // except at the model's two ends, and receives as many.
-        let transfers = 2 * v - u64::from(s == 0) - u64::from(s + 1 == p);
-        let p2p = 2 * transfers * msg;
+        let tensor_bytes = self.tensor_bytes(tensor_msgs);
+        let p2p = self.pipeline_bytes(s);
         let dense = rp.sharded + rp.replicated;
-        let tied_copy = g.tied_embeddings && p > 1 && (s == 0 || s == p - 1);
-        let emb_bytes = if tied_copy {
-            vpad * h / t * grad_bytes
+        let emb_bytes = if self.holds_tied_embedding(s) {
+            self.word_embedding_shard() * grad_bytes
         } else {
             0
         };
-        let edgroup = [base, base + (ed - 1) * experts.stride * ep];
-        let gate_group = [base, grid.rank(t - 1, grid.data - 1, s)];
-        let gate_size = grid.world / p;
-        let traffic = Traffic {
+        Traffic {
             tensor_allreduce_bytes: tensor_bytes.saturating_mul(micro_batches),
             all_to_all_bytes: all_to_all
                 .iter()
@@ -1298,8 +1359,12 @@ impl Eval<'_> {
                 .fold(0u64, u64::saturating_add),
             all_to_all,
             data_allreduce_bytes: if grid.data > 1 { dense * grad_bytes } else { 0 },
-            expert_data_allreduce_bytes: if ed > 1 { rp.expert * grad_bytes } else { 0 },
-            gate_allreduce_bytes: if gate_size > 1 {
+            expert_data_allreduce_bytes: if self.expert_data() > 1 {
+                rp.expert * grad_bytes
+            } else {
+                0
+            },
+            gate_allreduce_bytes: if self.gate_group_size() > 1 {
                 rp.gate * grad_bytes
             } else {
                 0
@@ -1307,25 +1372,15 @@ impl Eval<'_> {
             embedding_allreduce_bytes: emb_bytes,
             pipeline_send_bytes: (p2p / 2).saturating_mul(micro_batches),
             pipeline_recv_bytes: (p2p / 2).saturating_mul(micro_batches),
-        };
-        let tgroup = [base, grid.rank(t - 1, 0, s)];
-        let first = grid.rank(0, 0, s);
-        let pipe_bw = {
-            let mut bw = f64::INFINITY;
-            if s > 0 {
-                bw = bw.min(bandwidth(c, &[grid.rank(0, 0, s - 1), first]));
-            }
-            if s + 1 < p {
-                bw = bw.min(bandwidth(c, &[first, grid.rank(0, 0, s + 1)]));
-            }
-            // the interleaved schedule's wrap-around from the last stage to the first
-            if v > 1 && p > 1 && (s == 0 || s + 1 == p) {
-                bw = bw.min(bandwidth(c, &[grid.rank(0, 0, 0), grid.rank(0, 0, p - 1)]));
-            }
-            bw
-        };
-        let hw = &c.parallel.hardware;
-        let compute_s = match self.fp8 {
+        }
+    }
+
+    /// A micro-batch's compute on one rank: its FLOPs at the dense peak, those on FP8 operands
+    /// at the FP8 peak, and the FP8 quantisations' memory traffic.
+    fn compute_s(&self, w: &StageWork) -> f64 {
+        let (tokens, peak) = (self.tokens, self.peak);
+        let hw = &self.c.parallel.hardware;
+        match self.fp8 {
             Some((fp8_peak, _)) => {
                 (w.flops_per_token - w.fp8_flops_per_token) as f64 * tokens as f64 / peak
                     + w.fp8_flops_per_token as f64 * tokens as f64 / fp8_peak
@@ -1333,43 +1388,71 @@ impl Eval<'_> {
                         / (hw.hbm_gbps.max(1e-9) * 1e9 * FP8_QUANT_BANDWIDTH_SHARE)
             }
             None => w.flops_per_token as f64 * tokens as f64 / peak,
-        };
-        let tensor_s = allreduce_s(tensor_bytes, t, bandwidth(c, &tgroup));
-        let pipeline_s = if transfers == 0 {
-            0.0
-        } else {
-            p2p as f64 / pipe_bw
-        };
-        let gradient_sync_s = allreduce_s(
+        }
+    }
+
+    /// A micro-batch's tensor-parallel all-reduces on stage `s` (`tensor_msgs` messages).
+    fn tensor_s(&self, s: u64, tensor_msgs: u64) -> f64 {
+        let (grid, t) = (self.grid, self.grid.tensor);
+        let tensor_bytes = self.tensor_bytes(tensor_msgs);
+        let tgroup = [grid.rank(0, 0, s), grid.rank(t - 1, 0, s)];
+        allreduce_s(tensor_bytes, t, bandwidth(self.c, &tgroup))
+    }
+
+    /// A micro-batch's pipeline transfers on stage `s`, at the slowest link to a neighbour.
+    fn pipeline_s(&self, s: u64) -> f64 {
+        if self.pipeline_transfers(s) == 0 {
+            return 0.0;
+        }
+        self.pipeline_bytes(s) as f64 / self.pipeline_bandwidth(s)
+    }
+
+    /// The slowest link between stage `s` and a stage it exchanges activations with.
+    fn pipeline_bandwidth(&self, s: u64) -> f64 {
+        let (c, grid, p) = (self.c, self.grid, self.grid.pipeline);
+        let first = grid.rank(0, 0, s);
+        let mut bw = f64::INFINITY;
+        if s > 0 {
+            bw = bw.min(bandwidth(c, &[grid.rank(0, 0, s - 1), first]));
+        }
+        if s + 1 < p {
+            bw = bw.min(bandwidth(c, &[first, grid.rank(0, 0, s + 1)]));
+        }
+        // the interleaved schedule's wrap-around from the last stage to the first
+        if self.v() > 1 && p > 1 && (s == 0 || s + 1 == p) {
+            bw = bw.min(bandwidth(c, &self.first_and_last_stage()));
+        }
+        bw
+    }
+
+    /// Stage `s`'s gradient synchronisation per step: the data, expert-data and gate groups'
+    /// all-reduces of `traffic`, and the tied embedding's between the first and last stage.
+    fn gradient_sync_s(&self, s: u64, traffic: &Traffic) -> f64 {
+        let (c, grid, t) = (self.c, self.grid, self.grid.tensor);
+        let base = grid.rank(0, 0, s);
+        let dgroup = [base, grid.rank(0, grid.data - 1, s)];
+        let gate_group = [base, grid.rank(t - 1, grid.data - 1, s)];
+        allreduce_s(
             traffic.data_allreduce_bytes,
             grid.data,
             bandwidth(c, &dgroup),
         ) + allreduce_s(
             traffic.expert_data_allreduce_bytes,
-            ed,
-            bandwidth(c, &edgroup),
+            self.expert_data(),
+            bandwidth(c, &self.expert_data_group(s)),
         ) + allreduce_s(
             traffic.gate_allreduce_bytes,
-            gate_size,
+            self.gate_group_size(),
             bandwidth(c, &gate_group),
-        ) + if tied_copy {
+        ) + if self.holds_tied_embedding(s) {
             allreduce_s(
-                emb_bytes,
+                traffic.embedding_allreduce_bytes,
                 2,
-                bandwidth(c, &[grid.rank(0, 0, 0), grid.rank(0, 0, p - 1)]),
+                bandwidth(c, &self.first_and_last_stage()),
             )
         } else {
             0.0
-        };
-        let time = StageTime {
-            compute_s,
-            tensor_s,
-            all_to_all_s: a2a_s,
-            pipeline_s,
-            micro_batch_s: compute_s + tensor_s + a2a_s + pipeline_s,
-            gradient_sync_s,
-        };
-        (traffic, time)
+        }
     }
 
     /// The step: the slowest stage's micro-batches, the pipeline's fill and drain, and the
