@@ -863,106 +863,132 @@ impl Eval<'_> {
         }
     }
 
-    /// Stage `s`'s parameters per rank and FLOPs per token, from the graph's nodes on it.
-    fn stage_work(&self, s: u64) -> StageWork {
-        let (m, g) = (&self.c.model, self.g);
-        let (t, p, te) = (self.grid.tensor, self.grid.pipeline, self.experts.slices);
-        let (h, vpad, seq_len) = (m.width, self.vpad, self.seq_len);
-        let fp8_dense = self.fp8.is_some_and(|(_, dense)| dense);
-        let on_stage = |n: &graph::Node| match n.layer {
+    /// Whether graph node `n` runs on stage `s`: a block's nodes on their layer's stage, the
+    /// embedding on the first stage, the final norm, head and loss on the last.
+    fn on_stage(&self, n: &graph::Node, s: u64) -> bool {
+        match n.layer {
             Some(l) => self.stage_of(l) == s,
             None => {
                 (n.kind == NodeKind::Embedding && s == 0)
-                    || (n.kind != NodeKind::Embedding && s == p - 1)
+                    || (n.kind != NodeKind::Embedding && s == self.grid.pipeline - 1)
             }
-        };
+        }
+    }
+
+    /// The word embedding's parameters on one tensor rank (the padded vocabulary split over
+    /// the tensor ranks): an untied head, and the last stage's copy of a tied one, hold as
+    /// many.
+    fn word_embedding_shard(&self) -> u64 {
+        self.vpad * self.c.model.width / self.grid.tensor
+    }
+
+    /// The LM head's FLOPs per token on one tensor rank, from the graph's `fb` (forward and
+    /// backward, 6·width·vocab): scaled to the padded vocabulary.
+    fn lm_head_flops(&self, fb: u64) -> u64 {
+        fb / self.c.model.vocab.max(1) * self.vpad / self.grid.tensor
+    }
+
+    /// Stage `s`'s parameters per rank and FLOPs per token, from the graph's nodes on it.
+    fn stage_work(&self, s: u64) -> StageWork {
+        let fp8_dense = self.fp8.is_some_and(|(_, dense)| dense);
         let mut w = StageWork {
             rp: RankParams::default(),
             flops_per_token: 0,
-            expert_flops_per_token: vec![0; m.layers.len()],
+            expert_flops_per_token: vec![0; self.c.model.layers.len()],
             fp8_flops_per_token: 0,
             fp8_quant_bytes_per_token: 0.0,
             fp8_scale_bytes: 0,
         };
+        for (_, n) in self.g.nodes().filter(|(_, n)| self.on_stage(n, s)) {
+            if fp8_dense {
+                self.add_fp8_dense_matmuls(n, &mut w);
+            }
+            if n.kind == NodeKind::Experts && n.layer.is_some_and(|l| self.fp8_experts[l]) {
+                w.fp8_flops_per_token += (n.flops_fwd + n.flops_bwd) / self.experts.slices;
+            }
+            self.add_params_and_flops(n, &mut w);
+        }
+        w
+    }
+
+    /// Node `n`'s dense matmuls on FP8 operands (the projections, not the attention scores):
+    /// their FLOPs per token, and the quantisation bytes and scales of every dense matmul's
+    /// input and output widths.
+    fn add_fp8_dense_matmuls(&self, n: &graph::Node, w: &mut StageWork) {
+        let m = &self.c.model;
+        let (h, t, vpad) = (m.width, self.grid.tensor, self.vpad);
+        let fb = n.flops_fwd + n.flops_bwd;
         let att = &m.attention;
         let (qkv_out, proj_in) = (
             (att.heads + 2 * att.kv_heads) * att.head_dim,
             att.heads * att.head_dim,
         );
-        for (_, n) in g.nodes().filter(|(_, n)| on_stage(n)) {
-            let fb = n.flops_fwd + n.flops_bwd;
-            if fp8_dense {
-                // the projections, not the attention scores; every dense matmul's input
-                // and output widths
-                let dense_widths = match n.kind {
-                    NodeKind::Attention => {
-                        w.fp8_flops_per_token += (fb - 3 * 4 * seq_len * proj_in) / t;
-                        Some(h + qkv_out / t + proj_in / t + h)
-                    }
-                    NodeKind::Mlp | NodeKind::SharedExperts => {
-                        w.fp8_flops_per_token += fb / t;
-                        let (act, hidden) = match n.layer.map(|l| &m.layers[l].ffn) {
-                            Some(Ffn::Dense(mlp)) => (mlp.act, mlp.hidden),
-                            Some(Ffn::Moe(moe)) => match &moe.shared {
-                                Some(s) => (s.expert.act, s.count * s.expert.hidden),
-                                None => (Activation::Gelu, 0),
-                            },
-                            None => (Activation::Gelu, 0),
-                        };
-                        Some(act.matrices() * (h + hidden / t))
-                    }
-                    NodeKind::LmHead => {
-                        w.fp8_flops_per_token += fb / m.vocab.max(1) * vpad / t;
-                        Some(h + vpad / t)
-                    }
-                    _ => None,
+        let dense_widths = match n.kind {
+            NodeKind::Attention => {
+                w.fp8_flops_per_token += (fb - 3 * 4 * self.seq_len * proj_in) / t;
+                Some(h + qkv_out / t + proj_in / t + h)
+            }
+            NodeKind::Mlp | NodeKind::SharedExperts => {
+                w.fp8_flops_per_token += fb / t;
+                let (act, hidden) = match n.layer.map(|l| &m.layers[l].ffn) {
+                    Some(Ffn::Dense(mlp)) => (mlp.act, mlp.hidden),
+                    Some(Ffn::Moe(moe)) => match &moe.shared {
+                        Some(s) => (s.expert.act, s.count * s.expert.hidden),
+                        None => (Activation::Gelu, 0),
+                    },
+                    None => (Activation::Gelu, 0),
                 };
-                if let Some(width) = dense_widths {
-                    w.fp8_quant_bytes_per_token += FP8_QUANT_BYTES_DENSE * width as f64;
-                    w.fp8_scale_bytes += 4 * width;
+                Some(act.matrices() * (h + hidden / t))
+            }
+            NodeKind::LmHead => {
+                w.fp8_flops_per_token += self.lm_head_flops(fb);
+                Some(h + vpad / t)
+            }
+            _ => None,
+        };
+        if let Some(width) = dense_widths {
+            w.fp8_quant_bytes_per_token += FP8_QUANT_BYTES_DENSE * width as f64;
+            w.fp8_scale_bytes += 4 * width;
+        }
+    }
+
+    /// Node `n`'s parameters on one rank, by placement, and its FLOPs per token there.
+    fn add_params_and_flops(&self, n: &graph::Node, w: &mut StageWork) {
+        let (t, te) = (self.grid.tensor, self.experts.slices);
+        let fb = n.flops_fwd + n.flops_bwd;
+        match n.kind {
+            NodeKind::Embedding => {
+                w.rp.sharded += self.word_embedding_shard();
+                w.rp.replicated += n.params.replicated;
+            }
+            NodeKind::LmHead => {
+                if !self.g.tied_embeddings || self.grid.pipeline > 1 {
+                    w.rp.sharded += self.word_embedding_shard();
+                }
+                w.flops_per_token += self.lm_head_flops(fb);
+            }
+            NodeKind::Experts => {
+                w.flops_per_token += fb / te;
+                if let Some(slot) = n.layer.and_then(|l| w.expert_flops_per_token.get_mut(l)) {
+                    *slot += fb / te;
                 }
             }
-            if n.kind == NodeKind::Experts && n.layer.is_some_and(|l| self.fp8_experts[l]) {
-                w.fp8_flops_per_token += fb / te;
+            NodeKind::Gate => {
+                w.rp.gate += n.params.gate;
+                w.flops_per_token += fb;
             }
-            match n.kind {
-                NodeKind::Embedding => {
-                    w.rp.sharded += vpad * h / t;
-                    w.rp.replicated += n.params.replicated;
-                }
-                NodeKind::LmHead => {
-                    if !g.tied_embeddings || p > 1 {
-                        w.rp.sharded += vpad * h / t;
-                    }
-                    // fb is 6·width·vocab: scale it to the padded vocabulary.
-                    w.flops_per_token += fb / m.vocab.max(1) * vpad / t;
-                }
-                NodeKind::Experts => {
-                    w.flops_per_token += fb / te;
-                    if let Some(slot) = n.layer.and_then(|l| w.expert_flops_per_token.get_mut(l)) {
-                        *slot += fb / te;
-                    }
-                }
-                NodeKind::Gate => {
-                    w.rp.gate += n.params.gate;
-                    w.flops_per_token += fb;
-                }
-                _ => {
-                    w.rp.sharded += n.params.sharded / t;
-                    w.rp.replicated += n.params.replicated;
-                    w.flops_per_token += fb / t;
-                }
+            _ => {
+                w.rp.sharded += n.params.sharded / t;
+                w.rp.replicated += n.params.replicated;
+                w.flops_per_token += fb / t;
             }
         }
-        w
     }
 
     /// Stage `s`'s layers: activations, tensor-parallel messages, and each MoE layer's
     /// experts (their parameters and FP8 copies go into `w`) and exchange.
     fn stage_layers(&self, s: u64, w: &mut StageWork) -> StageLayers {
-        let (c, m, grid, experts) = (self.c, &self.c.model, self.grid, self.experts);
-        let (t, p, te, ep) = (grid.tensor, grid.pipeline, experts.slices, experts.parallel);
-        let (h, a, tokens, model) = (m.width, self.a, self.tokens, self.model);
+        let (c, m, grid) = (self.c, &self.c.model, self.grid);
         let mut out = StageLayers {
             all_to_all: Vec::new(),
             exchanges: Vec::new(),
@@ -971,103 +997,152 @@ impl Eval<'_> {
             scores: 0,
             tensor_msgs: 0,
         };
-        // The groups of tensor rank 0 of this stage, as (lowest, highest) rank: they
-        // are increasing, so they share a host exactly when those two do.
-        let base = grid.rank(0, 0, s);
-        let egroup = [base, base + (ep - 1) * experts.stride];
         for layer in (0..m.layers.len()).filter(|&l| self.stage_of(l) == s) {
-            out.act = out.act.saturating_add(match model {
-                MemoryModel::Megatron => block_activations(c, layer, grid, a, self.seq_len, tokens),
-                MemoryModel::Fmoec => block_activations_fmoec(c, layer, a, tokens),
-                MemoryModel::MegatronCore => {
-                    block_activations_core(c, layer, grid, experts, a, tokens)
-                }
-            });
-            out.scores = out
-                .scores
-                .saturating_add(attention_scores(c, grid, self.seq_len, tokens));
+            out.act = out.act.saturating_add(self.layer_activations(layer));
+            out.scores =
+                out.scores
+                    .saturating_add(attention_scores(c, grid, self.seq_len, self.tokens));
             // Attention output, forward and backward.
             out.tensor_msgs += 2;
             match &m.layers[layer].ffn {
                 Ffn::Dense(_) => out.tensor_msgs += 2,
                 Ffn::Moe(moe) => {
-                    if te > 1 || moe.shared.is_some() {
+                    if self.experts.slices > 1 || moe.shared.is_some() {
                         out.tensor_msgs += 2;
                     }
-                    let one = graph::mlp_params(h, &moe.expert, m.bias);
-                    let local = moe.experts / ep;
-                    w.rp.expert += local * (one.sharded / te + one.replicated);
-                    if self.fp8_experts[layer] {
-                        let (hidden, matrices) =
-                            (moe.expert.hidden / te, moe.expert.act.matrices());
-                        // each matrix: a scale per output column and per row
-                        w.fp8_scale_bytes += local * matrices * 4 * (h + hidden);
-                        w.fp8_quant_bytes_per_token += (moe.top_k * local * ep) as f64
-                            / moe.experts.max(1) as f64
-                            * (FP8_QUANT_BYTES_INPUT * h as f64
-                                + FP8_QUANT_BYTES_HIDDEN * (hidden * (matrices - 1)) as f64);
-                    }
-                    let g = ep;
-                    // Megatron-Core: sequence parallelism gives each tensor rank its own slice
-                    // of the micro-batch to route, and after the exchange the expert-tensor
-                    // ranks gather each other's tokens (reduce-scattered back in the combine)
-                    let (routed, gather_ranks) = match model {
-                        MemoryModel::MegatronCore => (tokens / t, te),
-                        _ => (tokens, 1),
-                    };
-                    let rows = 2 * (moe.top_k as u128) * (routed as u128) * (h as u128) * a as u128;
-                    let exchange =
-                        u64::try_from(rows * (g as u128 - 1) / g as u128).unwrap_or(u64::MAX);
-                    let gather =
-                        u64::try_from(rows * (gather_ranks as u128 - 1)).unwrap_or(u64::MAX);
-                    let bytes = exchange.saturating_add(gather);
-                    out.all_to_all.push(AllToAll {
-                        layer,
-                        fwd_bytes: bytes,
-                        bwd_bytes: bytes,
-                    });
-                    let bw = bandwidth(c, &egroup);
-                    let mut transfer_s = 2.0 * exchange as f64 / bw;
-                    if gather > 0 {
-                        // the expert-tensor group: consecutive ranks (tp-ep-dp-pp order)
-                        let group = [base, base + gather_ranks - 1];
-                        transfer_s += 2.0 * gather as f64 / bandwidth(c, &group);
-                    }
-                    let rate = match self.fp8 {
-                        Some((fp8_peak, _)) if self.fp8_experts[layer] => fp8_peak,
-                        _ => self.peak,
-                    };
-                    let compute_s =
-                        w.expert_flops_per_token[layer] as f64 * tokens as f64 / rate.max(1e-9);
-                    let x = layer_exchange(
-                        c,
-                        (layer, moe),
-                        ep,
-                        (tokens * moe.top_k) as f64,
-                        ((h * a) as f64, bw),
-                        (
-                            w.expert_flops_per_token[layer] as f64 / moe.top_k.max(1) as f64,
-                            rate.max(1e-9),
-                        ),
-                        one.sharded / te + one.replicated,
-                        self.routing_skew,
-                    );
-                    let plain = c.parallel.smart_schedule.is_off()
-                        && c.parallel.shadowing.is_off()
-                        && self.routing_skew <= 1.0;
-                    // Without FasterMoE's options on balanced routing the estimate is the
-                    // transfer alone, as it always was; otherwise what the layer takes beyond
-                    // its balanced experts (already in `compute_s`).
-                    out.a2a_s += if plain {
-                        transfer_s
-                    } else {
-                        (x.planned_s - compute_s).max(0.0)
-                    };
-                    out.exchanges.push(x);
+                    self.add_moe_layer(s, (layer, moe), w, &mut out);
                 }
             }
         }
-        let vpad = self.vpad;
+        self.add_model_ends(s, &mut out);
+        if grid.tensor == 1 {
+            out.tensor_msgs = 0;
+        }
+        w.rp.total = w.rp.sharded + w.rp.replicated + w.rp.gate + w.rp.expert;
+        out
+    }
+
+    /// One micro-batch's activations of block `layer` on one rank, as the memory model keeps
+    /// them.
+    fn layer_activations(&self, layer: usize) -> u64 {
+        let (c, grid, a, tokens) = (self.c, self.grid, self.a, self.tokens);
+        match self.model {
+            MemoryModel::Megatron => block_activations(c, layer, grid, a, self.seq_len, tokens),
+            MemoryModel::Fmoec => block_activations_fmoec(c, layer, a, tokens),
+            MemoryModel::MegatronCore => {
+                block_activations_core(c, layer, grid, self.experts, a, tokens)
+            }
+        }
+    }
+
+    /// MoE layer `layer` of stage `s`: its experts on one rank (parameters and FP8 copies,
+    /// into `w`), and its exchange: bytes per micro-batch and the time it adds to one.
+    fn add_moe_layer(
+        &self,
+        s: u64,
+        (layer, moe): (usize, &Moe),
+        w: &mut StageWork,
+        out: &mut StageLayers,
+    ) {
+        let (c, grid, experts) = (self.c, self.grid, self.experts);
+        let (h, a, tokens) = (c.model.width, self.a, self.tokens);
+        let one_expert = self.add_local_experts((layer, moe), w);
+        let (exchange, gather, gather_ranks) = self.exchange_bytes(moe);
+        let bytes = exchange.saturating_add(gather);
+        out.all_to_all.push(AllToAll {
+            layer,
+            fwd_bytes: bytes,
+            bwd_bytes: bytes,
+        });
+        // The groups of tensor rank 0 of this stage, as (lowest, highest) rank: they
+        // are increasing, so they share a host exactly when those two do.
+        let base = grid.rank(0, 0, s);
+        let egroup = [base, base + (experts.parallel - 1) * experts.stride];
+        let bw = bandwidth(c, &egroup);
+        let mut transfer_s = 2.0 * exchange as f64 / bw;
+        if gather > 0 {
+            // the expert-tensor group: consecutive ranks (tp-ep-dp-pp order)
+            let group = [base, base + gather_ranks - 1];
+            transfer_s += 2.0 * gather as f64 / bandwidth(c, &group);
+        }
+        let rate = match self.fp8 {
+            Some((fp8_peak, _)) if self.fp8_experts[layer] => fp8_peak,
+            _ => self.peak,
+        };
+        let compute_s = w.expert_flops_per_token[layer] as f64 * tokens as f64 / rate.max(1e-9);
+        let x = layer_exchange(
+            c,
+            (layer, moe),
+            experts.parallel,
+            (tokens * moe.top_k) as f64,
+            ((h * a) as f64, bw),
+            (
+                w.expert_flops_per_token[layer] as f64 / moe.top_k.max(1) as f64,
+                rate.max(1e-9),
+            ),
+            one_expert,
+            self.routing_skew,
+        );
+        let plain = c.parallel.smart_schedule.is_off()
+            && c.parallel.shadowing.is_off()
+            && self.routing_skew <= 1.0;
+        // Without FasterMoE's options on balanced routing the estimate is the
+        // transfer alone, as it always was; otherwise what the layer takes beyond
+        // its balanced experts (already in `compute_s`).
+        out.a2a_s += if plain {
+            transfer_s
+        } else {
+            (x.planned_s - compute_s).max(0.0)
+        };
+        out.exchanges.push(x);
+    }
+
+    /// MoE layer `layer`'s experts on one rank: their parameters, and with FP8 experts the
+    /// copies' scales and quantisation bytes, go into `w`. Returns the parameters of one
+    /// expert on the rank.
+    fn add_local_experts(&self, (layer, moe): (usize, &Moe), w: &mut StageWork) -> u64 {
+        let (m, te, ep) = (&self.c.model, self.experts.slices, self.experts.parallel);
+        let h = m.width;
+        let one = graph::mlp_params(h, &moe.expert, m.bias);
+        let one_expert = one.sharded / te + one.replicated;
+        let local = moe.experts / ep;
+        w.rp.expert += local * one_expert;
+        if self.fp8_experts[layer] {
+            let (hidden, matrices) = (moe.expert.hidden / te, moe.expert.act.matrices());
+            // each matrix: a scale per output column and per row
+            w.fp8_scale_bytes += local * matrices * 4 * (h + hidden);
+            w.fp8_quant_bytes_per_token += (moe.top_k * local * ep) as f64
+                / moe.experts.max(1) as f64
+                * (FP8_QUANT_BYTES_INPUT * h as f64
+                    + FP8_QUANT_BYTES_HIDDEN * (hidden * (matrices - 1)) as f64);
+        }
+        one_expert
+    }
+
+    /// An MoE layer's bytes per micro-batch and direction on one rank: those its all-to-all
+    /// exchanges over the expert group, those the expert-tensor ranks gather from each other
+    /// (Megatron-Core), and how many ranks gather.
+    fn exchange_bytes(&self, moe: &Moe) -> (u64, u64, u64) {
+        let (t, te, g) = (self.grid.tensor, self.experts.slices, self.experts.parallel);
+        let (h, a, tokens) = (self.c.model.width, self.a, self.tokens);
+        // Megatron-Core: sequence parallelism gives each tensor rank its own slice
+        // of the micro-batch to route, and after the exchange the expert-tensor
+        // ranks gather each other's tokens (reduce-scattered back in the combine)
+        let (routed, gather_ranks) = match self.model {
+            MemoryModel::MegatronCore => (tokens / t, te),
+            _ => (tokens, 1),
+        };
+        let rows = 2 * (moe.top_k as u128) * (routed as u128) * (h as u128) * a as u128;
+        let exchange = u64::try_from(rows * (g as u128 - 1) / g as u128).unwrap_or(u64::MAX);
+        let gather = u64::try_from(rows * (gather_ranks as u128 - 1)).unwrap_or(u64::MAX);
+        (exchange, gather, gather_ranks)
+    }
+
+    /// The model's ends on stage `s`: on the first stage the embedding's all-reduced output;
+    /// on the last the head's all-reduced input gradient, and what stays alive for the loss.
+    fn add_model_ends(&self, s: u64, out: &mut StageLayers) {
+        let (t, p) = (self.grid.tensor, self.grid.pipeline);
+        let (h, a, tokens, vpad) = (self.c.model.width, self.a, self.tokens, self.vpad);
         if s == 0 {
             // The vocab-parallel embedding's output is all-reduced.
             out.tensor_msgs += 1;
@@ -1078,7 +1153,7 @@ impl Eval<'_> {
             // keeps the final norm's input and output, the fp32 logits and their
             // log-softmax, and at the start of the backward pass their gradient.
             out.tensor_msgs += 1;
-            out.act = match model {
+            out.act = match self.model {
                 MemoryModel::Megatron => out
                     .act
                     .saturating_add(a * tokens * h)
@@ -1086,7 +1161,7 @@ impl Eval<'_> {
                 MemoryModel::Fmoec => out
                     .act
                     .saturating_add(2 * a * tokens * h)
-                    .saturating_add((12 * tokens).saturating_mul(m.vocab)),
+                    .saturating_add((12 * tokens).saturating_mul(self.c.model.vocab)),
                 // sequence-parallel final norm input; vocab-parallel fp32 logits
                 MemoryModel::MegatronCore => out
                     .act
@@ -1094,11 +1169,6 @@ impl Eval<'_> {
                     .saturating_add((4 * tokens).saturating_mul(vpad) / t),
             };
         }
-        if t == 1 {
-            out.tensor_msgs = 0;
-        }
-        w.rp.total = w.rp.sharded + w.rp.replicated + w.rp.gate + w.rp.expert;
-        out
     }
 
     /// The experts' data-parallel replicas (the expert-data group's size).
@@ -1195,32 +1265,93 @@ impl Eval<'_> {
         tensor_msgs: u64,
         a2a_s: f64,
     ) -> (Traffic, StageTime) {
-        let (c, g, grid, experts) = (self.c, self.g, self.grid, self.experts);
-        let (t, p, v, ep) = (grid.tensor, grid.pipeline, self.v(), experts.parallel);
-        let (h, a, tokens, micro_batches) =
-            (c.model.width, self.a, self.tokens, self.micro_batches);
-        let (rp, vpad, peak) = (&w.rp, self.vpad, self.peak);
+        let traffic = self.stage_traffic(s, w, all_to_all, tensor_msgs);
+        let compute_s = self.compute_s(w);
+        let tensor_s = self.tensor_s(s, tensor_msgs);
+        let pipeline_s = self.pipeline_s(s);
+        let time = StageTime {
+            compute_s,
+            tensor_s,
+            all_to_all_s: a2a_s,
+            pipeline_s,
+            micro_batch_s: compute_s + tensor_s + a2a_s + pipeline_s,
+            gradient_sync_s: self.gradient_sync_s(s, &traffic),
+        };
+        (traffic, time)
+    }
+
+    /// One activation (or its gradient) of a micro-batch on one rank, in bytes: a
+    /// tensor-parallel message, and what a pipeline transfer carries.
+    fn activation_message(&self) -> u64 {
+        self.tokens * self.c.model.width * self.a
+    }
+
+    /// Bytes of `tensor_msgs` tensor-parallel messages.
+    fn tensor_bytes(&self, tensor_msgs: u64) -> u64 {
+        tensor_msgs.saturating_mul(self.activation_message())
+    }
+
+    /// Ranks of the gate group: all ranks of one pipeline stage.
+    fn gate_group_size(&self) -> u64 {
+        self.grid.world / self.grid.pipeline
+    }
+
+    /// Stage `s`'s pipeline bytes per micro-batch, sent and received.
+    fn pipeline_bytes(&self, s: u64) -> u64 {
+        2 * self.pipeline_transfers(s) * self.activation_message()
+    }
+
+    /// Stage `s`'s pipeline transfers per micro-batch in each direction: each chunk sends its
+    /// output on and its input's gradient back, except at the model's two ends, and receives
+    /// as many.
+    fn pipeline_transfers(&self, s: u64) -> u64 {
+        let p = self.grid.pipeline;
+        2 * self.v() - u64::from(s == 0) - u64::from(s + 1 == p)
+    }
+
+    /// Stage `s` holds the tied word embedding with another stage (the first and the last
+    /// stage of a pipeline), whose gradients they all-reduce.
+    fn holds_tied_embedding(&self, s: u64) -> bool {
+        let p = self.grid.pipeline;
+        self.g.tied_embeddings && p > 1 && (s == 0 || s == p - 1)
+    }
+
+    /// Tensor rank 0 of the first and of the last stage (as a group's lowest and highest rank).
+    fn first_and_last_stage(&self) -> [u64; 2] {
+        [
+            self.grid.rank(0, 0, 0),
+            self.grid.rank(0, 0, self.grid.pipeline - 1),
+        ]
+    }
+
+    /// The experts' gradient group of stage `s` (tensor rank 0's), as its lowest and highest
+    /// rank.
+    fn expert_data_group(&self, s: u64) -> [u64; 2] {
+        let base = self.grid.rank(0, 0, s);
+        let (stride, ep) = (self.experts.stride, self.experts.parallel);
+        [base, base + (self.expert_data() - 1) * stride * ep]
+    }
+
+    /// Stage `s`'s bytes sent per step.
+    fn stage_traffic(
+        &self,
+        s: u64,
+        w: &StageWork,
+        all_to_all: Vec<AllToAll>,
+        tensor_msgs: u64,
+    ) -> Traffic {
+        let (grid, micro_batches) = (self.grid, self.micro_batches);
+        let rp = &w.rp;
         let grad_bytes = self.precision.param_bytes();
-        let base = grid.rank(0, 0, s);
-        let dgroup = [base, grid.rank(0, grid.data - 1, s)];
-        let ed = self.expert_data();
-        let msg = tokens * h * a;
-        let tensor_bytes = tensor_msgs.saturating_mul(msg);
-        // Per micro-batch each chunk sends its output on and its input's gradient back,
-        // except at the model's two ends, and receives as many.
-        let transfers = 2 * v - u64::from(s == 0) - u64::from(s + 1 == p);
-        let p2p = 2 * transfers * msg;
+        let tensor_bytes = self.tensor_bytes(tensor_msgs);
+        let p2p = self.pipeline_bytes(s);
         let dense = rp.sharded + rp.replicated;
-        let tied_copy = g.tied_embeddings && p > 1 && (s == 0 || s == p - 1);
-        let emb_bytes = if tied_copy {
-            vpad * h / t * grad_bytes
+        let emb_bytes = if self.holds_tied_embedding(s) {
+            self.word_embedding_shard() * grad_bytes
         } else {
             0
         };
-        let edgroup = [base, base + (ed - 1) * experts.stride * ep];
-        let gate_group = [base, grid.rank(t - 1, grid.data - 1, s)];
-        let gate_size = grid.world / p;
-        let traffic = Traffic {
+        Traffic {
             tensor_allreduce_bytes: tensor_bytes.saturating_mul(micro_batches),
             all_to_all_bytes: all_to_all
                 .iter()
@@ -1228,8 +1359,12 @@ impl Eval<'_> {
                 .fold(0u64, u64::saturating_add),
             all_to_all,
             data_allreduce_bytes: if grid.data > 1 { dense * grad_bytes } else { 0 },
-            expert_data_allreduce_bytes: if ed > 1 { rp.expert * grad_bytes } else { 0 },
-            gate_allreduce_bytes: if gate_size > 1 {
+            expert_data_allreduce_bytes: if self.expert_data() > 1 {
+                rp.expert * grad_bytes
+            } else {
+                0
+            },
+            gate_allreduce_bytes: if self.gate_group_size() > 1 {
                 rp.gate * grad_bytes
             } else {
                 0
@@ -1237,25 +1372,15 @@ impl Eval<'_> {
             embedding_allreduce_bytes: emb_bytes,
             pipeline_send_bytes: (p2p / 2).saturating_mul(micro_batches),
             pipeline_recv_bytes: (p2p / 2).saturating_mul(micro_batches),
-        };
-        let tgroup = [base, grid.rank(t - 1, 0, s)];
-        let first = grid.rank(0, 0, s);
-        let pipe_bw = {
-            let mut bw = f64::INFINITY;
-            if s > 0 {
-                bw = bw.min(bandwidth(c, &[grid.rank(0, 0, s - 1), first]));
-            }
-            if s + 1 < p {
-                bw = bw.min(bandwidth(c, &[first, grid.rank(0, 0, s + 1)]));
-            }
-            // the interleaved schedule's wrap-around from the last stage to the first
-            if v > 1 && p > 1 && (s == 0 || s + 1 == p) {
-                bw = bw.min(bandwidth(c, &[grid.rank(0, 0, 0), grid.rank(0, 0, p - 1)]));
-            }
-            bw
-        };
-        let hw = &c.parallel.hardware;
-        let compute_s = match self.fp8 {
+        }
+    }
+
+    /// A micro-batch's compute on one rank: its FLOPs at the dense peak, those on FP8 operands
+    /// at the FP8 peak, and the FP8 quantisations' memory traffic.
+    fn compute_s(&self, w: &StageWork) -> f64 {
+        let (tokens, peak) = (self.tokens, self.peak);
+        let hw = &self.c.parallel.hardware;
+        match self.fp8 {
             Some((fp8_peak, _)) => {
                 (w.flops_per_token - w.fp8_flops_per_token) as f64 * tokens as f64 / peak
                     + w.fp8_flops_per_token as f64 * tokens as f64 / fp8_peak
@@ -1263,43 +1388,71 @@ impl Eval<'_> {
                         / (hw.hbm_gbps.max(1e-9) * 1e9 * FP8_QUANT_BANDWIDTH_SHARE)
             }
             None => w.flops_per_token as f64 * tokens as f64 / peak,
-        };
-        let tensor_s = allreduce_s(tensor_bytes, t, bandwidth(c, &tgroup));
-        let pipeline_s = if transfers == 0 {
-            0.0
-        } else {
-            p2p as f64 / pipe_bw
-        };
-        let gradient_sync_s = allreduce_s(
+        }
+    }
+
+    /// A micro-batch's tensor-parallel all-reduces on stage `s` (`tensor_msgs` messages).
+    fn tensor_s(&self, s: u64, tensor_msgs: u64) -> f64 {
+        let (grid, t) = (self.grid, self.grid.tensor);
+        let tensor_bytes = self.tensor_bytes(tensor_msgs);
+        let tgroup = [grid.rank(0, 0, s), grid.rank(t - 1, 0, s)];
+        allreduce_s(tensor_bytes, t, bandwidth(self.c, &tgroup))
+    }
+
+    /// A micro-batch's pipeline transfers on stage `s`, at the slowest link to a neighbour.
+    fn pipeline_s(&self, s: u64) -> f64 {
+        if self.pipeline_transfers(s) == 0 {
+            return 0.0;
+        }
+        self.pipeline_bytes(s) as f64 / self.pipeline_bandwidth(s)
+    }
+
+    /// The slowest link between stage `s` and a stage it exchanges activations with.
+    fn pipeline_bandwidth(&self, s: u64) -> f64 {
+        let (c, grid, p) = (self.c, self.grid, self.grid.pipeline);
+        let first = grid.rank(0, 0, s);
+        let mut bw = f64::INFINITY;
+        if s > 0 {
+            bw = bw.min(bandwidth(c, &[grid.rank(0, 0, s - 1), first]));
+        }
+        if s + 1 < p {
+            bw = bw.min(bandwidth(c, &[first, grid.rank(0, 0, s + 1)]));
+        }
+        // the interleaved schedule's wrap-around from the last stage to the first
+        if self.v() > 1 && p > 1 && (s == 0 || s + 1 == p) {
+            bw = bw.min(bandwidth(c, &self.first_and_last_stage()));
+        }
+        bw
+    }
+
+    /// Stage `s`'s gradient synchronisation per step: the data, expert-data and gate groups'
+    /// all-reduces of `traffic`, and the tied embedding's between the first and last stage.
+    fn gradient_sync_s(&self, s: u64, traffic: &Traffic) -> f64 {
+        let (c, grid, t) = (self.c, self.grid, self.grid.tensor);
+        let base = grid.rank(0, 0, s);
+        let dgroup = [base, grid.rank(0, grid.data - 1, s)];
+        let gate_group = [base, grid.rank(t - 1, grid.data - 1, s)];
+        allreduce_s(
             traffic.data_allreduce_bytes,
             grid.data,
             bandwidth(c, &dgroup),
         ) + allreduce_s(
             traffic.expert_data_allreduce_bytes,
-            ed,
-            bandwidth(c, &edgroup),
+            self.expert_data(),
+            bandwidth(c, &self.expert_data_group(s)),
         ) + allreduce_s(
             traffic.gate_allreduce_bytes,
-            gate_size,
+            self.gate_group_size(),
             bandwidth(c, &gate_group),
-        ) + if tied_copy {
+        ) + if self.holds_tied_embedding(s) {
             allreduce_s(
-                emb_bytes,
+                traffic.embedding_allreduce_bytes,
                 2,
-                bandwidth(c, &[grid.rank(0, 0, 0), grid.rank(0, 0, p - 1)]),
+                bandwidth(c, &self.first_and_last_stage()),
             )
         } else {
             0.0
-        };
-        let time = StageTime {
-            compute_s,
-            tensor_s,
-            all_to_all_s: a2a_s,
-            pipeline_s,
-            micro_batch_s: compute_s + tensor_s + a2a_s + pipeline_s,
-            gradient_sync_s,
-        };
-        (traffic, time)
+        }
     }
 
     /// The step: the slowest stage's micro-batches, the pipeline's fill and drain, and the

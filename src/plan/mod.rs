@@ -662,116 +662,210 @@ pub fn cost_for(
 ) -> Result<Costed, Vec<Diagnostic>> {
     let trained = rules.trained(checked);
     let checked = trained.as_ref().unwrap_or(checked);
-    let filled;
-    let checked = match with_fallback_spans(checked) {
-        Some(c) => {
-            filled = c;
-            &filled
-        }
-        None => checked,
-    };
-    let par = &checked.parallel;
+    let filled = with_fallback_spans(checked);
+    let checked = filled.as_ref().unwrap_or(checked);
     let s = Setup::of(&checked.parallel, o);
     let grid = validate(&Parts::of(checked), &s).map_err(|d| plan_error(d, o))?;
-    let (experts, warnings) =
-        place_experts(&checked.model, par, &grid, rules).map_err(|d| plan_error(d, o))?;
-    let sp = &par.spans;
-    let train = checked.train.as_ref();
+    let (experts, warnings) = place_experts(&checked.model, &checked.parallel, &grid, rules)
+        .map_err(|d| plan_error(d, o))?;
     let mut assumptions = Vec::new();
-    let precision = match train {
-        Some(t) => t.precision,
-        None => {
-            assumptions
-                .push("no train block: bf16 mixed precision (fp32 master weights, Adam)".into());
-            Precision::Bf16
-        }
-    };
-    if let (Precision::Fp8 { .. }, None) = (precision, par.hardware.fp8_tflops) {
-        let at = train.map(|t| t.spans.precision).unwrap_or(sp.block);
-        return Err(plan_error(
-            vec![diagnostics::no_fp8((&par.hardware.name, sp.hardware), at)],
-            o,
-        ));
-    }
-    let seq_len = match train {
-        Some(t) => t.seq_len,
-        None => {
-            assumptions.push(format!(
-                "no train block: sequences of {} (the context)",
-                crate::diag::count(checked.model.context, "token", "tokens")
-            ));
-            checked.model.context
-        }
-    };
-    if train.is_none() {
-        assumptions.push(format!(
-            "no train block: {} micro-batches per step (4 × pipeline)",
-            4 * grid.pipeline
-        ));
-    }
-    let g = graph::lower(&checked.model, seq_len);
-    let per_rank_batch = train.map(|t| t.batch_sequences / grid.data);
-    // The micro-batch the runtime would pick by itself: preferred among equally fast ones.
-    let preferred = default_micro_batch(per_rank_batch.unwrap_or(64), seq_len);
-    // The interleaved schedule needs a multiple of the stages in micro-batches.
-    let schedulable = |m: u64| {
-        grid.virtual_stages == 1 || per_rank_batch.is_none_or(|b| (b / m) % grid.pipeline == 0)
-    };
-    let candidates: Vec<u64> = match s.micro_batch {
-        Some(m) => vec![m],
-        None => {
-            let limit = per_rank_batch.unwrap_or(64).min(64);
-            let mut c: Vec<u64> = (0..7)
-                .map(|i| 1u64 << i)
-                .filter(|m| *m <= limit && per_rank_batch.is_none_or(|b| b % m == 0))
-                .filter(|&m| schedulable(m))
-                .collect();
-            if !c.contains(&preferred) && schedulable(preferred) {
-                c.push(preferred);
-                c.sort_unstable();
-            }
-            if let (true, Some(t), Some(b)) = (c.is_empty(), train, per_rank_batch) {
-                return Err(plan_error(
-                    vec![diagnostics::interleaved_micro_batches(
-                        b,
-                        grid.pipeline,
-                        (grid.virtual_stages, sp.virtual_stages),
-                        t.spans.batch,
-                    )],
-                    o,
-                ));
-            }
-            if c.len() > 1 {
-                assumptions.push(format!(
-                    "micro-batch not given: chose the fastest that fits among {c:?} (of equally \
-                     fast ones the largest with at most {DEFAULT_MICRO_TOKENS} tokens that leaves \
-                     {:.0}% of the memory free)",
-                    FREE_CHOICE_HEADROOM * 100.0
-                ));
-            }
-            c
-        }
-    };
-    let mut fitting: Vec<(f64, u64, cost::Costed)> = Vec::new();
-    let mut first_failure: Option<cost::Costed> = None;
-    for m in candidates {
-        let micro_batches = match train {
-            Some(t) => t.batch_sequences / (grid.data * m),
-            None => 4 * grid.pipeline,
-        };
-        let c = cost::evaluate(
+    let step = StepShape::of(checked, &grid, &mut assumptions).map_err(|d| plan_error(d, o))?;
+    let g = graph::lower(&checked.model, step.seq_len);
+    let candidates = step
+        .micro_batch_candidates(s.micro_batch, &mut assumptions)
+        .map_err(|d| plan_error(d, o))?;
+    let training = rules.training();
+    let memory_model = o.memory_model.unwrap_or(rules.memory_model());
+    let cost_at = |m: u64| {
+        cost::evaluate(
             &g,
             checked,
             &grid,
             &experts,
-            &rules.training(),
+            &training,
+            step.precision,
+            step.seq_len,
+            m,
+            step.micro_batches(m).max(1),
+            memory_model,
+            o.routing_skew.unwrap_or(1.0),
+        )
+    };
+    let costed = fastest_fitting(candidates, cost_at, step.preferred_micro_batch()).map_err(
+        |first_failure| {
+            let (par, sp) = (&checked.parallel, &checked.parallel.spans);
+            let at = (par.hardware.name.as_str(), sp.gpus.join(sp.hardware));
+            plan_error(vec![first_failure.out_of_memory(&grid, at)], o)
+        },
+    )?;
+    Ok(Costed {
+        grid,
+        experts,
+        rules: rules.clone(),
+        warnings,
+        expert_group: s.expert_group,
+        precision: step.precision,
+        seq_len: step.seq_len,
+        costed,
+        assumptions,
+        graph: g,
+    })
+}
+
+/// Micro-batches per step assumed without a `train` block, per pipeline stage.
+const MICRO_BATCHES_PER_STAGE_WITHOUT_TRAIN: u64 = 4;
+
+/// Sequences of a data rank's share of the batch assumed without a `train` block, when the
+/// micro-batch is chosen.
+const SHARE_WITHOUT_TRAIN: u64 = 64;
+
+/// What one step is made of before its micro-batch is chosen: the `train` block's precision,
+/// sequences and batch, or what the planner assumes without one.
+struct StepShape<'c> {
+    train: Option<&'c Train>,
+    /// The grid's pipeline stages.
+    pipeline: u64,
+    /// The grid's model chunks per stage.
+    virtual_stages: u64,
+    /// The `parallel` block's span of `virtual_stages`, for the diagnostic about them.
+    virtual_stages_span: Span,
+    precision: Precision,
+    seq_len: u64,
+    /// Sequences a data rank takes per step (`None`: no `train` block).
+    per_rank_batch: Option<u64>,
+}
+
+impl<'c> StepShape<'c> {
+    /// The step of `checked` on `grid`, with what it assumes (in `assumptions`); an error
+    /// where the precision is FP8 on a GPU without FP8 tensor cores.
+    fn of(
+        checked: &'c Checked,
+        grid: &Grid,
+        assumptions: &mut Vec<String>,
+    ) -> Result<StepShape<'c>, Vec<Diagnostic>> {
+        let (par, train) = (&checked.parallel, checked.train.as_ref());
+        let precision = match train {
+            Some(t) => t.precision,
+            None => {
+                assumptions.push(
+                    "no train block: bf16 mixed precision (fp32 master weights, Adam)".into(),
+                );
+                Precision::Bf16
+            }
+        };
+        if let (Precision::Fp8 { .. }, None) = (precision, par.hardware.fp8_tflops) {
+            let sp = &par.spans;
+            let at = train.map(|t| t.spans.precision).unwrap_or(sp.block);
+            return Err(vec![diagnostics::no_fp8(
+                (&par.hardware.name, sp.hardware),
+                at,
+            )]);
+        }
+        let seq_len = match train {
+            Some(t) => t.seq_len,
+            None => {
+                assumptions.push(format!(
+                    "no train block: sequences of {} (the context)",
+                    crate::diag::count(checked.model.context, "token", "tokens")
+                ));
+                checked.model.context
+            }
+        };
+        if train.is_none() {
+            assumptions.push(format!(
+                "no train block: {} micro-batches per step ({MICRO_BATCHES_PER_STAGE_WITHOUT_TRAIN} × pipeline)",
+                MICRO_BATCHES_PER_STAGE_WITHOUT_TRAIN * grid.pipeline
+            ));
+        }
+        Ok(StepShape {
+            train,
+            pipeline: grid.pipeline,
+            virtual_stages: grid.virtual_stages,
+            virtual_stages_span: par.spans.virtual_stages,
             precision,
             seq_len,
-            m,
-            micro_batches.max(1),
-            o.memory_model.unwrap_or(rules.memory_model()),
-            o.routing_skew.unwrap_or(1.0),
-        );
+            per_rank_batch: train.map(|t| t.batch_sequences / grid.data),
+        })
+    }
+
+    /// Micro-batches per step (per data rank) at micro-batch `m`.
+    fn micro_batches(&self, m: u64) -> u64 {
+        match self.per_rank_batch {
+            Some(b) => b / m,
+            None => MICRO_BATCHES_PER_STAGE_WITHOUT_TRAIN * self.pipeline,
+        }
+    }
+
+    /// The micro-batch the runtime would pick by itself ([`default_micro_batch`]): preferred
+    /// among equally fast ones.
+    fn preferred_micro_batch(&self) -> u64 {
+        default_micro_batch(
+            self.per_rank_batch.unwrap_or(SHARE_WITHOUT_TRAIN),
+            self.seq_len,
+        )
+    }
+
+    /// Whether the schedule runs micro-batch `m`: the interleaved one needs a multiple of the
+    /// stages in micro-batches.
+    fn schedulable(&self, m: u64) -> bool {
+        self.virtual_stages == 1 || self.micro_batches(m) % self.pipeline == 0
+    }
+
+    /// The micro-batches to cost: `asked` (the file's or `--micro-batch`), else the powers of
+    /// two up to 64 that divide a data rank's share of the batch and that the schedule runs,
+    /// with the preferred one (in `assumptions`, how the choice is made); an error where the
+    /// schedule runs none of them.
+    fn micro_batch_candidates(
+        &self,
+        asked: Option<u64>,
+        assumptions: &mut Vec<String>,
+    ) -> Result<Vec<u64>, Vec<Diagnostic>> {
+        if let Some(m) = asked {
+            return Ok(vec![m]);
+        }
+        let b = self.per_rank_batch;
+        let limit = b.unwrap_or(SHARE_WITHOUT_TRAIN).min(64);
+        let mut c: Vec<u64> = (0..7)
+            .map(|i| 1u64 << i)
+            .filter(|m| *m <= limit && b.is_none_or(|b| b % m == 0))
+            .filter(|&m| self.schedulable(m))
+            .collect();
+        let preferred = self.preferred_micro_batch();
+        if !c.contains(&preferred) && self.schedulable(preferred) {
+            c.push(preferred);
+            c.sort_unstable();
+        }
+        if let (true, Some(t), Some(b)) = (c.is_empty(), self.train, b) {
+            return Err(vec![diagnostics::interleaved_micro_batches(
+                b,
+                self.pipeline,
+                (self.virtual_stages, self.virtual_stages_span),
+                t.spans.batch,
+            )]);
+        }
+        if c.len() > 1 {
+            assumptions.push(format!(
+                "micro-batch not given: chose the fastest that fits among {c:?} (of equally \
+                 fast ones the largest with at most {DEFAULT_MICRO_TOKENS} tokens that leaves \
+                 {:.0}% of the memory free)",
+                FREE_CHOICE_HEADROOM * 100.0
+            ));
+        }
+        Ok(c)
+    }
+}
+
+/// The fastest of the `candidates` micro-batches that fits, as [`pick_micro_batch`] chooses
+/// among them at `cost_at`; else the first that does not fit.
+fn fastest_fitting(
+    candidates: Vec<u64>,
+    cost_at: impl Fn(u64) -> cost::Costed,
+    preferred: u64,
+) -> Result<cost::Costed, cost::Costed> {
+    let mut fitting: Vec<(f64, u64, cost::Costed)> = Vec::new();
+    let mut first_failure: Option<cost::Costed> = None;
+    for m in candidates {
+        let c = cost_at(m);
         if c.fits() {
             // Seconds per token: the step time when the batch is fixed, and still fair
             // when it grows with the micro-batch (no train block).
@@ -781,26 +875,11 @@ pub fn cost_for(
             first_failure = Some(c);
         }
     }
-    let costed = match (pick_micro_batch(fitting, preferred), first_failure) {
-        (Some(c), _) => c,
-        (None, Some(c)) => {
-            let at = (par.hardware.name.as_str(), sp.gpus.join(sp.hardware));
-            return Err(plan_error(vec![c.out_of_memory(&grid, at)], o));
-        }
+    match (pick_micro_batch(fitting, preferred), first_failure) {
+        (Some(c), _) => Ok(c),
+        (None, Some(c)) => Err(c),
         (None, None) => unreachable!("every micro-batch candidate is costed"),
-    };
-    Ok(Costed {
-        grid,
-        experts,
-        rules: rules.clone(),
-        warnings,
-        expert_group: s.expert_group,
-        precision,
-        seq_len,
-        costed,
-        assumptions,
-        graph: g,
-    })
+    }
 }
 
 /// FasterMoE's options that cannot do what they say on this layout (warnings).

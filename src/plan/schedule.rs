@@ -413,181 +413,271 @@ pub fn simulate(
     times: &[ChunkTimes],
     forward_only: bool,
 ) -> Result<Timeline, ScheduleError> {
-    let p = pipeline;
-    let n = p.stages;
-    let err = |s: String| Err(ScheduleError(s));
+    let n = pipeline.stages;
     if programs.len() != n || times.len() != n {
-        return err(format!("{} programs for {n} stages", programs.len()));
+        return Err(ScheduleError(format!(
+            "{} programs for {n} stages",
+            programs.len()
+        )));
     }
-    let mut pc = vec![0usize; n];
-    let mut clock = vec![0.0f64; n];
-    // per stage: the transfers of the batch it waits in, as (pair queue, index)
-    let mut posted: Vec<Option<Vec<PairSlot>>> = vec![None; n];
-    // per ordered pair (from, to): the sends and receives posted, with labels and times
-    let mut sends: BTreeMap<(usize, usize), Vec<PostedTransfer>> = BTreeMap::new();
-    let mut recvs: BTreeMap<(usize, usize), Vec<PostedTransfer>> = BTreeMap::new();
-    let mut forwarded: Vec<BTreeSet<(usize, usize)>> = vec![BTreeSet::new(); n];
-    let mut backwarded: Vec<BTreeSet<(usize, usize)>> = vec![BTreeSet::new(); n];
-    let mut arrived: Vec<BTreeSet<(Payload, usize, usize)>> = vec![BTreeSet::new(); n];
-    let mut in_flight = vec![0usize; n];
-    let mut peak = vec![0usize; n];
-    loop {
+    let mut sim = Simulation {
+        p: pipeline,
+        programs,
+        times,
+        stages: vec![StageRun::default(); n],
+        sends: BTreeMap::new(),
+        recvs: BTreeMap::new(),
+    };
+    sim.run_until_done()?;
+    sim.check_every_transfer_received()?;
+    sim.check_every_chunk_ran(forward_only)?;
+    Ok(sim.timeline())
+}
+
+/// One stage's progress through its program in [`simulate`].
+#[derive(Clone, Debug, Default)]
+struct StageRun {
+    /// The index of its next action.
+    pc: usize,
+    /// When its last action ended.
+    clock: f64,
+    /// The transfers of the batch it waits in, as (pair queue, index).
+    posted: Option<Vec<PairSlot>>,
+    /// The (chunk, micro-batch) pairs whose forward ran.
+    forwarded: BTreeSet<(usize, usize)>,
+    /// The (chunk, micro-batch) pairs whose backward ran.
+    backwarded: BTreeSet<(usize, usize)>,
+    /// What it received: (payload, chunk, micro-batch).
+    arrived: BTreeSet<(Payload, usize, usize)>,
+    in_flight: usize,
+    peak_in_flight: usize,
+}
+
+/// Every stage's [`StageRun`] and the transfers posted between them.
+struct Simulation<'a> {
+    p: &'a Pipeline,
+    programs: &'a [Vec<Action>],
+    times: &'a [ChunkTimes],
+    stages: Vec<StageRun>,
+    /// Per ordered pair of stages (from, to): the sends posted, with labels and times.
+    sends: BTreeMap<(usize, usize), Vec<PostedTransfer>>,
+    /// The same for the receives.
+    recvs: BTreeMap<(usize, usize), Vec<PostedTransfer>>,
+}
+
+impl Simulation<'_> {
+    /// Lets each stage in turn run as far as it can, round after round, until every program
+    /// ends; a round in which no stage moves is a deadlock.
+    fn run_until_done(&mut self) -> Result<(), ScheduleError> {
+        loop {
+            let mut progressed = false;
+            for s in 0..self.p.stages {
+                progressed |= self.advance(s)?;
+            }
+            if self.stages_waiting().next().is_none() {
+                return Ok(());
+            }
+            if !progressed {
+                let waiting: Vec<String> = self
+                    .stages_waiting()
+                    .map(|s| format!("stage {s} at {:?}", self.programs[s][self.stages[s].pc]))
+                    .collect();
+                return Err(ScheduleError(format!("deadlock: {}", waiting.join("; "))));
+            }
+        }
+    }
+
+    /// The stages whose program has not ended.
+    fn stages_waiting(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.p.stages).filter(|&s| self.stages[s].pc < self.programs[s].len())
+    }
+
+    /// Runs stage `s`'s actions until its program ends or it waits in a batch a peer has not
+    /// posted its part of; whether it did anything (posting a batch counts).
+    fn advance(&mut self, s: usize) -> Result<bool, ScheduleError> {
+        let programs = self.programs;
         let mut progressed = false;
-        for s in 0..n {
-            while let Some(action) = programs[s].get(pc[s]) {
-                match action {
-                    Action::Forward { chunk, micro } | Action::Backward { chunk, micro } => {
-                        let forward = matches!(action, Action::Forward { .. });
-                        let key = (*chunk, *micro);
-                        if *chunk >= p.virtual_stages || *micro >= p.micro_batches {
-                            return err(format!("stage {s}: {action:?} is outside the pipeline"));
-                        }
-                        if forward {
-                            if prev_of(p, s, *chunk).is_some()
-                                && !arrived[s].contains(&(Payload::Activation, *chunk, *micro))
-                            {
-                                return err(format!(
-                                    "stage {s}: {action:?} before its input arrived"
-                                ));
-                            }
-                            if !forwarded[s].insert(key) {
-                                return err(format!("stage {s}: {action:?} runs twice"));
-                            }
-                            in_flight[s] += 1;
-                            peak[s] = peak[s].max(in_flight[s]);
-                            clock[s] += times[s].forward;
-                        } else {
-                            if !forwarded[s].contains(&key) {
-                                return err(format!("stage {s}: {action:?} before its forward"));
-                            }
-                            if next_of(p, s, *chunk).is_some()
-                                && !arrived[s].contains(&(Payload::Gradient, *chunk, *micro))
-                            {
-                                return err(format!(
-                                    "stage {s}: {action:?} before its output's gradient arrived"
-                                ));
-                            }
-                            if !backwarded[s].insert(key) {
-                                return err(format!("stage {s}: {action:?} runs twice"));
-                            }
-                            in_flight[s] -= 1;
-                            clock[s] += times[s].backward;
-                        }
-                        pc[s] += 1;
+        while let Some(action) = programs[s].get(self.stages[s].pc) {
+            match action {
+                Action::Forward { chunk, micro } | Action::Backward { chunk, micro } => {
+                    self.compute(s, action, (*chunk, *micro))?;
+                }
+                Action::Exchange(batch) => {
+                    if self.stages[s].posted.is_none() {
+                        self.post(s, batch)?;
                         progressed = true;
                     }
-                    Action::Exchange(batch) => {
-                        if posted[s].is_none() {
-                            let mut mine = Vec::new();
-                            for t in batch {
-                                if t.peer >= n || t.peer == s {
-                                    return err(format!(
-                                        "stage {s}: a transfer with stage {}",
-                                        t.peer
-                                    ));
-                                }
-                                let producer = match t.payload {
-                                    Payload::Activation => prev_of(p, s, t.chunk),
-                                    Payload::Gradient => next_of(p, s, t.chunk),
-                                };
-                                if !t.send && producer.map(|(stage, _)| stage) != Some(t.peer) {
-                                    return err(format!(
-                                        "stage {s}: receives {t:?}, which stage {} does not produce",
-                                        t.peer
-                                    ));
-                                }
-                                if t.send {
-                                    let done = match t.payload {
-                                        Payload::Activation => &forwarded[s],
-                                        Payload::Gradient => &backwarded[s],
-                                    };
-                                    if !done.contains(&(t.chunk, t.micro)) {
-                                        return err(format!(
-                                            "stage {s}: sends {t:?} before computing it"
-                                        ));
-                                    }
-                                }
-                                let pair = if t.send { (s, t.peer) } else { (t.peer, s) };
-                                let list = if t.send { &mut sends } else { &mut recvs };
-                                let list = list.entry(pair).or_default();
-                                list.push((label(p, s, t), clock[s]));
-                                mine.push((pair, list.len() - 1));
-                            }
-                            posted[s] = Some(mine);
-                            progressed = true;
-                        }
-                        let mine = posted[s].as_deref().unwrap_or_default();
-                        let mut end = clock[s];
-                        let mut complete = true;
-                        for (t, &(pair, i)) in batch.iter().zip(mine) {
-                            let (own, other) = if t.send {
-                                (&sends, &recvs)
-                            } else {
-                                (&recvs, &sends)
-                            };
-                            let Some(&(theirs, at)) = other.get(&pair).and_then(|l| l.get(i))
-                            else {
-                                complete = false;
-                                break;
-                            };
-                            let (ours, _) = own[&pair][i];
-                            if theirs != ours {
-                                return err(format!(
-                                    "transfer #{i} from stage {} to stage {}: {:?} sent, {:?} received",
-                                    pair.0,
-                                    pair.1,
-                                    if t.send { ours } else { theirs },
-                                    if t.send { theirs } else { ours },
-                                ));
-                            }
-                            end = end.max(at);
-                        }
-                        if !complete {
-                            break;
-                        }
-                        for t in batch.iter().filter(|t| !t.send) {
-                            arrived[s].insert((t.payload, t.chunk, t.micro));
-                        }
-                        clock[s] = end;
-                        posted[s] = None;
-                        pc[s] += 1;
-                        progressed = true;
+                    if !self.complete(s, batch)? {
+                        return Ok(progressed);
                     }
                 }
             }
+            self.stages[s].pc += 1;
+            progressed = true;
         }
-        if (0..n).all(|s| pc[s] == programs[s].len()) {
-            break;
+        Ok(progressed)
+    }
+
+    /// Stage `s` runs the forward or backward `action` of `key` (chunk, micro-batch), once,
+    /// after what it needs.
+    fn compute(
+        &mut self,
+        s: usize,
+        action: &Action,
+        key: (usize, usize),
+    ) -> Result<(), ScheduleError> {
+        let p = self.p;
+        let fail = |why: &str| Err(ScheduleError(format!("stage {s}: {action:?} {why}")));
+        let (chunk, micro) = key;
+        if chunk >= p.virtual_stages || micro >= p.micro_batches {
+            return fail("is outside the pipeline");
         }
-        if !progressed {
-            let waiting: Vec<String> = (0..n)
-                .filter(|&s| pc[s] < programs[s].len())
-                .map(|s| format!("stage {s} at {:?}", programs[s][pc[s]]))
-                .collect();
-            return err(format!("deadlock: {}", waiting.join("; ")));
+        let run = &mut self.stages[s];
+        if matches!(action, Action::Forward { .. }) {
+            if prev_of(p, s, chunk).is_some()
+                && !run.arrived.contains(&(Payload::Activation, chunk, micro))
+            {
+                return fail("before its input arrived");
+            }
+            if !run.forwarded.insert(key) {
+                return fail("runs twice");
+            }
+            run.in_flight += 1;
+            run.peak_in_flight = run.peak_in_flight.max(run.in_flight);
+            run.clock += self.times[s].forward;
+        } else {
+            if !run.forwarded.contains(&key) {
+                return fail("before its forward");
+            }
+            if next_of(p, s, chunk).is_some()
+                && !run.arrived.contains(&(Payload::Gradient, chunk, micro))
+            {
+                return fail("before its output's gradient arrived");
+            }
+            if !run.backwarded.insert(key) {
+                return fail("runs twice");
+            }
+            run.in_flight -= 1;
+            run.clock += self.times[s].backward;
+        }
+        Ok(())
+    }
+
+    /// Stage `s` posts each transfer of `batch` on its pair's queue, after checking that it
+    /// has a peer that produces (a receive) or has computed (a send) it.
+    fn post(&mut self, s: usize, batch: &[Transfer]) -> Result<(), ScheduleError> {
+        let (p, n) = (self.p, self.p.stages);
+        let fail = |why: String| Err(ScheduleError(format!("stage {s}: {why}")));
+        let run = &self.stages[s];
+        let mut mine = Vec::new();
+        for t in batch {
+            if t.peer >= n || t.peer == s {
+                return fail(format!("a transfer with stage {}", t.peer));
+            }
+            let producer = match t.payload {
+                Payload::Activation => prev_of(p, s, t.chunk),
+                Payload::Gradient => next_of(p, s, t.chunk),
+            };
+            if !t.send && producer.map(|(stage, _)| stage) != Some(t.peer) {
+                return fail(format!(
+                    "receives {t:?}, which stage {} does not produce",
+                    t.peer
+                ));
+            }
+            if t.send {
+                let done = match t.payload {
+                    Payload::Activation => &run.forwarded,
+                    Payload::Gradient => &run.backwarded,
+                };
+                if !done.contains(&(t.chunk, t.micro)) {
+                    return fail(format!("sends {t:?} before computing it"));
+                }
+            }
+            let pair = if t.send { (s, t.peer) } else { (t.peer, s) };
+            let queues = if t.send {
+                &mut self.sends
+            } else {
+                &mut self.recvs
+            };
+            let queue = queues.entry(pair).or_default();
+            queue.push((label(p, s, t), run.clock));
+            mine.push((pair, queue.len() - 1));
+        }
+        self.stages[s].posted = Some(mine);
+        Ok(())
+    }
+
+    /// Completes stage `s`'s posted `batch` if every peer has posted its side: the received
+    /// tensors arrive and the stage's clock moves to the latest post of the batch. `false`
+    /// while a side is missing; an error where the two sides of a transfer differ.
+    fn complete(&mut self, s: usize, batch: &[Transfer]) -> Result<bool, ScheduleError> {
+        let run = &self.stages[s];
+        let mine = run.posted.as_deref().unwrap_or_default();
+        let mut end = run.clock;
+        for (t, &(pair, i)) in batch.iter().zip(mine) {
+            let (own, other) = if t.send {
+                (&self.sends, &self.recvs)
+            } else {
+                (&self.recvs, &self.sends)
+            };
+            let Some(&(theirs, at)) = other.get(&pair).and_then(|l| l.get(i)) else {
+                return Ok(false);
+            };
+            let (ours, _) = own[&pair][i];
+            if theirs != ours {
+                return Err(ScheduleError(format!(
+                    "transfer #{i} from stage {} to stage {}: {:?} sent, {:?} received",
+                    pair.0,
+                    pair.1,
+                    if t.send { ours } else { theirs },
+                    if t.send { theirs } else { ours },
+                )));
+            }
+            end = end.max(at);
+        }
+        let run = &mut self.stages[s];
+        for t in batch.iter().filter(|t| !t.send) {
+            run.arrived.insert((t.payload, t.chunk, t.micro));
+        }
+        run.clock = end;
+        run.posted = None;
+        Ok(true)
+    }
+
+    /// Every send met its receive once all programs ended.
+    fn check_every_transfer_received(&self) -> Result<(), ScheduleError> {
+        for (pair, list) in &self.sends {
+            if self.recvs.get(pair).map_or(0, Vec::len) != list.len() {
+                return Err(ScheduleError(format!(
+                    "stage {} sends to stage {} what is never received",
+                    pair.0, pair.1
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every stage ran every chunk of every micro-batch forward (and backward, in training).
+    fn check_every_chunk_ran(&self, forward_only: bool) -> Result<(), ScheduleError> {
+        let want = self.p.virtual_stages * self.p.micro_batches;
+        for (s, run) in self.stages.iter().enumerate() {
+            if run.forwarded.len() != want || (!forward_only && run.backwarded.len() != want) {
+                return Err(ScheduleError(format!(
+                    "stage {s} does not run every chunk of every micro-batch"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn timeline(self) -> Timeline {
+        let stage_end: Vec<f64> = self.stages.iter().map(|r| r.clock).collect();
+        Timeline {
+            end: stage_end.iter().copied().fold(0.0, f64::max),
+            peak_in_flight: self.stages.iter().map(|r| r.peak_in_flight).collect(),
+            stage_end,
         }
     }
-    for (pair, list) in &sends {
-        if recvs.get(pair).map_or(0, Vec::len) != list.len() {
-            return err(format!(
-                "stage {} sends to stage {} what is never received",
-                pair.0, pair.1
-            ));
-        }
-    }
-    for s in 0..n {
-        let want = p.virtual_stages * p.micro_batches;
-        if forwarded[s].len() != want || (!forward_only && backwarded[s].len() != want) {
-            return err(format!(
-                "stage {s} does not run every chunk of every micro-batch"
-            ));
-        }
-    }
-    Ok(Timeline {
-        end: clock.iter().copied().fold(0.0, f64::max),
-        stage_end: clock,
-        peak_in_flight: peak,
-    })
 }
 
 /// The share of a step the pipeline stands idle, as the planner estimates it: with `p`

@@ -2,7 +2,7 @@
 //! expert-group size and micro-batch for the file's world, keep the plans that work,
 //! rank them by estimated step time, and say why the others were rejected.
 //!
-//! Builds each candidate with [`super::build_with`]; knows no formulas of its own.
+//! Costs each candidate with [`super::cost_for`]; knows no formulas of its own.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -10,10 +10,11 @@ use std::fmt::Write;
 use super::cost::TimeEstimate;
 use super::grid::divisors;
 use super::{
-    build_for, cost_for, diagnostics, expert_group_name, limits, Overrides, ParallelPlan,
+    build_for, cost_for, diagnostics, expert_group_name, limits, Costed, Overrides, ParallelPlan,
     TargetRules,
 };
 use crate::check::{Checked, ExpertGroup};
+use crate::diag::Diagnostic;
 
 /// A candidate that failed, with the first reason.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,14 +84,10 @@ pub fn search(checked: &Checked, world: Option<u64>) -> SearchResult {
 /// they are not read.
 pub fn search_for(checked: &Checked, assumed: &Overrides, rules: &TargetRules) -> SearchResult {
     let w = assumed.world.unwrap_or(checked.parallel.gpus).max(1);
-    let gpn = checked.parallel.hardware.gpus_per_node.max(1);
-    let has_moe = checked.model.moe_layers().next().is_some();
     // The search chooses the micro-batch itself, whatever the file says.
     let mut free = checked.clone();
     free.parallel.micro_batch = None;
     let checked = &free;
-    let mut feasible = Vec::new();
-    let mut rejected = Vec::new();
     // A target without the interleaved schedule is planned with one chunk per stage.
     let asked = checked.parallel.virtual_stages;
     let plain_only = asked > 1 && !rules.interleaved_schedule;
@@ -100,6 +97,93 @@ pub fn search_for(checked: &Checked, assumed: &Overrides, rules: &TargetRules) -
             rules.version
         )
     });
+    let mut feasible = Vec::new();
+    let mut rejected = Vec::new();
+    for layout in layouts(checked, w) {
+        let o = Overrides {
+            world: Some(w),
+            tensor: Some(layout.tensor),
+            pipeline: Some(layout.pipeline),
+            expert_group: Some(layout.expert_group),
+            micro_batch: None,
+            virtual_stages: plain_only.then_some(1),
+            memory_model: assumed.memory_model,
+            routing_skew: assumed.routing_skew,
+        };
+        let interleaving = layout.pipeline > 1 && asked > 1 && !plain_only;
+        match cost_layout(checked, o, rules, interleaving) {
+            (o, Ok(c)) => feasible.push(Candidate::of(&layout, o, rules, &c)),
+            (o, Err(diags)) => rejected.push(Rejected::of(o, diags)),
+        }
+    }
+    sort_fastest_first(&mut feasible);
+    SearchResult {
+        feasible,
+        rejected,
+        note,
+    }
+}
+
+impl Candidate {
+    /// `layout` costed as `c` under the overrides `o`, for `rules`.
+    fn of(layout: &SearchedLayout, o: Overrides, rules: &TargetRules, c: &Costed) -> Candidate {
+        Candidate {
+            overrides: Overrides {
+                micro_batch: Some(c.costed.micro_batch),
+                ..o
+            },
+            rules: rules.clone(),
+            tensor: layout.tensor,
+            pipeline: layout.pipeline,
+            virtual_stages: c.grid.virtual_stages,
+            data: layout.data,
+            expert_group: expert_group_name(layout.expert_group),
+            expert_group_size: c.experts.parallel,
+            micro_batch: c.costed.micro_batch,
+            max_memory_bytes: c.max_memory(),
+            time: c.costed.time,
+        }
+    }
+}
+
+impl Rejected {
+    /// The overrides `o` refused with `diags`: the first says why.
+    fn of(o: Overrides, diags: Vec<Diagnostic>) -> Rejected {
+        let first = diags.into_iter().next();
+        Rejected {
+            overrides: o,
+            code: first.as_ref().map_or(String::new(), |d| d.code.clone()),
+            message: first.map_or(String::new(), |d| d.message),
+        }
+    }
+}
+
+/// Most tokens/s first; ties: smaller tensor, then pipeline, then larger expert group.
+fn sort_fastest_first(feasible: &mut [Candidate]) {
+    feasible.sort_by(|a, b| {
+        b.time
+            .tokens_per_s
+            .total_cmp(&a.time.tokens_per_s)
+            .then(a.tensor.cmp(&b.tensor))
+            .then(a.pipeline.cmp(&b.pipeline))
+            .then(b.expert_group_size.cmp(&a.expert_group_size))
+    });
+}
+
+/// One layout the search tries.
+struct SearchedLayout {
+    tensor: u64,
+    pipeline: u64,
+    data: u64,
+    expert_group: ExpertGroup,
+}
+
+/// Every layout of world `w` the search tries, in the order it tries them: tensor sizes up to
+/// one host, pipeline sizes dividing the rest, and (for a model with MoE layers) the expert
+/// group across the data ranks, every proper divisor of the data size, and replicated.
+fn layouts(checked: &Checked, w: u64) -> Vec<SearchedLayout> {
+    let gpn = checked.parallel.hardware.gpus_per_node.max(1);
+    let has_moe = checked.model.moe_layers().next().is_some();
     // Every layout of a world past the planner's limit is refused (P0012): cost one for the
     // diagnostic rather than enumerate the divisors of a number up to 2^64.
     let sizes_dividing = |n: u64| {
@@ -109,6 +193,7 @@ pub fn search_for(checked: &Checked, assumed: &Overrides, rules: &TargetRules) -
             divisors(n)
         }
     };
+    let mut out = Vec::new();
     for t in sizes_dividing(w).into_iter().filter(|t| *t <= gpn) {
         for p in sizes_dividing(w / t) {
             let d = w / (t * p);
@@ -124,77 +209,43 @@ pub fn search_for(checked: &Checked, assumed: &Overrides, rules: &TargetRules) -
                     groups.push(ExpertGroup::Replicated);
                 }
             }
-            for e in groups {
-                let o = Overrides {
-                    world: Some(w),
-                    tensor: Some(t),
-                    pipeline: Some(p),
-                    expert_group: Some(e),
-                    micro_batch: None,
-                    virtual_stages: plain_only.then_some(1),
-                    memory_model: assumed.memory_model,
-                    routing_skew: assumed.routing_skew,
-                };
-                let mut costed = cost_for(checked, &o, rules);
-                let interleaving = p > 1 && asked > 1 && !plain_only;
-                let unschedulable = |d: &[crate::diag::Diagnostic]| {
-                    d.iter().any(|d| {
-                        d.code == diagnostics::CHUNKS_NOT_DIVISIBLE
-                            || d.code == diagnostics::INTERLEAVED_MICRO_BATCHES
-                    })
-                };
-                let o = match &costed {
-                    Err(d) if interleaving && unschedulable(d) => {
-                        let plain = Overrides {
-                            virtual_stages: Some(1),
-                            ..o
-                        };
-                        costed = cost_for(checked, &plain, rules);
-                        plain
-                    }
-                    _ => o,
-                };
-                match costed {
-                    Ok(c) => feasible.push(Candidate {
-                        overrides: Overrides {
-                            micro_batch: Some(c.costed.micro_batch),
-                            ..o
-                        },
-                        rules: rules.clone(),
-                        tensor: t,
-                        pipeline: p,
-                        virtual_stages: c.grid.virtual_stages,
-                        data: d,
-                        expert_group: expert_group_name(e),
-                        expert_group_size: c.experts.parallel,
-                        micro_batch: c.costed.micro_batch,
-                        max_memory_bytes: c.max_memory(),
-                        time: c.costed.time,
-                    }),
-                    Err(diags) => {
-                        let first = diags.into_iter().next();
-                        rejected.push(Rejected {
-                            overrides: o,
-                            code: first.as_ref().map_or(String::new(), |d| d.code.clone()),
-                            message: first.map_or(String::new(), |d| d.message),
-                        });
-                    }
-                }
-            }
+            out.extend(groups.into_iter().map(|expert_group| SearchedLayout {
+                tensor: t,
+                pipeline: p,
+                data: d,
+                expert_group,
+            }));
         }
     }
-    feasible.sort_by(|a, b| {
-        b.time
-            .tokens_per_s
-            .total_cmp(&a.time.tokens_per_s)
-            .then(a.tensor.cmp(&b.tensor))
-            .then(a.pipeline.cmp(&b.pipeline))
-            .then(b.expert_group_size.cmp(&a.expert_group_size))
-    });
-    SearchResult {
-        feasible,
-        rejected,
-        note,
+    out
+}
+
+/// Costs one layout under `o`; where it would interleave (`interleaving`) and the schedule
+/// cannot run the file's model chunks, plainly with one chunk per stage instead. The
+/// overrides it was costed under, and the outcome.
+fn cost_layout(
+    checked: &Checked,
+    o: Overrides,
+    rules: &TargetRules,
+    interleaving: bool,
+) -> (Overrides, Result<Costed, Vec<Diagnostic>>) {
+    let costed = cost_for(checked, &o, rules);
+    let unschedulable = |d: &[Diagnostic]| {
+        d.iter().any(|d| {
+            d.code == diagnostics::CHUNKS_NOT_DIVISIBLE
+                || d.code == diagnostics::INTERLEAVED_MICRO_BATCHES
+        })
+    };
+    match &costed {
+        Err(d) if interleaving && unschedulable(d) => {
+            let plain = Overrides {
+                virtual_stages: Some(1),
+                ..o
+            };
+            let costed = cost_for(checked, &plain, rules);
+            (plain, costed)
+        }
+        _ => (o, costed),
     }
 }
 
