@@ -40,7 +40,7 @@ impl Span {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Error,
@@ -48,7 +48,7 @@ pub enum Severity {
 }
 
 /// A span with a message, underlined in the rendered output.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Label {
     pub span: Span,
     pub message: String,
@@ -59,7 +59,7 @@ pub struct Label {
 /// `code` is stable (`E0103`) so users and tests can refer to it; `message` is one
 /// line; `primary` is where the problem is; `secondary` labels point at related text
 /// ("first assigned here"); `help` says how to fix it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Diagnostic {
     pub severity: Severity,
     pub code: String,
@@ -123,10 +123,15 @@ impl Diagnostic {
     }
 }
 
-/// Collects diagnostics from every phase, in the order they were found.
+/// Collects diagnostics from every phase, in the order they were found, each once: the
+/// same diagnostic found again (a definition's body is checked at each of its calls, and an
+/// error in it that no argument changes is found at each) would only repeat it and inflate
+/// the count.
 #[derive(Clone, Debug, Default)]
 pub struct Sink {
     diagnostics: Vec<Diagnostic>,
+    /// Indices into `diagnostics` by the hash of the diagnostic there.
+    by_hash: std::collections::HashMap<u64, Vec<usize>>,
 }
 
 impl Sink {
@@ -134,12 +139,24 @@ impl Sink {
         Self::default()
     }
 
+    /// Adds `d`, unless the same diagnostic is already here.
     pub fn push(&mut self, d: Diagnostic) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        d.hash(&mut hasher);
+        let hash = hasher.finish();
+        let same = self.by_hash.entry(hash).or_default();
+        if same.iter().any(|&i| self.diagnostics[i] == d) {
+            return;
+        }
+        same.push(self.diagnostics.len());
         self.diagnostics.push(d);
     }
 
     pub fn extend(&mut self, ds: impl IntoIterator<Item = Diagnostic>) {
-        self.diagnostics.extend(ds);
+        for d in ds {
+            self.push(d);
+        }
     }
 
     pub fn has_errors(&self) -> bool {
@@ -440,6 +457,21 @@ mod tests {
         let f = sources.add("m.fmoe", "x");
         let d = Diagnostic::error("E0001", Span::new(f, 10, 3), "bad");
         let _ = render_human(&sources, &[d]);
+    }
+
+    #[test]
+    fn sink_keeps_each_diagnostic_once() {
+        let f = FileId(0);
+        let mut sink = Sink::new();
+        let unknown = Diagnostic::error("E0201", Span::new(f, 4, 7), "unknown name `MiB`");
+        sink.push(unknown.clone());
+        sink.extend([unknown.clone(), unknown.clone().with_help("add a `use`")]);
+        sink.push(Diagnostic::error(
+            "E0201",
+            Span::new(f, 9, 12),
+            "unknown name `MiB`",
+        ));
+        assert_eq!(sink.error_count(), 3, "{:#?}", sink.diagnostics());
     }
 
     #[test]
