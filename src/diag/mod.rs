@@ -180,11 +180,37 @@ impl Sink {
     }
 }
 
+/// Text for one line: control characters (a line break in a file name) written as Rust
+/// escapes (`\n`, `\u{7}`), everything else as it is. The one rule for names printed where
+/// a line break would mislead: a diagnostic's header and a comment in an emitted file.
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// A file's name, shown with [`one_line`] in a rendered diagnostic's `┌─ NAME:LINE:COL`
+/// header; [`Sources::name`] (and the JSON's `file`) keep it as it is.
+#[derive(Clone, Debug)]
+struct FileName(String);
+
+impl std::fmt::Display for FileName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&one_line(&self.0))
+    }
+}
+
 /// The source files a run has read: the user's files and the embedded stdlib, the latter
 /// under pseudo names such as `<stdlib>/gates.fmoe` so diagnostics can point into it.
 #[derive(Clone, Debug)]
 pub struct Sources {
-    files: SimpleFiles<String, String>,
+    files: SimpleFiles<FileName, String>,
     count: u32,
 }
 
@@ -203,7 +229,7 @@ impl Sources {
     }
 
     pub fn add(&mut self, name: impl Into<String>, text: impl Into<String>) -> FileId {
-        let id = self.files.add(name.into(), text.into());
+        let id = self.files.add(FileName(name.into()), text.into());
         self.count += 1;
         FileId(id as u32)
     }
@@ -211,7 +237,7 @@ impl Sources {
     pub fn name(&self, id: FileId) -> &str {
         self.files
             .get(id.0 as usize)
-            .map(|f| f.name().as_str())
+            .map(|f| f.name().0.as_str())
             .unwrap_or("<unknown>")
     }
 
@@ -457,6 +483,18 @@ mod tests {
         let f = sources.add("m.fmoe", "x");
         let d = Diagnostic::error("E0001", Span::new(f, 10, 3), "bad");
         let _ = render_human(&sources, &[d]);
+    }
+
+    #[test]
+    fn control_characters_of_a_file_name_are_escaped_in_the_header_only() {
+        let mut sources = Sources::new();
+        let f = sources.add("/tmp/a\nb\u{7}.fmoe", "model m {\n  width = 7\n}\n");
+        let d = Diagnostic::error("E0001", Span::new(f, 20, 21), "width must be even");
+        let text = render_human(&sources, std::slice::from_ref(&d));
+        assert!(text.contains("┌─ /tmp/a\\nb\\u{7}.fmoe:2:11\n"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&render_json(&sources, &[d])).unwrap();
+        assert_eq!(json[0]["primary"]["file"], "/tmp/a\nb\u{7}.fmoe");
+        assert_eq!(one_line("a\nb\r\u{7}ü.fmoe"), r"a\nb\r\u{7}ü.fmoe");
     }
 
     #[test]

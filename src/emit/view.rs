@@ -134,18 +134,8 @@ pub fn sh_word(s: &str) -> String {
 
 /// Text for one line of a comment in the emitted files: control characters (a line break in a
 /// file name) written as escapes, so that they cannot end the comment and turn the rest into
-/// Python or shell code.
-pub fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
+/// Python or shell code. The same rule as a diagnostic's header.
+pub use crate::diag::one_line;
 
 #[cfg(test)]
 mod tests {
