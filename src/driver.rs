@@ -420,7 +420,7 @@ fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, Ex
             if format == DiagFormat::Human {
                 crate::errln!(
                     "error: could not check `{}` due to {}",
-                    path.display(),
+                    diag::one_line(&path.display().to_string()),
                     diag::count(
                         analysis.errors.max(1) as u64,
                         "previous error",

@@ -409,6 +409,27 @@ pub fn missing_field(span: Span, name: &str, block: &str, ty: &str) -> Diagnosti
     .with_help(format!("add a line such as {example}"))
 }
 
+/// One E0319 for every required field a block leaves out (`missing`: each field's name and
+/// type, in the block's order): the block is one mistake, and its help lists every line to add.
+pub fn missing_fields(span: Span, block: &str, missing: &[(String, String)]) -> Diagnostic {
+    if let [(name, ty)] = missing {
+        return missing_field(span, name, block, ty);
+    }
+    let names: Vec<String> = missing.iter().map(|(n, _)| n.clone()).collect();
+    let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
+    let lines: Vec<String> = missing
+        .iter()
+        .map(|(name, ty)| format!("    {name:width$} = ...    // {ty}"))
+        .collect();
+    Diagnostic::error(
+        "E0319",
+        span,
+        format!("this `{block}` block needs {}", list(&names)),
+    )
+    .with_label(format!("{} fields are missing", missing.len()))
+    .with_help(format!("add these lines:\n{}", lines.join("\n")))
+}
+
 pub fn layers_outside_model(span: Span, block: &str) -> Diagnostic {
     Diagnostic::error(
         "E0320",

@@ -103,6 +103,23 @@ impl Checker<'_> {
         }
     }
 
+    /// Like [`Self::typed_field`], noting a missing field in `missing` (its name and type)
+    /// for one report of every missing field of the block ([`errors::missing_fields`]).
+    pub(crate) fn field_noting_missing(
+        &mut self,
+        fields: &BTreeMap<String, &ast::Field>,
+        name: &str,
+        ty: &Type,
+        ctx: Ctx,
+        missing: &mut Vec<(String, String)>,
+    ) -> Option<V> {
+        if !fields.contains_key(name) {
+            missing.push((name.to_string(), ty.to_string()));
+            return None;
+        }
+        self.typed_field(fields, name, ty, ctx)
+    }
+
     /// Like [`Self::typed_field`] but reports a missing field at `block_span`.
     pub(crate) fn required_field(
         &mut self,

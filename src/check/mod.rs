@@ -47,6 +47,9 @@ pub struct Checker<'a> {
     /// Hardware profiles from the user's `fmoec.toml`, found after the file's and the
     /// stdlib's own.
     pub(crate) user_hardware: std::collections::BTreeMap<String, Hardware>,
+    /// Each `hardware` block read once, by its span: a block is read where it is declared
+    /// and again where `gpus = N of NAME` names it, and its errors must be reported once.
+    pub(crate) hardware_read: HashMap<Span, Option<Hardware>>,
 }
 
 impl<'a> Checker<'a> {
@@ -62,6 +65,7 @@ impl<'a> Checker<'a> {
             call_depth: 0,
             syntax_errors: false,
             user_hardware: Default::default(),
+            hardware_read: HashMap::new(),
         };
         for (name, text) in STDLIB {
             let id = sources.add(format!("<stdlib>/{name}.fmoe"), *text);

@@ -415,6 +415,8 @@ pub struct Upcycle {
 pub struct TrainSpans {
     pub block: Span,
     pub data: Span,
+    /// `tokenizer = ...` (the block's keyword where there is none).
+    pub tokenizer: Span,
     pub batch: Span,
     pub steps: Span,
     pub precision: Span,

@@ -160,7 +160,17 @@ pub const CAPABILITIES: &[CapabilitySpec] = &[
 ];
 
 impl Checker<'_> {
+    /// The profile a `hardware` block declares, read (and its errors reported) on first use.
     pub(crate) fn hardware(&mut self, m: ModId, block: &Rc<ast::Block>) -> Option<Hardware> {
+        if let Some(read) = self.hardware_read.get(&block.span) {
+            return read.clone();
+        }
+        let read = self.read_hardware(m, block);
+        self.hardware_read.insert(block.span, read.clone());
+        read
+    }
+
+    fn read_hardware(&mut self, m: ModId, block: &Rc<ast::Block>) -> Option<Hardware> {
         let fields = self.block_fields(block, HARDWARE_FIELDS);
         let ctx = Ctx::module(m);
         let kw = block.kw_span;
@@ -172,19 +182,24 @@ impl Checker<'_> {
             op: CmpOp::Gt,
             value: 0.0,
         }]);
-        let req = |this: &mut Self, name: &str, ty: &Type| {
-            this.required_field(&fields, name, ty, ctx, kw, "hardware")
+        let fp8 = self.typed_field(&fields, "fp8_tflops", &pos_float, ctx);
+        let fp8_bad = fields.contains_key("fp8_tflops") && fp8.is_none();
+        let mut missing = Vec::new();
+        let mut req = |this: &mut Self, name: &str, ty: &Type| {
+            this.field_noting_missing(&fields, name, ty, ctx, &mut missing)
         };
         let memory = req(self, "memory", &pos_int);
         let bf16 = req(self, "bf16_tflops", &pos_float);
         let fp16 = req(self, "fp16_tflops", &pos_float);
         let fp32 = req(self, "fp32_tflops", &pos_float);
-        let fp8 = self.typed_field(&fields, "fp8_tflops", &pos_float, ctx);
-        let fp8_bad = fields.contains_key("fp8_tflops") && fp8.is_none();
         let hbm = req(self, "hbm_gbps", &pos_float);
         let nvlink = req(self, "nvlink_gbps", &pos_float);
         let network = req(self, "network_gbps", &pos_float);
         let per_node = req(self, "gpus_per_node", &pos_int);
+        if !missing.is_empty() {
+            self.sink
+                .push(errors::missing_fields(kw, "hardware", &missing));
+        }
         if fp8_bad {
             return None;
         }
@@ -215,8 +230,9 @@ impl Checker<'_> {
         let fields = self.block_fields(block, &known);
         let ctx = Ctx::module(m);
         let kw = block.kw_span;
-        let req = |this: &mut Self, name: &str| {
-            this.required_field(&fields, name, &Type::Str, ctx, kw, "megatron")
+        let mut missing = Vec::new();
+        let mut req = |this: &mut Self, name: &str| {
+            this.field_noting_missing(&fields, name, &Type::Str, ctx, &mut missing)
         };
         let version = req(self, "version");
         let tree = req(self, "tree");
@@ -229,12 +245,7 @@ impl Checker<'_> {
                 Some(items.iter().map(string).collect())
             }
             None => {
-                self.sink.push(errors::missing_field(
-                    kw,
-                    "patched_files",
-                    "megatron",
-                    "(string, ...)",
-                ));
+                missing.push(("patched_files".to_string(), "(string, ...)".to_string()));
                 None
             }
         };
@@ -247,8 +258,7 @@ impl Checker<'_> {
                     CapabilityValues::Bools => "(true | false)".to_string(),
                     CapabilityValues::Flag => "true | false".to_string(),
                 };
-                self.sink
-                    .push(errors::missing_field(kw, spec.field, "megatron", &ty));
+                missing.push((spec.field.to_string(), ty));
                 complete = false;
                 continue;
             };
@@ -270,6 +280,10 @@ impl Checker<'_> {
                 }
             };
             capabilities.insert(spec.field.to_string(), capability);
+        }
+        if !missing.is_empty() {
+            self.sink
+                .push(errors::missing_fields(kw, "megatron", &missing));
         }
         if !complete {
             return None;

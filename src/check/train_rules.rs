@@ -187,6 +187,7 @@ impl Checker<'_> {
             b.ctx,
         );
         *ok &= tokenizer_v.is_some() || !b.fields.contains_key("tokenizer");
+        spans.tokenizer = tokenizer_v.as_ref().map_or(b.kw, |v| v.span);
         let tokenizer = tokenizer_v.as_ref().and_then(ctor_of).map(|c| {
             let arg = |n: &str| c.arg(n).map(string).unwrap_or_default();
             match c.name.as_str() {

@@ -12,10 +12,14 @@
 //!
 //! A second exchange, [`DistEnv::gather_addresses`], is an all-gather of where each rank
 //! listens (what the TCP transport between CPU ranks, [`super::tcp`], needs):
-//! `FMOEC-GATHER 1 <rank> <world> <tag> <port>\n` from each client; rank 0 keeps every
-//! connection until all ranks came, then answers each with `OK <world>\n` and one
-//! `host:port` line per rank (a client's host is the address rank 0 saw it connect from;
-//! rank 0's is `MASTER_ADDR`), or `ERR <message>\n`.
+//! `FMOEC-GATHER 2 <rank> <world> <tag> <port>\n` from each client; rank 0 answers
+//! `JOINED\n` at once (or `ERR <message>\n`), keeps every connection until all ranks came,
+//! then answers each with `OK <world>\n` and one `host:port` line per rank (a client's host
+//! is the address rank 0 saw it connect from; rank 0's is `MASTER_ADDR`).
+//!
+//! In both exchanges rank 0 answers a hello as soon as it reads it, so a client that hears
+//! nothing within [`FIRST_ANSWER_WITHIN`] knows it reached something other than an fmoec
+//! rank 0 (another program on the port) and says so, instead of waiting for other ranks.
 //!
 //! It knows nothing about NCCL or tensors: the payload is opaque bytes; of the groups, only
 //! whether a [`GroupLayout`] fits the environment (`DistEnv::place_in`).
@@ -26,7 +30,15 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 const MAGIC: &str = "FMOEC-RENDEZVOUS 1";
-const GATHER_MAGIC: &str = "FMOEC-GATHER 1";
+/// Version 2: rank 0 acknowledges each rank at once (`JOINED`).
+const GATHER_MAGIC: &str = "FMOEC-GATHER 2";
+/// How long a client waits for rank 0's first line after its hello. Rank 0 answers each
+/// hello as it reads it, and spends at most [`HELLO_WITHIN`] on each client before it, so
+/// a longer silence is not rank 0's.
+pub const FIRST_ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// How long rank 0 waits for a connected client's hello (a real rank sends it at once; a
+/// silent stranger must not keep the real ranks waiting).
+const HELLO_WITHIN: Duration = Duration::from_secs(2);
 /// Largest payload a client accepts (a unique id is 128 bytes; a run has a few).
 const MAX_PAYLOAD: usize = 1 << 20;
 
@@ -43,6 +55,13 @@ pub enum RendezvousError {
     },
     #[error("rendezvous at {addr}: {message}")]
     Refused { addr: String, message: String },
+    /// What answers at the address connects but says nothing: not an fmoec rank 0.
+    #[error("rendezvous at {addr}: rank {rank} connected, but nothing there answered as an fmoec rendezvous within {waited:?} (another program on this port?); check --master (MASTER_ADDR and MASTER_PORT under torchrun) and that node 0, with rank 0, is started")]
+    Silent {
+        addr: String,
+        rank: usize,
+        waited: Duration,
+    },
     /// Rank 0 closed the connection without answering: it gave up (its own error says why).
     #[error("rendezvous at {addr}: rank 0 closed the connection without answering rank {rank} (see rank 0's error)")]
     Abandoned { addr: String, rank: usize },
@@ -249,7 +268,15 @@ pub fn serve_gather(
         tag,
         Exchange::Gather,
         timeout,
-        |hello, from, stream| {
+        |hello, from, mut stream| {
+            // At once, so that the rank knows it reached rank 0 while it waits for the others.
+            if stream
+                .write_all(b"JOINED\n")
+                .and_then(|()| stream.flush())
+                .is_err()
+            {
+                return false;
+            }
             let port = hello.port.unwrap_or_default();
             table[hello.rank] = SocketAddr::new(from.ip(), port).to_string();
             clients.push(stream);
@@ -282,10 +309,24 @@ pub fn fetch_gather(
     timeout: Duration,
 ) -> Result<Vec<String>, RendezvousError> {
     let hello = Exchange::Gather.hello(rank, world, tag, Some(port));
-    let waiting = format!("rank {rank} connected, but not every rank did");
-    let (line, mut reader) = ask_rank_zero(addr, rank, &hello, timeout, &waiting)?;
+    let waiting = format!("rank {rank} joined rank 0, but not every rank did");
+    let (joined, mut reader) = ask_rank_zero(addr, rank, &hello, timeout)?;
+    if joined != "JOINED" {
+        return Err(unexpected_answer(addr, &joined));
+    }
+    let mut line = String::new();
+    let read = reader
+        .read_line(&mut line)
+        .map_err(read_error(addr, timeout, &waiting))?;
+    if read == 0 {
+        return Err(RendezvousError::Abandoned {
+            addr: addr.to_string(),
+            rank,
+        });
+    }
+    let line = line.trim_end();
     if line != format!("OK {world}") {
-        return Err(unexpected_answer(addr, &line));
+        return Err(unexpected_answer(addr, line));
     }
     let mut table = Vec::with_capacity(world);
     for _ in 0..world {
@@ -336,7 +377,15 @@ impl Exchange {
         let fields: Vec<&str> = line.trim_end().split(' ').collect();
         let (magic, rest) = fields.split_at(fields.len().min(2));
         if magic.join(" ") != self.magic() {
-            return Err(format!("not an fmoec {} client", self.client()));
+            let (name, version) = self.magic().split_once(' ').unwrap_or((self.magic(), ""));
+            return Err(match magic {
+                [their_name, theirs] if *their_name == name => format!(
+                    "it speaks version {theirs} of fmoec's {} exchange, rank 0 version {version}: \
+                     every node must run the same fmoec",
+                    self.client()
+                ),
+                _ => format!("not an fmoec {} client", self.client()),
+            });
         }
         let malformed = || "malformed hello".to_string();
         let (rank, world, tag, port) = match (self, rest) {
@@ -413,7 +462,7 @@ fn admit_ranks(
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
         let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(left));
+        let _ = stream.set_read_timeout(Some(left.min(HELLO_WITHIN)));
         let _ = stream.set_write_timeout(Some(left));
         let mut reader = BufReader::new(stream.take(1024));
         let mut line = String::new();
@@ -459,14 +508,14 @@ fn admit_ranks(
 
 /// A client's talk with rank 0: connects to `addr` (retrying until `timeout`), sends
 /// `hello`, and reads the first line of the answer. An `ERR` line is a refusal; otherwise the
-/// line (without its newline) and the reader, positioned after it. A read past the deadline
-/// is a timeout saying `waiting`.
+/// line (without its newline) and the reader, positioned after it, its read timeout what is
+/// left of `timeout`. No first line within [`FIRST_ANSWER_WITHIN`] is
+/// [`RendezvousError::Silent`].
 fn ask_rank_zero(
     addr: &str,
     rank: usize,
     hello: &str,
     timeout: Duration,
-    waiting: &str,
 ) -> Result<(String, BufReader<TcpStream>), RendezvousError> {
     let deadline = Instant::now() + timeout;
     let mut stream = connect_until(addr, rank, deadline, timeout)?;
@@ -474,14 +523,22 @@ fn ask_rank_zero(
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(left)).map_err(&io)?;
+    let first_answer_within = left.min(FIRST_ANSWER_WITHIN);
+    stream
+        .set_read_timeout(Some(first_answer_within))
+        .map_err(&io)?;
     stream.set_write_timeout(Some(left)).map_err(&io)?;
     stream.write_all(hello.as_bytes()).map_err(&io)?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    let read = reader
-        .read_line(&mut line)
-        .map_err(read_error(addr, timeout, waiting))?;
+    let read = reader.read_line(&mut line).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => RendezvousError::Silent {
+            addr: addr.to_string(),
+            rank,
+            waited: first_answer_within,
+        },
+        _ => io(e),
+    })?;
     if read == 0 {
         // Rank 0 gave up (its own deadline, a rank that disagreed) and closed the
         // connection; its own error says why.
@@ -497,6 +554,10 @@ fn ask_rank_zero(
             message: format!("rank 0 refused rank {rank}: {message}"),
         });
     }
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    reader.get_ref().set_read_timeout(Some(left)).map_err(&io)?;
     Ok((line, reader))
 }
 
@@ -630,7 +691,7 @@ pub fn fetch(
 ) -> Result<Vec<u8>, RendezvousError> {
     let hello = Exchange::Bytes.hello(rank, world, tag, None);
     let waiting = format!("rank {rank} connected but rank 0 did not answer");
-    let (line, mut reader) = ask_rank_zero(addr, rank, &hello, timeout, &waiting)?;
+    let (line, mut reader) = ask_rank_zero(addr, rank, &hello, timeout)?;
     let len = line
         .strip_prefix("OK ")
         .and_then(|n| n.parse::<usize>().ok())
@@ -827,6 +888,14 @@ mod tests {
                 let stranger = answer_to(&addr, "GET / HTTP/1.0\n");
                 assert_eq!(stranger, format!("ERR not an fmoec {client} client\n"));
                 let magic = exchange.magic();
+                let (name, _) = magic.split_once(' ').unwrap();
+                let older = answer_to(&addr, &format!("{name} 0 1 2 t 7000\n"));
+                assert!(
+                    older.starts_with(&format!(
+                        "ERR it speaks version 0 of fmoec's {client} exchange"
+                    )) && older.ends_with("every node must run the same fmoec\n"),
+                    "{older}"
+                );
                 let malformed = answer_to(&addr, &format!("{magic} one 2 t 7000\n"));
                 assert_eq!(malformed, "ERR malformed hello\n");
                 let zero = answer_to(&addr, &exchange.hello(0, 2, "t", port));
@@ -879,6 +948,40 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// `--master` naming a port where another program listens, accepts and never answers:
+    /// both exchanges say that the address did not answer as an fmoec rendezvous (naming it,
+    /// pointing at `--master` and node 0), not that other ranks are missing.
+    #[test]
+    fn a_master_address_that_accepts_and_stays_silent_is_named() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let silent = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                held.push(listener.accept().unwrap().0);
+            }
+            let _ = wait.recv();
+        });
+        let timeout = Duration::from_millis(1500);
+        let errors = [
+            fetch_gather(&addr, 2, 4, "t", 7002, timeout).unwrap_err(),
+            fetch(&addr, 2, 4, "t", timeout).unwrap_err(),
+        ];
+        drop(done);
+        silent.join().unwrap();
+        for e in errors {
+            let e = e.to_string();
+            assert!(
+                e.starts_with(&format!("rendezvous at {addr}: rank 2 connected, but nothing there answered as an fmoec rendezvous within"))
+                    && e.contains("check --master")
+                    && e.contains("node 0")
+                    && !e.contains("not every rank"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -40,7 +40,7 @@ impl Span {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Error,
@@ -48,7 +48,7 @@ pub enum Severity {
 }
 
 /// A span with a message, underlined in the rendered output.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Label {
     pub span: Span,
     pub message: String,
@@ -59,7 +59,7 @@ pub struct Label {
 /// `code` is stable (`E0103`) so users and tests can refer to it; `message` is one
 /// line; `primary` is where the problem is; `secondary` labels point at related text
 /// ("first assigned here"); `help` says how to fix it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Diagnostic {
     pub severity: Severity,
     pub code: String,
@@ -123,10 +123,15 @@ impl Diagnostic {
     }
 }
 
-/// Collects diagnostics from every phase, in the order they were found.
+/// Collects diagnostics from every phase, in the order they were found, each once: the
+/// same diagnostic found again (a definition's body is checked at each of its calls, and an
+/// error in it that no argument changes is found at each) would only repeat it and inflate
+/// the count.
 #[derive(Clone, Debug, Default)]
 pub struct Sink {
     diagnostics: Vec<Diagnostic>,
+    /// Indices into `diagnostics` by the hash of the diagnostic there.
+    by_hash: std::collections::HashMap<u64, Vec<usize>>,
 }
 
 impl Sink {
@@ -134,12 +139,24 @@ impl Sink {
         Self::default()
     }
 
+    /// Adds `d`, unless the same diagnostic is already here.
     pub fn push(&mut self, d: Diagnostic) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        d.hash(&mut hasher);
+        let hash = hasher.finish();
+        let same = self.by_hash.entry(hash).or_default();
+        if same.iter().any(|&i| self.diagnostics[i] == d) {
+            return;
+        }
+        same.push(self.diagnostics.len());
         self.diagnostics.push(d);
     }
 
     pub fn extend(&mut self, ds: impl IntoIterator<Item = Diagnostic>) {
-        self.diagnostics.extend(ds);
+        for d in ds {
+            self.push(d);
+        }
     }
 
     pub fn has_errors(&self) -> bool {
@@ -163,11 +180,37 @@ impl Sink {
     }
 }
 
+/// Text for one line: control characters (a line break in a file name) written as Rust
+/// escapes (`\n`, `\u{7}`), everything else as it is. The one rule for names printed where
+/// a line break would mislead: a diagnostic's header and a comment in an emitted file.
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// A file's name, shown with [`one_line`] in a rendered diagnostic's `┌─ NAME:LINE:COL`
+/// header; [`Sources::name`] (and the JSON's `file`) keep it as it is.
+#[derive(Clone, Debug)]
+struct FileName(String);
+
+impl std::fmt::Display for FileName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&one_line(&self.0))
+    }
+}
+
 /// The source files a run has read: the user's files and the embedded stdlib, the latter
 /// under pseudo names such as `<stdlib>/gates.fmoe` so diagnostics can point into it.
 #[derive(Clone, Debug)]
 pub struct Sources {
-    files: SimpleFiles<String, String>,
+    files: SimpleFiles<FileName, String>,
     count: u32,
 }
 
@@ -186,7 +229,7 @@ impl Sources {
     }
 
     pub fn add(&mut self, name: impl Into<String>, text: impl Into<String>) -> FileId {
-        let id = self.files.add(name.into(), text.into());
+        let id = self.files.add(FileName(name.into()), text.into());
         self.count += 1;
         FileId(id as u32)
     }
@@ -194,7 +237,7 @@ impl Sources {
     pub fn name(&self, id: FileId) -> &str {
         self.files
             .get(id.0 as usize)
-            .map(|f| f.name().as_str())
+            .map(|f| f.name().0.as_str())
             .unwrap_or("<unknown>")
     }
 
@@ -440,6 +483,33 @@ mod tests {
         let f = sources.add("m.fmoe", "x");
         let d = Diagnostic::error("E0001", Span::new(f, 10, 3), "bad");
         let _ = render_human(&sources, &[d]);
+    }
+
+    #[test]
+    fn control_characters_of_a_file_name_are_escaped_in_the_header_only() {
+        let mut sources = Sources::new();
+        let f = sources.add("/tmp/a\nb\u{7}.fmoe", "model m {\n  width = 7\n}\n");
+        let d = Diagnostic::error("E0001", Span::new(f, 20, 21), "width must be even");
+        let text = render_human(&sources, std::slice::from_ref(&d));
+        assert!(text.contains("┌─ /tmp/a\\nb\\u{7}.fmoe:2:11\n"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&render_json(&sources, &[d])).unwrap();
+        assert_eq!(json[0]["primary"]["file"], "/tmp/a\nb\u{7}.fmoe");
+        assert_eq!(one_line("a\nb\r\u{7}ü.fmoe"), r"a\nb\r\u{7}ü.fmoe");
+    }
+
+    #[test]
+    fn sink_keeps_each_diagnostic_once() {
+        let f = FileId(0);
+        let mut sink = Sink::new();
+        let unknown = Diagnostic::error("E0201", Span::new(f, 4, 7), "unknown name `MiB`");
+        sink.push(unknown.clone());
+        sink.extend([unknown.clone(), unknown.clone().with_help("add a `use`")]);
+        sink.push(Diagnostic::error(
+            "E0201",
+            Span::new(f, 9, 12),
+            "unknown name `MiB`",
+        ));
+        assert_eq!(sink.error_count(), 3, "{:#?}", sink.diagnostics());
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub mod view;
 
 use std::path::PathBuf;
 
-use crate::check::{Activation, Checked, DataSource, GateKind, Schedule};
+use crate::check::{Activation, Checked, DataSource, GateKind, Schedule, TokenizerSpec};
 use crate::diag::Diagnostic;
 use crate::plan::{Overrides, ParallelPlan, TargetRules};
 
@@ -197,6 +197,16 @@ pub fn emit(
             },
             DataSource::Builtin(_) | DataSource::Text(_) | DataSource::Jsonl { .. } => None,
         }),
+        gpt2_files: checked
+            .train
+            .as_ref()
+            .and_then(|t| t.data.tokenizer())
+            .and_then(|tokenizer| match tokenizer {
+                TokenizerSpec::Gpt2 { vocab, merges } => {
+                    Some(view::Gpt2Files::resolve(vocab, merges))
+                }
+                TokenizerSpec::Hf { .. } => None,
+            }),
         args: launch_args(checked, plan, decl, &layers, &moe_path),
         notes: warnings.iter().map(|d| d.message.clone()).collect(),
         layers,
@@ -296,6 +306,31 @@ pub fn validate(
         ));
     }
     if let Some(t) = &c.train {
+        // Megatron's GPT-2 tokenizer reads vocab.json and merges.txt; train.sh defaults them to
+        // a `gpt2(...)` tokenizer's files, but has nothing to pass for a tokenizer.json.
+        if let Some(TokenizerSpec::Hf { path }) = t.data.tokenizer() {
+            let what = if target.can("native_expert_parallel") {
+                "set TOKENIZER_TYPE and TOKENIZER_MODEL (or VOCAB_FILE and MERGE_FILE) for train.sh"
+            } else {
+                "set VOCAB_FILE and MERGE_FILE (GPT-2's vocab.json and merges.txt) for train.sh"
+            };
+            warnings.push(
+                Diagnostic::warning(
+                    "W0812",
+                    t.spans.tokenizer,
+                    format!(
+                        "the emitted train.sh cannot use the tokenizer `{}`: Megatron-LM {v}'s \
+                         GPT-2 tokenizer reads a vocab.json and a merges.txt; {what}",
+                        crate::diag::one_line(path)
+                    ),
+                )
+                .with_label("not passed to Megatron")
+                .with_help(
+                    "`tokenizer = gpt2(vocab = \"vocab.json\", merges = \"merges.txt\")` is \
+                     passed on",
+                ),
+            );
+        }
         if let Some(ck) = t.checkpoint.as_ref().filter(|ck| ck.keep > 0) {
             warnings.push(Diagnostic::warning(
                 "W0806",

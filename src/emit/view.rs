@@ -92,6 +92,9 @@ pub struct TargetView {
     pub world: u64,
     /// Set when the model file names a Megatron dataset; otherwise DATA_PATH must be given.
     pub data_path: Option<String>,
+    /// Set when the train block names a GPT-2 tokenizer (`gpt2(vocab, merges)`): the defaults
+    /// of VOCAB_FILE and MERGE_FILE; otherwise they must be given.
+    pub gpt2_files: Option<Gpt2Files>,
     pub args: Vec<ArgLine>,
     /// The warnings of the emit, for the README.
     pub notes: Vec<String>,
@@ -106,6 +109,29 @@ pub struct TargetView {
     pub vocab: u64,
     /// The activation of Megatron's own MLPs (`gelu`, `swiglu`).
     pub megatron_act: &'static str,
+}
+
+/// The GPT-2 tokenizer's two files as shell words: absolute paths, resolved against the
+/// directory fmoec ran in as `fmoec run` and `fmoec check` read them, because train.sh runs in
+/// a Megatron-LM checkout.
+#[derive(Clone, Debug)]
+pub struct Gpt2Files {
+    pub vocab: String,
+    pub merges: String,
+}
+
+impl Gpt2Files {
+    /// The files of `gpt2(vocab, merges)`, relative paths taken from the current directory.
+    pub fn resolve(vocab: &str, merges: &str) -> Self {
+        let absolute = |p: &str| {
+            let resolved = std::path::absolute(p).unwrap_or_else(|_| p.into());
+            sh_word(&resolved.to_string_lossy())
+        };
+        Gpt2Files {
+            vocab: absolute(vocab),
+            merges: absolute(merges),
+        }
+    }
 }
 
 /// A Python float literal (`0.01`, `1.0`, `3e-5`) for a finite value, rounded to 12
@@ -134,18 +160,8 @@ pub fn sh_word(s: &str) -> String {
 
 /// Text for one line of a comment in the emitted files: control characters (a line break in a
 /// file name) written as escapes, so that they cannot end the comment and turn the rest into
-/// Python or shell code.
-pub fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
+/// Python or shell code. The same rule as a diagnostic's header.
+pub use crate::diag::one_line;
 
 #[cfg(test)]
 mod tests {

@@ -904,3 +904,37 @@ fn a_panic_is_reported_as_an_error_of_the_command() {
     assert!(stderr.contains("panicked at"), "{stderr}");
     assert!(stderr.contains("stack backtrace:"), "{stderr}");
 }
+
+/// A legal file name with a line break: the human output shows it escaped (`a\nb.fmoe`) in
+/// each diagnostic's header and in the summary line, so no line of the output starts with the
+/// rest of the name; the JSON keeps the real name (JSON escapes it by itself).
+#[test]
+fn a_file_name_with_a_line_break_is_shown_escaped_and_kept_in_json() {
+    let dir = std::env::temp_dir().join(format!("fmoec-odd-name-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("a\nb.fmoe");
+    std::fs::write(&file, "model m {\n    vocab = 256\n    widht = 3\n}\n").unwrap();
+    let path = file.to_str().unwrap();
+    let shown = format!("{}/a\\nb.fmoe", dir.display());
+
+    let human = fmoec(&["check", path]);
+    assert_eq!(human.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&human.stderr);
+    assert!(stderr.contains(&format!("┌─ {shown}:3:5\n")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("error: could not check `{shown}` due to")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.lines().any(|l| l.starts_with("b.fmoe")),
+        "a raw line break in the name:\n{stderr}"
+    );
+
+    let json = fmoec(&["check", "--diagnostics", "json", path]);
+    let items = json_diagnostics(&json);
+    assert!(!items.is_empty());
+    for item in &items {
+        assert_eq!(item["primary"]["file"], path, "{item}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -185,3 +185,144 @@ fn every_example_is_covered() {
         ]
     );
 }
+
+/// A stand-in for `python` in train.sh: every `python -c` probe succeeds, and the launch prints
+/// its arguments one per line (`ARG --vocab-file`, `ARG /path`), so the test sees what Megatron
+/// would be given.
+fn argument_printing_python(dir: &Path) -> std::path::PathBuf {
+    let python = dir.join("python");
+    std::fs::write(
+        &python,
+        "#!/usr/bin/env bash\nif [ \"$1\" = -c ]; then exit 0; fi\nprintf 'ARG %s\\n' \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    python
+}
+
+/// The value train.sh passes after `flag`, from [`argument_printing_python`]'s lines.
+fn argument_after(printed: &str, flag: &str) -> Option<String> {
+    let lines: Vec<&str> = printed.lines().collect();
+    let at = lines.iter().position(|l| *l == format!("ARG {flag}"))?;
+    lines.get(at + 1)?.strip_prefix("ARG ").map(str::to_string)
+}
+
+/// `tokenizer = gpt2(vocab, merges)` (paths relative to where fmoec runs, as `fmoec run` reads
+/// them; here a folder with a space in its name) is what every target's train.sh passes as
+/// `--vocab-file` and `--merge-file` when VOCAB_FILE and MERGE_FILE are not set, and they still
+/// override it. Before, train.sh ignored the file's tokenizer and stopped without the variables.
+/// `tokenizer = hf(...)`, which no target's train.sh can pass, is a warning (W0812).
+#[test]
+fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("my work");
+    std::fs::create_dir_all(work.join("tok")).unwrap();
+    for file in ["vocab.json", "merges.txt", "tokenizer.json"] {
+        std::fs::copy(
+            root.join("tests/data_golden/tok").join(file),
+            work.join("tok").join(file),
+        )
+        .unwrap();
+    }
+    let model = |tokenizer: &str| {
+        format!(
+            "use std.gates.gshard\nmodel m {{\n    vocab = 1024\n    context = 64\n    width = 64\n    \
+             heads = 4\n    depth = 2\n    block = transformer(attention = causal(), ffn = mlp(hidden = 256))\n    \
+             layers[1].ffn = moe(experts = 4, gate = gshard(), expert = mlp(hidden = 128))\n}}\n\
+             train {{\n    data = megatron(\"corpus_text_document\")\n    tokenizer = {tokenizer}\n    \
+             batch = 4 x 64 tokens\n    steps = 2\n    optimizer = adamw(lr = 1e-3)\n}}\n"
+        )
+    };
+    std::fs::write(
+        work.join("gpt2.fmoe"),
+        model("gpt2(vocab = \"tok/vocab.json\", merges = \"tok/merges.txt\")"),
+    )
+    .unwrap();
+    std::fs::write(work.join("hf.fmoe"), model("hf(\"tok/tokenizer.json\")")).unwrap();
+    let python = argument_printing_python(tmp.path());
+    let vocab = work.join("tok/vocab.json").to_string_lossy().into_owned();
+    let merges = work.join("tok/merges.txt").to_string_lossy().into_owned();
+    for decl in check::megatron_targets() {
+        let v = &decl.version;
+        let out = tmp.path().join(format!("out-{v}"));
+        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .current_dir(&work)
+            .args(["emit", "--megatron", v, "gpt2.fmoe", "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&emitted.stderr);
+        assert!(emitted.status.success(), "{v}:\n{stderr}");
+        assert!(!stderr.contains("W0812"), "{v}:\n{stderr}");
+        let train_sh = out.join("train.sh");
+        let syntax = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&train_sh)
+            .output()
+            .unwrap();
+        assert!(syntax.status.success(), "{v}: bash -n failed");
+        let launch = |vars: &[(&str, &str)]| {
+            let mut cmd = std::process::Command::new("bash");
+            cmd.arg(&train_sh)
+                .current_dir(tmp.path())
+                .env("PYTHON", &python)
+                .env("NNODES", "1")
+                .env("NPROC_PER_NODE", "1")
+                .env_remove("VOCAB_FILE")
+                .env_remove("MERGE_FILE")
+                .env_remove("MOCK_DATA")
+                .env_remove("TOKENIZER_TYPE");
+            for (name, value) in vars {
+                cmd.env(name, value);
+            }
+            let output = cmd.output().unwrap();
+            let text = String::from_utf8_lossy(&output.stdout).into_owned();
+            assert!(
+                output.status.success(),
+                "{v}:\n{text}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            text
+        };
+        let defaults = launch(&[]);
+        assert_eq!(
+            argument_after(&defaults, "--vocab-file"),
+            Some(vocab.clone()),
+            "{v}:\n{defaults}"
+        );
+        assert_eq!(
+            argument_after(&defaults, "--merge-file"),
+            Some(merges.clone()),
+            "{v}:\n{defaults}"
+        );
+        let overridden = launch(&[
+            ("VOCAB_FILE", "/elsewhere/v.json"),
+            ("MERGE_FILE", "/elsewhere/m.txt"),
+        ]);
+        assert_eq!(
+            argument_after(&overridden, "--vocab-file").as_deref(),
+            Some("/elsewhere/v.json"),
+            "{v}"
+        );
+        assert_eq!(
+            argument_after(&overridden, "--merge-file").as_deref(),
+            Some("/elsewhere/m.txt"),
+            "{v}"
+        );
+
+        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .current_dir(&work)
+            .args(["emit", "--megatron", v, "hf.fmoe", "-o"])
+            .arg(tmp.path().join(format!("hf-{v}")))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&emitted.stderr);
+        assert!(
+            emitted.status.success()
+                && stderr.contains("warning[W0812]: the emitted train.sh cannot use the tokenizer `tok/tokenizer.json`"),
+            "{v}:\n{stderr}"
+        );
+    }
+}

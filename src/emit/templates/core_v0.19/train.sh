@@ -52,6 +52,15 @@ else
     : "${DATA_PATH:?set DATA_PATH to a Megatron indexed dataset prefix (the model file names no megatron() data), or MOCK_DATA=1}"
 {%- endmatch %}
     TOKENIZER_TYPE="${TOKENIZER_TYPE:-GPT2BPETokenizer}"
+{%- match v.gpt2_files %}
+{%- when Some with (files) %}
+    # The model file's tokenizer (gpt2(vocab, merges)); VOCAB_FILE and MERGE_FILE override it.
+    VOCAB_FILE="${VOCAB_FILE:-}"
+    [ -n "${VOCAB_FILE}" ] || VOCAB_FILE={{ files.vocab }}
+    MERGE_FILE="${MERGE_FILE:-}"
+    [ -n "${MERGE_FILE}" ] || MERGE_FILE={{ files.merges }}
+{%- when None %}
+{%- endmatch %}
     case "${TOKENIZER_TYPE}" in
         GPT2BPETokenizer)
             : "${VOCAB_FILE:?set VOCAB_FILE to the GPT-2 vocab.json (or TOKENIZER_TYPE)}"

@@ -30,8 +30,17 @@ DATA_PATH="${DATA_PATH:-}"
 {%- when None %}
 : "${DATA_PATH:?set DATA_PATH to a Megatron indexed dataset prefix (the model file names no megatron() data)}"
 {%- endmatch %}
+{%- match v.gpt2_files %}
+{%- when Some with (files) %}
+# The model file's tokenizer (gpt2(vocab, merges)); VOCAB_FILE and MERGE_FILE override it.
+VOCAB_FILE="${VOCAB_FILE:-}"
+[ -n "${VOCAB_FILE}" ] || VOCAB_FILE={{ files.vocab }}
+MERGE_FILE="${MERGE_FILE:-}"
+[ -n "${MERGE_FILE}" ] || MERGE_FILE={{ files.merges }}
+{%- when None %}
 : "${VOCAB_FILE:?set VOCAB_FILE to the GPT-2 vocab.json}"
 : "${MERGE_FILE:?set MERGE_FILE to the GPT-2 merges.txt}"
+{%- endmatch %}
 
 # torchrun (torch.distributed.run: torch 1.9 and later, 2.x) gives every rank RANK, WORLD_SIZE,
 # MASTER_ADDR and MASTER_PORT in the environment, which is where Megatron-LM {{ v.megatron_version }} reads them.
