@@ -1336,7 +1336,7 @@ fn check_output_folders(opts: &RunOptions) -> Result<()> {
         (&opts.out, "the output folder"),
         (&opts.checkpoints, "the checkpoint folder"),
     ] {
-        if dir.exists() && !dir.is_dir() {
+        if is_file_not_folder(dir) {
             bail!("{what} `{}` is a file, not a folder", dir.display());
         }
     }
@@ -1359,6 +1359,14 @@ fn check_output_folders(opts: &RunOptions) -> Result<()> {
             opts.checkpoints.display()
         ),
     }
+}
+
+/// Whether something other than a folder sits at `dir`. One look at the path, not two
+/// (`exists` then `is_dir`): with several ranks, rank 0 removes the folder it made for
+/// the shared-folder mark while the other ranks check it, and a folder that vanishes
+/// between two looks is not a file.
+pub fn is_file_not_folder(dir: &Path) -> bool {
+    std::fs::metadata(dir).is_ok_and(|m| !m.is_dir())
 }
 
 /// Refuses a run whose ranks would not fit the device, before anything is allocated, with

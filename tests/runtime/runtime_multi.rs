@@ -1846,3 +1846,35 @@ fn every_example_on_every_feasible_layout_up_to_8_ranks() {
     }
     eprintln!("{ran} layouts equal the single-rank run");
 }
+
+/// With several ranks, rank 0 makes the output folder for the shared-folder mark and removes
+/// it again while the other ranks check that folder; a folder that vanishes while it is
+/// looked at was once taken for a file (`the output folder ... is a file, not a folder`,
+/// seen once in a few hundred `--ranks 4` runs into fresh folders).
+#[test]
+fn a_folder_vanishing_while_checked_is_not_a_file() {
+    use fmoec::runtime::trainer::is_file_not_folder;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let done = Arc::new(AtomicBool::new(false));
+    let flicker = {
+        let (dir, done) = (dir.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let _ = std::fs::create_dir(&dir);
+                let _ = std::fs::remove_dir(&dir);
+            }
+        })
+    };
+    let taken_for_a_file = (0..200_000).filter(|_| is_file_not_folder(&dir)).count();
+    done.store(true, Ordering::Relaxed);
+    flicker.join().unwrap();
+    assert_eq!(
+        taken_for_a_file, 0,
+        "a vanishing folder was taken for a file"
+    );
+    std::fs::write(&dir, b"x").unwrap();
+    assert!(is_file_not_folder(&dir), "a file is a file");
+}
