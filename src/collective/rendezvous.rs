@@ -506,6 +506,14 @@ fn admit_ranks(
     Ok(())
 }
 
+/// The time left until `deadline`, at least a millisecond (a socket timeout of zero is
+/// refused).
+pub(crate) fn time_left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
 /// A client's talk with rank 0: connects to `addr` (retrying until `timeout`), sends
 /// `hello`, and reads the first line of the answer. An `ERR` line is a refusal; otherwise the
 /// line (without its newline) and the reader, positioned after it, its read timeout what is
@@ -520,9 +528,7 @@ fn ask_rank_zero(
     let deadline = Instant::now() + timeout;
     let mut stream = connect_until(addr, rank, deadline, timeout)?;
     let io = io_error(addr);
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
+    let left = time_left(deadline);
     let first_answer_within = left.min(FIRST_ANSWER_WITHIN);
     stream
         .set_read_timeout(Some(first_answer_within))
@@ -554,9 +560,7 @@ fn ask_rank_zero(
             message: format!("rank 0 refused rank {rank}: {message}"),
         });
     }
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
+    let left = time_left(deadline);
     reader.get_ref().set_read_timeout(Some(left)).map_err(&io)?;
     Ok((line, reader))
 }
@@ -610,8 +614,7 @@ fn connect_until(
             }
         };
         for target in targets {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match TcpStream::connect_timeout(&target, left.max(Duration::from_millis(1))) {
+            match TcpStream::connect_timeout(&target, time_left(deadline)) {
                 Ok(stream) => return Ok(stream),
                 Err(e) => last_error = e.to_string(),
             }

@@ -34,7 +34,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::error::ErrorKind;
 use super::groups::{GroupKind, GroupLabel, GroupLayout, Groups};
-use super::rendezvous::DistEnv;
+use super::rendezvous::{time_left, DistEnv};
 use super::transport::{
     Channel, Inbox, Message, MessageCollective, Payload, Peer, Route, Transport, OPERATIONS,
 };
@@ -348,14 +348,6 @@ pub fn connect(
     groups_over_mesh(&mesh, layout, rank, my_tensor, timeout)
 }
 
-/// The time left until `deadline`, at least a millisecond (a socket timeout of zero is
-/// refused).
-fn time_left(deadline: Instant) -> Duration {
-    deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1))
-}
-
 /// Rank `rank`'s connection to the lower rank `peer` at `address`: opened (retried until
 /// `deadline`), this rank's hello sent, and the peer's `OK` read.
 fn greet_lower_rank(
@@ -551,8 +543,7 @@ fn connect_peer(address: &str, deadline: Instant) -> std::io::Result<TcpStream> 
     loop {
         let targets: Vec<SocketAddr> = address.to_socket_addrs()?.collect();
         for target in &targets {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match TcpStream::connect_timeout(target, left.max(Duration::from_millis(1))) {
+            match TcpStream::connect_timeout(target, time_left(deadline)) {
                 Ok(s) => return Ok(s),
                 Err(e) => last = e,
             }
