@@ -145,6 +145,8 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .or_else(|| settings.emit.megatron_src.get(&args.megatron).cloned()),
         source_name,
+        // relative paths from where fmoec runs, as `fmoec run` reads them
+        relative_to: None,
     };
     // The plan the files are written for (`load_with` reported its warnings)
     let Some(plan) = loaded.plan else {
