@@ -945,7 +945,10 @@ pub fn vocab_not_megatron_padded(
 }
 
 pub fn data_file_missing(span: Span, files: &[String]) -> Diagnostic {
-    let shown: Vec<String> = files.iter().map(|f| format!("`{f}`")).collect();
+    let shown: Vec<String> = files
+        .iter()
+        .map(|f| format!("`{}`", crate::diag::path_text(f)))
+        .collect();
     let (what, verb) = if files.len() == 1 {
         ("file", "does")
     } else {
