@@ -186,12 +186,17 @@ pub fn read_handed_json(file: &Path) -> anyhow::Result<Option<Vec<serde_json::Va
     let text = match std::fs::read_to_string(file) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow::anyhow!("cannot read `{}`: {e}", file.display())),
+        Err(e) => {
+            return Err(anyhow::anyhow!(
+                "cannot read `{}`: {e}",
+                diag::path_text(file)
+            ))
+        }
     };
     serde_json::from_str(&text).map(Some).map_err(|e| {
         anyhow::anyhow!(
             "`{}` is not a JSON array of diagnostics: {e}",
-            file.display()
+            diag::path_text(file)
         )
     })
 }
@@ -351,7 +356,7 @@ fn not_utf8_diagnostic(
         format!(
             "cannot read `{}`: it is not UTF-8 text (byte 0x{byte:02X} at line {line}, column \
              {column}, byte offset {at})",
-            path.display()
+            diag::path_text(path)
         ),
     )
     .with_label(format!("byte 0x{byte:02X} {what}"))
@@ -380,7 +385,7 @@ fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, Ex
         },
         Err(e) => {
             report_unreadable(
-                &format!("cannot read `{}`: {e}", path.display()),
+                &format!("cannot read `{}`: {e}", diag::path_text(path)),
                 path,
                 format,
             );
@@ -420,7 +425,7 @@ fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, Ex
             if format == DiagFormat::Human {
                 crate::errln!(
                     "error: could not check `{}` due to {}",
-                    diag::one_line(&path.display().to_string()),
+                    diag::path_text(path),
                     diag::count(
                         analysis.errors.max(1) as u64,
                         "previous error",

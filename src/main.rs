@@ -95,7 +95,7 @@ fn check(args: &CheckArgs) -> ExitCode {
         match driver::load_with(file, args.diagnostics, rules) {
             Ok(_) => {
                 if args.diagnostics == DiagFormat::Human {
-                    fmoec::errln!("ok: {}", fmoec::diag::one_line(&file.display().to_string()));
+                    fmoec::errln!("ok: {}", fmoec::diag::path_text(file));
                 }
             }
             Err(code) => {

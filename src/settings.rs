@@ -111,12 +111,12 @@ impl HardwareSettings {
 /// A settings file that exists but cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("cannot read settings file `{path}`: {source}")]
+    #[error("cannot read settings file `{}`: {source}", crate::diag::path_text(.path))]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid settings file `{path}`: {message}")]
+    #[error("invalid settings file `{}`: {message}", crate::diag::path_text(.path))]
     Parse { path: PathBuf, message: String },
 }
 

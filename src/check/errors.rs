@@ -391,14 +391,23 @@ pub fn duplicate_field(span: Span, name: &str, first: Span) -> Diagnostic {
         .with_secondary(first, "first set here")
 }
 
+/// The value of a line that sets a required field, for a help (`32 x 1024 tokens` for a
+/// `train` block's `batch`), where there is a usual one.
+fn example_value(block: &str, name: &str) -> Option<&'static str> {
+    Some(match (block, name) {
+        ("train", "data") => "builtin(\"tiny-shakespeare\")",
+        ("train", "batch") => "32 x 1024 tokens",
+        ("train", "steps") => "1000",
+        ("train", "optimizer") => "adamw(lr = 3e-4)",
+        ("parallel", "gpus") => "8 of h100_sxm",
+        _ => return None,
+    })
+}
+
 pub fn missing_field(span: Span, name: &str, block: &str, ty: &str) -> Diagnostic {
-    let example = match (block, name) {
-        ("train", "data") => "`data = builtin(\"tiny-shakespeare\")`".to_string(),
-        ("train", "batch") => "`batch = 32 x 1024 tokens`".to_string(),
-        ("train", "steps") => "`steps = 1000`".to_string(),
-        ("train", "optimizer") => "`optimizer = adamw(lr = 3e-4)`".to_string(),
-        ("parallel", "gpus") => "`gpus = 8 of h100_sxm`".to_string(),
-        _ => format!("`{name} = ...` ({ty})"),
+    let example = match example_value(block, name) {
+        Some(value) => format!("`{name} = {value}`"),
+        None => format!("`{name} = ...` ({ty})"),
     };
     Diagnostic::error(
         "E0319",
@@ -410,7 +419,8 @@ pub fn missing_field(span: Span, name: &str, block: &str, ty: &str) -> Diagnosti
 }
 
 /// One E0319 for every required field a block leaves out (`missing`: each field's name and
-/// type, in the block's order): the block is one mistake, and its help lists every line to add.
+/// type, in the block's order): the block is one mistake, and its help lists every line to add
+/// (with a usual value where there is one, else the type).
 pub fn missing_fields(span: Span, block: &str, missing: &[(String, String)]) -> Diagnostic {
     if let [(name, ty)] = missing {
         return missing_field(span, name, block, ty);
@@ -419,7 +429,10 @@ pub fn missing_fields(span: Span, block: &str, missing: &[(String, String)]) -> 
     let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
     let lines: Vec<String> = missing
         .iter()
-        .map(|(name, ty)| format!("    {name:width$} = ...    // {ty}"))
+        .map(|(name, ty)| match example_value(block, name) {
+            Some(value) => format!("    {name:width$} = {value}"),
+            None => format!("    {name:width$} = ...    // {ty}"),
+        })
         .collect();
     Diagnostic::error(
         "E0319",
@@ -932,7 +945,10 @@ pub fn vocab_not_megatron_padded(
 }
 
 pub fn data_file_missing(span: Span, files: &[String]) -> Diagnostic {
-    let shown: Vec<String> = files.iter().map(|f| format!("`{f}`")).collect();
+    let shown: Vec<String> = files
+        .iter()
+        .map(|f| format!("`{}`", crate::diag::path_text(f)))
+        .collect();
     let (what, verb) = if files.len() == 1 {
         ("file", "does")
     } else {

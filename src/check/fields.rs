@@ -7,7 +7,7 @@ use super::errors;
 use super::eval::Ctx;
 use super::value::{Type, Value, V};
 use super::Checker;
-use crate::diag::{did_you_mean, Span};
+use crate::diag::did_you_mean;
 use crate::syntax::ast::{self, BlockKind};
 
 impl Checker<'_> {
@@ -115,28 +115,6 @@ impl Checker<'_> {
     ) -> Option<V> {
         if !fields.contains_key(name) {
             missing.push((name.to_string(), ty.to_string()));
-            return None;
-        }
-        self.typed_field(fields, name, ty, ctx)
-    }
-
-    /// Like [`Self::typed_field`] but reports a missing field at `block_span`.
-    pub(crate) fn required_field(
-        &mut self,
-        fields: &BTreeMap<String, &ast::Field>,
-        name: &str,
-        ty: &Type,
-        ctx: Ctx,
-        block_span: Span,
-        block_kind: &str,
-    ) -> Option<V> {
-        if !fields.contains_key(name) {
-            self.sink.push(errors::missing_field(
-                block_span,
-                name,
-                block_kind,
-                &ty.to_string(),
-            ));
             return None;
         }
         self.typed_field(fields, name, ty, ctx)

@@ -88,12 +88,19 @@ impl Checker<'_> {
             block: b.kw,
             ..Default::default()
         };
-        let (data, tokenizer_vocab) = self.train_data(&b, &mut spans, &mut ok);
-        let batch = self.train_batch(&b, model, &mut spans, &mut ok);
-        let steps_v = self.required_field(&b.fields, "steps", &int_ge(1.0), b.ctx, b.kw, "train");
+        // the required fields the block leaves out, for one report of them all
+        let mut missing = Vec::new();
+        let (data, tokenizer_vocab) = self.train_data(&b, &mut spans, &mut ok, &mut missing);
+        let batch = self.train_batch(&b, model, &mut spans, &mut ok, &mut missing);
+        let steps_v =
+            self.field_noting_missing(&b.fields, "steps", &int_ge(1.0), b.ctx, &mut missing);
         spans.steps = steps_v.as_ref().map(|v| v.span).unwrap_or(b.kw);
         let steps = steps_v.as_ref().map(uint);
-        let optimizer = self.train_optimizer(&b);
+        let optimizer = self.train_optimizer(&b, &mut missing);
+        if !missing.is_empty() {
+            self.sink
+                .push(errors::missing_fields(b.kw, "train", &missing));
+        }
         let schedule = self.train_schedule(&b, steps, spans.steps);
         let clip_grad = self.train_clip_grad(&b);
         let precision = self.train_precision(&b, &mut spans, &mut ok);
@@ -150,19 +157,20 @@ impl Checker<'_> {
 
     /// `data` and `tokenizer`: the source, tokenized when a tokenizer is given, and the
     /// tokenizer's vocabulary (read now, so that the rules against the model can use it).
+    /// A missing `data` is noted in `missing`.
     fn train_data(
         &mut self,
         b: &TrainBlock,
         spans: &mut TrainSpans,
         ok: &mut bool,
+        missing: &mut Vec<(String, String)>,
     ) -> (Option<DataSource>, Option<(u64, Span)>) {
-        let data_v = self.required_field(
+        let data_v = self.field_noting_missing(
             &b.fields,
             "data",
             &Type::Kind("data".into()),
             b.ctx,
-            b.kw,
-            "train",
+            missing,
         );
         let data = data_v.as_ref().and_then(ctor_of).map(|c| {
             let arg = |n: &str| c.arg(n).map(string).unwrap_or_default();
@@ -226,13 +234,15 @@ impl Checker<'_> {
         (data, tokenizer_vocab)
     }
 
-    /// `batch = SEQUENCES x TOKENS tokens`, or a sequence count at the model's context.
+    /// `batch = SEQUENCES x TOKENS tokens`, or a sequence count at the model's context. A
+    /// missing `batch` is noted in `missing`.
     fn train_batch(
         &mut self,
         b: &TrainBlock,
         model: Option<&Model>,
         spans: &mut TrainSpans,
         ok: &mut bool,
+        missing: &mut Vec<(String, String)>,
     ) -> BatchShape {
         let mut shape = BatchShape {
             sequences: None,
@@ -240,12 +250,7 @@ impl Checker<'_> {
             tokens_span: b.kw,
         };
         let Some(f) = b.fields.get("batch") else {
-            self.sink.push(errors::missing_field(
-                b.kw,
-                "batch",
-                "train",
-                "`SEQUENCES x TOKENS tokens`",
-            ));
+            missing.push(("batch".into(), "`SEQUENCES x TOKENS tokens`".into()));
             *ok = false;
             return shape;
         };
@@ -270,14 +275,18 @@ impl Checker<'_> {
         shape
     }
 
-    fn train_optimizer(&mut self, b: &TrainBlock) -> Option<Optimizer> {
-        let opt_v = self.required_field(
+    /// `optimizer`; a missing one is noted in `missing`.
+    fn train_optimizer(
+        &mut self,
+        b: &TrainBlock,
+        missing: &mut Vec<(String, String)>,
+    ) -> Option<Optimizer> {
+        let opt_v = self.field_noting_missing(
             &b.fields,
             "optimizer",
             &Type::Kind("optimizer".into()),
             b.ctx,
-            b.kw,
-            "train",
+            missing,
         );
         opt_v.as_ref().and_then(ctor_of).map(|c| {
             let betas = match c.arg("betas").map(|v| &v.value) {

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use super::preprocess::{InputFormat, Preprocess};
 use super::tokenizer::{Flavour, TextTokenizer, TokenizerSource, GPT2_EOD};
+use crate::diag::path_text;
 
 /// `fmoec data`: text or JSON lines into Megatron-LM's indexed dataset (`.bin`/`.idx`).
 ///
@@ -165,8 +166,8 @@ pub fn run_data(args: &DataArgs) -> Result<ExitCode> {
             out.documents,
             out.sequences,
             out.tokens,
-            out.bin.display(),
-            out.idx.display()
+            path_text(&out.bin),
+            path_text(&out.idx)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -216,7 +217,7 @@ pub fn run_tokenizer(cmd: &TokenizerCommand) -> Result<ExitCode> {
         TokenizerCommand::Train(args) => {
             let written = super::train::train(args)?;
             for p in written {
-                crate::outln!("wrote {}", p.display());
+                crate::outln!("wrote {}", path_text(&p));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::diag::path_text;
+
 /// The `.idx` magic.
 pub const INDEX_MAGIC: &[u8; 9] = b"MMIDIDX\x00\x00";
 /// The only index version Megatron writes.
@@ -140,13 +142,13 @@ impl IndexHeader {
         if magic != &INDEX_MAGIC[..magic.len()] {
             bail!(
                 "`{}` is not a Megatron-LM mmap index (its first bytes are not `MMIDIDX`)",
-                path.display()
+                path_text(path)
             );
         }
         if bytes.len() < INDEX_HEADER_BYTES {
             bail!(
                 "`{}` is truncated: it ends inside the header",
-                path.display()
+                path_text(path)
             );
         }
         let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
@@ -154,20 +156,20 @@ impl IndexHeader {
         if version != INDEX_VERSION {
             bail!(
                 "`{}` has index version {version}; only version {INDEX_VERSION} is supported",
-                path.display()
+                path_text(path)
             );
         }
         let code = bytes[17];
         let dtype = TokenDType::from_code(code).with_context(|| {
             format!(
                 "`{}` names an unknown token dtype code {code}",
-                path.display()
+                path_text(path)
             )
         })?;
         if matches!(dtype, TokenDType::F32 | TokenDType::F64) {
             bail!(
                 "`{}` holds floating-point values, not token ids",
-                path.display()
+                path_text(path)
             );
         }
         Ok(IndexHeader {
@@ -199,28 +201,28 @@ pub fn check_dataset(prefix: &str) -> Result<()> {
     use std::io::{Read, Seek, SeekFrom};
     let (bin_path, idx_path) = paths(prefix);
     let mut idx = std::fs::File::open(&idx_path)
-        .with_context(|| format!("cannot read the Megatron index `{}`", idx_path.display()))?;
+        .with_context(|| format!("cannot read the Megatron index `{}`", path_text(&idx_path)))?;
     let idx_len = idx.metadata()?.len();
     let mut head = Vec::with_capacity(INDEX_HEADER_BYTES);
     (&mut idx)
         .take(INDEX_HEADER_BYTES as u64)
         .read_to_end(&mut head)
-        .with_context(|| format!("cannot read `{}`", idx_path.display()))?;
+        .with_context(|| format!("cannot read `{}`", path_text(&idx_path)))?;
     let header = IndexHeader::parse(&head, &idx_path)?;
     let ends = header.table_ends().with_context(|| {
         format!(
             "`{}` names more sequences than a file can hold",
-            idx_path.display()
+            path_text(&idx_path)
         )
     })?;
     if let Some((_, what)) = ends.iter().find(|(end, _)| *end > idx_len) {
         bail!(
             "`{}` is truncated: it ends inside the {what}",
-            idx_path.display()
+            path_text(&idx_path)
         );
     }
     let bin_len = std::fs::metadata(&bin_path)
-        .with_context(|| format!("cannot open the Megatron data `{}`", bin_path.display()))?
+        .with_context(|| format!("cannot open the Megatron data `{}`", path_text(&bin_path)))?
         .len();
     if header.sequences == 0 {
         return Ok(());
@@ -230,7 +232,7 @@ pub fn check_dataset(prefix: &str) -> Result<()> {
         let mut buf = vec![0u8; n];
         idx.seek(SeekFrom::Start(at))?;
         idx.read_exact(&mut buf)
-            .with_context(|| format!("cannot read `{}`", idx_path.display()))?;
+            .with_context(|| format!("cannot read `{}`", path_text(&idx_path)))?;
         Ok(buf)
     };
     let size = i32::from_le_bytes(read_at(ends[0].0 - 4, 4)?.try_into().expect("4 bytes"));
@@ -242,8 +244,8 @@ pub fn check_dataset(prefix: &str) -> Result<()> {
         bail!(
             "`{}` is truncated or does not match `{}`: sequence {last} ({size} tokens at byte \
              {pointer}) lies past its end ({bin_len} bytes)",
-            bin_path.display(),
-            idx_path.display(),
+            path_text(&bin_path),
+            path_text(&idx_path),
         );
     }
     Ok(())
@@ -279,17 +281,17 @@ impl IndexedWriter {
         if !overwrite {
             for p in [&bin_path, &idx_path] {
                 if p.exists() {
-                    bail!("`{}` exists; pass --overwrite to replace it", p.display());
+                    bail!("`{}` exists; pass --overwrite to replace it", path_text(p));
                 }
             }
         }
         if let Some(dir) = bin_path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create the folder `{}`", dir.display()))?;
+                .with_context(|| format!("cannot create the folder `{}`", path_text(dir)))?;
         }
         let bin_tmp = temporary(&bin_path);
         let file = std::fs::File::create(&bin_tmp)
-            .with_context(|| format!("cannot create `{}`", bin_tmp.display()))?;
+            .with_context(|| format!("cannot create `{}`", path_text(&bin_tmp)))?;
         Ok(IndexedWriter {
             dtype,
             bin_path,
@@ -334,7 +336,7 @@ impl IndexedWriter {
             .as_mut()
             .context("internal error: writer finished")?;
         bin.write_all(&self.scratch)
-            .with_context(|| format!("cannot write `{}`", self.bin_tmp.display()))?;
+            .with_context(|| format!("cannot write `{}`", path_text(&self.bin_tmp)))?;
         self.sizes.push(size);
         self.tokens += ids.len() as u64;
         Ok(())
@@ -386,17 +388,17 @@ impl IndexedWriter {
         let file = bin
             .into_inner()
             .map_err(|e| e.into_error())
-            .with_context(|| format!("cannot write `{}`", self.bin_tmp.display()))?;
+            .with_context(|| format!("cannot write `{}`", path_text(&self.bin_tmp)))?;
         file.sync_all()
-            .with_context(|| format!("cannot write `{}`", self.bin_tmp.display()))?;
+            .with_context(|| format!("cannot write `{}`", path_text(&self.bin_tmp)))?;
         drop(file);
         crate::driver::write_atomic(&self.idx_path, &self.index_bytes())
-            .with_context(|| format!("cannot write `{}`", self.idx_path.display()))?;
+            .with_context(|| format!("cannot write `{}`", path_text(&self.idx_path)))?;
         std::fs::rename(&self.bin_tmp, &self.bin_path).with_context(|| {
             format!(
                 "cannot move `{}` to `{}`",
-                self.bin_tmp.display(),
-                self.bin_path.display()
+                path_text(&self.bin_tmp),
+                path_text(&self.bin_path)
             )
         })?;
         Ok((self.bin_path.clone(), self.idx_path.clone()))

@@ -28,6 +28,7 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::indexed::{IndexedWriter, TokenDType};
 use super::tokenizer::{Flavour, TextTokenizer};
+use crate::diag::path_text;
 
 /// How input files are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -193,9 +194,9 @@ struct Origin<'a> {
 impl std::fmt::Display for Origin<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.line == 0 {
-            write!(f, "{}", self.file.display())
+            write!(f, "{}", path_text(self.file))
         } else {
-            write!(f, "{}:{}", self.file.display(), self.line)
+            write!(f, "{}:{}", path_text(self.file), self.line)
         }
     }
 }
@@ -284,9 +285,9 @@ impl Preprocess<'_> {
         let mut total_bytes = 0u64;
         for input in self.inputs {
             let meta = std::fs::metadata(input)
-                .with_context(|| format!("cannot read the input `{}`", input.display()))?;
+                .with_context(|| format!("cannot read the input `{}`", path_text(input)))?;
             if meta.is_dir() {
-                bail!("the input `{}` is a folder, not a file", input.display());
+                bail!("the input `{}` is a folder, not a file", path_text(input));
             }
             total_bytes += meta.len();
             if self.format.unwrap_or(InputFormat::of(input)) == InputFormat::Text
@@ -294,7 +295,7 @@ impl Preprocess<'_> {
             {
                 bail!(
                     "`{}` is a text input: it has one document, not the keys {}",
-                    input.display(),
+                    path_text(input),
                     self.json_keys.join(", ")
                 );
             }
@@ -325,7 +326,7 @@ impl Preprocess<'_> {
                     let mut text = Vec::new();
                     std::fs::File::open(input)
                         .and_then(|f| BufReader::new(f).read_to_end(&mut text))
-                        .with_context(|| format!("cannot read `{}`", input.display()))?;
+                        .with_context(|| format!("cannot read `{}`", path_text(input)))?;
                     let at = Origin {
                         file: input,
                         line: 0,
@@ -377,7 +378,7 @@ impl Preprocess<'_> {
         /// Bytes of input per batch handed to the workers.
         const BATCH_BYTES: usize = 4 << 20;
         let file = std::fs::File::open(input)
-            .with_context(|| format!("cannot read `{}`", input.display()))?;
+            .with_context(|| format!("cannot read `{}`", path_text(input)))?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut line_no = 0usize;
         loop {
@@ -388,7 +389,7 @@ impl Preprocess<'_> {
                 let mut line = Vec::new();
                 let n = reader
                     .read_until(b'\n', &mut line)
-                    .with_context(|| format!("cannot read `{}`", input.display()))?;
+                    .with_context(|| format!("cannot read `{}`", path_text(input)))?;
                 if n == 0 {
                     break;
                 }

@@ -16,6 +16,8 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, ModelWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer};
 
+use crate::diag::path_text;
+
 /// GPT-2's end-of-document token (Megatron's `eod`).
 pub const GPT2_EOD: &str = "<|endoftext|>";
 
@@ -31,12 +33,12 @@ pub enum TokenizerSource {
 impl std::fmt::Display for TokenizerSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TokenizerSource::Json(p) => write!(f, "hf(\"{}\")", p.display()),
+            TokenizerSource::Json(p) => write!(f, "hf(\"{}\")", path_text(p)),
             TokenizerSource::Gpt2 { vocab, merges } => write!(
                 f,
                 "gpt2(vocab = \"{}\", merges = \"{}\")",
-                vocab.display(),
-                merges.display()
+                path_text(vocab),
+                path_text(merges)
             ),
         }
     }
@@ -73,18 +75,18 @@ impl TextTokenizer {
         let inner = match source {
             TokenizerSource::Json(path) => {
                 let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read the tokenizer `{}`", path.display()))?;
+                    .with_context(|| format!("cannot read the tokenizer `{}`", path_text(path)))?;
                 Tokenizer::from_bytes(text.as_bytes()).map_err(|e| {
                     anyhow::anyhow!(
                         "`{}` is not a Hugging Face tokenizer.json: {e}",
-                        path.display()
+                        path_text(path)
                     )
                 })?
             }
             TokenizerSource::Gpt2 { vocab, merges } => {
                 for p in [vocab, merges] {
                     if !p.is_file() {
-                        bail!("cannot read the GPT-2 tokenizer file `{}`", p.display());
+                        bail!("cannot read the GPT-2 tokenizer file `{}`", path_text(p));
                     }
                 }
                 let bpe = BPE::from_file(&path_str(vocab)?, &path_str(merges)?)
@@ -92,8 +94,8 @@ impl TextTokenizer {
                     .map_err(|e| {
                         anyhow::anyhow!(
                             "`{}` and `{}` are not GPT-2 BPE files (vocab.json, merges.txt): {e}",
-                            vocab.display(),
-                            merges.display()
+                            path_text(vocab),
+                            path_text(merges)
                         )
                     })?;
                 let mut tk = Tokenizer::new(bpe);
@@ -208,7 +210,7 @@ fn fast_path_applies(tk: &Tokenizer) -> bool {
 fn path_str(p: &Path) -> Result<String> {
     p.to_str()
         .map(str::to_string)
-        .with_context(|| format!("the path `{}` is not valid UTF-8", p.display()))
+        .with_context(|| format!("the path `{}` is not valid UTF-8", path_text(p)))
 }
 
 /// Megatron-LM's padded vocabulary: `vocab` rounded up to a multiple of

@@ -15,6 +15,7 @@ use tokenizers::{AddedToken, Model, Tokenizer};
 
 use super::cli::TrainArgs;
 use super::preprocess::InputFormat;
+use crate::diag::path_text;
 
 /// The documents of the corpus, in order.
 fn corpus(args: &TrainArgs) -> Result<Vec<String>> {
@@ -25,7 +26,7 @@ fn corpus(args: &TrainArgs) -> Result<Vec<String>> {
     }
     for path in &args.files {
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read `{}` as UTF-8 text", path.display()))?;
+            .with_context(|| format!("cannot read `{}` as UTF-8 text", path_text(path)))?;
         match InputFormat::of(path) {
             InputFormat::Text => docs.push(text),
             InputFormat::Jsonl => {
@@ -34,13 +35,13 @@ fn corpus(args: &TrainArgs) -> Result<Vec<String>> {
                         continue;
                     }
                     let v: serde_json::Value = serde_json::from_str(line).with_context(|| {
-                        format!("{}:{}: not a JSON object", path.display(), i + 1)
+                        format!("{}:{}: not a JSON object", path_text(path), i + 1)
                     })?;
                     match v.get(&args.json_key) {
                         Some(serde_json::Value::String(s)) => docs.push(s.clone()),
                         _ => bail!(
                             "{}:{}: no string under the key `{}`",
-                            path.display(),
+                            path_text(path),
                             i + 1,
                             args.json_key
                         ),
@@ -81,7 +82,7 @@ pub fn train(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     let targets: Vec<PathBuf> = TRAINED_FILES.iter().map(|f| args.out.join(f)).collect();
     if !args.overwrite {
         if let Some(p) = targets.iter().find(|p| p.exists()) {
-            bail!("`{}` exists; pass --overwrite to replace it", p.display());
+            bail!("`{}` exists; pass --overwrite to replace it", path_text(p));
         }
     }
     let docs = corpus(args)?;
@@ -116,7 +117,7 @@ pub fn train(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     tokenizer.add_special_tokens(&special);
 
     std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create `{}`", args.out.display()))?;
+        .with_context(|| format!("cannot create `{}`", path_text(&args.out)))?;
     let json = tokenizer
         .to_string(true)
         .map_err(|e| anyhow::anyhow!("cannot serialize the tokenizer: {e}"))?;
@@ -141,7 +142,7 @@ pub fn train(args: &TrainArgs) -> Result<Vec<PathBuf>> {
         let write = |name: &str, bytes: &[u8]| -> Result<()> {
             let p = args.out.join(name);
             crate::driver::write_atomic(&p, bytes)
-                .with_context(|| format!("cannot write `{}`", p.display()))
+                .with_context(|| format!("cannot write `{}`", path_text(&p)))
         };
         write("tokenizer.json", json.as_bytes())?;
         write(
@@ -162,6 +163,7 @@ pub fn train(args: &TrainArgs) -> Result<Vec<PathBuf>> {
 /// A fresh hidden folder inside `out` for the model's own writer.
 fn tempfile_dir(out: &std::path::Path) -> Result<PathBuf> {
     let dir = out.join(format!(".fmoec-tokenizer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create `{}`", path_text(&dir)))?;
     Ok(dir)
 }

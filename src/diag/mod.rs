@@ -195,6 +195,14 @@ pub fn one_line(s: &str) -> String {
         .collect()
 }
 
+/// A user's file or folder name (from the command line, the model file or the settings) for
+/// the text of a message: [`one_line`] of its displayed form, so that a line break in the name
+/// cannot split the message or fake a line of its own. Where a message also goes to JSON, the
+/// element's `file` keeps the real name.
+pub fn path_text(path: impl AsRef<std::path::Path>) -> String {
+    one_line(&path.as_ref().display().to_string())
+}
+
 /// A file's name, shown with [`one_line`] in a rendered diagnostic's `┌─ NAME:LINE:COL`
 /// header; [`Sources::name`] (and the JSON's `file`) keep it as it is.
 #[derive(Clone, Debug)]
@@ -495,6 +503,13 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&render_json(&sources, &[d])).unwrap();
         assert_eq!(json[0]["primary"]["file"], "/tmp/a\nb\u{7}.fmoe");
         assert_eq!(one_line("a\nb\r\u{7}ü.fmoe"), r"a\nb\r\u{7}ü.fmoe");
+        // the same rule for a name in a message's text, a path or a model file's string
+        let folder = std::path::Path::new("/tmp/runs\nof\ttoday");
+        assert_eq!(
+            path_text(folder.join("m.fmoe")),
+            r"/tmp/runs\nof\ttoday/m.fmoe"
+        );
+        assert_eq!(path_text("my\ncorpus.txt"), r"my\ncorpus.txt");
     }
 
     #[test]

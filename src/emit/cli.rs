@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::diag::path_text;
 use crate::driver::{self, DiagFormat};
 
 use super::{EmitError, EmitOptions, Runtime};
@@ -145,6 +146,8 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .or_else(|| settings.emit.megatron_src.get(&args.megatron).cloned()),
         source_name,
+        // relative paths from where fmoec runs, as `fmoec run` reads them
+        relative_to: None,
     };
     // The plan the files are written for (`load_with` reported its warnings)
     let Some(plan) = loaded.plan else {
@@ -167,14 +170,14 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
     if output.exists() && !output.is_dir() {
         anyhow::bail!(
             "cannot write into `{}`: it is a file, not a folder",
-            output.display()
+            path_text(&output)
         );
     }
     let clashes = conflicts(&output, &emitted.files);
     let blocked = clashes.iter().any(|c| !c.forceable);
     if blocked || (!clashes.is_empty() && !args.force) {
         for c in &clashes {
-            let message = format!("`{}` {}", c.path.display(), c.why);
+            let message = format!("`{}` {}", path_text(&c.path), c.why);
             driver::report_error(&message, Some(&c.path), args.diagnostics);
         }
         // `--force` replaces files, never a folder: nothing is written rather than a part
@@ -192,23 +195,23 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     std::fs::create_dir_all(&output)
-        .map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", output.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", path_text(&output)))?;
     let mut recorded = BTreeMap::new();
     for (name, text) in &emitted.files {
         recorded.insert(name.clone(), driver::sha256_hex(text.as_bytes()));
         let path = output.join(name);
         driver::write_atomic(&path, text.as_bytes())
-            .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path_text(&path)))?;
         #[cfg(unix)]
         if name.ends_with(".sh") {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755));
         }
-        crate::outln!("wrote {}", path.display());
+        crate::outln!("wrote {}", path_text(&path));
     }
     let manifest = serde_json::to_string_pretty(&recorded).expect("a map of strings serializes");
     let path = output.join(MANIFEST);
     driver::write_atomic(&path, format!("{manifest}\n").as_bytes())
-        .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path_text(&path)))?;
     Ok(ExitCode::SUCCESS)
 }

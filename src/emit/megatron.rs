@@ -22,6 +22,7 @@ use std::fmt;
 use std::path::Path;
 
 use super::gitdiff::{self, FileDiff, Hunk, ParseError};
+use crate::diag::path_text;
 
 /// One change, a hunk of the recorded patch: its body lines keep their ' ', '-', '+' prefix.
 /// The original lines (context and removed) start at the 1-based `line`; a hunk that ends in
@@ -249,7 +250,7 @@ pub fn patch_checkout(
         .map(|f| {
             let file = root.join(&f.path);
             let bytes = std::fs::read(&file).map_err(|e| CheckoutError::Read {
-                path: file.display().to_string(),
+                path: path_text(&file),
                 message: e.to_string(),
             })?;
             let original = String::from_utf8(bytes).map_err(|_| CheckoutError::NotUtf8 {

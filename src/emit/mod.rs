@@ -60,6 +60,10 @@ pub struct EmitOptions {
     pub megatron_src: Option<PathBuf>,
     /// The model file's name as shown in generated headers (no absolute paths: byte-stable).
     pub source_name: String,
+    /// The folder the model file's relative data and tokenizer paths are taken from, as
+    /// `fmoec run` takes them from the folder it runs in; `None`: the current directory.
+    /// train.sh gets them absolute ([`view::RunFile`]).
+    pub relative_to: Option<PathBuf>,
 }
 
 /// The emitted files, relative paths in a fixed order, and warnings.
@@ -189,24 +193,7 @@ pub fn emit(
         nproc_per_node: plan.world.min(per_node),
         nnodes: plan.world.div_ceil(per_node),
         world: plan.world,
-        data_path: checked.train.as_ref().and_then(|t| match &t.data {
-            DataSource::Megatron(path) => Some(view::sh_word(path)),
-            DataSource::Tokenized { source, .. } => match source.as_ref() {
-                DataSource::Megatron(path) => Some(view::sh_word(path)),
-                _ => None,
-            },
-            DataSource::Builtin(_) | DataSource::Text(_) | DataSource::Jsonl { .. } => None,
-        }),
-        gpt2_files: checked
-            .train
-            .as_ref()
-            .and_then(|t| t.data.tokenizer())
-            .and_then(|tokenizer| match tokenizer {
-                TokenizerSpec::Gpt2 { vocab, merges } => {
-                    Some(view::Gpt2Files::resolve(vocab, merges))
-                }
-                TokenizerSpec::Hf { .. } => None,
-            }),
+        files: launch_files(checked, opts.relative_to.as_deref()),
         args: launch_args(checked, plan, decl, &layers, &moe_path),
         notes: warnings.iter().map(|d| d.message.clone()).collect(),
         layers,
@@ -243,6 +230,30 @@ pub fn emit(
     files.push(("train.sh".to_string(), render(folder.train)?));
     files.push(("README.md".to_string(), render(folder.readme)?));
     Ok(Emitted { files, warnings })
+}
+
+/// The files the model file names that train.sh passes to Megatron: the `megatron("prefix")`
+/// dataset and a `gpt2(vocab, merges)` tokenizer's files.
+fn launch_files(checked: &Checked, relative_to: Option<&std::path::Path>) -> view::LaunchFiles {
+    let resolve = |path: &str| view::RunFile::resolve(path, relative_to);
+    let Some(train) = &checked.train else {
+        return view::LaunchFiles::new(None, None, None);
+    };
+    let prefix = match &train.data {
+        DataSource::Megatron(prefix) => Some(prefix),
+        DataSource::Tokenized { source, .. } => match source.as_ref() {
+            DataSource::Megatron(prefix) => Some(prefix),
+            _ => None,
+        },
+        DataSource::Builtin(_) | DataSource::Text(_) | DataSource::Jsonl { .. } => None,
+    };
+    let (vocab, merges) = match train.data.tokenizer() {
+        Some(TokenizerSpec::Gpt2 { vocab, merges }) => {
+            (Some(resolve(vocab)), Some(resolve(merges)))
+        }
+        Some(TokenizerSpec::Hf { .. }) | None => (None, None),
+    };
+    view::LaunchFiles::new(prefix.map(|p| resolve(p)), vocab, merges)
 }
 
 /// What `target` cannot express (errors, as [`EmitError::Model`]) or approximates (the

@@ -4,6 +4,8 @@
 //! literals and shell arguments happens in this module. Knows nothing about the patch or
 //! which target's templates print it.
 
+use std::path::{Path, PathBuf};
+
 /// One MoE layer as the generated module's table lists it.
 #[derive(Clone, Debug)]
 pub struct LayerView {
@@ -90,11 +92,8 @@ pub struct TargetView {
     pub nnodes: u64,
     /// Ranks the model file was planned for.
     pub world: u64,
-    /// Set when the model file names a Megatron dataset; otherwise DATA_PATH must be given.
-    pub data_path: Option<String>,
-    /// Set when the train block names a GPT-2 tokenizer (`gpt2(vocab, merges)`): the defaults
-    /// of VOCAB_FILE and MERGE_FILE; otherwise they must be given.
-    pub gpt2_files: Option<Gpt2Files>,
+    /// The files train.sh passes to Megatron, as far as the model file names them.
+    pub files: LaunchFiles,
     pub args: Vec<ArgLine>,
     /// The warnings of the emit, for the README.
     pub notes: Vec<String>,
@@ -111,25 +110,103 @@ pub struct TargetView {
     pub megatron_act: &'static str,
 }
 
-/// The GPT-2 tokenizer's two files as shell words: absolute paths, resolved against the
-/// directory fmoec ran in as `fmoec run` and `fmoec check` read them, because train.sh runs in
-/// a Megatron-LM checkout.
+/// A file the model file names and `fmoec run` reads, written for a script that runs elsewhere:
+/// `run` (and `check`'s W0009) take a relative path from the folder they run in, but train.sh
+/// runs in a Megatron-LM checkout, so the path is resolved against the folder `fmoec emit` ran
+/// in and written absolute.
 #[derive(Clone, Debug)]
-pub struct Gpt2Files {
-    pub vocab: String,
-    pub merges: String,
+pub struct RunFile {
+    /// The absolute path as one shell word (train.sh).
+    pub word: String,
+    /// The absolute path with control characters escaped (README.md).
+    pub shown: String,
 }
 
-impl Gpt2Files {
-    /// The files of `gpt2(vocab, merges)`, relative paths taken from the current directory.
-    pub fn resolve(vocab: &str, merges: &str) -> Self {
-        let absolute = |p: &str| {
-            let resolved = std::path::absolute(p).unwrap_or_else(|_| p.into());
-            sh_word(&resolved.to_string_lossy())
+impl RunFile {
+    /// `path` as written in the model file; a relative one is taken from `relative_to`, else
+    /// from the current directory. An empty path stays empty (there is nothing to resolve).
+    pub fn resolve(path: &str, relative_to: Option<&Path>) -> Self {
+        let text = if path.is_empty() {
+            String::new()
+        } else {
+            let joined = match relative_to {
+                Some(dir) => dir.join(path),
+                None => PathBuf::from(path),
+            };
+            let resolved = std::path::absolute(&joined).unwrap_or(joined);
+            resolved.to_string_lossy().into_owned()
         };
-        Gpt2Files {
-            vocab: absolute(vocab),
-            merges: absolute(merges),
+        RunFile {
+            word: sh_word(&text),
+            shown: one_line(&text),
+        }
+    }
+}
+
+/// The files train.sh passes to Megatron that a model file can name, each the default of its
+/// variable ([`RunFile`]), or `None` where the model file names none and train.sh asks for the
+/// variable.
+#[derive(Clone, Debug)]
+pub struct LaunchFiles {
+    /// `DATA_PATH`: the train block's `megatron("prefix")`.
+    pub data_path: Option<RunFile>,
+    /// `VOCAB_FILE` and `MERGE_FILE`: the files of `tokenizer = gpt2(vocab, merges)`.
+    pub vocab_file: Option<RunFile>,
+    pub merge_file: Option<RunFile>,
+    /// Whether the model file names any of them.
+    pub any: bool,
+    /// The defaults, for the README.
+    pub defaults: Vec<FileDefault>,
+    /// What the README's launch command sets: the variables without a default, with example
+    /// values (`VOCAB_FILE=gpt2-vocab.json ...`); empty when the model file names every file.
+    pub launch_env: String,
+}
+
+/// One variable of train.sh and the file it defaults to.
+#[derive(Clone, Debug)]
+pub struct FileDefault {
+    pub var: &'static str,
+    /// [`RunFile::shown`].
+    pub path: String,
+}
+
+impl LaunchFiles {
+    pub fn new(
+        data_path: Option<RunFile>,
+        vocab_file: Option<RunFile>,
+        merge_file: Option<RunFile>,
+    ) -> Self {
+        // train.sh's order
+        let defaults: Vec<FileDefault> = [
+            ("DATA_PATH", &data_path),
+            ("VOCAB_FILE", &vocab_file),
+            ("MERGE_FILE", &merge_file),
+        ]
+        .into_iter()
+        .filter_map(|(var, file)| {
+            file.as_ref().map(|f| FileDefault {
+                var,
+                path: f.shown.clone(),
+            })
+        })
+        .collect();
+        // the order the README's launch line always had
+        let launch_env: Vec<String> = [
+            ("VOCAB_FILE", &vocab_file, "gpt2-vocab.json"),
+            ("MERGE_FILE", &merge_file, "gpt2-merges.txt"),
+            ("DATA_PATH", &data_path, "my-corpus_text_document"),
+        ]
+        .into_iter()
+        .filter(|(_, file, _)| file.is_none())
+        .map(|(var, _, example)| format!("{var}={example}"))
+        .collect();
+        LaunchFiles {
+            any: !defaults.is_empty(),
+            defaults,
+            launch_env: launch_env.join(" "),
+            data_path,
+            vocab_file,
+            merge_file,
         }
     }
 }
@@ -177,5 +254,60 @@ mod tests {
         assert_eq!(sh_word("my data"), "'my data'");
         assert_eq!(sh_word("it's"), r"'it'\''s'");
         assert_eq!(one_line("a\nb\r\u{7}ü.fmoe"), r"a\nb\r\u{7}ü.fmoe");
+    }
+
+    /// A relative path is taken from the folder given (else the current one) and written
+    /// absolute; an absolute one stays as it is; the shell word keeps the real name, the shown
+    /// text escapes its control characters.
+    #[test]
+    fn run_files_are_resolved_against_the_folder_emit_ran_in() {
+        let here = Path::new("/work/my models");
+        let data = RunFile::resolve("data/it's\tx_text_document", Some(here));
+        assert_eq!(
+            data.word,
+            "'/work/my models/data/it'\\''s\tx_text_document'"
+        );
+        assert_eq!(data.shown, r"/work/my models/data/it's\tx_text_document");
+        let absolute = RunFile::resolve("/data/corpus", Some(here));
+        assert_eq!(absolute.word, "/data/corpus");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            RunFile::resolve("corpus", None).shown,
+            cwd.join("corpus").to_string_lossy()
+        );
+        assert_eq!(RunFile::resolve("", Some(here)).word, "''");
+    }
+
+    /// The README's launch line sets only the variables the model file leaves without a
+    /// default, and the defaults are listed in train.sh's order.
+    #[test]
+    fn the_launch_line_asks_only_for_what_the_model_file_does_not_name() {
+        let file = |p: &str| Some(RunFile::resolve(p, Some(Path::new("/w"))));
+        let none = LaunchFiles::new(None, None, None);
+        assert!(!none.any && none.defaults.is_empty());
+        assert_eq!(
+            none.launch_env,
+            "VOCAB_FILE=gpt2-vocab.json MERGE_FILE=gpt2-merges.txt DATA_PATH=my-corpus_text_document"
+        );
+        let data = LaunchFiles::new(file("d"), None, None);
+        assert_eq!(
+            data.launch_env,
+            "VOCAB_FILE=gpt2-vocab.json MERGE_FILE=gpt2-merges.txt"
+        );
+        let all = LaunchFiles::new(file("d"), file("v.json"), file("m.txt"));
+        assert_eq!(all.launch_env, "");
+        let listed: Vec<(&str, &str)> = all
+            .defaults
+            .iter()
+            .map(|d| (d.var, d.path.as_str()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("DATA_PATH", "/w/d"),
+                ("VOCAB_FILE", "/w/v.json"),
+                ("MERGE_FILE", "/w/m.txt")
+            ]
+        );
     }
 }

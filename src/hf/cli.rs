@@ -10,6 +10,7 @@ use tch::{Device, Kind};
 
 use super::export;
 use crate::check::{GateKind, TokenizerSpec};
+use crate::diag::path_text;
 use crate::driver::{self, DiagFormat};
 
 /// Export a checkpoint for Hugging Face `transformers` (config.json, sharded safetensors
@@ -37,7 +38,7 @@ pub struct ExportArgs {
 fn find_model(checkpoint: &Path) -> Result<PathBuf> {
     let full = checkpoint
         .canonicalize()
-        .with_context(|| format!("cannot read the checkpoint `{}`", checkpoint.display()))?;
+        .with_context(|| format!("cannot read the checkpoint `{}`", path_text(checkpoint)))?;
     let mut dir = Some(full.as_path());
     for _ in 0..3 {
         let Some(d) = dir else { break };
@@ -53,13 +54,13 @@ fn find_model(checkpoint: &Path) -> Result<PathBuf> {
             1 => return Ok(found[0].clone()),
             _ => bail!(
                 "`{}` holds several model files; name one with --model",
-                d.display()
+                path_text(d)
             ),
         }
     }
     bail!(
         "no model file beside `{}`; name it with --model FILE",
-        checkpoint.display()
+        path_text(checkpoint)
     )
 }
 
@@ -156,7 +157,7 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
         arch.class(),
         named.len(),
         source.manifest.run.step,
-        args.out.display(),
+        path_text(&args.out),
         written.len() + 1
     );
     Ok(ExitCode::SUCCESS)

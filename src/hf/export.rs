@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use super::architecture::{config, Architecture};
 use super::layout;
 use crate::check::{Checked, Model};
+use crate::diag::path_text;
 
 /// The exported tensors by Hugging Face name, in the order of [`layout::hf_tensors`].
 pub fn tensors(
@@ -133,11 +134,11 @@ pub fn files(
         files.insert(
             "tokenizer.json".into(),
             std::fs::read(json_path)
-                .with_context(|| format!("cannot read the tokenizer `{}`", json_path.display()))?,
+                .with_context(|| format!("cannot read the tokenizer `{}`", path_text(json_path)))?,
         );
         let config = match config_path.filter(|p| p.is_file()) {
             Some(p) => {
-                std::fs::read(p).with_context(|| format!("cannot read `{}`", p.display()))?
+                std::fs::read(p).with_context(|| format!("cannot read `{}`", path_text(p)))?
             }
             None => pretty(&json!({"tokenizer_class": "PreTrainedTokenizerFast"}))?,
         };
@@ -165,7 +166,7 @@ pub fn place(
     let mut previous: Vec<String> = Vec::new();
     if out.exists() {
         if !out.is_dir() {
-            bail!("`{}` exists and is not a folder", out.display());
+            bail!("`{}` exists and is not a folder", path_text(out));
         }
         let record: Option<Value> = std::fs::read(out.join(RECORD))
             .ok()
@@ -182,19 +183,19 @@ pub fn place(
             }
             match listed.get(&name) {
                 Some(hash) if *hash == crate::driver::sha256_hex(&std::fs::read(out.join(&name))?) => {}
-                Some(_) => bail!("`{}` was edited since fmoec exported it; refusing to replace it (move it away first)", out.join(&name).display()),
-                None => bail!("`{}` holds `{name}`, which fmoec did not write; refusing to export into it (choose an empty or new folder)", out.display()),
+                Some(_) => bail!("`{}` was edited since fmoec exported it; refusing to replace it (move it away first)", path_text(out.join(&name))),
+                None => bail!("`{}` holds `{name}`, which fmoec did not write; refusing to export into it (choose an empty or new folder)", path_text(out)),
             }
         }
         previous = listed.into_keys().collect();
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", path_text(out)))?;
     let mut hashes = serde_json::Map::new();
     let mut written = Vec::new();
     for (name, bytes) in files {
         let path = out.join(name);
         crate::driver::write_atomic(&path, bytes)
-            .with_context(|| format!("cannot write `{}`", path.display()))?;
+            .with_context(|| format!("cannot write `{}`", path_text(&path)))?;
         hashes.insert(name.clone(), json!(crate::driver::sha256_hex(bytes)));
         written.push(path);
     }

@@ -26,6 +26,7 @@ use tch::{Device, Kind, Tensor};
 use super::init::{Format, Resolution, Resolved};
 use super::layout::{self, param_shapes, Part};
 use crate::check::{InitSpec, Model};
+use crate::diag::path_text;
 use crate::runtime::checkpoint::Source as CheckpointSource;
 use crate::runtime::data::mix_all;
 use crate::runtime::model::lock_rng;
@@ -283,10 +284,10 @@ impl Reader {
             .get(name)
             .with_context(|| format!("the Hugging Face checkpoint has no `{name}`"))?;
         let st = SafeTensors::deserialize(&files[path])
-            .with_context(|| format!("`{}` is not a safetensors file", path.display()))?;
+            .with_context(|| format!("`{}` is not a safetensors file", path_text(path)))?;
         let view = st
             .tensor(name)
-            .with_context(|| format!("`{}` has no tensor `{name}`", path.display()))?;
+            .with_context(|| format!("`{}` has no tensor `{name}`", path_text(path)))?;
         let kind = match view.dtype() {
             Dtype::F32 => Kind::Float,
             Dtype::F64 => Kind::Double,
@@ -294,7 +295,7 @@ impl Reader {
             Dtype::BF16 => Kind::BFloat16,
             other => bail!(
                 "`{name}` in `{}` is {other:?}; fmoec reads F32, F16, BF16, F64",
-                path.display()
+                path_text(path)
             ),
         };
         let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
@@ -383,8 +384,9 @@ impl Reader {
 
 fn map(path: &Path) -> Result<memmap2::Mmap> {
     let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open `{}`", path.display()))?;
+        std::fs::File::open(path).with_context(|| format!("cannot open `{}`", path_text(path)))?;
     // SAFETY: the file is only read; a concurrent writer could change what we read, not the
     // memory safety of safetensors' bounds-checked views into the map.
-    unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map `{}`", path.display()))
+    unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot map `{}`", path_text(path)))
 }

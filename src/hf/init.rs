@@ -21,7 +21,7 @@ use serde_json::Value;
 use super::architecture::{architecture, compare_config, model_differs, Architecture};
 use super::layout::{self, param_shapes};
 use crate::check::{Activation, Ffn, GateKind, InitSource, InitSpec, Mlp, Model};
-use crate::diag::{Diagnostic, Span};
+use crate::diag::{path_text, Diagnostic, Span};
 
 /// One tensor as a safetensors header describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,7 +90,10 @@ mod says {
         Diagnostic::warning(
             "W0611",
             at,
-            format!("the checkpoint to start from, `{path}`, is not here"),
+            format!(
+                "the checkpoint to start from, `{}`, is not here",
+                crate::diag::path_text(path)
+            ),
         )
         .with_label("not found, relative to the working directory")
         .with_note("`fmoec run` reads it relative to the directory it runs in")
@@ -137,26 +140,30 @@ fn dtype_bytes(dtype: &str) -> Option<u64> {
 /// The tensors a safetensors file holds, from its header; the file must be long enough for
 /// every tensor the header places in it.
 pub fn read_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, String> {
-    let mut file = std::fs::File::open(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    let mut file = std::fs::File::open(path).map_err(|e| format!("`{}`: {e}", path_text(path)))?;
     let total = file
         .metadata()
-        .map_err(|e| format!("`{}`: {e}", path.display()))?
+        .map_err(|e| format!("`{}`: {e}", path_text(path)))?
         .len();
     let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|_| format!("`{}` is not a safetensors file (too short)", path.display()))?;
+    file.read_exact(&mut len).map_err(|_| {
+        format!(
+            "`{}` is not a safetensors file (too short)",
+            path_text(path)
+        )
+    })?;
     let n = u64::from_le_bytes(len);
     if n > 100_000_000 || 8 + n > total {
         return Err(format!(
             "`{}` is not a safetensors file (its header claims {n} bytes)",
-            path.display()
+            path_text(path)
         ));
     }
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header)
-        .map_err(|e| format!("`{}`: {e}", path.display()))?;
+        .map_err(|e| format!("`{}`: {e}", path_text(path)))?;
     let json: serde_json::Map<String, Value> = serde_json::from_slice(&header)
-        .map_err(|e| format!("`{}` has a bad safetensors header: {e}", path.display()))?;
+        .map_err(|e| format!("`{}` has a bad safetensors header: {e}", path_text(path)))?;
     let data = total - 8 - n;
     let mut out = BTreeMap::new();
     for (name, entry) in json {
@@ -179,7 +186,7 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, String>
         let (Some(shape), Some(offsets)) = (shape, offsets) else {
             return Err(format!(
                 "`{}`: tensor `{name}` has no shape or offsets in the header",
-                path.display()
+                path_text(path)
             ));
         };
         let bytes = dtype_bytes(&dtype).map(|b| b * shape.iter().product::<u64>());
@@ -189,13 +196,13 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, String>
                 return Err(format!(
                     "`{}` is truncated: tensor `{name}` ends at byte {end} of the data, which \
                      holds only {data} bytes ({total} bytes in the file)",
-                    path.display()
+                    path_text(path)
                 ))
             }
             _ => {
                 return Err(format!(
                 "`{}`: tensor `{name}` ({dtype}, {}) has offsets {offsets:?} that do not fit it",
-                path.display(),
+                path_text(path),
                 shape_text(&shape)
             ))
             }
@@ -213,8 +220,8 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, String>
 }
 
 fn read_json(path: &Path) -> Result<Value, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("`{}` is not JSON: {e}", path.display()))
+    let bytes = std::fs::read(path).map_err(|e| format!("`{}`: {e}", path_text(path)))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("`{}` is not JSON: {e}", path_text(path)))
 }
 
 /// The tensors of a Hugging Face folder: `model.safetensors.index.json` and its shards, or
@@ -249,7 +256,7 @@ fn hf_tensors_in(dir: &Path) -> Result<BTreeMap<String, HeaderEntry>, String> {
     }
     Err(format!(
         "`{}` has neither `model.safetensors.index.json` nor `model.safetensors` (a `pytorch_model.bin` is not read: save with `safe_serialization=True`)",
-        dir.display()
+        path_text(dir)
     ))
 }
 
@@ -264,7 +271,7 @@ fn checkpoint_dir(path: &Path) -> Result<PathBuf, String> {
     }
     Err(format!(
         "`{}` is not an fmoec checkpoint: it has neither `manifest.json` nor `latest`",
-        path.display()
+        path_text(path)
     ))
 }
 
@@ -430,8 +437,8 @@ pub fn resolve(model: &Model, init: &InitSpec) -> Resolution {
         Err(d) => return Resolution::Failed(d),
     };
     let mut description = match &format {
-        Format::Hf { arch, .. } => format!("{} `{}`", arch.class(), path.display()),
-        Format::Fmoec { dir } => format!("fmoec checkpoint `{}`", dir.display()),
+        Format::Hf { arch, .. } => format!("{} `{}`", arch.class(), path_text(path)),
+        Format::Fmoec { dir } => format!("fmoec checkpoint `{}`", path_text(dir)),
     };
     let upcycle = match &init.upcycle {
         None => None,

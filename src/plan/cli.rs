@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::check::{ExpertGroup, MegatronTarget};
+use crate::diag::path_text;
 use crate::driver::{self, DiagFormat};
 use crate::graph;
 
@@ -213,7 +214,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
                 if args.diagnostics == DiagFormat::Human {
                     crate::errln!(
                         "error: Megatron-LM {version} cannot train `{}` as planned (`fmoec emit --megatron {version}` refuses it too)",
-                        args.file.display()
+                        path_text(&args.file)
                     );
                 }
                 return Ok(ExitCode::from(1));

@@ -44,6 +44,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::check::Activation;
+use crate::diag::path_text;
 use crate::runtime::moe::{
     combine, dispatch, fused_available, run_experts, DispatchPlan, ExpertPath, Experts,
 };
@@ -1499,7 +1500,7 @@ pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)
             .and_then(|_| std::fs::rename(&tmp, path))
-            .with_context(|| format!("writing {}", path.display()))?;
+            .with_context(|| format!("writing {}", path_text(path)))?;
     }
     print!("{}", render(&report));
     Ok(std::process::ExitCode::SUCCESS)

@@ -9,6 +9,7 @@ use anyhow::bail;
 
 use crate::check::{Checked, ExpertGroup, Precision};
 use crate::collective::rendezvous::DistEnv;
+use crate::diag::path_text;
 use crate::driver::{self, DiagFormat};
 use crate::plan::Overrides;
 use crate::runtime::distributed::{self, WorldPlan};
@@ -362,7 +363,7 @@ impl RankDiagnostics {
         std::fs::create_dir_all(&dir).map_err(|e| {
             anyhow::anyhow!(
                 "cannot create `{}` for the ranks' diagnostics: {e}",
-                dir.display()
+                path_text(&dir)
             )
         })?;
         Ok(RankDiagnostics { dir })
@@ -675,7 +676,7 @@ fn plan_world(
                 }
                 crate::errln!(
                         "error: `{}` cannot run on {world} ranks with tensor = {tensor} and pipeline = {pipeline} (the planner's errors above){}",
-                        args.file.display(),
+                        path_text(&args.file),
                         hints.iter().map(|h| format!("; {h}")).collect::<String>()
                     );
             }
@@ -798,7 +799,7 @@ fn train_in_mode(
                     if args.diagnostics == DiagFormat::Human {
                         crate::errln!(
                             "error: `{}` cannot run on one device (the planner's errors above)",
-                            args.file.display()
+                            path_text(&args.file)
                         );
                     }
                     return Ok(ExitCode::from(1));

@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::check::DataSource;
 use crate::data::tokenizer::{Flavour, TextTokenizer};
+use crate::diag::path_text;
 
 pub use crate::data::corpus::{builtin_text, BUILTIN_NAMES};
 
@@ -59,7 +60,7 @@ fn take<'a>(buf: &'a [u8], at: &mut usize, n: usize, what: &str, path: &Path) ->
         }
         None => bail!(
             "`{}` is truncated: it ends inside the {what}",
-            path.display()
+            path_text(path)
         ),
     }
 }
@@ -69,8 +70,9 @@ impl IndexedDataset {
     pub fn open(prefix: &str) -> Result<IndexedDataset> {
         let idx_path = Path::new(&format!("{prefix}.idx")).to_path_buf();
         let bin_path = Path::new(&format!("{prefix}.bin")).to_path_buf();
-        let idx = std::fs::read(&idx_path)
-            .with_context(|| format!("cannot read the Megatron index `{}`", idx_path.display()))?;
+        let idx = std::fs::read(&idx_path).with_context(|| {
+            format!("cannot read the Megatron index `{}`", path_text(&idx_path))
+        })?;
         let header = IndexHeader::parse(&idx, &idx_path)?;
         let dtype = header.dtype;
         let mut at = INDEX_HEADER_BYTES;
@@ -92,19 +94,19 @@ impl IndexedDataset {
             .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
         let file = std::fs::File::open(&bin_path)
-            .with_context(|| format!("cannot open the Megatron data `{}`", bin_path.display()))?;
+            .with_context(|| format!("cannot open the Megatron data `{}`", path_text(&bin_path)))?;
         // SAFETY: the file is only read; a concurrent writer could change what we read, not
         // memory safety of the bounds-checked accesses below.
         let bin = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("cannot map `{}`", bin_path.display()))?;
+            .with_context(|| format!("cannot map `{}`", path_text(&bin_path)))?;
         let item = dtype.size() as i64;
         for (i, (&s, &p)) in sizes.iter().zip(&pointers).enumerate() {
             if s < 0 || p < 0 || (p + s as i64 * item) as usize > bin.len() {
                 bail!(
                     "`{}` is truncated or does not match `{}`: sequence {i} ({s} tokens at byte {p}) \
                      lies past its end ({} bytes)",
-                    bin_path.display(),
-                    idx_path.display(),
+                    path_text(&bin_path),
+                    path_text(&idx_path),
                     bin.len()
                 );
             }
@@ -197,14 +199,17 @@ impl Dataset {
             }
             DataSource::Text(path) => {
                 let bytes = std::fs::read(path)
-                    .with_context(|| format!("cannot read the text file `{path}`"))?;
+                    .with_context(|| format!("cannot read the text file `{}`", path_text(path)))?;
                 (
-                    format!("text(\"{path}\"), {} bytes", bytes.len()),
+                    format!("text(\"{}\"), {} bytes", path_text(path), bytes.len()),
                     bytes.into_iter().map(i64::from).collect(),
                 )
             }
             DataSource::Jsonl { path, .. } => {
-                bail!("jsonl(\"{path}\") needs a tokenizer (`tokenizer = ...` in the train block)")
+                bail!(
+                    "jsonl(\"{}\") needs a tokenizer (`tokenizer = ...` in the train block)",
+                    path_text(path)
+                )
             }
             DataSource::Tokenized { source, tokenizer } => {
                 if let DataSource::Megatron(_) = source.as_ref() {
@@ -226,7 +231,8 @@ impl Dataset {
             DataSource::Megatron(prefix) => {
                 let ds = IndexedDataset::open(prefix)?;
                 let description = format!(
-                    "megatron(\"{prefix}\"), {} documents, {} tokens",
+                    "megatron(\"{}\"), {} documents, {} tokens",
+                    path_text(prefix),
                     ds.doc_idx.len().saturating_sub(1),
                     ds.total_tokens()
                 );
@@ -334,9 +340,11 @@ impl Dataset {
 fn describe(source: &DataSource) -> String {
     match source {
         DataSource::Builtin(n) => format!("builtin(\"{n}\")"),
-        DataSource::Text(p) => format!("text(\"{p}\")"),
-        DataSource::Megatron(p) => format!("megatron(\"{p}\")"),
-        DataSource::Jsonl { path, key } => format!("jsonl(\"{path}\", key = \"{key}\")"),
+        DataSource::Text(p) => format!("text(\"{}\")", path_text(p)),
+        DataSource::Megatron(p) => format!("megatron(\"{}\")", path_text(p)),
+        DataSource::Jsonl { path, key } => {
+            format!("jsonl(\"{}\", key = \"{key}\")", path_text(path))
+        }
         DataSource::Tokenized { source, .. } => describe(source),
     }
 }
@@ -350,31 +358,37 @@ fn tokenize_source(source: &DataSource, tk: &TextTokenizer) -> Result<Vec<i64>> 
         .config_eos()
         .and_then(|e| tk.token_id(&e))
         .or_else(|| tk.token_id(crate::data::tokenizer::GPT2_EOD));
-    let documents: Vec<String> =
-        match source {
-            DataSource::Builtin(name) => vec![String::from_utf8(builtin_text(name)?)
-                .context("the embedded corpus is not UTF-8")?],
-            DataSource::Text(path) => vec![std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the text file `{path}` as UTF-8"))?],
-            DataSource::Jsonl { path, key } => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read `{path}` as UTF-8"))?;
-                let mut docs = Vec::new();
-                for (i, line) in text.lines().enumerate() {
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    let v: serde_json::Value = serde_json::from_str(line)
-                        .with_context(|| format!("{path}:{}: not a JSON object", i + 1))?;
-                    match v.get(key) {
-                        Some(serde_json::Value::String(s)) => docs.push(s.clone()),
-                        _ => bail!("{path}:{}: no string under the key `{key}`", i + 1),
-                    }
+    let documents: Vec<String> = match source {
+        DataSource::Builtin(name) => {
+            vec![String::from_utf8(builtin_text(name)?)
+                .context("the embedded corpus is not UTF-8")?]
+        }
+        DataSource::Text(path) => vec![std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read the text file `{}` as UTF-8", path_text(path))
+        })?],
+        DataSource::Jsonl { path, key } => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read `{}` as UTF-8", path_text(path)))?;
+            let mut docs = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
                 }
-                docs
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: not a JSON object", path_text(path), i + 1))?;
+                match v.get(key) {
+                    Some(serde_json::Value::String(s)) => docs.push(s.clone()),
+                    _ => bail!(
+                        "{}:{}: no string under the key `{key}`",
+                        path_text(path),
+                        i + 1
+                    ),
+                }
             }
-            other => bail!("internal error: {} is not text", describe(other)),
-        };
+            docs
+        }
+        other => bail!("internal error: {} is not text", describe(other)),
+    };
     let encoded: Vec<Vec<u32>> = documents
         .par_iter()
         .map(|d| tk.encode(d))

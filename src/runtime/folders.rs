@@ -14,6 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::diag::path_text;
 use crate::runtime::checkpoint;
 
 /// The two folders one run writes to.
@@ -64,8 +65,8 @@ impl Choice {
         let place = |f: &RunFolders| {
             format!(
                 "metrics in `{}`, checkpoints in `{}`",
-                f.out.display(),
-                f.checkpoints.display()
+                path_text(&f.out),
+                path_text(&f.checkpoints)
             )
         };
         match self {
@@ -84,7 +85,7 @@ impl Choice {
                 folders,
             } => format!(
                 "`{}` {why}, so this is a new run beside it: {}",
-                previous.checkpoints.display(),
+                path_text(&previous.checkpoints),
                 place(folders)
             ),
         }
@@ -97,8 +98,8 @@ impl Choice {
 pub fn continuing(folders: &RunFolders, step: u64, total_steps: u64) -> String {
     format!(
         "continuing the unfinished run in `{}` from step {step} of {total_steps} (metrics in `{}`",
-        folders.checkpoints.display(),
-        folders.out.display()
+        path_text(&folders.checkpoints),
+        path_text(&folders.out)
     )
 }
 
@@ -209,7 +210,7 @@ impl Series {
         let why = if !previous.checkpoints.join(checkpoint::LATEST).exists() {
             format!(
                 "holds no checkpoint of the run whose metrics are in `{}` (it stopped before its first one)",
-                previous.out.display()
+                path_text(&previous.out)
             )
         } else {
             match checkpoint::run_record(&previous.checkpoints) {

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::diag::path_text;
+
 /// The open `metrics.jsonl` of a run.
 pub struct MetricsLog {
     path: PathBuf,
@@ -33,11 +35,11 @@ impl MetricsLog {
             bail!(
                 "`{}` holds the metrics of an earlier run, which left no checkpoint to resume; \
                  move it away or choose another --out",
-                path.display()
+                path_text(&path)
             );
         }
         let file =
-            File::create(&path).with_context(|| format!("cannot write `{}`", path.display()))?;
+            File::create(&path).with_context(|| format!("cannot write `{}`", path_text(&path)))?;
         Ok(MetricsLog { path, file })
     }
 
@@ -51,14 +53,14 @@ impl MetricsLog {
             .create(true)
             .truncate(false)
             .open(&path)
-            .with_context(|| format!("cannot write `{}`", path.display()))?;
+            .with_context(|| format!("cannot write `{}`", path_text(&path)))?;
         let mut text = Vec::new();
         file.read_to_end(&mut text)
-            .with_context(|| format!("cannot read `{}`", path.display()))?;
+            .with_context(|| format!("cannot read `{}`", path_text(&path)))?;
         let keep = kept_prefix(&text, step);
         file.set_len(keep as u64)
             .and_then(|()| file.seek(SeekFrom::End(0)).map(drop))
-            .with_context(|| format!("cannot write `{}`", path.display()))?;
+            .with_context(|| format!("cannot write `{}`", path_text(&path)))?;
         if keep > 0 && text[keep - 1] != b'\n' {
             file.write_all(b"\n")?;
         }
@@ -71,7 +73,7 @@ impl MetricsLog {
         line.push(b'\n');
         self.file
             .write_all(&line)
-            .with_context(|| format!("cannot write `{}`", self.path.display()))
+            .with_context(|| format!("cannot write `{}`", path_text(&self.path)))
     }
 
     pub fn path(&self) -> &Path {

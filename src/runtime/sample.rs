@@ -91,9 +91,10 @@ impl TextIds {
             ))),
             // a Megatron dataset's ids come from a tokenizer the file does not name
             Some(DataSource::Megatron(prefix)) => bail!(
-                "--sample cannot turn the ids of `megatron(\"{prefix}\")` into text: name the \
+                "--sample cannot turn the ids of `megatron(\"{}\")` into text: name the \
                  tokenizer that made the dataset in the train block (`tokenizer = \
-                 hf(\"tokenizer.json\")` or `gpt2(vocab = ..., merges = ...)`)"
+                 hf(\"tokenizer.json\")` or `gpt2(vocab = ..., merges = ...)`)",
+                crate::diag::path_text(prefix)
             ),
             _ if checked.model.vocab < 256 => bail!(
                 "sampling text needs a byte-level vocabulary (vocab >= 256) or a tokenizer, \

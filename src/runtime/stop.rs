@@ -9,6 +9,8 @@
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
+use crate::diag::path_text;
+
 /// The number of the last stop signal received, 0 for none.
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 static INSTALLED: std::sync::Once = std::sync::Once::new();
@@ -74,7 +76,7 @@ pub fn stopped_text(signal: Option<i32>, step: u64, saved: Option<&std::path::Pa
     match saved {
         Some(saved) => format!(
             "stopped by {by}: saved step {step} to `{}`; continue with --resume",
-            saved.display()
+            path_text(saved)
         ),
         None => format!("stopped by {by} after step {step}"),
     }

@@ -38,6 +38,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::check::{Checked, Precision, Train};
 use crate::collective::Tape;
+use crate::diag::path_text;
 use crate::runtime::data::Dataset;
 use crate::runtime::distributed::{self, ExpertParallel, RankContext, WorldPlan};
 use crate::runtime::model::{ExchangedExperts, ForwardOutput, TensorPass, Transformer};
@@ -288,7 +289,7 @@ fn agree_on_out(ctx: &RankContext, out: &Path) -> Result<()> {
         };
         bail!(
             "the ranks do not share the run's folder `{}`: {who} see what rank 0 writes there; a run over several machines needs its folder (--out) on a filesystem every machine shares, under the same path",
-            out.display(),
+            path_text(out),
         );
     }
     Ok(())
@@ -443,10 +444,10 @@ pub(crate) fn print_summary(s: &RunSummary) {
         crate::outln!("eval       loss {l:.4}, perplexity {p:.2}");
     }
     if let Some(c) = &s.checkpoint {
-        crate::outln!("checkpoint {}", c.display());
+        crate::outln!("checkpoint {}", path_text(c));
     }
-    crate::outln!("metrics    {}", s.metrics.display());
+    crate::outln!("metrics    {}", path_text(&s.metrics));
     if let Some(p) = &s.plot {
-        crate::outln!("plot       {}", p.display());
+        crate::outln!("plot       {}", path_text(p));
     }
 }

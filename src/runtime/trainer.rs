@@ -43,6 +43,7 @@ use crate::collective::{
     reduce_gradients, sum_partial_gradients, sum_tied_gradients, Collective, ParamKind, Tape,
     TensorSplit,
 };
+use crate::diag::path_text;
 use crate::runtime::checkpoint::{self, SaveInfo};
 use crate::runtime::data::{mix_all, Dataset};
 use crate::runtime::distributed::{self, ExpertParallel, RankContext, WorldPlan};
@@ -384,7 +385,7 @@ impl<'a> Trainer<'a> {
     fn open_outputs(&mut self) -> Result<()> {
         let out = &self.opts.out;
         std::fs::create_dir_all(out)
-            .with_context(|| format!("cannot create `{}`", out.display()))?;
+            .with_context(|| format!("cannot create `{}`", path_text(out)))?;
         if self.main {
             self.metrics = Some(if self.opts.resume.is_some() {
                 MetricsLog::resume(out, self.start_step)?
@@ -452,7 +453,7 @@ impl<'a> Trainer<'a> {
                 "`{}` holds checkpoints after step {} (up to step {newest}): continuing step {} \
                  there would mix two runs' checkpoints and metrics; pass --out DIR to continue \
                  it into another folder (or remove the later checkpoints first)",
-                self.opts.checkpoints.display(),
+                path_text(&self.opts.checkpoints),
                 resumed.step,
                 resumed.step,
             );
@@ -460,7 +461,7 @@ impl<'a> Trainer<'a> {
         if resumed.seed != self.train.seed {
             bail!(
                 "checkpoint `{}` was written with seed {}, the file says {}",
-                resumed.dir.display(),
+                path_text(&resumed.dir),
                 resumed.seed,
                 self.train.seed
             );
@@ -482,7 +483,7 @@ impl<'a> Trainer<'a> {
                  --out on a filesystem they share",
                 ctx.rank(),
                 self.start_step,
-                self.opts.checkpoints.display()
+                path_text(&self.opts.checkpoints)
             );
         }
         Ok(())
@@ -1057,7 +1058,7 @@ impl<'a> Trainer<'a> {
         match plot::draw(&history, &plot_path) {
             Ok(()) => Some(plot_path),
             Err(e) => {
-                crate::errln!("warning: could not draw `{}`: {e:#}", plot_path.display());
+                crate::errln!("warning: could not draw `{}`: {e:#}", path_text(&plot_path));
                 None
             }
         }
@@ -1337,7 +1338,7 @@ fn check_output_folders(opts: &RunOptions) -> Result<()> {
         (&opts.checkpoints, "the checkpoint folder"),
     ] {
         if is_file_not_folder(dir) {
-            bail!("{what} `{}` is a file, not a folder", dir.display());
+            bail!("{what} `{}` is a file, not a folder", path_text(dir));
         }
     }
     if opts.resume.is_some() || !opts.checkpoints.join(checkpoint::LATEST).exists() {
@@ -1351,12 +1352,12 @@ fn check_output_folders(opts: &RunOptions) -> Result<()> {
         Some((step, total)) => bail!(
             "`{}` already holds a finished run ({step} of {total} steps); pass --out DIR \
              for a new run, or --resume with --steps N (N > {step}) to extend that one",
-            opts.checkpoints.display()
+            path_text(&opts.checkpoints)
         ),
         None => bail!(
             "`{}` already holds checkpoints; pass --resume to continue that run, or \
              --out DIR for a new one",
-            opts.checkpoints.display()
+            path_text(&opts.checkpoints)
         ),
     }
 }
@@ -1548,7 +1549,7 @@ fn check_resumable(dir: &Path, at: u64, total_steps: u64, stop_after: Option<u64
         bail!(
             "checkpoint `{}` is at step {at}, past the end of this run's schedule of {total_steps} \
              steps; pass --steps N with N > {at} to continue it with a longer schedule",
-            dir.display()
+            path_text(dir)
         );
     }
     if at == total_steps {
@@ -1556,13 +1557,13 @@ fn check_resumable(dir: &Path, at: u64, total_steps: u64, stop_after: Option<u64
             "checkpoint `{}` finished its run ({at} of {total_steps} steps): nothing to train; \
              --steps N with N > {at} continues it with a longer schedule; for a new run leave \
              out --resume (with --out, name another folder)",
-            dir.display()
+            path_text(dir)
         );
     }
     if let Some(stop) = stop_after.filter(|&s| s <= at) {
         bail!(
             "--stop-after {stop}, but checkpoint `{}` is already at step {at}",
-            dir.display()
+            path_text(dir)
         );
     }
     Ok(())

@@ -938,3 +938,111 @@ fn a_file_name_with_a_line_break_is_shown_escaped_and_kept_in_json() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A line break and a tab in a file or folder name are escaped in the text of every message
+/// that names it, not only in a diagnostic's header: E0001's `cannot read` (a file that is
+/// not there, and one that is not UTF-8), a data file the model names that is not there
+/// (W0009, the name a string of the model file), and `emit`'s file in the way. No line of the
+/// human output starts with the rest of a name; the JSON's `file` is the real name. Before,
+/// each of these messages broke at the name.
+#[test]
+fn names_with_control_characters_are_escaped_in_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    // No line of `stderr` starts with `rest` (the name's part after a raw line break).
+    let one_line = |stderr: &str, rest: &str| {
+        assert!(
+            !stderr.lines().any(|l| l.starts_with(rest)),
+            "a raw line break in a name:\n{stderr}"
+        );
+    };
+
+    let missing = dir.path().join("no\nsuch\tmodel.fmoe");
+    let missing_s = missing.to_str().unwrap();
+    let human = fmoec(&["check", missing_s]);
+    assert_eq!(human.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&human.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "error: cannot read `{base}/no\\nsuch\\tmodel.fmoe`: "
+        )),
+        "{stderr}"
+    );
+    one_line(&stderr, "such");
+    let items = json_diagnostics(&fmoec(&["check", "--diagnostics", "json", missing_s]));
+    assert!(
+        items
+            .iter()
+            .any(|d| d["code"] == "E0001" && d["primary"]["file"] == missing_s),
+        "{items:?}"
+    );
+
+    let latin1 = dir.path().join("caf\u{e9}\nau\tlait.fmoe");
+    std::fs::write(&latin1, b"const a = 1\n// caf\xE9\n").unwrap();
+    let latin1_s = latin1.to_str().unwrap();
+    let human = fmoec(&["check", latin1_s]);
+    assert_eq!(human.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&human.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "error[E0001]: cannot read `{base}/caf\u{e9}\\nau\\tlait.fmoe`: it is not UTF-8 text"
+        )),
+        "{stderr}"
+    );
+    one_line(&stderr, "au");
+    let items = json_diagnostics(&fmoec(&["check", "--diagnostics", "json", latin1_s]));
+    assert_eq!(items[0]["primary"]["file"], latin1_s, "{items:?}");
+
+    let model = dir.path().join("data.fmoe");
+    std::fs::write(
+        &model,
+        "model m {\n    vocab = 256; context = 8; width = 32; heads = 4; depth = 2\n    \
+         block = transformer(attention = causal(), ffn = mlp(hidden = 64))\n}\n\
+         train {\n    data = text(\"my\\ncorpus\\t1.txt\")\n    batch = 4 x 8 tokens\n    \
+         steps = 2\n    optimizer = adamw(lr = 1e-3)\n}\n",
+    )
+    .unwrap();
+    let human = fmoec(&["check", model.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&human.stderr);
+    assert!(human.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(r"warning[W0009]: the data file `my\ncorpus\t1.txt` does not exist"),
+        "{stderr}"
+    );
+    one_line(&stderr, "corpus");
+
+    let out = dir.path().join("out\nput\tfolder");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("README.md"), "mine\n").unwrap();
+    let out_s = out.to_str().unwrap();
+    let emit = |format: &str| {
+        fmoec(&[
+            "emit",
+            "--megatron",
+            "v2.2",
+            "--diagnostics",
+            format,
+            "examples/tiny.fmoe",
+            "-o",
+            out_s,
+        ])
+    };
+    let human = emit("human");
+    assert_eq!(human.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&human.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "error: `{base}/out\\nput\\tfolder/README.md` exists and is not written by fmoec\n"
+        )),
+        "{stderr}"
+    );
+    one_line(&stderr, "put");
+    let items = json_diagnostics(&emit("json"));
+    let readme = out.join("README.md");
+    assert!(
+        items
+            .iter()
+            .any(|d| d["code"] == "E0002" && d["primary"]["file"] == readme.to_str().unwrap()),
+        "{items:?}"
+    );
+}

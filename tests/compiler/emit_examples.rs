@@ -30,6 +30,7 @@ fn emit_example_as(
     let target = emit::registry::find(version).unwrap();
     let opts = EmitOptions {
         source_name: source_name.to_string(),
+        relative_to: Some(crate::emit_fixture::WORKING_DIR.into()),
         ..Default::default()
     };
     let plan =
@@ -263,6 +264,19 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
             .output()
             .unwrap();
         assert!(syntax.status.success(), "{v}: bash -n failed");
+        // the file names every file: the README's launch sets no variable and says which files
+        // train.sh passes
+        let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(
+            readme.contains("\nbash /path/to/out/train.sh ") && !readme.contains("VOCAB_FILE="),
+            "{v}:\n{readme}"
+        );
+        for (var, path) in [("VOCAB_FILE", &vocab), ("MERGE_FILE", &merges)] {
+            assert!(
+                readme.contains(&format!("\n- `{var}`: `{path}`\n")),
+                "{v}:\n{readme}"
+            );
+        }
         let launch = |vars: &[(&str, &str)]| {
             let mut cmd = std::process::Command::new("bash");
             cmd.arg(&train_sh)
@@ -323,6 +337,112 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
             emitted.status.success()
                 && stderr.contains("warning[W0812]: the emitted train.sh cannot use the tokenizer `tok/tokenizer.json`"),
             "{v}:\n{stderr}"
+        );
+    }
+}
+
+/// `data = megatron("prefix")` with a relative prefix names a dataset relative to the folder
+/// `fmoec run` runs in (and `fmoec check` warns from, W0009), but train.sh runs in the
+/// Megatron-LM checkout: every target's train.sh defaults DATA_PATH to the prefix resolved
+/// against the folder `fmoec emit` ran in, one shell word whatever the name holds (here a space
+/// and a quote), as it does VOCAB_FILE and MERGE_FILE. Before, it was the prefix as written,
+/// which named a place inside the checkout. DATA_PATH still overrides it, and the README's
+/// launch line no longer asks for it.
+#[test]
+fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("emit here");
+    let checkout = tmp.path().join("Megatron-LM");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&checkout).unwrap();
+    let prefix = "data/it's my corpus_text_document";
+    std::fs::write(
+        work.join("m.fmoe"),
+        format!(
+            "use std.gates.gshard\nmodel m {{\n    vocab = 50304\n    context = 64\n    width = 64\n    \
+             heads = 4\n    depth = 2\n    block = transformer(attention = causal(), ffn = mlp(hidden = 256))\n    \
+             layers[1].ffn = moe(experts = 4, gate = gshard(), expert = mlp(hidden = 128))\n}}\n\
+             train {{\n    data = megatron({prefix:?})\n    batch = 4 x 64 tokens\n    steps = 2\n    \
+             optimizer = adamw(lr = 1e-3)\n}}\n"
+        ),
+    )
+    .unwrap();
+    let expected = work.join(prefix).to_string_lossy().into_owned();
+    let python = argument_printing_python(tmp.path());
+    for decl in check::megatron_targets() {
+        let v = &decl.version;
+        let out = tmp.path().join(format!("out-{v}"));
+        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .current_dir(&work)
+            .args(["emit", "--megatron", v, "m.fmoe", "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            emitted.status.success(),
+            "{v}:\n{}",
+            String::from_utf8_lossy(&emitted.stderr)
+        );
+        let train_sh = out.join("train.sh");
+        let syntax = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&train_sh)
+            .output()
+            .unwrap();
+        assert!(syntax.status.success(), "{v}: bash -n failed");
+
+        // train.sh's lines that set DATA_PATH, alone, in the checkout
+        let text = std::fs::read_to_string(&train_sh).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("DATA_PATH=")).collect();
+        assert_eq!(lines.len(), 2, "{v}:\n{text}");
+        let value = |data_path: Option<&str>| {
+            let mut cmd = std::process::Command::new("bash");
+            cmd.arg("-c")
+                .arg(format!("{}\nprintf %s \"$DATA_PATH\"", lines.join("\n")))
+                .current_dir(&checkout)
+                .env_remove("DATA_PATH");
+            if let Some(d) = data_path {
+                cmd.env("DATA_PATH", d);
+            }
+            let output = cmd.output().unwrap();
+            assert!(output.status.success(), "{v}: {lines:?}");
+            String::from_utf8(output.stdout).unwrap()
+        };
+        assert_eq!(value(None), expected, "{v}: {lines:?}");
+        assert_eq!(value(Some("/elsewhere/d")), "/elsewhere/d", "{v}");
+
+        // the whole launch passes it to Megatron
+        let launch = std::process::Command::new("bash")
+            .arg(&train_sh)
+            .current_dir(&checkout)
+            .env("PYTHON", &python)
+            .env("NNODES", "1")
+            .env("NPROC_PER_NODE", "1")
+            .env("VOCAB_FILE", "/t/vocab.json")
+            .env("MERGE_FILE", "/t/merges.txt")
+            .env_remove("DATA_PATH")
+            .env_remove("MOCK_DATA")
+            .env_remove("TOKENIZER_TYPE")
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&launch.stdout).into_owned();
+        assert!(launch.status.success(), "{v}:\n{printed}");
+        assert_eq!(
+            argument_after(&printed, "--data-path").as_deref(),
+            Some(expected.as_str()),
+            "{v}:\n{printed}"
+        );
+
+        // the README asks only for the tokenizer's files and names the dataset train.sh uses
+        let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(
+            readme.contains("\nVOCAB_FILE=gpt2-vocab.json MERGE_FILE=gpt2-merges.txt \\\n")
+                && !readme.contains("DATA_PATH="),
+            "{v}:\n{readme}"
+        );
+        assert!(
+            readme.contains(&format!("\n- `DATA_PATH`: `{expected}`\n")),
+            "{v}:\n{readme}"
         );
     }
 }

@@ -382,6 +382,169 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
     }
 }
 
+/// `examples/gpt2-medium-moe.fmoe` reading a Megatron dataset and a GPT-2 tokenizer by relative
+/// paths (`data/my corpus_text_document`, `tok/vocab.json`, `tok/merges.txt`), written into
+/// `dir` with the tokenizer's files beside it (the checker reads them): the model file
+/// `fmoec emit` runs on in `dir`. Returns the three files' absolute paths.
+fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 3]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(dir.join("tok")).unwrap();
+    for file in ["vocab.json", "merges.txt"] {
+        std::fs::copy(
+            root.join("tests/data_golden/tok").join(file),
+            dir.join("tok").join(file),
+        )
+        .unwrap();
+    }
+    let text = std::fs::read_to_string(root.join("examples/gpt2-medium-moe.fmoe")).unwrap();
+    let data = "    data       = builtin(\"tiny-shakespeare\")\n";
+    assert!(text.contains(data));
+    let text = text.replace(
+        data,
+        "    data       = megatron(\"data/my corpus_text_document\")\n    \
+         tokenizer  = gpt2(vocab = \"tok/vocab.json\", merges = \"tok/merges.txt\")\n",
+    );
+    let model = dir.join("relative-files.fmoe");
+    std::fs::write(&model, text).unwrap();
+    let absolute = |p: &str| dir.join(p).to_str().unwrap().to_string();
+    (
+        model,
+        [
+            absolute("data/my corpus_text_document"),
+            absolute("tok/vocab.json"),
+            absolute("tok/merges.txt"),
+        ],
+    )
+}
+
+/// The files a model file names by relative paths (a `megatron("prefix")` dataset, a
+/// `gpt2(vocab, merges)` tokenizer) reach Megatron absolute, resolved against the folder
+/// `fmoec emit` ran in, though train.sh runs in the Megatron-LM checkout: each release's own
+/// parser (`parse_args` of the patched tree, on 2 ranks) receives them so, with none of
+/// DATA_PATH, VOCAB_FILE, MERGE_FILE set; Megatron-Core's `parse_and_validate_args` (with
+/// `FMOEC_MEGATRON_CORE_PKG`) receives the dataset so, with `TOKENIZER_TYPE=NullTokenizer`
+/// (its GPT-2 tokenizer is built while parsing, from Hugging Face's hub). Before, `--data-path`
+/// was the prefix as written, which Megatron would have read inside the checkout.
+#[test]
+fn megatrons_parser_receives_the_model_files_absolute() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("my models");
+    let (model, [data, vocab, merges]) = model_with_relative_files(&models);
+    let emit = |version: &str, out: &Path| {
+        run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .current_dir(&models)
+            .args(["emit", "--megatron", version, "relative-files.fmoe", "-o"])
+            .arg(out));
+    };
+    let files = format!("data_path ['{data}'] vocab_file '{vocab}' merge_file '{merges}'");
+    if let Some(python) = harness_python() {
+        let shared = std::env::var_os("FMOEC_MEGATRON_HARNESS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("../shared/megatron-harness"));
+        for (target, checkout) in checkouts() {
+            if target.patch.is_none() {
+                continue;
+            }
+            let version = target.decl.version.clone();
+            let dir = tmp.path().join(&version);
+            let out = dir.join("out");
+            emit(&version, &out);
+            let tree = dir.join("megatron");
+            copy_tree(&checkout, &tree);
+            run(Command::new("git")
+                .current_dir(&tree)
+                .arg("apply")
+                .arg(out.join(target.patch_name())));
+            // the stand-in checkout train.sh runs in
+            let work = dir.join("work");
+            std::fs::create_dir_all(&work).unwrap();
+            std::fs::copy(
+                root.join("tests/megatron/parse_args_only.py"),
+                work.join("pretrain_gpt.py"),
+            )
+            .unwrap();
+            let mut cmd = Command::new("bash");
+            cmd.current_dir(&work)
+                .arg(out.join("train.sh"))
+                .env("PYTHON", &python)
+                .env("MEGATRON_TREE", &tree)
+                .env("FMOEC_MEGATRON_HARNESS", &shared)
+                .env("NNODES", "1")
+                .env("NPROC_PER_NODE", "2")
+                .env("MASTER_PORT", next_port().to_string())
+                .env_remove("DATA_PATH")
+                .env_remove("VOCAB_FILE")
+                .env_remove("MERGE_FILE");
+            let arguments = std::fs::read_to_string(tree.join("megatron/arguments.py")).unwrap();
+            if arguments.contains("--no-scaled-masked-softmax-fusion") {
+                cmd.arg("--no-scaled-masked-softmax-fusion");
+            }
+            let output = cmd.output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(output.status.success(), "{version}:\n{text}");
+            assert_eq!(
+                text.matches(&files).count(),
+                2,
+                "{version}: {files}\n{text}"
+            );
+            eprintln!(
+                "{version}: {}",
+                text.lines().find(|l| l.contains(&files)).unwrap()
+            );
+        }
+    }
+    let Some(package) = std::env::var_os("FMOEC_MEGATRON_CORE_PKG") else {
+        eprintln!(
+            "skipped core_v0.19: set FMOEC_MEGATRON_CORE_PKG to the megatron-core 0.19.0 wheel \
+             unzipped"
+        );
+        return;
+    };
+    let out = tmp.path().join("core_v0.19");
+    emit("core_v0.19", &out);
+    let plan = run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .current_dir(&models)
+        .args(["plan", "--megatron", "core_v0.19", "--format", "json"])
+        .arg(&model));
+    let plan_json = tmp.path().join("plan.json");
+    std::fs::write(&plan_json, plan).unwrap();
+    let checkout = tmp.path().join("Megatron-LM");
+    std::fs::create_dir_all(&checkout).unwrap();
+    let output = Command::new("bash")
+        .current_dir(&checkout)
+        .arg(out.join("train.sh"))
+        .env("PYTHON", core_python())
+        .env("PRETRAIN", root.join("tests/megatron_core/check_args.py"))
+        .env("FMOEC_PLAN_JSON", &plan_json)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONPATH", &package)
+        .env("NNODES", "1")
+        .env("NPROC_PER_NODE", "1")
+        .env("MASTER_PORT", next_port().to_string())
+        .env("TOKENIZER_TYPE", "NullTokenizer")
+        .env_remove("MOCK_DATA")
+        .env_remove("DATA_PATH")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && text.contains("CHECK_ARGS_OK"),
+        "core_v0.19:\n{text}"
+    );
+    let data_path = format!("data_path ['{data}']");
+    assert!(text.contains(&data_path), "core_v0.19: {data_path}\n{text}");
+    eprintln!("{}", text.lines().find(|l| l.contains(&data_path)).unwrap());
+}
+
 /// The Python for Megatron-Core (torch, numpy and psutil; Python 3.11 works through
 /// tests/megatron_core/mcore_cpu.py's `typing.override` stand-in).
 fn core_python() -> String {

@@ -30,6 +30,7 @@ fn write(version: &str, runtime: Runtime, dir: &std::path::Path) {
         runtime,
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
+        relative_to: None,
     };
     for (name, text) in emit_fixture::emit(&c, version, &opts).unwrap().files {
         std::fs::write(dir.join(name), text).unwrap();

@@ -19,6 +19,7 @@ fn emitted_for(
         runtime,
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
+        relative_to: None,
     };
     emit_fixture::emit(c, version, &opts).expect("emit").files
 }
@@ -130,6 +131,7 @@ fn checkpoint_keep_is_a_warning_for_megatron() {
         runtime: Runtime::Fmoec,
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
+        relative_to: None,
     };
     let out = emit_fixture::emit(&c, "v2.2", &opts).expect("emit");
     assert!(
@@ -160,6 +162,7 @@ fn init_is_a_warning_for_every_target() {
         runtime: Runtime::Fmoec,
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
+        relative_to: None,
     };
     for version in ["v2.2", "v2.5", "v3.0.2", "core_v0.19"] {
         let out = emit_fixture::emit(&c, version, &opts).expect("emit");
@@ -187,6 +190,7 @@ fn fastermoe_options_are_a_warning_for_every_target() {
         runtime: Runtime::Fmoec,
         megatron_src: None,
         source_name: "tiny.fmoe".into(),
+        relative_to: None,
     };
     for version in ["v2.2", "v2.5", "v3.0.2", "core_v0.19"] {
         let out = emit_fixture::emit(&c, version, &opts).expect("emit");

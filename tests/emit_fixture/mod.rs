@@ -137,7 +137,12 @@ pub fn checked(gpus: u64, tensor: u64, pipeline: u64, experts: u64, kind: GateKi
     }
 }
 
-/// `fmoec emit --megatron version` of a hand-built model: its plan, then the files.
+/// The folder the snapshot tests emit "from": train.sh writes the model file's relative data
+/// path absolute, and a snapshot must not hold the path of the checkout the tests run in.
+pub const WORKING_DIR: &str = "/where/fmoec/ran";
+
+/// `fmoec emit --megatron version` of a hand-built model: its plan, then the files. Relative
+/// paths are taken from [`WORKING_DIR`] unless `opts` names a folder.
 pub fn emit(
     c: &Checked,
     version: &str,
@@ -146,5 +151,9 @@ pub fn emit(
     let target = fmoec::emit::registry::find(version).expect("a declared target");
     let plan =
         fmoec::emit::plan_for(c, &target).unwrap_or_else(|ds| panic!("the fixture plans: {ds:?}"));
-    fmoec::emit::emit(c, &plan, &target, opts)
+    let opts = fmoec::emit::EmitOptions {
+        relative_to: Some(opts.relative_to.clone().unwrap_or(WORKING_DIR.into())),
+        ..opts.clone()
+    };
+    fmoec::emit::emit(c, &plan, &target, &opts)
 }

@@ -128,6 +128,10 @@ def main():
               args.expert_model_parallel_size, args.expert_tensor_parallel_size,
               get_num_microbatches(), args.micro_batch_size, args.padded_vocab_size,
               'the fmoec layer via --spec' if args.spec else 'native MoE'), flush=True)
+    # the files, as Megatron received them (train.sh runs in the checkout: relative paths would
+    # be read from there)
+    print('%s: data_path %r vocab_file %r merge_file %r' % (
+        plan['model'], args.data_path, args.vocab_file, args.merge_file), flush=True)
     core = plan['megatron_core']
     expected = {
         'tensor': (args.tensor_model_parallel_size, plan['tensor']),

@@ -1100,3 +1100,59 @@ fn a_run_alone_takes_the_planners_plan_for_one_device() {
         run.notes
     );
 }
+
+/// File and folder names with a line break and a tab (legal names; a model file's string can
+/// hold them as `\n` and `\t`) are escaped in `run`'s human messages, one line each: a missing
+/// data file, and an output folder (`--out`) that is a file. Before, the message broke at the
+/// name and its rest started a line of its own.
+#[test]
+fn names_with_control_characters_are_escaped_in_runs_messages() {
+    use std::ffi::OsStr;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_variant(
+        dir.path(),
+        "odd-data.fmoe",
+        &[(
+            "builtin(\"tiny-shakespeare\")",
+            "text(\"my\\ncorpus\\t1.txt\")",
+        )],
+    );
+    let missing = fmoec_in(dir.path(), [OsStr::new("run"), model.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(r"`my\ncorpus\t1.txt`"),
+        "the data file's name, escaped:\n{stderr}"
+    );
+    assert!(
+        !stderr.lines().any(|l| l.starts_with("corpus")),
+        "a raw line break in the name:\n{stderr}"
+    );
+
+    let tiny = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe");
+    let in_the_way = dir.path().join("runs\nof\ttoday");
+    std::fs::write(&in_the_way, "keep\n").unwrap();
+    let refused = fmoec_in(
+        dir.path(),
+        [
+            OsStr::new("run"),
+            OsStr::new(tiny),
+            OsStr::new("--out"),
+            in_the_way.as_os_str(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    let shown = format!("{}/runs\\nof\\ttoday", dir.path().display());
+    assert!(
+        stderr.contains(&format!(
+            "the output folder `{shown}` is a file, not a folder"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.lines().any(|l| l.starts_with("of\t")),
+        "a raw line break in the name:\n{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&in_the_way).unwrap(), "keep\n");
+}

@@ -10,6 +10,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use tch::{Device, Kind, Tensor};
 
 use super::manifest::FileEntry;
+use crate::diag::path_text;
 
 /// Reads `name` (a path relative to the checkpoint `dir`) after checking that the manifest
 /// lists it, and that its size and SHA-256 are the listed ones.
@@ -17,15 +18,15 @@ pub(super) fn read_listed(dir: &Path, files: &[FileEntry], name: &str) -> Result
     let entry = files.iter().find(|f| f.name == name).with_context(|| {
         format!(
             "checkpoint `{}`'s manifest does not list `{name}`",
-            dir.display()
+            path_text(dir)
         )
     })?;
     let p = dir.join(name);
-    let bytes = std::fs::read(&p).with_context(|| format!("cannot read `{}`", p.display()))?;
+    let bytes = std::fs::read(&p).with_context(|| format!("cannot read `{}`", path_text(&p)))?;
     if bytes.len() as u64 != entry.bytes {
         bail!(
             "checkpoint file `{}` is truncated or damaged: {} bytes, the manifest says {}",
-            p.display(),
+            path_text(&p),
             bytes.len(),
             entry.bytes
         );
@@ -33,7 +34,7 @@ pub(super) fn read_listed(dir: &Path, files: &[FileEntry], name: &str) -> Result
     if crate::digest::sha256_hex(&bytes) != entry.sha256 {
         bail!(
             "checkpoint file `{}` is corrupt: its SHA-256 does not match the manifest",
-            p.display()
+            path_text(&p)
         );
     }
     Ok(bytes)
@@ -84,7 +85,7 @@ pub(super) fn serialize(named: &[(String, Tensor)]) -> Result<Vec<u8>> {
 
 pub(super) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(path)
-        .with_context(|| format!("cannot create `{}`", path.display()))?;
+        .with_context(|| format!("cannot create `{}`", path_text(path)))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(())

@@ -10,6 +10,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::check::Model;
+use crate::diag::path_text;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FileEntry {
@@ -84,7 +85,7 @@ impl RunRecord {
             };
             bail!(
                 "checkpoint `{}` was written for a different model (`{}`, hash {}…) than `{}` (hash {}…){what_differs}",
-                dir.display(),
+                path_text(dir),
                 self.model,
                 &self.model_hash[..12.min(self.model_hash.len())],
                 model.name,

@@ -14,6 +14,7 @@ use super::formats::{kind_of, read_listed};
 use super::manifest::{single_as_sharded, Manifest, RunRecord, ShardedManifest};
 use super::{FORMAT, FORMAT_SHARDED, LATEST, MANIFEST_FILE, MODEL_FILE, OPTIM_FILE};
 use crate::check::Model;
+use crate::diag::path_text;
 use crate::runtime::distributed::param_kind;
 use crate::runtime::optim::AdamW;
 use crate::runtime::params::ParamStore;
@@ -25,7 +26,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
             "there is no checkpoint at `{}`: it does not exist (a run writes its first \
              checkpoint at its first `checkpoint = every(N)` step, at --stop-after or when it \
              is stopped)",
-            path.display()
+            path_text(path)
         );
     }
     if path.join(MANIFEST_FILE).exists() {
@@ -34,21 +35,21 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     let latest = path.join(LATEST);
     if latest.exists() {
         let name = std::fs::read_to_string(&latest)
-            .with_context(|| format!("cannot read `{}`", latest.display()))?;
+            .with_context(|| format!("cannot read `{}`", path_text(&latest)))?;
         let dir = path.join(name.trim());
         if !dir.join(MANIFEST_FILE).exists() {
             bail!(
                 "`{}` names the checkpoint `{}`, but `{}` is not there",
-                latest.display(),
+                path_text(&latest),
                 name.trim(),
-                dir.join(MANIFEST_FILE).display()
+                path_text(dir.join(MANIFEST_FILE))
             );
         }
         return Ok(dir);
     }
     bail!(
         "`{}` is not a checkpoint: it has neither `{MANIFEST_FILE}` nor a `{LATEST}` pointer",
-        path.display()
+        path_text(path)
     )
 }
 
@@ -58,11 +59,11 @@ pub fn run_record(path: &Path) -> Result<RunRecord> {
     let dir = resolve(path)?;
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&manifest_path)
-        .with_context(|| format!("cannot read `{}`", manifest_path.display()))?;
+        .with_context(|| format!("cannot read `{}`", path_text(&manifest_path)))?;
     serde_json::from_str(&text).with_context(|| {
         format!(
             "`{}` is not a valid checkpoint manifest",
-            manifest_path.display()
+            path_text(&manifest_path)
         )
     })
 }
@@ -80,23 +81,23 @@ pub fn load(path: &Path, model: &Model) -> Result<Loaded> {
     let dir = resolve(path)?;
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&manifest_path)
-        .with_context(|| format!("cannot read `{}`", manifest_path.display()))?;
+        .with_context(|| format!("cannot read `{}`", path_text(&manifest_path)))?;
     let manifest: Manifest = serde_json::from_str(&text).with_context(|| {
         format!(
             "`{}` is not a valid checkpoint manifest",
-            manifest_path.display()
+            path_text(&manifest_path)
         )
     })?;
     if manifest.run.format == FORMAT_SHARDED {
         bail!(
             "`{}` was written by a run on several ranks (format `{FORMAT_SHARDED}`); read it with checkpoint::resume",
-            dir.display()
+            path_text(&dir)
         );
     }
     if manifest.run.format != FORMAT {
         bail!(
             "`{}` has format `{}`; this fmoec reads `{FORMAT}`",
-            dir.display(),
+            path_text(&dir),
             manifest.run.format
         );
     }
@@ -224,11 +225,11 @@ impl Source {
         let dir = resolve(path)?;
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&manifest_path)
-            .with_context(|| format!("cannot read `{}`", manifest_path.display()))?;
+            .with_context(|| format!("cannot read `{}`", path_text(&manifest_path)))?;
         let value: serde_json::Value = serde_json::from_str(&text).with_context(|| {
             format!(
                 "`{}` is not a valid checkpoint manifest",
-                manifest_path.display()
+                path_text(&manifest_path)
             )
         })?;
         let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
@@ -237,7 +238,7 @@ impl Source {
                 let v1: Manifest = serde_json::from_value(value).with_context(|| {
                     format!(
                         "`{}` is not a valid checkpoint manifest",
-                        manifest_path.display()
+                        path_text(&manifest_path)
                     )
                 })?;
                 single_as_sharded(v1, model)
@@ -245,12 +246,12 @@ impl Source {
             FORMAT_SHARDED => serde_json::from_value(value).with_context(|| {
                 format!(
                     "`{}` is not a valid checkpoint manifest",
-                    manifest_path.display()
+                    path_text(&manifest_path)
                 )
             })?,
             other => bail!(
                 "`{}` has format `{other}`; this fmoec reads `{FORMAT}` and `{FORMAT_SHARDED}`",
-                dir.display()
+                path_text(&dir)
             ),
         };
         if same_model {
@@ -259,7 +260,7 @@ impl Source {
         if !manifest.shards.iter().any(|s| s.replicated) {
             bail!(
                 "checkpoint `{}`: no shard holds the replicated parameters",
-                dir.display()
+                path_text(&dir)
             );
         }
         let mut rows = BTreeMap::new();
@@ -273,7 +274,7 @@ impl Source {
                             Some(slot) => *slot = (i, row),
                             None => bail!(
                                 "checkpoint `{}`: shard {} holds expert {e} of layer {layer}, which has {experts}",
-                                dir.display(),
+                                path_text(&dir),
                                 shard.dir
                             ),
                         }
@@ -283,7 +284,7 @@ impl Source {
             if let Some(missing) = of.iter().position(|s| s.0 == usize::MAX) {
                 bail!(
                     "checkpoint `{}`: no shard holds expert {missing} of layer {layer}",
-                    dir.display()
+                    path_text(&dir)
                 );
             }
             rows.insert(layer, of);
@@ -327,7 +328,7 @@ impl Source {
         let view = st.tensor(name).with_context(|| {
             format!(
                 "checkpoint `{}`: `{}/{file}` has no tensor `{name}`",
-                self.dir.display(),
+                path_text(&self.dir),
                 shard.dir
             )
         })?;
@@ -357,7 +358,7 @@ impl Source {
             else {
                 bail!(
                     "checkpoint `{}`: no shard holds `{key}`",
-                    self.dir.display()
+                    path_text(&self.dir)
                 );
             };
             return self.tensor(holder, optim, name);
@@ -367,7 +368,7 @@ impl Source {
         let rows = self.rows.get(&layer).with_context(|| {
             format!(
                 "checkpoint `{}` has no placement for MoE layer {layer}",
-                self.dir.display()
+                path_text(&self.dir)
             )
         })?;
         let all: Vec<usize> = (0..rows.len()).collect();
@@ -378,7 +379,7 @@ impl Source {
             let &(index, row) = rows.get(e).with_context(|| {
                 format!(
                     "expert {e} of layer {layer} is not in checkpoint `{}`",
-                    self.dir.display()
+                    path_text(&self.dir)
                 )
             })?;
             if let std::collections::btree_map::Entry::Vacant(slot) = shard_tensors.entry(index) {
@@ -388,7 +389,7 @@ impl Source {
             if t.size().first().copied().unwrap_or(0) <= row as i64 {
                 bail!(
                     "checkpoint `{}`: `{name}` of shard {} has {} rows, the manifest places expert {e} at row {row}",
-                    self.dir.display(),
+                    path_text(&self.dir),
                     self.manifest.shards[index].dir,
                     t.size().first().copied().unwrap_or(0)
                 );
@@ -425,7 +426,7 @@ impl Source {
             if got.size() != target.size() {
                 bail!(
                     "checkpoint `{}`: tensor `{name}` has shape {:?}, the model needs {:?}",
-                    self.dir.display(),
+                    path_text(&self.dir),
                     got.size(),
                     target.size()
                 );

@@ -17,6 +17,7 @@ use super::{
     shard_dir_name, step_dir_name, FORMAT, FORMAT_SHARDED, LATEST, MANIFEST_FILE, MODEL_FILE,
     OPTIM_FILE,
 };
+use crate::diag::path_text;
 use crate::runtime::distributed::{param_kind, RankContext};
 use crate::runtime::optim::AdamW;
 use crate::runtime::params::ParamStore;
@@ -28,13 +29,14 @@ pub fn save(
     store: &ParamStore,
     optim: &AdamW,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).with_context(|| format!("cannot create `{}`", root.display()))?;
+    std::fs::create_dir_all(root)
+        .with_context(|| format!("cannot create `{}`", path_text(root)))?;
     let final_dir = root.join(step_dir_name(info.step));
     if final_dir.exists() {
         bail!(
             "refusing to overwrite the existing checkpoint `{}` (resume from it with --resume, or \
              choose another --out)",
-            final_dir.display()
+            path_text(&final_dir)
         );
     }
     let tmp = root.join(format!(
@@ -74,8 +76,12 @@ pub fn save(
         &tmp.join(MANIFEST_FILE),
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("cannot move the checkpoint into `{}`", final_dir.display()))?;
+    std::fs::rename(&tmp, &final_dir).with_context(|| {
+        format!(
+            "cannot move the checkpoint into `{}`",
+            path_text(&final_dir)
+        )
+    })?;
     let latest_tmp = root.join(format!(".{LATEST}.tmp-{}", std::process::id()));
     write_synced(&latest_tmp, step_dir_name(info.step).as_bytes())?;
     std::fs::rename(&latest_tmp, root.join(LATEST))?;
@@ -95,13 +101,13 @@ pub fn prune(root: &Path, keep: u64) -> Result<Vec<PathBuf>> {
         .ok();
     let mut steps: Vec<(u64, String)> = Vec::new();
     for entry in
-        std::fs::read_dir(root).with_context(|| format!("cannot list `{}`", root.display()))?
+        std::fs::read_dir(root).with_context(|| format!("cannot list `{}`", path_text(root)))?
     {
         let name = entry?.file_name().to_string_lossy().into_owned();
         let path = root.join(&name);
         if name.starts_with(".step-") && name.ends_with(".deleting") {
             std::fs::remove_dir_all(&path)
-                .with_context(|| format!("cannot delete `{}`", path.display()))?;
+                .with_context(|| format!("cannot delete `{}`", path_text(&path)))?;
             continue;
         }
         let Some(step) = super::step_of_dir_name(&name) else {
@@ -120,9 +126,9 @@ pub fn prune(root: &Path, keep: u64) -> Result<Vec<PathBuf>> {
         let path = root.join(&name);
         let doomed = root.join(format!(".{name}.deleting"));
         std::fs::rename(&path, &doomed)
-            .with_context(|| format!("cannot delete `{}`", path.display()))?;
+            .with_context(|| format!("cannot delete `{}`", path_text(&path)))?;
         std::fs::remove_dir_all(&doomed)
-            .with_context(|| format!("cannot delete `{}`", doomed.display()))?;
+            .with_context(|| format!("cannot delete `{}`", path_text(&doomed)))?;
         deleted.push(path);
     }
     Ok(deleted)
@@ -220,7 +226,7 @@ pub fn save_sharded(
     agree_with_rank_zero(ctx, prepared, &format!("{at}, prepare"), || {
         format!(
             "rank 0 could not prepare checkpoint `{}`",
-            folders.done.display()
+            path_text(&folders.done)
         )
     })?;
 
@@ -234,7 +240,7 @@ pub fn save_sharded(
     if !all_ok(ctx, written.is_ok(), &format!("{at}, shards"))? {
         bail!(
             "checkpoint `{}` was not written: {}",
-            folders.done.display(),
+            path_text(&folders.done),
             failed.unwrap_or_else(|| "another rank could not write its shard".into())
         );
     }
@@ -248,7 +254,7 @@ pub fn save_sharded(
     agree_with_rank_zero(ctx, finished, &format!("{at}, manifest"), || {
         format!(
             "rank 0 could not finish checkpoint `{}`",
-            folders.done.display()
+            path_text(&folders.done)
         )
     })?;
     Ok(folders.done)
@@ -278,11 +284,11 @@ impl<'r> StepFolders<'r> {
     /// folder (removing one an interrupted save left).
     fn prepare(&self) -> Result<()> {
         std::fs::create_dir_all(self.root)
-            .with_context(|| format!("cannot create `{}`", self.root.display()))?;
+            .with_context(|| format!("cannot create `{}`", path_text(self.root)))?;
         if self.done.exists() {
             bail!(
                 "refusing to overwrite the existing checkpoint `{}` (resume from it with --resume, or choose another --out)",
-                self.done.display()
+                path_text(&self.done)
             );
         }
         if self.tmp.exists() {
@@ -302,7 +308,10 @@ impl<'r> StepFolders<'r> {
             serde_json::to_string_pretty(&manifest)?.as_bytes(),
         )?;
         std::fs::rename(&self.tmp, &self.done).with_context(|| {
-            format!("cannot move the checkpoint into `{}`", self.done.display())
+            format!(
+                "cannot move the checkpoint into `{}`",
+                path_text(&self.done)
+            )
         })?;
         let latest_tmp = self
             .root
@@ -318,7 +327,7 @@ impl<'r> StepFolders<'r> {
         for r in writers(&ctx.plan) {
             let p = self.tmp.join(shard_dir_name(r)).join("shard.json");
             let text = std::fs::read_to_string(&p)
-                .with_context(|| format!("cannot read `{}`", p.display()))?;
+                .with_context(|| format!("cannot read `{}`", path_text(&p)))?;
             let shard: Shard = serde_json::from_str(&text)?;
             std::fs::remove_file(&p)?;
             shards.push(shard);

@@ -41,26 +41,14 @@ PRETRAIN="${PRETRAIN:-pretrain_gpt.py}"
 # (TOKENIZER_TYPE, default GPT2BPETokenizer with VOCAB_FILE and MERGE_FILE; NullTokenizer; or
 # another type with TOKENIZER_MODEL). MOCK_DATA=1 trains on Megatron's mock data instead. The
 # model's vocabulary is fixed by --padded-vocab-size {{ v.vocab }} whatever the tokenizer.
+{%- include "shared/launch_files.sh" %}
 if [ "${MOCK_DATA:-0}" = 1 ]; then
     DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size {{ v.vocab }})
 else
-{%- match v.data_path %}
-{%- when Some with (path) %}
-    DATA_PATH="${DATA_PATH:-}"
-    [ -n "${DATA_PATH}" ] || DATA_PATH={{ path }}
-{%- when None %}
+{%- if v.files.data_path.is_none() %}
     : "${DATA_PATH:?set DATA_PATH to a Megatron indexed dataset prefix (the model file names no megatron() data), or MOCK_DATA=1}"
-{%- endmatch %}
+{%- endif %}
     TOKENIZER_TYPE="${TOKENIZER_TYPE:-GPT2BPETokenizer}"
-{%- match v.gpt2_files %}
-{%- when Some with (files) %}
-    # The model file's tokenizer (gpt2(vocab, merges)); VOCAB_FILE and MERGE_FILE override it.
-    VOCAB_FILE="${VOCAB_FILE:-}"
-    [ -n "${VOCAB_FILE}" ] || VOCAB_FILE={{ files.vocab }}
-    MERGE_FILE="${MERGE_FILE:-}"
-    [ -n "${MERGE_FILE}" ] || MERGE_FILE={{ files.merges }}
-{%- when None %}
-{%- endmatch %}
     case "${TOKENIZER_TYPE}" in
         GPT2BPETokenizer)
             : "${VOCAB_FILE:?set VOCAB_FILE to the GPT-2 vocab.json (or TOKENIZER_TYPE)}"

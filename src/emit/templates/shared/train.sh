@@ -23,24 +23,16 @@ MASTER_PORT="${MASTER_PORT:-6000}"
 if [ "$((NNODES * NPROC_PER_NODE))" -ne {{ v.world }} ]; then
     echo "train.sh: note: ${NNODES} x ${NPROC_PER_NODE} = $((NNODES * NPROC_PER_NODE)) ranks; the model file was planned for {{ v.world }}" >&2
 fi
-{%- match v.data_path %}
-{%- when Some with (path) %}
-DATA_PATH="${DATA_PATH:-}"
-[ -n "${DATA_PATH}" ] || DATA_PATH={{ path }}
-{%- when None %}
+{%- include "shared/launch_files.sh" %}
+{%- if v.files.data_path.is_none() %}
 : "${DATA_PATH:?set DATA_PATH to a Megatron indexed dataset prefix (the model file names no megatron() data)}"
-{%- endmatch %}
-{%- match v.gpt2_files %}
-{%- when Some with (files) %}
-# The model file's tokenizer (gpt2(vocab, merges)); VOCAB_FILE and MERGE_FILE override it.
-VOCAB_FILE="${VOCAB_FILE:-}"
-[ -n "${VOCAB_FILE}" ] || VOCAB_FILE={{ files.vocab }}
-MERGE_FILE="${MERGE_FILE:-}"
-[ -n "${MERGE_FILE}" ] || MERGE_FILE={{ files.merges }}
-{%- when None %}
+{%- endif %}
+{%- if v.files.vocab_file.is_none() %}
 : "${VOCAB_FILE:?set VOCAB_FILE to the GPT-2 vocab.json}"
+{%- endif %}
+{%- if v.files.merge_file.is_none() %}
 : "${MERGE_FILE:?set MERGE_FILE to the GPT-2 merges.txt}"
-{%- endmatch %}
+{%- endif %}
 
 # torchrun (torch.distributed.run: torch 1.9 and later, 2.x) gives every rank RANK, WORLD_SIZE,
 # MASTER_ADDR and MASTER_PORT in the environment, which is where Megatron-LM {{ v.megatron_version }} reads them.
