@@ -1381,7 +1381,8 @@ fn check_kernels(device: Device) -> Result<std::process::ExitCode> {
         }
         Err(e) => println!("fp8 checks skipped: {e:#}"),
     }
-    // the gates' keyed draws (one kernel on the device, int64 ops on the CPU): the same bits,
+    // the gates' keyed draws (the kernel, which runs only with FMOEC_FUSED_DRAWS=1 until this
+    // check has passed on a GPU, against the int64 ops on the CPU): the same bits,
     // for keys with high bits set, streams past 2^32 / 0x2545F491 and more elements than the
     // kernel's grid covers in one sweep
     {
@@ -1394,8 +1395,13 @@ fn check_kernels(device: Device) -> Result<std::process::ExitCode> {
         for (seed, stream, shape) in cases {
             let key = Tensor::f_from_slice(&draw_key_words(seed))?;
             let want = keyed_uniform(&key, stream, shape)?;
-            let got = keyed_uniform(&key.f_to_device(device)?, stream, shape)?
-                .f_to_device(Device::Cpu)?;
+            let stream_word = stream.wrapping_mul(0x2545_F491) & 0xFFFF_FFFF;
+            let got = crate::runtime::cuda::ops::keyed_uniform(
+                &key.f_to_device(device)?,
+                stream_word,
+                shape,
+            )?
+            .f_to_device(Device::Cpu)?;
             if !got.f_equal(&want)? {
                 bail!("keyed draws: the device's differ from the CPU's (seed {seed:#x}, stream {stream}, shape {shape:?})");
             }
