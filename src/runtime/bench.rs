@@ -1382,15 +1382,30 @@ fn check_kernels(device: Device) -> Result<std::process::ExitCode> {
         }
         Err(e) => println!("fp8 checks skipped: {e:#}"),
     }
-    // the gates' keyed draws: the same bits on the device as on the CPU
+    // the gates' keyed draws (the kernel, which runs only with FMOEC_FUSED_DRAWS=1 until this
+    // check has passed on a GPU, against the int64 ops on the CPU): the same bits,
+    // for keys with high bits set, streams past 2^32 / 0x2545F491 and more elements than the
+    // kernel's grid covers in one sweep
     {
         use crate::runtime::moe::{draw_key_words, keyed_uniform};
-        let key = Tensor::f_from_slice(&draw_key_words(0x0123_4567_89AB_CDEF))?;
-        let want = keyed_uniform(&key, 3, &[1000, 7])?;
-        let got =
-            keyed_uniform(&key.f_to_device(device)?, 3, &[1000, 7])?.f_to_device(Device::Cpu)?;
-        if !got.f_equal(&want)? {
-            bail!("keyed draws: the device's differ from the CPU's");
+        let cases: [(u64, i64, &[i64]); 3] = [
+            (0x0123_4567_89AB_CDEF, 3, &[1000, 7]),
+            (u64::MAX, 0, &[8192]),
+            (42, 1 << 40, &[1_000_003]),
+        ];
+        for (seed, stream, shape) in cases {
+            let key = Tensor::f_from_slice(&draw_key_words(seed))?;
+            let want = keyed_uniform(&key, stream, shape)?;
+            let stream_word = stream.wrapping_mul(0x2545_F491) & 0xFFFF_FFFF;
+            let got = crate::runtime::cuda::ops::keyed_uniform(
+                &key.f_to_device(device)?,
+                stream_word,
+                shape,
+            )?
+            .f_to_device(Device::Cpu)?;
+            if !got.f_equal(&want)? {
+                bail!("keyed draws: the device's differ from the CPU's (seed {seed:#x}, stream {stream}, shape {shape:?})");
+            }
         }
         println!("keyed draws: bit-equal to the CPU ok");
     }

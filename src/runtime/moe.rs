@@ -190,15 +190,23 @@ fn mix32(x: &Tensor) -> Result<Tensor> {
 /// two 32-bit words, see [`draw_key_words`]), `stream` and each element's index. No generator
 /// state: the same key gives the same values on every device, rank and thread, in any order,
 /// and inside a CUDA graph (the key lives in device memory, so a replay with a new key
-/// draws anew).
+/// draws anew). On a GPU with the fused kernels and `FMOEC_FUSED_DRAWS=1`, one kernel
+/// computes the same bits.
 pub fn keyed_uniform(key: &Tensor, stream: i64, shape: &[i64]) -> Result<Tensor> {
     const M: i64 = 0xFFFF_FFFF;
+    let stream_word = stream.wrapping_mul(0x2545_F491) & M;
+    // The kernel is opt-in until its bits have been compared with these ops on a GPU
+    // (`fmoec bench moe --check-kernels` does, whatever this switch says).
+    #[cfg(feature = "cuda")]
+    if std::env::var("FMOEC_FUSED_DRAWS").is_ok_and(|v| v == "1") && fused_available(key.device()) {
+        return crate::runtime::cuda::ops::keyed_uniform(key, stream_word, shape);
+    }
     let n: i64 = shape.iter().product();
     let index = Tensor::f_arange(n, (Kind::Int64, key.device()))?;
     let x = index
         .f_mul_scalar(0x61C8_8647)?
         .f_add(&key.f_select(0, 0)?)?
-        .f_add_scalar(stream.wrapping_mul(0x2545_F491) & M)?
+        .f_add_scalar(stream_word)?
         .f_bitwise_and(M)?;
     let x = mix32(&mix32(&x)?.f_bitwise_xor_tensor(&key.f_select(0, 1)?)?)?;
     // the top 24 bits: exact in f32, below 1

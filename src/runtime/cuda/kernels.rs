@@ -30,6 +30,8 @@ const SOURCE: &str = concat!(
     "\n",
     include_str!("kernels/xent.cu"),
     "\n",
+    include_str!("kernels/draws.cu"),
+    "\n",
     include_str!("kernels/fp8.cu"),
 );
 
@@ -130,6 +132,8 @@ pub enum Kernel {
     PlanScan,
     /// The stable placement of each chunk's slots.
     PlanPlace,
+    /// The gates' keyed uniform draws (f32).
+    KeyedUniform,
     SwigluFwd(Elem),
     SwigluBwd(Elem),
     GatherRows(Elem),
@@ -178,7 +182,12 @@ pub enum Param {
 impl Kernel {
     /// Every kernel of the program.
     pub fn all() -> Vec<Kernel> {
-        let mut all = vec![Kernel::PlanCount, Kernel::PlanScan, Kernel::PlanPlace];
+        let mut all = vec![
+            Kernel::PlanCount,
+            Kernel::PlanScan,
+            Kernel::PlanPlace,
+            Kernel::KeyedUniform,
+        ];
         for e in Elem::BOTH {
             all.extend([
                 Kernel::SwigluFwd(e),
@@ -242,6 +251,7 @@ impl Kernel {
             Kernel::PlanCount => "plan_count".into(),
             Kernel::PlanScan => "plan_scan".into(),
             Kernel::PlanPlace => "plan_place".into(),
+            Kernel::KeyedUniform => "keyed_uniform".into(),
             Kernel::SwigluFwd(e) => typed("swiglu_fwd", e),
             Kernel::SwigluBwd(e) => typed("swiglu_bwd", e),
             Kernel::GatherRows(e) => typed("gather_rows", e),
@@ -298,6 +308,8 @@ impl Kernel {
             Kernel::PlanCount => &[P, L, I, L, P],
             Kernel::PlanScan => &[P, I, I, P, P, P, P],
             Kernel::PlanPlace => &[P, L, I, I, L, P, P, P, P, P, P, P, P],
+            // (key, stream word, n, out)
+            Kernel::KeyedUniform => &[P, L, L, P],
             Kernel::SwigluFwd(_) => &[P, P, P, L],
             Kernel::SwigluBwd(_) => &[P, P, P, P, P, L],
             // (src, index, k, f32 weights or null, out, rows, d)
