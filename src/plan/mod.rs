@@ -1102,10 +1102,45 @@ impl Setup {
 /// Divisibility and size checks; the grid when they all pass. Every rule that can still be
 /// decided is checked (not only the first to fail): all of them need the sizes to be in
 /// range, those about the model need the model, and those about the expert group and the
-/// batch need the data size.
+/// batch need the data size. The diagnostics come in the order of these phases.
 fn validate(parts: &Parts, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
-    let par = parts.parallel;
-    let sp = &par.spans;
+    let sizes = size_rules(parts, s);
+    if !sizes.is_empty() {
+        return Err(sizes);
+    }
+    let mut errs = Vec::new();
+    let data = data_size(parts.parallel, s, &mut errs);
+    if let Some(model) = parts.model {
+        model_rules(model, parts.parallel, s, &mut errs);
+    }
+    // No data size: nothing below can be decided.
+    let Some(data) = data else {
+        return Err(errs);
+    };
+    let expert_group = expert_group_size(parts.parallel, s, data, &mut errs);
+    if let (Some(model), Some(group)) = (parts.model, expert_group) {
+        experts_rules(model, parts.parallel, group, &mut errs);
+    }
+    if let Some(train) = parts.train {
+        batch_rules(train, parts.parallel, s, data, &mut errs);
+    }
+    let Some(expert_group) = expert_group.filter(|_| errs.is_empty()) else {
+        return Err(errs);
+    };
+    Ok(Grid {
+        world: s.world,
+        tensor: s.tensor,
+        pipeline: s.pipeline,
+        virtual_stages: s.virtual_stages_in_effect(),
+        data,
+        expert_group,
+    })
+}
+
+/// The sizes every other rule divides by are not zero, and no size is past the planner's
+/// [`limits`].
+fn size_rules(parts: &Parts, s: &Setup) -> Vec<Diagnostic> {
+    let sp = &parts.parallel.spans;
     let mut errs = Vec::new();
     for (v, what, at) in [
         (s.world, "gpus", sp.gpus),
@@ -1126,91 +1161,103 @@ fn validate(parts: &Parts, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
         errs.push(diagnostics::zero_size("the expert group size", sp.experts));
     }
     errs.extend(check_limits(parts, s));
-    if !errs.is_empty() {
-        return Err(errs);
-    }
+    errs
+}
+
+/// `span` where the file wrote the value, `None` where it did not: values the file did not
+/// write point at the `parallel` block, and are not labelled as if they were written there.
+fn written(par: &Parallel, span: Span) -> Option<Span> {
+    (span != par.spans.block).then_some(span)
+}
+
+/// The data-parallel size, where the world divides into tensor × pipeline (else an error).
+fn data_size(par: &Parallel, s: &Setup, errs: &mut Vec<Diagnostic>) -> Option<u64> {
+    let sp = &par.spans;
     let tp = s.tensor * s.pipeline;
-    // Values the file did not write point at the `parallel` block; they are not labelled
-    // as if they were written there.
-    let written = |span: crate::diag::Span| (span != sp.block).then_some(span);
     if s.world % tp != 0 {
         errs.push(diagnostics::world_not_divisible(
             (s.world, sp.gpus),
-            (s.tensor, written(sp.tensor)),
-            (s.pipeline, written(sp.pipeline)),
+            (s.tensor, written(par, sp.tensor)),
+            (s.pipeline, written(par, sp.pipeline)),
         ));
+        return None;
     }
-    if let Some(model) = parts.model {
-        model_rules(model, par, s, &mut errs);
-    }
-    if s.world % tp != 0 {
-        // No data size: nothing below can be decided.
-        return Err(errs);
-    }
-    let data = s.world / tp;
-    let expert_group = match s.expert_group {
+    Some(s.world / tp)
+}
+
+/// The expert group's size on `data` data ranks, where a size asked for divides them (else an
+/// error).
+fn expert_group_size(
+    par: &Parallel,
+    s: &Setup,
+    data: u64,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<u64> {
+    match s.expert_group {
         ExpertGroup::AcrossData => Some(data),
         ExpertGroup::Replicated => Some(1),
         ExpertGroup::Size { size } if data % size != 0 => {
             errs.push(diagnostics::expert_group_not_divisible(
-                size, data, sp.experts,
+                size,
+                data,
+                par.spans.experts,
             ));
             None
         }
         ExpertGroup::Size { size } => Some(size),
-    };
+    }
+}
+
+/// Each MoE layer's experts divide over an expert `group` (one diagnostic per declaration of
+/// the experts, which layers usually share).
+fn experts_rules(model: &Model, par: &Parallel, group: u64, errs: &mut Vec<Diagnostic>) {
+    let sp = &par.spans;
     let mut seen = std::collections::BTreeSet::new();
-    let moe_layers = parts.model.into_iter().flat_map(|m| m.moe_layers());
-    for (i, m) in moe_layers {
-        let Some(group) = expert_group else { break };
+    for (i, m) in model.moe_layers() {
         if m.experts % group != 0 && seen.insert(m.spans.experts) {
             errs.push(diagnostics::experts_not_divisible(
                 i,
                 (m.experts, m.spans.experts),
                 group,
-                (sp.experts, written(sp.experts).is_some()),
+                (sp.experts, written(par, sp.experts).is_some()),
             ));
         }
     }
-    if let Some(t) = parts.train {
-        let m = s.micro_batch.unwrap_or(1);
-        if t.batch_sequences == 0 || t.batch_sequences % (data * m) != 0 {
-            let at = if par.micro_batch.is_some() && !s.micro_batch_overridden {
-                sp.micro_batch
-            } else {
-                t.spans.batch
-            };
-            errs.push(diagnostics::batch_not_divisible(
-                t.batch_sequences,
-                (data, written(sp.data)),
-                s.micro_batch,
-                at,
-            ));
-        }
+}
+
+/// The batch divides into `data` ranks' micro-batches, and where the micro-batch is given, the
+/// interleaved schedule runs that many of them (where it is chosen, the planner picks among
+/// those the schedule runs, see [`StepShape::micro_batch_candidates`]).
+fn batch_rules(train: &Train, par: &Parallel, s: &Setup, data: u64, errs: &mut Vec<Diagnostic>) {
+    let sp = &par.spans;
+    let batch = train.batch_sequences;
+    let m = s.micro_batch.unwrap_or(1);
+    let divisible = batch != 0 && batch % (data * m) == 0;
+    if !divisible {
+        let at = if par.micro_batch.is_some() && !s.micro_batch_overridden {
+            sp.micro_batch
+        } else {
+            train.spans.batch
+        };
+        errs.push(diagnostics::batch_not_divisible(
+            batch,
+            (data, written(par, sp.data)),
+            s.micro_batch,
+            at,
+        ));
     }
     let virtual_stages = s.virtual_stages_in_effect();
-    if let (Some(t), Some(m), true) = (parts.train, s.micro_batch, virtual_stages > 1) {
-        let micro_batches = t.batch_sequences / (data * m).max(1);
-        if t.batch_sequences % (data * m) == 0 && micro_batches % s.pipeline != 0 {
+    if let (Some(m), true) = (s.micro_batch, virtual_stages > 1) {
+        let micro_batches = batch / (data * m).max(1);
+        if batch % (data * m) == 0 && micro_batches % s.pipeline != 0 {
             errs.push(diagnostics::interleaved_micro_batches(
                 micro_batches,
                 s.pipeline,
                 (virtual_stages, sp.virtual_stages),
-                t.spans.batch,
+                train.spans.batch,
             ));
         }
     }
-    let Some(expert_group) = expert_group.filter(|_| errs.is_empty()) else {
-        return Err(errs);
-    };
-    Ok(Grid {
-        world: s.world,
-        tensor: s.tensor,
-        pipeline: s.pipeline,
-        virtual_stages,
-        data,
-        expert_group,
-    })
 }
 
 impl Setup {
