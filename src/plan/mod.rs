@@ -723,6 +723,8 @@ const SHARE_WITHOUT_TRAIN: u64 = 64;
 /// sequences and batch, or what the planner assumes without one.
 struct StepShape<'c> {
     train: Option<&'c Train>,
+    /// The grid's data ranks.
+    data: u64,
     /// The grid's pipeline stages.
     pipeline: u64,
     /// The grid's model chunks per stage.
@@ -779,6 +781,7 @@ impl<'c> StepShape<'c> {
         }
         Ok(StepShape {
             train,
+            data: grid.data,
             pipeline: grid.pipeline,
             virtual_stages: grid.virtual_stages,
             virtual_stages_span: par.spans.virtual_stages,
@@ -790,8 +793,8 @@ impl<'c> StepShape<'c> {
 
     /// Micro-batches per step (per data rank) at micro-batch `m`.
     fn micro_batches(&self, m: u64) -> u64 {
-        match self.per_rank_batch {
-            Some(b) => b / m,
+        match self.train {
+            Some(t) => micro_batches_per_step(t.batch_sequences, self.data, m),
             None => MICRO_BATCHES_PER_STAGE_WITHOUT_TRAIN * self.pipeline,
         }
     }
@@ -808,7 +811,7 @@ impl<'c> StepShape<'c> {
     /// Whether the schedule runs micro-batch `m`: the interleaved one needs a multiple of the
     /// stages in micro-batches.
     fn schedulable(&self, m: u64) -> bool {
-        self.virtual_stages == 1 || self.micro_batches(m) % self.pipeline == 0
+        schedule::runs_micro_batches(self.pipeline, self.virtual_stages, self.micro_batches(m))
     }
 
     /// The micro-batches to cost: `asked` (the file's or `--micro-batch`), else the powers of
@@ -1247,9 +1250,9 @@ fn batch_rules(train: &Train, par: &Parallel, s: &Setup, data: u64, errs: &mut V
         ));
     }
     let virtual_stages = s.virtual_stages_in_effect();
-    if let (Some(m), true) = (s.micro_batch, virtual_stages > 1) {
-        let micro_batches = batch / (data * m).max(1);
-        if batch % (data * m) == 0 && micro_batches % s.pipeline != 0 {
+    if let (Some(m), true) = (s.micro_batch, divisible) {
+        let micro_batches = micro_batches_per_step(batch, data, m);
+        if !schedule::runs_micro_batches(s.pipeline, virtual_stages, micro_batches) {
             errs.push(diagnostics::interleaved_micro_batches(
                 micro_batches,
                 s.pipeline,
@@ -1258,6 +1261,12 @@ fn batch_rules(train: &Train, par: &Parallel, s: &Setup, data: u64, errs: &mut V
             ));
         }
     }
+}
+
+/// Micro-batches a data rank runs per step: its share of `batch` sequences over `data` ranks,
+/// in micro-batches of `micro_batch` sequences.
+fn micro_batches_per_step(batch: u64, data: u64, micro_batch: u64) -> u64 {
+    batch / data.max(1) / micro_batch.max(1)
 }
 
 impl Setup {

@@ -86,7 +86,7 @@ impl Pipeline {
         if v > 1 && p == 1 {
             return Err("virtual stages need more than one pipeline stage".into());
         }
-        if v > 1 && m % p != 0 {
+        if !runs_micro_batches(p as u64, v as u64, m as u64) {
             return Err(format!(
                 "the interleaved schedule needs the micro-batches per step ({m}) to be a multiple \
                  of the pipeline stages ({p})"
@@ -108,6 +108,14 @@ impl Pipeline {
     fn last_virtual(&self) -> usize {
         self.stages * self.virtual_stages - 1
     }
+}
+
+/// Whether a pipeline of `stages` stages of `virtual_stages` model chunks each runs
+/// `micro_batches` per step: the interleaved schedule needs a multiple of the stages (the
+/// planner's rule where the file gives the micro-batch, its choice where it does not, and
+/// [`Pipeline::check`]'s); plain 1F1B runs any number.
+pub fn runs_micro_batches(stages: u64, virtual_stages: u64, micro_batches: u64) -> bool {
+    virtual_stages <= 1 || micro_batches.checked_rem(stages) == Some(0)
 }
 
 /// Where a stage's chunk sends its output, and where its input comes from (stage, chunk).
