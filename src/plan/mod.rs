@@ -124,6 +124,18 @@ impl TargetRules {
         }
     }
 
+    /// Whether Megatron-Core holds `model`'s experts whole on expert × tensor ranks instead of
+    /// slicing them over the `tensor` ranks as `par` asks: they have biases, and the target
+    /// cannot slice those (`sliced_expert_bias`). The placement and the plan's
+    /// `whole_experts_for_bias` both read this.
+    fn whole_experts_for_bias(&self, model: &Model, par: &Parallel, tensor: u64) -> bool {
+        self.layout == Layout::MegatronCore
+            && par.expert_slicing
+            && tensor > 1
+            && model.bias
+            && !self.sliced_expert_bias
+    }
+
     fn training(&self) -> cost::TrainingRules {
         cost::TrainingRules {
             vocab_multiple: self.vocab_multiple,
@@ -586,71 +598,93 @@ fn place_experts(
     grid: &Grid,
     rules: &TargetRules,
 ) -> Result<(ExpertPlacement, Vec<Diagnostic>), Vec<Diagnostic>> {
-    let t = grid.tensor;
-    let g = grid.expert_group;
-    let slicing = par.expert_slicing && t > 1;
+    let whole_for_bias = rules.whole_experts_for_bias(model, par, grid.tensor);
     let mut warnings = Vec::new();
-    let placement = match rules.layout {
+    if whole_for_bias {
+        warnings.extend(whole_experts_rules(model, par, grid, rules)?);
+    }
+    warnings.extend(pinned_vocab_padded(model, grid.tensor, rules));
+    Ok((expert_placement(par, grid, rules, whole_for_bias), warnings))
+}
+
+/// The ranks that split and slice each MoE layer's experts, and how far apart they sit.
+fn expert_placement(
+    par: &Parallel,
+    grid: &Grid,
+    rules: &TargetRules,
+    whole_for_bias: bool,
+) -> ExpertPlacement {
+    let (t, g) = (grid.tensor, grid.expert_group);
+    let slices = if par.expert_slicing && t > 1 { t } else { 1 };
+    match rules.layout {
         Layout::Fastmoe => ExpertPlacement {
             layout: Layout::Fastmoe,
             parallel: g,
-            slices: if slicing { t } else { 1 },
+            slices,
             stride: t,
         },
         // Megatron-Core's expert grid: the expert-tensor ranks are the tensor ranks when the
         // file slices experts; else each tensor rank routes its own slice of the sequence to
         // whole experts (expert-tensor size 1)
-        Layout::MegatronCore if slicing && model.bias && !rules.sliced_expert_bias => {
-            let mut errors = Vec::new();
-            let mut seen = std::collections::BTreeSet::new();
-            for (i, m) in model.moe_layers() {
-                if m.experts % (g * t) != 0 && seen.insert(m.spans.experts) {
-                    errors.push(diagnostics::experts_not_divisible_whole(
-                        i,
-                        (m.experts, m.spans.experts),
-                        (g, t, g * t),
-                        &rules.version,
-                        par.spans.tensor,
-                    ));
-                }
-            }
-            if !errors.is_empty() {
-                return Err(errors);
-            }
-            if model.moe_layers().next().is_some() {
-                warnings.push(diagnostics::whole_experts_for_bias(
-                    (g, t),
-                    &rules.version,
-                    par.spans.tensor,
-                ));
-            }
-            ExpertPlacement {
-                layout: Layout::MegatronCore,
-                parallel: g * t,
-                slices: 1,
-                stride: 1,
-            }
+        Layout::MegatronCore if whole_for_bias => ExpertPlacement {
+            layout: Layout::MegatronCore,
+            parallel: g * t,
+            slices: 1,
+            stride: 1,
+        },
+        Layout::MegatronCore => ExpertPlacement {
+            layout: Layout::MegatronCore,
+            parallel: g,
+            slices,
+            stride: slices,
+        },
+    }
+}
+
+/// Experts with biases held whole on expert × tensor ranks (see
+/// [`TargetRules::whole_experts_for_bias`]): an error for each layer whose experts do not
+/// divide over those ranks, else the warning that the file's slicing is not what runs (where
+/// there are MoE layers).
+fn whole_experts_rules(
+    model: &Model,
+    par: &Parallel,
+    grid: &Grid,
+    rules: &TargetRules,
+) -> Result<Option<Diagnostic>, Vec<Diagnostic>> {
+    let (t, g) = (grid.tensor, grid.expert_group);
+    let mut errors = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, m) in model.moe_layers() {
+        if m.experts % (g * t) != 0 && seen.insert(m.spans.experts) {
+            errors.push(diagnostics::experts_not_divisible_whole(
+                i,
+                (m.experts, m.spans.experts),
+                (g, t, g * t),
+                &rules.version,
+                par.spans.tensor,
+            ));
         }
-        Layout::MegatronCore => {
-            let e = if slicing { t } else { 1 };
-            ExpertPlacement {
-                layout: Layout::MegatronCore,
-                parallel: g,
-                slices: e,
-                stride: e,
-            }
-        }
-    };
-    let padded = cost::padded_vocab_to(model.vocab, rules.vocab_multiple, t);
-    if rules.vocab_multiple == 1 && padded != model.vocab {
-        warnings.push(diagnostics::vocab_padded(
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let has_moe_layers = model.moe_layers().next().is_some();
+    Ok(has_moe_layers
+        .then(|| diagnostics::whole_experts_for_bias((g, t), &rules.version, par.spans.tensor)))
+}
+
+/// A target that takes the file's vocabulary (`pinned_vocab`) still pads it to a multiple of
+/// the tensor size: the warning saying so, where it does.
+fn pinned_vocab_padded(model: &Model, tensor: u64, rules: &TargetRules) -> Option<Diagnostic> {
+    let padded = cost::padded_vocab_to(model.vocab, rules.vocab_multiple, tensor);
+    (rules.vocab_multiple == 1 && padded != model.vocab).then(|| {
+        diagnostics::vocab_padded(
             (model.vocab, model.spans.vocab),
             padded,
-            t,
+            tensor,
             &rules.version,
-        ));
-    }
-    Ok((placement, warnings))
+        )
+    })
 }
 
 /// Checks and costs the file with overrides for the training `rules` describe, choosing the
@@ -1430,11 +1464,7 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
             expert_parallel: eg.expert_parallel,
             expert_tensor: eg.expert_tensor,
             expert_data: eg.expert_data(&grid),
-            whole_experts_for_bias: placement.stride == 1
-                && par.expert_slicing
-                && grid.tensor > 1
-                && checked.model.bias
-                && !rules.sliced_expert_bias,
+            whole_experts_for_bias: rules.whole_experts_for_bias(&checked.model, par, grid.tensor),
             padded_vocab: cost::padded_vocab_to(
                 checked.model.vocab,
                 rules.vocab_multiple,
