@@ -1382,6 +1382,8 @@ fn model_rules(model: &Model, par: &Parallel, s: &Setup, errs: &mut Vec<Diagnost
     }
 }
 
+/// The plan of a costed configuration: its MoE layers, ranks, stages and groups listed, its
+/// warnings and FasterMoE's and Megatron-Core's parts added.
 fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> ParallelPlan {
     let Costed {
         grid,
@@ -1395,36 +1397,21 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         assumptions,
         graph: g,
     } = p;
-    let g = &g;
     let par = &checked.parallel;
     let depth = checked.model.depth();
-    let ep = placement.parallel;
-    let slices = placement.slices;
-    let moe_layers: Vec<MoeLayerPlan> = checked
-        .model
-        .moe_layers()
-        .map(|(i, m)| MoeLayerPlan {
-            layer: i,
-            stage: grid.stage_of_layer(i as u64, depth),
-            experts: m.experts,
-            top_k: m.top_k,
-            experts_per_rank: m.experts / ep,
-            expert_hidden: m.expert.hidden,
-            hidden_per_rank: m.expert.hidden / slices,
-            capacity: m.gate.capacity.map(|c| c.train),
-        })
-        .collect();
-    // Megatron-Core's expert grid, where the plan is for it
-    let core_grid = match placement.layout {
-        Layout::MegatronCore => Some(ExpertGrid {
-            expert_parallel: ep,
-            expert_tensor: slices,
-        }),
-        Layout::Fastmoe => None,
-    };
-    let gpn = par.hardware.gpus_per_node.max(1);
-    let ranks = rank_plans(&grid, core_grid.as_ref(), slices, gpn, &moe_layers, &costed);
+    let moe_layers = moe_layer_plans(&checked.model, &grid, &placement);
+    let core_grid = megatron_core_grid(&placement);
+    let ranks = rank_plans(
+        &grid,
+        core_grid.as_ref(),
+        placement.slices,
+        gpus_per_node(par),
+        &moe_layers,
+        &costed,
+    );
     let stages = stage_plans(&grid, depth, &costed);
+    let groups = group_plans(&grid, core_grid.as_ref());
+    let megatron_core = core_grid.map(|eg| megatron_core_plan(checked, &grid, &rules, &eg));
     let warnings = layout_warnings(checked, &grid, &costed, placement_warnings);
     let fastermoe = fastermoe_plan(par, routing_skew, &costed);
     ParallelPlan {
@@ -1439,40 +1426,92 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         virtual_stages: grid.virtual_stages,
         data: grid.data,
         expert_group: expert_group_name(expert_group),
-        expert_group_size: ep,
-        expert_slicing: slices > 1,
+        expert_group_size: placement.parallel,
+        expert_slicing: placement.slices > 1,
         precision,
         seq_len,
         micro_batch: costed.micro_batch,
         micro_batches: costed.micro_batches,
         global_batch: costed.micro_batch * costed.micro_batches * grid.data,
         assumptions,
-        params: model_params(g, checked),
+        params: model_params(&g, checked),
         stages,
         moe_layers,
         ranks,
-        groups: match &core_grid {
-            Some(eg) => Groups {
-                expert: eg.expert_groups(&grid),
-                expert_data: eg.expert_data_groups(&grid),
-                ..grid.groups()
-            },
-            None => grid.groups(),
-        },
+        groups,
         time: costed.time,
-        megatron_core: core_grid.map(|eg| MegatronCorePlan {
-            expert_parallel: eg.expert_parallel,
-            expert_tensor: eg.expert_tensor,
-            expert_data: eg.expert_data(&grid),
-            whole_experts_for_bias: rules.whole_experts_for_bias(&checked.model, par, grid.tensor),
-            padded_vocab: cost::padded_vocab_to(
-                checked.model.vocab,
-                rules.vocab_multiple,
-                grid.tensor,
-            ),
-            distributed_optimizer: rules.distributed_optimizer,
-            expert_tensor_groups: eg.expert_tensor_groups(&grid),
+        megatron_core,
+    }
+}
+
+/// Ranks per host, as the plan assumes them (at least 1).
+fn gpus_per_node(par: &Parallel) -> u64 {
+    par.hardware.gpus_per_node.max(1)
+}
+
+/// Each MoE layer's stage, experts and the share of them (and of their hidden size) one rank
+/// holds under `placement`.
+fn moe_layer_plans(model: &Model, grid: &Grid, placement: &ExpertPlacement) -> Vec<MoeLayerPlan> {
+    let depth = model.depth();
+    model
+        .moe_layers()
+        .map(|(i, m)| MoeLayerPlan {
+            layer: i,
+            stage: grid.stage_of_layer(i as u64, depth),
+            experts: m.experts,
+            top_k: m.top_k,
+            experts_per_rank: m.experts / placement.parallel,
+            expert_hidden: m.expert.hidden,
+            hidden_per_rank: m.expert.hidden / placement.slices,
+            capacity: m.gate.capacity.map(|c| c.train),
+        })
+        .collect()
+}
+
+/// Megatron-Core's expert grid, where the plan is for it.
+fn megatron_core_grid(placement: &ExpertPlacement) -> Option<ExpertGrid> {
+    match placement.layout {
+        Layout::MegatronCore => Some(ExpertGrid {
+            expert_parallel: placement.parallel,
+            expert_tensor: placement.slices,
         }),
+        Layout::Fastmoe => None,
+    }
+}
+
+/// Every process group: the grid's, with Megatron-Core's expert and expert-data groups where
+/// the plan is for it.
+fn group_plans(grid: &Grid, core_grid: Option<&ExpertGrid>) -> Groups {
+    match core_grid {
+        Some(eg) => Groups {
+            expert: eg.expert_groups(grid),
+            expert_data: eg.expert_data_groups(grid),
+            ..grid.groups()
+        },
+        None => grid.groups(),
+    }
+}
+
+/// What a plan for Megatron-Core adds: its expert grid's sizes and groups, its vocabulary and
+/// optimizer.
+fn megatron_core_plan(
+    checked: &Checked,
+    grid: &Grid,
+    rules: &TargetRules,
+    eg: &ExpertGrid,
+) -> MegatronCorePlan {
+    MegatronCorePlan {
+        expert_parallel: eg.expert_parallel,
+        expert_tensor: eg.expert_tensor,
+        expert_data: eg.expert_data(grid),
+        whole_experts_for_bias: rules.whole_experts_for_bias(
+            &checked.model,
+            &checked.parallel,
+            grid.tensor,
+        ),
+        padded_vocab: cost::padded_vocab_to(checked.model.vocab, rules.vocab_multiple, grid.tensor),
+        distributed_optimizer: rules.distributed_optimizer,
+        expert_tensor_groups: eg.expert_tensor_groups(grid),
     }
 }
 
@@ -1555,7 +1594,7 @@ fn layout_warnings(
     placement_warnings: Vec<Diagnostic>,
 ) -> Vec<Diagnostic> {
     let par = &checked.parallel;
-    let gpn = par.hardware.gpus_per_node.max(1);
+    let gpn = gpus_per_node(par);
     let mut warnings = placement_warnings;
     if grid.tensor > 1 && (grid.tensor > gpn || gpn % grid.tensor != 0) {
         warnings.push(diagnostics::tensor_across_hosts(
