@@ -1173,8 +1173,7 @@ impl Eval<'_> {
 
     /// The experts' data-parallel replicas (the expert-data group's size).
     fn expert_data(&self) -> u64 {
-        self.experts
-            .expert_data(self.grid.world / self.grid.pipeline)
+        self.experts.expert_data(self.grid.per_stage())
     }
 
     /// Stage `s`'s memory per rank: weights, gradients, optimizer state, and the activations
@@ -1313,7 +1312,7 @@ impl Eval<'_> {
 
     /// Ranks of the gate group: all ranks of one pipeline stage.
     fn gate_group_size(&self) -> u64 {
-        self.grid.world / self.grid.pipeline
+        self.grid.per_stage()
     }
 
     /// Stage `s`'s pipeline bytes per micro-batch, sent and received.
