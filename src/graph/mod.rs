@@ -26,7 +26,7 @@ use std::fmt;
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
 
-use crate::check::{Ffn, Mlp, Model, Moe, Norm, Positions};
+use crate::check::{Ffn, Layer, Mlp, Model, Moe, Norm, Positions, SharedExperts};
 
 /// One dimension of an activation shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -299,27 +299,6 @@ pub fn gate_params(width: u64, moe: &Moe, bias: bool) -> u64 {
     crate::gates::of(moe.gate.kind).param_count(width, moe.experts, bias)
 }
 
-struct Builder {
-    graph: DiGraph<Node, Edge>,
-    last: Option<NodeIndex>,
-}
-
-impl Builder {
-    fn push(&mut self, node: Node) -> NodeIndex {
-        let shape = node.input.clone();
-        let i = self.graph.add_node(node);
-        if let Some(prev) = self.last {
-            self.graph.add_edge(prev, i, Edge { shape });
-        }
-        self.last = Some(i);
-        i
-    }
-
-    fn edge(&mut self, from: NodeIndex, to: NodeIndex, shape: Shape) {
-        self.graph.add_edge(from, to, Edge { shape });
-    }
-}
-
 fn node(
     name: String,
     kind: NodeKind,
@@ -349,220 +328,317 @@ fn replicated(n: u64) -> Params {
 
 /// Lowers a checked model. `seq_len` is the sequence length the attention FLOPs are
 /// counted for (the `train` block's, or the model's context).
+///
+/// In forward order, as the graph's invariant wants its nodes: the embedding, each block
+/// (its attention half, then its feed-forward half), then the head. Node and edge order
+/// is what [`ModelGraph::to_dot`] numbers and prints, so the phases keep it.
 pub fn lower(model: &Model, seq_len: u64) -> ModelGraph {
-    let w = model.width;
-    let bias = model.bias;
-    let h = bsh(w);
-    let mut b = Builder {
+    let mut l = Lowering {
+        model,
+        seq_len,
+        hidden: bsh(model.width),
         graph: DiGraph::new(),
         last: None,
     };
-    let positions = match model.positions {
-        Positions::Learned => model.context * w,
-        Positions::Rotary => 0,
-    };
-    // Megatron splits the word embedding over tensor ranks by vocabulary; positions are
-    // copied.
-    b.push(node(
-        "embedding".into(),
-        NodeKind::Embedding,
-        None,
-        (Shape(vec![Dim::Batch, Dim::Seq]), h.clone()),
-        Params {
-            sharded: model.vocab * w,
-            replicated: positions,
-            ..Params::default()
-        },
-        0,
-    ));
-    let att = &model.attention;
+    l.embedding();
     for layer in &model.layers {
-        let i = layer.index;
-        let p = |s: &str| format!("layers.{i}.{s}");
-        let stream = b.last;
-        b.push(node(
-            p("norm1"),
+        let residual1 = l.attention_half(layer.index);
+        l.feed_forward_half(layer, residual1);
+    }
+    l.head();
+    ModelGraph {
+        graph: l.graph,
+        seq_len,
+        depth: model.layers.len(),
+        tied_embeddings: model.tied_embeddings,
+        word_embedding_params: word_embedding_params(model),
+    }
+}
+
+/// Parameters of the token embedding alone: the matrix Megatron splits over tensor ranks
+/// by vocabulary, and the one an untied LM head has a copy of.
+fn word_embedding_params(model: &Model) -> u64 {
+    model.vocab * model.width
+}
+
+/// The graph while [`lower`] builds it: the model it lowers, and the node the next one
+/// follows on the main path.
+struct Lowering<'m> {
+    model: &'m Model,
+    /// Tokens per sequence the attention FLOPs are counted for.
+    seq_len: u64,
+    /// `[b, s, width]`: the activation between a block's nodes.
+    hidden: Shape,
+    graph: DiGraph<Node, Edge>,
+    /// The node last pushed on the main path (the one the next pushed node follows).
+    last: Option<NodeIndex>,
+}
+
+impl Lowering<'_> {
+    /// Adds `node` after the last one on the main path, joined by its input, and makes it the
+    /// last.
+    fn push(&mut self, node: Node) -> NodeIndex {
+        let shape = node.input.clone();
+        let i = self.graph.add_node(node);
+        if let Some(prev) = self.last {
+            self.graph.add_edge(prev, i, Edge { shape });
+        }
+        self.last = Some(i);
+        i
+    }
+
+    /// A `[b, s, width]` edge beside the main path (a residual's skip, the shared experts).
+    fn edge(&mut self, from: NodeIndex, to: NodeIndex) {
+        let shape = self.hidden.clone();
+        self.graph.add_edge(from, to, Edge { shape });
+    }
+
+    /// `[b, s, width]` in and out.
+    fn hidden_to_hidden(&self) -> (Shape, Shape) {
+        (self.hidden.clone(), self.hidden.clone())
+    }
+
+    /// A norm's parameters, copied on every tensor rank.
+    fn norm_params(&self) -> Params {
+        replicated(norm_params(self.model.norm, self.model.width))
+    }
+
+    /// The token embedding: Megatron splits the word embedding over tensor ranks by
+    /// vocabulary; learned positions are copied.
+    fn embedding(&mut self) {
+        let m = self.model;
+        let positions = match m.positions {
+            Positions::Learned => m.context * m.width,
+            Positions::Rotary => 0,
+        };
+        self.push(node(
+            "embedding".into(),
+            NodeKind::Embedding,
+            None,
+            (Shape(vec![Dim::Batch, Dim::Seq]), self.hidden.clone()),
+            Params {
+                sharded: word_embedding_params(m),
+                replicated: positions,
+                ..Params::default()
+            },
+            0,
+        ));
+    }
+
+    /// Block `i`'s first norm, attention and the residual that adds the block's input back;
+    /// returns that residual.
+    fn attention_half(&mut self, i: usize) -> NodeIndex {
+        let m = self.model;
+        let (att, w, bias) = (&m.attention, m.width, m.bias);
+        let stream = self.last;
+        self.push(node(
+            block_node(i, "norm1"),
             NodeKind::Norm,
             Some(i),
-            (h.clone(), h.clone()),
-            replicated(norm_params(model.norm, w)),
+            self.hidden_to_hidden(),
+            self.norm_params(),
             0,
         ));
         let qkv_out = (att.heads + 2 * att.kv_heads) * att.head_dim;
         let proj_in = att.heads * att.head_dim;
-        b.push(node(
-            p("attention"),
+        self.push(node(
+            block_node(i, "attention"),
             NodeKind::Attention,
             Some(i),
-            (h.clone(), h.clone()),
+            self.hidden_to_hidden(),
             Params {
                 sharded: linear(w, qkv_out, bias) + proj_in * w,
                 replicated: if bias { w } else { 0 },
                 ..Params::default()
             },
-            2 * w * qkv_out + 2 * proj_in * w + 4 * seq_len * proj_in,
+            2 * w * qkv_out + 2 * proj_in * w + 4 * self.seq_len * proj_in,
         ));
-        let r1 = b.push(node(
-            p("residual1"),
+        let residual1 = self.push(node(
+            block_node(i, "residual1"),
             NodeKind::Residual,
             Some(i),
-            (h.clone(), h.clone()),
+            self.hidden_to_hidden(),
             Params::default(),
             0,
         ));
         if let Some(s) = stream {
-            b.edge(s, r1, h.clone());
+            self.edge(s, residual1);
         }
-        b.push(node(
-            p("norm2"),
+        residual1
+    }
+
+    /// The block's second norm, its feed-forward network (a dense MLP or an MoE layer) and
+    /// the residual that adds `residual1` (and the shared experts' output) back.
+    fn feed_forward_half(&mut self, layer: &Layer, residual1: NodeIndex) {
+        let i = layer.index;
+        self.push(node(
+            block_node(i, "norm2"),
             NodeKind::Norm,
             Some(i),
-            (h.clone(), h.clone()),
-            replicated(norm_params(model.norm, w)),
+            self.hidden_to_hidden(),
+            self.norm_params(),
             0,
         ));
         let shared = match &layer.ffn {
             Ffn::Dense(mlp) => {
-                b.push(node(
-                    p("mlp"),
+                self.push(node(
+                    block_node(i, "mlp"),
                     NodeKind::Mlp,
                     Some(i),
-                    (h.clone(), h.clone()),
-                    mlp_params(w, mlp, bias),
-                    mlp_flops(w, mlp),
+                    self.hidden_to_hidden(),
+                    mlp_params(self.model.width, mlp, self.model.bias),
+                    mlp_flops(self.model.width, mlp),
                 ));
                 None
             }
-            Ffn::Moe(moe) => lower_moe(&mut b, model, moe, i, &h),
+            Ffn::Moe(moe) => {
+                let input = self.last;
+                self.routed_experts(i, moe);
+                let shared = moe.shared.as_ref();
+                shared.map(|shared| self.shared_experts(i, shared, input))
+            }
         };
-        let r2 = b.push(node(
-            p("residual2"),
+        let residual2 = self.push(node(
+            block_node(i, "residual2"),
             NodeKind::Residual,
             Some(i),
-            (h.clone(), h.clone()),
+            self.hidden_to_hidden(),
             Params::default(),
             0,
         ));
         if let Some(s) = shared {
-            b.edge(s, r2, h.clone());
+            self.edge(s, residual2);
         }
-        b.edge(r1, r2, h.clone());
+        self.edge(residual1, residual2);
     }
-    b.push(node(
-        "final_norm".into(),
-        NodeKind::FinalNorm,
-        None,
-        (h.clone(), h.clone()),
-        replicated(norm_params(model.norm, w)),
-        0,
-    ));
-    let logits = Shape(vec![Dim::Batch, Dim::Seq, Dim::Size(model.vocab)]);
-    b.push(node(
-        "lm_head".into(),
-        NodeKind::LmHead,
-        None,
-        (h.clone(), logits.clone()),
-        Params {
-            sharded: if model.tied_embeddings {
-                0
-            } else {
-                model.vocab * w
+
+    /// MoE layer `i`'s gate, dispatch, experts and combine on the main path (the combine
+    /// last); the dispatch also takes the layer's input from beside the gate.
+    fn routed_experts(&mut self, i: usize, moe: &Moe) {
+        let (w, bias) = (self.model.width, self.model.bias);
+        let h = self.hidden.clone();
+        let input = self.last;
+        let scores = Shape(vec![Dim::Batch, Dim::Seq, Dim::Size(moe.top_k)]);
+        self.push(node(
+            moe_node(i, "gate"),
+            NodeKind::Gate,
+            Some(i),
+            (h.clone(), scores),
+            Params {
+                gate: gate_params(w, moe, bias),
+                ..Params::default()
             },
-            ..Params::default()
-        },
-        2 * w * model.vocab,
-    ));
-    b.push(node(
-        "loss".into(),
-        NodeKind::Loss,
-        None,
-        (logits, Shape(vec![])),
-        Params::default(),
-        0,
-    ));
-    ModelGraph {
-        graph: b.graph,
-        seq_len,
-        depth: model.layers.len(),
-        tied_embeddings: model.tied_embeddings,
-        word_embedding_params: model.vocab * w,
+            2 * w * moe.experts,
+        ));
+        let routed = Shape(vec![Dim::Routed, Dim::Size(w)]);
+        let dispatch = self.push(node(
+            moe_node(i, "dispatch"),
+            NodeKind::Dispatch,
+            Some(i),
+            (h.clone(), routed.clone()),
+            Params::default(),
+            0,
+        ));
+        if let Some(x) = input {
+            self.edge(x, dispatch);
+        }
+        let one = mlp_params(w, &moe.expert, bias);
+        self.push(node(
+            moe_node(i, "experts"),
+            NodeKind::Experts,
+            Some(i),
+            (routed.clone(), routed.clone()),
+            Params {
+                expert: moe.experts * one.total(),
+                ..Params::default()
+            },
+            moe.top_k * mlp_flops(w, &moe.expert),
+        ));
+        self.push(node(
+            moe_node(i, "combine"),
+            NodeKind::Combine,
+            Some(i),
+            (routed, h),
+            Params::default(),
+            0,
+        ));
+    }
+
+    /// MoE layer `i`'s shared experts, beside the routed ones from the layer's `input`: not
+    /// on the main path (the combine stays last); the caller joins them at the residual.
+    fn shared_experts(
+        &mut self,
+        i: usize,
+        shared: &SharedExperts,
+        input: Option<NodeIndex>,
+    ) -> NodeIndex {
+        // The shared experts are one MLP of `count` times the hidden size (DeepSeek-MoE's
+        // form, and the runtime's): one output bias, not one per expert.
+        let mlp = Mlp {
+            hidden: shared.count * shared.expert.hidden,
+            act: shared.expert.act,
+            span: shared.expert.span,
+        };
+        let w = self.model.width;
+        let s = self.graph.add_node(node(
+            moe_node(i, "shared_experts"),
+            NodeKind::SharedExperts,
+            Some(i),
+            self.hidden_to_hidden(),
+            mlp_params(w, &mlp, self.model.bias),
+            mlp_flops(w, &mlp),
+        ));
+        if let Some(x) = input {
+            self.edge(x, s);
+        }
+        s
+    }
+
+    /// The final norm, the LM head (its own matrix unless tied to the embedding) and the
+    /// loss.
+    fn head(&mut self) {
+        let m = self.model;
+        self.push(node(
+            "final_norm".into(),
+            NodeKind::FinalNorm,
+            None,
+            self.hidden_to_hidden(),
+            self.norm_params(),
+            0,
+        ));
+        let logits = Shape(vec![Dim::Batch, Dim::Seq, Dim::Size(m.vocab)]);
+        self.push(node(
+            "lm_head".into(),
+            NodeKind::LmHead,
+            None,
+            (self.hidden.clone(), logits.clone()),
+            Params {
+                sharded: if m.tied_embeddings {
+                    0
+                } else {
+                    word_embedding_params(m)
+                },
+                ..Params::default()
+            },
+            2 * m.width * m.vocab,
+        ));
+        self.push(node(
+            "loss".into(),
+            NodeKind::Loss,
+            None,
+            (logits, Shape(vec![])),
+            Params::default(),
+            0,
+        ));
     }
 }
 
-/// Adds gate, dispatch, experts and combine (the last becomes `b.last`); returns the
-/// shared-experts node, which runs beside them and joins at the residual.
-fn lower_moe(b: &mut Builder, model: &Model, moe: &Moe, i: usize, h: &Shape) -> Option<NodeIndex> {
-    let w = model.width;
-    let p = |s: &str| format!("layers.{i}.moe.{s}");
-    let input = b.last;
-    let scores = Shape(vec![Dim::Batch, Dim::Seq, Dim::Size(moe.top_k)]);
-    b.push(node(
-        p("gate"),
-        NodeKind::Gate,
-        Some(i),
-        (h.clone(), scores),
-        Params {
-            gate: gate_params(w, moe, model.bias),
-            ..Params::default()
-        },
-        2 * w * moe.experts,
-    ));
-    let routed = Shape(vec![Dim::Routed, Dim::Size(w)]);
-    let dispatch = b.push(node(
-        p("dispatch"),
-        NodeKind::Dispatch,
-        Some(i),
-        (h.clone(), routed.clone()),
-        Params::default(),
-        0,
-    ));
-    if let Some(x) = input {
-        b.edge(x, dispatch, h.clone());
-    }
-    let one = mlp_params(w, &moe.expert, model.bias);
-    b.push(node(
-        p("experts"),
-        NodeKind::Experts,
-        Some(i),
-        (routed.clone(), routed.clone()),
-        Params {
-            expert: moe.experts * one.total(),
-            ..Params::default()
-        },
-        moe.top_k * mlp_flops(w, &moe.expert),
-    ));
-    let combine = b.push(node(
-        p("combine"),
-        NodeKind::Combine,
-        Some(i),
-        (routed, h.clone()),
-        Params::default(),
-        0,
-    ));
-    match &moe.shared {
-        None => None,
-        Some(shared) => {
-            // The shared experts are one MLP of `count` times the hidden size (DeepSeek-MoE's
-            // form, and the runtime's): one output bias, not one per expert.
-            let mlp = Mlp {
-                hidden: shared.count * shared.expert.hidden,
-                act: shared.expert.act,
-                span: shared.expert.span,
-            };
-            let params = mlp_params(w, &mlp, model.bias);
-            let s = b.graph.add_node(node(
-                p("shared_experts"),
-                NodeKind::SharedExperts,
-                Some(i),
-                (h.clone(), h.clone()),
-                params,
-                mlp_flops(w, &mlp),
-            ));
-            if let Some(x) = input {
-                b.edge(x, s, h.clone());
-            }
-            b.last = Some(combine);
-            Some(s)
-        }
-    }
+/// The name of block `i`'s node `part`: `layers.3.attention`.
+fn block_node(i: usize, part: &str) -> String {
+    format!("layers.{i}.{part}")
+}
+
+/// The name of MoE layer `i`'s node `part`: `layers.3.moe.gate`.
+fn moe_node(i: usize, part: &str) -> String {
+    format!("layers.{i}.moe.{part}")
 }

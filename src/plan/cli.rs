@@ -7,12 +7,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::check::{ExpertGroup, MegatronTarget};
+use crate::check::{Checked, ExpertGroup, MegatronTarget};
 use crate::diag::path_text;
 use crate::driver::{self, DiagFormat};
 use crate::graph;
 
-use super::{render, search, MemoryModel, Overrides, TargetRules};
+use super::{render, search, MemoryModel, Overrides, ParallelPlan, TargetRules};
 
 /// How the plan is printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -143,34 +143,20 @@ fn find_target(version: &str) -> Result<MegatronTarget, String> {
     }
 }
 
+/// `fmoec plan`: the target asked for, the file loaded and planned (or the layouts searched,
+/// with `--auto`), what the target refuses refused, the plan printed.
 pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
-    let target = match args.megatron.as_deref().map(find_target) {
-        None => None,
-        Some(Ok(target)) => Some(target),
-        Some(Err(message)) => {
-            driver::report_error(&message, None, args.diagnostics);
-            return Ok(ExitCode::from(2));
-        }
+    let target = match target_asked(args) {
+        Ok(target) => target,
+        Err(code) => return Ok(code),
     };
-    // The front end and the planner's rules (under the overrides, for the target) run in
-    // one pass and report together; `--auto` plans for itself.
-    // `--auto` ranks many layouts in one table; JSON and DOT describe one plan.
-    if args.auto && args.format != PlanFormat::Table {
-        driver::report_error(
-            &format!(
-                "--auto prints a ranking of layouts, not one plan, so it has no --format {}; \
-                 run `fmoec plan --auto` first, then `--format {}` with the layout you pick \
-                 (`--tensor T --pipeline P --expert-group E --micro-batch M`)",
-                args.format.name(),
-                args.format.name()
-            ),
-            None,
-            args.diagnostics,
-        );
-        return Ok(ExitCode::from(2));
+    if let Err(code) = auto_prints_a_table(args) {
+        return Ok(code);
     }
     let overrides = args.overrides();
     let rules = target.as_ref().map(TargetRules::of).unwrap_or_default();
+    // The front end and the planner's rules (under the overrides, for the target) run in
+    // one pass and report together; `--auto` plans for itself.
     let planning = if args.auto {
         driver::Planning::None
     } else {
@@ -189,49 +175,112 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     if args.auto {
-        let result = search::search_for(&loaded.checked, &overrides, &rules);
-        crate::out!("{}", search::report(&result, args.top));
-        return Ok(if result.feasible.is_empty() {
-            ExitCode::from(1)
-        } else {
-            ExitCode::SUCCESS
-        });
+        return Ok(print_search(&loaded.checked, &overrides, &rules, args.top));
     }
-    let Some(plan) = loaded.plan else {
+    let Some(plan) = &loaded.plan else {
         anyhow::bail!("no plan was made (a bug in fmoec; please report it)")
     };
-    // The training `emit` would write: what the target cannot express is refused here too,
-    // and what it approximates is said, so that no plan is shown for a refused emit.
     if let Some(target) = &target {
-        let version = &target.version;
-        let all = crate::check::megatron_targets();
-        let emit_runtime = crate::emit::Runtime::Fmoec;
-        match crate::emit::validate(&loaded.checked, &plan, target, &all, emit_runtime) {
-            Ok(warnings) => driver::report(&loaded.sources, &warnings, args.diagnostics),
-            Err(crate::emit::EmitError::Model(diagnostics)) => {
-                let diagnostics = super::plan_error(diagnostics, &overrides);
-                driver::report(&loaded.sources, &diagnostics, args.diagnostics);
-                if args.diagnostics == DiagFormat::Human {
-                    crate::errln!(
-                        "error: Megatron-LM {version} cannot train `{}` as planned (`fmoec emit --megatron {version}` refuses it too)",
-                        path_text(&args.file)
-                    );
-                }
-                return Ok(ExitCode::from(1));
-            }
-            Err(e) => anyhow::bail!("{e}"),
+        if let Some(code) = target_refuses(args, &loaded, plan, target, &overrides)? {
+            return Ok(code);
         }
     }
-    let out = match args.format {
-        PlanFormat::Table => render::table(&plan),
-        PlanFormat::Json => render::json(&plan),
-        PlanFormat::Dot => {
-            let g = graph::lower(&loaded.checked.model, plan.seq_len);
-            render::dot(&plan, &g)
-        }
-    };
-    crate::out!("{out}");
+    crate::out!("{}", rendered(args.format, &loaded.checked, plan));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The target `--megatron` names (`None` without the flag); exit code 2, with the known
+/// targets named, where there is no such target.
+fn target_asked(args: &PlanArgs) -> Result<Option<MegatronTarget>, ExitCode> {
+    match args.megatron.as_deref().map(find_target) {
+        None => Ok(None),
+        Some(Ok(target)) => Ok(Some(target)),
+        Some(Err(message)) => {
+            driver::report_error(&message, None, args.diagnostics);
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// `--auto` ranks many layouts in one table; JSON and DOT describe one plan: exit code 2 for
+/// `--auto` with another `--format`.
+fn auto_prints_a_table(args: &PlanArgs) -> Result<(), ExitCode> {
+    if !args.auto || args.format == PlanFormat::Table {
+        return Ok(());
+    }
+    driver::report_error(
+        &format!(
+            "--auto prints a ranking of layouts, not one plan, so it has no --format {}; \
+             run `fmoec plan --auto` first, then `--format {}` with the layout you pick \
+             (`--tensor T --pipeline P --expert-group E --micro-batch M`)",
+            args.format.name(),
+            args.format.name()
+        ),
+        None,
+        args.diagnostics,
+    );
+    Err(ExitCode::from(2))
+}
+
+/// `--auto`: the `top` fastest layouts that fit and why the others were rejected; exit code 1
+/// where none fits.
+fn print_search(
+    checked: &Checked,
+    overrides: &Overrides,
+    rules: &TargetRules,
+    top: usize,
+) -> ExitCode {
+    let result = search::search_for(checked, overrides, rules);
+    crate::out!("{}", search::report(&result, top));
+    if result.feasible.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The training `emit` would write: what the target cannot express is refused here too (exit
+/// code 1, so that no plan is shown for a refused emit), and what it approximates is said.
+fn target_refuses(
+    args: &PlanArgs,
+    loaded: &driver::Loaded,
+    plan: &ParallelPlan,
+    target: &MegatronTarget,
+    overrides: &Overrides,
+) -> anyhow::Result<Option<ExitCode>> {
+    let version = &target.version;
+    let all = crate::check::megatron_targets();
+    let emit_runtime = crate::emit::Runtime::Fmoec;
+    match crate::emit::validate(&loaded.checked, plan, target, &all, emit_runtime) {
+        Ok(warnings) => {
+            driver::report(&loaded.sources, &warnings, args.diagnostics);
+            Ok(None)
+        }
+        Err(crate::emit::EmitError::Model(diagnostics)) => {
+            let diagnostics = super::plan_error(diagnostics, overrides);
+            driver::report(&loaded.sources, &diagnostics, args.diagnostics);
+            if args.diagnostics == DiagFormat::Human {
+                crate::errln!(
+                    "error: Megatron-LM {version} cannot train `{}` as planned (`fmoec emit --megatron {version}` refuses it too)",
+                    path_text(&args.file)
+                );
+            }
+            Ok(Some(ExitCode::from(1)))
+        }
+        Err(e) => anyhow::bail!("{e}"),
+    }
+}
+
+/// The plan as `--format` prints it.
+fn rendered(format: PlanFormat, checked: &Checked, plan: &ParallelPlan) -> String {
+    match format {
+        PlanFormat::Table => render::table(plan),
+        PlanFormat::Json => render::json(plan),
+        PlanFormat::Dot => {
+            let g = graph::lower(&checked.model, plan.seq_len);
+            render::dot(plan, &g)
+        }
+    }
 }
 
 /// `--routing-skew`: a finite number of at least 1.

@@ -1173,31 +1173,57 @@ impl Eval<'_> {
 
     /// The experts' data-parallel replicas (the expert-data group's size).
     fn expert_data(&self) -> u64 {
-        self.experts
-            .expert_data(self.grid.world / self.grid.pipeline)
+        self.experts.expert_data(self.grid.per_stage())
     }
 
     /// Stage `s`'s memory per rank: weights, gradients, optimizer state, and the activations
     /// of the micro-batches in flight (`act` each; `scores` attention scores each, which
     /// only Megatron-Core's local attention keeps).
     fn stage_memory(&self, s: u64, w: &StageWork, act: u64, scores: u64) -> Memory {
+        let in_flight = self.in_flight(s);
+        let (weights, grads, optimizer) = self.parameter_state(w);
+        let activations = act.saturating_mul(in_flight) / self.v();
+        Memory {
+            model: self.model,
+            weights,
+            grads,
+            optimizer,
+            activations_per_micro_batch: act,
+            in_flight,
+            activations,
+            total: weights
+                .saturating_add(grads)
+                .saturating_add(optimizer)
+                .saturating_add(activations),
+            capacity: self.c.parallel.hardware.memory_bytes,
+            unfused_attention: self.unfused_attention(scores, in_flight),
+        }
+    }
+
+    /// Micro-batches whose activations are alive at once on stage `s`: plain 1F1B keeps the
+    /// stages ahead of this one in flight; the interleaved schedule counts model chunks (each
+    /// 1/v of the stage's activations), as its program runs them (1F1B's count of chunks where
+    /// it cannot run).
+    fn in_flight(&self, s: u64) -> u64 {
         let (p, v, micro_batches) = (self.grid.pipeline, self.v(), self.micro_batches);
+        let one_f_one_b = (p - s).min(micro_batches).max(1);
+        if v == 1 {
+            return one_f_one_b;
+        }
+        let pipeline = super::schedule::Pipeline {
+            stages: p as usize,
+            virtual_stages: v as usize,
+            micro_batches: micro_batches as usize,
+        };
+        super::schedule::peak_in_flight(&pipeline, s as usize)
+            .map_or(one_f_one_b * v, |n| n.max(1) as u64)
+    }
+
+    /// A rank's weights, gradients and optimizer state for the stage's parameters (`w`), in
+    /// bytes, as the memory model keeps them.
+    fn parameter_state(&self, w: &StageWork) -> (u64, u64, u64) {
         let (model, precision, rp) = (self.model, self.precision, &w.rp);
         let pb = precision.param_bytes();
-        // Micro-batches whose activations are alive at once: plain 1F1B keeps the stages
-        // ahead of this one in flight; the interleaved schedule counts model chunks (each
-        // 1/v of the stage's activations), as its program runs them.
-        let in_flight = if v == 1 {
-            (p - s).min(micro_batches).max(1)
-        } else {
-            let pipeline = super::schedule::Pipeline {
-                stages: p as usize,
-                virtual_stages: v as usize,
-                micro_batches: micro_batches as usize,
-            };
-            super::schedule::peak_in_flight(&pipeline, s as usize)
-                .map_or((p - s).min(micro_batches).max(1) * v, |n| n.max(1) as u64)
-        };
         let (weight_b, grad_b, optimizer_b) = match model {
             MemoryModel::Megatron => (pb, pb, optimizer_bytes(precision)),
             MemoryModel::Fmoec => fmoec_param_bytes(precision),
@@ -1211,46 +1237,39 @@ impl Eval<'_> {
                 MemoryModel::Megatron | MemoryModel::MegatronCore => 0,
             });
         let grads = rp.total.saturating_mul(grad_b);
-        // the distributed optimizer shards its state over the data-parallel group, the
-        // experts' over the expert-data group
-        let optimizer = if model == MemoryModel::MegatronCore && self.rules.distributed_optimizer {
+        (weights, grads, self.optimizer_state(rp, optimizer_b))
+    }
+
+    /// The optimizer state of parameters `rp` at `optimizer_b` bytes each: the distributed
+    /// optimizer shards it over the data-parallel group, the experts' over the expert-data
+    /// group.
+    fn optimizer_state(&self, rp: &RankParams, optimizer_b: u64) -> u64 {
+        if self.model == MemoryModel::MegatronCore && self.rules.distributed_optimizer {
             let dense = (rp.total - rp.expert) as u128;
             let sharded = dense.div_ceil(self.grid.data as u128)
                 + (rp.expert as u128).div_ceil(self.expert_data() as u128);
             u64::try_from(sharded * optimizer_b as u128).unwrap_or(u64::MAX)
         } else {
             rp.total.saturating_mul(optimizer_b)
-        };
-        let activations = act.saturating_mul(in_flight) / v;
-        // Megatron-Core's local attention (no Transformer Engine): per layer the probabilities
-        // (a bytes), the dropout mask (1) and its output (a), as Megatron-LM v2.2 keeps them,
-        // and one score buffer of a layer (`a` bytes) that every layer reuses.
-        let unfused_attention = match model {
+        }
+    }
+
+    /// Megatron-Core's local attention (no Transformer Engine), for `scores` attention scores
+    /// per micro-batch in flight: per layer the probabilities (a bytes), the dropout mask (1)
+    /// and its output (a), as Megatron-LM v2.2 keeps them, and one score buffer of a layer
+    /// (`a` bytes) that every layer reuses; 0 for the other memory models.
+    fn unfused_attention(&self, scores: u64, in_flight: u64) -> u64 {
+        match self.model {
             // every layer has the model's attention: a stage with layers has one layer's scores
             MemoryModel::MegatronCore if scores > 0 => {
                 let one_layer = attention_scores(self.c, self.grid, self.seq_len, self.tokens);
                 (2 * self.a + 1)
                     .saturating_mul(scores)
                     .saturating_mul(in_flight)
-                    / v
+                    / self.v()
                     + self.a.saturating_mul(one_layer)
             }
             _ => 0,
-        };
-        Memory {
-            model,
-            weights,
-            grads,
-            optimizer,
-            activations_per_micro_batch: act,
-            in_flight,
-            activations,
-            total: weights
-                .saturating_add(grads)
-                .saturating_add(optimizer)
-                .saturating_add(activations),
-            capacity: self.c.parallel.hardware.memory_bytes,
-            unfused_attention,
         }
     }
 
@@ -1293,7 +1312,7 @@ impl Eval<'_> {
 
     /// Ranks of the gate group: all ranks of one pipeline stage.
     fn gate_group_size(&self) -> u64 {
-        self.grid.world / self.grid.pipeline
+        self.grid.per_stage()
     }
 
     /// Stage `s`'s pipeline bytes per micro-batch, sent and received.

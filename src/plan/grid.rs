@@ -60,7 +60,8 @@ pub struct Groups {
 }
 
 impl Grid {
-    fn per_stage(&self) -> u64 {
+    /// Ranks of one pipeline stage (FastMoE's gate group).
+    pub fn per_stage(&self) -> u64 {
         self.world / self.pipeline
     }
 

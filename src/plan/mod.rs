@@ -124,6 +124,18 @@ impl TargetRules {
         }
     }
 
+    /// Whether Megatron-Core holds `model`'s experts whole on expert × tensor ranks instead of
+    /// slicing them over the `tensor` ranks as `par` asks: they have biases, and the target
+    /// cannot slice those (`sliced_expert_bias`). The placement and the plan's
+    /// `whole_experts_for_bias` both read this.
+    fn whole_experts_for_bias(&self, model: &Model, par: &Parallel, tensor: u64) -> bool {
+        self.layout == Layout::MegatronCore
+            && par.expert_slicing
+            && tensor > 1
+            && model.bias
+            && !self.sliced_expert_bias
+    }
+
     fn training(&self) -> cost::TrainingRules {
         cost::TrainingRules {
             vocab_multiple: self.vocab_multiple,
@@ -586,71 +598,93 @@ fn place_experts(
     grid: &Grid,
     rules: &TargetRules,
 ) -> Result<(ExpertPlacement, Vec<Diagnostic>), Vec<Diagnostic>> {
-    let t = grid.tensor;
-    let g = grid.expert_group;
-    let slicing = par.expert_slicing && t > 1;
+    let whole_for_bias = rules.whole_experts_for_bias(model, par, grid.tensor);
     let mut warnings = Vec::new();
-    let placement = match rules.layout {
+    if whole_for_bias {
+        warnings.extend(whole_experts_rules(model, par, grid, rules)?);
+    }
+    warnings.extend(pinned_vocab_padded(model, grid.tensor, rules));
+    Ok((expert_placement(par, grid, rules, whole_for_bias), warnings))
+}
+
+/// The ranks that split and slice each MoE layer's experts, and how far apart they sit.
+fn expert_placement(
+    par: &Parallel,
+    grid: &Grid,
+    rules: &TargetRules,
+    whole_for_bias: bool,
+) -> ExpertPlacement {
+    let (t, g) = (grid.tensor, grid.expert_group);
+    let slices = if par.expert_slicing && t > 1 { t } else { 1 };
+    match rules.layout {
         Layout::Fastmoe => ExpertPlacement {
             layout: Layout::Fastmoe,
             parallel: g,
-            slices: if slicing { t } else { 1 },
+            slices,
             stride: t,
         },
         // Megatron-Core's expert grid: the expert-tensor ranks are the tensor ranks when the
         // file slices experts; else each tensor rank routes its own slice of the sequence to
         // whole experts (expert-tensor size 1)
-        Layout::MegatronCore if slicing && model.bias && !rules.sliced_expert_bias => {
-            let mut errors = Vec::new();
-            let mut seen = std::collections::BTreeSet::new();
-            for (i, m) in model.moe_layers() {
-                if m.experts % (g * t) != 0 && seen.insert(m.spans.experts) {
-                    errors.push(diagnostics::experts_not_divisible_whole(
-                        i,
-                        (m.experts, m.spans.experts),
-                        (g, t, g * t),
-                        &rules.version,
-                        par.spans.tensor,
-                    ));
-                }
-            }
-            if !errors.is_empty() {
-                return Err(errors);
-            }
-            if model.moe_layers().next().is_some() {
-                warnings.push(diagnostics::whole_experts_for_bias(
-                    (g, t),
-                    &rules.version,
-                    par.spans.tensor,
-                ));
-            }
-            ExpertPlacement {
-                layout: Layout::MegatronCore,
-                parallel: g * t,
-                slices: 1,
-                stride: 1,
-            }
+        Layout::MegatronCore if whole_for_bias => ExpertPlacement {
+            layout: Layout::MegatronCore,
+            parallel: g * t,
+            slices: 1,
+            stride: 1,
+        },
+        Layout::MegatronCore => ExpertPlacement {
+            layout: Layout::MegatronCore,
+            parallel: g,
+            slices,
+            stride: slices,
+        },
+    }
+}
+
+/// Experts with biases held whole on expert × tensor ranks (see
+/// [`TargetRules::whole_experts_for_bias`]): an error for each layer whose experts do not
+/// divide over those ranks, else the warning that the file's slicing is not what runs (where
+/// there are MoE layers).
+fn whole_experts_rules(
+    model: &Model,
+    par: &Parallel,
+    grid: &Grid,
+    rules: &TargetRules,
+) -> Result<Option<Diagnostic>, Vec<Diagnostic>> {
+    let (t, g) = (grid.tensor, grid.expert_group);
+    let mut errors = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, m) in model.moe_layers() {
+        if m.experts % (g * t) != 0 && seen.insert(m.spans.experts) {
+            errors.push(diagnostics::experts_not_divisible_whole(
+                i,
+                (m.experts, m.spans.experts),
+                (g, t, g * t),
+                &rules.version,
+                par.spans.tensor,
+            ));
         }
-        Layout::MegatronCore => {
-            let e = if slicing { t } else { 1 };
-            ExpertPlacement {
-                layout: Layout::MegatronCore,
-                parallel: g,
-                slices: e,
-                stride: e,
-            }
-        }
-    };
-    let padded = cost::padded_vocab_to(model.vocab, rules.vocab_multiple, t);
-    if rules.vocab_multiple == 1 && padded != model.vocab {
-        warnings.push(diagnostics::vocab_padded(
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let has_moe_layers = model.moe_layers().next().is_some();
+    Ok(has_moe_layers
+        .then(|| diagnostics::whole_experts_for_bias((g, t), &rules.version, par.spans.tensor)))
+}
+
+/// A target that takes the file's vocabulary (`pinned_vocab`) still pads it to a multiple of
+/// the tensor size: the warning saying so, where it does.
+fn pinned_vocab_padded(model: &Model, tensor: u64, rules: &TargetRules) -> Option<Diagnostic> {
+    let padded = cost::padded_vocab_to(model.vocab, rules.vocab_multiple, tensor);
+    (rules.vocab_multiple == 1 && padded != model.vocab).then(|| {
+        diagnostics::vocab_padded(
             (model.vocab, model.spans.vocab),
             padded,
-            t,
+            tensor,
             &rules.version,
-        ));
-    }
-    Ok((placement, warnings))
+        )
+    })
 }
 
 /// Checks and costs the file with overrides for the training `rules` describe, choosing the
@@ -723,6 +757,8 @@ const SHARE_WITHOUT_TRAIN: u64 = 64;
 /// sequences and batch, or what the planner assumes without one.
 struct StepShape<'c> {
     train: Option<&'c Train>,
+    /// The grid's data ranks.
+    data: u64,
     /// The grid's pipeline stages.
     pipeline: u64,
     /// The grid's model chunks per stage.
@@ -779,6 +815,7 @@ impl<'c> StepShape<'c> {
         }
         Ok(StepShape {
             train,
+            data: grid.data,
             pipeline: grid.pipeline,
             virtual_stages: grid.virtual_stages,
             virtual_stages_span: par.spans.virtual_stages,
@@ -790,8 +827,8 @@ impl<'c> StepShape<'c> {
 
     /// Micro-batches per step (per data rank) at micro-batch `m`.
     fn micro_batches(&self, m: u64) -> u64 {
-        match self.per_rank_batch {
-            Some(b) => b / m,
+        match self.train {
+            Some(t) => micro_batches_per_step(t.batch_sequences, self.data, m),
             None => MICRO_BATCHES_PER_STAGE_WITHOUT_TRAIN * self.pipeline,
         }
     }
@@ -808,7 +845,7 @@ impl<'c> StepShape<'c> {
     /// Whether the schedule runs micro-batch `m`: the interleaved one needs a multiple of the
     /// stages in micro-batches.
     fn schedulable(&self, m: u64) -> bool {
-        self.virtual_stages == 1 || self.micro_batches(m) % self.pipeline == 0
+        schedule::runs_micro_batches(self.pipeline, self.virtual_stages, self.micro_batches(m))
     }
 
     /// The micro-batches to cost: `asked` (the file's or `--micro-batch`), else the powers of
@@ -1102,10 +1139,45 @@ impl Setup {
 /// Divisibility and size checks; the grid when they all pass. Every rule that can still be
 /// decided is checked (not only the first to fail): all of them need the sizes to be in
 /// range, those about the model need the model, and those about the expert group and the
-/// batch need the data size.
+/// batch need the data size. The diagnostics come in the order of these phases.
 fn validate(parts: &Parts, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
-    let par = parts.parallel;
-    let sp = &par.spans;
+    let sizes = size_rules(parts, s);
+    if !sizes.is_empty() {
+        return Err(sizes);
+    }
+    let mut errs = Vec::new();
+    let data = data_size(parts.parallel, s, &mut errs);
+    if let Some(model) = parts.model {
+        model_rules(model, parts.parallel, s, &mut errs);
+    }
+    // No data size: nothing below can be decided.
+    let Some(data) = data else {
+        return Err(errs);
+    };
+    let expert_group = expert_group_size(parts.parallel, s, data, &mut errs);
+    if let (Some(model), Some(group)) = (parts.model, expert_group) {
+        experts_rules(model, parts.parallel, group, &mut errs);
+    }
+    if let Some(train) = parts.train {
+        batch_rules(train, parts.parallel, s, data, &mut errs);
+    }
+    let Some(expert_group) = expert_group.filter(|_| errs.is_empty()) else {
+        return Err(errs);
+    };
+    Ok(Grid {
+        world: s.world,
+        tensor: s.tensor,
+        pipeline: s.pipeline,
+        virtual_stages: s.virtual_stages_in_effect(),
+        data,
+        expert_group,
+    })
+}
+
+/// The sizes every other rule divides by are not zero, and no size is past the planner's
+/// [`limits`].
+fn size_rules(parts: &Parts, s: &Setup) -> Vec<Diagnostic> {
+    let sp = &parts.parallel.spans;
     let mut errs = Vec::new();
     for (v, what, at) in [
         (s.world, "gpus", sp.gpus),
@@ -1126,91 +1198,109 @@ fn validate(parts: &Parts, s: &Setup) -> Result<Grid, Vec<Diagnostic>> {
         errs.push(diagnostics::zero_size("the expert group size", sp.experts));
     }
     errs.extend(check_limits(parts, s));
-    if !errs.is_empty() {
-        return Err(errs);
-    }
+    errs
+}
+
+/// `span` where the file wrote the value, `None` where it did not: values the file did not
+/// write point at the `parallel` block, and are not labelled as if they were written there.
+fn written(par: &Parallel, span: Span) -> Option<Span> {
+    (span != par.spans.block).then_some(span)
+}
+
+/// The data-parallel size, where the world divides into tensor × pipeline (else an error).
+fn data_size(par: &Parallel, s: &Setup, errs: &mut Vec<Diagnostic>) -> Option<u64> {
+    let sp = &par.spans;
     let tp = s.tensor * s.pipeline;
-    // Values the file did not write point at the `parallel` block; they are not labelled
-    // as if they were written there.
-    let written = |span: crate::diag::Span| (span != sp.block).then_some(span);
     if s.world % tp != 0 {
         errs.push(diagnostics::world_not_divisible(
             (s.world, sp.gpus),
-            (s.tensor, written(sp.tensor)),
-            (s.pipeline, written(sp.pipeline)),
+            (s.tensor, written(par, sp.tensor)),
+            (s.pipeline, written(par, sp.pipeline)),
         ));
+        return None;
     }
-    if let Some(model) = parts.model {
-        model_rules(model, par, s, &mut errs);
-    }
-    if s.world % tp != 0 {
-        // No data size: nothing below can be decided.
-        return Err(errs);
-    }
-    let data = s.world / tp;
-    let expert_group = match s.expert_group {
+    Some(s.world / tp)
+}
+
+/// The expert group's size on `data` data ranks, where a size asked for divides them (else an
+/// error).
+fn expert_group_size(
+    par: &Parallel,
+    s: &Setup,
+    data: u64,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<u64> {
+    match s.expert_group {
         ExpertGroup::AcrossData => Some(data),
         ExpertGroup::Replicated => Some(1),
         ExpertGroup::Size { size } if data % size != 0 => {
             errs.push(diagnostics::expert_group_not_divisible(
-                size, data, sp.experts,
+                size,
+                data,
+                par.spans.experts,
             ));
             None
         }
         ExpertGroup::Size { size } => Some(size),
-    };
+    }
+}
+
+/// Each MoE layer's experts divide over an expert `group` (one diagnostic per declaration of
+/// the experts, which layers usually share).
+fn experts_rules(model: &Model, par: &Parallel, group: u64, errs: &mut Vec<Diagnostic>) {
+    let sp = &par.spans;
     let mut seen = std::collections::BTreeSet::new();
-    let moe_layers = parts.model.into_iter().flat_map(|m| m.moe_layers());
-    for (i, m) in moe_layers {
-        let Some(group) = expert_group else { break };
+    for (i, m) in model.moe_layers() {
         if m.experts % group != 0 && seen.insert(m.spans.experts) {
             errs.push(diagnostics::experts_not_divisible(
                 i,
                 (m.experts, m.spans.experts),
                 group,
-                (sp.experts, written(sp.experts).is_some()),
+                (sp.experts, written(par, sp.experts).is_some()),
             ));
         }
     }
-    if let Some(t) = parts.train {
-        let m = s.micro_batch.unwrap_or(1);
-        if t.batch_sequences == 0 || t.batch_sequences % (data * m) != 0 {
-            let at = if par.micro_batch.is_some() && !s.micro_batch_overridden {
-                sp.micro_batch
-            } else {
-                t.spans.batch
-            };
-            errs.push(diagnostics::batch_not_divisible(
-                t.batch_sequences,
-                (data, written(sp.data)),
-                s.micro_batch,
-                at,
-            ));
-        }
+}
+
+/// The batch divides into `data` ranks' micro-batches, and where the micro-batch is given, the
+/// interleaved schedule runs that many of them (where it is chosen, the planner picks among
+/// those the schedule runs, see [`StepShape::micro_batch_candidates`]).
+fn batch_rules(train: &Train, par: &Parallel, s: &Setup, data: u64, errs: &mut Vec<Diagnostic>) {
+    let sp = &par.spans;
+    let batch = train.batch_sequences;
+    let m = s.micro_batch.unwrap_or(1);
+    let divisible = batch != 0 && batch % (data * m) == 0;
+    if !divisible {
+        let at = if par.micro_batch.is_some() && !s.micro_batch_overridden {
+            sp.micro_batch
+        } else {
+            train.spans.batch
+        };
+        errs.push(diagnostics::batch_not_divisible(
+            batch,
+            (data, written(par, sp.data)),
+            s.micro_batch,
+            at,
+        ));
     }
     let virtual_stages = s.virtual_stages_in_effect();
-    if let (Some(t), Some(m), true) = (parts.train, s.micro_batch, virtual_stages > 1) {
-        let micro_batches = t.batch_sequences / (data * m).max(1);
-        if t.batch_sequences % (data * m) == 0 && micro_batches % s.pipeline != 0 {
+    if let (Some(m), true) = (s.micro_batch, divisible) {
+        let micro_batches = micro_batches_per_step(batch, data, m);
+        if !schedule::runs_micro_batches(s.pipeline, virtual_stages, micro_batches) {
             errs.push(diagnostics::interleaved_micro_batches(
                 micro_batches,
                 s.pipeline,
                 (virtual_stages, sp.virtual_stages),
-                t.spans.batch,
+                train.spans.batch,
             ));
         }
     }
-    let Some(expert_group) = expert_group.filter(|_| errs.is_empty()) else {
-        return Err(errs);
-    };
-    Ok(Grid {
-        world: s.world,
-        tensor: s.tensor,
-        pipeline: s.pipeline,
-        virtual_stages,
-        data,
-        expert_group,
-    })
+}
+
+/// Micro-batches a data rank runs per step: its share of `batch` sequences over `data` ranks,
+/// in micro-batches of `micro_batch` sequences.
+fn micro_batches_per_step(batch: u64, data: u64, micro_batch: u64) -> u64 {
+    batch / data.max(1) / micro_batch.max(1)
 }
 
 impl Setup {
@@ -1292,6 +1382,8 @@ fn model_rules(model: &Model, par: &Parallel, s: &Setup, errs: &mut Vec<Diagnost
     }
 }
 
+/// The plan of a costed configuration: its MoE layers, ranks, stages and groups listed, its
+/// warnings and FasterMoE's and Megatron-Core's parts added.
 fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> ParallelPlan {
     let Costed {
         grid,
@@ -1305,36 +1397,21 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         assumptions,
         graph: g,
     } = p;
-    let g = &g;
     let par = &checked.parallel;
     let depth = checked.model.depth();
-    let ep = placement.parallel;
-    let slices = placement.slices;
-    let moe_layers: Vec<MoeLayerPlan> = checked
-        .model
-        .moe_layers()
-        .map(|(i, m)| MoeLayerPlan {
-            layer: i,
-            stage: grid.stage_of_layer(i as u64, depth),
-            experts: m.experts,
-            top_k: m.top_k,
-            experts_per_rank: m.experts / ep,
-            expert_hidden: m.expert.hidden,
-            hidden_per_rank: m.expert.hidden / slices,
-            capacity: m.gate.capacity.map(|c| c.train),
-        })
-        .collect();
-    // Megatron-Core's expert grid, where the plan is for it
-    let core_grid = match placement.layout {
-        Layout::MegatronCore => Some(ExpertGrid {
-            expert_parallel: ep,
-            expert_tensor: slices,
-        }),
-        Layout::Fastmoe => None,
-    };
-    let gpn = par.hardware.gpus_per_node.max(1);
-    let ranks = rank_plans(&grid, core_grid.as_ref(), slices, gpn, &moe_layers, &costed);
+    let moe_layers = moe_layer_plans(&checked.model, &grid, &placement);
+    let core_grid = megatron_core_grid(&placement);
+    let ranks = rank_plans(
+        &grid,
+        core_grid.as_ref(),
+        placement.slices,
+        gpus_per_node(par),
+        &moe_layers,
+        &costed,
+    );
     let stages = stage_plans(&grid, depth, &costed);
+    let groups = group_plans(&grid, core_grid.as_ref());
+    let megatron_core = core_grid.map(|eg| megatron_core_plan(checked, &grid, &rules, &eg));
     let warnings = layout_warnings(checked, &grid, &costed, placement_warnings);
     let fastermoe = fastermoe_plan(par, routing_skew, &costed);
     ParallelPlan {
@@ -1349,44 +1426,92 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
         virtual_stages: grid.virtual_stages,
         data: grid.data,
         expert_group: expert_group_name(expert_group),
-        expert_group_size: ep,
-        expert_slicing: slices > 1,
+        expert_group_size: placement.parallel,
+        expert_slicing: placement.slices > 1,
         precision,
         seq_len,
         micro_batch: costed.micro_batch,
         micro_batches: costed.micro_batches,
         global_batch: costed.micro_batch * costed.micro_batches * grid.data,
         assumptions,
-        params: model_params(g, checked),
+        params: model_params(&g, checked),
         stages,
         moe_layers,
         ranks,
-        groups: match &core_grid {
-            Some(eg) => Groups {
-                expert: eg.expert_groups(&grid),
-                expert_data: eg.expert_data_groups(&grid),
-                ..grid.groups()
-            },
-            None => grid.groups(),
-        },
+        groups,
         time: costed.time,
-        megatron_core: core_grid.map(|eg| MegatronCorePlan {
-            expert_parallel: eg.expert_parallel,
-            expert_tensor: eg.expert_tensor,
-            expert_data: eg.expert_data(&grid),
-            whole_experts_for_bias: placement.stride == 1
-                && par.expert_slicing
-                && grid.tensor > 1
-                && checked.model.bias
-                && !rules.sliced_expert_bias,
-            padded_vocab: cost::padded_vocab_to(
-                checked.model.vocab,
-                rules.vocab_multiple,
-                grid.tensor,
-            ),
-            distributed_optimizer: rules.distributed_optimizer,
-            expert_tensor_groups: eg.expert_tensor_groups(&grid),
+        megatron_core,
+    }
+}
+
+/// Ranks per host, as the plan assumes them (at least 1).
+fn gpus_per_node(par: &Parallel) -> u64 {
+    par.hardware.gpus_per_node.max(1)
+}
+
+/// Each MoE layer's stage, experts and the share of them (and of their hidden size) one rank
+/// holds under `placement`.
+fn moe_layer_plans(model: &Model, grid: &Grid, placement: &ExpertPlacement) -> Vec<MoeLayerPlan> {
+    let depth = model.depth();
+    model
+        .moe_layers()
+        .map(|(i, m)| MoeLayerPlan {
+            layer: i,
+            stage: grid.stage_of_layer(i as u64, depth),
+            experts: m.experts,
+            top_k: m.top_k,
+            experts_per_rank: m.experts / placement.parallel,
+            expert_hidden: m.expert.hidden,
+            hidden_per_rank: m.expert.hidden / placement.slices,
+            capacity: m.gate.capacity.map(|c| c.train),
+        })
+        .collect()
+}
+
+/// Megatron-Core's expert grid, where the plan is for it.
+fn megatron_core_grid(placement: &ExpertPlacement) -> Option<ExpertGrid> {
+    match placement.layout {
+        Layout::MegatronCore => Some(ExpertGrid {
+            expert_parallel: placement.parallel,
+            expert_tensor: placement.slices,
         }),
+        Layout::Fastmoe => None,
+    }
+}
+
+/// Every process group: the grid's, with Megatron-Core's expert and expert-data groups where
+/// the plan is for it.
+fn group_plans(grid: &Grid, core_grid: Option<&ExpertGrid>) -> Groups {
+    match core_grid {
+        Some(eg) => Groups {
+            expert: eg.expert_groups(grid),
+            expert_data: eg.expert_data_groups(grid),
+            ..grid.groups()
+        },
+        None => grid.groups(),
+    }
+}
+
+/// What a plan for Megatron-Core adds: its expert grid's sizes and groups, its vocabulary and
+/// optimizer.
+fn megatron_core_plan(
+    checked: &Checked,
+    grid: &Grid,
+    rules: &TargetRules,
+    eg: &ExpertGrid,
+) -> MegatronCorePlan {
+    MegatronCorePlan {
+        expert_parallel: eg.expert_parallel,
+        expert_tensor: eg.expert_tensor,
+        expert_data: eg.expert_data(grid),
+        whole_experts_for_bias: rules.whole_experts_for_bias(
+            &checked.model,
+            &checked.parallel,
+            grid.tensor,
+        ),
+        padded_vocab: cost::padded_vocab_to(checked.model.vocab, rules.vocab_multiple, grid.tensor),
+        distributed_optimizer: rules.distributed_optimizer,
+        expert_tensor_groups: eg.expert_tensor_groups(grid),
     }
 }
 
@@ -1469,7 +1594,7 @@ fn layout_warnings(
     placement_warnings: Vec<Diagnostic>,
 ) -> Vec<Diagnostic> {
     let par = &checked.parallel;
-    let gpn = par.hardware.gpus_per_node.max(1);
+    let gpn = gpus_per_node(par);
     let mut warnings = placement_warnings;
     if grid.tensor > 1 && (grid.tensor > gpn || gpn % grid.tensor != 0) {
         warnings.push(diagnostics::tensor_across_hosts(

@@ -129,48 +129,8 @@ fn header(o: &mut String, plan: &ParallelPlan) {
         bytes(hw.memory_bytes),
         crate::diag::count(hw.gpus_per_node, "GPU", "GPUs")
     );
-    let layout = match plan.megatron_core {
-        Some(_) => "Megatron-Core layout",
-        None => "Megatron-LM v2.2 layout",
-    };
-    let _ = writeln!(
-        o,
-        "grid:      world {} = tensor {} × pipeline {} × data {} ({layout})",
-        plan.world, plan.tensor, plan.pipeline, plan.data
-    );
-    if plan.virtual_stages > 1 {
-        let _ = writeln!(
-            o,
-            "schedule:  interleaved 1F1B, {} model chunks per stage",
-            plan.virtual_stages
-        );
-    }
-    if plan.moe_layers.is_empty() {
-        let _ = writeln!(o, "experts:   none (a dense model)");
-    } else if let Some(core) = &plan.megatron_core {
-        let _ = writeln!(
-            o,
-            "experts:   expert group {} ({}): expert-parallel {} × expert-tensor {} × expert-data {}{}",
-            plan.expert_group,
-            crate::diag::count(plan.expert_group_size, "rank", "ranks"),
-            core.expert_parallel,
-            core.expert_tensor,
-            core.expert_data,
-            if core.whole_experts_for_bias {
-                " (experts with biases whole, not sliced)"
-            } else {
-                ""
-            }
-        );
-    } else {
-        let _ = writeln!(
-            o,
-            "experts:   expert group {} ({}), expert slicing over tensor ranks: {}",
-            plan.expert_group,
-            crate::diag::count(plan.expert_group_size, "rank", "ranks"),
-            if plan.expert_slicing { "yes" } else { "no" }
-        );
-    }
+    grid_lines(o, plan);
+    let _ = writeln!(o, "experts:   {}", experts_summary(plan));
     let _ = writeln!(
         o,
         "batch:     {}, {} tokens/sequence, micro-batch {} × {} × {} = {} sequences/step",
@@ -192,6 +152,58 @@ fn header(o: &mut String, plan: &ParallelPlan) {
     );
     for a in &plan.assumptions {
         let _ = writeln!(o, "assumed:   {a}");
+    }
+}
+
+/// The grid and whose layout it follows; the schedule where it interleaves model chunks.
+fn grid_lines(o: &mut String, plan: &ParallelPlan) {
+    let layout = match plan.megatron_core {
+        Some(_) => "Megatron-Core layout",
+        None => "Megatron-LM v2.2 layout",
+    };
+    let _ = writeln!(
+        o,
+        "grid:      world {} = tensor {} × pipeline {} × data {} ({layout})",
+        plan.world, plan.tensor, plan.pipeline, plan.data
+    );
+    if plan.virtual_stages > 1 {
+        let _ = writeln!(
+            o,
+            "schedule:  interleaved 1F1B, {} model chunks per stage",
+            plan.virtual_stages
+        );
+    }
+}
+
+/// The expert group and how it splits (Megatron-Core's expert grid, or FastMoE's slicing over
+/// tensor ranks); `none` for a dense model.
+fn experts_summary(plan: &ParallelPlan) -> String {
+    let group = || {
+        format!(
+            "expert group {} ({})",
+            plan.expert_group,
+            crate::diag::count(plan.expert_group_size, "rank", "ranks")
+        )
+    };
+    match &plan.megatron_core {
+        _ if plan.moe_layers.is_empty() => "none (a dense model)".into(),
+        Some(core) => format!(
+            "{}: expert-parallel {} × expert-tensor {} × expert-data {}{}",
+            group(),
+            core.expert_parallel,
+            core.expert_tensor,
+            core.expert_data,
+            if core.whole_experts_for_bias {
+                " (experts with biases whole, not sliced)"
+            } else {
+                ""
+            }
+        ),
+        None => format!(
+            "{}, expert slicing over tensor ranks: {}",
+            group(),
+            if plan.expert_slicing { "yes" } else { "no" }
+        ),
     }
 }
 

@@ -86,7 +86,7 @@ impl Pipeline {
         if v > 1 && p == 1 {
             return Err("virtual stages need more than one pipeline stage".into());
         }
-        if v > 1 && m % p != 0 {
+        if !runs_micro_batches(p as u64, v as u64, m as u64) {
             return Err(format!(
                 "the interleaved schedule needs the micro-batches per step ({m}) to be a multiple \
                  of the pipeline stages ({p})"
@@ -108,6 +108,14 @@ impl Pipeline {
     fn last_virtual(&self) -> usize {
         self.stages * self.virtual_stages - 1
     }
+}
+
+/// Whether a pipeline of `stages` stages of `virtual_stages` model chunks each runs
+/// `micro_batches` per step: the interleaved schedule needs a multiple of the stages (the
+/// planner's rule where the file gives the micro-batch, its choice where it does not, and
+/// [`Pipeline::check`]'s); plain 1F1B runs any number.
+pub fn runs_micro_batches(stages: u64, virtual_stages: u64, micro_batches: u64) -> bool {
+    virtual_stages <= 1 || micro_batches.checked_rem(stages) == Some(0)
 }
 
 /// Where a stage's chunk sends its output, and where its input comes from (stage, chunk).
@@ -268,90 +276,149 @@ fn one_f_one_b(b: &mut Builder, forward_only: bool) {
 
 /// The interleaved 1F1B: the forwards of virtual micro-batch `k` (`m·v` of them) go through
 /// the chunks in groups of `p` micro-batches, the backwards through the chunks in reverse.
+/// Its three phases: the warm-up's forwards, the steady state's forward-backward pairs, the
+/// cool-down's backwards.
 fn interleaved(b: &mut Builder, forward_only: bool) {
-    let p = *b.p;
-    let (stages, v, m, s) = (p.stages, p.virtual_stages, p.micro_batches, b.stage);
-    let total = m * v;
-    let group = stages * v;
-    // Virtual micro-batch numbers may run below 0 (`k - (p - 1)` early on): taken modulo
-    // the group as Megatron does.
-    let chunk_of = |k: i64, forward: bool| {
-        let c = k.rem_euclid(group as i64) as usize / stages;
+    let run = Interleaving::of(b.p, b.stage, forward_only);
+    // The first forward's input.
+    b.exchange(None, None, Some(0), None);
+    run.warmup(b);
+    run.steady(b);
+    if !forward_only {
+        run.cooldown(b);
+    }
+}
+
+/// One stage's interleaved 1F1B: what its phases share (the counts of virtual micro-batches,
+/// where the stage sits) and how a virtual micro-batch maps to a chunk and a micro-batch.
+struct Interleaving {
+    stages: usize,
+    /// Model chunks per stage.
+    v: usize,
+    /// Virtual micro-batches: every micro-batch once through every chunk (`m·v`).
+    total: usize,
+    /// Virtual micro-batches of one round through the chunks (`p` micro-batches each).
+    group: usize,
+    first: bool,
+    last: bool,
+    /// Every forward runs before the first backward: there is nothing to overlap (one group
+    /// of micro-batches) or nothing to go backwards (forward only).
+    all_warmup: bool,
+    /// Forwards before the first backward.
+    warmup: usize,
+    /// Forward-backward pairs after them.
+    steady: usize,
+}
+
+impl Interleaving {
+    fn of(p: &Pipeline, stage: usize, forward_only: bool) -> Interleaving {
+        let (stages, v, m) = (p.stages, p.virtual_stages, p.micro_batches);
+        let total = m * v;
+        let all_warmup = forward_only || m == stages;
+        let warmup = if all_warmup {
+            total
+        } else {
+            ((stages - stage - 1) * 2 + (v - 1) * stages).min(total)
+        };
+        Interleaving {
+            stages,
+            v,
+            total,
+            group: stages * v,
+            first: stage == 0,
+            last: stage == stages - 1,
+            all_warmup,
+            warmup,
+            steady: total - warmup,
+        }
+    }
+
+    /// The chunk of virtual micro-batch `k`, going `forward` or backward. `k` may run below 0
+    /// (`k - (p - 1)` early on): taken modulo the group as Megatron does.
+    fn chunk_of(&self, k: i64, forward: bool) -> usize {
+        let c = k.rem_euclid(self.group as i64) as usize / self.stages;
         if forward {
             c
         } else {
-            v - 1 - c
+            self.v - 1 - c
         }
-    };
-    let micro_of = |k: usize| (k / group) * stages + k % stages;
-    let (first, last) = (s == 0, s == stages - 1);
-    // Every forward first when there is nothing to overlap (or nothing to go backwards).
-    let all_warmup = forward_only || m == stages;
-    let warmup = if all_warmup {
-        total
-    } else {
-        ((stages - s - 1) * 2 + (v - 1) * stages).min(total)
-    };
-    let steady = total - warmup;
+    }
 
-    // The first forward's input.
-    b.exchange(None, None, Some(0), None);
-    for k in 0..warmup {
-        let (c, micro) = (chunk_of(k as i64, true), micro_of(k));
-        b.compute(Action::Forward { chunk: c, micro });
-        let next = chunk_of(k as i64 + 1, true);
-        let recv_forward = !(first && next == 0) && k + 1 != total;
-        let recv_backward = k + 1 == warmup && !all_warmup && !last;
-        b.exchange(
-            Some((c, micro)),
-            None,
-            recv_forward.then_some(next),
-            recv_backward.then_some(v - 1),
-        );
+    /// The micro-batch of virtual micro-batch `k`.
+    fn micro_of(&self, k: usize) -> usize {
+        (k / self.group) * self.stages + k % self.stages
     }
-    for j in 0..steady {
-        let fk = warmup + j;
-        let (fc, fm) = (chunk_of(fk as i64, true), micro_of(fk));
-        b.compute(Action::Forward {
-            chunk: fc,
-            micro: fm,
-        });
-        let (bc, bm) = (chunk_of(j as i64, false), micro_of(j));
-        b.compute(Action::Backward {
-            chunk: bc,
-            micro: bm,
-        });
-        // The first stage runs p - 1 virtual micro-batches ahead of the last: what it
-        // receives now is the last stage's output of that earlier micro-batch's chunk,
-        // the input of the chunk after it.
-        let ahead = stages as i64 - 1;
-        let recv_forward = if first {
-            let c = chunk_of(fk as i64 - ahead, true);
-            (c != v - 1).then_some(c + 1)
-        } else {
-            Some(chunk_of(fk as i64 + 1, true))
-        };
-        let recv_backward = if last {
-            let c = chunk_of(j as i64 - ahead, false);
-            (c != 0).then(|| c - 1)
-        } else {
-            Some(chunk_of(j as i64 + 1, false))
-        };
-        let recv_forward = recv_forward.filter(|_| j + 1 != steady);
-        b.exchange(Some((fc, fm)), Some((bc, bm)), recv_forward, recv_backward);
+
+    /// The warm-up: forwards, each sending its output and receiving the next forward's input
+    /// (and, after the last, the first backward's gradient).
+    fn warmup(&self, b: &mut Builder) {
+        let (v, total, warmup) = (self.v, self.total, self.warmup);
+        for k in 0..warmup {
+            let (c, micro) = (self.chunk_of(k as i64, true), self.micro_of(k));
+            b.compute(Action::Forward { chunk: c, micro });
+            let next = self.chunk_of(k as i64 + 1, true);
+            let recv_forward = !(self.first && next == 0) && k + 1 != total;
+            let recv_backward = k + 1 == warmup && !self.all_warmup && !self.last;
+            b.exchange(
+                Some((c, micro)),
+                None,
+                recv_forward.then_some(next),
+                recv_backward.then_some(v - 1),
+            );
+        }
     }
-    if forward_only {
-        return;
+
+    /// The steady state: one forward and one backward, then one batch sending both results
+    /// and receiving the next pair's inputs.
+    fn steady(&self, b: &mut Builder) {
+        let (v, steady) = (self.v, self.steady);
+        for j in 0..steady {
+            let fk = self.warmup + j;
+            let (fc, fm) = (self.chunk_of(fk as i64, true), self.micro_of(fk));
+            b.compute(Action::Forward {
+                chunk: fc,
+                micro: fm,
+            });
+            let (bc, bm) = (self.chunk_of(j as i64, false), self.micro_of(j));
+            b.compute(Action::Backward {
+                chunk: bc,
+                micro: bm,
+            });
+            // The first stage runs p - 1 virtual micro-batches ahead of the last: what it
+            // receives now is the last stage's output of that earlier micro-batch's chunk,
+            // the input of the chunk after it.
+            let ahead = self.stages as i64 - 1;
+            let recv_forward = if self.first {
+                let c = self.chunk_of(fk as i64 - ahead, true);
+                (c != v - 1).then_some(c + 1)
+            } else {
+                Some(self.chunk_of(fk as i64 + 1, true))
+            };
+            let recv_backward = if self.last {
+                let c = self.chunk_of(j as i64 - ahead, false);
+                (c != 0).then(|| c - 1)
+            } else {
+                Some(self.chunk_of(j as i64 + 1, false))
+            };
+            let recv_forward = recv_forward.filter(|_| j + 1 != steady);
+            b.exchange(Some((fc, fm)), Some((bc, bm)), recv_forward, recv_backward);
+        }
     }
-    if all_warmup {
-        b.exchange(None, None, None, Some(v - 1));
-    }
-    for k in steady..total {
-        let (c, micro) = (chunk_of(k as i64, false), micro_of(k));
-        b.compute(Action::Backward { chunk: c, micro });
-        let next = chunk_of(k as i64 + 1, false);
-        let recv_backward = !(last && next == v - 1) && k + 1 != total;
-        b.exchange(None, Some((c, micro)), None, recv_backward.then_some(next));
+
+    /// The cool-down: the backwards left, each sending its gradient and receiving the next
+    /// one's (after an all-forward warm-up, first the last chunk's gradient).
+    fn cooldown(&self, b: &mut Builder) {
+        let (v, total) = (self.v, self.total);
+        if self.all_warmup {
+            b.exchange(None, None, None, Some(v - 1));
+        }
+        for k in self.steady..total {
+            let (c, micro) = (self.chunk_of(k as i64, false), self.micro_of(k));
+            b.compute(Action::Backward { chunk: c, micro });
+            let next = self.chunk_of(k as i64 + 1, false);
+            let recv_backward = !(self.last && next == v - 1) && k + 1 != total;
+            b.exchange(None, Some((c, micro)), None, recv_backward.then_some(next));
+        }
     }
 }
 
