@@ -188,20 +188,19 @@ impl Checker<'_> {
     }
 
     /// Reports a bare name that is not defined anywhere (an unknown name), with the
-    /// closest visible name and the stdlib module to import it from.
+    /// stdlib module to import it from or the closest visible name.
     pub(crate) fn report_unknown_name(&mut self, name: &str, span: Span, ctx: Ctx, extra: &[&str]) {
-        let mut names = self.visible_names(ctx.module);
-        if let Some(l) = ctx.locals {
-            names.extend(l.keys().cloned());
-        }
-        if let Some(f) = ctx.fields {
-            names.extend(f.exprs.keys().cloned());
-        }
-        names.extend(extra.iter().map(|s| s.to_string()));
-        let importable = self
-            .importable_from(name)
-            .map(|m| format!("`{name}` is in `{m}`: add `use {m}.{name}`"));
-        let help = importable.or_else(|| did_you_mean(name, names.iter().map(String::as_str)));
+        let help = self.not_found_help(name, |this| {
+            let mut names = this.visible_names(ctx.module);
+            if let Some(l) = ctx.locals {
+                names.extend(l.keys().cloned());
+            }
+            if let Some(f) = ctx.fields {
+                names.extend(f.exprs.keys().cloned());
+            }
+            names.extend(extra.iter().map(|s| s.to_string()));
+            names
+        });
         self.sink.push(errors::unknown_name(span, name, help));
     }
 
@@ -325,27 +324,26 @@ impl Checker<'_> {
             }
             None => match callee.name.as_str() {
                 "floor" | "ceil" => self.call_rounding(&callee.name, args, span, ctx),
-                _ => {
-                    let mut names = self.visible_names(ctx.module);
-                    names.extend(["floor".to_string(), "ceil".to_string()]);
-                    let importable = self.importable_from(&callee.name).map(|m| {
-                        format!(
-                            "`{}` is in `{m}`: add `use {m}.{}`",
-                            callee.name, callee.name
-                        )
-                    });
-                    let help = importable
-                        .or_else(|| did_you_mean(&callee.name, names.iter().map(String::as_str)));
-                    // Still evaluate the arguments so their own errors are reported.
-                    for a in args {
-                        self.eval(&a.value, ctx);
-                    }
-                    self.sink
-                        .push(errors::unknown_function(callee.span, &callee.name, help));
-                    V::error(span)
-                }
+                _ => self.call_unknown(callee, args, span, ctx),
             },
         }
+    }
+
+    /// A call of a name nothing defines: its arguments are still evaluated, so that their
+    /// own mistakes are reported, then the name is, with the stdlib module that has it or
+    /// the closest callable name.
+    fn call_unknown(&mut self, callee: &ast::Ident, args: &[ast::Arg], span: Span, ctx: Ctx) -> V {
+        let help = self.not_found_help(&callee.name, |this| {
+            let mut names = this.visible_names(ctx.module);
+            names.extend(["floor".to_string(), "ceil".to_string()]);
+            names
+        });
+        for a in args {
+            self.eval(&a.value, ctx);
+        }
+        self.sink
+            .push(errors::unknown_function(callee.span, &callee.name, help));
+        V::error(span)
     }
 
     /// `floor(x)` and `ceil(x)`: the integer division the grammar leaves to `/`.

@@ -80,18 +80,7 @@ impl Checker<'_> {
                     }
                 },
                 None => {
-                    let help = self
-                        .importable_from(&parent.name)
-                        .map(|md| {
-                            format!(
-                                "`{}` is in `{md}`: add `use {md}.{}`",
-                                parent.name, parent.name
-                            )
-                        })
-                        .or_else(|| {
-                            let names = self.preset_names();
-                            did_you_mean(&parent.name, names.iter().map(String::as_str))
-                        });
+                    let help = self.not_found_help(&parent.name, Self::preset_names);
                     self.sink
                         .push(errors::unknown_preset(parent.span, &parent.name, help));
                     return None;

@@ -361,13 +361,7 @@ impl Checker<'_> {
             },
             None if self.user_hardware.contains_key(name) => self.user_hardware.get(name).cloned(),
             None => {
-                let help = self
-                    .importable_from(name)
-                    .map(|md| format!("`{name}` is in `{md}`: add `use {md}.{name}`"))
-                    .or_else(|| {
-                        let names = self.hardware_names();
-                        did_you_mean(name, names.iter().map(String::as_str))
-                    });
+                let help = self.not_found_help(name, Self::hardware_names);
                 self.sink.push(errors::unknown_hardware(span, name, help));
                 None
             }

@@ -329,10 +329,24 @@ impl Checker<'_> {
 
     /// The stdlib module that defines `name` but is not imported into `m`, if any, for
     /// the help "add `use std.gates.gshard`".
-    pub(crate) fn importable_from(&self, name: &str) -> Option<String> {
+    fn importable_from(&self, name: &str) -> Option<String> {
         self.modules
             .iter()
             .find(|md| md.is_std && md.items.contains_key(name))
             .map(|md| md.path.clone())
+    }
+
+    /// The help for a `name` that is not found: the `use` that imports it where a stdlib
+    /// module has it, else the closest of `candidates` (asked for only then). One rule for
+    /// unknown names, calls, presets and hardware profiles, which wrote it out each.
+    pub(crate) fn not_found_help(
+        &self,
+        name: &str,
+        candidates: impl FnOnce(&Self) -> Vec<String>,
+    ) -> Option<String> {
+        match self.importable_from(name) {
+            Some(module) => Some(errors::add_use(name, &module)),
+            None => did_you_mean(name, candidates(self).iter().map(String::as_str)),
+        }
     }
 }
