@@ -12,7 +12,7 @@ use super::scope::{EntityKind, ModId};
 use super::signature::Signature;
 use super::value::{kind_fits, CtorArg, CtorValue, Type, Value, V};
 use super::Checker;
-use crate::diag::{did_you_mean, Span};
+use crate::diag::{did_you_mean, Diagnostic, Span};
 use crate::syntax::ast::{self, BinOp, Expr, ExprKind};
 
 /// Calls nest at most this deep (a definition calling itself would not stop).
@@ -61,6 +61,65 @@ impl FieldEnv {
             .borrow_mut()
             .insert(name.to_string(), V::error(span));
     }
+}
+
+/// The parameters a call's arguments are matched against, a definition's or a
+/// constructor's: the callee's name, where it is declared, its parameters' names in order.
+struct Params<'p> {
+    callee: &'p str,
+    declared: Span,
+    names: Vec<&'p str>,
+}
+
+/// Where one argument of a call goes.
+enum Placed {
+    /// To the parameter at this index of the declaration.
+    Param(usize),
+    /// Nowhere: its keyword names no parameter (most likely the missing one, misspelled).
+    Unknown(Diagnostic),
+    /// Nowhere: a positional argument after a keyword one, or past the last parameter.
+    Misplaced(Diagnostic),
+}
+
+impl Params<'_> {
+    /// Where argument `i` (`a`) goes: by its keyword, else by its place while no keyword
+    /// came before it (`seen_keyword`, which this notes). The one rule of how arguments
+    /// meet parameters, for definitions and constructors alike (each wrote it out once).
+    fn place(&self, i: usize, a: &ast::Arg, seen_keyword: &mut bool) -> Placed {
+        match &a.name {
+            Some(n) => {
+                *seen_keyword = true;
+                match self.names.iter().position(|p| *p == n.name) {
+                    Some(k) => Placed::Param(k),
+                    None => Placed::Unknown(errors::unknown_argument(
+                        n.span,
+                        &n.name,
+                        self.callee,
+                        did_you_mean(&n.name, self.names.iter().copied()),
+                        self.declared,
+                    )),
+                }
+            }
+            None if *seen_keyword => Placed::Misplaced(errors::positional_after_keyword(a.span)),
+            None if i < self.names.len() => Placed::Param(i),
+            None => Placed::Misplaced(errors::too_many_arguments(
+                a.span,
+                self.callee,
+                self.names.len(),
+            )),
+        }
+    }
+}
+
+/// The written arguments of a constructor call, matched and conformed.
+#[derive(Default)]
+struct CtorArguments {
+    /// By parameter name.
+    given: BTreeMap<String, CtorArg>,
+    /// An argument was misplaced, repeated or of the wrong type: the call is an error.
+    failed: bool,
+    /// A keyword named no parameter: the missing argument is not reported again.
+    unknown_given: bool,
 }
 
 impl Checker<'_> {
@@ -371,6 +430,9 @@ impl Checker<'_> {
         }
     }
 
+    /// A call of a user's definition, in its phases: the arguments bound to parameters,
+    /// the defaults of the rest, then the body evaluated with them. A missing argument
+    /// stops it there (the body would only report the same name as unknown).
     fn call_def(
         &mut self,
         def: &Rc<ast::Def>,
@@ -379,63 +441,8 @@ impl Checker<'_> {
         span: Span,
         ctx: Ctx,
     ) -> V {
-        let mut bound: BTreeMap<String, V> = BTreeMap::new();
-        let mut seen_keyword = false;
-        for (i, a) in args.iter().enumerate() {
-            let v = self.eval(&a.value, ctx);
-            let name = match &a.name {
-                Some(n) => {
-                    seen_keyword = true;
-                    if !def.params.iter().any(|p| p.name.name == n.name) {
-                        let names = def.params.iter().map(|p| p.name.name.as_str());
-                        self.sink.push(errors::unknown_argument(
-                            n.span,
-                            &n.name,
-                            &def.name.name,
-                            did_you_mean(&n.name, names),
-                            def.name.span,
-                        ));
-                        continue;
-                    }
-                    n.name.clone()
-                }
-                None => {
-                    if seen_keyword {
-                        self.sink.push(errors::positional_after_keyword(a.span));
-                        continue;
-                    }
-                    match def.params.get(i) {
-                        Some(p) => p.name.name.clone(),
-                        None => {
-                            self.sink.push(errors::too_many_arguments(
-                                a.span,
-                                &def.name.name,
-                                def.params.len(),
-                            ));
-                            continue;
-                        }
-                    }
-                }
-            };
-            if bound.contains_key(&name) {
-                self.sink.push(errors::argument_twice(a.span, &name));
-                continue;
-            }
-            bound.insert(name, v);
-        }
-        let mut missing = Vec::new();
-        for p in &def.params {
-            if bound.contains_key(&p.name.name) {
-                continue;
-            }
-            match &p.default {
-                Some(d) => {
-                    let v = self.eval(d, Ctx::module(m));
-                    bound.insert(p.name.name.clone(), v);
-                }
-                None => missing.push(p.name.name.clone()),
-            }
-        }
+        let mut bound = self.bind_def_arguments(def, args, ctx);
+        let missing = self.def_defaults(def, m, &mut bound);
         if !missing.is_empty() {
             self.sink.push(errors::missing_arguments(
                 span,
@@ -455,6 +462,68 @@ impl Checker<'_> {
         V::new(v.value, span)
     }
 
+    /// The written arguments of a definition's call by parameter name, each evaluated in
+    /// the caller's context (a misplaced or repeated one too, before it is reported and
+    /// left out).
+    fn bind_def_arguments(
+        &mut self,
+        def: &ast::Def,
+        args: &[ast::Arg],
+        ctx: Ctx,
+    ) -> BTreeMap<String, V> {
+        let params = Params {
+            callee: &def.name.name,
+            declared: def.name.span,
+            names: def.params.iter().map(|p| p.name.name.as_str()).collect(),
+        };
+        let mut bound: BTreeMap<String, V> = BTreeMap::new();
+        let mut seen_keyword = false;
+        for (i, a) in args.iter().enumerate() {
+            let v = self.eval(&a.value, ctx);
+            let name = match params.place(i, a, &mut seen_keyword) {
+                Placed::Param(k) => def.params[k].name.name.clone(),
+                Placed::Unknown(d) | Placed::Misplaced(d) => {
+                    self.sink.push(d);
+                    continue;
+                }
+            };
+            if bound.contains_key(&name) {
+                self.sink.push(errors::argument_twice(a.span, &name));
+                continue;
+            }
+            bound.insert(name, v);
+        }
+        bound
+    }
+
+    /// Binds the defaults (evaluated in the definition's module `m`) of the parameters the
+    /// call left out; returns the names of those without one, in declaration order.
+    fn def_defaults(
+        &mut self,
+        def: &ast::Def,
+        m: ModId,
+        bound: &mut BTreeMap<String, V>,
+    ) -> Vec<String> {
+        let mut missing = Vec::new();
+        for p in &def.params {
+            if bound.contains_key(&p.name.name) {
+                continue;
+            }
+            match &p.default {
+                Some(d) => {
+                    let v = self.eval(d, Ctx::module(m));
+                    bound.insert(p.name.name.clone(), v);
+                }
+                None => missing.push(p.name.name.clone()),
+            }
+        }
+        missing
+    }
+
+    /// A call of a stdlib constructor, in its phases: the written arguments matched to the
+    /// signature and conformed to their types, the defaults of the rest, then the value with
+    /// every parameter filled in. Any mistake makes the call an error value, once every
+    /// argument was looked at.
     pub(crate) fn call_ctor(
         &mut self,
         sig: &Rc<Signature>,
@@ -463,69 +532,79 @@ impl Checker<'_> {
         span: Span,
         ctx: Ctx,
     ) -> V {
-        let mut given: BTreeMap<String, CtorArg> = BTreeMap::new();
+        let CtorArguments {
+            mut given,
+            mut failed,
+            unknown_given,
+        } = self.ctor_arguments(sig, args, ctx);
+        let missing = self.ctor_defaults(sig, span, &mut given);
+        if !missing.is_empty() {
+            // A misspelled argument usually is the missing one: it was reported already.
+            if !unknown_given {
+                self.sink.push(
+                    errors::missing_arguments(span, &sig.name, &missing, None)
+                        .with_help(format!("the signature is `{}`", sig.display())),
+                );
+            }
+            failed = true;
+        }
+        if failed {
+            return V::error(span);
+        }
+        V::new(
+            Value::Ctor(Rc::new(CtorValue {
+                name: sig.name.clone(),
+                kind: sig.kind.clone(),
+                args: given,
+                span,
+                callee_span,
+            })),
+            span,
+        )
+    }
+
+    /// The written arguments of a constructor call, each matched to its parameter and
+    /// conformed to the parameter's type. A misplaced or unknown argument is reported and
+    /// still evaluated, for its own mistakes; a repeated one is reported and not.
+    fn ctor_arguments(&mut self, sig: &Signature, args: &[ast::Arg], ctx: Ctx) -> CtorArguments {
+        let params = Params {
+            callee: &sig.name,
+            declared: sig.name_span,
+            names: sig.params.iter().map(|p| p.name.as_str()).collect(),
+        };
+        let mut out = CtorArguments::default();
         let mut seen_keyword = false;
-        let mut failed = false;
-        // A misspelled argument usually is the missing one: report it once.
-        let mut unknown_given = false;
         for (i, a) in args.iter().enumerate() {
-            let param = match &a.name {
-                Some(n) => {
-                    seen_keyword = true;
-                    match sig.param(&n.name) {
-                        Some(p) => p,
-                        None => {
-                            let names = sig.params.iter().map(|p| p.name.as_str());
-                            self.sink.push(errors::unknown_argument(
-                                n.span,
-                                &n.name,
-                                &sig.name,
-                                did_you_mean(&n.name, names),
-                                sig.name_span,
-                            ));
-                            // Reported and left out: the call is still made from the
-                            // other arguments, so that the rules about it run in this pass.
-                            self.eval(&a.value, ctx);
-                            unknown_given = true;
-                            continue;
-                        }
-                    }
+            let param = match params.place(i, a, &mut seen_keyword) {
+                Placed::Param(k) => &sig.params[k],
+                Placed::Unknown(d) => {
+                    self.sink.push(d);
+                    // Reported and left out: the call is still made from the other
+                    // arguments, so that the rules about it run in this pass.
+                    self.eval(&a.value, ctx);
+                    out.unknown_given = true;
+                    continue;
                 }
-                None => {
-                    if seen_keyword {
-                        self.sink.push(errors::positional_after_keyword(a.span));
-                        self.eval(&a.value, ctx);
-                        failed = true;
-                        continue;
-                    }
-                    match sig.params.get(i) {
-                        Some(p) => p,
-                        None => {
-                            self.sink.push(errors::too_many_arguments(
-                                a.span,
-                                &sig.name,
-                                sig.params.len(),
-                            ));
-                            self.eval(&a.value, ctx);
-                            failed = true;
-                            continue;
-                        }
-                    }
+                Placed::Misplaced(d) => {
+                    self.sink.push(d);
+                    self.eval(&a.value, ctx);
+                    out.failed = true;
+                    continue;
                 }
             };
-            if let Some(prev) = given.get(&param.name) {
+            if let Some(prev) = out.given.get(&param.name) {
                 self.sink.push(
                     errors::argument_twice(a.span, &param.name)
                         .with_secondary(prev.value.span, "first given here"),
                 );
-                failed = true;
+                out.failed = true;
                 continue;
             }
             let v = self.eval(&a.value, ctx);
             let what = format!("`{}` of `{}`", param.name, sig.name);
             let v = self.conform(v, &param.ty, &what, ctx);
-            failed |= v.is_error();
-            given.insert(
+            out.failed |= v.is_error();
+            out.given.insert(
                 param.name.clone(),
                 CtorArg {
                     value: v,
@@ -533,6 +612,18 @@ impl Checker<'_> {
                 },
             );
         }
+        out
+    }
+
+    /// Fills in the parameters a constructor call left out: a default (evaluated and
+    /// conformed in the signature's module), `none` for an optional one without a default.
+    /// Returns the names of those with neither, in declaration order.
+    fn ctor_defaults(
+        &mut self,
+        sig: &Signature,
+        span: Span,
+        given: &mut BTreeMap<String, CtorArg>,
+    ) -> Vec<String> {
         let mut missing = Vec::new();
         for p in &sig.params {
             if given.contains_key(&p.name) {
@@ -559,28 +650,7 @@ impl Checker<'_> {
                 },
             );
         }
-        if !missing.is_empty() {
-            if !unknown_given {
-                self.sink.push(
-                    errors::missing_arguments(span, &sig.name, &missing, None)
-                        .with_help(format!("the signature is `{}`", sig.display())),
-                );
-            }
-            failed = true;
-        }
-        if failed {
-            return V::error(span);
-        }
-        V::new(
-            Value::Ctor(Rc::new(CtorValue {
-                name: sig.name.clone(),
-                kind: sig.kind.clone(),
-                args: given,
-                span,
-                callee_span,
-            })),
-            span,
-        )
+        missing
     }
 
     /// Checks `v` against `ty`, converting ints to floats where a float is wanted and
