@@ -10,7 +10,7 @@ use std::rc::Rc;
 use super::errors;
 use super::scope::{EntityKind, ModId};
 use super::signature::Signature;
-use super::value::{kind_fits, CtorArg, CtorValue, Type, Value, V};
+use super::value::{fmt_float, kind_fits, Bound, CtorArg, CtorValue, Type, Value, V};
 use super::Checker;
 use crate::diag::{did_you_mean, Diagnostic, Span};
 use crate::syntax::ast::{self, BinOp, Expr, ExprKind};
@@ -657,32 +657,16 @@ impl Checker<'_> {
     /// integral floats to ints where an int is wanted. `what` names the slot in messages
     /// ("`hidden` of `mlp`", "field `width`"). Reports and returns an error value on a
     /// mismatch.
+    ///
+    /// A bare name is judged first (a variant of the enum wanted, or an unknown name), then
+    /// the value by the type: each type's rule is a phase of its own.
     pub(crate) fn conform(&mut self, v: V, ty: &Type, what: &str, ctx: Ctx) -> V {
-        let span = v.span;
         if v.is_error() {
             return v;
         }
         if let Value::Symbol(s) = &v.value {
-            let variants: Vec<String> = match ty {
-                Type::Enum(vs) => vs.clone(),
-                Type::Optional(inner) => match inner.as_ref() {
-                    Type::Enum(vs) => vs.clone(),
-                    _ => Vec::new(),
-                },
-                _ => Vec::new(),
-            };
-            if variants.contains(s) {
-                return v;
-            }
-            if !variants.is_empty() {
-                let help = did_you_mean(s, variants.iter().map(String::as_str));
-                self.sink
-                    .push(errors::not_a_variant(span, s, what, &variants, help));
-                return V::error(span);
-            }
             let s = s.clone();
-            self.report_unknown_name(&s, span, ctx, &[]);
-            return V::error(span);
+            return self.conform_name(v, &s, ty, what, ctx);
         }
         match ty {
             Type::Optional(inner) => {
@@ -692,126 +676,146 @@ impl Checker<'_> {
                     self.conform(v, inner, what, ctx)
                 }
             }
-            Type::Int(bounds) => {
-                let i = match v.value {
-                    Value::Int(i) => i,
-                    Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
-                    Value::Float(f) => {
-                        self.sink.push(errors::not_an_integer(span, what, f));
-                        return V::error(span);
-                    }
-                    ref other => {
-                        self.sink.push(errors::type_mismatch(
-                            span,
-                            what,
-                            &ty.to_string(),
-                            &other.describe(),
-                        ));
-                        return V::error(span);
-                    }
-                };
-                for b in bounds {
-                    if !b.holds(i as f64) {
-                        self.sink.push(errors::out_of_range(
-                            span,
-                            what,
-                            &i.to_string(),
-                            &b.to_string(),
-                        ));
-                        return V::error(span);
-                    }
-                }
-                V::new(Value::Int(i), span)
-            }
-            Type::Float(bounds) => {
-                let f = match v.value {
-                    Value::Int(i) => i as f64,
-                    Value::Float(f) => f,
-                    ref other => {
-                        self.sink.push(errors::type_mismatch(
-                            span,
-                            what,
-                            &ty.to_string(),
-                            &other.describe(),
-                        ));
-                        return V::error(span);
-                    }
-                };
-                for b in bounds {
-                    if !b.holds(f) {
-                        let shown = super::value::fmt_float(f);
-                        self.sink
-                            .push(errors::out_of_range(span, what, &shown, &b.to_string()));
-                        return V::error(span);
-                    }
-                }
-                V::new(Value::Float(f), span)
-            }
+            Type::Int(bounds) => self.conform_int(v, ty, bounds, what),
+            Type::Float(bounds) => self.conform_float(v, ty, bounds, what),
             Type::Bool => match v.value {
                 Value::Bool(_) => v,
-                ref other => {
-                    self.sink
-                        .push(errors::type_mismatch(span, what, "bool", &other.describe()));
-                    V::error(span)
-                }
+                _ => self.mismatch(v, what, &ty.to_string()),
             },
             Type::Str => match v.value {
                 Value::Str(_) => v,
-                ref other => {
-                    self.sink.push(errors::type_mismatch(
-                        span,
-                        what,
-                        "string",
-                        &other.describe(),
-                    ));
-                    V::error(span)
-                }
+                _ => self.mismatch(v, what, &ty.to_string()),
             },
             Type::Enum(variants) => {
-                let d = v.value.describe();
-                self.sink.push(errors::type_mismatch(
-                    span,
-                    what,
-                    &format!("one of {}", variants.join(", ")),
-                    &d,
-                ));
-                V::error(span)
+                let expected = format!("one of {}", variants.join(", "));
+                self.mismatch(v, what, &expected)
             }
-            Type::Tuple(types) => match v.value {
-                Value::Tuple(items) if items.len() == types.len() => {
-                    let mut out = Vec::new();
-                    let mut bad = false;
-                    for (item, t) in items.into_iter().zip(types) {
-                        let c = self.conform(item, t, what, ctx);
-                        bad |= c.is_error();
-                        out.push(c);
-                    }
-                    if bad {
-                        V::error(span)
-                    } else {
-                        V::new(Value::Tuple(out), span)
-                    }
-                }
-                ref other => {
-                    self.sink.push(errors::type_mismatch(
-                        span,
-                        what,
-                        &ty.to_string(),
-                        &other.describe(),
-                    ));
-                    V::error(span)
-                }
-            },
+            Type::Tuple(types) => self.conform_tuple(v, ty, types, what, ctx),
             Type::Kind(k) => match &v.value {
                 Value::Ctor(c) if kind_fits(&c.kind, k) => v,
                 other => {
                     let d = other.describe();
                     let help = self.kind_examples(k);
-                    self.sink.push(errors::wrong_kind(span, what, k, &d, help));
-                    V::error(span)
+                    self.sink
+                        .push(errors::wrong_kind(v.span, what, k, &d, help));
+                    V::error(v.span)
                 }
             },
         }
+    }
+
+    /// A bare name `s` where `ty` is wanted: a variant of the enum `ty` is (or makes
+    /// optional) passes; another name is a wrong variant there, and an unknown name
+    /// anywhere else.
+    fn conform_name(&mut self, v: V, s: &str, ty: &Type, what: &str, ctx: Ctx) -> V {
+        let span = v.span;
+        let variants: Vec<String> = match ty {
+            Type::Enum(vs) => vs.clone(),
+            Type::Optional(inner) => match inner.as_ref() {
+                Type::Enum(vs) => vs.clone(),
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        if variants.iter().any(|x| x == s) {
+            return v;
+        }
+        if !variants.is_empty() {
+            let help = did_you_mean(s, variants.iter().map(String::as_str));
+            self.sink
+                .push(errors::not_a_variant(span, s, what, &variants, help));
+            return V::error(span);
+        }
+        self.report_unknown_name(s, span, ctx, &[]);
+        V::error(span)
+    }
+
+    /// An int where `ty` (an int type with `bounds`) is wanted: an integral float becomes
+    /// one; the value must hold every bound.
+    fn conform_int(&mut self, v: V, ty: &Type, bounds: &[Bound], what: &str) -> V {
+        let span = v.span;
+        let i = match v.value {
+            Value::Int(i) => i,
+            Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
+            Value::Float(f) => {
+                self.sink.push(errors::not_an_integer(span, what, f));
+                return V::error(span);
+            }
+            _ => return self.mismatch(v, what, &ty.to_string()),
+        };
+        if !self.within_bounds(bounds, i as f64, || i.to_string(), span, what) {
+            return V::error(span);
+        }
+        V::new(Value::Int(i), span)
+    }
+
+    /// A float where `ty` (a float type with `bounds`) is wanted: an int becomes one; the
+    /// value must hold every bound.
+    fn conform_float(&mut self, v: V, ty: &Type, bounds: &[Bound], what: &str) -> V {
+        let span = v.span;
+        let f = match v.value {
+            Value::Int(i) => i as f64,
+            Value::Float(f) => f,
+            _ => return self.mismatch(v, what, &ty.to_string()),
+        };
+        if !self.within_bounds(bounds, f, || fmt_float(f), span, what) {
+            return V::error(span);
+        }
+        V::new(Value::Float(f), span)
+    }
+
+    /// Whether `x` holds every one of `bounds`; the first it breaks is reported, the value
+    /// shown as `shown` gives it (as written: `3`, not `3.0`, for an int).
+    fn within_bounds(
+        &mut self,
+        bounds: &[Bound],
+        x: f64,
+        shown: impl FnOnce() -> String,
+        span: Span,
+        what: &str,
+    ) -> bool {
+        match bounds.iter().find(|b| !b.holds(x)) {
+            Some(b) => {
+                self.sink
+                    .push(errors::out_of_range(span, what, &shown(), &b.to_string()));
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// A tuple where the tuple type `ty` (of `types`) is wanted: as many items, each
+    /// conformed to its type (every item's mistake reported, not only the first).
+    fn conform_tuple(&mut self, v: V, ty: &Type, types: &[Type], what: &str, ctx: Ctx) -> V {
+        let span = v.span;
+        let items = match v.value {
+            Value::Tuple(items) if items.len() == types.len() => items,
+            _ => return self.mismatch(v, what, &ty.to_string()),
+        };
+        let mut out = Vec::new();
+        let mut bad = false;
+        for (item, t) in items.into_iter().zip(types) {
+            let c = self.conform(item, t, what, ctx);
+            bad |= c.is_error();
+            out.push(c);
+        }
+        if bad {
+            V::error(span)
+        } else {
+            V::new(Value::Tuple(out), span)
+        }
+    }
+
+    /// Reports `v` as not the `expected` type of slot `what`: the one wording of every type
+    /// mismatch `conform` finds.
+    fn mismatch(&mut self, v: V, what: &str, expected: &str) -> V {
+        self.sink.push(errors::type_mismatch(
+            v.span,
+            what,
+            expected,
+            &v.value.describe(),
+        ));
+        V::error(v.span)
     }
 
     /// "a `gate` is made by `naive(...)`, `gshard(...)`, ...": the stdlib constructors
