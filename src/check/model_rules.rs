@@ -86,6 +86,14 @@ struct Depth {
     span: Span,
 }
 
+/// A layer selection being read: where it is evaluated, the depth its layers lie under,
+/// and the layers it picked so far, in order.
+struct Selection<'c> {
+    ctx: Ctx<'c>,
+    depth: Depth,
+    picked: Vec<u64>,
+}
+
 impl Checker<'_> {
     /// The preset chain of a model block, root first: `[(module, block), ...]`.
     fn preset_chain(
@@ -498,108 +506,125 @@ impl Checker<'_> {
     }
 
     /// The layer indices a selection names, checked to lie inside `0..depth`, be
-    /// non-empty, and not name a layer twice.
+    /// non-empty, and not name a layer twice: each item picks its layers in turn (every
+    /// item's mistakes reported, not only the first's).
     fn selection(&mut self, a: &ast::LayerAssign, ctx: Ctx, depth: Depth) -> Option<Vec<u64>> {
-        let idx_ty = Type::Int(Vec::new());
-        let mut out: Vec<u64> = Vec::new();
+        let mut sel = Selection {
+            ctx,
+            depth,
+            picked: Vec::new(),
+        };
         let mut ok = true;
         for item in &a.selection {
-            match item {
-                SelItem::Index(e) => {
-                    let v = self.eval(e, ctx);
-                    let v = self.conform(v, &idx_ty, "a layer index", ctx);
-                    let Some(i) = int(&v) else {
-                        ok = false;
-                        continue;
-                    };
-                    if i < 0 || i as u64 >= depth.layers {
-                        self.sink.push(errors::layer_out_of_range(
-                            e.span,
-                            i,
-                            depth.layers,
-                            depth.span,
-                        ));
-                        ok = false;
-                        continue;
-                    }
-                    if out.contains(&(i as u64)) {
-                        self.sink
-                            .push(errors::layer_selected_twice(e.span, i as u64));
-                        ok = false;
-                        continue;
-                    }
-                    out.push(i as u64);
-                }
+            ok &= match item {
+                SelItem::Index(e) => self.select_index(&mut sel, e),
                 SelItem::Range {
                     start,
                     end,
                     step,
                     span,
-                } => {
-                    let s = self.eval(start, ctx);
-                    let s = self.conform(s, &idx_ty, "a range start", ctx);
-                    let e = self.eval(end, ctx);
-                    let e = self.conform(e, &idx_ty, "a range end", ctx);
-                    let st = match step {
-                        Some(st) => {
-                            let v = self.eval(st, ctx);
-                            let v = self.conform(v, &pos_int(), "a range step", ctx);
-                            int(&v)
-                        }
-                        None => Some(1),
-                    };
-                    let (Some(s_i), Some(e_i), Some(st_i)) = (int(&s), int(&e), st) else {
-                        ok = false;
-                        continue;
-                    };
-                    if s_i < 0 || s_i as u64 > depth.layers {
-                        self.sink.push(errors::layer_out_of_range(
-                            start.span,
-                            s_i,
-                            depth.layers,
-                            depth.span,
-                        ));
-                        ok = false;
-                        continue;
-                    }
-                    if e_i < 0 || e_i as u64 > depth.layers {
-                        self.sink.push(errors::range_end_past_depth(
-                            end.span,
-                            e_i,
-                            depth.layers,
-                            depth.span,
-                        ));
-                        ok = false;
-                        continue;
-                    }
-                    if s_i >= e_i {
-                        self.sink.push(errors::empty_range(*span, s_i, e_i));
-                        ok = false;
-                        continue;
-                    }
-                    let mut i = s_i;
-                    while i < e_i {
-                        if out.contains(&(i as u64)) {
-                            self.sink
-                                .push(errors::layer_selected_twice(*span, i as u64));
-                            ok = false;
-                        } else {
-                            out.push(i as u64);
-                        }
-                        // A step past the range (up to i64::MAX) ends it.
-                        let Some(next) = i.checked_add(st_i) else {
-                            break;
-                        };
-                        i = next;
-                    }
-                }
-            }
+                } => self.select_range(&mut sel, start, end, step.as_deref(), *span),
+            };
         }
-        if ok && out.is_empty() {
+        if ok && sel.picked.is_empty() {
             self.sink.push(errors::empty_selection(a.selection_span));
             return None;
         }
-        ok.then_some(out)
+        ok.then_some(sel.picked)
+    }
+
+    /// `layers[i]`: one layer, inside the model.
+    fn select_index(&mut self, sel: &mut Selection, e: &ast::Expr) -> bool {
+        let Some(i) = self.selection_number(sel.ctx, e, &Type::Int(Vec::new()), "a layer index")
+        else {
+            return false;
+        };
+        if i < 0 || i as u64 >= sel.depth.layers {
+            self.sink.push(errors::layer_out_of_range(
+                e.span,
+                i,
+                sel.depth.layers,
+                sel.depth.span,
+            ));
+            return false;
+        }
+        self.pick(sel, i as u64, e.span)
+    }
+
+    /// `layers[start..end step n]`: the numbers read (all three, so that each one's mistake
+    /// is reported), the range checked to lie inside the model and hold a layer, then
+    /// every layer of it picked.
+    fn select_range(
+        &mut self,
+        sel: &mut Selection,
+        start: &ast::Expr,
+        end: &ast::Expr,
+        step: Option<&ast::Expr>,
+        span: Span,
+    ) -> bool {
+        let idx_ty = Type::Int(Vec::new());
+        let s = self.selection_number(sel.ctx, start, &idx_ty, "a range start");
+        let e = self.selection_number(sel.ctx, end, &idx_ty, "a range end");
+        let st = match step {
+            Some(st) => self.selection_number(sel.ctx, st, &pos_int(), "a range step"),
+            None => Some(1),
+        };
+        let (Some(s), Some(e), Some(st)) = (s, e, st) else {
+            return false;
+        };
+        let depth = sel.depth;
+        if s < 0 || s as u64 > depth.layers {
+            self.sink.push(errors::layer_out_of_range(
+                start.span,
+                s,
+                depth.layers,
+                depth.span,
+            ));
+            return false;
+        }
+        if e < 0 || e as u64 > depth.layers {
+            self.sink.push(errors::range_end_past_depth(
+                end.span,
+                e,
+                depth.layers,
+                depth.span,
+            ));
+            return false;
+        }
+        if s >= e {
+            self.sink.push(errors::empty_range(span, s, e));
+            return false;
+        }
+        let mut ok = true;
+        let mut i = s;
+        while i < e {
+            ok &= self.pick(sel, i as u64, span);
+            // A step past the range (up to i64::MAX) ends it.
+            let Some(next) = i.checked_add(st) else {
+                break;
+            };
+            i = next;
+        }
+        ok
+    }
+
+    /// A number of a selection, evaluated and conformed to `ty` (`what` names it in a
+    /// mistake); `None` where it was wrong (reported).
+    fn selection_number(&mut self, ctx: Ctx, e: &ast::Expr, ty: &Type, what: &str) -> Option<i64> {
+        let v = self.eval(e, ctx);
+        let v = self.conform(v, ty, what, ctx);
+        int(&v)
+    }
+
+    /// Adds layer `i` to the selection; `false` (reported at `span`) when the selection
+    /// named it already. The one rule for an index and a range.
+    fn pick(&mut self, sel: &mut Selection, i: u64, span: Span) -> bool {
+        if sel.picked.contains(&i) {
+            self.sink.push(errors::layer_selected_twice(span, i));
+            return false;
+        }
+        sel.picked.push(i);
+        true
     }
 
     /// A feed-forward from a checked `mlp(...)` or `moe(...)` value.
