@@ -37,13 +37,6 @@ pub const MODEL_FIELDS: &[&str] = &[
 /// Presets may nest this deep (a cycle would not end).
 const MAX_PRESET_DEPTH: usize = 16;
 
-fn pos_int() -> Type {
-    Type::Int(vec![super::value::Bound {
-        op: ast::CmpOp::Ge,
-        value: 1.0,
-    }])
-}
-
 /// A model block's fields as the phases of [`Checker::model`] read them: the fields of the
 /// block and its presets (evaluated on first use), where each is written, and the block's
 /// module.
@@ -130,7 +123,8 @@ impl Checker<'_> {
                     }
                 },
                 None => {
-                    let help = self.not_found_help(&parent.name, Self::preset_names);
+                    let help = self
+                        .not_found_help(&parent.name, |this| this.block_names(BlockKind::Model));
                     self.sink
                         .push(errors::unknown_preset(parent.span, &parent.name, help));
                     return None;
@@ -139,18 +133,6 @@ impl Checker<'_> {
         }
         chain.reverse();
         Some(chain)
-    }
-
-    fn preset_names(&self) -> Vec<String> {
-        self.modules
-            .iter()
-            .flat_map(|m| {
-                m.items.iter().filter_map(|(n, e)| match &e.kind {
-                    EntityKind::Block(b) if b.kind == BlockKind::Model => Some(n.clone()),
-                    _ => None,
-                })
-            })
-            .collect()
     }
 
     /// Checks a model block (with its presets) into a [`Model`], in its phases: the preset
@@ -225,11 +207,11 @@ impl Checker<'_> {
             }
             this.model_field(scope, field, ty)
         };
-        let vocab = required(self, "vocab", &pos_int());
-        let context = required(self, "context", &pos_int());
-        let width = required(self, "width", &pos_int());
-        let heads = required(self, "heads", &pos_int());
-        let depth = required(self, "depth", &pos_int());
+        let vocab = required(self, "vocab", &Type::positive_int());
+        let context = required(self, "context", &Type::positive_int());
+        let width = required(self, "width", &Type::positive_int());
+        let heads = required(self, "heads", &Type::positive_int());
+        let depth = required(self, "depth", &Type::positive_int());
         let block = required(self, "block", &Type::Kind("block".into()));
         let fields = ModelFields {
             vocab,
@@ -238,7 +220,7 @@ impl Checker<'_> {
             heads,
             depth,
             block,
-            kv_heads: self.model_field(scope, "kv_heads", &pos_int()),
+            kv_heads: self.model_field(scope, "kv_heads", &Type::positive_int()),
             norm: self.model_field(
                 scope,
                 "norm",
@@ -566,7 +548,7 @@ impl Checker<'_> {
         let s = self.selection_number(sel.ctx, start, &idx_ty, "a range start");
         let e = self.selection_number(sel.ctx, end, &idx_ty, "a range end");
         let st = match step {
-            Some(st) => self.selection_number(sel.ctx, st, &pos_int(), "a range step"),
+            Some(st) => self.selection_number(sel.ctx, st, &Type::positive_int(), "a range step"),
             None => Some(1),
         };
         let (Some(s), Some(e), Some(st)) = (s, e, st) else {

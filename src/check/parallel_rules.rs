@@ -15,10 +15,10 @@ use super::eval::Ctx;
 use super::fields::{boolean, int, symbol, uint};
 use super::model::*;
 use super::scope::{EntityKind, ModId};
-use super::value::{Bound, Type, Value, V};
+use super::value::{Type, Value, V};
 use super::Checker;
 use crate::diag::{did_you_mean, Span};
-use crate::syntax::ast::{self, BlockKind, CmpOp};
+use crate::syntax::ast::{self, BlockKind};
 
 pub const PARALLEL_FIELDS: &[&str] = &[
     "gpus",
@@ -35,13 +35,6 @@ pub const PARALLEL_FIELDS: &[&str] = &[
 
 /// The profile of a file without a `parallel` block (or with a bare GPU count).
 pub const DEFAULT_HARDWARE: &str = "h100_sxm";
-
-fn pos_int() -> Type {
-    Type::Int(vec![Bound {
-        op: CmpOp::Ge,
-        value: 1.0,
-    }])
-}
 
 /// A `parallel` block as the phases of [`Checker::parallel`] read it: its fields, evaluated
 /// in its module, where its values are written, and whether every field written was right.
@@ -109,7 +102,7 @@ impl Checker<'_> {
         let experts = self.expert_group(&mut b);
         let expert_slicing = self.expert_slicing(&mut b, tensor);
         let micro_batch = self
-            .parallel_field(&mut b, "micro_batch", &pos_int())
+            .parallel_field(&mut b, "micro_batch", &Type::positive_int())
             .map(|v| {
                 b.spans.micro_batch = v.span;
                 uint(&v)
@@ -118,13 +111,14 @@ impl Checker<'_> {
         let shadowing = self.shadowing(&mut b);
         // Without a pipeline in effect they do nothing: the planner's W0011 says so, as it
         // knows the command line's `--pipeline`.
-        let virtual_stages = match self.parallel_field(&mut b, "virtual_stages", &pos_int()) {
-            Some(v) => {
-                b.spans.virtual_stages = v.span;
-                uint(&v)
-            }
-            None => 1,
-        };
+        let virtual_stages =
+            match self.parallel_field(&mut b, "virtual_stages", &Type::positive_int()) {
+                Some(v) => {
+                    b.spans.virtual_stages = v.span;
+                    uint(&v)
+                }
+                None => 1,
+            };
         let hardware = hardware?;
         b.ok.then_some(Parallel {
             declared: true,
@@ -155,8 +149,8 @@ impl Checker<'_> {
     /// `tensor`, `pipeline` (1 where not written) and the data size they leave of `gpus`,
     /// checked against a written `data`.
     fn parallel_grid(&mut self, b: &mut ParallelBlock, gpus: u64) -> (u64, u64, u64) {
-        let tensor_v = self.parallel_field(b, "tensor", &pos_int());
-        let pipeline_v = self.parallel_field(b, "pipeline", &pos_int());
+        let tensor_v = self.parallel_field(b, "tensor", &Type::positive_int());
+        let pipeline_v = self.parallel_field(b, "pipeline", &Type::positive_int());
         let tensor = tensor_v.as_ref().map(uint).unwrap_or(1);
         let pipeline = pipeline_v.as_ref().map(uint).unwrap_or(1);
         b.spans.tensor = tensor_v.as_ref().map(|v| v.span).unwrap_or(b.kw);
@@ -167,7 +161,7 @@ impl Checker<'_> {
         let divides = gpus % mp == 0;
         let data = (gpus / mp).max(1);
         b.spans.data = b.spans.gpus;
-        if let Some(dv) = self.parallel_field(b, "data", &pos_int()) {
+        if let Some(dv) = self.parallel_field(b, "data", &Type::positive_int()) {
             b.spans.data = dv.span;
             if b.ok && divides && uint(&dv) != data {
                 self.sink.push(errors::data_mismatch(
@@ -197,7 +191,7 @@ impl Checker<'_> {
                     Value::Of(count, hw) => ((**count).clone(), Some(hw.clone())),
                     _ => (v.clone(), None),
                 };
-                let count = self.conform(count, &pos_int(), "field `gpus`", b.ctx);
+                let count = self.conform(count, &Type::positive_int(), "field `gpus`", b.ctx);
                 match int(&count) {
                     Some(n) => gpus = n as u64,
                     None => b.ok = false,
@@ -369,16 +363,11 @@ impl Checker<'_> {
         }
     }
 
+    /// The hardware profiles a file may name: those declared (the stdlib's and the file's),
+    /// then the user's own from `fmoec.toml`.
     fn hardware_names(&self) -> Vec<String> {
-        self.modules
-            .iter()
-            .flat_map(|m| {
-                m.items.iter().filter_map(|(n, e)| match &e.kind {
-                    EntityKind::Block(b) if b.kind == BlockKind::Hardware => Some(n.clone()),
-                    _ => None,
-                })
-            })
-            .chain(self.user_hardware.keys().cloned())
-            .collect()
+        let mut names = self.block_names(BlockKind::Hardware);
+        names.extend(self.user_hardware.keys().cloned());
+        names
     }
 }

@@ -351,6 +351,21 @@ impl Checker<'_> {
         names
     }
 
+    /// The names of the blocks of `kind` (models, hardware profiles) every module declares,
+    /// module by module in load order: the presets and profiles a name may mean, for "did you
+    /// mean" (the same walk was written for each).
+    pub(crate) fn block_names(&self, kind: BlockKind) -> Vec<String> {
+        self.modules
+            .iter()
+            .flat_map(|m| {
+                m.items.iter().filter_map(move |(n, e)| match &e.kind {
+                    EntityKind::Block(b) if b.kind == kind => Some(n.clone()),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
     /// The stdlib module that defines `name` but is not imported into `m`, if any, for
     /// the help "add `use std.gates.gshard`".
     fn importable_from(&self, name: &str) -> Option<String> {

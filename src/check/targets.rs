@@ -186,10 +186,7 @@ impl Checker<'_> {
         let fields = self.block_fields(block, HARDWARE_FIELDS);
         let ctx = Ctx::module(m);
         let kw = block.kw_span;
-        let pos_int = Type::Int(vec![Bound {
-            op: CmpOp::Ge,
-            value: 1.0,
-        }]);
+        let pos_int = Type::positive_int();
         let pos_float = Type::Float(vec![Bound {
             op: CmpOp::Gt,
             value: 0.0,
