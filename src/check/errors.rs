@@ -25,6 +25,12 @@ fn with_opt_help(d: Diagnostic, help: Option<String>) -> Diagnostic {
 
 // ---- E02xx: names and imports ------------------------------------------------------
 
+/// The help for a name the stdlib has but the file does not import: "`gshard` is in
+/// `std.gates`: add `use std.gates.gshard`".
+pub fn add_use(name: &str, module: &str) -> String {
+    format!("`{name}` is in `{module}`: add `use {module}.{name}`")
+}
+
 pub fn unknown_name(span: Span, name: &str, help: Option<String>) -> Diagnostic {
     with_opt_help(
         Diagnostic::error("E0201", span, format!("unknown name `{name}`"))

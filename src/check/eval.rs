@@ -10,9 +10,9 @@ use std::rc::Rc;
 use super::errors;
 use super::scope::{EntityKind, ModId};
 use super::signature::Signature;
-use super::value::{kind_fits, CtorArg, CtorValue, Type, Value, V};
+use super::value::{fmt_float, kind_fits, Bound, CtorArg, CtorValue, Type, Value, V};
 use super::Checker;
-use crate::diag::{did_you_mean, Span};
+use crate::diag::{did_you_mean, Diagnostic, Span};
 use crate::syntax::ast::{self, BinOp, Expr, ExprKind};
 
 /// Calls nest at most this deep (a definition calling itself would not stop).
@@ -61,6 +61,65 @@ impl FieldEnv {
             .borrow_mut()
             .insert(name.to_string(), V::error(span));
     }
+}
+
+/// The parameters a call's arguments are matched against, a definition's or a
+/// constructor's: the callee's name, where it is declared, its parameters' names in order.
+struct Params<'p> {
+    callee: &'p str,
+    declared: Span,
+    names: Vec<&'p str>,
+}
+
+/// Where one argument of a call goes.
+enum Placed {
+    /// To the parameter at this index of the declaration.
+    Param(usize),
+    /// Nowhere: its keyword names no parameter (most likely the missing one, misspelled).
+    Unknown(Diagnostic),
+    /// Nowhere: a positional argument after a keyword one, or past the last parameter.
+    Misplaced(Diagnostic),
+}
+
+impl Params<'_> {
+    /// Where argument `i` (`a`) goes: by its keyword, else by its place while no keyword
+    /// came before it (`seen_keyword`, which this notes). The one rule of how arguments
+    /// meet parameters, for definitions and constructors alike (each wrote it out once).
+    fn place(&self, i: usize, a: &ast::Arg, seen_keyword: &mut bool) -> Placed {
+        match &a.name {
+            Some(n) => {
+                *seen_keyword = true;
+                match self.names.iter().position(|p| *p == n.name) {
+                    Some(k) => Placed::Param(k),
+                    None => Placed::Unknown(errors::unknown_argument(
+                        n.span,
+                        &n.name,
+                        self.callee,
+                        did_you_mean(&n.name, self.names.iter().copied()),
+                        self.declared,
+                    )),
+                }
+            }
+            None if *seen_keyword => Placed::Misplaced(errors::positional_after_keyword(a.span)),
+            None if i < self.names.len() => Placed::Param(i),
+            None => Placed::Misplaced(errors::too_many_arguments(
+                a.span,
+                self.callee,
+                self.names.len(),
+            )),
+        }
+    }
+}
+
+/// The written arguments of a constructor call, matched and conformed.
+#[derive(Default)]
+struct CtorArguments {
+    /// By parameter name.
+    given: BTreeMap<String, CtorArg>,
+    /// An argument was misplaced, repeated or of the wrong type: the call is an error.
+    failed: bool,
+    /// A keyword named no parameter: the missing argument is not reported again.
+    unknown_given: bool,
 }
 
 impl Checker<'_> {
@@ -188,20 +247,19 @@ impl Checker<'_> {
     }
 
     /// Reports a bare name that is not defined anywhere (an unknown name), with the
-    /// closest visible name and the stdlib module to import it from.
+    /// stdlib module to import it from or the closest visible name.
     pub(crate) fn report_unknown_name(&mut self, name: &str, span: Span, ctx: Ctx, extra: &[&str]) {
-        let mut names = self.visible_names(ctx.module);
-        if let Some(l) = ctx.locals {
-            names.extend(l.keys().cloned());
-        }
-        if let Some(f) = ctx.fields {
-            names.extend(f.exprs.keys().cloned());
-        }
-        names.extend(extra.iter().map(|s| s.to_string()));
-        let importable = self
-            .importable_from(name)
-            .map(|m| format!("`{name}` is in `{m}`: add `use {m}.{name}`"));
-        let help = importable.or_else(|| did_you_mean(name, names.iter().map(String::as_str)));
+        let help = self.not_found_help(name, |this| {
+            let mut names = this.visible_names(ctx.module);
+            if let Some(l) = ctx.locals {
+                names.extend(l.keys().cloned());
+            }
+            if let Some(f) = ctx.fields {
+                names.extend(f.exprs.keys().cloned());
+            }
+            names.extend(extra.iter().map(|s| s.to_string()));
+            names
+        });
         self.sink.push(errors::unknown_name(span, name, help));
     }
 
@@ -325,27 +383,26 @@ impl Checker<'_> {
             }
             None => match callee.name.as_str() {
                 "floor" | "ceil" => self.call_rounding(&callee.name, args, span, ctx),
-                _ => {
-                    let mut names = self.visible_names(ctx.module);
-                    names.extend(["floor".to_string(), "ceil".to_string()]);
-                    let importable = self.importable_from(&callee.name).map(|m| {
-                        format!(
-                            "`{}` is in `{m}`: add `use {m}.{}`",
-                            callee.name, callee.name
-                        )
-                    });
-                    let help = importable
-                        .or_else(|| did_you_mean(&callee.name, names.iter().map(String::as_str)));
-                    // Still evaluate the arguments so their own errors are reported.
-                    for a in args {
-                        self.eval(&a.value, ctx);
-                    }
-                    self.sink
-                        .push(errors::unknown_function(callee.span, &callee.name, help));
-                    V::error(span)
-                }
+                _ => self.call_unknown(callee, args, span, ctx),
             },
         }
+    }
+
+    /// A call of a name nothing defines: its arguments are still evaluated, so that their
+    /// own mistakes are reported, then the name is, with the stdlib module that has it or
+    /// the closest callable name.
+    fn call_unknown(&mut self, callee: &ast::Ident, args: &[ast::Arg], span: Span, ctx: Ctx) -> V {
+        let help = self.not_found_help(&callee.name, |this| {
+            let mut names = this.visible_names(ctx.module);
+            names.extend(["floor".to_string(), "ceil".to_string()]);
+            names
+        });
+        for a in args {
+            self.eval(&a.value, ctx);
+        }
+        self.sink
+            .push(errors::unknown_function(callee.span, &callee.name, help));
+        V::error(span)
     }
 
     /// `floor(x)` and `ceil(x)`: the integer division the grammar leaves to `/`.
@@ -373,6 +430,9 @@ impl Checker<'_> {
         }
     }
 
+    /// A call of a user's definition, in its phases: the arguments bound to parameters,
+    /// the defaults of the rest, then the body evaluated with them. A missing argument
+    /// stops it there (the body would only report the same name as unknown).
     fn call_def(
         &mut self,
         def: &Rc<ast::Def>,
@@ -381,63 +441,8 @@ impl Checker<'_> {
         span: Span,
         ctx: Ctx,
     ) -> V {
-        let mut bound: BTreeMap<String, V> = BTreeMap::new();
-        let mut seen_keyword = false;
-        for (i, a) in args.iter().enumerate() {
-            let v = self.eval(&a.value, ctx);
-            let name = match &a.name {
-                Some(n) => {
-                    seen_keyword = true;
-                    if !def.params.iter().any(|p| p.name.name == n.name) {
-                        let names = def.params.iter().map(|p| p.name.name.as_str());
-                        self.sink.push(errors::unknown_argument(
-                            n.span,
-                            &n.name,
-                            &def.name.name,
-                            did_you_mean(&n.name, names),
-                            def.name.span,
-                        ));
-                        continue;
-                    }
-                    n.name.clone()
-                }
-                None => {
-                    if seen_keyword {
-                        self.sink.push(errors::positional_after_keyword(a.span));
-                        continue;
-                    }
-                    match def.params.get(i) {
-                        Some(p) => p.name.name.clone(),
-                        None => {
-                            self.sink.push(errors::too_many_arguments(
-                                a.span,
-                                &def.name.name,
-                                def.params.len(),
-                            ));
-                            continue;
-                        }
-                    }
-                }
-            };
-            if bound.contains_key(&name) {
-                self.sink.push(errors::argument_twice(a.span, &name));
-                continue;
-            }
-            bound.insert(name, v);
-        }
-        let mut missing = Vec::new();
-        for p in &def.params {
-            if bound.contains_key(&p.name.name) {
-                continue;
-            }
-            match &p.default {
-                Some(d) => {
-                    let v = self.eval(d, Ctx::module(m));
-                    bound.insert(p.name.name.clone(), v);
-                }
-                None => missing.push(p.name.name.clone()),
-            }
-        }
+        let mut bound = self.bind_def_arguments(def, args, ctx);
+        let missing = self.def_defaults(def, m, &mut bound);
         if !missing.is_empty() {
             self.sink.push(errors::missing_arguments(
                 span,
@@ -457,6 +462,68 @@ impl Checker<'_> {
         V::new(v.value, span)
     }
 
+    /// The written arguments of a definition's call by parameter name, each evaluated in
+    /// the caller's context (a misplaced or repeated one too, before it is reported and
+    /// left out).
+    fn bind_def_arguments(
+        &mut self,
+        def: &ast::Def,
+        args: &[ast::Arg],
+        ctx: Ctx,
+    ) -> BTreeMap<String, V> {
+        let params = Params {
+            callee: &def.name.name,
+            declared: def.name.span,
+            names: def.params.iter().map(|p| p.name.name.as_str()).collect(),
+        };
+        let mut bound: BTreeMap<String, V> = BTreeMap::new();
+        let mut seen_keyword = false;
+        for (i, a) in args.iter().enumerate() {
+            let v = self.eval(&a.value, ctx);
+            let name = match params.place(i, a, &mut seen_keyword) {
+                Placed::Param(k) => def.params[k].name.name.clone(),
+                Placed::Unknown(d) | Placed::Misplaced(d) => {
+                    self.sink.push(d);
+                    continue;
+                }
+            };
+            if bound.contains_key(&name) {
+                self.sink.push(errors::argument_twice(a.span, &name));
+                continue;
+            }
+            bound.insert(name, v);
+        }
+        bound
+    }
+
+    /// Binds the defaults (evaluated in the definition's module `m`) of the parameters the
+    /// call left out; returns the names of those without one, in declaration order.
+    fn def_defaults(
+        &mut self,
+        def: &ast::Def,
+        m: ModId,
+        bound: &mut BTreeMap<String, V>,
+    ) -> Vec<String> {
+        let mut missing = Vec::new();
+        for p in &def.params {
+            if bound.contains_key(&p.name.name) {
+                continue;
+            }
+            match &p.default {
+                Some(d) => {
+                    let v = self.eval(d, Ctx::module(m));
+                    bound.insert(p.name.name.clone(), v);
+                }
+                None => missing.push(p.name.name.clone()),
+            }
+        }
+        missing
+    }
+
+    /// A call of a stdlib constructor, in its phases: the written arguments matched to the
+    /// signature and conformed to their types, the defaults of the rest, then the value with
+    /// every parameter filled in. Any mistake makes the call an error value, once every
+    /// argument was looked at.
     pub(crate) fn call_ctor(
         &mut self,
         sig: &Rc<Signature>,
@@ -465,69 +532,79 @@ impl Checker<'_> {
         span: Span,
         ctx: Ctx,
     ) -> V {
-        let mut given: BTreeMap<String, CtorArg> = BTreeMap::new();
+        let CtorArguments {
+            mut given,
+            mut failed,
+            unknown_given,
+        } = self.ctor_arguments(sig, args, ctx);
+        let missing = self.ctor_defaults(sig, span, &mut given);
+        if !missing.is_empty() {
+            // A misspelled argument usually is the missing one: it was reported already.
+            if !unknown_given {
+                self.sink.push(
+                    errors::missing_arguments(span, &sig.name, &missing, None)
+                        .with_help(format!("the signature is `{}`", sig.display())),
+                );
+            }
+            failed = true;
+        }
+        if failed {
+            return V::error(span);
+        }
+        V::new(
+            Value::Ctor(Rc::new(CtorValue {
+                name: sig.name.clone(),
+                kind: sig.kind.clone(),
+                args: given,
+                span,
+                callee_span,
+            })),
+            span,
+        )
+    }
+
+    /// The written arguments of a constructor call, each matched to its parameter and
+    /// conformed to the parameter's type. A misplaced or unknown argument is reported and
+    /// still evaluated, for its own mistakes; a repeated one is reported and not.
+    fn ctor_arguments(&mut self, sig: &Signature, args: &[ast::Arg], ctx: Ctx) -> CtorArguments {
+        let params = Params {
+            callee: &sig.name,
+            declared: sig.name_span,
+            names: sig.params.iter().map(|p| p.name.as_str()).collect(),
+        };
+        let mut out = CtorArguments::default();
         let mut seen_keyword = false;
-        let mut failed = false;
-        // A misspelled argument usually is the missing one: report it once.
-        let mut unknown_given = false;
         for (i, a) in args.iter().enumerate() {
-            let param = match &a.name {
-                Some(n) => {
-                    seen_keyword = true;
-                    match sig.param(&n.name) {
-                        Some(p) => p,
-                        None => {
-                            let names = sig.params.iter().map(|p| p.name.as_str());
-                            self.sink.push(errors::unknown_argument(
-                                n.span,
-                                &n.name,
-                                &sig.name,
-                                did_you_mean(&n.name, names),
-                                sig.name_span,
-                            ));
-                            // Reported and left out: the call is still made from the
-                            // other arguments, so that the rules about it run in this pass.
-                            self.eval(&a.value, ctx);
-                            unknown_given = true;
-                            continue;
-                        }
-                    }
+            let param = match params.place(i, a, &mut seen_keyword) {
+                Placed::Param(k) => &sig.params[k],
+                Placed::Unknown(d) => {
+                    self.sink.push(d);
+                    // Reported and left out: the call is still made from the other
+                    // arguments, so that the rules about it run in this pass.
+                    self.eval(&a.value, ctx);
+                    out.unknown_given = true;
+                    continue;
                 }
-                None => {
-                    if seen_keyword {
-                        self.sink.push(errors::positional_after_keyword(a.span));
-                        self.eval(&a.value, ctx);
-                        failed = true;
-                        continue;
-                    }
-                    match sig.params.get(i) {
-                        Some(p) => p,
-                        None => {
-                            self.sink.push(errors::too_many_arguments(
-                                a.span,
-                                &sig.name,
-                                sig.params.len(),
-                            ));
-                            self.eval(&a.value, ctx);
-                            failed = true;
-                            continue;
-                        }
-                    }
+                Placed::Misplaced(d) => {
+                    self.sink.push(d);
+                    self.eval(&a.value, ctx);
+                    out.failed = true;
+                    continue;
                 }
             };
-            if let Some(prev) = given.get(&param.name) {
+            if let Some(prev) = out.given.get(&param.name) {
                 self.sink.push(
                     errors::argument_twice(a.span, &param.name)
                         .with_secondary(prev.value.span, "first given here"),
                 );
-                failed = true;
+                out.failed = true;
                 continue;
             }
             let v = self.eval(&a.value, ctx);
             let what = format!("`{}` of `{}`", param.name, sig.name);
             let v = self.conform(v, &param.ty, &what, ctx);
-            failed |= v.is_error();
-            given.insert(
+            out.failed |= v.is_error();
+            out.given.insert(
                 param.name.clone(),
                 CtorArg {
                     value: v,
@@ -535,6 +612,18 @@ impl Checker<'_> {
                 },
             );
         }
+        out
+    }
+
+    /// Fills in the parameters a constructor call left out: a default (evaluated and
+    /// conformed in the signature's module), `none` for an optional one without a default.
+    /// Returns the names of those with neither, in declaration order.
+    fn ctor_defaults(
+        &mut self,
+        sig: &Signature,
+        span: Span,
+        given: &mut BTreeMap<String, CtorArg>,
+    ) -> Vec<String> {
         let mut missing = Vec::new();
         for p in &sig.params {
             if given.contains_key(&p.name) {
@@ -561,60 +650,23 @@ impl Checker<'_> {
                 },
             );
         }
-        if !missing.is_empty() {
-            if !unknown_given {
-                self.sink.push(
-                    errors::missing_arguments(span, &sig.name, &missing, None)
-                        .with_help(format!("the signature is `{}`", sig.display())),
-                );
-            }
-            failed = true;
-        }
-        if failed {
-            return V::error(span);
-        }
-        V::new(
-            Value::Ctor(Rc::new(CtorValue {
-                name: sig.name.clone(),
-                kind: sig.kind.clone(),
-                args: given,
-                span,
-                callee_span,
-            })),
-            span,
-        )
+        missing
     }
 
     /// Checks `v` against `ty`, converting ints to floats where a float is wanted and
     /// integral floats to ints where an int is wanted. `what` names the slot in messages
     /// ("`hidden` of `mlp`", "field `width`"). Reports and returns an error value on a
     /// mismatch.
+    ///
+    /// A bare name is judged first (a variant of the enum wanted, or an unknown name), then
+    /// the value by the type: each type's rule is a phase of its own.
     pub(crate) fn conform(&mut self, v: V, ty: &Type, what: &str, ctx: Ctx) -> V {
-        let span = v.span;
         if v.is_error() {
             return v;
         }
         if let Value::Symbol(s) = &v.value {
-            let variants: Vec<String> = match ty {
-                Type::Enum(vs) => vs.clone(),
-                Type::Optional(inner) => match inner.as_ref() {
-                    Type::Enum(vs) => vs.clone(),
-                    _ => Vec::new(),
-                },
-                _ => Vec::new(),
-            };
-            if variants.contains(s) {
-                return v;
-            }
-            if !variants.is_empty() {
-                let help = did_you_mean(s, variants.iter().map(String::as_str));
-                self.sink
-                    .push(errors::not_a_variant(span, s, what, &variants, help));
-                return V::error(span);
-            }
             let s = s.clone();
-            self.report_unknown_name(&s, span, ctx, &[]);
-            return V::error(span);
+            return self.conform_name(v, &s, ty, what, ctx);
         }
         match ty {
             Type::Optional(inner) => {
@@ -624,126 +676,146 @@ impl Checker<'_> {
                     self.conform(v, inner, what, ctx)
                 }
             }
-            Type::Int(bounds) => {
-                let i = match v.value {
-                    Value::Int(i) => i,
-                    Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
-                    Value::Float(f) => {
-                        self.sink.push(errors::not_an_integer(span, what, f));
-                        return V::error(span);
-                    }
-                    ref other => {
-                        self.sink.push(errors::type_mismatch(
-                            span,
-                            what,
-                            &ty.to_string(),
-                            &other.describe(),
-                        ));
-                        return V::error(span);
-                    }
-                };
-                for b in bounds {
-                    if !b.holds(i as f64) {
-                        self.sink.push(errors::out_of_range(
-                            span,
-                            what,
-                            &i.to_string(),
-                            &b.to_string(),
-                        ));
-                        return V::error(span);
-                    }
-                }
-                V::new(Value::Int(i), span)
-            }
-            Type::Float(bounds) => {
-                let f = match v.value {
-                    Value::Int(i) => i as f64,
-                    Value::Float(f) => f,
-                    ref other => {
-                        self.sink.push(errors::type_mismatch(
-                            span,
-                            what,
-                            &ty.to_string(),
-                            &other.describe(),
-                        ));
-                        return V::error(span);
-                    }
-                };
-                for b in bounds {
-                    if !b.holds(f) {
-                        let shown = super::value::fmt_float(f);
-                        self.sink
-                            .push(errors::out_of_range(span, what, &shown, &b.to_string()));
-                        return V::error(span);
-                    }
-                }
-                V::new(Value::Float(f), span)
-            }
+            Type::Int(bounds) => self.conform_int(v, ty, bounds, what),
+            Type::Float(bounds) => self.conform_float(v, ty, bounds, what),
             Type::Bool => match v.value {
                 Value::Bool(_) => v,
-                ref other => {
-                    self.sink
-                        .push(errors::type_mismatch(span, what, "bool", &other.describe()));
-                    V::error(span)
-                }
+                _ => self.mismatch(v, what, &ty.to_string()),
             },
             Type::Str => match v.value {
                 Value::Str(_) => v,
-                ref other => {
-                    self.sink.push(errors::type_mismatch(
-                        span,
-                        what,
-                        "string",
-                        &other.describe(),
-                    ));
-                    V::error(span)
-                }
+                _ => self.mismatch(v, what, &ty.to_string()),
             },
             Type::Enum(variants) => {
-                let d = v.value.describe();
-                self.sink.push(errors::type_mismatch(
-                    span,
-                    what,
-                    &format!("one of {}", variants.join(", ")),
-                    &d,
-                ));
-                V::error(span)
+                let expected = format!("one of {}", variants.join(", "));
+                self.mismatch(v, what, &expected)
             }
-            Type::Tuple(types) => match v.value {
-                Value::Tuple(items) if items.len() == types.len() => {
-                    let mut out = Vec::new();
-                    let mut bad = false;
-                    for (item, t) in items.into_iter().zip(types) {
-                        let c = self.conform(item, t, what, ctx);
-                        bad |= c.is_error();
-                        out.push(c);
-                    }
-                    if bad {
-                        V::error(span)
-                    } else {
-                        V::new(Value::Tuple(out), span)
-                    }
-                }
-                ref other => {
-                    self.sink.push(errors::type_mismatch(
-                        span,
-                        what,
-                        &ty.to_string(),
-                        &other.describe(),
-                    ));
-                    V::error(span)
-                }
-            },
+            Type::Tuple(types) => self.conform_tuple(v, ty, types, what, ctx),
             Type::Kind(k) => match &v.value {
                 Value::Ctor(c) if kind_fits(&c.kind, k) => v,
                 other => {
                     let d = other.describe();
                     let help = self.kind_examples(k);
-                    self.sink.push(errors::wrong_kind(span, what, k, &d, help));
-                    V::error(span)
+                    self.sink
+                        .push(errors::wrong_kind(v.span, what, k, &d, help));
+                    V::error(v.span)
                 }
             },
         }
+    }
+
+    /// A bare name `s` where `ty` is wanted: a variant of the enum `ty` is (or makes
+    /// optional) passes; another name is a wrong variant there, and an unknown name
+    /// anywhere else.
+    fn conform_name(&mut self, v: V, s: &str, ty: &Type, what: &str, ctx: Ctx) -> V {
+        let span = v.span;
+        let variants: Vec<String> = match ty {
+            Type::Enum(vs) => vs.clone(),
+            Type::Optional(inner) => match inner.as_ref() {
+                Type::Enum(vs) => vs.clone(),
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        if variants.iter().any(|x| x == s) {
+            return v;
+        }
+        if !variants.is_empty() {
+            let help = did_you_mean(s, variants.iter().map(String::as_str));
+            self.sink
+                .push(errors::not_a_variant(span, s, what, &variants, help));
+            return V::error(span);
+        }
+        self.report_unknown_name(s, span, ctx, &[]);
+        V::error(span)
+    }
+
+    /// An int where `ty` (an int type with `bounds`) is wanted: an integral float becomes
+    /// one; the value must hold every bound.
+    fn conform_int(&mut self, v: V, ty: &Type, bounds: &[Bound], what: &str) -> V {
+        let span = v.span;
+        let i = match v.value {
+            Value::Int(i) => i,
+            Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
+            Value::Float(f) => {
+                self.sink.push(errors::not_an_integer(span, what, f));
+                return V::error(span);
+            }
+            _ => return self.mismatch(v, what, &ty.to_string()),
+        };
+        if !self.within_bounds(bounds, i as f64, || i.to_string(), span, what) {
+            return V::error(span);
+        }
+        V::new(Value::Int(i), span)
+    }
+
+    /// A float where `ty` (a float type with `bounds`) is wanted: an int becomes one; the
+    /// value must hold every bound.
+    fn conform_float(&mut self, v: V, ty: &Type, bounds: &[Bound], what: &str) -> V {
+        let span = v.span;
+        let f = match v.value {
+            Value::Int(i) => i as f64,
+            Value::Float(f) => f,
+            _ => return self.mismatch(v, what, &ty.to_string()),
+        };
+        if !self.within_bounds(bounds, f, || fmt_float(f), span, what) {
+            return V::error(span);
+        }
+        V::new(Value::Float(f), span)
+    }
+
+    /// Whether `x` holds every one of `bounds`; the first it breaks is reported, the value
+    /// shown as `shown` gives it (as written: `3`, not `3.0`, for an int).
+    fn within_bounds(
+        &mut self,
+        bounds: &[Bound],
+        x: f64,
+        shown: impl FnOnce() -> String,
+        span: Span,
+        what: &str,
+    ) -> bool {
+        match bounds.iter().find(|b| !b.holds(x)) {
+            Some(b) => {
+                self.sink
+                    .push(errors::out_of_range(span, what, &shown(), &b.to_string()));
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// A tuple where the tuple type `ty` (of `types`) is wanted: as many items, each
+    /// conformed to its type (every item's mistake reported, not only the first).
+    fn conform_tuple(&mut self, v: V, ty: &Type, types: &[Type], what: &str, ctx: Ctx) -> V {
+        let span = v.span;
+        let items = match v.value {
+            Value::Tuple(items) if items.len() == types.len() => items,
+            _ => return self.mismatch(v, what, &ty.to_string()),
+        };
+        let mut out = Vec::new();
+        let mut bad = false;
+        for (item, t) in items.into_iter().zip(types) {
+            let c = self.conform(item, t, what, ctx);
+            bad |= c.is_error();
+            out.push(c);
+        }
+        if bad {
+            V::error(span)
+        } else {
+            V::new(Value::Tuple(out), span)
+        }
+    }
+
+    /// Reports `v` as not the `expected` type of slot `what`: the one wording of every type
+    /// mismatch `conform` finds.
+    fn mismatch(&mut self, v: V, what: &str, expected: &str) -> V {
+        self.sink.push(errors::type_mismatch(
+            v.span,
+            what,
+            expected,
+            &v.value.describe(),
+        ));
+        V::error(v.span)
     }
 
     /// "a `gate` is made by `naive(...)`, `gshard(...)`, ...": the stdlib constructors

@@ -78,73 +78,20 @@ impl<'a> Checker<'a> {
     /// Checks every item of the user's module and returns what could be built of it,
     /// errors or not (see [`BestEffort`]). `errors_before`: the sink's error count before
     /// the user's file was parsed.
+    ///
+    /// In its phases: the named items (constants, hardware profiles, targets), the one
+    /// model, the `parallel` and `train` blocks, then the warnings for what nothing used.
     fn check_user(&mut self, m: ModId, errors_before: usize) -> BestEffort {
-        let file_start = Span::new(self.modules[m].file, 0, 0);
-        let items: Vec<(String, EntityKind, Span)> = self.modules[m]
-            .items
-            .iter()
-            .map(|(n, e)| (n.clone(), e.kind.clone(), e.name_span))
-            .collect();
-        let mut models = Vec::new();
-        for (_, kind, span) in &items {
-            match kind {
-                EntityKind::Const(c) => {
-                    self.const_value(m, c, *span);
-                }
-                EntityKind::Block(b) => match b.kind {
-                    BlockKind::Model => models.push(b.clone()),
-                    BlockKind::Hardware => {
-                        self.hardware(m, b);
-                    }
-                    BlockKind::Megatron => {
-                        self.megatron_target(m, b);
-                    }
-                    BlockKind::Parallel | BlockKind::Train => {}
-                },
-                EntityKind::Def(_) | EntityKind::Ctor(_) => {}
-            }
-        }
-        models.sort_by_key(|b| b.span.start);
-        let model = match models.as_slice() {
-            [] => {
-                if !self.syntax_errors {
-                    self.sink.push(errors::no_model(file_start));
-                }
-                None
-            }
-            [only] => self.model(m, only),
-            [first, rest @ ..] => {
-                for b in rest {
-                    self.sink.push(errors::second_model(
-                        b.name.as_ref().map(|n| n.span).unwrap_or(b.kw_span),
-                        first.name.as_ref().map(|n| n.span).unwrap_or(first.kw_span),
-                    ));
-                }
-                None
-            }
-        };
-        let anon = self.modules[m].anon_blocks.clone();
-        let mut parallel_block: Option<Rc<ast::Block>> = None;
-        let mut train_block: Option<Rc<ast::Block>> = None;
-        for b in anon {
-            let slot = if b.kind == BlockKind::Parallel {
-                &mut parallel_block
-            } else {
-                &mut train_block
-            };
-            match slot {
-                Some(first) => self.sink.push(errors::second_block(
-                    b.kw_span,
-                    b.kind.as_str(),
-                    first.kw_span,
-                )),
-                None => *slot = Some(b),
-            }
-        }
+        let models = self.check_named_items(m);
+        let model = self.the_model(m, &models);
+        let (parallel_block, train_block) = self.placement_blocks(m);
         let parallel = match &parallel_block {
             Some(b) => self.parallel(m, b),
             None => {
-                let at = model.as_ref().map(|md| md.spans.name).unwrap_or(file_start);
+                let at = model
+                    .as_ref()
+                    .map(|md| md.spans.name)
+                    .unwrap_or(self.file_start(m));
                 self.default_parallel(at)
             }
         };
@@ -163,6 +110,90 @@ impl<'a> Checker<'a> {
             train: train.flatten(),
             complete,
         }
+    }
+
+    /// Where module `m`'s file starts: the place of a mistake about the whole file.
+    fn file_start(&self, m: ModId) -> Span {
+        Span::new(self.modules[m].file, 0, 0)
+    }
+
+    /// Checks the named items of module `m` in name order (constants, hardware profiles,
+    /// Megatron targets) and returns its model blocks in file order, for [`Self::the_model`].
+    fn check_named_items(&mut self, m: ModId) -> Vec<Rc<ast::Block>> {
+        let items: Vec<(EntityKind, Span)> = self.modules[m]
+            .items
+            .values()
+            .map(|e| (e.kind.clone(), e.name_span))
+            .collect();
+        let mut models = Vec::new();
+        for (kind, span) in &items {
+            match kind {
+                EntityKind::Const(c) => {
+                    self.const_value(m, c, *span);
+                }
+                EntityKind::Block(b) => match b.kind {
+                    BlockKind::Model => models.push(b.clone()),
+                    BlockKind::Hardware => {
+                        self.hardware(m, b);
+                    }
+                    BlockKind::Megatron => {
+                        self.megatron_target(m, b);
+                    }
+                    BlockKind::Parallel | BlockKind::Train => {}
+                },
+                EntityKind::Def(_) | EntityKind::Ctor(_) => {}
+            }
+        }
+        models.sort_by_key(|b| b.span.start);
+        models
+    }
+
+    /// The file's model, checked: a file must have exactly one. Without one it is an
+    /// error (unless syntax errors explain it); each model after the first is an error, and
+    /// none of them is checked then.
+    fn the_model(&mut self, m: ModId, models: &[Rc<ast::Block>]) -> Option<Model> {
+        match models {
+            [] => {
+                if !self.syntax_errors {
+                    self.sink.push(errors::no_model(self.file_start(m)));
+                }
+                None
+            }
+            [only] => self.model(m, only),
+            [first, rest @ ..] => {
+                let name_or_kw =
+                    |b: &ast::Block| b.name.as_ref().map(|n| n.span).unwrap_or(b.kw_span);
+                for b in rest {
+                    self.sink
+                        .push(errors::second_model(name_or_kw(b), name_or_kw(first)));
+                }
+                None
+            }
+        }
+    }
+
+    /// The file's `parallel` and `train` blocks (each `None` where the file has none): the
+    /// first of each kind; a second one is an error and is not checked.
+    fn placement_blocks(&mut self, m: ModId) -> (Option<Rc<ast::Block>>, Option<Rc<ast::Block>>) {
+        let anon = self.modules[m].anon_blocks.clone();
+        let mut parallel_block: Option<Rc<ast::Block>> = None;
+        let mut train_block: Option<Rc<ast::Block>> = None;
+        for b in anon {
+            let slot = if b.kind == BlockKind::Parallel {
+                &mut parallel_block
+            } else {
+                &mut train_block
+            };
+            match slot {
+                Some(first) => self.sink.push(errors::second_block(
+                    b.kw_span,
+                    b.kind.as_str(),
+                    first.kw_span,
+                )),
+                None => *slot = Some(b),
+            }
+        }
+        (parallel_block, train_block)
     }
 
     /// Warnings for the user's imports, constants and definitions that nothing used.

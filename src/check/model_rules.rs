@@ -37,11 +37,54 @@ pub const MODEL_FIELDS: &[&str] = &[
 /// Presets may nest this deep (a cycle would not end).
 const MAX_PRESET_DEPTH: usize = 16;
 
-fn pos_int() -> Type {
-    Type::Int(vec![super::value::Bound {
-        op: ast::CmpOp::Ge,
-        value: 1.0,
-    }])
+/// A model block's fields as the phases of [`Checker::model`] read them: the fields of the
+/// block and its presets (evaluated on first use), where each is written, and the block's
+/// module.
+struct ModelScope {
+    env: FieldEnv,
+    spans_of: BTreeMap<String, Span>,
+    module: ModId,
+}
+
+impl ModelScope {
+    /// Where the model's fields are evaluated: its module, with its fields in scope.
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            module: self.module,
+            locals: None,
+            fields: Some(&self.env),
+        }
+    }
+}
+
+/// A model block's fields, read and typed: `None` where not written or wrong (reported).
+struct ModelFields {
+    vocab: Option<V>,
+    context: Option<V>,
+    width: Option<V>,
+    heads: Option<V>,
+    depth: Option<V>,
+    block: Option<V>,
+    kv_heads: Option<V>,
+    norm: Option<V>,
+    positions: Option<V>,
+    bias: Option<V>,
+    tied_embeddings: Option<V>,
+}
+
+/// The model's depth, and where it is written (a selection past it points there).
+#[derive(Clone, Copy)]
+struct Depth {
+    layers: u64,
+    span: Span,
+}
+
+/// A layer selection being read: where it is evaluated, the depth its layers lie under,
+/// and the layers it picked so far, in order.
+struct Selection<'c> {
+    ctx: Ctx<'c>,
+    depth: Depth,
+    picked: Vec<u64>,
 }
 
 impl Checker<'_> {
@@ -81,17 +124,7 @@ impl Checker<'_> {
                 },
                 None => {
                     let help = self
-                        .importable_from(&parent.name)
-                        .map(|md| {
-                            format!(
-                                "`{}` is in `{md}`: add `use {md}.{}`",
-                                parent.name, parent.name
-                            )
-                        })
-                        .or_else(|| {
-                            let names = self.preset_names();
-                            did_you_mean(&parent.name, names.iter().map(String::as_str))
-                        });
+                        .not_found_help(&parent.name, |this| this.block_names(BlockKind::Model));
                     self.sink
                         .push(errors::unknown_preset(parent.span, &parent.name, help));
                     return None;
@@ -102,126 +135,34 @@ impl Checker<'_> {
         Some(chain)
     }
 
-    fn preset_names(&self) -> Vec<String> {
-        self.modules
-            .iter()
-            .flat_map(|m| {
-                m.items.iter().filter_map(|(n, e)| match &e.kind {
-                    EntityKind::Block(b) if b.kind == BlockKind::Model => Some(n.clone()),
-                    _ => None,
-                })
-            })
-            .collect()
-    }
-
-    /// Checks a model block (with its presets) into a [`Model`].
+    /// Checks a model block (with its presets) into a [`Model`], in its phases: the preset
+    /// chain, the fields of the chain, the fields read and typed, the depth, the attention's
+    /// heads, the layers, then the model.
     pub(crate) fn model(&mut self, m: ModId, block: &Rc<ast::Block>) -> Option<Model> {
         let name = block.name.clone()?;
         let chain = self.preset_chain(m, block)?;
         let (exprs, spans_of) = self.chain_fields(&chain, block);
-        let env = FieldEnv::new(exprs);
-        let ctx = Ctx {
+        let scope = ModelScope {
+            env: FieldEnv::new(exprs),
+            spans_of,
             module: m,
-            locals: None,
-            fields: Some(&env),
         };
-        let get = |this: &mut Self, field: &str, ty: &Type| -> Option<V> {
-            let span = *spans_of.get(field)?;
-            let v = this.field_value(&env, field, span)?;
-            let v = this.conform(v, ty, &format!("field `{field}`"), ctx);
-            if v.is_error() {
-                env.poison(field, span);
-                return None;
-            }
-            Some(v)
+        let f = self.model_fields(&scope, &name);
+        let (Some(vocab), Some(context), Some(width), Some(heads), Some(depth), Some(blockv)) =
+            (f.vocab, f.context, f.width, f.heads, f.depth, f.block)
+        else {
+            return None;
         };
-        let mut missing = Vec::new();
-        let mut required = |this: &mut Self, field: &str, ty: &Type| -> Option<V> {
-            if !env.exprs.contains_key(field) {
-                missing.push(field.to_string());
-                return None;
-            }
-            get(this, field, ty)
-        };
-        let vocab = required(self, "vocab", &pos_int());
-        let context = required(self, "context", &pos_int());
-        let width = required(self, "width", &pos_int());
-        let heads = required(self, "heads", &pos_int());
-        let depth = required(self, "depth", &pos_int());
-        let blockv = required(self, "block", &Type::Kind("block".into()));
-        let kv_heads = get(self, "kv_heads", &pos_int());
-        let norm = get(
-            self,
-            "norm",
-            &Type::Enum(vec!["layernorm".into(), "rmsnorm".into()]),
-        );
-        let positions = get(
-            self,
-            "positions",
-            &Type::Enum(vec!["learned".into(), "rotary".into()]),
-        );
-        let bias = get(self, "bias", &Type::Bool);
-        let tied = get(self, "tied_embeddings", &Type::Bool);
-        if !missing.is_empty() {
-            self.sink.push(errors::model_missing_fields(
-                name.span, &name.name, &missing,
-            ));
-        }
-        let (vocab, context, width, heads, depth, blockv) =
-            (vocab?, context?, width?, heads?, depth?, blockv?);
         let Value::Ctor(block_ctor) = &blockv.value else {
             return None;
         };
-        let depth_n = uint(&depth);
-        if depth_n > MAX_DEPTH {
-            // Every layer is materialised below: refuse before allocating them.
-            self.sink.push(errors::out_of_range(
-                depth.span,
-                "depth",
-                &depth_n.to_string(),
-                &format!("at most {MAX_DEPTH}"),
-            ));
-            return None;
-        }
-
-        let (heads_n, kv_n) = self.attention_heads(block_ctor, &heads, kv_heads.as_ref(), &width);
-        let width_n = uint(&width);
-        // The shape rules leave a well-formed model (reported, not fatal), so that later
-        // rules, the planner's included, still run in the same pass. `ok` is about whether
-        // the model could be built at all.
-        let mut ok = true;
-
-        // Layers: the block's feed-forward everywhere, then the selections.
-        let default_ffn = block_ctor.arg("ffn").cloned();
-        let default_ffn = default_ffn.and_then(|v| self.ffn(&v));
-        let mut layers: Vec<Option<(Ffn, Span)>> = match &default_ffn {
-            Some(f) => vec![Some((f.clone(), blockv.span)); depth_n as usize],
-            None => vec![None; depth_n as usize],
+        let depth = Depth {
+            layers: self.model_depth(&depth)?,
+            span: depth.span,
         };
-        if default_ffn.is_none() {
-            ok = false;
-        }
-        // Layer index -> the selection of a preset that assigned it.
-        let mut inherited: BTreeMap<u64, Span> = BTreeMap::new();
-        for (bm, b) in &chain {
-            let bctx = Ctx {
-                module: *bm,
-                locals: None,
-                fields: Some(&env),
-            };
-            ok &= self.layer_assigns(b, bctx, depth_n, &depth, &mut layers, &mut inherited);
-        }
-        if !ok {
-            return None;
-        }
-        let layers: Vec<Layer> = layers
-            .into_iter()
-            .enumerate()
-            .filter_map(|(index, l)| l.map(|(ffn, span)| Layer { index, ffn, span }))
-            .collect();
-        if layers.len() as u64 != depth_n {
-            return None;
-        }
+        let (heads_n, kv_n) = self.attention_heads(block_ctor, &heads, f.kv_heads.as_ref(), &width);
+        let width_n = uint(&width);
+        let layers = self.model_layers(&scope, &chain, block_ctor, &blockv, depth)?;
         Some(Model {
             name: name.name.clone(),
             vocab: uint(&vocab),
@@ -233,16 +174,16 @@ impl Checker<'_> {
                 head_dim: width_n.checked_div(heads_n).unwrap_or(0),
                 causal: true,
             },
-            norm: match norm.as_ref().map(symbol) {
+            norm: match f.norm.as_ref().map(symbol) {
                 Some("rmsnorm") => Norm::RmsNorm,
                 _ => Norm::LayerNorm,
             },
-            positions: match positions.as_ref().map(symbol) {
+            positions: match f.positions.as_ref().map(symbol) {
                 Some("rotary") => Positions::Rotary,
                 _ => Positions::Learned,
             },
-            tied_embeddings: tied.as_ref().map(boolean).unwrap_or(true),
-            bias: bias.as_ref().map(boolean).unwrap_or(true),
+            tied_embeddings: f.tied_embeddings.as_ref().map(boolean).unwrap_or(true),
+            bias: f.bias.as_ref().map(boolean).unwrap_or(true),
             layers,
             spans: ModelSpans {
                 name: name.span,
@@ -253,6 +194,129 @@ impl Checker<'_> {
                 depth: depth.span,
             },
         })
+    }
+
+    /// The fields of a model block read and typed, required ones first; every required
+    /// field that is not written is reported in one diagnostic at the model's name.
+    fn model_fields(&mut self, scope: &ModelScope, name: &ast::Ident) -> ModelFields {
+        let mut missing = Vec::new();
+        let mut required = |this: &mut Self, field: &str, ty: &Type| -> Option<V> {
+            if !scope.env.exprs.contains_key(field) {
+                missing.push(field.to_string());
+                return None;
+            }
+            this.model_field(scope, field, ty)
+        };
+        let vocab = required(self, "vocab", &Type::positive_int());
+        let context = required(self, "context", &Type::positive_int());
+        let width = required(self, "width", &Type::positive_int());
+        let heads = required(self, "heads", &Type::positive_int());
+        let depth = required(self, "depth", &Type::positive_int());
+        let block = required(self, "block", &Type::Kind("block".into()));
+        let fields = ModelFields {
+            vocab,
+            context,
+            width,
+            heads,
+            depth,
+            block,
+            kv_heads: self.model_field(scope, "kv_heads", &Type::positive_int()),
+            norm: self.model_field(
+                scope,
+                "norm",
+                &Type::Enum(vec!["layernorm".into(), "rmsnorm".into()]),
+            ),
+            positions: self.model_field(
+                scope,
+                "positions",
+                &Type::Enum(vec!["learned".into(), "rotary".into()]),
+            ),
+            bias: self.model_field(scope, "bias", &Type::Bool),
+            tied_embeddings: self.model_field(scope, "tied_embeddings", &Type::Bool),
+        };
+        if !missing.is_empty() {
+            self.sink.push(errors::model_missing_fields(
+                name.span, &name.name, &missing,
+            ));
+        }
+        fields
+    }
+
+    /// Field `field` of the model conformed to `ty`: `None` where it is not written or is
+    /// wrong (reported, and poisoned so that the fields using it stay quiet).
+    fn model_field(&mut self, scope: &ModelScope, field: &str, ty: &Type) -> Option<V> {
+        let span = *scope.spans_of.get(field)?;
+        let v = self.field_value(&scope.env, field, span)?;
+        let v = self.conform(v, ty, &format!("field `{field}`"), scope.ctx());
+        if v.is_error() {
+            scope.env.poison(field, span);
+            return None;
+        }
+        Some(v)
+    }
+
+    /// The model's depth, refused above [`MAX_DEPTH`]: every layer is materialised after
+    /// this, so the refusal comes before they are allocated.
+    fn model_depth(&mut self, depth: &V) -> Option<u64> {
+        let depth_n = uint(depth);
+        if depth_n > MAX_DEPTH {
+            self.sink.push(errors::out_of_range(
+                depth.span,
+                "depth",
+                &depth_n.to_string(),
+                &format!("at most {MAX_DEPTH}"),
+            ));
+            return None;
+        }
+        Some(depth_n)
+    }
+
+    /// Every layer's feed-forward: the block's own everywhere, then the `layers[...]`
+    /// assignments of each block of the chain, the furthest preset first. `None` where the
+    /// block's feed-forward or an assignment was wrong (reported), or a layer has none.
+    fn model_layers(
+        &mut self,
+        scope: &ModelScope,
+        chain: &[(ModId, Rc<ast::Block>)],
+        block_ctor: &CtorValue,
+        blockv: &V,
+        depth: Depth,
+    ) -> Option<Vec<Layer>> {
+        // The shape rules leave a well-formed model (reported, not fatal), so that later
+        // rules, the planner's included, still run in the same pass. `ok` is about whether
+        // the model could be built at all.
+        let mut ok = true;
+        let default_ffn = block_ctor.arg("ffn").cloned();
+        let default_ffn = default_ffn.and_then(|v| self.ffn(&v));
+        let mut layers: Vec<Option<(Ffn, Span)>> = match &default_ffn {
+            Some(f) => vec![Some((f.clone(), blockv.span)); depth.layers as usize],
+            None => vec![None; depth.layers as usize],
+        };
+        if default_ffn.is_none() {
+            ok = false;
+        }
+        // Layer index -> the selection of a preset that assigned it.
+        let mut inherited: BTreeMap<u64, Span> = BTreeMap::new();
+        for (bm, b) in chain {
+            let bctx = Ctx {
+                module: *bm,
+                locals: None,
+                fields: Some(&scope.env),
+            };
+            ok &= self.layer_assigns(b, bctx, depth, &mut layers, &mut inherited);
+        }
+        if !ok {
+            return None;
+        }
+        let layers: Vec<Layer> = layers
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, l)| l.map(|(ffn, span)| Layer { index, ffn, span }))
+            .collect();
+        if layers.len() as u64 != depth.layers {
+            return None;
+        }
+        Some(layers)
     }
 
     /// The fields of `block` and of the presets it extends (`chain`, the furthest preset
@@ -354,8 +418,7 @@ impl Checker<'_> {
         &mut self,
         block: &ast::Block,
         ctx: Ctx,
-        depth: u64,
-        depth_v: &V,
+        depth: Depth,
         layers: &mut [Option<(Ffn, Span)>],
         inherited: &mut BTreeMap<u64, Span>,
     ) -> bool {
@@ -372,7 +435,7 @@ impl Checker<'_> {
                 ok = false;
                 continue;
             }
-            let Some(indices) = self.selection(a, ctx, depth, depth_v) else {
+            let Some(indices) = self.selection(a, ctx, depth) else {
                 ok = false;
                 continue;
             };
@@ -425,110 +488,125 @@ impl Checker<'_> {
     }
 
     /// The layer indices a selection names, checked to lie inside `0..depth`, be
-    /// non-empty, and not name a layer twice.
-    fn selection(
-        &mut self,
-        a: &ast::LayerAssign,
-        ctx: Ctx,
-        depth: u64,
-        depth_v: &V,
-    ) -> Option<Vec<u64>> {
-        let idx_ty = Type::Int(Vec::new());
-        let mut out: Vec<u64> = Vec::new();
+    /// non-empty, and not name a layer twice: each item picks its layers in turn (every
+    /// item's mistakes reported, not only the first's).
+    fn selection(&mut self, a: &ast::LayerAssign, ctx: Ctx, depth: Depth) -> Option<Vec<u64>> {
+        let mut sel = Selection {
+            ctx,
+            depth,
+            picked: Vec::new(),
+        };
         let mut ok = true;
         for item in &a.selection {
-            match item {
-                SelItem::Index(e) => {
-                    let v = self.eval(e, ctx);
-                    let v = self.conform(v, &idx_ty, "a layer index", ctx);
-                    let Some(i) = int(&v) else {
-                        ok = false;
-                        continue;
-                    };
-                    if i < 0 || i as u64 >= depth {
-                        self.sink
-                            .push(errors::layer_out_of_range(e.span, i, depth, depth_v.span));
-                        ok = false;
-                        continue;
-                    }
-                    if out.contains(&(i as u64)) {
-                        self.sink
-                            .push(errors::layer_selected_twice(e.span, i as u64));
-                        ok = false;
-                        continue;
-                    }
-                    out.push(i as u64);
-                }
+            ok &= match item {
+                SelItem::Index(e) => self.select_index(&mut sel, e),
                 SelItem::Range {
                     start,
                     end,
                     step,
                     span,
-                } => {
-                    let s = self.eval(start, ctx);
-                    let s = self.conform(s, &idx_ty, "a range start", ctx);
-                    let e = self.eval(end, ctx);
-                    let e = self.conform(e, &idx_ty, "a range end", ctx);
-                    let st = match step {
-                        Some(st) => {
-                            let v = self.eval(st, ctx);
-                            let v = self.conform(v, &pos_int(), "a range step", ctx);
-                            int(&v)
-                        }
-                        None => Some(1),
-                    };
-                    let (Some(s_i), Some(e_i), Some(st_i)) = (int(&s), int(&e), st) else {
-                        ok = false;
-                        continue;
-                    };
-                    if s_i < 0 || s_i as u64 > depth {
-                        self.sink.push(errors::layer_out_of_range(
-                            start.span,
-                            s_i,
-                            depth,
-                            depth_v.span,
-                        ));
-                        ok = false;
-                        continue;
-                    }
-                    if e_i < 0 || e_i as u64 > depth {
-                        self.sink.push(errors::range_end_past_depth(
-                            end.span,
-                            e_i,
-                            depth,
-                            depth_v.span,
-                        ));
-                        ok = false;
-                        continue;
-                    }
-                    if s_i >= e_i {
-                        self.sink.push(errors::empty_range(*span, s_i, e_i));
-                        ok = false;
-                        continue;
-                    }
-                    let mut i = s_i;
-                    while i < e_i {
-                        if out.contains(&(i as u64)) {
-                            self.sink
-                                .push(errors::layer_selected_twice(*span, i as u64));
-                            ok = false;
-                        } else {
-                            out.push(i as u64);
-                        }
-                        // A step past the range (up to i64::MAX) ends it.
-                        let Some(next) = i.checked_add(st_i) else {
-                            break;
-                        };
-                        i = next;
-                    }
-                }
-            }
+                } => self.select_range(&mut sel, start, end, step.as_deref(), *span),
+            };
         }
-        if ok && out.is_empty() {
+        if ok && sel.picked.is_empty() {
             self.sink.push(errors::empty_selection(a.selection_span));
             return None;
         }
-        ok.then_some(out)
+        ok.then_some(sel.picked)
+    }
+
+    /// `layers[i]`: one layer, inside the model.
+    fn select_index(&mut self, sel: &mut Selection, e: &ast::Expr) -> bool {
+        let Some(i) = self.selection_number(sel.ctx, e, &Type::Int(Vec::new()), "a layer index")
+        else {
+            return false;
+        };
+        if i < 0 || i as u64 >= sel.depth.layers {
+            self.sink.push(errors::layer_out_of_range(
+                e.span,
+                i,
+                sel.depth.layers,
+                sel.depth.span,
+            ));
+            return false;
+        }
+        self.pick(sel, i as u64, e.span)
+    }
+
+    /// `layers[start..end step n]`: the numbers read (all three, so that each one's mistake
+    /// is reported), the range checked to lie inside the model and hold a layer, then
+    /// every layer of it picked.
+    fn select_range(
+        &mut self,
+        sel: &mut Selection,
+        start: &ast::Expr,
+        end: &ast::Expr,
+        step: Option<&ast::Expr>,
+        span: Span,
+    ) -> bool {
+        let idx_ty = Type::Int(Vec::new());
+        let s = self.selection_number(sel.ctx, start, &idx_ty, "a range start");
+        let e = self.selection_number(sel.ctx, end, &idx_ty, "a range end");
+        let st = match step {
+            Some(st) => self.selection_number(sel.ctx, st, &Type::positive_int(), "a range step"),
+            None => Some(1),
+        };
+        let (Some(s), Some(e), Some(st)) = (s, e, st) else {
+            return false;
+        };
+        let depth = sel.depth;
+        if s < 0 || s as u64 > depth.layers {
+            self.sink.push(errors::layer_out_of_range(
+                start.span,
+                s,
+                depth.layers,
+                depth.span,
+            ));
+            return false;
+        }
+        if e < 0 || e as u64 > depth.layers {
+            self.sink.push(errors::range_end_past_depth(
+                end.span,
+                e,
+                depth.layers,
+                depth.span,
+            ));
+            return false;
+        }
+        if s >= e {
+            self.sink.push(errors::empty_range(span, s, e));
+            return false;
+        }
+        let mut ok = true;
+        let mut i = s;
+        while i < e {
+            ok &= self.pick(sel, i as u64, span);
+            // A step past the range (up to i64::MAX) ends it.
+            let Some(next) = i.checked_add(st) else {
+                break;
+            };
+            i = next;
+        }
+        ok
+    }
+
+    /// A number of a selection, evaluated and conformed to `ty` (`what` names it in a
+    /// mistake); `None` where it was wrong (reported).
+    fn selection_number(&mut self, ctx: Ctx, e: &ast::Expr, ty: &Type, what: &str) -> Option<i64> {
+        let v = self.eval(e, ctx);
+        let v = self.conform(v, ty, what, ctx);
+        int(&v)
+    }
+
+    /// Adds layer `i` to the selection; `false` (reported at `span`) when the selection
+    /// named it already. The one rule for an index and a range.
+    fn pick(&mut self, sel: &mut Selection, i: u64, span: Span) -> bool {
+        if sel.picked.contains(&i) {
+            self.sink.push(errors::layer_selected_twice(span, i));
+            return false;
+        }
+        sel.picked.push(i);
+        true
     }
 
     /// A feed-forward from a checked `mlp(...)` or `moe(...)` value.

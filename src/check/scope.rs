@@ -196,16 +196,31 @@ impl Checker<'_> {
             .position(|m| m.is_std && m.path == format!("std.{name}"))
     }
 
+    /// Resolves one `use` of module `m`, in its phases: the stdlib module it names, then
+    /// a glob of that module or one item of it.
     fn resolve_use(&mut self, m: ModId, u: &ast::Use) {
-        let Some(root) = u.path.first() else { return };
+        let Some((target, module_name)) = self.used_module(u) else {
+            return;
+        };
+        if u.glob {
+            self.import_glob(m, u, target);
+        } else {
+            self.import_item(m, u, target, module_name);
+        }
+    }
+
+    /// The stdlib module a `use` names, and its name as written: the path must start at
+    /// `std`, name a stdlib module, and go at most one item deeper.
+    fn used_module<'u>(&mut self, u: &'u ast::Use) -> Option<(ModId, &'u ast::Ident)> {
+        let root = u.path.first()?;
         if root.name != "std" {
             self.sink
                 .push(errors::import_not_std(root.span, &root.name));
-            return;
+            return None;
         }
         let Some(module_name) = u.path.get(1) else {
             self.sink.push(errors::import_needs_item(u.span, None));
-            return;
+            return None;
         };
         let Some(target) = self.std_module(&module_name.name) else {
             let names: Vec<&str> = STDLIB.iter().map(|(n, _)| *n).collect();
@@ -214,25 +229,34 @@ impl Checker<'_> {
                 &module_name.name,
                 did_you_mean(&module_name.name, names),
             ));
-            return;
+            return None;
         };
         if u.path.len() > 3 {
             self.sink.push(errors::import_too_deep(u.path[3].span));
+            return None;
+        }
+        Some((target, module_name))
+    }
+
+    /// `use std.gates.*`: every item of `target`, looked up after the module's own items
+    /// and imports; the path must stop at the module.
+    fn import_glob(&mut self, m: ModId, u: &ast::Use, target: ModId) {
+        if u.path.len() != 2 {
+            self.sink.push(errors::import_too_deep(u.span));
             return;
         }
-        if u.glob {
-            if u.path.len() != 2 {
-                self.sink.push(errors::import_too_deep(u.span));
-                return;
-            }
-            self.modules[m].globs.push(Glob {
-                module: target,
-                span: u.span,
-                used: Cell::new(false),
-                implicit: false,
-            });
-            return;
-        }
+        self.modules[m].globs.push(Glob {
+            module: target,
+            span: u.span,
+            used: Cell::new(false),
+            implicit: false,
+        });
+    }
+
+    /// `use std.gates.gshard`: one item of `target` (named `module_name` in the path),
+    /// which must exist there, not be imported twice, nor have the name of the module's
+    /// own item.
+    fn import_item(&mut self, m: ModId, u: &ast::Use, target: ModId, module_name: &ast::Ident) {
         let Some(item) = u.path.get(2) else {
             self.sink
                 .push(errors::import_needs_item(u.span, Some(&module_name.name)));
@@ -327,12 +351,41 @@ impl Checker<'_> {
         names
     }
 
+    /// The names of the blocks of `kind` (models, hardware profiles) every module declares,
+    /// module by module in load order: the presets and profiles a name may mean, for "did you
+    /// mean" (the same walk was written for each).
+    pub(crate) fn block_names(&self, kind: BlockKind) -> Vec<String> {
+        self.modules
+            .iter()
+            .flat_map(|m| {
+                m.items.iter().filter_map(move |(n, e)| match &e.kind {
+                    EntityKind::Block(b) if b.kind == kind => Some(n.clone()),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
     /// The stdlib module that defines `name` but is not imported into `m`, if any, for
     /// the help "add `use std.gates.gshard`".
-    pub(crate) fn importable_from(&self, name: &str) -> Option<String> {
+    fn importable_from(&self, name: &str) -> Option<String> {
         self.modules
             .iter()
             .find(|md| md.is_std && md.items.contains_key(name))
             .map(|md| md.path.clone())
+    }
+
+    /// The help for a `name` that is not found: the `use` that imports it where a stdlib
+    /// module has it, else the closest of `candidates` (asked for only then). One rule for
+    /// unknown names, calls, presets and hardware profiles, which wrote it out each.
+    pub(crate) fn not_found_help(
+        &self,
+        name: &str,
+        candidates: impl FnOnce(&Self) -> Vec<String>,
+    ) -> Option<String> {
+        match self.importable_from(name) {
+            Some(module) => Some(errors::add_use(name, &module)),
+            None => did_you_mean(name, candidates(self).iter().map(String::as_str)),
+        }
     }
 }

@@ -157,6 +157,16 @@ pub enum Type {
     Optional(Box<Type>),
 }
 
+impl Type {
+    /// `int(>= 1)`: a count (of layers, heads, GPUs, ...).
+    pub fn positive_int() -> Type {
+        Type::Int(vec![Bound {
+            op: crate::syntax::ast::CmpOp::Ge,
+            value: 1.0,
+        }])
+    }
+}
+
 impl fmt::Display for Type {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let bounds = |b: &[Bound]| {
