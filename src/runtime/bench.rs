@@ -1387,7 +1387,7 @@ fn check_kernels(device: Device) -> Result<std::process::ExitCode> {
     // for keys with high bits set, streams past 2^32 / 0x2545F491 and more elements than the
     // kernel's grid covers in one sweep
     {
-        use crate::runtime::moe::{draw_key_words, keyed_uniform};
+        use crate::runtime::moe::{draw_key_words, draw_stream_word, keyed_uniform};
         let cases: [(u64, i64, &[i64]); 3] = [
             (0x0123_4567_89AB_CDEF, 3, &[1000, 7]),
             (u64::MAX, 0, &[8192]),
@@ -1396,10 +1396,9 @@ fn check_kernels(device: Device) -> Result<std::process::ExitCode> {
         for (seed, stream, shape) in cases {
             let key = Tensor::f_from_slice(&draw_key_words(seed))?;
             let want = keyed_uniform(&key, stream, shape)?;
-            let stream_word = stream.wrapping_mul(0x2545_F491) & 0xFFFF_FFFF;
             let got = crate::runtime::cuda::ops::keyed_uniform(
                 &key.f_to_device(device)?,
-                stream_word,
+                draw_stream_word(stream),
                 shape,
             )?
             .f_to_device(Device::Cpu)?;

@@ -186,6 +186,11 @@ fn mix32(x: &Tensor) -> Result<Tensor> {
     Ok(x.f_bitwise_xor_tensor(&x.f_bitwise_right_shift_tensor_scalar(16)?)?)
 }
 
+/// The 32-bit word [`keyed_uniform`]'s hash adds for `stream`.
+pub fn draw_stream_word(stream: i64) -> i64 {
+    stream.wrapping_mul(0x2545_F491) & 0xFFFF_FFFF
+}
+
 /// Uniform draws in `[0, 1)` of `shape` (f32), a counter-based hash of `key` (`[2]` int64,
 /// two 32-bit words, see [`draw_key_words`]), `stream` and each element's index. No generator
 /// state: the same key gives the same values on every device, rank and thread, in any order,
@@ -194,7 +199,7 @@ fn mix32(x: &Tensor) -> Result<Tensor> {
 /// computes the same bits.
 pub fn keyed_uniform(key: &Tensor, stream: i64, shape: &[i64]) -> Result<Tensor> {
     const M: i64 = 0xFFFF_FFFF;
-    let stream_word = stream.wrapping_mul(0x2545_F491) & M;
+    let stream_word = draw_stream_word(stream);
     // The kernel is opt-in until its bits have been compared with these ops on a GPU
     // (`fmoec bench moe --check-kernels` does, whatever this switch says).
     #[cfg(feature = "cuda")]
