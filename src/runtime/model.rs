@@ -703,15 +703,13 @@ impl Transformer {
     ) -> Result<ChunkOutput> {
         let range = self.chunk_range(chunk)?;
         let (starts, ends) = self.chunk_ends(chunk)?;
-        let (emb, mut x) = if starts {
-            let (emb, x) = self.embed(input)?;
-            (Some(emb), x)
+        let mut x = if starts {
+            self.embed(input)?
         } else {
-            (None, input.shallow_clone())
+            input.shallow_clone()
         };
         let mut extras = MoeExtras::new(self.store.device)?;
         let keys = self.routing_keys.as_ref();
-        let hooked = hook.is_some();
         for block in self.blocks.iter().filter(|b| range.contains(&b.index)) {
             let (y, extra) = block.forward(&x, train, hook.as_deref_mut(), keys)?;
             x = y;
@@ -720,14 +718,7 @@ impl Transformer {
         if !ends {
             return Ok(extras.with_output(x));
         }
-        // A hooked (segmented) backward traverses the head and the embedding in different
-        // passes: they must not share the cast's graph node.
-        let emb = match (&self.head, emb) {
-            (Some(head), _) => cast::compute(head, self.compute)?,
-            (None, Some(emb)) if !hooked => emb,
-            (None, _) => cast::compute(self.tokens()?, self.compute)?,
-        };
-        Ok(extras.with_output(self.head(&x, &emb)?))
+        Ok(extras.with_output(self.head(&x)?))
     }
 
     /// The token embedding this part holds.
@@ -738,9 +729,14 @@ impl Transformer {
         }
     }
 
-    /// Token (and learned position) embeddings of `tokens` `[B, T]`, with the embedding
-    /// matrix in the compute precision they were read from.
-    fn embed(&self, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Token (and learned position) embeddings of `tokens` `[B, T]`, in the compute dtype.
+    ///
+    /// The rows are gathered from the master and then cast (the values a gather from a bf16
+    /// copy gives), so that the backward sums each token's row gradients in f32. Gathered
+    /// from a bf16 copy, libtorch sums them in bf16, rounding at every addition, and a tied
+    /// head sharing that copy adds its gradient to them in bf16 as well; the head casts the
+    /// matrix itself ([`Transformer::head`]).
+    fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
         let (_b, t) = tokens.size2()?;
         if t > self.model.context as i64 {
             bail!(
@@ -748,30 +744,33 @@ impl Transformer {
                 self.model.context
             );
         }
-        let emb = cast::compute(self.tokens()?, self.compute)?;
-        let mut x = Tensor::f_embedding(&emb, tokens, -1, false, false)?;
+        let mut x = Tensor::f_embedding(self.tokens()?, tokens, -1, false, false)?
+            .f_to_kind(self.compute)?;
         if let Some(pos) = &self.positions {
             x = x.f_add(&cast::compute(pos, self.compute)?.f_narrow(0, 0, t)?)?;
         }
-        Ok((emb, x))
+        Ok(x)
     }
 
     /// The final norm and the tied head: logits of the last hidden states `x`, in the
     /// compute dtype.
-    fn head(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
         let Some(norm) = &self.norm else {
             bail!("internal error: this pipeline stage holds no head");
+        };
+        let weight = match &self.head {
+            Some(head) => head,
+            None => self.tokens()?,
         };
         #[cfg(feature = "cuda")]
         if self.fp8_head {
             use crate::runtime::fp8::{linear, WeightLayout};
-            let weight = match &self.head {
-                Some(head) => head,
-                None => self.tokens()?,
-            };
             return linear(&norm.forward(x)?, weight, None, WeightLayout::OutIn);
         }
-        Ok(norm.forward(x)?.f_matmul(&emb.f_transpose(0, 1)?)?)
+        // The lookup reads the master's rows (see `embed`): the head's gradient reaches the
+        // master through a cast of its own and is added to theirs in f32.
+        let weight = cast::compute(weight, self.compute)?;
+        Ok(norm.forward(x)?.f_matmul(&weight.f_transpose(0, 1)?)?)
     }
 
     /// Mean next-token cross-entropy of `tokens[:, 1:]` given `tokens[:, :-1]`, plus extras.
@@ -1390,7 +1389,7 @@ impl Transformer {
         let range = self.chunk_range(chunk)?;
         let (starts, ends) = self.chunk_ends(chunk)?;
         let mut x = if starts {
-            self.embed(input)?.1
+            self.embed(input)?
         } else {
             input.shallow_clone()
         };
@@ -1404,13 +1403,7 @@ impl Transformer {
         if !ends {
             return Ok(extras.with_output(x));
         }
-        // Its own cast: the head and the embedding are backpropagated in different segments.
-        let head = match &self.head {
-            Some(head) => head,
-            None => self.tokens()?,
-        };
-        let head = cast::compute(head, self.compute)?;
-        Ok(extras.with_output(self.head(&x, &head)?))
+        Ok(extras.with_output(self.head(&x)?))
     }
 
     /// [`Transformer::loss`] through [`Transformer::forward_tensor_parallel`].

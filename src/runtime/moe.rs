@@ -1045,7 +1045,11 @@ impl Experts {
             None => Ok(None),
             Some(b) => {
                 let idx = plan.expert.f_clamp_max(self.experts - 1)?;
-                Ok(Some(cast::compute(b, kind)?.f_index_select(0, &idx)?))
+                // Rows of the master, cast after the gather, so that the backward sums each
+                // expert's row gradients in f32. From a bf16 copy libtorch sums them in bf16
+                // over all the call's rows: on a rank of an expert group every rank's rows
+                // of the expert, where a run alone sums one micro-batch's and adds in f32.
+                Ok(Some(b.f_index_select(0, &idx)?.f_to_kind(kind)?))
             }
         }
     }

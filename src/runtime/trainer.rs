@@ -519,6 +519,12 @@ impl<'a> Trainer<'a> {
         self.finish(stopped_by)
     }
 
+    /// This rank's model: after a [`Trainer::step`] its parameters' `.grad` hold that step's
+    /// gradients, reduced over the ranks and clipped, as the optimizer applied them.
+    pub fn model(&self) -> &Transformer {
+        &self.model
+    }
+
     /// One optimizer step; returns its metrics (without evaluation).
     pub fn step(&mut self) -> Result<StepMetrics> {
         let started = Instant::now();

@@ -19,6 +19,8 @@ mod collective_reshard;
 // `fmoec data` runs without libtorch; only its modules that build models need the runtime.
 mod data;
 #[cfg(feature = "runtime")]
+mod runtime_bf16;
+#[cfg(feature = "runtime")]
 mod runtime_data;
 #[cfg(feature = "runtime")]
 mod runtime_moe;
