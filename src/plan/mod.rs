@@ -445,12 +445,8 @@ pub fn build_for(
         .extend(virtual_stages_without_pipeline(checked, o));
     // Every rank lists the ids of the experts it holds: refuse plans whose listing alone
     // would take gigabytes (a million replicated-expert ranks would take terabytes).
-    let per_rank: u64 = checked
-        .model
-        .moe_layers()
-        .map(|(_, m)| m.experts / p.grid.expert_group.max(1))
-        .sum();
-    let ids = p.grid.world.saturating_mul(per_rank);
+    let layers = moe_layer_plans(&checked.model, &p.grid, &p.experts);
+    let ids = listed_expert_ids(p.grid.per_stage(), &layers);
     if ids > limits::LISTED_EXPERT_IDS {
         let filled = with_fallback_spans(checked);
         let sp = &filled.as_ref().unwrap_or(checked).parallel.spans;
@@ -1447,6 +1443,16 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
 /// Ranks per host, as the plan assumes them (at least 1).
 fn gpus_per_node(par: &Parallel) -> u64 {
     par.hardware.gpus_per_node.max(1)
+}
+
+/// How many expert ids the plan's ranks list: each of a stage's `per_stage` ranks lists the
+/// experts it holds of that stage's MoE layers (the placement's share, after the target's
+/// layout).
+pub fn listed_expert_ids(per_stage: u64, layers: &[MoeLayerPlan]) -> u64 {
+    layers
+        .iter()
+        .map(|m| per_stage.saturating_mul(m.experts_per_rank))
+        .fold(0, u64::saturating_add)
 }
 
 /// Each MoE layer's stage, experts and the share of them (and of their hidden size) one rank

@@ -256,3 +256,47 @@ fn plans_too_large_to_list_are_refused() {
     );
     assert_eq!(d[0].primary.span, span(S_GPUS).join(span(S_HARDWARE)));
 }
+
+/// P0013's count is the number of expert ids the plan's ranks list: each rank lists only its
+/// stage's MoE layers, and its share after the target's layout (Megatron-Core holds biased
+/// experts whole over expert × tensor ranks). It counted every layer on every rank, and
+/// divided by the file's expert group, so it refused plans whose listing fits.
+#[test]
+fn the_listing_limit_counts_the_ids_the_ranks_list() {
+    let mut biased = gpt_moe_small();
+    biased.bias = true;
+    let targets = fmoec::emit::registry::targets().unwrap();
+    let mut rules: Vec<plan::TargetRules> = vec![plan::TargetRules::default()];
+    rules.extend(targets.iter().map(|t| plan::TargetRules::of(&t.decl)));
+    let mut compared = 0;
+    for model in [gpt_moe_small(), biased] {
+        for (gpus, tensor, pipeline) in [(16, 2, 1), (16, 2, 2), (32, 2, 4), (8, 1, 2)] {
+            for experts in [ExpertGroup::AcrossData, ExpertGroup::Replicated] {
+                for slicing in [false, true] {
+                    let mut par = parallel(gpus, tensor, pipeline, experts);
+                    par.expert_slicing = slicing;
+                    let c = checked(model.clone(), par, Some(train(64, 1024, Precision::Bf16)));
+                    for r in &rules {
+                        let Ok(p) = plan::build_for(&c, &Overrides::default(), r) else {
+                            continue;
+                        };
+                        let listed: u64 = p
+                            .ranks
+                            .iter()
+                            .flat_map(|rank| &rank.experts)
+                            .map(|held| held.ids.len() as u64)
+                            .sum();
+                        let per_stage = p.world / p.pipeline;
+                        assert_eq!(
+                            plan::listed_expert_ids(per_stage, &p.moe_layers),
+                            listed,
+                            "{gpus} GPUs, tensor {tensor}, pipeline {pipeline}, {experts:?}, slicing {slicing}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(compared >= 64, "{compared} plans compared");
+}
