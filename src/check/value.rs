@@ -160,9 +160,14 @@ pub enum Type {
 impl Type {
     /// `int(>= 1)`: a count (of layers, heads, GPUs, ...).
     pub fn positive_int() -> Type {
+        Type::int_at_least(1)
+    }
+
+    /// `int(>= min)`.
+    pub fn int_at_least(min: i64) -> Type {
         Type::Int(vec![Bound {
             op: crate::syntax::ast::CmpOp::Ge,
-            value: 1.0,
+            value: min as f64,
         }])
     }
 }
