@@ -194,7 +194,14 @@ pub fn emit(
         nnodes: plan.world.div_ceil(per_node),
         world: plan.world,
         files: launch_files(checked, opts.relative_to.as_deref()),
-        args: launch_args(checked, plan, decl, &layers, &moe_path),
+        args: launch_args(
+            checked,
+            plan,
+            decl,
+            &layers,
+            &moe_path,
+            opts.relative_to.as_deref(),
+        ),
         notes: warnings.iter().map(|d| d.message.clone()).collect(),
         layers,
         native: moe_path == support::MoePath::Native,
@@ -675,6 +682,7 @@ fn launch_args(
     target: &crate::check::MegatronTarget,
     layers: &[LayerView],
     moe_path: &support::MoePath,
+    relative_to: Option<&std::path::Path>,
 ) -> Vec<ArgLine> {
     let native_moe = target.can("native_expert_parallel");
     let mut args: Vec<(String, Option<String>)> = Vec::new();
@@ -692,7 +700,7 @@ fn launch_args(
         arg("--global-batch-size", Some(plan.global_batch.to_string()));
     }
     if let Some(t) = &c.train {
-        train_args(c, t, target, &mut arg);
+        train_args(c, t, target, relative_to, &mut arg);
     }
     arg("--log-interval", Some("10".to_string()));
     if layers.is_empty() {
@@ -804,11 +812,14 @@ fn model_args(
     }
 }
 
-/// The `train` block: batch, steps, optimizer and schedule, clipping, precision, checkpoints, evaluation, seed.
+/// The `train` block: batch, steps, optimizer and schedule, clipping, precision, checkpoints,
+/// evaluation, seed. The checkpoint folder is written absolute, a relative one taken from
+/// `relative_to` ([`view::RunFile`]): Megatron runs in its own checkout.
 fn train_args(
     c: &Checked,
     t: &crate::check::Train,
     target: &crate::check::MegatronTarget,
+    relative_to: Option<&std::path::Path>,
     arg: &mut dyn FnMut(&str, Option<String>),
 ) {
     let native_moe = target.can("native_expert_parallel");
@@ -853,8 +864,9 @@ fn train_args(
         arg(flag, None);
     }
     if let Some(ck) = &t.checkpoint {
-        arg("--save", Some(view::sh_word(&ck.dir)));
-        arg("--load", Some(view::sh_word(&ck.dir)));
+        let dir = view::RunFile::resolve(&ck.dir, relative_to);
+        arg("--save", Some(dir.word.clone()));
+        arg("--load", Some(dir.word));
         arg("--save-interval", Some(ck.every.to_string()));
         if native_moe {
             // dist_checkpointing: one copy of each expert, resharded on load

@@ -446,3 +446,68 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
         );
     }
 }
+
+/// `checkpoint = every(N, dir = "...")` with a relative folder names a folder relative to where
+/// `fmoec run` runs, but train.sh runs in the Megatron-LM checkout: every target's train.sh
+/// passes Megatron's `--save` and `--load` the folder resolved against the folder `fmoec emit`
+/// ran in, one shell word whatever the name holds (a space, a quote, backticks). Before, it was
+/// the folder as written, and Megatron saved into (and resumed from) the checkout.
+#[test]
+fn a_relative_checkpoint_folder_is_what_train_sh_passes_absolute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("emit here");
+    let checkout = tmp.path().join("Megatron-LM");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&checkout).unwrap();
+    let dir = "ckpt/it's my `run`";
+    std::fs::write(
+        work.join("m.fmoe"),
+        format!(
+            "use std.gates.gshard\nmodel m {{\n    vocab = 50304\n    context = 64\n    width = 64\n    \
+             heads = 4\n    depth = 2\n    block = transformer(attention = causal(), ffn = mlp(hidden = 256))\n    \
+             layers[1].ffn = moe(experts = 4, gate = gshard(), expert = mlp(hidden = 128))\n}}\n\
+             train {{\n    data = megatron(\"/data/corpus_text_document\")\n    batch = 4 x 64 tokens\n    \
+             steps = 2\n    optimizer = adamw(lr = 1e-3)\n    checkpoint = every(1, dir = {dir:?})\n}}\n"
+        ),
+    )
+    .unwrap();
+    let expected = work.join(dir).to_string_lossy().into_owned();
+    let python = argument_printing_python(tmp.path());
+    for decl in check::megatron_targets() {
+        let v = &decl.version;
+        let out = tmp.path().join(format!("out-{v}"));
+        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .current_dir(&work)
+            .args(["emit", "--megatron", v, "m.fmoe", "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            emitted.status.success(),
+            "{v}:\n{}",
+            String::from_utf8_lossy(&emitted.stderr)
+        );
+        let launch = std::process::Command::new("bash")
+            .arg(out.join("train.sh"))
+            .current_dir(&checkout)
+            .env("PYTHON", &python)
+            .env("NNODES", "1")
+            .env("NPROC_PER_NODE", "1")
+            .env("VOCAB_FILE", "/t/vocab.json")
+            .env("MERGE_FILE", "/t/merges.txt")
+            .env_remove("DATA_PATH")
+            .env_remove("MOCK_DATA")
+            .env_remove("TOKENIZER_TYPE")
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&launch.stdout).into_owned();
+        assert!(launch.status.success(), "{v}:\n{printed}");
+        for flag in ["--save", "--load"] {
+            assert_eq!(
+                argument_after(&printed, flag).as_deref(),
+                Some(expected.as_str()),
+                "{v} {flag}:\n{printed}"
+            );
+        }
+    }
+}

@@ -383,10 +383,11 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
 }
 
 /// `examples/gpt2-medium-moe.fmoe` reading a Megatron dataset and a GPT-2 tokenizer by relative
-/// paths (`data/my corpus_text_document`, `tok/vocab.json`, `tok/merges.txt`), written into
-/// `dir` with the tokenizer's files beside it (the checker reads them): the model file
-/// `fmoec emit` runs on in `dir`. Returns the three files' absolute paths.
-fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 3]) {
+/// paths (`data/my corpus_text_document`, `tok/vocab.json`, `tok/merges.txt`) and saving its
+/// checkpoints into a relative folder (`ckpt/my run`), written into `dir` with the tokenizer's
+/// files beside it (the checker reads them): the model file `fmoec emit` runs on in `dir`.
+/// Returns the four paths, absolute.
+fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 4]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(dir.join("tok")).unwrap();
     for file in ["vocab.json", "merges.txt"] {
@@ -404,6 +405,12 @@ fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 3]) {
         "    data       = megatron(\"data/my corpus_text_document\")\n    \
          tokenizer  = gpt2(vocab = \"tok/vocab.json\", merges = \"tok/merges.txt\")\n",
     );
+    let checkpoint = "    checkpoint = every(1000, dir = \"ckpt/gpt2-medium-moe\")\n";
+    assert!(text.contains(checkpoint));
+    let text = text.replace(
+        checkpoint,
+        "    checkpoint = every(1000, dir = \"ckpt/my run\")\n",
+    );
     let model = dir.join("relative-files.fmoe");
     std::fs::write(&model, text).unwrap();
     let absolute = |p: &str| dir.join(p).to_str().unwrap().to_string();
@@ -413,31 +420,35 @@ fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 3]) {
             absolute("data/my corpus_text_document"),
             absolute("tok/vocab.json"),
             absolute("tok/merges.txt"),
+            absolute("ckpt/my run"),
         ],
     )
 }
 
 /// The files a model file names by relative paths (a `megatron("prefix")` dataset, a
-/// `gpt2(vocab, merges)` tokenizer) reach Megatron absolute, resolved against the folder
-/// `fmoec emit` ran in, though train.sh runs in the Megatron-LM checkout: each release's own
-/// parser (`parse_args` of the patched tree, on 2 ranks) receives them so, with none of
-/// DATA_PATH, VOCAB_FILE, MERGE_FILE set; Megatron-Core's `parse_and_validate_args` (with
-/// `FMOEC_MEGATRON_CORE_PKG`) receives the dataset so, with `TOKENIZER_TYPE=NullTokenizer`
-/// (its GPT-2 tokenizer is built while parsing, from Hugging Face's hub). Before, `--data-path`
-/// was the prefix as written, which Megatron would have read inside the checkout.
+/// `gpt2(vocab, merges)` tokenizer, the checkpoint folder) reach Megatron absolute, resolved
+/// against the folder `fmoec emit` ran in, though train.sh runs in the Megatron-LM checkout:
+/// each release's own parser (`parse_args` of the patched tree, on 2 ranks) receives them so,
+/// with none of DATA_PATH, VOCAB_FILE, MERGE_FILE set; Megatron-Core's
+/// `parse_and_validate_args` (with `FMOEC_MEGATRON_CORE_PKG`) receives the dataset and the
+/// checkpoint folder so, with `TOKENIZER_TYPE=NullTokenizer` (its GPT-2 tokenizer is built while
+/// parsing, from Hugging Face's hub). Before, `--data-path` was the prefix as written, and
+/// `--save`/`--load` the folder as written, which Megatron would have used inside the checkout.
 #[test]
 fn megatrons_parser_receives_the_model_files_absolute() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let models = tmp.path().join("my models");
-    let (model, [data, vocab, merges]) = model_with_relative_files(&models);
+    let (model, [data, vocab, merges, ckpt]) = model_with_relative_files(&models);
     let emit = |version: &str, out: &Path| {
         run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
             .current_dir(&models)
             .args(["emit", "--megatron", version, "relative-files.fmoe", "-o"])
             .arg(out));
     };
-    let files = format!("data_path ['{data}'] vocab_file '{vocab}' merge_file '{merges}'");
+    let files = format!(
+        "data_path ['{data}'] vocab_file '{vocab}' merge_file '{merges}' save '{ckpt}' load '{ckpt}'"
+    );
     if let Some(python) = harness_python() {
         let shared = std::env::var_os("FMOEC_MEGATRON_HARNESS")
             .map(PathBuf::from)
@@ -542,6 +553,11 @@ fn megatrons_parser_receives_the_model_files_absolute() {
     );
     let data_path = format!("data_path ['{data}']");
     assert!(text.contains(&data_path), "core_v0.19: {data_path}\n{text}");
+    let checkpoints = format!("save '{ckpt}' load '{ckpt}'");
+    assert!(
+        text.contains(&checkpoints),
+        "core_v0.19: {checkpoints}\n{text}"
+    );
     eprintln!("{}", text.lines().find(|l| l.contains(&data_path)).unwrap());
 }
 
