@@ -172,6 +172,12 @@ pub fn emit(
         module_name: MODULE_NAME,
         fmoec_version: env!("CARGO_PKG_VERSION"),
         source_name: view::one_line(&opts.source_name),
+        source_name_md: view::md_code(&view::one_line(&opts.source_name)),
+        plan_command_md: view::md_code(&format!(
+            "fmoec plan --megatron {} {}",
+            decl.version,
+            view::sh_word(&view::one_line(&opts.source_name))
+        )),
         model_name: checked.model.name.clone(),
         runtime,
         fastmoe,
@@ -337,9 +343,9 @@ pub fn validate(
                     "W0812",
                     t.spans.tokenizer,
                     format!(
-                        "the emitted train.sh cannot use the tokenizer `{}`: Megatron-LM {v}'s \
+                        "the emitted train.sh cannot use the tokenizer {}: Megatron-LM {v}'s \
                          GPT-2 tokenizer reads a vocab.json and a merges.txt; {what}",
-                        crate::diag::one_line(path)
+                        view::md_code(&crate::diag::one_line(path))
                     ),
                 )
                 .with_label("not passed to Megatron")

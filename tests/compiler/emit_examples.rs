@@ -511,3 +511,89 @@ fn a_relative_checkpoint_folder_is_what_train_sh_passes_absolute() {
         }
     }
 }
+
+/// The code spans of the generated README hold any path: a model file's name and a dataset
+/// prefix with a backtick, a space and a quote in them are each one code span, with the text
+/// as written, when a CommonMark parser reads the README (markdown-it-py, if `FMOEC_PYTHON`
+/// has it; else the spans' text is checked as written). Before, a single backtick fenced them
+/// and the path's own backtick ended the span.
+#[test]
+fn readme_code_spans_hold_paths_with_backticks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("it's `my` work");
+    std::fs::create_dir_all(&work).unwrap();
+    let source = "a `b` c's.fmoe";
+    std::fs::write(
+        work.join(source),
+        "use std.gates.gshard\nmodel m {\n    vocab = 50304\n    context = 64\n    width = 64\n    \
+         heads = 4\n    depth = 2\n    block = transformer(attention = causal(), ffn = mlp(hidden = 256))\n    \
+         layers[1].ffn = moe(experts = 4, gate = gshard(), expert = mlp(hidden = 128))\n}\n\
+         train {\n    data = megatron(\"data/x`y\")\n    batch = 4 x 64 tokens\n    steps = 2\n    \
+         optimizer = adamw(lr = 1e-3)\n}\n",
+    )
+    .unwrap();
+    let data = work.join("data/x`y").to_string_lossy().into_owned();
+    let python = std::env::var("FMOEC_PYTHON").unwrap_or_else(|_| "python3".into());
+    let parser = std::process::Command::new(&python)
+        .args(["-c", "import markdown_it"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !parser {
+        eprintln!("{python} has no markdown_it: the README's spans are checked as text only");
+    }
+    for decl in check::megatron_targets() {
+        let v = &decl.version;
+        let out = tmp.path().join(format!("out-{v}"));
+        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .current_dir(&work)
+            .args(["emit", "--megatron", v, source, "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            emitted.status.success(),
+            "{v}:\n{}",
+            String::from_utf8_lossy(&emitted.stderr)
+        );
+        let readme = out.join("README.md");
+        let text = std::fs::read_to_string(&readme).unwrap();
+        let mut spans = vec![source.to_string(), data.clone()];
+        if decl.can("native_expert_parallel") {
+            spans.push(format!(
+                "fmoec plan --megatron {v} '{}'",
+                source.replace('\'', r"'\''")
+            ));
+        }
+        assert!(
+            text.contains(&format!("\n- `DATA_PATH`: ``{data}``\n")),
+            "{v}:\n{text}"
+        );
+        assert!(
+            text.contains(&format!(" from ``{source}``")),
+            "{v}:\n{text}"
+        );
+        if !parser {
+            continue;
+        }
+        // every inline code span of the README, one per line (the texts hold no line break)
+        let script = "import sys, markdown_it\n\
+                      md = markdown_it.MarkdownIt('commonmark')\n\
+                      for t in md.parse(open(sys.argv[1], encoding='utf-8').read()):\n\
+                      \x20   for c in t.children or []:\n\
+                      \x20       if c.type == 'code_inline': print(c.content)\n";
+        let parsed = std::process::Command::new(&python)
+            .args(["-c", script])
+            .arg(&readme)
+            .output()
+            .unwrap();
+        assert!(parsed.status.success(), "{v}: {parsed:?}");
+        let found = String::from_utf8(parsed.stdout).unwrap();
+        let found: Vec<&str> = found.lines().collect();
+        for span in &spans {
+            assert!(
+                found.contains(&span.as_str()),
+                "{v}: {span:?} not in {found:?}"
+            );
+        }
+    }
+}
