@@ -3,11 +3,13 @@
 //! v2.2's only in its Megatron glue, snapshotted in emit_snapshots.rs), or of the rendered
 //! diagnostics for models a target cannot express.
 
-use std::path::Path;
-
 use fmoec::check;
 use fmoec::diag::{self, Sink, Sources};
 use fmoec::emit::{self, EmitError, EmitOptions};
+
+use crate::fmoec_cli::{
+    all_output, argument_after, argument_printing_python, emit_in, emitted_file, folder, root,
+};
 
 fn emit_example(name: &str, version: &str) -> Result<(Vec<(String, String)>, String), String> {
     emit_example_as(name, version, &format!("{name}.fmoe"))
@@ -19,9 +21,8 @@ fn emit_example_as(
     version: &str,
     source_name: &str,
 ) -> Result<(Vec<(String, String)>, String), String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let file_name = format!("examples/{name}.fmoe");
-    let text = std::fs::read_to_string(root.join(&file_name)).unwrap();
+    let text = std::fs::read_to_string(root().join(&file_name)).unwrap();
     let mut sources = Sources::new();
     let file = sources.add(file_name, text);
     let mut sink = Sink::new();
@@ -167,12 +168,11 @@ fn a_file_name_with_line_breaks_stays_in_its_comment() {
 
 #[test]
 fn every_example_is_covered() {
-    let mut names: Vec<String> =
-        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter_map(|n| n.strip_suffix(".fmoe").map(str::to_string))
-            .collect();
+    let mut names: Vec<String> = std::fs::read_dir(root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".fmoe").map(str::to_string))
+        .collect();
     names.sort();
     assert_eq!(
         names,
@@ -187,28 +187,6 @@ fn every_example_is_covered() {
     );
 }
 
-/// A stand-in for `python` in train.sh: every `python -c` probe succeeds, and the launch prints
-/// its arguments one per line (`ARG --vocab-file`, `ARG /path`), so the test sees what Megatron
-/// would be given.
-fn argument_printing_python(dir: &Path) -> std::path::PathBuf {
-    let python = dir.join("python");
-    std::fs::write(
-        &python,
-        "#!/usr/bin/env bash\nif [ \"$1\" = -c ]; then exit 0; fi\nprintf 'ARG %s\\n' \"$@\"\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
-    python
-}
-
-/// The value train.sh passes after `flag`, from [`argument_printing_python`]'s lines.
-fn argument_after(printed: &str, flag: &str) -> Option<String> {
-    let lines: Vec<&str> = printed.lines().collect();
-    let at = lines.iter().position(|l| *l == format!("ARG {flag}"))?;
-    lines.get(at + 1)?.strip_prefix("ARG ").map(str::to_string)
-}
-
 /// `tokenizer = gpt2(vocab, merges)` (paths relative to where fmoec runs, as `fmoec run` reads
 /// them; here a folder with a space in its name) is what every target's train.sh passes as
 /// `--vocab-file` and `--merge-file` when VOCAB_FILE and MERGE_FILE are not set, and they still
@@ -216,13 +194,12 @@ fn argument_after(printed: &str, flag: &str) -> Option<String> {
 /// `tokenizer = hf(...)`, which no target's train.sh can pass, is a warning (W0812).
 #[test]
 fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("my work");
+    let work = folder(tmp.path(), "my work");
     std::fs::create_dir_all(work.join("tok")).unwrap();
     for file in ["vocab.json", "merges.txt", "tokenizer.json"] {
         std::fs::copy(
-            root.join("tests/data_golden/tok").join(file),
+            root().join("tests/data_golden/tok").join(file),
             work.join("tok").join(file),
         )
         .unwrap();
@@ -248,15 +225,8 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
     for decl in check::megatron_targets() {
         let v = &decl.version;
         let out = tmp.path().join(format!("out-{v}"));
-        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .current_dir(&work)
-            .args(["emit", "--megatron", v, "gpt2.fmoe", "-o"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&emitted.stderr);
-        assert!(emitted.status.success(), "{v}:\n{stderr}");
-        assert!(!stderr.contains("W0812"), "{v}:\n{stderr}");
+        let warnings = emit_in(&work, v, "gpt2.fmoe", &out);
+        assert!(!warnings.contains("W0812"), "{v}:\n{warnings}");
         let train_sh = out.join("train.sh");
         let syntax = std::process::Command::new("bash")
             .arg("-n")
@@ -266,7 +236,7 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
         assert!(syntax.status.success(), "{v}: bash -n failed");
         // the file names every file: the README's launch sets no variable and says which files
         // train.sh passes
-        let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+        let readme = emitted_file(&out, "README.md");
         assert!(
             readme.contains("\nbash /path/to/out/train.sh ") && !readme.contains("VOCAB_FILE="),
             "{v}:\n{readme}"
@@ -292,13 +262,8 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
                 cmd.env(name, value);
             }
             let output = cmd.output().unwrap();
-            let text = String::from_utf8_lossy(&output.stdout).into_owned();
-            assert!(
-                output.status.success(),
-                "{v}:\n{text}{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            text
+            assert!(output.status.success(), "{v}:\n{}", all_output(&output));
+            String::from_utf8_lossy(&output.stdout).into_owned()
         };
         let defaults = launch(&[]);
         assert_eq!(
@@ -326,17 +291,12 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
             "{v}"
         );
 
-        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .current_dir(&work)
-            .args(["emit", "--megatron", v, "hf.fmoe", "-o"])
-            .arg(tmp.path().join(format!("hf-{v}")))
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&emitted.stderr);
+        let warnings = emit_in(&work, v, "hf.fmoe", &tmp.path().join(format!("hf-{v}")));
         assert!(
-            emitted.status.success()
-                && stderr.contains("warning[W0812]: the emitted train.sh cannot use the tokenizer `tok/tokenizer.json`"),
-            "{v}:\n{stderr}"
+            warnings.contains(
+                "warning[W0812]: the emitted train.sh cannot use the tokenizer `tok/tokenizer.json`"
+            ),
+            "{v}:\n{warnings}"
         );
     }
 }
@@ -351,10 +311,8 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
 #[test]
 fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("emit here");
-    let checkout = tmp.path().join("Megatron-LM");
-    std::fs::create_dir_all(&work).unwrap();
-    std::fs::create_dir_all(&checkout).unwrap();
+    let work = folder(tmp.path(), "emit here");
+    let checkout = folder(tmp.path(), "Megatron-LM");
     let prefix = "data/it's my corpus_text_document";
     std::fs::write(
         work.join("m.fmoe"),
@@ -372,17 +330,7 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
     for decl in check::megatron_targets() {
         let v = &decl.version;
         let out = tmp.path().join(format!("out-{v}"));
-        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .current_dir(&work)
-            .args(["emit", "--megatron", v, "m.fmoe", "-o"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            emitted.status.success(),
-            "{v}:\n{}",
-            String::from_utf8_lossy(&emitted.stderr)
-        );
+        emit_in(&work, v, "m.fmoe", &out);
         let train_sh = out.join("train.sh");
         let syntax = std::process::Command::new("bash")
             .arg("-n")
@@ -392,7 +340,7 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
         assert!(syntax.status.success(), "{v}: bash -n failed");
 
         // train.sh's lines that set DATA_PATH, alone, in the checkout
-        let text = std::fs::read_to_string(&train_sh).unwrap();
+        let text = emitted_file(&out, "train.sh");
         let lines: Vec<&str> = text.lines().filter(|l| l.contains("DATA_PATH=")).collect();
         assert_eq!(lines.len(), 2, "{v}:\n{text}");
         let value = |data_path: Option<&str>| {
@@ -434,7 +382,7 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
         );
 
         // the README asks only for the tokenizer's files and names the dataset train.sh uses
-        let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+        let readme = emitted_file(&out, "README.md");
         assert!(
             readme.contains("\nVOCAB_FILE=gpt2-vocab.json MERGE_FILE=gpt2-merges.txt \\\n")
                 && !readme.contains("DATA_PATH="),
@@ -455,10 +403,8 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
 #[test]
 fn a_relative_checkpoint_folder_is_what_train_sh_passes_absolute() {
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("emit here");
-    let checkout = tmp.path().join("Megatron-LM");
-    std::fs::create_dir_all(&work).unwrap();
-    std::fs::create_dir_all(&checkout).unwrap();
+    let work = folder(tmp.path(), "emit here");
+    let checkout = folder(tmp.path(), "Megatron-LM");
     let dir = "ckpt/it's my `run`";
     std::fs::write(
         work.join("m.fmoe"),
@@ -476,17 +422,7 @@ fn a_relative_checkpoint_folder_is_what_train_sh_passes_absolute() {
     for decl in check::megatron_targets() {
         let v = &decl.version;
         let out = tmp.path().join(format!("out-{v}"));
-        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .current_dir(&work)
-            .args(["emit", "--megatron", v, "m.fmoe", "-o"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            emitted.status.success(),
-            "{v}:\n{}",
-            String::from_utf8_lossy(&emitted.stderr)
-        );
+        emit_in(&work, v, "m.fmoe", &out);
         let launch = std::process::Command::new("bash")
             .arg(out.join("train.sh"))
             .current_dir(&checkout)
@@ -520,8 +456,7 @@ fn a_relative_checkpoint_folder_is_what_train_sh_passes_absolute() {
 #[test]
 fn readme_code_spans_hold_paths_with_backticks() {
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("it's `my` work");
-    std::fs::create_dir_all(&work).unwrap();
+    let work = folder(tmp.path(), "it's `my` work");
     let source = "a `b` c's.fmoe";
     std::fs::write(
         work.join(source),
@@ -544,19 +479,9 @@ fn readme_code_spans_hold_paths_with_backticks() {
     for decl in check::megatron_targets() {
         let v = &decl.version;
         let out = tmp.path().join(format!("out-{v}"));
-        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .current_dir(&work)
-            .args(["emit", "--megatron", v, source, "-o"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            emitted.status.success(),
-            "{v}:\n{}",
-            String::from_utf8_lossy(&emitted.stderr)
-        );
+        emit_in(&work, v, source, &out);
         let readme = out.join("README.md");
-        let text = std::fs::read_to_string(&readme).unwrap();
+        let text = emitted_file(&out, "README.md");
         let mut spans = vec![source.to_string(), data.clone()];
         if decl.can("native_expert_parallel") {
             spans.push(format!(
