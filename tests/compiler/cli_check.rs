@@ -278,7 +278,7 @@ fn the_deepest_allowed_expression_is_checked_without_a_crash() {
 
 /// The JSON on stderr of a command run with `--diagnostics json`: one array, always.
 fn json_diagnostics(out: &std::process::Output) -> Vec<serde_json::Value> {
-    let stderr = stderr_text(&out);
+    let stderr = stderr_text(out);
     match serde_json::from_str::<serde_json::Value>(&stderr) {
         Ok(serde_json::Value::Array(items)) => items,
         other => panic!("stderr is not one JSON array ({other:?}):\n{stderr}"),
@@ -599,7 +599,7 @@ fn plan_for_a_target_refuses_what_emit_refuses() {
     ]);
     let plan = fmoec(&["plan", "--megatron", "v2.2", "examples/mixtral-8x7b.fmoe"]);
     let codes = |o: &std::process::Output| {
-        let text = stderr_text(&o);
+        let text = stderr_text(o);
         let mut codes: Vec<String> = text
             .lines()
             .filter_map(|l| l.strip_prefix("error["))
