@@ -5,6 +5,7 @@
 //! rules, `E05xx` parallel rules, `E06xx` train rules, `E07xx` stdlib declarations,
 //! `W0xxx` warnings. (`E01xx` are syntax errors, in `syntax::errors`.)
 
+use super::value::Fraction;
 use crate::diag::{count, Diagnostic, Span};
 
 fn list(items: &[String]) -> String {
@@ -226,10 +227,29 @@ pub fn type_mismatch(span: Span, what: &str, expected: &str, found: &str) -> Dia
     .with_label(format!("expected {expected}"))
 }
 
-pub fn not_an_integer(span: Span, what: &str, value: f64) -> Diagnostic {
-    Diagnostic::error("E0302", span, format!("{what} must be an integer, found {value}"))
-        .with_label("not a whole number")
-        .with_help("`/` gives a fraction when the division is not exact; round with `floor(...)` or `ceil(...)`")
+/// The help fits how the fraction came to be: a number written with one, a `/` that is not
+/// exact, or other arithmetic on a written fraction.
+pub fn not_an_integer(span: Span, what: &str, value: f64, fraction: Fraction) -> Diagnostic {
+    let help = match fraction {
+        Fraction::Written => format!(
+            "write a whole number here, such as `{}` or `{}`",
+            value.floor(),
+            value.ceil()
+        ),
+        Fraction::Divided => "`/` gives a fraction when the division is not exact; round with \
+                              `floor(...)` or `ceil(...)`"
+            .to_string(),
+        Fraction::Computed => {
+            "the arithmetic gives a fraction; round it with `floor(...)` or `ceil(...)`".to_string()
+        }
+    };
+    Diagnostic::error(
+        "E0302",
+        span,
+        format!("{what} must be an integer, found {value}"),
+    )
+    .with_label("not a whole number")
+    .with_help(help)
 }
 
 pub fn out_of_range(span: Span, what: &str, value: &str, bound: &str) -> Diagnostic {

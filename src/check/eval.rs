@@ -10,7 +10,7 @@ use std::rc::Rc;
 use super::errors;
 use super::scope::{EntityKind, ModId};
 use super::signature::Signature;
-use super::value::{fmt_float, kind_fits, Bound, CtorArg, CtorValue, Type, Value, V};
+use super::value::{fmt_float, kind_fits, Bound, CtorArg, CtorValue, Fraction, Type, Value, V};
 use super::Checker;
 use crate::diag::{did_you_mean, Diagnostic, Span};
 use crate::syntax::ast::{self, BinOp, Expr, ExprKind};
@@ -148,7 +148,7 @@ impl Checker<'_> {
     pub(crate) fn const_value(&mut self, m: ModId, c: &ast::Const, use_span: Span) -> V {
         let key = (m, c.name.name.clone());
         if let Some(v) = self.const_memo.get(&key) {
-            return V::new(v.value.clone(), v.span);
+            return v.clone();
         }
         if !self.const_active.insert(key.clone()) {
             self.sink.push(errors::cyclic(use_span, &c.name.name));
@@ -175,7 +175,8 @@ impl Checker<'_> {
             }
             ExprKind::Neg(inner) => {
                 let v = self.eval(inner, ctx);
-                match v.value {
+                let fraction = v.fraction;
+                let value = match v.value {
                     Value::Int(i) => match i.checked_neg() {
                         Some(n) => Value::Int(n),
                         None => {
@@ -190,7 +191,11 @@ impl Checker<'_> {
                         self.report_not_number(&V::new(other, v.span), ctx);
                         Value::Error
                     }
-                }
+                };
+                return V {
+                    fraction,
+                    ..V::new(value, span)
+                };
             }
             ExprKind::Binary(op, a, b) => {
                 let a = self.eval(a, ctx);
@@ -212,12 +217,12 @@ impl Checker<'_> {
 
     fn eval_name(&mut self, name: &str, span: Span, ctx: Ctx) -> V {
         if let Some(v) = ctx.locals.and_then(|l| l.get(name)) {
-            return V::new(v.value.clone(), span);
+            return v.clone().at(span);
         }
         if let Some(env) = ctx.fields {
             if env.exprs.contains_key(name) {
                 if let Some(v) = self.field_value(env, name, span) {
-                    return V::new(v.value, span);
+                    return v.at(span);
                 }
             }
         }
@@ -225,7 +230,7 @@ impl Checker<'_> {
             Some(r) => match r.kind {
                 EntityKind::Const(c) => {
                     let v = self.const_value(r.module, &c, span);
-                    V::new(v.value, span)
+                    v.at(span)
                 }
                 EntityKind::Ctor(sig) => {
                     self.sink
@@ -297,7 +302,10 @@ impl Checker<'_> {
                         if x % y == 0 {
                             x.checked_div(y)
                         } else {
-                            return V::new(Float(x as f64 / y as f64), span);
+                            return V {
+                                fraction: Fraction::Divided,
+                                ..V::new(Float(x as f64 / y as f64), span)
+                            };
                         }
                     }
                 };
@@ -324,7 +332,17 @@ impl Checker<'_> {
                     BinOp::Rem => x.rem_euclid(y),
                 };
                 if r.is_finite() {
-                    Float(r)
+                    let divided = op == BinOp::Div
+                        || a.fraction == Fraction::Divided
+                        || b.fraction == Fraction::Divided;
+                    return V {
+                        fraction: if divided {
+                            Fraction::Divided
+                        } else {
+                            Fraction::Computed
+                        },
+                        ..V::new(Float(r), span)
+                    };
                 } else {
                     self.sink.push(errors::overflow(span));
                     Error
@@ -459,7 +477,7 @@ impl Checker<'_> {
         };
         let v = self.eval(&def.body, inner);
         // The result points at the call: that is the user's text for this use.
-        V::new(v.value, span)
+        v.at(span)
     }
 
     /// The written arguments of a definition's call by parameter name, each evaluated in
@@ -738,7 +756,8 @@ impl Checker<'_> {
             Value::Int(i) => i,
             Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
             Value::Float(f) => {
-                self.sink.push(errors::not_an_integer(span, what, f));
+                self.sink
+                    .push(errors::not_an_integer(span, what, f, v.fraction));
                 return V::error(span);
             }
             _ => return self.mismatch(v, what, &ty.to_string()),

@@ -63,13 +63,6 @@ struct BatchShape {
     tokens_span: Span,
 }
 
-fn int_ge(v: f64) -> Type {
-    Type::Int(vec![Bound {
-        op: CmpOp::Ge,
-        value: v,
-    }])
-}
-
 impl Checker<'_> {
     pub(crate) fn train(
         &mut self,
@@ -92,8 +85,13 @@ impl Checker<'_> {
         let mut missing = Vec::new();
         let (data, tokenizer_vocab) = self.train_data(&b, &mut spans, &mut ok, &mut missing);
         let batch = self.train_batch(&b, model, &mut spans, &mut ok, &mut missing);
-        let steps_v =
-            self.field_noting_missing(&b.fields, "steps", &int_ge(1.0), b.ctx, &mut missing);
+        let steps_v = self.field_noting_missing(
+            &b.fields,
+            "steps",
+            &Type::positive_int(),
+            b.ctx,
+            &mut missing,
+        );
         spans.steps = steps_v.as_ref().map(|v| v.span).unwrap_or(b.kw);
         let steps = steps_v.as_ref().map(uint);
         let optimizer = self.train_optimizer(&b, &mut missing);
@@ -109,7 +107,7 @@ impl Checker<'_> {
         let init_v = self.typed_field(&b.fields, "init", &Type::Kind("init".into()), b.ctx);
         let init = init_v.as_ref().and_then(|v| self.init_spec(v));
         ok &= init.is_some() || !b.fields.contains_key("init");
-        let seed = match self.typed_field(&b.fields, "seed", &int_ge(0.0), b.ctx) {
+        let seed = match self.typed_field(&b.fields, "seed", &Type::int_at_least(0), b.ctx) {
             Some(v) => Some(uint(&v)),
             None if b.fields.contains_key("seed") => None,
             None => Some(DEFAULT_SEED),
@@ -259,14 +257,19 @@ impl Checker<'_> {
         match v.value {
             Value::Batch(s, t) => {
                 shape.tokens_span = t.span;
-                let s = self.conform(*s, &int_ge(1.0), "the batch's sequences", b.ctx);
-                let t = self.conform(*t, &int_ge(1.0), "the batch's tokens per sequence", b.ctx);
+                let s = self.conform(*s, &Type::positive_int(), "the batch's sequences", b.ctx);
+                let t = self.conform(
+                    *t,
+                    &Type::positive_int(),
+                    "the batch's tokens per sequence",
+                    b.ctx,
+                );
                 shape.sequences = int(&s).map(|i| i as u64);
                 shape.seq_len = int(&t).map(|i| i as u64);
             }
             _ => {
                 shape.tokens_span = f.value.span;
-                let s = self.conform(v, &int_ge(1.0), "field `batch`", b.ctx);
+                let s = self.conform(v, &Type::positive_int(), "field `batch`", b.ctx);
                 shape.sequences = int(&s).map(|i| i as u64);
                 shape.seq_len = model.map(|m| m.context);
             }

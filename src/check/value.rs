@@ -9,15 +9,45 @@ use std::rc::Rc;
 use crate::diag::Span;
 
 /// An evaluated expression and where it was written.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct V {
     pub value: Value,
     pub span: Span,
+    /// How a number with a fraction came to be (for E0302's help); not part of the value:
+    /// two `V`s are equal whatever their origins.
+    pub fraction: Fraction,
+}
+
+impl PartialEq for V {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value && self.span == other.span
+    }
+}
+
+/// How a number with a fraction came to be: written so (`2.5`, or a name that holds it),
+/// made by a `/` (a division that is not exact, or arithmetic on the result of one), or by
+/// other arithmetic on a written fraction (`width * 0.3`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fraction {
+    #[default]
+    Written,
+    Divided,
+    Computed,
 }
 
 impl V {
     pub fn new(value: Value, span: Span) -> Self {
-        V { value, span }
+        V {
+            value,
+            span,
+            fraction: Fraction::Written,
+        }
+    }
+
+    /// The same value pointing at `span` (a name's use, a definition's call): it keeps how
+    /// its fraction came to be.
+    pub fn at(self, span: Span) -> Self {
+        V { span, ..self }
     }
 
     pub fn error(span: Span) -> Self {
@@ -160,9 +190,14 @@ pub enum Type {
 impl Type {
     /// `int(>= 1)`: a count (of layers, heads, GPUs, ...).
     pub fn positive_int() -> Type {
+        Type::int_at_least(1)
+    }
+
+    /// `int(>= min)`.
+    pub fn int_at_least(min: i64) -> Type {
         Type::Int(vec![Bound {
             op: crate::syntax::ast::CmpOp::Ge,
-            value: 1.0,
+            value: min as f64,
         }])
     }
 }

@@ -102,19 +102,9 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         crate::out!("{}", super::registry::list());
         return Ok(ExitCode::SUCCESS);
     }
-    let target = match super::registry::find(&args.megatron) {
-        Ok(t) => t,
-        Err(e) => {
-            driver::report_error(&e.to_string(), None, args.diagnostics);
-            return Ok(ExitCode::from(2));
-        }
-    };
-    let Some(file) = &args.file else {
-        crate::errln!(
-            "error: the model file is missing: fmoec emit --megatron {} MODEL.fmoe",
-            args.megatron
-        );
-        return Ok(ExitCode::from(2));
+    let (target, file) = match target_and_file(args) {
+        Ok(found) => found,
+        Err(code) => return Ok(code),
     };
     // The front end and the planner's rules for the target (its layout and memory) in one
     // pass: every mistake of both in one report.
@@ -128,27 +118,7 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let source_name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // `driver::load` has already refused a malformed settings file.
-    let settings = crate::settings::Settings::discover().unwrap_or_default();
-    let output = args
-        .output
-        .clone()
-        .or_else(|| settings.emit.out.clone())
-        .unwrap_or_else(|| PathBuf::from("out"));
-    let opts = EmitOptions {
-        runtime: args.runtime,
-        megatron_src: args
-            .megatron_src
-            .clone()
-            .or_else(|| settings.emit.megatron_src.get(&args.megatron).cloned()),
-        source_name,
-        // relative paths from where fmoec runs, as `fmoec run` reads them
-        relative_to: None,
-    };
+    let (output, opts) = output_and_options(args, file);
     // The plan the files are written for (`load_with` reported its warnings)
     let Some(plan) = loaded.plan else {
         anyhow::bail!("no plan was made (a bug in fmoec; please report it)")
@@ -167,37 +137,103 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
     let mut warnings = plan.warnings.clone();
     warnings.extend(emitted.warnings.iter().cloned());
     driver::report(&loaded.sources, &warnings, args.diagnostics);
+    if let Some(code) = refuse_clashes(&output, &emitted.files, args)? {
+        return Ok(code);
+    }
+    write_files(&output, &emitted.files)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The release `--megatron` names and the model file; else the exit status, the mistake said.
+fn target_and_file(args: &EmitArgs) -> Result<(super::Target, &Path), ExitCode> {
+    let target = match super::registry::find(&args.megatron) {
+        Ok(t) => t,
+        Err(e) => {
+            driver::report_error(&e.to_string(), None, args.diagnostics);
+            return Err(ExitCode::from(2));
+        }
+    };
+    let Some(file) = &args.file else {
+        crate::errln!(
+            "error: the model file is missing: fmoec emit --megatron {} MODEL.fmoe",
+            args.megatron
+        );
+        return Err(ExitCode::from(2));
+    };
+    Ok((target, file))
+}
+
+/// The output folder and the emit's options: the command line's, else fmoec.toml's `[emit]`
+/// (`driver::load` has already refused a malformed settings file), else the defaults.
+fn output_and_options(args: &EmitArgs, file: &Path) -> (PathBuf, EmitOptions) {
+    let source_name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let settings = crate::settings::Settings::discover().unwrap_or_default();
+    let output = args
+        .output
+        .clone()
+        .or_else(|| settings.emit.out.clone())
+        .unwrap_or_else(|| PathBuf::from("out"));
+    let opts = EmitOptions {
+        runtime: args.runtime,
+        megatron_src: args
+            .megatron_src
+            .clone()
+            .or_else(|| settings.emit.megatron_src.get(&args.megatron).cloned()),
+        source_name,
+        // relative paths from where fmoec runs, as `fmoec run` reads them
+        relative_to: None,
+    };
+    (output, opts)
+}
+
+/// Whether the output folder keeps the files from being written: it is a file (an error), or
+/// files of the emit clash ([`conflicts`]) and `--force` cannot or may not replace them (each
+/// said, and the exit status 1).
+fn refuse_clashes(
+    output: &Path,
+    files: &[(String, String)],
+    args: &EmitArgs,
+) -> anyhow::Result<Option<ExitCode>> {
     if output.exists() && !output.is_dir() {
         anyhow::bail!(
             "cannot write into `{}`: it is a file, not a folder",
-            path_text(&output)
+            path_text(output)
         );
     }
-    let clashes = conflicts(&output, &emitted.files);
+    let clashes = conflicts(output, files);
     let blocked = clashes.iter().any(|c| !c.forceable);
-    if blocked || (!clashes.is_empty() && !args.force) {
-        for c in &clashes {
-            let message = format!("`{}` {}", path_text(&c.path), c.why);
-            driver::report_error(&message, Some(&c.path), args.diagnostics);
-        }
-        // `--force` replaces files, never a folder: nothing is written rather than a part
-        let advice = if blocked {
-            "nothing was written: choose another folder with --output, or move those out of \
-             the way"
-        } else {
-            "nothing was written: choose another folder with --output, move those files, or \
-             pass --force to overwrite them"
-        };
-        match args.diagnostics {
-            DiagFormat::Human => crate::errln!("{advice}"),
-            DiagFormat::Json => driver::report_error(advice, None, args.diagnostics),
-        }
-        return Ok(ExitCode::from(1));
+    if !blocked && (clashes.is_empty() || args.force) {
+        return Ok(None);
     }
-    std::fs::create_dir_all(&output)
-        .map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", path_text(&output)))?;
+    for c in &clashes {
+        let message = format!("`{}` {}", path_text(&c.path), c.why);
+        driver::report_error(&message, Some(&c.path), args.diagnostics);
+    }
+    // `--force` replaces files, never a folder: nothing is written rather than a part
+    let advice = if blocked {
+        "nothing was written: choose another folder with --output, or move those out of \
+         the way"
+    } else {
+        "nothing was written: choose another folder with --output, move those files, or \
+         pass --force to overwrite them"
+    };
+    match args.diagnostics {
+        DiagFormat::Human => crate::errln!("{advice}"),
+        DiagFormat::Json => driver::report_error(advice, None, args.diagnostics),
+    }
+    Ok(Some(ExitCode::from(1)))
+}
+
+/// Writes the files into `output` (made where missing; train.sh executable), each said, then the
+/// manifest of what was written.
+fn write_files(output: &Path, files: &[(String, String)]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(output)
+        .map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", path_text(output)))?;
     let mut recorded = BTreeMap::new();
-    for (name, text) in &emitted.files {
+    for (name, text) in files {
         recorded.insert(name.clone(), driver::sha256_hex(text.as_bytes()));
         let path = output.join(name);
         driver::write_atomic(&path, text.as_bytes())
@@ -213,5 +249,5 @@ pub fn run(args: &EmitArgs) -> anyhow::Result<ExitCode> {
     let path = output.join(MANIFEST);
     driver::write_atomic(&path, format!("{manifest}\n").as_bytes())
         .map_err(|e| anyhow::anyhow!("cannot write `{}`: {e}", path_text(&path)))?;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

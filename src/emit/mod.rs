@@ -118,7 +118,8 @@ pub fn plan_for(checked: &Checked, target: &Target) -> Result<ParallelPlan, Vec<
 }
 
 /// Everything `fmoec emit` writes for `target`, as (relative path, contents), from the checked
-/// model and its plan ([`plan_for`]).
+/// model and its plan ([`plan_for`]): the options and the plan checked against the target, the
+/// model validated for it, then one view rendered by the target's templates beside its patch.
 pub fn emit(
     checked: &Checked,
     plan: &ParallelPlan,
@@ -126,18 +127,7 @@ pub fn emit(
     opts: &EmitOptions,
 ) -> Result<Emitted, EmitError> {
     let decl = &target.decl;
-    let fastmoe = opts.runtime == Runtime::Fastmoe;
-    let runtime = if fastmoe { "fastmoe" } else { "fmoec" };
-    if !decl.allows("runtimes", runtime) {
-        return Err(EmitError::Option(format!(
-            "Megatron-LM {} has no `--runtime {runtime}`; its runtimes: {}",
-            decl.version,
-            match decl.capabilities.get("runtimes") {
-                Some(crate::check::Capability::Set(v)) => v.join(", "),
-                _ => String::new(),
-            }
-        )));
-    }
+    let runtime = runtime_for(decl, opts.runtime)?;
     if plan.megatron_core.is_some() != decl.can("native_expert_parallel") {
         return Err(EmitError::Internal(format!(
             "the plan was not made for Megatron-LM {} (plan it with `emit::plan_for`)",
@@ -146,35 +136,75 @@ pub fn emit(
     }
     let all = crate::check::megatron_targets();
     let warnings = validate(checked, plan, decl, &all, opts.runtime)?;
-    let moe_path = support::moe_path(checked, decl);
-    let patch = match (&target.patch, &opts.megatron_src) {
+    let patch = patch_for(target, opts)?;
+    let view = target_view(checked, plan, target, opts, runtime, &warnings);
+    let files = render_files(target, &view, patch)?;
+    Ok(Emitted { files, warnings })
+}
+
+/// The runtime's name (`fmoec`, `fastmoe`), where the target has it.
+fn runtime_for(
+    decl: &crate::check::MegatronTarget,
+    runtime: Runtime,
+) -> Result<&'static str, EmitError> {
+    let name = match runtime {
+        Runtime::Fmoec => "fmoec",
+        Runtime::Fastmoe => "fastmoe",
+    };
+    if decl.allows("runtimes", name) {
+        return Ok(name);
+    }
+    Err(EmitError::Option(format!(
+        "Megatron-LM {} has no `--runtime {name}`; its runtimes: {}",
+        decl.version,
+        support::listed(decl, "runtimes")
+    )))
+}
+
+/// The target's patch: computed from the checkout `--megatron-src` names, else the recorded
+/// one; `None` for a target that patches nothing.
+fn patch_for(target: &Target, opts: &EmitOptions) -> Result<Option<String>, EmitError> {
+    Ok(match (&target.patch, &opts.megatron_src) {
         (Some(p), Some(root)) => {
             Some(megatron::diff_from_checkout(root, p).map_err(EmitError::Checkout)?)
         }
         (Some(p), None) => Some(megatron::diff_recorded(p)),
         (None, _) => None,
-    };
+    })
+}
+
+/// Every value the target's templates print, for the model, its plan and the emit's warnings.
+fn target_view(
+    checked: &Checked,
+    plan: &ParallelPlan,
+    target: &Target,
+    opts: &EmitOptions,
+    runtime: &'static str,
+    warnings: &[Diagnostic],
+) -> TargetView {
+    let decl = &target.decl;
+    let moe_path = support::moe_path(checked, decl);
     let layers = layer_views(checked, plan);
-    let experts_per_worker = {
-        let mut per: Vec<u64> = layers.iter().map(|l| l.experts_per_rank).collect();
-        per.dedup();
-        match per.as_slice() {
-            [one] => one.to_string(),
-            _ => "None".to_string(),
-        }
-    };
+    let source_name = view::one_line(&opts.source_name);
+    let relative_to = opts.relative_to.as_deref();
     let per_node = plan.hardware.gpus_per_node.max(1);
-    let view = TargetView {
+    TargetView {
         megatron_version: decl.version.clone(),
         tree: decl.tree.clone(),
         patch_name: target.patch_name(),
         patched_files: decl.patched_files.clone(),
         module_name: MODULE_NAME,
         fmoec_version: env!("CARGO_PKG_VERSION"),
-        source_name: view::one_line(&opts.source_name),
+        source_name_md: view::md_code(&source_name),
+        plan_command_md: view::md_code(&format!(
+            "fmoec plan --megatron {} {}",
+            decl.version,
+            view::sh_word(&source_name)
+        )),
+        source_name,
         model_name: checked.model.name.clone(),
         runtime,
-        fastmoe,
+        fastmoe: opts.runtime == Runtime::Fastmoe,
         gates: gate_views(),
         bias: py_bool(checked.model.bias),
         expert_group_size: if plan.expert_group_size == plan.data {
@@ -182,54 +212,83 @@ pub fn emit(
         } else {
             plan.expert_group_size
         },
-        experts_per_worker,
+        experts_per_worker: experts_per_worker(&layers),
         planned_layout: planned_layout(plan),
-        expert_group: match plan.expert_group_size {
-            1 => "no ranks (every rank holds every expert)".to_string(),
-            n if n == plan.data => format!("the data-parallel group ({n} ranks)"),
-            n => format!("sub-groups of {n} consecutive data-parallel ranks"),
-        },
+        expert_group: expert_group_words(plan),
         groups: group_rows(plan),
         nproc_per_node: plan.world.min(per_node),
         nnodes: plan.world.div_ceil(per_node),
         world: plan.world,
-        files: launch_files(checked, opts.relative_to.as_deref()),
-        args: launch_args(checked, plan, decl, &layers, &moe_path),
+        files: launch_files(checked, relative_to),
+        args: launch_args(checked, plan, decl, &layers, &moe_path, relative_to),
         notes: warnings.iter().map(|d| d.message.clone()).collect(),
         layers,
         native: moe_path == support::MoePath::Native,
         fmoec_layer: matches!(moe_path, support::MoePath::Module { .. }),
-        native_unfit: match &moe_path {
-            support::MoePath::Module { why } => why.clone(),
+        native_unfit: match moe_path {
+            support::MoePath::Module { why } => why,
             _ => String::new(),
         },
-        vocab: plan
-            .megatron_core
-            .as_ref()
-            .map_or(checked.model.vocab, |core| core.padded_vocab),
+        vocab: built_vocab(checked, plan),
         megatron_act: support::megatron_act(checked, decl),
-    };
-    let folder = target.folder;
+    }
+}
+
+/// The files of the emit in their order: the patch, the module (where the target needs it),
+/// train.sh and README.md, each ending with a line break.
+fn render_files(
+    target: &Target,
+    view: &TargetView,
+    patch: Option<String>,
+) -> Result<Vec<(String, String)>, EmitError> {
     let render = |f: registry::Render| -> Result<String, EmitError> {
-        let mut s = f(&view).map_err(EmitError::Render)?;
+        let mut s = f(view).map_err(EmitError::Render)?;
         if !s.ends_with('\n') {
             s.push('\n');
         }
         Ok(s)
     };
+    let folder = target.folder;
     let mut files = Vec::new();
     if let Some(patch) = patch {
         files.push((target.patch_name(), patch));
     }
     // A target with a MoE of its own needs the module only where its MoE cannot train the
     // file's layers; the patches of the others call into it.
-    let module_needed = !decl.can("native_expert_parallel") || view.fmoec_layer;
-    if module_needed {
+    if !target.decl.can("native_expert_parallel") || view.fmoec_layer {
         files.push((format!("{MODULE_NAME}.py"), render(folder.module)?));
     }
     files.push(("train.sh".to_string(), render(folder.train)?));
     files.push(("README.md".to_string(), render(folder.readme)?));
-    Ok(Emitted { files, warnings })
+    Ok(files)
+}
+
+/// The generated module's `experts_per_worker`: the experts per rank where every MoE layer has
+/// the same count, else `None`.
+fn experts_per_worker(layers: &[LayerView]) -> String {
+    let mut per: Vec<u64> = layers.iter().map(|l| l.experts_per_rank).collect();
+    per.dedup();
+    match per.as_slice() {
+        [one] => one.to_string(),
+        _ => "None".to_string(),
+    }
+}
+
+/// Which ranks share experts, in the README's words.
+fn expert_group_words(plan: &ParallelPlan) -> String {
+    match plan.expert_group_size {
+        1 => "no ranks (every rank holds every expert)".to_string(),
+        n if n == plan.data => format!("the data-parallel group ({n} ranks)"),
+        n => format!("sub-groups of {n} consecutive data-parallel ranks"),
+    }
+}
+
+/// The vocabulary Megatron builds the model with: the planner's padded one for a target that
+/// pins it (Megatron-Core), else the file's.
+fn built_vocab(c: &Checked, plan: &ParallelPlan) -> u64 {
+    plan.megatron_core
+        .as_ref()
+        .map_or(c.model.vocab, |core| core.padded_vocab)
 }
 
 /// The files the model file names that train.sh passes to Megatron: the `megatron("prefix")`
@@ -258,7 +317,8 @@ fn launch_files(checked: &Checked, relative_to: Option<&std::path::Path>) -> vie
 
 /// What `target` cannot express (errors, as [`EmitError::Model`]) or approximates (the
 /// warnings returned): the capability diagnostics of [`support`] (and what FastMoE's layer
-/// cannot train, with `--runtime fastmoe`), then the rules every Megatron-LM target shares.
+/// cannot train, with `--runtime fastmoe`), then the rules every Megatron-LM target shares:
+/// the model's, the train block's, and FasterMoE's options. Each is said once.
 /// `fmoec plan --megatron VERSION` reports the same, so that a plan is never shown for a
 /// training `emit` would refuse.
 pub fn validate(
@@ -272,25 +332,38 @@ pub fn validate(
     // `parallel` block or the model, as the planner's diagnostics do
     let filled = crate::plan::with_fallback_spans(c);
     let c = filled.as_ref().unwrap_or(c);
-    let m = &c.model;
-    let v = &target.version;
-    let name = m.spans.name;
-    let mut errors = Vec::new();
-    let mut warnings = Vec::new();
-    for d in support::diagnostics(c, plan, target, all) {
-        match d.severity {
-            crate::diag::Severity::Error => errors.push(d),
-            _ => warnings.push(d),
-        }
-    }
+    let (mut errors, mut warnings): (Vec<_>, Vec<_>) = support::diagnostics(c, plan, target, all)
+        .into_iter()
+        .partition(|d| d.severity == crate::diag::Severity::Error);
     if runtime == Runtime::Fastmoe {
         errors.extend(support::fastmoe_runtime(c, plan));
     }
-    let moe_count = m.moe_layers().count();
-    if moe_count == 0 {
+    warnings.extend(model_warnings(c, plan, target));
+    warnings.extend(train_warnings(c, target));
+    warnings.extend(fastermoe_warnings(c, target));
+    // Layers assigned by one selection share their spans: say each thing once.
+    if errors.is_empty() {
+        Ok(support::once_each(warnings))
+    } else {
+        errors.extend(warnings);
+        Err(EmitError::Model(support::once_each(errors)))
+    }
+}
+
+/// What the target trains differently from the model: a dense model (W0802), the vocabulary of
+/// Megatron's tokenizer (W0804), and what Megatron's own MoE changes.
+fn model_warnings(
+    c: &Checked,
+    plan: &ParallelPlan,
+    target: &crate::check::MegatronTarget,
+) -> Vec<Diagnostic> {
+    let m = &c.model;
+    let v = &target.version;
+    let mut warnings = Vec::new();
+    if m.moe_layers().next().is_none() {
         warnings.push(Diagnostic::warning(
             "W0802",
-            name,
+            m.spans.name,
             "the model has no MoE layer; the patch trains it dense",
         ));
     }
@@ -309,70 +382,88 @@ pub fn validate(
         ));
     }
     warnings.extend(native_moe_warnings(c, target));
-    if c.train.is_none() {
-        warnings.push(Diagnostic::warning(
+    warnings
+}
+
+/// What of the train block the emitted training cannot follow: no block (W0805), a Hugging
+/// Face tokenizer (W0812), `keep` (W0806), `init` (W0811).
+fn train_warnings(c: &Checked, target: &crate::check::MegatronTarget) -> Vec<Diagnostic> {
+    let v = &target.version;
+    let Some(t) = &c.train else {
+        return vec![Diagnostic::warning(
             "W0805",
-            name,
+            c.model.spans.name,
             "no `train` block: train.sh has no batch, steps or optimizer arguments; pass them after the script",
+        )];
+    };
+    let mut warnings = Vec::new();
+    // Megatron's GPT-2 tokenizer reads vocab.json and merges.txt; train.sh defaults them to
+    // a `gpt2(...)` tokenizer's files, but has nothing to pass for a tokenizer.json.
+    if let Some(TokenizerSpec::Hf { path }) = t.data.tokenizer() {
+        warnings.push(hf_tokenizer_warning(t, target, path));
+    }
+    if let Some(ck) = t.checkpoint.as_ref().filter(|ck| ck.keep > 0) {
+        warnings.push(Diagnostic::warning(
+            "W0806",
+            t.spans.checkpoint,
+            format!(
+                "Megatron-LM {v} keeps every checkpoint: `keep = {}` applies to `fmoec run` only",
+                ck.keep
+            ),
         ));
     }
-    if let Some(t) = &c.train {
-        // Megatron's GPT-2 tokenizer reads vocab.json and merges.txt; train.sh defaults them to
-        // a `gpt2(...)` tokenizer's files, but has nothing to pass for a tokenizer.json.
-        if let Some(TokenizerSpec::Hf { path }) = t.data.tokenizer() {
-            let what = if target.can("native_expert_parallel") {
-                "set TOKENIZER_TYPE and TOKENIZER_MODEL (or VOCAB_FILE and MERGE_FILE) for train.sh"
-            } else {
-                "set VOCAB_FILE and MERGE_FILE (GPT-2's vocab.json and merges.txt) for train.sh"
-            };
-            warnings.push(
-                Diagnostic::warning(
-                    "W0812",
-                    t.spans.tokenizer,
-                    format!(
-                        "the emitted train.sh cannot use the tokenizer `{}`: Megatron-LM {v}'s \
-                         GPT-2 tokenizer reads a vocab.json and a merges.txt; {what}",
-                        crate::diag::one_line(path)
-                    ),
-                )
-                .with_label("not passed to Megatron")
-                .with_help(
-                    "`tokenizer = gpt2(vocab = \"vocab.json\", merges = \"merges.txt\")` is \
-                     passed on",
-                ),
-            );
-        }
-        if let Some(ck) = t.checkpoint.as_ref().filter(|ck| ck.keep > 0) {
-            warnings.push(Diagnostic::warning(
-                "W0806",
-                t.spans.checkpoint,
-                format!(
-                    "Megatron-LM {v} keeps every checkpoint: `keep = {}` applies to `fmoec run` only",
-                    ck.keep
-                ),
-            ));
-        }
-        // Megatron reads neither a Hugging Face folder nor an fmoec checkpoint: without a word
-        // the emitted training would start from random weights where the file says otherwise.
-        if let Some(init) = &t.init {
-            warnings.push(
-                Diagnostic::warning(
-                    "W0811",
-                    init.span,
-                    format!(
-                        "`init` applies to `fmoec run` only: a Megatron-LM {v} training (what \
-                         `emit --megatron {v}` writes) starts from Megatron's own initialisation, \
-                         or from a Megatron checkpoint in its `--load` folder"
-                    ),
-                )
-                .with_label("applies to `fmoec run` only"),
-            );
-        }
-    }
-    // FasterMoE's options are `fmoec run`'s: no emitted training has them. Said by `emit`
-    // and by `plan --megatron` alike, so worded for both.
-    for (name, at) in c.parallel.fastermoe_options() {
+    // Megatron reads neither a Hugging Face folder nor an fmoec checkpoint: without a word
+    // the emitted training would start from random weights where the file says otherwise.
+    if let Some(init) = &t.init {
         warnings.push(
+            Diagnostic::warning(
+                "W0811",
+                init.span,
+                format!(
+                    "`init` applies to `fmoec run` only: a Megatron-LM {v} training (what \
+                     `emit --megatron {v}` writes) starts from Megatron's own initialisation, \
+                     or from a Megatron checkpoint in its `--load` folder"
+                ),
+            )
+            .with_label("applies to `fmoec run` only"),
+        );
+    }
+    warnings
+}
+
+/// W0812: `tokenizer = hf(path)`, which train.sh cannot pass to Megatron's GPT-2 tokenizer.
+fn hf_tokenizer_warning(
+    t: &crate::check::Train,
+    target: &crate::check::MegatronTarget,
+    path: &str,
+) -> Diagnostic {
+    let v = &target.version;
+    let what = if target.can("native_expert_parallel") {
+        "set TOKENIZER_TYPE and TOKENIZER_MODEL (or VOCAB_FILE and MERGE_FILE) for train.sh"
+    } else {
+        "set VOCAB_FILE and MERGE_FILE (GPT-2's vocab.json and merges.txt) for train.sh"
+    };
+    Diagnostic::warning(
+        "W0812",
+        t.spans.tokenizer,
+        format!(
+            "the emitted train.sh cannot use the tokenizer {}: Megatron-LM {v}'s \
+             GPT-2 tokenizer reads a vocab.json and a merges.txt; {what}",
+            view::md_code(&crate::diag::one_line(path))
+        ),
+    )
+    .with_label("not passed to Megatron")
+    .with_help("`tokenizer = gpt2(vocab = \"vocab.json\", merges = \"merges.txt\")` is passed on")
+}
+
+/// W0810: FasterMoE's options are `fmoec run`'s: no emitted training has them. Said by `emit`
+/// and by `plan --megatron` alike, so worded for both.
+fn fastermoe_warnings(c: &Checked, target: &crate::check::MegatronTarget) -> Vec<Diagnostic> {
+    let v = &target.version;
+    c.parallel
+        .fastermoe_options()
+        .into_iter()
+        .map(|(name, at)| {
             Diagnostic::warning(
                 "W0810",
                 at,
@@ -380,25 +471,9 @@ pub fn validate(
                     "`{name}` is FasterMoE's option of `fmoec run`; a Megatron-LM {v} training (what `emit --megatron {v}` writes and `plan --megatron {v}` costs) exchanges experts without it"
                 ),
             )
-            .with_label("applies to `fmoec run` only"),
-        );
-    }
-    // Layers assigned by one selection share their spans: say each thing once.
-    let unique = |ds: Vec<Diagnostic>| {
-        let mut out: Vec<Diagnostic> = Vec::new();
-        for d in ds {
-            if !out.contains(&d) {
-                out.push(d);
-            }
-        }
-        out
-    };
-    if errors.is_empty() {
-        Ok(unique(warnings))
-    } else {
-        errors.extend(warnings);
-        Err(EmitError::Model(unique(errors)))
-    }
+            .with_label("applies to `fmoec run` only")
+        })
+        .collect()
 }
 
 /// What Megatron's own MoE trains differently from the file where it builds the layers' shared
@@ -675,6 +750,7 @@ fn launch_args(
     target: &crate::check::MegatronTarget,
     layers: &[LayerView],
     moe_path: &support::MoePath,
+    relative_to: Option<&std::path::Path>,
 ) -> Vec<ArgLine> {
     let native_moe = target.can("native_expert_parallel");
     let mut args: Vec<(String, Option<String>)> = Vec::new();
@@ -692,7 +768,7 @@ fn launch_args(
         arg("--global-batch-size", Some(plan.global_batch.to_string()));
     }
     if let Some(t) = &c.train {
-        train_args(c, t, target, &mut arg);
+        train_args(c, t, target, relative_to, &mut arg);
     }
     arg("--log-interval", Some("10".to_string()));
     if layers.is_empty() {
@@ -773,11 +849,10 @@ fn model_args(
     arg("--seq-length", Some(plan.seq_len.to_string()));
     arg("--max-position-embeddings", Some(m.context.to_string()));
     if target.can("pinned_vocab") {
-        let vocab = plan
-            .megatron_core
-            .as_ref()
-            .map_or(m.vocab, |core| core.padded_vocab);
-        arg("--padded-vocab-size", Some(vocab.to_string()));
+        arg(
+            "--padded-vocab-size",
+            Some(built_vocab(c, plan).to_string()),
+        );
     }
     if target.allows("norm", "rmsnorm") {
         let norm = match m.norm {
@@ -804,16 +879,36 @@ fn model_args(
     }
 }
 
-/// The `train` block: batch, steps, optimizer and schedule, clipping, precision, checkpoints, evaluation, seed.
+/// The `train` block: batch, steps, optimizer and schedule, clipping, precision, checkpoints,
+/// evaluation, seed.
 fn train_args(
     c: &Checked,
+    t: &crate::check::Train,
+    target: &crate::check::MegatronTarget,
+    relative_to: Option<&std::path::Path>,
+    arg: &mut dyn FnMut(&str, Option<String>),
+) {
+    arg("--global-batch-size", Some(t.batch_sequences.to_string()));
+    arg("--train-iters", Some(t.steps.to_string()));
+    optimizer_args(t, target, arg);
+    arg(
+        "--clip-grad",
+        Some(view::py_float(t.clip_grad.unwrap_or(0.0))),
+    );
+    if let Some(flag) = support::precision_flag(c, target) {
+        arg(flag, None);
+    }
+    checkpoint_and_eval_args(t, target, relative_to, arg);
+    arg("--seed", Some(t.seed.to_string()));
+}
+
+/// AdamW and the learning-rate schedule.
+fn optimizer_args(
     t: &crate::check::Train,
     target: &crate::check::MegatronTarget,
     arg: &mut dyn FnMut(&str, Option<String>),
 ) {
     let native_moe = target.can("native_expert_parallel");
-    arg("--global-batch-size", Some(t.batch_sequences.to_string()));
-    arg("--train-iters", Some(t.steps.to_string()));
     let crate::check::Optimizer::Adamw {
         lr,
         betas,
@@ -845,16 +940,21 @@ fn train_args(
     arg("--adam-beta1", Some(view::py_float(betas.0)));
     arg("--adam-beta2", Some(view::py_float(betas.1)));
     arg("--adam-eps", Some(view::py_float(eps)));
-    arg(
-        "--clip-grad",
-        Some(view::py_float(t.clip_grad.unwrap_or(0.0))),
-    );
-    if let Some(flag) = support::precision_flag(c, target) {
-        arg(flag, None);
-    }
+}
+
+/// Checkpoints and evaluation. The checkpoint folder is written absolute, a relative one taken
+/// from `relative_to` ([`view::RunFile`]): Megatron runs in its own checkout.
+fn checkpoint_and_eval_args(
+    t: &crate::check::Train,
+    target: &crate::check::MegatronTarget,
+    relative_to: Option<&std::path::Path>,
+    arg: &mut dyn FnMut(&str, Option<String>),
+) {
+    let native_moe = target.can("native_expert_parallel");
     if let Some(ck) = &t.checkpoint {
-        arg("--save", Some(view::sh_word(&ck.dir)));
-        arg("--load", Some(view::sh_word(&ck.dir)));
+        let dir = view::RunFile::resolve(&ck.dir, relative_to);
+        arg("--save", Some(dir.word.clone()));
+        arg("--load", Some(dir.word));
         arg("--save-interval", Some(ck.every.to_string()));
         if native_moe {
             // dist_checkpointing: one copy of each expert, resharded on load
@@ -873,7 +973,6 @@ fn train_args(
         }
         None => {}
     }
-    arg("--seed", Some(t.seed.to_string()));
 }
 
 /// FastMoE's MoE arguments (the module's defaults, spelled out so that the command says what it trains): each where every MoE layer has the same value.

@@ -39,27 +39,43 @@ pub(super) fn precision_name(p: Precision) -> &'static str {
 /// What the model file and its plan ask for, each value once per place it is written (layers
 /// assigned by one selection share their spans). Dense MLPs are left to [`dense_mlp`].
 pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
-    let m = &c.model;
-    let at = m.spans.name;
-    let mut out = Vec::new();
-    let mut ask = |field: &'static str, value: &str, what: String, span: Span| {
-        let a = Ask {
+    let mut out = Asks::default();
+    model_asks(c, &mut out);
+    moe_asks(c, &mut out);
+    placement_asks(c, plan, &mut out);
+    if let Some(t) = &c.train {
+        let p = precision_name(t.precision);
+        out.ask("precision", p, p.to_string(), t.spans.precision);
+    }
+    once_each(out.0)
+}
+
+/// The asks of [`asks`], in the order they are found.
+#[derive(Default)]
+struct Asks(Vec<Ask>);
+
+impl Asks {
+    fn ask(&mut self, field: &'static str, value: &str, what: String, span: Span) {
+        self.0.push(Ask {
             field,
             value: value.to_string(),
             what,
             span,
-        };
-        if !out.contains(&a) {
-            out.push(a);
-        }
-    };
+        });
+    }
+}
+
+/// The model's own properties: normalisation, positions, attention, biases, the LM head.
+fn model_asks(c: &Checked, out: &mut Asks) {
+    let m = &c.model;
+    let at = m.spans.name;
     match m.norm {
-        Norm::LayerNorm => ask("norm", "layernorm", "LayerNorm".into(), at),
-        Norm::RmsNorm => ask("norm", "rmsnorm", "RMSNorm (`norm = rmsnorm`)".into(), at),
+        Norm::LayerNorm => out.ask("norm", "layernorm", "LayerNorm".into(), at),
+        Norm::RmsNorm => out.ask("norm", "rmsnorm", "RMSNorm (`norm = rmsnorm`)".into(), at),
     }
     match m.positions {
-        Positions::Learned => ask("positions", "learned", "learned positions".into(), at),
-        Positions::Rotary => ask(
+        Positions::Learned => out.ask("positions", "learned", "learned positions".into(), at),
+        Positions::Rotary => out.ask(
             "positions",
             "rotary",
             "rotary position embeddings (`positions = rotary`)".into(),
@@ -67,62 +83,51 @@ pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
         ),
     }
     if m.attention.kv_heads == m.attention.heads {
-        ask("attention", "multi_head", "multi-head attention".into(), at);
+        out.ask("attention", "multi_head", "multi-head attention".into(), at);
     } else {
-        ask(
-            "attention",
-            "grouped_query",
-            format!(
-                "grouped-query attention ({} key/value heads for {} heads)",
-                m.attention.kv_heads, m.attention.heads
-            ),
-            at,
+        let what = format!(
+            "grouped-query attention ({} key/value heads for {} heads)",
+            m.attention.kv_heads, m.attention.heads
         );
+        out.ask("attention", "grouped_query", what, at);
     }
     if m.bias {
-        ask("bias", "true", "linear layers with biases".into(), at);
+        out.ask("bias", "true", "linear layers with biases".into(), at);
     } else {
-        ask(
-            "bias",
-            "false",
-            "linear layers without bias (`bias = false`)".into(),
-            at,
-        );
+        let what = "linear layers without bias (`bias = false`)";
+        out.ask("bias", "false", what.into(), at);
     }
     if m.tied_embeddings {
-        ask("tied_embeddings", "true", "tied LM head".into(), at);
+        out.ask("tied_embeddings", "true", "tied LM head".into(), at);
     } else {
-        ask(
-            "tied_embeddings",
-            "false",
-            "untied LM head (`tied_embeddings = false`)".into(),
-            at,
-        );
+        let what = "untied LM head (`tied_embeddings = false`)";
+        out.ask("tied_embeddings", "false", what.into(), at);
     }
-    for (_, moe) in m.moe_layers() {
+}
+
+/// Each MoE layer's experts' activation, gate and shared experts, where the layer writes them.
+fn moe_asks(c: &Checked, out: &mut Asks) {
+    for (_, moe) in c.model.moe_layers() {
         let act = act_name(moe.expert.act);
-        ask("expert_act", act, format!("{act} experts"), moe.expert.span);
+        out.ask("expert_act", act, format!("{act} experts"), moe.expert.span);
         let gate = crate::emit::gate_name(moe.gate.kind);
-        ask("gates", gate, format!("{gate} gate"), moe.gate.span);
+        out.ask("gates", gate, format!("{gate} gate"), moe.gate.span);
         if moe.shared.is_some() {
-            ask(
-                "shared_experts",
-                "true",
-                "shared experts".into(),
-                moe.spans.call,
-            );
-            if m.bias {
-                ask(
-                    "shared_expert_bias",
-                    "true",
-                    "shared experts with biases".into(),
-                    moe.spans.call,
-                );
+            let call = moe.spans.call;
+            out.ask("shared_experts", "true", "shared experts".into(), call);
+            if c.model.bias {
+                let what = "shared experts with biases";
+                out.ask("shared_expert_bias", "true", what.into(), call);
             }
         }
     }
-    if m.moe_layers().next().is_some() {
-        let p = &c.parallel;
+}
+
+/// How the plan places the MoE layers (expert groups, slicing over tensor ranks) and its
+/// pipeline schedule.
+fn placement_asks(c: &Checked, plan: &ParallelPlan, out: &mut Asks) {
+    let p = &c.parallel;
+    if c.model.moe_layers().next().is_some() {
         let (value, what) = match p.experts {
             ExpertGroup::AcrossData => (
                 "across_data",
@@ -134,7 +139,7 @@ pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
             ),
             ExpertGroup::Replicated => ("replicated", "replicated experts".to_string()),
         };
-        ask("expert_groups", value, what, p.spans.experts);
+        out.ask("expert_groups", value, what, p.spans.experts);
         if plan.tensor > 1 {
             let (value, what) = if plan.expert_slicing {
                 ("true", "experts sliced over the tensor ranks")
@@ -144,26 +149,47 @@ pub fn asks(c: &Checked, plan: &ParallelPlan) -> Vec<Ask> {
                     "experts whole on every tensor rank (`expert_slicing = false`)",
                 )
             };
-            ask("expert_slicing", value, what.into(), p.spans.tensor);
+            out.ask("expert_slicing", value, what.into(), p.spans.tensor);
         }
     }
     if plan.virtual_stages > 1 {
         // no target declares it yet: refused with the targets' usual message
-        ask(
-            "virtual_stages",
-            "true",
-            format!(
-                "interleaved pipeline schedule (`virtual_stages = {}`)",
-                plan.virtual_stages
-            ),
-            c.parallel.spans.virtual_stages,
+        let what = format!(
+            "interleaved pipeline schedule (`virtual_stages = {}`)",
+            plan.virtual_stages
         );
+        out.ask("virtual_stages", "true", what, p.spans.virtual_stages);
     }
-    if let Some(t) = &c.train {
-        let p = precision_name(t.precision);
-        ask("precision", p, p.to_string(), t.spans.precision);
+}
+
+/// `items` in their order, each once (layers assigned by one selection share their spans, so
+/// a rule finds the same thing for each of them).
+pub(super) fn once_each<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
     }
     out
+}
+
+/// The values a target lists for a capability, comma-separated (`fmoec, fastmoe`); empty for a
+/// capability that is not a set.
+pub(super) fn listed(target: &MegatronTarget, field: &str) -> String {
+    match target.capabilities.get(field) {
+        Some(crate::check::Capability::Set(v)) => v.join(", "),
+        _ => String::new(),
+    }
+}
+
+/// The activation of Megatron's dense MLP for `wanted`: it where the target has it, else the
+/// first the target has of GELU, ReLU and SwiGLU.
+fn dense_act(target: &MegatronTarget, wanted: &str) -> Option<&'static str> {
+    const ACTS: [&str; 3] = ["gelu", "relu", "swiglu"];
+    ACTS.into_iter()
+        .find(|a| *a == wanted && target.allows("dense_act", a))
+        .or_else(|| ACTS.into_iter().find(|a| target.allows("dense_act", a)))
 }
 
 /// "v2.5, v3.0.2 have it; or train it with `fmoec run`".
@@ -259,14 +285,7 @@ fn dense_mlp(c: &Checked, target: &MegatronTarget) -> Option<Diagnostic> {
     } else {
         4 * m.width
     };
-    let act = ["gelu", "relu", "swiglu"]
-        .into_iter()
-        .find(|a| *a == act_name(first.act) && target.allows("dense_act", a))
-        .or_else(|| {
-            ["gelu", "relu", "swiglu"]
-                .into_iter()
-                .find(|a| target.allows("dense_act", a))
-        })?;
+    let act = dense_act(target, act_name(first.act))?;
     let odd = dense
         .iter()
         .find(|d| d.hidden != hidden || act_name(d.act) != act)?;
@@ -329,12 +348,11 @@ const FASTMOE_SWITCH_EPS: f64 = 0.1;
 pub fn fastmoe_runtime(c: &Checked, plan: &ParallelPlan) -> Vec<Diagnostic> {
     let mut out: Vec<Diagnostic> = Vec::new();
     let mut say = |span: Span, message: String| {
-        let d = Diagnostic::error("E0809", span, message)
-            .with_label("asked for here")
-            .with_help("`--runtime fmoec` (the default) trains it");
-        if !out.contains(&d) {
-            out.push(d);
-        }
+        out.push(
+            Diagnostic::error("E0809", span, message)
+                .with_label("asked for here")
+                .with_help("`--runtime fmoec` (the default) trains it"),
+        );
     };
     let fastmoe = "FastMoE's Megatron layer (`--runtime fastmoe`)";
     if c.model.moe_layers().next().is_some()
@@ -388,7 +406,7 @@ pub fn fastmoe_runtime(c: &Checked, plan: &ParallelPlan) -> Vec<Diagnostic> {
             );
         }
     }
-    out
+    once_each(out)
 }
 
 /// How a target trains the file's MoE layers.
@@ -417,15 +435,7 @@ pub fn megatron_act(c: &Checked, target: &MegatronTarget) -> &'static str {
         .next()
         .map(|(_, m)| act_name(m.expert.act));
     let wanted = dense.or(first_expert).unwrap_or("gelu");
-    ["gelu", "relu", "swiglu"]
-        .into_iter()
-        .find(|a| *a == wanted && target.allows("dense_act", a))
-        .or_else(|| {
-            ["gelu", "relu", "swiglu"]
-                .into_iter()
-                .find(|a| target.allows("dense_act", a))
-        })
-        .unwrap_or("gelu")
+    dense_act(target, wanted).unwrap_or("gelu")
 }
 
 /// Whether `target`'s own MoE trains the file's MoE layers exactly (every layer alike, a gate
@@ -468,10 +478,7 @@ pub fn moe_path(c: &Checked, target: &MegatronTarget) -> MoePath {
     }
     let gate = crate::emit::gate_name(first.gate.kind);
     if !target.allows("native_gates", gate) {
-        let native = match target.capabilities.get("native_gates") {
-            Some(crate::check::Capability::Set(v)) => v.join(", "),
-            _ => String::new(),
-        };
+        let native = listed(target, "native_gates");
         return module(format!(
             "Megatron-LM {v}'s own router computes the {native} gate only, not the {gate} gate"
         ));

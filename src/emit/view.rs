@@ -68,7 +68,12 @@ pub struct TargetView {
     // Where the files come from.
     pub module_name: &'static str,
     pub fmoec_version: &'static str,
+    /// The model file's name for comments ([`one_line`]).
     pub source_name: String,
+    /// The model file's name as a Markdown code span ([`md_code`]).
+    pub source_name_md: String,
+    /// `fmoec plan --megatron VERSION FILE` as a Markdown code span, the name one shell word.
+    pub plan_command_md: String,
     pub model_name: String,
     // The MoE runtime.
     pub runtime: &'static str,
@@ -118,8 +123,10 @@ pub struct TargetView {
 pub struct RunFile {
     /// The absolute path as one shell word (train.sh).
     pub word: String,
-    /// The absolute path with control characters escaped (README.md).
+    /// The absolute path with control characters escaped.
     pub shown: String,
+    /// [`Self::shown`] as a Markdown code span (README.md).
+    pub md: String,
 }
 
 impl RunFile {
@@ -136,9 +143,11 @@ impl RunFile {
             let resolved = std::path::absolute(&joined).unwrap_or(joined);
             resolved.to_string_lossy().into_owned()
         };
+        let shown = one_line(&text);
         RunFile {
             word: sh_word(&text),
-            shown: one_line(&text),
+            md: md_code(&shown),
+            shown,
         }
     }
 }
@@ -168,6 +177,8 @@ pub struct FileDefault {
     pub var: &'static str,
     /// [`RunFile::shown`].
     pub path: String,
+    /// [`RunFile::md`].
+    pub md: String,
 }
 
 impl LaunchFiles {
@@ -187,6 +198,7 @@ impl LaunchFiles {
             file.as_ref().map(|f| FileDefault {
                 var,
                 path: f.shown.clone(),
+                md: f.md.clone(),
             })
         })
         .collect();
@@ -235,6 +247,31 @@ pub fn sh_word(s: &str) -> String {
     }
 }
 
+/// `text` as one Markdown code span that holds it whatever it contains (CommonMark 0.31,
+/// "Code spans"): a span ends at the first run of exactly as many backticks as opened it, so the
+/// fence is one backtick longer than the longest run inside; a span that begins and ends with a
+/// space loses one space at each end, so a text that begins or ends with a backtick (which
+/// would join the fence) or a space is padded with one space each side. A text of spaces only
+/// is kept as it is; an empty one, which no code span can hold, is shown as one space.
+/// Backslashes and `<`, `&` are literal inside a span. `text` must hold no line break
+/// ([`one_line`]): a span turns one into a space.
+pub fn md_code(text: &str) -> String {
+    if text.is_empty() {
+        return "` `".to_string();
+    }
+    let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+    let fence = "`".repeat(longest + 1);
+    let edge = |c: char| c == '`' || c == ' ';
+    let pad = if text.chars().all(|c| c == ' ') {
+        ""
+    } else if text.starts_with(edge) || text.ends_with(edge) {
+        " "
+    } else {
+        ""
+    };
+    format!("{fence}{pad}{text}{pad}{fence}")
+}
+
 /// Text for one line of a comment in the emitted files: control characters (a line break in a
 /// file name) written as escapes, so that they cannot end the comment and turn the rest into
 /// Python or shell code. The same rule as a diagnostic's header.
@@ -254,6 +291,22 @@ mod tests {
         assert_eq!(sh_word("my data"), "'my data'");
         assert_eq!(sh_word("it's"), r"'it'\''s'");
         assert_eq!(one_line("a\nb\r\u{7}ü.fmoe"), r"a\nb\r\u{7}ü.fmoe");
+    }
+
+    /// A code span's fence is longer than every run of backticks inside, and a text that
+    /// begins or ends with a backtick or a space is padded (the parser strips one space each
+    /// side); a plain path keeps single backticks.
+    #[test]
+    fn markdown_code_spans_hold_any_text() {
+        assert_eq!(md_code("/data/corpus"), "`/data/corpus`");
+        assert_eq!(md_code("it's my `x` dir"), "``it's my `x` dir``");
+        assert_eq!(md_code("a ``b`` ```c"), "````a ``b`` ```c````");
+        assert_eq!(md_code("`start"), "`` `start ``");
+        assert_eq!(md_code("end`"), "`` end` ``");
+        assert_eq!(md_code("`"), "`` ` ``");
+        assert_eq!(md_code(" both "), "`  both  `");
+        assert_eq!(md_code("  "), "`  `");
+        assert_eq!(md_code(""), "` `");
     }
 
     /// A relative path is taken from the folder given (else the current one) and written

@@ -1,21 +1,12 @@
 //! `fmoec check` as a user runs it: exit codes, the human and JSON formats; and `fmoec emit`'s
 //! output folder.
 
-use std::process::Command;
-
-fn fmoec(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_fmoec"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("fmoec runs")
-}
+use crate::fmoec_cli::{command_in, emitted_file, fmoec, fmoec_in, root, stderr_text};
 
 #[test]
 fn examples_check_with_exit_code_zero() {
     let mut args = vec!["check"];
-    let files: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
+    let files: Vec<String> = std::fs::read_dir(root().join("examples"))
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| format!("examples/{}", e.file_name().to_string_lossy()))
@@ -23,7 +14,7 @@ fn examples_check_with_exit_code_zero() {
         .collect();
     args.extend(files.iter().map(String::as_str));
     let out = fmoec(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_text(&out);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr.matches("ok: ").count(), files.len(), "{stderr}");
     // The only warnings: the Megatron datasets the examples name are not in this clone.
@@ -38,7 +29,7 @@ fn examples_check_with_exit_code_zero() {
 fn errors_exit_one_in_both_formats() {
     let human = fmoec(&["check", "tests/ui/name-typo.fmoe"]);
     assert_eq!(human.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&human.stderr);
+    let text = stderr_text(&human);
     assert!(
         text.contains("error[E0201]: unknown name `widht`"),
         "{text}"
@@ -60,7 +51,7 @@ fn errors_exit_one_in_both_formats() {
 #[test]
 fn warnings_alone_do_not_fail() {
     let out = fmoec(&["check", "tests/ui/warn-unused.fmoe"]);
-    let text = String::from_utf8_lossy(&out.stderr);
+    let text = stderr_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(
         text.contains("warning[W0001]: unused import `switch`"),
@@ -72,7 +63,7 @@ fn warnings_alone_do_not_fail() {
 fn unreadable_file_fails_with_a_message() {
     let out = fmoec(&["check", "tests/ui/no-such-file.fmoe"]);
     assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stderr);
+    let text = stderr_text(&out);
     assert!(
         text.contains("cannot read `tests/ui/no-such-file.fmoe`"),
         "{text}"
@@ -83,7 +74,7 @@ fn unreadable_file_fails_with_a_message() {
 fn unreadable_file_exits_two_even_beside_a_file_with_errors() {
     let out = fmoec(&["check", "tests/ui/name-typo.fmoe", "no/such/model.fmoe"]);
     assert_eq!(out.status.code(), Some(2));
-    let text = String::from_utf8_lossy(&out.stderr);
+    let text = stderr_text(&out);
     assert!(
         text.contains("error: cannot read `no/such/model.fmoe`"),
         "{text}"
@@ -106,7 +97,7 @@ fn a_file_past_the_size_cap_is_refused_unread() {
     for format in ["human", "json"] {
         let out = fmoec(&["check", "--diagnostics", format, big]);
         assert_eq!(out.status.code(), Some(2));
-        let text = String::from_utf8_lossy(&out.stderr);
+        let text = stderr_text(&out);
         assert!(text.contains(&format!("cannot read `{big}`")), "{text}");
         assert!(text.contains("larger than 16 MiB"), "{text}");
     }
@@ -135,7 +126,7 @@ fn emit_never_overwrites_files_it_did_not_write() {
     // An emit into `out` that fails with exit status 1 saying `expected`.
     let refused = |expected: &str| {
         let r = emit(&[]);
-        let stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+        let stderr = stderr_text(&r);
         assert_eq!(r.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains(expected), "{stderr}");
         assert!(stderr.contains("nothing was written"), "{stderr}");
@@ -143,10 +134,7 @@ fn emit_never_overwrites_files_it_did_not_write() {
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("README.md"), "mine\n").unwrap();
     refused("README.md` exists and is not written by fmoec");
-    assert_eq!(
-        std::fs::read_to_string(out.join("README.md")).unwrap(),
-        "mine\n"
-    );
+    assert_eq!(emitted_file(&out, "README.md"), "mine\n");
     // the same refusal as JSON: one array, the file in the way named
     let json = emit(&["--diagnostics", "json"]);
     assert_eq!(json.status.code(), Some(1));
@@ -165,27 +153,22 @@ fn emit_never_overwrites_files_it_did_not_write() {
 
     std::fs::remove_file(out.join("README.md")).unwrap();
     assert!(emit(&[]).status.success());
-    let first = std::fs::read_to_string(out.join("train.sh")).unwrap();
+    let first = emitted_file(&out, "train.sh");
     // its own files, unchanged: emitted again without complaint
     assert!(emit(&[]).status.success());
 
     std::fs::write(out.join("train.sh"), format!("{first}# my change\n")).unwrap();
     refused("train.sh` exists and is changed since fmoec wrote it");
-    assert!(std::fs::read_to_string(out.join("train.sh"))
-        .unwrap()
-        .ends_with("# my change\n"));
+    assert!(emitted_file(&out, "train.sh").ends_with("# my change\n"));
 
     assert!(emit(&["--force"]).status.success());
-    assert_eq!(
-        std::fs::read_to_string(out.join("train.sh")).unwrap(),
-        first
-    );
+    assert_eq!(emitted_file(&out, "train.sh"), first);
 
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
     let r = emit_to(file.to_str().unwrap(), &[]);
     assert_eq!(r.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&r.stderr).contains("it is a file, not a folder"));
+    assert!(stderr_text(&r).contains("it is a file, not a folder"));
 
     // A folder where a file goes (the manifest too) stops the emit even with --force, before
     // anything is written: before, --force wrote the patch and the module, then failed on the
@@ -195,7 +178,7 @@ fn emit_never_overwrites_files_it_did_not_write() {
         std::fs::create_dir_all(blocked.join(in_the_way)).unwrap();
         for extra in [&[][..], &["--force"][..]] {
             let r = emit_to(blocked.to_str().unwrap(), extra);
-            let stderr = String::from_utf8_lossy(&r.stderr);
+            let stderr = stderr_text(&r);
             assert_eq!(r.status.code(), Some(1), "{stderr}");
             assert!(
                 stderr.contains(&format!("{in_the_way}` exists and is not a file"))
@@ -215,11 +198,7 @@ fn emit_never_overwrites_files_it_did_not_write() {
 fn emit_lists_its_targets_and_refuses_unknown_ones() {
     let out = fmoec(&["emit", "--megatron", "list"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", stderr_text(&out));
     assert!(
         stdout.contains("v2.2  Megatron-LM v2.2, tree 8aa4619f"),
         "{stdout}"
@@ -229,14 +208,14 @@ fn emit_lists_its_targets_and_refuses_unknown_ones() {
         "{stdout}"
     );
     let out = fmoec(&["emit", "--megatron", "v9.9", "examples/tiny.fmoe"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_text(&out);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("no Megatron-LM release `v9.9` to emit for; known: core_v0.19, v2.2"),
         "{stderr}"
     );
     let out = fmoec(&["emit", "--megatron", "v2.2"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_text(&out);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("the model file is missing"), "{stderr}");
 }
@@ -256,7 +235,7 @@ fn every_target_writes_its_files_and_the_manifest() {
             "-o",
             out.to_str().unwrap(),
         ]);
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(r.status.success(), "{}", stderr_text(&r));
         let manifest: std::collections::BTreeMap<String, String> =
             serde_json::from_slice(&std::fs::read(out.join(".fmoec-emit.json")).unwrap()).unwrap();
         let patch = format!("megatron-{version}.patch");
@@ -288,7 +267,7 @@ fn the_deepest_allowed_expression_is_checked_without_a_crash() {
     let file = dir.path().join("deep.fmoe");
     std::fs::write(&file, format!("const x = {e}\n")).unwrap();
     let out = fmoec(&["check", file.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("E0221"),
@@ -299,7 +278,7 @@ fn the_deepest_allowed_expression_is_checked_without_a_crash() {
 
 /// The JSON on stderr of a command run with `--diagnostics json`: one array, always.
 fn json_diagnostics(out: &std::process::Output) -> Vec<serde_json::Value> {
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_text(out);
     match serde_json::from_str::<serde_json::Value>(&stderr) {
         Ok(serde_json::Value::Array(items)) => items,
         other => panic!("stderr is not one JSON array ({other:?}):\n{stderr}"),
@@ -369,7 +348,7 @@ fn a_file_that_is_not_utf8_is_refused_at_its_first_bad_byte() {
 
     let human = fmoec(&["check", path]);
     assert_eq!(human.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&human.stderr);
+    let stderr = stderr_text(&human);
     assert!(
         stderr.contains("error[E0001]: cannot read")
             && stderr
@@ -446,9 +425,8 @@ fn many_warnings_are_printed_in_few_writes() {
     text += "model m {\n    vocab = 256; context = 8; width = 32; heads = 4; depth = 2\n    \
              block = transformer(attention = causal(), ffn = mlp(hidden = 64))\n}\n";
     std::fs::write(&file, text).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_fmoec"))
+    let child = command_in(root())
         .args(["check", file.to_str().unwrap()])
-        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -472,7 +450,7 @@ fn many_warnings_are_printed_in_few_writes() {
     let out = child.wait_with_output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(0));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_text(&out);
     assert_eq!(stderr.matches("warning[W0003]").count(), 2000);
     assert!(written >= 32 << 10, "{written} bytes written");
     assert!(writes < 100, "{writes} write calls for {written} bytes");
@@ -505,7 +483,7 @@ fn every_subcommand_takes_diagnostics_json() {
     }
     let old = fmoec(&["check", "--format", "json", "examples/tiny.fmoe"]);
     assert_eq!(old.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&old.stderr).contains("is now `--diagnostics json`"));
+    assert!(stderr_text(&old).contains("is now `--diagnostics json`"));
 }
 
 /// Issue 14, item 3: `check` says "ok" only to what `plan` plans; five mistakes of
@@ -514,14 +492,14 @@ fn every_subcommand_takes_diagnostics_json() {
 fn check_reports_the_planners_mistakes_in_the_same_pass() {
     let check = fmoec(&["check", "tests/ui/check-five-mistakes.fmoe"]);
     assert_eq!(check.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&check.stderr);
+    let text = stderr_text(&check);
     for code in ["E0413", "E0604", "E0605", "P0007", "P0011"] {
         assert!(text.contains(&format!("error[{code}]")), "{code}\n{text}");
     }
     assert!(text.contains("due to 5 previous errors"), "{text}");
     let plan = fmoec(&["plan", "tests/ui/check-five-mistakes.fmoe"]);
     assert_eq!(plan.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&plan.stderr), text);
+    assert_eq!(stderr_text(&plan), text);
     // Every example that checks also plans.
     for example in [
         "tiny",
@@ -551,7 +529,7 @@ fn override_diagnostics_point_at_the_model_not_at_the_first_line() {
         "--virtual-stages",
         "3",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("error[P0016]"), "{stderr}");
     assert!(stderr.contains("examples/tiny.fmoe:8:7"), "{stderr}");
@@ -573,12 +551,7 @@ fn plan_for_megatron_core_shows_the_local_attention_memory() {
         "examples/mixtral-8x7b.fmoe",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     assert!(
         stdout.contains(
             "without Transformer Engine (train.sh falls back to Megatron's local attention"
@@ -600,7 +573,7 @@ fn plan_for_a_target_refuses_what_emit_refuses() {
     let mut args = vec!["plan", "--megatron", "core_v0.19", "examples/tiny.fmoe"];
     args.extend(interleaved);
     let out = fmoec(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         out.stdout.is_empty(),
@@ -626,7 +599,7 @@ fn plan_for_a_target_refuses_what_emit_refuses() {
     ]);
     let plan = fmoec(&["plan", "--megatron", "v2.2", "examples/mixtral-8x7b.fmoe"]);
     let codes = |o: &std::process::Output| {
-        let text = String::from_utf8_lossy(&o.stderr).into_owned();
+        let text = stderr_text(o);
         let mut codes: Vec<String> = text
             .lines()
             .filter_map(|l| l.strip_prefix("error["))
@@ -648,11 +621,7 @@ fn plan_for_a_target_refuses_what_emit_refuses() {
         "core_v0.19",
         "examples/mixtral-8x7b.fmoe",
     ]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert!(ok.status.success(), "{}", stderr_text(&ok));
     assert!(String::from_utf8_lossy(&ok.stdout).contains("Megatron-Core layout"));
 }
 
@@ -662,8 +631,7 @@ fn plan_for_a_target_refuses_what_emit_refuses() {
 #[test]
 fn auto_plans_for_a_target_only_what_it_can_schedule() {
     let dir = tempfile::tempdir().unwrap();
-    let tiny = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
-        .unwrap();
+    let tiny = std::fs::read_to_string(root().join("examples/tiny.fmoe")).unwrap();
     let file = dir.path().join("interleaved.fmoe");
     std::fs::write(
         &file,
@@ -684,11 +652,7 @@ fn auto_plans_for_a_target_only_what_it_can_schedule() {
         file,
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", stderr_text(&out));
     assert!(
         stdout.contains("note: Megatron-LM core_v0.19 has no interleaved pipeline schedule"),
         "{stdout}"
@@ -704,7 +668,7 @@ fn auto_plans_for_a_target_only_what_it_can_schedule() {
 /// A model file reading the Megatron dataset `d/out_text_document` beside it, written into
 /// `dir` with a copy of the golden dataset (`tests/data_golden`, `fmoec data`'s output).
 fn megatron_dataset_in(dir: &std::path::Path) -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     std::fs::create_dir(dir.join("d")).unwrap();
     for ext in ["bin", "idx"] {
         std::fs::copy(
@@ -732,16 +696,8 @@ fn megatron_dataset_in(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn check_in(dir: &std::path::Path) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fmoec"))
-        .args(["check", "m.fmoe"])
-        .current_dir(dir)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("fmoec runs");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = fmoec_in(dir, &["check", "m.fmoe"]);
+    (out.status.code(), stderr_text(&out))
 }
 
 #[test]
@@ -832,7 +788,7 @@ fn command_line_refusals_are_json_under_diagnostics_json() {
     // without `--diagnostics json`, clap's text as before; `--help` is not an error
     let text = fmoec(&["check", "--bogus", "examples/tiny.fmoe"]);
     assert_eq!(text.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&text.stderr);
+    let stderr = stderr_text(&text);
     assert!(
         stderr.starts_with("error: unexpected argument '--bogus'"),
         "{stderr}"
@@ -849,10 +805,8 @@ fn command_line_refusals_are_json_under_diagnostics_json() {
 #[test]
 fn a_panic_is_reported_as_an_error_of_the_command() {
     let panicking = |args: &[&str], backtrace: bool| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_fmoec"));
+        let mut c = command_in(root());
         c.args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("NO_COLOR", "1")
             .env("FMOEC_DEBUG_PANIC", "main")
             .env_remove("RUST_BACKTRACE");
         if backtrace {
@@ -888,7 +842,7 @@ fn a_panic_is_reported_as_an_error_of_the_command() {
 
     let human = panicking(&["plan", "examples/tiny.fmoe"], false);
     assert_eq!(human.status.code(), Some(101));
-    let stderr = String::from_utf8_lossy(&human.stderr);
+    let stderr = stderr_text(&human);
     assert!(
         stderr.starts_with("error: fmoec failed inside: FMOEC_DEBUG_PANIC=main"),
         "{stderr}"
@@ -900,7 +854,7 @@ fn a_panic_is_reported_as_an_error_of_the_command() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(human.stdout.is_empty());
     let traced = panicking(&["plan", "examples/tiny.fmoe"], true);
-    let stderr = String::from_utf8_lossy(&traced.stderr);
+    let stderr = stderr_text(&traced);
     assert!(stderr.contains("panicked at"), "{stderr}");
     assert!(stderr.contains("stack backtrace:"), "{stderr}");
 }
@@ -919,7 +873,7 @@ fn a_file_name_with_a_line_break_is_shown_escaped_and_kept_in_json() {
 
     let human = fmoec(&["check", path]);
     assert_eq!(human.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&human.stderr);
+    let stderr = stderr_text(&human);
     assert!(stderr.contains(&format!("┌─ {shown}:3:5\n")), "{stderr}");
     assert!(
         stderr.contains(&format!("error: could not check `{shown}` due to")),
@@ -961,7 +915,7 @@ fn names_with_control_characters_are_escaped_in_messages() {
     let missing_s = missing.to_str().unwrap();
     let human = fmoec(&["check", missing_s]);
     assert_eq!(human.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&human.stderr);
+    let stderr = stderr_text(&human);
     assert!(
         stderr.contains(&format!(
             "error: cannot read `{base}/no\\nsuch\\tmodel.fmoe`: "
@@ -982,7 +936,7 @@ fn names_with_control_characters_are_escaped_in_messages() {
     let latin1_s = latin1.to_str().unwrap();
     let human = fmoec(&["check", latin1_s]);
     assert_eq!(human.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&human.stderr);
+    let stderr = stderr_text(&human);
     assert!(
         stderr.contains(&format!(
             "error[E0001]: cannot read `{base}/caf\u{e9}\\nau\\tlait.fmoe`: it is not UTF-8 text"
@@ -1003,7 +957,7 @@ fn names_with_control_characters_are_escaped_in_messages() {
     )
     .unwrap();
     let human = fmoec(&["check", model.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&human.stderr);
+    let stderr = stderr_text(&human);
     assert!(human.status.success(), "{stderr}");
     assert!(
         stderr.contains(r"warning[W0009]: the data file `my\ncorpus\t1.txt` does not exist"),
@@ -1029,7 +983,7 @@ fn names_with_control_characters_are_escaped_in_messages() {
     };
     let human = emit("human");
     assert_eq!(human.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&human.stderr);
+    let stderr = stderr_text(&human);
     assert!(
         stderr.contains(&format!(
             "error: `{base}/out\\nput\\tfolder/README.md` exists and is not written by fmoec\n"

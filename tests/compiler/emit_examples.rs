@@ -3,11 +3,13 @@
 //! v2.2's only in its Megatron glue, snapshotted in emit_snapshots.rs), or of the rendered
 //! diagnostics for models a target cannot express.
 
-use std::path::Path;
-
 use fmoec::check;
 use fmoec::diag::{self, Sink, Sources};
 use fmoec::emit::{self, EmitError, EmitOptions};
+
+use crate::fmoec_cli::{
+    all_output, argument_after, argument_printing_python, emit_in, emitted_file, folder, root,
+};
 
 fn emit_example(name: &str, version: &str) -> Result<(Vec<(String, String)>, String), String> {
     emit_example_as(name, version, &format!("{name}.fmoe"))
@@ -19,9 +21,8 @@ fn emit_example_as(
     version: &str,
     source_name: &str,
 ) -> Result<(Vec<(String, String)>, String), String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let file_name = format!("examples/{name}.fmoe");
-    let text = std::fs::read_to_string(root.join(&file_name)).unwrap();
+    let text = std::fs::read_to_string(root().join(&file_name)).unwrap();
     let mut sources = Sources::new();
     let file = sources.add(file_name, text);
     let mut sink = Sink::new();
@@ -167,12 +168,11 @@ fn a_file_name_with_line_breaks_stays_in_its_comment() {
 
 #[test]
 fn every_example_is_covered() {
-    let mut names: Vec<String> =
-        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter_map(|n| n.strip_suffix(".fmoe").map(str::to_string))
-            .collect();
+    let mut names: Vec<String> = std::fs::read_dir(root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".fmoe").map(str::to_string))
+        .collect();
     names.sort();
     assert_eq!(
         names,
@@ -187,28 +187,6 @@ fn every_example_is_covered() {
     );
 }
 
-/// A stand-in for `python` in train.sh: every `python -c` probe succeeds, and the launch prints
-/// its arguments one per line (`ARG --vocab-file`, `ARG /path`), so the test sees what Megatron
-/// would be given.
-fn argument_printing_python(dir: &Path) -> std::path::PathBuf {
-    let python = dir.join("python");
-    std::fs::write(
-        &python,
-        "#!/usr/bin/env bash\nif [ \"$1\" = -c ]; then exit 0; fi\nprintf 'ARG %s\\n' \"$@\"\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
-    python
-}
-
-/// The value train.sh passes after `flag`, from [`argument_printing_python`]'s lines.
-fn argument_after(printed: &str, flag: &str) -> Option<String> {
-    let lines: Vec<&str> = printed.lines().collect();
-    let at = lines.iter().position(|l| *l == format!("ARG {flag}"))?;
-    lines.get(at + 1)?.strip_prefix("ARG ").map(str::to_string)
-}
-
 /// `tokenizer = gpt2(vocab, merges)` (paths relative to where fmoec runs, as `fmoec run` reads
 /// them; here a folder with a space in its name) is what every target's train.sh passes as
 /// `--vocab-file` and `--merge-file` when VOCAB_FILE and MERGE_FILE are not set, and they still
@@ -216,13 +194,12 @@ fn argument_after(printed: &str, flag: &str) -> Option<String> {
 /// `tokenizer = hf(...)`, which no target's train.sh can pass, is a warning (W0812).
 #[test]
 fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("my work");
+    let work = folder(tmp.path(), "my work");
     std::fs::create_dir_all(work.join("tok")).unwrap();
     for file in ["vocab.json", "merges.txt", "tokenizer.json"] {
         std::fs::copy(
-            root.join("tests/data_golden/tok").join(file),
+            root().join("tests/data_golden/tok").join(file),
             work.join("tok").join(file),
         )
         .unwrap();
@@ -248,15 +225,8 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
     for decl in check::megatron_targets() {
         let v = &decl.version;
         let out = tmp.path().join(format!("out-{v}"));
-        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .current_dir(&work)
-            .args(["emit", "--megatron", v, "gpt2.fmoe", "-o"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&emitted.stderr);
-        assert!(emitted.status.success(), "{v}:\n{stderr}");
-        assert!(!stderr.contains("W0812"), "{v}:\n{stderr}");
+        let warnings = emit_in(&work, v, "gpt2.fmoe", &out);
+        assert!(!warnings.contains("W0812"), "{v}:\n{warnings}");
         let train_sh = out.join("train.sh");
         let syntax = std::process::Command::new("bash")
             .arg("-n")
@@ -266,7 +236,7 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
         assert!(syntax.status.success(), "{v}: bash -n failed");
         // the file names every file: the README's launch sets no variable and says which files
         // train.sh passes
-        let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+        let readme = emitted_file(&out, "README.md");
         assert!(
             readme.contains("\nbash /path/to/out/train.sh ") && !readme.contains("VOCAB_FILE="),
             "{v}:\n{readme}"
@@ -292,13 +262,8 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
                 cmd.env(name, value);
             }
             let output = cmd.output().unwrap();
-            let text = String::from_utf8_lossy(&output.stdout).into_owned();
-            assert!(
-                output.status.success(),
-                "{v}:\n{text}{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            text
+            assert!(output.status.success(), "{v}:\n{}", all_output(&output));
+            String::from_utf8_lossy(&output.stdout).into_owned()
         };
         let defaults = launch(&[]);
         assert_eq!(
@@ -326,17 +291,12 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
             "{v}"
         );
 
-        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .current_dir(&work)
-            .args(["emit", "--megatron", v, "hf.fmoe", "-o"])
-            .arg(tmp.path().join(format!("hf-{v}")))
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&emitted.stderr);
+        let warnings = emit_in(&work, v, "hf.fmoe", &tmp.path().join(format!("hf-{v}")));
         assert!(
-            emitted.status.success()
-                && stderr.contains("warning[W0812]: the emitted train.sh cannot use the tokenizer `tok/tokenizer.json`"),
-            "{v}:\n{stderr}"
+            warnings.contains(
+                "warning[W0812]: the emitted train.sh cannot use the tokenizer `tok/tokenizer.json`"
+            ),
+            "{v}:\n{warnings}"
         );
     }
 }
@@ -351,10 +311,8 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
 #[test]
 fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("emit here");
-    let checkout = tmp.path().join("Megatron-LM");
-    std::fs::create_dir_all(&work).unwrap();
-    std::fs::create_dir_all(&checkout).unwrap();
+    let work = folder(tmp.path(), "emit here");
+    let checkout = folder(tmp.path(), "Megatron-LM");
     let prefix = "data/it's my corpus_text_document";
     std::fs::write(
         work.join("m.fmoe"),
@@ -372,17 +330,7 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
     for decl in check::megatron_targets() {
         let v = &decl.version;
         let out = tmp.path().join(format!("out-{v}"));
-        let emitted = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .current_dir(&work)
-            .args(["emit", "--megatron", v, "m.fmoe", "-o"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            emitted.status.success(),
-            "{v}:\n{}",
-            String::from_utf8_lossy(&emitted.stderr)
-        );
+        emit_in(&work, v, "m.fmoe", &out);
         let train_sh = out.join("train.sh");
         let syntax = std::process::Command::new("bash")
             .arg("-n")
@@ -392,7 +340,7 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
         assert!(syntax.status.success(), "{v}: bash -n failed");
 
         // train.sh's lines that set DATA_PATH, alone, in the checkout
-        let text = std::fs::read_to_string(&train_sh).unwrap();
+        let text = emitted_file(&out, "train.sh");
         let lines: Vec<&str> = text.lines().filter(|l| l.contains("DATA_PATH=")).collect();
         assert_eq!(lines.len(), 2, "{v}:\n{text}");
         let value = |data_path: Option<&str>| {
@@ -434,7 +382,7 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
         );
 
         // the README asks only for the tokenizer's files and names the dataset train.sh uses
-        let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+        let readme = emitted_file(&out, "README.md");
         assert!(
             readme.contains("\nVOCAB_FILE=gpt2-vocab.json MERGE_FILE=gpt2-merges.txt \\\n")
                 && !readme.contains("DATA_PATH="),
@@ -444,5 +392,133 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
             readme.contains(&format!("\n- `DATA_PATH`: `{expected}`\n")),
             "{v}:\n{readme}"
         );
+    }
+}
+
+/// `checkpoint = every(N, dir = "...")` with a relative folder names a folder relative to where
+/// `fmoec run` runs, but train.sh runs in the Megatron-LM checkout: every target's train.sh
+/// passes Megatron's `--save` and `--load` the folder resolved against the folder `fmoec emit`
+/// ran in, one shell word whatever the name holds (a space, a quote, backticks). Before, it was
+/// the folder as written, and Megatron saved into (and resumed from) the checkout.
+#[test]
+fn a_relative_checkpoint_folder_is_what_train_sh_passes_absolute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = folder(tmp.path(), "emit here");
+    let checkout = folder(tmp.path(), "Megatron-LM");
+    let dir = "ckpt/it's my `run`";
+    std::fs::write(
+        work.join("m.fmoe"),
+        format!(
+            "use std.gates.gshard\nmodel m {{\n    vocab = 50304\n    context = 64\n    width = 64\n    \
+             heads = 4\n    depth = 2\n    block = transformer(attention = causal(), ffn = mlp(hidden = 256))\n    \
+             layers[1].ffn = moe(experts = 4, gate = gshard(), expert = mlp(hidden = 128))\n}}\n\
+             train {{\n    data = megatron(\"/data/corpus_text_document\")\n    batch = 4 x 64 tokens\n    \
+             steps = 2\n    optimizer = adamw(lr = 1e-3)\n    checkpoint = every(1, dir = {dir:?})\n}}\n"
+        ),
+    )
+    .unwrap();
+    let expected = work.join(dir).to_string_lossy().into_owned();
+    let python = argument_printing_python(tmp.path());
+    for decl in check::megatron_targets() {
+        let v = &decl.version;
+        let out = tmp.path().join(format!("out-{v}"));
+        emit_in(&work, v, "m.fmoe", &out);
+        let launch = std::process::Command::new("bash")
+            .arg(out.join("train.sh"))
+            .current_dir(&checkout)
+            .env("PYTHON", &python)
+            .env("NNODES", "1")
+            .env("NPROC_PER_NODE", "1")
+            .env("VOCAB_FILE", "/t/vocab.json")
+            .env("MERGE_FILE", "/t/merges.txt")
+            .env_remove("DATA_PATH")
+            .env_remove("MOCK_DATA")
+            .env_remove("TOKENIZER_TYPE")
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&launch.stdout).into_owned();
+        assert!(launch.status.success(), "{v}:\n{printed}");
+        for flag in ["--save", "--load"] {
+            assert_eq!(
+                argument_after(&printed, flag).as_deref(),
+                Some(expected.as_str()),
+                "{v} {flag}:\n{printed}"
+            );
+        }
+    }
+}
+
+/// The code spans of the generated README hold any path: a model file's name and a dataset
+/// prefix with a backtick, a space and a quote in them are each one code span, with the text
+/// as written, when a CommonMark parser reads the README (markdown-it-py, if `FMOEC_PYTHON`
+/// has it; else the spans' text is checked as written). Before, a single backtick fenced them
+/// and the path's own backtick ended the span.
+#[test]
+fn readme_code_spans_hold_paths_with_backticks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = folder(tmp.path(), "it's `my` work");
+    let source = "a `b` c's.fmoe";
+    std::fs::write(
+        work.join(source),
+        "use std.gates.gshard\nmodel m {\n    vocab = 50304\n    context = 64\n    width = 64\n    \
+         heads = 4\n    depth = 2\n    block = transformer(attention = causal(), ffn = mlp(hidden = 256))\n    \
+         layers[1].ffn = moe(experts = 4, gate = gshard(), expert = mlp(hidden = 128))\n}\n\
+         train {\n    data = megatron(\"data/x`y\")\n    batch = 4 x 64 tokens\n    steps = 2\n    \
+         optimizer = adamw(lr = 1e-3)\n}\n",
+    )
+    .unwrap();
+    let data = work.join("data/x`y").to_string_lossy().into_owned();
+    let python = std::env::var("FMOEC_PYTHON").unwrap_or_else(|_| "python3".into());
+    let parser = std::process::Command::new(&python)
+        .args(["-c", "import markdown_it"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !parser {
+        eprintln!("{python} has no markdown_it: the README's spans are checked as text only");
+    }
+    for decl in check::megatron_targets() {
+        let v = &decl.version;
+        let out = tmp.path().join(format!("out-{v}"));
+        emit_in(&work, v, source, &out);
+        let readme = out.join("README.md");
+        let text = emitted_file(&out, "README.md");
+        let mut spans = vec![source.to_string(), data.clone()];
+        if decl.can("native_expert_parallel") {
+            spans.push(format!(
+                "fmoec plan --megatron {v} '{}'",
+                source.replace('\'', r"'\''")
+            ));
+        }
+        assert!(
+            text.contains(&format!("\n- `DATA_PATH`: ``{data}``\n")),
+            "{v}:\n{text}"
+        );
+        assert!(
+            text.contains(&format!(" from ``{source}``")),
+            "{v}:\n{text}"
+        );
+        if !parser {
+            continue;
+        }
+        // every inline code span of the README, one per line (the texts hold no line break)
+        let script = "import sys, markdown_it\n\
+                      md = markdown_it.MarkdownIt('commonmark')\n\
+                      for t in md.parse(open(sys.argv[1], encoding='utf-8').read()):\n\
+                      \x20   for c in t.children or []:\n\
+                      \x20       if c.type == 'code_inline': print(c.content)\n";
+        let parsed = std::process::Command::new(&python)
+            .args(["-c", script])
+            .arg(&readme)
+            .output()
+            .unwrap();
+        assert!(parsed.status.success(), "{v}: {parsed:?}");
+        let found = String::from_utf8(parsed.stdout).unwrap();
+        let found: Vec<&str> = found.lines().collect();
+        for span in &spans {
+            assert!(
+                found.contains(&span.as_str()),
+                "{v}: {span:?} not in {found:?}"
+            );
+        }
     }
 }

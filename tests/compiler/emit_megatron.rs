@@ -21,6 +21,8 @@ use std::process::Command;
 
 use fmoec::emit::{gitdiff, megatron, registry, Target};
 
+use crate::fmoec_cli::{all_output, command_in, emit_in, root, succeeds};
+
 /// Every declared target with a checkout named by its variable.
 fn checkouts() -> Vec<(Target, PathBuf)> {
     let mut out = Vec::new();
@@ -67,24 +69,14 @@ fn recorded_patch_equals_patch_computed_from_checkout() {
     }
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{:?} failed:\n{}{}",
-        cmd,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn copy_tree(from: &Path, to: &Path) {
-    run(Command::new("git")
-        .args(["-C"])
-        .arg(from)
-        .args(["worktree", "list"]));
-    run(Command::new("cp").arg("-a").arg(from).arg(to));
+    succeeds(
+        Command::new("git")
+            .args(["-C"])
+            .arg(from)
+            .args(["worktree", "list"]),
+    );
+    succeeds(Command::new("cp").arg("-a").arg(from).arg(to));
 }
 
 #[test]
@@ -98,14 +90,18 @@ fn git_apply_accepts_the_patch_and_patched_files_compile() {
         copy_tree(&root, &tree);
         let patch = tmp.path().join(target.patch_name());
         std::fs::write(&patch, megatron::diff_recorded(release)).unwrap();
-        run(Command::new("git")
-            .current_dir(&tree)
-            .args(["apply", "--check"])
-            .arg(&patch));
-        run(Command::new("git")
-            .current_dir(&tree)
-            .arg("apply")
-            .arg(&patch));
+        succeeds(
+            Command::new("git")
+                .current_dir(&tree)
+                .args(["apply", "--check"])
+                .arg(&patch),
+        );
+        succeeds(
+            Command::new("git")
+                .current_dir(&tree)
+                .arg("apply")
+                .arg(&patch),
+        );
         // index lines: the patched files hash to the recorded ids
         for f in &release.files {
             let bytes = std::fs::read(tree.join(&f.path)).unwrap();
@@ -117,12 +113,14 @@ fn git_apply_accepts_the_patch_and_patched_files_compile() {
         for f in &release.files {
             cmd.arg(&f.path);
         }
-        run(&mut cmd);
+        succeeds(&mut cmd);
         // and it reverses cleanly
-        run(Command::new("git")
-            .current_dir(&tree)
-            .args(["apply", "-R", "--check"])
-            .arg(&patch));
+        succeeds(
+            Command::new("git")
+                .current_dir(&tree)
+                .args(["apply", "-R", "--check"])
+                .arg(&patch),
+        );
     }
 }
 
@@ -147,21 +145,18 @@ fn emitted_and_patched(release: &str, checkout: &Path, dir: &Path) -> (PathBuf, 
     emit_harness_model(release, &out);
     let tree = dir.join("megatron");
     copy_tree(checkout, &tree);
-    run(Command::new("git")
-        .current_dir(&tree)
-        .arg("apply")
-        .arg(out.join(format!("megatron-{release}.patch"))));
+    succeeds(
+        Command::new("git")
+            .current_dir(&tree)
+            .arg("apply")
+            .arg(out.join(format!("megatron-{release}.patch"))),
+    );
     (out, tree)
 }
 
 /// Emits `tests/megatron/harness.fmoe` for `release` with the fmoec binary, as a user does.
 fn emit_harness_model(release: &str, out: &Path) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
-        .args(["emit", "--megatron", release])
-        .arg(root.join("tests/megatron/harness.fmoe"))
-        .arg("-o")
-        .arg(out));
+    emit_in(root(), release, "tests/megatron/harness.fmoe", out);
 }
 
 /// A rendezvous port for the next harness run (tests of this file run in parallel).
@@ -172,7 +167,7 @@ fn next_port() -> u16 {
 
 /// Runs the harness on `ranks` CPU processes from the patched tree; returns its output.
 fn run_harness(python: &Path, tree: &Path, module: &Path, ranks: u32, args: &[&str]) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     let out = Command::new(python)
         .current_dir(tree)
         .env("PYTHONPATH", module)
@@ -186,11 +181,7 @@ fn run_harness(python: &Path, tree: &Path, module: &Path, ranks: u32, args: &[&s
         .args(args)
         .output()
         .expect("spawn the harness");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = all_output(&out);
     assert!(
         out.status.success() && text.contains("HARNESS_OK"),
         "harness {args:?} failed:\n{text}"
@@ -317,7 +308,7 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
     let Some(python) = harness_python() else {
         return;
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     let shared = std::env::var_os("FMOEC_MEGATRON_HARNESS")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("../shared/megatron-harness"));
@@ -329,17 +320,15 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
         let version = target.decl.version.clone();
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
-        run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .args(["emit", "--megatron", &version])
-            .arg(root.join("examples/gpt2-medium-moe.fmoe"))
-            .arg("-o")
-            .arg(&out));
+        emit_in(root, &version, "examples/gpt2-medium-moe.fmoe", &out);
         let tree = tmp.path().join("megatron");
         copy_tree(&checkout, &tree);
-        run(Command::new("git")
-            .current_dir(&tree)
-            .arg("apply")
-            .arg(out.join(target.patch_name())));
+        succeeds(
+            Command::new("git")
+                .current_dir(&tree)
+                .arg("apply")
+                .arg(out.join(target.patch_name())),
+        );
         let work = tmp.path().join("work");
         std::fs::create_dir_all(&work).unwrap();
         std::fs::copy(
@@ -365,11 +354,7 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
             cmd.arg("--no-scaled-masked-softmax-fusion");
         }
         let output = cmd.output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let text = all_output(&output);
         assert!(output.status.success(), "{version}:\n{text}");
         // the ranks' lines may interleave with Megatron's own prints
         let expected = "of 2: tp 2 pp 1 dp 1 micro 8 global 256 layers 24 fmoe_layers [1, 3,";
@@ -383,11 +368,12 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
 }
 
 /// `examples/gpt2-medium-moe.fmoe` reading a Megatron dataset and a GPT-2 tokenizer by relative
-/// paths (`data/my corpus_text_document`, `tok/vocab.json`, `tok/merges.txt`), written into
-/// `dir` with the tokenizer's files beside it (the checker reads them): the model file
-/// `fmoec emit` runs on in `dir`. Returns the three files' absolute paths.
-fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 3]) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+/// paths (`data/my corpus_text_document`, `tok/vocab.json`, `tok/merges.txt`) and saving its
+/// checkpoints into a relative folder (`ckpt/my run`), written into `dir` with the tokenizer's
+/// files beside it (the checker reads them): the model file `fmoec emit` runs on in `dir`.
+/// Returns the four paths, absolute.
+fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 4]) {
+    let root = root();
     std::fs::create_dir_all(dir.join("tok")).unwrap();
     for file in ["vocab.json", "merges.txt"] {
         std::fs::copy(
@@ -404,6 +390,12 @@ fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 3]) {
         "    data       = megatron(\"data/my corpus_text_document\")\n    \
          tokenizer  = gpt2(vocab = \"tok/vocab.json\", merges = \"tok/merges.txt\")\n",
     );
+    let checkpoint = "    checkpoint = every(1000, dir = \"ckpt/gpt2-medium-moe\")\n";
+    assert!(text.contains(checkpoint));
+    let text = text.replace(
+        checkpoint,
+        "    checkpoint = every(1000, dir = \"ckpt/my run\")\n",
+    );
     let model = dir.join("relative-files.fmoe");
     std::fs::write(&model, text).unwrap();
     let absolute = |p: &str| dir.join(p).to_str().unwrap().to_string();
@@ -413,31 +405,30 @@ fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 3]) {
             absolute("data/my corpus_text_document"),
             absolute("tok/vocab.json"),
             absolute("tok/merges.txt"),
+            absolute("ckpt/my run"),
         ],
     )
 }
 
 /// The files a model file names by relative paths (a `megatron("prefix")` dataset, a
-/// `gpt2(vocab, merges)` tokenizer) reach Megatron absolute, resolved against the folder
-/// `fmoec emit` ran in, though train.sh runs in the Megatron-LM checkout: each release's own
-/// parser (`parse_args` of the patched tree, on 2 ranks) receives them so, with none of
-/// DATA_PATH, VOCAB_FILE, MERGE_FILE set; Megatron-Core's `parse_and_validate_args` (with
-/// `FMOEC_MEGATRON_CORE_PKG`) receives the dataset so, with `TOKENIZER_TYPE=NullTokenizer`
-/// (its GPT-2 tokenizer is built while parsing, from Hugging Face's hub). Before, `--data-path`
-/// was the prefix as written, which Megatron would have read inside the checkout.
+/// `gpt2(vocab, merges)` tokenizer, the checkpoint folder) reach Megatron absolute, resolved
+/// against the folder `fmoec emit` ran in, though train.sh runs in the Megatron-LM checkout:
+/// each release's own parser (`parse_args` of the patched tree, on 2 ranks) receives them so,
+/// with none of DATA_PATH, VOCAB_FILE, MERGE_FILE set; Megatron-Core's
+/// `parse_and_validate_args` (with `FMOEC_MEGATRON_CORE_PKG`) receives the dataset and the
+/// checkpoint folder so, with `TOKENIZER_TYPE=NullTokenizer` (its GPT-2 tokenizer is built while
+/// parsing, from Hugging Face's hub). Before, `--data-path` was the prefix as written, and
+/// `--save`/`--load` the folder as written, which Megatron would have used inside the checkout.
 #[test]
 fn megatrons_parser_receives_the_model_files_absolute() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     let tmp = tempfile::tempdir().unwrap();
     let models = tmp.path().join("my models");
-    let (model, [data, vocab, merges]) = model_with_relative_files(&models);
-    let emit = |version: &str, out: &Path| {
-        run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .current_dir(&models)
-            .args(["emit", "--megatron", version, "relative-files.fmoe", "-o"])
-            .arg(out));
-    };
-    let files = format!("data_path ['{data}'] vocab_file '{vocab}' merge_file '{merges}'");
+    let (model, [data, vocab, merges, ckpt]) = model_with_relative_files(&models);
+    let emit = |version: &str, out: &Path| emit_in(&models, version, "relative-files.fmoe", out);
+    let files = format!(
+        "data_path ['{data}'] vocab_file '{vocab}' merge_file '{merges}' save '{ckpt}' load '{ckpt}'"
+    );
     if let Some(python) = harness_python() {
         let shared = std::env::var_os("FMOEC_MEGATRON_HARNESS")
             .map(PathBuf::from)
@@ -452,10 +443,12 @@ fn megatrons_parser_receives_the_model_files_absolute() {
             emit(&version, &out);
             let tree = dir.join("megatron");
             copy_tree(&checkout, &tree);
-            run(Command::new("git")
-                .current_dir(&tree)
-                .arg("apply")
-                .arg(out.join(target.patch_name())));
+            succeeds(
+                Command::new("git")
+                    .current_dir(&tree)
+                    .arg("apply")
+                    .arg(out.join(target.patch_name())),
+            );
             // the stand-in checkout train.sh runs in
             let work = dir.join("work");
             std::fs::create_dir_all(&work).unwrap();
@@ -481,11 +474,7 @@ fn megatrons_parser_receives_the_model_files_absolute() {
                 cmd.arg("--no-scaled-masked-softmax-fusion");
             }
             let output = cmd.output().unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
+            let text = all_output(&output);
             assert!(output.status.success(), "{version}:\n{text}");
             assert_eq!(
                 text.matches(&files).count(),
@@ -507,10 +496,11 @@ fn megatrons_parser_receives_the_model_files_absolute() {
     };
     let out = tmp.path().join("core_v0.19");
     emit("core_v0.19", &out);
-    let plan = run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
-        .current_dir(&models)
-        .args(["plan", "--megatron", "core_v0.19", "--format", "json"])
-        .arg(&model));
+    let plan = succeeds(
+        command_in(&models)
+            .args(["plan", "--megatron", "core_v0.19", "--format", "json"])
+            .arg(&model),
+    );
     let plan_json = tmp.path().join("plan.json");
     std::fs::write(&plan_json, plan).unwrap();
     let checkout = tmp.path().join("Megatron-LM");
@@ -531,17 +521,18 @@ fn megatrons_parser_receives_the_model_files_absolute() {
         .env_remove("DATA_PATH")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = all_output(&output);
     assert!(
         output.status.success() && text.contains("CHECK_ARGS_OK"),
         "core_v0.19:\n{text}"
     );
     let data_path = format!("data_path ['{data}']");
     assert!(text.contains(&data_path), "core_v0.19: {data_path}\n{text}");
+    let checkpoints = format!("save '{ckpt}' load '{ckpt}'");
+    assert!(
+        text.contains(&checkpoints),
+        "core_v0.19: {checkpoints}\n{text}"
+    );
     eprintln!("{}", text.lines().find(|l| l.contains(&data_path)).unwrap());
 }
 
@@ -555,11 +546,7 @@ fn core_python() -> String {
 
 /// Emits `examples/NAME.fmoe` (or any model file) for core_v0.19 into `out` as a user does.
 fn emit_core(model: &Path, out: &Path) {
-    run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
-        .args(["emit", "--megatron", "core_v0.19"])
-        .arg(model)
-        .arg("-o")
-        .arg(out));
+    emit_in(root(), "core_v0.19", model, out);
 }
 
 /// The emitted launch of every example, with tests/megatron_core/check_args.py as the training
@@ -577,7 +564,7 @@ fn core_emitted_arguments_pass_megatron_core_as_planned() {
         );
         return;
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     for name in [
         "tiny",
         "gpt2-medium-moe",
@@ -590,9 +577,11 @@ fn core_emitted_arguments_pass_megatron_core_as_planned() {
         let model = root.join(format!("examples/{name}.fmoe"));
         let out = tmp.path().join("out");
         emit_core(&model, &out);
-        let plan = run(Command::new(env!("CARGO_BIN_EXE_fmoec"))
-            .args(["plan", "--megatron", "core_v0.19", "--format", "json"])
-            .arg(&model));
+        let plan = succeeds(
+            command_in(root)
+                .args(["plan", "--megatron", "core_v0.19", "--format", "json"])
+                .arg(&model),
+        );
         let plan_json = tmp.path().join("plan.json");
         std::fs::write(&plan_json, plan).unwrap();
         let output = Command::new("bash")
@@ -608,11 +597,7 @@ fn core_emitted_arguments_pass_megatron_core_as_planned() {
             .env("MASTER_PORT", next_port().to_string())
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let text = all_output(&output);
         assert!(
             output.status.success() && text.contains("CHECK_ARGS_OK"),
             "{name}:\n{text}"
@@ -634,7 +619,7 @@ fn core_emitted_tiny_trains_and_resumes_in_pretrain_gpt() {
         );
         return;
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     let tiny = std::fs::read_to_string(root.join("examples/tiny.fmoe")).unwrap();
     for (name, gpus, tensor, pipeline, experts) in [
         ("expert 2", 2, 1, 1, "across data"),
@@ -670,11 +655,7 @@ fn core_emitted_tiny_trains_and_resumes_in_pretrain_gpt() {
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let text = all_output(&output);
         assert!(
             output.status.success() && text.contains("TRAIN_EMITTED_OK"),
             "{name}:\n{text}"

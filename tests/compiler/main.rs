@@ -15,6 +15,7 @@ mod emit_megatron;
 mod emit_python;
 mod emit_snapshots;
 mod examples;
+mod fmoec_cli;
 mod fuzz;
 mod language;
 mod plan_cli;

@@ -1,6 +1,7 @@
 """A stand-in for Megatron-LM's pretrain_gpt.py that only runs the release's own `parse_args`
 (with fmoec's argument group, from the patched tree at MEGATRON_TREE) on every rank train.sh
-starts, and prints what it parsed (the layout, and the data and tokenizer files).
+starts, and prints what it parsed (the layout, the data and tokenizer files, and the checkpoint
+folders).
 tests/compiler/emit_megatron.rs copies it as pretrain_gpt.py next to an emitted train.sh: the
 launch and every argument train.sh passes must be accepted as they are.
 Needs the shared harness's cpu_shim (FMOEC_MEGATRON_HARNESS) to import Megatron on a CPU."""
@@ -23,5 +24,6 @@ print('PARSED rank {} of {}: tp {} pp {} dp {} micro {} global {} layers {} fmoe
           getattr(args, 'bf16', None), getattr(args, 'ffn_hidden_size', None)), flush=True)
 # the files, as Megatron received them (train.sh runs in the checkout: relative paths would be
 # read from there)
-print('FILES rank {}: data_path {!r} vocab_file {!r} merge_file {!r}'.format(
-    args.rank, args.data_path, args.vocab_file, args.merge_file), flush=True)
+print('FILES rank {}: data_path {!r} vocab_file {!r} merge_file {!r} save {!r} load {!r}'.format(
+    args.rank, args.data_path, args.vocab_file, args.merge_file, args.save, args.load),
+    flush=True)

@@ -130,8 +130,9 @@ def main():
               'the fmoec layer via --spec' if args.spec else 'native MoE'), flush=True)
     # the files, as Megatron received them (train.sh runs in the checkout: relative paths would
     # be read from there)
-    print('%s: data_path %r vocab_file %r merge_file %r' % (
-        plan['model'], args.data_path, args.vocab_file, args.merge_file), flush=True)
+    print('%s: data_path %r vocab_file %r merge_file %r save %r load %r' % (
+        plan['model'], args.data_path, args.vocab_file, args.merge_file, args.save, args.load),
+        flush=True)
     core = plan['megatron_core']
     expected = {
         'tensor': (args.tensor_model_parallel_size, plan['tensor']),
