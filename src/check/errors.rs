@@ -761,6 +761,17 @@ pub fn every_wrong_arg(span: Span, arg: &str, here: &str, belongs: &str) -> Diag
     .with_label("not used here")
 }
 
+/// `checkpoint = every(N, dir = "")`: `run` would have no folder to write, and Megatron-LM
+/// given `--save ''` saves nothing, silently.
+pub fn empty_checkpoint_dir(span: Span) -> Diagnostic {
+    Diagnostic::error("E0617", span, "the checkpoint folder is empty")
+        .with_label("no folder named")
+        .with_help(
+            "name a folder, such as `dir = \"checkpoints\"` (the default when `dir` is left out), \
+             or write `checkpoint = none` to save no checkpoints",
+        )
+}
+
 pub fn byte_vocab_too_small(span: Span, vocab: u64, vocab_span: Span) -> Diagnostic {
     Diagnostic::error(
         "E0604",

@@ -423,6 +423,10 @@ impl Checker<'_> {
             ));
             *ok = false;
         }
+        if let Some(d) = c.explicit("dir").filter(|d| string(d).is_empty()) {
+            self.sink.push(errors::empty_checkpoint_dir(d.span));
+            *ok = false;
+        }
         self.every_past_steps(&c, steps, spans.steps);
         Some(Some(CheckpointPolicy {
             every: c.arg("steps").map(uint).unwrap_or(1),
