@@ -806,7 +806,7 @@ fn upcycle_plan(
             continue;
         };
         match granularity_of(m, d, init) {
-            Err(e) => errors.push((i, e)),
+            Err(e) => errors.push((i, *e)),
             Ok(g) => {
                 granularity.insert(i, g);
                 warnings.extend(not_dense_at_step_zero(m, g).map(|w| (i, w)));
@@ -821,19 +821,21 @@ fn upcycle_plan(
 
 /// `G` for the MoE layer `m` upcycled from the dense MLP `d`, or why it cannot be (E0614
 /// with LAYERS).
-fn granularity_of(m: &Moe, d: &Mlp, init: &InitSpec) -> Result<u64, Diagnostic> {
+fn granularity_of(m: &Moe, d: &Mlp, init: &InitSpec) -> Result<u64, Box<Diagnostic>> {
     if m.shared.is_some() {
-        return Err(says::cannot_upcycle(
-            m.spans.call,
-            "LAYERS: shared experts; upcycling makes routed experts only".to_string(),
-            init.span,
-        )
-        .with_label("shared experts")
-        .with_help("upcycle into a model without shared experts (`shared = none`)"));
+        return Err(Box::new(
+            says::cannot_upcycle(
+                m.spans.call,
+                "LAYERS: shared experts; upcycling makes routed experts only".to_string(),
+                init.span,
+            )
+            .with_label("shared experts")
+            .with_help("upcycle into a model without shared experts (`shared = none`)"),
+        ));
     }
     let (hd, he) = (d.hidden, m.expert.hidden);
     if he == 0 || hd % he != 0 {
-        return Err(says::cannot_upcycle(
+        return Err(Box::new(says::cannot_upcycle(
             m.expert.span,
             format!("the experts' hidden size {he} does not divide the dense MLP's {hd} (LAYERS)"),
             init.span,
@@ -841,20 +843,22 @@ fn granularity_of(m: &Moe, d: &Mlp, init: &InitSpec) -> Result<u64, Diagnostic> 
         .with_label(format!("hidden = {he}"))
         .with_help(format!(
             "use hidden = {hd} (every expert a copy of the dense MLP) or a divisor of it (fine-grained: each expert one slice)"
-        )));
+        ))));
     }
     let g = hd / he;
     if m.experts % g != 0 {
-        return Err(says::cannot_upcycle(
-            m.spans.experts,
-            format!(
+        return Err(Box::new(
+            says::cannot_upcycle(
+                m.spans.experts,
+                format!(
                 "{} experts cannot hold whole copies of the dense MLP cut into {g} slices (LAYERS)",
                 m.experts
             ),
-            init.span,
-        )
-        .with_label(format!("not a multiple of {g}"))
-        .with_help(format!("use a multiple of {g} experts")));
+                init.span,
+            )
+            .with_label(format!("not a multiple of {g}"))
+            .with_help(format!("use a multiple of {g} experts")),
+        ));
     }
     Ok(g)
 }
