@@ -444,3 +444,48 @@ fn linear(param: String, scale: f64) -> Source {
         ..part(param)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diag::{Sink, Sources};
+
+    fn model(source: &str) -> Model {
+        let mut sources = Sources::new();
+        let file = sources.add("m.fmoe", source.to_string());
+        let mut sink = Sink::new();
+        crate::check::check_file(&mut sources, file, &mut sink)
+            .expect("the model checks")
+            .model
+    }
+
+    /// `split_layer` reads back the layer of every name the layout builds, and nothing
+    /// outside the layers: init and import find a parameter's layer by it.
+    #[test]
+    fn every_layer_parameter_splits_back_into_its_layer() {
+        let m = model(
+            "use std.gates.*\n\nmodel m {\n    vocab = 64\n    context = 8\n    width = 16\n    heads = 2\n    depth = 12\n    norm = layernorm\n    bias = true\n    block = transformer(attention = causal(), ffn = mlp(hidden = 32, act = swiglu))\n    layers[11].ffn = moe(experts = 4, top_k = 2, gate = noisy(), expert = mlp(hidden = 8, act = gelu), shared = shared_experts(expert = mlp(hidden = 8, act = swiglu)))\n}\n",
+        );
+        let shapes = param_shapes(&m);
+        let mut per_layer = vec![0; 12];
+        for p in &shapes {
+            match split_layer(&p.name) {
+                Some((layer, rest)) => {
+                    assert_eq!(p.name, format!("{}.{rest}", layer_prefix(layer)));
+                    per_layer[layer] += 1;
+                    if p.experts {
+                        let w = rest.strip_prefix("ffn.experts.").expect("an expert tensor");
+                        assert_eq!(p.name, experts_param(layer, w));
+                    }
+                }
+                None => assert!(!p.name.starts_with("layers"), "{}", p.name),
+            }
+        }
+        assert!(per_layer.iter().all(|&n| n > 0), "{per_layer:?}");
+        assert!(shapes.iter().any(|p| p.name == mlp_param(10, "w3")));
+        assert!(shapes.iter().any(|p| p.name == experts_param(11, "b2")));
+        assert_eq!(split_layer("layers.7"), Some((7, "")));
+        assert_eq!(split_layer("layers.x.ffn.w1"), None);
+        assert_eq!(split_layer("norm.weight"), None);
+    }
+}
