@@ -610,14 +610,8 @@ impl Routing {
         rows: i64,
         device: tch::Device,
     ) -> std::result::Result<ChunkPlan, TchError> {
-        let (size, me, mine) = (self.size, self.me, &self.mine);
-        let chunk_of = |offset: usize| offset * n / size;
-        let targets: Vec<bool> = (0..size)
-            .map(|q| chunk_of((q + size - me) % size) == c)
-            .collect();
-        let sources: Vec<bool> = (0..size)
-            .map(|s| chunk_of((me + size - s) % size) == c)
-            .collect();
+        let size = self.size;
+        let (targets, sources) = self.chunk_peers(c, n);
         let send_rows: Vec<i64> = (0..size)
             .filter(|&q| targets[q])
             .flat_map(|q| self.rows_to[q].iter().copied())
@@ -634,21 +628,54 @@ impl Routing {
         let recv_counts: Vec<i64> = (0..size)
             .map(|s| if sources[s] { self.recv_from[s] } else { 0 })
             .collect();
-        let local_counts: Vec<i64> = mine
+        let (order, received) = self.expert_major_order(&sources);
+        let (to_expert_major, to_source_major) = permutations(&order, received, device)?;
+        Ok(ChunkPlan {
+            rows: index_or_all(&send_rows, rows, device)?,
+            send_counts,
+            recv_counts,
+            local_counts: self.chunk_local_counts(&sources),
+            to_expert_major,
+            to_source_major,
+        })
+    }
+
+    /// Which ranks chunk `c` of `n` sends to (`targets[q]`) and receives from
+    /// (`sources[s]`): the same offsets, forwards and backwards.
+    fn chunk_peers(&self, c: usize, n: usize) -> (Vec<bool>, Vec<bool>) {
+        let (size, me) = (self.size, self.me);
+        let chunk_of = |offset: usize| offset * n / size;
+        let targets = (0..size)
+            .map(|q| chunk_of((q + size - me) % size) == c)
+            .collect();
+        let sources = (0..size)
+            .map(|s| chunk_of((me + size - s) % size) == c)
+            .collect();
+        (targets, sources)
+    }
+
+    /// Rows per local expert that arrive from `sources` (none for a shadowed one).
+    fn chunk_local_counts(&self, sources: &[bool]) -> Vec<i64> {
+        self.mine
             .clone()
             .map(|slot| {
                 if self.slot_shadowed[slot] {
                     0
                 } else {
-                    (0..size)
+                    (0..self.size)
                         .filter(|&s| sources[s])
                         .map(|s| self.all_counts[s][slot])
                         .sum()
                 }
             })
-            .collect();
-        // Source-major (rank s, then local expert j) to expert-major (j, then s).
-        let mut offsets = vec![vec![0i64; mine.len()]; size];
+            .collect()
+    }
+
+    /// The rows that arrive from `sources` (source-major: rank `s`, then local expert `j`)
+    /// in expert-major order (`j`, then `s`), and how many arrive.
+    fn expert_major_order(&self, sources: &[bool]) -> (Vec<i64>, i64) {
+        let mine = &self.mine;
+        let mut offsets = vec![vec![0i64; mine.len()]; self.size];
         let mut at_row = 0i64;
         for (s, row) in offsets.iter_mut().enumerate() {
             if !sources[s] {
@@ -666,30 +693,30 @@ impl Routing {
             if self.slot_shadowed[slot] {
                 continue;
             }
-            for s in (0..size).filter(|&s| sources[s]) {
+            for s in (0..self.size).filter(|&s| sources[s]) {
                 order.extend(offsets[s][j]..offsets[s][j] + self.all_counts[s][slot]);
             }
         }
-        let (to_expert_major, to_source_major) = match index_or_all(&order, at_row, device)? {
-            None => (None, None),
-            Some(forward) => {
-                let mut inverse = vec![0i64; order.len()];
-                for (i, &r) in order.iter().enumerate() {
-                    inverse[r as usize] = i as i64;
-                }
-                let backward = Tensor::f_from_slice(&inverse)?.f_to_device(device)?;
-                (Some(forward), Some(backward))
-            }
-        };
-        Ok(ChunkPlan {
-            rows: index_or_all(&send_rows, rows, device)?,
-            send_counts,
-            recv_counts,
-            local_counts,
-            to_expert_major,
-            to_source_major,
-        })
+        (order, at_row)
     }
+}
+
+/// The permutation `order` of `rows` rows as an index and its inverse (`None` for both
+/// where it is the identity).
+fn permutations(
+    order: &[i64],
+    rows: i64,
+    device: tch::Device,
+) -> std::result::Result<(Option<Tensor>, Option<Tensor>), TchError> {
+    let Some(forward) = index_or_all(order, rows, device)? else {
+        return Ok((None, None));
+    };
+    let mut inverse = vec![0i64; order.len()];
+    for (i, &r) in order.iter().enumerate() {
+        inverse[r as usize] = i as i64;
+    }
+    let backward = Tensor::f_from_slice(&inverse)?.f_to_device(device)?;
+    Ok((Some(forward), Some(backward)))
 }
 
 /// The shadowed experts' parameters, broadcast from their owners, and this rank's rows for
@@ -920,29 +947,64 @@ impl ExchangeTape {
     /// Shadowed experts' gradients are summed into their owners' `.grad`.
     /// Call once per forward exchange, on every rank of the group.
     pub fn backward(&self, group: &dyn Collective, at: &str) -> Result<Tensor> {
-        const OP: &str = "exchange_experts backward";
         let label = format!("{at}, {}", self.at);
-        let terr = tensor_failure(group.label(), OP, &label);
+        let terr = tensor_failure(group.label(), BACKWARD_OP, &label);
         let grad_combined = defined_or_zeros(&self.combined).map_err(&terr)?;
-        let n = self.chunks.len();
-        let name = |what: &str, c: usize| {
-            if n == 1 {
-                format!("{label}, {what} backward")
-            } else {
-                format!("{label}, {what} chunk {c} backward")
-            }
-        };
-        let mut pending = Vec::with_capacity(n);
+        let pending = self.send_result_gradients(group, &grad_combined, &label)?;
+        let returning = self.experts_backward(group, pending, &label)?;
+        let shadow_grads = self.shadows_backward(&grad_combined).map_err(&terr)?;
+        let mut grads = Vec::with_capacity(returning.len());
+        for r in returning {
+            grads.push(r.wait()?);
+        }
+        // Only now, with no chunk in flight, the replicas' gradients go to their owners.
+        if let (Some(s), Some((_, params))) = (&self.shadows, &shadow_grads) {
+            reduce_shadow_gradients(group, &s.stacked, &s.owners, params, &label)?;
+        }
+        self.source_gradient(&grad_combined, grads, shadow_grads.map(|(kept, _)| kept))
+            .map_err(&terr)
+    }
+
+    /// What the backward's exchange of chunk `c` is called in errors.
+    fn backward_step(&self, label: &str, what: &str, c: usize) -> String {
+        if self.chunks.len() == 1 {
+            format!("{label}, {what} backward")
+        } else {
+            format!("{label}, {what} chunk {c} backward")
+        }
+    }
+
+    /// Starts each chunk's part of `grad_combined` back to the ranks that ran its experts.
+    fn send_result_gradients(
+        &self,
+        group: &dyn Collective,
+        grad_combined: &Tensor,
+        label: &str,
+    ) -> Result<Vec<PendingRows>> {
+        let terr = tensor_failure(group.label(), BACKWARD_OP, label);
+        let mut pending = Vec::with_capacity(self.chunks.len());
         for (c, chunk) in self.chunks.iter().enumerate() {
-            let grad = take_rows(&grad_combined, &chunk.rows).map_err(&terr)?;
+            let grad = take_rows(grad_combined, &chunk.rows).map_err(&terr)?;
             pending.push(group.start_all_to_all_v(
                 &grad,
                 &chunk.send_counts,
                 &chunk.recv_counts,
-                &name("combine", c),
+                &self.backward_step(label, "combine", c),
             )?);
         }
-        let mut returning = Vec::with_capacity(n);
+        Ok(pending)
+    }
+
+    /// As each chunk's gradient arrives: backpropagates it through the local experts and
+    /// starts the gradient of the rows they received back to the ranks that sent them.
+    fn experts_backward(
+        &self,
+        group: &dyn Collective,
+        pending: Vec<PendingRows>,
+        label: &str,
+    ) -> Result<Vec<PendingRows>> {
+        let terr = tensor_failure(group.label(), BACKWARD_OP, label);
+        let mut returning = Vec::with_capacity(self.chunks.len());
         for (c, (chunk, arrival)) in self.chunks.iter().zip(pending).enumerate() {
             let grad_back = arrival.wait()?;
             let grad_expert_out = permute(&grad_back, &chunk.to_expert_major).map_err(&terr)?;
@@ -955,47 +1017,59 @@ impl ExchangeTape {
                 &grad_sent,
                 &chunk.recv_counts,
                 &chunk.send_counts,
-                &name("dispatch", c),
+                &self.backward_step(label, "dispatch", c),
             )?);
         }
-        let shadow_grads = match &self.shadows {
-            Some(s) => {
-                let grad_out = grad_combined.f_index_select(0, &s.rows).map_err(&terr)?;
-                if s.out.requires_grad() {
-                    backward_roots(&[(&s.out, &grad_out)]).map_err(&terr)?;
-                }
-                Some((
-                    defined_or_zeros(&s.kept).map_err(&terr)?,
-                    defined_or_zeros(&s.params).map_err(&terr)?,
-                ))
-            }
-            None => None,
+        Ok(returning)
+    }
+
+    /// The shadowed experts' backward, which runs here: the gradients of this rank's rows
+    /// kept for them and of the replicas' parameters (`None` without shadowing).
+    fn shadows_backward(
+        &self,
+        grad_combined: &Tensor,
+    ) -> std::result::Result<Option<(Tensor, Tensor)>, TchError> {
+        let Some(s) = &self.shadows else {
+            return Ok(None);
         };
-        let mut grads = Vec::with_capacity(n);
-        for r in returning {
-            grads.push(r.wait()?);
+        let grad_out = grad_combined.f_index_select(0, &s.rows)?;
+        if s.out.requires_grad() {
+            backward_roots(&[(&s.out, &grad_out)])?;
         }
-        // Only now, with no chunk in flight, the replicas' gradients go to their owners.
-        if let (Some(s), Some((_, params))) = (&self.shadows, &shadow_grads) {
-            reduce_shadow_gradients(group, &s.stacked, &s.owners, params, &label)?;
-        }
-        if n == 1 && self.shadows.is_none() && self.chunks[0].rows.is_none() {
+        Ok(Some((
+            defined_or_zeros(&s.kept)?,
+            defined_or_zeros(&s.params)?,
+        )))
+    }
+
+    /// The gradient of [`ExchangeTape::source`]: each chunk's returned rows (`grads`) and
+    /// the gradient of the rows kept for shadowed experts, each in its rows.
+    fn source_gradient(
+        &self,
+        grad_combined: &Tensor,
+        mut grads: Vec<Tensor>,
+        shadow_kept: Option<Tensor>,
+    ) -> std::result::Result<Tensor, TchError> {
+        if self.chunks.len() == 1 && self.shadows.is_none() && self.chunks[0].rows.is_none() {
             return Ok(grads.pop().unwrap_or_default());
         }
         let rows = self.source.size().first().copied().unwrap_or(0);
-        let mut grad_source = zero_rows(&grad_combined, rows).map_err(&terr)?;
+        let mut grad_source = zero_rows(grad_combined, rows)?;
         for (chunk, g) in self.chunks.iter().zip(&grads) {
             grad_source = match &chunk.rows {
-                Some(index) => grad_source.f_index_copy(0, index, g).map_err(&terr)?,
+                Some(index) => grad_source.f_index_copy(0, index, g)?,
                 None => g.shallow_clone(),
             };
         }
-        if let (Some(s), Some((kept, _))) = (&self.shadows, &shadow_grads) {
-            grad_source = grad_source.f_index_copy(0, &s.rows, kept).map_err(&terr)?;
+        if let (Some(s), Some(kept)) = (&self.shadows, &shadow_kept) {
+            grad_source = grad_source.f_index_copy(0, &s.rows, kept)?;
         }
         Ok(grad_source)
     }
 }
+
+/// The operation the backward's errors name.
+const BACKWARD_OP: &str = "exchange_experts backward";
 
 /// `t.grad()`, or zeros shaped like `t` when no gradient reached it.
 pub(crate) fn defined_or_zeros(t: &Tensor) -> std::result::Result<Tensor, tch::TchError> {

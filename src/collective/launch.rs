@@ -219,37 +219,17 @@ pub fn spawn_local(
     let mut forwarders = 0;
     for local in 0..n {
         let rank = launch.first_rank + local;
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", local.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("LOCAL_WORLD_SIZE", n.to_string())
-            .env("MASTER_ADDR", &launch.master_addr)
-            .env("MASTER_PORT", port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
-            // NVLink SHARP needs multicast objects the lent machines do not grant.
-            command.env("NCCL_NVLS_ENABLE", "0");
-        }
-        for (key, value) in &launch.env {
-            command.env(key, value);
-        }
-        receive_stop_signals(&mut command);
+        let vars = RankVars {
+            rank,
+            local,
+            world,
+            local_world: n,
+            port,
+        };
+        let mut command = rank_command(program, args, launch, &vars);
         match command.spawn() {
             Ok(mut child) => {
-                if let Some(out) = child.stdout.take() {
-                    forward(out, Output::Stdout, Some(rank), done.clone());
-                    forwarders += 1;
-                }
-                if let Some(err) = child.stderr.take() {
-                    let label = launch.label_stderr.then_some(rank);
-                    forward(err, Output::Stderr, label, done.clone());
-                    forwarders += 1;
-                }
+                forwarders += forward_output(&mut child, rank, launch.label_stderr, &done);
                 children.push(child);
             }
             Err(source) => {
@@ -269,8 +249,75 @@ pub fn spawn_local(
         o.first_rank = launch.first_rank;
         o
     });
-    // Let the ranks' last lines through. A pipe can stay open after its rank is gone
-    // (a process the rank started still holds it), so do not wait for it forever.
+    last_lines(&forwarded, forwarders);
+    outcome
+}
+
+/// The torchrun variables of one rank.
+struct RankVars {
+    /// `RANK`: the global rank.
+    rank: usize,
+    /// `LOCAL_RANK`: its index on this machine.
+    local: usize,
+    world: usize,
+    /// `LOCAL_WORLD_SIZE`: the ranks started on this machine.
+    local_world: usize,
+    port: u16,
+}
+
+/// The command of one rank: the program, the torchrun variables and the launch's own.
+fn rank_command(program: &OsStr, args: &[OsString], launch: &Launch, vars: &RankVars) -> Command {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env("RANK", vars.rank.to_string())
+        .env("LOCAL_RANK", vars.local.to_string())
+        .env("WORLD_SIZE", vars.world.to_string())
+        .env("LOCAL_WORLD_SIZE", vars.local_world.to_string())
+        .env("MASTER_ADDR", &launch.master_addr)
+        .env("MASTER_PORT", vars.port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+        // NVLink SHARP needs multicast objects the lent machines do not grant.
+        command.env("NCCL_NVLS_ENABLE", "0");
+    }
+    for (key, value) in &launch.env {
+        command.env(key, value);
+    }
+    receive_stop_signals(&mut command);
+    command
+}
+
+/// Forwards `child`'s stdout and stderr with `[rank RANK]` (stderr only if `label_stderr`);
+/// each forwarder says on `done` when its stream ends. Returns how many it started.
+fn forward_output(
+    child: &mut Child,
+    rank: usize,
+    label_stderr: bool,
+    done: &std::sync::mpsc::Sender<()>,
+) -> usize {
+    let mut forwarders = 0;
+    if let Some(out) = child.stdout.take() {
+        forward(out, Output::Stdout, Some(rank), done.clone());
+        forwarders += 1;
+    }
+    if let Some(err) = child.stderr.take() {
+        forward(
+            err,
+            Output::Stderr,
+            label_stderr.then_some(rank),
+            done.clone(),
+        );
+        forwarders += 1;
+    }
+    forwarders
+}
+
+/// Lets the ranks' last lines through. A pipe can stay open after its rank is gone (a
+/// process the rank started still holds it), so this waits at most 2 s for the `forwarders`.
+fn last_lines(forwarded: &std::sync::mpsc::Receiver<()>, forwarders: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     for _ in 0..forwarders {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -278,7 +325,6 @@ pub fn spawn_local(
             break;
         }
     }
-    outcome
 }
 
 /// Poll the ranks until all exit or one fails; on failure kill the rest (after

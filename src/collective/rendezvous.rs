@@ -438,9 +438,6 @@ fn admit_ranks(
     let mut joined = vec![false; world];
     joined[0] = true;
     listener.set_nonblocking(true).map_err(io_error(&addr))?;
-    let refuse = |stream: &mut TcpStream, message: &str| {
-        let _ = stream.write_all(format!("ERR {message}\n").as_bytes());
-    };
     while joined.iter().any(|j| !j) {
         let (stream, from) = match listener.accept() {
             Ok(accepted) => accepted,
@@ -458,40 +455,11 @@ fn admit_ranks(
             }
             Err(e) => return Err(io_error(&addr)(e)),
         };
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(100));
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(left.min(HELLO_WITHIN)));
-        let _ = stream.set_write_timeout(Some(left));
-        let mut reader = BufReader::new(stream.take(1024));
-        let mut line = String::new();
-        if reader.read_line(&mut line).is_err() {
+        let Some((hello, mut stream)) = read_hello(stream, deadline, exchange) else {
             continue;
-        }
-        let mut stream = reader.into_inner().into_inner();
-        let hello = match exchange.parse(&line) {
-            Ok(hello) => hello,
-            Err(message) => {
-                refuse(&mut stream, &message);
-                continue;
-            }
         };
         let rank = hello.rank;
-        let fatal = if hello.world != world {
-            Some(format!(
-                "rank {rank} was started with WORLD_SIZE={}, rank 0 with {world}",
-                hello.world
-            ))
-        } else if hello.tag != tag {
-            Some(format!(
-                "rank {rank} has a different configuration (`{}`) than rank 0 (`{tag}`)",
-                hello.tag
-            ))
-        } else {
-            None
-        };
-        if let Some(message) = fatal {
+        if let Some(message) = disagreement(&hello, world, tag) {
             refuse(&mut stream, &message);
             return Err(RendezvousError::Refused { addr, message });
         }
@@ -504,6 +472,59 @@ fn admit_ranks(
         joined[rank] = admit(&hello, from, stream);
     }
     Ok(())
+}
+
+/// A client's answer: `ERR` and why it is not counted.
+fn refuse(stream: &mut TcpStream, message: &str) {
+    let _ = stream.write_all(format!("ERR {message}\n").as_bytes());
+}
+
+/// A new client's hello line (read within [`HELLO_WITHIN`], and before `deadline`), with its
+/// connection; `None` for one that says nothing readable, or something that is not a
+/// hello of this `exchange` (it is refused).
+fn read_hello(
+    stream: TcpStream,
+    deadline: Instant,
+    exchange: Exchange,
+) -> Option<(Hello, TcpStream)> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(left.min(HELLO_WITHIN)));
+    let _ = stream.set_write_timeout(Some(left));
+    let mut reader = BufReader::new(stream.take(1024));
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return None;
+    }
+    let mut stream = reader.into_inner().into_inner();
+    match exchange.parse(&line) {
+        Ok(hello) => Some((hello, stream)),
+        Err(message) => {
+            refuse(&mut stream, &message);
+            None
+        }
+    }
+}
+
+/// Why a rank that disagrees with rank 0 on the world size or the configuration fails the
+/// rendezvous.
+fn disagreement(hello: &Hello, world: usize, tag: &str) -> Option<String> {
+    let rank = hello.rank;
+    if hello.world != world {
+        Some(format!(
+            "rank {rank} was started with WORLD_SIZE={}, rank 0 with {world}",
+            hello.world
+        ))
+    } else if hello.tag != tag {
+        Some(format!(
+            "rank {rank} has a different configuration (`{}`) than rank 0 (`{tag}`)",
+            hello.tag
+        ))
+    } else {
+        None
+    }
 }
 
 /// The time left until `deadline`, at least a millisecond (a socket timeout of zero is

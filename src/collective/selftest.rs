@@ -298,75 +298,123 @@ pub fn split_with(
     placement: &ExpertPlacement,
     options: ExchangeOptions,
 ) -> super::Result<(Outcome, Vec<ExchangeRecord>)> {
-    let rank = groups.rank();
-    let world = groups.world();
-    let local: Vec<i64> = placement
-        .local_experts(groups.expert().rank())
-        .iter()
-        .map(|&e| e as i64)
-        .collect();
-    let local_index = Tensor::from_slice(&local);
-    let slot_of_expert = Tensor::from_slice(&placement.slot_of_expert()).to_device(device);
-    let share = share(problem, world);
-    let mine = |d: &Data| d.tensor(kind, device).narrow(0, rank as i64 * share, share);
-    let (x, target) = (mine(&problem.x), mine(&problem.target));
-    let blocks: Vec<Block> = problem
-        .blocks
-        .iter()
-        .map(|b| {
-            let experts = b
-                .experts
-                .iter()
-                .map(|d| {
-                    d.tensor(kind, Device::Cpu)
-                        .index_select(0, &local_index)
-                        .to_device(device)
-                        .set_requires_grad(true)
-                })
-                .collect();
-            (
-                b.w_in.param(kind, device),
-                b.w_gate.param(kind, device),
-                experts,
-            )
-        })
-        .collect();
-    let tensor_err = |e: tch::TchError| CollectiveError {
-        group: groups.expert().label().to_string(),
-        op: "selftest",
-        at: "expert equivalence".into(),
-        kind: Box::new(ErrorKind::Tensor(e)),
+    let run = SplitRun {
+        groups,
+        placement,
+        options,
+        device,
+        slot_of_expert: Tensor::from_slice(&placement.slot_of_expert()).to_device(device),
+        share: share(problem, groups.world()),
     };
+    let mine = |d: &Data| {
+        d.tensor(kind, device)
+            .narrow(0, groups.rank() as i64 * run.share, run.share)
+    };
+    let (x, target) = (mine(&problem.x), mine(&problem.target));
+    let blocks = run.local_blocks(problem, kind);
     let mut tape = Tape::new();
-    let mut shadowed = Vec::new();
+    let mut records = Vec::new();
     let mut h = x;
-    for (layer, (w_in, w_gate, experts)) in blocks.iter().enumerate() {
+    for (layer, block) in blocks.iter().enumerate() {
+        let (out, record) = run.block(&mut tape, &h, block, layer)?;
+        records.push(record);
+        h = out;
+    }
+    let outcome = run.finish(tape, &h, &target, &blocks)?;
+    Ok((outcome, records))
+}
+
+/// One rank's split run: its groups, the placement and options of every exchange, and its
+/// share of the tokens.
+struct SplitRun<'a> {
+    groups: &'a Groups,
+    placement: &'a ExpertPlacement,
+    options: ExchangeOptions<'a>,
+    device: Device,
+    slot_of_expert: Tensor,
+    /// Tokens per rank.
+    share: i64,
+}
+
+impl SplitRun<'_> {
+    /// The blocks' parameters as this rank holds them: the replicated ones whole, of the
+    /// experts only its own.
+    fn local_blocks(&self, problem: &Problem, kind: Kind) -> Vec<Block> {
+        let local: Vec<i64> = self
+            .placement
+            .local_experts(self.groups.expert().rank())
+            .iter()
+            .map(|&e| e as i64)
+            .collect();
+        let local_index = Tensor::from_slice(&local);
+        problem
+            .blocks
+            .iter()
+            .map(|b| {
+                let experts = b
+                    .experts
+                    .iter()
+                    .map(|d| {
+                        d.tensor(kind, Device::Cpu)
+                            .index_select(0, &local_index)
+                            .to_device(self.device)
+                            .set_requires_grad(true)
+                    })
+                    .collect();
+                (
+                    b.w_in.param(kind, self.device),
+                    b.w_gate.param(kind, self.device),
+                    experts,
+                )
+            })
+            .collect()
+    }
+
+    fn tensor_err(&self) -> impl Fn(tch::TchError) -> CollectiveError + '_ {
+        |e| CollectiveError {
+            group: self.groups.expert().label().to_string(),
+            op: "selftest",
+            at: "expert equivalence".into(),
+            kind: Box::new(ErrorKind::Tensor(e)),
+        }
+    }
+
+    /// Block `layer` on this rank's rows `h`, its exchange recorded on `tape`: the output
+    /// rows and what the exchange did.
+    fn block(
+        &self,
+        tape: &mut Tape,
+        h: &Tensor,
+        (w_in, w_gate, experts): &Block,
+        layer: usize,
+    ) -> super::Result<(Tensor, ExchangeRecord)> {
+        let tensor_err = self.tensor_err();
         tape.step();
-        let h0 = tape.cut(&h.matmul(w_in)).map_err(tensor_err)?;
+        let h0 = tape.cut(&h.matmul(w_in)).map_err(&tensor_err)?;
         let (weights, index) = gate(&h0, w_gate);
         tape.step();
-        let weights = tape.cut(&weights).map_err(tensor_err)?;
-        let token =
-            Tensor::arange(share, (Kind::Int64, device)).repeat_interleave_self_int(TOP_K, 0, None);
-        let slot = slot_of_expert.index_select(0, &index.reshape([-1]));
+        let weights = tape.cut(&weights).map_err(&tensor_err)?;
+        let token = Tensor::arange(self.share, (Kind::Int64, self.device))
+            .repeat_interleave_self_int(TOP_K, 0, None);
+        let slot = self.slot_of_expert.index_select(0, &index.reshape([-1]));
         let order = slot.argsort_stable(true, 0, false);
         let token_sorted = token.index_select(0, &order);
         let counts_t = slot
-            .bincount::<Tensor>(None, placement.experts() as i64)
+            .bincount::<Tensor>(None, self.placement.experts() as i64)
             .to_device(Device::Cpu);
-        let counts = Vec::<i64>::try_from(&counts_t).map_err(tensor_err)?;
+        let counts = Vec::<i64>::try_from(&counts_t).map_err(&tensor_err)?;
         let tokens = h0.index_select(0, &token_sorted);
         let (y, exchange) = exchange_experts_with(
-            groups.expert(),
-            placement,
+            self.groups.expert(),
+            self.placement,
             &tokens,
             &counts,
             &format!("step 0, layer {layer}"),
-            options,
+            self.options,
             &BlockExperts(experts),
         )?;
-        let me = groups.expert().rank();
-        shadowed.push(ExchangeRecord {
+        let me = self.groups.expert().rank();
+        let record = ExchangeRecord {
             shadowed: exchange.shadowed().to_vec(),
             chunks: exchange.chunks(),
             sent_away: exchange
@@ -376,37 +424,48 @@ pub fn split_with(
                 .filter(|&(q, _)| q != me)
                 .map(|(_, &c)| c)
                 .sum(),
-        });
+        };
         tape.record(exchange);
         let w_sorted = weights.reshape([-1]).index_select(0, &order).unsqueeze(1);
         let moe = h0.zeros_like().index_add(0, &token_sorted, &(y * w_sorted));
-        h = &h0 + moe;
+        Ok((&h0 + moe, record))
     }
-    let loss = loss_of(&h, &target);
-    tape.backward(&loss, groups.expert(), "step 0 backward")?;
-    let mut params: Vec<(ParamKind, &Tensor)> = Vec::new();
-    for (w_in, w_gate, experts) in &blocks {
-        params.push((ParamKind::Replicated, w_in));
-        params.push((ParamKind::Gate, w_gate));
-        params.extend(experts.iter().map(|p| (ParamKind::Expert, p)));
+
+    /// The backward from the loss of the output `h`, the gradients reduced by kind and
+    /// clipped by the global norm.
+    fn finish(
+        &self,
+        tape: Tape,
+        h: &Tensor,
+        target: &Tensor,
+        blocks: &[Block],
+    ) -> super::Result<Outcome> {
+        let groups = self.groups;
+        let loss = loss_of(h, target);
+        tape.backward(&loss, groups.expert(), "step 0 backward")?;
+        let mut params: Vec<(ParamKind, &Tensor)> = Vec::new();
+        for (w_in, w_gate, experts) in blocks {
+            params.push((ParamKind::Replicated, w_in));
+            params.push((ParamKind::Gate, w_gate));
+            params.extend(experts.iter().map(|p| (ParamKind::Expert, p)));
+        }
+        reduce_gradients(groups, &params, "step 0")?;
+        let norm = clip_global_norm(groups, &params, Some(MAX_NORM), "step 0")?;
+        let mut global_loss = loss.detach().reshape([1]);
+        groups
+            .data()
+            .all_reduce_sum(&mut global_loss, "step 0 loss")?;
+        Ok(Outcome {
+            out: Data::of(h),
+            loss: global_loss.double_value(&[0]) / groups.world() as f64,
+            grads: params
+                .chunks(6)
+                .map(|b| b.iter().map(|(_, p)| Data::of(&p.grad())).collect())
+                .collect(),
+            norm: norm.total,
+            scale: norm.scale,
+        })
     }
-    reduce_gradients(groups, &params, "step 0")?;
-    let norm = clip_global_norm(groups, &params, Some(MAX_NORM), "step 0")?;
-    let mut global_loss = loss.detach().reshape([1]);
-    groups
-        .data()
-        .all_reduce_sum(&mut global_loss, "step 0 loss")?;
-    let outcome = Outcome {
-        out: Data::of(&h),
-        loss: global_loss.double_value(&[0]) / world as f64,
-        grads: params
-            .chunks(6)
-            .map(|b| b.iter().map(|(_, p)| Data::of(&p.grad())).collect())
-            .collect(),
-        norm: norm.total,
-        scale: norm.scale,
-    };
-    Ok((outcome, shadowed))
 }
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {

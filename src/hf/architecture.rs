@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::check::{Activation, Ffn, GateKind, Mlp, Model, Moe, Norm, Positions};
+use crate::check::{Activation, Ffn, GateKind, Layer, Mlp, Model, Moe, Norm, Positions};
 use crate::diag::{Diagnostic, Span};
 
 /// The `transformers` architecture an export targets.
@@ -42,6 +42,33 @@ fn refuse(span: Span, feature: &str, why: &str) -> Diagnostic {
 
 /// Picks the architecture, or says every feature that has none.
 pub fn architecture(model: &Model) -> Result<Architecture, Vec<Diagnostic>> {
+    let moe: Vec<(usize, &Moe)> = model.moe_layers().collect();
+    let dense: Vec<(&Mlp, Span)> = dense_layers(model).map(|(l, m)| (m, l.span)).collect();
+    let mut out = refuse_norm_and_positions(model);
+    out.extend(refuse_dense_activations(&dense));
+    for (index, m) in &moe {
+        out.extend(refuse_moe_layer(model, model.layers[*index].span, m));
+    }
+    out.extend(refuse_uneven_layers(model, &moe, &dense));
+    let (arch, mixed) = choose(&moe, &dense);
+    out.extend(mixed);
+    if out.is_empty() {
+        Ok(arch)
+    } else {
+        Err(out)
+    }
+}
+
+/// The model's dense layers with their MLPs, in order.
+fn dense_layers(model: &Model) -> impl Iterator<Item = (&Layer, &Mlp)> {
+    model.layers.iter().filter_map(|l| match &l.ffn {
+        Ffn::Dense(m) => Some((l, m)),
+        Ffn::Moe(_) => None,
+    })
+}
+
+/// The norm and the positions every architecture has.
+fn refuse_norm_and_positions(model: &Model) -> Vec<Diagnostic> {
     let at = model.spans.name;
     let mut out = Vec::new();
     if model.norm != Norm::RmsNorm {
@@ -58,17 +85,14 @@ pub fn architecture(model: &Model) -> Result<Architecture, Vec<Diagnostic>> {
             "Llama, Mixtral and Qwen2-MoE use rotary embeddings; set `positions = rotary`",
         ));
     }
-    let moe: Vec<(usize, &Moe)> = model.moe_layers().collect();
-    let dense: Vec<(&Mlp, Span)> = model
-        .layers
-        .iter()
-        .filter_map(|l| match &l.ffn {
-            Ffn::Dense(m) => Some((m, l.span)),
-            Ffn::Moe(_) => None,
-        })
-        .collect();
+    out
+}
+
+/// Dense MLPs that are not SwiGLU, once per place (one `block = ...` line declares many).
+fn refuse_dense_activations(dense: &[(&Mlp, Span)]) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
     let mut seen = Vec::new();
-    for (m, span) in &dense {
+    for (m, span) in dense {
         if m.act != Activation::Swiglu && !seen.contains(span) {
             seen.push(*span);
             let act = format!("{:?}", m.act).to_lowercase();
@@ -79,35 +103,47 @@ pub fn architecture(model: &Model) -> Result<Architecture, Vec<Diagnostic>> {
             ));
         }
     }
-    for (index, m) in &moe {
-        let span = model.layers[*index].span;
-        if m.expert.act != Activation::Swiglu {
+    out
+}
+
+/// What one MoE layer (declared at `span`) has that no architecture has.
+fn refuse_moe_layer(model: &Model, span: Span, m: &Moe) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    if m.expert.act != Activation::Swiglu {
+        out.push(refuse(
+            span,
+            &format!("{:?} experts", m.expert.act).to_lowercase(),
+            "the architectures' experts are SwiGLU; use `act = swiglu`",
+        ));
+    }
+    if let Some(s) = &m.shared {
+        if s.expert.act != Activation::Swiglu {
             out.push(refuse(
                 span,
-                &format!("{:?} experts", m.expert.act).to_lowercase(),
-                "the architectures' experts are SwiGLU; use `act = swiglu`",
+                "non-SwiGLU shared experts",
+                "Qwen2-MoE's shared expert is SwiGLU",
             ));
         }
-        if let Some(s) = &m.shared {
-            if s.expert.act != Activation::Swiglu {
-                out.push(refuse(
-                    span,
-                    "non-SwiGLU shared experts",
-                    "Qwen2-MoE's shared expert is SwiGLU",
-                ));
-            }
-        }
-        match m.gate.kind {
-            GateKind::Naive | GateKind::Noisy | GateKind::Swipe => {}
-            GateKind::Gshard => out.push(refuse(span, "the GShard gate", "its capacity drops tokens at inference; transformers' MoE blocks never drop one")),
-            GateKind::Switch => out.push(refuse(span, "the Switch gate", "its capacity drops tokens, and its top-1 weight is the expert's probability, not renormalised")),
-        }
-        if model.bias {
-            out.push(refuse(span, "biases in an MoE model (`bias = true`)", "Mixtral's and Qwen2-MoE's routers, experts and output projections have no biases; set `bias = false`"));
-        }
     }
-    let all_same = |v: &[(usize, &Moe)]| v.windows(2).all(|w| w[0].1 == w[1].1);
-    if moe.len() > 1 && !all_same(&moe) {
+    match m.gate.kind {
+        GateKind::Naive | GateKind::Noisy | GateKind::Swipe => {}
+        GateKind::Gshard => out.push(refuse(span, "the GShard gate", "its capacity drops tokens at inference; transformers' MoE blocks never drop one")),
+        GateKind::Switch => out.push(refuse(span, "the Switch gate", "its capacity drops tokens, and its top-1 weight is the expert's probability, not renormalised")),
+    }
+    if model.bias {
+        out.push(refuse(span, "biases in an MoE model (`bias = true`)", "Mixtral's and Qwen2-MoE's routers, experts and output projections have no biases; set `bias = false`"));
+    }
+    out
+}
+
+/// A Hugging Face config has one shape for all its MoE layers and one for its dense ones.
+fn refuse_uneven_layers(
+    model: &Model,
+    moe: &[(usize, &Moe)],
+    dense: &[(&Mlp, Span)],
+) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    if moe.len() > 1 && !moe.windows(2).all(|w| w[0].1 == w[1].1) {
         out.push(refuse(
             model.layers[moe[1].0].span,
             "MoE layers of different shapes",
@@ -121,21 +157,25 @@ pub fn architecture(model: &Model) -> Result<Architecture, Vec<Diagnostic>> {
             "a Hugging Face config has one intermediate size for its dense layers",
         ));
     }
-    let arch = if moe.is_empty() {
-        Architecture::Llama
-    } else if dense.is_empty() && moe[0].1.shared.is_none() {
-        Architecture::Mixtral
-    } else {
-        if moe[0].1.shared.is_none() {
-            out.push(refuse(dense[0].1, "dense layers mixed with MoE layers without shared experts", "Mixtral has MoE layers only; Qwen2-MoE, which mixes them, always has a shared expert"));
-        }
-        Architecture::Qwen2Moe
-    };
-    if out.is_empty() {
-        Ok(arch)
-    } else {
-        Err(out)
+    out
+}
+
+/// The architecture for these layers, with the refusal of a mix none of them has.
+fn choose(moe: &[(usize, &Moe)], dense: &[(&Mlp, Span)]) -> (Architecture, Option<Diagnostic>) {
+    if moe.is_empty() {
+        return (Architecture::Llama, None);
     }
+    if dense.is_empty() && moe[0].1.shared.is_none() {
+        return (Architecture::Mixtral, None);
+    }
+    let mixed = moe[0].1.shared.is_none().then(|| {
+        refuse(
+            dense[0].1,
+            "dense layers mixed with MoE layers without shared experts",
+            "Mixtral has MoE layers only; Qwen2-MoE, which mixes them, always has a shared expert",
+        )
+    });
+    (Architecture::Qwen2Moe, mixed)
 }
 
 /// `config.json` for `arch`.
@@ -161,10 +201,7 @@ pub fn config(model: &Model, arch: Architecture) -> Value {
         "use_cache": true,
     });
     let moe = model.moe_layers().next().map(|(_, m)| m.clone());
-    let dense_hidden = model.layers.iter().find_map(|l| match &l.ffn {
-        Ffn::Dense(m) => Some(m.hidden),
-        Ffn::Moe(_) => None,
-    });
+    let dense_hidden = dense_layers(model).next().map(|(_, m)| m.hidden);
     let obj = c.as_object_mut().expect("an object");
     match arch {
         Architecture::Llama => {
@@ -186,12 +223,7 @@ pub fn config(model: &Model, arch: Architecture) -> Value {
         Architecture::Qwen2Moe => {
             let m = moe.expect("an MoE layer");
             let shared = m.shared.as_ref().map_or(0, |s| s.count * s.expert.hidden);
-            let dense_layers: Vec<usize> = model
-                .layers
-                .iter()
-                .filter(|l| matches!(l.ffn, Ffn::Dense(_)))
-                .map(|l| l.index)
-                .collect();
+            let dense_layers: Vec<usize> = dense_layers(model).map(|(l, _)| l.index).collect();
             obj.insert("model_type".into(), json!("qwen2_moe"));
             obj.insert(
                 "intermediate_size".into(),
@@ -352,20 +384,33 @@ fn architecture_differs(
     }
 }
 
+/// One `config.json` key compared with the model file: the key, the model's field as the
+/// user wrote it, where it was written, and the checkpoint's default where the key is absent.
+type ConfigField = (&'static str, &'static str, Span, Option<Value>);
+
 /// E0612 for every shape the model file and the checkpoint's config disagree on, at the
 /// model's own text.
 fn shapes_differ(model: &Model, arch: Architecture, theirs: &Value, init: Span) -> Vec<Diagnostic> {
-    let mut out = Vec::new();
-    let name = model.spans.name;
     let ours = config(model, arch);
-    let first_dense = model.layers.iter().find_map(|l| match &l.ffn {
-        Ffn::Dense(m) => Some(m.span),
-        Ffn::Moe(_) => None,
-    });
-    let first_moe = model.moe_layers().next().map(|(_, m)| m);
+    let mut fields = common_shape_fields(model, theirs);
+    fields.extend(architecture_shape_fields(model, arch));
+    fields
+        .into_iter()
+        .filter_map(|field| field_differs(&ours, theirs, field, init))
+        .collect()
+}
+
+/// The shapes every architecture's config has.
+fn common_shape_fields(model: &Model, theirs: &Value) -> Vec<ConfigField> {
     let get = |key: &str| present(theirs, key);
-    // (key, the model's field as the user wrote it, where, the checkpoint's default)
-    let mut fields: Vec<(&str, &str, Span, Option<Value>)> = vec![
+    let head_dim = match (
+        get("hidden_size").and_then(Value::as_u64),
+        get("num_attention_heads").and_then(Value::as_u64),
+    ) {
+        (Some(h), Some(n)) if n > 0 => Some(json!(h / n)),
+        _ => None,
+    };
+    vec![
         ("vocab_size", "vocab", model.spans.vocab, None),
         ("hidden_size", "width", model.spans.width, None),
         ("num_hidden_layers", "depth", model.spans.depth, None),
@@ -380,91 +425,109 @@ fn shapes_differ(model: &Model, arch: Architecture, theirs: &Value, init: Span) 
             "head_dim",
             "the head size (width / heads)",
             model.spans.heads,
-            match (
-                get("hidden_size").and_then(Value::as_u64),
-                get("num_attention_heads").and_then(Value::as_u64),
-            ) {
-                (Some(h), Some(n)) if n > 0 => Some(json!(h / n)),
-                _ => None,
-            },
+            head_dim,
         ),
         (
             "tie_word_embeddings",
             "tied_embeddings",
-            name,
+            model.spans.name,
             Some(json!(false)),
         ),
-    ];
+    ]
+}
+
+/// The shapes of `arch`'s MLPs, experts and biases.
+fn architecture_shape_fields(model: &Model, arch: Architecture) -> Vec<ConfigField> {
+    let name = model.spans.name;
+    let first_dense = dense_layers(model).next().map(|(_, m)| m.span);
+    let first_moe = model.moe_layers().next().map(|(_, m)| m);
     match arch {
-        Architecture::Llama => {
-            let at = first_dense.unwrap_or(name);
-            fields.push(("intermediate_size", "the MLP's hidden", at, None));
-            fields.push(("attention_bias", "bias", name, Some(json!(false))));
-            fields.push(("mlp_bias", "bias", name, Some(json!(false))));
-        }
+        Architecture::Llama => vec![
+            (
+                "intermediate_size",
+                "the MLP's hidden",
+                first_dense.unwrap_or(name),
+                None,
+            ),
+            ("attention_bias", "bias", name, Some(json!(false))),
+            ("mlp_bias", "bias", name, Some(json!(false))),
+        ],
         Architecture::Mixtral => {
             let m = first_moe.expect("a Mixtral-style model has MoE layers");
-            fields.push((
-                "intermediate_size",
-                "the experts' hidden",
-                m.expert.span,
-                None,
-            ));
-            fields.push((
-                "num_local_experts",
-                "experts",
-                m.spans.experts,
-                Some(json!(8)),
-            ));
-            fields.push((
-                "num_experts_per_tok",
-                "top_k",
-                m.spans.top_k,
-                Some(json!(2)),
-            ));
+            vec![
+                (
+                    "intermediate_size",
+                    "the experts' hidden",
+                    m.expert.span,
+                    None,
+                ),
+                (
+                    "num_local_experts",
+                    "experts",
+                    m.spans.experts,
+                    Some(json!(8)),
+                ),
+                (
+                    "num_experts_per_tok",
+                    "top_k",
+                    m.spans.top_k,
+                    Some(json!(2)),
+                ),
+            ]
         }
         Architecture::Qwen2Moe => {
             let m = first_moe.expect("a Qwen2-MoE-style model has MoE layers");
+            let mut fields = Vec::new();
             if let Some(at) = first_dense {
                 fields.push(("intermediate_size", "the dense MLPs' hidden", at, None));
             }
-            fields.push((
-                "moe_intermediate_size",
-                "the experts' hidden",
-                m.expert.span,
-                None,
-            ));
-            fields.push((
-                "shared_expert_intermediate_size",
-                "the shared experts' hidden (count x hidden)",
-                m.spans.call,
-                None,
-            ));
-            fields.push(("num_experts", "experts", m.spans.experts, None));
-            fields.push(("num_experts_per_tok", "top_k", m.spans.top_k, None));
+            fields.extend([
+                (
+                    "moe_intermediate_size",
+                    "the experts' hidden",
+                    m.expert.span,
+                    None,
+                ),
+                (
+                    "shared_expert_intermediate_size",
+                    "the shared experts' hidden (count x hidden)",
+                    m.spans.call,
+                    None,
+                ),
+                ("num_experts", "experts", m.spans.experts, None),
+                ("num_experts_per_tok", "top_k", m.spans.top_k, None),
+            ]);
+            fields
         }
     }
-    for (key, field, at, default) in fields {
-        let want = ours.get(key);
-        let have = get(key).cloned().or(default);
-        let same = match (want, &have) {
-            (Some(w), Some(h)) => w == h || (w.as_f64().is_some() && w.as_f64() == h.as_f64()),
-            (None, None) => true,
-            _ => false,
-        };
-        if !same {
-            let theirs = show(have.as_ref());
-            out.push(model_differs(
-                at,
-                field,
-                &show(want),
-                &theirs,
-                &format!("its config.json: `{key}` = {theirs}"),
-                init,
-            ));
-        }
+}
+
+/// E0612 where the checkpoint's `key` (or its default) is not what the model exports.
+fn field_differs(
+    ours: &Value,
+    theirs: &Value,
+    (key, field, at, default): ConfigField,
+    init: Span,
+) -> Option<Diagnostic> {
+    let want = ours.get(key);
+    let have = present(theirs, key).cloned().or(default);
+    let same = match (want, &have) {
+        (Some(w), Some(h)) => w == h || (w.as_f64().is_some() && w.as_f64() == h.as_f64()),
+        (None, None) => true,
+        _ => false,
+    };
+    if same {
+        return None;
     }
-    out
+    let theirs = show(have.as_ref());
+    Some(model_differs(
+        at,
+        field,
+        &show(want),
+        &theirs,
+        &format!("its config.json: `{key}` = {theirs}"),
+        init,
+    ))
 }
 
 /// Qwen2-MoE: E0612 at the first layer that is sparse in one and dense in the other.
@@ -514,9 +577,29 @@ fn settings_the_file_cannot_express(
     theirs: &Value,
     init: Span,
 ) -> Option<Diagnostic> {
-    let get = |key: &str| present(theirs, key);
+    let mut differ = rotary_differences(theirs);
+    differ.extend(norm_and_activation_differences(theirs));
+    differ.extend(sliding_window(model, arch, theirs));
+    differ.extend(unnormalised_top_k(arch, theirs));
+    if differ.is_empty() {
+        return None;
+    }
+    Some(
+            Diagnostic::warning(
+                "W0613",
+                init,
+                "the checkpoint's model computes differently from this model file in ways the file cannot express",
+            )
+            .with_label("its config.json differs")
+            .with_note(format!("it has {}", differ.join("; ")))
+            .with_note("the run starts from its weights and trains with fmoec's settings; its first losses are higher than the checkpoint's own"),
+    )
+}
+
+/// A rotary base other than fmoec's, and any rotary scaling.
+fn rotary_differences(theirs: &Value) -> Vec<String> {
     let mut differ = Vec::new();
-    let theta = get("rope_theta")
+    let theta = present(theirs, "rope_theta")
         .or_else(|| {
             theirs
                 .get("rope_parameters")
@@ -537,55 +620,53 @@ fn settings_the_file_cannot_express(
     if rope_type != "default" {
         differ.push(format!("rotary scaling `{rope_type}` (fmoec: none)"));
     }
-    if let Some(eps) = get("rms_norm_eps").and_then(Value::as_f64) {
+    differ
+}
+
+/// Another RMSNorm epsilon, or another activation in the gated MLPs.
+fn norm_and_activation_differences(theirs: &Value) -> Vec<String> {
+    let mut differ = Vec::new();
+    if let Some(eps) = present(theirs, "rms_norm_eps").and_then(Value::as_f64) {
         if eps != NORM_EPS {
             differ.push(format!("RMSNorm epsilon {eps:e} (fmoec: {NORM_EPS:e})"));
         }
     }
-    if let Some(act) = get("hidden_act").and_then(Value::as_str) {
+    if let Some(act) = present(theirs, "hidden_act").and_then(Value::as_str) {
         if act != "silu" {
             differ.push(format!("`{act}` in its gated MLPs (fmoec's SwiGLU: silu)"));
         }
     }
+    differ
+}
+
+/// Attention over a window shorter than the model's context (Qwen2-MoE's only where it
+/// says `use_sliding_window`).
+fn sliding_window(model: &Model, arch: Architecture, theirs: &Value) -> Option<String> {
     let window = match arch {
-        Architecture::Qwen2Moe => get("use_sliding_window")
+        Architecture::Qwen2Moe => present(theirs, "use_sliding_window")
             .and_then(Value::as_bool)
             .unwrap_or(false),
         _ => true,
     };
-    if let Some(w) = get("sliding_window")
+    let w = present(theirs, "sliding_window")
         .and_then(Value::as_u64)
-        .filter(|_| window)
-    {
-        if w < model.context {
-            differ.push(format!(
-                "sliding-window attention over {w} tokens (fmoec: the whole context, {})",
-                model.context
-            ));
-        }
-    }
-    if arch == Architecture::Qwen2Moe
-        && !get("norm_topk_prob")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-    {
-        differ.push(
-            "top-k gate weights that are not renormalised (fmoec's gates renormalise them)".into(),
-        );
-    }
-    if differ.is_empty() {
-        return None;
-    }
-    Some(
-            Diagnostic::warning(
-                "W0613",
-                init,
-                "the checkpoint's model computes differently from this model file in ways the file cannot express",
-            )
-            .with_label("its config.json differs")
-            .with_note(format!("it has {}", differ.join("; ")))
-            .with_note("the run starts from its weights and trains with fmoec's settings; its first losses are higher than the checkpoint's own"),
-    )
+        .filter(|_| window)?;
+    (w < model.context).then(|| {
+        format!(
+            "sliding-window attention over {w} tokens (fmoec: the whole context, {})",
+            model.context
+        )
+    })
+}
+
+/// Qwen2-MoE's top-k weights without `norm_topk_prob`.
+fn unnormalised_top_k(arch: Architecture, theirs: &Value) -> Option<String> {
+    let normalised = present(theirs, "norm_topk_prob")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    (arch == Architecture::Qwen2Moe && !normalised).then(|| {
+        "top-k gate weights that are not renormalised (fmoec's gates renormalise them)".into()
+    })
 }
 
 /// `key` of a config, where it is there and not null.

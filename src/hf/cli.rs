@@ -8,10 +8,13 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tch::{Device, Kind};
 
+use super::architecture::{architecture, Architecture};
 use super::export;
-use crate::check::{GateKind, TokenizerSpec};
+use crate::check::{Checked, GateKind, Model, TokenizerSpec};
+use crate::data::tokenizer::{Flavour, TextTokenizer};
 use crate::diag::path_text;
 use crate::driver::{self, DiagFormat};
+use crate::runtime::checkpoint::Source;
 
 /// Export a checkpoint for Hugging Face `transformers` (config.json, sharded safetensors
 /// with their index, the tokenizer).
@@ -75,66 +78,19 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
     };
     let checked = &loaded.checked;
     let model = &checked.model;
-    let arch = match super::architecture::architecture(model) {
-        Ok(a) => a,
-        Err(diags) => {
-            driver::report(&loaded.sources, &diags, DiagFormat::Human);
-            crate::errln!(
-                "error: `{}` cannot be exported for transformers ({} feature{} without a counterpart)",
-                model.name,
-                diags.len(),
-                if diags.len() == 1 { "" } else { "s" }
-            );
-            return Ok(ExitCode::from(1));
-        }
+    let Some(arch) = exportable(&loaded) else {
+        return Ok(ExitCode::from(1));
     };
     let _guard = tch::no_grad_guard();
-    let shapes =
-        crate::runtime::model::Transformer::new(model, Device::Cpu, Kind::Float, Kind::Float)?;
-    let source = crate::runtime::checkpoint::Source::open(&args.checkpoint, model)?;
-    let params: BTreeMap<String, tch::Tensor> =
-        source.parameters(&shapes.store)?.into_iter().collect();
-    let named = export::tensors(model, arch, &params)?;
-    let tokenizer_json;
-    let spec = checked.train.as_ref().and_then(|t| t.data.tokenizer());
-    let eos_token_id = match spec {
-        Some(spec) => {
-            let tk = crate::data::tokenizer::TextTokenizer::load(
-                &spec.source(),
-                crate::data::tokenizer::Flavour::Core,
-            )?;
-            tk.eod(tk.config_eos().as_deref()).ok()
-        }
-        None => None,
-    };
-    let tokenizer = match spec {
-        Some(TokenizerSpec::Hf { path }) => {
-            let p = PathBuf::from(path);
-            let config = p.with_file_name("tokenizer_config.json");
-            Some((p, Some(config)))
-        }
-        Some(spec @ TokenizerSpec::Gpt2 { .. }) => {
-            let tk = crate::data::tokenizer::TextTokenizer::load(
-                &spec.source(),
-                crate::data::tokenizer::Flavour::Core,
-            )?;
-            let dir = std::env::temp_dir().join(format!("fmoec-export-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            tokenizer_json = dir.join("tokenizer.json");
-            tk.inner()
-                .save(&tokenizer_json, true)
-                .map_err(|e| anyhow::anyhow!("cannot convert the GPT-2 tokenizer: {e}"))?;
-            Some((tokenizer_json.clone(), None))
-        }
-        None => None,
-    };
+    let (source, named) = read_tensors(model, arch, &args.checkpoint)?;
+    let tokenizer = ExportTokenizer::of(checked)?;
     let files = export::files(
         checked,
         arch,
         &named,
         args.max_shard_size,
-        tokenizer.as_ref().map(|(j, c)| (j.as_path(), c.as_deref())),
-        eos_token_id,
+        tokenizer.files(),
+        tokenizer.eos_token_id,
     )
     .context("cannot build the export")?;
     let record = json!({
@@ -161,4 +117,87 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
         written.len() + 1
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The architecture the loaded model exports as, or `None` after reporting every feature
+/// that has no counterpart.
+fn exportable(loaded: &driver::Loaded) -> Option<Architecture> {
+    let model = &loaded.checked.model;
+    match architecture(model) {
+        Ok(a) => Some(a),
+        Err(diags) => {
+            driver::report(&loaded.sources, &diags, DiagFormat::Human);
+            crate::errln!(
+                "error: `{}` cannot be exported for transformers ({} feature{} without a counterpart)",
+                model.name,
+                diags.len(),
+                if diags.len() == 1 { "" } else { "s" }
+            );
+            None
+        }
+    }
+}
+
+/// The checkpoint's parameters as the Hugging Face tensors of `arch`, by name, with the
+/// checkpoint they came from.
+fn read_tensors(
+    model: &Model,
+    arch: Architecture,
+    checkpoint: &Path,
+) -> Result<(Source, Vec<(String, tch::Tensor)>)> {
+    let shapes =
+        crate::runtime::model::Transformer::new(model, Device::Cpu, Kind::Float, Kind::Float)?;
+    let source = Source::open(checkpoint, model)?;
+    let params: BTreeMap<String, tch::Tensor> =
+        source.parameters(&shapes.store)?.into_iter().collect();
+    let named = export::tensors(model, arch, &params)?;
+    Ok((source, named))
+}
+
+/// The tokenizer an export writes beside the model: its `tokenizer.json` (a GPT-2
+/// tokenizer converted into one) with `tokenizer_config.json` where there is one, and the
+/// end-of-document token's id.
+struct ExportTokenizer {
+    files: Option<(PathBuf, Option<PathBuf>)>,
+    eos_token_id: Option<u32>,
+}
+
+impl ExportTokenizer {
+    /// The train block's tokenizer; none without one.
+    fn of(checked: &Checked) -> Result<ExportTokenizer> {
+        let Some(spec) = checked.train.as_ref().and_then(|t| t.data.tokenizer()) else {
+            return Ok(ExportTokenizer {
+                files: None,
+                eos_token_id: None,
+            });
+        };
+        let tk = TextTokenizer::load(&spec.source(), Flavour::Core)?;
+        let eos_token_id = tk.eod(tk.config_eos().as_deref()).ok();
+        let files = match spec {
+            TokenizerSpec::Hf { path } => {
+                let p = PathBuf::from(path);
+                let config = p.with_file_name("tokenizer_config.json");
+                (p, Some(config))
+            }
+            TokenizerSpec::Gpt2 { .. } => {
+                let dir = std::env::temp_dir().join(format!("fmoec-export-{}", std::process::id()));
+                std::fs::create_dir_all(&dir)?;
+                let json = dir.join("tokenizer.json");
+                tk.inner()
+                    .save(&json, true)
+                    .map_err(|e| anyhow::anyhow!("cannot convert the GPT-2 tokenizer: {e}"))?;
+                (json, None)
+            }
+        };
+        Ok(ExportTokenizer {
+            files: Some(files),
+            eos_token_id,
+        })
+    }
+
+    fn files(&self) -> Option<(&Path, Option<&Path>)> {
+        self.files
+            .as_ref()
+            .map(|(json, config)| (json.as_path(), config.as_deref()))
+    }
 }

@@ -24,7 +24,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
 
 use super::init::{Format, Resolution, Resolved};
-use super::layout::{self, param_shapes, Part};
+use super::layout::{self, mlp_param, param_shapes, split_layer, Part};
 use crate::check::{InitSpec, Model};
 use crate::diag::path_text;
 use crate::runtime::checkpoint::Source as CheckpointSource;
@@ -41,24 +41,7 @@ pub fn start_from(
     local: &BTreeMap<usize, Vec<usize>>,
     seed: u64,
 ) -> Result<String> {
-    let resolved = match super::init::resolve(model, init) {
-        Resolution::Ready(r, _) => r,
-        Resolution::NotHere => bail!(
-            "the checkpoint to start from (`init`), `{}`, is not here (paths are relative to the directory fmoec runs in)",
-            init.source.path()
-        ),
-        Resolution::Failed(diags) => {
-            let lines: Vec<String> = diags
-                .iter()
-                .filter(|d| d.is_error())
-                .map(|d| format!("{}: {}", d.code, d.message))
-                .collect();
-            bail!(
-                "the checkpoint to start from does not fit the model (`fmoec check` shows where):\n  {}",
-                lines.join("\n  ")
-            )
-        }
-    };
+    let resolved = resolve_for_run(model, init)?;
     let reader = Reader::open(&resolved)?;
     reader.check_zeros()?;
     let shapes: BTreeMap<String, layout::ParamShape> = param_shapes(model)
@@ -74,59 +57,72 @@ pub fn start_from(
             );
         };
         let experts: Option<Vec<usize>> = shape.experts.then(|| {
-            let layer = layer_of(&p.name).unwrap_or_default();
+            let layer = split_layer(&p.name).map_or(0, |(l, _)| l);
             local
                 .get(&layer)
                 .cloned()
                 .unwrap_or_else(|| (0..shape.shape[0] as usize).collect())
         });
         let value = match &resolved.upcycle {
-            Some(plan) => {
-                match upcycled(&reader, plan, &p.name, &p.tensor, experts.as_deref(), seed)? {
-                    Some(v) => v,
-                    None => continue,
-                }
-            }
-            None => match reader.param(&p.name, experts.as_deref())? {
-                Some(v) => v,
-                None => continue,
-            },
+            Some(plan) => upcycled(&reader, plan, &p.name, &p.tensor, experts.as_deref(), seed)?,
+            None => reader.param(&p.name, experts.as_deref())?,
         };
-        if value.size() != p.tensor.size() {
-            bail!(
-                "`{}` from the checkpoint to start from is {:?}, the model needs {:?}",
-                p.name,
-                value.size(),
-                p.tensor.size()
-            );
+        if let Some(value) = value {
+            set_param(&p.name, &p.tensor, &value, init)?;
         }
-        // A NaN or infinity here would surface only as "the loss became NaN at step 1",
-        // blaming the learning rate or the data.
-        if !bool::try_from(value.f_isfinite()?.f_all()?)? {
-            bail!(
-                "`{}` from the checkpoint to start from (`{}`) holds NaN or infinite values; \
-                 the checkpoint is damaged or diverged",
-                p.name,
-                init.source.path()
-            );
-        }
-        let mut target = p.tensor.shallow_clone();
-        target.f_copy_(
-            &value
-                .f_to_kind(target.kind())?
-                .f_to_device(target.device())?,
-        )?;
     }
     Ok(resolved.description.clone())
 }
 
-/// `layers.3.ffn.experts.w1` -> 3.
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("layers.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
+/// What [`super::init::resolve`] found, or why the run cannot start from it.
+fn resolve_for_run(model: &Model, init: &InitSpec) -> Result<Box<Resolved>> {
+    match super::init::resolve(model, init) {
+        Resolution::Ready(r, _) => Ok(r),
+        Resolution::NotHere => bail!(
+            "the checkpoint to start from (`init`), `{}`, is not here (paths are relative to the directory fmoec runs in)",
+            init.source.path()
+        ),
+        Resolution::Failed(diags) => {
+            let lines: Vec<String> = diags
+                .iter()
+                .filter(|d| d.is_error())
+                .map(|d| format!("{}: {}", d.code, d.message))
+                .collect();
+            bail!(
+                "the checkpoint to start from does not fit the model (`fmoec check` shows where):\n  {}",
+                lines.join("\n  ")
+            )
+        }
+    }
+}
+
+/// Copies `value` into the run's parameter `name` (`param`), which it must fit, finite.
+fn set_param(name: &str, param: &Tensor, value: &Tensor, init: &InitSpec) -> Result<()> {
+    if value.size() != param.size() {
+        bail!(
+            "`{}` from the checkpoint to start from is {:?}, the model needs {:?}",
+            name,
+            value.size(),
+            param.size()
+        );
+    }
+    // A NaN or infinity here would surface only as "the loss became NaN at step 1",
+    // blaming the learning rate or the data.
+    if !bool::try_from(value.f_isfinite()?.f_all()?)? {
+        bail!(
+            "`{}` from the checkpoint to start from (`{}`) holds NaN or infinite values; \
+             the checkpoint is damaged or diverged",
+            name,
+            init.source.path()
+        );
+    }
+    let mut target = param.shallow_clone();
+    target.f_copy_(
+        &value
+            .f_to_kind(target.kind())?
+            .f_to_device(target.device())?,
+    )?;
+    Ok(())
 }
 
 /// The value of the MoE model's parameter `name` upcycled from the dense model `reader`
@@ -140,73 +136,89 @@ fn upcycled(
     experts: Option<&[usize]>,
     seed: u64,
 ) -> Result<Option<Tensor>> {
-    let layer = layer_of(name);
-    let Some((layer, &g)) = layer.and_then(|l| plan.granularity.get(&l).map(|g| (l, g))) else {
+    let upcycled_layer = split_layer(name).and_then(|(layer, rest)| {
+        let g = plan.granularity.get(&layer)?;
+        Some((layer, *g as i64, rest.strip_prefix("ffn.")?))
+    });
+    let Some((layer, g, rest)) = upcycled_layer else {
         return reader.param(name, None);
     };
-    let prefix = format!("layers.{layer}.ffn.");
-    let Some(rest) = name.strip_prefix(&prefix) else {
-        return reader.param(name, None);
-    };
-    let g = g as i64;
     if let Some(gate) = rest.strip_prefix("gate.") {
-        if g == 1 || gate == "noise" {
-            return Ok(None);
-        }
-        // experts jG..jG+G share the fresh column j (the last dimension is the experts)
-        let e = *fresh
-            .size()
-            .last()
-            .context("a gate parameter has a shape")?;
-        let columns: Vec<i64> = (0..e).map(|x| x / g).collect();
-        let index = Tensor::f_from_slice(&columns)?.f_to_device(fresh.device())?;
-        return Ok(Some(fresh.f_detach()?.f_index_select(-1, &index)?));
+        return upcycled_gate(fresh, g, gate);
     }
     let Some(w) = rest.strip_prefix("experts.") else {
         bail!("internal error: `{name}` in an upcycled layer");
     };
     let dense = reader
-        .param(&format!("{prefix}{w}"), None)?
-        .with_context(|| format!("the dense checkpoint has no `{prefix}{w}`"))?;
-    let ids: Vec<usize> = match experts {
-        Some(ids) => ids.to_vec(),
-        None => bail!("internal error: `{name}` is not an expert tensor"),
+        .param(&mlp_param(layer, w), None)?
+        .with_context(|| format!("the dense checkpoint has no `{}`", mlp_param(layer, w)))?;
+    let Some(ids) = experts else {
+        bail!("internal error: `{name}` is not an expert tensor");
     };
     let mut rows = Vec::with_capacity(ids.len());
-    for &e in &ids {
-        let c = e as i64 % g;
-        let slice = match w {
-            "w1" | "w3" => {
-                let h = dense.size()[1] / g;
-                dense.f_narrow(1, c * h, h)?
-            }
-            "b1" => {
-                let h = dense.size()[0] / g;
-                dense.f_narrow(0, c * h, h)?
-            }
-            "w2" => {
-                let h = dense.size()[0] / g;
-                dense.f_narrow(0, c * h, h)?.f_mul_scalar(g as f64)?
-            }
-            "b2" => dense.shallow_clone(),
-            other => bail!("internal error: expert parameter `{other}`"),
-        };
-        let slice = if plan.noise > 0.0 && matches!(w, "w1" | "w3" | "w2") {
-            let _rng = lock_rng();
-            tch::manual_seed(mix_all(&[seed, name_key(name), e as u64, 0x0C1E]) as i64);
-            let jitter = Tensor::f_randn(slice.size(), (Kind::Float, Device::Cpu))?
-                .f_mul_scalar(plan.noise)?
-                .f_add_scalar(1.0)?;
-            slice.f_mul(&jitter)?
+    for &e in ids {
+        let slice = expert_slice(&dense, w, e as i64 % g, g)?;
+        rows.push(if plan.noise > 0.0 && matches!(w, "w1" | "w3" | "w2") {
+            jittered(
+                &slice,
+                plan.noise,
+                mix_all(&[seed, name_key(name), e as u64, 0x0C1E]),
+            )?
         } else {
             slice
-        };
-        rows.push(slice);
+        });
     }
     if rows.is_empty() {
         return Ok(Some(fresh.f_zeros_like()?));
     }
     Ok(Some(Tensor::f_stack(&rows, 0)?))
+}
+
+/// An upcycled layer's gate parameter `gate` (`weight`, `noise`, ...): experts `jG..jG+G`
+/// share the fresh column `j`; `None` (the fresh value) with `G` = 1 and for the noise
+/// projection.
+fn upcycled_gate(fresh: &Tensor, g: i64, gate: &str) -> Result<Option<Tensor>> {
+    if g == 1 || gate == "noise" {
+        return Ok(None);
+    }
+    // the last dimension is the experts
+    let e = *fresh
+        .size()
+        .last()
+        .context("a gate parameter has a shape")?;
+    let columns: Vec<i64> = (0..e).map(|x| x / g).collect();
+    let index = Tensor::f_from_slice(&columns)?.f_to_device(fresh.device())?;
+    Ok(Some(fresh.f_detach()?.f_index_select(-1, &index)?))
+}
+
+/// Slice `c` of `g` of the dense MLP's parameter `w`, as one expert's (`w2` times `g`).
+fn expert_slice(dense: &Tensor, w: &str, c: i64, g: i64) -> Result<Tensor> {
+    Ok(match w {
+        "w1" | "w3" => {
+            let h = dense.size()[1] / g;
+            dense.f_narrow(1, c * h, h)?
+        }
+        "b1" => {
+            let h = dense.size()[0] / g;
+            dense.f_narrow(0, c * h, h)?
+        }
+        "w2" => {
+            let h = dense.size()[0] / g;
+            dense.f_narrow(0, c * h, h)?.f_mul_scalar(g as f64)?
+        }
+        "b2" => dense.shallow_clone(),
+        other => bail!("internal error: expert parameter `{other}`"),
+    })
+}
+
+/// `x` times `1 + noise · N(0, 1)`, drawn from `seed`.
+fn jittered(x: &Tensor, noise: f64, seed: u64) -> Result<Tensor> {
+    let _rng = lock_rng();
+    tch::manual_seed(seed as i64);
+    let jitter = Tensor::f_randn(x.size(), (Kind::Float, Device::Cpu))?
+        .f_mul_scalar(noise)?
+        .f_add_scalar(1.0)?;
+    Ok(x.f_mul(&jitter)?)
 }
 
 /// A stable key of a parameter name (FNV-1a), for per-expert noise seeds.

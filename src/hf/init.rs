@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::architecture::{architecture, compare_config, model_differs, Architecture};
-use super::layout::{self, param_shapes};
-use crate::check::{Activation, Ffn, GateKind, InitSource, InitSpec, Mlp, Model};
+use super::layout::{self, experts_param, mlp_param, param_shapes, split_layer};
+use crate::check::{Activation, Ffn, GateKind, InitSource, InitSpec, Mlp, Model, Moe};
 use crate::diag::{path_text, Diagnostic, Span};
 
 /// One tensor as a safetensors header describes it.
@@ -108,11 +108,7 @@ pub use says::not_found;
 
 /// Where the parameter `name` comes from in the model's text.
 fn span_of(model: &Model, name: &str) -> Span {
-    let layer = name
-        .strip_prefix("layers.")
-        .and_then(|r| r.split('.').next())
-        .and_then(|i| i.parse::<usize>().ok());
-    match layer.and_then(|i| model.layers.get(i)) {
+    match split_layer(name).and_then(|(i, _)| model.layers.get(i)) {
         Some(l) => l.span,
         None if name.starts_with("embed") || name.starts_with("head") => model.spans.vocab,
         None => model.spans.name,
@@ -140,6 +136,21 @@ fn dtype_bytes(dtype: &str) -> Option<u64> {
 /// The tensors a safetensors file holds, from its header; the file must be long enough for
 /// every tensor the header places in it.
 pub fn read_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, String> {
+    let (json, data, total) = header_json(path)?;
+    let mut out = BTreeMap::new();
+    for (name, entry) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry = header_entry(path, &name, &entry, data, total)?;
+        out.insert(name, entry);
+    }
+    Ok(out)
+}
+
+/// A safetensors file's header as JSON, with the bytes of data after it and the file's
+/// length.
+fn header_json(path: &Path) -> Result<(serde_json::Map<String, Value>, u64, u64), String> {
     let mut file = std::fs::File::open(path).map_err(|e| format!("`{}`: {e}", path_text(path)))?;
     let total = file
         .metadata()
@@ -162,61 +173,60 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, String>
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header)
         .map_err(|e| format!("`{}`: {e}", path_text(path)))?;
-    let json: serde_json::Map<String, Value> = serde_json::from_slice(&header)
+    let json = serde_json::from_slice(&header)
         .map_err(|e| format!("`{}` has a bad safetensors header: {e}", path_text(path)))?;
-    let data = total - 8 - n;
-    let mut out = BTreeMap::new();
-    for (name, entry) in json {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = entry
-            .get("dtype")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let shape: Option<Vec<u64>> = entry
-            .get("shape")
+    Ok((json, total - 8 - n, total))
+}
+
+/// Tensor `name`'s header `entry`, whose offsets must fit its dtype and shape and the `data`
+/// bytes of the file.
+fn header_entry(
+    path: &Path,
+    name: &str,
+    entry: &Value,
+    data: u64,
+    total: u64,
+) -> Result<HeaderEntry, String> {
+    let dtype = entry
+        .get("dtype")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let numbers = |key: &str| -> Option<Vec<u64>> {
+        entry
+            .get(key)
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_u64).collect());
-        let offsets: Option<Vec<u64>> = entry
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_u64).collect());
-        let (Some(shape), Some(offsets)) = (shape, offsets) else {
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+    };
+    let (Some(shape), Some(offsets)) = (numbers("shape"), numbers("data_offsets")) else {
+        return Err(format!(
+            "`{}`: tensor `{name}` has no shape or offsets in the header",
+            path_text(path)
+        ));
+    };
+    let bytes = dtype_bytes(&dtype).map(|b| b * shape.iter().product::<u64>());
+    match offsets.as_slice() {
+        [begin, end] if *end <= data && Some(end - begin) == bytes => {}
+        [_, end] if *end > data => {
             return Err(format!(
-                "`{}`: tensor `{name}` has no shape or offsets in the header",
+                "`{}` is truncated: tensor `{name}` ends at byte {end} of the data, which \
+                 holds only {data} bytes ({total} bytes in the file)",
                 path_text(path)
-            ));
-        };
-        let bytes = dtype_bytes(&dtype).map(|b| b * shape.iter().product::<u64>());
-        match offsets.as_slice() {
-            [begin, end] if *end <= data && Some(end - begin) == bytes => {}
-            [_, end] if *end > data => {
-                return Err(format!(
-                    "`{}` is truncated: tensor `{name}` ends at byte {end} of the data, which \
-                     holds only {data} bytes ({total} bytes in the file)",
-                    path_text(path)
-                ))
-            }
-            _ => {
-                return Err(format!(
+            ))
+        }
+        _ => {
+            return Err(format!(
                 "`{}`: tensor `{name}` ({dtype}, {}) has offsets {offsets:?} that do not fit it",
                 path_text(path),
                 shape_text(&shape)
             ))
-            }
         }
-        out.insert(
-            name,
-            HeaderEntry {
-                file: path.to_path_buf(),
-                dtype,
-                shape,
-            },
-        );
     }
-    Ok(out)
+    Ok(HeaderEntry {
+        file: path.to_path_buf(),
+        dtype,
+        shape,
+    })
 }
 
 fn read_json(path: &Path) -> Result<Value, String> {
@@ -323,11 +333,8 @@ fn checkpoint_tensors(dir: &Path) -> Result<BTreeMap<String, HeaderEntry>, Strin
 
 /// `layers.3.ffn.experts.w1` -> 3.
 fn expert_layer(name: &str) -> Option<u64> {
-    let rest = name.strip_prefix("layers.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    tail.starts_with("ffn.experts.")
-        .then(|| layer.parse().ok())
-        .flatten()
+    let (layer, tail) = split_layer(name)?;
+    tail.starts_with("ffn.experts.").then_some(layer as u64)
 }
 
 /// `model` with every MoE layer a dense MLP of `hidden(layer)` (the experts' activation).
@@ -475,37 +482,9 @@ fn resolve_hf(model: &Model, init: &InitSpec, dir: &Path) -> Result<Found, Vec<D
     let at = init.source_span;
     let config = read_json(&dir.join("config.json"))
         .map_err(|e| vec![says::unreadable(at, "the Hugging Face checkpoint", &e)])?;
-    let source_model = if init.upcycle.is_some() {
-        match Architecture::of_config(&config) {
-            Ok(Architecture::Llama) => {}
-            Ok(other) => {
-                return Err(vec![says::cannot_upcycle(
-                    at,
-                    format!(
-                        "upcycle starts from a dense model; this checkpoint is {} ({})",
-                        other.describe(),
-                        other.class()
-                    ),
-                    init.span,
-                )
-                .with_label("not a dense checkpoint")])
-            }
-            // compare_config says what it is
-            Err(_) => {}
-        }
-        let hidden = config
-            .get("intermediate_size")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| {
-                vec![says::unreadable(
-                    at,
-                    "the Hugging Face checkpoint",
-                    "its config.json has no `intermediate_size`",
-                )]
-            })?;
-        dense_twin(model, |_| hidden)
-    } else {
-        model.clone()
+    let source_model = match &init.upcycle {
+        Some(_) => hf_dense_twin(model, init, &config)?,
+        None => model.clone(),
     };
     let arch = architecture(&source_model).map_err(|diags| {
         diags
@@ -524,7 +503,58 @@ fn resolve_hf(model: &Model, init: &InitSpec, dir: &Path) -> Result<Found, Vec<D
             &e,
         )]
     })?;
-    let wanted: Vec<(String, Vec<u64>, Span)> = layout::hf_tensors(&source_model, arch)
+    let errors = compare_hf_tensors(model, &source_model, arch, &tensors, at);
+    if !errors.is_empty() {
+        found.extend(errors);
+        return Err(found);
+    }
+    Ok((source_model, Format::Hf { arch, tensors }, found))
+}
+
+/// The dense twin a Hugging Face checkpoint is read as for `upcycle`: its config must be a
+/// dense model's, and say the MLPs' size.
+fn hf_dense_twin(model: &Model, init: &InitSpec, config: &Value) -> Result<Model, Vec<Diagnostic>> {
+    let at = init.source_span;
+    match Architecture::of_config(config) {
+        Ok(Architecture::Llama) => {}
+        Ok(other) => {
+            return Err(vec![says::cannot_upcycle(
+                at,
+                format!(
+                    "upcycle starts from a dense model; this checkpoint is {} ({})",
+                    other.describe(),
+                    other.class()
+                ),
+                init.span,
+            )
+            .with_label("not a dense checkpoint")])
+        }
+        // compare_config says what it is
+        Err(_) => {}
+    }
+    let hidden = config
+        .get("intermediate_size")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| {
+            vec![says::unreadable(
+                at,
+                "the Hugging Face checkpoint",
+                "its config.json has no `intermediate_size`",
+            )]
+        })?;
+    Ok(dense_twin(model, |_| hidden))
+}
+
+/// The tensors of `source_model`'s counterpart in `arch` against those the folder holds,
+/// located at `model`'s text.
+fn compare_hf_tensors(
+    model: &Model,
+    source_model: &Model,
+    arch: Architecture,
+    tensors: &BTreeMap<String, HeaderEntry>,
+    init: Span,
+) -> Vec<Diagnostic> {
+    let wanted: Vec<(String, Vec<u64>, Span)> = layout::hf_tensors(source_model, arch)
         .into_iter()
         .map(|t| {
             let at = match &t.source {
@@ -535,18 +565,13 @@ fn resolve_hf(model: &Model, init: &InitSpec, dir: &Path) -> Result<Found, Vec<D
         })
         .collect();
     let tied = source_model.tied_embeddings;
-    let errors = compare_tensors(
+    compare_tensors(
         &wanted,
-        &tensors,
+        tensors,
         |n| n.ends_with("rotary_emb.inv_freq") || (tied && n == "lm_head.weight"),
-        at,
+        init,
         "the Hugging Face checkpoint",
-    );
-    if !errors.is_empty() {
-        found.extend(errors);
-        return Err(found);
-    }
-    Ok((source_model, Format::Hf { arch, tensors }, found))
+    )
 }
 
 fn resolve_checkpoint(
@@ -565,57 +590,9 @@ fn resolve_checkpoint(
     if !differs.is_empty() {
         return Err(differs);
     }
-    let source_model = if init.upcycle.is_some() {
-        let mut problems = Vec::new();
-        for (i, m) in model.moe_layers() {
-            let w1 = format!("layers.{i}.ffn.w1");
-            if !tensors.contains_key(&w1) {
-                let what = if tensors.contains_key(&format!("layers.{i}.ffn.experts.w1")) {
-                    "is an MoE layer"
-                } else {
-                    "has no MLP"
-                };
-                problems.push(
-                    says::cannot_upcycle(
-                        model.layers[i].span,
-                        format!(
-                            "upcycle starts from a dense model; layer {i} of the checkpoint {what}"
-                        ),
-                        init.span,
-                    )
-                    .with_label(format!("layer {i} becomes an MoE layer")),
-                );
-                continue;
-            }
-            let gated = tensors.contains_key(&format!("layers.{i}.ffn.w3"));
-            if gated != (m.expert.act == Activation::Swiglu) {
-                let act = |g: bool| if g { "SwiGLU" } else { "GELU or ReLU" };
-                problems.push(
-                    says::cannot_upcycle(
-                        m.expert.span,
-                        format!(
-                            "the experts are {}, the checkpoint's layer {i} MLP is {}",
-                            act(!gated),
-                            act(gated)
-                        ),
-                        init.span,
-                    )
-                    .with_label("the experts' activation")
-                    .with_help("the experts copy the dense MLP: declare them with its activation"),
-                );
-            }
-        }
-        if !problems.is_empty() {
-            return Err(problems);
-        }
-        dense_twin(model, |i| {
-            tensors
-                .get(&format!("layers.{i}.ffn.w1"))
-                .and_then(|t| t.shape.get(1).copied())
-                .unwrap_or(0)
-        })
-    } else {
-        model.clone()
+    let source_model = match &init.upcycle {
+        Some(_) => checkpoint_dense_twin(model, init, &tensors)?,
+        None => model.clone(),
     };
     let wanted: Vec<(String, Vec<u64>, Span)> = param_shapes(&source_model)
         .into_iter()
@@ -629,6 +606,72 @@ fn resolve_checkpoint(
         return Err(errors);
     }
     Ok((source_model, Format::Fmoec { dir }, Vec::new()))
+}
+
+/// The dense twin an fmoec checkpoint is read as for `upcycle`: each of the model's MoE
+/// layers a dense MLP of the checkpoint's, which must have one of the experts' activation.
+fn checkpoint_dense_twin(
+    model: &Model,
+    init: &InitSpec,
+    tensors: &BTreeMap<String, HeaderEntry>,
+) -> Result<Model, Vec<Diagnostic>> {
+    let problems: Vec<Diagnostic> = model
+        .moe_layers()
+        .filter_map(|(i, m)| not_a_dense_source(model, init, tensors, i, m))
+        .collect();
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(dense_twin(model, |i| {
+        tensors
+            .get(&mlp_param(i, "w1"))
+            .and_then(|t| t.shape.get(1).copied())
+            .unwrap_or(0)
+    }))
+}
+
+/// Why the checkpoint's layer `i` cannot be upcycled into the MoE layer `m`: it has no dense
+/// MLP, or one of another activation than the experts'.
+fn not_a_dense_source(
+    model: &Model,
+    init: &InitSpec,
+    tensors: &BTreeMap<String, HeaderEntry>,
+    i: usize,
+    m: &Moe,
+) -> Option<Diagnostic> {
+    if !tensors.contains_key(&mlp_param(i, "w1")) {
+        let what = if tensors.contains_key(&experts_param(i, "w1")) {
+            "is an MoE layer"
+        } else {
+            "has no MLP"
+        };
+        return Some(
+            says::cannot_upcycle(
+                model.layers[i].span,
+                format!("upcycle starts from a dense model; layer {i} of the checkpoint {what}"),
+                init.span,
+            )
+            .with_label(format!("layer {i} becomes an MoE layer")),
+        );
+    }
+    let gated = tensors.contains_key(&mlp_param(i, "w3"));
+    if gated == (m.expert.act == Activation::Swiglu) {
+        return None;
+    }
+    let act = |g: bool| if g { "SwiGLU" } else { "GELU or ReLU" };
+    Some(
+        says::cannot_upcycle(
+            m.expert.span,
+            format!(
+                "the experts are {}, the checkpoint's layer {i} MLP is {}",
+                act(!gated),
+                act(gated)
+            ),
+            init.span,
+        )
+        .with_label("the experts' activation")
+        .with_help("the experts copy the dense MLP: declare them with its activation"),
+    )
 }
 
 /// The vocabulary, width and depth an fmoec checkpoint's tensors imply, against the model's
@@ -659,13 +702,7 @@ fn headline_differences(
     }
     let depth = tensors
         .keys()
-        .filter_map(|n| {
-            n.strip_prefix("layers.")?
-                .split('.')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
+        .filter_map(|n| split_layer(n).map(|(i, _)| i as u64))
         .max()
         .map_or(0, |i| i + 1);
     if depth != model.depth() {
@@ -691,18 +728,16 @@ fn layer_differences(
     let mut out = Vec::new();
     for layer in &model.layers {
         let i = layer.index;
-        let theirs_moe = tensors.contains_key(&format!("layers.{i}.ffn.experts.w1"));
-        let theirs_dense = tensors.contains_key(&format!("layers.{i}.ffn.w1"));
+        let theirs_moe = tensors.contains_key(&experts_param(i, "w1"));
+        let theirs_dense = tensors.contains_key(&mlp_param(i, "w1"));
         let ours_moe = matches!(layer.ffn, Ffn::Moe(_));
         if theirs_moe == theirs_dense {
             continue;
         }
-        if let (Ffn::Moe(m), Some(w1)) = (
-            &layer.ffn,
-            tensors.get(&format!("layers.{i}.ffn.experts.w1")),
-        ) {
+        if let (Ffn::Moe(m), Some(w1)) = (&layer.ffn, tensors.get(&experts_param(i, "w1"))) {
             let evidence = format!(
-                "its `layers.{i}.ffn.experts.w1` is {}",
+                "its `{}` is {}",
+                experts_param(i, "w1"),
                 shape_text(&w1.shape)
             );
             for (field, at, ours, theirs) in [
@@ -770,88 +805,96 @@ fn upcycle_plan(
         let Ffn::Dense(d) = &dense.layers[i].ffn else {
             continue;
         };
-        if m.shared.is_some() {
-            errors.push((
-                i,
-                says::cannot_upcycle(
-                    m.spans.call,
-                    "LAYERS: shared experts; upcycling makes routed experts only".to_string(),
-                    init.span,
-                )
-                .with_label("shared experts")
-                .with_help("upcycle into a model without shared experts (`shared = none`)"),
-            ));
-            continue;
-        }
-        let (hd, he) = (d.hidden, m.expert.hidden);
-        if he == 0 || hd % he != 0 {
-            errors.push((i,
-                says::cannot_upcycle(
-                    m.expert.span,
-                    format!(
-                        "the experts' hidden size {he} does not divide the dense MLP's {hd} (LAYERS)"
-                    ),
-                    init.span,
-                )
-                .with_label(format!("hidden = {he}"))
-                .with_help(format!(
-                    "use hidden = {hd} (every expert a copy of the dense MLP) or a divisor of it (fine-grained: each expert one slice)"
-                )),
-            ));
-            continue;
-        }
-        let g = hd / he;
-        if m.experts % g != 0 {
-            errors.push((i,
-                says::cannot_upcycle(
-                    m.spans.experts,
-                    format!(
-                        "{} experts cannot hold whole copies of the dense MLP cut into {g} slices (LAYERS)",
-                        m.experts
-                    ),
-                    init.span,
-                )
-                .with_label(format!("not a multiple of {g}"))
-                .with_help(format!("use a multiple of {g} experts")),
-            ));
-            continue;
-        }
-        granularity.insert(i, g);
-        let equal_weights = matches!(
-            m.gate.kind,
-            GateKind::Naive | GateKind::Noisy | GateKind::Swipe
-        );
-        if !equal_weights {
-            warnings.push((i,
-                Diagnostic::warning(
-                    "W0612",
-                    m.gate.span,
-                    "the upcycled LAYERS will not compute the dense MLP at step 0".to_string(),
-                )
-                .with_label(match m.gate.kind {
-                    GateKind::Switch => "its top-1 weight is the expert's probability, below 1",
-                    _ => "its capacity drops tokens, and in training random routing drops second choices",
-                })
-                .with_note("the dense model's output is kept when the top-k weights sum to 1 and no token is dropped: `naive()`, `noisy()`, `swipe()`"),
-            ));
-        } else if m.top_k % g != 0 {
-            warnings.push((i,
-                Diagnostic::warning(
-                    "W0612",
-                    m.spans.top_k,
-                    "the upcycled LAYERS will not compute the dense MLP at step 0".to_string(),
-                )
-                .with_label(format!("top_k = {} is not a multiple of G = {g}", m.top_k))
-                .with_note(format!(
-                    "with each expert one of {g} slices of the dense MLP, a token sees the whole MLP only when it is routed to whole groups of {g} experts (which share a gate column): top_k a multiple of {g}"
-                )),
-            ));
+        match granularity_of(m, d, init) {
+            Err(e) => errors.push((i, *e)),
+            Ok(g) => {
+                granularity.insert(i, g);
+                warnings.extend(not_dense_at_step_zero(m, g).map(|w| (i, w)));
+            }
         }
     }
     if !errors.is_empty() {
         return Err(merge_layers(errors));
     }
     Ok((UpcyclePlan { noise, granularity }, merge_layers(warnings)))
+}
+
+/// `G` for the MoE layer `m` upcycled from the dense MLP `d`, or why it cannot be (E0614
+/// with LAYERS).
+fn granularity_of(m: &Moe, d: &Mlp, init: &InitSpec) -> Result<u64, Box<Diagnostic>> {
+    if m.shared.is_some() {
+        return Err(Box::new(
+            says::cannot_upcycle(
+                m.spans.call,
+                "LAYERS: shared experts; upcycling makes routed experts only".to_string(),
+                init.span,
+            )
+            .with_label("shared experts")
+            .with_help("upcycle into a model without shared experts (`shared = none`)"),
+        ));
+    }
+    let (hd, he) = (d.hidden, m.expert.hidden);
+    if he == 0 || hd % he != 0 {
+        return Err(Box::new(says::cannot_upcycle(
+            m.expert.span,
+            format!("the experts' hidden size {he} does not divide the dense MLP's {hd} (LAYERS)"),
+            init.span,
+        )
+        .with_label(format!("hidden = {he}"))
+        .with_help(format!(
+            "use hidden = {hd} (every expert a copy of the dense MLP) or a divisor of it (fine-grained: each expert one slice)"
+        ))));
+    }
+    let g = hd / he;
+    if m.experts % g != 0 {
+        return Err(Box::new(
+            says::cannot_upcycle(
+                m.spans.experts,
+                format!(
+                "{} experts cannot hold whole copies of the dense MLP cut into {g} slices (LAYERS)",
+                m.experts
+            ),
+                init.span,
+            )
+            .with_label(format!("not a multiple of {g}"))
+            .with_help(format!("use a multiple of {g} experts")),
+        ));
+    }
+    Ok(g)
+}
+
+/// W0612 (with LAYERS) where the MoE layer `m` upcycled with `G` = `g` will not compute the
+/// dense MLP at step 0: its gate's weights do not sum to 1, or a token does not see whole
+/// groups of `g` slices.
+fn not_dense_at_step_zero(m: &Moe, g: u64) -> Option<Diagnostic> {
+    let equal_weights = matches!(
+        m.gate.kind,
+        GateKind::Naive | GateKind::Noisy | GateKind::Swipe
+    );
+    if !equal_weights {
+        return Some(Diagnostic::warning(
+            "W0612",
+            m.gate.span,
+            "the upcycled LAYERS will not compute the dense MLP at step 0".to_string(),
+        )
+        .with_label(match m.gate.kind {
+            GateKind::Switch => "its top-1 weight is the expert's probability, below 1",
+            _ => "its capacity drops tokens, and in training random routing drops second choices",
+        })
+        .with_note("the dense model's output is kept when the top-k weights sum to 1 and no token is dropped: `naive()`, `noisy()`, `swipe()`"));
+    }
+    if m.top_k % g == 0 {
+        return None;
+    }
+    Some(Diagnostic::warning(
+        "W0612",
+        m.spans.top_k,
+        "the upcycled LAYERS will not compute the dense MLP at step 0".to_string(),
+    )
+    .with_label(format!("top_k = {} is not a multiple of G = {g}", m.top_k))
+    .with_note(format!(
+        "with each expert one of {g} slices of the dense MLP, a token sees the whole MLP only when it is routed to whole groups of {g} experts (which share a gate column): top_k a multiple of {g}"
+    )))
 }
 
 /// One diagnostic per place and problem, naming the layers it concerns where its message

@@ -21,90 +21,144 @@ pub struct ParamShape {
 
 /// Every parameter of `model`, in the order the runtime creates them.
 pub fn param_shapes(model: &Model) -> Vec<ParamShape> {
-    let mut out = Vec::new();
-    let mut add = |name: String, shape: Vec<u64>, experts: bool| {
-        out.push(ParamShape {
+    let mut params = Params {
+        model,
+        out: Vec::new(),
+    };
+    let d = model.width;
+    params.add("embed.tokens".into(), vec![model.vocab, d], false);
+    if model.positions == Positions::Learned {
+        params.add("embed.positions".into(), vec![model.context, d], false);
+    }
+    for layer in &model.layers {
+        params.block(layer);
+    }
+    params.norm("norm");
+    if !model.tied_embeddings {
+        params.add("head.weight".into(), vec![model.vocab, d], false);
+    }
+    params.out
+}
+
+/// The prefix of layer `layer`'s parameters ([`split_layer`] reads it back).
+fn layer_prefix(layer: usize) -> String {
+    format!("layers.{layer}")
+}
+
+/// The prefix of layer `layer`'s feed-forward parameters.
+fn ffn_prefix(layer: usize) -> String {
+    format!("{}.ffn", layer_prefix(layer))
+}
+
+/// Parameter `w` (`w1`, `w3`, `w2`, `b1`, `b2`) of layer `layer`'s dense MLP.
+pub fn mlp_param(layer: usize, w: &str) -> String {
+    format!("{}.{w}", ffn_prefix(layer))
+}
+
+/// Parameter `w` of layer `layer`'s stacked experts.
+pub fn experts_param(layer: usize, w: &str) -> String {
+    format!("{}.experts.{w}", ffn_prefix(layer))
+}
+
+/// A parameter's name as its layer and the rest (`layers.3.ffn.w1` -> 3, `ffn.w1`); `None`
+/// for the parameters outside the layers.
+pub fn split_layer(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("layers.")?;
+    let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    Some((layer.parse().ok()?, tail))
+}
+
+/// [`param_shapes`] as it goes: the model and the parameters listed so far.
+struct Params<'m> {
+    model: &'m Model,
+    out: Vec<ParamShape>,
+}
+
+impl Params<'_> {
+    fn add(&mut self, name: String, shape: Vec<u64>, experts: bool) {
+        self.out.push(ParamShape {
             name,
             shape,
             experts,
         })
-    };
-    let d = model.width;
-    add("embed.tokens".into(), vec![model.vocab, d], false);
-    if model.positions == Positions::Learned {
-        add("embed.positions".into(), vec![model.context, d], false);
     }
-    let norm = |prefix: &str, add: &mut dyn FnMut(String, Vec<u64>, bool)| {
-        add(format!("{prefix}.weight"), vec![d], false);
-        if model.norm == Norm::LayerNorm {
-            add(format!("{prefix}.bias"), vec![d], false);
+
+    fn norm(&mut self, prefix: &str) {
+        let d = self.model.width;
+        self.add(format!("{prefix}.weight"), vec![d], false);
+        if self.model.norm == Norm::LayerNorm {
+            self.add(format!("{prefix}.bias"), vec![d], false);
         }
-    };
-    let mlp =
-        |prefix: &str, mlp: &Mlp, hidden: u64, add: &mut dyn FnMut(String, Vec<u64>, bool)| {
-            add(format!("{prefix}.w1"), vec![d, hidden], false);
-            if mlp.act == Activation::Swiglu {
-                add(format!("{prefix}.w3"), vec![d, hidden], false);
-            }
-            add(format!("{prefix}.w2"), vec![hidden, d], false);
-            if model.bias {
-                add(format!("{prefix}.b1"), vec![hidden], false);
-                add(format!("{prefix}.b2"), vec![d], false);
-            }
-        };
-    let a = &model.attention;
-    let qkv_out = (a.heads + 2 * a.kv_heads) * a.head_dim;
-    for layer in &model.layers {
-        let p = format!("layers.{}", layer.index);
-        norm(&format!("{p}.norm1"), &mut add);
-        add(format!("{p}.attn.qkv.weight"), vec![d, qkv_out], false);
-        add(
+    }
+
+    /// Transformer block `layer`: its norms, its attention, its feed-forward.
+    fn block(&mut self, layer: &Layer) {
+        let d = self.model.width;
+        let a = &self.model.attention;
+        let qkv_out = (a.heads + 2 * a.kv_heads) * a.head_dim;
+        let p = layer_prefix(layer.index);
+        self.norm(&format!("{p}.norm1"));
+        self.add(format!("{p}.attn.qkv.weight"), vec![d, qkv_out], false);
+        self.add(
             format!("{p}.attn.proj.weight"),
             vec![a.heads * a.head_dim, d],
             false,
         );
-        if model.bias {
-            add(format!("{p}.attn.qkv.bias"), vec![qkv_out], false);
-            add(format!("{p}.attn.proj.bias"), vec![d], false);
+        if self.model.bias {
+            self.add(format!("{p}.attn.qkv.bias"), vec![qkv_out], false);
+            self.add(format!("{p}.attn.proj.bias"), vec![d], false);
         }
-        norm(&format!("{p}.norm2"), &mut add);
+        self.norm(&format!("{p}.norm2"));
         match &layer.ffn {
-            Ffn::Dense(m) => mlp(&format!("{p}.ffn"), m, m.hidden, &mut add),
-            Ffn::Moe(m) => {
-                for g in crate::gates::of(m.gate.kind).params_with(model.bias) {
-                    add(
-                        format!("{p}.ffn.gate.{}", g.name),
-                        g.shape.dims(d, m.experts),
-                        false,
-                    );
-                }
-                let (e, h) = (m.experts, m.expert.hidden);
-                let x = format!("{p}.ffn.experts");
-                add(format!("{x}.w1"), vec![e, d, h], true);
-                if m.expert.act == Activation::Swiglu {
-                    add(format!("{x}.w3"), vec![e, d, h], true);
-                }
-                add(format!("{x}.w2"), vec![e, h, d], true);
-                if model.bias {
-                    add(format!("{x}.b1"), vec![e, h], true);
-                    add(format!("{x}.b2"), vec![e, d], true);
-                }
-                if let Some(s) = &m.shared {
-                    mlp(
-                        &format!("{p}.ffn.shared"),
-                        &s.expert,
-                        s.count * s.expert.hidden,
-                        &mut add,
-                    );
-                }
-            }
+            Ffn::Dense(m) => self.mlp(&ffn_prefix(layer.index), m, m.hidden),
+            Ffn::Moe(m) => self.moe(layer.index, m),
         }
     }
-    norm("norm", &mut add);
-    if !model.tied_embeddings {
-        add("head.weight".into(), vec![model.vocab, d], false);
+
+    /// An MLP's `prefix.{w1,w3,w2,b1,b2}`.
+    fn mlp(&mut self, prefix: &str, mlp: &Mlp, hidden: u64) {
+        let d = self.model.width;
+        self.add(format!("{prefix}.w1"), vec![d, hidden], false);
+        if mlp.act == Activation::Swiglu {
+            self.add(format!("{prefix}.w3"), vec![d, hidden], false);
+        }
+        self.add(format!("{prefix}.w2"), vec![hidden, d], false);
+        if self.model.bias {
+            self.add(format!("{prefix}.b1"), vec![hidden], false);
+            self.add(format!("{prefix}.b2"), vec![d], false);
+        }
     }
-    out
+
+    /// An MoE layer: the gate's parameters, the stacked experts, the shared experts as one
+    /// MLP.
+    fn moe(&mut self, layer: usize, m: &Moe) {
+        let d = self.model.width;
+        let ffn = ffn_prefix(layer);
+        for g in crate::gates::of(m.gate.kind).params_with(self.model.bias) {
+            self.add(
+                format!("{ffn}.gate.{}", g.name),
+                g.shape.dims(d, m.experts),
+                false,
+            );
+        }
+        let (e, h) = (m.experts, m.expert.hidden);
+        self.add(experts_param(layer, "w1"), vec![e, d, h], true);
+        if m.expert.act == Activation::Swiglu {
+            self.add(experts_param(layer, "w3"), vec![e, d, h], true);
+        }
+        self.add(experts_param(layer, "w2"), vec![e, h, d], true);
+        if self.model.bias {
+            self.add(experts_param(layer, "b1"), vec![e, h], true);
+            self.add(experts_param(layer, "b2"), vec![e, d], true);
+        }
+        if let Some(s) = &m.shared {
+            self.mlp(
+                &format!("{ffn}.shared"),
+                &s.expert,
+                s.count * s.expert.hidden,
+            );
+        }
+    }
 }
 
 /// The part of an fmoec parameter a Hugging Face tensor holds:
@@ -189,7 +243,7 @@ impl HfTensors<'_> {
     /// Transformer block `layer`: its two norms, its attention, its feed-forward.
     fn block(&mut self, layer: &Layer) {
         let d = self.model.width;
-        let p = format!("layers.{}", layer.index);
+        let p = layer_prefix(layer.index);
         let hf = format!("model.layers.{}", layer.index);
         self.push(
             format!("{hf}.input_layernorm.weight"),
@@ -203,8 +257,13 @@ impl HfTensors<'_> {
         );
         self.attention(&p, &hf);
         match &layer.ffn {
-            Ffn::Dense(m) => self.mlp(&format!("{p}.ffn"), &format!("{hf}.mlp"), m.hidden, 1.0),
-            Ffn::Moe(m) => self.moe(&p, &hf, m),
+            Ffn::Dense(m) => self.mlp(
+                &ffn_prefix(layer.index),
+                &format!("{hf}.mlp"),
+                m.hidden,
+                1.0,
+            ),
+            Ffn::Moe(m) => self.moe(layer.index, &hf, m),
         }
     }
 
@@ -301,8 +360,9 @@ impl HfTensors<'_> {
 
     /// An MoE layer: the router, each expert's three matrices (Mixtral's `w1, w3, w2` or
     /// Qwen2-MoE's projections), and the shared experts as Qwen2-MoE's shared expert.
-    fn moe(&mut self, p: &str, hf: &str, m: &Moe) {
+    fn moe(&mut self, layer: usize, hf: &str, m: &Moe) {
         let d = self.model.width;
+        let ffn = ffn_prefix(layer);
         let (block, names) = if self.arch == Architecture::Mixtral {
             ("block_sparse_moe", ["w1", "w3", "w2"])
         } else {
@@ -312,7 +372,7 @@ impl HfTensors<'_> {
         self.push(
             format!("{hf}.{block}.gate.weight"),
             vec![m.experts, d],
-            linear(format!("{p}.ffn.gate.weight"), 1.0),
+            linear(format!("{ffn}.gate.weight"), 1.0),
         );
         for e in 0..m.experts {
             let x = format!("{hf}.{block}.experts.{e}");
@@ -330,7 +390,7 @@ impl HfTensors<'_> {
                     Source::Param(Part {
                         expert: Some(e),
                         transposed: true,
-                        ..part(format!("{p}.ffn.experts.{w}"))
+                        ..part(experts_param(layer, w))
                     }),
                 );
             }
@@ -338,7 +398,7 @@ impl HfTensors<'_> {
         if let Some(s) = &m.shared {
             // sigmoid(0) = 1/2 exactly, so the doubled down projection gives the sum
             self.mlp(
-                &format!("{p}.ffn.shared"),
+                &format!("{ffn}.shared"),
                 &format!("{hf}.mlp.shared_expert"),
                 s.count * s.expert.hidden,
                 2.0,
@@ -383,4 +443,49 @@ fn linear(param: String, scale: f64) -> Source {
         scale,
         ..part(param)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diag::{Sink, Sources};
+
+    fn model(source: &str) -> Model {
+        let mut sources = Sources::new();
+        let file = sources.add("m.fmoe", source.to_string());
+        let mut sink = Sink::new();
+        crate::check::check_file(&mut sources, file, &mut sink)
+            .expect("the model checks")
+            .model
+    }
+
+    /// `split_layer` reads back the layer of every name the layout builds, and nothing
+    /// outside the layers: init and import find a parameter's layer by it.
+    #[test]
+    fn every_layer_parameter_splits_back_into_its_layer() {
+        let m = model(
+            "use std.gates.*\n\nmodel m {\n    vocab = 64\n    context = 8\n    width = 16\n    heads = 2\n    depth = 12\n    norm = layernorm\n    bias = true\n    block = transformer(attention = causal(), ffn = mlp(hidden = 32, act = swiglu))\n    layers[11].ffn = moe(experts = 4, top_k = 2, gate = noisy(), expert = mlp(hidden = 8, act = gelu), shared = shared_experts(expert = mlp(hidden = 8, act = swiglu)))\n}\n",
+        );
+        let shapes = param_shapes(&m);
+        let mut per_layer = vec![0; 12];
+        for p in &shapes {
+            match split_layer(&p.name) {
+                Some((layer, rest)) => {
+                    assert_eq!(p.name, format!("{}.{rest}", layer_prefix(layer)));
+                    per_layer[layer] += 1;
+                    if p.experts {
+                        let w = rest.strip_prefix("ffn.experts.").expect("an expert tensor");
+                        assert_eq!(p.name, experts_param(layer, w));
+                    }
+                }
+                None => assert!(!p.name.starts_with("layers"), "{}", p.name),
+            }
+        }
+        assert!(per_layer.iter().all(|&n| n > 0), "{per_layer:?}");
+        assert!(shapes.iter().any(|p| p.name == mlp_param(10, "w3")));
+        assert!(shapes.iter().any(|p| p.name == experts_param(11, "b2")));
+        assert_eq!(split_layer("layers.7"), Some((7, "")));
+        assert_eq!(split_layer("layers.x.ffn.w1"), None);
+        assert_eq!(split_layer("norm.weight"), None);
+    }
 }
