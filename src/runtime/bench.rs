@@ -1382,8 +1382,7 @@ fn check_kernels(device: Device) -> Result<std::process::ExitCode> {
         }
         Err(e) => println!("fp8 checks skipped: {e:#}"),
     }
-    // the gates' keyed draws (the kernel, which runs only with FMOEC_FUSED_DRAWS=1 until this
-    // check has passed on a GPU, against the int64 ops on the CPU): the same bits,
+    // the gates' keyed draws (the kernel, against the int64 ops on the CPU): the same bits,
     // for keys with high bits set, streams past 2^32 / 0x2545F491 and more elements than the
     // kernel's grid covers in one sweep
     {

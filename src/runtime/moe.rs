@@ -195,15 +195,16 @@ pub fn draw_stream_word(stream: i64) -> i64 {
 /// two 32-bit words, see [`draw_key_words`]), `stream` and each element's index. No generator
 /// state: the same key gives the same values on every device, rank and thread, in any order,
 /// and inside a CUDA graph (the key lives in device memory, so a replay with a new key
-/// draws anew). On a GPU with the fused kernels and `FMOEC_FUSED_DRAWS=1`, one kernel
-/// computes the same bits.
+/// draws anew). On a GPU with the fused kernels one kernel computes the same bits
+/// (`FMOEC_FUSED_DRAWS=0` keeps these ops).
 pub fn keyed_uniform(key: &Tensor, stream: i64, shape: &[i64]) -> Result<Tensor> {
     const M: i64 = 0xFFFF_FFFF;
     let stream_word = draw_stream_word(stream);
-    // The kernel is opt-in until its bits have been compared with these ops on a GPU
-    // (`fmoec bench moe --check-kernels` does, whatever this switch says).
+    // `fmoec bench moe --check-kernels` compares the kernel's bits with these ops on the CPU,
+    // whatever this switch says.
     #[cfg(feature = "cuda")]
-    if std::env::var("FMOEC_FUSED_DRAWS").is_ok_and(|v| v == "1") && fused_available(key.device()) {
+    if !std::env::var("FMOEC_FUSED_DRAWS").is_ok_and(|v| v == "0") && fused_available(key.device())
+    {
         return crate::runtime::cuda::ops::keyed_uniform(key, stream_word, shape);
     }
     let n: i64 = shape.iter().product();
