@@ -954,12 +954,14 @@ pub fn quant_transposed(
     let (out, pad_ends) = transposed_storage(x, ends, layout)?;
     transposed_into(
         Source::Tensor(x),
-        ends,
-        &pad_ends,
-        layout,
-        overflow,
-        maxima,
-        &out,
+        TransposedCopy {
+            ends,
+            pad_ends: &pad_ends,
+            layout,
+            overflow,
+            maxima,
+            out: &out,
+        },
     )?;
     Ok((out, pad_ends))
 }
@@ -983,12 +985,14 @@ pub fn act_quant_transposed(
     let (out, pad_ends) = transposed_storage(a, ends, layout)?;
     transposed_into(
         Source::Act(a, b, act),
-        ends,
-        &pad_ends,
-        layout,
-        overflow,
-        maxima,
-        &out,
+        TransposedCopy {
+            ends,
+            pad_ends: &pad_ends,
+            layout,
+            overflow,
+            maxima,
+            out: &out,
+        },
     )?;
     Ok((out, pad_ends))
 }
@@ -1040,106 +1044,107 @@ pub fn quant_transposed_into(
 ) -> Result<()> {
     transposed_into(
         Source::Tensor(x),
-        ends,
-        pad_ends,
-        layout,
-        overflow,
-        maxima,
-        out,
+        TransposedCopy {
+            ends,
+            pad_ends,
+            layout,
+            overflow,
+            maxima,
+            out,
+        },
     )
 }
 
-/// [`quant_transposed_into`] of `source`.
-fn transposed_into(
-    source: Source,
-    ends: &Tensor,
-    pad_ends: &Tensor,
+/// What a transposed copy is given besides its source: the groups' ends and padded ends, the
+/// layout, the overflow counter, the column maxima a row-wise pass already raised, and the
+/// storage it writes.
+#[derive(Clone, Copy)]
+struct TransposedCopy<'a> {
+    ends: &'a Tensor,
+    pad_ends: &'a Tensor,
     layout: Transposed,
-    overflow: Option<&Tensor>,
-    maxima: Option<&ColumnMaxima>,
-    out: &Fp8,
-) -> Result<()> {
+    overflow: Option<&'a Tensor>,
+    maxima: Option<&'a ColumnMaxima>,
+    out: &'a Fp8,
+}
+
+/// [`quant_transposed_into`] of `source`.
+fn transposed_into(source: Source, copy: TransposedCopy) -> Result<()> {
     let (x, x2, act) = match source {
         Source::Tensor(x) => (x, None, None),
         Source::Act(a, b, act) => (a, b, Some(act)),
     };
-    let (rows, cols) = x.size2()?;
+    let (_, cols) = x.size2()?;
+    let fused = kernels_apply(x) && cols < i32::MAX as i64;
     if let Some(act) = act {
-        let on_load = kernels_apply(x)
-            && x2.is_none_or(|b| Elem::of(b).is_some())
-            && maxima.is_some()
-            && cols < i32::MAX as i64;
+        let on_load = fused && x2.is_none_or(|b| Elem::of(b).is_some()) && copy.maxima.is_some();
         if !on_load {
-            // the output first: the pass's (which computes what the copy on load would) on a
-            // GPU, libtorch's where the kernels do not run
-            let h = if kernels_apply(x) {
-                act_rows(x, x2, act, None, None, None, true)?
-                    .0
-                    .expect("asked for")
-            } else {
-                act_reference(x, x2, act)?
-            };
-            return transposed_into(
-                Source::Tensor(&h),
-                ends,
-                pad_ends,
-                layout,
-                overflow,
-                maxima,
-                out,
-            );
+            let h = act_output(x, x2, act)?;
+            return transposed_into(Source::Tensor(&h), copy);
         }
     }
-    let groups = ends.size()[0];
-    if groups == 0 {
-        bail!("FP8 transposed copy: no groups");
+    let groups = copy.groups(cols)?;
+    if fused {
+        copy.kernels(x, x2, act, groups)
+    } else {
+        copy.reference(x, groups)
     }
-    if let Some(m) = maxima {
-        if m.size() != [groups * cols] || m.kind() != Kind::Int {
-            bail!(
-                "FP8 transposed copy: column maxima {:?} for {groups} groups of {cols}",
-                m.size()
-            );
+}
+
+/// An activation's output for a copy that cannot compute it on load: the pass's (which computes
+/// what the copy on load would) on a GPU, libtorch's where the kernels do not run.
+fn act_output(a: &Tensor, b: Option<&Tensor>, act: Fp8Act) -> Result<Tensor> {
+    if kernels_apply(a) {
+        Ok(act_rows(a, b, act, None, None, None, true)?
+            .0
+            .expect("asked for"))
+    } else {
+        act_reference(a, b, act)
+    }
+}
+
+impl TransposedCopy<'_> {
+    /// The number of groups, checked against the column maxima given (`cols` columns).
+    fn groups(&self, cols: i64) -> Result<i64> {
+        let groups = self.ends.size()[0];
+        if groups == 0 {
+            bail!("FP8 transposed copy: no groups");
         }
+        if let Some(m) = self.maxima {
+            if m.size() != [groups * cols] || m.kind() != Kind::Int {
+                bail!(
+                    "FP8 transposed copy: column maxima {:?} for {groups} groups of {cols}",
+                    m.size()
+                );
+            }
+        }
+        Ok(groups)
     }
-    let device = x.device();
-    let ends32 = ends.f_to_kind(Kind::Int)?.f_contiguous()?;
-    let pad32 = pad_ends.f_to_kind(Kind::Int)?.f_contiguous()?;
-    let (positions, group_stride, col_stride, base) = match layout {
-        Transposed::SideBySide { positions } => (positions, 0, positions, 1),
-        Transposed::Stacked { len } => (groups * len, cols * len, len, 0),
-    };
-    if kernels_apply(x) && cols < i32::MAX as i64 {
+
+    /// On a GPU: the column maxima (unless given), the scales from them, then the copy, each
+    /// one launch of ours.
+    fn kernels(
+        &self,
+        x: &Tensor,
+        x2: Option<&Tensor>,
+        act: Option<Fp8Act>,
+        groups: i64,
+    ) -> Result<()> {
+        let (_, cols) = x.size2()?;
+        let device = x.device();
+        let ends32 = self.ends.f_to_kind(Kind::Int)?.f_contiguous()?;
+        let pad32 = self.pad_ends.f_to_kind(Kind::Int)?.f_contiguous()?;
+        let (positions, group_stride, col_stride, base) = match self.layout {
+            Transposed::SideBySide { positions } => (positions, 0, positions, 1),
+            Transposed::Stacked { len } => (groups * len, cols * len, len, 0),
+        };
         let elem = Elem::of(x).expect("checked by kernels_apply");
         let x = x.f_contiguous()?;
         let x2 = x2.map(Tensor::f_contiguous).transpose()?;
         let di = device_index(&x);
-        let amax = match maxima {
+        let amax = match self.maxima {
             Some(m) => m.f_contiguous()?,
-            None => {
-                let amax = Tensor::f_zeros([groups * cols], (Kind::Int, device))?;
-                let col_chunks = (cols / elem.per_vector() + 31) / 32;
-                launch(
-                    di,
-                    Kernel::Fp8ColAmax(elem),
-                    Grid {
-                        // COL_CHUNK (128) rows a block: enough blocks to fill the GPU at 8192
-                        // rows (512 left F0's [8192, 1024] with 64 blocks, 0.47 TB/s on an H100)
-                        blocks: (rows + 127) / 128,
-                        blocks_y: col_chunks as u32,
-                        threads: 256,
-                        shared_bytes: 0,
-                    },
-                    &[
-                        ptr(Some(&x)),
-                        ptr(Some(&ends32)),
-                        Arg::I32(groups as c_int),
-                        ptr(Some(&amax)),
-                        Arg::I32(cols as c_int),
-                    ],
-                )?;
-                amax
-            }
+            None => group_column_amax_kernel(&x, elem, &ends32, groups)?,
         };
         let inv = Tensor::f_empty([groups * cols], (Kind::Float, device))?;
         let n = groups * cols;
@@ -1150,8 +1155,8 @@ fn transposed_into(
             &[
                 ptr(Some(&amax)),
                 ptr(Some(&inv)),
-                ptr(Some(&out.scale)),
-                ptr(overflow),
+                ptr(Some(&self.out.scale)),
+                ptr(self.overflow),
                 Arg::I64(n),
             ],
         )?;
@@ -1175,7 +1180,7 @@ fn transposed_into(
                 ptr(Some(&pad32)),
                 Arg::I32(groups as c_int),
                 ptr(Some(&inv)),
-                ptr(Some(&out.q)),
+                ptr(Some(&self.out.q)),
                 Arg::I64(positions),
                 Arg::I32(cols as c_int),
                 Arg::I64(group_stride),
@@ -1183,61 +1188,107 @@ fn transposed_into(
                 Arg::I32(base),
             ],
         )?;
-        return Ok(());
+        Ok(())
     }
-    // libtorch: each row's group, its column maxima per group, then the rows scaled by their
-    // group's column scales and placed at their positions
-    let ends64 = ends.f_to_kind(Kind::Int64)?;
-    let row = Tensor::f_arange(rows, (Kind::Int64, device))?;
-    // the first group whose end is past the row
-    let group = row.f_searchsorted(&ends64, false, true, "right", None::<Tensor>)?;
-    let kept = group.f_lt(groups)?;
-    let g = group.f_clamp_max(groups - 1)?;
-    let xf = x.f_to_kind(Kind::Float)?;
-    let amax = match maxima {
-        Some(m) => m
-            .f_contiguous()?
-            .f_view_dtype(Kind::Float)?
-            .f_reshape([groups, cols])?,
-        None => group_column_amax(x, ends)?,
-    };
-    let (inv, scale) = scales_of(&amax.f_reshape([-1])?, overflow)?;
-    out.scale
-        .shallow_clone()
-        .f_copy_(&scale.f_reshape(out.scale.size())?)?;
-    let inv = inv.f_reshape([groups, cols])?;
-    let scaled = to_e4m3(&xf, &inv.f_index_select(0, &g)?)?.f_to_kind(Kind::Float)?;
-    match layout {
-        Transposed::SideBySide { positions } => {
-            let zero = Tensor::f_zeros([1], (Kind::Int64, device))?;
-            let starts = ends64.f_diff(1, 0, Some(&zero), None::<&Tensor>)?;
-            let starts = ends64.f_sub(&starts)?;
-            let pad64 = pad_ends.f_to_kind(Kind::Int64)?;
-            let pad_counts = pad64.f_diff(1, 0, Some(&zero), None::<&Tensor>)?;
-            let pad_starts = pad64.f_sub(&pad_counts)?;
-            let at = row
-                .f_sub(&starts.f_index_select(0, &g)?)?
-                .f_add(&pad_starts.f_index_select(0, &g)?)?;
-            // rows past the last group go to a scratch position dropped below
-            let at = at.f_where_scalarother(&kept, positions)?;
-            let full = Tensor::f_zeros([cols, positions + 1], (Kind::Float, device))?
-                .f_index_copy(1, &at, &scaled.f_transpose(0, 1)?)?;
-            out.q
-                .shallow_clone()
-                .f_copy_(&full.f_narrow(1, 0, positions)?.f_to_kind(e4m3())?)?;
-        }
-        Transposed::Stacked { len } => {
-            if rows != groups * len {
-                bail!("FP8 stacked copy: {rows} rows for {groups} groups of {len}");
+
+    /// In libtorch ops: each row's group, its column maxima per group, then the rows scaled by
+    /// their group's column scales and placed at their positions.
+    fn reference(&self, x: &Tensor, groups: i64) -> Result<()> {
+        let (rows, cols) = x.size2()?;
+        let device = x.device();
+        let ends64 = self.ends.f_to_kind(Kind::Int64)?;
+        let row = Tensor::f_arange(rows, (Kind::Int64, device))?;
+        // the first group whose end is past the row
+        let group = row.f_searchsorted(&ends64, false, true, "right", None::<Tensor>)?;
+        let kept = group.f_lt(groups)?;
+        let g = group.f_clamp_max(groups - 1)?;
+        let xf = x.f_to_kind(Kind::Float)?;
+        let amax = match self.maxima {
+            Some(m) => m
+                .f_contiguous()?
+                .f_view_dtype(Kind::Float)?
+                .f_reshape([groups, cols])?,
+            None => group_column_amax(x, self.ends)?,
+        };
+        let (inv, scale) = scales_of(&amax.f_reshape([-1])?, self.overflow)?;
+        self.out
+            .scale
+            .shallow_clone()
+            .f_copy_(&scale.f_reshape(self.out.scale.size())?)?;
+        let inv = inv.f_reshape([groups, cols])?;
+        let scaled = to_e4m3(&xf, &inv.f_index_select(0, &g)?)?.f_to_kind(Kind::Float)?;
+        match self.layout {
+            Transposed::SideBySide { positions } => {
+                let at = self.side_by_side_positions(&ends64, &row, &g)?;
+                // rows past the last group go to a scratch position dropped below
+                let at = at.f_where_scalarother(&kept, positions)?;
+                let full = Tensor::f_zeros([cols, positions + 1], (Kind::Float, device))?
+                    .f_index_copy(1, &at, &scaled.f_transpose(0, 1)?)?;
+                self.out
+                    .q
+                    .shallow_clone()
+                    .f_copy_(&full.f_narrow(1, 0, positions)?.f_to_kind(e4m3())?)?;
             }
-            let t = scaled
-                .f_reshape([groups, len, cols])?
-                .f_transpose(1, 2)?
-                .f_to_kind(e4m3())?;
-            out.q.shallow_clone().f_copy_(&t)?;
+            Transposed::Stacked { len } => {
+                if rows != groups * len {
+                    bail!("FP8 stacked copy: {rows} rows for {groups} groups of {len}");
+                }
+                let t = scaled
+                    .f_reshape([groups, len, cols])?
+                    .f_transpose(1, 2)?
+                    .f_to_kind(e4m3())?;
+                self.out.q.shallow_clone().f_copy_(&t)?;
+            }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Each row's position side by side: its place in its group `g`, from that group's padded
+    /// start.
+    fn side_by_side_positions(&self, ends64: &Tensor, row: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let device = row.device();
+        let zero = Tensor::f_zeros([1], (Kind::Int64, device))?;
+        let starts = ends64.f_diff(1, 0, Some(&zero), None::<&Tensor>)?;
+        let starts = ends64.f_sub(&starts)?;
+        let pad64 = self.pad_ends.f_to_kind(Kind::Int64)?;
+        let pad_counts = pad64.f_diff(1, 0, Some(&zero), None::<&Tensor>)?;
+        let pad_starts = pad64.f_sub(&pad_counts)?;
+        Ok(row
+            .f_sub(&starts.f_index_select(0, g)?)?
+            .f_add(&pad_starts.f_index_select(0, g)?)?)
+    }
+}
+
+/// The column maxima of `x` per group (int32 bits of f32, `[G·C]`), one launch of ours.
+fn group_column_amax_kernel(
+    x: &Tensor,
+    elem: Elem,
+    ends32: &Tensor,
+    groups: i64,
+) -> Result<Tensor> {
+    let (rows, cols) = x.size2()?;
+    let amax = Tensor::f_zeros([groups * cols], (Kind::Int, x.device()))?;
+    let col_chunks = (cols / elem.per_vector() + 31) / 32;
+    launch(
+        device_index(x),
+        Kernel::Fp8ColAmax(elem),
+        Grid {
+            // COL_CHUNK (128) rows a block: enough blocks to fill the GPU at 8192
+            // rows (512 left F0's [8192, 1024] with 64 blocks, 0.47 TB/s on an H100)
+            blocks: (rows + 127) / 128,
+            blocks_y: col_chunks as u32,
+            threads: 256,
+            shared_bytes: 0,
+        },
+        &[
+            ptr(Some(x)),
+            ptr(Some(ends32)),
+            Arg::I32(groups as c_int),
+            ptr(Some(&amax)),
+            Arg::I32(cols as c_int),
+        ],
+    )?;
+    Ok(amax)
 }
 
 /// A defined int32 scalar counter on `device` for [`quant_rows`] and friends.
