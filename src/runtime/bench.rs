@@ -1180,6 +1180,107 @@ mod tests {
         assert!(!table.contains("CUDA graph"), "{table}");
     }
 
+    /// A report with every table `render` draws (op by op, CUDA graphs, FP8 weight copies,
+    /// GPU clocks, stages) and one with the op-by-op table alone, rendered from fixed numbers:
+    /// the snapshot holds the whole text, spacing included.
+    #[test]
+    fn render_draws_every_table_from_fixed_numbers() {
+        let shapes = smoke_shapes();
+        let t = |ms: f64| Timing {
+            median_ms: ms,
+            p10_ms: ms * 0.9,
+            p90_ms: ms * 1.25,
+        };
+        let row = |s: usize, routing, implementation, both: f64| Row {
+            shape: shapes[s].clone(),
+            routing,
+            implementation,
+            forward: t(both / 3.0),
+            backward: t(both * 2.0 / 3.0),
+            forward_backward: t(both),
+            forward_tflops: 12.5 / both,
+            forward_backward_tflops: 37.5 / both,
+            tokens_per_s: 64.0 / (both * 1e-3),
+            rel_error: 1.5e-6 * both,
+            max_over_mean_load: 1.0,
+            peak_memory_bytes: Some((both * 1048576.0) as i64),
+            fp8_weight_copies_ms: None,
+            graph: None,
+            gpu: None,
+        };
+        use Implementation::{Fmoec, FmoecFp8, NaiveLoop, Ops, SortedLoop};
+        use RoutingKind::{AllToOne, Balanced, Skewed};
+        let mut rows = vec![
+            row(0, Balanced, Fmoec, 35.0),
+            row(0, Balanced, Ops, 38.0),
+            row(0, Balanced, FmoecFp8, 25.0),
+            row(0, Skewed, SortedLoop, 51.25),
+            row(1, AllToOne, Fmoec, 7.5),
+            row(1, AllToOne, NaiveLoop, 90.0),
+        ];
+        rows[0].graph = Some(GraphTiming::Replayed(t(34.0)));
+        rows[1].graph = Some(GraphTiming::NotCaptured("stream is capturing".into()));
+        rows[2].graph = Some(GraphTiming::Replayed(t(22.5)));
+        rows[2].fp8_weight_copies_ms = Some(0.75);
+        rows[3].peak_memory_bytes = None;
+        rows[4].graph = Some(GraphTiming::Replayed(t(6.0)));
+        rows[2].gpu = Some(crate::runtime::telemetry::Summary {
+            samples: 40,
+            sm_mhz_median: 1590,
+            sm_mhz_min: 1485,
+            power_w_median: 696.6,
+            power_capped: 1.0,
+        });
+        rows[5].gpu = Some(crate::runtime::telemetry::Summary {
+            samples: 7,
+            sm_mhz_median: 1980,
+            sm_mhz_min: 1755,
+            power_w_median: 301.2,
+            power_capped: 0.25,
+        });
+        let stage = |s: usize, routing, ms: [f64; 6]| StageRow {
+            shape: shapes[s].clone(),
+            routing,
+            stages: ["plan", "dispatch", "mm1", "activation", "mm2", "combine"]
+                .iter()
+                .zip(ms)
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+            glue_bytes: 3.5e6 * (s + 1) as f64,
+        };
+        let full = Report {
+            device: "Cuda(0)".into(),
+            dtype: "BFloat16".into(),
+            iterations: 50,
+            timer: "cuda-events".into(),
+            stages: vec![
+                stage(0, Balanced, [0.125, 0.25, 3.5, 0.5, 2.75, 0.375]),
+                stage(1, AllToOne, [0.0625, 1.0, 7.0, 1.5, 5.25, 2.0]),
+            ],
+            dense_ceiling_tflops: 712.3,
+            rows: rows.clone(),
+        };
+        let plain = Report {
+            device: "Cpu".into(),
+            dtype: "Float".into(),
+            iterations: 3,
+            timer: "host-clock".into(),
+            stages: vec![],
+            dense_ceiling_tflops: 0.0421,
+            rows: rows
+                .into_iter()
+                .map(|r| Row {
+                    peak_memory_bytes: None,
+                    fp8_weight_copies_ms: None,
+                    graph: None,
+                    gpu: None,
+                    ..r
+                })
+                .collect(),
+        };
+        insta::assert_snapshot!(format!("{}\n---\n{}", render(&full), render(&plain)));
+    }
+
     /// `--cuda-graph` where no graph can be captured is refused up front, saying what it needs.
     #[test]
     fn cuda_graphs_need_a_gpu() {
