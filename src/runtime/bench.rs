@@ -1238,6 +1238,55 @@ fn render_graph_rows(report: &Report, s: &mut String) {
 mod tests {
     use super::*;
 
+    /// `ms` as a row's timing, its p10 and p90 around it.
+    fn timing_of(ms: f64) -> Timing {
+        Timing {
+            median_ms: ms,
+            p10_ms: ms * 0.9,
+            p90_ms: ms * 1.25,
+        }
+    }
+
+    /// A row of `both` ms forward + backward (a third of it forward), the other figures
+    /// derived from that.
+    fn fixed_row(
+        shape: &Shape,
+        routing: RoutingKind,
+        implementation: Implementation,
+        both: f64,
+    ) -> Row {
+        Row {
+            shape: shape.clone(),
+            routing,
+            implementation,
+            forward: timing_of(both / 3.0),
+            backward: timing_of(both * 2.0 / 3.0),
+            forward_backward: timing_of(both),
+            forward_tflops: 12.5 / both,
+            forward_backward_tflops: 37.5 / both,
+            tokens_per_s: 64.0 / (both * 1e-3),
+            rel_error: 1.5e-6 * both,
+            max_over_mean_load: 1.0,
+            peak_memory_bytes: Some((both * 1048576.0) as i64),
+            fp8_weight_copies_ms: None,
+            graph: None,
+            gpu: None,
+        }
+    }
+
+    /// A report of a GPU run timed with CUDA events.
+    fn gpu_report(iterations: usize, dense_ceiling_tflops: f64, rows: Vec<Row>) -> Report {
+        Report {
+            device: "Cuda(0)".into(),
+            dtype: "BFloat16".into(),
+            iterations,
+            timer: "cuda-events".into(),
+            stages: vec![],
+            dense_ceiling_tflops,
+            rows,
+        }
+    }
+
     #[test]
     fn implementations_agree_on_cpu() {
         tch::manual_seed(7);
@@ -1330,28 +1379,8 @@ mod tests {
     #[test]
     fn render_draws_every_table_from_fixed_numbers() {
         let shapes = smoke_shapes();
-        let t = |ms: f64| Timing {
-            median_ms: ms,
-            p10_ms: ms * 0.9,
-            p90_ms: ms * 1.25,
-        };
-        let row = |s: usize, routing, implementation, both: f64| Row {
-            shape: shapes[s].clone(),
-            routing,
-            implementation,
-            forward: t(both / 3.0),
-            backward: t(both * 2.0 / 3.0),
-            forward_backward: t(both),
-            forward_tflops: 12.5 / both,
-            forward_backward_tflops: 37.5 / both,
-            tokens_per_s: 64.0 / (both * 1e-3),
-            rel_error: 1.5e-6 * both,
-            max_over_mean_load: 1.0,
-            peak_memory_bytes: Some((both * 1048576.0) as i64),
-            fp8_weight_copies_ms: None,
-            graph: None,
-            gpu: None,
-        };
+        let t = timing_of;
+        let row = |s: usize, routing, imp, both| fixed_row(&shapes[s], routing, imp, both);
         use Implementation::{Fmoec, FmoecFp8, NaiveLoop, Ops, SortedLoop};
         use RoutingKind::{AllToOne, Balanced, Skewed};
         let mut rows = vec![
@@ -1392,18 +1421,11 @@ mod tests {
                 .collect(),
             glue_bytes: 3.5e6 * (s + 1) as f64,
         };
-        let full = Report {
-            device: "Cuda(0)".into(),
-            dtype: "BFloat16".into(),
-            iterations: 50,
-            timer: "cuda-events".into(),
-            stages: vec![
-                stage(0, Balanced, [0.125, 0.25, 3.5, 0.5, 2.75, 0.375]),
-                stage(1, AllToOne, [0.0625, 1.0, 7.0, 1.5, 5.25, 2.0]),
-            ],
-            dense_ceiling_tflops: 712.3,
-            rows: rows.clone(),
-        };
+        let mut full = gpu_report(50, 712.3, rows.clone());
+        full.stages = vec![
+            stage(0, Balanced, [0.125, 0.25, 3.5, 0.5, 2.75, 0.375]),
+            stage(1, AllToOne, [0.0625, 1.0, 7.0, 1.5, 5.25, 2.0]),
+        ];
         let plain = Report {
             device: "Cpu".into(),
             dtype: "Float".into(),
@@ -1452,40 +1474,18 @@ mod tests {
     #[test]
     fn graph_rows_render_beside_the_op_by_op_ones() {
         let shape = smoke_shapes().remove(0);
-        let t = |ms: f64| Timing {
-            median_ms: ms,
-            p10_ms: ms * 0.9,
-            p90_ms: ms * 1.1,
-        };
         let row = |implementation, both: f64, graph| Row {
-            shape: shape.clone(),
-            routing: RoutingKind::Balanced,
-            implementation,
-            forward: t(both / 3.0),
-            backward: t(both * 2.0 / 3.0),
-            forward_backward: t(both),
-            forward_tflops: 1.0,
-            forward_backward_tflops: 1.0,
-            tokens_per_s: 1.0,
-            rel_error: 0.0,
-            max_over_mean_load: 1.0,
-            peak_memory_bytes: None,
-            fp8_weight_copies_ms: None,
             graph,
-            gpu: None,
+            ..fixed_row(&shape, RoutingKind::Balanced, implementation, both)
         };
-        let mut report = Report {
-            device: "Cuda(0)".into(),
-            dtype: "BFloat16".into(),
-            iterations: 3,
-            timer: "cuda-events".into(),
-            stages: vec![],
-            dense_ceiling_tflops: 700.0,
-            rows: vec![
+        let mut report = gpu_report(
+            3,
+            700.0,
+            vec![
                 row(
                     Implementation::Fmoec,
                     35.0,
-                    Some(GraphTiming::Replayed(t(34.0))),
+                    Some(GraphTiming::Replayed(timing_of(34.0))),
                 ),
                 row(
                     Implementation::Ops,
@@ -1497,10 +1497,10 @@ mod tests {
                 row(
                     Implementation::FmoecFp8,
                     25.0,
-                    Some(GraphTiming::Replayed(t(22.5))),
+                    Some(GraphTiming::Replayed(timing_of(22.5))),
                 ),
             ],
-        };
+        );
         let table = render(&report);
         let graph_part = table
             .split("as a CUDA graph")
