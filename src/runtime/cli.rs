@@ -559,7 +559,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         return sample(args, checked, device, prompt, resume.unwrap_or(checkpoints));
     }
     say_before_training(args, checked, &mode, &out, resume.as_ref());
-    let opts = RunOptions {
+    let opts = run_options(args, device, out, checkpoints, resume);
+    train_in_mode(args, &loaded, checked, mode, world_plan, &opts, timeout)
+}
+
+/// The trainer's options: the command line's, on `device`, writing to `out` and
+/// `checkpoints`, continuing `resume` if given.
+fn run_options(
+    args: &RunArgs,
+    device: tch::Device,
+    out: PathBuf,
+    checkpoints: PathBuf,
+    resume: Option<PathBuf>,
+) -> RunOptions {
+    RunOptions {
         device,
         steps: args.steps,
         stop_after: args.stop_after,
@@ -570,8 +583,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         log_interval: Duration::from_secs_f64(args.log_interval),
         print_summary: true,
         cuda_graph: !args.no_cuda_graph,
-    };
-    train_in_mode(args, &loaded, checked, mode, world_plan, &opts, timeout)
+    }
 }
 
 /// `--collective-timeout`, a positive number of seconds.
