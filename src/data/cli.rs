@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 
-use super::preprocess::{InputFormat, Preprocess};
+use super::preprocess::{InputFormat, Preprocess, Summary};
 use super::tokenizer::{Flavour, TextTokenizer, TokenizerSource, GPT2_EOD};
 use crate::diag::path_text;
 
@@ -112,20 +112,7 @@ pub fn run_data(args: &DataArgs) -> Result<ExitCode> {
         );
     }
     let tokenizer = TextTokenizer::load(&source, args.megatron)?;
-    let eod = if args.append_eod {
-        let name = args
-            .eod_token
-            .clone()
-            .or_else(|| tokenizer.config_eos())
-            .unwrap_or_else(|| GPT2_EOD.to_string());
-        Some(
-            tokenizer
-                .eod(Some(&name))
-                .with_context(|| "--append-eod needs one: name it with --eod-token".to_string())?,
-        )
-    } else {
-        None
-    };
+    let eod = end_of_document(args, &tokenizer)?;
     let pool = thread_pool(args.workers)?;
     let job = Preprocess {
         inputs: &args.input,
@@ -146,6 +133,29 @@ pub fn run_data(args: &DataArgs) -> Result<ExitCode> {
         pool.current_num_threads()
     );
     let summary = pool.install(|| job.run())?;
+    report(&summary);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The id `--append-eod` appends: `--eod-token`, else the eos_token of the tokenizer's
+/// config, else GPT-2's; `None` without `--append-eod`.
+fn end_of_document(args: &DataArgs, tokenizer: &TextTokenizer) -> Result<Option<u32>> {
+    if !args.append_eod {
+        return Ok(None);
+    }
+    let name = args
+        .eod_token
+        .clone()
+        .or_else(|| tokenizer.config_eos())
+        .unwrap_or_else(|| GPT2_EOD.to_string());
+    let id = tokenizer
+        .eod(Some(&name))
+        .with_context(|| "--append-eod needs one: name it with --eod-token".to_string())?;
+    Ok(Some(id))
+}
+
+/// What a finished run read (stderr) and wrote (stdout, a line per dataset).
+fn report(summary: &Summary) {
     let mb = summary.bytes as f64 / 1e6;
     crate::errln!(
         "{} documents, {:.1} MB in {:.2} s ({:.1} MB/s){}",
@@ -170,7 +180,6 @@ pub fn run_data(args: &DataArgs) -> Result<ExitCode> {
             path_text(&out.idx)
         );
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `fmoec tokenizer`: make and inspect tokenizers.

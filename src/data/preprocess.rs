@@ -278,28 +278,8 @@ impl Preprocess<'_> {
     /// Runs the whole preprocessing.
     pub fn run(&self) -> Result<Summary> {
         let start = Instant::now();
-        if self.json_keys.is_empty() {
-            bail!("no JSON keys to read (--json-keys)");
-        }
+        let total_bytes = self.check_inputs()?;
         let dtype = TokenDType::for_vocab(self.tokenizer.vocab_size);
-        let mut total_bytes = 0u64;
-        for input in self.inputs {
-            let meta = std::fs::metadata(input)
-                .with_context(|| format!("cannot read the input `{}`", path_text(input)))?;
-            if meta.is_dir() {
-                bail!("the input `{}` is a folder, not a file", path_text(input));
-            }
-            total_bytes += meta.len();
-            if self.format.unwrap_or(InputFormat::of(input)) == InputFormat::Text
-                && self.json_keys.len() != 1
-            {
-                bail!(
-                    "`{}` is a text input: it has one document, not the keys {}",
-                    path_text(input),
-                    self.json_keys.join(", ")
-                );
-            }
-        }
         let mut writers = self
             .json_keys
             .iter()
@@ -320,33 +300,9 @@ impl Preprocess<'_> {
             seconds: 0.0,
         };
         for input in self.inputs {
-            let format = self.format.unwrap_or(InputFormat::of(input));
-            match format {
-                InputFormat::Text => {
-                    let mut text = Vec::new();
-                    std::fs::File::open(input)
-                        .and_then(|f| BufReader::new(f).read_to_end(&mut text))
-                        .with_context(|| format!("cannot read `{}`", path_text(input)))?;
-                    let at = Origin {
-                        file: input,
-                        line: 0,
-                    };
-                    let text = String::from_utf8(text).map_err(|e| {
-                        anyhow::anyhow!(
-                            "{at}: not valid UTF-8 (byte {})",
-                            e.utf8_error().valid_up_to() + 1
-                        )
-                    })?;
-                    let len = text.len() as u64;
-                    let doc = self.encode(vec![Field::Text(text)], at)?;
-                    write_document(&mut writers, doc)?;
-                    summary.documents += 1;
-                    summary.bytes += len;
-                    bar.inc(len);
-                }
-                InputFormat::Jsonl => {
-                    self.run_jsonl(input, &mut writers, &mut summary, &bar)?;
-                }
+            match self.format.unwrap_or(InputFormat::of(input)) {
+                InputFormat::Text => self.run_text(input, &mut writers, &mut summary, &bar)?,
+                InputFormat::Jsonl => self.run_jsonl(input, &mut writers, &mut summary, &bar)?,
             }
         }
         bar.finish_and_clear();
@@ -366,6 +322,64 @@ impl Preprocess<'_> {
         }
         summary.seconds = start.elapsed().as_secs_f64();
         Ok(summary)
+    }
+
+    /// Refuses what cannot be read before anything is written: no keys, an input that is
+    /// missing or a folder, a text input with several keys. Returns the inputs' total bytes.
+    fn check_inputs(&self) -> Result<u64> {
+        if self.json_keys.is_empty() {
+            bail!("no JSON keys to read (--json-keys)");
+        }
+        let mut total_bytes = 0u64;
+        for input in self.inputs {
+            let meta = std::fs::metadata(input)
+                .with_context(|| format!("cannot read the input `{}`", path_text(input)))?;
+            if meta.is_dir() {
+                bail!("the input `{}` is a folder, not a file", path_text(input));
+            }
+            total_bytes += meta.len();
+            if self.format.unwrap_or(InputFormat::of(input)) == InputFormat::Text
+                && self.json_keys.len() != 1
+            {
+                bail!(
+                    "`{}` is a text input: it has one document, not the keys {}",
+                    path_text(input),
+                    self.json_keys.join(", ")
+                );
+            }
+        }
+        Ok(total_bytes)
+    }
+
+    /// A text input: the whole file is one document.
+    fn run_text(
+        &self,
+        input: &Path,
+        writers: &mut [IndexedWriter],
+        summary: &mut Summary,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        let mut text = Vec::new();
+        std::fs::File::open(input)
+            .and_then(|f| BufReader::new(f).read_to_end(&mut text))
+            .with_context(|| format!("cannot read `{}`", path_text(input)))?;
+        let at = Origin {
+            file: input,
+            line: 0,
+        };
+        let text = String::from_utf8(text).map_err(|e| {
+            anyhow::anyhow!(
+                "{at}: not valid UTF-8 (byte {})",
+                e.utf8_error().valid_up_to() + 1
+            )
+        })?;
+        let len = text.len() as u64;
+        let doc = self.encode(vec![Field::Text(text)], at)?;
+        write_document(writers, doc)?;
+        summary.documents += 1;
+        summary.bytes += len;
+        bar.inc(len);
+        Ok(())
     }
 
     fn run_jsonl(

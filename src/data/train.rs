@@ -66,16 +66,25 @@ pub const TRAINED_FILES: [&str; 4] = [
 
 /// Trains and writes the tokenizer; returns the files written.
 pub fn train(args: &TrainArgs) -> Result<Vec<PathBuf>> {
+    let targets = check_args(args)?;
+    let docs = corpus(args)?;
+    let tokenizer = train_bpe(args, &docs)?;
+    write_files(args, &tokenizer)?;
+    Ok(targets)
+}
+
+/// Refuses what cannot be trained or would overwrite files unasked; returns the files
+/// training will write.
+fn check_args(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     if args.special_tokens.is_empty() {
         bail!("name at least one special token (the end-of-document token)");
     }
-    let alphabet = ByteLevel::alphabet();
-    let floor = alphabet.len() + args.special_tokens.len();
+    let floor = ByteLevel::alphabet().len() + args.special_tokens.len();
     if args.vocab_size < floor {
         bail!(
             "--vocab-size {} is below the {} byte tokens and {} special tokens it must hold",
             args.vocab_size,
-            alphabet.len(),
+            ByteLevel::alphabet().len(),
             args.special_tokens.len()
         );
     }
@@ -85,19 +94,27 @@ pub fn train(args: &TrainArgs) -> Result<Vec<PathBuf>> {
             bail!("`{}` exists; pass --overwrite to replace it", path_text(p));
         }
     }
-    let docs = corpus(args)?;
-    let special: Vec<AddedToken> = args
-        .special_tokens
+    Ok(targets)
+}
+
+/// The special tokens of `--special-tokens`, in order.
+fn special_tokens(args: &TrainArgs) -> Vec<AddedToken> {
+    args.special_tokens
         .iter()
         .map(|t| AddedToken::from(t.clone(), true))
-        .collect();
+        .collect()
+}
+
+/// A byte-level BPE tokenizer (GPT-2's scheme) trained on `docs`, with a spinner meanwhile.
+fn train_bpe(args: &TrainArgs, docs: &[String]) -> Result<Tokenizer> {
+    let special = special_tokens(args);
     let mut trainer = TrainerWrapper::BpeTrainer(
         BpeTrainerBuilder::new()
             .vocab_size(args.vocab_size)
             .min_frequency(args.min_frequency)
             .show_progress(false)
             .special_tokens(special.clone())
-            .initial_alphabet(alphabet.into_iter().collect())
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build(),
     );
     let mut tokenizer = Tokenizer::new(BPE::default());
@@ -115,49 +132,57 @@ pub fn train(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     spinner.finish_and_clear();
     trained.map_err(|e| anyhow::anyhow!("training failed: {e}"))?;
     tokenizer.add_special_tokens(&special);
+    Ok(tokenizer)
+}
 
+/// Writes [`TRAINED_FILES`] into `--out`: `tokenizer.json` and its config, and GPT-2's
+/// files through the model's own writer (in a hidden folder, then moved into place).
+fn write_files(args: &TrainArgs, tokenizer: &Tokenizer) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create `{}`", path_text(&args.out)))?;
     let json = tokenizer
         .to_string(true)
         .map_err(|e| anyhow::anyhow!("cannot serialize the tokenizer: {e}"))?;
-    // GPT-2's files, through the model's own writer, then moved into place with the rest.
     let staging = tempfile_dir(&args.out)?;
     let saved = tokenizer
         .get_model()
         .save(&staging, None)
         .map_err(|e| anyhow::anyhow!("cannot write vocab.json/merges.txt: {e}"));
-    let result = (|| -> Result<Vec<PathBuf>> {
+    let write = |name: &str, bytes: &[u8]| -> Result<()> {
+        let p = args.out.join(name);
+        crate::driver::write_atomic(&p, bytes)
+            .with_context(|| format!("cannot write `{}`", path_text(&p)))
+    };
+    let result = (|| -> Result<()> {
         saved?;
-        let eos = &args.special_tokens[0];
-        let config = serde_json::json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": eos,
-            "eos_token": eos,
-            "unk_token": eos,
-            "model_max_length": 1_000_000_000_000_000_000u64,
-            "add_prefix_space": false,
-            "clean_up_tokenization_spaces": false,
-        });
-        let write = |name: &str, bytes: &[u8]| -> Result<()> {
-            let p = args.out.join(name);
-            crate::driver::write_atomic(&p, bytes)
-                .with_context(|| format!("cannot write `{}`", path_text(&p)))
-        };
         write("tokenizer.json", json.as_bytes())?;
         write(
             "tokenizer_config.json",
-            format!("{}\n", serde_json::to_string_pretty(&config)?).as_bytes(),
+            format!("{}\n", serde_json::to_string_pretty(&config(args))?).as_bytes(),
         )?;
         for name in ["vocab.json", "merges.txt"] {
             let bytes = std::fs::read(staging.join(name))
                 .with_context(|| format!("cannot read the trainer's `{name}`"))?;
             write(name, &bytes)?;
         }
-        Ok(targets.clone())
+        Ok(())
     })();
     let _ = std::fs::remove_dir_all(&staging);
     result
+}
+
+/// `tokenizer_config.json`: the first special token is every role's token.
+fn config(args: &TrainArgs) -> serde_json::Value {
+    let eos = &args.special_tokens[0];
+    serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eos,
+        "eos_token": eos,
+        "unk_token": eos,
+        "model_max_length": 1_000_000_000_000_000_000u64,
+        "add_prefix_space": false,
+        "clean_up_tokenization_spaces": false,
+    })
 }
 
 /// A fresh hidden folder inside `out` for the model's own writer.

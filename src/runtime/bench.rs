@@ -189,19 +189,25 @@ fn experts_for(shape: &Shape, device: Device, kind: Kind) -> Result<Experts> {
     Ok(ex)
 }
 
+/// The expert MLP's activation of `h`, the first matmul's output; SwiGLU multiplies it by
+/// `up(w3)`, the third matmul (the baselines' one definition of the activation).
+fn activate(ex: &Experts, h: Tensor, up: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    Ok(match (&ex.act, &ex.w3) {
+        (Activation::Swiglu, Some(w3)) => h.f_silu()?.f_mul(&up(w3)?)?,
+        (Activation::Relu, _) => h.f_relu()?,
+        _ => h.f_gelu("none")?,
+    })
+}
+
 /// The expert MLP for a contiguous block of rows of one expert.
 fn mlp_rows(ex: &Experts, e: i64, x: &Tensor) -> Result<Tensor> {
     let kind = x.kind();
     let w1 = ex.w1.f_select(0, e)?.f_to_kind(kind)?;
     let w2 = ex.w2.f_select(0, e)?.f_to_kind(kind)?;
     let h = x.f_matmul(&w1)?;
-    let h = match (&ex.act, &ex.w3) {
-        (Activation::Swiglu, Some(w3)) => h
-            .f_silu()?
-            .f_mul(&x.f_matmul(&w3.f_select(0, e)?.f_to_kind(kind)?)?)?,
-        (Activation::Relu, _) => h.f_relu()?,
-        _ => h.f_gelu("none")?,
-    };
+    let h = activate(ex, h, |w3| {
+        Ok(x.f_matmul(&w3.f_select(0, e)?.f_to_kind(kind)?)?)
+    })?;
     Ok(h.f_matmul(&w2)?)
 }
 
@@ -230,76 +236,109 @@ pub fn forward(
     expert: &Tensor,
     weight: &Tensor,
 ) -> Result<Tensor> {
-    let (t, d) = x.size2()?;
-    let k = expert.size()[1];
     match imp {
         Implementation::Fmoec | Implementation::FmoecUnfused | Implementation::FmoecFp8 => {
             let fused = imp != Implementation::FmoecUnfused && fused_available(x.device());
             let plan = DispatchPlan::with_kernels(expert, ex.experts, false, fused)?;
             let ex = ex.with_fp8(imp == Implementation::FmoecFp8);
-            run_experts(&ex, x, &plan, weight, t)
+            run_experts(&ex, x, &plan, weight, x.size2()?.0)
         }
-        Implementation::Ops => {
-            let flat = expert.f_reshape([-1])?;
-            let order = flat.f_argsort_stable(true, 0, false)?;
-            let counts = flat.f_bincount(None::<Tensor>, ex.experts)?;
-            let offsets = counts.f_cumsum(0, Kind::Int)?;
-            let token = order.f_div_scalar_mode(k, "floor")?;
-            let xs = x.f_index_select(0, &token)?;
-            let gmm = |a: &Tensor, w: &Tensor| -> Result<Tensor> {
-                Ok(a.f_internal_grouped_mm(
-                    &w.f_to_kind(a.kind())?,
-                    Some(&offsets),
-                    None::<&Tensor>,
-                    None::<Kind>,
-                )?)
-            };
-            let h = gmm(&xs, &ex.w1)?;
-            let h = match (&ex.act, &ex.w3) {
-                (Activation::Swiglu, Some(w3)) => h.f_silu()?.f_mul(&gmm(&xs, w3)?)?,
-                (Activation::Relu, _) => h.f_relu()?,
-                _ => h.f_gelu("none")?,
-            };
-            let ys = gmm(&h, &ex.w2)?;
-            index_add_combine(&ys, weight, &order, &token, x)
-        }
-        Implementation::SortedLoop => {
-            let flat = expert.f_reshape([-1])?;
-            let order = flat.f_argsort_stable(true, 0, false)?;
-            let counts = Vec::<i64>::try_from(flat.f_bincount(None::<Tensor>, ex.experts)?)?;
-            let token = order.f_div_scalar_mode(k, "floor")?;
-            let xs = x.f_index_select(0, &token)?;
-            let mut parts = Vec::with_capacity(counts.len());
-            let mut start = 0;
-            for (e, &c) in counts.iter().enumerate() {
-                if c > 0 {
-                    parts.push(mlp_rows(ex, e as i64, &xs.f_narrow(0, start, c)?)?);
-                }
-                start += c;
-            }
-            let ys = Tensor::f_cat(&parts, 0)?;
-            index_add_combine(&ys, weight, &order, &token, x)
-        }
-        Implementation::NaiveLoop => {
-            let mut out = Tensor::f_zeros([t, d], (x.kind(), x.device()))?;
-            for e in 0..ex.experts {
-                let hit = expert.f_eq(e)?;
-                let rows = hit.f_nonzero()?; // [n, 2]: (token, slot)
-                if rows.size()[0] == 0 {
-                    continue;
-                }
-                let tok = rows.f_select(1, 0)?;
-                let slot = rows.f_select(1, 1)?;
-                let w =
-                    weight
-                        .f_index_select(0, &tok)?
-                        .f_gather(1, &slot.f_unsqueeze(1)?, false)?;
-                let y = mlp_rows(ex, e, &x.f_index_select(0, &tok)?)?;
-                out = out.f_index_add(0, &tok, &y.f_mul(&w.f_to_kind(y.kind())?)?)?;
-            }
-            Ok(out)
-        }
+        Implementation::Ops => forward_ops(ex, x, expert, weight),
+        Implementation::SortedLoop => forward_sorted_loop(ex, x, expert, weight),
+        Implementation::NaiveLoop => forward_naive_loop(ex, x, expert, weight),
     }
+}
+
+/// The baselines' dispatch: the `[T·k]` slots sorted by expert (stable), each slot's token,
+/// and the tokens' rows of `x` in that order.
+struct SortedSlots {
+    /// The flat expert index of every slot, `[T·k]`.
+    flat: Tensor,
+    order: Tensor,
+    token: Tensor,
+    xs: Tensor,
+}
+
+impl SortedSlots {
+    fn new(x: &Tensor, expert: &Tensor) -> Result<SortedSlots> {
+        let k = expert.size()[1];
+        let flat = expert.f_reshape([-1])?;
+        let order = flat.f_argsort_stable(true, 0, false)?;
+        let token = order.f_div_scalar_mode(k, "floor")?;
+        let xs = x.f_index_select(0, &token)?;
+        Ok(SortedSlots {
+            flat,
+            order,
+            token,
+            xs,
+        })
+    }
+}
+
+/// `ops`: bincount, then the grouped matmul over every expert's rows at once.
+fn forward_ops(ex: &Experts, x: &Tensor, expert: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let sorted = SortedSlots::new(x, expert)?;
+    let counts = sorted.flat.f_bincount(None::<Tensor>, ex.experts)?;
+    let offsets = counts.f_cumsum(0, Kind::Int)?;
+    let gmm = |a: &Tensor, w: &Tensor| -> Result<Tensor> {
+        Ok(a.f_internal_grouped_mm(
+            &w.f_to_kind(a.kind())?,
+            Some(&offsets),
+            None::<&Tensor>,
+            None::<Kind>,
+        )?)
+    };
+    let xs = &sorted.xs;
+    let h = activate(ex, gmm(xs, &ex.w1)?, |w3| gmm(xs, w3))?;
+    let ys = gmm(&h, &ex.w2)?;
+    index_add_combine(&ys, weight, &sorted.order, &sorted.token, x)
+}
+
+/// `sorted-loop`: the counts read on the host, one matmul per expert over its rows.
+fn forward_sorted_loop(
+    ex: &Experts,
+    x: &Tensor,
+    expert: &Tensor,
+    weight: &Tensor,
+) -> Result<Tensor> {
+    let sorted = SortedSlots::new(x, expert)?;
+    let counts = Vec::<i64>::try_from(sorted.flat.f_bincount(None::<Tensor>, ex.experts)?)?;
+    let mut parts = Vec::with_capacity(counts.len());
+    let mut start = 0;
+    for (e, &c) in counts.iter().enumerate() {
+        if c > 0 {
+            parts.push(mlp_rows(ex, e as i64, &sorted.xs.f_narrow(0, start, c)?)?);
+        }
+        start += c;
+    }
+    let ys = Tensor::f_cat(&parts, 0)?;
+    index_add_combine(&ys, weight, &sorted.order, &sorted.token, x)
+}
+
+/// `naive-loop`: for each expert, its tokens found with `nonzero`, run, and added back.
+fn forward_naive_loop(
+    ex: &Experts,
+    x: &Tensor,
+    expert: &Tensor,
+    weight: &Tensor,
+) -> Result<Tensor> {
+    let (t, d) = x.size2()?;
+    let mut out = Tensor::f_zeros([t, d], (x.kind(), x.device()))?;
+    for e in 0..ex.experts {
+        let hit = expert.f_eq(e)?;
+        let rows = hit.f_nonzero()?; // [n, 2]: (token, slot)
+        if rows.size()[0] == 0 {
+            continue;
+        }
+        let tok = rows.f_select(1, 0)?;
+        let slot = rows.f_select(1, 1)?;
+        let w = weight
+            .f_index_select(0, &tok)?
+            .f_gather(1, &slot.f_unsqueeze(1)?, false)?;
+        let y = mlp_rows(ex, e, &x.f_index_select(0, &tok)?)?;
+        out = out.f_index_add(0, &tok, &y.f_mul(&w.f_to_kind(y.kind())?)?)?;
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -465,52 +504,14 @@ pub struct StageRow {
     pub glue_bytes: f64,
 }
 
-fn stage_row(
-    ex: &Experts,
-    shape: &Shape,
-    routing: RoutingKind,
-    x: &Tensor,
-    expert: &Tensor,
-    weight: &Tensor,
-    opts: &Options,
-) -> Result<StageRow> {
-    let names = ["plan", "dispatch", "mm1", "activation", "mm2", "combine"];
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
-    let gmm = |a: &Tensor, w: &Tensor, plan: &DispatchPlan| -> Result<Tensor> {
-        Ok(a.f_internal_grouped_mm(
-            &w.f_to_kind(a.kind())?,
-            Some(&plan.offsets),
-            None::<&Tensor>,
-            None::<Kind>,
-        )?)
-    };
-    let t = shape.tokens;
-    for i in 0..opts.warmup + opts.iterations {
-        let xg = x.f_detach()?.f_set_requires_grad(true)?;
-        let mut marks = vec![mark(opts.device)?];
-        let plan = DispatchPlan::new(expert, ex.experts, false)?;
-        marks.push(mark(opts.device)?);
-        let xs = dispatch(&xg, &plan)?;
-        marks.push(mark(opts.device)?);
-        let h1 = gmm(&xs, &ex.w1, &plan)?;
-        let h3 = match &ex.w3 {
-            Some(w3) => Some(gmm(&xs, w3, &plan)?),
-            None => None,
-        };
-        marks.push(mark(opts.device)?);
-        let h = ex.activation(h1, h3, &plan)?;
-        marks.push(mark(opts.device)?);
-        let ys = gmm(&h, &ex.w2, &plan)?;
-        marks.push(mark(opts.device)?);
-        let _out = combine(&ys, &plan, weight, t)?;
-        marks.push(mark(opts.device)?);
-        if i >= opts.warmup {
-            for (j, s) in samples.iter_mut().enumerate() {
-                s.push(between(&marks[j], &marks[j + 1])?);
-            }
-        }
-    }
-    let elem = match opts.kind {
+/// The stages of [`StageRow`], in order.
+const STAGES: [&str; 6] = ["plan", "dispatch", "mm1", "activation", "mm2", "combine"];
+
+/// Bytes the elementwise stages of `shape`'s forward move at least, in `kind`: dispatch
+/// writes N·d (and reads T·d); the activation reads m-1 inputs of N·h and writes N·h;
+/// combine reads N·d and writes T·d.
+fn glue_bytes(shape: &Shape, kind: Kind) -> f64 {
+    let elem = match kind {
         Kind::BFloat16 => 2.0,
         _ => 4.0,
     };
@@ -519,20 +520,9 @@ fn stage_row(
         shape.width as f64,
         shape.hidden as f64,
     );
-    // dispatch: write N·d (+ read T·d); activation: read m-1 inputs of N·h, write N·h;
-    // combine: read N·d, write T·d
+    let t = shape.tokens as f64;
     let act_inputs = (shape.act.matrices() - 1) as f64;
-    let glue = elem * (n * d + t as f64 * d + (act_inputs + 1.0) * n * h + n * d + t as f64 * d);
-    Ok(StageRow {
-        shape: shape.clone(),
-        routing,
-        stages: names
-            .iter()
-            .zip(samples)
-            .map(|(n, s)| (n.to_string(), timing(s).median_ms))
-            .collect(),
-        glue_bytes: glue,
-    })
+    elem * (n * d + t * d + (act_inputs + 1.0) * n * h + n * d + t * d)
 }
 
 /// Times an `n³` matmul in `kind`: the dense ceiling of this process.
@@ -667,129 +657,14 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
     let mut stages = Vec::new();
     for shape in &opts.shapes {
         for &routing in &opts.routings {
-            let ex = experts_for(shape, opts.device, opts.kind)?;
-            let (expert, weight) = make_routing(shape, routing, opts.device)?;
-            let counts = Vec::<f64>::try_from(
-                expert
-                    .f_reshape([-1])?
-                    .f_bincount(None::<Tensor>, shape.experts)?
-                    .f_to_kind(Kind::Double)?,
-            )?;
-            let mean = counts.iter().sum::<f64>() / counts.len() as f64;
-            let max_over_mean = counts.iter().cloned().fold(0.0, f64::max) / mean;
-            let x = Tensor::f_randn([shape.tokens, shape.width], (opts.kind, opts.device))?;
-            let grad = Tensor::f_randn([shape.tokens, shape.width], (opts.kind, opts.device))?;
-            // f32 reference: the same weights upcast, one expert at a time
-            let reference = tch::no_grad(|| -> Result<Tensor> {
-                let ex32 = Experts {
-                    experts: ex.experts,
-                    act: ex.act,
-                    w1: ex.w1.f_to_kind(Kind::Float)?,
-                    w2: ex.w2.f_to_kind(Kind::Float)?,
-                    w3: ex.w3.as_ref().map(|w| w.to_kind(Kind::Float)),
-                    b1: None,
-                    b2: None,
-                    path: ExpertPath::Loop,
-                    fp8: false,
-                };
-                forward(
-                    Implementation::SortedLoop,
-                    &ex32,
-                    &x.f_to_kind(Kind::Float)?,
-                    &expert,
-                    &weight,
-                )
-            })?;
+            let case = Case::new(shape, routing, opts)?;
             for &imp in &opts.implementations {
-                reset_peak(opts.device)?;
-                let out = tch::no_grad(|| forward(imp, &ex, &x, &expert, &weight))?;
-                let err = rel_error(&out, &reference)?;
-                drop(out);
-                // FP8: the weights' copies are made in the first iteration and reused, as
-                // within a training step
-                let fp8 = imp == Implementation::FmoecFp8;
-                if fp8 {
-                    crate::runtime::cast::begin_step()?;
-                }
-                let (mut fwd, mut bwd, mut both) = (Vec::new(), Vec::new(), Vec::new());
-                let inputs = |xg: &Tensor| -> Vec<Tensor> {
-                    [Some(xg), Some(&ex.w1), Some(&ex.w2), ex.w3.as_ref()]
-                        .into_iter()
-                        .flatten()
-                        .map(|t| t.shallow_clone())
-                        .collect()
-                };
-                let mut sampler = None;
-                for i in 0..opts.warmup + opts.iterations {
-                    if i == opts.warmup {
-                        // the warm-up's work done, the GPU is sampled over the timed
-                        // iterations alone
-                        sync(opts.device);
-                        sampler = crate::runtime::telemetry::sample(opts.device);
-                    }
-                    let xg = x.f_detach()?.f_set_requires_grad(true)?;
-                    let t0 = mark(opts.device)?;
-                    let out = forward(imp, &ex, &xg, &expert, &weight)?;
-                    let t1 = mark(opts.device)?;
-                    // the backward seed Σ out · grad adds one elementwise pass over [T, d];
-                    // gradients are returned, not accumulated into `.grad` (as after
-                    // PyTorch's default `zero_grad(set_to_none=True)`)
-                    let seed = out.f_mul(&grad)?.f_sum(opts.kind)?;
-                    let grads = Tensor::f_run_backward(&[&seed], &inputs(&xg), false, false)?;
-                    let t2 = mark(opts.device)?;
-                    drop(grads);
-                    if i >= opts.warmup {
-                        fwd.push(between(&t0, &t1)?);
-                        bwd.push(between(&t1, &t2)?);
-                        both.push(between(&t0, &t2)?);
-                    }
-                    drop(out);
-                }
-                sync(opts.device);
-                let gpu = sampler.and_then(|s| s.finish());
-                // the op-by-op iterations' peak (the graph's memory comes on top)
-                let peak_memory_bytes = peak_bytes(opts.device)?;
-                // the graph reads this step's FP8 weight copies, as a training step's does
-                let graph = if opts.cuda_graph {
-                    Some(graph_timing(opts, || {
-                        let xg = x.f_detach()?.f_set_requires_grad(true)?;
-                        let out = forward(imp, &ex, &xg, &expert, &weight)?;
-                        let seed = out.f_mul(&grad)?.f_sum(opts.kind)?;
-                        let grads = Tensor::f_run_backward(&[&seed], &inputs(&xg), false, false)?;
-                        Ok((out, grads))
-                    })?)
-                } else {
-                    None
-                };
-                let fp8_weight_copies_ms = if fp8 {
-                    fp8_step_end(opts.device)?
-                } else {
-                    None
-                };
-                let (fwd, bwd, both) = (timing(fwd), timing(bwd), timing(both));
-                let flops = shape.forward_flops();
-                let row = Row {
-                    shape: shape.clone(),
-                    routing,
-                    implementation: imp,
-                    forward_tflops: flops / (fwd.median_ms * 1e-3) / 1e12,
-                    forward_backward_tflops: 3.0 * flops / (both.median_ms * 1e-3) / 1e12,
-                    tokens_per_s: shape.tokens as f64 / (both.median_ms * 1e-3),
-                    forward: fwd,
-                    backward: bwd,
-                    forward_backward: both,
-                    rel_error: err,
-                    max_over_mean_load: max_over_mean,
-                    peak_memory_bytes,
-                    fp8_weight_copies_ms,
-                    graph,
-                    gpu,
-                };
+                let row = case.row(imp, opts)?;
                 progress(&row);
                 rows.push(row);
             }
             if opts.stages {
-                stages.push(stage_row(&ex, shape, routing, &x, &expert, &weight, opts)?);
+                stages.push(case.stage_row(opts)?);
             }
         }
     }
@@ -809,12 +684,281 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> Result<Report> {
     })
 }
 
+/// One (shape, routing): the experts, the routing, the input and backward seed every
+/// implementation of the case is given, and the f32 reference they are checked against.
+struct Case<'a> {
+    shape: &'a Shape,
+    routing: RoutingKind,
+    ex: Experts,
+    expert: Tensor,
+    weight: Tensor,
+    x: Tensor,
+    /// The gradient of the output the backward starts from.
+    grad: Tensor,
+    /// The f32 per-expert output, for each row's `rel_error`.
+    reference: Tensor,
+    max_over_mean: f64,
+}
+
+/// A row's op-by-op iterations: the timed samples (ms) and what was measured around them.
+struct OpByOp {
+    forward: Vec<f64>,
+    backward: Vec<f64>,
+    both: Vec<f64>,
+    gpu: Option<crate::runtime::telemetry::Summary>,
+    peak_memory_bytes: Option<i64>,
+}
+
+impl<'a> Case<'a> {
+    fn new(shape: &'a Shape, routing: RoutingKind, opts: &Options) -> Result<Case<'a>> {
+        let ex = experts_for(shape, opts.device, opts.kind)?;
+        let (expert, weight) = make_routing(shape, routing, opts.device)?;
+        let counts = Vec::<f64>::try_from(
+            expert
+                .f_reshape([-1])?
+                .f_bincount(None::<Tensor>, shape.experts)?
+                .f_to_kind(Kind::Double)?,
+        )?;
+        let mean = counts.iter().sum::<f64>() / counts.len() as f64;
+        let max_over_mean = counts.iter().cloned().fold(0.0, f64::max) / mean;
+        let x = Tensor::f_randn([shape.tokens, shape.width], (opts.kind, opts.device))?;
+        let grad = Tensor::f_randn([shape.tokens, shape.width], (opts.kind, opts.device))?;
+        let reference = reference_output(&ex, &x, &expert, &weight)?;
+        Ok(Case {
+            shape,
+            routing,
+            ex,
+            expert,
+            weight,
+            x,
+            grad,
+            reference,
+            max_over_mean,
+        })
+    }
+
+    /// Checks `imp` against the reference, times it op by op (and as a CUDA graph with
+    /// `--cuda-graph`), and returns its row.
+    fn row(&self, imp: Implementation, opts: &Options) -> Result<Row> {
+        reset_peak(opts.device)?;
+        let out = tch::no_grad(|| self.forward(imp, &self.x))?;
+        let err = rel_error(&out, &self.reference)?;
+        drop(out);
+        // FP8: the weights' copies are made in the first iteration and reused, as within a
+        // training step
+        let fp8 = imp == Implementation::FmoecFp8;
+        if fp8 {
+            crate::runtime::cast::begin_step()?;
+        }
+        let timed = self.op_by_op(imp, opts)?;
+        // the graph reads this step's FP8 weight copies, as a training step's does
+        let graph = if opts.cuda_graph {
+            Some(graph_timing(opts, || {
+                let xg = self.x.f_detach()?.f_set_requires_grad(true)?;
+                let out = self.forward(imp, &xg)?;
+                let grads = self.backward(&out, &xg, opts)?;
+                Ok((out, grads))
+            })?)
+        } else {
+            None
+        };
+        let fp8_weight_copies_ms = if fp8 {
+            fp8_step_end(opts.device)?
+        } else {
+            None
+        };
+        let (fwd, bwd, both) = (
+            timing(timed.forward),
+            timing(timed.backward),
+            timing(timed.both),
+        );
+        let flops = self.shape.forward_flops();
+        Ok(Row {
+            shape: self.shape.clone(),
+            routing: self.routing,
+            implementation: imp,
+            forward_tflops: flops / (fwd.median_ms * 1e-3) / 1e12,
+            forward_backward_tflops: 3.0 * flops / (both.median_ms * 1e-3) / 1e12,
+            tokens_per_s: self.shape.tokens as f64 / (both.median_ms * 1e-3),
+            forward: fwd,
+            backward: bwd,
+            forward_backward: both,
+            rel_error: err,
+            max_over_mean_load: self.max_over_mean,
+            peak_memory_bytes: timed.peak_memory_bytes,
+            fp8_weight_copies_ms,
+            graph,
+            gpu: timed.gpu,
+        })
+    }
+
+    fn forward(&self, imp: Implementation, x: &Tensor) -> Result<Tensor> {
+        forward(imp, &self.ex, x, &self.expert, &self.weight)
+    }
+
+    /// The backward of `out` from the seed Σ out · grad (one elementwise pass over `[T, d]`):
+    /// the gradients of the input `xg` and the weights, returned, not accumulated into
+    /// `.grad` (as after PyTorch's default `zero_grad(set_to_none=True)`).
+    fn backward(&self, out: &Tensor, xg: &Tensor, opts: &Options) -> Result<Vec<Tensor>> {
+        let seed = out.f_mul(&self.grad)?.f_sum(opts.kind)?;
+        let ex = &self.ex;
+        let inputs: Vec<Tensor> = [Some(xg), Some(&ex.w1), Some(&ex.w2), ex.w3.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|t| t.shallow_clone())
+            .collect();
+        Ok(Tensor::f_run_backward(&[&seed], &inputs, false, false)?)
+    }
+
+    /// The warm-up and timed iterations of `imp` op by op, the GPU sampled over the timed
+    /// ones, and the peak memory of them all.
+    fn op_by_op(&self, imp: Implementation, opts: &Options) -> Result<OpByOp> {
+        let (mut fwd, mut bwd, mut both) = (Vec::new(), Vec::new(), Vec::new());
+        let mut sampler = None;
+        for i in 0..opts.warmup + opts.iterations {
+            if i == opts.warmup {
+                // the warm-up's work done, the GPU is sampled over the timed iterations alone
+                sync(opts.device);
+                sampler = crate::runtime::telemetry::sample(opts.device);
+            }
+            let xg = self.x.f_detach()?.f_set_requires_grad(true)?;
+            let t0 = mark(opts.device)?;
+            let out = self.forward(imp, &xg)?;
+            let t1 = mark(opts.device)?;
+            let grads = self.backward(&out, &xg, opts)?;
+            let t2 = mark(opts.device)?;
+            drop(grads);
+            if i >= opts.warmup {
+                fwd.push(between(&t0, &t1)?);
+                bwd.push(between(&t1, &t2)?);
+                both.push(between(&t0, &t2)?);
+            }
+            drop(out);
+        }
+        sync(opts.device);
+        let gpu = sampler.and_then(|s| s.finish());
+        // the op-by-op iterations' peak (the graph's memory comes on top)
+        let peak_memory_bytes = peak_bytes(opts.device)?;
+        Ok(OpByOp {
+            forward: fwd,
+            backward: bwd,
+            both,
+            gpu,
+            peak_memory_bytes,
+        })
+    }
+
+    /// The `fmoec` forward of the case stage by stage (see [`StageRow`]).
+    fn stage_row(&self, opts: &Options) -> Result<StageRow> {
+        let samples = self.stage_samples(opts)?;
+        Ok(StageRow {
+            shape: self.shape.clone(),
+            routing: self.routing,
+            stages: STAGES
+                .iter()
+                .zip(samples)
+                .map(|(n, s)| (n.to_string(), timing(s).median_ms))
+                .collect(),
+            glue_bytes: glue_bytes(self.shape, opts.kind),
+        })
+    }
+
+    /// Each stage's timed samples (ms), a mark between every two stages.
+    fn stage_samples(&self, opts: &Options) -> Result<Vec<Vec<f64>>> {
+        let ex = &self.ex;
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); STAGES.len()];
+        let gmm = |a: &Tensor, w: &Tensor, plan: &DispatchPlan| -> Result<Tensor> {
+            Ok(a.f_internal_grouped_mm(
+                &w.f_to_kind(a.kind())?,
+                Some(&plan.offsets),
+                None::<&Tensor>,
+                None::<Kind>,
+            )?)
+        };
+        for i in 0..opts.warmup + opts.iterations {
+            let xg = self.x.f_detach()?.f_set_requires_grad(true)?;
+            let mut marks = vec![mark(opts.device)?];
+            let plan = DispatchPlan::new(&self.expert, ex.experts, false)?;
+            marks.push(mark(opts.device)?);
+            let xs = dispatch(&xg, &plan)?;
+            marks.push(mark(opts.device)?);
+            let h1 = gmm(&xs, &ex.w1, &plan)?;
+            let h3 = match &ex.w3 {
+                Some(w3) => Some(gmm(&xs, w3, &plan)?),
+                None => None,
+            };
+            marks.push(mark(opts.device)?);
+            let h = ex.activation(h1, h3, &plan)?;
+            marks.push(mark(opts.device)?);
+            let ys = gmm(&h, &ex.w2, &plan)?;
+            marks.push(mark(opts.device)?);
+            let _out = combine(&ys, &plan, &self.weight, self.shape.tokens)?;
+            marks.push(mark(opts.device)?);
+            if i >= opts.warmup {
+                for (j, s) in samples.iter_mut().enumerate() {
+                    s.push(between(&marks[j], &marks[j + 1])?);
+                }
+            }
+        }
+        Ok(samples)
+    }
+}
+
+/// The f32 reference of a case: the same weights upcast, one expert at a time.
+fn reference_output(ex: &Experts, x: &Tensor, expert: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    tch::no_grad(|| -> Result<Tensor> {
+        let ex32 = Experts {
+            experts: ex.experts,
+            act: ex.act,
+            w1: ex.w1.f_to_kind(Kind::Float)?,
+            w2: ex.w2.f_to_kind(Kind::Float)?,
+            w3: ex.w3.as_ref().map(|w| w.to_kind(Kind::Float)),
+            b1: None,
+            b2: None,
+            path: ExpertPath::Loop,
+            fp8: false,
+        };
+        forward(
+            Implementation::SortedLoop,
+            &ex32,
+            &x.f_to_kind(Kind::Float)?,
+            expert,
+            weight,
+        )
+    })
+}
+
 /// The side-by-side table: one line per (shape, routing, implementation), with the ratio to
 /// the `ops` row (the libtorch-ops baseline) of the same shape and routing and to the dense
-/// ceiling.
+/// ceiling; then the tables of what was also measured.
 pub fn render(report: &Report) -> String {
-    use std::fmt::Write;
     let mut s = String::new();
+    render_rows(report, &mut s);
+    render_graph_rows(report, &mut s);
+    render_fp8_rows(report, &mut s);
+    render_gpu(report, &mut s);
+    render_stages(report, &mut s);
+    s
+}
+
+impl Row {
+    /// Whether `other` is `imp`'s row of this row's shape and routing.
+    fn same_case(&self, other: &Row, imp: Implementation) -> bool {
+        other.implementation == imp
+            && other.routing == self.routing
+            && other.shape.name == self.shape.name
+            && other.shape.act == self.shape.act
+    }
+}
+
+/// `imp`'s row of `r`'s shape and routing, if the report has one.
+fn row_of<'r>(report: &'r Report, r: &Row, imp: Implementation) -> Option<&'r Row> {
+    report.rows.iter().find(|o| r.same_case(o, imp))
+}
+
+/// The heading and the op-by-op rows.
+fn render_rows(report: &Report, s: &mut String) {
+    use std::fmt::Write;
     let _ = writeln!(
         s,
         "device {}  dtype {}  timer {}  {} timed iterations  dense 8192^3 matmul {:.0} TFLOP/s",
@@ -841,20 +985,16 @@ pub fn render(report: &Report) -> String {
         "rel err"
     );
     for r in &report.rows {
-        let ops = report.rows.iter().find(|o| {
-            o.implementation == Implementation::Ops
-                && o.routing == r.routing
-                && o.shape.name == r.shape.name
-                && o.shape.act == r.shape.act
-        });
-        let ratio = ops.map(|o| o.forward_backward.median_ms / r.forward_backward.median_ms);
-        let own = report.rows.iter().find(|o| {
-            o.implementation == Implementation::Fmoec
-                && o.routing == r.routing
-                && o.shape.name == r.shape.name
-                && o.shape.act == r.shape.act
-        });
-        let own_ratio = own.map(|o| o.forward_backward.median_ms / r.forward_backward.median_ms);
+        let ratio_to = |imp: Implementation| {
+            row_of(report, r, imp)
+                .map(|o| {
+                    format!(
+                        "{:.2}x",
+                        o.forward_backward.median_ms / r.forward_backward.median_ms
+                    )
+                })
+                .unwrap_or_default()
+        };
         let _ = writeln!(
             s,
             "{} {:>8.3} {:>8.3} {:>8.3} {:>17} {:>7.1} {:>7.1} {:>6.1}% {:>9.3e} {:>8} {:>8} {:>8} {:>9.2e}",
@@ -870,103 +1010,108 @@ pub fn render(report: &Report) -> String {
             r.peak_memory_bytes
                 .map(|b| format!("{:.0}", b as f64 / (1u64 << 20) as f64))
                 .unwrap_or_else(|| "-".to_string()),
-            ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
-            own_ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
+            ratio_to(Implementation::Ops),
+            ratio_to(Implementation::Fmoec),
             r.rel_error,
         );
     }
-    render_graph_rows(report, &mut s);
+}
+
+/// The `fmoec-fp8` rows' weight copies, and whether the planner would take FP8 for them.
+fn render_fp8_rows(report: &Report, s: &mut String) {
+    use std::fmt::Write;
     let fp8_rows: Vec<&Row> = report
         .rows
         .iter()
         .filter(|r| r.fp8_weight_copies_ms.is_some())
         .collect();
-    if !fp8_rows.is_empty() {
-        let _ = writeln!(
-            s,
-            "\nfmoec-fp8: the expert matmuls on FP8 operands (bf16 out); \"x fmoec\" is the speed-up over \
-             fmoec's bf16 layer. Not in the times: the weights' FP8 copies, made once per training \
-             step; and whether `precision = fp8` would take FP8 for such a layer on an h100_sxm \
-             (the planner's estimate; elsewhere it falls back to bf16):"
-        );
-        let h100 = crate::check::hardware_profile("h100_sxm");
-        for r in fp8_rows {
-            let sh = &r.shape;
-            let pays = h100.as_ref().map(|hw| {
-                crate::plan::cost::fp8_pays_for_experts(
-                    hw,
-                    sh.width as u64,
-                    sh.hidden as u64,
-                    sh.act,
-                    (sh.tokens * sh.top_k) as f64,
-                    sh.experts as u64,
-                )
-            });
-            let _ = writeln!(
-                s,
-                "  {:<9} {:<7} {:<11} weight copies {:.3} ms per step; on h100_sxm: {}",
-                sh.name,
-                format!("{:?}", sh.act).to_lowercase(),
-                label(serde_json::to_value(r.routing)),
-                r.fp8_weight_copies_ms.unwrap_or(0.0),
-                match pays {
-                    Some(true) => "fp8",
-                    Some(false) => "bf16 (fp8 would not pay)",
-                    None => "?",
-                }
-            );
-        }
+    if fp8_rows.is_empty() {
+        return;
     }
-    render_gpu(report, &mut s);
-    if !report.stages.is_empty() {
+    let _ = writeln!(
+        s,
+        "\nfmoec-fp8: the expert matmuls on FP8 operands (bf16 out); \"x fmoec\" is the speed-up over \
+         fmoec's bf16 layer. Not in the times: the weights' FP8 copies, made once per training \
+         step; and whether `precision = fp8` would take FP8 for such a layer on an h100_sxm \
+         (the planner's estimate; elsewhere it falls back to bf16):"
+    );
+    let h100 = crate::check::hardware_profile("h100_sxm");
+    for r in fp8_rows {
+        let sh = &r.shape;
+        let pays = h100.as_ref().map(|hw| {
+            crate::plan::cost::fp8_pays_for_experts(
+                hw,
+                sh.width as u64,
+                sh.hidden as u64,
+                sh.act,
+                (sh.tokens * sh.top_k) as f64,
+                sh.experts as u64,
+            )
+        });
         let _ = writeln!(
             s,
-            "\nfmoec forward by stage (median ms, each stage timed alone; glue = dispatch + activation + combine)"
+            "  {} weight copies {:.3} ms per step; on h100_sxm: {}",
+            case_head(sh, r.routing),
+            r.fp8_weight_copies_ms.unwrap_or(0.0),
+            match pays {
+                Some(true) => "fp8",
+                Some(false) => "bf16 (fp8 would not pay)",
+                None => "?",
+            }
         );
-        let _ = writeln!(
-            s,
-            "{:<9} {:<7} {:<11} {:>8} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>10}",
-            "shape",
-            "act",
-            "routing",
-            "plan",
-            "dispatch",
-            "mm1",
-            "activation",
-            "mm2",
-            "combine",
-            "sum",
-            "glue GB",
-            "glue GB/s"
-        );
-        for r in &report.stages {
-            let get = |n: &str| {
-                r.stages
-                    .iter()
-                    .find(|(k, _)| k == n)
-                    .map(|(_, v)| *v)
-                    .unwrap_or(0.0)
-            };
-            let glue_ms = get("dispatch") + get("activation") + get("combine");
-            let _ = writeln!(
-                s,
-                "{:<9} {:<7} {:<11} {:>8.3} {:>9.3} {:>8.3} {:>10.3} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>10.0}",
-                r.shape.name,
-                format!("{:?}", r.shape.act).to_lowercase(),
-                label(serde_json::to_value(r.routing)),
-                get("plan"),
-                get("dispatch"),
-                get("mm1"),
-                get("activation"),
-                get("mm2"),
-                get("combine"),
-                r.stages.iter().map(|(_, v)| v).sum::<f64>(),
-                r.glue_bytes / 1e9,
-                r.glue_bytes / 1e9 / (glue_ms * 1e-3),
-            );
-        }
     }
-    s
+}
+
+/// With `--stages`: the `fmoec` forward of each case stage by stage.
+fn render_stages(report: &Report, s: &mut String) {
+    use std::fmt::Write;
+    if report.stages.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nfmoec forward by stage (median ms, each stage timed alone; glue = dispatch + activation + combine)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<9} {:<7} {:<11} {:>8} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>10}",
+        "shape",
+        "act",
+        "routing",
+        "plan",
+        "dispatch",
+        "mm1",
+        "activation",
+        "mm2",
+        "combine",
+        "sum",
+        "glue GB",
+        "glue GB/s"
+    );
+    for r in &report.stages {
+        let get = |n: &str| {
+            r.stages
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| *v)
+                .unwrap_or(0.0)
+        };
+        let glue_ms = get("dispatch") + get("activation") + get("combine");
+        let _ = writeln!(
+            s,
+            "{} {:>8.3} {:>9.3} {:>8.3} {:>10.3} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>10.0}",
+            case_head(&r.shape, r.routing),
+            get("plan"),
+            get("dispatch"),
+            get("mm1"),
+            get("activation"),
+            get("mm2"),
+            get("combine"),
+            r.stages.iter().map(|(_, v)| v).sum::<f64>(),
+            r.glue_bytes / 1e9,
+            r.glue_bytes / 1e9 / (glue_ms * 1e-3),
+        );
+    }
 }
 
 /// A routing's or implementation's name as the command line spells it (its serde name).
@@ -976,13 +1121,21 @@ fn label(v: serde_json::Result<serde_json::Value>) -> String {
         .unwrap_or_default()
 }
 
+/// A case's shape, activation and routing, as the tables' first columns.
+fn case_head(shape: &Shape, routing: RoutingKind) -> String {
+    format!(
+        "{:<9} {:<7} {:<11}",
+        shape.name,
+        format!("{:?}", shape.act).to_lowercase(),
+        label(serde_json::to_value(routing)),
+    )
+}
+
 /// A row's shape, activation, routing and implementation, as the tables' first columns.
 fn row_head(r: &Row) -> String {
     format!(
-        "{:<9} {:<7} {:<11} {:<12}",
-        r.shape.name,
-        format!("{:?}", r.shape.act).to_lowercase(),
-        label(serde_json::to_value(r.routing)),
+        "{} {:<12}",
+        case_head(&r.shape, r.routing),
         label(serde_json::to_value(r.implementation)),
     )
 }
@@ -1050,12 +1203,6 @@ fn render_graph_rows(report: &Report, s: &mut String) {
         Some(GraphTiming::Replayed(t)) => Some(t.median_ms),
         _ => None,
     };
-    let same_case = |o: &Row, r: &Row, imp: Implementation| {
-        o.implementation == imp
-            && o.routing == r.routing
-            && o.shape.name == r.shape.name
-            && o.shape.act == r.shape.act
-    };
     for r in &report.rows {
         let head = row_head(r);
         match &r.graph {
@@ -1065,10 +1212,7 @@ fn render_graph_rows(report: &Report, s: &mut String) {
             }
             Some(GraphTiming::Replayed(t)) => {
                 let ratio_to = |imp: Implementation| {
-                    report
-                        .rows
-                        .iter()
-                        .find(|o| same_case(o, r, imp))
+                    row_of(report, r, imp)
                         .and_then(replayed)
                         .map(|o| format!("{:.2}x", o / t.median_ms))
                         .unwrap_or_default()
@@ -1093,6 +1237,55 @@ fn render_graph_rows(report: &Report, s: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ms` as a row's timing, its p10 and p90 around it.
+    fn timing_of(ms: f64) -> Timing {
+        Timing {
+            median_ms: ms,
+            p10_ms: ms * 0.9,
+            p90_ms: ms * 1.25,
+        }
+    }
+
+    /// A row of `both` ms forward + backward (a third of it forward), the other figures
+    /// derived from that.
+    fn fixed_row(
+        shape: &Shape,
+        routing: RoutingKind,
+        implementation: Implementation,
+        both: f64,
+    ) -> Row {
+        Row {
+            shape: shape.clone(),
+            routing,
+            implementation,
+            forward: timing_of(both / 3.0),
+            backward: timing_of(both * 2.0 / 3.0),
+            forward_backward: timing_of(both),
+            forward_tflops: 12.5 / both,
+            forward_backward_tflops: 37.5 / both,
+            tokens_per_s: 64.0 / (both * 1e-3),
+            rel_error: 1.5e-6 * both,
+            max_over_mean_load: 1.0,
+            peak_memory_bytes: Some((both * 1048576.0) as i64),
+            fp8_weight_copies_ms: None,
+            graph: None,
+            gpu: None,
+        }
+    }
+
+    /// A report of a GPU run timed with CUDA events.
+    fn gpu_report(iterations: usize, dense_ceiling_tflops: f64, rows: Vec<Row>) -> Report {
+        Report {
+            device: "Cuda(0)".into(),
+            dtype: "BFloat16".into(),
+            iterations,
+            timer: "cuda-events".into(),
+            stages: vec![],
+            dense_ceiling_tflops,
+            rows,
+        }
+    }
 
     #[test]
     fn implementations_agree_on_cpu() {
@@ -1180,6 +1373,80 @@ mod tests {
         assert!(!table.contains("CUDA graph"), "{table}");
     }
 
+    /// A report with every table `render` draws (op by op, CUDA graphs, FP8 weight copies,
+    /// GPU clocks, stages) and one with the op-by-op table alone, rendered from fixed numbers:
+    /// the snapshot holds the whole text, spacing included.
+    #[test]
+    fn render_draws_every_table_from_fixed_numbers() {
+        let shapes = smoke_shapes();
+        let t = timing_of;
+        let row = |s: usize, routing, imp, both| fixed_row(&shapes[s], routing, imp, both);
+        use Implementation::{Fmoec, FmoecFp8, NaiveLoop, Ops, SortedLoop};
+        use RoutingKind::{AllToOne, Balanced, Skewed};
+        let mut rows = vec![
+            row(0, Balanced, Fmoec, 35.0),
+            row(0, Balanced, Ops, 38.0),
+            row(0, Balanced, FmoecFp8, 25.0),
+            row(0, Skewed, SortedLoop, 51.25),
+            row(1, AllToOne, Fmoec, 7.5),
+            row(1, AllToOne, NaiveLoop, 90.0),
+        ];
+        rows[0].graph = Some(GraphTiming::Replayed(t(34.0)));
+        rows[1].graph = Some(GraphTiming::NotCaptured("stream is capturing".into()));
+        rows[2].graph = Some(GraphTiming::Replayed(t(22.5)));
+        rows[2].fp8_weight_copies_ms = Some(0.75);
+        rows[3].peak_memory_bytes = None;
+        rows[4].graph = Some(GraphTiming::Replayed(t(6.0)));
+        rows[2].gpu = Some(crate::runtime::telemetry::Summary {
+            samples: 40,
+            sm_mhz_median: 1590,
+            sm_mhz_min: 1485,
+            power_w_median: 696.6,
+            power_capped: 1.0,
+        });
+        rows[5].gpu = Some(crate::runtime::telemetry::Summary {
+            samples: 7,
+            sm_mhz_median: 1980,
+            sm_mhz_min: 1755,
+            power_w_median: 301.2,
+            power_capped: 0.25,
+        });
+        let stage = |s: usize, routing, ms: [f64; 6]| StageRow {
+            shape: shapes[s].clone(),
+            routing,
+            stages: ["plan", "dispatch", "mm1", "activation", "mm2", "combine"]
+                .iter()
+                .zip(ms)
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+            glue_bytes: 3.5e6 * (s + 1) as f64,
+        };
+        let mut full = gpu_report(50, 712.3, rows.clone());
+        full.stages = vec![
+            stage(0, Balanced, [0.125, 0.25, 3.5, 0.5, 2.75, 0.375]),
+            stage(1, AllToOne, [0.0625, 1.0, 7.0, 1.5, 5.25, 2.0]),
+        ];
+        let plain = Report {
+            device: "Cpu".into(),
+            dtype: "Float".into(),
+            iterations: 3,
+            timer: "host-clock".into(),
+            stages: vec![],
+            dense_ceiling_tflops: 0.0421,
+            rows: rows
+                .into_iter()
+                .map(|r| Row {
+                    peak_memory_bytes: None,
+                    fp8_weight_copies_ms: None,
+                    graph: None,
+                    gpu: None,
+                    ..r
+                })
+                .collect(),
+        };
+        insta::assert_snapshot!(format!("{}\n---\n{}", render(&full), render(&plain)));
+    }
+
     /// `--cuda-graph` where no graph can be captured is refused up front, saying what it needs.
     #[test]
     fn cuda_graphs_need_a_gpu() {
@@ -1207,40 +1474,18 @@ mod tests {
     #[test]
     fn graph_rows_render_beside_the_op_by_op_ones() {
         let shape = smoke_shapes().remove(0);
-        let t = |ms: f64| Timing {
-            median_ms: ms,
-            p10_ms: ms * 0.9,
-            p90_ms: ms * 1.1,
-        };
         let row = |implementation, both: f64, graph| Row {
-            shape: shape.clone(),
-            routing: RoutingKind::Balanced,
-            implementation,
-            forward: t(both / 3.0),
-            backward: t(both * 2.0 / 3.0),
-            forward_backward: t(both),
-            forward_tflops: 1.0,
-            forward_backward_tflops: 1.0,
-            tokens_per_s: 1.0,
-            rel_error: 0.0,
-            max_over_mean_load: 1.0,
-            peak_memory_bytes: None,
-            fp8_weight_copies_ms: None,
             graph,
-            gpu: None,
+            ..fixed_row(&shape, RoutingKind::Balanced, implementation, both)
         };
-        let mut report = Report {
-            device: "Cuda(0)".into(),
-            dtype: "BFloat16".into(),
-            iterations: 3,
-            timer: "cuda-events".into(),
-            stages: vec![],
-            dense_ceiling_tflops: 700.0,
-            rows: vec![
+        let mut report = gpu_report(
+            3,
+            700.0,
+            vec![
                 row(
                     Implementation::Fmoec,
                     35.0,
-                    Some(GraphTiming::Replayed(t(34.0))),
+                    Some(GraphTiming::Replayed(timing_of(34.0))),
                 ),
                 row(
                     Implementation::Ops,
@@ -1252,10 +1497,10 @@ mod tests {
                 row(
                     Implementation::FmoecFp8,
                     25.0,
-                    Some(GraphTiming::Replayed(t(22.5))),
+                    Some(GraphTiming::Replayed(timing_of(22.5))),
                 ),
             ],
-        };
+        );
         let table = render(&report);
         let graph_part = table
             .split("as a CUDA graph")
@@ -1423,81 +1668,7 @@ pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
     if args.check_kernels {
         return check_kernels(device);
     }
-    let fp8 = args.dtype == "fp8";
-    let kind = match args.dtype.as_str() {
-        "bf16" if !device.is_cuda() => {
-            bail!("bf16 grouped matmuls need CUDA; use `--dtype f32` on CPU")
-        }
-        "bf16" => Kind::BFloat16,
-        "fp8" => match crate::runtime::fp8::mode_for(device)
-            .map_err(|e| anyhow::anyhow!("--dtype fp8: {e:#}"))?
-        {
-            crate::runtime::fp8::Fp8Mode::Device => Kind::BFloat16,
-            // the emulation's other rows in f32, as bf16 grouped matmuls need CUDA
-            crate::runtime::fp8::Fp8Mode::Emulated => Kind::Float,
-        },
-        _ => Kind::Float,
-    };
-    if args.cuda_graph && !(cfg!(feature = "cuda") && device.is_cuda()) {
-        bail!(
-            "--cuda-graph times CUDA graphs: it needs a CUDA device (not {device:?}) and a \
-             build with `--features cuda`; without it the rows are timed op by op"
-        );
-    }
-    if !fp8 && args.implementations.contains(&Implementation::FmoecFp8) {
-        bail!("--impl fmoec-fp8 needs --dtype fp8");
-    }
-    let mut shapes: Vec<Shape> = standard_shapes()
-        .into_iter()
-        .chain(smoke_shapes())
-        .collect();
-    if args.shapes.is_empty() {
-        shapes.retain(|s| s.name != "tiny");
-    } else {
-        for name in &args.shapes {
-            if !shapes.iter().any(|s| &s.name == name) {
-                bail!("unknown shape `{name}`: expected S1, S1-T4096, S1-T512, S3, F0 or tiny");
-            }
-        }
-        shapes.retain(|s| args.shapes.contains(&s.name));
-    }
-    let opts = Options {
-        device,
-        kind,
-        warmup: args.warmup,
-        iterations: args.iters,
-        shapes,
-        routings: or_all(
-            &args.routings,
-            vec![
-                RoutingKind::Balanced,
-                RoutingKind::Skewed,
-                RoutingKind::AllToOne,
-            ],
-        ),
-        stages: args.stages,
-        cuda_graph: args.cuda_graph,
-        implementations: or_all(&args.implementations, {
-            if fp8 {
-                vec![
-                    Implementation::Fmoec,
-                    Implementation::Ops,
-                    Implementation::FmoecFp8,
-                ]
-            } else {
-                let mut all = vec![Implementation::Fmoec];
-                if crate::runtime::moe::fused_available(device) {
-                    all.push(Implementation::FmoecUnfused);
-                }
-                all.extend([
-                    Implementation::Ops,
-                    Implementation::SortedLoop,
-                    Implementation::NaiveLoop,
-                ]);
-                all
-            }
-        }),
-    };
+    let opts = options(args, device)?;
     let report = run(&opts, |r| {
         eprintln!(
             "{} {:?} {:?} {:?}: fwd+bwd {:.3} ms, {:.1} TFLOP/s",
@@ -1517,4 +1688,97 @@ pub fn run_cli(args: &BenchArgs) -> Result<std::process::ExitCode> {
     }
     print!("{}", render(&report));
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The run the command line asks for on `device`, refusing what cannot run there.
+fn options(args: &BenchArgs, device: Device) -> Result<Options> {
+    let kind = compute_kind(&args.dtype, device)?;
+    if args.cuda_graph && !(cfg!(feature = "cuda") && device.is_cuda()) {
+        bail!(
+            "--cuda-graph times CUDA graphs: it needs a CUDA device (not {device:?}) and a \
+             build with `--features cuda`; without it the rows are timed op by op"
+        );
+    }
+    let fp8 = args.dtype == "fp8";
+    if !fp8 && args.implementations.contains(&Implementation::FmoecFp8) {
+        bail!("--impl fmoec-fp8 needs --dtype fp8");
+    }
+    Ok(Options {
+        device,
+        kind,
+        warmup: args.warmup,
+        iterations: args.iters,
+        shapes: chosen_shapes(&args.shapes)?,
+        routings: or_all(
+            &args.routings,
+            vec![
+                RoutingKind::Balanced,
+                RoutingKind::Skewed,
+                RoutingKind::AllToOne,
+            ],
+        ),
+        stages: args.stages,
+        cuda_graph: args.cuda_graph,
+        implementations: or_all(&args.implementations, default_implementations(fp8, device)),
+    })
+}
+
+/// The dtype of `--dtype` on `device`: `fp8` times its FP8 rows beside bf16 ones (f32 ones
+/// under the CPU's emulation).
+fn compute_kind(dtype: &str, device: Device) -> Result<Kind> {
+    Ok(match dtype {
+        "bf16" if !device.is_cuda() => {
+            bail!("bf16 grouped matmuls need CUDA; use `--dtype f32` on CPU")
+        }
+        "bf16" => Kind::BFloat16,
+        "fp8" => match crate::runtime::fp8::mode_for(device)
+            .map_err(|e| anyhow::anyhow!("--dtype fp8: {e:#}"))?
+        {
+            crate::runtime::fp8::Fp8Mode::Device => Kind::BFloat16,
+            // the emulation's other rows in f32, as bf16 grouped matmuls need CUDA
+            crate::runtime::fp8::Fp8Mode::Emulated => Kind::Float,
+        },
+        _ => Kind::Float,
+    })
+}
+
+/// The shapes named by `--shape` (the standard ones without it; `tiny` only when named).
+fn chosen_shapes(names: &[String]) -> Result<Vec<Shape>> {
+    let mut shapes: Vec<Shape> = standard_shapes()
+        .into_iter()
+        .chain(smoke_shapes())
+        .collect();
+    if names.is_empty() {
+        shapes.retain(|s| s.name != "tiny");
+    } else {
+        for name in names {
+            if !shapes.iter().any(|s| &s.name == name) {
+                bail!("unknown shape `{name}`: expected S1, S1-T4096, S1-T512, S3, F0 or tiny");
+            }
+        }
+        shapes.retain(|s| names.contains(&s.name));
+    }
+    Ok(shapes)
+}
+
+/// The implementations timed without `--impl`: with `--dtype fp8`, FP8 beside `fmoec` and
+/// `ops`; else every one (`fmoec-unfused` where the fused kernels run).
+fn default_implementations(fp8: bool, device: Device) -> Vec<Implementation> {
+    if fp8 {
+        return vec![
+            Implementation::Fmoec,
+            Implementation::Ops,
+            Implementation::FmoecFp8,
+        ];
+    }
+    let mut all = vec![Implementation::Fmoec];
+    if crate::runtime::moe::fused_available(device) {
+        all.push(Implementation::FmoecUnfused);
+    }
+    all.extend([
+        Implementation::Ops,
+        Implementation::SortedLoop,
+        Implementation::NaiveLoop,
+    ]);
+    all
 }

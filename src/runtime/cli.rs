@@ -194,72 +194,8 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
     if args.gpus == Some(0) {
         bail!("--gpus must be at least 1");
     }
-    let explicit_cpu = args.device.as_deref() == Some("cpu");
-    let several_nodes = args.nodes > 1 || args.node_rank.is_some() || args.master.is_some();
-    if several_nodes {
-        if args.nodes == 1 {
-            // --node-rank or --master alone: they mean nothing without --nodes N.
-            let given = if args.node_rank.is_some() {
-                "--node-rank"
-            } else {
-                "--master"
-            };
-            bail!(
-                "{given} is for a run over several machines: give --nodes N (and --gpus K or \
-                 --ranks K per node); on this machine alone leave it out"
-            );
-        }
-        let (per_node, cpu) = match (args.gpus, args.ranks) {
-            (Some(k), None) => (k, false),
-            (None, Some(k)) => (k, true),
-            _ => bail!(
-                "--nodes needs the ranks each node starts: --gpus K (one process per GPU, NCCL) \
-                 or --ranks K (one process per CPU rank, TCP)"
-            ),
-        };
-        if cpu && args.device.as_deref().is_some_and(|d| d != "cpu") {
-            bail!("--ranks K starts CPU ranks; for GPUs use --gpus K");
-        }
-        let world = per_node * args.nodes;
-        if let Some(env) = env {
-            // One of the ranks a node's launcher started.
-            if env.world as u64 != world {
-                bail!(
-                    "--nodes {} x {per_node} ranks per node is {world} ranks, but WORLD_SIZE is {}",
-                    args.nodes,
-                    env.world
-                );
-            }
-            let transport = if cpu { Transport::Tcp } else { Transport::Nccl };
-            return Ok(Mode::Rank(env, transport));
-        }
-        let node_rank = match (args.node_rank, args.nodes) {
-            (Some(i), n) if i < n => i,
-            (Some(i), n) => bail!(
-                "--node-rank {i} is not a node of --nodes {n} (0..{})",
-                n - 1
-            ),
-            (None, 1) => 0,
-            (None, n) => bail!(
-                "--nodes {n} needs --node-rank I (0..{}) on each node",
-                n - 1
-            ),
-        };
-        let master = match (&args.master, args.nodes) {
-            (Some(m), _) => Some(parse_master(m)?),
-            (None, 1) => None,
-            (None, n) => bail!(
-                "--nodes {n} needs --master ADDR:PORT, the same on every node: node 0's address \
-                 and a free port there"
-            ),
-        };
-        return Ok(Mode::Launch(NodeLaunch {
-            per_node,
-            nodes: args.nodes,
-            node_rank,
-            master,
-            cpu,
-        }));
+    if args.nodes > 1 || args.node_rank.is_some() || args.master.is_some() {
+        return several_nodes_mode(args, env);
     }
     if let Some(n) = args.ranks {
         if env.is_some() {
@@ -276,7 +212,7 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
             Mode::InProcess(n)
         });
     }
-    let transport = if explicit_cpu {
+    let transport = if args.device.as_deref() == Some("cpu") {
         Transport::Tcp
     } else {
         Transport::Nccl
@@ -298,6 +234,82 @@ fn mode(args: &RunArgs) -> anyhow::Result<Mode> {
             cpu: false,
         })),
     }
+}
+
+/// The mode of a run over `--nodes` machines (or with `--node-rank`/`--master`, which need
+/// it): one of the ranks a node's launcher started (`env`), or that launcher.
+fn several_nodes_mode(args: &RunArgs, env: Option<DistEnv>) -> anyhow::Result<Mode> {
+    if args.nodes == 1 {
+        // --node-rank or --master alone: they mean nothing without --nodes N.
+        let given = if args.node_rank.is_some() {
+            "--node-rank"
+        } else {
+            "--master"
+        };
+        bail!(
+            "{given} is for a run over several machines: give --nodes N (and --gpus K or \
+             --ranks K per node); on this machine alone leave it out"
+        );
+    }
+    let (per_node, cpu) = match (args.gpus, args.ranks) {
+        (Some(k), None) => (k, false),
+        (None, Some(k)) => (k, true),
+        _ => bail!(
+            "--nodes needs the ranks each node starts: --gpus K (one process per GPU, NCCL) \
+             or --ranks K (one process per CPU rank, TCP)"
+        ),
+    };
+    if cpu && args.device.as_deref().is_some_and(|d| d != "cpu") {
+        bail!("--ranks K starts CPU ranks; for GPUs use --gpus K");
+    }
+    let world = per_node * args.nodes;
+    if let Some(env) = env {
+        // One of the ranks a node's launcher started.
+        if env.world as u64 != world {
+            bail!(
+                "--nodes {} x {per_node} ranks per node is {world} ranks, but WORLD_SIZE is {}",
+                args.nodes,
+                env.world
+            );
+        }
+        let transport = if cpu { Transport::Tcp } else { Transport::Nccl };
+        return Ok(Mode::Rank(env, transport));
+    }
+    Ok(Mode::Launch(NodeLaunch {
+        per_node,
+        nodes: args.nodes,
+        node_rank: node_rank(args)?,
+        master: master(args)?,
+        cpu,
+    }))
+}
+
+/// `--node-rank`, which each of several nodes needs (`None` of one node is 0).
+fn node_rank(args: &RunArgs) -> anyhow::Result<u64> {
+    Ok(match (args.node_rank, args.nodes) {
+        (Some(i), n) if i < n => i,
+        (Some(i), n) => bail!(
+            "--node-rank {i} is not a node of --nodes {n} (0..{})",
+            n - 1
+        ),
+        (None, 1) => 0,
+        (None, n) => bail!(
+            "--nodes {n} needs --node-rank I (0..{}) on each node",
+            n - 1
+        ),
+    })
+}
+
+/// `--master`, which several nodes need (`None` of one node: a free port here).
+fn master(args: &RunArgs) -> anyhow::Result<Option<(String, u16)>> {
+    Ok(match (&args.master, args.nodes) {
+        (Some(m), _) => Some(parse_master(m)?),
+        (None, 1) => None,
+        (None, n) => bail!(
+            "--nodes {n} needs --master ADDR:PORT, the same on every node: node 0's address \
+             and a free port there"
+        ),
+    })
 }
 
 /// The layout flags that need several ranks, refused on one device (before the file is read:
@@ -526,26 +538,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     if args.sample.is_some() && !matches!(mode, Mode::Single) {
         bail!("--sample runs on one device; leave out --gpus/--ranks");
     }
-    let timeout = Duration::try_from_secs_f64(args.collective_timeout)
-        .ok()
-        .filter(|t| !t.is_zero())
-        .ok_or_else(|| {
-            anyhow::anyhow!("--collective-timeout must be a positive number of seconds")
-        })?;
-    let device_name = match (&mode, args.gpus, args.device.as_deref()) {
-        (Mode::Single, Some(1), None) => "cuda",
-        (_, _, device) => device.unwrap_or("cpu"),
-    };
-    let device = match mode {
-        Mode::Single | Mode::InProcess(_) => super::parse_device(device_name)?,
-        _ => tch::Device::Cpu,
-    };
-    let world = match &mode {
-        Mode::Single => 1,
-        Mode::InProcess(n) => *n,
-        Mode::Launch(node) => node.per_node * node.nodes,
-        Mode::Rank(env, _) => env.world as u64,
-    };
+    let timeout = collective_timeout(args)?;
+    let device = device(args, &mode)?;
     if let Some(code) = refuse_fp8_where_it_cannot_run(args, &loaded, checked, &mode, device) {
         return Ok(code);
     }
@@ -555,31 +549,30 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             checked.model.name
         );
     }
+    let world = world_size(&mode);
     let world_plan = match plan_world(args, &loaded, checked, &mode, world, reports_warnings) {
         Ok(plan) => plan,
         Err(code) => return Ok(code),
     };
     let (out, checkpoints, resume) = run_folders(args, checked, &mode);
-
     if let Some(prompt) = &args.sample {
-        let text = train::sample(
-            checked,
-            &SampleOptions {
-                device,
-                checkpoint: resume.unwrap_or(checkpoints),
-                prompt: prompt.clone(),
-                tokens: args.sample_tokens,
-                temperature: args.temperature,
-                top_k: args.top_k,
-                seed: args.sample_seed,
-            },
-        )?;
-        crate::outln!("{prompt}{text}");
-        return Ok(ExitCode::SUCCESS);
+        return sample(args, checked, device, prompt, resume.unwrap_or(checkpoints));
     }
-
     say_before_training(args, checked, &mode, &out, resume.as_ref());
-    let opts = RunOptions {
+    let opts = run_options(args, device, out, checkpoints, resume);
+    train_in_mode(args, &loaded, checked, mode, world_plan, &opts, timeout)
+}
+
+/// The trainer's options: the command line's, on `device`, writing to `out` and
+/// `checkpoints`, continuing `resume` if given.
+fn run_options(
+    args: &RunArgs,
+    device: tch::Device,
+    out: PathBuf,
+    checkpoints: PathBuf,
+    resume: Option<PathBuf>,
+) -> RunOptions {
+    RunOptions {
         device,
         steps: args.steps,
         stop_after: args.stop_after,
@@ -590,8 +583,62 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         log_interval: Duration::from_secs_f64(args.log_interval),
         print_summary: true,
         cuda_graph: !args.no_cuda_graph,
+    }
+}
+
+/// `--collective-timeout`, a positive number of seconds.
+fn collective_timeout(args: &RunArgs) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(args.collective_timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("--collective-timeout must be a positive number of seconds"))
+}
+
+/// The device this process trains on: `--device` (`--gpus 1` alone: `cuda`; default: the
+/// CPU); a launcher's and a launched rank's are the CPU here (a GPU rank finds its own).
+fn device(args: &RunArgs, mode: &Mode) -> anyhow::Result<tch::Device> {
+    let name = match (mode, args.gpus, args.device.as_deref()) {
+        (Mode::Single, Some(1), None) => "cuda",
+        (_, _, device) => device.unwrap_or("cpu"),
     };
-    train_in_mode(args, &loaded, checked, mode, world_plan, &opts, timeout)
+    Ok(match mode {
+        Mode::Single | Mode::InProcess(_) => super::parse_device(name)?,
+        _ => tch::Device::Cpu,
+    })
+}
+
+/// The number of ranks of the whole run.
+fn world_size(mode: &Mode) -> u64 {
+    match mode {
+        Mode::Single => 1,
+        Mode::InProcess(n) => *n,
+        Mode::Launch(node) => node.per_node * node.nodes,
+        Mode::Rank(env, _) => env.world as u64,
+    }
+}
+
+/// `--sample`: text generated after `prompt` from `checkpoint`, printed with the prompt.
+fn sample(
+    args: &RunArgs,
+    checked: &Checked,
+    device: tch::Device,
+    prompt: &str,
+    checkpoint: PathBuf,
+) -> anyhow::Result<ExitCode> {
+    let text = train::sample(
+        checked,
+        &SampleOptions {
+            device,
+            checkpoint,
+            prompt: prompt.to_string(),
+            tokens: args.sample_tokens,
+            temperature: args.temperature,
+            top_k: args.top_k,
+            seed: args.sample_seed,
+        },
+    )?;
+    crate::outln!("{prompt}{text}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Reads, checks and plans the file as this process of the run must: alone, the run's plan is

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Once;
 
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
@@ -76,51 +77,113 @@ pub fn draw_to_buffer(history: &[StepMetrics], rgb: &mut [u8]) -> Result<()> {
     root.present().map_err(|e| anyhow!("{e}"))
 }
 
+/// A panel's chart: steps across, `f64` values up.
+type Panel<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A drawing error as this module's callers see it.
+fn draw_error<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
+fn caption_font() -> FontDesc<'static> {
+    (FAMILY, 20).into_font()
+}
+
+fn label_font() -> FontDesc<'static> {
+    (FAMILY, 15).into_font()
+}
+
+/// A legend's key of a curve: a short line in its colour.
+fn legend_key(colour: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new([(x, y), (x + 24, y)], colour.stroke_width(2))
+}
+
 fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, history: &[StepMetrics]) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     register_embedded_font()?;
-    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{e}");
-    root.fill(&WHITE).map_err(err)?;
+    root.fill(&WHITE).map_err(draw_error)?;
     let (top, bottom) = root.split_vertically(430);
     let last = history.iter().map(|m| m.step).max().unwrap_or(1).max(1) as f64;
-    let steps = |v: &f64| format!("{v:.0}");
-    let caption = (FAMILY, 20).into_font();
-    let label = (FAMILY, 15).into_font();
+    draw_losses(&top, history, last)?;
+    draw_loads(&bottom, history, last)
+}
 
-    // Losses: the training loss of every step, the held-out loss at each evaluation.
-    let (lo, hi) = range(
+/// A panel over steps `0..last` and values `lo..hi`, with its caption, its axes (tick
+/// values formatted by `value`, described by `desc`) and a light grid.
+fn panel<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    last: f64,
+    (lo, hi): (f64, f64),
+    desc: &str,
+    value: &dyn Fn(&f64) -> String,
+) -> Result<Panel<'a, DB>>
+where
+    DB::ErrorType: 'static,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, caption_font())
+        .margin(12)
+        .x_label_area_size(42)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..last, lo..hi)
+        .map_err(draw_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(desc)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(value)
+        .label_style(label_font())
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(draw_error)?;
+    Ok(chart)
+}
+
+/// The legend of a panel's curves, in its upper right.
+fn draw_legend<'a, DB: DrawingBackend + 'a>(chart: &mut Panel<'a, DB>) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(label_font())
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_error)
+}
+
+/// The top panel: the training loss of every step, the held-out loss at each evaluation.
+fn draw_losses<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    history: &[StepMetrics],
+    last: f64,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let values = range(
         history
             .iter()
             .map(|m| m.loss)
             .chain(history.iter().filter_map(|m| m.eval_loss)),
     );
-    let mut chart = ChartBuilder::on(&top)
-        .caption("Loss", caption.clone())
-        .margin(12)
-        .x_label_area_size(42)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0f64..last, lo..hi)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("loss (nats per token)")
-        .x_label_formatter(&steps)
-        .y_label_formatter(&|v| format!("{v:.2}"))
-        .label_style(label.clone())
-        .light_line_style(RGBColor(235, 235, 235))
-        .draw()
-        .map_err(err)?;
+    let mut chart = panel(area, "Loss", last, values, "loss (nats per token)", &|v| {
+        format!("{v:.2}")
+    })?;
     chart
         .draw_series(LineSeries::new(
             history.iter().map(|m| (m.step as f64, m.loss)),
             TRAIN.stroke_width(2),
         ))
-        .map_err(err)?
+        .map_err(draw_error)?
         .label("training loss")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], TRAIN.stroke_width(2)));
+        .legend(legend_key(TRAIN));
     let held_out: Vec<(f64, f64)> = history
         .iter()
         .filter_map(|m| m.eval_loss.map(|l| (m.step as f64, l)))
@@ -131,39 +194,41 @@ where
                 held_out.iter().copied(),
                 HELD_OUT.stroke_width(2),
             ))
-            .map_err(err)?
+            .map_err(draw_error)?
             .label("held-out loss")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], HELD_OUT.stroke_width(2)));
+            .legend(legend_key(HELD_OUT));
         chart
             .draw_series(
                 held_out
                     .iter()
                     .map(|&p| Circle::new(p, 4, HELD_OUT.filled())),
             )
-            .map_err(err)?;
+            .map_err(draw_error)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(label.clone())
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    draw_legend(&mut chart)
+}
 
-    // Expert load: the busiest expert over the mean, per MoE layer.
+/// The bottom panel: the busiest expert's load over the mean, per MoE layer, beside perfect
+/// balance (or a line saying a dense run has none).
+fn draw_loads<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    history: &[StepMetrics],
+    last: f64,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
     let layers: Vec<usize> = history
         .first()
         .map(|m| m.moe.iter().map(|l| l.layer).collect())
         .unwrap_or_default();
     if layers.is_empty() {
-        bottom
-            .draw(&Text::new(
-                "no MoE layers: no expert load to show",
-                (80, 140),
-                label,
-            ))
-            .map_err(err)?;
+        area.draw(&Text::new(
+            "no MoE layers: no expert load to show",
+            (80, 140),
+            label_font(),
+        ))
+        .map_err(draw_error)?;
         return Ok(());
     }
     let (_, hi) = range(
@@ -171,31 +236,22 @@ where
             .iter()
             .flat_map(|m| m.moe.iter().map(|l| l.telemetry.max_over_mean_load)),
     );
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption("Busiest expert's load / mean load, per MoE layer", caption)
-        .margin(12)
-        .x_label_area_size(42)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0f64..last, 0f64..hi.max(1.5))
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("max / mean load")
-        .x_label_formatter(&steps)
-        .y_label_formatter(&|v| format!("{v:.1}"))
-        .label_style(label.clone())
-        .light_line_style(RGBColor(235, 235, 235))
-        .draw()
-        .map_err(err)?;
+    let mut chart = panel(
+        area,
+        "Busiest expert's load / mean load, per MoE layer",
+        last,
+        (0.0, hi.max(1.5)),
+        "max / mean load",
+        &|v| format!("{v:.1}"),
+    )?;
     chart
         .draw_series(LineSeries::new(
             [(0.0, 1.0), (last, 1.0)],
             BALANCED.stroke_width(2),
         ))
-        .map_err(err)?
+        .map_err(draw_error)?
         .label("perfect balance")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], BALANCED.stroke_width(2)));
+        .legend(legend_key(BALANCED));
     for (i, layer) in layers.iter().enumerate() {
         let colour = LAYERS[i % LAYERS.len()];
         chart
@@ -208,19 +264,11 @@ where
                 }),
                 colour.stroke_width(2),
             ))
-            .map_err(err)?
+            .map_err(draw_error)?
             .label(format!("layer {layer}"))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], colour.stroke_width(2)));
+            .legend(legend_key(colour));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(label)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    Ok(())
+    draw_legend(&mut chart)
 }
 
 #[cfg(test)]
