@@ -28,8 +28,8 @@ pub struct ExportArgs {
     pub out: PathBuf,
     /// A checkpoint (`step-*` folder) or a checkpoint root with `latest`.
     pub checkpoint: PathBuf,
-    /// The model file [default: the one `.fmoe` file in the checkpoint's folder or the two
-    /// above it].
+    /// The model file [default: the one the run recorded in the checkpoint, else the one
+    /// `.fmoe` file in the checkpoint's folder or the two above it].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Largest safetensors shard, in bytes (a bigger tensor gets a shard of its own).
@@ -37,8 +37,27 @@ pub struct ExportArgs {
     pub max_shard_size: u64,
 }
 
-/// The one model file beside the checkpoint.
+/// The model file of the checkpoint: the one its run recorded, where that file is still
+/// there, else the one model file beside the checkpoint.
 fn find_model(checkpoint: &Path) -> Result<PathBuf> {
+    let recorded = crate::runtime::checkpoint::run_record(checkpoint)
+        .ok()
+        .and_then(|r| r.model_file)
+        .map(PathBuf::from);
+    match recorded {
+        Some(file) if file.is_file() => Ok(file),
+        recorded => model_beside(checkpoint).map_err(|e| match recorded {
+            Some(gone) => anyhow::anyhow!(
+                "the run's model file `{}` is not there any more, and {e:#}",
+                path_text(&gone)
+            ),
+            None => e,
+        }),
+    }
+}
+
+/// The one model file in the checkpoint's folder or the two above it.
+fn model_beside(checkpoint: &Path) -> Result<PathBuf> {
     let full = checkpoint
         .canonicalize()
         .with_context(|| format!("cannot read the checkpoint `{}`", path_text(checkpoint)))?;

@@ -583,6 +583,7 @@ fn run_options(
         log_interval: Duration::from_secs_f64(args.log_interval),
         print_summary: true,
         cuda_graph: !args.no_cuda_graph,
+        model_file: std::path::absolute(&args.file).ok(),
     }
 }
 

@@ -72,6 +72,8 @@ pub struct RunOptions {
     /// Alone on a GPU (and built with `cuda`): replay the training micro-batch as a CUDA graph
     /// (see [`crate::runtime::graph`]); ignored elsewhere.
     pub cuda_graph: bool,
+    /// The model file, absolute, recorded in every checkpoint (`fmoec export` finds it there).
+    pub model_file: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -88,6 +90,7 @@ impl Default for RunOptions {
             log_interval: Duration::from_secs(10),
             print_summary: false,
             cuda_graph: false,
+            model_file: None,
         }
     }
 }

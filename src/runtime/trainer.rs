@@ -938,6 +938,7 @@ impl<'a> Trainer<'a> {
             seed: self.train.seed,
             data_source: self.data.description.clone(),
             precision: precision_name(self.train.precision).to_string(),
+            model_file: self.opts.model_file.as_deref(),
         };
         let saved = match self.ctx {
             Some(c) if self.tensor > 1 => {

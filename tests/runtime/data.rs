@@ -663,6 +663,7 @@ mod hf_export {
             seed: 7,
             data_source: "test".into(),
             precision: "fp32".into(),
+            model_file: None,
         };
         fmoec::runtime::checkpoint::save(&dir.join("ckpt"), &info, &t.store, &optim).unwrap();
         let tokens: Vec<Vec<i64>> = (0..2)
@@ -788,6 +789,58 @@ mod hf_export {
     }
 
     const SWIGLU: &str = "mlp(hidden = 128, act = swiglu)";
+
+    /// A run records its model file in its checkpoints, so `export` finds a model file that is
+    /// not beside them (here `models/m.fmoe`, the run's checkpoints in `runs/m/checkpoints`);
+    /// once that file is gone, it says so.
+    #[test]
+    fn export_finds_the_model_file_the_run_recorded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir(dir.join("models")).unwrap();
+        let source = model_file(SWIGLU, "", "    bias = false");
+        std::fs::write(dir.join("models/m.fmoe"), &source).unwrap();
+        std::fs::write(
+            dir.join("corpus.txt"),
+            "the quick brown fox jumps over the lazy dog. ".repeat(40),
+        )
+        .unwrap();
+        let run = fmoec(
+            &[
+                "run",
+                "models/m.fmoe",
+                "--steps",
+                "2",
+                "--stop-after",
+                "1",
+                "--quiet",
+            ],
+            dir,
+        );
+        assert!(run.status.success(), "{}", text(&run));
+        let record =
+            fmoec::runtime::checkpoint::run_record(&dir.join("runs/m/checkpoints")).unwrap();
+        let recorded = std::path::PathBuf::from(record.model_file.expect("recorded"));
+        assert!(recorded.is_absolute(), "{recorded:?}");
+        assert_eq!(
+            recorded.canonicalize().unwrap(),
+            dir.join("models/m.fmoe").canonicalize().unwrap()
+        );
+        let out = fmoec(&["export", "--hf", "hf", "runs/m/checkpoints"], dir);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(dir.join("hf/config.json").is_file());
+        std::fs::rename(dir.join("models/m.fmoe"), dir.join("models/moved.fmoe")).unwrap();
+        let gone = fmoec(&["export", "--hf", "hf2", "runs/m/checkpoints"], dir);
+        assert_eq!(gone.status.code(), Some(1), "{}", text(&gone));
+        let message = text(&gone);
+        assert!(message.contains("the run's model file"), "{message}");
+        assert!(
+            message.contains("models/m.fmoe` is not there any more"),
+            "{message}"
+        );
+        assert!(message.contains("--model FILE"), "{message}");
+        assert!(!dir.join("hf2").exists());
+    }
 
     #[test]
     fn llama_dense_untied() {

@@ -1464,6 +1464,7 @@ fn skewed_start(c: &Checked, dir: &Path) -> std::path::PathBuf {
         seed: train.seed,
         data_source: "builtin(shakespeare)".into(),
         precision: "fp32".into(),
+        model_file: None,
     };
     fmoec::runtime::checkpoint::save(&dir.join("checkpoints"), &info, &model.store, &adam).unwrap()
 }

@@ -31,6 +31,11 @@ pub struct RunRecord {
     /// authority); absent in checkpoints of older fmoec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_definition: Option<serde_json::Value>,
+    /// The model file the run was started from, absolute, so that `fmoec export` finds it
+    /// without `--model`; absent in checkpoints of older fmoec, of runs not started from a
+    /// file, and where the path is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_file: Option<String>,
     /// Completed optimizer steps; training resumes at this step.
     pub step: u64,
     /// The length of the run's schedule (`--steps`); absent in checkpoints of older fmoec.
@@ -53,6 +58,7 @@ impl RunRecord {
             model: info.model.name.clone(),
             model_hash: model_hash(info.model),
             model_definition: Some(model_definition(info.model)),
+            model_file: info.model_file.and_then(|p| p.to_str()).map(str::to_string),
             step: info.step,
             total_steps: Some(info.total_steps),
             tokens_seen: info.tokens_seen,
@@ -120,6 +126,8 @@ pub struct SaveInfo<'a> {
     pub seed: u64,
     pub data_source: String,
     pub precision: String,
+    /// The model file the run was started from (absolute), if any.
+    pub model_file: Option<&'a Path>,
 }
 
 /// SHA-256 (hex) of the model's architecture.
