@@ -40,33 +40,60 @@ fn on_ranks<R: Send>(
     match backend {
         Backend::InProcess => run_ranks(local_world(layout, timeout).unwrap(), body),
         Backend::Tcp => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .unwrap()
-                .port();
-            std::thread::scope(|scope| {
-                let threads: Vec<_> = (0..layout.world)
-                    .map(|rank| {
-                        let env = DistEnv {
-                            rank,
-                            world: layout.world,
-                            local_rank: rank,
-                            master_addr: "127.0.0.1".into(),
-                            master_port: port,
-                        };
-                        let body = &body;
-                        scope.spawn(move || {
-                            let connect = fmoec::collective::tcp::connect;
-                            // the handles' timeout bounds the connecting too
-                            let groups = connect(layout, None, &env, timeout);
-                            body(groups.expect("rank connects over TCP"))
-                        })
-                    })
-                    .collect();
-                threads.into_iter().map(|t| t.join()).collect()
-            })
+            // A free port is found by binding port 0 and letting it go, so another process
+            // (a test beside this one) may take it before rank 0 binds it again: then every
+            // rank gives up and the ranks run again on another port.
+            for _ in 0..4 {
+                if let Some(results) = on_tcp_ranks(layout, timeout, &body) {
+                    return results;
+                }
+            }
+            panic!("rank 0 found its port taken four times")
         }
     }
+}
+
+/// [`on_ranks`] over TCP on one free port; `None` where rank 0 found the port taken.
+fn on_tcp_ranks<R: Send>(
+    layout: &GroupLayout,
+    timeout: Duration,
+    body: &(impl Fn(Groups) -> R + Sync),
+) -> Option<Vec<std::thread::Result<R>>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let results: Vec<std::thread::Result<Option<R>>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..layout.world)
+            .map(|rank| {
+                let env = DistEnv {
+                    rank,
+                    world: layout.world,
+                    local_rank: rank,
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                };
+                scope.spawn(move || {
+                    let connect = fmoec::collective::tcp::connect;
+                    // the handles' timeout bounds the connecting too
+                    match connect(layout, None, &env, timeout) {
+                        Err(e) if format!("{e:#}").contains("the port is in use") => None,
+                        groups => Some(body(groups.expect("rank connects over TCP"))),
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join()).collect()
+    });
+    if results.iter().any(|r| matches!(r, Ok(None))) {
+        return None;
+    }
+    Some(
+        results
+            .into_iter()
+            .map(|r| r.map(|r| r.expect("connected")))
+            .collect(),
+    )
 }
 
 #[test]
