@@ -1755,78 +1755,100 @@ mod ops {
         /// The activations' passes and their backward passes, each beside the op alone on
         /// the same device, with no overflow from the rows past the groups.
         fn check_activations(&self, c: &mut Checks) -> Result<()> {
-            let (device, kind, layout) = (self.device, self.kind, self.layout);
-            let (xd, ends, ed, limit_d, o) =
-                (&self.xd, &self.ends, &self.ed, &self.limit_d, &self.o);
-            let label = |n: &str| self.label(n);
-            // the activation's pass: its output beside the activation alone on the same
-            // device (SwiGLU: the SwiGLU kernel's bits; GELU: libtorch's within a bf16
-            // rounding), its FP8 rows the reference's quantisation of that output; rows
-            // past the last group (NaN here) zeros, with no overflow
-            let (a, b) = (xd.shallow_clone(), xd.f_flip([1])?.f_contiguous()?);
+            let (a, b) = (
+                self.xd.shallow_clone(),
+                self.xd.f_flip([1])?.f_contiguous()?,
+            );
             for act in Fp8Act::ALL {
-                let b = (act == Fp8Act::Swiglu).then_some(&b);
-                let (out, got, maxima) =
-                    act_quant_rows(&a, b, act, Some(limit_d), Some(o), Some(ed))?;
-                let alone = match b {
-                    Some(b) => crate::runtime::cuda::ops::swiglu(&a, b)?,
-                    None if act == Fp8Act::Gelu => a.f_gelu("none")?,
-                    None => a.f_relu()?,
-                };
-                let tol = match (act, kind) {
-                    (Fp8Act::Gelu, Kind::BFloat16) => 4e-3,
-                    (Fp8Act::Gelu, _) => 1e-6,
-                    _ => 0.0,
-                };
-                let (want, out_cpu) = self.pass_output(
-                    c,
-                    &format!("{act:?}"),
-                    &out,
-                    &alone,
-                    tol,
-                    &got,
-                    maxima.as_ref(),
-                )?;
-                // the pass without its output: the same FP8 rows and maxima
-                let (got, maxima) =
-                    act_quant_rows_only(&a, b, act, Some(limit_d), Some(o), Some(ed))?;
-                same(c, label(&format!("{act:?} rows alone")), &got, &want)?;
-                same_maxima(
-                    c,
-                    label(&format!("{act:?} alone's column maxima")),
-                    maxima.as_ref(),
-                    &column_maxima_reference(&out_cpu, ends)?,
-                );
-                // the transposed copy of the output computed on load from the input(s): the
-                // reference's copy of the output the pass writes (uneven and empty groups;
-                // NaN past the last group, never read), with the pass's maxima and without
-                let (want, _) = quant_transposed(&out_cpu, ends, layout, None, None)?;
-                let (got, _) =
-                    act_quant_transposed(&a, b, act, ed, layout, Some(o), maxima.as_ref())?;
-                same(
-                    c,
-                    label(&format!("{act:?} transposed on load")),
-                    &got,
-                    &want,
-                )?;
-                let (got, _) = act_quant_transposed(&a, b, act, ed, layout, Some(o), None)?;
-                same(
-                    c,
-                    label(&format!("{act:?} transposed, own maxima")),
-                    &got,
-                    &want,
-                )?;
+                self.check_act_pass(c, act, &a, (act == Fp8Act::Swiglu).then_some(&b))?;
             }
-            // the activation's backward pass: the input's gradient beside libtorch's backward
-            // on the same device (GELU within a bf16 rounding: the kernels' erf and exp are
-            // the fast ones), its FP8 rows and column maxima the reference's of that gradient
             let g = b.f_mul_scalar(0.5)?;
+            self.check_act_backward(c, &a, &g)?;
+            self.check_swiglu_backward(c, &a, &b, &g)?;
+            let n_over = take_overflow(self.device)?;
+            c.record(
+                self.label("fused passes' overflows"),
+                n_over == 0,
+                format!("{n_over} overflows"),
+            );
+            Ok(())
+        }
+
+        /// The activation's pass: its output beside the activation alone on the same device
+        /// (SwiGLU: the SwiGLU kernel's bits; GELU: libtorch's within a bf16 rounding), its
+        /// FP8 rows the reference's quantisation of that output; the pass without its output;
+        /// the transposed copy computed on load.
+        fn check_act_pass(
+            &self,
+            c: &mut Checks,
+            act: Fp8Act,
+            a: &Tensor,
+            b: Option<&Tensor>,
+        ) -> Result<()> {
+            let (kind, layout) = (self.kind, self.layout);
+            let (ends, ed, limit_d, o) = (&self.ends, &self.ed, &self.limit_d, &self.o);
+            let label = |n: &str| self.label(n);
+            let (out, got, maxima) = act_quant_rows(a, b, act, Some(limit_d), Some(o), Some(ed))?;
+            let alone = match b {
+                Some(b) => crate::runtime::cuda::ops::swiglu(a, b)?,
+                None if act == Fp8Act::Gelu => a.f_gelu("none")?,
+                None => a.f_relu()?,
+            };
+            let tol = match (act, kind) {
+                (Fp8Act::Gelu, Kind::BFloat16) => 4e-3,
+                (Fp8Act::Gelu, _) => 1e-6,
+                _ => 0.0,
+            };
+            let (want, out_cpu) = self.pass_output(
+                c,
+                &format!("{act:?}"),
+                &out,
+                &alone,
+                tol,
+                &got,
+                maxima.as_ref(),
+            )?;
+            // the pass without its output: the same FP8 rows and maxima
+            let (got, maxima) = act_quant_rows_only(a, b, act, Some(limit_d), Some(o), Some(ed))?;
+            same(c, label(&format!("{act:?} rows alone")), &got, &want)?;
+            same_maxima(
+                c,
+                label(&format!("{act:?} alone's column maxima")),
+                maxima.as_ref(),
+                &column_maxima_reference(&out_cpu, ends)?,
+            );
+            // the transposed copy of the output computed on load from the input(s): the
+            // reference's copy of the output the pass writes (uneven and empty groups;
+            // NaN past the last group, never read), with the pass's maxima and without
+            let (want, _) = quant_transposed(&out_cpu, ends, layout, None, None)?;
+            let (got, _) = act_quant_transposed(a, b, act, ed, layout, Some(o), maxima.as_ref())?;
+            same(
+                c,
+                label(&format!("{act:?} transposed on load")),
+                &got,
+                &want,
+            )?;
+            let (got, _) = act_quant_transposed(a, b, act, ed, layout, Some(o), None)?;
+            same(
+                c,
+                label(&format!("{act:?} transposed, own maxima")),
+                &got,
+                &want,
+            )?;
+            Ok(())
+        }
+
+        /// The activation's backward pass: the input's gradient beside libtorch's backward on
+        /// the same device (GELU within a bf16 rounding: the kernels' erf and exp are the fast
+        /// ones), its FP8 rows and column maxima the reference's of that gradient.
+        fn check_act_backward(&self, c: &mut Checks, a: &Tensor, g: &Tensor) -> Result<()> {
+            let (kind, ed, limit_d, o) = (self.kind, &self.ed, &self.limit_d, &self.o);
             for act in Fp8ActGrad::ALL {
                 let (ga, got, maxima) =
-                    act_grad_quant_rows(&a, &g, act, Some(limit_d), Some(o), Some(ed))?;
+                    act_grad_quant_rows(a, g, act, Some(limit_d), Some(o), Some(ed))?;
                 let alone = match act {
-                    Fp8ActGrad::Gelu => a.f_gelu_backward(&g, "none")?,
-                    Fp8ActGrad::Relu => a.f_threshold_backward(&g, 0.0)?,
+                    Fp8ActGrad::Gelu => a.f_gelu_backward(g, "none")?,
+                    Fp8ActGrad::Relu => a.f_threshold_backward(g, 0.0)?,
                 };
                 let tol = match (act, kind) {
                     (Fp8ActGrad::Gelu, Kind::BFloat16) => 8e-3,
@@ -1836,12 +1858,23 @@ mod ops {
                 let what = format!("{act:?} backward");
                 let _ = self.pass_output(c, &what, &ga, &alone, tol, &got, maxima.as_ref())?;
             }
-            // SwiGLU's backward pass: both gradients beside the SwiGLU kernel's backward on
-            // the same device (the same arithmetic, swiglu_d), their FP8 rows and column
-            // maxima the reference's of those gradients; rows past the groups zeros
+            Ok(())
+        }
+
+        /// SwiGLU's backward pass: both gradients beside the SwiGLU kernel's backward on the
+        /// same device (the same arithmetic, swiglu_d), their FP8 rows and column maxima the
+        /// reference's of those gradients; rows past the groups zeros.
+        fn check_swiglu_backward(
+            &self,
+            c: &mut Checks,
+            a: &Tensor,
+            b: &Tensor,
+            g: &Tensor,
+        ) -> Result<()> {
+            let (kind, ed, limit_d, o) = (self.kind, &self.ed, &self.limit_d, &self.o);
             let ((ga, qa, maxima_a), (gb, qb, maxima_b)) =
-                swiglu_grad_quant_rows(&a, &b, &g, Some(limit_d), Some(o), Some(ed))?;
-            let (ga_alone, gb_alone) = swiglu_backward(&a, &b, &g)?;
+                swiglu_grad_quant_rows(a, b, g, Some(limit_d), Some(o), Some(ed))?;
+            let (ga_alone, gb_alone) = swiglu_backward(a, b, g)?;
             let tol = if kind == Kind::BFloat16 { 4e-3 } else { 1e-6 };
             for (what, grad, alone, q, maxima) in [
                 ("Swiglu backward a", &ga, &ga_alone, &qa, &maxima_a),
@@ -1849,12 +1882,6 @@ mod ops {
             ] {
                 let _ = self.pass_output(c, what, grad, alone, tol, q, maxima.as_ref())?;
             }
-            let n_over = take_overflow(device)?;
-            c.record(
-                label("fused passes' overflows"),
-                n_over == 0,
-                format!("{n_over} overflows"),
-            );
             Ok(())
         }
 
