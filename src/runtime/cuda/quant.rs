@@ -951,19 +951,7 @@ pub fn quant_transposed(
     overflow: Option<&Tensor>,
     maxima: Option<&ColumnMaxima>,
 ) -> Result<(Fp8, Tensor)> {
-    let (out, pad_ends) = transposed_storage(x, ends, layout)?;
-    transposed_into(
-        Source::Tensor(x),
-        TransposedCopy {
-            ends,
-            pad_ends: &pad_ends,
-            layout,
-            overflow,
-            maxima,
-            out: &out,
-        },
-    )?;
-    Ok((out, pad_ends))
+    transposed(Source::Tensor(x), ends, layout, overflow, maxima)
 }
 
 /// [`quant_transposed`] of `act(a)` (SwiGLU: `silu(a) · b`), computed on load from `a` (and
@@ -982,9 +970,24 @@ pub fn act_quant_transposed(
     maxima: Option<&ColumnMaxima>,
 ) -> Result<(Fp8, Tensor)> {
     check_act_inputs(a, b, act)?;
-    let (out, pad_ends) = transposed_storage(a, ends, layout)?;
+    transposed(Source::Act(a, b, act), ends, layout, overflow, maxima)
+}
+
+/// The transposed copy of `source` in new storage, with the padded ends.
+fn transposed(
+    source: Source,
+    ends: &Tensor,
+    layout: Transposed,
+    overflow: Option<&Tensor>,
+    maxima: Option<&ColumnMaxima>,
+) -> Result<(Fp8, Tensor)> {
+    let rows_of = match source {
+        Source::Tensor(x) => x,
+        Source::Act(a, _, _) => a,
+    };
+    let (out, pad_ends) = transposed_storage(rows_of, ends, layout)?;
     transposed_into(
-        Source::Act(a, b, act),
+        source,
         TransposedCopy {
             ends,
             pad_ends: &pad_ends,
