@@ -3,6 +3,8 @@
 //! v2.2's only in its Megatron glue, snapshotted in emit_snapshots.rs), or of the rendered
 //! diagnostics for models a target cannot express.
 
+use std::path::Path;
+
 use fmoec::check;
 use fmoec::diag::{self, Sink, Sources};
 use fmoec::emit::{self, EmitError, EmitOptions};
@@ -301,6 +303,40 @@ fn a_gpt2_tokenizer_is_what_train_sh_passes_unless_overridden() {
     }
 }
 
+/// A small MoE model file whose train block reads the Megatron dataset `prefix`, with `extra`
+/// lines at the block's end.
+fn moe_on_megatron_data(prefix: &str, extra: &str) -> String {
+    format!(
+        "use std.gates.gshard\nmodel m {{\n    vocab = 50304\n    context = 64\n    width = 64\n    \
+         heads = 4\n    depth = 2\n    block = transformer(attention = causal(), ffn = mlp(hidden = 256))\n    \
+         layers[1].ffn = moe(experts = 4, gate = gshard(), expert = mlp(hidden = 128))\n}}\n\
+         train {{\n    data = megatron({prefix:?})\n    batch = 4 x 64 tokens\n    steps = 2\n    \
+         optimizer = adamw(lr = 1e-3)\n{extra}}}\n"
+    )
+}
+
+/// Runs an emitted train.sh in `checkout` on one process with GPT-2 tokenizer files and the
+/// model file's dataset, `python` printing Megatron's arguments; what it printed (the launch
+/// must succeed).
+fn launch_train_sh(train_sh: &Path, checkout: &Path, python: &Path, v: &str) -> String {
+    let launch = std::process::Command::new("bash")
+        .arg(train_sh)
+        .current_dir(checkout)
+        .env("PYTHON", python)
+        .env("NNODES", "1")
+        .env("NPROC_PER_NODE", "1")
+        .env("VOCAB_FILE", "/t/vocab.json")
+        .env("MERGE_FILE", "/t/merges.txt")
+        .env_remove("DATA_PATH")
+        .env_remove("MOCK_DATA")
+        .env_remove("TOKENIZER_TYPE")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&launch.stdout).into_owned();
+    assert!(launch.status.success(), "{v}:\n{printed}");
+    printed
+}
+
 /// `data = megatron("prefix")` with a relative prefix names a dataset relative to the folder
 /// `fmoec run` runs in (and `fmoec check` warns from, W0009), but train.sh runs in the
 /// Megatron-LM checkout: every target's train.sh defaults DATA_PATH to the prefix resolved
@@ -314,17 +350,7 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
     let work = folder(tmp.path(), "emit here");
     let checkout = folder(tmp.path(), "Megatron-LM");
     let prefix = "data/it's my corpus_text_document";
-    std::fs::write(
-        work.join("m.fmoe"),
-        format!(
-            "use std.gates.gshard\nmodel m {{\n    vocab = 50304\n    context = 64\n    width = 64\n    \
-             heads = 4\n    depth = 2\n    block = transformer(attention = causal(), ffn = mlp(hidden = 256))\n    \
-             layers[1].ffn = moe(experts = 4, gate = gshard(), expert = mlp(hidden = 128))\n}}\n\
-             train {{\n    data = megatron({prefix:?})\n    batch = 4 x 64 tokens\n    steps = 2\n    \
-             optimizer = adamw(lr = 1e-3)\n}}\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(work.join("m.fmoe"), moe_on_megatron_data(prefix, "")).unwrap();
     let expected = work.join(prefix).to_string_lossy().into_owned();
     let python = argument_printing_python(tmp.path());
     for decl in check::megatron_targets() {
@@ -360,21 +386,7 @@ fn a_relative_megatron_prefix_is_what_train_sh_passes_absolute() {
         assert_eq!(value(Some("/elsewhere/d")), "/elsewhere/d", "{v}");
 
         // the whole launch passes it to Megatron
-        let launch = std::process::Command::new("bash")
-            .arg(&train_sh)
-            .current_dir(&checkout)
-            .env("PYTHON", &python)
-            .env("NNODES", "1")
-            .env("NPROC_PER_NODE", "1")
-            .env("VOCAB_FILE", "/t/vocab.json")
-            .env("MERGE_FILE", "/t/merges.txt")
-            .env_remove("DATA_PATH")
-            .env_remove("MOCK_DATA")
-            .env_remove("TOKENIZER_TYPE")
-            .output()
-            .unwrap();
-        let printed = String::from_utf8_lossy(&launch.stdout).into_owned();
-        assert!(launch.status.success(), "{v}:\n{printed}");
+        let printed = launch_train_sh(&out.join("train.sh"), &checkout, &python, v);
         assert_eq!(
             argument_after(&printed, "--data-path").as_deref(),
             Some(expected.as_str()),
@@ -408,12 +420,9 @@ fn a_relative_checkpoint_folder_is_what_train_sh_passes_absolute() {
     let dir = "ckpt/it's my `run`";
     std::fs::write(
         work.join("m.fmoe"),
-        format!(
-            "use std.gates.gshard\nmodel m {{\n    vocab = 50304\n    context = 64\n    width = 64\n    \
-             heads = 4\n    depth = 2\n    block = transformer(attention = causal(), ffn = mlp(hidden = 256))\n    \
-             layers[1].ffn = moe(experts = 4, gate = gshard(), expert = mlp(hidden = 128))\n}}\n\
-             train {{\n    data = megatron(\"/data/corpus_text_document\")\n    batch = 4 x 64 tokens\n    \
-             steps = 2\n    optimizer = adamw(lr = 1e-3)\n    checkpoint = every(1, dir = {dir:?})\n}}\n"
+        moe_on_megatron_data(
+            "/data/corpus_text_document",
+            &format!("    checkpoint = every(1, dir = {dir:?})\n"),
         ),
     )
     .unwrap();
@@ -423,21 +432,7 @@ fn a_relative_checkpoint_folder_is_what_train_sh_passes_absolute() {
         let v = &decl.version;
         let out = tmp.path().join(format!("out-{v}"));
         emit_in(&work, v, "m.fmoe", &out);
-        let launch = std::process::Command::new("bash")
-            .arg(out.join("train.sh"))
-            .current_dir(&checkout)
-            .env("PYTHON", &python)
-            .env("NNODES", "1")
-            .env("NPROC_PER_NODE", "1")
-            .env("VOCAB_FILE", "/t/vocab.json")
-            .env("MERGE_FILE", "/t/merges.txt")
-            .env_remove("DATA_PATH")
-            .env_remove("MOCK_DATA")
-            .env_remove("TOKENIZER_TYPE")
-            .output()
-            .unwrap();
-        let printed = String::from_utf8_lossy(&launch.stdout).into_owned();
-        assert!(launch.status.success(), "{v}:\n{printed}");
+        let printed = launch_train_sh(&out.join("train.sh"), &checkout, &python, v);
         for flag in ["--save", "--load"] {
             assert_eq!(
                 argument_after(&printed, flag).as_deref(),
@@ -458,15 +453,7 @@ fn readme_code_spans_hold_paths_with_backticks() {
     let tmp = tempfile::tempdir().unwrap();
     let work = folder(tmp.path(), "it's `my` work");
     let source = "a `b` c's.fmoe";
-    std::fs::write(
-        work.join(source),
-        "use std.gates.gshard\nmodel m {\n    vocab = 50304\n    context = 64\n    width = 64\n    \
-         heads = 4\n    depth = 2\n    block = transformer(attention = causal(), ffn = mlp(hidden = 256))\n    \
-         layers[1].ffn = moe(experts = 4, gate = gshard(), expert = mlp(hidden = 128))\n}\n\
-         train {\n    data = megatron(\"data/x`y\")\n    batch = 4 x 64 tokens\n    steps = 2\n    \
-         optimizer = adamw(lr = 1e-3)\n}\n",
-    )
-    .unwrap();
+    std::fs::write(work.join(source), moe_on_megatron_data("data/x`y", "")).unwrap();
     let data = work.join("data/x`y").to_string_lossy().into_owned();
     let python = std::env::var("FMOEC_PYTHON").unwrap_or_else(|_| "python3".into());
     let parser = std::process::Command::new(&python)
