@@ -59,6 +59,14 @@ pub fn disable() {
     cache::CACHE.with(|c| *c.borrow_mut() = None);
 }
 
+/// Whether this thread's copies are on (between [`enable`] and [`disable`]).
+pub fn enabled() -> bool {
+    #[cfg(feature = "cuda")]
+    return cache::CACHE.with(|c| c.borrow().is_some());
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// Starts a step on this thread: with the copies on, every copy made in an earlier step is
 /// rewritten in place from its master (the same memory, so a captured CUDA graph reads the
 /// new values), and weights converted from now on are converted once and reused. The FP8

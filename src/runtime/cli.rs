@@ -15,6 +15,7 @@ use crate::plan::Overrides;
 use crate::runtime::distributed::{self, WorldPlan};
 use crate::runtime::folders::{RunFolders, Series};
 use crate::runtime::stop;
+use crate::runtime::trace::TraceRequest;
 use crate::runtime::train::{self, RunOptions, RunSummary, SampleOptions};
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +77,15 @@ pub struct RunArgs {
     /// and replays it for the others (the same kernels, without the CPU launching each).
     #[arg(long)]
     pub no_cuda_graph: bool,
+    /// Record a few steps with libtorch's profiler into a Chrome trace at FILE (default:
+    /// `trace.json` in the output folder; ui.perfetto.dev opens it), and print where the GPU's
+    /// time went in them, by kind of work. The steps follow the first of the run, which warms
+    /// up and captures the CUDA graph. A run in one process; needs a build with `--features cuda`.
+    #[arg(long, num_args = 0..=1, value_name = "FILE", conflicts_with = "sample")]
+    pub trace: Option<Option<PathBuf>>,
+    /// How many steps `--trace` records.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = driver::one_or_more::<u64>, requires = "trace")]
+    pub trace_steps: u64,
     /// Train on N GPUs of this machine: one process per GPU, NCCL between them (needs a build
     /// with `--features cuda`). Overrides the file's `gpus` as `fmoec plan --world` does.
     /// Started by torchrun (RANK, WORLD_SIZE, ... set), fmoec runs as that rank instead.
@@ -540,6 +550,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     let timeout = collective_timeout(args)?;
     let device = device(args, &mode)?;
+    if args.trace.is_some() && !matches!(mode, Mode::Single) {
+        bail!("--trace records a run in one process: leave out --gpus, --ranks and --nodes (or trace a run on one device)");
+    }
     if let Some(code) = refuse_fp8_where_it_cannot_run(args, &loaded, checked, &mode, device) {
         return Ok(code);
     }
@@ -572,6 +585,10 @@ fn run_options(
     checkpoints: PathBuf,
     resume: Option<PathBuf>,
 ) -> RunOptions {
+    let trace = args.trace.as_ref().map(|file| TraceRequest {
+        path: file.clone().unwrap_or_else(|| out.join("trace.json")),
+        steps: args.trace_steps,
+    });
     RunOptions {
         device,
         steps: args.steps,
@@ -584,6 +601,7 @@ fn run_options(
         print_summary: true,
         cuda_graph: !args.no_cuda_graph,
         model_file: std::path::absolute(&args.file).ok(),
+        trace,
     }
 }
 

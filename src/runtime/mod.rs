@@ -45,6 +45,7 @@ pub mod replay;
 pub mod sample;
 pub mod stop;
 pub mod telemetry;
+pub mod trace;
 pub mod train;
 pub mod trainer;
 

@@ -31,8 +31,15 @@ pub(super) fn train_micro_batch(
 /// on a GPU) one warm-up micro-batch op by op, then the next captured as a CUDA graph and
 /// every later one a replay of it with its own tokens and draw keys copied in (see
 /// [`crate::runtime::graph`]). A capture that fails (some op waits for the host) says why
-/// once and leaves the run op by op.
-pub enum Runner {
+/// once and leaves the run op by op. When the runner goes (the run is over or failed), this
+/// thread's weight copies go with it.
+pub struct Runner {
+    stage: Stage,
+}
+
+/// Where a [`Runner`] is. Moving from one stage to the next drops nothing but the stage: the
+/// weight copies made for the warm-up are the ones the capture records.
+enum Stage {
     Eager,
     #[cfg(feature = "cuda")]
     Warmup,
@@ -66,15 +73,21 @@ impl Runner {
                      libtorch's grouped matmul reads its group sizes on the host (precision = \
                      bf16 gets the graph)"
                 );
-                return Ok(Runner::Eager);
+                return Ok(Runner {
+                    stage: Stage::Eager,
+                });
             }
             crate::runtime::graph::use_side_stream(n)?;
             // one bf16 copy of each weight per step, at addresses the graph keeps reading
             cast::enable();
-            return Ok(Runner::Warmup);
+            return Ok(Runner {
+                stage: Stage::Warmup,
+            });
         }
         let _ = (cuda_graph, device, compute, grouped);
-        Ok(Runner::Eager)
+        Ok(Runner {
+            stage: Stage::Eager,
+        })
     }
 
     /// Runs one micro-batch of `tokens` (on the CPU) with the model's draw keys as they are
@@ -86,16 +99,16 @@ impl Runner {
         n_micro: u64,
     ) -> Result<(Tensor, ForwardOutput)> {
         let device = model.store.device;
-        match self {
-            Runner::Eager => train_micro_batch(model, &tokens.f_to_device(device)?, n_micro),
+        match &mut self.stage {
+            Stage::Eager => train_micro_batch(model, &tokens.f_to_device(device)?, n_micro),
             #[cfg(feature = "cuda")]
-            Runner::Warmup => {
+            Stage::Warmup => {
                 let out = train_micro_batch(model, &tokens.f_to_device(device)?, n_micro)?;
-                *self = Runner::Capture;
+                self.stage = Stage::Capture;
                 Ok(out)
             }
             #[cfg(feature = "cuda")]
-            Runner::Capture => {
+            Stage::Capture => {
                 let batch = tokens.f_to_device(device)?;
                 // Every gradient must exist before the capture: the graph then adds into
                 // it, as every eager micro-batch after the first does.
@@ -114,7 +127,7 @@ impl Runner {
                 match captured {
                     Ok((graph, (lm, out))) => {
                         let result = (lm.shallow_clone(), shallow(&out));
-                        *self = Runner::Replay(Box::new(Captured {
+                        self.stage = Stage::Replay(Box::new(Captured {
                             graph,
                             batch,
                             lm,
@@ -127,14 +140,14 @@ impl Runner {
                             "warning: the training micro-batch could not be captured as a CUDA \
                              graph ({why}); running it op by op (--no-cuda-graph says so up front)"
                         );
-                        *self = Runner::Eager;
+                        self.stage = Stage::Eager;
                         cast::disable();
                         train_micro_batch(model, &batch, n_micro)
                     }
                 }
             }
             #[cfg(feature = "cuda")]
-            Runner::Replay(c) => {
+            Stage::Replay(c) => {
                 if tokens.size() != c.batch.size() {
                     bail!(
                         "internal error: a micro-batch of shape {:?} for a graph captured with {:?}",
@@ -151,9 +164,9 @@ impl Runner {
 
     /// How the micro-batches ran, for the summary's device line (empty: op by op).
     pub fn describe(&self) -> &'static str {
-        match self {
+        match self.stage {
             #[cfg(feature = "cuda")]
-            Runner::Replay(_) => " + CUDA graph",
+            Stage::Replay(_) => " + CUDA graph",
             _ => "",
         }
     }
@@ -216,5 +229,27 @@ fn shallow(out: &ForwardOutput) -> ForwardOutput {
                 )
             })
             .collect(),
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+
+    /// The warm-up's weight copies are the ones the capture records and every replay reads:
+    /// going from one stage to the next keeps them, and only the runner's end drops them.
+    #[test]
+    fn the_weight_copies_outlive_the_stages_and_go_with_the_runner() {
+        cast::enable();
+        let mut runner = Runner {
+            stage: Stage::Warmup,
+        };
+        runner.stage = Stage::Capture;
+        assert!(
+            cast::enabled(),
+            "the capture lost the warm-up's weight copies"
+        );
+        drop(runner);
+        assert!(!cast::enabled());
     }
 }

@@ -74,6 +74,8 @@ pub struct RunOptions {
     pub cuda_graph: bool,
     /// The model file, absolute, recorded in every checkpoint (`fmoec export` finds it there).
     pub model_file: Option<PathBuf>,
+    /// Record a few steps with libtorch's profiler into a Chrome trace (`--trace`).
+    pub trace: Option<crate::runtime::trace::TraceRequest>,
 }
 
 impl Default for RunOptions {
@@ -91,6 +93,7 @@ impl Default for RunOptions {
             print_summary: false,
             cuda_graph: false,
             model_file: None,
+            trace: None,
         }
     }
 }
@@ -160,6 +163,9 @@ pub struct RunSummary {
     /// The GPU's SM clock and power while the steps ran (NVML; rank 0's GPU).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<crate::runtime::telemetry::Summary>,
+    /// Where the GPU's time went in the steps `--trace` recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::runtime::trace::TraceSummary>,
 }
 
 pub fn compute_kind(p: Precision) -> Result<Kind> {
@@ -452,5 +458,8 @@ pub(crate) fn print_summary(s: &RunSummary) {
     crate::outln!("metrics    {}", path_text(&s.metrics));
     if let Some(p) = &s.plot {
         crate::outln!("plot       {}", path_text(p));
+    }
+    if let Some(t) = &s.trace {
+        crate::outln!("trace      {}", crate::runtime::trace::title(t));
     }
 }

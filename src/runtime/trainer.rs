@@ -60,7 +60,7 @@ use crate::runtime::train::{
     sum_over_world, tensor_parallel_loss, LayerMetrics, RunOptions, RunSummary, StepMetrics,
     EVAL_KEY,
 };
-use crate::runtime::{cast, fit, fp8, plot, stop, telemetry};
+use crate::runtime::{cast, fit, fp8, plot, stop, telemetry, trace};
 
 /// Keys libtorch's generator for a step of a run alone (nothing of the run draws from it
 /// today; kept so that a future draw is reproducible too).
@@ -232,6 +232,11 @@ pub struct Trainer<'a> {
     fp8: bool,
     /// Rank 0 on a GPU NVML sees: the clock and power while the steps run.
     gpu: Option<telemetry::Sampler>,
+    /// `--trace`: libtorch's profiler recording the chosen steps.
+    #[cfg(feature = "cuda")]
+    tracer: Option<trace::Tracer>,
+    /// What the trace found, once written.
+    trace: Option<trace::TraceSummary>,
 }
 
 impl<'a> Trainer<'a> {
@@ -257,6 +262,7 @@ impl<'a> Trainer<'a> {
         trainer.shard_over_tensor_group(plan)?;
         trainer.classify_params();
         trainer.set_precision(&shape);
+        trainer.prepare_trace()?;
         if trainer.main {
             for note in plan.notes.iter().chain(&shape.micro_batch_note) {
                 crate::errln!("note: {note}");
@@ -322,6 +328,9 @@ impl<'a> Trainer<'a> {
             started: Instant::now(),
             fp8: shape.fp8.is_some(),
             gpu: None,
+            #[cfg(feature = "cuda")]
+            tracer: None,
+            trace: None,
         }
     }
 
@@ -496,7 +505,9 @@ impl<'a> Trainer<'a> {
             self.gpu = telemetry::sample(self.device);
         }
         while self.step < self.stop_at {
+            self.trace_before_step()?;
             let mut record = self.step()?;
+            self.trace_after_step(false);
             if self.evaluation_due() {
                 let loss = self.evaluate()?;
                 record.eval_loss = Some(loss);
@@ -517,6 +528,65 @@ impl<'a> Trainer<'a> {
             }
         }
         self.finish(stopped_by)
+    }
+
+    /// `--trace`: prepares libtorch's profiler for the steps it records (before the first
+    /// step, so before a CUDA graph is captured). A run of one process only.
+    fn prepare_trace(&mut self) -> Result<()> {
+        let Some(request) = &self.opts.trace else {
+            return Ok(());
+        };
+        if self.ctx.is_some() {
+            bail!("--trace records a run of one process; this run has several ranks");
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let tracer = trace::Tracer::prepare(request, self.device, self.step, self.stop_at)?;
+            self.tracer = Some(tracer);
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = request;
+            bail!(
+                "--trace needs fmoec built with `--features cuda` (libtorch's profiler is reached \
+                 through its C++ shim, which that feature builds; it traces CPU runs too)"
+            )
+        }
+    }
+
+    /// `--trace`: starts recording when the step about to run is the first traced one.
+    fn trace_before_step(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(t) = &mut self.tracer {
+            t.before_step(self.step + 1)?;
+        }
+        Ok(())
+    }
+
+    /// `--trace`: after the last traced step (or, `ending`, when the run ends before it),
+    /// writes the trace and keeps its summary. A trace that cannot be written is a warning:
+    /// the run goes on.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn trace_after_step(&mut self, ending: bool) {
+        #[cfg(feature = "cuda")]
+        if let Some(t) = &mut self.tracer {
+            let written = if ending {
+                t.finish(self.step)
+            } else {
+                t.after_step(self.step)
+            };
+            match written {
+                Ok(Some(summary)) => {
+                    for line in trace::summary_lines(&summary) {
+                        self.progress.say(&line);
+                    }
+                    self.trace = Some(summary);
+                }
+                Ok(None) => {}
+                Err(e) => crate::errln!("warning: --trace: {e:#}"),
+            }
+        }
     }
 
     /// This rank's model: after a [`Trainer::step`] its parameters' `.grad` hold that step's
@@ -1006,6 +1076,7 @@ impl<'a> Trainer<'a> {
     /// Ends the run: the checkpoint of the last step (unless it exists), the plot, the
     /// summary (`summary.json`, and on stdout). `stopped_by`: the signal that ended it early.
     pub fn finish(mut self, stopped_by: Option<i32>) -> Result<RunSummary> {
+        self.trace_after_step(true);
         self.save_final_checkpoint()?;
         self.progress.finish();
         if let (Some(signal), true) = (stopped_by, self.main) {
@@ -1110,6 +1181,7 @@ impl<'a> Trainer<'a> {
             plot,
             losses: std::mem::take(&mut self.losses),
             gpu,
+            trace: self.trace.take(),
         })
     }
 

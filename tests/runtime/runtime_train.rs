@@ -1156,3 +1156,45 @@ fn names_with_control_characters_are_escaped_in_runs_messages() {
     );
     assert_eq!(std::fs::read_to_string(&in_the_way).unwrap(), "keep\n");
 }
+
+/// `--trace` where it cannot record: a run of several ranks, `--trace-steps` alone, and (in a
+/// build without the `cuda` feature, which holds the profiler's shim) any run. Each is refused
+/// before the run writes anything.
+#[test]
+fn trace_is_refused_where_it_cannot_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = format!("{}/examples/tiny.fmoe", env!("CARGO_MANIFEST_DIR"));
+    let out = dir.path().join("out");
+    let run = |extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .args(["run", &tiny, "--steps", "1", "--quiet", "--out"])
+            .arg(&out)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(&["--ranks", "2", "--trace"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--trace records a run in one process"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["--trace-steps", "3"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--trace"), "{stderr}");
+    #[cfg(not(feature = "cuda"))]
+    {
+        let (code, stderr) = run(&["--trace"]);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.contains("--trace needs fmoec built with `--features cuda`"),
+            "{stderr}"
+        );
+    }
+    assert!(!out.join("metrics.jsonl").exists());
+}

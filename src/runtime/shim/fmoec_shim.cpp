@@ -2,7 +2,8 @@
 // of a device, the caching allocator's statistics, one autograd Function whose forward
 // and backward call back into Rust (tch has no custom autograd), CUDA graphs (capture
 // of torch's work on a side stream, replay), and libtorch's multi-tensor kernels for the
-// optimizer step (fused AdamW, one norm and one scaling over a list of gradients). Built by
+// optimizer step (fused AdamW, one norm and one scaling over a list of gradients), and
+// libtorch's profiler (Kineto) for `fmoec run --trace`. Built by
 // build.rs (cc crate) with the `cuda` feature only, against torch's and CUDA's headers; it
 // needs no nvcc and no GPU to build. It knows nothing about fmoec's model or what the
 // callbacks compute. Every entry point that returns a status sets the thread's last error.
@@ -15,7 +16,10 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
+#include <set>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -249,6 +253,43 @@ int fmoec_shim_scale(at::Tensor** ts, int n, at::Tensor* by) {
   return guarded([&] {
     auto t = list(ts, n);
     at::_foreach_mul_(t, *by);
+  });
+}
+
+namespace {
+namespace kineto = torch::autograd::profiler;
+namespace profiler = torch::profiler::impl;
+
+profiler::ProfilerConfig trace_config() {
+  return profiler::ProfilerConfig(profiler::ProfilerState::KINETO);
+}
+
+// The operators on the CPU, and with `cuda` the kernels, copies and memsets on the GPU.
+std::set<profiler::ActivityType> trace_activities(int cuda) {
+  std::set<profiler::ActivityType> a{profiler::ActivityType::CPU};
+  if (cuda) a.insert(profiler::ActivityType::CUDA);
+  return a;
+}
+}  // namespace
+
+// Prepares libtorch's profiler (with `cuda`, CUPTI: before a CUDA graph is captured, so that
+// the graph's kernels are recorded when it replays). 0 on success, -1 on error.
+int fmoec_shim_trace_prepare(int cuda) {
+  return guarded([&] { kineto::prepareProfiler(trace_config(), trace_activities(cuda)); });
+}
+
+// Starts recording; 0 on success, -1 on error.
+int fmoec_shim_trace_start(int cuda) {
+  return guarded([&] { kineto::enableProfiler(trace_config(), trace_activities(cuda)); });
+}
+
+// Stops recording and writes what was recorded to `path` as a Chrome trace; 0 on success,
+// -1 on error.
+int fmoec_shim_trace_stop(const char* path) {
+  return guarded([&] {
+    auto result = kineto::disableProfiler();
+    if (!result) throw std::runtime_error("the profiler was not recording");
+    result->save(path);
   });
 }
 }
