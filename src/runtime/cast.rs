@@ -13,9 +13,11 @@
 //! by default: the shim op's backward calls back into Rust once per weight, and on the
 //! GPU-MoE example op by op an earlier variant (copies dropped every step, the gradient
 //! converted before autograd's add) measured +3-5% on one H200 lease and -8-12% on another
-//! (BENCHMARKS.md, session 3); with the graph these copies measured +0.4% (session 4).
-//! Otherwise, and outside a step (eval, sampling, builds without `cuda`), it is a plain
-//! `to_kind`.
+//! (BENCHMARKS.md, session 3). With the graph they are worth 12% on GPT-2-medium-MoE (one H100,
+//! session 18: 135.7k -> 152.6k tokens/s); until then the graph runner dropped them when it
+//! moved from its warm-up to the capture, so the graph cast every weight in every micro-batch
+//! (session 4's +0.4% measured nothing). Otherwise, and outside a step (eval, sampling, builds
+//! without `cuda`), it is a plain `to_kind`.
 //!
 //! This module knows tensors and dtypes only, not the model or the optimizer.
 
