@@ -314,19 +314,7 @@ impl Source {
             name
         };
         if param_kind(key) != crate::collective::ParamKind::Expert {
-            // the shard holding it: the replicated one, or with pipeline stages its stage's
-            let Some(holder) = self
-                .manifest
-                .shards
-                .iter()
-                .position(|s| s.replicated && s.part.as_ref().is_none_or(|p| p.holds(key)))
-            else {
-                bail!(
-                    "checkpoint `{}`: no shard holds `{key}`",
-                    path_text(&self.dir)
-                );
-            };
-            return self.tensor(holder, optim, name);
+            return self.replicated(key, optim, name);
         }
         let layer =
             expert_layer(key).with_context(|| format!("internal error: `{key}` names no layer"))?;
@@ -338,6 +326,42 @@ impl Source {
         })?;
         let all: Vec<usize> = (0..rows.len()).collect();
         let wanted = experts.unwrap_or(&all);
+        if wanted.is_empty() {
+            let any = self.tensor(rows[0].0, optim, name)?;
+            let mut shape = any.size();
+            shape[0] = 0;
+            return Ok(Tensor::f_zeros(shape, (any.kind(), Device::Cpu))?);
+        }
+        self.expert_tensor(name, optim, layer, rows, wanted)
+    }
+
+    /// A replicated parameter `key` (its tensor `name` in the model or optimizer file) from
+    /// the shard that holds it: the replicated one, or with pipeline stages its stage's.
+    fn replicated(&self, key: &str, optim: bool, name: &str) -> Result<Tensor> {
+        let Some(holder) = self
+            .manifest
+            .shards
+            .iter()
+            .position(|s| s.replicated && s.part.as_ref().is_none_or(|p| p.holds(key)))
+        else {
+            bail!(
+                "checkpoint `{}`: no shard holds `{key}`",
+                path_text(&self.dir)
+            );
+        };
+        self.tensor(holder, optim, name)
+    }
+
+    /// The rows of the experts `wanted` (global ids, at least one) of MoE layer `layer`'s
+    /// tensor `name`, in that order, each read from the shard `rows` places it in.
+    fn expert_tensor(
+        &self,
+        name: &str,
+        optim: bool,
+        layer: usize,
+        rows: &[(usize, usize)],
+        wanted: &[usize],
+    ) -> Result<Tensor> {
         let mut parts = Vec::with_capacity(wanted.len());
         let mut shard_tensors: BTreeMap<usize, Tensor> = BTreeMap::new();
         for &e in wanted {
@@ -360,12 +384,6 @@ impl Source {
                 );
             }
             parts.push(t.f_narrow(0, row as i64, 1)?);
-        }
-        if parts.is_empty() {
-            let any = self.tensor(rows[0].0, optim, name)?;
-            let mut shape = any.size();
-            shape[0] = 0;
-            return Ok(Tensor::f_zeros(shape, (any.kind(), Device::Cpu))?);
         }
         Ok(Tensor::f_cat(&parts, 0)?)
     }
