@@ -441,8 +441,8 @@ fn read_batch(
     reader: &mut impl BufRead,
     input: &Path,
     line_no: &mut usize,
-) -> Result<(Vec<(usize, Vec<u8>)>, usize)> {
-    let mut batch: Vec<(usize, Vec<u8>)> = Vec::new();
+) -> Result<(Lines, usize)> {
+    let mut batch: Lines = Vec::new();
     let mut bytes = 0usize;
     while bytes < BATCH_BYTES {
         let mut line = Vec::new();
@@ -458,6 +458,9 @@ fn read_batch(
     }
     Ok((batch, bytes))
 }
+
+/// Lines of an input, each with its line number (from 1).
+type Lines = Vec<(usize, Vec<u8>)>;
 
 /// Bytes of JSON lines per batch handed to the workers.
 const BATCH_BYTES: usize = 4 << 20;
