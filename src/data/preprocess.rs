@@ -360,9 +360,9 @@ impl Preprocess<'_> {
         bar: &indicatif::ProgressBar,
     ) -> Result<()> {
         let mut text = Vec::new();
-        std::fs::File::open(input)
-            .and_then(|f| BufReader::new(f).read_to_end(&mut text))
-            .with_context(|| format!("cannot read `{}`", path_text(input)))?;
+        BufReader::new(open_input(input)?)
+            .read_to_end(&mut text)
+            .with_context(|| cannot_read(input))?;
         let at = Origin {
             file: input,
             line: 0,
@@ -382,6 +382,8 @@ impl Preprocess<'_> {
         Ok(())
     }
 
+    /// A JSON-lines input: every line a document, read in batches that the workers parse
+    /// and tokenize, written in the input's order.
     fn run_jsonl(
         &self,
         input: &Path,
@@ -389,45 +391,14 @@ impl Preprocess<'_> {
         summary: &mut Summary,
         bar: &indicatif::ProgressBar,
     ) -> Result<()> {
-        /// Bytes of input per batch handed to the workers.
-        const BATCH_BYTES: usize = 4 << 20;
-        let file = std::fs::File::open(input)
-            .with_context(|| format!("cannot read `{}`", path_text(input)))?;
-        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut reader = BufReader::with_capacity(1 << 20, open_input(input)?);
         let mut line_no = 0usize;
         loop {
-            // one batch of lines: (line number, bytes)
-            let mut batch: Vec<(usize, Vec<u8>)> = Vec::new();
-            let mut bytes = 0usize;
-            while bytes < BATCH_BYTES {
-                let mut line = Vec::new();
-                let n = reader
-                    .read_until(b'\n', &mut line)
-                    .with_context(|| format!("cannot read `{}`", path_text(input)))?;
-                if n == 0 {
-                    break;
-                }
-                line_no += 1;
-                bytes += n;
-                batch.push((line_no, line));
-            }
+            let (batch, bytes) = read_batch(&mut reader, input, &mut line_no)?;
             if batch.is_empty() {
                 return Ok(());
             }
-            let encoded: Vec<Result<Option<Encoded>>> = batch
-                .par_iter()
-                .map(|(line, text)| {
-                    let at = Origin {
-                        file: input,
-                        line: *line,
-                    };
-                    match self.parse_line(text, at)? {
-                        None => Ok(None),
-                        Some(fields) => self.encode(fields, at).map(Some),
-                    }
-                })
-                .collect();
-            for doc in encoded {
+            for doc in self.encode_batch(input, &batch) {
                 match doc? {
                     None => summary.blank_lines += 1,
                     Some(doc) => {
@@ -440,6 +411,68 @@ impl Preprocess<'_> {
             bar.inc(bytes as u64);
         }
     }
+
+    /// Each line of `batch` parsed and tokenized on the workers, in order: `None` for a
+    /// blank line.
+    fn encode_batch(
+        &self,
+        input: &Path,
+        batch: &[(usize, Vec<u8>)],
+    ) -> Vec<Result<Option<Encoded>>> {
+        batch
+            .par_iter()
+            .map(|(line, text)| {
+                let at = Origin {
+                    file: input,
+                    line: *line,
+                };
+                match self.parse_line(text, at)? {
+                    None => Ok(None),
+                    Some(fields) => self.encode(fields, at).map(Some),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The next lines of `reader` (the input `input`), up to about [`BATCH_BYTES`] of them, each
+/// with its line number (counted on in `line_no`), and their bytes; none at the end.
+fn read_batch(
+    reader: &mut impl BufRead,
+    input: &Path,
+    line_no: &mut usize,
+) -> Result<(Lines, usize)> {
+    let mut batch: Lines = Vec::new();
+    let mut bytes = 0usize;
+    while bytes < BATCH_BYTES {
+        let mut line = Vec::new();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .with_context(|| cannot_read(input))?;
+        if n == 0 {
+            break;
+        }
+        *line_no += 1;
+        bytes += n;
+        batch.push((*line_no, line));
+    }
+    Ok((batch, bytes))
+}
+
+/// Lines of an input, each with its line number (from 1).
+type Lines = Vec<(usize, Vec<u8>)>;
+
+/// Bytes of JSON lines per batch handed to the workers.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Opens the input file `input`.
+fn open_input(input: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(input).with_context(|| cannot_read(input))
+}
+
+/// What is said where the input `input` cannot be opened or read.
+fn cannot_read(input: &Path) -> String {
+    format!("cannot read `{}`", path_text(input))
 }
 
 fn write_document(writers: &mut [IndexedWriter], doc: Encoded) -> Result<()> {

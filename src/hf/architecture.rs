@@ -200,48 +200,74 @@ pub fn config(model: &Model, arch: Architecture) -> Value {
         "torch_dtype": "float32",
         "use_cache": true,
     });
-    let moe = model.moe_layers().next().map(|(_, m)| m.clone());
-    let dense_hidden = dense_layers(model).next().map(|(_, m)| m.hidden);
     let obj = c.as_object_mut().expect("an object");
-    match arch {
-        Architecture::Llama => {
-            obj.insert("model_type".into(), json!("llama"));
-            obj.insert("intermediate_size".into(), json!(dense_hidden));
-            obj.insert("attention_bias".into(), json!(model.bias));
-            obj.insert("mlp_bias".into(), json!(model.bias));
-        }
-        Architecture::Mixtral => {
-            let m = moe.expect("an MoE layer");
-            obj.insert("model_type".into(), json!("mixtral"));
-            obj.insert("intermediate_size".into(), json!(m.expert.hidden));
-            obj.insert("num_local_experts".into(), json!(m.experts));
-            obj.insert("num_experts_per_tok".into(), json!(m.top_k));
-            obj.insert("router_jitter_noise".into(), json!(0.0));
-            obj.insert("output_router_logits".into(), json!(false));
-            obj.insert("sliding_window".into(), Value::Null);
-        }
-        Architecture::Qwen2Moe => {
-            let m = moe.expect("an MoE layer");
-            let shared = m.shared.as_ref().map_or(0, |s| s.count * s.expert.hidden);
-            let dense_layers: Vec<usize> = dense_layers(model).map(|(l, _)| l.index).collect();
-            obj.insert("model_type".into(), json!("qwen2_moe"));
-            obj.insert(
-                "intermediate_size".into(),
-                json!(dense_hidden.unwrap_or(m.expert.hidden)),
-            );
-            obj.insert("moe_intermediate_size".into(), json!(m.expert.hidden));
-            obj.insert("shared_expert_intermediate_size".into(), json!(shared));
-            obj.insert("num_experts".into(), json!(m.experts));
-            obj.insert("num_experts_per_tok".into(), json!(m.top_k));
-            obj.insert("norm_topk_prob".into(), json!(true));
-            obj.insert("decoder_sparse_step".into(), json!(1));
-            obj.insert("mlp_only_layers".into(), json!(dense_layers));
-            obj.insert("qkv_bias".into(), json!(true));
-            obj.insert("use_sliding_window".into(), json!(false));
-            obj.insert("output_router_logits".into(), json!(false));
-        }
+    let keys = match arch {
+        Architecture::Llama => llama_config(model),
+        Architecture::Mixtral => mixtral_config(first_moe(model)),
+        Architecture::Qwen2Moe => qwen2_moe_config(model, first_moe(model)),
+    };
+    for (key, value) in keys {
+        obj.insert(key.into(), value);
     }
     c
+}
+
+/// The first MoE layer of a model that Mixtral or Qwen2-MoE was chosen for.
+fn first_moe(model: &Model) -> &Moe {
+    model
+        .moe_layers()
+        .next()
+        .map(|(_, m)| m)
+        .expect("a Mixtral- or Qwen2-MoE-style model has MoE layers")
+}
+
+/// The keys of a Llama config besides the common ones, in the order written.
+fn llama_config(model: &Model) -> Vec<(&'static str, Value)> {
+    let dense_hidden = dense_layers(model).next().map(|(_, m)| m.hidden);
+    vec![
+        ("model_type", json!("llama")),
+        ("intermediate_size", json!(dense_hidden)),
+        ("attention_bias", json!(model.bias)),
+        ("mlp_bias", json!(model.bias)),
+    ]
+}
+
+/// The keys of a Mixtral config besides the common ones (`m`: the MoE layers' shape).
+fn mixtral_config(m: &Moe) -> Vec<(&'static str, Value)> {
+    vec![
+        ("model_type", json!("mixtral")),
+        ("intermediate_size", json!(m.expert.hidden)),
+        ("num_local_experts", json!(m.experts)),
+        ("num_experts_per_tok", json!(m.top_k)),
+        ("router_jitter_noise", json!(0.0)),
+        ("output_router_logits", json!(false)),
+        ("sliding_window", Value::Null),
+    ]
+}
+
+/// The keys of a Qwen2-MoE config besides the common ones (`m`: the MoE layers' shape; the
+/// dense layers are `mlp_only_layers`).
+fn qwen2_moe_config(model: &Model, m: &Moe) -> Vec<(&'static str, Value)> {
+    let dense_hidden = dense_layers(model).next().map(|(_, m)| m.hidden);
+    let shared = m.shared.as_ref().map_or(0, |s| s.count * s.expert.hidden);
+    let dense_layers: Vec<usize> = dense_layers(model).map(|(l, _)| l.index).collect();
+    vec![
+        ("model_type", json!("qwen2_moe")),
+        (
+            "intermediate_size",
+            json!(dense_hidden.unwrap_or(m.expert.hidden)),
+        ),
+        ("moe_intermediate_size", json!(m.expert.hidden)),
+        ("shared_expert_intermediate_size", json!(shared)),
+        ("num_experts", json!(m.experts)),
+        ("num_experts_per_tok", json!(m.top_k)),
+        ("norm_topk_prob", json!(true)),
+        ("decoder_sparse_step", json!(1)),
+        ("mlp_only_layers", json!(dense_layers)),
+        ("qkv_bias", json!(true)),
+        ("use_sliding_window", json!(false)),
+        ("output_router_logits", json!(false)),
+    ]
 }
 
 impl Architecture {
@@ -438,68 +464,76 @@ fn common_shape_fields(model: &Model, theirs: &Value) -> Vec<ConfigField> {
 
 /// The shapes of `arch`'s MLPs, experts and biases.
 fn architecture_shape_fields(model: &Model, arch: Architecture) -> Vec<ConfigField> {
-    let name = model.spans.name;
     let first_dense = dense_layers(model).next().map(|(_, m)| m.span);
-    let first_moe = model.moe_layers().next().map(|(_, m)| m);
     match arch {
-        Architecture::Llama => vec![
-            (
-                "intermediate_size",
-                "the MLP's hidden",
-                first_dense.unwrap_or(name),
-                None,
-            ),
-            ("attention_bias", "bias", name, Some(json!(false))),
-            ("mlp_bias", "bias", name, Some(json!(false))),
-        ],
-        Architecture::Mixtral => {
-            let m = first_moe.expect("a Mixtral-style model has MoE layers");
-            vec![
-                (
-                    "intermediate_size",
-                    "the experts' hidden",
-                    m.expert.span,
-                    None,
-                ),
-                (
-                    "num_local_experts",
-                    "experts",
-                    m.spans.experts,
-                    Some(json!(8)),
-                ),
-                (
-                    "num_experts_per_tok",
-                    "top_k",
-                    m.spans.top_k,
-                    Some(json!(2)),
-                ),
-            ]
-        }
-        Architecture::Qwen2Moe => {
-            let m = first_moe.expect("a Qwen2-MoE-style model has MoE layers");
-            let mut fields = Vec::new();
-            if let Some(at) = first_dense {
-                fields.push(("intermediate_size", "the dense MLPs' hidden", at, None));
-            }
-            fields.extend([
-                (
-                    "moe_intermediate_size",
-                    "the experts' hidden",
-                    m.expert.span,
-                    None,
-                ),
-                (
-                    "shared_expert_intermediate_size",
-                    "the shared experts' hidden (count x hidden)",
-                    m.spans.call,
-                    None,
-                ),
-                ("num_experts", "experts", m.spans.experts, None),
-                ("num_experts_per_tok", "top_k", m.spans.top_k, None),
-            ]);
-            fields
-        }
+        Architecture::Llama => llama_shape_fields(model, first_dense),
+        Architecture::Mixtral => mixtral_shape_fields(first_moe(model)),
+        Architecture::Qwen2Moe => qwen2_moe_shape_fields(first_moe(model), first_dense),
     }
+}
+
+/// Llama's MLP size (at the first dense MLP) and biases.
+fn llama_shape_fields(model: &Model, first_dense: Option<Span>) -> Vec<ConfigField> {
+    let name = model.spans.name;
+    vec![
+        (
+            "intermediate_size",
+            "the MLP's hidden",
+            first_dense.unwrap_or(name),
+            None,
+        ),
+        ("attention_bias", "bias", name, Some(json!(false))),
+        ("mlp_bias", "bias", name, Some(json!(false))),
+    ]
+}
+
+/// Mixtral's experts (`m`: the first MoE layer), with transformers' defaults.
+fn mixtral_shape_fields(m: &Moe) -> Vec<ConfigField> {
+    vec![
+        (
+            "intermediate_size",
+            "the experts' hidden",
+            m.expert.span,
+            None,
+        ),
+        (
+            "num_local_experts",
+            "experts",
+            m.spans.experts,
+            Some(json!(8)),
+        ),
+        (
+            "num_experts_per_tok",
+            "top_k",
+            m.spans.top_k,
+            Some(json!(2)),
+        ),
+    ]
+}
+
+/// Qwen2-MoE's dense MLPs (where the model has some) and experts (`m`: the first MoE layer).
+fn qwen2_moe_shape_fields(m: &Moe, first_dense: Option<Span>) -> Vec<ConfigField> {
+    let mut fields = Vec::new();
+    if let Some(at) = first_dense {
+        fields.push(("intermediate_size", "the dense MLPs' hidden", at, None));
+    }
+    fields.extend([
+        (
+            "moe_intermediate_size",
+            "the experts' hidden",
+            m.expert.span,
+            None,
+        ),
+        (
+            "shared_expert_intermediate_size",
+            "the shared experts' hidden (count x hidden)",
+            m.spans.call,
+            None,
+        ),
+        ("num_experts", "experts", m.spans.experts, None),
+        ("num_experts_per_tok", "top_k", m.spans.top_k, None),
+    ]);
+    fields
 }
 
 /// E0612 where the checkpoint's `key` (or its default) is not what the model exports.

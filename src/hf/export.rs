@@ -81,9 +81,28 @@ pub fn files(
     tokenizer: Option<(&Path, Option<&Path>)>,
     eos_token_id: Option<u32>,
 ) -> Result<BTreeMap<String, Vec<u8>>> {
-    let model = &checked.model;
     let mut files = BTreeMap::new();
-    // shards of at most `shard_bytes` (a bigger tensor gets a shard of its own)
+    let (shards, total) = shard_plan(named, shard_bytes);
+    let mut weight_map = serde_json::Map::new();
+    for (s, members) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", s + 1, shards.len());
+        files.insert(name.clone(), shard_file(named, members)?);
+        for &i in members {
+            weight_map.insert(named[i].0.clone(), json!(name));
+        }
+    }
+    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    files.insert("model.safetensors.index.json".into(), pretty(&index)?);
+    files.extend(config_files(&checked.model, arch, eos_token_id)?);
+    if let Some((json_path, config_path)) = tokenizer {
+        files.extend(tokenizer_files(json_path, config_path)?);
+    }
+    Ok(files)
+}
+
+/// The tensors (by index into `named`, in order) of each shard of at most `shard_bytes` (a
+/// bigger tensor gets a shard of its own), and the bytes of them all.
+fn shard_plan(named: &[(String, Tensor)], shard_bytes: u64) -> (Vec<Vec<usize>>, u64) {
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut size = 0u64;
     let mut total = 0u64;
@@ -97,54 +116,56 @@ pub fn files(
         shards.last_mut().expect("a shard").push(i);
         size += bytes;
     }
-    let count = shards.len();
-    let mut weight_map = serde_json::Map::new();
-    for (s, members) in shards.iter().enumerate() {
-        let name = format!("model-{:05}-of-{:05}.safetensors", s + 1, count);
-        let raw: Vec<(String, Vec<usize>, Vec<u8>)> = members
-            .iter()
-            .map(|&i| tensor_bytes(&named[i].1).map(|(shape, b)| (named[i].0.clone(), shape, b)))
-            .collect::<Result<_>>()?;
-        let views: Vec<(String, TensorView<'_>)> = raw
-            .iter()
-            .map(|(n, shape, b)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
-            .collect::<Result<_>>()?;
-        let meta: std::collections::HashMap<String, String> =
-            [("format".to_string(), "pt".to_string())].into();
-        files.insert(
-            name.clone(),
-            safetensors::tensor::serialize(views, &Some(meta))?,
-        );
-        for &i in members {
-            weight_map.insert(named[i].0.clone(), json!(name));
-        }
-    }
-    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    files.insert("model.safetensors.index.json".into(), pretty(&index)?);
+    (shards, total)
+}
+
+/// The safetensors file of the tensors `members` of `named` (f32).
+fn shard_file(named: &[(String, Tensor)], members: &[usize]) -> Result<Vec<u8>> {
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = members
+        .iter()
+        .map(|&i| tensor_bytes(&named[i].1).map(|(shape, b)| (named[i].0.clone(), shape, b)))
+        .collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView<'_>)> = raw
+        .iter()
+        .map(|(n, shape, b)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    let meta: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string())].into();
+    Ok(safetensors::tensor::serialize(views, &Some(meta))?)
+}
+
+/// `config.json` and `generation_config.json` (with `eos_token_id` where the tokenizer has
+/// one: transformers' `generate()` stops there).
+fn config_files(
+    model: &Model,
+    arch: Architecture,
+    eos_token_id: Option<u32>,
+) -> Result<[(String, Vec<u8>); 2]> {
     let mut config = config(model, arch);
     let mut generation = json!({"do_sample": false});
-    // transformers' generate() stops at the tokenizer's end-of-document token
     if let Some(eos) = eos_token_id {
         config["eos_token_id"] = json!(eos);
         generation["eos_token_id"] = json!(eos);
     }
-    files.insert("config.json".into(), pretty(&config)?);
-    files.insert("generation_config.json".into(), pretty(&generation)?);
-    if let Some((json_path, config_path)) = tokenizer {
-        files.insert(
-            "tokenizer.json".into(),
-            std::fs::read(json_path)
-                .with_context(|| format!("cannot read the tokenizer `{}`", path_text(json_path)))?,
-        );
-        let config = match config_path.filter(|p| p.is_file()) {
-            Some(p) => {
-                std::fs::read(p).with_context(|| format!("cannot read `{}`", path_text(p)))?
-            }
-            None => pretty(&json!({"tokenizer_class": "PreTrainedTokenizerFast"}))?,
-        };
-        files.insert("tokenizer_config.json".into(), config);
-    }
-    Ok(files)
+    Ok([
+        ("config.json".into(), pretty(&config)?),
+        ("generation_config.json".into(), pretty(&generation)?),
+    ])
+}
+
+/// `tokenizer.json` (a copy of `json_path`) and `tokenizer_config.json` (a copy of the one
+/// beside it, or one naming the fast tokenizer class).
+fn tokenizer_files(json_path: &Path, config_path: Option<&Path>) -> Result<[(String, Vec<u8>); 2]> {
+    let json = std::fs::read(json_path)
+        .with_context(|| format!("cannot read the tokenizer `{}`", path_text(json_path)))?;
+    let config = match config_path.filter(|p| p.is_file()) {
+        Some(p) => std::fs::read(p).with_context(|| format!("cannot read `{}`", path_text(p)))?,
+        None => pretty(&json!({"tokenizer_class": "PreTrainedTokenizerFast"}))?,
+    };
+    Ok([
+        ("tokenizer.json".into(), json),
+        ("tokenizer_config.json".into(), config),
+    ])
 }
 
 fn pretty(v: &Value) -> Result<Vec<u8>> {

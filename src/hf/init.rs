@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::architecture::{architecture, compare_config, model_differs, Architecture};
 use super::layout::{self, experts_param, mlp_param, param_shapes, split_layer};
-use crate::check::{Activation, Ffn, GateKind, InitSource, InitSpec, Mlp, Model, Moe};
+use crate::check::{Activation, Ffn, GateKind, InitSource, InitSpec, Layer, Mlp, Model, Moe};
 use crate::diag::{path_text, Diagnostic, Span};
 
 /// One tensor as a safetensors header describes it.
@@ -361,33 +361,11 @@ fn compare_tensors(
     init: Span,
     what: &str,
 ) -> Vec<Diagnostic> {
-    let mut out = Vec::new();
-    for (name, shape, at) in wanted {
-        let d = match have.get(name) {
-            None => Diagnostic::error("E0613", *at, format!("{what} has no tensor `{name}`"))
-                .with_label(format!("needs `{name}` {}", shape_text(shape))),
-            Some(h) if h.shape != *shape => Diagnostic::error(
-                "E0613",
-                *at,
-                format!(
-                    "tensor `{name}` is {} in {what}, the model needs {}",
-                    shape_text(&h.shape),
-                    shape_text(shape)
-                ),
-            )
-            .with_label(format!("makes `{name}` {}", shape_text(shape))),
-            Some(h) if !DTYPES.contains(&h.dtype.as_str()) => Diagnostic::error(
-                "E0613",
-                *at,
-                format!(
-                    "tensor `{name}` is {} in {what}; fmoec reads F32, F16, BF16 and F64",
-                    h.dtype
-                ),
-            ),
-            Some(_) => continue,
-        };
-        out.push(d.with_secondary(init, "the checkpoint to start from"));
-    }
+    let mut out: Vec<Diagnostic> = wanted
+        .iter()
+        .filter_map(|(name, shape, at)| tensor_misfit(name, shape, *at, have.get(name), what))
+        .map(|d| d.with_secondary(init, "the checkpoint to start from"))
+        .collect();
     // a model of another shape mismatches everywhere: the first few say it
     if out.len() > 6 {
         let n = out.len() - 6;
@@ -401,32 +379,79 @@ fn compare_tensors(
             .with_label("the checkpoint to start from"),
         );
     }
+    out.extend(unexpected_tensors(wanted, have, ignored, init, what));
+    out
+}
+
+/// Why the source's tensor `name` (`have`) does not give the model's (of `shape`, at `at`):
+/// it is missing, of another shape, or of a dtype fmoec does not read.
+fn tensor_misfit(
+    name: &str,
+    shape: &[u64],
+    at: Span,
+    have: Option<&HeaderEntry>,
+    what: &str,
+) -> Option<Diagnostic> {
+    Some(match have {
+        None => Diagnostic::error("E0613", at, format!("{what} has no tensor `{name}`"))
+            .with_label(format!("needs `{name}` {}", shape_text(shape))),
+        Some(h) if h.shape != shape => Diagnostic::error(
+            "E0613",
+            at,
+            format!(
+                "tensor `{name}` is {} in {what}, the model needs {}",
+                shape_text(&h.shape),
+                shape_text(shape)
+            ),
+        )
+        .with_label(format!("makes `{name}` {}", shape_text(shape))),
+        Some(h) if !DTYPES.contains(&h.dtype.as_str()) => Diagnostic::error(
+            "E0613",
+            at,
+            format!(
+                "tensor `{name}` is {} in {what}; fmoec reads F32, F16, BF16 and F64",
+                h.dtype
+            ),
+        ),
+        Some(_) => return None,
+    })
+}
+
+/// The source's tensors the model has no use for (but those `ignored`), the first six by
+/// name: a different model.
+fn unexpected_tensors(
+    wanted: &[(String, Vec<u64>, Span)],
+    have: &BTreeMap<String, HeaderEntry>,
+    ignored: impl Fn(&str) -> bool,
+    init: Span,
+    what: &str,
+) -> Option<Diagnostic> {
     let known: std::collections::BTreeSet<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
     let extra: Vec<&String> = have
         .keys()
         .filter(|n| !known.contains(n.as_str()) && !ignored(n))
         .collect();
-    if !extra.is_empty() {
-        let shown: Vec<String> = extra.iter().take(6).map(|n| format!("`{n}`")).collect();
-        let more = if extra.len() > 6 {
-            format!(" and {} more", extra.len() - 6)
-        } else {
-            String::new()
-        };
-        out.push(
-            Diagnostic::error(
-                "E0613",
-                init,
-                format!(
-                    "{what} holds tensors this model does not have: {}{more}",
-                    shown.join(", ")
-                ),
-            )
-            .with_label("the checkpoint to start from")
-            .with_help("it is a different model: declare the model the checkpoint holds"),
-        );
+    if extra.is_empty() {
+        return None;
     }
-    out
+    let shown: Vec<String> = extra.iter().take(6).map(|n| format!("`{n}`")).collect();
+    let more = if extra.len() > 6 {
+        format!(" and {} more", extra.len() - 6)
+    } else {
+        String::new()
+    };
+    Some(
+        Diagnostic::error(
+            "E0613",
+            init,
+            format!(
+                "{what} holds tensors this model does not have: {}{more}",
+                shown.join(", ")
+            ),
+        )
+        .with_label("the checkpoint to start from")
+        .with_help("it is a different model: declare the model the checkpoint holds"),
+    )
 }
 
 /// Reads `init`'s source (metadata only) and checks it against `model`.
@@ -684,21 +709,14 @@ fn headline_differences(
     let mut out = Vec::new();
     if let Some([vocab, width]) = tensors.get("embed.tokens").map(|e| e.shape.as_slice()) {
         let evidence = format!("its `embed.tokens` is {}", shape_text(&[*vocab, *width]));
-        for (field, at, ours, theirs) in [
-            ("vocab", model.spans.vocab, model.vocab, *vocab),
-            ("width", model.spans.width, model.width, *width),
-        ] {
-            if ours != theirs {
-                out.push(model_differs(
-                    at,
-                    field,
-                    &ours.to_string(),
-                    &theirs.to_string(),
-                    &evidence,
-                    init,
-                ));
-            }
-        }
+        out.extend(fields_differ(
+            [
+                ("vocab", model.spans.vocab, model.vocab, *vocab),
+                ("width", model.spans.width, model.width, *width),
+            ],
+            &evidence,
+            init,
+        ));
     }
     let depth = tensors
         .keys()
@@ -718,6 +736,29 @@ fn headline_differences(
     out
 }
 
+/// E0612 for each model field (name, where, ours) that the checkpoint (theirs, shown by
+/// `evidence`) has another value of.
+fn fields_differ(
+    fields: [(&str, Span, u64, u64); 2],
+    evidence: &str,
+    init: Span,
+) -> Vec<Diagnostic> {
+    fields
+        .into_iter()
+        .filter(|(_, _, ours, theirs)| ours != theirs)
+        .map(|(field, at, ours, theirs)| {
+            model_differs(
+                at,
+                field,
+                &ours.to_string(),
+                &theirs.to_string(),
+                evidence,
+                init,
+            )
+        })
+        .collect()
+}
+
 /// Layers that are dense in one and MoE in the other, or MoE layers of other sizes (E0612),
 /// for a checkpoint of the same model: a dense one is what `upcycle` starts from.
 fn layer_differences(
@@ -725,67 +766,70 @@ fn layer_differences(
     tensors: &BTreeMap<String, HeaderEntry>,
     init: Span,
 ) -> Vec<Diagnostic> {
-    let mut out = Vec::new();
+    let mut out: Vec<Diagnostic> = Vec::new();
     for layer in &model.layers {
         let i = layer.index;
         let theirs_moe = tensors.contains_key(&experts_param(i, "w1"));
         let theirs_dense = tensors.contains_key(&mlp_param(i, "w1"));
-        let ours_moe = matches!(layer.ffn, Ffn::Moe(_));
         if theirs_moe == theirs_dense {
             continue;
         }
         if let (Ffn::Moe(m), Some(w1)) = (&layer.ffn, tensors.get(&experts_param(i, "w1"))) {
-            let evidence = format!(
-                "its `{}` is {}",
-                experts_param(i, "w1"),
-                shape_text(&w1.shape)
-            );
-            for (field, at, ours, theirs) in [
-                ("experts", m.spans.experts, m.experts, w1.shape.first()),
-                (
-                    "the experts' hidden",
-                    m.expert.span,
-                    m.expert.hidden,
-                    w1.shape.get(2),
-                ),
-            ] {
-                let theirs = theirs.copied().unwrap_or_default();
-                let d = model_differs(
-                    at,
-                    field,
-                    &ours.to_string(),
-                    &theirs.to_string(),
-                    &evidence,
-                    init,
-                );
+            for d in expert_sizes_differ(i, m, &w1.shape, init) {
                 // one `block = ...` line declares many layers: say it once
-                if ours != theirs && !out.iter().any(|o: &Diagnostic| o.primary == d.primary) {
+                if !out.iter().any(|o| o.primary == d.primary) {
                     out.push(d);
                 }
             }
         }
-        if theirs_moe == ours_moe {
-            continue;
+        let ours_moe = matches!(layer.ffn, Ffn::Moe(_));
+        if theirs_moe != ours_moe {
+            out.push(layer_kind_differs(layer, ours_moe, theirs_moe, init));
         }
-        let kind = |moe: bool| if moe { "an MoE layer" } else { "a dense MLP" };
-        let d = Diagnostic::error(
-            "E0612",
-            layer.span,
-            format!(
-                "layer {i} is {} here, {} in the checkpoint to start from",
-                kind(ours_moe),
-                kind(theirs_moe)
-            ),
-        )
-        .with_label(format!("layer {i}'s feed-forward"))
-        .with_secondary(init, format!("its layer {i} is {}", kind(theirs_moe)));
-        out.push(if ours_moe {
-            d.with_help("to start MoE layers from a dense model's MLPs, write `init = upcycle(from_checkpoint(...))`")
-        } else {
-            d
-        });
     }
     out
+}
+
+/// E0612 where the MoE layer `i` (`m`) has another expert count or hidden size than the
+/// checkpoint's stacked experts (`w1` of shape `shape`).
+fn expert_sizes_differ(i: usize, m: &Moe, shape: &[u64], init: Span) -> Vec<Diagnostic> {
+    let evidence = format!("its `{}` is {}", experts_param(i, "w1"), shape_text(shape));
+    let theirs = |dim: usize| shape.get(dim).copied().unwrap_or_default();
+    fields_differ(
+        [
+            ("experts", m.spans.experts, m.experts, theirs(0)),
+            (
+                "the experts' hidden",
+                m.expert.span,
+                m.expert.hidden,
+                theirs(2),
+            ),
+        ],
+        &evidence,
+        init,
+    )
+}
+
+/// E0612: layer `layer` is dense here and MoE in the checkpoint, or the other way round.
+fn layer_kind_differs(layer: &Layer, ours_moe: bool, theirs_moe: bool, init: Span) -> Diagnostic {
+    let i = layer.index;
+    let kind = |moe: bool| if moe { "an MoE layer" } else { "a dense MLP" };
+    let d = Diagnostic::error(
+        "E0612",
+        layer.span,
+        format!(
+            "layer {i} is {} here, {} in the checkpoint to start from",
+            kind(ours_moe),
+            kind(theirs_moe)
+        ),
+    )
+    .with_label(format!("layer {i}'s feed-forward"))
+    .with_secondary(init, format!("its layer {i} is {}", kind(theirs_moe)));
+    if ours_moe {
+        d.with_help("to start MoE layers from a dense model's MLPs, write `init = upcycle(from_checkpoint(...))`")
+    } else {
+        d
+    }
 }
 
 /// `G` per MoE layer, or why the layer cannot be upcycled; warnings where the upcycled

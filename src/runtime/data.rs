@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::check::DataSource;
+use crate::check::{DataSource, TokenizerSpec};
 use crate::data::tokenizer::{Flavour, TextTokenizer};
 use crate::diag::path_text;
 
@@ -216,41 +216,50 @@ impl Dataset {
                     // the tokenizer made the dataset: its ids are read as they are
                     return Dataset::load(source, vocab);
                 }
-                let tk = TextTokenizer::load(&tokenizer.source(), Flavour::Core)?;
-                let tokens = tokenize_source(source, &tk)?;
-                (
-                    format!(
-                        "{} through {}, {} tokens",
-                        describe(source),
-                        tk.source(),
-                        tokens.len()
-                    ),
-                    tokens,
-                )
+                Dataset::tokenized(source, tokenizer)?
             }
-            DataSource::Megatron(prefix) => {
-                let ds = IndexedDataset::open(prefix)?;
-                let description = format!(
-                    "megatron(\"{}\"), {} documents, {} tokens",
-                    path_text(prefix),
-                    ds.doc_idx.len().saturating_sub(1),
-                    ds.total_tokens()
-                );
-                if ds.contiguous() {
-                    let len = ds.total_tokens();
-                    // one pass over the map to check the ids, without holding them
-                    let mut at = 0;
-                    while at < len {
-                        let n = (len - at).min(1 << 20);
-                        check_vocab(&ds.flat(at, n), vocab)?;
-                        at += n;
-                    }
-                    return Ok(Dataset::split(description, Tokens::Mapped(ds), len));
-                }
-                (description, ds.stream()?)
-            }
+            DataSource::Megatron(prefix) => return Dataset::megatron(prefix, vocab),
         };
         Dataset::from_tokens(description, tokens, vocab)
+    }
+
+    /// The description and tokens of a text source read through `tokenizer`.
+    fn tokenized(source: &DataSource, tokenizer: &TokenizerSpec) -> Result<(String, Vec<i64>)> {
+        let tk = TextTokenizer::load(&tokenizer.source(), Flavour::Core)?;
+        let tokens = tokenize_source(source, &tk)?;
+        Ok((
+            format!(
+                "{} through {}, {} tokens",
+                describe(source),
+                tk.source(),
+                tokens.len()
+            ),
+            tokens,
+        ))
+    }
+
+    /// A Megatron dataset: read from the map where its sequences lie back to back (its ids
+    /// checked in one pass), else read into memory.
+    fn megatron(prefix: &str, vocab: u64) -> Result<Dataset> {
+        let ds = IndexedDataset::open(prefix)?;
+        let description = format!(
+            "megatron(\"{}\"), {} documents, {} tokens",
+            path_text(prefix),
+            ds.doc_idx.len().saturating_sub(1),
+            ds.total_tokens()
+        );
+        if ds.contiguous() {
+            let len = ds.total_tokens();
+            // one pass over the map to check the ids, without holding them
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(1 << 20);
+                check_vocab(&ds.flat(at, n), vocab)?;
+                at += n;
+            }
+            return Ok(Dataset::split(description, Tokens::Mapped(ds), len));
+        }
+        Dataset::from_tokens(description, ds.stream()?, vocab)
     }
 
     pub fn from_tokens(description: String, tokens: Vec<i64>, vocab: u64) -> Result<Dataset> {

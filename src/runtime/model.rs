@@ -379,6 +379,21 @@ impl ModelPart {
         }
     }
 
+    /// Refuses chunks that are empty or reach past the model's `depth` blocks.
+    fn check(&self, depth: usize) -> Result<()> {
+        if self
+            .chunks
+            .iter()
+            .any(|c| c.start >= c.end || c.end > depth)
+        {
+            bail!(
+                "internal error: model chunks {:?} of a model of {depth} blocks",
+                self.chunks
+            );
+        }
+        Ok(())
+    }
+
     pub fn holds_layer(&self, layer: usize) -> bool {
         self.chunks.iter().any(|c| c.contains(&layer))
     }
@@ -483,24 +498,47 @@ impl Transformer {
         Transformer::build(model, store, compute, part)
     }
 
+    /// The parameters `part` holds, created in the order that draws them (embedding,
+    /// positions, blocks, final norm, head), and the modules over them.
     fn build(
         model: &Model,
         mut store: ParamStore,
         compute: Kind,
         part: &ModelPart,
     ) -> Result<Transformer> {
-        let d = model.width as i64;
-        let depth = model.layers.len();
-        if part
-            .chunks
-            .iter()
-            .any(|c| c.start >= c.end || c.end > depth)
-        {
-            bail!(
-                "internal error: model chunks {:?} of a model of {depth} blocks",
-                part.chunks
-            );
+        part.check(model.layers.len())?;
+        let (tokens, positions) = Transformer::embedding_params(&mut store, model, part)?;
+        let mut blocks = Vec::with_capacity(model.layers.len());
+        for layer in model.layers.iter().filter(|l| part.holds_layer(l.index)) {
+            blocks.push(Block::new(&mut store, layer, model)?);
         }
+        let (norm, head) = Transformer::head_params(&mut store, model, part)?;
+        let mut t = Transformer {
+            model: model.clone(),
+            store,
+            part: part.clone(),
+            tokens,
+            positions,
+            blocks,
+            norm,
+            head,
+            compute,
+            routing_keys: None,
+            keys_buffer: None,
+            fp8_head: false,
+        };
+        t.set_compute(compute);
+        Ok(t)
+    }
+
+    /// The token embedding (on the first stage, and on the last one when the head is tied to
+    /// it) and the learned positions (first stage).
+    fn embedding_params(
+        store: &mut ParamStore,
+        model: &Model,
+        part: &ModelPart,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = model.width as i64;
         let tokens = if part.embedding || (part.head && model.tied_embeddings) {
             Some(store.var(
                 "embed.tokens",
@@ -520,12 +558,19 @@ impl Transformer {
             )?),
             _ => None,
         };
-        let mut blocks = Vec::with_capacity(model.layers.len());
-        for layer in model.layers.iter().filter(|l| part.holds_layer(l.index)) {
-            blocks.push(Block::new(&mut store, layer, model)?);
-        }
+        Ok((tokens, positions))
+    }
+
+    /// The final norm and, with `tied_embeddings = false`, the output projection (last
+    /// stage).
+    fn head_params(
+        store: &mut ParamStore,
+        model: &Model,
+        part: &ModelPart,
+    ) -> Result<(Option<NormLayer>, Option<Tensor>)> {
+        let d = model.width as i64;
         let norm = if part.head {
-            Some(NormLayer::new(&mut store, "norm", model.norm, d)?)
+            Some(NormLayer::new(store, "norm", model.norm, d)?)
         } else {
             None
         };
@@ -541,22 +586,7 @@ impl Transformer {
                 true,
             )?)
         };
-        let mut t = Transformer {
-            model: model.clone(),
-            store,
-            part: part.clone(),
-            tokens,
-            positions,
-            blocks,
-            norm,
-            head,
-            compute,
-            routing_keys: None,
-            keys_buffer: None,
-            fp8_head: false,
-        };
-        t.set_compute(compute);
-        Ok(t)
+        Ok((norm, head))
     }
 
     /// Keys the gates' random draws to the micro-batch `key` (`[seed, step, micro]`, see
@@ -653,12 +683,7 @@ impl Transformer {
         hook: Option<&mut dyn MoeHook>,
     ) -> Result<ForwardOutput> {
         self.check_whole()?;
-        let out = self.forward_chunk_with(0, tokens, train, hook)?;
-        Ok(ForwardOutput {
-            logits: out.output,
-            balance_loss: out.balance_loss,
-            telemetry: out.telemetry,
-        })
+        Ok(self.forward_chunk_with(0, tokens, train, hook)?.into())
     }
 
     /// Refuses a forward pass of the whole model on a part of it.
@@ -701,6 +726,21 @@ impl Transformer {
         train: bool,
         mut hook: Option<&mut dyn MoeHook>,
     ) -> Result<ChunkOutput> {
+        let keys = self.routing_keys.as_ref();
+        self.run_chunk(chunk, input, |block, x| {
+            block.forward(x, train, hook.as_deref_mut(), keys)
+        })
+    }
+
+    /// Model chunk `chunk` of `input` (see [`Transformer::forward_chunk_with`]), each of its
+    /// blocks run by `forward`: the embedding where the chunk starts the model, the blocks
+    /// in order with their MoE extras gathered, the head where it ends it.
+    fn run_chunk(
+        &self,
+        chunk: usize,
+        input: &Tensor,
+        mut forward: impl FnMut(&Block, &Tensor) -> Result<(Tensor, Option<(Tensor, Telemetry)>)>,
+    ) -> Result<ChunkOutput> {
         let range = self.chunk_range(chunk)?;
         let (starts, ends) = self.chunk_ends(chunk)?;
         let mut x = if starts {
@@ -709,9 +749,8 @@ impl Transformer {
             input.shallow_clone()
         };
         let mut extras = MoeExtras::new(self.store.device)?;
-        let keys = self.routing_keys.as_ref();
         for block in self.blocks.iter().filter(|b| range.contains(&b.index)) {
-            let (y, extra) = block.forward(&x, train, hook.as_deref_mut(), keys)?;
+            let (y, extra) = forward(block, &x)?;
             x = y;
             extras.add(block, extra)?;
         }
@@ -1060,6 +1099,32 @@ impl TensorPass<'_> {
         Ok(reduce_from_tensor_region(self.group, partial, &at)?)
     }
 
+    /// The routed experts' output `routed` (`[N, d]`) with the shared experts' (of their
+    /// input `shared_input`) added, all-reduced over the tensor group where either is this
+    /// rank's partial sum: the routed experts when `sliced`, the shared ones always.
+    fn add_shared(
+        &self,
+        layer: &MoeLayer,
+        routed: Tensor,
+        shared_input: Option<&Tensor>,
+        sliced: bool,
+        what: &str,
+    ) -> Result<Tensor> {
+        let mut out = routed;
+        if let (Some(shared), Some(hs)) = (&layer.shared, shared_input) {
+            let partial = mlp_partial(shared, hs)?;
+            out = if sliced {
+                self.reduce(&out.f_add(&partial)?, what)?
+            } else {
+                out.f_add(&self.reduce(&partial, what)?)?
+            };
+            out = add_bias(out, &shared.b2)?;
+        } else if sliced {
+            out = self.reduce(&out, what)?;
+        }
+        Ok(out)
+    }
+
     /// A copy-to-region cut where the computation after it is split over the tensor
     /// ranks, a plain cut where every tensor rank computes the same.
     fn enter(&mut self, t: &Tensor, split: bool) -> Result<Tensor> {
@@ -1067,6 +1132,46 @@ impl TensorPass<'_> {
             self.tape.copy_to_tensor_region(t)?
         } else {
             self.tape.cut(t)?
+        })
+    }
+}
+
+/// The cuts of a MoE layer's inputs in a tensor-parallel pass (the fourth tape step).
+struct MoeCuts {
+    /// The routed experts' input `[N, d]` (copy to region when they are sliced).
+    he: Tensor,
+    /// The combine weights `[N, k]`.
+    weight: Tensor,
+    /// The gate's balance loss.
+    balance: Tensor,
+    /// The shared experts' input, where the layer has them.
+    shared_input: Option<Tensor>,
+}
+
+impl MoeCuts {
+    fn enter(
+        pass: &mut TensorPass,
+        layer: &MoeLayer,
+        h: &Tensor,
+        routing: &moe::Routing,
+        split: bool,
+        sliced: bool,
+    ) -> Result<MoeCuts> {
+        let he = pass.enter(h, sliced)?;
+        let weight = pass.enter(&routing.weight, sliced)?;
+        let balance = pass.tape.cut(&routing.balance_loss)?;
+        // The shared experts' input is cut in this step too: a runner may open the
+        // next one.
+        let shared_input = match (&layer.shared, sliced) {
+            (None, _) => None,
+            (Some(_), true) => Some(he.shallow_clone()),
+            (Some(_), false) => Some(pass.enter(h, split)?),
+        };
+        Ok(MoeCuts {
+            he,
+            weight,
+            balance,
+            shared_input,
         })
     }
 }
@@ -1087,76 +1192,92 @@ impl Block {
         pass: &mut TensorPass,
     ) -> Result<(Tensor, Option<(Tensor, Telemetry)>)> {
         let split = tp.size > 1;
-        let i = self.index;
+        let x = self.attention_tensor_parallel(x, split, pass)?;
+        pass.tape.step();
+        let h = self.norm2.forward(&x)?;
+        match &self.ffn {
+            FfnModule::Dense(mlp) => {
+                let hl = pass.enter(&h, split)?;
+                let what = format!("layer {} mlp", self.index);
+                let z = pass.reduce(&mlp_partial(mlp, &hl)?, &what)?;
+                Ok((x.f_add(&add_bias(z, &mlp.b2)?)?, None))
+            }
+            FfnModule::Moe(layer) => {
+                let (out, balance, telemetry) =
+                    self.moe_tensor_parallel(layer, &h, train, tp, keys, pass)?;
+                Ok((x.f_add(&out)?, Some((balance, telemetry))))
+            }
+        }
+    }
+
+    /// The first three tape steps: the block input's cut, attention over the tensor group,
+    /// and the cut of the residual stream after it.
+    fn attention_tensor_parallel(
+        &self,
+        x: &Tensor,
+        split: bool,
+        pass: &mut TensorPass,
+    ) -> Result<Tensor> {
         pass.tape.step();
         let x = pass.tape.cut(x)?;
         pass.tape.step();
         let a = pass.enter(&self.norm1.forward(&x)?, split)?;
         let y = pass.reduce(
             &self.attn.forward_local(&a, None)?,
-            &format!("layer {i} attention"),
+            &format!("layer {} attention", self.index),
         )?;
         let y = add_bias(y, &self.attn.proj_bias)?;
         pass.tape.step();
-        let x = pass.tape.cut(&x.f_add(&y)?)?;
-        pass.tape.step();
-        let h = self.norm2.forward(&x)?;
-        match &self.ffn {
-            FfnModule::Dense(mlp) => {
-                let hl = pass.enter(&h, split)?;
-                let z = pass.reduce(&mlp_partial(mlp, &hl)?, &format!("layer {i} mlp"))?;
-                Ok((x.f_add(&add_bias(z, &mlp.b2)?)?, None))
-            }
-            FfnModule::Moe(layer) => {
-                let (b, t, d) = h.size3()?;
-                let h = h.f_reshape([b * t, d])?;
-                let sliced = split && tp.expert_slicing;
-                // Keyed per (micro-batch, layer): every tensor rank (and every data rank
-                // that routes these tokens) draws the same noise, jitter and random routing.
-                let routing = layer.gate.route(&h, train, layer_key(keys, i)?.as_ref())?;
-                let he = pass.enter(&h, sliced)?;
-                let weight = pass.enter(&routing.weight, sliced)?;
-                let balance = pass.tape.cut(&routing.balance_loss)?;
-                // The shared experts' input is cut in this step too: a runner may open the
-                // next one.
-                let shared_input = match (&layer.shared, sliced) {
-                    (None, _) => None,
-                    (Some(_), true) => Some(he.shallow_clone()),
-                    (Some(_), false) => Some(pass.enter(&h, split)?),
-                };
-                let plan = DispatchPlan::new(
+        Ok(pass.tape.cut(&x.f_add(&y)?)?)
+    }
+
+    /// The MoE feed-forward of `h` (`norm2`'s output, `[B, T, d]`) on one tensor rank, in the
+    /// fourth tape step (a runner of the routed experts may open more): its output `[B, T,
+    /// d]`, whole on every tensor rank, the balance loss's cut and the telemetry.
+    fn moe_tensor_parallel(
+        &self,
+        layer: &MoeLayer,
+        h: &Tensor,
+        train: bool,
+        tp: TensorParallel,
+        keys: Option<&Tensor>,
+        pass: &mut TensorPass,
+    ) -> Result<(Tensor, Tensor, Telemetry)> {
+        let i = self.index;
+        let (b, t, d) = h.size3()?;
+        let h = h.f_reshape([b * t, d])?;
+        let split = tp.size > 1;
+        let sliced = split && tp.expert_slicing;
+        // Keyed per (micro-batch, layer): every tensor rank (and every data rank
+        // that routes these tokens) draws the same noise, jitter and random routing.
+        let routing = layer.gate.route(&h, train, layer_key(keys, i)?.as_ref())?;
+        let cuts = MoeCuts::enter(pass, layer, &h, &routing, split, sliced)?;
+        let plan = DispatchPlan::new(
+            &routing.expert,
+            layer.gate.experts,
+            layer.gate.may_drop(train),
+        )?;
+        let mut shadowed = None;
+        let routed = match pass.experts.as_deref_mut() {
+            Some(runner) => {
+                let out = runner.combined(
+                    i,
+                    layer,
+                    &cuts.he,
                     &routing.expert,
-                    layer.gate.experts,
-                    layer.gate.may_drop(train),
+                    &cuts.weight,
+                    pass.tape,
                 )?;
-                let mut shadowed = None;
-                let mut out = match pass.experts.as_deref_mut() {
-                    Some(runner) => {
-                        let out =
-                            runner.combined(i, layer, &he, &routing.expert, &weight, pass.tape)?;
-                        shadowed = runner.take_shadowed();
-                        out
-                    }
-                    None => moe::run_experts(&layer.experts, &he, &plan, &weight, b * t)?,
-                };
-                let what = format!("layer {i} moe");
-                if let (Some(shared), Some(hs)) = (&layer.shared, &shared_input) {
-                    let partial = mlp_partial(shared, hs)?;
-                    out = if sliced {
-                        pass.reduce(&out.f_add(&partial)?, &what)?
-                    } else {
-                        out.f_add(&pass.reduce(&partial, &what)?)?
-                    };
-                    out = add_bias(out, &shared.b2)?;
-                } else if sliced {
-                    out = pass.reduce(&out, &what)?;
-                }
-                let mut telemetry = tch::no_grad(|| moe::telemetry(&routing, &plan.counts, b * t))?;
-                telemetry.shadowed = shadowed;
-                let y = x.f_add(&out.f_reshape([b, t, d])?)?;
-                Ok((y, Some((balance, telemetry))))
+                shadowed = runner.take_shadowed();
+                out
             }
-        }
+            None => moe::run_experts(&layer.experts, &cuts.he, &plan, &cuts.weight, b * t)?,
+        };
+        let what = format!("layer {i} moe");
+        let out = pass.add_shared(layer, routed, cuts.shared_input.as_ref(), sliced, &what)?;
+        let mut telemetry = tch::no_grad(|| moe::telemetry(&routing, &plan.counts, b * t))?;
+        telemetry.shadowed = shadowed;
+        Ok((out.f_reshape([b, t, d])?, cuts.balance, telemetry))
     }
 
     /// Keeps this tensor rank's share of the block's parameters (see [`TensorParallel`]),
@@ -1366,12 +1487,9 @@ impl Transformer {
         pass: &mut TensorPass,
     ) -> Result<ForwardOutput> {
         self.check_whole()?;
-        let out = self.forward_chunk_tensor_parallel(0, tokens, train, pass)?;
-        Ok(ForwardOutput {
-            logits: out.output,
-            balance_loss: out.balance_loss,
-            telemetry: out.telemetry,
-        })
+        Ok(self
+            .forward_chunk_tensor_parallel(0, tokens, train, pass)?
+            .into())
     }
 
     /// [`Transformer::forward_chunk_with`] on one rank of a tensor group, as
@@ -1386,24 +1504,10 @@ impl Transformer {
         let Some(tp) = self.tensor_parallel() else {
             bail!("internal error: the model was built without a tensor-parallel split");
         };
-        let range = self.chunk_range(chunk)?;
-        let (starts, ends) = self.chunk_ends(chunk)?;
-        let mut x = if starts {
-            self.embed(input)?
-        } else {
-            input.shallow_clone()
-        };
-        let mut extras = MoeExtras::new(self.store.device)?;
-        for block in self.blocks.iter().filter(|b| range.contains(&b.index)) {
-            let (y, extra) =
-                block.forward_tensor_parallel(&x, train, tp, self.routing_keys.as_ref(), pass)?;
-            x = y;
-            extras.add(block, extra)?;
-        }
-        if !ends {
-            return Ok(extras.with_output(x));
-        }
-        Ok(extras.with_output(self.head(&x)?))
+        let keys = self.routing_keys.as_ref();
+        self.run_chunk(chunk, input, |block, x| {
+            block.forward_tensor_parallel(x, train, tp, keys, pass)
+        })
     }
 
     /// [`Transformer::loss`] through [`Transformer::forward_tensor_parallel`].
@@ -1448,6 +1552,17 @@ pub fn next_token_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
 pub fn next_token_pairs(batch: &Tensor) -> Result<(Tensor, Tensor)> {
     let (_b, t1) = batch.size2()?;
     Ok((batch.f_narrow(1, 0, t1 - 1)?, batch.f_narrow(1, 1, t1 - 1)?))
+}
+
+impl From<ChunkOutput> for ForwardOutput {
+    /// The whole model's pass: its one chunk's output is the logits.
+    fn from(out: ChunkOutput) -> ForwardOutput {
+        ForwardOutput {
+            logits: out.output,
+            balance_loss: out.balance_loss,
+            telemetry: out.telemetry,
+        }
+    }
 }
 
 /// The MoE blocks' weighted balance losses and telemetry, gathered over one forward pass.

@@ -108,56 +108,45 @@ impl Runner {
                 Ok(out)
             }
             #[cfg(feature = "cuda")]
-            Stage::Capture => {
-                let batch = tokens.f_to_device(device)?;
-                // Every gradient must exist before the capture: the graph then adds into
-                // it, as every eager micro-batch after the first does.
-                let missing = model
-                    .store
-                    .params
-                    .iter()
-                    .find(|p| p.tensor.requires_grad() && !p.tensor.grad().defined());
-                let captured = match missing {
-                    Some(p) => Err(format!(
-                        "`{}` got no gradient in the warm-up micro-batch",
-                        p.name
-                    )),
-                    None => capture_warmed(|| train_micro_batch(model, &batch, n_micro))?,
-                };
-                match captured {
-                    Ok((graph, (lm, out))) => {
-                        let result = (lm.shallow_clone(), shallow(&out));
-                        self.stage = Stage::Replay(Box::new(Captured {
-                            graph,
-                            batch,
-                            lm,
-                            out,
-                        }));
-                        Ok(result)
-                    }
-                    Err(why) => {
-                        eprintln!(
-                            "warning: the training micro-batch could not be captured as a CUDA \
-                             graph ({why}); running it op by op (--no-cuda-graph says so up front)"
-                        );
-                        self.stage = Stage::Eager;
-                        cast::disable();
-                        train_micro_batch(model, &batch, n_micro)
-                    }
-                }
-            }
+            Stage::Capture => self.capture(model, tokens.f_to_device(device)?, n_micro),
             #[cfg(feature = "cuda")]
-            Stage::Replay(c) => {
-                if tokens.size() != c.batch.size() {
-                    bail!(
-                        "internal error: a micro-batch of shape {:?} for a graph captured with {:?}",
-                        tokens.size(),
-                        c.batch.size()
-                    );
-                }
-                crate::runtime::model::copy_from_host(tokens, &c.batch)?;
-                c.graph.replay()?;
-                Ok((c.lm.shallow_clone(), shallow(&c.out)))
+            Stage::Replay(c) => c.replay(tokens),
+        }
+    }
+
+    /// The second micro-batch, `batch` (on the model's device): captured as a CUDA graph and
+    /// the runner replays it from now on, or, where it cannot be captured, run op by op and
+    /// the runner stays so.
+    #[cfg(feature = "cuda")]
+    fn capture(
+        &mut self,
+        model: &Transformer,
+        batch: Tensor,
+        n_micro: u64,
+    ) -> Result<(Tensor, ForwardOutput)> {
+        let captured = match without_gradient(model) {
+            Some(why) => Err(why),
+            None => capture_warmed(|| train_micro_batch(model, &batch, n_micro))?,
+        };
+        match captured {
+            Ok((graph, (lm, out))) => {
+                let result = (lm.shallow_clone(), shallow(&out));
+                self.stage = Stage::Replay(Box::new(Captured {
+                    graph,
+                    batch,
+                    lm,
+                    out,
+                }));
+                Ok(result)
+            }
+            Err(why) => {
+                eprintln!(
+                    "warning: the training micro-batch could not be captured as a CUDA \
+                     graph ({why}); running it op by op (--no-cuda-graph says so up front)"
+                );
+                self.stage = Stage::Eager;
+                cast::disable();
+                train_micro_batch(model, &batch, n_micro)
             }
         }
     }
@@ -179,6 +168,36 @@ impl Drop for Runner {
         #[cfg(feature = "cuda")]
         crate::runtime::fp8::clear();
     }
+}
+
+#[cfg(feature = "cuda")]
+impl Captured {
+    /// Copies `tokens` (on the CPU) into the captured batch and replays the graph.
+    fn replay(&self, tokens: &Tensor) -> Result<(Tensor, ForwardOutput)> {
+        if tokens.size() != self.batch.size() {
+            bail!(
+                "internal error: a micro-batch of shape {:?} for a graph captured with {:?}",
+                tokens.size(),
+                self.batch.size()
+            );
+        }
+        crate::runtime::model::copy_from_host(tokens, &self.batch)?;
+        self.graph.replay()?;
+        Ok((self.lm.shallow_clone(), shallow(&self.out)))
+    }
+}
+
+/// Why the warm-up micro-batch leaves nothing to capture: a parameter that got no gradient
+/// (every gradient must exist before the capture, which then adds into it as every eager
+/// micro-batch after the first does).
+#[cfg(feature = "cuda")]
+fn without_gradient(model: &Transformer) -> Option<String> {
+    model
+        .store
+        .params
+        .iter()
+        .find(|p| p.tensor.requires_grad() && !p.tensor.grad().defined())
+        .map(|p| format!("`{}` got no gradient in the warm-up micro-batch", p.name))
 }
 
 /// Captures the work of `body` as a CUDA graph, on the current stream (a side stream: see

@@ -36,6 +36,11 @@ pub use writer::{prune, save, save_sharded};
 
 use std::path::Path;
 
+use tch::Tensor;
+
+use crate::runtime::optim::AdamW;
+use crate::runtime::params::ParamStore;
+
 pub const FORMAT: &str = "fmoec-checkpoint-v1";
 /// The sharded format of multi-rank runs.
 pub const FORMAT_SHARDED: &str = "fmoec-checkpoint-v2";
@@ -72,4 +77,32 @@ pub fn newest_step(root: &Path) -> Option<u64> {
 
 fn shard_dir_name(rank: usize) -> String {
     format!("rank-{rank:05}")
+}
+
+/// The parameters of `store` that `keep` accepts, in store order, under their names (the
+/// tensors of `model.safetensors`): handles on the live tensors.
+fn named_params(store: &ParamStore, keep: impl Fn(&str) -> bool) -> Vec<(String, Tensor)> {
+    store
+        .params
+        .iter()
+        .filter(|p| keep(&p.name))
+        .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+        .collect()
+}
+
+/// The AdamW moments of those parameters, `m.<name>` then `v.<name>` for each (the tensors
+/// of `optimizer.safetensors`): handles on the live tensors.
+fn named_moments(
+    store: &ParamStore,
+    optim: &AdamW,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<(String, Tensor)> {
+    let mut named = Vec::new();
+    for (i, p) in store.params.iter().enumerate() {
+        if keep(&p.name) {
+            named.push((format!("m.{}", p.name), optim.m[i].shallow_clone()));
+            named.push((format!("v.{}", p.name), optim.v[i].shallow_clone()));
+        }
+    }
+    named
 }

@@ -12,7 +12,10 @@ use tch::{Device, Tensor};
 
 use super::formats::{kind_of, read_listed};
 use super::manifest::{single_as_sharded, Manifest, RunRecord, ShardedManifest};
-use super::{FORMAT, FORMAT_SHARDED, LATEST, MANIFEST_FILE, MODEL_FILE, OPTIM_FILE};
+use super::{
+    named_moments, named_params, FORMAT, FORMAT_SHARDED, LATEST, MANIFEST_FILE, MODEL_FILE,
+    OPTIM_FILE,
+};
 use crate::check::Model;
 use crate::diag::path_text;
 use crate::runtime::distributed::param_kind;
@@ -57,15 +60,24 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 /// `latest`) says about its run, in either format, without reading or checking its tensors.
 pub fn run_record(path: &Path) -> Result<RunRecord> {
     let dir = resolve(path)?;
+    let (manifest_path, text) = read_manifest(&dir)?;
+    serde_json::from_str(&text).with_context(|| not_a_manifest(&manifest_path))
+}
+
+/// The path and text of the manifest of the checkpoint folder `dir`.
+fn read_manifest(dir: &Path) -> Result<(PathBuf, String)> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&manifest_path)
         .with_context(|| format!("cannot read `{}`", path_text(&manifest_path)))?;
-    serde_json::from_str(&text).with_context(|| {
-        format!(
-            "`{}` is not a valid checkpoint manifest",
-            path_text(&manifest_path)
-        )
-    })
+    Ok((manifest_path, text))
+}
+
+/// What is said of a manifest that does not parse as one.
+fn not_a_manifest(manifest_path: &Path) -> String {
+    format!(
+        "`{}` is not a valid checkpoint manifest",
+        path_text(manifest_path)
+    )
 }
 
 /// A verified checkpoint, read into memory.
@@ -79,15 +91,9 @@ pub struct Loaded {
 /// Reads and verifies a checkpoint against `model` without changing anything.
 pub fn load(path: &Path, model: &Model) -> Result<Loaded> {
     let dir = resolve(path)?;
-    let manifest_path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read_to_string(&manifest_path)
-        .with_context(|| format!("cannot read `{}`", path_text(&manifest_path)))?;
-    let manifest: Manifest = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "`{}` is not a valid checkpoint manifest",
-            path_text(&manifest_path)
-        )
-    })?;
+    let (manifest_path, text) = read_manifest(&dir)?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).with_context(|| not_a_manifest(&manifest_path))?;
     if manifest.run.format == FORMAT_SHARDED {
         bail!(
             "`{}` was written by a run on several ranks (format `{FORMAT_SHARDED}`); read it with checkpoint::resume",
@@ -156,17 +162,8 @@ fn restore_into(bytes: &[u8], file: &str, names: &[(String, Tensor)]) -> Result<
 impl Loaded {
     /// Copies the parameters into `store` and the optimizer state into `optim`.
     pub fn restore(&self, store: &ParamStore, optim: &mut AdamW) -> Result<()> {
-        let model_named: Vec<(String, Tensor)> = store
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
-            .collect();
-        restore_into(&self.model_bytes, MODEL_FILE, &model_named)?;
-        let mut optim_named = Vec::new();
-        for (i, p) in store.params.iter().enumerate() {
-            optim_named.push((format!("m.{}", p.name), optim.m[i].shallow_clone()));
-            optim_named.push((format!("v.{}", p.name), optim.v[i].shallow_clone()));
-        }
+        self.restore_params(store)?;
+        let optim_named = named_moments(store, optim, |_| true);
         restore_into(&self.optim_bytes, OPTIM_FILE, &optim_named)?;
         optim.step = self.manifest.run.optimizer_step;
         Ok(())
@@ -174,11 +171,7 @@ impl Loaded {
 
     /// Copies only the parameters (for sampling).
     pub fn restore_params(&self, store: &ParamStore) -> Result<()> {
-        let model_named: Vec<(String, Tensor)> = store
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
-            .collect();
+        let model_named = named_params(store, |_| true);
         restore_into(&self.model_bytes, MODEL_FILE, &model_named)
     }
 }
@@ -223,37 +216,7 @@ impl Source {
 
     fn open_checked(path: &Path, model: &Model, same_model: bool) -> Result<Source> {
         let dir = resolve(path)?;
-        let manifest_path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&manifest_path)
-            .with_context(|| format!("cannot read `{}`", path_text(&manifest_path)))?;
-        let value: serde_json::Value = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "`{}` is not a valid checkpoint manifest",
-                path_text(&manifest_path)
-            )
-        })?;
-        let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
-        let manifest = match format {
-            FORMAT => {
-                let v1: Manifest = serde_json::from_value(value).with_context(|| {
-                    format!(
-                        "`{}` is not a valid checkpoint manifest",
-                        path_text(&manifest_path)
-                    )
-                })?;
-                single_as_sharded(v1, model)
-            }
-            FORMAT_SHARDED => serde_json::from_value(value).with_context(|| {
-                format!(
-                    "`{}` is not a valid checkpoint manifest",
-                    path_text(&manifest_path)
-                )
-            })?,
-            other => bail!(
-                "`{}` has format `{other}`; this fmoec reads `{FORMAT}` and `{FORMAT_SHARDED}`",
-                path_text(&dir)
-            ),
-        };
+        let manifest = Source::read_either_manifest(&dir, model)?;
         if same_model {
             manifest.run.check_model(&dir, model)?;
         }
@@ -265,28 +228,7 @@ impl Source {
         }
         let mut rows = BTreeMap::new();
         for (layer, moe) in model.moe_layers() {
-            let experts = moe.experts as usize;
-            let mut of = vec![(usize::MAX, 0); experts];
-            for (i, shard) in manifest.shards.iter().enumerate() {
-                for held in shard.experts.iter().filter(|h| h.layer == layer) {
-                    for (row, &e) in held.ids.iter().enumerate() {
-                        match of.get_mut(e) {
-                            Some(slot) => *slot = (i, row),
-                            None => bail!(
-                                "checkpoint `{}`: shard {} holds expert {e} of layer {layer}, which has {experts}",
-                                path_text(&dir),
-                                shard.dir
-                            ),
-                        }
-                    }
-                }
-            }
-            if let Some(missing) = of.iter().position(|s| s.0 == usize::MAX) {
-                bail!(
-                    "checkpoint `{}`: no shard holds expert {missing} of layer {layer}",
-                    path_text(&dir)
-                );
-            }
+            let of = expert_rows(&dir, &manifest, layer, moe.experts as usize)?;
             rows.insert(layer, of);
         }
         Ok(Source {
@@ -294,6 +236,29 @@ impl Source {
             manifest,
             cache: Default::default(),
             rows,
+        })
+    }
+
+    /// The manifest of the checkpoint folder `dir` as a sharded one: format v2 as it is,
+    /// format v1 as one shard holding everything.
+    fn read_either_manifest(dir: &Path, model: &Model) -> Result<ShardedManifest> {
+        let (manifest_path, text) = read_manifest(dir)?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| not_a_manifest(&manifest_path))?;
+        let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
+        Ok(match format {
+            FORMAT => {
+                let v1: Manifest = serde_json::from_value(value)
+                    .with_context(|| not_a_manifest(&manifest_path))?;
+                single_as_sharded(v1, model)
+            }
+            FORMAT_SHARDED => {
+                serde_json::from_value(value).with_context(|| not_a_manifest(&manifest_path))?
+            }
+            other => bail!(
+                "`{}` has format `{other}`; this fmoec reads `{FORMAT}` and `{FORMAT_SHARDED}`",
+                path_text(dir)
+            ),
         })
     }
 
@@ -349,19 +314,7 @@ impl Source {
             name
         };
         if param_kind(key) != crate::collective::ParamKind::Expert {
-            // the shard holding it: the replicated one, or with pipeline stages its stage's
-            let Some(holder) = self
-                .manifest
-                .shards
-                .iter()
-                .position(|s| s.replicated && s.part.as_ref().is_none_or(|p| p.holds(key)))
-            else {
-                bail!(
-                    "checkpoint `{}`: no shard holds `{key}`",
-                    path_text(&self.dir)
-                );
-            };
-            return self.tensor(holder, optim, name);
+            return self.replicated(key, optim, name);
         }
         let layer =
             expert_layer(key).with_context(|| format!("internal error: `{key}` names no layer"))?;
@@ -373,6 +326,42 @@ impl Source {
         })?;
         let all: Vec<usize> = (0..rows.len()).collect();
         let wanted = experts.unwrap_or(&all);
+        if wanted.is_empty() {
+            let any = self.tensor(rows[0].0, optim, name)?;
+            let mut shape = any.size();
+            shape[0] = 0;
+            return Ok(Tensor::f_zeros(shape, (any.kind(), Device::Cpu))?);
+        }
+        self.expert_tensor(name, optim, layer, rows, wanted)
+    }
+
+    /// A replicated parameter `key` (its tensor `name` in the model or optimizer file) from
+    /// the shard that holds it: the replicated one, or with pipeline stages its stage's.
+    fn replicated(&self, key: &str, optim: bool, name: &str) -> Result<Tensor> {
+        let Some(holder) = self
+            .manifest
+            .shards
+            .iter()
+            .position(|s| s.replicated && s.part.as_ref().is_none_or(|p| p.holds(key)))
+        else {
+            bail!(
+                "checkpoint `{}`: no shard holds `{key}`",
+                path_text(&self.dir)
+            );
+        };
+        self.tensor(holder, optim, name)
+    }
+
+    /// The rows of the experts `wanted` (global ids, at least one) of MoE layer `layer`'s
+    /// tensor `name`, in that order, each read from the shard `rows` places it in.
+    fn expert_tensor(
+        &self,
+        name: &str,
+        optim: bool,
+        layer: usize,
+        rows: &[(usize, usize)],
+        wanted: &[usize],
+    ) -> Result<Tensor> {
         let mut parts = Vec::with_capacity(wanted.len());
         let mut shard_tensors: BTreeMap<usize, Tensor> = BTreeMap::new();
         for &e in wanted {
@@ -395,12 +384,6 @@ impl Source {
                 );
             }
             parts.push(t.f_narrow(0, row as i64, 1)?);
-        }
-        if parts.is_empty() {
-            let any = self.tensor(rows[0].0, optim, name)?;
-            let mut shape = any.size();
-            shape[0] = 0;
-            return Ok(Tensor::f_zeros(shape, (any.kind(), Device::Cpu))?);
         }
         Ok(Tensor::f_cat(&parts, 0)?)
     }
@@ -465,6 +448,38 @@ impl Source {
             .map(|p| Ok((p.name.clone(), self.get(&p.name, false, None)?)))
             .collect()
     }
+}
+
+/// Where each of the `experts` experts of MoE layer `layer` lies in the checkpoint at `dir`:
+/// (shard index, row), by global expert id; every expert must be held.
+fn expert_rows(
+    dir: &Path,
+    manifest: &ShardedManifest,
+    layer: usize,
+    experts: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let mut of = vec![(usize::MAX, 0); experts];
+    for (i, shard) in manifest.shards.iter().enumerate() {
+        for held in shard.experts.iter().filter(|h| h.layer == layer) {
+            for (row, &e) in held.ids.iter().enumerate() {
+                match of.get_mut(e) {
+                    Some(slot) => *slot = (i, row),
+                    None => bail!(
+                        "checkpoint `{}`: shard {} holds expert {e} of layer {layer}, which has {experts}",
+                        path_text(dir),
+                        shard.dir
+                    ),
+                }
+            }
+        }
+    }
+    if let Some(missing) = of.iter().position(|s| s.0 == usize::MAX) {
+        bail!(
+            "checkpoint `{}`: no shard holds expert {missing} of layer {layer}",
+            path_text(dir)
+        );
+    }
+    Ok(of)
 }
 
 /// `layers.3.ffn.experts.w1` -> 3.

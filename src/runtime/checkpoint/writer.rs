@@ -14,8 +14,8 @@ use super::manifest::{
     ShardPart, ShardedManifest,
 };
 use super::{
-    shard_dir_name, step_dir_name, FORMAT, FORMAT_SHARDED, LATEST, MANIFEST_FILE, MODEL_FILE,
-    OPTIM_FILE,
+    named_moments, named_params, shard_dir_name, step_dir_name, FORMAT, FORMAT_SHARDED, LATEST,
+    MANIFEST_FILE, MODEL_FILE, OPTIM_FILE,
 };
 use crate::diag::path_text;
 use crate::runtime::distributed::{param_kind, RankContext};
@@ -29,63 +29,43 @@ pub fn save(
     store: &ParamStore,
     optim: &AdamW,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(root)
-        .with_context(|| format!("cannot create `{}`", path_text(root)))?;
-    let final_dir = root.join(step_dir_name(info.step));
-    if final_dir.exists() {
-        bail!(
-            "refusing to overwrite the existing checkpoint `{}` (resume from it with --resume, or \
-             choose another --out)",
-            path_text(&final_dir)
-        );
-    }
-    let tmp = root.join(format!(
-        ".{}.tmp-{}",
-        step_dir_name(info.step),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir(&tmp)?;
-    let model_named: Vec<(String, Tensor)> = store
-        .params
-        .iter()
-        .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
-        .collect();
-    let mut optim_named = Vec::new();
-    for (i, p) in store.params.iter().enumerate() {
-        optim_named.push((format!("m.{}", p.name), optim.m[i].shallow_clone()));
-        optim_named.push((format!("v.{}", p.name), optim.v[i].shallow_clone()));
-    }
-    let mut files = Vec::new();
-    for (name, named) in [(MODEL_FILE, &model_named), (OPTIM_FILE, &optim_named)] {
-        let bytes = serialize(named)?;
-        write_synced(&tmp.join(name), &bytes)?;
-        files.push(FileEntry {
-            name: name.to_string(),
-            bytes: bytes.len() as u64,
-            sha256: crate::digest::sha256_hex(&bytes),
-        });
-    }
+    let folders = StepFolders::of_this_process(root, info.step);
+    folders.prepare()?;
+    let all = |_: &str| true;
+    let files = write_state(
+        &folders.tmp,
+        str::to_string,
+        &named_params(store, all),
+        &named_moments(store, optim, all),
+    )?;
     let manifest = Manifest {
         run: RunRecord::new(FORMAT, info, optim.step),
         files,
     };
-    write_synced(
-        &tmp.join(MANIFEST_FILE),
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
-    )?;
-    std::fs::rename(&tmp, &final_dir).with_context(|| {
-        format!(
-            "cannot move the checkpoint into `{}`",
-            path_text(&final_dir)
-        )
-    })?;
-    let latest_tmp = root.join(format!(".{LATEST}.tmp-{}", std::process::id()));
-    write_synced(&latest_tmp, step_dir_name(info.step).as_bytes())?;
-    std::fs::rename(&latest_tmp, root.join(LATEST))?;
-    Ok(final_dir)
+    folders.publish(&manifest)?;
+    Ok(folders.done)
+}
+
+/// Writes the parameters (`model.safetensors`) and their AdamW moments
+/// (`optimizer.safetensors`) into `dir`, synced; returns their manifest entries, each
+/// named `listed_as(file)`.
+fn write_state(
+    dir: &Path,
+    listed_as: impl Fn(&str) -> String,
+    model_named: &[(String, Tensor)],
+    optim_named: &[(String, Tensor)],
+) -> Result<Vec<FileEntry>> {
+    let mut files = Vec::new();
+    for (file, named) in [(MODEL_FILE, model_named), (OPTIM_FILE, optim_named)] {
+        let bytes = serialize(named)?;
+        write_synced(&dir.join(file), &bytes)?;
+        files.push(FileEntry {
+            name: listed_as(file),
+            bytes: bytes.len() as u64,
+            sha256: crate::digest::sha256_hex(&bytes),
+        });
+    }
+    Ok(files)
 }
 
 /// Deletes all but the newest `keep` complete checkpoints (`step-*` folders with a manifest)
@@ -270,12 +250,25 @@ struct StepFolders<'r> {
 }
 
 impl<'r> StepFolders<'r> {
+    /// The folders of a sharded checkpoint, whose ranks find the temporary folder by name.
     fn new(root: &'r Path, step: u64) -> StepFolders<'r> {
         let name = step_dir_name(step);
         StepFolders {
             root,
             done: root.join(&name),
             tmp: root.join(format!(".{name}.tmp")),
+            name,
+        }
+    }
+
+    /// The folders of a checkpoint this process writes alone (its temporary folder named
+    /// after the process).
+    fn of_this_process(root: &'r Path, step: u64) -> StepFolders<'r> {
+        let name = step_dir_name(step);
+        StepFolders {
+            root,
+            done: root.join(&name),
+            tmp: root.join(format!(".{name}.tmp-{}", std::process::id())),
             name,
         }
     }
@@ -302,10 +295,15 @@ impl<'r> StepFolders<'r> {
     /// which it removes), the folder moved into place, then `latest` naming it.
     fn finish(&self, info: &SaveInfo<'_>, optim: &AdamW, ctx: &RankContext) -> Result<()> {
         let shards = self.take_shard_lists(ctx)?;
-        let manifest = sharded_manifest(info, optim, ctx, shards);
+        self.publish(&sharded_manifest(info, optim, ctx, shards))
+    }
+
+    /// Writes `manifest` into the temporary folder, moves the folder into place, then
+    /// replaces `latest` to name it.
+    fn publish(&self, manifest: &impl serde::Serialize) -> Result<()> {
         write_synced(
             &self.tmp.join(MANIFEST_FILE),
-            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+            serde_json::to_string_pretty(manifest)?.as_bytes(),
         )?;
         std::fs::rename(&self.tmp, &self.done).with_context(|| {
             format!(
@@ -372,26 +370,13 @@ fn write_shard(
         let expert = param_kind(n) == crate::collective::ParamKind::Expert;
         (replicated || expert) && !(copy && n == "embed.tokens")
     };
-    let mut model_named = Vec::new();
-    let mut optim_named = Vec::new();
-    for (i, p) in store.params.iter().enumerate() {
-        if !keep(&p.name) {
-            continue;
-        }
-        model_named.push((p.name.clone(), p.tensor.shallow_clone()));
-        optim_named.push((format!("m.{}", p.name), optim.m[i].shallow_clone()));
-        optim_named.push((format!("v.{}", p.name), optim.v[i].shallow_clone()));
-    }
     let mut shard = shard_of(ctx, rank, layout);
-    for (file, named) in [(MODEL_FILE, &model_named), (OPTIM_FILE, &optim_named)] {
-        let bytes = serialize(named)?;
-        write_synced(&dir.join(file), &bytes)?;
-        shard.files.push(FileEntry {
-            name: format!("{}/{file}", shard.dir),
-            bytes: bytes.len() as u64,
-            sha256: crate::digest::sha256_hex(&bytes),
-        });
-    }
+    shard.files = write_state(
+        &dir,
+        |file| format!("{}/{file}", shard.dir),
+        &named_params(store, keep),
+        &named_moments(store, optim, keep),
+    )?;
     write_synced(
         &dir.join("shard.json"),
         serde_json::to_string_pretty(&shard)?.as_bytes(),
