@@ -171,44 +171,8 @@ impl Inbox {
         let mut got: Vec<Option<Payload>> = sources.iter().map(|_| None).collect();
         let mut mail = self.lock();
         loop {
-            let mut gone: Option<(usize, bool)> = None;
-            for (slot, &src) in got.iter_mut().zip(sources) {
-                if slot.is_some() {
-                    continue;
-                }
-                let queue = mail.queues.entry((route, src)).or_default();
-                match queue.front() {
-                    Some(m) if m.seq == seq && m.op == op => {
-                        *slot = queue.pop_front().map(|m| m.payload);
-                    }
-                    Some(m) => {
-                        let (theirs, ours) = match route.channel {
-                            Channel::Collective => (
-                                format!("{} (its collective #{})", m.op, m.seq),
-                                format!("{op} (its collective #{seq})"),
-                            ),
-                            Channel::PointToPoint => (
-                                format!("its transfer #{} to this rank", m.seq),
-                                format!("this rank's transfer #{seq} from it"),
-                            ),
-                        };
-                        return Err(ErrorKind::Mismatch {
-                            peer: src,
-                            theirs,
-                            ours,
-                        });
-                    }
-                    None => {
-                        if let Some(&panicked) = mail.gone.get(&src) {
-                            // Prefer naming a rank that panicked over one that left after it.
-                            if gone.is_none_or(|(_, p)| !p && panicked) {
-                                gone = Some((src, panicked));
-                            }
-                        }
-                    }
-                }
-            }
-            if let Some((peer, panicked)) = gone {
+            let expected = Expected { route, seq, op };
+            if let Some((peer, panicked)) = mail.take_arrived(expected, sources, &mut got)? {
                 return Err(ErrorKind::PeerGone { peer, panicked });
             }
             if got.iter().all(Option::is_some) {
@@ -216,15 +180,9 @@ impl Inbox {
             }
             let now = Instant::now();
             if now >= deadline {
-                let missing = got
-                    .iter()
-                    .zip(sources)
-                    .filter(|(slot, _)| slot.is_none())
-                    .map(|(_, &src)| src)
-                    .collect();
                 return Err(ErrorKind::Timeout {
                     waited: timeout,
-                    missing,
+                    missing: still_missing(&got, sources),
                 });
             }
             mail = self
@@ -234,6 +192,79 @@ impl Inbox {
                 .0;
         }
     }
+}
+
+/// The message a waiter expects from each of its sources.
+#[derive(Clone, Copy)]
+struct Expected {
+    route: Route,
+    seq: u64,
+    op: &'static str,
+}
+
+impl Mail {
+    /// Moves the `expected` message of each source still missing in `got` (by position in
+    /// `sources`) out of its queue. A source whose queue starts with another message is a
+    /// mismatch; of the sources that left with nothing queued, the one to name (one that
+    /// panicked first) and whether it panicked.
+    fn take_arrived(
+        &mut self,
+        expected: Expected,
+        sources: &[usize],
+        got: &mut [Option<Payload>],
+    ) -> std::result::Result<Option<(usize, bool)>, ErrorKind> {
+        let mut gone: Option<(usize, bool)> = None;
+        for (slot, &src) in got.iter_mut().zip(sources) {
+            if slot.is_some() {
+                continue;
+            }
+            let queue = self.queues.entry((expected.route, src)).or_default();
+            match queue.front() {
+                Some(m) if m.seq == expected.seq && m.op == expected.op => {
+                    *slot = queue.pop_front().map(|m| m.payload);
+                }
+                Some(m) => return Err(mismatch(expected, src, m)),
+                None => {
+                    if let Some(&panicked) = self.gone.get(&src) {
+                        // Prefer naming a rank that panicked over one that left after it.
+                        if gone.is_none_or(|(_, p)| !p && panicked) {
+                            gone = Some((src, panicked));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(gone)
+    }
+}
+
+/// `src`'s message `m` at the head of its queue where a waiter `expected` another.
+fn mismatch(expected: Expected, src: usize, m: &Message) -> ErrorKind {
+    let Expected { route, seq, op } = expected;
+    let (theirs, ours) = match route.channel {
+        Channel::Collective => (
+            format!("{} (its collective #{})", m.op, m.seq),
+            format!("{op} (its collective #{seq})"),
+        ),
+        Channel::PointToPoint => (
+            format!("its transfer #{} to this rank", m.seq),
+            format!("this rank's transfer #{seq} from it"),
+        ),
+    };
+    ErrorKind::Mismatch {
+        peer: src,
+        theirs,
+        ours,
+    }
+}
+
+/// The sources whose message has not come, in the order of `sources`.
+fn still_missing(got: &[Option<Payload>], sources: &[usize]) -> Vec<usize> {
+    got.iter()
+        .zip(sources)
+        .filter(|(slot, _)| slot.is_none())
+        .map(|(_, &src)| src)
+        .collect()
 }
 
 /// One rank's handle to one group whose operations are messages over transport `T`.
