@@ -106,23 +106,10 @@ impl DistEnv {
         if var("RANK").is_none() && var("WORLD_SIZE").is_none() {
             return Ok(None);
         }
-        let number = |name: &'static str, default: Option<usize>| match var(name) {
-            Some(text) => text
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| RendezvousError::Env {
-                    name,
-                    message: format!("`{text}` is not a non-negative integer"),
-                }),
-            None => default.ok_or(RendezvousError::Env {
-                name,
-                message: "not set (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT go together)"
-                    .into(),
-            }),
-        };
-        let rank = number("RANK", None)?;
-        let world = number("WORLD_SIZE", None)?;
-        let local_rank = number("LOCAL_RANK", Some(rank))?;
+        let vars = Vars(&var);
+        let rank = vars.number("RANK", None)?;
+        let world = vars.number("WORLD_SIZE", None)?;
+        let local_rank = vars.number("LOCAL_RANK", Some(rank))?;
         if world == 0 || rank >= world {
             return Err(RendezvousError::Env {
                 name: "RANK",
@@ -130,38 +117,8 @@ impl DistEnv {
             });
         }
         let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        let master_port = match var("MASTER_PORT") {
-            Some(text) => text
-                .trim()
-                .parse::<u16>()
-                .map_err(|_| RendezvousError::Env {
-                    name: "MASTER_PORT",
-                    message: format!("`{text}` is not a port number"),
-                })?,
-            None if world == 1 => 0,
-            None => {
-                return Err(RendezvousError::Env {
-                    name: "MASTER_PORT",
-                    message: "not set; rank 0 serves the rendezvous on MASTER_ADDR:MASTER_PORT"
-                        .into(),
-                })
-            }
-        };
-        let agent_store = var("TORCHELASTIC_USE_AGENT_STORE")
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-        let master_port = match var("FMOEC_RENDEZVOUS_PORT") {
-            Some(text) => text.trim().parse::<u16>().map_err(|_| RendezvousError::Env {
-                name: "FMOEC_RENDEZVOUS_PORT",
-                message: format!("`{text}` is not a port number"),
-            })?,
-            None if agent_store && master_port != 0 => {
-                master_port.checked_add(1).ok_or(RendezvousError::Env {
-                    name: "MASTER_PORT",
-                    message: "65535 leaves no port for the rendezvous next to torchrun's store; set FMOEC_RENDEZVOUS_PORT".into(),
-                })?
-            }
-            None => master_port,
-        };
+        let master_port = vars.master_port(world)?;
+        let master_port = vars.rendezvous_port(master_port)?;
         Ok(Some(DistEnv {
             rank,
             world,
@@ -240,6 +197,70 @@ impl DistEnv {
             fetch_gather(&self.address(), self.rank, self.world, tag, port, timeout)
         }
     }
+}
+
+/// The torchrun variables as [`DistEnv::from_vars`] reads them, each parsed once.
+struct Vars<'a, F: Fn(&str) -> Option<String>>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
+    /// `name` as a non-negative integer; `default` when it is not set.
+    fn number(&self, name: &'static str, default: Option<usize>) -> Result<usize, RendezvousError> {
+        match (self.0)(name) {
+            Some(text) => parse_var(name, &text, "a non-negative integer"),
+            None => default.ok_or(RendezvousError::Env {
+                name,
+                message: "not set (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT go together)"
+                    .into(),
+            }),
+        }
+    }
+
+    /// `name` as a port number, `None` when it is not set.
+    fn port(&self, name: &'static str) -> Result<Option<u16>, RendezvousError> {
+        (self.0)(name)
+            .map(|text| parse_var(name, &text, "a port number"))
+            .transpose()
+    }
+
+    /// `MASTER_PORT`: needed by a world of several ranks, 0 for one rank without it.
+    fn master_port(&self, world: usize) -> Result<u16, RendezvousError> {
+        match self.port("MASTER_PORT")? {
+            Some(port) => Ok(port),
+            None if world == 1 => Ok(0),
+            None => Err(RendezvousError::Env {
+                name: "MASTER_PORT",
+                message: "not set; rank 0 serves the rendezvous on MASTER_ADDR:MASTER_PORT".into(),
+            }),
+        }
+    }
+
+    /// The port rank 0 serves the rendezvous on (see [`DistEnv::master_port`]).
+    fn rendezvous_port(&self, master_port: u16) -> Result<u16, RendezvousError> {
+        let agent_store = (self.0)("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        match self.port("FMOEC_RENDEZVOUS_PORT")? {
+            Some(port) => Ok(port),
+            None if agent_store && master_port != 0 => {
+                master_port.checked_add(1).ok_or(RendezvousError::Env {
+                    name: "MASTER_PORT",
+                    message: "65535 leaves no port for the rendezvous next to torchrun's store; set FMOEC_RENDEZVOUS_PORT".into(),
+                })
+            }
+            None => Ok(master_port),
+        }
+    }
+}
+
+/// Variable `name`'s `text` parsed (trimmed), or an error saying it is not `what`.
+fn parse_var<T: std::str::FromStr>(
+    name: &'static str,
+    text: &str,
+    what: &str,
+) -> Result<T, RendezvousError> {
+    text.trim().parse::<T>().map_err(|_| RendezvousError::Env {
+        name,
+        message: format!("`{text}` is not {what}"),
+    })
 }
 
 /// `host:port`, with brackets around an IPv6 host.
