@@ -15,7 +15,9 @@
 //! `FMOEC-GATHER 2 <rank> <world> <tag> <port>\n` from each client; rank 0 answers
 //! `JOINED\n` at once (or `ERR <message>\n`), keeps every connection until all ranks came,
 //! then answers each with `OK <world>\n` and one `host:port` line per rank (a client's host
-//! is the address rank 0 saw it connect from; rank 0's is `MASTER_ADDR`).
+//! is the address rank 0 saw it connect from; rank 0's is `MASTER_ADDR`). A joined client
+//! waits a whole timeout from `JOINED` on, so that rank 0, whose timeout began earlier,
+//! gives up first and names the ranks that did not come.
 //!
 //! In both exchanges rank 0 answers a hello as soon as it reads it, so a client that hears
 //! nothing within [`FIRST_ANSWER_WITHIN`] knows it reached something other than an fmoec
@@ -335,6 +337,14 @@ pub fn fetch_gather(
     if joined != "JOINED" {
         return Err(unexpected_answer(addr, &joined));
     }
+    // Rank 0 answers, or gives up naming the ranks that did not come, within its own
+    // timeout, which began before it said JOINED. A rank that started before rank 0 waits
+    // that long from now: were its wait to end first, it would be the failure named, and
+    // all it could say is that some rank did not come.
+    reader
+        .get_ref()
+        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .map_err(io_error(addr))?;
     let mut line = String::new();
     let read = reader
         .read_line(&mut line)
@@ -972,6 +982,37 @@ mod tests {
             assert_eq!(fetch(&addr, 2, 3, "t", timeout).unwrap(), b"id");
             server.join().unwrap().unwrap();
         });
+    }
+
+    /// Rank 1 starts before rank 0 and joins it; rank 2 never comes. Both wait as long, so
+    /// rank 1's wait would end first, with a timeout that can only say "not every rank
+    /// did", and its launcher would name rank 1 as the failure. Once joined, rank 1 waits
+    /// for rank 0's own deadline instead: rank 0 gives up first, naming rank 2, and rank 1
+    /// follows it.
+    #[test]
+    fn a_rank_that_joined_first_follows_rank_zeros_timeout_naming_the_missing_rank() {
+        let listener = bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let timeout = Duration::from_millis(1500);
+        let (zero, zero_started, (one, one_ended)) = std::thread::scope(|s| {
+            let rank_1 = s.spawn(|| {
+                let e = fetch_gather(&addr, 1, 3, "t", 7001, timeout).unwrap_err();
+                (e, Instant::now())
+            });
+            std::thread::sleep(Duration::from_millis(700));
+            let started = Instant::now();
+            let zero = serve_gather(&listener, 3, "t", "x:1", timeout).unwrap_err();
+            (zero, started, rank_1.join().unwrap())
+        });
+        assert!(
+            zero.to_string().ends_with("rank 2 did not connect"),
+            "{zero}"
+        );
+        assert!(one.follows_another_rank(), "rank 1: {one}");
+        assert!(
+            one_ended >= zero_started + timeout,
+            "rank 1 gave up before rank 0's deadline: {one}"
+        );
     }
 
     /// Rank 0 that stops before answering (its own deadline passed) is named as such, not
