@@ -184,8 +184,15 @@ pub enum LaunchError {
     },
 }
 
-/// Pick a free TCP port on `addr` (bind port 0 and release it).
+/// Pick a TCP port on `addr` for the rendezvous, free when picked (bound and released): one
+/// below the kernel's range of ephemeral ports, so that no other program's `bind` of port 0
+/// or outgoing connection takes it before rank 0 binds it again (ports of that range are
+/// handed out all the time). Where the range is unknown or nothing below it is free, a port
+/// the kernel picks (port 0).
 pub fn free_port(addr: &str) -> Result<u16, LaunchError> {
+    if let Some(port) = ephemeral_range_start().and_then(|start| free_port_below(addr, start)) {
+        return Ok(port);
+    }
     std::net::TcpListener::bind((addr, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -193,6 +200,34 @@ pub fn free_port(addr: &str) -> Result<u16, LaunchError> {
             addr: addr.to_string(),
             source,
         })
+}
+
+/// The lowest port the kernel hands out for port 0 and outgoing connections.
+fn ephemeral_range_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
+}
+
+/// Ports below this are left alone (well-known and registered services crowd there).
+const LOWEST_PICKED_PORT: u16 = 10_000;
+
+/// A port in `LOWEST_PICKED_PORT..start` that binds on `addr`. Each call of a process tries
+/// other ports than the last (two runs started together get two ports), starting from a
+/// place set by the process id (two processes picking at once rarely meet).
+fn free_port_below(addr: &str, start: u16) -> Option<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static PICKED: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(start.checked_sub(LOWEST_PICKED_PORT)?);
+    if span == 0 {
+        return None;
+    }
+    let first = std::process::id().wrapping_mul(7919) % span;
+    (0..64).find_map(|_| {
+        let step = PICKED.fetch_add(1, Ordering::Relaxed);
+        let offset = (first + step.wrapping_mul(4099)) % span;
+        let port = LOWEST_PICKED_PORT + offset as u16;
+        std::net::TcpListener::bind((addr, port)).ok().map(|_| port)
+    })
 }
 
 /// Start `n` ranks of `program args...` on this machine (rank i uses GPU i), forward
@@ -724,6 +759,25 @@ mod tests {
             let text = std::fs::read_to_string(dir.path().join(format!("rank{rank}"))).unwrap();
             assert_eq!(text.trim(), "saved");
         }
+    }
+
+    /// The rendezvous port is picked below the ephemeral range (where another program's
+    /// port-0 bind or outgoing connection could take it before rank 0 binds it), free, and
+    /// another one at each call.
+    #[test]
+    fn a_free_port_is_picked_below_the_ephemeral_range() {
+        let Some(start) = ephemeral_range_start() else {
+            return; // not Linux: the kernel's pick
+        };
+        let ports: Vec<u16> = (0..3).map(|_| free_port("127.0.0.1").unwrap()).collect();
+        for &port in &ports {
+            assert!(
+                (LOWEST_PICKED_PORT..start).contains(&port),
+                "{port} not below the ephemeral range starting at {start}"
+            );
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
+        assert!(ports[0] != ports[1] && ports[1] != ports[2], "{ports:?}");
     }
 
     #[test]

@@ -850,11 +850,8 @@ mod tests {
     #[test]
     fn a_client_retries_until_rank_zero_listens() {
         // Find a free port, release it, start the client first, the server later.
-        let addr = bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string();
+        let port = crate::collective::launch::free_port("127.0.0.1").unwrap();
+        let addr = format!("127.0.0.1:{port}");
         let timeout = Duration::from_secs(20);
         let client = {
             let addr = addr.clone();
@@ -868,7 +865,9 @@ mod tests {
 
     #[test]
     fn timeouts_name_the_missing_ranks() {
-        let listener = bind("127.0.0.1:0").unwrap();
+        // a port that nothing else takes once it is let go (below the ephemeral range)
+        let port = crate::collective::launch::free_port("127.0.0.1").unwrap();
+        let listener = bind(&format!("127.0.0.1:{port}")).unwrap();
         let e = serve(&listener, 3, "t", b"x", Duration::from_millis(200)).unwrap_err();
         assert!(
             e.to_string()

@@ -570,12 +570,9 @@ mod tests {
         }
     }
 
+    /// A port for rank 0's rendezvous that no port-0 bind takes in the meantime.
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        crate::collective::launch::free_port("127.0.0.1").unwrap()
     }
 
     /// Three ranks on threads, each with its own connections, as separate processes have.

@@ -553,8 +553,8 @@ fn two_nodes(
 
 /// `run(master)` with `master` `127.0.0.1:PORT` on a port that was free when picked, run
 /// again on another (three tries in all) while `taken` says of its result that the port was
-/// not rank 0's: a port is picked by binding port 0 and letting it go, so another process (a
-/// test beside this one binding port 0 for its ranks) may bind it before rank 0 does.
+/// not rank 0's: a port is picked by binding it and letting it go, so another process may
+/// bind it before rank 0 does (rarely: [`free_port`]).
 fn on_a_free_port<T>(run: impl Fn(&str) -> T, taken: impl Fn(&T) -> bool) -> T {
     let mut tries = 1;
     loop {
@@ -1213,12 +1213,10 @@ fn a_run_judges_the_files_virtual_stages_against_its_worlds_pipeline() {
     assert!(stdout.contains("pipeline 2"), "{stdout}");
 }
 
+/// A port that was free when picked, below the ports that port-0 binds (other tests' ranks)
+/// and outgoing connections get ([`fmoec::collective::launch::free_port`]).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    fmoec::collective::launch::free_port("127.0.0.1").unwrap()
 }
 
 /// Another process binds the port picked for `--master` before node 0's rank 0 does (here
