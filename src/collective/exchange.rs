@@ -249,7 +249,7 @@ pub fn exchange_experts_with(
     )?;
 
     // Shadowed experts: parameters from their owners, before any chunk starts.
-    let shadows = PendingShadows::start_any(group, &routing, &shadowed, tokens, stacked, at)?;
+    let shadows = PendingShadows::start(group, &routing, &shadowed, tokens, stacked, at)?;
 
     // Chunks of peers: every chunk's dispatch starts before any chunk's experts run.
     let chunks = options.chunks.clamp(1, group.size().max(1));
@@ -740,8 +740,9 @@ struct PendingShadows {
 }
 
 impl PendingShadows {
-    /// [`PendingShadows::start`] when any expert is `shadowed`.
-    fn start_any(
+    /// The `shadowed` experts' parameters on their way from their owners, and this rank's
+    /// rows for them; `None` when no expert is shadowed.
+    fn start(
         group: &dyn Collective,
         routing: &Routing,
         shadowed: &[usize],
@@ -752,17 +753,6 @@ impl PendingShadows {
         if shadowed.is_empty() {
             return Ok(None);
         }
-        PendingShadows::start(group, routing, shadowed, tokens, stacked, at).map(Some)
-    }
-
-    fn start(
-        group: &dyn Collective,
-        routing: &Routing,
-        shadowed: &[usize],
-        tokens: &Tensor,
-        stacked: Vec<Tensor>,
-        at: &str,
-    ) -> Result<PendingShadows> {
         let terr = tensor_failure(group.label(), EXCHANGE, at);
         let all_owners: Vec<(usize, usize)> = shadowed.iter().map(|&e| routing.owners[e]).collect();
         let params = replicate(group, &stacked, &all_owners, at)?;
@@ -780,14 +770,14 @@ impl PendingShadows {
             .and_then(|t| t.f_index_select(0, &rows))
             .and_then(|t| t.f_set_requires_grad(true))
             .map_err(&terr)?;
-        Ok(PendingShadows {
+        Ok(Some(PendingShadows {
             owners: all_owners,
             params,
             rows,
             kept,
             counts,
             stacked,
-        })
+        }))
     }
 
     /// The replicas run this rank's rows of the shadowed experts.
