@@ -348,7 +348,7 @@ pub fn fetch_gather(
     let mut line = String::new();
     let read = reader
         .read_line(&mut line)
-        .map_err(read_error(addr, timeout, &waiting))?;
+        .map_err(read_error(addr, rank, timeout, &waiting))?;
     if read == 0 {
         return Err(RendezvousError::Abandoned {
             addr: addr.to_string(),
@@ -364,7 +364,7 @@ pub fn fetch_gather(
         let mut entry = String::new();
         reader
             .read_line(&mut entry)
-            .map_err(read_error(addr, timeout, &waiting))?;
+            .map_err(read_error(addr, rank, timeout, &waiting))?;
         table.push(entry.trim_end().to_string());
     }
     Ok(table)
@@ -586,7 +586,9 @@ fn ask_rank_zero(
         .set_read_timeout(Some(first_answer_within))
         .map_err(&io)?;
     stream.set_write_timeout(Some(left)).map_err(&io)?;
-    stream.write_all(hello.as_bytes()).map_err(&io)?;
+    stream
+        .write_all(hello.as_bytes())
+        .map_err(gone_or(addr, rank, &io))?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     let read = reader.read_line(&mut line).map_err(|e| match e.kind() {
@@ -595,7 +597,7 @@ fn ask_rank_zero(
             rank,
             waited: first_answer_within,
         },
-        _ => io(e),
+        _ => gone_or(addr, rank, &io)(e),
     })?;
     if read == 0 {
         // Rank 0 gave up (its own deadline, a rank that disagreed) and closed the
@@ -620,6 +622,7 @@ fn ask_rank_zero(
 /// A client's failed read from rank 0: past its deadline, a timeout saying `waiting`.
 fn read_error<'a>(
     addr: &'a str,
+    rank: usize,
     timeout: Duration,
     waiting: &'a str,
 ) -> impl Fn(std::io::Error) -> RendezvousError + 'a {
@@ -629,7 +632,27 @@ fn read_error<'a>(
             waited: timeout,
             what: waiting.to_string(),
         },
-        _ => io_error(addr)(e),
+        _ => gone_or(addr, rank, &io_error(addr))(e),
+    }
+}
+
+/// A client's failed talk with rank 0: [`RendezvousError::Abandoned`] where rank 0 went away
+/// (it reset the connection: a process that died, or was stopped by its launcher, with the
+/// hello unread), so that this rank follows rank 0's failure; else `other`'s error.
+fn gone_or<'a>(
+    addr: &'a str,
+    rank: usize,
+    other: &'a impl Fn(std::io::Error) -> RendezvousError,
+) -> impl Fn(std::io::Error) -> RendezvousError + 'a {
+    move |e| match e.kind() {
+        std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::ConnectionAborted
+        | std::io::ErrorKind::BrokenPipe
+        | std::io::ErrorKind::UnexpectedEof => RendezvousError::Abandoned {
+            addr: addr.to_string(),
+            rank,
+        },
+        _ => other(e),
     }
 }
 
@@ -755,7 +778,7 @@ pub fn fetch(
     let mut payload = vec![0u8; len];
     reader
         .read_exact(&mut payload)
-        .map_err(read_error(addr, timeout, &waiting))?;
+        .map_err(read_error(addr, rank, timeout, &waiting))?;
     Ok(payload)
 }
 
@@ -1033,6 +1056,38 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Rank 0 that dies (killed by its launcher when another rank of its node failed) with a
+    /// rank's hello still unread resets the connection: that rank follows rank 0's failure
+    /// (it is not a failure of its own, with "Connection reset by peer", for its launcher
+    /// to name), in both exchanges.
+    #[test]
+    fn a_rank_zero_that_resets_the_connection_is_followed() {
+        for gather in [true, false] {
+            let listener = bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let rank_zero = std::thread::spawn(move || {
+                let (stream, _) = listener.accept().unwrap();
+                // the hello arrives and is never read: closing then sends a reset
+                std::thread::sleep(Duration::from_millis(300));
+                drop(stream);
+            });
+            let timeout = Duration::from_secs(20);
+            let e = if gather {
+                fetch_gather(&addr, 1, 2, "t", 7001, timeout).unwrap_err()
+            } else {
+                fetch(&addr, 1, 2, "t", timeout).unwrap_err()
+            };
+            rank_zero.join().unwrap();
+            assert!(e.follows_another_rank(), "{e}");
+            assert!(
+                e.to_string().ends_with(
+                    "rank 0 closed the connection without answering rank 1 (see rank 0's error)"
+                ),
+                "{e}"
+            );
+        }
     }
 
     /// `--master` naming a port where another program listens, accepts and never answers:
