@@ -201,7 +201,7 @@ impl DistEnv {
     }
 }
 
-/// The torchrun variables as [`DistEnv::from_vars`] reads them, each parsed once.
+/// The variable lookup of [`DistEnv::from_vars`], with the parsing of its numbers and ports.
 struct Vars<'a, F: Fn(&str) -> Option<String>>(&'a F);
 
 impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
