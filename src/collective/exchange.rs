@@ -237,27 +237,19 @@ pub fn exchange_experts_with(
     options: ExchangeOptions,
     experts: &dyn LocalExperts,
 ) -> Result<(Tensor, ExchangeTape)> {
-    let terr = tensor_failure(group.label(), EXCHANGE, at);
     let rows = tokens.size().first().copied().unwrap_or(0);
-    let all_counts = gather_counts(group, placement, rows, counts, at)?;
-    let (shadowed, stacked) = shadowed_experts(
+    let (routing, shadowed, stacked) = route(
         group,
         placement,
-        &all_counts,
+        rows,
+        counts,
         options.shadowing,
         experts,
         at,
     )?;
-    let routing = Routing::new(placement, group.rank(), counts, all_counts, &shadowed);
 
     // Shadowed experts: parameters from their owners, before any chunk starts.
-    let shadows = if shadowed.is_empty() {
-        None
-    } else {
-        Some(PendingShadows::start(
-            group, &routing, &shadowed, tokens, stacked, at,
-        )?)
-    };
+    let shadows = PendingShadows::start(group, &routing, &shadowed, tokens, stacked, at)?;
 
     // Chunks of peers: every chunk's dispatch starts before any chunk's experts run.
     let chunks = options.chunks.clamp(1, group.size().max(1));
@@ -265,10 +257,10 @@ pub fn exchange_experts_with(
     let ran = run_chunks(group, &routing, dispatched, experts, at)?;
 
     // The replicas run this rank's own tokens of the shadowed experts meanwhile.
-    let shadows = match shadows {
-        None => None,
-        Some(pending) => Some(Box::new(pending.run(shadowed, experts).map_err(&terr)?)),
-    };
+    let shadows = shadows
+        .map(|pending| pending.run(shadowed, experts).map(Box::new))
+        .transpose()
+        .map_err(tensor_failure(group.label(), EXCHANGE, at))?;
 
     let combined = wait_and_combine(
         group,
@@ -279,14 +271,13 @@ pub fn exchange_experts_with(
         shadows.as_deref(),
         at,
     )?;
-    let send_counts = routing.rows_to.iter().map(|r| r.len() as i64).collect();
     let tape = ExchangeTape {
         at: at.to_string(),
         source: tokens.shallow_clone(),
         combined: combined.shallow_clone(),
         chunks: ran.chunks,
         shadows,
-        send_counts,
+        send_counts: routing.rows_to.iter().map(|r| r.len() as i64).collect(),
         recv_counts: routing.recv_from,
         local_counts: ran.local_counts,
     };
@@ -298,6 +289,24 @@ const EXCHANGE: &str = "exchange_experts";
 /// An exchange refused for a call that does not fit (`message` says why).
 fn invalid_call(group: &dyn Collective, at: &str, message: String) -> CollectiveError {
     CollectiveError::new(group.label(), EXCHANGE, at, ErrorKind::Invalid(message))
+}
+
+/// This rank's routing of its `rows` token copies (`counts` per slot) over the group: every
+/// rank's counts gathered, the experts `policy` shadows this time (the same on every rank),
+/// and this rank's stacked expert parameters to replicate them from.
+fn route(
+    group: &dyn Collective,
+    placement: &ExpertPlacement,
+    rows: i64,
+    counts: &[i64],
+    policy: Option<&dyn ShadowPolicy>,
+    experts: &dyn LocalExperts,
+    at: &str,
+) -> Result<(Routing, Vec<usize>, Vec<Tensor>)> {
+    let all_counts = gather_counts(group, placement, rows, counts, at)?;
+    let (shadowed, stacked) = shadowed_experts(group, placement, &all_counts, policy, experts, at)?;
+    let routing = Routing::new(placement, group.rank(), counts, all_counts, &shadowed);
+    Ok((routing, shadowed, stacked))
 }
 
 /// Which experts run on replicas this time (the same answer on every rank, from every
@@ -731,6 +740,8 @@ struct PendingShadows {
 }
 
 impl PendingShadows {
+    /// The `shadowed` experts' parameters on their way from their owners, and this rank's
+    /// rows for them; `None` when no expert is shadowed.
     fn start(
         group: &dyn Collective,
         routing: &Routing,
@@ -738,7 +749,10 @@ impl PendingShadows {
         tokens: &Tensor,
         stacked: Vec<Tensor>,
         at: &str,
-    ) -> Result<PendingShadows> {
+    ) -> Result<Option<PendingShadows>> {
+        if shadowed.is_empty() {
+            return Ok(None);
+        }
         let terr = tensor_failure(group.label(), EXCHANGE, at);
         let all_owners: Vec<(usize, usize)> = shadowed.iter().map(|&e| routing.owners[e]).collect();
         let params = replicate(group, &stacked, &all_owners, at)?;
@@ -756,14 +770,14 @@ impl PendingShadows {
             .and_then(|t| t.f_index_select(0, &rows))
             .and_then(|t| t.f_set_requires_grad(true))
             .map_err(&terr)?;
-        Ok(PendingShadows {
+        Ok(Some(PendingShadows {
             owners: all_owners,
             params,
             rows,
             kept,
             counts,
             stacked,
-        })
+        }))
     }
 
     /// The replicas run this rank's rows of the shadowed experts.

@@ -184,8 +184,15 @@ pub enum LaunchError {
     },
 }
 
-/// Pick a free TCP port on `addr` (bind port 0 and release it).
+/// Pick a TCP port on `addr` for the rendezvous, free when picked (bound and released): one
+/// below the kernel's range of ephemeral ports, so that no other program's `bind` of port 0
+/// or outgoing connection takes it before rank 0 binds it again (ports of that range are
+/// handed out all the time). Where the range is unknown or nothing below it is free, a port
+/// the kernel picks (port 0).
 pub fn free_port(addr: &str) -> Result<u16, LaunchError> {
+    if let Some(port) = ephemeral_range_start().and_then(|start| free_port_below(addr, start)) {
+        return Ok(port);
+    }
     std::net::TcpListener::bind((addr, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -193,6 +200,34 @@ pub fn free_port(addr: &str) -> Result<u16, LaunchError> {
             addr: addr.to_string(),
             source,
         })
+}
+
+/// The lowest port the kernel hands out for port 0 and outgoing connections.
+fn ephemeral_range_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
+}
+
+/// Ports below this are left alone (well-known and registered services crowd there).
+const LOWEST_PICKED_PORT: u16 = 10_000;
+
+/// A port in `LOWEST_PICKED_PORT..start` that binds on `addr`. Each call of a process tries
+/// other ports than the last (two runs started together get two ports), starting from a
+/// place set by the process id (two processes picking at once rarely meet).
+fn free_port_below(addr: &str, start: u16) -> Option<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static PICKED: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(start.checked_sub(LOWEST_PICKED_PORT)?);
+    if span == 0 {
+        return None;
+    }
+    let first = std::process::id().wrapping_mul(7919) % span;
+    (0..64).find_map(|_| {
+        let step = PICKED.fetch_add(1, Ordering::Relaxed);
+        let offset = (first + step.wrapping_mul(4099)) % span;
+        let port = LOWEST_PICKED_PORT + offset as u16;
+        std::net::TcpListener::bind((addr, port)).ok().map(|_| port)
+    })
 }
 
 /// Start `n` ranks of `program args...` on this machine (rank i uses GPU i), forward
@@ -335,70 +370,123 @@ fn supervise(
     children: &mut [Child],
     stop_signal: Option<fn() -> Option<i32>>,
 ) -> Result<Outcome, LaunchError> {
-    let n = children.len();
-    let mut statuses: Vec<Option<ExitStatus>> = vec![None; n];
-    // In the order seen.
-    let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
-    let mut passed_on: Option<i32> = None;
-    let mut grace_ends = None;
-    let own_failure = |failures: &[(usize, ExitStatus)]| {
-        failures
-            .iter()
-            .find(|(_, s)| !followed_another(*s))
-            .copied()
-    };
-    while statuses.iter().any(Option::is_none)
-        && own_failure(&failures).is_none()
-        && grace_ends.is_none_or(|end| std::time::Instant::now() < end)
-    {
-        if let (None, Some(signal)) = (passed_on, stop_signal.and_then(|f| f())) {
-            passed_on = Some(signal);
-            for (child, status) in children.iter().zip(&statuses) {
-                if status.is_none() {
-                    send_signal(child, signal);
-                }
-            }
+    let mut watch = Watch::new(children.len());
+    while watch.goes_on() {
+        if let Some(signal) = stop_signal.and_then(|f| f()) {
+            watch.pass_on(signal, children);
         }
-        for (rank, child) in children.iter_mut().enumerate() {
-            if statuses[rank].is_some() {
-                continue;
-            }
-            let status = match child.try_wait() {
-                Ok(status) => status,
-                Err(source) => {
-                    kill_all(children, &statuses);
-                    return Err(LaunchError::Wait { rank, source });
-                }
-            };
-            if let Some(status) = status {
-                statuses[rank] = Some(status);
-                let as_asked = passed_on.is_some_and(|signal| status.code() == Some(128 + signal));
-                if !status.success() && !as_asked {
-                    failures.push((rank, status));
-                }
-            }
-        }
-        if !failures.is_empty() && grace_ends.is_none() {
-            grace_ends = Some(std::time::Instant::now() + FOLLOWED_FAILURE_GRACE);
+        if let Err(error) = watch.poll(children) {
+            kill_all(children, &watch.statuses);
+            return Err(error);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let failed = own_failure(&failures).or(failures.first().copied());
-    if failed.is_some() {
-        kill_all(children, &statuses);
+    Ok(watch.outcome(children))
+}
+
+/// What [`supervise`] knows of the ranks so far.
+struct Watch {
+    statuses: Vec<Option<ExitStatus>>,
+    /// In the order seen.
+    failures: Vec<(usize, ExitStatus)>,
+    /// The stop signal passed on to the ranks.
+    passed_on: Option<i32>,
+    /// When the wait for the failure a rank followed ends (set at the first failure).
+    grace_ends: Option<std::time::Instant>,
+}
+
+impl Watch {
+    fn new(n: usize) -> Watch {
+        Watch {
+            statuses: vec![None; n],
+            failures: Vec::new(),
+            passed_on: None,
+            grace_ends: None,
+        }
     }
-    let interrupted = passed_on.filter(|&signal| {
-        failed.is_none()
-            && statuses
-                .iter()
-                .any(|s| s.is_some_and(|s| s.code() == Some(128 + signal)))
-    });
-    Ok(Outcome {
-        statuses,
-        failed,
-        interrupted,
-        first_rank: 0,
-    })
+
+    /// The first failure that did not follow another rank's.
+    fn own_failure(&self) -> Option<(usize, ExitStatus)> {
+        self.failures
+            .iter()
+            .find(|(_, s)| !followed_another(*s))
+            .copied()
+    }
+
+    /// Whether to keep polling: a rank still runs, none failed on its own, and the grace
+    /// after a follow-on failure has not ended.
+    fn goes_on(&self) -> bool {
+        self.statuses.iter().any(Option::is_none)
+            && self.own_failure().is_none()
+            && self
+                .grace_ends
+                .is_none_or(|end| std::time::Instant::now() < end)
+    }
+
+    /// Sends `signal` to every rank still running, the first time only.
+    fn pass_on(&mut self, signal: i32, children: &[Child]) {
+        if self.passed_on.is_some() {
+            return;
+        }
+        self.passed_on = Some(signal);
+        for (child, status) in children.iter().zip(&self.statuses) {
+            if status.is_none() {
+                send_signal(child, signal);
+            }
+        }
+    }
+
+    /// Records the ranks that exited since the last poll, and their failures (not a rank
+    /// that stopped as asked).
+    fn poll(&mut self, children: &mut [Child]) -> Result<(), LaunchError> {
+        for (rank, child) in children.iter_mut().enumerate() {
+            if self.statuses[rank].is_some() {
+                continue;
+            }
+            let status = child
+                .try_wait()
+                .map_err(|source| LaunchError::Wait { rank, source })?;
+            if let Some(status) = status {
+                self.statuses[rank] = Some(status);
+                let as_asked = self.stopped_as_asked(status);
+                if !status.success() && !as_asked {
+                    self.failures.push((rank, status));
+                }
+            }
+        }
+        if !self.failures.is_empty() && self.grace_ends.is_none() {
+            self.grace_ends = Some(std::time::Instant::now() + FOLLOWED_FAILURE_GRACE);
+        }
+        Ok(())
+    }
+
+    /// Whether `status` is `128 + signal` after the launcher passed `signal` on.
+    fn stopped_as_asked(&self, status: ExitStatus) -> bool {
+        self.passed_on
+            .is_some_and(|signal| status.code() == Some(128 + signal))
+    }
+
+    /// The run's outcome once polling ended: the ranks still running are killed when one
+    /// failed.
+    fn outcome(self, children: &mut [Child]) -> Outcome {
+        let failed = self.own_failure().or(self.failures.first().copied());
+        if failed.is_some() {
+            kill_all(children, &self.statuses);
+        }
+        let interrupted = self.passed_on.filter(|_| {
+            failed.is_none()
+                && self
+                    .statuses
+                    .iter()
+                    .any(|s| s.is_some_and(|s| self.stopped_as_asked(s)))
+        });
+        Outcome {
+            statuses: self.statuses,
+            failed,
+            interrupted,
+            first_rank: 0,
+        }
+    }
 }
 
 /// Lets a rank receive the stop signals the launcher passes on, however the launcher was
@@ -671,6 +759,25 @@ mod tests {
             let text = std::fs::read_to_string(dir.path().join(format!("rank{rank}"))).unwrap();
             assert_eq!(text.trim(), "saved");
         }
+    }
+
+    /// The rendezvous port is picked below the ephemeral range (where another program's
+    /// port-0 bind or outgoing connection could take it before rank 0 binds it), free, and
+    /// another one at each call.
+    #[test]
+    fn a_free_port_is_picked_below_the_ephemeral_range() {
+        let Some(start) = ephemeral_range_start() else {
+            return; // not Linux: the kernel's pick
+        };
+        let ports: Vec<u16> = (0..3).map(|_| free_port("127.0.0.1").unwrap()).collect();
+        for &port in &ports {
+            assert!(
+                (LOWEST_PICKED_PORT..start).contains(&port),
+                "{port} not below the ephemeral range starting at {start}"
+            );
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
+        assert!(ports[0] != ports[1] && ports[1] != ports[2], "{ports:?}");
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! `FMOEC-GATHER 2 <rank> <world> <tag> <port>\n` from each client; rank 0 answers
 //! `JOINED\n` at once (or `ERR <message>\n`), keeps every connection until all ranks came,
 //! then answers each with `OK <world>\n` and one `host:port` line per rank (a client's host
-//! is the address rank 0 saw it connect from; rank 0's is `MASTER_ADDR`).
+//! is the address rank 0 saw it connect from; rank 0's is `MASTER_ADDR`). A joined client
+//! waits a whole timeout from `JOINED` on, so that rank 0, whose timeout began earlier,
+//! gives up first and names the ranks that did not come.
 //!
 //! In both exchanges rank 0 answers a hello as soon as it reads it, so a client that hears
 //! nothing within [`FIRST_ANSWER_WITHIN`] knows it reached something other than an fmoec
@@ -106,23 +108,10 @@ impl DistEnv {
         if var("RANK").is_none() && var("WORLD_SIZE").is_none() {
             return Ok(None);
         }
-        let number = |name: &'static str, default: Option<usize>| match var(name) {
-            Some(text) => text
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| RendezvousError::Env {
-                    name,
-                    message: format!("`{text}` is not a non-negative integer"),
-                }),
-            None => default.ok_or(RendezvousError::Env {
-                name,
-                message: "not set (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT go together)"
-                    .into(),
-            }),
-        };
-        let rank = number("RANK", None)?;
-        let world = number("WORLD_SIZE", None)?;
-        let local_rank = number("LOCAL_RANK", Some(rank))?;
+        let vars = Vars(&var);
+        let rank = vars.number("RANK", None)?;
+        let world = vars.number("WORLD_SIZE", None)?;
+        let local_rank = vars.number("LOCAL_RANK", Some(rank))?;
         if world == 0 || rank >= world {
             return Err(RendezvousError::Env {
                 name: "RANK",
@@ -130,38 +119,8 @@ impl DistEnv {
             });
         }
         let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        let master_port = match var("MASTER_PORT") {
-            Some(text) => text
-                .trim()
-                .parse::<u16>()
-                .map_err(|_| RendezvousError::Env {
-                    name: "MASTER_PORT",
-                    message: format!("`{text}` is not a port number"),
-                })?,
-            None if world == 1 => 0,
-            None => {
-                return Err(RendezvousError::Env {
-                    name: "MASTER_PORT",
-                    message: "not set; rank 0 serves the rendezvous on MASTER_ADDR:MASTER_PORT"
-                        .into(),
-                })
-            }
-        };
-        let agent_store = var("TORCHELASTIC_USE_AGENT_STORE")
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-        let master_port = match var("FMOEC_RENDEZVOUS_PORT") {
-            Some(text) => text.trim().parse::<u16>().map_err(|_| RendezvousError::Env {
-                name: "FMOEC_RENDEZVOUS_PORT",
-                message: format!("`{text}` is not a port number"),
-            })?,
-            None if agent_store && master_port != 0 => {
-                master_port.checked_add(1).ok_or(RendezvousError::Env {
-                    name: "MASTER_PORT",
-                    message: "65535 leaves no port for the rendezvous next to torchrun's store; set FMOEC_RENDEZVOUS_PORT".into(),
-                })?
-            }
-            None => master_port,
-        };
+        let master_port = vars.master_port(world)?;
+        let master_port = vars.rendezvous_port(master_port)?;
         Ok(Some(DistEnv {
             rank,
             world,
@@ -242,6 +201,70 @@ impl DistEnv {
     }
 }
 
+/// The variable lookup of [`DistEnv::from_vars`], with the parsing of its numbers and ports.
+struct Vars<'a, F: Fn(&str) -> Option<String>>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
+    /// `name` as a non-negative integer; `default` when it is not set.
+    fn number(&self, name: &'static str, default: Option<usize>) -> Result<usize, RendezvousError> {
+        match (self.0)(name) {
+            Some(text) => parse_var(name, &text, "a non-negative integer"),
+            None => default.ok_or(RendezvousError::Env {
+                name,
+                message: "not set (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT go together)"
+                    .into(),
+            }),
+        }
+    }
+
+    /// `name` as a port number, `None` when it is not set.
+    fn port(&self, name: &'static str) -> Result<Option<u16>, RendezvousError> {
+        (self.0)(name)
+            .map(|text| parse_var(name, &text, "a port number"))
+            .transpose()
+    }
+
+    /// `MASTER_PORT`: needed by a world of several ranks, 0 for one rank without it.
+    fn master_port(&self, world: usize) -> Result<u16, RendezvousError> {
+        match self.port("MASTER_PORT")? {
+            Some(port) => Ok(port),
+            None if world == 1 => Ok(0),
+            None => Err(RendezvousError::Env {
+                name: "MASTER_PORT",
+                message: "not set; rank 0 serves the rendezvous on MASTER_ADDR:MASTER_PORT".into(),
+            }),
+        }
+    }
+
+    /// The port rank 0 serves the rendezvous on (see [`DistEnv::master_port`]).
+    fn rendezvous_port(&self, master_port: u16) -> Result<u16, RendezvousError> {
+        let agent_store = (self.0)("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        match self.port("FMOEC_RENDEZVOUS_PORT")? {
+            Some(port) => Ok(port),
+            None if agent_store && master_port != 0 => {
+                master_port.checked_add(1).ok_or(RendezvousError::Env {
+                    name: "MASTER_PORT",
+                    message: "65535 leaves no port for the rendezvous next to torchrun's store; set FMOEC_RENDEZVOUS_PORT".into(),
+                })
+            }
+            None => Ok(master_port),
+        }
+    }
+}
+
+/// Variable `name`'s `text` parsed (trimmed), or an error saying it is not `what`.
+fn parse_var<T: std::str::FromStr>(
+    name: &'static str,
+    text: &str,
+    what: &str,
+) -> Result<T, RendezvousError> {
+    text.trim().parse::<T>().map_err(|_| RendezvousError::Env {
+        name,
+        message: format!("`{text}` is not {what}"),
+    })
+}
+
 /// `host:port`, with brackets around an IPv6 host.
 fn host_port(host: &str, port: u16) -> String {
     match host.parse::<std::net::IpAddr>() {
@@ -314,10 +337,18 @@ pub fn fetch_gather(
     if joined != "JOINED" {
         return Err(unexpected_answer(addr, &joined));
     }
+    // Rank 0 answers, or gives up naming the ranks that did not come, within its own
+    // timeout, which began before it said JOINED. A rank that started before rank 0 waits
+    // that long from now: were its wait to end first, it would be the failure named, and
+    // all it could say is that some rank did not come.
+    reader
+        .get_ref()
+        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .map_err(io_error(addr))?;
     let mut line = String::new();
     let read = reader
         .read_line(&mut line)
-        .map_err(read_error(addr, timeout, &waiting))?;
+        .map_err(read_error(addr, rank, timeout, &waiting))?;
     if read == 0 {
         return Err(RendezvousError::Abandoned {
             addr: addr.to_string(),
@@ -333,7 +364,7 @@ pub fn fetch_gather(
         let mut entry = String::new();
         reader
             .read_line(&mut entry)
-            .map_err(read_error(addr, timeout, &waiting))?;
+            .map_err(read_error(addr, rank, timeout, &waiting))?;
         table.push(entry.trim_end().to_string());
     }
     Ok(table)
@@ -555,7 +586,9 @@ fn ask_rank_zero(
         .set_read_timeout(Some(first_answer_within))
         .map_err(&io)?;
     stream.set_write_timeout(Some(left)).map_err(&io)?;
-    stream.write_all(hello.as_bytes()).map_err(&io)?;
+    stream
+        .write_all(hello.as_bytes())
+        .map_err(gone_or(addr, rank, &io))?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     let read = reader.read_line(&mut line).map_err(|e| match e.kind() {
@@ -564,7 +597,7 @@ fn ask_rank_zero(
             rank,
             waited: first_answer_within,
         },
-        _ => io(e),
+        _ => gone_or(addr, rank, &io)(e),
     })?;
     if read == 0 {
         // Rank 0 gave up (its own deadline, a rank that disagreed) and closed the
@@ -589,6 +622,7 @@ fn ask_rank_zero(
 /// A client's failed read from rank 0: past its deadline, a timeout saying `waiting`.
 fn read_error<'a>(
     addr: &'a str,
+    rank: usize,
     timeout: Duration,
     waiting: &'a str,
 ) -> impl Fn(std::io::Error) -> RendezvousError + 'a {
@@ -598,7 +632,27 @@ fn read_error<'a>(
             waited: timeout,
             what: waiting.to_string(),
         },
-        _ => io_error(addr)(e),
+        _ => gone_or(addr, rank, &io_error(addr))(e),
+    }
+}
+
+/// A client's failed talk with rank 0: [`RendezvousError::Abandoned`] where rank 0 went away
+/// (it reset the connection: a process that died, or was stopped by its launcher, with the
+/// hello unread), so that this rank follows rank 0's failure; else `other`'s error.
+fn gone_or<'a>(
+    addr: &'a str,
+    rank: usize,
+    other: &'a impl Fn(std::io::Error) -> RendezvousError,
+) -> impl Fn(std::io::Error) -> RendezvousError + 'a {
+    move |e| match e.kind() {
+        std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::ConnectionAborted
+        | std::io::ErrorKind::BrokenPipe
+        | std::io::ErrorKind::UnexpectedEof => RendezvousError::Abandoned {
+            addr: addr.to_string(),
+            rank,
+        },
+        _ => other(e),
     }
 }
 
@@ -724,7 +778,7 @@ pub fn fetch(
     let mut payload = vec![0u8; len];
     reader
         .read_exact(&mut payload)
-        .map_err(read_error(addr, timeout, &waiting))?;
+        .map_err(read_error(addr, rank, timeout, &waiting))?;
     Ok(payload)
 }
 
@@ -819,11 +873,8 @@ mod tests {
     #[test]
     fn a_client_retries_until_rank_zero_listens() {
         // Find a free port, release it, start the client first, the server later.
-        let addr = bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string();
+        let port = crate::collective::launch::free_port("127.0.0.1").unwrap();
+        let addr = format!("127.0.0.1:{port}");
         let timeout = Duration::from_secs(20);
         let client = {
             let addr = addr.clone();
@@ -837,7 +888,9 @@ mod tests {
 
     #[test]
     fn timeouts_name_the_missing_ranks() {
-        let listener = bind("127.0.0.1:0").unwrap();
+        // a port that nothing else takes once it is let go (below the ephemeral range)
+        let port = crate::collective::launch::free_port("127.0.0.1").unwrap();
+        let listener = bind(&format!("127.0.0.1:{port}")).unwrap();
         let e = serve(&listener, 3, "t", b"x", Duration::from_millis(200)).unwrap_err();
         assert!(
             e.to_string()
@@ -953,6 +1006,37 @@ mod tests {
         });
     }
 
+    /// Rank 1 starts before rank 0 and joins it; rank 2 never comes. Both wait as long, so
+    /// rank 1's wait would end first, with a timeout that can only say "not every rank
+    /// did", and its launcher would name rank 1 as the failure. Once joined, rank 1 waits
+    /// for rank 0's own deadline instead: rank 0 gives up first, naming rank 2, and rank 1
+    /// follows it.
+    #[test]
+    fn a_rank_that_joined_first_follows_rank_zeros_timeout_naming_the_missing_rank() {
+        let listener = bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let timeout = Duration::from_millis(1500);
+        let (zero, zero_started, (one, one_ended)) = std::thread::scope(|s| {
+            let rank_1 = s.spawn(|| {
+                let e = fetch_gather(&addr, 1, 3, "t", 7001, timeout).unwrap_err();
+                (e, Instant::now())
+            });
+            std::thread::sleep(Duration::from_millis(700));
+            let started = Instant::now();
+            let zero = serve_gather(&listener, 3, "t", "x:1", timeout).unwrap_err();
+            (zero, started, rank_1.join().unwrap())
+        });
+        assert!(
+            zero.to_string().ends_with("rank 2 did not connect"),
+            "{zero}"
+        );
+        assert!(one.follows_another_rank(), "rank 1: {one}");
+        assert!(
+            one_ended >= zero_started + timeout,
+            "rank 1 gave up before rank 0's deadline: {one}"
+        );
+    }
+
     /// Rank 0 that stops before answering (its own deadline passed) is named as such, not
     /// as "another service on this port".
     #[test]
@@ -972,6 +1056,38 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Rank 0 that dies (killed by its launcher when another rank of its node failed) with a
+    /// rank's hello still unread resets the connection: that rank follows rank 0's failure
+    /// (it is not a failure of its own, with "Connection reset by peer", for its launcher
+    /// to name), in both exchanges.
+    #[test]
+    fn a_rank_zero_that_resets_the_connection_is_followed() {
+        for gather in [true, false] {
+            let listener = bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let rank_zero = std::thread::spawn(move || {
+                let (stream, _) = listener.accept().unwrap();
+                // the hello arrives and is never read: closing then sends a reset
+                std::thread::sleep(Duration::from_millis(300));
+                drop(stream);
+            });
+            let timeout = Duration::from_secs(20);
+            let e = if gather {
+                fetch_gather(&addr, 1, 2, "t", 7001, timeout).unwrap_err()
+            } else {
+                fetch(&addr, 1, 2, "t", timeout).unwrap_err()
+            };
+            rank_zero.join().unwrap();
+            assert!(e.follows_another_rank(), "{e}");
+            assert!(
+                e.to_string().ends_with(
+                    "rank 0 closed the connection without answering rank 1 (see rank 0's error)"
+                ),
+                "{e}"
+            );
+        }
     }
 
     /// `--master` naming a port where another program listens, accepts and never answers:

@@ -53,13 +53,54 @@ pub fn reshard_experts(
             to: to.experts(),
         });
     }
-    let first = &shards[0];
-    let per_expert = first
-        .size()
-        .get(1..)
-        .map(<[i64]>::to_vec)
-        .unwrap_or_default();
-    let (kind, device) = (first.f_kind()?, first.device());
+    let row = ExpertRow::of(&shards[0])?;
+    let rows = rows_by_expert(shards, from, &row)?;
+    (0..to.ranks())
+        .map(|q| row.stack(to.local_experts(q), &rows))
+        .collect()
+}
+
+/// What every row of every shard is: shard 0's per-expert shape, dtype and device.
+struct ExpertRow {
+    shape: Vec<i64>,
+    kind: tch::Kind,
+    device: tch::Device,
+}
+
+impl ExpertRow {
+    fn of(first: &Tensor) -> Result<ExpertRow, ReshardError> {
+        let shape = first
+            .size()
+            .get(1..)
+            .map(<[i64]>::to_vec)
+            .unwrap_or_default();
+        Ok(ExpertRow {
+            shape,
+            kind: first.f_kind()?,
+            device: first.device(),
+        })
+    }
+
+    /// The shard of the experts `held`, in that order, from `rows` (by global expert).
+    fn stack(&self, held: &[usize], rows: &[Option<Tensor>]) -> Result<Tensor, ReshardError> {
+        let parts: Vec<&Tensor> = held.iter().filter_map(|&e| rows[e].as_ref()).collect();
+        Ok(if parts.is_empty() {
+            let mut shape = vec![0i64];
+            shape.extend(&self.shape);
+            Tensor::f_zeros(shape, (self.kind, self.device))?
+        } else {
+            Tensor::f_cat(&parts, 0)?
+        })
+    }
+}
+
+/// Every global expert's row of `shards` (placed by `from`), each shard checked against
+/// its placement and `row`.
+fn rows_by_expert(
+    shards: &[Tensor],
+    from: &ExpertPlacement,
+    row: &ExpertRow,
+) -> Result<Vec<Option<Tensor>>, ReshardError> {
     let mut rows: Vec<Option<Tensor>> = (0..from.experts()).map(|_| None).collect();
     for (rank, shard) in shards.iter().enumerate() {
         let shape = shard.size();
@@ -71,34 +112,18 @@ pub fn reshard_experts(
                 experts: held.len(),
             });
         }
-        if shape[1..] != per_expert[..] || shard.f_kind()? != kind {
+        if shape[1..] != row.shape[..] || shard.f_kind()? != row.kind {
             return Err(ReshardError::ShardShape {
                 rank,
                 shape,
                 kind: shard.f_kind()?,
-                expected: per_expert,
-                expected_kind: kind,
+                expected: row.shape.clone(),
+                expected_kind: row.kind,
             });
         }
         for (j, &expert) in held.iter().enumerate() {
             rows[expert] = Some(shard.f_narrow(0, j as i64, 1)?);
         }
     }
-    let mut out = Vec::with_capacity(to.ranks());
-    for q in 0..to.ranks() {
-        let parts: Vec<&Tensor> = to
-            .local_experts(q)
-            .iter()
-            .filter_map(|&e| rows[e].as_ref())
-            .collect();
-        let shard = if parts.is_empty() {
-            let mut shape = vec![0i64];
-            shape.extend(&per_expert);
-            Tensor::f_zeros(shape, (kind, device))?
-        } else {
-            Tensor::f_cat(&parts, 0)?
-        };
-        out.push(shard);
-    }
-    Ok(out)
+    Ok(rows)
 }

@@ -570,12 +570,9 @@ mod tests {
         }
     }
 
+    /// A port for rank 0's rendezvous that no port-0 bind takes in the meantime.
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        crate::collective::launch::free_port("127.0.0.1").unwrap()
     }
 
     /// Three ranks on threads, each with its own connections, as separate processes have.
@@ -639,75 +636,85 @@ mod tests {
         }
     }
 
+    /// What one rank got from each collective of [`collectives_of`].
+    type Collected = (Vec<f32>, Vec<Vec<i64>>, Vec<f64>, Vec<f64>);
+
+    /// All-reduce, all-gather, all-to-all (rank `r` sends `(r + d) % 2` rows to rank `d`,
+    /// each row `10 r + d`), broadcast from rank 1 and a barrier, on group `g`.
+    fn collectives_of(g: &dyn Collective) -> Collected {
+        let r = g.rank() as f64;
+        let mut t = Tensor::from_slice(&[r, 10.0 * r, 0.5]).to_kind(Kind::Float);
+        g.all_reduce_sum(&mut t, "sum").unwrap();
+        let counts = g
+            .all_gather_counts(&[g.rank() as i64, 7], "counts")
+            .unwrap();
+        let send_counts: Vec<i64> = (0..3).map(|d| ((g.rank() + d) % 2) as i64).collect();
+        let recv_counts: Vec<i64> = (0..3).map(|s| ((s + g.rank()) % 2) as i64).collect();
+        let rows: Vec<f64> = (0..3usize)
+            .flat_map(|d| std::iter::repeat_n((10 * g.rank() + d) as f64, (g.rank() + d) % 2))
+            .collect();
+        let send = Tensor::from_slice(&rows).reshape([-1, 1]);
+        let got = g
+            .all_to_all_v(&send, &send_counts, &recv_counts, "a2a")
+            .unwrap();
+        let mut b = Tensor::from_slice(&[r, r]);
+        g.broadcast(&mut b, 1, "bcast").unwrap();
+        g.barrier("barrier").unwrap();
+        (
+            Vec::<f32>::try_from(&t).unwrap(),
+            counts,
+            Vec::<f64>::try_from(got.reshape([-1])).unwrap(),
+            Vec::<f64>::try_from(&b).unwrap(),
+        )
+    }
+
+    /// Point to point around the ring of three, both ways in one batch, twice, with a
+    /// collective between (the two are numbered apart): per round, what came from the
+    /// previous rank (its rank plus the round) and from the next (its rank and the round).
+    fn ring_of(g: &dyn Collective) -> Vec<(f64, Vec<i64>)> {
+        let r = g.rank() as f64;
+        let (next, prev) = ((g.rank() + 1) % 3, (g.rank() + 2) % 3);
+        let mut ring = Vec::new();
+        for round in 0..2 {
+            let a = Tensor::from_slice(&[r + round as f64]);
+            let mut from_prev = a.zeros_like();
+            let mut from_next = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
+            let back = Tensor::from_slice(&[g.rank() as i64, round]);
+            let mut transfers = [
+                PeerTransfer::Send {
+                    tensor: &a,
+                    to: next,
+                },
+                PeerTransfer::Send {
+                    tensor: &back,
+                    to: prev,
+                },
+                PeerTransfer::Recv {
+                    into: &mut from_prev,
+                    from: prev,
+                },
+                PeerTransfer::Recv {
+                    into: &mut from_next,
+                    from: next,
+                },
+            ];
+            g.send_recv(&mut transfers, "ring").unwrap();
+            g.barrier("between").unwrap();
+            ring.push((
+                Vec::<f64>::try_from(&from_prev).unwrap()[0],
+                Vec::<i64>::try_from(&from_next).unwrap(),
+            ));
+        }
+        ring
+    }
+
     #[test]
     fn operations_give_every_rank_the_same_results() {
         let results = on_three_ranks(Duration::from_secs(30), |groups| {
-            let g = groups.data();
-            let r = g.rank() as f64;
-            let mut t = Tensor::from_slice(&[r, 10.0 * r, 0.5]).to_kind(Kind::Float);
-            g.all_reduce_sum(&mut t, "sum").unwrap();
-            let counts = g
-                .all_gather_counts(&[g.rank() as i64, 7], "counts")
-                .unwrap();
-            let send_counts: Vec<i64> = (0..3).map(|d| ((g.rank() + d) % 2) as i64).collect();
-            let recv_counts: Vec<i64> = (0..3).map(|s| ((s + g.rank()) % 2) as i64).collect();
-            let rows: Vec<f64> = (0..3usize)
-                .flat_map(|d| std::iter::repeat_n((10 * g.rank() + d) as f64, (g.rank() + d) % 2))
-                .collect();
-            let send = Tensor::from_slice(&rows).reshape([-1, 1]);
-            let got = g
-                .all_to_all_v(&send, &send_counts, &recv_counts, "a2a")
-                .unwrap();
-            let mut b = Tensor::from_slice(&[r, r]);
-            g.broadcast(&mut b, 1, "bcast").unwrap();
-            g.barrier("barrier").unwrap();
-            // point to point around the ring, both ways in one batch, twice, with a
-            // collective between (the two are numbered apart)
-            let (next, prev) = ((g.rank() + 1) % 3, (g.rank() + 2) % 3);
-            let mut ring = Vec::new();
-            for round in 0..2 {
-                let a = Tensor::from_slice(&[r + round as f64]);
-                let mut from_prev = a.zeros_like();
-                let mut from_next = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
-                let back = Tensor::from_slice(&[g.rank() as i64, round]);
-                g.send_recv(
-                    &mut [
-                        PeerTransfer::Send {
-                            tensor: &a,
-                            to: next,
-                        },
-                        PeerTransfer::Send {
-                            tensor: &back,
-                            to: prev,
-                        },
-                        PeerTransfer::Recv {
-                            into: &mut from_prev,
-                            from: prev,
-                        },
-                        PeerTransfer::Recv {
-                            into: &mut from_next,
-                            from: next,
-                        },
-                    ],
-                    "ring",
-                )
-                .unwrap();
-                g.barrier("between").unwrap();
-                ring.push((
-                    Vec::<f64>::try_from(&from_prev).unwrap()[0],
-                    Vec::<i64>::try_from(&from_next).unwrap(),
-                ));
-            }
-            (
-                Vec::<f32>::try_from(&t).unwrap(),
-                counts,
-                Vec::<f64>::try_from(got.reshape([-1])).unwrap(),
-                Vec::<f64>::try_from(&b).unwrap(),
-                ring,
-            )
+            (collectives_of(groups.data()), ring_of(groups.data()))
         });
         for (rank, result) in results.into_iter().enumerate() {
-            let (sum, counts, got, b, ring) = result.unwrap();
+            let ((sum, counts, got, b), ring) = result.unwrap();
             let (next, prev) = ((rank + 1) % 3, (rank + 2) % 3);
             for (round, (a, back)) in ring.into_iter().enumerate() {
                 assert_eq!(a, (prev + round) as f64, "rank {rank}");

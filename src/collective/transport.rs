@@ -111,9 +111,25 @@ pub struct Inbox {
 #[derive(Default)]
 struct Mail {
     queues: HashMap<(Route, usize), VecDeque<Message>>,
-    /// Peers that left (dropped their handle, ended, lost their connection), and whether
-    /// they panicked.
-    gone: HashMap<usize, bool>,
+    /// Peers that left (dropped their handle, ended, lost their connection).
+    gone: HashMap<usize, Departure>,
+}
+
+/// How a peer left: whether it panicked, and in which order (0 for the first to leave).
+#[derive(Clone, Copy)]
+struct Departure {
+    panicked: bool,
+    order: usize,
+}
+
+impl Departure {
+    /// Whether this departure is the one to name rather than `other`: a panic before a
+    /// peer that left without one, else the earlier (a peer that leaves after another
+    /// most likely follows it).
+    fn names_the_cause_before(self, other: Departure) -> bool {
+        (self.panicked, std::cmp::Reverse(self.order))
+            > (other.panicked, std::cmp::Reverse(other.order))
+    }
 }
 
 impl Default for Inbox {
@@ -146,7 +162,12 @@ impl Inbox {
     /// Records that global rank `peer` left (the first record stays) and wakes the
     /// waiters: one waiting for `peer` with nothing queued from it fails at once.
     pub fn depart(&self, peer: usize, panicked: bool) {
-        self.lock().gone.entry(peer).or_insert(panicked);
+        let mut mail = self.lock();
+        let order = mail.gone.len();
+        mail.gone
+            .entry(peer)
+            .or_insert(Departure { panicked, order });
+        drop(mail);
         self.arrived.notify_all();
     }
 
@@ -158,7 +179,7 @@ impl Inbox {
     /// Waits at most `timeout` for message `seq` of `op` on `route` from each global rank
     /// of `sources`; the payloads in the order of `sources`. A message of another
     /// operation at the head of a queue is a mismatch; a source that left with nothing
-    /// queued fails the wait at once (naming one that panicked first).
+    /// queued fails the wait at once (naming one that panicked, else the one that left first).
     pub fn take(
         &self,
         route: Route,
@@ -171,44 +192,8 @@ impl Inbox {
         let mut got: Vec<Option<Payload>> = sources.iter().map(|_| None).collect();
         let mut mail = self.lock();
         loop {
-            let mut gone: Option<(usize, bool)> = None;
-            for (slot, &src) in got.iter_mut().zip(sources) {
-                if slot.is_some() {
-                    continue;
-                }
-                let queue = mail.queues.entry((route, src)).or_default();
-                match queue.front() {
-                    Some(m) if m.seq == seq && m.op == op => {
-                        *slot = queue.pop_front().map(|m| m.payload);
-                    }
-                    Some(m) => {
-                        let (theirs, ours) = match route.channel {
-                            Channel::Collective => (
-                                format!("{} (its collective #{})", m.op, m.seq),
-                                format!("{op} (its collective #{seq})"),
-                            ),
-                            Channel::PointToPoint => (
-                                format!("its transfer #{} to this rank", m.seq),
-                                format!("this rank's transfer #{seq} from it"),
-                            ),
-                        };
-                        return Err(ErrorKind::Mismatch {
-                            peer: src,
-                            theirs,
-                            ours,
-                        });
-                    }
-                    None => {
-                        if let Some(&panicked) = mail.gone.get(&src) {
-                            // Prefer naming a rank that panicked over one that left after it.
-                            if gone.is_none_or(|(_, p)| !p && panicked) {
-                                gone = Some((src, panicked));
-                            }
-                        }
-                    }
-                }
-            }
-            if let Some((peer, panicked)) = gone {
+            let expected = Expected { route, seq, op };
+            if let Some((peer, panicked)) = mail.take_arrived(expected, sources, &mut got)? {
                 return Err(ErrorKind::PeerGone { peer, panicked });
             }
             if got.iter().all(Option::is_some) {
@@ -216,15 +201,9 @@ impl Inbox {
             }
             let now = Instant::now();
             if now >= deadline {
-                let missing = got
-                    .iter()
-                    .zip(sources)
-                    .filter(|(slot, _)| slot.is_none())
-                    .map(|(_, &src)| src)
-                    .collect();
                 return Err(ErrorKind::Timeout {
                     waited: timeout,
-                    missing,
+                    missing: still_missing(&got, sources),
                 });
             }
             mail = self
@@ -234,6 +213,78 @@ impl Inbox {
                 .0;
         }
     }
+}
+
+/// The message a waiter expects from each of its sources.
+#[derive(Clone, Copy)]
+struct Expected {
+    route: Route,
+    seq: u64,
+    op: &'static str,
+}
+
+impl Mail {
+    /// Moves the `expected` message of each source still missing in `got` (by position in
+    /// `sources`) out of its queue. A source whose queue starts with another message is a
+    /// mismatch; of the sources that left with nothing queued, the one to name (see
+    /// [`Departure::names_the_cause_before`]) and whether it panicked.
+    fn take_arrived(
+        &mut self,
+        expected: Expected,
+        sources: &[usize],
+        got: &mut [Option<Payload>],
+    ) -> std::result::Result<Option<(usize, bool)>, ErrorKind> {
+        let mut gone: Option<(usize, Departure)> = None;
+        for (slot, &src) in got.iter_mut().zip(sources) {
+            if slot.is_some() {
+                continue;
+            }
+            let queue = self.queues.entry((expected.route, src)).or_default();
+            match queue.front() {
+                Some(m) if m.seq == expected.seq && m.op == expected.op => {
+                    *slot = queue.pop_front().map(|m| m.payload);
+                }
+                Some(m) => return Err(mismatch(expected, src, m)),
+                None => {
+                    if let Some(&left) = self.gone.get(&src) {
+                        if gone.is_none_or(|(_, named)| left.names_the_cause_before(named)) {
+                            gone = Some((src, left));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(gone.map(|(src, left)| (src, left.panicked)))
+    }
+}
+
+/// `src`'s message `m` at the head of its queue where a waiter `expected` another.
+fn mismatch(expected: Expected, src: usize, m: &Message) -> ErrorKind {
+    let Expected { route, seq, op } = expected;
+    let (theirs, ours) = match route.channel {
+        Channel::Collective => (
+            format!("{} (its collective #{})", m.op, m.seq),
+            format!("{op} (its collective #{seq})"),
+        ),
+        Channel::PointToPoint => (
+            format!("its transfer #{} to this rank", m.seq),
+            format!("this rank's transfer #{seq} from it"),
+        ),
+    };
+    ErrorKind::Mismatch {
+        peer: src,
+        theirs,
+        ours,
+    }
+}
+
+/// The sources whose message has not come, in the order of `sources`.
+fn still_missing(got: &[Option<Payload>], sources: &[usize]) -> Vec<usize> {
+    got.iter()
+        .zip(sources)
+        .filter(|(slot, _)| slot.is_none())
+        .map(|(_, &src)| src)
+        .collect()
 }
 
 /// One rank's handle to one group whose operations are messages over transport `T`.
@@ -611,6 +662,29 @@ mod tests {
                 panicked: true
             }
         ));
+    }
+
+    /// Over TCP no departure is marked as a panic: of two peers gone before this rank
+    /// waits for them, the one that left first is named (the other most likely left
+    /// because of it), not the one first in the group.
+    #[test]
+    fn of_two_peers_gone_the_one_that_left_first_is_named() {
+        let inbox = Inbox::default();
+        inbox.depart(5, false);
+        inbox.depart(3, false);
+        let e = inbox
+            .take(route(Channel::Collective), &[3, 5], 0, "barrier", SOON)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ErrorKind::PeerGone {
+                    peer: 5,
+                    panicked: false
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

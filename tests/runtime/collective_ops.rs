@@ -40,9 +40,9 @@ fn on_ranks<R: Send>(
     match backend {
         Backend::InProcess => run_ranks(local_world(layout, timeout).unwrap(), body),
         Backend::Tcp => {
-            // A free port is found by binding port 0 and letting it go, so another process
-            // (a test beside this one) may take it before rank 0 binds it again: then every
-            // rank gives up and the ranks run again on another port.
+            // A free port is found by binding it and letting it go, so another process may
+            // take it before rank 0 binds it again (rarely: it is below the ports that
+            // port-0 binds get): then every rank gives up and the ranks run again on another.
             for _ in 0..4 {
                 if let Some(results) = on_tcp_ranks(layout, timeout, &body) {
                     return results;
@@ -59,10 +59,7 @@ fn on_tcp_ranks<R: Send>(
     timeout: Duration,
     body: &(impl Fn(Groups) -> R + Sync),
 ) -> Option<Vec<std::thread::Result<R>>> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = fmoec::collective::launch::free_port("127.0.0.1").unwrap();
     let results: Vec<std::thread::Result<Option<R>>> = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..layout.world)
             .map(|rank| {

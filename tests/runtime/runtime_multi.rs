@@ -520,18 +520,57 @@ fn an_error_every_rank_hits_is_the_runs_said_once_without_a_rank() {
     }
 }
 
-/// The outputs of node 0 and node 1 of a two-node run, `node(rank)` the command of each:
-/// node 1 started first, in the background, then node 0 run to its end.
+/// The outputs of node 0 and node 1 of a two-node run on this machine, `node(rank, master)`
+/// the command of each with `master` (`127.0.0.1:PORT`) for `--master`: node 1 started
+/// first, in the background, then node 0 run to its end. Should node 0 find the port taken,
+/// node 1 is stopped and the pair runs again on another ([`on_a_free_port`]).
 fn two_nodes(
-    node: impl Fn(&str) -> std::process::Command,
+    node: impl Fn(&str, &str) -> std::process::Command,
 ) -> (std::process::Output, std::process::Output) {
-    let second = node("1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let first = node("0").output().unwrap();
-    (first, second.wait_with_output().unwrap())
+    use std::os::unix::process::CommandExt;
+    on_a_free_port(
+        |master| {
+            let second = node("1", master)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            let first = node("0", master).output().unwrap();
+            if port_was_taken(&first) {
+                // node 1's launcher and its ranks, which would wait for rank 0 until their
+                // timeout
+                let group = format!("-{}", second.id());
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &group])
+                    .status();
+            }
+            (first, second.wait_with_output().unwrap())
+        },
+        |(first, _)| port_was_taken(first),
+    )
+}
+
+/// `run(master)` with `master` `127.0.0.1:PORT` on a port that was free when picked, run
+/// again on another (three tries in all) while `taken` says of its result that the port was
+/// not rank 0's: a port is picked by binding it and letting it go, so another process may
+/// bind it before rank 0 does (rarely: [`free_port`]).
+fn on_a_free_port<T>(run: impl Fn(&str) -> T, taken: impl Fn(&T) -> bool) -> T {
+    let mut tries = 1;
+    loop {
+        let master = format!("127.0.0.1:{}", free_port());
+        let result = run(&master);
+        if tries == 3 || !taken(&result) {
+            return result;
+        }
+        tries += 1;
+    }
+}
+
+/// Whether a run's rank 0 (or the launcher that passes its lines on) said that the
+/// rendezvous port was taken.
+fn port_was_taken(o: &std::process::Output) -> bool {
+    String::from_utf8_lossy(&o.stderr).contains("the port is in use")
 }
 
 /// `examples/tiny.fmoe` 32 wide (fast on CPU ranks) with `parallel` as its parallel block,
@@ -910,15 +949,14 @@ fn a_run_says_the_warnings_of_its_worlds_plan_once() {
 
     // two nodes of one rank each: node 0's launcher says them, once
     let out = dir.path().join("nodes");
-    let master = format!("127.0.0.1:{}", free_port());
-    let node = |rank: &str| {
+    let node = |rank: &str, master: &str| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
         c.arg("run")
             .arg(&file)
             .args(["--ranks", "1", "--nodes", "2", "--node-rank", rank])
             .args([
                 "--master",
-                &master,
+                master,
                 "--pipeline",
                 "1",
                 "--steps",
@@ -1008,13 +1046,12 @@ fn a_launched_run_prints_one_json_array_with_its_ranks_errors() {
     let want_lines = not_progress(want_lines);
     assert!(!want_lines.is_empty(), "{in_process_err}");
 
-    let master = format!("127.0.0.1:{}", free_port());
-    let node = |rank: &str| {
+    let node = |rank: &str, master: &str| {
         let mut c = run(
             &["--ranks", "1", "--nodes", "2", "--node-rank", rank],
             "nodes",
         );
-        c.args(["--master", &master, "--collective-timeout", "120"]);
+        c.args(["--master", master, "--collective-timeout", "120"]);
         c
     };
     let (first, second) = two_nodes(node);
@@ -1028,13 +1065,12 @@ fn a_launched_run_prints_one_json_array_with_its_ranks_errors() {
 
     // node 1 alone, its rank failing: the array holds the rank's error (`code`, with `says`
     // in its message, from rank 1), then the launcher's
-    let node_1 = |out: &str| {
+    let node_1 = |out: &str, master: &str| {
         let mut c = run(&["--ranks", "1", "--nodes", "2", "--node-rank", "1"], out);
-        c.args(["--master", &format!("127.0.0.1:{}", free_port())]);
+        c.args(["--master", master]);
         c
     };
-    let rank_1_fails = |c: &mut std::process::Command, code: &str, says: &str, exit: i32| {
-        let o = c.output().unwrap();
+    let rank_1_fails = |o: std::process::Output, code: &str, says: &str, exit: i32| {
         let stderr = stderr_of(&o);
         assert_eq!(o.status.code(), Some(exit), "{stderr}");
         let (lines, said) = lines_and_json_array(&stderr);
@@ -1049,18 +1085,24 @@ fn a_launched_run_prints_one_json_array_with_its_ranks_errors() {
         let exited = format!("rank 1 exited with code {exit}");
         assert_eq!(said[1]["message"], exited.as_str(), "{stderr}");
     };
-    // it gives up on rank 0 by the timeout
-    rank_1_fails(
-        node_1("lonely").args(["--collective-timeout", "2"]),
-        "E0002",
-        "rank 1 could not reach rank 0",
-        1,
+    // it gives up on rank 0 by the timeout (on a port where nothing else answers)
+    let lonely = on_a_free_port(
+        |master| {
+            node_1("lonely", master)
+                .args(["--collective-timeout", "2"])
+                .output()
+                .unwrap()
+        },
+        |o| !stderr_of(o).contains("could not reach rank 0"),
     );
-    // it panics (a bug in fmoec)
+    rank_1_fails(lonely, "E0002", "rank 1 could not reach rank 0", 1);
+    // it panics (a bug in fmoec), before it looks for rank 0
     rank_1_fails(
-        node_1("panicking")
+        node_1("panicking", &format!("127.0.0.1:{}", free_port()))
             .env("FMOEC_DEBUG_PANIC", "rank-1")
-            .env_remove("RUST_BACKTRACE"),
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap(),
         "E0003",
         "fmoec failed inside: FMOEC_DEBUG_PANIC=rank-1",
         101,
@@ -1110,30 +1152,12 @@ fn under_torchrun_rank_0_says_the_warnings_and_rank_1_none() {
         )
     };
     // Rank 1 starts first and retries reaching rank 0 until the timeout, so however late
-    // rank 0 comes on a loaded machine they meet. The port is free when picked; should
-    // another process take it before rank 0 listens there, the pair runs again on another.
-    let (first, second) = (0..3)
-        .find_map(|attempt| {
-            let port = free_port();
-            let second = rank(1, port)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let first = rank(0, port).output().unwrap();
-            if first.status.success() {
-                return Some((first, second.wait_with_output().unwrap()));
-            }
-            let mut second = second;
-            let _ = second.kill();
-            let second = second.wait_with_output().unwrap();
-            let first_text = text(&first);
-            if attempt < 2 && first_text.contains("the port is in use") {
-                return None;
-            }
-            panic!("rank 0: {first_text}\nrank 1: {}", text(&second));
-        })
-        .expect("three ports taken before rank 0 listened");
+    // rank 0 comes on a loaded machine they meet.
+    let (first, second) = two_nodes(|node, master| {
+        let port = master.rsplit_once(':').unwrap().1.parse().unwrap();
+        rank(node.parse().unwrap(), port)
+    });
+    assert!(first.status.success(), "rank 0: {}", text(&first));
     assert!(second.status.success(), "rank 1: {}", text(&second));
     let (first_err, second_err) = (
         String::from_utf8_lossy(&first.stderr),
@@ -1189,12 +1213,41 @@ fn a_run_judges_the_files_virtual_stages_against_its_worlds_pipeline() {
     assert!(stdout.contains("pipeline 2"), "{stdout}");
 }
 
+/// A port that was free when picked, below the ports that port-0 binds (other tests' ranks)
+/// and outgoing connections get ([`fmoec::collective::launch::free_port`]).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    fmoec::collective::launch::free_port("127.0.0.1").unwrap()
+}
+
+/// Another process binds the port picked for `--master` before node 0's rank 0 does (here
+/// this test, on the first try): node 0 says the port is in use, node 1 (which reached the
+/// other process) is stopped, and the two nodes run again on another port.
+#[test]
+fn two_nodes_run_again_on_another_port_when_rank_0_finds_theirs_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = narrow_tiny(dir.path(), "tiny-two.fmoe", "    gpus = 1\n");
+    let taken = std::sync::Mutex::new(Vec::new());
+    let tries = std::sync::atomic::AtomicUsize::new(0);
+    let (first, second) = two_nodes(|rank, master| {
+        if rank == "1" && tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            taken
+                .lock()
+                .unwrap()
+                .push(std::net::TcpListener::bind(master).unwrap());
+        }
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
+        c.arg("run")
+            .arg(&file)
+            .args(["--ranks", "1", "--nodes", "2", "--node-rank", rank])
+            .args(["--master", master, "--steps", "1", "--quiet"])
+            .args(["--collective-timeout", "120", "--out"])
+            .arg(dir.path().join("out"));
+        c
+    });
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(first.status.success(), "node 0: {}", text(&first));
+    assert!(second.status.success(), "node 1: {}", text(&second));
+    assert_eq!(tries.into_inner(), 2, "a second try");
 }
 
 /// Two "nodes" on this machine, as two machines run it: one launcher each (`--ranks 2
@@ -1227,13 +1280,12 @@ fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
 
     for (name, extra) in [("data", vec![]), ("tensor", vec!["--tensor", "2"])] {
         let out = dir.path().join(name);
-        let master = format!("127.0.0.1:{}", free_port());
-        let node = |rank: &str| {
+        let node = |rank: &str, master: &str| {
             let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
             c.arg("run")
                 .arg(&file)
                 .args(["--ranks", "2", "--nodes", "2", "--node-rank", rank])
-                .args(["--master", &master, "--steps", "3", "--quiet"])
+                .args(["--master", master, "--steps", "3", "--quiet"])
                 .args(["--collective-timeout", "120", "--out"])
                 .arg(&out)
                 .args(&extra);
@@ -1259,7 +1311,6 @@ fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
     }
 
     // nodes that do not see the same folders: node 0 would resume step 3, node 1 start afresh
-    let master = format!("127.0.0.1:{}", free_port());
     let apart = |rank: &str, out: &Path, resume: bool, master: &str| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"));
         c.arg("run")
@@ -1270,15 +1321,10 @@ fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
             .args(if resume { &["--resume"][..] } else { &[][..] });
         c
     };
-    let second = apart("1", &dir.path().join("elsewhere"), false, &master)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let first = apart("0", &dir.path().join("data"), true, &master)
-        .output()
-        .unwrap();
-    let second = second.wait_with_output().unwrap();
+    let (first, second) = two_nodes(|rank, master| match rank {
+        "0" => apart("0", &dir.path().join("data"), true, master),
+        _ => apart("1", &dir.path().join("elsewhere"), false, master),
+    });
     for o in [&first, &second] {
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{stderr}");
@@ -1291,15 +1337,11 @@ fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
 
     // the same without --resume: refused as the run starts (not at its first checkpoint,
     // with "No such file or directory" from node 1), and node 0's new folder is left out
-    let master = format!("127.0.0.1:{}", free_port());
     let (here, there) = (dir.path().join("here"), dir.path().join("there"));
-    let second = apart("1", &there, false, &master)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let first = apart("0", &here, false, &master).output().unwrap();
-    let second = second.wait_with_output().unwrap();
+    let (first, second) = two_nodes(|rank, master| match rank {
+        "0" => apart("0", &here, false, master),
+        _ => apart("1", &there, false, master),
+    });
     for o in [&first, &second] {
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{stderr}");
@@ -1316,23 +1358,29 @@ fn two_nodes_of_two_cpu_rank_processes_equal_the_single_rank_run() {
     }
     assert!(!here.exists() && !there.join("metrics.jsonl").exists());
 
-    // node 1 alone: its ranks give up on rank 0 by the timeout and say so
-    let lonely = fmoec(&[
-        &o("run"),
-        file.as_os_str(),
-        &o("--ranks"),
-        &o("2"),
-        &o("--nodes"),
-        &o("2"),
-        &o("--node-rank"),
-        &o("1"),
-        &o("--master"),
-        &o(&format!("127.0.0.1:{}", free_port())),
-        &o("--collective-timeout"),
-        &o("2"),
-        &o("--out"),
-        dir.path().join("lonely").as_os_str(),
-    ]);
+    // node 1 alone: its ranks give up on rank 0 by the timeout and say so (on a port where
+    // nothing else answers)
+    let lonely = on_a_free_port(
+        |master| {
+            fmoec(&[
+                &o("run"),
+                file.as_os_str(),
+                &o("--ranks"),
+                &o("2"),
+                &o("--nodes"),
+                &o("2"),
+                &o("--node-rank"),
+                &o("1"),
+                &o("--master"),
+                &o(master),
+                &o("--collective-timeout"),
+                &o("2"),
+                &o("--out"),
+                dir.path().join("lonely").as_os_str(),
+            ])
+        },
+        |o| !String::from_utf8_lossy(&o.stderr).contains("could not reach rank 0"),
+    );
     let stderr = String::from_utf8_lossy(&lonely.stderr);
     assert!(!lonely.status.success(), "{stderr}");
     assert!(
