@@ -316,7 +316,8 @@ impl Checker<'_> {
             BinOp::Sub => x.checked_sub(y),
             BinOp::Mul => x.checked_mul(y),
             BinOp::Rem => x.checked_rem_euclid(y),
-            BinOp::Div if x % y != 0 => {
+            // `checked_rem`: the one quotient that overflows (i64::MIN / -1) is reported below
+            BinOp::Div if x.checked_rem(y).is_some_and(|r| r != 0) => {
                 return V {
                     fraction: Fraction::Divided,
                     ..V::new(Value::Float(x as f64 / y as f64), span)
