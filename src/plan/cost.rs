@@ -256,6 +256,24 @@ pub struct LayerExchange {
     pub would_shadow: u64,
 }
 
+impl LayerExchange {
+    /// A layer whose experts all sit on each rank (an expert group of one rank, or no
+    /// experts): its `rows` are computed where they are, with nothing to exchange or shadow.
+    fn nothing_exchanged(layer: usize, costs: ExchangeCosts, rows: f64) -> LayerExchange {
+        let compute_s = rows * costs.row_compute_s;
+        LayerExchange {
+            layer,
+            costs,
+            chunks: 1,
+            shadowed: 0,
+            plain_s: compute_s,
+            planned_s: compute_s,
+            with_shadowing_s: compute_s,
+            would_shadow: 0,
+        }
+    }
+}
+
 /// The step estimate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct TimeEstimate {
@@ -646,17 +664,7 @@ fn layer_exchange(
     let experts = moe.experts as usize;
     let g = group.max(1) as usize;
     if g <= 1 || experts == 0 {
-        let compute_s = rows * costs.row_compute_s;
-        return LayerExchange {
-            layer,
-            costs,
-            chunks: 1,
-            shadowed: 0,
-            plain_s: compute_s,
-            planned_s: compute_s,
-            with_shadowing_s: compute_s,
-            would_shadow: 0,
-        };
+        return LayerExchange::nothing_exchanged(layer, costs, rows);
     }
     let (table, owner) = group_routing(experts, g, rows, routing_skew);
     let routed = GroupRows {
