@@ -373,37 +373,8 @@ fn not_utf8_diagnostic(
 }
 
 fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, ExitCode> {
-    let text = match read_model_file(path) {
-        Ok(bytes) => match String::from_utf8(bytes) {
-            Ok(t) => t,
-            Err(e) => {
-                let mut sources = Sources::new();
-                let not_utf8 = not_utf8_diagnostic(&mut sources, path, &e);
-                report(&sources, &[not_utf8], format);
-                return Err(ExitCode::from(2));
-            }
-        },
-        Err(e) => {
-            report_unreadable(
-                &format!("cannot read `{}`: {e}", diag::path_text(path)),
-                path,
-                format,
-            );
-            return Err(ExitCode::from(2));
-        }
-    };
-    let settings = match crate::settings::Settings::discover() {
-        Ok(s) => s,
-        Err(e) => {
-            report_error(&e.to_string(), None, format);
-            return Err(ExitCode::from(2));
-        }
-    };
-    let user_hardware = settings
-        .hardware
-        .iter()
-        .map(|(name, h)| (name.clone(), h.to_hardware(name)))
-        .collect();
+    let text = read_model_text(path, format)?;
+    let user_hardware = user_hardware(format)?;
     let mut sources = Sources::new();
     let file = sources.add(path.display().to_string(), text);
     let analysis = analyse(&mut sources, file, &user_hardware, rules);
@@ -421,21 +392,56 @@ fn load_here(path: &Path, format: DiagFormat, rules: Rules) -> Result<Loaded, Ex
             checked,
             plan: analysis.plan,
         }),
-        None => {
-            if format == DiagFormat::Human {
-                crate::errln!(
-                    "error: could not check `{}` due to {}",
-                    diag::path_text(path),
-                    diag::count(
-                        analysis.errors.max(1) as u64,
-                        "previous error",
-                        "previous errors"
-                    )
-                );
-            }
-            Err(ExitCode::from(1))
+        None => Err(could_not_check(path, analysis.errors, format)),
+    }
+}
+
+/// The model file's text; a file that cannot be read or is not UTF-8 is reported (exit 2).
+fn read_model_text(path: &Path, format: DiagFormat) -> Result<String, ExitCode> {
+    match read_model_file(path) {
+        Ok(bytes) => String::from_utf8(bytes).map_err(|e| {
+            let mut sources = Sources::new();
+            let not_utf8 = not_utf8_diagnostic(&mut sources, path, &e);
+            report(&sources, &[not_utf8], format);
+            ExitCode::from(2)
+        }),
+        Err(e) => {
+            report_unreadable(
+                &format!("cannot read `{}`: {e}", diag::path_text(path)),
+                path,
+                format,
+            );
+            Err(ExitCode::from(2))
         }
     }
+}
+
+/// The hardware profiles of the user's `fmoec.toml`, by name; a settings file that cannot be
+/// read is reported (exit 2).
+fn user_hardware(
+    format: DiagFormat,
+) -> Result<std::collections::BTreeMap<String, check::Hardware>, ExitCode> {
+    let settings = crate::settings::Settings::discover().map_err(|e| {
+        report_error(&e.to_string(), None, format);
+        ExitCode::from(2)
+    })?;
+    Ok(settings
+        .hardware
+        .iter()
+        .map(|(name, h)| (name.clone(), h.to_hardware(name)))
+        .collect())
+}
+
+/// The closing line of a file with errors (human format only); exit 1.
+fn could_not_check(path: &Path, errors: usize, format: DiagFormat) -> ExitCode {
+    if format == DiagFormat::Human {
+        crate::errln!(
+            "error: could not check `{}` due to {}",
+            diag::path_text(path),
+            diag::count(errors.max(1) as u64, "previous error", "previous errors")
+        );
+    }
+    ExitCode::from(1)
 }
 
 /// What [`analyse`] found in one file.

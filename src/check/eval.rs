@@ -286,90 +286,102 @@ impl Checker<'_> {
         if a.is_error() || b.is_error() {
             return V::error(span);
         }
-        let value = match (&a.value, &b.value) {
-            (Int(x), Int(y)) => {
-                let (x, y) = (*x, *y);
-                if matches!(op, BinOp::Div | BinOp::Rem) && y == 0 {
-                    self.sink.push(errors::division_by_zero(b.span));
-                    return V::error(span);
-                }
-                let r = match op {
-                    BinOp::Add => x.checked_add(y),
-                    BinOp::Sub => x.checked_sub(y),
-                    BinOp::Mul => x.checked_mul(y),
-                    BinOp::Rem => x.checked_rem_euclid(y),
-                    BinOp::Div => {
-                        if x % y == 0 {
-                            x.checked_div(y)
-                        } else {
-                            return V {
-                                fraction: Fraction::Divided,
-                                ..V::new(Float(x as f64 / y as f64), span)
-                            };
-                        }
-                    }
-                };
-                match r {
-                    Some(v) => Int(v),
-                    Option::None => {
-                        self.sink.push(errors::overflow(span));
-                        Error
-                    }
-                }
-            }
-            (Int(_) | Float(_), Int(_) | Float(_)) => {
-                let x = as_f64(&a.value);
-                let y = as_f64(&b.value);
-                if matches!(op, BinOp::Div | BinOp::Rem) && y == 0.0 {
-                    self.sink.push(errors::division_by_zero(b.span));
-                    return V::error(span);
-                }
-                let r = match op {
-                    BinOp::Add => x + y,
-                    BinOp::Sub => x - y,
-                    BinOp::Mul => x * y,
-                    BinOp::Div => x / y,
-                    BinOp::Rem => x.rem_euclid(y),
-                };
-                if r.is_finite() {
-                    let divided = op == BinOp::Div
-                        || a.fraction == Fraction::Divided
-                        || b.fraction == Fraction::Divided;
-                    return V {
-                        fraction: if divided {
-                            Fraction::Divided
-                        } else {
-                            Fraction::Computed
-                        },
-                        ..V::new(Float(r), span)
-                    };
-                } else {
-                    self.sink.push(errors::overflow(span));
-                    Error
-                }
-            }
-            (Str(x), Str(y)) if op == BinOp::Add => Str(format!("{x}{y}")),
+        match (&a.value, &b.value) {
+            (Int(x), Int(y)) => self.int_binary(op, *x, *y, span, b.span),
+            (Int(_) | Float(_), Int(_) | Float(_)) => self.float_binary(op, &a, &b, span),
+            (Str(x), Str(y)) if op == BinOp::Add => V::new(Str(format!("{x}{y}")), span),
             _ => {
-                let bad = if matches!(a.value, Int(_) | Float(_)) {
-                    &b
-                } else {
-                    &a
-                };
-                if matches!(bad.value, Symbol(_)) {
-                    let bad = bad.clone();
-                    self.report_not_number(&bad, ctx);
-                } else {
-                    self.sink.push(errors::bad_operands(
-                        span,
-                        op.as_str(),
-                        &a.value.describe(),
-                        &b.value.describe(),
-                    ));
-                }
-                Error
+                self.report_bad_operands(op, &a, &b, span, ctx);
+                V::error(span)
             }
+        }
+    }
+
+    /// Whether `op` divides by a zero `divisor` (reported at the divisor).
+    fn divides_by_zero(&mut self, op: BinOp, divisor_is_zero: bool, divisor: Span) -> bool {
+        let by_zero = matches!(op, BinOp::Div | BinOp::Rem) && divisor_is_zero;
+        if by_zero {
+            self.sink.push(errors::division_by_zero(divisor));
+        }
+        by_zero
+    }
+
+    /// Integer arithmetic, checked for overflow; a division with a remainder is a float.
+    fn int_binary(&mut self, op: BinOp, x: i64, y: i64, span: Span, divisor: Span) -> V {
+        if self.divides_by_zero(op, y == 0, divisor) {
+            return V::error(span);
+        }
+        let r = match op {
+            BinOp::Add => x.checked_add(y),
+            BinOp::Sub => x.checked_sub(y),
+            BinOp::Mul => x.checked_mul(y),
+            BinOp::Rem => x.checked_rem_euclid(y),
+            // `checked_rem`: the one quotient that overflows (i64::MIN / -1) is reported below
+            BinOp::Div if x.checked_rem(y).is_some_and(|r| r != 0) => {
+                return V {
+                    fraction: Fraction::Divided,
+                    ..V::new(Value::Float(x as f64 / y as f64), span)
+                };
+            }
+            BinOp::Div => x.checked_div(y),
         };
-        V::new(value, span)
+        match r {
+            Some(v) => V::new(Value::Int(v), span),
+            None => {
+                self.sink.push(errors::overflow(span));
+                V::error(span)
+            }
+        }
+    }
+
+    /// Arithmetic with a float operand; the result keeps whether a division made it.
+    fn float_binary(&mut self, op: BinOp, a: &V, b: &V, span: Span) -> V {
+        let x = as_f64(&a.value);
+        let y = as_f64(&b.value);
+        if self.divides_by_zero(op, y == 0.0, b.span) {
+            return V::error(span);
+        }
+        let r = match op {
+            BinOp::Add => x + y,
+            BinOp::Sub => x - y,
+            BinOp::Mul => x * y,
+            BinOp::Div => x / y,
+            BinOp::Rem => x.rem_euclid(y),
+        };
+        if !r.is_finite() {
+            self.sink.push(errors::overflow(span));
+            return V::error(span);
+        }
+        let divided =
+            op == BinOp::Div || a.fraction == Fraction::Divided || b.fraction == Fraction::Divided;
+        V {
+            fraction: if divided {
+                Fraction::Divided
+            } else {
+                Fraction::Computed
+            },
+            ..V::new(Value::Float(r), span)
+        }
+    }
+
+    /// Operands `op` does not take: a symbol where a number belongs, or two values of the
+    /// wrong kinds.
+    fn report_bad_operands(&mut self, op: BinOp, a: &V, b: &V, span: Span, ctx: Ctx) {
+        let bad = if matches!(a.value, Value::Int(_) | Value::Float(_)) {
+            b
+        } else {
+            a
+        };
+        if matches!(bad.value, Value::Symbol(_)) {
+            self.report_not_number(bad, ctx);
+        } else {
+            self.sink.push(errors::bad_operands(
+                span,
+                op.as_str(),
+                &a.value.describe(),
+                &b.value.describe(),
+            ));
+        }
     }
 
     fn call(&mut self, callee: &ast::Ident, args: &[ast::Arg], span: Span, ctx: Ctx) -> V {

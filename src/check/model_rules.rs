@@ -426,64 +426,90 @@ impl Checker<'_> {
         // Layer index -> the selection (in this block) that assigned it.
         let mut assigned: BTreeMap<u64, Span> = BTreeMap::new();
         for a in &block.layers {
-            if a.field.name != "ffn" {
-                self.sink.push(errors::unknown_layer_field(
-                    a.field.span,
-                    &a.field.name,
-                    did_you_mean(&a.field.name, ["ffn"]),
-                ));
-                ok = false;
-                continue;
-            }
-            let Some(indices) = self.selection(a, ctx, depth) else {
-                ok = false;
-                continue;
-            };
-            let v = self.eval(&a.value, ctx);
-            let v = self.conform(v, &Type::Kind("ffn".into()), "a layer's `ffn`", ctx);
-            let ffn = if v.is_error() { None } else { self.ffn(&v) };
-            let mut replaced_any = false;
-            let mut from_preset: Vec<(u64, Span)> = Vec::new();
-            for &i in &indices {
-                if let Some(prev) = assigned.get(&i) {
-                    replaced_any = true;
-                    if a.override_span.is_none() {
-                        self.sink
-                            .push(errors::layer_assigned_twice(a.selection_span, i, *prev));
-                        ok = false;
-                    }
-                } else if let Some(prev) = inherited.get(&i) {
-                    replaced_any = true;
-                    from_preset.push((i, *prev));
-                }
-            }
-            match a.override_span {
-                Some(os) if !replaced_any => self.sink.push(errors::override_without_effect(os)),
-                None if !from_preset.is_empty() => {
-                    let idx: Vec<u64> = from_preset.iter().map(|(i, _)| *i).collect();
-                    self.sink.push(errors::preset_layers_replaced(
-                        a.selection_span,
-                        &idx,
-                        from_preset[0].1,
-                    ));
-                }
-                _ => {}
-            }
-            for &i in &indices {
-                assigned.insert(i, a.selection_span);
-            }
-            match ffn {
-                Some(f) => {
-                    for &i in &indices {
-                        if let Some(slot) = layers.get_mut(i as usize) {
-                            *slot = Some((f.clone(), a.span));
-                        }
-                    }
-                }
-                None => ok = false,
-            }
+            ok &= self.layer_assign(a, ctx, depth, layers, &mut assigned, inherited);
         }
         inherited.extend(assigned);
+        ok
+    }
+
+    /// One `layers[...].ffn = ...`: its selection, its value, and what it replaces (a layer
+    /// this block assigned already, or one of the preset it extends).
+    fn layer_assign(
+        &mut self,
+        a: &ast::LayerAssign,
+        ctx: Ctx,
+        depth: Depth,
+        layers: &mut [Option<(Ffn, Span)>],
+        assigned: &mut BTreeMap<u64, Span>,
+        inherited: &BTreeMap<u64, Span>,
+    ) -> bool {
+        if a.field.name != "ffn" {
+            self.sink.push(errors::unknown_layer_field(
+                a.field.span,
+                &a.field.name,
+                did_you_mean(&a.field.name, ["ffn"]),
+            ));
+            return false;
+        }
+        let Some(indices) = self.selection(a, ctx, depth) else {
+            return false;
+        };
+        let v = self.eval(&a.value, ctx);
+        let v = self.conform(v, &Type::Kind("ffn".into()), "a layer's `ffn`", ctx);
+        let ffn = if v.is_error() { None } else { self.ffn(&v) };
+        let ok = self.layer_replacements(a, &indices, assigned, inherited);
+        for &i in &indices {
+            assigned.insert(i, a.selection_span);
+        }
+        let Some(f) = ffn else {
+            return false;
+        };
+        for &i in &indices {
+            if let Some(slot) = layers.get_mut(i as usize) {
+                *slot = Some((f.clone(), a.span));
+            }
+        }
+        ok
+    }
+
+    /// The layers of `indices` that were assigned before: twice in this block is an error
+    /// unless the assignment says `override`; an `override` that replaces nothing, and
+    /// replacing a preset's layers without one, are warned about.
+    fn layer_replacements(
+        &mut self,
+        a: &ast::LayerAssign,
+        indices: &[u64],
+        assigned: &BTreeMap<u64, Span>,
+        inherited: &BTreeMap<u64, Span>,
+    ) -> bool {
+        let mut ok = true;
+        let mut replaced_any = false;
+        let mut from_preset: Vec<(u64, Span)> = Vec::new();
+        for &i in indices {
+            if let Some(prev) = assigned.get(&i) {
+                replaced_any = true;
+                if a.override_span.is_none() {
+                    self.sink
+                        .push(errors::layer_assigned_twice(a.selection_span, i, *prev));
+                    ok = false;
+                }
+            } else if let Some(prev) = inherited.get(&i) {
+                replaced_any = true;
+                from_preset.push((i, *prev));
+            }
+        }
+        match a.override_span {
+            Some(os) if !replaced_any => self.sink.push(errors::override_without_effect(os)),
+            None if !from_preset.is_empty() => {
+                let idx: Vec<u64> = from_preset.iter().map(|(i, _)| *i).collect();
+                self.sink.push(errors::preset_layers_replaced(
+                    a.selection_span,
+                    &idx,
+                    from_preset[0].1,
+                ));
+            }
+            _ => {}
+        }
         ok
     }
 
@@ -621,17 +647,34 @@ impl Checker<'_> {
     fn moe(&mut self, c: &CtorValue) -> Option<Moe> {
         let experts_v = c.arg("experts")?;
         let top_k_v = c.arg("top_k")?;
-        let experts = uint(experts_v);
-        let top_k = uint(top_k_v);
         let gate_c = c.arg("gate").and_then(ctor_of)?;
         let expert = c.arg("expert").and_then(ctor_of).and_then(|e| mlp_of(&e))?;
-        let shared = match c.arg("shared").and_then(ctor_of) {
-            Some(s) => Some(SharedExperts {
-                count: s.arg("count").map(uint).unwrap_or(1),
-                expert: s.arg("expert").and_then(ctor_of).and_then(|e| mlp_of(&e))?,
-            }),
-            None => None,
-        };
+        let shared = shared_experts(c)?;
+        let kind = self.moe_gate_rules(c, experts_v, top_k_v, &gate_c)?;
+        Some(Moe {
+            experts: uint(experts_v),
+            top_k: uint(top_k_v),
+            gate: gate_of(&gate_c, kind),
+            expert,
+            shared,
+            spans: MoeSpans {
+                call: c.span,
+                experts: experts_v.span,
+                top_k: top_k_v.span,
+            },
+        })
+    }
+
+    /// The MoE layer's `top_k` against its expert count and its gate, and the gate's kind;
+    /// `None` for a gate fmoec does not implement.
+    fn moe_gate_rules(
+        &mut self,
+        c: &CtorValue,
+        experts_v: &V,
+        top_k_v: &V,
+        gate_c: &CtorValue,
+    ) -> Option<GateKind> {
+        let (experts, top_k) = (uint(experts_v), uint(top_k_v));
         // A rule broken here leaves a well-formed layer: it is reported, and the model is
         // still built so that the planner's rules can run on it in the same pass.
         let top_k_at = match c.explicit("top_k") {
@@ -667,20 +710,20 @@ impl Checker<'_> {
                 ));
             }
         }
-        let gate = gate_of(&gate_c, def.kind);
-        Some(Moe {
-            experts,
-            top_k,
-            gate,
-            expert,
-            shared,
-            spans: MoeSpans {
-                call: c.span,
-                experts: experts_v.span,
-                top_k: top_k_v.span,
-            },
-        })
+        Some(def.kind)
     }
+}
+
+/// An MoE layer's `shared = shared(...)` experts: `Some(None)` when it has none, `None` when
+/// they are not well-formed.
+fn shared_experts(c: &CtorValue) -> Option<Option<SharedExperts>> {
+    let Some(s) = c.arg("shared").and_then(ctor_of) else {
+        return Some(None);
+    };
+    Some(Some(SharedExperts {
+        count: s.arg("count").map(uint).unwrap_or(1),
+        expert: s.arg("expert").and_then(ctor_of).and_then(|e| mlp_of(&e))?,
+    }))
 }
 
 /// A gate's settings from its checked constructor call (every argument present: given or the

@@ -104,57 +104,33 @@ impl Checker<'_> {
     pub(crate) fn add_module(&mut self, path: &str, file: FileId, is_std: bool, parsed: ast::File) {
         let mut items: BTreeMap<String, Entity> = BTreeMap::new();
         let mut anon_blocks = Vec::new();
-        let mut declare = |this: &mut Self, name: &ast::Ident, kind: EntityKind| {
-            if name.name.is_empty() {
-                return;
-            }
-            if let Some(prev) = items.get(&name.name) {
-                this.sink.push(errors::duplicate_item(
-                    name.span,
-                    &name.name,
-                    prev.name_span,
-                ));
-                return;
-            }
-            items.insert(
-                name.name.clone(),
-                Entity {
-                    kind,
-                    name_span: name.span,
-                    used: Cell::new(false),
-                },
-            );
-        };
         let mut uses = Vec::new();
         for item in parsed.items {
-            match item {
-                Item::Use(u) => uses.push(u),
-                Item::Const(c) => {
-                    let name = c.name.clone();
-                    declare(self, &name, EntityKind::Const(Rc::new(c)));
+            let (name, kind) = match item {
+                Item::Use(u) => {
+                    uses.push(u);
+                    continue;
                 }
-                Item::Def(d) => {
-                    let name = d.name.clone();
-                    declare(self, &name, EntityKind::Def(Rc::new(d)));
-                }
+                Item::Const(c) => (c.name.clone(), EntityKind::Const(Rc::new(c))),
+                Item::Def(d) => (d.name.clone(), EntityKind::Def(Rc::new(d))),
                 Item::Builtin(b) => {
                     if !is_std {
                         self.sink.push(errors::constructor_outside_stdlib(b.span));
                         continue;
                     }
-                    let name = b.name.clone();
                     let id = self.modules.len();
                     let sig = self.signature(&b, id);
-                    declare(self, &name, EntityKind::Ctor(Rc::new(sig)));
+                    (b.name.clone(), EntityKind::Ctor(Rc::new(sig)))
                 }
-                Item::Block(b) => match &b.name {
-                    Some(name) => {
-                        let name = name.clone();
-                        declare(self, &name, EntityKind::Block(Rc::new(b)));
+                Item::Block(b) => match b.name.clone() {
+                    Some(name) => (name, EntityKind::Block(Rc::new(b))),
+                    None => {
+                        anon_blocks.push(Rc::new(b));
+                        continue;
                     }
-                    None => anon_blocks.push(Rc::new(b)),
                 },
-            }
+            };
+            self.declare(&mut items, &name, kind);
         }
         self.modules.push(Module {
             path: path.to_string(),
@@ -166,6 +142,35 @@ impl Checker<'_> {
             anon_blocks,
         });
         self.pending_uses.push((self.modules.len() - 1, uses));
+    }
+
+    /// Adds the item `name` to a module's `items`; a name declared twice is reported at the
+    /// second, and the first stays.
+    fn declare(
+        &mut self,
+        items: &mut BTreeMap<String, Entity>,
+        name: &ast::Ident,
+        kind: EntityKind,
+    ) {
+        if name.name.is_empty() {
+            return;
+        }
+        if let Some(prev) = items.get(&name.name) {
+            self.sink.push(errors::duplicate_item(
+                name.span,
+                &name.name,
+                prev.name_span,
+            ));
+            return;
+        }
+        items.insert(
+            name.name.clone(),
+            Entity {
+                kind,
+                name_span: name.span,
+                used: Cell::new(false),
+            },
+        );
     }
 
     /// Resolves every module's `use` items and adds the prelude.

@@ -14,7 +14,7 @@ use super::fields::{boolean, float, int, string, symbol, uint};
 use super::model::*;
 use super::model_rules::ctor_of;
 use super::scope::ModId;
-use super::value::{Bound, Type, Value, V};
+use super::value::{Bound, CtorValue, Type, Value, V};
 use super::Checker;
 use crate::data::tokenizer::{megatron_padded_vocab, Flavour, TextTokenizer};
 use crate::diag::Span;
@@ -55,6 +55,16 @@ struct TrainBlock<'b, 'e> {
     kw: Span,
 }
 
+/// The `train` block's required fields, as far as they could be read.
+struct RequiredTrainFields {
+    data: Option<DataSource>,
+    /// The tokenizer's vocabulary size and where the tokenizer is written.
+    tokenizer_vocab: Option<(u64, Span)>,
+    batch: BatchShape,
+    steps: Option<u64>,
+    optimizer: Option<Optimizer>,
+}
+
 /// `batch`, as far as it could be read.
 struct BatchShape {
     sequences: Option<u64>,
@@ -81,67 +91,35 @@ impl Checker<'_> {
             block: b.kw,
             ..Default::default()
         };
-        // the required fields the block leaves out, for one report of them all
-        let mut missing = Vec::new();
-        let (data, tokenizer_vocab) = self.train_data(&b, &mut spans, &mut ok, &mut missing);
-        let batch = self.train_batch(&b, model, &mut spans, &mut ok, &mut missing);
-        let steps_v = self.field_noting_missing(
-            &b.fields,
-            "steps",
-            &Type::positive_int(),
-            b.ctx,
-            &mut missing,
-        );
-        spans.steps = steps_v.as_ref().map(|v| v.span).unwrap_or(b.kw);
-        let steps = steps_v.as_ref().map(uint);
-        let optimizer = self.train_optimizer(&b, &mut missing);
-        if !missing.is_empty() {
-            self.sink
-                .push(errors::missing_fields(b.kw, "train", &missing));
-        }
+        let required = self.train_required(&b, model, &mut spans, &mut ok);
+        let steps = required.steps;
         let schedule = self.train_schedule(&b, steps, spans.steps);
         let clip_grad = self.train_clip_grad(&b);
         let precision = self.train_precision(&b, &mut spans, &mut ok);
         let checkpoint = self.train_checkpoint(&b, steps, &mut spans, &mut ok);
         let eval = self.train_eval(&b, steps, spans.steps, &mut ok);
-        let init_v = self.typed_field(&b.fields, "init", &Type::Kind("init".into()), b.ctx);
-        let init = init_v.as_ref().and_then(|v| self.init_spec(v));
-        ok &= init.is_some() || !b.fields.contains_key("init");
-        let seed = match self.typed_field(&b.fields, "seed", &Type::int_at_least(0), b.ctx) {
-            Some(v) => Some(uint(&v)),
-            None if b.fields.contains_key("seed") => None,
-            None => Some(DEFAULT_SEED),
-        };
+        let init = self.train_init(&b, &mut ok);
+        let seed = self.train_seed(&b);
         if let Some(model) = model {
             ok &= self.train_against_model(
                 model,
                 parallel,
-                &batch,
-                tokenizer_vocab,
-                data.as_ref(),
+                &required.batch,
+                required.tokenizer_vocab,
+                required.data.as_ref(),
                 &spans,
             );
-            // The checkpoint to start from, read (its metadata only) when it is here: a
-            // missing one is `fmoec check`'s warning (see `data_files_here`) and `fmoec
-            // run`'s error.
-            if let Some(init) = &init {
-                match crate::hf::init::resolve(model, init) {
-                    Resolution::NotHere => {}
-                    Resolution::Failed(diags) | Resolution::Ready(_, diags) => {
-                        self.sink.extend(diags)
-                    }
-                }
-            }
+            self.init_checkpoint_here(model, init.as_ref());
         }
         if !ok {
             return None;
         }
         Some(Train {
-            data: data?,
-            batch_sequences: batch.sequences?,
-            seq_len: batch.seq_len?,
+            data: required.data?,
+            batch_sequences: required.batch.sequences?,
+            seq_len: required.batch.seq_len?,
             steps: steps?,
-            optimizer: optimizer?,
+            optimizer: required.optimizer?,
             schedule: schedule?,
             clip_grad: clip_grad?,
             precision: precision?,
@@ -151,6 +129,69 @@ impl Checker<'_> {
             init,
             spans,
         })
+    }
+
+    /// The fields a `train` block must have (`data`, `batch`, `steps`, `optimizer`), with one
+    /// report of all those it leaves out.
+    fn train_required(
+        &mut self,
+        b: &TrainBlock,
+        model: Option<&Model>,
+        spans: &mut TrainSpans,
+        ok: &mut bool,
+    ) -> RequiredTrainFields {
+        let mut missing = Vec::new();
+        let (data, tokenizer_vocab) = self.train_data(b, spans, ok, &mut missing);
+        let batch = self.train_batch(b, model, spans, ok, &mut missing);
+        let steps_v = self.field_noting_missing(
+            &b.fields,
+            "steps",
+            &Type::positive_int(),
+            b.ctx,
+            &mut missing,
+        );
+        spans.steps = steps_v.as_ref().map(|v| v.span).unwrap_or(b.kw);
+        let steps = steps_v.as_ref().map(uint);
+        let optimizer = self.train_optimizer(b, &mut missing);
+        if !missing.is_empty() {
+            self.sink
+                .push(errors::missing_fields(b.kw, "train", &missing));
+        }
+        RequiredTrainFields {
+            data,
+            tokenizer_vocab,
+            batch,
+            steps,
+            optimizer,
+        }
+    }
+
+    /// `init`, when written and readable.
+    fn train_init(&mut self, b: &TrainBlock, ok: &mut bool) -> Option<InitSpec> {
+        let init_v = self.typed_field(&b.fields, "init", &Type::Kind("init".into()), b.ctx);
+        let init = init_v.as_ref().and_then(|v| self.init_spec(v));
+        *ok &= init.is_some() || !b.fields.contains_key("init");
+        init
+    }
+
+    /// `seed`, or [`DEFAULT_SEED`] when the block has none; `None` for a wrong one.
+    fn train_seed(&mut self, b: &TrainBlock) -> Option<u64> {
+        match self.typed_field(&b.fields, "seed", &Type::int_at_least(0), b.ctx) {
+            Some(v) => Some(uint(&v)),
+            None if b.fields.contains_key("seed") => None,
+            None => Some(DEFAULT_SEED),
+        }
+    }
+
+    /// The checkpoint to start from, read (its metadata only) when it is here: a missing one
+    /// is `fmoec check`'s warning (see `data_files_here`) and `fmoec run`'s error.
+    fn init_checkpoint_here(&mut self, model: &Model, init: Option<&InitSpec>) {
+        if let Some(init) = init {
+            match crate::hf::init::resolve(model, init) {
+                Resolution::NotHere => {}
+                Resolution::Failed(diags) | Resolution::Ready(_, diags) => self.sink.extend(diags),
+            }
+        }
     }
 
     /// `data` and `tokenizer`: the source, tokenized when a tokenizer is given, and the
@@ -170,18 +211,7 @@ impl Checker<'_> {
             b.ctx,
             missing,
         );
-        let data = data_v.as_ref().and_then(ctor_of).map(|c| {
-            let arg = |n: &str| c.arg(n).map(string).unwrap_or_default();
-            match c.name.as_str() {
-                "text" => DataSource::Text(arg("path")),
-                "megatron" => DataSource::Megatron(arg("prefix")),
-                "jsonl" => DataSource::Jsonl {
-                    path: arg("path"),
-                    key: arg("key"),
-                },
-                _ => DataSource::Builtin(arg("name")),
-            }
-        });
+        let data = data_v.as_ref().and_then(ctor_of).map(|c| data_source(&c));
         spans.data = data_v.as_ref().map(|v| v.span).unwrap_or(b.kw);
         if let Some(c) = data_v.as_ref().and_then(ctor_of) {
             self.builtin_corpus_exists(&c);
@@ -194,26 +224,12 @@ impl Checker<'_> {
         );
         *ok &= tokenizer_v.is_some() || !b.fields.contains_key("tokenizer");
         spans.tokenizer = tokenizer_v.as_ref().map_or(b.kw, |v| v.span);
-        let tokenizer = tokenizer_v.as_ref().and_then(ctor_of).map(|c| {
-            let arg = |n: &str| c.arg(n).map(string).unwrap_or_default();
-            match c.name.as_str() {
-                "gpt2" => TokenizerSpec::Gpt2 {
-                    vocab: arg("vocab"),
-                    merges: arg("merges"),
-                },
-                _ => TokenizerSpec::Hf { path: arg("path") },
-            }
-        });
+        let tokenizer = tokenizer_v
+            .as_ref()
+            .and_then(ctor_of)
+            .map(|c| tokenizer_spec(&c));
         let tokenizer_vocab = match (&tokenizer, &tokenizer_v) {
-            (Some(spec), Some(v)) => match TextTokenizer::load(&spec.source(), Flavour::Core) {
-                Ok(t) => Some((t.vocab_size as u64, v.span)),
-                Err(e) => {
-                    self.sink
-                        .push(errors::tokenizer_unreadable(v.span, &format!("{e:#}")));
-                    *ok = false;
-                    None
-                }
-            },
+            (Some(spec), Some(v)) => self.tokenizer_vocab(spec, v.span, ok),
             _ => None,
         };
         if let (Some(DataSource::Jsonl { .. }), None) = (&data, &tokenizer) {
@@ -230,6 +246,25 @@ impl Checker<'_> {
             (data, _) => data,
         };
         (data, tokenizer_vocab)
+    }
+
+    /// The vocabulary size of the tokenizer written at `span`, read now; an unreadable one is
+    /// reported there.
+    fn tokenizer_vocab(
+        &mut self,
+        spec: &TokenizerSpec,
+        span: Span,
+        ok: &mut bool,
+    ) -> Option<(u64, Span)> {
+        match TextTokenizer::load(&spec.source(), Flavour::Core) {
+            Ok(t) => Some((t.vocab_size as u64, span)),
+            Err(e) => {
+                self.sink
+                    .push(errors::tokenizer_unreadable(span, &format!("{e:#}")));
+                *ok = false;
+                None
+            }
+        }
     }
 
     /// `batch = SEQUENCES x TOKENS tokens`, or a sequence count at the model's context. A
@@ -430,7 +465,7 @@ impl Checker<'_> {
         self.every_past_steps(&c, steps, spans.steps);
         Some(Some(CheckpointPolicy {
             every: c.arg("steps").map(uint).unwrap_or(1),
-            dir: c.arg("dir").map(string).unwrap_or_default(),
+            dir: string_arg(&c, "dir"),
             keep: c.arg("keep").map(uint).unwrap_or(0),
         }))
     }
@@ -526,8 +561,8 @@ impl Checker<'_> {
     /// `from_hf(...)`, `from_checkpoint(...)` or `upcycle(...)` of one of them.
     fn init_spec(&mut self, v: &V) -> Option<InitSpec> {
         let c = ctor_of(v)?;
-        let source_of = |c: &super::value::CtorValue| {
-            let path = c.arg("path").map(string).unwrap_or_default();
+        let source_of = |c: &CtorValue| {
+            let path = string_arg(c, "path");
             match c.name.as_str() {
                 "from_hf" => Some(InitSource::Hf(path)),
                 "from_checkpoint" => Some(InitSource::Checkpoint(path)),
@@ -636,4 +671,35 @@ pub fn data_files_here(train: &Train) -> Vec<crate::diag::Diagnostic> {
         }
     }
     out
+}
+
+/// A constructor's string argument (its default when not written).
+fn string_arg(c: &CtorValue, name: &str) -> String {
+    c.arg(name).map(string).unwrap_or_default()
+}
+
+/// The data source a `data = ...` constructor names.
+fn data_source(c: &CtorValue) -> DataSource {
+    match c.name.as_str() {
+        "text" => DataSource::Text(string_arg(c, "path")),
+        "megatron" => DataSource::Megatron(string_arg(c, "prefix")),
+        "jsonl" => DataSource::Jsonl {
+            path: string_arg(c, "path"),
+            key: string_arg(c, "key"),
+        },
+        _ => DataSource::Builtin(string_arg(c, "name")),
+    }
+}
+
+/// The tokenizer a `tokenizer = ...` constructor names.
+fn tokenizer_spec(c: &CtorValue) -> TokenizerSpec {
+    match c.name.as_str() {
+        "gpt2" => TokenizerSpec::Gpt2 {
+            vocab: string_arg(c, "vocab"),
+            merges: string_arg(c, "merges"),
+        },
+        _ => TokenizerSpec::Hf {
+            path: string_arg(c, "path"),
+        },
+    }
 }

@@ -83,97 +83,17 @@ impl std::fmt::Display for ParseError {
 /// hunk's line counts match its header. `parse(&render(d)) == d` for every diff.
 pub fn parse(text: &str) -> Result<Vec<FileDiff>, ParseError> {
     let lines: Vec<&str> = text.lines().collect();
-    let err = |i: usize, m: String| ParseError {
-        line: i + 1,
-        message: m,
-    };
     let mut files = Vec::new();
     let mut i = 0;
     while i < lines.len() {
-        let Some(paths) = lines[i].strip_prefix("diff --git a/") else {
-            return Err(err(
-                i,
-                format!("expected `diff --git a/...`, found `{}`", lines[i]),
-            ));
-        };
-        let path = paths
-            .split_once(" b/")
-            .map(|(a, _)| a.to_string())
-            .ok_or_else(|| err(i, "a `diff --git` line without ` b/`".into()))?;
-        let index = lines
-            .get(i + 1)
-            .and_then(|l| l.strip_prefix("index "))
-            .and_then(|l| l.strip_suffix(" 100644"))
-            .and_then(|l| l.split_once(".."))
-            .ok_or_else(|| err(i + 1, "expected `index OLD..NEW 100644`".into()))?;
-        let (old_blob, new_blob) = (index.0.to_string(), index.1.to_string());
-        if lines.get(i + 2) != Some(&format!("--- a/{path}").as_str())
-            || lines.get(i + 3) != Some(&format!("+++ b/{path}").as_str())
-        {
-            return Err(err(
-                i + 2,
-                format!("expected `--- a/{path}` and `+++ b/{path}`"),
-            ));
-        }
+        let (path, old_blob, new_blob) = file_header(&lines, i)?;
         i += 4;
         let mut hunks = Vec::new();
         while i < lines.len() && lines[i].starts_with("@@ ") {
-            let header = lines[i];
-            let numbers = |part: &str| -> Option<(usize, usize)> {
-                let (start, count) = part.split_once(',').unwrap_or((part, "1"));
-                Some((start.parse().ok()?, count.parse().ok()?))
-            };
-            let parsed = header
-                .strip_prefix("@@ -")
-                .and_then(|h| h.strip_suffix(" @@"))
-                .and_then(|h| h.split_once(" +"))
-                .and_then(|(o, n)| Some((numbers(o)?, numbers(n)?)));
-            let Some(((old_start, old_count), (new_start, new_count))) = parsed else {
-                return Err(err(i, format!("a malformed hunk header `{header}`")));
-            };
-            let at = i;
-            i += 1;
-            let mut body = Vec::new();
-            while i < lines.len()
-                && !lines[i].starts_with("@@ ")
-                && !lines[i].starts_with("diff --git ")
-            {
-                if !matches!(lines[i].chars().next(), Some(' ' | '-' | '+')) {
-                    return Err(err(
-                        i,
-                        format!(
-                            "a hunk line must start with ' ', '-' or '+': `{}`",
-                            lines[i]
-                        ),
-                    ));
-                }
-                body.push(lines[i].to_string());
-                i += 1;
-            }
-            let hunk = Hunk {
-                // `-0,0`: an insertion at the start of the file
-                old_start: if old_count == 0 {
-                    old_start + 1
-                } else {
-                    old_start
-                },
-                new_start: if new_count == 0 {
-                    new_start + 1
-                } else {
-                    new_start
-                },
-                lines: body,
-            };
-            if hunk.counts() != (old_count, new_count) {
-                return Err(err(
-                    at,
-                    format!("hunk `{header}` has {:?} lines (old, new)", hunk.counts()),
-                ));
-            }
-            hunks.push(hunk);
+            hunks.push(hunk(&lines, &mut i)?);
         }
         if hunks.is_empty() {
-            return Err(err(i, format!("`{path}` has no hunks")));
+            return Err(parse_error(i, format!("`{path}` has no hunks")));
         }
         files.push(FileDiff {
             path,
@@ -183,6 +103,108 @@ pub fn parse(text: &str) -> Result<Vec<FileDiff>, ParseError> {
         });
     }
     Ok(files)
+}
+
+/// The error at the 0-based line `i`.
+fn parse_error(i: usize, message: String) -> ParseError {
+    ParseError {
+        line: i + 1,
+        message,
+    }
+}
+
+/// The four header lines of one file from line `i` (`diff --git`, `index`, `---`, `+++`): its
+/// path, old blob id and new blob id.
+fn file_header(lines: &[&str], i: usize) -> Result<(String, String, String), ParseError> {
+    let Some(paths) = lines[i].strip_prefix("diff --git a/") else {
+        return Err(parse_error(
+            i,
+            format!("expected `diff --git a/...`, found `{}`", lines[i]),
+        ));
+    };
+    let path = paths
+        .split_once(" b/")
+        .map(|(a, _)| a.to_string())
+        .ok_or_else(|| parse_error(i, "a `diff --git` line without ` b/`".into()))?;
+    let index = lines
+        .get(i + 1)
+        .and_then(|l| l.strip_prefix("index "))
+        .and_then(|l| l.strip_suffix(" 100644"))
+        .and_then(|l| l.split_once(".."))
+        .ok_or_else(|| parse_error(i + 1, "expected `index OLD..NEW 100644`".into()))?;
+    if lines.get(i + 2) != Some(&format!("--- a/{path}").as_str())
+        || lines.get(i + 3) != Some(&format!("+++ b/{path}").as_str())
+    {
+        return Err(parse_error(
+            i + 2,
+            format!("expected `--- a/{path}` and `+++ b/{path}`"),
+        ));
+    }
+    Ok((path, index.0.to_string(), index.1.to_string()))
+}
+
+/// The hunk whose `@@` header is line `*i`, checked against the header's counts; `*i` moves
+/// past its body.
+fn hunk(lines: &[&str], i: &mut usize) -> Result<Hunk, ParseError> {
+    let header = lines[*i];
+    let Some(((old_start, old_count), (new_start, new_count))) = hunk_header(header) else {
+        return Err(parse_error(
+            *i,
+            format!("a malformed hunk header `{header}`"),
+        ));
+    };
+    let at = *i;
+    *i += 1;
+    let mut body = Vec::new();
+    while *i < lines.len() && !lines[*i].starts_with("@@ ") && !lines[*i].starts_with("diff --git ")
+    {
+        if !matches!(lines[*i].chars().next(), Some(' ' | '-' | '+')) {
+            return Err(parse_error(
+                *i,
+                format!(
+                    "a hunk line must start with ' ', '-' or '+': `{}`",
+                    lines[*i]
+                ),
+            ));
+        }
+        body.push(lines[*i].to_string());
+        *i += 1;
+    }
+    let hunk = Hunk {
+        old_start: first_line(old_start, old_count),
+        new_start: first_line(new_start, new_count),
+        lines: body,
+    };
+    if hunk.counts() != (old_count, new_count) {
+        return Err(parse_error(
+            at,
+            format!("hunk `{header}` has {:?} lines (old, new)", hunk.counts()),
+        ));
+    }
+    Ok(hunk)
+}
+
+/// `@@ -START[,COUNT] +START[,COUNT] @@`: the old and the new (start, count).
+fn hunk_header(header: &str) -> Option<((usize, usize), (usize, usize))> {
+    let numbers = |part: &str| -> Option<(usize, usize)> {
+        let (start, count) = part.split_once(',').unwrap_or((part, "1"));
+        Some((start.parse().ok()?, count.parse().ok()?))
+    };
+    let (old, new) = header
+        .strip_prefix("@@ -")?
+        .strip_suffix(" @@")?
+        .split_once(" +")?;
+    Some((numbers(old)?, numbers(new)?))
+}
+
+/// A hunk's 1-based first line from its header's start: an empty side (`-0,0`, an insertion
+/// at the start of the file) names the line before it; [`range`] writes it back.
+fn first_line(start: usize, count: usize) -> usize {
+    if count == 0 {
+        start + 1
+    } else {
+        start
+    }
 }
 
 fn range(start: usize, count: usize) -> String {

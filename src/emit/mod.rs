@@ -599,58 +599,41 @@ fn planned_layout(plan: &ParallelPlan) -> String {
 }
 
 fn group_rows(plan: &ParallelPlan) -> Vec<GroupRow> {
-    let fmt = |gs: &[Vec<u64>]| -> String {
-        const SHOWN: usize = 8;
-        let mut parts: Vec<String> = gs
-            .iter()
-            .take(SHOWN)
-            .map(|g| {
-                let ranks: Vec<String> = g.iter().map(u64::to_string).collect();
-                format!("[{}]", ranks.join(", "))
-            })
-            .collect();
-        if gs.len() > SHOWN {
-            parts.push(format!("... ({} groups)", gs.len()));
-        }
-        parts.join(" ")
-    };
     let g = &plan.groups;
-    vec![
-        GroupRow {
-            kind: "tensor",
-            groups: fmt(&g.tensor),
-        },
-        GroupRow {
-            kind: "pipeline",
-            groups: fmt(&g.pipeline),
-        },
-        GroupRow {
-            kind: "data",
-            groups: fmt(&g.data),
-        },
-        GroupRow {
-            kind: "expert (all-to-all)",
-            groups: fmt(&g.expert),
-        },
-        GroupRow {
-            kind: "gate (all-reduce)",
-            groups: fmt(&g.gate),
-        },
-    ]
-    .into_iter()
-    .chain(plan.megatron_core.iter().flat_map(|core| {
-        [
-            GroupRow {
-                kind: "expert-data (expert gradients)",
-                groups: fmt(&g.expert_data),
-            },
-            GroupRow {
-                kind: "expert-tensor (expert slices)",
-                groups: fmt(&core.expert_tensor_groups),
-            },
-        ]
-    }))
-    .collect()
+    let mut rows: Vec<(&'static str, &[Vec<u64>])> = vec![
+        ("tensor", &g.tensor),
+        ("pipeline", &g.pipeline),
+        ("data", &g.data),
+        ("expert (all-to-all)", &g.expert),
+        ("gate (all-reduce)", &g.gate),
+    ];
+    if let Some(core) = &plan.megatron_core {
+        rows.push(("expert-data (expert gradients)", &g.expert_data));
+        rows.push(("expert-tensor (expert slices)", &core.expert_tensor_groups));
+    }
+    rows.into_iter()
+        .map(|(kind, groups)| GroupRow {
+            kind,
+            groups: groups_text(groups),
+        })
+        .collect()
+}
+
+/// Groups of ranks as the README lists them: `[0, 1] [2, 3]`, the first 8 and a count.
+fn groups_text(gs: &[Vec<u64>]) -> String {
+    const SHOWN: usize = 8;
+    let mut parts: Vec<String> = gs
+        .iter()
+        .take(SHOWN)
+        .map(|g| {
+            let ranks: Vec<String> = g.iter().map(u64::to_string).collect();
+            format!("[{}]", ranks.join(", "))
+        })
+        .collect();
+    if gs.len() > SHOWN {
+        parts.push(format!("... ({} groups)", gs.len()));
+    }
+    parts.join(" ")
 }
 
 /// Reads one printed value of a layer (for the uniform `--fmoe-*` launch arguments).

@@ -10,7 +10,8 @@
 
 use super::act_name;
 use crate::check::{
-    Activation, Checked, ExpertGroup, Ffn, GateKind, MegatronTarget, Norm, Positions, Precision,
+    Activation, Checked, ExpertGroup, Ffn, Gate, GateKind, MegatronTarget, Norm, Positions,
+    Precision,
 };
 use crate::diag::{Diagnostic, Span};
 use crate::plan::ParallelPlan;
@@ -346,67 +347,72 @@ const FASTMOE_SWITCH_EPS: f64 = 0.1;
 /// gate does not run in its own layer (a flat index its `FMoE` misroutes for `top_k > 1`, and
 /// in evaluation a 0 / 0 that torch's `Normal` refuses).
 pub fn fastmoe_runtime(c: &Checked, plan: &ParallelPlan) -> Vec<Diagnostic> {
-    let mut out: Vec<Diagnostic> = Vec::new();
-    let mut say = |span: Span, message: String| {
-        out.push(
-            Diagnostic::error("E0809", span, message)
-                .with_label("asked for here")
-                .with_help("`--runtime fmoec` (the default) trains it"),
-        );
-    };
-    let fastmoe = "FastMoE's Megatron layer (`--runtime fastmoe`)";
-    if c.model.moe_layers().next().is_some()
-        && plan.expert_group_size != 1
-        && plan.expert_group_size != plan.data
-    {
-        say(
-            c.parallel.spans.experts,
-            format!(
-                "{fastmoe} splits experts over the whole data-parallel group ({} ranks) or not at all, not over expert groups of {} data ranks",
-                plan.data, plan.expert_group_size
-            ),
-        );
-    }
+    let mut problems: Vec<(Span, String)> = fastmoe_expert_group(c, plan).into_iter().collect();
     for (_, moe) in c.model.moe_layers() {
         if moe.expert.act != Activation::Gelu {
-            say(
+            problems.push((
                 moe.expert.span,
                 format!(
-                    "{fastmoe} has GELU experts only, not {} experts",
+                    "{FASTMOE} has GELU experts only, not {} experts",
                     act_name(moe.expert.act)
                 ),
-            );
+            ));
         }
-        let g = &moe.gate;
-        let capacity = g.capacity.map(|c| (c.train, c.eval));
-        let defaults = match g.kind {
-            GateKind::Noisy => {
-                say(
-                    g.span,
-                    format!(
-                        "{fastmoe} cannot run FastMoE's noisy gate: its layer misroutes the gate's flat index (top_k > 1) and its evaluation divides by zero noise"
-                    ),
-                );
-                continue;
-            }
-            GateKind::Gshard => (capacity != Some(FASTMOE_CAPACITY) || !g.random_routing)
-                .then(|| "capacity (1.2, 2.4) and random routing".to_string()),
-            GateKind::Switch => (capacity != Some(FASTMOE_CAPACITY)
-                || g.jitter != FASTMOE_SWITCH_EPS)
-                .then(|| format!("capacity (1.2, 2.4) and jitter {FASTMOE_SWITCH_EPS}")),
-            GateKind::Naive | GateKind::Swipe => None,
-        };
-        if let Some(defaults) = defaults {
-            say(
+        problems.extend(fastmoe_gate(&moe.gate));
+    }
+    once_each(problems.into_iter().map(|(span, message)| {
+        Diagnostic::error("E0809", span, message)
+            .with_label("asked for here")
+            .with_help("`--runtime fmoec` (the default) trains it")
+    }))
+}
+
+/// How E0809's messages name the runtime they are about.
+const FASTMOE: &str = "FastMoE's Megatron layer (`--runtime fastmoe`)";
+
+/// An expert group that is neither one rank nor the whole data-parallel group.
+fn fastmoe_expert_group(c: &Checked, plan: &ParallelPlan) -> Option<(Span, String)> {
+    (c.model.moe_layers().next().is_some()
+        && plan.expert_group_size != 1
+        && plan.expert_group_size != plan.data)
+        .then(|| {
+            (
+                c.parallel.spans.experts,
+                format!(
+                    "{FASTMOE} splits experts over the whole data-parallel group ({} ranks) or not at all, not over expert groups of {} data ranks",
+                    plan.data, plan.expert_group_size
+                ),
+            )
+        })
+}
+
+/// A gate FastMoE's layer cannot run, or runs with its own defaults instead of this one's
+/// arguments.
+fn fastmoe_gate(g: &Gate) -> Option<(Span, String)> {
+    let capacity = g.capacity.map(|c| (c.train, c.eval));
+    let defaults = match g.kind {
+        GateKind::Noisy => {
+            return Some((
                 g.span,
                 format!(
-                    "{fastmoe} builds its {} gate with FastMoE's defaults ({defaults}); this gate's arguments cannot reach it",
-                    crate::emit::gate_name(g.kind)
+                    "{FASTMOE} cannot run FastMoE's noisy gate: its layer misroutes the gate's flat index (top_k > 1) and its evaluation divides by zero noise"
                 ),
-            );
+            ))
         }
-    }
-    once_each(out)
+        GateKind::Gshard => (capacity != Some(FASTMOE_CAPACITY) || !g.random_routing)
+            .then(|| "capacity (1.2, 2.4) and random routing".to_string()),
+        GateKind::Switch => (capacity != Some(FASTMOE_CAPACITY)
+            || g.jitter != FASTMOE_SWITCH_EPS)
+            .then(|| format!("capacity (1.2, 2.4) and jitter {FASTMOE_SWITCH_EPS}")),
+        GateKind::Naive | GateKind::Swipe => None,
+    }?;
+    Some((
+        g.span,
+        format!(
+            "{FASTMOE} builds its {} gate with FastMoE's defaults ({defaults}); this gate's arguments cannot reach it",
+            crate::emit::gate_name(g.kind)
+        ),
+    ))
 }
 
 /// How a target trains the file's MoE layers.

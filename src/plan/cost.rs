@@ -256,6 +256,24 @@ pub struct LayerExchange {
     pub would_shadow: u64,
 }
 
+impl LayerExchange {
+    /// A layer whose experts all sit on each rank (an expert group of one rank, or no
+    /// experts): its `rows` are computed where they are, with nothing to exchange or shadow.
+    fn nothing_exchanged(layer: usize, costs: ExchangeCosts, rows: f64) -> LayerExchange {
+        let compute_s = rows * costs.row_compute_s;
+        LayerExchange {
+            layer,
+            costs,
+            chunks: 1,
+            shadowed: 0,
+            plain_s: compute_s,
+            planned_s: compute_s,
+            with_shadowing_s: compute_s,
+            would_shadow: 0,
+        }
+    }
+}
+
 /// The step estimate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct TimeEstimate {
@@ -643,38 +661,28 @@ fn layer_exchange(
     routing_skew: f64,
 ) -> LayerExchange {
     let costs = ExchangeCosts::of_layer(row_bytes, row_flops, expert_params as f64 * 4.0, bw, rate);
-    let compute_s = rows * costs.row_compute_s;
     let experts = moe.experts as usize;
     let g = group.max(1) as usize;
     if g <= 1 || experts == 0 {
-        return LayerExchange {
-            layer,
-            costs,
-            chunks: 1,
-            shadowed: 0,
-            plain_s: compute_s,
-            planned_s: compute_s,
-            with_shadowing_s: compute_s,
-            would_shadow: 0,
-        };
+        return LayerExchange::nothing_exchanged(layer, costs, rows);
     }
-    let per = (experts / g).max(1);
-    let owner: Vec<usize> = (0..experts).map(|e| (e / per).min(g - 1)).collect();
-    let shares = fastermoe::skewed_shares(experts, routing_skew);
-    let table: Vec<Vec<f64>> = vec![shares.iter().map(|p| rows * p).collect(); g];
+    let (table, owner) = group_routing(experts, g, rows, routing_skew);
     let routed = GroupRows {
         rows: &table,
         owner: &owner,
     };
-    let chunks_for = |transfer: f64, compute: f64| match c.parallel.smart_schedule {
-        SmartSchedule::Off => 1,
-        SmartSchedule::Auto => fastermoe::best_chunks(transfer, compute, group, costs.call_s),
-        SmartSchedule::Chunks { count } => count.clamp(1, group),
+    let chunks_for = |transfer: f64, compute: f64| {
+        exchange_chunks(
+            c.parallel.smart_schedule,
+            transfer,
+            compute,
+            group,
+            costs.call_s,
+        )
     };
-    let none = vec![false; experts];
-    let (t0, x0) = routed.busiest(&none, &costs);
+    let (t0, x0) = routed.busiest(&vec![false; experts], &costs);
     let chosen = fastermoe::choose_shadows(&routed, &costs);
-    let mut mask = none.clone();
+    let mut mask = vec![false; experts];
     for &e in &chosen {
         mask[e] = true;
     }
@@ -698,6 +706,38 @@ fn layer_exchange(
         planned_s,
         with_shadowing_s,
         would_shadow: chosen.len() as u64,
+    }
+}
+
+/// The rows each of the `g` ranks of an expert group routes to each expert (every rank the
+/// same `rows`, shared out with `routing_skew`), and each expert's owning rank (experts in
+/// consecutive blocks per rank).
+fn group_routing(
+    experts: usize,
+    g: usize,
+    rows: f64,
+    routing_skew: f64,
+) -> (Vec<Vec<f64>>, Vec<usize>) {
+    let per = (experts / g).max(1);
+    let owner: Vec<usize> = (0..experts).map(|e| (e / per).min(g - 1)).collect();
+    let shares = fastermoe::skewed_shares(experts, routing_skew);
+    let table: Vec<Vec<f64>> = vec![shares.iter().map(|p| rows * p).collect(); g];
+    (table, owner)
+}
+
+/// How many chunks the exchange is pipelined in under `smart_schedule`, for a transfer and
+/// compute of these lengths over an expert group of `group` ranks.
+fn exchange_chunks(
+    smart_schedule: SmartSchedule,
+    transfer_s: f64,
+    compute_s: f64,
+    group: u64,
+    call_s: f64,
+) -> u64 {
+    match smart_schedule {
+        SmartSchedule::Off => 1,
+        SmartSchedule::Auto => fastermoe::best_chunks(transfer_s, compute_s, group, call_s),
+        SmartSchedule::Chunks { count } => count.clamp(1, group),
     }
 }
 

@@ -1029,68 +1029,114 @@ pub mod limits {
 }
 
 fn check_limits(parts: &Parts, s: &Setup) -> Vec<Diagnostic> {
+    let mut sizes = setup_sizes(parts, s);
+    if let Some(m) = parts.model {
+        sizes.extend(model_sizes(m));
+    }
+    sizes
+        .into_iter()
+        .filter(|size| size.value > size.limit)
+        .map(|size| diagnostics::too_large(size.what, size.value, size.limit, size.at))
+        .collect()
+}
+
+/// A size the planner bounds: what it is called, its value, its limit, where it is written.
+struct Bounded {
+    what: &'static str,
+    value: u64,
+    limit: u64,
+    at: Span,
+}
+
+fn bounded(what: &'static str, value: u64, limit: u64, at: Span) -> Bounded {
+    Bounded {
+        what,
+        value,
+        limit,
+        at,
+    }
+}
+
+/// The bounded sizes of the parallel layout and the batch.
+fn setup_sizes(parts: &Parts, s: &Setup) -> Vec<Bounded> {
     let ps = &parts.parallel.spans;
-    let mut out = Vec::new();
-    let mut check = |what: &str, v: u64, limit: u64, at| {
-        if v > limit {
-            out.push(diagnostics::too_large(what, v, limit, at));
-        }
-    };
-    check("gpus", s.world, limits::GPUS, ps.gpus);
-    check("tensor", s.tensor, limits::GPUS, ps.tensor);
-    check("pipeline", s.pipeline, limits::GPUS, ps.pipeline);
-    check(
-        "virtual_stages",
-        s.virtual_stages,
-        limits::DEPTH,
-        ps.virtual_stages,
-    );
+    let mut sizes = vec![
+        bounded("gpus", s.world, limits::GPUS, ps.gpus),
+        bounded("tensor", s.tensor, limits::GPUS, ps.tensor),
+        bounded("pipeline", s.pipeline, limits::GPUS, ps.pipeline),
+        bounded(
+            "virtual_stages",
+            s.virtual_stages,
+            limits::DEPTH,
+            ps.virtual_stages,
+        ),
+    ];
     if let Some(mb) = s.micro_batch {
-        check("micro_batch", mb, limits::MICRO_BATCH, ps.micro_batch);
+        sizes.push(bounded(
+            "micro_batch",
+            mb,
+            limits::MICRO_BATCH,
+            ps.micro_batch,
+        ));
     }
     if let Some(t) = parts.train {
-        check("batch", t.batch_sequences, limits::BATCH, t.spans.batch);
-        check("sequence length", t.seq_len, limits::CONTEXT, t.spans.batch);
+        sizes.push(bounded(
+            "batch",
+            t.batch_sequences,
+            limits::BATCH,
+            t.spans.batch,
+        ));
+        sizes.push(bounded(
+            "sequence length",
+            t.seq_len,
+            limits::CONTEXT,
+            t.spans.batch,
+        ));
     }
-    let Some(m) = parts.model else {
-        return out;
-    };
+    sizes
+}
+
+/// The bounded sizes of the model, each layer declaration's once.
+fn model_sizes(m: &Model) -> Vec<Bounded> {
     let ms = &m.spans;
-    check("width", m.width, limits::WIDTH, ms.width);
-    // Heads past the width and top_k past the experts are the front end's errors, but the
-    // planner still costs such a model in the same pass: bound them like the sizes they
-    // are compared with (the front end leaves key/value heads at most the heads).
-    check("heads", m.attention.heads, limits::WIDTH, ms.heads);
-    check("vocab", m.vocab, limits::VOCAB, ms.vocab);
-    check("context", m.context, limits::CONTEXT, ms.context);
-    check("depth", m.depth(), limits::DEPTH, ms.depth);
+    let mut sizes = vec![
+        bounded("width", m.width, limits::WIDTH, ms.width),
+        // Heads past the width and top_k past the experts are the front end's errors, but
+        // the planner still costs such a model in the same pass: bound them like the sizes
+        // they are compared with (the front end leaves key/value heads at most the heads).
+        bounded("heads", m.attention.heads, limits::WIDTH, ms.heads),
+        bounded("vocab", m.vocab, limits::VOCAB, ms.vocab),
+        bounded("context", m.context, limits::CONTEXT, ms.context),
+        bounded("depth", m.depth(), limits::DEPTH, ms.depth),
+    ];
     let mut seen = std::collections::BTreeSet::new();
     for l in &m.layers {
         match &l.ffn {
-            Ffn::Dense(d) => {
-                if seen.insert(d.span) {
-                    check("hidden", d.hidden, limits::HIDDEN, d.span);
-                }
+            Ffn::Dense(d) if seen.insert(d.span) => {
+                sizes.push(bounded("hidden", d.hidden, limits::HIDDEN, d.span));
             }
-            Ffn::Moe(moe) => {
-                if seen.insert(moe.spans.call) {
-                    check("experts", moe.experts, limits::EXPERTS, moe.spans.experts);
-                    check("top_k", moe.top_k, limits::EXPERTS, moe.spans.top_k);
-                    check("hidden", moe.expert.hidden, limits::HIDDEN, moe.expert.span);
-                    if let Some(sh) = &moe.shared {
-                        check(
+            Ffn::Moe(moe) if seen.insert(moe.spans.call) => {
+                sizes.extend([
+                    bounded("experts", moe.experts, limits::EXPERTS, moe.spans.experts),
+                    bounded("top_k", moe.top_k, limits::EXPERTS, moe.spans.top_k),
+                    bounded("hidden", moe.expert.hidden, limits::HIDDEN, moe.expert.span),
+                ]);
+                if let Some(sh) = &moe.shared {
+                    sizes.extend([
+                        bounded(
                             "shared experts",
                             sh.count,
                             limits::SHARED_EXPERTS,
                             sh.expert.span,
-                        );
-                        check("hidden", sh.expert.hidden, limits::HIDDEN, sh.expert.span);
-                    }
+                        ),
+                        bounded("hidden", sh.expert.hidden, limits::HIDDEN, sh.expert.span),
+                    ]);
                 }
             }
+            _ => {}
         }
     }
-    out
+    sizes
 }
 
 /// The planner's rules that need no cost model (sizes, the grid's divisibility, heads,
@@ -1329,41 +1375,7 @@ fn model_rules(model: &Model, par: &Parallel, s: &Setup, errs: &mut Vec<Diagnost
             true,
         ));
     }
-    // One diagnostic per distinct problem: layers usually share their ffn declaration.
-    let mut seen = std::collections::BTreeSet::new();
-    for l in &model.layers {
-        let (hidden, at, expert) = match &l.ffn {
-            Ffn::Dense(m) => (m.hidden, m.span, false),
-            Ffn::Moe(m) => {
-                if let Some(sh) = &m.shared {
-                    if (sh.count * sh.expert.hidden) % s.tensor != 0
-                        && seen.insert((sh.expert.span, false))
-                    {
-                        errs.push(diagnostics::ffn_not_divisible(
-                            l.index,
-                            sh.count * sh.expert.hidden,
-                            sh.expert.span,
-                            (s.tensor, sp.tensor),
-                            false,
-                        ));
-                    }
-                }
-                if !par.expert_slicing {
-                    continue;
-                }
-                (m.expert.hidden, m.expert.span, true)
-            }
-        };
-        if hidden % s.tensor != 0 && seen.insert((at, expert)) {
-            errs.push(diagnostics::ffn_not_divisible(
-                l.index,
-                hidden,
-                at,
-                (s.tensor, sp.tensor),
-                expert,
-            ));
-        }
-    }
+    ffn_rules(model, par, s, errs);
     if model.depth() % s.pipeline != 0 {
         errs.push(diagnostics::depth_not_divisible(
             (model.depth(), model.spans.depth),
@@ -1375,6 +1387,40 @@ fn model_rules(model: &Model, par: &Parallel, s: &Setup, errs: &mut Vec<Diagnost
             s.pipeline,
             (s.virtual_stages, sp.virtual_stages),
         ));
+    }
+}
+
+/// Every hidden width tensor parallelism splits must divide by the tensor size: a dense
+/// MLP's, an MoE layer's shared experts' (together), and its routed experts' when experts
+/// are sliced over the tensor ranks.
+fn ffn_rules(model: &Model, par: &Parallel, s: &Setup, errs: &mut Vec<Diagnostic>) {
+    // One diagnostic per distinct problem: layers usually share their ffn declaration.
+    let mut seen = std::collections::BTreeSet::new();
+    for l in &model.layers {
+        // (hidden width, where it is declared, whether it is the routed experts')
+        let mut split: Vec<(u64, Span, bool)> = Vec::new();
+        match &l.ffn {
+            Ffn::Dense(m) => split.push((m.hidden, m.span, false)),
+            Ffn::Moe(m) => {
+                if let Some(sh) = &m.shared {
+                    split.push((sh.count * sh.expert.hidden, sh.expert.span, false));
+                }
+                if par.expert_slicing {
+                    split.push((m.expert.hidden, m.expert.span, true));
+                }
+            }
+        }
+        for (hidden, at, expert) in split {
+            if hidden % s.tensor != 0 && seen.insert((at, expert)) {
+                errs.push(diagnostics::ffn_not_divisible(
+                    l.index,
+                    hidden,
+                    at,
+                    (s.tensor, par.spans.tensor),
+                    expert,
+                ));
+            }
+        }
     }
 }
 

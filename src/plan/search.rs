@@ -264,57 +264,67 @@ pub fn report(r: &SearchResult, top: usize) -> String {
         let _ = writeln!(o, "note: {note}");
     }
     if !r.feasible.is_empty() {
-        let _ = writeln!(o, "\nbest plans by estimated throughput");
-        let _ = writeln!(
-            o,
-            "  #  tensor  pipeline  data    expert group  micro-batch  max memory       step     tokens/s    MFU"
-        );
-        for (i, p) in r.feasible.iter().take(top).enumerate() {
-            let mem = p.max_memory_bytes;
-            // `4 (x2)`: 4 stages of 2 model chunks each (the interleaved schedule)
-            let pipeline = if p.virtual_stages > 1 {
-                format!("{} (x{})", p.pipeline, p.virtual_stages)
-            } else {
-                p.pipeline.to_string()
-            };
-            let _ = writeln!(
-                o,
-                "  {:>1}  {:>6}  {:>8}  {:>4}  {:>14}  {:>11}  {:>10}  {:>8.3}s  {:>11}  {:>5.1}%",
-                i + 1,
-                p.tensor,
-                pipeline,
-                p.data,
-                format!("{} ({})", p.expert_group, p.expert_group_size),
-                p.micro_batch,
-                super::render::bytes(mem),
-                p.time.step_s,
-                super::render::count(p.time.tokens_per_s.round() as u64),
-                100.0 * p.time.mfu
-            );
-        }
+        report_feasible(&mut o, r, top);
     }
     if !r.rejected.is_empty() {
-        let _ = writeln!(o, "\nrejected");
-        let mut by_code: BTreeMap<&str, Vec<&Rejected>> = BTreeMap::new();
-        for x in &r.rejected {
-            by_code.entry(x.code.as_str()).or_default().push(x);
-        }
-        for (code, xs) in by_code {
-            let first = xs[0];
-            let _ = writeln!(
-                o,
-                "  {code}: {} configuration{}, e.g. tensor {} pipeline {} expert group {}: {}",
-                xs.len(),
-                if xs.len() == 1 { "" } else { "s" },
-                first.overrides.tensor.unwrap_or(0),
-                first.overrides.pipeline.unwrap_or(0),
-                first
-                    .overrides
-                    .expert_group
-                    .map_or("-".into(), expert_group_name),
-                first.message
-            );
-        }
+        report_rejected(&mut o, r);
     }
     o
+}
+
+/// The table of the `top` best plans.
+fn report_feasible(o: &mut String, r: &SearchResult, top: usize) {
+    let _ = writeln!(o, "\nbest plans by estimated throughput");
+    let _ = writeln!(
+        o,
+        "  #  tensor  pipeline  data    expert group  micro-batch  max memory       step     tokens/s    MFU"
+    );
+    for (i, p) in r.feasible.iter().take(top).enumerate() {
+        let mem = p.max_memory_bytes;
+        // `4 (x2)`: 4 stages of 2 model chunks each (the interleaved schedule)
+        let pipeline = if p.virtual_stages > 1 {
+            format!("{} (x{})", p.pipeline, p.virtual_stages)
+        } else {
+            p.pipeline.to_string()
+        };
+        let _ = writeln!(
+            o,
+            "  {:>1}  {:>6}  {:>8}  {:>4}  {:>14}  {:>11}  {:>10}  {:>8.3}s  {:>11}  {:>5.1}%",
+            i + 1,
+            p.tensor,
+            pipeline,
+            p.data,
+            format!("{} ({})", p.expert_group, p.expert_group_size),
+            p.micro_batch,
+            super::render::bytes(mem),
+            p.time.step_s,
+            super::render::count(p.time.tokens_per_s.round() as u64),
+            100.0 * p.time.mfu
+        );
+    }
+}
+
+/// The rejected configurations, one line a reason (its code) with one example.
+fn report_rejected(o: &mut String, r: &SearchResult) {
+    let _ = writeln!(o, "\nrejected");
+    let mut by_code: BTreeMap<&str, Vec<&Rejected>> = BTreeMap::new();
+    for x in &r.rejected {
+        by_code.entry(x.code.as_str()).or_default().push(x);
+    }
+    for (code, xs) in by_code {
+        let first = xs[0];
+        let _ = writeln!(
+            o,
+            "  {code}: {} configuration{}, e.g. tensor {} pipeline {} expert group {}: {}",
+            xs.len(),
+            if xs.len() == 1 { "" } else { "s" },
+            first.overrides.tensor.unwrap_or(0),
+            first.overrides.pipeline.unwrap_or(0),
+            first
+                .overrides
+                .expert_group
+                .map_or("-".into(), expert_group_name),
+            first.message
+        );
+    }
 }

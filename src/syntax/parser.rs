@@ -517,26 +517,20 @@ impl Lower<'_> {
     fn atom(&mut self, p: Pair<Rule>) -> Expr {
         let span = self.span(&p);
         let kind = match p.as_rule() {
-            Rule::int => {
-                let digits: String = p.as_str().chars().filter(|c| *c != '_').collect();
-                match digits.parse::<i64>() {
-                    Ok(v) => ExprKind::Int(v),
-                    Err(_) => {
-                        self.sink.push(errors::int_too_large(span));
-                        ExprKind::Error
-                    }
+            Rule::int => match digits(&p).parse::<i64>() {
+                Ok(v) => ExprKind::Int(v),
+                Err(_) => {
+                    self.sink.push(errors::int_too_large(span));
+                    ExprKind::Error
                 }
-            }
-            Rule::float => {
-                let digits: String = p.as_str().chars().filter(|c| *c != '_').collect();
-                match digits.parse::<f64>() {
-                    Ok(v) if v.is_finite() => ExprKind::Float(v),
-                    _ => {
-                        self.sink.push(errors::float_out_of_range(span));
-                        ExprKind::Error
-                    }
+            },
+            Rule::float => match digits(&p).parse::<f64>() {
+                Ok(v) if v.is_finite() => ExprKind::Float(v),
+                _ => {
+                    self.sink.push(errors::float_out_of_range(span));
+                    ExprKind::Error
                 }
-            }
+            },
             Rule::string => {
                 let raw = p.into_inner().next().map(|s| s.as_str()).unwrap_or("");
                 // A string with a bad escape is an error value: what it names is unknown,
@@ -549,38 +543,47 @@ impl Lower<'_> {
             Rule::bool_lit => ExprKind::Bool(p.as_str() == "true"),
             Rule::none_lit => ExprKind::None,
             Rule::name => ExprKind::Name(p.as_str().to_string()),
-            Rule::tuple_or_paren => {
-                let text = p.as_str();
-                let mut items: Vec<Expr> = p.into_inner().map(|e| self.expr(e)).collect();
-                let trailing_comma = text[..text.len().saturating_sub(1)]
-                    .trim_end()
-                    .ends_with(',');
-                if items.len() == 1 && !trailing_comma {
-                    // Parentheses for grouping: keep the inner expression, widen its span.
-                    let mut e = items.remove(0);
-                    e.span = span;
-                    return e;
-                }
-                ExprKind::Tuple(items)
-            }
-            Rule::call => {
-                let mut callee = None;
-                let mut args = Vec::new();
-                for c in p.into_inner() {
-                    match c.as_rule() {
-                        Rule::ident => callee = Some(self.ident(c)),
-                        Rule::arg => args.push(self.arg(c)),
-                        _ => {}
-                    }
-                }
-                ExprKind::Call {
-                    callee: callee.unwrap_or_else(|| self.missing_ident(span)),
-                    args,
-                }
-            }
+            Rule::tuple_or_paren => return self.tuple_or_paren(p, span),
+            Rule::call => self.call(p, span),
             _ => ExprKind::Error,
         };
         Expr { kind, span }
+    }
+
+    /// `(a, b)` is a tuple, and so is `(a,)`; `(a)` is `a` with the parentheses' span.
+    fn tuple_or_paren(&mut self, p: Pair<Rule>, span: Span) -> Expr {
+        let text = p.as_str();
+        let mut items: Vec<Expr> = p.into_inner().map(|e| self.expr(e)).collect();
+        let trailing_comma = text[..text.len().saturating_sub(1)]
+            .trim_end()
+            .ends_with(',');
+        if items.len() == 1 && !trailing_comma {
+            // Parentheses for grouping: keep the inner expression, widen its span.
+            let mut e = items.remove(0);
+            e.span = span;
+            return e;
+        }
+        Expr {
+            kind: ExprKind::Tuple(items),
+            span,
+        }
+    }
+
+    /// `callee(args)`.
+    fn call(&mut self, p: Pair<Rule>, span: Span) -> ExprKind {
+        let mut callee = None;
+        let mut args = Vec::new();
+        for c in p.into_inner() {
+            match c.as_rule() {
+                Rule::ident => callee = Some(self.ident(c)),
+                Rule::arg => args.push(self.arg(c)),
+                _ => {}
+            }
+        }
+        ExprKind::Call {
+            callee: callee.unwrap_or_else(|| self.missing_ident(span)),
+            args,
+        }
     }
 
     fn arg(&mut self, p: Pair<Rule>) -> Arg {
@@ -725,36 +728,7 @@ impl Lower<'_> {
         text: &str,
         top: bool,
     ) {
-        let mut pos = match e.location {
-            pest::error::InputLocation::Pos(p) => p,
-            pest::error::InputLocation::Span((s, _)) => s,
-        };
-        let mut expected: Vec<String> = Vec::new();
-        if let Some(attempts) = e.parse_attempts() {
-            pos = pos.max(attempts.max_position);
-            for t in attempts.expected_tokens() {
-                let token = t.to_string();
-                // Skip whitespace, comment starts and character ranges: they explain nothing.
-                let noise = token.trim().is_empty()
-                    || token.starts_with("//")
-                    || (token.contains("..") && token.chars().count() == 4)
-                    || token.chars().all(|c| c.is_ascii_uppercase() || c == '_');
-                if !noise {
-                    push_unique(&mut expected, format!("`{token}`"));
-                }
-            }
-            for stack in attempts.call_stacks() {
-                let rule = stack.deepest.get_rule().copied().or(stack.parent);
-                if let Some(w) = rule.and_then(rule_words) {
-                    push_unique(&mut expected, w.to_string());
-                }
-            }
-        }
-        if let pest::error::ErrorVariant::ParsingError { positives, .. } = &e.variant {
-            for w in positives.iter().filter_map(|r| rule_words(*r)) {
-                push_unique(&mut expected, w.to_string());
-            }
-        }
+        let (pos, expected) = pest_expected(e);
         let pos = pos.min(text.len());
         let at = base + pos;
         if let Some(open) = unterminated_quote(text) {
@@ -779,24 +753,71 @@ impl Lower<'_> {
         let expected = tidy_expected(expected, pos == 0, top);
         let span = Span::new(self.file, at, at + len);
         let suggestion = if pos == 0 {
-            let first_word = text
-                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .next()
-                .unwrap_or("");
-            let words: &[&str] = if top {
-                &[
-                    "use", "const", "def", "model", "parallel", "train", "hardware",
-                ]
-            } else {
-                &["override", "layers"]
-            };
-            crate::diag::did_you_mean(first_word, words.iter().copied())
+            keyword_suggestion(text, top)
         } else {
             None
         };
         self.sink
             .push(errors::unexpected(span, &found, &expected, suggestion));
     }
+}
+
+/// A number literal's digits without its `_` separators.
+fn digits(p: &Pair<Rule>) -> String {
+    p.as_str().chars().filter(|c| *c != '_').collect()
+}
+
+/// Where pest's error is (the furthest position any attempt reached) and what it expected
+/// there, in words: tokens in backticks, rules by [`rule_words`].
+fn pest_expected(e: &pest::error::Error<Rule>) -> (usize, Vec<String>) {
+    let mut pos = match e.location {
+        pest::error::InputLocation::Pos(p) => p,
+        pest::error::InputLocation::Span((s, _)) => s,
+    };
+    let mut expected: Vec<String> = Vec::new();
+    if let Some(attempts) = e.parse_attempts() {
+        pos = pos.max(attempts.max_position);
+        for t in attempts.expected_tokens() {
+            let token = t.to_string();
+            // Skip whitespace, comment starts and character ranges: they explain nothing.
+            let noise = token.trim().is_empty()
+                || token.starts_with("//")
+                || (token.contains("..") && token.chars().count() == 4)
+                || token.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+            if !noise {
+                push_unique(&mut expected, format!("`{token}`"));
+            }
+        }
+        for stack in attempts.call_stacks() {
+            let rule = stack.deepest.get_rule().copied().or(stack.parent);
+            if let Some(w) = rule.and_then(rule_words) {
+                push_unique(&mut expected, w.to_string());
+            }
+        }
+    }
+    if let pest::error::ErrorVariant::ParsingError { positives, .. } = &e.variant {
+        for w in positives.iter().filter_map(|r| rule_words(*r)) {
+            push_unique(&mut expected, w.to_string());
+        }
+    }
+    (pos, expected)
+}
+
+/// The keyword a line's misspelt first word may be (top level: an item's; in a block: the
+/// ones a block's line can start with).
+fn keyword_suggestion(text: &str, top: bool) -> Option<String> {
+    let first_word = text
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .next()
+        .unwrap_or("");
+    let words: &[&str] = if top {
+        &[
+            "use", "const", "def", "model", "parallel", "train", "hardware",
+        ]
+    } else {
+        &["override", "layers"]
+    };
+    crate::diag::did_you_mean(first_word, words.iter().copied())
 }
 
 /// Offsets of `//` comments that follow code and begin like an operand (`x = a // 2`):

@@ -1,7 +1,12 @@
 //! `fmoec check` as a user runs it: exit codes, the human and JSON formats; and `fmoec emit`'s
 //! output folder.
 
-use crate::fmoec_cli::{command_in, emitted_file, fmoec, fmoec_in, root, stderr_text};
+use std::path::{Path, PathBuf};
+
+use crate::fmoec_cli::{
+    command_in, emit_output, emitted_file, example, fmoec, fmoec_in, json_diagnostics, model_file,
+    root, stderr_text, stdout_text, SMALL_MODEL,
+};
 
 #[test]
 fn examples_check_with_exit_code_zero() {
@@ -109,20 +114,9 @@ fn a_file_past_the_size_cap_is_refused_unread() {
 fn emit_never_overwrites_files_it_did_not_write() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let out_s = out.to_str().unwrap();
-    let emit_to = |out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "emit",
-            "--megatron",
-            "v2.2",
-            "examples/tiny.fmoe",
-            "-o",
-            out,
-        ];
-        args.extend_from_slice(extra);
-        fmoec(&args)
-    };
-    let emit = |extra: &[&str]| emit_to(out_s, extra);
+    let emit_to =
+        |out: &Path, extra: &[&str]| emit_output("v2.2", "examples/tiny.fmoe", out, extra);
+    let emit = |extra: &[&str]| emit_to(&out, extra);
     // An emit into `out` that fails with exit status 1 saying `expected`.
     let refused = |expected: &str| {
         let r = emit(&[]);
@@ -166,7 +160,7 @@ fn emit_never_overwrites_files_it_did_not_write() {
 
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let r = emit_to(file.to_str().unwrap(), &[]);
+    let r = emit_to(&file, &[]);
     assert_eq!(r.status.code(), Some(1));
     assert!(stderr_text(&r).contains("it is a file, not a folder"));
 
@@ -177,7 +171,7 @@ fn emit_never_overwrites_files_it_did_not_write() {
         let blocked = dir.path().join(format!("blocked-{in_the_way}"));
         std::fs::create_dir_all(blocked.join(in_the_way)).unwrap();
         for extra in [&[][..], &["--force"][..]] {
-            let r = emit_to(blocked.to_str().unwrap(), extra);
+            let r = emit_to(&blocked, extra);
             let stderr = stderr_text(&r);
             assert_eq!(r.status.code(), Some(1), "{stderr}");
             assert!(
@@ -197,7 +191,7 @@ fn emit_never_overwrites_files_it_did_not_write() {
 #[test]
 fn emit_lists_its_targets_and_refuses_unknown_ones() {
     let out = fmoec(&["emit", "--megatron", "list"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout_text(&out);
     assert!(out.status.success(), "{}", stderr_text(&out));
     assert!(
         stdout.contains("v2.2  Megatron-LM v2.2, tree 8aa4619f"),
@@ -227,14 +221,7 @@ fn every_target_writes_its_files_and_the_manifest() {
     for version in ["v2.2", "v2.5", "v3.0.2"] {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        let r = fmoec(&[
-            "emit",
-            "--megatron",
-            version,
-            "examples/tiny.fmoe",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let r = emit_output(version, "examples/tiny.fmoe", &out, &[]);
         assert!(r.status.success(), "{}", stderr_text(&r));
         let manifest: std::collections::BTreeMap<String, String> =
             serde_json::from_slice(&std::fs::read(out.join(".fmoec-emit.json")).unwrap()).unwrap();
@@ -264,8 +251,7 @@ fn the_deepest_allowed_expression_is_checked_without_a_crash() {
         e = format!("({e}{}{})", "*1".repeat(255), "+1".repeat(255));
     }
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("deep.fmoe");
-    std::fs::write(&file, format!("const x = {e}\n")).unwrap();
+    let file = model_file(dir.path(), "deep.fmoe", format!("const x = {e}\n"));
     let out = fmoec(&["check", file.to_str().unwrap()]);
     let stderr = stderr_text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -274,15 +260,6 @@ fn the_deepest_allowed_expression_is_checked_without_a_crash() {
         "no model: the only error\n{stderr}"
     );
     assert!(!stderr.contains("overflow"), "{stderr}");
-}
-
-/// The JSON on stderr of a command run with `--diagnostics json`: one array, always.
-fn json_diagnostics(out: &std::process::Output) -> Vec<serde_json::Value> {
-    let stderr = stderr_text(out);
-    match serde_json::from_str::<serde_json::Value>(&stderr) {
-        Ok(serde_json::Value::Array(items)) => items,
-        other => panic!("stderr is not one JSON array ({other:?}):\n{stderr}"),
-    }
 }
 
 /// Issue 14, item 5: `--diagnostics json` is machine-readable every time: `[]` for a clean
@@ -336,14 +313,12 @@ fn json_diagnostics_are_one_array_every_time() {
 /// column of the text before it, the byte named), in both formats; not at line 0.
 #[test]
 fn a_file_that_is_not_utf8_is_refused_at_its_first_bad_byte() {
-    let dir = std::env::temp_dir().join(format!("fmoec-not-utf8-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("latin1.fmoe");
+    let dir = tempfile::tempdir().unwrap();
     // `é` in Latin-1 (0xE9) inside a doc comment on line 3, after `/// caf` (7 characters)
     let mut bytes = b"use std.gates.gshard\nconst a = 1\n/// caf".to_vec();
     bytes.push(0xE9);
     bytes.extend_from_slice(b" au lait\nconst b = 2\n");
-    std::fs::write(&file, &bytes).unwrap();
+    let file = model_file(dir.path(), "latin1.fmoe", bytes);
     let path = file.to_str().unwrap();
 
     let human = fmoec(&["check", path]);
@@ -404,7 +379,6 @@ fn a_file_that_is_not_utf8_is_refused_at_its_first_bad_byte() {
         items[0]["help"].as_str().unwrap().contains("UTF-16"),
         "{items:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Rendered diagnostics reach stderr in few large writes, not one system call per piece
@@ -416,15 +390,12 @@ fn a_file_that_is_not_utf8_is_refused_at_its_first_bad_byte() {
 #[test]
 fn many_warnings_are_printed_in_few_writes() {
     use std::process::Stdio;
-    let dir = std::env::temp_dir().join(format!("fmoec-many-warnings-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("unused.fmoe");
+    let dir = tempfile::tempdir().unwrap();
     let mut text: String = (0..2000)
         .map(|i| format!("const unused_{i} = {i}\n"))
         .collect();
-    text += "model m {\n    vocab = 256; context = 8; width = 32; heads = 4; depth = 2\n    \
-             block = transformer(attention = causal(), ffn = mlp(hidden = 64))\n}\n";
-    std::fs::write(&file, text).unwrap();
+    text += SMALL_MODEL;
+    let file = model_file(dir.path(), "unused.fmoe", text);
     let child = command_in(root())
         .args(["check", file.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -448,7 +419,6 @@ fn many_warnings_are_printed_in_few_writes() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     };
     let out = child.wait_with_output().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(0));
     let stderr = stderr_text(&out);
     assert_eq!(stderr.matches("warning[W0003]").count(), 2000);
@@ -550,7 +520,7 @@ fn plan_for_megatron_core_shows_the_local_attention_memory() {
         "core_v0.19",
         "examples/mixtral-8x7b.fmoe",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout_text(&out);
     assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     assert!(
         stdout.contains(
@@ -561,7 +531,7 @@ fn plan_for_megatron_core_shows_the_local_attention_memory() {
     // 5 × 67,108,864 × 8 × 4 + 2 × 67,108,864 bytes (tests/plan_costs.rs) = 10.12 GiB
     assert!(stdout.contains("up to 10.12 GiB more"), "{stdout}");
     let v22 = fmoec(&["plan", "examples/mixtral-8x7b.fmoe"]);
-    assert!(!String::from_utf8_lossy(&v22.stdout).contains("without Transformer Engine"));
+    assert!(!stdout_text(&v22).contains("without Transformer Engine"));
 }
 
 /// `plan --megatron VERSION` plans the training `emit --megatron VERSION` writes: what the
@@ -575,11 +545,7 @@ fn plan_for_a_target_refuses_what_emit_refuses() {
     let out = fmoec(&args);
     let stderr = stderr_text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        out.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(out.stdout.is_empty(), "{}", stdout_text(&out));
     assert!(
         stderr
             .contains("error[E0801]: Megatron-LM core_v0.19 has no interleaved pipeline schedule"),
@@ -589,14 +555,7 @@ fn plan_for_a_target_refuses_what_emit_refuses() {
     // The same refusal, from plan and from emit, for a model the v2.x releases cannot build.
     let dir = tempfile::tempdir().unwrap();
     let emit_out = dir.path().join("out");
-    let emit = fmoec(&[
-        "emit",
-        "--megatron",
-        "v2.2",
-        "examples/mixtral-8x7b.fmoe",
-        "-o",
-        emit_out.to_str().unwrap(),
-    ]);
+    let emit = emit_output("v2.2", "examples/mixtral-8x7b.fmoe", &emit_out, &[]);
     let plan = fmoec(&["plan", "--megatron", "v2.2", "examples/mixtral-8x7b.fmoe"]);
     let codes = |o: &std::process::Output| {
         let text = stderr_text(o);
@@ -622,7 +581,7 @@ fn plan_for_a_target_refuses_what_emit_refuses() {
         "examples/mixtral-8x7b.fmoe",
     ]);
     assert!(ok.status.success(), "{}", stderr_text(&ok));
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("Megatron-Core layout"));
+    assert!(stdout_text(&ok).contains("Megatron-Core layout"));
 }
 
 /// `plan --auto --megatron VERSION` lists only layouts the target can train: without an
@@ -631,16 +590,14 @@ fn plan_for_a_target_refuses_what_emit_refuses() {
 #[test]
 fn auto_plans_for_a_target_only_what_it_can_schedule() {
     let dir = tempfile::tempdir().unwrap();
-    let tiny = std::fs::read_to_string(root().join("examples/tiny.fmoe")).unwrap();
-    let file = dir.path().join("interleaved.fmoe");
-    std::fs::write(
-        &file,
-        tiny.replace(
+    let file = model_file(
+        dir.path(),
+        "interleaved.fmoe",
+        example("tiny").replace(
             "train {",
             "parallel {\n    gpus = 4\n    pipeline = 2\n    virtual_stages = 2\n}\n\ntrain {",
         ),
-    )
-    .unwrap();
+    );
     let file = file.to_str().unwrap();
     let out = fmoec(&[
         "plan",
@@ -651,7 +608,7 @@ fn auto_plans_for_a_target_only_what_it_can_schedule() {
         "core_v0.19",
         file,
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout_text(&out);
     assert!(out.status.success(), "{}", stderr_text(&out));
     assert!(
         stdout.contains("note: Megatron-LM core_v0.19 has no interleaved pipeline schedule"),
@@ -659,7 +616,7 @@ fn auto_plans_for_a_target_only_what_it_can_schedule() {
     );
     assert!(!stdout.contains("(x2)"), "{stdout}");
     let run = fmoec(&["plan", "--auto", "--top", "20", file]);
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stdout = stdout_text(&run);
     assert!(run.status.success());
     assert!(stdout.contains("(x2)"), "{stdout}");
     assert!(!stdout.contains("note:"), "{stdout}");
@@ -667,7 +624,7 @@ fn auto_plans_for_a_target_only_what_it_can_schedule() {
 
 /// A model file reading the Megatron dataset `d/out_text_document` beside it, written into
 /// `dir` with a copy of the golden dataset (`tests/data_golden`, `fmoec data`'s output).
-fn megatron_dataset_in(dir: &std::path::Path) -> std::path::PathBuf {
+fn megatron_dataset_in(dir: &Path) -> PathBuf {
     let root = root();
     std::fs::create_dir(dir.join("d")).unwrap();
     for ext in ["bin", "idx"] {
@@ -679,10 +636,10 @@ fn megatron_dataset_in(dir: &std::path::Path) -> std::path::PathBuf {
         )
         .unwrap();
     }
-    let model = dir.join("m.fmoe");
     let tokenizer = root.join("tests/data_golden/tok/tokenizer.json");
-    std::fs::write(
-        &model,
+    model_file(
+        dir,
+        "m.fmoe",
         format!(
             "model m {{\n    vocab = 1024; context = 32; width = 32; heads = 2; depth = 1\n    \
              block = transformer(attention = causal(), ffn = mlp(hidden = 64))\n}}\n\n\
@@ -691,11 +648,9 @@ fn megatron_dataset_in(dir: &std::path::Path) -> std::path::PathBuf {
              steps     = 2\n    optimizer = adamw(lr = 1e-3)\n}}\n"
         ),
     )
-    .unwrap();
-    model
 }
 
-fn check_in(dir: &std::path::Path) -> (Option<i32>, String) {
+fn check_in(dir: &Path) -> (Option<i32>, String) {
     let out = fmoec_in(dir, &["check", "m.fmoe"]);
     (out.status.code(), stderr_text(&out))
 }
@@ -795,7 +750,7 @@ fn command_line_refusals_are_json_under_diagnostics_json() {
     );
     let help = fmoec(&["check", "--diagnostics", "json", "--help"]);
     assert_eq!(help.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage"));
+    assert!(stdout_text(&help).contains("Usage"));
 }
 
 /// A panic (a bug in fmoec, here one asked for by `FMOEC_DEBUG_PANIC`) ends like any other
@@ -864,12 +819,14 @@ fn a_panic_is_reported_as_an_error_of_the_command() {
 /// rest of the name; the JSON keeps the real name (JSON escapes it by itself).
 #[test]
 fn a_file_name_with_a_line_break_is_shown_escaped_and_kept_in_json() {
-    let dir = std::env::temp_dir().join(format!("fmoec-odd-name-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("a\nb.fmoe");
-    std::fs::write(&file, "model m {\n    vocab = 256\n    widht = 3\n}\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = model_file(
+        dir.path(),
+        "a\nb.fmoe",
+        "model m {\n    vocab = 256\n    widht = 3\n}\n",
+    );
     let path = file.to_str().unwrap();
-    let shown = format!("{}/a\\nb.fmoe", dir.display());
+    let shown = format!("{}/a\\nb.fmoe", dir.path().display());
 
     let human = fmoec(&["check", path]);
     assert_eq!(human.status.code(), Some(1));
@@ -890,7 +847,6 @@ fn a_file_name_with_a_line_break_is_shown_escaped_and_kept_in_json() {
     for item in &items {
         assert_eq!(item["primary"]["file"], path, "{item}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A line break and a tab in a file or folder name are escaped in the text of every message
@@ -910,12 +866,21 @@ fn names_with_control_characters_are_escaped_in_messages() {
             "a raw line break in a name:\n{stderr}"
         );
     };
+    // `fmoec check PATH` in both formats: the human one's exit code and text, the JSON items.
+    let check = |path: &str| {
+        let human = fmoec(&["check", path]);
+        let json = fmoec(&["check", "--diagnostics", "json", path]);
+        (
+            human.status.code(),
+            stderr_text(&human),
+            json_diagnostics(&json),
+        )
+    };
 
     let missing = dir.path().join("no\nsuch\tmodel.fmoe");
     let missing_s = missing.to_str().unwrap();
-    let human = fmoec(&["check", missing_s]);
-    assert_eq!(human.status.code(), Some(2));
-    let stderr = stderr_text(&human);
+    let (code, stderr, items) = check(missing_s);
+    assert_eq!(code, Some(2));
     assert!(
         stderr.contains(&format!(
             "error: cannot read `{base}/no\\nsuch\\tmodel.fmoe`: "
@@ -923,7 +888,6 @@ fn names_with_control_characters_are_escaped_in_messages() {
         "{stderr}"
     );
     one_line(&stderr, "such");
-    let items = json_diagnostics(&fmoec(&["check", "--diagnostics", "json", missing_s]));
     assert!(
         items
             .iter()
@@ -931,12 +895,14 @@ fn names_with_control_characters_are_escaped_in_messages() {
         "{items:?}"
     );
 
-    let latin1 = dir.path().join("caf\u{e9}\nau\tlait.fmoe");
-    std::fs::write(&latin1, b"const a = 1\n// caf\xE9\n").unwrap();
+    let latin1 = model_file(
+        dir.path(),
+        "caf\u{e9}\nau\tlait.fmoe",
+        b"const a = 1\n// caf\xE9\n",
+    );
     let latin1_s = latin1.to_str().unwrap();
-    let human = fmoec(&["check", latin1_s]);
-    assert_eq!(human.status.code(), Some(2));
-    let stderr = stderr_text(&human);
+    let (code, stderr, items) = check(latin1_s);
+    assert_eq!(code, Some(2));
     assert!(
         stderr.contains(&format!(
             "error[E0001]: cannot read `{base}/caf\u{e9}\\nau\\tlait.fmoe`: it is not UTF-8 text"
@@ -944,18 +910,16 @@ fn names_with_control_characters_are_escaped_in_messages() {
         "{stderr}"
     );
     one_line(&stderr, "au");
-    let items = json_diagnostics(&fmoec(&["check", "--diagnostics", "json", latin1_s]));
     assert_eq!(items[0]["primary"]["file"], latin1_s, "{items:?}");
 
-    let model = dir.path().join("data.fmoe");
-    std::fs::write(
-        &model,
-        "model m {\n    vocab = 256; context = 8; width = 32; heads = 4; depth = 2\n    \
-         block = transformer(attention = causal(), ffn = mlp(hidden = 64))\n}\n\
-         train {\n    data = text(\"my\\ncorpus\\t1.txt\")\n    batch = 4 x 8 tokens\n    \
-         steps = 2\n    optimizer = adamw(lr = 1e-3)\n}\n",
-    )
-    .unwrap();
+    let model = model_file(
+        dir.path(),
+        "data.fmoe",
+        format!(
+            "{SMALL_MODEL}train {{\n    data = text(\"my\\ncorpus\\t1.txt\")\n    \
+             batch = 4 x 8 tokens\n    steps = 2\n    optimizer = adamw(lr = 1e-3)\n}}\n"
+        ),
+    );
     let human = fmoec(&["check", model.to_str().unwrap()]);
     let stderr = stderr_text(&human);
     assert!(human.status.success(), "{stderr}");
@@ -968,18 +932,13 @@ fn names_with_control_characters_are_escaped_in_messages() {
     let out = dir.path().join("out\nput\tfolder");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("README.md"), "mine\n").unwrap();
-    let out_s = out.to_str().unwrap();
     let emit = |format: &str| {
-        fmoec(&[
-            "emit",
-            "--megatron",
+        emit_output(
             "v2.2",
-            "--diagnostics",
-            format,
             "examples/tiny.fmoe",
-            "-o",
-            out_s,
-        ])
+            &out,
+            &["--diagnostics", format],
+        )
     };
     let human = emit("human");
     assert_eq!(human.status.code(), Some(1));

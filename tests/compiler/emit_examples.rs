@@ -11,6 +11,7 @@ use fmoec::emit::{self, EmitError, EmitOptions};
 
 use crate::fmoec_cli::{
     all_output, argument_after, argument_printing_python, emit_in, emitted_file, folder, root,
+    EXAMPLES,
 };
 
 fn emit_example(name: &str, version: &str) -> Result<(Vec<(String, String)>, String), String> {
@@ -103,14 +104,7 @@ fn examples_for_every_later_target() {
 #[test]
 fn examples_megatron_core() {
     let native = ["gpt345m-fmoefy", "mixtral-8x7b", "deepseek-moe"];
-    for name in [
-        "tiny",
-        "gpt2-medium-moe",
-        "gpt345m-fmoefy",
-        "mixtral-8x7b",
-        "deepseek-moe",
-        "plan-only",
-    ] {
+    for name in EXAMPLES {
         let (files, warnings) =
             emit_example(name, "core_v0.19").unwrap_or_else(|d| panic!("{name}:\n{d}"));
         let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();

@@ -21,7 +21,9 @@ use std::process::Command;
 
 use fmoec::emit::{gitdiff, megatron, registry, Target};
 
-use crate::fmoec_cli::{all_output, command_in, emit_in, root, succeeds};
+use crate::fmoec_cli::{
+    all_output, emit_in, example, model_file, plan_json_to, root, succeeds, EXAMPLES,
+};
 
 /// Every declared target with a checkout named by its variable.
 fn checkouts() -> Vec<(Target, PathBuf)> {
@@ -77,6 +79,58 @@ fn copy_tree(from: &Path, to: &Path) {
             .args(["worktree", "list"]),
     );
     succeeds(Command::new("cp").arg("-a").arg(from).arg(to));
+}
+
+/// A copy of `checkout` at `tree` with `patch` applied (`git apply`).
+fn patched_copy(checkout: &Path, tree: &Path, patch: &Path) {
+    copy_tree(checkout, tree);
+    succeeds(
+        Command::new("git")
+            .current_dir(tree)
+            .arg("apply")
+            .arg(patch),
+    );
+}
+
+/// Whether the patched tree's `megatron/arguments.py` knows the command-line flag `flag`.
+fn parser_knows(tree: &Path, flag: &str) -> bool {
+    std::fs::read_to_string(tree.join("megatron/arguments.py"))
+        .unwrap()
+        .contains(flag)
+}
+
+/// The shared stand-ins train.sh needs on a CPU (`FMOEC_MEGATRON_HARNESS`, else
+/// `../shared/megatron-harness`).
+fn megatron_harness() -> PathBuf {
+    std::env::var_os("FMOEC_MEGATRON_HARNESS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/megatron-harness"))
+}
+
+/// The emitted `out/train.sh` launched from `work` (made, with tests/megatron/parse_args_only.py
+/// as its pretrain_gpt.py) on 2 CPU ranks against the patched `tree`: only the release's own
+/// `parse_args` runs, and prints what it parsed. The caller sets the data variables.
+fn parse_args_launch(python: &Path, tree: &Path, out: &Path, work: &Path) -> Command {
+    std::fs::create_dir_all(work).unwrap();
+    std::fs::copy(
+        root().join("tests/megatron/parse_args_only.py"),
+        work.join("pretrain_gpt.py"),
+    )
+    .unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.current_dir(work)
+        .arg(out.join("train.sh"))
+        .env("PYTHON", python)
+        .env("MEGATRON_TREE", tree)
+        .env("FMOEC_MEGATRON_HARNESS", megatron_harness())
+        .env("NNODES", "1")
+        .env("NPROC_PER_NODE", "2")
+        .env("MASTER_PORT", next_port().to_string());
+    // v2.2's parser compiles its CUDA softmax kernel unless told not to (a CPU has none)
+    if parser_knows(tree, "--no-scaled-masked-softmax-fusion") {
+        cmd.arg("--no-scaled-masked-softmax-fusion");
+    }
+    cmd
 }
 
 #[test]
@@ -144,12 +198,10 @@ fn emitted_and_patched(release: &str, checkout: &Path, dir: &Path) -> (PathBuf, 
     let out = dir.join("out");
     emit_harness_model(release, &out);
     let tree = dir.join("megatron");
-    copy_tree(checkout, &tree);
-    succeeds(
-        Command::new("git")
-            .current_dir(&tree)
-            .arg("apply")
-            .arg(out.join(format!("megatron-{release}.patch"))),
+    patched_copy(
+        checkout,
+        &tree,
+        &out.join(format!("megatron-{release}.patch")),
     );
     (out, tree)
 }
@@ -290,8 +342,7 @@ fn every_layout_trains_inside_real_megatron() {
                 ckpt.to_str().unwrap(),
             ];
             // apex's fused weight-gradient kernel (v3.0.2's default with bf16) is CUDA only
-            let arguments = std::fs::read_to_string(tree.join("megatron/arguments.py")).unwrap();
-            if arguments.contains("--no-gradient-accumulation-fusion") {
+            if parser_knows(&tree, "--no-gradient-accumulation-fusion") {
                 args.push("--no-gradient-accumulation-fusion");
             }
             run_harness(&python, &tree, &out, 4, &args);
@@ -308,10 +359,6 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
     let Some(python) = harness_python() else {
         return;
     };
-    let root = root();
-    let shared = std::env::var_os("FMOEC_MEGATRON_HARNESS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("../shared/megatron-harness"));
     for (target, checkout) in checkouts() {
         if target.patch.is_none() {
             // Megatron-Core's train.sh: core_emitted_arguments_pass_megatron_core_as_planned
@@ -320,40 +367,15 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
         let version = target.decl.version.clone();
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
-        emit_in(root, &version, "examples/gpt2-medium-moe.fmoe", &out);
+        emit_in(root(), &version, "examples/gpt2-medium-moe.fmoe", &out);
         let tree = tmp.path().join("megatron");
-        copy_tree(&checkout, &tree);
-        succeeds(
-            Command::new("git")
-                .current_dir(&tree)
-                .arg("apply")
-                .arg(out.join(target.patch_name())),
-        );
-        let work = tmp.path().join("work");
-        std::fs::create_dir_all(&work).unwrap();
-        std::fs::copy(
-            root.join("tests/megatron/parse_args_only.py"),
-            work.join("pretrain_gpt.py"),
-        )
-        .unwrap();
-        let mut cmd = Command::new("bash");
-        cmd.current_dir(&work)
-            .arg(out.join("train.sh"))
-            .env("PYTHON", &python)
-            .env("MEGATRON_TREE", &tree)
-            .env("FMOEC_MEGATRON_HARNESS", &shared)
-            .env("NNODES", "1")
-            .env("NPROC_PER_NODE", "2")
-            .env("MASTER_PORT", next_port().to_string())
+        patched_copy(&checkout, &tree, &out.join(target.patch_name()));
+        let output = parse_args_launch(&python, &tree, &out, &tmp.path().join("work"))
             .env("DATA_PATH", "corpus_text_document")
             .env("VOCAB_FILE", "vocab.json")
-            .env("MERGE_FILE", "merges.txt");
-        // v2.2's parser compiles its CUDA softmax kernel unless told not to (a CPU has none)
-        let arguments = std::fs::read_to_string(tree.join("megatron/arguments.py")).unwrap();
-        if arguments.contains("--no-scaled-masked-softmax-fusion") {
-            cmd.arg("--no-scaled-masked-softmax-fusion");
-        }
-        let output = cmd.output().unwrap();
+            .env("MERGE_FILE", "merges.txt")
+            .output()
+            .unwrap();
         let text = all_output(&output);
         assert!(output.status.success(), "{version}:\n{text}");
         // the ranks' lines may interleave with Megatron's own prints
@@ -382,7 +404,7 @@ fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 4]) {
         )
         .unwrap();
     }
-    let text = std::fs::read_to_string(root.join("examples/gpt2-medium-moe.fmoe")).unwrap();
+    let text = example("gpt2-medium-moe");
     let data = "    data       = builtin(\"tiny-shakespeare\")\n";
     assert!(text.contains(data));
     let text = text.replace(
@@ -396,8 +418,7 @@ fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 4]) {
         checkpoint,
         "    checkpoint = every(1000, dir = \"ckpt/my run\")\n",
     );
-    let model = dir.join("relative-files.fmoe");
-    std::fs::write(&model, text).unwrap();
+    let model = model_file(dir, "relative-files.fmoe", text);
     let absolute = |p: &str| dir.join(p).to_str().unwrap().to_string();
     (
         model,
@@ -421,7 +442,6 @@ fn model_with_relative_files(dir: &Path) -> (PathBuf, [String; 4]) {
 /// `--save`/`--load` the folder as written, which Megatron would have used inside the checkout.
 #[test]
 fn megatrons_parser_receives_the_model_files_absolute() {
-    let root = root();
     let tmp = tempfile::tempdir().unwrap();
     let models = tmp.path().join("my models");
     let (model, [data, vocab, merges, ckpt]) = model_with_relative_files(&models);
@@ -430,9 +450,6 @@ fn megatrons_parser_receives_the_model_files_absolute() {
         "data_path ['{data}'] vocab_file '{vocab}' merge_file '{merges}' save '{ckpt}' load '{ckpt}'"
     );
     if let Some(python) = harness_python() {
-        let shared = std::env::var_os("FMOEC_MEGATRON_HARNESS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("../shared/megatron-harness"));
         for (target, checkout) in checkouts() {
             if target.patch.is_none() {
                 continue;
@@ -442,38 +459,13 @@ fn megatrons_parser_receives_the_model_files_absolute() {
             let out = dir.join("out");
             emit(&version, &out);
             let tree = dir.join("megatron");
-            copy_tree(&checkout, &tree);
-            succeeds(
-                Command::new("git")
-                    .current_dir(&tree)
-                    .arg("apply")
-                    .arg(out.join(target.patch_name())),
-            );
-            // the stand-in checkout train.sh runs in
-            let work = dir.join("work");
-            std::fs::create_dir_all(&work).unwrap();
-            std::fs::copy(
-                root.join("tests/megatron/parse_args_only.py"),
-                work.join("pretrain_gpt.py"),
-            )
-            .unwrap();
-            let mut cmd = Command::new("bash");
-            cmd.current_dir(&work)
-                .arg(out.join("train.sh"))
-                .env("PYTHON", &python)
-                .env("MEGATRON_TREE", &tree)
-                .env("FMOEC_MEGATRON_HARNESS", &shared)
-                .env("NNODES", "1")
-                .env("NPROC_PER_NODE", "2")
-                .env("MASTER_PORT", next_port().to_string())
+            patched_copy(&checkout, &tree, &out.join(target.patch_name()));
+            let output = parse_args_launch(&python, &tree, &out, &dir.join("work"))
                 .env_remove("DATA_PATH")
                 .env_remove("VOCAB_FILE")
-                .env_remove("MERGE_FILE");
-            let arguments = std::fs::read_to_string(tree.join("megatron/arguments.py")).unwrap();
-            if arguments.contains("--no-scaled-masked-softmax-fusion") {
-                cmd.arg("--no-scaled-masked-softmax-fusion");
-            }
-            let output = cmd.output().unwrap();
+                .env_remove("MERGE_FILE")
+                .output()
+                .unwrap();
             let text = all_output(&output);
             assert!(output.status.success(), "{version}:\n{text}");
             assert_eq!(
@@ -496,35 +488,17 @@ fn megatrons_parser_receives_the_model_files_absolute() {
     };
     let out = tmp.path().join("core_v0.19");
     emit("core_v0.19", &out);
-    let plan = succeeds(
-        command_in(&models)
-            .args(["plan", "--megatron", "core_v0.19", "--format", "json"])
-            .arg(&model),
-    );
     let plan_json = tmp.path().join("plan.json");
-    std::fs::write(&plan_json, plan).unwrap();
+    plan_json_to(&models, "core_v0.19", &model, &plan_json);
     let checkout = tmp.path().join("Megatron-LM");
     std::fs::create_dir_all(&checkout).unwrap();
-    let output = Command::new("bash")
-        .current_dir(&checkout)
-        .arg(out.join("train.sh"))
-        .env("PYTHON", core_python())
-        .env("PRETRAIN", root.join("tests/megatron_core/check_args.py"))
-        .env("FMOEC_PLAN_JSON", &plan_json)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONPATH", &package)
-        .env("NNODES", "1")
-        .env("NPROC_PER_NODE", "1")
-        .env("MASTER_PORT", next_port().to_string())
-        .env("TOKENIZER_TYPE", "NullTokenizer")
-        .env_remove("MOCK_DATA")
-        .env_remove("DATA_PATH")
-        .output()
-        .unwrap();
-    let text = all_output(&output);
-    assert!(
-        output.status.success() && text.contains("CHECK_ARGS_OK"),
-        "core_v0.19:\n{text}"
+    let text = core_check_args(
+        "core_v0.19",
+        check_args_launch(&out, &plan_json, &package)
+            .current_dir(&checkout)
+            .env("TOKENIZER_TYPE", "NullTokenizer")
+            .env_remove("MOCK_DATA")
+            .env_remove("DATA_PATH"),
     );
     let data_path = format!("data_path ['{data}']");
     assert!(text.contains(&data_path), "core_v0.19: {data_path}\n{text}");
@@ -542,6 +516,35 @@ fn core_python() -> String {
     std::env::var("FMOEC_MEGATRON_CORE_PYTHON")
         .or_else(|_| std::env::var("FMOEC_PYTHON"))
         .unwrap_or_else(|_| "python3".into())
+}
+
+/// The emitted `out/train.sh` with tests/megatron_core/check_args.py as its training script, on
+/// one rank: Megatron-Core (the wheel unzipped at `package`) validates its arguments and builds
+/// the model, to be compared with the plan in `plan_json`.
+fn check_args_launch(out: &Path, plan_json: &Path, package: &std::ffi::OsStr) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(out.join("train.sh"))
+        .env("PYTHON", core_python())
+        .env("PRETRAIN", root().join("tests/megatron_core/check_args.py"))
+        .env("FMOEC_PLAN_JSON", plan_json)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONPATH", package)
+        .env("NNODES", "1")
+        .env("NPROC_PER_NODE", "1")
+        .env("MASTER_PORT", next_port().to_string());
+    cmd
+}
+
+/// Runs a [`check_args_launch`], which must succeed and say CHECK_ARGS_OK (else the test fails
+/// with what it printed, headed `what`); what it printed.
+fn core_check_args(what: &str, launch: &mut Command) -> String {
+    let output = launch.output().unwrap();
+    let text = all_output(&output);
+    assert!(
+        output.status.success() && text.contains("CHECK_ARGS_OK"),
+        "{what}:\n{text}"
+    );
+    text
 }
 
 /// Emits `examples/NAME.fmoe` (or any model file) for core_v0.19 into `out` as a user does.
@@ -565,42 +568,16 @@ fn core_emitted_arguments_pass_megatron_core_as_planned() {
         return;
     };
     let root = root();
-    for name in [
-        "tiny",
-        "gpt2-medium-moe",
-        "gpt345m-fmoefy",
-        "mixtral-8x7b",
-        "deepseek-moe",
-        "plan-only",
-    ] {
+    for name in EXAMPLES {
         let tmp = tempfile::tempdir().unwrap();
         let model = root.join(format!("examples/{name}.fmoe"));
         let out = tmp.path().join("out");
         emit_core(&model, &out);
-        let plan = succeeds(
-            command_in(root)
-                .args(["plan", "--megatron", "core_v0.19", "--format", "json"])
-                .arg(&model),
-        );
         let plan_json = tmp.path().join("plan.json");
-        std::fs::write(&plan_json, plan).unwrap();
-        let output = Command::new("bash")
-            .arg(out.join("train.sh"))
-            .env("PYTHON", core_python())
-            .env("PRETRAIN", root.join("tests/megatron_core/check_args.py"))
-            .env("FMOEC_PLAN_JSON", &plan_json)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("PYTHONPATH", &package)
-            .env("MOCK_DATA", "1")
-            .env("NNODES", "1")
-            .env("NPROC_PER_NODE", "1")
-            .env("MASTER_PORT", next_port().to_string())
-            .output()
-            .unwrap();
-        let text = all_output(&output);
-        assert!(
-            output.status.success() && text.contains("CHECK_ARGS_OK"),
-            "{name}:\n{text}"
+        plan_json_to(root, "core_v0.19", &model, &plan_json);
+        let text = core_check_args(
+            name,
+            check_args_launch(&out, &plan_json, &package).env("MOCK_DATA", "1"),
         );
         eprintln!("{}", text.lines().next().unwrap_or(""));
     }
@@ -620,19 +597,18 @@ fn core_emitted_tiny_trains_and_resumes_in_pretrain_gpt() {
         return;
     };
     let root = root();
-    let tiny = std::fs::read_to_string(root.join("examples/tiny.fmoe")).unwrap();
+    let tiny = example("tiny");
     for (name, gpus, tensor, pipeline, experts) in [
         ("expert 2", 2, 1, 1, "across data"),
         ("tensor 2 x expert 2", 4, 2, 1, "groups_of(2)"),
         ("pipeline 2", 2, 1, 2, "across data"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
-        let model = tmp.path().join("tiny.fmoe");
         let source = format!(
             "use std.hardware.h100_sxm\n{tiny}\nparallel {{\n    gpus     = {gpus} of h100_sxm\n    \
              tensor   = {tensor}\n    pipeline = {pipeline}\n    experts  = {experts}\n}}\n"
         );
-        std::fs::write(&model, source).unwrap();
+        let model = model_file(tmp.path(), "tiny.fmoe", source);
         let out = tmp.path().join("out");
         emit_core(&model, &out);
         let train_sh = std::fs::read_to_string(out.join("train.sh")).unwrap();

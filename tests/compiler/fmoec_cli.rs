@@ -41,6 +41,11 @@ pub fn succeeds(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// What a command printed on stdout.
+pub fn stdout_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// What a command printed on stderr.
 pub fn stderr_text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -53,6 +58,55 @@ pub fn all_output(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// The JSON on stderr of a command run with `--diagnostics json`: one array, always.
+pub fn json_diagnostics(out: &Output) -> Vec<serde_json::Value> {
+    let stderr = stderr_text(out);
+    match serde_json::from_str::<serde_json::Value>(&stderr) {
+        Ok(serde_json::Value::Array(items)) => items,
+        other => panic!("stderr is not one JSON array ({other:?}):\n{stderr}"),
+    }
+}
+
+/// Every example model file's name (`examples/NAME.fmoe`), the smallest first.
+pub const EXAMPLES: [&str; 6] = [
+    "tiny",
+    "gpt2-medium-moe",
+    "gpt345m-fmoefy",
+    "mixtral-8x7b",
+    "deepseek-moe",
+    "plan-only",
+];
+
+/// The text of `examples/NAME.fmoe`.
+pub fn example(name: &str) -> String {
+    let path = root().join(format!("examples/{name}.fmoe"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A model block that checks (a small dense GPT: no `parallel`, no `train`), for files that
+/// are about something else.
+pub const SMALL_MODEL: &str =
+    "model m {\n    vocab = 256; context = 8; width = 32; heads = 4; depth = 2\n    \
+     block = transformer(attention = causal(), ffn = mlp(hidden = 64))\n}\n";
+
+/// The file `name` in `dir` with the bytes `text`, written; its path.
+pub fn model_file(dir: &Path, name: &str, text: impl AsRef<[u8]>) -> PathBuf {
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    file
+}
+
+/// `fmoec emit --megatron VERSION MODEL -o OUT EXTRA...` in the repository's root, as it ended
+/// (a refusal too).
+pub fn emit_output(version: &str, model: &str, out: &Path, extra: &[&str]) -> Output {
+    command_in(root())
+        .args(["emit", "--megatron", version, model, "-o"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("fmoec runs")
 }
 
 /// `fmoec emit --megatron VERSION MODEL -o OUT` in `dir`, as a user runs it there (relative
@@ -72,6 +126,17 @@ pub fn emit_in(dir: &Path, version: &str, model: impl AsRef<Path>, out: &Path) -
         stderr_text(&output)
     );
     stderr_text(&output)
+}
+
+/// `fmoec plan --megatron VERSION --format json MODEL` in `dir` (it must succeed), its JSON
+/// written to `file`.
+pub fn plan_json_to(dir: &Path, version: &str, model: &Path, file: &Path) {
+    let plan = succeeds(
+        command_in(dir)
+            .args(["plan", "--megatron", version, "--format", "json"])
+            .arg(model),
+    );
+    std::fs::write(file, plan).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
 }
 
 /// The text of the file `name` an emit wrote into `out`.
