@@ -2291,21 +2291,14 @@ mod ops {
         /// `examples/tiny.fmoe` with `precision`, `steps` steps and learning rate `lr`, a
         /// smaller batch, no checkpoints or evaluation.
         fn tiny(precision: &str, steps: u64, lr: &str) -> crate::check::Checked {
-            let path = format!("{}/examples/tiny.fmoe", env!("CARGO_MANIFEST_DIR"));
-            let text = std::fs::read_to_string(&path)
-                .unwrap()
-                .replace("precision  = fp32", precision)
-                .replace("steps      = 300", &format!("steps = {steps}"))
-                .replace("lr = 1e-3", &format!("lr = {lr}"))
-                .replace("batch      = 16 x 128 tokens", "batch = 8 x 64 tokens")
-                .replace("checkpoint = every(100, dir = \"ckpt/tiny\")", "")
-                .replace("eval       = every(50, batches = 4)", "");
-            let mut sources = crate::diag::Sources::new();
-            let file = sources.add(path, text);
-            let mut sink = crate::diag::Sink::new();
-            let checked = crate::check::check_file(&mut sources, file, &mut sink);
-            assert_eq!(sink.error_count(), 0);
-            checked.unwrap()
+            let steps = format!("steps = {steps}");
+            let lr = format!("lr = {lr}");
+            crate::runtime::testing::tiny(&[
+                ("precision  = fp32", precision),
+                ("steps      = 300", &steps),
+                ("lr = 1e-3", &lr),
+                ("batch      = 16 x 128 tokens", "batch = 8 x 64 tokens"),
+            ])
         }
 
         fn run(checked: &crate::check::Checked) -> Result<crate::runtime::train::RunSummary> {

@@ -45,6 +45,8 @@ pub mod replay;
 pub mod sample;
 pub mod stop;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod trace;
 pub mod train;
 pub mod trainer;

@@ -583,24 +583,6 @@ mod tests {
         assert!(format!("{e:#}").contains("is not a Chrome trace"), "{e:#}");
     }
 
-    /// `examples/tiny.fmoe` with a small batch and `steps` steps, no checkpoints or evaluation.
-    #[cfg(feature = "cuda")]
-    fn tiny(steps: u64) -> crate::check::Checked {
-        let path = format!("{}/examples/tiny.fmoe", env!("CARGO_MANIFEST_DIR"));
-        let text = std::fs::read_to_string(&path)
-            .unwrap()
-            .replace("steps      = 300", &format!("steps = {steps}"))
-            .replace("batch      = 16 x 128 tokens", "batch = 4 x 32 tokens")
-            .replace("checkpoint = every(100, dir = \"ckpt/tiny\")", "")
-            .replace("eval       = every(50, batches = 4)", "");
-        let mut sources = crate::diag::Sources::new();
-        let file = sources.add(path, text);
-        let mut sink = crate::diag::Sink::new();
-        let checked = crate::check::check_file(&mut sources, file, &mut sink);
-        assert_eq!(sink.error_count(), 0);
-        checked.unwrap()
-    }
-
     /// A CPU run records the operators of the steps after the first into a whole Chrome
     /// trace, and its summary names the file and the steps.
     #[cfg(feature = "cuda")]
@@ -608,8 +590,12 @@ mod tests {
     fn a_run_writes_the_trace_of_its_second_and_third_steps() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("steps.json");
+        let tiny = crate::runtime::testing::tiny(&[
+            ("steps      = 300", "steps = 5"),
+            ("batch      = 16 x 128 tokens", "batch = 4 x 32 tokens"),
+        ]);
         let summary = crate::runtime::train::train(
-            &tiny(5),
+            &tiny,
             &crate::runtime::train::RunOptions {
                 out: dir.path().join("out"),
                 checkpoints: dir.path().join("out/checkpoints"),

@@ -1,0 +1,22 @@
+//! Helpers shared by the runtime's unit tests.
+
+/// `examples/tiny.fmoe`, checked, with every `(from, to)` of `edits` replaced in its text (each
+/// `from` must be there), and without its checkpoints and evaluations.
+pub(crate) fn tiny(edits: &[(&str, &str)]) -> crate::check::Checked {
+    let path = format!("{}/examples/tiny.fmoe", env!("CARGO_MANIFEST_DIR"));
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    let quiet = [
+        ("checkpoint = every(100, dir = \"ckpt/tiny\")", ""),
+        ("eval       = every(50, batches = 4)", ""),
+    ];
+    for (from, to) in edits.iter().chain(&quiet) {
+        assert!(text.contains(from), "examples/tiny.fmoe has no `{from}`");
+        text = text.replace(from, to);
+    }
+    let mut sources = crate::diag::Sources::new();
+    let file = sources.add(path, text);
+    let mut sink = crate::diag::Sink::new();
+    let checked = crate::check::check_file(&mut sources, file, &mut sink);
+    assert_eq!(sink.error_count(), 0);
+    checked.unwrap()
+}
