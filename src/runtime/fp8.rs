@@ -2303,9 +2303,7 @@ mod ops {
 
         fn run(checked: &crate::check::Checked) -> Result<crate::runtime::train::RunSummary> {
             let dir = tempfile::tempdir().unwrap();
-            // (train holds libtorch's generator itself)
-            tch::set_num_threads(1);
-            crate::runtime::train::train(
+            crate::runtime::testing::train_alone(
                 checked,
                 &crate::runtime::train::RunOptions {
                     device: Device::Cpu,

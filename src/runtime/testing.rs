@@ -20,3 +20,18 @@ pub(crate) fn tiny(edits: &[(&str, &str)]) -> crate::check::Checked {
     assert_eq!(sink.error_count(), 0);
     checked.unwrap()
 }
+
+/// Lib tests that train hold this: one training at a time in the test binary, since
+/// libtorch's thread count (and through it the order of a matmul's sums) is shared by the
+/// process, and some tests compare two runs bit for bit.
+static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Trains `checked` with `opts` on one CPU thread, alone among the lib tests (see [`TRAINING`]).
+pub(crate) fn train_alone(
+    checked: &crate::check::Checked,
+    opts: &crate::runtime::train::RunOptions,
+) -> anyhow::Result<crate::runtime::train::RunSummary> {
+    let _alone = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    tch::set_num_threads(1);
+    crate::runtime::train::train(checked, opts)
+}

@@ -594,7 +594,7 @@ mod tests {
             ("steps      = 300", "steps = 5"),
             ("batch      = 16 x 128 tokens", "batch = 4 x 32 tokens"),
         ]);
-        let summary = crate::runtime::train::train(
+        let summary = crate::runtime::testing::train_alone(
             &tiny,
             &crate::runtime::train::RunOptions {
                 out: dir.path().join("out"),
