@@ -45,7 +45,7 @@ pub mod replay;
 pub mod sample;
 pub mod stop;
 pub mod telemetry;
-#[cfg(test)]
+#[cfg(all(test, feature = "cuda"))]
 pub(crate) mod testing;
 pub mod trace;
 pub mod train;

@@ -1,4 +1,5 @@
-//! Helpers shared by the runtime's unit tests.
+//! Helpers shared by the runtime's unit tests (those of the `cuda` feature's modules: FP8 and
+//! the trace).
 
 /// `examples/tiny.fmoe`, checked, with every `(from, to)` of `edits` replaced in its text (each
 /// `from` must be there), and without its checkpoints and evaluations.

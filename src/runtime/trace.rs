@@ -429,6 +429,11 @@ mod recorder {
             if let Device::Cuda(i) = self.device {
                 tch::Cuda::synchronize(i as i64);
             }
+            if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| {
+                    format!("creating the trace's folder `{}`", path_text(parent))
+                })?;
+            }
             let partial = self.path.with_extension("json.partial");
             let c_path = CString::new(partial.to_string_lossy().as_bytes())
                 .context("the trace's path holds a NUL byte")?;
@@ -584,12 +589,13 @@ mod tests {
     }
 
     /// A CPU run records the operators of the steps after the first into a whole Chrome
-    /// trace, and its summary names the file and the steps.
+    /// trace (its folder made), and its summary names the file and the steps.
     #[cfg(feature = "cuda")]
     #[test]
     fn a_run_writes_the_trace_of_its_second_and_third_steps() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("steps.json");
+        // in a folder that is not there yet
+        let path = dir.path().join("traces/steps.json");
         let tiny = crate::runtime::testing::tiny(&[
             ("steps      = 300", "steps = 5"),
             ("batch      = 16 x 128 tokens", "batch = 4 x 32 tokens"),
@@ -624,7 +630,7 @@ mod tests {
             "{:?}",
             &ops[..ops.len().min(20)]
         );
-        assert!(!dir.path().join("steps.json.partial").exists());
+        assert!(!dir.path().join("traces/steps.json.partial").exists());
         let written = std::fs::read_to_string(dir.path().join("out/summary.json")).unwrap();
         assert!(written.contains("\"first_step\": 2"), "{written}");
     }
