@@ -91,7 +91,13 @@ pub fn summarize(path: &Path, steps: RangeInclusive<u64>) -> Result<TraceSummary
     let text = std::fs::read(path).with_context(|| format!("reading `{}`", path_text(path)))?;
     let trace: Trace = serde_json::from_slice(&text)
         .with_context(|| format!("`{}` is not a Chrome trace", path_text(path)))?;
-    let gpu: Vec<&Event> = trace.events.iter().filter(|e| is_gpu_event(e)).collect();
+    // each event with its kernel family, worked out once for both tables
+    let gpu: Vec<(&Event, String)> = trace
+        .events
+        .iter()
+        .filter(|e| is_gpu_event(e))
+        .map(|e| (e, family(&e.name)))
+        .collect();
     Ok(TraceSummary {
         path: path.to_path_buf(),
         first_step: *steps.start(),
@@ -99,8 +105,8 @@ pub fn summarize(path: &Path, steps: RangeInclusive<u64>) -> Result<TraceSummary
         gpu_events: gpu.len() as u64,
         span_ms: span_us(&gpu) / 1e3,
         busy_ms: busy_us(&gpu) / 1e3,
-        kinds: shares(&gpu, |e| kind(&e.cat, &e.name).to_string(), usize::MAX),
-        top: shares(&gpu, |e| family(&e.name), TOP_FAMILIES),
+        kinds: shares(&gpu, |(e, f)| kind_of(&e.cat, &e.name, f), usize::MAX),
+        top: shares(&gpu, |(_, f)| f, TOP_FAMILIES),
     })
 }
 
@@ -110,11 +116,14 @@ fn is_gpu_event(e: &Event) -> bool {
 }
 
 /// From the first event's start to the last one's end, in µs.
-fn span_us(events: &[&Event]) -> f64 {
-    let start = events.iter().map(|e| e.ts).fold(f64::INFINITY, f64::min);
+fn span_us(events: &[(&Event, String)]) -> f64 {
+    let start = events
+        .iter()
+        .map(|(e, _)| e.ts)
+        .fold(f64::INFINITY, f64::min);
     let end = events
         .iter()
-        .map(|e| e.ts + e.dur)
+        .map(|(e, _)| e.ts + e.dur)
         .fold(f64::NEG_INFINITY, f64::max);
     if events.is_empty() {
         0.0
@@ -124,8 +133,8 @@ fn span_us(events: &[&Event]) -> f64 {
 }
 
 /// The length of the union of the events' intervals, in µs.
-fn busy_us(events: &[&Event]) -> f64 {
-    let mut spans: Vec<(f64, f64)> = events.iter().map(|e| (e.ts, e.ts + e.dur)).collect();
+fn busy_us(events: &[(&Event, String)]) -> f64 {
+    let mut spans: Vec<(f64, f64)> = events.iter().map(|(e, _)| (e.ts, e.ts + e.dur)).collect();
     spans.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut busy = 0.0;
     let mut open: Option<(f64, f64)> = None;
@@ -143,17 +152,21 @@ fn busy_us(events: &[&Event]) -> f64 {
 }
 
 /// The events' time summed by `key`, longest first (ties by name), at most `limit` of them.
-fn shares(events: &[&Event], key: impl Fn(&Event) -> String, limit: usize) -> Vec<Share> {
-    let mut by: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
-    for e in events {
-        let entry = by.entry(key(e)).or_default();
-        entry.0 += e.dur;
+fn shares<'a>(
+    events: &'a [(&Event, String)],
+    key: impl Fn(&'a (&Event, String)) -> &'a str,
+    limit: usize,
+) -> Vec<Share> {
+    let mut by: std::collections::BTreeMap<&str, (f64, u64)> = Default::default();
+    for event in events {
+        let entry = by.entry(key(event)).or_default();
+        entry.0 += event.0.dur;
         entry.1 += 1;
     }
     let mut out: Vec<Share> = by
         .into_iter()
         .map(|(name, (us, events))| Share {
-            name,
+            name: name.to_string(),
             ms: us / 1e3,
             events,
         })
@@ -230,10 +243,14 @@ fn functor_names(args: &str) -> Vec<String> {
 
 /// The kind of work of a GPU event of category `cat` and kernel name `name`.
 pub fn kind(cat: &str, name: &str) -> &'static str {
+    kind_of(cat, name, &family(name))
+}
+
+/// [`kind`], given the kernel's [`family`] `f`.
+fn kind_of(cat: &str, name: &str, f: &str) -> &'static str {
     if cat != "kernel" {
         return "memcpy and memset";
     }
-    let f = family(name);
     let has = |w: &str| f.contains(w);
     let grouped = ["GroupProblemShape", "grouped_gemm", "grouped_mm"]
         .iter()
