@@ -325,6 +325,7 @@ impl Costed {
             (hardware.0, st.memory.capacity, hardware.1),
             &st.memory.parts(),
             self.micro_batch,
+            st.memory.model,
         )
     }
 }

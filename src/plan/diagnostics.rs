@@ -4,6 +4,7 @@
 //! spans they talk about and know nothing about how the planner found the problem.
 
 use crate::diag::{count, Diagnostic, Span};
+use crate::plan::cost::MemoryModel;
 
 /// `gpus` not divisible by `tensor × pipeline`.
 pub const WORLD_NOT_DIVISIBLE: &str = "P0001";
@@ -264,7 +265,8 @@ pub fn expert_group_not_divisible(size: u64, data: u64, at: Span) -> Diagnostic 
     .with_help("expert groups are consecutive data ranks: choose a size that divides the data size")
 }
 
-/// `parts`: (name, bytes) of the rank's memory, largest first.
+/// `parts`: (name, bytes) of the rank's memory, largest first; `model`: whose training the
+/// estimate describes.
 pub fn out_of_memory(
     rank: u64,
     stage: u64,
@@ -272,6 +274,7 @@ pub fn out_of_memory(
     hardware: (&str, u64, Span),
     parts: &[(&str, u64)],
     micro_batch: u64,
+    model: MemoryModel,
 ) -> Diagnostic {
     let (name, have, span) = hardware;
     let mut d = Diagnostic::error(
@@ -300,7 +303,19 @@ pub fn out_of_memory(
         "at micro-batch {micro_batch}: {}",
         all.join(", ")
     ))
+    .with_note(memory_model_note(model))
     .with_help("use more GPUs, a larger tensor or pipeline size, a larger expert group, or a smaller micro-batch; `fmoec plan --auto` searches for plans that fit")
+}
+
+/// Whose memory a P0009 estimate is, and how to ask for the other.
+fn memory_model_note(model: MemoryModel) -> String {
+    match model {
+        MemoryModel::Fmoec => format!("the estimate is of {}'s memory", model.describe()),
+        _ => format!(
+            "the estimate is of {}'s memory; `fmoec plan --memory-model fmoec` estimates `fmoec run`'s (fused attention, no stored scores)",
+            model.describe()
+        ),
+    }
 }
 
 pub fn zero_size(what: &str, at: Span) -> Diagnostic {

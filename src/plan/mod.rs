@@ -195,11 +195,9 @@ impl Overrides {
         routing_skew: None,
     };
 
-    pub fn is_empty(&self) -> bool {
-        *self == Overrides::default()
-    }
-
-    /// `--tensor 2 --pipeline 4`, for notes on diagnostics.
+    /// `--tensor 2 --pipeline 4`, for notes on diagnostics: the overrides of the layout (the
+    /// memory model is named by the diagnostic it changes, P0009, not here: `fmoec run` plans
+    /// with its own without the user asking).
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if let Some(w) = self.world {
@@ -219,9 +217,6 @@ impl Overrides {
         }
         if let Some(v) = self.virtual_stages {
             parts.push(format!("--virtual-stages {v}"));
-        }
-        if self.memory_model == Some(MemoryModel::Fmoec) {
-            parts.push("--memory-model fmoec".into());
         }
         if let Some(s) = self.routing_skew {
             parts.push(format!("--routing-skew {s}"));
@@ -411,8 +406,9 @@ struct Setup {
 
 /// `diags` with a note naming the command-line overrides in force, where there are any.
 fn plan_error(mut diags: Vec<Diagnostic>, o: &Overrides) -> Vec<Diagnostic> {
-    if !o.is_empty() {
-        let note = format!("with command-line overrides {}", o.describe());
+    let overrides = o.describe();
+    if !overrides.is_empty() {
+        let note = format!("with command-line overrides {overrides}");
         for d in &mut diags {
             d.notes.push(note.clone());
         }

@@ -11,7 +11,7 @@ use crate::check::{Checked, ExpertGroup, Precision};
 use crate::collective::rendezvous::DistEnv;
 use crate::diag::path_text;
 use crate::driver::{self, DiagFormat};
-use crate::plan::Overrides;
+use crate::plan::{MemoryModel, Overrides};
 use crate::runtime::distributed::{self, WorldPlan};
 use crate::runtime::folders::{RunFolders, Series};
 use crate::runtime::stop;
@@ -663,18 +663,26 @@ fn sample(
 /// Reads, checks and plans the file as this process of the run must: alone, the run's plan is
 /// the file with the layout flags given (each 1 by now), as `fmoec plan` with them has it; on
 /// several ranks the file as written must plan, and the run's own plan (its world's) comes
-/// later, with its warnings. Only the process that reports the run's warnings says them.
+/// later, with its warnings. Either plan's memory is the runtime's (`fmoec plan --memory-model
+/// fmoec`). Only the process that reports the run's warnings says them.
 fn load(args: &RunArgs, mode: &Mode, reports_warnings: bool) -> Result<driver::Loaded, ExitCode> {
+    // the runtime's own memory, not the Megatron-LM training `fmoec emit` writes (fused
+    // attention keeps no scores, so a micro-batch may fit here that Megatron's would not)
     let alone = Overrides {
         tensor: args.tensor,
         pipeline: args.pipeline,
         virtual_stages: args.virtual_stages,
+        memory_model: Some(MemoryModel::Fmoec),
+        ..Overrides::NONE
+    };
+    let as_written = Overrides {
+        memory_model: Some(MemoryModel::Fmoec),
         ..Overrides::NONE
     };
     let rules = driver::Rules {
         planning: match mode {
             Mode::Single => driver::Planning::With(&alone),
-            _ => driver::Planning::With(&Overrides::NONE),
+            _ => driver::Planning::With(&as_written),
         },
         data_files: false,
         warnings: match (&mode, reports_warnings) {

@@ -1198,3 +1198,46 @@ fn trace_is_refused_where_it_cannot_record() {
     }
     assert!(!out.join("metrics.jsonl").exists());
 }
+
+/// `fmoec run` checks the file's memory with its own model (fused attention: no scores), not
+/// Megatron-LM v2.2's that `fmoec check` and `emit` use: on a 128 MiB GPU, micro-batches of 16
+/// sequences fit the runtime (about 109 MiB) but not Megatron (about 143 MiB with the scores).
+/// `check` refuses the file and says whose estimate that is; `run` trains it.
+#[test]
+fn run_checks_memory_with_its_own_model_not_megatrons() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_variant(
+        dir.path(),
+        "small-gpu.fmoe",
+        &[
+            ("steps      = 300", "steps      = 1"),
+            ("checkpoint = every(100, dir = \"ckpt/tiny\")", "checkpoint = none"),
+            ("eval       = every(50, batches = 4)", "eval       = none"),
+            (
+                "train {",
+                "hardware small_gpu {\n    memory = 128 * 1048576; bf16_tflops = 10.0; \
+                 fp16_tflops = 10.0; fp32_tflops = 1.0\n    hbm_gbps = 100.0; nvlink_gbps = 10.0; \
+                 network_gbps = 1.0; gpus_per_node = 1\n}\n\nparallel {\n    gpus = 1 of small_gpu\n    \
+                 micro_batch = 16\n}\n\ntrain {",
+            ),
+        ],
+    );
+    let check = fmoec_in(dir.path(), ["check".as_ref(), file.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error[P0009]")
+            && stderr.contains("the estimate is of Megatron-LM v2.2 training's memory")
+            && stderr.contains("`fmoec plan --memory-model fmoec` estimates `fmoec run`'s"),
+        "{stderr}"
+    );
+    let run = fmoec_in(
+        dir.path(),
+        ["run".as_ref(), file.as_os_str(), "--quiet".as_ref()],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("P0009"), "{stderr}");
+    let metrics = std::fs::read_to_string(dir.path().join("runs/tiny/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1, "{metrics}");
+}
