@@ -42,6 +42,15 @@ extern "C" {
         n_in: c_int,
         out: *mut *mut c_void,
     ) -> c_int;
+    fn fmoec_shim_apply_multi(
+        op: i64,
+        callback: *mut c_void,
+        inputs: *mut *mut c_void,
+        n_in: c_int,
+        out: *mut *mut c_void,
+        n_out: c_int,
+        keep: i64,
+    ) -> c_int;
 }
 
 /// Which half of an autograd function the callback runs.
@@ -138,6 +147,53 @@ pub fn apply(callback: Callback, op: i64, inputs: Vec<Tensor>) -> Result<Tensor>
     }
     // SAFETY: `out` is a `new at::Tensor` from the shim, owned from here on.
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// [`apply`] for an op with `n_out` outputs whose backward reads only the inputs of index
+/// set in the bit mask `keep` (the others are not held for it; it gets undefined tensors in
+/// their place) and the outputs: its callback's backward gets the `n` inputs, the `n_out`
+/// outputs, then one gradient per output (undefined where none reached it), and writes one
+/// gradient per input.
+pub fn apply_multi(
+    callback: Callback,
+    op: i64,
+    inputs: Vec<Tensor>,
+    n_out: usize,
+    keep: u64,
+) -> Result<Vec<Tensor>> {
+    let mut inputs = inputs;
+    let mut ptrs: Vec<*mut c_void> = inputs
+        .iter_mut()
+        .map(|t| t.as_mut_ptr() as *mut c_void)
+        .collect();
+    let mut out: Vec<*mut c_void> = vec![std::ptr::null_mut(); n_out];
+    // SAFETY: as in `apply`: `ptrs` points at the live `at::Tensor`s of `inputs`, which the
+    // shim copies; `out` has `n_out` slots, which on success hold fresh `at::Tensor`s that
+    // we own.
+    let rc = unsafe {
+        fmoec_shim_apply_multi(
+            op,
+            callback as *mut c_void,
+            ptrs.as_mut_ptr(),
+            ptrs.len() as c_int,
+            out.as_mut_ptr(),
+            n_out as c_int,
+            keep as i64,
+        )
+    };
+    drop(inputs);
+    if rc != 0 || out.iter().any(|p| p.is_null()) {
+        // SAFETY: each non-null slot is a `new at::Tensor` from the shim, owned here.
+        out.iter()
+            .filter(|p| !p.is_null())
+            .for_each(|p| drop(unsafe { Tensor::from_ptr(p.cast()) }));
+        return Err(shim_error(&format!("autograd op {op}")));
+    }
+    // SAFETY: every slot is a `new at::Tensor` from the shim, owned from here on.
+    Ok(out
+        .into_iter()
+        .map(|p| unsafe { Tensor::from_ptr(p.cast()) })
+        .collect())
 }
 
 /// A defined, empty tensor for an unused input slot.
@@ -492,5 +548,96 @@ mod tests {
             assert_eq!(FusedOp::from_code(op.code()).unwrap(), op);
         }
         assert!(FusedOp::from_code(99).is_err());
+    }
+
+    /// A two-output op for [`two_outputs_reach_autograd`]: `(a + b, a · b)`, whose backward
+    /// keeps `a` alone (it finds `b` as `(a + b) - a`, from the saved outputs).
+    fn run_pair(_op: i64, phase: Phase, ins: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
+        match phase {
+            Phase::Forward => Ok(vec![
+                Some(ins[0].f_add(&ins[1])?),
+                Some(ins[0].f_mul(&ins[1])?),
+            ]),
+            Phase::Backward => {
+                let [a, b, sum, _prod, g_sum, g_prod] = ins.as_slice() else {
+                    bail!("{} tensors for the backward", ins.len());
+                };
+                if b.defined() {
+                    bail!("b was kept for the backward");
+                }
+                for g in [g_sum, g_prod] {
+                    if g.defined() && g.f_abs()?.f_max()?.f_double_value(&[])? == 0.0 {
+                        bail!("an unused output's gradient was made zeros");
+                    }
+                }
+                let b = sum.f_sub(a)?;
+                let mut ga = a.f_zeros_like()?;
+                let mut gb = a.f_zeros_like()?;
+                if g_sum.defined() {
+                    ga = ga.f_add(g_sum)?;
+                    gb = gb.f_add(g_sum)?;
+                }
+                if g_prod.defined() {
+                    ga = ga.f_add(&g_prod.f_mul(&b)?)?;
+                    gb = gb.f_add(&g_prod.f_mul(a)?)?;
+                }
+                Ok(vec![Some(ga), Some(gb)])
+            }
+        }
+    }
+
+    unsafe extern "C" fn pair_callback(
+        op: i64,
+        phase: c_int,
+        inputs: *mut *mut c_void,
+        n_in: c_int,
+        outputs: *mut *mut c_void,
+        n_out: c_int,
+    ) -> c_int {
+        // SAFETY: the shim calls this with its callback contract.
+        unsafe { callback_body(op, phase, inputs, n_in, outputs, n_out, run_pair) }
+    }
+
+    /// The shim's multi-output function: both outputs' values, both gradients back to the
+    /// inputs, an unused output's gradient undefined (not zeros), and only the kept inputs
+    /// saved for the backward.
+    #[test]
+    fn two_outputs_reach_autograd() {
+        let leaf = |v: &[f64]| Tensor::from_slice(v).set_requires_grad(true);
+        let (a, b) = (leaf(&[1.0, 2.0, -3.0]), leaf(&[4.0, -5.0, 0.5]));
+        let outs = apply_multi(
+            pair_callback,
+            0,
+            vec![a.shallow_clone(), b.shallow_clone()],
+            2,
+            1,
+        )
+        .unwrap();
+        assert_eq!(outs.len(), 2);
+        assert_eq!(Vec::<f64>::try_from(&outs[0]).unwrap(), [5.0, -3.0, -2.5]);
+        assert_eq!(Vec::<f64>::try_from(&outs[1]).unwrap(), [4.0, -10.0, -1.5]);
+        // 3·(a + b) + a·b
+        outs[0]
+            .f_mul_scalar(3.0)
+            .unwrap()
+            .f_add(&outs[1])
+            .unwrap()
+            .sum(Kind::Double)
+            .backward();
+        assert_eq!(Vec::<f64>::try_from(&a.grad()).unwrap(), [7.0, -2.0, 3.5]);
+        assert_eq!(Vec::<f64>::try_from(&b.grad()).unwrap(), [4.0, 5.0, 0.0]);
+        // the product alone: the sum's gradient is undefined, not zeros
+        let (a, b) = (leaf(&[1.0, 2.0, -3.0]), leaf(&[4.0, -5.0, 0.5]));
+        let outs = apply_multi(
+            pair_callback,
+            0,
+            vec![a.shallow_clone(), b.shallow_clone()],
+            2,
+            1,
+        )
+        .unwrap();
+        outs[1].sum(Kind::Double).backward();
+        assert_eq!(Vec::<f64>::try_from(&a.grad()).unwrap(), [4.0, -5.0, 0.5]);
+        assert_eq!(Vec::<f64>::try_from(&b.grad()).unwrap(), [1.0, 2.0, -3.0]);
     }
 }
