@@ -68,19 +68,72 @@ impl NormLayer {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = cast::compute(&self.weight, x.kind())?;
+        let (w, b) = self.weights(x.kind())?;
+        self.libtorch(x, &w, b.as_ref())
+    }
+
+    /// The gain and the bias in `kind` for a forward pass ([`cast::compute`]).
+    fn weights(&self, kind: Kind) -> Result<(Tensor, Option<Tensor>)> {
+        let w = cast::compute(&self.weight, kind)?;
+        let b = self
+            .bias
+            .as_ref()
+            .map(|b| cast::compute(b, kind))
+            .transpose()?;
+        Ok((w, b))
+    }
+
+    /// The norm of `x` with libtorch's op, the weights `w` and `b` given in `x`'s dtype.
+    fn libtorch(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Ok(match self.kind {
-            Norm::LayerNorm => {
-                let b = self
-                    .bias
-                    .as_ref()
-                    .map(|b| cast::compute(b, x.kind()))
-                    .transpose()?;
-                x.f_layer_norm([self.width], Some(&w), b.as_ref(), NORM_EPS, true)?
-            }
-            Norm::RmsNorm => x.f_rms_norm([self.width], Some(&w), NORM_EPS)?,
+            Norm::LayerNorm => x.f_layer_norm([self.width], Some(w), b, NORM_EPS, true)?,
+            Norm::RmsNorm => x.f_rms_norm([self.width], Some(w), NORM_EPS)?,
         })
     }
+
+    /// The residual stream `s = x + h` (`x` itself without `h`) and its norm `norm(s)`, as a
+    /// pre-norm block reads them. On a GPU in bf16 or f32 with a width the kernels take (a
+    /// multiple of 8 up to 8192), one fused pass ([`crate::runtime::cuda::add_norm_op`]: the
+    /// add, the norm and their backward, the weights' gradients added into the masters' f32
+    /// `.grad`); `FMOEC_FUSED_NORM=0` keeps libtorch's add and norm, which run everywhere
+    /// else.
+    pub fn add_forward(&self, x: &Tensor, h: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && fused_norm_enabled() {
+            use crate::runtime::cuda::{add_norm_op, NormWeight};
+            let (w, b) = self.weights(x.kind())?;
+            let (wc, bc) = (w.f_detach()?, b.as_ref().map(|b| b.f_detach()).transpose()?);
+            let gamma = NormWeight {
+                master: &self.weight,
+                copy: &wc,
+            };
+            let beta = match (&self.bias, &bc) {
+                (Some(master), Some(copy)) => Some(NormWeight { master, copy }),
+                _ => None,
+            };
+            if let Some(out) = add_norm_op(x, h, gamma, beta, NORM_EPS)? {
+                return Ok((out.s, out.y));
+            }
+            let s = match h {
+                Some(h) => x.f_add(h)?,
+                None => x.shallow_clone(),
+            };
+            let y = self.libtorch(&s, &w, b.as_ref())?;
+            return Ok((s, y));
+        }
+        let s = match h {
+            Some(h) => x.f_add(h)?,
+            None => x.shallow_clone(),
+        };
+        let y = self.forward(&s)?;
+        Ok((s, y))
+    }
+}
+
+/// Whether the fused residual add and norm may run (`FMOEC_FUSED_NORM=0` keeps libtorch's).
+#[cfg(feature = "cuda")]
+fn fused_norm_enabled() -> bool {
+    std::env::var("FMOEC_FUSED_NORM").map_or(true, |v| v != "0")
 }
 
 /// Causal self-attention with a fused `qkv` projection.
@@ -245,6 +298,32 @@ impl FfnModule {
     }
 }
 
+/// The residual stream between blocks: `x` and the last block's feed-forward output not yet
+/// added to it, which the next norm adds in its fused pass ([`NormLayer::add_forward`]).
+struct Residual {
+    x: Tensor,
+    pending: Option<Tensor>,
+}
+
+impl Residual {
+    fn whole(x: Tensor) -> Residual {
+        Residual { x, pending: None }
+    }
+
+    /// The stream with the pending output added.
+    fn sum(self) -> Result<Tensor> {
+        Ok(match self.pending {
+            Some(h) => self.x.f_add(&h)?,
+            None => self.x,
+        })
+    }
+
+    /// `(stream, norm(stream))`, the pending output added in the norm's pass.
+    fn norm(&self, norm: &NormLayer) -> Result<(Tensor, Tensor)> {
+        norm.add_forward(&self.x, self.pending.as_ref())
+    }
+}
+
 /// One pre-norm transformer block.
 pub struct Block {
     pub index: usize,
@@ -269,29 +348,37 @@ impl Block {
     }
 
     /// `x + attn(norm1(x))`, then `+ ffn(norm2(.))`; returns the MoE output's extras. With a
-    /// `hook`, the MoE feed-forward (from `norm2` on) is the hook's.
+    /// `hook`, the MoE feed-forward (from `norm2` on) is the hook's. Each residual add is
+    /// the next norm's ([`NormLayer::add_forward`]): the stream comes in and goes out with the
+    /// last feed-forward output pending.
     fn forward<'h>(
         &self,
-        x: &Tensor,
+        stream: Residual,
         train: bool,
         hook: Option<&mut (dyn MoeHook + 'h)>,
         keys: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<(Tensor, Telemetry)>)> {
-        let x = x.f_add(&self.attn.forward(&self.norm1.forward(x)?)?)?;
+    ) -> Result<(Residual, Option<(Tensor, Telemetry)>)> {
+        let (x, n1) = stream.norm(&self.norm1)?;
+        let a = self.attn.forward(&n1)?;
         let key = layer_key(keys, self.index)?;
         if let (FfnModule::Moe(layer), Some(hook)) = (&self.ffn, hook) {
+            let x = x.f_add(&a)?;
             let (y, balance, telemetry) =
                 hook.moe(self.index, layer, &self.norm2, &x, train, key.as_ref())?;
-            return Ok((y, Some((balance, telemetry))));
+            return Ok((Residual::whole(y), Some((balance, telemetry))));
         }
-        let h = self.norm2.forward(&x)?;
+        let (x, h) = self.norm2.add_forward(&x, Some(&a))?;
+        let pending = |y: Tensor| Residual {
+            x,
+            pending: Some(y),
+        };
         match &self.ffn {
-            FfnModule::Dense(mlp) => Ok((x.f_add(&mlp.forward(&h)?)?, None)),
+            FfnModule::Dense(mlp) => Ok((pending(mlp.forward(&h)?), None)),
             FfnModule::Moe(layer) => {
                 let (b, t, d) = h.size3()?;
                 let out = layer.forward(&h.f_reshape([b * t, d])?, train, key.as_ref())?;
                 let y = out.out.f_reshape([b, t, d])?;
-                Ok((x.f_add(&y)?, Some((out.balance_loss, out.telemetry))))
+                Ok((pending(y), Some((out.balance_loss, out.telemetry))))
             }
         }
     }
@@ -727,8 +814,8 @@ impl Transformer {
         mut hook: Option<&mut dyn MoeHook>,
     ) -> Result<ChunkOutput> {
         let keys = self.routing_keys.as_ref();
-        self.run_chunk(chunk, input, |block, x| {
-            block.forward(x, train, hook.as_deref_mut(), keys)
+        self.run_chunk(chunk, input, |block, stream| {
+            block.forward(stream, train, hook.as_deref_mut(), keys)
         })
     }
 
@@ -739,25 +826,25 @@ impl Transformer {
         &self,
         chunk: usize,
         input: &Tensor,
-        mut forward: impl FnMut(&Block, &Tensor) -> Result<(Tensor, Option<(Tensor, Telemetry)>)>,
+        mut forward: impl FnMut(&Block, Residual) -> Result<(Residual, Option<(Tensor, Telemetry)>)>,
     ) -> Result<ChunkOutput> {
         let range = self.chunk_range(chunk)?;
         let (starts, ends) = self.chunk_ends(chunk)?;
-        let mut x = if starts {
+        let mut stream = Residual::whole(if starts {
             self.embed(input)?
         } else {
             input.shallow_clone()
-        };
+        });
         let mut extras = MoeExtras::new(self.store.device)?;
         for block in self.blocks.iter().filter(|b| range.contains(&b.index)) {
-            let (y, extra) = forward(block, &x)?;
-            x = y;
+            let (next, extra) = forward(block, stream)?;
+            stream = next;
             extras.add(block, extra)?;
         }
         if !ends {
-            return Ok(extras.with_output(x));
+            return Ok(extras.with_output(stream.sum()?));
         }
-        Ok(extras.with_output(self.head(&x)?))
+        Ok(extras.with_output(self.head(&stream)?))
     }
 
     /// The token embedding this part holds.
@@ -791,9 +878,9 @@ impl Transformer {
         Ok(x)
     }
 
-    /// The final norm and the tied head: logits of the last hidden states `x`, in the
-    /// compute dtype.
-    fn head(&self, x: &Tensor) -> Result<Tensor> {
+    /// The final norm (adding the last block's pending output in its pass) and the tied
+    /// head: logits of the last hidden states, in the compute dtype.
+    fn head(&self, stream: &Residual) -> Result<Tensor> {
         let Some(norm) = &self.norm else {
             bail!("internal error: this pipeline stage holds no head");
         };
@@ -804,12 +891,12 @@ impl Transformer {
         #[cfg(feature = "cuda")]
         if self.fp8_head {
             use crate::runtime::fp8::{linear, WeightLayout};
-            return linear(&norm.forward(x)?, weight, None, WeightLayout::OutIn);
+            return linear(&stream.norm(norm)?.1, weight, None, WeightLayout::OutIn);
         }
         // The lookup reads the master's rows (see `embed`): the head's gradient reaches the
         // master through a cast of its own and is added to theirs in f32.
         let weight = cast::compute(weight, self.compute)?;
-        Ok(norm.forward(x)?.f_matmul(&weight.f_transpose(0, 1)?)?)
+        Ok(stream.norm(norm)?.1.f_matmul(&weight.f_transpose(0, 1)?)?)
     }
 
     /// Mean next-token cross-entropy of `tokens[:, 1:]` given `tokens[:, :-1]`, plus extras.
@@ -1505,8 +1592,10 @@ impl Transformer {
             bail!("internal error: the model was built without a tensor-parallel split");
         };
         let keys = self.routing_keys.as_ref();
-        self.run_chunk(chunk, input, |block, x| {
-            block.forward_tensor_parallel(x, train, tp, keys, pass)
+        self.run_chunk(chunk, input, |block, stream| {
+            let (y, extra) =
+                block.forward_tensor_parallel(&stream.sum()?, train, tp, keys, pass)?;
+            Ok((Residual::whole(y), extra))
         })
     }
 
@@ -1597,5 +1686,48 @@ impl MoeExtras {
             balance_loss: self.balance,
             telemetry: self.telemetry,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Off the kernels (here on a CPU) a norm's residual add is libtorch's add and its norm
+    /// libtorch's: the same values as the two ops, and without `h` the stream is `x` itself.
+    #[test]
+    fn add_forward_off_the_kernels_is_the_add_and_the_norm() {
+        for kind in [Norm::LayerNorm, Norm::RmsNorm] {
+            let mut store = ParamStore::new(Device::Cpu, Kind::Float);
+            let norm = NormLayer::new(&mut store, "norm", kind, 16).unwrap();
+            // gains and biases of their own, not ones and zeros
+            tch::no_grad(|| {
+                let _ = norm.weight.shallow_clone().uniform_(0.5, 1.5);
+                if let Some(b) = &norm.bias {
+                    let _ = b.shallow_clone().uniform_(-0.5, 0.5);
+                }
+            });
+            let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
+            let h = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
+            let (s, y) = norm.add_forward(&x, Some(&h)).unwrap();
+            let sum = x.f_add(&h).unwrap();
+            assert!(s.equal(&sum), "{kind:?}");
+            assert!(y.equal(&norm.forward(&sum).unwrap()), "{kind:?}");
+            let (s, y) = norm.add_forward(&x, None).unwrap();
+            assert_eq!(s.data_ptr(), x.data_ptr(), "{kind:?}");
+            assert!(y.equal(&norm.forward(&x).unwrap()), "{kind:?}");
+        }
+    }
+
+    /// `FMOEC_FUSED_NORM=0`, and only that, keeps libtorch's add and norm on a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn fused_norm_is_on_unless_switched_off() {
+        std::env::set_var("FMOEC_FUSED_NORM", "0");
+        assert!(!fused_norm_enabled());
+        std::env::set_var("FMOEC_FUSED_NORM", "1");
+        assert!(fused_norm_enabled());
+        std::env::remove_var("FMOEC_FUSED_NORM");
+        assert!(fused_norm_enabled());
     }
 }

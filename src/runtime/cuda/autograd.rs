@@ -17,8 +17,9 @@ use tch::{Device, Kind, Tensor};
 use super::device::shim_error;
 use super::kernels::{device_index, kernels_ready, Elem, EpilogueAct};
 use super::ops::{
-    bias_act_pass, gather_rows, row_dots, segment_sums, sum_rows, swiglu, swiglu_backward,
-    xent_backward, xent_forward,
+    bias_act_pass, gather_rows, norm_backward, norm_forward, norm_kernel_fits, norm_reduce,
+    row_dots, segment_sums, sum_rows, swiglu, swiglu_backward, xent_backward, xent_forward,
+    NORM_KERNEL_EPS,
 };
 
 /// The shim's callback: `phase` 0 is the forward (`n_in` inputs, writes 1 output), 1 the
@@ -41,6 +42,15 @@ extern "C" {
         inputs: *mut *mut c_void,
         n_in: c_int,
         out: *mut *mut c_void,
+    ) -> c_int;
+    fn fmoec_shim_apply_multi(
+        op: i64,
+        callback: *mut c_void,
+        inputs: *mut *mut c_void,
+        n_in: c_int,
+        out: *mut *mut c_void,
+        n_out: c_int,
+        keep: i64,
     ) -> c_int;
 }
 
@@ -138,6 +148,53 @@ pub fn apply(callback: Callback, op: i64, inputs: Vec<Tensor>) -> Result<Tensor>
     }
     // SAFETY: `out` is a `new at::Tensor` from the shim, owned from here on.
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// [`apply`] for an op with `n_out` outputs whose backward reads only the inputs of index
+/// set in the bit mask `keep` (the others are not held for it; it gets undefined tensors in
+/// their place) and the outputs: its callback's backward gets the `n` inputs, the `n_out`
+/// outputs, then one gradient per output (undefined where none reached it), and writes one
+/// gradient per input.
+pub fn apply_multi(
+    callback: Callback,
+    op: i64,
+    inputs: Vec<Tensor>,
+    n_out: usize,
+    keep: u64,
+) -> Result<Vec<Tensor>> {
+    let mut inputs = inputs;
+    let mut ptrs: Vec<*mut c_void> = inputs
+        .iter_mut()
+        .map(|t| t.as_mut_ptr() as *mut c_void)
+        .collect();
+    let mut out: Vec<*mut c_void> = vec![std::ptr::null_mut(); n_out];
+    // SAFETY: as in `apply`: `ptrs` points at the live `at::Tensor`s of `inputs`, which the
+    // shim copies; `out` has `n_out` slots, which on success hold fresh `at::Tensor`s that
+    // we own.
+    let rc = unsafe {
+        fmoec_shim_apply_multi(
+            op,
+            callback as *mut c_void,
+            ptrs.as_mut_ptr(),
+            ptrs.len() as c_int,
+            out.as_mut_ptr(),
+            n_out as c_int,
+            keep as i64,
+        )
+    };
+    drop(inputs);
+    if rc != 0 || out.iter().any(|p| p.is_null()) {
+        // SAFETY: each non-null slot is a `new at::Tensor` from the shim, owned here.
+        out.iter()
+            .filter(|p| !p.is_null())
+            .for_each(|p| drop(unsafe { Tensor::from_ptr(p.cast()) }));
+        return Err(shim_error(&format!("autograd op {op}")));
+    }
+    // SAFETY: every slot is a `new at::Tensor` from the shim, owned from here on.
+    Ok(out
+        .into_iter()
+        .map(|p| unsafe { Tensor::from_ptr(p.cast()) })
+        .collect())
 }
 
 /// A defined, empty tensor for an unused input slot.
@@ -473,6 +530,277 @@ pub fn combine_op(
     .context("fused combine")
 }
 
+/// The norm of [`add_norm_op`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormOp {
+    /// LayerNorm: gain and bias.
+    LayerNorm,
+    /// RMSNorm: gain only.
+    RmsNorm,
+}
+
+/// [`add_norm_op`] as its callback carries it: the norm in bit 0 (RMSNorm set), bit 1 set
+/// when there is a residual branch `h` (two outputs).
+fn norm_code(norm: NormOp, with_h: bool) -> i64 {
+    (norm == NormOp::RmsNorm) as i64 | (with_h as i64) << 1
+}
+
+fn norm_from_code(code: i64) -> Result<(NormOp, bool)> {
+    if !(0..4).contains(&code) {
+        bail!("unknown norm op {code}");
+    }
+    let norm = if code & 1 == 1 {
+        NormOp::RmsNorm
+    } else {
+        NormOp::LayerNorm
+    };
+    Ok((norm, code & 2 == 2))
+}
+
+/// The input slots of [`add_norm_op`]: the rows `x` and `h` (`[rows, d]`), the gain's master
+/// and its copy in `x`'s dtype, the bias's (LayerNorm), and the per-row statistics (f32,
+/// written by the forward; the mean for LayerNorm only). Unused slots hold [`unused`].
+const NORM_X: usize = 0;
+const NORM_H: usize = 1;
+const NORM_GAMMA: usize = 2;
+const NORM_GAMMA_COPY: usize = 3;
+const NORM_BETA: usize = 4;
+const NORM_BETA_COPY: usize = 5;
+const NORM_MEAN: usize = 6;
+const NORM_RSTD: usize = 7;
+const NORM_INPUTS: usize = 8;
+
+/// The inputs the backward reads: `x` where there is no `h` (then `s` is `x`), the masters
+/// (their `.grad`), the gain's copy and the statistics; never `h`, nor `x` beside it (`s` is
+/// an output, saved).
+fn norm_keep(with_h: bool) -> u64 {
+    let mut keep = [NORM_GAMMA, NORM_GAMMA_COPY, NORM_BETA, NORM_MEAN, NORM_RSTD]
+        .iter()
+        .fold(0u64, |k, i| k | 1 << i);
+    if !with_h {
+        keep |= 1 << NORM_X;
+    }
+    keep
+}
+
+/// The weights of a norm: the master (normally f32, requiring grad: the gradient is added
+/// into its `.grad`) and its copy in the activations' dtype (not requiring grad; the master
+/// itself, detached, where the dtypes agree).
+pub struct NormWeight<'a> {
+    pub master: &'a Tensor,
+    pub copy: &'a Tensor,
+}
+
+/// What [`add_norm_op`] returns: the residual stream `s` (`x + h`; `x` itself where there
+/// was no `h`) and the norm's output `y`, both `x`'s shape.
+pub struct AddNorm {
+    pub s: Tensor,
+    pub y: Tensor,
+}
+
+/// `s = x + h` (where `h` is given) and `y = norm(s) · gamma (+ beta)` over the last
+/// dimension, eps [`NORM_KERNEL_EPS`], statistics in f32, in one pass; differentiable in `x`,
+/// `h` and the masters, with a one-pass backward (`dx = dh = ds + norm'(dy)`) whose gain and
+/// bias gradients are reduced from per-block partial sums straight into the masters' f32
+/// `.grad` where that exists. `None` where the kernels do not apply ([`norm_kernel_fits`],
+/// another eps, or no kernels on the device): the caller runs libtorch.
+pub fn add_norm_op(
+    x: &Tensor,
+    h: Option<&Tensor>,
+    gamma: NormWeight,
+    beta: Option<NormWeight>,
+    eps: f64,
+) -> Result<Option<AddNorm>> {
+    let norm = if beta.is_some() {
+        NormOp::LayerNorm
+    } else {
+        NormOp::RmsNorm
+    };
+    let d = *x.size().last().unwrap_or(&0);
+    let masters_fit = gamma.master.numel() as i64 == d
+        && beta.as_ref().is_none_or(|b| b.master.numel() as i64 == d);
+    if eps != NORM_KERNEL_EPS
+        || !masters_fit
+        || norm_kernel_fits(x, h, gamma.copy, beta.as_ref().map(|b| b.copy)).is_none()
+        || kernels_ready(device_index(x)).is_err()
+    {
+        return Ok(None);
+    }
+    let rows = x.numel() as i64 / d;
+    let f32s = (Kind::Float, x.device());
+    let rows_of = |t: &Tensor| t.f_reshape([rows, d]);
+    let with_h = h.is_some();
+    let mut inputs = Vec::with_capacity(NORM_INPUTS);
+    inputs.push(rows_of(x)?);
+    inputs.push(h.map(rows_of).transpose()?.map_or_else(unused, Ok)?);
+    inputs.push(gamma.master.shallow_clone());
+    inputs.push(gamma.copy.f_detach()?);
+    match &beta {
+        Some(b) => {
+            inputs.push(b.master.shallow_clone());
+            inputs.push(b.copy.f_detach()?);
+            inputs.push(Tensor::f_empty([rows], f32s)?);
+        }
+        None => {
+            inputs.push(unused()?);
+            inputs.push(unused()?);
+            inputs.push(unused()?);
+        }
+    }
+    inputs.push(Tensor::f_empty([rows], f32s)?);
+    let outs = apply_multi(
+        norm_callback,
+        norm_code(norm, with_h),
+        inputs,
+        1 + with_h as usize,
+        norm_keep(with_h),
+    )
+    .context("fused residual add and norm")?;
+    let shape = x.size();
+    let mut outs = outs.into_iter();
+    let (s, y) = match (with_h, outs.next(), outs.next()) {
+        (true, Some(s), Some(y)) => (s.f_reshape(&shape)?, y),
+        (false, Some(y), None) => (x.shallow_clone(), y),
+        _ => bail!("fused residual add and norm: unexpected outputs"),
+    };
+    Ok(Some(AddNorm {
+        s,
+        y: y.f_reshape(&shape)?,
+    }))
+}
+
+/// The forward and backward of [`add_norm_op`] (see [`apply_multi`] for the tensors each
+/// gets).
+fn run_norm(code: i64, phase: Phase, inputs: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
+    let (norm, with_h) = norm_from_code(code)?;
+    let n_out = 1 + with_h as usize;
+    let layer = norm == NormOp::LayerNorm;
+    let expected = match phase {
+        Phase::Forward => NORM_INPUTS,
+        Phase::Backward => NORM_INPUTS + 2 * n_out,
+    };
+    if inputs.len() != expected {
+        bail!("fused norm: {} tensors for {expected}", inputs.len());
+    }
+    let mean = layer.then(|| &inputs[NORM_MEAN]);
+    let rstd = &inputs[NORM_RSTD];
+    let gamma = &inputs[NORM_GAMMA_COPY];
+    match phase {
+        Phase::Forward => {
+            let out = norm_forward(
+                &inputs[NORM_X],
+                with_h.then(|| &inputs[NORM_H]),
+                gamma,
+                layer.then(|| &inputs[NORM_BETA_COPY]),
+                mean,
+                rstd,
+            )?;
+            Ok(match out.s {
+                Some(s) => vec![Some(s), Some(out.y)],
+                None => vec![Some(out.y)],
+            })
+        }
+        Phase::Backward => {
+            // the outputs (s and y, or y), then their gradients
+            let grads = &inputs[NORM_INPUTS + n_out..];
+            let (s, ds, dy) = if with_h {
+                (&inputs[NORM_INPUTS], Some(&grads[0]), &grads[1])
+            } else {
+                (&inputs[NORM_X], None, &grads[0])
+            };
+            let ds = match ds.filter(|g| g.defined()) {
+                Some(g) => Some(g.f_to_kind(s.kind())?.f_contiguous()?),
+                None => None,
+            };
+            let mut out: Vec<Option<Tensor>> = (0..NORM_INPUTS).map(|_| None).collect();
+            let dx = if dy.defined() {
+                let dy = dy.f_to_kind(s.kind())?.f_contiguous()?;
+                let (dx, dgamma, dbeta) = norm_backward(&dy, ds.as_ref(), s, gamma, mean, rstd)?;
+                let masters = [(NORM_GAMMA, Some(dgamma)), (NORM_BETA, dbeta)];
+                let reduced = reduce_into_masters(
+                    masters
+                        .into_iter()
+                        .filter_map(|(slot, part)| Some((&inputs[slot], part?)))
+                        .collect(),
+                )?;
+                for (slot, g) in [NORM_GAMMA, NORM_BETA].into_iter().zip(reduced) {
+                    out[slot] = g;
+                }
+                Some(dx)
+            } else {
+                ds
+            };
+            if let Some(dx) = dx {
+                if with_h {
+                    out[NORM_H] = Some(dx.shallow_clone());
+                }
+                out[NORM_X] = Some(dx);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Reduces each `(master, partial sums)` pair's partial sums (`[blocks, d]` f32) into the
+/// master's gradient: added into its `.grad` where that is an f32 tensor of its shape (then
+/// none for autograd), else summed into a new one (converted to the master's dtype) that
+/// autograd adds or starts `.grad` with; none for a master that does not require grad. One
+/// launch where both masters are reduced the same way.
+fn reduce_into_masters(pairs: Vec<(&Tensor, Tensor)>) -> Result<Vec<Option<Tensor>>> {
+    // (partial sums, target, accumulate), for the masters that require grad
+    let mut targets = Vec::with_capacity(pairs.len());
+    for (master, part) in &pairs {
+        if !master.requires_grad() {
+            targets.push(None);
+            continue;
+        }
+        let acc = master.grad();
+        let into_grad = master.kind() == Kind::Float
+            && acc.defined()
+            && acc.kind() == Kind::Float
+            && acc.size() == master.size()
+            && acc.is_contiguous()
+            && acc.device() == part.device();
+        let target = if into_grad {
+            acc
+        } else {
+            Tensor::f_empty([part.size()[1]], (Kind::Float, part.device()))?
+        };
+        targets.push(Some((part, target, into_grad)));
+    }
+    let live: Vec<_> = targets.iter().flatten().collect();
+    match live.as_slice() {
+        [(pa, ta, a), (pb, tb, b)] if a == b => norm_reduce(pa, ta, Some((pb, tb)), *a)?,
+        _ => {
+            for (part, target, accumulate) in &live {
+                norm_reduce(part, target, None, *accumulate)?;
+            }
+        }
+    }
+    pairs
+        .iter()
+        .zip(targets)
+        .map(|((master, _), t)| match t {
+            Some((_, target, false)) => Ok(Some(
+                target.f_reshape(master.size())?.f_to_kind(master.kind())?,
+            )),
+            _ => Ok(None),
+        })
+        .collect()
+}
+
+unsafe extern "C" fn norm_callback(
+    op: i64,
+    phase: c_int,
+    inputs: *mut *mut c_void,
+    n_in: c_int,
+    outputs: *mut *mut c_void,
+    n_out: c_int,
+) -> c_int {
+    // SAFETY: the shim calls this with its callback contract, which `callback_body` needs.
+    unsafe { callback_body(op, phase, inputs, n_in, outputs, n_out, run_norm) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,5 +820,140 @@ mod tests {
             assert_eq!(FusedOp::from_code(op.code()).unwrap(), op);
         }
         assert!(FusedOp::from_code(99).is_err());
+    }
+
+    #[test]
+    fn norm_codes_round_trip() {
+        for norm in [NormOp::LayerNorm, NormOp::RmsNorm] {
+            for with_h in [false, true] {
+                assert_eq!(
+                    norm_from_code(norm_code(norm, with_h)).unwrap(),
+                    (norm, with_h)
+                );
+            }
+        }
+        assert!(norm_from_code(4).is_err());
+    }
+
+    /// The backward keeps what it reads, and never the residual branch `h`, which it does
+    /// not read (nor `x` where the residual sum `s` is an output).
+    #[test]
+    fn norm_backward_keeps_only_what_it_reads() {
+        let kept = |keep: u64| (0..NORM_INPUTS).filter(move |i| keep >> i & 1 == 1);
+        let with_h: Vec<usize> = kept(norm_keep(true)).collect();
+        assert!(!with_h.contains(&NORM_H) && !with_h.contains(&NORM_X));
+        for slot in [NORM_GAMMA, NORM_GAMMA_COPY, NORM_BETA, NORM_MEAN, NORM_RSTD] {
+            assert!(with_h.contains(&slot), "slot {slot}");
+        }
+        let without: Vec<usize> = kept(norm_keep(false)).collect();
+        assert!(without.contains(&NORM_X) && !without.contains(&NORM_H));
+    }
+
+    /// On a CPU (or with another eps) the op declines, and the caller's libtorch path runs.
+    #[test]
+    fn add_norm_declines_where_the_kernels_do_not_apply() {
+        let x = Tensor::ones([2, 3, 16], (Kind::Float, Device::Cpu));
+        let g = Tensor::ones([16], (Kind::Float, Device::Cpu));
+        let weight = || NormWeight {
+            master: &g,
+            copy: &g,
+        };
+        assert!(add_norm_op(&x, Some(&x), weight(), None, NORM_KERNEL_EPS)
+            .unwrap()
+            .is_none());
+        assert!(add_norm_op(&x, None, weight(), Some(weight()), 1e-6)
+            .unwrap()
+            .is_none());
+    }
+
+    /// A two-output op for [`two_outputs_reach_autograd`]: `(a + b, a · b)`, whose backward
+    /// keeps `a` alone (it finds `b` as `(a + b) - a`, from the saved outputs).
+    fn run_pair(_op: i64, phase: Phase, ins: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
+        match phase {
+            Phase::Forward => Ok(vec![
+                Some(ins[0].f_add(&ins[1])?),
+                Some(ins[0].f_mul(&ins[1])?),
+            ]),
+            Phase::Backward => {
+                let [a, b, sum, _prod, g_sum, g_prod] = ins.as_slice() else {
+                    bail!("{} tensors for the backward", ins.len());
+                };
+                if b.defined() {
+                    bail!("b was kept for the backward");
+                }
+                for g in [g_sum, g_prod] {
+                    if g.defined() && g.f_abs()?.f_max()?.f_double_value(&[])? == 0.0 {
+                        bail!("an unused output's gradient was made zeros");
+                    }
+                }
+                let b = sum.f_sub(a)?;
+                let mut ga = a.f_zeros_like()?;
+                let mut gb = a.f_zeros_like()?;
+                if g_sum.defined() {
+                    ga = ga.f_add(g_sum)?;
+                    gb = gb.f_add(g_sum)?;
+                }
+                if g_prod.defined() {
+                    ga = ga.f_add(&g_prod.f_mul(&b)?)?;
+                    gb = gb.f_add(&g_prod.f_mul(a)?)?;
+                }
+                Ok(vec![Some(ga), Some(gb)])
+            }
+        }
+    }
+
+    unsafe extern "C" fn pair_callback(
+        op: i64,
+        phase: c_int,
+        inputs: *mut *mut c_void,
+        n_in: c_int,
+        outputs: *mut *mut c_void,
+        n_out: c_int,
+    ) -> c_int {
+        // SAFETY: the shim calls this with its callback contract.
+        unsafe { callback_body(op, phase, inputs, n_in, outputs, n_out, run_pair) }
+    }
+
+    /// The shim's multi-output function: both outputs' values, both gradients back to the
+    /// inputs, an unused output's gradient undefined (not zeros), and only the kept inputs
+    /// saved for the backward.
+    #[test]
+    fn two_outputs_reach_autograd() {
+        let leaf = |v: &[f64]| Tensor::from_slice(v).set_requires_grad(true);
+        let (a, b) = (leaf(&[1.0, 2.0, -3.0]), leaf(&[4.0, -5.0, 0.5]));
+        let outs = apply_multi(
+            pair_callback,
+            0,
+            vec![a.shallow_clone(), b.shallow_clone()],
+            2,
+            1,
+        )
+        .unwrap();
+        assert_eq!(outs.len(), 2);
+        assert_eq!(Vec::<f64>::try_from(&outs[0]).unwrap(), [5.0, -3.0, -2.5]);
+        assert_eq!(Vec::<f64>::try_from(&outs[1]).unwrap(), [4.0, -10.0, -1.5]);
+        // 3·(a + b) + a·b
+        outs[0]
+            .f_mul_scalar(3.0)
+            .unwrap()
+            .f_add(&outs[1])
+            .unwrap()
+            .sum(Kind::Double)
+            .backward();
+        assert_eq!(Vec::<f64>::try_from(&a.grad()).unwrap(), [7.0, -2.0, 3.5]);
+        assert_eq!(Vec::<f64>::try_from(&b.grad()).unwrap(), [4.0, 5.0, 0.0]);
+        // the product alone: the sum's gradient is undefined, not zeros
+        let (a, b) = (leaf(&[1.0, 2.0, -3.0]), leaf(&[4.0, -5.0, 0.5]));
+        let outs = apply_multi(
+            pair_callback,
+            0,
+            vec![a.shallow_clone(), b.shallow_clone()],
+            2,
+            1,
+        )
+        .unwrap();
+        outs[1].sum(Kind::Double).backward();
+        assert_eq!(Vec::<f64>::try_from(&a.grad()).unwrap(), [4.0, -5.0, 0.5]);
+        assert_eq!(Vec::<f64>::try_from(&b.grad()).unwrap(), [1.0, 2.0, -3.0]);
     }
 }

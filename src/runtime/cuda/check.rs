@@ -9,7 +9,10 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::autograd::{bias_act_op, combine_op, cross_entropy_rows, dispatch_op, swiglu_op};
+use super::autograd::{
+    add_norm_op, bias_act_op, combine_op, cross_entropy_rows, dispatch_op, swiglu_op, NormOp,
+    NormWeight,
+};
 use super::kernels::EpilogueAct;
 use super::ops::{
     act_ref, expert_order, gather_rows, kept_rows, key_positions, plan_kernels_apply, row_dots,
@@ -180,6 +183,9 @@ pub fn self_check(device: Device) -> Result<Vec<String>> {
     check_plans(&mut c, device)?;
     for &kind in kinds {
         check_lm_loss(&mut c, device, kind)?;
+    }
+    for &kind in kinds {
+        check_add_norm(&mut c, device, kind)?;
     }
     if c.failed > 0 {
         bail!(
@@ -420,6 +426,158 @@ fn check_lm_loss(c: &mut Checks, device: Device, kind: Kind) -> Result<()> {
             &l64.grad(),
             tol,
         )?;
+    }
+    Ok(())
+}
+
+/// The fused residual add and norm ([`add_norm_op`]), LayerNorm and RMSNorm, with and
+/// without the residual branch, against libtorch's add and `layer_norm`/`rms_norm` with
+/// autograd in f64 on the CPU (the sum rounded to `kind` as libtorch's add rounds it, the
+/// weights the op's copies in `kind`): `s`, `y` and the gradients of `x`, `h`, the gain and
+/// the bias for seeds on both outputs. Each case runs twice: the first backward starts the
+/// f32 masters' `.grad`, the second adds into it (twice the reference). Widths 1024, 4096,
+/// 1000 (an odd multiple of 8) and 8192 (the widest the kernels take), row counts of no
+/// round size; a width past that and a width not a multiple of 8 are declined (libtorch
+/// runs). On a CPU the op declines, which is all there is to check.
+fn check_add_norm(c: &mut Checks, device: Device, kind: Kind) -> Result<()> {
+    let cpu = Device::Cpu;
+    if !device.is_cuda() {
+        let x = randn(&[3, 64], kind)?;
+        let g = Tensor::f_ones([64], (Kind::Float, cpu))?;
+        let gamma = NormWeight {
+            master: &g,
+            copy: &g,
+        };
+        let declined = add_norm_op(&x, Some(&x), gamma, None, 1e-5)?.is_none();
+        c.record(
+            format!("{:<26} {kind:?}", "add_norm_op on the CPU"),
+            declined,
+            "declined".into(),
+        );
+        return Ok(());
+    }
+    let tol = tol_of(kind);
+    for &(rows, d) in &[
+        (37i64, 1024i64),
+        (4099, 1024),
+        (1031, 4096),
+        (517, 1000),
+        (67, 8192),
+    ] {
+        for norm in [NormOp::LayerNorm, NormOp::RmsNorm] {
+            for with_h in [true, false] {
+                let label = |name: &str| {
+                    format!("{name:<26} {kind:?} {norm:?} h={with_h} rows={rows} d={d}")
+                };
+                check_add_norm_case(c, device, kind, tol, (rows, d), norm, with_h, &label)?;
+            }
+        }
+    }
+    for d in [8200i64, 1004] {
+        let x = randn(&[5, d], kind)?.f_to_device(device)?;
+        let g = Tensor::f_ones([d], (Kind::Float, device))?;
+        let copy = g.f_to_kind(kind)?;
+        let gamma = NormWeight {
+            master: &g,
+            copy: &copy,
+        };
+        let declined = add_norm_op(&x, Some(&x), gamma, None, 1e-5)?.is_none();
+        c.record(
+            format!("{:<26} {kind:?} d={d}", "add_norm_op declines"),
+            declined,
+            "declined".into(),
+        );
+    }
+    Ok(())
+}
+
+/// One case of [`check_add_norm`].
+#[allow(clippy::too_many_arguments)]
+fn check_add_norm_case(
+    c: &mut Checks,
+    device: Device,
+    kind: Kind,
+    tol: f64,
+    (rows, d): (i64, i64),
+    norm: NormOp,
+    with_h: bool,
+    label: &dyn Fn(&str) -> String,
+) -> Result<()> {
+    let layer = norm == NormOp::LayerNorm;
+    // a mean and a spread of their own per row, as a residual stream has
+    let x = randn(&[rows, d], kind)?
+        .f_mul(&Tensor::f_rand([rows, 1], (Kind::Double, Device::Cpu))?.f_mul_scalar(3.0)?)?
+        .f_add(&randn(&[rows, 1], Kind::Double)?)?
+        .f_to_kind(kind)?;
+    let h = randn(&[rows, d], kind)?;
+    let gamma = randn(&[d], Kind::Float)?
+        .f_mul_scalar(0.2)?
+        .f_add_scalar(1.0)?;
+    let beta = randn(&[d], Kind::Float)?.f_mul_scalar(0.1)?;
+    let (gs, gy) = (randn(&[rows, d], kind)?, randn(&[rows, d], kind)?);
+    // the reference: the weights as the op reads them (its copies in `kind`)
+    let (x64, h64) = (leaf64(&x)?, leaf64(&h)?);
+    let g64 = leaf64(&gamma.f_to_kind(kind)?)?;
+    let b64 = leaf64(&beta.f_to_kind(kind)?)?;
+    let s64 = if with_h {
+        let sum = x64.f_add(&h64)?;
+        // rounded to `kind` as libtorch's add is, the gradient passed straight through
+        let rounded = sum.f_to_kind(kind)?.f_to_kind(Kind::Double)?;
+        sum.f_add(&rounded.f_sub(&sum)?.f_detach()?)?
+    } else {
+        x64.shallow_clone()
+    };
+    let y64 = if layer {
+        s64.f_layer_norm([d], Some(&g64), Some(&b64), 1e-5, false)?
+    } else {
+        s64.f_rms_norm([d], Some(&g64), 1e-5)?
+    };
+    let seeded = |s: &Tensor, y: &Tensor, k: Kind| -> Result<Tensor> {
+        let on = |g: &Tensor| g.f_to_device(s.device())?.f_to_kind(k);
+        Ok(s.f_to_kind(k)?
+            .f_mul(&on(&gs)?)?
+            .f_sum(k)?
+            .f_add(&y.f_to_kind(k)?.f_mul(&on(&gy)?)?.f_sum(k)?)?)
+    };
+    seeded(&s64, &y64, Kind::Double)?.f_backward()?;
+    // the op, twice: the masters' `.grad` started, then added into
+    let xd = x.f_to_device(device)?.f_set_requires_grad(true)?;
+    let hd = h.f_to_device(device)?.f_set_requires_grad(true)?;
+    let gm = gamma.f_to_device(device)?.f_set_requires_grad(true)?;
+    let bm = beta.f_to_device(device)?.f_set_requires_grad(true)?;
+    let (gc, bc) = (
+        gm.f_to_kind(kind)?.f_detach()?,
+        bm.f_to_kind(kind)?.f_detach()?,
+    );
+    for pass in 1..=2 {
+        poison(rows * d, kind, device)?;
+        let weight = |master, copy| NormWeight { master, copy };
+        let Some(out) = add_norm_op(
+            &xd,
+            with_h.then_some(&hd),
+            weight(&gm, &gc),
+            layer.then(|| weight(&bm, &bc)),
+            1e-5,
+        )?
+        else {
+            c.record(label("add_norm_op"), false, "declined".into());
+            return Ok(());
+        };
+        seeded(&out.s, &out.y, Kind::Float)?.f_backward()?;
+        let times = |t: &Tensor| t.f_mul_scalar(pass as f64);
+        let at = |name: &str| label(&format!("add_norm_op {name} #{pass}"));
+        if pass == 1 {
+            c.close(at("s"), &out.s, &s64, tol)?;
+            c.close(at("y"), &out.y, &y64, tol)?;
+        }
+        c.close(at("grad x"), &xd.grad(), &times(&x64.grad())?, tol)?;
+        if with_h {
+            c.close(at("grad h"), &hd.grad(), &times(&h64.grad())?, tol)?;
+        }
+        c.close(at("grad gain"), &gm.grad(), &times(&g64.grad())?, tol)?;
+        if layer {
+            c.close(at("grad bias"), &bm.grad(), &times(&b64.grad())?, tol)?;
+        }
     }
     Ok(())
 }

@@ -33,6 +33,8 @@ const SOURCE: &str = concat!(
     include_str!("kernels/draws.cu"),
     "\n",
     include_str!("kernels/fp8.cu"),
+    "\n",
+    include_str!("kernels/norm.cu"),
 );
 
 /// The element type of a kernel instance (its name's suffix).
@@ -166,6 +168,13 @@ pub enum Kernel {
     /// The transposed FP8 copy of an activation's output, computed on load from its input(s)
     /// as [`Kernel::Fp8ActQuantRows`] computes it (the output itself is never written).
     Fp8ActQuantTranspose(Fp8Act, Elem),
+    /// The residual add and the LayerNorm/RMSNorm that reads it, one pass per row.
+    NormFwd(Elem),
+    /// Its backward: the input's gradient per row and the gain's/bias's per-block partial
+    /// sums.
+    NormBwd(Elem),
+    /// The sum of those partial sums (f32), into the gradient or added to it.
+    NormReduce,
 }
 
 /// The type of one kernel parameter, as the `.cu` declares it.
@@ -213,6 +222,9 @@ impl Kernel {
         }
         all.push(Kernel::Fp8ScalesFromAmax);
         all.push(Kernel::Fp8PaddedEnds);
+        all.extend(Elem::BOTH.map(Kernel::NormFwd));
+        all.extend(Elem::BOTH.map(Kernel::NormBwd));
+        all.push(Kernel::NormReduce);
         all
     }
 
@@ -298,6 +310,9 @@ impl Kernel {
                 },
                 e,
             ),
+            Kernel::NormFwd(e) => typed("norm_fwd", e),
+            Kernel::NormBwd(e) => typed("norm_bwd", e),
+            Kernel::NormReduce => "norm_reduce".into(),
         }
     }
 
@@ -348,6 +363,15 @@ impl Kernel {
             Kernel::Fp8QuantTranspose(_) | Kernel::Fp8ActQuantTranspose(..) => {
                 &[P, P, P, P, I, P, P, L, I, L, L, I]
             }
+            // (x, h or null, gamma, beta or null, s or null, y, mean or null, rstd, rows, d,
+            // rms)
+            Kernel::NormFwd(_) => &[P, P, P, P, P, P, P, P, L, I, I],
+            // (dy, ds or null, s, gamma, mean or null, rstd, dx, gain partials, bias partials
+            // or null, rows, d)
+            Kernel::NormBwd(_) => &[P, P, P, P, P, P, P, P, P, L, I],
+            // (gain partials, gain gradient, bias partials or null, bias gradient or null,
+            // partial rows, d, accumulate)
+            Kernel::NormReduce => &[P, P, P, P, I, I, I],
         }
     }
 }

@@ -15,6 +15,13 @@
 //! atomics; the dispatch plan's stable expert order and the capacity queue positions come
 //! from three kernels instead of a sort.
 //!
+//! The pre-norm blocks' residual add and the LayerNorm/RMSNorm that reads it are one kernel
+//! ([`add_norm_op`], `kernels/norm.cu`: `s = x + h`, `y = norm(s)`), with a one-pass
+//! backward whose gain and bias gradients are reduced from per-block partial sums into the
+//! f32 masters' `.grad` (libtorch's gain/bias reduction, `GammaBetaBackward`, was half of
+//! LayerNorm's time in a GPT-2-medium-MoE step). `FMOEC_FUSED_NORM=0` keeps libtorch's add
+//! and norm, for timing one against the other.
+//!
 //! Nothing in this folder imports the rest of the runtime: the MoE layer, the casts and the
 //! trainer call in, never the other way.
 
@@ -25,7 +32,10 @@ pub mod kernels;
 pub mod ops;
 pub mod quant;
 
-pub use autograd::{bias_act_op, cast_op, combine_op, cross_entropy_rows, dispatch_op, swiglu_op};
+pub use autograd::{
+    add_norm_op, bias_act_op, cast_op, combine_op, cross_entropy_rows, dispatch_op, swiglu_op,
+    NormWeight,
+};
 pub(crate) use device::shim_error;
 pub use device::{current_stream, empty_cache, memory, reset_peak_memory, Event};
 pub use kernels::{kernels_ready, warn_unavailable, EpilogueAct};

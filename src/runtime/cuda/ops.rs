@@ -9,10 +9,12 @@
 
 use std::ffi::c_int;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
-use super::kernels::{device_index, launch, ptr, Arg, Elem, EpilogueAct, Grid, Kernel};
+use super::kernels::{
+    device_index, launch, ptr, resident_blocks, Arg, Elem, EpilogueAct, Grid, Kernel,
+};
 
 /// Launches a row kernel of signature `(src, index, k, f32 weights or null, out, n, d)`
 /// (`gather_rows_*`, `sum_rows_*`) writing `n` rows of `src`'s width, on `blocks` blocks.
@@ -590,4 +592,252 @@ pub(crate) fn xent_backward(
     let grad = logits.f_empty_like()?;
     launch_xent(Kernel::XentBwd, logits, &[target, lse, &g, &grad])?;
     Ok(grad)
+}
+
+/// The epsilon the norm kernels add to the variance (`norm.cu`; libtorch's default).
+pub const NORM_KERNEL_EPS: f64 = 1e-5;
+
+/// The values of a row each thread of the norm kernels holds (`NORM_HELD` in `norm.cu`).
+const NORM_HELD: i64 = 16;
+/// The most threads a block of the norm kernels has (`NORM_THREADS_MAX` in `norm.cu`).
+const NORM_THREADS_MAX: i64 = 512;
+
+/// The threads of a block of the norm kernels for rows of `d` values of `elem` (a multiple
+/// of 32, each thread holding at most [`NORM_HELD`] values of the row), or `None` where the
+/// kernels do not take such rows: `d` not a positive multiple of 8, or wider than a block
+/// holds (8192 values: 512 threads of 16).
+pub fn norm_threads(elem: Elem, d: i64) -> Option<u32> {
+    if d <= 0 || d % 8 != 0 {
+        return None;
+    }
+    let per_thread = NORM_HELD / elem.per_vector();
+    let vectors = d / elem.per_vector();
+    let threads = (vectors + per_thread - 1) / per_thread;
+    let threads = (threads + 31) / 32 * 32;
+    (threads <= NORM_THREADS_MAX).then_some(threads as u32)
+}
+
+/// The blocks of the norm's backward for `rows` rows when `resident` of its blocks fit on
+/// the device at once: at most one wave, and at least [`NORM_BACKWARD_ROWS`] rows a block
+/// (each block writes its gain and bias sums as one row of f32 partial sums each, which the
+/// reduction reads again: with a block per row they would be four times the bytes of the
+/// bf16 rows themselves).
+pub fn norm_backward_blocks(rows: i64, resident: i64) -> i64 {
+    ((rows + NORM_BACKWARD_ROWS - 1) / NORM_BACKWARD_ROWS)
+        .min(resident)
+        .max(1)
+}
+
+/// The fewest rows a block of the norm's backward runs, where the rows allow
+/// ([`norm_backward_blocks`]).
+const NORM_BACKWARD_ROWS: i64 = 8;
+
+/// The element type and block size of the norm kernels for `x` (`[.., d]`), the residual
+/// branch `h` (`x`'s shape, or none), the gain and the bias (`[d]`), all in `x`'s dtype and
+/// contiguous; `None` where the kernels do not apply (not CUDA, another dtype, unaligned,
+/// no rows, `d` not a multiple of 8 or past [`norm_threads`]'s limit), and libtorch runs.
+pub fn norm_kernel_fits(
+    x: &Tensor,
+    h: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+) -> Option<(Elem, u32)> {
+    let elem = Elem::of(x)?;
+    let d = *x.size().last()?;
+    let same = |t: &Tensor, size: &[i64]| {
+        Elem::of(t) == Some(elem) && t.size() == size && t.is_contiguous()
+    };
+    if !x.is_contiguous()
+        || x.numel() == 0
+        || !h.is_none_or(|h| same(h, &x.size()))
+        || !same(gamma, &[d])
+        || !beta.is_none_or(|b| same(b, &[d]))
+    {
+        return None;
+    }
+    Some((elem, norm_threads(elem, d)?))
+}
+
+/// What the norm's forward wrote: the residual sum `s` (`x + h`; none without `h`), the
+/// output `y`, and per row the mean (LayerNorm) and `rstd` in f32, for the backward.
+pub struct NormForward {
+    pub s: Option<Tensor>,
+    pub y: Tensor,
+}
+
+/// `s = x + h` and `y = norm(s) · gamma (+ beta)` over rows of `x` (`[rows, d]`), one pass
+/// (`mean`, `rstd`: `[rows]` f32, written; `mean` none for RMSNorm, which `rms` asks for).
+/// The tensors must fit the kernels ([`norm_kernel_fits`]).
+pub fn norm_forward(
+    x: &Tensor,
+    h: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+    mean: Option<&Tensor>,
+    rstd: &Tensor,
+) -> Result<NormForward> {
+    let (elem, threads) =
+        norm_kernel_fits(x, h, gamma, beta).context("fused norm: unsupported tensors")?;
+    let (rows, d) = x.size2()?;
+    let s = h.map(|h| h.f_empty_like()).transpose()?;
+    let y = x.f_empty_like()?;
+    launch(
+        device_index(x),
+        Kernel::NormFwd(elem),
+        Grid::linear(rows, threads),
+        &[
+            ptr(Some(x)),
+            ptr(h),
+            ptr(Some(gamma)),
+            ptr(beta),
+            ptr(s.as_ref()),
+            ptr(Some(&y)),
+            ptr(mean),
+            ptr(Some(rstd)),
+            Arg::I64(rows),
+            Arg::I32(d as c_int),
+            Arg::I32(mean.is_none() as c_int),
+        ],
+    )?;
+    Ok(NormForward { s, y })
+}
+
+/// The backward of [`norm_forward`] for the output gradient `dy` and the gradient `ds`
+/// reaching `s` from later (none where none does): `dx = ds + norm'(dy)` (the gradient of
+/// both `x` and `h`), and the gain's (and, with `mean`, LayerNorm's, the bias's) gradients as
+/// per-block partial sums, `[blocks, d]` f32 each, for [`norm_reduce`]. `s` is the residual
+/// sum (`x` where there was no `h`).
+pub fn norm_backward(
+    dy: &Tensor,
+    ds: Option<&Tensor>,
+    s: &Tensor,
+    gamma: &Tensor,
+    mean: Option<&Tensor>,
+    rstd: &Tensor,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (elem, threads) =
+        norm_kernel_fits(s, Some(dy), gamma, None).context("fused norm: unsupported tensors")?;
+    if ds.is_some_and(|ds| norm_kernel_fits(s, Some(ds), gamma, None).is_none()) {
+        bail!("fused norm: the residual's gradient does not fit the kernels");
+    }
+    let (rows, d) = s.size2()?;
+    let device = device_index(s);
+    let blocks = norm_backward_blocks(
+        rows,
+        resident_blocks(device, Kernel::NormBwd(elem), threads, 0)?,
+    );
+    let dx = s.f_empty_like()?;
+    let f32s = (Kind::Float, s.device());
+    let dgamma = Tensor::f_empty([blocks, d], f32s)?;
+    let dbeta = mean
+        .map(|_| Tensor::f_empty([blocks, d], f32s))
+        .transpose()?;
+    launch(
+        device,
+        Kernel::NormBwd(elem),
+        Grid::linear(blocks, threads),
+        &[
+            ptr(Some(dy)),
+            ptr(ds),
+            ptr(Some(s)),
+            ptr(Some(gamma)),
+            ptr(mean),
+            ptr(Some(rstd)),
+            ptr(Some(&dx)),
+            ptr(Some(&dgamma)),
+            ptr(dbeta.as_ref()),
+            Arg::I64(rows),
+            Arg::I32(d as c_int),
+        ],
+    )?;
+    Ok((dx, dgamma, dbeta))
+}
+
+/// Adds up the partial sums of [`norm_backward`] (`[blocks, d]` f32) of the gain (and the
+/// bias) into `out_gamma` (and `out_beta`), `[d]` f32 contiguous: added to what they hold
+/// with `accumulate`, else overwritten.
+pub fn norm_reduce(
+    part_gamma: &Tensor,
+    out_gamma: &Tensor,
+    beta: Option<(&Tensor, &Tensor)>,
+    accumulate: bool,
+) -> Result<()> {
+    let (parts, d) = part_gamma.size2()?;
+    let fits = |t: &Tensor| t.kind() == Kind::Float && t.is_contiguous() && t.numel() as i64 == d;
+    if !fits(out_gamma) || !beta.is_none_or(|(_, out)| fits(out)) {
+        bail!("fused norm: the gradients to reduce into are not [{d}] f32");
+    }
+    launch(
+        device_index(part_gamma),
+        Kernel::NormReduce,
+        Grid {
+            blocks: (d + 31) / 32,
+            blocks_y: if beta.is_some() { 2 } else { 1 },
+            threads: 1024,
+            shared_bytes: 0,
+        },
+        &[
+            ptr(Some(part_gamma)),
+            ptr(Some(out_gamma)),
+            ptr(beta.map(|(part, _)| part)),
+            ptr(beta.map(|(_, out)| out)),
+            Arg::I32(parts as c_int),
+            Arg::I32(d as c_int),
+            Arg::I32(accumulate as c_int),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// Rows up to 8192 wide take one block of at most 512 threads, a multiple of 32, each
+    /// thread holding 16 values (two bf16 vectors or four f32 ones) or fewer; other widths
+    /// fall back to libtorch.
+    #[test]
+    fn norm_blocks_hold_a_row() {
+        for elem in [Elem::Bf16, Elem::F32] {
+            for d in (8..=8192).step_by(8) {
+                let threads = norm_threads(elem, d).unwrap_or_else(|| panic!("{elem:?} d={d}"));
+                assert!(
+                    threads % 32 == 0 && threads <= 512,
+                    "{elem:?} d={d}: {threads}"
+                );
+                // enough threads for the row, and no warp without a value of it
+                assert!(threads as i64 * NORM_HELD >= d, "{elem:?} d={d}: {threads}");
+                assert!(
+                    (threads as i64 - 32) * NORM_HELD < d,
+                    "{elem:?} d={d}: {threads}"
+                );
+            }
+            assert_eq!(norm_threads(elem, 1024), Some(64));
+            assert_eq!(norm_threads(elem, 8192), Some(512));
+            for d in [0, -8, 4, 1004, 8200, 16384] {
+                assert_eq!(norm_threads(elem, d), None, "{elem:?} d={d}");
+            }
+        }
+    }
+
+    /// The backward runs at most one wave of blocks, each of at least 8 rows where there are
+    /// that many.
+    #[test]
+    fn norm_backward_runs_one_wave_of_8_rows_a_block() {
+        assert_eq!(norm_backward_blocks(8192, 1584), 1024);
+        assert_eq!(norm_backward_blocks(65536, 1584), 1584);
+        assert_eq!(norm_backward_blocks(37, 1584), 5);
+        assert_eq!(norm_backward_blocks(3, 1584), 1);
+        assert_eq!(norm_backward_blocks(1, 0), 1);
+    }
+
+    /// CPU tensors, other dtypes, mismatched shapes and unaligned rows are not the kernels'.
+    #[test]
+    fn norm_kernels_take_only_what_they_fit() {
+        let cpu = (Kind::Float, Device::Cpu);
+        let x = Tensor::ones([4, 64], cpu);
+        let g = Tensor::ones([64], cpu);
+        assert!(norm_kernel_fits(&x, Some(&x), &g, Some(&g)).is_none());
+        assert!(norm_kernel_fits(&x, None, &g, None).is_none());
+    }
 }

@@ -1,9 +1,9 @@
 // fmoec's C++ shim over libtorch pieces that tch does not expose: the current CUDA stream
-// of a device, the caching allocator's statistics, one autograd Function whose forward
-// and backward call back into Rust (tch has no custom autograd), CUDA graphs (capture
-// of torch's work on a side stream, replay), and libtorch's multi-tensor kernels for the
-// optimizer step (fused AdamW, one norm and one scaling over a list of gradients), and
-// libtorch's profiler (Kineto) for `fmoec run --trace`. Built by
+// of a device, the caching allocator's statistics, autograd Functions (one output, or
+// several) whose forward and backward call back into Rust (tch has no custom autograd),
+// CUDA graphs (capture of torch's work on a side stream, replay), and libtorch's
+// multi-tensor kernels for the optimizer step (fused AdamW, one norm and one scaling over a
+// list of gradients), and libtorch's profiler (Kineto) for `fmoec run --trace`. Built by
 // build.rs (cc crate) with the `cuda` feature only, against torch's and CUDA's headers; it
 // needs no nvcc and no GPU to build. It knows nothing about fmoec's model or what the
 // callbacks compute. Every entry point that returns a status sets the thread's last error.
@@ -99,6 +99,65 @@ struct RustFunction : public torch::autograd::Function<RustFunction> {
     return result;
   }
 };
+
+// RustFunction with `n_out` outputs. Forward writes `n_out` outputs and saves the inputs
+// whose bit is set in `keep` (the others as undefined tensors: an input the backward does not
+// read is not held alive for it) and every output. Backward passes the callback the `n_in`
+// saved inputs, the `n_out` saved outputs and one gradient per output (undefined where none
+// reached it: gradients are not made zeros), and takes one gradient per input.
+struct RustFunctionMulti : public torch::autograd::Function<RustFunctionMulti> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                at::TensorList inputs, int64_t op,
+                                                int64_t callback, int64_t n_out, int64_t keep) {
+    ctx->set_materialize_grads(false);
+    auto cb = reinterpret_cast<fmoec_callback>(callback);
+    const int n = static_cast<int>(inputs.size());
+    std::vector<at::Tensor*> in(n);
+    for (int i = 0; i < n; ++i) in[i] = new at::Tensor(inputs[i]);
+    std::vector<at::Tensor*> out(n_out, nullptr);
+    if (cb(op, 0, in.data(), n, out.data(), static_cast<int>(n_out)) != 0) {
+      for (auto* p : out) delete p;
+      throw std::runtime_error("fmoec autograd op " + std::to_string(op) + ": forward failed");
+    }
+    torch::autograd::variable_list outputs;
+    outputs.reserve(n_out);
+    for (auto* p : out) outputs.push_back(take(p));
+    std::vector<at::Tensor> saved;
+    saved.reserve(n + n_out);
+    for (int i = 0; i < n; ++i) {
+      saved.push_back(i < 64 && ((keep >> i) & 1) ? inputs[i] : at::Tensor());
+    }
+    for (const auto& o : outputs) saved.push_back(o);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["op"] = op;
+    ctx->saved_data["callback"] = callback;
+    ctx->saved_data["n_in"] = static_cast<int64_t>(n);
+    return outputs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto op = ctx->saved_data["op"].toInt();
+    auto cb = reinterpret_cast<fmoec_callback>(ctx->saved_data["callback"].toInt());
+    const int n = static_cast<int>(ctx->saved_data["n_in"].toInt());
+    const int all = static_cast<int>(saved.size() + grads.size());
+    std::vector<at::Tensor*> in(all);
+    for (size_t i = 0; i < saved.size(); ++i) in[i] = new at::Tensor(saved[i]);
+    for (size_t i = 0; i < grads.size(); ++i) in[saved.size() + i] = new at::Tensor(grads[i]);
+    std::vector<at::Tensor*> out(n, nullptr);
+    if (cb(op, 1, in.data(), all, out.data(), n) != 0) {
+      for (auto* p : out) delete p;
+      throw std::runtime_error("fmoec autograd op " + std::to_string(op) + ": backward failed");
+    }
+    // one gradient per tensor input, then none for `op`, `callback`, `n_out` and `keep`
+    torch::autograd::variable_list result;
+    result.reserve(n + 4);
+    for (auto* p : out) result.push_back(take(p));
+    for (int i = 0; i < 4; ++i) result.push_back(at::Tensor());
+    return result;
+  }
+};
 }  // namespace
 
 extern "C" {
@@ -114,6 +173,27 @@ int fmoec_shim_apply(int64_t op, void* callback, at::Tensor** inputs, int n, at:
     at::Tensor r = RustFunction::apply(at::TensorList(list), op,
                                        reinterpret_cast<int64_t>(callback));
     *out = new at::Tensor(r);
+  });
+}
+
+// fmoec_shim_apply for an op with `n_out` outputs (RustFunctionMulti: the inputs of bit set
+// in `keep` and the outputs saved for the backward). On success returns 0 and `n_out` `new
+// at::Tensor` in out[0..n_out]; on error -1 and the message in fmoec_shim_last_error().
+int fmoec_shim_apply_multi(int64_t op, void* callback, at::Tensor** inputs, int n,
+                           at::Tensor** out, int n_out, int64_t keep) {
+  return guarded([&] {
+    std::vector<at::Tensor> list;
+    list.reserve(n);
+    for (int i = 0; i < n; ++i) list.push_back(*inputs[i]);
+    auto r = RustFunctionMulti::apply(at::TensorList(list), op,
+                                      reinterpret_cast<int64_t>(callback),
+                                      static_cast<int64_t>(n_out), keep);
+    if (static_cast<int>(r.size()) != n_out) {
+      throw std::runtime_error("fmoec autograd op " + std::to_string(op) + ": " +
+                               std::to_string(r.size()) + " outputs for " +
+                               std::to_string(n_out));
+    }
+    for (int i = 0; i < n_out; ++i) out[i] = new at::Tensor(r[i]);
   });
 }
 
