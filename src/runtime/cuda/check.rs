@@ -15,8 +15,8 @@ use super::autograd::{
 use super::kernels::EpilogueAct;
 use super::linear::linear_op;
 use super::ops::{
-    act_ref, expert_order, gather_rows, kept_rows, key_positions, plan_kernels_apply, row_dots,
-    sum_rows, RowOrder,
+    act_ref, column_sums, expert_order, gather_rows, kept_rows, key_positions, plan_kernels_apply,
+    row_dots, sum_rows, RowOrder,
 };
 
 /// The stable expert order of the slots `keys` (`[n]` int64, keys outside `[0, e)`
@@ -185,6 +185,7 @@ pub fn self_check(device: Device) -> Result<Vec<String>> {
         check_lm_loss(&mut c, device, kind)?;
     }
     for &kind in kinds {
+        check_column_sums(&mut c, device, kind)?;
         check_fused_linear(&mut c, device, kind)?;
     }
     if c.failed > 0 {
@@ -426,6 +427,36 @@ fn check_lm_loss(c: &mut Checks, device: Device, kind: Kind) -> Result<()> {
             &l64.grad(),
             tol,
         )?;
+    }
+    Ok(())
+}
+
+/// The column sums (a dense linear's bias gradient) against libtorch in f64, written fresh and
+/// added into an f32 vector that holds values already (tolerance 1e-5: f32 sums of the same
+/// values in both dtypes).
+fn check_column_sums(c: &mut Checks, device: Device, kind: Kind) -> Result<()> {
+    for &(rows, d) in &[(37i64, 64i64), (1000, 1032), (8192, 1024), (5, 4096)] {
+        let label = |name: &str| format!("{name:<26} {kind:?} rows={rows} d={d}");
+        let g = randn(&[rows, d], kind)?;
+        let before = randn(&[d], Kind::Float)?;
+        let want =
+            g.f_to_kind(Kind::Double)?
+                .f_sum_dim_intlist([0i64].as_slice(), false, Kind::Double)?;
+        let gd = g.f_to_device(device)?;
+        poison(d, Kind::Float, device)?;
+        match column_sums(&gd, None)? {
+            Some(got) => c.close(label("column_sums"), &got, &want, 1e-5)?,
+            None => c.record(label("column_sums"), false, "no sums".into()),
+        }
+        let acc = before.f_to_device(device)?.f_detach_copy()?;
+        let fresh = column_sums(&gd, Some(&acc))?;
+        c.record(
+            label("column_sums into in place"),
+            fresh.is_none(),
+            "added in place".into(),
+        );
+        let want_acc = want.f_add(&before.f_to_kind(Kind::Double)?)?;
+        c.close(label("column_sums into"), &acc, &want_acc, 1e-5)?;
     }
     Ok(())
 }

@@ -33,6 +33,8 @@ const SOURCE: &str = concat!(
     include_str!("kernels/draws.cu"),
     "\n",
     include_str!("kernels/fp8.cu"),
+    "\n",
+    include_str!("kernels/col_sums.cu"),
 );
 
 /// The element type of a kernel instance (its name's suffix).
@@ -166,6 +168,10 @@ pub enum Kernel {
     /// The transposed FP8 copy of an activation's output, computed on load from its input(s)
     /// as [`Kernel::Fp8ActQuantRows`] computes it (the output itself is never written).
     Fp8ActQuantTranspose(Fp8Act, Elem),
+    /// Column sums over chunks of rows, in f32 (a dense linear's bias gradient, first pass).
+    ColSumsPart(Elem),
+    /// The chunks' column sums added up, into or over an f32 vector (second pass).
+    ColSumsFinish,
 }
 
 /// The type of one kernel parameter, as the `.cu` declares it.
@@ -210,9 +216,11 @@ impl Kernel {
                 Kernel::Fp8ColmaxReduce(e),
                 Kernel::Fp8QuantTranspose(e),
             ]);
+            all.push(Kernel::ColSumsPart(e));
         }
         all.push(Kernel::Fp8ScalesFromAmax);
         all.push(Kernel::Fp8PaddedEnds);
+        all.push(Kernel::ColSumsFinish);
         all
     }
 
@@ -298,6 +306,8 @@ impl Kernel {
                 },
                 e,
             ),
+            Kernel::ColSumsPart(e) => typed("col_sums_part", e),
+            Kernel::ColSumsFinish => "col_sums_finish".into(),
         }
     }
 
@@ -348,6 +358,10 @@ impl Kernel {
             Kernel::Fp8QuantTranspose(_) | Kernel::Fp8ActQuantTranspose(..) => {
                 &[P, P, P, P, I, P, P, L, I, L, L, I]
             }
+            // (g, partial, rows, d, chunk rows)
+            Kernel::ColSumsPart(_) => &[P, P, L, I, L],
+            // (partial, out, chunks, d, accumulate)
+            Kernel::ColSumsFinish => &[P, P, I, I, I],
         }
     }
 }

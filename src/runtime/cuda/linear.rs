@@ -13,7 +13,8 @@
 //!   is written in bf16 or read twice. Where the master has no `.grad` yet (the first
 //!   micro-batch), the f32 `mm` result is handed to autograd to start it;
 //! - `db`: the column sums of `dy` in f32, added into the bias master's `.grad` (or handed to
-//!   autograd to start it), without a bf16 round trip.
+//!   autograd to start it), without a bf16 round trip: on a GPU two kernel launches without
+//!   atomics (partial sums over chunks of rows, then their sum added into the `.grad`).
 //!
 //! The dtype-out GEMM is CUDA's with bf16 or f16 operands and an f32 master; elsewhere (the
 //! CPU, which tests the op) an `mm` in the compute dtype and an `add_` stand in for it. The
@@ -31,6 +32,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
 use super::autograd::{apply, callback_body, unused, Phase};
+use super::ops::column_sums;
 
 /// Whether `FMOEC_FUSED_LINEAR=0` asks for the unfused linear (the cast op's backward).
 pub fn switched_off() -> bool {
@@ -202,21 +204,20 @@ fn weight_gradient(master: &Tensor, x: &Tensor, g: &Tensor) -> Result<Option<Ten
     }
 }
 
-/// The bias's gradient, the column sums of `g` (`[T, N]`), in f32 when `g` is bf16 or f16:
-/// added into the master's `.grad` where that exists (then none for autograd), else handed to
-/// autograd in the master's dtype.
+/// The bias's gradient, the column sums of `g` (`[T, N]`) in f32 when `g` is bf16 or f16
+/// ([`column_sums`]: on a GPU the kernels' second pass adds them into the `.grad`): added into
+/// the master's `.grad` where that exists (then none for autograd), else handed to autograd in
+/// the master's dtype.
 fn bias_gradient(master: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-    let sum_kind = match g.kind() {
-        Kind::BFloat16 | Kind::Half => Kind::Float,
-        other => other,
-    };
-    let sums = g.f_sum_dim_intlist([0i64].as_slice(), false, sum_kind)?;
     match existing_grad(master) {
-        Some(mut acc) => {
-            let _ = acc.f_add_(&sums)?;
+        Some(acc) => {
+            column_sums(g, Some(&acc))?;
             Ok(None)
         }
-        None => Ok(Some(sums.f_to_kind(master.kind())?)),
+        None => match column_sums(g, None)? {
+            Some(sums) => Ok(Some(sums.f_to_kind(master.kind())?)),
+            None => bail!("linear: column sums without a destination returned none"),
+        },
     }
 }
 
