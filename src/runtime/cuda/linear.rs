@@ -18,8 +18,9 @@
 //!
 //! The dtype-out GEMM is CUDA's with bf16 or f16 operands and an f32 master; elsewhere (the
 //! CPU, which tests the op) an `mm` in the compute dtype and an `add_` stand in for it. The
-//! backward reads no value on the host and allocates only its outputs and the column sums, so
-//! it runs inside a CUDA graph capture. `moe::linear` uses it when the cast copies are handed
+//! backward reads no value on the host and allocates only its outputs and the column sums'
+//! partials (from the graph's own pool within a capture), so it runs inside a CUDA graph
+//! capture. `moe::linear` uses it when the cast copies are handed
 //! out and the tensors are on a GPU; `FMOEC_FUSED_LINEAR=0` keeps the earlier path (the cast
 //! op and autograd's own matmul backward), to time one against the other.
 //!
