@@ -9,9 +9,13 @@
 //! rewritten in place from the master at every [`begin_step`], through a shim op whose
 //! backward adds the bf16 gradient straight into the master's f32 gradient (one pass
 //! instead of a conversion and an add). The per-micro-batch forward casts disappear, and the
-//! gradients reach the masters with the same values as before. Without a graph it stays off
-//! by default: the shim op's backward calls back into Rust once per weight, and on the
-//! GPU-MoE example op by op an earlier variant (copies dropped every step, the gradient
+//! gradients reach the masters with the same values as before. The dense linears
+//! (`moe::linear`, on a GPU) take the copy itself ([`cached`]) into one op of their own
+//! (`runtime::cuda::linear`), whose backward has the weight gradient's GEMM accumulate into
+//! the master's f32 gradient and adds the bias's f32 column sums likewise, so no bf16
+//! gradient is written and read again (`FMOEC_FUSED_LINEAR=0`: through the shim op as every
+//! other weight). Without a graph the copies stay off by default: the shim op's backward
+//! calls back into Rust once per weight, and on the GPU-MoE example op by op an earlier variant (copies dropped every step, the gradient
 //! converted before autograd's add) measured +3-5% on one H200 lease and -8-12% on another
 //! (BENCHMARKS.md, session 3). With the graph they are worth 12% on GPT-2-medium-MoE (one H100,
 //! session 18: 135.7k -> 152.6k tokens/s); until then the graph runner dropped them when it
@@ -114,8 +118,20 @@ pub fn compute(w: &Tensor, kind: Kind) -> Result<Tensor> {
         return Ok(w.shallow_clone());
     }
     #[cfg(feature = "cuda")]
-    if w.requires_grad() {
-        let copy = cache::CACHE.with(|c| -> Result<Option<Tensor>> {
+    if let Some(copy) = cached(w, kind)? {
+        return crate::runtime::cuda::cast_op(w, &copy);
+    }
+    Ok(w.f_to_kind(kind)?)
+}
+
+/// The copy of the master `w` in `kind` that [`compute`] hands out (made on first use), as a
+/// plain tensor that does not require grad, for an op that routes the gradient to `w` itself
+/// (`runtime::cuda::linear`): within a step with the copies on and `w` a master requiring
+/// grad in another dtype; otherwise none.
+pub fn cached(w: &Tensor, kind: Kind) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if w.kind() != kind && w.requires_grad() {
+        return cache::CACHE.with(|c| -> Result<Option<Tensor>> {
             let mut c = c.borrow_mut();
             let Some(cache) = c.as_mut().filter(|c| c.in_step) else {
                 return Ok(None);
@@ -129,12 +145,10 @@ pub fn compute(w: &Tensor, kind: Kind) -> Result<Tensor> {
                 .copies
                 .insert(key, (w.shallow_clone(), copy.shallow_clone()));
             Ok(Some(copy))
-        })?;
-        if let Some(copy) = copy {
-            return crate::runtime::cuda::cast_op(w, &copy);
-        }
+        });
     }
-    Ok(w.f_to_kind(kind)?)
+    let _ = (w, kind);
+    Ok(None)
 }
 
 #[cfg(all(test, feature = "cuda"))]

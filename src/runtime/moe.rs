@@ -1271,8 +1271,15 @@ pub fn project(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fp8: bool) -> Result<
 
 /// `x · w (+ b)` in `x`'s dtype over the last dimension (`w` is `[in, out]`). With a bias it
 /// is one `addmm` on the 2-D view, which libtorch runs with the bias in cuBLASLt's epilogue
-/// on a GPU instead of a separate broadcast add.
+/// on a GPU instead of a separate broadcast add. On a GPU with the cast copies handed out
+/// (`runtime::cast`), the same forward through `runtime::cuda::linear`'s op, whose backward
+/// accumulates the weight and bias gradients straight into the f32 masters
+/// (`FMOEC_FUSED_LINEAR=0` keeps the cast op).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = fused_linear(x, w, b)? {
+        return Ok(out);
+    }
     let kind = x.kind();
     let w = cast::compute(w, kind)?;
     let Some(b) = b else {
@@ -1285,6 +1292,29 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let x2 = x.f_reshape([-1, *last])?;
     *last = w.size()[1];
     Ok(cast::compute(b, kind)?.f_addmm(&x2, &w)?.f_reshape(shape)?)
+}
+
+/// [`linear`] as `runtime::cuda::linear`'s op where it applies: `x` on a GPU, the switch on,
+/// and the cast copies of `w` (and of `b`) handed out; otherwise none.
+#[cfg(feature = "cuda")]
+fn fused_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    use crate::runtime::cuda::linear::{linear_op, switched_off};
+    if !x.device().is_cuda() || switched_off() {
+        return Ok(None);
+    }
+    let kind = x.kind();
+    let Some(w_copy) = cast::cached(w, kind)? else {
+        return Ok(None);
+    };
+    let b_copy = match b {
+        Some(b) => match cast::cached(b, kind)? {
+            Some(copy) => Some(copy),
+            None => return Ok(None),
+        },
+        None => None,
+    };
+    let bias = b.zip(b_copy.as_ref());
+    Ok(Some(linear_op(x, w, &w_copy, bias)?))
 }
 
 /// One MoE feed-forward layer: gate, routed experts and optional shared experts.
@@ -1620,5 +1650,86 @@ impl LayerSchedule {
             }
         }
         Ok(Some(Tensor::f_from_slice(&flags)?.f_to_device(device)?))
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    use super::linear;
+    use crate::runtime::cuda::linear::linear_op;
+
+    /// A master `[shape]` in f32 requiring grad, with `.grad` already holding `preset` when
+    /// given (as after an earlier micro-batch or a zeroed step).
+    fn master(values: &Tensor, preset: Option<&Tensor>) -> Tensor {
+        let m = values.detach().set_requires_grad(true);
+        if let Some(p) = preset {
+            m.multiply(p).sum(Kind::Float).backward();
+        }
+        m
+    }
+
+    /// The fused linear's CPU path (f64 compute standing in for bf16 on f32 masters, `mm` and
+    /// `add_` standing in for the dtype-out GEMM) gives the output and the gradients of plain
+    /// autograd through [`linear`] (no cast copies: `to_kind` and `addmm`): with and without
+    /// a bias, 2-D and 3-D inputs, with and without a `.grad` on the masters before the first
+    /// of two micro-batches; the second accumulates into the same `.grad`.
+    #[test]
+    fn fused_linear_gives_the_gradients_of_linear() {
+        tch::manual_seed(17);
+        let f32_cpu = (Kind::Float, Device::Cpu);
+        let f64_cpu = (Kind::Double, Device::Cpu);
+        let (k, n) = (5i64, 7i64);
+        for shape in [vec![6i64, k], vec![2, 3, k]] {
+            let mut out_shape = shape.clone();
+            *out_shape.last_mut().unwrap() = n;
+            for with_bias in [false, true] {
+                for preset in [false, true] {
+                    let case = format!("x {shape:?}, bias {with_bias}, preset .grad {preset}");
+                    let (w0, b0) = (Tensor::randn([k, n], f32_cpu), Tensor::randn([n], f32_cpu));
+                    let (pw, pb) = (Tensor::randn([k, n], f32_cpu), Tensor::randn([n], f32_cpu));
+                    let (pw, pb) = (preset.then_some(&pw), preset.then_some(&pb));
+                    // fused: the masters and their copies; plain: masters of their own
+                    let (w, b) = (master(&w0, pw), master(&b0, pb));
+                    let (w_plain, b_plain) = (master(&w0, pw), master(&b0, pb));
+                    let w_copy = w.detach().to_kind(Kind::Double);
+                    let b_copy = b.detach().to_kind(Kind::Double);
+                    let mut grad_at = preset.then(|| w.grad().data_ptr() as usize);
+                    for mb in 0..2 {
+                        let x0 = Tensor::randn(shape.as_slice(), f64_cpu);
+                        let g = Tensor::randn(out_shape.as_slice(), f64_cpu);
+                        let x = x0.detach().set_requires_grad(true);
+                        let x_plain = x0.detach().set_requires_grad(true);
+                        let bias = with_bias.then_some((&b, &b_copy));
+                        let got = linear_op(&x, &w, &w_copy, bias).unwrap();
+                        let want =
+                            linear(&x_plain, &w_plain, with_bias.then_some(&b_plain)).unwrap();
+                        assert_eq!(got.size(), out_shape, "{case}");
+                        assert!(got.allclose(&want, 1e-12, 1e-12, false), "{case}");
+                        got.multiply(&g).sum(Kind::Double).backward();
+                        want.multiply(&g).sum(Kind::Double).backward();
+                        let close = |a: &Tensor, b: &Tensor| a.allclose(b, 1e-6, 1e-6, false);
+                        assert!(close(&x.grad(), &x_plain.grad()), "{case}: dx, mb {mb}");
+                        assert_eq!(w.grad().kind(), Kind::Float, "{case}");
+                        assert!(close(&w.grad(), &w_plain.grad()), "{case}: dw, mb {mb}");
+                        if with_bias {
+                            assert_eq!(b.grad().kind(), Kind::Float, "{case}");
+                            assert!(close(&b.grad(), &b_plain.grad()), "{case}: db, mb {mb}");
+                        } else if let Some(pb) = pb {
+                            assert!(b.grad().equal(pb), "{case}: an unused bias's .grad");
+                        } else {
+                            assert!(!b.grad().defined(), "{case}: an unused bias's .grad");
+                        }
+                        // every micro-batch after the master has a .grad adds into it in place
+                        let at = w.grad().data_ptr() as usize;
+                        if let Some(before) = grad_at {
+                            assert_eq!(at, before, "{case}: .grad replaced in mb {mb}");
+                        }
+                        grad_at = Some(at);
+                    }
+                }
+            }
+        }
     }
 }

@@ -10,13 +10,14 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::autograd::{
-    add_norm_op, bias_act_op, combine_op, cross_entropy_rows, dispatch_op, swiglu_op, NormOp,
-    NormWeight,
+    add_norm_op, bias_act_op, cast_op, combine_op, cross_entropy_rows, dispatch_op, swiglu_op,
+    NormOp, NormWeight,
 };
 use super::kernels::EpilogueAct;
+use super::linear::linear_op;
 use super::ops::{
-    act_ref, expert_order, gather_rows, kept_rows, key_positions, plan_kernels_apply, row_dots,
-    sum_rows, RowOrder,
+    act_ref, column_sums, expert_order, gather_rows, kept_rows, key_positions, plan_kernels_apply,
+    row_dots, sum_rows, RowOrder,
 };
 
 /// The stable expert order of the slots `keys` (`[n]` int64, keys outside `[0, e)`
@@ -186,6 +187,8 @@ pub fn self_check(device: Device) -> Result<Vec<String>> {
     }
     for &kind in kinds {
         check_add_norm(&mut c, device, kind)?;
+        check_column_sums(&mut c, device, kind)?;
+        check_fused_linear(&mut c, device, kind)?;
     }
     if c.failed > 0 {
         bail!(
@@ -577,6 +580,150 @@ fn check_add_norm_case(
         c.close(at("grad gain"), &gm.grad(), &times(&g64.grad())?, tol)?;
         if layer {
             c.close(at("grad bias"), &bm.grad(), &times(&b64.grad())?, tol)?;
+        }
+    }
+    Ok(())
+}
+
+/// The column sums (a dense linear's bias gradient) against libtorch in f64, written fresh and
+/// added into an f32 vector that holds values already (tolerance 1e-5: f32 sums of the same
+/// values in both dtypes).
+fn check_column_sums(c: &mut Checks, device: Device, kind: Kind) -> Result<()> {
+    for &(rows, d) in &[(37i64, 64i64), (1000, 1032), (8192, 1024), (5, 4096)] {
+        let label = |name: &str| format!("{name:<26} {kind:?} rows={rows} d={d}");
+        let g = randn(&[rows, d], kind)?;
+        let before = randn(&[d], Kind::Float)?;
+        let want =
+            g.f_to_kind(Kind::Double)?
+                .f_sum_dim_intlist([0i64].as_slice(), false, Kind::Double)?;
+        let gd = g.f_to_device(device)?;
+        poison(d, Kind::Float, device)?;
+        match column_sums(&gd, None)? {
+            Some(got) => c.close(label("column_sums"), &got, &want, 1e-5)?,
+            None => c.record(label("column_sums"), false, "no sums".into()),
+        }
+        let acc = before.f_to_device(device)?.f_detach_copy()?;
+        let fresh = column_sums(&gd, Some(&acc))?;
+        c.record(
+            label("column_sums into in place"),
+            fresh.is_none(),
+            "added in place".into(),
+        );
+        let want_acc = want.f_add(&before.f_to_kind(Kind::Double)?)?;
+        c.close(label("column_sums into"), &acc, &want_acc, 1e-5)?;
+    }
+    Ok(())
+}
+
+/// The dense linear whose backward accumulates into the f32 masters ([`linear_op`]) against
+/// the unfused path it replaces (the cast op on the same copies, libtorch's `addmm` and its
+/// backward) on the same device, and against libtorch in f64 on the CPU: the output and the
+/// input's gradient of each of two micro-batches, and the masters' gradients after both (the
+/// first starts each master's `.grad`, the second accumulates into it in place). Tolerances:
+/// the kernels' (8e-3 in bf16, 1e-5 in f32) for everything against the unfused path (which
+/// rounds each micro-batch's weight and bias gradients to bf16) and for the output and input
+/// gradient against f64; 1e-4 in bf16 for the fused masters' gradients against f64, which
+/// are accumulated in f32 from the bf16 operands.
+fn check_fused_linear(c: &mut Checks, device: Device, kind: Kind) -> Result<()> {
+    let tol = tol_of(kind);
+    let master_tol = if kind == Kind::BFloat16 { 1e-4 } else { tol };
+    // a leaf of its own on the device (`to_device` alone aliases on the CPU)
+    let leaf = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.f_to_device(device)?
+            .f_detach_copy()?
+            .f_set_requires_grad(true)?)
+    };
+    let copy_of = |m: &Tensor| -> Result<Tensor> { Ok(m.f_detach()?.f_to_kind(kind)?) };
+    for &(shape, n) in &[(&[37i64, 64][..], 96i64), (&[2, 256, 512][..], 768)] {
+        for with_bias in [false, true] {
+            let label =
+                |name: &str| format!("{name:<26} {kind:?} x={shape:?} n={n} bias={with_bias}");
+            let k = *shape.last().expect("2-D or 3-D");
+            let mut out_shape = shape.to_vec();
+            *out_shape.last_mut().expect("2-D or 3-D") = n;
+            let xs = [randn(shape, kind)?, randn(shape, kind)?];
+            let gs = [randn(&out_shape, kind)?, randn(&out_shape, kind)?];
+            let (w0, b0) = (randn(&[k, n], Kind::Float)?, randn(&[n], Kind::Float)?);
+            // reference: the copies' values in f64 on the CPU
+            let (w64, b64) = (leaf64(&w0.f_to_kind(kind)?)?, leaf64(&b0.f_to_kind(kind)?)?);
+            // fused and unfused: the same f32 masters on the device and their copies
+            let (wf, bf, wu, bu) = (leaf(&w0)?, leaf(&b0)?, leaf(&w0)?, leaf(&b0)?);
+            let (wf_copy, bf_copy) = (copy_of(&wf)?, copy_of(&bf)?);
+            let (wu_copy, bu_copy) = (copy_of(&wu)?, copy_of(&bu)?);
+            let mut grad_at = None;
+            for (mb, (x, g)) in xs.iter().zip(&gs).enumerate() {
+                let x64 = leaf64(x)?;
+                let x2 = x64.f_reshape([-1, k])?;
+                let want = if with_bias {
+                    b64.f_addmm(&x2, &w64)?
+                } else {
+                    x2.f_mm(&w64)?
+                }
+                .f_reshape(out_shape.as_slice())?;
+                seed_backward(&want, g, Kind::Double)?;
+
+                let xf = leaf(x)?;
+                let bias = with_bias.then_some((&bf, &bf_copy));
+                let got = linear_op(&xf, &wf, &wf_copy, bias)?;
+                seed_backward(&got, g, Kind::Float)?;
+
+                let xu = leaf(x)?;
+                let (wc, xu2) = (cast_op(&wu, &wu_copy)?, xu.f_reshape([-1, k])?);
+                let unfused = if with_bias {
+                    cast_op(&bu, &bu_copy)?.f_addmm(&xu2, &wc)?
+                } else {
+                    xu2.f_mm(&wc)?
+                }
+                .f_reshape(out_shape.as_slice())?;
+                seed_backward(&unfused, g, Kind::Float)?;
+
+                let step = |name: &str| label(&format!("{name} mb{mb}"));
+                c.close(step("fused linear forward"), &got, &want, tol)?;
+                c.close(step("fused linear vs unfused"), &got, &unfused, tol)?;
+                c.close(step("fused linear grad x"), &xf.grad(), &x64.grad(), tol)?;
+                c.close(
+                    step("fused linear grad x unf."),
+                    &xf.grad(),
+                    &xu.grad(),
+                    tol,
+                )?;
+                let at = wf.grad().data_ptr() as usize;
+                if mb == 0 {
+                    grad_at = Some(at);
+                } else {
+                    c.record(
+                        label("fused linear grad w in place"),
+                        grad_at == Some(at) && wf.grad().kind() == Kind::Float,
+                        "the same f32 .grad".into(),
+                    );
+                }
+            }
+            c.close(
+                label("fused linear grad w"),
+                &wf.grad(),
+                &w64.grad(),
+                master_tol,
+            )?;
+            c.close(
+                label("fused linear grad w unf."),
+                &wf.grad(),
+                &wu.grad(),
+                tol,
+            )?;
+            if with_bias {
+                c.close(
+                    label("fused linear grad b"),
+                    &bf.grad(),
+                    &b64.grad(),
+                    master_tol,
+                )?;
+                c.close(
+                    label("fused linear grad b unf."),
+                    &bf.grad(),
+                    &bu.grad(),
+                    tol,
+                )?;
+            }
         }
     }
     Ok(())

@@ -35,6 +35,8 @@ const SOURCE: &str = concat!(
     include_str!("kernels/fp8.cu"),
     "\n",
     include_str!("kernels/norm.cu"),
+    "\n",
+    include_str!("kernels/col_sums.cu"),
 );
 
 /// The element type of a kernel instance (its name's suffix).
@@ -175,6 +177,10 @@ pub enum Kernel {
     NormBwd(Elem),
     /// The sum of those partial sums (f32), into the gradient or added to it.
     NormReduce,
+    /// Column sums over chunks of rows, in f32 (a dense linear's bias gradient, first pass).
+    ColSumsPart(Elem),
+    /// The chunks' column sums added up, into or over an f32 vector (second pass).
+    ColSumsFinish,
 }
 
 /// The type of one kernel parameter, as the `.cu` declares it.
@@ -219,12 +225,14 @@ impl Kernel {
                 Kernel::Fp8ColmaxReduce(e),
                 Kernel::Fp8QuantTranspose(e),
             ]);
+            all.push(Kernel::ColSumsPart(e));
         }
         all.push(Kernel::Fp8ScalesFromAmax);
         all.push(Kernel::Fp8PaddedEnds);
         all.extend(Elem::BOTH.map(Kernel::NormFwd));
         all.extend(Elem::BOTH.map(Kernel::NormBwd));
         all.push(Kernel::NormReduce);
+        all.push(Kernel::ColSumsFinish);
         all
     }
 
@@ -313,6 +321,8 @@ impl Kernel {
             Kernel::NormFwd(e) => typed("norm_fwd", e),
             Kernel::NormBwd(e) => typed("norm_bwd", e),
             Kernel::NormReduce => "norm_reduce".into(),
+            Kernel::ColSumsPart(e) => typed("col_sums_part", e),
+            Kernel::ColSumsFinish => "col_sums_finish".into(),
         }
     }
 
@@ -372,6 +382,10 @@ impl Kernel {
             // (gain partials, gain gradient, bias partials or null, bias gradient or null,
             // partial rows, d, accumulate)
             Kernel::NormReduce => &[P, P, P, P, I, I, I],
+            // (g, partial, rows, d, chunk rows)
+            Kernel::ColSumsPart(_) => &[P, P, L, I, L],
+            // (partial, out, chunks, d, accumulate)
+            Kernel::ColSumsFinish => &[P, P, I, I, I],
         }
     }
 }

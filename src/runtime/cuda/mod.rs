@@ -8,6 +8,8 @@
 //!   wherever the kernel does not apply (CPU tensors, other dtypes, unaligned rows);
 //! - [`autograd`]: the fused MoE glue and the LM loss as autograd functions through the shim
 //!   (tch has none of its own), and the generic halves other modules build ops on;
+//! - [`linear`]: the dense linear whose backward accumulates the weight and bias gradients
+//!   straight into their f32 masters (for the cast copies of `runtime::cast`);
 //! - [`check`]: the self-check of all of the above against a libtorch reference of its own.
 //!
 //! The fused glue replaces the gather into expert order, SwiGLU's `silu(a)·b`, the weighted
@@ -29,6 +31,7 @@ pub mod autograd;
 pub mod check;
 pub mod device;
 pub mod kernels;
+pub mod linear;
 pub mod ops;
 pub mod quant;
 

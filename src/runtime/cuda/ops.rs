@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
 use super::kernels::{
-    device_index, launch, ptr, resident_blocks, Arg, Elem, EpilogueAct, Grid, Kernel,
+    device_index, kernels_ready, launch, ptr, resident_blocks, Arg, Elem, EpilogueAct, Grid, Kernel,
 };
 
 /// Launches a row kernel of signature `(src, index, k, f32 weights or null, out, n, d)`
@@ -521,6 +521,77 @@ pub fn segment_sums(g: &Tensor, row_expert: &Tensor, experts: i64) -> Result<Ten
     let (valid, idx) = kept_rows(row_expert, experts)?;
     let kept = g.f_where_self(&valid, &g.f_zeros_like()?)?;
     Ok(Tensor::f_zeros([experts, d], (g.kind(), g.device()))?.f_index_add(0, &idx, &kept)?)
+}
+
+/// The column sums of `g` (`[rows, d]`) in f32: added into `into` (`[d]` f32, contiguous,
+/// on `g`'s device; a dense linear's bias `.grad`) and `None` returned, or, without `into`,
+/// returned as a new `[d]` f32 tensor. On a GPU with the kernels (bf16 or f32 `g`, rows of a
+/// multiple of 16 bytes) two launches without atomics: partial sums over chunks of rows, then
+/// their sum into `into` in one pass; elsewhere libtorch's sum (and `add_`).
+pub fn column_sums(g: &Tensor, into: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let (rows, d) = g.size2()?;
+    let into_fits = into.is_none_or(|t| {
+        t.kind() == Kind::Float && t.size() == [d] && t.is_contiguous() && t.device() == g.device()
+    });
+    let g = g.f_contiguous()?;
+    let kernel = Elem::of(&g)
+        .filter(|_| into_fits && rows > 0 && d > 0 && d < c_int::MAX as i64)
+        .filter(|_| kernels_ready(device_index(&g)).is_ok());
+    let Some(elem) = kernel else {
+        let sum_kind = match g.kind() {
+            Kind::BFloat16 | Kind::Half => Kind::Float,
+            other => other,
+        };
+        let sums = g.f_sum_dim_intlist([0i64].as_slice(), false, sum_kind)?;
+        return match into {
+            Some(acc) => {
+                let _ = acc.shallow_clone().f_add_(&sums)?;
+                Ok(None)
+            }
+            None => Ok(Some(sums)),
+        };
+    };
+    // about 512 blocks in the first pass, chunks of at least 64 rows
+    let col_blocks = (d / elem.per_vector() + 31) / 32;
+    let chunks = (512 / col_blocks).clamp(1, (rows + 63) / 64);
+    let chunk_rows = (rows + chunks - 1) / chunks;
+    let chunks = (rows + chunk_rows - 1) / chunk_rows;
+    let device = device_index(&g);
+    let partial = Tensor::f_empty([chunks, d], (Kind::Float, g.device()))?;
+    launch(
+        device,
+        Kernel::ColSumsPart(elem),
+        Grid {
+            blocks: col_blocks,
+            blocks_y: chunks as u32,
+            threads: 256,
+            shared_bytes: 0,
+        },
+        &[
+            ptr(Some(&g)),
+            ptr(Some(&partial)),
+            Arg::I64(rows),
+            Arg::I32(d as c_int),
+            Arg::I64(chunk_rows),
+        ],
+    )?;
+    let (out, fresh) = match into {
+        Some(acc) => (acc.shallow_clone(), false),
+        None => (Tensor::f_empty([d], (Kind::Float, g.device()))?, true),
+    };
+    launch(
+        device,
+        Kernel::ColSumsFinish,
+        Grid::linear((d + 255) / 256, 256),
+        &[
+            ptr(Some(&partial)),
+            ptr(Some(&out)),
+            Arg::I32(chunks as c_int),
+            Arg::I32(d as c_int),
+            Arg::I32(c_int::from(!fresh)),
+        ],
+    )?;
+    Ok(fresh.then_some(out))
 }
 
 /// The gates' keyed uniform draws of `shape` (f32, in `[0, 1)`) on `key`'s device, a CUDA one:
