@@ -409,6 +409,9 @@ fn supervise(
     Ok(watch.outcome(children))
 }
 
+/// A local rank and how it exited.
+type RankStatus = (usize, ExitStatus);
+
 /// What [`supervise`] knows of the ranks so far.
 struct Watch {
     statuses: Vec<Option<ExitStatus>>,
@@ -444,7 +447,7 @@ impl Watch {
 
     /// The failure that is the run's: the first on its own, else the first after another
     /// rank's; with the other failures of its kind seen in the same poll.
-    fn run_failure(&self) -> Option<((usize, ExitStatus), Vec<(usize, ExitStatus)>)> {
+    fn run_failure(&self) -> Option<(RankStatus, Vec<RankStatus>)> {
         let (rank, status, poll) = self.own_failure().or(self.failures.first().copied())?;
         let with = self
             .failures
