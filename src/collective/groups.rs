@@ -175,42 +175,12 @@ impl GroupLayout {
         check_split(per_stage, tensor)?;
         let data_size = per_stage / tensor;
         check_split(data_size, expert_group)?;
-        let data: Vec<Vec<usize>> = (0..pipeline)
-            .flat_map(|s| {
-                (0..tensor).map(move |j| {
-                    (s * per_stage + j..(s + 1) * per_stage)
-                        .step_by(tensor)
-                        .collect()
-                })
-            })
-            .collect();
+        let data = megatron_data_groups(pipeline, per_stage, tensor);
         let pipeline_groups: Vec<Vec<usize>> = (0..per_stage)
             .map(|i| (i..world).step_by(per_stage).collect())
             .collect();
-        let embedding = pipeline_groups
-            .iter()
-            .flat_map(|g| match g.as_slice() {
-                [first, .., last] => {
-                    let mut pairs = vec![vec![*first, *last]];
-                    pairs.extend(g[1..g.len() - 1].iter().map(|&r| vec![r]));
-                    pairs
-                }
-                _ => vec![g.clone()],
-            })
-            .collect();
-        let mut expert = Vec::new();
-        let mut expert_data = Vec::new();
-        for group in &data {
-            expert.extend(group.chunks(expert_group).map(<[usize]>::to_vec));
-            expert_data.extend((0..expert_group).map(|p| {
-                group
-                    .iter()
-                    .copied()
-                    .skip(p)
-                    .step_by(expert_group)
-                    .collect::<Vec<usize>>()
-            }));
-        }
+        let embedding = embedding_groups(&pipeline_groups);
+        let (expert, expert_data) = expert_groups(&data, expert_group);
         let layout = GroupLayout {
             world,
             data,
@@ -348,6 +318,56 @@ pub(crate) fn tensor_group_of(
             rank,
             world,
         })
+}
+
+/// Megatron-LM v2.2's data groups: in each of the `pipeline` stages of `per_stage`
+/// consecutive ranks, tensor rank `j`'s group is `[j, j + tensor, ...]`.
+fn megatron_data_groups(pipeline: usize, per_stage: usize, tensor: usize) -> Vec<Vec<usize>> {
+    (0..pipeline)
+        .flat_map(|s| {
+            (0..tensor).map(move |j| {
+                (s * per_stage + j..(s + 1) * per_stage)
+                    .step_by(tensor)
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+/// The embedding groups of `pipeline_groups`: each group's first and last members together,
+/// every other member alone (a group of one stage is its own).
+fn embedding_groups(pipeline_groups: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    pipeline_groups
+        .iter()
+        .flat_map(|g| match g.as_slice() {
+            [first, .., last] => {
+                let mut pairs = vec![vec![*first, *last]];
+                pairs.extend(g[1..g.len() - 1].iter().map(|&r| vec![r]));
+                pairs
+            }
+            _ => vec![g.clone()],
+        })
+        .collect()
+}
+
+/// The expert groups (consecutive runs of `expert_group` members of each data group) and the
+/// expert-data groups (the members of one data group at the same position in their expert
+/// groups).
+fn expert_groups(data: &[Vec<usize>], expert_group: usize) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+    let mut expert = Vec::new();
+    let mut expert_data = Vec::new();
+    for group in data {
+        expert.extend(group.chunks(expert_group).map(<[usize]>::to_vec));
+        expert_data.extend((0..expert_group).map(|p| {
+            group
+                .iter()
+                .copied()
+                .skip(p)
+                .step_by(expert_group)
+                .collect::<Vec<usize>>()
+        }));
+    }
+    (expert, expert_data)
 }
 
 /// Refuses splitting `world` ranks into groups of `size` unless the world is non-empty and

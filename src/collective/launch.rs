@@ -8,7 +8,8 @@
 //! the ranks print with `[rank RANK]` (on stderr unless [`Launch::label_stderr`] says not),
 //! and waits. When one rank fails (non-zero exit or a signal) the others are killed at once,
 //! so a dead rank never leaves its peers hanging in a collective; the launcher's result
-//! names the first rank that failed and its exit code. A rank that failed only because
+//! names the first rank that failed and its exit code (all of them, when several failed
+//! between two polls: which came first cannot be told). A rank that failed only because
 //! another did exits with [`FOLLOWED_ANOTHER_RANK`]; the launcher then waits a moment for the
 //! failure it followed, so that the cause is named and not its echo. Ranks that stop with
 //! `128 + signal` after the launcher passed that signal on did what was asked: the launcher
@@ -43,6 +44,8 @@ pub struct Launch {
     /// stdout do; without, they are passed on as printed, so that stderr reads as one
     /// process's would (a caller whose stderr has a format of its own, which the ranks keep).
     pub label_stderr: bool,
+    /// How often the launcher looks at the ranks (whether one exited, a stop signal came).
+    pub poll_every: Duration,
 }
 
 impl Default for Launch {
@@ -55,6 +58,7 @@ impl Default for Launch {
             first_rank: 0,
             world: None,
             label_stderr: true,
+            poll_every: Duration::from_millis(20),
         }
     }
 }
@@ -77,6 +81,10 @@ pub struct Outcome {
     /// The local rank whose failure is the run's: the first that failed on its own, else
     /// the first that failed after another rank ([`FOLLOWED_ANOTHER_RANK`]).
     pub failed: Option<(usize, ExitStatus)>,
+    /// The other local ranks whose failure, of the same kind as `failed`'s (on their own or
+    /// after another rank), was seen in the same poll: which of them failed first the
+    /// launcher cannot tell, so all are named.
+    pub failed_with: Vec<(usize, ExitStatus)>,
     /// The stop signal the launcher passed on, when the ranks then stopped as asked (with
     /// `128 + signal`) and none failed.
     pub interrupted: Option<i32>,
@@ -109,7 +117,9 @@ impl Outcome {
             .collect()
     }
 
-    /// A one-line account of a failure (`rank 1 exited with code 3; stopped ranks 0, 2`).
+    /// A one-line account of a failure (`rank 1 exited with code 3; stopped rank(s) 0, 2`);
+    /// ranks that failed in one poll are all named (`rank 0 exited with code 7 and rank 1
+    /// exited with code 5, seen at once: ...`).
     pub fn describe(&self) -> Option<String> {
         let (rank, status) = self.failed?;
         let stopped: Vec<String> = self
@@ -119,9 +129,23 @@ impl Outcome {
             .filter(|(_, s)| s.is_none())
             .map(|(r, _)| (self.first_rank + r).to_string())
             .collect();
-        let mut text = format!("rank {} {}", self.first_rank + rank, status_text(status));
+        let failures: Vec<String> = std::iter::once((rank, status))
+            .chain(self.failed_with.iter().copied())
+            .map(|(r, s)| format!("rank {} {}", self.first_rank + r, status_text(s)))
+            .collect();
+        let mut text = match failures.split_last() {
+            Some((last, [first, rest @ ..])) => format!(
+                "{first}{} and {last}, seen at once (which rank failed first cannot be told)",
+                rest.iter().map(|f| format!(", {f}")).collect::<String>()
+            ),
+            _ => failures.concat(),
+        };
         if status.code() == Some(i32::from(FOLLOWED_ANOTHER_RANK)) {
-            text.push_str(" (it failed after another rank did: that rank's error says why)");
+            text.push_str(if self.failed_with.is_empty() {
+                " (it failed after another rank did: that rank's error says why)"
+            } else {
+                " (they failed after another rank did: that rank's error says why)"
+            });
         }
         if !stopped.is_empty() {
             text.push_str(&format!("; stopped rank(s) {}", stopped.join(", ")));
@@ -280,7 +304,7 @@ pub fn spawn_local(
             }
         }
     }
-    let outcome = supervise(&mut children, launch.stop_signal).map(|mut o| {
+    let outcome = supervise(&mut children, launch.stop_signal, launch.poll_every).map(|mut o| {
         o.first_rank = launch.first_rank;
         o
     });
@@ -369,6 +393,7 @@ fn last_lines(forwarded: &std::sync::mpsc::Receiver<()>, forwarders: usize) {
 fn supervise(
     children: &mut [Child],
     stop_signal: Option<fn() -> Option<i32>>,
+    poll_every: Duration,
 ) -> Result<Outcome, LaunchError> {
     let mut watch = Watch::new(children.len());
     while watch.goes_on() {
@@ -379,16 +404,22 @@ fn supervise(
             kill_all(children, &watch.statuses);
             return Err(error);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(poll_every);
     }
     Ok(watch.outcome(children))
 }
 
+/// A local rank and how it exited.
+type RankStatus = (usize, ExitStatus);
+
 /// What [`supervise`] knows of the ranks so far.
 struct Watch {
     statuses: Vec<Option<ExitStatus>>,
-    /// In the order seen.
-    failures: Vec<(usize, ExitStatus)>,
+    /// In the order seen, each with the number of the poll that saw it (one poll's are in
+    /// rank order: that is not the order they failed in).
+    failures: Vec<(usize, ExitStatus, usize)>,
+    /// Polls so far.
+    polls: usize,
     /// The stop signal passed on to the ranks.
     passed_on: Option<i32>,
     /// When the wait for the failure a rank followed ends (set at the first failure).
@@ -400,17 +431,33 @@ impl Watch {
         Watch {
             statuses: vec![None; n],
             failures: Vec::new(),
+            polls: 0,
             passed_on: None,
             grace_ends: None,
         }
     }
 
     /// The first failure that did not follow another rank's.
-    fn own_failure(&self) -> Option<(usize, ExitStatus)> {
+    fn own_failure(&self) -> Option<(usize, ExitStatus, usize)> {
         self.failures
             .iter()
-            .find(|(_, s)| !followed_another(*s))
+            .find(|(_, s, _)| !followed_another(*s))
             .copied()
+    }
+
+    /// The failure that is the run's: the first on its own, else the first after another
+    /// rank's; with the other failures of its kind seen in the same poll.
+    fn run_failure(&self) -> Option<(RankStatus, Vec<RankStatus>)> {
+        let (rank, status, poll) = self.own_failure().or(self.failures.first().copied())?;
+        let with = self
+            .failures
+            .iter()
+            .filter(|&&(r, s, p)| {
+                r != rank && p == poll && followed_another(s) == followed_another(status)
+            })
+            .map(|&(r, s, _)| (r, s))
+            .collect();
+        Some(((rank, status), with))
     }
 
     /// Whether to keep polling: a rank still runs, none failed on its own, and the grace
@@ -439,6 +486,7 @@ impl Watch {
     /// Records the ranks that exited since the last poll, and their failures (not a rank
     /// that stopped as asked).
     fn poll(&mut self, children: &mut [Child]) -> Result<(), LaunchError> {
+        self.polls += 1;
         for (rank, child) in children.iter_mut().enumerate() {
             if self.statuses[rank].is_some() {
                 continue;
@@ -450,7 +498,7 @@ impl Watch {
                 self.statuses[rank] = Some(status);
                 let as_asked = self.stopped_as_asked(status);
                 if !status.success() && !as_asked {
-                    self.failures.push((rank, status));
+                    self.failures.push((rank, status, self.polls));
                 }
             }
         }
@@ -469,7 +517,10 @@ impl Watch {
     /// The run's outcome once polling ended: the ranks still running are killed when one
     /// failed.
     fn outcome(self, children: &mut [Child]) -> Outcome {
-        let failed = self.own_failure().or(self.failures.first().copied());
+        let (failed, failed_with) = match self.run_failure() {
+            Some((failed, with)) => (Some(failed), with),
+            None => (None, Vec::new()),
+        };
         if failed.is_some() {
             kill_all(children, &self.statuses);
         }
@@ -483,6 +534,7 @@ impl Watch {
         Outcome {
             statuses: self.statuses,
             failed,
+            failed_with,
             interrupted,
             first_rank: 0,
         }
@@ -652,6 +704,41 @@ mod tests {
         assert_eq!(outcome.failed.map(|(r, _)| r), Some(1));
         let text = outcome.describe().unwrap();
         assert_eq!(text, "rank 1 exited with code 7; stopped rank(s) 0, 2");
+    }
+
+    #[test]
+    fn ranks_that_fail_in_one_poll_are_all_named() {
+        // Both ranks fail at the same moment, between the launcher's first poll (at once)
+        // and its second (a second later): it cannot tell which failed first.
+        let script = "sleep 0.5; if [ \"$RANK\" = 1 ]; then exit 5; else exit 7; fi";
+        let launch = Launch {
+            poll_every: Duration::from_secs(2),
+            ..Launch::default()
+        };
+        let outcome = spawn_local(
+            3,
+            "sh",
+            &sh(&format!("[ $RANK = 2 ] && exec sleep 60; {script}")),
+            &launch,
+        )
+        .unwrap();
+        assert_eq!(
+            outcome.describe().unwrap(),
+            "rank 0 exited with code 7 and rank 1 exited with code 5, seen at once (which \
+             rank failed first cannot be told); stopped rank(s) 2"
+        );
+        assert_eq!(outcome.exit_code(), 7);
+        // One failure a poll earlier than the other's is named alone.
+        let script = "if [ \"$RANK\" = 1 ]; then sleep 0.3; exit 5; else sleep 1.5; exit 7; fi";
+        let launch = Launch {
+            poll_every: Duration::from_secs(1),
+            ..Launch::default()
+        };
+        let outcome = spawn_local(2, "sh", &sh(script), &launch).unwrap();
+        assert_eq!(
+            outcome.describe().unwrap(),
+            "rank 1 exited with code 5; stopped rank(s) 0"
+        );
     }
 
     #[test]

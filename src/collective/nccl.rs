@@ -558,6 +558,77 @@ impl NcclCollective {
         CollectiveError::new(&self.label, op, at, kind)
     }
 
+    /// Issues the all-to-all of `rows` (`send_counts` rows to each peer, `recv_counts` from
+    /// each) on the side communicator's stream, and waits until NCCL has enqueued it; a
+    /// failure aborts the side communicator. The caller keeps `rows` alive until the work is
+    /// done.
+    fn enqueue_on_side(
+        &self,
+        side: &Side,
+        rows: &Rows,
+        (send_counts, recv_counts): (&[i64], &[i64]),
+        op: &'static str,
+        at: &str,
+    ) -> Result<()> {
+        let (send_ptr, recv_ptr) = (
+            rows.send.data_ptr() as *mut u8,
+            rows.out.data_ptr() as *mut u8,
+        );
+        let stream = side.stream.0 as nccl::cudaStream_t;
+        let mut state = side.comm.lock();
+        if let Some(reason) = &state.broken {
+            let message = format!("the side communicator was aborted earlier: {reason}");
+            return Err(self.error(op, at, ErrorKind::Transport(message)));
+        }
+        let comm = state.raw.0;
+        // SAFETY: offsets stay inside `send` (counts sum to its rows) and `out` (sized from
+        // recv_counts); the caller keeps both alive until the work is done.
+        let result = unsafe {
+            issue_all_to_all_rows(
+                (send_ptr, recv_ptr),
+                (send_counts, recv_counts),
+                rows.row_bytes,
+                comm,
+                stream,
+            )
+        };
+        if !matches!(
+            result,
+            nccl::ncclResult_t::ncclSuccess | nccl::ncclResult_t::ncclInProgress
+        ) {
+            let message = last_error(&state, result);
+            abort(&mut state, format!("{op} at \"{at}\": {message}"));
+            return Err(self.error(op, at, ErrorKind::Transport(message)));
+        }
+        // A non-blocking communicator takes the group's calls in the background: wait until
+        // they are enqueued before recording the event behind them.
+        match side.comm.poll(&mut state, false) {
+            Wait::Done => Ok(()),
+            Wait::TimedOut => {
+                abort(
+                    &mut state,
+                    format!("{op} at \"{at}\": enqueueing timed out"),
+                );
+                let missing = (0..self.size)
+                    .filter(|&p| p != self.position)
+                    .map(|p| self.label.global(p))
+                    .collect();
+                Err(self.error(
+                    op,
+                    at,
+                    ErrorKind::Timeout {
+                        waited: side.comm.timeout,
+                        missing,
+                    },
+                ))
+            }
+            Wait::Failed(message) => {
+                abort(&mut state, format!("{op} at \"{at}\": {message}"));
+                Err(self.error(op, at, ErrorKind::Transport(message)))
+            }
+        }
+    }
+
     fn tensor_error(
         &self,
         op: &'static str,
@@ -940,74 +1011,15 @@ impl Collective for NcclCollective {
                 .all_to_all_v(send, send_counts, recv_counts, at)
                 .map(PendingRows::ready);
         };
-        let Rows {
-            send,
-            out,
-            row_bytes,
-        } = self.rows_for_all_to_all(send, recv_counts, OP, at)?;
+        let buffers = self.rows_for_all_to_all(send, recv_counts, OP, at)?;
         let transport = |m: String| self.error(OP, at, ErrorKind::Transport(m));
         // The rows to send were written on the null stream: the side stream waits for them.
         let ready = Event::new().map_err(transport)?;
         ready.record(std::ptr::null_mut()).map_err(transport)?;
         ready.wait_on(side.stream.0).map_err(transport)?;
         let done = Event::new().map_err(transport)?;
-        let (send_ptr, recv_ptr) = (send.data_ptr() as *mut u8, out.data_ptr() as *mut u8);
-        let stream = side.stream.0 as nccl::cudaStream_t;
-        {
-            let mut state = side.comm.lock();
-            if let Some(reason) = &state.broken {
-                let message = format!("the side communicator was aborted earlier: {reason}");
-                return Err(self.error(OP, at, ErrorKind::Transport(message)));
-            }
-            let comm = state.raw.0;
-            // SAFETY: offsets stay inside `send` (counts sum to its rows) and `out` (sized
-            // from recv_counts); both stay alive in the returned handle until the work is
-            // done.
-            let result = unsafe {
-                issue_all_to_all_rows(
-                    (send_ptr, recv_ptr),
-                    (send_counts, recv_counts),
-                    row_bytes,
-                    comm,
-                    stream,
-                )
-            };
-            if !matches!(
-                result,
-                nccl::ncclResult_t::ncclSuccess | nccl::ncclResult_t::ncclInProgress
-            ) {
-                let message = last_error(&state, result);
-                abort(&mut state, format!("{OP} at \"{at}\": {message}"));
-                return Err(self.error(OP, at, ErrorKind::Transport(message)));
-            }
-            // A non-blocking communicator takes the group's calls in the background: wait
-            // until they are enqueued before recording the event behind them.
-            match side.comm.poll(&mut state, false) {
-                Wait::Done => {}
-                Wait::TimedOut => {
-                    abort(
-                        &mut state,
-                        format!("{OP} at \"{at}\": enqueueing timed out"),
-                    );
-                    let missing = (0..size)
-                        .filter(|&p| p != self.position)
-                        .map(|p| self.label.global(p))
-                        .collect();
-                    return Err(self.error(
-                        OP,
-                        at,
-                        ErrorKind::Timeout {
-                            waited: side.comm.timeout,
-                            missing,
-                        },
-                    ));
-                }
-                Wait::Failed(message) => {
-                    abort(&mut state, format!("{OP} at \"{at}\": {message}"));
-                    return Err(self.error(OP, at, ErrorKind::Transport(message)));
-                }
-            }
-        }
+        self.enqueue_on_side(&side, &buffers, (send_counts, recv_counts), OP, at)?;
+        let Rows { send, out, .. } = buffers;
         done.record(side.stream.0).map_err(transport)?;
         Ok(PendingRows::started(Box::new(SideAllToAll {
             label: self.label.clone(),
@@ -1373,13 +1385,11 @@ pub fn connect_tensor_parallel(
     connect_with(layout, Some(tensor), env, timeout)
 }
 
-fn connect_with(
-    layout: &GroupLayout,
-    tensor: Option<&[Vec<usize>]>,
-    env: &DistEnv,
-    timeout: Duration,
-) -> anyhow::Result<(Groups, Device)> {
-    let my_tensor = env.place_in(layout, tensor)?;
+/// The bytes of one NCCL unique id.
+const ID_BYTES: usize = std::mem::size_of::<nccl::ncclUniqueId>();
+
+/// Fails unless cudarc can open NCCL and the copy it opens is the one libtorch_cuda loaded.
+fn check_nccl_loaded() -> anyhow::Result<()> {
     if !NcclLibrary::loadable() {
         let found = NcclLibrary::locate()
             .map(|p| format!("this process has {} loaded, but ", p.display()))
@@ -1390,7 +1400,11 @@ fn connect_with(
     }
     // Make cudarc open its copy now, then check it is the one libtorch_cuda loaded.
     let _ = nccl_version();
-    check_one_nccl(&std::fs::read_to_string("/proc/self/maps").unwrap_or_default())?;
+    check_one_nccl(&std::fs::read_to_string("/proc/self/maps").unwrap_or_default())
+}
+
+/// Makes GPU `LOCAL_RANK` this process's CUDA device, and returns it.
+fn use_local_gpu(env: &DistEnv) -> anyhow::Result<Device> {
     let devices = tch::Cuda::device_count();
     if env.local_rank as i64 >= devices {
         anyhow::bail!(
@@ -1404,8 +1418,16 @@ fn connect_with(
     if set != cuda::cudaError_t::cudaSuccess {
         anyhow::bail!("cudaSetDevice({}): {}", env.local_rank, cuda_text(set));
     }
-    let device = Device::Cuda(env.local_rank);
-    let (lists, tag) = match tensor {
+    Ok(Device::Cuda(env.local_rank))
+}
+
+/// The members of every communicator of `layout` (and of the `tensor` groups, where given),
+/// and the rendezvous tag that fingerprints them.
+fn communicator_lists(
+    layout: &GroupLayout,
+    tensor: Option<&[Vec<usize>]>,
+) -> (Vec<Vec<usize>>, String) {
+    match tensor {
         None => (communicators(layout), layout_tag(layout)),
         Some(t) => (
             communicators_with_tensor(layout, t),
@@ -1419,11 +1441,20 @@ fn connect_with(
                     .collect::<String>()
             }),
         ),
-    };
-    const ID: usize = std::mem::size_of::<nccl::ncclUniqueId>();
-    let payload = env.exchange(&tag, timeout, || {
-        let mut bytes = Vec::with_capacity(lists.len() * ID);
-        for _ in &lists {
+    }
+}
+
+/// One NCCL unique id per communicator (`count` of them), made by rank 0 and sent to every
+/// rank through the rendezvous under `tag`: their bytes one after the other.
+fn exchange_unique_ids(
+    env: &DistEnv,
+    tag: &str,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<u8>> {
+    let payload = env.exchange(tag, timeout, || {
+        let mut bytes = Vec::with_capacity(count * ID_BYTES);
+        for _ in 0..count {
             // SAFETY: ncclUniqueId is a plain byte array, for which all zeros is a valid value.
             let mut id: nccl::ncclUniqueId = unsafe { std::mem::zeroed() };
             // SAFETY: `id` is a valid out-pointer.
@@ -1438,13 +1469,37 @@ fn connect_with(
         }
         Ok(bytes)
     })?;
-    if payload.len() != lists.len() * ID {
+    if payload.len() != count * ID_BYTES {
         anyhow::bail!(
             "rank 0 sent {} bytes of NCCL ids, expected {}",
             payload.len(),
-            lists.len() * ID
+            count * ID_BYTES
         );
     }
+    Ok(payload)
+}
+
+/// The NCCL unique id whose bytes are `bytes` (`ID_BYTES` of them).
+fn unique_id(bytes: &[u8]) -> nccl::ncclUniqueId {
+    // SAFETY: ncclUniqueId is a plain byte array, for which all zeros is a valid value.
+    let mut id: nccl::ncclUniqueId = unsafe { std::mem::zeroed() };
+    for (dst, &src) in id.internal.iter_mut().zip(bytes) {
+        *dst = src as _;
+    }
+    id
+}
+
+fn connect_with(
+    layout: &GroupLayout,
+    tensor: Option<&[Vec<usize>]>,
+    env: &DistEnv,
+    timeout: Duration,
+) -> anyhow::Result<(Groups, Device)> {
+    let my_tensor = env.place_in(layout, tensor)?;
+    check_nccl_loaded()?;
+    let device = use_local_gpu(env)?;
+    let (lists, tag) = communicator_lists(layout, tensor);
+    let payload = exchange_unique_ids(env, &tag, lists.len(), timeout)?;
     let mut comms: BTreeMap<Vec<usize>, Arc<Comm>> = BTreeMap::new();
     let mut open = |label: super::GroupLabel, position: usize| {
         let size = label.members.len();
@@ -1457,15 +1512,7 @@ fn connect_with(
                 .iter()
                 .position(|m| *m == label.members)
                 .ok_or_else(|| anyhow::anyhow!("{label}: no NCCL id for this group"))?;
-            // SAFETY: ncclUniqueId is a plain byte array, for which all zeros is a valid value.
-            let mut id: nccl::ncclUniqueId = unsafe { std::mem::zeroed() };
-            for (dst, &src) in id
-                .internal
-                .iter_mut()
-                .zip(&payload[index * ID..(index + 1) * ID])
-            {
-                *dst = src as _;
-            }
+            let id = unique_id(&payload[index * ID_BYTES..(index + 1) * ID_BYTES]);
             let comm = Arc::new(Comm::init(id, size, position, timeout, &label)?);
             comms.insert(label.members.clone(), Arc::clone(&comm));
             Some(comm)

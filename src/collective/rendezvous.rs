@@ -67,6 +67,14 @@ pub enum RendezvousError {
     /// Rank 0 closed the connection without answering: it gave up (its own error says why).
     #[error("rendezvous at {addr}: rank 0 closed the connection without answering rank {rank} (see rank 0's error)")]
     Abandoned { addr: String, rank: usize },
+    /// Rank 0 went away in the middle of the address table of [`fetch_gather`].
+    #[error("rendezvous at {addr}: rank 0 went away while sending the address table to rank {rank} ({got} of {world} entries arrived; see rank 0's error)")]
+    CutShort {
+        addr: String,
+        rank: usize,
+        got: usize,
+        world: usize,
+    },
     // The I/O error is in the message and not a `source`: `{:#}` would print it twice.
     #[error("rendezvous at {addr}: {error}")]
     Io { addr: String, error: std::io::Error },
@@ -75,7 +83,10 @@ pub enum RendezvousError {
 impl RendezvousError {
     /// Whether this rank failed only because rank 0 did (its error is the one to read).
     pub fn follows_another_rank(&self) -> bool {
-        matches!(self, RendezvousError::Abandoned { .. })
+        matches!(
+            self,
+            RendezvousError::Abandoned { .. } | RendezvousError::CutShort { .. }
+        )
     }
 }
 
@@ -360,11 +371,20 @@ pub fn fetch_gather(
         return Err(unexpected_answer(addr, line));
     }
     let mut table = Vec::with_capacity(world);
-    for _ in 0..world {
+    for got in 0..world {
         let mut entry = String::new();
         reader
             .read_line(&mut entry)
             .map_err(read_error(addr, rank, timeout, &waiting))?;
+        // an entry without its newline is one rank 0 did not finish
+        if !entry.ends_with('\n') {
+            return Err(RendezvousError::CutShort {
+                addr: addr.to_string(),
+                rank,
+                got,
+                world,
+            });
+        }
         table.push(entry.trim_end().to_string());
     }
     Ok(table)
@@ -1056,6 +1076,39 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Rank 0 that dies in the middle of the address table: the rank says so, naming rank 0
+    /// and following its failure, and never takes the missing entries for empty addresses.
+    #[test]
+    fn a_gather_table_cut_short_is_an_error_naming_rank_zero() {
+        for cut in [
+            "",
+            "10.0.0.1:7000\n",
+            "10.0.0.1:7000\n10.0.0.2:7001\n10.0.0.3:70",
+        ] {
+            let listener = bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let rank_zero = std::thread::spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut hello = String::new();
+                BufReader::new(&mut stream).read_line(&mut hello).unwrap();
+                stream.write_all(b"JOINED\nOK 3\n").unwrap();
+                stream.write_all(cut.as_bytes()).unwrap();
+                // rank 0 dies here: the connection closes with the table unfinished
+            });
+            let e = fetch_gather(&addr, 1, 3, "t", 7001, Duration::from_secs(20)).unwrap_err();
+            rank_zero.join().unwrap();
+            let got = cut.matches('\n').count();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "rendezvous at {addr}: rank 0 went away while sending the address table \
+                     to rank 1 ({got} of 3 entries arrived; see rank 0's error)"
+                )
+            );
+            assert!(e.follows_another_rank(), "{e}");
+        }
     }
 
     /// Rank 0 that dies (killed by its launcher when another rank of its node failed) with a

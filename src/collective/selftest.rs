@@ -170,21 +170,33 @@ pub fn reference(problem: &Problem, kind: Kind) -> Outcome {
         })
         .collect();
     let mut h = problem.x.tensor(kind, cpu);
-    for (w_in, w_gate, experts) in &blocks {
-        let h0 = h.matmul(w_in);
-        let (weights, index) = gate(&h0, w_gate);
-        let mut moe = h0.zeros_like();
-        for t in 0..problem.tokens {
-            for k in 0..TOP_K {
-                let e = index.int64_value(&[t, k]);
-                let y = expert(&h0.get(t), experts, e) * weights.get(t).get(k);
-                moe = moe.index_add(0, &Tensor::from_slice(&[t]), &y.unsqueeze(0));
-            }
-        }
-        h = &h0 + moe;
+    for block in &blocks {
+        h = reference_block(&h, block, problem.tokens);
     }
     let loss = loss_of(&h, &problem.target.tensor(kind, cpu));
     loss.backward();
+    clipped_outcome(&h, &loss, &blocks)
+}
+
+/// One block of the reference on `h`, token by token: `h0 = h · w_in` plus each token's
+/// experts' outputs weighted by the gate.
+fn reference_block(h: &Tensor, (w_in, w_gate, experts): &Block, tokens: i64) -> Tensor {
+    let h0 = h.matmul(w_in);
+    let (weights, index) = gate(&h0, w_gate);
+    let mut moe = h0.zeros_like();
+    for t in 0..tokens {
+        for k in 0..TOP_K {
+            let e = index.int64_value(&[t, k]);
+            let y = expert(&h0.get(t), experts, e) * weights.get(t).get(k);
+            moe = moe.index_add(0, &Tensor::from_slice(&[t]), &y.unsqueeze(0));
+        }
+    }
+    &h0 + moe
+}
+
+/// The reference's outcome once its loss went backward: output `h`, the loss, and the
+/// gradients of `blocks` clipped to a global norm of [`MAX_NORM`].
+fn clipped_outcome(h: &Tensor, loss: &Tensor, blocks: &[Block]) -> Outcome {
     let params: Vec<Tensor> = blocks
         .iter()
         .flat_map(|(w_in, w_gate, experts)| {
@@ -200,7 +212,7 @@ pub fn reference(problem: &Problem, kind: Kind) -> Outcome {
         .sqrt();
     let scale = (MAX_NORM / (norm + 1e-6)).min(1.0);
     Outcome {
-        out: Data::of(&h),
+        out: Data::of(h),
         loss: loss.double_value(&[]),
         grads: params
             .chunks(6)

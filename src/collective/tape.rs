@@ -101,6 +101,60 @@ enum Boundary {
     TensorCopy(Cut),
 }
 
+impl Boundary {
+    /// Where the backward of this cut's segment starts: its source and the gradient that
+    /// flows into it (`None`: the source needs none). An exchange runs its reverse
+    /// all-to-alls on `expert_group`; a copy to the tensor region sums its gradient over
+    /// `tensor_group`.
+    fn root(
+        &self,
+        expert_group: &dyn Collective,
+        tensor_group: Option<&dyn Collective>,
+        at: &str,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let tensor_err =
+            |e| CollectiveError::new(expert_group.label(), "backward", at, ErrorKind::Tensor(e));
+        match self {
+            Boundary::Local(cut) => {
+                if !cut.source().requires_grad() {
+                    return Ok(None);
+                }
+                let grad = cut.leaf_grad().map_err(tensor_err)?;
+                Ok(Some((cut.source().shallow_clone(), grad)))
+            }
+            Boundary::Exchange(exchange) => {
+                let grad = exchange.backward(expert_group, at)?;
+                Ok(Some((exchange.source().shallow_clone(), grad)))
+            }
+            Boundary::TensorCopy(cut) => {
+                let Some(group) = tensor_group else {
+                    return Err(CollectiveError::new(
+                        expert_group.label(),
+                        "backward",
+                        at,
+                        ErrorKind::Invalid(
+                            "the pass has copy-to-tensor-region cuts: run it with backward_tensor_parallel and the tensor group".into(),
+                        ),
+                    ));
+                };
+                // Every rank of the tensor group enters the all-reduce, also when
+                // nothing here needs the gradient.
+                let mut grad = cut
+                    .leaf_grad()
+                    .map_err(tensor_err)?
+                    .f_contiguous()
+                    .map_err(tensor_err)?;
+                group
+                    .all_reduce_sum(&mut grad, &format!("{at}, copy to tensor region backward"))?;
+                Ok(cut
+                    .source()
+                    .requires_grad()
+                    .then(|| (cut.source().shallow_clone(), grad)))
+            }
+        }
+    }
+}
+
 /// Megatron's "reduce from tensor-parallel region": the sum of `partial` over `group` in the
 /// forward, the identity in the backward (the gradient of the result flows unchanged into
 /// `partial`). The value is `sum + (partial − partial)` with the difference attached to the
@@ -237,46 +291,7 @@ impl Tape {
         for step in self.steps.into_iter().rev() {
             let mut roots: Vec<(Tensor, Tensor)> = Vec::new();
             for boundary in step.iter().rev() {
-                match boundary {
-                    Boundary::Local(cut) => {
-                        if cut.source().requires_grad() {
-                            roots.push((
-                                cut.source().shallow_clone(),
-                                cut.leaf_grad().map_err(tensor_err)?,
-                            ));
-                        }
-                    }
-                    Boundary::Exchange(exchange) => {
-                        let grad = exchange.backward(expert_group, at)?;
-                        roots.push((exchange.source().shallow_clone(), grad));
-                    }
-                    Boundary::TensorCopy(cut) => {
-                        let Some(group) = tensor_group else {
-                            return Err(CollectiveError::new(
-                                expert_group.label(),
-                                "backward",
-                                at,
-                                ErrorKind::Invalid(
-                                    "the pass has copy-to-tensor-region cuts: run it with backward_tensor_parallel and the tensor group".into(),
-                                ),
-                            ));
-                        };
-                        // Every rank of the tensor group enters the all-reduce, also when
-                        // nothing here needs the gradient.
-                        let mut grad = cut
-                            .leaf_grad()
-                            .map_err(tensor_err)?
-                            .f_contiguous()
-                            .map_err(tensor_err)?;
-                        group.all_reduce_sum(
-                            &mut grad,
-                            &format!("{at}, copy to tensor region backward"),
-                        )?;
-                        if cut.source().requires_grad() {
-                            roots.push((cut.source().shallow_clone(), grad));
-                        }
-                    }
-                }
+                roots.extend(boundary.root(expert_group, tensor_group, at)?);
             }
             let pairs: Vec<(&Tensor, &Tensor)> = roots.iter().map(|(s, g)| (s, g)).collect();
             backward_roots(&pairs).map_err(tensor_err)?;

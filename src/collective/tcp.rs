@@ -201,47 +201,51 @@ fn decode(r: &mut impl Read) -> std::io::Result<Option<(Route, Message)>> {
         .unwrap_or("an unknown operation");
     let payload = match read_u8(r)? {
         0 => Payload::Empty,
-        1 => {
-            let n = read_u64(r)?;
-            if n > MAX_MESSAGE / 8 {
-                return Err(invalid(format!("a message of {n} counts")));
-            }
-            let mut counts = Vec::with_capacity(n as usize);
-            for _ in 0..n {
-                counts.push(read_u64(r)? as i64);
-            }
-            Payload::Counts(counts)
-        }
-        2 => {
-            let code = read_u8(r)?;
-            let kind = DTYPES
-                .get(code as usize)
-                .copied()
-                .ok_or_else(|| invalid(format!("dtype code {code}")))?;
-            let dims = read_u8(r)?;
-            let mut size = Vec::with_capacity(dims as usize);
-            for _ in 0..dims {
-                size.push(read_u64(r)? as i64);
-            }
-            let n = read_u64(r)?;
-            let numel: i64 = size.iter().product();
-            if n > MAX_MESSAGE
-                || size.iter().any(|&d| d < 0)
-                || numel as u64 * kind.elt_size_in_bytes() as u64 != n
-            {
-                return Err(invalid(format!(
-                    "a tensor of shape {size:?} ({kind:?}) in {n} bytes"
-                )));
-            }
-            let mut bytes = vec![0u8; n as usize];
-            r.read_exact(&mut bytes)?;
-            let t = Tensor::f_from_data_size(&bytes, &size, kind)
-                .map_err(|e| invalid(e.to_string()))?;
-            Payload::Tensor(t)
-        }
+        1 => Payload::Counts(decode_counts(r)?),
+        2 => Payload::Tensor(decode_tensor(r)?),
         other => return Err(invalid(format!("payload type {other}"))),
     };
     Ok(Some((route, Message { seq, op, payload })))
+}
+
+/// Decodes a payload of counts: their number, then each as 8 bytes.
+fn decode_counts(r: &mut impl Read) -> std::io::Result<Vec<i64>> {
+    let n = read_u64(r)?;
+    if n > MAX_MESSAGE / 8 {
+        return Err(invalid(format!("a message of {n} counts")));
+    }
+    let mut counts = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        counts.push(read_u64(r)? as i64);
+    }
+    Ok(counts)
+}
+
+/// Decodes a tensor payload: its dtype code, shape and bytes, which must agree.
+fn decode_tensor(r: &mut impl Read) -> std::io::Result<Tensor> {
+    let code = read_u8(r)?;
+    let kind = DTYPES
+        .get(code as usize)
+        .copied()
+        .ok_or_else(|| invalid(format!("dtype code {code}")))?;
+    let dims = read_u8(r)?;
+    let mut size = Vec::with_capacity(dims as usize);
+    for _ in 0..dims {
+        size.push(read_u64(r)? as i64);
+    }
+    let n = read_u64(r)?;
+    let numel: i64 = size.iter().product();
+    if n > MAX_MESSAGE
+        || size.iter().any(|&d| d < 0)
+        || numel as u64 * kind.elt_size_in_bytes() as u64 != n
+    {
+        return Err(invalid(format!(
+            "a tensor of shape {size:?} ({kind:?}) in {n} bytes"
+        )));
+    }
+    let mut bytes = vec![0u8; n as usize];
+    r.read_exact(&mut bytes)?;
+    Tensor::f_from_data_size(&bytes, &size, kind).map_err(|e| invalid(e.to_string()))
 }
 
 /// Reads `peer`'s messages into the inbox until its connection ends.

@@ -1085,7 +1085,7 @@ impl Eval<'_> {
         w: &mut StageWork,
         out: &mut StageLayers,
     ) {
-        let (c, grid, experts) = (self.c, self.grid, self.experts);
+        let (c, experts) = (self.c, self.experts);
         let (h, a, tokens) = (c.model.width, self.a, self.tokens);
         let one_expert = self.add_local_experts((layer, moe), w);
         let (exchange, gather, gather_ranks) = self.exchange_bytes(moe);
@@ -1095,21 +1095,8 @@ impl Eval<'_> {
             fwd_bytes: bytes,
             bwd_bytes: bytes,
         });
-        // The groups of tensor rank 0 of this stage, as (lowest, highest) rank: they
-        // are increasing, so they share a host exactly when those two do.
-        let base = grid.rank(0, 0, s);
-        let egroup = [base, base + (experts.parallel - 1) * experts.stride];
-        let bw = bandwidth(c, &egroup);
-        let mut transfer_s = 2.0 * exchange as f64 / bw;
-        if gather > 0 {
-            // the expert-tensor group: consecutive ranks (tp-ep-dp-pp order)
-            let group = [base, base + gather_ranks - 1];
-            transfer_s += 2.0 * gather as f64 / bandwidth(c, &group);
-        }
-        let rate = match self.fp8 {
-            Some((fp8_peak, _)) if self.fp8_experts[layer] => fp8_peak,
-            _ => self.peak,
-        };
+        let (transfer_s, bw) = self.transfer_seconds(s, exchange, (gather, gather_ranks));
+        let rate = self.expert_rate(layer);
         let compute_s = w.expert_flops_per_token[layer] as f64 * tokens as f64 / rate.max(1e-9);
         let x = layer_exchange(
             c,
@@ -1124,18 +1111,56 @@ impl Eval<'_> {
             one_expert,
             self.routing_skew,
         );
+        out.a2a_s += self.exchange_adds(transfer_s, x.planned_s - compute_s);
+        out.exchanges.push(x);
+    }
+
+    /// The seconds an MoE layer of stage `s` spends on the wire per micro-batch, forward and
+    /// backward: `exchange` bytes over its expert group, and `gather` bytes among its
+    /// `gather_ranks` expert-tensor ranks; with the expert group's bandwidth.
+    fn transfer_seconds(
+        &self,
+        s: u64,
+        exchange: u64,
+        (gather, gather_ranks): (u64, u64),
+    ) -> (f64, f64) {
+        let (c, experts) = (self.c, self.experts);
+        // The groups of tensor rank 0 of this stage, as (lowest, highest) rank: they
+        // are increasing, so they share a host exactly when those two do.
+        let base = self.grid.rank(0, 0, s);
+        let egroup = [base, base + (experts.parallel - 1) * experts.stride];
+        let bw = bandwidth(c, &egroup);
+        let mut transfer_s = 2.0 * exchange as f64 / bw;
+        if gather > 0 {
+            // the expert-tensor group: consecutive ranks (tp-ep-dp-pp order)
+            let group = [base, base + gather_ranks - 1];
+            transfer_s += 2.0 * gather as f64 / bandwidth(c, &group);
+        }
+        (transfer_s, bw)
+    }
+
+    /// The FLOP rate MoE layer `layer`'s experts compute at: FP8's where they are FP8.
+    fn expert_rate(&self, layer: usize) -> f64 {
+        match self.fp8 {
+            Some((fp8_peak, _)) if self.fp8_experts[layer] => fp8_peak,
+            _ => self.peak,
+        }
+    }
+
+    /// The time an MoE layer's exchange adds to a micro-batch. Without FasterMoE's options
+    /// on balanced routing the estimate is the transfer alone (`transfer_s`), as it always
+    /// was; otherwise what the layer takes beyond its balanced experts (`beyond_experts_s`,
+    /// its planned time less the experts' compute).
+    fn exchange_adds(&self, transfer_s: f64, beyond_experts_s: f64) -> f64 {
+        let c = self.c;
         let plain = c.parallel.smart_schedule.is_off()
             && c.parallel.shadowing.is_off()
             && self.routing_skew <= 1.0;
-        // Without FasterMoE's options on balanced routing the estimate is the
-        // transfer alone, as it always was; otherwise what the layer takes beyond
-        // its balanced experts (already in `compute_s`).
-        out.a2a_s += if plain {
+        if plain {
             transfer_s
         } else {
-            (x.planned_s - compute_s).max(0.0)
-        };
-        out.exchanges.push(x);
+            beyond_experts_s.max(0.0)
+        }
     }
 
     /// MoE layer `layer`'s experts on one rank: their parameters, and with FP8 experts the

@@ -156,59 +156,62 @@ impl Builder<'_> {
         recv_forward: Option<usize>,
         recv_backward: Option<usize>,
     ) {
-        let (p, s) = (self.p, self.stage);
-        let mut batch = Vec::new();
-        if let Some((chunk, micro)) = forward {
-            if let Some((peer, _)) = next_of(p, s, chunk) {
-                batch.push(Transfer {
-                    send: true,
-                    payload: Payload::Activation,
-                    peer,
-                    chunk,
-                    micro,
-                });
-            }
-        }
-        if let Some((chunk, micro)) = backward {
-            if let Some((peer, _)) = prev_of(p, s, chunk) {
-                batch.push(Transfer {
-                    send: true,
-                    payload: Payload::Gradient,
-                    peer,
-                    chunk,
-                    micro,
-                });
-            }
-        }
-        if let Some(chunk) = recv_forward {
-            if let Some((peer, _)) = prev_of(p, s, chunk) {
-                let n = self.received_activations.entry(chunk).or_default();
-                batch.push(Transfer {
-                    send: false,
-                    payload: Payload::Activation,
-                    peer,
-                    chunk,
-                    micro: *n,
-                });
-                *n += 1;
-            }
-        }
-        if let Some(chunk) = recv_backward {
-            if let Some((peer, _)) = next_of(p, s, chunk) {
-                let n = self.received_gradients.entry(chunk).or_default();
-                batch.push(Transfer {
-                    send: false,
-                    payload: Payload::Gradient,
-                    peer,
-                    chunk,
-                    micro: *n,
-                });
-                *n += 1;
-            }
-        }
+        let batch: Vec<Transfer> = [
+            forward.and_then(|(chunk, micro)| self.send(Payload::Activation, chunk, micro)),
+            backward.and_then(|(chunk, micro)| self.send(Payload::Gradient, chunk, micro)),
+            recv_forward.and_then(|chunk| self.receive(Payload::Activation, chunk)),
+            recv_backward.and_then(|chunk| self.receive(Payload::Gradient, chunk)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         if !batch.is_empty() {
             self.actions.push(Action::Exchange(batch));
         }
+    }
+
+    /// The send of chunk `chunk`'s `payload` for micro-batch `micro`: an activation to the
+    /// next virtual stage, a gradient to the previous one (none past either end).
+    fn send(&self, payload: Payload, chunk: usize, micro: usize) -> Option<Transfer> {
+        let towards = match payload {
+            Payload::Activation => next_of(self.p, self.stage, chunk),
+            Payload::Gradient => prev_of(self.p, self.stage, chunk),
+        };
+        let (peer, _) = towards?;
+        Some(Transfer {
+            send: true,
+            payload,
+            peer,
+            chunk,
+            micro,
+        })
+    }
+
+    /// The receive of chunk `chunk`'s next `payload` (an activation from the previous
+    /// virtual stage, a gradient from the next; none past either end), numbered in arrival
+    /// order.
+    fn receive(&mut self, payload: Payload, chunk: usize) -> Option<Transfer> {
+        let (from, received) = match payload {
+            Payload::Activation => (
+                prev_of(self.p, self.stage, chunk),
+                &mut self.received_activations,
+            ),
+            Payload::Gradient => (
+                next_of(self.p, self.stage, chunk),
+                &mut self.received_gradients,
+            ),
+        };
+        let (peer, _) = from?;
+        let n = received.entry(chunk).or_default();
+        let micro = *n;
+        *n += 1;
+        Some(Transfer {
+            send: false,
+            payload,
+            peer,
+            chunk,
+            micro,
+        })
     }
 }
 

@@ -65,6 +65,35 @@ fn take<'a>(buf: &'a [u8], at: &mut usize, n: usize, what: &str, path: &Path) ->
     }
 }
 
+/// The three tables of an index after its header: each sequence's length and byte offset,
+/// and the document boundaries.
+type IndexTables = (Vec<i32>, Vec<i64>, Vec<i64>);
+
+/// Reads the tables of index `idx` (at `idx_path`) that `header` announces.
+fn index_tables(idx: &[u8], header: &IndexHeader, idx_path: &Path) -> Result<IndexTables> {
+    let mut at = INDEX_HEADER_BYTES;
+    let count = usize::try_from(header.sequences).context("sequence count overflows")?;
+    let docs = usize::try_from(header.doc_entries).context("document count overflows")?;
+    let n4 = count.checked_mul(4).context("sequence count overflows")?;
+    let sizes: Vec<i32> = take(idx, &mut at, n4, "sequence lengths", idx_path)?
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let n8 = count.checked_mul(8).context("sequence count overflows")?;
+    let pointers = le_i64s(take(idx, &mut at, n8, "sequence pointers", idx_path)?);
+    let d8 = docs.checked_mul(8).context("document count overflows")?;
+    let doc_idx = le_i64s(take(idx, &mut at, d8, "document indices", idx_path)?);
+    Ok((sizes, pointers, doc_idx))
+}
+
+/// Little-endian `i64`s, one per 8 bytes.
+fn le_i64s(bytes: &[u8]) -> Vec<i64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
 impl IndexedDataset {
     /// Opens `prefix.idx` and `prefix.bin`.
     pub fn open(prefix: &str) -> Result<IndexedDataset> {
@@ -74,50 +103,39 @@ impl IndexedDataset {
             format!("cannot read the Megatron index `{}`", path_text(&idx_path))
         })?;
         let header = IndexHeader::parse(&idx, &idx_path)?;
-        let dtype = header.dtype;
-        let mut at = INDEX_HEADER_BYTES;
-        let count = usize::try_from(header.sequences).context("sequence count overflows")?;
-        let docs = usize::try_from(header.doc_entries).context("document count overflows")?;
-        let n4 = count.checked_mul(4).context("sequence count overflows")?;
-        let sizes: Vec<i32> = take(&idx, &mut at, n4, "sequence lengths", &idx_path)?
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let n8 = count.checked_mul(8).context("sequence count overflows")?;
-        let pointers: Vec<i64> = take(&idx, &mut at, n8, "sequence pointers", &idx_path)?
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        let d8 = docs.checked_mul(8).context("document count overflows")?;
-        let doc_idx: Vec<i64> = take(&idx, &mut at, d8, "document indices", &idx_path)?
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+        let (sizes, pointers, doc_idx) = index_tables(&idx, &header, &idx_path)?;
         let file = std::fs::File::open(&bin_path)
             .with_context(|| format!("cannot open the Megatron data `{}`", path_text(&bin_path)))?;
         // SAFETY: the file is only read; a concurrent writer could change what we read, not
         // memory safety of the bounds-checked accesses below.
         let bin = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("cannot map `{}`", path_text(&bin_path)))?;
-        let item = dtype.size() as i64;
-        for (i, (&s, &p)) in sizes.iter().zip(&pointers).enumerate() {
-            if s < 0 || p < 0 || (p + s as i64 * item) as usize > bin.len() {
-                bail!(
-                    "`{}` is truncated or does not match `{}`: sequence {i} ({s} tokens at byte {p}) \
-                     lies past its end ({} bytes)",
-                    path_text(&bin_path),
-                    path_text(&idx_path),
-                    bin.len()
-                );
-            }
-        }
-        Ok(IndexedDataset {
-            dtype,
+        let dataset = IndexedDataset {
+            dtype: header.dtype,
             sizes,
             pointers,
             doc_idx,
             bin,
-        })
+        };
+        dataset.check_within_data(&bin_path, &idx_path)?;
+        Ok(dataset)
+    }
+
+    /// Fails unless every sequence the index lists lies inside the `.bin` file.
+    fn check_within_data(&self, bin_path: &Path, idx_path: &Path) -> Result<()> {
+        let item = self.dtype.size() as i64;
+        for (i, (&s, &p)) in self.sizes.iter().zip(&self.pointers).enumerate() {
+            if s < 0 || p < 0 || (p + s as i64 * item) as usize > self.bin.len() {
+                bail!(
+                    "`{}` is truncated or does not match `{}`: sequence {i} ({s} tokens at byte {p}) \
+                     lies past its end ({} bytes)",
+                    path_text(bin_path),
+                    path_text(idx_path),
+                    self.bin.len()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The tokens of sequence `i`.
@@ -367,37 +385,7 @@ fn tokenize_source(source: &DataSource, tk: &TextTokenizer) -> Result<Vec<i64>> 
         .config_eos()
         .and_then(|e| tk.token_id(&e))
         .or_else(|| tk.token_id(crate::data::tokenizer::GPT2_EOD));
-    let documents: Vec<String> = match source {
-        DataSource::Builtin(name) => {
-            vec![String::from_utf8(builtin_text(name)?)
-                .context("the embedded corpus is not UTF-8")?]
-        }
-        DataSource::Text(path) => vec![std::fs::read_to_string(path).with_context(|| {
-            format!("cannot read the text file `{}` as UTF-8", path_text(path))
-        })?],
-        DataSource::Jsonl { path, key } => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read `{}` as UTF-8", path_text(path)))?;
-            let mut docs = Vec::new();
-            for (i, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let v: serde_json::Value = serde_json::from_str(line)
-                    .with_context(|| format!("{}:{}: not a JSON object", path_text(path), i + 1))?;
-                match v.get(key) {
-                    Some(serde_json::Value::String(s)) => docs.push(s.clone()),
-                    _ => bail!(
-                        "{}:{}: no string under the key `{key}`",
-                        path_text(path),
-                        i + 1
-                    ),
-                }
-            }
-            docs
-        }
-        other => bail!("internal error: {} is not text", describe(other)),
-    };
+    let documents = text_documents(source)?;
     let encoded: Vec<Vec<u32>> = documents
         .par_iter()
         .map(|d| tk.encode(d))
@@ -411,6 +399,45 @@ fn tokenize_source(source: &DataSource, tk: &TextTokenizer) -> Result<Vec<i64>> 
         out.extend(eod.map(i64::from));
     }
     Ok(out)
+}
+
+/// The documents of a text source: the whole text of a built-in corpus or a text file, one
+/// per line of a JSON-lines file.
+fn text_documents(source: &DataSource) -> Result<Vec<String>> {
+    Ok(match source {
+        DataSource::Builtin(name) => {
+            vec![String::from_utf8(builtin_text(name)?)
+                .context("the embedded corpus is not UTF-8")?]
+        }
+        DataSource::Text(path) => vec![std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read the text file `{}` as UTF-8", path_text(path))
+        })?],
+        DataSource::Jsonl { path, key } => jsonl_documents(path, key)?,
+        other => bail!("internal error: {} is not text", describe(other)),
+    })
+}
+
+/// The string under `key` of each non-blank line of the JSON-lines file `path`.
+fn jsonl_documents(path: &str, key: &str) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read `{}` as UTF-8", path_text(path)))?;
+    let mut docs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON object", path_text(path), i + 1))?;
+        match v.get(key) {
+            Some(serde_json::Value::String(s)) => docs.push(s.clone()),
+            _ => bail!(
+                "{}:{}: no string under the key `{key}`",
+                path_text(path),
+                i + 1
+            ),
+        }
+    }
+    Ok(docs)
 }
 
 fn check_vocab(tokens: &[i64], vocab: u64) -> Result<()> {

@@ -1931,23 +1931,33 @@ mod ops {
         /// An Inf inside a group is an overflow; a NaN and an Inf inside the groups leave
         /// every other value of the output as without them.
         fn check_non_finite(&self, c: &mut Checks) -> Result<()> {
-            let (device, kept, d) = (self.device, self.kept, self.d);
-            let (x, ends, ed, o) = (&self.x, &self.ends, &self.ed, &self.o);
-            let cpu = Device::Cpu;
-            let label = |n: &str| self.label(n);
-            let bad = x.f_narrow(0, 0, kept)?.f_detach_copy()?;
+            self.check_inf_overflows(c)?;
+            self.check_nan_and_inf(c)
+        }
+
+        /// An Inf inside a group is an overflow.
+        fn check_inf_overflows(&self, c: &mut Checks) -> Result<()> {
+            let (device, kept, o) = (self.device, self.kept, &self.o);
+            let bad = self.x.f_narrow(0, 0, kept)?.f_detach_copy()?;
             let _ = bad.f_get(3)?.f_get(7)?.f_fill_(f64::INFINITY)?;
             let _ = quant_rows(&bad.f_to_device(device)?, None, Some(o))?;
             let n_over = take_overflow(device)?;
             c.record(
-                label("an Inf overflows"),
+                self.label("an Inf overflows"),
                 n_over == 1,
                 format!("{n_over} overflows"),
             );
-            // a NaN and an Inf inside the groups: the bf16 passes take `held`'s way for a row
-            // with a NaN, so every other value of the output (that row's too) and of every
-            // other row is as without them, the FP8 rows the reference's of that output, and
-            // each such row an overflow
+            Ok(())
+        }
+
+        /// A NaN and an Inf inside the groups: the bf16 passes take `held`'s way for a row
+        /// with a NaN, so every other value of the output (that row's too) and of every other
+        /// row is as without them, the FP8 rows the reference's of that output, and each such
+        /// row an overflow.
+        fn check_nan_and_inf(&self, c: &mut Checks) -> Result<()> {
+            let (device, kept, d) = (self.device, self.kept, self.d);
+            let (x, ed, o) = (&self.x, &self.ed, &self.o);
+            let cpu = Device::Cpu;
             let clean_in = x.f_narrow(0, 0, kept)?.f_to_device(device)?;
             let bad_in = clean_in.f_detach_copy()?;
             let _ = bad_in.f_get(3)?.f_get(7)?.f_fill_(f64::NAN)?;
@@ -1955,15 +1965,10 @@ mod ops {
             let keep = Tensor::f_ones([kept, d], (Kind::Bool, device))?;
             let _ = keep.f_get(3)?.f_get(7)?.f_fill_(0i64)?;
             let _ = keep.f_get(40)?.f_get(9)?.f_fill_(0i64)?;
-            let kept_equal = |got: &Tensor, want: &Tensor| -> Result<bool> {
-                Ok(got
-                    .f_masked_select(&keep)?
-                    .f_equal(&want.f_masked_select(&keep)?)?)
-            };
             let _ = take_overflow(device)?;
             let got = quant_rows(&bad_in, None, Some(o))?;
             let want = quant_rows(&bad_in.f_to_device(cpu)?, None, None)?;
-            same(c, label("rows with a NaN and an Inf"), &got, &want)?;
+            same(c, self.label("rows with a NaN and an Inf"), &got, &want)?;
             let grad_of = clean_in.f_flip([1])?.f_contiguous()?;
             for (name, bad_out, clean_out, got, maxima) in [
                 {
@@ -1987,26 +1992,52 @@ mod ops {
                     )
                 },
             ] {
-                c.record(
-                    label(&format!("{name} with a NaN, other values")),
-                    kept_equal(&bad_out, &clean_out)?,
-                    "bit-equal to the pass without the NaN and the Inf".into(),
-                );
-                let bad_cpu = bad_out.f_to_device(cpu)?;
-                let want = quant_rows(&bad_cpu, None, None)?;
-                same(c, label(&format!("{name} with a NaN, rows")), &got, &want)?;
-                same_maxima(
-                    c,
-                    label(&format!("{name} with a NaN, column maxima")),
-                    maxima.as_ref(),
-                    &column_maxima_reference(&bad_cpu, ends)?,
-                );
+                self.check_pass_with_nan(c, name, &keep, (&bad_out, &clean_out), &got, maxima)?;
             }
             let n_over = take_overflow(device)?;
             c.record(
-                label("NaN and Inf rows overflow"),
+                self.label("NaN and Inf rows overflow"),
                 n_over == 6,
                 format!("{n_over} overflows (6 expected: 2 rows in each of 3 passes)"),
+            );
+            Ok(())
+        }
+
+        /// Pass `name` over an input with a NaN and an Inf: its output `bad_out` equals the
+        /// output without them (`clean_out`) at every value `keep` marks, and its FP8 rows
+        /// (`got`) and column `maxima` are the reference's of that output.
+        fn check_pass_with_nan(
+            &self,
+            c: &mut Checks,
+            name: &str,
+            keep: &Tensor,
+            (bad_out, clean_out): (&Tensor, &Tensor),
+            got: &Fp8,
+            maxima: Option<ColumnMaxima>,
+        ) -> Result<()> {
+            let kept_equal = |got: &Tensor, want: &Tensor| -> Result<bool> {
+                Ok(got
+                    .f_masked_select(keep)?
+                    .f_equal(&want.f_masked_select(keep)?)?)
+            };
+            c.record(
+                self.label(&format!("{name} with a NaN, other values")),
+                kept_equal(bad_out, clean_out)?,
+                "bit-equal to the pass without the NaN and the Inf".into(),
+            );
+            let bad_cpu = bad_out.f_to_device(Device::Cpu)?;
+            let want = quant_rows(&bad_cpu, None, None)?;
+            same(
+                c,
+                self.label(&format!("{name} with a NaN, rows")),
+                got,
+                &want,
+            )?;
+            same_maxima(
+                c,
+                self.label(&format!("{name} with a NaN, column maxima")),
+                maxima.as_ref(),
+                &column_maxima_reference(&bad_cpu, &self.ends)?,
             );
             Ok(())
         }

@@ -65,29 +65,20 @@ impl Runner {
     /// dtype), which says so: there libtorch's grouped matmul takes a fallback that reads the
     /// group sizes on the host, which no graph can capture (its CUTLASS path is bf16 only).
     pub fn new(cuda_graph: bool, device: Device, compute: Kind, grouped: bool) -> Result<Runner> {
+        Ok(Runner::at(first_stage(
+            cuda_graph, device, compute, grouped,
+        )?))
+    }
+
+    /// A runner at `stage`, the one place a runner is made. A warm-up turns this thread's
+    /// weight copies on (one bf16 copy of each weight per step, at addresses the graph keeps
+    /// reading); the runner's end turns them off.
+    fn at(stage: Stage) -> Runner {
         #[cfg(feature = "cuda")]
-        if let (true, Device::Cuda(n)) = (cuda_graph, device) {
-            if grouped && compute != Kind::BFloat16 {
-                eprintln!(
-                    "note: micro-batches run op by op, not as a CUDA graph: outside bf16 \
-                     libtorch's grouped matmul reads its group sizes on the host (precision = \
-                     bf16 gets the graph)"
-                );
-                return Ok(Runner {
-                    stage: Stage::Eager,
-                });
-            }
-            crate::runtime::graph::use_side_stream(n)?;
-            // one bf16 copy of each weight per step, at addresses the graph keeps reading
+        if matches!(stage, Stage::Warmup) {
             cast::enable();
-            return Ok(Runner {
-                stage: Stage::Warmup,
-            });
         }
-        let _ = (cuda_graph, device, compute, grouped);
-        Ok(Runner {
-            stage: Stage::Eager,
-        })
+        Runner { stage }
     }
 
     /// Runs one micro-batch of `tokens` (on the CPU) with the model's draw keys as they are
@@ -159,6 +150,26 @@ impl Runner {
             _ => "",
         }
     }
+}
+
+/// Where a new runner starts: the warm-up when graphs are asked for on a GPU and can be
+/// captured (the run then moves to a side stream of torch's pool), else op by op.
+fn first_stage(cuda_graph: bool, device: Device, compute: Kind, grouped: bool) -> Result<Stage> {
+    #[cfg(feature = "cuda")]
+    if let (true, Device::Cuda(n)) = (cuda_graph, device) {
+        if grouped && compute != Kind::BFloat16 {
+            eprintln!(
+                "note: micro-batches run op by op, not as a CUDA graph: outside bf16 \
+                 libtorch's grouped matmul reads its group sizes on the host (precision = \
+                 bf16 gets the graph)"
+            );
+            return Ok(Stage::Eager);
+        }
+        crate::runtime::graph::use_side_stream(n)?;
+        return Ok(Stage::Warmup);
+    }
+    let _ = (cuda_graph, device, compute, grouped);
+    Ok(Stage::Eager)
 }
 
 impl Drop for Runner {
@@ -259,10 +270,8 @@ mod tests {
     /// going from one stage to the next keeps them, and only the runner's end drops them.
     #[test]
     fn the_weight_copies_outlive_the_stages_and_go_with_the_runner() {
-        cast::enable();
-        let mut runner = Runner {
-            stage: Stage::Warmup,
-        };
+        let mut runner = Runner::at(Stage::Warmup);
+        assert!(cast::enabled(), "the warm-up has no weight copies");
         runner.stage = Stage::Capture;
         assert!(
             cast::enabled(),
@@ -270,5 +279,14 @@ mod tests {
         );
         drop(runner);
         assert!(!cast::enabled());
+    }
+
+    /// Asked for graphs on the CPU, the runner runs op by op and makes no weight copies.
+    #[test]
+    fn graphs_on_the_cpu_run_op_by_op_without_weight_copies() {
+        let runner = Runner::new(true, Device::Cpu, Kind::BFloat16, false).unwrap();
+        assert!(matches!(runner.stage, Stage::Eager));
+        assert!(!cast::enabled());
+        assert_eq!(runner.describe(), "");
     }
 }

@@ -198,40 +198,8 @@ fn collect_differences(
     found: &mut Vec<(String, String)>,
 ) {
     use serde_json::Value;
-    let join = |key: &str| {
-        if path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{path}.{key}")
-        }
-    };
-    let both = |a: &Value, b: &Value| format!("{} in the checkpoint, {} here", brief(a), brief(b));
     match (saved, given) {
-        (Value::Object(a), Value::Object(b)) => {
-            if let (Some(ka), Some(kb)) = (a.get("kind"), b.get("kind")) {
-                if ka != kb {
-                    found.push((join("kind"), both(ka, kb)));
-                    return;
-                }
-            }
-            for (key, va) in a {
-                match b.get(key) {
-                    Some(vb) => collect_differences(&join(key), va, vb, found),
-                    None => found.push((
-                        join(key),
-                        format!("{} in the checkpoint, none here", brief(va)),
-                    )),
-                }
-            }
-            for (key, vb) in b {
-                if !a.contains_key(key) {
-                    found.push((
-                        join(key),
-                        format!("none in the checkpoint, {} here", brief(vb)),
-                    ));
-                }
-            }
-        }
+        (Value::Object(a), Value::Object(b)) => collect_field_differences(path, a, b, found),
         (Value::Array(a), Value::Array(b)) if a.len() != b.len() => {
             let name = if path == "layers" {
                 "depth".to_string()
@@ -248,9 +216,54 @@ fn collect_differences(
                 collect_differences(&format!("{path}[{i}]"), va, vb, found);
             }
         }
-        (a, b) if a != b => found.push((path.to_string(), both(a, b))),
+        (a, b) if a != b => found.push((path.to_string(), both_values(a, b))),
         _ => {}
     }
+}
+
+/// [`collect_differences`] of two objects at `path`: their `kind` alone where it differs,
+/// else each field, those only one side has included.
+fn collect_field_differences(
+    path: &str,
+    saved: &serde_json::Map<String, serde_json::Value>,
+    given: &serde_json::Map<String, serde_json::Value>,
+    found: &mut Vec<(String, String)>,
+) {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    if let (Some(ka), Some(kb)) = (saved.get("kind"), given.get("kind")) {
+        if ka != kb {
+            found.push((join("kind"), both_values(ka, kb)));
+            return;
+        }
+    }
+    for (key, va) in saved {
+        match given.get(key) {
+            Some(vb) => collect_differences(&join(key), va, vb, found),
+            None => found.push((
+                join(key),
+                format!("{} in the checkpoint, none here", brief(va)),
+            )),
+        }
+    }
+    for (key, vb) in given {
+        if !saved.contains_key(key) {
+            found.push((
+                join(key),
+                format!("none in the checkpoint, {} here", brief(vb)),
+            ));
+        }
+    }
+}
+
+/// `A in the checkpoint, B here`.
+fn both_values(saved: &serde_json::Value, given: &serde_json::Value) -> String {
+    format!("{} in the checkpoint, {} here", brief(saved), brief(given))
 }
 
 /// A JSON value as a user reads it: strings without quotes, `none` for null.
