@@ -628,11 +628,14 @@ pub fn add_norm_op(
     }
     let rows = x.numel() as i64 / d;
     let f32s = (Kind::Float, x.device());
-    let rows_of = |t: &Tensor| t.f_reshape([rows, d]);
     let with_h = h.is_some();
+    // `x` and `h` as they are, not reshaped to `[rows, d]`: a view of each would come back from
+    // their gradients' view backward as two views of the one `dx`, which two leaves' `.grad`
+    // would both take as their own and then accumulate into twice (the same tensor for both,
+    // as libtorch's add hands back, is copied by autograd where two hold it)
     let mut inputs = Vec::with_capacity(NORM_INPUTS);
-    inputs.push(rows_of(x)?);
-    inputs.push(h.map(rows_of).transpose()?.map_or_else(unused, Ok)?);
+    inputs.push(x.shallow_clone());
+    inputs.push(h.map(Tensor::shallow_clone).map_or_else(unused, Ok)?);
     inputs.push(gamma.master.shallow_clone());
     inputs.push(gamma.copy.f_detach()?);
     match &beta {
@@ -656,17 +659,13 @@ pub fn add_norm_op(
         norm_keep(with_h),
     )
     .context("fused residual add and norm")?;
-    let shape = x.size();
     let mut outs = outs.into_iter();
     let (s, y) = match (with_h, outs.next(), outs.next()) {
-        (true, Some(s), Some(y)) => (s.f_reshape(&shape)?, y),
+        (true, Some(s), Some(y)) => (s, y),
         (false, Some(y), None) => (x.shallow_clone(), y),
         _ => bail!("fused residual add and norm: unexpected outputs"),
     };
-    Ok(Some(AddNorm {
-        s,
-        y: y.f_reshape(&shape)?,
-    }))
+    Ok(Some(AddNorm { s, y }))
 }
 
 /// The forward and backward of [`add_norm_op`] (see [`apply_multi`] for the tensors each
@@ -886,6 +885,11 @@ mod tests {
                         bail!("an unused output's gradient was made zeros");
                     }
                 }
+                if _op == 1 {
+                    // one tensor for both inputs, as `dx = dh` of the fused norm
+                    let g = g_sum.f_mul_scalar(1.0)?;
+                    return Ok(vec![Some(g.shallow_clone()), Some(g)]);
+                }
                 let b = sum.f_sub(a)?;
                 let mut ga = a.f_zeros_like()?;
                 let mut gb = a.f_zeros_like()?;
@@ -912,6 +916,31 @@ mod tests {
     ) -> c_int {
         // SAFETY: the shim calls this with its callback contract.
         unsafe { callback_body(op, phase, inputs, n_in, outputs, n_out, run_pair) }
+    }
+
+    /// One gradient tensor handed back for two inputs (the fused norm's `dx = dh`): over two
+    /// backward passes each leaf's `.grad` accumulates on its own (autograd copies a gradient
+    /// two hold). Given views of the leaves instead (`a.reshape([1, 3])`, as `add_norm_op`
+    /// once passed `[rows, d]` views), each view's backward hands its leaf a view of the one
+    /// tensor, both `.grad` share it and the second pass leaves 3.0 in each: so the op takes
+    /// `x` and `h` as they are (the GPU check's failures of 2026-12-07, 14:15 UTC).
+    #[test]
+    fn one_gradient_for_two_inputs_accumulates_apart() {
+        let leaf = |v: &[f64]| Tensor::from_slice(v).set_requires_grad(true);
+        let (a, b) = (leaf(&[1.0, 2.0, -3.0]), leaf(&[4.0, -5.0, 0.5]));
+        for _ in 0..2 {
+            let outs = apply_multi(
+                pair_callback,
+                1,
+                vec![a.shallow_clone(), b.shallow_clone()],
+                2,
+                1,
+            )
+            .unwrap();
+            outs[0].sum(Kind::Double).backward();
+        }
+        assert_eq!(Vec::<f64>::try_from(&a.grad()).unwrap(), [2.0, 2.0, 2.0]);
+        assert_eq!(Vec::<f64>::try_from(&b.grad()).unwrap(), [2.0, 2.0, 2.0]);
     }
 
     /// The shim's multi-output function: both outputs' values, both gradients back to the

@@ -729,6 +729,15 @@ pub fn norm_kernel_fits(
     Some((elem, norm_threads(elem, d)?))
 }
 
+/// `(rows, d)` of a tensor of rows of its last dimension's width, whatever its other
+/// dimensions (the norm's tensors keep their shapes: see [`super::add_norm_op`]).
+fn rows_of(t: &Tensor) -> Result<(i64, i64)> {
+    match t.size().last() {
+        Some(&d) if d > 0 => Ok((t.numel() as i64 / d, d)),
+        _ => bail!("fused norm: a tensor without rows ({:?})", t.size()),
+    }
+}
+
 /// What the norm's forward wrote: the residual sum `s` (`x + h`; none without `h`), the
 /// output `y`, and per row the mean (LayerNorm) and `rstd` in f32, for the backward.
 pub struct NormForward {
@@ -736,7 +745,7 @@ pub struct NormForward {
     pub y: Tensor,
 }
 
-/// `s = x + h` and `y = norm(s) · gamma (+ beta)` over rows of `x` (`[rows, d]`), one pass
+/// `s = x + h` and `y = norm(s) · gamma (+ beta)` over rows of `x` (`[.., d]`), one pass
 /// (`mean`, `rstd`: `[rows]` f32, written; `mean` none for RMSNorm, which `rms` asks for).
 /// The tensors must fit the kernels ([`norm_kernel_fits`]).
 pub fn norm_forward(
@@ -749,7 +758,7 @@ pub fn norm_forward(
 ) -> Result<NormForward> {
     let (elem, threads) =
         norm_kernel_fits(x, h, gamma, beta).context("fused norm: unsupported tensors")?;
-    let (rows, d) = x.size2()?;
+    let (rows, d) = rows_of(x)?;
     let s = h.map(|h| h.f_empty_like()).transpose()?;
     let y = x.f_empty_like()?;
     launch(
@@ -791,7 +800,7 @@ pub fn norm_backward(
     if ds.is_some_and(|ds| norm_kernel_fits(s, Some(ds), gamma, None).is_none()) {
         bail!("fused norm: the residual's gradient does not fit the kernels");
     }
-    let (rows, d) = s.size2()?;
+    let (rows, d) = rows_of(s)?;
     let device = device_index(s);
     let blocks = norm_backward_blocks(
         rows,
