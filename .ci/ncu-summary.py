@@ -52,7 +52,7 @@ def kind(name):
         return "grouped matmuls (experts)"
     if f.startswith("fp8_"):
         return "FP8 quantisation (fmoec)"
-    if "layer_norm" in f or "GammaBeta" in f:
+    if "layer_norm" in f or "GammaBeta" in f or f.startswith("norm_"):
         return "LayerNorm"
     if "direct_copy" in f or "bfloat16_copy" in f or "CatArray" in f:
         return "copies and dtype conversions"
@@ -60,7 +60,7 @@ def kind(name):
         return "LM loss"
     if re.match(r"(bias_act|segment_sums|gather_rows|sum_rows|row_dots|plan_|swiglu_)", f):
         return "MoE kernels (fmoec)"
-    if "reduce_kernel" in f:
+    if "reduce_kernel" in f or f.startswith("col_sums_"):
         return "reductions"
     return "other elementwise"
 

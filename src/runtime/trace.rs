@@ -263,7 +263,7 @@ fn kind_of(cat: &str, name: &str, f: &str) -> &'static str {
         "dense matmuls (cuBLAS)"
     } else if f.starts_with("fp8_") {
         "FP8 quantisation (fmoec)"
-    } else if has("layer_norm") || has("GammaBeta") {
+    } else if has("layer_norm") || has("GammaBeta") || f.starts_with("norm_") {
         "LayerNorm"
     } else if has("direct_copy") || has("bfloat16_copy") || has("CatArray") {
         "copies and dtype conversions"
@@ -285,7 +285,7 @@ fn kind_of(cat: &str, name: &str, f: &str) -> &'static str {
         "MoE kernels (fmoec)"
     } else if has("multi_tensor_apply") || has("fused_adam") {
         "optimizer (multi-tensor)"
-    } else if has("reduce_kernel") {
+    } else if has("reduce_kernel") || f.starts_with("col_sums_") {
         "reductions"
     } else {
         "other elementwise"
@@ -517,6 +517,8 @@ mod tests {
             ("void at::cuda::detail::prepare_grouped_gemm_data<cutlass::bfloat16_t>(x)", "grouped matmuls (experts)"),
             ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
             ("void at::native::vectorized_layer_norm_kernel<float>(int)", "LayerNorm"),
+            ("norm_bwd_bf16", "LayerNorm"),
+            ("col_sums_part_bf16", "reductions"),
             ("fp8_act1_quant_rows_bf16", "FP8 quantisation (fmoec)"),
             ("gather_rows_bf16", "MoE kernels (fmoec)"),
             ("xent_fwd", "LM loss"),
