@@ -151,13 +151,12 @@ pub use ops::*;
 mod ops {
     use std::cell::RefCell;
     use std::collections::HashMap;
-    use std::ffi::{c_int, c_void};
 
     use anyhow::{bail, Context, Result};
     use tch::{Device, Kind, Tensor};
 
     use crate::runtime::cuda::autograd::{
-        apply, callback_body, combine_weight_gradient, dispatch_backward, master_gradient, Phase,
+        apply, combine_weight_gradient, dispatch_backward, master_gradient, shim_callback, Phase,
     };
     use crate::runtime::cuda::check::{rel, Checks};
     pub use crate::runtime::cuda::kernels::Fp8Act;
@@ -1167,21 +1166,7 @@ mod ops {
         })
     }
 
-    unsafe extern "C" fn fp8_callback(
-        op: i64,
-        phase: c_int,
-        inputs: *mut *mut c_void,
-        n_in: c_int,
-        outputs: *mut *mut c_void,
-        n_out: c_int,
-    ) -> c_int {
-        // SAFETY: the shim calls this with its callback contract, which `callback_body` needs.
-        unsafe {
-            callback_body(op, phase, inputs, n_in, outputs, n_out, |op, phase, ins| {
-                run_op(Fp8Op::from_code(op)?, phase, ins)
-            })
-        }
-    }
+    shim_callback!(fp8_callback => |op, phase, ins| run_op(Fp8Op::from_code(op)?, phase, ins));
 
     /// Every row of `xs` (`[M, K]`, bf16, or f32 in the emulation; rows in expert groups
     /// ending at `ends`, int32 `[E]`) times its expert's `w` (the master, `[E, K, N]`) with

@@ -63,6 +63,33 @@ pub enum Phase {
     Backward,
 }
 
+/// Defines `unsafe extern "C" fn NAME`, a shim [`Callback`] that runs `RUN` (a
+/// `Fn(i64, Phase, Vec<Tensor>) -> Result<Vec<Option<Tensor>>>`, the op code, the phase and the
+/// tensors) through [`callback_body`]: the shim takes a C function pointer, not a closure, so
+/// each family of ops has a function of its own, and this writes it.
+macro_rules! shim_callback {
+    ($(#[$meta:meta])* $name:ident => $run:expr) => {
+        $(#[$meta])*
+        unsafe extern "C" fn $name(
+            op: i64,
+            phase: std::ffi::c_int,
+            inputs: *mut *mut std::ffi::c_void,
+            n_in: std::ffi::c_int,
+            outputs: *mut *mut std::ffi::c_void,
+            n_out: std::ffi::c_int,
+        ) -> std::ffi::c_int {
+            // SAFETY: the shim calls this with its callback contract, which `callback_body`
+            // needs.
+            unsafe {
+                $crate::runtime::cuda::autograd::callback_body(
+                    op, phase, inputs, n_in, outputs, n_out, $run,
+                )
+            }
+        }
+    };
+}
+pub(crate) use shim_callback;
+
 /// The body of a shim callback: takes ownership of the inputs, runs `run` on them (op code
 /// and phase as the shim passed them), hands the outputs to the shim, and turns errors and
 /// panics into a non-zero status with the error on stderr (the shim's exception says which
@@ -404,21 +431,7 @@ fn combine_k(inputs: &[Tensor]) -> Result<i64> {
     }
 }
 
-unsafe extern "C" fn fused_callback(
-    op: i64,
-    phase: c_int,
-    inputs: *mut *mut c_void,
-    n_in: c_int,
-    outputs: *mut *mut c_void,
-    n_out: c_int,
-) -> c_int {
-    // SAFETY: the shim calls this with its callback contract, which `callback_body` needs.
-    unsafe {
-        callback_body(op, phase, inputs, n_in, outputs, n_out, |op, phase, ins| {
-            run_op(FusedOp::from_code(op)?, phase, ins)
-        })
-    }
-}
+shim_callback!(fused_callback => |op, phase, ins| run_op(FusedOp::from_code(op)?, phase, ins));
 
 fn apply_fused(op: FusedOp, inputs: Vec<Tensor>) -> Result<Tensor> {
     apply(fused_callback, op.code(), inputs)
@@ -788,17 +801,7 @@ fn reduce_into_masters(pairs: Vec<(&Tensor, Tensor)>) -> Result<Vec<Option<Tenso
         .collect()
 }
 
-unsafe extern "C" fn norm_callback(
-    op: i64,
-    phase: c_int,
-    inputs: *mut *mut c_void,
-    n_in: c_int,
-    outputs: *mut *mut c_void,
-    n_out: c_int,
-) -> c_int {
-    // SAFETY: the shim calls this with its callback contract, which `callback_body` needs.
-    unsafe { callback_body(op, phase, inputs, n_in, outputs, n_out, run_norm) }
-}
+shim_callback!(norm_callback => run_norm);
 
 #[cfg(test)]
 mod tests {
@@ -906,17 +909,7 @@ mod tests {
         }
     }
 
-    unsafe extern "C" fn pair_callback(
-        op: i64,
-        phase: c_int,
-        inputs: *mut *mut c_void,
-        n_in: c_int,
-        outputs: *mut *mut c_void,
-        n_out: c_int,
-    ) -> c_int {
-        // SAFETY: the shim calls this with its callback contract.
-        unsafe { callback_body(op, phase, inputs, n_in, outputs, n_out, run_pair) }
-    }
+    shim_callback!(pair_callback => run_pair);
 
     /// One gradient tensor handed back for two inputs (the fused norm's `dx = dh`): over two
     /// backward passes each leaf's `.grad` accumulates on its own (autograd copies a gradient

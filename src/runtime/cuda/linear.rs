@@ -27,12 +27,10 @@
 //! Knows tensors, dtypes and the shim's autograd, not the layer, the casts' cache or the
 //! trainer.
 
-use std::ffi::{c_int, c_void};
-
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
-use super::autograd::{apply, callback_body, unused, Phase};
+use super::autograd::{apply, shim_callback, unused, Phase};
 use super::ops::column_sums;
 
 /// Whether `FMOEC_FUSED_LINEAR=0` asks for the unfused linear (the cast op's backward).
@@ -116,21 +114,7 @@ pub fn linear_op(
     Ok(out.f_reshape(shape)?)
 }
 
-unsafe extern "C" fn linear_callback(
-    op: i64,
-    phase: c_int,
-    inputs: *mut *mut c_void,
-    n_in: c_int,
-    outputs: *mut *mut c_void,
-    n_out: c_int,
-) -> c_int {
-    // SAFETY: the shim calls this with its callback contract, which `callback_body` needs.
-    unsafe {
-        callback_body(op, phase, inputs, n_in, outputs, n_out, |op, phase, ins| {
-            run_op(LinearOp::from_code(op)?, phase, ins)
-        })
-    }
-}
+shim_callback!(linear_callback => |op, phase, ins| run_op(LinearOp::from_code(op)?, phase, ins));
 
 fn run_op(op: LinearOp, phase: Phase, inputs: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
     let Some([x, w, w_copy, b, b_copy]) = inputs.get(..5) else {
