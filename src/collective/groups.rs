@@ -65,6 +65,15 @@ impl GroupLabel {
     pub fn global(&self, position: usize) -> usize {
         self.members.get(position).copied().unwrap_or(position)
     }
+
+    /// The global ranks of a group of `size` but the one at `position` (the peers a rank
+    /// waited for when a collective times out).
+    pub fn others(&self, size: usize, position: usize) -> Vec<usize> {
+        (0..size)
+            .filter(|&p| p != position)
+            .map(|p| self.global(p))
+            .collect()
+    }
 }
 
 impl fmt::Display for GroupLabel {
@@ -514,5 +523,21 @@ impl Groups {
     /// holders); this rank alone on another stage or without a pipeline.
     pub fn embedding(&self) -> &dyn Collective {
         self.embedding.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{GroupKind, GroupLabel};
+
+    /// A timeout names every member but the rank that waited, by global rank.
+    #[test]
+    fn others_are_the_global_ranks_but_ones_own() {
+        let label = GroupLabel {
+            kind: GroupKind::Expert,
+            members: vec![4, 5, 6],
+        };
+        assert_eq!(label.others(3, 1), [4, 6]);
+        assert_eq!(label.others(3, 0), [5, 6]);
     }
 }

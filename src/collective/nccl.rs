@@ -431,10 +431,7 @@ impl SideAllToAll {
                     &mut state,
                     format!("at \"{}\" timed out after {:?}", self.at, comm.timeout),
                 );
-                let missing = (0..self.size)
-                    .filter(|&p| p != self.position)
-                    .map(|p| self.label.global(p))
-                    .collect();
+                let missing = self.label.others(self.size, self.position);
                 return Err(self.error(ErrorKind::Timeout {
                     waited: comm.timeout,
                     missing,
@@ -609,10 +606,7 @@ impl NcclCollective {
                     &mut state,
                     format!("{op} at \"{at}\": enqueueing timed out"),
                 );
-                let missing = (0..self.size)
-                    .filter(|&p| p != self.position)
-                    .map(|p| self.label.global(p))
-                    .collect();
+                let missing = self.label.others(self.size, self.position);
                 Err(self.error(
                     op,
                     at,
@@ -780,10 +774,7 @@ impl NcclCollective {
                     &mut state,
                     format!("{op} at \"{at}\" timed out after {:?}", comm.timeout),
                 );
-                let missing = (0..self.size)
-                    .filter(|&p| p != self.position)
-                    .map(|p| self.label.global(p))
-                    .collect();
+                let missing = self.label.others(self.size, self.position);
                 Err(self.error(
                     op,
                     at,
