@@ -6,12 +6,13 @@
 # build at $BASELINE where given, each run in its own process, ROUNDS times (default 2)
 # alternated; then each "NAME:VAR=VALUE,..." of VARIANTS (e.g. the fusions' switches
 # "nonorm:FMOEC_FUSED_NORM=0 nolinear:FMOEC_FUSED_LINEAR=0") at the last micro-batch, and fp8
-# with every expert in FP8 at it. Each run stops after STEPS metrics lines (default 4);
+# with every expert in FP8 at it; with FP8_DENSE=1 also fp8 as planned (the experts that pay)
+# and fp8 with the dense matmuls too (`--precision fp8-dense`, every expert). Each run stops after STEPS metrics lines (default 4);
 # tokens/s is the median of the lines after the first (the first holds the CUDA graph's
 # capture); MFU is the model's FLOPs per token (`fmoec plan --format json`'s
 # model_flops_per_step over the step's tokens) times tokens/s over the GPU's bf16 peak. Peak memory
 # is nvidia-smi's, sampled every 100 ms. With TRACE=1 the last bf16 run is traced
-# (`--trace`, one step). Results under $OUT (default out-gpu).
+# (`--trace`, one step), and with FP8_DENSE=1 the fp8-dense run too. Results under $OUT (default out-gpu).
 set -uo pipefail
 R="${OUT:-out-gpu}"; mkdir -p "$R"
 FMOEC="${FMOEC:-.dev/fmoec}"; BASELINE="${BASELINE:-}"
@@ -70,8 +71,18 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
     done
 done
 run new-m$last-fp8-all-experts "$FMOEC" $M/m$last-fp8.fmoe FMOEC_FP8_EXPERTS=all
+if [ "${FP8_DENSE:-0}" = 1 ]; then
+    run new-m$last-fp8-as-planned "$FMOEC" $M/m$last-fp8.fmoe
+    EXTRA="--precision fp8-dense" run new-m$last-fp8-dense "$FMOEC" $M/m$last-fp8.fmoe FMOEC_FP8_EXPERTS=all
+fi
+# trace NAME FILE [EXTRA ARGS] [ENV=VALUE...]: one traced step, its summary in trace-summary.txt
+trace() {
+    local name=$1 file=$2 extra=$3; shift 3
+    STEPS=3 EXTRA="--trace $R/trace-$name.json --trace-steps 1 $extra" run trace-$name "$FMOEC" "$file" "$@"
+    { echo "== $name"; grep -A45 "^trace" $M/trace-$name.log | head -48; } | tee -a "$R/trace-summary.txt"
+}
 if [ "${TRACE:-0}" = 1 ]; then
-    STEPS=3 EXTRA="--trace $R/trace-m$last-bf16.json --trace-steps 1" run trace-m$last "$FMOEC" $M/m$last-bf16.fmoe
-    grep -A45 "^trace" $M/trace-m$last.log | head -48 | tee "$R/trace-summary.txt"
+    trace m$last-bf16 $M/m$last-bf16.fmoe ""
+    [ "${FP8_DENSE:-0}" = 1 ] && trace m$last-fp8-dense $M/m$last-fp8.fmoe "--precision fp8-dense" FMOEC_FP8_EXPERTS=all
     gzip -f "$R"/*.json
 fi

@@ -488,6 +488,91 @@ const FP8_QUANT_BYTES_HIDDEN: f64 = 8.0;
 /// the input and of the output's gradient).
 const FP8_QUANT_BYTES_DENSE: f64 = 8.0;
 
+/// The share of the HBM bandwidth a dense matmul's FP8 passes reach, with the bytes of
+/// [`FP8_QUANT_BYTES_DENSE`] over its input and output widths: 0.40, what GPT-2-medium-MoE's
+/// step paid for them on an H100 (BENCHMARKS.md 2026-12-07 16:21 UTC: fp8 with the dense
+/// matmuls too took 1,654 ms a step against 1,375 with only the experts in FP8, while its
+/// dense matmuls took 221 ms less, so about 500 ms for 675 GB of these bytes: the passes,
+/// the bias adds and casts beside them, and their launches).
+const FP8_DENSE_QUANT_BANDWIDTH_SHARE: f64 = 0.40;
+
+/// One dense matmul (`rows` × `k` times `k` × `n`) forward and backward (three matmuls) in
+/// bf16 and with FP8 operands on `hw` (`None` without FP8 tensor cores): each matmul the
+/// longer of its FLOPs at the rate of its shape ([`BF16_MATMUL_SHARE`],
+/// [`fp8_matmul_share`]) and its bytes at the HBM bandwidth; FP8 adds its passes' bytes
+/// ([`FP8_QUANT_BYTES_DENSE`] per element of the input and output widths) at
+/// [`FP8_DENSE_QUANT_BANDWIDTH_SHARE`] of the bandwidth.
+pub fn fp8_dense_estimate(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp8ExpertEstimate> {
+    let fp8_peak = hw.fp8_tflops? * 1e12;
+    let bf16_rate = hw.bf16_tflops * 1e12 * BF16_MATMUL_SHARE;
+    let fp8_rate =
+        bf16_rate * fp8_peak / (hw.bf16_tflops.max(1e-9) * 1e12) * fp8_matmul_share(k.min(n));
+    let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
+    let (kf, nf) = (k as f64, n as f64);
+    let flops = 2.0 * rows * kf * nf;
+    let one = |rate: f64, operand: f64| -> f64 {
+        let bytes = operand * (rows * kf + kf * nf) + 2.0 * rows * nf;
+        (flops / rate).max(bytes / hbm)
+    };
+    let quant_bytes = FP8_QUANT_BYTES_DENSE * rows * (kf + nf);
+    Some(Fp8ExpertEstimate {
+        bf16_s: 3.0 * one(bf16_rate, 2.0),
+        fp8_s: 3.0 * one(fp8_rate, 1.0) + quant_bytes / (hbm * FP8_DENSE_QUANT_BANDWIDTH_SHARE),
+    })
+}
+
+/// Whether a module's dense matmuls (`shapes`: each `(k, n)`, all taking `rows` rows) run in
+/// FP8 under `fp8_dense`: where [`fp8_dense_estimate`] says that together they are faster
+/// (narrow models lose more to the passes than the faster matmuls save; `fmoec run` keeps
+/// such a module in bf16, as the plan assumes).
+pub fn fp8_pays_for_dense(hw: &Hardware, shapes: &[(u64, u64)], rows: f64) -> bool {
+    let (mut bf16_s, mut fp8_s) = (0.0, 0.0);
+    for &(k, n) in shapes {
+        let Some(e) = fp8_dense_estimate(hw, k, n, rows) else {
+            return false;
+        };
+        bf16_s += e.bf16_s;
+        fp8_s += e.fp8_s;
+    }
+    !shapes.is_empty() && fp8_s < bf16_s
+}
+
+/// The dense matmuls `(k, n)` that `fp8_dense` puts on FP8 operands in graph node `kind`
+/// (of block `layer`) on one of `t` tensor ranks: the attention's two projections, a dense
+/// MLP's or the shared experts' matrices, the LM head over the padded vocabulary `vpad`;
+/// `None` for other nodes and for a block without such matrices.
+pub fn fp8_dense_shapes(
+    m: &crate::check::Model,
+    kind: NodeKind,
+    layer: Option<usize>,
+    t: u64,
+    vpad: u64,
+) -> Option<Vec<(u64, u64)>> {
+    let h = m.width;
+    let mlp = |act: Activation, hidden: u64| -> Vec<(u64, u64)> {
+        let mut shapes = vec![(h, hidden / t); act.matrices() as usize - 1];
+        shapes.push((hidden / t, h));
+        shapes
+    };
+    match kind {
+        NodeKind::Attention => {
+            let att = &m.attention;
+            let q = att.heads * att.head_dim;
+            let qkv = (att.heads + 2 * att.kv_heads) * att.head_dim;
+            Some(vec![(h, qkv / t), (q / t, h)])
+        }
+        NodeKind::Mlp | NodeKind::SharedExperts => match &m.layers.get(layer?)?.ffn {
+            Ffn::Dense(d) => Some(mlp(d.act, d.hidden)),
+            Ffn::Moe(moe) => moe
+                .shared
+                .as_ref()
+                .map(|s| mlp(s.expert.act, s.count * s.expert.hidden)),
+        },
+        NodeKind::LmHead => Some(vec![(h, vpad / t)]),
+        _ => None,
+    }
+}
+
 /// One MoE layer's routed experts on one rank, for a micro-batch: forward and backward of
 /// its matmuls in bf16 and with FP8 operands (see [`fp8_expert_estimate`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -854,6 +939,8 @@ struct StageWork {
     fp8_flops_per_token: u64,
     /// Bytes the FP8 quantisations move per token.
     fp8_quant_bytes_per_token: f64,
+    /// The same for the dense matmuls in FP8 (`fp8_dense`), at their own bandwidth share.
+    fp8_dense_quant_bytes_per_token: f64,
     /// Bytes of the FP8 copies' scales.
     fp8_scale_bytes: u64,
 }
@@ -938,6 +1025,7 @@ impl Eval<'_> {
             expert_flops_per_token: vec![0; self.c.model.layers.len()],
             fp8_flops_per_token: 0,
             fp8_quant_bytes_per_token: 0.0,
+            fp8_dense_quant_bytes_per_token: 0.0,
             fp8_scale_bytes: 0,
         };
         for (_, n) in self.g.nodes().filter(|(_, n)| self.on_stage(n, s)) {
@@ -952,45 +1040,29 @@ impl Eval<'_> {
         w
     }
 
-    /// Node `n`'s dense matmuls on FP8 operands (the projections, not the attention scores):
-    /// their FLOPs per token, and the quantisation bytes and scales of every dense matmul's
-    /// input and output widths.
+    /// Node `n`'s dense matmuls on FP8 operands (the projections, not the attention scores),
+    /// where [`fp8_pays_for_dense`] says they pay at this micro-batch: their FLOPs per token,
+    /// and the quantisation bytes and scales of every dense matmul's input and output widths.
     fn add_fp8_dense_matmuls(&self, n: &graph::Node, w: &mut StageWork) {
-        let m = &self.c.model;
-        let (h, t, vpad) = (m.width, self.grid.tensor, self.vpad);
+        let (m, t) = (&self.c.model, self.grid.tensor);
         let fb = n.flops_fwd + n.flops_bwd;
-        let att = &m.attention;
-        let (qkv_out, proj_in) = (
-            (att.heads + 2 * att.kv_heads) * att.head_dim,
-            att.heads * att.head_dim,
-        );
-        let dense_widths = match n.kind {
-            NodeKind::Attention => {
-                w.fp8_flops_per_token += (fb - 3 * 4 * self.seq_len * proj_in) / t;
-                Some(h + qkv_out / t + proj_in / t + h)
-            }
-            NodeKind::Mlp | NodeKind::SharedExperts => {
-                w.fp8_flops_per_token += fb / t;
-                let (act, hidden) = match n.layer.map(|l| &m.layers[l].ffn) {
-                    Some(Ffn::Dense(mlp)) => (mlp.act, mlp.hidden),
-                    Some(Ffn::Moe(moe)) => match &moe.shared {
-                        Some(s) => (s.expert.act, s.count * s.expert.hidden),
-                        None => (Activation::Gelu, 0),
-                    },
-                    None => (Activation::Gelu, 0),
-                };
-                Some(act.matrices() * (h + hidden / t))
-            }
-            NodeKind::LmHead => {
-                w.fp8_flops_per_token += self.lm_head_flops(fb);
-                Some(h + vpad / t)
-            }
-            _ => None,
+        let Some(shapes) = fp8_dense_shapes(m, n.kind, n.layer, t, self.vpad) else {
+            return;
         };
-        if let Some(width) = dense_widths {
-            w.fp8_quant_bytes_per_token += FP8_QUANT_BYTES_DENSE * width as f64;
-            w.fp8_scale_bytes += 4 * width;
+        if !fp8_pays_for_dense(&self.c.parallel.hardware, &shapes, self.tokens as f64) {
+            return;
         }
+        w.fp8_flops_per_token += match n.kind {
+            // the attention scores stay in bf16
+            NodeKind::Attention => {
+                (fb - 3 * 4 * self.seq_len * m.attention.heads * m.attention.head_dim) / t
+            }
+            NodeKind::LmHead => self.lm_head_flops(fb),
+            _ => fb / t,
+        };
+        let width: u64 = shapes.iter().map(|(k, n)| k + n).sum();
+        w.fp8_dense_quant_bytes_per_token += FP8_QUANT_BYTES_DENSE * width as f64;
+        w.fp8_scale_bytes += 4 * width;
     }
 
     /// Node `n`'s parameters on one rank, by placement, and its FLOPs per token there.
@@ -1471,6 +1543,8 @@ impl Eval<'_> {
                     + w.fp8_flops_per_token as f64 * tokens as f64 / fp8_peak
                     + w.fp8_quant_bytes_per_token * tokens as f64
                         / (hw.hbm_gbps.max(1e-9) * 1e9 * FP8_QUANT_BANDWIDTH_SHARE)
+                    + w.fp8_dense_quant_bytes_per_token * tokens as f64
+                        / (hw.hbm_gbps.max(1e-9) * 1e9 * FP8_DENSE_QUANT_BANDWIDTH_SHARE)
             }
             None => w.flops_per_token as f64 * tokens as f64 / peak,
         }

@@ -45,6 +45,45 @@ pub struct Fp8Use {
     pub dense: bool,
 }
 
+/// What a model keeps in the compute dtype under `precision = fp8` because FP8 would not pay
+/// there ([`pays_for_experts`], [`pays_for_dense`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fp8Fallbacks {
+    /// The MoE layers (block indices) whose routed experts stay in bf16.
+    pub experts: Vec<usize>,
+    /// Under `fp8_dense`, the blocks whose attention projections stay in bf16,
+    pub attention: Vec<usize>,
+    /// those whose dense MLP or shared experts do,
+    pub mlps: Vec<usize>,
+    /// and whether the LM head does.
+    pub head: bool,
+}
+
+impl Fp8Fallbacks {
+    /// The dense modules that stay in bf16, for a note: "the attention projections of blocks
+    /// [0, 1], the MLPs of blocks [0] and the LM head"; `None` where there are none.
+    pub fn dense_modules(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if !self.attention.is_empty() {
+            parts.push(format!(
+                "the attention projections of blocks {:?}",
+                self.attention
+            ));
+        }
+        if !self.mlps.is_empty() {
+            parts.push(format!("the MLPs of blocks {:?}", self.mlps));
+        }
+        if self.head {
+            parts.push("the LM head".to_string());
+        }
+        let last = parts.pop()?;
+        Some(match parts.is_empty() {
+            true => last,
+            false => format!("{} and {last}", parts.join(", ")),
+        })
+    }
+}
+
 /// Whether `precision = fp8` can run on `device`, and how; the error says why not (the
 /// reason alone: the caller names what asked for FP8).
 pub fn mode_for(device: Device) -> Result<Fp8Mode> {
@@ -70,6 +109,7 @@ pub fn mode_for(device: Device) -> Result<Fp8Mode> {
 thread_local! {
     static EMULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static EXPERTS_FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    static DENSE_FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     static ACT_ON_LOAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
@@ -85,6 +125,13 @@ pub fn activation_on_load_on_this_thread(on: Option<bool>) {
 /// where it pays (`None`), as `FMOEC_FP8_EXPERTS=all|none` does for the process: for tests.
 pub fn force_experts_on_this_thread(all: Option<bool>) {
     EXPERTS_FORCED.with(|f| f.set(all));
+}
+
+/// On this thread, every dense module's matmuls in FP8 under `fp8_dense` (`Some(true)`),
+/// none (`Some(false)`), or where it pays (`None`), as `FMOEC_FP8_DENSE=all|none` does for
+/// the process: for tests.
+pub fn force_dense_on_this_thread(all: Option<bool>) {
+    DENSE_FORCED.with(|f| f.set(all));
 }
 
 /// Lets this thread run `precision = fp8` on the CPU as the emulation (as
@@ -142,6 +189,24 @@ pub fn pays_for_experts(
         rows,
         experts as u64,
     )
+}
+
+/// Whether a dense module (the attention's projections, an MLP, the LM head: its matmuls'
+/// `shapes`, each `(k, n)` over `rows` rows a micro-batch) takes FP8 operands under
+/// `fp8_dense`: where the planner estimates that FP8 is faster on `hardware`
+/// ([`crate::plan::cost::fp8_pays_for_dense`]: at GPT-2-medium's width of 1024 the passes
+/// cost more than the faster matmuls save); `FMOEC_FP8_DENSE=all` takes FP8 everywhere,
+/// `=none` nowhere.
+pub fn pays_for_dense(hardware: &crate::check::Hardware, shapes: &[(u64, u64)], rows: f64) -> bool {
+    match std::env::var("FMOEC_FP8_DENSE").as_deref() {
+        Ok("all") => return true,
+        Ok("none") => return false,
+        _ => {}
+    }
+    if let Some(all) = DENSE_FORCED.with(|f| f.get()) {
+        return all;
+    }
+    crate::plan::cost::fp8_pays_for_dense(hardware, shapes, rows)
 }
 
 #[cfg(feature = "cuda")]
@@ -2346,7 +2411,13 @@ mod ops {
             let steps = 8;
             let fp32 = run(&tiny("precision = fp32", steps, "1e-3")).unwrap();
             let fp8 = run(&tiny("precision = fp8", steps, "1e-3")).unwrap();
+            super::super::force_dense_on_this_thread(Some(true));
             let dense = run(&tiny("precision = fp8\n fp8_dense = true", steps, "1e-3")).unwrap();
+            // the dense matmuls stay in bf16 where FP8 does not pay (these narrow layers):
+            // the run with only the experts in FP8
+            super::super::force_dense_on_this_thread(None);
+            let dense_auto =
+                run(&tiny("precision = fp8\n fp8_dense = true", steps, "1e-3")).unwrap();
             // the same in bf16 where FP8 does not pay (these narrow experts): the fp32 run's
             let auto = {
                 super::super::force_experts_on_this_thread(None);
@@ -2354,6 +2425,11 @@ mod ops {
             };
             super::super::emulate_on_this_thread(false);
             assert_eq!(auto.losses, fp32.losses);
+            assert_eq!(dense_auto.losses, fp8.losses);
+            assert_ne!(
+                dense.losses, fp8.losses,
+                "FP8 dense matmuls change the rounding"
+            );
             assert_ne!(fp8.losses, fp32.losses, "FP8 changes the rounding");
             assert_eq!(fp8.precision, "fp8");
             for (label, r) in [("fp8", &fp8), ("fp8 dense", &dense)] {

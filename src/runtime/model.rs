@@ -197,6 +197,11 @@ impl Attention {
         })
     }
 
+    /// Its projections' `(k, n)` (this tensor rank's share).
+    fn matmul_shapes(&self) -> [(i64, i64); 2] {
+        [moe::matrix_dims(&self.qkv), moe::matrix_dims(&self.proj)]
+    }
+
     /// `x`: `[B, T, d]` → `[B, T, d]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.tensor.is_some_and(|tp| tp.size > 1) {
@@ -715,46 +720,63 @@ impl Transformer {
     }
 
     /// Runs the matmuls `fp8` names with FP8 operands (`precision = fp8`, see
-    /// [`crate::runtime::fp8`]): the routed experts of each MoE layer where FP8 pays for
-    /// micro-batches of `tokens` tokens on `hardware`
-    /// ([`crate::runtime::fp8::pays_for_experts`]), and the dense projections and the LM head
-    /// (widths that are multiples of 16). Returns the layers whose experts stay in the
-    /// compute dtype.
+    /// [`crate::runtime::fp8`]) where FP8 pays for micro-batches of `tokens` tokens on
+    /// `hardware`: the routed experts of each MoE layer
+    /// ([`crate::runtime::fp8::pays_for_experts`]), and with `fp8_dense` the attention's
+    /// projections, the dense MLPs, the shared experts and the LM head (widths that are
+    /// multiples of 16), each module as [`crate::runtime::fp8::pays_for_dense`] says for
+    /// its matmuls' shapes. Says which stay in the compute dtype.
     pub fn set_fp8(
         &mut self,
         fp8: crate::runtime::fp8::Fp8Use,
         tokens: i64,
         hardware: &crate::check::Hardware,
-    ) -> Vec<usize> {
+    ) -> crate::runtime::fp8::Fp8Fallbacks {
+        use crate::runtime::fp8::{pays_for_dense, pays_for_experts, Fp8Fallbacks};
         let d = self.model.width as i64;
-        let mut fallback = Vec::new();
+        let rows = tokens as f64;
+        let mut bf16 = Fp8Fallbacks::default();
+        // whether a module of these matmul shapes takes FP8 under `fp8_dense`
+        let dense = |shapes: &[(i64, i64)]| -> bool {
+            let shapes: Vec<(u64, u64)> =
+                shapes.iter().map(|&(k, n)| (k as u64, n as u64)).collect();
+            fp8.dense && pays_for_dense(hardware, &shapes, rows)
+        };
         for b in &mut self.blocks {
-            b.attn.fp8 = fp8.dense;
-            match &mut b.ffn {
-                FfnModule::Dense(mlp) => mlp.fp8 = fp8.dense,
+            b.attn.fp8 = dense(&b.attn.matmul_shapes());
+            if fp8.dense && !b.attn.fp8 {
+                bf16.attention.push(b.index);
+            }
+            let mlp = match &mut b.ffn {
+                FfnModule::Dense(mlp) => Some(mlp),
                 FfnModule::Moe(layer) => {
                     let h = layer.experts.w1.size()[2];
-                    let rows = (tokens * layer.gate.top_k) as f64;
-                    let pays = crate::runtime::fp8::pays_for_experts(
+                    let pays = pays_for_experts(
                         hardware,
                         d,
                         h,
                         layer.experts.act,
-                        rows,
+                        (tokens * layer.gate.top_k) as f64,
                         layer.experts.experts,
                     );
                     layer.experts.fp8 = fp8.experts && pays;
                     if fp8.experts && !pays {
-                        fallback.push(b.index);
+                        bf16.experts.push(b.index);
                     }
-                    if let Some(shared) = &mut layer.shared {
-                        shared.fp8 = fp8.dense;
-                    }
+                    layer.shared.as_mut()
+                }
+            };
+            if let Some(mlp) = mlp {
+                mlp.fp8 = dense(&mlp.matmul_shapes());
+                if fp8.dense && !mlp.fp8 {
+                    bf16.mlps.push(b.index);
                 }
             }
         }
-        self.fp8_head = fp8.dense && d % 16 == 0 && self.model.vocab % 16 == 0;
-        fallback
+        let vocab = self.model.vocab as i64;
+        self.fp8_head = d % 16 == 0 && vocab % 16 == 0 && dense(&[(d, vocab)]);
+        bf16.head = fp8.dense && !self.fp8_head;
+        bf16
     }
 
     /// `tokens`: `[B, T]` int64 → logits and the MoE extras.

@@ -377,12 +377,24 @@ impl<'a> Trainer<'a> {
         };
         let tokens = (shape.micro_batch * shape.train.seq_len) as i64;
         let hardware = &self.checked.parallel.hardware;
-        let bf16_layers = self.model.set_fp8(fp8, tokens, hardware);
-        if self.main && !bf16_layers.is_empty() {
+        let bf16 = self.model.set_fp8(fp8, tokens, hardware);
+        if !self.main {
+            return;
+        }
+        if !bf16.experts.is_empty() {
             crate::errln!(
-                "note: precision = fp8: the experts of layer(s) {bf16_layers:?} stay in bf16, where \
-                 the planner estimates FP8 would not pay on `{}` (`fmoec plan` says why; \
+                "note: precision = fp8: the experts of layer(s) {:?} stay in bf16, where the \
+                 planner estimates FP8 would not pay on `{}` (`fmoec plan` says why; \
                  FMOEC_FP8_EXPERTS=all forces FP8)",
+                bf16.experts,
+                hardware.name
+            );
+        }
+        if let Some(modules) = bf16.dense_modules() {
+            crate::errln!(
+                "note: fp8_dense: bf16 operands for {modules}, where the planner estimates \
+                 that FP8's quantisation passes would cost more than its faster matmuls save on \
+                 `{}` at {tokens} tokens a micro-batch (FMOEC_FP8_DENSE=all forces FP8)",
                 hardware.name
             );
         }

@@ -358,6 +358,57 @@ fn fp8_pays_for_wide_experts_and_not_for_narrow_ones() {
     ));
 }
 
+/// `fp8_dense` pays for Mixtral's attention projections (4096 → 6144 and 4096 → 4096, 8,192
+/// rows: FP8's matmuls measured 1.76-2.22x bf16's on an H100), not for GPT-2-medium's width
+/// of 1024, where the passes cost more than the matmuls save (fp8 with the dense matmuls
+/// 0.83x bf16's step at micro-batch 32; BENCHMARKS.md 2026-12-07 16:21 UTC); and the plan
+/// times the modules it keeps in bf16 as bf16.
+#[test]
+fn fp8_dense_pays_for_wide_projections_and_not_for_narrow_ones() {
+    let mut hw = h100();
+    hw.fp8_tflops = Some(1979.0);
+    let pays = |shapes: &[(u64, u64)], rows: f64| plan::cost::fp8_pays_for_dense(&hw, shapes, rows);
+    assert!(pays(&[(4096, 6144), (4096, 4096)], 8192.0));
+    assert!(!pays(&[(1024, 3072), (1024, 1024)], 32768.0));
+    assert!(!pays(&[(1024, 4096), (4096, 1024)], 32768.0));
+    assert!(!pays(&[(1024, 50304)], 32768.0));
+    assert!(!pays(&[], 8192.0));
+    assert!(!plan::cost::fp8_pays_for_dense(
+        &h100(),
+        &[(4096, 6144)],
+        8192.0
+    ));
+    let build = |width: u64, dense: bool| {
+        let mut c = checked(
+            gpt("dense", 50304, width, 16, 2, true),
+            parallel(1, 1, 1, ExpertGroup::AcrossData),
+            Some(train(8, 1024, Precision::Fp8 { dense })),
+        );
+        c.parallel.hardware.fp8_tflops = Some(1979.0);
+        let o = Overrides {
+            micro_batch: Some(8),
+            memory_model: Some(MemoryModel::Fmoec),
+            ..Overrides::default()
+        };
+        plan::build_with(&c, &o).unwrap()
+    };
+    // at width 1024 `fp8_dense` keeps every module in bf16: the plan of fp8 without it
+    let (narrow, narrow_dense) = (build(1024, false), build(1024, true));
+    assert_eq!(narrow_dense.time.step_s, narrow.time.step_s);
+    assert_eq!(
+        narrow_dense.stages[0].cost.memory,
+        narrow.stages[0].cost.memory
+    );
+    // at 4096 the projections go to FP8: a faster step
+    let (wide, wide_dense) = (build(4096, false), build(4096, true));
+    assert!(
+        wide_dense.time.step_s < wide.time.step_s,
+        "{:?} {:?}",
+        wide_dense.time,
+        wide.time
+    );
+}
+
 /// `precision = fp8` on a GPU whose profile has no `fp8_tflops` is the planner's error.
 #[test]
 fn fp8_on_a_gpu_without_fp8_tensor_cores_is_refused() {
