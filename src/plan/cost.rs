@@ -300,6 +300,8 @@ pub struct Costed {
     pub micro_batches: u64,
     pub stages: Vec<StageCost>,
     pub time: TimeEstimate,
+    /// Under `precision = fp8` on a GPU with FP8 tensor cores: what stays in bf16.
+    pub fp8_fallbacks: Option<Fp8Fallbacks>,
 }
 
 impl Costed {
@@ -522,12 +524,17 @@ pub fn fp8_dense_estimate(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp
 }
 
 /// Whether a module's dense matmuls (`shapes`: each `(k, n)`, all taking `rows` rows) run in
-/// FP8 under `fp8_dense`: where [`fp8_dense_estimate`] says that together they are faster
+/// FP8 under `fp8_dense`: where every width is a multiple of 16 (as `_scaled_mm` needs) and
+/// [`fp8_dense_estimate`] says that together they are faster
 /// (narrow models lose more to the passes than the faster matmuls save; `fmoec run` keeps
 /// such a module in bf16, as the plan assumes).
 pub fn fp8_pays_for_dense(hw: &Hardware, shapes: &[(u64, u64)], rows: f64) -> bool {
     let (mut bf16_s, mut fp8_s) = (0.0, 0.0);
     for &(k, n) in shapes {
+        // the FP8 matmul takes widths that are multiples of 16 only
+        if k % 16 != 0 || n % 16 != 0 {
+            return false;
+        }
         let Some(e) = fp8_dense_estimate(hw, k, n, rows) else {
             return false;
         };
@@ -535,6 +542,96 @@ pub fn fp8_pays_for_dense(hw: &Hardware, shapes: &[(u64, u64)], rows: f64) -> bo
         fp8_s += e.fp8_s;
     }
     !shapes.is_empty() && fp8_s < bf16_s
+}
+
+/// Under `precision = fp8`, what keeps bf16 operands because FP8 would not pay there at the
+/// plan's micro-batch ([`fp8_pays_for_experts`], [`fp8_pays_for_dense`]); `fmoec run`
+/// decides the same way, module by module, and says so.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Fp8Fallbacks {
+    /// The MoE layers (block indices) whose routed experts stay in bf16.
+    pub experts: Vec<usize>,
+    /// Under `fp8_dense`: the blocks whose attention projections stay in bf16,
+    pub attention: Vec<usize>,
+    /// those whose dense MLP or shared experts do,
+    pub mlps: Vec<usize>,
+    /// and whether the LM head does.
+    pub head: bool,
+}
+
+impl Fp8Fallbacks {
+    /// The dense modules that stay in bf16, for a note: "the attention projections of blocks
+    /// [0, 1], the MLPs of blocks [0] and the LM head"; `None` where there are none.
+    pub fn dense_modules(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if !self.attention.is_empty() {
+            parts.push(format!(
+                "the attention projections of blocks {:?}",
+                self.attention
+            ));
+        }
+        if !self.mlps.is_empty() {
+            parts.push(format!("the MLPs of blocks {:?}", self.mlps));
+        }
+        if self.head {
+            parts.push("the LM head".to_string());
+        }
+        let last = parts.pop()?;
+        Some(match parts.is_empty() {
+            true => last,
+            false => format!("{} and {last}", parts.join(", ")),
+        })
+    }
+
+    /// Everything that stays in bf16, for the plan: "the experts of layers [1, 3], ...";
+    /// `None` where everything asked for takes FP8.
+    pub fn describe(&self) -> Option<String> {
+        let experts =
+            (!self.experts.is_empty()).then(|| format!("the experts of layers {:?}", self.experts));
+        match (experts, self.dense_modules()) {
+            (Some(e), Some(d)) => Some(format!("{e}; {d}")),
+            (e, d) => e.or(d),
+        }
+    }
+}
+
+/// What keeps bf16 operands under `precision = fp8` (`dense`: with `fp8_dense`) on one of
+/// `t` tensor ranks at `tokens` a micro-batch: the layers whose `fp8_experts` entry is
+/// false, and the dense modules where [`fp8_pays_for_dense`] says no.
+fn fp8_fallbacks(
+    c: &Checked,
+    fp8_experts: &[bool],
+    dense: bool,
+    t: u64,
+    vpad: u64,
+    tokens: u64,
+) -> Fp8Fallbacks {
+    let m = &c.model;
+    let keeps_bf16 = |kind: NodeKind, layer: Option<usize>| -> Option<bool> {
+        let shapes = fp8_dense_shapes(m, kind, layer, t, vpad)?;
+        Some(!fp8_pays_for_dense(
+            &c.parallel.hardware,
+            &shapes,
+            tokens as f64,
+        ))
+    };
+    let mut f = Fp8Fallbacks::default();
+    for (l, layer) in m.layers.iter().enumerate() {
+        if matches!(layer.ffn, Ffn::Moe(_)) && !fp8_experts[l] {
+            f.experts.push(l);
+        }
+        if !dense {
+            continue;
+        }
+        if keeps_bf16(NodeKind::Attention, Some(l)) == Some(true) {
+            f.attention.push(l);
+        }
+        if keeps_bf16(NodeKind::Mlp, Some(l)) == Some(true) {
+            f.mlps.push(l);
+        }
+    }
+    f.head = dense && keeps_bf16(NodeKind::LmHead, None) == Some(true);
+    f
 }
 
 /// The dense matmuls `(k, n)` that `fp8_dense` puts on FP8 operands in graph node `kind`
@@ -851,6 +948,10 @@ pub fn evaluate(
         Precision::Fp8 { dense } => hw.fp8_tflops.map(|f| (f * 1e12, dense)),
         _ => None,
     };
+    let fp8_experts = fp8_experts(c, experts, tokens, fp8.is_some());
+    let vpad = padded_vocab_to(c.model.vocab, rules.vocab_multiple, grid.tensor);
+    let fp8_fallbacks =
+        fp8.map(|(_, dense)| fp8_fallbacks(c, &fp8_experts, dense, grid.tensor, vpad, tokens));
     let e = Eval {
         g,
         c,
@@ -865,10 +966,11 @@ pub fn evaluate(
         routing_skew,
         a: act_bytes(precision),
         tokens,
-        vpad: padded_vocab_to(c.model.vocab, rules.vocab_multiple, grid.tensor),
+        vpad,
         peak: peak_tflops(c, precision).max(1e-9) * 1e12,
         fp8,
-        fp8_experts: fp8_experts(c, experts, tokens, fp8.is_some()),
+        fp8_experts,
+        fp8_fallbacks: fp8_fallbacks.clone().unwrap_or_default(),
     };
     let stages: Vec<StageCost> = (0..grid.pipeline).map(|s| e.stage(s)).collect();
     let time = e.step_time(&stages);
@@ -877,6 +979,7 @@ pub fn evaluate(
         micro_batches,
         stages,
         time,
+        fp8_fallbacks,
     }
 }
 
@@ -927,6 +1030,8 @@ struct Eval<'a> {
     fp8: Option<(f64, bool)>,
     /// Per layer: its experts run in FP8 (where the estimate says it pays).
     fp8_experts: Vec<bool>,
+    /// What stays in bf16 under `precision = fp8` (empty otherwise).
+    fp8_fallbacks: Fp8Fallbacks,
 }
 
 /// One stage's parameters per rank and FLOPs per token, before its MoE layers are costed.
@@ -1041,7 +1146,7 @@ impl Eval<'_> {
     }
 
     /// Node `n`'s dense matmuls on FP8 operands (the projections, not the attention scores),
-    /// where [`fp8_pays_for_dense`] says they pay at this micro-batch: their FLOPs per token,
+    /// unless [`fp8_fallbacks`] keeps the node in bf16 at this micro-batch: their FLOPs per token,
     /// and the quantisation bytes and scales of every dense matmul's input and output widths.
     fn add_fp8_dense_matmuls(&self, n: &graph::Node, w: &mut StageWork) {
         let (m, t) = (&self.c.model, self.grid.tensor);
@@ -1049,7 +1154,14 @@ impl Eval<'_> {
         let Some(shapes) = fp8_dense_shapes(m, n.kind, n.layer, t, self.vpad) else {
             return;
         };
-        if !fp8_pays_for_dense(&self.c.parallel.hardware, &shapes, self.tokens as f64) {
+        let f = &self.fp8_fallbacks;
+        let in_bf16 = match (n.kind, n.layer) {
+            (NodeKind::Attention, Some(l)) => f.attention.contains(&l),
+            (NodeKind::Mlp | NodeKind::SharedExperts, Some(l)) => f.mlps.contains(&l),
+            (NodeKind::LmHead, _) => f.head,
+            _ => true,
+        };
+        if in_bf16 {
             return;
         }
         w.fp8_flops_per_token += match n.kind {

@@ -339,6 +339,10 @@ pub struct ParallelPlan {
     pub ranks: Vec<RankPlan>,
     pub groups: Groups,
     pub time: TimeEstimate,
+    /// Under `precision = fp8`: what keeps bf16 operands because FP8 would not pay there
+    /// (absent for other precisions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp8_fallbacks: Option<cost::Fp8Fallbacks>,
     /// FasterMoE's smart schedule and dynamic shadowing as planned; present when the file
     /// turns either on or the plan assumes skewed routing (`--routing-skew`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1454,6 +1458,7 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
     let fastermoe = fastermoe_plan(par, routing_skew, &costed);
     ParallelPlan {
         fastermoe,
+        fp8_fallbacks: costed.fp8_fallbacks.clone(),
         warnings,
         schema: SCHEMA_VERSION,
         model: checked.model.name.clone(),

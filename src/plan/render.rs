@@ -141,6 +141,17 @@ fn header(o: &mut String, plan: &ParallelPlan) {
         crate::diag::count(plan.data, "data rank", "data ranks"),
         plan.global_batch
     );
+    if let Some(f) = &plan.fp8_fallbacks {
+        let _ = match f.describe() {
+            Some(bf16) => writeln!(
+                o,
+                "fp8:       bf16 operands for {bf16}, where FP8 would not pay at {} tokens a \
+                 micro-batch (the quantisation passes cost more than the faster matmuls save)",
+                count(plan.micro_batch * plan.seq_len)
+            ),
+            None => writeln!(o, "fp8:       every matmul asked for on FP8 operands"),
+        };
+    }
     let p = &plan.params;
     let _ = writeln!(
         o,

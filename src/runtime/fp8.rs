@@ -45,44 +45,7 @@ pub struct Fp8Use {
     pub dense: bool,
 }
 
-/// What a model keeps in the compute dtype under `precision = fp8` because FP8 would not pay
-/// there ([`pays_for_experts`], [`pays_for_dense`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Fp8Fallbacks {
-    /// The MoE layers (block indices) whose routed experts stay in bf16.
-    pub experts: Vec<usize>,
-    /// Under `fp8_dense`, the blocks whose attention projections stay in bf16,
-    pub attention: Vec<usize>,
-    /// those whose dense MLP or shared experts do,
-    pub mlps: Vec<usize>,
-    /// and whether the LM head does.
-    pub head: bool,
-}
-
-impl Fp8Fallbacks {
-    /// The dense modules that stay in bf16, for a note: "the attention projections of blocks
-    /// [0, 1], the MLPs of blocks [0] and the LM head"; `None` where there are none.
-    pub fn dense_modules(&self) -> Option<String> {
-        let mut parts = Vec::new();
-        if !self.attention.is_empty() {
-            parts.push(format!(
-                "the attention projections of blocks {:?}",
-                self.attention
-            ));
-        }
-        if !self.mlps.is_empty() {
-            parts.push(format!("the MLPs of blocks {:?}", self.mlps));
-        }
-        if self.head {
-            parts.push("the LM head".to_string());
-        }
-        let last = parts.pop()?;
-        Some(match parts.is_empty() {
-            true => last,
-            false => format!("{} and {last}", parts.join(", ")),
-        })
-    }
-}
+pub use crate::plan::cost::Fp8Fallbacks;
 
 /// Whether `precision = fp8` can run on `device`, and how; the error says why not (the
 /// reason alone: the caller names what asked for FP8).

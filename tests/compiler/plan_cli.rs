@@ -384,3 +384,59 @@ fn w0011_is_said_once_about_the_virtual_stages_in_effect() {
     assert_eq!(w0011.len(), 1, "{err}");
     assert_eq!(w0011[0]["primary"]["line"], 14, "{err}");
 }
+
+/// Under `precision = fp8` the plan says what keeps bf16 operands, as `fmoec run` decides it:
+/// GPT-2-medium-MoE's narrow experts and, with `fp8_dense`, every dense module of width
+/// 1024; Mixtral's slice only its 256-wide LM head. Other precisions have no such line.
+#[test]
+fn an_fp8_plan_says_what_stays_in_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_dense = |from: &str, name: &str| {
+        let src =
+            std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(from))
+                .unwrap();
+        let fp8 = src.replace(
+            "precision  = bf16",
+            "precision  = fp8\n    fp8_dense  = true",
+        );
+        assert_ne!(fp8, src);
+        let path = dir.path().join(name);
+        std::fs::write(&path, fp8).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let gpt2 = with_dense(".ci/fp8-gpt2-medium-moe-bf16.fmoe", "gpt2.fmoe");
+    let (code, out, err) = fmoec(&["plan", &gpt2, "--memory-model", "fmoec"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().find(|l| l.starts_with("fp8:")).expect(&out);
+    assert!(
+        line.starts_with("fp8:       bf16 operands for the experts of layers [1, 3, 5,"),
+        "{line}"
+    );
+    assert!(line.contains("the MLPs of blocks [0, 2, 4,"), "{line}");
+    assert!(
+        line.contains("and the LM head, where FP8 would not pay at 8,192 tokens"),
+        "{line}"
+    );
+    let (_, json, _) = fmoec(&["plan", &gpt2, "--memory-model", "fmoec", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        v["fp8_fallbacks"]["attention"].as_array().map(Vec::len),
+        Some(24)
+    );
+    assert_eq!(v["fp8_fallbacks"]["head"], true);
+    let mixtral = with_dense(".ci/fp8-mixtral-slice-bf16.fmoe", "mixtral.fmoe");
+    let (code, out, err) = fmoec(&["plan", &mixtral]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("fp8:       bf16 operands for the LM head, where FP8 would not pay"),
+        "{out}"
+    );
+    let (_, out, _) = fmoec(&[
+        "plan",
+        ".ci/fp8-mixtral-slice-bf16.fmoe",
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v.get("fp8_fallbacks").is_none());
+}

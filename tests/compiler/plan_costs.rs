@@ -394,6 +394,14 @@ fn fp8_dense_pays_for_wide_projections_and_not_for_narrow_ones() {
     };
     // at width 1024 `fp8_dense` keeps every module in bf16: the plan of fp8 without it
     let (narrow, narrow_dense) = (build(1024, false), build(1024, true));
+    let all_bf16 = plan::cost::Fp8Fallbacks {
+        experts: vec![],
+        attention: vec![0, 1],
+        mlps: vec![0, 1],
+        head: true,
+    };
+    assert_eq!(narrow_dense.fp8_fallbacks, Some(all_bf16));
+    assert_eq!(narrow.fp8_fallbacks, Some(Default::default()));
     assert_eq!(narrow_dense.time.step_s, narrow.time.step_s);
     assert_eq!(
         narrow_dense.stages[0].cost.memory,
@@ -401,6 +409,11 @@ fn fp8_dense_pays_for_wide_projections_and_not_for_narrow_ones() {
     );
     // at 4096 the projections go to FP8: a faster step
     let (wide, wide_dense) = (build(4096, false), build(4096, true));
+    let fallbacks = wide_dense.fp8_fallbacks.clone().unwrap();
+    assert!(
+        fallbacks.attention.is_empty() && fallbacks.mlps.is_empty(),
+        "{fallbacks:?}"
+    );
     assert!(
         wide_dense.time.step_s < wide.time.step_s,
         "{:?} {:?}",
