@@ -300,8 +300,9 @@ pub struct Costed {
     pub micro_batches: u64,
     pub stages: Vec<StageCost>,
     pub time: TimeEstimate,
-    /// Under `precision = fp8` on a GPU with FP8 tensor cores: what stays in bf16.
-    pub fp8_fallbacks: Option<Fp8Fallbacks>,
+    /// Under `precision = fp8` on a GPU with FP8 tensor cores: what stays in bf16 (boxed:
+    /// a costed candidate is passed around by value).
+    pub fp8_fallbacks: Option<Box<Fp8Fallbacks>>,
 }
 
 impl Costed {
@@ -950,8 +951,16 @@ pub fn evaluate(
     };
     let fp8_experts = fp8_experts(c, experts, tokens, fp8.is_some());
     let vpad = padded_vocab_to(c.model.vocab, rules.vocab_multiple, grid.tensor);
-    let fp8_fallbacks =
-        fp8.map(|(_, dense)| fp8_fallbacks(c, &fp8_experts, dense, grid.tensor, vpad, tokens));
+    let fp8_fallbacks = fp8.map(|(_, dense)| {
+        Box::new(fp8_fallbacks(
+            c,
+            &fp8_experts,
+            dense,
+            grid.tensor,
+            vpad,
+            tokens,
+        ))
+    });
     let e = Eval {
         g,
         c,
@@ -970,7 +979,7 @@ pub fn evaluate(
         peak: peak_tflops(c, precision).max(1e-9) * 1e12,
         fp8,
         fp8_experts,
-        fp8_fallbacks: fp8_fallbacks.clone().unwrap_or_default(),
+        fp8_fallbacks: fp8_fallbacks.as_deref().cloned().unwrap_or_default(),
     };
     let stages: Vec<StageCost> = (0..grid.pipeline).map(|s| e.stage(s)).collect();
     let time = e.step_time(&stages);
@@ -1146,7 +1155,8 @@ impl Eval<'_> {
     }
 
     /// Node `n`'s dense matmuls on FP8 operands (the projections, not the attention scores),
-    /// unless [`fp8_fallbacks`] keeps the node in bf16 at this micro-batch: their FLOPs per token,
+    /// unless [`fp8_fallbacks`] keeps the node in bf16 at this micro-batch: their FLOPs per
+    /// token,
     /// and the quantisation bytes and scales of every dense matmul's input and output widths.
     fn add_fp8_dense_matmuls(&self, n: &graph::Node, w: &mut StageWork) {
         let (m, t) = (&self.c.model, self.grid.tensor);

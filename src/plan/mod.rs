@@ -1458,7 +1458,7 @@ fn assemble(checked: &Checked, p: Costed, routing_skew: Option<f64>) -> Parallel
     let fastermoe = fastermoe_plan(par, routing_skew, &costed);
     ParallelPlan {
         fastermoe,
-        fp8_fallbacks: costed.fp8_fallbacks.clone(),
+        fp8_fallbacks: costed.fp8_fallbacks.as_deref().cloned(),
         warnings,
         schema: SCHEMA_VERSION,
         model: checked.model.name.clone(),
