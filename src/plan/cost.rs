@@ -1156,8 +1156,8 @@ impl Eval<'_> {
 
     /// Node `n`'s dense matmuls on FP8 operands (the projections, not the attention scores),
     /// unless [`fp8_fallbacks`] keeps the node in bf16 at this micro-batch: their FLOPs per
-    /// token,
-    /// and the quantisation bytes and scales of every dense matmul's input and output widths.
+    /// token, and the quantisation bytes and scales of every dense matmul's input and output
+    /// widths.
     fn add_fp8_dense_matmuls(&self, n: &graph::Node, w: &mut StageWork) {
         let (m, t) = (&self.c.model, self.grid.tensor);
         let fb = n.flops_fwd + n.flops_bwd;
