@@ -70,46 +70,13 @@ __device__ __forceinline__ long long lower_row(const long long* row_expert, long
 template <typename T>
 __device__ void segment_sums(const T* __restrict__ g, const long long* __restrict__ row_expert,
                              T* __restrict__ out, long long rows, int d) {
-  const int N = Vec<T>::N;
-  __shared__ float part[8][32 * (16 / sizeof(T))];
   const long long e = blockIdx.x;
   const long long lo = lower_row(row_expert, rows, e), hi = lower_row(row_expert, rows, e + 1);
   const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
-  const int c = (blockIdx.y * 32 + lx) * N;
+  const int c = (blockIdx.y * 32 + lx) * Vec<T>::N;
   float acc[16 / sizeof(T)];
-#pragma unroll
-  for (int j = 0; j < N; ++j) acc[j] = 0.0f;
-  if (c < d) {
-    for (long long r = lo + ly; r < hi; r += 32) {
-      float v[4][16 / sizeof(T)];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        long long rr = r + u * 8;
-        if (rr < hi) {
-          ldv(g + rr * d + c, v[u]);
-        } else {
-#pragma unroll
-          for (int j = 0; j < N; ++j) v[u][j] = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int j = 0; j < N; ++j) acc[j] += v[u][j];
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < N; ++j) part[ly][lx * N + j] = acc[j];
-  __syncthreads();
-  if (ly == 0 && c < d) {
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      float s = 0.0f;
-      for (int y = 0; y < 8; ++y) s += part[y][lx * N + j];
-      acc[j] = s;
-    }
-    stv(out + e * d + c, acc);
-  }
+  block_column_sums(g, lo, hi, d, c, acc);
+  if (ly == 0 && c < d) stv(out + e * d + c, acc);
 }
 
 #define BIAS_INSTANCES(T, NAME) \

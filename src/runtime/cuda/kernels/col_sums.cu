@@ -8,44 +8,15 @@
 template <typename T>
 __device__ void col_sums_part(const T* __restrict__ g, float* __restrict__ partial,
                               long long rows, int d, long long chunk_rows) {
-  const int N = Vec<T>::N;
-  __shared__ float part[8][32 * (16 / sizeof(T))];
   const long long lo = (long long)blockIdx.y * chunk_rows;
   const long long hi = min(rows, lo + chunk_rows);
   const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
-  const int c = (blockIdx.x * 32 + lx) * N;
+  const int c = (blockIdx.x * 32 + lx) * Vec<T>::N;
   float acc[16 / sizeof(T)];
-#pragma unroll
-  for (int j = 0; j < N; ++j) acc[j] = 0.0f;
-  if (c < d) {
-    for (long long r = lo + ly; r < hi; r += 32) {
-      float v[4][16 / sizeof(T)];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        long long rr = r + u * 8;
-        if (rr < hi) {
-          ldv(g + rr * d + c, v[u]);
-        } else {
-#pragma unroll
-          for (int j = 0; j < N; ++j) v[u][j] = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int j = 0; j < N; ++j) acc[j] += v[u][j];
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < N; ++j) part[ly][lx * N + j] = acc[j];
-  __syncthreads();
+  block_column_sums(g, lo, hi, d, c, acc);
   if (ly == 0 && c < d) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      float s = 0.0f;
-      for (int y = 0; y < 8; ++y) s += part[y][lx * N + j];
-      partial[(long long)blockIdx.y * d + c + j] = s;
-    }
+    for (int j = 0; j < Vec<T>::N; ++j) partial[(long long)blockIdx.y * d + c + j] = acc[j];
   }
 }
 

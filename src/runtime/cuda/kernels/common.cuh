@@ -34,3 +34,59 @@ template <> __device__ __forceinline__ void stv<bf16_t>(bf16_t* p, const float* 
   *reinterpret_cast<uint4*>(p) = w;
 }
 #endif
+
+// The vector at p + at, or zeros where p is null (an optional input).
+template <typename T>
+__device__ __forceinline__ void ldv_or_zeros(const T* p, long long at, float* out) {
+  if (p) {
+    ldv(p + at, out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < Vec<T>::N; ++i) out[i] = 0.0f;
+  }
+}
+
+// The f32 sums of rows [lo, hi) of g [*, d] in VEC columns from c = (column lane) * VEC of
+// this block's 32-lane column chunk: 256 threads, 8 row lanes x 32 column lanes, four rows
+// in flight per thread, the 8 row lanes added in shared memory in lane order. Every thread
+// of the block calls it (it synchronises); on return, row lane 0's `acc` holds its columns'
+// sums (columns c >= d: zeros, not to be written).
+template <typename T>
+__device__ void block_column_sums(const T* __restrict__ g, long long lo, long long hi, int d,
+                                  int c, float* acc) {
+  const int N = Vec<T>::N;
+  __shared__ float part[8][32 * (16 / sizeof(T))];
+  const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < N; ++j) acc[j] = 0.0f;
+  if (c < d) {
+    for (long long r = lo + ly; r < hi; r += 32) {
+      float v[4][16 / sizeof(T)];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        long long rr = r + u * 8;
+        if (rr < hi) {
+          ldv(g + rr * d + c, v[u]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < N; ++j) v[u][j] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[j] += v[u][j];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) part[ly][lx * N + j] = acc[j];
+  __syncthreads();
+  if (ly == 0 && c < d) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float s = 0.0f;
+      for (int y = 0; y < 8; ++y) s += part[y][lx * N + j];
+      acc[j] = s;
+    }
+  }
+}

@@ -88,12 +88,7 @@ __device__ void norm_fwd(const T* __restrict__ x, const T* __restrict__ h,
       if (c < d) {
         float g[16 / sizeof(T)], b[16 / sizeof(T)];
         ldv(gamma + c, g);
-        if (beta) {
-          ldv(beta + c, b);
-        } else {
-#pragma unroll
-          for (int j = 0; j < N; ++j) b[j] = 0.0f;
-        }
+        ldv_or_zeros(beta, c, b);
 #pragma unroll
         for (int j = 0; j < N; ++j) g[j] = (v[k * N + j] - mean) * rstd * g[j] + b[j];
         stv(y_out + r * d + c, g);
@@ -150,12 +145,7 @@ __device__ void norm_bwd(const T* __restrict__ dy, const T* __restrict__ ds,
       if (c < d) {
         const long long at = r * d + c;
         float o[16 / sizeof(T)];
-        if (ds) {
-          ldv(ds + at, o);
-        } else {
-#pragma unroll
-          for (int j = 0; j < N; ++j) o[j] = 0.0f;
-        }
+        ldv_or_zeros(ds, at, o);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
           const int i = k * N + j;
