@@ -1030,18 +1030,20 @@ mod tests {
     /// rank 1's wait would end first, with a timeout that can only say "not every rank
     /// did", and its launcher would name rank 1 as the failure. Once joined, rank 1 waits
     /// for rank 0's own deadline instead: rank 0 gives up first, naming rank 2, and rank 1
-    /// follows it.
+    /// follows it. (Rank 1 must hear JOINED within its own timeout of connecting: rank 0
+    /// serves 300 ms after it, leaving 2.7 s for a loaded machine to schedule rank 0; with
+    /// 0.8 s the test failed once while two test suites shared two cores.)
     #[test]
     fn a_rank_that_joined_first_follows_rank_zeros_timeout_naming_the_missing_rank() {
         let listener = bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let timeout = Duration::from_millis(1500);
+        let timeout = Duration::from_millis(3000);
         let (zero, zero_started, (one, one_ended)) = std::thread::scope(|s| {
             let rank_1 = s.spawn(|| {
                 let e = fetch_gather(&addr, 1, 3, "t", 7001, timeout).unwrap_err();
                 (e, Instant::now())
             });
-            std::thread::sleep(Duration::from_millis(700));
+            std::thread::sleep(Duration::from_millis(300));
             let started = Instant::now();
             let zero = serve_gather(&listener, 3, "t", "x:1", timeout).unwrap_err();
             (zero, started, rank_1.join().unwrap())
