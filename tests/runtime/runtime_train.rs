@@ -223,16 +223,15 @@ fn bf16_training_keeps_fp32_master_weights() {
 }
 
 /// Without `micro_batch` in the file a run takes the planner's choice (`fmoec plan
-/// --memory-model fmoec` for its layout): the largest divisor of the batch with at most 8192
-/// tokens, or a smaller one when that would leave less than 10% of the GPU's memory free in the
-/// planner's estimate.
+/// --memory-model fmoec` for its layout): the fastest in its estimate (every micro-batch reads
+/// the weights once more, so the largest) of those that leave 10% of the GPU's memory free.
 #[test]
 fn a_free_micro_batch_follows_the_planner() {
     use fmoec::plan::{self, MemoryModel, Overrides};
     let _rng = rng_lock();
     let mut checked = tiny_on_shakespeare(GateKind::Gshard, 1);
     checked.parallel.micro_batch = None;
-    // 16 sequences of 64 tokens: the default is all 16 in one micro-batch
+    // 16 sequences of 64 tokens: the fastest is all 16 in one micro-batch
     let dir = tempfile::tempdir().unwrap();
     let s = train::train(&checked, &options(dir.path(), None, false)).unwrap();
     assert_eq!(s.micro_batch, 16);
