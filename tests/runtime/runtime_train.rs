@@ -261,6 +261,41 @@ fn a_free_micro_batch_follows_the_planner() {
     assert_eq!(summary["micro_batch"], 8);
 }
 
+/// `fmoec run` says which micro-batch the planner chose and why where it splits the batch:
+/// examples/tiny.fmoe with 128 sequences a step runs micro-batches of 64 (the largest the
+/// planner tries; every micro-batch reads the weights once more).
+#[test]
+fn the_run_notes_the_planners_micro_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("examples/tiny.fmoe")).unwrap();
+    let file = dir.path().join("tiny-128.fmoe");
+    std::fs::write(&file, text.replace("16 x 128 tokens", "128 x 128 tokens")).unwrap();
+    let out = dir.path().join("run");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .arg("run")
+        .arg(&file)
+        .args(["--steps", "1", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    // the file names no hardware: the planner's default profile
+    assert!(
+        stderr.contains(
+            "note: micro-batch 64 of the 128 sequences per data rank: the planner's fastest of \
+             those that leave 10% of a `h100_sxm` GPU free in its estimate (else of those that \
+             fit): each micro-batch reads the weights once more; `fmoec plan --memory-model \
+             fmoec` shows the estimate"
+        ),
+        "{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["micro_batch"], 64);
+}
+
 /// An output path that is a file is refused before anything runs, and left as it was.
 #[test]
 fn an_output_path_that_is_a_file_is_refused() {
