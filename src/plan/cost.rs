@@ -209,7 +209,12 @@ pub struct StageTime {
     pub tensor_s: f64,
     pub all_to_all_s: f64,
     pub pipeline_s: f64,
-    /// `compute + tensor + all_to_all + pipeline`.
+    /// The stage's weights read at the compute precision (forward, and again for the input
+    /// gradient) and their gradients accumulated into fp32 (read and write), at the GPU's
+    /// memory bandwidth: the same for every micro-batch whatever its tokens
+    /// ([`weight_traffic_bytes`]).
+    pub weight_traffic_s: f64,
+    /// `compute + weight_traffic + tensor + all_to_all + pipeline`.
     pub micro_batch_s: f64,
     /// Data, expert-data, gate and embedding all-reduces, once per step.
     pub gradient_sync_s: f64,
@@ -339,6 +344,19 @@ fn act_bytes(p: Precision) -> u64 {
         Precision::Fp32 => 4,
         Precision::Bf16 | Precision::Fp16 | Precision::Fp8 { .. } => 2,
     }
+}
+
+/// Bytes a micro-batch moves per parameter to accumulate the parameter's gradient into an
+/// fp32 buffer: read and write (`fmoec run`'s fp32 gradients, Megatron-LM's `main_grad`).
+const GRADIENT_ACCUMULATION_BYTES: u64 = 8;
+
+/// Bytes one micro-batch moves through a rank's memory for its `params` parameters, whatever
+/// its tokens, at `precision`: each weight read at the compute precision by the forward pass
+/// and again by the input gradient (fp32 training reads the fp32 weights themselves), and its
+/// gradient accumulated in fp32 ([`GRADIENT_ACCUMULATION_BYTES`]). Lookup tables (the
+/// embeddings on a stage without the head) count as read whole.
+pub fn weight_traffic_bytes(params: u64, precision: Precision) -> u64 {
+    params.saturating_mul(2 * act_bytes(precision) + GRADIENT_ACCUMULATION_BYTES)
 }
 
 /// Bytes of optimizer state per parameter: Adam's two fp32 moments, plus an fp32 master
@@ -1548,12 +1566,14 @@ impl Eval<'_> {
         let compute_s = self.compute_s(w);
         let tensor_s = self.tensor_s(s, tensor_msgs);
         let pipeline_s = self.pipeline_s(s);
+        let weight_traffic_s = self.weight_traffic_s(w);
         let time = StageTime {
             compute_s,
             tensor_s,
             all_to_all_s: a2a_s,
             pipeline_s,
-            micro_batch_s: compute_s + tensor_s + a2a_s + pipeline_s,
+            weight_traffic_s,
+            micro_batch_s: compute_s + weight_traffic_s + tensor_s + a2a_s + pipeline_s,
             gradient_sync_s: self.gradient_sync_s(s, &traffic),
         };
         (traffic, time)
@@ -1670,6 +1690,13 @@ impl Eval<'_> {
             }
             None => w.flops_per_token as f64 * tokens as f64 / peak,
         }
+    }
+
+    /// A micro-batch's reads of the rank's weights and accumulation of their gradients
+    /// ([`weight_traffic_bytes`]) at the GPU's memory bandwidth.
+    fn weight_traffic_s(&self, w: &StageWork) -> f64 {
+        let hbm = self.c.parallel.hardware.hbm_gbps.max(1e-9) * 1e9;
+        weight_traffic_bytes(w.rp.total, self.precision) as f64 / hbm
     }
 
     /// A micro-batch's tensor-parallel all-reduces on stage `s` (`tensor_msgs` messages).

@@ -526,15 +526,13 @@ impl Costed {
     }
 }
 
-/// Tokens per micro-batch that a free micro-batch aims for (see [`default_micro_batch`]).
+/// Tokens per micro-batch of the runtime's [`default_micro_batch`].
 pub const DEFAULT_MICRO_TOKENS: u64 = 8192;
 
-/// The micro-batch used when the file gives none and the cost model has no preference: the
-/// largest divisor of a data rank's `share` of the batch (in sequences) with at most
-/// [`DEFAULT_MICRO_TOKENS`] tokens, at least 1. Larger matmuls run closer to a GPU's peak,
-/// which the cost model's flat FLOP rate does not see; without a pipeline every micro-batch
-/// costs it the same. `fmoec run` and `fmoec emit` take the planner's choice (this one unless
-/// it leaves too little memory free), so all three describe the same run.
+/// The micro-batch of a run whose plan was made without the planner (the runtime's
+/// `micro_batch_for`): the largest divisor of a data rank's `share` of the batch (in
+/// sequences) with at most [`DEFAULT_MICRO_TOKENS`] tokens, at least 1. A plan's free
+/// micro-batch is the cost model's choice instead (`pick_micro_batch`).
 pub fn default_micro_batch(share: u64, seq_len: u64) -> u64 {
     let cap = (DEFAULT_MICRO_TOKENS / seq_len.max(1)).max(1);
     (1..=share.min(cap))
@@ -543,8 +541,8 @@ pub fn default_micro_batch(share: u64, seq_len: u64) -> u64 {
         .unwrap_or(1)
 }
 
-/// Share of a GPU's memory the planner keeps free when it picks among equally fast
-/// micro-batches: its estimate of `fmoec run` was 4-9% off the measured peak (BENCHMARKS.md).
+/// Share of a GPU's memory the planner keeps free when it chooses the micro-batch: its
+/// estimate of `fmoec run` was 4-9% off the measured peak (BENCHMARKS.md).
 pub const FREE_CHOICE_HEADROOM: f64 = 0.10;
 
 /// Whether every rank of `c` leaves [`FREE_CHOICE_HEADROOM`] of its GPU free.
@@ -554,30 +552,21 @@ fn roomy(c: &cost::Costed) -> bool {
         .all(|s| s.memory.total as f64 <= (1.0 - FREE_CHOICE_HEADROOM) * s.memory.capacity as f64)
 }
 
-/// The fastest of the `fitting` (seconds per token, micro-batch, costed) candidates. Among
-/// those within a millionth of the fastest (the cost model ties them: compute and traffic grow
-/// with the tokens, so without a pipeline bubble every micro-batch costs the same): those that
-/// leave [`FREE_CHOICE_HEADROOM`] free first, then the largest at most `preferred`, else the
-/// smallest.
-fn pick_micro_batch(
-    fitting: Vec<(f64, u64, cost::Costed)>,
-    preferred: u64,
-) -> Option<cost::Costed> {
-    let fastest = fitting
-        .iter()
-        .map(|(t, ..)| *t)
-        .fold(f64::INFINITY, f64::min);
-    fitting
+/// The fastest of the `fitting` (seconds per token, micro-batch, costed) candidates among
+/// those that leave [`FREE_CHOICE_HEADROOM`] free on every rank, or among all of them where
+/// none does. Of candidates within a millionth of the fastest (the cost model ties them only
+/// where the weights cost nothing to read), the largest: larger matmuls run closer to a GPU's
+/// peak, which the model's flat FLOP rate does not see.
+fn pick_micro_batch(fitting: Vec<(f64, u64, cost::Costed)>) -> Option<cost::Costed> {
+    let any_roomy = fitting.iter().any(|(.., c)| roomy(c));
+    let kept: Vec<_> = fitting
         .into_iter()
+        .filter(|(.., c)| !any_roomy || roomy(c))
+        .collect();
+    let fastest = kept.iter().map(|(t, ..)| *t).fold(f64::INFINITY, f64::min);
+    kept.into_iter()
         .filter(|(t, ..)| *t <= fastest * (1.0 + 1e-6))
-        .max_by_key(|(_, m, c)| {
-            let size = if *m <= preferred {
-                (1, *m)
-            } else {
-                (0, u64::MAX - *m)
-            };
-            (roomy(c), size)
-        })
+        .max_by_key(|(_, m, _)| *m)
         .map(|(.., c)| c)
 }
 
@@ -721,13 +710,11 @@ pub fn cost_for(
             o.routing_skew.unwrap_or(1.0),
         )
     };
-    let costed = fastest_fitting(candidates, cost_at, step.preferred_micro_batch()).map_err(
-        |first_failure| {
-            let (par, sp) = (&checked.parallel, &checked.parallel.spans);
-            let at = (par.hardware.name.as_str(), sp.gpus.join(sp.hardware));
-            plan_error(vec![first_failure.out_of_memory(&grid, at)], o)
-        },
-    )?;
+    let costed = fastest_fitting(candidates, cost_at).map_err(|first_failure| {
+        let (par, sp) = (&checked.parallel, &checked.parallel.spans);
+        let at = (par.hardware.name.as_str(), sp.gpus.join(sp.hardware));
+        plan_error(vec![first_failure.out_of_memory(&grid, at)], o)
+    })?;
     Ok(Costed {
         grid,
         experts,
@@ -829,15 +816,6 @@ impl<'c> StepShape<'c> {
         }
     }
 
-    /// The micro-batch the runtime would pick by itself ([`default_micro_batch`]): preferred
-    /// among equally fast ones.
-    fn preferred_micro_batch(&self) -> u64 {
-        default_micro_batch(
-            self.per_rank_batch.unwrap_or(SHARE_WITHOUT_TRAIN),
-            self.seq_len,
-        )
-    }
-
     /// Whether the schedule runs micro-batch `m`: the interleaved one needs a multiple of the
     /// stages in micro-batches.
     fn schedulable(&self, m: u64) -> bool {
@@ -845,9 +823,9 @@ impl<'c> StepShape<'c> {
     }
 
     /// The micro-batches to cost: `asked` (the file's or `--micro-batch`), else the powers of
-    /// two up to 64 that divide a data rank's share of the batch and that the schedule runs,
-    /// with the preferred one (in `assumptions`, how the choice is made); an error where the
-    /// schedule runs none of them.
+    /// two up to 64 that divide a data rank's share of the batch, and the share's largest
+    /// divisor up to 64, those the schedule runs (in `assumptions`, how the choice is made);
+    /// an error where the schedule runs none of them.
     fn micro_batch_candidates(
         &self,
         asked: Option<u64>,
@@ -863,9 +841,10 @@ impl<'c> StepShape<'c> {
             .filter(|m| *m <= limit && b.is_none_or(|b| b % m == 0))
             .filter(|&m| self.schedulable(m))
             .collect();
-        let preferred = self.preferred_micro_batch();
-        if !c.contains(&preferred) && self.schedulable(preferred) {
-            c.push(preferred);
+        // a share like 12 or 48 also gets its largest micro-batch, not only 4 or 16
+        let largest = b.and_then(|b| (1..=limit).rev().find(|m| b % m == 0));
+        if let Some(m) = largest.filter(|m| !c.contains(m) && self.schedulable(*m)) {
+            c.push(m);
             c.sort_unstable();
         }
         if let (true, Some(t), Some(b)) = (c.is_empty(), self.train, b) {
@@ -878,9 +857,8 @@ impl<'c> StepShape<'c> {
         }
         if c.len() > 1 {
             assumptions.push(format!(
-                "micro-batch not given: chose the fastest that fits among {c:?} (of equally \
-                 fast ones the largest with at most {DEFAULT_MICRO_TOKENS} tokens that leaves \
-                 {:.0}% of the memory free)",
+                "micro-batch not given: chose the fastest in the estimate among {c:?} of \
+                 those that leave {:.0}% of the memory free (else of those that fit)",
                 FREE_CHOICE_HEADROOM * 100.0
             ));
         }
@@ -893,7 +871,6 @@ impl<'c> StepShape<'c> {
 fn fastest_fitting(
     candidates: Vec<u64>,
     cost_at: impl Fn(u64) -> cost::Costed,
-    preferred: u64,
 ) -> Result<cost::Costed, cost::Costed> {
     let mut fitting: Vec<(f64, u64, cost::Costed)> = Vec::new();
     let mut first_failure: Option<cost::Costed> = None;
@@ -908,7 +885,7 @@ fn fastest_fitting(
             first_failure = Some(c);
         }
     }
-    match (pick_micro_batch(fitting, preferred), first_failure) {
+    match (pick_micro_batch(fitting), first_failure) {
         (Some(c), _) => Ok(c),
         (None, Some(c)) => Err(c),
         (None, None) => unreachable!("every micro-batch candidate is costed"),

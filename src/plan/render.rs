@@ -443,8 +443,9 @@ fn time(o: &mut String, plan: &ParallelPlan) {
         .is_some_and(|f| f.layers.iter().any(|x| x.chunks > 1));
     let _ = writeln!(
         o,
-        "\ntime per rank (estimate: peak {:.0} TFLOP/s, link bandwidth, {})",
+        "\ntime per rank (estimate: peak {:.0} TFLOP/s, weights at {:.0} GB/s, link bandwidth, {})",
         plan.time.peak_tflops,
+        plan.hardware.hbm_gbps,
         if pipelined {
             "all-to-all overlapped with the experts in chunks (below)"
         } else {
@@ -453,15 +454,16 @@ fn time(o: &mut String, plan: &ParallelPlan) {
     );
     let _ = writeln!(
         o,
-        "  stage      compute       tensor   all-to-all     pipeline  micro-batch  gradient sync"
+        "  stage      compute      weights       tensor   all-to-all     pipeline  micro-batch  gradient sync"
     );
     for s in &plan.stages {
         let t = &s.cost.time;
         let _ = writeln!(
             o,
-            "  {:>5}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {:>13}",
+            "  {:>5}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {:>13}",
             s.stage,
             secs(t.compute_s),
+            secs(t.weight_traffic_s),
             secs(t.tensor_s),
             secs(t.all_to_all_s),
             secs(t.pipeline_s),

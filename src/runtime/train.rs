@@ -188,16 +188,17 @@ pub(crate) fn precision_name(p: Precision) -> &'static str {
     }
 }
 
-/// Sequences per micro-batch: the file's `micro_batch`, else the largest divisor of the batch
-/// with at most [`crate::plan::DEFAULT_MICRO_TOKENS`] tokens.
+/// Sequences per micro-batch of a plan made without the planner on one rank: the file's
+/// `micro_batch`, else the largest divisor of the batch with at most
+/// [`crate::plan::DEFAULT_MICRO_TOKENS`] tokens.
 pub fn micro_batch(checked: &Checked, train: &Train) -> Result<u64> {
     micro_batch_for(checked, train, 1)
 }
 
-/// Sequences per micro-batch on each of `data_ranks` data ranks: the file's `micro_batch`
-/// (which must split the batch evenly over the ranks), else the largest divisor of a rank's
-/// share of the batch with at most [`crate::plan::DEFAULT_MICRO_TOKENS`] tokens (the planner's
-/// [`crate::plan::default_micro_batch`]).
+/// Sequences per micro-batch on each of `data_ranks` data ranks, for a plan made without the
+/// planner: the file's `micro_batch` (which must split the batch evenly over the ranks), else
+/// the largest divisor of a rank's share of the batch with at most
+/// [`crate::plan::DEFAULT_MICRO_TOKENS`] tokens ([`crate::plan::default_micro_batch`]).
 pub fn micro_batch_for(checked: &Checked, train: &Train, data_ranks: u64) -> Result<u64> {
     let batch = train.batch_sequences;
     let d = data_ranks.max(1);

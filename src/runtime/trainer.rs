@@ -1587,11 +1587,10 @@ fn local_experts(checked: &Checked, ctx: Option<&RankContext>) -> BTreeMap<usize
 }
 
 /// The micro-batch of a run on `data_ranks` data ranks: the plan's, which is the planner's
-/// choice for the run's layout (the file's `micro_batch`, else
-/// [`crate::plan::default_micro_batch`] unless that leaves less than
-/// [`crate::plan::FREE_CHOICE_HEADROOM`] of the GPU free in the planner's memory estimate,
-/// which a note then says; a pipeline's is the planner's fastest, which the note says
-/// instead). Plans made without the planner: [`micro_batch_for`].
+/// choice for the run's layout (the file's `micro_batch`, else the fastest in its estimate of
+/// those that leave [`crate::plan::FREE_CHOICE_HEADROOM`] of the GPU free, or of those that fit
+/// where none does), with a note saying so where it splits a rank's share of the batch. Plans
+/// made without the planner: [`micro_batch_for`].
 fn run_micro_batch(
     checked: &Checked,
     train: &Train,
@@ -1610,22 +1609,21 @@ fn run_micro_batch(
             train.batch_sequences
         );
     }
-    let default = crate::plan::default_micro_batch(share, train.seq_len);
     let stages = plan.parts.len();
-    let note = (checked.parallel.micro_batch.is_none() && m != default).then(|| {
-        if stages > 1 {
-            // a pipeline's micro-batch is the planner's fastest: more of them, less bubble
-            return format!(
-                "micro-batch {m} sequences: the planner's fastest for {stages} pipeline stages \
-                 (smaller micro-batches, more of them in flight, a smaller bubble; `fmoec plan` \
-                 shows the estimate)"
-            );
-        }
+    let note = (checked.parallel.micro_batch.is_none() && m < share).then(|| {
+        let (layout, bubble) = if stages > 1 {
+            (
+                format!(" for {stages} pipeline stages"),
+                ", and more of them shrink the pipeline's bubble",
+            )
+        } else {
+            (String::new(), "")
+        };
         format!(
-            "micro-batch {m} sequences: {default} (the default, at most {} tokens) would leave \
-             less than {:.0}% of a `{}` GPU free in the planner's memory estimate (`fmoec plan \
-             --memory-model fmoec`)",
-            crate::plan::DEFAULT_MICRO_TOKENS,
+            "micro-batch {m} of the {share} sequences per data rank: the planner's fastest{layout} \
+             of those that leave {:.0}% of a `{}` GPU free in its estimate (else of those that \
+             fit): each micro-batch reads the weights once more{bubble}; `fmoec plan \
+             --memory-model fmoec` shows the estimate",
             crate::plan::FREE_CHOICE_HEADROOM * 100.0,
             checked.parallel.hardware.name
         )

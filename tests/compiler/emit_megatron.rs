@@ -379,7 +379,7 @@ fn train_sh_starts_each_release_and_its_parser_takes_every_argument() {
         let text = all_output(&output);
         assert!(output.status.success(), "{version}:\n{text}");
         // the ranks' lines may interleave with Megatron's own prints
-        let expected = "of 2: tp 2 pp 1 dp 1 micro 8 global 256 layers 24 fmoe_layers [1, 3,";
+        let expected = "of 2: tp 2 pp 1 dp 1 micro 32 global 256 layers 24 fmoe_layers [1, 3,";
         assert_eq!(
             text.matches("PARSED rank ").count(),
             2,

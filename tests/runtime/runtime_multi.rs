@@ -664,8 +664,8 @@ fn the_command_line_runs_ranks_and_explains_what_it_cannot() {
     let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--tensor"), &o("2")]);
     assert!(!alone.status.success());
     assert!(String::from_utf8_lossy(&alone.stderr).contains("--tensor needs several ranks"));
-    // a pipeline's micro-batch is the planner's fastest (the bubble), not a memory fallback:
-    // examples/tiny.fmoe's 16 sequences run as micro-batches of 1 on 2 stages
+    // a pipeline's micro-batch is the planner's fastest, the bubble weighed against each
+    // micro-batch's reads of the weights: examples/tiny.fmoe's 16 sequences split on 2 stages
     let pp_out = dir.path().join("pp");
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny.fmoe");
     let pp = fmoec(&[
@@ -684,8 +684,8 @@ fn the_command_line_runs_ranks_and_explains_what_it_cannot() {
     let stderr = String::from_utf8_lossy(&pp.stderr);
     assert!(pp.status.success(), "{stderr}");
     assert!(
-        stderr.contains("the planner's fastest for 2 pipeline stages")
-            && !stderr.contains("GPU free"),
+        stderr.contains("of the 16 sequences per data rank: the planner's fastest for 2 pipeline stages")
+            && stderr.contains("each micro-batch reads the weights once more, and more of them shrink the pipeline's bubble"),
         "{stderr}"
     );
     let alone = fmoec(&[&o("run"), file.as_os_str(), &o("--pipeline"), &o("2")]);

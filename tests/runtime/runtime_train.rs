@@ -223,16 +223,15 @@ fn bf16_training_keeps_fp32_master_weights() {
 }
 
 /// Without `micro_batch` in the file a run takes the planner's choice (`fmoec plan
-/// --memory-model fmoec` for its layout): the largest divisor of the batch with at most 8192
-/// tokens, or a smaller one when that would leave less than 10% of the GPU's memory free in the
-/// planner's estimate.
+/// --memory-model fmoec` for its layout): the fastest in its estimate (every micro-batch reads
+/// the weights once more, so the largest) of those that leave 10% of the GPU's memory free.
 #[test]
 fn a_free_micro_batch_follows_the_planner() {
     use fmoec::plan::{self, MemoryModel, Overrides};
     let _rng = rng_lock();
     let mut checked = tiny_on_shakespeare(GateKind::Gshard, 1);
     checked.parallel.micro_batch = None;
-    // 16 sequences of 64 tokens: the default is all 16 in one micro-batch
+    // 16 sequences of 64 tokens: the fastest is all 16 in one micro-batch
     let dir = tempfile::tempdir().unwrap();
     let s = train::train(&checked, &options(dir.path(), None, false)).unwrap();
     assert_eq!(s.micro_batch, 16);
@@ -260,6 +259,41 @@ fn a_free_micro_batch_follows_the_planner() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
             .unwrap();
     assert_eq!(summary["micro_batch"], 8);
+}
+
+/// `fmoec run` says which micro-batch the planner chose and why where it splits the batch:
+/// examples/tiny.fmoe with 128 sequences a step runs micro-batches of 64 (the largest the
+/// planner tries; every micro-batch reads the weights once more).
+#[test]
+fn the_run_notes_the_planners_micro_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("examples/tiny.fmoe")).unwrap();
+    let file = dir.path().join("tiny-128.fmoe");
+    std::fs::write(&file, text.replace("16 x 128 tokens", "128 x 128 tokens")).unwrap();
+    let out = dir.path().join("run");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .arg("run")
+        .arg(&file)
+        .args(["--steps", "1", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    // the file names no hardware: the planner's default profile
+    assert!(
+        stderr.contains(
+            "note: micro-batch 64 of the 128 sequences per data rank: the planner's fastest of \
+             those that leave 10% of a `h100_sxm` GPU free in its estimate (else of those that \
+             fit): each micro-batch reads the weights once more; `fmoec plan --memory-model \
+             fmoec` shows the estimate"
+        ),
+        "{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["micro_batch"], 64);
 }
 
 /// An output path that is a file is refused before anything runs, and left as it was.
