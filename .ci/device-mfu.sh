@@ -5,8 +5,8 @@
 # (default "8 16 32"), in bf16, from the build at $FMOEC (default .dev/fmoec), and from the
 # build at $BASELINE where given, each run in its own process, ROUNDS times (default 2)
 # alternated; then each "NAME:VAR=VALUE,..." of VARIANTS (e.g. the fusions' switches
-# "nonorm:FMOEC_FUSED_NORM=0 nolinear:FMOEC_FUSED_LINEAR=0") at the last micro-batch, and fp8
-# with every expert in FP8 at it; with FP8_DENSE=1 also fp8 as planned (the experts that pay)
+# "nonorm:FMOEC_FUSED_NORM=0 nolinear:FMOEC_FUSED_LINEAR=0") at the last micro-batch, and
+# (unless FP8=0) fp8 with every expert in FP8 at it; with FP8_DENSE=1 also fp8 as planned (the experts that pay)
 # and fp8 with the dense matmuls too (`--precision fp8-dense`, every expert). Each run stops after STEPS metrics lines (default 4);
 # tokens/s is the median of the lines after the first (the first holds the CUDA graph's
 # capture); MFU is the model's FLOPs per token (`fmoec plan --format json`'s
@@ -70,7 +70,7 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
         run "${v%%:*}-m$last-$r" "$FMOEC" $M/m$last-bf16.fmoe ${envs//,/ }
     done
 done
-run new-m$last-fp8-all-experts "$FMOEC" $M/m$last-fp8.fmoe FMOEC_FP8_EXPERTS=all
+[ "${FP8:-1}" = 1 ] && run new-m$last-fp8-all-experts "$FMOEC" $M/m$last-fp8.fmoe FMOEC_FP8_EXPERTS=all
 if [ "${FP8_DENSE:-0}" = 1 ]; then
     run new-m$last-fp8-as-planned "$FMOEC" $M/m$last-fp8.fmoe
     EXTRA="--precision fp8-dense" run new-m$last-fp8-dense "$FMOEC" $M/m$last-fp8.fmoe FMOEC_FP8_EXPERTS=all
