@@ -144,10 +144,7 @@ pub enum Kernel {
     SumRows(Elem),
     RowDots(Elem),
     BiasAct(EpilogueAct, Elem),
-    /// Each expert's rows' column sums, in slices: f32 partial sums.
-    SegmentSumsPart(Elem),
-    /// The slices' partial sums added in order, in the gradient's type.
-    SegmentSumsFinish(Elem),
+    SegmentSums(Elem),
     XentFwd(Elem),
     XentBwd(Elem),
     /// Row-wise FP8 quantisation (optionally gathering the rows as the dispatch does, or
@@ -213,8 +210,7 @@ impl Kernel {
                 Kernel::GatherRows(e),
                 Kernel::SumRows(e),
                 Kernel::RowDots(e),
-                Kernel::SegmentSumsPart(e),
-                Kernel::SegmentSumsFinish(e),
+                Kernel::SegmentSums(e),
                 Kernel::XentFwd(e),
                 Kernel::XentBwd(e),
             ]);
@@ -289,8 +285,7 @@ impl Kernel {
                 },
                 e,
             ),
-            Kernel::SegmentSumsPart(e) => typed("segment_sums_part", e),
-            Kernel::SegmentSumsFinish(e) => typed("segment_sums_finish", e),
+            Kernel::SegmentSums(e) => typed("segment_sums", e),
             Kernel::XentFwd(e) => typed("xent_fwd", e),
             Kernel::XentBwd(e) => typed("xent_bwd", e),
             Kernel::Fp8QuantRows(e) => typed("fp8_quant_rows", e),
@@ -348,10 +343,7 @@ impl Kernel {
             }
             // (h, bias, row_expert, E, g or null, out, rows, d)
             Kernel::BiasAct(..) => &[P, P, P, I, P, P, L, I],
-            // (g, row_expert, partial, rows, d, slices)
-            Kernel::SegmentSumsPart(_) => &[P, P, P, L, I, I],
-            // (partial, out, slices, n)
-            Kernel::SegmentSumsFinish(_) => &[P, P, I, L],
+            Kernel::SegmentSums(_) => &[P, P, P, L, I],
             Kernel::XentFwd(_) => &[P, P, P, P, L, I],
             Kernel::XentBwd(_) => &[P, P, P, P, P, L, I],
             // (src, row_slot or null, k, weight or null, limit or null, copy or null, q, scale,
