@@ -524,6 +524,20 @@ const FP8_DENSE_QUANT_BANDWIDTH_SHARE: f64 = 0.40;
 /// ([`FP8_QUANT_BYTES_DENSE`] per element of the input and output widths) at
 /// [`FP8_DENSE_QUANT_BANDWIDTH_SHARE`] of the bandwidth.
 pub fn fp8_dense_estimate(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp8ExpertEstimate> {
+    let one = one_matmul(hw, k, n, rows)?;
+    let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
+    let quant_bytes = FP8_QUANT_BYTES_DENSE * rows * (k as f64 + n as f64);
+    Some(Fp8ExpertEstimate {
+        bf16_s: 3.0 * one.bf16_s,
+        fp8_s: 3.0 * one.fp8_s + quant_bytes / (hbm * FP8_DENSE_QUANT_BANDWIDTH_SHARE),
+    })
+}
+
+/// One matmul of `rows` × `k` times `k` × `n` (out `rows` × `n`, bf16) in bf16 and with FP8
+/// operands on `hw` (`None` without FP8 tensor cores): the longer of its FLOPs at the rate
+/// matmuls of that shape reach ([`BF16_MATMUL_SHARE`], [`fp8_matmul_share`]) and its bytes
+/// (both operands, FP8's at 1 byte, and the output) at the HBM bandwidth.
+fn one_matmul(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp8ExpertEstimate> {
     let fp8_peak = hw.fp8_tflops? * 1e12;
     let bf16_rate = hw.bf16_tflops * 1e12 * BF16_MATMUL_SHARE;
     let fp8_rate =
@@ -531,14 +545,13 @@ pub fn fp8_dense_estimate(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp
     let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
     let (kf, nf) = (k as f64, n as f64);
     let flops = 2.0 * rows * kf * nf;
-    let one = |rate: f64, operand: f64| -> f64 {
+    let at = |rate: f64, operand: f64| -> f64 {
         let bytes = operand * (rows * kf + kf * nf) + 2.0 * rows * nf;
         (flops / rate).max(bytes / hbm)
     };
-    let quant_bytes = FP8_QUANT_BYTES_DENSE * rows * (kf + nf);
     Some(Fp8ExpertEstimate {
-        bf16_s: 3.0 * one(bf16_rate, 2.0),
-        fp8_s: 3.0 * one(fp8_rate, 1.0) + quant_bytes / (hbm * FP8_DENSE_QUANT_BANDWIDTH_SHARE),
+        bf16_s: at(bf16_rate, 2.0),
+        fp8_s: at(fp8_rate, 1.0),
     })
 }
 
@@ -689,8 +702,9 @@ pub fn fp8_dense_shapes(
     }
 }
 
-/// One MoE layer's routed experts on one rank, for a micro-batch: forward and backward of
-/// its matmuls in bf16 and with FP8 operands (see [`fp8_expert_estimate`]).
+/// Seconds of matmuls in bf16 and with FP8 operands: one MoE layer's routed experts on one
+/// rank for a micro-batch, forward and backward ([`fp8_expert_estimate`]), a dense matmul's
+/// three ([`fp8_dense_estimate`]), or a single matmul.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Fp8ExpertEstimate {
     pub bf16_s: f64,
@@ -714,25 +728,17 @@ pub fn fp8_expert_estimate(
     rows: f64,
     experts: u64,
 ) -> Option<Fp8ExpertEstimate> {
-    let fp8_peak = hw.fp8_tflops? * 1e12;
-    let bf16_rate = hw.bf16_tflops * 1e12 * BF16_MATMUL_SHARE;
-    let fp8_rate = bf16_rate * fp8_peak / (hw.bf16_tflops.max(1e-9) * 1e12)
-        * fp8_matmul_share(width.min(hidden));
+    // one matmul of one expert: its share of the rows
+    let one = one_matmul(hw, width, hidden, rows / experts.max(1) as f64)?;
     let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
     let (k, n) = (width as f64, hidden as f64);
-    let r = rows / experts.max(1) as f64;
-    let flops = 2.0 * r * k * n;
-    // one matmul of one expert: operands A (r × k or r × n), B (k × n), out
-    let one = |rate: f64, operand: f64| -> f64 {
-        let bytes = operand * (r * k + k * n) + 2.0 * r * n;
-        (flops / rate).max(bytes / hbm)
-    };
     let matmuls = 3.0 * act.matrices() as f64 * experts as f64;
-    let bf16_s = matmuls * one(bf16_rate, 2.0);
     let quant_bytes = rows
         * (FP8_QUANT_BYTES_INPUT * k + FP8_QUANT_BYTES_HIDDEN * n * (act.matrices() as f64 - 1.0));
-    let fp8_s = matmuls * one(fp8_rate, 1.0) + quant_bytes / (hbm * FP8_QUANT_BANDWIDTH_SHARE);
-    Some(Fp8ExpertEstimate { bf16_s, fp8_s })
+    Some(Fp8ExpertEstimate {
+        bf16_s: matmuls * one.bf16_s,
+        fp8_s: matmuls * one.fp8_s + quant_bytes / (hbm * FP8_QUANT_BANDWIDTH_SHARE),
+    })
 }
 
 /// Whether an MoE layer's experts run in FP8 under `precision = fp8`: where
@@ -997,7 +1003,7 @@ pub fn evaluate(
         peak: peak_tflops(c, precision).max(1e-9) * 1e12,
         fp8,
         fp8_experts,
-        fp8_fallbacks: fp8_fallbacks.as_deref().cloned().unwrap_or_default(),
+        fp8_fallbacks: fp8_fallbacks.as_deref(),
     };
     let stages: Vec<StageCost> = (0..grid.pipeline).map(|s| e.stage(s)).collect();
     let time = e.step_time(&stages);
@@ -1057,8 +1063,8 @@ struct Eval<'a> {
     fp8: Option<(f64, bool)>,
     /// Per layer: its experts run in FP8 (where the estimate says it pays).
     fp8_experts: Vec<bool>,
-    /// What stays in bf16 under `precision = fp8` (empty otherwise).
-    fp8_fallbacks: Fp8Fallbacks,
+    /// What stays in bf16 under `precision = fp8` (`None` otherwise).
+    fp8_fallbacks: Option<&'a Fp8Fallbacks>,
 }
 
 /// One stage's parameters per rank and FLOPs per token, before its MoE layers are costed.
@@ -1182,7 +1188,9 @@ impl Eval<'_> {
         let Some(shapes) = fp8_dense_shapes(m, n.kind, n.layer, t, self.vpad) else {
             return;
         };
-        let f = &self.fp8_fallbacks;
+        let Some(f) = self.fp8_fallbacks else {
+            return;
+        };
         let in_bf16 = match (n.kind, n.layer) {
             (NodeKind::Attention, Some(l)) => f.attention.contains(&l),
             (NodeKind::Mlp | NodeKind::SharedExperts, Some(l)) => f.mlps.contains(&l),
