@@ -136,12 +136,7 @@ pub fn pays_for_experts(
     rows: f64,
     experts: i64,
 ) -> bool {
-    match std::env::var("FMOEC_FP8_EXPERTS").as_deref() {
-        Ok("all") => return true,
-        Ok("none") => return false,
-        _ => {}
-    }
-    if let Some(all) = EXPERTS_FORCED.with(|f| f.get()) {
+    if let Some(all) = forced("FMOEC_FP8_EXPERTS", &EXPERTS_FORCED) {
         return all;
     }
     crate::plan::cost::fp8_pays_for_experts(
@@ -161,15 +156,24 @@ pub fn pays_for_experts(
 /// cost more than the faster matmuls save); `FMOEC_FP8_DENSE=all` takes FP8 everywhere,
 /// `=none` nowhere.
 pub fn pays_for_dense(hardware: &crate::check::Hardware, shapes: &[(u64, u64)], rows: f64) -> bool {
-    match std::env::var("FMOEC_FP8_DENSE").as_deref() {
-        Ok("all") => return true,
-        Ok("none") => return false,
-        _ => {}
-    }
-    if let Some(all) = DENSE_FORCED.with(|f| f.get()) {
+    if let Some(all) = forced("FMOEC_FP8_DENSE", &DENSE_FORCED) {
         return all;
     }
     crate::plan::cost::fp8_pays_for_dense(hardware, shapes, rows)
+}
+
+/// FP8 forced everywhere (`Some(true)`) or nowhere (`Some(false)`) by the environment
+/// variable `var` (`all` or `none`), else by this thread's `local` setting (the tests'); `None`
+/// where the estimate decides.
+fn forced(
+    var: &str,
+    local: &'static std::thread::LocalKey<std::cell::Cell<Option<bool>>>,
+) -> Option<bool> {
+    match std::env::var(var).as_deref() {
+        Ok("all") => Some(true),
+        Ok("none") => Some(false),
+        _ => local.with(|f| f.get()),
+    }
 }
 
 #[cfg(feature = "cuda")]
