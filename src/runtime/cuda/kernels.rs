@@ -144,7 +144,10 @@ pub enum Kernel {
     SumRows(Elem),
     RowDots(Elem),
     BiasAct(EpilogueAct, Elem),
-    SegmentSums(Elem),
+    /// Each expert's rows' column sums, in slices: f32 partial sums.
+    SegmentSumsPart(Elem),
+    /// The slices' partial sums added in order, in the gradient's type.
+    SegmentSumsFinish(Elem),
     XentFwd(Elem),
     XentBwd(Elem),
     /// Row-wise FP8 quantisation (optionally gathering the rows as the dispatch does, or
@@ -210,7 +213,8 @@ impl Kernel {
                 Kernel::GatherRows(e),
                 Kernel::SumRows(e),
                 Kernel::RowDots(e),
-                Kernel::SegmentSums(e),
+                Kernel::SegmentSumsPart(e),
+                Kernel::SegmentSumsFinish(e),
                 Kernel::XentFwd(e),
                 Kernel::XentBwd(e),
             ]);
@@ -285,7 +289,8 @@ impl Kernel {
                 },
                 e,
             ),
-            Kernel::SegmentSums(e) => typed("segment_sums", e),
+            Kernel::SegmentSumsPart(e) => typed("segment_sums_part", e),
+            Kernel::SegmentSumsFinish(e) => typed("segment_sums_finish", e),
             Kernel::XentFwd(e) => typed("xent_fwd", e),
             Kernel::XentBwd(e) => typed("xent_bwd", e),
             Kernel::Fp8QuantRows(e) => typed("fp8_quant_rows", e),
@@ -343,7 +348,10 @@ impl Kernel {
             }
             // (h, bias, row_expert, E, g or null, out, rows, d)
             Kernel::BiasAct(..) => &[P, P, P, I, P, P, L, I],
-            Kernel::SegmentSums(_) => &[P, P, P, L, I],
+            // (g, row_expert, partial, rows, d, slices)
+            Kernel::SegmentSumsPart(_) => &[P, P, P, L, I, I],
+            // (partial, out, slices, n)
+            Kernel::SegmentSumsFinish(_) => &[P, P, I, L],
             Kernel::XentFwd(_) => &[P, P, P, P, L, I],
             Kernel::XentBwd(_) => &[P, P, P, P, P, L, I],
             // (src, row_slot or null, k, weight or null, limit or null, copy or null, q, scale,

@@ -64,19 +64,40 @@ __device__ __forceinline__ long long lower_row(const long long* row_expert, long
   return lo;
 }
 
-// out[e] = sum of g's rows of expert e (rows sorted by expert; dropped rows, expert E, last
-// and never read). Grid (E, column chunks of 32 VEC), 256 threads: 8 row lanes x 32 column
-// lanes, four rows in flight per thread, f32 sums, no atomics.
+// Pass 1: partial[s, e, :] = the f32 sums of slice s of expert e's rows (rows sorted by
+// expert; dropped rows, expert E, last and never read; an expert's rows cut in `slices`
+// spans of equal length, the last shorter). Grid (E, column chunks of 32 VEC x slices), 256
+// threads (block_column_sums), no atomics: the sums' order depends on `slices` only.
 template <typename T>
-__device__ void segment_sums(const T* __restrict__ g, const long long* __restrict__ row_expert,
-                             T* __restrict__ out, long long rows, int d) {
-  const long long e = blockIdx.x;
+__device__ void segment_sums_part(const T* __restrict__ g, const long long* __restrict__ row_expert,
+                                  float* __restrict__ partial, long long rows, int d, int slices) {
+  const long long e = blockIdx.x, E = gridDim.x;
+  const int chunks = gridDim.y / slices;
+  const int chunk = blockIdx.y % chunks, s = blockIdx.y / chunks;
   const long long lo = lower_row(row_expert, rows, e), hi = lower_row(row_expert, rows, e + 1);
+  const long long span = (hi - lo + slices - 1) / slices;
+  const long long a = min(hi, lo + s * span), b = min(hi, a + span);
   const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
-  const int c = (blockIdx.y * 32 + lx) * Vec<T>::N;
+  const int c = (chunk * 32 + lx) * Vec<T>::N;
   float acc[16 / sizeof(T)];
-  block_column_sums(g, lo, hi, d, c, acc);
-  if (ly == 0 && c < d) stv(out + e * d + c, acc);
+  block_column_sums(g, a, b, d, c, acc);
+  if (ly == 0 && c < d) {
+#pragma unroll
+    for (int j = 0; j < Vec<T>::N; ++j) partial[((long long)s * E + e) * d + c + j] = acc[j];
+  }
+}
+
+// Pass 2: out[i] = the slices' partial sums of element i (of n = E * d) in slice order, in
+// T. One thread per element, grid-stride.
+template <typename T>
+__device__ void segment_sums_finish(const float* __restrict__ partial, T* __restrict__ out,
+                                    int slices, long long n) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    float sum = 0.0f;
+    for (int s = 0; s < slices; ++s) sum += partial[(long long)s * n + i];
+    st(out + i, sum);
+  }
 }
 
 #define BIAS_INSTANCES(T, NAME) \
@@ -86,7 +107,10 @@ extern "C" __global__ void bias_act1_##NAME(const T* h, const T* bias, const lon
     int E, const T* g, T* out, long long rows, int d) { bias_act<T, 1>(h, bias, row_expert, E, g, out, rows, d); } \
 extern "C" __global__ void bias_act2_##NAME(const T* h, const T* bias, const long long* row_expert, \
     int E, const T* g, T* out, long long rows, int d) { bias_act<T, 2>(h, bias, row_expert, E, g, out, rows, d); } \
-extern "C" __global__ void segment_sums_##NAME(const T* g, const long long* row_expert, T* out, \
-    long long rows, int d) { segment_sums<T>(g, row_expert, out, rows, d); }
+extern "C" __global__ void segment_sums_part_##NAME(const T* g, const long long* row_expert, \
+    float* partial, long long rows, int d, int slices) { \
+  segment_sums_part<T>(g, row_expert, partial, rows, d, slices); } \
+extern "C" __global__ void segment_sums_finish_##NAME(const float* partial, T* out, int slices, \
+    long long n) { segment_sums_finish<T>(partial, out, slices, n); }
 BIAS_INSTANCES(bf16_t, bf16)
 BIAS_INSTANCES(float, f32)
