@@ -193,6 +193,7 @@ mod ops {
     use crate::runtime::cuda::check::{rel, Checks};
     pub use crate::runtime::cuda::kernels::Fp8Act;
     pub use crate::runtime::cuda::kernels::Fp8ActGrad;
+    use crate::runtime::cuda::linear::bias_gradient;
     use crate::runtime::cuda::ops::{gather_rows, sum_rows, swiglu_backward};
     use crate::runtime::cuda::quant::{
         act_grad_quant_rows, act_quant_rows, act_quant_rows_only, act_quant_transposed,
@@ -596,6 +597,14 @@ mod ops {
         });
     }
 
+    /// Whether column maxima or a transposed copy are kept for `t` (an earlier matmul of
+    /// this forward took it).
+    fn has_extras(t: &Tensor) -> bool {
+        with_state(t.device(), |s| {
+            s.extras.iter().any(|e| same_tensor(&e.tensor, t))
+        })
+    }
+
     /// Forgets what was kept for `t` (its pass ran without autograd: no weight gradient
     /// will come).
     fn forget_extras(t: &Tensor) {
@@ -622,10 +631,15 @@ mod ops {
         layout: Transposed,
         overflow: &Tensor,
     ) -> Result<(Fp8, Tensor)> {
+        // maxima of other groups than these (another op's) are not taken
+        let cells = ends.size()[0] * t.size()[1];
         let (maxima, made) = with_state(t.device(), |s| {
             match s.extras.iter().find(|e| same_tensor(&e.tensor, t)) {
                 Some(e) => (
-                    e.maxima.as_ref().map(Tensor::shallow_clone),
+                    e.maxima
+                        .as_ref()
+                        .filter(|m| m.numel() as i64 == cells)
+                        .map(Tensor::shallow_clone),
                     e.transposed
                         .as_ref()
                         .map(|(q, p)| (q.shallow_clone(), p.shallow_clone())),
@@ -750,8 +764,9 @@ mod ops {
             .f_to_kind(Kind::BFloat16)?)
     }
 
-    /// `a · bᵀ` of two row-wise FP8 operands (`a` `[M, K]`, `b` `[N, K]`), bf16 `[M, N]`.
-    fn dense(a: &Fp8, b: &Fp8, fast: bool) -> Result<Tensor> {
+    /// `a · bᵀ (+ bias)` of two row-wise FP8 operands (`a` `[M, K]`, `b` `[N, K]`, `bias`
+    /// bf16 `[N]`, added to the f32 products in the matmul's epilogue), bf16 `[M, N]`.
+    fn dense(a: &Fp8, b: &Fp8, bias: Option<&Tensor>, fast: bool) -> Result<Tensor> {
         let (m, _) = a.q.size2()?;
         let (n, _) = b.q.size2()?;
         if a.q.device().is_cuda() {
@@ -759,15 +774,20 @@ mod ops {
                 &b.q.f_transpose(0, 1)?,
                 &a.scale.f_reshape([m, 1])?,
                 &b.scale.f_reshape([1, n])?,
-                None::<&Tensor>,
+                bias,
                 None::<&Tensor>,
                 Kind::BFloat16,
                 fast,
             )?);
         }
-        Ok(a.dequantize_rows()?
-            .f_matmul(&b.dequantize_rows()?.f_transpose(0, 1)?)?
-            .f_to_kind(Kind::BFloat16)?)
+        let out = a
+            .dequantize_rows()?
+            .f_matmul(&b.dequantize_rows()?.f_transpose(0, 1)?)?;
+        let out = match bias {
+            Some(bias) => out.f_add(&bias.f_to_kind(Kind::Float)?)?,
+            None => out,
+        };
+        Ok(out.f_to_kind(Kind::BFloat16)?)
     }
 
     /// The FP8 ops of this module, with what they need besides their tensors.
@@ -775,8 +795,9 @@ mod ops {
     enum Fp8Op {
         /// Experts: `xs` rows in groups times stacked weights.
         Grouped,
-        /// Dense: `x · W` with `W` held as the layout says.
-        Linear(WeightLayout),
+        /// Dense: `x · W (+ b)` with `W` held as the layout says; `biased`: with the bias
+        /// master and its compute copy as inputs 2 and 3.
+        Linear { layout: WeightLayout, biased: bool },
         /// The dispatch's gather, writing the FP8 copy too; `k` slots per token.
         Dispatch { k: i64 },
         /// The activation between the expert matmuls, writing its output's FP8 rows too.
@@ -792,12 +813,13 @@ mod ops {
         fn code(self) -> i64 {
             match self {
                 Fp8Op::Grouped => 1,
-                Fp8Op::Linear(l) => {
-                    2 | (match l {
+                Fp8Op::Linear { layout, biased } => {
+                    2 | (match layout {
                         WeightLayout::Experts => 0,
                         WeightLayout::InOut => 1,
                         WeightLayout::OutIn => 2,
                     } << 8)
+                        | (i64::from(biased) << 12)
                 }
                 Fp8Op::Dispatch { k } => 3 | (k << 8),
                 Fp8Op::Act(a) => 4 | (a.code() << 8),
@@ -810,11 +832,18 @@ mod ops {
             let param = code >> 8;
             Ok(match code & 0xFF {
                 1 => Fp8Op::Grouped,
-                2 => Fp8Op::Linear(match param {
-                    1 => WeightLayout::InOut,
-                    2 => WeightLayout::OutIn,
-                    _ => bail!("FP8 op {code}: unknown layout"),
-                }),
+                2 => Fp8Op::Linear {
+                    layout: match param & 0xF {
+                        1 => WeightLayout::InOut,
+                        2 => WeightLayout::OutIn,
+                        _ => bail!("FP8 op {code}: unknown layout"),
+                    },
+                    biased: match param >> 4 {
+                        0 => false,
+                        1 => true,
+                        _ => bail!("FP8 op {code}: unknown bias flag"),
+                    },
+                },
                 3 => Fp8Op::Dispatch { k: param },
                 4 => Fp8Op::Act(act_of_code(code)?),
                 5 => Fp8Op::Combine,
@@ -876,8 +905,12 @@ mod ops {
         match (op, phase) {
             (Fp8Op::Grouped, Phase::Forward) => grouped_forward(inputs),
             (Fp8Op::Grouped, Phase::Backward) => grouped_backward(inputs),
-            (Fp8Op::Linear(layout), Phase::Forward) => linear_forward(layout, inputs),
-            (Fp8Op::Linear(layout), Phase::Backward) => linear_backward(layout, inputs),
+            (Fp8Op::Linear { layout, biased }, Phase::Forward) => {
+                linear_forward(layout, biased, inputs)
+            }
+            (Fp8Op::Linear { layout, biased }, Phase::Backward) => {
+                linear_backward(layout, biased, inputs)
+            }
             (Fp8Op::Dispatch { k }, Phase::Forward) => dispatch_forward(k, inputs),
             (Fp8Op::Dispatch { k }, Phase::Backward) => {
                 let gx = dispatch_backward(&inputs[2], &inputs[4], k)?;
@@ -966,64 +999,113 @@ mod ops {
         Ok(vec![gx, gw, None])
     }
 
-    /// A dense matmul: `x` [M, K] and the master weight in `layout`.
-    fn linear_forward(layout: WeightLayout, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+    /// A dense matmul: `x` [M, K], the master weight in `layout` and, when `biased`, the bias
+    /// master and its bf16 copy (added in the matmul's epilogue). With the weight's gradient
+    /// to come, the row pass over `x` raises its column maxima too, kept for the backward's
+    /// transposed copy (which then need not read `x` a third time); a second matmul of the
+    /// same `x` (SwiGLU's two projections) shares that copy.
+    fn linear_forward(
+        layout: WeightLayout,
+        biased: bool,
+        inputs: &[Tensor],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (x, w) = (&inputs[0], &inputs[1]);
         let o = overflow(x.device())?;
-        let a = quant_rows(x, None, Some(&o))?;
+        let a = if w.requires_grad() && !has_extras(x) {
+            let ends = whole(x)?;
+            let (a, maxima) = quant_rows_with_maxima(x, None, Some(&o), &ends)?;
+            remember_maxima(x, maxima, 0);
+            a
+        } else {
+            quant_rows(x, None, Some(&o))?
+        };
+        if w.requires_grad() {
+            note_use(x);
+        }
+        let bias = biased.then(|| &inputs[3]);
         let out = weight_copies(w, layout, |c| {
             let f = c.forward()?;
             let b = Fp8 {
                 q: f.q.f_select(0, 0)?,
                 scale: f.scale.f_select(0, 0)?,
             };
-            dense(&a, &b, fast_accum())
+            dense(&a, &b, bias, fast_accum())
         })?;
         Ok(vec![Some(out.f_to_kind(x.kind())?)])
     }
 
-    /// Its backward: the gradients of `x` and of the master weight from the output's (input 2).
-    fn linear_backward(layout: WeightLayout, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
-        let (x, w, g) = (&inputs[0], &inputs[1], &inputs[2]);
+    /// The one group of a dense matmul's `rows` (its ends, int32 `[1]`).
+    fn whole(x: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::f_full([1], x.size()[0], (Kind::Int, x.device()))?)
+    }
+
+    /// Its backward: the gradients of `x`, of the master weight and of the bias master from
+    /// the output's (the last input). The row pass over the gradient raises its column maxima
+    /// for the weight gradient's transposed copy; the bias's gradient is the gradient's column
+    /// sums, added into the master's `.grad` in f32 (as the bf16 linear's).
+    fn linear_backward(
+        layout: WeightLayout,
+        biased: bool,
+        inputs: &[Tensor],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (x, w, b) = (&inputs[0], &inputs[1], &inputs[2]);
+        let g = &inputs[inputs.len() - 1];
         if !g.defined() {
-            return Ok(vec![None, None]);
+            return Ok((1..inputs.len()).map(|_| None).collect());
         }
         let o = overflow(x.device())?;
         let (rows, _) = x.size2()?;
         let g = g.f_contiguous()?;
-        let gx = if x.requires_grad() {
-            let gq = quant_rows(&g, None, Some(&o))?;
-            let gx = weight_copies(w, layout, |c| {
-                let d = c.dgrad()?;
-                let b = Fp8 {
-                    q: d.q.f_select(0, 0)?,
-                    scale: d.scale.f_select(0, 0)?,
-                };
-                // gx = g · Wᵀ: W's rows [K, N] are the right operand's rows
-                dense(&gq, &b, fast_accum())
-            })?;
-            Some(gx.f_to_kind(x.kind())?)
-        } else {
-            None
+        let ends = whole(x)?;
+        let (gq, g_maxima) = match (x.requires_grad(), w.requires_grad()) {
+            (true, true) => {
+                let (gq, maxima) = quant_rows_with_maxima(&g, None, Some(&o), &ends)?;
+                (Some(gq), maxima)
+            }
+            (true, false) => (Some(quant_rows(&g, None, Some(&o))?), None),
+            (false, _) => (None, None),
+        };
+        let gx = match gq {
+            Some(gq) => {
+                let gx = weight_copies(w, layout, |c| {
+                    let d = c.dgrad()?;
+                    let b = Fp8 {
+                        q: d.q.f_select(0, 0)?,
+                        scale: d.scale.f_select(0, 0)?,
+                    };
+                    // gx = g · Wᵀ: W's rows [K, N] are the right operand's rows
+                    dense(&gq, &b, None, fast_accum())
+                })?;
+                Some(gx.f_to_kind(x.kind())?)
+            }
+            None => None,
         };
         let gw = if w.requires_grad() {
-            let ends = Tensor::f_full([1], rows, (Kind::Int, x.device()))?;
             let layout_t = Transposed::SideBySide {
                 positions: side_by_side_positions(rows, 1),
             };
-            let (xt, _) = quant_transposed(x, &ends, layout_t, Some(&o), None)?;
-            let (gt, _) = quant_transposed(&g, &ends, layout_t, Some(&o), None)?;
+            let (xt, _) = transposed_operand(x, &ends, layout_t, &o)?;
+            let (gt, _) = quant_transposed(&g, &ends, layout_t, Some(&o), g_maxima.as_ref())?;
             let grad = match layout {
                 // gW = xᵀ · g, [K, N]
-                WeightLayout::InOut => dense(&xt, &gt, fast_accum())?,
+                WeightLayout::InOut => dense(&xt, &gt, None, fast_accum())?,
                 // the master is Wᵀ: gWᵀ = gᵀ · x, [N, K]
-                _ => dense(&gt, &xt, fast_accum())?,
+                _ => dense(&gt, &xt, None, fast_accum())?,
             };
             master_gradient(w, &grad)?
         } else {
             None
         };
-        Ok(vec![gx, gw])
+        let gb = if biased && b.requires_grad() {
+            bias_gradient(b, &g)?
+        } else {
+            None
+        };
+        let mut grads = vec![gx, gw];
+        if biased {
+            grads.extend([gb, None]);
+        }
+        Ok(grads)
     }
 
     /// The dispatch: `x` [T, d] gathered by `row_slot` [N] into expert order, its FP8 rows and
@@ -1223,8 +1305,8 @@ mod ops {
     }
 
     /// `x · W (+ b)` over the last dimension with FP8 operands, `W` held by `w` as `layout`
-    /// says (`InOut`: `w` is `[K, N]`; `OutIn`: `w` is `[N, K]`, the tied head); in `x`'s type,
-    /// differentiable in `x`, `w` and `b`.
+    /// says (`InOut`: `w` is `[K, N]`; `OutIn`: `w` is `[N, K]`, the tied head) and the bias
+    /// added in the matmul's epilogue; in `x`'s type, differentiable in `x`, `w` and `b`.
     pub fn linear(
         x: &Tensor,
         w: &Tensor,
@@ -1241,18 +1323,34 @@ mod ops {
             (_, s) => bail!("FP8 linear: weight {s:?} for inputs of width {k}"),
         };
         let x2 = x.f_reshape([-1, k])?.f_contiguous()?;
+        let mut inputs = vec![x2.shallow_clone(), w.shallow_clone()];
+        if let Some(b) = b {
+            if b.size() != [n] {
+                bail!("FP8 linear: bias {:?} for {n} outputs", b.size());
+            }
+            // the epilogue's bf16 bias: the step's cast copy of the master (or one made now)
+            let copy = match crate::runtime::cast::cached(b, Kind::BFloat16)? {
+                Some(copy) => copy,
+                None => tch::no_grad(|| b.f_to_kind(Kind::BFloat16))?,
+            };
+            inputs.extend([b.shallow_clone(), copy]);
+        }
         let out = apply(
             fp8_callback,
-            Fp8Op::Linear(layout).code(),
-            vec![x2, w.shallow_clone()],
+            Fp8Op::Linear {
+                layout,
+                biased: b.is_some(),
+            }
+            .code(),
+            inputs,
         )
         .context("FP8 linear")?;
-        *shape.last_mut().expect("checked above") = n;
-        let out = out.f_reshape(shape)?;
-        match b {
-            Some(b) => Ok(out.f_add(&crate::runtime::cast::compute(b, out.kind())?)?),
-            None => Ok(out),
+        if !out.requires_grad() {
+            // no backward will take the column maxima its pass kept
+            forget_extras(&x2);
         }
+        *shape.last_mut().expect("checked above") = n;
+        Ok(out.f_reshape(shape)?)
     }
 
     /// Whether [`linear`] takes `x · W` of these widths (`K`, `N` multiples of 16).
@@ -2260,30 +2358,43 @@ mod ops {
             let (x, w, g) = (&self.x, &self.w, &self.g);
             let cpu = Device::Cpu;
             let label = |n: &str| self.label(n);
-            for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            // a bias as the projections have (in the matmul's epilogue), and none as the
+            // tied head
+            let bias = Tensor::f_randn([self.n], (Kind::Float, cpu))?;
+            for (layout, biased) in [(WeightLayout::InOut, true), (WeightLayout::OutIn, false)] {
                 let xs = x.f_narrow(0, 0, rows_kept)?;
                 let wd = match layout {
                     WeightLayout::OutIn => w.f_select(0, 0)?.f_transpose(0, 1)?.f_contiguous()?,
                     _ => w.f_select(0, 0)?.f_contiguous()?,
                 };
                 let gs = g.f_narrow(0, 0, rows_kept)?;
-                let run = |dev: Device, kind: Kind| -> Result<(Tensor, Tensor, Tensor)> {
+                let run = |dev: Device, kind: Kind| -> Result<[Tensor; 4]> {
                     let xg = leaf(&xs, dev, kind)?;
                     let wg = leaf(&wd, dev, Kind::Float)?;
-                    let out = linear(&xg, &wg, None, layout)?;
+                    let bg = leaf(&bias, dev, Kind::Float)?;
+                    let out = linear(&xg, &wg, biased.then_some(&bg), layout)?;
                     out.f_to_kind(Kind::Float)?
                         .f_mul(&gs.f_to_device(dev)?)?
                         .f_sum(Kind::Float)?
                         .f_backward()?;
-                    Ok((
+                    let gb = if biased {
+                        bg.grad().f_to_device(cpu)?
+                    } else {
+                        Tensor::f_zeros([self.n], (Kind::Float, cpu))?
+                    };
+                    Ok([
                         out.f_to_device(cpu)?.f_to_kind(Kind::Float)?,
                         xg.grad().f_to_device(cpu)?.f_to_kind(Kind::Float)?,
                         wg.grad().f_to_device(cpu)?,
-                    ))
+                        gb,
+                    ])
                 };
-                let (out, gx, gw) = run(device, kind)?;
-                let (out_e, gx_e, gw_e) = run(cpu, Kind::Float)?;
-                let l = |n: &str| label(&format!("dense {layout:?} {n}"));
+                let [out, gx, gw, gb] = run(device, kind)?;
+                let [out_e, gx_e, gw_e, gb_e] = run(cpu, Kind::Float)?;
+                let l = |n: &str| {
+                    let with = if biased { " with bias" } else { "" };
+                    label(&format!("dense {layout:?}{with} {n}"))
+                };
                 c.close(l("forward vs emulation"), &out, &out_e, 1e-2)?;
                 c.close(l("grad x vs emulation"), &gx, &gx_e, 1e-2)?;
                 c.close(l("grad w vs emulation"), &gw, &gw_e, 1e-2)?;
@@ -2295,7 +2406,15 @@ mod ops {
                     WeightLayout::OutIn => want_gw.f_transpose(0, 1)?,
                     _ => want_gw,
                 };
-                c.close(l("forward vs f64"), &out, &x64.f_matmul(&w64)?, 8e-2)?;
+                let mut want_out = x64.f_matmul(&w64)?;
+                if biased {
+                    want_out = want_out.f_add(&bias.f_to_kind(Kind::Double)?)?;
+                    // the bias's gradient: the output gradient's column sums, in f32 both
+                    c.close(l("grad b vs emulation"), &gb, &gb_e, 1e-2)?;
+                    let want_gb = g64.f_sum_dim_intlist([0i64].as_slice(), false, Kind::Double)?;
+                    c.close(l("grad b vs f64"), &gb, &want_gb, 1e-2)?;
+                }
+                c.close(l("forward vs f64"), &out, &want_out, 8e-2)?;
                 c.close(l("grad w vs f64"), &gw, &want_gw, 8e-2)?;
                 let r = rel(&gx, &g64.f_matmul(&w64.f_transpose(0, 1)?)?)?;
                 c.record(
@@ -2437,6 +2556,54 @@ mod ops {
         /// the fused plan against the unfused one, forward and every gradient (on the CPU
         /// both quantise with the reference; `self_check` holds the kernels to it on a GPU).
         #[test]
+        fn dense_projections_take_their_passes_column_maxima_and_share_a_copy() {
+            let cpu = Device::Cpu;
+            let (t, d, h) = (24i64, 32i64, 48i64);
+            tch::manual_seed(23);
+            let x = Tensor::randn([t, d], (Kind::Float, cpu)).to_kind(Kind::BFloat16);
+            let g = Tensor::randn([t, h], (Kind::Float, cpu));
+            let w1 = Tensor::randn([d, h], (Kind::Float, cpu)) * 0.1;
+            let w3 = Tensor::randn([d, h], (Kind::Float, cpu)) * 0.1;
+            let b1 = Tensor::randn([h], (Kind::Float, cpu));
+            // SwiGLU's two projections of one `x` (shared: one transposed copy of it, made
+            // from the maxima the first forward's pass raised), or of two copies of it (each
+            // its own); the weight gradients the same bits either way
+            let run = |shared: bool| -> (Vec<Tensor>, u64) {
+                let leaf = |t: &Tensor| t.detach().copy().set_requires_grad(true);
+                let (l1, l3, lb) = (leaf(&w1), leaf(&w3), leaf(&b1));
+                let xa = leaf(&x);
+                let xb = if shared { xa.shallow_clone() } else { leaf(&x) };
+                let before = maxima_used();
+                let a = linear(&xa, &l1, Some(&lb), WeightLayout::InOut).unwrap();
+                let b = linear(&xb, &l3, None, WeightLayout::InOut).unwrap();
+                assert_eq!(operand_extras_held(), if shared { 1 } else { 2 });
+                (a.to_kind(Kind::Float) * &g + b.to_kind(Kind::Float) * &g)
+                    .sum(Kind::Float)
+                    .backward();
+                assert_eq!(operand_extras_held(), 0, "kept past the backward");
+                let used = maxima_used() - before;
+                (vec![a.detach(), l1.grad(), l3.grad(), lb.grad()], used)
+            };
+            let (shared, used_shared) = run(true);
+            let (separate, used_separate) = run(false);
+            assert_eq!((used_shared, used_separate), (1, 2));
+            for (n, (a, b)) in shared.iter().zip(&separate).enumerate() {
+                assert!(a.equal(b), "tensor {n} differs");
+            }
+            // the bias in the epilogue: the output is x·W + b rounded once to bf16, and
+            // the bias's gradient the output gradient's column sums (in f32)
+            let want_gb = g
+                .to_kind(Kind::BFloat16)
+                .to_kind(Kind::Float)
+                .sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
+            assert!(shared[3].allclose(&want_gb, 1e-5, 1e-5, false));
+            // no backward (evaluation): nothing kept
+            let w = w1.set_requires_grad(true);
+            let _ = tch::no_grad(|| linear(&x, &w, None, WeightLayout::InOut)).unwrap();
+            assert_eq!(operand_extras_held(), 0, "kept without a backward");
+        }
+
+        #[test]
         fn fused_quantisations_give_the_separate_ones_and_the_matmuls_take_them() {
             use crate::check::Activation;
             use crate::runtime::moe::{run_experts, DispatchPlan, ExpertPath, Experts};
@@ -2554,8 +2721,18 @@ mod ops {
         fn op_codes_round_trip() {
             for op in [
                 Fp8Op::Grouped,
-                Fp8Op::Linear(WeightLayout::InOut),
-                Fp8Op::Linear(WeightLayout::OutIn),
+                Fp8Op::Linear {
+                    layout: WeightLayout::InOut,
+                    biased: false,
+                },
+                Fp8Op::Linear {
+                    layout: WeightLayout::InOut,
+                    biased: true,
+                },
+                Fp8Op::Linear {
+                    layout: WeightLayout::OutIn,
+                    biased: false,
+                },
                 Fp8Op::Dispatch { k: 2 },
                 Fp8Op::Act(Fp8Act::Gelu),
                 Fp8Op::Act(Fp8Act::Relu),

@@ -193,7 +193,7 @@ fn weight_gradient(master: &Tensor, x: &Tensor, g: &Tensor) -> Result<Option<Ten
 /// ([`column_sums`]: on a GPU the kernels' second pass adds them into the `.grad`): added into
 /// the master's `.grad` where that exists (then none for autograd), else handed to autograd in
 /// the master's dtype.
-fn bias_gradient(master: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+pub fn bias_gradient(master: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
     match existing_grad(master) {
         Some(acc) => {
             column_sums(g, Some(&acc))?;
