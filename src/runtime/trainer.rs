@@ -1621,7 +1621,7 @@ fn run_micro_batch(
         };
         format!(
             "micro-batch {m} of the {share} sequences per data rank: the planner's fastest{layout} \
-             of those that leave {:.0}% of a `{}` GPU free in its estimate (else of those that \
+             of those that leave {:.0}% of the memory of `{}` free in its estimate (else of those that \
              fit): each micro-batch reads the weights once more{bubble}; `fmoec plan \
              --memory-model fmoec` shows the estimate",
             crate::plan::FREE_CHOICE_HEADROOM * 100.0,

@@ -285,7 +285,7 @@ fn the_run_notes_the_planners_micro_batch() {
     assert!(
         stderr.contains(
             "note: micro-batch 64 of the 128 sequences per data rank: the planner's fastest of \
-             those that leave 10% of a `h100_sxm` GPU free in its estimate (else of those that \
+             those that leave 10% of the memory of `h100_sxm` free in its estimate (else of those that \
              fit): each micro-batch reads the weights once more; `fmoec plan --memory-model \
              fmoec` shows the estimate"
         ),
