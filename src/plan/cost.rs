@@ -510,12 +510,13 @@ const FP8_QUANT_BYTES_HIDDEN: f64 = 8.0;
 const FP8_QUANT_BYTES_DENSE: f64 = 8.0;
 
 /// The share of the HBM bandwidth a dense matmul's FP8 passes reach, with the bytes of
-/// [`FP8_QUANT_BYTES_DENSE`] over its input and output widths: 0.40, what GPT-2-medium-MoE's
-/// step paid for them on an H100 (BENCHMARKS.md 2026-12-07 16:21 UTC: fp8 with the dense
-/// matmuls too took 1,654 ms a step against 1,375 with only the experts in FP8, while its
-/// dense matmuls took 221 ms less, so about 500 ms for 675 GB of these bytes: the passes,
-/// the bias adds and casts beside them, and their launches).
-const FP8_DENSE_QUANT_BANDWIDTH_SHARE: f64 = 0.40;
+/// [`FP8_QUANT_BYTES_DENSE`] over its input and output widths: 0.65, what GPT-2-medium-MoE's
+/// step paid for them on an H100 once the bias went into the FP8 matmul's epilogue and the
+/// row passes raised the column maxima (BENCHMARKS.md 2026-12-07 19:58 UTC): with every dense
+/// matmul and expert in FP8 a step took 1,458 ms, about 1,344 with only the experts in FP8,
+/// while its dense matmuls took 198 ms less, so about 311 ms for the 675 GB these bytes
+/// count (0.40 before those two changes, when the same step took 1,654 ms).
+const FP8_DENSE_QUANT_BANDWIDTH_SHARE: f64 = 0.65;
 
 /// One dense matmul (`rows` × `k` times `k` × `n`) forward and backward (three matmuls) in
 /// bf16 and with FP8 operands on `hw` (`None` without FP8 tensor cores): each matmul the
