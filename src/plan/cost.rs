@@ -7,7 +7,9 @@
 
 use serde::Serialize;
 
-use crate::check::{Activation, Checked, Ffn, Hardware, Moe, Precision, Shadowing, SmartSchedule};
+use crate::check::{
+    Activation, Checked, Ffn, Hardware, Model, Moe, Precision, Shadowing, SmartSchedule,
+};
 use crate::diag::{Diagnostic, Span};
 use crate::graph::{self, ModelGraph, NodeKind};
 
@@ -627,30 +629,54 @@ impl Fp8Fallbacks {
     }
 }
 
-/// What keeps bf16 operands under `precision = fp8` (`dense`: with `fp8_dense`) on one of
-/// `t` tensor ranks at `tokens` a micro-batch: the layers whose `fp8_experts` entry is
-/// false, and the dense modules where [`fp8_pays_for_dense`] says no.
-fn fp8_fallbacks(
-    c: &Checked,
-    fp8_experts: &[bool],
-    dense: bool,
-    t: u64,
-    vpad: u64,
-    tokens: u64,
-) -> Fp8Fallbacks {
-    let m = &c.model;
+/// What decides, on one rank of a training, which modules keep bf16 operands under
+/// `precision = fp8` ([`fp8_fallbacks`]): the plan's layout and micro-batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp8Layout {
+    /// `fp8_dense`: the attention projections, dense MLPs, shared experts and LM head too.
+    pub dense: bool,
+    /// Tensor ranks splitting the attention's heads and the MLPs' hidden columns.
+    pub tensor: u64,
+    /// Ranks splitting each MoE layer's experts (each holds `experts / expert_parallel`).
+    pub expert_parallel: u64,
+    /// Ranks holding slices of the same experts (`hidden / expert_slices` each).
+    pub expert_slices: u64,
+    /// Tokens of one micro-batch (its sequences times their length).
+    pub tokens: u64,
+    /// The padded vocabulary the LM head's matmul spans (split over the tensor ranks).
+    pub padded_vocab: u64,
+}
+
+/// What keeps bf16 operands under `precision = fp8` on one rank of `layout`: each MoE
+/// layer's routed experts where [`fp8_pays_for_experts`] says no for its share of the
+/// experts and their rows, and with `dense` each module where [`fp8_pays_for_dense`] says no
+/// for its matmuls ([`fp8_dense_shapes`]). The planner's choice (`fmoec plan`'s `fp8:` line),
+/// which `fmoec run` takes for the layout it runs; the one rule for callers that have no plan.
+pub fn fp8_fallbacks(model: &Model, hw: &Hardware, layout: &Fp8Layout) -> Fp8Fallbacks {
+    let Fp8Layout {
+        dense,
+        tensor: t,
+        tokens,
+        padded_vocab: vpad,
+        ..
+    } = *layout;
     let keeps_bf16 = |kind: NodeKind, layer: Option<usize>| -> Option<bool> {
-        let shapes = fp8_dense_shapes(m, kind, layer, t, vpad)?;
-        Some(!fp8_pays_for_dense(
-            &c.parallel.hardware,
-            &shapes,
-            tokens as f64,
-        ))
+        let shapes = fp8_dense_shapes(model, kind, layer, t, vpad)?;
+        Some(!fp8_pays_for_dense(hw, &shapes, tokens as f64))
     };
     let mut f = Fp8Fallbacks::default();
-    for (l, layer) in m.layers.iter().enumerate() {
-        if matches!(layer.ffn, Ffn::Moe(_)) && !fp8_experts[l] {
-            f.experts.push(l);
+    for (l, layer) in model.layers.iter().enumerate() {
+        if let Ffn::Moe(moe) = &layer.ffn {
+            if !fp8_pays_for_experts(
+                hw,
+                model.width,
+                moe.expert.hidden / layout.expert_slices,
+                moe.expert.act,
+                (tokens * moe.top_k) as f64,
+                (moe.experts / layout.expert_parallel).max(1),
+            ) {
+                f.experts.push(l);
+            }
         }
         if !dense {
             continue;
@@ -671,7 +697,7 @@ fn fp8_fallbacks(
 /// MLP's or the shared experts' matrices, the LM head over the padded vocabulary `vpad`;
 /// `None` for other nodes and for a block without such matrices.
 pub fn fp8_dense_shapes(
-    m: &crate::check::Model,
+    m: &Model,
     kind: NodeKind,
     layer: Option<usize>,
     t: u64,
@@ -973,18 +999,19 @@ pub fn evaluate(
         Precision::Fp8 { dense } => hw.fp8_tflops.map(|f| (f * 1e12, dense)),
         _ => None,
     };
-    let fp8_experts = fp8_experts(c, experts, tokens, fp8.is_some());
     let vpad = padded_vocab_to(c.model.vocab, rules.vocab_multiple, grid.tensor);
     let fp8_fallbacks = fp8.map(|(_, dense)| {
-        Box::new(fp8_fallbacks(
-            c,
-            &fp8_experts,
+        let layout = Fp8Layout {
             dense,
-            grid.tensor,
-            vpad,
+            tensor: grid.tensor,
+            expert_parallel: experts.parallel,
+            expert_slices: experts.slices,
             tokens,
-        ))
+            padded_vocab: vpad,
+        };
+        Box::new(fp8_fallbacks(&c.model, hw, &layout))
     });
+    let fp8_experts = fp8_experts(c, fp8_fallbacks.as_deref());
     let e = Eval {
         g,
         c,
@@ -1016,23 +1043,15 @@ pub fn evaluate(
     }
 }
 
-/// Per layer: whether its experts run in FP8 (`fp8`: the precision asks for it on a GPU
-/// with FP8 tensor cores), where [`fp8_pays_for_experts`] says it pays at `tokens` a
-/// micro-batch.
-fn fp8_experts(c: &Checked, experts: &ExpertPlacement, tokens: u64, fp8: bool) -> Vec<bool> {
-    let m = &c.model;
-    m.layers
+/// Per layer: whether its experts run in FP8 (under `precision = fp8` on a GPU with FP8
+/// tensor cores, `fallbacks` given): each MoE layer that `fallbacks` does not keep in bf16.
+fn fp8_experts(c: &Checked, fallbacks: Option<&Fp8Fallbacks>) -> Vec<bool> {
+    c.model
+        .layers
         .iter()
-        .map(|l| match &l.ffn {
-            Ffn::Moe(moe) if fp8 => fp8_pays_for_experts(
-                &c.parallel.hardware,
-                m.width,
-                moe.expert.hidden / experts.slices,
-                moe.expert.act,
-                (tokens * moe.top_k) as f64,
-                (moe.experts / experts.parallel).max(1),
-            ),
-            _ => false,
+        .enumerate()
+        .map(|(l, layer)| {
+            matches!(layer.ffn, Ffn::Moe(_)) && fallbacks.is_some_and(|f| !f.experts.contains(&l))
         })
         .collect()
 }
