@@ -579,8 +579,8 @@ pub fn fp8_pays_for_dense(hw: &Hardware, shapes: &[(u64, u64)], rows: f64) -> bo
 }
 
 /// Under `precision = fp8`, what keeps bf16 operands because FP8 would not pay there at the
-/// plan's micro-batch ([`fp8_pays_for_experts`], [`fp8_pays_for_dense`]); `fmoec run`
-/// decides the same way, module by module, and says so.
+/// plan's micro-batch ([`fp8_fallbacks`]); `fmoec run` takes the plan's for the layout it
+/// runs, and says so.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Fp8Fallbacks {
     /// The MoE layers (block indices) whose routed experts stay in bf16.
@@ -643,26 +643,29 @@ pub struct Fp8Layout {
     pub expert_slices: u64,
     /// Tokens of one micro-batch (its sequences times their length).
     pub tokens: u64,
-    /// The padded vocabulary the LM head's matmul spans (split over the tensor ranks).
-    pub padded_vocab: u64,
 }
 
 /// What keeps bf16 operands under `precision = fp8` on one rank of `layout`: each MoE
 /// layer's routed experts where [`fp8_pays_for_experts`] says no for its share of the
 /// experts and their rows, and with `dense` each module where [`fp8_pays_for_dense`] says no
-/// for its matmuls ([`fp8_dense_shapes`]). The planner's choice (`fmoec plan`'s `fp8:` line),
-/// which `fmoec run` takes for the layout it runs; the one rule for callers that have no plan.
+/// for its matmuls ([`fp8_dense_shapes`]); the LM head as `fmoec run` computes it (FP8 runs
+/// nowhere else): the file's vocabulary, not padded, whole on every tensor rank. The
+/// planner's choice (`fmoec plan`'s `fp8:` line), which `fmoec run` takes for the layout it
+/// runs; the one rule for callers that have no plan.
 pub fn fp8_fallbacks(model: &Model, hw: &Hardware, layout: &Fp8Layout) -> Fp8Fallbacks {
     let Fp8Layout {
         dense,
-        tensor: t,
+        tensor,
         tokens,
-        padded_vocab: vpad,
         ..
     } = *layout;
-    let keeps_bf16 = |kind: NodeKind, layer: Option<usize>| -> Option<bool> {
-        let shapes = fp8_dense_shapes(model, kind, layer, t, vpad)?;
-        Some(!fp8_pays_for_dense(hw, &shapes, tokens as f64))
+    let t = tensor.max(1);
+    let keeps_bf16 = |shapes: &[(u64, u64)]| !fp8_pays_for_dense(hw, shapes, tokens as f64);
+    // a block's modules (the vocabulary sizes only the head, whose matmul is the run's below,
+    // not the padded and split one the costs take)
+    let block_keeps_bf16 = |kind: NodeKind, layer: usize| -> Option<bool> {
+        let shapes = fp8_dense_shapes(model, kind, Some(layer), t, model.vocab)?;
+        Some(keeps_bf16(&shapes))
     };
     let mut f = Fp8Fallbacks::default();
     for (l, layer) in model.layers.iter().enumerate() {
@@ -670,10 +673,10 @@ pub fn fp8_fallbacks(model: &Model, hw: &Hardware, layout: &Fp8Layout) -> Fp8Fal
             if !fp8_pays_for_experts(
                 hw,
                 model.width,
-                moe.expert.hidden / layout.expert_slices,
+                moe.expert.hidden / layout.expert_slices.max(1),
                 moe.expert.act,
                 (tokens * moe.top_k) as f64,
-                (moe.experts / layout.expert_parallel).max(1),
+                (moe.experts / layout.expert_parallel.max(1)).max(1),
             ) {
                 f.experts.push(l);
             }
@@ -681,14 +684,14 @@ pub fn fp8_fallbacks(model: &Model, hw: &Hardware, layout: &Fp8Layout) -> Fp8Fal
         if !dense {
             continue;
         }
-        if keeps_bf16(NodeKind::Attention, Some(l)) == Some(true) {
+        if block_keeps_bf16(NodeKind::Attention, l) == Some(true) {
             f.attention.push(l);
         }
-        if keeps_bf16(NodeKind::Mlp, Some(l)) == Some(true) {
+        if block_keeps_bf16(NodeKind::Mlp, l) == Some(true) {
             f.mlps.push(l);
         }
     }
-    f.head = dense && keeps_bf16(NodeKind::LmHead, None) == Some(true);
+    f.head = dense && keeps_bf16(&[(model.width, model.vocab)]);
     f
 }
 
@@ -1007,7 +1010,6 @@ pub fn evaluate(
             expert_parallel: experts.parallel,
             expert_slices: experts.slices,
             tokens,
-            padded_vocab: vpad,
         };
         Box::new(fp8_fallbacks(&c.model, hw, &layout))
     });
