@@ -5,9 +5,9 @@
 //! Owns: [`WorldPlan`] (what the runtime takes from the one [`crate::plan::ParallelPlan`] the
 //! planner makes for a run, [`plan_world_with`] for ranks and [`plan_alone`] for one device:
 //! a [`GroupLayout`], the tensor groups, one [`ExpertPlacement`] per MoE layer, the
-//! micro-batch and one rank's memory, with pipeline = 1: Megatron-LM's tensor × data grid,
-//! experts over the data ranks of each tensor rank; the runtime never re-derives any of
-//! them), [`RankContext`] (a
+//! micro-batch, one rank's memory and what stays in bf16 under `precision = fp8`, with
+//! pipeline = 1: Megatron-LM's tensor × data grid, experts over the data ranks of each tensor
+//! rank; the runtime never re-derives any of them), [`RankContext`] (a
 //! rank's [`Groups`] and that plan, and the experts it holds), [`param_kinds`] (how each parameter's gradient is
 //! shared), [`ExpertParallel`] (the MoE layer across the expert group with autograd cut at
 //! the exchange, recorded on a [`Tape`]) and [`run_in_process`] (N ranks on threads, the

@@ -22,6 +22,9 @@
 //! values and scales (the quantisation is computed with the same roundings), the products in
 //! f32 and rounded to bf16 as the device's are.
 //!
+//! Which modules take FP8 is the planner's choice ([`crate::plan::cost::fp8_fallbacks`]);
+//! [`with_overrides`] applies `FMOEC_FP8_EXPERTS` / `FMOEC_FP8_DENSE` to it.
+//!
 //! Knows the matmuls' operand layouts and the step protocol; not the model around them.
 
 use anyhow::{bail, Result};
