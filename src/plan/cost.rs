@@ -7,7 +7,9 @@
 
 use serde::Serialize;
 
-use crate::check::{Activation, Checked, Ffn, Hardware, Moe, Precision, Shadowing, SmartSchedule};
+use crate::check::{
+    Activation, Checked, Ffn, Hardware, Model, Moe, Precision, Shadowing, SmartSchedule,
+};
 use crate::diag::{Diagnostic, Span};
 use crate::graph::{self, ModelGraph, NodeKind};
 
@@ -578,8 +580,8 @@ pub fn fp8_pays_for_dense(hw: &Hardware, shapes: &[(u64, u64)], rows: f64) -> bo
 }
 
 /// Under `precision = fp8`, what keeps bf16 operands because FP8 would not pay there at the
-/// plan's micro-batch ([`fp8_pays_for_experts`], [`fp8_pays_for_dense`]); `fmoec run`
-/// decides the same way, module by module, and says so.
+/// plan's micro-batch ([`fp8_fallbacks`]); `fmoec run` takes the plan's for the layout it
+/// runs, and says so.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Fp8Fallbacks {
     /// The MoE layers (block indices) whose routed experts stay in bf16.
@@ -628,42 +630,69 @@ impl Fp8Fallbacks {
     }
 }
 
-/// What keeps bf16 operands under `precision = fp8` (`dense`: with `fp8_dense`) on one of
-/// `t` tensor ranks at `tokens` a micro-batch: the layers whose `fp8_experts` entry is
-/// false, and the dense modules where [`fp8_pays_for_dense`] says no.
-fn fp8_fallbacks(
-    c: &Checked,
-    fp8_experts: &[bool],
-    dense: bool,
-    t: u64,
-    vpad: u64,
-    tokens: u64,
-) -> Fp8Fallbacks {
-    let m = &c.model;
-    let keeps_bf16 = |kind: NodeKind, layer: Option<usize>| -> Option<bool> {
-        let shapes = fp8_dense_shapes(m, kind, layer, t, vpad)?;
-        Some(!fp8_pays_for_dense(
-            &c.parallel.hardware,
-            &shapes,
-            tokens as f64,
-        ))
+/// What decides, on one rank of a training, which modules keep bf16 operands under
+/// `precision = fp8` ([`fp8_fallbacks`]): the plan's layout and micro-batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp8Layout {
+    /// `fp8_dense`: the attention projections, dense MLPs, shared experts and LM head too.
+    pub dense: bool,
+    /// Tensor ranks splitting the attention's heads and the MLPs' hidden columns.
+    pub tensor: u64,
+    /// Ranks splitting each MoE layer's experts (each holds `experts / expert_parallel`).
+    pub expert_parallel: u64,
+    /// Ranks holding slices of the same experts (`hidden / expert_slices` each).
+    pub expert_slices: u64,
+    /// Tokens of one micro-batch (its sequences times their length).
+    pub tokens: u64,
+}
+
+/// What keeps bf16 operands under `precision = fp8` on one rank of `layout`: each MoE
+/// layer's routed experts where [`fp8_pays_for_experts`] says no for its share of the
+/// experts and their rows, and with `dense` each module where [`fp8_pays_for_dense`] says no
+/// for its matmuls ([`fp8_dense_shapes`]); the LM head as `fmoec run` computes it (FP8 runs
+/// nowhere else): the file's vocabulary, not padded, whole on every tensor rank. The
+/// planner's choice (`fmoec plan`'s `fp8:` line), which `fmoec run` takes for the layout it
+/// runs; the one rule for callers that have no plan.
+pub fn fp8_fallbacks(model: &Model, hw: &Hardware, layout: &Fp8Layout) -> Fp8Fallbacks {
+    let Fp8Layout {
+        dense,
+        tensor,
+        tokens,
+        ..
+    } = *layout;
+    let t = tensor.max(1);
+    let keeps_bf16 = |shapes: &[(u64, u64)]| !fp8_pays_for_dense(hw, shapes, tokens as f64);
+    // a block's modules (the vocabulary sizes only the head, whose matmul is the run's below,
+    // not the padded and split one the costs take)
+    let block_keeps_bf16 = |kind: NodeKind, layer: usize| -> Option<bool> {
+        let shapes = fp8_dense_shapes(model, kind, Some(layer), t, model.vocab)?;
+        Some(keeps_bf16(&shapes))
     };
     let mut f = Fp8Fallbacks::default();
-    for (l, layer) in m.layers.iter().enumerate() {
-        if matches!(layer.ffn, Ffn::Moe(_)) && !fp8_experts[l] {
-            f.experts.push(l);
+    for (l, layer) in model.layers.iter().enumerate() {
+        if let Ffn::Moe(moe) = &layer.ffn {
+            if !fp8_pays_for_experts(
+                hw,
+                model.width,
+                moe.expert.hidden / layout.expert_slices.max(1),
+                moe.expert.act,
+                (tokens * moe.top_k) as f64,
+                (moe.experts / layout.expert_parallel.max(1)).max(1),
+            ) {
+                f.experts.push(l);
+            }
         }
         if !dense {
             continue;
         }
-        if keeps_bf16(NodeKind::Attention, Some(l)) == Some(true) {
+        if block_keeps_bf16(NodeKind::Attention, l) == Some(true) {
             f.attention.push(l);
         }
-        if keeps_bf16(NodeKind::Mlp, Some(l)) == Some(true) {
+        if block_keeps_bf16(NodeKind::Mlp, l) == Some(true) {
             f.mlps.push(l);
         }
     }
-    f.head = dense && keeps_bf16(NodeKind::LmHead, None) == Some(true);
+    f.head = dense && keeps_bf16(&[(model.width, model.vocab)]);
     f
 }
 
@@ -672,7 +701,7 @@ fn fp8_fallbacks(
 /// MLP's or the shared experts' matrices, the LM head over the padded vocabulary `vpad`;
 /// `None` for other nodes and for a block without such matrices.
 pub fn fp8_dense_shapes(
-    m: &crate::check::Model,
+    m: &Model,
     kind: NodeKind,
     layer: Option<usize>,
     t: u64,
@@ -974,18 +1003,18 @@ pub fn evaluate(
         Precision::Fp8 { dense } => hw.fp8_tflops.map(|f| (f * 1e12, dense)),
         _ => None,
     };
-    let fp8_experts = fp8_experts(c, experts, tokens, fp8.is_some());
     let vpad = padded_vocab_to(c.model.vocab, rules.vocab_multiple, grid.tensor);
     let fp8_fallbacks = fp8.map(|(_, dense)| {
-        Box::new(fp8_fallbacks(
-            c,
-            &fp8_experts,
+        let layout = Fp8Layout {
             dense,
-            grid.tensor,
-            vpad,
+            tensor: grid.tensor,
+            expert_parallel: experts.parallel,
+            expert_slices: experts.slices,
             tokens,
-        ))
+        };
+        Box::new(fp8_fallbacks(&c.model, hw, &layout))
     });
+    let fp8_experts = fp8_experts(c, fp8_fallbacks.as_deref());
     let e = Eval {
         g,
         c,
@@ -1017,23 +1046,15 @@ pub fn evaluate(
     }
 }
 
-/// Per layer: whether its experts run in FP8 (`fp8`: the precision asks for it on a GPU
-/// with FP8 tensor cores), where [`fp8_pays_for_experts`] says it pays at `tokens` a
-/// micro-batch.
-fn fp8_experts(c: &Checked, experts: &ExpertPlacement, tokens: u64, fp8: bool) -> Vec<bool> {
-    let m = &c.model;
-    m.layers
+/// Per layer: whether its experts run in FP8 (under `precision = fp8` on a GPU with FP8
+/// tensor cores, `fallbacks` given): each MoE layer that `fallbacks` does not keep in bf16.
+fn fp8_experts(c: &Checked, fallbacks: Option<&Fp8Fallbacks>) -> Vec<bool> {
+    c.model
+        .layers
         .iter()
-        .map(|l| match &l.ffn {
-            Ffn::Moe(moe) if fp8 => fp8_pays_for_experts(
-                &c.parallel.hardware,
-                m.width,
-                moe.expert.hidden / experts.slices,
-                moe.expert.act,
-                (tokens * moe.top_k) as f64,
-                (moe.experts / experts.parallel).max(1),
-            ),
-            _ => false,
+        .enumerate()
+        .map(|(l, layer)| {
+            matches!(layer.ffn, Ffn::Moe(_)) && fallbacks.is_some_and(|f| !f.experts.contains(&l))
         })
         .collect()
 }

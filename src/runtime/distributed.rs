@@ -5,9 +5,9 @@
 //! Owns: [`WorldPlan`] (what the runtime takes from the one [`crate::plan::ParallelPlan`] the
 //! planner makes for a run, [`plan_world_with`] for ranks and [`plan_alone`] for one device:
 //! a [`GroupLayout`], the tensor groups, one [`ExpertPlacement`] per MoE layer, the
-//! micro-batch and one rank's memory, with pipeline = 1: Megatron-LM's tensor × data grid,
-//! experts over the data ranks of each tensor rank; the runtime never re-derives any of
-//! them), [`RankContext`] (a
+//! micro-batch, one rank's memory and what stays in bf16 under `precision = fp8`, with
+//! pipeline = 1: Megatron-LM's tensor × data grid, experts over the data ranks of each tensor
+//! rank; the runtime never re-derives any of them), [`RankContext`] (a
 //! rank's [`Groups`] and that plan, and the experts it holds), [`param_kinds`] (how each parameter's gradient is
 //! shared), [`ExpertParallel`] (the MoE layer across the expert group with autograd cut at
 //! the exchange, recorded on a [`Tape`]) and [`run_in_process`] (N ranks on threads, the
@@ -72,6 +72,10 @@ pub struct WorldPlan {
     pub memory: Vec<Memory>,
     /// FasterMoE's smart schedule and shadowing as planned (`None`: the plain exchange).
     pub fastermoe: Option<plan::FasterMoePlan>,
+    /// Under `precision = fp8`: what the planner keeps in bf16 on this layout at its
+    /// micro-batch (`fmoec plan`'s `fp8_fallbacks`); `None` for other precisions and plans made
+    /// without the planner (see [`WorldPlan::fp8_fallbacks_for`]).
+    pub fp8_fallbacks: Option<plan::cost::Fp8Fallbacks>,
 }
 
 /// What `fmoec run` asks of the layout besides the world size, like `fmoec plan`'s options
@@ -409,6 +413,7 @@ impl WorldPlan {
             micro_batch: Some(plan.micro_batch),
             memory: plan.stages.iter().map(|s| s.cost.memory).collect(),
             fastermoe: plan.fastermoe.clone(),
+            fp8_fallbacks: plan.fp8_fallbacks.clone(),
         })
     }
 
@@ -450,7 +455,34 @@ impl WorldPlan {
             micro_batch: None,
             memory: Vec::new(),
             fastermoe: None,
+            fp8_fallbacks: None,
         })
+    }
+
+    /// What a run of `model` on `hardware` keeps in bf16 under `precision = fp8` (`dense`:
+    /// with `fp8_dense`) on this layout at `tokens` a micro-batch, before the overrides
+    /// ([`crate::runtime::fp8::with_overrides`]): the planner's choice where the planner made
+    /// this plan (at its micro-batch, which is the run's), else the planner's rule
+    /// ([`plan::cost::fp8_fallbacks`]) for this layout's tensor split and expert placement.
+    pub fn fp8_fallbacks_for(
+        &self,
+        model: &crate::check::Model,
+        hardware: &crate::check::Hardware,
+        dense: bool,
+        tokens: u64,
+    ) -> plan::cost::Fp8Fallbacks {
+        if let Some(planned) = &self.fp8_fallbacks {
+            return planned.clone();
+        }
+        let tensor = self.tensor_size() as u64;
+        let layout = plan::cost::Fp8Layout {
+            dense,
+            tensor,
+            expert_parallel: self.placements.values().next().map_or(1, |p| p.ranks()) as u64,
+            expert_slices: if self.expert_slicing { tensor } else { 1 },
+            tokens,
+        };
+        plan::cost::fp8_fallbacks(model, hardware, &layout)
     }
 }
 

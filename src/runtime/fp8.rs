@@ -22,6 +22,9 @@
 //! values and scales (the quantisation is computed with the same roundings), the products in
 //! f32 and rounded to bf16 as the device's are.
 //!
+//! Which modules take FP8 is the planner's choice ([`crate::plan::cost::fp8_fallbacks`]);
+//! [`with_overrides`] applies `FMOEC_FP8_EXPERTS` / `FMOEC_FP8_DENSE` to it.
+//!
 //! Knows the matmuls' operand layouts and the step protocol; not the model around them.
 
 use anyhow::{bail, Result};
@@ -39,7 +42,8 @@ pub enum Fp8Mode {
 /// What runs in FP8 in a model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Fp8Use {
-    /// The routed experts' matmuls (each MoE layer where FP8 pays, see [`pays_for_experts`]).
+    /// The routed experts' matmuls (each MoE layer where FP8 pays, see
+    /// [`crate::plan::cost::fp8_pays_for_experts`]).
     pub experts: bool,
     /// The attention projections, the dense MLPs (and shared experts) and the LM head.
     pub dense: bool,
@@ -123,43 +127,47 @@ fn cuda_mode(_n: usize) -> Result<Fp8Mode> {
     bail!("FP8 on a GPU needs a build with `--features cuda`")
 }
 
-/// Whether an MoE layer's experts take FP8 operands: where the planner estimates that FP8 is
-/// faster on `hardware` (the file's GPU) for these shapes
-/// ([`crate::plan::cost::fp8_pays_for_experts`]: narrow experts lose more to the
-/// quantisations than they gain); `FMOEC_FP8_EXPERTS=all` takes FP8 everywhere, `=none`
-/// nowhere.
-pub fn pays_for_experts(
-    hardware: &crate::check::Hardware,
-    width: i64,
-    hidden: i64,
-    act: crate::check::Activation,
-    rows: f64,
-    experts: i64,
-) -> bool {
-    if let Some(all) = forced("FMOEC_FP8_EXPERTS", &EXPERTS_FORCED) {
-        return all;
+/// What a run keeps in bf16 under `precision = fp8` (`fp8`: what the precision puts on FP8
+/// operands): `planned`, the planner's choice for the run's layout
+/// ([`crate::plan::cost::fp8_fallbacks`]), with the overrides applied on top:
+/// `FMOEC_FP8_EXPERTS=all` keeps no MoE layer's experts in bf16, `=none` every one;
+/// `FMOEC_FP8_DENSE=all` no dense module (but an LM head whose widths are not multiples of 16,
+/// which its FP8 linear cannot take), `=none` every block's attention projections, every dense
+/// MLP and shared experts, and the head; the tests' thread settings likewise.
+pub fn with_overrides(
+    planned: &Fp8Fallbacks,
+    model: &crate::check::Model,
+    fp8: Fp8Use,
+) -> Fp8Fallbacks {
+    use crate::check::Ffn;
+    let mut f = planned.clone();
+    if !fp8.experts {
+        f.experts.clear();
+    } else if let Some(all) = forced("FMOEC_FP8_EXPERTS", &EXPERTS_FORCED) {
+        f.experts = model
+            .moe_layers()
+            .filter(|_| !all)
+            .map(|(l, _)| l)
+            .collect();
     }
-    crate::plan::cost::fp8_pays_for_experts(
-        hardware,
-        width as u64,
-        hidden as u64,
-        act,
-        rows,
-        experts as u64,
-    )
-}
-
-/// Whether a dense module (the attention's projections, an MLP, the LM head: its matmuls'
-/// `shapes`, each `(k, n)` over `rows` rows a micro-batch) takes FP8 operands under
-/// `fp8_dense`: where the planner estimates that FP8 is faster on `hardware`
-/// ([`crate::plan::cost::fp8_pays_for_dense`]: at GPT-2-medium's width of 1024 the passes
-/// cost more than the faster matmuls save); `FMOEC_FP8_DENSE=all` takes FP8 everywhere,
-/// `=none` nowhere.
-pub fn pays_for_dense(hardware: &crate::check::Hardware, shapes: &[(u64, u64)], rows: f64) -> bool {
-    if let Some(all) = forced("FMOEC_FP8_DENSE", &DENSE_FORCED) {
-        return all;
+    if !fp8.dense {
+        (f.attention, f.mlps, f.head) = (Vec::new(), Vec::new(), false);
+    } else if let Some(all) = forced("FMOEC_FP8_DENSE", &DENSE_FORCED) {
+        let has_mlp = |ffn: &Ffn| match ffn {
+            Ffn::Dense(_) => true,
+            Ffn::Moe(moe) => moe.shared.is_some(),
+        };
+        let blocks = model.layers.iter().filter(|_| !all);
+        f.attention = blocks.clone().map(|l| l.index).collect();
+        f.mlps = blocks
+            .filter(|l| has_mlp(&l.ffn))
+            .map(|l| l.index)
+            .collect();
+        // the head's FP8 linear takes widths that are multiples of 16 only (a projection's
+        // falls back to bf16 by itself)
+        f.head = !all || model.width % 16 != 0 || model.vocab % 16 != 0;
     }
-    crate::plan::cost::fp8_pays_for_dense(hardware, shapes, rows)
+    f
 }
 
 /// FP8 forced everywhere (`Some(true)`) or nowhere (`Some(false)`) by the environment

@@ -197,11 +197,6 @@ impl Attention {
         })
     }
 
-    /// Its projections' `(k, n)` (this tensor rank's share).
-    fn matmul_shapes(&self) -> [(i64, i64); 2] {
-        [moe::matrix_dims(&self.qkv), moe::matrix_dims(&self.proj)]
-    }
-
     /// `x`: `[B, T, d]` → `[B, T, d]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.tensor.is_some_and(|tp| tp.size > 1) {
@@ -720,63 +715,31 @@ impl Transformer {
     }
 
     /// Runs the matmuls `fp8` names with FP8 operands (`precision = fp8`, see
-    /// [`crate::runtime::fp8`]) where FP8 pays for micro-batches of `tokens` tokens on
-    /// `hardware`: the routed experts of each MoE layer
-    /// ([`crate::runtime::fp8::pays_for_experts`]), and with `fp8_dense` the attention's
-    /// projections, the dense MLPs, the shared experts and the LM head (widths that are
-    /// multiples of 16), each module as [`crate::runtime::fp8::pays_for_dense`] says for
-    /// its matmuls' shapes. Says which stay in the compute dtype.
+    /// [`crate::runtime::fp8`]): the routed experts of each MoE layer, and with `fp8_dense`
+    /// the attention's projections, the dense MLPs, the shared experts and the LM head; all but
+    /// those `bf16` keeps in the compute dtype (by block index: the run's choice,
+    /// [`crate::runtime::fp8::with_overrides`] over the planner's
+    /// [`crate::plan::cost::fp8_fallbacks`]).
     pub fn set_fp8(
         &mut self,
         fp8: crate::runtime::fp8::Fp8Use,
-        tokens: i64,
-        hardware: &crate::check::Hardware,
-    ) -> crate::runtime::fp8::Fp8Fallbacks {
-        use crate::runtime::fp8::{pays_for_dense, pays_for_experts, Fp8Fallbacks};
-        let d = self.model.width as i64;
-        let rows = tokens as f64;
-        let mut bf16 = Fp8Fallbacks::default();
-        // whether a module of these matmul shapes takes FP8 under `fp8_dense`
-        let dense = |shapes: &[(i64, i64)]| -> bool {
-            let shapes: Vec<(u64, u64)> =
-                shapes.iter().map(|&(k, n)| (k as u64, n as u64)).collect();
-            fp8.dense && pays_for_dense(hardware, &shapes, rows)
-        };
+        bf16: &crate::runtime::fp8::Fp8Fallbacks,
+    ) {
         for b in &mut self.blocks {
-            b.attn.fp8 = dense(&b.attn.matmul_shapes());
-            if fp8.dense && !b.attn.fp8 {
-                bf16.attention.push(b.index);
-            }
+            let i = b.index;
+            b.attn.fp8 = fp8.dense && !bf16.attention.contains(&i);
             let mlp = match &mut b.ffn {
                 FfnModule::Dense(mlp) => Some(mlp),
                 FfnModule::Moe(layer) => {
-                    let h = layer.experts.w1.size()[2];
-                    let pays = pays_for_experts(
-                        hardware,
-                        d,
-                        h,
-                        layer.experts.act,
-                        (tokens * layer.gate.top_k) as f64,
-                        layer.experts.experts,
-                    );
-                    layer.experts.fp8 = fp8.experts && pays;
-                    if fp8.experts && !pays {
-                        bf16.experts.push(b.index);
-                    }
+                    layer.experts.fp8 = fp8.experts && !bf16.experts.contains(&i);
                     layer.shared.as_mut()
                 }
             };
             if let Some(mlp) = mlp {
-                mlp.fp8 = dense(&mlp.matmul_shapes());
-                if fp8.dense && !mlp.fp8 {
-                    bf16.mlps.push(b.index);
-                }
+                mlp.fp8 = fp8.dense && !bf16.mlps.contains(&i);
             }
         }
-        let vocab = self.model.vocab as i64;
-        self.fp8_head = d % 16 == 0 && vocab % 16 == 0 && dense(&[(d, vocab)]);
-        bf16.head = fp8.dense && !self.fp8_head;
-        bf16
+        self.fp8_head = fp8.dense && !bf16.head;
     }
 
     /// `tokens`: `[B, T]` int64 → logits and the MoE extras.

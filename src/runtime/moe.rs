@@ -1243,15 +1243,6 @@ impl DenseMlp {
         project(&h, &self.w2, self.b2.as_ref(), self.fp8)
     }
 
-    /// Its matrices' `(k, n)`.
-    pub fn matmul_shapes(&self) -> Vec<(i64, i64)> {
-        std::iter::once(&self.w1)
-            .chain(&self.w3)
-            .chain(std::iter::once(&self.w2))
-            .map(matrix_dims)
-            .collect()
-    }
-
     /// The activation of the hidden layer (`act(x · w1 + b1)`, SwiGLU with `x · w3`).
     pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
         let h = project(x, &self.w1, self.b1.as_ref(), self.fp8)?;
@@ -1259,14 +1250,6 @@ impl DenseMlp {
             Some(w3) => Ok(h.f_silu()?.f_mul(&project(x, w3, None, self.fp8)?)?),
             None => activate(&h, self.act),
         }
-    }
-}
-
-/// A weight matrix's `(k, n)` (`[in, out]`; `(0, 0)` for a tensor of another rank).
-pub fn matrix_dims(w: &Tensor) -> (i64, i64) {
-    match w.size().as_slice() {
-        &[k, n] => (k, n),
-        _ => (0, 0),
     }
 }
 

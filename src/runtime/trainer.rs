@@ -261,7 +261,7 @@ impl<'a> Trainer<'a> {
         }
         trainer.shard_over_tensor_group(plan)?;
         trainer.classify_params();
-        trainer.set_precision(&shape);
+        trainer.set_precision(&shape, plan);
         trainer.prepare_trace()?;
         if trainer.main {
             for note in plan.notes.iter().chain(&shape.micro_batch_note) {
@@ -368,16 +368,19 @@ impl<'a> Trainer<'a> {
             .collect();
     }
 
-    /// The model's compute dtype and, with `precision = fp8`, its FP8 matmuls (rank 0 says
-    /// which MoE layers keep their experts in bf16).
-    fn set_precision(&mut self, shape: &RunShape) {
+    /// The model's compute dtype and, with `precision = fp8`, its FP8 matmuls: the plan's
+    /// choice for the run's layout ([`WorldPlan::fp8_fallbacks_for`]) with the overrides on top
+    /// ([`fp8::with_overrides`]). Rank 0 says what stays in bf16.
+    fn set_precision(&mut self, shape: &RunShape, plan: &WorldPlan) {
         self.model.set_compute(shape.compute);
         let Some(fp8) = shape.fp8 else {
             return;
         };
-        let tokens = (shape.micro_batch * shape.train.seq_len) as i64;
-        let hardware = &self.checked.parallel.hardware;
-        let bf16 = self.model.set_fp8(fp8, tokens, hardware);
+        let tokens = shape.micro_batch * shape.train.seq_len;
+        let (model, hardware) = (&self.checked.model, &self.checked.parallel.hardware);
+        let planned = plan.fp8_fallbacks_for(model, hardware, fp8.dense, tokens);
+        let bf16 = fp8::with_overrides(&planned, model, fp8);
+        self.model.set_fp8(fp8, &bf16);
         if !self.main {
             return;
         }

@@ -563,6 +563,76 @@ fn fp8_dense_pays_for_wide_projections_and_not_for_narrow_ones() {
     );
 }
 
+/// The LM head's FP8 choice is made for the head `fmoec run` computes (FP8 runs nowhere
+/// else): the file's vocabulary, not padded, whole on every tensor rank; not the padded head
+/// split over the tensor ranks that the costs take for Megatron-LM. At width 4096 and 8,192
+/// tokens a micro-batch: a vocabulary of 50257 (no multiple of 16, which FP8's matmul needs)
+/// keeps the head in bf16, although its padding to 50304 would pay; one of 4096 on 8 tensor
+/// ranks takes FP8 (4096 → 4096 pays), although a rank's 512 columns would not.
+#[test]
+fn fp8_dense_decides_the_head_the_run_computes() {
+    let mut hw = h100();
+    hw.fp8_tflops = Some(1979.0);
+    let pays = |k: u64, n: u64| plan::cost::fp8_pays_for_dense(&hw, &[(k, n)], 8192.0);
+    assert_eq!(plan::cost::padded_vocab(50257, 1), 50304);
+    assert!(pays(4096, 50304) && !pays(4096, 50257));
+    assert_eq!(plan::cost::padded_vocab(4096, 8) / 8, 512);
+    assert!(pays(4096, 4096) && !pays(4096, 512));
+    let head = |vocab: u64, tensor: u64| {
+        let mut c = checked(
+            gpt("head", vocab, 4096, 32, 2, true),
+            parallel(tensor, tensor, 1, ExpertGroup::AcrossData),
+            Some(train(8, 1024, Precision::Fp8 { dense: true })),
+        );
+        c.parallel.hardware.fp8_tflops = Some(1979.0);
+        let o = Overrides {
+            micro_batch: Some(8),
+            memory_model: Some(MemoryModel::Fmoec),
+            ..Overrides::default()
+        };
+        plan::build_with(&c, &o)
+            .unwrap()
+            .fp8_fallbacks
+            .unwrap()
+            .head
+    };
+    assert!(head(50257, 1));
+    assert!(!head(50304, 1));
+    assert!(!head(4096, 8));
+}
+
+/// `plan::cost::fp8_fallbacks`, the rule for callers without a plan, gives the plan's
+/// fallbacks for the plan's layout and micro-batch: here GPT-2-medium-MoE's blocks on 2
+/// tensor ranks with sliced experts over 4 data ranks, 4 sequences of 1024 a micro-batch.
+#[test]
+fn fp8_fallbacks_of_a_layout_are_the_plans() {
+    let mut m = gpt("medium_moe", 50304, 1024, 16, 4, true);
+    for l in [1, 3] {
+        m.layers[l].ffn = Ffn::Moe(gshard_moe(16, 2, 2048));
+    }
+    let mut p = parallel(8, 2, 1, ExpertGroup::AcrossData);
+    p.expert_slicing = true;
+    let mut c = checked(m, p, Some(train(16, 1024, Precision::Fp8 { dense: true })));
+    c.parallel.hardware.fp8_tflops = Some(1979.0);
+    let plan = plan::build_with(&c, &Overrides::default()).unwrap();
+    assert_eq!((plan.tensor, plan.data, plan.micro_batch), (2, 4, 4));
+    assert!(plan.expert_slicing);
+    let layout = plan::cost::Fp8Layout {
+        dense: true,
+        tensor: 2,
+        expert_parallel: 4,
+        expert_slices: 2,
+        tokens: 4 * 1024,
+    };
+    let fallbacks = plan::cost::fp8_fallbacks(&c.model, &c.parallel.hardware, &layout);
+    assert_eq!(plan.fp8_fallbacks, Some(fallbacks.clone()));
+    // at width 1024 nothing pays
+    assert_eq!(fallbacks.experts, vec![1, 3]);
+    assert_eq!(fallbacks.attention, vec![0, 1, 2, 3]);
+    assert_eq!(fallbacks.mlps, vec![0, 2]);
+    assert!(fallbacks.head);
+}
+
 /// `precision = fp8` on a GPU whose profile has no `fp8_tflops` is the planner's error.
 #[test]
 fn fp8_on_a_gpu_without_fp8_tensor_cores_is_refused() {

@@ -493,6 +493,7 @@ fn impossible_layouts_are_clear_errors() {
         micro_batch: None,
         memory: Vec::new(),
         fastermoe: None,
+        fp8_fallbacks: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let err = run_in_process(&c, &options(dir.path(), None, false), &plan, TIMEOUT).unwrap_err();

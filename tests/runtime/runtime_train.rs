@@ -1275,3 +1275,300 @@ fn run_checks_memory_with_its_own_model_not_megatrons() {
     let metrics = std::fs::read_to_string(dir.path().join("runs/tiny/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 1, "{metrics}");
 }
+
+/// `fp8_fallbacks` of `fmoec plan --format json --memory-model fmoec FILE EXTRA`.
+fn planned_fp8_fallbacks(file: &Path, extra: &[&str]) -> fmoec::plan::cost::Fp8Fallbacks {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .args(["plan", "--format", "json", "--memory-model", "fmoec"])
+        .arg(file)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let f = &plan["fp8_fallbacks"];
+    let blocks = |key: &str| -> Vec<usize> {
+        f[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no fp8_fallbacks.{key}: {stdout}"))
+            .iter()
+            .map(|b| b.as_u64().unwrap() as usize)
+            .collect()
+    };
+    fmoec::plan::cost::Fp8Fallbacks {
+        experts: blocks("experts"),
+        attention: blocks("attention"),
+        mlps: blocks("mlps"),
+        head: f["head"].as_bool().unwrap(),
+    }
+}
+
+/// `fmoec run` under `precision = fp8` (on the CPU's emulation) keeps in bf16 what `fmoec plan`
+/// says for the run's layout (`fp8_fallbacks` in its JSON), and says so: examples/tiny.fmoe
+/// alone with `--precision fp8` (the MoE layers' experts fall back), and with `--precision
+/// fp8-dense` on 2 ranks of 2 pipeline stages (the dense modules fall back too; rank 0 names
+/// those of both stages). The plans are of the file with the flag's precision written in.
+#[test]
+fn the_runs_fp8_fallbacks_are_the_plans() {
+    let dir = tempfile::tempdir().unwrap();
+    let fp32 = tiny_variant(dir.path(), "tiny.fmoe", &[]);
+    let alone: &[&str] = &[
+        "--world",
+        "1",
+        "--tensor",
+        "1",
+        "--pipeline",
+        "1",
+        "--expert-group",
+        "replicated",
+    ];
+    let cases: [(&str, &str, &[&str], &[&str]); 2] = [
+        ("fp8", "precision  = fp8", &[], alone),
+        (
+            "fp8-dense",
+            "precision  = fp8\n    fp8_dense = true",
+            &["--ranks", "2", "--pipeline", "2"],
+            &["--world", "2", "--pipeline", "2"],
+        ),
+    ];
+    for (flag, written, layout, plan_layout) in cases {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+            .arg("run")
+            .arg(&fp32)
+            .args(["--precision", flag, "--steps", "1", "--quiet", "--out"])
+            .arg(dir.path().join(flag))
+            .args(layout)
+            .env("FMOEC_FP8_EMULATE", "1")
+            .env_remove("FMOEC_FP8_EXPERTS")
+            .env_remove("FMOEC_FP8_DENSE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        let file = tiny_variant(
+            dir.path(),
+            &format!("tiny-{flag}.fmoe"),
+            &[("precision  = fp32", written)],
+        );
+        let planned = planned_fp8_fallbacks(&file, plan_layout);
+        assert!(!planned.experts.is_empty(), "{flag}: {planned:?}");
+        let experts = format!(
+            "note: precision = fp8: the experts of layer(s) {:?} stay in bf16, where",
+            planned.experts
+        );
+        assert!(stderr.contains(&experts), "{flag}: {experts}\n{stderr}");
+        match planned.dense_modules() {
+            Some(modules) => {
+                let dense = format!("note: fp8_dense: bf16 operands for {modules}, where");
+                assert!(stderr.contains(&dense), "{flag}: {dense}\n{stderr}");
+            }
+            None => assert!(!stderr.contains("note: fp8_dense"), "{flag}: {stderr}"),
+        }
+        assert_eq!(flag == "fp8-dense", planned.dense_modules().is_some());
+        assert_eq!(
+            stderr.matches("note: precision = fp8:").count(),
+            1,
+            "{stderr}"
+        );
+    }
+}
+
+/// The examples `examples/` has with the file's `precision` set to fp8 (`fp8_dense` too with
+/// `dense`), written into `dir`, and checked.
+fn fp8_example(dir: &Path, name: &str, dense: bool) -> (std::path::PathBuf, fmoec::check::Checked) {
+    let path = format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let written = if dense {
+        "precision  = fp8\n    fp8_dense = true"
+    } else {
+        "precision  = fp8"
+    };
+    assert!(text.contains("precision  = bf16"), "{name}");
+    let text = text.replace("precision  = bf16", written);
+    let file = dir.join(name);
+    std::fs::write(&file, &text).unwrap();
+    let mut sources = fmoec::diag::Sources::new();
+    let id = sources.add(file.display().to_string(), text);
+    let mut sink = fmoec::diag::Sink::new();
+    let checked = fmoec::check::check_file(&mut sources, id, &mut sink);
+    assert_eq!(sink.error_count(), 0, "{name}");
+    (file, checked.unwrap())
+}
+
+/// The runs of larger examples take the FP8 fallbacks `fmoec plan` prints for their layouts
+/// (too large to train here: the run's plan, as `fmoec run` makes it, against the command's):
+/// GPT-2-medium-MoE under fp8 (its MoE layers' experts fall back) on its 8 ranks (tensor 2,
+/// sliced experts over 4 data ranks) and alone; DeepSeek-MoE under fp8_dense (its attention
+/// projections, shared experts and head fall back too) on its 16 ranks (alone it does not fit
+/// a GPU, which `fmoec plan` refuses).
+#[test]
+fn the_examples_runs_take_the_plans_fp8_fallbacks() {
+    use fmoec::runtime::distributed::{plan_alone, plan_world_layout, LayoutChoice};
+    let dir = tempfile::tempdir().unwrap();
+    let alone: &[&str] = &[
+        "--world",
+        "1",
+        "--tensor",
+        "1",
+        "--pipeline",
+        "1",
+        "--expert-group",
+        "replicated",
+    ];
+    for (name, dense, runs_alone) in [
+        ("gpt2-medium-moe.fmoe", false, true),
+        ("deepseek-moe.fmoe", true, false),
+    ] {
+        let (file, checked) = fp8_example(dir.path(), name, dense);
+        let (model, hw) = (&checked.model, &checked.parallel.hardware);
+        let seq_len = checked.train.as_ref().unwrap().seq_len;
+        let gpus = checked.parallel.gpus;
+        let mut runs = vec![(
+            plan_world_layout(&checked, gpus, LayoutChoice::default()).unwrap(),
+            planned_fp8_fallbacks(&file, &[]),
+        )];
+        if runs_alone {
+            runs.push((
+                plan_alone(&checked).unwrap(),
+                planned_fp8_fallbacks(&file, alone),
+            ));
+        }
+        for (plan, planned) in runs {
+            let tokens = plan.micro_batch.unwrap() * seq_len;
+            let run = plan.fp8_fallbacks_for(model, hw, dense, tokens);
+            assert_eq!(run, planned, "{name}");
+            assert!(!planned.experts.is_empty(), "{name}: {planned:?}");
+            assert_eq!(
+                planned.dense_modules().is_some(),
+                dense,
+                "{name}: {planned:?}"
+            );
+        }
+    }
+}
+
+/// A run whose plan the planner did not make (a library caller's `WorldPlan::data_parallel`)
+/// takes the planner's rule for its layout: the fallbacks the planner gives the same layout at
+/// the same micro-batch (examples/tiny.fmoe under fp8_dense, alone and with its experts over
+/// 2 ranks).
+#[test]
+fn a_plan_made_without_the_planner_takes_the_planners_fp8_rule() {
+    use fmoec::check::{ExpertGroup, Precision};
+    use fmoec::runtime::distributed::{plan_alone, plan_world, WorldPlan};
+    let mut checked = runtime_common::example("tiny.fmoe");
+    checked.train.as_mut().unwrap().precision = Precision::Fp8 { dense: true };
+    let (model, hw) = (&checked.model, &checked.parallel.hardware);
+    let seq_len = checked.train.as_ref().unwrap().seq_len;
+    for (ranks, planned) in [
+        (1, plan_alone(&checked).unwrap()),
+        (
+            2,
+            plan_world(&checked, 2, Some(ExpertGroup::Size { size: 2 })).unwrap(),
+        ),
+    ] {
+        let bare = WorldPlan::data_parallel(&checked, ranks, ranks).unwrap();
+        assert_eq!(bare.fp8_fallbacks, None);
+        let tokens = planned.micro_batch.unwrap() * seq_len;
+        let expected = planned.fp8_fallbacks.clone().unwrap();
+        assert!(
+            !expected.experts.is_empty() && expected.head,
+            "{expected:?}"
+        );
+        assert_eq!(bare.fp8_fallbacks_for(model, hw, true, tokens), expected);
+    }
+}
+
+/// The overrides go on top of the plan's fallbacks: `all` keeps nothing in bf16 (but an LM head
+/// whose widths are not multiples of 16), `none` everything the precision covers; without
+/// `fp8_dense` no dense module is listed; the environment's variables say the same as the
+/// thread's settings.
+#[test]
+fn fp8_overrides_go_on_top_of_the_plans_fallbacks() {
+    use fmoec::plan::cost::Fp8Fallbacks;
+    use fmoec::runtime::fp8::{
+        force_dense_on_this_thread, force_experts_on_this_thread, with_overrides, Fp8Use,
+    };
+    let mut model = runtime_common::example("tiny.fmoe").model;
+    let planned = Fp8Fallbacks {
+        experts: vec![3],
+        attention: vec![0],
+        mlps: vec![2],
+        head: false,
+    };
+    let dense = Fp8Use {
+        experts: true,
+        dense: true,
+    };
+    let settings = |e: Option<bool>, d: Option<bool>, model: &fmoec::check::Model, fp8: Fp8Use| {
+        force_experts_on_this_thread(e);
+        force_dense_on_this_thread(d);
+        let f = with_overrides(&planned, model, fp8);
+        force_experts_on_this_thread(None);
+        force_dense_on_this_thread(None);
+        f
+    };
+    assert_eq!(settings(None, None, &model, dense), planned);
+    assert_eq!(
+        settings(Some(true), Some(true), &model, dense),
+        Fp8Fallbacks::default()
+    );
+    let none = Fp8Fallbacks {
+        experts: vec![1, 3],
+        attention: vec![0, 1, 2, 3],
+        mlps: vec![0, 2],
+        head: true,
+    };
+    assert_eq!(settings(Some(false), Some(false), &model, dense), none);
+    // one override leaves the other half as planned
+    let experts_all = Fp8Fallbacks {
+        experts: vec![],
+        ..planned.clone()
+    };
+    assert_eq!(settings(Some(true), None, &model, dense), experts_all);
+    // without fp8_dense nothing dense is listed, whatever the dense setting
+    let experts_only = Fp8Use {
+        experts: true,
+        dense: false,
+    };
+    let only = Fp8Fallbacks {
+        experts: vec![3],
+        ..Fp8Fallbacks::default()
+    };
+    assert_eq!(settings(None, Some(false), &model, experts_only), only);
+    // a head of 250 columns cannot take FP8 even when forced
+    model.vocab = 250;
+    assert!(settings(None, Some(true), &model, dense).head);
+    // the environment's `all` / `none`, in a process of its own
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fmoec"))
+        .arg("run")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.fmoe"))
+        .args([
+            "--precision",
+            "fp8-dense",
+            "--steps",
+            "1",
+            "--quiet",
+            "--out",
+        ])
+        .arg(tempfile::tempdir().unwrap().path().join("run"))
+        .env("FMOEC_FP8_EMULATE", "1")
+        .env("FMOEC_FP8_EXPERTS", "all")
+        .env("FMOEC_FP8_DENSE", "none")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("note: precision = fp8:"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "note: fp8_dense: bf16 operands for the attention projections of blocks [0, 1, 2, 3], \
+             the MLPs of blocks [0, 2] and the LM head, where"
+        ),
+        "{stderr}"
+    );
+}
