@@ -515,9 +515,10 @@ const FP8_QUANT_BYTES_DENSE: f64 = 8.0;
 /// [`FP8_QUANT_BYTES_DENSE`] over its input and output widths: 0.65, what GPT-2-medium-MoE's
 /// step paid for them on an H100 once the bias went into the FP8 matmul's epilogue and the
 /// row passes raised the column maxima (BENCHMARKS.md 2026-12-07 19:58 UTC): with every dense
-/// matmul and expert in FP8 a step took 1,458 ms, about 1,344 with only the experts in FP8,
-/// while its dense matmuls took 198 ms less, so about 311 ms for the 675 GB these bytes
-/// count (0.40 before those two changes, when the same step took 1,654 ms).
+/// matmul and expert in FP8 a step took 1,458 ms; with only the experts in FP8 about 1,344
+/// (not traced in that call: session 20's 1,375 ms scaled by the two calls' bf16 steps, 1,357
+/// against 1,388 ms), while its dense matmuls took 198 ms less, so about 311 ms for the 675 GB
+/// these bytes count (0.40 before those two changes, when the same step took 1,654 ms).
 const FP8_DENSE_QUANT_BANDWIDTH_SHARE: f64 = 0.65;
 
 /// One dense matmul (`rows` × `k` times `k` × `n`) forward and backward (three matmuls) in
