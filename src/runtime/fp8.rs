@@ -1032,14 +1032,17 @@ mod ops {
         }
         let bias = biased.then(|| &inputs[3]);
         let out = weight_copies(w, layout, |c| {
-            let f = c.forward()?;
-            let b = Fp8 {
-                q: f.q.f_select(0, 0)?,
-                scale: f.scale.f_select(0, 0)?,
-            };
-            dense(&a, &b, bias, fast_accum())
+            dense(&a, &only_matrix(&c.forward()?)?, bias, fast_accum())
         })?;
         Ok(vec![Some(out.f_to_kind(x.kind())?)])
+    }
+
+    /// A dense weight's FP8 copy as the stacked copy's one matrix (and its scales).
+    fn only_matrix(stacked: &Fp8) -> Result<Fp8> {
+        Ok(Fp8 {
+            q: stacked.q.f_select(0, 0)?,
+            scale: stacked.scale.f_select(0, 0)?,
+        })
     }
 
     /// The one group of a dense matmul's `rows` (its ends, int32 `[1]`).
@@ -1075,14 +1078,9 @@ mod ops {
         };
         let gx = match gq {
             Some(gq) => {
+                // gx = g · Wᵀ: W's rows [K, N] are the right operand's rows
                 let gx = weight_copies(w, layout, |c| {
-                    let d = c.dgrad()?;
-                    let b = Fp8 {
-                        q: d.q.f_select(0, 0)?,
-                        scale: d.scale.f_select(0, 0)?,
-                    };
-                    // gx = g · Wᵀ: W's rows [K, N] are the right operand's rows
-                    dense(&gq, &b, None, fast_accum())
+                    dense(&gq, &only_matrix(&c.dgrad()?)?, None, fast_accum())
                 })?;
                 Some(gx.f_to_kind(x.kind())?)
             }

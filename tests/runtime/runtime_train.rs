@@ -1308,6 +1308,18 @@ fn planned_fp8_fallbacks(file: &Path, extra: &[&str]) -> fmoec::plan::cost::Fp8F
     }
 }
 
+/// `fmoec plan`'s options for the one-device layout `fmoec run` takes alone.
+const ALONE: &[&str] = &[
+    "--world",
+    "1",
+    "--tensor",
+    "1",
+    "--pipeline",
+    "1",
+    "--expert-group",
+    "replicated",
+];
+
 /// `fmoec run` under `precision = fp8` (on the CPU's emulation) keeps in bf16 what `fmoec plan`
 /// says for the run's layout (`fp8_fallbacks` in its JSON), and says so: examples/tiny.fmoe
 /// alone with `--precision fp8` (the MoE layers' experts fall back), and with `--precision
@@ -1317,18 +1329,8 @@ fn planned_fp8_fallbacks(file: &Path, extra: &[&str]) -> fmoec::plan::cost::Fp8F
 fn the_runs_fp8_fallbacks_are_the_plans() {
     let dir = tempfile::tempdir().unwrap();
     let fp32 = tiny_variant(dir.path(), "tiny.fmoe", &[]);
-    let alone: &[&str] = &[
-        "--world",
-        "1",
-        "--tensor",
-        "1",
-        "--pipeline",
-        "1",
-        "--expert-group",
-        "replicated",
-    ];
     let cases: [(&str, &str, &[&str], &[&str]); 2] = [
-        ("fp8", "precision  = fp8", &[], alone),
+        ("fp8", "precision  = fp8", &[], ALONE),
         (
             "fp8-dense",
             "precision  = fp8\n    fp8_dense = true",
@@ -1410,16 +1412,6 @@ fn fp8_example(dir: &Path, name: &str, dense: bool) -> (std::path::PathBuf, fmoe
 fn the_examples_runs_take_the_plans_fp8_fallbacks() {
     use fmoec::runtime::distributed::{plan_alone, plan_world_layout, LayoutChoice};
     let dir = tempfile::tempdir().unwrap();
-    let alone: &[&str] = &[
-        "--world",
-        "1",
-        "--tensor",
-        "1",
-        "--pipeline",
-        "1",
-        "--expert-group",
-        "replicated",
-    ];
     for (name, dense, runs_alone) in [
         ("gpt2-medium-moe.fmoe", false, true),
         ("deepseek-moe.fmoe", true, false),
@@ -1435,7 +1427,7 @@ fn the_examples_runs_take_the_plans_fp8_fallbacks() {
         if runs_alone {
             runs.push((
                 plan_alone(&checked).unwrap(),
-                planned_fp8_fallbacks(&file, alone),
+                planned_fp8_fallbacks(&file, ALONE),
             ));
         }
         for (plan, planned) in runs {
