@@ -422,6 +422,30 @@ fn a_pipeline_weighs_its_bubble_against_the_weight_traffic() {
     );
 }
 
+/// The H100 profile with its FP8 peak (dense, as its datasheet gives it).
+fn fp8_h100() -> fmoec::check::Hardware {
+    let mut hw = h100();
+    hw.fp8_tflops = Some(1979.0);
+    hw
+}
+
+/// The plan of `model` on `parallel`'s layout of [`fp8_h100`]s at `precision`: 8 sequences
+/// of 1024 a step, all in one micro-batch, `fmoec run`'s memory model.
+fn fp8_plan(
+    model: fmoec::check::Model,
+    parallel: fmoec::check::Parallel,
+    precision: Precision,
+) -> plan::ParallelPlan {
+    let mut c = checked(model, parallel, Some(train(8, 1024, precision)));
+    c.parallel.hardware = fp8_h100();
+    let o = Overrides {
+        micro_batch: Some(8),
+        memory_model: Some(MemoryModel::Fmoec),
+        ..Overrides::default()
+    };
+    plan::build_with(&c, &o).unwrap()
+}
+
 /// `precision = fp8` on an H100 profile with FP8 tensor cores: the same weights, gradients
 /// and optimizer state as bf16 (two e4m3 copies of each FP8 matrix take the 2 bytes of its
 /// bf16 copy), plus the FP8 copies' scales (`--memory-model fmoec`); the expert matmuls at
@@ -439,24 +463,13 @@ fn fp8_memory_adds_the_scales_and_time_runs_the_experts_at_the_fp8_peak() {
         m
     };
     let build = |precision: Precision| {
-        let mut c = checked(
+        fp8_plan(
             model(),
             parallel(1, 1, 1, ExpertGroup::AcrossData),
-            Some(train(8, 1024, precision)),
-        );
-        c.parallel.hardware.fp8_tflops = Some(1979.0);
-        let o = Overrides {
-            micro_batch: Some(8),
-            memory_model: Some(MemoryModel::Fmoec),
-            ..Overrides::default()
-        };
-        plan::build_with(&c, &o).unwrap()
+            precision,
+        )
     };
-    let hw = {
-        let mut h = h100();
-        h.fp8_tflops = Some(1979.0);
-        h
-    };
+    let hw = fp8_h100();
     assert!(plan::cost::fp8_pays_for_experts(
         &hw,
         4096,
@@ -482,8 +495,7 @@ fn fp8_memory_adds_the_scales_and_time_runs_the_experts_at_the_fp8_peak() {
 #[test]
 fn fp8_pays_for_wide_experts_and_not_for_narrow_ones() {
     use fmoec::check::Activation::Gelu;
-    let mut hw = h100();
-    hw.fp8_tflops = Some(1979.0);
+    let hw = fp8_h100();
     let pays = |w, h, rows: f64, e| plan::cost::fp8_pays_for_experts(&hw, w, h, Gelu, rows, e);
     assert!(pays(4096, 14336, 16384.0 * 2.0, 8));
     assert!(!pays(1024, 4096, 4096.0 * 2.0, 64));
@@ -506,8 +518,7 @@ fn fp8_pays_for_wide_experts_and_not_for_narrow_ones() {
 /// times the modules it keeps in bf16 as bf16.
 #[test]
 fn fp8_dense_pays_for_wide_projections_and_not_for_narrow_ones() {
-    let mut hw = h100();
-    hw.fp8_tflops = Some(1979.0);
+    let hw = fp8_h100();
     let pays = |shapes: &[(u64, u64)], rows: f64| plan::cost::fp8_pays_for_dense(&hw, shapes, rows);
     assert!(pays(&[(4096, 6144), (4096, 4096)], 8192.0));
     assert!(!pays(&[(1024, 3072), (1024, 1024)], 32768.0));
@@ -520,18 +531,11 @@ fn fp8_dense_pays_for_wide_projections_and_not_for_narrow_ones() {
         8192.0
     ));
     let build = |width: u64, dense: bool| {
-        let mut c = checked(
+        fp8_plan(
             gpt("dense", 50304, width, 16, 2, true),
             parallel(1, 1, 1, ExpertGroup::AcrossData),
-            Some(train(8, 1024, Precision::Fp8 { dense })),
-        );
-        c.parallel.hardware.fp8_tflops = Some(1979.0);
-        let o = Overrides {
-            micro_batch: Some(8),
-            memory_model: Some(MemoryModel::Fmoec),
-            ..Overrides::default()
-        };
-        plan::build_with(&c, &o).unwrap()
+            Precision::Fp8 { dense },
+        )
     };
     // at width 1024 `fp8_dense` keeps every module in bf16: the plan of fp8 without it
     let (narrow, narrow_dense) = (build(1024, false), build(1024, true));
@@ -571,30 +575,21 @@ fn fp8_dense_pays_for_wide_projections_and_not_for_narrow_ones() {
 /// ranks takes FP8 (4096 → 4096 pays), although a rank's 512 columns would not.
 #[test]
 fn fp8_dense_decides_the_head_the_run_computes() {
-    let mut hw = h100();
-    hw.fp8_tflops = Some(1979.0);
+    let hw = fp8_h100();
     let pays = |k: u64, n: u64| plan::cost::fp8_pays_for_dense(&hw, &[(k, n)], 8192.0);
     assert_eq!(plan::cost::padded_vocab(50257, 1), 50304);
     assert!(pays(4096, 50304) && !pays(4096, 50257));
     assert_eq!(plan::cost::padded_vocab(4096, 8) / 8, 512);
     assert!(pays(4096, 4096) && !pays(4096, 512));
     let head = |vocab: u64, tensor: u64| {
-        let mut c = checked(
+        fp8_plan(
             gpt("head", vocab, 4096, 32, 2, true),
             parallel(tensor, tensor, 1, ExpertGroup::AcrossData),
-            Some(train(8, 1024, Precision::Fp8 { dense: true })),
-        );
-        c.parallel.hardware.fp8_tflops = Some(1979.0);
-        let o = Overrides {
-            micro_batch: Some(8),
-            memory_model: Some(MemoryModel::Fmoec),
-            ..Overrides::default()
-        };
-        plan::build_with(&c, &o)
-            .unwrap()
-            .fp8_fallbacks
-            .unwrap()
-            .head
+            Precision::Fp8 { dense: true },
+        )
+        .fp8_fallbacks
+        .unwrap()
+        .head
     };
     assert!(head(50257, 1));
     assert!(!head(50304, 1));
@@ -613,7 +608,7 @@ fn fp8_fallbacks_of_a_layout_are_the_plans() {
     let mut p = parallel(8, 2, 1, ExpertGroup::AcrossData);
     p.expert_slicing = true;
     let mut c = checked(m, p, Some(train(16, 1024, Precision::Fp8 { dense: true })));
-    c.parallel.hardware.fp8_tflops = Some(1979.0);
+    c.parallel.hardware = fp8_h100();
     let plan = plan::build_with(&c, &Overrides::default()).unwrap();
     assert_eq!((plan.tensor, plan.data, plan.micro_batch), (2, 4, 4));
     assert!(plan.expert_slicing);
