@@ -1059,7 +1059,9 @@ mod ops {
         biased: bool,
         inputs: &[Tensor],
     ) -> Result<Vec<Option<Tensor>>> {
-        let (x, w, b) = (&inputs[0], &inputs[1], &inputs[2]);
+        let (x, w) = (&inputs[0], &inputs[1]);
+        // the bias master is input 2 when there is one (else input 2 is the gradient)
+        let b = biased.then(|| &inputs[2]);
         let g = &inputs[inputs.len() - 1];
         if !g.defined() {
             return Ok((1..inputs.len()).map(|_| None).collect());
@@ -1102,10 +1104,9 @@ mod ops {
         } else {
             None
         };
-        let gb = if biased && b.requires_grad() {
-            bias_gradient(b, &g)?
-        } else {
-            None
+        let gb = match b {
+            Some(b) if b.requires_grad() => bias_gradient(b, &g)?,
+            _ => None,
         };
         let mut grads = vec![gx, gw];
         if biased {
