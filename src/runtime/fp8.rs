@@ -206,7 +206,7 @@ mod ops {
     use crate::runtime::cuda::quant::{
         act_grad_quant_rows, act_quant_rows, act_quant_rows_only, act_quant_transposed,
         column_maxima_reference, gather_quant_rows, overflow_counter, padded_ends,
-        padded_ends_reference, quant_rows, quant_rows_into, quant_rows_with_maxima,
+        padded_ends_reference, quant_rows, quant_rows_with_maxima, quant_rows_with_maxima_into,
         quant_transposed, quant_transposed_into, reduce_maxima_on_this_thread,
         side_by_side_positions, swiglu_grad_quant_rows, ColumnMaxima, Fp8, MaximaReduction,
         Transposed,
@@ -256,14 +256,15 @@ mod ops {
                 WeightLayout::Experts | WeightLayout::InOut => {
                     let rows = master.f_reshape([e * k, n])?;
                     let ends = Tensor::f_arange_start_step(k, e * k + 1, k, (Kind::Int, device))?;
+                    // the row pass raises the column maxima the stacked copy takes
+                    let (dgrad, maxima) = quant_rows_with_maxima(&rows, None, overflow, &ends)?;
                     let (fwd, _) = quant_transposed(
                         &rows,
                         &ends,
                         Transposed::Stacked { len: k },
                         overflow,
-                        None,
+                        maxima.as_ref(),
                     )?;
-                    let dgrad = quant_rows(&rows, None, overflow)?;
                     WeightCopies {
                         master: master.shallow_clone(),
                         layout,
@@ -274,13 +275,13 @@ mod ops {
                 }
                 WeightLayout::OutIn => {
                     let ends = Tensor::f_full([1], n, (Kind::Int, device))?;
-                    let fwd = quant_rows(master, None, overflow)?;
+                    let (fwd, maxima) = quant_rows_with_maxima(master, None, overflow, &ends)?;
                     let (dgrad, _) = quant_transposed(
                         master,
                         &ends,
                         Transposed::Stacked { len: n },
                         overflow,
-                        None,
+                        maxima.as_ref(),
                     )?;
                     WeightCopies {
                         master: master.shallow_clone(),
@@ -311,26 +312,38 @@ mod ops {
             match self.layout {
                 WeightLayout::Experts | WeightLayout::InOut => {
                     let rows = self.master.f_reshape([e * k, n])?;
+                    let maxima = quant_rows_with_maxima_into(
+                        &rows,
+                        None,
+                        overflow,
+                        &self.ends,
+                        &self.dgrad,
+                    )?;
                     quant_transposed_into(
                         &rows,
                         &self.ends,
                         &self.ends,
                         Transposed::Stacked { len: k },
                         overflow,
-                        None,
+                        maxima.as_ref(),
                         &self.fwd,
-                    )?;
-                    quant_rows_into(&rows, None, overflow, &self.dgrad)
+                    )
                 }
                 WeightLayout::OutIn => {
-                    quant_rows_into(&self.master, None, overflow, &self.fwd)?;
+                    let maxima = quant_rows_with_maxima_into(
+                        &self.master,
+                        None,
+                        overflow,
+                        &self.ends,
+                        &self.fwd,
+                    )?;
                     quant_transposed_into(
                         &self.master,
                         &self.ends,
                         &self.ends,
                         Transposed::Stacked { len: n },
                         overflow,
-                        None,
+                        maxima.as_ref(),
                         &self.dgrad,
                     )
                 }
@@ -1756,7 +1769,12 @@ mod ops {
                     None,
                 )?;
                 let (want, _) = quant_transposed(&w, &wends, layout, None, None)?;
-                same(c, label(what), &got, &want)
+                same(c, label(what), &got, &want)?;
+                // a weight copy's way: the row pass raises the maxima the stacked copy takes
+                let (wd, ed) = (w.f_to_device(device)?, wends.f_to_device(device)?);
+                let (_, maxima) = quant_rows_with_maxima(&wd, None, None, &ed)?;
+                let (got, _) = quant_transposed(&wd, &ed, layout, None, maxima.as_ref())?;
+                same(c, label(&format!("{what}, rows' maxima")), &got, &want)
             };
             stacked(c, 64, "transposed, stacked")?;
             // groups of a length that is no multiple of 16: the copy's byte-wise stores

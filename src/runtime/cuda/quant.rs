@@ -523,6 +523,25 @@ pub fn quant_rows_with_maxima(
     ends: &Tensor,
 ) -> Result<(Fp8, Option<ColumnMaxima>)> {
     let (rows, cols) = x.size2()?;
+    let out = empty_rows(rows, cols, x.device())?;
+    let maxima = quant_rows_with_maxima_into(x, limit, overflow, ends, &out)?;
+    Ok((out, maxima))
+}
+
+/// [`quant_rows_with_maxima`] into `out` (of the right shapes), in place: a cached weight
+/// copy's rows, whose pass then hands its column maxima to the copy's transposed operand
+/// instead of that copy reading the master once more for them.
+pub fn quant_rows_with_maxima_into(
+    x: &Tensor,
+    limit: Option<&Tensor>,
+    overflow: Option<&Tensor>,
+    ends: &Tensor,
+    out: &Fp8,
+) -> Result<Option<ColumnMaxima>> {
+    let (rows, cols) = x.size2()?;
+    if out.q.size() != [rows, cols] || out.scale.size() != [rows] {
+        bail!("FP8 rows: output of the wrong shape");
+    }
     if kernels_apply(x) && cols < i32::MAX as i64 {
         let elem = Elem::of(x).expect("checked by kernels_apply");
         if let Some(maxima) = FusedMaxima::new(
@@ -535,7 +554,6 @@ pub fn quant_rows_with_maxima(
             1,
         )? {
             let x = x.f_contiguous()?;
-            let out = empty_rows(rows, cols, x.device())?;
             RowPass {
                 kernel: Kernel::Fp8QuantRows(elem),
                 sources: vec![ptr(Some(&x)), ptr(None), Arg::I32(1), ptr(None)],
@@ -544,18 +562,18 @@ pub fn quant_rows_with_maxima(
                 overflow,
                 second: None,
             }
-            .run(&x, rows, cols, &out, Some(&maxima))?;
-            return Ok((out, Some(maxima.amax)));
+            .run(&x, rows, cols, out, Some(&maxima))?;
+            return Ok(Some(maxima.amax));
         }
     }
-    let q = quant_rows(x, limit, overflow)?;
+    quant_rows_into(x, limit, overflow, out)?;
     if x.device().is_cuda() {
-        return Ok((q, None));
+        return Ok(None);
     }
-    Ok((
-        q,
-        Some(column_maxima_reference(&rows_before(x, limit)?, ends)?),
-    ))
+    Ok(Some(column_maxima_reference(
+        &rows_before(x, limit)?,
+        ends,
+    )?))
 }
 
 /// The reference's FP8 rows of a pass's output `x` (its rows from `limit` on already
