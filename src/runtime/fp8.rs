@@ -247,50 +247,44 @@ mod ops {
         })
     }
 
+    /// The master as the rows both FP8 copies are made from, and the length of the stacked
+    /// copy's groups: stacked experts `[E·K, N]` in groups of `K` (the row copy is the input
+    /// gradient's operand, the stacked one the forward's), or the tied head's `[N, K]` as one
+    /// group of `N` (the row copy is the forward's operand, the stacked one the input
+    /// gradient's).
+    fn rows_and_len(master: &Tensor, layout: WeightLayout) -> Result<(Tensor, i64)> {
+        let (e, k, n) = dims(master, layout)?;
+        Ok(match layout {
+            WeightLayout::Experts | WeightLayout::InOut => (master.f_reshape([e * k, n])?, k),
+            WeightLayout::OutIn => (master.shallow_clone(), n),
+        })
+    }
+
     impl WeightCopies {
         fn new(master: &Tensor, layout: WeightLayout, overflow: Option<&Tensor>) -> Result<Self> {
             let _guard = tch::no_grad_guard();
-            let (e, k, n) = dims(master, layout)?;
-            let device = master.device();
-            Ok(match layout {
-                WeightLayout::Experts | WeightLayout::InOut => {
-                    let rows = master.f_reshape([e * k, n])?;
-                    let ends = Tensor::f_arange_start_step(k, e * k + 1, k, (Kind::Int, device))?;
-                    // the row pass raises the column maxima the stacked copy takes
-                    let (dgrad, maxima) = quant_rows_with_maxima(&rows, None, overflow, &ends)?;
-                    let (fwd, _) = quant_transposed(
-                        &rows,
-                        &ends,
-                        Transposed::Stacked { len: k },
-                        overflow,
-                        maxima.as_ref(),
-                    )?;
-                    WeightCopies {
-                        master: master.shallow_clone(),
-                        layout,
-                        fwd,
-                        dgrad,
-                        ends,
-                    }
-                }
-                WeightLayout::OutIn => {
-                    let ends = Tensor::f_full([1], n, (Kind::Int, device))?;
-                    let (fwd, maxima) = quant_rows_with_maxima(master, None, overflow, &ends)?;
-                    let (dgrad, _) = quant_transposed(
-                        master,
-                        &ends,
-                        Transposed::Stacked { len: n },
-                        overflow,
-                        maxima.as_ref(),
-                    )?;
-                    WeightCopies {
-                        master: master.shallow_clone(),
-                        layout,
-                        fwd,
-                        dgrad,
-                        ends,
-                    }
-                }
+            let (rows, len) = rows_and_len(master, layout)?;
+            let (r, _) = rows.size2()?;
+            let ends = Tensor::f_arange_start_step(len, r + 1, len, (Kind::Int, master.device()))?;
+            // the row pass raises the column maxima the stacked copy takes
+            let (row_copy, maxima) = quant_rows_with_maxima(&rows, None, overflow, &ends)?;
+            let (stacked, _) = quant_transposed(
+                &rows,
+                &ends,
+                Transposed::Stacked { len },
+                overflow,
+                maxima.as_ref(),
+            )?;
+            let (fwd, dgrad) = match layout {
+                WeightLayout::OutIn => (row_copy, stacked),
+                WeightLayout::Experts | WeightLayout::InOut => (stacked, row_copy),
+            };
+            Ok(WeightCopies {
+                master: master.shallow_clone(),
+                layout,
+                fwd,
+                dgrad,
+                ends,
             })
         }
 
@@ -308,46 +302,21 @@ mod ops {
         /// Rewrites both copies in place from the master.
         fn refresh(&self, overflow: Option<&Tensor>) -> Result<()> {
             let _guard = tch::no_grad_guard();
-            let (e, k, n) = dims(&self.master, self.layout)?;
-            match self.layout {
-                WeightLayout::Experts | WeightLayout::InOut => {
-                    let rows = self.master.f_reshape([e * k, n])?;
-                    let maxima = quant_rows_with_maxima_into(
-                        &rows,
-                        None,
-                        overflow,
-                        &self.ends,
-                        &self.dgrad,
-                    )?;
-                    quant_transposed_into(
-                        &rows,
-                        &self.ends,
-                        &self.ends,
-                        Transposed::Stacked { len: k },
-                        overflow,
-                        maxima.as_ref(),
-                        &self.fwd,
-                    )
-                }
-                WeightLayout::OutIn => {
-                    let maxima = quant_rows_with_maxima_into(
-                        &self.master,
-                        None,
-                        overflow,
-                        &self.ends,
-                        &self.fwd,
-                    )?;
-                    quant_transposed_into(
-                        &self.master,
-                        &self.ends,
-                        &self.ends,
-                        Transposed::Stacked { len: n },
-                        overflow,
-                        maxima.as_ref(),
-                        &self.dgrad,
-                    )
-                }
-            }
+            let (rows, len) = rows_and_len(&self.master, self.layout)?;
+            let (row_copy, stacked) = match self.layout {
+                WeightLayout::OutIn => (&self.fwd, &self.dgrad),
+                WeightLayout::Experts | WeightLayout::InOut => (&self.dgrad, &self.fwd),
+            };
+            let maxima = quant_rows_with_maxima_into(&rows, None, overflow, &self.ends, row_copy)?;
+            quant_transposed_into(
+                &rows,
+                &self.ends,
+                &self.ends,
+                Transposed::Stacked { len },
+                overflow,
+                maxima.as_ref(),
+                stacked,
+            )
         }
 
         /// The forward operand: `[E, N, K]` e4m3 and `[E, N]` scales.
