@@ -512,13 +512,18 @@ const FP8_QUANT_BYTES_HIDDEN: f64 = 8.0;
 const FP8_QUANT_BYTES_DENSE: f64 = 8.0;
 
 /// The share of the HBM bandwidth a dense matmul's FP8 passes reach, with the bytes of
-/// [`FP8_QUANT_BYTES_DENSE`] over its input and output widths: 0.65, what GPT-2-medium-MoE's
-/// step paid for them on an H100 once the bias went into the FP8 matmul's epilogue and the
-/// row passes raised the column maxima (BENCHMARKS.md 2026-12-07 19:58 UTC): with every dense
-/// matmul and expert in FP8 a step took 1,458 ms; with only the experts in FP8 about 1,344
-/// (not traced in that call: session 20's 1,375 ms scaled by the two calls' bf16 steps, 1,357
-/// against 1,388 ms), while its dense matmuls took 198 ms less, so about 311 ms for the 675 GB
-/// these bytes count (0.40 before those two changes, when the same step took 1,654 ms).
+/// [`FP8_QUANT_BYTES_DENSE`] over its input and output widths: 0.65. GPT-2-medium-MoE's step,
+/// traced on an H100 with only its experts and with every matmul in FP8 (BENCHMARKS.md
+/// 2026-12-07 22:59 UTC: 1,394 and 1,447 ms, its dense matmuls 202 ms faster in FP8), paid
+/// about 255 ms for the 675 GB these bytes count: 0.79 of the bandwidth at its widths (the
+/// 0.65 was first taken from an experts-only step estimated, not traced, at 19:58 UTC). 0.65
+/// stays because the verdicts measured hold from 0.63 to 0.72 and not at 0.79: below 0.63 the
+/// DeepSeek-MoE slice's attention would stay bf16 (in FP8 with its head and first MLP it trained
+/// 3.3% faster than with every dense matmul in bf16), from 0.73 its shared experts' MLPs would
+/// take FP8 (with them it trained 0.7% slower in the same call). GPT-2-medium-MoE and the GPT
+/// 345M slice keep their dense matmuls in bf16 up to 1.5 at least (0.40 before the bias went
+/// into the FP8 matmul's epilogue and the row passes raised the column maxima, when the all-FP8
+/// step took 1,654 ms).
 const FP8_DENSE_QUANT_BANDWIDTH_SHARE: f64 = 0.65;
 
 /// One dense matmul (`rows` × `k` times `k` × `n`) forward and backward (three matmuls) in
