@@ -46,14 +46,28 @@ __device__ __forceinline__ void ldv_or_zeros(const T* p, long long at, float* ou
   }
 }
 
-// The f32 sums of rows [lo, hi) of g [*, d] in VEC columns from c = (column lane) * VEC of
-// this block's 32-lane column chunk: 256 threads, 8 row lanes x 32 column lanes, four rows
-// in flight per thread, the 8 row lanes added in shared memory in lane order. Every thread
-// of the block calls it (it synchronises); on return, row lane 0's `acc` holds its columns'
-// sums (columns c >= d: zeros, not to be written).
-template <typename T>
-__device__ void block_column_sums(const T* __restrict__ g, long long lo, long long hi, int d,
-                                  int c, float* acc) {
+// A column reduction for block_column_reduce: the f32 sum of the values, added in row order.
+struct ColumnSum {
+  static __device__ __forceinline__ float fold(float acc, float v) { return acc + v; }
+  static __device__ __forceinline__ float merge(float a, float b) { return a + b; }
+};
+// The largest |value| (a non-finite value as Inf), as an FP8 scale's amax.
+struct ColumnAbsMax {
+  static __device__ __forceinline__ float fold(float acc, float v) {
+    return isfinite(v) ? fmaxf(acc, fabsf(v)) : __int_as_float(0x7f800000);
+  }
+  static __device__ __forceinline__ float merge(float a, float b) { return fmaxf(a, b); }
+};
+
+// R (ColumnSum, ColumnAbsMax) of rows [lo, hi) of g [*, d] in VEC columns from c = (column
+// lane) * VEC of this block's 32-lane column chunk, from 0: 256 threads, 8 row lanes x 32
+// column lanes, four rows in flight per thread, the 8 row lanes merged in shared memory in
+// lane order. Every thread of the block calls it (it synchronises; a block may call it again,
+// for its next group of rows); on return, row lane 0's `acc` holds its columns' results
+// (columns c >= d: zeros, not to be written).
+template <typename T, typename R>
+__device__ void block_column_reduce(const T* __restrict__ g, long long lo, long long hi, int d,
+                                    int c, float* acc) {
   const int N = Vec<T>::N;
   __shared__ float part[8][32 * (16 / sizeof(T))];
   const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
@@ -75,9 +89,11 @@ __device__ void block_column_sums(const T* __restrict__ g, long long lo, long lo
 #pragma unroll
       for (int u = 0; u < 4; ++u)
 #pragma unroll
-        for (int j = 0; j < N; ++j) acc[j] += v[u][j];
+        for (int j = 0; j < N; ++j) acc[j] = R::fold(acc[j], v[u][j]);
     }
   }
+  // a call before this one may still be reading `part`
+  __syncthreads();
 #pragma unroll
   for (int j = 0; j < N; ++j) part[ly][lx * N + j] = acc[j];
   __syncthreads();
@@ -85,8 +101,15 @@ __device__ void block_column_sums(const T* __restrict__ g, long long lo, long lo
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       float s = 0.0f;
-      for (int y = 0; y < 8; ++y) s += part[y][lx * N + j];
+      for (int y = 0; y < 8; ++y) s = R::merge(s, part[y][lx * N + j]);
       acc[j] = s;
     }
   }
+}
+
+// The f32 column sums of rows [lo, hi) of g (block_column_reduce's way).
+template <typename T>
+__device__ void block_column_sums(const T* __restrict__ g, long long lo, long long hi, int d,
+                                  int c, float* acc) {
+  block_column_reduce<T, ColumnSum>(g, lo, hi, d, c, acc);
 }

@@ -565,15 +565,15 @@ __device__ void colmax_reduce(const unsigned char* __restrict__ partial,
 // Column amax of each group's rows, as the int bits of the (non-negative) float in
 // amax[g * d + c] (zeroed by the caller; atomicMax on those bits orders them as the floats;
 // a NaN counts as Inf). Grid (row chunks of CHUNK rows, column chunks of 32 vectors): a block
-// walks the groups its rows meet and, per group, reduces its 8 row lanes in shared memory
-// and raises the group's column maxima once. 256 threads: 8 row lanes x 32 column lanes of
-// one 16-byte vector each, four rows in flight per thread.
+// walks the groups its rows meet and, per group, reduces its rows as the column sums do
+// (block_column_reduce: 8 row lanes x 32 column lanes of one 16-byte vector each, four rows
+// in flight per thread, the row lanes merged in shared memory) and raises the group's column
+// maxima once.
 #define COL_CHUNK 128
 template <typename T>
 __device__ void col_amax(const T* __restrict__ x, const int* __restrict__ ends, int groups,
                          int* __restrict__ amax, int d) {
   const int N = Vec<T>::N;
-  __shared__ float part[8][32 * (16 / sizeof(T))];
   const long long total = ends[groups - 1];
   const long long r0 = (long long)blockIdx.x * COL_CHUNK;
   const long long r1 = min(total, r0 + COL_CHUNK);
@@ -588,38 +588,10 @@ __device__ void col_amax(const T* __restrict__ x, const int* __restrict__ ends, 
   for (; g < groups && group_start(ends, g) < r1; ++g) {
     const long long lo = max(r0, group_start(ends, g)), hi = min(r1, (long long)ends[g]);
     float m[16 / sizeof(T)];
-#pragma unroll
-    for (int j = 0; j < N; ++j) m[j] = 0.0f;
-    if (c < d) {
-      for (long long r = lo + ly; r < hi; r += 32) {
-        float v[4][16 / sizeof(T)];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          if (r + u * 8 < hi) {
-            ldv(x + (r + u * 8) * d + c, v[u]);
-          } else {
-#pragma unroll
-            for (int j = 0; j < N; ++j) v[u][j] = 0.0f;
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-#pragma unroll
-          for (int j = 0; j < N; ++j)
-            m[j] = isfinite(v[u][j]) ? fmaxf(m[j], fabsf(v[u][j])) : __int_as_float(0x7f800000);
-      }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < N; ++j) part[ly][lx * N + j] = m[j];
-    __syncthreads();
+    block_column_reduce<T, ColumnAbsMax>(x, lo, hi, d, c, m);
     if (ly == 0 && c < d && hi > lo) {
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        float a = 0.0f;
-        for (int y = 0; y < 8; ++y) a = fmaxf(a, part[y][lx * N + j]);
-        atomicMax(amax + (long long)g * d + c + j, __float_as_int(a));
-      }
+      for (int j = 0; j < N; ++j) atomicMax(amax + (long long)g * d + c + j, __float_as_int(m[j]));
     }
   }
 }
