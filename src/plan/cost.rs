@@ -520,10 +520,10 @@ const FP8_QUANT_BYTES_DENSE: f64 = 8.0;
 /// stays because the verdicts measured hold from 0.63 to 0.72 and not at 0.79: below 0.63 the
 /// DeepSeek-MoE slice's attention would stay bf16 (in FP8 with its head and first MLP it trained
 /// 3.3% faster than with every dense matmul in bf16), from 0.73 its shared experts' MLPs would
-/// take FP8 (with them it trained 0.7% slower in the same call). GPT-2-medium-MoE and the GPT
-/// 345M slice keep their dense matmuls in bf16 up to 1.5 at least (0.40 before the bias went
-/// into the FP8 matmul's epilogue and the row passes raised the column maxima, when the all-FP8
-/// step took 1,654 ms).
+/// take FP8 (with them it trained 0.3-0.7% slower, four rounds in two calls).
+/// GPT-2-medium-MoE and the GPT 345M slice keep their dense matmuls in bf16 up to 1.5 at least
+/// (0.40 before the bias went into the FP8 matmul's epilogue and the row passes raised the
+/// column maxima, when the all-FP8 step took 1,654 ms).
 const FP8_DENSE_QUANT_BANDWIDTH_SHARE: f64 = 0.65;
 
 /// One dense matmul (`rows` × `k` times `k` × `n`) forward and backward (three matmuls) in
