@@ -261,31 +261,33 @@ mod ops {
     }
 
     impl WeightCopies {
+        /// Storage for both copies, then written as every step's [`WeightCopies::refresh`]
+        /// writes it.
         fn new(master: &Tensor, layout: WeightLayout, overflow: Option<&Tensor>) -> Result<Self> {
-            let _guard = tch::no_grad_guard();
             let (rows, len) = rows_and_len(master, layout)?;
-            let (r, _) = rows.size2()?;
-            let ends = Tensor::f_arange_start_step(len, r + 1, len, (Kind::Int, master.device()))?;
-            // the row pass raises the column maxima the stacked copy takes
-            let (row_copy, maxima) = quant_rows_with_maxima(&rows, None, overflow, &ends)?;
-            let (stacked, _) = quant_transposed(
-                &rows,
-                &ends,
-                Transposed::Stacked { len },
-                overflow,
-                maxima.as_ref(),
-            )?;
+            let (r, c) = rows.size2()?;
+            let device = master.device();
+            let empty = |q: &[i64], scale: &[i64]| -> Result<Fp8> {
+                Ok(Fp8 {
+                    q: Tensor::f_empty(q, (Kind::Float8e4m3fn, device))?,
+                    scale: Tensor::f_empty(scale, (Kind::Float, device))?,
+                })
+            };
+            let row_copy = empty(&[r, c], &[r])?;
+            let stacked = empty(&[r / len, c, len], &[r / len, c])?;
             let (fwd, dgrad) = match layout {
                 WeightLayout::OutIn => (row_copy, stacked),
                 WeightLayout::Experts | WeightLayout::InOut => (stacked, row_copy),
             };
-            Ok(WeightCopies {
+            let copies = WeightCopies {
                 master: master.shallow_clone(),
                 layout,
                 fwd,
                 dgrad,
-                ends,
-            })
+                ends: Tensor::f_arange_start_step(len, r + 1, len, (Kind::Int, device))?,
+            };
+            copies.refresh(overflow)?;
+            Ok(copies)
         }
 
         /// Another handle on the same tensors.
