@@ -507,6 +507,39 @@ const FP8_QUANT_BANDWIDTH_SHARE: f64 = 0.18;
 /// the same 8 a matrix on average).
 const FP8_QUANT_BYTES_INPUT: f64 = 8.0;
 const FP8_QUANT_BYTES_HIDDEN: f64 = 8.0;
+/// The same where the weight gradients stay bf16 ([`fp8_weight_gradient`]): the row-wise
+/// copies alone (the forward's and the gradient's, 1 each), neither transposed copy nor
+/// column maxima.
+const FP8_QUANT_BYTES_ROWS_ONLY: f64 = 2.0;
+
+/// The share of the HBM bandwidth at which the weight gradients' own FP8 passes (each
+/// operand's transposed copy with its column maxima: 3 bytes an element of the input and of
+/// the output gradient) are counted when [`fp8_weight_gradient`] decides: 0.5, fitted to the
+/// layers measured on an H100 with the weight gradients on FP8 and on bf16 operands, in
+/// alternating processes (BENCHMARKS.md 2026-12-08 01:17 UTC), per matrix: S3 (1024 rows an
+/// expert, 2048 → 768) 0.5 ms faster in bf16 (estimated 0.61), the S1 shapes at 1024 rows
+/// (4096 → 14336) 0.33 ms faster in FP8 (estimated 0.32); at 128 rows an expert F0 and S1
+/// (0.12 ms faster in bf16 each; estimated 0.06 and 0.03: the passes' fixed costs, which
+/// this share leaves out, weigh more there).
+const FP8_WEIGHT_GRAD_COPY_BANDWIDTH_SHARE: f64 = 0.5;
+
+/// Whether the weight gradients `xᵀ · g` of experts of `width` → `hidden` that get
+/// `rows_per_expert` rows each take FP8 operands: where the FP8 matmul's time and its
+/// operands' transposed copies ([`FP8_WEIGHT_GRAD_COPY_BANDWIDTH_SHARE`]) take less than the
+/// bf16 matmul on the layer's own bf16 operands ([`weight_gradient_matmul`]). Not with few
+/// rows an expert, where both precisions only write the gradient (bf16 `width × hidden`,
+/// the same in either), nor with narrow matrices, where FP8's matmul is little faster (S3:
+/// 1.10x) and its copies cost more than it saves. `fmoec run` decides so per MoE layer, as
+/// the plan assumes.
+pub fn fp8_weight_gradient(hw: &Hardware, width: u64, hidden: u64, rows_per_expert: f64) -> bool {
+    let Some(m) = weight_gradient_matmul(hw, width, hidden, rows_per_expert) else {
+        return false;
+    };
+    let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
+    let copies = 3.0 * rows_per_expert * (width + hidden) as f64
+        / (hbm * FP8_WEIGHT_GRAD_COPY_BANDWIDTH_SHARE);
+    m.fp8_s + copies < m.bf16_s
+}
 /// The same for a dense matmul's input and output widths (row-wise and transposed copies of
 /// the input and of the output's gradient).
 const FP8_QUANT_BYTES_DENSE: f64 = 8.0;
@@ -547,10 +580,7 @@ pub fn fp8_dense_estimate(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp
 /// matmuls of that shape reach ([`BF16_MATMUL_SHARE`], [`fp8_matmul_share`]) and its bytes
 /// (both operands, FP8's at 1 byte, and the output) at the HBM bandwidth.
 fn one_matmul(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp8ExpertEstimate> {
-    let fp8_peak = hw.fp8_tflops? * 1e12;
-    let bf16_rate = hw.bf16_tflops * 1e12 * BF16_MATMUL_SHARE;
-    let fp8_rate =
-        bf16_rate * fp8_peak / (hw.bf16_tflops.max(1e-9) * 1e12) * fp8_matmul_share(k.min(n));
+    let (bf16_rate, fp8_rate) = matmul_rates(hw, k, n)?;
     let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
     let (kf, nf) = (k as f64, n as f64);
     let flops = 2.0 * rows * kf * nf;
@@ -562,6 +592,17 @@ fn one_matmul(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp8ExpertEstim
         bf16_s: at(bf16_rate, 2.0),
         fp8_s: at(fp8_rate, 1.0),
     })
+}
+
+/// The FLOP rates (per second) that matmuls of widths `k` and `n` reach on `hw` in bf16 and
+/// with FP8 operands ([`BF16_MATMUL_SHARE`], [`fp8_matmul_share`]); `None` without FP8
+/// tensor cores.
+fn matmul_rates(hw: &Hardware, k: u64, n: u64) -> Option<(f64, f64)> {
+    let fp8_peak = hw.fp8_tflops? * 1e12;
+    let bf16_rate = hw.bf16_tflops * 1e12 * BF16_MATMUL_SHARE;
+    let fp8_rate =
+        bf16_rate * fp8_peak / (hw.bf16_tflops.max(1e-9) * 1e12) * fp8_matmul_share(k.min(n));
+    Some((bf16_rate, fp8_rate))
 }
 
 /// Whether a module's dense matmuls (`shapes`: each `(k, n)`, all taking `rows` rows) run in
@@ -592,6 +633,9 @@ pub fn fp8_pays_for_dense(hw: &Hardware, shapes: &[(u64, u64)], rows: f64) -> bo
 pub struct Fp8Fallbacks {
     /// The MoE layers (block indices) whose routed experts stay in bf16.
     pub experts: Vec<usize>,
+    /// The MoE layers whose routed experts take FP8 but whose weight gradients take the
+    /// layer's bf16 operands ([`fp8_weight_gradient`]).
+    pub weight_gradients: Vec<usize>,
     /// Under `fp8_dense`: the blocks whose attention projections stay in bf16,
     pub attention: Vec<usize>,
     /// those whose dense MLP or shared experts do,
@@ -629,10 +673,17 @@ impl Fp8Fallbacks {
     pub fn describe(&self) -> Option<String> {
         let experts =
             (!self.experts.is_empty()).then(|| format!("the experts of layers {:?}", self.experts));
-        match (experts, self.dense_modules()) {
-            (Some(e), Some(d)) => Some(format!("{e}; {d}")),
-            (e, d) => e.or(d),
-        }
+        let gradients = (!self.weight_gradients.is_empty()).then(|| {
+            format!(
+                "the expert weight gradients of layers {:?}",
+                self.weight_gradients
+            )
+        });
+        let parts: Vec<String> = [experts, gradients, self.dense_modules()]
+            .into_iter()
+            .flatten()
+            .collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 }
 
@@ -677,15 +728,13 @@ pub fn fp8_fallbacks(model: &Model, hw: &Hardware, layout: &Fp8Layout) -> Fp8Fal
     let mut f = Fp8Fallbacks::default();
     for (l, layer) in model.layers.iter().enumerate() {
         if let Ffn::Moe(moe) = &layer.ffn {
-            if !fp8_pays_for_experts(
-                hw,
-                model.width,
-                moe.expert.hidden / layout.expert_slices.max(1),
-                moe.expert.act,
-                (tokens * moe.top_k) as f64,
-                (moe.experts / layout.expert_parallel.max(1)).max(1),
-            ) {
+            let hidden = moe.expert.hidden / layout.expert_slices.max(1);
+            let rows = (tokens * moe.top_k) as f64;
+            let experts = (moe.experts / layout.expert_parallel.max(1)).max(1);
+            if !fp8_pays_for_experts(hw, model.width, hidden, moe.expert.act, rows, experts) {
                 f.experts.push(l);
+            } else if !fp8_weight_gradient(hw, model.width, hidden, rows / experts as f64) {
+                f.weight_gradients.push(l);
             }
         }
         if !dense {
@@ -754,8 +803,10 @@ pub struct Fp8ExpertEstimate {
 /// the rate matmuls of that shape reach ([`BF16_MATMUL_SHARE`], [`fp8_matmul_share`]) and
 /// its bytes (inputs, weights, output; FP8 operands are 1 byte) at the HBM bandwidth: so
 /// FP8 pays twice over when the experts' few rows leave the matmuls streaming weights, and
-/// little when narrow matrices leave its tensor cores idle. FP8 adds its quantisation passes
-/// over the activations at the HBM bandwidth.
+/// little when narrow matrices leave its tensor cores idle. The weight gradients count their
+/// operands and the gradient they write instead, and take FP8 operands only where
+/// [`fp8_weight_gradient`] says so. FP8 adds its quantisation passes over the activations at
+/// the HBM bandwidth (without the weight gradients' transposed copies where those stay bf16).
 pub fn fp8_expert_estimate(
     hw: &Hardware,
     width: u64,
@@ -764,16 +815,41 @@ pub fn fp8_expert_estimate(
     rows: f64,
     experts: u64,
 ) -> Option<Fp8ExpertEstimate> {
-    // one matmul of one expert: its share of the rows
-    let one = one_matmul(hw, width, hidden, rows / experts.max(1) as f64)?;
+    // the matmuls of one expert: its share of the rows
+    let per_expert = rows / experts.max(1) as f64;
+    let one = one_matmul(hw, width, hidden, per_expert)?;
+    let wgrad = weight_gradient_matmul(hw, width, hidden, per_expert)?;
+    let fp8_wgrad = fp8_weight_gradient(hw, width, hidden, per_expert);
     let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
     let (k, n) = (width as f64, hidden as f64);
-    let matmuls = 3.0 * act.matrices() as f64 * experts as f64;
-    let quant_bytes = rows
-        * (FP8_QUANT_BYTES_INPUT * k + FP8_QUANT_BYTES_HIDDEN * n * (act.matrices() as f64 - 1.0));
+    let matrices = act.matrices() as f64 * experts as f64;
+    let (bytes_input, bytes_hidden) = match fp8_wgrad {
+        true => (FP8_QUANT_BYTES_INPUT, FP8_QUANT_BYTES_HIDDEN),
+        false => (FP8_QUANT_BYTES_ROWS_ONLY, FP8_QUANT_BYTES_ROWS_ONLY),
+    };
+    let quant_bytes = rows * (bytes_input * k + bytes_hidden * n * (act.matrices() as f64 - 1.0));
     Some(Fp8ExpertEstimate {
-        bf16_s: matmuls * one.bf16_s,
-        fp8_s: matmuls * one.fp8_s + quant_bytes / (hbm * FP8_QUANT_BANDWIDTH_SHARE),
+        bf16_s: matrices * (2.0 * one.bf16_s + wgrad.bf16_s),
+        fp8_s: matrices * (2.0 * one.fp8_s + if fp8_wgrad { wgrad.fp8_s } else { wgrad.bf16_s })
+            + quant_bytes / (hbm * FP8_QUANT_BANDWIDTH_SHARE),
+    })
+}
+
+/// The weight gradient `xᵀ · g` of one such matmul (`rows` × `k` and `rows` × `n` in, `k` ×
+/// `n` out, bf16) in bf16 and with FP8 operands: as [`one_matmul`], but its bytes are the two
+/// operands and the gradient it writes.
+fn weight_gradient_matmul(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp8ExpertEstimate> {
+    let (bf16_rate, fp8_rate) = matmul_rates(hw, k, n)?;
+    let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
+    let (kf, nf) = (k as f64, n as f64);
+    let flops = 2.0 * rows * kf * nf;
+    let at = |rate: f64, operand: f64| -> f64 {
+        let bytes = operand * rows * (kf + nf) + 2.0 * kf * nf;
+        (flops / rate).max(bytes / hbm)
+    };
+    Some(Fp8ExpertEstimate {
+        bf16_s: at(bf16_rate, 2.0),
+        fp8_s: at(fp8_rate, 1.0),
     })
 }
 

@@ -240,13 +240,33 @@ pub fn forward(
         Implementation::Fmoec | Implementation::FmoecUnfused | Implementation::FmoecFp8 => {
             let fused = imp != Implementation::FmoecUnfused && fused_available(x.device());
             let plan = DispatchPlan::with_kernels(expert, ex.experts, false, fused)?;
-            let ex = ex.with_fp8(imp == Implementation::FmoecFp8);
+            let (_, width, hidden) = ex.w1.size3()?;
+            let rows = x.size2()?.0 * plan.top_k;
+            let fp8_wgrad = fp8_wgrad_for(width, hidden, rows, ex.experts);
+            let ex = ex.with_fp8(imp == Implementation::FmoecFp8, fp8_wgrad);
             run_experts(&ex, x, &plan, weight, x.size2()?.0)
         }
         Implementation::Ops => forward_ops(ex, x, expert, weight),
         Implementation::SortedLoop => forward_sorted_loop(ex, x, expert, weight),
         Implementation::NaiveLoop => forward_naive_loop(ex, x, expert, weight),
     }
+}
+
+/// Whether the `fmoec-fp8` rows take their weight gradients on FP8 operands (experts of
+/// `width` → `hidden`, `rows` rows over `experts`): as `precision = fp8` would on an h100_sxm
+/// (the planner's estimate, `plan::cost::fp8_weight_gradient`), or as
+/// `FMOEC_FP8_WEIGHT_GRADS=all|none` says.
+pub fn fp8_wgrad_for(width: i64, hidden: i64, rows: i64, experts: i64) -> bool {
+    crate::runtime::fp8::fp8_weight_grads_forced().unwrap_or_else(|| {
+        crate::check::hardware_profile("h100_sxm").is_some_and(|hw| {
+            crate::plan::cost::fp8_weight_gradient(
+                &hw,
+                width as u64,
+                hidden as u64,
+                rows as f64 / experts.max(1) as f64,
+            )
+        })
+    })
 }
 
 /// The baselines' dispatch: the `[T·k]` slots sorted by expert (stable), each slot's token,
@@ -917,6 +937,7 @@ fn reference_output(ex: &Experts, x: &Tensor, expert: &Tensor, weight: &Tensor) 
             b2: None,
             path: ExpertPath::Loop,
             fp8: false,
+            fp8_wgrad: true,
         };
         forward(
             Implementation::SortedLoop,
@@ -1048,11 +1069,18 @@ fn render_fp8_rows(report: &Report, s: &mut String) {
                 sh.experts as u64,
             )
         });
+        let rows = sh.tokens * sh.top_k;
         let _ = writeln!(
             s,
-            "  {} weight copies {:.3} ms per step; on h100_sxm: {}",
+            "  {} weight copies {:.3} ms per step; weight gradients on {} operands ({} rows an \
+             expert); on h100_sxm: {}",
             case_head(sh, r.routing),
             r.fp8_weight_copies_ms.unwrap_or(0.0),
+            match fp8_wgrad_for(sh.width, sh.hidden, rows, sh.experts) {
+                true => "FP8",
+                false => "bf16",
+            },
+            rows / sh.experts.max(1),
             match pays {
                 Some(true) => "fp8",
                 Some(false) => "bf16 (fp8 would not pay)",

@@ -78,6 +78,15 @@ thread_local! {
     static EXPERTS_FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     static DENSE_FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     static ACT_ON_LOAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    static WEIGHT_GRADS_FORCED: std::cell::Cell<Option<bool>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// On this thread, every FP8 MoE layer's expert weight gradients on FP8 operands
+/// (`Some(true)`), none (`Some(false)`), or where they pay (`None`), as
+/// `FMOEC_FP8_WEIGHT_GRADS=all|none` does for the process: for tests.
+pub fn force_weight_grads_on_this_thread(all: Option<bool>) {
+    WEIGHT_GRADS_FORCED.with(|f| f.set(all));
 }
 
 /// On this thread, every activation between FP8 expert matmuls fused with the second matmul
@@ -133,7 +142,9 @@ fn cuda_mode(_n: usize) -> Result<Fp8Mode> {
 /// `FMOEC_FP8_EXPERTS=all` keeps no MoE layer's experts in bf16, `=none` every one;
 /// `FMOEC_FP8_DENSE=all` no dense module (but an LM head whose widths are not multiples of 16,
 /// which its FP8 linear cannot take), `=none` every block's attention projections, every dense
-/// MLP and shared experts, and the head; the tests' thread settings likewise.
+/// MLP and shared experts, and the head; `FMOEC_FP8_WEIGHT_GRADS=all` puts the expert weight
+/// gradients of every MoE layer on FP8 operands, `=none` none; the tests' thread settings
+/// likewise.
 pub fn with_overrides(
     planned: &Fp8Fallbacks,
     model: &crate::check::Model,
@@ -150,6 +161,18 @@ pub fn with_overrides(
             .map(|(l, _)| l)
             .collect();
     }
+    if !fp8.experts {
+        f.weight_gradients.clear();
+    } else if let Some(all) = fp8_weight_grads_forced() {
+        f.weight_gradients = model
+            .moe_layers()
+            .filter(|_| !all)
+            .map(|(l, _)| l)
+            .collect();
+    }
+    // only layers whose experts take FP8 have weight gradients to choose for
+    let bf16_experts = f.experts.clone();
+    f.weight_gradients.retain(|l| !bf16_experts.contains(l));
     if !fp8.dense {
         (f.attention, f.mlps, f.head) = (Vec::new(), Vec::new(), false);
     } else if let Some(all) = forced("FMOEC_FP8_DENSE", &DENSE_FORCED) {
@@ -168,6 +191,13 @@ pub fn with_overrides(
         f.head = !all || model.width % 16 != 0 || model.vocab % 16 != 0;
     }
     f
+}
+
+/// The expert weight gradients on FP8 operands in every FP8 MoE layer (`Some(true)`), in none
+/// (`Some(false)`), or where they pay (`None`): `FMOEC_FP8_WEIGHT_GRADS=all|none`, else this
+/// thread's setting ([`force_weight_grads_on_this_thread`]).
+pub fn fp8_weight_grads_forced() -> Option<bool> {
+    forced("FMOEC_FP8_WEIGHT_GRADS", &WEIGHT_GRADS_FORCED)
 }
 
 /// FP8 forced everywhere (`Some(true)`) or nowhere (`Some(false)`) by the environment
@@ -756,6 +786,18 @@ mod ops {
             .f_to_kind(Kind::BFloat16)?)
     }
 
+    /// `gW[e] = x_eᵀ · g_e` over the rows of each expert group (ending at `ends`; rows past
+    /// the last group are not read) with the operands as the layer has them (bf16 on the
+    /// GPU, f32 in the emulation): the weight gradient where FP8 operands would not pay
+    /// (the layer's `fp8_wgrad`, [`crate::plan::cost::fp8_weight_gradient`]); bf16 `[E, K,
+    /// N]`. libtorch's grouped matmul (a tensor-core kernel of our own, mma.sync with the sum
+    /// added to the held gradient, was slower on an H100: BENCHMARKS.md 2026-12-08).
+    fn unquantised_weight_grad(x: &Tensor, g: &Tensor, ends: &Tensor) -> Result<Tensor> {
+        Ok(x.f_transpose(0, 1)?
+            .f_internal_grouped_mm(g, Some(ends), None::<&Tensor>, None::<Kind>)?
+            .f_to_kind(Kind::BFloat16)?)
+    }
+
     /// `a · bᵀ (+ bias)` of two row-wise FP8 operands (`a` `[M, K]`, `b` `[N, K]`, `bias`
     /// bf16 `[N]`, added to the f32 products in the matmul's epilogue), bf16 `[M, N]`.
     fn dense(a: &Fp8, b: &Fp8, bias: Option<&Tensor>, fast: bool) -> Result<Tensor> {
@@ -782,29 +824,34 @@ mod ops {
         Ok(out.f_to_kind(Kind::BFloat16)?)
     }
 
-    /// The FP8 ops of this module, with what they need besides their tensors.
+    /// The FP8 ops of this module, with what they need besides their tensors. The experts'
+    /// ops carry their layer's `fp8_wgrad`: whether its weight gradients take FP8 operands
+    /// (then the passes making those operands raise the column maxima of their transposed
+    /// copies), else the layer's bf16 input and output gradient as they are.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     enum Fp8Op {
         /// Experts: `xs` rows in groups times stacked weights.
-        Grouped,
+        Grouped { fp8_wgrad: bool },
         /// Dense: `x · W (+ b)` with `W` held as the layout says; `biased`: with the bias
         /// master and its compute copy as inputs 2 and 3.
         Linear { layout: WeightLayout, biased: bool },
         /// The dispatch's gather, writing the FP8 copy too; `k` slots per token.
-        Dispatch { k: i64 },
+        Dispatch { k: i64, fp8_wgrad: bool },
         /// The activation between the expert matmuls, writing its output's FP8 rows too.
-        Act(Fp8Act),
+        Act { act: Fp8Act, fp8_wgrad: bool },
         /// The combine, whose backward writes the FP8 rows of the experts' output gradient.
-        Combine,
+        Combine { fp8_wgrad: bool },
         /// The activation and the second expert matmul as one node: the activation's output
         /// exists only as its FP8 rows (forward) and its transposed FP8 copy (backward).
-        ActGrouped(Fp8Act),
+        ActGrouped { act: Fp8Act, fp8_wgrad: bool },
     }
 
     impl Fp8Op {
+        /// Bits 0-7 the op, 8-15 its parameter, 16 `fp8_wgrad`.
         fn code(self) -> i64 {
+            let w = |fp8_wgrad: bool| i64::from(fp8_wgrad) << 16;
             match self {
-                Fp8Op::Grouped => 1,
+                Fp8Op::Grouped { fp8_wgrad } => 1 | w(fp8_wgrad),
                 Fp8Op::Linear { layout, biased } => {
                     2 | (match layout {
                         WeightLayout::Experts => 0,
@@ -813,17 +860,22 @@ mod ops {
                     } << 8)
                         | (i64::from(biased) << 12)
                 }
-                Fp8Op::Dispatch { k } => 3 | (k << 8),
-                Fp8Op::Act(a) => 4 | (a.code() << 8),
-                Fp8Op::Combine => 5,
-                Fp8Op::ActGrouped(a) => 6 | (a.code() << 8),
+                Fp8Op::Dispatch { k, fp8_wgrad } => 3 | (k << 8) | w(fp8_wgrad),
+                Fp8Op::Act { act, fp8_wgrad } => 4 | (act.code() << 8) | w(fp8_wgrad),
+                Fp8Op::Combine { fp8_wgrad } => 5 | w(fp8_wgrad),
+                Fp8Op::ActGrouped { act, fp8_wgrad } => 6 | (act.code() << 8) | w(fp8_wgrad),
             }
         }
 
         fn from_code(code: i64) -> Result<Fp8Op> {
-            let param = code >> 8;
+            let param = (code >> 8) & 0xFF;
+            let fp8_wgrad = match code >> 16 {
+                0 => false,
+                1 => true,
+                _ => bail!("FP8 op {code}: unknown weight gradient flag"),
+            };
             Ok(match code & 0xFF {
-                1 => Fp8Op::Grouped,
+                1 => Fp8Op::Grouped { fp8_wgrad },
                 2 => Fp8Op::Linear {
                     layout: match param & 0xF {
                         1 => WeightLayout::InOut,
@@ -836,10 +888,19 @@ mod ops {
                         _ => bail!("FP8 op {code}: unknown bias flag"),
                     },
                 },
-                3 => Fp8Op::Dispatch { k: param },
-                4 => Fp8Op::Act(act_of_code(code)?),
-                5 => Fp8Op::Combine,
-                6 => Fp8Op::ActGrouped(act_of_code(code)?),
+                3 => Fp8Op::Dispatch {
+                    k: param,
+                    fp8_wgrad,
+                },
+                4 => Fp8Op::Act {
+                    act: act_of_code(code)?,
+                    fp8_wgrad,
+                },
+                5 => Fp8Op::Combine { fp8_wgrad },
+                6 => Fp8Op::ActGrouped {
+                    act: act_of_code(code)?,
+                    fp8_wgrad,
+                },
                 _ => bail!("unknown FP8 op {code}"),
             })
         }
@@ -864,7 +925,7 @@ mod ops {
     fn act_of_code(code: i64) -> Result<Fp8Act> {
         Fp8Act::ALL
             .into_iter()
-            .find(|a| a.code() == code >> 8)
+            .find(|a| a.code() == (code >> 8) & 0xFF)
             .with_context(|| format!("FP8 op {code}: unknown activation"))
     }
 
@@ -895,33 +956,39 @@ mod ops {
     fn run_op(op: Fp8Op, phase: Phase, inputs: Vec<Tensor>) -> Result<Vec<Option<Tensor>>> {
         let inputs = &inputs[..];
         match (op, phase) {
-            (Fp8Op::Grouped, Phase::Forward) => grouped_forward(inputs),
-            (Fp8Op::Grouped, Phase::Backward) => grouped_backward(inputs),
+            (Fp8Op::Grouped { .. }, Phase::Forward) => grouped_forward(inputs),
+            (Fp8Op::Grouped { fp8_wgrad }, Phase::Backward) => grouped_backward(fp8_wgrad, inputs),
             (Fp8Op::Linear { layout, biased }, Phase::Forward) => {
                 linear_forward(layout, biased, inputs)
             }
             (Fp8Op::Linear { layout, biased }, Phase::Backward) => {
                 linear_backward(layout, biased, inputs)
             }
-            (Fp8Op::Dispatch { k }, Phase::Forward) => dispatch_forward(k, inputs),
-            (Fp8Op::Dispatch { k }, Phase::Backward) => {
+            (Fp8Op::Dispatch { k, fp8_wgrad }, Phase::Forward) => {
+                dispatch_forward(k, fp8_wgrad, inputs)
+            }
+            (Fp8Op::Dispatch { k, .. }, Phase::Backward) => {
                 let gx = dispatch_backward(&inputs[2], &inputs[4], k)?;
                 Ok(vec![gx, None, None, None])
             }
-            (Fp8Op::Act(act), Phase::Forward) => act_forward(act, inputs),
-            (Fp8Op::Act(act), Phase::Backward) => {
+            (Fp8Op::Act { act, fp8_wgrad }, Phase::Forward) => act_forward(act, fp8_wgrad, inputs),
+            (Fp8Op::Act { act, fp8_wgrad }, Phase::Backward) => {
                 let (a, b, ends, g) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
                 if !g.defined() {
                     return Ok(vec![None, None, None]);
                 }
-                let (ga, gb) = act_backward(act, a, b, ends, g)?;
+                let (ga, gb) = act_backward(act, fp8_wgrad, a, b, ends, g)?;
                 Ok(vec![Some(ga), gb, None])
             }
-            (Fp8Op::ActGrouped(act), Phase::Forward) => act_grouped_forward(act, inputs),
-            (Fp8Op::ActGrouped(act), Phase::Backward) => act_grouped_backward(act, inputs),
+            (Fp8Op::ActGrouped { act, fp8_wgrad }, Phase::Forward) => {
+                act_grouped_forward(act, fp8_wgrad, inputs)
+            }
+            (Fp8Op::ActGrouped { act, fp8_wgrad }, Phase::Backward) => {
+                act_grouped_backward(act, fp8_wgrad, inputs)
+            }
             // combine: a = ys [N, d], b = weight [T, k] f32, c = slot_row [T·k], d = row_slot
             // [N], e = the expert groups' ends [E] int32
-            (Fp8Op::Combine, Phase::Forward) => {
+            (Fp8Op::Combine { .. }, Phase::Forward) => {
                 let (ys, w, slot_row) = (&inputs[0], &inputs[1], &inputs[2]);
                 let k = w.size()[1];
                 Ok(vec![Some(sum_rows(
@@ -931,7 +998,7 @@ mod ops {
                     Some(&w.f_contiguous()?),
                 )?)])
             }
-            (Fp8Op::Combine, Phase::Backward) => combine_backward(inputs),
+            (Fp8Op::Combine { fp8_wgrad }, Phase::Backward) => combine_backward(fp8_wgrad, inputs),
         }
     }
 
@@ -956,7 +1023,7 @@ mod ops {
     }
 
     /// Its backward: the gradients of `xs` and `W` from the output's (input 3).
-    fn grouped_backward(inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+    fn grouped_backward(fp8_wgrad: bool, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
         let (xs, w, ends, g) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
         if !g.defined() {
             return Ok(vec![None, None, None]);
@@ -966,10 +1033,11 @@ mod ops {
         let groups = ends.size()[0];
         let limit = ends.f_narrow(0, groups - 1, 1)?;
         let g = g.f_contiguous()?;
+        let wgrad_in_fp8 = fp8_wgrad && w.requires_grad();
         // the combine's backward wrote the FP8 rows of the second matmul's gradient, and
         // the activation's backward (GELU, ReLU) those of the first's; elsewhere (the
         // two of SwiGLU) the row-wise pass raises the column maxima too
-        let gq = gradient_rows(&g, ends, &limit, &o, w.requires_grad())?;
+        let gq = gradient_rows(&g, ends, &limit, &o, wgrad_in_fp8)?;
         let gx = if xs.requires_grad() {
             let gx = weight_copies(w, WeightLayout::Experts, |c| {
                 grouped(&gq, &c.dgrad()?, ends, fast_accum())
@@ -978,13 +1046,15 @@ mod ops {
         } else {
             None
         };
-        let gw = if w.requires_grad() {
+        let gw = if wgrad_in_fp8 {
             let layout = Transposed::SideBySide {
                 positions: side_by_side_positions(rows, groups),
             };
             let (at, pad_ends) = transposed_operand(xs, ends, layout, &o)?;
             let (bt, _) = transposed_operand(&g, ends, layout, &o)?;
             master_gradient(w, &grouped_weight_grad(&at, &bt, &pad_ends, fast_accum())?)?
+        } else if w.requires_grad() {
+            master_gradient(w, &unquantised_weight_grad(xs, &g, ends)?)?
         } else {
             None
         };
@@ -1102,10 +1172,11 @@ mod ops {
     /// The dispatch: `x` [T, d] gathered by `row_slot` [N] into expert order, its FP8 rows and
     /// column maxima kept for the first matmul (inputs: x, row_slot, slot_row [T·k], the groups'
     /// ends [E] int32).
-    fn dispatch_forward(k: i64, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+    fn dispatch_forward(k: i64, fp8_wgrad: bool, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
         let (x, row_slot, ends) = (&inputs[0], &inputs[1], &inputs[3]);
         let o = overflow(x.device())?;
-        let (xs, q, maxima) = gather_quant_rows(x, row_slot, k, None, Some(&o), Some(ends))?;
+        let col_ends = fp8_wgrad.then_some(ends);
+        let (xs, q, maxima) = gather_quant_rows(x, row_slot, k, None, Some(&o), col_ends)?;
         remember_prequantized(&xs, q);
         remember_maxima(&xs, maxima, 0);
         Ok(vec![Some(xs)])
@@ -1113,12 +1184,13 @@ mod ops {
 
     /// The activation: `h1` [N, H] (and `h3` for SwiGLU), its FP8 rows and column maxima kept for
     /// the second matmul (inputs: h1, h3 or unused, the groups' ends [E] int32).
-    fn act_forward(act: Fp8Act, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+    fn act_forward(act: Fp8Act, fp8_wgrad: bool, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
         let (a, ends) = (&inputs[0], &inputs[2]);
         let b = (act == Fp8Act::Swiglu).then_some(&inputs[1]);
         let o = overflow(a.device())?;
         let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
-        let (out, q, maxima) = act_quant_rows(a, b, act, Some(&limit), Some(&o), Some(ends))?;
+        let col_ends = fp8_wgrad.then_some(ends);
+        let (out, q, maxima) = act_quant_rows(a, b, act, Some(&limit), Some(&o), col_ends)?;
         remember_prequantized(&out, q);
         remember_maxima(&out, maxima, 0);
         Ok(vec![Some(out)])
@@ -1126,14 +1198,18 @@ mod ops {
 
     /// The activation fused with the second matmul: `h1` [N, H], `h3` (SwiGLU) or unused,
     /// `W2` [E, H, d], the groups' ends [E] int32.
-    fn act_grouped_forward(act: Fp8Act, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+    fn act_grouped_forward(
+        act: Fp8Act,
+        fp8_wgrad: bool,
+        inputs: &[Tensor],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (a, w, ends) = (&inputs[0], &inputs[2], &inputs[3]);
         let b = (act == Fp8Act::Swiglu).then_some(&inputs[1]);
         let o = overflow(a.device())?;
         let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
         // the activation's FP8 rows alone: its output in bf16 is neither written nor
         // kept (the weight gradient's transposed copy computes it again from `a`)
-        let col_ends = w.requires_grad().then_some(ends);
+        let col_ends = (fp8_wgrad && w.requires_grad()).then_some(ends);
         let (q, maxima) = act_quant_rows_only(a, b, act, Some(&limit), Some(&o), col_ends)?;
         if let Some(maxima) = maxima {
             with_state(a.device(), |s| {
@@ -1147,7 +1223,11 @@ mod ops {
     }
 
     /// Its backward: the gradients of `h1` (and `h3`) and `W2` from the output's (input 4).
-    fn act_grouped_backward(act: Fp8Act, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+    fn act_grouped_backward(
+        act: Fp8Act,
+        fp8_wgrad: bool,
+        inputs: &[Tensor],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (a, b, w, ends, g) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4]);
         if !g.defined() {
             return Ok(vec![None, None, None, None]);
@@ -1158,9 +1238,10 @@ mod ops {
         let limit = ends.f_narrow(0, groups - 1, 1)?;
         let g = g.f_contiguous()?;
         let maxima = take_act_maxima(a);
+        let wgrad_in_fp8 = fp8_wgrad && w.requires_grad();
         // as the second matmul's backward: the output gradient's FP8 rows (the
         // combine's backward wrote them), the activation's gradient, the weight's
-        let gq = gradient_rows(&g, ends, &limit, &o, w.requires_grad())?;
+        let gq = gradient_rows(&g, ends, &limit, &o, wgrad_in_fp8)?;
         let gh = if a.requires_grad() || b.requires_grad() {
             let gh = weight_copies(w, WeightLayout::Experts, |c| {
                 grouped(&gq, &c.dgrad()?, ends, fast_accum())
@@ -1170,7 +1251,7 @@ mod ops {
             None
         };
         drop(gq);
-        let gw = if w.requires_grad() {
+        let gw = if wgrad_in_fp8 {
             let layout = Transposed::SideBySide {
                 positions: side_by_side_positions(rows, groups),
             };
@@ -1182,12 +1263,17 @@ mod ops {
                 act_quant_transposed(a, swiglu_b, act, ends, layout, Some(&o), maxima.as_ref())?;
             let (bt, _) = transposed_operand(&g, ends, layout, &o)?;
             master_gradient(w, &grouped_weight_grad(&at, &bt, &pad_ends, fast_accum())?)?
+        } else if w.requires_grad() {
+            // the activation's output, which the forward did not keep, made again in bf16
+            let swiglu_b = (act == Fp8Act::Swiglu).then_some(b);
+            let (h, _, _) = act_quant_rows(a, swiglu_b, act, Some(&limit), None, None)?;
+            master_gradient(w, &unquantised_weight_grad(&h, &g, ends)?)?
         } else {
             None
         };
         let (ga, gb) = match gh {
             Some(gh) => {
-                let (ga, gb) = act_backward(act, a, b, ends, &gh)?;
+                let (ga, gb) = act_backward(act, fp8_wgrad, a, b, ends, &gh)?;
                 (Some(ga), gb)
             }
             None => (None, None),
@@ -1198,7 +1284,7 @@ mod ops {
     /// The combine's backward: the gate-weighted gradient of `ys` (with its FP8 rows, kept for the
     /// second matmul) and the gradient of the gate weights (inputs: ys [N, d], weight [T, k] f32,
     /// slot_row [T·k], row_slot [N], the groups' ends [E] int32, the output's gradient).
-    fn combine_backward(inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+    fn combine_backward(fp8_wgrad: bool, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
         let (ys, w, slot_row, row_slot, ends, g) = (
             &inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4], &inputs[5],
         );
@@ -1209,8 +1295,8 @@ mod ops {
         let g = g.f_to_kind(ys.kind())?.f_contiguous()?;
         let gys = if ys.requires_grad() {
             let o = overflow(g.device())?;
-            let (gys, q, maxima) =
-                gather_quant_rows(&g, row_slot, k, Some(w), Some(&o), Some(ends))?;
+            let col_ends = fp8_wgrad.then_some(ends);
+            let (gys, q, maxima) = gather_quant_rows(&g, row_slot, k, Some(w), Some(&o), col_ends)?;
             remember_prequantized(&gys, q);
             remember_maxima(&gys, maxima, 1);
             Some(gys)
@@ -1226,6 +1312,7 @@ mod ops {
     /// (nothing reads them).
     fn act_backward(
         act: Fp8Act,
+        fp8_wgrad: bool,
         a: &Tensor,
         b: &Tensor,
         ends: &Tensor,
@@ -1234,6 +1321,7 @@ mod ops {
         let g = g.f_to_kind(a.kind())?.f_contiguous()?;
         let o = overflow(a.device())?;
         let limit = ends.f_narrow(0, ends.size()[0] - 1, 1)?;
+        let col_ends = fp8_wgrad.then_some(ends);
         let one_input = match act {
             Fp8Act::Gelu => Fp8ActGrad::Gelu,
             Fp8Act::Relu => Fp8ActGrad::Relu,
@@ -1247,7 +1335,7 @@ mod ops {
             }
             Fp8Act::Swiglu => {
                 let ((ga, qa, maxima_a), (gb, qb, maxima_b)) =
-                    swiglu_grad_quant_rows(a, b, &g, Some(&limit), Some(&o), Some(ends))?;
+                    swiglu_grad_quant_rows(a, b, &g, Some(&limit), Some(&o), col_ends)?;
                 remember_prequantized(&ga, qa);
                 remember_maxima(&ga, maxima_a, 1);
                 remember_prequantized(&gb, qb);
@@ -1256,7 +1344,7 @@ mod ops {
             }
         };
         let (ga, q, maxima) =
-            act_grad_quant_rows(a, &g, one_input, Some(&limit), Some(&o), Some(ends))?;
+            act_grad_quant_rows(a, &g, one_input, Some(&limit), Some(&o), col_ends)?;
         remember_prequantized(&ga, q);
         remember_maxima(&ga, maxima, 1);
         Ok((ga, None))
@@ -1276,8 +1364,10 @@ mod ops {
     /// Every row of `xs` (`[M, K]`, bf16, or f32 in the emulation; rows in expert groups
     /// ending at `ends`, int32 `[E]`) times its expert's `w` (the master, `[E, K, N]`) with
     /// FP8 operands: `[M, N]` in `xs`'s type, differentiable in both. Rows past the last group
-    /// are left as the matmul leaves them (as with the bf16 grouped matmul).
-    pub fn grouped_mm(xs: &Tensor, w: &Tensor, ends: &Tensor) -> Result<Tensor> {
+    /// are left as the matmul leaves them (as with the bf16 grouped matmul). `fp8_wgrad`: the
+    /// weight gradient on FP8 operands, else on `xs` and the output's gradient as they are
+    /// (the layer's choice, [`crate::plan::cost::fp8_weight_gradient`]).
+    pub fn grouped_mm(xs: &Tensor, w: &Tensor, ends: &Tensor, fp8_wgrad: bool) -> Result<Tensor> {
         let (_, k) = xs.size2()?;
         let n = *w.size().last().unwrap_or(&0);
         if k % 16 != 0 || n % 16 != 0 {
@@ -1285,7 +1375,7 @@ mod ops {
         }
         apply(
             fp8_callback,
-            Fp8Op::Grouped.code(),
+            Fp8Op::Grouped { fp8_wgrad }.code(),
             vec![
                 xs.f_contiguous()?,
                 w.shallow_clone(),
@@ -1352,18 +1442,19 @@ mod ops {
     /// The dispatch's gather into expert order (as `cuda::dispatch_op`), writing the rows'
     /// FP8 copy in the same pass where the kernels run; [`grouped_mm`] then takes it instead
     /// of quantising `xs` again. Call [`forget_prequantized`] once the experts have run.
-    /// With grad, the pass raises the column maxima of `xs`'s expert groups (ending at
-    /// `ends`) too, for the first matmul's weight gradient.
+    /// With grad and `fp8_wgrad`, the pass raises the column maxima of `xs`'s expert groups
+    /// (ending at `ends`) too, for the first matmul's weight gradient on FP8 operands.
     pub fn dispatch(
         x: &Tensor,
         row_slot: &Tensor,
         slot_row: &Tensor,
         k: i64,
         ends: &Tensor,
+        fp8_wgrad: bool,
     ) -> Result<Tensor> {
         let xs = apply(
             fp8_callback,
-            Fp8Op::Dispatch { k }.code(),
+            Fp8Op::Dispatch { k, fp8_wgrad }.code(),
             vec![
                 x.shallow_clone(),
                 row_slot.shallow_clone(),
@@ -1382,12 +1473,13 @@ mod ops {
     /// rows in expert groups ending at `ends`, rows past the last group zero), writing its
     /// output's FP8 rows in the same pass: the second matmul ([`grouped_mm`]) takes them
     /// instead of quantising the output again. Differentiable in `h1` and `h3`. Call
-    /// [`forget_prequantized`] once the experts have run.
+    /// [`forget_prequantized`] once the experts have run. `fp8_wgrad`: as [`grouped_mm`]'s.
     pub fn activation(
         h1: &Tensor,
         h3: Option<&Tensor>,
         act: Fp8Act,
         ends: &Tensor,
+        fp8_wgrad: bool,
     ) -> Result<Tensor> {
         if (act == Fp8Act::Swiglu) != h3.is_some() {
             bail!(
@@ -1401,7 +1493,7 @@ mod ops {
         };
         let out = apply(
             fp8_callback,
-            Fp8Op::Act(act).code(),
+            Fp8Op::Act { act, fp8_wgrad }.code(),
             vec![h1.f_contiguous()?, h3, ends.f_to_kind(Kind::Int)?],
         )
         .context("FP8 activation")?;
@@ -1439,6 +1531,7 @@ mod ops {
         act: Fp8Act,
         w: &Tensor,
         ends: &Tensor,
+        fp8_wgrad: bool,
     ) -> Result<Tensor> {
         if (act == Fp8Act::Swiglu) != h3.is_some() {
             bail!(
@@ -1458,7 +1551,7 @@ mod ops {
         };
         let out = apply(
             fp8_callback,
-            Fp8Op::ActGrouped(act).code(),
+            Fp8Op::ActGrouped { act, fp8_wgrad }.code(),
             vec![
                 h1.shallow_clone(),
                 h3,
@@ -1476,13 +1569,15 @@ mod ops {
     /// The weighted combine of the expert outputs `ys` back onto their tokens (as
     /// `cuda::combine_op`; `weight` `[T, k]` f32), whose backward writes the FP8 rows of the
     /// experts' output gradient in the gather it makes anyway: the second matmul's backward
-    /// takes them instead of quantising the gradient again.
+    /// takes them instead of quantising the gradient again (and, with `fp8_wgrad`, raises the
+    /// column maxima of their transposed copy).
     pub fn combine(
         ys: &Tensor,
         weight: &Tensor,
         slot_row: &Tensor,
         row_slot: &Tensor,
         ends: &Tensor,
+        fp8_wgrad: bool,
     ) -> Result<Tensor> {
         let slots = slot_row.size()[0];
         if weight.dim() != 2 || weight.numel() as i64 != slots || row_slot.size()[0] != slots {
@@ -1494,7 +1589,7 @@ mod ops {
         }
         apply(
             fp8_callback,
-            Fp8Op::Combine.code(),
+            Fp8Op::Combine { fp8_wgrad }.code(),
             vec![
                 ys.shallow_clone(),
                 weight.shallow_clone(),
@@ -1534,18 +1629,25 @@ mod ops {
             rows.check_many_groups(&mut c)?;
             rows.check_non_finite(&mut c)?;
         }
-        // the ops: experts (E = 5, one group empty, dropped rows) and dense, both layouts
-        // the larger shape on a GPU only (the CPU's emulation of it takes minutes)
-        let shapes: &[(i64, i64, i64)] = if device.is_cuda() {
-            &[(512, 256, 384), (4096, 1024, 2048)]
+        // the ops: experts (E = 5, one group empty, dropped rows) with their weight gradients
+        // on FP8 and on bf16 operands, and dense, both layouts; the larger shape on a GPU only
+        // (the CPU's emulation of it takes minutes)
+        let shapes: &[(i64, i64, i64, bool)] = if device.is_cuda() {
+            &[
+                (512, 256, 384, true),
+                (512, 256, 384, false),
+                (4096, 1024, 2048, true),
+            ]
         } else {
-            &[(512, 256, 384)]
+            &[(512, 256, 384, true), (512, 256, 384, false)]
         };
-        for &(rows_kept, k, n) in shapes {
-            let ops = OpsCase::new(device, rows_kept, k, n)?;
+        for &(rows_kept, k, n, fp8_wgrad) in shapes {
+            let ops = OpsCase::new(device, rows_kept, k, n, fp8_wgrad)?;
             ops.check_experts(&mut c)?;
             ops.check_activation_mm(&mut c)?;
-            ops.check_dense(&mut c)?;
+            if fp8_wgrad {
+                ops.check_dense(&mut c)?;
+            }
         }
         clear();
         if c.failed > 0 {
@@ -2171,10 +2273,12 @@ mod ops {
         x: Tensor,
         w: Tensor,
         g: Tensor,
+        /// the experts' weight gradients on FP8 operands (else on bf16 ones)
+        fp8_wgrad: bool,
     }
 
     impl OpsCase {
-        fn new(device: Device, rows_kept: i64, k: i64, n: i64) -> Result<OpsCase> {
+        fn new(device: Device, rows_kept: i64, k: i64, n: i64, fp8_wgrad: bool) -> Result<OpsCase> {
             let cpu = Device::Cpu;
             let e = 5i64;
             let mut cut: Vec<i64> = (0..e - 1)
@@ -2208,12 +2312,19 @@ mod ops {
                 x,
                 w,
                 g,
+                fp8_wgrad,
             })
         }
 
         fn label(&self, name: &str) -> String {
             let (rows_kept, k, n) = (self.rows_kept, self.k, self.n);
             format!("fp8 {name:<30} rows={rows_kept} {k}->{n}")
+        }
+
+        /// [`OpsCase::label`] with the operands of the experts' weight gradients.
+        fn experts_label(&self, name: &str) -> String {
+            let wgrad = if self.fp8_wgrad { "fp8" } else { "bf16" };
+            format!("{} wgrad {wgrad}", self.label(name))
         }
 
         /// The experts' grouped matmul on `dev` in `kind`: the kept rows' output and input
@@ -2224,7 +2335,7 @@ mod ops {
             let cpu = Device::Cpu;
             let xg = leaf(x, dev, kind)?;
             let wg = leaf(w, dev, Kind::Float)?;
-            let out = grouped_mm(&xg, &wg, &ends.f_to_device(dev)?)?;
+            let out = grouped_mm(&xg, &wg, &ends.f_to_device(dev)?, self.fp8_wgrad)?;
             let gd = g.f_to_device(dev)?.f_to_kind(out.kind())?;
             let kept_out = out.f_narrow(0, 0, rows_kept)?;
             kept_out
@@ -2247,7 +2358,7 @@ mod ops {
         fn check_experts(&self, c: &mut Checks) -> Result<()> {
             let (device, kind, rows_kept) = (self.device, self.kind, self.rows_kept);
             let (cut, x, w, g) = (&self.cut, &self.x, &self.w, &self.g);
-            let label = |n: &str| self.label(n);
+            let label = |n: &str| self.experts_label(n);
             let (out, gx, gw) = self.experts(device, kind)?;
             // within a step the backward (on a GPU, libtorch's autograd thread runs it) takes
             // the weight's copies that the forward made
@@ -2304,7 +2415,7 @@ mod ops {
             let (device, kind, rows_kept) = (self.device, self.kind, self.rows_kept);
             let (ends, x, w, g) = (&self.ends, &self.x, &self.w, &self.g);
             let cpu = Device::Cpu;
-            let label = |n: &str| self.label(n);
+            let label = |n: &str| self.experts_label(n);
             for act in Fp8Act::ALL {
                 let run_act = |on_load: bool| -> Result<Vec<Tensor>> {
                     let h1 = leaf(x, device, kind)?;
@@ -2313,9 +2424,10 @@ mod ops {
                     let ed = ends.f_to_device(device)?;
                     let h3 = (act == Fp8Act::Swiglu).then_some(h3);
                     let out = if on_load {
-                        activation_mm(&h1, h3.as_ref(), act, &wg, &ed)?
+                        activation_mm(&h1, h3.as_ref(), act, &wg, &ed, self.fp8_wgrad)?
                     } else {
-                        grouped_mm(&activation(&h1, h3.as_ref(), act, &ed)?, &wg, &ed)?
+                        let h = activation(&h1, h3.as_ref(), act, &ed, self.fp8_wgrad)?;
+                        grouped_mm(&h, &wg, &ed, self.fp8_wgrad)?
                     };
                     forget_prequantized();
                     let kept_out = out.f_narrow(0, 0, rows_kept)?;
@@ -2629,54 +2741,57 @@ mod ops {
                 (Activation::Relu, 4, (4, 2)),
                 (Activation::Swiglu, 6, (5, 3)),
             ] {
-                let run = |fused: bool, on_load: bool| -> (Vec<Tensor>, u64, u64) {
-                    let leaf = |t: &Tensor| t.detach().copy().set_requires_grad(true);
-                    let (xl, gl) = (leaf(&x), leaf(&gate));
-                    let ex = Experts {
-                        experts: e,
-                        act,
-                        w1: leaf(&w1),
-                        w2: leaf(&w2),
-                        w3: (act == Activation::Swiglu).then(|| leaf(&w3)),
-                        b1: None,
-                        b2: None,
-                        path: ExpertPath::Grouped,
-                        fp8: true,
+                let run =
+                    |fused: bool, on_load: bool, fp8_wgrad: bool| -> (Vec<Tensor>, u64, u64) {
+                        let leaf = |t: &Tensor| t.detach().copy().set_requires_grad(true);
+                        let (xl, gl) = (leaf(&x), leaf(&gate));
+                        let ex = Experts {
+                            experts: e,
+                            act,
+                            w1: leaf(&w1),
+                            w2: leaf(&w2),
+                            w3: (act == Activation::Swiglu).then(|| leaf(&w3)),
+                            b1: None,
+                            b2: None,
+                            path: ExpertPath::Grouped,
+                            fp8: true,
+                            fp8_wgrad,
+                        };
+                        let mut plan =
+                            DispatchPlan::with_kernels(&expert, e, false, false).unwrap();
+                        // the fused ops (each with its libtorch fallback on the CPU)
+                        plan.fused = fused;
+                        let before = prequantized_used();
+                        let maxima_before = maxima_used();
+                        crate::runtime::fp8::activation_on_load_on_this_thread(Some(on_load));
+                        let out = run_experts(&ex, &xl, &plan, &gl, t);
+                        crate::runtime::fp8::activation_on_load_on_this_thread(None);
+                        let out = out.unwrap();
+                        (&out * &g).sum(Kind::Float).backward();
+                        let mut got = vec![
+                            out.detach(),
+                            xl.grad(),
+                            gl.grad(),
+                            ex.w1.grad(),
+                            ex.w2.grad(),
+                        ];
+                        if let Some(w3) = &ex.w3 {
+                            got.push(w3.grad());
+                        }
+                        assert_eq!(operand_extras_held(), 0, "{act:?}: kept past the backward");
+                        (
+                            got,
+                            prequantized_used() - before,
+                            maxima_used() - maxima_before,
+                        )
                     };
-                    let mut plan = DispatchPlan::with_kernels(&expert, e, false, false).unwrap();
-                    // the fused ops (each with its libtorch fallback on the CPU)
-                    plan.fused = fused;
-                    let before = prequantized_used();
-                    let maxima_before = maxima_used();
-                    crate::runtime::fp8::activation_on_load_on_this_thread(Some(on_load));
-                    let out = run_experts(&ex, &xl, &plan, &gl, t);
-                    crate::runtime::fp8::activation_on_load_on_this_thread(None);
-                    let out = out.unwrap();
-                    (&out * &g).sum(Kind::Float).backward();
-                    let mut got = vec![
-                        out.detach(),
-                        xl.grad(),
-                        gl.grad(),
-                        ex.w1.grad(),
-                        ex.w2.grad(),
-                    ];
-                    if let Some(w3) = &ex.w3 {
-                        got.push(w3.grad());
-                    }
-                    assert_eq!(operand_extras_held(), 0, "{act:?}: kept past the backward");
-                    (
-                        got,
-                        prequantized_used() - before,
-                        maxima_used() - maxima_before,
-                    )
-                };
-                let (fused, used, fused_maxima) = run(true, false);
-                let (separate, unused, own_maxima) = run(false, false);
+                let (fused, used, fused_maxima) = run(true, false, true);
+                let (separate, unused, own_maxima) = run(false, false, true);
                 assert_eq!((used, unused), (takes, 0), "{act:?}");
                 assert_eq!((fused_maxima, own_maxima), maxima, "{act:?}");
                 // the activation's output computed again on load by the weight gradient's
                 // transposed copy: the same bits everywhere, the same maxima taken
-                let (on_load, used, on_load_maxima) = run(true, true);
+                let (on_load, used, on_load_maxima) = run(true, true, true);
                 assert_eq!(used, takes - 1, "{act:?} on load");
                 assert_eq!(on_load_maxima, maxima.0, "{act:?} on load");
                 for (n, (a, b)) in on_load.iter().zip(&fused).enumerate() {
@@ -2690,16 +2805,95 @@ mod ops {
                 } else {
                     1e-5
                 };
-                for (n, (a, b)) in fused.iter().zip(&separate).enumerate() {
-                    let diff = (a - b).abs().max().double_value(&[]);
-                    let top = b.abs().max().double_value(&[]);
+                let close = |a: &[Tensor], b: &[Tensor], tol: f64, what: &str| {
+                    for (n, (a, b)) in a.iter().zip(b).enumerate() {
+                        let diff = (a - b).abs().max().double_value(&[]);
+                        let top = b.abs().max().double_value(&[]);
+                        assert!(
+                            top > 0.0 && diff <= tol * top,
+                            "{act:?} {what} tensor {n}: {diff} of {top}"
+                        );
+                    }
+                };
+                close(&fused, &separate, tol, "fused");
+                // the weight gradients on the layer's bf16 operands (as where the experts'
+                // rows are few): no column maxima raised or taken, nothing kept; the output
+                // and the input and gate gradients the same bits as above (their operands
+                // are the same), the weight gradients those of the operands unquantised
+                let (bf16_wgrad, used, no_maxima) = run(true, false, false);
+                assert_eq!(
+                    (used, no_maxima),
+                    (takes, 0),
+                    "{act:?} bf16 weight gradients"
+                );
+                for n in 0..3 {
                     assert!(
-                        top > 0.0 && diff <= tol * top,
-                        "{act:?} tensor {n}: {diff} of {top}"
+                        bf16_wgrad[n].equal(&fused[n]),
+                        "{act:?} bf16 wgrad, tensor {n}"
                     );
+                }
+                close(
+                    &bf16_wgrad[3..],
+                    &fused[3..],
+                    0.1,
+                    "bf16 wgrad against fp8 wgrad",
+                );
+                let (separate_bf16, _, _) = run(false, false, false);
+                close(&separate_bf16, &bf16_wgrad, tol, "separate bf16 wgrad");
+                // with the activation on load, its output made again for the weight gradient:
+                // the same bits as the output the forward kept
+                let (on_load_bf16, _, no_maxima) = run(true, true, false);
+                assert_eq!(no_maxima, 0, "{act:?} on load, bf16 weight gradients");
+                for (n, (a, b)) in on_load_bf16.iter().zip(&bf16_wgrad).enumerate() {
+                    assert!(a.equal(b), "{act:?} on load bf16 wgrad, tensor {n} differs");
                 }
             }
             forget_prequantized();
+        }
+
+        /// The weight gradient on unquantised operands is each expert's `xᵀ · g` over its
+        /// rows, whatever the rows past the last group hold (padding the matmul must not
+        /// read), empty groups giving zeros.
+        #[test]
+        fn unquantised_weight_gradient_is_each_experts_own() {
+            tch::manual_seed(5);
+            let (k, n) = (24i64, 40i64);
+            let counts = [7i64, 0, 12, 5];
+            let used: i64 = counts.iter().sum();
+            let rows = used + 6;
+            let x = Tensor::randn([rows, k], (Kind::Float, Device::Cpu));
+            let g = Tensor::randn([rows, n], (Kind::Float, Device::Cpu));
+            // padding rows past the last group: large, so reading them would show
+            let _ = x.narrow(0, used, rows - used).fill_(1e4);
+            let ends: Vec<i32> = counts
+                .iter()
+                .scan(0i64, |acc, c| {
+                    *acc += c;
+                    Some(*acc as i32)
+                })
+                .collect();
+            let ends = Tensor::from_slice(&ends);
+            let got = unquantised_weight_grad(&x, &g, &ends).unwrap();
+            assert_eq!(got.size(), [4, k, n]);
+            let mut start = 0;
+            for (e, c) in counts.iter().enumerate() {
+                let want = x
+                    .narrow(0, start, *c)
+                    .transpose(0, 1)
+                    .matmul(&g.narrow(0, start, *c))
+                    .to_kind(Kind::BFloat16)
+                    .to_kind(Kind::Float);
+                let diff = (got.get(e as i64).to_kind(Kind::Float) - &want)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(
+                    diff <= 1e-2 * (1.0 + want.abs().max().double_value(&[])),
+                    "expert {e}: {diff}"
+                );
+                start += c;
+            }
+            assert_eq!(got.get(1).abs().max().double_value(&[]), 0.0);
         }
 
         /// On the CPU without the emulation, `precision = fp8` is refused up front.
@@ -2715,8 +2909,7 @@ mod ops {
 
         #[test]
         fn op_codes_round_trip() {
-            for op in [
-                Fp8Op::Grouped,
+            let mut ops = vec![
                 Fp8Op::Linear {
                     layout: WeightLayout::InOut,
                     biased: false,
@@ -2729,17 +2922,23 @@ mod ops {
                     layout: WeightLayout::OutIn,
                     biased: false,
                 },
-                Fp8Op::Dispatch { k: 2 },
-                Fp8Op::Act(Fp8Act::Gelu),
-                Fp8Op::Act(Fp8Act::Relu),
-                Fp8Op::Act(Fp8Act::Swiglu),
-                Fp8Op::Combine,
-                Fp8Op::ActGrouped(Fp8Act::Gelu),
-                Fp8Op::ActGrouped(Fp8Act::Relu),
-                Fp8Op::ActGrouped(Fp8Act::Swiglu),
-            ] {
+            ];
+            for fp8_wgrad in [false, true] {
+                ops.extend([
+                    Fp8Op::Grouped { fp8_wgrad },
+                    Fp8Op::Dispatch { k: 2, fp8_wgrad },
+                    Fp8Op::Dispatch { k: 8, fp8_wgrad },
+                    Fp8Op::Combine { fp8_wgrad },
+                ]);
+                for act in Fp8Act::ALL {
+                    ops.push(Fp8Op::Act { act, fp8_wgrad });
+                    ops.push(Fp8Op::ActGrouped { act, fp8_wgrad });
+                }
+            }
+            for op in ops {
                 assert_eq!(Fp8Op::from_code(op.code()).unwrap(), op);
             }
+            assert!(Fp8Op::from_code(1 | (2 << 16)).is_err());
         }
     }
 }

@@ -732,6 +732,7 @@ impl Transformer {
                 FfnModule::Dense(mlp) => Some(mlp),
                 FfnModule::Moe(layer) => {
                     layer.experts.fp8 = fp8.experts && !bf16.experts.contains(&i);
+                    layer.experts.fp8_wgrad = !bf16.weight_gradients.contains(&i);
                     layer.shared.as_mut()
                 }
             };

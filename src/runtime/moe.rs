@@ -914,6 +914,9 @@ pub struct Experts {
     /// The grouped matmuls with FP8 operands (`precision = fp8`, feature `cuda`; see
     /// `runtime::fp8`). Only on the grouped path.
     pub fp8: bool,
+    /// With `fp8`: the weight gradients on FP8 operands too, else on the layer's bf16 input
+    /// and output gradient (the plan's choice, `plan::cost::fp8_weight_gradient`).
+    pub fp8_wgrad: bool,
 }
 
 impl Experts {
@@ -958,11 +961,13 @@ impl Experts {
             b2,
             path: ExpertPath::Grouped,
             fp8: false,
+            fp8_wgrad: true,
         })
     }
 
-    /// The same experts (the same tensors), with FP8 operands or not.
-    pub fn with_fp8(&self, fp8: bool) -> Experts {
+    /// The same experts (the same tensors), with FP8 operands or not (and with FP8 operands
+    /// for their weight gradients or not).
+    pub fn with_fp8(&self, fp8: bool, fp8_wgrad: bool) -> Experts {
         Experts {
             experts: self.experts,
             act: self.act,
@@ -973,6 +978,7 @@ impl Experts {
             b2: self.b2.as_ref().map(Tensor::shallow_clone),
             path: self.path,
             fp8,
+            fp8_wgrad,
         }
     }
 
@@ -987,7 +993,7 @@ impl Experts {
             } else {
                 xs.shallow_clone()
             };
-            let out = crate::runtime::fp8::grouped_mm(&xs, w, &plan.offsets)?;
+            let out = crate::runtime::fp8::grouped_mm(&xs, w, &plan.offsets, self.fp8_wgrad)?;
             return if masked {
                 Ok(out.f_where_self(&plan.valid, &out.f_zeros_like()?)?)
             } else {
@@ -1118,7 +1124,13 @@ impl Experts {
         #[cfg(feature = "cuda")]
         if let Some(act) = self.fp8_activation(h3.is_some(), plan) {
             // the activation's pass writes the FP8 rows of the second matmul's input
-            return crate::runtime::fp8::activation(&h, h3.as_ref(), act, &plan.offsets);
+            return crate::runtime::fp8::activation(
+                &h,
+                h3.as_ref(),
+                act,
+                &plan.offsets,
+                self.fp8_wgrad,
+            );
         }
         match h3 {
             Some(h3) => {
@@ -1155,7 +1167,14 @@ impl Experts {
             use crate::runtime::fp8::{activation_mm, fuses_activation};
             if fuses_activation() {
                 // the activation's output is never written in bf16 nor kept for the backward
-                let y = activation_mm(&h, h3.as_ref(), act, &self.w2, &plan.offsets)?;
+                let y = activation_mm(
+                    &h,
+                    h3.as_ref(),
+                    act,
+                    &self.w2,
+                    &plan.offsets,
+                    self.fp8_wgrad,
+                )?;
                 return self.bias_then(y, &self.b2, plan, None, fused);
             }
         }
@@ -1429,6 +1448,7 @@ pub fn dispatch_to(experts: &Experts, x: &Tensor, plan: &DispatchPlan) -> Result
             &plan.slot_row,
             plan.top_k,
             &plan.offsets,
+            experts.fp8_wgrad,
         );
     }
     let _ = experts;
@@ -1458,6 +1478,7 @@ pub fn combine_from(
             &plan.slot_row,
             &plan.row_slot,
             &plan.offsets,
+            experts.fp8_wgrad,
         );
     }
     let _ = experts;
@@ -1574,6 +1595,7 @@ impl crate::collective::LocalExperts for RankExperts<'_> {
             // FP8 copies of weights are cached per step by their address: replicas are
             // fresh tensors every exchange, so they run in the compute dtype.
             fp8: false,
+            fp8_wgrad: true,
         };
         RankExperts::run(&replicas, rows, counts).map_err(tch_error)
     }

@@ -393,6 +393,16 @@ impl<'a> Trainer<'a> {
                 hardware.name
             );
         }
+        if !bf16.weight_gradients.is_empty() {
+            crate::errln!(
+                "note: precision = fp8: the expert weight gradients of layer(s) {:?} take their \
+                 bf16 operands, where the planner estimates that FP8's transposed copies would \
+                 cost more than its faster matmul saves on `{}` (FMOEC_FP8_WEIGHT_GRADS=all \
+                 forces FP8)",
+                bf16.weight_gradients,
+                hardware.name
+            );
+        }
         if let Some(modules) = bf16.dense_modules() {
             crate::errln!(
                 "note: fp8_dense: bf16 operands for {modules}, where the planner estimates \

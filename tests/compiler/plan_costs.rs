@@ -489,16 +489,18 @@ fn fp8_memory_adds_the_scales_and_time_runs_the_experts_at_the_fp8_peak() {
     assert_eq!(fp8.time.peak_tflops, bf16.time.peak_tflops);
 }
 
-/// FP8 pays for S1's wide experts (4096 → 14336; measured 1.40-1.45x on an H100), not for
-/// F0's (1024 → 4096, 128 rows per expert) or S3's (2048 → 768), whose quantisations cost
-/// more than their FP8 matmuls save (measured 0.79-0.92x; BENCHMARKS.md 2026-12-06, part 3).
+/// FP8 pays for S1's wide experts (4096 → 14336; measured 1.49-1.55x on an H100) and, with
+/// its weight gradients on bf16 operands, for F0's (1024 → 4096, 128 rows an expert: 1.11-1.16x,
+/// BENCHMARKS.md 2026-12-08); not for S3's (2048 → 768), whose quantisations the estimate
+/// counts as costing more than its FP8 matmuls save (measured 0.79-0.92x with FP8 weight
+/// gradients, 1.03-1.10x without: the estimate keeps them in bf16, the safe side).
 #[test]
 fn fp8_pays_for_wide_experts_and_not_for_narrow_ones() {
     use fmoec::check::Activation::Gelu;
     let hw = fp8_h100();
     let pays = |w, h, rows: f64, e| plan::cost::fp8_pays_for_experts(&hw, w, h, Gelu, rows, e);
     assert!(pays(4096, 14336, 16384.0 * 2.0, 8));
-    assert!(!pays(1024, 4096, 4096.0 * 2.0, 64));
+    assert!(pays(1024, 4096, 4096.0 * 2.0, 64));
     assert!(!pays(2048, 768, 16384.0 * 8.0, 128));
     // no FP8 tensor cores: never
     assert!(!plan::cost::fp8_pays_for_experts(
@@ -541,6 +543,7 @@ fn fp8_dense_pays_for_wide_projections_and_not_for_narrow_ones() {
     let (narrow, narrow_dense) = (build(1024, false), build(1024, true));
     let all_bf16 = plan::cost::Fp8Fallbacks {
         experts: vec![],
+        weight_gradients: vec![],
         attention: vec![0, 1],
         mlps: vec![0, 1],
         head: true,
@@ -1148,4 +1151,44 @@ fn capacity_beyond_experts_over_top_k_costs_every_row_once() {
             assert_eq!(activations(&with_capacity(huge), core), whole, "{huge}");
         }
     }
+}
+
+/// The experts' weight gradients take FP8 operands where the rows an expert and the widths
+/// let FP8's matmul save more than its transposed copies cost, as measured on an H100 with
+/// the weight gradients on FP8 and on bf16 operands in alternating processes (BENCHMARKS.md
+/// 2026-12-08): FP8 at 1024 and 4096 rows of 4096 → 14336 (S1-T4096, S1), bf16 at 128 rows
+/// (F0, S1-T512: both precisions only write the gradient) and for narrow experts (S3, 2048
+/// → 768 at 1024 rows); never without FP8 tensor cores.
+#[test]
+fn fp8_weight_gradients_where_their_copies_pay() {
+    let hw = fp8_h100();
+    let fp8 = |w, h, rows| plan::cost::fp8_weight_gradient(&hw, w, h, rows);
+    assert!(fp8(4096, 14336, 4096.0));
+    assert!(fp8(4096, 14336, 1024.0));
+    assert!(!fp8(4096, 14336, 128.0));
+    assert!(!fp8(1024, 4096, 128.0));
+    assert!(!fp8(2048, 768, 1024.0));
+    assert!(!plan::cost::fp8_weight_gradient(&h100(), 4096, 14336, 4096.0));
+}
+
+/// Experts of F0's width (1024 → 4096), 128 of them at micro-batch 8 (about 160 rows each),
+/// take FP8 with their weight gradients on bf16 operands, and the plan says so; S1's take
+/// FP8 throughout.
+#[test]
+fn the_plan_lists_the_weight_gradients_that_stay_bf16() {
+    let build = |width, heads, experts, hidden| {
+        let mut m = gpt("moe", 50304, width, heads, 2, true);
+        m.layers[1].ffn = fmoec::check::Ffn::Moe(gshard_moe(experts, 2, hidden));
+        fp8_plan(
+            m,
+            parallel(1, 1, 1, ExpertGroup::AcrossData),
+            Precision::Fp8 { dense: false },
+        )
+    };
+    let f0 = build(1024, 16, 128, 4096).fp8_fallbacks.unwrap();
+    assert_eq!((&f0.experts[..], &f0.weight_gradients[..]), (&[][..], &[1][..]));
+    let text = f0.describe().unwrap();
+    assert_eq!(text, "the expert weight gradients of layers [1]");
+    let s1 = build(4096, 32, 8, 14336).fp8_fallbacks.unwrap();
+    assert_eq!(s1, Default::default());
 }

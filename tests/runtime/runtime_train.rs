@@ -1302,6 +1302,7 @@ fn planned_fp8_fallbacks(file: &Path, extra: &[&str]) -> fmoec::plan::cost::Fp8F
     };
     fmoec::plan::cost::Fp8Fallbacks {
         experts: blocks("experts"),
+        weight_gradients: blocks("weight_gradients"),
         attention: blocks("attention"),
         mlps: blocks("mlps"),
         head: f["head"].as_bool().unwrap(),
@@ -1483,11 +1484,13 @@ fn a_plan_made_without_the_planner_takes_the_planners_fp8_rule() {
 fn fp8_overrides_go_on_top_of_the_plans_fallbacks() {
     use fmoec::plan::cost::Fp8Fallbacks;
     use fmoec::runtime::fp8::{
-        force_dense_on_this_thread, force_experts_on_this_thread, with_overrides, Fp8Use,
+        force_dense_on_this_thread, force_experts_on_this_thread,
+        force_weight_grads_on_this_thread, with_overrides, Fp8Use,
     };
     let mut model = runtime_common::example("tiny.fmoe").model;
     let planned = Fp8Fallbacks {
         experts: vec![3],
+        weight_gradients: vec![1],
         attention: vec![0],
         mlps: vec![2],
         head: false,
@@ -1505,12 +1508,17 @@ fn fp8_overrides_go_on_top_of_the_plans_fallbacks() {
         f
     };
     assert_eq!(settings(None, None, &model, dense), planned);
+    // the weight gradients keep the plan's choice (their own setting is below)
     assert_eq!(
         settings(Some(true), Some(true), &model, dense),
-        Fp8Fallbacks::default()
+        Fp8Fallbacks {
+            weight_gradients: vec![1],
+            ..Fp8Fallbacks::default()
+        }
     );
     let none = Fp8Fallbacks {
         experts: vec![1, 3],
+        weight_gradients: vec![],
         attention: vec![0, 1, 2, 3],
         mlps: vec![0, 2],
         head: true,
@@ -1529,9 +1537,25 @@ fn fp8_overrides_go_on_top_of_the_plans_fallbacks() {
     };
     let only = Fp8Fallbacks {
         experts: vec![3],
+        weight_gradients: vec![1],
         ..Fp8Fallbacks::default()
     };
     assert_eq!(settings(None, Some(false), &model, experts_only), only);
+    // the weight gradients: FP8 operands in every MoE layer, or in none; nothing listed
+    // where no experts take FP8
+    let grads = |all: Option<bool>, fp8: Fp8Use| {
+        force_weight_grads_on_this_thread(all);
+        let f = with_overrides(&planned, &model, fp8);
+        force_weight_grads_on_this_thread(None);
+        f.weight_gradients
+    };
+    assert_eq!(grads(Some(true), dense), Vec::<usize>::new());
+    assert_eq!(grads(Some(false), dense), vec![1]);
+    let no_experts = Fp8Use {
+        experts: false,
+        dense: true,
+    };
+    assert_eq!(grads(None, no_experts), Vec::<usize>::new());
     // a head of 250 columns cannot take FP8 even when forced
     model.vocab = 250;
     assert!(settings(None, Some(true), &model, dense).head);
