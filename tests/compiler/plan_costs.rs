@@ -1168,7 +1168,12 @@ fn fp8_weight_gradients_where_their_copies_pay() {
     assert!(!fp8(4096, 14336, 128.0));
     assert!(!fp8(1024, 4096, 128.0));
     assert!(!fp8(2048, 768, 1024.0));
-    assert!(!plan::cost::fp8_weight_gradient(&h100(), 4096, 14336, 4096.0));
+    assert!(!plan::cost::fp8_weight_gradient(
+        &h100(),
+        4096,
+        14336,
+        4096.0
+    ));
 }
 
 /// Experts of F0's width (1024 → 4096), 128 of them at micro-batch 8 (about 160 rows each),
@@ -1186,7 +1191,10 @@ fn the_plan_lists_the_weight_gradients_that_stay_bf16() {
         )
     };
     let f0 = build(1024, 16, 128, 4096).fp8_fallbacks.unwrap();
-    assert_eq!((&f0.experts[..], &f0.weight_gradients[..]), (&[][..], &[1][..]));
+    assert_eq!(
+        (&f0.experts[..], &f0.weight_gradients[..]),
+        (&[][..], &[1][..])
+    );
     let text = f0.describe().unwrap();
     assert_eq!(text, "the expert weight gradients of layers [1]");
     let s1 = build(4096, 32, 8, 14336).fp8_fallbacks.unwrap();
