@@ -576,33 +576,47 @@ pub fn fp8_dense_estimate(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp
 }
 
 /// One matmul of `rows` × `k` times `k` × `n` (out `rows` × `n`, bf16) in bf16 and with FP8
-/// operands on `hw` (`None` without FP8 tensor cores): the longer of its FLOPs at the rate
-/// matmuls of that shape reach ([`BF16_MATMUL_SHARE`], [`fp8_matmul_share`]) and its bytes
-/// (both operands, FP8's at 1 byte, and the output) at the HBM bandwidth.
+/// operands on `hw` (`None` without FP8 tensor cores): [`matmul_estimate`] with its bytes both
+/// operands (FP8's at 1 byte) and the output.
 fn one_matmul(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp8ExpertEstimate> {
-    let (bf16_rate, fp8_rate) = matmul_rates(hw, k, n)?;
-    let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
     let (kf, nf) = (k as f64, n as f64);
-    let flops = 2.0 * rows * kf * nf;
-    let at = |rate: f64, operand: f64| -> f64 {
-        let bytes = operand * (rows * kf + kf * nf) + 2.0 * rows * nf;
-        (flops / rate).max(bytes / hbm)
-    };
-    Some(Fp8ExpertEstimate {
-        bf16_s: at(bf16_rate, 2.0),
-        fp8_s: at(fp8_rate, 1.0),
+    matmul_estimate(hw, k, n, rows, |operand| {
+        operand * (rows * kf + kf * nf) + 2.0 * rows * nf
     })
 }
 
-/// The FLOP rates (per second) that matmuls of widths `k` and `n` reach on `hw` in bf16 and
-/// with FP8 operands ([`BF16_MATMUL_SHARE`], [`fp8_matmul_share`]); `None` without FP8
-/// tensor cores.
-fn matmul_rates(hw: &Hardware, k: u64, n: u64) -> Option<(f64, f64)> {
+/// The weight gradient `xᵀ · g` of one such matmul (`rows` × `k` and `rows` × `n` in, `k` ×
+/// `n` out, bf16): [`matmul_estimate`] with its bytes the two operands and the gradient it
+/// writes.
+fn weight_gradient_matmul(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp8ExpertEstimate> {
+    let (kf, nf) = (k as f64, n as f64);
+    matmul_estimate(hw, k, n, rows, |operand| {
+        operand * rows * (kf + nf) + 2.0 * kf * nf
+    })
+}
+
+/// A matmul of `2 · rows · k · n` FLOPs moving `bytes(operand)` bytes (operands of `operand`
+/// bytes an element) in bf16 and with FP8 operands on `hw` (`None` without FP8 tensor
+/// cores): the longer of its FLOPs at the rate matmuls of widths `k` and `n` reach
+/// ([`BF16_MATMUL_SHARE`], [`fp8_matmul_share`]) and its bytes at the HBM bandwidth.
+fn matmul_estimate(
+    hw: &Hardware,
+    k: u64,
+    n: u64,
+    rows: f64,
+    bytes: impl Fn(f64) -> f64,
+) -> Option<Fp8ExpertEstimate> {
     let fp8_peak = hw.fp8_tflops? * 1e12;
     let bf16_rate = hw.bf16_tflops * 1e12 * BF16_MATMUL_SHARE;
     let fp8_rate =
         bf16_rate * fp8_peak / (hw.bf16_tflops.max(1e-9) * 1e12) * fp8_matmul_share(k.min(n));
-    Some((bf16_rate, fp8_rate))
+    let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
+    let flops = 2.0 * rows * k as f64 * n as f64;
+    let at = |rate: f64, operand: f64| -> f64 { (flops / rate).max(bytes(operand) / hbm) };
+    Some(Fp8ExpertEstimate {
+        bf16_s: at(bf16_rate, 2.0),
+        fp8_s: at(fp8_rate, 1.0),
+    })
 }
 
 /// Whether a module's dense matmuls (`shapes`: each `(k, n)`, all taking `rows` rows) run in
@@ -832,24 +846,6 @@ pub fn fp8_expert_estimate(
         bf16_s: matrices * (2.0 * one.bf16_s + wgrad.bf16_s),
         fp8_s: matrices * (2.0 * one.fp8_s + if fp8_wgrad { wgrad.fp8_s } else { wgrad.bf16_s })
             + quant_bytes / (hbm * FP8_QUANT_BANDWIDTH_SHARE),
-    })
-}
-
-/// The weight gradient `xᵀ · g` of one such matmul (`rows` × `k` and `rows` × `n` in, `k` ×
-/// `n` out, bf16) in bf16 and with FP8 operands: as [`one_matmul`], but its bytes are the two
-/// operands and the gradient it writes.
-fn weight_gradient_matmul(hw: &Hardware, k: u64, n: u64, rows: f64) -> Option<Fp8ExpertEstimate> {
-    let (bf16_rate, fp8_rate) = matmul_rates(hw, k, n)?;
-    let hbm = hw.hbm_gbps.max(1e-9) * 1e9;
-    let (kf, nf) = (k as f64, n as f64);
-    let flops = 2.0 * rows * kf * nf;
-    let at = |rate: f64, operand: f64| -> f64 {
-        let bytes = operand * rows * (kf + nf) + 2.0 * kf * nf;
-        (flops / rate).max(bytes / hbm)
-    };
-    Some(Fp8ExpertEstimate {
-        bf16_s: at(bf16_rate, 2.0),
-        fp8_s: at(fp8_rate, 1.0),
     })
 }
 
