@@ -1169,9 +1169,9 @@ mod ops {
         Ok(grads)
     }
 
-    /// The dispatch: `x` [T, d] gathered by `row_slot` [N] into expert order, its FP8 rows and
-    /// column maxima kept for the first matmul (inputs: x, row_slot, slot_row [T·k], the groups'
-    /// ends [E] int32).
+    /// The dispatch: `x` [T, d] gathered by `row_slot` [N] into expert order, its FP8 rows (and
+    /// with `fp8_wgrad` its column maxima) kept for the first matmul (inputs: x, row_slot,
+    /// slot_row [T·k], the groups' ends [E] int32).
     fn dispatch_forward(k: i64, fp8_wgrad: bool, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
         let (x, row_slot, ends) = (&inputs[0], &inputs[1], &inputs[3]);
         let o = overflow(x.device())?;
@@ -1182,8 +1182,9 @@ mod ops {
         Ok(vec![Some(xs)])
     }
 
-    /// The activation: `h1` [N, H] (and `h3` for SwiGLU), its FP8 rows and column maxima kept for
-    /// the second matmul (inputs: h1, h3 or unused, the groups' ends [E] int32).
+    /// The activation: `h1` [N, H] (and `h3` for SwiGLU), its FP8 rows (and with `fp8_wgrad` its
+    /// column maxima) kept for the second matmul (inputs: h1, h3 or unused, the groups' ends [E]
+    /// int32).
     fn act_forward(act: Fp8Act, fp8_wgrad: bool, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
         let (a, ends) = (&inputs[0], &inputs[2]);
         let b = (act == Fp8Act::Swiglu).then_some(&inputs[1]);
@@ -1452,6 +1453,10 @@ mod ops {
         ends: &Tensor,
         fp8_wgrad: bool,
     ) -> Result<Tensor> {
+        // the op's code holds k in 8 bits
+        if !(1..=255).contains(&k) {
+            bail!("FP8 dispatch: {k} slots a token (1 to 255)");
+        }
         let xs = apply(
             fp8_callback,
             Fp8Op::Dispatch { k, fp8_wgrad }.code(),
