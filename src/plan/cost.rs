@@ -512,6 +512,25 @@ const FP8_QUANT_BYTES_HIDDEN: f64 = 8.0;
 /// column maxima.
 const FP8_QUANT_BYTES_ROWS_ONLY: f64 = 2.0;
 
+/// The same for a dense matmul's input and output widths (row-wise and transposed copies of
+/// the input and of the output's gradient).
+const FP8_QUANT_BYTES_DENSE: f64 = 8.0;
+
+/// The share of the HBM bandwidth a dense matmul's FP8 passes reach, with the bytes of
+/// [`FP8_QUANT_BYTES_DENSE`] over its input and output widths: 0.65. GPT-2-medium-MoE's step,
+/// traced on an H100 with only its experts and with every matmul in FP8 (BENCHMARKS.md
+/// 2026-12-07 22:59 UTC: 1,394 and 1,447 ms, its dense matmuls 202 ms faster in FP8), paid
+/// about 255 ms for the 675 GB these bytes count: 0.79 of the bandwidth at its widths (the
+/// 0.65 was first taken from an experts-only step estimated, not traced, at 19:58 UTC). 0.65
+/// stays because the verdicts measured hold from 0.63 to 0.72 and not at 0.79: below 0.63 the
+/// DeepSeek-MoE slice's attention would stay bf16 (in FP8 with its head and first MLP it trained
+/// 3.3% faster than with every dense matmul in bf16), from 0.73 its shared experts' MLPs would
+/// take FP8 (with them it trained 0.3-0.7% slower, four rounds in two calls).
+/// GPT-2-medium-MoE and the GPT 345M slice keep their dense matmuls in bf16 up to 1.5 at least
+/// (0.40 before the bias went into the FP8 matmul's epilogue and the row passes raised the
+/// column maxima, when the all-FP8 step took 1,654 ms).
+const FP8_DENSE_QUANT_BANDWIDTH_SHARE: f64 = 0.65;
+
 /// The share of the HBM bandwidth at which the weight gradients' own FP8 passes (each
 /// operand's transposed copy with its column maxima: 3 bytes an element of the input and of
 /// the output gradient) are counted when [`fp8_weight_gradient`] decides: 0.5, fitted to the
@@ -540,24 +559,6 @@ pub fn fp8_weight_gradient(hw: &Hardware, width: u64, hidden: u64, rows_per_expe
         / (hbm * FP8_WEIGHT_GRAD_COPY_BANDWIDTH_SHARE);
     m.fp8_s + copies < m.bf16_s
 }
-/// The same for a dense matmul's input and output widths (row-wise and transposed copies of
-/// the input and of the output's gradient).
-const FP8_QUANT_BYTES_DENSE: f64 = 8.0;
-
-/// The share of the HBM bandwidth a dense matmul's FP8 passes reach, with the bytes of
-/// [`FP8_QUANT_BYTES_DENSE`] over its input and output widths: 0.65. GPT-2-medium-MoE's step,
-/// traced on an H100 with only its experts and with every matmul in FP8 (BENCHMARKS.md
-/// 2026-12-07 22:59 UTC: 1,394 and 1,447 ms, its dense matmuls 202 ms faster in FP8), paid
-/// about 255 ms for the 675 GB these bytes count: 0.79 of the bandwidth at its widths (the
-/// 0.65 was first taken from an experts-only step estimated, not traced, at 19:58 UTC). 0.65
-/// stays because the verdicts measured hold from 0.63 to 0.72 and not at 0.79: below 0.63 the
-/// DeepSeek-MoE slice's attention would stay bf16 (in FP8 with its head and first MLP it trained
-/// 3.3% faster than with every dense matmul in bf16), from 0.73 its shared experts' MLPs would
-/// take FP8 (with them it trained 0.3-0.7% slower, four rounds in two calls).
-/// GPT-2-medium-MoE and the GPT 345M slice keep their dense matmuls in bf16 up to 1.5 at least
-/// (0.40 before the bias went into the FP8 matmul's epilogue and the row passes raised the
-/// column maxima, when the all-FP8 step took 1,654 ms).
-const FP8_DENSE_QUANT_BANDWIDTH_SHARE: f64 = 0.65;
 
 /// One dense matmul (`rows` × `k` times `k` × `n`) forward and backward (three matmuls) in
 /// bf16 and with FP8 operands on `hw` (`None` without FP8 tensor cores): each matmul the
