@@ -171,8 +171,7 @@ pub fn with_overrides(
             .collect();
     }
     // only layers whose experts take FP8 have weight gradients to choose for
-    let bf16_experts = f.experts.clone();
-    f.weight_gradients.retain(|l| !bf16_experts.contains(l));
+    f.weight_gradients.retain(|l| !f.experts.contains(l));
     if !fp8.dense {
         (f.attention, f.mlps, f.head) = (Vec::new(), Vec::new(), false);
     } else if let Some(all) = forced("FMOEC_FP8_DENSE", &DENSE_FORCED) {
@@ -776,14 +775,8 @@ mod ops {
         };
         let a32 = at.q.f_to_kind(Kind::Float)?.f_mul(&scale_of(at, k)?)?;
         let b32 = bt.q.f_to_kind(Kind::Float)?.f_mul(&scale_of(bt, n)?)?;
-        Ok(a32
-            .f_internal_grouped_mm(
-                &b32.f_transpose(0, 1)?,
-                Some(pad_ends),
-                None::<&Tensor>,
-                None::<Kind>,
-            )?
-            .f_to_kind(Kind::BFloat16)?)
+        // the weight gradient of the dequantised operands, positions as rows
+        unquantised_weight_grad(&a32.f_transpose(0, 1)?, &b32.f_transpose(0, 1)?, pad_ends)
     }
 
     /// `gW[e] = x_eᵀ · g_e` over the rows of each expert group (ending at `ends`; rows past
